@@ -1,0 +1,165 @@
+"""The wire contract between the host (shim) and the guest agent. Stdlib only.
+
+One channel (a virtio-serial port, or vsock) carries every message. A frame is::
+
+    u32 header_len | u32 payload_len | header (UTF-8 JSON object) | payload (bytes)
+
+The header always has ``"t"`` (the message type); most messages name the process they are
+about with ``"id"`` (a small int chosen by the host). Payloads carry stdio bytes and file
+data, never structured data.
+
+Conversation (``h`` = host, ``g`` = guest)::
+
+    g: hello   {protocol, agent, uptime}          first frame the agent writes
+    h: start   {token, id, process, stdin, tty, rows, cols}   run the container's process
+    h: exec    {token, id, process, stdin, tty, rows, cols}   run another process in it
+    g: started {id, pid} | error {id, message}
+    h: stdin {id} + bytes · stdin_close {id} · resize {id, rows, cols} · signal {id, signal}
+    g: stdout {id} + bytes · stderr {id} + bytes
+    g: exit    {id, code, signal}                 code is 128+N when killed by signal N
+    h: shutdown {}                                the agent powers the VM off
+
+Everything read from the other side is untrusted: sizes are bounded, fields are checked
+with :meth:`Message.get`, nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change. The agent announces it in ``hello``."""
+
+MAX_HEADER = 64 * 1024
+MAX_PAYLOAD = 1024 * 1024
+CHUNK = 64 * 1024
+"""Size of the stdio chunks both sides send; well under MAX_PAYLOAD."""
+
+_PREFIX = struct.Struct(">II")
+
+# Message types, named once so typos fail loudly.
+HELLO = "hello"
+START = "start"
+EXEC = "exec"
+STARTED = "started"
+ERROR = "error"
+STDIN = "stdin"
+STDIN_CLOSE = "stdin_close"
+STDOUT = "stdout"
+STDERR = "stderr"
+RESIZE = "resize"
+SIGNAL = "signal"
+EXIT = "exit"
+SHUTDOWN = "shutdown"
+LOG = "log"
+
+MESSAGE_TYPES = frozenset(
+    {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
+     EXIT, SHUTDOWN, LOG}
+)
+
+
+class ProtocolError(Exception):
+    """The peer sent something that breaks the contract; the channel cannot be trusted."""
+
+
+class Message:
+    """One decoded frame: its type, its header fields and its payload."""
+
+    __slots__ = ("type", "fields", "payload")
+
+    def __init__(self, type: str, fields: dict, payload: bytes = b""):
+        self.type = type
+        self.fields = fields
+        self.payload = payload
+
+    def get(self, name: str, kind: type | tuple, default=...):
+        """Return header field *name*, checked to be of *kind*.
+
+        Raises ProtocolError when it is missing (and no default was given) or has the
+        wrong type. ``bool`` is never accepted where ``int`` is asked for.
+        """
+        if name not in self.fields:
+            if default is ...:
+                raise ProtocolError(f"{self.type!r} message lacks field {name!r}")
+            return default
+        value = self.fields[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ProtocolError(f"{self.type!r} field {name!r} has the wrong type")
+        if not isinstance(value, kinds):
+            raise ProtocolError(f"{self.type!r} field {name!r} has the wrong type")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Message({self.type!r}, {self.fields!r}, <{len(self.payload)} bytes>)"
+
+
+def encode(type: str, payload: bytes = b"", **fields) -> bytes:
+    """Return the frame for one message. Raises ValueError for an unknown type or a
+    payload over MAX_PAYLOAD (split stdio into CHUNK-sized pieces first)."""
+    if type not in MESSAGE_TYPES:
+        raise ValueError(f"unknown message type {type!r}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    header = dict(fields)
+    header["t"] = type
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER:
+        raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
+    return _PREFIX.pack(len(raw), len(payload)) + raw + payload
+
+
+class FrameReader:
+    """Incremental decoder: feed it bytes as they arrive, take whole messages out."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add *data*; return every message now complete. Raises ProtocolError on a
+        frame that is oversized or not a JSON object with a known ``t``."""
+        self._buf += data
+        out = []
+        while len(self._buf) >= _PREFIX.size:
+            hlen, plen = _PREFIX.unpack_from(self._buf)
+            if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+                raise ProtocolError(f"frame too large (header {hlen}, payload {plen})")
+            end = _PREFIX.size + hlen + plen
+            if len(self._buf) < end:
+                break
+            raw = bytes(self._buf[_PREFIX.size:_PREFIX.size + hlen])
+            payload = bytes(self._buf[_PREFIX.size + hlen:end])
+            del self._buf[:end]
+            out.append(_decode_header(raw, payload))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buf)
+
+
+def _decode_header(raw: bytes, payload: bytes) -> Message:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header is not a JSON object")
+    kind = header.pop("t", None)
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    return Message(kind, header, payload)
+
+
+def exit_code_from_status(status: int) -> int:
+    """Translate an ``os.waitpid`` status into a shell-style exit code (128+N on signal N)."""
+    import os
+
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 255
