@@ -1,0 +1,149 @@
+"""Connect a terminal (or pipes) to a process in a container, through an AgentClient.
+
+One pump serves every placement and verb that streams a process: ``run`` in the
+foreground now; ``attach`` and ``exec`` reuse it. It forwards stdin, writes stdout/stderr
+as they arrive, forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT (unless a TTY carries ^C itself),
+sends the window size on SIGWINCH, and returns the process's exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import termios
+import tty
+
+from guest import protocol
+from shim.errors import AgentError
+from shim.vm.agent_client import AgentClient, wait_readable
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on *fd*, or (24, 80) when it is not one."""
+    try:
+        size = os.get_terminal_size(fd)
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int | None):
+    """Put the terminal on *fd* in raw mode for the duration; no-op if it is not a TTY."""
+    if fd is None or not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+class StdioPump:
+    """Stream one process's stdio between local fds and the agent until it exits.
+
+    Preconditions: the process *proc_id* has been started on *client*; the caller has
+    not installed handlers for FORWARDED_SIGNALS (the pump installs and restores them).
+    """
+
+    def __init__(self, client: AgentClient, proc_id: int, *, stdin_fd: int | None,
+                 stdout_fd: int = 1, stderr_fd: int = 2, tty: bool = False):
+        self.client = client
+        self.proc_id = proc_id
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.tty = tty
+        self.exit_code: int | None = None
+        self._pending_signals: list[int] = []
+
+    def run(self) -> int:
+        """Pump until the agent reports the exit; return the exit code.
+
+        Raises AgentError when the channel breaks (e.g. the VM died)."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        watched = list(FORWARDED_SIGNALS) + [signal.SIGWINCH]
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in watched}
+        try:
+            with raw_terminal(self.stdin_fd if self.tty else None):
+                return self._loop(wake_r)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, signum, _frame):
+        self._pending_signals.append(signum)
+
+    def _loop(self, wake_r: int) -> int:
+        stdin_open = self.stdin_fd is not None
+        for msg in self.client.take_pending():
+            self._handle(msg)
+        while self.exit_code is None:
+            fds = [self.client.sock, wake_r] + ([self.stdin_fd] if stdin_open else [])
+            ready = wait_readable(fds, None)
+            if wake_r in ready:
+                os.read(wake_r, 512)
+            self._flush_signals()
+            if stdin_open and self.stdin_fd in ready:
+                stdin_open = self._forward_stdin()
+            if self.client.sock in ready:
+                for msg in self.client.read_available():
+                    self._handle(msg)
+                    if self.exit_code is not None:
+                        break
+        return self.exit_code
+
+    def _forward_stdin(self) -> bool:
+        try:
+            data = os.read(self.stdin_fd, protocol.CHUNK)
+        except OSError:
+            data = b""
+        if data:
+            self.client.send(protocol.STDIN, data, id=self.proc_id)
+            return True
+        self.client.send(protocol.STDIN_CLOSE, id=self.proc_id)
+        return False
+
+    def _flush_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGWINCH:
+                if self.tty and self.stdin_fd is not None:
+                    rows, cols = terminal_size(self.stdin_fd)
+                    self.client.send(protocol.RESIZE, id=self.proc_id, rows=rows, cols=cols)
+            else:
+                self.client.send(protocol.SIGNAL, id=self.proc_id, signal=int(signum))
+
+    def _handle(self, msg: protocol.Message) -> None:
+        if msg.type in (protocol.STDOUT, protocol.STDERR):
+            if msg.get("id", int) != self.proc_id:
+                return
+            fd = self.stdout_fd if msg.type == protocol.STDOUT else self.stderr_fd
+            _write_all(fd, msg.payload)
+        elif msg.type == protocol.EXIT and msg.get("id", int) == self.proc_id:
+            self.exit_code = msg.get("code", int)
+        elif msg.type == protocol.ERROR:
+            raise AgentError(msg.get("message", str, "the agent reported an error"))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            wait_readable([], 0.01)
+            continue
+        except BrokenPipeError:
+            return
+        view = view[written:]

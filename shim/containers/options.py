@@ -1,0 +1,126 @@
+"""What the user asked for (``vmshim run`` flags) and how it combines with the image.
+
+The one place where image config + flags become a :class:`guest.spec.ProcessSpec`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guest.spec import ProcessSpec
+from shim.errors import UsageError
+
+ISOLATIONS = ("vm", "process")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_KEY = re.compile(r"^[^=\s\x00]+$")
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+@dataclass
+class RunOptions:
+    image: str
+    command: list[str] = field(default_factory=list)
+    entrypoint: str | None = None
+    env: list[str] = field(default_factory=list)
+    env_files: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    name: str | None = None
+    hostname: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    remove: bool = False
+    isolation: str = "vm"
+    memory_mib: int = 256
+
+    def __post_init__(self):
+        if self.isolation not in ISOLATIONS:
+            raise UsageError(f"invalid --isolation {self.isolation!r}: use one of {', '.join(ISOLATIONS)}")
+        if self.name is not None and not _NAME.match(self.name):
+            raise UsageError(f"invalid container name {self.name!r}: use letters, digits, '_', '.', '-'")
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise UsageError(f"invalid -w {self.workdir!r}: the working directory must be absolute")
+
+
+def parse_env_entry(entry: str, source: str = "-e") -> str | None:
+    """Turn one ``-e`` value into ``K=V``. ``K`` alone takes the host's value (docker's
+    rule) and yields None when the host has none. Raises UsageError when malformed."""
+    key, sep, value = entry.partition("=")
+    if not key or not _ENV_KEY.match(key):
+        raise UsageError(f"invalid {source} {entry!r}: expected KEY=VALUE with a non-empty KEY without spaces")
+    if sep:
+        return f"{key}={value}"
+    if key in os.environ:
+        return f"{key}={os.environ[key]}"
+    return None
+
+
+def read_env_file(path: str) -> list[str]:
+    """Read a docker-style env file: ``K=V`` or ``K`` per line, ``#`` comments."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --env-file {path}: {exc.strerror}") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        entry = parse_env_entry(line, source=f"line {number} of --env-file {path}:")
+        if entry is not None:
+            out.append(entry)
+    return out
+
+
+def merge_env(base: list[str], overrides: list[str]) -> list[str]:
+    """Later entries replace earlier ones with the same key; order of first appearance kept."""
+    merged: dict[str, str] = {}
+    for entry in list(base) + list(overrides):
+        key, _, value = entry.partition("=")
+        merged[key] = value
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
+    """Combine the image's config (OCI ``config`` object) with the run flags.
+
+    Raises UsageError when there is nothing to run or a flag is malformed.
+    """
+    cfg = image_config or {}
+    user_env = [e for e in (parse_env_entry(x) for x in options.env) if e is not None]
+    file_env = [e for f in options.env_files for e in read_env_file(f)]
+    env = merge_env(cfg.get("Env") or [f"PATH={DEFAULT_PATH}"], file_env + user_env)
+    if options.entrypoint is not None:
+        entrypoint = [options.entrypoint] if options.entrypoint else []
+        cmd = list(options.command)  # docker: --entrypoint resets the image's CMD
+    else:
+        entrypoint = list(cfg.get("Entrypoint") or [])
+        cmd = list(options.command) or list(cfg.get("Cmd") or [])
+    args = entrypoint + cmd
+    if not args:
+        raise UsageError(f"no command given and image {options.image} has no CMD or ENTRYPOINT")
+    if options.tty and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    return ProcessSpec(
+        args=args,
+        env=env,
+        cwd=options.workdir or cfg.get("WorkingDir") or "/",
+        user=options.user if options.user is not None else (cfg.get("User") or ""),
+        tty=options.tty,
+    )
+
+
+_ADJECTIVES = ("brave", "calm", "eager", "fond", "keen", "lucid", "merry", "quiet", "swift", "witty")
+_NOUNS = ("babbage", "curie", "darwin", "euler", "hopper", "lovelace", "noether", "turing", "wirth", "yonath")
+
+
+def new_container_id() -> str:
+    return secrets.token_hex(32)
+
+
+def random_name() -> str:
+    return f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}_{secrets.token_hex(2)}"
