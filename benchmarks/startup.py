@@ -1,0 +1,125 @@
+"""Startup benchmark: `vmshim run --rm busybox true` in vm and process isolation, against
+the floor — a bare qemu-system-x86_64 boot of the same kernel and initramfs until the
+agent's first bytes (its hello) reach the host.
+
+Usage: python benchmarks/startup.py [--runs N] [--json FILE]
+
+Every figure is the median (with min and max) of N whole-process runs, interleaved
+(floor, vm, process, floor, vm, …) so drift on a noisy host hits all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VMSHIM = [sys.executable, "-m", "shim.cli.main"]
+
+
+def time_command(argv: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
+                         f"{proc.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def time_floor(image, accel_kind: str) -> float:
+    """Launch bare QEMU and wait for the first bytes on the agent socket."""
+    from shim.guestimage import boot_floor_command
+
+    tmp = Path(tempfile.mkdtemp(prefix="vmshim-floor-"))
+    sock_path = str(tmp / "agent.sock")
+    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"))
+    if accel_kind == "kvm":
+        argv = [a.replace("accel=tcg", "accel=kvm").replace("-accel tcg", "-accel kvm") for a in argv]
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        sock = None
+        deadline = start + 120
+        while sock is None:
+            try:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(sock_path)
+            except OSError:
+                sock.close()
+                sock = None
+                if time.perf_counter() > deadline or proc.poll() is not None:
+                    raise SystemExit("the floor VM did not start")
+                time.sleep(0.005)
+        sock.settimeout(120)
+        if not sock.recv(1):
+            raise SystemExit("the floor VM closed its agent channel without a word")
+        elapsed = time.perf_counter() - start
+        sock.close()
+        return elapsed
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    from shim.guestimage import ensure_guest_image
+    from shim.vm.accel import detect_accel
+
+    image = ensure_guest_image()
+    accel = detect_accel()
+    samples: dict[str, list[float]] = {"floor": [], "vm": [], "process": []}
+    commands = {
+        "vm": VMSHIM + ["run", "--rm", "busybox", "true"],
+        "process": VMSHIM + ["run", "--rm", "--isolation", "process", "busybox", "true"],
+    }
+    time_command(commands["vm"])  # warm caches (layer disk, accel probe, page cache)
+    for _ in range(args.runs):
+        samples["floor"].append(time_floor(image, accel.kind))
+        for key, argv in commands.items():
+            samples[key].append(time_command(argv))
+    results = {key: summary(vals) for key, vals in samples.items()}
+    floor = results["floor"]["median"]
+    results["ratios"] = {
+        "vm_to_floor": results["vm"]["median"] / floor,
+        "vm_to_process": results["vm"]["median"] / results["process"]["median"],
+    }
+    results["accel"] = {"kind": accel.kind, "reason": accel.reason}
+    results["host"] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                       "guest_kernel": image.kernel_release}
+    print(f"accel: {accel.kind.upper()} ({accel.reason}); {args.runs} runs, medians [min–max]")
+    for key, label in (("floor", "bare QEMU boot to agent hello (floor)"),
+                       ("vm", "vmshim run --rm busybox true (vm)"),
+                       ("process", "vmshim run --rm --isolation process busybox true")):
+        r = results[key]
+        print(f"  {label:52s} {r['median']:6.2f} s  [{r['min']:.2f}–{r['max']:.2f}]")
+    print(f"  vm / floor = {results['ratios']['vm_to_floor']:.2f}x   "
+          f"vm / process = {results['ratios']['vm_to_process']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

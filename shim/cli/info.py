@@ -1,0 +1,54 @@
+"""``vmshim info``: how this host will run containers (accel and why, guest image, store)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def info(fmt):
+    """Show the accelerator (KVM or TCG) and why, libvirt, the guest image and the store."""
+    from shim import paths
+    from shim.guestimage import current_guest_image
+    from shim.vm.accel import detect_accel
+
+    accel = detect_accel()
+    guest = current_guest_image()
+    data = {
+        "accel": accel.kind,
+        "accel_reason": accel.reason,
+        "libvirt_uri": paths.libvirt_uri(),
+        "libvirt": _libvirt_version(),
+        "root": str(paths.root()),
+        "guest_image": None if guest is None else {
+            "kernel": str(guest.kernel), "initramfs": str(guest.initramfs),
+            "kernel_release": guest.kernel_release,
+        },
+    }
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"Accelerator:   {accel.kind.upper()} ({accel.reason})")
+    click.echo(f"libvirt:       {data['libvirt']} at {data['libvirt_uri']}")
+    click.echo(f"State root:    {data['root']}")
+    if guest is None:
+        click.echo("Guest image:   not built (run `vmshim guest build`)")
+    else:
+        click.echo(f"Guest image:   kernel {guest.kernel_release}, {guest.initramfs}")
+
+
+def _libvirt_version() -> str:
+    try:
+        import libvirt
+
+        conn = libvirt.openReadOnly(None)
+        try:
+            major, rest = divmod(conn.getLibVersion(), 1_000_000)
+            return f"{major}.{rest // 1000}.{rest % 1000}"
+        finally:
+            conn.close()
+    except Exception as exc:  # shown, not fatal: info must work without libvirtd
+        return f"unreachable ({str(exc).splitlines()[0]})"
