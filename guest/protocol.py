@@ -13,11 +13,16 @@ Conversation (``h`` = host, ``g`` = guest)::
     g: hello   {protocol, agent, uptime}          first frame the agent writes
     h: start   {token, id, process, stdin, tty, rows, cols}   run the container's process
     h: exec    {token, id, process, stdin, tty, rows, cols}   run another process in it
-    g: started {id, pid} | error {id, message}
+    g: started {id, pid} | error {id, message, code}   code (optional): 127 not found,
+                                      126 not executable, 125 other setup failure
     h: stdin {id} + bytes · stdin_close {id} · resize {id, rows, cols} · signal {id, signal}
     g: stdout {id} + bytes · stderr {id} + bytes
     g: exit    {id, code, signal}                 code is 128+N when killed by signal N
     h: shutdown {}                                the agent powers the VM off
+    g: error {message} (no id)                    a frame the agent could not use, or a
+                                                  boot failure (then the VM powers off)
+
+The agent says ``hello`` again whenever a host (re)connects to the port.
 
 Everything read from the other side is untrusted: sizes are bounded, fields are checked
 with :meth:`Message.get`, nothing is unpickled.

@@ -1,0 +1,736 @@
+"""The agent's request loop: one channel to the host, the container's processes, one thread.
+
+The same loop serves the guest (over the virtio-serial port, see :func:`open_port`) and
+tests or the host (over a socketpair), because everything it touches comes in through
+its constructor: the channel fd, the :class:`~guest.spec.BootConfig` and a *runtime* that
+starts processes (a :class:`guest.runtime.container.Container`, or a fake in tests).
+
+Every handler has the same shape: validate the message → look up what it names → act →
+reply. A bad message gets an ``error`` reply and never ends the loop.
+
+Flow control: output is read from a process only while less than OUT_HIGH bytes wait to
+be written to the channel, so a fast writer is slowed to the host's pace instead of
+filling the guest's memory; the channel stops being read while more than STDIN_HIGH
+bytes of some process's stdin are pending. ``exit`` is sent only after the process's
+output has reached end of file (all of it was sent before).
+
+Stdlib only; imports nothing from ``shim``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import errno
+import itertools
+import os
+import select
+import selectors
+import signal
+import time
+from _operator import _compare_digest as compare_digest  # hmac's, without hashlib
+
+from guest import protocol
+from guest.protocol import Message, ProtocolError
+from guest.spec import AGENT_PORT_NAME, BootConfig, ProcessSpec
+
+AGENT_VERSION = "vmshim-agent/0.1"
+OUT_HIGH = 8 * protocol.CHUNK
+"""Stop reading process output while this many bytes wait for the channel."""
+STDIN_HIGH = 4 * 1024 * 1024
+"""Stop reading the channel while a process has this much unwritten stdin."""
+OUTPUT_GRACE = 1.0
+"""After a process exited, its output fds are given up once they were silent this long
+(a background child may hold them open forever)."""
+RECONNECT_POLL = 0.05
+"""While the host is away (reads return EOF), look again this often."""
+ORPHAN_SWEEP = 1.0
+"""With reap_orphans, collect re-parented zombies at least this often."""
+EOT = b"\x04"
+"""What a tty's stdin_close sends: ^D, end of input for a terminal in canonical mode."""
+
+
+class Reject(Exception):
+    """A request the agent refuses; becomes an ``error`` reply (with ``code`` if given)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class _Proc:
+    """One process the host started, with the agent's ends of its stdio.
+
+    (Plain classes rather than dataclasses in the guest: importing dataclasses pulls in
+    inspect, which costs a noticeable part of the boot under TCG.)
+    """
+
+    def __init__(self, id: int, spawned, main: bool, last_output: float = 0.0):
+        self.id = id
+        self.spawned = spawned  # a guest.runtime.process.Spawned (or a test's look-alike)
+        self.main = main
+        self.pidfd: int | None = None
+        self.exit_code: int | None = None
+        self.exit_signal = 0
+        self.outputs: dict[int, str] = {}  # fd -> STDOUT | STDERR
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False  # the host sent stdin_close
+        self.last_output = last_output
+        self.exit_sent = False
+
+    @property
+    def pid(self) -> int:
+        return self.spawned.pid
+
+    @property
+    def tty(self) -> bool:
+        return bool(self.spawned.tty)
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Agent:
+    """Serve one host over *channel_fd* (set non-blocking here) until the main process
+    has exited and its exit was reported, or the host sends ``shutdown``.
+
+    *config* and *runtime* may be None at first and given later with :meth:`attach`, so
+    the guest can say ``hello`` (:meth:`greet`) before it has mounted the container: the
+    host's ``start`` then waits in the channel while the rootfs is assembled.
+
+    *runtime* needs ``start(process, *, stdin, rows, cols)`` and ``exec(…)`` returning a
+    Spawned, raising ``SpawnError`` (with ``exit_code``) or any exception on failure.
+
+    *reconnect*: end of file on the channel means "host away" (virtio-serial): keep
+    running and look again; otherwise it ends the loop. *reap_orphans*: also collect
+    processes re-parented to us (PID 1); otherwise only the pids we started are waited
+    for, so other children of the calling process are left alone.
+    """
+
+    def __init__(self, channel_fd: int, config: BootConfig | None, runtime, *,
+                 reconnect: bool = False,
+                 reap_orphans: bool = False, exit_grace: float = 1.0,
+                 orphan_exit_timeout: float = 30.0, log=None, trace=None, uptime=_uptime):
+        self.fd = channel_fd
+        self.config = config
+        self.runtime = runtime
+        self.reconnect = reconnect
+        self.reap_orphans = reap_orphans
+        self.exit_grace = exit_grace
+        self.orphan_exit_timeout = orphan_exit_timeout
+        self.log = log or (lambda text: None)
+        """Problems worth the operator's attention."""
+        self.trace = trace or (lambda text: None)
+        """Progress and timings, for debugging (the guest prints them with vmshim.debug)."""
+        self.uptime = uptime
+
+        self._sel = selectors.DefaultSelector()
+        self._registered: dict[int, int] = {}  # fd -> event mask currently in the selector
+        self._reader = protocol.FrameReader()
+        self._out: collections.deque = collections.deque()  # whole frames, first may be partly sent
+        self._out_offset = 0
+        self._out_bytes = 0
+        self._away = False
+        self._retry_at = 0.0
+        self._need_hello = True
+        self._waiting_logged = False
+        self._procs: dict[int, _Proc] = {}   # by host-chosen id
+        self._by_pid: dict[int, _Proc] = {}
+        self._main: _Proc | None = None
+        self.main_exit_code: int | None = None
+        self._main_done_at: float | None = None    # when its exit was queued
+        self._exit_frame: bytes | None = None       # the frame reporting the main exit…
+        self._exit_written_at: float | None = None  # …and when it left the buffer
+        self._shutdown = False
+        self._shutdown_deadline = 0.0
+        self._stopped = False
+        self._greeted = False
+        self._last_sweep = 0.0
+
+        os.set_blocking(self.fd, False)
+        self._handlers = {
+            protocol.START: self._handle_start,
+            protocol.EXEC: self._handle_exec,
+            protocol.STDIN: self._handle_stdin,
+            protocol.STDIN_CLOSE: self._handle_stdin_close,
+            protocol.RESIZE: self._handle_resize,
+            protocol.SIGNAL: self._handle_signal,
+            protocol.SHUTDOWN: self._handle_shutdown,
+        }
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def greet(self) -> None:
+        """Send ``hello`` now if the host is there (else as soon as it connects)."""
+        self._probe_channel()
+        self._greeted = True
+
+    def attach(self, config: BootConfig, runtime) -> None:
+        """Provide what :meth:`run` needs, if the constructor did not have it yet."""
+        self.config = config
+        self.runtime = runtime
+
+    def run(self) -> int | None:
+        """Serve until done; return the main process's exit code (None if never started).
+        Precondition: config and runtime are set."""
+        if self.config is None or self.runtime is None:
+            raise ValueError("Agent.run needs a config and a runtime (see attach)")
+        if not self._greeted:
+            self.greet()
+        while not self._stopped:
+            self._sync_selector()
+            for key, mask in self._sel.select(self._timeout()):
+                key.data(mask)
+            self._reap()
+            self._tick()
+        self._final_flush()
+        return self.main_exit_code
+
+    @property
+    def hello_sent(self) -> bool:
+        """Whether the current host connection has been greeted."""
+        return not self._need_hello
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        """Signal every process still running (for callers tearing the container down)."""
+        for proc in list(self._procs.values()):
+            if proc.exit_code is None:
+                try:
+                    os.kill(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def close(self) -> None:
+        """Release every fd the agent holds except the channel (the caller's)."""
+        for proc in list(self._procs.values()):
+            self._forget(proc)
+        for fd in list(self._registered):
+            self._sel.unregister(fd)
+        self._registered.clear()
+        self._sel.close()
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines = []
+        if self._away:
+            deadlines.append(self._retry_at)
+        if self.reap_orphans:
+            deadlines.append(self._last_sweep + ORPHAN_SWEEP)
+        for proc in self._procs.values():
+            if proc.exit_code is None and proc.pidfd is None:
+                deadlines.append(now + 0.05)  # no pidfd: poll for its exit
+            elif proc.exit_code is not None and proc.outputs:
+                deadlines.append(proc.last_output + OUTPUT_GRACE)
+        if self._main_done_at is not None:
+            deadlines.append(now + 0.1)
+        if self._shutdown:
+            deadlines.append(now + 0.05)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _sync_selector(self) -> None:
+        """Make the selector watch exactly what is wanted now (flow control lives here)."""
+        wanted: dict[int, tuple[int, object]] = {}
+
+        def want(fd, mask, handler):
+            old_mask, _ = wanted.get(fd, (0, None))
+            wanted[fd] = (old_mask | mask, handler)
+
+        if not self._away and not self._stopped:
+            stdin_backlog = any(len(p.stdin_buf) > STDIN_HIGH for p in self._procs.values())
+            mask = 0 if stdin_backlog else selectors.EVENT_READ
+            if self._out:
+                mask |= selectors.EVENT_WRITE
+            if mask:
+                want(self.fd, mask, self._on_channel)
+        out_ok = self._out_bytes < OUT_HIGH
+        for proc in self._procs.values():
+            handler = self._proc_handler(proc)
+            if out_ok:
+                for fd in proc.outputs:
+                    want(fd, selectors.EVENT_READ, handler)
+            if proc.stdin_fd is not None and proc.stdin_buf:
+                want(proc.stdin_fd, selectors.EVENT_WRITE, handler)
+            if proc.pidfd is not None:
+                want(proc.pidfd, selectors.EVENT_READ, self._on_pidfd)
+        for fd in list(self._registered):
+            if fd not in wanted:
+                self._sel.unregister(fd)
+                del self._registered[fd]
+        for fd, (mask, handler) in wanted.items():
+            if fd not in self._registered:
+                self._sel.register(fd, mask, handler)
+            elif self._registered[fd] != mask:
+                self._sel.modify(fd, mask, handler)
+            self._registered[fd] = mask
+
+    def _proc_handler(self, proc: _Proc):
+        return lambda mask, proc=proc: self._on_proc_ready(proc, mask)
+
+    def _tick(self) -> None:
+        """Timers: reconnect, giving up silent outputs, reporting exits, ending the loop."""
+        now = time.monotonic()
+        if self._away and now >= self._retry_at:
+            self._away = False
+            self._probe_channel()
+        for proc in list(self._procs.values()):
+            self._maybe_report_exit(proc, now)
+        if self._shutdown:
+            reaped = all(p.exit_code is not None for p in self._procs.values())
+            if (reaped and (not self._out or self._away)) or now > self._shutdown_deadline:
+                self._stopped = True
+            return
+        if self._main_done_at is not None:
+            if self._exit_written_at is not None:
+                if now - self._exit_written_at >= self.exit_grace:
+                    self._stopped = True
+            elif now - self._main_done_at >= self.orphan_exit_timeout:
+                self.log("the host did not take the exit message; giving up")
+                self._stopped = True
+
+    # ---- the channel ------------------------------------------------------------------------
+
+    def _on_channel(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and not self._away and not self._stopped:
+            self._read_channel()
+
+    def _probe_channel(self) -> None:
+        """Read once without waiting: tells whether the host is there (EOF: not yet)."""
+        self._read_channel()
+
+    def _read_channel(self) -> None:
+        try:
+            data = os.read(self.fd, 256 * 1024)
+        except BlockingIOError:
+            data = None  # the host is there, it just has nothing to say
+        except OSError as exc:
+            self.log(f"reading the channel failed: {exc}")
+            data = b""
+        if data == b"":
+            self._host_gone()
+            return
+        self._waiting_logged = False
+        if self._need_hello:
+            self._need_hello = False
+            self._send_hello()
+        if not data:
+            return
+        try:
+            messages = self._reader.feed(data)
+        except ProtocolError as exc:
+            self._reader = protocol.FrameReader()  # what is buffered cannot be trusted
+            self._reply_error(None, f"protocol error: {exc}")
+            return
+        for message in messages:
+            self._dispatch(message)
+
+    def _host_gone(self) -> None:
+        if not self.reconnect:
+            self._stopped = True
+            return
+        if not self._waiting_logged:
+            self.log("the host is not connected; waiting for it")
+            self._waiting_logged = True
+        self._away = True
+        self._retry_at = time.monotonic() + RECONNECT_POLL
+        # A frame cut in the middle goes again whole, after the next host's hello.
+        self._out_bytes += self._out_offset
+        self._out_offset = 0
+        self._reader = protocol.FrameReader()
+        self._need_hello = True
+
+    def _send_hello(self) -> None:
+        frame = protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
+                                agent=AGENT_VERSION, uptime=round(self.uptime(), 3))
+        # A hello goes first, before anything queued while nobody listened.
+        self._out.appendleft(frame)
+        self._out_bytes += len(frame)
+        self._flush()
+
+    def _send(self, type: str, payload: bytes = b"", **fields) -> bytes:
+        frame = protocol.encode(type, payload, **fields)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if not self._away:
+            self._flush()
+        return frame
+
+    def _flush(self) -> None:
+        """Write as much of the queued frames as the channel takes now."""
+        while self._out and not self._away:
+            views = [memoryview(self._out[0])[self._out_offset:]]
+            views.extend(memoryview(f) for f in itertools.islice(self._out, 1, 64))
+            try:
+                written = os.writev(self.fd, views)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.ENXIO):
+                    self.log(f"writing the channel failed: {exc}")
+                self._host_gone()
+                return
+            self._out_bytes -= written
+            while written:
+                left = len(self._out[0]) - self._out_offset
+                if written >= left:
+                    written -= left
+                    frame = self._out.popleft()
+                    self._out_offset = 0
+                    if frame is self._exit_frame:
+                        self._exit_written_at = time.monotonic()
+                else:
+                    self._out_offset += written
+                    written = 0
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self, message: Message) -> None:
+        handler = self._handlers.get(message.type)
+        proc_id = message.fields.get("id")
+        if not isinstance(proc_id, int) or isinstance(proc_id, bool):
+            proc_id = None
+        try:
+            if handler is None:
+                raise Reject(f"the agent does not accept {message.type!r} messages")
+            handler(message)
+        except Reject as exc:
+            self._reply_error(proc_id, str(exc), exc.code)
+        except (ProtocolError, ValueError) as exc:
+            self._reply_error(proc_id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not end the agent
+            import traceback
+
+            self.log("handler failed:\n" + traceback.format_exc())
+            self._reply_error(proc_id, f"internal agent error handling {message.type!r}: {exc}")
+
+    def _reply_error(self, proc_id: int | None, message: str, code: int | None = None) -> bytes:
+        fields = {"message": message}
+        if proc_id is not None:
+            fields["id"] = proc_id
+        if code is not None:
+            fields["code"] = code
+        return self._send(protocol.ERROR, **fields)
+
+    def _final_flush(self, timeout: float = 1.0) -> None:
+        """Give what is still queued a last chance to reach the host."""
+        deadline = time.monotonic() + timeout
+        while self._out and not self._away and time.monotonic() < deadline:
+            select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+            self._flush()
+
+    def _lookup(self, message: Message) -> _Proc:
+        proc_id = message.get("id", int)
+        proc = self._procs.get(proc_id)
+        if proc is None:
+            raise Reject(f"no process with id {proc_id}")
+        return proc
+
+    def _check_token(self, message: Message) -> None:
+        token = message.get("token", str)
+        if not compare_digest(token.encode(), self.config.token.encode()):
+            raise Reject("bad token")
+
+    @staticmethod
+    def _size(message: Message) -> tuple[int, int]:
+        rows = message.get("rows", int, 24)
+        cols = message.get("cols", int, 80)
+        if not (0 < rows < 65536 and 0 < cols < 65536):
+            raise Reject(f"bad terminal size {rows}x{cols}")
+        return rows, cols
+
+    # ---- handlers: validate → look up → act → reply ----------------------------------------
+
+    def _handle_start(self, message: Message) -> None:
+        self._check_token(message)
+        proc_id = message.get("id", int)
+        stdin = message.get("stdin", bool, False)
+        tty = message.get("tty", bool, self.config.process.tty)
+        rows, cols = self._size(message)
+        if self._main is not None or self.main_exit_code is not None:
+            raise Reject("the container's process was already started")
+        if proc_id in self._procs:
+            raise Reject(f"process id {proc_id} is in use")
+        process = copy.copy(self.config.process)
+        process.tty = tty
+        begin = time.monotonic()
+        try:
+            spawned = self.runtime.start(process, stdin=stdin, rows=rows, cols=cols)
+        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
+            # The container's life ends here: report why, then end like after an exit.
+            code = getattr(exc, "exit_code", None)
+            self.log(f"starting the container's process failed: {exc}")
+            self.main_exit_code = code if code is not None else 125
+            self._main_done_at = time.monotonic()
+            self._exit_frame = self._reply_error(proc_id, str(exc), code)
+            if not any(f is self._exit_frame for f in self._out):
+                self._exit_written_at = time.monotonic()
+            return
+        self._main = self._add(proc_id, spawned, main=True)
+        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+        self.trace(f"started process {proc_id} (pid {spawned.pid}) in "
+                   f"{(time.monotonic() - begin) * 1000:.0f} ms")
+
+    def _handle_exec(self, message: Message) -> None:
+        self._check_token(message)
+        proc_id = message.get("id", int)
+        stdin = message.get("stdin", bool, False)
+        rows, cols = self._size(message)
+        try:
+            process = ProcessSpec.from_dict(message.get("process", dict))
+        except ValueError as exc:
+            raise Reject(str(exc)) from None
+        process.tty = message.get("tty", bool, process.tty)
+        if proc_id in self._procs:
+            raise Reject(f"process id {proc_id} is in use")
+        if self._main is None or self._main.exit_code is not None:
+            raise Reject("the container is not running")
+        try:
+            spawned = self.runtime.exec(process, stdin=stdin, rows=rows, cols=cols)
+        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
+            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
+        self._add(proc_id, spawned, main=False)
+        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+
+    def _handle_stdin(self, message: Message) -> None:
+        proc = self._lookup(message)
+        if proc.stdin_fd is None or proc.stdin_eof:
+            return  # stdin closed (or never opened): data has nowhere to go
+        proc.stdin_buf += message.payload
+        self._write_stdin(proc)
+
+    def _handle_stdin_close(self, message: Message) -> None:
+        proc = self._lookup(message)
+        if proc.stdin_fd is None or proc.stdin_eof:
+            return
+        proc.stdin_eof = True
+        if proc.tty:
+            proc.stdin_buf += EOT  # the terminal stays open: output still flows through it
+        self._write_stdin(proc)
+
+    def _handle_resize(self, message: Message) -> None:
+        proc = self._lookup(message)
+        rows, cols = self._size(message)
+        if proc.tty and proc.spawned.master is not None and proc.exit_code is None:
+            from guest.runtime.process import set_window_size
+
+            set_window_size(proc.spawned.master, rows, cols)
+
+    def _handle_signal(self, message: Message) -> None:
+        proc = self._lookup(message)
+        signum = message.get("signal", int)
+        if not 0 < signum < signal.NSIG:
+            raise Reject(f"bad signal number {signum}")
+        if proc.exit_code is None:
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _handle_shutdown(self, message: Message) -> None:
+        self.log("shutdown requested by the host")
+        self.kill_all()
+        self._shutdown = True
+        self._shutdown_deadline = time.monotonic() + 1.0
+
+    # ---- processes --------------------------------------------------------------------------
+
+    def _add(self, proc_id: int, spawned, main: bool) -> _Proc:
+        proc = _Proc(id=proc_id, spawned=spawned, main=main, last_output=time.monotonic())
+        if spawned.tty:
+            proc.outputs[spawned.master] = protocol.STDOUT
+            proc.stdin_fd = spawned.master
+        else:
+            if spawned.stdout is not None:
+                proc.outputs[spawned.stdout] = protocol.STDOUT
+            if spawned.stderr is not None:
+                proc.outputs[spawned.stderr] = protocol.STDERR
+            proc.stdin_fd = spawned.stdin
+        for fd in spawned.fds():
+            os.set_blocking(fd, False)
+        try:
+            proc.pidfd = os.pidfd_open(spawned.pid)
+        except (AttributeError, OSError):
+            proc.pidfd = None  # exited and reaped already, or an old kernel: polled instead
+        self._procs[proc_id] = proc
+        self._by_pid[spawned.pid] = proc
+        return proc
+
+    def _on_proc_ready(self, proc: _Proc, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and proc.stdin_fd is not None:
+            self._write_stdin(proc)
+        if mask & selectors.EVENT_READ:
+            for fd in list(proc.outputs):
+                if fd in self._registered:
+                    self._read_output(proc, fd)
+
+    def _read_output(self, proc: _Proc, fd: int) -> None:
+        try:
+            data = os.read(fd, protocol.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the pty's last slave fd was closed, its end of file
+            data = b""
+        if data:
+            proc.last_output = time.monotonic()
+            self._send(proc.outputs[fd], data, id=proc.id)
+            return
+        del proc.outputs[fd]
+        if fd != proc.stdin_fd:
+            self._close_fd(fd)
+        else:  # the tty master: no more output, so input is pointless too
+            proc.stdin_fd = None
+            proc.stdin_buf.clear()
+            self._close_fd(fd)
+        self._maybe_report_exit(proc, time.monotonic())
+
+    def _write_stdin(self, proc: _Proc) -> None:
+        while proc.stdin_buf:
+            try:
+                written = os.write(proc.stdin_fd, proc.stdin_buf[:protocol.CHUNK])
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the process closed its stdin; drop what is left
+                proc.stdin_buf.clear()
+                if not proc.tty:
+                    self._close_stdin(proc)
+                return
+            del proc.stdin_buf[:written]
+        if proc.stdin_eof and not proc.tty:
+            self._close_stdin(proc)
+
+    def _close_stdin(self, proc: _Proc) -> None:
+        if proc.stdin_fd is not None and proc.stdin_fd not in proc.outputs:
+            self._close_fd(proc.stdin_fd)
+        proc.stdin_fd = None
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self._registered:
+            self._sel.unregister(fd)
+            del self._registered[fd]
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _on_pidfd(self, mask: int) -> None:
+        pass  # a wakeup only: _reap() runs after every select
+
+    def _reap(self) -> None:
+        """The one place that waits for children; hands each status to its owner."""
+        now = time.monotonic()
+        if self.reap_orphans:
+            self._last_sweep = now
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                self._exited(pid, status)
+        else:
+            for proc in list(self._procs.values()):
+                if proc.exit_code is None:
+                    try:
+                        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pid, status = proc.pid, 255 << 8  # reaped behind our back
+                    if pid:
+                        self._exited(pid, status)
+
+    def _exited(self, pid: int, status: int) -> None:
+        proc = self._by_pid.pop(pid, None)
+        if proc is None:
+            return  # an orphan we inherited: reaped, nothing more to do
+        proc.exit_code = protocol.exit_code_from_status(status)
+        proc.exit_signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        proc.last_output = max(proc.last_output, time.monotonic())
+        if proc.pidfd is not None:
+            self._close_fd(proc.pidfd)
+            proc.pidfd = None
+        if proc.stdin_fd is not None and not proc.tty:
+            proc.stdin_buf.clear()
+            self._close_stdin(proc)
+
+    def _maybe_report_exit(self, proc: _Proc, now: float) -> None:
+        if proc.exit_code is None or proc.exit_sent:
+            return
+        if proc.outputs:
+            if self._out_bytes >= OUT_HIGH:
+                proc.last_output = now  # we are not reading it: its silence means nothing
+                return
+            if now - proc.last_output < OUTPUT_GRACE:
+                return
+            if select.select(list(proc.outputs), [], [], 0)[0]:
+                return  # data still waiting: the loop will read it
+            for fd in list(proc.outputs):  # held open by something else; stop waiting
+                del proc.outputs[fd]
+                self._close_fd(fd)
+            proc.stdin_fd = None
+        proc.exit_sent = True
+        frame = self._send(protocol.EXIT, id=proc.id, code=proc.exit_code,
+                           signal=proc.exit_signal)
+        if proc.main:
+            self.main_exit_code = proc.exit_code
+            self._main_done_at = now
+            self._exit_frame = frame
+            if not any(f is frame for f in self._out):
+                self._exit_written_at = now
+        self._forget(proc)
+
+    def _forget(self, proc: _Proc) -> None:
+        """Close every fd of *proc* (each once) and drop it from the tables."""
+        fds = set(proc.outputs) | {proc.stdin_fd, proc.pidfd}
+        fds.discard(None)
+        for fd in fds:
+            self._close_fd(fd)
+        proc.outputs.clear()
+        proc.stdin_fd = proc.pidfd = None
+        self._procs.pop(proc.id, None)
+        self._by_pid.pop(proc.pid, None)
+
+
+# ---- the guest's channel ------------------------------------------------------------------
+
+def find_port(name: str = AGENT_PORT_NAME, sys_dir: str = "/sys/class/virtio-ports") -> str | None:
+    """The /dev path of the virtio-serial port called *name*, or None if there is none."""
+    try:
+        entries = sorted(os.listdir(sys_dir))
+    except FileNotFoundError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(sys_dir, entry, "name")) as f:
+                if f.read().strip() == name:
+                    return f"/dev/{entry}"
+        except OSError:
+            continue
+    return None
+
+
+def open_port(timeout: float = 10.0, name: str = AGENT_PORT_NAME) -> int:
+    """Open the agent's virtio-serial port (waiting up to *timeout* s for it to appear).
+    Raises OSError when it does not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        path = find_port(name)
+        if path is not None:
+            try:
+                return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            except FileNotFoundError:
+                pass  # sysfs knows it, devtmpfs not yet
+        if time.monotonic() > deadline:
+            raise OSError(errno.ENODEV, f"no virtio-serial port named {name}")
+        time.sleep(0.01)

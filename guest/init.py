@@ -1,0 +1,456 @@
+"""PID 1 of the guest: prepare the VM, assemble the container's rootfs, serve the host,
+power off. ``main()`` is called by /init in the initramfs. Stdlib only.
+
+Boot, in order (each phase timed; one summary line on the console when ready, every
+phase as it happens with ``vmshim.debug`` on the kernel command line, everything on
+failure)::
+
+    /proc, /sys, /dev (devtmpfs), /dev/pts, /dev/shm, /run, /tmp
+    kernel modules      /lib/modules/vmshim-modules.txt, one path per line, in order
+    hello               virtio-serial port org.vmshim.agent → guest.agent.Agent.greet()
+    config drive        disk with serial vmshim-config → /run/vmshim/config (iso9660, ro;
+                        unmounted again once config.json is read)
+                        → config.json → BootConfig
+    layers              vmshim-l0 … vmshim-l<N-1> → /run/vmshim/layers/<i> (squashfs, ro)
+    writable layer      tmpfs, or the ext4 disk vmshim-rw → /run/vmshim/rw/{upper,work}
+    rootfs              overlay → /run/vmshim/rootfs
+    cgroup              cgroup2 at /sys/fs/cgroup, /sys/fs/cgroup/vmshim/<container_id>
+    agent loop          guest.agent.Agent.run() on the same port
+
+When the agent loop ends (main process exited and reported, or ``shutdown``), or anything
+fails (printed on the console and sent to the host as ``error`` when the channel can be
+opened), the filesystems are unmounted, synced, and the VM is ended with
+``reboot(RB_AUTOBOOT)``: without ACPI a power-off only halts, and the domain is defined
+with on_reboot=destroy. PID 1 never returns and never hangs.
+
+Imports are kept few and late: every module costs time under TCG.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+RUN = "/run/vmshim"
+CONFIG_MOUNT = RUN + "/config"
+CONFIG_FILE = "config.json"
+LAYERS_DIR = RUN + "/layers"
+EMPTY_LOWER = RUN + "/empty"
+RW_DIR = RUN + "/rw"
+ROOTFS = RUN + "/rootfs"
+FILES_DIR = RUN + "/files"
+MODULES_LIST = "/lib/modules/vmshim-modules.txt"
+DISK_TIMEOUT = 10.0
+"""Seconds to wait for a disk to show up in /sys/block (probing is asynchronous)."""
+PREFIX = "vmshim-agent: "
+
+
+class BootError(Exception):
+    """A boot step failed; the text says which and why (printed and sent to the host)."""
+
+
+class Console:
+    """Progress and errors on /dev/console (the serial log): quiet unless asked or failing."""
+
+    def __init__(self):
+        self.fd = 2
+        self.verbose = False
+        self.phases: list[tuple[str, float]] = []  # (name, ms since boot at its end)
+
+    def open(self) -> None:
+        try:
+            self.fd = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = 2
+
+    def write(self, text: str) -> None:
+        data = "".join(PREFIX + line + "\n" for line in text.splitlines()).encode(errors="replace")
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass
+
+    def log(self, text: str) -> None:
+        """Always printed: something the operator should see."""
+        self.write(text)
+
+    def trace(self, text: str) -> None:
+        """Printed with vmshim.debug only."""
+        if self.verbose:
+            self.write(text)
+
+    def phase(self, name: str) -> None:
+        """Mark the end of a boot phase."""
+        stamp = time.monotonic() * 1000  # CLOCK_MONOTONIC: time since the guest booted
+        self.phases.append((name, stamp))
+        if self.verbose:
+            self.write(f"{name} done at {stamp:.0f} ms")
+
+    def summary(self) -> str:
+        parts, last = [], None
+        for name, stamp in self.phases:
+            if last is not None:
+                parts.append(f"{name} {stamp - last:.0f}")
+            last = stamp
+        total = self.phases[-1][1] if self.phases else time.monotonic() * 1000
+        return f"ready at {total:.0f} ms since boot ({', '.join(parts)} ms)"
+
+
+console = Console()
+
+
+# ---- phases -----------------------------------------------------------------------------
+
+def leave_initramfs() -> None:
+    """Make "/" a bind mount of the initramfs instead of the initramfs mount itself.
+
+    pivot_root(2) refuses to move the initramfs ("rootfs", a mount without a parent), so
+    containers could not pivot away from it. Bind the root onto /.root, move that onto
+    "/" and chroot into it: the root is now a mount with a parent (rootfs underneath),
+    which pivot_root accepts, and nothing was copied.
+    """
+    from guest.runtime import syscalls as sc
+
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == "/":
+                if fields[fields.index("-") + 1] != "rootfs":
+                    return  # a real root filesystem: nothing to do
+                break
+    os.makedirs("/.root", exist_ok=True)
+    sc.mount("/", "/.root", None, sc.MS_BIND | sc.MS_REC, None)
+    os.chdir("/.root")
+    sc.mount("/.root", "/", None, sc.MS_MOVE, None)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def mount_basics() -> None:
+    """The API filesystems PID 1 must provide. Already-mounted ones are left alone."""
+    from guest.runtime import syscalls as sc
+
+    nosuid_nodev_noexec = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    table = [
+        ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
+        ("devtmpfs", "/dev", "devtmpfs", sc.MS_NOSUID, "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
+        ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev_noexec, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"),
+    ]
+    for source, target, fstype, flags, data in table:
+        if target == "/sys":  # /proc is there: now the root can be made pivotable
+            leave_initramfs()
+        os.makedirs(target, exist_ok=True)
+        try:
+            sc.mount(source, target, fstype, flags, data)
+        except OSError as exc:
+            if exc.errno != 16:  # EBUSY: the kernel mounted it already (devtmpfs.mount)
+                raise BootError(f"cannot mount {fstype} on {target}: {exc.strerror}") from None
+    console.open()
+    try:
+        with open("/proc/cmdline") as f:
+            console.verbose = "vmshim.debug" in f.read().split()
+    except OSError:
+        pass
+
+
+def load_modules(list_path: str | None = None) -> None:
+    """Load each module named in *list_path* (MODULES_LIST; absolute paths, or relative
+    to /lib/modules/<release>), in order. Already loaded or built in: fine. A module that
+    fails is reported on the console and skipped: what needs it fails later, clearly."""
+    try:
+        with open(list_path or MODULES_LIST) as f:
+            names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return
+    from guest.runtime import syscalls
+
+    base = f"/lib/modules/{os.uname().release}"
+    for name in names:
+        path = name if name.startswith("/") else os.path.join(base, name)
+        begin = time.monotonic()
+        try:  # plain .ko files: the image builder decompresses them
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                syscalls.finit_module(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno != 17:  # EEXIST: loaded already
+                console.log(f"cannot load module {path}: {exc.strerror}")
+        if console.verbose:
+            console.write(f"module {os.path.basename(path)}: "
+                          f"{(time.monotonic() - begin) * 1000:.0f} ms")
+
+
+def find_disks() -> dict[str, str]:
+    """``{serial: /dev/<name>}`` for every block device that has a serial."""
+    disks = {}
+    try:
+        names = os.listdir("/sys/block")
+    except FileNotFoundError:
+        return disks
+    for name in names:
+        try:
+            with open(f"/sys/block/{name}/serial") as f:
+                serial = f.read().strip()
+        except OSError:
+            continue
+        if serial:
+            disks[serial] = f"/dev/{name}"
+    return disks
+
+
+def wait_for_disks(serials: list[str], timeout: float | None = None) -> dict[str, str]:
+    """Wait until a disk with each serial (and its /dev node) exists; return them.
+    Raises BootError naming the missing ones after *timeout* (DISK_TIMEOUT) seconds."""
+    timeout = DISK_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        disks = find_disks()
+        missing = [s for s in serials if s not in disks or not os.path.exists(disks[s])]
+        if not missing:
+            return {s: disks[s] for s in serials}
+        if time.monotonic() > deadline:
+            raise BootError(f"no disk with serial {', '.join(missing)} appeared within "
+                            f"{timeout:.0f} s (found: {', '.join(sorted(disks)) or 'none'})")
+        time.sleep(0.005)
+
+
+def read_config(device: str):
+    """Mount the config drive read-only, read and validate config.json, unmount it."""
+    import json
+
+    from guest.runtime import syscalls
+    from guest.spec import BootConfig
+
+    os.makedirs(CONFIG_MOUNT, exist_ok=True)
+    fstype = filesystem_type(device)  # iso9660 as the host makes it
+    try:
+        syscalls.mount(device, CONFIG_MOUNT, fstype, syscalls.MS_RDONLY, None)
+    except OSError as exc:
+        raise BootError(f"cannot mount the config drive {device} ({fstype}): "
+                        f"{exc.strerror}") from None
+    try:
+        with open(os.path.join(CONFIG_MOUNT, CONFIG_FILE), "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise BootError(f"the config drive has no {CONFIG_FILE}: {exc.strerror}") from None
+    finally:
+        try:
+            syscalls.umount2(CONFIG_MOUNT, 0)
+        except OSError:
+            pass
+    try:
+        return BootConfig.from_dict(json.loads(raw))
+    except ValueError as exc:
+        raise BootError(f"bad {CONFIG_FILE} on the config drive: {exc}") from None
+
+
+def filesystem_type(device: str) -> str:
+    """squashfs, erofs, ext4 or iso9660, from the superblock magic. Raises BootError."""
+    with open(device, "rb") as f:
+        head = f.read(32774)
+    if head[:4] == b"hsqs":
+        return "squashfs"
+    if head[1024:1028] == b"\xe2\xe1\xf5\xe0":
+        return "erofs"
+    if head[1080:1082] == b"\x53\xef":
+        return "ext4"
+    if head[32769:32774] == b"CD001":
+        return "iso9660"
+    raise BootError(f"{device} holds no filesystem vmshim knows "
+                    "(squashfs, erofs, ext4, iso9660)")
+
+
+def mount_rootfs(config, disks: dict[str, str]) -> str:
+    """Mount the layers and the writable layer, stack them at ROOTFS; return ROOTFS."""
+    from guest.runtime import rootfs, syscalls
+    from guest.spec import LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
+
+    lowerdirs = []
+    for index in range(config.layer_count):
+        device = disks[f"{LAYER_SERIAL_PREFIX}{index}"]
+        target = f"{LAYERS_DIR}/{index}"
+        os.makedirs(target, exist_ok=True)
+        fstype = filesystem_type(device)
+        try:
+            syscalls.mount(device, target, fstype, syscalls.MS_RDONLY, None)
+        except OSError as exc:
+            raise BootError(f"cannot mount layer {index} ({device}, {fstype}): "
+                            f"{exc.strerror}") from None
+        lowerdirs.insert(0, target)  # topmost first
+    if not lowerdirs:  # an image with no layers (FROM scratch, nothing added)
+        os.makedirs(EMPTY_LOWER, exist_ok=True)
+        lowerdirs.append(EMPTY_LOWER)
+
+    os.makedirs(RW_DIR, exist_ok=True)
+    if config.writable == "disk":
+        device = disks[WRITABLE_SERIAL]
+        try:
+            syscalls.mount(device, RW_DIR, "ext4", 0, None)
+        except OSError as exc:
+            raise BootError(f"cannot mount the writable disk {device} (ext4): "
+                            f"{exc.strerror}") from None
+    else:
+        syscalls.mount("tmpfs", RW_DIR, "tmpfs", 0, "mode=0755")
+    console.phase("layers")
+    try:
+        rootfs.mount_overlay(lowerdirs, f"{RW_DIR}/upper", f"{RW_DIR}/work", ROOTFS)
+    except rootfs.RootfsError as exc:
+        raise BootError(str(exc)) from None
+    return ROOTFS
+
+
+def make_cgroup(config):
+    """cgroup2 at /sys/fs/cgroup and the container's group. Without limits to enforce, a
+    failure is only reported; with limits it is fatal."""
+    from guest.runtime.cgroups import Cgroup, CgroupError, mount_cgroup2
+
+    try:
+        mount_cgroup2()
+        return Cgroup.create(config.container_id, memory_limit=config.memory_limit,
+                             pids_limit=config.pids_limit)
+    except (OSError, CgroupError) as exc:
+        if config.memory_limit or config.pids_limit:
+            raise BootError(f"cannot set up the container's cgroup: {exc}") from None
+        console.log(f"running without a cgroup: {exc}")
+        return None
+
+
+# ---- the end ----------------------------------------------------------------------------
+
+def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
+    """Best effort, bounded: send ``error`` (after a ``hello`` if none was sent)."""
+    import select
+
+    from guest import protocol
+    from guest.agent import AGENT_VERSION, open_port
+
+    try:
+        if channel is None:
+            channel = open_port(timeout=1.0)
+        data = b""
+        if not hello_sent:
+            data += protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
+                                    agent=AGENT_VERSION, uptime=round(time.monotonic(), 3))
+        data += protocol.encode(protocol.ERROR, message=message[:4000])
+        os.set_blocking(channel, False)
+        view = memoryview(data)
+        deadline = time.monotonic() + 3.0
+        while view and time.monotonic() < deadline:
+            select.select([], [channel], [], 0.05)
+            try:
+                view = view[os.write(channel, view):]
+            except BlockingIOError:
+                continue
+    except Exception as exc:  # noqa: BLE001 - already failing; the console has the story
+        console.log(f"could not tell the host: {exc}")
+
+
+def power_off() -> None:
+    """Unmount what can be, sync, and end the VM. Never returns."""
+    try:
+        from guest.runtime import syscalls
+
+        for target in (ROOTFS, RW_DIR):
+            try:
+                syscalls.umount2(target, 0)
+            except OSError:
+                try:  # busy: at least make the writable disk consistent
+                    syscalls.mount(None, target, None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY, None)
+                except OSError:
+                    pass
+        syscalls.sync()
+        syscalls.reboot(syscalls.RB_AUTOBOOT)
+    except BaseException as exc:  # noqa: BLE001
+        console.log(f"reboot failed: {exc}")
+    os._exit(1)  # PID 1 exiting panics the kernel; with panic=-1 that reboots too
+
+
+# ---- main -------------------------------------------------------------------------------
+
+def prepare_vm() -> None:
+    """What the VM needs before the agent can talk: API filesystems and kernel modules."""
+    mount_basics()
+    console.phase("mounts")
+    load_modules()
+    console.phase("modules")
+
+
+def prepare_container():
+    """Config drive, layers, overlay, hostname, cgroup; returns (config, Container)."""
+    from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
+
+    disks = wait_for_disks([CONFIG_DRIVE_SERIAL])
+    config = read_config(disks[CONFIG_DRIVE_SERIAL])
+    console.phase("config")
+    wanted = [f"{LAYER_SERIAL_PREFIX}{i}" for i in range(config.layer_count)]
+    if config.writable == "disk":
+        wanted.append(WRITABLE_SERIAL)
+    disks.update(wait_for_disks(wanted))
+    root = mount_rootfs(config, disks)
+    console.phase("overlay")
+
+    from guest.runtime import syscalls
+    from guest.runtime.container import GUEST_NAMESPACES, Container
+    from guest.runtime.process import loopback_up
+
+    console.phase("import runtime")
+    syscalls.sethostname(config.hostname)
+    try:
+        loopback_up()
+    except OSError as exc:
+        console.log(f"cannot bring up lo: {exc}")
+    cgroup = make_cgroup(config)
+    console.phase("cgroup")
+    container = Container(config, root, files_dir=FILES_DIR, cgroup=cgroup,
+                          namespaces=GUEST_NAMESPACES)
+    console.phase("container")
+    return config, container
+
+
+def main() -> None:
+    """PID 1's entry point. Never returns: the VM ends with it.
+
+    ``hello`` goes out as soon as the port is open; the container is assembled while the
+    host's ``start`` is on its way (a failure there reaches the host as ``error``)."""
+    channel = None
+    agent = None
+    try:
+        prepare_vm()
+        from guest.agent import Agent, open_port
+
+        console.phase("import agent")
+        channel = open_port()
+        console.phase("port")
+        agent = Agent(channel, None, None, reconnect=True, reap_orphans=True, log=console.log,
+                      trace=console.trace)
+        agent.greet()
+        console.phase("hello")
+        config, container = prepare_container()
+        agent.attach(config, container)
+        console.write(console.summary())
+        code = agent.run()
+        if console.verbose:
+            console.write(f"container exited with {code}")
+        agent.kill_all()
+    except BaseException as exc:  # noqa: BLE001 - PID 1 must end the VM, not die
+        import traceback
+
+        for name, stamp in console.phases:
+            console.write(f"{name} done at {stamp:.0f} ms")
+        console.write("FATAL: " + "".join(traceback.format_exception(exc)).rstrip())
+        message = str(exc) if isinstance(exc, BootError) else f"agent failure: {exc!r}"
+        tell_host(channel, agent is not None and agent.hello_sent, message)
+    power_off()
+
+
+if __name__ == "__main__":
+    if os.getpid() != 1:
+        sys.exit("guest.init must run as PID 1 in the guest")
+    main()

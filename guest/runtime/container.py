@@ -1,0 +1,124 @@
+"""One container as the runtime sees it: an assembled rootfs, a cgroup, a main process and
+the processes exec'ed beside it. The same class serves both placements:
+
+- in the guest, ``guest.init`` mounts the layer disks, builds the overlay and hands the
+  result to :class:`Container`;
+- on the host (``--isolation process``), :meth:`Container.create` mounts the overlay of
+  already-unpacked layer directories itself and :meth:`Container.destroy` takes it down.
+
+It is also the *runtime* the agent loop (``guest.agent.Agent``) calls: ``start`` and
+``exec`` return a :class:`~guest.runtime.process.Spawned`. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from guest.runtime import rootfs as rootfs_mod
+from guest.runtime.cgroups import Cgroup, CgroupError
+from guest.runtime.process import (
+    DEFAULT_NAMESPACES,
+    Spawned,
+    SpawnError,
+    exec_in_container,
+    spawn_container,
+)
+from guest.spec import BootConfig, ProcessSpec
+
+GUEST_NAMESPACES = ("mnt", "pid", "uts", "ipc", "cgroup")
+"""In the VM the container shares the VM's network namespace: the VM is the boundary, and
+its NIC is the container's."""
+HOST_NAMESPACES = DEFAULT_NAMESPACES + ("cgroup",)
+
+
+class Container:
+    """A container whose rootfs is mounted at *rootfs*.
+
+    Preconditions: *rootfs* is assembled (overlay mounted); *files_dir* is a directory
+    of ours where /etc/hostname, /etc/hosts and /etc/resolv.conf are written (they are
+    bind-mounted into the container, see :func:`rootfs.prepare_rootfs`).
+    """
+
+    def __init__(self, config: BootConfig, rootfs: str, *, files_dir: str,
+                 cgroup: Cgroup | None = None, namespaces=HOST_NAMESPACES):
+        self.config = config
+        self.rootfs = rootfs
+        self.files_dir = files_dir
+        self.cgroup = cgroup
+        self.namespaces = tuple(namespaces)
+        self.main: Spawned | None = None
+        self.owns_rootfs = False
+        self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
+                                               config.resolv_conf, files_dir)
+
+    # ---- host placement: assemble and take down ---------------------------------------
+
+    @classmethod
+    def create(cls, config: BootConfig, *, lowerdirs: list[str], upperdir: str, workdir: str,
+               rootfs: str, files_dir: str, namespaces=HOST_NAMESPACES,
+               use_cgroup: bool = True) -> Container:
+        """Mount the overlay (*lowerdirs* topmost first) at *rootfs*, create the cgroup
+        ``vmshim/<container_id>`` with the config's limits, and return the Container.
+        Raises RootfsError or CgroupError (having undone what was done)."""
+        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs)
+        cgroup = None
+        try:
+            if use_cgroup:
+                cgroup = Cgroup.create(config.container_id, memory_limit=config.memory_limit,
+                                       pids_limit=config.pids_limit)
+            container = cls(config, rootfs, files_dir=files_dir, cgroup=cgroup,
+                            namespaces=namespaces)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            rootfs_mod.unmount(rootfs, detach=True)
+            raise
+        container.owns_rootfs = True
+        return container
+
+    def destroy(self) -> None:
+        """Kill whatever still runs in the container, remove its cgroup and (if
+        :meth:`create` mounted it) unmount the rootfs. Idempotent. The caller must still
+        reap the main process if it has not (its status is not needed any more)."""
+        if self.main is not None:
+            try:
+                os.kill(self.main.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        errors = []
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except CgroupError as exc:
+                errors.append(str(exc))
+        if self.owns_rootfs:
+            rootfs_mod.unmount(self.rootfs, detach=True)
+            self.owns_rootfs = False
+        if errors:
+            raise CgroupError("; ".join(errors))
+
+    # ---- the agent's runtime interface ----------------------------------------------------
+
+    def start(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,
+              cols: int = 80) -> Spawned:
+        """Start the main process (PID 1 of the container). Raises SpawnError."""
+        if self.main is not None:
+            raise SpawnError("the container's process was already started")
+        self.main = spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
+                                    namespaces=self.namespaces, hosts_files=self.binds,
+                                    stdin=stdin, rows=rows, cols=cols)
+        return self.main
+
+    def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,
+             cols: int = 80) -> Spawned:
+        """Start another process in the running container's namespaces and cgroup."""
+        if self.main is None:
+            raise SpawnError("the container is not running")
+        return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
+                                 cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
+                                 rows=rows, cols=cols)
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer struck in the container's cgroup."""
+        return self.cgroup is not None and self.cgroup.oom_kills() > 0

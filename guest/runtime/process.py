@@ -1,0 +1,503 @@
+"""Start a container's process in new namespaces (or another one in its namespaces).
+Stdlib only; used by the guest agent and, on the host, for ``--isolation process``.
+
+How a container process comes to life (three processes, two forks)::
+
+    caller ──fork──▶ intermediate: join cgroup, unshare(namespaces) or setns(…)
+                       └─fork──▶ container process (PID 1 of the new pid namespace):
+                                  mounts + pivot_root, hostname, pty or pipes on 0/1/2,
+                                  user, cwd, env, execve
+                     intermediate: reports the container's pid, exits at once
+
+``unshare(CLONE_NEWPID)`` only moves the *children* of the caller into the new pid
+namespace, hence the second fork. The intermediate exits immediately and the container
+process is re-parented to the caller, which is PID 1 in the guest and a *child subreaper*
+on the host (:func:`spawn_container` sets that). So the caller ``waitpid``s the container
+process itself and gets its real status (``exit_code_from_status``: 128+N on signal N), and
+signals it directly by its pid. No relay process stays behind.
+
+The two children talk to the caller over one CLOEXEC ``SOCK_SEQPACKET`` socket pair:
+
+- ``pid:<n>``          the container's pid (in the caller's pid namespace)
+- ``pty`` + fd         the pty master, opened *inside* the container's /dev/pts
+- ``err:<code>:<msg>`` setup or exec failed; the process exits with <code>
+- end of file          every sender is gone: the exec succeeded (or the error was sent)
+
+Exit codes for failures, as docker reports them: 127 command not found, 126 found but not
+executable, 125 any other setup failure (mounts, unknown user, missing cwd).
+
+Note that a PID 1 ignores signals it has no handler for (SIGKILL excepted), also when they
+come from outside its pid namespace: ``docker stop`` has the same behaviour.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+import termios
+
+from guest.protocol import exit_code_from_status
+from guest.runtime import rootfs as rootfs_mod
+from guest.runtime import syscalls
+from guest.runtime.cgroups import Cgroup
+from guest.runtime.users import UserError, resolve_user
+from guest.spec import ProcessSpec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_NAMESPACES = ("mnt", "pid", "uts", "ipc", "net")
+NAMESPACE_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "mnt")
+"""The order in which setns joins them (as nsenter does): mnt last, since after it
+/proc/<pid>/ns would be looked up in the container."""
+
+EXIT_SETUP_FAILED = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+class SpawnError(Exception):
+    """The process could not be started. ``exit_code`` is what the caller should report
+    (125/126/127, see the module doc); the text is for the user."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_SETUP_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _ChildFailure(Exception):
+    """Raised inside the children; carries the exit code to report."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_SETUP_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Spawned:
+    """A started process and the caller's ends of its stdio.
+
+    With a tty there is one fd, ``master`` (read output, write input, resize); ``stdin``,
+    ``stdout`` and ``stderr`` are None. Without, ``stdin`` is the write end of its stdin
+    pipe (None when stdin was not requested: the process reads /dev/null), ``stdout`` and
+    ``stderr`` the read ends of its output pipes. The caller owns these fds.
+    """
+
+    def __init__(self, pid: int, tty: bool, master: int | None = None,
+                 stdin: int | None = None, stdout: int | None = None,
+                 stderr: int | None = None):
+        self.pid = pid
+        self.tty = tty
+        self.master = master
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return (f"Spawned(pid={self.pid}, tty={self.tty}, master={self.master}, "
+                f"stdin={self.stdin}, stdout={self.stdout}, stderr={self.stderr})")
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.master, self.stdin, self.stdout, self.stderr) if fd is not None]
+
+    def close(self) -> None:
+        """Close every caller-side fd still open (idempotent)."""
+        for name in ("master", "stdin", "stdout", "stderr"):
+            fd = getattr(self, name)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, None)
+
+
+class _Plan:
+    """Everything the children need, decided by the caller before forking."""
+
+    def __init__(self, *, process: ProcessSpec, hostname: str, stdin: bool, rows: int,
+                 cols: int, cgroup: Cgroup | None, unshare_flags: int = 0,
+                 rootfs: str | None = None, bind_files: dict | None = None,
+                 cgroup2_inside: bool = False, loopback: bool = False,
+                 set_hostname: bool = False, join_fds: list | None = None):
+        self.process = process
+        self.hostname = hostname
+        self.stdin = stdin
+        self.rows = rows
+        self.cols = cols
+        self.cgroup = cgroup
+        # A new container: unshare these, assemble the rootfs, set it up.
+        self.unshare_flags = unshare_flags
+        self.rootfs = rootfs
+        self.bind_files = bind_files or {}
+        self.cgroup2_inside = cgroup2_inside
+        self.loopback = loopback
+        self.set_hostname = set_hostname
+        # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
+        self.join_fds = join_fds or []
+
+
+# ---- the caller's side ------------------------------------------------------------------
+
+def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgroup: Cgroup | None,
+                    namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
+                    stdin: bool = True, rows: int = 24, cols: int = 80) -> Spawned:
+    """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
+    usually an overlay mount; it is bind-mounted, never changed except for the mount
+    points it lacks).
+
+    *namespaces* names the new namespaces (``mnt pid uts ipc net cgroup``). Without
+    ``mnt`` the process is only chroot'ed; with *rootfs* None it keeps the caller's root
+    (tests, and plain processes on the host). *hosts_files* maps container paths to files to
+    bind-mount there (see :func:`rootfs.prepare_rootfs`). ``process.tty`` selects a pty
+    (of *rows* × *cols*) instead of pipes.
+
+    Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
+    namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
+    """
+    unknown = set(namespaces) - set(syscalls.NAMESPACE_FLAGS)
+    if unknown:
+        raise SpawnError(f"unknown namespaces: {', '.join(sorted(unknown))}")
+    flags = 0
+    for name in namespaces:
+        flags |= syscalls.NAMESPACE_FLAGS[name]
+    cgroup2_inside = cgroup is not None and cgroup.version == 2 and "mnt" in namespaces
+    plan = _Plan(process=process, hostname=hostname, stdin=stdin, rows=rows, cols=cols,
+                 cgroup=cgroup, unshare_flags=flags,
+                 rootfs=os.path.abspath(rootfs) if rootfs is not None else None,
+                 bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
+                 loopback="net" in namespaces, set_hostname="uts" in namespaces)
+    syscalls.set_child_subreaper()
+    return _spawn(plan)
+
+
+def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str = "",
+                      cgroup: Cgroup | None = None, namespaces=DEFAULT_NAMESPACES,
+                      stdin: bool = True, rows: int = 24, cols: int = 80) -> Spawned:
+    """Start *process* inside the running container whose PID 1 is *container_pid* (as
+    seen by the caller): join its *namespaces* and *cgroup*. Same return and errors as
+    :func:`spawn_container`."""
+    join_fds = []
+    try:
+        for name in NAMESPACE_ORDER:
+            if name in namespaces:
+                path = f"/proc/{container_pid}/ns/{name}"
+                try:
+                    join_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise SpawnError(f"cannot join the container's {name} namespace: "
+                                     f"{exc.strerror}") from None
+        plan = _Plan(process=process, hostname=hostname, stdin=stdin, rows=rows, cols=cols,
+                     cgroup=cgroup, join_fds=join_fds)
+        syscalls.set_child_subreaper()
+        return _spawn(plan)
+    finally:
+        for fd in join_fds:
+            os.close(fd)
+
+
+def _spawn(plan: _Plan) -> Spawned:
+    """Fork the intermediate, collect the reports, return the Spawned or raise SpawnError."""
+    ours: list[int] = []     # caller's ends
+    theirs: list[int] = []   # children's ends, closed here after the fork
+    stdio = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
+    spawned = Spawned(pid=0, tty=plan.process.tty)
+    if not plan.process.tty:
+        if plan.stdin:
+            r, w = os.pipe()
+            stdio[0], spawned.stdin = r, w
+            theirs.append(r)
+            ours.append(w)
+        for index, name in ((1, "stdout"), (2, "stderr")):
+            r, w = os.pipe()
+            stdio[index] = w
+            setattr(spawned, name, r)
+            theirs.append(w)
+            ours.append(r)
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        intermediate = os.fork()
+        if intermediate == 0:
+            parent_sock.close()
+            _intermediate(plan, child_sock, stdio)  # never returns
+        child_sock.close()
+        for fd in theirs:
+            os.close(fd)
+        theirs = []
+        pid, master, error = _collect_reports(parent_sock)
+        _wait_exactly(intermediate)
+    except BaseException:
+        for fd in ours + theirs:
+            os.close(fd)
+        raise
+    finally:
+        parent_sock.close()
+        child_sock.close()
+    if error is not None:
+        spawned.close()
+        if master is not None:
+            os.close(master)
+        if pid:
+            _wait_exactly(pid)
+        raise SpawnError(error[1], error[0])
+    spawned.pid = pid
+    spawned.master = master
+    return spawned
+
+
+def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, str] | None]:
+    """Read the children's reports until end of file: (pid, pty master, (code, message))."""
+    pid, master, error = 0, None, None
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        except InterruptedError:
+            continue
+        if not data and not fds:
+            break
+        if data.startswith(b"pid:"):
+            pid = int(data[4:])
+        elif data == b"pty" and fds:
+            master = fds.pop()
+        elif data.startswith(b"err:"):
+            code, _, message = data[4:].partition(b":")
+            error = (int(code), message.decode(errors="replace"))
+        for fd in fds:  # anything unexpected
+            os.close(fd)
+    if not pid and error is None:
+        error = (EXIT_SETUP_FAILED, "the container process did not start (no report)")
+    return pid, master, error
+
+
+def _wait_exactly(pid: int) -> int:
+    """Block until *pid* exits; return its status as an exit code (EINTR-safe)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            return exit_code_from_status(status)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 255  # somebody else reaped it
+
+
+def wait(pid: int) -> int:
+    """Block until child *pid* exits; return its exit code (128+N if killed by signal N)."""
+    return _wait_exactly(pid)
+
+
+def reap(pid: int) -> int | None:
+    """Exit code of child *pid* if it has exited (reaping it), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if done == 0:
+        return None
+    return exit_code_from_status(status)
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    """TIOCSWINSZ on a pty (master or slave); the foreground process gets SIGWINCH."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+# ---- the children -----------------------------------------------------------------------
+
+def _report(sock: socket.socket, message: bytes, fds=()) -> None:
+    try:
+        if fds:
+            socket.send_fds(sock, [message], list(fds))
+        else:
+            sock.send(message)
+    except OSError:
+        pass  # the caller is gone; nothing left to tell
+
+
+def _report_failure(sock: socket.socket, code: int, message: str) -> None:
+    raw = message.encode(errors="replace")[:60000]
+    _report(sock, b"err:%d:" % code + raw)
+
+
+def _reset_signals() -> None:
+    """Give the child default dispositions and an empty mask: Python ignores SIGPIPE and
+    SIGXFSZ, and ignored signals survive execve."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass  # not the main thread
+    for signum in range(1, signal.NSIG):
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _intermediate(plan: _Plan, sock: socket.socket, stdio: list) -> None:
+    """First child: enter the cgroup and namespaces, fork the container process, report
+    its pid, exit. Never returns."""
+    code = 0
+    try:
+        _reset_signals()
+        if plan.cgroup is not None:
+            plan.cgroup.join_self()  # before unshare(CLONE_NEWCGROUP): it becomes the root
+        if plan.join_fds:
+            for fd in plan.join_fds:
+                syscalls.setns(fd, 0)
+        elif plan.unshare_flags:
+            syscalls.unshare(plan.unshare_flags)
+        pid = os.fork()
+        if pid == 0:
+            _container_process(plan, sock, stdio)  # never returns
+        _report(sock, b"pid:%d" % pid)
+    except _ChildFailure as exc:
+        _report_failure(sock, exc.exit_code, str(exc))
+        code = exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 - we are a forked child: never unwind
+        _report_failure(sock, EXIT_SETUP_FAILED, f"cannot create the container: {_describe(exc)}")
+        code = EXIT_SETUP_FAILED
+    os._exit(code)
+
+
+def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
+    """Second child: becomes the container's process. Never returns."""
+    code = EXIT_SETUP_FAILED
+    try:
+        os.setsid()
+        if plan.rootfs is not None:
+            _enter_rootfs(plan)
+        if plan.set_hostname and plan.hostname:
+            syscalls.sethostname(plan.hostname)
+        if plan.loopback:
+            loopback_up()
+        try:
+            user = resolve_user(plan.process.user, "/")
+        except UserError as exc:
+            raise _ChildFailure(str(exc)) from None
+        _setup_stdio(plan, sock, stdio, user.uid)
+        _become(user)
+        try:
+            os.chdir(plan.process.cwd)
+        except OSError as exc:
+            raise _ChildFailure(f"cannot change to the working directory "
+                                f"{plan.process.cwd}: {exc.strerror.lower()}") from None
+        env = build_env(plan.process, hostname=plan.hostname, home=user.home)
+        _exec(plan.process.args, env)
+    except _ChildFailure as exc:
+        code = exc.exit_code
+        _report_failure(sock, code, str(exc))
+    except BaseException as exc:  # noqa: BLE001 - forked child: report, never unwind
+        _report_failure(sock, code, f"cannot start the container process: {_describe(exc)}")
+    os._exit(code)
+
+
+def _become(user) -> None:
+    """Switch to the container user's groups, gid and uid (in that order: the uid last,
+    while we may still change the others). An unprivileged caller asking for its own
+    ids is left as it is (it could not call setgroups), which lets tests run unprivileged."""
+    if os.geteuid() != 0 and (os.getuid(), os.getgid()) == (user.uid, user.gid):
+        return
+    os.setgroups(user.groups)
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror.lower()}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def _enter_rootfs(plan: _Plan) -> None:
+    if plan.unshare_flags & syscalls.CLONE_NEWNS:
+        try:
+            rootfs_mod.setup_mounts(plan.rootfs, bind_files=plan.bind_files,
+                                    cgroup2=plan.cgroup2_inside)
+            rootfs_mod.pivot_to(plan.rootfs)
+        except OSError as exc:
+            raise _ChildFailure(f"cannot set up the container's filesystem: "
+                                f"{_describe(exc)}") from None
+    else:
+        os.chroot(plan.rootfs)
+        os.chdir("/")
+
+
+def loopback_up() -> None:
+    """Bring up ``lo`` in a fresh network namespace (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> None:
+    """Put the pty slave (opened in the container's own /dev/pts) or the pipes on 0/1/2,
+    and close every other inherited fd except the report socket."""
+    if plan.process.tty:
+        master, slave = os.openpty()
+        set_window_size(slave, plan.rows, plan.cols)
+        os.fchown(slave, uid, -1)
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        _report(sock, b"pty", [master])
+        os.close(master)
+        targets = [slave, slave, slave]
+    else:
+        if stdio[0] is None:
+            stdio[0] = os.open("/dev/null", os.O_RDONLY)
+        targets = stdio
+    # dup2 via fresh copies first, so a target already sitting on 0..2 is not clobbered.
+    copies = [os.dup(fd) for fd in targets]
+    for index, fd in enumerate(copies):
+        os.dup2(fd, index)  # inheritable
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
+
+
+def build_env(process: ProcessSpec, *, hostname: str = "", home: str = "/") -> dict[str, str]:
+    """The environment for execve: the spec's K=V list plus defaults docker sets
+    (PATH, HOSTNAME, HOME, and TERM=xterm with a tty) where the spec has none."""
+    env: dict[str, str] = {}
+    for item in process.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH)
+    if hostname:
+        env.setdefault("HOSTNAME", hostname)
+    env.setdefault("HOME", home or "/")
+    if process.tty:
+        env.setdefault("TERM", "xterm")
+    return env
+
+
+def find_executable(name: str, path_var: str) -> str:
+    """Resolve *name* like execvp does, in the current root. A name with a slash is used
+    as is. Raises _ChildFailure(127) when nothing on *path_var* matches."""
+    if "/" in name:
+        return name
+    for directory in path_var.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    raise _ChildFailure(f'exec: "{name}": executable file not found in $PATH', EXIT_NOT_FOUND)
+
+
+def _exec(args: list[str], env: dict[str, str]) -> None:
+    path = find_executable(args[0], env.get("PATH", DEFAULT_PATH))
+    try:
+        os.execve(path, args, env)
+    except OSError as exc:
+        reason = (exc.strerror or "error").lower()
+        code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+        raise _ChildFailure(f'exec: "{args[0]}": {reason}', code) from None

@@ -1,0 +1,369 @@
+"""The agent's request loop, driven over a socketpair with a runtime that runs plain
+processes (no namespaces, no root): hello, start, streaming, stdin, exit, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from guest import protocol
+from guest.agent import Agent
+from guest.runtime.process import spawn_container
+from guest.spec import BootConfig, ProcessSpec
+
+TOKEN = "s3cret-token"
+
+
+class FakeRuntime:
+    """Starts processes as the current user in the current root (no namespaces)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, process, *, stdin, rows, cols):
+        self.calls.append(("start", process, stdin))
+        spec = dataclasses.replace(process, user=f"{os.getuid()}:{os.getgid()}")
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
+                               rows=rows, cols=cols)
+
+    def exec(self, process, *, stdin, rows, cols):
+        self.calls.append(("exec", process, stdin))
+        spec = dataclasses.replace(process, user=f"{os.getuid()}:{os.getgid()}")
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
+                               rows=rows, cols=cols)
+
+
+class Host:
+    """The test's end of the channel: send frames, receive decoded messages."""
+
+    def __init__(self, sock: socket.socket, agent: Agent, thread: threading.Thread):
+        self.sock = sock
+        self.agent = agent
+        self.thread = thread
+        self.reader = protocol.FrameReader()
+        self.inbox: list[protocol.Message] = []
+        self.result = []
+
+    def send(self, type: str, payload: bytes = b"", **fields) -> None:
+        self.sock.sendall(protocol.encode(type, payload, **fields))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float = 10.0) -> protocol.Message:
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no message from the agent")
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if ready:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    raise EOFError("the agent closed the channel")
+                self.inbox.extend(self.reader.feed(data))
+        return self.inbox.pop(0)
+
+    def start(self, proc_id: int = 1, **fields) -> protocol.Message:
+        fields.setdefault("token", TOKEN)
+        fields.setdefault("stdin", False)
+        fields.setdefault("tty", False)
+        self.send(protocol.START, id=proc_id, **fields)
+        return self.recv()
+
+    def collect(self, proc_id: int, timeout: float = 20.0):
+        """Read until *proc_id*'s exit: (stdout bytes, stderr bytes, exit message, others)."""
+        out, err, others = bytearray(), bytearray(), []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.1, deadline - time.monotonic()))
+            if msg.type == protocol.STDOUT and msg.fields.get("id") == proc_id:
+                out += msg.payload
+            elif msg.type == protocol.STDERR and msg.fields.get("id") == proc_id:
+                err += msg.payload
+            elif msg.type == protocol.EXIT and msg.fields.get("id") == proc_id:
+                return bytes(out), bytes(err), msg, others
+            else:
+                others.append(msg)
+
+    def wait_done(self, timeout: float = 10.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the agent loop did not end"
+        return self.result[0] if self.result else None
+
+
+@pytest.fixture
+def make_host():
+    hosts = []
+
+    def make(args, *, tty=False, exit_grace=0.05, runtime=None) -> Host:
+        host_sock, guest_sock = socket.socketpair()
+        config = BootConfig(container_id="c0ffee", token=TOKEN, hostname="box",
+                            process=ProcessSpec(args=list(args), tty=tty), layer_count=0)
+        agent = Agent(guest_sock.fileno(), config, runtime or FakeRuntime(),
+                      exit_grace=exit_grace)
+        host = Host(host_sock, agent, None)
+        host.guest_sock = guest_sock
+
+        def run():
+            try:
+                host.result.append(agent.run())
+            finally:
+                agent.close()
+
+        host.thread = threading.Thread(target=run, daemon=True)
+        host.thread.start()
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        host.sock.close()
+        host.thread.join(10)
+        host.guest_sock.close()
+
+
+def test_hello_comes_first(make_host):
+    host = make_host(["true"])
+    hello = host.recv()
+    assert hello.type == protocol.HELLO
+    assert hello.get("protocol", int) == protocol.PROTOCOL_VERSION
+    assert hello.get("agent", str).startswith("vmshim-agent")
+    assert isinstance(hello.fields["uptime"], (int, float))
+
+
+def test_start_streams_output_then_exit(make_host):
+    host = make_host(["sh", "-c", "echo hello; echo oops >&2; exit 7"])
+    host.recv()  # hello
+    started = host.start()
+    assert started.type == protocol.STARTED, started
+    assert started.get("id", int) == 1 and started.get("pid", int) > 0
+    out, err, exit_msg, others = host.collect(1)
+    assert out == b"hello\n" and err == b"oops\n"
+    assert exit_msg.get("code", int) == 7 and exit_msg.get("signal", int) == 0
+    assert not others
+    assert host.wait_done() == 7
+
+
+def test_ten_mib_of_stdout_arrive_byte_exact(make_host, tmp_path):
+    data = os.urandom(10 * 1024 * 1024)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    host = make_host(["cat", str(path)])
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    out, err, exit_msg, _ = host.collect(1, timeout=60)
+    assert err == b""
+    assert len(out) == len(data) and out == data
+    assert exit_msg.get("code", int) == 0
+
+
+def test_stdin_is_forwarded_and_closed(make_host):
+    host = make_host(["sh", "-c", "cat; echo done"])
+    host.recv()
+    assert host.start(stdin=True).type == protocol.STARTED
+    blob = os.urandom(3 * protocol.CHUNK + 123)
+    for i in range(0, len(blob), protocol.CHUNK):
+        host.send(protocol.STDIN, blob[i:i + protocol.CHUNK], id=1)
+    host.send(protocol.STDIN_CLOSE, id=1)
+    out, _, exit_msg, _ = host.collect(1)
+    assert out == blob + b"done\n"
+    assert exit_msg.get("code", int) == 0
+
+
+def test_without_stdin_the_process_reads_dev_null(make_host):
+    host = make_host(["sh", "-c", "cat; echo eof"])
+    host.recv()
+    assert host.start(stdin=False).type == protocol.STARTED
+    out, _, exit_msg, _ = host.collect(1)
+    assert out == b"eof\n" and exit_msg.get("code", int) == 0
+
+
+def test_exit_waits_for_output_but_not_for_ever(make_host):
+    # The background sleep keeps stdout open after sh exits; the agent gives up on it
+    # after a silent second instead of waiting for the sleep.
+    host = make_host(["sh", "-c", "sleep 5 & echo hi; exit 3"])
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    begin = time.monotonic()
+    out, _, exit_msg, _ = host.collect(1)
+    assert out == b"hi\n" and exit_msg.get("code", int) == 3
+    assert time.monotonic() - begin < 4
+
+
+def test_signal_reaches_the_process(make_host):
+    host = make_host(["sleep", "30"])
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    host.send(protocol.SIGNAL, id=1, signal=15)
+    _, _, exit_msg, _ = host.collect(1)
+    assert exit_msg.get("code", int) == 143 and exit_msg.get("signal", int) == 15
+
+
+def test_bad_token_is_refused_and_the_agent_keeps_serving(make_host):
+    host = make_host(["echo", "ok"])
+    host.recv()
+    reply = host.start(token="wrong")
+    assert reply.type == protocol.ERROR and "token" in reply.get("message", str)
+    assert reply.get("id", int) == 1
+    assert host.start().type == protocol.STARTED
+    out, _, exit_msg, _ = host.collect(1)
+    assert out == b"ok\n" and exit_msg.get("code", int) == 0
+
+
+def test_bad_messages_get_error_replies(make_host):
+    host = make_host(["sleep", "30"])
+    host.recv()
+    host.send(protocol.STDIN, b"x", id=42)
+    reply = host.recv()
+    assert reply.type == protocol.ERROR and reply.get("id", int) == 42
+    assert "no process" in reply.get("message", str)
+    host.send(protocol.START, token=TOKEN, id="one")
+    reply = host.recv()
+    assert reply.type == protocol.ERROR and "wrong type" in reply.get("message", str)
+    host.send(protocol.HELLO, protocol=1)  # guest-to-host only
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.SIGNAL, id=1, signal=15)
+    assert host.recv().type == protocol.ERROR
+    host.send_raw(b"\x00\x00\x00\x05\x00\x00\x00\x00{bad}")  # header is not JSON
+    reply = host.recv()
+    assert reply.type == protocol.ERROR and "protocol error" in reply.get("message", str)
+    # Still alive and serving.
+    assert host.start().type == protocol.STARTED
+    host.send(protocol.SIGNAL, id=1, signal=99)
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.SIGNAL, id=1, signal=9)
+    _, _, exit_msg, _ = host.collect(1)
+    assert exit_msg.get("code", int) == 137
+
+
+def test_start_twice_is_refused(make_host):
+    host = make_host(["sleep", "30"])
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    reply = host.start(proc_id=2)
+    assert reply.type == protocol.ERROR and "already started" in reply.get("message", str)
+    host.send(protocol.SIGNAL, id=1, signal=9)
+    host.collect(1)
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["/nope"], 127, 'exec: "/nope": no such file or directory'),
+    (["nope-not-here"], 127, 'exec: "nope-not-here": executable file not found in $PATH'),
+    (["{tmp}/plain.txt"], 126, "permission denied"),
+    (["{tmp}"], 126, "permission denied"),
+])
+def test_exec_failures_report_docker_exit_codes(make_host, tmp_path, args, code, text):
+    (tmp_path / "plain.txt").write_text("not a program\n")
+    (tmp_path / "plain.txt").chmod(0o644)
+    args = [a.format(tmp=tmp_path) for a in args]
+    host = make_host(args)
+    host.recv()
+    reply = host.start()
+    assert reply.type == protocol.ERROR
+    assert reply.get("code", int) == code
+    assert text in reply.get("message", str)
+    assert host.wait_done() == code  # the container is over: the loop ends
+
+
+def test_tty_size_resize_and_eof(make_host):
+    host = make_host(["sh", "-c", "stty size; read line; echo got:$line; stty size"], tty=True)
+    host.recv()
+    assert host.start(tty=True, stdin=True, rows=30, cols=100).type == protocol.STARTED
+    seen = bytearray()
+    while b"30 100" not in seen:
+        msg = host.recv()
+        assert msg.type == protocol.STDOUT, msg
+        seen += msg.payload
+    host.send(protocol.RESIZE, id=1, rows=40, cols=120)
+    host.send(protocol.STDIN, b"abc\n", id=1)
+    out, err, exit_msg, _ = host.collect(1)
+    text = (bytes(seen) + out).replace(b"\r\n", b"\n")
+    assert b"got:abc" in text and b"40 120" in text
+    assert err == b"" and exit_msg.get("code", int) == 0
+
+
+def test_exec_runs_beside_the_main_process(make_host):
+    host = make_host(["sleep", "30"])
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    host.send(protocol.EXEC, token=TOKEN, id=2, stdin=False, tty=False,
+              process={"args": ["sh", "-c", "echo from exec; exit 4"]})
+    assert host.recv().type == protocol.STARTED
+    out, _, exit_msg, _ = host.collect(2)
+    assert out == b"from exec\n" and exit_msg.get("code", int) == 4
+    host.send(protocol.EXEC, token="bad", id=3, process={"args": ["true"]})
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.EXEC, token=TOKEN, id=3, process={"args": []})
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.SIGNAL, id=1, signal=9)
+    _, _, exit_msg, _ = host.collect(1)
+    assert exit_msg.get("code", int) == 137
+
+
+def test_shutdown_ends_the_loop_and_kills_the_process(make_host):
+    host = make_host(["sleep", "30"])
+    host.recv()
+    started = host.start()
+    host.send(protocol.SHUTDOWN)
+    host.wait_done()
+    with pytest.raises(ProcessLookupError):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            os.kill(started.get("pid", int), 0)  # killed; reaped by the agent
+            time.sleep(0.05)
+
+
+def test_host_closing_the_channel_ends_the_loop(make_host):
+    host = make_host(["true"])
+    host.recv()
+    host.sock.close()
+    host.wait_done()
+
+
+
+def test_exit_report_never_gives_up_on_unread_output():
+    """White-box: after the process exited, its output is abandoned only when it was
+    silent while being read, not while the agent was not reading (backpressure) and not
+    while data is waiting in the pipe."""
+    from guest import agent as agent_mod
+    from guest.runtime.process import Spawned
+
+    host_sock, guest_sock = socket.socketpair()
+    config = BootConfig(container_id="c", token=TOKEN, hostname="h",
+                        process=ProcessSpec(args=["true"]), layer_count=0)
+    agent = Agent(guest_sock.fileno(), config, FakeRuntime())
+    r, w = os.pipe()
+    try:
+        proc = agent_mod._Proc(id=7, spawned=Spawned(pid=12345, tty=False, stdout=r),
+                               main=False)
+        proc.outputs[r] = protocol.STDOUT
+        proc.exit_code = 0
+        agent._procs[7] = proc
+        now = time.monotonic()
+        os.write(w, b"pending")
+
+        proc.last_output = now - 10
+        agent._out_bytes = agent_mod.OUT_HIGH  # backpressure: not reading
+        agent._maybe_report_exit(proc, now)
+        assert not proc.exit_sent and proc.last_output == now
+
+        agent._out_bytes = 0
+        proc.last_output = now - 10
+        agent._maybe_report_exit(proc, now)  # silent, but data waits in the pipe
+        assert not proc.exit_sent
+
+        os.read(r, 100)  # drained; w is still open (a background child, say)
+        agent._maybe_report_exit(proc, now)
+        assert proc.exit_sent and not proc.outputs
+    finally:
+        os.close(w)
+        agent.close()
+        host_sock.close()
+        guest_sock.close()
