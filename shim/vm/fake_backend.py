@@ -1,0 +1,136 @@
+"""An in-memory :class:`~shim.vm.backend.Backend` for unit tests of the modules above it.
+
+It runs nothing. It records every call and every domain XML it was given, keeps the same
+rules as libvirt (one VM per name, transient VMs vanish when they stop, destroy of a
+missing VM is a no-op) and lets a test make things happen::
+
+    backend = FakeBackend()
+    handle = backend.create(domain)           # backend.created[-1] is the XML
+    backend.simulate_exit(handle.name)        # the guest rebooted / QEMU died
+    backend.fail_next_create("no memory")     # the next create raises HypervisorError
+"""
+
+from __future__ import annotations
+
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from shim.errors import HypervisorError
+from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
+from shim.vm.domain import Domain
+
+
+@dataclass
+class FakeVm:
+    domain: Domain
+    xml: str
+    pid: int
+    paused: bool = False
+
+    @property
+    def root(self) -> ET.Element:
+        """The domain XML parsed, for assertions (``vm.root.find("memory").text``)."""
+        return ET.fromstring(self.xml)
+
+
+@dataclass
+class FakeBackend:
+    """Fake hypervisor. ``vms`` holds what is "running"; ``created`` every XML ever
+    created, in order; ``calls`` every call as ``(method, name)``."""
+
+    vms: dict[str, FakeVm] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    unreachable: str | None = None
+    """When set, every call raises HypervisorError as if libvirtd were down."""
+    _next_pid: int = field(default=40000, init=False, repr=False)
+    _create_failures: list[str] = field(default_factory=list, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _changed: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._changed = threading.Condition(self._lock)
+
+    # --- test controls ------------------------------------------------------------------
+
+    def fail_next_create(self, message: str = "simulated failure") -> None:
+        """Make the next :meth:`create` raise HypervisorError with ``message``."""
+        self._create_failures.append(message)
+
+    def simulate_exit(self, name: str) -> None:
+        """The VM stops by itself (guest rebooted or crashed): it vanishes."""
+        with self._changed:
+            if name not in self.vms:
+                raise KeyError(f"fake backend has no VM {name}")
+            del self.vms[name]
+            self._changed.notify_all()
+
+    def xml_of(self, name: str) -> str:
+        return self.vms[name].xml
+
+    # --- Backend ------------------------------------------------------------------------
+
+    def _check(self, method: str, name: str = "") -> None:
+        self.calls.append((method, name))
+        if self.unreachable is not None:
+            raise HypervisorError(f"cannot reach libvirtd at fake:///: {self.unreachable}; "
+                                  f"start it with `libvirtd -d` (scripts/setup does this)")
+
+    def create(self, domain: Domain) -> VmHandle:
+        self._check("create", domain.name)
+        xml = domain.to_xml()
+        with self._changed:
+            if self._create_failures:
+                raise HypervisorError(
+                    f"cannot start VM {domain.name}: {self._create_failures.pop(0)}")
+            if domain.name in self.vms:
+                raise HypervisorError(f"cannot start VM {domain.name}: a VM of that name "
+                                      f"is still running")
+            self.created.append(xml)
+            self._next_pid += 1
+            self.vms[domain.name] = FakeVm(domain=domain, xml=xml, pid=self._next_pid)
+            self._changed.notify_all()
+        return VmHandle.for_domain(domain)
+
+    def destroy(self, name: str, wait: bool = True) -> None:
+        self._check("destroy", name)
+        with self._changed:
+            self.vms.pop(name, None)
+            self._changed.notify_all()
+
+    def is_running(self, name: str) -> bool:
+        self._check("is_running", name)
+        return name in self.vms
+
+    def list_domains(self, prefix: str = DOMAIN_PREFIX) -> list[str]:
+        self._check("list_domains", prefix)
+        return sorted(n for n in self.vms if n.startswith(prefix))
+
+    def suspend(self, name: str) -> None:
+        self._check("suspend", name)
+        self._vm(name, "pause").paused = True
+
+    def resume(self, name: str) -> None:
+        self._check("resume", name)
+        self._vm(name, "resume").paused = False
+
+    def is_paused(self, name: str) -> bool:
+        """Fake-only: whether :meth:`suspend` was the last of suspend/resume."""
+        return self._vm(name, "inspect").paused
+
+    def qemu_pid(self, name: str) -> int | None:
+        self._check("qemu_pid", name)
+        vm = self.vms.get(name)
+        return vm.pid if vm else None
+
+    def wait_gone(self, name: str, timeout: float = 10.0) -> bool:
+        self._check("wait_gone", name)
+        with self._changed:
+            return self._changed.wait_for(lambda: name not in self.vms, timeout)
+
+    def _vm(self, name: str, operation: str) -> FakeVm:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise VmNotFound(name, operation)
+        return vm

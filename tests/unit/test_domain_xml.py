@@ -1,0 +1,222 @@
+"""Golden-file tests of the generated libvirt domain XML (no libvirt needed).
+
+The representative domains below are rendered and compared byte for byte with
+tests/unit/golden/<name>.xml. After an intended change to shim/vm/domain.py, regenerate
+them and review the diff:
+
+    VMSHIM_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_domain_xml.py
+
+That libvirt accepts these files is checked by tests/integration/test_libvirt_backend.py.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
+from shim.vm.domain import (
+    DEFAULT_CMDLINE, METADATA_NS, AgentChannel, Disk, Domain, Filesystem, KernelBoot, Rng,
+    SerialLog, Vsock, disk_target,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+UUID = "6f1c2a34-5b6d-4e7f-8091-a2b3c4d5e6f7"
+GUEST = "/var/lib/vmshim/guest/0123abcd"
+CTR = "/var/lib/vmshim/containers/c0ffee"
+RUN = "/var/lib/vmshim/run/c0ffee"
+
+
+def _boot() -> KernelBoot:
+    return KernelBoot(kernel=f"{GUEST}/vmlinuz", initrd=f"{GUEST}/initramfs",
+                      cmdline=DEFAULT_CMDLINE + " vmshim.token=abc")
+
+
+def _container_disks() -> list[Disk]:
+    layers = [Disk(source=f"/var/lib/vmshim/layers/{digest}.sqfs", target=disk_target(i),
+                   serial=f"{LAYER_SERIAL_PREFIX}{i}", readonly=True, shareable=True)
+              for i, digest in enumerate(("aaaa", "bbbb"))]
+    config = Disk(source=f"{CTR}/config.iso", target=disk_target(2),
+                  serial=CONFIG_DRIVE_SERIAL)
+    writable = Disk(source=f"{CTR}/rw.ext4", target=disk_target(3), serial=WRITABLE_SERIAL,
+                    readonly=False, discard=True)
+    return [*layers, config, writable]
+
+
+def _common(**overrides) -> dict:
+    base = dict(name="vmshim-c0ffee", uuid=UUID, boot=_boot(), disks=_container_disks(),
+                channels=[AgentChannel(socket_path=f"{RUN}/agent.sock")],
+                serial=SerialLog(path=f"{CTR}/console.log"),
+                metadata={"container-id": "c0ffee", "image": "docker.io/library/busybox:1.36"})
+    base.update(overrides)
+    return base
+
+
+DOMAINS = {
+    # The everyday case: TCG, two image layers, config drive, writable disk.
+    "tcg_container": lambda: Domain(memory_mib=128, vcpus=1, domain_type="qemu", **_common()),
+    # The same on a KVM host, bigger.
+    "kvm_container": lambda: Domain(memory_mib=512, vcpus=2, domain_type="kvm", **_common()),
+    # Nothing but a kernel.
+    "minimal": lambda: Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1,
+                              domain_type="qemu", boot=_boot()),
+    # An OCI bundle's rootfs over virtiofs, vsock transport, virtio-rng, appended log.
+    "tcg_bundle": lambda: Domain(
+        memory_mib=256, vcpus=1, domain_type="qemu", tb_cache_mib=64,
+        **_common(disks=[Disk(source=f"{CTR}/config.iso", target="vda",
+                              serial=CONFIG_DRIVE_SERIAL)],
+                  filesystems=[Filesystem(source_dir=f"{CTR}/bundle/rootfs", tag="rootfs")],
+                  vsock=Vsock(), rng=Rng(),
+                  serial=SerialLog(path=f"{CTR}/console.log", append=True))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINS))
+def test_domain_xml_matches_golden_file(name):
+    xml = DOMAINS[name]().to_xml()
+    path = GOLDEN / f"{name}.xml"
+    if os.environ.get("VMSHIM_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(xml)
+    assert path.exists(), f"{path} missing: run with VMSHIM_UPDATE_GOLDEN=1 to create it"
+    assert xml == path.read_text(), (
+        f"{name}: XML differs from {path}; if intended, regenerate with "
+        f"VMSHIM_UPDATE_GOLDEN=1 pytest {Path(__file__).relative_to(Path.cwd())}")
+
+
+def test_xml_is_deterministic():
+    assert DOMAINS["tcg_container"]().to_xml() == DOMAINS["tcg_container"]().to_xml()
+
+
+def test_tcg_recipe():
+    root = ET.fromstring(DOMAINS["tcg_container"]().to_xml())
+    assert root.get("type") == "qemu"
+    assert root.find("os/type").get("machine") == "pc"
+    assert root.find("features/acpi") is None
+    assert root.find("features/tcg/tb-cache").text == "32"
+    cpu = root.find("cpu")
+    assert (cpu.get("mode"), cpu.find("model").text) == ("custom", "qemu64")
+    assert cpu.find("feature").attrib == {"policy": "require", "name": "rdrand"}
+    assert [root.find(e).text for e in ("on_poweroff", "on_reboot", "on_crash")] == \
+        ["destroy"] * 3
+    devices = root.find("devices")
+    assert devices.find("controller[@type='usb']").get("model") == "none"
+    assert devices.find("memballoon").get("model") == "none"
+    for absent in ("graphics", "video", "input", "emulator", "interface"):
+        assert devices.find(absent) is None
+    assert devices.find("serial").get("type") == "file"
+    assert devices.find("channel/target").get("name") == AGENT_PORT_NAME
+
+
+def test_kvm_uses_host_cpu_and_no_tcg_features():
+    root = ET.fromstring(DOMAINS["kvm_container"]().to_xml())
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.find("features/tcg") is None
+    assert root.find("vcpu").text == "2"
+
+
+def test_acpi_only_with_more_than_one_vcpu():
+    # The cloud kernel has no MP-table parser: without ACPI it brings up one CPU only.
+    assert _domain(vcpus=1).to_element().find("features/acpi") is None
+    assert _domain(vcpus=2).to_element().find("features/acpi") is not None
+    assert _domain(vcpus=1, acpi=True).to_element().find("features/acpi") is not None
+    assert _domain(vcpus=2, acpi=False).to_element().find("features/acpi") is None
+    assert _domain(domain_type="kvm").to_element().find("features") is None
+
+
+def test_disks_carry_serials_and_flags():
+    root = ET.fromstring(DOMAINS["tcg_container"]().to_xml())
+    disks = {d.find("serial").text: d for d in root.findall("devices/disk")}
+    assert list(disks) == ["vmshim-l0", "vmshim-l1", CONFIG_DRIVE_SERIAL, WRITABLE_SERIAL]
+    for serial in ("vmshim-l0", "vmshim-l1"):
+        assert disks[serial].find("readonly") is not None
+        assert disks[serial].find("shareable") is not None
+    assert disks[CONFIG_DRIVE_SERIAL].find("readonly") is not None
+    assert disks[CONFIG_DRIVE_SERIAL].find("shareable") is None
+    rw = disks[WRITABLE_SERIAL]
+    assert rw.find("readonly") is None
+    assert rw.find("driver").get("discard") == "unmap"
+    assert all(d.find("target").get("bus") == "virtio" for d in disks.values())
+
+
+def test_metadata_in_own_namespace():
+    root = ET.fromstring(DOMAINS["tcg_container"]().to_xml())
+    inst = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    assert inst.find(f"{{{METADATA_NS}}}container-id").text == "c0ffee"
+
+
+def test_virtiofs_adds_shared_memfd_memory():
+    root = ET.fromstring(DOMAINS["tcg_bundle"]().to_xml())
+    assert root.find("memoryBacking/source").get("type") == "memfd"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    assert root.find("devices/filesystem/target").get("dir") == "rootfs"
+    assert root.find("features/tcg/tb-cache").text == "64"
+
+
+def test_uuid_is_normalised():
+    dom = Domain(name="vmshim-x", uuid=UUID.upper(), memory_mib=64, vcpus=1,
+                 domain_type="qemu", boot=_boot())
+    assert dom.uuid == UUID
+
+
+def test_disk_target_names():
+    assert [disk_target(i) for i in (0, 1, 25, 26, 27)] == ["vda", "vdb", "vdz", "vdaa", "vdab"]
+    with pytest.raises(ValueError):
+        disk_target(-1)
+
+
+def _domain(**overrides) -> Domain:
+    args = dict(name="vmshim-x", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu",
+                boot=_boot())
+    args.update(overrides)
+    return Domain(**args)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"name": "bad/name"}, "domain name"),
+    ({"name": ""}, "domain name"),
+    ({"name": "x" * 65}, "domain name"),
+    ({"uuid": "not-a-uuid"}, "not a UUID"),
+    ({"memory_mib": 0}, "memory_mib"),
+    ({"memory_mib": True}, "memory_mib"),
+    ({"vcpus": 0}, "vcpus"),
+    ({"domain_type": "xen"}, "domain_type"),
+    ({"tb_cache_mib": 0}, "tb_cache_mib"),
+    ({"metadata": {"Bad Key": "v"}}, "metadata key"),
+    ({"disks": [Disk(source="/a", target="vda", serial="s1"),
+                Disk(source="/b", target="vda", serial="s2")]}, "target 'vda'"),
+    ({"disks": [Disk(source="/a", target="vda", serial="s1"),
+                Disk(source="/b", target="vdb", serial="s1")]}, "serial 's1'"),
+])
+def test_domain_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _domain(**overrides)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: KernelBoot(kernel="vmlinuz", initrd="/i"), "kernel must be an absolute path"),
+    (lambda: KernelBoot(kernel="/k", initrd="/i", cmdline="a\nb"), "cmdline"),
+    (lambda: Disk(source="rel.sqfs", target="vda", serial="s"), "absolute path"),
+    (lambda: Disk(source="/a", target="sda", serial="s"), "disk target"),
+    (lambda: Disk(source="/a", target="vda", serial="x" * 21), "disk serial"),
+    (lambda: Disk(source="/a", target="vda", serial="s", format="vmdk"), "disk format"),
+    (lambda: Disk(source="/a", target="vda", serial="s", discard=True), "read-only"),
+    (lambda: Disk(source="/a", target="vda", serial="s", io="native"), "cache='none'"),
+    (lambda: AgentChannel(socket_path="agent.sock"), "absolute path"),
+    (lambda: AgentChannel(socket_path="/" + "s" * 120), "107 bytes"),
+    (lambda: AgentChannel(socket_path="/a.sock", name="bad name"), "channel name"),
+    (lambda: SerialLog(path="console.log"), "absolute path"),
+    (lambda: Vsock(cid=2), "cid"),
+    (lambda: Filesystem(source_dir="/d", tag="a b"), "tag"),
+])
+def test_device_validation(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_serial_of_twenty_characters_is_accepted():
+    Disk(source="/a", target="vda", serial="x" * 20)
