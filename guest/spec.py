@@ -1,5 +1,8 @@
 """What a container is, as both placements of the runtime see it. Stdlib only.
 
+Plain classes, not dataclasses: importing ``dataclasses`` costs ~100 ms of the guest's
+boot under TCG, on the path to the agent's hello.
+
 The host fills a :class:`BootConfig` and writes it as ``config.json`` on the config drive
 (VM isolation) or hands it to the runtime directly (process isolation). The agent reads it
 at boot, before the host has said anything, so it can mount the rootfs straight away.
@@ -7,7 +10,6 @@ at boot, before the host has said anything, so it can mount the rootfs straight 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 
 CONFIG_DRIVE_SERIAL = "vmshim-config"
 """``<serial>`` of the config-drive disk; the agent finds it in /sys/block/*/serial."""
@@ -19,19 +21,50 @@ AGENT_PORT_NAME = "org.vmshim.agent"
 """virtio-serial port name the agent opens (/sys/class/virtio-ports/*/name)."""
 
 
-@dataclass
-class ProcessSpec:
+class _Record:
+    """Keyword construction, equality and repr from ``_fields`` (name → default)."""
+
+    _fields: dict = {}
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self._fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
+        for name, default in self._fields.items():
+            if name in values:
+                value = values[name]
+            elif default is _REQUIRED:
+                raise TypeError(f"{type(self).__name__} needs {name!r}")
+            else:
+                value = default() if callable(default) else default
+            setattr(self, name, value)
+
+    def replace(self, **changes):
+        """A copy with *changes* applied (like dataclasses.replace)."""
+        values = {n: getattr(self, n) for n in self._fields}
+        values.update(changes)
+        return type(self)(**values)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and all(
+            getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    def __repr__(self):
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+
+_REQUIRED = object()
+
+
+class ProcessSpec(_Record):
     """One process to run in the container.
 
     ``user`` is ``uid[:gid]`` or a name from the image's /etc/passwd (resolved inside the
     rootfs, never on the host). ``env`` is a list of ``K=V`` strings, OCI style.
     """
 
-    args: list[str]
-    env: list[str] = field(default_factory=list)
-    cwd: str = "/"
-    user: str = ""
-    tty: bool = False
+    _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -54,28 +87,24 @@ class ProcessSpec:
         return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
+                "user": self.user, "tty": self.tty}
 
 
-@dataclass
-class BootConfig:
-    """Everything the agent needs at boot; serialised to the config drive."""
+class BootConfig(_Record):
+    """Everything the agent needs at boot; serialised to the config drive.
 
-    container_id: str
-    token: str
-    hostname: str
-    process: ProcessSpec
-    layer_count: int
-    writable: str = "tmpfs"
-    """``"tmpfs"`` (a throw-away upper layer in guest RAM) or ``"disk"`` (WRITABLE_SERIAL)."""
-    hosts: str = ""
-    resolv_conf: str = ""
-    memory_limit: int = 0
-    """Bytes for the container's cgroup memory.max; 0 means no limit."""
-    pids_limit: int = 0
+    ``writable`` is ``"tmpfs"`` (a throw-away upper layer in guest RAM) or ``"disk"``
+    (the disk with WRITABLE_SERIAL); ``memory_limit`` is bytes for the container's cgroup
+    memory.max (0: no limit); ``pids_limit`` likewise for pids.max.
+    """
+
+    _fields = {"container_id": _REQUIRED, "token": _REQUIRED, "hostname": _REQUIRED,
+               "process": _REQUIRED, "layer_count": _REQUIRED, "writable": "tmpfs",
+               "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0}
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in self._fields}
         data["process"] = self.process.to_dict()
         return data
 

@@ -132,7 +132,7 @@ class StdioPump:
             _write_all(fd, msg.payload)
         elif msg.type == protocol.EXIT and msg.get("id", int) == self.proc_id:
             self.exit_code = msg.get("code", int)
-        elif msg.type == protocol.ERROR:
+        elif msg.type == protocol.ERROR and msg.get("id", int, self.proc_id) == self.proc_id:
             raise AgentError(msg.get("message", str, "the agent reported an error"))
 
 

@@ -114,7 +114,9 @@ def run_foreground(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1
         pump = StdioPump(client, MAIN_PROCESS_ID,
                          stdin_fd=stdin_fd if options.interactive else None,
                          stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=options.tty)
-        return pump.run()
+        code = pump.run()
+        _say_shutdown(client)
+        return code
     except KeyboardInterrupt:
         placement.abort()
         return 130
@@ -123,3 +125,11 @@ def run_foreground(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1
         raise
     finally:
         placement.release()
+
+
+def _say_shutdown(client) -> None:
+    """Tell the agent we are done so the VM powers off now instead of after its grace."""
+    try:
+        client.send(protocol.SHUTDOWN)
+    except AgentError:
+        pass

@@ -3,7 +3,6 @@ processes (no namespaces, no root): hello, start, streaming, stdin, exit, errors
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import socket
@@ -28,13 +27,13 @@ class FakeRuntime:
 
     def start(self, process, *, stdin, rows, cols):
         self.calls.append(("start", process, stdin))
-        spec = dataclasses.replace(process, user=f"{os.getuid()}:{os.getgid()}")
+        spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
         return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
                                rows=rows, cols=cols)
 
     def exec(self, process, *, stdin, rows, cols):
         self.calls.append(("exec", process, stdin))
-        spec = dataclasses.replace(process, user=f"{os.getuid()}:{os.getgid()}")
+        spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
         return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
                                rows=rows, cols=cols)
 
