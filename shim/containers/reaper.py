@@ -28,10 +28,13 @@ def spawn(domain: str, run_dir: str, grace: float = 5.0) -> None:
 def reap(domain: str, run_dir: str, grace: float) -> None:
     from shim.vm.libvirt_backend import LibvirtBackend
 
+    # Give the guest's own reboot time to end QEMU; poll gently, libvirtd is shared with
+    # the next container the user is starting right now.
+    time.sleep(0.5)
     backend = LibvirtBackend()
     deadline = time.monotonic() + grace
     while backend.is_running(domain) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.5)
     backend.destroy(domain)
     shutil.rmtree(run_dir, ignore_errors=True)
 
