@@ -1,0 +1,75 @@
+"""Fixtures for end-to-end tests: the CLI run as a user runs it, as a subprocess.
+
+The state root is whatever VMSHIM_ROOT says (scripts/test points it at a test root and
+builds the guest image and the busybox image there first; the session fixture makes sure
+of both). Tests that boot a VM carry the ``vm`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+CLI = [sys.executable, "-m", "shim.cli.main"]
+
+
+def vmshim(*args, input=None, timeout=180, env=None, check=False):
+    """Run the CLI; return the CompletedProcess (bytes stdout/stderr)."""
+    merged = dict(os.environ, **(env or {}))
+    proc = subprocess.run(CLI + list(args), input=input, capture_output=True, timeout=timeout,
+                          env=merged)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vmshim {' '.join(args)} exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def vmshim_domains() -> set[str]:
+    """Names of the libvirt domains vmshim made (running or not)."""
+    import libvirt
+
+    from shim import paths
+
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    conn = libvirt.open(paths.libvirt_uri())
+    try:
+        return {d.name() for d in conn.listAllDomains() if d.name().startswith("vmshim-")}
+    finally:
+        conn.close()
+
+
+def wait_no_new_domains(before: set[str], timeout: float = 15.0) -> set[str]:
+    """Wait until no vmshim domain exists beyond *before*; return the leftovers (empty
+    when all went away in time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        extra = vmshim_domains() - before
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def base_images():
+    """The guest image and busybox exist in the state root (cached: cheap when built)."""
+    vmshim("guest", "build", check=True, timeout=600)
+    vmshim("image", "bootstrap", "busybox", check=True)
+
+
+@pytest.fixture
+def domains_before():
+    """The vmshim domains present before the test; the test checks none is added."""
+    return vmshim_domains()
+
+
+@pytest.fixture(scope="session")
+def guest_kernel_release(base_images) -> str:
+    from shim.guestimage import current_guest_image
+
+    image = current_guest_image()
+    assert image is not None
+    return image.kernel_release
