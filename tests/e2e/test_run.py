@@ -172,25 +172,12 @@ def _spawn(args, **kw):
     return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def _read_until(stream, marker: bytes, timeout: float) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"did not see {marker!r}; got {seen!r}"
-        if select.select([stream], [], [], left)[0]:
-            chunk = os.read(stream.fileno(), 4096)
-            assert chunk, f"stream ended before {marker!r}; got {seen!r}"
-            seen += chunk
-    return seen
-
-
 @vm
 def test_sigint_mid_run_is_forwarded_and_leaves_nothing(domains_before):
     script = 'trap "echo got-int; exit 3" INT; echo ready; while true; do sleep 0.2; done'
     proc = _spawn(["run", "--rm", "busybox", "sh", "-c", script])
     try:
-        _read_until(proc.stdout, b"ready", 120)
+        _read_fd_until(proc.stdout.fileno(), b"ready", 120)
         proc.send_signal(signal.SIGINT)
         rest, stderr = proc.communicate(timeout=60)
     finally:
@@ -230,6 +217,7 @@ def test_tty_under_a_real_pty(isolation):
 
 
 def _read_fd_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    """Read *fd* (a pipe or a pty master) until *marker* shows up; return all read."""
     seen = b""
     deadline = time.monotonic() + timeout
     while marker not in seen:
@@ -240,6 +228,6 @@ def _read_fd_until(fd: int, marker: bytes, timeout: float) -> bytes:
                 chunk = os.read(fd, 4096)
             except OSError:
                 chunk = b""
-            assert chunk, f"pty closed before {marker!r}; got {seen!r}"
+            assert chunk, f"{fd} closed before {marker!r}; got {seen!r}"
             seen += chunk
     return seen
