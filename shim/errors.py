@@ -31,6 +31,10 @@ class LayerError(ImageError):
     """A layer tar is corrupt or hostile and was refused; nothing was written."""
 
 
+class RegistryError(VmshimError):
+    """A registry could not be reached, refused a request, or needs credentials we lack."""
+
+
 class GuestImageError(VmshimError):
     """The guest kernel/initramfs cannot be built or is missing."""
 
@@ -66,3 +70,12 @@ class CommandNotExecutable(VmshimError):
     """The container's command exists but cannot be executed (exit 126, like docker)."""
 
     exit_code = 126
+
+
+class NetworkError(VmshimError):
+    """A network cannot be created, set up or removed (bridge, NAT, ports, DNS), or a
+    network flag (``-p``, ``--network``, ``--ip``, ``--add-host`` …) asks for the impossible."""
+
+
+class NetworkNotFound(NetworkError):
+    """No network with that name or id."""

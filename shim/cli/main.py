@@ -44,7 +44,7 @@ def cli(ctx, debug):
 
 
 def _register() -> None:
-    from shim.cli import guest, images, info, run
+    from shim.cli import guest, images, info, registry, run, system
 
     cli.add_command(run.run)
     cli.add_command(info.info)
@@ -52,6 +52,15 @@ def _register() -> None:
     cli.add_command(images.images_cmd, "images")
     cli.add_command(images.rmi_cmd, "rmi")
     cli.add_command(images.image_group, "image")
+    cli.add_command(images.tag_cmd, "tag")
+    cli.add_command(images.history_cmd, "history")
+    cli.add_command(images.save_cmd, "save")
+    cli.add_command(images.load_cmd, "load")
+    cli.add_command(registry.pull_cmd, "pull")
+    cli.add_command(registry.push_cmd, "push")
+    cli.add_command(registry.login_cmd, "login")
+    cli.add_command(registry.logout_cmd, "logout")
+    cli.add_command(system.system_group, "system")
 
 
 _register()

@@ -262,6 +262,35 @@ def _open_stream(blob: Path, limits: Limits) -> Iterator[_CappedReader]:
                     raise LayerError(f"layer is not a valid zstd stream: {reason}")
 
 
+class _Uncompressed:
+    """A forward-only reader of a layer's uncompressed bytes whose read failures are
+    LayerError (``sha``: the running sha256 of what was read, i.e. the diff_id at EOF)."""
+
+    def __init__(self, reader: _CappedReader, blob: Path):
+        self.reader, self.blob = reader, blob
+
+    @property
+    def sha(self):
+        return self.reader.sha
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self.reader.read(size)
+        except LayerError:
+            raise
+        except _READ_ERRORS as e:
+            raise LayerError(f"layer sha256:{self.blob.name} is corrupt or truncated: "
+                             f"{e}") from None
+
+
+@contextlib.contextmanager
+def open_uncompressed(blob: Path, limits: Limits | None = None) -> Iterator[_Uncompressed]:
+    """The uncompressed tar stream of the layer blob ``blob`` (plain, gzip, zstd, xz or
+    bzip2), for ``save``: ``read()`` only, failures raise LayerError."""
+    with _open_stream(blob, limits or Limits()) as reader:
+        yield _Uncompressed(reader, blob)
+
+
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Iterate a TarFile strictly: unlike ``TarFile.next()``, a corrupt header
     after the first or a missing end-of-archive marker is an error, not the end. Members

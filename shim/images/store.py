@@ -6,6 +6,10 @@ On disk, under ``paths.images_dir()`` (``$VMSHIM_ROOT/images``)::
     index.json                    OCI image index; one entry per local name (see below)
     blobs/sha256/<hex>            manifests, configs, layers (files named by their sha256)
     blobs/sha256/.tmp-*           blob writes in progress (renamed into place when verified)
+    ingest/<hex>.partial          resumable downloads (pull): flocked while written, verified
+                                  and renamed into blobs/ when complete, resumed after a crash
+    blob-sources.json             where blobs were seen in registries ({hex: [[host, repo]]}),
+                                  for cross-repository mounts on push (a cache, rebuildable)
     .index.lock                   flock: serialises every rewrite of index.json
     .gc.lock                      flock: shared while importing, exclusive while deleting blobs
     tmp/                          scratch space for recipes building layer tars
@@ -35,9 +39,10 @@ import os
 import platform
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from shim import paths
 from shim.errors import ImageError, ImageNotFound, InvalidReference
@@ -60,6 +65,9 @@ INDEX_TYPES = {OCI_INDEX, DOCKER_MANIFEST_LIST}
 REF_NAME = "org.opencontainers.image.ref.name"
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})\Z")
+_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_SOURCES_MAX = 8
+_STALE_TMP_SECONDS = 600  # a .tmp- blob file untouched this long belongs to a dead writer
 _CHUNK = 1 << 20
 _JSON_MAX = 8 << 20  # manifests and configs are small; refuse absurd ones
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -350,7 +358,7 @@ class ImageStore:
         }
         with flocked(self._index_lock):
             # Checked under the lock: remove() deletes blobs only while holding it too.
-            for digest in [manifest_digest, *self._referenced_by(manifest)]:
+            for digest in self._required_blobs(manifest_digest, manifest):
                 if not self.has_blob(digest):
                     raise ImageError(f"cannot tag {ref.familiar}: blob {digest} of manifest "
                                      f"{manifest_digest} is missing (removed meanwhile?); retry")
@@ -447,13 +455,32 @@ class ImageStore:
                      config=config, layers=layers)
 
     def _pick_platform(self, index: dict, digest: str) -> str:
+        """The child manifest of ``index`` to use: the stored one for linux/<host arch>,
+        else the only stored child (an index pulled with ``--platform``)."""
         arch = host_arch()
+        stored = []
         for desc in index.get("manifests") or []:
+            if not isinstance(desc, dict) or not _DIGEST.match(str(desc.get("digest"))):
+                continue
+            if not self.has_blob(desc["digest"]):
+                continue
             plat = desc.get("platform") or {}
             if plat.get("os", "linux") == "linux" and plat.get("architecture") == arch:
-                if self.has_blob(desc.get("digest", "")):
-                    return desc["digest"]
+                return desc["digest"]
+            stored.append(desc["digest"])
+        if len(stored) == 1:
+            return stored[0]
         raise ImageError(f"image index {digest} has no stored manifest for linux/{arch}")
+
+    def _required_blobs(self, manifest_digest: str, manifest: dict) -> list[str]:
+        """The blobs that must be stored for ``manifest`` to be usable: for an image
+        manifest, itself, its config and layers; for an index (pulled by its digest), itself
+        and one complete platform manifest (the other platforms may be absent)."""
+        if manifest.get("mediaType") in INDEX_TYPES or (
+                manifest.get("mediaType") is None and "manifests" in manifest):
+            child = self._pick_platform(manifest, manifest_digest)
+            return [manifest_digest, child, *self._referenced_by(self.read_json(child))]
+        return [manifest_digest, *self._referenced_by(manifest)]
 
     @staticmethod
     def _referenced_by(manifest: dict) -> list[str]:
@@ -542,6 +569,165 @@ class ImageStore:
             with contextlib.suppress(FileNotFoundError, ImageError):
                 os.unlink(self.blobs_dir / digest_hex(digest))
 
+    # -- resumable ingest (pull) ---------------------------------------------------------
+    def ingest(self, digest: str, size: int | None = None) -> "Ingest":
+        """A resumable writer for the blob ``digest`` (see :class:`Ingest`). Use as a
+        context manager, inside ``writing()``."""
+        digest_hex(digest)
+        return Ingest(self, digest, size)
+
+    # -- garbage collection, pruning, usage ------------------------------------------------
+    def _reachable_from_index(self, index: dict) -> set[str]:
+        """Every blob digest reachable from the entries of ``index`` (children of indexes
+        followed; manifests' configs and layers listed without being read)."""
+        seen: set[str] = set()
+        todo = [d["digest"] for d in index["manifests"] if isinstance(d.get("digest"), str)]
+        while todo:
+            d = todo.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            try:
+                obj = self.read_json(d)
+            except ImageError:
+                continue
+            if obj.get("mediaType") in INDEX_TYPES or "manifests" in obj:
+                todo.extend(self._referenced_by(obj))
+            else:
+                seen.update(self._referenced_by(obj))
+        return seen
+
+    def _blob_files(self) -> Iterator[os.DirEntry]:
+        with os.scandir(self.blobs_dir) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    yield entry
+
+    def collect_garbage(self) -> tuple[int, int]:
+        """Delete every blob that no named image reaches, interrupted downloads
+        (``ingest/``) and temp files of writers that died. Returns (files, bytes) freed.
+
+        Takes the gc lock exclusively, so it waits for imports and pulls in progress (they
+        hold it shared from their first blob until they tag) and none starts meanwhile."""
+        files = freed = 0
+        with flocked(self._gc_lock, fcntl.LOCK_EX), flocked(self._index_lock):
+            keep = {digest_hex(d) for d in self._reachable_from_index(self._read_index())
+                    if _DIGEST.match(d)}
+            for entry in list(self._blob_files()):
+                if entry.name in keep:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                stale_tmp = (entry.name.startswith(".tmp-")
+                             and time.time() - st.st_mtime > _STALE_TMP_SECONDS)
+                if stale_tmp or _HEX.match(entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        files, freed = files + 1, freed + st.st_size
+            ingest_dir = self.root / "ingest"
+            if ingest_dir.is_dir():
+                for p in list(ingest_dir.iterdir()):
+                    freed_here = _unlink_if_unlocked(p)
+                    if freed_here is not None:
+                        files, freed = files + 1, freed + freed_here
+        return files, freed
+
+    def discard_blobs(self, digests: "Iterable[str]") -> None:
+        """Delete the given blobs unless a named image reaches them: the cleanup of an
+        import or pull that failed after storing some of its blobs."""
+        digests = [d for d in digests if _DIGEST.match(d)]
+        if not digests:
+            return
+        with flocked(self._index_lock):
+            keep = self._reachable_from_index(self._read_index())
+            for d in digests:
+                if d not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.blobs_dir / digest_hex(d))
+
+    def discard_partials(self, digests: "Iterable[str]") -> None:
+        """Delete the interrupted downloads (``ingest/``) of these blobs that no process is
+        writing: after a pull failed on bad content, nothing of it is kept."""
+        for d in digests:
+            if _DIGEST.match(d):
+                _unlink_if_unlocked(self.root / "ingest" / f"{digest_hex(d)}.partial")
+
+    def prune(self, all_images: bool = False, keep: "Iterable[str]" = ()) -> "PruneReport":
+        """``image prune``: garbage-collect (see ``collect_garbage``); with ``all_images``
+        first remove every name whose image (manifest or config digest) is not in ``keep``
+        (the images that containers use). Returns what was removed."""
+        keep = set(keep)
+        untagged: list[str] = []
+        if all_images:
+            with flocked(self._gc_lock, fcntl.LOCK_EX), flocked(self._index_lock):
+                index = self._read_index()
+                kept = []
+                for desc in index["manifests"]:
+                    name = (desc.get("annotations") or {}).get(REF_NAME)
+                    used = desc.get("digest") in keep or self._config_of(desc) in keep
+                    if name and not used:
+                        untagged.append(name)
+                    else:
+                        kept.append(desc)
+                index["manifests"] = kept
+                self._write_index(index)
+        files, freed = self.collect_garbage()
+        return PruneReport(untagged=untagged, blobs_deleted=files, space_reclaimed=freed)
+
+    def disk_usage(self) -> "DiskUsage":
+        """Sizes for ``system df``: named images, the blobs they use (shared ones once), and
+        what ``image prune`` would free (unreferenced blobs and interrupted downloads)."""
+        index = self._read_index()
+        reachable = {digest_hex(d) for d in self._reachable_from_index(index)
+                     if _DIGEST.match(d)}
+        used = unused = 0
+        for entry in self._blob_files():
+            size = entry.stat(follow_symlinks=False).st_size
+            if entry.name in reachable:
+                used += size
+            else:
+                unused += size
+        ingest_dir = self.root / "ingest"
+        if ingest_dir.is_dir():
+            unused += sum(p.stat().st_size for p in ingest_dir.iterdir() if p.is_file())
+        names = len(self._entries(index))
+        images = {d.get("digest") for _, d in self._entries(index)}
+        layer_digests = set()
+        for _, desc in self._entries(index):
+            try:
+                image = self._load(parse_reference(desc["annotations"][REF_NAME]), desc["digest"])
+            except (ImageError, InvalidReference, KeyError):
+                continue
+            layer_digests.update(digest_hex(layer.digest) for layer in image.layers)
+        return DiskUsage(names=names, images=len(images), blobs_size=used,
+                         reclaimable=unused, layer_digests=frozenset(layer_digests))
+
+    # -- where blobs came from (for cross-repository mounts) -----------------------------
+    def record_sources(self, host: str, repository: str, digests: "Iterable[str]") -> None:
+        """Remember that ``host/repository`` has these blobs (best effort, a cache)."""
+        path = self.root / "blob-sources.json"
+        with contextlib.suppress(OSError), flocked(self.root / ".sources.lock"):
+            try:
+                data = json.loads(path.read_bytes())
+                if not isinstance(data, dict):
+                    data = {}
+            except (OSError, ValueError):
+                data = {}
+            for d in digests:
+                if not _DIGEST.match(d):
+                    continue
+                seen = [s for s in data.get(d[7:], []) if s != [host, repository]]
+                data[d[7:]] = ([[host, repository]] + seen)[:_SOURCES_MAX]
+            atomic_write(path, json.dumps(data, sort_keys=True).encode())
+
+    def sources(self, digest: str) -> list[tuple[str, str]]:
+        """(host, repository) pairs known to hold ``digest``, most recent first."""
+        try:
+            data = json.loads((self.root / "blob-sources.json").read_bytes())
+            return [(h, r) for h, r in data.get(digest_hex(digest), [])
+                    if isinstance(h, str) and isinstance(r, str)]
+        except (OSError, ValueError, TypeError, AttributeError):
+            return []
+
     # -- import --------------------------------------------------------------------------
     def import_image(self, layer_tars: list[str | os.PathLike], config: dict,
                      ref: str | Reference) -> Image:
@@ -576,6 +762,150 @@ class ImageStore:
             manifest_digest, _ = self.put_json(manifest)
             self.tag(ref, manifest_digest)
         return self._load(ref, manifest_digest)
+
+
+def _unlink_if_unlocked(path: Path) -> int | None:
+    """Delete ``path`` unless another process holds an flock on it; its size, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        size = os.fstat(fd).st_size
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        return size
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    untagged: list[str]
+    blobs_deleted: int
+    space_reclaimed: int
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    names: int                 # entries of index.json
+    images: int                # distinct manifests they point at
+    blobs_size: int            # bytes of blobs reachable from a name
+    reclaimable: int           # bytes ``image prune`` frees
+    layer_digests: frozenset   # hex digests of the layers named images use
+
+
+class Ingest:
+    """A resumable, verified download of one blob of known digest.
+
+    Bytes go to ``ingest/<hex>.partial``, which is flocked while open, so two pulls of the
+    same blob take turns (the second finds it stored). Reopening after a crash continues
+    where the file ends (``offset``; the caller asks the server for the rest) after
+    re-hashing what is there. ``commit()`` verifies size and sha256 and renames the file
+    into ``blobs/``; on a mismatch the partial file is deleted and ImageError raised.
+    Other errors leave the partial file for the next attempt.
+    """
+
+    def __init__(self, store: "ImageStore", digest: str, size: int | None):
+        self.store, self.digest, self.size = store, digest, size
+        self.dir = store.root / "ingest"
+        self.path = self.dir / f"{digest_hex(digest)}.partial"
+        self.fd = -1
+        self.offset = 0
+        self.done = False
+        self._sha = hashlib.sha256()
+
+    def __enter__(self) -> "Ingest":
+        self.dir.mkdir(exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # committed or discarded meanwhile: look again
+        self.fd = fd
+        if self.store.has_blob(self.digest):
+            self.done = True
+            self._unlink()
+            return self
+        end = os.fstat(fd).st_size
+        if self.size is not None and end > self.size:
+            end = 0
+        os.ftruncate(fd, end)
+        os.lseek(fd, 0, os.SEEK_SET)
+        left = end
+        while left:
+            chunk = os.read(fd, min(_CHUNK, left))
+            if not chunk:
+                break
+            self._sha.update(chunk)
+            left -= len(chunk)
+        self.offset = end - left
+        os.lseek(fd, self.offset, os.SEEK_SET)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reset(self) -> None:
+        """Start over (the server ignored a range request)."""
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.offset = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if self.size is not None and self.offset + len(data) > self.size:
+            self.discard()
+            raise ImageError(f"blob {self.digest} is larger than the {self.size} bytes its "
+                             "descriptor declares; refused")
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self._sha.update(data)
+        self.offset += len(data)
+
+    def discard(self) -> None:
+        self._unlink()
+        self.reset()
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def commit(self) -> None:
+        """Verify and move into the store. Raises ImageError (partial file deleted) when
+        the content does not match the digest or size."""
+        if self.done:
+            return
+        actual = "sha256:" + self._sha.hexdigest()
+        if self.size is not None and self.offset != self.size:
+            self.discard()
+            raise ImageError(f"blob {self.digest} is {self.offset} bytes, its descriptor "
+                             f"declares {self.size}; refused")
+        if actual != self.digest:
+            self.discard()
+            raise ImageError(f"digest mismatch: blob {self.digest} arrived with content of "
+                             f"digest {actual}; refused (corrupted in transit or by the "
+                             "registry)")
+        os.fsync(self.fd)
+        os.fchmod(self.fd, 0o644)
+        os.rename(self.path, self.store.blobs_dir / digest_hex(self.digest))
+        _fsync_dir(self.store.blobs_dir)
+        self.done = True
 
 
 def _inspect_tar(path: Path) -> tuple[str, str]:
