@@ -108,19 +108,24 @@ class Agent:
     Spawned, raising ``SpawnError`` (with ``exit_code``) or any exception on failure.
 
     *reconnect*: end of file on the channel means "host away" (virtio-serial): keep
-    running and look again; otherwise it ends the loop. *reap_orphans*: also collect
+    running and look again; otherwise it ends the loop. *listener*: a listening unix
+    socket (the host agent of ``--isolation process``): *channel_fd* may be -1 (no host
+    yet); a host that goes away is replaced by the next connection accepted on it, so a
+    new monitor can re-attach like it does to a VM's virtio-serial port. *reap_orphans*: also collect
     processes re-parented to us (PID 1); otherwise only the pids we started are waited
     for, so other children of the calling process are left alone.
     """
 
     def __init__(self, channel_fd: int, config: BootConfig | None, runtime, *,
-                 reconnect: bool = False,
+                 reconnect: bool = False, listener=None,
                  reap_orphans: bool = False, exit_grace: float = 1.0,
                  orphan_exit_timeout: float = 30.0, log=None, trace=None, uptime=_uptime):
         self.fd = channel_fd
         self.config = config
         self.runtime = runtime
-        self.reconnect = reconnect
+        self.reconnect = reconnect or listener is not None
+        self.listener = listener
+        self._conn = None  # the accepted socket object, with a listener
         self.reap_orphans = reap_orphans
         self.exit_grace = exit_grace
         self.orphan_exit_timeout = orphan_exit_timeout
@@ -153,7 +158,8 @@ class Agent:
         self._greeted = False
         self._last_sweep = 0.0
 
-        os.set_blocking(self.fd, False)
+        if self.fd >= 0:
+            os.set_blocking(self.fd, False)
         self._handlers = {
             protocol.START: self._handle_start,
             protocol.EXEC: self._handle_exec,
@@ -162,6 +168,9 @@ class Agent:
             protocol.RESIZE: self._handle_resize,
             protocol.SIGNAL: self._handle_signal,
             protocol.SHUTDOWN: self._handle_shutdown,
+            protocol.BUILTIN: self._handle_builtin,
+            protocol.UPDATE: self._handle_update,
+            protocol.STATS: self._handle_stats,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -253,6 +262,8 @@ class Agent:
                 mask |= selectors.EVENT_WRITE
             if mask:
                 want(self.fd, mask, self._on_channel)
+        elif self._away and self.listener is not None and not self._stopped:
+            want(self.listener.fileno(), selectors.EVENT_READ, self._on_listener)
         out_ok = self._out_bytes < OUT_HIGH
         for proc in self._procs.values():
             handler = self._proc_handler(proc)
@@ -308,7 +319,44 @@ class Agent:
 
     def _probe_channel(self) -> None:
         """Read once without waiting: tells whether the host is there (EOF: not yet)."""
+        if self.fd < 0 and not self._accept():
+            self._host_gone()
+            return
         self._read_channel()
+
+    def _on_listener(self, mask: int) -> None:
+        self._away = False
+        self._probe_channel()
+
+    def _accept(self) -> bool:
+        """With a listener: take the next waiting host, if any, as the channel."""
+        if self.listener is None:
+            return False
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.log(f"accepting a host failed: {exc}")
+            return False
+        conn.setblocking(False)
+        self._conn = conn
+        self.fd = conn.fileno()
+        return True
+
+    def _drop_connection(self) -> None:
+        """With a listener: close the channel of a host that went away."""
+        if self.listener is None or self.fd < 0:
+            return
+        if self.fd in self._registered:
+            self._sel.unregister(self.fd)
+            del self._registered[self.fd]
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._conn = None
+        self.fd = -1
 
     def _read_channel(self) -> None:
         try:
@@ -343,6 +391,7 @@ class Agent:
         if not self._waiting_logged:
             self.log("the host is not connected; waiting for it")
             self._waiting_logged = True
+        self._drop_connection()
         self._away = True
         self._retry_at = time.monotonic() + RECONNECT_POLL
         # A frame cut in the middle goes again whole, after the next host's hello.
@@ -502,6 +551,57 @@ class Agent:
             raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
         self._add(proc_id, spawned, main=False)
         self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+
+    def _handle_builtin(self, message: Message) -> None:
+        self._check_token(message)
+        proc_id = message.get("id", int)
+        stdin = message.get("stdin", bool, False)
+        name = message.get("name", str)
+        args = message.get("args", list, [])
+        if name not in protocol.BUILTINS:
+            raise Reject(f"unknown builtin {name!r}")
+        if not all(isinstance(a, str) for a in args) or len(args) > 16:
+            raise Reject("builtin args must be a short list of strings")
+        if proc_id in self._procs:
+            raise Reject(f"process id {proc_id} is in use")
+        if self._main is None or self._main.exit_code is not None:
+            raise Reject("the container is not running")
+        builtin = getattr(self.runtime, "builtin", None)
+        if builtin is None:
+            raise Reject("this runtime has no builtins")
+        try:
+            spawned = builtin(name, list(args), stdin=stdin)
+        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
+            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
+        self._add(proc_id, spawned, main=False)
+        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+
+    def _handle_update(self, message: Message) -> None:
+        from guest.spec import Limits
+
+        self._check_token(message)
+        request = message.get("id", int)
+        limits = Limits.from_dict(message.get("limits", dict))  # ValueError → error reply
+        update = getattr(self.runtime, "update", None)
+        if update is None:
+            raise Reject("this runtime cannot change limits")
+        try:
+            update(limits)
+        except Exception as exc:  # noqa: BLE001 - CgroupError, or any runtime failure
+            raise Reject(str(exc)) from None
+        self._send(protocol.UPDATED, id=request)
+
+    def _handle_stats(self, message: Message) -> None:
+        self._check_token(message)
+        request = message.get("id", int)
+        stats = getattr(self.runtime, "stats", None)
+        if stats is None:
+            raise Reject("this runtime has no statistics")
+        try:
+            usage = stats()
+        except Exception as exc:  # noqa: BLE001 - CgroupError, or any runtime failure
+            raise Reject(str(exc)) from None
+        self._send(protocol.STATS, id=request, usage=usage)
 
     def _handle_stdin(self, message: Message) -> None:
         proc = self._lookup(message)
@@ -680,8 +780,15 @@ class Agent:
                 self._close_fd(fd)
             proc.stdin_fd = None
         proc.exit_sent = True
+        extra = {}
+        if proc.main:
+            oom = getattr(self.runtime, "oom_killed", None)
+            try:
+                extra["oom_killed"] = bool(oom()) if oom is not None else False
+            except Exception:  # noqa: BLE001 - a report, not a reason to fail
+                extra["oom_killed"] = False
         frame = self._send(protocol.EXIT, id=proc.id, code=proc.exit_code,
-                           signal=proc.exit_signal)
+                           signal=proc.exit_signal, **extra)
         if proc.main:
             self.main_exit_code = proc.exit_code
             self._main_done_at = now

@@ -14,7 +14,12 @@ failure)::
     layers              vmshim-l0 … vmshim-l<N-1> → /run/vmshim/layers/<i> (squashfs, ro)
     writable layer      tmpfs, or the ext4 disk vmshim-rw → /run/vmshim/rw/{upper,work}
     rootfs              overlay → /run/vmshim/rootfs
+    network             lo, and each NIC (found by MAC) with the address, gateway and MTU
+                        of the config's ``network`` (guest.runtime.network)
     cgroup              cgroup2 at /sys/fs/cgroup, /sys/fs/cgroup/vmshim/<container_id>
+    mounts              the config's ``mounts``: virtiofs shares and volume disks (serials
+                        vmshim-v<i>) → /run/vmshim/mounts/<i>, bound into the rootfs
+                        with tmpfs mounts (guest.runtime.mounts); ``read_only`` root
     agent loop          guest.agent.Agent.run() on the same port
 
 When the agent loop ends (main process exited and reported, or ``shutdown``), or anything
@@ -40,6 +45,7 @@ EMPTY_LOWER = RUN + "/empty"
 RW_DIR = RUN + "/rw"
 ROOTFS = RUN + "/rootfs"
 FILES_DIR = RUN + "/files"
+MOUNTS_DIR = RUN + "/mounts"
 MODULES_LIST = "/lib/modules/vmshim-modules.txt"
 DISK_TIMEOUT = 10.0
 """Seconds to wait for a disk to show up in /sys/block (probing is asynchronous)."""
@@ -306,17 +312,29 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
     return ROOTFS
 
 
+def bring_up_network(config) -> None:
+    """lo and the VM's NICs as the host planned them (guest.runtime.network)."""
+    from guest.runtime.network import NetworkError, configure
+
+    try:
+        names = configure(config.network)
+    except NetworkError as exc:
+        raise BootError(f"cannot set up the network: {exc}") from None
+    console.phase("network")
+    console.trace(f"network: {', '.join(names)} up")
+
+
 def make_cgroup(config):
     """cgroup2 at /sys/fs/cgroup and the container's group. Without limits to enforce, a
     failure is only reported; with limits it is fatal."""
     from guest.runtime.cgroups import Cgroup, CgroupError, mount_cgroup2
 
+    limits = config.cgroup_limits()
     try:
         mount_cgroup2()
-        return Cgroup.create(config.container_id, memory_limit=config.memory_limit,
-                             pids_limit=config.pids_limit)
+        return Cgroup.create(config.container_id, limits=limits)
     except (OSError, CgroupError) as exc:
-        if config.memory_limit or config.pids_limit:
+        if not limits.is_empty():
             raise BootError(f"cannot set up the container's cgroup: {exc}") from None
         console.log(f"running without a cgroup: {exc}")
         return None
@@ -352,11 +370,57 @@ def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
         console.log(f"could not tell the host: {exc}")
 
 
+def overcommit_memory() -> None:
+    """vm.overcommit_memory=1: allocations succeed as they would on a big host. The VM is
+    sized to the container's limit plus what the guest needs, so without this a large
+    malloc fails ("out of memory") where docker's container would meet its cgroup's OOM
+    killer (exit 137, OOMKilled). PID 1 (the agent) is never chosen by the OOM killer."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory", "w") as f:
+            f.write("1")
+    except OSError as exc:
+        console.log(f"cannot set vm.overcommit_memory: {exc.strerror}")
+
+
+_staged_volumes: list[str] = []
+"""Where volume disks are mounted (guest.runtime.mounts.mount_volume), for power_off."""
+
+
+def stage_mounts(config, disks: dict[str, str]) -> list:
+    """Make each mount's source available under MOUNTS_DIR: virtiofs shares (tag =
+    ``source``) and volume disks (serial = ``source``). Returns ``(MountSpec, source
+    path)`` pairs for the Container (None for tmpfs). Raises BootError."""
+    if not config.mounts:
+        return []
+    from guest.runtime import mounts
+
+    out = []
+    for index, spec in enumerate(config.mounts):
+        stage = f"{MOUNTS_DIR}/{index}"
+        try:
+            if spec.type == "bind":
+                source = mounts.mount_virtiofs(spec.source, stage, spec.readonly)
+            elif spec.type == "volume":
+                source = mounts.mount_volume(disks[spec.source], stage, spec.readonly)
+                _staged_volumes.append(stage)
+            else:
+                source = None
+        except mounts.MountError as exc:
+            raise BootError(f"cannot prepare the mount on {spec.target}: {exc}") from None
+        out.append((spec, source))
+    console.phase("mounts")
+    return out
+
+
 def power_off() -> None:
     """Unmount what can be, sync, and end the VM. Never returns."""
     try:
         from guest.runtime import syscalls
 
+        if _staged_volumes:
+            from guest.runtime.mounts import sync_volumes
+
+            sync_volumes(_staged_volumes)
         for target in (ROOTFS, RW_DIR):
             try:
                 syscalls.umount2(target, 0)
@@ -392,6 +456,7 @@ def prepare_container():
     wanted = [f"{LAYER_SERIAL_PREFIX}{i}" for i in range(config.layer_count)]
     if config.writable == "disk":
         wanted.append(WRITABLE_SERIAL)
+    wanted += [m.source for m in config.mounts if m.type == "volume"]
     disks.update(wait_for_disks(wanted))
     root = mount_rootfs(config, disks)
     console.phase("overlay")
@@ -402,14 +467,24 @@ def prepare_container():
 
     console.phase("import runtime")
     syscalls.sethostname(config.hostname)
-    try:
-        loopback_up()
-    except OSError as exc:
-        console.log(f"cannot bring up lo: {exc}")
+    if config.network.get("interfaces"):
+        bring_up_network(config)
+    else:
+        try:
+            loopback_up()
+        except OSError as exc:
+            console.log(f"cannot bring up lo: {exc}")
     cgroup = make_cgroup(config)
+    overcommit_memory()
     console.phase("cgroup")
-    container = Container(config, root, files_dir=FILES_DIR, cgroup=cgroup,
-                          namespaces=GUEST_NAMESPACES)
+    sources = stage_mounts(config, disks)
+    try:
+        container = Container(config, root, files_dir=FILES_DIR, cgroup=cgroup,
+                              namespaces=GUEST_NAMESPACES, mounts=sources)
+    except Exception as exc:  # noqa: BLE001 - MountError; the host reads the text
+        if type(exc).__name__ != "MountError":
+            raise
+        raise BootError(str(exc)) from None
     console.phase("container")
     return config, container
 

@@ -17,12 +17,35 @@ Conversation (``h`` = host, ``g`` = guest)::
                                       126 not executable, 125 other setup failure
     h: stdin {id} + bytes · stdin_close {id} · resize {id, rows, cols} · signal {id, signal}
     g: stdout {id} + bytes · stderr {id} + bytes
-    g: exit    {id, code, signal}                 code is 128+N when killed by signal N
+    g: exit    {id, code, signal[, oom_killed]}   code is 128+N when killed by signal N;
+                                                  oom_killed (main process only): the
+                                                  container's cgroup saw an OOM kill
+    h: builtin {token, id, name, args, stdin}     run one of the agent's own helpers in the
+                                                  running container, like exec (same replies
+                                                  and streams): ``ps`` (process table on
+                                                  stdout), ``tar-out PATH`` (a tar of PATH on
+                                                  stdout), ``tar-in DEST`` (extract the tar
+                                                  read from stdin at DEST)
+    h: update  {token, id, limits}                change the running container's cgroup
+                                                  limits (guest.spec.Limits.to_dict(); unset
+                                                  fields stay); *id* is a request id the host
+                                                  picks (no process's): updated {id} |
+                                                  error {id, message}
+    h: stats   {token, id}                        g: stats {id, usage}: the container
+                                                  cgroup's figures now (see
+                                                  guest.runtime.container.Container.stats)
+                                                  | error {id, message}
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
 
 The agent says ``hello`` again whenever a host (re)connects to the port.
+
+Compatibility: fields and message types are only ever added. An agent that does not
+know a message type answers ``error`` (so a host can tell an older guest image); a host
+ignores fields it does not know. The host side (``shim``) also frames its own
+CLI-to-monitor messages with :func:`encode_frame` and a :class:`FrameReader` that knows
+its extra types; those never cross into the guest.
 
 Everything read from the other side is untrusted: sizes are bounded, fields are checked
 with :meth:`Message.get`, nothing is unpickled.
@@ -58,11 +81,17 @@ SIGNAL = "signal"
 EXIT = "exit"
 SHUTDOWN = "shutdown"
 LOG = "log"
+BUILTIN = "builtin"
+UPDATE = "update"
+UPDATED = "updated"
+STATS = "stats"
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS}
 )
+BUILTINS = ("ps", "tar-out", "tar-in")
+"""Names a ``builtin`` message may ask for."""
 
 
 class ProtocolError(Exception):
@@ -104,7 +133,12 @@ class Message:
 def encode(type: str, payload: bytes = b"", **fields) -> bytes:
     """Return the frame for one message. Raises ValueError for an unknown type or a
     payload over MAX_PAYLOAD (split stdio into CHUNK-sized pieces first)."""
-    if type not in MESSAGE_TYPES:
+    return encode_frame(type, payload, fields, MESSAGE_TYPES)
+
+
+def encode_frame(type: str, payload: bytes, fields: dict, known: frozenset) -> bytes:
+    """:func:`encode` for a channel whose message types are *known*."""
+    if type not in known:
         raise ValueError(f"unknown message type {type!r}")
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
@@ -119,8 +153,9 @@ def encode(type: str, payload: bytes = b"", **fields) -> bytes:
 class FrameReader:
     """Incremental decoder: feed it bytes as they arrive, take whole messages out."""
 
-    def __init__(self):
+    def __init__(self, known: frozenset = MESSAGE_TYPES):
         self._buf = bytearray()
+        self._known = known
 
     def feed(self, data: bytes) -> list[Message]:
         """Add *data*; return every message now complete. Raises ProtocolError on a
@@ -137,7 +172,7 @@ class FrameReader:
             raw = bytes(self._buf[_PREFIX.size:_PREFIX.size + hlen])
             payload = bytes(self._buf[_PREFIX.size + hlen:end])
             del self._buf[:end]
-            out.append(_decode_header(raw, payload))
+            out.append(_decode_header(raw, payload, self._known))
         return out
 
     @property
@@ -146,7 +181,7 @@ class FrameReader:
         return len(self._buf)
 
 
-def _decode_header(raw: bytes, payload: bytes) -> Message:
+def _decode_header(raw: bytes, payload: bytes, known: frozenset = MESSAGE_TYPES) -> Message:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -154,7 +189,7 @@ def _decode_header(raw: bytes, payload: bytes) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError("frame header is not a JSON object")
     kind = header.pop("t", None)
-    if kind not in MESSAGE_TYPES:
+    if kind not in known:
         raise ProtocolError(f"unknown message type {kind!r}")
     return Message(kind, header, payload)
 

@@ -17,6 +17,10 @@ WRITABLE_SERIAL = "vmshim-rw"
 """``<serial>`` of the writable-layer disk (ext4), when the container has one."""
 LAYER_SERIAL_PREFIX = "vmshim-l"
 """Layer disks are ``vmshim-l0`` (lowest) … ``vmshim-lN`` (topmost)."""
+VOLUME_SERIAL_PREFIX = "vmshim-v"
+"""Volume disks are ``vmshim-v0`` … (a MountSpec of type volume names its serial)."""
+SHARE_TAG_PREFIX = "vmshim-b"
+"""virtiofs tags of bind mounts are ``vmshim-b0`` … (a bind MountSpec names its tag)."""
 AGENT_PORT_NAME = "org.vmshim.agent"
 """virtio-serial port name the agent opens (/sys/class/virtio-ports/*/name)."""
 
@@ -62,9 +66,14 @@ class ProcessSpec(_Record):
 
     ``user`` is ``uid[:gid]`` or a name from the image's /etc/passwd (resolved inside the
     rootfs, never on the host). ``env`` is a list of ``K=V`` strings, OCI style.
+    ``rlimits`` is a list of ``[name, soft, hard]`` (``name`` one of :data:`RLIMIT_NAMES`,
+    -1 = unlimited), set before the exec (docker's ``--ulimit``, OCI ``process.rlimits``);
+    ``oom_score_adj`` (-1000..1000 or None: inherited) is written to
+    /proc/self/oom_score_adj (OCI ``process.oomScoreAdj``).
     """
 
-    _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False}
+    _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
+               "rlimits": list, "oom_score_adj": None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -84,11 +93,148 @@ class ProcessSpec(_Record):
         tty = data.get("tty", False)
         if not isinstance(tty, bool):
             raise ValueError("process.tty must be a boolean")
-        return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty)
+        rlimits = data.get("rlimits", [])
+        if not isinstance(rlimits, list) or len(rlimits) > len(RLIMIT_NAMES) or not all(
+                isinstance(r, list) and len(r) == 3 and r[0] in RLIMIT_NAMES
+                and all(_is_int(v) and v >= -1 for v in r[1:]) for r in rlimits):
+            raise ValueError("process.rlimits must be a list of [name, soft, hard]")
+        oom = data.get("oom_score_adj")
+        if oom is not None and not (_is_int(oom) and -1000 <= oom <= 1000):
+            raise ValueError("process.oom_score_adj must be an integer in -1000..1000")
+        return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty,
+                   rlimits=[list(r) for r in rlimits], oom_score_adj=oom)
 
     def to_dict(self) -> dict:
-        return {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
+        data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
                 "user": self.user, "tty": self.tty}
+        if self.rlimits:  # only when set: older readers never see them
+            data["rlimits"] = [list(r) for r in self.rlimits]
+        if self.oom_score_adj is not None:
+            data["oom_score_adj"] = self.oom_score_adj
+        return data
+
+
+RLIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+                "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack", "as")
+"""``--ulimit`` names (docker's, plus ``as``); ``RLIMIT_<NAME>`` in the resource module."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Limits(_Record):
+    """Limits of the container's cgroup, as both placements apply them (see
+    guest.runtime.cgroups.Cgroup.set_limits). In every field 0 (or "" or []) means "not
+    given": on creation no limit, on update "leave as it is"; -1 means "no limit" where
+    a field allows it (memory, memory_swap, cpu_quota, pids).
+
+    - ``memory``: bytes (memory.max; v1 memory.limit_in_bytes)
+    - ``memory_swap``: bytes of memory + swap (docker's ``--memory-swap``); 0 with a memory
+      limit means no swap at all
+    - ``memory_reservation``: bytes (memory.low; v1 memory.soft_limit_in_bytes)
+    - ``cpu_quota`` / ``cpu_period``: µs of CPU time per period (cpu.max; v1 cfs_quota_us);
+      period 0 means 100000
+    - ``cpu_shares``: docker's relative weight 2..262144 (v2 cpu.weight, converted)
+    - ``cpuset_cpus``: ``"0-1,3"``
+    - ``pids``: pids.max
+    - ``blkio_weight``: 10..1000 (v2 io.weight, converted; v1 blkio.weight)
+    - ``device_read_bps`` / ``device_write_bps``: ``[[device, bytes per second]]`` where
+      device is ``"MAJ:MIN"``, an absolute path of a block device, or ``"*"`` (every
+      virtio disk: the container's own disks in a VM)
+    """
+
+    _fields = {"memory": 0, "memory_swap": 0, "memory_reservation": 0, "cpu_quota": 0,
+               "cpu_period": 0, "cpu_shares": 0, "cpuset_cpus": "", "pids": 0,
+               "blkio_weight": 0, "device_read_bps": list, "device_write_bps": list}
+
+    _INTS = ("memory", "memory_swap", "memory_reservation", "cpu_quota", "cpu_period",
+             "cpu_shares", "pids", "blkio_weight")
+
+    def is_empty(self) -> bool:
+        return self == Limits()
+
+    def to_dict(self) -> dict:
+        """Only the fields that are set."""
+        empty = Limits()
+        return {n: getattr(self, n) for n in self._fields
+                if getattr(self, n) != getattr(empty, n)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Limits":
+        """Build from untrusted JSON; raises ValueError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("limits must be a JSON object")
+        unknown = set(data) - set(cls._fields)
+        if unknown:
+            raise ValueError(f"unknown limit {sorted(unknown)[0]!r}")
+        out = {}
+        for name in cls._INTS:
+            if name in data:
+                value = data[name]
+                if not _is_int(value) or value < -1:
+                    raise ValueError(f"limit {name!r} must be an integer >= -1")
+                out[name] = value
+        if "cpuset_cpus" in data:
+            value = data["cpuset_cpus"]
+            if not isinstance(value, str) or len(value) > 256 or any(
+                    c not in "0123456789,-" for c in value):
+                raise ValueError("limit 'cpuset_cpus' must look like 0-1,3")
+            out["cpuset_cpus"] = value
+        for name in ("device_read_bps", "device_write_bps"):
+            if name in data:
+                value = data[name]
+                if not isinstance(value, list) or len(value) > 64 or not all(
+                        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                        and 0 < len(e[0]) < 256 and _is_int(e[1]) and e[1] >= 0
+                        for e in value):
+                    raise ValueError(f"limit {name!r} must be a list of [device, rate]")
+                out[name] = [list(e) for e in value]
+        return cls(**out)
+
+
+class MountSpec(_Record):
+    """One mount into the container's rootfs, made before the process starts.
+
+    ``type``: ``bind`` (a host directory), ``volume`` (a named volume: an ext4 disk image
+    whose ``data`` directory is mounted) or ``tmpfs``. ``source`` is where the runtime
+    finds it, which depends on the placement: in a VM the virtiofs tag (bind) or the disk
+    serial (volume); on the host a path (bind) or the already mounted volume's directory;
+    empty for tmpfs. ``target`` is absolute, inside the container. ``options`` is the
+    tmpfs mount data (``size=…,mode=…``). ``copy_up``: the volume is new, fill it with
+    what the image has at ``target`` (docker's behaviour).
+    """
+
+    _fields = {"type": _REQUIRED, "source": "", "target": _REQUIRED, "readonly": False,
+               "options": "", "copy_up": False}
+
+    TYPES = ("bind", "volume", "tmpfs")
+
+    def to_dict(self) -> dict:
+        return {n: getattr(self, n) for n in self._fields}
+
+    @classmethod
+    def from_dict(cls, data) -> "MountSpec":
+        """Build from untrusted JSON; raises ValueError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("a mount must be a JSON object")
+        kind = data.get("type")
+        if kind not in cls.TYPES:
+            raise ValueError(f"mount type must be one of {', '.join(cls.TYPES)}")
+        out = {"type": kind}
+        for name in ("source", "target", "options"):
+            value = data.get(name, "")
+            if not isinstance(value, str) or len(value) > 4096 or "\0" in value:
+                raise ValueError(f"mount field {name!r} must be a string")
+            out[name] = value
+        if not out["target"].startswith("/"):
+            raise ValueError("mount target must be an absolute path")
+        for name in ("readonly", "copy_up"):
+            value = data.get(name, False)
+            if not isinstance(value, bool):
+                raise ValueError(f"mount field {name!r} must be a boolean")
+            out[name] = value
+        return cls(**out)
 
 
 class BootConfig(_Record):
@@ -97,15 +243,45 @@ class BootConfig(_Record):
     ``writable`` is ``"tmpfs"`` (a throw-away upper layer in guest RAM) or ``"disk"``
     (the disk with WRITABLE_SERIAL); ``memory_limit`` is bytes for the container's cgroup
     memory.max (0: no limit); ``pids_limit`` likewise for pids.max.
+
+    ``network`` (VM isolation) says how the agent configures the VM's NICs before the
+    container starts; ``{}`` (the default, and ``--network none``) leaves only ``lo``::
+
+        {"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.88.0.2/16",
+                         "gateway": "10.88.0.1", "mtu": 1500}]}
+
+    Each interface is found by its MAC; ``gateway`` (at most one interface) becomes the
+    default route; ``mtu`` is optional. Checked by :func:`check_network`.
+
+    ``limits`` (a :class:`Limits`, optional) carries every cgroup limit; when given it is
+    used instead of ``memory_limit``/``pids_limit`` (see :meth:`cgroup_limits`).
+    ``mounts`` are :class:`MountSpec` s, made in list order; ``read_only`` makes the
+    container's rootfs read-only (docker's ``--read-only``).
     """
 
     _fields = {"container_id": _REQUIRED, "token": _REQUIRED, "hostname": _REQUIRED,
                "process": _REQUIRED, "layer_count": _REQUIRED, "writable": "tmpfs",
-               "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0}
+               "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0,
+               "network": dict, "limits": None, "mounts": list, "read_only": False}
+
+    def cgroup_limits(self) -> Limits:
+        """The limits to apply: ``limits``, or else the two shorthand fields."""
+        if self.limits is not None:
+            return self.limits
+        return Limits(memory=self.memory_limit, pids=self.pids_limit)
 
     def to_dict(self) -> dict:
         data = {name: getattr(self, name) for name in self._fields}
         data["process"] = self.process.to_dict()
+        if not self.network:
+            del data["network"]  # an older agent never sees a field it does not know
+        for name in ("limits", "mounts", "read_only"):  # likewise
+            if not data[name]:
+                del data[name]
+        if self.limits is not None:
+            data["limits"] = self.limits.to_dict()
+        if self.mounts:
+            data["mounts"] = [m.to_dict() for m in self.mounts]
         return data
 
     @classmethod
@@ -127,4 +303,78 @@ class BootConfig(_Record):
         if out.get("writable", "tmpfs") not in ("tmpfs", "disk"):
             raise ValueError("boot config field 'writable' must be 'tmpfs' or 'disk'")
         out["process"] = ProcessSpec.from_dict(data.get("process") or {})
+        if "network" in data:
+            out["network"] = check_network(data["network"])
+        if data.get("limits") is not None:
+            out["limits"] = Limits.from_dict(data["limits"])
+        mounts = data.get("mounts", [])
+        if not isinstance(mounts, list) or len(mounts) > 256:
+            raise ValueError("boot config field 'mounts' must be a list")
+        out["mounts"] = [MountSpec.from_dict(m) for m in mounts]
+        if not isinstance(data.get("read_only", False), bool):
+            raise ValueError("boot config field 'read_only' must be a boolean")
+        out["read_only"] = data.get("read_only", False)
         return cls(**out)
+
+
+MAX_INTERFACES = 8
+
+
+def check_network(network) -> dict:
+    """Validate a BootConfig ``network`` (untrusted JSON); return it. Raises ValueError
+    naming the bad field. No imports: this runs on the guest's boot path."""
+    if not isinstance(network, dict):
+        raise ValueError("boot config field 'network' must be an object")
+    unknown = set(network) - {"interfaces"}
+    if unknown:
+        raise ValueError(f"boot config field 'network' has unknown key {sorted(unknown)[0]!r}")
+    interfaces = network.get("interfaces", [])
+    if not isinstance(interfaces, list) or len(interfaces) > MAX_INTERFACES:
+        raise ValueError(f"network.interfaces must be a list of at most {MAX_INTERFACES}")
+    gateways = 0
+    for index, iface in enumerate(interfaces):
+        where = f"network.interfaces[{index}]"
+        if not isinstance(iface, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = set(iface) - {"mac", "address", "gateway", "mtu"}
+        if unknown:
+            raise ValueError(f"{where} has unknown key {sorted(unknown)[0]!r}")
+        if not is_mac(iface.get("mac")):
+            raise ValueError(f"{where}.mac must look like 02:42:0a:58:00:02")
+        address, _, prefix = str(iface.get("address", "")).partition("/")
+        if not isinstance(iface.get("address"), str) or not is_ipv4(address) \
+                or not prefix.isdigit() or not 0 < int(prefix) <= 32:
+            raise ValueError(f"{where}.address must be an IPv4 address/prefix like 10.88.0.2/16")
+        if "gateway" in iface:
+            if not is_ipv4(iface["gateway"]):
+                raise ValueError(f"{where}.gateway must be an IPv4 address")
+            gateways += 1
+        mtu = iface.get("mtu", 1500)
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise ValueError(f"{where}.mtu must be an integer in 68..65535")
+    if gateways > 1:
+        raise ValueError("network: only one interface may have a gateway")
+    return network
+
+
+def is_ipv4(text) -> bool:
+    """Dotted-quad IPv4 address (no leading zeros, like ``ipaddress``)."""
+    if not isinstance(text, str):
+        return False
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        p.isdigit() and p.isascii() and int(p) <= 255 and (p == "0" or not p.startswith("0"))
+        for p in parts)
+
+
+def is_mac(text) -> bool:
+    """Six colon-separated hex octets, unicast (the first octet's low bit clear)."""
+    if not isinstance(text, str) or len(text) != 17:
+        return False
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and set(p) <= _HEX for p in parts):
+        return False
+    return not int(parts[0], 16) & 1
+
+
+_HEX = set("0123456789abcdefABCDEF")

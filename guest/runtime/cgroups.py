@@ -28,7 +28,7 @@ V1_CONTROLLERS = frozenset({
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "blkio",
     "perf_event", "net_prio", "hugetlb", "pids", "rdma", "misc",
 })
-V2_CONTROLLERS = ("cpu", "io", "memory", "pids")
+V2_CONTROLLERS = ("cpu", "cpuset", "io", "memory", "pids")
 """Controllers enabled for containers' cgroups on v2, when the kernel offers them."""
 
 
@@ -95,6 +95,53 @@ def _read(path: str) -> str:
         return f.read()
 
 
+V2_CPU_PERIOD = 100000
+"""µs: the CFS period used when none is given (docker's and the kernel's default)."""
+
+
+def shares_to_weight(shares: int) -> int:
+    """cgroup v1 cpu.shares (2..262144) → v2 cpu.weight (1..10000), runc's formula."""
+    shares = min(max(shares, 2), 262144)
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def blkio_to_io_weight(weight: int) -> int:
+    """blkio.weight (10..1000) → v2 io.weight (1..10000), runc's formula."""
+    weight = min(max(weight, 10), 1000)
+    return 1 + ((weight - 10) * 9999) // 990
+
+
+def block_devices(device: str, sys_block: str = "/sys/block") -> list[str]:
+    """``MAJ:MIN`` numbers for a Limits device entry: ``"MAJ:MIN"`` itself, the path of a
+    block device (its whole disk), or ``"*"``: every virtio disk (``vd*``; in a VM those
+    are exactly the container's disks). Raises CgroupError."""
+    if device == "*":
+        out = []
+        try:
+            names = sorted(os.listdir(sys_block))
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith("vd"):
+                try:
+                    out.append(_read(os.path.join(sys_block, name, "dev")).strip())
+                except OSError:
+                    pass
+        return out
+    major, sep, minor = device.partition(":")
+    if sep and major.isdigit() and minor.isdigit():
+        return [device]
+    import stat as stat_mod
+
+    try:
+        st = os.stat(device)
+    except OSError as exc:
+        raise CgroupError(f"cannot limit I/O of {device}: {exc.strerror}") from None
+    if not stat_mod.S_ISBLK(st.st_mode):
+        raise CgroupError(f"cannot limit I/O of {device}: not a block device")
+    return [f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"]
+
+
 def _mkdir_levels(base: str, relative: str) -> list[str]:
     """Create each level of *relative* under *base*; return the directories made by us."""
     made = []
@@ -141,9 +188,10 @@ class Cgroup:
 
     @classmethod
     def create(cls, name: str, *, memory_limit: int = 0, pids_limit: int = 0,
-               parent: str = DEFAULT_PARENT, root: str = CGROUP_ROOT) -> Cgroup:
+               limits=None, parent: str = DEFAULT_PARENT, root: str = CGROUP_ROOT) -> Cgroup:
         """Create (or reuse) the cgroup ``<parent>/<name>`` and apply the limits
-        (0 = unlimited). Raises CgroupError if no cgroup fs is mounted at *root*, or the
+        (0 = unlimited; *limits*, a guest.spec.Limits, instead of the two shorthands when
+        given). Raises CgroupError if no cgroup fs is mounted at *root*, or the
         directories or limits cannot be written."""
         if not name or "/" in name or name in (".", ".."):
             raise CgroupError(f"invalid cgroup name {name!r}")
@@ -159,7 +207,10 @@ class Cgroup:
         except OSError as exc:
             raise CgroupError(f"cannot create cgroup {relative}: {exc}") from None
         try:
-            cgroup.set_limits(memory=memory_limit, pids=pids_limit)
+            if limits is not None:
+                cgroup.apply(limits)
+            else:
+                cgroup.set_limits(memory=memory_limit, pids=pids_limit)
         except CgroupError:
             cgroup.remove()
             raise
@@ -222,6 +273,126 @@ class Cgroup:
         if pids:
             self._set("unified" if self.version == 2 else "pids", "pids.max", str(pids))
 
+    def apply(self, limits) -> None:
+        """Apply a guest.spec.Limits: fields left at 0/""/[] are not touched, -1 lifts a
+        limit (see Limits). Used at creation and by ``update`` on a running container.
+        Raises CgroupError naming the knob that could not be written (the ones before it
+        stay applied)."""
+        v2 = self.version == 2
+        if limits.memory or limits.memory_swap:
+            self._apply_memory(limits.memory, limits.memory_swap)
+        if limits.memory_reservation:
+            value = limits.memory_reservation
+            if v2:
+                self._set("unified", "memory.low", "max" if value < 0 else str(value))
+            else:
+                self._set("memory", "memory.soft_limit_in_bytes", str(value))
+        if limits.cpu_quota or limits.cpu_period:
+            period = limits.cpu_period or V2_CPU_PERIOD
+            quota = limits.cpu_quota
+            if v2:
+                if not quota:  # only the period changes: keep the quota
+                    quota_text = self._get("unified", "cpu.max").split()[0]
+                else:
+                    quota_text = "max" if quota < 0 else str(quota)
+                self._set("unified", "cpu.max", f"{quota_text} {period}")
+            else:
+                self._set("cpu", "cpu.cfs_period_us", str(period))
+                if quota:
+                    self._set("cpu", "cpu.cfs_quota_us", "-1" if quota < 0 else str(quota))
+        if limits.cpu_shares:
+            if v2:
+                self._set("unified", "cpu.weight", str(shares_to_weight(limits.cpu_shares)))
+            else:
+                self._set("cpu", "cpu.shares", str(limits.cpu_shares))
+        if limits.cpuset_cpus:
+            self._set("unified" if v2 else "cpuset", "cpuset.cpus", limits.cpuset_cpus)
+        if limits.pids:
+            value = "max" if limits.pids < 0 else str(limits.pids)
+            self._set("unified" if v2 else "pids", "pids.max", value)
+        if limits.blkio_weight:
+            self._apply_io_weight(limits.blkio_weight)
+        for entries, v2_key, v1_knob in (
+                (limits.device_read_bps, "rbps", "blkio.throttle.read_bps_device"),
+                (limits.device_write_bps, "wbps", "blkio.throttle.write_bps_device")):
+            for device, rate in entries:
+                for number in block_devices(device):
+                    if v2:
+                        self._set("unified", "io.max",
+                                  f"{number} {v2_key}={rate if rate > 0 else 'max'}")
+                    else:
+                        self._set("blkio", v1_knob, f"{number} {rate}")
+
+    def _apply_memory(self, memory: int, swap: int) -> None:
+        """memory.max and the swap on top of it (none unless *swap* says so)."""
+        if self.version == 2:
+            if memory:
+                self._set("unified", "memory.max", "max" if memory < 0 else str(memory))
+            if swap < 0:
+                self._try_set("unified", "memory.swap.max", "max")
+            elif swap:
+                if memory <= 0:
+                    current = self._get("unified", "memory.max").strip()
+                    memory = int(current) if current.isdigit() else 0
+                self._try_set("unified", "memory.swap.max", str(max(0, swap - memory)))
+            elif memory > 0:
+                self._try_set("unified", "memory.swap.max", "0")
+            return
+        # v1: memsw (memory + swap) must never be below the memory limit, so the order of
+        # the two writes depends on the direction; try one, then the other.
+        writes = []
+        if memory:
+            writes.append(("memory.limit_in_bytes", "-1" if memory < 0 else str(memory)))
+        if swap:
+            writes.append(("memory.memsw.limit_in_bytes", "-1" if swap < 0 else str(swap)))
+        elif memory:
+            # Also cap memory+swap, so the limit is not just a swap quota.
+            writes.append(("memory.memsw.limit_in_bytes", "-1" if memory < 0 else str(memory)))
+        has_memsw = os.path.exists(os.path.join(self.paths.get("memory", "/nonexistent"),
+                                                "memory.memsw.limit_in_bytes"))
+        if not has_memsw:  # no swap accounting in this kernel
+            writes = [w for w in writes if w[0] != "memory.memsw.limit_in_bytes"]
+        try:
+            for knob, value in writes:
+                self._set("memory", knob, value)
+        except CgroupError:
+            for knob, value in reversed(writes):
+                self._set("memory", knob, value)
+
+    def _apply_io_weight(self, weight: int) -> None:
+        if self.version == 2:
+            candidates = [("io.weight", f"default {blkio_to_io_weight(weight)}"),
+                          ("io.bfq.weight", f"default {weight}")]
+            controller = "unified"
+        else:
+            candidates = [("blkio.weight", str(weight)), ("blkio.bfq.weight", str(weight))]
+            controller = "blkio"
+        directory = self.paths.get(controller)
+        for knob, value in candidates:
+            if directory and os.path.exists(os.path.join(directory, knob)):
+                self._set(controller, knob, value)
+                return
+        raise CgroupError("cannot set the block I/O weight: the kernel offers no "
+                          f"{' or '.join(k for k, _ in candidates)} (no I/O scheduler with "
+                          "weights is active)")
+
+    def supports_io_weight(self) -> bool:
+        """Whether :meth:`apply` can set ``blkio_weight`` here."""
+        if self.version == 2:
+            directory, knobs = self.paths.get("unified"), ("io.weight", "io.bfq.weight")
+        else:
+            directory, knobs = self.paths.get("blkio"), ("blkio.weight", "blkio.bfq.weight")
+        return bool(directory) and any(os.path.exists(os.path.join(directory, k)) for k in knobs)
+
+    def _get(self, controller: str, knob: str) -> str:
+        directory = self.paths.get(controller)
+        if directory is None:
+            raise CgroupError(f"cannot read {knob}: the {controller} controller is not available")
+        try:
+            return _read(os.path.join(directory, knob))
+        except OSError as exc:
+            raise CgroupError(f"cannot read {knob} in {directory}: {exc.strerror}") from None
+
     def _set(self, controller: str, knob: str, value: str) -> None:
         directory = self.paths.get(controller)
         if directory is None:
@@ -282,6 +453,108 @@ class Cgroup:
         except (OSError, ValueError):
             pass
         return 0
+
+    # ---- pause and usage ----------------------------------------------------------------
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or let run again) every process in the cgroup: ``cgroup.freeze`` on v2,
+        the freezer controller on v1. Raises CgroupError when neither is available."""
+        if self.version == 2:
+            self._set("unified", "cgroup.freeze", "1" if frozen else "0")
+        else:
+            self._set("freezer", "freezer.state", "FROZEN" if frozen else "THAWED")
+
+    def usage(self) -> dict:
+        """``{"memory": bytes, "memory_limit": bytes or 0, "cpu_ns": ns, "pids": n}``;
+        a figure the kernel does not offer is None."""
+        def number(controller: str, knob: str):
+            directory = self.paths.get(controller)
+            if directory is None:
+                return None
+            try:
+                return int(_read(os.path.join(directory, knob)).split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+
+        if self.version == 2:
+            memory = number("unified", "memory.current")
+            limit = number("unified", "memory.max")  # "max" → None
+            cpu = None
+            try:
+                for line in _read(os.path.join(self.paths["unified"], "cpu.stat")).splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        cpu = int(value) * 1000
+            except (OSError, ValueError):
+                pass
+        else:
+            memory = number("memory", "memory.usage_in_bytes")
+            limit = number("memory", "memory.limit_in_bytes")
+            if limit is not None and limit >= 1 << 60:
+                limit = None
+            cpu = number("cpuacct", "cpuacct.usage")
+        return {"memory": memory, "memory_limit": limit or 0, "cpu_ns": cpu,
+                "pids": len(self.procs())}
+
+    def details(self) -> dict:
+        """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,
+        ``cpu_system_ns``, ``cpu_periods``, ``cpu_throttled_periods``,
+        ``cpu_throttled_ns``, ``memory_anon``, ``memory_file``, ``memory_peak``,
+        ``pids_limit`` (0: none). A figure the kernel does not offer is left out."""
+        def table(controller: str, knob: str) -> dict:
+            directory = self.paths.get(controller)
+            out = {}
+            if directory is None:
+                return out
+            try:
+                for line in _read(os.path.join(directory, knob)).splitlines():
+                    key, _, value = line.partition(" ")
+                    if value.strip().lstrip("-").isdigit():
+                        out[key] = int(value)
+            except OSError:
+                pass
+            return out
+
+        def single(controller: str, knob: str):
+            directory = self.paths.get(controller)
+            if directory is None:
+                return None
+            try:
+                text = _read(os.path.join(directory, knob)).strip()
+            except OSError:
+                return None
+            if text == "max":
+                return 0
+            return int(text) if text.lstrip("-").isdigit() else None
+
+        out = {}
+        if self.version == 2:
+            cpu = table("unified", "cpu.stat")
+            memory = table("unified", "memory.stat")
+            pairs = {"cpu_user_ns": cpu.get("user_usec", -1) * 1000,
+                     "cpu_system_ns": cpu.get("system_usec", -1) * 1000,
+                     "cpu_periods": cpu.get("nr_periods"),
+                     "cpu_throttled_periods": cpu.get("nr_throttled"),
+                     "cpu_throttled_ns": cpu.get("throttled_usec", -1) * 1000,
+                     "memory_anon": memory.get("anon"), "memory_file": memory.get("file"),
+                     "memory_peak": single("unified", "memory.peak"),
+                     "pids_limit": single("unified", "pids.max")}
+        else:
+            cpu = table("cpu", "cpu.stat")
+            memory = table("memory", "memory.stat")
+            pairs = {"cpu_user_ns": single("cpuacct", "cpuacct.usage_user"),
+                     "cpu_system_ns": single("cpuacct", "cpuacct.usage_sys"),
+                     "cpu_periods": cpu.get("nr_periods"),
+                     "cpu_throttled_periods": cpu.get("nr_throttled"),
+                     "cpu_throttled_ns": cpu.get("throttled_time"),
+                     "memory_anon": memory.get("total_rss", memory.get("rss")),
+                     "memory_file": memory.get("total_cache", memory.get("cache")),
+                     "memory_peak": single("memory", "memory.max_usage_in_bytes"),
+                     "pids_limit": single("pids", "pids.max")}
+        for key, value in pairs.items():
+            if value is not None and value >= 0:
+                out[key] = value
+        return out
 
     # ---- teardown -----------------------------------------------------------------------
 

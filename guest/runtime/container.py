@@ -38,10 +38,15 @@ class Container:
     Preconditions: *rootfs* is assembled (overlay mounted); *files_dir* is a directory
     of ours where /etc/hostname, /etc/hosts and /etc/resolv.conf are written (they are
     bind-mounted into the container, see :func:`rootfs.prepare_rootfs`).
+
+    *mounts*: ``(MountSpec, source)`` pairs whose sources the placement made available
+    (see guest.runtime.mounts); they are mounted into the rootfs here, and then, with
+    ``config.read_only``, the rootfs is made read-only. Raises MountError.
     """
 
     def __init__(self, config: BootConfig, rootfs: str, *, files_dir: str,
-                 cgroup: Cgroup | None = None, namespaces=HOST_NAMESPACES):
+                 cgroup: Cgroup | None = None, namespaces=HOST_NAMESPACES,
+                 mounts: list | None = None):
         self.config = config
         self.rootfs = rootfs
         self.files_dir = files_dir
@@ -51,24 +56,28 @@ class Container:
         self.owns_rootfs = False
         self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
                                                config.resolv_conf, files_dir)
+        if mounts or config.read_only:
+            from guest.runtime import mounts as mounts_mod
+
+            mounts_mod.assemble(rootfs, list(mounts or []), read_only=config.read_only)
 
     # ---- host placement: assemble and take down ---------------------------------------
 
     @classmethod
     def create(cls, config: BootConfig, *, lowerdirs: list[str], upperdir: str, workdir: str,
                rootfs: str, files_dir: str, namespaces=HOST_NAMESPACES,
-               use_cgroup: bool = True) -> Container:
+               use_cgroup: bool = True, mounts: list | None = None) -> Container:
         """Mount the overlay (*lowerdirs* topmost first) at *rootfs*, create the cgroup
-        ``vmshim/<container_id>`` with the config's limits, and return the Container.
-        Raises RootfsError or CgroupError (having undone what was done)."""
+        ``vmshim/<container_id>`` with the config's limits, make the *mounts* (see the
+        class) and return the Container. Raises RootfsError, CgroupError or MountError
+        (having undone what was done)."""
         rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs)
         cgroup = None
         try:
             if use_cgroup:
-                cgroup = Cgroup.create(config.container_id, memory_limit=config.memory_limit,
-                                       pids_limit=config.pids_limit)
+                cgroup = Cgroup.create(config.container_id, limits=config.cgroup_limits())
             container = cls(config, rootfs, files_dir=files_dir, cgroup=cgroup,
-                            namespaces=namespaces)
+                            namespaces=namespaces, mounts=mounts)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -119,6 +128,40 @@ class Container:
                                  cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
                                  rows=rows, cols=cols)
 
+    def builtin(self, name: str, args: list[str], *, stdin: bool) -> Spawned:
+        """Run the agent's helper *name* (guest.runtime.builtins) in the running
+        container, as root in its namespaces and cgroup. Raises SpawnError (bad name or
+        arguments: 125)."""
+        from guest.runtime import builtins
+
+        if self.main is None:
+            raise SpawnError("the container is not running")
+        func = builtins.prepare(name, args)
+        process = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/", user="0:0")
+        return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
+                                 cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
+                                 builtin=func)
+
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer struck in the container's cgroup."""
         return self.cgroup is not None and self.cgroup.oom_kills() > 0
+
+    # ---- limits and usage (the agent's ``update`` and ``stats``) ------------------------
+
+    def update(self, limits) -> None:
+        """Change the limits of the running container's cgroup (a guest.spec.Limits;
+        unset fields stay). Raises CgroupError."""
+        if self.cgroup is None:
+            raise CgroupError("the container has no cgroup to change")
+        self.cgroup.apply(limits)
+
+    def stats(self) -> dict:
+        """The container cgroup's usage now (see Cgroup.usage) plus ``oom_kills`` and the
+        kernel's ``memory.stat`` / ``cpu.stat`` figures the host shows. Raises
+        CgroupError when there is no cgroup."""
+        if self.cgroup is None:
+            raise CgroupError("the container has no cgroup")
+        out = dict(self.cgroup.usage())
+        out["oom_kills"] = self.cgroup.oom_kills()
+        out.update(self.cgroup.details())
+        return out

@@ -121,7 +121,8 @@ class _Plan:
                  cols: int, cgroup: Cgroup | None, unshare_flags: int = 0,
                  rootfs: str | None = None, bind_files: dict | None = None,
                  cgroup2_inside: bool = False, loopback: bool = False,
-                 set_hostname: bool = False, join_fds: list | None = None):
+                 set_hostname: bool = False, join_fds: list | None = None,
+                 builtin=None):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -137,6 +138,8 @@ class _Plan:
         self.set_hostname = set_hostname
         # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
         self.join_fds = join_fds or []
+        # Instead of execve: call builtin() in the container and exit with its result.
+        self.builtin = builtin
 
 
 # ---- the caller's side ------------------------------------------------------------------
@@ -175,10 +178,15 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
 
 def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str = "",
                       cgroup: Cgroup | None = None, namespaces=DEFAULT_NAMESPACES,
-                      stdin: bool = True, rows: int = 24, cols: int = 80) -> Spawned:
+                      stdin: bool = True, rows: int = 24, cols: int = 80,
+                      builtin=None) -> Spawned:
     """Start *process* inside the running container whose PID 1 is *container_pid* (as
     seen by the caller): join its *namespaces* and *cgroup*. Same return and errors as
-    :func:`spawn_container`."""
+    :func:`spawn_container`.
+
+    *builtin*: a callable (no arguments, returns an exit code) run in the container in
+    place of ``execve`` of ``process.args`` (see guest.runtime.builtins). Everything it
+    needs must be imported before this call: the container's root has no python."""
     join_fds = []
     try:
         for name in NAMESPACE_ORDER:
@@ -190,7 +198,7 @@ def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str
                     raise SpawnError(f"cannot join the container's {name} namespace: "
                                      f"{exc.strerror}") from None
         plan = _Plan(process=process, hostname=hostname, stdin=stdin, rows=rows, cols=cols,
-                     cgroup=cgroup, join_fds=join_fds)
+                     cgroup=cgroup, join_fds=join_fds, builtin=builtin)
         syscalls.set_child_subreaper()
         return _spawn(plan)
     finally:
@@ -369,6 +377,8 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
     code = EXIT_SETUP_FAILED
     try:
         os.setsid()
+        if plan.process.rlimits:
+            import resource  # noqa: F401 - now: the container's root has no python
         if plan.rootfs is not None:
             _enter_rootfs(plan)
         if plan.set_hostname and plan.hostname:
@@ -380,6 +390,7 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         except UserError as exc:
             raise _ChildFailure(str(exc)) from None
         _setup_stdio(plan, sock, stdio, user.uid)
+        _apply_process_limits(plan.process)
         _become(user)
         try:
             os.chdir(plan.process.cwd)
@@ -387,6 +398,13 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
             raise _ChildFailure(f"cannot change to the working directory "
                                 f"{plan.process.cwd}: {exc.strerror.lower()}") from None
         env = build_env(plan.process, hostname=plan.hostname, home=user.home)
+        if plan.builtin is not None:
+            sock.close()  # end of file for the caller: "started"
+            code = 1
+            try:
+                code = plan.builtin()
+            finally:
+                os._exit(code)
         _exec(plan.process.args, env)
     except _ChildFailure as exc:
         code = exc.exit_code
@@ -394,6 +412,37 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
     except BaseException as exc:  # noqa: BLE001 - forked child: report, never unwind
         _report_failure(sock, code, f"cannot start the container process: {_describe(exc)}")
     os._exit(code)
+
+
+def _apply_process_limits(process: ProcessSpec) -> None:
+    """``process.rlimits`` and ``process.oom_score_adj``, while still root (raising a
+    hard limit or lowering the OOM score needs CAP_SYS_RESOURCE)."""
+    if process.rlimits:
+        import resource
+
+        for name, soft, hard in process.rlimits:
+            values = (resource.RLIM_INFINITY if soft < 0 else soft,
+                      resource.RLIM_INFINITY if hard < 0 else hard)
+            try:
+                resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), values)
+            except (OSError, ValueError) as exc:
+                # EPERM arrives as ValueError("not allowed to raise maximum limit").
+                reason = (getattr(exc, "strerror", None) or str(exc)).lower()
+                if "not allowed" in reason or getattr(exc, "errno", None) == errno.EPERM:
+                    reason = "raising a hard limit needs CAP_SYS_RESOURCE"
+                raise _ChildFailure(f"cannot set ulimit {name}={_rlim(soft)}:{_rlim(hard)}: "
+                                    f"{reason}") from None
+    if process.oom_score_adj is not None:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(process.oom_score_adj))
+        except OSError as exc:
+            raise _ChildFailure(f"cannot set oom_score_adj={process.oom_score_adj}: "
+                                f"{exc.strerror.lower()}") from None
+
+
+def _rlim(value: int) -> str:
+    return "unlimited" if value < 0 else str(value)
 
 
 def _become(user) -> None:
