@@ -79,3 +79,15 @@ class NetworkError(VmshimError):
 
 class NetworkNotFound(NetworkError):
     """No network with that name or id."""
+
+
+class VolumeError(VmshimError):
+    """A volume or mount cannot be created, used or removed."""
+
+
+class VolumeNotFound(VolumeError):
+    """No volume has that name."""
+
+
+class VolumeInUse(VolumeError):
+    """The volume is used by a container (running, or kept for a restart)."""

@@ -36,6 +36,11 @@ def containers_dir() -> Path:
     return root() / "containers"
 
 
+def volumes_dir() -> Path:
+    """Named volumes: volumes/<name>/{volume.json,volume.img,lock} (see shim.volumes)."""
+    return root() / "volumes"
+
+
 def cache_dir() -> Path:
     """Downloads (kernel .deb) and other things that can be fetched again."""
     return root() / "cache"

@@ -63,6 +63,11 @@ _TARGET_RE = re.compile(r"^vd[a-z]{1,2}$")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,20}$")
 _PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _META_KEY_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_INTERFACE_TYPES = ("bridge", "user")
+_RESERVED_TAP_PREFIXES = ("vnet", "vif", "macvtap", "macvlan")
+"""libvirt refuses or reuses tap names with these prefixes (it hands them out itself)."""
 _DISK_FORMATS = ("raw", "qcow2")
 _DISK_CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 _DISK_IOS = ("threads", "native", "io_uring")
@@ -250,6 +255,66 @@ class Filesystem:
 
 
 @dataclass(kw_only=True)
+class Interface:
+    """A virtio NIC. The guest finds it by ``mac`` and configures it itself.
+
+    - ``type='bridge'``: libvirt creates a tap (named ``tap`` if given, at most 15
+      characters, not one of libvirt's own prefixes; None: libvirt picks ``vnetN``) and
+      enslaves it to the existing Linux bridge ``bridge``; vmshim makes the bridge, its
+      address and NAT (shim.network).
+    - ``type='user'``: QEMU's user-mode stack (SLIRP): the guest's connections become
+      sockets of QEMU on the host (``--network host``, see docs/networking.md); the
+      guest is 10.0.2.15/24, the host 10.0.2.2, a DNS forwarder 10.0.2.3.
+
+    The option ROM is off: with direct kernel boot nothing would use iPXE.
+    """
+
+    mac: str
+    type: str = "bridge"
+    bridge: str | None = None
+    tap: str | None = None
+    mtu: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _INTERFACE_TYPES:
+            raise ValueError(f"interface type must be one of {_INTERFACE_TYPES}, "
+                             f"got {self.type!r}")
+        if self.type == "bridge":
+            if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
+                raise ValueError(f"interface bridge must be 1-15 characters of "
+                                 f"[A-Za-z0-9_.-], got {self.bridge!r}")
+        elif self.bridge is not None or self.tap is not None:
+            raise ValueError("a user interface has no bridge and no tap")
+        if not isinstance(self.mac, str) or not _MAC_RE.match(self.mac.lower()) \
+                or int(self.mac[:2], 16) & 1:
+            raise ValueError(f"interface mac must be a unicast address like "
+                             f"02:42:0a:58:00:02, got {self.mac!r}")
+        self.mac = self.mac.lower()
+        if self.tap is not None:
+            if not _IFNAME_RE.match(self.tap):
+                raise ValueError(f"interface tap must be 1-15 characters of [A-Za-z0-9_.-], "
+                                 f"got {self.tap!r}")
+            if self.tap.startswith(_RESERVED_TAP_PREFIXES):
+                raise ValueError(f"interface tap {self.tap!r} uses a prefix libvirt reserves "
+                                 f"({', '.join(_RESERVED_TAP_PREFIXES)})")
+        if self.mtu is not None and (isinstance(self.mtu, bool) or not isinstance(self.mtu, int)
+                                     or not 68 <= self.mtu <= 65535):
+            raise ValueError(f"interface mtu must be an integer in 68..65535, got {self.mtu!r}")
+
+    def render(self, devices: ET.Element) -> None:
+        iface = _sub(devices, "interface", type=self.type)
+        _sub(iface, "mac", address=self.mac)
+        if self.type == "bridge":
+            _sub(iface, "source", bridge=self.bridge)
+        if self.tap is not None:
+            _sub(iface, "target", dev=self.tap)
+        _sub(iface, "model", type="virtio")
+        if self.mtu is not None:
+            _sub(iface, "mtu", size=str(self.mtu))
+        _sub(iface, "rom", enabled="no")
+
+
+@dataclass(kw_only=True)
 class Rng:
     """virtio-rng fed from the host's /dev/urandom. Not needed with the recipe's rdrand +
     ``random.trust_cpu=on``; there for kernels or CPUs without that."""
@@ -278,6 +343,8 @@ class Domain:
     channels: list[AgentChannel] = field(default_factory=list)
     serial: SerialLog | None = None
     filesystems: list[Filesystem] = field(default_factory=list)
+    interfaces: list[Interface] = field(default_factory=list)
+    """Empty: the VM has no NIC at all (``--network none``: the guest has only ``lo``)."""
     vsock: Vsock | None = None
     rng: Rng | None = None
     machine: str = DEFAULT_MACHINE
@@ -290,6 +357,8 @@ class Domain:
     it brings up only one CPU whatever ``vcpus`` says."""
     metadata: dict[str, str] = field(default_factory=dict)
     """Our own key/values (``container-id`` …), kept by libvirt in ``<metadata>``."""
+    cpuset: str | None = None
+    """Host CPUs the vCPU threads may run on (``--cpuset-cpus``: ``0-1,3``); None: any."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -305,6 +374,9 @@ class Domain:
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) \
                 or not 1 <= self.vcpus <= 255:
             raise ValueError(f"vcpus must be an integer in 1..255, got {self.vcpus!r}")
+        if self.cpuset is not None and not re.match(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$",
+                                                    self.cpuset):
+            raise ValueError(f"cpuset must look like 0-1,3, got {self.cpuset!r}")
         if self.domain_type not in DOMAIN_TYPES:
             raise ValueError(f"domain_type must be one of {DOMAIN_TYPES}, "
                              f"got {self.domain_type!r}")
@@ -321,7 +393,9 @@ class Domain:
                              ("serial", [d.serial for d in self.disks]),
                              ("channel name", [c.name for c in self.channels]),
                              ("channel socket", [c.socket_path for c in self.channels]),
-                             ("filesystem tag", [f.tag for f in self.filesystems])):
+                             ("filesystem tag", [f.tag for f in self.filesystems]),
+                             ("interface mac", [i.mac for i in self.interfaces]),
+                             ("interface tap", [i.tap for i in self.interfaces if i.tap])):
             dups = sorted({v for v in values if values.count(v) > 1})
             if dups:
                 raise ValueError(f"two devices share the {what} {dups[0]!r}")
@@ -354,7 +428,9 @@ class Domain:
             backing = _sub(dom, "memoryBacking")
             _sub(backing, "source", type="memfd")
             _sub(backing, "access", mode="shared")
-        _sub(dom, "vcpu", str(self.vcpus), placement="static")
+        vcpu = _sub(dom, "vcpu", str(self.vcpus), placement="static")
+        if self.cpuset is not None:
+            vcpu.set("cpuset", self.cpuset)
 
         os_elem = _sub(dom, "os")
         _sub(os_elem, "type", "hvm", arch="x86_64", machine=self.machine)
@@ -388,6 +464,8 @@ class Domain:
             disk.render(devices)
         for fs in self.filesystems:
             fs.render(devices)
+        for iface in self.interfaces:
+            iface.render(devices)
         _sub(devices, "controller", type="usb", model="none")
         for chan in self.channels:
             chan.render(devices)

@@ -19,8 +19,8 @@ import pytest
 
 from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 from shim.vm.domain import (
-    DEFAULT_CMDLINE, METADATA_NS, AgentChannel, Disk, Domain, Filesystem, KernelBoot, Rng,
-    SerialLog, Vsock, disk_target,
+    DEFAULT_CMDLINE, METADATA_NS, AgentChannel, Disk, Domain, Filesystem, Interface,
+    KernelBoot, Rng, SerialLog, Vsock, disk_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,6 +71,16 @@ DOMAINS = {
                   filesystems=[Filesystem(source_dir=f"{CTR}/bundle/rootfs", tag="rootfs")],
                   vsock=Vsock(), rng=Rng(),
                   serial=SerialLog(path=f"{CTR}/console.log", append=True))),
+    # On the default NAT network and a user-defined one (two NICs on two bridges).
+    "tcg_networked": lambda: Domain(
+        memory_mib=128, vcpus=1, domain_type="qemu",
+        **_common(interfaces=[
+            Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0"),
+            Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0A:59:00:07", mtu=1400)])),
+    # --network host: QEMU's user-mode networking.
+    "tcg_user_network": lambda: Domain(
+        memory_mib=128, vcpus=1, domain_type="qemu",
+        **_common(interfaces=[Interface(type="user", mac="02:42:0a:00:02:0f")])),
 }
 
 
@@ -157,6 +167,25 @@ def test_virtiofs_adds_shared_memfd_memory():
     assert root.find("features/tcg/tb-cache").text == "64"
 
 
+def test_interfaces_are_bridged_virtio_nics_without_option_rom():
+    root = ET.fromstring(DOMAINS["tcg_networked"]().to_xml())
+    nics = root.findall("devices/interface")
+    assert [n.get("type") for n in nics] == ["bridge", "bridge"]
+    assert [n.find("source").get("bridge") for n in nics] == ["vmshim0", "vmsbr1a2b3c4d5e"]
+    assert [n.find("mac").get("address") for n in nics] == ["02:42:0a:58:00:02",
+                                                            "02:42:0a:59:00:07"]
+    assert nics[0].find("target").get("dev") == "vmtc0ffee0"
+    assert nics[1].find("target") is None
+    assert all(n.find("model").get("type") == "virtio" for n in nics)
+    assert all(n.find("rom").get("enabled") == "no" for n in nics)
+    assert nics[1].find("mtu").get("size") == "1400"
+    user = ET.fromstring(DOMAINS["tcg_user_network"]().to_xml()).find("devices/interface")
+    assert user.get("type") == "user" and user.find("source") is None
+    assert user.find("mac").get("address") == "02:42:0a:00:02:0f"
+    # No interface at all unless asked: --network none means only lo in the guest.
+    assert ET.fromstring(DOMAINS["tcg_container"]().to_xml()).find("devices/interface") is None
+
+
 def test_uuid_is_normalised():
     dom = Domain(name="vmshim-x", uuid=UUID.upper(), memory_mib=64, vcpus=1,
                  domain_type="qemu", boot=_boot())
@@ -191,6 +220,10 @@ def _domain(**overrides) -> Domain:
                 Disk(source="/b", target="vda", serial="s2")]}, "target 'vda'"),
     ({"disks": [Disk(source="/a", target="vda", serial="s1"),
                 Disk(source="/b", target="vdb", serial="s1")]}, "serial 's1'"),
+    ({"interfaces": [Interface(bridge="b0", mac="02:00:00:00:00:01"),
+                     Interface(bridge="b1", mac="02:00:00:00:00:01")]}, "mac '02:00"),
+    ({"interfaces": [Interface(bridge="b0", mac="02:00:00:00:00:01", tap="t0"),
+                     Interface(bridge="b1", mac="02:00:00:00:00:02", tap="t0")]}, "tap 't0'"),
 ])
 def test_domain_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +245,15 @@ def test_domain_validation(overrides, message):
     (lambda: SerialLog(path="console.log"), "absolute path"),
     (lambda: Vsock(cid=2), "cid"),
     (lambda: Filesystem(source_dir="/d", tag="a b"), "tag"),
+    (lambda: Interface(bridge="a-bridge-name-too-long", mac="02:00:00:00:00:01"), "bridge"),
+    (lambda: Interface(mac="02:00:00:00:00:01"), "bridge"),
+    (lambda: Interface(type="tap", bridge="b", mac="02:00:00:00:00:01"), "type"),
+    (lambda: Interface(type="user", bridge="b", mac="02:00:00:00:00:01"), "no bridge"),
+    (lambda: Interface(bridge="br0", mac="02:00:00:00:00"), "mac"),
+    (lambda: Interface(bridge="br0", mac="01:00:5e:00:00:01"), "unicast"),
+    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="vnet0"), "reserves"),
+    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="a b"), "tap"),
+    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", mtu=10), "mtu"),
 ])
 def test_device_validation(make, message):
     with pytest.raises(ValueError, match=message):

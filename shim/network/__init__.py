@@ -1,0 +1,1 @@
+"""Container networks: IPAM, bridges and taps, NAT and published ports, name resolution."""

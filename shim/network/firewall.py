@@ -1,0 +1,192 @@
+"""NAT, published ports and network isolation, as one nftables table: ``ip vmshim``.
+
+::
+
+    table ip vmshim {
+      set bridges      { type ifname }             every bridge of ours
+      chain guard      prerouting, raw:            127.0.0.0/8 arriving on anything but lo
+                                                   is dropped (route_localnet must not
+                                                   open the host's loopback to containers)
+      chain prerouting nat prerouting, dstnat:     fib daddr type local → publish
+      chain output     nat output, -100:           fib daddr type local → publish
+      chain publish    one DNAT rule per published port, comment "vmshim-ctr:<id>"
+      chain postrouting nat postrouting, srcnat:   per network, comment "vmshim-net:<name>":
+                                                   masquerade its subnet going elsewhere
+                                                   (not for --internal), and what reaches it
+                                                   from 127.0.0.0/8 or through a DNAT
+      chain forward    filter forward:             ct dnat accepted; per network: traffic
+                                                   to another of our bridges dropped, and
+                                                   for --internal anything leaving it
+    }
+
+Why kernel DNAT rather than a proxy process per port: nothing to keep running (ports
+keep working if a monitor dies), UDP for free, one table to inspect (``nft list table ip
+vmshim``), and the same path for VMs (tap) and process containers (veth). Published
+addresses on 127.0.0.1 need ``route_localnet`` on the bridge (set by
+shim.network.host.ensure_bridge) and the masquerade of 127.0.0.0/8 sources; the ``guard``
+chain is docker's fix for CVE-2020-8558 (no packet from outside may reach 127.0.0.1).
+
+The table lives in the caller's network namespace. Rules are added and deleted in
+``nft -f`` batches (each batch is atomic); they are found again by their comments.
+Precondition: root, the ``nft`` binary (Debian package nftables).
+"""
+
+from __future__ import annotations
+
+import json
+
+from shim.errors import NetworkError
+from shim.network.host import run
+from shim.network.ports import ANY_IP, PortMapping
+
+TABLE = "vmshim"
+NFT = "nft"
+
+BASE = f"""\
+table ip {TABLE} {{
+  set bridges {{ type ifname; }}
+  chain guard {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname != "lo" ip daddr 127.0.0.0/8 drop
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    fib daddr type local jump publish
+  }}
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    fib daddr type local jump publish
+  }}
+  chain publish {{
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    ct status dnat accept
+  }}
+}}
+"""
+
+
+def _nft(script: str, what: str) -> str:
+    return run([NFT, "-f", "-"], input=script, what=what)
+
+
+def ensure_table() -> None:
+    """Create the table with its base chains unless it exists. Call with the network
+    store's lock held (two creators would both add the base rules)."""
+    try:
+        run([NFT, "list", "table", "ip", TABLE])
+        return
+    except NetworkError as exc:
+        if "not installed" in str(exc):
+            raise
+    _nft(BASE, "cannot create the nftables table ip vmshim")
+
+
+def delete_table() -> None:
+    """Remove everything of ours (tests; ``network prune`` with nothing left)."""
+    try:
+        run([NFT, "delete", "table", "ip", TABLE])
+    except NetworkError:
+        pass
+
+
+def _rules(chain: str) -> list[dict]:
+    out = run([NFT, "-j", "-a", "list", "chain", "ip", TABLE, chain],
+              what=f"cannot list nftables chain {chain}")
+    return [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
+
+
+def _delete_commented(comment: str, chains: tuple[str, ...]) -> int:
+    lines = []
+    for chain in chains:
+        try:
+            rules = _rules(chain)
+        except NetworkError:
+            continue  # no table (yet, or any more)
+        lines += [f"delete rule ip {TABLE} {chain} handle {r['handle']}"
+                  for r in rules if r.get("comment") == comment]
+    if lines:
+        _nft("\n".join(lines) + "\n", f"cannot delete the rules of {comment}")
+    return len(lines)
+
+
+def _has_comment(comment: str, chain: str) -> bool:
+    try:
+        return any(r.get("comment") == comment for r in _rules(chain))
+    except NetworkError:
+        return False
+
+
+# ---- networks ----------------------------------------------------------------------------
+
+def network_comment(name: str) -> str:
+    return f"vmshim-net:{name}"
+
+
+def network_rules(name: str, bridge: str, subnet: str, internal: bool) -> str:
+    """The nft commands that give one network its NAT and isolation."""
+    c = f'comment "{network_comment(name)}"'
+    lines = [f'add element ip {TABLE} bridges {{ "{bridge}" }}']
+    post = f"add rule ip {TABLE} postrouting"
+    fwd = f"add rule ip {TABLE} forward"
+    if not internal:
+        lines.append(f'{post} ip saddr {subnet} oifname != "{bridge}" masquerade {c}')
+    lines += [
+        f'{post} ip saddr 127.0.0.0/8 oifname "{bridge}" masquerade {c}',
+        f'{post} ip saddr {subnet} oifname "{bridge}" ct status dnat masquerade {c}',
+        f'{fwd} iifname "{bridge}" oifname != "{bridge}" oifname @bridges drop {c}',
+    ]
+    if internal:
+        lines += [f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}',
+                  f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}']
+    return "\n".join(lines) + "\n"
+
+
+def ensure_network(name: str, bridge: str, subnet: str, internal: bool) -> None:
+    """Add the network's rules unless they are there. Lock held, table ensured."""
+    if _has_comment(network_comment(name), "postrouting"):
+        return
+    _nft(network_rules(name, bridge, subnet, internal),
+         f"cannot add the NAT rules of network {name}")
+
+
+def remove_network(name: str, bridge: str) -> None:
+    _delete_commented(network_comment(name), ("postrouting", "forward"))
+    try:
+        _nft(f'delete element ip {TABLE} bridges {{ "{bridge}" }}\n', "")
+    except NetworkError:
+        pass
+
+
+# ---- published ports ---------------------------------------------------------------------
+
+def container_comment(container_id: str) -> str:
+    return f"vmshim-ctr:{container_id[:12]}"
+
+
+def port_rules(container_id: str, container_ip: str, ports: list[PortMapping]) -> str:
+    c = f'comment "{container_comment(container_id)}"'
+    lines = []
+    for p in ports:
+        match = f"ip daddr {p.host_ip} " if p.host_ip != ANY_IP else ""
+        lines.append(f"add rule ip {TABLE} publish {match}{p.protocol} dport {p.host_port} "
+                     f"dnat to {container_ip}:{p.container_port} {c}")
+    return "\n".join(lines) + "\n"
+
+
+def publish(container_id: str, container_ip: str, ports: list[PortMapping]) -> None:
+    """DNAT each of *ports* (concrete host ports) to *container_ip*. Replaces the
+    container's earlier rules. Lock held, table ensured."""
+    unpublish(container_id)
+    if ports:
+        _nft(port_rules(container_id, container_ip, ports),
+             f"cannot publish ports {', '.join(map(str, ports))}")
+
+
+def unpublish(container_id: str) -> int:
+    """Delete the container's DNAT rules; return how many there were. Idempotent."""
+    return _delete_commented(container_comment(container_id), ("publish",))
