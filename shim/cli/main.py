@@ -12,7 +12,30 @@ from shim.errors import VmshimError
 
 class VmshimGroup(click.Group):
     """Turns VmshimError into ``Error: <message>`` and its exit code; ``--debug`` (or
-    VMSHIM_DEBUG=1) re-raises so the traceback shows."""
+    VMSHIM_DEBUG=1) re-raises so the traceback shows.
+
+    Commands registered with :meth:`add_lazy` are imported only when used, so a verb
+    whose latency matters (``vmshim exec``) does not pay for every other verb's imports.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, str] = {}
+
+    def add_lazy(self, name: str, target: str) -> None:
+        """Register ``module:attribute`` as command *name*, imported on first use."""
+        self.lazy[name] = target
+
+    def list_commands(self, ctx):
+        return sorted(set(self.commands) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            import importlib
+
+            module, _, attr = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return self.commands.get(name)
 
     def invoke(self, ctx):
         try:
@@ -44,23 +67,45 @@ def cli(ctx, debug):
 
 
 def _register() -> None:
-    from shim.cli import guest, images, info, registry, run, system
-
-    cli.add_command(run.run)
-    cli.add_command(info.info)
-    cli.add_command(guest.guest)
-    cli.add_command(images.images_cmd, "images")
-    cli.add_command(images.rmi_cmd, "rmi")
-    cli.add_command(images.image_group, "image")
-    cli.add_command(images.tag_cmd, "tag")
-    cli.add_command(images.history_cmd, "history")
-    cli.add_command(images.save_cmd, "save")
-    cli.add_command(images.load_cmd, "load")
-    cli.add_command(registry.pull_cmd, "pull")
-    cli.add_command(registry.push_cmd, "push")
-    cli.add_command(registry.login_cmd, "login")
-    cli.add_command(registry.logout_cmd, "logout")
-    cli.add_command(system.system_group, "system")
+    """Every command, as ``name → module:attribute``, imported only when used (see
+    VmshimGroup.add_lazy): `vmshim exec` must not pay for the registry client's imports."""
+    for name, target in (
+        ("run", "shim.cli.run:run"), ("create", "shim.cli.run:create"),
+        # Container lifecycle (issue 3).
+        ("start", "shim.cli.lifecycle:start"), ("stop", "shim.cli.lifecycle:stop"),
+        ("kill", "shim.cli.lifecycle:kill"), ("restart", "shim.cli.lifecycle:restart"),
+        ("rm", "shim.cli.lifecycle:rm"), ("pause", "shim.cli.lifecycle:pause"),
+        ("unpause", "shim.cli.lifecycle:unpause"), ("wait", "shim.cli.lifecycle:wait"),
+        ("rename", "shim.cli.lifecycle:rename"),
+        ("container", "shim.cli.lifecycle:container_group"),
+        ("ps", "shim.cli.ps:ps"), ("inspect", "shim.cli.ps:inspect"),
+        ("logs", "shim.cli.logs:logs"),
+        ("exec", "shim.cli.exec:exec_cmd"), ("attach", "shim.cli.exec:attach"),
+        ("top", "shim.cli.exec:top"), ("stats", "shim.cli.stats:stats"),
+        ("cp", "shim.cli.cp:cp"),
+        # Images, registries, the guest, the system.
+        ("info", "shim.cli.info:info"),
+        ("guest", "shim.cli.guest:guest"),
+        ("build", "shim.cli.build:build_cmd"),  # Dockerfile builds (issue 5)
+        ("images", "shim.cli.images:images_cmd"),
+        ("rmi", "shim.cli.images:rmi_cmd"),
+        ("image", "shim.cli.images:image_group"),
+        ("tag", "shim.cli.images:tag_cmd"),
+        ("history", "shim.cli.images:history_cmd"),
+        ("save", "shim.cli.images:save_cmd"),
+        ("load", "shim.cli.images:load_cmd"),
+        ("pull", "shim.cli.registry:pull_cmd"),
+        ("push", "shim.cli.registry:push_cmd"),
+        ("login", "shim.cli.registry:login_cmd"),
+        ("logout", "shim.cli.registry:logout_cmd"),
+        ("system", "shim.cli.system:system_group"),
+        ("volume", "shim.cli.volume:volume_group"),
+        ("update", "shim.cli.update:update"),
+        ("network", "shim.cli.network:network_group"),  # networking (issue 6)
+        ("port", "shim.cli.network:port_cmd"),
+        ("bench", "shim.cli.bench:bench"),
+    ):
+        cli.add_lazy(name, target)
 
 
 _register()

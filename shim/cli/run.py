@@ -1,4 +1,4 @@
-"""``vmshim run``: parse flags, hand them to shim.containers.run, exit with the code."""
+"""``vmshim run`` and ``vmshim create``: parse flags, hand them to shim.containers.run."""
 
 from __future__ import annotations
 
@@ -7,35 +7,96 @@ import sys
 import click
 
 
+def container_options(func):
+    """The flags run and create share (docker's names)."""
+    options = [
+        click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and forward it."),
+        click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal."),
+        click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable."),
+        click.option("--env-file", multiple=True, metavar="FILE", help="Read K=V lines from a file."),
+        click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container."),
+        click.option("-u", "--user", metavar="USER", help="uid[:gid] or a user name from the image."),
+        click.option("--name", metavar="NAME", help="Name of the container."),
+        click.option("-h", "--hostname", metavar="NAME", help="Hostname inside the container."),
+        click.option("--entrypoint", metavar="CMD", help="Override the image's ENTRYPOINT."),
+        click.option("--isolation", type=click.Choice(["vm", "process"]), default="vm",
+                     show_default=True,
+                     help="vm: a microVM per container; process: namespaces on the host."),
+        click.option("--restart", default="no", show_default=True, metavar="POLICY",
+                     help="no, on-failure[:N], always or unless-stopped."),
+        click.option("--stop-signal", metavar="SIGNAL", help="Signal that stops the container "
+                     "(default: the image's StopSignal, else SIGTERM)."),
+        click.option("--stop-timeout", type=click.IntRange(0, 3600), metavar="SECONDS",
+                     help="Seconds stop waits before SIGKILL (default 10)."),
+        click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits."),
+        # Volumes (shim.volumes.specs).
+        click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
+                     help="Bind-mount a host directory (/abs/path) or a named volume; "
+                          "DST alone: a new anonymous volume."),
+        click.option("--mount", "mounts", multiple=True, metavar="type=…,source=…,target=…",
+                     help="Attach a bind, volume or tmpfs mount (docker's syntax)."),
+        click.option("--tmpfs", multiple=True, metavar="DST[:OPTS]",
+                     help="Mount a tmpfs (e.g. /run:size=64m)."),
+        click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only."),
+        click.option("--volumes-from", multiple=True, metavar="CONTAINER[:ro|rw]",
+                     help="Mount the volumes and bind mounts of another container."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    from shim.cli.network import network_options
+    from shim.containers.resources import resource_options
+
+    return network_options(resource_options(func))
+
+
+def _options(image, command, **flags):
+    from shim.cli.network import network_request
+    from shim.containers.options import RunOptions
+    from shim.containers.resources import from_flags
+    from shim.volumes.specs import parse_all
+
+    return RunOptions(
+        network=network_request(flags),
+        resources=from_flags(**flags),
+        mounts=parse_all(flags["volumes"], flags["mounts"], flags["tmpfs"]),
+        read_only=flags["read_only"], volumes_from=list(flags["volumes_from"]),
+        image=image, command=list(command), entrypoint=flags["entrypoint"],
+        env=list(flags["env"]), env_files=list(flags["env_file"]), workdir=flags["workdir"],
+        user=flags["user"], name=flags["name"], hostname=flags["hostname"],
+        interactive=flags["interactive"], tty=flags["tty"], remove=flags["remove"],
+        isolation=flags["isolation"],
+        detach=flags.get("detach", False), restart=flags["restart"],
+        stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
+    )
+
+
 @click.command(context_settings={"allow_interspersed_args": False})
-@click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits.")
-@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and forward it.")
-@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
-@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
-@click.option("--env-file", multiple=True, metavar="FILE", help="Read K=V lines from a file.")
-@click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container.")
-@click.option("-u", "--user", metavar="USER", help="uid[:gid] or a user name from the image.")
-@click.option("--name", metavar="NAME", help="Name of the container.")
-@click.option("-h", "--hostname", metavar="NAME", help="Hostname inside the container.")
-@click.option("--entrypoint", metavar="CMD", help="Override the image's ENTRYPOINT.")
-@click.option("--isolation", type=click.Choice(["vm", "process"]), default="vm", show_default=True,
-              help="vm: a microVM per container; process: namespaces on the host.")
-@click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
-              default=256, show_default=True, help="Memory of the microVM in MiB.")
+@container_options
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; print the id.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(remove, interactive, tty, env, env_file, workdir, user, name, hostname, entrypoint,
-        isolation, memory, image, command):
-    """Run COMMAND in a new container from IMAGE, in the foreground."""
-    from shim.containers.options import RunOptions
-    from shim.containers.run import run_foreground
+def run(image, command, **flags):
+    """Run COMMAND in a new container from IMAGE (in the foreground unless -d)."""
+    from shim.containers.run import run as run_container
 
-    if tty and not sys.stdin.isatty():
+    if flags["tty"] and not flags["detach"] and not sys.stdin.isatty():
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
-    options = RunOptions(
-        image=image, command=list(command), entrypoint=entrypoint, env=list(env),
-        env_files=list(env_file), workdir=workdir, user=user, name=name, hostname=hostname,
-        interactive=interactive, tty=tty, remove=remove, isolation=isolation, memory_mib=memory,
-    )
-    sys.exit(run_foreground(options))
+    options = _options(image, command, **flags)
+    started = []
+    code = run_container(options, on_started=started.append)
+    if options.detach and started:
+        click.echo(started[0].id)
+    sys.exit(code)
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@container_options
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def create(image, command, **flags):
+    """Create a container from IMAGE without starting it; print its id."""
+    from shim.containers.run import create as create_container
+
+    record = create_container(_options(image, command, **flags))
+    click.echo(record.id)

@@ -25,9 +25,11 @@ def terminal_size(fd: int) -> tuple[int, int]:
     """(rows, cols) of the terminal on *fd*, or (24, 80) when it is not one."""
     try:
         size = os.get_terminal_size(fd)
-        return size.lines, size.columns
     except OSError:
         return 24, 80
+    if size.lines <= 0 or size.columns <= 0:  # a new pty nobody sized yet
+        return 24, 80
+    return size.lines, size.columns
 
 
 @contextlib.contextmanager

@@ -36,14 +36,97 @@ class RunOptions:
     remove: bool = False
     isolation: str = "vm"
     memory_mib: int = 256
+    detach: bool = False
+    restart: str = "no"
+    """``no``, ``on-failure[:N]``, ``always`` or ``unless-stopped``."""
+    stop_timeout: int | None = None
+    stop_signal: str | None = None
+    resources: object = None
+    """shim.containers.resources.Resources (None: no limits); sizes the VM."""
+    mounts: list = field(default_factory=list)
+    """shim.volumes.specs.MountRequest list (-v, --mount, --tmpfs)."""
+    volumes_from: list[str] = field(default_factory=list)
+    read_only: bool = False
+    network: object = None
+    """shim.network.container.NetworkRequest (-p, --network, --dns …); None: the default
+    NAT network with nothing published."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
             raise UsageError(f"invalid --isolation {self.isolation!r}: use one of {', '.join(ISOLATIONS)}")
-        if self.name is not None and not _NAME.match(self.name):
-            raise UsageError(f"invalid container name {self.name!r}: use letters, digits, '_', '.', '-'")
+        if self.name is not None:
+            check_name(self.name)
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise UsageError(f"invalid -w {self.workdir!r}: the working directory must be absolute")
+        policy, _max = parse_restart(self.restart)
+        if self.remove and policy != "no":
+            raise UsageError("--rm and --restart cannot be combined (a removed container "
+                             "cannot be restarted)")
+        if self.stop_signal is not None:
+            parse_signal(self.stop_signal)
+
+
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+
+
+def parse_restart(text: str) -> tuple[str, int]:
+    """``--restart`` → (policy, maximum retries; 0 = unlimited). Raises UsageError."""
+    policy, _, count = (text or "no").partition(":")
+    if policy not in RESTART_POLICIES or (count and policy != "on-failure"):
+        raise UsageError(f"invalid --restart {text!r}: use no, on-failure[:N], always or "
+                         "unless-stopped")
+    if count:
+        if not count.isdigit():
+            raise UsageError(f"invalid --restart {text!r}: N must be a number")
+        return policy, int(count)
+    return policy, 0
+
+
+def parse_signal(text: str | int) -> int:
+    """A signal by number or name (``9``, ``KILL``, ``SIGKILL``). Raises UsageError."""
+    import signal
+
+    raw = str(text).strip().upper()
+    if raw.isdigit():
+        number = int(raw)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = raw if raw.startswith("SIG") else "SIG" + raw
+        number = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+        if number is not None:
+            return int(number)
+    raise UsageError(f"invalid signal {text!r}")
+
+
+def boot_config_of(record) -> "BootConfig":
+    """The guest's BootConfig for a stored container record (shim.containers.store)."""
+    from guest.spec import BootConfig
+
+    return BootConfig(
+        container_id=record.id, token=record.token, hostname=record.hostname,
+        process=ProcessSpec.from_dict(record.process), layer_count=len(record.layer_disks),
+        writable="disk" if record.writable == "disk" and record.isolation == "vm" else "tmpfs",
+        hosts=record.hosts, resolv_conf=record.resolv_conf,
+        **_limits_of(record))
+
+
+def _limits_of(record) -> dict:
+    """BootConfig ``limits`` and ``read_only`` from a record (its ``mounts`` are made by
+    the placement: shim.volumes.attach)."""
+    from shim.containers.resources import Resources
+
+    resources = Resources.from_dict(getattr(record, "resources", None))
+    out = {"read_only": bool(getattr(record, "read_only", False))}
+    if not resources.is_empty():
+        out["limits"] = resources.limits(record.isolation)
+    return out
+
+
+def check_name(name: str) -> None:
+    """Raise UsageError unless *name* is a valid container name."""
+    if not _NAME.match(name):
+        raise UsageError(f"invalid container name {name!r}: use letters, digits, '_', '.', '-'")
 
 
 def parse_env_entry(entry: str, source: str = "-e") -> str | None:

@@ -1,9 +1,11 @@
-"""``vmshim run`` in the foreground: resolve the image, place the container (microVM or
-host namespaces), start its process through the agent, stream stdio, return its exit code.
+"""``vmshim create`` and ``vmshim run``: turn flags and an image into a stored container,
+then start it through its monitor (shim.containers.manage.start).
 
-Both placements end in the same place: an :class:`AgentClient` that has seen ``hello``.
-From there on the conversation is identical, which is what makes the two isolations
-comparable.
+``run`` in the foreground is create + start + attach: the CLI spawns the container's
+monitor (a fork, no new interpreter), asks it to boot and start the main process, and
+streams stdio with it until the exit code arrives. So a foreground container shows in
+``ps -a`` when it is done, ``--rm`` removes it, and the VM is owned by the monitor in
+both cases.
 """
 
 from __future__ import annotations
@@ -11,16 +13,11 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from guest import protocol
-from guest.spec import BootConfig
-from shim import paths
-from shim.containers.attach import StdioPump, terminal_size
-from shim.containers.options import RunOptions, build_process_spec, new_container_id, random_name
-from shim.errors import AgentError, CommandNotExecutable, CommandNotFound
+from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
+                                     parse_restart, parse_signal, random_name)
+from shim.containers.store import Container, ContainerStore
 
-MAIN_PROCESS_ID = 1
-START_TIMEOUT = 30.0
-"""Seconds between ``start`` and ``started``: mounting and exec inside the guest."""
+DEFAULT_STOP_TIMEOUT = 10
 
 
 def hosts_file(hostname: str) -> str:
@@ -42,94 +39,121 @@ def host_resolv_conf() -> str:
     return "\n".join(keep) + "\n"
 
 
-def prepare(options: RunOptions):
-    """Resolve the image and build the boot config and layer disks. No VM yet.
-
-    Returns (image, boot_config, layer_disk_paths). Raises ImageNotFound, UsageError,
-    LayerError."""
+def prepare(options: RunOptions) -> Container:
+    """Resolve the image, convert its layers, and build the container's record (not
+    stored yet). Raises ImageNotFound, UsageError, LayerError."""
     from shim.images.layers import layer_disk
     from shim.images.store import ImageStore
 
     store = ImageStore()
     image = store.resolve(options.image)
-    spec = build_process_spec(image.config.get("config") or {}, options)
+    image_config = image.config.get("config") or {}
+    spec = build_process_spec(image_config, options)
+    resources, mounts = _resources_and_mounts(options, spec)
     container_id = new_container_id()
     hostname = options.hostname or container_id[:12]
-    boot = BootConfig(
-        container_id=container_id,
-        token=secrets.token_hex(16),
+    disks = [str(layer_disk(store, layer)) for layer in image.layers]
+    policy, retries = parse_restart(options.restart)
+    stop_signal = options.stop_signal or image_config.get("StopSignal") or "SIGTERM"
+    return Container(
+        id=container_id,
+        name=options.name or random_name(),
+        image=options.image,
+        image_id=image.config_digest,
+        isolation=options.isolation,
+        process=spec.to_dict(),
         hostname=hostname,
-        process=spec,
-        layer_count=len(image.layers),
+        token=secrets.token_hex(16),
+        layer_disks=disks,
+        memory_mib=resources.vm_memory_mib(options.memory_mib),
+        resources=resources.to_dict(),
+        mounts=[m.to_dict() for m in mounts],
+        read_only=options.read_only,
+        interactive=options.interactive,
+        tty=options.tty,
+        auto_remove=options.remove,
+        restart_policy=policy,
+        restart_max=retries,
+        stop_signal=parse_signal(stop_signal),
+        stop_timeout=options.stop_timeout if options.stop_timeout is not None else DEFAULT_STOP_TIMEOUT,
+        # A --rm container never starts twice: its writable layer can live in RAM.
+        writable="tmpfs" if options.remove else "disk",
         hosts=hosts_file(hostname),
         resolv_conf=host_resolv_conf(),
+        network=_network_of(options, image_config),
     )
-    disks = [layer_disk(store, layer) for layer in image.layers]
-    return image, boot, disks
 
 
-def make_placement(options: RunOptions, boot: BootConfig, disks: list[Path], name: str):
-    run_dir = paths.run_dir() / boot.container_id
-    if options.isolation == "vm":
-        from shim.containers.vm_placement import VmPlacement
+def _network_of(options: RunOptions, image_config: dict) -> dict:
+    """The networking request to store (``-P`` resolved against the image's EXPOSE).
+    Raises NetworkError, NetworkNotFound (a --network that does not exist)."""
+    from shim.network.container import check_networks_exist, parse_request
 
-        return VmPlacement(boot, disks, run_dir, name=name, memory_mib=options.memory_mib)
-    from shim.containers.process_placement import ProcessPlacement
-
-    return ProcessPlacement(boot, disks, run_dir, name=name)
-
-
-def start_process(client, boot: BootConfig, *, stdin: bool, tty: bool) -> int:
-    """Ask the agent to start the container's main process; return its pid in the guest.
-
-    Raises CommandNotFound (127) / CommandNotExecutable (126) / AgentError."""
-    rows, cols = terminal_size(0) if tty else (24, 80)
-    client.send(protocol.START, token=boot.token, id=MAIN_PROCESS_ID, stdin=stdin, tty=tty,
-                rows=rows, cols=cols)
-    reply = client.recv(START_TIMEOUT)
-    if reply.type == protocol.STARTED:
-        return reply.get("pid", int, 0)
-    if reply.type == protocol.ERROR:
-        message = reply.get("message", str, "the agent could not start the process")
-        code = reply.get("code", int, 0)
-        if code == 127:
-            raise CommandNotFound(message)
-        if code == 126:
-            raise CommandNotExecutable(message)
-        raise AgentError(message)
-    raise AgentError(f"the agent answered {reply.type!r} to start")
+    request = options.network if options.network is not None else parse_request()
+    check_networks_exist(request)
+    return request.resolve_exposed(image_config).to_dict()
 
 
-def run_foreground(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1,
-                   stderr_fd: int = 2) -> int:
-    """Run one container to completion; return its exit code (128+N if killed by signal N).
+def _resources_and_mounts(options: RunOptions, spec):
+    """Check the limits (warnings go to stderr, as docker prints them), put the
+    per-process ones into *spec*, and prepare the mounts (volumes are created here, so
+    this comes last). Returns (Resources, [MountRequest]). Raises UsageError,
+    VolumeError."""
+    import sys
 
-    Always tears the VM (or host mounts) down, also on errors and Ctrl-C."""
-    image, boot, disks = prepare(options)
-    name = options.name or random_name()
-    placement = make_placement(options, boot, disks, name)
+    from shim.containers.resources import Resources
+    from shim.volumes.attach import prepare_mounts
+
+    resources = options.resources or Resources()
+    for warning in resources.check(options.isolation):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    spec.rlimits = resources.rlimits()
+    spec.oom_score_adj = resources.oom_score_adj
+    mounts = prepare_mounts(list(options.mounts), list(options.volumes_from), options.isolation)
+    return resources, mounts
+
+
+def create(options: RunOptions, store: ContainerStore | None = None) -> Container:
+    """Store a new container (state ``created``) with its writable layer. Nothing runs
+    yet. Raises what :func:`prepare` raises, UsageError for a taken name, VmshimError
+    when the writable disk cannot be made (then nothing is left behind)."""
+    store = store or ContainerStore()
+    record = prepare(options)
     try:
-        client = placement.boot()
-        start_process(client, boot, stdin=options.interactive, tty=options.tty)
-        pump = StdioPump(client, MAIN_PROCESS_ID,
-                         stdin_fd=stdin_fd if options.interactive else None,
-                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=options.tty)
-        code = pump.run()
-        _say_shutdown(client)
-        return code
-    except KeyboardInterrupt:
-        placement.abort()
-        return 130
+        store.create(record)
     except BaseException:
-        placement.abort()
+        _remove_anonymous_volumes(record)
         raise
-    finally:
-        placement.release()
+    if record.writable == "disk" and record.isolation == "vm":
+        from shim.containers.vm_placement import make_rw_disk
+
+        try:
+            make_rw_disk(store.rw_disk(record.id))
+        except BaseException:
+            store.delete(record.id)
+            _remove_anonymous_volumes(record)
+            raise
+    return record
 
 
-def _say_shutdown(client) -> None:
-    """Tell the agent we are done so the VM powers off now instead of after its grace."""
-    try:
-        client.send(protocol.SHUTDOWN)
-    except AgentError:
-        pass
+def _remove_anonymous_volumes(record: Container) -> None:
+    if record.mounts:
+        from shim.volumes.attach import remove_anonymous
+        from shim.volumes.specs import MountRequest
+
+        remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])
+
+
+def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,
+        on_started=None) -> int:
+    """Create and start a container. In the foreground (not ``options.detach``) attach
+    to it and return its exit code (128+N if killed by signal N); detached, return 0
+    once it runs. *on_started* (optional) is called with the record once it runs.
+    Raises what create and start raise (CommandNotFound: 127 …)."""
+    from shim.containers import manage
+
+    store = ContainerStore()
+    record = create(options, store)
+    return manage.start(record.id, attach=not options.detach, interactive=options.interactive,
+                        stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
+                        store=store, on_started=on_started)

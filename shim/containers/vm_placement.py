@@ -1,22 +1,30 @@
-"""Place a container in its own microVM: config drive, domain, boot, agent handshake.
+"""Place a container in its own microVM: config drive, writable disk, domain, boot, agent
+handshake; find it again after a monitor restart; pause, kill and tear it down.
 
-Teardown never blocks the user's command: the guest reboots itself when the container
-ends (the domain is set to be destroyed on reboot) and a detached reaper makes sure the
-domain is gone and removes the run directory.
+The monitor (shim.containers.monitor) is the only user. The guest reboots itself when the
+container ends (the domain is destroyed on reboot); :meth:`VmPlacement.teardown` makes
+sure the domain is gone and removes the run directory.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
-from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, BootConfig
+from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL, BootConfig
+from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
 
 BOOT_TIMEOUT = float(os.environ.get("VMSHIM_BOOT_TIMEOUT", "90"))
 """Seconds from domain creation to the agent's hello (TCG on a busy host can be slow)."""
+RW_DISK_SIZE = 8 << 30
+"""Apparent size of a container's writable disk (sparse: only what is written is used)."""
+GONE_POLL = 0.25
+"""How often teardown asks libvirt whether the domain is gone (libvirtd is shared)."""
 
 
 def domain_name(container_id: str) -> str:
@@ -33,23 +41,60 @@ def console_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(tail)
 
 
+def make_rw_disk(path: Path, size: int = RW_DISK_SIZE) -> None:
+    """Create the sparse ext4 file that becomes a container's writable layer (the guest
+    mounts it by its serial, WRITABLE_SERIAL). Inode tables are written now (a few MiB)
+    so the guest kernel has no lazy-init work to do under TCG. Raises VmshimError."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    res = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-m", "0", "-N", "65536", "-L", "vmshim-rw",
+         "-E", "lazy_itable_init=0,lazy_journal_init=1,nodiscard", str(tmp)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise VmshimError(f"cannot make the writable disk {path}: "
+                          f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}")
+    os.replace(tmp, path)
+
+
 class VmPlacement:
-    """One container's microVM. Call boot() once, then release() exactly once."""
+    """One container's microVM, as its monitor sees it.
+
+    *run_dir* holds the agent socket, console log and config drive; *rw_disk* is the
+    writable layer (None: the guest keeps it in RAM).
+    """
+
+    kind = "vm"
 
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
-                 name: str, memory_mib: int = 256, vcpus: int = 1, backend=None):
+                 name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
+                 backend=None, cpuset: str | None = None, mounts: list | None = None,
+                 network: dict | None = None):
+        from shim.volumes.attach import Attachments
+
         self.boot_config = boot
-        self.layer_disks = layer_disks
-        self.run_dir = run_dir
+        self.network_request = network
+        """shim.network.container.NetworkRequest.to_dict() (None: no NIC): connected in
+        boot(), disconnected in teardown() once the VM is gone."""
+        self.network = None
+        self.cpuset = cpuset
+        self.attachments = Attachments(mounts or [])
+        """-v/--mount/--tmpfs (shim.volumes.attach): leased in boot(), let go of in
+        teardown() once the VM is gone."""
+        self._volume_disks: list = []
+        self._shares: list = []
+        self.layer_disks = [Path(p) for p in layer_disks]
+        self.run_dir = Path(run_dir)
         self.name = name
         self.memory_mib = memory_mib
         self.vcpus = vcpus
+        self.rw_disk = rw_disk
         self.domain = domain_name(boot.container_id)
-        self.console_log = run_dir / "console.log"
-        self.agent_socket = run_dir / "agent.sock"
+        self.console_log = self.run_dir / "console.log"
+        self.agent_socket = self.run_dir / "agent.sock"
         self._backend = backend
-        self._created = False
-        self.client: AgentClient | None = None
         self.accel = None
 
     @property
@@ -72,6 +117,10 @@ class VmPlacement:
         disks.append(dom.Disk(source=str(self.run_dir / "config.iso"),
                               target=_target(len(disks)), serial=CONFIG_DRIVE_SERIAL,
                               readonly=True))
+        if self.rw_disk is not None:
+            disks.append(dom.Disk(source=str(self.rw_disk), target=_target(len(disks)),
+                                  serial=WRITABLE_SERIAL, readonly=False))
+        disks += self._volume_disks  # made by boot() (volume leases)
         return dom.Domain(
             name=self.domain,
             uuid=str(uuid.UUID(self.boot_config.container_id[:32])),
@@ -83,12 +132,19 @@ class VmPlacement:
             disks=disks,
             channels=[dom.AgentChannel(socket_path=str(self.agent_socket))],
             serial=dom.SerialLog(path=str(self.console_log)),
+            interfaces=self.network.domain_interfaces() if self.network is not None else [],
             metadata={"container-id": self.boot_config.container_id, "name": self.name},
+            filesystems=list(self._shares),
+            cpuset=self.cpuset,
         )
 
-    def boot(self) -> AgentClient:
-        """Create the VM and wait for the agent's hello. Raises HypervisorError,
-        GuestImageError or AgentError (with the console's last lines)."""
+    # ---- life -------------------------------------------------------------------------------
+
+    def boot(self, alive=None) -> AgentClient:
+        """Create the VM and wait for the agent's hello. *alive* (optional) is asked about
+        every 0.2 s while waiting; a string it returns aborts the boot with that text.
+        Raises HypervisorError, GuestImageError or AgentError (with the console's last
+        lines); a VM that was created is destroyed again before raising."""
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel
         from shim.vm.configdrive import build_config_drive
@@ -97,39 +153,156 @@ class VmPlacement:
         self.accel = detect_accel()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o755)
-        build_config_drive(self.boot_config, self.run_dir / "config.iso")
-        domain = self.build_domain(guest, self.accel)
-        self.backend.create(domain)
-        self._created = True
-        self.client = AgentClient.connect_unix(str(self.agent_socket), timeout=10)
-        self.client.handshake(BOOT_TIMEOUT, alive=self._vm_problem)
-        return self.client
+        self.console_log.unlink(missing_ok=True)
+        if self.attachments.requests:
+            first = len(self.layer_disks) + 1 + (self.rw_disk is not None)
+            specs, self._volume_disks, self._shares = self.attachments.for_vm(
+                first, _target, share_dir=self.run_dir / "shares")
+            self.boot_config = self.boot_config.replace(mounts=specs)
+        try:
+            if self.network_request is not None:
+                from shim.network import container as netc
+
+                self.network, self.boot_config = netc.start(
+                    self.boot_config.container_id, self.name, "vm", self.network_request,
+                    self.boot_config)
+            build_config_drive(self.boot_config, self.run_dir / "config.iso")
+            domain = self.build_domain(guest, self.accel)
+            self.backend.create(domain)
+        except BaseException:
+            self.attachments.release()
+            self._disconnect()
+            raise
+        try:
+            client = AgentClient.connect_unix(str(self.agent_socket), timeout=10)
+            client.handshake(BOOT_TIMEOUT, alive=lambda: self._vm_problem() or (alive and alive()))
+        except BaseException:
+            self.kill()
+            raise
+        return client
+
+    def reattach(self) -> AgentClient | None:
+        """Connect to the channel of the VM a previous monitor ran; None when that VM is
+        gone. The agent says hello on its own (once the VM runs, if it is paused)."""
+        if not self.running():
+            return None
+        if self.network_request is not None:
+            from shim.network.container import claim
+
+            claim(self.boot_config.container_id, os.getpid())
+        try:
+            return AgentClient.connect_unix(str(self.agent_socket), timeout=2)
+        except VmshimError:
+            return None
+
+    def running(self) -> bool:
+        """Whether the VM's QEMU is alive (running or paused). Raises HypervisorError."""
+        return self.backend.is_running(self.domain)
 
     def _vm_problem(self) -> str | None:
-        if self.backend.is_running(self.domain):
+        if self.running():
             return None
         tail = console_tail(self.console_log)
         return ("the microVM stopped before its agent answered"
                 + (f"; console: {tail}" if tail else f"; see {self.console_log}"))
 
-    def abort(self) -> None:
-        """Stop the VM now (errors, Ctrl-C before the process ran)."""
-        if self._created:
+    def pause(self) -> None:
+        self.backend.suspend(self.domain)
+
+    def resume(self) -> None:
+        self.backend.resume(self.domain)
+
+    def kill(self) -> None:
+        """End the VM now (QEMU is told to exit; no guest shutdown). Never raises."""
+        try:
+            self.backend.destroy(self.domain, wait=False)
+        except Exception:  # noqa: BLE001 - teardown goes on; teardown() checks again
+            pass
+
+    def teardown(self, grace: float = 3.0, timeout: float = 15.0) -> None:
+        """After the container ended: give the guest *grace* s to power off by itself,
+        then kill it; wait (up to *timeout* s) until libvirt forgot the domain; remove the
+        run directory. Tolerates libvirtd being away for a while (it retries)."""
+        deadline = time.monotonic() + grace
+        killed = False
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             try:
-                self.backend.destroy(self.domain)
-            except Exception:
-                pass
+                if not self.running():
+                    if self.backend.wait_gone(self.domain, timeout=max(0.0, end - time.monotonic())):
+                        break
+                elif not killed and time.monotonic() >= deadline:
+                    self.kill()
+                    killed = True
+            except VmshimError:
+                pass  # libvirtd restarting: ask again
+            time.sleep(GONE_POLL)
+        # QEMU is gone (or, after the timeout, still holds its OFD locks on the volume
+        # images, which the next lease checks for): the volumes are free again.
+        self.attachments.release()
+        _detach_below(self.run_dir / "shares")  # read-only views a dead monitor left
+        self._disconnect()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def release(self) -> None:
-        """Close the channel and hand the rest of the teardown to a detached reaper."""
-        if self.client is not None:
-            self.client.close()
-        if not self._created:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            return
-        from shim.containers import reaper
+    def _disconnect(self) -> None:
+        """Give the container's addresses, published ports and names back. Never raises."""
+        if self.network_request is not None:
+            from shim.network.container import stop
 
-        reaper.spawn(self.domain, str(self.run_dir))
+            stop(self.boot_config.container_id)
+            self.network = None
+
+    def info(self) -> dict:
+        """What inspect shows about the VM."""
+        pid = None
+        try:
+            pid = self.backend.qemu_pid(self.domain)
+        except Exception:  # noqa: BLE001
+            pass
+        return {"Domain": self.domain, "QemuPid": pid or 0, "ConsoleLog": str(self.console_log),
+                "AgentSocket": str(self.agent_socket)}
+
+    def usage(self) -> dict:
+        """Host-side usage of the VM: QEMU's CPU time and resident memory."""
+        pid = self.backend.qemu_pid(self.domain)
+        return process_usage(pid, self.memory_mib << 20)
+
+
+def process_usage(pid: int | None, limit: int) -> dict:
+    """``{"cpu_ns", "memory", "memory_limit", "pids"}`` of one host process (QEMU)."""
+    if not pid:
+        return {"cpu_ns": None, "memory": None, "memory_limit": limit, "pids": 0}
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = memory = None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            rest = f.read().rsplit(b")", 1)[1].split()
+        cpu = (int(rest[11]) + int(rest[12])) * 1_000_000_000 // ticks
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    memory = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu_ns": cpu, "memory": memory, "memory_limit": limit, "pids": 1}
+
+
+def _detach_below(path: Path) -> None:
+    """Lazily unmount every mount at or below *path* (deepest first)."""
+    prefix = str(path).rstrip("/")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            targets = {line.split()[4].replace("\\040", " ") for line in f}
+    except OSError:
+        return
+    from guest.runtime import rootfs as rootfs_mod
+
+    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
+                         key=len, reverse=True):
+        try:
+            rootfs_mod.unmount(target, detach=True)
+        except OSError:
+            pass
 
 
 def _target(index: int) -> str:

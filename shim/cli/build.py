@@ -1,0 +1,117 @@
+"""``vmshim build``: parse flags, run shim.build, print docker's classic builder lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from shim.build.builder import BuildOptions, BuildOutput, build, short_id
+from shim.errors import UsageError
+
+
+class ConsoleOutput(BuildOutput):
+    """``Step N/M : …``, `` ---> id`` on stdout, RUN output as it comes; a transient
+    status line (booting the microVM, committing a layer…) on stderr when it is a
+    terminal; ``-q``: nothing but the final ID (and a failed step's output)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.run_fd = None if quiet else 1
+        self._status = None
+        self._console = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.status(None)
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def step(self, number: int, total: int, text: str) -> None:
+        self._print(f"Step {number}/{total} : {text}")
+
+    def line(self, text: str) -> None:
+        self._print(text)
+
+    def status(self, text: str | None) -> None:
+        if self._console is None:
+            return
+        if text is None:
+            if self._status is not None:
+                self._status.stop()
+                self._status = None
+            return
+        if self._status is None:
+            self._status = self._console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def warn(self, text: str) -> None:
+        self.status(None)
+        click.echo(f"[Warning] {text}", err=True)
+
+
+def _build_args(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for entry in values:
+        key, sep, value = entry.partition("=")
+        if not key:
+            raise UsageError(f"invalid --build-arg {entry!r}: expected KEY=VALUE")
+        if sep:
+            out[key] = value
+        elif key in os.environ:  # docker: a bare name takes the value from the environment
+            out[key] = os.environ[key]
+    return out
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds: the step's VM is destroyed on the way out
+
+
+@click.command("build")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
+              help="Name the image (repeatable).")
+@click.option("-f", "--file", "dockerfile", metavar="PATH",
+              help="The Dockerfile (default: CONTEXT/Dockerfile; '-' reads stdin).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="K=V",
+              help="Set a build-time variable (repeatable).")
+@click.option("--target", metavar="STAGE", help="Build up to this stage and name it.")
+@click.option("--no-cache", is_flag=True, help="Run every step, ignoring the build cache.")
+@click.option("--pull", is_flag=True, help="Pull FROM images even when they are stored.")
+@click.option("--isolation", type=click.Choice(["vm", "process"]), default="vm",
+              show_default=True, help="Where RUN steps run: a microVM each, or namespaces.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
+@click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
+              default=256, show_default=True, help="Memory of each RUN step's microVM.")
+@click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
+def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
+              context):
+    """Build an image from a Dockerfile and the files in CONTEXT."""
+    if not Path(context).is_dir():
+        raise UsageError(f"build context {context!r} is not a directory")
+    options = BuildOptions(
+        context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
+        tags=list(tags), build_args=_build_args(build_args), target=target,
+        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory)
+    output = ConsoleOutput(quiet)
+    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = build(options, output)
+    finally:
+        output.status(None)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if quiet:
+        click.echo(result.image_id)
+        return
+    click.echo(f"Successfully built {short_id(result.image_id)}")
+    for tag in result.tags:
+        click.echo(f"Successfully tagged {tag}")

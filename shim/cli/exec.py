@@ -1,0 +1,55 @@
+"""``vmshim exec``, ``attach`` and ``top``: processes in a running container.
+
+Kept lean on imports: ``vmshim exec`` latency is measured (benchmarks/exec_latency.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Run in the background.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and forward it.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
+@click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container.")
+@click.option("-u", "--user", metavar="USER", help="uid[:gid] or a user name from the image.")
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(detach, interactive, tty, env, workdir, user, container, command):
+    """Run COMMAND in a running container."""
+    from shim.containers import manage
+
+    if tty and not detach and not sys.stdin.isatty():
+        click.echo("Error: the input device is not a TTY (drop -t)", err=True)
+        sys.exit(125)
+    code = manage.exec_process(container, list(command), interactive=interactive, tty=tty,
+                               detach=detach, env=list(env), workdir=workdir, user=user)
+    sys.exit(code)
+
+
+@click.command()
+@click.option("--no-stdin", is_flag=True, help="Do not attach stdin.")
+@click.argument("container")
+def attach(no_stdin, container):
+    """Attach to a running container's main process (its output, and its stdin if it
+    was created with -i) until it exits."""
+    from shim.containers import manage
+
+    sys.exit(manage.attach(container, stdin=not no_stdin))
+
+
+@click.command()
+@click.argument("container")
+def top(container):
+    """Show the processes running in a container."""
+    from shim.containers import manage
+
+    table = manage.top(container)
+    rows = [[str(c) for c in table["titles"]]] + [[str(c) for c in p] for p in table["processes"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        click.echo("   ".join(cells))

@@ -1,0 +1,267 @@
+"""``vmshim ps`` and ``vmshim inspect``. Thin: read the store, format, print."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import click
+
+from shim.errors import UsageError, VmshimError
+
+FILTER_KEYS = ("id", "name", "status", "ancestor", "exited", "isolation")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    if seconds < 1:
+        return "Less than a second"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def status_text(record, now: float | None = None) -> str:
+    """docker's STATUS column: Up 5 seconds, Exited (0) 3 seconds ago, Created …"""
+    from shim.containers.store import parse_rfc3339
+
+    now = time.time() if now is None else now
+    status = record.status.value
+    if status in ("running", "paused"):
+        started = parse_rfc3339(record.state.started_at) or now
+        text = f"Up {_ago(now - started)}"
+        return text + " (Paused)" if status == "paused" else text
+    if status == "exited":
+        finished = parse_rfc3339(record.state.finished_at) or now
+        return f"Exited ({record.state.exit_code}) {_ago(now - finished)} ago"
+    return status.capitalize()
+
+
+def _command(record) -> str:
+    return " ".join(record.process.get("args") or [])
+
+
+def parse_filters(filters) -> list[tuple[str, str]]:
+    out = []
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if not sep or key not in FILTER_KEYS:
+            raise UsageError(f"invalid --filter {item!r}: use KEY=VALUE with KEY one of "
+                             f"{', '.join(FILTER_KEYS)}")
+        out.append((key, value))
+    return out
+
+
+def matches(record, filters: list[tuple[str, str]]) -> bool:
+    """docker's rule: values for the same key are ORed, different keys ANDed."""
+    by_key: dict[str, list[str]] = {}
+    for key, value in filters:
+        by_key.setdefault(key, []).append(value)
+    for key, values in by_key.items():
+        if key == "id":
+            ok = any(record.id.startswith(v) for v in values)
+        elif key == "name":
+            ok = any(re.search(v, record.name) for v in values)
+        elif key == "status":
+            ok = record.status.value in values
+        elif key == "ancestor":
+            ok = any(v in (record.image, record.image_id) or record.image_id.endswith(v)
+                     for v in values)
+        elif key == "exited":
+            ok = record.status.value == "exited" and str(record.state.exit_code) in values
+        else:
+            ok = record.isolation in values
+        if not ok:
+            return False
+    return True
+
+
+def ps_entry(record) -> dict:
+    return {"ID": record.short_id, "Image": record.image, "Command": _command(record),
+            "CreatedAt": record.created, "Status": status_text(record),
+            "State": record.status.value, "Names": record.name, "Isolation": record.isolation,
+            "ExitCode": record.state.exit_code}
+
+
+@click.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers, not only running ones.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print container ids.")
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help=f"Filter ({', '.join(FILTER_KEYS)}).")
+@click.option("--format", "fmt", metavar="json|TEMPLATE", help="json: one JSON object per line.")
+@click.option("--no-trunc", is_flag=True, help="Full ids and commands.")
+def ps(show_all, quiet, filters, fmt, no_trunc):
+    """List containers."""
+    from shim.containers import manage
+
+    wanted = parse_filters(filters)
+    if any(key in ("status", "exited") for key, _ in wanted):
+        show_all = True
+    records = [r for r in manage.list_containers(all=show_all) if matches(r, wanted)]
+    records.reverse()  # newest first, like docker
+    if quiet:
+        for record in records:
+            click.echo(record.id if no_trunc else record.short_id)
+        return
+    if fmt == "json":
+        for record in records:
+            entry = ps_entry(record)
+            if no_trunc:
+                entry["ID"] = record.id
+            click.echo(json.dumps(entry))
+        return
+    if fmt:
+        for record in records:
+            click.echo(render_template(fmt, ps_entry(record)))
+        return
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    from shim.containers.store import parse_rfc3339
+
+    for record in records:
+        command = _command(record)
+        if not no_trunc and len(command) > 20:
+            command = command[:19] + "…"
+        created = parse_rfc3339(record.created) or time.time()
+        rows.append((record.id if no_trunc else record.short_id, record.image,
+                     json.dumps(command, ensure_ascii=False), f"{_ago(time.time() - created)} ago",
+                     status_text(record), record.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+# ---- inspect ------------------------------------------------------------------------------
+
+def inspect_data(record) -> dict:
+    """The docker-shaped inspect document of one container."""
+    from shim.containers import manage
+    from shim.containers.store import ContainerStore, monitor_alive
+
+    state = record.state
+    status = record.status.value
+    monitor_pid = state.monitor_pid if monitor_alive(record) else 0
+    info = manage.placement_info(record) if status in ("running", "paused") else {}
+    process = record.process
+    return {
+        "Id": record.id,
+        "Name": "/" + record.name,
+        "Created": record.created,
+        "Path": (process.get("args") or [""])[0],
+        "Args": (process.get("args") or [])[1:],
+        "State": {
+            "Status": status,
+            "Running": status in ("running", "paused"),
+            "Paused": status == "paused",
+            "Restarting": False,
+            "OOMKilled": state.oom_killed,
+            "Dead": False,
+            "Pid": monitor_pid,
+            "MonitorPid": monitor_pid,
+            "ContainerPid": state.pid,
+            "ExitCode": state.exit_code,
+            "Error": state.error,
+            "StartedAt": state.started_at,
+            "FinishedAt": state.finished_at,
+        },
+        "Image": record.image_id,
+        "RestartCount": state.restart_count,
+        "LogPath": str(ContainerStore().log_path(record.id)),
+        "Config": {
+            "Hostname": record.hostname,
+            "User": process.get("user", ""),
+            "Env": process.get("env", []),
+            "Cmd": process.get("args", []),
+            "WorkingDir": process.get("cwd", "/"),
+            "Image": record.image,
+            "Tty": record.tty,
+            "OpenStdin": record.interactive,
+            "StopSignal": record.stop_signal,
+            "StopTimeout": record.stop_timeout,
+        },
+        "HostConfig": {
+            "Isolation": record.isolation,
+            "AutoRemove": record.auto_remove,
+            "RestartPolicy": {"Name": record.restart_policy,
+                              "MaximumRetryCount": record.restart_max},
+            **host_config(record),  # limits (Memory: the limit) and mounts
+        },
+        "Mounts": inspect_mounts(record),
+        "NetworkSettings": _network_settings(record),
+        "Vmshim": {
+            "Domain": record.domain if record.isolation == "vm" else "",
+            "Writable": record.writable,
+            "LayerDisks": record.layer_disks,
+            **info,
+        },
+    }
+
+
+def host_config(record) -> dict:
+    from shim.containers.resources import host_config as limits_host_config
+
+    return limits_host_config(record)
+
+
+def inspect_mounts(record) -> list[dict]:
+    from shim.containers.resources import inspect_mounts as mounts
+
+    return mounts(record)
+
+
+def _network_settings(record) -> dict:
+    from shim.network.container import network_settings
+
+    try:
+        return network_settings(record.id, getattr(record, "network", None))
+    except VmshimError as exc:
+        return {"Error": str(exc)}
+
+
+_TEMPLATE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
+
+
+def render_template(template: str, data: dict) -> str:
+    """A small subset of Go templates: ``{{.A.B}}`` and ``{{json .A}}``."""
+    def value(match):
+        node = data
+        for part in [p for p in match.group(2).split(".") if p]:
+            if not isinstance(node, dict) or part not in node:
+                raise UsageError(f"template: no field {match.group(2)!r}")
+            node = node[part]
+        if match.group(1) or isinstance(node, (dict, list)):
+            return json.dumps(node)
+        if isinstance(node, bool):
+            return "true" if node else "false"
+        return str(node)
+
+    return _TEMPLATE.sub(value, template.replace("\\n", "\n").replace("\\t", "\t"))
+
+
+@click.command()
+@click.option("-f", "--format", "fmt", metavar="TEMPLATE", help="e.g. '{{.State.Status}}'.")
+@click.argument("containers", nargs=-1, required=True)
+def inspect(fmt, containers):
+    """Show containers' configuration and state as JSON."""
+    from shim.containers import manage
+    from shim.containers.store import ContainerStore
+
+    store = ContainerStore()
+    docs, failed = [], False
+    for ref in containers:
+        try:
+            record = manage.reconcile(store, store.find(ref))
+            docs.append(inspect_data(record))
+        except VmshimError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            failed = True
+    if fmt:
+        for doc in docs:
+            click.echo(render_template(fmt, doc))
+    else:
+        click.echo(json.dumps(docs, indent=4))
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,1066 @@
+"""The per-container monitor (vmshim's conmon / containerd-shim).
+
+One small host process per running container. It creates the VM (or the host
+placement), talks to the agent, appends the container's output to its log, serves the
+CLI on ``<run dir>/monitor.sock`` (API: shim.containers.monitor_api), records state,
+exit code and times in the store, applies ``--restart`` and ``--rm``, and tears down.
+
+How it comes to life (:func:`spawn`): the CLI, with its modules already imported, forks;
+the child starts a new session and forks again, so the monitor is nobody's child and no
+second Python interpreter starts on the way to the container. It writes ``ready {pid,
+start}`` on the socketpair it shares with its spawner, which records the pid (under the
+container's lock) and sends the first request (``start``).
+
+If the monitor dies (kill -9), the VM or host agent keeps running. The next CLI call that
+needs the monitor finds it dead (:func:`shim.containers.store.monitor_alive`) and spawns
+a new one with ``recover=True``: it connects to the agent's channel again (QEMU's
+virtio-serial socket, or the host agent's socket, both accept a new connection) and the
+agent greets it with a new ``hello``; output the agent held meanwhile arrives then. If
+the VM is gone, the container is recorded as exited (code 255) and cleaned up.
+
+The loop is single-threaded: one poll() over the agent channel, the listening socket
+and the clients, with timers for stop timeouts and restarts. Output is read from the
+agent only while every client keeps up (less than CLIENT_HIGH bytes queued for it), so a
+slow reader slows the container down instead of filling memory; the agent's own flow
+control does the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from guest import protocol
+from guest.protocol import Message, ProtocolError
+from guest.spec import BootConfig, ProcessSpec
+from shim.containers import monitor_api as api
+from shim.containers import state as lifecycle
+from shim.containers.logs import LogWriter
+from shim.containers.state import Status
+from shim.containers.store import (Container, ContainerStore, now_rfc3339, process_start_time,
+                                   run_dir_of)
+from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
+
+MAIN_ID = 1
+START_TIMEOUT = 30.0
+"""Seconds between ``start`` and ``started``: mounting and exec inside the guest."""
+CLIENT_HIGH = 1 << 20
+"""Stop reading the agent while a client has this many bytes queued."""
+AGENT_HIGH = 4 << 20
+"""Stop reading clients (their stdin) while this much waits to be sent to the agent."""
+KILL_GRACE = 5.0
+"""After the SIGKILL of a stop, how long the agent has to report the exit before the
+VM (or host agent) is killed outright."""
+RESTART_DELAY_MAX = 60.0
+EXIT_CODE_LOST = 255
+"""Recorded when the VM (or host agent) ended without reporting the exit."""
+
+
+placement_override = None
+"""Tests set this to ``f(record, store) -> placement`` (a fake); forked monitors inherit it."""
+
+
+def _remove_anonymous_volumes(mounts: list) -> None:
+    """``--rm``: the anonymous volumes (-v /path) of a removed container go with it."""
+    from shim.volumes.attach import remove_anonymous
+    from shim.volumes.specs import MountRequest
+
+    remove_anonymous([MountRequest.from_dict(m) for m in mounts])
+
+
+def make_placement(record: Container, store: ContainerStore, backend=None):
+    """The placement (VM or host namespaces) for *record*."""
+    if placement_override is not None:
+        return placement_override(record, store)
+    from shim.containers.options import boot_config_of
+
+    boot = boot_config_of(record)
+    run_dir = run_dir_of(record.id)
+    if record.isolation == "vm":
+        from shim.containers.vm_placement import VmPlacement
+
+        from shim.containers.resources import Resources
+
+        resources = Resources.from_dict(record.resources)
+        rw = store.rw_disk(record.id) if record.writable == "disk" else None
+        return VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
+                           memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
+                           vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
+                           mounts=record.mounts, network=record.network)
+    from shim.containers.process_placement import ProcessPlacement
+
+    rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None
+    return ProcessPlacement(boot, record.layer_disks, run_dir, name=record.name, rw_dir=rw_dir,
+                            mounts=record.mounts, network=record.network)
+
+
+class Conn:
+    """One client connection (non-blocking; frames queued in ``out``)."""
+
+    def __init__(self, sock: socket.socket, kind: str = "new"):
+        self.sock = sock
+        sock.setblocking(False)
+        self.reader = protocol.FrameReader(api.TYPES)
+        self.out = bytearray()
+        self.kind = kind  # new | main (attached to the main process) | proc | waiter | done
+        self.proc_id: int | None = None
+        self.stdin = False
+        self.closing = False  # close once out is flushed
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, type: str, payload: bytes = b"", **fields) -> None:
+        if self.closed:
+            return
+        self.out += api.encode(type, payload, **fields)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                sent = self.sock.send(self.out[:1 << 20])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        if self.closing and not self.out:
+            self.close()
+
+    def finish(self) -> None:
+        """Close once everything queued was sent."""
+        self.closing = True
+        self.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.out.clear()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+class Monitor:
+    """Serve one container until it ended for good (exited without a restart, or was
+    removed). See the module doc. *spawner* is the socketpair end shared with the CLI
+    that spawned us (it gets ``ready`` and sends the first request)."""
+
+    def __init__(self, store: ContainerStore, container_id: str, *,
+                 spawner: socket.socket | None = None, recover: bool = False, backend=None,
+                 placement_factory=None):
+        self.store = store
+        self.id = container_id
+        self.spawner = spawner
+        self.recover = recover
+        self.backend = backend
+        self.placement_factory = placement_factory or (
+            lambda record, store: make_placement(record, store, backend))
+        self.record = store.load(container_id)
+        self.run_dir = run_dir_of(container_id)
+        self.placement = None
+        self.log = LogWriter(store.log_path(container_id))
+        self.listener: socket.socket | None = None
+        self.conns: list[Conn] = []
+        self.agent: socket.socket | None = None
+        self.agent_reader: protocol.FrameReader | None = None
+        self.agent_out = bytearray()
+        self.agent_ready = False
+        self.main_running = False
+        self.exit_code: int | None = None
+        self.procs: dict[int, Conn | None] = {}     # agent process id → its client
+        self.pending: dict[int, Conn] = {}          # exec/builtin waiting for started
+        self.waiters: list[Conn] = []
+        self.timers: list[tuple[float, str, object]] = []
+        self.restart_at: float | None = None
+        self.removal: Conn | None = None
+        self.finished = False
+        self.stop_requested = False
+        self.last_agent_error = ""
+
+    # ---- entry ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o755)
+        self._listen()
+        if self.spawner is not None:
+            conn = Conn(self.spawner, kind="new")
+            self.spawner = None
+            conn.sock.setblocking(True)
+            conn.sock.sendall(api.encode(api.READY, pid=os.getpid(),
+                                         start=process_start_time(os.getpid()) or 0))
+            conn.sock.setblocking(False)
+            self.conns.append(conn)
+        if self.recover:
+            self._reattach()
+        while not self.finished:
+            self._poll()
+        self._finish()
+
+    def _listen(self) -> None:
+        path = self.run_dir / api.SOCKET_NAME
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listener = sock
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        poller = select.poll()
+        handlers: dict[int, object] = {}
+        clients_ok = all(len(c.out) < CLIENT_HIGH for c in self.conns
+                         if c.kind in ("main", "proc"))
+        if self.agent is not None:
+            mask = (select.POLLIN if clients_ok else 0) | (select.POLLOUT if self.agent_out else 0)
+            if mask:
+                poller.register(self.agent, mask)
+                handlers[self.agent.fileno()] = self._on_agent
+        if self.listener is not None:
+            poller.register(self.listener, select.POLLIN)
+            handlers[self.listener.fileno()] = self._on_listener
+        read_clients = len(self.agent_out) < AGENT_HIGH
+        for conn in self.conns:
+            mask = (select.POLLIN if read_clients else 0) | (select.POLLOUT if conn.out else 0)
+            if mask:
+                poller.register(conn.sock, mask)
+                handlers[conn.fileno()] = lambda ev, c=conn: self._on_client(c, ev)
+        timeout = None
+        if self.timers:
+            timeout = max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000) + 1)
+        try:
+            events = poller.poll(timeout)
+        except InterruptedError:
+            events = []
+        for fd, event in events:
+            handler = handlers.get(fd)
+            if handler is not None:
+                handler(event)
+        self._run_timers()
+        self.conns = [c for c in self.conns if not c.closed]
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        due = [t for t in self.timers if t[0] <= now]
+        self.timers = [t for t in self.timers if t[0] > now]
+        for _, _name, func in due:
+            func()
+
+    def _timer(self, delay: float, name: str, func) -> None:
+        self.timers.append((time.monotonic() + delay, name, func))
+
+    def _cancel_timers(self, *names: str) -> None:
+        self.timers = [t for t in self.timers if t[1] not in names]
+
+    # ---- the agent -------------------------------------------------------------------------
+
+    def _attach_agent(self, client) -> None:
+        """Take over an AgentClient's socket for the loop."""
+        self.agent = client.sock
+        self.agent.setblocking(False)
+        self.agent_reader = client._reader
+        self.agent_out = bytearray()
+        for msg in client.take_pending():
+            self._on_agent_message(msg)
+
+    def _to_agent(self, type: str, payload: bytes = b"", **fields) -> None:
+        if self.agent is None:
+            return
+        self.agent_out += protocol.encode(type, payload, **fields)
+        self._flush_agent()
+
+    def _flush_agent(self) -> None:
+        while self.agent_out and self.agent is not None:
+            try:
+                sent = self.agent.send(self.agent_out[:1 << 20])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._agent_gone()
+                return
+            del self.agent_out[:sent]
+
+    def _on_agent(self, event: int) -> None:
+        if event & select.POLLOUT:
+            self._flush_agent()
+        if self.agent is None or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            return
+        try:
+            data = self.agent.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._agent_gone()
+            return
+        try:
+            messages = self.agent_reader.feed(data)
+        except ProtocolError as exc:
+            self._say(f"the agent broke the protocol: {exc}; killing the container")
+            self.last_agent_error = f"the agent broke the protocol: {exc}"
+            self._kill_placement()
+            return
+        for msg in messages:
+            self._on_agent_message(msg)
+
+    def _on_agent_message(self, msg: Message) -> None:
+        proc_id = msg.fields.get("id")
+        if msg.type == protocol.HELLO:
+            version = msg.fields.get("protocol")
+            if version != protocol.PROTOCOL_VERSION:
+                self._say(f"the agent speaks protocol {version}; killing the container")
+                self._kill_placement()
+                return
+            self.agent_ready = True
+        elif msg.type in (protocol.STDOUT, protocol.STDERR):
+            if proc_id == MAIN_ID:
+                self.log.write(msg.type, msg.payload)
+                for conn in self.conns:
+                    if conn.kind == "main":
+                        conn.send(msg.type, msg.payload, id=MAIN_ID)
+            else:
+                owner = self.procs.get(proc_id)
+                if owner is not None:
+                    owner.send(msg.type, msg.payload, id=proc_id)
+        elif msg.type == protocol.EXIT:
+            code = msg.fields.get("code")
+            code = code if isinstance(code, int) and not isinstance(code, bool) else EXIT_CODE_LOST
+            if proc_id == MAIN_ID:
+                self._main_exited(code, oom=msg.fields.get("oom_killed") is True)
+            else:
+                owner = self.procs.pop(proc_id, None)
+                if owner is not None:
+                    owner.send(protocol.EXIT, id=proc_id, code=code)
+                    owner.finish()
+        elif msg.type == protocol.STARTED and proc_id in self.pending:
+            owner = self.pending.pop(proc_id)
+            if owner.closed:
+                self.procs[proc_id] = None
+                return
+            owner.send(protocol.STARTED, id=proc_id, pid=msg.fields.get("pid", 0))
+            if owner.kind == "detached":
+                self.procs[proc_id] = None
+                owner.finish()
+            else:
+                self.procs[proc_id] = owner
+        elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending:
+            # The answer to a stats/update request (shim.containers.limits).
+            owner = self.pending.pop(proc_id)
+            usage = msg.fields.get("usage")
+            owner.send(api.REPLY, **({"usage": usage} if isinstance(usage, dict) else {}))
+            owner.finish()
+        elif msg.type == protocol.ERROR:
+            text = msg.fields.get("message")
+            text = text if isinstance(text, str) else "the agent reported an error"
+            if proc_id in self.pending:
+                owner = self.pending.pop(proc_id)
+                code = msg.fields.get("code")
+                owner.send(protocol.ERROR, message=text,
+                           code=code if isinstance(code, int) else 126)
+                owner.finish()
+            elif proc_id is None:
+                self.last_agent_error = text
+                self._say(f"agent: {text}")
+
+    def _agent_gone(self) -> None:
+        """The channel closed: the VM (or host agent) ended. Without an exit report,
+        the container died with it."""
+        if self.agent is not None:
+            try:
+                self.agent.close()
+            except OSError:
+                pass
+        self.agent = None
+        self.agent_ready = False
+        for proc_id, owner in list(self.pending.items()) + list(self.procs.items()):
+            if owner is not None and not owner.closed:
+                owner.send(protocol.ERROR, id=proc_id, message="the container stopped", code=137)
+                owner.finish()
+        self.pending.clear()
+        self.procs.clear()
+        if self.main_running:
+            what = "microVM" if self.record.isolation == "vm" else "host agent"
+            reason = f"the {what} stopped without reporting the container's exit"
+            if self.last_agent_error:
+                reason += f" ({self.last_agent_error})"
+            self._say(reason)
+            self._main_exited(EXIT_CODE_LOST, error=reason)
+
+    def _kill_placement(self) -> None:
+        if self.placement is not None:
+            self.placement.kill()
+
+    # ---- clients -------------------------------------------------------------------------
+
+    def _on_listener(self, event: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._say(f"accept failed: {exc}")
+                return
+            self.conns.append(Conn(sock))
+
+    def _on_client(self, conn: Conn, event: int) -> None:
+        if event & select.POLLOUT:
+            conn.flush()
+        if conn.closed or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            return
+        try:
+            data = conn.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._client_gone(conn)
+            return
+        try:
+            messages = conn.reader.feed(data)
+        except ProtocolError as exc:
+            conn.send(protocol.ERROR, message=f"protocol error: {exc}")
+            conn.finish()
+            return
+        for msg in messages:
+            try:
+                self._on_client_message(conn, msg)
+            except ContainerStateError as exc:
+                conn.send(protocol.ERROR, message=str(exc), code=exc.exit_code,
+                          state={"operation": exc.operation, "expected": exc.expected,
+                                 "actual": exc.actual, "name": self.record.name})
+                conn.finish()
+            except (VmshimError, ProtocolError, ValueError) as exc:
+                conn.send(protocol.ERROR, message=str(exc),
+                          code=getattr(exc, "exit_code", 125))
+                conn.finish()
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the monitor
+                self._say("request failed:\n" + traceback.format_exc())
+                conn.send(protocol.ERROR, message=f"internal monitor error: {exc}")
+                conn.finish()
+            if conn.closed or conn.closing:
+                break
+
+    def _client_gone(self, conn: Conn) -> None:
+        conn.close()
+        if conn.kind == "proc" and conn.proc_id is not None:
+            # The exec's client went away: so does its stdin (the process may go on).
+            if conn.proc_id in self.procs:
+                self.procs[conn.proc_id] = None
+                self._to_agent(protocol.STDIN_CLOSE, id=conn.proc_id)
+
+    def _on_client_message(self, conn: Conn, msg: Message) -> None:
+        if msg.type == api.REQUEST:
+            if conn.kind != "new":
+                raise ValueError("one request per connection")
+            op = msg.get("op", str)
+            handler = getattr(self, f"_op_{op}", None)
+            if handler is None:
+                raise ValueError(f"unknown request {op!r}")
+            handler(conn, msg)
+            return
+        # Stream messages for the process this connection is attached to.
+        proc_id = msg.get("id", int)
+        if conn.kind == "main":
+            if proc_id != MAIN_ID:
+                return
+            if msg.type in (protocol.STDIN, protocol.STDIN_CLOSE) and not conn.stdin:
+                return
+        elif conn.kind == "proc":
+            if proc_id != conn.proc_id:
+                return
+        else:
+            return
+        if msg.type == protocol.STDIN:
+            self._to_agent(protocol.STDIN, msg.payload, id=proc_id)
+        elif msg.type == protocol.STDIN_CLOSE:
+            self._to_agent(protocol.STDIN_CLOSE, id=proc_id)
+        elif msg.type == protocol.RESIZE:
+            self._to_agent(protocol.RESIZE, id=proc_id, rows=msg.get("rows", int),
+                           cols=msg.get("cols", int))
+        elif msg.type == protocol.SIGNAL:
+            self._to_agent(protocol.SIGNAL, id=proc_id, signal=msg.get("signal", int))
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _status(self) -> Status:
+        return self.record.status
+
+    def _need(self, operation: str) -> None:
+        lifecycle.check(operation, self._status(), self.record.name)
+        if not self.main_running:
+            raise ContainerStateError(operation, "running", "exited", self.record.name)
+
+    def _op_start(self, conn: Conn, msg: Message) -> None:
+        """Boot and start the main process (the spawner's request)."""
+        if self.main_running:
+            raise ContainerStateError("start", "created or exited", self._status().value,
+                                      self.record.name)
+        attach = msg.get("attach", bool, False)
+        conn.stdin = msg.get("stdin", bool, False) and self.record.interactive
+        rows = msg.get("rows", int, 24)
+        cols = msg.get("cols", int, 80)
+        self._boot_and_start(conn, attach=attach, rows=rows, cols=cols,
+                             cancel=conn if attach else None)
+
+    def _op_attach(self, conn: Conn, msg: Message) -> None:
+        self._need("attach")
+        conn.kind = "main"
+        conn.stdin = msg.get("stdin", bool, False) and self.record.interactive
+        conn.send(protocol.STARTED, id=MAIN_ID, pid=self.record.state.pid, tty=self.record.tty)
+
+    def _op_exec(self, conn: Conn, msg: Message) -> None:
+        self._need("exec")
+        process = ProcessSpec.from_dict(msg.get("process", dict))
+        proc_id = self._new_proc_id()
+        detach = msg.get("detach", bool, False)
+        stdin = msg.get("stdin", bool, False) and not detach
+        conn.kind = "detached" if detach else "proc"
+        conn.proc_id = proc_id
+        conn.stdin = stdin
+        self.pending[proc_id] = conn
+        self._to_agent(protocol.EXEC, token=self.record.token, id=proc_id,
+                       process=process.to_dict(), stdin=stdin, tty=process.tty,
+                       rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))
+
+    def _op_stats(self, conn: Conn, msg: Message) -> None:
+        """The container cgroup's usage, asked of the agent (reply {usage})."""
+        self._need("stats")
+        self._agent_request(conn, protocol.STATS)
+
+    def _op_update(self, conn: Conn, msg: Message) -> None:
+        """Change the running container's cgroup limits (reply {}); the record is the
+        caller's to update (shim.containers.limits)."""
+        if not self.main_running:
+            raise ContainerStateError("update", "running", self._status().value,
+                                      self.record.name)
+        self._agent_request(conn, protocol.UPDATE, limits=msg.get("limits", dict))
+
+    def _agent_request(self, conn: Conn, type: str, **fields) -> None:
+        request_id = self._new_proc_id()
+        conn.kind = "request"
+        self.pending[request_id] = conn
+        self._to_agent(type, token=self.record.token, id=request_id, **fields)
+
+    def _op_builtin(self, conn: Conn, msg: Message) -> None:
+        self._need("exec")
+        proc_id = self._new_proc_id()
+        stdin = msg.get("stdin", bool, False)
+        conn.kind = "proc"
+        conn.proc_id = proc_id
+        conn.stdin = stdin
+        self.pending[proc_id] = conn
+        self._to_agent(protocol.BUILTIN, token=self.record.token, id=proc_id,
+                       name=msg.get("name", str), args=msg.get("args", list, []), stdin=stdin)
+
+    def _new_proc_id(self) -> int:
+        while True:  # random: a previous monitor's processes may still hold small ids
+            proc_id = 2 + secrets.randbelow(1 << 30)
+            if proc_id not in self.procs and proc_id not in self.pending:
+                return proc_id
+
+    def _op_stop(self, conn: Conn, msg: Message) -> None:
+        timeout = max(0.0, float(msg.get("timeout", (int, float), self.record.stop_timeout)))
+        self._set_stopped_by_user()
+        if not self.main_running:
+            self._cancel_restart()
+            conn.send(api.REPLY, exit_code=self.record.state.exit_code)
+            conn.finish()
+            return
+        conn.kind = "waiter"
+        self.waiters.append(conn)
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        self._ensure_unpaused()
+        if timeout == 0:
+            self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=int(signal.SIGKILL))
+        else:
+            self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=self.record.stop_signal)
+            self._timer(timeout, "stop-kill",
+                        lambda: self._to_agent(protocol.SIGNAL, id=MAIN_ID,
+                                               signal=int(signal.SIGKILL)))
+        self._timer(timeout + KILL_GRACE, "stop-destroy", self._kill_placement)
+
+    def _op_kill(self, conn: Conn, msg: Message) -> None:
+        signum = msg.get("signal", int, int(signal.SIGKILL))
+        if not 0 < signum < signal.NSIG:
+            raise VmshimError(f"invalid signal {signum}")
+        self._need("kill")
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            self._set_stopped_by_user()
+        self._ensure_unpaused()
+        self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=signum)
+        if signum == signal.SIGKILL:
+            self._timer(KILL_GRACE, "kill-destroy", self._kill_placement)
+        conn.send(api.REPLY)
+        conn.finish()
+
+    def _op_pause(self, conn: Conn, msg: Message) -> None:
+        self._need("pause")
+        new = lifecycle.transition("pause", self._status(), self.record.name)
+        self.placement.pause()
+        self._update(lambda r: setattr(r.state, "status", new.value))
+        conn.send(api.REPLY)
+        conn.finish()
+
+    def _op_unpause(self, conn: Conn, msg: Message) -> None:
+        lifecycle.check("unpause", self._status(), self.record.name)
+        new = lifecycle.transition("unpause", self._status(), self.record.name)
+        self.placement.resume()
+        self._update(lambda r: setattr(r.state, "status", new.value))
+        conn.send(api.REPLY)
+        conn.finish()
+
+    def _op_wait(self, conn: Conn, msg: Message) -> None:
+        if not self.main_running and self.restart_at is None:
+            conn.send(api.REPLY, exit_code=self.record.state.exit_code)
+            conn.finish()
+            return
+        conn.kind = "waiter"
+        self.waiters.append(conn)
+
+    def _op_remove(self, conn: Conn, msg: Message) -> None:
+        force = msg.get("force", bool, False)
+        if self.main_running and not force:
+            raise ContainerStateError("remove", "created or exited (stop it, or use -f)",
+                                      self._status().value, self.record.name)
+        conn.kind = "waiter"
+        self.removal = conn
+        self._set_stopped_by_user()
+        if self.main_running:
+            self._ensure_unpaused()
+            self._kill_placement()
+            self._timer(KILL_GRACE, "remove-force", self._force_gone)
+        else:
+            self._cancel_restart()
+            self.finished = True
+
+    def _op_status(self, conn: Conn, msg: Message) -> None:
+        conn.send(api.REPLY, status=self._status().value, running=self.main_running,
+                  agent=self.agent_ready, pid=os.getpid(),
+                  restarting=self.restart_at is not None)
+        conn.finish()
+
+    def _force_gone(self) -> None:
+        """The killed VM did not close its channel in time: give up on it."""
+        if self.main_running:
+            self._agent_gone()
+
+    def _ensure_unpaused(self) -> None:
+        if self._status() == Status.PAUSED and self.placement is not None:
+            try:
+                self.placement.resume()
+            except VmshimError as exc:
+                self._say(f"cannot resume: {exc}")
+            self._update(lambda r: setattr(r.state, "status", Status.RUNNING.value))
+
+    def _set_stopped_by_user(self) -> None:
+        if not self.record.state.stopped_by_user:
+            self._update(lambda r: setattr(r.state, "stopped_by_user", True))
+
+    def _cancel_restart(self) -> None:
+        if self.restart_at is not None:
+            self.restart_at = None
+            self._cancel_timers("restart")
+            self.finished = True
+
+    # ---- starting ------------------------------------------------------------------------
+
+    def _boot_and_start(self, conn: Conn | None, *, attach: bool = False, rows: int = 24,
+                        cols: int = 80, cancel: Conn | None = None) -> bool:
+        """Boot the placement and start the main process; True when it runs. Failures
+        are recorded (state unchanged, like docker) and told to *conn*."""
+        self.record = self.store.load(self.id)
+        self.placement = self.placement_factory(self.record, self.store)
+        self.stop_requested = False
+        self.last_agent_error = ""
+        alive = (lambda: self._cancelled(cancel)) if cancel is not None else None
+        try:
+            client = self.placement.boot(alive=alive)
+        except VmshimError as exc:
+            self._start_failed(conn, str(exc), getattr(exc, "exit_code", 125) or 125)
+            return False
+        except Exception as exc:  # noqa: BLE001
+            self._say("boot failed:\n" + traceback.format_exc())
+            self._start_failed(conn, f"cannot start the container: {exc}", 125)
+            return False
+        try:
+            client.send(protocol.START, token=self.record.token, id=MAIN_ID,
+                        stdin=self.record.interactive, tty=self.record.tty, rows=rows, cols=cols)
+            reply = client.recv(START_TIMEOUT, alive=alive)
+        except VmshimError as exc:
+            self.placement.kill()
+            self._start_failed(conn, str(exc), 125)
+            return False
+        if reply.type != protocol.STARTED:
+            message = reply.fields.get("message") if reply.type == protocol.ERROR else None
+            code = reply.fields.get("code") if reply.type == protocol.ERROR else None
+            self.placement.kill()
+            self._start_failed(conn, message if isinstance(message, str)
+                               else f"the agent answered {reply.type!r} to start",
+                               code if isinstance(code, int) else 125)
+            return False
+        pid = reply.fields.get("pid", 0)
+        self.main_running = True
+        self.exit_code = None
+
+        def started(r: Container) -> None:
+            r.state.status = lifecycle.transition("start", r.status, r.name).value
+            r.state.started_at = now_rfc3339()
+            r.state.pid = pid if isinstance(pid, int) else 0
+            r.state.exit_code = 0
+            r.state.error = ""
+            r.state.oom_killed = False
+            r.state.stopped_by_user = False
+            r.state.monitor_pid = os.getpid()
+            r.state.monitor_start = process_start_time(os.getpid()) or 0
+
+        self._update(started)
+        if conn is not None:
+            # Queued, not sent yet: output that came with the reply is logged (and queued
+            # behind it for an attached client) first, so that a client that saw
+            # "started" never misses it in the log, even if we die right after.
+            conn.out += api.encode(protocol.STARTED, id=MAIN_ID, pid=pid, tty=self.record.tty)
+            conn.kind = "main" if attach else "done"
+        self.agent_ready = True
+        self._attach_agent(client)
+        if conn is not None:
+            if attach:
+                conn.flush()
+            else:
+                conn.finish()
+        return True
+
+    def _cancelled(self, conn: Conn) -> str | None:
+        """For a foreground start: the CLI hung up (Ctrl-C during boot)."""
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        return "the start was cancelled" if data == b"" else None
+
+    def _start_failed(self, conn: Conn | None, message: str, code: int) -> None:
+        self._say(f"start failed: {message}")
+
+        def failed(r: Container) -> None:
+            r.state.exit_code = code
+            r.state.error = message
+            r.state.finished_at = now_rfc3339() if r.status == Status.EXITED else r.state.finished_at
+
+        self._update(failed)
+        anonymous = []
+        if self.record is not None and self.record.auto_remove:
+            anonymous = self.record.mounts
+            self.store.delete(self.id)
+            self.record = None
+        if conn is not None:
+            conn.send(protocol.ERROR, message=message, code=code)
+            conn.finish()
+            self._flush_clients(2.0)
+        if self.placement is not None:
+            self.placement.teardown(grace=0.0)
+        if anonymous:
+            _remove_anonymous_volumes(anonymous)
+        self.finished = True
+
+    # ---- recovery ----------------------------------------------------------------------------
+
+    def _reattach(self) -> None:
+        """Find the container a dead monitor left running and take it over."""
+        status = self._status()
+        if not lifecycle.is_active(status):
+            self.finished = True
+            return
+        self.placement = self.placement_factory(self.record, self.store)
+        try:
+            client = self.placement.reattach()
+        except VmshimError as exc:
+            self._say(f"cannot look for the VM: {exc}")
+            client = None
+        self.main_running = True
+        if client is None:
+            self._say("re-attach: the container's VM (or host agent) is gone")
+            self._main_exited(EXIT_CODE_LOST,
+                              error="the container ended while no monitor was watching it")
+            return
+        self._say(f"re-attached to the running container (pid {os.getpid()})")
+        self.agent = client.sock
+        self.agent.setblocking(False)
+        self.agent_reader = client._reader
+        self.agent_ready = False  # until the agent's hello
+
+    # ---- the end of a run -------------------------------------------------------------------
+
+    def _main_exited(self, code: int, *, oom: bool = False, error: str = "") -> None:
+        if not self.main_running:
+            return
+        self.main_running = False
+        self.exit_code = code
+        self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
+        restart = self._should_restart(code)
+        finished_at = now_rfc3339()
+
+        def exited(r: Container) -> None:
+            if lifecycle.can("exit", r.status):
+                r.state.status = lifecycle.transition("exit", r.status, r.name).value
+            r.state.exit_code = code
+            r.state.oom_killed = oom
+            r.state.error = error
+            r.state.finished_at = finished_at
+            r.state.pid = 0
+
+        self._update(exited)
+        anonymous = []
+        if self.record is not None and self.record.auto_remove and not restart \
+                and self.removal is None:
+            anonymous = self.record.mounts
+            self.store.delete(self.id)
+            self.record = None
+        for conn in self.conns:
+            if conn.kind == "main":
+                conn.send(protocol.EXIT, id=MAIN_ID, code=code)
+                conn.finish()
+        for conn in self.waiters:
+            if conn is not self.removal:
+                conn.send(api.REPLY, exit_code=code)
+                conn.finish()
+        self.waiters = []
+        if self.agent is not None:
+            self._to_agent(protocol.SHUTDOWN)
+        self._flush_clients(2.0)
+        self._close_agent()
+        if self.placement is not None:
+            self.placement.teardown()
+        if anonymous:
+            _remove_anonymous_volumes(anonymous)
+        if restart:
+            delay = min(RESTART_DELAY_MAX, 0.1 * (2 ** min(self.record.state.restart_count, 10)))
+            self.restart_at = time.monotonic() + delay
+            self._timer(delay, "restart", self._restart)
+        else:
+            self.finished = True
+
+    def _close_agent(self) -> None:
+        if self.agent is not None:
+            self._flush_agent()
+            try:
+                self.agent.close()
+            except OSError:
+                pass
+            self.agent = None
+        self.agent_ready = False
+
+    def _should_restart(self, code: int) -> bool:
+        record = self.record
+        if record is None or self.removal is not None or record.state.stopped_by_user:
+            return False
+        policy = record.restart_policy
+        if policy in ("always", "unless-stopped"):
+            return True
+        if policy == "on-failure" and code != 0:
+            return not record.restart_max or record.state.restart_count < record.restart_max
+        return False
+
+    def _restart(self) -> None:
+        self.restart_at = None
+        try:
+            self._update(lambda r: setattr(r.state, "restart_count", r.state.restart_count + 1))
+        except ContainerNotFound:
+            self.finished = True
+            return
+        if not self._boot_and_start(None):
+            self.finished = True
+
+    def _finish(self) -> None:
+        """Leave: no container process is left; reply to a removal, delete the record if
+        asked, give the pid slot back."""
+        if self.placement is not None and self.main_running:
+            self.placement.kill()
+            self.placement.teardown()
+        if self.removal is not None or (self.record is not None and self.record.auto_remove):
+            # --rm also removes the anonymous volumes (-v /path) the container made.
+            anonymous = self.record.mounts if self.record is not None and \
+                self.record.auto_remove else []
+            self.store.delete(self.id)
+            self.record = None
+            import shutil
+
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if anonymous:
+                _remove_anonymous_volumes(anonymous)
+        elif self.record is not None:
+            def forget(r: Container) -> None:
+                if r.state.monitor_pid == os.getpid():
+                    r.state.monitor_pid = 0
+                    r.state.monitor_start = 0
+            try:
+                self._update(forget)
+            except ContainerNotFound:
+                pass
+        code = self.exit_code if self.exit_code is not None else 0
+        for conn in self.waiters + ([self.removal] if self.removal is not None else []):
+            conn.send(api.REPLY, exit_code=code)
+            conn.finish()
+        if self.listener is not None:
+            self.listener.close()
+            try:
+                (self.run_dir / api.SOCKET_NAME).unlink()
+            except FileNotFoundError:
+                pass
+        # Requests that arrived too late get a clear answer instead of a reset.
+        for conn in self.conns:
+            if conn.kind == "new" and not conn.closed:
+                conn.send(protocol.ERROR, message="the container has ended", code=125,
+                          ended=True)
+                conn.finish()
+        self._flush_clients(2.0)
+        self.log.close()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _update(self, change) -> None:
+        """Read-modify-write our record under its lock (no-op once it was deleted)."""
+        if self.record is None:
+            return
+        try:
+            self.record = self.store.update(self.id, change)
+        except ContainerNotFound:
+            self.record = None
+
+    def _flush_clients(self, timeout: float) -> None:
+        """Block (up to *timeout* s) until queued frames reached the clients."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [c for c in self.conns if c.out and not c.closed]
+            if not pending:
+                break
+            try:
+                select.select([], pending, [], max(0.0, deadline - time.monotonic()))
+            except InterruptedError:
+                pass
+            for conn in pending:
+                conn.flush()
+        for conn in self.conns:
+            if conn.closing:
+                conn.close()
+
+    def _say(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            sys.stderr.write(f"{stamp} monitor[{os.getpid()}] {self.id[:12]}: {text}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---- spawning ------------------------------------------------------------------------------
+
+def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
+    """Fork a monitor for *container_id* (see the module doc). Returns (MonitorClient on
+    the socketpair, monitor pid, monitor start time). Raises VmshimError when it does not
+    come up. The caller records the pid (it should hold the container's lock)."""
+    from shim.containers.store import check_socket_paths
+
+    check_socket_paths(container_id)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        try:
+            parent.close()
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _monitor_main(store, container_id, child, recover)
+        finally:
+            os._exit(1)
+    child.close()
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+    client = api.MonitorClient(parent)
+    try:
+        ready = client.recv(timeout=30)
+    except VmshimError as exc:
+        client.close()
+        raise VmshimError(f"the container's monitor did not start ({exc}); "
+                          f"see {store.dir(container_id) / 'monitor.log'}") from None
+    if ready.type != api.READY:
+        client.close()
+        raise VmshimError(f"the container's monitor said {ready.type!r} instead of ready")
+    return client, ready.get("pid", int), ready.get("start", int)
+
+
+def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
+                  recover: bool) -> None:  # pragma: no cover - runs in the forked child
+    code = 0
+    try:
+        os.chdir("/")
+        os.umask(0o022)
+        try:  # what ps and top show for us
+            with open("/proc/self/comm", "w") as f:
+                f.write("vmshim-monitor")
+        except OSError:
+            pass
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                    signal.SIGWINCH, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        log_fd = os.open(store.dir(container_id) / "monitor.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        monitor = Monitor(store, container_id, spawner=sock, recover=recover)
+        monitor.serve()
+    except BaseException:  # noqa: BLE001
+        code = 1
+        try:
+            sys.stderr.write(f"monitor {container_id[:12]} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)

@@ -1,0 +1,335 @@
+"""The per-container monitor and the verbs around it, without VMs or root.
+
+A fake placement runs the real agent loop (guest.agent.Agent) in a separate host
+process that listens on the container's agent.sock, like the host agent of process
+isolation, with a runtime that starts plain processes (no namespaces, no mounts). So the
+real monitor (forked by shim.containers.monitor.spawn, exactly as the CLI forks it), the
+real store, the real state machine and the real socket API are exercised: start, attach,
+exec, logs, stop, kill, restart policies, --rm, kill -9 of the monitor (re-attach) and
+of the "VM" (the agent process).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from guest.runtime.process import spawn_container
+from shim.containers import manage, monitor
+from shim.containers.logs import read_entries
+from shim.containers.options import boot_config_of
+from shim.containers.store import Container, ContainerStore, monitor_alive, run_dir_of
+from shim.errors import CommandNotFound, ContainerStateError, VmshimError
+from shim.vm.agent_client import AgentClient
+
+
+class PlainRuntime:
+    """Starts the container's processes as plain host processes of the current user."""
+
+    def __init__(self):
+        self.main = None
+
+    def _spawn(self, process, stdin, rows, cols):
+        spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
+                               rows=rows, cols=cols)
+
+    def start(self, process, *, stdin, rows=24, cols=80):
+        self.main = self._spawn(process, stdin, rows, cols)
+        return self.main
+
+    def exec(self, process, *, stdin, rows=24, cols=80):
+        return self._spawn(process, stdin, rows, cols)
+
+    def oom_killed(self):
+        return False
+
+
+class FakePlacement:
+    """ProcessPlacement without mounts, namespaces or cgroups."""
+
+    kind = "fake"
+
+    def __init__(self, record: Container, store: ContainerStore):
+        from shim.containers.process_placement import ProcessPlacement
+
+        self._inner = ProcessPlacement(boot_config_of(record), [], run_dir_of(record.id),
+                                       name=record.name)
+        self.run_dir = self._inner.run_dir
+
+    def boot(self, alive=None) -> AgentClient:
+        from shim.containers.process_placement import _fork_agent, _start_time
+
+        inner = self._inner
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(inner.agent_socket))
+        listener.listen(4)
+        inner.agent_pid = _fork_agent(listener, inner.boot_config, PlainRuntime(),
+                                      self.run_dir / "agent.log")
+        listener.close()
+        inner.pid_file.write_text(f"{inner.agent_pid} {_start_time(inner.agent_pid)}\n")
+        client = AgentClient.connect_unix(str(inner.agent_socket), timeout=5)
+        client.handshake(10, alive=alive)
+        return client
+
+    def reattach(self):
+        return self._inner.reattach()
+
+    def running(self) -> bool:
+        return self._inner.running()
+
+    def agent_pid(self) -> int | None:
+        return self._inner._recorded_agent()
+
+    def pause(self):
+        raise VmshimError("the fake placement cannot pause")
+
+    resume = pause
+
+    def kill(self) -> None:
+        pid = self._inner._recorded_agent()
+        if pid is None:
+            return
+        for child in _children(pid):
+            _kill(child)
+        _kill(pid)
+
+    def teardown(self, grace: float = 3.0, timeout: float = 15.0) -> None:
+        from shim.containers.process_placement import _reap_child
+
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            _reap_child(self._inner.agent_pid)
+            time.sleep(0.02)
+        if self.running():
+            self.kill()
+        end = time.monotonic() + timeout
+        while _reap_child(self._inner.agent_pid) is None and time.monotonic() < end:
+            time.sleep(0.02)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def info(self):
+        return {"AgentPid": self._inner._recorded_agent() or 0}
+
+    def usage(self):
+        return {"cpu_ns": 0, "memory": 0, "memory_limit": 0, "pids": 1}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    run = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: unix socket paths
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
+    monkeypatch.setenv("VMSHIM_RUN", str(run))
+    monkeypatch.setattr(monitor, "placement_override", FakePlacement)
+    store = ContainerStore()
+    yield store
+    for record in store.list():  # never leave processes behind
+        try:
+            manage.remove(record.id, force=True, store=store)
+        except VmshimError:
+            pass
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def make(store, script: str, name: str = "c", **kw) -> Container:
+    cid = os.urandom(32).hex()
+    record = Container(id=cid, name=name, image="busybox", image_id="sha256:x",
+                       isolation="fake", process={"args": ["sh", "-c", script]},
+                       hostname=cid[:12], token="tok", layer_disks=[], writable="tmpfs", **kw)
+    return store.create(record)
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def logged(store, cid) -> bytes:
+    entries, _ = read_entries(store.log_path(cid))
+    return b"".join(e[2] for e in entries)
+
+
+def attached(store, cid, **kw) -> tuple[int, bytes, bytes]:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    code = manage.start(cid, attach=True, stdout_fd=out.fileno(), stderr_fd=err.fileno(),
+                        store=store, **kw)
+    out.seek(0), err.seek(0)
+    return code, out.read(), err.read()
+
+
+def test_foreground_start_streams_records_and_logs(store):
+    rec = make(store, "echo out; echo err >&2; exit 3")
+    code, out, err = attached(store, rec.id)
+    assert (code, out, err) == (3, b"out\n", b"err\n")
+    wait_for(lambda: not monitor_alive(store.load(rec.id)))
+    done = store.load(rec.id)
+    assert done.state.status == "exited" and done.state.exit_code == 3
+    assert done.state.started_at <= done.state.finished_at
+    assert b"out\n" in logged(store, rec.id) and b"err\n" in logged(store, rec.id)
+    assert not run_dir_of(rec.id).exists()
+
+
+def test_detached_exec_logs_stop(store):
+    rec = make(store, 'trap "echo bye; exit 7" TERM; echo up; while :; do sleep 0.05; done')
+    assert manage.start(rec.id, store=store) == 0
+    running = store.load(rec.id)
+    assert running.state.status == "running" and monitor_alive(running)
+    out = tempfile.TemporaryFile()
+    code = manage.exec_process(rec.id, ["sh", "-c", "echo in-exec; exit 4"],
+                               stdout_fd=out.fileno(), store=store)
+    out.seek(0)
+    assert (code, out.read()) == (4, b"in-exec\n")
+    with pytest.raises(CommandNotFound):
+        manage.exec_process(rec.id, ["/nope"], store=store)
+    with pytest.raises(ContainerStateError, match="it is running"):
+        manage.remove(rec.id, store=store)
+    stopped = manage.stop(rec.id, timeout=5, store=store)
+    assert stopped.state.status == "exited" and stopped.state.exit_code == 7
+    assert stopped.state.stopped_by_user
+    assert logged(store, rec.id) == b"up\nbye\n"
+    with pytest.raises(ContainerStateError, match="cannot exec container c: it is exited"):
+        manage.exec_process(rec.id, ["true"], store=store)
+    # Logs survive a stop and start; the new run appends.
+    manage.start(rec.id, store=store)
+    manage.stop(rec.id, timeout=5, store=store)
+    assert logged(store, rec.id) == b"up\nbye\nup\nbye\n"
+
+
+def test_stop_kills_after_the_timeout(store):
+    rec = make(store, 'trap "" TERM; while :; do sleep 0.05; done')
+    manage.start(rec.id, store=store)
+    begin = time.monotonic()
+    stopped = manage.stop(rec.id, timeout=0.5, store=store)
+    assert stopped.state.exit_code == 137
+    assert 0.4 < time.monotonic() - begin < 5
+
+
+def test_kill_and_wait(store):
+    rec = make(store, 'trap "exit 9" USR1; while :; do sleep 0.05; done')
+    manage.start(rec.id, store=store)
+    manage.kill(rec.id, signal.SIGUSR1, store=store)
+    assert manage.wait(rec.id, store=store) == 9
+    with pytest.raises(ContainerStateError, match="it is exited, must be running or paused"):
+        manage.kill(rec.id, store=store)
+
+
+def test_auto_remove(store):
+    rec = make(store, "echo bye", auto_remove=True)
+    code, out, _ = attached(store, rec.id)
+    assert (code, out) == (0, b"bye\n")
+    assert store.ids() == []  # gone before the exit code reached us
+
+
+def test_failed_start_keeps_the_state_and_records_why(store):
+    rec = make(store, "true")
+    store.update(rec.id, lambda r: r.process.update(args=["/nope"]))
+    with pytest.raises(CommandNotFound):
+        manage.start(rec.id, store=store)
+    failed = store.load(rec.id)
+    assert failed.state.status == "created" and failed.state.exit_code == 127
+    assert "/nope" in failed.state.error
+    wait_for(lambda: not monitor_alive(store.load(rec.id)))
+
+
+def test_restart_on_failure_with_a_limit(store):
+    rec = make(store, "echo run; exit 1", restart_policy="on-failure", restart_max=2)
+    manage.start(rec.id, store=store)
+    wait_for(lambda: not monitor_alive(store.load(rec.id)), timeout=30)
+    done = store.load(rec.id)
+    assert done.state.status == "exited" and done.state.restart_count == 2
+    assert logged(store, rec.id) == b"run\n" * 3
+
+
+def test_monitor_killed_then_recovered(store):
+    rec = make(store, 'i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.3; done')
+    manage.start(rec.id, store=store)
+    first = store.load(rec.id).state.monitor_pid
+    # Killed between two ticks: what is in flight in the socket when a monitor dies is
+    # lost with it (the kernel drops its receive buffer); what the agent holds is not.
+    wait_for(lambda: b"tick 1" in logged(store, rec.id))
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not monitor_alive(store.load(rec.id)))
+    time.sleep(0.3)  # the container goes on; its output waits in the agent
+    out = tempfile.TemporaryFile()
+    assert manage.exec_process(rec.id, ["echo", "again"], stdout_fd=out.fileno(), store=store) == 0
+    out.seek(0)
+    assert out.read() == b"again\n"
+    second = store.load(rec.id).state.monitor_pid
+    assert second != first and monitor_alive(store.load(rec.id))
+    before = logged(store, rec.id).count(b"tick")
+    wait_for(lambda: logged(store, rec.id).count(b"tick") > before + 3)
+    ticks = [int(x.split()[1]) for x in logged(store, rec.id).splitlines()]
+    assert ticks == list(range(len(ticks)))  # nothing lost across the monitor's death
+    assert manage.stop(rec.id, timeout=0, store=store).state.status == "exited"
+
+
+def test_agent_killed_marks_exited_and_cleans(store):
+    rec = make(store, "while :; do sleep 0.1; done")
+    manage.start(rec.id, store=store)
+    placement = FakePlacement(store.load(rec.id), store)
+    placement.kill()  # like kill -9 of QEMU
+    wait_for(lambda: not monitor_alive(store.load(rec.id)))
+    dead = store.load(rec.id)
+    assert dead.state.status == "exited" and dead.state.exit_code == 255
+    assert "without reporting" in dead.state.error
+    assert not run_dir_of(rec.id).exists()
+
+
+def test_recovery_finds_a_dead_container(store):
+    """Monitor and agent both gone: the next verb records the exit."""
+    rec = make(store, "while :; do sleep 0.1; done")
+    manage.start(rec.id, store=store)
+    os.kill(store.load(rec.id).state.monitor_pid, signal.SIGKILL)
+    FakePlacement(store.load(rec.id), store).kill()
+    wait_for(lambda: not monitor_alive(store.load(rec.id)))
+    [listed] = manage.list_containers(all=True, store=store)
+    assert listed.state.status == "exited" and listed.state.exit_code == 255
+
+
+def test_rm_force_and_prune(store):
+    a = make(store, "while :; do sleep 0.1; done", name="a")
+    b = make(store, "true", name="b")
+    manage.start(a.id, store=store)
+    manage.start(b.id, store=store)
+    assert manage.wait(b.id, store=store) == 0
+    assert [r.name for r in manage.prune(store=store)] == ["b"]
+    manage.remove(a.id, force=True, store=store)
+    assert store.ids() == []
+    assert not run_dir_of(a.id).exists()
+
+
+def test_top_needs_a_runtime_with_builtins(store):
+    rec = make(store, "while :; do sleep 0.1; done")
+    manage.start(rec.id, store=store)
+    with pytest.raises(VmshimError, match="no builtins"):
+        manage.top(rec.id, store=store)
+    manage.remove(rec.id, force=True, store=store)
+
