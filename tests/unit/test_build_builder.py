@@ -1,0 +1,247 @@
+"""The builder's orchestration with a fake RUN step (no VM, no namespaces): step lines,
+image IDs, the cache, config-only steps, COPY layers, multi-stage, --target, build args,
+ONBUILD, tagging, and what a failure leaves behind."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from shim.build import builder as builder_mod
+from shim.build.builder import BuildOptions, BuildOutput, Builder
+from shim.build.errors import BuildError
+from shim.build.runner import RunStepError, StepResult
+from shim.build.tree import LayerWriter
+from shim.images.store import ImageStore
+
+
+class Recorder(BuildOutput):
+    run_fd = None
+
+    def __init__(self):
+        self.lines = []
+
+    def step(self, number, total, text):
+        self.lines.append(f"Step {number}/{total} : {text}")
+
+    def line(self, text):
+        self.lines.append(text)
+
+    def warn(self, text):
+        self.lines.append(f"[Warning] {text}")
+
+
+class FakeRunner:
+    """Stands in for StepRunner: ``RUN touch PATH`` adds a file, ``RUN fail`` fails,
+    anything else changes nothing. Records the process specs it was given."""
+
+    def __init__(self, store, **_):
+        self.store = store
+        self.calls = []
+
+    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None):
+        self.calls.append(process)
+        cid = f"{len(self.calls):064x}"
+        if announce:
+            announce(cid)
+        command = process.args[-1]
+        if command == "fail":
+            raise RunStepError("The command 'fail' returned a non-zero code: 2", 2, b"boom\n")
+        if command.startswith("touch "):
+            work = self.store.root / "tmp"
+            work.mkdir(exist_ok=True)
+            out = work / f"fake-{len(self.calls)}.tar"
+            writer = LayerWriter(out)
+            name = command.split()[1].lstrip("/")
+            writer.add_file(name, b"x", 1)
+            digest = writer.close()
+            return StepResult(cid, out, digest, 1)
+        return StepResult(cid, None, None, 0)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "state"))
+    store = ImageStore()
+    base = tmp_path / "base.tar"
+    with tarfile.open(base, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("etc/passwd", b"root:x:0:0::/root:/bin/sh\nu:x:7:8::/:/bin/sh\n"),
+                           ("bin/sh", b"#!")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    store.import_image([base], {"config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]}}, "base:1")
+    monkeypatch.setattr(builder_mod, "StepRunner", FakeRunner)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    return store, ctx
+
+
+def run_build(ctx: Path, dockerfile: str, **options):
+    (ctx / "Dockerfile").write_text(dockerfile)
+    out = Recorder()
+    b = Builder(BuildOptions(context=ctx, **options), out)
+    result = b.build()
+    return result, out.lines, b
+
+
+def test_steps_ids_and_an_all_cached_rebuild(env):
+    store, ctx = env
+    (ctx / "app.txt").write_text("app")
+    dockerfile = ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
+                  "EXPOSE 8080\nCMD [\"cat\", \"app.txt\"]\n")
+    result, lines, b = run_build(ctx, dockerfile, tags=["app:1"])
+    assert lines[0] == "Step 1/7 : FROM base:1"
+    assert lines[-1] == f" ---> {result.image_id[7:19]}"
+    assert lines.count(" ---> Using cache") == 0
+    assert any(line.startswith(" ---> Running in ") for line in lines)
+    image = store.resolve("app:1")
+    assert image.config_digest == result.image_id
+    cfg = image.config["config"]
+    assert cfg["Env"] == ["PATH=/bin", "A=1"] and cfg["WorkingDir"] == "/srv"
+    assert cfg["ExposedPorts"] == {"8080/tcp": {}} and cfg["Cmd"] == ["cat", "app.txt"]
+    assert len(image.layers) == 4  # base, WORKDIR (made /srv), COPY, RUN
+    assert len(image.config["history"]) == 6  # one per step (the fake base has none)
+    spec = b.runner.calls[0]
+    assert spec.cwd == "/srv" and "A=1" in spec.env and spec.args == ["/bin/sh", "-c", "touch /made"]
+
+    again, lines, b = run_build(ctx, dockerfile, tags=["app:1"])
+    assert again.image_id == result.image_id
+    assert lines.count(" ---> Using cache") == 6 and b.runner.calls == []
+
+    (ctx / "app.txt").write_text("changed")
+    third, lines, b = run_build(ctx, dockerfile, tags=["app:1"])
+    assert third.image_id != result.image_id
+    assert lines.count(" ---> Using cache") == 2 and len(b.runner.calls) == 1
+
+
+def test_workdir_that_exists_is_config_only(env):
+    store, ctx = env
+    result, _, _ = run_build(ctx, "FROM base:1\nWORKDIR /etc\n", tags=["w:1"])
+    assert len(store.resolve("w:1").layers) == 1
+
+
+def test_multi_stage_target_and_copy_from(env):
+    store, ctx = env
+    dockerfile = ("FROM base:1 AS one\nRUN touch /artifact\n"
+                  "FROM base:1 AS two\nCOPY --from=one /artifact /copied\n"
+                  "FROM two\nCMD [\"true\"]\n")
+    result, lines, _ = run_build(ctx, dockerfile, tags=["ms:1"])
+    assert "Step 3/6 : FROM base:1 AS two" in lines
+    image = store.resolve("ms:1")
+    with tarfile.open(store.blob_path(image.layers[-1].digest)) as tar:
+        assert tar.getnames() == ["copied"]
+    result, lines, _ = run_build(ctx, dockerfile, tags=["ms:one"], target="one")
+    assert lines[0] == "Step 1/2 : FROM base:1 AS one" and len(lines) < 8
+    assert len(store.resolve("ms:one").layers) == 2
+
+
+def test_build_args_scope_and_unused_warning(env):
+    store, ctx = env
+    dockerfile = ("ARG TAG=1\nFROM base:$TAG\nARG WHO=world\nARG TAG\n"
+                  "LABEL who=$WHO tag=$TAG\nRUN echo $WHO\n")
+    _, lines, b = run_build(ctx, dockerfile, tags=["args:1"],
+                            build_args={"WHO": "vm", "NOPE": "x"})
+    labels = store.resolve("args:1").config["config"]["Labels"]
+    assert labels == {"who": "vm", "tag": "1"}
+    assert "WHO=vm" in b.runner.calls[0].env and "TAG=1" in b.runner.calls[0].env
+    assert "WHO=vm" not in store.resolve("args:1").config["config"]["Env"]
+    assert "[Warning] One or more build-args [NOPE] were not consumed" in lines
+    # a different value of a build arg is a different RUN
+    _, lines, b = run_build(ctx, dockerfile, tags=["args:2"], build_args={"WHO": "other"})
+    assert len(b.runner.calls) == 1
+
+
+def test_onbuild_is_stored_and_triggered_once(env):
+    store, ctx = env
+    run_build(ctx, "FROM base:1\nONBUILD RUN touch /triggered\n", tags=["parent:1"])
+    assert store.resolve("parent:1").config["config"]["OnBuild"] == ["RUN touch /triggered"]
+    _, lines, b = run_build(ctx, "FROM parent:1\nCMD [\"x\"]\n", tags=["child:1"])
+    assert "# Executing 1 build trigger" in lines and len(b.runner.calls) == 1
+    child = store.resolve("child:1")
+    assert "OnBuild" not in child.config["config"]
+
+
+def test_config_instructions(env):
+    store, ctx = env
+    dockerfile = """\
+FROM base:1
+LABEL a=1 "b c"="d e"
+USER u
+STOPSIGNAL SIGINT
+VOLUME ["/data", "/logs"]
+HEALTHCHECK --interval=10s --retries=3 CMD ["check"]
+SHELL ["/bin/bash", "-c"]
+ENTRYPOINT run me
+MAINTAINER someone
+"""
+    run_build(ctx, dockerfile, tags=["cfg:1"])
+    image = store.resolve("cfg:1")
+    cfg = image.config["config"]
+    assert cfg["Labels"] == {"a": "1", "b c": "d e"} and cfg["User"] == "u"
+    assert cfg["StopSignal"] == "SIGINT" and cfg["Volumes"] == {"/data": {}, "/logs": {}}
+    assert cfg["Healthcheck"] == {"Test": ["CMD", "check"], "Interval": 10_000_000_000,
+                                  "Retries": 3}
+    assert cfg["Shell"] == ["/bin/bash", "-c"]
+    assert cfg["Entrypoint"] == ["/bin/bash", "-c", "run me"]
+    assert "Cmd" not in cfg  # ENTRYPOINT resets the CMD inherited from the base
+    assert image.config["author"] == "someone"
+    assert all(h.get("empty_layer") for h in image.config["history"][1:])
+    assert len(image.layers) == 1
+
+
+def test_copy_chown_by_name_uses_the_images_passwd(env):
+    store, ctx = env
+    (ctx / "f").write_text("f")
+    run_build(ctx, "FROM base:1\nCOPY --chown=u f /f\n", tags=["own:1"])
+    image = store.resolve("own:1")
+    with tarfile.open(store.blob_path(image.layers[-1].digest)) as tar:
+        member = tar.getmember("f")
+    assert (member.uid, member.gid) == (7, 8)
+
+
+def test_failed_step_stores_nothing_and_tags_nothing(env):
+    store, ctx = env
+    blobs = set(store.blobs_dir.iterdir())
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN fail\n")
+    with pytest.raises(RunStepError, match="returned a non-zero code: 2"):
+        Builder(BuildOptions(context=ctx, tags=["bad:1"]), Recorder()).build()
+    assert set(store.blobs_dir.iterdir()) == blobs
+    assert not [p for p in (store.root / "tmp").iterdir() if p.name.startswith("build-")]
+    with pytest.raises(Exception):
+        store.resolve("bad:1")
+
+
+def test_untagged_builds_can_be_found_by_id(env):
+    store, ctx = env
+    result, _, _ = run_build(ctx, "FROM base:1\nENV X=1\n")
+    assert store.resolve(result.image_id[7:19]).config_digest == result.image_id
+
+
+@pytest.mark.parametrize("dockerfile, message", [
+    ("FROM nothere:1\n", "not found in the local store"),
+    ("FROM base:1\nCOPY --from=9 /a /b\n", "no earlier stage 9"),
+    ("FROM base:1\nCOPY a\n", "needs at least one source"),
+    ("FROM base:1\nWORKDIR /etc/passwd/x\n", "not a directory"),
+])
+def test_errors(env, dockerfile, message, monkeypatch):
+    store, ctx = env
+    monkeypatch.setenv("VMSHIM_REGISTRY_RETRIES", "0")
+    monkeypatch.setenv("VMSHIM_REGISTRY_BACKOFF", "0")
+    with pytest.raises(BuildError, match=message):
+        run_build(ctx, dockerfile)
+
+
+def test_env_substitution_and_forms(env):
+    store, ctx = env
+    dockerfile = ('FROM base:1\nENV PATH=$PATH:/opt/bin LEGACY_OK=1\nENV NAME a value with spaces\n'
+                  'ENV A=1 B=$A\nENV C="${NAME:-x}" D=\'$A\'\nWORKDIR /w/$A\n')
+    run_build(ctx, dockerfile, tags=["env:1"])
+    cfg = store.resolve("env:1").config["config"]
+    env_map = dict(e.split("=", 1) for e in cfg["Env"])
+    assert env_map["PATH"] == "/bin:/opt/bin" and env_map["LEGACY_OK"] == "1"
+    assert env_map["NAME"] == "a value with spaces"
+    assert env_map["B"] == ""  # docker: a line's values see the environment before it
+    assert env_map["C"] == "a value with spaces" and env_map["D"] == "$A"
+    assert cfg["WorkingDir"] == "/w/1"
