@@ -1,0 +1,145 @@
+"""Host memory of process trees (PSS from /proc/<pid>/smaps_rollup) and /proc/meminfo.
+
+PSS (proportional set size) charges each shared page to every process that maps it in
+equal parts, so summing PSS over the processes a container owns does not count shared
+libraries twice, and summing it over all containers adds up to what they really use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def parent_map(proc: Path = PROC) -> dict[int, int]:
+    """pid → ppid for every process visible now (processes that vanish are skipped)."""
+    out: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: the fields after the last ')' are fixed
+        rest = stat.rsplit(b")", 1)[-1].split()
+        try:
+            out[int(entry.name)] = int(rest[1])
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def descendants(roots: list[int], parents: dict[int, int]) -> set[int]:
+    """*roots* (those still alive in *parents*) and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [p for p in roots if p in parents]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def pids_in_cgroup_matching(text: str, proc: Path = PROC) -> set[int]:
+    """Pids whose /proc/<pid>/cgroup mentions *text* (a container id): the container's
+    processes wherever they were re-parented to."""
+    if not text:
+        return set()
+    out = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text in (entry / "cgroup").read_text():
+                out.add(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class Usage:
+    """PSS and RSS in bytes summed over ``pids`` (those readable when measured)."""
+
+    pss: int
+    rss: int
+    pids: tuple[int, ...]
+    by_command: dict[str, int]
+    """PSS per command name (``comm``), for reading where the memory goes."""
+
+
+def parse_rollup(text: str) -> tuple[int, int]:
+    """(pss, rss) in bytes from the text of a smaps_rollup file."""
+    pss = rss = 0
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Pss", "Rss"):
+            kib = int(rest.split()[0])
+            if key == "Pss":
+                pss = kib * 1024
+            else:
+                rss = kib * 1024
+    return pss, rss
+
+
+def usage(pids: set[int] | list[int], proc: Path = PROC) -> Usage:
+    """Summed PSS and RSS of *pids*; processes gone meanwhile or without an address space
+    (kernel threads) count as 0 and are left out of ``pids``."""
+    pss = rss = 0
+    seen = []
+    by_command: dict[str, int] = {}
+    for pid in sorted(set(pids)):
+        try:
+            text = (proc / str(pid) / "smaps_rollup").read_text()
+        except OSError:
+            continue
+        p, r = parse_rollup(text)
+        if p or r:
+            pss += p
+            rss += r
+            seen.append(pid)
+            try:
+                comm = (proc / str(pid) / "comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            by_command[comm] = by_command.get(comm, 0) + p
+    return Usage(pss, rss, tuple(seen), by_command)
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as ``{"MemTotal": bytes, …}`` (values without a kB unit as they are)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            value = int(parts[0])
+        except ValueError:
+            continue
+        out[key.strip()] = value * 1024 if len(parts) > 1 and parts[1] == "kB" else value
+    return out
+
+
+def host_meminfo() -> dict[str, int]:
+    return parse_meminfo(Path("/proc/meminfo").read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

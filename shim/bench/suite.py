@@ -1,0 +1,610 @@
+"""The benchmarks of ``vmshim bench`` and the runner that takes them.
+
+Each benchmark fills one or more :class:`~shim.bench.stats.Figure` with samples for the
+subjects it applies to (vm, process, runc, floor), or with the reason a subject has no
+figure. Samples of different subjects are interleaved run by run (vm, process, runc,
+floor, vm, …) so drift on a busy host hits all of them alike. Whatever a benchmark
+starts is removed when it ends, and the runner removes anything left on every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shim.bench import host, procmem
+from shim.bench.drivers import (
+    BenchError,
+    Capabilities,
+    Floor,
+    RuncSubject,
+    VmshimSubject,
+    default_cli,
+    run,
+    timed,
+    timed_first_output,
+)
+from shim.bench.stats import SUBJECTS, Figure, Results
+from shim.bench.workloads import (
+    Sizes,
+    WorkloadError,
+    cpu_script,
+    io_script,
+    parse,
+    syscall_script,
+)
+from shim.errors import UsageError
+
+MIB = 1 << 20
+SETTLE = 2.0
+"""Seconds an idle container is left alone before its memory is read."""
+EXEC_DEADLINE = 1.0
+"""Density: a container that does not answer ``exec true`` within this is one too many."""
+
+FAILURES = (BenchError, OSError, ValueError)
+"""What makes one subject's figure fail (recorded as the reason), not the whole run."""
+
+N_A_FLOOR = "n/a: the floor is a bare boot with no container in it"
+
+
+@dataclass
+class Context:
+    runs: int
+    max_density: int
+    sizes: Sizes
+    results: Results
+    caps: Capabilities
+    drivers: dict
+    unavailable: dict[str, str]
+    workdir: Path
+    tag: str
+    log: Callable[[str], None] = print
+    volumes: set[str] = field(default_factory=set)
+
+    def available(self, figs: list[Figure], *subjects: str) -> list[str]:
+        """The *subjects* that can be measured; the others get their reason in *figs*."""
+        out = []
+        for subject in subjects:
+            reason = self.unavailable.get(subject)
+            if reason:
+                for fig in figs:
+                    fig.skip(subject, reason)
+            else:
+                out.append(subject)
+        return out
+
+    def lifecycle(self, figs: list[Figure], subjects: list[str], *verbs: str) -> list[str]:
+        """Drop vm/process from *subjects* (with the reason in *figs*) when the CLI lacks
+        ``run -d``, ``rm`` or one of *verbs*."""
+        missing = self.caps.lifecycle_missing(*verbs)
+        if not missing:
+            return subjects
+        for subject in subjects:
+            if subject in ("vm", "process"):
+                for fig in figs:
+                    fig.skip(subject, missing)
+        return [s for s in subjects if s not in ("vm", "process")]
+
+
+def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]],
+            warmup: bool = True) -> None:
+    """Take ctx.runs samples of each measurer, interleaved; one unrecorded warm-up each
+    first (it converts layers, fills the page cache). A failure ends that subject's
+    figure with the reason; the others go on."""
+    active: dict[str, Callable[[], float]] = {}
+    for subject in SUBJECTS:
+        if subject not in measurers:
+            continue
+        if warmup:
+            try:
+                measurers[subject]()
+            except FAILURES as exc:
+                fig.skip(subject, f"failed: {exc}")
+                continue
+        active[subject] = measurers[subject]
+    for i in range(ctx.runs):
+        for subject, fn in list(active.items()):
+            try:
+                fig.add(subject, fn())
+            except FAILURES as exc:
+                fig.skip(subject, f"failed in run {i + 1}: {exc}")
+                del active[subject]
+        ctx.log(f"  {fig.name}: run {i + 1}/{ctx.runs} " + " ".join(
+            f"{s}={fig.subjects[s].samples[-1]:.4g}" for s in active if fig.subjects[s].samples))
+
+
+@contextlib.contextmanager
+def _detached(ctx: Context, figs: list[Figure], subjects: list[str],
+              vm_extra: dict[str, tuple[str, ...]] | None = None,
+              runc_mounts: tuple[tuple[str, str], ...] = ()) -> Iterator[dict[str, str]]:
+    """One idle detached container per subject, answering exec; subject → reference.
+    A subject whose container fails gets the reason in *figs*. All removed on exit."""
+    started: dict[str, str] = {}
+    try:
+        for subject in subjects:
+            drv = ctx.drivers[subject]
+            try:
+                if subject == "runc":
+                    ref = drv.start(mounts=runc_mounts)
+                else:
+                    ref = drv.start(extra=(vm_extra or {}).get(subject, ()))
+                started[subject] = ref
+                drv.wait_ready(ref)
+            except FAILURES as exc:
+                started.pop(subject, None)
+                for fig in figs:
+                    fig.skip(subject, f"failed to start an idle container: {exc}")
+        yield started
+    finally:
+        for subject, ref in started.items():
+            try:
+                ctx.drivers[subject].remove(ref)
+            except FAILURES as exc:
+                ctx.log(f"  could not remove {ref} now ({exc}); retried at the end")
+
+
+def _runc_foreground(drv: RuncSubject, first_output: bool, *cmd: str) -> float:
+    argv = drv.run_argv(*cmd)
+    name = argv[-1]
+    try:
+        return timed_first_output(argv) if first_output else timed(argv)
+    finally:
+        try:
+            drv.remove(name)  # runc deleted it already when it exited; this tidies up
+        except BenchError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmarks
+
+
+def bench_cold_start(ctx: Context) -> None:
+    fig = ctx.results.figure(
+        "cold_start", "Cold start to the exit of `true`", "s",
+        note="whole command, spawn to exit: `vmshim run --rm [--isolation I] busybox true`; "
+             "`runc run` of a fresh bundle; floor: bare QEMU launch to the agent's first bytes")
+    subjects = ctx.available([fig], *SUBJECTS)
+    m: dict[str, Callable[[], float]] = {}
+    for s in ("vm", "process"):
+        if s in subjects:
+            drv = ctx.drivers[s]
+            m[s] = lambda drv=drv: timed(drv.run_argv("true"))
+    if "runc" in subjects:
+        m["runc"] = lambda: _runc_foreground(ctx.drivers["runc"], False, "true")
+    if "floor" in subjects:
+        m["floor"] = ctx.drivers["floor"].boot_time
+    _sample(ctx, fig, m)
+
+
+def bench_first_output(ctx: Context) -> None:
+    fig = ctx.results.figure(
+        "first_output", "Start to first output", "s",
+        note="spawn of `vmshim run --rm [--isolation I] busybox echo ready` (or `runc run`) "
+             "to the first byte on its stdout; floor: to the agent's first bytes")
+    subjects = ctx.available([fig], *SUBJECTS)
+    m: dict[str, Callable[[], float]] = {}
+    for s in ("vm", "process"):
+        if s in subjects:
+            drv = ctx.drivers[s]
+            m[s] = lambda drv=drv: timed_first_output(drv.run_argv("echo", "ready"))
+    if "runc" in subjects:
+        m["runc"] = lambda: _runc_foreground(ctx.drivers["runc"], True, "echo", "ready")
+    if "floor" in subjects:
+        m["floor"] = ctx.drivers["floor"].boot_time
+    _sample(ctx, fig, m)
+
+
+def bench_exec(ctx: Context) -> None:
+    fig = ctx.results.figure(
+        "exec", "exec latency: `exec ID true` into an idle container", "s",
+        note="whole `vmshim exec` (or `runc exec`) command, spawn to exit")
+    fig.skip("floor", N_A_FLOOR)
+    subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
+    with _detached(ctx, [fig], subjects) as refs:
+        m = {s: (lambda s=s, ref=ref: timed(ctx.drivers[s].exec_argv(ref, "true")))
+             for s, ref in refs.items()}
+        _sample(ctx, fig, m)
+
+
+def _guest_used(drv: VmshimSubject, ref: str) -> dict:
+    meminfo = procmem.parse_meminfo(drv.exec(ref, "cat", "/proc/meminfo", timeout=60).stdout)
+    total, avail = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
+    if total is None or avail is None:
+        raise BenchError("the guest's /proc/meminfo lacks MemTotal or MemAvailable")
+    return {"total": total, "available": avail, "used": total - avail}
+
+
+def bench_memory(ctx: Context) -> None:
+    fig = ctx.results.figure(
+        "memory", "Host memory per idle container (PSS)", "MiB",
+        note=f"PSS summed over every host process the container owns (monitor, agent, QEMU "
+             f"and their children), {SETTLE:g} s after it first answered exec; floor: the "
+             f"bare QEMU {SETTLE:g} s after the agent's hello")
+    guest = ctx.results.figure(
+        "memory_guest", "Memory in use as the guest sees it (MemTotal - MemAvailable)", "MiB",
+        note="`exec cat /proc/meminfo` in the idle container")
+    for s in ("process", "runc"):
+        guest.skip(s, "n/a: shares the host kernel; its /proc/meminfo is the host's")
+    guest.skip("floor", "n/a: no exec into the floor's guest")
+    subjects = ctx.available([fig], *SUBJECTS)
+    if "vm" not in subjects:
+        guest.skip("vm", fig.subjects["vm"].skipped or "vm unavailable")
+    subjects = ctx.lifecycle([fig, guest], subjects, "exec", "inspect")
+    active = list(subjects)
+    for i in range(ctx.runs):
+        for s in list(active):
+            try:
+                if s == "floor":
+                    floor: Floor = ctx.drivers["floor"]
+                    vm = floor.boot()
+                    try:
+                        time.sleep(SETTLE)
+                        owned = floor.owned(vm)
+                        use = procmem.usage(owned.pids)
+                    finally:
+                        floor.stop(vm)
+                else:
+                    with _detached(ctx, [fig], [s]) as refs:
+                        if s not in refs:
+                            active.remove(s)
+                            if s == "vm":
+                                guest.skip("vm", fig.subjects["vm"].skipped or "failed")
+                            continue
+                        time.sleep(SETTLE)
+                        owned = ctx.drivers[s].owned(refs[s])
+                        use = procmem.usage(owned.pids)
+                        if s == "vm":
+                            try:
+                                g = _guest_used(ctx.drivers[s], refs[s])
+                                guest.add("vm", g["used"] / MIB)
+                                guest.result("vm").extra["guest_total_mib"] = g["total"] / MIB
+                            except FAILURES as exc:
+                                guest.skip("vm", f"failed: {exc}")
+                if not use.pids:
+                    raise BenchError("none of its processes could be read")
+                fig.add(s, use.pss / MIB)
+                extra = fig.result(s).extra
+                extra.setdefault("rss_mib", []).append(use.rss / MIB)
+                extra.setdefault("processes", []).append(len(use.pids))
+                extra["found_by"] = owned.roots
+                extra["by_command_mib"] = {c: round(v / MIB, 1) for c, v in use.by_command.items()}
+            except FAILURES as exc:
+                fig.skip(s, f"failed in run {i + 1}: {exc}")
+                active.remove(s)
+        ctx.log(f"  memory: run {i + 1}/{ctx.runs} " + " ".join(
+            f"{s}={fig.subjects[s].samples[-1]:.0f}MiB" for s in active if fig.subjects[s].samples))
+
+
+def bench_density(ctx: Context) -> None:
+    fig = ctx.results.figure(
+        "density", f"Idle containers running while each answers exec within {EXEC_DEADLINE:g} s",
+        "containers", higher_is_better=True,
+        note=f"started one by one (`run -d ... sleep`), each start followed by `exec true` "
+             f"into every one; stops at the first that misses {EXEC_DEADLINE:g} s, or at --max "
+             f"{ctx.max_density}; one pass, not --runs")
+    fig.skip("floor", N_A_FLOOR)
+    subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
+    for s in subjects:
+        drv = ctx.drivers[s]
+        refs: list[str] = []
+        steps: list[dict] = []
+        stop = None
+        try:
+            for k in range(1, ctx.max_density + 1):
+                t0 = time.perf_counter()
+                try:
+                    ref = drv.start()
+                    refs.append(ref)
+                    drv.wait_ready(ref, timeout=180)
+                except FAILURES as exc:
+                    stop = f"container {k} did not start: {exc}"
+                    break
+                started = time.perf_counter() - t0
+                latencies = []
+                slow = None
+                for j, r in enumerate(refs):
+                    t = time.perf_counter()
+                    try:
+                        drv.exec(r, "true", timeout=EXEC_DEADLINE)
+                    except FAILURES:
+                        slow = j + 1
+                        break
+                    latencies.append(time.perf_counter() - t)
+                step = {"running": k, "start_s": round(started, 3),
+                        "exec_max_s": round(max(latencies), 3) if latencies else None}
+                if s != "vm" or "inspect" in ctx.caps.commands:
+                    try:
+                        pids: set[int] = set()
+                        for r in refs:
+                            pids |= drv.owned(r).pids
+                        step["pss_total_mib"] = round(procmem.usage(pids).pss / MIB, 1)
+                    except FAILURES:
+                        pass
+                step["host_available_mib"] = round(procmem.host_meminfo().get("MemAvailable", 0) / MIB)
+                steps.append(step)
+                ctx.log(f"  density {s}: {k} running, start {started:.2f} s, "
+                        f"slowest exec {step['exec_max_s']}")
+                if slow is not None:
+                    stop = f"container {slow} missed {EXEC_DEADLINE:g} s with {k} running"
+                    break
+            else:
+                stop = f"reached --max {ctx.max_density}"
+        finally:
+            for r in refs:
+                try:
+                    drv.remove(r)
+                except FAILURES as exc:
+                    ctx.log(f"  could not remove {r} now ({exc}); retried at the end")
+        answered = len(steps) - (1 if stop and "missed" in stop else 0)
+        fig.add(s, max(answered, 0))
+        fig.result(s).extra.update({"stopped": stop, "steps": steps})
+
+
+def _workload(ctx: Context, figs: list[Figure], script: str, expect: tuple[str, ...],
+              record: Callable[[str, dict[str, float], dict[str, str]], None],
+              volume: bool = False) -> None:
+    """Run *script* ctx.runs times per subject, interleaved: ``exec`` into one idle
+    detached container per subject, or — without ``run -d``/``exec`` — one
+    ``run --rm`` per sample. *record(subject, phases, modes)* turns output into figures."""
+    for fig in figs:
+        fig.skip("floor", N_A_FLOOR)
+    subjects = ctx.available(figs, "vm", "process", "runc")
+    fallback = ctx.caps.lifecycle_missing("exec")
+    vm_extra: dict[str, tuple[str, ...]] = {}
+    runc_mounts: tuple[tuple[str, str], ...] = ()
+    if volume:
+        missing = ctx.caps.volumes_missing() or fallback
+        if missing:
+            for fig in figs:
+                for s in subjects:
+                    fig.skip(s, missing)
+            return
+        for s in [s for s in subjects if s in ("vm", "process")]:
+            name = f"{ctx.tag}-vol-{s}"
+            try:
+                ctx.volumes.add(name)
+                run(ctx.drivers[s].argv("volume", "create", name), timeout=120)
+                vm_extra[s] = ("-v", f"{name}:/data")
+            except FAILURES as exc:
+                for fig in figs:
+                    fig.skip(s, f"failed to create a volume: {exc}")
+                subjects.remove(s)
+        if "runc" in subjects:
+            host_dir = ctx.workdir / "runc-volume"
+            host_dir.mkdir(exist_ok=True)
+            runc_mounts = ((str(host_dir), "/data"),)
+    detached = [s for s in subjects if s == "runc" or not fallback]
+    with _detached(ctx, figs, detached, vm_extra, runc_mounts) as refs:
+        runners: dict[str, Callable[[], str]] = {}
+        method: dict[str, str] = {}
+        for s in subjects:
+            drv = ctx.drivers[s]
+            if s in refs:
+                runners[s] = lambda drv=drv, ref=refs[s]: drv.exec(ref, "sh", "-c", script,
+                                                                    timeout=900).stdout
+                method[s] = "exec into an idle detached container"
+            elif s not in detached:
+                runners[s] = lambda drv=drv, s=s: run(
+                    drv.run_argv("sh", "-c", script, extra=vm_extra.get(s, ())), timeout=900).stdout
+                method[s] = f"one `run --rm` per sample ({fallback})"
+        for fig in figs:
+            for s, how in method.items():
+                fig.result(s).extra["method"] = how
+        for i in range(ctx.runs):
+            for s, fn in list(runners.items()):
+                try:
+                    out = parse(fn(), expect)
+                    record(s, out.phases, out.modes)
+                except (WorkloadError, *FAILURES) as exc:
+                    for fig in figs:
+                        fig.skip(s, f"failed in run {i + 1}: {exc}")
+                    del runners[s]
+            ctx.log(f"  {figs[0].name}: run {i + 1}/{ctx.runs} " + " ".join(
+                f"{s}={figs[0].subjects[s].samples[-1]:.4g}" for s in runners
+                if figs[0].subjects[s].samples))
+    if volume:
+        _remove_volumes(ctx)
+
+
+def _remove_volumes(ctx: Context) -> list[str]:
+    """``vmshim volume rm -f`` every volume made (after their containers); a volume that
+    does not exist (its create failed) counts as removed. Returns what is left."""
+    left = []
+    for name in sorted(ctx.volumes):
+        try:
+            run(ctx.drivers["vm"].argv("volume", "rm", "-f", name), timeout=120)
+        except BenchError as exc:
+            stderr = getattr(exc, "stderr", "").lower()
+            if "no such" not in stderr and "not found" not in stderr:
+                left.append(f"volume {name}: {exc}")
+                continue
+        ctx.volumes.discard(name)
+    return left
+
+
+def bench_cpu(ctx: Context) -> None:
+    n = ctx.sizes.cpu_mib
+    fig = ctx.results.figure("cpu", f"CPU: sha256sum of {n} MiB of zeros", "s",
+                             note="timed inside the container (busybox adjtimex)")
+
+    def record(s, phases, modes):
+        fig.add(s, phases["cpu"])
+        fig.result(s).extra["clock"] = modes.get("clock")
+
+    _workload(ctx, [fig], cpu_script(ctx.sizes), ("cpu",), record)
+
+
+def bench_syscall(ctx: Context) -> None:
+    n = ctx.sizes.syscall_count
+    fig = ctx.results.figure("syscall", f"Syscalls: dd bs=1 count={n} (/dev/zero to /dev/null)",
+                             "s", note=f"{2 * n} read/write syscalls, timed inside the container")
+
+    def record(s, phases, modes):
+        fig.add(s, phases["syscall"])
+        fig.result(s).extra["clock"] = modes.get("clock")
+
+    _workload(ctx, [fig], syscall_script(ctx.sizes), ("syscall",), record)
+
+
+def _io(ctx: Context, prefix: str, where: str, directory: str, volume: bool) -> None:
+    sz = ctx.sizes
+    seq_w = ctx.results.figure(f"{prefix}_seq_write", f"{where}: sequential write, {sz.seq_mib} MiB "
+                               "(1 MiB blocks, fsync)", "MiB/s", higher_is_better=True)
+    seq_r = ctx.results.figure(f"{prefix}_seq_read", f"{where}: sequential read, {sz.seq_mib} MiB "
+                               "(1 MiB blocks, O_DIRECT where supported)", "MiB/s",
+                               higher_is_better=True)
+    rnd_w = ctx.results.figure(f"{prefix}_rand_write", f"{where}: random 4 KiB writes, each "
+                               "fsynced (one busybox dd per op)", "ops/s", higher_is_better=True)
+    rnd_r = ctx.results.figure(f"{prefix}_rand_read", f"{where}: random 4 KiB reads (one busybox "
+                               "dd per op, O_DIRECT where supported)", "ops/s",
+                               higher_is_better=True)
+    figs = [seq_w, seq_r, rnd_w, rnd_r]
+    for f in (rnd_w, rnd_r):
+        f.note = "extra.spawn_ops_s: the same number of dd runs doing no I/O, for scale"
+
+    def record(s, p, modes):
+        seq_w.add(s, sz.seq_mib / max(p["seq_write"], 1e-9))
+        seq_r.add(s, sz.seq_mib / max(p["seq_read"], 1e-9))
+        rnd_w.add(s, sz.rand_ops / max(p["rand_write"], 1e-9))
+        rnd_r.add(s, sz.rand_ops / max(p["rand_read"], 1e-9))
+        for f in figs:
+            f.result(s).extra.update({k: v for k, v in modes.items() if k != "read"})
+        for f in (seq_r, rnd_r):
+            f.result(s).extra["read"] = modes.get("read", "?")
+        for f in (rnd_w, rnd_r):
+            f.result(s).extra.setdefault("spawn_ops_s", []).append(
+                round(sz.rand_ops / max(p["spawn"], 1e-9), 1))
+
+    _workload(ctx, figs, io_script(sz, directory),
+              ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"), record, volume=volume)
+
+
+def bench_io(ctx: Context) -> None:
+    _io(ctx, "io", "Writable layer", "/", volume=False)
+
+
+def bench_io_volume(ctx: Context) -> None:
+    _io(ctx, "vol", "Volume", "/data", volume=True)
+
+
+BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
+    "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
+    "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
+    "exec": (bench_exec, "exec true into an idle container"),
+    "memory": (bench_memory, "host PSS per idle container, and the guest's view"),
+    "density": (bench_density, "idle containers until exec misses 1 s (or --max)"),
+    "cpu": (bench_cpu, "sha256sum of N MiB inside the container"),
+    "syscall": (bench_syscall, "dd bs=1: read/write syscalls inside the container"),
+    "io": (bench_io, "sequential and random I/O in the writable layer"),
+    "io_volume": (bench_io_volume, "sequential and random I/O in a volume"),
+}
+
+
+def select(only: list[str]) -> list[str]:
+    """Benchmark names from ``--only`` values (repeated or comma-separated; empty: all).
+    Raises UsageError naming an unknown one."""
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise UsageError(f"unknown benchmark {', '.join(unknown)}; choose from "
+                         f"{', '.join(BENCHMARKS)}")
+    if not names:
+        return list(BENCHMARKS)
+    return [n for n in BENCHMARKS if n in names]
+
+
+def _state_root() -> Path:
+    from shim import paths
+
+    return paths.root()
+
+
+def _leftover_domains(ids: list[str], timeout: float = 20.0) -> list[str]:
+    """Domains of our containers that libvirt still lists (teardown is asynchronous)."""
+    wanted = {f"vmshim-{i[:12]}" for i in ids if len(i) >= 12}
+    if not wanted:
+        return []
+    try:
+        import libvirt
+
+        from shim import paths
+
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        conn = libvirt.openReadOnly(paths.libvirt_uri())
+    except Exception:  # noqa: BLE001 - nothing to check against
+        return []
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = sorted(wanted & {d.name() for d in conn.listAllDomains()})
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+    finally:
+        conn.close()
+
+
+def run_suite(names: list[str], runs: int, max_density: int,
+              log: Callable[[str], None] = print, sizes: Sizes | None = None,
+              cli: list[str] | None = None) -> Results:
+    """Take the benchmarks *names* and return the Results (meta filled in). Everything
+    started is removed before this returns, also on errors and interrupts."""
+    started = time.time()
+    t0 = time.perf_counter()
+    sizes = sizes or Sizes()
+    cli = cli or default_cli()
+    results = Results()
+    meta = results.meta
+    meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                 "runs": runs, "max_density": max_density, "benchmarks": names,
+                 "sizes": sizes.to_dict(), "cli": cli, "image": "busybox",
+                 "host": host.describe()})
+    caps = Capabilities.probe(cli)
+    meta["cli_commands"] = sorted(caps.commands)
+    tag = f"vbench{os.getpid()}"
+    root = _state_root()
+    root.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=root))
+    drivers = {"vm": VmshimSubject(cli, "vm", tag), "process": VmshimSubject(cli, "process", tag),
+               "runc": RuncSubject(workdir, tag),
+               "floor": Floor(workdir, meta["host"]["accel"]["kind"])}
+    unavailable = {}
+    for s in ("runc", "floor"):
+        reason = drivers[s].unavailable()
+        if reason:
+            unavailable[s] = reason
+    ctx = Context(runs, max_density, sizes, results, caps, drivers, unavailable, workdir, tag, log)
+    durations = meta.setdefault("durations_s", {})
+    errors = meta.setdefault("errors", {})
+    try:
+        for name in names:
+            fn, what = BENCHMARKS[name]
+            log(f"{name}: {what}")
+            b0 = time.perf_counter()
+            try:
+                fn(ctx)
+            except FAILURES as exc:
+                errors[name] = str(exc)
+                log(f"  {name} failed: {exc}")
+            durations[name] = round(time.perf_counter() - b0, 1)
+    finally:
+        leftovers = []
+        for s in ("vm", "process", "runc", "floor"):
+            leftovers += drivers[s].cleanup()
+        leftovers += _remove_volumes(ctx)
+        ids = [i for s in ("vm",) for i in drivers[s].ids.values()]
+        leftovers += [f"domain {d} still listed by libvirt" for d in _leftover_domains(ids)]
+        shutil.rmtree(workdir, ignore_errors=True)
+        meta["leftovers"] = leftovers
+        meta["host"]["guest_kernel"] = host.guest_kernel() or meta["host"].get("guest_kernel")
+        meta["duration_s"] = round(time.perf_counter() - t0, 1)
+        for line in leftovers:
+            log(f"warning: left behind: {line}")
+    return results

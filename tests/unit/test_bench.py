@@ -1,0 +1,387 @@
+"""vmshim bench without VMs: statistics, ratios, parsing, the report, with fake samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from shim.bench import drivers, procmem, report, suite
+from shim.bench.drivers import Capabilities, parse_help
+from shim.bench.stats import Figure, Results, ratio, summarize
+from shim.bench.workloads import (
+    Sizes,
+    WorkloadError,
+    cpu_script,
+    io_script,
+    parse,
+    syscall_script,
+)
+from shim.errors import UsageError
+
+# -- statistics -------------------------------------------------------------------------------
+
+def test_summarize_odd_and_even():
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max, s.runs) == (2.0, 1.0, 3.0, 3)
+    assert summarize([1.0, 2.0, 4.0, 10.0]).median == 3.0
+
+
+def test_summarize_empty_raises():
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_ratio_handles_missing_and_zero():
+    assert ratio(3.0, 1.5) == 2.0
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def _figure() -> Figure:
+    fig = Figure("cold_start", "Cold start", "s")
+    for v in (2.6, 2.5, 2.9):
+        fig.add("vm", v)
+    for v in (0.2, 0.21, 0.22):
+        fig.add("process", v)
+    for v in (1.9, 1.8, 2.0):
+        fig.add("floor", v)
+    fig.skip("runc", "runc: not installed")
+    return fig
+
+
+def test_figure_ratios_to_process_and_floor():
+    fig = _figure()
+    assert fig.ratio("vm", "process") == pytest.approx(2.6 / 0.21)
+    assert fig.ratio("vm", "floor") == pytest.approx(2.6 / 1.9)
+    assert fig.ratio("process", "process") is None
+    assert fig.ratio("runc", "process") is None
+    d = fig.to_dict()
+    vm = d["subjects"]["vm"]
+    assert (vm["median"], vm["min"], vm["max"], vm["runs"]) == (2.6, 2.5, 2.9, 3)
+    assert vm["ratios"] == {"to_process": pytest.approx(2.6 / 0.21), "to_floor": pytest.approx(2.6 / 1.9)}
+    assert "to_process" not in d["subjects"]["process"]["ratios"]
+    assert d["subjects"]["runc"] == {"samples": [], "skipped": "runc: not installed"}
+
+
+def test_figure_order_follows_subjects():
+    fig = Figure("x", "x", "s")
+    fig.add("floor", 1)
+    fig.add("vm", 1)
+    fig.add("process", 1)
+    assert [s for s, _ in fig.ordered()] == ["vm", "process", "floor"]
+
+
+def test_skip_after_samples_keeps_them_apart():
+    fig = Figure("x", "x", "s")
+    fig.add("vm", 1.0)
+    fig.skip("vm", "failed in run 2: boom")
+    r = fig.subjects["vm"]
+    assert r.samples == [] and r.summary is None
+    assert r.extra["partial_samples"] == [1.0]
+    assert r.skipped == "failed in run 2: boom"
+
+
+def test_results_round_trip():
+    results = Results(meta={"runs": 3})
+    results.figures["cold_start"] = _figure()
+    again = Results.from_dict(json.loads(json.dumps(results.to_dict())))
+    assert again.to_dict() == results.to_dict()
+    with pytest.raises(ValueError):
+        Results.from_dict({"version": 99})
+
+
+# -- workload output ---------------------------------------------------------------------------
+
+def test_parse_phases_and_modes():
+    out = parse("MODE clock adjtimex\nBENCH cpu 100.250000 101.000000\nnoise\n", ("cpu",))
+    assert out.phases == {"cpu": pytest.approx(0.75)}
+    assert out.modes == {"clock": "adjtimex"}
+
+
+def test_parse_failure_and_missing_phase():
+    with pytest.raises(WorkloadError, match="seq_read failed"):
+        parse("BENCH seq_write 1 2\nFAIL seq_read\n")
+    with pytest.raises(WorkloadError, match="no timing for syscall"):
+        parse("MODE clock uptime\n", ("syscall",))
+
+
+BUSYBOX = shutil.which("busybox")
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed")
+def test_scripts_run_under_busybox(tmp_path):
+    """The scripts as a container runs them: busybox sh with busybox's applets only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for applet in ("adjtimex", "awk", "cut", "dd", "head", "mkdir", "rm", "sha256sum", "shuf"):
+        (bin_dir / applet).symlink_to(BUSYBOX)
+    sizes = Sizes(cpu_mib=1, syscall_count=1000, seq_mib=1, rand_ops=5)
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"PATH": str(bin_dir)}
+    for script, phases in ((cpu_script(sizes), ("cpu",)), (syscall_script(sizes), ("syscall",)),
+                           (io_script(sizes, str(data)),
+                            ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"))):
+        proc = subprocess.run([BUSYBOX, "sh", "-c", script], check=False, capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = parse(proc.stdout, phases)
+        assert set(phases) <= set(out.phases)
+        assert out.modes["clock"] in ("adjtimex", "uptime")
+    assert not (data / "vmshim-bench-io").exists()
+
+
+# -- /proc -------------------------------------------------------------------------------------
+
+def test_parse_rollup_and_meminfo():
+    rollup = "55d0-7ff r 0 0:0 0 [rollup]\nRss:  2048 kB\nPss:  1024 kB\nPss_Anon: 10 kB\n"
+    assert procmem.parse_rollup(rollup) == (1024 * 1024, 2048 * 1024)
+    mem = procmem.parse_meminfo("MemTotal:  223748 kB\nMemAvailable: 173792 kB\nHugePages_Total: 0\n")
+    assert mem == {"MemTotal": 223748 * 1024, "MemAvailable": 173792 * 1024, "HugePages_Total": 0}
+
+
+def test_descendants():
+    parents = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1, 30: 20}
+    assert procmem.descendants([10], parents) == {10, 11, 12}
+    assert procmem.descendants([10, 20, 999], parents) == {10, 11, 12, 20, 30}
+
+
+def test_usage_of_this_process():
+    u = procmem.usage({os.getpid(), 2 ** 30})
+    assert u.pids == (os.getpid(),)
+    assert u.pss > 0 and u.rss >= u.pss
+    assert sum(u.by_command.values()) == u.pss
+
+
+# -- the CLI's capabilities and inspect --------------------------------------------------------
+
+TOP_HELP = """Usage: vmshim [OPTIONS] COMMAND [ARGS]...
+
+  Containers with the isolation of a virtual machine.
+
+Options:
+  --debug     Show tracebacks of errors.
+  -h, --help  Show this message and exit.
+
+Commands:
+  exec     Run COMMAND in a running container.
+  inspect  Show containers' configuration and state as JSON.
+  rm       Remove containers (their writable layer and logs too).
+  run      Run COMMAND in a new container from IMAGE (in the foreground...
+"""
+
+RUN_HELP = """Usage: vmshim run [OPTIONS] IMAGE [COMMAND]...
+
+Options:
+  --rm                      Remove the container when it exits.
+  -d, --detach              Run in the background; print the id.
+  --isolation [vm|process]  vm: a microVM per container; process: namespaces
+                            on the host.  [default: vm]
+  --help                    Show this message and exit.
+"""
+
+
+def test_parse_help_and_capabilities():
+    commands, _ = parse_help(TOP_HELP)
+    assert commands == {"exec", "inspect", "rm", "run"}
+    _, options = parse_help(RUN_HELP)
+    assert {"--rm", "-d", "--detach", "--isolation", "--help"} <= options
+    caps = Capabilities(commands, options)
+    assert caps.detached
+    assert caps.lifecycle_missing("exec", "inspect") is None
+    assert caps.lifecycle_missing("stats") == "`vmshim stats` not available"
+    assert caps.volumes_missing() == "volumes: `vmshim volume` and `vmshim run -v` not available"
+    bare = Capabilities({"run"}, {"--rm"})
+    assert bare.lifecycle_missing("exec") == \
+        "`vmshim run -d`, `vmshim rm`, `vmshim exec` not available"
+
+
+INSPECT = [{"Id": "ab" * 32, "State": {"Pid": 100, "MonitorPid": 100, "ContainerPid": 82,
+                                       "Running": True, "ExitCode": 0},
+            "Vmshim": {"Domain": "vmshim-abababababab", "QemuPid": 200, "AgentPid": 0}}]
+
+
+def test_owned_of_a_vm_container(monkeypatch):
+    subject = drivers.VmshimSubject(["vmshim"], "vm", "t")
+    monkeypatch.setattr(subject, "inspect", lambda ref: INSPECT[0])
+    parents = {100: 1, 101: 100, 200: 5, 201: 200, 82: 1, 999: 1}
+    monkeypatch.setattr(procmem, "parent_map", lambda: parents)
+    monkeypatch.setattr(procmem, "pids_in_cgroup_matching", lambda text: {999} if text == "ab" * 32 else set())
+    owned = subject.owned("c1")
+    assert owned.pids == {100, 101, 200, 201, 999}  # 82 is the guest's pid, not the host's
+    assert owned.roots == {"State.Pid": 100, "State.MonitorPid": 100, "Vmshim.QemuPid": 200}
+
+
+def test_owned_finds_qemu_through_libvirt_when_inspect_lacks_it(monkeypatch):
+    info = {"Id": "cd" * 32, "State": {"Pid": 100}, "Vmshim": {"Domain": ""}}
+    subject = drivers.VmshimSubject(["vmshim"], "vm", "t")
+    monkeypatch.setattr(subject, "inspect", lambda ref: info)
+    monkeypatch.setattr(procmem, "parent_map", lambda: {100: 1, 300: 5})
+    monkeypatch.setattr(procmem, "pids_in_cgroup_matching", lambda text: set())
+    asked = []
+    monkeypatch.setattr(drivers, "qemu_pid_of", lambda d: asked.append(d) or 300)
+    assert subject.owned("c1").pids == {100, 300}
+    assert asked == ["vmshim-" + "cd" * 6]
+
+
+def test_shown_is_what_a_user_types():
+    assert drivers.shown(["/venv/bin/python3", "-m", "shim.cli.main", "run", "busybox"]) == "vmshim run busybox"
+    assert drivers.shown(["/venv/bin/vmshim", "exec", "x", "sh", "-c", "a\nb"]) == "vmshim exec x sh -c '<script>'"
+
+
+# -- runc bundle -------------------------------------------------------------------------------
+
+def _layer(path: Path, entries: dict[str, bytes | None]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unpack_layers_applies_whiteouts(tmp_path):
+    lower = _layer(tmp_path / "l0.tar.gz", {"etc": None, "etc/keep": b"k", "etc/gone": b"g",
+                                            "opq": None, "opq/old": b"o", "bin": None,
+                                            "bin/sh": b"sh"})
+    upper = _layer(tmp_path / "l1.tar.gz", {"etc/.wh.gone": b"", "opq/.wh..wh..opq": b"",
+                                            "opq/new": b"n"})
+    rootfs = tmp_path / "rootfs"
+    drivers.unpack_layers([lower, upper], rootfs)
+    assert (rootfs / "etc/keep").read_bytes() == b"k"
+    assert not (rootfs / "etc/gone").exists()
+    assert not (rootfs / "etc/.wh.gone").exists()
+    assert sorted(p.name for p in (rootfs / "opq").iterdir()) == ["new"]
+    assert (rootfs / "bin/sh").exists()
+
+
+def test_unpack_layers_refuses_escapes(tmp_path):
+    bad = _layer(tmp_path / "bad.tar.gz", {"../evil": b"x"})
+    with pytest.raises(drivers.BenchError, match="outside the rootfs"):
+        drivers.unpack_layers([bad], tmp_path / "rootfs")
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+def _ctx(runs=3) -> suite.Context:
+    return suite.Context(runs=runs, max_density=2, sizes=Sizes(), results=Results(),
+                         caps=Capabilities(), drivers={}, unavailable={}, workdir=Path("/nonexistent"),
+                         tag="t", log=lambda msg: None)
+
+
+def test_sample_interleaves_and_records_failures():
+    ctx = _ctx(runs=3)
+    fig = ctx.results.figure("f", "f", "s")
+    calls = []
+
+    def measurer(name, values):
+        it = iter(values)
+
+        def fn():
+            calls.append(name)
+            v = next(it)
+            if isinstance(v, Exception):
+                raise v
+            return v
+        return fn
+
+    suite._sample(ctx, fig, {
+        "process": measurer("process", [9, 1, 2, 3]),
+        "vm": measurer("vm", [9, 10, 20, 30]),
+        "runc": measurer("runc", [drivers.BenchError("runc broke")]),
+        "floor": measurer("floor", [9, 5, drivers.BenchError("qemu died")]),
+    })
+    # warm-ups first (not recorded), then vm, process, floor interleaved run by run
+    assert calls[:4] == ["vm", "process", "runc", "floor"]
+    assert calls[4:] == ["vm", "process", "floor", "vm", "process", "floor", "vm", "process"]
+    assert fig.subjects["vm"].samples == [10, 20, 30]
+    assert fig.subjects["process"].samples == [1, 2, 3]
+    assert fig.subjects["runc"].skipped == "failed: runc broke"
+    assert fig.subjects["floor"].skipped == "failed in run 2: qemu died"
+    assert fig.subjects["floor"].extra["partial_samples"] == [5]
+
+
+def test_lifecycle_missing_skips_vmshim_subjects():
+    ctx = _ctx()
+    ctx.caps = Capabilities({"run"}, {"--rm"})
+    fig = ctx.results.figure("exec", "exec", "s")
+    left = ctx.lifecycle([fig], ["vm", "process", "runc"], "exec")
+    assert left == ["runc"]
+    assert fig.subjects["vm"].skipped == "`vmshim run -d`, `vmshim rm`, `vmshim exec` not available"
+
+
+def test_select():
+    assert suite.select([]) == list(suite.BENCHMARKS)
+    assert suite.select(["exec,cold_start", "memory"]) == ["cold_start", "exec", "memory"]
+    with pytest.raises(UsageError, match="unknown benchmark nope"):
+        suite.select(["cold_start,nope"])
+
+
+# -- the report --------------------------------------------------------------------------------
+
+def _results() -> Results:
+    r = Results(meta={"runs": 3, "host": {"accel": {"kind": "tcg", "reason": "no kvm"},
+                                           "cpus": 2, "cpu_model": "Test CPU",
+                                           "host_kernel": "6.1", "guest_kernel": "6.1-cloud"}})
+    r.figures["cold_start"] = _figure()
+    io_fig = r.figure("io_seq_write", "write", "MiB/s", higher_is_better=True)
+    io_fig.add("vm", 120)
+    io_fig.add("process", 1800)
+    dens = r.figure("density", "density", "containers", higher_is_better=True)
+    dens.add("vm", 3)
+    dens.result("vm").extra.update({"stopped": "container 4 missed 1 s with 4 running",
+                                    "steps": [{"running": 1, "exec_max_s": 0.1},
+                                              {"running": 2, "exec_max_s": 0.3}]})
+    return r
+
+
+def test_fmt():
+    assert report.fmt(0.0421, "s") == "42 ms"
+    assert report.fmt(2.604, "s") == "2.60 s"
+    assert report.fmt(1844.3, "MiB/s") == "1844 MiB/s"
+    assert report.fmt(24.86, "MiB") == "24.9 MiB"
+    assert report.fmt(3, "containers") == "3"
+    assert report.fmt(None, "s") == "—"
+    assert report.fmt_ratio(12.38) == "12.38x"
+    assert report.fmt_range(915.2, 1404.0, "MiB/s") == "[915 – 1404 MiB/s]"
+    assert report.fmt_range(0.5, 2.0, "s") == "[500 ms – 2.00 s]"
+
+
+def test_table_rows_and_footnotes():
+    table, notes = report.table(_results())
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(table)
+    text = console.export_text()
+    assert "2.60 s" in text and "[2.50 s – 2.90 s]" in text
+    assert "12.38x" in text  # vm ÷ process
+    assert "1.37x" in text  # vm ÷ floor
+    assert "0.07x" in text  # a throughput below process
+    assert "TCG (no kvm)" in text
+    assert notes == ["[1] runc: not installed", "[2] density vm: container 4 missed 1 s with 4 running"]
+
+
+def test_json_and_charts(tmp_path):
+    results = _results()
+    path = report.write_json(results, tmp_path / "results.json")
+    data = json.loads(path.read_text())
+    assert data["figures"]["cold_start"]["subjects"]["vm"]["ratios"]["to_floor"] == pytest.approx(2.6 / 1.9)
+    charts = report.write_charts(results, tmp_path)
+    names = sorted(p.name for p in charts)
+    assert names == ["cold_start.png", "density.png", "density_steps.png", "io_seq_write.png",
+                     "summary.png"]
+    for p in charts:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
