@@ -40,9 +40,16 @@ def time_floor(image, accel_kind: str) -> float:
     """Launch bare QEMU and wait for the first bytes on the agent socket."""
     from shim.guestimage import boot_floor_command
 
+    from guest.spec import BootConfig, ProcessSpec
+    from shim.vm.configdrive import build_config_drive
+
     tmp = Path(tempfile.mkdtemp(prefix="vmshim-floor-"))
     sock_path = str(tmp / "agent.sock")
-    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"))
+    # The same config drive a container gets, so the guest boots exactly as it would.
+    drive = build_config_drive(
+        BootConfig(container_id="0" * 64, token="floor", hostname="floor",
+                   process=ProcessSpec(args=["true"]), layer_count=0), tmp / "config.iso")
+    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"), config_drive=str(drive))
     if accel_kind == "kvm":
         argv = [a.replace("accel=tcg", "accel=kvm").replace("-accel tcg", "-accel kvm") for a in argv]
     start = time.perf_counter()
