@@ -342,6 +342,12 @@ DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import guest.agent, guest.init as init
+# init mounts tmpfs over /tmp and /run: a checkout living there (a CI clone in /tmp) would
+# vanish under it, so load every guest module now, as the guest image has them all.
+import importlib, pkgutil, guest, guest.runtime
+for pkg in (guest, guest.runtime):
+    for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(info.name)
 fd = {fd}
 disks = {disks!r}
 init.find_disks = lambda: dict(disks)
