@@ -27,7 +27,6 @@ control does the rest.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import select
@@ -39,7 +38,7 @@ import traceback
 
 from guest import protocol
 from guest.protocol import Message, ProtocolError
-from guest.spec import BootConfig, ProcessSpec
+from guest.spec import ProcessSpec
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogWriter
@@ -101,6 +100,20 @@ def make_placement(record: Container, store: ContainerStore, backend=None):
                             mounts=record.mounts, network=record.network)
 
 
+
+def send_buffered(sock, buf: bytearray) -> bool:
+    """Send what *buf* holds without blocking, removing what went out. Returns False when
+    the peer is gone (the caller closes), True otherwise (sent all, or would block)."""
+    while buf:
+        try:
+            sent = sock.send(buf[:1 << 20])
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del buf[:sent]
+    return True
+
 class Conn:
     """One client connection (non-blocking; frames queued in ``out``)."""
 
@@ -125,15 +138,9 @@ class Conn:
         self.flush()
 
     def flush(self) -> None:
-        while self.out and not self.closed:
-            try:
-                sent = self.sock.send(self.out[:1 << 20])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
+        if not self.closed and not send_buffered(self.sock, self.out):
+            self.close()
+            return
         if self.closing and not self.out:
             self.close()
 
@@ -291,15 +298,8 @@ class Monitor:
         self._flush_agent()
 
     def _flush_agent(self) -> None:
-        while self.agent_out and self.agent is not None:
-            try:
-                sent = self.agent.send(self.agent_out[:1 << 20])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._agent_gone()
-                return
-            del self.agent_out[:sent]
+        if self.agent is not None and not send_buffered(self.agent, self.agent_out):
+            self._agent_gone()
 
     def _on_agent(self, event: int) -> None:
         if event & select.POLLOUT:
