@@ -278,6 +278,13 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
     from guest.runtime import rootfs, syscalls
     from guest.spec import LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 
+    if config.rootfs_share:  # an OCI bundle's rootfs, shared by the host as it is
+        from guest.runtime import mounts
+
+        try:
+            return mounts.mount_virtiofs(config.rootfs_share, ROOTFS, False)
+        except mounts.MountError as exc:
+            raise BootError(f"cannot mount the bundle's rootfs: {exc}") from None
     lowerdirs = []
     for index in range(config.layer_count):
         device = disks[f"{LAYER_SERIAL_PREFIX}{index}"]
@@ -370,6 +377,18 @@ def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
         console.log(f"could not tell the host: {exc}")
 
 
+def apply_sysctls(sysctl: dict) -> None:
+    """The container's sysctls (OCI ``linux.sysctl``), in the VM's own kernel. Raises
+    BootError naming the first that cannot be set."""
+    for key, value in sysctl.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise BootError(f"cannot set sysctl {key}={value}: {exc.strerror}") from None
+
+
 def overcommit_memory() -> None:
     """vm.overcommit_memory=1: allocations succeed as they would on a big host. The VM is
     sized to the container's limit plus what the guest needs, so without this a large
@@ -400,6 +419,8 @@ def stage_mounts(config, disks: dict[str, str]) -> list:
         try:
             if spec.type == "bind":
                 source = mounts.mount_virtiofs(spec.source, stage, spec.readonly)
+                if spec.subpath:  # one file (or directory) of the shared directory
+                    source = mounts.inside_share(source, spec.subpath)
             elif spec.type == "volume":
                 source = mounts.mount_volume(disks[spec.source], stage, spec.readonly)
                 _staged_volumes.append(stage)
@@ -476,6 +497,8 @@ def prepare_container():
             console.log(f"cannot bring up lo: {exc}")
     cgroup = make_cgroup(config)
     overcommit_memory()
+    if config.sysctl:
+        apply_sysctls(config.sysctl)
     console.phase("cgroup")
     sources = stage_mounts(config, disks)
     try:

@@ -21,6 +21,9 @@ VOLUME_SERIAL_PREFIX = "vmshim-v"
 """Volume disks are ``vmshim-v0`` … (a MountSpec of type volume names its serial)."""
 SHARE_TAG_PREFIX = "vmshim-b"
 """virtiofs tags of bind mounts are ``vmshim-b0`` … (a bind MountSpec names its tag)."""
+ROOTFS_SHARE_TAG = "vmshim-root"
+"""virtiofs tag of a host directory used as the whole rootfs (an OCI bundle's root.path:
+vmshim-runtime); BootConfig ``rootfs_share`` names it."""
 AGENT_PORT_NAME = "org.vmshim.agent"
 """virtio-serial port name the agent opens (/sys/class/virtio-ports/*/name)."""
 
@@ -70,10 +73,17 @@ class ProcessSpec(_Record):
     -1 = unlimited), set before the exec (docker's ``--ulimit``, OCI ``process.rlimits``);
     ``oom_score_adj`` (-1000..1000 or None: inherited) is written to
     /proc/self/oom_score_adj (OCI ``process.oomScoreAdj``).
+
+    Set by vmshim-runtime from an OCI process (None / empty: as before, root's full set):
+    ``capabilities`` maps ``bounding``/``effective``/``permitted``/``inheritable``/
+    ``ambient`` to lists of names (``CAP_CHOWN`` …, see :data:`CAPABILITIES`);
+    ``no_new_privs`` sets PR_SET_NO_NEW_PRIVS; ``additional_gids`` are added to the
+    supplementary groups; ``umask`` (0..0o777) is set before the exec.
     """
 
     _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
-               "rlimits": list, "oom_score_adj": None}
+               "rlimits": list, "oom_score_adj": None, "capabilities": None,
+               "no_new_privs": False, "additional_gids": list, "umask": None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -101,8 +111,27 @@ class ProcessSpec(_Record):
         oom = data.get("oom_score_adj")
         if oom is not None and not (_is_int(oom) and -1000 <= oom <= 1000):
             raise ValueError("process.oom_score_adj must be an integer in -1000..1000")
+        caps = data.get("capabilities")
+        if caps is not None and (not isinstance(caps, dict) or not set(caps) <= set(CAP_SETS)
+                                 or not all(isinstance(v, list) and all(c in CAPABILITIES
+                                                                        for c in v)
+                                            for v in caps.values())):
+            raise ValueError("process.capabilities must map capability sets to known "
+                             "capability names")
+        nnp = data.get("no_new_privs", False)
+        if not isinstance(nnp, bool):
+            raise ValueError("process.no_new_privs must be a boolean")
+        gids = data.get("additional_gids", [])
+        if not isinstance(gids, list) or len(gids) > 256 or not all(
+                _is_int(g) and 0 <= g < 1 << 32 for g in gids):
+            raise ValueError("process.additional_gids must be a list of gids")
+        umask = data.get("umask")
+        if umask is not None and not (_is_int(umask) and 0 <= umask <= 0o777):
+            raise ValueError("process.umask must be an integer in 0..0o777")
         return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty,
-                   rlimits=[list(r) for r in rlimits], oom_score_adj=oom)
+                   rlimits=[list(r) for r in rlimits], oom_score_adj=oom,
+                   capabilities={k: list(v) for k, v in caps.items()} if caps is not None
+                   else None, no_new_privs=nnp, additional_gids=list(gids), umask=umask)
 
     def to_dict(self) -> dict:
         data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
@@ -111,12 +140,33 @@ class ProcessSpec(_Record):
             data["rlimits"] = [list(r) for r in self.rlimits]
         if self.oom_score_adj is not None:
             data["oom_score_adj"] = self.oom_score_adj
+        if self.capabilities is not None:
+            data["capabilities"] = {k: list(v) for k, v in self.capabilities.items()}
+        if self.no_new_privs:
+            data["no_new_privs"] = True
+        if self.additional_gids:
+            data["additional_gids"] = list(self.additional_gids)
+        if self.umask is not None:
+            data["umask"] = self.umask
         return data
 
 
 RLIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
                 "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack", "as")
 """``--ulimit`` names (docker's, plus ``as``); ``RLIMIT_<NAME>`` in the resource module."""
+
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
+"""Linux capability names; the index is the capability's number."""
+CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
 def _is_int(value) -> bool:
@@ -202,16 +252,21 @@ class MountSpec(_Record):
     serial (volume); on the host a path (bind) or the already mounted volume's directory;
     empty for tmpfs. ``target`` is absolute, inside the container. ``options`` is the
     tmpfs mount data (``size=…,mode=…``). ``copy_up``: the volume is new, fill it with
-    what the image has at ``target`` (docker's behaviour).
+    what the image has at ``target`` (docker's behaviour). ``subpath`` (bind, VM only):
+    mount this entry of the shared directory instead of all of it (a single-file bind:
+    the host shares the file's directory).
     """
 
     _fields = {"type": _REQUIRED, "source": "", "target": _REQUIRED, "readonly": False,
-               "options": "", "copy_up": False}
+               "options": "", "copy_up": False, "subpath": ""}
 
     TYPES = ("bind", "volume", "tmpfs")
 
     def to_dict(self) -> dict:
-        return {n: getattr(self, n) for n in self._fields}
+        data = {n: getattr(self, n) for n in self._fields}
+        if not self.subpath:
+            del data["subpath"]  # an older agent never sees a field it does not know
+        return data
 
     @classmethod
     def from_dict(cls, data) -> "MountSpec":
@@ -222,13 +277,15 @@ class MountSpec(_Record):
         if kind not in cls.TYPES:
             raise ValueError(f"mount type must be one of {', '.join(cls.TYPES)}")
         out = {"type": kind}
-        for name in ("source", "target", "options"):
+        for name in ("source", "target", "options", "subpath"):
             value = data.get(name, "")
             if not isinstance(value, str) or len(value) > 4096 or "\0" in value:
                 raise ValueError(f"mount field {name!r} must be a string")
             out[name] = value
         if not out["target"].startswith("/"):
             raise ValueError("mount target must be an absolute path")
+        if out["subpath"] and (out["subpath"].startswith("/") or ".." in out["subpath"].split("/")):
+            raise ValueError("mount subpath must be relative and stay inside the share")
         for name in ("readonly", "copy_up"):
             value = data.get(name, False)
             if not isinstance(value, bool):
@@ -256,13 +313,20 @@ class BootConfig(_Record):
     ``limits`` (a :class:`Limits`, optional) carries every cgroup limit; when given it is
     used instead of ``memory_limit``/``pids_limit`` (see :meth:`cgroup_limits`).
     ``mounts`` are :class:`MountSpec` s, made in list order; ``read_only`` makes the
-    container's rootfs read-only (docker's ``--read-only``).
+    container's rootfs read-only (docker's ``--read-only``). ``rootfs_share`` (a virtiofs
+    tag, :data:`ROOTFS_SHARE_TAG`) makes a shared host directory the rootfs instead of
+    layers + overlay (``layer_count`` is then 0). ``masked_paths`` / ``readonly_paths``
+    (OCI's, from vmshim-runtime) replace the guest's default lists (guest.runtime.rootfs);
+    None keeps them. ``sysctl`` (``{"net.ipv4.ip_forward": "1"}``) is written to
+    /proc/sys at boot: the VM's kernel is the container's alone, so any key may be set.
     """
 
     _fields = {"container_id": _REQUIRED, "token": _REQUIRED, "hostname": _REQUIRED,
                "process": _REQUIRED, "layer_count": _REQUIRED, "writable": "tmpfs",
                "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0,
-               "network": dict, "limits": None, "mounts": list, "read_only": False}
+               "network": dict, "limits": None, "mounts": list, "read_only": False,
+               "rootfs_share": "", "masked_paths": None, "readonly_paths": None,
+               "sysctl": dict}
 
     def cgroup_limits(self) -> Limits:
         """The limits to apply: ``limits``, or else the two shorthand fields."""
@@ -275,8 +339,11 @@ class BootConfig(_Record):
         data["process"] = self.process.to_dict()
         if not self.network:
             del data["network"]  # an older agent never sees a field it does not know
-        for name in ("limits", "mounts", "read_only"):  # likewise
+        for name in ("limits", "mounts", "read_only", "rootfs_share", "sysctl"):  # likewise
             if not data[name]:
+                del data[name]
+        for name in ("masked_paths", "readonly_paths"):
+            if data[name] is None:
                 del data[name]
         if self.limits is not None:
             data["limits"] = self.limits.to_dict()
@@ -292,7 +359,8 @@ class BootConfig(_Record):
         out = {}
         for name, kind in (("container_id", str), ("token", str), ("hostname", str),
                            ("layer_count", int), ("writable", str), ("hosts", str),
-                           ("resolv_conf", str), ("memory_limit", int), ("pids_limit", int)):
+                           ("resolv_conf", str), ("memory_limit", int), ("pids_limit", int),
+                           ("rootfs_share", str)):
             if name in data:
                 if not isinstance(data[name], kind) or isinstance(data[name], bool):
                     raise ValueError(f"boot config field {name!r} has the wrong type")
@@ -314,6 +382,21 @@ class BootConfig(_Record):
         if not isinstance(data.get("read_only", False), bool):
             raise ValueError("boot config field 'read_only' must be a boolean")
         out["read_only"] = data.get("read_only", False)
+        for name in ("masked_paths", "readonly_paths"):
+            value = data.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, list) or len(value) > 256 or not all(
+                    isinstance(p, str) and p.startswith("/") and "\0" not in p
+                    and ".." not in p.split("/") for p in value):
+                raise ValueError(f"boot config field {name!r} must be a list of absolute paths")
+            out[name] = list(value)
+        sysctl = data.get("sysctl", {})
+        if not isinstance(sysctl, dict) or len(sysctl) > 256 or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "/" not in k
+                and ".." not in k and "\0" not in k + v for k, v in sysctl.items()):
+            raise ValueError("boot config field 'sysctl' must map sysctl names to strings")
+        out["sysctl"] = dict(sysctl)
         return cls(**out)
 
 

@@ -116,7 +116,9 @@ class Container:
             raise SpawnError("the container's process was already started")
         self.main = spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
                                     namespaces=self.namespaces, hosts_files=self.binds,
-                                    stdin=stdin, rows=rows, cols=cols)
+                                    stdin=stdin, rows=rows, cols=cols,
+                                    masked_paths=self.config.masked_paths,
+                                    readonly_paths=self.config.readonly_paths)
         return self.main
 
     def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,

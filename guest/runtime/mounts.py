@@ -80,6 +80,17 @@ def mount_virtiofs(tag: str, target: str, readonly: bool) -> str:
     return target
 
 
+def inside_share(share_dir: str, subpath: str) -> str:
+    """The entry *subpath* of the mounted share *share_dir*, refusing a path that
+    leaves it (through ``..`` or a symlink). Raises MountError."""
+    path = os.path.realpath(os.path.join(share_dir, subpath))
+    if os.path.commonpath([path, os.path.realpath(share_dir)]) != os.path.realpath(share_dir):
+        raise MountError(f"{subpath!r} leaves the shared directory")
+    if not os.path.lexists(path):
+        raise MountError(f"{subpath!r} is not in the shared directory")
+    return path
+
+
 def mount_volume(device: str, target: str, readonly: bool) -> str:
     """Mount a volume's ext4 *device* at *target* (created); return the directory to
     bind into the container (``target/data``, made on first use). A read-only volume

@@ -122,7 +122,7 @@ class _Plan:
                  rootfs: str | None = None, bind_files: dict | None = None,
                  cgroup2_inside: bool = False, loopback: bool = False,
                  set_hostname: bool = False, join_fds: list | None = None,
-                 builtin=None):
+                 builtin=None, masked_paths=None, readonly_paths=None):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -136,6 +136,8 @@ class _Plan:
         self.cgroup2_inside = cgroup2_inside
         self.loopback = loopback
         self.set_hostname = set_hostname
+        self.masked_paths = masked_paths  # None: rootfs.MASKED_PATHS
+        self.readonly_paths = readonly_paths
         # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
         self.join_fds = join_fds or []
         # Instead of execve: call builtin() in the container and exit with its result.
@@ -146,7 +148,8 @@ class _Plan:
 
 def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgroup: Cgroup | None,
                     namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
-                    stdin: bool = True, rows: int = 24, cols: int = 80) -> Spawned:
+                    stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
+                    readonly_paths=None) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -155,7 +158,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
     ``mnt`` the process is only chroot'ed; with *rootfs* None it keeps the caller's root
     (tests, and plain processes on the host). *hosts_files* maps container paths to files to
     bind-mount there (see :func:`rootfs.prepare_rootfs`). ``process.tty`` selects a pty
-    (of *rows* × *cols*) instead of pipes.
+    (of *rows* × *cols*) instead of pipes. *masked_paths* / *readonly_paths* replace the
+    default lists of :func:`rootfs.setup_mounts` (None: the defaults).
 
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
@@ -171,7 +175,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                  cgroup=cgroup, unshare_flags=flags,
                  rootfs=os.path.abspath(rootfs) if rootfs is not None else None,
                  bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
-                 loopback="net" in namespaces, set_hostname="uts" in namespaces)
+                 loopback="net" in namespaces, set_hostname="uts" in namespaces,
+                 masked_paths=masked_paths, readonly_paths=readonly_paths)
     syscalls.set_child_subreaper()
     return _spawn(plan)
 
@@ -208,6 +213,9 @@ def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str
 
 def _spawn(plan: _Plan) -> Spawned:
     """Fork the intermediate, collect the reports, return the Spawned or raise SpawnError."""
+    if plan.process.rlimits:
+        import resource  # noqa: F401 - here: an exec's child is in the container's mount
+        #                  namespace before it could import it (the image has no python)
     ours: list[int] = []     # caller's ends
     theirs: list[int] = []   # children's ends, closed here after the fork
     stdio = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
@@ -391,7 +399,21 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
             raise _ChildFailure(str(exc)) from None
         _setup_stdio(plan, sock, stdio, user.uid)
         _apply_process_limits(plan.process)
+        caps = plan.process.capabilities
+        if caps is not None:
+            _drop_bounding(caps.get("bounding", []))
+            if user.uid != 0:
+                syscalls.prctl(syscalls.PR_SET_KEEPCAPS, 1)
+        if plan.process.additional_gids:
+            user = user._replace(groups=tuple(dict.fromkeys(
+                list(user.groups) + list(plan.process.additional_gids))))
         _become(user)
+        if caps is not None:
+            _set_capabilities(caps)
+        if plan.process.umask is not None:
+            os.umask(plan.process.umask)
+        if plan.process.no_new_privs:
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         try:
             os.chdir(plan.process.cwd)
         except OSError as exc:
@@ -441,6 +463,57 @@ def _apply_process_limits(process: ProcessSpec) -> None:
                                 f"{exc.strerror.lower()}") from None
 
 
+def _cap_mask(names) -> int:
+    from guest.spec import CAPABILITIES
+
+    mask = 0
+    for name in names:
+        mask |= 1 << CAPABILITIES.index(name)
+    return mask
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+def _drop_bounding(keep) -> None:
+    """Drop every capability not in *keep* from the bounding set (needs CAP_SETPCAP, so
+    before the uid changes): what an exec can ever gain."""
+    wanted = _cap_mask(keep)
+    for cap in range(_last_cap() + 1):
+        if not wanted & (1 << cap):
+            try:
+                syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+            except OSError as exc:
+                raise _ChildFailure(f"cannot drop capability {cap} from the bounding set: "
+                                    f"{exc.strerror}") from None
+
+
+def _set_capabilities(caps: dict) -> None:
+    """The effective, permitted, inheritable and ambient sets of an OCI process. An
+    ambient capability the kernel refuses (it must be permitted and inheritable too) is
+    left out, as runc does."""
+    from guest.spec import CAPABILITIES
+
+    try:
+        syscalls.capset(_cap_mask(caps.get("effective", [])),
+                        _cap_mask(caps.get("permitted", [])),
+                        _cap_mask(caps.get("inheritable", [])))
+        syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError as exc:
+        raise _ChildFailure(f"cannot set the process's capabilities: {exc.strerror}") from None
+    for name in caps.get("ambient", []):
+        try:
+            syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_RAISE,
+                           CAPABILITIES.index(name))
+        except OSError:
+            pass
+
+
 def _rlim(value: int) -> str:
     return "unlimited" if value < 0 else str(value)
 
@@ -467,7 +540,9 @@ def _enter_rootfs(plan: _Plan) -> None:
     if plan.unshare_flags & syscalls.CLONE_NEWNS:
         try:
             rootfs_mod.setup_mounts(plan.rootfs, bind_files=plan.bind_files,
-                                    cgroup2=plan.cgroup2_inside)
+                                    cgroup2=plan.cgroup2_inside,
+                                    masked_paths=plan.masked_paths,
+                                    readonly_paths=plan.readonly_paths)
             rootfs_mod.pivot_to(plan.rootfs)
         except OSError as exc:
             raise _ChildFailure(f"cannot set up the container's filesystem: "

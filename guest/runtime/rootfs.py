@@ -222,7 +222,7 @@ def _populate_dev(dev: str) -> None:
 
 
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
-                 cgroup2: bool = False) -> None:
+                 cgroup2: bool = False, masked_paths=None, readonly_paths=None) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
     must be a new one (CLONE_NEWNS) and, for /proc, a process in the container's new pid
     namespace. Raises OSError naming the mount that failed. Follow with :func:`pivot_to`.
@@ -261,17 +261,23 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
         target = ensure_file(rootfs, container_path)
         syscalls.mount(source, target, None, MS_BIND, None)
 
-    _restrict_proc(rootfs)
+    _restrict_proc(rootfs, MASKED_PATHS if masked_paths is None else masked_paths,
+                   READONLY_PATHS if readonly_paths is None else readonly_paths)
 
 
-def _restrict_proc(rootfs: str) -> None:
+def _restrict_proc(rootfs: str, masked, readonly) -> None:
+    """Mask *masked* (files: /dev/null on them; directories: an empty read-only tmpfs)
+    and make *readonly* read-only, as runc does with OCI's maskedPaths/readonlyPaths.
+    Paths are resolved inside *rootfs* (symlinks cannot lead out of it)."""
     null = os.path.join(rootfs, "dev/null")
-    for path in MASKED_PATHS:
-        target = os.path.join(rootfs, path.lstrip("/"))  # inside our own fresh /proc
-        if os.path.isfile(target):
+    for path in masked:
+        target = secure_join(rootfs, path)
+        if os.path.isdir(target) and not os.path.islink(target):
+            syscalls.mount("tmpfs", target, "tmpfs", MS_RDONLY, None)
+        elif os.path.isfile(target):
             syscalls.mount(null, target, None, MS_BIND, None)
-    for path in READONLY_PATHS:
-        target = os.path.join(rootfs, path.lstrip("/"))
+    for path in readonly:
+        target = secure_join(rootfs, path)
         if os.path.exists(target):
             syscalls.mount(target, target, None, MS_BIND | MS_REC, None)
             syscalls.mount(None, target, None,
