@@ -9,6 +9,7 @@ sends the window size on SIGWINCH, and returns the process's exit code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import termios
@@ -43,7 +44,10 @@ def raw_terminal(fd: int | None):
         tty.setraw(fd)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass  # the terminal hung up (a pty whose master was closed): nothing to restore
 
 
 class StdioPump:
@@ -146,6 +150,10 @@ def _write_all(fd: int, data: bytes) -> None:
         except BlockingIOError:
             wait_readable([], 0.01)
             continue
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):
             return
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # a terminal that hung up: the output has no reader
+                return
+            raise
         view = view[written:]

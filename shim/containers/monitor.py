@@ -92,7 +92,8 @@ def make_placement(record: Container, store: ContainerStore, backend=None):
         return VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
                            memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
                            vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
-                           mounts=record.mounts, network=record.network)
+                           mounts=record.mounts, network=record.network,
+                           rootfs_dir=record.rootfs)
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None

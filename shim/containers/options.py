@@ -101,13 +101,17 @@ def parse_signal(text: str | int) -> int:
 
 def boot_config_of(record) -> "BootConfig":
     """The guest's BootConfig for a stored container record (shim.containers.store)."""
-    from guest.spec import BootConfig
+    from guest.spec import ROOTFS_SHARE_TAG, BootConfig
 
     return BootConfig(
         container_id=record.id, token=record.token, hostname=record.hostname,
         process=ProcessSpec.from_dict(record.process), layer_count=len(record.layer_disks),
         writable="disk" if record.writable == "disk" and record.isolation == "vm" else "tmpfs",
         hosts=record.hosts, resolv_conf=record.resolv_conf,
+        rootfs_share=ROOTFS_SHARE_TAG if getattr(record, "rootfs", "") else "",
+        masked_paths=getattr(record, "masked_paths", None),
+        readonly_paths=getattr(record, "readonly_paths", None),
+        sysctl=dict(getattr(record, "sysctl", None) or {}),
         **_limits_of(record))
 
 

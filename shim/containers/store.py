@@ -136,6 +136,14 @@ class Container:
     mounts: list = field(default_factory=list)
     """shim.volumes.specs.MountRequest.to_dict() for each mount, in order."""
     read_only: bool = False
+    rootfs: str = ""
+    """A host directory that is the whole rootfs (an OCI bundle's, vmshim-runtime);
+    "" for an image's layers. VM isolation only."""
+    masked_paths: list | None = None
+    readonly_paths: list | None = None
+    """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
+    sysctl: dict = field(default_factory=dict)
+    """Set in the VM's kernel at boot (OCI linux.sysctl)."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

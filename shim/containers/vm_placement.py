@@ -15,7 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
-from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL, BootConfig
+from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG,
+                        WRITABLE_SERIAL, BootConfig)
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
 
@@ -71,7 +72,7 @@ class VmPlacement:
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: dict | None = None):
+                 network: dict | None = None, rootfs_dir: str = ""):
         from shim.volumes.attach import Attachments
 
         self.boot_config = boot
@@ -85,6 +86,9 @@ class VmPlacement:
         teardown() once the VM is gone."""
         self._volume_disks: list = []
         self._shares: list = []
+        self.rootfs_dir = rootfs_dir
+        """A host directory shared as the whole rootfs (vmshim-runtime's bundles); "" for
+        an image's layers."""
         self.layer_disks = [Path(p) for p in layer_disks]
         self.run_dir = Path(run_dir)
         self.name = name
@@ -134,9 +138,16 @@ class VmPlacement:
             serial=dom.SerialLog(path=str(self.console_log)),
             interfaces=self.network.domain_interfaces() if self.network is not None else [],
             metadata={"container-id": self.boot_config.container_id, "name": self.name},
-            filesystems=list(self._shares),
+            filesystems=self._rootfs_shares() + list(self._shares),
             cpuset=self.cpuset,
         )
+
+    def _rootfs_shares(self) -> list:
+        from shim.vm.domain import Filesystem
+
+        if not self.rootfs_dir:
+            return []
+        return [Filesystem(source_dir=self.rootfs_dir, tag=ROOTFS_SHARE_TAG)]
 
     # ---- life -------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ placement, and letting go of them after.
 VM (:meth:`Attachments.for_vm`)::
 
     bind    a virtiofs share of the host directory (libvirt starts QEMU's virtiofsd; the
-            domain gets memfd shared memory), tag vmshim-b<i>. For ``:ro`` the share is a
+            domain gets memfd shared memory), tag vmshim-b<i>; a single file (OCI bundles
+            bind /etc/hosts and the like) by a share of its directory and a subpath. For ``:ro`` the share is a
             read-only (private) bind mount of it under the run directory, so virtiofsd
             itself cannot write: the guest's root could remount its own view read-write
             (the container is root in the VM), the host's cannot be
@@ -91,18 +92,20 @@ class Attachments:
         serial_of: dict[str, str] = {}
         try:
             for request in self.requests:
+                source, subpath = request.source, ""
+                if request.type == "bind" and not os.path.isdir(source):
+                    # virtiofs shares directories: share the file's own and pick it there
+                    source, subpath = os.path.split(os.path.realpath(source))
                 if request.type == "bind" and request.readonly and share_dir is not None:
                     view = Path(share_dir) / str(len(shares))
-                    _readonly_view(request.source, view)
+                    _readonly_view(source, view)
                     self.ro_shares.append(view)
                     source = str(view)
-                else:
-                    source = request.source
                 if request.type == "bind":
                     tag = f"{SHARE_TAG_PREFIX}{len(shares)}"
                     shares.append(Filesystem(source_dir=source, tag=tag))
                     specs.append(MountSpec(type="bind", source=tag, target=request.target,
-                                           readonly=request.readonly))
+                                           readonly=request.readonly, subpath=subpath))
                 elif request.type == "volume":
                     lease = self.leases[request.source]
                     if request.source not in serial_of:
