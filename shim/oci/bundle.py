@@ -1,0 +1,423 @@
+"""An OCI bundle's config.json, read into what a vmshim VM runs.
+
+:func:`load_bundle` validates the untrusted JSON and returns a :class:`Bundle`: the
+process (guest.spec.ProcessSpec), hostname, mounts (shim.volumes.specs.MountRequest),
+limits (shim.containers.resources.Resources), hooks and annotations, plus ``notes``:
+every part of the config a VM does not honour, in words (the runtime writes them to its
+``--log``; nothing is dropped silently).
+
+How the config maps onto a VM:
+
+- ``root.path`` is shared into the VM with virtiofs and becomes the rootfs as it is
+  (no layers); ``root.readonly`` makes it read-only inside the container.
+- ``mounts``: ``bind`` of a directory → a virtiofs share; of a single file → a share of
+  its directory and that entry; ``tmpfs`` → a tmpfs in the guest. ``proc``, ``sysfs``,
+  ``devpts``, ``mqueue``, ``cgroup``/``cgroup2`` and the tmpfs on /dev and /dev/shm are
+  made by the guest for every container, so these entries are already honoured. Other
+  types are reported.
+- ``process``: args, env, cwd, terminal, ``user`` (uid, gid, additionalGids, umask),
+  rlimits, oomScoreAdj, consoleSize, capabilities (all five sets) and noNewPrivileges
+  are applied by the guest. apparmor/selinux labels, ioPriority, scheduler are reported.
+- ``linux.namespaces``: the VM gives the container new pid, mount, uts, ipc and network
+  namespaces and a guest kernel of its own; a ``path`` to join a host namespace cannot
+  be honoured (the VM's network is its own: with no vmshim network it has only ``lo``).
+- ``linux.resources``: memory limit/reservation/swap, CPU quota/period/shares/cpus,
+  pids, blockIO weight become the guest cgroup's limits, and the memory limit sizes the
+  VM. Device rules, hugepages, rdma, network classes are reported.
+- ``linux.maskedPaths``/``readonlyPaths`` replace the guest's own lists; ``linux.sysctl``
+  is set in the VM's kernel (any key: the kernel is the container's alone).
+- seccomp, intelRdt, personality, uid/gid mappings are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guest.spec import CAP_SETS, CAPABILITIES, RLIMIT_NAMES, ProcessSpec
+from shim.errors import VmshimError
+
+MAX_CONFIG_BYTES = 4 << 20
+"""A config.json larger than this is refused (engines write a few KiB)."""
+ID_RE = re.compile(r"^[\w+.-]{1,1024}$")
+"""runc's rule for container ids."""
+
+GUEST_MADE_MOUNTS = {
+    "/proc": "proc", "/dev": "tmpfs", "/dev/pts": "devpts", "/dev/shm": "tmpfs",
+    "/dev/mqueue": "mqueue", "/sys": "sysfs", "/sys/fs/cgroup": "cgroup",
+}
+"""Mounts the guest makes for every container (guest.runtime.rootfs.setup_mounts)."""
+HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer",
+              "poststart", "poststop")
+SUPPORTED_NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "cgroup", "user", "time")
+
+
+class BundleError(VmshimError):
+    """The bundle or its config.json is unusable; the text names what is wrong."""
+
+
+@dataclass
+class Hook:
+    path: str
+    args: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    timeout: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "args": self.args, "env": self.env, "timeout": self.timeout}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hook":
+        return cls(path=data["path"], args=list(data.get("args") or []),
+                   env=list(data.get("env") or []), timeout=data.get("timeout"))
+
+
+@dataclass
+class Bundle:
+    """What vmshim takes from one bundle (see the module doc)."""
+
+    path: Path
+    rootfs: Path
+    process: ProcessSpec
+    hostname: str = ""
+    read_only: bool = False
+    mounts: list = field(default_factory=list)
+    """shim.volumes.specs.MountRequest list."""
+    resources: object = None
+    """shim.containers.resources.Resources."""
+    hooks: dict = field(default_factory=dict)
+    """kind (HOOK_KINDS) → list of Hook."""
+    annotations: dict = field(default_factory=dict)
+    oci_version: str = ""
+    masked_paths: list | None = None
+    readonly_paths: list | None = None
+    sysctl: dict = field(default_factory=dict)
+    console_size: tuple[int, int] | None = None
+    """(rows, cols) from process.consoleSize."""
+    notes: list[str] = field(default_factory=list)
+    """What the VM does not honour, one sentence each."""
+
+
+def check_id(container_id: str) -> str:
+    """Raise BundleError unless *container_id* is a valid container id (runc's rule)."""
+    if not ID_RE.match(container_id or "") or container_id in (".", ".."):
+        raise BundleError(f"invalid container id {container_id!r}: use letters, digits, "
+                          "'_', '+', '-', '.'")
+    return container_id
+
+
+def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
+    """Read and check ``<bundle_dir>/config.json``. Raises BundleError naming the field."""
+    bundle = Path(bundle_dir).absolute()
+    if not bundle.is_dir():
+        raise BundleError(f"the bundle {bundle} is not a directory")
+    path = bundle / "config.json"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise BundleError(f"the bundle {bundle} has no config.json") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise BundleError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        config = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    try:
+        return parse_config(config, bundle)
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+
+
+def parse_config(config: dict, bundle: Path) -> Bundle:
+    """Translate a config.json object. Raises ValueError naming the bad field."""
+    version = config.get("ociVersion")
+    if not isinstance(version, str) or not version.startswith("1."):
+        raise ValueError("ociVersion must be a 1.x version string")
+    root = _obj(config, "root")
+    root_path = root.get("path")
+    if not isinstance(root_path, str) or not root_path:
+        raise ValueError("root.path must be a non-empty string")
+    rootfs = Path(root_path) if os.path.isabs(root_path) else bundle / root_path
+    if not rootfs.is_dir():
+        raise ValueError(f"root.path {str(rootfs)!r} is not a directory")
+    read_only = root.get("readonly", False)
+    if not isinstance(read_only, bool):
+        raise ValueError("root.readonly must be a boolean")
+    notes: list[str] = []
+    process, console_size = _process(_obj(config, "process", required=True), notes)
+    hostname = config.get("hostname", "")
+    if not isinstance(hostname, str) or len(hostname) > 64:
+        raise ValueError("hostname must be a string of at most 64 characters")
+    annotations = config.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        raise ValueError("annotations must map strings to strings")
+    linux = _obj(config, "linux")
+    out = Bundle(path=bundle, rootfs=rootfs.resolve(), process=process, hostname=hostname,
+                 read_only=read_only, annotations=dict(annotations), oci_version=version,
+                 console_size=console_size, notes=notes)
+    out.mounts = _mounts(config.get("mounts", []), bundle, notes)
+    out.hooks = _hooks(config.get("hooks"))
+    out.resources = _resources(linux.get("resources"), notes)
+    out.masked_paths = _paths(linux, "maskedPaths")
+    out.readonly_paths = _paths(linux, "readonlyPaths")
+    out.sysctl = _sysctl(linux)
+    _namespaces(linux.get("namespaces", []), notes)
+    _linux_rest(linux, notes)
+    for key in ("solaris", "windows", "vm", "zos"):
+        if key in config:
+            notes.append(f"{key}: ignored (vmshim runs Linux containers in a Linux VM)")
+    return out
+
+
+# ---- parts --------------------------------------------------------------------------------
+
+def _obj(parent: dict, name: str, required: bool = False) -> dict:
+    value = parent.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required")
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object")
+    return value
+
+
+def _uint(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a non-negative integer")
+    return value
+
+
+def _process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[int, int] | None]:
+    user = _obj(process, "user")
+    uid = _uint(user.get("uid", 0), "process.user.uid")
+    gid = _uint(user.get("gid", 0), "process.user.gid")
+    extra = user.get("additionalGids") or []
+    if not isinstance(extra, list):
+        raise ValueError("process.user.additionalGids must be a list")
+    extra = [_uint(g, "process.user.additionalGids[]") for g in extra]
+    umask = user.get("umask")
+    if umask is not None and (_uint(umask, "process.user.umask") > 0o777):
+        raise ValueError("process.user.umask must be in 0..0o777")
+    if user.get("username"):
+        notes.append("process.user.username: ignored on Linux")
+    rlimits = []
+    for index, entry in enumerate(process.get("rlimits") or []):
+        where = f"process.rlimits[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise ValueError(f"{where} must be an object with a type")
+        name = entry["type"].lower().removeprefix("rlimit_")
+        if name not in RLIMIT_NAMES:
+            raise ValueError(f"{where}.type {entry['type']!r} is not an rlimit")
+        hard = _rlimit_value(entry.get("hard"), f"{where}.hard")
+        soft = _rlimit_value(entry.get("soft"), f"{where}.soft")
+        rlimits.append([name, soft, hard])
+    oom = process.get("oomScoreAdj")
+    if oom is not None and (isinstance(oom, bool) or not isinstance(oom, int)
+                            or not -1000 <= oom <= 1000):
+        raise ValueError("process.oomScoreAdj must be an integer in -1000..1000")
+    caps = process.get("capabilities")
+    if caps is not None:
+        if not isinstance(caps, dict):
+            raise ValueError("process.capabilities must be an object")
+        unknown = set(caps) - set(CAP_SETS)
+        if unknown:
+            raise ValueError(f"process.capabilities has unknown set {sorted(unknown)[0]!r}")
+        for name, values in caps.items():
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"process.capabilities.{name} must be a list of names")
+            strange = [v for v in values if v not in CAPABILITIES]
+            if strange:
+                raise ValueError(f"process.capabilities.{name}: unknown capability "
+                                 f"{strange[0]!r}")
+        caps = {k: list(v) for k, v in caps.items()}
+    nnp = process.get("noNewPrivileges", False)
+    if not isinstance(nnp, bool):
+        raise ValueError("process.noNewPrivileges must be a boolean")
+    spec = ProcessSpec.from_dict({
+        "args": process.get("args"), "env": process.get("env") or [],
+        "cwd": process.get("cwd", "/"), "user": f"{uid}:{gid}",
+        "tty": process.get("terminal", False), "rlimits": rlimits, "oom_score_adj": oom,
+        "capabilities": caps, "no_new_privs": nnp,
+        "additional_gids": [g for g in extra if g != gid], "umask": umask})
+    console = None
+    if process.get("consoleSize") is not None:
+        size = _obj(process, "consoleSize")
+        console = (_uint(size.get("height", 24), "process.consoleSize.height") or 24,
+                   _uint(size.get("width", 80), "process.consoleSize.width") or 80)
+    for key in ("apparmorProfile", "selinuxLabel", "ioPriority", "scheduler",
+                "execCPUAffinity"):
+        if process.get(key):
+            notes.append(f"process.{key}: not applied inside the VM")
+    return spec, console
+
+
+def _rlimit_value(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a non-negative integer")
+    return -1 if value >= (1 << 63) - 1 else value
+
+
+def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
+    from shim.volumes.specs import MountRequest
+
+    if not isinstance(mounts, list):
+        raise ValueError("mounts must be a list")
+    out = []
+    for index, mount in enumerate(mounts):
+        where = f"mounts[{index}]"
+        if not isinstance(mount, dict):
+            raise ValueError(f"{where} must be an object")
+        target = mount.get("destination")
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise ValueError(f"{where}.destination must be an absolute path")
+        target = os.path.normpath(target)
+        options = mount.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{where}.options must be a list of strings")
+        kind = mount.get("type") or ("bind" if {"bind", "rbind"} & set(options) else "")
+        source = mount.get("source", "")
+        if not isinstance(source, str):
+            raise ValueError(f"{where}.source must be a string")
+        readonly = "ro" in options
+        if target in GUEST_MADE_MOUNTS and kind != "bind":
+            continue  # the guest makes it for every container
+        if kind == "bind":
+            if not os.path.isabs(source):
+                source = str(bundle / source)
+            if not os.path.exists(source):
+                raise ValueError(f"{where}.source {source!r} does not exist")
+            if not (os.path.isdir(source) or os.path.isfile(source)):
+                notes.append(f"mount on {target}: only directories and regular files can "
+                             f"be shared into a VM; {source} is skipped")
+                continue
+            out.append(MountRequest(type="bind", target=target, source=source,
+                                    readonly=readonly))
+        elif kind == "tmpfs":
+            data = ",".join(o for o in options if "=" in o and o.split("=")[0] in
+                            ("size", "mode", "nr_inodes", "uid", "gid"))
+            out.append(MountRequest(type="tmpfs", target=target, readonly=readonly,
+                                    options=data))
+        else:
+            notes.append(f"mount on {target}: type {kind or '(none)'!r} is not supported "
+                         "in a VM; skipped")
+    return out
+
+
+def _hooks(hooks) -> dict:
+    if hooks is None:
+        return {}
+    if not isinstance(hooks, dict):
+        raise ValueError("hooks must be an object")
+    out = {}
+    for kind, entries in hooks.items():
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"hooks.{kind} is not a hook kind")
+        if not isinstance(entries, list):
+            raise ValueError(f"hooks.{kind} must be a list")
+        parsed = []
+        for index, entry in enumerate(entries):
+            where = f"hooks.{kind}[{index}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                    or not os.path.isabs(entry["path"]):
+                raise ValueError(f"{where}.path must be an absolute path")
+            for name in ("args", "env"):
+                value = entry.get(name) or []
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{where}.{name} must be a list of strings")
+            timeout = entry.get("timeout")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                        or timeout <= 0):
+                raise ValueError(f"{where}.timeout must be a positive integer")
+            parsed.append(Hook.from_dict(entry))
+        out[kind] = parsed
+    return out
+
+
+def _resources(resources, notes: list[str]):
+    from shim.containers.resources import Resources
+
+    out = Resources()
+    if resources is None:
+        return out
+    if not isinstance(resources, dict):
+        raise ValueError("linux.resources must be an object")
+    memory = _obj(resources, "memory")
+    if memory.get("limit") is not None and memory["limit"] > 0:
+        out.memory = _uint(memory["limit"], "linux.resources.memory.limit")
+    if memory.get("reservation") is not None and memory["reservation"] > 0:
+        out.memory_reservation = _uint(memory["reservation"],
+                                       "linux.resources.memory.reservation")
+    if memory.get("swap") is not None and memory["swap"] > 0:
+        out.memory_swap = _uint(memory["swap"], "linux.resources.memory.swap")
+    cpu = _obj(resources, "cpu")
+    quota, period = cpu.get("quota"), cpu.get("period")
+    if isinstance(quota, int) and quota > 0:
+        period = period if isinstance(period, int) and period > 0 else 100000
+        out.nano_cpus = quota * 1_000_000_000 // period
+    if isinstance(cpu.get("shares"), int) and cpu["shares"] > 0:
+        out.cpu_shares = max(2, min(262144, cpu["shares"]))
+    if cpu.get("cpus"):
+        notes.append("linux.resources.cpu.cpus: the VM's vCPUs are all the container's")
+    pids = _obj(resources, "pids")
+    if isinstance(pids.get("limit"), int) and pids["limit"] > 0:
+        out.pids_limit = pids["limit"]
+    block = _obj(resources, "blockIO")
+    if isinstance(block.get("weight"), int) and block["weight"] > 0:
+        out.blkio_weight = max(10, min(1000, block["weight"]))
+    for key in ("hugepageLimits", "network", "rdma", "unified"):
+        if resources.get(key):
+            notes.append(f"linux.resources.{key}: not applied in the VM")
+    devices = resources.get("devices") or []
+    if any(isinstance(d, dict) and d.get("allow") for d in devices):
+        notes.append("linux.resources.devices: the guest's own device set is used "
+                     "(host devices do not exist in the VM)")
+    return out
+
+
+def _namespaces(namespaces, notes: list[str]) -> None:
+    if not isinstance(namespaces, list):
+        raise ValueError("linux.namespaces must be a list")
+    for index, ns in enumerate(namespaces):
+        if not isinstance(ns, dict) or ns.get("type") not in SUPPORTED_NAMESPACES:
+            raise ValueError(f"linux.namespaces[{index}].type must be one of "
+                             f"{', '.join(SUPPORTED_NAMESPACES)}")
+        if ns.get("path"):
+            notes.append(f"linux.namespaces: joining the {ns['type']} namespace "
+                         f"{ns['path']} is not possible from a VM; the VM has its own")
+
+
+def _paths(linux: dict, name: str) -> list | None:
+    value = linux.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 256 or not all(
+            isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")
+            for p in value):
+        raise ValueError(f"linux.{name} must be a list of absolute paths")
+    return list(value)
+
+
+def _sysctl(linux: dict) -> dict:
+    value = linux.get("sysctl") or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.match(r"^[a-z0-9_.-]+$", k)
+            for k, v in value.items()):
+        raise ValueError("linux.sysctl must map sysctl names to string values")
+    return dict(value)
+
+
+def _linux_rest(linux: dict, notes: list[str]) -> None:
+    for key in ("seccomp", "uidMappings", "gidMappings", "intelRdt", "personality",
+                "mountLabel", "devices"):
+        if linux.get(key):
+            notes.append(f"linux.{key}: not applied in the VM")

@@ -1,0 +1,464 @@
+"""The OCI runtime operations, as ``vmshim-runtime`` (shim.cli.runtime) calls them.
+
+Lifecycle (runtime spec), on top of the vmshim lifecycle (shim.containers.state)::
+
+    create  validate the bundle (nothing is left behind when it is unusable), record the
+            container, fork the stand-in (shim.oci.standin), write --pid-file, run the
+            prestart/createRuntime/createContainer hooks            → created
+    start   only from created: startContainer hooks, open exec.fifo; the stand-in boots
+            the VM and starts the process; poststart hooks          → running
+    kill    a signal to the process (created: to the stand-in); refused when stopped
+    delete  only when stopped, unless --force (then the VM is killed); poststop hooks
+
+Every operation raises VmshimError with a message for the engine's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from shim.containers.store import Container, now_rfc3339, process_start_time
+from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
+from shim.oci import hooks as hooks_mod
+from shim.oci import standin
+from shim.oci.bundle import BundleError, check_id, load_bundle
+from shim.oci.state import (FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id,
+                            state_of)
+
+START_WAIT = 240.0
+"""Seconds ``start`` waits for the stand-in to report the process running (VM boot
+under TCG on a busy host included)."""
+STANDIN_EXIT_WAIT = 5.0
+
+
+class RuntimeLog:
+    """Where warnings and errors go: the engine's ``--log`` file (runc's text or json
+    lines), else stderr."""
+
+    def __init__(self, path: str | None = None, fmt: str = "text", debug: bool = False):
+        self.path = path
+        self.fmt = fmt
+        self.debug_enabled = debug
+
+    def write(self, level: str, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if self.fmt == "json":
+            line = json.dumps({"level": level, "msg": message, "time": stamp})
+        else:
+            line = f"time={json.dumps(stamp)} level={level} msg={json.dumps(message)}"
+        if self.path:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line + "\n")
+                return
+            except OSError:
+                pass
+        os.write(2, (line + "\n").encode())
+
+    def warn(self, message: str) -> None:
+        self.write("warning", message)
+
+    def debug(self, message: str) -> None:
+        if self.debug_enabled:
+            self.write("debug", message)
+
+
+# ---- create / start / run -----------------------------------------------------------------
+
+def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
+           console_socket: str | None = None, log: RuntimeLog | None = None) -> int:
+    """Create *oci_id* from *bundle_dir*; the stand-in's pid. The stand-in is our child
+    (``run`` waits for it). Raises BundleError, VmshimError; nothing is kept then."""
+    from shim.containers.resources import DEFAULT_VM_MIB
+
+    log = log or RuntimeLog()
+    check_id(oci_id)
+    if rt.exists(oci_id):
+        raise VmshimError(f"container {oci_id} already exists")
+    bundle = load_bundle(bundle_dir)
+    if bundle.process.tty and not console_socket:
+        raise BundleError("process.terminal is true: --console-socket is needed")
+    if console_socket and not bundle.process.tty:
+        raise BundleError("--console-socket was given but process.terminal is false")
+    for note in bundle.notes:
+        log.warn(f"{oci_id}: {note}")
+    for kind in ("createContainer", "startContainer"):
+        if bundle.hooks.get(kind):
+            log.warn(f"{oci_id}: {kind} hooks run on the host (the container's "
+                     "namespaces are inside its VM)")
+    record = Container(
+        id=record_id(oci_id),
+        name=oci_id, image="", image_id="", isolation="vm",
+        process=bundle.process.to_dict(), hostname=bundle.hostname or oci_id[:12],
+        token=secrets.token_hex(16), layer_disks=[],
+        memory_mib=bundle.resources.vm_memory_mib(DEFAULT_VM_MIB), interactive=True,
+        tty=bundle.process.tty, writable="tmpfs", network=None,
+        resources=bundle.resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
+        read_only=bundle.read_only, rootfs=str(bundle.rootfs),
+        masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
+        sysctl=bundle.sysctl)
+    info = OciInfo(id=oci_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
+                   created=now_rfc3339(), annotations=bundle.annotations,
+                   hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
+                   console_size=list(bundle.console_size) if bundle.console_size else None)
+    rt.root.mkdir(parents=True, exist_ok=True)
+    rt.containers.create(record)
+    pid = 0
+    try:
+        state_dir = rt.dir(oci_id)
+        rt.save_info(info)
+        os.mkfifo(state_dir / FIFO, 0o600)
+        pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size)
+        info.standin_pid = pid
+        info.standin_start = process_start_time(pid) or 0
+        rt.save_info(info)
+        if pid_file:
+            write_pid_file(pid_file, pid)
+        for kind in ("prestart", "createRuntime", "createContainer"):
+            hooks_mod.run_hooks(kind, info.hooks, state_of(record, info), warn=log.warn)
+    except BaseException:
+        if pid:
+            _end_standin(pid, info.standin_start)
+        rt.containers.delete(record.id)
+        raise
+    return pid
+
+
+def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,
+                       console_socket: str | None, size) -> int:
+    """Fork the main stand-in; its pid once it is ready. Raises VmshimError."""
+    master = slave = None
+    if console_socket:
+        master, slave = standin.open_console(size)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the stand-in
+        code = 125
+        try:
+            os.close(ready_r)
+            if master is not None:
+                os.close(master)
+            standin.become_standin(slave)
+            os.write(ready_w, b"R")
+            os.close(ready_w)
+            code = standin.run_main(rt.containers, record_id, state_dir)
+        finally:
+            standin.exit_now(code)
+    os.close(ready_w)
+    try:
+        if master is not None:
+            os.close(slave)
+            standin.send_console(console_socket, master)
+        if os.read(ready_r, 1) != b"R":
+            raise VmshimError("the container's stand-in process did not start")
+    except BaseException:
+        _end_standin(pid, None)
+        raise
+    finally:
+        os.close(ready_r)
+        if master is not None:
+            os.close(master)
+    return pid
+
+
+def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
+    """Start the created container's process; return once it runs. Raises
+    ContainerStateError unless it is created, VmshimError when it could not start."""
+    log = log or RuntimeLog()
+    record, info = rt.load(oci_id)
+    status = oci_status(record, info)
+    if status != "created":
+        raise ContainerStateError("start", "created", status, oci_id)
+    hooks_mod.run_hooks("startContainer", info.hooks, state_of(record, info), warn=log.warn)
+    state_dir = rt.dir(oci_id)
+    fd = os.open(state_dir / FIFO, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        answer = _wait_started(fd, info)
+    finally:
+        os.close(fd)
+    if answer != standin.STARTED:
+        try:
+            reason = (state_dir / standin.START_ERROR).read_text().strip()
+        except OSError:
+            reason = "the stand-in process ended before the process started"
+        raise VmshimError(f"cannot start container {oci_id}: {reason}")
+    (state_dir / FIFO).unlink(missing_ok=True)
+    record, info = rt.load(oci_id)
+    hooks_mod.run_hooks("poststart", info.hooks, state_of(record, info), warn=log.warn)
+
+
+def _wait_started(fd: int, info: OciInfo) -> bytes:
+    """Read the stand-in's answer from the fifo (b"" when it closed without one)."""
+    deadline = time.monotonic() + START_WAIT
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    while time.monotonic() < deadline:
+        if poller.poll(200):
+            try:
+                return os.read(fd, 1)
+            except BlockingIOError:
+                continue
+        if not alive(info.standin_pid, info.standin_start):
+            return b""
+    raise VmshimError(f"container {info.id} did not start within {START_WAIT:.0f} s")
+
+
+def run(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
+        console_socket: str | None = None, detach: bool = False,
+        log: RuntimeLog | None = None) -> int:
+    """create + start; without *detach* wait for the process and delete the container,
+    returning its exit status."""
+    pid = create(rt, oci_id, bundle_dir, pid_file=pid_file, console_socket=console_socket,
+                 log=log)
+    try:
+        start(rt, oci_id, log)
+    except BaseException:
+        delete(rt, oci_id, force=True, log=log)
+        raise
+    if detach:
+        return 0
+    code = wait_child(pid)
+    delete(rt, oci_id, force=True, log=log)
+    return code
+
+
+def wait_child(pid: int) -> int:
+    """Wait for our child *pid*; its exit status (128+N for a signal)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 255
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Write *pid* atomically (engines poll for the file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(str(pid))
+    os.replace(tmp, target)
+
+
+# ---- state / kill / delete / pause ----------------------------------------------------------
+
+def state(rt: RuntimeStore, oci_id: str) -> dict:
+    """The ``state`` JSON. Raises ContainerNotFound."""
+    from shim.containers import manage
+
+    record, info = rt.load(oci_id)
+    record = manage.reconcile(rt.containers, record)
+    return state_of(record, info)
+
+
+def kill(rt: RuntimeStore, oci_id: str, signum: int, *, all_processes: bool = False) -> None:
+    """Send *signum* to the container's process (a created container's stand-in gets
+    it). Raises ContainerStateError when it is stopped."""
+    from shim.containers import manage
+
+    record, info = rt.load(oci_id)
+    status = oci_status(record, info)
+    if status == "stopped":
+        raise ContainerStateError("kill", "created, running or paused", status, oci_id)
+    if status == "created":
+        _signal_standin(info.standin_pid, info.standin_start, signum)
+        return
+    if all_processes:
+        for pid in rt.exec_pids(oci_id):
+            _signal_standin(pid, process_start_time(pid), signum)
+    manage.kill(record.id, signum, store=rt.containers)
+
+
+def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
+           log: RuntimeLog | None = None) -> None:
+    """Remove the container. Refused unless it is stopped, unless *force*. Raises
+    ContainerNotFound (not with *force*), ContainerStateError."""
+    from shim.containers import manage
+
+    log = log or RuntimeLog()
+    try:
+        record, info = rt.load(oci_id)
+    except ContainerNotFound:
+        if force:
+            return
+        raise
+    status = oci_status(record, info)
+    if status != "stopped" and not force:
+        raise ContainerStateError("delete", "stopped (or use --force)", status, oci_id)
+    if status == "created":
+        _signal_standin(info.standin_pid, info.standin_start, signal.SIGKILL)
+    if status == "paused":
+        manage.unpause(record.id, store=rt.containers)
+    try:
+        manage.remove(record.id, force=True, store=rt.containers)
+    except ContainerNotFound:
+        pass
+    for pid, start_time in [(info.standin_pid, info.standin_start)] + [
+            (p, process_start_time(p)) for p in rt.exec_pids(oci_id)]:
+        _end_standin(pid, start_time)
+    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"},
+                        warn=log.warn)
+    shutil.rmtree(rt.dir(oci_id), ignore_errors=True)
+
+
+def pause(rt: RuntimeStore, oci_id: str) -> None:
+    from shim.containers import manage
+
+    record, _ = rt.load(oci_id)
+    manage.pause(record.id, store=rt.containers)
+
+
+def resume(rt: RuntimeStore, oci_id: str) -> None:
+    from shim.containers import manage
+
+    record, _ = rt.load(oci_id)
+    manage.unpause(record.id, store=rt.containers)
+
+
+def processes(rt: RuntimeStore, oci_id: str) -> list[int]:
+    """Host pids standing for the container's processes: the main stand-in and the
+    stand-ins of exec'd processes (runc's ``ps`` lists host pids)."""
+    record, info = rt.load(oci_id)
+    if oci_status(record, info) == "stopped":
+        return []
+    return [info.standin_pid] + rt.exec_pids(oci_id)
+
+
+def list_states(rt: RuntimeStore) -> list[dict]:
+    out = []
+    for oci_id in rt.ids():
+        try:
+            out.append(state(rt, oci_id))
+        except VmshimError:
+            continue
+    return out
+
+
+def _signal_standin(pid: int, start_time, signum: int) -> None:
+    if start_time is not None and alive(pid, start_time):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _end_standin(pid: int, start_time) -> None:
+    """Wait a moment for a stand-in to leave by itself, then SIGKILL it (reaping it
+    when it is our child)."""
+    deadline = time.monotonic() + STANDIN_EXIT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:
+            pass
+        if start_time is not None and not alive(pid, start_time):
+            return
+        if start_time is None:
+            break
+        time.sleep(0.05)
+    if start_time is None or alive(pid, start_time):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+# ---- exec ---------------------------------------------------------------------------------
+
+def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool = False,
+                 pid_file: str | None = None, console_socket: str | None = None,
+                 log: RuntimeLog | None = None) -> int:
+    """Run *process* (an OCI process object) in the running container. With *detach*
+    return 0 once it runs (its stand-in's pid is in *pid_file*); otherwise its exit
+    status. Raises BundleError for a bad process, ContainerStateError unless running."""
+    from shim.oci.bundle import _process
+
+    log = log or RuntimeLog()
+    record, info = rt.load(oci_id)
+    status = oci_status(record, info)
+    if status != "running":
+        raise ContainerStateError("exec", "running", status, oci_id)
+    notes: list[str] = []
+    try:
+        spec, size = _process(process, notes)
+    except ValueError as exc:
+        raise BundleError(f"the process to exec: {exc}") from None
+    for note in notes:
+        log.warn(f"{oci_id}: exec: {note}")
+    if spec.tty and not console_socket and detach:
+        raise BundleError("process.terminal is true: --console-socket is needed with --detach")
+    master = slave = None
+    if spec.tty and console_socket:
+        master, slave = standin.open_console(size)
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the exec stand-in
+        code = 125
+        try:
+            os.close(report_r)
+            if master is not None:
+                os.close(master)
+            standin.become_standin(slave, "vmshim-exec")
+            code = standin.run_exec(rt.containers, record, spec, report_w)
+        finally:
+            standin.exit_now(code)
+    os.close(report_w)
+    try:
+        if master is not None:
+            os.close(slave)
+            standin.send_console(console_socket, master)
+        answer = b""
+        while True:
+            chunk = os.read(report_r, 4096)
+            if not chunk:
+                break
+            answer += chunk
+    except BaseException:
+        _end_standin(pid, None)
+        raise
+    finally:
+        os.close(report_r)
+        if master is not None:
+            os.close(master)
+    if answer != standin.STARTED:
+        wait_child(pid)
+        message = answer[1:].decode(errors="replace") if answer.startswith(b"E") else \
+            "the exec stand-in ended before the process started"
+        raise VmshimError(f"cannot exec in container {oci_id}: {message}")
+    rt.add_exec(oci_id, pid)
+    if pid_file:
+        write_pid_file(pid_file, pid)
+    if detach:
+        return 0
+    return wait_child(pid)
+
+
+def read_process_file(path: str) -> dict:
+    """The ``--process`` JSON file. Raises BundleError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BundleError(f"cannot read the process file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BundleError(f"the process file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"the process file {path} must hold a JSON object")
+    return data

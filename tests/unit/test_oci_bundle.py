@@ -1,0 +1,172 @@
+"""shim.oci.bundle: config.json → what a vmshim VM runs, and what it reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shim.oci.bundle import BundleError, check_id, load_bundle
+
+
+def minimal(**overrides) -> dict:
+    config = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {"args": ["sh"], "cwd": "/", "env": ["PATH=/bin"],
+                    "user": {"uid": 0, "gid": 0}},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    (tmp_path / "rootfs").mkdir()
+
+    def write(config) -> str:
+        text = config if isinstance(config, str) else json.dumps(config)
+        (tmp_path / "config.json").write_text(text)
+        return str(tmp_path)
+
+    return write
+
+
+def test_minimal_config(bundle, tmp_path):
+    b = load_bundle(bundle(minimal()))
+    assert b.rootfs == (tmp_path / "rootfs").resolve()
+    assert b.process.args == ["sh"]
+    assert b.process.user == "0:0"
+    assert b.process.capabilities is None
+    assert b.notes == []
+    assert b.resources.is_empty()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps(minimal(ociVersion="0.9")), "ociVersion"),
+    (json.dumps(minimal(process=None)), "process is required"),
+    (json.dumps(minimal(process={"args": []})), "process.args"),
+    (json.dumps(minimal(process={"args": ["sh"], "cwd": "relative"})), "process.cwd"),
+    (json.dumps(minimal(root={"path": "nowhere"})), "root.path"),
+    (json.dumps(minimal(root={"path": "rootfs", "readonly": "yes"})), "root.readonly"),
+    (json.dumps(minimal(mounts=[{"destination": "data", "type": "bind"}])), "destination"),
+    (json.dumps(minimal(mounts=[{"destination": "/d", "type": "bind", "source": "/no/such"}])),
+     "does not exist"),
+    (json.dumps(minimal(hooks={"prestart": [{"path": "relative"}]})), "hooks.prestart[0].path"),
+    (json.dumps(minimal(hooks={"sometime": []})), "hooks.sometime"),
+    (json.dumps(minimal(linux={"namespaces": [{"type": "nonsense"}]})), "namespaces[0].type"),
+    (json.dumps(minimal(process={"args": ["sh"], "capabilities": {"bounding": ["CAP_FLY"]}})),
+     "CAP_FLY"),
+    (json.dumps(minimal(process={"args": ["sh"], "rlimits": [{"type": "RLIMIT_NOPE"}]})),
+     "rlimits[0]"),
+    (json.dumps(minimal(linux={"sysctl": {"a/b": "1"}})), "linux.sysctl"),
+])
+def test_bad_configs_name_the_problem(bundle, text, needle):
+    with pytest.raises(BundleError) as exc:
+        load_bundle(bundle(text))
+    assert needle in str(exc.value)
+    assert "config.json" in str(exc.value)
+
+
+def test_missing_bundle_and_config(tmp_path):
+    with pytest.raises(BundleError, match="not a directory"):
+        load_bundle(tmp_path / "absent")
+    with pytest.raises(BundleError, match="no config.json"):
+        load_bundle(tmp_path)
+
+
+def test_process_fields(bundle):
+    process = {
+        "terminal": True, "args": ["top"], "cwd": "/srv", "env": ["A=1"],
+        "user": {"uid": 1000, "gid": 100, "additionalGids": [100, 5], "umask": 0o27},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 2048, "soft": 1024}],
+        "oomScoreAdj": 100, "noNewPrivileges": True, "consoleSize": {"height": 40, "width": 100},
+        "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                         "permitted": ["CAP_KILL"], "ambient": []},
+        "apparmorProfile": "docker-default",
+    }
+    b = load_bundle(bundle(minimal(process=process)))
+    p = b.process
+    assert (p.args, p.cwd, p.env, p.user, p.tty) == (["top"], "/srv", ["A=1"], "1000:100", True)
+    assert p.rlimits == [["nofile", 1024, 2048]]
+    assert p.oom_score_adj == 100
+    assert p.no_new_privs is True
+    assert p.additional_gids == [5]
+    assert p.umask == 0o27
+    assert p.capabilities["bounding"] == ["CAP_KILL"]
+    assert b.console_size == (40, 100)
+    assert any("apparmorProfile" in n for n in b.notes)
+    # the spec survives the trip to the guest
+    from guest.spec import ProcessSpec
+    assert ProcessSpec.from_dict(p.to_dict()) == p
+
+
+def test_mounts_map_to_vm_mounts(bundle, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
+        {"destination": "/data", "type": "bind", "source": str(shared), "options": ["rbind", "ro"]},
+        {"destination": "/etc/hosts", "source": str(hosts), "options": ["bind"]},
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "size=65536k", "mode=1777"]},
+        {"destination": "/weird", "type": "nfs", "source": "server:/x"},
+    ]
+    b = load_bundle(bundle(minimal(mounts=mounts)))
+    got = [(m.type, m.target, m.source, m.readonly, m.options) for m in b.mounts]
+    assert got == [
+        ("bind", "/data", str(shared), True, ""),
+        ("bind", "/etc/hosts", str(hosts), False, ""),
+        ("tmpfs", "/scratch", "", False, "size=65536k,mode=1777"),
+    ]
+    assert any("/weird" in n and "nfs" in n for n in b.notes)
+
+
+def test_resources_sysctl_paths_and_notes(bundle):
+    linux = {
+        "namespaces": [{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}],
+        "resources": {"memory": {"limit": 512 << 20}, "cpu": {"quota": 50000, "period": 100000,
+                                                             "shares": 512},
+                      "pids": {"limit": 64}, "blockIO": {"weight": 300},
+                      "hugepageLimits": [{"pageSize": "2MB", "limit": 1}]},
+        "sysctl": {"net.ipv4.ip_forward": "1"},
+        "maskedPaths": ["/proc/kcore", "/sys/firmware"],
+        "readonlyPaths": ["/proc/sys"],
+        "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
+    }
+    b = load_bundle(bundle(minimal(linux=linux, hostname="web")))
+    r = b.resources
+    assert (r.memory, r.nano_cpus, r.cpu_shares, r.pids_limit, r.blkio_weight) == (
+        512 << 20, 500_000_000, 512, 64, 300)
+    assert b.sysctl == {"net.ipv4.ip_forward": "1"}
+    assert b.masked_paths == ["/proc/kcore", "/sys/firmware"]
+    assert b.readonly_paths == ["/proc/sys"]
+    assert b.hostname == "web"
+    text = " | ".join(b.notes)
+    assert "/run/netns/x" in text and "seccomp" in text and "hugepageLimits" in text
+
+
+def test_hooks_are_kept_in_order(bundle):
+    hooks = {"prestart": [{"path": "/bin/a", "args": ["a", "1"]}, {"path": "/bin/b"}],
+             "poststop": [{"path": "/bin/c", "timeout": 5, "env": ["X=1"]}]}
+    b = load_bundle(bundle(minimal(hooks=hooks)))
+    assert [h.path for h in b.hooks["prestart"]] == ["/bin/a", "/bin/b"]
+    assert b.hooks["poststop"][0].timeout == 5
+
+
+@pytest.mark.parametrize("good", ["abc", "a.b-c_d+e", "0" * 64])
+def test_good_ids(good):
+    assert check_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "a b", "x" * 2000])
+def test_bad_ids(bad):
+    with pytest.raises(BundleError, match="invalid container id"):
+        check_id(bad)
