@@ -409,11 +409,14 @@ def unpack_layers(layers: list[Path], rootfs: Path) -> None:
 
 
 class RuncSubject:
-    """runc on an OCI bundle made from the image's layers, state under our own --root."""
+    """An OCI runtime with runc's command line (runc itself, or vmshim-runtime as
+    subject ``oci``) on a bundle made from the image's layers, state under our own --root."""
 
-    def __init__(self, workdir: Path, tag: str):
-        self.binary = shutil.which("runc")
-        self.dir = workdir / "runc"
+    def __init__(self, workdir: Path, tag: str, *, name: str = "runc",
+                 binary: str | None = None):
+        self.name = name
+        self.binary = binary or shutil.which("runc")
+        self.dir = workdir / name
         self.rootfs = self.dir / "rootfs"
         self.state = self.dir / "state"
         self.tag = tag
@@ -422,7 +425,7 @@ class RuncSubject:
         self._seq = 0
 
     def unavailable(self) -> str | None:
-        return None if self.binary else "runc: not installed"
+        return None if self.binary else f"{self.name}: not installed"
 
     def prepare(self) -> None:
         """Unpack the image into the shared rootfs and take ``runc spec`` as the template
@@ -430,7 +433,7 @@ class RuncSubject:
         if self._template is not None:
             return
         if not self.binary:
-            raise BenchError("runc: not installed")
+            raise BenchError(f"{self.name}: not installed")
         from shim.images.store import ImageStore
 
         try:
@@ -438,7 +441,8 @@ class RuncSubject:
             image = store.resolve(IMAGE)
             layers = [store.blob_path(layer.digest) for layer in image.layers]
         except VmshimError as exc:
-            raise BenchError(f"runc: cannot read the {IMAGE} image from the store: {exc}") from None
+            raise BenchError(f"{self.name}: cannot read the {IMAGE} image from the store: "
+                             f"{exc}") from None
         self.state.mkdir(parents=True, exist_ok=True)
         unpack_layers(layers, self.rootfs)
         spec_dir = self.dir / "spec"
@@ -464,7 +468,7 @@ class RuncSubject:
 
     def new_name(self) -> str:
         self._seq += 1
-        return f"{self.tag}-runc-{self._seq}"
+        return f"{self.tag}-{self.name}-{self._seq}"
 
     def _cmd(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.state), *args]

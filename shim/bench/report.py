@@ -17,7 +17,7 @@ from rich.table import Table
 
 from shim.bench.stats import SUBJECT_LABELS, Figure, Results
 
-COLORS = {"vm": "#4c72b0", "process": "#55a868", "runc": "#c44e52", "floor": "#8c8c8c"}
+COLORS = {"vm": "#4c72b0", "process": "#55a868", "runc": "#c44e52", "oci": "#8172b2", "floor": "#8c8c8c"}
 
 
 def fmt(value: float | None, unit: str) -> str:

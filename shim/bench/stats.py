@@ -12,13 +12,14 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-SUBJECTS = ("vm", "process", "runc", "floor")
+SUBJECTS = ("vm", "process", "runc", "oci", "floor")
 """Every subject, in display order."""
 
 SUBJECT_LABELS = {
     "vm": "vmshim --isolation vm",
     "process": "vmshim --isolation process",
     "runc": "runc, OCI bundle",
+    "oci": "vmshim-runtime, OCI bundle (microVM)",
     "floor": "bare QEMU boot (floor)",
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +166,12 @@ def _runc_foreground(drv: RuncSubject, first_output: bool, *cmd: str) -> float:
 # the benchmarks
 
 
+def _vmshim_runtime() -> str | None:
+    """The vmshim-runtime next to this Python (the virtualenv's), else on PATH."""
+    return shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
+        shutil.which("vmshim-runtime")
+
+
 def bench_cold_start(ctx: Context) -> None:
     fig = ctx.results.figure(
         "cold_start", "Cold start to the exit of `true`", "s",
@@ -176,8 +183,9 @@ def bench_cold_start(ctx: Context) -> None:
         if s in subjects:
             drv = ctx.drivers[s]
             m[s] = lambda drv=drv: timed(drv.run_argv("true"))
-    if "runc" in subjects:
-        m["runc"] = lambda: _runc_foreground(ctx.drivers["runc"], False, "true")
+    for s in ("runc", "oci"):
+        if s in subjects:
+            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, False, "true")
     if "floor" in subjects:
         m["floor"] = ctx.drivers["floor"].boot_time
     _sample(ctx, fig, m)
@@ -194,8 +202,9 @@ def bench_first_output(ctx: Context) -> None:
         if s in subjects:
             drv = ctx.drivers[s]
             m[s] = lambda drv=drv: timed_first_output(drv.run_argv("echo", "ready"))
-    if "runc" in subjects:
-        m["runc"] = lambda: _runc_foreground(ctx.drivers["runc"], True, "echo", "ready")
+    for s in ("runc", "oci"):
+        if s in subjects:
+            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, True, "echo", "ready")
     if "floor" in subjects:
         m["floor"] = ctx.drivers["floor"].boot_time
     _sample(ctx, fig, m)
@@ -233,7 +242,7 @@ def bench_memory(ctx: Context) -> None:
     for s in ("process", "runc"):
         guest.skip(s, "n/a: shares the host kernel; its /proc/meminfo is the host's")
     guest.skip("floor", "n/a: no exec into the floor's guest")
-    subjects = ctx.available([fig], *SUBJECTS)
+    subjects = ctx.available([fig], "vm", "process", "runc", "floor")
     if "vm" not in subjects:
         guest.skip("vm", fig.subjects["vm"].skipped or "vm unavailable")
     subjects = ctx.lifecycle([fig, guest], subjects, "exec", "inspect")
@@ -574,9 +583,10 @@ def run_suite(names: list[str], runs: int, max_density: int,
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=root))
     drivers = {"vm": VmshimSubject(cli, "vm", tag), "process": VmshimSubject(cli, "process", tag),
                "runc": RuncSubject(workdir, tag),
+               "oci": RuncSubject(workdir, tag, name="oci", binary=_vmshim_runtime()),
                "floor": Floor(workdir, meta["host"]["accel"]["kind"])}
     unavailable = {}
-    for s in ("runc", "floor"):
+    for s in ("runc", "oci", "floor"):
         reason = drivers[s].unavailable()
         if reason:
             unavailable[s] = reason
@@ -596,7 +606,7 @@ def run_suite(names: list[str], runs: int, max_density: int,
             durations[name] = round(time.perf_counter() - b0, 1)
     finally:
         leftovers = []
-        for s in ("vm", "process", "runc", "floor"):
+        for s in ("vm", "process", "runc", "oci", "floor"):
             leftovers += drivers[s].cleanup()
         leftovers += _remove_volumes(ctx)
         ids = [i for s in ("vm",) for i in drivers[s].ids.values()]

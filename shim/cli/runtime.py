@@ -271,6 +271,20 @@ def resume(ctx, container_id):
 
 
 @cli.command()
+@_bundle
+def spec(bundle):
+    """Write a starting config.json into the bundle directory (as runc spec)."""
+    from pathlib import Path
+
+    from shim.oci.bundle import default_config
+
+    path = Path(bundle) / "config.json"
+    if path.exists():
+        raise VmshimError(f"{path} already exists; remove it first")
+    path.write_text(json.dumps(default_config(), indent=2) + "\n")
+
+
+@cli.command()
 def features():
     """What this runtime supports (runtime-spec features.md JSON)."""
     from shim.oci.features import features as describe

@@ -24,6 +24,7 @@ def test_bench_cold_start_writes_results_and_charts(tmp_path, domains_before):
     assert subjects["vm"]["ratios"]["to_process"] > 0
     for name in ("runc", "floor"):  # measured, or a reason why not
         assert subjects[name].get("runs") == 1 or subjects[name].get("skipped"), subjects[name]
+    assert subjects["oci"]["runs"] == 1, subjects["oci"]  # vmshim-runtime: in the venv
     assert (out / "cold_start.png").read_bytes()[:4] == b"\x89PNG"
     assert b"cold_start" in proc.stdout
     assert not wait_no_new_domains(domains_before)
