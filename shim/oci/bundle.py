@@ -152,7 +152,7 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     if not isinstance(read_only, bool):
         raise ValueError("root.readonly must be a boolean")
     notes: list[str] = []
-    process, console_size = _process(_obj(config, "process", required=True), notes)
+    process, console_size = parse_process(_obj(config, "process", required=True), notes)
     hostname = config.get("hostname", "")
     if not isinstance(hostname, str) or len(hostname) > 64:
         raise ValueError("hostname must be a string of at most 64 characters")
@@ -197,7 +197,10 @@ def _uint(value, where: str) -> int:
     return value
 
 
-def _process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[int, int] | None]:
+def parse_process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[int, int] | None]:
+    """An OCI process object (config.json's, or ``exec --process``) → (ProcessSpec,
+    consoleSize as (rows, cols) or None); what is not applied is added to *notes*.
+    Raises ValueError naming the bad field."""
     user = _obj(process, "user")
     uid = _uint(user.get("uid", 0), "process.user.uid")
     gid = _uint(user.get("gid", 0), "process.user.gid")

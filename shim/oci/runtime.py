@@ -134,38 +134,56 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
 def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,
                        console_socket: str | None, size) -> int:
     """Fork the main stand-in; its pid once it is ready. Raises VmshimError."""
-    master = slave = None
-    if console_socket:
-        master, slave = standin.open_console(size)
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the stand-in
-        code = 125
-        try:
-            os.close(ready_r)
-            if master is not None:
-                os.close(master)
-            standin.become_standin(slave)
-            os.write(ready_w, b"R")
-            os.close(ready_w)
-            code = standin.run_main(rt.containers, record_id, state_dir)
-        finally:
-            standin.exit_now(code)
-    os.close(ready_w)
+
+    def body(report_w: int) -> int:
+        os.write(report_w, b"R")
+        os.close(report_w)
+        return standin.run_main(rt.containers, record_id, state_dir)
+
+    pid, report_r = _fork_standin(body, console_socket, size, "vmshim-standin")
     try:
-        if master is not None:
-            os.close(slave)
-            standin.send_console(console_socket, master)
-        if os.read(ready_r, 1) != b"R":
+        if os.read(report_r, 1) != b"R":
             raise VmshimError("the container's stand-in process did not start")
     except BaseException:
         _end_standin(pid, None)
         raise
     finally:
-        os.close(ready_r)
+        os.close(report_r)
+    return pid
+
+
+def _fork_standin(body, console_socket: str | None, size, name: str) -> tuple[int, int]:
+    """Fork a stand-in that runs ``body(report_w)`` and exits with what it returns; with
+    *console_socket*, a new pty's slave is its stdio and the master goes to the socket.
+    Returns (pid, read end of the report pipe). Precondition: no threads (fork)."""
+    master = slave = None
+    if console_socket:
+        master, slave = standin.open_console(size)
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the stand-in
+        code = 125
+        try:
+            os.close(report_r)
+            if master is not None:
+                os.close(master)
+            standin.become_standin(slave, name)
+            code = body(report_w)
+        finally:
+            standin.exit_now(code)
+    os.close(report_w)
+    try:
+        if master is not None:
+            os.close(slave)
+            standin.send_console(console_socket, master)
+    except BaseException:
+        os.close(report_r)
+        _end_standin(pid, None)
+        raise
+    finally:
         if master is not None:
             os.close(master)
-    return pid
+    return pid, report_r
 
 
 def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
@@ -389,7 +407,7 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
     """Run *process* (an OCI process object) in the running container. With *detach*
     return 0 once it runs (its stand-in's pid is in *pid_file*); otherwise its exit
     status. Raises BundleError for a bad process, ContainerStateError unless running."""
-    from shim.oci.bundle import _process
+    from shim.oci.bundle import parse_process
 
     log = log or RuntimeLog()
     record, info = rt.load(oci_id)
@@ -398,46 +416,25 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
         raise ContainerStateError("exec", "running", status, oci_id)
     notes: list[str] = []
     try:
-        spec, size = _process(process, notes)
+        spec, size = parse_process(process, notes)
     except ValueError as exc:
         raise BundleError(f"the process to exec: {exc}") from None
     for note in notes:
         log.warn(f"{oci_id}: exec: {note}")
     if spec.tty and not console_socket and detach:
         raise BundleError("process.terminal is true: --console-socket is needed with --detach")
-    master = slave = None
-    if spec.tty and console_socket:
-        master, slave = standin.open_console(size)
-    report_r, report_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the exec stand-in
-        code = 125
-        try:
-            os.close(report_r)
-            if master is not None:
-                os.close(master)
-            standin.become_standin(slave, "vmshim-exec")
-            code = standin.run_exec(rt.containers, record, spec, report_w)
-        finally:
-            standin.exit_now(code)
-    os.close(report_w)
+    pid, report_r = _fork_standin(
+        lambda report_w: standin.run_exec(rt.containers, record, spec, report_w),
+        console_socket if spec.tty else None, size, "vmshim-exec")
+    answer = b""
     try:
-        if master is not None:
-            os.close(slave)
-            standin.send_console(console_socket, master)
-        answer = b""
-        while True:
-            chunk = os.read(report_r, 4096)
-            if not chunk:
-                break
+        while chunk := os.read(report_r, 4096):
             answer += chunk
     except BaseException:
         _end_standin(pid, None)
         raise
     finally:
         os.close(report_r)
-        if master is not None:
-            os.close(master)
     if answer != standin.STARTED:
         wait_child(pid)
         message = answer[1:].decode(errors="replace") if answer.startswith(b"E") else \
