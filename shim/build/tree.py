@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator
 
 from shim import paths
 from shim.errors import ImageError
+from shim.images.layers import entry_kind
 
 _WH = ".wh."
 _WH_OPAQUE = ".wh..wh..opq"
@@ -66,20 +67,6 @@ def norm(path: str) -> str:
     return "/".join(parts)
 
 
-def _kind(ti: tarfile.TarInfo) -> str | None:
-    if ti.isdir():
-        return "d"
-    if ti.issym():
-        return "l"
-    if ti.islnk():
-        return "h"
-    if ti.isreg():
-        return "f"
-    if ti.isfifo():
-        return "p"
-    return None  # devices: layers refuse them anyway
-
-
 @contextlib.contextmanager
 def open_layer_tar(blob: Path) -> Iterator[tarfile.TarFile]:
     """A forward-only TarFile over a layer blob (plain, gzip, bzip2, xz; zstd through
@@ -88,7 +75,7 @@ def open_layer_tar(blob: Path) -> Iterator[tarfile.TarFile]:
         magic = f.read(4)
     try:
         if magic == b"\x28\xb5\x2f\xfd":  # zstd
-            from shim.images.layers import open_uncompressed
+            from shim.images.layers import open_uncompressed  # noqa: I001
 
             with open_uncompressed(blob) as stream, \
                     tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -125,7 +112,7 @@ def listing(blob: Path, digest_hex: str) -> list[list]:
                     entries.append([posixpath.join(parent, base[len(_WH):]), "w",
                                     0, 0, 0, 0, 0, ""])
                 continue
-            kind = _kind(ti)
+            kind = entry_kind(ti)  # None for devices: layers refuse them anyway
             if kind is None or not name:
                 continue
             link = norm(ti.linkname) if kind == "h" else (ti.linkname if kind == "l" else "")

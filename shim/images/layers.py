@@ -385,7 +385,9 @@ class _Plan:
     count: int = 0
 
 
-def _kind(ti: tarfile.TarInfo, entry: str) -> str:
+def entry_kind(ti: tarfile.TarInfo) -> str | None:
+    """``f`` file, ``d`` directory, ``l`` symlink, ``h`` hard link, ``p`` fifo; None for
+    what layers refuse (device nodes, other tar types)."""
     if ti.isreg():
         return "f"
     if ti.isdir():
@@ -396,6 +398,13 @@ def _kind(ti: tarfile.TarInfo, entry: str) -> str:
         return "h"
     if ti.isfifo():
         return "p"
+    return None
+
+
+def _kind(ti: tarfile.TarInfo, entry: str) -> str:
+    kind = entry_kind(ti)
+    if kind is not None:
+        return kind
     if ti.ischr() or ti.isblk():
         kind = "character" if ti.ischr() else "block"
         raise LayerError(f"entry {_shown(entry)} is a {kind} device node "
