@@ -7,6 +7,7 @@ is the SHA-256 of the OCI id, so an id is found without a scan and never by pref
 
 OCI status from the vmshim lifecycle (shim.containers.state)::
 
+    created  + no stand-in yet → creating
     created  + stand-in alive  → created      running → running    paused → paused
     created  + stand-in gone   → stopped      exited  → stopped    removing → stopped
 """
@@ -122,9 +123,11 @@ class RuntimeStore:
 
 
 def oci_status(record: Container, info: OciInfo) -> str:
-    """created, running, paused or stopped (see the module doc)."""
+    """creating, created, running, paused or stopped (see the module doc)."""
     status = record.status
     if status == Status.CREATED:
+        if info.standin_pid == 0:
+            return "creating"  # create has recorded it and not forked the stand-in yet
         return "created" if alive(info.standin_pid, info.standin_start) else "stopped"
     if status in (Status.RUNNING, Status.PAUSED):
         return status.value

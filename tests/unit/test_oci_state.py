@@ -32,12 +32,15 @@ def live_pid():
 
 
 @pytest.mark.parametrize("status, alive, expected", [
-    ("created", True, "created"), ("created", False, "stopped"),
+    ("created", None, "creating"), ("created", True, "created"),
+    ("created", False, "stopped"),
     ("running", True, "running"), ("paused", True, "paused"),
     ("exited", True, "stopped"), ("removing", False, "stopped"),
 ])
 def test_oci_status(status, alive, expected, live_pid):
     pid, start = live_pid if alive else (999999, 1)
+    if status == "created" and alive is None:
+        pid, start = 0, 0  # create is still on its way
     info = OciInfo(id="c1", bundle="/b", rootfs="/b/rootfs", created="now",
                    standin_pid=pid, standin_start=start)
     assert oci_status(record(status), info) == expected
