@@ -104,7 +104,7 @@ def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]]
             continue
         if warmup:
             try:
-                measurers[subject]()
+                _settled(measurers[subject])
             except FAILURES as exc:
                 fig.skip(subject, f"failed: {exc}")
                 continue
@@ -112,7 +112,7 @@ def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]]
     for i in range(ctx.runs):
         for subject, fn in list(active.items()):
             try:
-                fig.add(subject, fn())
+                fig.add(subject, _settled(fn))
             except FAILURES as exc:
                 fig.skip(subject, f"failed in run {i + 1}: {exc}")
                 del active[subject]
@@ -164,6 +164,10 @@ def _runc_foreground(drv: RuncSubject, first_output: bool, *cmd: str) -> float:
 
 # ------------------------------------------------------------------------------------------
 # the benchmarks
+
+
+SETTLE_TIMEOUT = 10.0
+"""Seconds a sample waits for the VMs it made to be gone before the next one starts."""
 
 
 def _vmshim_runtime() -> str | None:
@@ -533,6 +537,40 @@ def _state_root() -> Path:
     from shim import paths
 
     return paths.root()
+
+
+def _domain_names() -> set[str] | None:
+    """The names of the domains libvirt lists, or None when it cannot be asked."""
+    try:
+        import libvirt
+
+        from shim import paths
+
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        conn = libvirt.openReadOnly(paths.libvirt_uri())
+    except Exception:  # noqa: BLE001 - nothing to wait for
+        return None
+    try:
+        return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def _settled(measure: Callable[[], float], timeout: float = SETTLE_TIMEOUT) -> float:
+    """Run *measure*, then wait (untimed) until the VMs it made are gone again:
+    ``vmshim run --rm`` returns when the process exits while its monitor tears the VM
+    down, and libvirt serialises a new domain's creation behind that clean-up (~2 s
+    here), so the next subject would pay for this one's teardown."""
+    before = _domain_names()
+    value = measure()
+    if before is not None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = _domain_names()
+            if now is None or now <= before:
+                break
+            time.sleep(0.1)
+    return value
 
 
 def _leftover_domains(ids: list[str], timeout: float = 20.0) -> list[str]:
