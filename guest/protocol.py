@@ -47,8 +47,14 @@ ignores fields it does not know. The host side (``shim``) also frames its own
 CLI-to-monitor messages with :func:`encode_frame` and a :class:`FrameReader` that knows
 its extra types; those never cross into the guest.
 
-Everything read from the other side is untrusted: sizes are bounded, fields are checked
-with :meth:`Message.get`, nothing is unpickled.
+Everything read from the other side is untrusted: sizes are bounded (MAX_HEADER,
+MAX_PAYLOAD, JSON nesting MAX_DEPTH), fields are checked with :meth:`Message.get`, nothing
+is unpickled. The host checks every message from the guest against :data:`FROM_GUEST`
+(:func:`check_from_guest`: type allowed in that direction, field types, ranges, stream ids
+in ``0..MAX_ID``) and drops, with a logged line, whatever breaks it; a
+``FrameReader(lenient=True)`` skips a frame whose header is bad (framing intact) instead
+of giving up on the channel. These are checks on what is sent already, so the protocol
+version did not change.
 """
 
 from __future__ import annotations
@@ -63,6 +69,13 @@ MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 1024 * 1024
 CHUNK = 64 * 1024
 """Size of the stdio chunks both sides send; well under MAX_PAYLOAD."""
+MAX_DEPTH = 32
+"""Deepest JSON nesting a header may have (the real ones nest 4 deep); deeper is refused
+before parsing, so a hostile peer cannot make the parser recurse."""
+MAX_ID = (1 << 31) - 1
+"""Process and request ids are in 0..MAX_ID."""
+MAX_DROPPED_KEPT = 16
+"""A lenient FrameReader keeps the reasons of at most this many skipped frames."""
 
 _PREFIX = struct.Struct(">II")
 
@@ -151,11 +164,19 @@ def encode_frame(type: str, payload: bytes, fields: dict, known: frozenset) -> b
 
 
 class FrameReader:
-    """Incremental decoder: feed it bytes as they arrive, take whole messages out."""
+    """Incremental decoder: feed it bytes as they arrive, take whole messages out.
 
-    def __init__(self, known: frozenset = MESSAGE_TYPES):
+    *lenient*: a whole frame whose header is bad (not JSON, too deep, unknown type) is
+    skipped and its reason kept for :meth:`take_dropped`, instead of raising; a frame
+    whose sizes break the limits still raises (the stream cannot be resynchronised).
+    """
+
+    def __init__(self, known: frozenset = MESSAGE_TYPES, lenient: bool = False):
         self._buf = bytearray()
         self._known = known
+        self._lenient = lenient
+        self._dropped: list[str] = []
+        self.dropped_count = 0
 
     def feed(self, data: bytes) -> list[Message]:
         """Add *data*; return every message now complete. Raises ProtocolError on a
@@ -172,7 +193,20 @@ class FrameReader:
             raw = bytes(self._buf[_PREFIX.size:_PREFIX.size + hlen])
             payload = bytes(self._buf[_PREFIX.size + hlen:end])
             del self._buf[:end]
-            out.append(_decode_header(raw, payload, self._known))
+            try:
+                out.append(_decode_header(raw, payload, self._known))
+            except ProtocolError as exc:
+                if not self._lenient:
+                    raise
+                self.dropped_count += 1
+                if len(self._dropped) < MAX_DROPPED_KEPT:
+                    self._dropped.append(str(exc))
+        return out
+
+    def take_dropped(self) -> list[str]:
+        """Reasons for the frames skipped since the last call (lenient mode; at most
+        MAX_DROPPED_KEPT of them, ``dropped_count`` counts all)."""
+        out, self._dropped = self._dropped, []
         return out
 
     @property
@@ -181,17 +215,104 @@ class FrameReader:
         return len(self._buf)
 
 
+def json_depth_exceeds(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True when the JSON text *raw* nests arrays/objects deeper than *limit* (brackets
+    inside strings do not count). Linear, no recursion."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 def _decode_header(raw: bytes, payload: bytes, known: frozenset = MESSAGE_TYPES) -> Message:
+    if json_depth_exceeds(raw):
+        raise ProtocolError(f"frame header nests deeper than {MAX_DEPTH} levels")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame header is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}"[:200]) from None
     if not isinstance(header, dict):
         raise ProtocolError("frame header is not a JSON object")
     kind = header.pop("t", None)
-    if kind not in known:
-        raise ProtocolError(f"unknown message type {kind!r}")
+    if not isinstance(kind, str) or kind not in known:
+        raise ProtocolError(f"unknown message type {printable(repr(kind), 60)}")
     return Message(kind, header, payload)
+
+
+# ---- what the host accepts from the guest ---------------------------------------------------
+
+class Field:
+    """One header field of a message from the guest: its type, whether it must be there,
+    and for ints the allowed range."""
+
+    __slots__ = ("kind", "required", "low", "high")
+
+    def __init__(self, kind: type | tuple, required: bool = False, low: int | None = None,
+                 high: int | None = None):
+        self.kind = kind
+        self.required = required
+        self.low = low
+        self.high = high
+
+
+_ID = Field(int, True, 0, MAX_ID)
+_STREAM = {"id": _ID}
+FROM_GUEST: dict[str, dict[str, Field]] = {
+    HELLO: {"protocol": Field(int, True, 0, MAX_ID), "agent": Field(str),
+            "uptime": Field((int, float))},
+    STARTED: {"id": _ID, "pid": Field(int, False, 0, MAX_ID)},
+    ERROR: {"id": Field(int, False, 0, MAX_ID), "message": Field(str),
+            "code": Field(int, False, 0, 255)},
+    STDOUT: _STREAM,
+    STDERR: _STREAM,
+    EXIT: {"id": _ID, "code": Field(int, True, 0, 255), "signal": Field(int, False, 0, 255),
+           "oom_killed": Field(bool)},
+    UPDATED: {"id": _ID},
+    STATS: {"id": _ID, "usage": Field(dict, True)},
+    LOG: {"message": Field(str)},
+}
+"""The messages a guest may send, and their fields (others are ignored, as the
+compatibility rule says). Anything else from the guest breaks the protocol."""
+
+
+def check_from_guest(msg: Message) -> Message:
+    """Return *msg* when it is a message the guest may send with well-typed, in-range
+    fields (see FROM_GUEST); raise ProtocolError naming what is wrong otherwise."""
+    fields = FROM_GUEST.get(msg.type)
+    if fields is None:
+        raise ProtocolError(f"the guest may not send {msg.type!r} messages")
+    for name, field in fields.items():
+        value = msg.get(name, field.kind, None if not field.required else ...)
+        if value is None or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if (field.low is not None and value < field.low) or \
+                (field.high is not None and value > field.high):
+            raise ProtocolError(f"{msg.type!r} field {name!r} is out of range")
+    return msg
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """*text* from the other side made safe to show on a terminal or in a log line:
+    control characters escaped, at most *limit* characters."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return out + ("…" if len(text) > limit else "")
 
 
 def exit_code_from_status(status: int) -> int:

@@ -411,7 +411,11 @@ class ModuleTree:
 
 
 def guest_source_dir() -> Path:
-    """The ``guest`` package that goes into the image (this checkout's or the installed one)."""
+    """The ``guest`` package that goes into the image: $VMSHIM_GUEST_SOURCE when set (the
+    malicious-guest tests build a hostile variant this way), else this checkout's."""
+    override = os.environ.get("VMSHIM_GUEST_SOURCE")
+    if override:
+        return Path(override).resolve()
     import guest
 
     return Path(guest.__file__).resolve().parent
@@ -656,7 +660,10 @@ def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compr
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _retire_old_builds(gdir, keep=digest)
+        if not os.environ.get("VMSHIM_GUEST_SOURCE"):
+            # A variant (hostile-guest tests) never retires the normal image other runs
+            # use; the next normal build retires the variant.
+            _retire_old_builds(gdir, keep=digest)
         image = _image_from_dir(final)
         assert image is not None
         progress(f"guest image ready: {final}")

@@ -57,6 +57,13 @@ AGENT_HIGH = 4 << 20
 KILL_GRACE = 5.0
 """After the SIGKILL of a stop, how long the agent has to report the exit before the
 VM (or host agent) is killed outright."""
+REPLY_TIMEOUT = 30.0
+"""Seconds the agent has to answer an exec, builtin, stats or update request."""
+MAX_BAD_MESSAGES = 100
+"""Messages breaking the protocol a guest may send before its container is killed: one
+is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
+BAD_MESSAGES_LOGGED = 10
+"""Only the first few dropped messages are logged one by one (monitor.log stays small)."""
 RESTART_DELAY_MAX = 60.0
 EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
@@ -196,6 +203,7 @@ class Monitor:
         self.finished = False
         self.stop_requested = False
         self.last_agent_error = ""
+        self.bad_messages = 0
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -289,8 +297,8 @@ class Monitor:
         self.agent.setblocking(False)
         self.agent_reader = client._reader
         self.agent_out = bytearray()
-        for msg in client.take_pending():
-            self._on_agent_message(msg)
+        self._note_rejected(client)
+        self._on_agent_messages(client.take_pending())
 
     def _to_agent(self, type: str, payload: bytes = b"", **fields) -> None:
         if self.agent is None:
@@ -316,17 +324,61 @@ class Monitor:
         if not data:
             self._agent_gone()
             return
+        if self.agent_reader is None:
+            return
         try:
             messages = self.agent_reader.feed(data)
         except ProtocolError as exc:
-            self._say(f"the agent broke the protocol: {exc}; killing the container")
-            self.last_agent_error = f"the agent broke the protocol: {exc}"
+            # The framing itself is broken: nothing after this can be trusted.
+            text = protocol.printable(str(exc), 200)
+            self._say(f"the agent broke the protocol: {text}; killing the container")
+            self.last_agent_error = f"the agent broke the protocol: {text}"
+            self.agent_reader = None  # what follows is discarded until the channel closes
             self._kill_placement()
             return
+        for reason in self.agent_reader.take_dropped():
+            self._agent_misbehaved(reason)
+        self._on_agent_messages(messages)
+
+    def _on_agent_messages(self, messages: list[Message]) -> None:
+        """Handle each message on its own: one that breaks the protocol, or a bug in its
+        handling, is logged and dropped, never the end of the monitor."""
         for msg in messages:
-            self._on_agent_message(msg)
+            try:
+                protocol.check_from_guest(msg)
+                self._on_agent_message(msg)
+            except ProtocolError as exc:
+                self._agent_misbehaved(str(exc))
+            except Exception as exc:  # noqa: BLE001 - one message must not end the monitor
+                if self.bad_messages < BAD_MESSAGES_LOGGED:
+                    self._say(f"handling the agent's {msg.type!r} failed:\n"
+                              + traceback.format_exc())
+                self._agent_misbehaved(f"handling {msg.type!r} failed: {exc}")
+
+    def _note_rejected(self, client) -> None:
+        """What an AgentClient dropped before the loop took its socket over."""
+        for reason in client.rejected:
+            self._agent_misbehaved(reason)
+        for _ in range(client.rejected_count - len(client.rejected)):
+            self._agent_misbehaved("")
+        client.rejected.clear()
+        client.rejected_count = 0
+
+    def _agent_misbehaved(self, reason: str) -> None:
+        """Count a dropped message; past MAX_BAD_MESSAGES the container is killed."""
+        self.bad_messages += 1
+        reason = protocol.printable(reason, 200)
+        if reason and self.bad_messages <= BAD_MESSAGES_LOGGED:
+            self._say(f"dropped a message from the agent: {reason}")
+        if self.bad_messages == MAX_BAD_MESSAGES:
+            self.last_agent_error = (
+                f"the agent sent {MAX_BAD_MESSAGES} messages that break the protocol"
+                + (f" (last: {reason})" if reason else "") + "; the container was killed")
+            self._say(self.last_agent_error)
+            self._kill_placement()
 
     def _on_agent_message(self, msg: Message) -> None:
+        """Precondition: *msg* passed protocol.check_from_guest."""
         proc_id = msg.fields.get("id")
         if msg.type == protocol.HELLO:
             version = msg.fields.get("protocol")
@@ -374,7 +426,8 @@ class Monitor:
             owner.finish()
         elif msg.type == protocol.ERROR:
             text = msg.fields.get("message")
-            text = text if isinstance(text, str) else "the agent reported an error"
+            text = protocol.printable(text) if isinstance(text, str) \
+                else "the agent reported an error"
             if proc_id in self.pending:
                 owner = self.pending.pop(proc_id)
                 code = msg.fields.get("code")
@@ -542,7 +595,7 @@ class Monitor:
         conn.kind = "detached" if detach else "proc"
         conn.proc_id = proc_id
         conn.stdin = stdin
-        self.pending[proc_id] = conn
+        self._await_reply(proc_id, conn)
         self._to_agent(protocol.EXEC, token=self.record.token, id=proc_id,
                        process=process.to_dict(), stdin=stdin, tty=process.tty,
                        rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))
@@ -563,7 +616,7 @@ class Monitor:
     def _agent_request(self, conn: Conn, type: str, **fields) -> None:
         request_id = self._new_proc_id()
         conn.kind = "request"
-        self.pending[request_id] = conn
+        self._await_reply(request_id, conn)
         self._to_agent(type, token=self.record.token, id=request_id, **fields)
 
     def _op_builtin(self, conn: Conn, msg: Message) -> None:
@@ -573,9 +626,24 @@ class Monitor:
         conn.kind = "proc"
         conn.proc_id = proc_id
         conn.stdin = stdin
-        self.pending[proc_id] = conn
+        self._await_reply(proc_id, conn)
         self._to_agent(protocol.BUILTIN, token=self.record.token, id=proc_id,
                        name=msg.get("name", str), args=msg.get("args", list, []), stdin=stdin)
+
+    def _await_reply(self, proc_id: int, conn: Conn) -> None:
+        """*conn* waits for the agent's answer to request *proc_id*, REPLY_TIMEOUT at most."""
+        self.pending[proc_id] = conn
+        self._timer(REPLY_TIMEOUT, f"reply-{proc_id}", lambda: self._reply_overdue(proc_id))
+
+    def _reply_overdue(self, proc_id: int) -> None:
+        owner = self.pending.pop(proc_id, None)
+        if owner is None:
+            return
+        self._say(f"the agent did not answer request {proc_id} within {REPLY_TIMEOUT:.0f} s")
+        self.procs[proc_id] = None  # a late answer is dropped, its process's output too
+        owner.send(protocol.ERROR, id=proc_id, code=125,
+                   message=f"the container's agent did not answer within {REPLY_TIMEOUT:.0f} s")
+        owner.finish()
 
     def _new_proc_id(self) -> int:
         while True:  # random: a previous monitor's processes may still hold small ids
@@ -719,6 +787,7 @@ class Monitor:
             return False
         if reply.type != protocol.STARTED:
             message = reply.fields.get("message") if reply.type == protocol.ERROR else None
+            message = protocol.printable(message) if isinstance(message, str) else None
             code = reply.fields.get("code") if reply.type == protocol.ERROR else None
             self.placement.kill()
             self._start_failed(conn, message if isinstance(message, str)
@@ -815,6 +884,7 @@ class Monitor:
         self.agent.setblocking(False)
         self.agent_reader = client._reader
         self.agent_ready = False  # until the agent's hello
+        self._note_rejected(client)
 
     # ---- the end of a run -------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 The same client talks to an agent in a VM (over the virtio-serial unix socket libvirt
 exposes) and to the agent run on the host for process isolation (over a socketpair).
-Everything the agent sends is untrusted: frames are bounded by guest.protocol.
+Everything the agent sends is untrusted: frames are bounded by guest.protocol, and every
+message is checked with :func:`guest.protocol.check_from_guest`; one that fails (or a
+frame whose header is bad) is dropped, its reason kept in :attr:`AgentClient.rejected`
+for the owner to log. Only a frame that breaks the framing itself ends the channel.
 """
 
 from __future__ import annotations
@@ -18,14 +21,21 @@ from guest.protocol import Message, ProtocolError
 from shim.errors import AgentError
 
 
+MAX_REJECTED_KEPT = 16
+
+
 class AgentClient:
     """A connected, framed channel to one agent. Not thread-safe."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._reader = protocol.FrameReader()
+        self._reader = protocol.FrameReader(lenient=True)
         self._inbox: list[Message] = []
         self.hello: Message | None = None
+        self.rejected: list[str] = []
+        """Why messages were dropped (at most MAX_REJECTED_KEPT; the owner may clear it)."""
+        self.rejected_count = 0
+        self._dropped_seen = 0
 
     @classmethod
     def connect_unix(cls, path: str, timeout: float = 10.0) -> "AgentClient":
@@ -63,9 +73,27 @@ class AgentClient:
         if not data:
             raise AgentError("the agent closed the channel unexpectedly")
         try:
-            return self._reader.feed(data)
+            messages = self._reader.feed(data)
         except ProtocolError as exc:
             raise AgentError(f"the agent broke the protocol: {exc}") from None
+        for reason in self._reader.take_dropped():
+            self._reject(reason)
+        self.rejected_count += self._reader.dropped_count - self._dropped_seen
+        self._dropped_seen = self._reader.dropped_count
+        return [msg for msg in messages if self._acceptable(msg)]
+
+    def _acceptable(self, msg: Message) -> bool:
+        try:
+            protocol.check_from_guest(msg)
+            return True
+        except ProtocolError as exc:
+            self.rejected_count += 1
+            self._reject(str(exc))
+            return False
+
+    def _reject(self, reason: str) -> None:
+        if len(self.rejected) < MAX_REJECTED_KEPT:
+            self.rejected.append(protocol.printable(reason, 200))
 
     def recv(self, timeout: float | None = None, alive=None) -> Message:
         """Return the next message, waiting at most *timeout* seconds (None: forever).

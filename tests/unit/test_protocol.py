@@ -66,3 +66,60 @@ def test_header_is_json_object_with_type():
 @pytest.mark.parametrize("status,code", [(0, 0), (7 << 8, 7), (9, 137), (15, 143)])
 def test_exit_code_from_status(status, code):
     assert protocol.exit_code_from_status(status) == code
+
+
+# ---- the guest is hostile (issue 12) ---------------------------------------------------------
+
+def _frame(header: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">II", len(header), len(payload)) + header + payload
+
+
+def test_deep_json_is_refused_before_parsing():
+    deep = b'{"t":"stdout","id":' + b"[" * 30000 + b"]" * 30000 + b"}"
+    with pytest.raises(ProtocolError, match="nests deeper"):
+        FrameReader().feed(_frame(deep))
+    # brackets inside strings do not count
+    (msg,) = FrameReader().feed(_frame(b'{"t":"log","message":"' + b"[" * 100 + b'"}'))
+    assert msg.fields["message"] == "[" * 100
+
+
+def test_lenient_reader_skips_bad_headers_and_keeps_framing():
+    reader = FrameReader(lenient=True)
+    data = (_frame(b"not json") + _frame(b'{"t":"nope"}') + _frame(b"[1]")
+            + protocol.encode("stdout", b"ok", id=1))
+    (msg,) = reader.feed(data)
+    assert (msg.type, msg.payload) == ("stdout", b"ok")
+    assert reader.dropped_count == 3 and len(reader.take_dropped()) == 3
+    with pytest.raises(ProtocolError, match="too large"):  # framing itself: still fatal
+        reader.feed(struct.pack(">II", protocol.MAX_HEADER + 1, 0))
+
+
+@pytest.mark.parametrize("header", [
+    {"t": "stdout", "id": [1]}, {"t": "stdout", "id": "1"}, {"t": "stdout"},
+    {"t": "stdout", "id": -1}, {"t": "stdout", "id": 1 << 40}, {"t": "stdout", "id": True},
+    {"t": "exit", "id": 1, "code": "0"}, {"t": "exit", "id": 1, "code": 1000},
+    {"t": "started", "id": 2, "pid": 1.5}, {"t": "stats", "id": 2, "usage": []},
+    {"t": "hello", "protocol": "1"}, {"t": "start", "id": 1}, {"t": "stdin", "id": 1},
+    {"t": "error", "message": 7},
+])
+def test_check_from_guest_refuses_wrong_fields(header):
+    (msg,) = FrameReader().feed(_frame(json.dumps(header).encode()))
+    with pytest.raises(ProtocolError):
+        protocol.check_from_guest(msg)
+
+
+def test_check_from_guest_accepts_what_the_agent_sends():
+    for frame in (protocol.encode("hello", protocol=protocol.PROTOCOL_VERSION, agent="x",
+                                  uptime=0.5),
+                  protocol.encode("started", id=1, pid=42), protocol.encode("stdout", b"a", id=1),
+                  protocol.encode("exit", id=1, code=137, signal=9, oom_killed=False),
+                  protocol.encode("error", id=3, message="no", code=127),
+                  protocol.encode("error", message="boot failed"),
+                  protocol.encode("stats", id=9, usage={"memory": 1}, extra="ignored")):
+        (msg,) = FrameReader().feed(frame)
+        assert protocol.check_from_guest(msg) is msg
+
+
+def test_printable_escapes_terminal_controls():
+    assert protocol.printable("a\x1b]0;pwned\x07b\n") == "a\\x1b]0;pwned\\x07b\\n"
+    assert protocol.printable("x" * 600, 10) == "x" * 10 + "…"
