@@ -66,6 +66,7 @@ class StdioPump:
         self.stderr_fd = stderr_fd
         self.tty = tty
         self.exit_code: int | None = None
+        self.exit_error = ""
         self._pending_signals: list[int] = []
 
     def run(self) -> int:
@@ -138,6 +139,7 @@ class StdioPump:
             _write_all(fd, msg.payload)
         elif msg.type == protocol.EXIT and msg.get("id", int) == self.proc_id:
             self.exit_code = msg.get("code", int)
+            self.exit_error = msg.get("error", str, "")  # the monitor's: why the run ended
         elif msg.type == protocol.ERROR and msg.get("id", int, self.proc_id) == self.proc_id:
             raise AgentError(msg.get("message", str, "the agent reported an error"))
 

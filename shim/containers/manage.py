@@ -167,7 +167,19 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
                      stdin_fd=stdin_fd if interactive else None,
                      stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty)
     pump._pending_signals.extend(caught)
-    return pump.run()
+    code = pump.run()
+    if pump.exit_error:
+        # The container did not end by itself (the VM died, the agent broke the
+        # protocol): say why in one line, like any other error.
+        _write_line(stderr_fd, f"Error: {pump.exit_error}")
+    return code
+
+
+def _write_line(fd: int, text: str) -> None:
+    try:
+        os.write(fd, (text + "\n").encode(errors="replace"))
+    except OSError:
+        pass
 
 
 # ---- stop, kill, restart, pause ----------------------------------------------------------

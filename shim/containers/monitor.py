@@ -915,7 +915,7 @@ class Monitor:
             self.record = None
         for conn in self.conns:
             if conn.kind == "main":
-                conn.send(protocol.EXIT, id=MAIN_ID, code=code)
+                conn.send(protocol.EXIT, id=MAIN_ID, code=code, **({"error": error} if error else {}))
                 conn.finish()
         for conn in self.waiters:
             if conn is not self.removal:

@@ -10,7 +10,9 @@ One connection carries one request; its first frame is::
 and the monitor answers with ``reply {...}`` (done), ``error {message, code}`` (refused or
 failed; *code* is the exit status the CLI should use), or, for the ops that run a
 process, ``started {id, pid}`` followed by the process's stream, exactly as the agent
-sends it: ``stdout``/``stderr {id}`` + bytes, then ``exit {id, code}``. On such a stream
+sends it: ``stdout``/``stderr {id}`` + bytes, then ``exit {id, code[, error]}`` (*error*:
+why the main process ended when it did not end by itself, e.g. the agent broke the
+protocol; the CLI prints it). On such a stream
 the client may send ``stdin {id}`` + bytes, ``stdin_close {id}``, ``resize {id, rows,
 cols}`` and ``signal {id, signal}``. So :class:`shim.containers.attach.StdioPump` works on
 a monitor connection as it works on an agent channel.
