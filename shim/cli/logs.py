@@ -60,19 +60,21 @@ def logs(follow, tail, timestamps, since, until, container):
     path = store.log_path(record.id)
     since_t = logmod.parse_since(since) if since else None
     until_t = logmod.parse_since(until) if until else None
-    entries, offset = logmod.read_entries(path)
-    _emit(logmod.select_lines(entries, tail=None if tail == "all" else int(tail),
-                              since=since_t, until=until_t), timestamps)
-    if not follow or until_t is not None:
+    # Streamed: the files are read one entry at a time, only the --tail window is kept.
+    follower = logmod.Follower(path, from_start=True) if follow and until_t is None else None
+    history = logmod.iter_entries(path) if follower is None else \
+        _rotated_then(logmod, path, follower)
+    _emit(logmod.iter_lines(history, tail=None if tail == "all" else int(tail),
+                            since=since_t, until=until_t), timestamps)
+    if follower is None:
         return
     record = manage.reconcile(store, record)
     next_check = time.monotonic() + STATE_POLL
     done = False
     while True:
-        entries, offset = logmod.read_entries(path, offset)
-        if entries:
-            _emit(logmod.select_lines(entries, since=since_t), timestamps)
+        _emit(logmod.iter_lines(follower.entries(), since=since_t), timestamps)
         if done:
+            follower.close()
             return
         if time.monotonic() >= next_check:
             next_check = time.monotonic() + STATE_POLL
@@ -88,3 +90,11 @@ def logs(follow, tail, timestamps, since, until, container):
                 done = True  # one more read for what the monitor wrote last
                 continue
         time.sleep(FOLLOW_POLL)
+
+
+def _rotated_then(logmod, path, follower):
+    """The rotated files' entries, then the current file's through *follower* (which
+    then goes on following it)."""
+    for name in logmod.log_files(path)[:-1]:
+        yield from logmod.iter_entries_of_file(name)
+    yield from follower.entries()

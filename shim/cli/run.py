@@ -29,6 +29,9 @@ def container_options(func):
         click.option("--stop-timeout", type=click.IntRange(0, 3600), metavar="SECONDS",
                      help="Seconds stop waits before SIGKILL (default 10)."),
         click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits."),
+        click.option("--log-opt", "log_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Log rotation (docker's json-file options): max-size=SIZE "
+                          "(default 10m), max-file=N (default 3)."),
         # Volumes (shim.volumes.specs).
         click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
                      help="Bind-mount a host directory (/abs/path) or a named volume; "
@@ -67,6 +70,7 @@ def _options(image, command, **flags):
         isolation=flags["isolation"],
         detach=flags.get("detach", False), restart=flags["restart"],
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
+        log_opts=list(flags["log_opts"]),
     )
 
 

@@ -41,7 +41,7 @@ from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
-from shim.containers.logs import LogWriter
+from shim.containers.logs import LogLimits, LogWriter
 from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, now_rfc3339, process_start_time,
                                    run_dir_of)
@@ -185,7 +185,7 @@ class Monitor:
         self.record = store.load(container_id)
         self.run_dir = run_dir_of(container_id)
         self.placement = None
-        self.log = LogWriter(store.log_path(container_id))
+        self.log = LogWriter(store.log_path(container_id), LogLimits.from_dict(self.record.log))
         self.listener: socket.socket | None = None
         self.conns: list[Conn] = []
         self.agent: socket.socket | None = None

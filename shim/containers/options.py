@@ -50,6 +50,8 @@ class RunOptions:
     network: object = None
     """shim.network.container.NetworkRequest (-p, --network, --dns …); None: the default
     NAT network with nothing published."""
+    log_opts: list[str] = field(default_factory=list)
+    """``--log-opt`` values (shim.containers.logs.LogLimits.parse)."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -64,6 +66,9 @@ class RunOptions:
                              "cannot be restarted)")
         if self.stop_signal is not None:
             parse_signal(self.stop_signal)
+        from shim.containers.logs import LogLimits
+
+        LogLimits.parse(self.log_opts)  # bad --log-opt: UsageError before anything is made
 
 
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from shim.containers.logs import LogLimits
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
                                      parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
@@ -81,6 +82,7 @@ def prepare(options: RunOptions) -> Container:
         hosts=hosts_file(hostname),
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
+        log=LogLimits.parse(options.log_opts).to_dict(),
     )
 
 

@@ -144,6 +144,8 @@ class Container:
     """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
     sysctl: dict = field(default_factory=dict)
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
+    log: dict = field(default_factory=dict)
+    """shim.containers.logs.LogLimits.to_dict() (``--log-opt``); {}: the default cap."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

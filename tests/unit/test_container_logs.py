@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from shim.containers import logs
 
 
@@ -83,3 +85,96 @@ def test_parse_since():
 def test_missing_log_reads_as_empty(tmp_path):
     assert logs.read_entries(tmp_path / "nope") == ([], 0)
     assert not os.path.exists(tmp_path / "nope")
+
+
+# ---- rotation and streaming reads (issue 12: a guest must not fill the host's disk) ------------
+
+def _total(path):
+    return sum(p.stat().st_size for p in logs.log_files(path))
+
+
+def test_rotation_keeps_the_log_within_its_cap(tmp_path):
+    path = tmp_path / "c.log"
+    limits = logs.LogLimits(max_size=64 * 1024, max_files=3)
+    writer = logs.LogWriter(path, limits)
+    chunk = b"y\n" * 2000
+    for _ in range(2000):  # ~ 8 MB of json lines
+        writer.write("stdout", chunk)
+    writer.close()
+    files = logs.log_files(path)
+    assert [p.name for p in files] == ["c.log.2", "c.log.1", "c.log"]
+    assert not (tmp_path / "c.log.3").exists()
+    assert _total(path) <= limits.max_size * limits.max_files + len(logs.encode_entries("stdout", chunk))
+    # what is kept reads back whole, oldest first, newest last
+    lines = list(logs.iter_lines(logs.iter_entries(path)))
+    assert lines and all(ln[2] == b"y\n" for ln in lines)
+
+
+def test_the_default_cap_applies_when_nothing_was_asked(tmp_path):
+    assert logs.LogLimits.from_dict({}) == logs.LogLimits(10 << 20, 3)
+    path = tmp_path / "c.log"
+    writer = logs.LogWriter(path)
+    line = b"z" * 1000 + b"\n"
+    for _ in range(40 * 1024):  # 40 MiB of output
+        writer.write("stdout", line * 1)
+    writer.close()
+    assert _total(path) <= 30 * (1 << 20) + 4096
+    assert len(logs.log_files(path)) == 3
+
+
+def test_max_file_one_truncates(tmp_path):
+    path = tmp_path / "c.log"
+    writer = logs.LogWriter(path, logs.LogLimits(max_size=8192, max_files=1))
+    for i in range(100):
+        writer.write("stdout", b"%d\n" % i * 100)
+    writer.close()
+    assert logs.log_files(path) == [path] and path.stat().st_size <= 8192 + 4096
+
+
+@pytest.mark.parametrize("opts, want", [
+    ([], (10 << 20, 3)), (["max-size=1m"], (1 << 20, 3)), (["max-size=512k,max-file=2"], (512 << 10, 2)),
+    (["max-file=5", "max-size=2g"], (2 << 30, 5)),
+])
+def test_log_opt_parsing(opts, want):
+    limits = logs.LogLimits.parse(opts)
+    assert (limits.max_size, limits.max_files) == want
+
+
+@pytest.mark.parametrize("bad", ["max-size=lots", "max-size=1", "max-file=0", "max-file=x",
+                                 "mode=non-blocking", "max-size"])
+def test_log_opt_refuses_bad_values(bad):
+    from shim.errors import UsageError
+
+    with pytest.raises(UsageError, match="invalid --log-opt"):
+        logs.LogLimits.parse([bad])
+
+
+def test_follower_reads_across_rotations(tmp_path):
+    path = tmp_path / "c.log"
+    writer = logs.LogWriter(path, logs.LogLimits(max_size=4096, max_files=2))
+    writer.write("stdout", b"first\n")
+    follower = logs.Follower(path, from_start=True)
+    seen = [e[2] for e in follower.entries()]
+    for i in range(30):  # several rotations; each poll catches up
+        writer.write("stdout", b"line %d\n" % i + b"x" * 300 + b"\n")
+        seen += [e[2] for e in follower.entries()]
+    writer.close()
+    follower.close()
+    assert seen[0] == b"first\n"
+    assert [s for s in seen if s.startswith(b"line")] == [b"line %d\n" % i for i in range(30)]
+
+
+def test_reading_streams_without_loading_the_file(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "c.log"
+    writer = logs.LogWriter(path, logs.LogLimits(max_size=64 << 20, max_files=1))
+    for _ in range(300):
+        writer.write("stdout", b"q" * 100_000 + b"\n")
+    writer.close()
+    assert path.stat().st_size > 25 << 20
+    tracemalloc.start()
+    last = list(logs.iter_lines(logs.iter_entries(path), tail=2))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(last) == 2 and peak < 4 << 20
