@@ -187,6 +187,7 @@ def inspect_data(record) -> dict:
             "AutoRemove": record.auto_remove,
             "RestartPolicy": {"Name": record.restart_policy,
                               "MaximumRetryCount": record.restart_max},
+            "LogConfig": _log_config(record),
             **host_config(record),  # limits (Memory: the limit) and mounts
         },
         "Mounts": inspect_mounts(record),
@@ -265,3 +266,12 @@ def inspect(fmt, containers):
         click.echo(json.dumps(docs, indent=4))
     if failed:
         sys.exit(1)
+
+
+def _log_config(record) -> dict:
+    """docker's HostConfig.LogConfig: the json-file driver and its rotation options."""
+    from shim.containers.logs import LogLimits
+
+    limits = LogLimits.from_dict(record.log)
+    return {"Type": "json-file", "Config": {"max-size": str(limits.max_size),
+                                            "max-file": str(limits.max_files)}}
