@@ -64,6 +64,8 @@ MAX_BAD_MESSAGES = 100
 is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
 BAD_MESSAGES_LOGGED = 10
 """Only the first few dropped messages are logged one by one (monitor.log stays small)."""
+MAX_AGENT_LINES = 100
+"""Errors the agent reports on its own that monitor.log keeps (a guest cannot fill it)."""
 RESTART_DELAY_MAX = 60.0
 EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
@@ -107,6 +109,16 @@ def make_placement(record: Container, store: ContainerStore, backend=None):
     return ProcessPlacement(boot, record.layer_disks, run_dir, name=record.name, rw_dir=rw_dir,
                             mounts=record.mounts, network=record.network)
 
+
+
+def _figures(usage) -> dict | None:
+    """The agent's ``stats`` usage, keeping only what can be a figure: at most 64 entries
+    with short names and number (or null) values."""
+    if not isinstance(usage, dict):
+        return None
+    return {k: v for k, v in list(usage.items())[:64]
+            if isinstance(k, str) and len(k) <= 64
+            and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))}
 
 
 def send_buffered(sock, buf: bytearray) -> bool:
@@ -204,6 +216,7 @@ class Monitor:
         self.stop_requested = False
         self.last_agent_error = ""
         self.bad_messages = 0
+        self.agent_lines = 0
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -421,8 +434,8 @@ class Monitor:
         elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending:
             # The answer to a stats/update request (shim.containers.limits).
             owner = self.pending.pop(proc_id)
-            usage = msg.fields.get("usage")
-            owner.send(api.REPLY, **({"usage": usage} if isinstance(usage, dict) else {}))
+            usage = _figures(msg.fields.get("usage"))
+            owner.send(api.REPLY, **({"usage": usage} if usage is not None else {}))
             owner.finish()
         elif msg.type == protocol.ERROR:
             text = msg.fields.get("message")
@@ -436,7 +449,11 @@ class Monitor:
                 owner.finish()
             elif proc_id is None:
                 self.last_agent_error = text
-                self._say(f"agent: {text}")
+                self.agent_lines += 1
+                if self.agent_lines <= MAX_AGENT_LINES:
+                    self._say(f"agent: {text}")
+                elif self.agent_lines == MAX_AGENT_LINES + 1:
+                    self._say("agent: (further errors from the agent are not logged)")
 
     def _agent_gone(self) -> None:
         """The channel closed: the VM (or host agent) ended. Without an exit report,
