@@ -23,6 +23,15 @@ and the clients, with timers for stop timeouts and restarts. Output is read from
 agent only while every client keeps up (less than CLIENT_HIGH bytes queued for it), so a
 slow reader slows the container down instead of filling memory; the agent's own flow
 control does the rest.
+
+The guest is untrusted. Every message from the agent is checked
+(guest.protocol.check_from_guest) and handled on its own: one that breaks the protocol,
+or whose handling fails, is dropped with a line in monitor.log (the first
+BAD_MESSAGES_LOGGED only); after MAX_BAD_MESSAGES the container is killed and its run ends
+with that reason. A frame that breaks the framing itself kills the container at once. A
+well-formed message that answers nothing asked is ignored. Every request to the agent
+has a deadline (START_TIMEOUT, REPLY_TIMEOUT); the log is capped by rotation
+(shim.containers.logs.LogLimits).
 """
 
 from __future__ import annotations
@@ -217,6 +226,7 @@ class Monitor:
         self.last_agent_error = ""
         self.bad_messages = 0
         self.agent_lines = 0
+        self.unexpected = 0
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -406,21 +416,26 @@ class Monitor:
                 for conn in self.conns:
                     if conn.kind == "main":
                         conn.send(msg.type, msg.payload, id=MAIN_ID)
-            else:
-                owner = self.procs.get(proc_id)
+            elif proc_id in self.procs:
+                owner = self.procs[proc_id]
                 if owner is not None:
                     owner.send(msg.type, msg.payload, id=proc_id)
+            else:  # a previous monitor's exec, or made up
+                self._unexpected(msg)
         elif msg.type == protocol.EXIT:
             code = msg.fields.get("code")
             code = code if isinstance(code, int) and not isinstance(code, bool) else EXIT_CODE_LOST
             if proc_id == MAIN_ID:
                 self._main_exited(code, oom=msg.fields.get("oom_killed") is True)
-            else:
-                owner = self.procs.pop(proc_id, None)
+            elif proc_id in self.procs:
+                owner = self.procs.pop(proc_id)
                 if owner is not None:
                     owner.send(protocol.EXIT, id=proc_id, code=code)
                     owner.finish()
-        elif msg.type == protocol.STARTED and proc_id in self.pending:
+            else:
+                self._unexpected(msg)
+        elif msg.type == protocol.STARTED and proc_id in self.pending \
+                and self.pending[proc_id].kind in ("proc", "detached"):
             owner = self.pending.pop(proc_id)
             if owner.closed:
                 self.procs[proc_id] = None
@@ -431,7 +446,8 @@ class Monitor:
                 owner.finish()
             else:
                 self.procs[proc_id] = owner
-        elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending:
+        elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending \
+                and self.pending[proc_id].kind == "request":
             # The answer to a stats/update request (shim.containers.limits).
             owner = self.pending.pop(proc_id)
             usage = _figures(msg.fields.get("usage"))
@@ -454,6 +470,19 @@ class Monitor:
                     self._say(f"agent: {text}")
                 elif self.agent_lines == MAX_AGENT_LINES + 1:
                     self._say("agent: (further errors from the agent are not logged)")
+            else:
+                self._unexpected(msg)
+        elif msg.type != protocol.LOG:
+            self._unexpected(msg)
+
+    def _unexpected(self, msg: Message) -> None:
+        """A well-formed message that answers nothing we asked: logged (the first few)
+        and dropped. Not counted as an attack: a late answer after a timeout, or output
+        of an exec started by a previous monitor, look the same."""
+        self.unexpected += 1
+        if self.unexpected <= BAD_MESSAGES_LOGGED:
+            self._say(f"ignored an unexpected {msg.type!r} from the agent "
+                      f"(id {msg.fields.get('id')})")
 
     def _agent_gone(self) -> None:
         """The channel closed: the VM (or host agent) ended. Without an exit report,
