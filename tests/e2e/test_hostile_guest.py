@@ -71,9 +71,11 @@ def root() -> Path:
 def host_snapshot() -> dict[str, tuple]:
     """(size, mtime, mode) of everything under the state root except the places a
     container run is expected to change (its own directory, the guest image builds and
-    caches, run-time sockets), plus a few host files a guest would love to reach."""
+    caches, run-time sockets, the networks' address books), plus a few host files a
+    guest would love to reach."""
     base = root()
-    skip = {base / "containers", base / "guest", base / "cache", base / "run"}
+    skip = {base / "containers", base / "guest", base / "cache", base / "run",
+            base / "networks"}
     seen = {}
     for dirpath, dirs, files in os.walk(base):
         dirs[:] = [d for d in dirs if Path(dirpath, d) not in skip]
