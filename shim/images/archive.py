@@ -44,6 +44,7 @@ from shim.images.reference import Reference, parse_reference
 from shim.images.store import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX,
                                OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
                                REF_NAME, Image, ImageStore, canonical_json, digest_hex)
+from shim.images.tarsafe import BoundedTarInfo
 
 FORMATS = ("docker-archive", "oci-archive")
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -267,7 +268,7 @@ class _TarSource(_Source):
     def __init__(self, f: BinaryIO, label: str):
         self.label = label
         try:
-            self.tar = tarfile.open(fileobj=f, mode="r:")
+            self.tar = tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo)
             self.members: dict[str, tarfile.TarInfo] = {}
             count = 0
             while (ti := self.tar.next()) is not None:

@@ -53,6 +53,7 @@ from typing import BinaryIO, Iterator
 from shim import paths
 from shim.errors import ImageError, LayerError
 from shim.images.store import ImageStore, LayerRef, digest_hex
+from shim.images.tarsafe import BoundedTarInfo
 
 DEFAULT_MAX_ENTRIES = 1_000_000
 DEFAULT_MAX_BYTES = 64 << 30
@@ -336,7 +337,7 @@ def _reading(blob: Path, limits: Limits) -> Iterator[tuple[tarfile.TarFile, _Cap
     LayerError."""
     try:
         with _open_stream(blob, limits) as reader:
-            tar = tarfile.open(fileobj=reader, mode="r:")
+            tar = tarfile.open(fileobj=reader, mode="r:", tarinfo=BoundedTarInfo)
             yield tar, reader
     except (LayerError, BrokenPipeError):
         raise
