@@ -103,7 +103,7 @@ def layer_disk(store: ImageStore, layer: LayerRef, limits: Limits | None = None)
     final = out_dir / f"{hexd}.sqfs"
     if final.is_file():
         return final
-    out_dir.mkdir(parents=True, exist_ok=True)
+    paths.private_dir(out_dir)
     with _exclusive_lock(out_dir / f".{hexd}.lock"):
         if final.is_file():
             return final
@@ -134,7 +134,7 @@ def convert_layer(blob: Path, out: Path, *, diff_id: str | None = None,
         _write(blob, limits, plan, tmp, [tar2sqfs, "-j", str(jobs or _jobs()), *TAR2SQFS_ARGS])
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o600)  # libvirt's DAC driver chowns it to QEMU's user when attached
         os.rename(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -62,3 +62,47 @@ def test_cp_out_refuses_a_symlink_that_climbs_out(box, tmp_path):
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode != 0
     assert "leads outside" in err and "Traceback" not in err
+
+
+def _world_readable(top) -> list[str]:
+    """Files under *top* that other users could read, and directories they could list."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                continue
+            if st.st_mode & stat.S_IROTH:
+                found.append(f"{path} {oct(st.st_mode & 0o7777)}")
+    return found
+
+
+def test_container_data_is_private_and_the_vm_still_boots(tmp_path):
+    """rw.img, the volume image, layer disks, blobs and the config drive are 0600 (libvirt's
+    DAC driver chowns the ones it attaches to QEMU's user) and the VM boots and writes
+    to both disks."""
+    from shim import paths
+
+    name, volume = f"{PREFIX}-modes", f"{PREFIX}-vol"
+    ok("run", "-d", "--name", name, "--network", "none", "-v", f"{volume}:/data",
+       "busybox", "sleep", "3600", timeout=600)
+    try:
+        ok("exec", name, "sh", "-c", "echo secret > /data/s && echo mine > /root-file")
+        assert ok("exec", name, "cat", "/data/s", "/root-file") == "secret\nmine\n"
+        cid = ok("inspect", "-f", "{{.Id}}", name).strip()
+        root = paths.root()
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o711
+        container_dir = root / "containers" / cid
+        rw = os.stat(container_dir / "rw.img")
+        assert stat.S_IMODE(rw.st_mode) == 0o600
+        run_dirs = [p for p in (root / "run").iterdir() if cid.startswith(p.name)]
+        assert run_dirs and stat.S_IMODE(os.stat(run_dirs[0]).st_mode) == 0o711
+        assert stat.S_IMODE(os.stat(run_dirs[0] / "config.iso").st_mode) == 0o600
+        image = root / "volumes" / volume / "volume.img"
+        assert stat.S_IMODE(os.stat(image).st_mode) == 0o600
+        for sub in ("layers", "images/blobs", "volumes", "containers", "run"):
+            assert _world_readable(root / sub) == [], sub
+    finally:
+        vmshim("rm", "-f", name)
+        vmshim("volume", "rm", volume)
