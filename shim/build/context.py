@@ -31,6 +31,10 @@ class ContextError(BuildError):
     """A COPY/ADD source is missing, excluded, or outside the build context."""
 
 
+class ExcludedPath(ContextError):
+    """A path goes through a symlink that ``.dockerignore`` excludes."""
+
+
 class DockerIgnore:
     """Compiled ``.dockerignore`` patterns."""
 
@@ -140,7 +144,9 @@ class BuildContext:
         return self.root / rel if rel else self.root
 
     def resolve(self, rel: str) -> str:
-        """*rel* with symlinks followed, confined to the context (as if it were ``/``)."""
+        """*rel* with symlinks followed, confined to the context (as if it were ``/``).
+        A symlink excluded by ``.dockerignore`` is not part of the context (docker never
+        sends it), so it is not followed: ContextError."""
         pending = [p for p in rel.split("/") if p not in ("", ".")]
         pending.reverse()
         resolved: list[str] = []
@@ -153,6 +159,9 @@ class BuildContext:
                 continue
             candidate = self.root.joinpath(*resolved, part)
             if candidate.is_symlink():
+                if self.ignore.excluded("/".join([*resolved, part])):
+                    raise ExcludedPath(f"{rel} goes through {'/'.join([*resolved, part])}, "
+                                       "which .dockerignore excludes")
                 links += 1
                 if links > 40:
                     raise ContextError(f"too many levels of symbolic links in {rel}")
@@ -173,13 +182,28 @@ class BuildContext:
             raise ContextError(f"{what} failed: forbidden path outside the build context: "
                                f"{pattern}")
         if has_wildcard(cleaned):
-            found = [Source(rel, self.resolve(rel)) for rel in self._glob(cleaned)]
+            found = []
+            for rel in self._glob(cleaned):
+                try:
+                    real = self.resolve(rel)
+                except ExcludedPath:
+                    continue  # through an excluded symlink: not in the context
+                if not (real and self.ignore.excluded(real)):
+                    found.append(Source(rel, real))
             if not found:
                 raise ContextError(f"{what} failed: no source files were specified: "
                                    f"{pattern} matches nothing in the build context")
             return found
-        real = self.resolve(cleaned)
-        if (cleaned and self.ignore.excluded(cleaned)) or not os.path.lexists(self._host(real)):
+        missing = ContextError(f"{what} failed: file not found in build context or excluded "
+                               f"by .dockerignore: {pattern}")
+        try:
+            real = self.resolve(cleaned)
+        except ExcludedPath:
+            raise missing from None
+        # the name as written and where its symlinks lead must both be in the context: a
+        # symlink to an ignored file must not bring it in
+        if ((cleaned and self.ignore.excluded(cleaned)) or (real and self.ignore.excluded(real))
+                or not os.path.lexists(self._host(real))):
             raise ContextError(f"{what} failed: file not found in build context or excluded "
                                f"by .dockerignore: {pattern}")
         return [Source(cleaned, real)]
@@ -190,11 +214,17 @@ class BuildContext:
         for i, part in enumerate(parts):
             nxt = []
             for base in current:
-                host = self._host(self.resolve(base))
+                try:
+                    host = self._host(self.resolve(base))
+                except ExcludedPath:
+                    continue
                 if not has_wildcard(part):
                     cand = f"{base}/{part}" if base else part
-                    if os.path.lexists(self._host(self.resolve(cand))):
-                        nxt.append(cand)
+                    try:
+                        if os.path.lexists(self._host(self.resolve(cand))):
+                            nxt.append(cand)
+                    except ExcludedPath:
+                        pass
                     continue
                 try:
                     names = sorted(os.listdir(host))

@@ -39,6 +39,7 @@ from typing import BinaryIO, Callable
 from shim.build.context import BuildContext, ContextError, file_digest, has_wildcard, match_component
 from shim.build.tree import LayerWriter, RootView, norm
 from shim.build.errors import BuildError
+from shim.images.tarsafe import BoundedTarInfo
 
 URL_TIMEOUT = float(os.environ.get("VMSHIM_BUILD_URL_TIMEOUT", "15"))
 _ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -143,7 +144,7 @@ def _is_archive(path: Path) -> bool:
     if not head.startswith(_ARCHIVE_MAGIC):
         return False
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:*", tarinfo=BoundedTarInfo) as tar:
             return tar.next() is not None
     except (tarfile.TarError, OSError, EOFError):
         return False
@@ -374,7 +375,7 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
     count = 0
     links = []
     try:
-        with tarfile.open(plan.archive, "r:*") as tar:
+        with tarfile.open(plan.archive, "r:*", tarinfo=BoundedTarInfo) as tar:
             for ti in tar:
                 raw = ti.name
                 parts = [p for p in raw.split("/") if p not in ("", ".")]

@@ -30,6 +30,7 @@ from typing import BinaryIO, Iterator
 from shim import paths
 from shim.errors import ImageError
 from shim.images.layers import entry_kind
+from shim.images.tarsafe import BoundedTarInfo
 
 _WH = ".wh."
 _WH_OPAQUE = ".wh..wh..opq"
@@ -78,10 +79,10 @@ def open_layer_tar(blob: Path) -> Iterator[tarfile.TarFile]:
             from shim.images.layers import open_uncompressed  # noqa: I001
 
             with open_uncompressed(blob) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|") as tar:
+                    tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
                 yield tar
         else:
-            with tarfile.open(blob, mode="r|*") as tar:
+            with tarfile.open(blob, mode="r|*", tarinfo=BoundedTarInfo) as tar:
                 yield tar
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ImageError(f"cannot read layer {blob.name}: {exc}") from None

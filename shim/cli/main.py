@@ -64,6 +64,18 @@ def cli(ctx, debug):
     """Containers with the isolation of a virtual machine."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _secure_root()
+
+
+def _secure_root() -> None:
+    """$VMSHIM_ROOT is 0711 (shim.paths.secure_root); a user without the right to change
+    it (a read-only command as another user) is not stopped here."""
+    from shim import paths
+
+    try:
+        paths.secure_root()
+    except OSError:
+        pass
 
 
 def _register() -> None:

@@ -48,6 +48,7 @@ import traceback
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
+from shim import paths
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogLimits, LogWriter
@@ -231,8 +232,7 @@ class Monitor:
     # ---- entry ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o755)
+        paths.private_dir(self.run_dir)
         self._listen()
         if self.spawner is not None:
             conn = Conn(self.spawner, kind="new")

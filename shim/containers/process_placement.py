@@ -78,6 +78,7 @@ class ProcessPlacement:
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             for sub in ("upper", "work"):
                 (self.rw_dir / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.rw_dir, 0o700)  # the container's files: not for other local users
             for index, disk in enumerate(self.layer_disks):
                 mount_layer(disk, self.run_dir / "layers" / str(index))
             layer_dirs = [str(self.run_dir / "layers" / str(i))

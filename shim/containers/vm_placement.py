@@ -17,6 +17,7 @@ from pathlib import Path
 
 from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG,
                         WRITABLE_SERIAL, BootConfig)
+from shim import paths
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
 
@@ -47,7 +48,9 @@ def make_rw_disk(path: Path, size: int = RW_DISK_SIZE) -> None:
     mounts it by its serial, WRITABLE_SERIAL). Inode tables are written now (a few MiB)
     so the guest kernel has no lazy-init work to do under TCG. Raises VmshimError."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # container data: libvirt chowns it to QEMU's user
         f.truncate(size)
     res = subprocess.run(
         ["mkfs.ext4", "-q", "-F", "-m", "0", "-N", "65536", "-L", "vmshim-rw",
@@ -162,8 +165,7 @@ class VmPlacement:
 
         guest = ensure_guest_image()
         self.accel = detect_accel()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o755)
+        paths.private_dir(self.run_dir)
         self.console_log.unlink(missing_ok=True)
         if self.attachments.requests:
             first = len(self.layer_disks) + 1 + (self.rw_disk is not None)

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -44,11 +45,13 @@ from shim.images.reference import Reference, parse_reference
 from shim.images.store import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX,
                                OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
                                REF_NAME, Image, ImageStore, canonical_json, digest_hex)
+from shim.images.tarsafe import BoundedTarInfo
 
 FORMATS = ("docker-archive", "oci-archive")
 CONTAINERD_NAME = "io.containerd.image.name"
 UNNAMED = "localhost/loaded"
 MAX_MEMBERS = 200_000
+MAX_SPOOL_BYTES = 64 << 30  # load's spooled, decompressed input (as a layer's own cap)
 _JSON_MAX = 8 << 20
 _CHUNK = 1 << 20
 
@@ -267,7 +270,7 @@ class _TarSource(_Source):
     def __init__(self, f: BinaryIO, label: str):
         self.label = label
         try:
-            self.tar = tarfile.open(fileobj=f, mode="r:")
+            self.tar = tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo)
             self.members: dict[str, tarfile.TarInfo] = {}
             count = 0
             while (ti := self.tar.next()) is not None:
@@ -320,9 +323,9 @@ _MAGIC = {b"\x1f\x8b": ["gzip", "-dc"], b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"],
 
 @contextlib.contextmanager
 def _open_input(store: ImageStore, path: Path | None, stdin: BinaryIO | None,
-                label: str) -> Iterator[_Source]:
+                label: str, max_bytes: int) -> Iterator[_Source]:
     """A _Source for a directory, a (compressed) tar file, or stdin (spooled to a temp
-    file in the store, decompressed on the way)."""
+    file in the store, decompressed on the way, at most *max_bytes*)."""
     if path is not None and Path(path).is_dir():
         if not (Path(path) / "oci-layout").is_file():
             raise ImageError(f"{path} is a directory but not an OCI image layout (no "
@@ -346,26 +349,69 @@ def _open_input(store: ImageStore, path: Path | None, stdin: BinaryIO | None,
             yield _TarSource(raw, label)
             return
         spool = stack.enter_context(tempfile.TemporaryFile(dir=tmpdir))
+        capped = _CappedSpool(spool, max_bytes, label)
         if tool is None:
-            spool.write(head)
-            shutil.copyfileobj(raw, spool, _CHUNK)
+            capped.write(head)
+            while chunk := raw.read(_CHUNK):
+                capped.write(chunk)
         else:
-            if shutil.which(tool[0]) is None:
-                raise ImageError(f"{label} is {tool[0]}-compressed and {tool[0]} is not "
-                                 "installed")
-            proc = subprocess.Popen(tool, stdin=subprocess.PIPE, stdout=spool,
-                                    stderr=subprocess.PIPE)
-            try:
-                proc.stdin.write(head)
-                shutil.copyfileobj(raw, proc.stdin, _CHUNK)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            err = proc.stderr.read().decode(errors="replace").strip()
-            if proc.wait() != 0:
-                raise ImageError(f"{label} could not be decompressed: {err or tool[0]}")
+            _decompress(tool, head, raw, capped, label)
         spool.seek(0)
         yield _TarSource(spool, label)
+
+
+class _CappedSpool:
+    """The spool of ``load``'s input: refuses more than *limit* bytes (a decompression
+    bomb, or an input larger than the store should take), so the disk is not filled."""
+
+    def __init__(self, f: BinaryIO, limit: int, label: str):
+        self.f, self.limit, self.label, self.count = f, limit, label, 0
+
+    def write(self, data: bytes) -> None:
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ImageError(f"{self.label} is larger than {self.limit} bytes uncompressed "
+                             "(decompression bomb?); refused (VMSHIM_LOAD_MAX_BYTES raises "
+                             "the cap)")
+        self.f.write(data)
+
+
+def _decompress(tool: list[str], head: bytes, raw: BinaryIO, out: _CappedSpool,
+                label: str) -> None:
+    """Run *tool* on head + raw, its output into *out* (stopped at the cap)."""
+    if shutil.which(tool[0]) is None:
+        raise ImageError(f"{label} is {tool[0]}-compressed and {tool[0]} is not installed")
+    with tempfile.TemporaryFile() as errlog:
+        proc = subprocess.Popen(tool, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=errlog)
+
+        def feed() -> None:
+            try:
+                proc.stdin.write(head)
+                while chunk := raw.read(_CHUNK):
+                    proc.stdin.write(chunk)
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # the tool exited (or was killed at the cap): its status says why
+            finally:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            while chunk := proc.stdout.read(_CHUNK):
+                out.write(chunk)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+            feeder.join()
+        if rc != 0:
+            errlog.seek(0)
+            err = errlog.read().decode(errors="replace").strip()
+            raise ImageError(f"{label} could not be decompressed: {err or tool[0]}")
 
 
 def _peek(f: BinaryIO, n: int) -> bytes:
@@ -376,6 +422,22 @@ def _peek(f: BinaryIO, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def _spool_cap(max_bytes: int | None) -> int:
+    if max_bytes is not None:
+        return max_bytes
+    text = os.environ.get("VMSHIM_LOAD_MAX_BYTES")
+    if not text:
+        return MAX_SPOOL_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"VMSHIM_LOAD_MAX_BYTES must be a positive number of bytes, not "
+                         f"{text!r}")
+    return value
 
 
 # Load: into the store -----------------------------------------------------------------------
@@ -421,12 +483,14 @@ class _Loader:
 
 
 def load(store: ImageStore, path: Path | None = None, stdin: BinaryIO | None = None,
-         progress: Progress | None = None) -> list[Loaded]:
+         progress: Progress | None = None, max_bytes: int | None = None) -> list[Loaded]:
     """Load every image of an archive/layout into ``store`` and record their names.
-    Raises ImageError naming what is wrong; on failure the blobs added are removed."""
+    Input that must be spooled (stdin, compressed archives) is capped at *max_bytes*
+    uncompressed (default: $VMSHIM_LOAD_MAX_BYTES, else MAX_SPOOL_BYTES). Raises
+    ImageError naming what is wrong; on failure the blobs added are removed."""
     progress = progress or NoProgress()
     label = str(path) if path is not None else "the archive on stdin"
-    with _open_input(store, path, stdin, label) as src, store.writing():
+    with _open_input(store, path, stdin, label, _spool_cap(max_bytes)) as src, store.writing():
         loader = _Loader(store, src, progress)
         try:
             if src.has("oci-layout") and src.has("index.json"):

@@ -215,6 +215,7 @@ class ImageStore:
         self._index_lock = self.root / ".index.lock"
         self._gc_lock = self.root / ".gc.lock"
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.blobs_dir, 0o700)  # QEMU never opens a blob
         layout = self.root / "oci-layout"
         if not layout.exists():
             atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
@@ -254,7 +255,7 @@ class ImageStore:
                 raise ImageError(f"blob {digest} is {written} bytes, expected {size}")
             if expected_digest is not None and digest != expected_digest:
                 raise ImageError(f"digest mismatch: expected {expected_digest}, got {digest}")
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o600)  # image content: not for other local users
             os.rename(tmp, self.blobs_dir / h.hexdigest())
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -35,7 +35,9 @@ def build_config_drive(config: BootConfig, dest: Path) -> Path:
             iso_name = "/" + name.upper().replace("-", "_").replace(".", "_")[:24] + ".;1"
             iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name)
         tmp = dest.with_name(dest.name + ".tmp")
-        with open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(fd, 0o600)  # the spec's environment and the agent token
             iso.write_fp(out)
         os.replace(tmp, dest)
     finally:

@@ -346,7 +346,9 @@ def _make_image(path: Path, size: int, label: str) -> None:
     template = Path(tempfile.mkdtemp(prefix=".template-", dir=path.parent))
     try:
         (template / "data").mkdir(mode=0o755)
-        with open(path, "wb") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # container data: libvirt chowns it to QEMU's user
             f.truncate(size)
         res = subprocess.run(
             ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", label[:16], "-d", str(template),
@@ -426,7 +428,9 @@ def user_of_image(image: Path) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())

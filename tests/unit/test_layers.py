@@ -231,7 +231,7 @@ def test_converted_once_and_cached(store, monkeypatch):
     assert len(set(results)) == 1 and len(results) == 6
     assert len(calls) == 1
     assert leftovers() == [results[0].name]  # no lock or temp files
-    assert oct(results[0].stat().st_mode & 0o777) == "0o644"
+    assert oct(results[0].stat().st_mode & 0o777) == "0o600"  # container data: private
 
 
 def test_stale_temp_files_are_cleaned(store):
