@@ -54,6 +54,10 @@ class Container:
         self.namespaces = tuple(namespaces)
         self.main: Spawned | None = None
         self.owns_rootfs = False
+        if cgroup is not None and not config.privileged:
+            from guest.runtime import devices
+
+            cgroup.restrict_devices(devices.rules_for(config.devices))
         self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
                                                config.resolv_conf, files_dir)
         if mounts or config.read_only:
@@ -118,7 +122,9 @@ class Container:
                                     namespaces=self.namespaces, hosts_files=self.binds,
                                     stdin=stdin, rows=rows, cols=cols,
                                     masked_paths=self.config.masked_paths,
-                                    readonly_paths=self.config.readonly_paths)
+                                    readonly_paths=self.config.readonly_paths,
+                                    privileged=self.config.privileged,
+                                    devices=self.config.devices)
         return self.main
 
     def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,

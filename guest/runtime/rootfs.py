@@ -43,8 +43,11 @@ DEV_SYMLINKS = {
     "stderr": "/proc/self/fd/2",
     "ptmx": "pts/ptmx",
 }
-MASKED_PATHS = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
-"""Covered with /dev/null (files) inside the container, as docker does."""
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap")
+"""Docker's masked paths: /dev/null over files, an empty read-only tmpfs over directories."""
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 """Re-mounted read-only inside the container, as docker does."""
 
@@ -221,19 +224,43 @@ def _populate_dev(dev: str) -> None:
         os.umask(old_umask)
 
 
+def _make_device(rootfs: str, device: dict) -> None:
+    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there)."""
+    path = secure_join(rootfs, device["path"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    kind = stat.S_IFCHR if device["type"] == "c" else stat.S_IFBLK
+    old_umask = os.umask(0)
+    try:
+        os.mknod(path, kind | 0o666, os.makedev(device["major"], device["minor"]))
+    finally:
+        os.umask(old_umask)
+
+
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
-                 cgroup2: bool = False, masked_paths=None, readonly_paths=None) -> None:
+                 cgroup2: bool = False, masked_paths=None, readonly_paths=None,
+                 privileged: bool = False, devices=()) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
     must be a new one (CLONE_NEWNS) and, for /proc, a process in the container's new pid
     namespace. Raises OSError naming the mount that failed. Follow with :func:`pivot_to`.
+
+    *privileged* (docker's --privileged): /dev is the caller's whole /dev (every device)
+    and /sys is writable. *devices* (BootConfig ``devices``) are made as nodes.
     """
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC, None)
 
     _mount_in(rootfs, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
-    dev = _mount_in(rootfs, "/dev", "tmpfs", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
-    _populate_dev(dev)
+    if privileged:
+        dev = ensure_dir(rootfs, "/dev")
+        syscalls.mount("/dev", dev, None, MS_BIND | MS_REC, None)
+    else:
+        dev = _mount_in(rootfs, "/dev", "tmpfs", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
+        _populate_dev(dev)
+    for device in devices:
+        _make_device(rootfs, device)
     _mount_in(rootfs, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
     _mount_in(rootfs, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -244,6 +271,8 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
         pass  # optional: kernels without POSIX message queues
 
     ro_flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if privileged:
+        ro_flags &= ~MS_RDONLY
     try:
         _mount_in(rootfs, "/sys", "sysfs", "sysfs", ro_flags)
     except OSError:

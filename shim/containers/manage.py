@@ -346,7 +346,9 @@ def exec_spec(record: Container, command: list[str], *, env: list[str] = (), wor
     if workdir is not None and not workdir.startswith("/"):
         raise UsageError(f"invalid -w {workdir!r}: the working directory must be absolute")
     return ProcessSpec(args=list(command), env=environment, cwd=workdir or base.cwd,
-                       user=base.user if user is None else user, tty=tty)
+                       user=base.user if user is None else user, tty=tty,
+                       capabilities=base.capabilities, seccomp=base.seccomp,
+                       no_new_privs=base.no_new_privs)
 
 
 def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty: bool = False,

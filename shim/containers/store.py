@@ -144,6 +144,11 @@ class Container:
     """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
     sysctl: dict = field(default_factory=dict)
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
+    privileged: bool = False
+    """--privileged: every device, no masked paths, no device rules (the process's
+    capabilities and seccomp are in ``process``)."""
+    devices: list = field(default_factory=list)
+    """--device entries (shim.containers.security.parse_device)."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property
