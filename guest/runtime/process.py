@@ -480,7 +480,23 @@ def _cap_mask(names) -> int:
     mask = 0
     for name in names:
         mask |= 1 << CAPABILITIES.index(name)
+    return mask & _bounding_now()  # a capability we do not have cannot be given
+
+
+def _bounding_now() -> int:
+    """This process's bounding set (on a host that lacks some capability, --privileged
+    gets every one there is)."""
+    mask = 0
+    for cap in range(_last_cap() + 1):
+        try:
+            if syscalls.prctl(PR_CAPBSET_READ, cap) == 1:
+                mask |= 1 << cap
+        except OSError:
+            break
     return mask
+
+
+PR_CAPBSET_READ = 23
 
 
 def _last_cap() -> int:
