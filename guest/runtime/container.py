@@ -75,7 +75,12 @@ class Container:
         ``vmshim/<container_id>`` with the config's limits, make the *mounts* (see the
         class) and return the Container. Raises RootfsError, CgroupError or MountError
         (having undone what was done)."""
-        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs)
+        from guest.runtime.syscalls import MS_NODEV, MS_NOSUID
+
+        # On the host: no setuid file or device node of an image or a container works
+        # for anyone outside the container (the container's own view clears both flags).
+        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs,
+                                 flags=MS_NOSUID | MS_NODEV)
         cgroup = None
         try:
             if use_cgroup:

@@ -115,9 +115,11 @@ def ensure_file(root: str, path: str, mode: int = 0o644) -> str:
 
 # ---- overlay ----------------------------------------------------------------------------
 
-def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str) -> None:
+def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str,
+                  flags: int = 0) -> None:
     """Mount an overlay at *target*: *lowerdirs* topmost first, writes go to *upperdir*
     (with *workdir* on the same filesystem). An empty *upperdir* makes a read-only stack.
+    *flags*: extra mount flags (MS_NOSUID | MS_NODEV on the host).
 
     Creates upperdir, workdir and target if missing. Raises RootfsError.
     """
@@ -130,7 +132,7 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
     if not upperdir and len(lowerdirs) == 1:
         # overlayfs refuses a single lower layer without an upper: a read-only bind does it.
         syscalls.mount(lowerdirs[0], target, None, MS_BIND, None)
-        syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+        syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
         return
     options = "lowerdir=" + ":".join(lowerdirs)
     if upperdir:
@@ -141,7 +143,7 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
         raise RootfsError(f"too many layers for one overlay mount ({len(lowerdirs)}): "
                           "the mount options exceed a page; flatten the image")
     try:
-        syscalls.mount("overlay", target, "overlay", 0, options)
+        syscalls.mount("overlay", target, "overlay", flags, options)
     except OSError as exc:
         raise RootfsError(f"cannot mount the overlay on {target}: {exc.strerror}") from None
 
@@ -224,6 +226,21 @@ def _populate_dev(dev: str) -> None:
         os.umask(old_umask)
 
 
+def _allow_suid_and_dev(rootfs: str) -> None:
+    """Inside the container, its root is not ``nosuid,nodev`` (docker's is not), even
+    where the host mounted the overlay so (process isolation): clear the two flags on the
+    container's own bind of it, keeping read-only if it was."""
+    flags = os.statvfs(rootfs).f_flag
+    if not flags & (os.ST_NOSUID | os.ST_NODEV):
+        return
+    keep = MS_RDONLY if flags & os.ST_RDONLY else 0
+    for bit, ms in ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024),
+                    (os.ST_RELATIME, 1 << 21)):
+        if flags & bit:
+            keep |= ms
+    syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+
+
 def _make_device(rootfs: str, device: dict) -> None:
     """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there)."""
     path = secure_join(rootfs, device["path"])
@@ -250,6 +267,7 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
     """
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC, None)
+    _allow_suid_and_dev(rootfs)
 
     _mount_in(rootfs, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
