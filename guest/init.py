@@ -341,7 +341,7 @@ def make_cgroup(config):
         mount_cgroup2()
         return Cgroup.create(config.container_id, limits=limits)
     except (OSError, CgroupError) as exc:
-        if not limits.is_empty():
+        if not limits.is_empty() or not config.privileged:  # the device rules need it
             raise BootError(f"cannot set up the container's cgroup: {exc}") from None
         console.log(f"running without a cgroup: {exc}")
         return None
@@ -505,7 +505,7 @@ def prepare_container():
         container = Container(config, root, files_dir=FILES_DIR, cgroup=cgroup,
                               namespaces=GUEST_NAMESPACES, mounts=sources)
     except Exception as exc:  # noqa: BLE001 - MountError; the host reads the text
-        if type(exc).__name__ != "MountError":
+        if type(exc).__name__ not in ("MountError", "CgroupError"):
             raise
         raise BootError(str(exc)) from None
     console.phase("container")

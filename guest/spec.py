@@ -79,11 +79,18 @@ class ProcessSpec(_Record):
     ``ambient`` to lists of names (``CAP_CHOWN`` …, see :data:`CAPABILITIES`);
     ``no_new_privs`` sets PR_SET_NO_NEW_PRIVS; ``additional_gids`` are added to the
     supplementary groups; ``umask`` (0..0o777) is set before the exec.
+    ``capabilities`` with only ``bounding`` (what ``vmshim run`` sends: docker's rule) gives
+    a root process that set as effective and permitted, and any other user none.
+
+    ``seccomp`` (None: no filter) is ``"default"`` (guest.runtime.seccomp_default,
+    resolved against the bounding set) or an OCI ``linux.seccomp`` object (checked by
+    guest.runtime.seccomp.check).
     """
 
     _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
                "rlimits": list, "oom_score_adj": None, "capabilities": None,
-               "no_new_privs": False, "additional_gids": list, "umask": None}
+               "no_new_privs": False, "additional_gids": list, "umask": None,
+               "seccomp": None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -128,10 +135,19 @@ class ProcessSpec(_Record):
         umask = data.get("umask")
         if umask is not None and not (_is_int(umask) and 0 <= umask <= 0o777):
             raise ValueError("process.umask must be an integer in 0..0o777")
+        seccomp = data.get("seccomp")
+        if seccomp is not None and seccomp != "default":
+            from guest.runtime.seccomp import SeccompError, check
+
+            try:
+                check(seccomp)
+            except SeccompError as exc:
+                raise ValueError(f"process.seccomp: {exc}") from None
         return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty,
                    rlimits=[list(r) for r in rlimits], oom_score_adj=oom,
                    capabilities={k: list(v) for k, v in caps.items()} if caps is not None
-                   else None, no_new_privs=nnp, additional_gids=list(gids), umask=umask)
+                   else None, no_new_privs=nnp, additional_gids=list(gids), umask=umask,
+                   seccomp=seccomp)
 
     def to_dict(self) -> dict:
         data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
@@ -148,6 +164,8 @@ class ProcessSpec(_Record):
             data["additional_gids"] = list(self.additional_gids)
         if self.umask is not None:
             data["umask"] = self.umask
+        if self.seccomp is not None:
+            data["seccomp"] = self.seccomp
         return data
 
 
@@ -166,6 +184,11 @@ CAPABILITIES = (
     "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
     "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
 """Linux capability names; the index is the capability's number."""
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+"""Docker's default capability set (CapEff 00000000a80425fb for root)."""
 CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
@@ -326,7 +349,7 @@ class BootConfig(_Record):
                "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0,
                "network": dict, "limits": None, "mounts": list, "read_only": False,
                "rootfs_share": "", "masked_paths": None, "readonly_paths": None,
-               "sysctl": dict}
+               "sysctl": dict, "privileged": False, "devices": list}
 
     def cgroup_limits(self) -> Limits:
         """The limits to apply: ``limits``, or else the two shorthand fields."""
@@ -339,7 +362,8 @@ class BootConfig(_Record):
         data["process"] = self.process.to_dict()
         if not self.network:
             del data["network"]  # an older agent never sees a field it does not know
-        for name in ("limits", "mounts", "read_only", "rootfs_share", "sysctl"):  # likewise
+        for name in ("limits", "mounts", "read_only", "rootfs_share", "sysctl", "privileged",
+                     "devices"):  # likewise
             if not data[name]:
                 del data[name]
         for name in ("masked_paths", "readonly_paths"):
@@ -397,7 +421,31 @@ class BootConfig(_Record):
                 and ".." not in k and "\0" not in k + v for k, v in sysctl.items()):
             raise ValueError("boot config field 'sysctl' must map sysctl names to strings")
         out["sysctl"] = dict(sysctl)
+        if not isinstance(data.get("privileged", False), bool):
+            raise ValueError("boot config field 'privileged' must be a boolean")
+        out["privileged"] = data.get("privileged", False)
+        out["devices"] = check_devices(data.get("devices", []))
         return cls(**out)
+
+
+def check_devices(devices) -> list:
+    """Validate BootConfig ``devices`` (untrusted JSON): ``[{"path", "type" (c|b),
+    "major", "minor", "permissions" (some of rwm)}]``; return them. Raises ValueError."""
+    if not isinstance(devices, list) or len(devices) > 64:
+        raise ValueError("boot config field 'devices' must be a list of at most 64")
+    for device in devices:
+        if not (isinstance(device, dict)
+                and set(device) == {"path", "type", "major", "minor", "permissions"}
+                and isinstance(device["path"], str) and device["path"].startswith("/")
+                and ".." not in device["path"].split("/") and "\0" not in device["path"]
+                and device["type"] in ("c", "b")
+                and all(_is_int(device[k]) and 0 <= device[k] < 1 << 20
+                        for k in ("major", "minor"))
+                and isinstance(device["permissions"], str) and device["permissions"]
+                and set(device["permissions"]) <= set("rwm")):
+            raise ValueError("boot config field 'devices': each must be {path, type c|b, "
+                             "major, minor, permissions rwm}")
+    return [dict(d) for d in devices]
 
 
 MAX_INTERFACES = 8

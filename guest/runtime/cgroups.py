@@ -408,6 +408,24 @@ class Cgroup:
         except CgroupError:
             pass
 
+    # ---- device rules ---------------------------------------------------------------------
+
+    def restrict_devices(self, rules) -> None:
+        """Allow only *rules* (guest.runtime.devices) to the container's processes: the
+        v1 devices controller, or an eBPF device program on v2. Raises CgroupError."""
+        from guest.runtime import devices
+
+        try:
+            if self.version == 2:
+                devices.apply_v2(self.paths["unified"], rules)
+            elif "devices" in self.paths:
+                devices.apply_v1(self.paths["devices"], rules)
+            else:
+                raise CgroupError("cannot set device rules: the devices cgroup controller "
+                                  "is not mounted")
+        except devices.DeviceRuleError as exc:
+            raise CgroupError(str(exc)) from None
+
     # ---- membership ---------------------------------------------------------------------
 
     def _procs_files(self) -> list[str]:

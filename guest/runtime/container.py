@@ -54,6 +54,10 @@ class Container:
         self.namespaces = tuple(namespaces)
         self.main: Spawned | None = None
         self.owns_rootfs = False
+        if cgroup is not None and not config.privileged:
+            from guest.runtime import devices
+
+            cgroup.restrict_devices(devices.rules_for(config.devices))
         self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
                                                config.resolv_conf, files_dir)
         if mounts or config.read_only:
@@ -71,7 +75,12 @@ class Container:
         ``vmshim/<container_id>`` with the config's limits, make the *mounts* (see the
         class) and return the Container. Raises RootfsError, CgroupError or MountError
         (having undone what was done)."""
-        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs)
+        from guest.runtime.syscalls import MS_NODEV, MS_NOSUID
+
+        # On the host: no setuid file or device node of an image or a container works
+        # for anyone outside the container (the container's own view clears both flags).
+        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs,
+                                 flags=MS_NOSUID | MS_NODEV)
         cgroup = None
         try:
             if use_cgroup:
@@ -118,7 +127,9 @@ class Container:
                                     namespaces=self.namespaces, hosts_files=self.binds,
                                     stdin=stdin, rows=rows, cols=cols,
                                     masked_paths=self.config.masked_paths,
-                                    readonly_paths=self.config.readonly_paths)
+                                    readonly_paths=self.config.readonly_paths,
+                                    privileged=self.config.privileged,
+                                    devices=self.config.devices)
         return self.main
 
     def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,

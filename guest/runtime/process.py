@@ -122,7 +122,8 @@ class _Plan:
                  rootfs: str | None = None, bind_files: dict | None = None,
                  cgroup2_inside: bool = False, loopback: bool = False,
                  set_hostname: bool = False, join_fds: list | None = None,
-                 builtin=None, masked_paths=None, readonly_paths=None):
+                 builtin=None, masked_paths=None, readonly_paths=None,
+                 privileged: bool = False, devices=()):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -138,10 +139,13 @@ class _Plan:
         self.set_hostname = set_hostname
         self.masked_paths = masked_paths  # None: rootfs.MASKED_PATHS
         self.readonly_paths = readonly_paths
+        self.privileged = privileged
+        self.devices = list(devices)
         # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
         self.join_fds = join_fds or []
         # Instead of execve: call builtin() in the container and exit with its result.
         self.builtin = builtin
+        self.seccomp_program = None  # compiled by _spawn, installed by the container process
 
 
 # ---- the caller's side ------------------------------------------------------------------
@@ -149,7 +153,7 @@ class _Plan:
 def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgroup: Cgroup | None,
                     namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
                     stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
-                    readonly_paths=None) -> Spawned:
+                    readonly_paths=None, privileged: bool = False, devices=()) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -176,7 +180,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                  rootfs=os.path.abspath(rootfs) if rootfs is not None else None,
                  bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
                  loopback="net" in namespaces, set_hostname="uts" in namespaces,
-                 masked_paths=masked_paths, readonly_paths=readonly_paths)
+                 masked_paths=masked_paths, readonly_paths=readonly_paths,
+                 privileged=privileged, devices=devices)
     syscalls.set_child_subreaper()
     return _spawn(plan)
 
@@ -216,6 +221,7 @@ def _spawn(plan: _Plan) -> Spawned:
     if plan.process.rlimits:
         import resource  # noqa: F401 - here: an exec's child is in the container's mount
         #                  namespace before it could import it (the image has no python)
+    plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
     ours: list[int] = []     # caller's ends
     theirs: list[int] = []   # children's ends, closed here after the fork
     stdio = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
@@ -400,6 +406,9 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         _setup_stdio(plan, sock, stdio, user.uid)
         _apply_process_limits(plan.process)
         caps = plan.process.capabilities
+        seccomp_filter = plan.seccomp_program
+        if seccomp_filter is not None and not plan.process.no_new_privs:
+            _install_seccomp(seccomp_filter)  # while we still hold CAP_SYS_ADMIN (as runc)
         if caps is not None:
             _drop_bounding(caps.get("bounding", []))
             if user.uid != 0:
@@ -409,11 +418,13 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
                 list(user.groups) + list(plan.process.additional_gids))))
         _become(user)
         if caps is not None:
-            _set_capabilities(caps)
+            _set_capabilities(_sets_for(caps, user.uid))
         if plan.process.umask is not None:
             os.umask(plan.process.umask)
         if plan.process.no_new_privs:
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+            if seccomp_filter is not None:
+                _install_seccomp(seccomp_filter)  # last: the fewest syscalls after it
         try:
             os.chdir(plan.process.cwd)
         except OSError as exc:
@@ -469,7 +480,23 @@ def _cap_mask(names) -> int:
     mask = 0
     for name in names:
         mask |= 1 << CAPABILITIES.index(name)
+    return mask & _bounding_now()  # a capability we do not have cannot be given
+
+
+def _bounding_now() -> int:
+    """This process's bounding set (on a host that lacks some capability, --privileged
+    gets every one there is)."""
+    mask = 0
+    for cap in range(_last_cap() + 1):
+        try:
+            if syscalls.prctl(PR_CAPBSET_READ, cap) == 1:
+                mask |= 1 << cap
+        except OSError:
+            break
     return mask
+
+
+PR_CAPBSET_READ = 23
 
 
 def _last_cap() -> int:
@@ -514,6 +541,43 @@ def _set_capabilities(caps: dict) -> None:
             pass
 
 
+def _sets_for(caps: dict, uid: int) -> dict:
+    """The five sets to apply. Only ``bounding`` given (``vmshim run``, docker's rule):
+    root gets it as effective and permitted, any other user nothing."""
+    if set(caps) != {"bounding"}:
+        return caps
+    granted = list(caps["bounding"]) if uid == 0 else []
+    return {"bounding": list(caps["bounding"]), "effective": granted, "permitted": granted}
+
+
+def _seccomp_program(process: ProcessSpec) -> bytes | None:
+    """The compiled filter for *process* (None: no filter). ``"default"`` is resolved
+    against the bounding set (every capability when there is none). Raises SpawnError."""
+    if process.seccomp is None:
+        return None
+    from guest.runtime import seccomp
+    from guest.spec import CAPABILITIES
+
+    oci = process.seccomp
+    try:
+        if oci == "default":
+            caps = process.capabilities
+            oci = seccomp.default_for(CAPABILITIES if caps is None else caps.get("bounding", []))
+        return seccomp.compile_filter(oci)
+    except seccomp.SeccompError as exc:
+        raise SpawnError(f"cannot apply the seccomp profile: {exc}") from None
+
+
+def _install_seccomp(program: bytes) -> None:
+    from guest.runtime import seccomp
+
+    try:
+        seccomp.install_program(program)
+    except OSError as exc:
+        raise _ChildFailure(f"cannot apply the seccomp profile (does the kernel have "
+                            f"CONFIG_SECCOMP_FILTER?): {exc.strerror}") from None
+
+
 def _rlim(value: int) -> str:
     return "unlimited" if value < 0 else str(value)
 
@@ -542,7 +606,8 @@ def _enter_rootfs(plan: _Plan) -> None:
             rootfs_mod.setup_mounts(plan.rootfs, bind_files=plan.bind_files,
                                     cgroup2=plan.cgroup2_inside,
                                     masked_paths=plan.masked_paths,
-                                    readonly_paths=plan.readonly_paths)
+                                    readonly_paths=plan.readonly_paths,
+                                    privileged=plan.privileged, devices=plan.devices)
             rootfs_mod.pivot_to(plan.rootfs)
         except OSError as exc:
             raise _ChildFailure(f"cannot set up the container's filesystem: "

@@ -43,8 +43,11 @@ DEV_SYMLINKS = {
     "stderr": "/proc/self/fd/2",
     "ptmx": "pts/ptmx",
 }
-MASKED_PATHS = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
-"""Covered with /dev/null (files) inside the container, as docker does."""
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap")
+"""Docker's masked paths: /dev/null over files, an empty read-only tmpfs over directories."""
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 """Re-mounted read-only inside the container, as docker does."""
 
@@ -112,9 +115,11 @@ def ensure_file(root: str, path: str, mode: int = 0o644) -> str:
 
 # ---- overlay ----------------------------------------------------------------------------
 
-def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str) -> None:
+def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str,
+                  flags: int = 0) -> None:
     """Mount an overlay at *target*: *lowerdirs* topmost first, writes go to *upperdir*
     (with *workdir* on the same filesystem). An empty *upperdir* makes a read-only stack.
+    *flags*: extra mount flags (MS_NOSUID | MS_NODEV on the host).
 
     Creates upperdir, workdir and target if missing. Raises RootfsError.
     """
@@ -127,7 +132,7 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
     if not upperdir and len(lowerdirs) == 1:
         # overlayfs refuses a single lower layer without an upper: a read-only bind does it.
         syscalls.mount(lowerdirs[0], target, None, MS_BIND, None)
-        syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+        syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
         return
     options = "lowerdir=" + ":".join(lowerdirs)
     if upperdir:
@@ -138,7 +143,7 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
         raise RootfsError(f"too many layers for one overlay mount ({len(lowerdirs)}): "
                           "the mount options exceed a page; flatten the image")
     try:
-        syscalls.mount("overlay", target, "overlay", 0, options)
+        syscalls.mount("overlay", target, "overlay", flags, options)
     except OSError as exc:
         raise RootfsError(f"cannot mount the overlay on {target}: {exc.strerror}") from None
 
@@ -221,19 +226,59 @@ def _populate_dev(dev: str) -> None:
         os.umask(old_umask)
 
 
+def _allow_suid_and_dev(rootfs: str) -> None:
+    """Inside the container, its root is not ``nosuid,nodev`` (docker's is not), even
+    where the host mounted the overlay so (process isolation): clear the two flags on the
+    container's own bind of it, keeping read-only if it was."""
+    flags = os.statvfs(rootfs).f_flag
+    if not flags & (os.ST_NOSUID | os.ST_NODEV):
+        return
+    keep = MS_RDONLY if flags & os.ST_RDONLY else 0
+    for bit, ms in ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024),
+                    (os.ST_RELATIME, 1 << 21)):
+        if flags & bit:
+            keep |= ms
+    syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+
+
+def _make_device(rootfs: str, device: dict) -> None:
+    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there)."""
+    path = secure_join(rootfs, device["path"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    kind = stat.S_IFCHR if device["type"] == "c" else stat.S_IFBLK
+    old_umask = os.umask(0)
+    try:
+        os.mknod(path, kind | 0o666, os.makedev(device["major"], device["minor"]))
+    finally:
+        os.umask(old_umask)
+
+
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
-                 cgroup2: bool = False, masked_paths=None, readonly_paths=None) -> None:
+                 cgroup2: bool = False, masked_paths=None, readonly_paths=None,
+                 privileged: bool = False, devices=()) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
     must be a new one (CLONE_NEWNS) and, for /proc, a process in the container's new pid
     namespace. Raises OSError naming the mount that failed. Follow with :func:`pivot_to`.
+
+    *privileged* (docker's --privileged): /dev is the caller's whole /dev (every device)
+    and /sys is writable. *devices* (BootConfig ``devices``) are made as nodes.
     """
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC, None)
+    _allow_suid_and_dev(rootfs)
 
     _mount_in(rootfs, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
-    dev = _mount_in(rootfs, "/dev", "tmpfs", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
-    _populate_dev(dev)
+    if privileged:
+        dev = ensure_dir(rootfs, "/dev")
+        syscalls.mount("/dev", dev, None, MS_BIND | MS_REC, None)
+    else:
+        dev = _mount_in(rootfs, "/dev", "tmpfs", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
+        _populate_dev(dev)
+    for device in devices:
+        _make_device(rootfs, device)
     _mount_in(rootfs, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
     _mount_in(rootfs, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -244,6 +289,8 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
         pass  # optional: kernels without POSIX message queues
 
     ro_flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if privileged:
+        ro_flags &= ~MS_RDONLY
     try:
         _mount_in(rootfs, "/sys", "sysfs", "sysfs", ro_flags)
     except OSError:

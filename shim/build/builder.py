@@ -441,8 +441,12 @@ class Builder:
         env = list(cfg.get("Env") or [f"PATH={DEFAULT_PATH}"])
         for entry in build_env:
             env.append(entry)
+        from shim.containers.options import confinement
+
+        capabilities, seccomp, _nnp = confinement()  # docker build: the run defaults
         process = ProcessSpec(args=args, env=env, cwd=cfg.get("WorkingDir") or "/",
-                              user=cfg.get("User") or "")
+                              user=cfg.get("User") or "", capabilities=capabilities,
+                              seccomp=seccomp)
         base = self._view(run.state)
         holder: dict = {}
 

@@ -16,9 +16,11 @@ import click
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container.")
 @click.option("-u", "--user", metavar="USER", help="uid[:gid] or a user name from the image.")
+@click.option("--privileged", is_flag=True, help="Every capability for this process "
+              "(docker's exec --privileged; the container's seccomp stays).")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_cmd(detach, interactive, tty, env, workdir, user, container, command):
+def exec_cmd(detach, interactive, tty, env, workdir, user, privileged, container, command):
     """Run COMMAND in a running container."""
     from shim.containers import manage
 
@@ -26,7 +28,8 @@ def exec_cmd(detach, interactive, tty, env, workdir, user, container, command):
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
     code = manage.exec_process(container, list(command), interactive=interactive, tty=tty,
-                               detach=detach, env=list(env), workdir=workdir, user=user)
+                               detach=detach, env=list(env), workdir=workdir, user=user,
+                               privileged=privileged)
     sys.exit(code)
 
 

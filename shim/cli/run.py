@@ -43,6 +43,17 @@ def container_options(func):
         click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only."),
         click.option("--volumes-from", multiple=True, metavar="CONTAINER[:ro|rw]",
                      help="Mount the volumes and bind mounts of another container."),
+        # Security (shim.containers.security).
+        click.option("--privileged", is_flag=True, help="Every capability, no seccomp, "
+                     "every device, no masked paths."),
+        click.option("--cap-add", multiple=True, metavar="CAP",
+                     help="Add a capability to docker's default set (ALL: every one)."),
+        click.option("--cap-drop", multiple=True, metavar="CAP",
+                     help="Drop a capability from the default set (ALL: every one)."),
+        click.option("--security-opt", multiple=True, metavar="OPT",
+                     help="no-new-privileges, seccomp=PROFILE.json or seccomp=unconfined."),
+        click.option("--device", multiple=True, metavar="HOST[:CONTAINER][:rwm]",
+                     help="Give the container a device node."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -56,9 +67,14 @@ def _options(image, command, **flags):
     from shim.cli.network import network_request
     from shim.containers.options import RunOptions
     from shim.containers.resources import from_flags
+    from shim.containers.security import SecurityOptions
     from shim.volumes.specs import parse_all
 
     return RunOptions(
+        security=SecurityOptions(privileged=flags["privileged"], cap_add=list(flags["cap_add"]),
+                                 cap_drop=list(flags["cap_drop"]),
+                                 security_opt=list(flags["security_opt"]),
+                                 devices=list(flags["device"])),
         network=network_request(flags),
         resources=from_flags(**flags),
         mounts=parse_all(flags["volumes"], flags["mounts"], flags["tmpfs"]),

@@ -342,10 +342,11 @@ def rename(ref: str, new_name: str, store: ContainerStore | None = None) -> Cont
 # ---- processes in the container ---------------------------------------------------------
 
 def exec_spec(record: Container, command: list[str], *, env: list[str] = (), workdir=None,
-              user=None, tty: bool = False):
+              user=None, tty: bool = False, privileged: bool = False):
     """The ProcessSpec of an exec: the container's env with *env* on top, its user and
-    workdir unless given."""
-    from guest.spec import ProcessSpec
+    workdir unless given, its capabilities (every one with *privileged*), seccomp and
+    no_new_privs."""
+    from guest.spec import CAPABILITIES, ProcessSpec
     from shim.containers.options import merge_env, parse_env_entry
 
     if not command:
@@ -357,14 +358,23 @@ def exec_spec(record: Container, command: list[str], *, env: list[str] = (), wor
         environment.append("TERM=xterm")
     if workdir is not None and not workdir.startswith("/"):
         raise UsageError(f"invalid -w {workdir!r}: the working directory must be absolute")
+    seccomp = base.seccomp
+    if privileged and seccomp == "default" and base.capabilities is not None:
+        from guest.runtime.seccomp import default_for  # as the container's caps shaped it
+
+        seccomp = default_for(base.capabilities.get("bounding", []))
     return ProcessSpec(args=list(command), env=environment, cwd=workdir or base.cwd,
-                       user=base.user if user is None else user, tty=tty)
+                       user=base.user if user is None else user, tty=tty,
+                       capabilities={"bounding": list(CAPABILITIES)} if privileged
+                       else base.capabilities, seccomp=seccomp,
+                       no_new_privs=base.no_new_privs)
 
 
 def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty: bool = False,
                  detach: bool = False, env: list[str] = (), workdir: str | None = None,
                  user: str | None = None, stdin_fd: int = 0, stdout_fd: int = 1,
-                 stderr_fd: int = 2, store: ContainerStore | None = None) -> int:
+                 stderr_fd: int = 2, store: ContainerStore | None = None,
+                 privileged: bool = False) -> int:
     """Run *command* in the running container; its exit code (0 once started with
     *detach*). Raises ContainerStateError, CommandNotFound (127) …"""
     from shim.containers.attach import StdioPump, terminal_size
@@ -372,7 +382,8 @@ def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty
     store = _store(store)
     record = store.find(ref)
     lifecycle.check("exec", record.status, record.name)
-    spec = exec_spec(record, command, env=env, workdir=workdir, user=user, tty=tty)
+    spec = exec_spec(record, command, env=env, workdir=workdir, user=user, tty=tty,
+                     privileged=privileged)
     client = monitor_client(store, record)
     if client is None:
         raise ContainerStateError("exec", "running", store.load(record.id).status.value,

@@ -52,6 +52,9 @@ class RunOptions:
     NAT network with nothing published."""
     log_opts: list[str] = field(default_factory=list)
     """``--log-opt`` values (shim.containers.logs.LogLimits.parse)."""
+    security: object = None
+    """shim.containers.security.SecurityOptions (--privileged, --cap-add …); None: docker's
+    defaults."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -117,6 +120,8 @@ def boot_config_of(record) -> "BootConfig":
         masked_paths=getattr(record, "masked_paths", None),
         readonly_paths=getattr(record, "readonly_paths", None),
         sysctl=dict(getattr(record, "sysctl", None) or {}),
+        privileged=bool(getattr(record, "privileged", False)),
+        devices=list(getattr(record, "devices", None) or []),
         **_limits_of(record))
 
 
@@ -197,13 +202,29 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
         raise UsageError(f"no command given and image {options.image} has no CMD or ENTRYPOINT")
     if options.tty and not any(e.startswith("TERM=") for e in env):
         env.append("TERM=xterm")
+    capabilities, seccomp, no_new_privs = confinement(options.security)
     return ProcessSpec(
         args=args,
         env=env,
         cwd=options.workdir or cfg.get("WorkingDir") or "/",
         user=options.user if options.user is not None else (cfg.get("User") or ""),
         tty=options.tty,
+        capabilities=capabilities, seccomp=seccomp, no_new_privs=no_new_privs,
     )
+
+
+def confinement(security=None) -> tuple[dict, object, bool]:
+    """(ProcessSpec capabilities, seccomp, no_new_privs) for a container's processes:
+    docker's defaults changed by *security* (a SecurityOptions or None). Raises
+    UsageError."""
+    from shim.containers.security import SecurityOptions, capability_set, parse_security_opts
+
+    security = security or SecurityOptions()
+    caps = capability_set(security)
+    seccomp, no_new_privs = parse_security_opts(security.security_opt, caps)
+    if security.privileged:
+        seccomp = None  # docker: --privileged runs unconfined
+    return {"bounding": caps}, seccomp, no_new_privs
 
 
 _ADJECTIVES = ("brave", "calm", "eager", "fond", "keen", "lucid", "merry", "quiet", "swift", "witty")

@@ -74,6 +74,8 @@ class ProcessPlacement:
         if os.geteuid() != 0:
             raise VmshimError("--isolation process needs root (mounts and namespaces)")
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.run_dir, 0o700)  # the rootfs is for root and the container only
             for sub in ("layers", "rootfs", "files"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             for sub in ("upper", "work"):

@@ -70,6 +70,7 @@ def prepare(options: RunOptions) -> Container:
         resources=resources.to_dict(),
         mounts=[m.to_dict() for m in mounts],
         read_only=options.read_only,
+        **_device_fields(options),
         interactive=options.interactive,
         tty=options.tty,
         auto_remove=options.remove,
@@ -136,6 +137,21 @@ def create(options: RunOptions, store: ContainerStore | None = None) -> Containe
             _remove_anonymous_volumes(record)
             raise
     return record
+
+
+def _device_fields(options: RunOptions) -> dict:
+    """The record's ``privileged``, ``devices`` and, with --privileged, empty masked and
+    read-only path lists (docker's behaviour). Raises UsageError."""
+    from shim.containers.security import parse_device
+
+    security = options.security
+    if security is None:
+        return {}
+    out = {"privileged": security.privileged,
+           "devices": [parse_device(d, options.isolation) for d in security.devices]}
+    if security.privileged:
+        out["masked_paths"], out["readonly_paths"] = [], []
+    return out
 
 
 def _remove_anonymous_volumes(record: Container) -> None:

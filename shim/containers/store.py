@@ -146,6 +146,11 @@ class Container:
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
     log: dict = field(default_factory=dict)
     """shim.containers.logs.LogLimits.to_dict() (``--log-opt``); {}: the default cap."""
+    privileged: bool = False
+    """--privileged: every device, no masked paths, no device rules (the process's
+    capabilities and seccomp are in ``process``)."""
+    devices: list = field(default_factory=list)
+    """--device entries (shim.containers.security.parse_device)."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

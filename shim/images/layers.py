@@ -148,10 +148,11 @@ def convert_layer(blob: Path, out: Path, *, diff_id: str | None = None,
 
 
 def mount_layer(sqfs: Path, target: Path) -> None:
-    """Mount ``sqfs`` read-only (loop device, ``nodev``) on ``target`` (created if needed).
+    """Mount ``sqfs`` read-only (loop device, ``nodev,nosuid``: an image's setuid files
+    give nothing on the host) on ``target`` (created if needed).
     Needs root. The loop device is released by ``umount_layer``. Raises ImageError."""
     Path(target).mkdir(parents=True, exist_ok=True)
-    _run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev", "--", str(sqfs), str(target)],
+    _run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", "--", str(sqfs), str(target)],
          f"cannot mount layer disk {sqfs} on {target}")
 
 

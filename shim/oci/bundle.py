@@ -26,7 +26,10 @@ How the config maps onto a VM:
   VM. Device rules, hugepages, rdma, network classes are reported.
 - ``linux.maskedPaths``/``readonlyPaths`` replace the guest's own lists; ``linux.sysctl``
   is set in the VM's kernel (any key: the kernel is the container's alone).
-- seccomp, intelRdt, personality, uid/gid mappings are reported.
+- ``linux.seccomp`` is compiled to a BPF filter and installed by the guest before the
+  process runs (exec'ed processes get it too, as runc does); x86_64 only, and
+  SCMP_ACT_NOTIFY / ``listenerPath`` are refused. Its ``flags`` are reported.
+- intelRdt, personality, uid/gid mappings are reported.
 """
 
 from __future__ import annotations
@@ -153,6 +156,9 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
         raise ValueError("root.readonly must be a boolean")
     notes: list[str] = []
     process, console_size = parse_process(_obj(config, "process", required=True), notes)
+    linux = _obj(config, "linux")
+    if linux.get("seccomp") is not None:
+        process = process.replace(seccomp=_seccomp(linux["seccomp"], notes))
     hostname = config.get("hostname", "")
     if not isinstance(hostname, str) or len(hostname) > 64:
         raise ValueError("hostname must be a string of at most 64 characters")
@@ -160,7 +166,6 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     if not isinstance(annotations, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ValueError("annotations must map strings to strings")
-    linux = _obj(config, "linux")
     out = Bundle(path=bundle, rootfs=rootfs.resolve(), process=process, hostname=hostname,
                  read_only=read_only, annotations=dict(annotations), oci_version=version,
                  console_size=console_size, notes=notes)
@@ -242,7 +247,9 @@ def parse_process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[i
             if strange:
                 raise ValueError(f"process.capabilities.{name}: unknown capability "
                                  f"{strange[0]!r}")
-        caps = {k: list(v) for k, v in caps.items()}
+        # Every set explicit: a missing one is empty in OCI (a ProcessSpec with only
+        # "bounding" means docker's rule instead, see guest.spec.ProcessSpec).
+        caps = {k: list(caps.get(k, [])) for k in CAP_SETS}
     nnp = process.get("noNewPrivileges", False)
     if not isinstance(nnp, bool):
         raise ValueError("process.noNewPrivileges must be a boolean")
@@ -419,8 +426,43 @@ def _sysctl(linux: dict) -> dict:
     return dict(value)
 
 
+def _seccomp(value, notes: list[str]) -> dict:
+    """OCI ``linux.seccomp`` → the object guest.runtime.seccomp compiles (only the fields
+    it reads). Raises ValueError naming what is wrong."""
+    from guest.runtime.seccomp import SeccompError, check
+
+    if not isinstance(value, dict):
+        raise ValueError("linux.seccomp must be an object")
+    if value.get("listenerPath") or value.get("defaultAction") == "SCMP_ACT_NOTIFY":
+        raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not "
+                         "supported")
+    if value.get("flags"):
+        notes.append(f"linux.seccomp.flags {value['flags']}: not applied")
+    out = {k: value[k] for k in ("defaultAction", "defaultErrnoRet", "architectures")
+           if value.get(k) is not None}
+    rules = value.get("syscalls") or []
+    if not isinstance(rules, list):
+        raise ValueError("linux.seccomp.syscalls must be a list")
+    out["syscalls"] = []
+    for rule in rules:
+        if not isinstance(rule, dict):
+            raise ValueError("linux.seccomp.syscalls entries must be objects")
+        if rule.get("action") == "SCMP_ACT_NOTIFY":
+            raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not "
+                             "supported")
+        kept = {k: rule[k] for k in ("names", "action", "errnoRet") if rule.get(k) is not None}
+        if rule.get("args"):
+            kept["args"] = [{k: a[k] for k in ("index", "value", "valueTwo", "op") if k in a}
+                            if isinstance(a, dict) else a for a in rule["args"]]
+        out["syscalls"].append(kept)
+    try:
+        return check(out)
+    except SeccompError as exc:
+        raise ValueError(f"linux.{exc}") from None
+
+
 def _linux_rest(linux: dict, notes: list[str]) -> None:
-    for key in ("seccomp", "uidMappings", "gidMappings", "intelRdt", "personality",
+    for key in ("uidMappings", "gidMappings", "intelRdt", "personality",
                 "mountLabel", "devices"):
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")

@@ -4,6 +4,7 @@ features.md format, plus ``org.vmshim.*`` annotations naming what a VM cannot ho
 
 from __future__ import annotations
 
+from guest.runtime.seccomp import ACTIONS, OPS
 from guest.spec import CAPABILITIES
 from shim.oci.bundle import HOOK_KINDS, SUPPORTED_NAMESPACES
 from shim.oci.state import OCI_VERSION
@@ -19,7 +20,9 @@ def features() -> dict:
             "namespaces": list(SUPPORTED_NAMESPACES),
             "capabilities": list(CAPABILITIES),
             "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
-            "seccomp": {"enabled": False},
+            "seccomp": {"enabled": True, "actions": sorted(ACTIONS), "operators": list(OPS),
+                        "archs": ["SCMP_ARCH_X86_64"], "knownFlags": [],
+                        "supportedFlags": []},
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
             "intelRdt": {"enabled": False},
@@ -29,7 +32,7 @@ def features() -> dict:
             "org.vmshim.rootfs": "virtiofs share of root.path",
             "org.vmshim.hooks": "all run on the host; createContainer/startContainer too",
             "org.vmshim.not-honoured": (
-                "apparmor, selinux, seccomp, namespace paths (the VM has its own), device "
+                "apparmor, selinux, seccomp notify, namespace paths (the VM has its own), device "
                 "rules, hugepages; each is reported in --log when a config has it"),
         },
     }

@@ -421,6 +421,9 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
         raise BundleError(f"the process to exec: {exc}") from None
     for note in notes:
         log.warn(f"{oci_id}: exec: {note}")
+    from guest.spec import ProcessSpec
+
+    spec = spec.replace(seccomp=ProcessSpec.from_dict(record.process).seccomp)  # runc's rule
     if spec.tty and not console_socket and detach:
         raise BundleError("process.terminal is true: --console-socket is needed with --detach")
     pid, report_r = _fork_standin(

@@ -139,7 +139,9 @@ def test_resources_sysctl_paths_and_notes(bundle):
         "sysctl": {"net.ipv4.ip_forward": "1"},
         "maskedPaths": ["/proc/kcore", "/sys/firmware"],
         "readonlyPaths": ["/proc/sys"],
-        "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
+        "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "flags": ["SECCOMP_FILTER_FLAG_LOG"],
+                    "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
+                                  "args": [{"index": 0, "value": 3, "op": "SCMP_CMP_EQ"}]}]},
     }
     b = load_bundle(bundle(minimal(linux=linux, hostname="web")))
     r = b.resources
@@ -150,7 +152,20 @@ def test_resources_sysctl_paths_and_notes(bundle):
     assert b.readonly_paths == ["/proc/sys"]
     assert b.hostname == "web"
     text = " | ".join(b.notes)
-    assert "/run/netns/x" in text and "seccomp" in text and "hugepageLimits" in text
+    assert "/run/netns/x" in text and "seccomp.flags" in text and "hugepageLimits" in text
+    assert b.process.seccomp == {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 3, "op": "SCMP_CMP_EQ"}]}]}
+
+
+def test_seccomp_notify_and_bad_ops_are_refused(bundle):
+    for seccomp, words in (({"defaultAction": "SCMP_ACT_NOTIFY"}, "SCMP_ACT_NOTIFY"),
+                           ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                               {"names": ["read"], "action": "SCMP_ACT_ERRNO",
+                                "args": [{"index": 9, "value": 1, "op": "SCMP_CMP_EQ"}]}]},
+                            "index 0..5")):
+        with pytest.raises(BundleError, match=words):
+            load_bundle(bundle(minimal(linux={"seccomp": seccomp})))
 
 
 def test_hooks_are_kept_in_order(bundle):
