@@ -411,7 +411,11 @@ class ModuleTree:
 
 
 def guest_source_dir() -> Path:
-    """The ``guest`` package that goes into the image (this checkout's or the installed one)."""
+    """The ``guest`` package that goes into the image: $VMSHIM_GUEST_SOURCE when set (the
+    malicious-guest tests build a hostile variant this way), else this checkout's."""
+    override = os.environ.get("VMSHIM_GUEST_SOURCE")
+    if override:
+        return Path(override).resolve()
     import guest
 
     return Path(guest.__file__).resolve().parent
