@@ -493,3 +493,74 @@ def test_cache_entries_need_their_layers(tmp_path):
     assert cache.get("k", FakeStore({"sha256:" + "a" * 64})) == ({"config": {}}, layers)
     assert cache.get("k", FakeStore(set())) is None  # its layer was garbage-collected
     assert cache.get("other", FakeStore(set())) is None
+
+
+# ---- the diff stream from the agent -----------------------------------------------------------
+class FakeAgent:
+    """An agent channel that answers ``diff`` with the given messages."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.sent = []
+
+    def send(self, type, payload=b"", **fields):
+        self.sent.append((type, fields))
+
+    def recv(self, timeout=None):
+        from shim.errors import AgentError
+
+        if not self.replies:
+            raise AgentError("the agent did not answer")
+        return self.replies.pop(0)
+
+
+def _msg(type, payload=b"", **fields):
+    from guest.protocol import Message
+
+    return Message(type, fields, payload)
+
+
+def test_fetch_diff_spools_the_stream_and_passes_warnings(tmp_path):
+    from guest import protocol
+    from guest.spec import BootConfig, ProcessSpec
+    from shim.build import runner
+
+    boot = BootConfig(container_id="c", token="t", hostname="h", process=ProcessSpec(args=["x"]), layer_count=0)
+    agent = FakeAgent([_msg(protocol.HELLO), _msg(protocol.STARTED, id=2, pid=5),
+                       _msg(protocol.STDOUT, b"abc", id=2), _msg(protocol.STDOUT, b"zzz", id=1),
+                       _msg(protocol.STDERR, b"/dev/x: device nodes \x1b[31m\n", id=2),
+                       _msg(protocol.STDOUT, b"def", id=2), _msg(protocol.EXIT, id=2, code=0)])
+    warnings = []
+    runner._fetch_diff(agent, boot, tmp_path / "spool", warnings.append)
+    assert (tmp_path / "spool").read_bytes() == b"abcdef"
+    assert warnings == ["/dev/x: device nodes ?[31m"]
+    assert agent.sent == [(protocol.DIFF, {"token": "t", "id": 2})]
+
+
+@pytest.mark.parametrize("replies, error, text", [
+    ([("started",), ("stdout", b"x" * 600), ("stdout", b"x" * 600)], "DiffError", "larger than 1000"),
+    ([("error",)], "DiffError", "cannot send the RUN step's changes: nope"),
+    ([("started",), ("stderr", b"cannot open the writable layer\n"), ("exit", 1)],
+     "DiffError", "could not send the RUN step's changes: cannot open the writable layer"),
+    ([("started",), ("stdout", b"x", [2])], "AgentError", "broke the protocol"),
+    ([("started",), ("stdout", b"x")], "AgentError", "did not answer"),
+])
+def test_fetch_diff_refuses_what_a_hostile_agent_sends(tmp_path, replies, error, text):
+    from guest import protocol
+    from guest.spec import BootConfig, ProcessSpec
+    from shim.build import runner
+
+    def make(kind, extra=None, ident=2):
+        if kind == "started":
+            return _msg(protocol.STARTED, id=2, pid=5)
+        if kind == "error":
+            return _msg(protocol.ERROR, id=2, message="nope")
+        if kind == "exit":
+            return _msg(protocol.EXIT, id=2, code=extra)
+        return _msg(kind, extra, id=ident)
+
+    boot = BootConfig(container_id="c", token="t", hostname="h", process=ProcessSpec(args=["x"]), layer_count=0)
+    agent = FakeAgent([make(*r) for r in replies])
+    with pytest.raises(Exception) as info:
+        runner._fetch_diff(agent, boot, tmp_path / "spool", lambda _: None, limit=1000)
+    assert type(info.value).__name__ == error and text in str(info.value)
