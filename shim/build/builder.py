@@ -65,6 +65,8 @@ class BuildOptions:
     isolation: str = "vm"
     quiet: bool = False
     memory_mib: int = 256
+    network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
+    add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -157,6 +159,23 @@ class _StageRun:
         return [f"{k}={v}" for k, v in sorted(self.args.items()) if v is not None and k not in env]
 
 
+PROXY_ARGS = tuple(name for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY",
+                                     "ALL_PROXY") for name in (base, base.lower()))
+"""docker's predefined build args: given with --build-arg they reach every RUN step's
+environment without an ARG, and stay out of the image's history and the cache key."""
+
+
+def _network_request(options: BuildOptions) -> dict:
+    """The RUN steps' network (shim.network.container.NetworkRequest.to_dict()), checked
+    before any step runs. Raises NetworkError, NetworkNotFound."""
+    from shim.network import container as netc
+
+    network = None if options.network in (None, "", "default") else options.network
+    request = netc.parse_request(network=network, add_hosts=list(options.add_hosts))
+    netc.check_networks_exist(request)
+    return request.to_dict()
+
+
 class Builder:
     def __init__(self, options: BuildOptions, output: BuildOutput | None = None,
                  store: ImageStore | None = None):
@@ -166,11 +185,11 @@ class Builder:
         self.cache = BuildCache()
         self.runner = StepRunner(self.store, isolation=options.isolation,
                                  memory_mib=options.memory_mib, status=self.out.status,
-                                 warn=self.out.warn)
+                                 warn=self.out.warn, network=_network_request(options))
         self._views: dict[str, RootView] = {}
         self._stages: list[ImageState] = []
         self._stage_names: dict[str, int] = {}
-        self._used_args: set[str] = set()
+        self._used_args: set[str] = set(PROXY_ARGS)  # predefined: never "not consumed"
         self._global_args: dict[str, str | None] = {}
         self._work: Path | None = None
         self._df = "Dockerfile"
@@ -441,6 +460,10 @@ class Builder:
         env = list(cfg.get("Env") or [f"PATH={DEFAULT_PATH}"])
         for entry in build_env:
             env.append(entry)
+        declared = {entry.partition("=")[0] for entry in build_env}
+        for name in PROXY_ARGS:  # docker's predefined args: in the step, not in its history
+            if name in self.options.build_args and name not in declared:
+                env.append(f"{name}={self.options.build_args[name]}")
         process = ProcessSpec(args=args, env=env, cwd=cfg.get("WorkingDir") or "/",
                               user=cfg.get("User") or "")
         base = self._view(run.state)

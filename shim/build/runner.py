@@ -65,8 +65,11 @@ class StepRunner:
 
     def __init__(self, store, *, isolation: str = "vm", memory_mib: int = 256,
                  work_root: Path | None = None, status=lambda text: None,
-                 warn=lambda text: None):
+                 warn=lambda text: None, network: dict | None = None):
         self.store = store
+        self.network = network
+        """shim.network.container.NetworkRequest.to_dict() for every step (None: no
+        network at all, only lo)."""
         self.isolation = isolation
         self.memory_mib = memory_mib
         self.work_root = Path(work_root) if work_root is not None else paths.root() / "build" / "work"
@@ -119,7 +122,8 @@ class StepRunner:
         diff.make_disk(rw)
         run_dir = paths.run_dir() / boot.container_id
         placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                memory_mib=self.memory_mib, rw_disk=rw)
+                                memory_mib=self.memory_mib, rw_disk=rw, network=self.network)
+        network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
             client = placement.boot()
@@ -133,9 +137,9 @@ class StepRunner:
                 client.close()
         except BaseException:
             placement.kill()
-            reap.spawn(placement.domain, str(run_dir))
+            reap.spawn(placement.domain, str(run_dir), network_of)
             raise
-        reap.spawn(placement.domain, str(run_dir))  # QEMU has exited; libvirt catches up
+        reap.spawn(placement.domain, str(run_dir), network_of)  # QEMU exited; libvirt catches up
         _check(code, tail, boot.process)
 
     def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
@@ -144,7 +148,7 @@ class StepRunner:
 
         run_dir = paths.run_dir() / boot.container_id
         placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                     rw_dir=work / "rw")
+                                     rw_dir=work / "rw", network=self.network)
         try:
             client = placement.boot()
             try:

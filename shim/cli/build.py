@@ -91,16 +91,21 @@ def _terminate(signum, _frame):
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
 @click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
               default=256, show_default=True, help="Memory of each RUN step's microVM.")
+@click.option("--network", metavar="default|none|host|NAME",
+              help="The RUN steps' network (default: the default NAT network, as docker build).")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP",
+              help="Add a line to the RUN steps' /etc/hosts (IP may be host-gateway).")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              context):
+              network, add_hosts, context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
     options = BuildOptions(
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
-        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory)
+        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
+        network=network, add_hosts=list(add_hosts))
     output = ConsoleOutput(quiet)
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -185,3 +185,30 @@ def test_the_hostile_image_still_builds_an_honest_step(hostile, tmp_path):
     env, _, _ = hostile
     proc = build(env, tmp_path, "FROM busybox\nRUN mkdir /made && echo ok > /made/file\n")
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+
+
+def test_process_isolation_refuses_a_volume_a_vm_wrote():
+    """Fails on the code that loop-mounted any volume image read-write in process
+    isolation, guest-written or not."""
+    name = f"vmshim-test-vmw-{secrets.token_hex(4)}"
+    try:
+        assert vmshim("volume", "create", name).returncode == 0
+        proc = vmshim("run", "--rm", "--isolation", "process", "-v", f"{name}:/d", "busybox",
+                      "sh", "-c", "echo host > /d/f")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "sh", "-c",
+                      "cat /d/f && echo guest > /d/g")
+        assert proc.returncode == 0 and proc.stdout == b"host\n", proc.stderr
+        for flag in (f"{name}:/d", f"{name}:/d:ro"):
+            proc = vmshim("run", "--rm", "--isolation", "process", "-v", flag, "busybox",
+                          "cat", "/d/g")
+            stderr = proc.stderr.decode(errors="replace")
+            assert proc.returncode != 0 and proc.stdout == b"", stderr
+            assert f"volume {name} was written by a VM" in stderr, stderr
+            assert len(stderr.strip().splitlines()) == 1, stderr
+        # The way out the message names: the data as a tar through a VM.
+        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "tar", "-C", "/d", "-c",
+                      ".")
+        assert proc.returncode == 0 and b"guest" in proc.stdout
+    finally:
+        vmshim("volume", "rm", "-f", name)
