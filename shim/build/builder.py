@@ -36,8 +36,8 @@ from guest.spec import ProcessSpec
 from shim.build import copy as copying
 from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError
-from shim.build.dockerfile import (Dockerfile, DockerfileError, Instruction, Stage, parse,
-                                   parse_duration, parse_instruction)
+from shim.build.dockerfile import (HEREDOC, Dockerfile, DockerfileError, Instruction, Stage,
+                                   parse, parse_duration, parse_instruction)
 from shim.build.errors import BuildError
 from shim.build.runner import STALE_AGE, RunStepError, StepRunner
 from shim.build.tree import LayerWriter, RootView
@@ -163,6 +163,18 @@ PROXY_ARGS = tuple(name for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "
                                      "ALL_PROXY") for name in (base, base.lower()))
 """docker's predefined build args: given with --build-arg they reach every RUN step's
 environment without an ARG, and stay out of the image's history and the cache key."""
+
+
+def _run_script(ins: Instruction) -> str:
+    """The shell command of a RUN in shell form. With heredocs: ``RUN <<EOF`` alone runs
+    the heredoc as the script; ``RUN cmd <<EOF`` hands the command and its heredocs to the
+    shell, which feeds them (BuildKit's behaviour)."""
+    if not ins.heredocs:
+        return ins.rest
+    only = HEREDOC.fullmatch(ins.rest.strip())
+    if only is not None and len(ins.heredocs) == 1:
+        return ins.heredocs[0].content
+    return ins.rest + "\n" + "".join(f"{doc.content}{doc.word}\n" for doc in ins.heredocs)
 
 
 def _network_request(options: BuildOptions) -> dict:
@@ -448,7 +460,10 @@ class Builder:
 
     # RUN -----------------------------------------------------------------------------------
     def _do_run(self, run: _StageRun, ins: Instruction) -> None:
-        args = list(ins.json) if ins.json is not None else self._shell(run) + [ins.rest]
+        if ins.json is not None:
+            args = list(ins.json)
+        else:
+            args = self._shell(run) + [_run_script(ins)]
         build_env = run.run_args_env()
         created_by = " ".join(args)
         if build_env:
@@ -520,7 +535,11 @@ class Builder:
             else:
                 plans = []
                 for src in sources:
-                    if add and src.startswith(("http://", "https://")):
+                    doc = ins.heredoc(src)
+                    if doc is not None:  # COPY <<EOF FILE: the heredoc is the file
+                        content = self._expand(doc.content, env, ins) if doc.expand else doc.content
+                        plans.append(copying.plan_inline(doc.word, content.encode()))
+                    elif add and src.startswith(("http://", "https://")):
                         self.out.status(f"downloading {src}")
                         plans += copying.plan_url(src, self._work, what)
                         self.out.status(None)

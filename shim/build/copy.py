@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
 import stat
@@ -111,6 +112,13 @@ def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
                 raise ContextError(f"{what} failed: {pattern} is not a file, directory or "
                                    "symlink")
     return plans
+
+
+def plan_inline(name: str, data: bytes) -> SourcePlan:
+    """The plan for a file given inline (``COPY <<NAME DEST``): mode 0644, owned by root."""
+    return SourcePlan("file", name, [Entry("", "f", 0o644, size=len(data),
+                                           digest=hashlib.sha256(data).hexdigest(),
+                                           opener=lambda: io.BytesIO(data))])
 
 
 def _file_entry(path: str, host: Path, st: os.stat_result) -> Entry:

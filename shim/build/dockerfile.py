@@ -8,6 +8,13 @@ groups them into :class:`Stage` objects. Each error names the Dockerfile line.
 
 Variable substitution happens later, per step, when the environment is known
 (:mod:`shim.build.words`).
+
+BuildKit's heredocs (``RUN <<EOF``, ``RUN cmd <<EOF``, ``COPY <<EOF FILE``; ``<<-EOF``
+strips leading tabs, ``<<"EOF"`` asks for no expansion) are cut out of the text before
+dockerfile-parse sees it (their lines are blanked, so line numbers stay) and kept on the
+instruction that opened them (:attr:`Instruction.heredocs`). Markers are read on the
+instruction's first line only. ``# syntax=`` is accepted and ignored: the built-in
+frontend is always used.
 """
 
 from __future__ import annotations
@@ -34,6 +41,21 @@ METADATA_ONLY = {"CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ENTRYPOINT", "V
                  "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 """Instructions that change the image config only (WORKDIR may add a directory)."""
 _FLAG = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(\S*))?(?:\s+|$)")
+HEREDOC = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
+"""A heredoc marker: ``<<[-]["']WORD["']``."""
+_HEREDOC_LINE = re.compile(r"\s*(RUN|COPY|ADD)\s", re.I)
+MAX_HEREDOC = 1 << 20
+"""Most bytes of one heredoc (a Dockerfile is read whole; this keeps a typo cheap)."""
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    """One heredoc: its marker word, its content (each line ending in a newline) and
+    whether variables are expanded in it (the word was not quoted)."""
+
+    word: str
+    content: str
+    expand: bool
 
 
 class DockerfileError(BuildError):
@@ -51,6 +73,14 @@ class Instruction:
     flags: dict = field(default_factory=dict)
     rest: str = ""
     json: list | None = None
+    heredocs: tuple = ()
+
+    def heredoc(self, marker: str) -> Heredoc | None:
+        """The heredoc a ``<<WORD`` word of this instruction stands for, else None."""
+        m = HEREDOC.fullmatch(marker)
+        if m is None:
+            return None
+        return next((h for h in self.heredocs if h.word == m.group(3)), None)
 
     @property
     def text(self) -> str:
@@ -101,6 +131,7 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
         except UnicodeDecodeError:
             raise DockerfileError(f"{path} is not UTF-8 text") from None
     escape = _escape_directive(data, path)
+    data, heredocs = _cut_heredocs(data, path)
     parser = DockerfileParser(fileobj=io.BytesIO(data.encode()), env_replace=False)
     try:
         records = parser.structure
@@ -112,7 +143,8 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
         if keyword == "COMMENT":
             continue
         line = rec["startline"] + 1
-        instructions.append(parse_instruction(keyword, rec["value"], line, path, escape))
+        instructions.append(parse_instruction(keyword, rec["value"], line, path, escape,
+                                              heredocs=heredocs.get(line, ())))
     if not instructions:
         raise DockerfileError(f"{path} is empty: a Dockerfile needs at least a FROM")
     global_args: list[Instruction] = []
@@ -139,6 +171,45 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
     return Dockerfile(path=path, escape=escape, global_args=global_args, stages=stages)
 
 
+def _cut_heredocs(text: str, path: str) -> tuple[str, dict[int, tuple[Heredoc, ...]]]:
+    """(the text with every heredoc body and terminator line blanked, {1-based line of
+    the instruction → its heredocs}). Raises DockerfileError for an unterminated one."""
+    lines = text.split("\n")
+    found: dict[int, tuple[Heredoc, ...]] = {}
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        start = index
+        index += 1
+        if not _HEREDOC_LINE.match(line):
+            continue
+        docs = []
+        for m in HEREDOC.finditer(line):
+            strip_tabs, quote, word = m.group(1) == "-", m.group(2), m.group(3)
+            body = []
+            size = 0
+            while True:
+                if index >= len(lines):
+                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is not "
+                                          f"closed (no line {word!r} after it)")
+                current = lines[index]
+                lines[index] = ""
+                index += 1
+                if strip_tabs:
+                    current = current.lstrip("\t")
+                if current == word:
+                    break
+                body.append(current + "\n")
+                size += len(body[-1])
+                if size > MAX_HEREDOC:
+                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is "
+                                          f"larger than {MAX_HEREDOC} bytes")
+            docs.append(Heredoc(word=word, content="".join(body), expand=not quote))
+        if docs:
+            found[start + 1] = tuple(docs)
+    return "\n".join(lines), found
+
+
 def _escape_directive(text: str, path: str) -> str:
     """The ``# escape=`` parser directive (only at the very top), else backslash."""
     for line in text.splitlines():
@@ -154,17 +225,20 @@ def _escape_directive(text: str, path: str) -> str:
 
 
 def parse_instruction(keyword: str, value: str, line: int, path: str = "Dockerfile",
-                      escape: str = "\\", nested: bool = False) -> Instruction:
+                      escape: str = "\\", nested: bool = False,
+                      heredocs: tuple = ()) -> Instruction:
     """Check one instruction and split off its flags. Raises DockerfileError."""
     where = f"{path}:{line}"
     if keyword not in INSTRUCTIONS:
         raise DockerfileError(f"{where}: unknown instruction: {keyword}")
     value = value.strip()
     flags, rest = _split_flags(value, keyword, where)
-    if rest.startswith("<<") and keyword in ("RUN", "COPY", "ADD"):
-        raise DockerfileError(f"{where}: heredocs ({keyword} <<EOF) are not supported")
+    if keyword in ("RUN", "COPY", "ADD") and not heredocs and HEREDOC.search(rest):
+        raise DockerfileError(f"{where}: a heredoc ({keyword} <<EOF) must start on the "
+                              f"{keyword} line itself")
     form = _json_form(rest)
-    ins = Instruction(keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form)
+    ins = Instruction(keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form,
+                      heredocs=tuple(heredocs))
     try:
         _check(ins, where, escape, nested)
     except WordError as exc:

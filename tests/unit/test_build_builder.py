@@ -245,3 +245,64 @@ def test_env_substitution_and_forms(env):
     assert env_map["B"] == ""  # docker: a line's values see the environment before it
     assert env_map["C"] == "a value with spaces" and env_map["D"] == "$A"
     assert cfg["WorkingDir"] == "/w/1"
+
+
+def layer_files(store, ref: str) -> dict[str, bytes]:
+    """Regular files of every layer of *ref*: name → content (later layers win)."""
+    out = {}
+    for desc in store.resolve(ref).layers:
+        with tarfile.open(store.blob_path(desc.digest)) as tar:
+            for m in tar:
+                if m.isreg():
+                    out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def test_heredocs_in_run_and_copy_and_syntax_ignored(env):
+    store, ctx = env
+    dockerfile = ("# syntax=docker/dockerfile:1.7\n"
+                  "FROM base:1\nENV NAME=world\n"
+                  "RUN <<EOF\necho one\necho two\nEOF\n"
+                  "RUN cat <<-'A' > /x && cat <<B > /y\n\tkeep $X\n\tA\nplain\nB\n"
+                  "COPY <<greeting.txt <<raw.txt /srv/\nhello $NAME\ngreeting.txt\n"
+                  "$NAME stays\nraw.txt\n"
+                  "COPY <<'quoted' /srv/q\n$NAME\nquoted\n"
+                  "CMD [\"true\"]\n")
+    result, lines, b = run_build(ctx, dockerfile, tags=["h:1"])
+    assert lines[0] == "Step 1/7 : FROM base:1"
+    assert b.runner.calls[0].args == ["/bin/sh", "-c", "echo one\necho two\n"]
+    assert b.runner.calls[1].args[-1] == ("cat <<-'A' > /x && cat <<B > /y\n"
+                                          "keep $X\nA\nplain\nB\n")
+    files = layer_files(store, "h:1")
+    assert files["srv/greeting.txt"] == b"hello world\n"
+    assert files["srv/raw.txt"] == b"world stays\n"
+    assert files["srv/q"] == b"$NAME\n"
+    again, lines, _ = run_build(ctx, dockerfile, tags=["h:1"])
+    assert again.image_id == result.image_id
+    changed = dockerfile.replace("hello $NAME", "hi $NAME")
+    third, lines, _ = run_build(ctx, changed, tags=["h:1"])
+    assert third.image_id != result.image_id
+
+
+@pytest.mark.parametrize("dockerfile, message", [
+    ("FROM base:1\nRUN <<EOF\necho never closed\n", "the heredoc <<EOF is not closed"),
+    ("FROM base:1\nRUN echo a && \\\n  cat <<EOF\nx\nEOF\n", "must start on the RUN line"),
+])
+def test_bad_heredocs_are_one_line_errors(env, dockerfile, message):
+    _, ctx = env
+    with pytest.raises(BuildError, match=message):
+        run_build(ctx, dockerfile)
+
+
+def test_proxy_args_reach_run_but_not_history_or_cache_key(env):
+    store, ctx = env
+    dockerfile = "FROM base:1\nRUN touch /p\n"
+    result, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
+                                 build_args={"HTTP_PROXY": "http://proxy:3128"})
+    assert "HTTP_PROXY=http://proxy:3128" in b.runner.calls[0].env
+    assert not any("not consumed" in line for line in lines)
+    history = store.resolve("p:1").config["history"]
+    assert not any("proxy" in h.get("created_by", "") for h in history)
+    again, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
+                                build_args={"HTTP_PROXY": "http://other:3128"})
+    assert again.image_id == result.image_id and b.runner.calls == []  # not in the key

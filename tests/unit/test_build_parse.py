@@ -163,7 +163,7 @@ def test_exec_form_and_shell_form():
     (b"FROM a\nHEALTHCHECK NONE x\n", "no other arguments"),
     (b"FROM a\nONBUILD FROM b\n", "ONBUILD FROM is not allowed"),
     (b"FROM a\nONBUILD BOGUS x\n", "unknown instruction: BOGUS"),
-    (b"FROM a\nRUN <<EOF\necho hi\nEOF\n", "heredocs"),
+    (b"FROM a\nRUN <<EOF\necho never closed\n", "heredoc <<EOF is not closed"),
     (b"\xff\xfe", "not UTF-8"),
 ])
 def test_malformed_dockerfiles(text, message):
