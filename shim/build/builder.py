@@ -67,6 +67,7 @@ class BuildOptions:
     memory_mib: int = 256
     network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
     add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
+    labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -165,6 +166,17 @@ PROXY_ARGS = tuple(name for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "
 environment without an ARG, and stay out of the image's history and the cache key."""
 
 
+def _with_labels(state: ImageState, labels: dict[str, str]) -> ImageState:
+    """*state* with *labels* added to its config (``--label``; no history entry, as
+    BuildKit does; the same labels on the same image give the same ID)."""
+    if not labels:
+        return state
+    config = _copy.deepcopy(state.config)
+    runtime = config.setdefault("config", {})
+    runtime["Labels"] = {**(runtime.get("Labels") or {}), **labels}
+    return ImageState(config, list(state.layers))
+
+
 def _run_script(ins: Instruction) -> str:
     """The shell command of a RUN in shell form. With heredocs: ``RUN <<EOF`` alone runs
     the heredoc as the script; ``RUN cmd <<EOF`` hands the command and its heredocs to the
@@ -239,7 +251,7 @@ class Builder:
                     if stage.name is not None:
                         self._stage_names[stage.name] = stage.index
                 final = self._stages[last]
-                result = self._commit(final)
+                result = self._commit(_with_labels(final, opts.labels))
         finally:
             self.out.status(None)
             shutil.rmtree(self._work, ignore_errors=True)

@@ -72,6 +72,31 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for entry in values:
+        key, _, value = entry.partition("=")
+        if not key:
+            raise UsageError(f"invalid --label {entry!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _write_iidfile(path: Path, image_id: str) -> None:
+    """Write *image_id* to *path* whole or not at all (docker's --iidfile)."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
+                                   prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(image_id)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write --iidfile {path}: {exc.strerror or exc}") from None
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)  # unwinds: the step's VM is destroyed on the way out
 
@@ -95,9 +120,12 @@ def _terminate(signum, _frame):
               help="The RUN steps' network (default: the default NAT network, as docker build).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP",
               help="Add a line to the RUN steps' /etc/hosts (IP may be host-gateway).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Set a label on the built image (repeatable).")
+@click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              network, add_hosts, context):
+              network, add_hosts, labels, iidfile, context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
@@ -105,7 +133,7 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
         no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
-        network=network, add_hosts=list(add_hosts))
+        network=network, add_hosts=list(add_hosts), labels=_labels(labels))
     output = ConsoleOutput(quiet)
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -114,6 +142,8 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         output.status(None)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if iidfile:
+        _write_iidfile(Path(iidfile), result.image_id)
     if quiet:
         click.echo(result.image_id)
         return

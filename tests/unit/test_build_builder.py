@@ -306,3 +306,13 @@ def test_proxy_args_reach_run_but_not_history_or_cache_key(env):
     again, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
                                 build_args={"HTTP_PROXY": "http://other:3128"})
     assert again.image_id == result.image_id and b.runner.calls == []  # not in the key
+
+
+def test_labels_go_on_the_final_image_only(env):
+    store, ctx = env
+    dockerfile = "FROM base:1 AS a\nRUN touch /a\nFROM base:1\nLABEL kept=yes\n"
+    result, _, _ = run_build(ctx, dockerfile, tags=["l:1"], labels={"org.x": "1", "kept": "no"})
+    labels = store.resolve("l:1").config["config"]["Labels"]
+    assert labels == {"kept": "no", "org.x": "1"}  # the flag wins, like docker
+    again, _, _ = run_build(ctx, dockerfile, tags=["l:1"], labels={"org.x": "1", "kept": "no"})
+    assert again.image_id == result.image_id
