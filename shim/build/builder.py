@@ -39,6 +39,8 @@ from shim.build.context import BuildContext, ContextError
 from shim.build.dockerfile import (HEREDOC, Dockerfile, DockerfileError, Instruction, Stage,
                                    parse, parse_duration, parse_instruction)
 from shim.build.errors import BuildError
+from shim.build.mounts import parse_mount
+from shim.build.mounts import prepare as prepare_mounts
 from shim.build.runner import STALE_AGE, RunStepError, StepRunner
 from shim.build.tree import LayerWriter, RootView
 from shim.build.words import WordError, expand, parse_key_values, split_words
@@ -68,6 +70,7 @@ class BuildOptions:
     network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
     add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
     labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
+    secrets: dict[str, Path] = field(default_factory=dict)  # --secret id → file
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -477,7 +480,12 @@ class Builder:
         else:
             args = self._shell(run) + [_run_script(ins)]
         build_env = run.run_args_env()
+        mount_specs = [parse_mount(spec, f"{self._df}:{ins.line}")
+                       for spec in ins.flags.get("mount", "").split("\n") if spec]
         created_by = " ".join(args)
+        if mount_specs:  # ids and targets only: a secret's content is never in the key
+            created_by = " ".join(f"--mount={spec}" for spec in
+                                  ins.flags["mount"].split("\n")) + " " + created_by
         if build_env:
             created_by = f"|{len(build_env)} {' '.join(build_env)} {created_by}"
         key = cache_key(run.state.id, created_by)
@@ -505,9 +513,15 @@ class Builder:
         if run_fd is None:
             sink = open(os.devnull, "wb")
             run_fd = sink.fileno()
+        mounts = None
         try:
+            if mount_specs:
+                mounts = prepare_mounts(mount_specs, isolation=self.options.isolation,
+                                        secrets=self.options.secrets,
+                                        workdir=cfg.get("WorkingDir") or "/",
+                                        scratch_dir=self._work)
             result = self.runner.run(run.state.layers, process, base, out_fd=run_fd,
-                                     announce=announce)
+                                     announce=announce, mounts=mounts)
         except RunStepError as exc:
             if self.out.run_fd is None and exc.output:
                 self.out.warn("output of the failed step:\n"
@@ -518,6 +532,8 @@ class Builder:
         finally:
             if sink is not None:
                 sink.close()
+            if mounts is not None:
+                mounts.cleanup()
         self.out.line(f"Removing intermediate container {result.container_id[:12]}")
         self._add_layer(run, result.layer, result.digest, created_by, key)
 

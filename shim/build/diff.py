@@ -77,11 +77,12 @@ def check(spool: Path, limits: Limits | None = None) -> int:
 
 
 def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, *,
-                limits: Limits | None = None) -> int:
+                limits: Limits | None = None, mount_points: set[str] = frozenset()) -> int:
     """Rewrite the diff tar *spool* into *writer*, leaving out runtime leftovers and
-    directories only copied up (see the module). Precondition: :func:`check` accepted
-    *spool*. Returns how many entries were written (0: the step changed nothing).
-    Raises DiffError."""
+    directories only copied up (see the module), and *mount_points* (relative paths the
+    step's ``--mount`` targets needed) when they are empty and new. Precondition:
+    :func:`check` accepted *spool*. Returns how many entries were written (0: the step
+    changed nothing). Raises DiffError."""
     limits = limits or Limits(max_entries=MAX_DIFF_ENTRIES, max_bytes=MAX_DIFF_BYTES)
     pending: list[tuple] = []  # held directories, each inside the one before
     written: set[str] = set()
@@ -120,11 +121,13 @@ def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, 
                 if ti.isdir():
                     pending.append((rel, mode, ti.uid, ti.gid, mtime, kept))
                     if not kept and (_same_dir(base, rel, mode, ti.uid, ti.gid)
-                                     or _runtime_dir(base, rel)):
+                                     or _runtime_dir(base, rel)
+                                     or _new(base, rel, mount_points)):
                         continue  # held until something below it is written
                     flush()
                     continue
-                if ti.isreg() and ti.size == 0 and _runtime_file(base, rel):
+                if ti.isreg() and ti.size == 0 and (_runtime_file(base, rel)
+                                                    or _new(base, rel, mount_points)):
                     continue
                 flush()
                 if ti.isreg():
@@ -161,6 +164,10 @@ def _reason(exc: LayerError, spool: Path) -> str:
 
 def _runtime_file(base: RootView | None, rel: str) -> bool:
     return rel in RUNTIME_FILES and (base is None or base.nodes.get(rel) is None)
+
+
+def _new(base: RootView | None, rel: str, mount_points: set[str]) -> bool:
+    return rel in mount_points and (base is None or base.nodes.get(rel) is None)
 
 
 def _runtime_dir(base: RootView | None, rel: str) -> bool:

@@ -35,7 +35,10 @@ FLAGS = {
     "COPY": {"from", "chown", "chmod"},
     "ADD": {"chown", "chmod"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
+    "RUN": {"mount"},
 }
+REPEATABLE = {("RUN", "mount")}
+"""Flags that may be given more than once; their values are joined with newlines."""
 """The ``--flags`` each instruction accepts (the classic builder's set, plus --chmod)."""
 METADATA_ONLY = {"CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ENTRYPOINT", "VOLUME", "USER",
                  "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
@@ -259,9 +262,13 @@ def _split_flags(value: str, keyword: str, where: str) -> tuple[dict, str]:
             raise DockerfileError(
                 f"{where}: {keyword} does not support the flag --{name}"
                 + (f" (it supports {', '.join('--' + f for f in allowed)})" if allowed else ""))
-        if name in flags:
+        value = m.group(2) if m.group(2) is not None else "true"
+        if name in flags and (keyword, name) in REPEATABLE:
+            flags[name] += "\n" + value
+        elif name in flags:
             raise DockerfileError(f"{where}: {keyword}: --{name} given twice")
-        flags[name] = m.group(2) if m.group(2) is not None else "true"
+        else:
+            flags[name] = value
         rest = rest[m.end():]
     return flags, rest.strip()
 
@@ -289,6 +296,14 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
             raise DockerfileError(f"{where}: {k} needs a command")
         if k == "RUN" and ins.json == []:
             raise DockerfileError(f"{where}: RUN needs a command")
+        if k == "RUN" and "mount" in ins.flags:
+            from shim.build.mounts import MountError, parse_mount
+
+            for spec in ins.flags["mount"].split("\n"):
+                try:
+                    parse_mount(spec, where)
+                except MountError as exc:
+                    raise DockerfileError(str(exc)) from None
     elif k == "SHELL":
         if not ins.json:
             raise DockerfileError(f"{where}: SHELL needs its arguments in JSON form, "

@@ -75,13 +75,17 @@ class StepRunner:
         self.work_root = Path(work_root) if work_root is not None else paths.root() / "build" / "work"
         self.status = status
         self.warn = warn
+        self._mounts = None
         sweep_stale(self.work_root)
 
     def run(self, layers: list[dict], process: ProcessSpec, base: RootView, *,
-            out_fd: int, container_id: str | None = None, announce=None) -> StepResult:
+            out_fd: int, container_id: str | None = None, announce=None,
+            mounts=None) -> StepResult:
         """Run *process* on *layers*; return its diff. Raises RunStepError when the
         command fails (non-zero exit, or it cannot start), VmshimError for VM trouble.
-        *announce* (optional) is called with the container id before it starts."""
+        *announce* (optional) is called with the container id before it starts.
+        *mounts*: the step's ``RUN --mount``s (shim.build.mounts.StepMounts)."""
+        self._mounts = mounts
         from shim.images.layers import layer_disk
         from shim.images.store import LayerRef
 
@@ -109,7 +113,8 @@ class StepRunner:
             else:
                 self._run_process(boot, disks, work, out_fd, spool)
             self.status("committing the layer")
-            return self._commit(container_id, spool, base, work)
+            return self._commit(container_id, spool, base, work,
+                                mounts.mount_points if mounts is not None else set())
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -122,7 +127,8 @@ class StepRunner:
         diff.make_disk(rw)
         run_dir = paths.run_dir() / boot.container_id
         placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                memory_mib=self.memory_mib, rw_disk=rw, network=self.network)
+                                memory_mib=self.memory_mib, rw_disk=rw, network=self.network,
+                                mounts=self._mount_requests())
         network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
@@ -137,9 +143,11 @@ class StepRunner:
                 client.close()
         except BaseException:
             placement.kill()
+            placement.attachments.release()
             reap.spawn(placement.domain, str(run_dir), network_of)
             raise
-        reap.spawn(placement.domain, str(run_dir), network_of)  # QEMU exited; libvirt catches up
+        placement.attachments.release()  # QEMU has exited: its disks and shares are free
+        reap.spawn(placement.domain, str(run_dir), network_of)  # libvirt catches up
         _check(code, tail, boot.process)
 
     def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
@@ -148,7 +156,8 @@ class StepRunner:
 
         run_dir = paths.run_dir() / boot.container_id
         placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                     rw_dir=work / "rw", network=self.network)
+                                     rw_dir=work / "rw", network=self.network,
+                                     mounts=self._mount_requests())
         try:
             client = placement.boot()
             try:
@@ -166,13 +175,17 @@ class StepRunner:
         placement.teardown()
         _check(code, tail, boot.process)
 
+    def _mount_requests(self) -> list:
+        return list(self._mounts.requests) if self._mounts is not None else []
+
     # ---- the diff -----------------------------------------------------------------------------
-    def _commit(self, container_id: str, spool: Path, base: RootView, work: Path) -> StepResult:
+    def _commit(self, container_id: str, spool: Path, base: RootView, work: Path,
+                mount_points: set[str]) -> StepResult:
         diff.check(spool)
         out = work / "layer.tar"
         writer = LayerWriter(out)
         try:
-            count = diff.write_layer(spool, writer, base)
+            count = diff.write_layer(spool, writer, base, mount_points=mount_points)
             digest = writer.close()
         except BaseException:
             writer.abort()

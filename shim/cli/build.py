@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from shim.build.builder import BuildOptions, BuildOutput, build, short_id
+from shim.build.mounts import parse_secret_flags
 from shim.errors import UsageError
 
 
@@ -123,9 +124,11 @@ def _terminate(signum, _frame):
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Set a label on the built image (repeatable).")
 @click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE",
+              help="A secret for RUN --mount=type=secret (never in the image).")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              network, add_hosts, labels, iidfile, context):
+              network, add_hosts, labels, iidfile, secrets, context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
@@ -133,7 +136,8 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
         no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
-        network=network, add_hosts=list(add_hosts), labels=_labels(labels))
+        network=network, add_hosts=list(add_hosts), labels=_labels(labels),
+        secrets=parse_secret_flags(list(secrets)))
     output = ConsoleOutput(quiet)
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

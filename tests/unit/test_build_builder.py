@@ -3,6 +3,8 @@ image IDs, the cache, config-only steps, COPY layers, multi-stage, --target, bui
 ONBUILD, tagging, and what a failure leaves behind."""
 
 import io
+import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -40,8 +42,14 @@ class FakeRunner:
         self.store = store
         self.calls = []
 
-    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None):
+    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None,
+            mounts=None):
         self.calls.append(process)
+        self.mounts = getattr(self, "mounts", []) + [mounts]
+        if mounts is not None:  # what the step would see, while it runs
+            self.seen = [(r.type, r.target, r.readonly,
+                          Path(r.source).read_bytes() if r.type == "bind" else r.source)
+                         for r in mounts.requests]
         cid = f"{len(self.calls):064x}"
         if announce:
             announce(cid)
@@ -316,3 +324,60 @@ def test_labels_go_on_the_final_image_only(env):
     assert labels == {"kept": "no", "org.x": "1"}  # the flag wins, like docker
     again, _, _ = run_build(ctx, dockerfile, tags=["l:1"], labels={"org.x": "1", "kept": "no"})
     assert again.image_id == result.image_id
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
+def test_run_mounts_cache_secret_tmpfs(env, tmp_path):
+    store, ctx = env
+    secret = tmp_path / "token.txt"
+    secret.write_text("s3cr3t-value")
+    dockerfile = ("FROM base:1\nWORKDIR /app\n"
+                  "RUN --mount=type=cache,target=.npm --mount=type=secret,id=tok "
+                  "--mount=type=tmpfs,target=/scratch,size=1048576 touch /done\n")
+    result, lines, b = run_build(ctx, dockerfile, tags=["m:1"], secrets={"tok": secret})
+    seen = b.runner.seen
+    assert seen[0][:3] == ("volume", "/app/.npm", False)
+    assert seen[0][3].startswith("buildcache-vm-")
+    assert seen[1] == ("bind", "/run/secrets/tok", True, b"s3cr3t-value")
+    assert seen[2][:2] == ("tmpfs", "/scratch")
+    assert {"run/secrets/tok", "run/secrets", "run", "app/.npm", "scratch"} <= \
+        b.runner.mounts[-1].mount_points
+    assert not any(p.name.startswith("secret-") for p in b._work.iterdir()) \
+        if b._work and b._work.exists() else True
+    config = store.resolve("m:1").config
+    assert "s3cr3t" not in json.dumps(config)
+    assert any("--mount=type=secret,id=tok" in h["created_by"] for h in config["history"])
+    for entry in (store.root / "..").resolve().rglob("*.json"):
+        assert b"s3cr3t" not in entry.read_bytes()  # nothing stored, cache included
+    # another secret value: the same cache key (like docker), so the step is cached
+    secret.write_text("other")
+    again, lines, b = run_build(ctx, dockerfile, tags=["m:1"], secrets={"tok": secret})
+    assert again.image_id == result.image_id and b.runner.calls == []
+
+
+def test_a_required_secret_that_was_not_given_fails_clearly(env):
+    _, ctx = env
+    with pytest.raises(BuildError, match="secret 'tok' is required"):
+        run_build(ctx, "FROM base:1\nRUN --mount=type=secret,id=tok,required true\n")
+
+
+def test_mount_points_of_a_step_stay_out_of_its_layer(tmp_path):
+    from shim.build import diff as build_diff
+
+    spool = tmp_path / "d.tar"
+    with tarfile.open(spool, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind in (("run", "d"), ("run/secrets", "d"), ("run/secrets/tok", "f"),
+                           ("cache", "d"), ("made", "f")):
+            ti = tarfile.TarInfo(name)
+            if kind == "d":
+                ti.type = tarfile.DIRTYPE
+            data = b"x" if name == "made" else b""
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data) if kind == "f" else None)
+    out = tmp_path / "l.tar"
+    writer = LayerWriter(out)
+    build_diff.write_layer(spool, writer, None,
+                           mount_points={"run", "run/secrets", "run/secrets/tok", "cache"})
+    writer.close()
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["made"]
