@@ -550,7 +550,7 @@ class Builder:
         sources, dest = words[:-1], words[-1]
         env = run.env()
         flags = {k: self._expand(v, env, ins) for k, v in ins.flags.items()}
-        chmod = int(flags["chmod"], 8) if "chmod" in flags else None
+        chmod = copying.parse_chmod(flags["chmod"]) if "chmod" in flags else None
         workdir = run.state.runtime.get("WorkingDir") or "/"
         source_view = None
         from_id = None
@@ -569,8 +569,11 @@ class Builder:
                         plans.append(copying.plan_inline(doc.word, content.encode()))
                     elif add and src.startswith(("http://", "https://")):
                         self.out.status(f"downloading {src}")
-                        plans += copying.plan_url(src, self._work, what)
+                        fetched = copying.plan_url(src, self._work, what)
                         self.out.status(None)
+                        if "checksum" in flags:
+                            copying.check_checksum(fetched, flags["checksum"], what)
+                        plans += fetched
                     elif src.startswith(("http://", "https://", "git@")) or src.endswith(".git"):
                         raise ContextError(f"{what} failed: {src}: COPY takes files from the "
                                            "build context; use ADD for URLs")

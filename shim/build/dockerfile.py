@@ -32,8 +32,8 @@ INSTRUCTIONS = ("FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "A
                 "HEALTHCHECK", "SHELL")
 FLAGS = {
     "FROM": {"platform"},
-    "COPY": {"from", "chown", "chmod"},
-    "ADD": {"chown", "chmod"},
+    "COPY": {"from", "chown", "chmod", "link"},
+    "ADD": {"chown", "chmod", "link", "checksum"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
     "RUN": {"mount"},
 }
@@ -322,8 +322,16 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
         args = ins.json if ins.json is not None else split_words(rest, escape)
         if len(args) < 2:
             raise DockerfileError(f"{where}: {k} needs at least one source and a destination")
-        if "chmod" in ins.flags and not re.fullmatch(r"[0-7]{3,4}", ins.flags["chmod"]):
-            raise DockerfileError(f"{where}: {k} --chmod must be octal, e.g. 0755")
+        if "chmod" in ins.flags and "$" not in ins.flags["chmod"]:
+            from shim.build.copy import CopyError, parse_chmod
+
+            try:
+                parse_chmod(ins.flags["chmod"])
+            except CopyError as exc:
+                raise DockerfileError(f"{where}: {k} {exc}") from None
+        if "checksum" in ins.flags and not all(
+                w.startswith(("http://", "https://")) for w in args[:-1]):
+            raise DockerfileError(f"{where}: ADD --checksum is only for URL sources")
     elif k in ("WORKDIR", "USER", "STOPSIGNAL", "MAINTAINER"):
         if not rest:
             raise DockerfileError(f"{where}: {k} needs an argument")

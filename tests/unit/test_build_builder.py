@@ -381,3 +381,50 @@ def test_mount_points_of_a_step_stay_out_of_its_layer(tmp_path):
     writer.close()
     with tarfile.open(out) as tar:
         assert tar.getnames() == ["made"]
+
+
+@pytest.mark.parametrize("spec, mode, is_dir, expected", [
+    ("0755", 0o600, False, 0o755), ("u+x", 0o644, False, 0o744), ("go-w", 0o666, False, 0o644),
+    ("a=rX,u+w", 0o700, True, 0o755), ("a=rX,u+w", 0o600, False, 0o644),
+    ("u=rwx,g=rx,o=", 0o777, False, 0o750), ("+x", 0o644, False, 0o755),
+])
+def test_chmod_octal_and_symbolic(spec, mode, is_dir, expected):
+    from shim.build.copy import parse_chmod
+
+    assert parse_chmod(spec)(mode, is_dir) == expected
+
+
+def test_copy_chmod_symbolic_link_and_bad_chmod(env):
+    store, ctx = env
+    (ctx / "tool").write_text("#!/bin/sh\n")
+    (ctx / "tool").chmod(0o644)
+    run_build(ctx, "FROM base:1\nCOPY --link --chmod=u+x,g-r tool /bin/tool\n", tags=["c:1"])
+    with tarfile.open(store.blob_path(store.resolve("c:1").layers[-1].digest)) as tar:
+        assert tar.getmember("bin/tool").mode == 0o704
+    with pytest.raises(BuildError, match=r"invalid --chmod 'u\+q'"):
+        run_build(ctx, "FROM base:1\nCOPY --chmod=u+q tool /bin/tool\n")
+
+
+def test_add_checksum_verifies_the_download(env, tmp_path):
+    import hashlib
+    import http.server
+    import threading
+
+    store, ctx = env
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f.txt").write_bytes(b"payload")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/f.txt"
+    good = "sha256:" + hashlib.sha256(b"payload").hexdigest()
+    try:
+        run_build(ctx, f"FROM base:1\nADD --checksum={good} {url} /f.txt\n", tags=["a:1"])
+        with pytest.raises(BuildError, match="the checksum of f.txt is sha256:"):
+            run_build(ctx, f"FROM base:1\nADD --checksum=sha256:{'0' * 64} {url} /f.txt\n")
+        (ctx / "local").write_text("x")
+        with pytest.raises(BuildError, match="only for URL sources"):
+            run_build(ctx, f"FROM base:1\nADD --checksum={good} local /f.txt\n")
+    finally:
+        server.shutdown()
