@@ -11,6 +11,8 @@ import click
 
 from shim.build.builder import BuildOptions, BuildOutput, build, short_id
 from shim.build.mounts import parse_secret_flags
+from shim.build.output import parse_output
+from shim.build.output import write as write_output
 from shim.errors import UsageError
 
 
@@ -124,14 +126,18 @@ def _terminate(signum, _frame):
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Set a label on the built image (repeatable).")
 @click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
+@click.option("-o", "--output", "outputs", multiple=True, metavar="type=local|tar|oci,dest=PATH",
+              help="Also write the result there (local: a directory; tar: its files; "
+                   "oci: an OCI image-layout tar).")
 @click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE",
               help="A secret for RUN --mount=type=secret (never in the image).")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              network, add_hosts, labels, iidfile, secrets, context):
+              network, add_hosts, labels, iidfile, secrets, outputs, context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
+    wanted = [parse_output(spec) for spec in outputs]  # checked before any step runs
     options = BuildOptions(
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
@@ -148,6 +154,12 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
             signal.signal(sig, handler)
     if iidfile:
         _write_iidfile(Path(iidfile), result.image_id)
+    if wanted:
+        from shim.images.store import ImageStore
+
+        store = ImageStore()
+        for output in wanted:
+            write_output(store, result.image_id, output)
     if quiet:
         click.echo(result.image_id)
         return

@@ -4,6 +4,7 @@ ONBUILD, tagging, and what a failure leaves behind."""
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -428,3 +429,75 @@ def test_add_checksum_verifies_the_download(env, tmp_path):
             run_build(ctx, f"FROM base:1\nADD --checksum={good} local /f.txt\n")
     finally:
         server.shutdown()
+
+
+def test_output_local_tar_and_oci(env, tmp_path):
+    from shim.build.output import parse_output, write
+
+    store, ctx = env
+    (ctx / "app").mkdir()
+    (ctx / "app" / "main.txt").write_text("main")
+    result, _, _ = run_build(ctx, "FROM base:1\nCOPY app /app\nRUN touch /made\n",
+                             tags=["o:1"])
+    local = tmp_path / "out-dir"
+    write(store, result.image_id, parse_output(f"type=local,dest={local}"))
+    assert (local / "app" / "main.txt").read_text() == "main"
+    assert (local / "etc" / "passwd").read_text().startswith("root:")
+    assert (local / "made").exists()
+    write(store, result.image_id, parse_output(f"type=tar,dest={tmp_path / 'fs.tar'}"))
+    with tarfile.open(tmp_path / "fs.tar") as tar:
+        names = tar.getnames()
+        assert "app/main.txt" in names and "made" in names and "etc/passwd" in names
+        assert tar.extractfile("app/main.txt").read() == b"main"
+    write(store, result.image_id, parse_output(f"type=oci,dest={tmp_path / 'img.tar'}"))
+    with tarfile.open(tmp_path / "img.tar") as tar:
+        assert "index.json" in tar.getnames() and "oci-layout" in tar.getnames()
+    with pytest.raises(BuildError, match="not empty"):
+        write(store, result.image_id, parse_output(f"type=local,dest={local}"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("type=zip,dest=x", "invalid --output type 'zip'"), ("type=tar", "needs dest=PATH"),
+    ("type=tar,dest=-", "needs dest=PATH"), ("type=local,dest=d,extra=1", "does not take"),
+])
+def test_bad_outputs(spec, message):
+    from shim.build.output import parse_output
+
+    with pytest.raises(BuildError, match=message):
+        parse_output(spec)
+
+
+def test_output_local_never_writes_through_an_image_symlink(tmp_path, monkeypatch):
+    """An image whose layers say ``esc -> OUTSIDE`` and then ``esc/x``: the file must not
+    land in OUTSIDE (fails with a writer that follows the image's symlinks)."""
+    from shim.build.output import OutputError, write_local
+    from shim.build.tree import listing
+
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "state"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    blobs, listings = [], []
+    for i, entries in enumerate([[("esc", "l", str(outside))], [("esc/x", "f", b"pwned")]]):
+        blob = tmp_path / f"l{i}.tar"
+        with tarfile.open(blob, "w") as tar:
+            for name, kind, extra in entries:
+                ti = tarfile.TarInfo(name)
+                if kind == "l":
+                    ti.type, ti.linkname = tarfile.SYMTYPE, extra
+                    tar.addfile(ti)
+                else:
+                    ti.size = len(extra)
+                    tar.addfile(ti, io.BytesIO(extra))
+        blobs.append(blob)
+        listings.append(listing(blob, f"{i:064x}"))
+    from shim.build.tree import RootView
+
+    view = RootView(blobs, listings)
+    view.nodes["esc/x"] = view.nodes.get("esc/x") or view.nodes["esc"].__class__(
+        "f", 0o644, 0, 0, 5, 0, "", 1)
+    try:
+        write_local(view, tmp_path / "dest")
+    except OutputError:
+        pass  # refused: fine too
+    assert not (outside / "x").exists()
+    assert os.path.islink(tmp_path / "dest" / "esc")
