@@ -154,6 +154,7 @@ class Agent:
         self._exit_written_at: float | None = None  # …and when it left the buffer
         self._shutdown = False
         self._shutdown_deadline = 0.0
+        self._hold = False  # start's ``hold``: after the main exit, wait for shutdown
         self._stopped = False
         self._greeted = False
         self._last_sweep = 0.0
@@ -171,6 +172,7 @@ class Agent:
             protocol.BUILTIN: self._handle_builtin,
             protocol.UPDATE: self._handle_update,
             protocol.STATS: self._handle_stats,
+            protocol.DIFF: self._handle_diff,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -239,7 +241,7 @@ class Agent:
                 deadlines.append(now + 0.05)  # no pidfd: poll for its exit
             elif proc.exit_code is not None and proc.outputs:
                 deadlines.append(proc.last_output + OUTPUT_GRACE)
-        if self._main_done_at is not None:
+        if self._main_done_at is not None and not self._hold:
             deadlines.append(now + 0.1)
         if self._shutdown:
             deadlines.append(now + 0.05)
@@ -301,7 +303,7 @@ class Agent:
             if (reaped and (not self._out or self._away)) or now > self._shutdown_deadline:
                 self._stopped = True
             return
-        if self._main_done_at is not None:
+        if self._main_done_at is not None and not self._hold:
             if self._exit_written_at is not None:
                 if now - self._exit_written_at >= self.exit_grace:
                     self._stopped = True
@@ -507,12 +509,14 @@ class Agent:
         stdin = message.get("stdin", bool, False)
         tty = message.get("tty", bool, self.config.process.tty)
         rows, cols = self._size(message)
+        hold = message.get("hold", bool, False)
         if self._main is not None or self.main_exit_code is not None:
             raise Reject("the container's process was already started")
         if proc_id in self._procs:
             raise Reject(f"process id {proc_id} is in use")
         process = copy.copy(self.config.process)
         process.tty = tty
+        self._hold = hold
         begin = time.monotonic()
         try:
             spawned = self.runtime.start(process, stdin=stdin, rows=rows, cols=cols)
@@ -571,6 +575,23 @@ class Agent:
             raise Reject("this runtime has no builtins")
         try:
             spawned = builtin(name, list(args), stdin=stdin)
+        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
+            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
+        self._add(proc_id, spawned, main=False)
+        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+
+    def _handle_diff(self, message: Message) -> None:
+        self._check_token(message)
+        proc_id = message.get("id", int)
+        if proc_id in self._procs:
+            raise Reject(f"process id {proc_id} is in use")
+        if self.main_exit_code is None:
+            raise Reject("the container's process has not exited yet")
+        diff = getattr(self.runtime, "diff", None)
+        if diff is None:
+            raise Reject("this runtime cannot write the container's changes")
+        try:
+            spawned = diff()
         except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
             raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
         self._add(proc_id, spawned, main=False)

@@ -508,6 +508,8 @@ def prepare_container():
         if type(exc).__name__ not in ("MountError", "CgroupError"):
             raise
         raise BootError(str(exc)) from None
+    if not config.rootfs_share:
+        container.upperdir = f"{RW_DIR}/upper"  # what the agent's ``diff`` reads
     console.phase("container")
     return config, container
 

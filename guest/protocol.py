@@ -11,7 +11,9 @@ data, never structured data.
 Conversation (``h`` = host, ``g`` = guest)::
 
     g: hello   {protocol, agent, uptime}          first frame the agent writes
-    h: start   {token, id, process, stdin, tty, rows, cols}   run the container's process
+    h: start   {token, id, process, stdin, tty, rows, cols[, hold]}   run the container's
+                                                  process; hold: keep serving after it
+                                                  exits, until ``shutdown`` (for ``diff``)
     h: exec    {token, id, process, stdin, tty, rows, cols}   run another process in it
     g: started {id, pid} | error {id, message, code}   code (optional): 127 not found,
                                       126 not executable, 125 other setup failure
@@ -35,6 +37,13 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   cgroup's figures now (see
                                                   guest.runtime.container.Container.stats)
                                                   | error {id, message}
+    h: diff    {token, id}                        after the main process exited (start it
+                                                  with ``hold: true`` so the agent waits
+                                                  for ``shutdown`` instead of ending):
+                                                  the container's changes as an OCI layer
+                                                  tar (guest.runtime.diff), with the
+                                                  replies and streams of ``builtin``: the
+                                                  host checks it like a registry layer
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -98,10 +107,11 @@ BUILTIN = "builtin"
 UPDATE = "update"
 UPDATED = "updated"
 STATS = "stats"
+DIFF = "diff"
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF}
 )
 BUILTINS = ("ps", "tar-out", "tar-in")
 """Names a ``builtin`` message may ask for."""

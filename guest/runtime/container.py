@@ -58,6 +58,9 @@ class Container:
             from guest.runtime import devices
 
             cgroup.restrict_devices(devices.rules_for(config.devices))
+        self.upperdir: str | None = None
+        """The overlay's upper directory (the container's changes), for :meth:`diff`;
+        set by :meth:`create`, and by the guest's init for a VM."""
         self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
                                                config.resolv_conf, files_dir)
         if mounts or config.read_only:
@@ -93,6 +96,7 @@ class Container:
             rootfs_mod.unmount(rootfs, detach=True)
             raise
         container.owns_rootfs = True
+        container.upperdir = upperdir or None
         return container
 
     def destroy(self) -> None:
@@ -154,6 +158,17 @@ class Container:
         return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
                                  cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
                                  builtin=func)
+
+    def diff(self) -> Spawned:
+        """Start writing the container's changes as an OCI layer tar to the returned
+        process's stdout (guest.runtime.diff). Precondition: the main process has exited
+        (its pid namespace, and so every process in it, is gone: the tree holds still).
+        Raises SpawnError."""
+        from guest.runtime import diff
+
+        if not self.upperdir:
+            raise SpawnError("this container has no writable layer to diff")
+        return diff.spawn(self.upperdir)
 
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer struck in the container's cgroup."""

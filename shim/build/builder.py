@@ -36,9 +36,11 @@ from guest.spec import ProcessSpec
 from shim.build import copy as copying
 from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError
-from shim.build.dockerfile import (Dockerfile, DockerfileError, Instruction, Stage, parse,
-                                   parse_duration, parse_instruction)
+from shim.build.dockerfile import (HEREDOC, Dockerfile, DockerfileError, Instruction, Stage,
+                                   parse, parse_duration, parse_instruction)
 from shim.build.errors import BuildError
+from shim.build.mounts import parse_mount
+from shim.build.mounts import prepare as prepare_mounts
 from shim.build.runner import STALE_AGE, RunStepError, StepRunner
 from shim.build.tree import LayerWriter, RootView
 from shim.build.words import WordError, expand, parse_key_values, split_words
@@ -65,6 +67,10 @@ class BuildOptions:
     isolation: str = "vm"
     quiet: bool = False
     memory_mib: int = 256
+    network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
+    add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
+    labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
+    secrets: dict[str, Path] = field(default_factory=dict)  # --secret id → file
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -157,6 +163,46 @@ class _StageRun:
         return [f"{k}={v}" for k, v in sorted(self.args.items()) if v is not None and k not in env]
 
 
+PROXY_ARGS = tuple(name for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY",
+                                     "ALL_PROXY") for name in (base, base.lower()))
+"""docker's predefined build args: given with --build-arg they reach every RUN step's
+environment without an ARG, and stay out of the image's history and the cache key."""
+
+
+def _with_labels(state: ImageState, labels: dict[str, str]) -> ImageState:
+    """*state* with *labels* added to its config (``--label``; no history entry, as
+    BuildKit does; the same labels on the same image give the same ID)."""
+    if not labels:
+        return state
+    config = _copy.deepcopy(state.config)
+    runtime = config.setdefault("config", {})
+    runtime["Labels"] = {**(runtime.get("Labels") or {}), **labels}
+    return ImageState(config, list(state.layers))
+
+
+def _run_script(ins: Instruction) -> str:
+    """The shell command of a RUN in shell form. With heredocs: ``RUN <<EOF`` alone runs
+    the heredoc as the script; ``RUN cmd <<EOF`` hands the command and its heredocs to the
+    shell, which feeds them (BuildKit's behaviour)."""
+    if not ins.heredocs:
+        return ins.rest
+    only = HEREDOC.fullmatch(ins.rest.strip())
+    if only is not None and len(ins.heredocs) == 1:
+        return ins.heredocs[0].content
+    return ins.rest + "\n" + "".join(f"{doc.content}{doc.word}\n" for doc in ins.heredocs)
+
+
+def _network_request(options: BuildOptions) -> dict:
+    """The RUN steps' network (shim.network.container.NetworkRequest.to_dict()), checked
+    before any step runs. Raises NetworkError, NetworkNotFound."""
+    from shim.network import container as netc
+
+    network = None if options.network in (None, "", "default") else options.network
+    request = netc.parse_request(network=network, add_hosts=list(options.add_hosts))
+    netc.check_networks_exist(request)
+    return request.to_dict()
+
+
 class Builder:
     def __init__(self, options: BuildOptions, output: BuildOutput | None = None,
                  store: ImageStore | None = None):
@@ -166,11 +212,11 @@ class Builder:
         self.cache = BuildCache()
         self.runner = StepRunner(self.store, isolation=options.isolation,
                                  memory_mib=options.memory_mib, status=self.out.status,
-                                 warn=self.out.warn)
+                                 warn=self.out.warn, network=_network_request(options))
         self._views: dict[str, RootView] = {}
         self._stages: list[ImageState] = []
         self._stage_names: dict[str, int] = {}
-        self._used_args: set[str] = set()
+        self._used_args: set[str] = set(PROXY_ARGS)  # predefined: never "not consumed"
         self._global_args: dict[str, str | None] = {}
         self._work: Path | None = None
         self._df = "Dockerfile"
@@ -208,7 +254,7 @@ class Builder:
                     if stage.name is not None:
                         self._stage_names[stage.name] = stage.index
                 final = self._stages[last]
-                result = self._commit(final)
+                result = self._commit(_with_labels(final, opts.labels))
         finally:
             self.out.status(None)
             shutil.rmtree(self._work, ignore_errors=True)
@@ -429,9 +475,17 @@ class Builder:
 
     # RUN -----------------------------------------------------------------------------------
     def _do_run(self, run: _StageRun, ins: Instruction) -> None:
-        args = list(ins.json) if ins.json is not None else self._shell(run) + [ins.rest]
+        if ins.json is not None:
+            args = list(ins.json)
+        else:
+            args = self._shell(run) + [_run_script(ins)]
         build_env = run.run_args_env()
+        mount_specs = [parse_mount(spec, f"{self._df}:{ins.line}")
+                       for spec in ins.flags.get("mount", "").split("\n") if spec]
         created_by = " ".join(args)
+        if mount_specs:  # ids and targets only: a secret's content is never in the key
+            created_by = " ".join(f"--mount={spec}" for spec in
+                                  ins.flags["mount"].split("\n")) + " " + created_by
         if build_env:
             created_by = f"|{len(build_env)} {' '.join(build_env)} {created_by}"
         key = cache_key(run.state.id, created_by)
@@ -444,6 +498,10 @@ class Builder:
         from shim.containers.options import confinement
 
         capabilities, seccomp, _nnp = confinement()  # docker build: the run defaults
+        declared = {entry.partition("=")[0] for entry in build_env}
+        for name in PROXY_ARGS:  # docker's predefined args: in the step, not in its history
+            if name in self.options.build_args and name not in declared:
+                env.append(f"{name}={self.options.build_args[name]}")
         process = ProcessSpec(args=args, env=env, cwd=cfg.get("WorkingDir") or "/",
                               user=cfg.get("User") or "", capabilities=capabilities,
                               seccomp=seccomp)
@@ -459,9 +517,15 @@ class Builder:
         if run_fd is None:
             sink = open(os.devnull, "wb")
             run_fd = sink.fileno()
+        mounts = None
         try:
+            if mount_specs:
+                mounts = prepare_mounts(mount_specs, isolation=self.options.isolation,
+                                        secrets=self.options.secrets,
+                                        workdir=cfg.get("WorkingDir") or "/",
+                                        scratch_dir=self._work)
             result = self.runner.run(run.state.layers, process, base, out_fd=run_fd,
-                                     announce=announce)
+                                     announce=announce, mounts=mounts)
         except RunStepError as exc:
             if self.out.run_fd is None and exc.output:
                 self.out.warn("output of the failed step:\n"
@@ -472,6 +536,8 @@ class Builder:
         finally:
             if sink is not None:
                 sink.close()
+            if mounts is not None:
+                mounts.cleanup()
         self.out.line(f"Removing intermediate container {result.container_id[:12]}")
         self._add_layer(run, result.layer, result.digest, created_by, key)
 
@@ -488,7 +554,7 @@ class Builder:
         sources, dest = words[:-1], words[-1]
         env = run.env()
         flags = {k: self._expand(v, env, ins) for k, v in ins.flags.items()}
-        chmod = int(flags["chmod"], 8) if "chmod" in flags else None
+        chmod = copying.parse_chmod(flags["chmod"]) if "chmod" in flags else None
         workdir = run.state.runtime.get("WorkingDir") or "/"
         source_view = None
         from_id = None
@@ -501,10 +567,17 @@ class Builder:
             else:
                 plans = []
                 for src in sources:
-                    if add and src.startswith(("http://", "https://")):
+                    doc = ins.heredoc(src)
+                    if doc is not None:  # COPY <<EOF FILE: the heredoc is the file
+                        content = self._expand(doc.content, env, ins) if doc.expand else doc.content
+                        plans.append(copying.plan_inline(doc.word, content.encode()))
+                    elif add and src.startswith(("http://", "https://")):
                         self.out.status(f"downloading {src}")
-                        plans += copying.plan_url(src, self._work, what)
+                        fetched = copying.plan_url(src, self._work, what)
                         self.out.status(None)
+                        if "checksum" in flags:
+                            copying.check_checksum(fetched, flags["checksum"], what)
+                        plans += fetched
                     elif src.startswith(("http://", "https://", "git@")) or src.endswith(".git"):
                         raise ContextError(f"{what} failed: {src}: COPY takes files from the "
                                            "build context; use ADD for URLs")

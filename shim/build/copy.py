@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import tempfile
@@ -112,6 +114,13 @@ def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
                 raise ContextError(f"{what} failed: {pattern} is not a file, directory or "
                                    "symlink")
     return plans
+
+
+def plan_inline(name: str, data: bytes) -> SourcePlan:
+    """The plan for a file given inline (``COPY <<NAME DEST``): mode 0644, owned by root."""
+    return SourcePlan("file", name, [Entry("", "f", 0o644, size=len(data),
+                                           digest=hashlib.sha256(data).hexdigest(),
+                                           opener=lambda: io.BytesIO(data))])
 
 
 def _file_entry(path: str, host: Path, st: os.stat_result) -> Entry:
@@ -230,6 +239,59 @@ def plan_url(url: str, workdir: Path, what: str) -> list[SourcePlan]:
     return [SourcePlan("file", name, [entry])]
 
 
+def check_checksum(plans: list[SourcePlan], expected: str, what: str) -> None:
+    """``ADD --checksum=sha256:HEX``: the downloaded file must have that digest. Raises
+    CopyError."""
+    algo, _, hexd = expected.partition(":")
+    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+        raise CopyError(f"{what} --checksum={expected}: expected sha256:<64 hex digits>")
+    for plan in plans:
+        for entry in plan.entries:
+            if entry.digest != hexd:
+                raise CopyError(f"{what}: the checksum of {plan.name} is sha256:{entry.digest}, "
+                                f"not {expected}")
+
+
+# ---- modes ---------------------------------------------------------------------------------
+_SYMBOLIC = re.compile(r"[ugoa]*(?:[-+=][rwxXst]*)+")
+
+
+def parse_chmod(spec: str) -> Callable[[int, bool], int]:
+    """``--chmod`` as a function (mode, is_dir) → new mode: octal (``0755``) or chmod(1)'s
+    symbolic form (``u+x``, ``go-w``, ``a=rX,u+w``). Raises CopyError."""
+    if re.fullmatch(r"[0-7]{1,4}", spec):
+        value = int(spec, 8)
+        return lambda mode, is_dir: value
+    clauses = spec.split(",")
+    if not spec or not all(_SYMBOLIC.fullmatch(c) for c in clauses):
+        raise CopyError(f"invalid --chmod {spec!r}: octal (0755) or symbolic (u+x, go-w, "
+                        "a=rX)")
+
+    def apply(mode: int, is_dir: bool) -> int:
+        for clause in clauses:
+            who = re.match(r"[ugoa]*", clause).group(0) or "a"
+            mask = 0
+            for w in who:
+                mask |= {"u": 0o4700, "g": 0o2070, "o": 0o1007, "a": 0o7777}[w]
+            for op, perms in re.findall(r"([-+=])([rwxXst]*)", clause):
+                bits = 0
+                for p in perms:
+                    if p == "X":
+                        p = "x" if is_dir or mode & 0o111 else ""
+                    bits |= {"r": 0o444, "w": 0o222, "x": 0o111, "s": 0o6000, "t": 0o1000,
+                             "": 0}[p]
+                bits &= mask
+                if op == "+":
+                    mode |= bits
+                elif op == "-":
+                    mode &= ~bits
+                else:
+                    mode = (mode & ~mask) | bits
+        return mode & 0o7777
+
+    return apply
+
+
 # ---- ownership -----------------------------------------------------------------------------
 def parse_chown(spec: str, view: RootView) -> tuple[int, int]:
     """``user[:group]`` (names or numbers) → (uid, gid), names looked up in the image's
@@ -279,12 +341,16 @@ def destination(dest: str, workdir: str) -> tuple[str, bool]:
 
 
 def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], dest: str,
-                workdir: str, *, chown: tuple[int, int] | None, chmod: int | None,
+                workdir: str, *, chown: tuple[int, int] | None,
+                chmod: int | Callable[[int, bool], int] | None,
                 what: str, multiple: bool, open_view_files=None) -> int:
-    """Write the layer of one COPY/ADD into *writer*. *open_view_files* (for COPY --from:
+    """Write the layer of one COPY/ADD into *writer*. *chmod*: a mode, or a function
+    (mode, is_dir) → mode (:func:`parse_chmod`). *open_view_files* (for COPY --from:
     the source view's ``open_many``) yields (path, file) for the files to read; an
     entry's ``digest`` is its path there. Returns the number of entries.
     Raises CopyError."""
+    if isinstance(chmod, int):
+        chmod = parse_chmod(f"{chmod:o}")
     target, dir_hint = destination(dest, workdir)
     if multiple and not dir_hint:
         raise CopyError(f"{what}: when copying more than one source, the destination must be "
@@ -337,7 +403,7 @@ def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], de
             if not path:
                 continue  # the root itself
             uid, gid = (e.uid, e.gid) if (plan.keep_owner and chown is None) else owner
-            mode = chmod if chmod is not None else e.mode
+            mode = chmod(e.mode, e.kind == "d") if chmod is not None else e.mode
             parent = path.rpartition("/")[0]
             if parent not in written:
                 ensure_dir(parent)
@@ -389,7 +455,8 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
                     continue  # would read as a whiteout in the layer
                 path = f"{root}/{rel}" if root else rel
                 uid, gid = chown if chown is not None else (ti.uid, ti.gid)
-                mode = chmod if chmod is not None else ti.mode & 0o7777
+                mode = (chmod(ti.mode & 0o7777, ti.isdir()) if chmod is not None
+                        else ti.mode & 0o7777)
                 parent = path.rpartition("/")[0]
                 if parent not in written:
                     ensure_dir(parent)

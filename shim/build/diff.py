@@ -1,47 +1,49 @@
-"""A RUN step's filesystem changes → an OCI layer tar.
+"""A RUN step's changes, as the agent sent them, → the step's OCI layer tar.
 
-The step ran on an overlay whose upper directory collected every change: new and changed
-files as themselves, deletions as overlayfs whiteouts (a character device 0/0 named like
-the deleted entry), directories whose lower content was hidden as a whole (``rm -rf d;
-mkdir d``) with the xattr ``trusted.overlay.opaque=y``. :func:`write_upper` walks that
-directory and writes the OCI form: ``D/.wh.NAME`` for a whiteout, ``D/.wh..wh..opq`` inside
-an opaque directory, everything else as is (hardlinks kept, ``security.capability`` and
-``user.*`` xattrs kept, ``trusted.overlay.*`` dropped).
+The step ran on an overlay whose upper directory collected every change. The agent turns
+that directory into an OCI layer tar where it lives (guest.runtime.diff: in the VM, or in
+the host agent of ``--isolation process``) and streams it over the agent channel (the
+``diff`` message). The host never mounts the step's writable disk and never walks a tree
+the step wrote: the stream is spooled to a file (at most ``MAX_DIFF_BYTES``), checked
+by the registry-layer converter's checks (:func:`shim.images.layers.check_layer`:
+absolute names, ``..``, names through an earlier symlink or file, bad hardlinks, device
+nodes, entry and size caps), and only then rewritten into the layer by
+:func:`write_layer`, which reads the checked tar as data and touches no path it names.
 
-Where the upper directory lives:
+The VM's writable layer is still a sparse ext4 file made here (:func:`make_disk`) and
+attached with ``WRITABLE_SERIAL`` (the guest mounts it as its ``rw`` directory); the host
+deletes it unread.
 
-- ``--isolation process``: on the host already (the placement's ``rw_dir``).
-- ``--isolation vm``: on the VM's writable disk, a sparse ext4 file made here
-  (:func:`make_disk`) and attached with ``WRITABLE_SERIAL``; the guest mounts it as its
-  ``rw`` directory (``upper/`` and ``work/`` inside). After the VM has powered off, the
-  host checks the file system with ``e2fsck -fn`` (user space: a disk the guest wrote is
-  untrusted input) and only then loop-mounts it read-only with nodev,nosuid,noexec
-  (:func:`mounted_disk`). A follow-up can let the agent stream this tar instead, so the
-  host kernel never parses a guest-written file system.
-
-Paths the runtime itself creates to mount on (``/proc``, ``/dev``, ``/sys``,
-``/etc/hostname``, ``/etc/hosts``, ``/etc/resolv.conf``; ``/etc`` when it holds nothing
-else) are left out when the image did not have them, as docker leaves them out.
+:func:`write_layer` leaves out what is not the step's own change: paths the runtime
+created to mount on (``/proc``, ``/dev``, ``/sys`` when empty, ``/etc/hostname``,
+``/etc/hosts``, ``/etc/resolv.conf`` when empty; ``/etc`` when it holds nothing else) when
+the image did not have them, as docker leaves them out; and directories that overlayfs
+only copied up on the way to something (same type, mode and owner as in the image,
+nothing written below them).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
 
-from shim.build.tree import LayerWriter, RootView
 from shim.build.errors import BuildError
+from shim.build.tree import LayerWriter, RootView
+from shim.errors import LayerError
+from shim.images.layers import Limits, check_layer, read_members
 
 DISK_SIZE = 16 << 30
 """Apparent size of a RUN step's writable disk (sparse: only what is written is used)."""
 DISK_INODES = 131072
+MAX_DIFF_BYTES = DISK_SIZE
+"""Most bytes of tar a step's diff may be (the writable disk cannot hold more)."""
+MAX_DIFF_ENTRIES = 1_000_000
 RUNTIME_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 RUNTIME_DIRS = ("proc", "sys", "dev")
 _KEEP_XATTR_PREFIXES = ("user.", "security.capability")
+_XATTR = "SCHILY.xattr."
+_WH = ".wh."
+_WH_OPAQUE = ".wh..wh..opq"
 
 
 class DiffError(BuildError):
@@ -64,147 +66,127 @@ def make_disk(path: Path, size: int = DISK_SIZE) -> None:
                         f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}")
 
 
-@contextlib.contextmanager
-def mounted_disk(image: Path, target: Path) -> Iterator[Path]:
-    """Check the ext4 file *image* in user space, then mount it read-only on *target*
-    for the duration. Raises DiffError when the check or the mount fails."""
-    res = subprocess.run(["e2fsck", "-f", "-n", str(image)], stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
-        raise DiffError("the build step's writable disk is damaged; refusing to read it "
-                        f"(e2fsck exit {res.returncode}: {' | '.join(lines[-3:])})")
-    target.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "ext4", "-o", "ro,loop,nodev,nosuid,noexec",
-                          "--", str(image), str(target)],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise DiffError(f"cannot mount the build step's writable disk: "
-                        f"{(res.stderr or res.stdout).strip()}")
+def check(spool: Path, limits: Limits | None = None) -> int:
+    """Check the diff tar *spool* the agent sent as the converter checks a registry layer.
+    Returns its entry count. Raises DiffError (one line naming the offending entry)."""
+    limits = limits or Limits(max_entries=MAX_DIFF_ENTRIES, max_bytes=MAX_DIFF_BYTES)
     try:
-        yield target
-    finally:
-        res = subprocess.run(["umount", "--", str(target)], capture_output=True)
-        if res.returncode != 0:
-            subprocess.run(["umount", "-l", "--", str(target)], capture_output=True)
+        return check_layer(spool, limits)
+    except LayerError as exc:
+        raise DiffError(f"the RUN step's changes were refused: {_reason(exc, spool)}") from None
 
 
-def runtime_leftovers(upper: Path, base: RootView) -> set[str]:
-    """The mount points the runtime created in *upper* that the image did not have."""
-    out: set[str] = set()
-    for rel in RUNTIME_FILES:
-        try:
-            st = os.lstat(upper / rel)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0 and base.nodes.get(rel) is None:
-            out.add(rel)
-    for rel in RUNTIME_DIRS:
-        path = upper / rel
-        if path.is_dir() and not path.is_symlink() and not os.listdir(path) \
-                and base.nodes.get(rel) is None:
-            out.add(rel)
-    etc = upper / "etc"
-    if etc.is_dir() and not etc.is_symlink() and base.nodes.get("etc") is None:
-        if all(f"etc/{name}" in out for name in os.listdir(etc)):
-            out.add("etc")
-    return out
-
-
-def write_upper(upper: Path, writer: LayerWriter, base: RootView | None = None, *,
-                skip: set[str] = frozenset(), warn: Callable[[str], None] = lambda _: None) -> int:
-    """Write the changes recorded in the overlay upper directory *upper* into *writer*
-    (OCI whiteouts). Entries in *skip* (relative paths) are left out, and so are
-    directories that overlayfs only copied up on the way to something left out (same
-    type, mode and owner as in *base*, nothing written below them). Returns how many
-    entries were written (0: the step changed nothing)."""
-    seen_inodes: dict[tuple[int, int], str] = {}
-    pending: list[tuple] = []  # unchanged directories, written once something below is
+def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, *,
+                limits: Limits | None = None, mount_points: set[str] = frozenset()) -> int:
+    """Rewrite the diff tar *spool* into *writer*, leaving out runtime leftovers and
+    directories only copied up (see the module), and *mount_points* (relative paths the
+    step's ``--mount`` targets needed) when they are empty and new. Precondition:
+    :func:`check` accepted *spool*. Returns how many entries were written (0: the step
+    changed nothing). Raises DiffError."""
+    limits = limits or Limits(max_entries=MAX_DIFF_ENTRIES, max_bytes=MAX_DIFF_BYTES)
+    pending: list[tuple] = []  # held directories, each inside the one before
+    written: set[str] = set()
     count = 0
 
     def flush() -> None:
         nonlocal count
         for rel, mode, uid, gid, mtime, xattrs in pending:
             writer.add_dir(rel, mode, uid, gid, mtime, xattrs)
+            written.add(rel)
             count += 1
         pending.clear()
 
-    def walk(rel_dir: str) -> None:
-        nonlocal count
-        full_dir = upper / rel_dir if rel_dir else upper
-        for name in sorted(os.listdir(full_dir)):
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            if rel in skip:
-                continue
-            full = full_dir / name
-            st = os.lstat(full)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                xattrs = _xattrs(full)
-                opaque = xattrs.pop("trusted.overlay.opaque", None) == b"y"
-                kept = _kept(xattrs)
-                entry = (rel, stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime), kept)
-                depth = len(pending)
-                pending.append(entry)
-                if opaque or not _same_dir(base, rel, st) or kept:
+    try:
+        with read_members(spool, limits) as (tar, members):
+            for ti in members:
+                rel = _norm(ti.name)
+                if not rel:
+                    continue  # the root itself: the image's root stays as it is
+                while pending and not rel.startswith(pending[-1][0] + "/"):
+                    pending.pop()  # nothing below it was written: leave it out
+                parent, _, name = rel.rpartition("/")
+                if name == _WH_OPAQUE:
                     flush()
-                    if opaque:
-                        writer.add_opaque(rel)
-                walk(rel)
-                if len(pending) > depth:  # nothing below was written: leave it out
-                    del pending[depth:]
-                continue
-            flush()
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                writer.add_whiteout(rel)
-            elif stat.S_ISREG(mode):
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in seen_inodes:
-                    writer.add_hardlink(rel, seen_inodes[key], st.st_uid, st.st_gid)
-                else:
-                    seen_inodes[key] = rel
-                    with open(full, "rb") as f:
-                        writer.add_file(rel, f, st.st_size, stat.S_IMODE(mode), st.st_uid,
-                                        st.st_gid, int(st.st_mtime), _kept(_xattrs(full)))
-            elif stat.S_ISLNK(mode):
-                writer.add_symlink(rel, os.readlink(full), st.st_uid, st.st_gid,
-                                   int(st.st_mtime))
-            elif stat.S_ISFIFO(mode):
-                writer.add_fifo(rel, stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime))
-            else:
-                warn(f"/{rel}: device nodes and sockets are not kept in image layers")
-                continue
-            count += 1
-
-    walk("")
+                    writer.add_opaque(parent)
+                    count += 1
+                    continue
+                if name.startswith(_WH):
+                    flush()
+                    writer.add_whiteout(f"{parent}/{name[len(_WH):]}" if parent
+                                        else name[len(_WH):])
+                    count += 1
+                    continue
+                kept = _kept(ti)
+                mode, mtime = ti.mode & 0o7777, int(ti.mtime)
+                if ti.isdir():
+                    pending.append((rel, mode, ti.uid, ti.gid, mtime, kept))
+                    if not kept and (_same_dir(base, rel, mode, ti.uid, ti.gid)
+                                     or _runtime_dir(base, rel)
+                                     or _new(base, rel, mount_points)):
+                        continue  # held until something below it is written
+                    flush()
+                    continue
+                if ti.isreg() and ti.size == 0 and (_runtime_file(base, rel)
+                                                    or _new(base, rel, mount_points)):
+                    continue
+                flush()
+                if ti.isreg():
+                    writer.add_file(rel, tar.extractfile(ti), ti.size, mode, ti.uid, ti.gid,
+                                    mtime, kept)
+                elif ti.islnk():
+                    target = _norm(ti.linkname)
+                    if target in written:
+                        writer.add_hardlink(rel, target, ti.uid, ti.gid)
+                    else:  # its first name was a runtime leftover (empty): left out
+                        writer.add_file(rel, b"", 0, mode, ti.uid, ti.gid, mtime, None)
+                elif ti.issym():
+                    writer.add_symlink(rel, ti.linkname, ti.uid, ti.gid, mtime)
+                elif ti.isfifo():
+                    writer.add_fifo(rel, mode, ti.uid, ti.gid, mtime)
+                else:  # check() refuses every other type
+                    raise DiffError(f"the RUN step's changes hold {rel!r} of an unsupported "
+                                    "type; refused")
+                written.add(rel)
+                count += 1
+    except LayerError as exc:
+        raise DiffError(f"the RUN step's changes were refused: {_reason(exc, spool)}") from None
     return count
 
 
-def _same_dir(base: RootView | None, rel: str, st: os.stat_result) -> bool:
+def _norm(name: str) -> str:
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _reason(exc: LayerError, spool: Path) -> str:
+    text = str(exc).replace(f"layer sha256:{spool.name}", "the tar stream")
+    return text[len("layer "):] if text.startswith("layer ") else text
+
+
+def _runtime_file(base: RootView | None, rel: str) -> bool:
+    return rel in RUNTIME_FILES and (base is None or base.nodes.get(rel) is None)
+
+
+def _new(base: RootView | None, rel: str, mount_points: set[str]) -> bool:
+    return rel in mount_points and (base is None or base.nodes.get(rel) is None)
+
+
+def _runtime_dir(base: RootView | None, rel: str) -> bool:
+    return (rel in RUNTIME_DIRS or rel == "etc") and (base is None or base.nodes.get(rel) is None)
+
+
+def _same_dir(base: RootView | None, rel: str, mode: int, uid: int, gid: int) -> bool:
     """Whether the image already has *rel* as a directory with this mode and owner."""
     if base is None:
         return False
     node = base.nodes.get(rel)
-    return (node is not None and node.kind == "d" and node.mode == stat.S_IMODE(st.st_mode)
-            and node.uid == st.st_uid and node.gid == st.st_gid)
+    return (node is not None and node.kind == "d" and node.mode == mode
+            and node.uid == uid and node.gid == gid)
 
 
-def _xattrs(path: Path) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        with contextlib.suppress(OSError):
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-    return out
-
-
-def _kept(xattrs: dict[str, bytes]) -> dict[str, str] | None:
-    """The xattrs an image layer carries (as PAX strings); trusted.overlay.* never."""
+def _kept(ti) -> dict[str, str] | None:
+    """The xattrs an image layer carries (trusted.overlay.* never)."""
     kept = {}
-    for name, value in xattrs.items():
-        if name.startswith(_KEEP_XATTR_PREFIXES):
-            kept[name] = value.decode("utf-8", "surrogateescape")
+    for key, value in ti.pax_headers.items():
+        if key.startswith(_XATTR) and key[len(_XATTR):].startswith(_KEEP_XATTR_PREFIXES):
+            kept[key[len(_XATTR):]] = value
     return kept or None

@@ -8,6 +8,13 @@ groups them into :class:`Stage` objects. Each error names the Dockerfile line.
 
 Variable substitution happens later, per step, when the environment is known
 (:mod:`shim.build.words`).
+
+BuildKit's heredocs (``RUN <<EOF``, ``RUN cmd <<EOF``, ``COPY <<EOF FILE``; ``<<-EOF``
+strips leading tabs, ``<<"EOF"`` asks for no expansion) are cut out of the text before
+dockerfile-parse sees it (their lines are blanked, so line numbers stay) and kept on the
+instruction that opened them (:attr:`Instruction.heredocs`). Markers are read on the
+instruction's first line only. ``# syntax=`` is accepted and ignored: the built-in
+frontend is always used.
 """
 
 from __future__ import annotations
@@ -25,15 +32,33 @@ INSTRUCTIONS = ("FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "A
                 "HEALTHCHECK", "SHELL")
 FLAGS = {
     "FROM": {"platform"},
-    "COPY": {"from", "chown", "chmod"},
-    "ADD": {"chown", "chmod"},
+    "COPY": {"from", "chown", "chmod", "link"},
+    "ADD": {"chown", "chmod", "link", "checksum"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
+    "RUN": {"mount"},
 }
+REPEATABLE = {("RUN", "mount")}
+"""Flags that may be given more than once; their values are joined with newlines."""
 """The ``--flags`` each instruction accepts (the classic builder's set, plus --chmod)."""
 METADATA_ONLY = {"CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ENTRYPOINT", "VOLUME", "USER",
                  "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 """Instructions that change the image config only (WORKDIR may add a directory)."""
 _FLAG = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(\S*))?(?:\s+|$)")
+HEREDOC = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
+"""A heredoc marker: ``<<[-]["']WORD["']``."""
+_HEREDOC_LINE = re.compile(r"\s*(RUN|COPY|ADD)\s", re.I)
+MAX_HEREDOC = 1 << 20
+"""Most bytes of one heredoc (a Dockerfile is read whole; this keeps a typo cheap)."""
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    """One heredoc: its marker word, its content (each line ending in a newline) and
+    whether variables are expanded in it (the word was not quoted)."""
+
+    word: str
+    content: str
+    expand: bool
 
 
 class DockerfileError(BuildError):
@@ -51,6 +76,14 @@ class Instruction:
     flags: dict = field(default_factory=dict)
     rest: str = ""
     json: list | None = None
+    heredocs: tuple = ()
+
+    def heredoc(self, marker: str) -> Heredoc | None:
+        """The heredoc a ``<<WORD`` word of this instruction stands for, else None."""
+        m = HEREDOC.fullmatch(marker)
+        if m is None:
+            return None
+        return next((h for h in self.heredocs if h.word == m.group(3)), None)
 
     @property
     def text(self) -> str:
@@ -101,6 +134,7 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
         except UnicodeDecodeError:
             raise DockerfileError(f"{path} is not UTF-8 text") from None
     escape = _escape_directive(data, path)
+    data, heredocs = _cut_heredocs(data, path)
     parser = DockerfileParser(fileobj=io.BytesIO(data.encode()), env_replace=False)
     try:
         records = parser.structure
@@ -112,7 +146,8 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
         if keyword == "COMMENT":
             continue
         line = rec["startline"] + 1
-        instructions.append(parse_instruction(keyword, rec["value"], line, path, escape))
+        instructions.append(parse_instruction(keyword, rec["value"], line, path, escape,
+                                              heredocs=heredocs.get(line, ())))
     if not instructions:
         raise DockerfileError(f"{path} is empty: a Dockerfile needs at least a FROM")
     global_args: list[Instruction] = []
@@ -139,6 +174,45 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
     return Dockerfile(path=path, escape=escape, global_args=global_args, stages=stages)
 
 
+def _cut_heredocs(text: str, path: str) -> tuple[str, dict[int, tuple[Heredoc, ...]]]:
+    """(the text with every heredoc body and terminator line blanked, {1-based line of
+    the instruction → its heredocs}). Raises DockerfileError for an unterminated one."""
+    lines = text.split("\n")
+    found: dict[int, tuple[Heredoc, ...]] = {}
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        start = index
+        index += 1
+        if not _HEREDOC_LINE.match(line):
+            continue
+        docs = []
+        for m in HEREDOC.finditer(line):
+            strip_tabs, quote, word = m.group(1) == "-", m.group(2), m.group(3)
+            body = []
+            size = 0
+            while True:
+                if index >= len(lines):
+                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is not "
+                                          f"closed (no line {word!r} after it)")
+                current = lines[index]
+                lines[index] = ""
+                index += 1
+                if strip_tabs:
+                    current = current.lstrip("\t")
+                if current == word:
+                    break
+                body.append(current + "\n")
+                size += len(body[-1])
+                if size > MAX_HEREDOC:
+                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is "
+                                          f"larger than {MAX_HEREDOC} bytes")
+            docs.append(Heredoc(word=word, content="".join(body), expand=not quote))
+        if docs:
+            found[start + 1] = tuple(docs)
+    return "\n".join(lines), found
+
+
 def _escape_directive(text: str, path: str) -> str:
     """The ``# escape=`` parser directive (only at the very top), else backslash."""
     for line in text.splitlines():
@@ -154,17 +228,20 @@ def _escape_directive(text: str, path: str) -> str:
 
 
 def parse_instruction(keyword: str, value: str, line: int, path: str = "Dockerfile",
-                      escape: str = "\\", nested: bool = False) -> Instruction:
+                      escape: str = "\\", nested: bool = False,
+                      heredocs: tuple = ()) -> Instruction:
     """Check one instruction and split off its flags. Raises DockerfileError."""
     where = f"{path}:{line}"
     if keyword not in INSTRUCTIONS:
         raise DockerfileError(f"{where}: unknown instruction: {keyword}")
     value = value.strip()
     flags, rest = _split_flags(value, keyword, where)
-    if rest.startswith("<<") and keyword in ("RUN", "COPY", "ADD"):
-        raise DockerfileError(f"{where}: heredocs ({keyword} <<EOF) are not supported")
+    if keyword in ("RUN", "COPY", "ADD") and not heredocs and HEREDOC.search(rest):
+        raise DockerfileError(f"{where}: a heredoc ({keyword} <<EOF) must start on the "
+                              f"{keyword} line itself")
     form = _json_form(rest)
-    ins = Instruction(keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form)
+    ins = Instruction(keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form,
+                      heredocs=tuple(heredocs))
     try:
         _check(ins, where, escape, nested)
     except WordError as exc:
@@ -185,9 +262,13 @@ def _split_flags(value: str, keyword: str, where: str) -> tuple[dict, str]:
             raise DockerfileError(
                 f"{where}: {keyword} does not support the flag --{name}"
                 + (f" (it supports {', '.join('--' + f for f in allowed)})" if allowed else ""))
-        if name in flags:
+        value = m.group(2) if m.group(2) is not None else "true"
+        if name in flags and (keyword, name) in REPEATABLE:
+            flags[name] += "\n" + value
+        elif name in flags:
             raise DockerfileError(f"{where}: {keyword}: --{name} given twice")
-        flags[name] = m.group(2) if m.group(2) is not None else "true"
+        else:
+            flags[name] = value
         rest = rest[m.end():]
     return flags, rest.strip()
 
@@ -215,6 +296,14 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
             raise DockerfileError(f"{where}: {k} needs a command")
         if k == "RUN" and ins.json == []:
             raise DockerfileError(f"{where}: RUN needs a command")
+        if k == "RUN" and "mount" in ins.flags:
+            from shim.build.mounts import MountError, parse_mount
+
+            for spec in ins.flags["mount"].split("\n"):
+                try:
+                    parse_mount(spec, where)
+                except MountError as exc:
+                    raise DockerfileError(str(exc)) from None
     elif k == "SHELL":
         if not ins.json:
             raise DockerfileError(f"{where}: SHELL needs its arguments in JSON form, "
@@ -233,8 +322,16 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
         args = ins.json if ins.json is not None else split_words(rest, escape)
         if len(args) < 2:
             raise DockerfileError(f"{where}: {k} needs at least one source and a destination")
-        if "chmod" in ins.flags and not re.fullmatch(r"[0-7]{3,4}", ins.flags["chmod"]):
-            raise DockerfileError(f"{where}: {k} --chmod must be octal, e.g. 0755")
+        if "chmod" in ins.flags and "$" not in ins.flags["chmod"]:
+            from shim.build.copy import CopyError, parse_chmod
+
+            try:
+                parse_chmod(ins.flags["chmod"])
+            except CopyError as exc:
+                raise DockerfileError(f"{where}: {k} {exc}") from None
+        if "checksum" in ins.flags and not all(
+                w.startswith(("http://", "https://")) for w in args[:-1]):
+            raise DockerfileError(f"{where}: ADD --checksum is only for URL sources")
     elif k in ("WORKDIR", "USER", "STOPSIGNAL", "MAINTAINER"):
         if not rest:
             raise DockerfileError(f"{where}: {k} needs an argument")

@@ -2,15 +2,13 @@
 
 Each step gets its own container on the layers so far: a microVM (``--isolation vm``) or
 host namespaces (``--isolation process``), made through the same placements ``vmshim run``
-uses, with a writable layer the host can read back afterwards:
-
-- vm: a sparse ext4 file attached as the VM's writable disk. After the process exits the
-  host asks the agent to shut down and waits until QEMU closes the channel (the guest
-  unmounts and syncs the disk before it reboots, and QEMU exits right after): the disk is
-  then complete, and is read at once while a detached process (:mod:`shim.build.reap`)
-  waits for libvirt to forget the domain.
-- process: the placement's ``rw_dir`` is a directory of the build's own, outside the run
-  directory that teardown removes.
+uses. The process is started with ``hold``: after it exits the agent stays, and the host
+asks it for the step's changes (``diff``), which arrive as an OCI layer tar over the
+agent channel, are spooled to the build's work directory (capped), checked like a
+registry layer and rewritten into the step's layer (:mod:`shim.build.diff`). The host
+never mounts the VM's writable disk (a sparse ext4 file it deletes unread) and never walks
+the process placement's upper directory itself. Then the agent is told to shut down; a
+detached process (:mod:`shim.build.reap`) waits for libvirt to forget the domain.
 
 The step's stdout and stderr are written to the given file descriptor as they arrive.
 """
@@ -34,7 +32,12 @@ from shim.build.errors import BuildError
 from shim.errors import AgentError
 
 MAIN_ID = 1
+DIFF_ID = 2
 START_TIMEOUT = 60.0
+DIFF_IDLE_TIMEOUT = 300.0
+"""Longest silence of the agent while it sends a step's changes."""
+DIFF_WARNINGS = 20
+"""Most lines of the agent's complaints about a diff shown as warnings."""
 SHUTDOWN_TIMEOUT = 30.0
 OUTPUT_TAIL = 64 * 1024
 
@@ -62,20 +65,27 @@ class StepRunner:
 
     def __init__(self, store, *, isolation: str = "vm", memory_mib: int = 256,
                  work_root: Path | None = None, status=lambda text: None,
-                 warn=lambda text: None):
+                 warn=lambda text: None, network: dict | None = None):
         self.store = store
+        self.network = network
+        """shim.network.container.NetworkRequest.to_dict() for every step (None: no
+        network at all, only lo)."""
         self.isolation = isolation
         self.memory_mib = memory_mib
         self.work_root = Path(work_root) if work_root is not None else paths.root() / "build" / "work"
         self.status = status
         self.warn = warn
+        self._mounts = None
         sweep_stale(self.work_root)
 
     def run(self, layers: list[dict], process: ProcessSpec, base: RootView, *,
-            out_fd: int, container_id: str | None = None, announce=None) -> StepResult:
+            out_fd: int, container_id: str | None = None, announce=None,
+            mounts=None) -> StepResult:
         """Run *process* on *layers*; return its diff. Raises RunStepError when the
         command fails (non-zero exit, or it cannot start), VmshimError for VM trouble.
-        *announce* (optional) is called with the container id before it starts."""
+        *announce* (optional) is called with the container id before it starts.
+        *mounts*: the step's ``RUN --mount``s (shim.build.mounts.StepMounts)."""
+        self._mounts = mounts
         from shim.images.layers import layer_disk
         from shim.images.store import LayerRef
 
@@ -97,51 +107,64 @@ class StepRunner:
                               hosts=_hosts(container_id[:12]), resolv_conf=_resolv_conf())
             if announce is not None:
                 announce(container_id)
+            spool = work / "diff.tar"
             if self.isolation == "vm":
-                upper_source = self._run_vm(boot, disks, work, out_fd)
+                self._run_vm(boot, disks, work, out_fd, spool)
             else:
-                upper_source = self._run_process(boot, disks, work, out_fd)
-            with upper_source as upper:
-                self.status("committing the layer")
-                return self._commit(container_id, upper, base, work)
+                self._run_process(boot, disks, work, out_fd, spool)
+            self.status("committing the layer")
+            return self._commit(container_id, spool, base, work,
+                                mounts.mount_points if mounts is not None else set())
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     # ---- placements ---------------------------------------------------------------------------
-    def _run_vm(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int):
+    def _run_vm(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
+                spool: Path) -> None:
         from shim.containers.vm_placement import VmPlacement
 
         rw = work / "rw.img"
         diff.make_disk(rw)
         run_dir = paths.run_dir() / boot.container_id
         placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                memory_mib=self.memory_mib, rw_disk=rw)
+                                memory_mib=self.memory_mib, rw_disk=rw, network=self.network,
+                                mounts=self._mount_requests())
+        network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
             client = placement.boot()
             try:
                 code, tail = _run_main(client, boot, out_fd, self.status)
+                if code == 0:
+                    self.status("reading the step's changes")
+                    _fetch_diff(client, boot, spool, self.warn)
                 _shutdown(client)
             finally:
                 client.close()
         except BaseException:
             placement.kill()
-            reap.spawn(placement.domain, str(run_dir))
+            placement.attachments.release()
+            reap.spawn(placement.domain, str(run_dir), network_of)
             raise
-        reap.spawn(placement.domain, str(run_dir))  # QEMU has exited; libvirt catches up
+        placement.attachments.release()  # QEMU has exited: its disks and shares are free
+        reap.spawn(placement.domain, str(run_dir), network_of)  # libvirt catches up
         _check(code, tail, boot.process)
-        return _Mounted(rw, work / "mnt")
 
-    def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int):
+    def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
+                     spool: Path) -> None:
         from shim.containers.process_placement import ProcessPlacement
 
         run_dir = paths.run_dir() / boot.container_id
         placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                     rw_dir=work / "rw")
+                                     rw_dir=work / "rw", network=self.network,
+                                     mounts=self._mount_requests())
         try:
             client = placement.boot()
             try:
                 code, tail = _run_main(client, boot, out_fd, self.status)
+                if code == 0:
+                    self.status("reading the step's changes")
+                    _fetch_diff(client, boot, spool, self.warn)
                 _shutdown(client)
             finally:
                 client.close()
@@ -151,21 +174,24 @@ class StepRunner:
             raise
         placement.teardown()
         _check(code, tail, boot.process)
-        return _Plain(work / "rw" / "upper")
+
+    def _mount_requests(self) -> list:
+        return list(self._mounts.requests) if self._mounts is not None else []
 
     # ---- the diff -----------------------------------------------------------------------------
-    def _commit(self, container_id: str, upper: Path, base: RootView, work: Path) -> StepResult:
-        if not upper.is_dir():
-            return StepResult(container_id, None, None, 0)
+    def _commit(self, container_id: str, spool: Path, base: RootView, work: Path,
+                mount_points: set[str]) -> StepResult:
+        diff.check(spool)
         out = work / "layer.tar"
         writer = LayerWriter(out)
         try:
-            skip = diff.runtime_leftovers(upper, base)
-            count = diff.write_upper(upper, writer, base, skip=skip, warn=self.warn)
+            count = diff.write_layer(spool, writer, base, mount_points=mount_points)
             digest = writer.close()
         except BaseException:
             writer.abort()
             raise
+        finally:
+            spool.unlink(missing_ok=True)
         if count == 0:
             return StepResult(container_id, None, None, 0)
         final = self.work_root / f"{container_id[:12]}-layer.tar"
@@ -173,38 +199,12 @@ class StepRunner:
         return StepResult(container_id, final, digest, count)
 
 
-class _Mounted:
-    """Context manager: the upper directory of a VM step's disk, mounted read-only."""
-
-    def __init__(self, image: Path, target: Path):
-        self.image, self.target = image, target
-        self._cm = None
-
-    def __enter__(self) -> Path:
-        self._cm = diff.mounted_disk(self.image, self.target)
-        return self._cm.__enter__() / "upper"
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
-
-
-class _Plain:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes]:
     """Start the main process and copy its output to *out_fd* until it exits; return
     (exit code, the output's last OUTPUT_TAIL bytes). Raises RunStepError when it cannot
     start, AgentError when the channel breaks."""
     client.send(protocol.START, token=boot.token, id=MAIN_ID, stdin=False, tty=False,
-                rows=24, cols=80)
+                rows=24, cols=80, hold=True)
     reply = client.recv(START_TIMEOUT)
     while reply.type in (protocol.LOG, protocol.HELLO):
         reply = client.recv(START_TIMEOUT)
@@ -229,6 +229,60 @@ def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes
             return msg.get("code", int), bytes(tail)
         elif msg.type == protocol.ERROR:
             raise AgentError(msg.get("message", str, "the agent reported an error"))
+
+
+def _fetch_diff(client, boot: BootConfig, spool: Path, warn,
+                limit: int = diff.MAX_DIFF_BYTES) -> None:
+    """Ask the agent for the step's changes (after the main process exited) and write the
+    tar it streams to *spool*, at most *limit* bytes. The stream is not looked into here
+    (see diff.check). Raises DiffError when the agent cannot send it or sends too much,
+    AgentError when the channel breaks or falls silent."""
+    client.send(protocol.DIFF, token=boot.token, id=DIFF_ID)
+    reply = client.recv(START_TIMEOUT)
+    while reply.type != protocol.ERROR and reply.type != protocol.STARTED:
+        reply = client.recv(START_TIMEOUT)  # hello, log, late output: not about the diff
+    if reply.type == protocol.ERROR:
+        raise diff.DiffError("the agent cannot send the RUN step's changes: "
+                             f"{_field(reply, 'message', str, 'no reason given')[:300]}")
+    size = 0
+    errors = bytearray()
+    with open(spool, "wb") as out:
+        while True:
+            msg = client.recv(DIFF_IDLE_TIMEOUT)
+            ours = _field(msg, "id", int, None) == DIFF_ID
+            if msg.type == protocol.STDOUT and ours:
+                size += len(msg.payload)
+                if size > limit:
+                    raise diff.DiffError(f"the RUN step's changes are larger than {limit} "
+                                         "bytes; refused")
+                out.write(msg.payload)
+            elif msg.type == protocol.STDERR and ours:
+                errors += msg.payload[:OUTPUT_TAIL - len(errors)]
+            elif msg.type == protocol.EXIT and ours:
+                code = _field(msg, "code", int, 1)
+                break
+            elif msg.type == protocol.ERROR:
+                raise AgentError("the agent failed while sending the RUN step's changes: "
+                                 f"{_field(msg, 'message', str, 'no reason given')[:300]}")
+    lines = [_printable(ln) for ln in errors.decode(errors="replace").splitlines() if ln.strip()]
+    if code != 0:
+        reason = lines[-1] if lines else f"exit code {code}"
+        raise diff.DiffError(f"the agent could not send the RUN step's changes: {reason}")
+    for line in lines[:DIFF_WARNINGS]:
+        warn(line)
+
+
+def _field(msg, name: str, kind, default):
+    """A header field of a message from the agent; a wrong type is AgentError."""
+    try:
+        return msg.get(name, kind, default)
+    except protocol.ProtocolError as exc:
+        raise AgentError(f"the agent broke the protocol: {exc}") from None
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _shutdown(client) -> None:

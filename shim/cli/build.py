@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 
 from shim.build.builder import BuildOptions, BuildOutput, build, short_id
+from shim.build.mounts import parse_secret_flags
+from shim.build.output import parse_output
+from shim.build.output import write as write_output
 from shim.errors import UsageError
 
 
@@ -72,6 +75,31 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for entry in values:
+        key, _, value = entry.partition("=")
+        if not key:
+            raise UsageError(f"invalid --label {entry!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _write_iidfile(path: Path, image_id: str) -> None:
+    """Write *image_id* to *path* whole or not at all (docker's --iidfile)."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
+                                   prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(image_id)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write --iidfile {path}: {exc.strerror or exc}") from None
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)  # unwinds: the step's VM is destroyed on the way out
 
@@ -91,16 +119,31 @@ def _terminate(signum, _frame):
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
 @click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
               default=256, show_default=True, help="Memory of each RUN step's microVM.")
+@click.option("--network", metavar="default|none|host|NAME",
+              help="The RUN steps' network (default: the default NAT network, as docker build).")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP",
+              help="Add a line to the RUN steps' /etc/hosts (IP may be host-gateway).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Set a label on the built image (repeatable).")
+@click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
+@click.option("-o", "--output", "outputs", multiple=True, metavar="type=local|tar|oci,dest=PATH",
+              help="Also write the result there (local: a directory; tar: its files; "
+                   "oci: an OCI image-layout tar).")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE",
+              help="A secret for RUN --mount=type=secret (never in the image).")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              context):
+              network, add_hosts, labels, iidfile, secrets, outputs, context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
+    wanted = [parse_output(spec) for spec in outputs]  # checked before any step runs
     options = BuildOptions(
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
-        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory)
+        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
+        network=network, add_hosts=list(add_hosts), labels=_labels(labels),
+        secrets=parse_secret_flags(list(secrets)))
     output = ConsoleOutput(quiet)
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -109,6 +152,14 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         output.status(None)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if iidfile:
+        _write_iidfile(Path(iidfile), result.image_id)
+    if wanted:
+        from shim.images.store import ImageStore
+
+        store = ImageStore()
+        for output in wanted:
+            write_output(store, result.image_id, output)
     if quiet:
         click.echo(result.image_id)
         return

@@ -147,6 +147,24 @@ def convert_layer(blob: Path, out: Path, *, diff_id: str | None = None,
         os.close(dfd)
 
 
+def check_layer(blob: Path, limits: Limits | None = None) -> int:
+    """Run the converter's checks (pass 1) on the layer tar *blob* without converting it,
+    for tars the host did not get from a registry (a RUN step's diff from the agent).
+    Returns the entry count. Raises LayerError naming the first offending entry."""
+    return _scan(blob, limits or Limits(), None).count
+
+
+@contextlib.contextmanager
+def read_members(blob: Path, limits: Limits | None = None
+                 ) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
+    """(tar, members) of the layer *blob*, read forward only with the converter's caps
+    and strictness; ``tar.extractfile(member)`` reads a member's data (in order). Every
+    read failure is LayerError."""
+    limits = limits or Limits()
+    with _reading(blob, limits) as (tar, _reader):
+        yield tar, _members(tar)
+
+
 def mount_layer(sqfs: Path, target: Path) -> None:
     """Mount ``sqfs`` read-only (loop device, ``nodev,nosuid``: an image's setuid files
     give nothing on the host) on ``target`` (created if needed).

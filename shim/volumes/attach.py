@@ -91,6 +91,9 @@ class Attachments:
         specs, disks, shares = [], [], []
         serial_of: dict[str, str] = {}
         try:
+            for lease in self.leases.values():
+                if not lease.readonly:  # from now on the host kernel must not mount it
+                    self._store().mark_written_by_vm(lease)
             for request in self.requests:
                 source, subpath = request.source, ""
                 if request.type == "bind" and not os.path.isdir(source):
@@ -139,6 +142,9 @@ class Attachments:
         out = []
         sources: dict[str, str] = {}
         try:
+            for name, lease in self.leases.items():
+                if lease.volume.written_by_vm is not False:
+                    raise VolumeError(vm_written_message(name))
             for request in self.requests:
                 if request.type == "bind":
                     out.append((MountSpec(type="bind", source=request.source,
@@ -204,6 +210,15 @@ class Attachments:
         for lease in self.leases.values():
             lease.release()
         self.leases = {}
+
+
+def vm_written_message(name: str) -> str:
+    """Why a volume a VM wrote is refused in process isolation, and the ways out."""
+    return (f"volume {name} was written by a VM (or by a vmshim too old to tell): "
+            "--isolation process would mount that guest-written file system in the host "
+            "kernel, which vmshim never does; use it with --isolation vm, or move its data "
+            f"into a new volume as a tar: vmshim run --rm -v {name}:/d busybox tar -C /d -c . "
+            "> data.tar")
 
 
 def _readonly_view(source: str, view: Path) -> None:

@@ -22,6 +22,14 @@ while its VM runs on): QEMU's own OFD locks on the image, and loop devices backe
 A volume left unclean (its VM was killed) has its journal replayed on the host
 (``e2fsck -p``) when the next lease is taken, before anything mounts it; data that was
 fsynced before the kill is there.
+
+The record says whether a VM ever had the volume read-write (``written_by_vm``, set by
+:meth:`VolumeStore.mark_written_by_vm` before the VM boots; a record from before this
+field counts as written by a VM). ``--isolation process`` loop-mounts volumes in the host
+kernel, which must never parse a file system a guest wrote (a crafted ext4 is an attack
+on the host kernel, and ``e2fsck`` does not make it safe), so it refuses such a volume
+(see shim.volumes.attach): its data can still be used through a VM, or moved out as a tar
+(``vmshim run --rm -v NAME:/d busybox tar -C /d -c .``) into a fresh volume.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class Volume:
     options: dict = field(default_factory=dict)
     anonymous: bool = False
     """Made for a container's ``-v /path`` (no name given); ``--rm`` removes it."""
+    written_by_vm: bool | None = None
+    """Whether a VM ever had it read-write (None: an older record, which cannot tell)."""
     directory: str = ""
 
     @property
@@ -159,7 +169,7 @@ class VolumeStore:
             raise VolumeNotFound(f"no such volume: {name}") from None
         except (OSError, ValueError) as exc:
             raise VolumeError(f"the record of volume {name} is unreadable: {exc}") from None
-        known = {"name", "created", "size", "labels", "options", "anonymous"}
+        known = {"name", "created", "size", "labels", "options", "anonymous", "written_by_vm"}
         volume = Volume(**{k: v for k, v in data.items() if k in known})
         volume.directory = str(directory)
         return volume
@@ -212,7 +222,8 @@ class VolumeStore:
                 os.chmod(staging, 0o711)
                 _make_image(staging / IMAGE, size, label=name)
                 volume = Volume(name=name, size=size, labels=dict(labels or {}),
-                                options=dict(options or {}), anonymous=anonymous)
+                                options=dict(options or {}), anonymous=anonymous,
+                                written_by_vm=False)
                 _write_json(staging / RECORD, volume.to_dict())
                 (staging / LEASE).touch(0o600)
                 os.rename(staging, directory)
@@ -285,6 +296,15 @@ class VolumeStore:
         return removed
 
     # ---- using ----------------------------------------------------------------------------
+
+    def mark_written_by_vm(self, lease: "Lease") -> None:
+        """Record that a VM gets *lease*'s volume read-write (before it boots; the record
+        is replaced atomically). Precondition: *lease* is read-write (exclusive)."""
+        volume = lease.volume
+        if volume.written_by_vm:
+            return
+        volume.written_by_vm = True
+        _write_json(Path(volume.directory) / RECORD, volume.to_dict())
 
     def acquire(self, name: str, *, readonly: bool, timeout: float = LEASE_TIMEOUT) -> Lease:
         """Take a lease on *name* for one container (see the module doc): exclusive for

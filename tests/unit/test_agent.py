@@ -366,3 +366,53 @@ def test_exit_report_never_gives_up_on_unread_output():
         agent.close()
         host_sock.close()
         guest_sock.close()
+
+
+class DiffRuntime(FakeRuntime):
+    """FakeRuntime whose container's changes are the directory *upper*."""
+
+    def __init__(self, upper):
+        super().__init__()
+        self.upper = str(upper)
+
+    def diff(self):
+        from guest.runtime import diff
+
+        return diff.spawn(self.upper)
+
+
+def test_diff_after_exit_with_hold_streams_the_changes_as_a_tar(make_host, tmp_path):
+    import io
+    import tarfile
+
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    (upper / "d" / "f").write_bytes(b"data")
+    host = make_host(["true"], runtime=DiffRuntime(upper))
+    host.recv()
+    host.send(protocol.DIFF, token=TOKEN, id=2)
+    early = host.recv()
+    assert early.type == protocol.ERROR and "not exited" in early.get("message", str)
+    assert host.start(hold=True).type == protocol.STARTED
+    host.collect(1)
+    host.thread.join(0.3)  # longer than exit_grace: with hold the agent must stay
+    assert host.thread.is_alive()
+    host.send(protocol.DIFF, token="wrong", id=2)
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.DIFF, token=TOKEN, id=2)
+    assert host.recv().type == protocol.STARTED
+    out, err, exit_msg, _ = host.collect(2)
+    assert exit_msg.get("code", int) == 0, err
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        assert [m.name for m in tar] == ["d", "d/f"]
+        assert tar.extractfile("d/f").read() == b"data"
+    host.send(protocol.SHUTDOWN)
+    host.wait_done()
+
+
+def test_without_hold_the_agent_ends_after_the_exit(make_host, tmp_path):
+    host = make_host(["true"], runtime=DiffRuntime(tmp_path))
+    host.recv()
+    host.start()
+    host.collect(1)
+    assert host.wait_done() == 0

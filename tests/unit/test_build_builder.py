@@ -3,6 +3,9 @@ image IDs, the cache, config-only steps, COPY layers, multi-stage, --target, bui
 ONBUILD, tagging, and what a failure leaves behind."""
 
 import io
+import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -40,8 +43,14 @@ class FakeRunner:
         self.store = store
         self.calls = []
 
-    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None):
+    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None,
+            mounts=None):
         self.calls.append(process)
+        self.mounts = getattr(self, "mounts", []) + [mounts]
+        if mounts is not None:  # what the step would see, while it runs
+            self.seen = [(r.type, r.target, r.readonly,
+                          Path(r.source).read_bytes() if r.type == "bind" else r.source)
+                         for r in mounts.requests]
         cid = f"{len(self.calls):064x}"
         if announce:
             announce(cid)
@@ -245,3 +254,250 @@ def test_env_substitution_and_forms(env):
     assert env_map["B"] == ""  # docker: a line's values see the environment before it
     assert env_map["C"] == "a value with spaces" and env_map["D"] == "$A"
     assert cfg["WorkingDir"] == "/w/1"
+
+
+def layer_files(store, ref: str) -> dict[str, bytes]:
+    """Regular files of every layer of *ref*: name → content (later layers win)."""
+    out = {}
+    for desc in store.resolve(ref).layers:
+        with tarfile.open(store.blob_path(desc.digest)) as tar:
+            for m in tar:
+                if m.isreg():
+                    out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def test_heredocs_in_run_and_copy_and_syntax_ignored(env):
+    store, ctx = env
+    dockerfile = ("# syntax=docker/dockerfile:1.7\n"
+                  "FROM base:1\nENV NAME=world\n"
+                  "RUN <<EOF\necho one\necho two\nEOF\n"
+                  "RUN cat <<-'A' > /x && cat <<B > /y\n\tkeep $X\n\tA\nplain\nB\n"
+                  "COPY <<greeting.txt <<raw.txt /srv/\nhello $NAME\ngreeting.txt\n"
+                  "$NAME stays\nraw.txt\n"
+                  "COPY <<'quoted' /srv/q\n$NAME\nquoted\n"
+                  "CMD [\"true\"]\n")
+    result, lines, b = run_build(ctx, dockerfile, tags=["h:1"])
+    assert lines[0] == "Step 1/7 : FROM base:1"
+    assert b.runner.calls[0].args == ["/bin/sh", "-c", "echo one\necho two\n"]
+    assert b.runner.calls[1].args[-1] == ("cat <<-'A' > /x && cat <<B > /y\n"
+                                          "keep $X\nA\nplain\nB\n")
+    files = layer_files(store, "h:1")
+    assert files["srv/greeting.txt"] == b"hello world\n"
+    assert files["srv/raw.txt"] == b"world stays\n"
+    assert files["srv/q"] == b"$NAME\n"
+    again, lines, _ = run_build(ctx, dockerfile, tags=["h:1"])
+    assert again.image_id == result.image_id
+    changed = dockerfile.replace("hello $NAME", "hi $NAME")
+    third, lines, _ = run_build(ctx, changed, tags=["h:1"])
+    assert third.image_id != result.image_id
+
+
+@pytest.mark.parametrize("dockerfile, message", [
+    ("FROM base:1\nRUN <<EOF\necho never closed\n", "the heredoc <<EOF is not closed"),
+    ("FROM base:1\nRUN echo a && \\\n  cat <<EOF\nx\nEOF\n", "must start on the RUN line"),
+])
+def test_bad_heredocs_are_one_line_errors(env, dockerfile, message):
+    _, ctx = env
+    with pytest.raises(BuildError, match=message):
+        run_build(ctx, dockerfile)
+
+
+def test_proxy_args_reach_run_but_not_history_or_cache_key(env):
+    store, ctx = env
+    dockerfile = "FROM base:1\nRUN touch /p\n"
+    result, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
+                                 build_args={"HTTP_PROXY": "http://proxy:3128"})
+    assert "HTTP_PROXY=http://proxy:3128" in b.runner.calls[0].env
+    assert not any("not consumed" in line for line in lines)
+    history = store.resolve("p:1").config["history"]
+    assert not any("proxy" in h.get("created_by", "") for h in history)
+    again, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
+                                build_args={"HTTP_PROXY": "http://other:3128"})
+    assert again.image_id == result.image_id and b.runner.calls == []  # not in the key
+
+
+def test_labels_go_on_the_final_image_only(env):
+    store, ctx = env
+    dockerfile = "FROM base:1 AS a\nRUN touch /a\nFROM base:1\nLABEL kept=yes\n"
+    result, _, _ = run_build(ctx, dockerfile, tags=["l:1"], labels={"org.x": "1", "kept": "no"})
+    labels = store.resolve("l:1").config["config"]["Labels"]
+    assert labels == {"kept": "no", "org.x": "1"}  # the flag wins, like docker
+    again, _, _ = run_build(ctx, dockerfile, tags=["l:1"], labels={"org.x": "1", "kept": "no"})
+    assert again.image_id == result.image_id
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
+def test_run_mounts_cache_secret_tmpfs(env, tmp_path):
+    store, ctx = env
+    secret = tmp_path / "token.txt"
+    secret.write_text("s3cr3t-value")
+    dockerfile = ("FROM base:1\nWORKDIR /app\n"
+                  "RUN --mount=type=cache,target=.npm --mount=type=secret,id=tok "
+                  "--mount=type=tmpfs,target=/scratch,size=1048576 touch /done\n")
+    result, lines, b = run_build(ctx, dockerfile, tags=["m:1"], secrets={"tok": secret})
+    seen = b.runner.seen
+    assert seen[0][:3] == ("volume", "/app/.npm", False)
+    assert seen[0][3].startswith("buildcache-vm-")
+    assert seen[1] == ("bind", "/run/secrets/tok", True, b"s3cr3t-value")
+    assert seen[2][:2] == ("tmpfs", "/scratch")
+    assert {"run/secrets/tok", "run/secrets", "run", "app/.npm", "scratch"} <= \
+        b.runner.mounts[-1].mount_points
+    assert not any(p.name.startswith("secret-") for p in b._work.iterdir()) \
+        if b._work and b._work.exists() else True
+    config = store.resolve("m:1").config
+    assert "s3cr3t" not in json.dumps(config)
+    assert any("--mount=type=secret,id=tok" in h["created_by"] for h in config["history"])
+    for entry in (store.root / "..").resolve().rglob("*.json"):
+        assert b"s3cr3t" not in entry.read_bytes()  # nothing stored, cache included
+    # another secret value: the same cache key (like docker), so the step is cached
+    secret.write_text("other")
+    again, lines, b = run_build(ctx, dockerfile, tags=["m:1"], secrets={"tok": secret})
+    assert again.image_id == result.image_id and b.runner.calls == []
+
+
+def test_a_required_secret_that_was_not_given_fails_clearly(env):
+    _, ctx = env
+    with pytest.raises(BuildError, match="secret 'tok' is required"):
+        run_build(ctx, "FROM base:1\nRUN --mount=type=secret,id=tok,required true\n")
+
+
+def test_mount_points_of_a_step_stay_out_of_its_layer(tmp_path):
+    from shim.build import diff as build_diff
+
+    spool = tmp_path / "d.tar"
+    with tarfile.open(spool, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind in (("run", "d"), ("run/secrets", "d"), ("run/secrets/tok", "f"),
+                           ("cache", "d"), ("made", "f")):
+            ti = tarfile.TarInfo(name)
+            if kind == "d":
+                ti.type = tarfile.DIRTYPE
+            data = b"x" if name == "made" else b""
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data) if kind == "f" else None)
+    out = tmp_path / "l.tar"
+    writer = LayerWriter(out)
+    build_diff.write_layer(spool, writer, None,
+                           mount_points={"run", "run/secrets", "run/secrets/tok", "cache"})
+    writer.close()
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["made"]
+
+
+@pytest.mark.parametrize("spec, mode, is_dir, expected", [
+    ("0755", 0o600, False, 0o755), ("u+x", 0o644, False, 0o744), ("go-w", 0o666, False, 0o644),
+    ("a=rX,u+w", 0o700, True, 0o755), ("a=rX,u+w", 0o600, False, 0o644),
+    ("u=rwx,g=rx,o=", 0o777, False, 0o750), ("+x", 0o644, False, 0o755),
+])
+def test_chmod_octal_and_symbolic(spec, mode, is_dir, expected):
+    from shim.build.copy import parse_chmod
+
+    assert parse_chmod(spec)(mode, is_dir) == expected
+
+
+def test_copy_chmod_symbolic_link_and_bad_chmod(env):
+    store, ctx = env
+    (ctx / "tool").write_text("#!/bin/sh\n")
+    (ctx / "tool").chmod(0o644)
+    run_build(ctx, "FROM base:1\nCOPY --link --chmod=u+x,g-r tool /bin/tool\n", tags=["c:1"])
+    with tarfile.open(store.blob_path(store.resolve("c:1").layers[-1].digest)) as tar:
+        assert tar.getmember("bin/tool").mode == 0o704
+    with pytest.raises(BuildError, match=r"invalid --chmod 'u\+q'"):
+        run_build(ctx, "FROM base:1\nCOPY --chmod=u+q tool /bin/tool\n")
+
+
+def test_add_checksum_verifies_the_download(env, tmp_path):
+    import hashlib
+    import http.server
+    import threading
+
+    store, ctx = env
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f.txt").write_bytes(b"payload")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/f.txt"
+    good = "sha256:" + hashlib.sha256(b"payload").hexdigest()
+    try:
+        run_build(ctx, f"FROM base:1\nADD --checksum={good} {url} /f.txt\n", tags=["a:1"])
+        with pytest.raises(BuildError, match="the checksum of f.txt is sha256:"):
+            run_build(ctx, f"FROM base:1\nADD --checksum=sha256:{'0' * 64} {url} /f.txt\n")
+        (ctx / "local").write_text("x")
+        with pytest.raises(BuildError, match="only for URL sources"):
+            run_build(ctx, f"FROM base:1\nADD --checksum={good} local /f.txt\n")
+    finally:
+        server.shutdown()
+
+
+def test_output_local_tar_and_oci(env, tmp_path):
+    from shim.build.output import parse_output, write
+
+    store, ctx = env
+    (ctx / "app").mkdir()
+    (ctx / "app" / "main.txt").write_text("main")
+    result, _, _ = run_build(ctx, "FROM base:1\nCOPY app /app\nRUN touch /made\n",
+                             tags=["o:1"])
+    local = tmp_path / "out-dir"
+    write(store, result.image_id, parse_output(f"type=local,dest={local}"))
+    assert (local / "app" / "main.txt").read_text() == "main"
+    assert (local / "etc" / "passwd").read_text().startswith("root:")
+    assert (local / "made").exists()
+    write(store, result.image_id, parse_output(f"type=tar,dest={tmp_path / 'fs.tar'}"))
+    with tarfile.open(tmp_path / "fs.tar") as tar:
+        names = tar.getnames()
+        assert "app/main.txt" in names and "made" in names and "etc/passwd" in names
+        assert tar.extractfile("app/main.txt").read() == b"main"
+    write(store, result.image_id, parse_output(f"type=oci,dest={tmp_path / 'img.tar'}"))
+    with tarfile.open(tmp_path / "img.tar") as tar:
+        assert "index.json" in tar.getnames() and "oci-layout" in tar.getnames()
+    with pytest.raises(BuildError, match="not empty"):
+        write(store, result.image_id, parse_output(f"type=local,dest={local}"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("type=zip,dest=x", "invalid --output type 'zip'"), ("type=tar", "needs dest=PATH"),
+    ("type=tar,dest=-", "needs dest=PATH"), ("type=local,dest=d,extra=1", "does not take"),
+])
+def test_bad_outputs(spec, message):
+    from shim.build.output import parse_output
+
+    with pytest.raises(BuildError, match=message):
+        parse_output(spec)
+
+
+def test_output_local_never_writes_through_an_image_symlink(tmp_path, monkeypatch):
+    """An image whose layers say ``esc -> OUTSIDE`` and then ``esc/x``: the file must not
+    land in OUTSIDE (fails with a writer that follows the image's symlinks)."""
+    from shim.build.output import OutputError, write_local
+    from shim.build.tree import listing
+
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "state"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    blobs, listings = [], []
+    for i, entries in enumerate([[("esc", "l", str(outside))], [("esc/x", "f", b"pwned")]]):
+        blob = tmp_path / f"l{i}.tar"
+        with tarfile.open(blob, "w") as tar:
+            for name, kind, extra in entries:
+                ti = tarfile.TarInfo(name)
+                if kind == "l":
+                    ti.type, ti.linkname = tarfile.SYMTYPE, extra
+                    tar.addfile(ti)
+                else:
+                    ti.size = len(extra)
+                    tar.addfile(ti, io.BytesIO(extra))
+        blobs.append(blob)
+        listings.append(listing(blob, f"{i:064x}"))
+    from shim.build.tree import RootView
+
+    view = RootView(blobs, listings)
+    view.nodes["esc/x"] = view.nodes.get("esc/x") or view.nodes["esc"].__class__(
+        "f", 0o644, 0, 0, 5, 0, "", 1)
+    try:
+        write_local(view, tmp_path / "dest")
+    except OutputError:
+        pass  # refused: fine too
+    assert not (outside / "x").exists()
+    assert os.path.islink(tmp_path / "dest" / "esc")

@@ -13,7 +13,7 @@ import pytest
 from shim.build import copy as copying
 from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError, DockerIgnore
-from shim.build.diff import runtime_leftovers, write_upper
+from shim.build import diff as build_diff
 from shim.build.tree import LayerWriter, RootView, norm
 
 ROOT = os.geteuid() == 0
@@ -122,6 +122,21 @@ def _xattr_ok(path: Path) -> bool:
         return False
 
 
+def write_upper(upper: Path, writer: LayerWriter, base: RootView | None = None) -> int:
+    """The whole RUN-step path without a VM: the agent's tar of *upper*
+    (guest.runtime.diff), the host's check, the host's rewrite."""
+    from guest.runtime import diff as guest_diff
+
+    spool = writer.path.with_name(writer.path.name + ".spool")
+    with open(spool, "wb") as f:
+        r, w = os.pipe()
+        assert guest_diff.write_tar(str(upper), f.fileno(), w) == 0
+        os.close(w)
+        os.close(r)
+    build_diff.check(spool)
+    return build_diff.write_layer(spool, writer, base)
+
+
 @needs_root
 def test_upper_whiteouts_and_opaque_directories(tmp_path):
     upper = tmp_path / "upper"
@@ -144,6 +159,7 @@ def test_upper_whiteouts_and_opaque_directories(tmp_path):
     assert "data/gone" not in m
     assert m["link"].issym() and m["link"].linkname == "data/new"
     assert m["hard"].islnk() or m["data/new"].islnk()
+    assert content(out, "data/new") == b"new"
     if opaque:
         assert "opq/.wh..wh..opq" in m
         assert not any("trusted.overlay" in k for k in m["opq"].pax_headers)
@@ -165,14 +181,29 @@ def test_upper_leaves_out_runtime_mount_points_and_untouched_dirs(tmp_path):
     (upper / "etc" / "resolv.conf").write_bytes(b"")
     (upper / "etc" / "hostname").write_bytes(b"")     # the image has it: a real change
     (upper / "newfile").write_bytes(b"n")
-    skip = runtime_leftovers(upper, base)
-    assert skip == {"etc/hosts", "etc/resolv.conf", "proc", "dev", "sys"}
     out = tmp_path / "l.tar"
     writer = LayerWriter(out)
-    write_upper(upper, writer, base, skip=skip)
+    write_upper(upper, writer, base)
     writer.close()
     names = set(members(out))
     assert names == {"etc", "etc/hostname", "newdir", "newfile"}  # usr: copied up, unchanged
+
+
+def test_upper_without_etc_in_the_image_leaves_out_the_runtime_etc(tmp_path):
+    base = view_of(tmp_path, [("bin", "d", None)])
+    os.chmod(tmp_path, 0o755)
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "hosts").write_bytes(b"")
+    (upper / "dev" / "sub").mkdir(parents=True)
+    (upper / "bin").mkdir()
+    (upper / "bin" / "tool").write_bytes(b"t")
+    os.chmod(upper / "bin", 0o755)
+    out = tmp_path / "l.tar"
+    writer = LayerWriter(out)
+    write_upper(upper, writer, base)
+    writer.close()
+    assert set(members(out)) == {"bin", "bin/tool", "dev", "dev/sub"}  # no etc
 
 
 def test_empty_upper_is_no_change(tmp_path):
@@ -180,6 +211,101 @@ def test_empty_upper_is_no_change(tmp_path):
     writer = LayerWriter(tmp_path / "l.tar")
     assert write_upper(tmp_path / "upper", writer) == 0
     writer.close()
+
+
+def test_agent_tar_never_follows_a_symlinked_upper(tmp_path):
+    """``upper -> /somewhere``: the agent refuses to open it (O_NOFOLLOW), so nothing of
+    the symlink's target can reach a layer."""
+    from guest.runtime import diff as guest_diff
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"host secret")
+    (tmp_path / "upper").symlink_to(secret)
+    r, w = os.pipe()
+    with open(tmp_path / "out.tar", "wb") as f:
+        assert guest_diff.write_tar(str(tmp_path / "upper"), f.fileno(), w) == 1
+    os.close(w)
+    assert b"cannot open the writable layer" in os.read(r, 4096)
+    os.close(r)
+    assert b"host secret" not in (tmp_path / "out.tar").read_bytes()
+
+
+def test_agent_tar_keeps_symlinks_inside_the_upper_as_links(tmp_path):
+    from guest.runtime import diff as guest_diff
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"host secret")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "d").symlink_to(secret)
+    spool = tmp_path / "out.tar"
+    r, w = os.pipe()
+    with open(spool, "wb") as f:
+        assert guest_diff.write_tar(str(upper), f.fileno(), w) == 0
+    os.close(w)
+    os.close(r)
+    assert b"host secret" not in spool.read_bytes()
+    assert members(spool)["d"].issym()
+
+
+def hostile_tar(path: Path, entries: list) -> Path:
+    """A tar as a hostile agent might send it; entries: (name, kind, data_or_link) with
+    kind d/f/l/h, names and link targets as given."""
+    with open(path, "wb") as f:
+        tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)
+        for name, kind, extra in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mode = 0o755
+            data = None
+            if kind == "d":
+                ti.type = tarfile.DIRTYPE
+            elif kind == "l":
+                ti.type, ti.linkname = tarfile.SYMTYPE, extra
+            elif kind == "h":
+                ti.type, ti.linkname = tarfile.LNKTYPE, extra
+            else:
+                data = extra
+                ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+        tar.close()
+    return path
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ([("../escape", "f", b"x")], "'..'"),
+    (([("/etc/cron.d/x", "f", b"x")]), "absolute"),
+    ([("d", "l", "/root"), ("d/key", "f", b"x")], "goes through 'd', which is a symlink"),
+    ([("a", "f", b"x"), ("a/b", "f", b"y")], "goes through 'a', which is a regular file"),
+    ([("h", "h", "/etc/shadow")], "absolute"),
+    ([("h", "h", "nothing-before")], "not an earlier entry"),
+])
+def test_hostile_diffs_are_refused_with_one_line(tmp_path, entries, expected):
+    spool = hostile_tar(tmp_path / "diff.tar", entries)
+    with pytest.raises(build_diff.DiffError) as info:
+        build_diff.check(spool)
+    text = str(info.value)
+    assert "\n" not in text and expected in text and text.startswith("the RUN step's changes")
+
+
+def test_diff_with_too_many_bytes_or_entries_is_refused(tmp_path):
+    from shim.images.layers import Limits
+
+    spool = hostile_tar(tmp_path / "diff.tar", [("big", "f", b"x" * 100000)])
+    with pytest.raises(build_diff.DiffError, match="more than 50000 bytes"):
+        build_diff.check(spool, Limits(max_entries=10, max_bytes=50000))
+    spool = hostile_tar(tmp_path / "d2.tar", [(f"f{i}", "f", b"") for i in range(20)])
+    with pytest.raises(build_diff.DiffError, match="more than 10 entries"):
+        build_diff.check(spool, Limits(max_entries=10, max_bytes=50000))
+
+
+def test_truncated_diff_is_refused(tmp_path):
+    spool = hostile_tar(tmp_path / "diff.tar", [("big", "f", b"x" * 100000)])
+    data = spool.read_bytes()
+    spool.write_bytes(data[:5000])
+    with pytest.raises(build_diff.DiffError, match="corrupt or truncated"):
+        build_diff.check(spool)
 
 
 # ---- build context ----------------------------------------------------------------------------
@@ -367,3 +493,74 @@ def test_cache_entries_need_their_layers(tmp_path):
     assert cache.get("k", FakeStore({"sha256:" + "a" * 64})) == ({"config": {}}, layers)
     assert cache.get("k", FakeStore(set())) is None  # its layer was garbage-collected
     assert cache.get("other", FakeStore(set())) is None
+
+
+# ---- the diff stream from the agent -----------------------------------------------------------
+class FakeAgent:
+    """An agent channel that answers ``diff`` with the given messages."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.sent = []
+
+    def send(self, type, payload=b"", **fields):
+        self.sent.append((type, fields))
+
+    def recv(self, timeout=None):
+        from shim.errors import AgentError
+
+        if not self.replies:
+            raise AgentError("the agent did not answer")
+        return self.replies.pop(0)
+
+
+def _msg(type, payload=b"", **fields):
+    from guest.protocol import Message
+
+    return Message(type, fields, payload)
+
+
+def test_fetch_diff_spools_the_stream_and_passes_warnings(tmp_path):
+    from guest import protocol
+    from guest.spec import BootConfig, ProcessSpec
+    from shim.build import runner
+
+    boot = BootConfig(container_id="c", token="t", hostname="h", process=ProcessSpec(args=["x"]), layer_count=0)
+    agent = FakeAgent([_msg(protocol.HELLO), _msg(protocol.STARTED, id=2, pid=5),
+                       _msg(protocol.STDOUT, b"abc", id=2), _msg(protocol.STDOUT, b"zzz", id=1),
+                       _msg(protocol.STDERR, b"/dev/x: device nodes \x1b[31m\n", id=2),
+                       _msg(protocol.STDOUT, b"def", id=2), _msg(protocol.EXIT, id=2, code=0)])
+    warnings = []
+    runner._fetch_diff(agent, boot, tmp_path / "spool", warnings.append)
+    assert (tmp_path / "spool").read_bytes() == b"abcdef"
+    assert warnings == ["/dev/x: device nodes ?[31m"]
+    assert agent.sent == [(protocol.DIFF, {"token": "t", "id": 2})]
+
+
+@pytest.mark.parametrize("replies, error, text", [
+    ([("started",), ("stdout", b"x" * 600), ("stdout", b"x" * 600)], "DiffError", "larger than 1000"),
+    ([("error",)], "DiffError", "cannot send the RUN step's changes: nope"),
+    ([("started",), ("stderr", b"cannot open the writable layer\n"), ("exit", 1)],
+     "DiffError", "could not send the RUN step's changes: cannot open the writable layer"),
+    ([("started",), ("stdout", b"x", [2])], "AgentError", "broke the protocol"),
+    ([("started",), ("stdout", b"x")], "AgentError", "did not answer"),
+])
+def test_fetch_diff_refuses_what_a_hostile_agent_sends(tmp_path, replies, error, text):
+    from guest import protocol
+    from guest.spec import BootConfig, ProcessSpec
+    from shim.build import runner
+
+    def make(kind, extra=None, ident=2):
+        if kind == "started":
+            return _msg(protocol.STARTED, id=2, pid=5)
+        if kind == "error":
+            return _msg(protocol.ERROR, id=2, message="nope")
+        if kind == "exit":
+            return _msg(protocol.EXIT, id=2, code=extra)
+        return _msg(kind, extra, id=ident)
+
+    boot = BootConfig(container_id="c", token="t", hostname="h", process=ProcessSpec(args=["x"]), layer_count=0)
+    agent = FakeAgent([make(*r) for r in replies])
+    with pytest.raises(Exception) as info:
+        runner._fetch_diff(agent, boot, tmp_path / "spool", lambda _: None, limit=1000)
+    assert type(info.value).__name__ == error and text in str(info.value)

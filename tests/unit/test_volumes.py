@@ -222,6 +222,44 @@ def test_for_vm_describes_disks_shares_and_specs(store, tmp_path):
     store.acquire("v1", readonly=False).release()
 
 
+@needs_mkfs
+def test_a_volume_a_vm_wrote_is_refused_in_process_isolation(store, tmp_path):
+    """Process isolation never mounts a file system a guest wrote in the host kernel."""
+    assert store.create("clean", size=32 << 20).written_by_vm is False
+    store.create("used", size=32 << 20)
+    ro = Attachments([MountRequest(type="volume", source="used", target="/a", readonly=True)],
+                     store=store)
+    ro.for_vm(1, lambda i: "vdb")
+    ro.release()
+    assert store.get("used").written_by_vm is False  # a read-only disk: the guest wrote nothing
+    rw = Attachments([MountRequest(type="volume", source="used", target="/a")], store=store)
+    rw.for_vm(1, lambda i: "vdb")
+    rw.release()
+    assert store.get("used").written_by_vm is True
+    for readonly in (False, True):
+        att = Attachments([MountRequest(type="volume", source="used", target="/a",
+                                        readonly=readonly)], store=store)
+        with pytest.raises(VolumeError) as info:
+            att.for_process(tmp_path / "stage")
+        assert "was written by a VM" in str(info.value) and "\n" not in str(info.value)
+        assert not (tmp_path / "stage").exists() or not any((tmp_path / "stage").iterdir())
+    store.acquire("used", readonly=False).release()  # the refusal kept no lease
+
+
+@needs_mkfs
+def test_a_volume_record_from_before_the_flag_counts_as_vm_written(store, tmp_path):
+    import json
+
+    volume = store.create("old", size=32 << 20)
+    record = Path(volume.directory) / "volume.json"
+    data = json.loads(record.read_text())
+    del data["written_by_vm"]
+    record.write_text(json.dumps(data))
+    att = Attachments([MountRequest(type="volume", source="old", target="/a")], store=store)
+    with pytest.raises(VolumeError, match="was written by a VM"):
+        att.for_process(tmp_path / "stage")
+
+
 def test_domain_with_shares_and_pinned_vcpus():
     from shim.vm.domain import Domain, Filesystem, KernelBoot
 

@@ -1,0 +1,105 @@
+"""BuildKit-era Dockerfile syntax with real RUN steps (issue 20): ``# syntax=`` ignored,
+heredocs in RUN and COPY."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.e2e.conftest import vmshim
+
+SUFFIX = str(os.getpid())
+
+HEREDOCS = """\
+# syntax=docker/dockerfile:1.7
+FROM busybox
+ENV WHO=heredoc
+RUN <<EOF
+set -e
+mkdir -p /out
+echo "script ran as $(id -u)" > /out/script
+EOF
+RUN cat <<'RAW' > /out/raw && cat <<-TABS > /out/tabs
+$WHO stays literal
+RAW
+\tindented $WHO
+\tTABS
+COPY <<conf.ini /out/
+name = $WHO
+conf.ini
+"""
+
+
+def text(proc) -> str:
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
+def test_heredocs_run_and_copy(isolation, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(HEREDOCS)
+    tag = f"vmshim-test/heredoc-{isolation}-{SUFFIX}"
+    iidfile = tmp_path / "iid"
+    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
+                  "--label", "org.example.kind=heredoc", "--iidfile", str(iidfile),
+                  "-t", tag, str(ctx), timeout=600)
+    assert proc.returncode == 0, text(proc)
+    image = json.loads(vmshim("image", "inspect", tag).stdout)
+    image = image[0] if isinstance(image, list) else image
+    assert iidfile.read_text() == image["Id"]
+    assert image["Config"]["Labels"] == {"org.example.kind": "heredoc"}
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "sh", "-c", "cat /out/script /out/raw /out/tabs /out/conf.ini")
+    assert run.stdout.decode() == ("script ran as 0\n$WHO stays literal\nindented heredoc\n"
+                                   "name = heredoc\n"), text(run)
+    vmshim("rmi", tag)
+
+
+def blobs_hold(needle: bytes) -> bool:
+    import gzip
+
+    from shim import paths
+
+    for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():
+        data = blob.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if needle in data:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
+def test_cache_and_secret_mounts(isolation, tmp_path):
+    secret_value = f"s3cr3t-{SUFFIX}-{isolation}"
+    secret = tmp_path / "token"
+    secret.write_text(secret_value)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"""\
+FROM busybox
+RUN --mount=type=cache,id=t{SUFFIX},target=/cache \\
+    n=$(cat /cache/n 2>/dev/null || echo 0); echo $((n+1)) > /cache/n; echo "count=$((n+1))"
+RUN --mount=type=secret,id=tok \\
+    test "$(cat /run/secrets/tok)" = "{secret_value}" && echo secret-ok && cp /run/secrets/tok /tmp/gone && rm /tmp/gone
+""")
+    tag = f"vmshim-test/mounts-{isolation}-{SUFFIX}"
+    counts = []
+    for _ in range(2):
+        proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
+                      "--secret", f"id=tok,src={secret}", "-t", tag, str(ctx), timeout=600)
+        assert proc.returncode == 0, text(proc)
+        assert "secret-ok" in text(proc)
+        counts.append([ln for ln in text(proc).splitlines() if ln.startswith("count=")])
+    assert counts == [["count=1"], ["count=2"]]  # the second build found the cache warm
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "sh", "-c", "ls -A /cache /run/secrets 2>&1; echo end")
+    listing = run.stdout.decode()
+    assert listing.count("No such file or directory") == 2 and listing.endswith("end\n"), listing
+    history = vmshim("image", "history", "--no-trunc", tag)
+    assert "secret" in text(history) and secret_value not in text(history)
+    assert not blobs_hold(secret_value.encode())
+    vmshim("rmi", tag)

@@ -1,0 +1,138 @@
+"""Network in RUN steps (issue 20): the default NAT network like ``docker build``,
+``--network none|host|NAME``, ``--add-host``, and the predefined proxy build args.
+
+A RUN step downloads a tarball from an HTTP server in a namespace standing in for the
+internet (reached over a veth from the test's network namespace, as the NAT'ed
+containers of tests/e2e/test_network.py reach theirs) and verifies its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from tests.e2e.conftest import vmshim
+
+SUFFIX = str(os.getpid())
+FILES_IP = "203.0.113.1"
+FILES_PEER_IP = "203.0.113.2"
+FILES_PORT = 18199
+
+vm = pytest.mark.vm
+
+
+def text(proc) -> str:
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def files_server(tmp_path_factory):
+    """An HTTP server on FILES_IP:FILES_PORT in a namespace of its own, serving
+    ``payload.tgz`` (a directory ``payload`` with one file); yields the tarball's sha256."""
+    root = tmp_path_factory.mktemp("files")
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:gz") as tar:
+        info = tarfile.TarInfo("payload/hello.txt")
+        body = f"downloaded-{SUFFIX}\n".encode()
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    (root / "payload.tgz").write_bytes(data.getvalue())
+    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-m", "http.server",
+                             str(FILES_PORT), "--bind", "0.0.0.0", "--directory", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    veth = f"vmsfile{SUFFIX[-6:]}"
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ours:  # until unshare did it
+            assert time.monotonic() < deadline, "unshare --net did not happen"
+            time.sleep(0.01)
+        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                        "netns", str(proc.pid)], check=True)
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
+                        (f"ip link set lo up && ip addr add {FILES_IP}/24 dev eth0 && "
+                         "ip link set eth0 up")], check=True)
+        subprocess.run(["ip", "addr", "add", f"{FILES_PEER_IP}/24", "dev", veth], check=True)
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        yield hashlib.sha256(data.getvalue()).hexdigest()
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
+
+
+def context(tmp_path, dockerfile: str):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    return str(ctx)
+
+
+DOWNLOAD = f"""\
+FROM busybox
+ARG SHA
+RUN wget -q -T 30 -O /tmp/p.tgz http://files:{FILES_PORT}/payload.tgz \\
+ && echo "$SHA  /tmp/p.tgz" | sha256sum -c \\
+ && tar -C / -xzf /tmp/p.tgz && rm /tmp/p.tgz
+"""
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=vm), "process"])
+def test_run_step_downloads_over_the_default_network(isolation, files_server, tmp_path):
+    tag = f"vmshim-test/net-{isolation}-{SUFFIX}"
+    proc = vmshim("build", "--no-cache", "--isolation", isolation, "--add-host",
+                  f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}", "-t", tag,
+                  context(tmp_path, DOWNLOAD), timeout=600)
+    assert proc.returncode == 0, text(proc)
+    assert "p.tgz: OK" in text(proc)
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "cat", "/payload/hello.txt")
+    assert run.stdout.decode() == f"downloaded-{SUFFIX}\n", text(run)
+    vmshim("rmi", tag)
+
+
+def test_network_none_has_no_way_out(files_server, tmp_path):
+    proc = vmshim("build", "--no-cache", "--isolation", "process", "--network", "none",
+                  "--add-host", f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}",
+                  context(tmp_path, DOWNLOAD), timeout=600)
+    assert proc.returncode != 0
+    assert "returned a non-zero code" in text(proc)
+
+
+def test_proxy_build_args_reach_the_step_but_not_the_history(tmp_path):
+    tag = f"vmshim-test/proxy-{SUFFIX}"
+    proc = vmshim("build", "--no-cache", "--isolation", "process", "--network", "none",
+                  "--build-arg", "HTTP_PROXY=http://proxy.example:3128",
+                  "--build-arg", "no_proxy=localhost", "-t", tag,
+                  context(tmp_path, 'FROM busybox\nRUN echo "$HTTP_PROXY $no_proxy" > /p\n'),
+                  timeout=600)
+    assert proc.returncode == 0, text(proc)
+    assert "not consumed" not in text(proc)
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "cat", "/p")
+    assert run.stdout.decode() == "http://proxy.example:3128 localhost\n", text(run)
+    history = vmshim("image", "inspect", tag)
+    assert history.returncode == 0, text(history)
+    assert "proxy.example" not in history.stdout.decode()
+    assert json.loads(history.stdout)  # the image's record, without the proxy
+    vmshim("rmi", tag)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--network", "no-such-net"], "no-such-net"),
+    (["--add-host", "bad"], "invalid --add-host 'bad'"),
+])
+def test_bad_network_flags_are_one_line_before_any_step(tmp_path, args, message):
+    proc = vmshim("build", *args, context(tmp_path, "FROM busybox\nRUN true\n"))
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0 and message in stderr, text(proc)
+    assert len(stderr.strip().splitlines()) == 1
+    assert "Step 2/2" not in proc.stdout.decode()
