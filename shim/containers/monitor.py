@@ -1030,11 +1030,9 @@ def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
     try:
         os.chdir("/")
         os.umask(0o022)
-        try:  # what ps and top show for us
-            with open("/proc/self/comm", "w") as f:
-                f.write("vmshim-monitor")
-        except OSError:
-            pass
+        from shim.proctitle import set_process_title
+
+        set_process_title(f"vmshim-monitor {container_id[:12]}")  # what ps and top show
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                     signal.SIGWINCH, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)

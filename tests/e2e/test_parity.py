@@ -1,0 +1,58 @@
+"""Docker-parity details (issue 21), as a user meets them: stop returns when the container
+has stopped, the monitor's title in ps, ps's PORTS column and --format templates, rm -v.
+Tests that boot a VM carry the ``vm`` marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from tests.e2e.test_lifecycle_vm import SLOW_BOOT, err, inspect, ok, wait_until
+from tests.e2e.conftest import vmshim
+
+TRAP = 'trap "exit 0" TERM; echo up; while :; do sleep 0.1; done'
+
+
+def unique(tag: str) -> str:
+    return f"par-{tag}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def names():
+    made: list[str] = []
+    yield made
+    for name in made:
+        vmshim("rm", "-f", name)
+
+
+@pytest.mark.vm
+def test_stop_returns_and_start_rm_run_with_the_same_name_follow_at_once(names):
+    name = unique("stop")
+    names.append(name)
+    ok("run", "-d", "--name", name, "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
+    wait_until(lambda: "up" in ok("logs", name), what="the container's first line")
+    ok("stop", name)
+    assert inspect(name, "{{.State.Status}}") == "exited"
+    ok("start", name, env=SLOW_BOOT)  # the old domain's name may still be known to libvirt
+    assert inspect(name, "{{.State.Status}}") == "running"
+    ok("stop", "-t", "0", name)
+    ok("rm", name)
+    ok("run", "-d", "--name", name, "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
+    assert inspect(name, "{{.State.Status}}") == "running"
+
+
+@pytest.mark.host_root
+def test_the_monitor_shows_what_it_is_in_ps(names):
+    name = unique("title")
+    names.append(name)
+    cid = ok("run", "-d", "--isolation", "process", "--network", "none", "--name", name,
+             "busybox", "sh", "-c", TRAP).strip()
+    pid = int(inspect(name, "{{.State.MonitorPid}}"))
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().rstrip(b"\0").split(b"\0")
+    assert args[0].decode() == f"vmshim-monitor {cid[:12]}", args
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() == "vmshim-monitor"
