@@ -80,11 +80,61 @@ def matches(record, filters: list[tuple[str, str]]) -> bool:
     return True
 
 
+def ports_text(record) -> str:
+    """docker's PORTS column: what is published now (``0.0.0.0:8080->80/tcp, …``); empty
+    for a container that does not run."""
+    if record.status.value not in ("running", "paused"):
+        return ""
+    from shim.network.store import NetworkStore
+
+    try:
+        endpoints = NetworkStore().endpoints_of(record.id)
+    except VmshimError:
+        return ""
+    return ", ".join(str(port) for _net, ep in endpoints for port in ep.ports)
+
+
+def created_text(record) -> str:
+    """docker's CreatedAt: ``2026-12-04 16:01:37 +0000 UTC``."""
+    from shim.containers.store import parse_rfc3339
+
+    created = parse_rfc3339(record.created)
+    if created is None:
+        return record.created
+    return time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(created))
+
+
 def ps_entry(record) -> dict:
     return {"ID": record.short_id, "Image": record.image, "Command": _command(record),
-            "CreatedAt": record.created, "Status": status_text(record),
+            "CreatedAt": created_text(record), "Status": status_text(record),
             "State": record.status.value, "Names": record.name, "Isolation": record.isolation,
-            "ExitCode": record.state.exit_code}
+            "ExitCode": record.state.exit_code, "Ports": ports_text(record),
+            "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items()))}
+
+
+HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
+           "CreatedAt": "CREATED AT", "Status": "STATUS", "State": "STATE", "Names": "NAMES",
+           "Isolation": "ISOLATION", "ExitCode": "EXIT CODE", "Ports": "PORTS",
+           "Labels": "LABELS"}
+"""Column titles of ``--format 'table {{.Field}}…'``, as docker prints them."""
+
+
+def print_columns(rows: list[list[str]]) -> None:
+    """Cells aligned in columns three spaces apart (docker's tabwriter look)."""
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows)
+              for i in range(max(len(r) for r in rows))]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def print_template_table(template: str, entries: list[dict]) -> None:
+    """``table TEMPLATE``: a header line from the field names, then one row per entry;
+    ``\t`` in the template separates columns."""
+    header = _TEMPLATE.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()),
+                           template.replace("\\t", "\t"))
+    rows = [header.split("\t")]
+    rows += [render_template(template, entry).split("\t") for entry in entries]
+    print_columns(rows)
 
 
 @click.command()
@@ -92,7 +142,10 @@ def ps_entry(record) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="Only print container ids.")
 @click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help=f"Filter ({', '.join(FILTER_KEYS)}).")
-@click.option("--format", "fmt", metavar="json|TEMPLATE", help="json: one JSON object per line.")
+@click.option("--format", "fmt", metavar="json|[table] TEMPLATE",
+              help="json: one JSON object per line; a Go-style template such as "
+                   "'{{.ID}} {{.Names}} {{.Ports}}' (fields: ID, Image, Command, CreatedAt, "
+                   "Status, State, Names, Ports, Labels); 'table …' adds a header.")
 @click.option("--no-trunc", is_flag=True, help="Full ids and commands.")
 def ps(show_all, quiet, filters, fmt, no_trunc):
     """List containers."""
@@ -114,11 +167,15 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
                 entry["ID"] = record.id
             click.echo(json.dumps(entry))
         return
+    if fmt and fmt.startswith("table"):
+        print_template_table(fmt[len("table"):].strip() or DEFAULT_TABLE,
+                             [ps_entry(record) for record in records])
+        return
     if fmt:
         for record in records:
             click.echo(render_template(fmt, ps_entry(record)))
         return
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]]
     from shim.containers.store import parse_rfc3339
 
     for record in records:
@@ -126,12 +183,10 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
         if not no_trunc and len(command) > 20:
             command = command[:19] + "…"
         created = parse_rfc3339(record.created) or time.time()
-        rows.append((record.id if no_trunc else record.short_id, record.image,
+        rows.append([record.id if no_trunc else record.short_id, record.image,
                      json.dumps(command, ensure_ascii=False), f"{_ago(time.time() - created)} ago",
-                     status_text(record), record.name))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+                     status_text(record), ports_text(record), record.name])
+    print_columns(rows)
 
 
 # ---- inspect ------------------------------------------------------------------------------
@@ -181,6 +236,7 @@ def inspect_data(record) -> dict:
             "OpenStdin": record.interactive,
             "StopSignal": record.stop_signal,
             "StopTimeout": record.stop_timeout,
+            "Labels": record.labels,
         },
         "HostConfig": {
             "Isolation": record.isolation,
@@ -221,6 +277,7 @@ def _network_settings(record) -> dict:
         return {"Error": str(exc)}
 
 
+DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
 _TEMPLATE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 

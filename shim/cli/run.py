@@ -29,6 +29,8 @@ def container_options(func):
         click.option("--stop-timeout", type=click.IntRange(0, 3600), metavar="SECONDS",
                      help="Seconds stop waits before SIGKILL (default 10)."),
         click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits."),
+        click.option("-l", "--label", "labels", multiple=True, metavar="K=V",
+                     help="Set metadata on the container (ps --format '{{.Labels}}')."),
         # Volumes (shim.volumes.specs).
         click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
                      help="Bind-mount a host directory (/abs/path) or a named volume; "
@@ -67,6 +69,7 @@ def _options(image, command, **flags):
         isolation=flags["isolation"],
         detach=flags.get("detach", False), restart=flags["restart"],
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
+        labels=list(flags["labels"]),
     )
 
 

@@ -50,6 +50,8 @@ class RunOptions:
     network: object = None
     """shim.network.container.NetworkRequest (-p, --network, --dns …); None: the default
     NAT network with nothing published."""
+    labels: list[str] = field(default_factory=list)
+    """``--label K=V`` (``K`` alone: an empty value)."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -64,6 +66,17 @@ class RunOptions:
                              "cannot be restarted)")
         if self.stop_signal is not None:
             parse_signal(self.stop_signal)
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``K=V`` (or ``K``) items as a dict. Raises UsageError on an empty key."""
+    labels = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key.strip():
+            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
 
 
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")

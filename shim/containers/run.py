@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
-                                     parse_restart, parse_signal, random_name)
+                                     parse_labels, parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
 
 DEFAULT_STOP_TIMEOUT = 10
@@ -81,6 +81,7 @@ def prepare(options: RunOptions) -> Container:
         hosts=hosts_file(hostname),
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
+        labels={**(image_config.get("Labels") or {}), **parse_labels(options.labels)},
     )
 
 

@@ -144,6 +144,8 @@ class Container:
     """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
     sysctl: dict = field(default_factory=dict)
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
+    labels: dict = field(default_factory=dict)
+    """The image's labels overridden by ``--label``."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

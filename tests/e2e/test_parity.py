@@ -56,3 +56,18 @@ def test_the_monitor_shows_what_it_is_in_ps(names):
     assert args[0].decode() == f"vmshim-monitor {cid[:12]}", args
     with open(f"/proc/{pid}/comm") as f:
         assert f.read().strip() == "vmshim-monitor"
+
+
+@pytest.mark.vm
+def test_ps_shows_published_ports_and_labels(names):
+    name = unique("ports")
+    names.append(name)
+    ok("run", "-d", "--name", name, "-p", "127.0.0.1::8080", "--label", "tier=web",
+       "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
+    bound = json.loads(inspect(name, "{{json .NetworkSettings.Ports}}"))["8080/tcp"][0]
+    published = f"{bound['HostIp']}:{bound['HostPort']}->8080/tcp"
+    assert ok("ps", "--filter", f"name={name}", "--format",
+              "{{.Names}}|{{.Ports}}|{{.Labels}}").strip() == f"{name}|{published}|tier=web"
+    table = ok("ps", "--filter", f"name={name}").splitlines()
+    assert "PORTS" in table[0] and published in table[1]
+    assert json.loads(inspect(name, "{{json .Config.Labels}}")) == {"tier": "web"}
