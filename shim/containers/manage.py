@@ -253,10 +253,22 @@ def wait(ref: str, store: ContainerStore | None = None) -> int:
 
 # ---- remove ----------------------------------------------------------------------------
 
-def remove(ref: str, *, force: bool = False, store: ContainerStore | None = None) -> Container:
+def remove(ref: str, *, force: bool = False, volumes: bool = False,
+           store: ContainerStore | None = None) -> Container:
     """Remove a container: its record, log, writable layer and anything still on the
-    host. A running one needs *force* (it is killed). Returns the removed record.
-    Raises ContainerStateError, ContainerNotFound."""
+    host; with *volumes* (``rm -v``) also the anonymous volumes it made. A running one
+    needs *force* (it is killed). Returns the removed record. Raises
+    ContainerStateError, ContainerNotFound."""
+    record = _remove_container(ref, force=force, store=store)
+    if volumes:
+        from shim.volumes.attach import remove_anonymous
+        from shim.volumes.specs import MountRequest
+
+        remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])
+    return record
+
+
+def _remove_container(ref: str, *, force: bool, store: ContainerStore | None) -> Container:
     store = _store(store)
     record = store.find(ref)
     if lifecycle.is_active(record.status) and not force:

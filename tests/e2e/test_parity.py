@@ -71,3 +71,27 @@ def test_ps_shows_published_ports_and_labels(names):
     table = ok("ps", "--filter", f"name={name}").splitlines()
     assert "PORTS" in table[0] and published in table[1]
     assert json.loads(inspect(name, "{{json .Config.Labels}}")) == {"tier": "web"}
+
+
+def test_rm_v_removes_the_anonymous_volumes_and_plain_rm_keeps_them(names):
+    volumes_before = set(ok("volume", "ls", "-q").split())
+    try:
+        made = {}
+        for tag in ("plain", "with-v"):
+            name = unique(tag)
+            names.append(name)
+            ok("create", "--name", name, "-v", "/data", "-v", f"{name}-named:/named", "busybox")
+            mounts = json.loads(inspect(name, "{{json .Mounts}}"))
+            made[tag] = {m["Name"] for m in mounts if m["Destination"] == "/data"}
+            assert len(made[tag]) == 1 and made[tag] <= set(ok("volume", "ls", "-q").split())
+        ok("rm", names[0])
+        ok("rm", "-v", names[1])
+        left = set(ok("volume", "ls", "-q").split())
+        assert made["plain"] <= left, "rm without -v keeps anonymous volumes (as docker does)"
+        assert not made["with-v"] & left, "rm -v removes the container's anonymous volumes"
+        assert f"{names[1]}-named" in left, "named volumes stay"
+    finally:
+        for name in names:
+            vmshim("rm", "-f", name)
+        for volume in set(ok("volume", "ls", "-q").split()) - volumes_before:
+            vmshim("volume", "rm", volume)
