@@ -29,6 +29,8 @@ def container_options(func):
         click.option("--stop-timeout", type=click.IntRange(0, 3600), metavar="SECONDS",
                      help="Seconds stop waits before SIGKILL (default 10)."),
         click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits."),
+        click.option("--pull", type=click.Choice(["missing", "always", "never"]), default="missing",
+                     show_default=True, help="Pull the image before creating the container."),
         click.option("-l", "--label", "labels", multiple=True, metavar="K=V",
                      help="Set metadata on the container (ps --format '{{.Labels}}')."),
         # Volumes (shim.volumes.specs).
@@ -49,6 +51,24 @@ def container_options(func):
     from shim.containers.resources import resource_options
 
     return network_options(resource_options(func))
+
+
+def _pull(image: str, policy: str) -> None:
+    """``--pull``: fetch the image first if the policy says so, with docker's messages
+    and the pull's progress on stderr (stdout stays the container's)."""
+    from shim.cli.progress import progress_for
+    from shim.images.distribution import pull_for_run
+
+    def missing() -> None:  # on a terminal only: a failure stays one line in scripts
+        if sys.stderr.isatty():
+            click.echo(f"Unable to find image '{image}' locally", err=True)
+
+    with progress_for("Waiting", False) as progress:
+        result = pull_for_run(image, policy, progress=progress, on_missing=missing)
+    if result is not None:
+        click.echo(f"Digest: {result.digest}", err=True)
+        verdict = "Downloaded newer image" if result.updated else "Image is up to date"
+        click.echo(f"Status: {verdict} for {result.reference.familiar}", err=True)
 
 
 def _options(image, command, **flags):
@@ -86,6 +106,7 @@ def run(image, command, **flags):
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
     options = _options(image, command, **flags)
+    _pull(image, flags["pull"])
     started = []
     code = run_container(options, on_started=started.append)
     if options.detach and started:
@@ -101,5 +122,7 @@ def create(image, command, **flags):
     """Create a container from IMAGE without starting it; print its id."""
     from shim.containers.run import create as create_container
 
-    record = create_container(_options(image, command, **flags))
+    options = _options(image, command, **flags)
+    _pull(image, flags["pull"])
+    record = create_container(options)
     click.echo(record.id)

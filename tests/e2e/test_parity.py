@@ -5,13 +5,15 @@ Tests that boot a VM carry the ``vm`` marker."""
 from __future__ import annotations
 
 import json
-import os
+import socket
+import time
 import uuid
 
 import pytest
 
 from tests.e2e.test_lifecycle_vm import SLOW_BOOT, err, inspect, ok, wait_until
 from tests.e2e.conftest import vmshim
+from tests.integration.test_registry_interop import registry  # noqa: F401  (fixture)
 
 TRAP = 'trap "exit 0" TERM; echo up; while :; do sleep 0.1; done'
 
@@ -95,3 +97,44 @@ def test_rm_v_removes_the_anonymous_volumes_and_plain_rm_keeps_them(names):
             vmshim("rm", "-f", name)
         for volume in set(ok("volume", "ls", "-q").split()) - volumes_before:
             vmshim("volume", "rm", volume)
+
+
+@pytest.mark.vm
+def test_run_and_create_pull_a_missing_image_from_a_real_registry(registry, names):  # noqa: F811
+    host, _ = registry
+    ref = f"{host}/parity/pulled:{uuid.uuid4().hex[:6]}"
+    ok("tag", "busybox", ref)
+    ok("push", "-q", ref)
+    ok("rmi", ref)
+    never = vmshim("create", "--pull", "never", ref)
+    assert never.returncode == 125 and "not found" in err(never)
+    try:
+        proc = vmshim("run", "--rm", ref, "echo", "pulled by run", env=SLOW_BOOT)
+        assert proc.returncode == 0, err(proc)
+        assert proc.stdout.decode() == "pulled by run\n"  # the pull reports on stderr only
+        assert f"Status: Downloaded newer image for {ref}" in err(proc)
+        name = unique("pull")
+        names.append(name)
+        again = vmshim("create", "--name", name, ref)  # in the store now: no pull
+        assert again.returncode == 0 and "Status:" not in err(again), err(again)
+        always = vmshim("create", "--pull", "always", ref)
+        assert always.returncode == 0 and f"Image is up to date for {ref}" in err(always)
+        names.append(always.stdout.decode().strip())
+    finally:
+        for name in names:
+            vmshim("rm", "-f", name)
+        vmshim("rmi", ref)
+
+
+def test_run_of_an_image_no_registry_serves_is_one_line_in_seconds():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{closed.getsockname()[1]}"
+    started = time.monotonic()
+    proc = vmshim("run", "--rm", f"{host}/nothing/here:1", "true")
+    took = time.monotonic() - started
+    lines = err(proc).strip().splitlines()
+    assert proc.returncode == 125 and len(lines) == 1, err(proc)
+    assert "not found in the local store" in lines[0]
+    assert f"registry {host} does not answer" in lines[0]
+    assert took < 10, f"took {took:.1f} s"
