@@ -30,7 +30,10 @@ def status_text(record, now: float | None = None) -> str:
     from shim.containers.store import parse_rfc3339
 
     now = time.time() if now is None else now
-    status = record.status.value
+    status = display_status(record)
+    if status == "restarting":
+        finished = parse_rfc3339(record.state.finished_at) or now
+        return f"Restarting ({record.state.exit_code}) {_ago(now - finished)} ago"
     if status in ("running", "paused"):
         started = parse_rfc3339(record.state.started_at) or now
         text = f"Up {_ago(now - started)}"
@@ -39,6 +42,16 @@ def status_text(record, now: float | None = None) -> str:
         finished = parse_rfc3339(record.state.finished_at) or now
         return f"Exited ({record.state.exit_code}) {_ago(now - finished)} ago"
     return status.capitalize()
+
+
+def display_status(record) -> str:
+    """The status docker would show: the record's, or ``restarting`` while a restart
+    policy waits to start it again (and its monitor lives)."""
+    from shim.containers.store import monitor_alive
+
+    if record.state.restarting and monitor_alive(record):
+        return "restarting"
+    return record.status.value
 
 
 def _command(record) -> str:
@@ -67,7 +80,7 @@ def matches(record, filters: list[tuple[str, str]]) -> bool:
         elif key == "name":
             ok = any(re.search(v, record.name) for v in values)
         elif key == "status":
-            ok = record.status.value in values
+            ok = display_status(record) in values
         elif key == "ancestor":
             ok = any(v in (record.image, record.image_id) or record.image_id.endswith(v)
                      for v in values)
@@ -107,7 +120,7 @@ def created_text(record) -> str:
 def ps_entry(record) -> dict:
     return {"ID": record.short_id, "Image": record.image, "Command": _command(record),
             "CreatedAt": created_text(record), "Status": status_text(record),
-            "State": record.status.value, "Names": record.name, "Isolation": record.isolation,
+            "State": display_status(record), "Names": record.name, "Isolation": record.isolation,
             "ExitCode": record.state.exit_code, "Ports": ports_text(record),
             "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items()))}
 
@@ -197,7 +210,7 @@ def inspect_data(record) -> dict:
     from shim.containers.store import ContainerStore, monitor_alive
 
     state = record.state
-    status = record.status.value
+    status = display_status(record)
     monitor_pid = state.monitor_pid if monitor_alive(record) else 0
     info = manage.placement_info(record) if status in ("running", "paused") else {}
     process = record.process
@@ -211,7 +224,7 @@ def inspect_data(record) -> dict:
             "Status": status,
             "Running": status in ("running", "paused"),
             "Paused": status == "paused",
-            "Restarting": False,
+            "Restarting": status == "restarting",
             "OOMKilled": state.oom_killed,
             "Dead": False,
             "Pid": monitor_pid,

@@ -504,7 +504,8 @@ def list_containers(*, all: bool = False, store: ContainerStore | None = None) -
     out = []
     for record in store.list():
         record = reconcile(store, record)
-        if all or lifecycle.is_active(record.status):
+        restarting = record.state.restarting and monitor_alive(record)
+        if all or lifecycle.is_active(record.status) or restarting:
             out.append(record)
     return out
 

@@ -95,6 +95,9 @@ class ContainerState:
     """Start time (clock ticks since boot, /proc/<pid>/stat field 22) of the monitor, so a
     reused pid is not taken for it."""
     restart_count: int = 0
+    restarting: bool = False
+    """A restart policy is waiting to start it again (docker's ``restarting``); true only
+    while its monitor lives."""
     stopped_by_user: bool = False
     """``stop``/``kill``/``rm -f`` ended it: restart policies do not bring it back."""
 

@@ -138,3 +138,26 @@ def test_run_of_an_image_no_registry_serves_is_one_line_in_seconds():
     assert "not found in the local store" in lines[0]
     assert f"registry {host} does not answer" in lines[0]
     assert took < 10, f"took {took:.1f} s"
+
+
+@pytest.mark.host_root
+def test_restarting_shows_in_ps_and_inspect_while_the_policy_waits(names):
+    name = unique("restart")
+    names.append(name)
+    ok("run", "-d", "--restart", "always", "--isolation", "process", "--network", "none",
+       "--name", name, "busybox", "sh", "-c", "exit 3")
+
+    def waiting_after_a_few_restarts():
+        state = json.loads(inspect(name, "{{json .State}}"))
+        count = int(inspect(name, "{{.RestartCount}}"))
+        return count >= 4 and state["Restarting"] and state["Status"] == "restarting"
+
+    # back-off: 0.1, 0.2, 0.4, 0.8, 1.6 s: by the fourth restart each wait is long enough
+    # to be seen by polling
+    wait_until(waiting_after_a_few_restarts, timeout=90, what="the restarting state")
+    listed = ok("ps", "--filter", f"name={name}")  # no -a: docker lists restarting ones
+    assert "Restarting (3)" in listed, listed
+    assert ok("ps", "--filter", "status=restarting", "--format", "{{.Names}}").split() == [name]
+    ok("stop", name)
+    state = json.loads(inspect(name, "{{json .State}}"))
+    assert (state["Status"], state["Restarting"]) == ("exited", False)
