@@ -96,6 +96,8 @@ def _options(image, command, **flags):
 @click.command(context_settings={"allow_interspersed_args": False})
 @container_options
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the id.")
+@click.option("--detach-keys", default="ctrl-p,ctrl-q", show_default=True, metavar="KEYS",
+              help="With -it: the keys that detach (the container goes on running).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, command, **flags):
@@ -105,7 +107,11 @@ def run(image, command, **flags):
     if flags["tty"] and not flags["detach"] and not sys.stdin.isatty():
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
+    from shim.containers.attach import parse_detach_keys
+
     options = _options(image, command, **flags)
+    parse_detach_keys(flags["detach_keys"])  # bad keys fail before anything is made
+    options.detach_keys = flags["detach_keys"]
     _pull(image, flags["pull"])
     started = []
     code = run_container(options, on_started=started.append)

@@ -94,10 +94,11 @@ def _request(store: ContainerStore, record: Container, op: str, wait: float | No
 
 def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd: int = 0,
           stdout_fd: int = 1, stderr_fd: int = 2, store: ContainerStore | None = None,
-          on_started=None) -> int:
+          on_started=None, detach_keys: bytes = b"\x10\x11") -> int:
     """Start a created or exited container: spawn its monitor, which boots the VM (or
     host placement) and starts the main process. With *attach*, stream its stdio (stdin
     too with *interactive*) and return its exit code; otherwise return 0 once it runs.
+    With a TTY, typing *detach_keys* returns 0 and leaves the container running.
     Raises ContainerStateError, CommandNotFound (127), CommandNotExecutable (126),
     HypervisorError, AgentError …"""
     from shim.containers import monitor
@@ -122,11 +123,12 @@ def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd
             return 0
         return _start_attached(client, record, interactive=interactive and record.interactive,
                                stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                               on_started=on_started)
+                               on_started=on_started, detach_keys=detach_keys)
 
 
 def _start_attached(client: api.MonitorClient, record: Container, *, interactive: bool,
-                    stdin_fd: int, stdout_fd: int, stderr_fd: int, on_started) -> int:
+                    stdin_fd: int, stdout_fd: int, stderr_fd: int, on_started,
+                    detach_keys: bytes) -> int:
     """The foreground half of start: ask for the start with us attached, then pump.
     A SIGINT/SIGTERM before the process runs cancels the start (the monitor sees us
     hang up and tears everything down)."""
@@ -165,7 +167,8 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
         on_started(record)
     pump = StdioPump(client, reply.get("id", int, 1),
                      stdin_fd=stdin_fd if interactive else None,
-                     stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty)
+                     stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
+                     detach_keys=detach_keys)
     pump._pending_signals.extend(caught)
     return pump.run()
 
@@ -390,8 +393,10 @@ def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty
 
 
 def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 1,
-           stderr_fd: int = 2, store: ContainerStore | None = None) -> int:
-    """Stream the running container's main process until it exits; its exit code."""
+           stderr_fd: int = 2, store: ContainerStore | None = None,
+           detach_keys: bytes = b"\x10\x11") -> int:
+    """Stream the running container's main process until it exits (its exit code) or,
+    with a TTY, until *detach_keys* are typed (0; it goes on running)."""
     from shim.containers.attach import StdioPump
 
     store = _store(store)
@@ -404,7 +409,8 @@ def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 
         use_stdin = stdin and record.interactive
         reply = api.raise_for_error(client.request("attach", None, stdin=use_stdin))
         pump = StdioPump(client, reply.get("id", int, 1), stdin_fd=stdin_fd if use_stdin else None,
-                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty)
+                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
+                         detach_keys=detach_keys)
         return pump.run()
 
 

@@ -52,6 +52,8 @@ class RunOptions:
     NAT network with nothing published."""
     labels: list[str] = field(default_factory=list)
     """``--label K=V`` (``K`` alone: an empty value)."""
+    detach_keys: str = "ctrl-p,ctrl-q"
+    """``--detach-keys`` of a foreground ``-it`` run."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:

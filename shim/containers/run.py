@@ -152,9 +152,11 @@ def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd
     once it runs. *on_started* (optional) is called with the record once it runs.
     Raises what create and start raise (CommandNotFound: 127 …)."""
     from shim.containers import manage
+    from shim.containers.attach import parse_detach_keys
 
     store = ContainerStore()
     record = create(options, store)
     return manage.start(record.id, attach=not options.detach, interactive=options.interactive,
                         stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                        store=store, on_started=on_started)
+                        store=store, on_started=on_started,
+                        detach_keys=parse_detach_keys(options.detach_keys))

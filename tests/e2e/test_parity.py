@@ -5,14 +5,17 @@ Tests that boot a VM carry the ``vm`` marker."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import socket
+import subprocess
 import time
 import uuid
 
 import pytest
 
 from tests.e2e.test_lifecycle_vm import SLOW_BOOT, err, inspect, ok, wait_until
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import CLI, vmshim
 from tests.integration.test_registry_interop import registry  # noqa: F401  (fixture)
 
 TRAP = 'trap "exit 0" TERM; echo up; while :; do sleep 0.1; done'
@@ -161,3 +164,62 @@ def test_restarting_shows_in_ps_and_inspect_while_the_policy_waits(names):
     ok("stop", name)
     state = json.loads(inspect(name, "{{json .State}}"))
     assert (state["Status"], state["Restarting"]) == ("exited", False)
+
+
+class Terminal:
+    """A CLI process on a real pty: type into it, wait for what it prints."""
+
+    def __init__(self, *args: str):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(CLI + list(args), stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True,
+                                     env=dict(os.environ, **SLOW_BOOT))
+        os.close(slave)
+        self.seen = b""
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, text: bytes, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            assert time.monotonic() < deadline, f"{text!r} not seen; got {self.seen!r}"
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"the terminal closed before {text!r}; got {self.seen!r}"
+            self.seen += chunk
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.mark.vm
+def test_detach_keys_leave_an_it_container_running_and_attach_comes_back(names):
+    name = unique("detach")
+    names.append(name)
+    term = Terminal("run", "-it", "--name", name, "busybox", "sh")
+    try:
+        term.expect(b"# ")
+        term.type(b"echo one $((40+2))\r")
+        term.expect(b"one 42")
+        term.type(b"\x10\x11")  # Ctrl-P Ctrl-Q
+        assert term.proc.wait(timeout=30) == 0
+    finally:
+        term.close()
+    assert inspect(name, "{{.State.Status}}") == "running"
+    again = Terminal("attach", "--detach-keys", "ctrl-a,x", name)
+    try:
+        again.type(b"echo two $((40+3))\r")
+        again.expect(b"two 43")
+        again.type(b"\x10\x11")  # not the keys any more: sh gets them
+        again.type(b"\x01x")
+        assert again.proc.wait(timeout=30) == 0
+    finally:
+        again.close()
+    assert inspect(name, "{{.State.Status}}") == "running"
+    assert ok("exec", name, "echo", "alive") == "alive\n"
