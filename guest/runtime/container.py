@@ -32,6 +32,26 @@ its NIC is the container's."""
 HOST_NAMESPACES = DEFAULT_NAMESPACES + ("cgroup",)
 
 
+def network_io(pid: int) -> dict:
+    """``net_rx_bytes``/``net_tx_bytes``: the sum over the interfaces (but ``lo``) of the
+    network namespace *pid* is in (/proc/PID/net/dev); {} when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+    except OSError:
+        return {}
+    rx = tx = 0
+    for line in lines:
+        name, _, numbers = line.partition(":")
+        fields = numbers.split()
+        if name.strip() == "lo" or len(fields) < 9:
+            continue
+        if fields[0].isdigit() and fields[8].isdigit():
+            rx += int(fields[0])
+            tx += int(fields[8])
+    return {"net_rx_bytes": rx, "net_tx_bytes": tx}
+
+
 class Container:
     """A container whose rootfs is mounted at *rootfs*.
 
@@ -166,4 +186,6 @@ class Container:
         out = dict(self.cgroup.usage())
         out["oom_kills"] = self.cgroup.oom_kills()
         out.update(self.cgroup.details())
+        if self.main is not None:
+            out.update(network_io(self.main.pid))
         return out

@@ -223,3 +223,23 @@ def test_detach_keys_leave_an_it_container_running_and_attach_comes_back(names):
         again.close()
     assert inspect(name, "{{.State.Status}}") == "running"
     assert ok("exec", name, "echo", "alive") == "alive\n"
+
+
+@pytest.mark.vm
+def test_stats_of_a_vm_report_its_own_cgroup_and_qemu_apart(names):
+    name = unique("stats")
+    names.append(name)
+    ok("run", "-d", "--name", name, "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
+    gateway = json.loads(inspect(name, "{{json .NetworkSettings}}"))["Gateway"]
+    assert gateway, "the container needs a network to count its traffic"
+    ok("exec", name, "sh", "-c",
+       f"dd if=/dev/zero of=/big bs=1M count=8 conv=fsync 2>/dev/null; "
+       f"ping -c 3 -W 1 {gateway} >/dev/null || true")
+    row = json.loads(ok("stats", "--no-stream", "--format", "json", name))
+    cgroup, host = row["Cgroup"], row["Host"]
+    assert cgroup["block_write_bytes"] >= 8 << 20, cgroup
+    assert cgroup["net_tx_bytes"] > 0 and cgroup["net_rx_bytes"] >= 0, cgroup
+    assert cgroup["pids"] >= 1 and 0 < cgroup["memory"] < host["Memory"], (cgroup, host)
+    assert row["Memory"] == cgroup["memory"] and row["MemoryLimit"] == 256 << 20
+    table = ok("stats", "--no-stream", name).splitlines()
+    assert "NET I/O" in table[0] and "QEMU MEM" in table[0]
