@@ -152,14 +152,19 @@ class Container:
 
     def builtin(self, name: str, args: list[str], *, stdin: bool) -> Spawned:
         """Run the agent's helper *name* (guest.runtime.builtins) in the running
-        container, as root in its namespaces and cgroup. Raises SpawnError (bad name or
+        container, as root in its namespaces and cgroup; before the main process started
+        (``cp`` with a stopped container: the host booted the VM for it alone), in new
+        namespaces of its own on the same rootfs. Raises SpawnError (bad name or
         arguments: 125)."""
         from guest.runtime import builtins
 
-        if self.main is None:
-            raise SpawnError("the container is not running")
         func = builtins.prepare(name, args)
         process = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/", user="0:0")
+        if self.main is None:
+            return spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
+                                   namespaces=self.namespaces, hosts_files=self.binds,
+                                   stdin=stdin, masked_paths=self.config.masked_paths,
+                                   readonly_paths=self.config.readonly_paths, builtin=func)
         return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
                                  cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
                                  builtin=func)

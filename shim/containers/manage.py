@@ -22,7 +22,8 @@ from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, monitor_alive, run_dir_of)
-from shim.errors import ContainerNotFound, ContainerStateError, UsageError, VmshimError
+from shim.errors import (AgentError, ContainerNotFound, ContainerStateError, UsageError,
+                         VmshimError)
 
 MONITOR_EXIT_WAIT = 30.0
 """How long a verb waits for a monitor that is finishing (tearing its VM down)."""
@@ -415,10 +416,13 @@ def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 
 
 
 def run_builtin(store: ContainerStore, record: Container, name: str, args: list[str], *,
-                stdin_data=None, out=None) -> tuple[int, bytes]:
+                stdin_data=None, out=None, stopped_ok: bool = False) -> tuple[int, bytes]:
     """Run the agent's helper *name* in the container: (exit code, stderr). Its stdout
     goes to *out* (a writable binary file) if given; *stdin_data* (an iterable of bytes
-    chunks) is fed to it."""
+    chunks) is fed to it. With *stopped_ok*, a created or exited container gets a
+    short-lived VM (or host placement) of its own for it (see _builtin_while_stopped)."""
+    if stopped_ok and not lifecycle.is_active(record.status) and not monitor_alive(record):
+        return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data, out=out)
     lifecycle.check("exec", record.status, record.name)
     client = monitor_client(store, record)
     if client is None:
@@ -440,6 +444,61 @@ def run_builtin(store: ContainerStore, record: Container, name: str, args: list[
         while code is None:
             code = _route(client.recv(), proc_id, out, err)
         return code, bytes(err)
+
+
+STOPPED_BUILTIN_ID = 2
+STOPPED_BUILTIN_TIMEOUT = 30.0
+"""Seconds the agent may take to answer the helper's start (a TCG guest is slow)."""
+
+
+def _builtin_while_stopped(store: ContainerStore, record: Container, name: str,
+                           args: list[str], *, stdin_data, out) -> tuple[int, bytes]:
+    """``cp`` with a container that does not run: boot its placement (the same layers,
+    writable layer and volumes; no network) without starting its process, run the helper
+    there beside nothing else, and shut it down cleanly (the guest syncs and unmounts, so
+    what tar-in wrote is on the writable layer). The host never mounts anything the guest
+    wrote. The container's lock is held throughout, so a start waits for it."""
+    import dataclasses
+
+    from shim.containers.monitor import make_placement
+
+    err = bytearray()
+    with store.locked(record.id) as fresh:
+        if lifecycle.is_active(fresh.status) or monitor_alive(fresh):
+            raise ContainerStateError("cp", "stopped (it was started meanwhile: try again)",
+                                      fresh.status.value, fresh.name)
+        placement = make_placement(dataclasses.replace(fresh, network=None), store)
+        try:
+            client = placement.boot()
+            try:
+                client.send(protocol.BUILTIN, token=fresh.token, id=STOPPED_BUILTIN_ID,
+                            name=name, args=list(args), stdin=stdin_data is not None)
+                started = client.recv(STOPPED_BUILTIN_TIMEOUT)
+                while started.type not in (protocol.STARTED, protocol.ERROR):
+                    started = client.recv(STOPPED_BUILTIN_TIMEOUT)  # e.g. the agent's log
+                if started.type == protocol.ERROR:
+                    raise AgentError(started.get("message", str, "the agent refused the copy"))
+                code = None
+                if stdin_data is not None:
+                    for chunk in stdin_data:
+                        for start in range(0, len(chunk), protocol.CHUNK):
+                            client.send(protocol.STDIN, chunk[start:start + protocol.CHUNK],
+                                        id=STOPPED_BUILTIN_ID)
+                            code = _drain(client, STOPPED_BUILTIN_ID, out, err)
+                            if code is not None:
+                                break
+                        if code is not None:
+                            break
+                    if code is None:
+                        client.send(protocol.STDIN_CLOSE, id=STOPPED_BUILTIN_ID)
+                while code is None:
+                    code = _route(client.recv(), STOPPED_BUILTIN_ID, out, err)
+                client.send(protocol.SHUTDOWN)
+            finally:
+                client.close()
+        finally:
+            placement.teardown()  # waits for the guest's own power-off (it syncs first)
+    return code, bytes(err)
 
 
 def _drain(client, proc_id, out, err) -> int | None:

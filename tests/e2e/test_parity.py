@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from tests.e2e.test_lifecycle_vm import SLOW_BOOT, err, inspect, ok, wait_until
-from tests.e2e.conftest import CLI, vmshim
+from tests.e2e.conftest import CLI, vmshim, wait_no_new_domains
 from tests.integration.test_registry_interop import registry  # noqa: F401  (fixture)
 
 TRAP = 'trap "exit 0" TERM; echo up; while :; do sleep 0.1; done'
@@ -243,3 +243,27 @@ def test_stats_of_a_vm_report_its_own_cgroup_and_qemu_apart(names):
     assert row["Memory"] == cgroup["memory"] and row["MemoryLimit"] == 256 << 20
     table = ok("stats", "--no-stream", name).splitlines()
     assert "NET I/O" in table[0] and "QEMU MEM" in table[0]
+
+
+@pytest.mark.vm
+def test_cp_into_and_out_of_a_stopped_container(names, tmp_path, domains_before):
+    name = unique("cp")
+    names.append(name)
+    ok("create", "--name", name, "busybox", "cat", "/srv/in.txt")
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"copied while stopped\n")
+    ok("cp", str(src), f"{name}:/srv/in.txt", env=SLOW_BOOT)  # never started: created
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    ok("cp", f"{name}:/srv/in.txt", str(out_dir), env=SLOW_BOOT)
+    assert (out_dir / "in.txt").read_bytes() == b"copied while stopped\n"
+    assert inspect(name, "{{.State.Status}}") == "created"
+    started = vmshim("start", "-a", name, env=SLOW_BOOT)  # the file is on its writable layer
+    assert started.returncode == 0 and started.stdout == b"copied while stopped\n", err(started)
+    ok("cp", f"{name}:/srv/in.txt", str(tmp_path / "after.txt"), env=SLOW_BOOT)  # exited
+    assert (tmp_path / "after.txt").read_bytes() == b"copied while stopped\n"
+    assert inspect(name, "{{.State.Status}}") == "exited"
+    missing = vmshim("cp", f"{name}:/no/such", str(tmp_path), env=SLOW_BOOT)
+    assert missing.returncode != 0 and len(err(missing).strip().splitlines()) == 1
+    ok("rm", name)
+    assert not wait_no_new_domains(domains_before)
