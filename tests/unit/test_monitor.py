@@ -52,14 +52,6 @@ class PlainRuntime:
     def oom_killed(self):
         return False
 
-    def builtin(self, name, args, *, stdin):
-        from guest.runtime import builtins
-
-        spec = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/",
-                           user=f"{os.getuid()}:{os.getgid()}")
-        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                               builtin=builtins.prepare(name, args))
-
 
 class FakePlacement:
     """ProcessPlacement without mounts, namespaces or cgroups."""
@@ -344,7 +336,18 @@ def test_top_needs_a_runtime_with_builtins(store):
 
 
 
-def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(store, tmp_path):
+def _plain_builtin(self, name, args, *, stdin):
+    from guest.runtime import builtins
+
+    spec = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/",
+                       user=f"{os.getuid()}:{os.getgid()}")
+    return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
+                           builtin=builtins.prepare(name, args))
+
+
+def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(store, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(PlainRuntime, "builtin", _plain_builtin, raising=False)
     marker = tmp_path / "the-process-ran"
     record = make(store, f"touch {marker}")
     (tmp_path / "src").mkdir()
