@@ -568,8 +568,8 @@ class Agent:
             raise Reject("builtin args must be a short list of strings")
         if proc_id in self._procs:
             raise Reject(f"process id {proc_id} is in use")
-        if self._main is None or self._main.exit_code is not None:
-            raise Reject("the container is not running")
+        if self._main is not None and self._main.exit_code is not None:
+            raise Reject("the container is not running")  # (not started yet is fine: cp)
         builtin = getattr(self.runtime, "builtin", None)
         if builtin is None:
             raise Reject("this runtime has no builtins")

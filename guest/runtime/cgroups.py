@@ -518,7 +518,8 @@ class Cgroup:
         """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,
         ``cpu_system_ns``, ``cpu_periods``, ``cpu_throttled_periods``,
         ``cpu_throttled_ns``, ``memory_anon``, ``memory_file``, ``memory_peak``,
-        ``pids_limit`` (0: none). A figure the kernel does not offer is left out."""
+        ``pids_limit`` (0: none), ``block_read_bytes``, ``block_write_bytes``. A figure
+        the kernel does not offer is left out."""
         def table(controller: str, knob: str) -> dict:
             directory = self.paths.get(controller)
             out = {}
@@ -556,7 +557,8 @@ class Cgroup:
                      "cpu_throttled_ns": cpu.get("throttled_usec", -1) * 1000,
                      "memory_anon": memory.get("anon"), "memory_file": memory.get("file"),
                      "memory_peak": single("unified", "memory.peak"),
-                     "pids_limit": single("unified", "pids.max")}
+                     "pids_limit": single("unified", "pids.max"),
+                     **self._block_io()}
         else:
             cpu = table("cpu", "cpu.stat")
             memory = table("memory", "memory.stat")
@@ -568,11 +570,44 @@ class Cgroup:
                      "memory_anon": memory.get("total_rss", memory.get("rss")),
                      "memory_file": memory.get("total_cache", memory.get("cache")),
                      "memory_peak": single("memory", "memory.max_usage_in_bytes"),
-                     "pids_limit": single("pids", "pids.max")}
+                     "pids_limit": single("pids", "pids.max"),
+                     **self._block_io()}
         for key, value in pairs.items():
             if value is not None and value >= 0:
                 out[key] = value
         return out
+
+    def _block_io(self) -> dict:
+        """Bytes read and written on block devices by the cgroup's processes: the sum
+        over devices of v2 ``io.stat`` (``rbytes=``/``wbytes=``) or v1
+        ``blkio.throttle.io_service_bytes`` (``MAJ:MIN Read|Write N``)."""
+        read = written = 0
+        if self.version == 2:
+            directory, knob = self.paths.get("unified"), "io.stat"
+        else:
+            directory, knob = self.paths.get("blkio"), "blkio.throttle.io_service_bytes"
+        if directory is None:
+            return {}
+        try:
+            text = _read(os.path.join(directory, knob))
+        except OSError:
+            return {}
+        for line in text.splitlines():
+            words = line.split()
+            if self.version == 2:
+                for word in words[1:]:
+                    key, _, value = word.partition("=")
+                    if value.isdigit() and key in ("rbytes", "wbytes"):
+                        if key == "rbytes":
+                            read += int(value)
+                        else:
+                            written += int(value)
+            elif len(words) == 3 and words[2].isdigit():
+                if words[1] == "Read":
+                    read += int(words[2])
+                elif words[1] == "Write":
+                    written += int(words[2])
+        return {"block_read_bytes": read, "block_write_bytes": written}
 
     # ---- teardown -----------------------------------------------------------------------
 

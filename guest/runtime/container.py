@@ -32,6 +32,26 @@ its NIC is the container's."""
 HOST_NAMESPACES = DEFAULT_NAMESPACES + ("cgroup",)
 
 
+def network_io(pid: int) -> dict:
+    """``net_rx_bytes``/``net_tx_bytes``: the sum over the interfaces (but ``lo``) of the
+    network namespace *pid* is in (/proc/PID/net/dev); {} when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+    except OSError:
+        return {}
+    rx = tx = 0
+    for line in lines:
+        name, _, numbers = line.partition(":")
+        fields = numbers.split()
+        if name.strip() == "lo" or len(fields) < 9:
+            continue
+        if fields[0].isdigit() and fields[8].isdigit():
+            rx += int(fields[0])
+            tx += int(fields[8])
+    return {"net_rx_bytes": rx, "net_tx_bytes": tx}
+
+
 class Container:
     """A container whose rootfs is mounted at *rootfs*.
 
@@ -147,14 +167,19 @@ class Container:
 
     def builtin(self, name: str, args: list[str], *, stdin: bool) -> Spawned:
         """Run the agent's helper *name* (guest.runtime.builtins) in the running
-        container, as root in its namespaces and cgroup. Raises SpawnError (bad name or
+        container, as root in its namespaces and cgroup; before the main process started
+        (``cp`` with a stopped container: the host booted the VM for it alone), in new
+        namespaces of its own on the same rootfs. Raises SpawnError (bad name or
         arguments: 125)."""
         from guest.runtime import builtins
 
-        if self.main is None:
-            raise SpawnError("the container is not running")
         func = builtins.prepare(name, args)
         process = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/", user="0:0")
+        if self.main is None:
+            return spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
+                                   namespaces=self.namespaces, hosts_files=self.binds,
+                                   stdin=stdin, masked_paths=self.config.masked_paths,
+                                   readonly_paths=self.config.readonly_paths, builtin=func)
         return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
                                  cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
                                  builtin=func)
@@ -192,4 +217,6 @@ class Container:
         out = dict(self.cgroup.usage())
         out["oom_kills"] = self.cgroup.oom_kills()
         out.update(self.cgroup.details())
+        if self.main is not None:
+            out.update(network_io(self.main.pid))
         return out

@@ -153,7 +153,8 @@ class _Plan:
 def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgroup: Cgroup | None,
                     namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
                     stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
-                    readonly_paths=None, privileged: bool = False, devices=()) -> Spawned:
+                    readonly_paths=None, privileged: bool = False, devices=(),
+                    builtin=None) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -163,7 +164,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
     (tests, and plain processes on the host). *hosts_files* maps container paths to files to
     bind-mount there (see :func:`rootfs.prepare_rootfs`). ``process.tty`` selects a pty
     (of *rows* × *cols*) instead of pipes. *masked_paths* / *readonly_paths* replace the
-    default lists of :func:`rootfs.setup_mounts` (None: the defaults).
+    default lists of :func:`rootfs.setup_mounts` (None: the defaults). *builtin*: as for
+    :func:`exec_in_container`.
 
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
@@ -181,7 +183,7 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                  bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
                  loopback="net" in namespaces, set_hostname="uts" in namespaces,
                  masked_paths=masked_paths, readonly_paths=readonly_paths,
-                 privileged=privileged, devices=devices)
+                 privileged=privileged, devices=devices, builtin=builtin)
     syscalls.set_child_subreaper()
     return _spawn(plan)
 

@@ -135,6 +135,35 @@ def _pyplot():
     return plt
 
 
+def _set_title(f, title: str, subtitle: str) -> None:
+    """Title and subtitle centred on the whole figure (not the axes, which sit right of
+    the labels), the subtitle wrapped at its `` · `` separators so that no line is wider
+    than the figure."""
+    renderer = f.canvas.get_renderer()
+    room = f.get_figwidth() * f.dpi * 0.96
+
+    def width(line: str) -> float:
+        probe = f.text(0, 0, line, fontsize=9)
+        extent = probe.get_window_extent(renderer).width
+        probe.remove()
+        return extent
+
+    lines: list[str] = []
+    for part in subtitle.split(" · "):
+        if lines and width(f"{lines[-1]} · {part}") <= room:
+            lines[-1] = f"{lines[-1]} · {part}"
+        else:
+            lines.append(part)
+    f.suptitle("\n".join([title, *lines]), fontsize=9)
+
+
+def _save(f, path: Path) -> Path:
+    f.tight_layout()
+    f.savefig(path)
+    _pyplot().close(f)
+    return path
+
+
 def chart_figure(fig: Figure, subtitle: str, path: Path) -> Path | None:
     """Median bars with min–max whiskers, one per measured subject; None when no subject
     has samples."""
@@ -156,12 +185,9 @@ def chart_figure(fig: Figure, subtitle: str, path: Path) -> Path | None:
     ax.set_xticks(list(xs), [SUBJECT_LABELS.get(n, n).replace(", ", "\n").replace(" --", "\n--")
                              for n, _ in rows], fontsize=8)
     ax.set_ylabel(fig.unit + (" (higher is better)" if fig.higher_is_better else ""))
-    ax.set_title(f"{fig.title}\n{subtitle}", fontsize=9)
+    _set_title(f, fig.title, subtitle)
     ax.margins(y=0.15)
-    f.tight_layout()
-    f.savefig(path)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 def chart_density(fig: Figure, subtitle: str, path: Path) -> Path | None:
@@ -180,12 +206,9 @@ def chart_density(fig: Figure, subtitle: str, path: Path) -> Path | None:
     ax.axhline(1.0, color="#999999", linestyle="--", linewidth=1)
     ax.set_xlabel("containers running")
     ax.set_ylabel("slowest exec true (s)")
-    ax.set_title(f"Density: exec latency as containers are added\n{subtitle}", fontsize=9)
+    _set_title(f, "Density: exec latency as containers are added", subtitle)
     ax.legend(fontsize=8)
-    f.tight_layout()
-    f.savefig(path)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 def chart_summary(results: Results, subtitle: str, path: Path) -> Path | None:
@@ -198,7 +221,7 @@ def chart_summary(results: Results, subtitle: str, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    f, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(rows)), dpi=110)
+    f, ax = plt.subplots(figsize=(7, 1.4 + 0.35 * len(rows)), dpi=110)
     ys = range(len(rows))
     ax.barh(list(ys), [r for _, r, _ in rows], color=COLORS["vm"], left=0)
     for y, (_, r, _) in zip(ys, rows):
@@ -207,14 +230,12 @@ def chart_summary(results: Results, subtitle: str, path: Path) -> Path | None:
     ax.set_yticks(list(ys), [f"{n} ({'↑' if hb else '↓'} better)" for n, _, hb in rows],
                   fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the ratio printed after the longest bar
     ax.axvline(1.0, color="#333333", linewidth=1)
     ax.invert_yaxis()
     ax.set_xlabel("vm median ÷ process median")
-    ax.set_title(f"VM isolation relative to process isolation\n{subtitle}", fontsize=9)
-    f.tight_layout()
-    f.savefig(path)
-    plt.close(f)
-    return path
+    _set_title(f, "VM isolation relative to process isolation", subtitle)
+    return _save(f, path)
 
 
 def write_charts(results: Results, out: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""``vmshim cp``: copy files between a running container and the host, both directions.
+"""``vmshim cp``: copy files between a container (running or not) and the host, both ways.
 
 ``CONTAINER:PATH`` names a path in the container (docker's syntax; a local path with a
 colon must start with ``/`` or ``./``). ``-`` as the host side is a tar stream on

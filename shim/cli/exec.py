@@ -35,13 +35,17 @@ def exec_cmd(detach, interactive, tty, env, workdir, user, privileged, container
 
 @click.command()
 @click.option("--no-stdin", is_flag=True, help="Do not attach stdin.")
+@click.option("--detach-keys", default="ctrl-p,ctrl-q", show_default=True, metavar="KEYS",
+              help="With a TTY: the keys that detach (the container goes on running).")
 @click.argument("container")
-def attach(no_stdin, container):
+def attach(no_stdin, detach_keys, container):
     """Attach to a running container's main process (its output, and its stdin if it
-    was created with -i) until it exits."""
+    was created with -i) until it exits, or until the detach keys are typed."""
     from shim.containers import manage
+    from shim.containers.attach import parse_detach_keys
 
-    sys.exit(manage.attach(container, stdin=not no_stdin))
+    keys = parse_detach_keys(detach_keys)
+    sys.exit(manage.attach(container, stdin=not no_stdin, detach_keys=keys))
 
 
 @click.command()

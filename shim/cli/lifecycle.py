@@ -78,13 +78,13 @@ def restart(timeout, containers):
 @click.command()
 @click.option("-f", "--force", is_flag=True, help="Kill and remove running containers.")
 @click.option("-v", "--volumes", is_flag=True,
-              help="Also remove anonymous volumes (vmshim creates none yet: a no-op).")
+              help="Also remove the container's anonymous volumes (-v /path).")
 @click.argument("containers", nargs=-1, required=True)
 def rm(force, volumes, containers):
     """Remove containers (their writable layer and logs too)."""
     from shim.containers import manage
 
-    _each(containers, lambda ref: manage.remove(ref, force=force))
+    _each(containers, lambda ref: manage.remove(ref, force=force, volumes=volumes))
 
 
 @click.command()

@@ -30,7 +30,10 @@ def status_text(record, now: float | None = None) -> str:
     from shim.containers.store import parse_rfc3339
 
     now = time.time() if now is None else now
-    status = record.status.value
+    status = display_status(record)
+    if status == "restarting":
+        finished = parse_rfc3339(record.state.finished_at) or now
+        return f"Restarting ({record.state.exit_code}) {_ago(now - finished)} ago"
     if status in ("running", "paused"):
         started = parse_rfc3339(record.state.started_at) or now
         text = f"Up {_ago(now - started)}"
@@ -39,6 +42,16 @@ def status_text(record, now: float | None = None) -> str:
         finished = parse_rfc3339(record.state.finished_at) or now
         return f"Exited ({record.state.exit_code}) {_ago(now - finished)} ago"
     return status.capitalize()
+
+
+def display_status(record) -> str:
+    """The status docker would show: the record's, or ``restarting`` while a restart
+    policy waits to start it again (and its monitor lives)."""
+    from shim.containers.store import monitor_alive
+
+    if record.state.restarting and monitor_alive(record):
+        return "restarting"
+    return record.status.value
 
 
 def _command(record) -> str:
@@ -67,7 +80,7 @@ def matches(record, filters: list[tuple[str, str]]) -> bool:
         elif key == "name":
             ok = any(re.search(v, record.name) for v in values)
         elif key == "status":
-            ok = record.status.value in values
+            ok = display_status(record) in values
         elif key == "ancestor":
             ok = any(v in (record.image, record.image_id) or record.image_id.endswith(v)
                      for v in values)
@@ -80,11 +93,61 @@ def matches(record, filters: list[tuple[str, str]]) -> bool:
     return True
 
 
+def ports_text(record) -> str:
+    """docker's PORTS column: what is published now (``0.0.0.0:8080->80/tcp, …``); empty
+    for a container that does not run."""
+    if record.status.value not in ("running", "paused"):
+        return ""
+    from shim.network.store import NetworkStore
+
+    try:
+        endpoints = NetworkStore().endpoints_of(record.id)
+    except VmshimError:
+        return ""
+    return ", ".join(str(port) for _net, ep in endpoints for port in ep.ports)
+
+
+def created_text(record) -> str:
+    """docker's CreatedAt: ``2026-12-04 16:01:37 +0000 UTC``."""
+    from shim.containers.store import parse_rfc3339
+
+    created = parse_rfc3339(record.created)
+    if created is None:
+        return record.created
+    return time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(created))
+
+
 def ps_entry(record) -> dict:
     return {"ID": record.short_id, "Image": record.image, "Command": _command(record),
-            "CreatedAt": record.created, "Status": status_text(record),
-            "State": record.status.value, "Names": record.name, "Isolation": record.isolation,
-            "ExitCode": record.state.exit_code}
+            "CreatedAt": created_text(record), "Status": status_text(record),
+            "State": display_status(record), "Names": record.name, "Isolation": record.isolation,
+            "ExitCode": record.state.exit_code, "Ports": ports_text(record),
+            "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items()))}
+
+
+HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
+           "CreatedAt": "CREATED AT", "Status": "STATUS", "State": "STATE", "Names": "NAMES",
+           "Isolation": "ISOLATION", "ExitCode": "EXIT CODE", "Ports": "PORTS",
+           "Labels": "LABELS"}
+"""Column titles of ``--format 'table {{.Field}}…'``, as docker prints them."""
+
+
+def print_columns(rows: list[list[str]]) -> None:
+    """Cells aligned in columns three spaces apart (docker's tabwriter look)."""
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows)
+              for i in range(max(len(r) for r in rows))]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def print_template_table(template: str, entries: list[dict]) -> None:
+    """``table TEMPLATE``: a header line from the field names, then one row per entry;
+    ``\t`` in the template separates columns."""
+    header = _TEMPLATE.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()),
+                           template.replace("\\t", "\t"))
+    rows = [header.split("\t")]
+    rows += [render_template(template, entry).split("\t") for entry in entries]
+    print_columns(rows)
 
 
 @click.command()
@@ -92,7 +155,10 @@ def ps_entry(record) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="Only print container ids.")
 @click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help=f"Filter ({', '.join(FILTER_KEYS)}).")
-@click.option("--format", "fmt", metavar="json|TEMPLATE", help="json: one JSON object per line.")
+@click.option("--format", "fmt", metavar="json|[table] TEMPLATE",
+              help="json: one JSON object per line; a Go-style template such as "
+                   "'{{.ID}} {{.Names}} {{.Ports}}' (fields: ID, Image, Command, CreatedAt, "
+                   "Status, State, Names, Ports, Labels); 'table …' adds a header.")
 @click.option("--no-trunc", is_flag=True, help="Full ids and commands.")
 def ps(show_all, quiet, filters, fmt, no_trunc):
     """List containers."""
@@ -114,11 +180,15 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
                 entry["ID"] = record.id
             click.echo(json.dumps(entry))
         return
+    if fmt and fmt.startswith("table"):
+        print_template_table(fmt[len("table"):].strip() or DEFAULT_TABLE,
+                             [ps_entry(record) for record in records])
+        return
     if fmt:
         for record in records:
             click.echo(render_template(fmt, ps_entry(record)))
         return
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]]
     from shim.containers.store import parse_rfc3339
 
     for record in records:
@@ -126,12 +196,10 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
         if not no_trunc and len(command) > 20:
             command = command[:19] + "…"
         created = parse_rfc3339(record.created) or time.time()
-        rows.append((record.id if no_trunc else record.short_id, record.image,
+        rows.append([record.id if no_trunc else record.short_id, record.image,
                      json.dumps(command, ensure_ascii=False), f"{_ago(time.time() - created)} ago",
-                     status_text(record), record.name))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+                     status_text(record), ports_text(record), record.name])
+    print_columns(rows)
 
 
 # ---- inspect ------------------------------------------------------------------------------
@@ -142,7 +210,7 @@ def inspect_data(record) -> dict:
     from shim.containers.store import ContainerStore, monitor_alive
 
     state = record.state
-    status = record.status.value
+    status = display_status(record)
     monitor_pid = state.monitor_pid if monitor_alive(record) else 0
     info = manage.placement_info(record) if status in ("running", "paused") else {}
     process = record.process
@@ -156,7 +224,7 @@ def inspect_data(record) -> dict:
             "Status": status,
             "Running": status in ("running", "paused"),
             "Paused": status == "paused",
-            "Restarting": False,
+            "Restarting": status == "restarting",
             "OOMKilled": state.oom_killed,
             "Dead": False,
             "Pid": monitor_pid,
@@ -181,6 +249,7 @@ def inspect_data(record) -> dict:
             "OpenStdin": record.interactive,
             "StopSignal": record.stop_signal,
             "StopTimeout": record.stop_timeout,
+            "Labels": record.labels,
         },
         "HostConfig": {
             "Isolation": record.isolation,
@@ -222,6 +291,7 @@ def _network_settings(record) -> dict:
         return {"Error": str(exc)}
 
 
+DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
 _TEMPLATE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 

@@ -32,6 +32,10 @@ def container_options(func):
         click.option("--log-opt", "log_opts", multiple=True, metavar="KEY=VALUE",
                      help="Log rotation (docker's json-file options): max-size=SIZE "
                           "(default 10m), max-file=N (default 3)."),
+        click.option("--pull", type=click.Choice(["missing", "always", "never"]), default="missing",
+                     show_default=True, help="Pull the image before creating the container."),
+        click.option("-l", "--label", "labels", multiple=True, metavar="K=V",
+                     help="Set metadata on the container (ps --format '{{.Labels}}')."),
         # Volumes (shim.volumes.specs).
         click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
                      help="Bind-mount a host directory (/abs/path) or a named volume; "
@@ -63,6 +67,24 @@ def container_options(func):
     return network_options(resource_options(func))
 
 
+def _pull(image: str, policy: str) -> None:
+    """``--pull``: fetch the image first if the policy says so, with docker's messages
+    and the pull's progress on stderr (stdout stays the container's)."""
+    from shim.cli.progress import progress_for
+    from shim.images.distribution import pull_for_run
+
+    def missing() -> None:  # on a terminal only: a failure stays one line in scripts
+        if sys.stderr.isatty():
+            click.echo(f"Unable to find image '{image}' locally", err=True)
+
+    with progress_for("Waiting", False) as progress:
+        result = pull_for_run(image, policy, progress=progress, on_missing=missing)
+    if result is not None:
+        click.echo(f"Digest: {result.digest}", err=True)
+        verdict = "Downloaded newer image" if result.updated else "Image is up to date"
+        click.echo(f"Status: {verdict} for {result.reference.familiar}", err=True)
+
+
 def _options(image, command, **flags):
     from shim.cli.network import network_request
     from shim.containers.options import RunOptions
@@ -87,12 +109,15 @@ def _options(image, command, **flags):
         detach=flags.get("detach", False), restart=flags["restart"],
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
         log_opts=list(flags["log_opts"]),
+        labels=list(flags["labels"]),
     )
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @container_options
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the id.")
+@click.option("--detach-keys", default="ctrl-p,ctrl-q", show_default=True, metavar="KEYS",
+              help="With -it: the keys that detach (the container goes on running).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, command, **flags):
@@ -102,7 +127,12 @@ def run(image, command, **flags):
     if flags["tty"] and not flags["detach"] and not sys.stdin.isatty():
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
+    from shim.containers.attach import parse_detach_keys
+
     options = _options(image, command, **flags)
+    parse_detach_keys(flags["detach_keys"])  # bad keys fail before anything is made
+    options.detach_keys = flags["detach_keys"]
+    _pull(image, flags["pull"])
     started = []
     code = run_container(options, on_started=started.append)
     if options.detach and started:
@@ -118,5 +148,7 @@ def create(image, command, **flags):
     """Create a container from IMAGE without starting it; print its id."""
     from shim.containers.run import create as create_container
 
-    record = create_container(_options(image, command, **flags))
+    options = _options(image, command, **flags)
+    _pull(image, flags["pull"])
+    record = create_container(options)
     click.echo(record.id)

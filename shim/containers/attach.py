@@ -20,6 +20,63 @@ from shim.errors import AgentError
 from shim.vm.agent_client import AgentClient, wait_readable
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
+_CTRL_PUNCTUATION = {"@": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31}
+
+
+def parse_detach_keys(text: str) -> bytes:
+    """docker's ``--detach-keys`` (``ctrl-p,ctrl-q``: comma-separated single characters
+    or ``ctrl-X`` with X a letter or one of ``@ [ \\ ] ^ _``) as the bytes a terminal
+    sends. Raises UsageError."""
+    from shim.errors import UsageError
+
+    keys = bytearray()
+    for key in text.split(","):
+        low = key.lower()
+        if low.startswith("ctrl-") and len(key) == 6:
+            char = low[5]
+            if "a" <= char <= "z":
+                keys.append(ord(char) - ord("a") + 1)
+                continue
+            if char in _CTRL_PUNCTUATION:
+                keys.append(_CTRL_PUNCTUATION[char])
+                continue
+        elif len(key) == 1 and key.isascii():
+            keys.append(ord(key))
+            continue
+        raise UsageError(f"invalid --detach-keys {text!r}: {key!r} is not a key (use "
+                         "e.g. ctrl-p,ctrl-q or ctrl-a,x)")
+    return bytes(keys)
+
+
+class DetachScanner:
+    """Finds the detach sequence in what is typed, across reads: ``feed`` returns the
+    bytes to forward (a partial match is held back until it is known not to be one)
+    and sets :attr:`detached` once the whole sequence was typed."""
+
+    def __init__(self, keys: bytes):
+        self.keys = keys
+        self.matched = 0
+        self.detached = False
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        for byte in data:
+            if self.detached:
+                break
+            if byte == self.keys[self.matched]:
+                self.matched += 1
+                if self.matched == len(self.keys):
+                    self.detached = True
+                continue
+            out += self.keys[:self.matched]  # a false start: those keys were meant
+            self.matched = 0
+            if byte == self.keys[0]:
+                self.matched = 1
+                self.detached = len(self.keys) == 1
+            else:
+                out.append(byte)
+        return bytes(out)
 
 
 def terminal_size(fd: int) -> tuple[int, int]:
@@ -55,10 +112,13 @@ class StdioPump:
 
     Preconditions: the process *proc_id* has been started on *client*; the caller has
     not installed handlers for FORWARDED_SIGNALS (the pump installs and restores them).
+    With a TTY and stdin, typing *detach_keys* (bytes) ends the pump with the process
+    still running: :attr:`detached` is then true and :meth:`run` returns 0.
     """
 
     def __init__(self, client: AgentClient, proc_id: int, *, stdin_fd: int | None,
-                 stdout_fd: int = 1, stderr_fd: int = 2, tty: bool = False):
+                 stdout_fd: int = 1, stderr_fd: int = 2, tty: bool = False,
+                 detach_keys: bytes = b"\x10\x11"):
         self.client = client
         self.proc_id = proc_id
         self.stdin_fd = stdin_fd
@@ -68,6 +128,11 @@ class StdioPump:
         self.exit_code: int | None = None
         self.exit_error = ""
         self._pending_signals: list[int] = []
+        self._detach = DetachScanner(detach_keys) if tty and detach_keys else None
+
+    @property
+    def detached(self) -> bool:
+        return self._detach is not None and self._detach.detached
 
     def run(self) -> int:
         """Pump until the agent reports the exit; return the exit code.
@@ -96,6 +161,8 @@ class StdioPump:
         for msg in self.client.take_pending():
             self._handle(msg)
         while self.exit_code is None:
+            if self.detached:
+                return 0
             fds = [self.client.sock, wake_r] + ([self.stdin_fd] if stdin_open else [])
             ready = wait_readable(fds, None)
             if wake_r in ready:
@@ -115,6 +182,10 @@ class StdioPump:
             data = os.read(self.stdin_fd, protocol.CHUNK)
         except OSError:
             data = b""
+        if data and self._detach is not None:
+            data = self._detach.feed(data)
+            if not data:
+                return True
         if data:
             self.client.send(protocol.STDIN, data, id=self.proc_id)
             return True

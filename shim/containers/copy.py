@@ -1,4 +1,5 @@
-"""Copying files between a running container and the host (``vmshim cp``).
+"""Copying files between a container and the host (``vmshim cp``); a stopped container
+gets a short-lived VM of its own for it (shim.containers.manage.run_builtin).
 
 The container's side runs in the container as the agent's ``tar-out``/``tar-in``
 helpers (guest.runtime.builtins), through the monitor. The host's side packs or unpacks
@@ -48,7 +49,8 @@ def copy_out(ref: str, src: str, dest: str, limits: CopyLimits | None = None) ->
     src = _container_path(src)
     with tempfile.TemporaryFile() as archive:
         code, err = manage.run_builtin(store, record, "tar-out", [src],
-                                       out=_CappedSpool(archive, limits.max_bytes))
+                                       out=_CappedSpool(archive, limits.max_bytes),
+                                       stopped_ok=True)
         if code != 0:
             raise VmshimError(f"cannot copy {src} from {record.name}: "
                               f"{err.decode(errors='replace').strip() or f'exit {code}'}")
@@ -329,7 +331,8 @@ def copy_in(src: str, ref: str, dest: str) -> None:
     dest = _container_path(dest)
     if src == "-":
         chunks = iter(lambda: sys.stdin.buffer.read(CHUNK), b"")
-        code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks)
+        code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks,
+                                       stopped_ok=True)
     else:
         path = Path(src)
         if not path.exists() and not path.is_symlink():
@@ -344,7 +347,8 @@ def copy_in(src: str, ref: str, dest: str) -> None:
                             else os.path.basename(os.path.normpath(src)))
             archive.seek(0)
             chunks = iter(lambda: archive.read(CHUNK), b"")
-            code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks)
+            code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks,
+                                           stopped_ok=True)
     if code != 0:
         raise VmshimError(f"cannot copy into {record.name}:{dest}: "
                           f"{err.decode(errors='replace').strip() or f'exit {code}'}")

@@ -31,6 +31,41 @@ def stats(record: Container, store: ContainerStore | None = None,
     return usage if isinstance(usage, dict) else {}
 
 
+GUEST_FIGURES = ("memory", "memory_limit", "cpu_ns", "pids", "oom_kills", "cpu_user_ns",
+                 "cpu_system_ns", "memory_anon", "memory_file", "memory_peak", "pids_limit",
+                 "block_read_bytes", "block_write_bytes", "net_rx_bytes", "net_tx_bytes")
+"""What the agent's stats may carry; anything else it sends is dropped."""
+
+
+def checked_figures(usage) -> dict:
+    """The agent's stats reduced to known figures that are non-negative integers below
+    2**63 (the guest is not trusted: anything else is dropped, never raised on)."""
+    if not isinstance(usage, dict):
+        return {}
+    return {key: value for key, value in usage.items()
+            if key in GUEST_FIGURES and type(value) is int and 0 <= value < 1 << 63}
+
+
+def sample(record: Container, store: ContainerStore | None = None) -> dict:
+    """One ``stats`` sample: ``{"guest": figures or None, "host": usage or None}``. guest:
+    the container's own cgroup, from the agent (checked_figures; None when it does not
+    answer, e.g. paused). host: what the container costs the host (a VM's QEMU process;
+    for process isolation the same cgroup). Never raises."""
+    from shim.containers.manage import usage
+
+    guest = None
+    if record.status.value == "running":
+        try:
+            guest = checked_figures(stats(record, store, timeout=3.0))
+        except Exception:  # noqa: BLE001 - it stopped, or the agent is busy: no figures
+            guest = None
+    try:
+        host = usage(record)
+    except Exception:  # noqa: BLE001
+        host = None
+    return {"guest": guest, "host": host}
+
+
 def update(ref: str, change: Resources, store: ContainerStore | None = None) -> Container:
     """Change *ref*'s limits: applied at once to a running container (its cgroup), kept
     in its record for the next start (a stopped VM container also gets its VM resized

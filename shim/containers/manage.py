@@ -22,7 +22,8 @@ from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, monitor_alive, run_dir_of)
-from shim.errors import ContainerNotFound, ContainerStateError, UsageError, VmshimError
+from shim.errors import (AgentError, ContainerNotFound, ContainerStateError, UsageError,
+                         VmshimError)
 
 MONITOR_EXIT_WAIT = 30.0
 """How long a verb waits for a monitor that is finishing (tearing its VM down)."""
@@ -94,10 +95,11 @@ def _request(store: ContainerStore, record: Container, op: str, wait: float | No
 
 def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd: int = 0,
           stdout_fd: int = 1, stderr_fd: int = 2, store: ContainerStore | None = None,
-          on_started=None) -> int:
+          on_started=None, detach_keys: bytes = b"\x10\x11") -> int:
     """Start a created or exited container: spawn its monitor, which boots the VM (or
     host placement) and starts the main process. With *attach*, stream its stdio (stdin
     too with *interactive*) and return its exit code; otherwise return 0 once it runs.
+    With a TTY, typing *detach_keys* returns 0 and leaves the container running.
     Raises ContainerStateError, CommandNotFound (127), CommandNotExecutable (126),
     HypervisorError, AgentError …"""
     from shim.containers import monitor
@@ -122,11 +124,12 @@ def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd
             return 0
         return _start_attached(client, record, interactive=interactive and record.interactive,
                                stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                               on_started=on_started)
+                               on_started=on_started, detach_keys=detach_keys)
 
 
 def _start_attached(client: api.MonitorClient, record: Container, *, interactive: bool,
-                    stdin_fd: int, stdout_fd: int, stderr_fd: int, on_started) -> int:
+                    stdin_fd: int, stdout_fd: int, stderr_fd: int, on_started,
+                    detach_keys: bytes) -> int:
     """The foreground half of start: ask for the start with us attached, then pump.
     A SIGINT/SIGTERM before the process runs cancels the start (the monitor sees us
     hang up and tears everything down)."""
@@ -165,7 +168,8 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
         on_started(record)
     pump = StdioPump(client, reply.get("id", int, 1),
                      stdin_fd=stdin_fd if interactive else None,
-                     stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty)
+                     stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
+                     detach_keys=detach_keys)
     pump._pending_signals.extend(caught)
     code = pump.run()
     if pump.exit_error:
@@ -265,10 +269,22 @@ def wait(ref: str, store: ContainerStore | None = None) -> int:
 
 # ---- remove ----------------------------------------------------------------------------
 
-def remove(ref: str, *, force: bool = False, store: ContainerStore | None = None) -> Container:
+def remove(ref: str, *, force: bool = False, volumes: bool = False,
+           store: ContainerStore | None = None) -> Container:
     """Remove a container: its record, log, writable layer and anything still on the
-    host. A running one needs *force* (it is killed). Returns the removed record.
-    Raises ContainerStateError, ContainerNotFound."""
+    host; with *volumes* (``rm -v``) also the anonymous volumes it made. A running one
+    needs *force* (it is killed). Returns the removed record. Raises
+    ContainerStateError, ContainerNotFound."""
+    record = _remove_container(ref, force=force, store=store)
+    if volumes:
+        from shim.volumes.attach import remove_anonymous
+        from shim.volumes.specs import MountRequest
+
+        remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])
+    return record
+
+
+def _remove_container(ref: str, *, force: bool, store: ContainerStore | None) -> Container:
     store = _store(store)
     record = store.find(ref)
     if lifecycle.is_active(record.status) and not force:
@@ -401,8 +417,10 @@ def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty
 
 
 def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 1,
-           stderr_fd: int = 2, store: ContainerStore | None = None) -> int:
-    """Stream the running container's main process until it exits; its exit code."""
+           stderr_fd: int = 2, store: ContainerStore | None = None,
+           detach_keys: bytes = b"\x10\x11") -> int:
+    """Stream the running container's main process until it exits (its exit code) or,
+    with a TTY, until *detach_keys* are typed (0; it goes on running)."""
     from shim.containers.attach import StdioPump
 
     store = _store(store)
@@ -415,15 +433,19 @@ def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 
         use_stdin = stdin and record.interactive
         reply = api.raise_for_error(client.request("attach", None, stdin=use_stdin))
         pump = StdioPump(client, reply.get("id", int, 1), stdin_fd=stdin_fd if use_stdin else None,
-                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty)
+                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
+                         detach_keys=detach_keys)
         return pump.run()
 
 
 def run_builtin(store: ContainerStore, record: Container, name: str, args: list[str], *,
-                stdin_data=None, out=None) -> tuple[int, bytes]:
+                stdin_data=None, out=None, stopped_ok: bool = False) -> tuple[int, bytes]:
     """Run the agent's helper *name* in the container: (exit code, stderr). Its stdout
     goes to *out* (a writable binary file) if given; *stdin_data* (an iterable of bytes
-    chunks) is fed to it."""
+    chunks) is fed to it. With *stopped_ok*, a created or exited container gets a
+    short-lived VM (or host placement) of its own for it (see _builtin_while_stopped)."""
+    if stopped_ok and not lifecycle.is_active(record.status) and not monitor_alive(record):
+        return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data, out=out)
     lifecycle.check("exec", record.status, record.name)
     client = monitor_client(store, record)
     if client is None:
@@ -445,6 +467,61 @@ def run_builtin(store: ContainerStore, record: Container, name: str, args: list[
         while code is None:
             code = _route(client.recv(), proc_id, out, err)
         return code, bytes(err)
+
+
+STOPPED_BUILTIN_ID = 2
+STOPPED_BUILTIN_TIMEOUT = 30.0
+"""Seconds the agent may take to answer the helper's start (a TCG guest is slow)."""
+
+
+def _builtin_while_stopped(store: ContainerStore, record: Container, name: str,
+                           args: list[str], *, stdin_data, out) -> tuple[int, bytes]:
+    """``cp`` with a container that does not run: boot its placement (the same layers,
+    writable layer and volumes; no network) without starting its process, run the helper
+    there beside nothing else, and shut it down cleanly (the guest syncs and unmounts, so
+    what tar-in wrote is on the writable layer). The host never mounts anything the guest
+    wrote. The container's lock is held throughout, so a start waits for it."""
+    import dataclasses
+
+    from shim.containers.monitor import make_placement
+
+    err = bytearray()
+    with store.locked(record.id) as fresh:
+        if lifecycle.is_active(fresh.status) or monitor_alive(fresh):
+            raise ContainerStateError("cp", "stopped (it was started meanwhile: try again)",
+                                      fresh.status.value, fresh.name)
+        placement = make_placement(dataclasses.replace(fresh, network=None), store)
+        try:
+            client = placement.boot()
+            try:
+                client.send(protocol.BUILTIN, token=fresh.token, id=STOPPED_BUILTIN_ID,
+                            name=name, args=list(args), stdin=stdin_data is not None)
+                started = client.recv(STOPPED_BUILTIN_TIMEOUT)
+                while started.type not in (protocol.STARTED, protocol.ERROR):
+                    started = client.recv(STOPPED_BUILTIN_TIMEOUT)  # e.g. the agent's log
+                if started.type == protocol.ERROR:
+                    raise AgentError(started.get("message", str, "the agent refused the copy"))
+                code = None
+                if stdin_data is not None:
+                    for chunk in stdin_data:
+                        for start in range(0, len(chunk), protocol.CHUNK):
+                            client.send(protocol.STDIN, chunk[start:start + protocol.CHUNK],
+                                        id=STOPPED_BUILTIN_ID)
+                            code = _drain(client, STOPPED_BUILTIN_ID, out, err)
+                            if code is not None:
+                                break
+                        if code is not None:
+                            break
+                    if code is None:
+                        client.send(protocol.STDIN_CLOSE, id=STOPPED_BUILTIN_ID)
+                while code is None:
+                    code = _route(client.recv(), STOPPED_BUILTIN_ID, out, err)
+                client.send(protocol.SHUTDOWN)
+            finally:
+                client.close()
+        finally:
+            placement.teardown()  # waits for the guest's own power-off (it syncs first)
+    return code, bytes(err)
 
 
 def _drain(client, proc_id, out, err) -> int | None:
@@ -515,7 +592,8 @@ def list_containers(*, all: bool = False, store: ContainerStore | None = None) -
     out = []
     for record in store.list():
         record = reconcile(store, record)
-        if all or lifecycle.is_active(record.status):
+        restarting = record.state.restarting and monitor_alive(record)
+        if all or lifecycle.is_active(record.status) or restarting:
             out.append(record)
     return out
 

@@ -77,6 +77,18 @@ BAD_MESSAGES_LOGGED = 10
 MAX_AGENT_LINES = 100
 """Errors the agent reports on its own that monitor.log keeps (a guest cannot fill it)."""
 RESTART_DELAY_MAX = 60.0
+RESTART_DELAY_FIRST = 0.1
+RESTART_RESET_AFTER = 10.0
+"""docker's back-off: 100 ms, doubled for each restart in a row, back to 100 ms once the
+container ran this long."""
+
+
+def restart_delay(previous: float | None, ran_seconds: float) -> float:
+    """How long a restart policy waits after a run of *ran_seconds*, given the previous
+    wait (None: none yet)."""
+    if previous is None or ran_seconds >= RESTART_RESET_AFTER:
+        return RESTART_DELAY_FIRST
+    return min(RESTART_DELAY_MAX, previous * 2)
 EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
 
@@ -221,6 +233,8 @@ class Monitor:
         self.waiters: list[Conn] = []
         self.timers: list[tuple[float, str, object]] = []
         self.restart_at: float | None = None
+        self.restart_wait: float | None = None  # the last back-off (restart_delay)
+        self.up_since = 0.0  # monotonic time the main process started
         self.removal: Conn | None = None
         self.finished = False
         self.stop_requested = False
@@ -801,6 +815,7 @@ class Monitor:
         if self.restart_at is not None:
             self.restart_at = None
             self._cancel_timers("restart")
+            self._update(lambda r: setattr(r.state, "restarting", False))
             self.finished = True
 
     # ---- starting ------------------------------------------------------------------------
@@ -856,6 +871,7 @@ class Monitor:
             r.state.monitor_start = process_start_time(os.getpid()) or 0
 
         self._update(started)
+        self.up_since = time.monotonic()
         if conn is not None:
             # Queued, not sent yet: output that came with the reply is logged (and queued
             # behind it for an attached client) first, so that a client that saw
@@ -977,7 +993,9 @@ class Monitor:
         if anonymous:
             _remove_anonymous_volumes(anonymous)
         if restart:
-            delay = min(RESTART_DELAY_MAX, 0.1 * (2 ** min(self.record.state.restart_count, 10)))
+            delay = restart_delay(self.restart_wait, time.monotonic() - self.up_since)
+            self.restart_wait = delay
+            self._update(lambda r: setattr(r.state, "restarting", True))
             self.restart_at = time.monotonic() + delay
             self._timer(delay, "restart", self._restart)
         else:
@@ -1006,8 +1024,12 @@ class Monitor:
 
     def _restart(self) -> None:
         self.restart_at = None
+
+        def counted(r: Container) -> None:
+            r.state.restart_count += 1
+            r.state.restarting = False
         try:
-            self._update(lambda r: setattr(r.state, "restart_count", r.state.restart_count + 1))
+            self._update(counted)
         except ContainerNotFound:
             self.finished = True
             return
@@ -1033,6 +1055,7 @@ class Monitor:
                 _remove_anonymous_volumes(anonymous)
         elif self.record is not None:
             def forget(r: Container) -> None:
+                r.state.restarting = False
                 if r.state.monitor_pid == os.getpid():
                     r.state.monitor_pid = 0
                     r.state.monitor_start = 0
@@ -1146,11 +1169,9 @@ def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
     try:
         os.chdir("/")
         os.umask(0o022)
-        try:  # what ps and top show for us
-            with open("/proc/self/comm", "w") as f:
-                f.write("vmshim-monitor")
-        except OSError:
-            pass
+        from shim.proctitle import set_process_title
+
+        set_process_title(f"vmshim-monitor {container_id[:12]}")  # what ps and top show
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                     signal.SIGWINCH, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)

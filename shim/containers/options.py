@@ -55,6 +55,10 @@ class RunOptions:
     security: object = None
     """shim.containers.security.SecurityOptions (--privileged, --cap-add …); None: docker's
     defaults."""
+    labels: list[str] = field(default_factory=list)
+    """``--label K=V`` (``K`` alone: an empty value)."""
+    detach_keys: str = "ctrl-p,ctrl-q"
+    """``--detach-keys`` of a foreground ``-it`` run."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -72,6 +76,17 @@ class RunOptions:
         from shim.containers.logs import LogLimits
 
         LogLimits.parse(self.log_opts)  # bad --log-opt: UsageError before anything is made
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``K=V`` (or ``K``) items as a dict. Raises UsageError on an empty key."""
+    labels = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key.strip():
+            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
 
 
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")

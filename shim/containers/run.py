@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shim.containers.logs import LogLimits
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
-                                     parse_restart, parse_signal, random_name)
+                                     parse_labels, parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
 
 DEFAULT_STOP_TIMEOUT = 10
@@ -84,6 +84,7 @@ def prepare(options: RunOptions) -> Container:
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
         log=LogLimits.parse(options.log_opts).to_dict(),
+        labels={**(image_config.get("Labels") or {}), **parse_labels(options.labels)},
     )
 
 
@@ -169,9 +170,11 @@ def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd
     once it runs. *on_started* (optional) is called with the record once it runs.
     Raises what create and start raise (CommandNotFound: 127 …)."""
     from shim.containers import manage
+    from shim.containers.attach import parse_detach_keys
 
     store = ContainerStore()
     record = create(options, store)
     return manage.start(record.id, attach=not options.detach, interactive=options.interactive,
                         stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                        store=store, on_started=on_started)
+                        store=store, on_started=on_started,
+                        detach_keys=parse_detach_keys(options.detach_keys))

@@ -95,6 +95,9 @@ class ContainerState:
     """Start time (clock ticks since boot, /proc/<pid>/stat field 22) of the monitor, so a
     reused pid is not taken for it."""
     restart_count: int = 0
+    restarting: bool = False
+    """A restart policy is waiting to start it again (docker's ``restarting``); true only
+    while its monitor lives."""
     stopped_by_user: bool = False
     """``stop``/``kill``/``rm -f`` ended it: restart policies do not bring it back."""
 
@@ -151,6 +154,8 @@ class Container:
     capabilities and seccomp are in ``process``)."""
     devices: list = field(default_factory=list)
     """--device entries (shim.containers.security.parse_device)."""
+    labels: dict = field(default_factory=dict)
+    """The image's labels overridden by ``--label``."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

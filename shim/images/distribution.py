@@ -283,6 +283,44 @@ def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+PULL_POLICIES = ("missing", "always", "never")
+"""docker's ``run --pull``: pull when the store lacks the image, every time, or never."""
+
+
+def pull_for_run(ref: str, policy: str, *, store: ImageStore | None = None,
+                 progress: Progress | None = None,
+                 on_missing=lambda: None) -> PullResult | None:
+    """Apply ``run``/``create``'s *policy* to image *ref* before the container is made:
+    the PullResult of a pull, or None when nothing was pulled (it is in the store, the
+    policy is ``never``, or *ref* is an image ID, which cannot be pulled). When ``missing``
+    had to pull (after calling *on_missing*) and the pull failed, raises ImageNotFound
+    saying both; ``always`` raises
+    the pull's own error (RegistryError, ImageError)."""
+    import re
+
+    from shim.errors import ImageNotFound
+
+    if policy not in PULL_POLICIES:
+        raise UsageError(f"invalid --pull {policy!r}: use one of {', '.join(PULL_POLICIES)}")
+    store = store or ImageStore()
+    if policy == "never":
+        return None
+    if policy == "missing":
+        try:
+            store.resolve(ref)
+            return None
+        except ImageNotFound:
+            if re.fullmatch(r"(?:sha256:)?[0-9a-f]{64}", ref):
+                raise  # an image ID: nothing to pull
+            on_missing()
+            try:
+                return pull(ref, store=store, progress=progress)
+            except (RegistryError, ImageError) as failed:
+                raise ImageNotFound(f"image '{ref}' not found in the local store, and pulling "
+                                    f"it failed: {failed}") from None
+    return pull(ref, store=store, progress=progress)
+
+
 def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: bool = False,
          progress: Progress | None = None, client: RegistryClient | None = None,
          chunk_size: int | None = None) -> PushResult:

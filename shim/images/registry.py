@@ -11,7 +11,10 @@ One :class:`RegistryClient` per registry endpoint. It handles:
   Tokens are cached per scope set for the client's life.
 - **retries**: GET/HEAD are retried by urllib3 on connection errors and 429/5xx with
   exponential backoff; a blob download broken mid-stream is resumed with a ``Range``
-  request; uploads are retried whole by the caller (:func:`with_retries`).
+  request; uploads are retried whole by the caller (:func:`with_retries`), which never
+  retries again what urllib3 already retried. Before its first request a client pings
+  ``/v2/`` with short timeouts (at most two tries), so a registry that does not answer
+  fails within seconds with one line naming it.
 - **verification**: manifests are hashed and checked against the digest asked for (or the
   ``Docker-Content-Digest`` the registry announces); blobs stream into an
   :class:`~shim.images.store.Ingest`, which verifies size and digest before the blob
@@ -50,8 +53,10 @@ USER_AGENT = "vmshim/0.1 (+requests)"
 DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF = 0.5
 DEFAULT_TIMEOUT = (10.0, 60.0)  # connect, read
+PING_TIMEOUT = (3.0, 3.0)  # connect, read: a registry answers GET /v2/ at once
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _RETRY_STATUS = (429, 500, 502, 503, 504)
+_URLLIB3_RETRIES = frozenset({"GET", "HEAD"})  # methods the session's Retry already retries
 
 ProgressFn = Callable[[int], None]
 T = TypeVar("T")
@@ -180,6 +185,7 @@ class RegistryClient:
         self.timeout = timeout
         self.retries, self.backoff = retry_policy()
         self._base: str | None = None
+        self._answered = False
         self._tokens: dict[tuple[str, ...], str] = {}
         self._basic = False
         self._lock = threading.Lock()
@@ -195,7 +201,7 @@ class RegistryClient:
             retry = Retry(total=self.retries, connect=self.retries, read=self.retries,
                           status=self.retries, other=0, backoff_factor=self.backoff,
                           backoff_max=10.0, status_forcelist=_RETRY_STATUS,
-                          allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
+                          allowed_methods=_URLLIB3_RETRIES, raise_on_status=False,
                           respect_retry_after_header=True)
             adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
             s.mount("https://", adapter)
@@ -217,14 +223,35 @@ class RegistryClient:
         return self._base
 
     def _probe(self) -> str:
+        """Where plain HTTP is allowed: ``https://host`` if it answers, else ``http://host``
+        (which must answer: see :meth:`_ping`)."""
         https = f"https://{self.host}"
-        try:
-            with requests.Session() as s:
-                s.trust_env = False
-                s.get(https + "/v2/", timeout=(3.0, 5.0), verify=False, allow_redirects=False)
+        failed = _ping_once(https)
+        if failed is None:
+            self._answered = True
             return https
-        except requests.RequestException:
-            return f"http://{self.host}"
+        if isinstance(failed, requests.exceptions.SSLError):
+            self._answered = True  # something answered, just not TLS
+        return f"http://{self.host}"
+
+    def _ping(self, what: str) -> None:
+        """Make sure the registry answers ``GET /v2/`` at all (any HTTP status will do),
+        trying at most twice with :data:`PING_TIMEOUT`; raise a RegistryError naming it
+        otherwise. Where plain HTTP is allowed, the HTTPS probe is the first try."""
+        if self._answered:
+            return
+        tries = 1 if self.allow_http else 2
+        failed: requests.RequestException | None = None
+        for _ in range(tries):
+            failed = _ping_once(self.base_url)
+            if failed is None or isinstance(failed, requests.exceptions.SSLError):
+                failed = None  # answered (a TLS failure is reported by the request itself)
+                break
+        if failed is not None:
+            raise RegistryError(f"{what}: registry {self.host} does not answer at "
+                                f"{self.base_url}/v2/ ({_reason(failed)}); is it running "
+                                "and is the address right?")
+        self._answered = True
 
     def _url(self, path_or_url: str) -> str:
         if path_or_url.startswith(("http://", "https://")):
@@ -306,6 +333,8 @@ class RegistryClient:
         a fresh body (so the request can be re-sent after authenticating). Connection
         failures raise a retryable RegistryError; HTTP errors are returned for the caller."""
         scopes = tuple(sorted(set(scopes)))
+        self._ping(what)
+        retried = method in _URLLIB3_RETRIES  # urllib3 retried it: no second round on top
         for attempt in (0, 1):
             h = {**(headers or {}), **self._auth_header(scopes)}
             try:
@@ -318,8 +347,8 @@ class RegistryClient:
                                     "plain-HTTP registry needs --insecure or an "
                                     "insecure_registries entry)") from None
             except requests.RequestException as e:
-                raise _retryable(f"{what}: cannot reach registry {self.host}: "
-                                 f"{_reason(e)}") from None
+                message = f"{what}: cannot reach registry {self.host}: {_reason(e)}"
+                raise (RegistryError(message) if retried else _retryable(message)) from None
             if resp.status_code != 401 or attempt == 1:
                 return resp
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
@@ -577,9 +606,22 @@ def _basic_header(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def _ping_once(base: str) -> requests.RequestException | None:
+    """GET ``base/v2/`` once with :data:`PING_TIMEOUT`: None when anything answered (an
+    HTTP status), else the failure (an SSLError when something answered without TLS)."""
+    try:
+        with requests.Session() as s:
+            s.trust_env = False
+            s.get(base + "/v2/", timeout=PING_TIMEOUT, verify=False,
+                  allow_redirects=False).close()
+    except requests.RequestException as e:
+        return e
+    return None
+
+
 def _retryable_if(resp: requests.Response, what: str) -> RegistryError:
     message = f"{what}: {resp.status_code} {registry_error_text(resp)}".rstrip()
-    if resp.status_code in _RETRY_STATUS:
+    if resp.status_code in _RETRY_STATUS and resp.request.method not in _URLLIB3_RETRIES:
         return _retryable(message)
     return RegistryError(message)
 

@@ -74,7 +74,7 @@ def test_push_rmi_pull_and_run_busybox(registry, restore_busybox):  # noqa: F811
     vmshim("push", "-q", ref, check=True)
     digest = ImageStore().resolve(ref).manifest_digest
     vmshim("rmi", "busybox", ref, check=True)
-    assert vmshim("run", "--rm", ref, "true").returncode == 125  # gone locally
+    assert vmshim("run", "--rm", "--pull", "never", ref, "true").returncode == 125  # gone locally
 
     vmshim("pull", "-q", ref, check=True)
     proc = vmshim("run", "--rm", ref, "echo", "pulled by tag")

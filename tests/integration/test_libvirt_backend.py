@@ -4,18 +4,16 @@ Tests marked ``vm`` boot real microVMs (TCG here, ~1.5 s each): the Debian cloud
 and a tiny busybox initramfs generated below, whose /init echoes a line to the serial
 console and then either reboots (the domain must vanish) or sleeps.
 
-Kernel: $VMSHIM_TEST_KERNEL, else /tmp/k/x/boot/vmlinuz-*, else one extracted from
-``apt-get download linux-image-*-cloud-amd64``; the tests skip when none can be had, or when
-libvirtd is not reachable. Every domain is named ``vmshim-test-*`` and destroyed afterwards.
+Kernel: $VMSHIM_TEST_KERNEL, else the guest image's kernel from the state root (the one
+scripts/test builds; built here when missing), with the virtio-blk modules of its unpacked
+package. The tests skip only when libvirtd is not reachable. Every domain is named ``vmshim-test-*`` and destroyed afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -82,32 +80,20 @@ def write_initramfs(path: Path, init_script: str, modules: list[Path] = ()) -> N
     path.write_bytes(b"".join(entries))
 
 
-def find_or_fetch_kernel(workdir: Path) -> str | None:
+def guest_kernel() -> tuple[str, Path | None]:
+    """The kernel to boot and its ``lib/modules/<release>`` directory (None if unknown):
+    $VMSHIM_TEST_KERNEL (+ $VMSHIM_TEST_KERNEL_MODULES), else the guest image's kernel,
+    built in the state root as scripts/test does (cached, so cheap), whose modules sit in
+    the unpacked kernel package under ``cache_dir()/kernel``."""
     explicit = os.environ.get("VMSHIM_TEST_KERNEL")
     if explicit:
-        return explicit
-    found = sorted(glob.glob("/tmp/k/x/boot/vmlinuz-*"))
-    if found:
-        return found[-1]
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        return None
-    try:
-        out = subprocess.run(["apt-cache", "search", "--names-only",
-                              r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"],
-                             capture_output=True, text=True, timeout=60).stdout
-        names = sorted((line.split()[0] for line in out.splitlines() if line.strip()),
-                       key=lambda n: int(n.split("-")[3]))  # linux-image-6.1.0-<N>-cloud…
-        if not names:
-            return None
-        subprocess.run(["apt-get", "download", names[-1]], cwd=workdir, check=True,
-                       capture_output=True, timeout=300)
-        deb = next(workdir.glob("linux-image-*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "x")], check=True,
-                       timeout=300)
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return None
-    found = sorted(glob.glob(str(workdir / "x" / "boot" / "vmlinuz-*")))
-    return found[-1] if found else None
+        modules = os.environ.get("VMSHIM_TEST_KERNEL_MODULES")
+        return explicit, Path(modules) if modules else None
+    from shim.guestimage import ensure_guest_image
+
+    image = ensure_guest_image()
+    found = sorted((paths.cache_dir() / "kernel").glob(f"*/lib/modules/{image.kernel_release}"))
+    return str(image.kernel), found[-1] if found else None
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
@@ -154,28 +140,23 @@ def backend():
 
 
 @pytest.fixture(scope="module")
-def kernel(workdir):
-    found = find_or_fetch_kernel(workdir)
-    if not found:
-        pytest.skip("no guest kernel: set VMSHIM_TEST_KERNEL or extract a Debian cloud kernel "
-                    "to /tmp/k/x")
-    return found
+def kernel():
+    return guest_kernel()
 
 
-def virtio_blk_modules(kernel: str) -> list[Path]:
-    """The kernel's virtio-blk modules (from the same extracted package), or [] if absent."""
-    release = Path(kernel).name.removeprefix("vmlinuz-")
-    base = Path(kernel).parent.parent / "lib" / "modules" / release / "kernel"
-    found = [base / m for m in VIRTIO_BLK_MODULES]
+def virtio_blk_modules(modules_dir: Path | None) -> list[Path]:
+    """The kernel's virtio-blk modules, or [] if it has none as modules (built in)."""
+    if modules_dir is None:
+        return []
+    found = [modules_dir / "kernel" / m for m in VIRTIO_BLK_MODULES]
     return found if all(p.exists() for p in found) else []
 
 
 @pytest.fixture(scope="module")
 def initrds(workdir, kernel):
-    if not os.path.exists(BUSYBOX):
-        pytest.skip(f"{BUSYBOX} missing (apt-get install busybox-static)")
     out = {}
-    modules = virtio_blk_modules(kernel)
+    modules = virtio_blk_modules(kernel[1])
+    assert modules or kernel[1] is None, f"no virtio-blk modules under {kernel[1]}"
     for kind, script in (("reboot", REBOOT_INIT), ("sleep", SLEEP_INIT)):
         out[kind] = workdir / f"initrd-{kind}.cpio"
         write_initramfs(out[kind], script, modules if kind == "reboot" else [])
@@ -193,7 +174,7 @@ def make_domain(workdir, kernel, initrds, backend):
         d.mkdir()
         args = dict(name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1,
                     domain_type="qemu",
-                    boot=KernelBoot(kernel=kernel, initrd=str(initrds[init])),
+                    boot=KernelBoot(kernel=kernel[0], initrd=str(initrds[init])),
                     channels=[AgentChannel(socket_path=str(d / "agent.sock"))],
                     serial=SerialLog(path=str(d / "console.log")),
                     metadata={"container-id": tag})

@@ -91,3 +91,28 @@ def test_timeout():
     host, _guest = socket.socketpair()
     with pytest.raises(AgentError, match="did not answer"):
         AgentClient(host).recv(0.1)
+
+
+def test_detach_keys_parse_like_docker():
+    from shim.containers.attach import parse_detach_keys
+    from shim.errors import UsageError
+
+    assert parse_detach_keys("ctrl-p,ctrl-q") == b"\x10\x11"
+    assert parse_detach_keys("ctrl-a,x") == b"\x01x"
+    assert parse_detach_keys("ctrl-@,ctrl-[,ctrl-\\,ctrl-],ctrl-^,ctrl-_") == \
+        bytes([0, 27, 28, 29, 30, 31])
+    for bad in ("", "ctrl-", "ctrl-1", "xy", "ctrl-p,,ctrl-q"):
+        with pytest.raises(UsageError, match="--detach-keys"):
+            parse_detach_keys(bad)
+
+
+def test_detach_scanner_holds_partial_matches_across_reads():
+    from shim.containers.attach import DetachScanner
+
+    s = DetachScanner(b"\x10\x11")
+    assert s.feed(b"ab\x10") == b"ab" and not s.detached  # held back: maybe the sequence
+    assert s.feed(b"c") == b"\x10c" and not s.detached  # it was not: ^P goes through
+    assert s.feed(b"\x10\x10") == b"\x10" and not s.detached
+    assert s.feed(b"\x11tail") == b"" and s.detached  # nothing after the sequence is sent
+    one = DetachScanner(b"\x01")
+    assert one.feed(b"x\x01y") == b"x" and one.detached

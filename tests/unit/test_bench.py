@@ -385,3 +385,23 @@ def test_json_and_charts(tmp_path):
                      "summary.png"]
     for p in charts:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_chart_title_fits_its_width(tmp_path, monkeypatch):
+    results = _results()
+    results.meta["host"].update(cpu_model="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz",
+                                host_kernel="6.1.0-41-amd64", guest_kernel="6.1.0-57-cloud-amd64")
+    drawn = []
+    real_save = report._save
+
+    def keep(f, path):
+        f.tight_layout()
+        f.canvas.draw()
+        title = f._suptitle.get_window_extent(f.canvas.get_renderer())
+        drawn.append((title.x0, title.x1, f.bbox.x0, f.bbox.x1))
+        return real_save(f, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    assert report.chart_summary(results, report.short_headline(results), tmp_path / "s.png")
+    (x0, x1, left, right), = drawn
+    assert left <= x0 and x1 <= right, f"title spans {x0:.0f}-{x1:.0f}, figure {left:.0f}-{right:.0f}"

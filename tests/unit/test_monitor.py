@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from guest.runtime.process import spawn_container
+from guest.spec import ProcessSpec
 from shim.containers import manage, monitor
 from shim.containers.logs import read_entries
 from shim.containers.options import boot_config_of
@@ -333,3 +334,32 @@ def test_top_needs_a_runtime_with_builtins(store):
         manage.top(rec.id, store=store)
     manage.remove(rec.id, force=True, store=store)
 
+
+
+def _plain_builtin(self, name, args, *, stdin):
+    from guest.runtime import builtins
+
+    spec = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/",
+                       user=f"{os.getuid()}:{os.getgid()}")
+    return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
+                           builtin=builtins.prepare(name, args))
+
+
+def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(store, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(PlainRuntime, "builtin", _plain_builtin, raising=False)
+    marker = tmp_path / "the-process-ran"
+    record = make(store, f"touch {marker}")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data.txt").write_text("copied\n")
+    from shim.containers import copy
+
+    copy.copy_out(record.id, str(tmp_path / "src" / "data.txt"), str(tmp_path / "out.txt"))
+    assert (tmp_path / "out.txt").read_text() == "copied\n"
+    (tmp_path / "dest").mkdir()
+    copy.copy_in(str(tmp_path / "src" / "data.txt"), record.id, str(tmp_path / "dest"))
+    assert (tmp_path / "dest" / "data.txt").read_text() == "copied\n"
+    fresh = store.load(record.id)
+    assert fresh.status.value == "created" and not monitor_alive(fresh)
+    assert not marker.exists(), "the container's own process must not run for a cp"
+    assert not run_dir_of(record.id).exists(), "the short-lived placement is torn down"

@@ -5,8 +5,12 @@ cross-repository mounts, settings and credentials."""
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import stat
 import tarfile
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -394,3 +398,35 @@ def test_concurrent_pulls_of_the_same_image(store, reg):
     assert errors == []
     assert store.blob_path(seeded["layers"][0]).read_bytes() == data
     assert store_files(store)["ingest"] == []
+
+
+def test_a_5xx_on_get_is_retried_by_one_layer_only(store, reg):
+    reg.add_image("ns/down", "1", [layer({"a": b"a"})])
+    reg.state.fail_next[r"/manifests/"] = 100
+    with pytest.raises(RegistryError, match="503"):
+        pull(f"{reg.host}/ns/down:1", store=store)
+    gets = [p for m, p, _ in reg.state.log if m == "GET" and "/manifests/" in p]
+    assert len(gets) == 4, gets  # the first try and VMSHIM_REGISTRY_RETRIES=3, not 4 x 4
+
+
+@pytest.mark.parametrize("kind", ["refusing", "silent"])
+def test_a_registry_that_does_not_answer_fails_in_seconds_naming_it(tmp_path, kind):
+    """With the default retries and timeouts (no VMSHIM_REGISTRY_* in the environment): a
+    closed port, and a port that accepts connections but never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        if kind == "silent":
+            listener.listen(16)  # the kernel completes handshakes; nobody ever reads
+        else:
+            listener.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VMSHIM_REGISTRY_")}
+        env["VMSHIM_ROOT"] = str(tmp_path / "root")
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "shim.cli.main", "pull", f"{host}/x:1"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"registry {host} does not answer" in lines[0], proc.stderr
+    assert took < 10, f"{kind} registry: failed after {took:.1f}s"

@@ -86,3 +86,16 @@ def test_rw_disk_is_a_sparse_ext4(tmp_path):
     probe = subprocess.run(["dumpe2fs", "-h", str(path)], capture_output=True, text=True)
     assert "Filesystem volume name:   vmshim-rw" in probe.stdout
     assert not (tmp_path / "rw.img.tmp").exists()
+
+
+def test_teardown_returns_once_qemu_is_gone_without_waiting_for_libvirt(tmp_path):
+    """libvirt keeps knowing the domain 1-2 s after QEMU exited; stop must not wait on it."""
+    backend = FakeBackend()
+    p = placement(tmp_path, backend)
+    backend.create(p.build_domain(guest(tmp_path), AccelInfo("tcg", "t")))
+    backend.simulate_exit(p.domain)
+    backend.wait_gone = lambda name, timeout=10.0: time.sleep(timeout) or False  # never forgets
+    begin = time.monotonic()
+    p.teardown(grace=3, timeout=5)
+    assert time.monotonic() - begin < 1
+    assert not p.run_dir.exists()
