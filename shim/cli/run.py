@@ -40,6 +40,17 @@ def container_options(func):
         click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only."),
         click.option("--volumes-from", multiple=True, metavar="CONTAINER[:ro|rw]",
                      help="Mount the volumes and bind mounts of another container."),
+        click.option("-l", "--label", "labels", multiple=True, metavar="K=V",
+                     help="Set a label on the container."),
+        # Health checks (shim.containers.health).
+        click.option("--health-cmd", metavar="CMD", help="Command that checks health (sh -c)."),
+        click.option("--health-interval", metavar="DURATION", help="Time between checks (30s)."),
+        click.option("--health-timeout", metavar="DURATION", help="Longest check (30s)."),
+        click.option("--health-retries", type=int, metavar="N",
+                     help="Failures in a row that make it unhealthy (3)."),
+        click.option("--health-start-period", metavar="DURATION",
+                     help="Failures in this time after start do not count (0s)."),
+        click.option("--no-healthcheck", is_flag=True, help="Disable the image's HEALTHCHECK."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -67,7 +78,27 @@ def _options(image, command, **flags):
         isolation=flags["isolation"],
         detach=flags.get("detach", False), restart=flags["restart"],
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
+        labels=parse_labels(flags["labels"]), healthcheck=health_from_flags(**flags),
     )
+
+
+def parse_labels(values) -> dict[str, str]:
+    """``-l K=V`` (``K`` alone: an empty value, as docker)."""
+    from shim.errors import UsageError
+
+    out = {}
+    for entry in values:
+        key, _, value = entry.partition("=")
+        if not key:
+            raise UsageError(f"invalid --label {entry!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def health_from_flags(**flags):
+    from shim.containers.health import from_flags
+
+    return from_flags(**flags)
 
 
 @click.command(context_settings={"allow_interspersed_args": False})

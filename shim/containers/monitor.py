@@ -39,6 +39,7 @@ import traceback
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
+from shim.containers import health
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogWriter
@@ -741,6 +742,7 @@ class Monitor:
             r.state.monitor_start = process_start_time(os.getpid()) or 0
 
         self._update(started)
+        health.start(self)  # HEALTHCHECK / --health-cmd: probes on our timers
         if conn is not None:
             # Queued, not sent yet: output that came with the reply is logged (and queued
             # behind it for an attached client) first, so that a client that saw
@@ -811,6 +813,7 @@ class Monitor:
                               error="the container ended while no monitor was watching it")
             return
         self._say(f"re-attached to the running container (pid {os.getpid()})")
+        health.start(self)
         self.agent = client.sock
         self.agent.setblocking(False)
         self.agent_reader = client._reader
@@ -824,6 +827,7 @@ class Monitor:
         self.main_running = False
         self.exit_code = code
         self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
+        health.stop(self)
         restart = self._should_restart(code)
         finished_at = now_rfc3339()
 

@@ -50,6 +50,10 @@ class RunOptions:
     network: object = None
     """shim.network.container.NetworkRequest (-p, --network, --dns …); None: the default
     NAT network with nothing published."""
+    labels: dict = field(default_factory=dict)
+    healthcheck: dict | None = None
+    """``--health-*`` as docker's Config.Healthcheck (overrides the image's fields);
+    ``{"Test": ["NONE"]}`` for ``--no-healthcheck``; None: the image's."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:

@@ -81,7 +81,19 @@ def prepare(options: RunOptions) -> Container:
         hosts=hosts_file(hostname),
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
+        labels=dict(options.labels),
+        healthcheck=effective_healthcheck(image_config.get("Healthcheck"), options.healthcheck),
     )
+
+
+def effective_healthcheck(image_check: dict | None, flags: dict | None) -> dict | None:
+    """The image's HEALTHCHECK with ``--health-*`` fields on top; None when there is no
+    test or it is NONE (``--no-healthcheck``)."""
+    merged = {**(image_check or {}), **(flags or {})}
+    test = merged.get("Test") or []
+    if not test or test[0] == "NONE":
+        return None
+    return merged
 
 
 def _network_of(options: RunOptions, image_config: dict) -> dict:

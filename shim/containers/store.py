@@ -97,6 +97,9 @@ class ContainerState:
     restart_count: int = 0
     stopped_by_user: bool = False
     """``stop``/``kill``/``rm -f`` ended it: restart policies do not bring it back."""
+    health: dict = field(default_factory=dict)
+    """docker's State.Health ({Status, FailingStreak, Log}) while a health check runs
+    (shim.containers.health); empty without one."""
 
 
 @dataclass
@@ -144,6 +147,11 @@ class Container:
     """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
     sysctl: dict = field(default_factory=dict)
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
+    labels: dict = field(default_factory=dict)
+    """``--label`` (compose: com.docker.compose.project/service/container-number …)."""
+    healthcheck: dict | None = None
+    """docker's Config.Healthcheck (Test, Interval, Timeout, Retries, StartPeriod in ns)
+    from ``--health-*`` or the image; None: no check."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property
