@@ -87,8 +87,7 @@ def read_env_file(path: Path, *, required: bool = True) -> dict[str, str]:
 
 # ---- interpolation ------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$(?:(?P<escaped>\$)|(?P<named>[A-Za-z_][A-Za-z0-9_]*)|\{(?P<braced>[^{}]*)\}"
-                  r"|(?P<invalid>))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?$",
                      re.S)
 
@@ -96,38 +95,58 @@ _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\
 def interpolate_text(text: str, env: dict[str, str], where: str) -> str:
     """Substitute ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
     ``${VAR:?error}``, ``${VAR?error}``, ``${VAR:+alt}``, ``${VAR+alt}``; ``$$`` is a
-    literal ``$``. Defaults may hold further variables. Raises ComposeError naming
+    literal ``$``. Defaults may hold further ``${…}``. Raises ComposeError naming
     *where* for a bad expression or a required variable that is unset."""
-    def replace(match: re.Match) -> str:
-        if match.group("escaped"):
-            return "$"
-        if match.group("named"):
-            return env.get(match.group("named"), "")
-        braced = match.group("braced")
-        if braced is None:
-            raise ComposeError(f"{where}: invalid interpolation format in {text!r}: "
-                               "a '$' must be followed by a name, {NAME} or '$'")
-        parts = _BRACED.match(braced)
-        if not parts:
-            raise ComposeError(f"{where}: invalid interpolation format ${{{braced}}}")
-        name, op, arg = parts.group("name"), parts.group("op"), parts.group("arg") or ""
-        value = env.get(name)
-        if op is None:
-            return value or ""
-        if op in (":-", "-"):
-            unset = value is None or (op == ":-" and value == "")
-            return interpolate_text(arg, env, where) if unset else value
-        if op in (":?", "?"):
-            unset = value is None or (op == ":?" and value == "")
-            if unset:
-                reason = interpolate_text(arg, env, where) or "is not set"
-                raise ComposeError(f"{where}: required variable {name} is missing a value: "
-                                   f"{reason}")
-            return value
-        present = value is not None and (op == "+" or value != "")
-        return interpolate_text(arg, env, where) if present else ""
+    out, pos = [], 0
+    while True:
+        dollar = text.find("$", pos)
+        if dollar < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        out.append(text[pos:dollar])
+        nxt = text[dollar + 1:dollar + 2]
+        if nxt == "$":
+            out.append("$")
+            pos = dollar + 2
+        elif nxt == "{":
+            end, depth = dollar + 2, 1
+            while end < len(text) and depth:
+                depth += {"{": 1, "}": -1}.get(text[end], 0)
+                end += 1
+            if depth:
+                raise ComposeError(f"{where}: invalid interpolation format in {text!r}: "
+                                   "an unclosed ${")
+            out.append(_braced(text[dollar + 2:end - 1], env, where))
+            pos = end
+        else:
+            match = _NAME.match(text, dollar + 1)
+            if not match:
+                raise ComposeError(f"{where}: invalid interpolation format in {text!r}: "
+                                   "a '$' must be followed by a name, {NAME} or '$'")
+            out.append(env.get(match.group(0), ""))
+            pos = match.end()
 
-    return _VAR.sub(replace, text)
+
+def _braced(braced: str, env: dict[str, str], where: str) -> str:
+    parts = _BRACED.match(braced)
+    if not parts:
+        raise ComposeError(f"{where}: invalid interpolation format ${{{braced}}}")
+    name, op, arg = parts.group("name"), parts.group("op"), parts.group("arg") or ""
+    value = env.get(name)
+    if op is None:
+        return value or ""
+    if op in (":-", "-"):
+        unset = value is None or (op == ":-" and value == "")
+        return interpolate_text(arg, env, where) if unset else value
+    if op in (":?", "?"):
+        unset = value is None or (op == ":?" and value == "")
+        if unset:
+            reason = interpolate_text(arg, env, where) or "is not set"
+            raise ComposeError(f"{where}: required variable {name} is missing a value: "
+                               f"{reason}")
+        return value
+    present = value is not None and (op == "+" or value != "")
+    return interpolate_text(arg, env, where) if present else ""
 
 
 def interpolate(node, env: dict[str, str], path: str = ""):
