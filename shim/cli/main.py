@@ -116,6 +116,7 @@ def _register() -> None:
         ("network", "shim.cli.network:network_group"),  # networking (issue 6)
         ("port", "shim.cli.network:port_cmd"),
         ("bench", "shim.cli.bench:bench"),
+        ("compose", "shim.cli.compose:compose"),  # multi-container apps (issue 14)
     ):
         cli.add_lazy(name, target)
 

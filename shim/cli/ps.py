@@ -11,7 +11,7 @@ import click
 
 from shim.errors import UsageError, VmshimError
 
-FILTER_KEYS = ("id", "name", "status", "ancestor", "exited", "isolation")
+FILTER_KEYS = ("id", "name", "status", "ancestor", "exited", "isolation", "label", "health")
 
 
 def _ago(seconds: float) -> str:
@@ -37,6 +37,9 @@ def status_text(record, now: float | None = None) -> str:
     if status in ("running", "paused"):
         started = parse_rfc3339(record.state.started_at) or now
         text = f"Up {_ago(now - started)}"
+        health = (record.state.health or {}).get("Status") if record.healthcheck else None
+        if health:  # docker: "Up 5 seconds (healthy)"
+            text += " (health: starting)" if health == "starting" else f" ({health})"
         return text + " (Paused)" if status == "paused" else text
     if status == "exited":
         finished = parse_rfc3339(record.state.finished_at) or now
@@ -86,6 +89,10 @@ def matches(record, filters: list[tuple[str, str]]) -> bool:
                      for v in values)
         elif key == "exited":
             ok = record.status.value == "exited" and str(record.state.exit_code) in values
+        elif key == "label":
+            ok = all(label_matches(record.labels, v) for v in values)
+        elif key == "health":
+            ok = health_status(record) in values
         else:
             ok = record.isolation in values
         if not ok:
@@ -117,18 +124,32 @@ def created_text(record) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(created))
 
 
+def label_matches(labels: dict, wanted: str) -> bool:
+    """``label=K`` (present) or ``label=K=V`` (equal), docker's filter."""
+    key, sep, value = wanted.partition("=")
+    return key in labels and (not sep or labels[key] == value)
+
+
+def health_status(record) -> str:
+    """starting/healthy/unhealthy, or none without a health check."""
+    if not record.healthcheck:
+        return "none"
+    return (record.state.health or {}).get("Status") or "starting"
+
+
 def ps_entry(record) -> dict:
     return {"ID": record.short_id, "Image": record.image, "Command": _command(record),
             "CreatedAt": created_text(record), "Status": status_text(record),
             "State": display_status(record), "Names": record.name, "Isolation": record.isolation,
             "ExitCode": record.state.exit_code, "Ports": ports_text(record),
+            "Health": health_status(record),
             "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items()))}
 
 
 HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
            "CreatedAt": "CREATED AT", "Status": "STATUS", "State": "STATE", "Names": "NAMES",
            "Isolation": "ISOLATION", "ExitCode": "EXIT CODE", "Ports": "PORTS",
-           "Labels": "LABELS"}
+           "Labels": "LABELS", "Health": "HEALTH"}
 """Column titles of ``--format 'table {{.Field}}…'``, as docker prints them."""
 
 
@@ -234,6 +255,8 @@ def inspect_data(record) -> dict:
             "Error": state.error,
             "StartedAt": state.started_at,
             "FinishedAt": state.finished_at,
+            **({"Health": state.health or {"Status": "starting", "FailingStreak": 0,
+                                           "Log": []}} if record.healthcheck else {}),
         },
         "Image": record.image_id,
         "RestartCount": state.restart_count,
@@ -249,7 +272,8 @@ def inspect_data(record) -> dict:
             "OpenStdin": record.interactive,
             "StopSignal": record.stop_signal,
             "StopTimeout": record.stop_timeout,
-            "Labels": record.labels,
+            "Labels": dict(record.labels),
+            **({"Healthcheck": record.healthcheck} if record.healthcheck else {}),
         },
         "HostConfig": {
             "Isolation": record.isolation,

@@ -58,6 +58,15 @@ def container_options(func):
                      help="no-new-privileges, seccomp=PROFILE.json or seccomp=unconfined."),
         click.option("--device", multiple=True, metavar="HOST[:CONTAINER][:rwm]",
                      help="Give the container a device node."),
+        # Health checks (shim.containers.health).
+        click.option("--health-cmd", metavar="CMD", help="Command that checks health (sh -c)."),
+        click.option("--health-interval", metavar="DURATION", help="Time between checks (30s)."),
+        click.option("--health-timeout", metavar="DURATION", help="Longest check (30s)."),
+        click.option("--health-retries", type=int, metavar="N",
+                     help="Failures in a row that make it unhealthy (3)."),
+        click.option("--health-start-period", metavar="DURATION",
+                     help="Failures in this time after start do not count (0s)."),
+        click.option("--no-healthcheck", is_flag=True, help="Disable the image's HEALTHCHECK."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -109,8 +118,20 @@ def _options(image, command, **flags):
         detach=flags.get("detach", False), restart=flags["restart"],
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
         log_opts=list(flags["log_opts"]),
-        labels=list(flags["labels"]),
+        labels=parse_labels(flags["labels"]), healthcheck=health_from_flags(**flags),
     )
+
+
+def parse_labels(values) -> dict[str, str]:
+    from shim.containers.options import parse_labels as parse
+
+    return parse(list(values))
+
+
+def health_from_flags(**flags):
+    from shim.containers.health import from_flags
+
+    return from_flags(**flags)
 
 
 @click.command(context_settings={"allow_interspersed_args": False})

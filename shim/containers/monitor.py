@@ -49,6 +49,7 @@ from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim import paths
+from shim.containers import health
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogLimits, LogWriter
@@ -872,6 +873,7 @@ class Monitor:
 
         self._update(started)
         self.up_since = time.monotonic()
+        health.start(self)  # HEALTHCHECK / --health-cmd: probes on our timers
         if conn is not None:
             # Queued, not sent yet: output that came with the reply is logged (and queued
             # behind it for an attached client) first, so that a client that saw
@@ -942,6 +944,7 @@ class Monitor:
                               error="the container ended while no monitor was watching it")
             return
         self._say(f"re-attached to the running container (pid {os.getpid()})")
+        health.start(self)
         self.agent = client.sock
         self.agent.setblocking(False)
         self.agent_reader = client._reader
@@ -956,6 +959,7 @@ class Monitor:
         self.main_running = False
         self.exit_code = code
         self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
+        health.stop(self)
         restart = self._should_restart(code)
         finished_at = now_rfc3339()
 

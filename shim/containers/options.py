@@ -55,10 +55,13 @@ class RunOptions:
     security: object = None
     """shim.containers.security.SecurityOptions (--privileged, --cap-add …); None: docker's
     defaults."""
-    labels: list[str] = field(default_factory=list)
-    """``--label K=V`` (``K`` alone: an empty value)."""
+    labels: dict = field(default_factory=dict)
+    """``--label`` (parsed by :func:`parse_labels`) and compose's labels."""
     detach_keys: str = "ctrl-p,ctrl-q"
     """``--detach-keys`` of a foreground ``-it`` run."""
+    healthcheck: dict | None = None
+    """``--health-*`` as docker's Config.Healthcheck (overrides the image's fields);
+    ``{"Test": ["NONE"]}`` for ``--no-healthcheck``; None: the image's."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:

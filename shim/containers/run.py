@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shim.containers.logs import LogLimits
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
-                                     parse_labels, parse_restart, parse_signal, random_name)
+                                     parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
 
 DEFAULT_STOP_TIMEOUT = 10
@@ -84,8 +84,19 @@ def prepare(options: RunOptions) -> Container:
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
         log=LogLimits.parse(options.log_opts).to_dict(),
-        labels={**(image_config.get("Labels") or {}), **parse_labels(options.labels)},
+        labels={**(image_config.get("Labels") or {}), **options.labels},
+        healthcheck=effective_healthcheck(image_config.get("Healthcheck"), options.healthcheck),
     )
+
+
+def effective_healthcheck(image_check: dict | None, flags: dict | None) -> dict | None:
+    """The image's HEALTHCHECK with ``--health-*`` fields on top; None when there is no
+    test or it is NONE (``--no-healthcheck``)."""
+    merged = {**(image_check or {}), **(flags or {})}
+    test = merged.get("Test") or []
+    if not test or test[0] == "NONE":
+        return None
+    return merged
 
 
 def _network_of(options: RunOptions, image_config: dict) -> dict:

@@ -100,6 +100,9 @@ class ContainerState:
     while its monitor lives."""
     stopped_by_user: bool = False
     """``stop``/``kill``/``rm -f`` ended it: restart policies do not bring it back."""
+    health: dict = field(default_factory=dict)
+    """docker's State.Health ({Status, FailingStreak, Log}) while a health check runs
+    (shim.containers.health); empty without one."""
 
 
 @dataclass
@@ -155,7 +158,11 @@ class Container:
     devices: list = field(default_factory=list)
     """--device entries (shim.containers.security.parse_device)."""
     labels: dict = field(default_factory=dict)
-    """The image's labels overridden by ``--label``."""
+    """The image's labels overridden by ``--label`` (compose: com.docker.compose.project/
+    service/container-number …)."""
+    healthcheck: dict | None = None
+    """docker's Config.Healthcheck (Test, Interval, Timeout, Retries, StartPeriod in ns)
+    from ``--health-*`` or the image; None: no check."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property
