@@ -4,6 +4,7 @@ to; and the hidden ``remote-build-context`` verb the remote side of ``build`` ru
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -110,8 +111,7 @@ def remote_build_context(args):
     workdir = Path(tempfile.mkdtemp(prefix="vmshim-remote-build-"))
     try:
         try:
-            with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-                tar.extractall(workdir, filter="data")
+            _unpack(sys.stdin.buffer, workdir)
         except (tarfile.TarError, OSError) as exc:
             raise UsageError(f"the build context from the client is not a valid tar: {exc}") from None
         (workdir / "context").mkdir(exist_ok=True)
@@ -121,3 +121,27 @@ def remote_build_context(args):
         cli.main(args=replaced, prog_name="vmshim")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _unpack(stream, root: Path) -> None:
+    """Unpack the client's context tar under *root*: no absolute names, no ``..``, nothing
+    through a symlink that leads out, no device nodes (mode bits kept, owner not)."""
+    from shim.errors import UsageError
+
+    base = os.path.realpath(root)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if member.name.startswith("/") or ".." in parts or not parts:
+                raise UsageError(f"refusing build context entry {member.name!r}")
+            if member.isdev() or member.isfifo():
+                continue
+            if member.islnk() and (member.linkname.startswith("/") or ".." in member.linkname.split("/")):
+                raise UsageError(f"refusing build context hard link {member.name!r}")
+            parent = os.path.realpath(os.path.join(base, *parts[:-1]))
+            if parent != base and not parent.startswith(base + os.sep):
+                raise UsageError(f"refusing build context entry {member.name!r}: it leads outside")
+            member.name = "/".join(parts)
+            member.uid = member.gid = os.getuid()
+            member.uname = member.gname = ""
+            tar.extract(member, base, set_attrs=True)
