@@ -40,6 +40,9 @@ def maybe_run_remote(argv: list[str]) -> int | None:
     found, rest = split_globals(argv)
     if not rest or rest[0].startswith("-") or rest[0] in LOCAL_VERBS:
         return None
+    if not (found.get("--host") or found.get("--context") or os.environ.get("VMSHIM_HOST")
+            or os.environ.get("VMSHIM_CONTEXT") or _contexts_file_exists()):
+        return None  # the common case: nothing more to import
     from shim.errors import VmshimError
     from shim.remote.target import resolve
 
@@ -58,3 +61,9 @@ def maybe_run_remote(argv: list[str]) -> int | None:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _contexts_file_exists() -> bool:
+    """Whether shim.remote.target's contexts file exists (same path, without its imports)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.exists(os.path.join(base, "vmshim", "contexts.json"))

@@ -173,10 +173,14 @@ def _build(prefix, rest, scanned) -> Plan:
         if value == "-":
             dockerfile_data = sys.stdin.buffer.read()
         else:
-            try:
+            from shim.build.errors import BuildError
+
+            try:  # the local builder's own messages
                 dockerfile_data = Path(value).read_bytes()
+            except FileNotFoundError:
+                raise BuildError(f"cannot find the Dockerfile {value}") from None
             except OSError as exc:
-                raise UsageError(f"cannot read the Dockerfile {value}: {exc.strerror}") from None
+                raise BuildError(f"cannot read the Dockerfile {value}: {exc.strerror}") from None
         tokens[at] = opt_prefix + DOCKERFILE_PLACEHOLDER
     build_context = BuildContext(Path(context))
 
