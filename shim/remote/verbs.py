@@ -152,6 +152,8 @@ def _interactive(prefix, rest, scanned, verb) -> Plan:
     if verb == "login" and _flag(scanned, "password_stdin"):
         interactive = True
     tty = _flag(scanned, "tty") and not _flag(scanned, "detach") and sys.stdin.isatty()
+    if verb == "stats" and not _flag(scanned, "no_stream"):
+        tty = sys.stdout.isatty() and sys.stdin.isatty()  # its live screen wants a terminal
     return Plan(prefix + rest, stdin="terminal" if interactive else None, pty=tty)
 
 

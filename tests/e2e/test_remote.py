@@ -211,6 +211,25 @@ def test_run_keeps_streams_apart_and_the_exit_code(sshd):
 
 
 @vm
+def test_ctrl_c_reaches_the_remote_container(sshd):
+    """SIGINT to the local client (a terminal's Ctrl-C without -t) → SSH signal → the remote
+    vmshim forwards it to the container, as the local CLI does: the trap's exit code."""
+    proc = subprocess.Popen(
+        CLI + ["--host", sshd.url, "run", "--rm", "busybox", "sh", "-c",
+               'trap "echo got-int; exit 42" INT; echo ready; while true; do sleep 0.2; done'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sshd.client_env())
+    try:
+        wait_until(lambda: select.select([proc.stdout], [], [], 1)[0], 90, "ready")
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 42
+        assert proc.stdout.read() == b"got-int\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@vm
 def test_exec(sshd, box):
     proc = remote(sshd, "exec", box, "sh", "-c", "cat /etc/hostname; exit 4")
     assert proc.returncode == 4 and text(proc).strip()
