@@ -363,3 +363,19 @@ def test_build_streams_the_local_context_minus_dockerignore(sshd, tmp_path):
         assert "missing.txt" in err(proc)
     finally:
         vmshim("rmi", tag)
+
+
+@vm
+def test_remote_benchmark_reports_overhead_and_ratios(tmp_path):
+    import sys
+
+    out = tmp_path / "remote.json"
+    proc = subprocess.run([sys.executable, "benchmarks/remote.py", "--runs", "3", "--json", str(out)],
+                          capture_output=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, err(proc)
+    print(text(proc))  # the figures, for -rP
+    data = json.loads(out.read_text())
+    for what in ("ps", "exec", "run"):
+        assert data[f"{what}_remote"]["runs"] == 3 and data[f"{what}_overhead"]["ratio"] > 0
+    assert data["connect"]["runs"] == 1
