@@ -91,27 +91,41 @@ class Control:
                 mux.send(conn, kind, payload)
 
         send(mux.ACCEPT)
+        remote_pid: list[int] = []
 
-        def pump(read, kind):
+        def pump(read, kind, marked):
+            pending = b""
             while True:
                 data = read(65536)
                 if not data:
+                    if pending:
+                        send(kind, pending)
                     return
+                if marked and not remote_pid:  # a line "vmshim-remote-pid N" comes first
+                    pending += data
+                    data, pid = _take_pid_line(pending)
+                    if pid is None:
+                        continue
+                    pending = b""
+                    remote_pid.append(pid)
+                    if not data:
+                        continue
                 send(kind, data)
 
-        pumps = [threading.Thread(target=pump, args=(channel.recv, mux.STDOUT), daemon=True),
-                 threading.Thread(target=pump, args=(channel.recv_stderr, mux.STDERR), daemon=True)]
+        pumps = [threading.Thread(target=pump, args=(channel.recv, mux.STDOUT, bool(pty)), daemon=True),
+                 threading.Thread(target=pump, args=(channel.recv_stderr, mux.STDERR, not pty),
+                                  daemon=True)]
         for thread in pumps:
             thread.start()
-        threading.Thread(target=self._from_cli, args=(conn, channel), daemon=True).start()
+        threading.Thread(target=self._from_cli, args=(conn, channel, remote_pid),
+                         daemon=True).start()
         for thread in pumps:
             thread.join()
         status = channel.recv_exit_status()
         send(mux.EXIT, str(255 if status < 0 else status).encode())
         channel.close()
 
-    @staticmethod
-    def _from_cli(conn: socket.socket, channel) -> None:
+    def _from_cli(self, conn: socket.socket, channel, remote_pid: list[int]) -> None:
         """CLI → channel: stdin, EOF, resizes, signals; the CLI hanging up closes the channel."""
         try:
             while True:
@@ -126,12 +140,30 @@ class Control:
                 elif kind == mux.RESIZE:
                     size = json.loads(payload)
                     channel.resize_pty(width=int(size["cols"]), height=int(size["rows"]))
-                elif kind == mux.SIGNAL:
-                    ssh.send_signal(channel, payload.decode("ascii", "replace"))
+                elif kind == mux.SIGNAL and remote_pid and not channel.exit_status_ready():
+                    threading.Thread(target=ssh.send_signal, daemon=True, args=(
+                        self.client, remote_pid[0], payload.decode("ascii", "replace"))).start()
         except (OSError, mux.FrameError, ValueError):
             pass
         if not channel.exit_status_ready():
             channel.close()
+
+
+def _take_pid_line(buffer: bytes) -> tuple[bytes, int | None]:
+    """(*buffer* without the remote pid line, the pid) once that line is complete; (b"",
+    None) while it may still come; the buffer as it is and pid 0 when it did not (after
+    4 KiB, e.g. a pty echoing early input first)."""
+    at = buffer.find(ssh.PID_MARKER)
+    if at >= 0:
+        end = buffer.find(b"\n", at)
+        if end >= 0:
+            digits = buffer[at + len(ssh.PID_MARKER):end].rstrip(b"\r")
+            if digits.isdigit():
+                return buffer[:at] + buffer[end + 1:], int(digits)
+            return buffer, 0
+    if len(buffer) > 4096:
+        return buffer, 0
+    return b"", None
 
 
 def _listen(path) -> socket.socket:

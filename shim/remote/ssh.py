@@ -123,12 +123,17 @@ def _local_user() -> str:
     return getpass.getuser()
 
 
+PID_MARKER = b"vmshim-remote-pid "
+
+
 def remote_command(target: SshTarget, args: list[str], env: dict[str, str]) -> str:
-    """The shell command line that runs the remote vmshim with *args* (``exec``, so SSH
-    signals reach it directly)."""
+    """The shell command line that runs the remote vmshim with *args*. It first prints
+    ``vmshim-remote-pid PID`` on a line of its own (to stderr, or the pty), which the
+    control process strips and keeps for signal(), then ``exec``s vmshim in that pid."""
     assignments = [f"{k}={v}" for k, v in sorted(env.items())]
-    return " ".join(["exec", "env"] + [shlex.quote(a) for a in assignments]
-                    + [shlex.quote(target.remote_vmshim)] + [shlex.quote(a) for a in args])
+    return "printf '%s%d\\n' " + shlex.quote(PID_MARKER.decode()) + " $$ >&2; " + " ".join(
+        ["exec", "env"] + [shlex.quote(a) for a in assignments]
+        + [shlex.quote(target.remote_vmshim)] + [shlex.quote(a) for a in args])
 
 
 def probe(client: paramiko.SSHClient, target: SshTarget) -> None:
@@ -144,16 +149,21 @@ def probe(client: paramiko.SSHClient, target: SshTarget) -> None:
             f"`--remote-vmshim /path/to/.venv/bin/vmshim`")
 
 
-def send_signal(channel: paramiko.Channel, name: str) -> None:
-    """Send the RFC 4254 "signal" channel request (*name* without SIG, e.g. ``INT``).
-    paramiko has no method for it; this builds the message the way its resize_pty does.
-    OpenSSH (8.1+) delivers it to the session's process group."""
-    from paramiko.common import cMSG_CHANNEL_REQUEST
+SIGNALS = {"INT", "TERM", "HUP", "QUIT"}
 
-    message = paramiko.Message()
-    message.add_byte(cMSG_CHANNEL_REQUEST)
-    message.add_int(channel.remote_chanid)
-    message.add_string("signal")
-    message.add_boolean(False)
-    message.add_string(name)
-    channel.transport._send_user_message(message)
+
+def send_signal(client: paramiko.SSHClient, pid: int, name: str) -> None:
+    """Send SIG*name* to the remote command's process group (*pid* leads it: sshd makes
+    each session's command a session leader), as a terminal's Ctrl-C does locally.
+
+    Not the RFC 4254 "signal" channel request: OpenSSH honours it only in privilege-
+    separated sessions, so never for root logins (``session signalling requires privilege
+    separation``). A ``kill`` on a new channel of the same connection works for every user."""
+    if name not in SIGNALS or pid <= 1:
+        return
+    channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+    try:
+        channel.exec_command(f"kill -{name} -- -{int(pid)}")
+        channel.recv_exit_status()
+    finally:
+        channel.close()

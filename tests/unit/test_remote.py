@@ -128,3 +128,22 @@ def test_frames_round_trip_and_bounds():
         a.shutdown(socket.SHUT_WR)
         with pytest.raises(mux.FrameError, match="middle"):
             mux.recv(b)
+
+
+def test_remote_pid_line_is_taken_out_of_the_stream():
+    from shim.remote.control import _take_pid_line
+
+    assert _take_pid_line(b"vmshim-remote-") == (b"", None)
+    assert _take_pid_line(b"vmshim-remote-pid 42\nerr\n") == (b"err\n", 42)
+    assert _take_pid_line(b"typed\r\nvmshim-remote-pid 7\r\nout") == (b"typed\r\nout", 7)
+    assert _take_pid_line(b"vmshim-remote-pid x\n") == (b"vmshim-remote-pid x\n", 0)
+    assert _take_pid_line(b"y" * 5000) == (b"y" * 5000, 0)
+
+
+def test_remote_command_quotes_and_marks_its_pid():
+    from shim.remote.ssh import remote_command
+
+    line = remote_command(SshTarget("h", remote_vmshim="/opt/v m/vmshim"), ["run", "a b", "$x"],
+                          {"COLUMNS": "80"})
+    assert line == ("printf '%s%d\\n' 'vmshim-remote-pid ' $$ >&2; exec env COLUMNS=80 "
+                    "'/opt/v m/vmshim' run 'a b' '$x'")
