@@ -145,7 +145,12 @@ class Control:
                         self.client, remote_pid[0], payload.decode("ascii", "replace"))).start()
         except (OSError, mux.FrameError, ValueError):
             pass
-        if not channel.exit_status_ready():
+        if not channel.exit_status_ready():  # the client is gone: as a terminal closing
+            if remote_pid and remote_pid[0]:
+                try:
+                    ssh.send_signal(self.client, remote_pid[0], "HUP")
+                except Exception:
+                    pass
             channel.close()
 
 
