@@ -295,6 +295,7 @@ def test_run_it_under_a_pty_follows_resizes(sshd):
                     break
 
     try:
+        read_until(b"/ # ")  # typed earlier, input is flushed when the terminal goes raw
         os.write(master, b"stty size; echo SIZE1-$((6*7))\n")
         read_until(b"SIZE1-42")
         assert b"30 100" in seen
