@@ -18,6 +18,7 @@ def info(fmt):
     accel = detect_accel()
     guest = current_guest_image()
     data = {
+        "context": _context(),
         "accel": accel.kind,
         "accel_reason": accel.reason,
         "libvirt_uri": paths.libvirt_uri(),
@@ -31,6 +32,7 @@ def info(fmt):
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return
+    click.echo(f"Context:       {data['context']['name']} ({data['context']['host']})")
     click.echo(f"Accelerator:   {accel.kind.upper()} ({accel.reason})")
     click.echo(f"libvirt:       {data['libvirt']} at {data['libvirt_uri']}")
     click.echo(f"State root:    {data['root']}")
@@ -38,6 +40,20 @@ def info(fmt):
         click.echo("Guest image:   not built (run `vmshim guest build`)")
     else:
         click.echo(f"Guest image:   kernel {guest.kernel_release}, {guest.initramfs}")
+
+
+def _context() -> dict:
+    """The context this command came through: the client's when run remotely (the client
+    passes VMSHIM_REMOTE_CONTEXT), else this machine's current one."""
+    import os
+
+    remote = os.environ.get("VMSHIM_REMOTE_CONTEXT")
+    if remote:
+        name, _, host = remote.partition(" ")
+        return {"name": name if name != "-" else "(--host)", "host": host}
+    from shim.remote.target import ContextStore
+
+    return {"name": ContextStore().current(), "host": "this machine"}
 
 
 def _libvirt_version() -> str:

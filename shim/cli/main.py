@@ -58,9 +58,14 @@ class VmshimGroup(click.Group):
 
 @click.group(cls=VmshimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="VMSHIM_DEBUG", help="Show tracebacks of errors.")
+@click.option("-H", "--host", metavar="ssh://[USER@]HOST[:PORT]",
+              help="Run the command on this remote host [env: VMSHIM_HOST] (docs/remote.md).")
+@click.option("-c", "--context", "context_name", metavar="NAME",
+              help="Run the command on this context's host [env: VMSHIM_CONTEXT].")
+@click.option("--remote-vmshim", metavar="PATH", help="The vmshim command on the remote host.")
 @click.version_option(package_name="vmshim")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, host, context_name, remote_vmshim):
     """Containers with the isolation of a virtual machine."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -117,6 +122,8 @@ def _register() -> None:
         ("port", "shim.cli.network:port_cmd"),
         ("bench", "shim.cli.bench:bench"),
         ("compose", "shim.cli.compose:compose"),  # multi-container apps (issue 14)
+        ("context", "shim.cli.context:context_group"),  # remote hosts (issue 18)
+        ("remote-build-context", "shim.cli.context:remote_build_context"),
     ):
         cli.add_lazy(name, target)
 
@@ -125,6 +132,11 @@ _register()
 
 
 def main() -> None:
+    from shim.remote.hook import maybe_run_remote  # --host / contexts (issue 18)
+
+    code = maybe_run_remote(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
     cli(prog_name="vmshim")
 
 
