@@ -167,7 +167,10 @@ def mount_basics() -> None:
 def load_modules(list_path: str | None = None) -> None:
     """Load each module named in *list_path* (MODULES_LIST; absolute paths, or relative
     to /lib/modules/<release>), in order. Already loaded or built in: fine. A module that
-    fails is reported on the console and skipped: what needs it fails later, clearly."""
+    fails is reported on the console and skipped: what needs it fails later, clearly.
+    A kernel without module support (the minimal kernel: all built in) loads nothing."""
+    if not os.path.exists("/proc/modules"):
+        return
     try:
         with open(list_path or MODULES_LIST) as f:
             names = [line.strip() for line in f if line.strip() and not line.startswith("#")]

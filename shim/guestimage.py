@@ -2,10 +2,12 @@
 
 What goes in (see images/guest/README.md):
 
-- the Debian cloud kernel (``linux-image-cloud-amd64`` → its concrete package), fetched
-  with ``apt-get download`` into ``paths.cache_dir()/kernel`` and unpacked there, never
-  installed on the host; or a kernel named by ``VMSHIM_KERNEL`` (+ ``VMSHIM_KERNEL_MODULES``,
-  its ``/lib/modules/<release>`` directory);
+- the kernel (see :func:`kernel_choice`): the minimal microVM kernel when it has been built
+  (:mod:`shim.kernelbuild`, everything built in, no modules); else the Debian cloud kernel
+  (``linux-image-cloud-amd64`` → its concrete package), fetched with ``apt-get download``
+  into ``paths.cache_dir()/kernel`` and unpacked there, never installed on the host; or a
+  kernel named by ``VMSHIM_KERNEL`` (+ ``VMSHIM_KERNEL_MODULES``, its
+  ``/lib/modules/<release>`` directory);
 - an initramfs (newc cpio written here, so device nodes need no root and the bytes are
   reproducible) holding ``/init``, the host's Debian python with the libraries it links and
   a trimmed, precompiled stdlib, ``guest/`` under ``/usr/lib/vmshim``, busybox-static and
@@ -525,11 +527,82 @@ def _kernel_override() -> dict | None:
     return out
 
 
+KERNEL_CHOICES = ("minimal", "distro")
+KERNEL_ENV = "VMSHIM_GUEST_KERNEL"
+"""Environment override of the kernel choice (``minimal`` or ``distro``), e.g. for a bench or
+a test run on the other kernel."""
+
+
+def _choice_file() -> Path:
+    return paths.guest_dir() / "kernel-choice"
+
+
+def save_kernel_choice(choice: str | None) -> None:
+    """Remember *choice* (``minimal``/``distro``) for every later VM; None goes back to auto."""
+    path = _choice_file()
+    if choice is None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    if choice not in KERNEL_CHOICES:
+        raise GuestImageError(f"unknown guest kernel {choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(choice + "\n")
+    os.replace(tmp, path)
+
+
+def kernel_choice(requested: str | None = None) -> tuple[str, str]:
+    """Which kernel the guest boots, and why: ``(choice, reason)`` with choice ``override``
+    (VMSHIM_KERNEL), ``minimal`` or ``distro``. In order: VMSHIM_KERNEL, *requested*,
+    $VMSHIM_GUEST_KERNEL, the choice saved by ``vmshim guest build --kernel``, else the
+    minimal kernel if it is built, else the distro kernel. Raises GuestImageError for an
+    unknown name."""
+    if os.environ.get("VMSHIM_KERNEL"):
+        return "override", f"VMSHIM_KERNEL={os.environ['VMSHIM_KERNEL']}"
+    if requested:
+        source = "asked for"
+    elif os.environ.get(KERNEL_ENV):
+        requested, source = os.environ[KERNEL_ENV], f"{KERNEL_ENV} is set"
+    else:
+        try:
+            requested = _choice_file().read_text().strip() or None
+        except OSError:
+            requested = None
+        source = "chosen with `vmshim guest build --kernel`"
+    if requested:
+        if requested not in KERNEL_CHOICES:
+            raise GuestImageError(f"unknown guest kernel {requested!r} ({source}); "
+                                  f"choose one of {', '.join(KERNEL_CHOICES)}")
+        return requested, source
+    from shim import kernelbuild
+
+    built = kernelbuild.cached_kernel()
+    if built is not None:
+        return "minimal", f"the minimal kernel is built ({built.dir})"
+    return "distro", "no minimal kernel is built (`vmshim guest kernel build` makes one)"
+
+
+def _minimal_kernel_inputs() -> dict:
+    from shim import kernelbuild
+
+    built = kernelbuild.cached_kernel()
+    if built is None:
+        raise GuestImageError("the minimal guest kernel is not built; run `vmshim guest kernel build` "
+                              "(minutes), or use the distro kernel (`vmshim guest build --kernel distro`)")
+    r = built.record
+    return {"source": "minimal", "key": built.key, "kernel": str(built.bzimage),
+            "release": r.get("release", ""), "source_package": r.get("source_package", ""),
+            "source_version": r.get("source_version", ""), "fragment_sha256": r.get("fragment_sha256", "")}
+
+
 def _fingerprint_file() -> Path:
     return paths.cache_dir() / "guest-inputs.json"
 
 
-def collect_inputs(guest_src: Path | None = None) -> dict:
+def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = None) -> dict:
     """Everything the image is built from, as a JSON-able dict (its hash names the build).
 
     Slow look-ups (apt-cache ~1 s, dpkg-query) are cached in ``cache_dir()/guest-inputs.json``
@@ -538,6 +611,9 @@ def collect_inputs(guest_src: Path | None = None) -> dict:
     """
     guest_src = guest_src or guest_source_dir()
     override = _kernel_override()
+    choice, _why = kernel_choice(kernel_request)
+    if choice == "minimal":
+        override = _minimal_kernel_inputs()
     sigs = {"apt": _apt_sig() if override is None else None,
             "dpkg": _stat_sig(Path("/var/lib/dpkg/status")),
             "python": _stat_sig(PYTHON), "busybox": _stat_sig(BUSYBOX)}
@@ -605,29 +681,33 @@ def _image_from_dir(d: Path) -> GuestImage | None:
                       manifest=manifest, cmdline=manifest.get("cmdline", CMDLINE))
 
 
-def current_guest_image() -> GuestImage | None:
-    """The built image matching today's inputs, or None if there is none (never builds).
+def current_guest_image(kernel: str | None = None) -> GuestImage | None:
+    """The built image matching today's inputs (with *kernel* ``minimal``/``distro``, that
+    kernel rather than :func:`kernel_choice`'s), or None if there is none (never builds).
 
     Cheap (a few ms) unless apt's lists or dpkg's status changed since the last look, in
     which case apt is asked again (about 1 s). Raises GuestImageError only when the inputs
     cannot be determined at all (busybox-static missing, no kernel known).
     """
-    d = paths.guest_dir() / inputs_hash(collect_inputs())
+    d = paths.guest_dir() / inputs_hash(collect_inputs(kernel_request=kernel))
     return _image_from_dir(d)
 
 
-def ensure_guest_image(progress: Callable[[str], None] | None = None, force: bool = False) -> GuestImage:
+def ensure_guest_image(progress: Callable[[str], None] | None = None, force: bool = False,
+                       kernel: str | None = None) -> GuestImage:
     """Return the guest image for today's inputs, building it first if it is missing or
-    stale (or always, with *force*). *progress* receives one line per build step.
+    stale (or always, with *force*). *progress* receives one line per build step. *kernel*
+    (``minimal``/``distro``) overrides :func:`kernel_choice`; the minimal kernel must be built.
 
     Builds are serialised with a lock in ``guest_dir()``; the new build appears atomically
     and older builds are removed by a later build once superseded for RETIRE_GRACE. Raises GuestImageError with what to do on any failure.
     """
-    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION)
+    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel)
 
 
-def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compression: str) -> GuestImage:
-    inputs = collect_inputs(guest_src)
+def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compression: str,
+            kernel: str | None = None) -> GuestImage:
+    inputs = collect_inputs(guest_src, kernel_request=kernel)
     inputs["compression"] = compression
     digest = inputs_hash(inputs)
     gdir = paths.guest_dir()
@@ -816,6 +896,8 @@ def _build(out: Path, inputs: dict, digest: str, guest_src: Path, compression: s
     kernel = inputs["kernel"]
     if kernel["source"] == "debian":
         vmlinuz, modules_dir, release, deb = _debian_kernel(kernel["package"], kernel["version"], progress)
+    elif kernel["source"] == "minimal":  # everything built in: no modules to carry or load
+        vmlinuz, modules_dir, release, deb = Path(kernel["kernel"]), None, kernel["release"], None
     else:
         vmlinuz = Path(kernel["kernel"])
         modules_dir = Path(kernel["modules"]) if kernel.get("modules") else None

@@ -570,9 +570,11 @@ class Floor:
     """The bare QEMU boot of the guest image, timed to the agent's first bytes, with a
     config drive for a container with no layers (the agent reads it before hello)."""
 
-    def __init__(self, workdir: Path, accel_kind: str):
-        self.dir = workdir / "floor"
+    def __init__(self, workdir: Path, accel_kind: str, kernel: str | None = None):
+        self.dir = workdir / ("floor" if kernel is None else f"floor-{kernel}")
         self.accel_kind = accel_kind
+        self.kernel = kernel
+        """``minimal``/``distro``; None: the kernel `vmshim run` boots now."""
         self._drive: Path | None = None
         self.live: set[FloorVM] = set()
 
@@ -587,7 +589,7 @@ class Floor:
         try:
             from shim.guestimage import ensure_guest_image
 
-            return ensure_guest_image()
+            return ensure_guest_image(kernel=self.kernel)
         except Exception as exc:  # noqa: BLE001 - the reason the floor has no figure
             raise BenchError(f"floor: no guest image: {exc}") from None
 

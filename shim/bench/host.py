@@ -56,6 +56,17 @@ def guest_kernel() -> str | None:
         return None
 
 
+def guest_kernel_choice() -> dict | None:
+    """Which guest kernel vmshim boots (minimal, distro or override) and why."""
+    try:
+        from shim.guestimage import kernel_choice
+
+        choice, reason = kernel_choice()
+        return {"choice": choice, "reason": reason}
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def describe() -> dict:
     """Everything :mod:`shim.bench.report` records about this host."""
     try:
@@ -82,6 +93,7 @@ def describe() -> dict:
         "memory_bytes": mem,
         "host_kernel": os.uname().release,
         "guest_kernel": guest_kernel(),
+        "guest_kernel_choice": guest_kernel_choice(),
         "load_average_at_start": list(load) if load else None,
         "versions": {
             "vmshim": vmshim_version,

@@ -99,9 +99,7 @@ def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]]
     first (it converts layers, fills the page cache). A failure ends that subject's
     figure with the reason; the others go on."""
     active: dict[str, Callable[[], float]] = {}
-    for subject in SUBJECTS:
-        if subject not in measurers:
-            continue
+    for subject in [s for s in SUBJECTS if s in measurers] + [s for s in measurers if s not in SUBJECTS]:
         if warmup:
             try:
                 _settled(measurers[subject])
@@ -507,6 +505,81 @@ def bench_io_volume(ctx: Context) -> None:
     _io(ctx, "vol", "Volume", "/data", volume=True)
 
 
+KERNELS = ("minimal", "distro")
+
+
+def bench_kernels(ctx: Context) -> None:
+    """The minimal kernel against the distro kernel: the bare boot to the agent's hello,
+    `run --rm busybox true` and the guest's memory in use, both kernels in the same run
+    (each `vmshim` command gets $VMSHIM_GUEST_KERNEL, each floor that kernel's image)."""
+    from shim.errors import VmshimError
+    from shim.guestimage import KERNEL_ENV, ensure_guest_image
+
+    boot = ctx.results.figure(
+        "kernel_boot", "Bare QEMU boot to the agent's hello, per guest kernel", "s",
+        note="the floor of cold_start booted with each kernel's guest image")
+    start = ctx.results.figure(
+        "kernel_run", "`vmshim run --rm busybox true`, per guest kernel", "s",
+        note=f"whole command, spawn to exit, with {KERNEL_ENV}=minimal|distro")
+    memory = ctx.results.figure(
+        "kernel_guest_memory", "Guest memory in use (MemTotal - MemAvailable), per guest kernel",
+        "MiB", note=f"`exec cat /proc/meminfo` in an idle container, {SETTLE:g} s after it answered exec")
+    figs = [boot, start, memory]
+    if "vm" in ctx.unavailable or "floor" in ctx.unavailable:
+        for fig in figs:
+            for k in KERNELS:
+                fig.skip(k, ctx.unavailable.get("vm") or ctx.unavailable["floor"])
+        return
+    floors: dict[str, Floor] = {}
+    subjects: dict[str, VmshimSubject] = {}
+    cli = ctx.drivers["vm"].cli
+    for k in KERNELS:
+        try:
+            image = ensure_guest_image(kernel=k, progress=lambda m, k=k: ctx.log(f"  {k} image: {m}"))
+        except VmshimError as exc:
+            for fig in figs:
+                fig.skip(k, f"no {k} guest image: {exc}")
+            continue
+        for fig in figs:
+            fig.result(k).extra["kernel_release"] = image.kernel_release
+        floors[k] = Floor(ctx.workdir, ctx.results.meta["host"]["accel"]["kind"], kernel=k)
+        subjects[k] = VmshimSubject(["env", f"{KERNEL_ENV}={k}", *cli], "vm", f"{ctx.tag}k")
+    try:
+        _sample(ctx, boot, {k: f.boot_time for k, f in floors.items()})
+        _sample(ctx, start, {k: (lambda d=d: timed(d.run_argv("true"))) for k, d in subjects.items()})
+        for _ in range(ctx.runs):
+            for k, drv in subjects.items():
+                if memory.result(k).skipped:
+                    continue
+                try:
+                    ref = drv.start()
+                    try:
+                        drv.wait_ready(ref)
+                        time.sleep(SETTLE)
+                        memory.add(k, _guest_used(drv, ref)["used"] / MIB)
+                    finally:
+                        drv.remove(ref)
+                except FAILURES as exc:
+                    memory.skip(k, f"failed: {exc}")
+        for fig in (boot, start):
+            speedup = ratio_of(fig, "distro", "minimal")
+            if speedup is not None:
+                fig.result("minimal").extra["distro_over_minimal"] = round(speedup, 2)
+                ctx.log(f"  {fig.name}: the minimal kernel is {speedup:.2f}x as fast as the distro kernel")
+    finally:
+        for k, drv in subjects.items():
+            for line in drv.cleanup():
+                ctx.log(f"warning: left behind: {line}")
+            for vm in list(floors[k].live):
+                floors[k].stop(vm)
+
+
+def ratio_of(fig: Figure, subject: str, baseline: str) -> float | None:
+    """*subject*'s median over *baseline*'s in *fig*, when both were measured."""
+    a, b = fig.result(subject).median, fig.result(baseline).median
+    return a / b if a is not None and b else None
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
@@ -517,6 +590,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "syscall": (bench_syscall, "dd bs=1: read/write syscalls inside the container"),
     "io": (bench_io, "sequential and random I/O in the writable layer"),
     "io_volume": (bench_io_volume, "sequential and random I/O in a volume"),
+    "kernels": (bench_kernels, "minimal vs distro guest kernel: boot, run --rm true, guest memory"),
 }
 
 

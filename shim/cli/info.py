@@ -12,11 +12,12 @@ import click
 def info(fmt):
     """Show the accelerator (KVM or TCG) and why, libvirt, the guest image and the store."""
     from shim import paths
-    from shim.guestimage import current_guest_image
+    from shim.guestimage import current_guest_image, kernel_choice
     from shim.vm.accel import detect_accel
 
     accel = detect_accel()
     guest = current_guest_image()
+    kernel, kernel_reason = kernel_choice()
     data = {
         "context": _context(),
         "accel": accel.kind,
@@ -24,6 +25,8 @@ def info(fmt):
         "libvirt_uri": paths.libvirt_uri(),
         "libvirt": _libvirt_version(),
         "root": str(paths.root()),
+        "guest_kernel": kernel,
+        "guest_kernel_reason": kernel_reason,
         "guest_image": None if guest is None else {
             "kernel": str(guest.kernel), "initramfs": str(guest.initramfs),
             "kernel_release": guest.kernel_release,
@@ -40,6 +43,7 @@ def info(fmt):
         click.echo("Guest image:   not built (run `vmshim guest build`)")
     else:
         click.echo(f"Guest image:   kernel {guest.kernel_release}, {guest.initramfs}")
+    click.echo(f"Guest kernel:  {kernel} ({kernel_reason})")
 
 
 def _context() -> dict:

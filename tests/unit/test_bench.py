@@ -405,3 +405,61 @@ def test_summary_chart_title_fits_its_width(tmp_path, monkeypatch):
     assert report.chart_summary(results, report.short_headline(results), tmp_path / "s.png")
     (x0, x1, left, right), = drawn
     assert left <= x0 and x1 <= right, f"title spans {x0:.0f}-{x1:.0f}, figure {left:.0f}-{right:.0f}"
+
+
+def test_kernels_benchmark_measures_each_kernel_and_skips_one_not_built(monkeypatch, tmp_path):
+    from shim import guestimage
+    from shim.errors import GuestImageError
+
+    def ensure(kernel=None, progress=None):
+        if kernel == "minimal":
+            raise GuestImageError("the minimal guest kernel is not built")
+        return guestimage.GuestImage(tmp_path / "k", tmp_path / "i", "6.1.0-cloud", {})
+
+    class FakeFloor:
+        def __init__(self, workdir, accel, kernel=None):
+            self.kernel, self.live = kernel, set()
+
+        def boot_time(self):
+            return 1.5
+
+    commands = []
+
+    class FakeSubject:
+        def __init__(self, cli, isolation, tag):
+            self.cli = cli
+
+        def run_argv(self, *cmd):
+            return self.cli + ["run", "--rm", "busybox", *cmd]
+
+        def start(self):
+            return "c1"
+
+        def wait_ready(self, ref):
+            pass
+
+        def remove(self, ref):
+            pass
+
+        def cleanup(self):
+            return []
+
+    monkeypatch.setattr(guestimage, "ensure_guest_image", ensure)
+    monkeypatch.setattr(suite, "Floor", FakeFloor)
+    monkeypatch.setattr(suite, "VmshimSubject", FakeSubject)
+    monkeypatch.setattr(suite, "timed", lambda argv: commands.append(argv) or 2.0)
+    monkeypatch.setattr(suite, "_guest_used", lambda drv, ref: {"used": 40 * suite.MIB})
+    monkeypatch.setattr(suite, "_settled", lambda fn: fn())
+    monkeypatch.setattr(suite, "SETTLE", 0)
+    ctx = _ctx(runs=2)
+    ctx.drivers = {"vm": FakeSubject(["vmshim"], "vm", "t")}
+    ctx.results.meta["host"] = {"accel": {"kind": "tcg"}}
+    suite.bench_kernels(ctx)
+    figs = ctx.results.figures
+    for name in ("kernel_boot", "kernel_run", "kernel_guest_memory"):
+        assert "not built" in figs[name].subjects["minimal"].skipped
+    assert figs["kernel_boot"].subjects["distro"].samples == [1.5, 1.5]
+    assert figs["kernel_run"].subjects["distro"].samples == [2.0, 2.0]
+    assert figs["kernel_guest_memory"].subjects["distro"].samples == [40.0, 40.0]
+    assert figs["kernel_boot"].subjects["distro"].extra["kernel_release"] == "6.1.0-cloud"
+    assert commands[0][:2] == ["env", "VMSHIM_GUEST_KERNEL=distro"]
