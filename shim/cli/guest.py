@@ -30,7 +30,8 @@ def build(force: bool):
             err.print(f"[dim]-[/dim] {msg}")
             status.update(msg)
 
-        image = guestimage.ensure_guest_image(progress=progress, force=force)
+        image = guestimage.ensure_guest_image(progress=progress, force=force,
+                                                 refresh_kernel=True)
     click.echo(image.kernel.parent)
 
 
