@@ -602,12 +602,15 @@ def _fingerprint_file() -> Path:
     return paths.cache_dir() / "guest-inputs.json"
 
 
-def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = None) -> dict:
+def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = None,
+                   refresh_kernel: bool = False) -> dict:
     """Everything the image is built from, as a JSON-able dict (its hash names the build).
 
     Slow look-ups (apt-cache ~1 s, dpkg-query) are cached in ``cache_dir()/guest-inputs.json``
-    and redone only when apt's lists, dpkg's status or the binaries change, so this usually
-    costs a few stats and hashing ``guest/``.
+    and redone only when dpkg's status or the binaries change, so this usually costs a few
+    stats and hashing ``guest/``. The kernel package stays the one resolved last time until
+    *refresh_kernel* (``vmshim guest build``) asks apt again: an ``apt-get update`` on the
+    host must not make the next ``run`` download a new kernel (it may have no network).
     """
     guest_src = guest_src or guest_source_dir()
     override = _kernel_override()
@@ -624,7 +627,8 @@ def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = N
     fresh = dict(cached)
     if override is not None:
         kernel = override
-    elif cached.get("apt_sig") == sigs["apt"] and isinstance(cached.get("kernel"), dict):
+    elif (isinstance(cached.get("kernel"), dict) and cached["kernel"].get("source") == "debian"
+          and (not refresh_kernel or cached.get("apt_sig") == sigs["apt"])):
         kernel = cached["kernel"]
     else:
         kernel = {"source": "debian", **_resolve_kernel_package()}
@@ -694,20 +698,22 @@ def current_guest_image(kernel: str | None = None) -> GuestImage | None:
 
 
 def ensure_guest_image(progress: Callable[[str], None] | None = None, force: bool = False,
-                       kernel: str | None = None) -> GuestImage:
+                       kernel: str | None = None, refresh_kernel: bool = False) -> GuestImage:
     """Return the guest image for today's inputs, building it first if it is missing or
     stale (or always, with *force*). *progress* receives one line per build step. *kernel*
     (``minimal``/``distro``) overrides :func:`kernel_choice`; the minimal kernel must be built.
+    *refresh_kernel* asks apt for the newest cloud kernel first (``vmshim guest build``).
 
     Builds are serialised with a lock in ``guest_dir()``; the new build appears atomically
     and older builds are removed by a later build once superseded for RETIRE_GRACE. Raises GuestImageError with what to do on any failure.
     """
-    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel)
+    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel,
+                   refresh_kernel)
 
 
 def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compression: str,
-            kernel: str | None = None) -> GuestImage:
-    inputs = collect_inputs(guest_src, kernel_request=kernel)
+            kernel: str | None = None, refresh_kernel: bool = False) -> GuestImage:
+    inputs = collect_inputs(guest_src, kernel_request=kernel, refresh_kernel=refresh_kernel)
     inputs["compression"] = compression
     digest = inputs_hash(inputs)
     gdir = paths.guest_dir()

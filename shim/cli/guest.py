@@ -41,7 +41,8 @@ def build(force: bool, kernel: str | None):
             err.print(f"[dim]-[/dim] {msg}")
             status.update(msg)
 
-        image = guestimage.ensure_guest_image(progress=progress, force=force)
+        image = guestimage.ensure_guest_image(progress=progress, force=force,
+                                                 refresh_kernel=True)
     click.echo(image.kernel.parent)
 
 

@@ -579,9 +579,10 @@ def image_archive(output: Path, image: str = "busybox", fmt: str = "docker-archi
 
 
 def run_in_pty(argv: list[str], env: dict | None = None, input: bytes | None = None,
-               input_delay: float = 1.5, timeout: float = 60) -> tuple[int | None, bytes]:
+               input_after: bytes = b"", timeout: float = 60) -> tuple[int | None, bytes]:
     """Run ARGV with a new pty as its stdin/stdout/stderr (new session, pty as controlling
-    terminal); write INPUT after INPUT_DELAY s; return (exit code, everything it printed).
+    terminal); write INPUT once the output shows INPUT_AFTER (at once when empty); return
+    (exit code, everything it printed).
     After TIMEOUT s its process group is killed (SIGKILL; exit code -9, or None when even
     that did not end it in 10 s)."""
     master, slave = pty.openpty()
@@ -594,7 +595,7 @@ def run_in_pty(argv: list[str], env: dict | None = None, input: bytes | None = N
     pending = input
     try:
         while time.monotonic() - start < timeout:
-            if pending is not None and time.monotonic() - start >= input_delay:
+            if pending is not None and input_after in out:
                 os.write(master, pending)
                 pending = None
             ready, _, _ = select.select([master], [], [], 0.2)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import CLI, vmshim, vmshim_domains, wait_no_new_domains
+from tests.waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.vm
 PREFIX = f"lc{os.getpid()}"
@@ -41,16 +42,6 @@ def ok(*args, **kw) -> str:
 
 def inspect(name: str, template: str) -> str:
     return ok("inspect", "-f", template, name).strip()
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.2)
 
 
 def alive(pid: int) -> bool:
@@ -196,8 +187,8 @@ def test_pause_and_unpause(box):
     proc = vmshim("exec", box, "true")
     assert proc.returncode != 0 and "paused" in err(proc)
     before = ok("logs", box).count("tick")
-    time.sleep(2.5)
-    assert ok("logs", box).count("tick") == before  # the VM does not run
+    holds_for(lambda: ok("logs", box).count("tick") == before, 2.5,
+              "no ticks while paused")  # the VM does not run
     ok("unpause", box)
     assert inspect(box, "{{.State.Status}}") == "running"
     assert ok("exec", box, "echo", "back") == "back\n"
@@ -218,8 +209,7 @@ def test_monitor_kill9_then_exec_and_logs_follow_keep_working(box):
     try:
         os.kill(monitor, signal.SIGKILL)
         wait_until(lambda: not alive(monitor), 10, "monitor gone")
-        assert alive(qemu)  # the VM does not care
-        time.sleep(2)
+        holds_for(lambda: alive(qemu), 2, "the VM running with no monitor")  # it does not care
         assert ok("exec", box, "echo", "still here") == "still here\n"
         new = int(inspect(box, "{{.State.Pid}}"))
         assert new != monitor and alive(new)
@@ -257,8 +247,7 @@ def test_restart_and_wait(box):
     assert inspect(box, "{{.State.Status}}") == "running"
     assert inspect(box, "{{.State.StartedAt}}") > started
     waiter = subprocess.Popen(CLI + ["wait", box], stdout=subprocess.PIPE)
-    time.sleep(1)
-    ok("kill", "-s", "TERM", box)
+    ok("kill", "-s", "TERM", box)  # `wait` answers with the exit code whether it came first or not
     assert waiter.communicate(timeout=60)[0].decode().strip() == "5"
 
 

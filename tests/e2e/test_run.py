@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import CLI, vmshim, wait_no_new_domains
+from tests.e2e.conftest import CLI, vmshim, vmshim_domains, wait_no_new_domains
+from tests.waiting import wait_until
 
 vm = pytest.mark.vm
 ISOLATIONS = [pytest.param("vm", marks=vm), "process"]
@@ -189,10 +190,14 @@ def test_sigint_mid_run_is_forwarded_and_leaves_nothing(domains_before):
 
 @vm
 def test_sigint_during_boot_tears_the_vm_down(domains_before):
-    proc = _spawn(["run", "--rm", "busybox", "sleep", "100"])
-    time.sleep(1.0)  # inside the boot: the domain exists, the agent has not answered
+    proc = _spawn(["run", "--rm", "busybox", "sh", "-c", "echo started; sleep 100"])
+    # Inside the boot: the domain exists (createXML returned), the agent cannot have
+    # answered yet (that takes seconds more under TCG; checked below by the output).
+    wait_until(lambda: vmshim_domains() - domains_before or proc.poll() is not None, 60,
+               "the container's domain", interval=0.05)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
+    assert b"started" not in out  # the process never ran: the signal came during the boot
     assert proc.returncode == 130
     assert not wait_no_new_domains(domains_before)
 

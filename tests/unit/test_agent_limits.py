@@ -77,9 +77,10 @@ def test_host_helpers_keep_other_messages(make_host):  # noqa: F811
     client.handshake(10)
     client.send(protocol.START, token=TOKEN, id=1, stdin=False, tty=False)
     assert client.recv(10).type == protocol.STARTED
-    import time
+    import select
 
-    time.sleep(0.3)  # the output is on its way before the request
+    # The output is on its way before the request: the socket has bytes to read.
+    assert select.select([client.fileno()], [], [], 10)[0], "no output from the process"
     assert read_stats(client, TOKEN)["memory"] == 5
     update_limits(client, TOKEN, Limits(pids=3))
     try:

@@ -261,4 +261,7 @@ def test_device_validation(make, message):
 
 
 def test_serial_of_twenty_characters_is_accepted():
-    Disk(source="/a", target="vda", serial="x" * 20)
+    disk = Disk(source="/a", target="vda", serial="x" * 20)
+    xml = Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu",
+                 boot=_boot(), disks=[disk]).to_xml()
+    assert ET.fromstring(xml).find("devices/disk/serial").text == "x" * 20

@@ -166,6 +166,9 @@ def make(store, script: str, name: str = "c", **kw) -> Container:
     return store.create(record)
 
 
+from tests.waiting import holds_for  # noqa: E402
+
+
 def wait_for(predicate, timeout=15.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -278,7 +281,9 @@ def test_monitor_killed_then_recovered(store):
     wait_for(lambda: b"tick 1" in logged(store, rec.id))
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: not monitor_alive(store.load(rec.id)))
-    time.sleep(0.3)  # the container goes on; its output waits in the agent
+    # The container goes on with no monitor; its output waits in the agent.
+    alive_agent = lambda: store.load(rec.id).state.monitor_pid == first  # noqa: E731
+    holds_for(alive_agent, 0.3, "no monitor until a command needs one")
     out = tempfile.TemporaryFile()
     assert manage.exec_process(rec.id, ["echo", "again"], stdout_fd=out.fileno(), store=store) == 0
     out.seek(0)

@@ -1,0 +1,44 @@
+"""Rules the suite keeps about itself (issue: a suite that holds on any Debian 12 host)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _bare_sleeps(path: Path) -> list[int]:
+    """Lines of ``time.sleep(...)`` calls in *path* that are not inside a loop of their
+    function: a sleep used as synchronisation rather than between polls of a condition."""
+    tree = ast.parse(path.read_text(), str(path))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    bare = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "sleep" and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "time"):
+            continue
+        up = node
+        while up in parents:
+            up = parents[up]
+            if isinstance(up, (ast.While, ast.For)):
+                break
+            if isinstance(up, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Module)):
+                bare.append(node.lineno)
+                break
+    return bare
+
+
+def test_tests_sleep_only_while_polling_a_condition():
+    offenders = [f"{p.relative_to(TESTS.parent)}:{line}"
+                 for p in sorted(TESTS.rglob("*.py")) for line in _bare_sleeps(p)]
+    assert not offenders, ("time.sleep outside a polling loop (use tests/waiting.py's "
+                           f"wait_until / holds_for): {offenders}")
+
+
+def test_the_rule_itself_catches_a_bare_sleep(tmp_path):
+    sample = tmp_path / "t.py"
+    sample.write_text("import time\n\ndef f():\n    time.sleep(1)\n"
+                      "\ndef g():\n    while True:\n        time.sleep(1)\n")
+    assert _bare_sleeps(sample) == [4]
