@@ -481,7 +481,8 @@ def test_ps_shows_health():
     from shim.containers.state import Status
 
     record = SimpleNamespace(status=Status.RUNNING, healthcheck={"Test": ["CMD", "x"]},
-                             state=SimpleNamespace(started_at="", health={"Status": "healthy"}))
+                             state=SimpleNamespace(started_at="", restarting=False,
+                                                   health={"Status": "healthy"}))
     assert status_text(record).endswith("(healthy)")
     record.state.health = {"Status": "starting"}
     assert status_text(record).endswith("(health: starting)")
