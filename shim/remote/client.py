@@ -1,7 +1,8 @@
 """Running one vmshim command on a remote host through the control process: this
 process's stdin/stdout/stderr stay apart, ``-t`` gets a remote pty of the local terminal's
 size (SIGWINCH → resize), and signals sent to this process (Ctrl-C without a pty) reach the
-remote vmshim as SSH signals, so it stops the container as it would locally."""
+remote vmshim's process group (the control process sends them with ``kill``), so it stops
+the container as it would locally."""
 
 from __future__ import annotations
 

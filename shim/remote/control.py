@@ -92,6 +92,7 @@ class Control:
 
         send(mux.ACCEPT)
         remote_pid: list[int] = []
+        early_signals: list[str] = []
 
         def pump(read, kind, marked):
             pending = b""
@@ -108,6 +109,8 @@ class Control:
                         continue
                     pending = b""
                     remote_pid.append(pid)
+                    for name in early_signals:  # sent before the pid was known
+                        self._signal(remote_pid[0], name)
                     if not data:
                         continue
                 send(kind, data)
@@ -117,7 +120,7 @@ class Control:
                                   daemon=True)]
         for thread in pumps:
             thread.start()
-        threading.Thread(target=self._from_cli, args=(conn, channel, remote_pid),
+        threading.Thread(target=self._from_cli, args=(conn, channel, remote_pid, early_signals),
                          daemon=True).start()
         for thread in pumps:
             thread.join()
@@ -125,7 +128,13 @@ class Control:
         send(mux.EXIT, str(255 if status < 0 else status).encode())
         channel.close()
 
-    def _from_cli(self, conn: socket.socket, channel, remote_pid: list[int]) -> None:
+    def _signal(self, pid: int, name: str) -> None:
+        if pid:
+            threading.Thread(target=ssh.send_signal, args=(self.client, pid, name),
+                             daemon=True).start()
+
+    def _from_cli(self, conn: socket.socket, channel, remote_pid: list[int],
+                  early_signals: list[str]) -> None:
         """CLI → channel: stdin, EOF, resizes, signals; the CLI hanging up closes the channel."""
         try:
             while True:
@@ -140,9 +149,12 @@ class Control:
                 elif kind == mux.RESIZE:
                     size = json.loads(payload)
                     channel.resize_pty(width=int(size["cols"]), height=int(size["rows"]))
-                elif kind == mux.SIGNAL and remote_pid and not channel.exit_status_ready():
-                    threading.Thread(target=ssh.send_signal, daemon=True, args=(
-                        self.client, remote_pid[0], payload.decode("ascii", "replace"))).start()
+                elif kind == mux.SIGNAL and not channel.exit_status_ready():
+                    name = payload.decode("ascii", "replace")
+                    if remote_pid:
+                        self._signal(remote_pid[0], name)
+                    elif len(early_signals) < 8:
+                        early_signals.append(name)
         except (OSError, mux.FrameError, ValueError):
             pass
         if not channel.exit_status_ready():  # the client is gone: as a terminal closing

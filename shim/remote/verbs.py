@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -159,6 +158,8 @@ def _interactive(prefix, rest, scanned, verb) -> Plan:
 
 # ---- build ---------------------------------------------------------------------------------
 def _build(prefix, rest, scanned) -> Plan:
+    import tarfile  # here, not at the top: every remote command imports this module
+
     from shim.build.context import BuildContext
 
     if not scanned.positionals:
@@ -229,6 +230,8 @@ def _producer(write: Callable) -> Callable[[], int]:
 
 # ---- cp ------------------------------------------------------------------------------------
 def _cp(prefix, rest, scanned) -> Plan:
+    import tarfile  # here, not at the top: every remote command imports this module
+
     from shim.cli.cp import split_ref
 
     if len(scanned.positionals) != 2:
@@ -304,6 +307,8 @@ def _save(prefix, rest, scanned) -> Plan:
 
 
 def _load(prefix, rest, scanned) -> Plan:
+    import tarfile  # here, not at the top: every remote command imports this module
+
     source = _value(scanned, "input_")
     if source is None:
         return Plan(prefix + rest, stdin="terminal")

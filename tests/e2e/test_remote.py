@@ -235,6 +235,9 @@ def test_exec(sshd, box):
     assert proc.returncode == 4 and text(proc).strip()
     proc = remote(sshd, "exec", "-i", box, "cat", input=b"piped\n")
     assert (proc.returncode, text(proc)) == (0, "piped\n")
+    stats = remote(sshd, "stats", "--no-stream", "--format", "json", box)
+    assert stats.returncode == 0, err(stats)
+    assert json.loads(text(stats).splitlines()[0])["Name"] == box
     local = vmshim("exec", box, "/nope")
     proc = remote(sshd, "exec", box, "/nope")
     assert (proc.returncode, err(proc)) == (local.returncode, err(local)) == (127, err(local))

@@ -147,3 +147,49 @@ def test_remote_command_quotes_and_marks_its_pid():
                           {"COLUMNS": "80"})
     assert line == ("printf '%s%d\\n' 'vmshim-remote-pid ' $$ >&2; exec env COLUMNS=80 "
                     "'/opt/v m/vmshim' run 'a b' '$x'")
+
+
+def _tar(entries) -> "io.BytesIO":
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, target in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tar.addfile(info)
+            elif kind == "lnk":
+                info.type, info.linkname = tarfile.LNKTYPE, target
+                tar.addfile(info)
+            else:
+                info.size = len(target)
+                tar.addfile(info, io.BytesIO(target))
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("entries, why", [
+    ([("/etc/evil", "file", b"x")], "refusing build context entry"),
+    ([("context/../../evil", "file", b"x")], "refusing build context entry"),
+    ([("context/out", "sym", "/"), ("context/out/evil", "file", b"x")], "leads outside"),
+    ([("context/h", "lnk", "/etc/passwd")], "hard link"),
+])
+def test_remote_build_context_refuses_hostile_tars(tmp_path, entries, why):
+    from shim.cli.context import _unpack
+
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(UsageError, match=why):
+        _unpack(_tar(entries), root)
+    assert not (tmp_path / "evil").exists() and not list(tmp_path.rglob("evil"))
+
+
+def test_remote_build_context_unpacks_a_normal_context(tmp_path):
+    from shim.cli.context import _unpack
+
+    _unpack(_tar([("context/a/b.txt", "file", b"hi"), ("context/l", "sym", "a/b.txt"),
+                  ("Dockerfile", "file", b"FROM busybox\n")]), tmp_path)
+    assert (tmp_path / "context" / "l").read_text() == "hi"
+    assert (tmp_path / "Dockerfile").read_bytes() == b"FROM busybox\n"
