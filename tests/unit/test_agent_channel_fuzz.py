@@ -219,3 +219,14 @@ def test_an_agent_that_never_answers_gets_a_deadline(store, monkeypatch):
         for s in [guest, theirs, *peers]:
             s.close()
         mon.log.close()
+
+
+def test_every_skipped_frame_counts_toward_the_kill(store):
+    mon, guest, peers = running_monitor(*store)
+    try:
+        feed(mon, guest, frame(b"not json") * (monmod.MAX_BAD_MESSAGES + 1))
+        assert mon.placement.killed == 1 and mon.bad_messages >= monmod.MAX_BAD_MESSAGES
+    finally:
+        for s in [guest, *peers]:
+            s.close()
+        mon.log.close()
