@@ -205,11 +205,13 @@ def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes
     start, AgentError when the channel breaks."""
     client.send(protocol.START, token=boot.token, id=MAIN_ID, stdin=False, tty=False,
                 rows=24, cols=80, hold=True)
+    deadline = time.monotonic() + START_TIMEOUT  # one deadline: chatter does not extend it
     reply = client.recv(START_TIMEOUT)
     while reply.type in (protocol.LOG, protocol.HELLO):
-        reply = client.recv(START_TIMEOUT)
+        reply = client.recv(max(0.01, deadline - time.monotonic()))
     if reply.type == protocol.ERROR:
-        message = reply.get("message", str, "the agent could not start the command")
+        message = protocol.printable(
+            reply.get("message", str, "the agent could not start the command"))
         code = reply.get("code", int, 125)
         raise RunStepError(f"{message}", code or 125)
     if reply.type != protocol.STARTED:
@@ -228,7 +230,8 @@ def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes
         elif msg.type == protocol.EXIT and msg.get("id", int) == MAIN_ID:
             return msg.get("code", int), bytes(tail)
         elif msg.type == protocol.ERROR:
-            raise AgentError(msg.get("message", str, "the agent reported an error"))
+            raise AgentError(protocol.printable(
+                msg.get("message", str, "the agent reported an error")))
 
 
 def _fetch_diff(client, boot: BootConfig, spool: Path, warn,

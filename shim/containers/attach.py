@@ -212,7 +212,8 @@ class StdioPump:
             self.exit_code = msg.get("code", int)
             self.exit_error = msg.get("error", str, "")  # the monitor's: why the run ended
         elif msg.type == protocol.ERROR and msg.get("id", int, self.proc_id) == self.proc_id:
-            raise AgentError(msg.get("message", str, "the agent reported an error"))
+            raise AgentError(protocol.printable(
+                msg.get("message", str, "the agent reported an error")))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -243,6 +243,7 @@ class Monitor:
         self.bad_messages = 0
         self.agent_lines = 0
         self.unexpected = 0
+        self.agent_dropped_seen = 0
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -334,6 +335,7 @@ class Monitor:
         self.agent = client.sock
         self.agent.setblocking(False)
         self.agent_reader = client._reader
+        self.agent_dropped_seen = client._reader.dropped_count
         self.agent_out = bytearray()
         self._note_rejected(client)
         self._on_agent_messages(client.take_pending())
@@ -374,8 +376,11 @@ class Monitor:
             self.agent_reader = None  # what follows is discarded until the channel closes
             self._kill_placement()
             return
-        for reason in self.agent_reader.take_dropped():
-            self._agent_misbehaved(reason)
+        reasons = self.agent_reader.take_dropped()
+        dropped = self.agent_reader.dropped_count - self.agent_dropped_seen
+        self.agent_dropped_seen = self.agent_reader.dropped_count
+        for n in range(dropped):  # each frame counts, its reason when one was kept
+            self._agent_misbehaved(reasons[n] if n < len(reasons) else "")
         self._on_agent_messages(messages)
 
     def _on_agent_messages(self, messages: list[Message]) -> None:
@@ -948,6 +953,7 @@ class Monitor:
         self.agent = client.sock
         self.agent.setblocking(False)
         self.agent_reader = client._reader
+        self.agent_dropped_seen = client._reader.dropped_count
         self.agent_ready = False  # until the agent's hello
         self._note_rejected(client)
 

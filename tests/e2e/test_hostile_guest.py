@@ -200,7 +200,10 @@ def test_garbage_that_breaks_the_framing_ends_the_run_with_one_clear_line(hostil
         assert proc.returncode != 0
         lines = err(proc).strip().splitlines()
         assert len(lines) == 1 and "the agent broke the protocol" in lines[0], err(proc)
-        assert ok("inspect", "-f", "{{.State.Status}}", name, env=env).strip() == "exited"
+        # created when the garbage came with the start's reply (a failed start, as in
+        # docker), exited when it came later: not running either way
+        status = ok("inspect", "-f", "{{.State.Status}}", name, env=env).strip()
+        assert status in ("created", "exited")
     finally:
         rm = vmshim("rm", "-f", name, env=env)
     assert rm.returncode == 0, err(rm)

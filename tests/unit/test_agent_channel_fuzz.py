@@ -196,3 +196,37 @@ def test_a_stream_of_bad_messages_kills_the_container(store):
         for peer in peers:
             peer.close()
         mon.log.close()
+
+
+def test_an_agent_that_never_answers_gets_a_deadline(store, monkeypatch):
+    """An exec the agent never answers ends with a clear error, not a hung CLI; a late
+    answer is then ignored."""
+    monkeypatch.setattr(monmod, "REPLY_TIMEOUT", 0.0)
+    mon, guest, peers = running_monitor(*store)
+    mine, theirs = socket.socketpair()
+    try:
+        conn = monmod.Conn(mine, kind="proc")
+        mon.conns.append(conn)
+        mon._await_reply(9, conn)
+        mon._run_timers()
+        assert 9 not in mon.pending
+        reply = protocol.FrameReader(monmod.api.TYPES).feed(theirs.recv(65536))
+        assert reply[0].type == "error" and "did not answer" in reply[0].fields["message"]
+        feed(mon, guest, protocol.encode("started", id=9, pid=3)
+             + protocol.encode("stdout", b"late", id=9))
+        assert mon.agent is not None and mon.bad_messages == 0
+    finally:
+        for s in [guest, theirs, *peers]:
+            s.close()
+        mon.log.close()
+
+
+def test_every_skipped_frame_counts_toward_the_kill(store):
+    mon, guest, peers = running_monitor(*store)
+    try:
+        feed(mon, guest, frame(b"not json") * (monmod.MAX_BAD_MESSAGES + 1))
+        assert mon.placement.killed == 1 and mon.bad_messages >= monmod.MAX_BAD_MESSAGES
+    finally:
+        for s in [guest, *peers]:
+            s.close()
+        mon.log.close()

@@ -378,3 +378,28 @@ def test_build_refuses_guest_code_the_trimmed_stdlib_cannot_import(sandbox):
     (sandbox["guest"] / "init.py").write_text("import tkinter\n")
     with pytest.raises(GuestImageError, match="tkinter"):
         gi._ensure(lambda _: None, False, sandbox["guest"], "none")
+
+
+def test_guest_source_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("VMSHIM_GUEST_SOURCE", raising=False)
+    assert (gi.guest_source_dir() / "protocol.py").is_file()
+    monkeypatch.setenv("VMSHIM_GUEST_SOURCE", str(tmp_path / "hostile" / ".." / "hostile"))
+    assert gi.guest_source_dir() == (tmp_path / "hostile").resolve()
+
+
+@needs_host_tools
+def test_a_variant_build_never_retires_the_normal_image(sandbox, monkeypatch):
+    """VMSHIM_GUEST_SOURCE (the malicious-guest suite) builds a variant while other tests
+    boot the normal image: the variant must not mark it superseded."""
+    normal = gi._ensure(lambda _: None, False, sandbox["guest"], "none")
+    variant_src = sandbox["guest"].parent / "variant"
+    shutil.copytree(sandbox["guest"], variant_src)
+    (variant_src / "init.py").write_text("def main():\n    pass\n")
+    monkeypatch.setenv("VMSHIM_GUEST_SOURCE", str(variant_src))
+    variant = gi._ensure(lambda _: None, False, variant_src, "none")
+    assert variant.kernel.parent != normal.kernel.parent
+    assert not (normal.kernel.parent / ".superseded").exists()
+    # the next normal build retires the variant as usual
+    monkeypatch.delenv("VMSHIM_GUEST_SOURCE")
+    gi._ensure(lambda _: None, True, sandbox["guest"], "none")
+    assert (variant.kernel.parent / ".superseded").is_file()
