@@ -95,7 +95,11 @@ def extract(archive, dest: Path, src_name: str, limits: CopyLimits | None = None
                         link = _safe_parts(member.linkname)
                         if rename is not None and link[0] == first:
                             link[0] = rename
-                    out.add(member, parts, link, tar)
+                    try:
+                        out.add(member, parts, link, tar)
+                    except OSError as e:
+                        raise VmshimError(f"cannot write {'/'.join(parts)!r} under {target}: "
+                                          f"{e.strerror or e}") from None
         except (tarfile.TarError, EOFError) as e:
             raise VmshimError(f"the archive from the container is unreadable: {e}") from None
 
