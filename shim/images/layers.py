@@ -27,8 +27,10 @@ directories, or to an entry replaced later; char/block devices; unknown entry ty
 than ``Limits.max_entries`` entries, more than ``Limits.max_dir_entries`` in one directory
 (tar2sqfs is quadratic per directory) or more than ``Limits.max_bytes`` uncompressed bytes
 (decompression bombs); PAX or GNU long-name headers over the caps of
-``shim.images.tarsafe`` (refused before they are read); truncated or corrupt archives (including a missing end-of-archive
-marker and data after it beyond the cap); a diff_id mismatch.
+``shim.images.tarsafe`` (refused before they are read); a path longer than 4096 bytes, or
+names adding up to more than ``Limits.max_name_bytes``; truncated or corrupt archives
+(including a missing end-of-archive marker and data after it beyond the cap); a diff_id
+mismatch.
 
 For ``--isolation process`` the host mounts these files read-only through loop devices:
 ``mount_layer(sqfs, target)`` / ``umount_layer(target)``.
