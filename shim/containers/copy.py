@@ -32,6 +32,7 @@ from shim.images.tarsafe import open_tar
 CHUNK = 256 * 1024
 MAX_COPY_BYTES = 64 << 30
 MAX_COPY_ENTRIES = 1_000_000
+MAX_COPY_NAME_BYTES = 256 << 20
 
 
 def _container_path(path: str) -> str:
@@ -97,18 +98,23 @@ def extract(archive, dest: Path, src_name: str, limits: CopyLimits | None = None
                         link = _safe_parts(member.linkname)
                         if rename is not None and link[0] == first:
                             link[0] = rename
-                    out.add(member, parts, link, tar)
+                    try:
+                        out.add(member, parts, link, tar)
+                    except OSError as e:
+                        raise VmshimError(f"cannot write {'/'.join(parts)!r} under {target}: "
+                                          f"{e.strerror or e}") from None
         except (tarfile.TarError, EOFError) as e:
             raise VmshimError(f"the archive from the container is unreadable: {e}") from None
 
 
 @dataclass(frozen=True)
 class CopyLimits:
-    """Caps for one ``cp`` out of a container: the archive as spooled, its entries, and
-    the sum of its file sizes."""
+    """Caps for one ``cp`` out of a container: the archive as spooled and the sum of its
+    file sizes (``max_bytes``), its entries, and the sum of their names."""
 
     max_bytes: int = MAX_COPY_BYTES
     max_entries: int = MAX_COPY_ENTRIES
+    max_name_bytes: int = MAX_COPY_NAME_BYTES
 
 
 class _Extractor:
@@ -130,7 +136,7 @@ class _Extractor:
         self.root, self.limits = root, limits
         self.written: dict[tuple[str, ...], str] = {}  # path → kind ("f", "d", "l")
         self.dirs: list[tuple[tuple[str, ...], int, float]] = []
-        self.entries = self.bytes = 0
+        self.entries = self.bytes = self.name_bytes = 0
         self.root_fd = -1
 
     def __enter__(self) -> "_Extractor":
@@ -186,9 +192,13 @@ class _Extractor:
             tar: tarfile.TarFile) -> None:
         key = tuple(parts)
         self.entries += 1
+        self.name_bytes += sum(map(len, parts)) + len(member.linkname)
         if self.entries > self.limits.max_entries:
             raise VmshimError(f"the archive from the container has more than "
                               f"{self.limits.max_entries} entries; refused")
+        if self.name_bytes > self.limits.max_name_bytes:  # self.written keeps every name
+            raise VmshimError(f"the names in the archive from the container add up to more "
+                              f"than {self.limits.max_name_bytes} bytes; refused")
         if member.isdev() or member.isfifo():
             return
         if key == (".",) or parts == []:

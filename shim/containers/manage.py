@@ -438,6 +438,9 @@ def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 
         return pump.run()
 
 
+MAX_HELPER_STDERR = 64 << 10  # what a builtin helper may say about its failure
+
+
 def run_builtin(store: ContainerStore, record: Container, name: str, args: list[str], *,
                 stdin_data=None, out=None, stopped_ok: bool = False) -> tuple[int, bytes]:
     """Run the agent's helper *name* in the container: (exit code, stderr). Its stdout
@@ -543,7 +546,7 @@ def _route(msg, proc_id, out, err) -> int | None:
     if msg.type == protocol.STDOUT and out is not None:
         out.write(msg.payload)
     elif msg.type == protocol.STDERR:
-        err.extend(msg.payload)
+        err.extend(msg.payload[:max(0, MAX_HELPER_STDERR - len(err))])  # the guest chooses
     elif msg.type == protocol.EXIT:
         return msg.get("code", int)
     elif msg.type == protocol.ERROR:

@@ -51,6 +51,7 @@ FORMATS = ("docker-archive", "oci-archive")
 CONTAINERD_NAME = "io.containerd.image.name"
 UNNAMED = "localhost/loaded"
 MAX_MEMBERS = 200_000
+MAX_NAME_BYTES = 64 << 20
 MAX_SPOOL_BYTES = 64 << 30  # load's spooled, decompressed input (as a layer's own cap)
 _JSON_MAX = 8 << 20
 _CHUNK = 1 << 20
@@ -272,11 +273,15 @@ class _TarSource(_Source):
         try:
             self.tar = tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo)
             self.members: dict[str, tarfile.TarInfo] = {}
-            count = 0
+            count = names = 0
             while (ti := self.tar.next()) is not None:
                 count += 1
                 if count > MAX_MEMBERS:
                     raise ImageError(f"{label} has more than {MAX_MEMBERS} entries; refused")
+                names += len(ti.name) + len(ti.linkname)
+                if names > MAX_NAME_BYTES:  # the index below keeps every name
+                    raise ImageError(f"the member names of {label} add up to more than "
+                                     f"{MAX_NAME_BYTES} bytes; refused")
                 clean = _clean(ti.name)
                 if clean is not None:
                     self.members[clean] = ti

@@ -27,8 +27,10 @@ directories, or to an entry replaced later; char/block devices; unknown entry ty
 than ``Limits.max_entries`` entries, more than ``Limits.max_dir_entries`` in one directory
 (tar2sqfs is quadratic per directory) or more than ``Limits.max_bytes`` uncompressed bytes
 (decompression bombs); PAX or GNU long-name headers over the caps of
-``shim.images.tarsafe`` (refused before they are read); truncated or corrupt archives (including a missing end-of-archive
-marker and data after it beyond the cap); a diff_id mismatch.
+``shim.images.tarsafe`` (refused before they are read); a path longer than 4096 bytes, or
+names adding up to more than ``Limits.max_name_bytes``; truncated or corrupt archives
+(including a missing end-of-archive marker and data after it beyond the cap); a diff_id
+mismatch.
 
 For ``--isolation process`` the host mounts these files read-only through loop devices:
 ``mount_layer(sqfs, target)`` / ``umount_layer(target)``.
@@ -63,6 +65,8 @@ DEFAULT_MAX_BYTES = 64 << 30
 # here: 20,000 entries 2.7 s, 32,768 entries 6.4 s, so a layer costs at most ~0.2 ms per
 # entry (linear) whatever its shape, and a 200,000-entry directory is refused in the scan.
 DEFAULT_MAX_DIR_ENTRIES = 32_768
+MAX_PATH_BYTES = 4096  # PATH_MAX: the scan keeps every path, so each is bounded ...
+DEFAULT_MAX_NAME_BYTES = 256 << 20  # ... and so is their sum
 
 TAR2SQFS_ARGS = ["-q", "-s", "-c", "zstd", "-X", "level=3",
                  "-d", "uid=0,gid=0,mode=0755,mtime=0", "-f"]
@@ -87,6 +91,7 @@ class Limits:
     max_entries: int = DEFAULT_MAX_ENTRIES
     max_bytes: int = DEFAULT_MAX_BYTES
     max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
+    max_name_bytes: int = DEFAULT_MAX_NAME_BYTES
 
 
 # Public API ---------------------------------------------------------------------------------
@@ -386,7 +391,10 @@ def _norm(name: str, what: str, entry: str) -> str:
     for p in parts:
         if len(p.encode("utf-8", "surrogateescape")) > 255:
             raise LayerError(f"{what} {_shown(entry)} has a name component longer than 255 bytes")
-    return "/".join(parts)
+    path = "/".join(parts)
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise LayerError(f"{what} {_shown(entry)} is longer than {MAX_PATH_BYTES} bytes; refused")
+    return path
 
 
 def _shown(name: str) -> str:
@@ -461,7 +469,7 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
     link_checks: list[tuple[str, int, str]] = []
     names: set[str] = set()  # every path an entry or whiteout puts in a directory
     dir_sizes: dict[str, int] = {}
-    total = 0
+    total = name_bytes = 0
     with _reading(blob, limits) as (tar, reader):
         for index, ti in enumerate(_members(tar)):
             if index >= limits.max_entries:
@@ -469,6 +477,10 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
             plan.count = index + 1
             entry = ti.name
             path = _norm(entry, "entry", entry)
+            name_bytes += len(path) + len(ti.linkname)
+            if name_bytes > limits.max_name_bytes:
+                raise LayerError(f"the names in the layer add up to more than "
+                                 f"{limits.max_name_bytes} bytes; refused")
             parts = path.split("/") if path else []
             # every ancestor must be a directory (or not exist yet) at this point
             prefix = ""

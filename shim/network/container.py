@@ -414,6 +414,7 @@ def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Ne
             endpoint.ports = assign_host_ports(wanted, store.published_ports(netns))
         store.add_endpoint(net, endpoint)
         result.endpoints.append((net, endpoint))
+        firewall.guard_port(endpoint.host_ifname, mac, ip)  # no spoofing other containers
         if result.isolation == "process":
             gateway = result.gateway()
             host.add_veth(result.netns_path, host_ifname=endpoint.host_ifname,
@@ -446,6 +447,8 @@ def disconnect(container_id: str, *, store: NetworkStore | None = None,
                 dns.remove(net, container_id)
             if ep.isolation == "process" and here:
                 _collect(errors, host.delete_link, ep.host_ifname)
+            if here:
+                _collect(errors, firewall.unguard_port, ep.host_ifname)
             store.remove_endpoint(net.name, container_id)
             removed += 1
         if networks is None or not store.endpoints_of(container_id):
@@ -722,6 +725,7 @@ def _connect_live(record, net: Network, request: NetworkRequest) -> None:
                             owner_start=owner.owner_start)
         store.add_endpoint(net, endpoint)
         try:
+            firewall.guard_port(endpoint.host_ifname, endpoint.mac, ip)
             host.add_veth(netns_dir() / record.id, host_ifname=endpoint.host_ifname,
                           bridge=net.bridge, mac=endpoint.mac, address=ip,
                           prefixlen=net.prefixlen, gateway=None, ifname=f"eth{index}")

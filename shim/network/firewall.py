@@ -88,10 +88,11 @@ def ensure_table() -> None:
 
 def delete_table() -> None:
     """Remove everything of ours (tests; ``network prune`` with nothing left)."""
-    try:
-        run([NFT, "delete", "table", "ip", TABLE])
-    except NetworkError:
-        pass
+    for family in ("ip", "bridge"):
+        try:
+            run([NFT, "delete", "table", family, TABLE])
+        except NetworkError:
+            pass
 
 
 def _rules(chain: str) -> list[dict]:
@@ -190,3 +191,69 @@ def publish(container_id: str, container_ip: str, ports: list[PortMapping]) -> N
 def unpublish(container_id: str) -> int:
     """Delete the container's DNAT rules; return how many there were. Idempotent."""
     return _delete_commented(container_comment(container_id), ("publish",))
+
+
+# ---- anti-spoofing on bridge ports -------------------------------------------------------
+# A container's port on a bridge (the VM's tap, or the host end of a process container's
+# veth) may only send what its endpoint owns: frames from its MAC, IPv4 from its address,
+# ARP claiming its MAC and address (or 0.0.0.0, an ARP probe), and no other ethertype
+# (no IPv6, no VLAN tags, no raw L2 protocols). Like libvirt's ``clean-traffic`` nwfilter,
+# but one nftables table that covers both isolations: ``table bridge vmshim``.
+BRIDGE_BASE = f"""\
+table bridge {TABLE} {{
+  chain antispoof {{
+    type filter hook prerouting priority -300; policy accept;
+  }}
+}}
+"""
+
+
+def ensure_bridge_table() -> None:
+    """Create ``table bridge vmshim`` unless it exists. Lock held."""
+    try:
+        run([NFT, "list", "table", "bridge", TABLE])
+        return
+    except NetworkError as exc:
+        if "not installed" in str(exc):
+            raise
+    _nft(BRIDGE_BASE, "cannot create the nftables table bridge vmshim")
+
+
+def port_comment(host_ifname: str) -> str:
+    return f"vmshim-port:{host_ifname}"
+
+
+def antispoof_rules(host_ifname: str, mac: str, ip: str) -> str:
+    """The nft commands that pin the bridge port *host_ifname* to *mac* and *ip*."""
+    c = f'comment "{port_comment(host_ifname)}"'
+    rule = f'add rule bridge {TABLE} antispoof iifname "{host_ifname}"'
+    return "\n".join([
+        f"{rule} ether saddr != {mac} drop {c}",
+        f"{rule} ether type != {{ ip, arp }} drop {c}",
+        f"{rule} ether type ip ip saddr != {ip} drop {c}",
+        f"{rule} ether type arp arp saddr ether != {mac} drop {c}",
+        f"{rule} ether type arp arp saddr ip != {{ 0.0.0.0, {ip} }} drop {c}",
+    ]) + "\n"
+
+
+def guard_port(host_ifname: str, mac: str, ip: str) -> None:
+    """Let the bridge port *host_ifname* send only as *mac*/*ip* (replacing earlier
+    rules of that port). The interface need not exist yet. Lock held."""
+    ensure_bridge_table()
+    unguard_port(host_ifname)
+    _nft(antispoof_rules(host_ifname, mac, ip),
+         f"cannot add the anti-spoofing rules of {host_ifname}")
+
+
+def unguard_port(host_ifname: str) -> int:
+    """Delete the port's anti-spoofing rules; return how many there were. Idempotent."""
+    try:
+        out = run([NFT, "-j", "-a", "list", "chain", "bridge", TABLE, "antispoof"])
+    except NetworkError:
+        return 0  # no table (yet, or any more)
+    rules = [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
+    lines = [f"delete rule bridge {TABLE} antispoof handle {r['handle']}"
+             for r in rules if r.get("comment") == port_comment(host_ifname)]
+    if lines:
+        _nft("\n".join(lines) + "\n", f"cannot delete the anti-spoofing rules of {host_ifname}")
+    return len(lines)

@@ -174,6 +174,9 @@ def test_entry_and_byte_caps(dirs):
     big = _tar(("bar", "d"), ("bar/a", "f", b"x" * 600), ("bar/b", "f", b"x" * 600))
     with pytest.raises(VmshimError, match="more than 1000 bytes"):
         extract(big, dest, "bar", CopyLimits(max_bytes=1000))
+    names = _tar(("baz", "d"), *[(f"baz/{i:03d}{'n' * 200}", "f", b"") for i in range(20)])
+    with pytest.raises(VmshimError, match="names in the archive .* more than 2000 bytes"):
+        extract(names, dest, "baz", CopyLimits(max_name_bytes=2000))
 
 
 class _Sparse(io.RawIOBase):

@@ -127,7 +127,7 @@ def _wide_layer(path: Path, n: int, whiteouts: bool = False) -> Path:
         f.write(_header("d", tarfile.DIRTYPE, mode=0o755))
         for i in range(n):
             name = f"d/.wh.f{i:07d}" if whiteouts and i % 2 else f"d/f{i:07d}"
-            f.write(_header(name, mode=0o644))
+            f.write(_header(name, mode=0o644, fmt=tarfile.GNU_FORMAT))
         f.write(bytes(1024))
     return path
 
@@ -155,3 +155,18 @@ def test_whiteouts_count_towards_the_directory_cap_and_spread_layers_pass(tmp_pa
     out = tmp_path / "ok.sqfs"
     convert_layer(spread, out, limits=limits)
     assert out.stat().st_size > 0
+
+
+def test_names_are_bounded_one_by_one_and_in_sum(tmp_path):
+    long_path = "/".join(["d" * 200] * 25)  # 5,024 bytes: components fine, path too long
+    blob = tmp_path / "long.tar"
+    blob.write_bytes(_pax_block(_pax_record("path", long_path)) + _header("x") + bytes(1024))
+    assert "longer than 4096 bytes" in str(_convert(tmp_path, blob))
+    blob = tmp_path / "many.tar"
+    with open(blob, "wb") as f:
+        for i in range(20):
+            name = f"{i:03d}" + "n" * 200
+            f.write(_header(name, mode=0o644, fmt=tarfile.GNU_FORMAT))
+        f.write(bytes(1024))
+    err = _convert(tmp_path, blob, Limits(max_name_bytes=2000))
+    assert "names in the layer add up to more than 2000 bytes" in str(err)

@@ -1,0 +1,100 @@
+"""Containers on a bridge network cannot spoof each other's addresses: a container that
+takes another IP or another MAC address reaches nobody with it (the bridge port's
+nftables rules, ``table bridge vmshim``). Runs inside the test run's own network
+namespace only (scripts/test); every address here lives in a network made by the test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.e2e.conftest import vmshim
+
+SUFFIX = str(os.getpid())
+
+pytestmark = pytest.mark.skipif(
+    "1" not in (os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"),
+                os.environ.get("VMSHIM_PRIVATE_NETNS")) or os.geteuid() != 0,
+    reason="runs as root inside the test run's own network namespace (scripts/test)")
+
+
+def ok(*args, **kw) -> str:
+    proc = vmshim(*args, **kw)
+    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {proc.stderr.decode(errors='replace')}"
+    return proc.stdout.decode(errors="replace")
+
+
+def _net_admin_flags() -> list[str]:
+    """The attacker needs CAP_NET_ADMIN to change its addresses: ask for it where the CLI
+    knows --cap-add (containers are unprivileged by default there)."""
+    helptext = vmshim("run", "--help").stdout.decode(errors="replace")
+    return ["--cap-add", "NET_ADMIN"] if "--cap-add" in helptext else []
+
+
+@pytest.fixture
+def network():
+    name = f"spoof{SUFFIX}"
+    ok("network", "create", "--subnet", "10.93.0.0/24", name)
+    made = []
+    yield name, made
+    for c in made:
+        vmshim("rm", "-f", c)
+    vmshim("network", "rm", name)
+
+
+ATTACK = """
+set -u
+get() {{ timeout 4 wget -q -O - http://{server}:8080/ 2>/dev/null || echo unreachable; }}
+me=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}')
+mac=$(cat /sys/class/net/eth0/address)
+timeout 30 sh -c 'until wget -q -O /dev/null http://{server}:8080/; do sleep 0.2; done'
+echo "control: $(get)"
+ip addr del $me dev eth0 && ip addr add {stolen}/24 dev eth0
+arping -U -c 1 -I eth0 {stolen} >/dev/null 2>&1
+echo "other ip: $(get)"
+ip addr del {stolen}/24 dev eth0 && ip addr add $me dev eth0
+ip route add default via {gateway} 2>/dev/null
+timeout 30 sh -c 'until wget -q -O /dev/null http://{server}:8080/; do sleep 0.2; done'
+echo "own ip again: $(get)"
+ip link set eth0 down && ip link set eth0 address 02:42:de:ad:be:ef && ip link set eth0 up
+ip route add default via {gateway} 2>/dev/null
+arping -U -c 1 -I eth0 ${{me%/*}} >/dev/null 2>&1
+echo "other mac: $(get)"
+"""
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
+def test_a_container_cannot_use_another_address(network, isolation):
+    name, made = network
+    server = f"spoofsrv{SUFFIX}"
+    made.append(server)
+    ok("run", "-d", "--name", server, "--isolation", "process", "--network", name, "busybox",
+       "sh", "-c", "mkdir -p /www && echo hello > /www/index.html && "
+                   "exec httpd -f -p 8080 -h /www")
+    script = ATTACK.format(server=server, stolen="10.93.0.200", gateway="10.93.0.1")
+    proc = vmshim("run", "--rm", "--isolation", isolation, "--network", name,
+                  *_net_admin_flags(), "busybox", "sh", "-c", script, timeout=600)
+    lines = dict(line.split(": ", 1) for line in
+                 proc.stdout.decode(errors="replace").splitlines() if ": " in line)
+    assert lines.get("control") == "hello", proc.stdout + proc.stderr
+    assert lines.get("other ip") == "unreachable", proc.stdout + proc.stderr
+    assert lines.get("own ip again") == "hello", proc.stdout + proc.stderr
+    assert lines.get("other mac") == "unreachable", proc.stdout + proc.stderr
+
+
+def test_the_rules_come_and_go_with_the_container(network):
+    import subprocess
+
+    name, made = network
+    box = f"spoofbox{SUFFIX}"
+    made.append(box)
+    ok("run", "-d", "--name", box, "--isolation", "process", "--network", name, "busybox",
+       "sleep", "600")
+    rules = subprocess.run(["nft", "list", "chain", "bridge", "vmshim", "antispoof"],
+                           capture_output=True, text=True).stdout
+    assert "vmshim-port:" in rules and "ether saddr !=" in rules
+    ok("rm", "-f", box)
+    rules = subprocess.run(["nft", "list", "chain", "bridge", "vmshim", "antispoof"],
+                           capture_output=True, text=True).stdout
+    assert "vmshim-port:" not in rules
