@@ -75,7 +75,6 @@ class StepRunner:
         self.work_root = Path(work_root) if work_root is not None else paths.root() / "build" / "work"
         self.status = status
         self.warn = warn
-        self._mounts = None
         sweep_stale(self.work_root)
 
     def run(self, layers: list[dict], process: ProcessSpec, base: RootView, *,
@@ -85,7 +84,6 @@ class StepRunner:
         command fails (non-zero exit, or it cannot start), VmshimError for VM trouble.
         *announce* (optional) is called with the container id before it starts.
         *mounts*: the step's ``RUN --mount``s (shim.build.mounts.StepMounts)."""
-        self._mounts = mounts
         from shim.images.layers import layer_disk
         from shim.images.store import LayerRef
 
@@ -108,10 +106,11 @@ class StepRunner:
             if announce is not None:
                 announce(container_id)
             spool = work / "diff.tar"
+            requests = list(mounts.requests) if mounts is not None else []
             if self.isolation == "vm":
-                self._run_vm(boot, disks, work, out_fd, spool)
+                self._run_vm(boot, disks, work, out_fd, spool, requests)
             else:
-                self._run_process(boot, disks, work, out_fd, spool)
+                self._run_process(boot, disks, work, out_fd, spool, requests)
             self.status("committing the layer")
             return self._commit(container_id, spool, base, work,
                                 mounts.mount_points if mounts is not None else set())
@@ -120,7 +119,7 @@ class StepRunner:
 
     # ---- placements ---------------------------------------------------------------------------
     def _run_vm(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
-                spool: Path) -> None:
+                spool: Path, mounts: list) -> None:
         from shim.containers.vm_placement import VmPlacement
 
         rw = work / "rw.img"
@@ -128,7 +127,7 @@ class StepRunner:
         run_dir = paths.run_dir() / boot.container_id
         placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
                                 memory_mib=self.memory_mib, rw_disk=rw, network=self.network,
-                                mounts=self._mount_requests())
+                                mounts=mounts)
         network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
@@ -151,13 +150,13 @@ class StepRunner:
         _check(code, tail, boot.process)
 
     def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
-                     spool: Path) -> None:
+                     spool: Path, mounts: list) -> None:
         from shim.containers.process_placement import ProcessPlacement
 
         run_dir = paths.run_dir() / boot.container_id
         placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
                                      rw_dir=work / "rw", network=self.network,
-                                     mounts=self._mount_requests())
+                                     mounts=mounts)
         try:
             client = placement.boot()
             try:
@@ -174,9 +173,6 @@ class StepRunner:
             raise
         placement.teardown()
         _check(code, tail, boot.process)
-
-    def _mount_requests(self) -> list:
-        return list(self._mounts.requests) if self._mounts is not None else []
 
     # ---- the diff -----------------------------------------------------------------------------
     def _commit(self, container_id: str, spool: Path, base: RootView, work: Path,

@@ -76,10 +76,11 @@ def context(tmp_path, dockerfile: str):
     return str(ctx)
 
 
+# (busybox-static 1.35's wget crashes with -T: timeout(1) bounds it instead.)
 DOWNLOAD = f"""\
 FROM busybox
 ARG SHA
-RUN wget -q -T 30 -O /tmp/p.tgz http://files:{FILES_PORT}/payload.tgz \\
+RUN timeout 60 wget -q -O /tmp/p.tgz http://files:{FILES_PORT}/payload.tgz \\
  && echo "$SHA  /tmp/p.tgz" | sha256sum -c \\
  && tar -C / -xzf /tmp/p.tgz && rm /tmp/p.tgz
 """
