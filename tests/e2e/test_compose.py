@@ -310,3 +310,23 @@ def test_compose_down_finds_everything_by_label_after_the_file_changed(tmp_path)
             if r.labels.get("com.docker.compose.project") == "c14label"] == []
     assert [n.name for n in NetworkStore().list()
             if n.labels.get("com.docker.compose.project") == "c14label"] == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_compose_benchmark_reports_vm_and_process(tmp_path):
+    """benchmarks/compose.py runs and reports both isolations (figures: its output)."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    runs = os.environ.get("COMPOSE_BENCH_RUNS", "1")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "compose.py"), "--runs",
+                           runs, "--json", str(out), "--variants", "process,vm"],
+                          capture_output=True, timeout=1800, cwd=root)
+    print(proc.stdout.decode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    results = json.loads(out.read_text())
+    for variant in ("vm", "process"):
+        assert results[f"compose up --wait ({variant})"]["median"] > 0
