@@ -108,8 +108,23 @@ def assert_nothing_left(project: str, ids: list[str], monitor_pids: list[int], d
     while any(Path(f"/proc/{pid}").exists() for pid in monitor_pids):
         assert time.monotonic() < deadline, "a monitor outlived down"
         time.sleep(0.2)
-    assert not subprocess.run(["pgrep", "-f", f"networks/{project}_default/"],
-                              capture_output=True).stdout, "the network's dnsmasq outlived down"
+    assert dnsmasq_here(f"networks/{project}_default/") == [], "the network's dnsmasq outlived down"
+
+
+def dnsmasq_here(pattern: str) -> list[int]:
+    """dnsmasq processes in this network namespace whose command line has *pattern*."""
+    import os
+
+    ours = os.readlink("/proc/self/ns/net")
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    pids = []
+    for pid in map(int, found.split()):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == ours:
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
 
 
 def monitor_pids(project: str) -> list[int]:
