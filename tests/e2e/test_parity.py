@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import socket
 import subprocess
+import termios
 import time
 import uuid
 
@@ -183,13 +185,21 @@ class Terminal:
     def expect(self, text: bytes, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.seen:
-            assert time.monotonic() < deadline, f"{text!r} not seen; got {self.seen!r}"
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} not seen; got {self.seen!r}"
+            if not select.select([self.master], [], [], left)[0]:
+                continue
             try:
                 chunk = os.read(self.master, 4096)
             except OSError:
                 chunk = b""
             assert chunk, f"the terminal closed before {text!r}; got {self.seen!r}"
             self.seen += chunk
+
+    def wait_raw(self, timeout: float = 60) -> None:
+        """Until the CLI has put the terminal in raw mode (it is then reading it)."""
+        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ICANON,
+                   timeout, "the terminal in raw mode")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -214,6 +224,7 @@ def test_detach_keys_leave_an_it_container_running_and_attach_comes_back(names):
     assert inspect(name, "{{.State.Status}}") == "running"
     again = Terminal("attach", "--detach-keys", "ctrl-a,x", name)
     try:
+        again.wait_raw()
         again.type(b"echo two $((40+3))\r")
         again.expect(b"two 43")
         again.type(b"\x10\x11")  # not the keys any more: sh gets them
