@@ -260,18 +260,18 @@ def test_stats_of_a_vm_report_its_own_cgroup_and_qemu_apart(names):
 def test_cp_into_and_out_of_a_stopped_container(names, tmp_path, domains_before):
     name = unique("cp")
     names.append(name)
-    ok("create", "--name", name, "busybox", "cat", "/srv/in.txt")
+    ok("create", "--name", name, "busybox", "cat", "/in.txt")
     src = tmp_path / "in.txt"
     src.write_bytes(b"copied while stopped\n")
-    ok("cp", str(src), f"{name}:/srv/in.txt", env=SLOW_BOOT)  # never started: created
+    ok("cp", str(src), f"{name}:/in.txt", env=SLOW_BOOT)  # never started: created
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    ok("cp", f"{name}:/srv/in.txt", str(out_dir), env=SLOW_BOOT)
+    ok("cp", f"{name}:/in.txt", str(out_dir), env=SLOW_BOOT)
     assert (out_dir / "in.txt").read_bytes() == b"copied while stopped\n"
     assert inspect(name, "{{.State.Status}}") == "created"
     started = vmshim("start", "-a", name, env=SLOW_BOOT)  # the file is on its writable layer
     assert started.returncode == 0 and started.stdout == b"copied while stopped\n", err(started)
-    ok("cp", f"{name}:/srv/in.txt", str(tmp_path / "after.txt"), env=SLOW_BOOT)  # exited
+    ok("cp", f"{name}:/in.txt", str(tmp_path / "after.txt"), env=SLOW_BOOT)  # exited
     assert (tmp_path / "after.txt").read_bytes() == b"copied while stopped\n"
     assert inspect(name, "{{.State.Status}}") == "exited"
     missing = vmshim("cp", f"{name}:/no/such", str(tmp_path), env=SLOW_BOOT)
