@@ -98,7 +98,7 @@ def raw_terminal(fd: int | None):
         return
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # keep what was typed ahead
         yield
     finally:
         try:

@@ -280,6 +280,15 @@ class Monitor:
         sock.setblocking(False)
         self.listener = sock
 
+    def _listen_again(self) -> None:
+        """A new socket at the usual path (the old one's file is gone)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o755)
+        old = self.listener
+        self._listen()
+        if old is not None:
+            old.close()
+
     # ---- the loop ------------------------------------------------------------------------
 
     def _poll(self) -> None:
@@ -1003,6 +1012,7 @@ class Monitor:
         if anonymous:
             _remove_anonymous_volumes(anonymous)
         if restart:
+            self._listen_again()  # the teardown took the run directory, our socket with it
             delay = restart_delay(self.restart_wait, time.monotonic() - self.up_since)
             self.restart_wait = delay
             self._update(lambda r: setattr(r.state, "restarting", True))

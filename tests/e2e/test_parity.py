@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import socket
 import subprocess
+import termios
 import time
 import uuid
 
@@ -183,13 +185,21 @@ class Terminal:
     def expect(self, text: bytes, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.seen:
-            assert time.monotonic() < deadline, f"{text!r} not seen; got {self.seen!r}"
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} not seen; got {self.seen!r}"
+            if not select.select([self.master], [], [], left)[0]:
+                continue
             try:
                 chunk = os.read(self.master, 4096)
             except OSError:
                 chunk = b""
             assert chunk, f"the terminal closed before {text!r}; got {self.seen!r}"
             self.seen += chunk
+
+    def wait_raw(self, timeout: float = 60) -> None:
+        """Until the CLI has put the terminal in raw mode (it is then reading it)."""
+        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ICANON,
+                   timeout, "the terminal in raw mode")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -214,6 +224,7 @@ def test_detach_keys_leave_an_it_container_running_and_attach_comes_back(names):
     assert inspect(name, "{{.State.Status}}") == "running"
     again = Terminal("attach", "--detach-keys", "ctrl-a,x", name)
     try:
+        again.wait_raw()
         again.type(b"echo two $((40+3))\r")
         again.expect(b"two 43")
         again.type(b"\x10\x11")  # not the keys any more: sh gets them
@@ -249,18 +260,18 @@ def test_stats_of_a_vm_report_its_own_cgroup_and_qemu_apart(names):
 def test_cp_into_and_out_of_a_stopped_container(names, tmp_path, domains_before):
     name = unique("cp")
     names.append(name)
-    ok("create", "--name", name, "busybox", "cat", "/srv/in.txt")
+    ok("create", "--name", name, "busybox", "cat", "/in.txt")
     src = tmp_path / "in.txt"
     src.write_bytes(b"copied while stopped\n")
-    ok("cp", str(src), f"{name}:/srv/in.txt", env=SLOW_BOOT)  # never started: created
+    ok("cp", str(src), f"{name}:/in.txt", env=SLOW_BOOT)  # never started: created
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    ok("cp", f"{name}:/srv/in.txt", str(out_dir), env=SLOW_BOOT)
+    ok("cp", f"{name}:/in.txt", str(out_dir), env=SLOW_BOOT)
     assert (out_dir / "in.txt").read_bytes() == b"copied while stopped\n"
     assert inspect(name, "{{.State.Status}}") == "created"
     started = vmshim("start", "-a", name, env=SLOW_BOOT)  # the file is on its writable layer
     assert started.returncode == 0 and started.stdout == b"copied while stopped\n", err(started)
-    ok("cp", f"{name}:/srv/in.txt", str(tmp_path / "after.txt"), env=SLOW_BOOT)  # exited
+    ok("cp", f"{name}:/in.txt", str(tmp_path / "after.txt"), env=SLOW_BOOT)  # exited
     assert (tmp_path / "after.txt").read_bytes() == b"copied while stopped\n"
     assert inspect(name, "{{.State.Status}}") == "exited"
     missing = vmshim("cp", f"{name}:/no/such", str(tmp_path), env=SLOW_BOOT)

@@ -368,3 +368,19 @@ def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(sto
     assert fresh.status.value == "created" and not monitor_alive(fresh)
     assert not marker.exists(), "the container's own process must not run for a cp"
     assert not run_dir_of(record.id).exists(), "the short-lived placement is torn down"
+
+
+def test_stop_while_a_restart_policy_waits(store):
+    """The monitor stays reachable across restarts (the teardown removes the run directory
+    its socket lives in), shows restarting meanwhile, and stop ends the waiting."""
+    rec = make(store, "exit 3", restart_policy="always")
+    manage.start(rec.id, store=store)
+    wait_for(lambda: store.load(rec.id).state.restart_count >= 3
+             and store.load(rec.id).state.restarting)
+    started = time.monotonic()
+    stopped = manage.stop(rec.id, store=store)
+    assert time.monotonic() - started < 5
+    assert stopped.state.stopped_by_user and not stopped.state.restarting
+    count = stopped.state.restart_count
+    assert not monitor_alive(stopped)
+    assert store.load(rec.id).state.restart_count == count
