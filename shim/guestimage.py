@@ -571,7 +571,7 @@ def kernel_choice(requested: str | None = None) -> tuple[str, str]:
             requested = _choice_file().read_text().strip() or None
         except OSError:
             requested = None
-        source = "chosen with `vmshim guest build --kernel`"
+        source = f"chosen with `vmshim guest build --kernel {requested}`"
     if requested:
         if requested not in KERNEL_CHOICES:
             raise GuestImageError(f"unknown guest kernel {requested!r} ({source}); "

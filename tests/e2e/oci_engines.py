@@ -194,8 +194,11 @@ _WRAPPER = """#!/bin/sh
 rec={log}/$(date +%s%N)-$$
 {{ printf '%s\\0' "$(cat /proc/$PPID/comm 2>/dev/null)" "$PWD" "$@"; }} > "$rec.tmp" 2>/dev/null \\
   && mv "$rec.tmp" "$rec"
-exec {runtime}{root} "$@"
+{env}exec {runtime}{root} "$@"
 """
+_PASSED_ENV = ("VMSHIM_ROOT", "VMSHIM_GUEST_KERNEL")
+"""Set again in the wrapper: conmon runs the runtime with a filtered environment, which
+would send vmshim-runtime to the default state root and its guest kernel."""
 
 
 def _sh_quote(s: str) -> str:
@@ -211,8 +214,9 @@ def runtime_wrapper(runtime: str, directory: Path, argv_log: Path,
     argv_log.mkdir(parents=True, exist_ok=True)
     path = directory / os.path.basename(runtime)
     root = f" --root {_sh_quote(str(state_root))}" if state_root else ""
+    env = "".join(f"export {k}={_sh_quote(os.environ[k])}\n" for k in _PASSED_ENV if k in os.environ)
     path.write_text(_WRAPPER.format(log=_sh_quote(str(argv_log)), runtime=_sh_quote(runtime),
-                                    root=root))
+                                    root=root, env=env))
     path.chmod(0o755)
     return path
 
