@@ -185,6 +185,7 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
     (a value vmshim's run refuses: the message names the flag)."""
     from shim.containers.options import RunOptions
     from shim.containers.resources import from_flags
+    from shim.containers.security import SecurityOptions
     from shim.network.container import parse_request
     from shim.volumes.specs import parse_all
 
@@ -225,13 +226,16 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
         resources=resources, mounts=parse_all(volumes, mounts, service.tmpfs),
         read_only=service.read_only, network=request,
         labels=container_labels(project, service, number, oneoff=oneoff, image_id=image_id),
-        healthcheck=check)
+        healthcheck=check,
+        security=SecurityOptions(privileged=service.privileged, cap_add=list(service.cap_add),
+                                 cap_drop=list(service.cap_drop),
+                                 security_opt=list(service.raw.get("security_opt") or [])))
 
 
 def ignored_keys(service: Service) -> list[str]:
     """Keys of the subset that this vmshim accepts but cannot apply yet (warned)."""
     out = []
-    for key in ("cap_add", "cap_drop", "privileged", "init"):
+    for key in ("init",):
         if service.raw.get(key):
             out.append(f"services.{service.name}.{key}: not applied by this vmshim "
                        "(no such run option yet), ignored")

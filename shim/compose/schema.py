@@ -334,11 +334,12 @@ SERVICE = mapping({
     "labels": mapping_or_list, "init": boolean, "stop_signal": signal_name,
     "stop_grace_period": duration, "read_only": boolean, "cap_add": list_of(string),
     "cap_drop": list_of(string), "privileged": boolean, "isolation": isolation,
+    "security_opt": list_of(string),
     "profiles": list_of(string), "container_name": string, "scale": integer(0, 100),
     "stdin_open": boolean, "tty": boolean, "pids_limit": integer(-1), "dns": string_or_list,
     "dns_search": string_or_list, "extra_hosts": mapping_or_list, "pull_policy":
     one_of("always", "never", "missing", "build", "if_not_present"),
-}, ignored=("logging", "security_opt", "ulimits", "sysctls", "devices", "platform",
+}, ignored=("logging", "ulimits", "sysctls", "devices", "platform",
             "configs", "secrets", "network_mode", "ipc", "pid", "shm_size", "links",
             "external_links", "domainname", "mac_address", "cgroup_parent", "oom_score_adj",
             "userns_mode", "group_add", "labels_file", "attach", "develop", "runtime",
