@@ -124,7 +124,7 @@ class StepRunner:
 
         rw = work / "rw.img"
         diff.make_disk(rw)
-        run_dir = paths.run_dir() / boot.container_id
+        run_dir = paths.run_dir() / boot.container_id[:12]  # short: agent.sock <= 107 bytes
         placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
                                 memory_mib=self.memory_mib, rw_disk=rw, network=self.network,
                                 mounts=mounts)
@@ -153,7 +153,7 @@ class StepRunner:
                      spool: Path, mounts: list) -> None:
         from shim.containers.process_placement import ProcessPlacement
 
-        run_dir = paths.run_dir() / boot.container_id
+        run_dir = paths.run_dir() / boot.container_id[:12]  # short: agent.sock <= 107 bytes
         placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
                                      rw_dir=work / "rw", network=self.network,
                                      mounts=mounts)
