@@ -447,8 +447,11 @@ def run_builtin(store: ContainerStore, record: Container, name: str, args: list[
     goes to *out* (a writable binary file) if given; *stdin_data* (an iterable of bytes
     chunks) is fed to it. With *stopped_ok*, a created or exited container gets a
     short-lived VM (or host placement) of its own for it (see _builtin_while_stopped)."""
-    if stopped_ok and not lifecycle.is_active(record.status) and not monitor_alive(record):
-        return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data, out=out)
+    if stopped_ok and not lifecycle.is_active(record.status):
+        record = wait_monitor_gone(store, record)  # one that just ended may be tearing down
+        if not lifecycle.is_active(record.status) and not monitor_alive(record):
+            return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data,
+                                          out=out)
     lifecycle.check("exec", record.status, record.name)
     client = monitor_client(store, record)
     if client is None:
