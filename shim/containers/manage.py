@@ -194,16 +194,20 @@ def stop(ref: str, timeout: float | None = None, store: ContainerStore | None = 
     not run is not an error (docker's behaviour)."""
     store = _store(store)
     record = store.find(ref)
-    if lifecycle.is_active(record.status) or monitor_alive(record):
+    fields = {} if timeout is None else {"timeout": timeout}
+    wait = (timeout if timeout is not None else record.stop_timeout) + 60
+    for _attempt in range(3):  # a monitor that re-listens (restart policy) may drop a request
+        if not (lifecycle.is_active(record.status) or monitor_alive(record)):
+            break
         client = monitor_client(store, record)
-        if client is not None:
-            with client:
-                fields = {} if timeout is None else {"timeout": timeout}
-                wait = (timeout if timeout is not None else record.stop_timeout) + 60
-                try:
-                    api.raise_for_error(client.request("stop", wait, **fields))
-                except api.MonitorGone:
-                    pass
+        if client is None:
+            break
+        with client:
+            try:
+                api.raise_for_error(client.request("stop", wait, **fields))
+                break
+            except api.MonitorGone:
+                record = store.load(record.id)
     return wait_monitor_gone(store, store.load(record.id))
 
 

@@ -287,6 +287,11 @@ class Monitor:
         old = self.listener
         self._listen()
         if old is not None:
+            # Clients that connected while we tore down wait in the old socket's backlog:
+            # take them over (closing it would drop their requests: a lost `stop`).
+            self.listener, new = old, self.listener
+            self._on_listener(select.POLLIN)
+            self.listener = new
             old.close()
 
     # ---- the loop ------------------------------------------------------------------------
