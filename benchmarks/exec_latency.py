@@ -69,7 +69,7 @@ def main() -> int:
     exec_ms, cli_ms = results["exec"]["median_ms"], results["cli"]["median_ms"]
     print(f"accel: {accel.kind.upper()} ({accel.reason}); isolation {args.isolation}; "
           f"{args.runs} runs, medians [min–max]")
-    for key, label in (("exec", f"vmshim exec CONTAINER true"),
+    for key, label in (("exec", "vmshim exec CONTAINER true"),
                        ("cli", "vmshim --version (python + CLI imports)"),
                        ("python", "python -c pass (interpreter alone)")):
         r = results[key]

@@ -705,7 +705,8 @@ def ensure_guest_image(progress: Callable[[str], None] | None = None, force: boo
     *refresh_kernel* asks apt for the newest cloud kernel first (``vmshim guest build``).
 
     Builds are serialised with a lock in ``guest_dir()``; the new build appears atomically
-    and older builds are removed by a later build once superseded for RETIRE_GRACE. Raises GuestImageError with what to do on any failure.
+    and older builds are removed by a later build once superseded for RETIRE_GRACE. Raises
+    GuestImageError with what to do on any failure.
     """
     return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel,
                    refresh_kernel)
@@ -726,7 +727,8 @@ def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compr
         gdir.mkdir(parents=True, exist_ok=True)
         lock = open(gdir / ".lock", "a+")
     except OSError as exc:
-        raise GuestImageError(f"cannot write the guest image directory {gdir}: {exc.strerror} (run as root or set VMSHIM_ROOT)") from None
+        raise GuestImageError(f"cannot write the guest image directory {gdir}: {exc.strerror} "
+                              "(run as root or set VMSHIM_ROOT)") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force:

@@ -245,7 +245,7 @@ class _Assembler:
                 continue
             code, jt, jf, k = item
 
-            def offset(target, short: bool):
+            def offset(target, short: bool, position: int = position):
                 if not isinstance(target, _Label):
                     return target
                 distance = where[id(target)] - position - 1

@@ -52,7 +52,8 @@ class VmshimGroup(click.Group):
         except Exception as exc:  # a bug: say so in one line unless asked for more
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+            click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
+                       "(run with --debug for the traceback)", err=True)
             sys.exit(125)
 
 

@@ -178,7 +178,8 @@ def mapping(schema: dict, *, required: tuple = (), ignored: tuple = ()):
                 else:
                     checker(val, where)
             elif warnings is not None:
-                warnings.append(f"{where}: {'not supported by vmshim, ignored' if key in ignored else 'unknown key, ignored'}")
+                why = "not supported by vmshim, ignored" if key in ignored else "unknown key, ignored"
+                warnings.append(f"{where}: {why}")
     check.wants_warnings = True
     return check
 

@@ -20,7 +20,6 @@ import time
 from guest import protocol
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
-from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, monitor_alive, run_dir_of)
 from shim.errors import (AgentError, ContainerNotFound, ContainerStateError, UsageError,
                          VmshimError)

@@ -125,7 +125,7 @@ def parse_signal(text: str | int) -> int:
     raise UsageError(f"invalid signal {text!r}")
 
 
-def boot_config_of(record) -> "BootConfig":
+def boot_config_of(record):
     """The guest's BootConfig for a stored container record (shim.containers.store)."""
     from guest.spec import ROOTFS_SHARE_TAG, BootConfig
 

@@ -6,7 +6,8 @@ console and then either reboots (the domain must vanish) or sleeps.
 
 Kernel: $VMSHIM_TEST_KERNEL, else the guest image's kernel from the state root (the one
 scripts/test builds; built here when missing), with the virtio-blk modules of its unpacked
-package. The tests skip only when libvirtd is not reachable. Every domain is named ``vmshim-test-*`` and destroyed afterwards.
+package. The tests skip only when libvirtd is not reachable. Every domain is named
+``vmshim-test-*`` and destroyed afterwards.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_remote_command_quotes_and_marks_its_pid():
                     "'/opt/v m/vmshim' run 'a b' '$x'")
 
 
-def _tar(entries) -> "io.BytesIO":
+def _tar(entries):
     import io
     import tarfile
 

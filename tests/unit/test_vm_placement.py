@@ -6,7 +6,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-import pytest
 
 from guest.spec import BootConfig, ProcessSpec, WRITABLE_SERIAL
 from shim.containers.vm_placement import VmPlacement, domain_name, make_rw_disk
