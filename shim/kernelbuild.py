@@ -49,6 +49,7 @@ REQUIRED_OPTIONS: dict[str, str] = {
     "CONFIG_TMPFS": "init mounts tmpfs on /run, /tmp and /dev/shm",
     "CONFIG_UNIX98_PTYS": "devpts for `run -t` and exec -t",
     "CONFIG_POSIX_MQUEUE": "containers get /dev/mqueue",
+    "CONFIG_KEYS": "keyctl: docker lets containers use kernel keyrings (--privileged fully)",
     "CONFIG_PCI": "every virtio device is on PCI",
     "CONFIG_VIRTIO_PCI": "virtio devices on PCI",
     "CONFIG_VIRTIO_CONSOLE": "the agent channel is a virtio-serial port",
