@@ -334,6 +334,19 @@ class _CappedSpool:
         self.f.flush()
 
 
+def write_source_tar(src: str, out, stream: bool = False) -> None:
+    """Write host path *src* to *out* as the tar ``cp SRC CTR:DEST`` sends (docker's
+    naming: ``DIR/.`` sends the directory's contents). *stream*: a non-seekable *out*."""
+    path = Path(src)
+    with tarfile.open(fileobj=out, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT) as tar:
+        if src.endswith("/.") and path.is_dir():
+            for child in sorted(path.iterdir()):
+                tar.add(str(child), arcname=child.name)
+        else:
+            tar.add(str(path), arcname=path.resolve().name if src in (".", "..")
+                    else os.path.basename(os.path.normpath(src)))
+
+
 def copy_in(src: str, ref: str, dest: str) -> None:
     """Copy host path *src* (``-``: a tar on stdin) into container *ref* at *dest*."""
     store = ContainerStore()
@@ -348,13 +361,7 @@ def copy_in(src: str, ref: str, dest: str) -> None:
         if not path.exists() and not path.is_symlink():
             raise UsageError(f"cannot copy {src}: no such file or directory")
         with tempfile.TemporaryFile() as archive:
-            with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                if src.endswith("/.") and path.is_dir():
-                    for child in sorted(path.iterdir()):
-                        tar.add(str(child), arcname=child.name)
-                else:
-                    tar.add(str(path), arcname=path.resolve().name if src in (".", "..")
-                            else os.path.basename(os.path.normpath(src)))
+            write_source_tar(src, archive)
             archive.seek(0)
             chunks = iter(lambda: archive.read(CHUNK), b"")
             code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks,

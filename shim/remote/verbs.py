@@ -230,8 +230,6 @@ def _producer(write: Callable) -> Callable[[], int]:
 
 # ---- cp ------------------------------------------------------------------------------------
 def _cp(prefix, rest, scanned) -> Plan:
-    import tarfile  # here, not at the top: every remote command imports this module
-
     from shim.cli.cp import split_ref
 
     if len(scanned.positionals) != 2:
@@ -251,13 +249,9 @@ def _cp(prefix, rest, scanned) -> Plan:
         tokens[src_at] = "-"
 
         def write(out) -> None:
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                if src.endswith("/.") and path.is_dir():
-                    for child in sorted(path.iterdir()):
-                        tar.add(str(child), arcname=child.name)
-                else:
-                    tar.add(str(path), arcname=path.resolve().name if src in (".", "..")
-                            else os.path.basename(os.path.normpath(src)))
+            from shim.containers.copy import write_source_tar
+
+            write_source_tar(src, out, stream=True)
 
         return Plan(prefix + tokens, stdin=_producer(write))
     if dest == "-":
