@@ -289,9 +289,7 @@ class Monitor:
         if old is not None:
             # Clients that connected while we tore down wait in the old socket's backlog:
             # take them over (closing it would drop their requests: a lost `stop`).
-            self.listener, new = old, self.listener
-            self._on_listener(select.POLLIN)
-            self.listener = new
+            self._accept_all(old)
             old.close()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -549,9 +547,13 @@ class Monitor:
     # ---- clients -------------------------------------------------------------------------
 
     def _on_listener(self, event: int) -> None:
+        self._accept_all(self.listener)
+
+    def _accept_all(self, listener: socket.socket) -> None:
+        """Take every connection waiting on *listener* (non-blocking) as a client."""
         while True:
             try:
-                sock, _ = self.listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
