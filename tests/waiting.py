@@ -12,6 +12,15 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie (a condition tests wait on)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition",
                interval: float = 0.2) -> T:
     """Poll *predicate* until it returns something true; return it. Fails the test with

@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import hostile_agent
 from tests.e2e.conftest import vmshim, wait_no_new_domains
+from tests.waiting import alive, wait_until
 
 pytestmark = pytest.mark.vm
 PREFIX = f"hg{os.getpid()}"
@@ -42,24 +42,6 @@ def ok(*args, **kw) -> str:
     proc = vmshim(*args, **kw)
     assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
     return out(proc)
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.2)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def root() -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import CLI, vmshim, vmshim_domains, wait_no_new_domains
-from tests.waiting import holds_for, wait_until
+from tests.waiting import alive, holds_for, wait_until
 
 pytestmark = pytest.mark.vm
 PREFIX = f"lc{os.getpid()}"
@@ -42,14 +42,6 @@ def ok(*args, **kw) -> str:
 
 def inspect(name: str, template: str) -> str:
     return ok("inspect", "-f", template, name).strip()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def state_root() -> Path:

@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.conftest import CLI, vmshim
 from tests.sshd import REMOTE_VMSHIM, Sshd
+from tests.waiting import wait_until
 
 vm = pytest.mark.vm
 
@@ -49,17 +50,6 @@ def text(proc) -> str:
 
 def err(proc) -> str:
     return proc.stderr.decode(errors="replace")
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def other_home(sshd, tmp_path, key: bool = True, known_hosts: str | None = "real") -> dict:

@@ -20,7 +20,7 @@ from shim.containers.resources import from_flags
 from shim.volumes.attach import Attachments
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import VolumeStore
-from tests.waiting import holds_for, wait_until
+from tests.waiting import alive, holds_for, wait_until
 from tests.integration.test_runtime_host import (  # noqa: F401 - fixture
     BUSYBOX,
     Box,
@@ -33,14 +33,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts, cgroups)"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
 ]
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _mounts_under(path) -> list[str]:
@@ -127,7 +119,7 @@ def test_cpus_half_holds_a_busy_loop_near_half_a_cpu(make_box):
     spawned = box.spawn(["sh", "-c", "while :; do :; done"])
     wait_until(lambda: box.container.stats()["cpu_ns"] > 0, 10, "the busy loop running")
     before, t0 = box.container.stats()["cpu_ns"], time.monotonic()
-    holds_for(lambda: process_alive(spawned.pid), 3, "the busy loop running")  # the window
+    holds_for(lambda: alive(spawned.pid), 3, "the busy loop running")  # the window
     after, t1 = box.container.stats()["cpu_ns"], time.monotonic()
     share = (after - before) / ((t1 - t0) * 1e9)
     os.kill(spawned.pid, 9)
