@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,8 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     os.chdir(HERE.parent)
-    sshd = Sshd(Path(tempfile.mkdtemp(prefix="vmshim-bench-remote-")))
+    workdir = Path(tempfile.mkdtemp(prefix="vmshim-bench-remote-"))
+    sshd = Sshd(workdir)
     sshd.start()
     env = sshd.client_env()
     remote = VMSHIM + ["--host", sshd.url]
@@ -79,6 +81,7 @@ def main() -> int:
         subprocess.run(VMSHIM + ["rm", "-f", name], stdout=subprocess.DEVNULL)
         sshd.stop_control_processes()
         sshd.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # keys, sshd config, the client's HOME
     results = {key: summary(values) for key, values in samples.items() if values}
     from shim.vm.accel import detect_accel
 
