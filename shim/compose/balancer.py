@@ -43,12 +43,11 @@ def rules(project: str, service: str, ports, addresses: list[str]) -> str:
 
 def replica_addresses(project: str, service: str) -> list[str]:
     """The first-network addresses of the service's running replicas, by number."""
-    from shim.compose.runner import project_containers
     from shim.network.store import NetworkStore
 
     store = NetworkStore()
     out = []
-    for record in project_containers(project, services=[service]):
+    for record in planner.project_containers(project, services=[service]):
         if record.status.value != "running":
             continue
         endpoints = store.endpoints_of(record.id)

@@ -240,3 +240,22 @@ def ignored_keys(service: Service) -> list[str]:
             out.append(f"services.{service.name}.{key}: not applied by this vmshim "
                        "(no such run option yet), ignored")
     return out
+
+
+def project_containers(project: str, *, services: list[str] | None = None,
+                       oneoff: bool | None = False) -> list:
+    """The project's containers (all states), by label, sorted by service and number."""
+    from shim.containers.store import ContainerStore
+
+    out = []
+    for record in ContainerStore().list():
+        labels = record.labels or {}
+        if labels.get(LABEL_PROJECT) != project:
+            continue
+        if services and labels.get(LABEL_SERVICE) not in services:
+            continue
+        if oneoff is not None and (labels.get(LABEL_ONEOFF) == "True") != oneoff:
+            continue
+        out.append(record)
+    return sorted(out, key=lambda r: (r.labels.get(LABEL_SERVICE, ""),
+                                      int(r.labels.get(LABEL_NUMBER, "0") or 0)))

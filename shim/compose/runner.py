@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from shim.compose import planner
+from shim.compose.planner import project_containers
 from shim.compose.errors import ComposeError, DependencyFailed
 from shim.compose.model import Project, Service
 from shim.compose.progress import Progress
@@ -27,25 +28,6 @@ START_REPLY_TIMEOUT = 180.0
 
 
 # ---- what exists -------------------------------------------------------------------------------
-
-def project_containers(project: str, *, services: list[str] | None = None,
-                       oneoff: bool | None = False) -> list:
-    """The project's containers (all states), by label, sorted by service and number."""
-    from shim.containers.store import ContainerStore
-
-    out = []
-    for record in ContainerStore().list():
-        labels = record.labels or {}
-        if labels.get(planner.LABEL_PROJECT) != project:
-            continue
-        if services and labels.get(planner.LABEL_SERVICE) not in services:
-            continue
-        if oneoff is not None and (labels.get(planner.LABEL_ONEOFF) == "True") != oneoff:
-            continue
-        out.append(record)
-    return sorted(out, key=lambda r: (r.labels.get(planner.LABEL_SERVICE, ""),
-                                      int(r.labels.get(planner.LABEL_NUMBER, "0") or 0)))
-
 
 def number_of(record) -> int:
     return int((record.labels or {}).get(planner.LABEL_NUMBER, "0") or 0)
