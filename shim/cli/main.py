@@ -135,7 +135,7 @@ _register()
 def main() -> None:
     from shim.remote.hook import maybe_run_remote  # --host / contexts (issue 18)
 
-    code = maybe_run_remote(sys.argv[1:])
+    code = maybe_run_remote(sys.argv[1:], cli)
     if code is not None:
         sys.exit(code)
     cli(prog_name="vmshim")

@@ -30,9 +30,10 @@ class RemoteError(VmshimError):
     """The remote host cannot be reached or the connection broke."""
 
 
-def run_remote(target: SshTarget, args: list[str], debug: bool = False) -> int:
-    """Run vmshim *args* (verb first) on *target*; the remote exit status."""
-    plan = make_plan(args)
+def run_remote(target: SshTarget, args: list[str], commands, debug: bool = False) -> int:
+    """Run vmshim *args* (verb first) on *target*; the remote exit status. *commands*: the
+    CLI's click group (see verbs.plan)."""
+    plan = make_plan(args, commands)
     env = {"VMSHIM_REMOTE_CONTEXT": f"{target.context or '-'} {target.display()}"}
     if sys.stdout.isatty():
         env["COLUMNS"] = str(shutil.get_terminal_size().columns)

@@ -34,9 +34,10 @@ def split_globals(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
     return found, argv[i:]
 
 
-def maybe_run_remote(argv: list[str]) -> int | None:
+def maybe_run_remote(argv: list[str], commands) -> int | None:
     """Run *argv* on the remote host it names (or the current context's); the exit status,
-    or None when the command runs here."""
+    or None when the command runs here. *commands*: the CLI's click group (each verb's
+    options say which arguments are local files or streams)."""
     found, rest = split_globals(argv)
     if not rest or rest[0].startswith("-") or rest[0] in LOCAL_VERBS:
         return None
@@ -53,7 +54,7 @@ def maybe_run_remote(argv: list[str]) -> int | None:
             return None
         from shim.remote.client import run_remote
 
-        return run_remote(target, rest, debug)
+        return run_remote(target, rest, commands, debug)
     except VmshimError as exc:
         if debug:
             raise

@@ -119,14 +119,15 @@ def _without(tokens: list[str], scanned: Scanned, name: str) -> list[str]:
     return [t for k, t in enumerate(tokens) if k not in drop]
 
 
-def plan(args: list[str]) -> Plan:
-    """The Plan for the vmshim arguments *args* (verb first, global options removed)."""
+def plan(args: list[str], commands: click.Group) -> Plan:
+    """The Plan for the vmshim arguments *args* (verb first, global options removed), read
+    against *commands*, the CLI's click group (given by shim.cli.main, the floor above)."""
     if not args:
         return Plan(args)
     verb, rest, prefix = args[0], args[1:], [args[0]]
     if verb in ("image", "container") and rest and not rest[0].startswith("-"):
         verb, rest, prefix = rest[0], rest[1:], [args[0], rest[0]]
-    command = _command(prefix)
+    command = _command(commands, prefix)
     if command is None or "-h" in rest or "--help" in rest:
         return Plan(args)
     scanned = scan(command, rest)
@@ -136,11 +137,9 @@ def plan(args: list[str]) -> Plan:
     return _interactive(prefix, rest, scanned, verb)
 
 
-def _command(prefix: list[str]) -> click.Command | None:
-    from shim.cli.main import cli
-
-    ctx = click.Context(cli)
-    command = cli.get_command(ctx, prefix[0])
+def _command(commands: click.Group, prefix: list[str]) -> click.Command | None:
+    ctx = click.Context(commands)
+    command = commands.get_command(ctx, prefix[0])
     if isinstance(command, click.Group) and len(prefix) > 1:
         command = command.get_command(ctx, prefix[1])
     return command if isinstance(command, click.Command) and not isinstance(command, click.Group) else None

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from shim.errors import UsageError, VmshimError
+from shim.cli.main import cli
 from shim.remote import mux
 from shim.remote.hook import split_globals
 from shim.remote.target import ContextStore, SshTarget, control_dir, parse_host, resolve
@@ -91,27 +92,27 @@ def test_plans(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ctx").mkdir()
     (tmp_path / "Other").write_text("FROM busybox\n")
-    p = plan(["build", "-t", "x", "-f", "Other", "ctx"])
+    p = plan(["build", "-t", "x", "-f", "Other", "ctx"], cli)
     assert p.args == ["remote-build-context", "--", "build", "-t", "x", "-f",
                       DOCKERFILE_PLACEHOLDER, CONTEXT_PLACEHOLDER] and callable(p.stdin)
     with pytest.raises(UsageError, match="not a directory"):
-        plan(["build", "nope"])
-    assert plan(["exec", "box", "cat"]).stdin is None
-    assert plan(["exec", "-i", "box", "cat"]).stdin == "terminal"
-    assert plan(["run", "busybox", "sh", "-i"]).stdin is None
+        plan(["build", "nope"], cli)
+    assert plan(["exec", "box", "cat"], cli).stdin is None
+    assert plan(["exec", "-i", "box", "cat"], cli).stdin == "terminal"
+    assert plan(["run", "busybox", "sh", "-i"], cli).stdin is None
     (tmp_path / "f").write_text("x")
-    p = plan(["cp", "f", "box:/tmp"])
+    p = plan(["cp", "f", "box:/tmp"], cli)
     assert p.args == ["cp", "-", "box:/tmp"] and callable(p.stdin)
-    p = plan(["cp", "box:/etc/hostname", "out"])
+    p = plan(["cp", "box:/etc/hostname", "out"], cli)
     assert p.args == ["cp", "box:/etc/hostname", "-"] and p.stdout is not None
     p.finish(1)
-    p = plan(["image", "save", "-o", "img.tar", "busybox"])
+    p = plan(["image", "save", "-o", "img.tar", "busybox"], cli)
     assert p.args == ["image", "save", "busybox"]
     assert p.finish(1) == 1 and list(tmp_path.glob(".img.tar*")) == []
     (tmp_path / "img.tar").write_bytes(b"")
-    assert plan(["load", "--input=img.tar", "-q"]).args == ["load", "-q"]
-    assert plan(["attach", "box"]).stdin == "terminal"
-    assert plan(["attach", "--no-stdin", "box"]).stdin is None
+    assert plan(["load", "--input=img.tar", "-q"], cli).args == ["load", "-q"]
+    assert plan(["attach", "box"], cli).stdin == "terminal"
+    assert plan(["attach", "--no-stdin", "box"], cli).stdin is None
 
 
 def test_frames_round_trip_and_bounds():
