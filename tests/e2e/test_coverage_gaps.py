@@ -7,8 +7,6 @@ VM boots are kept to one container per check; the CLI is run as a user runs it."
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import xml.etree.ElementTree as ET
 
@@ -16,50 +14,16 @@ import pytest
 
 from guest.runtime.cgroups import blkio_to_io_weight, shares_to_weight
 from tests.e2e.conftest import vmshim
+from tests.e2e.test_limits_volumes import (  # noqa: F401 - fixtures
+    err,
+    inspect,
+    names,
+    ok,
+    volume_names,
+)
 from tests.waiting import wait_until
 
 vm = pytest.mark.vm
-PREFIX = f"gap{os.getpid()}"
-
-
-def err(proc) -> str:
-    return proc.stderr.decode(errors="replace")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
-    return proc.stdout.decode(errors="replace")
-
-
-def inspect(name: str) -> dict:
-    return json.loads(ok("inspect", name))[0]
-
-
-@pytest.fixture
-def names():
-    made = []
-
-    def name(suffix: str) -> str:
-        made.append(f"{PREFIX}-{suffix}")
-        return made[-1]
-
-    yield name
-    for n in made:
-        vmshim("rm", "-f", n)
-
-
-@pytest.fixture
-def volume_names():
-    made = []
-
-    def name(suffix: str) -> str:
-        made.append(f"{PREFIX}-{suffix}")
-        return made[-1]
-
-    yield name
-    for n in made:
-        vmshim("volume", "rm", "-f", n)
 
 
 def _domain_xml(name: str) -> ET.Element:
