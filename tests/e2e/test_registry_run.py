@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from shim.images.store import ImageStore
+from tests.waiting import wait_until
 from tests.e2e.conftest import vmshim
 from tests.integration.test_registry_interop import registry  # noqa: F401  (fixture)
 
@@ -63,7 +64,27 @@ def empty_root():
         yield root
     finally:
         os.environ["VMSHIM_ROOT"] = str(outer)
+        # Teardowns finish in the background (libvirt forgets a VM 1-2 s late, then the
+        # reaper frees its network endpoint in this root): removing it first leaks a
+        # networks/ directory that the reaper writes again.
+        wait_until(lambda: not _processes_using(root), 60, "the root's background teardowns")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _processes_using(root: Path) -> list[int]:
+    """Pids of processes whose environment points VMSHIM_ROOT at *root*."""
+    wanted = f"VMSHIM_ROOT={root}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
 
 
 @vm
