@@ -333,6 +333,7 @@ def _cleanup_leftovers(store: ContainerStore, record: Container) -> None:
     try:
         placement.kill()
         placement.teardown(grace=0.0)
+        placement.forget()
     except VmshimError:
         pass
 

@@ -1069,6 +1069,8 @@ class Monitor:
         if self.placement is not None and self.main_running:
             self.placement.kill()
             self.placement.teardown()
+        if self.removal is not None and self.placement is not None:
+            self.placement.forget()  # rm returns when nothing of the VM is left
         if self.removal is not None or (self.record is not None and self.record.auto_remove):
             # --rm also removes the anonymous volumes (-v /path) the container made.
             anonymous = self.record.mounts if self.record is not None and \

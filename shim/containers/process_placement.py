@@ -233,6 +233,9 @@ class ProcessPlacement:
             self.network = None
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def forget(self, timeout: float = 10.0) -> None:
+        """Nothing outlives teardown on the host side: there is no hypervisor to wait for."""
+
     def info(self) -> dict:
         return {"AgentPid": self._recorded_agent() or 0, "Rootfs": str(self.rootfs),
                 "AgentSocket": str(self.agent_socket)}

@@ -258,6 +258,14 @@ class VmPlacement:
         self._disconnect()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def forget(self, timeout: float = 10.0) -> None:
+        """Wait (up to *timeout* s) until libvirt has forgotten the ended VM, so that a
+        removal leaves no domain behind. Never raises."""
+        try:
+            self.backend.wait_gone(self.domain, timeout)
+        except Exception:  # noqa: BLE001 - the removal goes on; the reaper checks again
+            pass
+
     def _disconnect(self) -> None:
         """Give the container's addresses, published ports and names back. Never raises."""
         if self.network_request is not None:

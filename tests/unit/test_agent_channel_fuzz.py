@@ -38,6 +38,9 @@ class StubPlacement:
     def teardown(self, grace=0.0, timeout=0.0):
         pass
 
+    def forget(self, timeout=0.0):
+        pass
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

@@ -103,6 +103,9 @@ class FakePlacement:
             _kill(child)
         _kill(pid)
 
+    def forget(self, timeout: float = 10.0) -> None:
+        pass
+
     def teardown(self, grace: float = 3.0, timeout: float = 15.0) -> None:
         from shim.containers.process_placement import _reap_child
 
