@@ -49,9 +49,8 @@ def time_floor(image, accel_kind: str) -> float:
     drive = build_config_drive(
         BootConfig(container_id="0" * 64, token="floor", hostname="floor",
                    process=ProcessSpec(args=["true"]), layer_count=0), tmp / "config.iso")
-    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"), config_drive=str(drive))
-    if accel_kind == "kvm":
-        argv = [a.replace("accel=tcg", "accel=kvm").replace("-accel tcg", "-accel kvm") for a in argv]
+    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"), config_drive=str(drive),
+                              accel_kind=accel_kind)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

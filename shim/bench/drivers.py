@@ -605,11 +605,9 @@ class Floor:
                                 hostname="floor", process=ProcessSpec(args=["/bin/true"]),
                                 layer_count=0)
             self._drive = build_config_drive(config, self.dir / "config.iso")
-        argv = boot_floor_command(image, sock, serial, config_drive=str(self._drive))
-        if self.accel_kind == "kvm":  # same command, the accelerator vmshim would use
-            i = argv.index("-accel")
-            argv[i + 1] = "kvm"
-        return argv
+        # same command, the accelerator (and its kernel arguments) vmshim would use
+        return boot_floor_command(image, sock, serial, config_drive=str(self._drive),
+                                  accel_kind=self.accel_kind)
 
     def boot(self, timeout: float = 120) -> FloorVM:
         """Start QEMU and return once the agent's first bytes arrived."""

@@ -19,6 +19,7 @@ from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_T
                         WRITABLE_SERIAL, BootConfig)
 from shim import paths
 from shim.errors import VmshimError
+from shim.vm.accel import guest_cmdline
 from shim.vm.agent_client import AgentClient
 
 BOOT_TIMEOUT = float(os.environ.get("VMSHIM_BOOT_TIMEOUT", "90"))
@@ -135,7 +136,7 @@ class VmPlacement:
             vcpus=self.vcpus,
             domain_type="kvm" if accel.kind == "kvm" else "qemu",
             boot=dom.KernelBoot(kernel=str(guest.kernel), initrd=str(guest.initramfs),
-                                cmdline=guest.cmdline),
+                                cmdline=guest_cmdline(guest.cmdline, accel.kind)),
             disks=disks,
             channels=[dom.AgentChannel(socket_path=str(self.agent_socket))],
             serial=dom.SerialLog(path=str(self.console_log)),

@@ -383,3 +383,70 @@ def libvirt_kvm_problem(path: str = KVM_DEVICE) -> str | None:
     return (f"{path} is not read-writable by group kvm (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"libvirtd then re-probes QEMU on every VM start (~50 s): run "
             f"`chgrp kvm {path} && chmod 0660 {path}` (scripts/setup does this)")
+
+
+# --------------------------------------------------------------------------------------
+# guest kernel arguments that depend on the accelerator
+
+CPUINFO = "/proc/cpuinfo"
+CPUFREQ_DIR = "/sys/devices/system/cpu/cpu0/cpufreq"
+
+
+def host_tsc_khz(cpuinfo: str = CPUINFO, cpufreq_dir: str = CPUFREQ_DIR) -> int | None:
+    """The host TSC's rate in kHz when the host knows it exactly, else None.
+
+    Under TCG the guest's ``rdtsc`` reads the host's TSC, so the guest can be told its rate
+    instead of calibrating it against emulated timers (which, slowed by emulation, give a
+    wrong rate or none: the guest then calls its TSC unstable and keeps time in jiffies).
+    ``cpu MHz`` in /proc/cpuinfo is the kernel's ``cpu_khz`` only when neither aperfmperf
+    nor cpufreq supplies a live frequency, and ``cpu_khz`` is the TSC rate when the CPU
+    reports ``tsc_known_freq`` and ``constant_tsc``; in every other case this says None.
+    """
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            text = f.read(1 << 20)  # bounded: one CPU's block comes first
+    except OSError:
+        return None
+    block = text.split("\n\n", 1)[0]
+    fields = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    if not {"tsc_known_freq", "constant_tsc"} <= flags or "aperfmperf" in flags:
+        return None
+    if os.path.isdir(cpufreq_dir):
+        return None
+    try:
+        khz = round(float(fields["cpu MHz"]) * 1000)
+    except (KeyError, ValueError):
+        return None
+    return khz if 100_000 <= khz <= 20_000_000 else None
+
+
+def kernel_args(accel_kind: str, tsc_khz: int | None) -> list[str]:
+    """Extra guest kernel arguments for *accel_kind* (``kvm`` or ``tcg``).
+
+    Under TCG: ``noapictimer`` (the emulated local APIC timer fails the kernel's
+    verification after ~0.3 s of calibrating; the PIT/HPET broadcast serves instead) and,
+    when the host's TSC rate is known, ``tsc_early_khz`` so the guest keeps the TSC as its
+    clocksource without calibrating. Under KVM the kernel's own probes are fast and right.
+    """
+    if accel_kind != "tcg":
+        return []
+    args = ["noapictimer"]
+    if tsc_khz:
+        args.append(f"tsc_early_khz={int(tsc_khz)}")
+    return args
+
+
+def guest_cmdline(base: str, accel_kind: str, tsc_khz: int | None = None) -> str:
+    """*base* (the guest image's command line) with :func:`kernel_args` appended; the host's
+    TSC rate is read when *tsc_khz* is not given. Arguments already in *base* are kept once."""
+    if tsc_khz is None and accel_kind == "tcg":
+        tsc_khz = host_tsc_khz()
+    words = base.split()
+    extra = [a for a in kernel_args(accel_kind, tsc_khz)
+             if a.split("=", 1)[0] not in {w.split("=", 1)[0] for w in words}]
+    return " ".join(words + extra)

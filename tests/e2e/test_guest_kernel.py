@@ -13,6 +13,7 @@ import json
 import pytest
 
 from shim import guestimage, kernelbuild
+from shim.vm.accel import detect_accel, host_tsc_khz
 from tests.e2e.conftest import vmshim, wait_no_new_domains
 
 
@@ -60,13 +61,18 @@ def test_running_minimal_guest_has_the_config_and_no_modules(domains_before):
     _minimal_or_skip()
     env = {guestimage.KERNEL_ENV: "minimal"}
     proc = vmshim("run", "--rm", "busybox", "sh", "-c",
-                  "cat /proc/config.gz; test -e /proc/modules && echo MODULES >&2; true",
+                  "cat /proc/config.gz; test -e /proc/modules && echo MODULES >&2; "
+                  "echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/"
+                  "current_clocksource) >&2; true",
                   env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert b"MODULES" not in proc.stderr  # no module support: nothing to load
     config = kernelbuild.parse_config(gzip.decompress(proc.stdout).decode())
     assert kernelbuild.check_config(config) == []
     assert config.get("CONFIG_MODULES") == "n"
+    if detect_accel().kind == "tcg" and host_tsc_khz() is not None:
+        # told the host's TSC rate (tsc_early_khz), the guest keeps the TSC, not jiffies
+        assert b"clocksource=tsc" in proc.stderr, proc.stderr.decode(errors="replace")
     assert not wait_no_new_domains(domains_before)
 
 
