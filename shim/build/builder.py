@@ -193,9 +193,9 @@ def _run_script(ins: Instruction) -> str:
 
 
 def _network_request(options: BuildOptions) -> dict:
-    """The RUN steps' network (shim.network.container.NetworkRequest.to_dict()), checked
+    """The RUN steps' network (shim.containers.networking.NetworkRequest.to_dict()), checked
     before any step runs. Raises NetworkError, NetworkNotFound."""
-    from shim.network import container as netc
+    from shim.containers import networking as netc
 
     network = None if options.network in (None, "", "default") else options.network
     request = netc.parse_request(network=network, add_hosts=list(options.add_hosts))

@@ -40,7 +40,7 @@ def reap(domain: str, run_dir: str, network_of: str | None = None) -> None:
     finally:
         backend.close()
         if network_of:
-            from shim.network.container import stop
+            from shim.containers.networking import stop
 
             stop(network_of)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -68,7 +68,7 @@ class StepRunner:
                  warn=lambda text: None, network: dict | None = None):
         self.store = store
         self.network = network
-        """shim.network.container.NetworkRequest.to_dict() for every step (None: no
+        """shim.containers.networking.NetworkRequest.to_dict() for every step (None: no
         network at all, only lo)."""
         self.isolation = isolation
         self.memory_mib = memory_mib

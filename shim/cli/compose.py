@@ -151,7 +151,7 @@ def ps_cmd(c, show_all, quiet, fmt, services, services_):
     """List the project's containers, with health."""
     from shim.cli.ps import health_status, status_text
     from shim.compose import runner
-    from shim.network.container import published_ports
+    from shim.containers.networking import published_ports
 
     records = runner.project_containers(c.name(), services=list(services_) or None)
     if not show_all:
@@ -421,7 +421,7 @@ def port_cmd(c, index, protocol, service, private_port):
     """The host address a service's PRIVATE_PORT is published on."""
     from shim.compose import planner, runner
     from shim.errors import NetworkError
-    from shim.network.container import published_ports
+    from shim.containers.networking import published_ports
 
     project = c.project()
     svc = project.service(service)

@@ -9,16 +9,6 @@ from __future__ import annotations
 import click
 
 
-def split_ref(arg: str) -> tuple[str | None, str]:
-    """(container, path) for ``CONTAINER:PATH``; (None, path) for a local path."""
-    if arg.startswith(("/", ".")) or ":" not in arg:
-        return None, arg
-    container, _, path = arg.partition(":")
-    if "/" in container:
-        return None, arg
-    return container, path
-
-
 @click.command()
 @click.argument("src")
 @click.argument("dest")
@@ -26,6 +16,8 @@ def cp(src, dest):
     """Copy SRC to DEST; one of them is CONTAINER:PATH."""
     from shim.containers import copy
     from shim.errors import UsageError
+
+    from shim.containers.copy import split_ref
 
     src_ctr, src_path = split_ref(src)
     dest_ctr, dest_path = split_ref(dest)

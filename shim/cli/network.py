@@ -77,7 +77,7 @@ def network_group() -> None:
 @click.argument("name")
 def create_cmd(driver, subnet, gateway, internal, label, name):
     """Create a network NAME."""
-    from shim.network.container import create_network
+    from shim.containers.networking import create_network
 
     net = create_network(name, subnet=subnet, gateway=gateway, internal=internal,
                          labels=_labels(label))
@@ -141,7 +141,7 @@ def inspect_cmd(fmt, networks):
 @click.argument("networks", nargs=-1, required=True)
 def rm_cmd(networks):
     """Remove networks (none may have containers attached)."""
-    from shim.network.container import remove_network
+    from shim.containers.networking import remove_network
 
     failed = False
     for ref in networks:
@@ -160,7 +160,7 @@ def rm_cmd(networks):
 def prune_cmd(force):
     """Remove every user network without containers (and endpoints left by crashed
     containers)."""
-    from shim.network.container import prune_networks
+    from shim.containers.networking import prune_networks
 
     if not force and sys.stdin.isatty():
         click.confirm("Remove all user networks without containers?", abort=True)
@@ -178,7 +178,7 @@ def prune_cmd(force):
 @click.argument("container")
 def connect_cmd(alias, ip, network, container):
     """Connect CONTAINER to NETWORK."""
-    from shim.network.container import connect_container
+    from shim.containers.networking import connect_container
 
     connect_container(container, network, aliases=list(alias), ip=ip)
 
@@ -189,7 +189,7 @@ def connect_cmd(alias, ip, network, container):
 @click.argument("container")
 def disconnect_cmd(force, network, container):
     """Disconnect CONTAINER from NETWORK."""
-    from shim.network.container import disconnect_container
+    from shim.containers.networking import disconnect_container
 
     disconnect_container(container, network, force=force)
 
@@ -199,7 +199,7 @@ def disconnect_cmd(force, network, container):
 @click.argument("private_port", required=False, metavar="[PORT[/PROTO]]")
 def port_cmd(container, private_port):
     """List CONTAINER's published ports (or the host address of one of them)."""
-    from shim.network.container import published_ports
+    from shim.containers.networking import published_ports
 
     ports = published_ports(container)
     if private_port:
@@ -246,9 +246,9 @@ def network_options(func):
 
 
 def network_request(flags: dict):
-    """The :class:`shim.network.container.NetworkRequest` of ``run``/``create`` flags.
+    """The :class:`shim.containers.networking.NetworkRequest` of ``run``/``create`` flags.
     Without ``--network``: ``$VMSHIM_DEFAULT_NETWORK``, else the default NAT network."""
-    from shim.network.container import parse_request
+    from shim.containers.networking import parse_request
 
     return parse_request(
         network=list(flags.get("network") or ()), aliases=flags.get("network_alias") or (),

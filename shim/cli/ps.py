@@ -307,7 +307,7 @@ def inspect_mounts(record) -> list[dict]:
 
 
 def _network_settings(record) -> dict:
-    from shim.network.container import network_settings
+    from shim.containers.networking import network_settings
 
     try:
         return network_settings(record.id, getattr(record, "network", None))

@@ -48,7 +48,7 @@ def volume_group():
 @click.argument("name", required=False)
 def create(label, opt, driver, name):
     """Create a volume (a random name when NAME is left out); print its name."""
-    from shim.containers.resources import parse_bytes
+    from shim.units import parse_bytes
 
     if driver != "local":
         raise UsageError(f"unknown volume driver {driver!r}: only local is supported")

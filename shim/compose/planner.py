@@ -186,7 +186,7 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
     from shim.containers.options import RunOptions
     from shim.containers.resources import from_flags
     from shim.containers.security import SecurityOptions
-    from shim.network.container import parse_request
+    from shim.containers.networking import parse_request
     from shim.volumes.specs import parse_all
 
     entrypoint, cmd = None, service.command or []

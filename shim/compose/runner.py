@@ -105,7 +105,7 @@ def pull_image(ref: str, progress: Progress) -> None:
 
 def ensure_networks(project: Project, services: list[Service], progress: Progress) -> None:
     from shim.errors import NetworkNotFound
-    from shim.network.container import create_network
+    from shim.containers.networking import create_network
     from shim.network.store import NetworkStore
 
     store = NetworkStore()
@@ -128,7 +128,7 @@ def ensure_networks(project: Project, services: list[Service], progress: Progres
 
 
 def ensure_volumes(project: Project, services: list[Service], progress: Progress) -> None:
-    from shim.containers.resources import parse_bytes
+    from shim.units import parse_bytes
     from shim.volumes.store import VolumeStore
 
     store = VolumeStore()
@@ -464,7 +464,7 @@ def down(project_name: str, *, volumes: bool = False, rmi: str | None = None,
     carries the project's label; with ``rmi="local"`` the images compose built."""
     from shim.compose import balancer
     from shim.containers import manage
-    from shim.network.container import remove_network
+    from shim.containers.networking import remove_network
     from shim.network.store import NetworkStore
     from shim.volumes.store import VolumeStore
 

@@ -35,6 +35,16 @@ MAX_COPY_ENTRIES = 1_000_000
 MAX_COPY_NAME_BYTES = 256 << 20
 
 
+def split_ref(arg: str) -> tuple[str | None, str]:
+    """(container, path) for ``CONTAINER:PATH``; (None, path) for a local path."""
+    if arg.startswith(("/", ".")) or ":" not in arg:
+        return None, arg
+    container, _, path = arg.partition(":")
+    if "/" in container:
+        return None, arg
+    return container, path
+
+
 def _container_path(path: str) -> str:
     if not path:
         raise UsageError("a container path must not be empty")

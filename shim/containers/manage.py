@@ -280,7 +280,7 @@ def remove(ref: str, *, force: bool = False, volumes: bool = False,
     ContainerStateError, ContainerNotFound."""
     record = _remove_container(ref, force=force, store=store)
     if volumes:
-        from shim.volumes.attach import remove_anonymous
+        from shim.containers.mounts import remove_anonymous
         from shim.volumes.specs import MountRequest
 
         remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])

@@ -100,7 +100,7 @@ placement_override = None
 
 def _remove_anonymous_volumes(mounts: list) -> None:
     """``--rm``: the anonymous volumes (-v /path) of a removed container go with it."""
-    from shim.volumes.attach import remove_anonymous
+    from shim.containers.mounts import remove_anonymous
     from shim.volumes.specs import MountRequest
 
     remove_anonymous([MountRequest.from_dict(m) for m in mounts])

@@ -48,7 +48,7 @@ class RunOptions:
     volumes_from: list[str] = field(default_factory=list)
     read_only: bool = False
     network: object = None
-    """shim.network.container.NetworkRequest (-p, --network, --dns …); None: the default
+    """shim.containers.networking.NetworkRequest (-p, --network, --dns …); None: the default
     NAT network with nothing published."""
     log_opts: list[str] = field(default_factory=list)
     """``--log-opt`` values (shim.containers.logs.LogLimits.parse)."""
@@ -145,7 +145,7 @@ def boot_config_of(record):
 
 def _limits_of(record) -> dict:
     """BootConfig ``limits`` and ``read_only`` from a record (its ``mounts`` are made by
-    the placement: shim.volumes.attach)."""
+    the placement: shim.containers.mounts)."""
     from shim.containers.resources import Resources
 
     resources = Resources.from_dict(getattr(record, "resources", None))

@@ -42,17 +42,17 @@ class ProcessPlacement:
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, rw_dir: Path | None = None, mounts: list | None = None,
                  network: dict | None = None):
-        from shim.volumes.attach import Attachments
+        from shim.containers.mounts import Attachments
 
         self.boot_config = boot
         self.network_request = network
-        """shim.network.container.NetworkRequest.to_dict(): connected in boot() (the host
+        """shim.containers.networking.NetworkRequest.to_dict(): connected in boot() (the host
         agent joins the network namespace made for it, and the container shares it, as
         in a VM), disconnected in teardown(). None: the container makes its own
         namespace with only lo."""
         self.network = None
         self.attachments = Attachments(mounts or [])
-        """-v/--mount/--tmpfs (shim.volumes.attach): volumes are leased and loop-mounted
+        """-v/--mount/--tmpfs (shim.containers.mounts): volumes are leased and loop-mounted
         under ``volumes/`` only while the rootfs is assembled; leases end in teardown()."""
         self.layer_disks = [Path(p) for p in layer_disks]
         self.run_dir = Path(run_dir)
@@ -88,7 +88,7 @@ class ProcessPlacement:
             mounts = self.attachments.for_process(self.run_dir / "volumes")
             namespaces, netns = HOST_NAMESPACES, None
             if self.network_request is not None:
-                from shim.network import container as netc
+                from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "process", self.network_request,
@@ -128,7 +128,7 @@ class ProcessPlacement:
         if not self.running():
             return None
         if self.network_request is not None:
-            from shim.network.container import claim
+            from shim.containers.networking import claim
 
             claim(self.boot_config.container_id, os.getpid())
         try:
@@ -227,7 +227,7 @@ class ProcessPlacement:
                     except Exception:  # noqa: BLE001
                         rootfs_mod.unmount(str(target), detach=True)
         if self.network_request is not None:
-            from shim.network.container import stop
+            from shim.containers.networking import stop
 
             stop(self.boot_config.container_id)
             self.network = None

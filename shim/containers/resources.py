@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 
 from guest.spec import RLIMIT_NAMES, Limits
 from shim.errors import UsageError
+from shim.units import format_bytes, parse_bytes, parse_bytes_or_unlimited
 
 MIB = 1 << 20
 GUEST_OVERHEAD_MIB = 96
@@ -45,35 +45,9 @@ MIN_MEMORY = 6 * MIB
 CPU_PERIOD = 100_000
 """µs: the CFS period for ``--cpus`` (docker's)."""
 NANO = 1_000_000_000
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 # ---- units ---------------------------------------------------------------------------------
-
-def parse_bytes(text: str, flag: str) -> int:
-    """docker's RAMInBytes: ``64m``, ``1.5g``, ``512MiB``, ``1024`` (bytes); binary units.
-    Raises UsageError naming *flag*."""
-    match = _SIZE.match(str(text).strip())
-    if not match:
-        raise UsageError(f"invalid {flag} {text!r}: expected a size such as 64m, 1g or 1024")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    return int(value)
-
-
-def parse_bytes_or_unlimited(text: str, flag: str) -> int:
-    """Like :func:`parse_bytes`, and ``-1`` means unlimited (returned as -1)."""
-    if str(text).strip() == "-1":
-        return -1
-    return parse_bytes(text, flag)
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{n}B"
-
 
 def host_cpus() -> set[int]:
     """The CPUs this process may run on."""

@@ -102,7 +102,7 @@ def effective_healthcheck(image_check: dict | None, flags: dict | None) -> dict 
 def _network_of(options: RunOptions, image_config: dict) -> dict:
     """The networking request to store (``-P`` resolved against the image's EXPOSE).
     Raises NetworkError, NetworkNotFound (a --network that does not exist)."""
-    from shim.network.container import check_networks_exist, parse_request
+    from shim.containers.networking import check_networks_exist, parse_request
 
     request = options.network if options.network is not None else parse_request()
     check_networks_exist(request)
@@ -117,7 +117,7 @@ def _resources_and_mounts(options: RunOptions, spec):
     import sys
 
     from shim.containers.resources import Resources
-    from shim.volumes.attach import prepare_mounts
+    from shim.containers.mounts import prepare_mounts
 
     resources = options.resources or Resources()
     for warning in resources.check(options.isolation):
@@ -168,7 +168,7 @@ def _device_fields(options: RunOptions) -> dict:
 
 def _remove_anonymous_volumes(record: Container) -> None:
     if record.mounts:
-        from shim.volumes.attach import remove_anonymous
+        from shim.containers.mounts import remove_anonymous
         from shim.volumes.specs import MountRequest
 
         remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])

@@ -134,7 +134,7 @@ class Container:
     hosts: str = ""
     resolv_conf: str = ""
     network: dict | None = None
-    """shim.network.container.NetworkRequest.to_dict(); acted on at every start (the
+    """shim.containers.networking.NetworkRequest.to_dict(); acted on at every start (the
     addresses are the start's). None: no networking (records from before it existed)."""
     resources: dict = field(default_factory=dict)
     """shim.containers.resources.Resources.to_dict(): the limits as given (``update``

@@ -77,16 +77,16 @@ class VmPlacement:
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
                  network: dict | None = None, rootfs_dir: str = ""):
-        from shim.volumes.attach import Attachments
+        from shim.containers.mounts import Attachments
 
         self.boot_config = boot
         self.network_request = network
-        """shim.network.container.NetworkRequest.to_dict() (None: no NIC): connected in
+        """shim.containers.networking.NetworkRequest.to_dict() (None: no NIC): connected in
         boot(), disconnected in teardown() once the VM is gone."""
         self.network = None
         self.cpuset = cpuset
         self.attachments = Attachments(mounts or [])
-        """-v/--mount/--tmpfs (shim.volumes.attach): leased in boot(), let go of in
+        """-v/--mount/--tmpfs (shim.containers.mounts): leased in boot(), let go of in
         teardown() once the VM is gone."""
         self._volume_disks: list = []
         self._shares: list = []
@@ -175,7 +175,7 @@ class VmPlacement:
             self.boot_config = self.boot_config.replace(mounts=specs)
         try:
             if self.network_request is not None:
-                from shim.network import container as netc
+                from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "vm", self.network_request,
@@ -201,7 +201,7 @@ class VmPlacement:
         if not self.running():
             return None
         if self.network_request is not None:
-            from shim.network.container import claim
+            from shim.containers.networking import claim
 
             claim(self.boot_config.container_id, os.getpid())
         try:
@@ -270,7 +270,7 @@ class VmPlacement:
     def _disconnect(self) -> None:
         """Give the container's addresses, published ports and names back. Never raises."""
         if self.network_request is not None:
-            from shim.network.container import stop
+            from shim.containers.networking import stop
 
             stop(self.boot_config.container_id)
             self.network = None

@@ -229,7 +229,7 @@ def _producer(write: Callable) -> Callable[[], int]:
 
 # ---- cp ------------------------------------------------------------------------------------
 def _cp(prefix, rest, scanned) -> Plan:
-    from shim.cli.cp import split_ref
+    from shim.containers.copy import split_ref
 
     if len(scanned.positionals) != 2:
         return Plan(prefix + rest)

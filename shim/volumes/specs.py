@@ -1,6 +1,6 @@
 """``-v``, ``--mount``, ``--tmpfs`` and ``--volumes-from``: docker's syntax → a list of
 :class:`MountRequest` (stored in the container's record). How a placement makes them is
-shim.volumes.attach.
+shim.containers.mounts.
 
 - ``-v /host/dir:/path[:opts]`` a bind mount (the host directory is made if missing, like
   docker); ``-v name:/path[:opts]`` the named volume (made if missing); ``-v /path`` a new
@@ -108,7 +108,7 @@ def parse_volume(text: str) -> MountRequest:
 
 def parse_mount(text: str) -> MountRequest:
     """One ``--mount`` value (comma-separated key=value). Raises UsageError."""
-    from shim.containers.resources import parse_bytes
+    from shim.units import parse_bytes
 
     values: dict[str, str] = {}
     for item in text.split(","):
@@ -177,7 +177,7 @@ def parse_mount(text: str) -> MountRequest:
 def parse_tmpfs(text: str) -> MountRequest:
     """One ``--tmpfs`` value: ``/path[:opt,opt=value…]``. Raises UsageError."""
     from guest.runtime.mounts import TMPFS_DATA, TMPFS_FLAGS
-    from shim.containers.resources import parse_bytes
+    from shim.units import parse_bytes
 
     dest, _, raw = text.partition(":")
     options = []

@@ -28,7 +28,7 @@ The record says whether a VM ever had the volume read-write (``written_by_vm``, 
 field counts as written by a VM). ``--isolation process`` loop-mounts volumes in the host
 kernel, which must never parse a file system a guest wrote (a crafted ext4 is an attack
 on the host kernel, and ``e2fsck`` does not make it safe), so it refuses such a volume
-(see shim.volumes.attach): its data can still be used through a VM, or moved out as a tar
+(see shim.containers.mounts): its data can still be used through a VM, or moved out as a tar
 (``vmshim run --rm -v NAME:/d busybox tar -C /d -c .``) into a fresh volume.
 """
 

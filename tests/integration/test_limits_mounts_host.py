@@ -17,7 +17,7 @@ from guest.runtime.cgroups import CgroupError, blkio_to_io_weight, shares_to_wei
 from guest.runtime.container import HOST_NAMESPACES, Container
 from guest.spec import BootConfig, Limits, MountSpec, ProcessSpec
 from shim.containers.resources import from_flags
-from shim.volumes.attach import Attachments
+from shim.containers.mounts import Attachments
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import VolumeStore
 from tests.waiting import alive, holds_for, wait_until

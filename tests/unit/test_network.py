@@ -15,7 +15,7 @@ from guest.runtime import network as guest_net
 from guest.spec import BootConfig, ProcessSpec, check_network, is_ipv4, is_mac
 from shim.errors import NetworkError, NetworkNotFound
 from shim.network import firewall
-from shim.network.container import ContainerNetwork, parse_request
+from shim.containers.networking import ContainerNetwork, parse_request
 from shim.network.ports import (
     PortMapping,
     assign_host_ports,
@@ -37,7 +37,7 @@ from shim.network.store import (
 @pytest.fixture(autouse=True)
 def own_state_root(tmp_path, monkeypatch):
     """Never the machine's state root (its default-network setting, its networks)."""
-    from shim.network import container
+    from shim.containers import networking as container
 
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "root"))
     monkeypatch.delenv("VMSHIM_DEFAULT_NETWORK", raising=False)
@@ -497,8 +497,8 @@ def test_network_host_in_process_isolation_uses_the_hosts_stack():
 
 
 def test_default_network_from_env_then_state_root_then_host(tmp_path, monkeypatch):
-    from shim.network import container
-    from shim.network.container import default_network
+    from shim.containers import networking as container
+    from shim.containers.networking import default_network
 
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
     monkeypatch.setattr(container, "HOST_CONFIG_DIR", tmp_path / "etc")
@@ -517,7 +517,7 @@ def test_default_network_from_env_then_state_root_then_host(tmp_path, monkeypatc
 
 
 def test_request_round_trips_and_resolves_exposed_ports():
-    from shim.network.container import NetworkRequest
+    from shim.containers.networking import NetworkRequest
 
     req = parse_request(network=["a", "bridge"], aliases=["web"], ip="10.89.0.9",
                         publish=["127.0.0.1:9000-9001:80-81", "53/udp", "7000-7009:22"],

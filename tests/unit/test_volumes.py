@@ -13,7 +13,7 @@ import pytest
 from guest.runtime import mounts as runtime_mounts
 from shim.errors import UsageError, VolumeError, VolumeInUse, VolumeNotFound
 from shim.volumes import specs
-from shim.volumes.attach import Attachments, prepare_mounts, remove_anonymous, resolve_volumes
+from shim.containers.mounts import Attachments, prepare_mounts, remove_anonymous, resolve_volumes
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import VolumeStore, needs_recovery, user_of_image
 
