@@ -339,8 +339,8 @@ def detect_accel(*, path: str = KVM_DEVICE, cache: Path | None = None,
 
     Raises UsageError when ``VMSHIM_ACCEL`` has another value.
     """
-    env = os.environ if env is None else env
-    forced = env.get("VMSHIM_ACCEL", "").strip().lower()
+    environ = os.environ if env is None else env
+    forced = environ.get("VMSHIM_ACCEL", "").strip().lower()
     if forced:
         if forced not in ("kvm", "tcg"):
             raise UsageError(f"VMSHIM_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
