@@ -44,12 +44,14 @@ import socket
 import sys
 import time
 import traceback
+from typing import Callable
 
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim import paths
 from shim.containers import health
+from shim.containers.isolation import Isolation
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogLimits, LogWriter
@@ -94,8 +96,8 @@ EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
 
 
-placement_override = None
-"""Tests set this to ``f(record, store) -> placement`` (a fake); forked monitors inherit it."""
+placement_override: Callable[[Container, ContainerStore], Isolation] | None = None
+"""Unit tests set this to a fake (shim.containers.fake_isolation); forked monitors inherit it."""
 
 
 def _remove_anonymous_volumes(mounts: list) -> None:
@@ -106,8 +108,9 @@ def _remove_anonymous_volumes(mounts: list) -> None:
     remove_anonymous([MountRequest.from_dict(m) for m in mounts])
 
 
-def make_placement(record: Container, store: ContainerStore, backend=None):
-    """The placement (VM or host namespaces) for *record*."""
+def make_placement(record: Container, store: ContainerStore, backend=None) -> Isolation:
+    """The isolation *record* asked for: its own VM, or namespaces on the host
+    (``placement_override``, when a unit test sets it, makes every one instead)."""
     if placement_override is not None:
         return placement_override(record, store)
     from shim.containers.options import boot_config_of

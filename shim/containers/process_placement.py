@@ -125,16 +125,10 @@ class ProcessPlacement:
 
     def reattach(self) -> AgentClient | None:
         """Connect to the host agent a previous monitor started; None when it is gone."""
-        if not self.running():
-            return None
-        if self.network_request is not None:
-            from shim.containers.networking import claim
+        from shim.containers.isolation import reattach_agent
 
-            claim(self.boot_config.container_id, os.getpid())
-        try:
-            return AgentClient.connect_unix(str(self.agent_socket), timeout=2)
-        except VmshimError:
-            return None
+        return reattach_agent(self, self.boot_config.container_id, self.network_request,
+                              self.agent_socket)
 
     def _recorded_agent(self) -> int | None:
         """The host agent's pid if it still runs (checked against its start time)."""

@@ -198,16 +198,10 @@ class VmPlacement:
     def reattach(self) -> AgentClient | None:
         """Connect to the channel of the VM a previous monitor ran; None when that VM is
         gone. The agent says hello on its own (once the VM runs, if it is paused)."""
-        if not self.running():
-            return None
-        if self.network_request is not None:
-            from shim.containers.networking import claim
+        from shim.containers.isolation import reattach_agent
 
-            claim(self.boot_config.container_id, os.getpid())
-        try:
-            return AgentClient.connect_unix(str(self.agent_socket), timeout=2)
-        except VmshimError:
-            return None
+        return reattach_agent(self, self.boot_config.container_id, self.network_request,
+                              self.agent_socket)
 
     def running(self) -> bool:
         """Whether the VM's QEMU is alive (running or paused). Raises HypervisorError."""

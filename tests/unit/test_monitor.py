@@ -1,6 +1,6 @@
 """The per-container monitor and the verbs around it, without VMs or root.
 
-A fake placement runs the real agent loop (guest.agent.Agent) in a separate host
+A fake isolation (shim.containers.fake_isolation) runs the real agent loop (guest.agent.Agent) in a separate host
 process that listens on the container's agent.sock, like the host agent of process
 isolation, with a runtime that starts plain processes (no namespaces, no mounts). So the
 real monitor (forked by shim.containers.monitor.spawn, exactly as the CLI forks it), the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -24,125 +23,10 @@ import pytest
 from guest.runtime.process import spawn_container
 from guest.spec import ProcessSpec
 from shim.containers import manage, monitor
+from shim.containers.fake_isolation import FakeIsolation, PlainRuntime
 from shim.containers.logs import read_entries
-from shim.containers.options import boot_config_of
 from shim.containers.store import Container, ContainerStore, monitor_alive, run_dir_of
 from shim.errors import CommandNotFound, ContainerStateError, VmshimError
-from shim.vm.agent_client import AgentClient
-
-
-class PlainRuntime:
-    """Starts the container's processes as plain host processes of the current user."""
-
-    def __init__(self):
-        self.main = None
-
-    def _spawn(self, process, stdin, rows, cols):
-        spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
-        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                               rows=rows, cols=cols)
-
-    def start(self, process, *, stdin, rows=24, cols=80):
-        self.main = self._spawn(process, stdin, rows, cols)
-        return self.main
-
-    def exec(self, process, *, stdin, rows=24, cols=80):
-        return self._spawn(process, stdin, rows, cols)
-
-    def oom_killed(self):
-        return False
-
-
-class FakePlacement:
-    """ProcessPlacement without mounts, namespaces or cgroups."""
-
-    kind = "fake"
-
-    def __init__(self, record: Container, store: ContainerStore):
-        from shim.containers.process_placement import ProcessPlacement
-
-        self._inner = ProcessPlacement(boot_config_of(record), [], run_dir_of(record.id),
-                                       name=record.name)
-        self.run_dir = self._inner.run_dir
-
-    def boot(self, alive=None) -> AgentClient:
-        from shim.containers.process_placement import _fork_agent, _start_time
-
-        inner = self._inner
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(inner.agent_socket))
-        listener.listen(4)
-        inner.agent_pid = _fork_agent(listener, inner.boot_config, PlainRuntime(),
-                                      self.run_dir / "agent.log")
-        listener.close()
-        inner.pid_file.write_text(f"{inner.agent_pid} {_start_time(inner.agent_pid)}\n")
-        client = AgentClient.connect_unix(str(inner.agent_socket), timeout=5)
-        client.handshake(10, alive=alive)
-        return client
-
-    def reattach(self):
-        return self._inner.reattach()
-
-    def running(self) -> bool:
-        return self._inner.running()
-
-    def agent_pid(self) -> int | None:
-        return self._inner._recorded_agent()
-
-    def pause(self):
-        raise VmshimError("the fake placement cannot pause")
-
-    resume = pause
-
-    def kill(self) -> None:
-        pid = self._inner._recorded_agent()
-        if pid is None:
-            return
-        for child in _children(pid):
-            _kill(child)
-        _kill(pid)
-
-    def forget(self, timeout: float = 10.0) -> None:
-        pass
-
-    def teardown(self, grace: float = 3.0, timeout: float = 15.0) -> None:
-        from shim.containers.process_placement import _reap_child
-
-        deadline = time.monotonic() + grace
-        while self.running() and time.monotonic() < deadline:
-            _reap_child(self._inner.agent_pid)
-            time.sleep(0.02)
-        if self.running():
-            self.kill()
-        end = time.monotonic() + timeout
-        while _reap_child(self._inner.agent_pid) is None and time.monotonic() < end:
-            time.sleep(0.02)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def info(self):
-        return {"AgentPid": self._inner._recorded_agent() or 0}
-
-    def usage(self):
-        return {"cpu_ns": 0, "memory": 0, "memory_limit": 0, "pids": 1}
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture
@@ -150,7 +34,7 @@ def store(tmp_path, monkeypatch):
     run = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: unix socket paths
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
     monkeypatch.setenv("VMSHIM_RUN", str(run))
-    monkeypatch.setattr(monitor, "placement_override", FakePlacement)
+    monkeypatch.setattr(monitor, "placement_override", FakeIsolation)
     store = ContainerStore()
     yield store
     for record in store.list():  # never leave processes behind
@@ -303,7 +187,7 @@ def test_monitor_killed_then_recovered(store):
 def test_agent_killed_marks_exited_and_cleans(store):
     rec = make(store, "while :; do sleep 0.1; done")
     manage.start(rec.id, store=store)
-    placement = FakePlacement(store.load(rec.id), store)
+    placement = FakeIsolation(store.load(rec.id), store)
     placement.kill()  # like kill -9 of QEMU
     wait_for(lambda: not monitor_alive(store.load(rec.id)))
     dead = store.load(rec.id)
@@ -317,7 +201,7 @@ def test_recovery_finds_a_dead_container(store):
     rec = make(store, "while :; do sleep 0.1; done")
     manage.start(rec.id, store=store)
     os.kill(store.load(rec.id).state.monitor_pid, signal.SIGKILL)
-    FakePlacement(store.load(rec.id), store).kill()
+    FakeIsolation(store.load(rec.id), store).kill()
     wait_for(lambda: not monitor_alive(store.load(rec.id)))
     [listed] = manage.list_containers(all=True, store=store)
     assert listed.state.status == "exited" and listed.state.exit_code == 255
