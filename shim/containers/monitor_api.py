@@ -38,13 +38,12 @@ A freshly spawned monitor first writes ``ready {pid, start}`` on its spawner's s
 
 from __future__ import annotations
 
-import errno
 import socket
-import time
 
 from guest import protocol
-from guest.protocol import Message, ProtocolError
+from guest.protocol import Message
 from shim.errors import VmshimError
+from shim.vm.channel import FramedChannel
 
 REQUEST = "request"
 REPLY = "reply"
@@ -61,104 +60,40 @@ def encode(type: str, payload: bytes = b"", **fields) -> bytes:
     return protocol.encode_frame(type, payload, fields, TYPES)
 
 
-class MonitorClient:
-    """One connection to a monitor. Same surface as shim.vm.agent_client.AgentClient
-    (``sock``, ``send``, ``read_available``, ``take_pending``, ``recv``), which is what
-    StdioPump needs."""
+class MonitorClient(FramedChannel):
+    """One connection to a monitor: the same framed channel as the agent's
+    (shim.vm.channel), which is what StdioPump needs, plus :meth:`request`."""
+
+    error = MonitorGone
 
     def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self._reader = protocol.FrameReader(TYPES)
-        self._inbox: list[Message] = []
+        super().__init__(sock, protocol.FrameReader(TYPES))
+
+    def _encode(self, type: str, payload: bytes, fields: dict) -> bytes:
+        return encode(type, payload, **fields)
+
+    @classmethod
+    def _failure(cls, what: str, reason: str = "", subject: str = "") -> MonitorGone:
+        return MonitorGone({
+            "connect": f"the container's monitor does not answer on {subject}: {reason}",
+            "send": f"the container's monitor went away ({reason})",
+            "read": f"the container's monitor went away ({reason})",
+            "eof": "the container's monitor closed the connection unexpectedly",
+            "protocol": f"the monitor broke the protocol: {reason}",
+            "timeout": "the container's monitor did not answer in time",
+        }[what])
 
     @classmethod
     def connect(cls, path: str, timeout: float = 0.0) -> "MonitorClient":
         """Connect to the monitor socket at *path*, retrying while it does not answer
         for up to *timeout* seconds. Raises MonitorGone."""
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(path)
-                return cls(sock)
-            except OSError as exc:
-                sock.close()
-                if (exc.errno not in (errno.ENOENT, errno.ECONNREFUSED)
-                        or time.monotonic() >= deadline):
-                    raise MonitorGone(f"the container's monitor does not answer on {path}: "
-                                      f"{exc.strerror}") from None
-                time.sleep(0.02)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, type: str, payload: bytes = b"", **fields) -> None:
-        try:
-            self.sock.sendall(encode(type, payload, **fields))
-        except OSError as exc:
-            raise MonitorGone(f"the container's monitor went away ({exc.strerror})") from None
-
-    def read_available(self) -> list[Message]:
-        try:
-            data = self.sock.recv(256 * 1024)
-        except InterruptedError:
-            return []
-        except OSError as exc:
-            raise MonitorGone(f"the container's monitor went away ({exc.strerror})") from None
-        if not data:
-            raise MonitorGone("the container's monitor closed the connection unexpectedly")
-        try:
-            return self._reader.feed(data)
-        except ProtocolError as exc:
-            raise MonitorGone(f"the monitor broke the protocol: {exc}") from None
-
-    def take_pending(self) -> list[Message]:
-        out, self._inbox = self._inbox, []
-        return out
-
-    def push(self, messages: list[Message]) -> None:
-        """Queue *messages* (read elsewhere) for the next :meth:`recv`."""
-        self._inbox.extend(messages)
-
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._inbox)
-
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message (waiting up to *timeout* s; None: for ever). Raises
-        MonitorGone on end of file or timeout."""
-        import select
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._inbox:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise MonitorGone("the container's monitor did not answer in time")
-            try:
-                ready = select.select([self.sock], [], [], left)[0]
-            except InterruptedError:
-                continue
-            if ready:
-                self._inbox.extend(self.read_available())
-        return self._inbox.pop(0)
+        return cls.connect_unix(path, timeout)
 
     def request(self, op: str, wait: float | None = None, /, **fields) -> Message:
         """Send a request and return the first answer (reply, started or error), waiting
         at most *wait* seconds (None: for ever)."""
         self.send(REQUEST, op=op, **fields)
         return self.recv(wait)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> "MonitorClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def raise_for_error(reply: Message) -> Message:

@@ -450,8 +450,8 @@ def agent_request(client, type: str, token: str, request_id: int, timeout: float
                 return msg
             skipped.append(msg)
     finally:
-        if skipped and hasattr(client, "_inbox"):
-            client._inbox[:0] = skipped
+        if skipped:
+            client.unread(skipped)
 
 
 def update_limits(client, token: str, limits: Limits, request_id: int = 900001) -> None:

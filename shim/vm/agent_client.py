@@ -10,27 +10,26 @@ for the owner to log. Only a frame that breaks the framing itself ends the chann
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
-import time
 
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from shim.errors import AgentError
+from shim.vm.channel import FramedChannel
 
 
 MAX_REJECTED_KEPT = 16
 
 
-class AgentClient:
+class AgentClient(FramedChannel):
     """A connected, framed channel to one agent. Not thread-safe."""
 
+    error = AgentError
+
     def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self._reader = protocol.FrameReader(lenient=True)
-        self._inbox: list[Message] = []
+        super().__init__(sock, protocol.FrameReader(lenient=True))
         self.hello: Message | None = None
         self.rejected: list[str] = []
         """Why messages were dropped (at most MAX_REJECTED_KEPT; the owner may clear it)."""
@@ -38,44 +37,19 @@ class AgentClient:
         self._dropped_seen = 0
 
     @classmethod
-    def connect_unix(cls, path: str, timeout: float = 10.0) -> "AgentClient":
-        """Connect to the channel socket at *path*, retrying while it does not exist yet.
-        Raises AgentError after *timeout* seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                return cls(sock)
-            except OSError as exc:
-                sock.close()
-                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() > deadline:
-                    raise AgentError(f"cannot connect to the agent channel {path}: {exc.strerror}") from None
-                time.sleep(0.02)
+    def _failure(cls, what: str, reason: str = "", subject: str = "") -> AgentError:
+        return AgentError({
+            "connect": f"cannot connect to the agent channel {subject}: {reason}",
+            "send": f"agent channel closed while sending {subject!r}: {reason}",
+            "read": f"agent channel failed: {reason}",
+            "eof": "the agent closed the channel unexpectedly",
+            "protocol": f"the agent broke the protocol: {reason}",
+            "timeout": f"the agent did not answer within {subject} s",
+        }[what])
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, type: str, payload: bytes = b"", **fields) -> None:
-        """Send one message; raises AgentError if the channel is gone."""
-        try:
-            self.sock.sendall(protocol.encode(type, payload, **fields))
-        except OSError as exc:
-            raise AgentError(f"agent channel closed while sending {type!r}: {exc.strerror}") from None
-
-    def read_available(self) -> list[Message]:
-        """Read what the socket has now (call when select says readable) and return the
-        messages completed by it. Raises AgentError on EOF or a protocol violation."""
-        try:
-            data = self.sock.recv(256 * 1024)
-        except OSError as exc:
-            raise AgentError(f"agent channel failed: {exc.strerror}") from None
-        if not data:
-            raise AgentError("the agent closed the channel unexpectedly")
-        try:
-            messages = self._reader.feed(data)
-        except ProtocolError as exc:
-            raise AgentError(f"the agent broke the protocol: {exc}") from None
+    def _keep(self, messages: list[Message]) -> list[Message]:
+        """Count and drop what the lenient reader skipped and what fails the checks of
+        guest.protocol.check_from_guest."""
         for reason in self._reader.take_dropped():
             self._reject(reason)
         self.rejected_count += self._reader.dropped_count - self._dropped_seen
@@ -95,34 +69,6 @@ class AgentClient:
         if len(self.rejected) < MAX_REJECTED_KEPT:
             self.rejected.append(protocol.printable(reason, 200))
 
-    def recv(self, timeout: float | None = None, alive=None) -> Message:
-        """Return the next message, waiting at most *timeout* seconds (None: forever).
-
-        *alive*, if given, is called about every 0.2 s while waiting; when it returns a
-        string, AgentError is raised with that text (e.g. "the VM stopped before …").
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._inbox:
-            wait = 0.2 if alive else None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AgentError(f"the agent did not answer within {timeout:.0f} s")
-                wait = min(wait, left) if wait else left
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if ready:
-                self._inbox.extend(self.read_available())
-            elif alive is not None:
-                problem = alive()
-                if problem:
-                    raise AgentError(problem)
-        return self._inbox.pop(0)
-
-    def take_pending(self) -> list[Message]:
-        """Messages already decoded but not yet returned by recv (for a select loop)."""
-        out, self._inbox = self._inbox, []
-        return out
-
     def handshake(self, timeout: float, alive=None) -> Message:
         """Wait for the agent's ``hello`` and check the protocol version."""
         msg = self.recv(timeout, alive)
@@ -135,12 +81,6 @@ class AgentClient:
                 f"{protocol.PROTOCOL_VERSION}; rebuild the guest image with `vmshim guest build`")
         self.hello = msg
         return msg
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def wait_readable(fds: list, timeout: float | None) -> list:
