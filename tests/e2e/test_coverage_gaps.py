@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.e2e.test_limits_volumes import (  # noqa: F401 - fixtures
 from tests.waiting import wait_until
 
 vm = pytest.mark.vm
+KERNEL_CONFIG = Path(__file__).resolve().parents[2] / "kernels" / "microvm-x86_64.config"
 
 
 def _domain_xml(name: str) -> ET.Element:
@@ -68,10 +70,13 @@ def test_vm_limits_reach_the_guest_cgroup_and_size_the_vm(names):
 
 
 @vm
-def test_vm_blkio_weight_is_applied_or_refused_clearly(names):
+def test_vm_blkio_weight_is_applied_or_refused_clearly(names, guest_kernel_release):
     name = names("weight")
     proc = vmshim("run", "--rm", "--name", name, "--blkio-weight", "300", "busybox", "sh", "-c",
                   "cat /sys/fs/cgroup/io.weight 2>/dev/null || cat /sys/fs/cgroup/io.bfq.weight")
+    if guest_kernel_release.endswith("-vmshim"):  # the minimal kernel: iocost's io.weight
+        assert "CONFIG_BLK_CGROUP_IOCOST=y" in KERNEL_CONFIG.read_text()
+        assert proc.returncode == 0, err(proc)
     if proc.returncode == 0:
         text = proc.stdout.decode()
         assert f"default {blkio_to_io_weight(300)}" in text or "default 300" in text, text
