@@ -151,7 +151,9 @@ def wait_for_exit(pids_now, timeout: float) -> None:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.5)
+            killed = time.monotonic() + 5
+            while pids_now() and time.monotonic() < killed:
+                time.sleep(0.1)
             return
         time.sleep(0.1)
 

@@ -5,6 +5,7 @@ namespace only (scripts/test); every address here lives in a network made by the
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -72,7 +73,11 @@ def test_a_container_cannot_use_another_address(network, isolation):
     ok("run", "-d", "--name", server, "--isolation", "process", "--network", name, "busybox",
        "sh", "-c", "mkdir -p /www && echo hello > /www/index.html && "
                    "exec httpd -f -p 8080 -h /www")
-    script = ATTACK.format(server=server, stolen="10.93.0.200", gateway="10.93.0.1")
+    ipam = json.loads(ok("network", "inspect", name))[0]["IPAM"]["Config"][0]
+    taken = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][name]
+    stolen = "10.93.0.200"  # in the subnet the fixture asked for, and nobody's
+    assert ipam["Subnet"] == "10.93.0.0/24" and stolen != taken["IPAddress"]
+    script = ATTACK.format(server=server, stolen=stolen, gateway=ipam["Gateway"])
     proc = vmshim("run", "--rm", "--isolation", isolation, "--network", name,
                   *_net_admin_flags(), "busybox", "sh", "-c", script, timeout=600)
     lines = dict(line.split(": ", 1) for line in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.e2e.test_limits_volumes import (  # noqa: F401 - fixtures
 from tests.waiting import wait_until
 
 vm = pytest.mark.vm
+KERNEL_CONFIG = Path(__file__).resolve().parents[2] / "kernels" / "microvm-x86_64.config"
 
 
 def _domain_xml(name: str) -> ET.Element:
@@ -68,10 +70,13 @@ def test_vm_limits_reach_the_guest_cgroup_and_size_the_vm(names):
 
 
 @vm
-def test_vm_blkio_weight_is_applied_or_refused_clearly(names):
+def test_vm_blkio_weight_is_applied_or_refused_clearly(names, guest_kernel_release):
     name = names("weight")
     proc = vmshim("run", "--rm", "--name", name, "--blkio-weight", "300", "busybox", "sh", "-c",
                   "cat /sys/fs/cgroup/io.weight 2>/dev/null || cat /sys/fs/cgroup/io.bfq.weight")
+    if guest_kernel_release.endswith("-vmshim"):  # the minimal kernel: iocost's io.weight
+        assert "CONFIG_BLK_CGROUP_IOCOST=y" in KERNEL_CONFIG.read_text()
+        assert proc.returncode == 0, err(proc)
     if proc.returncode == 0:
         text = proc.stdout.decode()
         assert f"default {blkio_to_io_weight(300)}" in text or "default 300" in text, text
@@ -127,6 +132,30 @@ def test_volumes_from_shares_the_other_containers_volumes(names, volume_names, t
     proc = vmshim("run", "--rm", "--volumes-from", "no-such-container", "busybox", "true")
     assert proc.returncode != 0 and "no-such-container" in err(proc)
 
+
+
+@vm
+def test_volumes_from_in_a_vm_mounts_the_volume_disk_and_the_bind_with_its_mode(
+        names, volume_names, tmp_path):
+    """In a VM the named volume arrives as its own disk (ext4) and the bind over virtiofs,
+    read-only as the source container has it."""
+    source, volume = names("vmsrc"), volume_names("vmvf")
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    (bind / "h").write_text("from the host\n")
+    ok("create", "--name", source, "-v", f"{volume}:/data", "-v", f"{bind}:/bind:ro",
+       "busybox", "true")
+    seen = ok("run", "--rm", "--volumes-from", source, "busybox", "sh", "-c",
+              "echo vm > /data/f && cat /data/f /bind/h; "
+              "echo x > /bind/y 2>/dev/null || echo bind-ro; "
+              "grep -E ' /(data|bind) ' /proc/mounts | cut -d' ' -f2,3,4")
+    lines = seen.splitlines()
+    assert lines[:3] == ["vm", "from the host", "bind-ro"], seen
+    mounts = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert mounts["/data"][0] == "ext4" and mounts["/data"][1].startswith("rw"), mounts
+    assert mounts["/bind"][0] == "virtiofs" and mounts["/bind"][1].startswith("ro"), mounts
+    assert not (bind / "y").exists()
+    assert volume in ok("volume", "ls", "-q").split()
 
 def test_volume_prune_removes_only_unused_volumes(names, volume_names):
     used, unused, anonymous_owner = volume_names("used"), volume_names("unused"), names("anon")

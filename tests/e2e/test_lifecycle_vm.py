@@ -1,7 +1,9 @@
 """The container lifecycle in vm isolation, as a user drives it: detached containers, a
 monitor per container, exec, logs, stop/start, pause, cp, recovery after crashes, and
-20 containers at once. Every test here boots microVMs (marked vm); most share one
-running container (``box``) to keep the number of boots down under TCG."""
+20 containers at once. Every test here boots microVMs (marked vm). Tests that only look
+at a running container share one (``box``, never stopped, restarted or renamed by any
+test, so none depends on another's effects or order); a test that changes a container's
+life (stop, kill, rm, a killed monitor) makes its own (``own_box``)."""
 
 from __future__ import annotations
 
@@ -55,12 +57,25 @@ def mounts_mentioning(text: str) -> list[str]:
         return [line for line in f if text in line]
 
 
-@pytest.fixture(scope="module")
-def box():
-    """A detached container that ticks once a second; removed at the end."""
-    name = f"{PREFIX}-box"
+def _ticker(name: str) -> str:
     proc = vmshim("run", "-d", "--name", name, "busybox", "sh", "-c", TICKER, env=SLOW_BOOT)
     assert proc.returncode == 0, err(proc)
+    return name
+
+
+@pytest.fixture(scope="module")
+def box():
+    """A detached container that ticks once a second, shared by the tests that only look
+    at it (or change it and put it back in a ``finally``); removed at the end."""
+    name = _ticker(f"{PREFIX}-box")
+    yield name
+    vmshim("rm", "-f", name)
+
+
+@pytest.fixture
+def own_box(request):
+    """A ticking container of this test's own, for a test that changes its life."""
+    name = _ticker(f"{PREFIX}-{request.node.name.removeprefix('test_')[:24]}")
     yield name
     vmshim("rm", "-f", name)
 
@@ -174,36 +189,46 @@ def test_cp_both_directions(box, tmp_path):
 
 def test_pause_and_unpause(box):
     ok("pause", box)
-    assert inspect(box, "{{.State.Status}}") == "paused"
-    assert "(Paused)" in ok("ps", "--filter", f"name={box}")
-    proc = vmshim("exec", box, "true")
-    assert proc.returncode != 0 and "paused" in err(proc)
-    before = ok("logs", box).count("tick")
-    holds_for(lambda: ok("logs", box).count("tick") == before, 2.5,
-              "no ticks while paused")  # the VM does not run
-    ok("unpause", box)
+    try:
+        assert inspect(box, "{{.State.Status}}") == "paused"
+        assert "(Paused)" in ok("ps", "--filter", f"name={box}")
+        proc = vmshim("exec", box, "true")
+        assert proc.returncode != 0 and "paused" in err(proc)
+        before = ok("logs", box).count("tick")
+        holds_for(lambda: ok("logs", box).count("tick") == before, 2.5,
+                  "no ticks while paused")  # the VM does not run
+    finally:
+        ok("unpause", box)
     assert inspect(box, "{{.State.Status}}") == "running"
     assert ok("exec", box, "echo", "back") == "back\n"
 
 
-def test_rename(box):
-    ok("rename", box, f"{box}-x")
-    assert inspect(f"{box}-x", "{{.Name}}") == f"/{box}-x"
-    ok("rename", f"{box}-x", box)
-    proc = vmshim("rename", box, "bad name")
-    assert proc.returncode != 0
+def test_rename():
+    """On a created container of its own (renaming needs no VM)."""
+    name = f"{PREFIX}-ren"
+    cid = ok("create", "--name", name, "busybox", "true").strip()
+    try:
+        ok("rename", name, f"{name}-x")
+        assert inspect(f"{name}-x", "{{.Name}}") == f"/{name}-x"
+        assert inspect(f"{name}-x", "{{.Id}}") == cid
+        assert vmshim("inspect", name).returncode != 0
+        proc = vmshim("rename", f"{name}-x", "bad name")
+        assert proc.returncode != 0
+        assert inspect(f"{name}-x", "{{.Name}}") == f"/{name}-x"
+    finally:
+        vmshim("rm", "-f", cid)
 
 
-def test_monitor_kill9_then_exec_and_logs_follow_keep_working(box):
-    monitor = int(inspect(box, "{{.State.Pid}}"))
-    qemu = int(inspect(box, "{{.Vmshim.QemuPid}}"))
-    follower = subprocess.Popen(CLI + ["logs", "-f", "--tail", "0", box], stdout=subprocess.PIPE)
+def test_monitor_kill9_then_exec_and_logs_follow_keep_working(own_box):
+    monitor = int(inspect(own_box, "{{.State.Pid}}"))
+    qemu = int(inspect(own_box, "{{.Vmshim.QemuPid}}"))
+    follower = subprocess.Popen(CLI + ["logs", "-f", "--tail", "0", own_box], stdout=subprocess.PIPE)
     try:
         os.kill(monitor, signal.SIGKILL)
         wait_until(lambda: not alive(monitor), 10, "monitor gone")
         holds_for(lambda: alive(qemu), 2, "the VM running with no monitor")  # it does not care
-        assert ok("exec", box, "echo", "still here") == "still here\n"
-        new = int(inspect(box, "{{.State.Pid}}"))
+        assert ok("exec", own_box, "echo", "still here") == "still here\n"
+        new = int(inspect(own_box, "{{.State.Pid}}"))
         assert new != monitor and alive(new)
         from tests.e2e.test_run import _read_fd_until
 
@@ -213,38 +238,37 @@ def test_monitor_kill9_then_exec_and_logs_follow_keep_working(box):
     finally:
         follower.kill()
         follower.wait()
-    ticks = [int(x.split()[1]) for x in ok("logs", box).splitlines() if x.startswith("tick")]
+    ticks = [int(x.split()[1]) for x in ok("logs", own_box).splitlines() if x.startswith("tick")]
     assert ticks == list(range(len(ticks)))  # nothing lost while no monitor listened
 
 
-def test_stop_then_start_keeps_the_filesystem_and_the_logs(box):
-    ok("exec", box, "sh", "-c", "echo kept > /data")
-    ok("stop", "-t", "5", box)
-    assert inspect(box, "{{.State.Status}} {{.State.ExitCode}}") == "exited 5"
-    assert inspect(box, "{{.State.FinishedAt}}") != "0001-01-01T00:00:00Z"
-    assert inspect(box, "{{.Vmshim.Domain}}") not in vmshim_domains()
-    assert "Exited (5)" in ok("ps", "-a", "--filter", f"name={box}")
-    assert box not in ok("ps")
-    first_logs = ok("logs", box)
+def test_stop_then_start_keeps_the_filesystem_and_the_logs(own_box):
+    ok("exec", own_box, "sh", "-c", "echo kept > /data")
+    ok("stop", "-t", "5", own_box)
+    assert inspect(own_box, "{{.State.Status}} {{.State.ExitCode}}") == "exited 5"
+    assert inspect(own_box, "{{.State.FinishedAt}}") != "0001-01-01T00:00:00Z"
+    assert inspect(own_box, "{{.Vmshim.Domain}}") not in vmshim_domains()
+    assert "Exited (5)" in ok("ps", "-a", "--filter", f"name={own_box}")
+    assert own_box not in ok("ps")
+    first_logs = ok("logs", own_box)
     assert first_logs.rstrip().endswith("bye")
-    ok("start", box, env=SLOW_BOOT)
-    assert ok("exec", box, "cat", "/data") == "kept\n"
-    assert ok("logs", box).startswith(first_logs)
-    assert ok("logs", box).count("started") == 2
+    ok("start", own_box, env=SLOW_BOOT)
+    assert ok("exec", own_box, "cat", "/data") == "kept\n"
+    assert ok("logs", own_box).startswith(first_logs)
+    assert ok("logs", own_box).count("started") == 2
 
 
-def test_restart_and_wait(box):
-    started = inspect(box, "{{.State.StartedAt}}")
-    ok("restart", "-t", "5", box, env=SLOW_BOOT)
-    assert inspect(box, "{{.State.Status}}") == "running"
-    assert inspect(box, "{{.State.StartedAt}}") > started
-    waiter = subprocess.Popen(CLI + ["wait", box], stdout=subprocess.PIPE)
-    ok("kill", "-s", "TERM", box)  # `wait` answers with the exit code whether it came first or not
+def test_restart_and_wait(own_box):
+    started = inspect(own_box, "{{.State.StartedAt}}")
+    ok("restart", "-t", "5", own_box, env=SLOW_BOOT)
+    assert inspect(own_box, "{{.State.Status}}") == "running"
+    assert inspect(own_box, "{{.State.StartedAt}}") > started
+    waiter = subprocess.Popen(CLI + ["wait", own_box], stdout=subprocess.PIPE)
+    ok("kill", "-s", "TERM", own_box)  # `wait` answers with the exit code whether it came first or not
     assert waiter.communicate(timeout=60)[0].decode().strip() == "5"
 
 
 def test_attach_streams_the_main_process(box):
-    ok("start", box, env=SLOW_BOOT)
     proc = subprocess.Popen(CLI + ["attach", "--no-stdin", box], stdout=subprocess.PIPE)
     try:
         from tests.e2e.test_run import _read_fd_until
@@ -256,27 +280,26 @@ def test_attach_streams_the_main_process(box):
     assert inspect(box, "{{.State.Status}}") == "running"
 
 
-def test_qemu_kill9_marks_exited_and_cleans_up(box):
-    qemu = int(inspect(box, "{{.Vmshim.QemuPid}}"))
-    domain = inspect(box, "{{.Vmshim.Domain}}")
-    cid = inspect(box, "{{.Id}}")
+def test_qemu_kill9_marks_exited_and_cleans_up(own_box):
+    qemu = int(inspect(own_box, "{{.Vmshim.QemuPid}}"))
+    domain = inspect(own_box, "{{.Vmshim.Domain}}")
+    cid = inspect(own_box, "{{.Id}}")
     os.kill(qemu, signal.SIGKILL)
-    wait_until(lambda: inspect(box, "{{.State.Status}}") == "exited", 60, "exited")
-    assert int(inspect(box, "{{.State.ExitCode}}")) != 0
-    assert "without reporting" in inspect(box, "{{.State.Error}}")
+    wait_until(lambda: inspect(own_box, "{{.State.Status}}") == "exited", 60, "exited")
+    assert int(inspect(own_box, "{{.State.ExitCode}}")) != 0
+    assert "without reporting" in inspect(own_box, "{{.State.Error}}")
     wait_until(lambda: domain not in vmshim_domains(), 30, "domain gone")
     wait_until(lambda: not (state_root() / "run" / cid[:12]).exists(), 30, "run dir gone")
 
 
-def test_rm_needs_force_while_running_then_leaves_nothing(box):
-    ok("start", box, env=SLOW_BOOT)
-    cid = inspect(box, "{{.Id}}")
-    monitor = int(inspect(box, "{{.State.Pid}}"))
-    qemu = int(inspect(box, "{{.Vmshim.QemuPid}}"))
-    proc = vmshim("rm", box)
+def test_rm_needs_force_while_running_then_leaves_nothing(own_box):
+    cid = inspect(own_box, "{{.Id}}")
+    monitor = int(inspect(own_box, "{{.State.Pid}}"))
+    qemu = int(inspect(own_box, "{{.Vmshim.QemuPid}}"))
+    proc = vmshim("rm", own_box)
     assert proc.returncode != 0 and "running" in err(proc)
-    ok("rm", "-f", box)
-    assert vmshim("inspect", box).returncode != 0
+    ok("rm", "-f", own_box)
+    assert vmshim("inspect", own_box).returncode != 0
     assert f"vmshim-{cid[:12]}" not in vmshim_domains()
     assert not alive(monitor) and not alive(qemu)
     assert not (state_root() / "containers" / cid).exists()

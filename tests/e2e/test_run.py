@@ -190,14 +190,26 @@ def test_sigint_mid_run_is_forwarded_and_leaves_nothing(domains_before):
 
 @vm
 def test_sigint_during_boot_tears_the_vm_down(domains_before):
+    from shim import paths
+
     proc = _spawn(["run", "--rm", "busybox", "sh", "-c", "echo started; sleep 100"])
-    # Inside the boot: the domain exists (createXML returned), the agent cannot have
-    # answered yet (that takes seconds more under TCG; checked below by the output).
-    wait_until(lambda: vmshim_domains() - domains_before or proc.poll() is not None, 60,
-               "the container's domain", interval=0.05)
-    proc.send_signal(signal.SIGINT)
+    # Inside the boot: the domain exists (createXML returned) and its serial console is
+    # open; the agent writes "ready at" there once the container is assembled.
+    found = wait_until(lambda: vmshim_domains() - domains_before or proc.poll() is not None,
+                       60, "the container's domain", interval=0.05)
+    assert proc.poll() is None, "vmshim run ended before its domain was seen"
+    [domain] = found
+    console_log = paths.root() / "run" / domain.removeprefix("vmshim-") / "console.log"
+    console = open(wait_until(lambda: console_log if console_log.exists() else None, 30,
+                              "the serial console log", interval=0.02), "rb")
+    try:
+        proc.send_signal(signal.SIGINT)
+        seen_at_signal = console.read()  # the open file outlives the teardown's unlink
+    finally:
+        console.close()
     out, _ = proc.communicate(timeout=60)
-    assert b"started" not in out  # the process never ran: the signal came during the boot
+    assert b"vmshim-agent: ready at" not in seen_at_signal, seen_at_signal[-500:]  # booting
+    assert b"started" not in out  # the process never ran
     assert proc.returncode == 130
     assert not wait_no_new_domains(domains_before)
 

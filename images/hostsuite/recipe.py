@@ -1,0 +1,139 @@
+"""Recipe for ``hostsuite:bookworm``: Debian bookworm (debootstrap, minbase) with
+``python3``, ``python3-pytest`` and ``busybox-static``: what the host-side
+process-isolation tests (tests/integration) need to run on a cgroup **v2-only** Debian 12
+host. tests/e2e/test_v2_only_host.py boots it with vmshim itself, as a privileged VM
+container (the guest's only cgroup mount is cgroup2), with the project tree mounted
+read-only at its own path, and runs those tests inside.
+
+Made like the node image (images/node/recipe.py, whose helpers it uses): debootstrap
+minbase, ``apt-get install --no-install-recommends`` of PACKAGES in a chroot, slimmed,
+written as one sorted layer tar with numeric owners and mtimes clamped to python3's
+changelog date, cached as ``$VMSHIM_ROOT/cache/hostsuite/rootfs-bookworm-<arch>.tar``
+(about 3 min the first time) with a JSON note of the packages it holds: the cache is used
+only when that list is PACKAGES. ``VMSHIM_HOSTSUITE_REBUILD=1`` throws the cache away.
+
+Run with ``vmshim image bootstrap hostsuite`` (scripts/test does, before the suite).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from shim import paths  # noqa: E402
+from shim.errors import ImageError, VmshimError  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+
+REFERENCE = "docker.io/library/hostsuite:bookworm"
+SUITE = "bookworm"
+PACKAGES = ("python3", "python3-pytest", "busybox-static")
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _node_recipe():
+    """images/node/recipe.py as a module: its debootstrap, slim and layer writer."""
+    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
+    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def cache_path() -> Path:
+    return paths.cache_dir() / "hostsuite" / f"rootfs-{SUITE}-{host_arch()}.tar"
+
+
+def _cached_meta(tar_path: Path, meta_path: Path) -> dict | None:
+    """The cache note when the cached tar holds exactly PACKAGES, else None."""
+    if not (tar_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("packages") != list(PACKAGES):
+        return None
+    return meta
+
+
+def _make_rootfs_tar(node, store: ImageStore, tar_path: Path, meta_path: Path, log) -> None:
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = store.root / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmpdir, prefix="hostsuite-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        rootfs.mkdir()
+        try:
+            node.PACKAGES = PACKAGES  # the node recipe's debootstrap installs these instead
+            node.debootstrap(rootfs, log)
+            (rootfs / "etc/npmrc").unlink(missing_ok=True)
+            created_at = node.changelog_date(rootfs, "python3")
+            node.slim(rootfs)
+            partial = tar_path.with_suffix(".tar.partial")
+            node.write_layer(rootfs, partial, int(created_at.timestamp()))
+            os.replace(partial, tar_path)
+            meta_path.write_text(json.dumps({
+                "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "packages": list(PACKAGES), "mirror": node.mirror(),
+                "diff_id": node._sha256(tar_path)}))
+        finally:
+            node._umount_below(rootfs)
+
+
+def build(store: ImageStore | None = None, log=print) -> Image:
+    """Build the hostsuite image into *store* (default: the local store) and return it.
+    Raises ImageError (debootstrap missing or failing, not root)."""
+    store = store or ImageStore()
+    tar_path = cache_path()
+    meta_path = tar_path.with_suffix(".json")
+    if os.environ.get("VMSHIM_HOSTSUITE_REBUILD") == "1":
+        for p in (tar_path, meta_path):
+            p.unlink(missing_ok=True)
+    meta = _cached_meta(tar_path, meta_path)
+    if meta is None:
+        _make_rootfs_tar(_node_recipe(), store, tar_path, meta_path, log)
+        meta = _cached_meta(tar_path, meta_path)
+        if meta is None:
+            raise ImageError(f"the hostsuite rootfs cache {tar_path} was not written")
+    created = meta["created"]
+    config = {
+        "created": created,
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {"Env": [PATH_ENV], "Cmd": ["python3"]},
+        "history": [{
+            "created": created,
+            "created_by": f"vmshim images/hostsuite/recipe.py (debootstrap {SUITE} minbase + "
+                          f"{' '.join(PACKAGES)})",
+        }],
+    }
+    image = _stored(store, meta.get("diff_id"))
+    if image is None:
+        image = store.import_image([tar_path], config, REFERENCE)
+    return image
+
+
+def _stored(store: ImageStore, diff_id: str | None) -> Image | None:
+    """The stored image when it was made from the cached tar (no re-import)."""
+    if not diff_id:
+        return None
+    try:
+        image = store.resolve(REFERENCE)
+    except VmshimError:
+        return None
+    if [layer.diff_id for layer in image.layers] != [diff_id]:
+        return None
+    return image
+
+
+if __name__ == "__main__":
+    image = build()
+    print(f"{image.reference.familiar} {image.id}")
