@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import VMSHIM, summary, timed as time_command
 
 HERE = Path(__file__).resolve().parent
-VMSHIM = [sys.executable, "-m", "shim.cli.main"]
 
 MULTI_STEP = """\
 FROM busybox
@@ -37,21 +36,6 @@ EXPOSE 8080
 CMD ["cat", "deps.txt"]
 """
 ONE_RUN = "FROM busybox\nRUN echo built > /built\n"
-
-
-def time_command(argv: list[str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE.parent)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.decode(errors='replace')}")
-    return elapsed
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
 
 
 def main() -> int:

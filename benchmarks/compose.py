@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import summary
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "compose-app"
@@ -89,11 +89,6 @@ def peer_row(app: Path, runs: int) -> dict:
                                + proc.stderr.decode(errors="replace").strip()[-300:]}
         samples.append(elapsed)
     return summary(samples)
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
 
 
 def main() -> int:

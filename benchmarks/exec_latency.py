@@ -15,29 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from common import VMSHIM, summary_ms as summary, timed
 
 HERE = Path(__file__).resolve().parent
-VMSHIM = [sys.executable, "-m", "shim.cli.main"]
-
-
-def timed(argv: list[str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.decode(errors='replace')}")
-    return elapsed
-
-
-def summary(values: list[float]) -> dict:
-    return {"median_ms": statistics.median(values) * 1000, "min_ms": min(values) * 1000,
-            "max_ms": max(values) * 1000, "runs": len(values)}
 
 
 def main() -> int:

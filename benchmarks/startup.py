@@ -15,25 +15,14 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import VMSHIM, summary, timed as time_command
 
 HERE = Path(__file__).resolve().parent
-VMSHIM = [sys.executable, "-m", "shim.cli.main"]
-
-
-def time_command(argv: list[str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.decode(errors='replace')}")
-    return elapsed
 
 
 def time_floor(image, accel_kind: str) -> float:
@@ -77,11 +66,6 @@ def time_floor(image, accel_kind: str) -> float:
         proc.kill()
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import summary
 
 HERE = Path(__file__).resolve().parent
 VMSHIM = [sys.executable, "-m", "shim.cli.main"]
@@ -96,11 +97,6 @@ def host_round(work: Path, index: int, mib: int) -> dict:
     read = _timed_host([BUSYBOX, "dd", f"if={work}/r-host-{index}", "of=/dev/null",
                         "bs=1M"]) - overhead
     return {"write": mib / write, "read": mib / read}
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
 
 
 def main() -> int:

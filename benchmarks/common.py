@@ -1,0 +1,41 @@
+"""What the scripts in benchmarks/ share: running vmshim, timing a command, summarising.
+
+Each script runs as ``python benchmarks/NAME.py`` (this folder is then first on sys.path),
+so they import this module as ``common``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VMSHIM = [sys.executable, "-m", "shim.cli.main"]
+
+
+def timed(argv: list[str], env: dict | None = None) -> float:
+    """Seconds *argv* took, run from the repository with its output discarded; exits the
+    benchmark with the command's stderr when it fails (a failed run is not a figure)."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                          cwd=REPO)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
+                         f"{proc.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min and max in seconds, and how many runs."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values)}
+
+
+def summary_ms(values: list[float]) -> dict:
+    """The same in milliseconds, for figures far below a second."""
+    return {"median_ms": statistics.median(values) * 1000, "min_ms": min(values) * 1000,
+            "max_ms": max(values) * 1000, "runs": len(values)}
