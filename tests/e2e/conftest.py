@@ -28,6 +28,24 @@ def vmshim(*args, input=None, timeout=180, env=None, check=False):
     return proc
 
 
+def out(proc) -> str:
+    """A finished vmshim call's stdout as text."""
+    return proc.stdout.decode(errors="replace")
+
+
+def err(proc) -> str:
+    """Its stderr as text."""
+    return proc.stderr.decode(errors="replace")
+
+
+def ok(*args, **kw) -> str:
+    """Run vmshim, insist it succeeded (the failure names the call and its stderr),
+    return its stdout."""
+    proc = vmshim(*args, **kw)
+    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
+    return out(proc)
+
+
 def vmshim_domains() -> set[str]:
     """Names of the libvirt domains vmshim made (running or not)."""
     import libvirt

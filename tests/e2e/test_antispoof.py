@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import ok, vmshim
 
 SUFFIX = str(os.getpid())
 
@@ -18,12 +18,6 @@ pytestmark = pytest.mark.skipif(
     "1" not in (os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"),
                 os.environ.get("VMSHIM_PRIVATE_NETNS")) or os.geteuid() != 0,
     reason="runs as root inside the test run's own network namespace (scripts/test)")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {proc.stderr.decode(errors='replace')}"
-    return proc.stdout.decode(errors="replace")
 
 
 def _net_admin_flags() -> list[str]:

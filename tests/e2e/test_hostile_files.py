@@ -9,16 +9,10 @@ import stat
 
 import pytest
 
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import ok, vmshim
 
 pytestmark = pytest.mark.vm
 PREFIX = f"hf{os.getpid()}"
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {proc.stderr.decode(errors='replace')}"
-    return proc.stdout.decode(errors="replace")
 
 
 @pytest.fixture(scope="module")

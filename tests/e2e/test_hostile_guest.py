@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import hostile_agent
-from tests.e2e.conftest import vmshim, wait_no_new_domains
+from tests.e2e.conftest import err, ok, out, vmshim, wait_no_new_domains
 from tests.waiting import alive, wait_until
 
 pytestmark = pytest.mark.vm
@@ -28,20 +28,6 @@ SLOW_BOOT = {"VMSHIM_BOOT_TIMEOUT": "600"}
 TICKER = "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"
 MONITOR_LOG_CAP = 64 * 1024
 """monitor.log after any attack: a few lines, never a copy of the flood."""
-
-
-def out(proc) -> str:
-    return proc.stdout.decode(errors="replace")
-
-
-def err(proc) -> str:
-    return proc.stderr.decode(errors="replace")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
-    return out(proc)
 
 
 def root() -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import CLI, vmshim, vmshim_domains, wait_no_new_domains
+from tests.e2e.conftest import CLI, err, ok, out, vmshim, vmshim_domains, wait_no_new_domains
 from tests.waiting import alive, holds_for, wait_until
 
 pytestmark = pytest.mark.vm
@@ -26,20 +26,6 @@ PREFIX = f"lc{os.getpid()}"
 TICKER = ('trap "echo bye; exit 5" TERM; echo started; i=0; '
           'while true; do echo tick $i; i=$((i+1)); sleep 1; done')
 SLOW_BOOT = {"VMSHIM_BOOT_TIMEOUT": "600"}
-
-
-def out(proc) -> str:
-    return proc.stdout.decode(errors="replace")
-
-
-def err(proc) -> str:
-    return proc.stderr.decode(errors="replace")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
-    return out(proc)
 
 
 def inspect(name: str, template: str) -> str:

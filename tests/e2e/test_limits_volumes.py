@@ -15,26 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import vmshim, vmshim_domains
+from tests.e2e.conftest import err, ok, out, vmshim, vmshim_domains
 from tests.waiting import holds_for, wait_until
 
 vm = pytest.mark.vm
 ISOLATIONS = [pytest.param("vm", marks=vm), "process"]
 PREFIX = f"lv{os.getpid()}"
-
-
-def out(proc) -> str:
-    return proc.stdout.decode(errors="replace")
-
-
-def err(proc) -> str:
-    return proc.stderr.decode(errors="replace")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
-    return out(proc)
 
 
 def inspect(name: str) -> dict:

@@ -12,17 +12,11 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import CLI, vmshim, wait_no_new_domains
+from tests.e2e.conftest import CLI, ok, vmshim, wait_no_new_domains
 
 PREFIX = f"lr{os.getpid()}"
 SLOW_BOOT = {"VMSHIM_BOOT_TIMEOUT": "600"}
 GIB = 1 << 30
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {proc.stderr.decode(errors='replace')}"
-    return proc.stdout.decode(errors="replace")
 
 
 def log_files(name: str) -> list:

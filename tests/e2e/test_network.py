@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import vmshim, wait_no_new_domains
+from tests.e2e.conftest import err, ok, out, vmshim, wait_no_new_domains
 
 vm = pytest.mark.vm
 ISOLATIONS = [pytest.param("vm", marks=vm), "process"]
@@ -42,20 +42,6 @@ pytestmark = pytest.mark.skipif(
     not _in_a_namespace_of_our_own() or os.geteuid() != 0,
     reason="networking tests run as root inside the test run's own network namespace "
            "(scripts/test); they create bridges and NAT rules")
-
-
-def out(proc) -> str:
-    return proc.stdout.decode(errors="replace")
-
-
-def err(proc) -> str:
-    return proc.stderr.decode(errors="replace")
-
-
-def ok(*args, **kw) -> str:
-    proc = vmshim(*args, **kw)
-    assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
-    return out(proc)
 
 
 def http_get(url: str, timeout: float = 90.0) -> str:
