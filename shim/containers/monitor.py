@@ -51,6 +51,7 @@ from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim import paths
 from shim.containers import health
+from shim.containers.forked import redirect_stdio
 from shim.containers.isolation import Isolation
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
@@ -1215,15 +1216,7 @@ def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
             pass
         log_fd = os.open(store.dir(container_id) / "monitor.log",
                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
-        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        redirect_stdio(log_fd, keep=sock.fileno())
         monitor = Monitor(store, container_id, spawner=sock, recover=recover)
         monitor.serve()
     except BaseException:  # noqa: BLE001

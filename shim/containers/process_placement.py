@@ -286,14 +286,10 @@ def _fork_agent(listener: socket.socket, config: BootConfig, container, log_path
             fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             syscalls.setns(fd, syscalls.CLONE_NEWNET)
             os.close(fd)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        keep = listener.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
+        from shim.containers.forked import redirect_stdio
+
+        redirect_stdio(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640),
+                       keep=listener.fileno())
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                     signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
