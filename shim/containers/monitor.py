@@ -708,8 +708,8 @@ class Monitor:
         """Have the agent bring up NICs just plugged into the VM (reply {}); the host
         made the entries (shim.network.container), the agent checks them again."""
         self._need("network connect")
-        if self.record.isolation != "vm":
-            raise ValueError("netconf is for VM containers")
+        if self.record.isolation == "process":
+            raise ValueError("netconf is for VM containers (process containers get veths)")
         interfaces = msg.get("interfaces", list)
         if not interfaces or len(interfaces) > MAX_NETCONF_INTERFACES:
             raise ValueError(f"netconf takes 1 to {MAX_NETCONF_INTERFACES} interfaces")

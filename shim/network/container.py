@@ -929,10 +929,14 @@ def network_settings(container_id: str, request: dict | None) -> dict:
         net, ep = net_ep
         networks[name] = {"NetworkID": net.id, "IPAddress": ep.ip,
                           "IPPrefixLen": net.prefixlen, "Gateway": net.gateway,
+                          "GlobalIPv6Address": ep.ip6,
+                          "GlobalIPv6PrefixLen": net.prefixlen6 if ep.ip6 else 0,
+                          "IPv6Gateway": net.gateway6 if ep.ip6 else "",
                           "MacAddress": ep.mac, "Aliases": ep.aliases}
         for p in ep.ports:
             ports.setdefault(f"{p.container_port}/{p.protocol}", []).append(
                 {"HostIp": p.host_ip, "HostPort": str(p.host_port)})
     first = next(iter(networks.values()), {})
     return {"Networks": networks, "Ports": ports, "IPAddress": first.get("IPAddress", ""),
+            "GlobalIPv6Address": first.get("GlobalIPv6Address", ""),
             "Gateway": first.get("Gateway", ""), "MacAddress": first.get("MacAddress", "")}
