@@ -140,3 +140,14 @@ def test_nic_indexes_are_reused_and_bounded():
     assert netc._free_index([ep(0), ep(2)], "vmt", cid) == 1
     with pytest.raises(NetworkError, match="at most 10 networks"):
         netc._free_index([ep(i) for i in range(10)], "vmt", cid)
+
+
+def test_netconf_is_part_of_the_protocol_and_only_the_host_sends_it():
+    frame = protocol.encode(protocol.NETCONF, token="t", id=9, interfaces=[IFACE])
+    (msg,) = protocol.FrameReader().feed(frame)
+    assert msg.type == protocol.NETCONF and msg.get("interfaces", list) == [IFACE]
+    with pytest.raises(protocol.ProtocolError, match="may not send 'netconf'"):
+        protocol.check_from_guest(msg)
+    # Its answer is `updated {id}` (or `error`), as for `update`.
+    (answer,) = protocol.FrameReader().feed(protocol.encode(protocol.UPDATED, id=9))
+    assert protocol.check_from_guest(answer) is answer
