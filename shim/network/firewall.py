@@ -174,7 +174,10 @@ table ip6 {TABLE} {{
 def network_rules6(name: str, bridge: str) -> str:
     c = f'comment "{network_comment(name)}"'
     fwd = f"add rule ip6 {TABLE} forward"
-    return f'{fwd} iifname "{bridge}" drop {c}\n{fwd} oifname "{bridge}" drop {c}\n'
+    # Not plain `iifname "{bridge}" drop`: with br_netfilter loaded (docker loads it)
+    # frames bridged between two ports pass this hook too, in and out the bridge itself.
+    return (f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}\n'
+            f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}\n')
 
 
 def remove_network(name: str, bridge: str) -> None:

@@ -439,6 +439,13 @@ class Domain:
                 raise ValueError(f"metadata value for {key!r} must be a string without NUL")
 
     @property
+    def pcie_devices(self) -> int:
+        """The devices that take a PCIe slot of their own (each virtio device; the
+        channels share one virtio-serial controller)."""
+        return (len(self.disks) + len(self.filesystems) + len(self.interfaces)
+                + bool(self.channels) + (self.vsock is not None) + (self.rng is not None))
+
+    @property
     def is_tcg(self) -> bool:
         return self.domain_type == "qemu"
 
@@ -506,8 +513,13 @@ class Domain:
         for iface in self.interfaces:
             iface.render(devices)
         _sub(devices, "controller", type="usb", model="none")
-        for _ in range(self.hotplug_ports):
-            _sub(devices, "controller", type="pci", model="pcie-root-port")
+        if self.hotplug_ports:
+            # libvirt puts each PCIe device of the domain into a free root port first:
+            # one per device, and hotplug_ports more stay empty.
+            _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+            for index in range(1, 1 + self.pcie_devices + self.hotplug_ports):
+                _sub(devices, "controller", type="pci", index=str(index),
+                     model="pcie-root-port")
         for chan in self.channels:
             chan.render(devices)
         if self.serial is not None:

@@ -278,8 +278,10 @@ def test_hotplug_domain_is_q35_with_spare_root_ports_and_native_pcie_hotplug():
     root = ET.fromstring(DOMAINS["tcg_hotplug"]().to_xml())
     assert root.find("os/type").get("machine") == "q35"
     assert root.find("os/cmdline").text.split()[-1] == "pcie_ports=native"
+    assert root.find("devices/controller[@index='0']").get("model") == "pcie-root"
     ports = root.findall("devices/controller[@model='pcie-root-port']")
-    assert len(ports) == HOTPLUG_PORTS
+    # One per device (4 disks, 1 NIC, the agent's virtio-serial), then the spare ones.
+    assert len(ports) == 6 + HOTPLUG_PORTS
     args = [a.get("value") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
     assert args == ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
     plain = ET.fromstring(DOMAINS["tcg_networked"]().to_xml())
