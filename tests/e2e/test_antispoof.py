@@ -106,7 +106,10 @@ get() {{ timeout 4 wget -q -O - http://[{server6}]:8080/ 2>/dev/null || echo unr
 me=$(ip -6 -o addr show dev eth0 scope global | awk '{{print $4}}')
 timeout 30 sh -c 'until wget -q -O /dev/null http://[{server6}]:8080/; do sleep 0.2; done'
 echo "control6: $(get)"
-ip -6 addr add {stolen6}/64 dev eth0 nodad && ip -6 addr del $me dev eth0
+ip -6 addr add {stolen6}/64 dev eth0
+timeout 10 sh -c 'while ip -6 addr show dev eth0 | grep -q tentative; do sleep 0.1; done'
+ip -6 addr del $me dev eth0
+echo "addresses: $(ip -6 -o addr show dev eth0 scope global | awk '{{print $4}}')"
 echo "other ip6: $(get)"
 """
 
@@ -132,6 +135,7 @@ def test_a_container_cannot_use_another_ipv6_address():
         lines = dict(line.split(": ", 1) for line in
                      proc.stdout.decode(errors="replace").splitlines() if ": " in line)
         assert lines.get("control6") == "hello", proc.stdout + proc.stderr
+        assert lines.get("addresses") == "fd00:96::c8/64", proc.stdout + proc.stderr
         assert lines.get("other ip6") == "unreachable", proc.stdout + proc.stderr
     finally:
         vmshim("rm", "-f", server)
