@@ -10,7 +10,9 @@ network. :func:`disconnect` undoes all of it and is idempotent (safe after a cra
 What each placement does with the result (:class:`ContainerNetwork`):
 
 - VM: one ``Interface`` per network in the domain (:meth:`domain_interfaces`); the
-  guest configures them from the boot config (:meth:`guest_network`).
+  guest configures them from the boot config (:meth:`guest_network`). ``network
+  connect`` of a running VM plugs one more in (:func:`_plug`: attach-device, then the
+  agent's ``netconf``); ``disconnect`` unplugs it (:func:`_unplug`).
 - process: the agent joins :attr:`netns_path` and the container does not make a network
   namespace of its own (``--network host``: neither; ``none``: its own, only ``lo``).
 
@@ -295,12 +297,6 @@ class ContainerNetwork:
                 gateway = None
             interfaces.append(iface)
         return {"interfaces": interfaces} if interfaces else {}
-
-    def hotplug_interface(self, net: Network, ep: Endpoint):
-        """The domain NIC of an endpoint added while the VM runs (``network connect``)."""
-        from shim.vm.domain import Interface
-
-        return Interface(bridge=net.bridge, mac=ep.mac, tap=ep.host_ifname)
 
     def domain_interfaces(self) -> list:
         from shim.vm.domain import Interface

@@ -6,7 +6,8 @@ to render itself. :class:`Domain` holds them, and :meth:`Domain.to_xml` produces
 deterministic, indented XML (same input, same bytes), so golden-file tests can pin it.
 
 Defaults follow the measured recipe in DESIGN.md ("A measured recipe for the guest"):
-machine ``pc`` without ``<acpi/>`` (unless there is more than one vCPU); under TCG a
+machine ``pc`` without ``<acpi/>`` (unless there is more than one vCPU; a domain that
+takes NICs while it runs is ``q35`` with spare PCIe root ports, see ``hotplug_ports``); under TCG a
 ``qemu64`` CPU with ``rdrand`` and a 32 MiB translation-block cache; under KVM
 ``host-passthrough``; no USB, no balloon, no graphics; the serial console goes to a
 file; every way the guest stops destroys the domain. The domain is meant to be started
