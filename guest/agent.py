@@ -173,6 +173,7 @@ class Agent:
             protocol.UPDATE: self._handle_update,
             protocol.STATS: self._handle_stats,
             protocol.DIFF: self._handle_diff,
+            protocol.NETCONF: self._handle_netconf,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -609,6 +610,27 @@ class Agent:
         try:
             update(limits)
         except Exception as exc:  # noqa: BLE001 - CgroupError, or any runtime failure
+            raise Reject(str(exc)) from None
+        self._send(protocol.UPDATED, id=request)
+
+    def _handle_netconf(self, message: Message) -> None:
+        from guest.spec import check_network
+
+        self._check_token(message)
+        request = message.get("id", int)
+        interfaces = message.get("interfaces", list)
+        check_network({"interfaces": interfaces})  # ValueError → error reply
+        if any("gateway" in iface for iface in interfaces):
+            raise Reject("a plugged-in NIC cannot take the default route")
+        resolv_conf = message.get("resolv_conf", str, None)
+        if resolv_conf is not None and (len(resolv_conf) > 16 * 1024 or "\0" in resolv_conf):
+            raise Reject("resolv_conf must be text of at most 16 KiB")
+        netconf = getattr(self.runtime, "netconf", None)
+        if netconf is None:
+            raise Reject("this runtime cannot configure network interfaces")
+        try:
+            netconf(interfaces, resolv_conf=resolv_conf)
+        except Exception as exc:  # noqa: BLE001 - NetworkError, or any runtime failure
             raise Reject(str(exc)) from None
         self._send(protocol.UPDATED, id=request)
 

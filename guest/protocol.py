@@ -44,6 +44,14 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   tar (guest.runtime.diff), with the
                                                   replies and streams of ``builtin``: the
                                                   host checks it like a registry layer
+    h: netconf {token, id, interfaces[, resolv_conf]}   bring up NICs plugged into the
+                                                  running VM (``network connect``): each
+                                                  entry as in BootConfig.network (found by
+                                                  MAC, waiting for it to appear; no
+                                                  gateway); resolv_conf: the container's
+                                                  new /etc/resolv.conf (its first network
+                                                  with a resolver): updated {id} |
+                                                  error {id, message}
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -108,10 +116,11 @@ UPDATE = "update"
 UPDATED = "updated"
 STATS = "stats"
 DIFF = "diff"
+NETCONF = "netconf"
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF}
 )
 BUILTINS = ("ps", "tar-out", "tar-in")
 """Names a ``builtin`` message may ask for."""

@@ -467,7 +467,7 @@ def check_network(network) -> dict:
         where = f"network.interfaces[{index}]"
         if not isinstance(iface, dict):
             raise ValueError(f"{where} must be an object")
-        unknown = set(iface) - {"mac", "address", "gateway", "mtu"}
+        unknown = set(iface) - {"mac", "address", "gateway", "mtu", "address6"}
         if unknown:
             raise ValueError(f"{where} has unknown key {sorted(unknown)[0]!r}")
         if not is_mac(iface.get("mac")):
@@ -476,6 +476,9 @@ def check_network(network) -> dict:
         if not isinstance(iface.get("address"), str) or not is_ipv4(address) \
                 or not prefix.isdigit() or not 0 < int(prefix) <= 32:
             raise ValueError(f"{where}.address must be an IPv4 address/prefix like 10.88.0.2/16")
+        if "address6" in iface and not is_ipv6_cidr(iface["address6"]):
+            raise ValueError(f"{where}.address6 must be an IPv6 address/prefix like "
+                             "fd00:89::2/64")
         if "gateway" in iface:
             if not is_ipv4(iface["gateway"]):
                 raise ValueError(f"{where}.gateway must be an IPv4 address")
@@ -496,6 +499,22 @@ def is_ipv4(text) -> bool:
     return len(parts) == 4 and all(
         p.isdigit() and p.isascii() and int(p) <= 255 and (p == "0" or not p.startswith("0"))
         for p in parts)
+
+
+def is_ipv6_cidr(text) -> bool:
+    """``address/prefix`` with a global or unique-local IPv6 address and a 1..128 prefix."""
+    import socket
+
+    if not isinstance(text, str) or len(text) > 64:
+        return False
+    address, _, prefix = text.partition("/")
+    if not prefix.isascii() or not prefix.isdigit() or not 0 < int(prefix) <= 128:
+        return False
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        return False
+    return packed[0] != 0xFF and packed[:2] != b"\xfe\x80" and any(packed)
 
 
 def is_mac(text) -> bool:

@@ -52,6 +52,7 @@ REQUIRED_OPTIONS: dict[str, str] = {
     "CONFIG_KEYS": "keyctl: docker lets containers use kernel keyrings (--privileged fully)",
     "CONFIG_PCI": "every virtio device is on PCI",
     "CONFIG_VIRTIO_PCI": "virtio devices on PCI",
+    "CONFIG_HOTPLUG_PCI_PCIE": "network connect hot-plugs a NIC into a running VM (PCIe native hotplug)",
     "CONFIG_VIRTIO_CONSOLE": "the agent channel is a virtio-serial port",
     "CONFIG_VIRTIO_BLK": "layers, the writable layer and the config drive are virtio disks",
     "CONFIG_VIRTIO_NET": "container networks are virtio-net NICs",

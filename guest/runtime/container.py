@@ -208,6 +208,28 @@ class Container:
             raise CgroupError("the container has no cgroup to change")
         self.cgroup.apply(limits)
 
+    def netconf(self, interfaces: list, resolv_conf: str | None = None) -> list[str]:
+        """Bring up NICs plugged into the running VM (entries checked by
+        guest.spec.check_network), waiting up to HOTPLUG_TIMEOUT s for each to appear;
+        return their names. *resolv_conf*: rewrite the container's /etc/resolv.conf (in
+        place: it is bind-mounted from files_dir). Only where the container shares the
+        agent's network namespace (the VM); raises NetworkError otherwise or on failure."""
+        from guest.runtime.network import HOTPLUG_TIMEOUT, NetworkError, configure
+
+        if "net" in self.namespaces:
+            raise NetworkError("the container has a network namespace of its own: its "
+                               "host plugs interfaces into it")
+        names = configure({"interfaces": interfaces}, timeout=HOTPLUG_TIMEOUT)
+        if resolv_conf is not None:
+            path = os.path.join(self.files_dir, "resolv.conf")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd, "w") as f:
+                    f.write(resolv_conf)
+            except OSError as exc:
+                raise NetworkError(f"cannot rewrite resolv.conf: {exc.strerror}") from None
+        return names
+
     def stats(self) -> dict:
         """The container cgroup's usage now (see Cgroup.usage) plus ``oom_kills`` and the
         kernel's ``memory.stat`` / ``cpu.stat`` figures the host shows. Raises

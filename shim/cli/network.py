@@ -37,6 +37,7 @@ def inspect_doc(net) -> dict:
             "Name": ep.container_name,
             "MacAddress": ep.mac,
             "IPv4Address": f"{ep.ip}/{net.prefixlen}",
+            "IPv6Address": f"{ep.ip6}/{net.prefixlen6}" if ep.ip6 else "",
             "Aliases": ep.aliases,
             "Isolation": ep.isolation,
             "Ports": [str(p) for p in ep.ports],
@@ -49,8 +50,9 @@ def inspect_doc(net) -> dict:
         "Driver": net.driver,
         "Scope": "local",
         "Internal": net.internal,
-        "IPAM": {"Driver": "default", "Config": [{"Subnet": net.subnet,
-                                                  "Gateway": net.gateway}]},
+        "EnableIPv6": net.ipv6,
+        "IPAM": {"Driver": "default", "Config": [{"Subnet": net.subnet, "Gateway": net.gateway}]
+                 + ([{"Subnet": net.subnet6, "Gateway": net.gateway6}] if net.ipv6 else [])},
         "Containers": containers,
         "Options": {"bridge": net.bridge, "dns": "dnsmasq" if net.dns else "none"},
         "Labels": net.labels,
@@ -68,19 +70,28 @@ def network_group() -> None:
 @network_group.command("create")
 @click.option("--driver", "-d", default="bridge", show_default=True,
               type=click.Choice(["bridge"]), help="Only bridge networks exist.")
-@click.option("--subnet", metavar="CIDR", help="e.g. 10.89.7.0/24 (default: a free /24 "
-              "of 10.89.0.0/16).")
+@click.option("--subnet", metavar="CIDR", multiple=True, help="e.g. 10.89.7.0/24 (default: "
+              "a free /24 of 10.89.0.0/16); with --ipv6 also an IPv6 one, e.g. fd00:89::/64 "
+              "(default: a random unique-local /64).")
+@click.option("--ipv6", is_flag=True, help="Dual stack: containers get an IPv6 address "
+              "too and names resolve to it (AAAA). Within the network only: no NAT66, no "
+              "published IPv6 ports.")
 @click.option("--gateway", metavar="IP", help="The host's address on the network "
               "(default: the subnet's first).")
 @click.option("--internal", is_flag=True, help="No NAT: containers cannot reach outside.")
 @click.option("--label", multiple=True, metavar="KEY=VALUE")
 @click.argument("name")
-def create_cmd(driver, subnet, gateway, internal, label, name):
+def create_cmd(driver, subnet, ipv6, gateway, internal, label, name):
     """Create a network NAME."""
     from shim.containers.networking import create_network
 
-    net = create_network(name, subnet=subnet, gateway=gateway, internal=internal,
-                         labels=_labels(label))
+    v4 = [s for s in subnet if ":" not in s]
+    v6 = [s for s in subnet if ":" in s]
+    if len(v4) > 1 or len(v6) > 1:
+        raise NetworkError("--subnet: at most one IPv4 and one IPv6 subnet")
+    net = create_network(name, subnet=v4[0] if v4 else None, gateway=gateway,
+                         internal=internal, labels=_labels(label), ipv6=ipv6,
+                         subnet6=v6[0] if v6 else None)
     click.echo(net.id)
 
 
@@ -105,7 +116,8 @@ def ls_cmd(quiet, no_trunc, fmt):
     rows = [("NETWORK ID", "NAME", "DRIVER", "SUBNET", "CONTAINERS")]
     for net in nets:
         rows.append((net.id if no_trunc else net.id[:12], net.name, net.driver,
-                     net.subnet + (" (internal)" if net.internal else ""),
+                     net.subnet + (f", {net.subnet6}" if net.ipv6 else "")
+                     + (" (internal)" if net.internal else ""),
                      str(len(net.endpoints))))
     rows += [("-", "host", "host", "-", "-"), ("-", "none", "null", "-", "-")]
     _table(rows)

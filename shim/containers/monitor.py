@@ -73,6 +73,7 @@ KILL_GRACE = 5.0
 VM (or host agent) is killed outright."""
 REPLY_TIMEOUT = 30.0
 """Seconds the agent has to answer an exec, builtin, stats or update request."""
+MAX_NETCONF_INTERFACES = 8
 MAX_BAD_MESSAGES = 100
 """Messages breaking the protocol a guest may send before its container is killed: one
 is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
@@ -171,6 +172,7 @@ class Conn:
         self.out = bytearray()
         self.kind = kind  # new | main (attached to the main process) | proc | waiter | done
         self.proc_id: int | None = None
+        self.expect: str | None = None  # kind "request": the one answer type it takes
         self.stdin = False
         self.closing = False  # close once out is flushed
         self.closed = False
@@ -484,8 +486,15 @@ class Monitor:
                 self.procs[proc_id] = owner
         elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending \
                 and self.pending[proc_id].kind == "request":
-            # The answer to a stats/update request (shim.containers.limits).
+            # The answer to a stats/update/netconf request (shim.containers.limits,
+            # shim.containers.networking): only the answer type that request takes.
             owner = self.pending.pop(proc_id)
+            if owner.expect is not None and msg.type != owner.expect:
+                self._say(f"the agent answered a request with {msg.type!r}; dropped")
+                owner.send(protocol.ERROR, code=125, message=f"the agent answered with "
+                           f"{msg.type!r} instead of {owner.expect!r}")
+                owner.finish()
+                return
             usage = _figures(msg.fields.get("usage"))
             owner.send(api.REPLY, **({"usage": usage} if usage is not None else {}))
             owner.finish()
@@ -699,9 +708,21 @@ class Monitor:
                                       self.record.name)
         self._agent_request(conn, protocol.UPDATE, limits=msg.get("limits", dict))
 
+    def _op_netconf(self, conn: Conn, msg: Message) -> None:
+        """Have the agent bring up NICs just plugged into the VM (reply {}); the host
+        made the entries (shim.containers.networking), the agent checks them again."""
+        self._need("network connect")
+        if self.record.isolation == "process":
+            raise ValueError("netconf is for VM containers (process containers get veths)")
+        interfaces = msg.get("interfaces", list)
+        if not interfaces or len(interfaces) > MAX_NETCONF_INTERFACES:
+            raise ValueError(f"netconf takes 1 to {MAX_NETCONF_INTERFACES} interfaces")
+        self._agent_request(conn, protocol.NETCONF, interfaces=interfaces)
+
     def _agent_request(self, conn: Conn, type: str, **fields) -> None:
         request_id = self._new_proc_id()
         conn.kind = "request"
+        conn.expect = protocol.STATS if type == protocol.STATS else protocol.UPDATED
         self._await_reply(request_id, conn)
         self._to_agent(type, token=self.record.token, id=request_id, **fields)
 

@@ -32,6 +32,9 @@ Ops::
     remove                                kill if running, tear down, delete the record;
                                           reply {} when nothing is left
     status                                reply {status, pid, …}
+    netconf  {interfaces}                 the agent brings up NICs just plugged into the VM
+                                          (guest.protocol ``netconf``); reply {} once it
+                                          answered ``updated``, error otherwise
 
 A freshly spawned monitor first writes ``ready {pid, start}`` on its spawner's socketpair.
 """

@@ -10,7 +10,9 @@ network. :func:`disconnect` undoes all of it and is idempotent (safe after a cra
 What each placement does with the result (:class:`ContainerNetwork`):
 
 - VM: one ``Interface`` per network in the domain (:meth:`domain_interfaces`); the
-  guest configures them from the boot config (:meth:`guest_network`).
+  guest configures them from the boot config (:meth:`guest_network`). ``network
+  connect`` of a running VM plugs one more in (:func:`_plug`: attach-device, then the
+  agent's ``netconf``); ``disconnect`` unplugs it (:func:`_unplug`).
 - process: the agent joins :attr:`netns_path` and the container does not make a network
   namespace of its own (``--network host``: neither; ``none``: its own, only ``lo``).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shim import paths
-from shim.errors import NetworkError
+from shim.errors import ContainerStateError, NetworkError, VmshimError
 from shim.network import dns, firewall, host
 from shim.network.ports import (
     PortMapping,
@@ -289,7 +291,7 @@ class ContainerNetwork:
         gateway = self.gateway()
         interfaces = []
         for net, ep in self.endpoints:
-            iface = {"mac": ep.mac, "address": f"{ep.ip}/{net.prefixlen}"}
+            iface = _guest_interface(net, ep)
             if gateway is not None and net.gateway == gateway and not net.internal:
                 iface["gateway"] = gateway
                 gateway = None
@@ -344,6 +346,14 @@ class ContainerNetwork:
         return "\n".join(kept) + "\n"
 
 
+def _guest_interface(net: Network, ep: Endpoint) -> dict:
+    """One entry of BootConfig.network (or of a ``netconf`` request), without gateway."""
+    iface = {"mac": ep.mac, "address": f"{ep.ip}/{net.prefixlen}"}
+    if ep.ip6:
+        iface["address6"] = f"{ep.ip6}/{net.prefixlen6}"
+    return iface
+
+
 def netns_dir() -> Path:
     return paths.run_dir() / "netns"
 
@@ -362,9 +372,10 @@ def materialize(store: NetworkStore, net: Network) -> None:
         raise NetworkError("container networking needs root (bridges and NAT); "
                            "use --network none or run as root")
     mac = mac_for(net.gateway)
-    host.ensure_bridge(net.bridge, net.gateway, net.prefixlen, mac)
+    host.ensure_bridge(net.bridge, net.gateway, net.prefixlen, mac, net.gateway6,
+                       net.prefixlen6)
     firewall.ensure_table()
-    firewall.ensure_network(net.name, net.bridge, net.subnet, net.internal)
+    firewall.ensure_network(net.name, net.bridge, net.subnet, net.internal, net.ipv6)
     if net.dns:
         dns.ensure(net)
 
@@ -405,7 +416,7 @@ def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Ne
         mac = request.mac if (index == 0 and request.mac) else mac_for(ip)
         kind = "vmt" if result.isolation == "vm" else "vmv"
         endpoint = Endpoint(container_id=cid, container_name=result.name, ip=ip, mac=mac,
-                            aliases=request.aliases_for(ref),
+                            aliases=request.aliases_for(ref), ip6=net.free_ip6(),
                             isolation=result.isolation,
                             host_ifname=_host_ifname(kind, cid, index), netns=netns,
                             owner_pid=owner, owner_start=process_start(owner))
@@ -414,13 +425,15 @@ def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Ne
             endpoint.ports = assign_host_ports(wanted, store.published_ports(netns))
         store.add_endpoint(net, endpoint)
         result.endpoints.append((net, endpoint))
-        firewall.guard_port(endpoint.host_ifname, mac, ip)  # no spoofing other containers
+        # no spoofing other containers
+        firewall.guard_port(endpoint.host_ifname, mac, ip, endpoint.ip6)
         if result.isolation == "process":
             gateway = result.gateway()
             host.add_veth(result.netns_path, host_ifname=endpoint.host_ifname,
                           bridge=net.bridge, mac=mac, address=ip, prefixlen=net.prefixlen,
                           gateway=gateway if gateway == net.gateway else None,
-                          ifname=f"eth{index}")
+                          ifname=f"eth{index}",
+                          address6=_guest_interface(net, endpoint).get("address6", ""))
         if endpoint.ports:
             firewall.publish(cid, ip, endpoint.ports)
         if net.dns:
@@ -569,14 +582,16 @@ def _container_running(container_id: str) -> bool:
 
 def create_network(name: str, *, subnet: str | None = None, gateway: str | None = None,
                    internal: bool = False, labels: dict[str, str] | None = None,
-                   store: NetworkStore | None = None) -> Network:
-    """Record a network and make it live here (bridge, NAT, resolver). Raises NetworkError."""
+                   store: NetworkStore | None = None, ipv6: bool = False,
+                   subnet6: str | None = None) -> Network:
+    """Record a network and make it live here (bridge, NAT, resolver). *ipv6*: dual
+    stack (*subnet6* or a random unique-local /64). Raises NetworkError."""
     store = store or NetworkStore()
     with store.locked():
         ours = {n.subnet for n in store.list()}
         routes = [r for r in (host.routes() if host.is_root() else []) if r not in ours]
         net = store.create(name, subnet=subnet, gateway=gateway, internal=internal,
-                           labels=labels, host_routes=routes)
+                           labels=labels, host_routes=routes, ipv6=ipv6, subnet6=subnet6)
         try:
             materialize(store, net)
         except BaseException:
@@ -660,9 +675,10 @@ def _container_record(ref: str):
 def connect_container(ref: str, network: str, *, aliases: list[str] = (),
                       ip: str | None = None) -> None:
     """``network connect``: add *network* to the container's networks. A stopped
-    container gets it at its next start; a running process container at once; a running
-    VM container needs a restart (hot-plugging a NIC into the guest is not done yet).
-    Raises NetworkError, NetworkNotFound, ContainerNotFound."""
+    container gets it at its next start; a running process container at once (a veth);
+    a running VM container too: a NIC is plugged into the VM (libvirt attach-device, a
+    spare PCIe root port) and the agent configures it (``netconf``). Raises
+    NetworkError, NetworkNotFound, ContainerNotFound, HypervisorError."""
     from shim.containers.state import Status
 
     nets = NetworkStore()
@@ -685,9 +701,9 @@ def connect_container(ref: str, network: str, *, aliases: list[str] = (),
     if net.name in request.networks:
         raise NetworkError(f"container {record.name} is already on network {net.name}")
     running = record.status in (Status.RUNNING, Status.PAUSED)
-    if running and record.isolation == "vm":
-        raise NetworkError(f"container {record.name} runs in a VM: connecting a running VM "
-                           "is not supported yet; stop it, connect, start it")
+    if record.status == Status.PAUSED and record.isolation == "vm":
+        raise NetworkError(f"container {record.name} is paused: its VM cannot take a NIC "
+                           "now; unpause it first")
     request.networks.append(net.name)
     config = {}
     if aliases:
@@ -704,9 +720,29 @@ def connect_container(ref: str, network: str, *, aliases: list[str] = (),
     cstore.update(record.id, change)
 
 
+MAX_NICS = 10
+"""NICs per container (host interface names end in one digit: 15 characters at most)."""
+UNPLUG_TIMEOUT = 20.0
+"""How long ``network disconnect`` waits for a running VM to let go of a NIC (~5 s: the
+guest's PCIe hotplug driver waits 5 s after the request before it removes the device)."""
+NETCONF_TIMEOUT = 40.0
+"""How long the CLI waits for the monitor's answer to ``netconf`` (the agent waits up to
+20 s for the plugged NIC to appear; the monitor gives it REPLY_TIMEOUT)."""
+
+
+def _free_index(existing: list[tuple[Network, Endpoint]], kind: str, container_id: str) -> int:
+    """The lowest NIC index whose host interface name no endpoint of the container uses."""
+    used = {ep.host_ifname for _net, ep in existing}
+    for index in range(MAX_NICS):
+        if _host_ifname(kind, container_id, index) not in used:
+            return index
+    raise NetworkError(f"a container can be on at most {MAX_NICS} networks")
+
+
 def _connect_live(record, net: Network, request: NetworkRequest) -> None:
-    """Add an endpoint on *net* to a running process container (a veth into its
-    namespace)."""
+    """Add an endpoint on *net* to a running container: a veth into a process
+    container's namespace, or a NIC plugged into a VM (:func:`_plug`)."""
+    vm = record.isolation == "vm"
     store = NetworkStore()
     with store.locked():
         existing = store.endpoints_of(record.id)
@@ -714,26 +750,101 @@ def _connect_live(record, net: Network, request: NetworkRequest) -> None:
             raise NetworkError(f"container {record.name} has no live network to extend")
         materialize(store, net)
         net = store.get(net.name)
-        index = len(existing)
+        kind = "vmt" if vm else "vmv"
+        index = _free_index(existing, kind, record.id)
         ip = net.free_ip(request.ip_for(net.name))
         owner = existing[0][1]
         endpoint = Endpoint(container_id=record.id, container_name=record.name, ip=ip,
                             mac=mac_for(ip), aliases=request.aliases_for(net.name),
-                            isolation=record.isolation,
-                            host_ifname=_host_ifname("vmv", record.id, index),
+                            ip6=net.free_ip6(), isolation=record.isolation,
+                            host_ifname=_host_ifname(kind, record.id, index),
                             netns=netns_key(), owner_pid=owner.owner_pid,
                             owner_start=owner.owner_start)
         store.add_endpoint(net, endpoint)
         try:
-            firewall.guard_port(endpoint.host_ifname, endpoint.mac, ip)
-            host.add_veth(netns_dir() / record.id, host_ifname=endpoint.host_ifname,
-                          bridge=net.bridge, mac=endpoint.mac, address=ip,
-                          prefixlen=net.prefixlen, gateway=None, ifname=f"eth{index}")
+            firewall.guard_port(endpoint.host_ifname, endpoint.mac, ip, endpoint.ip6)
+            if not vm:
+                host.add_veth(netns_dir() / record.id, host_ifname=endpoint.host_ifname,
+                              bridge=net.bridge, mac=endpoint.mac, address=ip,
+                              prefixlen=net.prefixlen, gateway=None, ifname=f"eth{index}",
+                              address6=_guest_interface(net, endpoint).get("address6", ""))
         except BaseException:
             store.remove_endpoint(net.name, record.id)
+            firewall.unguard_port(endpoint.host_ifname)
             raise
-        if net.dns:
-            dns.add(net, endpoint)
+    if vm:  # outside the lock: the guest takes seconds
+        try:
+            _plug(record, net, endpoint)
+        except BaseException:
+            disconnect(record.id, networks=[net.name])
+            raise
+    if net.dns:
+        dns.add(net, endpoint)
+
+
+def _vm_backend():
+    from shim.vm.libvirt_backend import LibvirtBackend
+
+    return LibvirtBackend()
+
+
+def _plug(record, net: Network, endpoint: Endpoint, backend=None) -> None:
+    """Plug *endpoint*'s NIC into the container's running VM and have the agent bring
+    it up (``netconf``: address, IPv6 address, the subnet's route; the default route
+    and resolv.conf stay those of the first network, as at boot). Unplugs it again on
+    failure. Raises HypervisorError, NetworkError, ContainerStateError."""
+    from shim.containers.vm_placement import domain_name
+    from shim.errors import HypervisorError
+    from shim.vm.domain import HOTPLUG_PORTS, Interface
+
+    backend = backend or _vm_backend()
+    domain = domain_name(record.id)
+    try:
+        backend.attach_interface(domain, Interface(bridge=net.bridge, mac=endpoint.mac,
+                                                   tap=endpoint.host_ifname))
+    except HypervisorError as exc:
+        raise NetworkError(f"{exc} (a VM takes at most {HOTPLUG_PORTS} NICs while it runs, "
+                           "and only if it was started on a bridge network: stop it and "
+                           "start it again to get them all)") from None
+    try:
+        netconf(record, [_guest_interface(net, endpoint)])
+    except BaseException:
+        try:
+            backend.detach_interface(domain, endpoint.mac, UNPLUG_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the VM keeps an unconfigured NIC at worst
+            pass
+        raise
+
+
+def netconf(record, interfaces: list[dict]) -> None:
+    """Ask the container's monitor to have the agent configure *interfaces* (entries as
+    in BootConfig.network). Raises NetworkError with the agent's (bounded) reason."""
+    from shim.containers import monitor_api as api
+    from shim.containers.manage import _request
+    from shim.containers.store import ContainerStore
+
+    try:
+        reply = _request(ContainerStore(), record, "netconf", NETCONF_TIMEOUT,
+                         interfaces=interfaces)
+    except api.MonitorGone as exc:
+        raise NetworkError(f"container {record.name}: {exc}") from None
+    except (NetworkError, ContainerStateError):
+        raise
+    except VmshimError as exc:  # the agent's refusal (bounded by the monitor): one line
+        raise NetworkError(f"container {record.name} could not configure the new "
+                           f"interface: {exc}") from None
+    if reply.type != api.REPLY:
+        raise NetworkError(f"container {record.name}: unexpected answer {reply.type!r} "
+                           "to netconf")
+
+
+def _unplug(record, net: Network, endpoint: Endpoint, backend=None) -> None:
+    """Unplug *endpoint*'s NIC from the container's running VM and wait (bounded,
+    UNPLUG_TIMEOUT) until the guest let go of it: its address and routes go with it."""
+    from shim.containers.vm_placement import domain_name
+
+    backend = backend or _vm_backend()
+    backend.detach_interface(domain_name(record.id), endpoint.mac, UNPLUG_TIMEOUT)
 
 
 def disconnect_container(ref: str, network: str, *, force: bool = False) -> None:
@@ -759,12 +870,16 @@ def disconnect_container(ref: str, network: str, *, force: bool = False) -> None
     if net.name not in request.networks:
         raise NetworkError(f"container {record.name} is not on network {net.name}")
     running = record.status in (Status.RUNNING, Status.PAUSED)
-    if running and record.isolation == "vm":
-        raise NetworkError(f"container {record.name} runs in a VM: disconnecting a running "
-                           "VM is not supported yet; stop it first")
+    if record.status == Status.PAUSED and record.isolation == "vm":
+        raise NetworkError(f"container {record.name} is paused: its VM cannot let go of "
+                           "a NIC now; unpause it first")
     if running and request.networks[0] == net.name:
         raise NetworkError(f"network {net.name} is the first network of running container "
                            f"{record.name} (its ports and default route): stop it first")
+    if running and record.isolation == "vm":
+        live = dict((n.name, ep) for n, ep in nets.endpoints_of(record.id))
+        if net.name in live:
+            _unplug(record, net, live[net.name])
     if running:
         disconnect(record.id, networks=[net.name])
     request.networks.remove(net.name)
@@ -810,10 +925,14 @@ def network_settings(container_id: str, request: dict | None) -> dict:
         net, ep = net_ep
         networks[name] = {"NetworkID": net.id, "IPAddress": ep.ip,
                           "IPPrefixLen": net.prefixlen, "Gateway": net.gateway,
+                          "GlobalIPv6Address": ep.ip6,
+                          "GlobalIPv6PrefixLen": net.prefixlen6 if ep.ip6 else 0,
+                          "IPv6Gateway": net.gateway6 if ep.ip6 else "",
                           "MacAddress": ep.mac, "Aliases": ep.aliases}
         for p in ep.ports:
             ports.setdefault(f"{p.container_port}/{p.protocol}", []).append(
                 {"HostIp": p.host_ip, "HostPort": str(p.host_port)})
     first = next(iter(networks.values()), {})
     return {"Networks": networks, "Ports": ports, "IPAddress": first.get("IPAddress", ""),
+            "GlobalIPv6Address": first.get("GlobalIPv6Address", ""),
             "Gateway": first.get("Gateway", ""), "MacAddress": first.get("MacAddress", "")}

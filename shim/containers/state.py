@@ -61,6 +61,7 @@ STATE_REQUIREMENTS: dict[str, tuple[Status, ...]] = {
     "top": (S.RUNNING,),
     "cp": (S.RUNNING,),
     "stats": (S.RUNNING, S.PAUSED),
+    "network connect": (S.RUNNING,),
 }
 
 

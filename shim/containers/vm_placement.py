@@ -129,6 +129,9 @@ class VmPlacement:
             disks.append(dom.Disk(source=str(self.rw_disk), target=_target(len(disks)),
                                   serial=WRITABLE_SERIAL, readonly=False))
         disks += self._volume_disks  # made by boot() (volume leases)
+        interfaces = self.network.domain_interfaces() if self.network is not None else []
+        # On bridge networks `network connect` may plug more NICs in while it runs.
+        hotplug = any(i.type == "bridge" for i in interfaces)
         return dom.Domain(
             name=self.domain,
             uuid=str(uuid.UUID(self.boot_config.container_id[:32])),
@@ -140,7 +143,9 @@ class VmPlacement:
             disks=disks,
             channels=[dom.AgentChannel(socket_path=str(self.agent_socket))],
             serial=dom.SerialLog(path=str(self.console_log)),
-            interfaces=self.network.domain_interfaces() if self.network is not None else [],
+            interfaces=interfaces,
+            machine=dom.HOTPLUG_MACHINE if hotplug else dom.DEFAULT_MACHINE,
+            hotplug_ports=dom.HOTPLUG_PORTS if hotplug else 0,
             metadata={"container-id": self.boot_config.container_id, "name": self.name},
             filesystems=self._rootfs_shares() + list(self._shares),
             cpuset=self.cpuset,

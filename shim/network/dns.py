@@ -127,7 +127,10 @@ def add(net: Network, endpoint: Endpoint) -> None:
     hosts.mkdir(parents=True, exist_ok=True)
     path = hosts / endpoint.container_id
     tmp = hosts / f".{endpoint.container_id}.tmp"
-    tmp.write_text(f"{endpoint.ip}\t{' '.join(endpoint.names())}\n")
+    names = " ".join(endpoint.names())
+    # An IPv6 line too on a dual-stack network: dnsmasq answers AAAA queries from it.
+    tmp.write_text(f"{endpoint.ip}\t{names}\n"
+                   + (f"{endpoint.ip6}\t{names}\n" if endpoint.ip6 else ""))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 

@@ -88,36 +88,36 @@ def ensure_table() -> None:
 
 def delete_table() -> None:
     """Remove everything of ours (tests; ``network prune`` with nothing left)."""
-    for family in ("ip", "bridge"):
+    for family in ("ip", "ip6", "bridge"):
         try:
             run([NFT, "delete", "table", family, TABLE])
         except NetworkError:
             pass
 
 
-def _rules(chain: str) -> list[dict]:
-    out = run([NFT, "-j", "-a", "list", "chain", "ip", TABLE, chain],
+def _rules(chain: str, family: str = "ip") -> list[dict]:
+    out = run([NFT, "-j", "-a", "list", "chain", family, TABLE, chain],
               what=f"cannot list nftables chain {chain}")
     return [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
 
 
-def _delete_commented(comment: str, chains: tuple[str, ...]) -> int:
+def _delete_commented(comment: str, chains: tuple[str, ...], family: str = "ip") -> int:
     lines = []
     for chain in chains:
         try:
-            rules = _rules(chain)
+            rules = _rules(chain, family)
         except NetworkError:
             continue  # no table (yet, or any more)
-        lines += [f"delete rule ip {TABLE} {chain} handle {r['handle']}"
+        lines += [f"delete rule {family} {TABLE} {chain} handle {r['handle']}"
                   for r in rules if r.get("comment") == comment]
     if lines:
         _nft("\n".join(lines) + "\n", f"cannot delete the rules of {comment}")
     return len(lines)
 
 
-def _has_comment(comment: str, chain: str) -> bool:
+def _has_comment(comment: str, chain: str, family: str = "ip") -> bool:
     try:
-        return any(r.get("comment") == comment for r in _rules(chain))
+        return any(r.get("comment") == comment for r in _rules(chain, family))
     except NetworkError:
         return False
 
@@ -147,16 +147,42 @@ def network_rules(name: str, bridge: str, subnet: str, internal: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ensure_network(name: str, bridge: str, subnet: str, internal: bool) -> None:
-    """Add the network's rules unless they are there. Lock held, table ensured."""
-    if _has_comment(network_comment(name), "postrouting"):
-        return
-    _nft(network_rules(name, bridge, subnet, internal),
-         f"cannot add the NAT rules of network {name}")
+def ensure_network(name: str, bridge: str, subnet: str, internal: bool,
+                   ipv6: bool = False) -> None:
+    """Add the network's rules unless they are there (*ipv6*: also its IPv6 rules).
+    Lock held, table ensured."""
+    if not _has_comment(network_comment(name), "postrouting"):
+        _nft(network_rules(name, bridge, subnet, internal),
+             f"cannot add the NAT rules of network {name}")
+    if ipv6 and not _has_comment(network_comment(name), "forward", family="ip6"):
+        _nft(IP6_BASE + network_rules6(name, bridge),
+             f"cannot add the IPv6 rules of network {name}")
+
+
+# IPv6 on a dual-stack network reaches that network's own subnet and nothing else: no
+# NAT66, no routing between networks or out (``table ip6 vmshim``: whatever would be
+# forwarded from or to one of our bridges is dropped).
+IP6_BASE = f"""\
+table ip6 {TABLE} {{
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+  }}
+}}
+"""
+
+
+def network_rules6(name: str, bridge: str) -> str:
+    c = f'comment "{network_comment(name)}"'
+    fwd = f"add rule ip6 {TABLE} forward"
+    # Not plain `iifname "{bridge}" drop`: with br_netfilter loaded (docker loads it)
+    # frames bridged between two ports pass this hook too, in and out the bridge itself.
+    return (f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}\n'
+            f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}\n')
 
 
 def remove_network(name: str, bridge: str) -> None:
     _delete_commented(network_comment(name), ("postrouting", "forward"))
+    _delete_commented(network_comment(name), ("forward",), family="ip6")
     try:
         _nft(f'delete element ip {TABLE} bridges {{ "{bridge}" }}\n', "")
     except NetworkError:
@@ -197,7 +223,9 @@ def unpublish(container_id: str) -> int:
 # A container's port on a bridge (the VM's tap, or the host end of a process container's
 # veth) may only send what its endpoint owns: frames from its MAC, IPv4 from its address,
 # ARP claiming its MAC and address (or 0.0.0.0, an ARP probe), and no other ethertype
-# (no IPv6, no VLAN tags, no raw L2 protocols). Like libvirt's ``clean-traffic`` nwfilter,
+# (no VLAN tags, no raw L2 protocols; IPv6 only on a dual-stack network: from its IPv6
+# address, its MAC's EUI-64 link-local address or :: (duplicate address detection), and
+# neighbour advertisements only for those addresses, ND's ARP). Like libvirt's ``clean-traffic`` nwfilter,
 # but one nftables table that covers both isolations: ``table bridge vmshim``.
 BRIDGE_BASE = f"""\
 table bridge {TABLE} {{
@@ -223,25 +251,48 @@ def port_comment(host_ifname: str) -> str:
     return f"vmshim-port:{host_ifname}"
 
 
-def antispoof_rules(host_ifname: str, mac: str, ip: str) -> str:
-    """The nft commands that pin the bridge port *host_ifname* to *mac* and *ip*."""
+def link_local(mac: str) -> str:
+    """The EUI-64 link-local IPv6 address the kernel gives a NIC with *mac*."""
+    import ipaddress
+
+    b = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes([b[0] ^ 0x02]) + b[1:3] + b"\xff\xfe" + b[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+def antispoof_rules(host_ifname: str, mac: str, ip: str, ip6: str = "") -> str:
+    """The nft commands that pin the bridge port *host_ifname* to *mac*, *ip* and (on a
+    dual-stack network) *ip6*."""
+    import ipaddress
+
     c = f'comment "{port_comment(host_ifname)}"'
     rule = f'add rule bridge {TABLE} antispoof iifname "{host_ifname}"'
-    return "\n".join([
+    lines = [
         f"{rule} ether saddr != {mac} drop {c}",
-        f"{rule} ether type != {{ ip, arp }} drop {c}",
+        f"{rule} ether type != {{ ip, arp{', ip6' if ip6 else ''} }} drop {c}",
         f"{rule} ether type ip ip saddr != {ip} drop {c}",
         f"{rule} ether type arp arp saddr ether != {mac} drop {c}",
         f"{rule} ether type arp arp saddr ip != {{ 0.0.0.0, {ip} }} drop {c}",
-    ]) + "\n"
+    ]
+    if ip6:
+        own = [str(ipaddress.IPv6Address(ip6)), link_local(mac)]
+        targets = ", ".join(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own)
+        lines += [
+            f"{rule} ether type ip6 ip6 saddr != {{ ::, {', '.join(own)} }} drop {c}",
+            # @th,64,128: the target address of a neighbour advertisement (nft 1.0.6
+            # has no name for it)
+            f"{rule} ether type ip6 icmpv6 type nd-neighbor-advert "
+            f"@th,64,128 != {{ {targets} }} drop {c}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
-def guard_port(host_ifname: str, mac: str, ip: str) -> None:
-    """Let the bridge port *host_ifname* send only as *mac*/*ip* (replacing earlier
-    rules of that port). The interface need not exist yet. Lock held."""
+def guard_port(host_ifname: str, mac: str, ip: str, ip6: str = "") -> None:
+    """Let the bridge port *host_ifname* send only as *mac*/*ip* (/*ip6*) (replacing
+    earlier rules of that port). The interface need not exist yet. Lock held."""
     ensure_bridge_table()
     unguard_port(host_ifname)
-    _nft(antispoof_rules(host_ifname, mac, ip),
+    _nft(antispoof_rules(host_ifname, mac, ip, ip6),
          f"cannot add the anti-spoofing rules of {host_ifname}")
 
 

@@ -59,12 +59,14 @@ def write_sysctl(key: str, value: str) -> None:
         raise NetworkError(f"cannot set {key.replace('/', '.')}={value}: {exc.strerror}") from None
 
 
-def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str) -> bool:
+def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str,
+                  gateway6: str = "", prefixlen6: int = 0) -> bool:
     """Make the bridge *name* with *gateway*/*prefixlen* and a fixed *mac* (a bridge
     without one takes its lowest port's MAC, which changes as containers come and go
     and leaves stale ARP entries in the others), up, with forwarding on and
     route_localnet (so ports published on 127.0.0.1 can be DNATed out of it).
-    Idempotent; returns whether it was created now."""
+    With *gateway6*: that IPv6 address too (no duplicate address detection: our IPAM
+    made it unique). Idempotent; returns whether it was created now."""
     created = False
     if not link_exists(name):
         try:
@@ -74,8 +76,9 @@ def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str) -> bool:
             if not link_exists(name):  # somebody else made it meanwhile: fine
                 raise
         created = True
+    v6 = f"address replace {gateway6}/{prefixlen6} dev {name} nodad\n" if gateway6 else ""
     run([IP, "-batch", "-"], input=(
-        f"address replace {gateway}/{prefixlen} dev {name}\n"
+        f"address replace {gateway}/{prefixlen} dev {name}\n{v6}"
         f"link set dev {name} up\n"), what=f"cannot configure bridge {name}")
     write_sysctl("net/ipv4/ip_forward", "1")
     write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
@@ -144,10 +147,10 @@ def delete_netns(path: Path) -> None:
 
 def add_veth(netns: Path, *, host_ifname: str, bridge: str, mac: str, address: str,
              prefixlen: int, gateway: str | None, ifname: str = "eth0",
-             mtu: int | None = None) -> None:
+             mtu: int | None = None, address6: str = "") -> None:
     """A veth pair: *host_ifname* enslaved to *bridge* here, *ifname* in the namespace at
-    *netns* with *mac*, *address*/*prefixlen* and (if given) a default route via
-    *gateway*; ``lo`` up there too."""
+    *netns* with *mac*, *address*/*prefixlen* (and *address6*, ``addr/prefix``, if
+    given) and (if given) a default route via *gateway*; ``lo`` up there too."""
     delete_link(host_ifname)  # a leftover of a crashed run with the same id
     run([IP, "link", "add", "name", host_ifname, "type", "veth", "peer", "name", ifname,
          "netns", str(netns)], what=f"cannot create veth {host_ifname}")
@@ -156,6 +159,8 @@ def add_veth(netns: Path, *, host_ifname: str, bridge: str, mac: str, address: s
                   f"link set dev {ifname} address {mac}" + (f" mtu {mtu}" if mtu else ""),
                   f"address add {address}/{prefixlen} dev {ifname}",
                   f"link set dev {ifname} up"]
+        if address6:
+            inside.insert(-1, f"address add {address6} dev {ifname} nodad")
         if gateway:
             inside.append(f"route replace default via {gateway} dev {ifname}")
         run([NSENTER, f"--net={netns}", IP, "-batch", "-"], input="\n".join(inside) + "\n",

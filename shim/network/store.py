@@ -17,6 +17,10 @@ first; the network address, the gateway (the first host address) and the broadca
 never given out. MACs are ``02:42`` + the IPv4 address (docker's scheme: unique on a
 bridge, stable across restarts) unless ``--mac-address`` says otherwise.
 
+IPv6 (``network create --ipv6``): a network may also have an IPv6 subnet (``subnet6``,
+a /64 to /120; ``--subnet fd00:…/64`` or a random unique-local /64), its gateway the
+first host address; each endpoint then gets ``ip6`` as well, lowest free first.
+
 Endpoints are runtime state: made when a container starts, dropped when it stops. Each
 records the process that owns it (``owner_pid``) and the network namespace its kernel
 objects live in (``netns``); an endpoint whose owner is gone is *stale* and can be
@@ -85,6 +89,8 @@ class Endpoint:
     isolation: str = "vm"
     host_ifname: str = ""
     """The tap (VM) or veth (process) on the bridge."""
+    ip6: str = ""
+    """Its IPv6 address on a dual-stack network ("" otherwise)."""
     netns: str = ""
     """:func:`netns_key` of the namespace where the bridge, rules and DNS entry are."""
     owner_pid: int = 0
@@ -94,7 +100,7 @@ class Endpoint:
         return {"container_id": self.container_id, "container_name": self.container_name,
                 "ip": self.ip, "mac": self.mac, "aliases": list(self.aliases),
                 "ports": [p.to_dict() for p in self.ports], "isolation": self.isolation,
-                "host_ifname": self.host_ifname, "netns": self.netns,
+                "host_ifname": self.host_ifname, "netns": self.netns, "ip6": self.ip6,
                 "owner_pid": self.owner_pid, "owner_start": self.owner_start}
 
     @classmethod
@@ -104,6 +110,7 @@ class Endpoint:
                    ports=[PortMapping.from_dict(p) for p in data.get("ports", [])],
                    isolation=data.get("isolation", "vm"),
                    host_ifname=data.get("host_ifname", ""), netns=data.get("netns", ""),
+                   ip6=data.get("ip6", ""),
                    owner_pid=int(data.get("owner_pid", 0)),
                    owner_start=data.get("owner_start", ""))
 
@@ -135,6 +142,17 @@ class Network:
     labels: dict[str, str] = field(default_factory=dict)
     created: str = ""
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    subnet6: str = ""
+    """Dual stack: the IPv6 subnet ("" : IPv4 only)."""
+    gateway6: str = ""
+
+    @property
+    def ipv6(self) -> bool:
+        return bool(self.subnet6)
+
+    @property
+    def prefixlen6(self) -> int:
+        return ipaddress.IPv6Network(self.subnet6).prefixlen if self.subnet6 else 0
 
     @property
     def is_default(self) -> bool:
@@ -148,7 +166,7 @@ class Network:
         return {"name": self.name, "id": self.id, "driver": self.driver,
                 "subnet": self.subnet, "gateway": self.gateway, "bridge": self.bridge,
                 "internal": self.internal, "dns": self.dns, "labels": dict(self.labels),
-                "created": self.created,
+                "created": self.created, "subnet6": self.subnet6, "gateway6": self.gateway6,
                 "endpoints": {k: e.to_dict() for k, e in sorted(self.endpoints.items())}}
 
     @classmethod
@@ -157,6 +175,7 @@ class Network:
                    subnet=data["subnet"], gateway=data["gateway"], bridge=data["bridge"],
                    internal=bool(data.get("internal", False)), dns=bool(data.get("dns", True)),
                    labels=dict(data.get("labels", {})), created=data.get("created", ""),
+                   subnet6=data.get("subnet6", ""), gateway6=data.get("gateway6", ""),
                    endpoints={k: Endpoint.from_dict(e)
                               for k, e in (data.get("endpoints") or {}).items()})
 
@@ -180,6 +199,25 @@ class Network:
             if str(addr) not in used:
                 return str(addr)
         raise NetworkError(f"network {self.name} ({self.subnet}) has no free address left")
+
+
+    def free_ip6(self) -> str:
+        """The lowest free IPv6 host address ("" on an IPv4-only network). Raises
+        NetworkError when none is left."""
+        if not self.subnet6:
+            return ""
+        used = {e.ip6 for e in self.endpoints.values()} | {self.gateway6}
+        net = ipaddress.IPv6Network(self.subnet6)
+        for offset in range(1, min(net.num_addresses - 1, MAX_IP6_SCAN)):
+            addr = str(net.network_address + offset)
+            if addr not in used:
+                return addr
+        raise NetworkError(f"network {self.name} ({self.subnet6}) has no free IPv6 "
+                           "address left")
+
+
+MAX_IP6_SCAN = 1 << 16
+"""IPv6 addresses are handed out from the bottom of the subnet; a search stops here."""
 
 
 def mac_for(ip: str) -> str:
@@ -317,9 +355,11 @@ class NetworkStore:
 
     def create(self, name: str, *, subnet: str | None = None, gateway: str | None = None,
                internal: bool = False, labels: dict[str, str] | None = None,
-               host_routes: list[str] = ()) -> Network:
+               host_routes: list[str] = (), ipv6: bool = False,
+               subnet6: str | None = None) -> Network:
         """Record a new bridge network. *host_routes* (CIDRs) are avoided when picking a
-        subnet. Raises NetworkError (bad or taken name, overlapping subnet, bad gateway)."""
+        subnet. *ipv6*: dual stack, with *subnet6* or a random unique-local /64. Raises
+        NetworkError (bad or taken name, overlapping subnet, bad gateway)."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise NetworkError(f"invalid network name {name!r}: use letters, digits, "
                                "'_', '.', '-' (at most 63, starting with a letter or digit)")
@@ -352,8 +392,14 @@ class NetworkStore:
                 if gw not in chosen or gw in (chosen.network_address, chosen.broadcast_address):
                     raise NetworkError(f"--gateway {gateway} is not a host address of {chosen}")
                 gateway = str(gw)
+            chosen6 = _check_subnet6(subnet6, others) if ipv6 or subnet6 else None
+            if chosen6 is not None and not ipv6:
+                raise NetworkError(f"--subnet {subnet6} is IPv6: add --ipv6 for a "
+                                   "dual-stack network")
             net_id = secrets.token_hex(32)
             net = Network(name=name, id=net_id, subnet=str(chosen),
+                          subnet6=str(chosen6) if chosen6 else "",
+                          gateway6=str(chosen6.network_address + 1) if chosen6 else "",
                           gateway=gateway or _first_host(str(chosen)),
                           bridge=BRIDGE_PREFIX + net_id[:10], internal=internal,
                           labels=dict(labels or {}), created=_now())
@@ -397,6 +443,27 @@ class NetworkStore:
         """Endpoints whose owning process is gone (a crashed ``run``, a killed monitor)."""
         return [(n, e) for n in self.list() for e in n.endpoints.values()
                 if not e.owner_alive()]
+
+
+def _check_subnet6(subnet6: str | None, others: list[Network]) -> ipaddress.IPv6Network:
+    """The IPv6 subnet of a new network: *subnet6* checked (unicast, /64../120, not
+    overlapping another network's), or a random unique-local /64 (RFC 4193)."""
+    if subnet6 is None:
+        return ipaddress.IPv6Network((b"\xfd" + secrets.token_bytes(7) + bytes(8), 64))
+    try:
+        chosen = ipaddress.IPv6Network(subnet6, strict=False)
+    except ValueError:
+        raise NetworkError(f"invalid --subnet {subnet6!r}: expected an IPv6 CIDR like "
+                           "fd00:89::/64") from None
+    if not 64 <= chosen.prefixlen <= 120:
+        raise NetworkError(f"--subnet {subnet6}: an IPv6 subnet must be /64 to /120")
+    if chosen.is_multicast or chosen.is_link_local or chosen.is_loopback \
+            or chosen.is_unspecified or chosen.network_address.ipv4_mapped:
+        raise NetworkError(f"--subnet {subnet6} is not a unicast IPv6 subnet")
+    for net in others:
+        if net.subnet6 and chosen.overlaps(ipaddress.IPv6Network(net.subnet6)):
+            raise NetworkError(f"--subnet {chosen} overlaps network {net.name} ({net.subnet6})")
+    return chosen
 
 
 def _first_host(subnet: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from shim.errors import HypervisorError
-from shim.vm.domain import Domain
+from shim.vm.domain import Domain, Interface
 
 DOMAIN_PREFIX = "vmshim-"
 """Every domain vmshim creates is named ``vmshim-<something>``; others are not ours."""
@@ -95,4 +95,19 @@ class Backend(Protocol):
 
     def wait_gone(self, name: str, timeout: float = 10.0) -> bool:
         """Poll until the hypervisor no longer knows ``name``; False after ``timeout`` s."""
+        ...
+
+    def attach_interface(self, name: str, iface: Interface) -> None:
+        """Plug the NIC *iface* into the running VM (it needs a free hotplug port, see
+        Domain.hotplug_ports). Raises VmNotFound, HypervisorError."""
+        ...
+
+    def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
+        """Unplug the NIC with *mac* from the running VM and wait (up to *timeout* s)
+        until the guest let go of it. A no-op when the VM has no such NIC. Raises
+        VmNotFound, HypervisorError (also when the guest does not let go in time)."""
+        ...
+
+    def interface_macs(self, name: str) -> list[str]:
+        """MACs of the running VM's NICs now (live configuration). Raises VmNotFound."""
         ...

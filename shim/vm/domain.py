@@ -6,7 +6,8 @@ to render itself. :class:`Domain` holds them, and :meth:`Domain.to_xml` produces
 deterministic, indented XML (same input, same bytes), so golden-file tests can pin it.
 
 Defaults follow the measured recipe in DESIGN.md ("A measured recipe for the guest"):
-machine ``pc`` without ``<acpi/>`` (unless there is more than one vCPU); under TCG a
+machine ``pc`` without ``<acpi/>`` (unless there is more than one vCPU; a domain that
+takes NICs while it runs is ``q35`` with spare PCIe root ports, see ``hotplug_ports``); under TCG a
 ``qemu64`` CPU with ``rdrand`` and a 32 MiB translation-block cache; under KVM
 ``host-passthrough``; no USB, no balloon, no graphics; the serial console goes to a
 file; every way the guest stops destroys the domain. The domain is meant to be started
@@ -34,6 +35,19 @@ from guest.spec import AGENT_PORT_NAME
 
 DEFAULT_MACHINE = "pc"
 """``pc`` boots 0.2 s faster than ``q35`` here; ``microvm`` is refused by libvirt 9.0."""
+HOTPLUG_MACHINE = "q35"
+"""Machine of domains that take NICs while they run (``network connect``): ``pc`` hot-plugs
+through ACPI, which the minimal guest kernel (and a domain without ``<acpi/>``) lacks;
+q35's ``pcie-root-port``s hot-plug natively (PCIe pciehp)."""
+HOTPLUG_PORTS = 4
+"""Spare ``pcie-root-port``s of such a domain: how many NICs can be plugged in while it runs."""
+HOTPLUG_CMDLINE = "pcie_ports=native"
+"""Without ACPI the kernel gets no _OSC grant: this makes it drive the ports' hotplug itself."""
+HOTPLUG_QEMU_ARGS = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
+"""q35 would otherwise claim the root ports for ACPI hotplug (QEMU 6.1+), which the guest
+cannot use: native PCIe hotplug it is. Passed through ``<qemu:commandline>`` (libvirt
+marks the domain ``custom-argv`` tainted for it)."""
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_TB_CACHE_MIB = 32
 """TCG translation-block cache; QEMU's default (1 GiB reserved) costs ~28 MiB more per VM."""
 TCG_CPU_MODEL = "qemu64"
@@ -302,6 +316,14 @@ class Interface:
                                      or not 68 <= self.mtu <= 65535):
             raise ValueError(f"interface mtu must be an integer in 68..65535, got {self.mtu!r}")
 
+    def to_xml(self) -> str:
+        """The ``<interface>`` element alone (libvirt's attach-device / detach-device)."""
+        holder = ET.Element("devices")
+        self.render(holder)
+        elem = holder[0]
+        ET.indent(elem, space="  ")
+        return ET.tostring(elem, encoding="unicode") + "\n"
+
     def render(self, devices: ET.Element) -> None:
         iface = _sub(devices, "interface", type=self.type)
         _sub(iface, "mac", address=self.mac)
@@ -360,6 +382,10 @@ class Domain:
     """Our own key/values (``container-id`` …), kept by libvirt in ``<metadata>``."""
     cpuset: str | None = None
     """Host CPUs the vCPU threads may run on (``--cpuset-cpus``: ``0-1,3``); None: any."""
+    hotplug_ports: int = 0
+    """Spare PCIe root ports for NICs plugged in while the domain runs (0: none). Needs
+    ``machine=HOTPLUG_MACHINE``; adds :data:`HOTPLUG_CMDLINE` to the kernel command line
+    and :data:`HOTPLUG_QEMU_ARGS` to QEMU's."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -385,6 +411,13 @@ class Domain:
             raise ValueError("boot must be a KernelBoot")
         if not re.match(r"^[a-z0-9][a-z0-9.-]*$", self.machine):
             raise ValueError(f"machine type looks wrong: {self.machine!r}")
+        if isinstance(self.hotplug_ports, bool) or not isinstance(self.hotplug_ports, int) \
+                or not 0 <= self.hotplug_ports <= 16:
+            raise ValueError(f"hotplug_ports must be an integer in 0..16, "
+                             f"got {self.hotplug_ports!r}")
+        if self.hotplug_ports and self.machine != HOTPLUG_MACHINE:
+            raise ValueError(f"hotplug_ports needs machine {HOTPLUG_MACHINE!r}, "
+                             f"got {self.machine!r}")
         if self.tb_cache_mib is not None and (
                 isinstance(self.tb_cache_mib, bool) or not isinstance(self.tb_cache_mib, int)
                 or self.tb_cache_mib <= 0):
@@ -407,6 +440,13 @@ class Domain:
                 raise ValueError(f"metadata value for {key!r} must be a string without NUL")
 
     @property
+    def pcie_devices(self) -> int:
+        """The devices that take a PCIe slot of their own (each virtio device; the
+        channels share one virtio-serial controller)."""
+        return (len(self.disks) + len(self.filesystems) + len(self.interfaces)
+                + bool(self.channels) + (self.vsock is not None) + (self.rng is not None))
+
+    @property
     def is_tcg(self) -> bool:
         return self.domain_type == "qemu"
 
@@ -416,6 +456,8 @@ class Domain:
 
     def to_element(self) -> ET.Element:
         dom = ET.Element("domain", {"type": self.domain_type})
+        if self.hotplug_ports:
+            dom.set("xmlns:qemu", QEMU_NS)
         _sub(dom, "name", self.name)
         _sub(dom, "uuid", self.uuid)
         if self.metadata:
@@ -435,7 +477,11 @@ class Domain:
 
         os_elem = _sub(dom, "os")
         _sub(os_elem, "type", "hvm", arch="x86_64", machine=self.machine)
-        self.boot.render(os_elem)
+        boot = self.boot
+        if self.hotplug_ports and HOTPLUG_CMDLINE not in boot.cmdline.split():
+            boot = KernelBoot(kernel=boot.kernel, initrd=boot.initrd,
+                              cmdline=f"{boot.cmdline} {HOTPLUG_CMDLINE}")
+        boot.render(os_elem)
 
         # No <acpi/> unless needed (see ``acpi``): the guest boots 0.7 s faster, and it is
         # stopped with the reboot syscall anyway (a power-off without ACPI only halts).
@@ -468,6 +514,13 @@ class Domain:
         for iface in self.interfaces:
             iface.render(devices)
         _sub(devices, "controller", type="usb", model="none")
+        if self.hotplug_ports:
+            # libvirt puts each PCIe device of the domain into a free root port first:
+            # one per device, and hotplug_ports more stay empty.
+            _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+            for index in range(1, 1 + self.pcie_devices + self.hotplug_ports):
+                _sub(devices, "controller", type="pci", index=str(index),
+                     model="pcie-root-port")
         for chan in self.channels:
             chan.render(devices)
         if self.serial is not None:
@@ -477,6 +530,10 @@ class Domain:
         if self.rng is not None:
             self.rng.render(devices)
         _sub(devices, "memballoon", model="none")
+        if self.hotplug_ports:
+            argv = _sub(dom, "qemu:commandline")
+            for arg in HOTPLUG_QEMU_ARGS:
+                _sub(argv, "qemu:arg", value=arg)
         return dom
 
     def to_xml(self) -> str:

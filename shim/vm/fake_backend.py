@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Domain
+from shim.vm.domain import Domain, Interface
 
 
 @dataclass
@@ -27,6 +27,8 @@ class FakeVm:
     xml: str
     pid: int
     paused: bool = False
+    plugged: dict[str, Interface] = field(default_factory=dict)
+    """NICs plugged in while it runs (attach_interface), by MAC."""
 
     @property
     def root(self) -> ET.Element:
@@ -128,6 +130,23 @@ class FakeBackend:
         self._check("wait_gone", name)
         with self._changed:
             return self._changed.wait_for(lambda: name not in self.vms, timeout)
+
+    def attach_interface(self, name: str, iface: Interface) -> None:
+        self._check("attach_interface", name)
+        vm = self._vm(name, "attach a NIC to")
+        if iface.mac in vm.plugged or len(vm.plugged) >= vm.domain.hotplug_ports:
+            raise HypervisorError(f"cannot plug a NIC into VM {name}: no free hotplug port "
+                                  "or a NIC with that MAC")
+        vm.plugged[iface.mac] = iface
+
+    def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
+        self._check("detach_interface", name)
+        self._vm(name, "detach a NIC from").plugged.pop(mac, None)
+
+    def interface_macs(self, name: str) -> list[str]:
+        self._check("interface_macs", name)
+        vm = self._vm(name, "list the NICs of")
+        return sorted([i.mac for i in vm.domain.interfaces] + list(vm.plugged))
 
     def _vm(self, name: str, operation: str) -> FakeVm:
         vm = self.vms.get(name)

@@ -25,7 +25,7 @@ import libvirt
 from shim import paths
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Domain
+from shim.vm.domain import Domain, Interface
 
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
 POLL_INTERVAL = 0.05
@@ -267,3 +267,57 @@ class LibvirtBackend:
                 return False
             time.sleep(POLL_INTERVAL)
         return True
+
+    def attach_interface(self, name: str, iface: Interface) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmNotFound(name, "attach a NIC to")
+        try:
+            dom.attachDeviceFlags(iface.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot plug a NIC into VM {name}: {_one_line(exc)}") from None
+
+    def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
+        """See :meth:`Backend.detach_interface`. The guest's PCIe hotplug driver waits 5 s
+        after the "attention button" before it lets go (its cancel window): ~5 s."""
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmNotFound(name, "detach a NIC from")
+        live = self._live_interfaces(dom, name)
+        if mac not in live:
+            return
+        try:
+            dom.detachDeviceFlags(live[mac], libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot unplug NIC {mac} from VM {name}: "
+                                  f"{_one_line(exc)}") from None
+        deadline = time.monotonic() + timeout
+        while mac in self._live_interfaces(dom, name):
+            if time.monotonic() >= deadline:
+                raise HypervisorError(f"VM {name} did not let go of NIC {mac} within "
+                                      f"{timeout:g} s")
+            time.sleep(POLL_INTERVAL * 4)
+
+    def interface_macs(self, name: str) -> list[str]:
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmNotFound(name, "list the NICs of")
+        return sorted(self._live_interfaces(dom, name))
+
+    def _live_interfaces(self, dom, name: str) -> dict[str, str]:
+        """MAC → the ``<interface>`` XML of each NIC in the live configuration."""
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise VmNotFound(name, "read") from None
+            raise HypervisorError(f"cannot read VM {name}: {_one_line(exc)}") from None
+        out = {}
+        for iface in root.iterfind("devices/interface"):
+            mac = iface.find("mac")
+            address = mac.get("address") if mac is not None else None
+            if address:
+                out[address.lower()] = ET.tostring(iface, encoding="unicode")
+        return out

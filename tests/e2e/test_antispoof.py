@@ -97,3 +97,45 @@ def test_the_rules_come_and_go_with_the_container(network):
     rules = subprocess.run(["nft", "list", "chain", "bridge", "vmshim", "antispoof"],
                            capture_output=True, text=True).stdout
     assert "vmshim-port:" not in rules
+
+
+ATTACK6 = """
+set -u
+get() {{ timeout 4 wget -q -O - http://[{server6}]:8080/ 2>/dev/null || echo unreachable; }}
+me=$(ip -6 -o addr show dev eth0 scope global | awk '{{print $4}}')
+timeout 30 sh -c 'until wget -q -O /dev/null http://[{server6}]:8080/; do sleep 0.2; done'
+echo "control6: $(get)"
+ip -6 addr add {stolen6}/64 dev eth0
+timeout 10 sh -c 'while ip -6 addr show dev eth0 | grep -q tentative; do sleep 0.1; done'
+ip -6 addr del $me dev eth0
+echo "addresses: $(ip -6 -o addr show dev eth0 scope global | awk '{{print $4}}')"
+echo "other ip6: $(get)"
+"""
+
+
+def test_a_container_cannot_use_another_ipv6_address():
+    """The same for IPv6 on a dual-stack network (process isolation: the bridge port's
+    rules are the same for a VM's tap)."""
+    name = f"spoof6{SUFFIX}"
+    ok("network", "create", "--ipv6", "--subnet", "10.96.0.0/24", "--subnet",
+       "fd00:96::/64", name)
+    server = f"spoof6srv{SUFFIX}"
+    try:
+        ok("run", "-d", "--name", server, "--isolation", "process", "--network", name,
+           "busybox", "sh", "-c", "mkdir -p /www && echo hello > /www/index.html && "
+                                  "exec httpd -f -p 8080 -h /www")
+        import json
+
+        server6 = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][name][
+            "GlobalIPv6Address"]
+        proc = vmshim("run", "--rm", "--isolation", "process", "--network", name,
+                      *_net_admin_flags(), "busybox", "sh", "-c",
+                      ATTACK6.format(server6=server6, stolen6="fd00:96::c8"), timeout=600)
+        lines = dict(line.split(": ", 1) for line in
+                     proc.stdout.decode(errors="replace").splitlines() if ": " in line)
+        assert lines.get("control6") == "hello", proc.stdout + proc.stderr
+        assert lines.get("addresses") == "fd00:96::c8/64", proc.stdout + proc.stderr
+        assert lines.get("other ip6") == "unreachable", proc.stdout + proc.stderr
+    finally:
+        vmshim("rm", "-f", server)
+        vmshim("network", "rm", name)

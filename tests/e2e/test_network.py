@@ -295,6 +295,89 @@ def test_process_containers_on_a_user_network_and_connect(user_network, cleanup)
     assert "eth1" not in ok("exec", server, "ls", "/sys/class/net")
 
 
+@vm
+def test_network_connect_hot_plugs_a_nic_into_a_running_vm_and_disconnect_unplugs_it(
+        user_network, cleanup, domains_before):
+    """One VM: it runs on *user_network*, gets a second network while it runs (a NIC
+    plugged into it, configured by its agent) and is reached there by name from a
+    process container; disconnect takes the NIC out again (bounded: ~5 s here)."""
+    other = f"thot{SUFFIX}"
+    ok("network", "create", other)
+    cleanup["networks"].append(other)
+    server = f"hsrv-{SUFFIX}"
+    cleanup["containers"].append(server)
+    ok("run", "-d", "--name", server, "--network", user_network, "busybox", "sh", "-c",
+       HTTPD.format(name=server))
+    assert ok("exec", server, "ls", "/sys/class/net").split() == ["eth0", "lo"]
+    started = time.monotonic()
+    ok("network", "connect", "--alias", "hot", other, server)
+    plugged = time.monotonic() - started
+    nics = ok("exec", server, "ls", "/sys/class/net").split()
+    assert len(nics) == 3, nics
+    settings = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"]
+    address = settings[other]["IPAddress"]
+    subnet = json.loads(ok("network", "inspect", other))[0]["IPAM"]["Config"][0]["Subnet"]
+    assert address.startswith(subnet.rsplit(".", 1)[0] + ".")
+    assert address in ok("exec", server, "ip", "-4", "-o", "addr", "show")
+    # The default route stays the first network's, as at boot.
+    routes = ok("exec", server, "ip", "route").splitlines()
+    assert [r.split()[2] for r in routes if r.startswith("default")] == \
+        [settings[user_network]["Gateway"]], routes
+    get = "timeout 60 sh -c 'until wget -q -O - http://{}:8080/; do sleep 0.2; done'"
+    for name in (server, "hot"):
+        assert ok("run", "--rm", "--isolation", "process", "--network", other, "busybox",
+                  "sh", "-c", get.format(name)) == f"hello-from-{server}\n"
+    started = time.monotonic()
+    ok("network", "disconnect", other, server)
+    unplugged = time.monotonic() - started
+    print(f"network connect took {plugged:.1f} s, disconnect {unplugged:.1f} s")
+    assert unplugged < 25
+    assert ok("exec", server, "ls", "/sys/class/net").split() == ["eth0", "lo"]
+    assert server not in [c["Name"] for c in
+                          json.loads(ok("network", "inspect", other))[0]["Containers"].values()]
+    proc = vmshim("run", "--rm", "--isolation", "process", "--network", other, "busybox",
+                  "sh", "-c", f"timeout 3 wget -q -O - http://{address}:8080/ || echo unreachable")
+    assert "unreachable" in out(proc)
+    # Connected again, at the next start too (the record keeps it), and gone with rm.
+    ok("network", "connect", other, server)
+    assert len(ok("exec", server, "ls", "/sys/class/net").split()) == 3
+    ok("rm", "-f", server)
+    assert not wait_no_new_domains(domains_before)
+
+
+@vm
+def test_a_vm_on_an_ipv6_network_is_reached_over_ipv6_by_name(cleanup, domains_before):
+    """Dual stack: the VM's agent gives its NIC the IPv6 address, the network's dnsmasq
+    answers AAAA for its name, and a process container reaches it over IPv6."""
+    net = f"tsix{SUFFIX}"
+    subnet6 = f"fd00:89:{int(SUFFIX) % 65536:x}::/64"
+    ok("network", "create", "--ipv6", "--subnet", subnet6, net)
+    cleanup["networks"].append(net)
+    doc = json.loads(ok("network", "inspect", net))[0]
+    assert doc["EnableIPv6"] is True
+    assert [c["Subnet"] for c in doc["IPAM"]["Config"]][1:] == [subnet6]
+    server = f"six-{SUFFIX}"
+    cleanup["containers"].append(server)
+    ok("run", "-d", "--name", server, "--network", net, "busybox", "sh", "-c",
+       HTTPD.format(name=server))
+    settings = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][net]
+    address6 = settings["GlobalIPv6Address"]
+    assert address6.startswith(subnet6.split("::")[0] + "::")
+    assert settings["GlobalIPv6PrefixLen"] == 64
+    members = json.loads(ok("network", "inspect", net))[0]["Containers"].values()
+    assert [c["IPv6Address"] for c in members] == [f"{address6}/64"]
+    script = (f"timeout 60 sh -c 'until ping -6 -c 1 -W 2 {server} >/dev/null; do sleep 0.2; "
+              f"done' && echo ping6-ok; nslookup -type=aaaa {server} | grep -o '{address6}'; "
+              f"timeout 30 sh -c 'until wget -q -O - http://[{address6}]:8080/; "
+              f"do sleep 0.2; done'")
+    text = ok("run", "--rm", "--isolation", "process", "--network", net, "busybox", "sh",
+              "-c", script)
+    assert text.splitlines() == ["ping6-ok", address6, f"hello-from-{server}"], text
+    assert f"{address6}/64" in ok("exec", server, "ip", "-6", "-o", "addr", "show")
+    ok("rm", "-f", server)
+    assert not wait_no_new_domains(domains_before)
+
+
 def test_internal_network_has_no_way_out(cleanup, internet):
     name = f"tint{SUFFIX}"
     ok("network", "create", "--internal", name)

@@ -19,8 +19,8 @@ import pytest
 
 from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 from shim.vm.domain import (
-    DEFAULT_CMDLINE, METADATA_NS, AgentChannel, Disk, Domain, Filesystem, Interface,
-    KernelBoot, Rng, SerialLog, Vsock, disk_target,
+    DEFAULT_CMDLINE, HOTPLUG_MACHINE, HOTPLUG_PORTS, METADATA_NS, QEMU_NS, AgentChannel,
+    Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -77,6 +77,13 @@ DOMAINS = {
         **_common(interfaces=[
             Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0"),
             Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0A:59:00:07", mtu=1400)])),
+    # On a bridge network: q35 with spare PCIe root ports, so `network connect` can plug
+    # NICs into it while it runs (native PCIe hotplug, forced on by cmdline and -global).
+    "tcg_hotplug": lambda: Domain(
+        memory_mib=128, vcpus=1, domain_type="qemu", machine=HOTPLUG_MACHINE,
+        hotplug_ports=HOTPLUG_PORTS,
+        **_common(interfaces=[
+            Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0")])),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
         memory_mib=128, vcpus=1, domain_type="qemu",
@@ -265,3 +272,34 @@ def test_serial_of_twenty_characters_is_accepted():
     xml = Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu",
                  boot=_boot(), disks=[disk]).to_xml()
     assert ET.fromstring(xml).find("devices/disk/serial").text == "x" * 20
+
+
+def test_hotplug_domain_is_q35_with_spare_root_ports_and_native_pcie_hotplug():
+    root = ET.fromstring(DOMAINS["tcg_hotplug"]().to_xml())
+    assert root.find("os/type").get("machine") == "q35"
+    assert root.find("os/cmdline").text.split()[-1] == "pcie_ports=native"
+    assert root.find("devices/controller[@index='0']").get("model") == "pcie-root"
+    ports = root.findall("devices/controller[@model='pcie-root-port']")
+    # One per device (4 disks, 1 NIC, the agent's virtio-serial), then the spare ones.
+    assert len(ports) == 6 + HOTPLUG_PORTS
+    args = [a.get("value") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    assert args == ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    plain = ET.fromstring(DOMAINS["tcg_networked"]().to_xml())
+    assert plain.find("os/type").get("machine") == "pc"
+    assert not plain.findall("devices/controller[@type='pci']")
+
+
+def test_hotplug_needs_q35():
+    with pytest.raises(ValueError, match="hotplug_ports needs machine 'q35'"):
+        Domain(memory_mib=128, vcpus=1, domain_type="qemu", hotplug_ports=2, **_common())
+
+
+def test_an_interface_renders_alone_for_attach_device():
+    xml = Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0a:59:00:03", tap="vmtc0ffee1").to_xml()
+    assert xml == ("<interface type=\"bridge\">\n"
+                   "  <mac address=\"02:42:0a:59:00:03\" />\n"
+                   "  <source bridge=\"vmsbr1a2b3c4d5e\" />\n"
+                   "  <target dev=\"vmtc0ffee1\" />\n"
+                   "  <model type=\"virtio\" />\n"
+                   "  <rom enabled=\"no\" />\n"
+                   "</interface>\n")
