@@ -593,7 +593,7 @@ def _minimal_kernel_inputs() -> dict:
         raise GuestImageError("the minimal guest kernel is not built; run `vmshim guest kernel build` "
                               "(minutes), or use the distro kernel (`vmshim guest build --kernel distro`)")
     r = built.record
-    return {"source": "minimal", "key": built.key, "kernel": str(built.bzimage),
+    return {"source": "minimal", "key": built.key, "kernel": str(built.boot_image),
             "release": r.get("release", ""), "source_package": r.get("source_package", ""),
             "source_version": r.get("source_version", ""), "fragment_sha256": r.get("fragment_sha256", "")}
 

@@ -5,7 +5,8 @@ Build: unpack ``/usr/src/linux-source-6.1.tar.xz`` into a temp dir under
 ``paths.cache_dir()/kernel/minimal``, ``make tinyconfig``, merge the fragment
 (``scripts/kconfig/merge_config.sh``), ``make olddefconfig``, check that every option of
 the fragment survived, then ``nice make -j2 bzImage``. The result lands atomically in
-``cache_dir()/kernel/minimal/<key>/`` with ``bzImage``, the final ``.config`` (``config``)
+``cache_dir()/kernel/minimal/<key>/`` with ``bzImage``, the stripped ``vmlinux`` that QEMU
+boots through its PVH entry (when the config has ``CONFIG_PVH``), the final ``.config`` (``config``)
 and ``build.json``; the source tree is removed. ``<key>`` hashes the source package
 version, the fragment and BUILDER_VERSION.
 
@@ -30,7 +31,7 @@ from typing import Callable, Mapping
 from shim import paths
 from shim.errors import GuestImageError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when the build steps change what comes out (it is part of the cache key)."""
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -102,6 +103,18 @@ class MinimalKernel:
     @property
     def bzimage(self) -> Path:
         return self.dir / "bzImage"
+
+    @property
+    def vmlinux(self) -> Path:
+        """The uncompressed ELF image with its PVH entry note (builder 2 on), else absent."""
+        return self.dir / "vmlinux"
+
+    @property
+    def boot_image(self) -> Path:
+        """What QEMU should load: the PVH ``vmlinux`` when the build made one (QEMU jumps
+        straight to the 64-bit entry: no real-mode setup and no decompression, ~0.13 s
+        less to the agent under TCG here), else the bzImage."""
+        return self.vmlinux if self.record.get("pvh") and self.vmlinux.is_file() else self.bzimage
 
     @property
     def config(self) -> Path:
@@ -223,7 +236,7 @@ def build_kernel(jobs: int = 2, force: bool = False,
     except OSError as exc:
         raise GuestImageError(f"cannot read the kernel config fragment {fragment}: {exc.strerror}") from None
     version = source_version()
-    for tool in ("make", "gcc", "flex", "bison", "bc", "tar", "xz"):
+    for tool in ("make", "gcc", "flex", "bison", "bc", "tar", "xz", "strip"):
         if not shutil.which(tool):
             raise GuestImageError(f"{tool} is not installed; it is needed to build the kernel (run scripts/setup)")
     key = cache_key(version, fragment_bytes)
@@ -269,6 +282,10 @@ def build_kernel(jobs: int = 2, force: bool = False,
                 out = tmp / "out"
                 out.mkdir()
                 shutil.copyfile(src / "arch/x86/boot/bzImage", out / "bzImage")
+                pvh = final_config.get("CONFIG_PVH") == "y"
+                if pvh:  # QEMU boots an ELF with the PVH note directly; symbols not needed
+                    _run(["strip", "-o", str(out / "vmlinux"), str(src / "vmlinux")], src, log,
+                         "stripping vmlinux")
                 shutil.copyfile(src / ".config", out / "config")
                 release = (src / "include/config/kernel.release").read_text().strip()
             shutil.rmtree(src)
@@ -276,7 +293,7 @@ def build_kernel(jobs: int = 2, force: bool = False,
                 "builder": BUILDER_VERSION, "key": key, "source_package": SOURCE_PACKAGE,
                 "source_version": version, "release": release,
                 "fragment": str(fragment), "fragment_sha256": hashlib.sha256(fragment_bytes).hexdigest(),
-                "jobs": jobs, "size": (out / "bzImage").stat().st_size,
+                "jobs": jobs, "size": (out / "bzImage").stat().st_size, "pvh": pvh,
                 "build_seconds": round(time.monotonic() - started, 1),
                 "compile_seconds": round(compile_seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -136,3 +136,19 @@ def test_image_with_minimal_kernel_carries_no_modules(root, monkeypatch, tmp_pat
     assert not [e.name for e in entries if ".ko" in e.name]
     listing = [e for e in entries if e.name.endswith("modules/vmshim-modules.txt")]
     assert listing and listing[0].data == b""
+
+
+def test_a_pvh_build_boots_its_vmlinux_an_older_one_its_bzimage(root):
+    plain = _fake_minimal("plain", built_at="2026-01-01T00:00:00Z")
+    assert kb.cached_kernel().boot_image == plain / "bzImage"
+    pvh = _fake_minimal("pvh", built_at="2026-02-01T00:00:00Z")
+    record = json.loads((pvh / "build.json").read_text())
+    (pvh / "build.json").write_text(json.dumps({**record, "pvh": True}))
+    assert kb.cached_kernel().boot_image == pvh / "bzImage", "no vmlinux: the bzImage"
+    (pvh / "vmlinux").write_bytes(b"\x7fELF")
+    assert kb.cached_kernel().boot_image == pvh / "vmlinux"
+    assert gi._minimal_kernel_inputs()["kernel"] == str(pvh / "vmlinux")
+
+
+def test_the_fragment_asks_for_the_pvh_entry():
+    assert kb.parse_config(kb.fragment_path().read_text()).get("CONFIG_PVH") == "y"
