@@ -777,6 +777,11 @@ class Agent:
             return  # an orphan we inherited: reaped, nothing more to do
         proc.exit_code = protocol.exit_code_from_status(status)
         proc.exit_signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if proc.main and getattr(self.config, "os", False):
+            from guest.runtime.osinit import exit_code
+
+            proc.exit_code = exit_code(proc.exit_code)  # init powered off: 0
+            proc.exit_signal = proc.exit_signal if proc.exit_code else 0
         proc.last_output = max(proc.last_output, time.monotonic())
         if proc.pidfd is not None:
             self._close_fd(proc.pidfd)

@@ -68,8 +68,11 @@ def mount_cgroup2(root: str = CGROUP_ROOT) -> None:
     if detect_version(root) is not None:
         return
     os.makedirs(root, exist_ok=True)
+    # nsdelegate: a container in its own cgroup namespace (every one) cannot write the
+    # limits of its namespace's root nor move processes out of it, even as root with a
+    # writable cgroup2 mount (what an OS container's init gets).
     syscalls.mount("cgroup2", root, "cgroup2",
-                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, None)
+                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, "nsdelegate")
 
 
 def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:

@@ -123,7 +123,7 @@ class _Plan:
                  cgroup2_inside: bool = False, loopback: bool = False,
                  set_hostname: bool = False, join_fds: list | None = None,
                  builtin=None, masked_paths=None, readonly_paths=None,
-                 privileged: bool = False, devices=()):
+                 privileged: bool = False, devices=(), os_init: bool = False):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -141,6 +141,7 @@ class _Plan:
         self.readonly_paths = readonly_paths
         self.privileged = privileged
         self.devices = list(devices)
+        self.os_init = os_init
         # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
         self.join_fds = join_fds or []
         # Instead of execve: call builtin() in the container and exit with its result.
@@ -154,7 +155,7 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                     namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
                     stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
                     readonly_paths=None, privileged: bool = False, devices=(),
-                    builtin=None) -> Spawned:
+                    builtin=None, os_init: bool = False) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -165,7 +166,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
     bind-mount there (see :func:`rootfs.prepare_rootfs`). ``process.tty`` selects a pty
     (of *rows* × *cols*) instead of pipes. *masked_paths* / *readonly_paths* replace the
     default lists of :func:`rootfs.setup_mounts` (None: the defaults). *builtin*: as for
-    :func:`exec_in_container`.
+    :func:`exec_in_container`. *os_init*: the process is an init (guest.runtime.osinit):
+    its cgroup is delegated to it, /run and /tmp are tmpfs.
 
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
@@ -183,7 +185,7 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                  bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
                  loopback="net" in namespaces, set_hostname="uts" in namespaces,
                  masked_paths=masked_paths, readonly_paths=readonly_paths,
-                 privileged=privileged, devices=devices, builtin=builtin)
+                 privileged=privileged, devices=devices, builtin=builtin, os_init=os_init)
     syscalls.set_child_subreaper()
     return _spawn(plan)
 
@@ -609,7 +611,8 @@ def _enter_rootfs(plan: _Plan) -> None:
                                     cgroup2=plan.cgroup2_inside,
                                     masked_paths=plan.masked_paths,
                                     readonly_paths=plan.readonly_paths,
-                                    privileged=plan.privileged, devices=plan.devices)
+                                    privileged=plan.privileged, devices=plan.devices,
+                                    os_init=plan.os_init)
             rootfs_mod.pivot_to(plan.rootfs)
         except OSError as exc:
             raise _ChildFailure(f"cannot set up the container's filesystem: "
@@ -636,6 +639,8 @@ def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> Non
         set_window_size(slave, plan.rows, plan.cols)
         os.fchown(slave, uid, -1)
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        if plan.os_init and plan.rootfs is not None:
+            rootfs_mod.bind_console(os.ttyname(slave))
         _report(sock, b"pty", [master])
         os.close(master)
         targets = [slave, slave, slave]
