@@ -114,6 +114,9 @@ def test_top_lists_the_services_and_logs_show_the_console(machine):
         assert process in table, table
     wait_until(lambda: "hello from" in out(vmshim("logs", machine)), timeout=120,
                what="the demo service's line in the log (journald → console)")
+    stats = json.loads(ok("stats", "--no-stream", "--format", "json", machine).splitlines()[0])
+    print("stats:", json.dumps(stats))  # the README's memory figures
+    assert stats["Memory"] > 0
 
 
 def test_ssh_login_on_the_published_port(machine):
