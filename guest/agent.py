@@ -783,6 +783,10 @@ class Agent:
             proc.exit_code = exit_code(proc.exit_code)  # init powered off: 0
             proc.exit_signal = proc.exit_signal if proc.exit_code else 0
         proc.last_output = max(proc.last_output, time.monotonic())
+        console = getattr(proc.spawned, "console", None)
+        if console is not None:  # an init's held console slave: its end of file is now
+            self._close_fd(console)
+            proc.spawned.console = None
         if proc.pidfd is not None:
             self._close_fd(proc.pidfd)
             proc.pidfd = None

@@ -83,6 +83,9 @@ class Spawned:
     ``stdout`` and ``stderr`` are None. Without, ``stdin`` is the write end of its stdin
     pipe (None when stdin was not requested: the process reads /dev/null), ``stdout`` and
     ``stderr`` the read ends of its output pipes. The caller owns these fds.
+    ``console`` (an OS container's init only) is a slave fd of that pty held by the caller:
+    an init closes its stdio and opens /dev/console only to write, and without a slave
+    open the master would read EIO (end of output) and the pty would be torn down.
     """
 
     def __init__(self, pid: int, tty: bool, master: int | None = None,
@@ -94,6 +97,7 @@ class Spawned:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
+        self.console: int | None = None
 
     def __repr__(self) -> str:
         return (f"Spawned(pid={self.pid}, tty={self.tty}, master={self.master}, "
@@ -104,7 +108,7 @@ class Spawned:
 
     def close(self) -> None:
         """Close every caller-side fd still open (idempotent)."""
-        for name in ("master", "stdin", "stdout", "stderr"):
+        for name in ("master", "stdin", "stdout", "stderr", "console"):
             fd = getattr(self, name)
             if fd is not None:
                 try:
@@ -252,7 +256,7 @@ def _spawn(plan: _Plan) -> Spawned:
         for fd in theirs:
             os.close(fd)
         theirs = []
-        pid, master, error = _collect_reports(parent_sock)
+        pid, master, console, error = _collect_reports(parent_sock)
         _wait_exactly(intermediate)
     except BaseException:
         for fd in ours + theirs:
@@ -263,19 +267,21 @@ def _spawn(plan: _Plan) -> Spawned:
         child_sock.close()
     if error is not None:
         spawned.close()
-        if master is not None:
-            os.close(master)
+        for fd in (master, console):
+            if fd is not None:
+                os.close(fd)
         if pid:
             _wait_exactly(pid)
         raise SpawnError(error[1], error[0])
     spawned.pid = pid
-    spawned.master = master
+    spawned.master, spawned.console = master, console
     return spawned
 
 
-def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, str] | None]:
-    """Read the children's reports until end of file: (pid, pty master, (code, message))."""
-    pid, master, error = 0, None, None
+def _collect_reports(sock: socket.socket):
+    """Read the children's reports until end of file: (pid, pty master, a held console
+    slave or None, (code, message) or None)."""
+    pid, master, console, error = 0, None, None, None
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
@@ -285,8 +291,10 @@ def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, s
             break
         if data.startswith(b"pid:"):
             pid = int(data[4:])
-        elif data == b"pty" and fds:
-            master = fds.pop()
+        elif data == b"pty" and fds and master is None:
+            master = fds.pop(0)
+            if fds:
+                console = fds.pop(0)
         elif data.startswith(b"err:"):
             code, _, message = data[4:].partition(b":")
             error = (int(code), message.decode(errors="replace"))
@@ -294,7 +302,7 @@ def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, s
             os.close(fd)
     if not pid and error is None:
         error = (EXIT_SETUP_FAILED, "the container process did not start (no report)")
-    return pid, master, error
+    return pid, master, console, error
 
 
 def _wait_exactly(pid: int) -> int:
@@ -641,7 +649,7 @@ def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> Non
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
         if plan.os_init and plan.rootfs is not None:
             rootfs_mod.bind_console(os.ttyname(slave))
-        _report(sock, b"pty", [master])
+        _report(sock, b"pty", [master, slave] if plan.os_init else [master])
         os.close(master)
         targets = [slave, slave, slave]
     else:
