@@ -284,7 +284,7 @@ def _collect_reports(sock: socket.socket):
     pid, master, console, error = 0, None, None, None
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)  # pty: master, console
         except InterruptedError:
             continue
         if not data and not fds:
@@ -331,6 +331,19 @@ def reap(pid: int) -> int | None:
     if done == 0:
         return None
     return exit_code_from_status(status)
+
+
+TIOCGPTPEER = 0x5441
+
+
+def reopen_console(master: int) -> int | None:
+    """A new fd of the slave of pty *master* (TIOCGPTPEER: no path is looked up), held by
+    the agent for an OS container's init after its console was hung up; None when the
+    kernel refuses."""
+    try:
+        return fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:

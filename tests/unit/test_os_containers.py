@@ -4,6 +4,7 @@ the OCI annotation) and the guest's pieces (guest.runtime.osinit, BootConfig ``o
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -168,3 +169,21 @@ def test_exec_cgroup_is_a_leaf_below_the_container(tmp_path):
 def test_power_off_is_exit_code_zero():
     assert osinit.exit_code(osinit.EXIT_POWER_OFF) == 0
     assert osinit.exit_code(137) == 137
+
+
+def test_a_hung_up_console_is_held_again_without_a_path():
+    from guest.runtime.process import reopen_console
+
+    master, slave = os.openpty()
+    try:
+        os.close(slave)  # the init closed its console: the master reads EIO
+        with pytest.raises(OSError):
+            os.read(master, 10)
+        held = reopen_console(master)
+        assert held is not None
+        os.write(held, b"journal line\n")
+        assert b"journal line" in os.read(master, 100)
+        os.close(held)
+    finally:
+        os.close(master)
+    assert reopen_console(master) is None  # a closed master: refused, not raised
