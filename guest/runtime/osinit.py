@@ -19,9 +19,9 @@ module):
 - processes that ``exec`` starts go to the leaf ``<container cgroup>/vmshim.exec``: once
   systemd has enabled controllers for its children, cgroup v2 lets no process join the
   container's cgroup itself (no internal processes);
-- a power-off (``systemctl poweroff``, or SIGRTMIN+3: systemd's stop signal) ends with
-  reboot(2) in the container's pid namespace, which the kernel reports as init killed by
-  SIGINT (a reboot as SIGHUP): :func:`exit_code` makes the power-off exit code 0.
+- a power-off or halt (``systemctl poweroff``, or SIGRTMIN+3: systemd's halt, the stop
+  signal) ends with reboot(2) in the container's pid namespace, which the kernel reports
+  as init killed by SIGINT (a reboot as SIGHUP): :func:`exit_code` makes the power-off exit code 0.
 """
 
 from __future__ import annotations
@@ -61,5 +61,6 @@ def exec_cgroup(cgroup: Cgroup | None) -> Cgroup | None:
 
 
 def exit_code(code: int) -> int:
-    """The container's exit code when its init ended with *code*: a power-off is 0."""
+    """The container's exit code when its init ended with *code*: a power-off or halt
+    (SIGRTMIN+3) is 0."""
     return 0 if code == EXIT_POWER_OFF else code

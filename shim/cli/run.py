@@ -24,7 +24,7 @@ def container_options(func):
                      help="vm: a microVM per container; process: namespaces on the host."),
         click.option("--os", "os_container", is_flag=True,
                      help="An OS container: run the image's init (systemd) as PID 1; stop "
-                          "powers it off (SIGRTMIN+3, 30 s timeout)."),
+                          "shuts it down (SIGRTMIN+3, 30 s timeout)."),
         click.option("--init", metavar="PATH",
                      help="With --os: the init to run (default /sbin/init)."),
         click.option("--restart", default="no", show_default=True, metavar="POLICY",

@@ -7,7 +7,9 @@ PID 1. The guest side is guest.runtime.osinit; this module holds the host's deci
   (:data:`OS_CAPABILITIES`: CAP_SYS_ADMIN for the mounts and namespaces of service
   sandboxing, CAP_SYS_BOOT, CAP_SYS_NICE …), with docker's seccomp profile (it opens the
   matching syscalls for those capabilities). In a VM the VM stays the outer wall.
-- How it stops: SIGRTMIN+3 (systemd's "power off"), then the stop timeout
+- How it stops: SIGRTMIN+3 (systemd's halt request: services stopped in order, file
+  systems unmounted, then init ends; docker's and podman's signal for systemd), then the
+  stop timeout
   (:data:`DEFAULT_STOP_TIMEOUT`, longer than an application's: shutting down services
   takes seconds under TCG), then SIGKILL.
 - Where: ``--isolation vm`` always (the VM's kernel mounts cgroup2 with ``nsdelegate``);
@@ -24,7 +26,7 @@ from shim.errors import UsageError
 DEFAULT_INIT = "/sbin/init"
 STOP_SIGNAL = 34 + 3
 """SIGRTMIN+3 as glibc numbers it (SIGRTMIN is 34: glibc keeps 32 and 33): systemd's
-power-off request."""
+halt request."""
 DEFAULT_STOP_TIMEOUT = 30
 OS_CAPABILITIES = (
     "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_PTRACE", "CAP_SYS_RESOURCE",
