@@ -514,8 +514,11 @@ class Cgroup:
             if limit is not None and limit >= 1 << 60:
                 limit = None
             cpu = number("cpuacct", "cpuacct.usage")
+        # v2: pids.current counts the whole subtree (an OS container's init keeps its
+        # services in child cgroups, so its own cgroup.procs is empty)
+        pids = number("unified", "pids.current") if self.version == 2 else None
         return {"memory": memory, "memory_limit": limit or 0, "cpu_ns": cpu,
-                "pids": len(self.procs())}
+                "pids": len(self.procs()) if pids is None else pids}
 
     def details(self) -> dict:
         """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,

@@ -187,3 +187,13 @@ def test_a_hung_up_console_is_held_again_without_a_path():
     finally:
         os.close(master)
     assert reopen_console(master) is None  # a closed master: refused, not raised
+
+
+def test_v2_pids_count_the_whole_subtree(tmp_path):
+    (tmp_path / "cgroup.procs").write_text("")  # an init keeps its services in child cgroups
+    (tmp_path / "pids.current").write_text("17\n")
+    (tmp_path / "memory.current").write_text("4096\n")
+    assert Cgroup("vmshim/c1", 2, {"unified": str(tmp_path)}).usage()["pids"] == 17
+    (tmp_path / "pids.current").unlink()  # no pids controller: the cgroup's own processes
+    (tmp_path / "cgroup.procs").write_text("3\n4\n")
+    assert Cgroup("vmshim/c1", 2, {"unified": str(tmp_path)}).usage()["pids"] == 2
