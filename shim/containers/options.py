@@ -82,6 +82,10 @@ class RunOptions:
             parse_signal(self.stop_signal)
         if self.init is not None and not self.os_container:
             raise UsageError("--init names the init of an OS container: add --os")
+        if self.os_container:
+            from shim.containers.osmode import check_isolation
+
+            check_isolation(self.isolation)  # before anything is pulled or made
         from shim.containers.logs import LogLimits
 
         LogLimits.parse(self.log_opts)  # bad --log-opt: UsageError before anything is made

@@ -46,10 +46,6 @@ def prepare(options: RunOptions) -> Container:
     from shim.images.layers import layer_disk
     from shim.images.store import ImageStore
 
-    if options.os_container:
-        from shim.containers.osmode import check_isolation
-
-        check_isolation(options.isolation)
     store = ImageStore()
     image = store.resolve(options.image)
     image_config = image.config.get("config") or {}

@@ -197,3 +197,18 @@ def test_v2_pids_count_the_whole_subtree(tmp_path):
     (tmp_path / "pids.current").unlink()  # no pids controller: the cgroup's own processes
     (tmp_path / "cgroup.procs").write_text("3\n4\n")
     assert Cgroup("vmshim/c1", 2, {"unified": str(tmp_path)}).usage()["pids"] == 2
+
+
+def test_the_cli_refuses_process_isolation_here_in_one_line_before_pulling(tmp_path):
+    import subprocess
+    import sys
+
+    if osmode.host_delegation_problem() is None:
+        pytest.skip("this host can delegate a cgroup")
+    proc = subprocess.run([sys.executable, "-m", "shim.cli.main", "run", "--os", "--isolation",
+                           "process", "no-such-image-anywhere"], capture_output=True, text=True,
+                          env={**os.environ, "VMSHIM_ROOT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 125
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "delegate a cgroup" in lines[0], proc.stderr
+    assert "pull" not in proc.stderr  # refused before the image is looked for
