@@ -125,6 +125,7 @@ def test_top_lists_the_services_and_logs_show_the_console(machine):
     print("stats:", json.dumps(stats))  # the README's memory figures
     print("free -m in the VM:", ok("exec", machine, "free", "-m"))
     assert stats["Memory"] > 0
+    assert int(stats["PIDs"]) >= 5  # the services in systemd's child cgroups count too
 
 
 def test_ssh_login_on_the_published_port(machine):
