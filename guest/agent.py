@@ -58,6 +58,10 @@ class Reject(Exception):
         self.code = code
 
 
+MAX_CONSOLE_REOPENS = 16
+"""Hang-ups of an OS init's console in a row (no output between) before it is ended."""
+
+
 class _Proc:
     """One process the host started, with the agent's ends of its stdio.
 
@@ -78,6 +82,7 @@ class _Proc:
         self.stdin_eof = False  # the host sent stdin_close
         self.last_output = last_output
         self.exit_sent = False
+        self.console_reopens = 0  # an OS init's console hung up without output in between
 
     @property
     def pid(self) -> int:
@@ -724,8 +729,11 @@ class Agent:
         except BlockingIOError:
             return
         except OSError:  # EIO: the pty's last slave fd was closed, its end of file
+            if self._reopen_console(proc, fd):
+                return
             data = b""
         if data:
+            proc.console_reopens = 0
             proc.last_output = time.monotonic()
             self._send(proc.outputs[fd], data, id=proc.id)
             return
@@ -737,6 +745,24 @@ class Agent:
             proc.stdin_buf.clear()
             self._close_fd(fd)
         self._maybe_report_exit(proc, time.monotonic())
+
+    def _reopen_console(self, proc: _Proc, fd: int) -> bool:
+        """An OS container's init hung up its console (vhangup): hold a new slave so the
+        console lives on, instead of ending the log. Bounded: a console that keeps
+        failing with no output in between is ended."""
+        console = getattr(proc.spawned, "console", None)
+        if (console is None or fd != proc.spawned.master or proc.exit_code is not None
+                or proc.console_reopens >= MAX_CONSOLE_REOPENS):
+            return False
+        from guest.runtime.process import reopen_console
+
+        new = reopen_console(fd)
+        if new is None:
+            return False
+        proc.console_reopens += 1
+        self._close_fd(console)
+        proc.spawned.console = new
+        return True
 
     def _write_stdin(self, proc: _Proc) -> None:
         while proc.stdin_buf:
@@ -799,7 +825,16 @@ class Agent:
             return  # an orphan we inherited: reaped, nothing more to do
         proc.exit_code = protocol.exit_code_from_status(status)
         proc.exit_signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if proc.main and getattr(self.config, "os", False):
+            from guest.runtime.osinit import exit_code
+
+            proc.exit_code = exit_code(proc.exit_code)  # init powered off: 0
+            proc.exit_signal = proc.exit_signal if proc.exit_code else 0
         proc.last_output = max(proc.last_output, time.monotonic())
+        console = getattr(proc.spawned, "console", None)
+        if console is not None:  # an init's held console slave: its end of file is now
+            self._close_fd(console)
+            proc.spawned.console = None
         if proc.pidfd is not None:
             self._close_fd(proc.pidfd)
             proc.pidfd = None

@@ -342,6 +342,8 @@ class BootConfig(_Record):
     (OCI's, from vmshim-runtime) replace the guest's default lists (guest.runtime.rootfs);
     None keeps them. ``sysctl`` (``{"net.ipv4.ip_forward": "1"}``) is written to
     /proc/sys at boot: the VM's kernel is the container's alone, so any key may be set.
+    ``os`` makes it an OS container: ``process`` is the image's init (systemd), run as
+    PID 1 of the container with what an init needs (guest.runtime.osinit).
     """
 
     _fields = {"container_id": _REQUIRED, "token": _REQUIRED, "hostname": _REQUIRED,
@@ -349,7 +351,7 @@ class BootConfig(_Record):
                "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0,
                "network": dict, "limits": None, "mounts": list, "read_only": False,
                "rootfs_share": "", "masked_paths": None, "readonly_paths": None,
-               "sysctl": dict, "privileged": False, "devices": list}
+               "sysctl": dict, "privileged": False, "devices": list, "os": False}
 
     def cgroup_limits(self) -> Limits:
         """The limits to apply: ``limits``, or else the two shorthand fields."""
@@ -363,7 +365,7 @@ class BootConfig(_Record):
         if not self.network:
             del data["network"]  # an older agent never sees a field it does not know
         for name in ("limits", "mounts", "read_only", "rootfs_share", "sysctl", "privileged",
-                     "devices"):  # likewise
+                     "devices", "os"):  # likewise
             if not data[name]:
                 del data[name]
         for name in ("masked_paths", "readonly_paths"):
@@ -424,6 +426,9 @@ class BootConfig(_Record):
         if not isinstance(data.get("privileged", False), bool):
             raise ValueError("boot config field 'privileged' must be a boolean")
         out["privileged"] = data.get("privileged", False)
+        if not isinstance(data.get("os", False), bool):
+            raise ValueError("boot config field 'os' must be a boolean")
+        out["os"] = data.get("os", False)
         out["devices"] = check_devices(data.get("devices", []))
         return cls(**out)
 

@@ -68,8 +68,11 @@ def mount_cgroup2(root: str = CGROUP_ROOT) -> None:
     if detect_version(root) is not None:
         return
     os.makedirs(root, exist_ok=True)
+    # nsdelegate: a container in its own cgroup namespace (every one) cannot write the
+    # limits of its namespace's root nor move processes out of it, even as root with a
+    # writable cgroup2 mount (what an OS container's init gets).
     syscalls.mount("cgroup2", root, "cgroup2",
-                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, None)
+                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, "nsdelegate")
 
 
 def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:
@@ -511,8 +514,11 @@ class Cgroup:
             if limit is not None and limit >= 1 << 60:
                 limit = None
             cpu = number("cpuacct", "cpuacct.usage")
+        # v2: pids.current counts the whole subtree (an OS container's init keeps its
+        # services in child cgroups, so its own cgroup.procs is empty)
+        pids = number("unified", "pids.current") if self.version == 2 else None
         return {"memory": memory, "memory_limit": limit or 0, "cpu_ns": cpu,
-                "pids": len(self.procs())}
+                "pids": len(self.procs()) if pids is None else pids}
 
     def details(self) -> dict:
         """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,

@@ -147,14 +147,30 @@ class Container:
         """Start the main process (PID 1 of the container). Raises SpawnError."""
         if self.main is not None:
             raise SpawnError("the container's process was already started")
+        if self.config.os:
+            from guest.runtime import osinit
+
+            process = osinit.init_process(process)
         self.main = spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
                                     namespaces=self.namespaces, hosts_files=self.binds,
                                     stdin=stdin, rows=rows, cols=cols,
                                     masked_paths=self.config.masked_paths,
                                     readonly_paths=self.config.readonly_paths,
                                     privileged=self.config.privileged,
-                                    devices=self.config.devices)
+                                    devices=self.config.devices, os_init=self.config.os)
         return self.main
+
+    def _exec_cgroup(self) -> Cgroup | None:
+        """Where exec'ed processes go: the container's cgroup, or in an OS container
+        its ``vmshim.exec`` leaf (guest.runtime.osinit). Raises SpawnError."""
+        if not self.config.os:
+            return self.cgroup
+        from guest.runtime import osinit
+
+        try:
+            return osinit.exec_cgroup(self.cgroup)
+        except CgroupError as exc:
+            raise SpawnError(str(exc)) from None
 
     def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,
              cols: int = 80) -> Spawned:
@@ -162,8 +178,8 @@ class Container:
         if self.main is None:
             raise SpawnError("the container is not running")
         return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
-                                 cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
-                                 rows=rows, cols=cols)
+                                 cgroup=self._exec_cgroup(), namespaces=self.namespaces,
+                                 stdin=stdin, rows=rows, cols=cols)
 
     def builtin(self, name: str, args: list[str], *, stdin: bool) -> Spawned:
         """Run the agent's helper *name* (guest.runtime.builtins) in the running
@@ -181,8 +197,8 @@ class Container:
                                    stdin=stdin, masked_paths=self.config.masked_paths,
                                    readonly_paths=self.config.readonly_paths, builtin=func)
         return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
-                                 cgroup=self.cgroup, namespaces=self.namespaces, stdin=stdin,
-                                 builtin=func)
+                                 cgroup=self._exec_cgroup(), namespaces=self.namespaces,
+                                 stdin=stdin, builtin=func)
 
     def diff(self) -> Spawned:
         """Start writing the container's changes as an OCI layer tar to the returned

@@ -83,6 +83,9 @@ class Spawned:
     ``stdout`` and ``stderr`` are None. Without, ``stdin`` is the write end of its stdin
     pipe (None when stdin was not requested: the process reads /dev/null), ``stdout`` and
     ``stderr`` the read ends of its output pipes. The caller owns these fds.
+    ``console`` (an OS container's init only) is a slave fd of that pty held by the caller:
+    an init closes its stdio and opens /dev/console only to write, and without a slave
+    open the master would read EIO (end of output) and the pty would be torn down.
     """
 
     def __init__(self, pid: int, tty: bool, master: int | None = None,
@@ -94,6 +97,7 @@ class Spawned:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
+        self.console: int | None = None
 
     def __repr__(self) -> str:
         return (f"Spawned(pid={self.pid}, tty={self.tty}, master={self.master}, "
@@ -104,7 +108,7 @@ class Spawned:
 
     def close(self) -> None:
         """Close every caller-side fd still open (idempotent)."""
-        for name in ("master", "stdin", "stdout", "stderr"):
+        for name in ("master", "stdin", "stdout", "stderr", "console"):
             fd = getattr(self, name)
             if fd is not None:
                 try:
@@ -123,7 +127,7 @@ class _Plan:
                  cgroup2_inside: bool = False, loopback: bool = False,
                  set_hostname: bool = False, join_fds: list | None = None,
                  builtin=None, masked_paths=None, readonly_paths=None,
-                 privileged: bool = False, devices=()):
+                 privileged: bool = False, devices=(), os_init: bool = False):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -141,6 +145,7 @@ class _Plan:
         self.readonly_paths = readonly_paths
         self.privileged = privileged
         self.devices = list(devices)
+        self.os_init = os_init
         # Exec: join these namespaces instead (open fds, in NAMESPACE_ORDER).
         self.join_fds = join_fds or []
         # Instead of execve: call builtin() in the container and exit with its result.
@@ -154,7 +159,7 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                     namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
                     stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
                     readonly_paths=None, privileged: bool = False, devices=(),
-                    builtin=None) -> Spawned:
+                    builtin=None, os_init: bool = False) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -165,7 +170,8 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
     bind-mount there (see :func:`rootfs.prepare_rootfs`). ``process.tty`` selects a pty
     (of *rows* × *cols*) instead of pipes. *masked_paths* / *readonly_paths* replace the
     default lists of :func:`rootfs.setup_mounts` (None: the defaults). *builtin*: as for
-    :func:`exec_in_container`.
+    :func:`exec_in_container`. *os_init*: the process is an init (guest.runtime.osinit):
+    its cgroup is delegated to it, /run and /tmp are tmpfs.
 
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
@@ -183,7 +189,7 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
                  bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
                  loopback="net" in namespaces, set_hostname="uts" in namespaces,
                  masked_paths=masked_paths, readonly_paths=readonly_paths,
-                 privileged=privileged, devices=devices, builtin=builtin)
+                 privileged=privileged, devices=devices, builtin=builtin, os_init=os_init)
     syscalls.set_child_subreaper()
     return _spawn(plan)
 
@@ -250,7 +256,7 @@ def _spawn(plan: _Plan) -> Spawned:
         for fd in theirs:
             os.close(fd)
         theirs = []
-        pid, master, error = _collect_reports(parent_sock)
+        pid, master, console, error = _collect_reports(parent_sock)
         _wait_exactly(intermediate)
     except BaseException:
         for fd in ours + theirs:
@@ -261,30 +267,34 @@ def _spawn(plan: _Plan) -> Spawned:
         child_sock.close()
     if error is not None:
         spawned.close()
-        if master is not None:
-            os.close(master)
+        for fd in (master, console):
+            if fd is not None:
+                os.close(fd)
         if pid:
             _wait_exactly(pid)
         raise SpawnError(error[1], error[0])
     spawned.pid = pid
-    spawned.master = master
+    spawned.master, spawned.console = master, console
     return spawned
 
 
-def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, str] | None]:
-    """Read the children's reports until end of file: (pid, pty master, (code, message))."""
-    pid, master, error = 0, None, None
+def _collect_reports(sock: socket.socket):
+    """Read the children's reports until end of file: (pid, pty master, a held console
+    slave or None, (code, message) or None)."""
+    pid, master, console, error = 0, None, None, None
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)  # pty: master, console
         except InterruptedError:
             continue
         if not data and not fds:
             break
         if data.startswith(b"pid:"):
             pid = int(data[4:])
-        elif data == b"pty" and fds:
-            master = fds.pop()
+        elif data == b"pty" and fds and master is None:
+            master = fds.pop(0)
+            if fds:
+                console = fds.pop(0)
         elif data.startswith(b"err:"):
             code, _, message = data[4:].partition(b":")
             error = (int(code), message.decode(errors="replace"))
@@ -292,7 +302,7 @@ def _collect_reports(sock: socket.socket) -> tuple[int, int | None, tuple[int, s
             os.close(fd)
     if not pid and error is None:
         error = (EXIT_SETUP_FAILED, "the container process did not start (no report)")
-    return pid, master, error
+    return pid, master, console, error
 
 
 def _wait_exactly(pid: int) -> int:
@@ -321,6 +331,19 @@ def reap(pid: int) -> int | None:
     if done == 0:
         return None
     return exit_code_from_status(status)
+
+
+TIOCGPTPEER = 0x5441
+
+
+def reopen_console(master: int) -> int | None:
+    """A new fd of the slave of pty *master* (TIOCGPTPEER: no path is looked up), held by
+    the agent for an OS container's init after its console was hung up; None when the
+    kernel refuses."""
+    try:
+        return fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:
@@ -609,7 +632,8 @@ def _enter_rootfs(plan: _Plan) -> None:
                                     cgroup2=plan.cgroup2_inside,
                                     masked_paths=plan.masked_paths,
                                     readonly_paths=plan.readonly_paths,
-                                    privileged=plan.privileged, devices=plan.devices)
+                                    privileged=plan.privileged, devices=plan.devices,
+                                    os_init=plan.os_init)
             rootfs_mod.pivot_to(plan.rootfs)
         except OSError as exc:
             raise _ChildFailure(f"cannot set up the container's filesystem: "
@@ -636,7 +660,9 @@ def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> Non
         set_window_size(slave, plan.rows, plan.cols)
         os.fchown(slave, uid, -1)
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-        _report(sock, b"pty", [master])
+        if plan.os_init and plan.rootfs is not None:
+            rootfs_mod.bind_console(os.ttyname(slave))
+        _report(sock, b"pty", [master, slave] if plan.os_init else [master])
         os.close(master)
         targets = [slave, slave, slave]
     else:

@@ -52,6 +52,10 @@ READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 """Re-mounted read-only inside the container, as docker does."""
 
 
+OS_TMPFS_SIZE = "25%"
+"""Size of an OS container's /run and /tmp tmpfs (of the VM's RAM, as systemd's own /tmp)."""
+
+
 class RootfsError(Exception):
     """The container's root filesystem could not be assembled; text is for the user."""
 
@@ -257,13 +261,15 @@ def _make_device(rootfs: str, device: dict) -> None:
 
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
                  cgroup2: bool = False, masked_paths=None, readonly_paths=None,
-                 privileged: bool = False, devices=()) -> None:
+                 privileged: bool = False, devices=(), os_init: bool = False) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
     must be a new one (CLONE_NEWNS) and, for /proc, a process in the container's new pid
     namespace. Raises OSError naming the mount that failed. Follow with :func:`pivot_to`.
 
     *privileged* (docker's --privileged): /dev is the caller's whole /dev (every device)
     and /sys is writable. *devices* (BootConfig ``devices``) are made as nodes.
+    *os_init* (an OS container, see guest.runtime.osinit): the container's cgroup v2
+    subtree is mounted writable (delegated to its init) and /run and /tmp are tmpfs.
     """
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC, None)
@@ -299,10 +305,17 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
         syscalls.mount("/sys", sys_dir, None, MS_BIND | MS_REC, None)
         syscalls.mount(None, sys_dir, None, MS_BIND | MS_REMOUNT | ro_flags, None)
     if cgroup2:
+        cg_flags = ro_flags & ~MS_RDONLY if os_init else ro_flags
         try:
-            _mount_in(rootfs, "/sys/fs/cgroup", "cgroup2", "cgroup2", ro_flags)
+            _mount_in(rootfs, "/sys/fs/cgroup", "cgroup2", "cgroup2", cg_flags)
         except OSError:
-            pass  # not fatal: the container just cannot see its cgroup
+            if os_init:
+                raise  # systemd cannot run without its cgroup
+            # not fatal otherwise: the container just cannot see its cgroup
+    if os_init:
+        for path, mode in (("/run", "755"), ("/tmp", "1777")):
+            _mount_in(rootfs, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"mode={mode},size={OS_TMPFS_SIZE}")
 
     for container_path, source in (bind_files or {}).items():
         target = ensure_file(rootfs, container_path)
@@ -310,6 +323,17 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
 
     _restrict_proc(rootfs, MASKED_PATHS if masked_paths is None else masked_paths,
                    READONLY_PATHS if readonly_paths is None else readonly_paths)
+
+
+def bind_console(pty_slave: str) -> None:
+    """Make the container's /dev/console the pty *pty_slave* (a path in its own
+    /dev/pts), as systemd-nspawn does: an init writes its status there, and with the pty's
+    master read by the agent that is the container's log. Call after :func:`pivot_to`."""
+    prefix, _, number = pty_slave.rpartition("/")
+    if prefix != "/dev/pts" or not number.isdigit():
+        raise OSError(errno.EINVAL, "not a pty of the container's /dev/pts", pty_slave)
+    ensure_file("/", "/dev/console", 0o600)
+    syscalls.mount(pty_slave, "/dev/console", None, MS_BIND, None)
 
 
 def _restrict_proc(rootfs: str, masked, readonly) -> None:

@@ -289,6 +289,7 @@ def inspect_data(record) -> dict:
             "Domain": record.domain if record.isolation == "vm" else "",
             "Writable": record.writable,
             "LayerDisks": record.layer_disks,
+            "Os": record.os_container,
             **info,
         },
     }

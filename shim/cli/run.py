@@ -22,6 +22,11 @@ def container_options(func):
         click.option("--isolation", type=click.Choice(["vm", "process"]), default="vm",
                      show_default=True,
                      help="vm: a microVM per container; process: namespaces on the host."),
+        click.option("--os", "os_container", is_flag=True,
+                     help="An OS container: run the image's init (systemd) as PID 1; stop "
+                          "shuts it down (SIGRTMIN+3, 30 s timeout)."),
+        click.option("--init", metavar="PATH",
+                     help="With --os: the init to run (default /sbin/init)."),
         click.option("--restart", default="no", show_default=True, metavar="POLICY",
                      help="no, on-failure[:N], always or unless-stopped."),
         click.option("--stop-signal", metavar="SIGNAL", help="Signal that stops the container "
@@ -119,6 +124,7 @@ def _options(image, command, **flags):
         stop_signal=flags["stop_signal"], stop_timeout=flags["stop_timeout"],
         log_opts=list(flags["log_opts"]),
         labels=parse_labels(flags["labels"]), healthcheck=health_from_flags(**flags),
+        os_container=flags["os_container"], init=flags["init"],
     )
 
 

@@ -112,6 +112,8 @@ class Service:
     cap_drop: list[str] = field(default_factory=list)
     privileged: bool = False
     isolation: str = "vm"
+    os: bool = False
+    """vmshim's ``os: true``: an OS container (the image's init as PID 1; ``vmshim run --os``)."""
     profiles: list[str] = field(default_factory=list)
     container_name: str | None = None
     stdin_open: bool = False
@@ -291,7 +293,7 @@ def _service(name: str, raw: dict, directory: Path) -> Service:
         else None,
         read_only=bool(raw.get("read_only", False)), cap_add=list(raw.get("cap_add") or []),
         cap_drop=list(raw.get("cap_drop") or []), privileged=bool(raw.get("privileged", False)),
-        isolation=raw.get("isolation", "vm"), profiles=list(raw.get("profiles") or []),
+        isolation=raw.get("isolation", "vm"), os=bool(raw.get("os", False)), profiles=list(raw.get("profiles") or []),
         container_name=raw.get("container_name"), stdin_open=bool(raw.get("stdin_open")),
         tty=bool(raw.get("tty")),
         dns=[raw["dns"]] if isinstance(raw.get("dns"), str) else list(raw.get("dns") or []),

@@ -226,7 +226,7 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
         resources=resources, mounts=parse_all(volumes, mounts, service.tmpfs),
         read_only=service.read_only, network=request,
         labels=container_labels(project, service, number, oneoff=oneoff, image_id=image_id),
-        healthcheck=check,
+        healthcheck=check, os_container=service.os,
         security=SecurityOptions(privileged=service.privileged, cap_add=list(service.cap_add),
                                  cap_drop=list(service.cap_drop),
                                  security_opt=list(service.raw.get("security_opt") or [])))

@@ -335,7 +335,7 @@ SERVICE = mapping({
     "labels": mapping_or_list, "init": boolean, "stop_signal": signal_name,
     "stop_grace_period": duration, "read_only": boolean, "cap_add": list_of(string),
     "cap_drop": list_of(string), "privileged": boolean, "isolation": isolation,
-    "security_opt": list_of(string),
+    "os": boolean, "security_opt": list_of(string),
     "profiles": list_of(string), "container_name": string, "scale": integer(0, 100),
     "stdin_open": boolean, "tty": boolean, "pids_limit": integer(-1), "dns": string_or_list,
     "dns_search": string_or_list, "extra_hosts": mapping_or_list, "pull_policy":

@@ -62,6 +62,10 @@ class RunOptions:
     healthcheck: dict | None = None
     """``--health-*`` as docker's Config.Healthcheck (overrides the image's fields);
     ``{"Test": ["NONE"]}`` for ``--no-healthcheck``; None: the image's."""
+    os_container: bool = False
+    """``--os``: run the image's init as the container's PID 1 (shim.containers.osmode)."""
+    init: str | None = None
+    """``--init PATH``: that init (default /sbin/init); only with ``--os``."""
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -76,6 +80,12 @@ class RunOptions:
                              "cannot be restarted)")
         if self.stop_signal is not None:
             parse_signal(self.stop_signal)
+        if self.init is not None and not self.os_container:
+            raise UsageError("--init names the init of an OS container: add --os")
+        if self.os_container:
+            from shim.containers.osmode import check_isolation
+
+            check_isolation(self.isolation)  # before anything is pulled or made
         from shim.containers.logs import LogLimits
 
         LogLimits.parse(self.log_opts)  # bad --log-opt: UsageError before anything is made
@@ -113,6 +123,13 @@ def parse_signal(text: str | int) -> int:
     import signal
 
     raw = str(text).strip().upper()
+    rt = re.fullmatch(r"(?:SIG)?RTM(IN|AX)([+-]\d+)?", raw)
+    if rt:  # glibc's numbering (systemd images say STOPSIGNAL SIGRTMIN+3)
+        base = 34 if rt.group(1) == "IN" else 64
+        number = base + int(rt.group(2) or 0)
+        if 34 <= number <= 64:
+            return number
+        raise UsageError(f"invalid signal {text!r}")
     if raw.isdigit():
         number = int(raw)
         if 0 < number < signal.NSIG:
@@ -140,6 +157,7 @@ def boot_config_of(record):
         sysctl=dict(getattr(record, "sysctl", None) or {}),
         privileged=bool(getattr(record, "privileged", False)),
         devices=list(getattr(record, "devices", None) or []),
+        os=bool(getattr(record, "os_container", False)),
         **_limits_of(record))
 
 
@@ -209,7 +227,11 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
     user_env = [e for e in (parse_env_entry(x) for x in options.env) if e is not None]
     file_env = [e for f in options.env_files for e in read_env_file(f)]
     env = merge_env(cfg.get("Env") or [f"PATH={DEFAULT_PATH}"], file_env + user_env)
-    if options.entrypoint is not None:
+    if options.os_container:
+        from shim.containers.osmode import init_args
+
+        entrypoint, cmd = init_args(options.init, list(options.command)), []
+    elif options.entrypoint is not None:
         entrypoint = [options.entrypoint] if options.entrypoint else []
         cmd = list(options.command)  # docker: --entrypoint resets the image's CMD
     else:
@@ -220,7 +242,7 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
         raise UsageError(f"no command given and image {options.image} has no CMD or ENTRYPOINT")
     if options.tty and not any(e.startswith("TERM=") for e in env):
         env.append("TERM=xterm")
-    capabilities, seccomp, no_new_privs = confinement(options.security)
+    capabilities, seccomp, no_new_privs = confinement(options.security, options.os_container)
     return ProcessSpec(
         args=args,
         env=env,
@@ -231,14 +253,22 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
     )
 
 
-def confinement(security=None) -> tuple[dict, object, bool]:
+def confinement(security=None, os_container: bool = False) -> tuple[dict, object, bool]:
     """(ProcessSpec capabilities, seccomp, no_new_privs) for a container's processes:
-    docker's defaults changed by *security* (a SecurityOptions or None). Raises
+    docker's defaults (with an init's extra capabilities for *os_container*:
+    shim.containers.osmode) changed by *security* (a SecurityOptions or None). Raises
     UsageError."""
     from shim.containers.security import SecurityOptions, capability_set, parse_security_opts
 
     security = security or SecurityOptions()
     caps = capability_set(security)
+    if os_container and not security.privileged:
+        from shim.containers.osmode import OS_CAPABILITIES
+        from shim.containers.security import cap_name
+
+        dropped = {cap_name(c, "--cap-drop") for c in security.cap_drop}
+        caps += [c for c in OS_CAPABILITIES
+                 if c not in caps and c not in dropped and "ALL" not in dropped]
     seccomp, no_new_privs = parse_security_opts(security.security_opt, caps)
     if security.privileged:
         seccomp = None  # docker: --privileged runs unconfined

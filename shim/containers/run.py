@@ -56,6 +56,12 @@ def prepare(options: RunOptions) -> Container:
     disks = [str(layer_disk(store, layer)) for layer in image.layers]
     policy, retries = parse_restart(options.restart)
     stop_signal = options.stop_signal or image_config.get("StopSignal") or "SIGTERM"
+    stop_timeout = DEFAULT_STOP_TIMEOUT
+    if options.os_container:
+        from shim.containers import osmode
+
+        stop_signal = options.stop_signal or osmode.STOP_SIGNAL
+        stop_timeout = osmode.DEFAULT_STOP_TIMEOUT
     return Container(
         id=container_id,
         name=options.name or random_name(),
@@ -77,7 +83,8 @@ def prepare(options: RunOptions) -> Container:
         restart_policy=policy,
         restart_max=retries,
         stop_signal=parse_signal(stop_signal),
-        stop_timeout=options.stop_timeout if options.stop_timeout is not None else DEFAULT_STOP_TIMEOUT,
+        stop_timeout=options.stop_timeout if options.stop_timeout is not None else stop_timeout,
+        os_container=options.os_container,
         # A --rm container never starts twice: its writable layer can live in RAM.
         writable="tmpfs" if options.remove else "disk",
         hosts=hosts_file(hostname),

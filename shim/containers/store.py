@@ -163,6 +163,8 @@ class Container:
     healthcheck: dict | None = None
     """docker's Config.Healthcheck (Test, Interval, Timeout, Retries, StartPeriod in ns)
     from ``--health-*`` or the image; None: no check."""
+    os_container: bool = False
+    """``--os``: the process is the image's init (shim.containers.osmode)."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

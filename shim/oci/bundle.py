@@ -102,6 +102,12 @@ class Bundle:
     """(rows, cols) from process.consoleSize."""
     notes: list[str] = field(default_factory=list)
     """What the VM does not honour, one sentence each."""
+    os_container: bool = False
+    """Annotation ``org.vmshim.os=true``: process is the image's init (an OS container,
+    shim.containers.osmode)."""
+
+
+OS_ANNOTATION = "org.vmshim.os"
 
 
 def check_id(container_id: str) -> str:
@@ -166,9 +172,12 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     if not isinstance(annotations, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ValueError("annotations must map strings to strings")
+    os_flag = annotations.get(OS_ANNOTATION, "false")
+    if os_flag not in ("true", "false"):
+        raise ValueError(f"annotation {OS_ANNOTATION} must be \"true\" or \"false\"")
     out = Bundle(path=bundle, rootfs=rootfs.resolve(), process=process, hostname=hostname,
                  read_only=read_only, annotations=dict(annotations), oci_version=version,
-                 console_size=console_size, notes=notes)
+                 console_size=console_size, notes=notes, os_container=os_flag == "true")
     out.mounts = _mounts(config.get("mounts", []), bundle, notes)
     out.hooks = _hooks(config.get("hooks"))
     out.resources = _resources(linux.get("resources"), notes)

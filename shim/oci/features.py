@@ -30,6 +30,9 @@ def features() -> dict:
         "annotations": {
             "org.vmshim.isolation": "vm",
             "org.vmshim.rootfs": "virtiofs share of root.path",
+            "org.vmshim.os": ("\"true\": process is the image's init (systemd), run as an "
+                              "OS container: cgroup2 delegated, /run and /tmp tmpfs, "
+                              "container=vmshim"),
             "org.vmshim.hooks": "all run on the host; createContainer/startContainer too",
             "org.vmshim.not-honoured": (
                 "apparmor, selinux, seccomp notify, namespace paths (the VM has its own), device "

@@ -103,7 +103,8 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         resources=bundle.resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
         read_only=bundle.read_only, rootfs=str(bundle.rootfs),
         masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
-        sysctl=bundle.sysctl)
+        sysctl=bundle.sysctl, os_container=bundle.os_container,
+        **_os_stop(bundle.os_container))
     info = OciInfo(id=oci_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                    created=now_rfc3339(), annotations=bundle.annotations,
                    hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
@@ -129,6 +130,16 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         rt.containers.delete(record.id)
         raise
     return pid
+
+
+def _os_stop(os_container: bool) -> dict:
+    """An OS container's stop signal and timeout (shim.containers.osmode) for the record;
+    {} keeps the defaults."""
+    if not os_container:
+        return {}
+    from shim.containers import osmode
+
+    return {"stop_signal": osmode.STOP_SIGNAL, "stop_timeout": osmode.DEFAULT_STOP_TIMEOUT}
 
 
 def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,

@@ -1,0 +1,195 @@
+"""Recipe for ``debian-systemd:bookworm`` (also ``debian-systemd:latest``): Debian bookworm
+(debootstrap, minbase) with systemd as /sbin/init, dbus, openssh-server and procps, for OS
+containers (``vmshim run --os``) — no registry needed, only a Debian mirror.
+
+Made like the node image (images/node/recipe.py: same mirror choice, slimming, layer
+writer and cache), with what an OS container wants on top:
+
+- ``vmshim-hello.service`` (enabled): a small demo service that logs a line a minute;
+- journald forwards the journal to the console (the container's log: ``vmshim logs``);
+- sshd makes its host keys at its first start (none are baked into the image, so no two
+  containers share them); /root/.ssh exists (0700) for an ``authorized_keys``;
+- ``console-getty.service`` masked (the console is the container's log, not a login);
+- an empty /etc/machine-id (systemd makes one at boot).
+
+Config: ``Cmd ["/sbin/init"]``, ``StopSignal SIGRTMIN+3``, ``ExposedPorts 22/tcp``. The layer
+tar is cached as ``$VMSHIM_ROOT/cache/debian-systemd/rootfs-bookworm-<arch>.tar``
+(debootstrap: about 2 minutes here); ``VMSHIM_DEBIAN_SYSTEMD_REBUILD=1`` throws it away.
+
+Run with ``vmshim image bootstrap debian-systemd``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from shim import paths  # noqa: E402
+from shim.errors import ImageError, VmshimError  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+
+REFERENCE = "docker.io/library/debian-systemd:bookworm"
+ALIASES = ("docker.io/library/debian-systemd:latest",)
+SUITE = "bookworm"
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "procps")
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HELLO_UNIT = """[Unit]
+Description=vmshim demo service (logs a line every minute)
+
+[Service]
+ExecStart=/bin/sh -c 'while :; do echo "hello from $(hostname)"; sleep 60; done'
+
+[Install]
+WantedBy=multi-user.target
+"""
+JOURNALD_CONSOLE = "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=info\n"
+SSH_HOSTKEYS = ("[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
+                "ExecStartPre=/usr/sbin/sshd -t\n")
+
+
+def _node():
+    """images/node/recipe.py as a module: its debootstrap helpers are shared."""
+    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
+    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def cache_path() -> Path:
+    return paths.cache_dir() / "debian-systemd" / f"rootfs-{SUITE}-{host_arch()}.tar"
+
+
+def debootstrap(node, rootfs: Path, log=print) -> None:
+    """Install bookworm minbase + PACKAGES into ``rootfs`` and configure it. Raises
+    ImageError."""
+    tool = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not Path(tool).exists():
+        raise ImageError("debootstrap is not installed: apt-get install debootstrap "
+                         "(scripts/setup installs it)")
+    if os.geteuid() != 0:
+        raise ImageError("the debian-systemd recipe runs debootstrap and needs root")
+    source = node.mirror()
+    log(f"debootstrap {SUITE} (minbase) from {source}, then apt-get install "
+        f"{' '.join(PACKAGES)} (takes a few minutes)")
+    logfile = rootfs.parent / "debootstrap.log"
+    with open(logfile, "w") as out:
+        node._step([tool, "--variant=minbase", SUITE, str(rootfs), source], out, logfile,
+                   "debootstrap")
+        (rootfs / "etc/apt/sources.list").write_text(f"deb {source} {SUITE} main\n")
+        subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+        try:
+            node._step(["chroot", str(rootfs), "sh", "-c",
+                        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install "
+                        f"-y -q --no-install-recommends {' '.join(PACKAGES)}"],
+                       out, logfile, "apt-get install")
+        finally:
+            node._umount_below(rootfs)
+    configure(rootfs)
+
+
+def configure(rootfs: Path) -> None:
+    """What an OS container wants (see the module doc); idempotent."""
+    system = rootfs / "etc/systemd/system"
+    (system / "vmshim-hello.service").write_text(HELLO_UNIT)
+    wants = system / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "vmshim-hello.service"
+    if not link.is_symlink():
+        link.symlink_to("/etc/systemd/system/vmshim-hello.service")
+    getty = system / "console-getty.service"
+    if not getty.is_symlink():
+        getty.symlink_to("/dev/null")
+    (rootfs / "etc/systemd/journald.conf.d").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/systemd/journald.conf.d/vmshim-console.conf").write_text(JOURNALD_CONSOLE)
+    (system / "ssh.service.d").mkdir(parents=True, exist_ok=True)
+    (system / "ssh.service.d/vmshim-hostkeys.conf").write_text(SSH_HOSTKEYS)
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (rootfs / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    machine_id = rootfs / "etc/machine-id"
+    machine_id.write_text("")
+    machine_id.chmod(0o444)
+    (rootfs / "etc/hostname").write_text("localhost\n")
+    (rootfs / "etc/resolv.conf").unlink(missing_ok=True)  # the host's; the runtime mounts one
+
+
+def build(store: ImageStore | None = None, log=print) -> Image:
+    """Build ``debian-systemd:bookworm`` into ``store`` (default: the local store), tag the
+    aliases, return it. Raises ImageError (debootstrap missing or failing, not root)."""
+    node = _node()
+    store = store or ImageStore()
+    tar_path = cache_path()
+    meta_path = tar_path.with_suffix(".json")
+    if os.environ.get("VMSHIM_DEBIAN_SYSTEMD_REBUILD") == "1":
+        for p in (tar_path, meta_path):
+            p.unlink(missing_ok=True)
+    if not (tar_path.is_file() and meta_path.is_file()):
+        tar_path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = store.root / "tmp"
+        tmpdir.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmpdir, prefix="debian-systemd-") as tmp:
+            rootfs = Path(tmp) / "rootfs"
+            rootfs.mkdir()
+            try:
+                debootstrap(node, rootfs, log)
+                created_at = node.changelog_date(rootfs, "systemd")
+                node.slim(rootfs)
+                partial = tar_path.with_suffix(".tar.partial")
+                node.write_layer(rootfs, partial, int(created_at.timestamp()))
+                os.replace(partial, tar_path)
+                meta_path.write_text(json.dumps({
+                    "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "mirror": node.mirror(), "diff_id": node._sha256(tar_path)}))
+            finally:
+                node._umount_below(rootfs)
+    meta = json.loads(meta_path.read_text())
+    created = meta["created"]
+    config = {
+        "created": created,
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {
+            "Env": [PATH_ENV],
+            "Cmd": ["/sbin/init"],
+            "StopSignal": "SIGRTMIN+3",
+            "ExposedPorts": {"22/tcp": {}},
+        },
+        "history": [{
+            "created": created,
+            "created_by": f"vmshim images/debian-systemd/recipe.py (debootstrap {SUITE} "
+                          f"minbase + {' '.join(PACKAGES)})",
+        }],
+    }
+    image = _stored(store, meta.get("diff_id"))
+    if image is None:
+        image = store.import_image([tar_path], config, REFERENCE)
+    for alias in ALIASES:
+        store.tag(alias, image.manifest_digest)
+    return image
+
+
+def _stored(store: ImageStore, diff_id: str | None) -> Image | None:
+    """The stored image when it was made from the cached tar (no re-import)."""
+    if not diff_id:
+        return None
+    try:
+        image = store.resolve(REFERENCE)
+    except VmshimError:
+        return None
+    return image if [layer.diff_id for layer in image.layers] == [diff_id] else None
+
+
+if __name__ == "__main__":
+    image = build()
+    print(f"{image.reference.familiar} {image.id}")
