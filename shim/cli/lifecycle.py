@@ -7,22 +7,7 @@ import sys
 
 import click
 
-from shim.errors import VmshimError
-
-
-def _each(refs, action) -> None:
-    """Apply *action* to every ref; print each name done (docker style), report every
-    failure, exit 1 if any failed."""
-    failed = False
-    for ref in refs:
-        try:
-            action(ref)
-            click.echo(ref)
-        except VmshimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
-    if failed:
-        sys.exit(1)
+from shim.cli.each import each
 
 
 @click.command()
@@ -37,7 +22,7 @@ def start(attach, interactive, containers):
         if len(containers) != 1:
             raise click.UsageError("you cannot attach to more than one container")
         sys.exit(manage.start(containers[0], attach=True, interactive=interactive))
-    _each(containers, lambda ref: manage.start(ref))
+    each(containers, lambda ref: manage.start(ref))
 
 
 @click.command()
@@ -48,7 +33,7 @@ def stop(timeout, containers):
     """Stop running containers: stop signal, then SIGKILL after the timeout."""
     from shim.containers import manage
 
-    _each(containers, lambda ref: manage.stop(ref, timeout))
+    each(containers, lambda ref: manage.stop(ref, timeout))
 
 
 @click.command()
@@ -61,7 +46,7 @@ def kill(sig, containers):
     from shim.containers.options import parse_signal
 
     number = parse_signal(sig)
-    _each(containers, lambda ref: manage.kill(ref, number))
+    each(containers, lambda ref: manage.kill(ref, number))
 
 
 @click.command()
@@ -72,7 +57,7 @@ def restart(timeout, containers):
     """Stop and start containers again."""
     from shim.containers import manage
 
-    _each(containers, lambda ref: manage.restart(ref, timeout))
+    each(containers, lambda ref: manage.restart(ref, timeout))
 
 
 @click.command()
@@ -84,7 +69,7 @@ def rm(force, volumes, containers):
     """Remove containers (their writable layer and logs too)."""
     from shim.containers import manage
 
-    _each(containers, lambda ref: manage.remove(ref, force=force, volumes=volumes))
+    each(containers, lambda ref: manage.remove(ref, force=force, volumes=volumes))
 
 
 @click.command()
@@ -93,7 +78,7 @@ def pause(containers):
     """Suspend every process of containers (the VM's vCPUs; the cgroup freezer)."""
     from shim.containers import manage
 
-    _each(containers, manage.pause)
+    each(containers, manage.pause)
 
 
 @click.command()
@@ -102,7 +87,7 @@ def unpause(containers):
     """Resume paused containers."""
     from shim.containers import manage
 
-    _each(containers, manage.unpause)
+    each(containers, manage.unpause)
 
 
 @click.command()
@@ -111,15 +96,7 @@ def wait(containers):
     """Block until containers stop; print their exit codes."""
     from shim.containers import manage
 
-    failed = False
-    for ref in containers:
-        try:
-            click.echo(manage.wait(ref))
-        except VmshimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
-    if failed:
-        sys.exit(1)
+    each(containers, manage.wait, show=lambda ref, code: str(code))
 
 
 @click.command()

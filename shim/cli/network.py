@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from shim.errors import NetworkError, VmshimError
+from shim.errors import NetworkError
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -130,23 +130,10 @@ def inspect_cmd(fmt, networks):
     """Show networks as JSON: subnet, gateway, bridge, attached containers."""
     from shim.network.store import NetworkStore
 
-    store = NetworkStore()
-    docs, failed = [], False
-    for ref in networks:
-        try:
-            docs.append(inspect_doc(store.get(ref)))
-        except VmshimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
-    if fmt:
-        from shim.cli.ps import render_template
+    from shim.cli.each import inspect_each
 
-        for doc in docs:
-            click.echo(render_template(fmt, doc))
-    else:
-        click.echo(json.dumps(docs, indent=4))
-    if failed:
-        sys.exit(1)
+    store = NetworkStore()
+    inspect_each(networks, lambda ref: inspect_doc(store.get(ref)), fmt)
 
 
 @network_group.command("rm")
@@ -155,16 +142,9 @@ def rm_cmd(networks):
     """Remove networks (none may have containers attached)."""
     from shim.containers.networking import remove_network
 
-    failed = False
-    for ref in networks:
-        try:
-            remove_network(ref)
-            click.echo(ref)
-        except VmshimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
-    if failed:
-        sys.exit(1)
+    from shim.cli.each import each
+
+    each(networks, remove_network)
 
 
 @network_group.command("prune")

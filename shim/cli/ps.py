@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 
 import click
@@ -345,22 +344,10 @@ def inspect(fmt, containers):
     from shim.containers import manage
     from shim.containers.store import ContainerStore
 
+    from shim.cli.each import inspect_each
+
     store = ContainerStore()
-    docs, failed = [], False
-    for ref in containers:
-        try:
-            record = manage.reconcile(store, store.find(ref))
-            docs.append(inspect_data(record))
-        except VmshimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
-    if fmt:
-        for doc in docs:
-            click.echo(render_template(fmt, doc))
-    else:
-        click.echo(json.dumps(docs, indent=4))
-    if failed:
-        sys.exit(1)
+    inspect_each(containers, lambda ref: inspect_data(manage.reconcile(store, store.find(ref))), fmt)
 
 
 def _log_config(record) -> dict:
