@@ -105,3 +105,33 @@ RUN --mount=type=secret,id=tok \\
     assert "secret" in text(history) and secret_value not in text(history)
     assert not blobs_hold(secret_value.encode())
     vmshim("rmi", tag)
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
+def test_bind_mounts_read_only_from_context_and_stage(isolation, tmp_path):
+    ctx = tmp_path / "ctx"
+    (ctx / "src").mkdir(parents=True)
+    (ctx / "src" / "input.txt").write_text(f"bound-{SUFFIX}\n")
+    (ctx / "Dockerfile").write_text("""\
+FROM busybox AS tools
+RUN echo tool-made > /tool.txt
+FROM busybox
+RUN --mount=type=bind,source=src,target=/src \\
+    --mount=type=bind,from=tools,source=/tool.txt,target=/opt/tool.txt \\
+    cat /src/input.txt /opt/tool.txt > /result \\
+ && if touch /src/new 2>/dev/null; then echo WRITABLE; else echo read-only-ok; fi
+RUN --mount=type=bind,source=src,target=/rw,rw touch /rw/scratch && echo rw-ok
+""")
+    tag = f"vmshim-test/bind-{isolation}-{SUFFIX}"
+    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
+                  "-t", tag, str(ctx), timeout=900)
+    assert proc.returncode == 0, text(proc)
+    lines = text(proc).splitlines()
+    assert "read-only-ok" in lines and "WRITABLE" not in lines and "rw-ok" in lines
+    assert not (ctx / "src" / "new").exists() and not (ctx / "src" / "scratch").exists()
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "sh", "-c", "cat /result; ls -A /src /opt /rw 2>&1; echo end")
+    out = run.stdout.decode()
+    assert out.startswith(f"bound-{SUFFIX}\ntool-made\n"), text(run)
+    assert out.count("No such file or directory") == 3 and out.endswith("end\n"), out
+    vmshim("rmi", tag)
