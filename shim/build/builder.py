@@ -54,6 +54,9 @@ from shim.images.store import (OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, ImageSto
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 UNTAGGED_NAME = "localhost/vmshim-build"
+CACHE_COMMENT = "vmshim.build cache-key "
+"""How a built image's history entry names its step's cache key (``--cache-from``)."""
+MAX_HISTORY = 10_000
 ISOLATIONS = ("vm", "process")
 
 
@@ -74,6 +77,7 @@ class BuildOptions:
     labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
     secrets: dict[str, Path] = field(default_factory=dict)  # --secret id → file
     jobs: int | None = None             # stages built at once (None: build_jobs())
+    cache_from: list[str] = field(default_factory=list)  # images whose history is a cache
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -233,6 +237,7 @@ class Builder:
         self._used_args: set[str] = set(PROXY_ARGS)  # predefined: never "not consumed"
         self._global_args: dict[str, str | None] = {}
         self._work: Path | None = None
+        self._cache_from: dict = {}
         self._df = "Dockerfile"
         self.escape = "\\"
         self.step_number = 0
@@ -254,6 +259,8 @@ class Builder:
         self.escape = dockerfile.escape
         self._df = dockerfile.path
         self._global_args = self._declare_global_args(dockerfile)
+        if opts.cache_from and not opts.no_cache:
+            self._cache_from = self._load_cache_from()
         tmp_root = self.store.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob("build-*"):  # left by builds that were killed
@@ -507,28 +514,100 @@ class Builder:
         handler = getattr(self, f"_do_{ins.keyword.lower()}")
         handler(run, ins)
 
-    def _cached(self, run: _StageRun, key: str) -> bool:
+    def _cached(self, run: _StageRun, key: str, change=None, whole=None) -> bool:
+        """Take the step's result from the build cache, or (*replay*) from a --cache-from
+        image's history entry with the same key: the parent's config with that entry, its
+        layer, *change* (the step's change of the runtime config) and *whole* (its change
+        of the whole config) gives exactly the image the step made there."""
         if self.options.no_cache:
             return False
         hit = self.cache.get(key, self.store)
         if hit is None:
-            return False
+            found = self._cache_from.get(key)
+            if found is None:
+                return False
+            entry, layer, diff_id = found
+            config = _copy.deepcopy(run.state.config)
+            layers = list(run.state.layers)
+            if layer is not None:
+                layers.append(dict(layer))
+                config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+                config["rootfs"].setdefault("diff_ids", []).append(diff_id)
+            if change is not None:
+                change(config.setdefault("config", {}))
+            if whole is not None:
+                whole(config)
+            config["created"] = entry["created"]
+            config.setdefault("history", []).append(dict(entry))
+            hit = (config, layers)
+            self.cache.put(key, config, layers)
         run.state = ImageState(hit[0], hit[1])
         self.out.line(" ---> Using cache")
         return True
+
+    def _load_cache_from(self) -> dict[str, tuple[dict, dict | None, str | None]]:
+        """{cache key: (history entry, layer descriptor or None, diff_id)} of the
+        ``--cache-from`` images' history entries that carry a key (builds by vmshim).
+        An image that is not stored is pulled once; one that cannot be had is a warning,
+        as with docker."""
+        index: dict[str, tuple[dict, dict | None, str | None]] = {}
+        for ref in self.options.cache_from:
+            try:
+                image = self.store.resolve(ref)
+            except ImageNotFound:
+                try:
+                    from shim.images.distribution import pull
+
+                    with _single_attempt():
+                        pull(ref, store=self.store)
+                    image = self.store.resolve(ref)
+                except (ImportError, VmshimError) as exc:
+                    self.out.warn(f"--cache-from {ref}: not used: {exc}")
+                    continue
+            history = image.config.get("history")
+            if not isinstance(history, list):
+                continue
+            history = history[:MAX_HISTORY]
+            if not all(isinstance(entry, dict) for entry in history):
+                continue
+            layers = list(image.layers)
+            # the entries that made layers made the last ones (a base may lack history)
+            at = len(layers) - sum(1 for e in history if e.get("empty_layer") is not True)
+            if at < 0:
+                continue
+            for entry in history:
+                empty = entry.get("empty_layer") is True
+                layer = None
+                if not empty:
+                    if at >= len(layers):
+                        break
+                    layer = layers[at]
+                    at += 1
+                comment = entry.get("comment")
+                if not (isinstance(comment, str) and comment.startswith(CACHE_COMMENT)
+                        and isinstance(entry.get("created"), str)):
+                    continue
+                key = comment[len(CACHE_COMMENT):]
+                if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                    continue
+                desc = None if layer is None else {"mediaType": layer.media_type,
+                                                   "digest": layer.digest, "size": layer.size}
+                index.setdefault(key, (entry, desc, None if layer is None else layer.diff_id))
+        return index
 
     def _metadata(self, run: _StageRun, ins: Instruction, created_by: str, change,
                   inputs=None) -> None:
         """A config-only step: apply *change* (a function of the runtime config)."""
         key = cache_key(run.state.id, created_by, inputs)
-        if self._cached(run, key):
+        if self._cached(run, key, change):
             return
         config = _copy.deepcopy(run.state.config)
         change(config.setdefault("config", {}))
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
-            {"created": now, "created_by": created_by, "empty_layer": True})
+            {"created": now, "created_by": created_by, "empty_layer": True,
+             "comment": CACHE_COMMENT + key})
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 
@@ -537,7 +616,7 @@ class Builder:
         config = _copy.deepcopy(run.state.config)
         layers = list(run.state.layers)
         now = now_rfc3339()
-        entry = {"created": now, "created_by": created_by}
+        entry = {"created": now, "created_by": created_by, "comment": CACHE_COMMENT + key}
         if layer is not None:
             with open(layer, "rb") as f:
                 stored = self.store.put_blob(f, expected_digest=None)
@@ -751,11 +830,12 @@ class Builder:
             path = "/" + path
         created_by = f"WORKDIR {path}"
         key = cache_key(run.state.id, created_by)
-        if self._cached(run, key):
-            return
 
         def change(cfg: dict) -> None:
             cfg["WorkingDir"] = path
+
+        if self._cached(run, key, change):
+            return
 
         view = self._view(run.state)
         if view.is_dir(path):
@@ -804,15 +884,19 @@ class Builder:
     def _do_maintainer(self, run: _StageRun, ins: Instruction) -> None:
         author = self._expand(ins.rest, run.env(), ins)
         key = cache_key(run.state.id, f"MAINTAINER {author}")
-        if self._cached(run, key):
+
+        def whole(config: dict) -> None:
+            config["author"] = author
+
+        if self._cached(run, key, whole=whole):
             return
         config = _copy.deepcopy(run.state.config)
-        config["author"] = author
+        whole(config)
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
             {"created": now, "created_by": f"/bin/sh -c #(nop)  MAINTAINER {author}",
-             "empty_layer": True})
+             "empty_layer": True, "comment": CACHE_COMMENT + key})
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 

@@ -135,3 +135,81 @@ RUN --mount=type=bind,source=src,target=/rw,rw touch /rw/scratch && echo rw-ok
     assert out.startswith(f"bound-{SUFFIX}\ntool-made\n"), text(run)
     assert out.count("No such file or directory") == 3 and out.endswith("end\n"), out
     vmshim("rmi", tag)
+
+
+def meeting_stage(name: str, other: str, ident: str) -> str:
+    """A stage whose RUN step records when it started, waits (bounded) until the other
+    stage's step has started too, and fails if it never does."""
+    return f"""\
+FROM busybox AS {name}
+RUN --mount=type=cache,id={ident},target=/m \\
+    date +%s > /m/{name}.start; i=0; \\
+    while [ ! -e /m/{other}.start ] && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done; \\
+    [ -e /m/{other}.start ] && sleep 3 && echo met-{other} > /{name}.txt
+"""
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
+def test_independent_stages_run_in_parallel(isolation, tmp_path):
+    """Each stage's RUN waits for the other's to have started: built one after the other,
+    the first would time out. The build's wall time is printed, not asserted (2 shared
+    cores under TCG)."""
+    import time
+
+    ident = f"meet-{isolation}-{SUFFIX}-{time.time_ns()}"
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        meeting_stage("a", "b", ident) + meeting_stage("b", "a", ident)
+        + "FROM busybox\nCOPY --from=a /a.txt /a.txt\nCOPY --from=b /b.txt /b.txt\n")
+    tag = f"vmshim-test/parallel-{isolation}-{SUFFIX}"
+    started = time.monotonic()
+    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
+                  "-t", tag, str(ctx), timeout=900, env={"VMSHIM_BUILD_JOBS": "2"})
+    print(f"two independent 3-second stages ({isolation}): "
+          f"{time.monotonic() - started:.1f} s")
+    assert proc.returncode == 0, text(proc)
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "cat", "/a.txt", "/b.txt")
+    assert run.stdout.decode() == "met-b\nmet-a\n", text(run)
+    vmshim("rmi", tag)
+
+
+def test_progress_tty_collapses_steps_and_cache_from_reuses_history(tmp_path):
+    """``--progress tty``: step lines with times, RUN output collapsed once the step ended,
+    CACHED steps; ``--cache-from`` an image: its steps are cache hits with the build cache
+    gone, and the same image comes out."""
+    from shim import paths
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM busybox\nRUN echo noisy-{SUFFIX} > /n && "
+                                    "echo step-output-line\nCMD [\"cat\", \"/n\"]\n")
+    tag = f"vmshim-test/progress-{SUFFIX}"
+    proc = vmshim("build", "--progress", "tty", "--no-cache", "--isolation", "process",
+                  "--network", "none", "-t", tag, str(ctx), timeout=600)
+    assert proc.returncode == 0, text(proc)
+    out = proc.stdout.decode()
+    final = out[out.rindex("[+] Building"):]
+    assert "FINISHED" in final.splitlines()[0], final
+    assert " => [2/3] RUN echo noisy" in final and "step-output-line" not in final
+    assert "\x1b[" in out and "step-output-line" in out  # shown while it ran, then redrawn
+    first = json.loads(vmshim("image", "inspect", tag).stdout)
+    first = first[0] if isinstance(first, list) else first
+    import shutil
+
+    shutil.rmtree(paths.root() / "build" / "cache", ignore_errors=True)  # another machine
+    again = vmshim("build", "--progress", "tty", "--cache-from", tag, "--isolation",
+                   "process", "--network", "none", "-t", tag + "-2", str(ctx), timeout=600)
+    assert again.returncode == 0, text(again)
+    final = again.stdout.decode()[again.stdout.decode().rindex("[+] Building"):]
+    assert " => CACHED [2/3] RUN echo noisy" in final and " => CACHED [3/3] CMD" in final
+    second = json.loads(vmshim("image", "inspect", tag + "-2").stdout)
+    second = second[0] if isinstance(second, list) else second
+    assert second["Id"] == first["Id"]
+    plain = vmshim("build", "--progress", "plain", "--isolation", "process", "--network",
+                   "none", str(ctx), timeout=600)
+    assert "Step 2/3 : RUN echo noisy" in text(plain) and "\x1b[" not in text(plain)
+    bad = vmshim("build", "--progress", "fancy", str(ctx))
+    assert bad.returncode != 0 and "fancy" in text(bad)
+    vmshim("rmi", tag, tag + "-2")

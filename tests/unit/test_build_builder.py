@@ -635,3 +635,38 @@ def test_independent_stages_run_at_the_same_time(env):
     with pytest.raises(RunStepError, match="nobody came"):
         run_build(ctx, PARALLEL.replace("RUN touch /a", "RUN touch /a2"), no_cache=True, jobs=1)
     MEETING.reset()
+
+
+def test_cache_from_an_image_history_gives_the_same_image(env):
+    store, ctx = env
+    (ctx / "app.txt").write_text("app")
+    dockerfile = ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
+                  "MAINTAINER me\nCMD [\"cat\", \"app.txt\"]\n")
+    first, _, _ = run_build(ctx, dockerfile, tags=["cf:1"])
+    history = store.resolve("cf:1").config["history"]
+    assert all(h["comment"].startswith("vmshim.build cache-key ") for h in history)
+    shutil.rmtree(store.root.parent / "build" / "cache")  # another machine: no local cache
+    again, lines, b = run_build(ctx, dockerfile, tags=["cf:2"], cache_from=["cf:1"])
+    assert again.image_id == first.image_id and b.runner.calls == []
+    assert lines.count(" ---> Using cache") == 6
+    # without it every step runs; a change re-runs from the changed step on
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    _, lines, b = run_build(ctx, dockerfile, tags=["cf:3"])
+    assert lines.count(" ---> Using cache") == 0 and len(b.runner.calls) == 1
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    (ctx / "app.txt").write_text("changed")
+    _, lines, b = run_build(ctx, dockerfile, tags=["cf:4"], cache_from=["cf:1"])
+    assert lines.count(" ---> Using cache") == 2 and len(b.runner.calls) == 1
+
+
+def test_cache_from_ignores_what_it_cannot_use(env):
+    store, ctx = env
+    dockerfile = "FROM base:1\nRUN touch /made\n"
+    run_build(ctx, dockerfile, tags=["h:1"])
+    config = json.loads(json.dumps(store.resolve("h:1").config))
+    config["history"][0]["comment"] = "vmshim.build cache-key ../../../etc/passwd"
+    store.import_image([], config, "hostile:1")
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    _, lines, b = run_build(ctx, dockerfile, cache_from=["hostile:1", "missing.invalid/x:9"])
+    assert len(b.runner.calls) == 1
+    assert any("--cache-from missing.invalid/x:9: not used" in ln for ln in lines)
