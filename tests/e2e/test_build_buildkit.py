@@ -138,14 +138,16 @@ RUN --mount=type=bind,source=src,target=/rw,rw touch /rw/scratch && echo rw-ok
 
 
 def meeting_stage(name: str, other: str, ident: str) -> str:
-    """A stage whose RUN step records when it started, waits (bounded) until the other
-    stage's step has started too, and fails if it never does."""
+    """A stage whose RUN step marks its start in its own cache volume, waits (bounded)
+    until the other stage's mark shows in the other's volume (mounted read-only: a
+    volume has one writer at a time), and fails if it never does."""
     return f"""\
 FROM busybox AS {name}
-RUN --mount=type=cache,id={ident},target=/m \\
-    date +%s > /m/{name}.start; i=0; \\
-    while [ ! -e /m/{other}.start ] && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done; \\
-    [ -e /m/{other}.start ] && sleep 3 && echo met-{other} > /{name}.txt
+RUN --mount=type=cache,id={ident}-{name},target=/m \\
+    --mount=type=cache,id={ident}-{other},target=/o,ro \\
+    date +%s > /m/start; i=0; \\
+    while [ ! -e /o/start ] && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done; \\
+    [ -e /o/start ] && sleep 3 && echo met-{other} > /{name}.txt
 """
 
 
@@ -184,7 +186,7 @@ def test_progress_tty_collapses_steps_and_cache_from_reuses_history(tmp_path):
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(f"FROM busybox\nRUN echo noisy-{SUFFIX} > /n && "
-                                    "echo step-output-line\nCMD [\"cat\", \"/n\"]\n")
+                                    "echo step-output-$((40+2))\nCMD [\"cat\", \"/n\"]\n")
     tag = f"vmshim-test/progress-{SUFFIX}"
     proc = vmshim("build", "--progress", "tty", "--no-cache", "--isolation", "process",
                   "--network", "none", "-t", tag, str(ctx), timeout=600)
@@ -192,8 +194,8 @@ def test_progress_tty_collapses_steps_and_cache_from_reuses_history(tmp_path):
     out = proc.stdout.decode()
     final = out[out.rindex("[+] Building"):]
     assert "FINISHED" in final.splitlines()[0], final
-    assert " => [2/3] RUN echo noisy" in final and "step-output-line" not in final
-    assert "\x1b[" in out and "step-output-line" in out  # shown while it ran, then redrawn
+    assert " => [2/3] RUN echo noisy" in final and "step-output-42" not in final
+    assert "\x1b[" in out and "step-output-42" in out  # shown while it ran, then redrawn
     first = json.loads(vmshim("image", "inspect", tag).stdout)
     first = first[0] if isinstance(first, list) else first
     import shutil
