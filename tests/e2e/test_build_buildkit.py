@@ -137,43 +137,92 @@ RUN --mount=type=bind,source=src,target=/rw,rw touch /rw/scratch && echo rw-ok
     vmshim("rmi", tag)
 
 
-def meeting_stage(name: str, other: str, ident: str) -> str:
-    """A stage whose RUN step marks its start in its own cache volume, waits (bounded)
-    until the other stage's mark shows in the other's volume (mounted read-only: a
-    volume has one writer at a time), and fails if it never does."""
+MEET_IP = "192.0.2.1"
+MEET_PEER_IP = "192.0.2.2"
+MEET_PORT = 18299
+MEETING_SERVER = """\
+import sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+arrived, cond = set(), threading.Condition()
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        who = self.path.rsplit("/", 1)[-1]
+        with cond:
+            arrived.add(who)
+            cond.notify_all()
+            met = cond.wait_for(lambda: {"a", "b"} <= arrived, timeout=600)
+        body = b"met\\n" if met else b"alone\\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def meeting_point():
+    """An HTTP server (in a namespace of its own, over a veth, like test_build_network's
+    file server) whose ``/meet/a`` and ``/meet/b`` answer "met" only once both were asked
+    (else "alone" after 600 s): a barrier for two RUN steps."""
+    import subprocess
+    import sys
+
+    from tests.waiting import wait_until
+
+    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-c", MEETING_SERVER,
+                             str(MEET_PORT)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    veth = f"vmsmeet{SUFFIX[-6:]}"
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10,
+                   "unshare --net")
+        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                        "netns", str(proc.pid)], check=True)
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
+                        (f"ip link set lo up && ip addr add {MEET_IP}/24 dev eth0 && "
+                         "ip link set eth0 up")], check=True)
+        subprocess.run(["ip", "addr", "add", f"{MEET_PEER_IP}/24", "dev", veth], check=True)
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        yield f"meet:{MEET_IP}"
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
+
+
+def meeting_stage(name: str) -> str:
+    """A stage whose RUN step asks the meeting point for the other stage's step, which
+    answers only once both asked: built one after the other, the first gets "alone"."""
     return f"""\
 FROM busybox AS {name}
-RUN --mount=type=cache,id={ident}-{name},target=/m \\
-    --mount=type=cache,id={ident}-{other},target=/o,ro \\
-    date +%s > /m/start; i=0; \\
-    while [ ! -e /o/start ] && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done; \\
-    [ -e /o/start ] && sleep 3 && echo met-{other} > /{name}.txt
+RUN timeout 700 wget -q -O /{name}.txt http://meet:{MEET_PORT}/meet/{name} \\
+ && grep -qx met /{name}.txt && sleep 3
 """
 
 
 @pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])
-def test_independent_stages_run_in_parallel(isolation, tmp_path):
-    """Each stage's RUN waits for the other's to have started: built one after the other,
-    the first would time out. The build's wall time is printed, not asserted (2 shared
-    cores under TCG)."""
+def test_independent_stages_run_in_parallel(isolation, meeting_point, tmp_path):
+    """Each stage's RUN waits at a barrier for the other's: built one after the other,
+    the first would be alone and fail. The build's wall time is printed, not asserted
+    (2 shared cores under TCG)."""
     import time
 
-    ident = f"meet-{isolation}-{SUFFIX}-{time.time_ns()}"
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(
-        meeting_stage("a", "b", ident) + meeting_stage("b", "a", ident)
+        meeting_stage("a") + meeting_stage("b")
         + "FROM busybox\nCOPY --from=a /a.txt /a.txt\nCOPY --from=b /b.txt /b.txt\n")
     tag = f"vmshim-test/parallel-{isolation}-{SUFFIX}"
     started = time.monotonic()
-    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
-                  "-t", tag, str(ctx), timeout=900, env={"VMSHIM_BUILD_JOBS": "2"})
+    proc = vmshim("build", "--no-cache", "--add-host", meeting_point, "--isolation",
+                  isolation, "-t", tag, str(ctx), timeout=900, env={"VMSHIM_BUILD_JOBS": "2"})
     print(f"two independent 3-second stages ({isolation}): "
           f"{time.monotonic() - started:.1f} s")
     assert proc.returncode == 0, text(proc)
     run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
                  "cat", "/a.txt", "/b.txt")
-    assert run.stdout.decode() == "met-b\nmet-a\n", text(run)
+    assert run.stdout.decode() == "met\nmet\n", text(run)
     vmshim("rmi", tag)
 
 
