@@ -1,7 +1,8 @@
-const http = require('http');
+const express = require('express');
 
-const port = 8080;
-http.createServer((req, res) => {
-  res.writeHead(200, { 'Content-Type': 'text/plain' });
-  res.end('hello from vmshim\n');
-}).listen(port, () => console.log(`listening on ${port}`));
+const PORT = 8080;
+const app = express();
+app.get('/', (req, res) => {
+  res.send('hello from vmshim\n');
+});
+app.listen(PORT, () => console.log(`listening on ${PORT}`));

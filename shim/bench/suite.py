@@ -580,6 +580,82 @@ def ratio_of(fig: Figure, subject: str, baseline: str) -> float | None:
     return a / b if a is not None and b else None
 
 
+EXPRESS = Path(__file__).resolve().parents[2] / "examples" / "node-hello"
+PODMAN_TAG = "localhost/vmshim-bench/express-podman"
+
+
+def build_argv(subject: str, context: Path, registry_port: int, tag: str) -> list[str]:
+    """The command that builds the Express example for *subject* with no cache: ``vmshim
+    build`` (vm, process; the steps reach the mirror through host-gateway) or ``podman
+    build`` with runc (host network: the mirror is on 127.0.0.1)."""
+    if subject == "runc":
+        return ["podman", "build", "--runtime", "runc", "--network", "host", "--pull=never",
+                "--no-cache", "--ulimit", "nofile=20000:20000", "--build-arg",
+                f"NPM_REGISTRY=http://127.0.0.1:{registry_port}/", "-t", PODMAN_TAG,
+                str(context)]
+    return [*default_cli(), "build", "--no-cache", "-q", "--isolation", subject,
+            "--add-host", "npm:host-gateway", "--build-arg",
+            f"NPM_REGISTRY=http://npm:{registry_port}/", "-t", f"{tag}-express", str(context)]
+
+
+def _podman_node() -> str | None:
+    """Why podman cannot build the example (None: it can): podman and runc installed, and
+    the node image given to podman (``vmshim save node | podman load``) once."""
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        return "podman or runc is not installed"
+    if run(["podman", "image", "exists", "docker.io/library/node:latest"], check=False,
+           timeout=60).returncode == 0:
+        return None
+    import subprocess
+
+    save = subprocess.Popen([*default_cli(), "save", "node:latest"], stdout=subprocess.PIPE)
+    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True,
+                          timeout=900)
+    save.stdout.close()
+    if save.wait(timeout=60) != 0 or load.returncode != 0:
+        return f"podman load of the node image failed: {load.stderr.decode()[-200:]}"
+    return None
+
+
+def bench_build_express(ctx: Context) -> None:
+    """``vmshim build`` of examples/node-hello (npm install express from the npm mirror of
+    shim/bench/npm_mirror.py, served on this host) next to ``podman build`` with runc."""
+    from shim import paths
+    from shim.bench import npm_mirror
+
+    fig = ctx.results.figure(
+        "build_express", "Build of the Express example, no cache", "s",
+        note="`vmshim build --no-cache --isolation I examples/node-hello` (npm install "
+             "express from a local npm mirror); runc: `podman build --runtime runc` of "
+             "the same context")
+    for s in ("oci", "floor"):
+        fig.skip(s, "n/a: builds are measured for vm, process and podman (runc)")
+    mirror = paths.root() / "cache" / "npm"
+    if not npm_mirror.ready(EXPRESS / "package.json", mirror):
+        for s in ("vm", "process", "runc"):
+            fig.skip(s, "no npm mirror: python -m shim.bench.npm_mirror fetch "
+                        f"examples/node-hello/package.json {mirror}")
+        return
+    subjects = [s for s in ctx.available([fig], "vm", "process") if s in ("vm", "process")]
+    reason = _podman_node()
+    if reason:
+        fig.skip("runc", reason)
+    else:
+        subjects.append("runc")
+    server = npm_mirror.serve_in_thread(mirror, "0.0.0.0", 0)
+    port = server.server_address[1]
+    try:
+        context = ctx.workdir / "express"
+        shutil.rmtree(context, ignore_errors=True)
+        shutil.copytree(EXPRESS, context)
+        m = {s: (lambda s=s: timed(build_argv(s, context, port, ctx.tag), timeout=3600))
+             for s in subjects}
+        _sample(ctx, fig, m)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
@@ -591,6 +667,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "io": (bench_io, "sequential and random I/O in the writable layer"),
     "io_volume": (bench_io_volume, "sequential and random I/O in a volume"),
     "kernels": (bench_kernels, "minimal vs distro guest kernel: boot, run --rm true, guest memory"),
+    "build_express": (bench_build_express, "build of the Express example: vm, process, podman+runc"),
 }
 
 

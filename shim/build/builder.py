@@ -18,6 +18,7 @@ Output goes through a :class:`BuildOutput`; the CLI's prints docker's classic li
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy as _copy
 import datetime as _dt
@@ -28,6 +29,7 @@ import posixpath
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,9 @@ from shim.images.store import (OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, ImageSto
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 UNTAGGED_NAME = "localhost/vmshim-build"
+CACHE_COMMENT = "vmshim.build cache-key "
+"""How a built image's history entry names its step's cache key (``--cache-from``)."""
+MAX_HISTORY = 10_000
 ISOLATIONS = ("vm", "process")
 
 
@@ -71,6 +76,8 @@ class BuildOptions:
     add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
     labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
     secrets: dict[str, Path] = field(default_factory=dict)  # --secret id → file
+    jobs: int | None = None             # stages built at once (None: build_jobs())
+    cache_from: list[str] = field(default_factory=list)  # images whose history is a cache
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -192,6 +199,15 @@ def _run_script(ins: Instruction) -> str:
     return ins.rest + "\n" + "".join(f"{doc.content}{doc.word}\n" for doc in ins.heredocs)
 
 
+def build_jobs() -> int:
+    """How many independent stages a build runs at once: one per core (each RUN step's
+    VM has one vCPU), or ``$VMSHIM_BUILD_JOBS``."""
+    try:
+        return max(1, int(os.environ["VMSHIM_BUILD_JOBS"]))
+    except (KeyError, ValueError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _network_request(options: BuildOptions) -> dict:
     """The RUN steps' network (shim.containers.networking.NetworkRequest.to_dict()), checked
     before any step runs. Raises NetworkError, NetworkNotFound."""
@@ -214,11 +230,14 @@ class Builder:
                                  memory_mib=options.memory_mib, status=self.out.status,
                                  warn=self.out.warn, network=_network_request(options))
         self._views: dict[str, RootView] = {}
-        self._stages: list[ImageState] = []
+        self._stages: dict[int, ImageState] = {}  # finished stages by index
         self._stage_names: dict[str, int] = {}
+        self._current = threading.local()  # .stage: the index of the stage this thread builds
+        self._steps: dict[int, int] = {}  # a stage's first step number
         self._used_args: set[str] = set(PROXY_ARGS)  # predefined: never "not consumed"
         self._global_args: dict[str, str | None] = {}
         self._work: Path | None = None
+        self._cache_from: dict = {}
         self._df = "Dockerfile"
         self.escape = "\\"
         self.step_number = 0
@@ -240,6 +259,8 @@ class Builder:
         self.escape = dockerfile.escape
         self._df = dockerfile.path
         self._global_args = self._declare_global_args(dockerfile)
+        if opts.cache_from and not opts.no_cache:
+            self._cache_from = self._load_cache_from()
         tmp_root = self.store.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob("build-*"):  # left by builds that were killed
@@ -248,11 +269,7 @@ class Builder:
         self._work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="build-"))
         try:
             with self.store.writing():
-                for stage in stages:
-                    state = self._build_stage(stage)
-                    self._stages.append(state)
-                    if stage.name is not None:
-                        self._stage_names[stage.name] = stage.index
+                self._build_stages(stages)
                 final = self._stages[last]
                 result = self._commit(_with_labels(final, opts.labels))
         finally:
@@ -292,7 +309,77 @@ class Builder:
         return values
 
     # ---- stages ---------------------------------------------------------------------------
+    def _build_stages(self, stages: list[Stage]) -> None:
+        """Build *stages* into ``self._stages``: one after the other, or, when the machine
+        has cores for more than one step at a time, every stage whose dependencies
+        (:meth:`_dependencies`) are built runs in a thread of its own, lowest index
+        first. The first failure stops new stages from starting and is raised once the
+        running ones ended."""
+        number = 1
+        for stage in stages:
+            self._steps[stage.index] = number
+            number += 1 + len(stage.instructions)
+            if stage.name is not None:
+                self._stage_names[stage.name] = stage.index
+        deps = {stage.index: self._dependencies(stage) for stage in stages}
+        jobs = self.options.jobs or build_jobs()
+        if jobs <= 1 or all(deps[s.index] >= set(range(s.index)) for s in stages):
+            for stage in stages:  # a chain: nothing could run beside anything
+                self._stages[stage.index] = self._build_stage(stage)
+            return
+        pending = [stage.index for stage in stages]
+        running: dict[concurrent.futures.Future, int] = {}
+        failure: BaseException | None = None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs,
+                                                   thread_name_prefix="stage") as pool:
+            while pending or running:
+                while failure is None and pending and len(running) < jobs:
+                    ready = [i for i in pending if deps[i] <= self._stages.keys()]
+                    if not ready:
+                        break
+                    pending.remove(ready[0])
+                    running[pool.submit(self._build_stage, stages[ready[0]])] = ready[0]
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    index = running.pop(future)
+                    try:
+                        self._stages[index] = future.result()
+                    except BaseException as exc:  # noqa: B036 (re-raised below)
+                        failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _dependencies(self, stage: Stage) -> set[int]:
+        """The earlier stages *stage* uses: its FROM, ``COPY/ADD --from`` and ``RUN
+        --mount=…,from=``. A name with a variable in it may be any of them."""
+        names = [stage.base]
+        for ins in stage.instructions:
+            if ins.keyword in ("COPY", "ADD") and "from" in ins.flags:
+                names.append(ins.flags["from"])
+            elif ins.keyword == "RUN" and "mount" in ins.flags:
+                for spec in ins.flags["mount"].split("\n"):
+                    for item in spec.split(","):
+                        key, _, value = item.partition("=")
+                        if key.strip().lower() == "from":
+                            names.append(value)
+        out: set[int] = set()
+        for name in names:
+            if "$" in name:
+                return set(range(stage.index))
+            lowered = name.lower()
+            index = self._stage_names.get(lowered)
+            if index is None and lowered.isdigit():
+                index = int(lowered)
+            if index is not None and index < stage.index:
+                out.add(index)
+        return out
+
     def _build_stage(self, stage: Stage) -> ImageState:
+        self._current.stage = stage.index
+        self._current.step = self._steps.get(stage.index, 1) - 1
         self._next_step(stage.from_)
         env = {k: v for k, v in self._global_args.items() if v is not None}
         base_ref = self._expand(stage.base, env, stage.from_)
@@ -320,16 +407,30 @@ class Builder:
         return run.state
 
     def _next_step(self, ins: Instruction) -> None:
-        self.step_number += 1
-        self.out.step(self.step_number, self.total, ins.text)
+        self._current.step += 1
+        self.step_number = self._current.step
+        self.out.step(self._current.step, self.total, ins.text)
+
+    def _earlier_stage(self, name: str) -> int | None:
+        """The index of the stage *name* (a name or a number) if it comes before the one
+        this thread builds (later ones are image names, as docker reads them)."""
+        lowered = name.lower()
+        index = self._stage_names.get(lowered)
+        if index is None and lowered.isdigit():
+            index = int(lowered)
+        current = getattr(self._current, "stage", None)
+        if index is None or (current is not None and index >= current):
+            return None
+        return index
 
     def _base_state(self, ref: str, ins: Instruction) -> ImageState:
         if ref.lower() == "scratch":
             return ImageState({"architecture": host_arch(), "os": "linux",
                                "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
                                "rootfs": {"type": "layers", "diff_ids": []}, "history": []}, [])
-        if ref.lower() in self._stage_names:
-            return _copy.deepcopy(self._stages[self._stage_names[ref.lower()]])
+        index = self._earlier_stage(ref)
+        if index is not None and not ref.isdigit():
+            return _copy.deepcopy(self._stages[index])
         image = self._resolve_image(ref, ins)
         config = _copy.deepcopy(image.config)
         config.setdefault("config", {})
@@ -413,28 +514,100 @@ class Builder:
         handler = getattr(self, f"_do_{ins.keyword.lower()}")
         handler(run, ins)
 
-    def _cached(self, run: _StageRun, key: str) -> bool:
+    def _cached(self, run: _StageRun, key: str, change=None, whole=None) -> bool:
+        """Take the step's result from the build cache, or (*replay*) from a --cache-from
+        image's history entry with the same key: the parent's config with that entry, its
+        layer, *change* (the step's change of the runtime config) and *whole* (its change
+        of the whole config) gives exactly the image the step made there."""
         if self.options.no_cache:
             return False
         hit = self.cache.get(key, self.store)
         if hit is None:
-            return False
+            found = self._cache_from.get(key)
+            if found is None:
+                return False
+            entry, layer, diff_id = found
+            config = _copy.deepcopy(run.state.config)
+            layers = list(run.state.layers)
+            if layer is not None:
+                layers.append(dict(layer))
+                config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+                config["rootfs"].setdefault("diff_ids", []).append(diff_id)
+            if change is not None:
+                change(config.setdefault("config", {}))
+            if whole is not None:
+                whole(config)
+            config["created"] = entry["created"]
+            config.setdefault("history", []).append(dict(entry))
+            hit = (config, layers)
+            self.cache.put(key, config, layers)
         run.state = ImageState(hit[0], hit[1])
         self.out.line(" ---> Using cache")
         return True
+
+    def _load_cache_from(self) -> dict[str, tuple[dict, dict | None, str | None]]:
+        """{cache key: (history entry, layer descriptor or None, diff_id)} of the
+        ``--cache-from`` images' history entries that carry a key (builds by vmshim).
+        An image that is not stored is pulled once; one that cannot be had is a warning,
+        as with docker."""
+        index: dict[str, tuple[dict, dict | None, str | None]] = {}
+        for ref in self.options.cache_from:
+            try:
+                image = self.store.resolve(ref)
+            except ImageNotFound:
+                try:
+                    from shim.images.distribution import pull
+
+                    with _single_attempt():
+                        pull(ref, store=self.store)
+                    image = self.store.resolve(ref)
+                except (ImportError, VmshimError) as exc:
+                    self.out.warn(f"--cache-from {ref}: not used: {exc}")
+                    continue
+            history = image.config.get("history")
+            if not isinstance(history, list):
+                continue
+            history = history[:MAX_HISTORY]
+            if not all(isinstance(entry, dict) for entry in history):
+                continue
+            layers = list(image.layers)
+            # the entries that made layers made the last ones (a base may lack history)
+            at = len(layers) - sum(1 for e in history if e.get("empty_layer") is not True)
+            if at < 0:
+                continue
+            for entry in history:
+                empty = entry.get("empty_layer") is True
+                layer = None
+                if not empty:
+                    if at >= len(layers):
+                        break
+                    layer = layers[at]
+                    at += 1
+                comment = entry.get("comment")
+                if not (isinstance(comment, str) and comment.startswith(CACHE_COMMENT)
+                        and isinstance(entry.get("created"), str)):
+                    continue
+                key = comment[len(CACHE_COMMENT):]
+                if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                    continue
+                desc = None if layer is None else {"mediaType": layer.media_type,
+                                                   "digest": layer.digest, "size": layer.size}
+                index.setdefault(key, (entry, desc, None if layer is None else layer.diff_id))
+        return index
 
     def _metadata(self, run: _StageRun, ins: Instruction, created_by: str, change,
                   inputs=None) -> None:
         """A config-only step: apply *change* (a function of the runtime config)."""
         key = cache_key(run.state.id, created_by, inputs)
-        if self._cached(run, key):
+        if self._cached(run, key, change):
             return
         config = _copy.deepcopy(run.state.config)
         change(config.setdefault("config", {}))
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
-            {"created": now, "created_by": created_by, "empty_layer": True})
+            {"created": now, "created_by": created_by, "empty_layer": True,
+             "comment": CACHE_COMMENT + key})
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 
@@ -443,7 +616,7 @@ class Builder:
         config = _copy.deepcopy(run.state.config)
         layers = list(run.state.layers)
         now = now_rfc3339()
-        entry = {"created": now, "created_by": created_by}
+        entry = {"created": now, "created_by": created_by, "comment": CACHE_COMMENT + key}
         if layer is not None:
             with open(layer, "rb") as f:
                 stored = self.store.put_blob(f, expected_digest=None)
@@ -488,7 +661,9 @@ class Builder:
                                   ins.flags["mount"].split("\n")) + " " + created_by
         if build_env:
             created_by = f"|{len(build_env)} {' '.join(build_env)} {created_by}"
-        key = cache_key(run.state.id, created_by)
+        binds = [self._bind_source(fields, ins) for fields in mount_specs
+                 if fields["type"] == "bind"]
+        key = cache_key(run.state.id, created_by, {"binds": binds} if binds else None)
         if self._cached(run, key):
             return
         cfg = run.state.runtime
@@ -541,6 +716,23 @@ class Builder:
         self.out.line(f"Removing intermediate container {result.container_id[:12]}")
         self._add_layer(run, result.layer, result.digest, created_by, key)
 
+    def _bind_source(self, fields: dict, ins: Instruction) -> list:
+        """Plan what a ``RUN --mount=type=bind`` shows (the context's, a stage's or an
+        image's file or directory) into *fields* for shim.build.mounts.prepare; returns
+        its cache-key material (the context files' digests; for a stage or an image, its
+        ID and the path). Raises ContextError, BuildError."""
+        what = f"{self._df}:{ins.line}: RUN --mount type=bind"
+        source = fields["source"]
+        if "from" in fields:
+            state = self._from_source(fields["from"], ins)
+            view = self._view(state)
+            fields["plans"] = copying.plan_image(view, [source], what, fields["from"])
+            fields["open_many"] = view.open_many
+            return [state.id, source]
+        plans = copying.plan_context(self.context, [source], what)
+        fields["plans"] = plans
+        return [p.key() for p in plans]
+
     # COPY / ADD ----------------------------------------------------------------------------
     def _do_copy(self, run: _StageRun, ins: Instruction) -> None:
         self._copy_or_add(run, ins, add=False)
@@ -564,6 +756,8 @@ class Builder:
                 from_id = from_state.id
                 source_view = self._view(from_state)
                 plans = copying.plan_image(source_view, sources, what, flags["from"])
+            elif flags.get("parents", "false").lower() not in ("false", "0"):
+                plans = copying.plan_context(self.context, sources, what, parents=True)
             else:
                 plans = []
                 for src in sources:
@@ -599,7 +793,7 @@ class Builder:
                 chown = copying.parse_chown(flags["chown"], view)
             except copying.CopyError as exc:
                 raise copying.CopyError(f"{self._df}:{ins.line}: {exc}") from None
-        layer = self._work / "copy-layer.tar"
+        layer = self._work / f"copy-layer-{run.stage.index}.tar"
         writer = LayerWriter(layer)
         try:
             count = copying.write_layer(
@@ -619,15 +813,12 @@ class Builder:
         self._add_layer(run, layer, digest, f"/bin/sh -c #(nop) {created_by}", key)
 
     def _from_source(self, name: str, ins: Instruction) -> ImageState:
-        lowered = name.lower()
-        if lowered in self._stage_names:
-            return self._stages[self._stage_names[lowered]]
-        if lowered.isdigit():
-            index = int(lowered)
-            if index < len(self._stages):
-                return self._stages[index]
+        index = self._earlier_stage(name)
+        if index is not None:
+            return self._stages[index]
+        if name.isdigit():
             raise BuildError(f"{self._df}:{ins.line}: {ins.keyword} --from={name}: there is "
-                             f"no earlier stage {index}")
+                             f"no earlier stage {name}")
         return self._base_state(name, ins)
 
     # WORKDIR -------------------------------------------------------------------------------
@@ -639,17 +830,18 @@ class Builder:
             path = "/" + path
         created_by = f"WORKDIR {path}"
         key = cache_key(run.state.id, created_by)
-        if self._cached(run, key):
-            return
 
         def change(cfg: dict) -> None:
             cfg["WorkingDir"] = path
+
+        if self._cached(run, key, change):
+            return
 
         view = self._view(run.state)
         if view.is_dir(path):
             self._metadata(run, ins, f"/bin/sh -c #(nop) {created_by}", change)
             return
-        layer = self._work / "workdir-layer.tar"
+        layer = self._work / f"workdir-layer-{run.stage.index}.tar"
         writer = LayerWriter(layer)
         try:
             copying.write_layer(writer, view, [copying.SourcePlan("dir", "", [])], path, "/",
@@ -692,15 +884,19 @@ class Builder:
     def _do_maintainer(self, run: _StageRun, ins: Instruction) -> None:
         author = self._expand(ins.rest, run.env(), ins)
         key = cache_key(run.state.id, f"MAINTAINER {author}")
-        if self._cached(run, key):
+
+        def whole(config: dict) -> None:
+            config["author"] = author
+
+        if self._cached(run, key, whole=whole):
             return
         config = _copy.deepcopy(run.state.config)
-        config["author"] = author
+        whole(config)
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
             {"created": now, "created_by": f"/bin/sh -c #(nop)  MAINTAINER {author}",
-             "empty_layer": True})
+             "empty_layer": True, "comment": CACHE_COMMENT + key})
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 

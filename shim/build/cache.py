@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from shim import paths
@@ -53,6 +54,7 @@ class BuildCache:
     def put(self, key: str, config: dict, layers: list[dict]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{key}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        # per thread too: independent stages may make the same step at once
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_bytes(canonical_json({"config": config, "layers": layers}))
         os.replace(tmp, path)

@@ -15,6 +15,9 @@ Docker's rules, as the classic builder applies them:
 - several sources (or a wildcard) need a destination ending in ``/``;
 - everything is owned by 0:0 unless ``--chown`` (names looked up in the image's
   /etc/passwd and /etc/group); ``--chmod`` sets the mode;
+- ``COPY --parents`` (BuildKit) keeps each source's parent directories, relative to the
+  context, or to the part of the source before a ``/./`` (``COPY --parents a/./b/c d/``
+  makes ``d/b/c``);
 - ADD extracts a local tar (plain, gzip, bzip2, xz) into DEST, keeping the archive's owners
   unless ``--chown``; ADD of a URL downloads it (mode 0600, not extracted).
 """
@@ -88,8 +91,12 @@ class SourcePlan:
 
 # ---- planning -----------------------------------------------------------------------------
 def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
-                 extract: bool = False) -> list[SourcePlan]:
-    """Plans for sources in the build context. Raises ContextError."""
+                 extract: bool = False, parents: bool = False) -> list[SourcePlan]:
+    """Plans for sources in the build context; with *parents* (``COPY --parents``), one
+    ``dir`` plan holding every source under its parent directories. Raises
+    ContextError."""
+    if parents:
+        return [_with_parents(ctx, patterns, what)]
     plans = []
     for pattern in patterns:
         for src in ctx.sources(pattern, what):
@@ -114,6 +121,42 @@ def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
                 raise ContextError(f"{what} failed: {pattern} is not a file, directory or "
                                    "symlink")
     return plans
+
+
+def _with_parents(ctx: BuildContext, patterns: list[str], what: str) -> SourcePlan:
+    """``COPY --parents``: every match of *patterns* at its path in the context (or below
+    the pivot ``/./``), with its parent directories (modes from the context)."""
+    entries: dict[str, Entry] = {}
+    for pattern in patterns:
+        pivot = ""
+        if "/./" in pattern:
+            before, after = pattern.split("/./", 1)
+            pivot, pattern = norm(before), f"{before}/{after}"
+        for src in ctx.sources(pattern, what):
+            rel = norm(src.rel)
+            if pivot and not rel.startswith(pivot + "/"):
+                raise ContextError(f"{what} failed: {pattern}: the part before /./ must be "
+                                   "a directory the source is in")
+            keep = rel[len(pivot) + 1:] if pivot else rel
+            parts = keep.split("/") if keep else []
+            for i in range(1, len(parts)):
+                sub = "/".join(parts[:i])
+                if sub not in entries:
+                    host = ctx.host_path(ctx.resolve(f"{pivot}/{sub}" if pivot else sub))
+                    st = os.stat(host)
+                    entries[sub] = Entry(sub, "d", stat.S_IMODE(st.st_mode),
+                                         mtime=int(st.st_mtime))
+            for plan in plan_context(ctx, [src.rel], what):
+                if keep and plan.kind == "dir":
+                    st = os.stat(ctx.host_path(src.real))
+                    entries.setdefault(keep, Entry(keep, "d", stat.S_IMODE(st.st_mode),
+                                                   mtime=int(st.st_mtime)))
+                for e in plan.entries:
+                    path = "/".join(p for p in (keep, e.path) if p)
+                    if path:
+                        e.path = path
+                        entries[path] = e
+    return SourcePlan("dir", "", sorted(entries.values(), key=lambda e: e.path.split("/")))
 
 
 def plan_inline(name: str, data: bytes) -> SourcePlan:

@@ -32,7 +32,7 @@ INSTRUCTIONS = ("FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "A
                 "HEALTHCHECK", "SHELL")
 FLAGS = {
     "FROM": {"platform"},
-    "COPY": {"from", "chown", "chmod", "link"},
+    "COPY": {"from", "chown", "chmod", "link", "parents"},
     "ADD": {"chown", "chmod", "link", "checksum"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
     "RUN": {"mount"},

@@ -9,6 +9,11 @@ its image, and never keeps.
   A copy of it sits alone in a private directory of the build for the step (a VM shares
   that directory, never the source's own). Only the id is in the cache key and history.
 - ``type=tmpfs,target=DIR[,size=BYTES]``: an empty tmpfs.
+- ``type=bind,target=DIR[,source=PATH][,from=STAGE|IMAGE][,rw]`` (the default type):
+  PATH (default: the whole) of the build context, or of an earlier stage or an image,
+  read-only unless ``rw``. The builder copies it into a private directory of the build
+  (:func:`materialize`), so the step never sees the user's own files and ``rw`` writes
+  are thrown away; its content is part of the step's cache key, never of its layer.
 
 Mount points the step made only to mount on (the target, its missing parents) are left
 out of the layer (shim.build.diff).
@@ -26,12 +31,14 @@ from pathlib import Path
 from shim.build.errors import BuildError
 from shim.volumes.specs import MountRequest
 
-TYPES = ("cache", "secret", "tmpfs")
+TYPES = ("bind", "cache", "secret", "tmpfs")
 _KEYS = {
     "cache": {"type", "target", "dst", "destination", "id", "ro", "readonly", "rw",
               "sharing", "mode", "uid", "gid"},
     "secret": {"type", "target", "dst", "destination", "id", "required", "mode", "uid", "gid"},
     "tmpfs": {"type", "target", "dst", "destination", "size"},
+    "bind": {"type", "target", "dst", "destination", "source", "src", "from", "rw",
+             "readwrite", "ro", "readonly"},
 }
 MAX_SECRET = 500 * 1024
 """docker's cap on a build secret's size."""
@@ -106,6 +113,9 @@ def parse_mount(spec: str, where: str) -> dict:
     if target == "/":
         raise MountError(f"{where}: RUN --mount target=/ is not allowed")
     fields["target"] = target
+    if kind == "bind":
+        fields["source"] = fields.get("source") or fields.get("src") or "."
+        fields["rw"] = _flag(fields, "rw") or _flag(fields, "readwrite")
     if kind == "tmpfs" and "size" in fields and not fields["size"].isdigit():
         raise MountError(f"{where}: RUN --mount type=tmpfs size= must be a number of bytes")
     return fields
@@ -114,8 +124,10 @@ def parse_mount(spec: str, where: str) -> dict:
 def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], workdir: str,
             scratch_dir: Path) -> StepMounts:
     """Turn checked ``--mount`` fields into requests for one step: cache volumes made if
-    missing, secrets copied to a private directory under *scratch_dir*. Raises
-    MountError (a required secret not given), VolumeError."""
+    missing, secrets copied to a private directory under *scratch_dir*, bind sources
+    written there (``fields["plans"]`` and ``fields["open_many"]`` set by the builder,
+    see :func:`materialize`). Raises MountError (a required secret not given),
+    VolumeError, CopyError."""
     from shim.volumes.store import VolumeStore
 
     out = StepMounts()
@@ -125,6 +137,14 @@ def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], work
             if fields["type"] == "tmpfs":
                 options = f"size={fields['size']}" if "size" in fields else ""
                 out.requests.append(MountRequest(type="tmpfs", target=target, options=options))
+            elif fields["type"] == "bind":
+                private = Path(scratch_dir) / f"bind-{len(out.scratch)}"
+                private.mkdir(mode=0o700, parents=True)
+                out.scratch.append(private)
+                source = materialize(fields["plans"], private / "root",
+                                     fields.get("open_many"))
+                out.requests.append(MountRequest(type="bind", source=str(source),
+                                                 target=target, readonly=not fields["rw"]))
             elif fields["type"] == "cache":
                 ident = fields.get("id") or target
                 name = (f"buildcache-{isolation}-"
@@ -158,6 +178,72 @@ def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], work
         out.cleanup()
         raise
     return out
+
+
+MAX_BIND_ENTRIES = 200_000
+"""Most files and directories one bind mount may copy."""
+
+
+def materialize(plans: list, dest: Path, open_many=None) -> Path:
+    """Write the COPY plans of a bind mount's source (shim.build.copy: one ``file`` plan
+    or one ``dir`` plan) at *dest*: a file, or a directory with the plan's entries. Files
+    of an image (entries without an opener) are read through *open_many* (a RootView's).
+    Entry paths come from the context or the image's checked file list: no ``..``, no
+    absolute paths; symlinks are made, never followed (every path is created under a
+    parent made here). Returns *dest*. Raises MountError."""
+    if len(plans) != 1 or plans[0].kind not in ("file", "dir"):
+        raise MountError("RUN --mount type=bind: source must name one file or directory")
+    plan = plans[0]
+    if len(plan.entries) > MAX_BIND_ENTRIES:
+        raise MountError(f"RUN --mount type=bind: source has more than {MAX_BIND_ENTRIES} "
+                         "entries")
+    if plan.kind == "dir":
+        dest.mkdir(mode=0o755)
+    pending: dict[str, list] = {}
+    made = {""}  # directories made here: the only parents an entry may have
+    for entry in plan.entries:
+        parts = entry.path.split("/") if entry.path else []
+        if any(p in ("", ".", "..") for p in parts) or (plan.kind == "file" and parts):
+            raise MountError(f"RUN --mount type=bind: unexpected path {entry.path!r}")
+        if parts and "/".join(parts[:-1]) not in made:
+            raise MountError(f"RUN --mount type=bind: {entry.path!r} is not below a "
+                             "directory of the source")
+        path = dest.joinpath(*parts) if parts else dest
+        if entry.kind == "d":
+            if parts:
+                os.mkdir(path, 0o700)
+                made.add(entry.path)
+        elif entry.kind == "l":
+            os.symlink(entry.linkname, path)
+        elif entry.opener is not None:
+            with entry.opener() as src, _create(path) as out:
+                shutil.copyfileobj(src, out)
+        elif open_many is not None:
+            pending.setdefault(entry.digest, []).append(path)
+        else:
+            raise MountError(f"RUN --mount type=bind: cannot read {entry.path!r}")
+    if pending:
+        for name, src in open_many(list(pending)):
+            for path in pending.pop(name, []):
+                with _create(path) as out:
+                    shutil.copyfileobj(src, out)
+    for entry in reversed(plan.entries):  # modes last: a 0555 directory is still filled
+        if entry.kind == "l":
+            continue
+        parts = entry.path.split("/") if entry.path else []
+        path = dest.joinpath(*parts) if parts else dest
+        os.lchown(path, entry.uid, entry.gid)
+        os.chmod(path, entry.mode & 0o7777)
+    return dest
+
+
+def _create(path: Path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def _flag(fields: dict, name: str) -> bool:
+    return name in fields and fields[name].lower() not in ("false", "0")
 
 
 def _pairs(text: str, what: str) -> dict[str, str]:

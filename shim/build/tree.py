@@ -23,6 +23,7 @@ import json
 import os
 import posixpath
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -120,7 +121,7 @@ def listing(blob: Path, digest_hex: str) -> list[list]:
             entries.append([name, kind, ti.mode & 0o7777, ti.uid, ti.gid, ti.size,
                             int(ti.mtime), link])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}")  # stages: threads
     tmp.write_text(json.dumps({"v": _LISTING_VERSION, "entries": entries},
                               separators=(",", ":")))
     os.replace(tmp, cache)

@@ -131,9 +131,15 @@ def _terminate(signum, _frame):
                    "oci: an OCI image-layout tar).")
 @click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE",
               help="A secret for RUN --mount=type=secret (never in the image).")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="IMAGE",
+              help="Use this image's build history as a cache (repeatable).")
+@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto",
+              show_default=True,
+              help="tty: a collapsing step view; plain: every line (auto: tty on a terminal).")
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
 def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              network, add_hosts, labels, iidfile, secrets, outputs, context):
+              network, add_hosts, labels, iidfile, secrets, outputs, cache_from, progress,
+              context):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
@@ -143,13 +149,24 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         tags=list(tags), build_args=_build_args(build_args), target=target,
         no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
         network=network, add_hosts=list(add_hosts), labels=_labels(labels),
-        secrets=parse_secret_flags(list(secrets)))
-    output = ConsoleOutput(quiet)
+        secrets=parse_secret_flags(list(secrets)), cache_from=list(cache_from))
+    if progress == "auto":
+        progress = "tty" if sys.stdout.isatty() else "plain"
+    if progress == "tty" and not quiet:
+        from shim.cli.build_progress import TtyOutput
+
+        output = TtyOutput(sys.stdout)
+    else:
+        output = ConsoleOutput(quiet)
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    failed = True
     try:
         result = build(options, output)
+        failed = False
     finally:
         output.status(None)
+        if hasattr(output, "close"):
+            output.close(failed)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if iidfile:

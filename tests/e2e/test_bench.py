@@ -58,3 +58,28 @@ def test_bench_every_figure_kind_in_one_short_run(tmp_path, domains_before):
     assert (out / "density_steps.png").is_file() and (out / "summary.png").is_file()
     assert all(name.encode() in proc.stdout for name in FIGURES)  # the printed table
     assert not wait_no_new_domains(domains_before)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_bench_build_express_next_to_podman(tmp_path, domains_before):
+    """The Express example's build time, vm and process, next to podman build with runc
+    (or the reason podman could not), from the npm mirror scripts/test fetched."""
+    from pathlib import Path
+
+    from shim import paths
+    from shim.bench import npm_mirror
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "node-hello"
+    if not npm_mirror.ready(example / "package.json", paths.root() / "cache" / "npm"):
+        pytest.skip("no npm mirror cache (scripts/test fills it)")
+    out = tmp_path / "bench"
+    proc = vmshim("bench", "--runs", "1", "--only", "build_express", "--output", str(out),
+                  timeout=2400)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    subjects = json.loads((out / "results.json").read_text())["figures"]["build_express"]["subjects"]
+    print({k: v.get("median", v.get("skipped")) for k, v in subjects.items()})
+    for name in ("vm", "process"):
+        assert subjects[name]["runs"] == 1 and subjects[name]["median"] > 0, subjects[name]
+    assert subjects["runc"].get("runs") == 1 or subjects["runc"].get("skipped"), subjects["runc"]
+    assert not wait_no_new_domains(domains_before)

@@ -71,7 +71,7 @@ def files_server(tmp_path_factory):
 
 def context(tmp_path, dockerfile: str):
     ctx = tmp_path / "ctx"
-    ctx.mkdir()
+    ctx.mkdir(parents=True)
     (ctx / "Dockerfile").write_text(dockerfile)
     return str(ctx)
 
@@ -137,3 +137,35 @@ def test_bad_network_flags_are_one_line_before_any_step(tmp_path, args, message)
     assert proc.returncode != 0 and message in stderr, text(proc)
     assert len(stderr.strip().splitlines()) == 1
     assert "Step 2/2" not in proc.stdout.decode()
+
+
+# Debian's apt downloads it over HTTP and checks its sha256 (apt-helper: in every Debian
+# image, with apt's own HTTP client), then tar unpacks it.
+DEBIAN_DOWNLOAD = f"""\
+FROM node:18-bookworm
+ARG SHA
+RUN /usr/lib/apt/apt-helper download-file http://files:{FILES_PORT}/payload.tgz /tmp/p.tgz \\
+      "SHA256:$SHA" \\
+ && tar -C / -xzf /tmp/p.tgz && rm /tmp/p.tgz && echo apt-download-ok
+"""
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("vm", marks=vm), "process"])
+def test_debian_run_step_downloads_and_verifies_with_apt(isolation, files_server, tmp_path):
+    if vmshim("image", "inspect", "node:18-bookworm").returncode != 0:
+        pytest.skip("no Debian (node) image: scripts/test bootstraps it")
+    tag = f"vmshim-test/debnet-{isolation}-{SUFFIX}"
+    proc = vmshim("build", "--no-cache", "--isolation", isolation, "--add-host",
+                  f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}", "-t", tag,
+                  context(tmp_path, DEBIAN_DOWNLOAD), timeout=900)
+    assert proc.returncode == 0, text(proc)
+    assert "apt-download-ok" in text(proc).splitlines()
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
+                 "cat", "/payload/hello.txt")
+    assert run.stdout.decode() == f"downloaded-{SUFFIX}\n", text(run)
+    # a wrong checksum fails the step: apt checked it
+    bad = vmshim("build", "--no-cache", "--isolation", "process", "--add-host",
+                 f"files:{FILES_IP}", "--build-arg", f"SHA={'0' * 64}",
+                 context(tmp_path / "bad", DEBIAN_DOWNLOAD), timeout=900)
+    assert bad.returncode != 0 and "apt-download-ok" not in text(bad).splitlines(), text(bad)
+    vmshim("rmi", tag)

@@ -463,3 +463,21 @@ def test_kernels_benchmark_measures_each_kernel_and_skips_one_not_built(monkeypa
     assert figs["kernel_guest_memory"].subjects["distro"].samples == [40.0, 40.0]
     assert figs["kernel_boot"].subjects["distro"].extra["kernel_release"] == "6.1.0-cloud"
     assert commands[0][:2] == ["env", "VMSHIM_GUEST_KERNEL=distro"]
+
+
+def test_build_express_commands_and_its_skip_without_a_mirror(tmp_path, monkeypatch):
+    ctx_dir = tmp_path / "ctx"
+    vm = suite.build_argv("vm", ctx_dir, 4873, "t")
+    assert vm[-12:] == ["build", "--no-cache", "-q", "--isolation", "vm", "--add-host",
+                        "npm:host-gateway", "--build-arg", "NPM_REGISTRY=http://npm:4873/",
+                        "-t", "t-express", str(ctx_dir)]
+    podman = suite.build_argv("runc", ctx_dir, 4873, "t")
+    assert podman[:4] == ["podman", "build", "--runtime", "runc"]
+    assert "NPM_REGISTRY=http://127.0.0.1:4873/" in podman and podman[-1] == str(ctx_dir)
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "state"))
+    ctx = _ctx()
+    suite.bench_build_express(ctx)
+    fig = ctx.results.figures["build_express"] if hasattr(ctx.results, "figures") else None
+    data = json.dumps(ctx.results.to_dict()) if hasattr(ctx.results, "to_dict") else str(fig)
+    assert "no npm mirror" in data
+    assert "build_express" in suite.select([])

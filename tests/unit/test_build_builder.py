@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ class Recorder(BuildOutput):
         self.lines.append(f"[Warning] {text}")
 
 
+MEETING = threading.Barrier(2, timeout=5)
+
+
 class FakeRunner:
     """Stands in for StepRunner: ``RUN touch PATH`` adds a file, ``RUN fail`` fails,
     anything else changes nothing. Records the process specs it was given."""
@@ -48,13 +52,17 @@ class FakeRunner:
         self.calls.append(process)
         self.mounts = getattr(self, "mounts", []) + [mounts]
         if mounts is not None:  # what the step would see, while it runs
-            self.seen = [(r.type, r.target, r.readonly,
-                          Path(r.source).read_bytes() if r.type == "bind" else r.source)
+            self.seen = [(r.type, r.target, r.readonly, _look(r))
                          for r in mounts.requests]
         cid = f"{len(self.calls):064x}"
         if announce:
             announce(cid)
         command = process.args[-1]
+        if command == "meet":  # both independent stages' steps run at the same time
+            try:
+                MEETING.wait()
+            except threading.BrokenBarrierError:
+                raise RunStepError("nobody came to the meeting", 1) from None
         if command == "fail":
             raise RunStepError("The command 'fail' returned a non-zero code: 2", 2, b"boom\n")
         if command.startswith("touch "):
@@ -67,6 +75,18 @@ class FakeRunner:
             digest = writer.close()
             return StepResult(cid, out, digest, 1)
         return StepResult(cid, None, None, 0)
+
+
+def _look(request):
+    """What a mount shows: a bind's file bytes, or {relative path: bytes or None} of
+    its directory; a volume's name."""
+    if request.type != "bind":
+        return request.source
+    source = Path(request.source)
+    if source.is_file():
+        return source.read_bytes()
+    return {str(p.relative_to(source)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(source.rglob("*"))}
 
 
 @pytest.fixture
@@ -501,3 +521,152 @@ def test_output_local_never_writes_through_an_image_symlink(tmp_path, monkeypatc
         pass  # refused: fine too
     assert not (outside / "x").exists()
     assert os.path.islink(tmp_path / "dest" / "esc")
+
+
+def test_run_bind_mounts_context_stage_and_image_never_in_the_layer(env):
+    store, ctx = env
+    (ctx / "src").mkdir()
+    (ctx / "src" / "a.txt").write_text("from the context")
+    (ctx / "skip.txt").write_text("ignored")
+    (ctx / ".dockerignore").write_text("skip.txt\n")
+    dockerfile = ("FROM base:1 AS tools\nRUN touch /tool\n"
+                  "FROM base:1\nWORKDIR /w\n"
+                  "RUN --mount=type=bind,target=ctx --mount=type=bind,source=src/a.txt,"
+                  "target=/one.txt,rw --mount=type=bind,from=tools,source=/tool,target=/t "
+                  "--mount=from=base:1,source=etc,target=/base-etc touch /made\n")
+    result, _, b = run_build(ctx, dockerfile, tags=["b:1"])
+    seen = b.runner.seen
+    assert seen[0][:3] == ("bind", "/w/ctx", True)
+    assert seen[0][3]["src/a.txt"] == b"from the context" and "skip.txt" not in seen[0][3]
+    assert seen[1] == ("bind", "/one.txt", False, b"from the context")  # rw: a copy
+    assert seen[2] == ("bind", "/t", True, b"x")
+    assert seen[3][3]["passwd"].startswith(b"root:x:0:0")
+    assert {"w/ctx", "one.txt", "t", "base-etc"} <= b.runner.mounts[-1].mount_points
+    assert not list(b._work.glob("bind-*")) if b._work.exists() else True
+    # unchanged: cached; a bound file changed: the step runs again (content in the key)
+    again, _, b = run_build(ctx, dockerfile, tags=["b:1"])
+    assert again.image_id == result.image_id and b.runner.calls == []
+    (ctx / "src" / "a.txt").write_text("changed")
+    third, _, b = run_build(ctx, dockerfile, tags=["b:1"])
+    assert third.image_id != result.image_id and len(b.runner.calls) == 1
+
+
+@pytest.mark.parametrize("mount, message", [
+    ("type=bind,source=../../etc,target=/x", "outside the build context"),
+    ("type=bind,source=nothere,target=/x", "file not found in build context"),
+    ("type=bind,from=nostage,source=/,target=/x", "nostage"),
+    ("type=bind,source=.,target=/", "target=/ is not allowed"),
+    ("type=bind,source=.", "needs target="),
+    ("type=bind,target=/x,uid=0", "does not take 'uid'"),
+])
+def test_bad_bind_mounts_are_one_line_errors(env, mount, message):
+    _, ctx = env
+    with pytest.raises(Exception, match=message) as info:
+        run_build(ctx, f"FROM base:1\nRUN --mount={mount} true\n")
+    assert "\n" not in str(info.value)
+
+
+def test_bind_materialize_refuses_paths_that_leave_its_directory(tmp_path):
+    from shim.build.copy import Entry, SourcePlan
+    from shim.build.mounts import MountError, materialize
+
+    for bad in ("../escape", "a/../../b", "/abs", "a//b"):
+        plan = SourcePlan("dir", "x", [Entry(bad, "f", 0o644, opener=lambda: io.BytesIO(b""))])
+        with pytest.raises(MountError, match="unexpected path"):
+            materialize([plan], tmp_path / f"d{len(list(tmp_path.iterdir()))}")
+    # a symlink in the source is made, never followed: a file under it is refused
+    plan = SourcePlan("dir", "x", [Entry("l", "l", 0o777, linkname=str(tmp_path)),
+                                   Entry("l/pwned", "f", 0o644, opener=lambda: io.BytesIO(b"x"))])
+    with pytest.raises(MountError, match="not below a directory"):
+        materialize([plan], tmp_path / "sym")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_copy_parents_keeps_the_sources_directories(env):
+    store, ctx = env
+    for rel in ("x/a.txt", "y/a.txt", "y/sub/b.txt", "deep/er/c.txt"):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(rel)
+    os.chmod(ctx / "deep", 0o750)
+    dockerfile = ("FROM base:1\nCOPY --parents x/a.txt y/*.txt /p/\n"
+                  "COPY --parents y/sub deep/./er/c.txt /q/\nCOPY x/a.txt y/sub /plain/\n")
+    run_build(ctx, dockerfile, tags=["p:1"])
+    layers = store.resolve("p:1").layers
+    names = []
+    for layer in layers[1:]:
+        with tarfile.open(store.blob_path(layer.digest)) as tar:
+            names.append({m.name: m for m in tar.getmembers()})
+    assert {n for n, m in names[0].items() if m.isfile()} == {"p/x/a.txt", "p/y/a.txt"}
+    assert {n for n, m in names[1].items() if m.isfile()} == {"q/y/sub/b.txt", "q/er/c.txt"}
+    assert "q/deep" not in names[1]
+    assert {n for n, m in names[2].items() if m.isfile()} == {"plain/a.txt", "plain/b.txt"}
+    with pytest.raises(BuildError, match="outside the build context"):
+        run_build(ctx, "FROM base:1\nCOPY --parents ../x /p/\n")
+
+
+PARALLEL = """\
+FROM base:1 AS a
+RUN meet
+RUN touch /a
+FROM base:1 AS b
+RUN meet
+RUN touch /b
+FROM base:1
+COPY --from=a /a /a
+COPY --from=b /b /b
+"""
+
+
+def test_independent_stages_run_at_the_same_time(env):
+    store, ctx = env
+    MEETING.reset()
+    result, lines, b = run_build(ctx, PARALLEL, tags=["par:1"], jobs=2)
+    assert len([c for c in b.runner.calls if c.args[-1] == "meet"]) == 2
+    # the last stage waited for both: their files are in it; steps keep their numbers
+    names = set()
+    for layer in store.resolve("par:1").layers[1:]:
+        with tarfile.open(store.blob_path(layer.digest)) as tar:
+            names |= set(tar.getnames())
+    assert {"a", "b"} <= names
+    assert sorted(ln for ln in lines if ln.startswith("Step ")) == sorted(
+        f"Step {n}/9 : {t}" for n, t in enumerate(PARALLEL.splitlines(), 1))
+    # one job at a time: the first stage waits alone and fails, the build fails
+    MEETING.reset()
+    with pytest.raises(RunStepError, match="nobody came"):
+        run_build(ctx, PARALLEL.replace("RUN touch /a", "RUN touch /a2"), no_cache=True, jobs=1)
+    MEETING.reset()
+
+
+def test_cache_from_an_image_history_gives_the_same_image(env):
+    store, ctx = env
+    (ctx / "app.txt").write_text("app")
+    dockerfile = ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
+                  "MAINTAINER me\nCMD [\"cat\", \"app.txt\"]\n")
+    first, _, _ = run_build(ctx, dockerfile, tags=["cf:1"])
+    history = store.resolve("cf:1").config["history"]
+    assert all(h["comment"].startswith("vmshim.build cache-key ") for h in history)
+    shutil.rmtree(store.root.parent / "build" / "cache")  # another machine: no local cache
+    again, lines, b = run_build(ctx, dockerfile, tags=["cf:2"], cache_from=["cf:1"])
+    assert again.image_id == first.image_id and b.runner.calls == []
+    assert lines.count(" ---> Using cache") == 6
+    # without it every step runs; a change re-runs from the changed step on
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    _, lines, b = run_build(ctx, dockerfile, tags=["cf:3"])
+    assert lines.count(" ---> Using cache") == 0 and len(b.runner.calls) == 1
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    (ctx / "app.txt").write_text("changed")
+    _, lines, b = run_build(ctx, dockerfile, tags=["cf:4"], cache_from=["cf:1"])
+    assert lines.count(" ---> Using cache") == 2 and len(b.runner.calls) == 1
+
+
+def test_cache_from_ignores_what_it_cannot_use(env):
+    store, ctx = env
+    dockerfile = "FROM base:1\nRUN touch /made\n"
+    run_build(ctx, dockerfile, tags=["h:1"])
+    config = json.loads(json.dumps(store.resolve("h:1").config))
+    config["history"][0]["comment"] = "vmshim.build cache-key ../../../etc/passwd"
+    store.import_image([], config, "hostile:1")
+    shutil.rmtree(store.root.parent / "build" / "cache")
+    _, lines, b = run_build(ctx, dockerfile, cache_from=["hostile:1", "missing.invalid/x:9"])
+    assert len(b.runner.calls) == 1
+    assert any("--cache-from missing.invalid/x:9: not used" in ln for ln in lines)

@@ -148,7 +148,7 @@ def test_exec_form_and_shell_form():
     (b"FROM a AS x\nFROM b AS x\n", "duplicate stage name"),
     (b"FROM a\nRUN\n", "RUN needs a command"),
     (b"FROM a\nRUN --mount=type=cache true\n", "needs target="),
-    (b"FROM a\nCOPY --parents a b\n", "does not support the flag --parents"),
+    (b"FROM a\nCOPY --keep-git-dir a b\n", "does not support the flag --keep-git-dir"),
     (b"FROM a\nCOPY a\n", "needs at least one source and a destination"),
     (b"FROM a\nCOPY --chmod=rwx a b\n", "invalid --chmod 'rwx'"),
     (b"FROM a\nSHELL /bin/bash -c\n", "SHELL needs its arguments in JSON form"),
