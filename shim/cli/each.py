@@ -1,15 +1,17 @@
 """Verbs that take several names, docker style: do each one, report each failure on its
-own line, go on with the rest, and exit 1 at the end if any failed."""
+own line, go on with the rest, and exit 1 at the end if any failed; and the Go-template
+subset ``--format`` renders their documents with (``ps`` uses it too)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Callable
 
 import click
 
-from shim.errors import VmshimError
+from shim.errors import UsageError, VmshimError
 
 
 def each(refs, action: Callable[[str], object], show: Callable[[str, object], str] | None = None) -> None:
@@ -39,11 +41,29 @@ def inspect_each(refs, document: Callable[[str], dict], fmt: str | None) -> None
             click.echo(f"Error: {exc}", err=True)
             failed = True
     if fmt:
-        from shim.cli.ps import render_template
-
         for doc in docs:
             click.echo(render_template(fmt, doc))
     else:
         click.echo(json.dumps(docs, indent=4))
     if failed:
         sys.exit(1)
+
+
+TEMPLATE_FIELD = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
+
+
+def render_template(template: str, data: dict) -> str:
+    """A small subset of Go templates: ``{{.A.B}}`` and ``{{json .A}}``."""
+    def value(match):
+        node = data
+        for part in [p for p in match.group(2).split(".") if p]:
+            if not isinstance(node, dict) or part not in node:
+                raise UsageError(f"template: no field {match.group(2)!r}")
+            node = node[part]
+        if match.group(1) or isinstance(node, (dict, list)):
+            return json.dumps(node)
+        if isinstance(node, bool):
+            return "true" if node else "false"
+        return str(node)
+
+    return TEMPLATE_FIELD.sub(value, template.replace("\\n", "\n").replace("\\t", "\t"))

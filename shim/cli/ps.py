@@ -8,6 +8,7 @@ import time
 
 import click
 
+from shim.cli.each import TEMPLATE_FIELD, render_template
 from shim.errors import UsageError, VmshimError
 
 FILTER_KEYS = ("id", "name", "status", "ancestor", "exited", "isolation", "label", "health")
@@ -163,7 +164,7 @@ def print_columns(rows: list[list[str]]) -> None:
 def print_template_table(template: str, entries: list[dict]) -> None:
     """``table TEMPLATE``: a header line from the field names, then one row per entry;
     ``\t`` in the template separates columns."""
-    header = _TEMPLATE.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()),
+    header = TEMPLATE_FIELD.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()),
                            template.replace("\\t", "\t"))
     rows = [header.split("\t")]
     rows += [render_template(template, entry).split("\t") for entry in entries]
@@ -316,26 +317,6 @@ def _network_settings(record) -> dict:
 
 
 DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
-_TEMPLATE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
-
-
-def render_template(template: str, data: dict) -> str:
-    """A small subset of Go templates: ``{{.A.B}}`` and ``{{json .A}}``."""
-    def value(match):
-        node = data
-        for part in [p for p in match.group(2).split(".") if p]:
-            if not isinstance(node, dict) or part not in node:
-                raise UsageError(f"template: no field {match.group(2)!r}")
-            node = node[part]
-        if match.group(1) or isinstance(node, (dict, list)):
-            return json.dumps(node)
-        if isinstance(node, bool):
-            return "true" if node else "false"
-        return str(node)
-
-    return _TEMPLATE.sub(value, template.replace("\\n", "\n").replace("\\t", "\t"))
-
-
 @click.command()
 @click.option("-f", "--format", "fmt", metavar="TEMPLATE", help="e.g. '{{.State.Status}}'.")
 @click.argument("containers", nargs=-1, required=True)
