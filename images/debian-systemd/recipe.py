@@ -24,8 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +32,7 @@ if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim import paths  # noqa: E402
-from shim.errors import ImageError, VmshimError  # noqa: E402
+from shim.errors import VmshimError  # noqa: E402
 from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
 
 REFERENCE = "docker.io/library/debian-systemd:bookworm"
@@ -71,30 +69,9 @@ def cache_path() -> Path:
 
 
 def debootstrap(node, rootfs: Path, log=print) -> None:
-    """Install bookworm minbase + PACKAGES into ``rootfs`` and configure it. Raises
-    ImageError."""
-    tool = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
-    if not Path(tool).exists():
-        raise ImageError("debootstrap is not installed: apt-get install debootstrap "
-                         "(scripts/setup installs it)")
-    if os.geteuid() != 0:
-        raise ImageError("the debian-systemd recipe runs debootstrap and needs root")
-    source = node.mirror()
-    log(f"debootstrap {SUITE} (minbase) from {source}, then apt-get install "
-        f"{' '.join(PACKAGES)} (takes a few minutes)")
-    logfile = rootfs.parent / "debootstrap.log"
-    with open(logfile, "w") as out:
-        node._step([tool, "--variant=minbase", SUITE, str(rootfs), source], out, logfile,
-                   "debootstrap")
-        (rootfs / "etc/apt/sources.list").write_text(f"deb {source} {SUITE} main\n")
-        subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
-        try:
-            node._step(["chroot", str(rootfs), "sh", "-c",
-                        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install "
-                        f"-y -q --no-install-recommends {' '.join(PACKAGES)}"],
-                       out, logfile, "apt-get install")
-        finally:
-            node._umount_below(rootfs)
+    """Install bookworm minbase + PACKAGES into ``rootfs`` (the node recipe's debootstrap)
+    and configure it. Raises ImageError."""
+    node.debootstrap(rootfs, log, packages=PACKAGES, recipe="debian-systemd")
     configure(rootfs)
 
 

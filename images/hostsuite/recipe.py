@@ -72,9 +72,7 @@ def _make_rootfs_tar(node, store: ImageStore, tar_path: Path, meta_path: Path, l
         rootfs = Path(tmp) / "rootfs"
         rootfs.mkdir()
         try:
-            node.PACKAGES = PACKAGES  # the node recipe's debootstrap installs these instead
-            node.debootstrap(rootfs, log)
-            (rootfs / "etc/npmrc").unlink(missing_ok=True)
+            node.debootstrap(rootfs, log, packages=PACKAGES, recipe="hostsuite")
             created_at = node.changelog_date(rootfs, "python3")
             node.slim(rootfs)
             partial = tar_path.with_suffix(".tar.partial")

@@ -107,17 +107,19 @@ def changelog_date(rootfs: Path, package: str) -> dt.datetime:
     return dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def debootstrap(rootfs: Path, log=print) -> None:
-    """Install bookworm minbase + PACKAGES into ``rootfs``. Raises ImageError."""
+def debootstrap(rootfs: Path, log=print, packages: tuple[str, ...] = PACKAGES,
+                recipe: str = "node") -> None:
+    """Install bookworm minbase + *packages* into ``rootfs`` (the other debootstrap recipes
+    call this too, with their own; *recipe* names the caller in errors). Raises ImageError."""
     tool = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not Path(tool).exists():
         raise ImageError("debootstrap is not installed: apt-get install debootstrap "
                          "(scripts/setup installs it)")
     if os.geteuid() != 0:
-        raise ImageError("the node recipe runs debootstrap and needs root")
+        raise ImageError(f"the {recipe} recipe runs debootstrap and needs root")
     source = mirror()
     log(f"debootstrap {SUITE} (minbase) from {source}, then apt-get install "
-        f"{' '.join(PACKAGES)} (takes a few minutes)")
+        f"{' '.join(packages)} (takes a few minutes)")
     logfile = rootfs.parent / "debootstrap.log"
     with open(logfile, "w") as out:
         _step([tool, "--variant=minbase", SUITE, str(rootfs), source], out, logfile, "debootstrap")
@@ -128,10 +130,9 @@ def debootstrap(rootfs: Path, log=print) -> None:
         try:
             _step(["chroot", str(rootfs), "sh", "-c",
                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                   f"--no-install-recommends {' '.join(PACKAGES)}"], out, logfile, "apt-get install")
+                   f"--no-install-recommends {' '.join(packages)}"], out, logfile, "apt-get install")
         finally:
             _umount_below(rootfs)  # before anything below is deleted: never recurse into a mount
-    (rootfs / "etc/npmrc").write_text(NPMRC)
     (rootfs / "etc/hostname").write_text("localhost\n")
     (rootfs / "etc/resolv.conf").unlink(missing_ok=True)  # the host's; the runtime mounts one
 
@@ -231,6 +232,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
             rootfs.mkdir()
             try:
                 debootstrap(rootfs, log)
+                (rootfs / "etc/npmrc").write_text(NPMRC)
                 created_at = changelog_date(rootfs, "nodejs")
                 version = _node_version(rootfs)
                 slim(rootfs)
