@@ -7,6 +7,7 @@ of both). Tests that boot a VM carry the ``vm`` marker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,32 @@ def ok(*args, **kw) -> str:
     proc = vmshim(*args, **kw)
     assert proc.returncode == 0, f"vmshim {' '.join(args)}: {err(proc)}"
     return out(proc)
+
+
+@contextlib.contextmanager
+def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **popen):
+    """Run *argv* (a server) in a network namespace of its own, joined to this one by the
+    veth pair *veth* (here, *peer_ip*/24) – eth0 (there, *ip*/24): a "remote host" inside
+    the test run's namespace. Yields the process; kills it and removes the veth after."""
+    from tests.waiting import wait_until
+
+    proc = subprocess.Popen(["unshare", "--net", "--", *argv], **popen)
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10,
+                   "unshare --net")
+        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                        "netns", str(proc.pid)], check=True)
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
+                        (f"ip link set lo up && ip addr add {ip}/24 dev eth0 && "
+                         "ip link set eth0 up")], check=True)
+        subprocess.run(["ip", "addr", "add", f"{peer_ip}/24", "dev", veth], check=True)
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
 
 
 def vmshim_domains() -> set[str]:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import server_in_own_netns, vmshim
 
 SUFFIX = str(os.getpid())
 
@@ -167,28 +167,10 @@ def meeting_point():
     import subprocess
     import sys
 
-    from tests.waiting import wait_until
-
-    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-c", MEETING_SERVER,
-                             str(MEET_PORT)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    veth = f"vmsmeet{SUFFIX[-6:]}"
-    try:
-        ours = os.stat("/proc/self/ns/net").st_ino
-        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10,
-                   "unshare --net")
-        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                        "netns", str(proc.pid)], check=True)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
-                        (f"ip link set lo up && ip addr add {MEET_IP}/24 dev eth0 && "
-                         "ip link set eth0 up")], check=True)
-        subprocess.run(["ip", "addr", "add", f"{MEET_PEER_IP}/24", "dev", veth], check=True)
-        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    with server_in_own_netns([sys.executable, "-c", MEETING_SERVER, str(MEET_PORT)],
+                             f"vmsmeet{SUFFIX[-6:]}", MEET_IP, MEET_PEER_IP,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         yield f"meet:{MEET_IP}"
-    finally:
-        proc.kill()
-        proc.wait()
-        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
 
 
 def meeting_stage(name: str) -> str:

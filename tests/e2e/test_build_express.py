@@ -18,7 +18,7 @@ import pytest
 
 from shim import paths
 from shim.bench import npm_mirror
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import server_in_own_netns, vmshim
 from tests.waiting import wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node-hello"
@@ -41,27 +41,11 @@ def npm_registry():
         pytest.skip("no npm mirror cache (scripts/test fills it while the network is up)")
     if vmshim("image", "inspect", "node:18-bookworm").returncode != 0:
         pytest.skip("no node image (scripts/test bootstraps it)")
-    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-m",
-                             "shim.bench.npm_mirror", "serve", str(root), "0.0.0.0",
-                             str(NPM_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=str(EXAMPLE.parents[1]))
-    veth = f"vmsnpm{SUFFIX[-6:]}"
-    try:
-        ours = os.stat("/proc/self/ns/net").st_ino
-        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10,
-                   "unshare --net")
-        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                        "netns", str(proc.pid)], check=True)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
-                        (f"ip link set lo up && ip addr add {NPM_IP}/24 dev eth0 && "
-                         "ip link set eth0 up")], check=True)
-        subprocess.run(["ip", "addr", "add", f"{NPM_PEER_IP}/24", "dev", veth], check=True)
-        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    with server_in_own_netns([sys.executable, "-m", "shim.bench.npm_mirror", "serve", str(root),
+                              "0.0.0.0", str(NPM_PORT)], f"vmsnpm{SUFFIX[-6:]}", NPM_IP,
+                             NPM_PEER_IP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=str(EXAMPLE.parents[1])):
         yield f"http://npm:{NPM_PORT}/"
-    finally:
-        proc.kill()
-        proc.wait()
-        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
 
 
 def build(ctx: Path, registry: str, tag: str, *extra: str):

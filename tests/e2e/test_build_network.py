@@ -15,11 +15,10 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import server_in_own_netns, vmshim
 
 SUFFIX = str(os.getpid())
 FILES_IP = "203.0.113.1"
@@ -45,28 +44,11 @@ def files_server(tmp_path_factory):
         info.size = len(body)
         tar.addfile(info, io.BytesIO(body))
     (root / "payload.tgz").write_bytes(data.getvalue())
-    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-m", "http.server",
-                             str(FILES_PORT), "--bind", "0.0.0.0", "--directory", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    veth = f"vmsfile{SUFFIX[-6:]}"
-    try:
-        ours = os.stat("/proc/self/ns/net").st_ino
-        deadline = time.monotonic() + 10
-        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ours:  # until unshare did it
-            assert time.monotonic() < deadline, "unshare --net did not happen"
-            time.sleep(0.01)
-        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                        "netns", str(proc.pid)], check=True)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
-                        (f"ip link set lo up && ip addr add {FILES_IP}/24 dev eth0 && "
-                         "ip link set eth0 up")], check=True)
-        subprocess.run(["ip", "addr", "add", f"{FILES_PEER_IP}/24", "dev", veth], check=True)
-        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    with server_in_own_netns([sys.executable, "-m", "http.server", str(FILES_PORT), "--bind",
+                              "0.0.0.0", "--directory", str(root)], f"vmsfile{SUFFIX[-6:]}",
+                             FILES_IP, FILES_PEER_IP, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL):
         yield hashlib.sha256(data.getvalue()).hexdigest()
-    finally:
-        proc.kill()
-        proc.wait()
-        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
 
 
 def context(tmp_path, dockerfile: str):

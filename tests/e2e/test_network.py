@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import err, ok, out, vmshim, wait_no_new_domains
+from tests.e2e.conftest import err, ok, out, server_in_own_netns, vmshim, wait_no_new_domains
 
 vm = pytest.mark.vm
 ISOLATIONS = [pytest.param("vm", marks=vm), "process"]
@@ -97,26 +97,9 @@ def internet():
                 pass
         http.server.HTTPServer(("0.0.0.0", {INTERNET_PORT}), H).serve_forever()
     """)
-    proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-c", server])
-    veth = f"vmsinet{SUFFIX[-6:]}"
-    try:
-        ours = os.stat("/proc/self/ns/net").st_ino
-        deadline = time.monotonic() + 10
-        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ours:  # until unshare did it
-            assert time.monotonic() < deadline, "unshare --net did not happen"
-            time.sleep(0.01)
-        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                        "netns", str(proc.pid)], check=True)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
-                        (f"ip link set lo up && ip addr add {INTERNET_IP}/24 dev eth0 && "
-                         "ip link set eth0 up")], check=True)
-        subprocess.run(["ip", "addr", "add", f"{INTERNET_PEER_IP}/24", "dev", veth], check=True)
-        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    with server_in_own_netns([sys.executable, "-c", server], f"vmsinet{SUFFIX[-6:]}",
+                             INTERNET_IP, INTERNET_PEER_IP):
         yield f"http://{INTERNET_IP}:{INTERNET_PORT}/"
-    finally:
-        proc.kill()
-        proc.wait()
-        subprocess.run(["ip", "link", "delete", veth], check=False, capture_output=True)
 
 
 @pytest.fixture
