@@ -32,7 +32,6 @@ if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim import paths  # noqa: E402
-from shim.errors import VmshimError  # noqa: E402
 from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
 
 REFERENCE = "docker.io/library/debian-systemd:bookworm"
@@ -148,23 +147,12 @@ def build(store: ImageStore | None = None, log=print) -> Image:
                           f"minbase + {' '.join(PACKAGES)})",
         }],
     }
-    image = _stored(store, meta.get("diff_id"))
+    image = node.stored_image(store, REFERENCE, meta.get("diff_id"))
     if image is None:
         image = store.import_image([tar_path], config, REFERENCE)
     for alias in ALIASES:
         store.tag(alias, image.manifest_digest)
     return image
-
-
-def _stored(store: ImageStore, diff_id: str | None) -> Image | None:
-    """The stored image when it was made from the cached tar (no re-import)."""
-    if not diff_id:
-        return None
-    try:
-        image = store.resolve(REFERENCE)
-    except VmshimError:
-        return None
-    return image if [layer.diff_id for layer in image.layers] == [diff_id] else None
 
 
 if __name__ == "__main__":

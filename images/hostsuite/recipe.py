@@ -28,7 +28,7 @@ if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim import paths  # noqa: E402
-from shim.errors import ImageError, VmshimError  # noqa: E402
+from shim.errors import ImageError  # noqa: E402
 from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
 
 REFERENCE = "docker.io/library/hostsuite:bookworm"
@@ -89,6 +89,7 @@ def _make_rootfs_tar(node, store: ImageStore, tar_path: Path, meta_path: Path, l
 def build(store: ImageStore | None = None, log=print) -> Image:
     """Build the hostsuite image into *store* (default: the local store) and return it.
     Raises ImageError (debootstrap missing or failing, not root)."""
+    node = _node_recipe()
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")
@@ -97,7 +98,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
             p.unlink(missing_ok=True)
     meta = _cached_meta(tar_path, meta_path)
     if meta is None:
-        _make_rootfs_tar(_node_recipe(), store, tar_path, meta_path, log)
+        _make_rootfs_tar(node, store, tar_path, meta_path, log)
         meta = _cached_meta(tar_path, meta_path)
         if meta is None:
             raise ImageError(f"the hostsuite rootfs cache {tar_path} was not written")
@@ -113,22 +114,9 @@ def build(store: ImageStore | None = None, log=print) -> Image:
                           f"{' '.join(PACKAGES)})",
         }],
     }
-    image = _stored(store, meta.get("diff_id"))
+    image = node.stored_image(store, REFERENCE, meta.get("diff_id"))
     if image is None:
         image = store.import_image([tar_path], config, REFERENCE)
-    return image
-
-
-def _stored(store: ImageStore, diff_id: str | None) -> Image | None:
-    """The stored image when it was made from the cached tar (no re-import)."""
-    if not diff_id:
-        return None
-    try:
-        image = store.resolve(REFERENCE)
-    except VmshimError:
-        return None
-    if [layer.diff_id for layer in image.layers] != [diff_id]:
-        return None
     return image
 
 

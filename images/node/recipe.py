@@ -261,7 +261,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
                           f"{' '.join(PACKAGES)}; nodejs {meta['node_version']})",
         }],
     }
-    image = _stored(store, meta.get("diff_id"))
+    image = stored_image(store, REFERENCE, meta.get("diff_id"))
     if image is None:  # not imported yet (or something else took the name)
         image = store.import_image([tar_path], config, REFERENCE)
     for alias in ALIASES:
@@ -269,13 +269,14 @@ def build(store: ImageStore | None = None, log=print) -> Image:
     return image
 
 
-def _stored(store: ImageStore, diff_id: str | None) -> Image | None:
-    """The stored node image when it was made from the cached tar (saves re-hashing and
-    copying ~300 MB on every bootstrap)."""
+def stored_image(store: ImageStore, reference: str, diff_id: str | None) -> Image | None:
+    """The stored image *reference* when it was made from the cached tar whose layer is
+    *diff_id* (saves re-hashing and copying the tar on every bootstrap); the other
+    debootstrap recipes use it too."""
     if not diff_id:
         return None
     try:
-        image = store.resolve(REFERENCE)
+        image = store.resolve(reference)
     except VmshimError:
         return None
     if [layer.diff_id for layer in image.layers] != [diff_id]:
