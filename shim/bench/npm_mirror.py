@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import urllib.parse
@@ -268,8 +269,21 @@ def _get_json(url: str) -> dict:
 
 
 # ---- serving --------------------------------------------------------------------------------
+class _FreeBindServer(ThreadingHTTPServer):
+    """Binds with IP_FREEBIND: the address may belong to a bridge that comes up later
+    (a network's gateway before its first container starts)."""
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        super().server_bind()
+
+
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
 def make_server(root: Path, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server answering npm from *root* (not started)."""
+    """An HTTP server answering npm from *root* on *host*:*port* (not started). *host* may
+    be an address not (yet) on this host, see _FreeBindServer."""
     root = Path(root)
 
     class Handler(BaseHTTPRequestHandler):
@@ -303,7 +317,7 @@ def make_server(root: Path, host: str, port: int) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return _FreeBindServer((host, port), Handler)
 
 
 def serve_in_thread(root: Path, host: str, port: int) -> ThreadingHTTPServer:

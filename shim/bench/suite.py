@@ -642,8 +642,14 @@ def bench_build_express(ctx: Context) -> None:
         fig.skip("runc", reason)
     else:
         subjects.append("runc")
-    server = npm_mirror.serve_in_thread(mirror, "0.0.0.0", 0)
+    from shim.network.store import NetworkStore
+
+    # Only where the builds look: loopback (podman, host network) and the default
+    # network's gateway (host-gateway in vmshim builds), never every address.
+    server = npm_mirror.serve_in_thread(mirror, "127.0.0.1", 0)
     port = server.server_address[1]
+    servers = [server, npm_mirror.serve_in_thread(mirror, NetworkStore().default().gateway,
+                                                  port)]
     try:
         context = ctx.workdir / "express"
         shutil.rmtree(context, ignore_errors=True)
@@ -652,8 +658,9 @@ def bench_build_express(ctx: Context) -> None:
              for s in subjects}
         _sample(ctx, fig, m)
     finally:
-        server.shutdown()
-        server.server_close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {

@@ -56,6 +56,17 @@ def test_served_packuments_point_at_the_server_and_names_are_checked(tmp_path):
         server.shutdown()
 
 
+def test_the_mirror_binds_one_address_even_before_it_exists(tmp_path):
+    """The bench serves on the default network's gateway, which exists only once the
+    bridge is up: binding must not need the address yet, and must not widen to every
+    address. (192.0.2.1, TEST-NET-1, is only bound here, never sent to.)"""
+    server = npm_mirror.make_server(tmp_path, "192.0.2.1", 0)
+    try:
+        assert server.server_address[0] == "192.0.2.1"
+    finally:
+        server.server_close()
+
+
 def test_fetch_refuses_bad_names_and_tarball_urls(tmp_path, monkeypatch):
     package = tmp_path / "package.json"
     package.write_text(json.dumps({"dependencies": {"../etc": "1"}}))
