@@ -130,7 +130,7 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
                            memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
                            vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
                            mounts=record.mounts, network=record.network,
-                           rootfs_dir=record.rootfs)
+                           rootfs_dir=record.rootfs, engine_netns=record.engine_netns)
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None

@@ -76,7 +76,8 @@ class VmPlacement:
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: dict | None = None, rootfs_dir: str = ""):
+                 network: dict | None = None, rootfs_dir: str = "",
+                 engine_netns: dict | None = None):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -84,6 +85,10 @@ class VmPlacement:
         """shim.containers.networking.NetworkRequest.to_dict() (None: no NIC): connected in
         boot(), disconnected in teardown() once the VM is gone."""
         self.network = None
+        self.engine_netns = engine_netns
+        """vmshim-runtime: the namespace an engine prepared (Container.engine_netns); the
+        VM's NICs are plugged into its interfaces (shim.containers.engine_network)."""
+        self._engine = None
         self.cpuset = cpuset
         self.attachments = Attachments(mounts or [])
         """-v/--mount/--tmpfs (shim.containers.mounts): leased in boot(), let go of in
@@ -130,8 +135,10 @@ class VmPlacement:
                                   serial=WRITABLE_SERIAL, readonly=False))
         disks += self._volume_disks  # made by boot() (volume leases)
         interfaces = self.network.domain_interfaces() if self.network is not None else []
+        if self._engine is not None:
+            interfaces += self._engine.interfaces()
         # On bridge networks `network connect` may plug more NICs in while it runs.
-        hotplug = any(i.type == "bridge" for i in interfaces)
+        hotplug = any(i.type in ("bridge", "ethernet") for i in interfaces)
         return dom.Domain(
             name=self.domain,
             uuid=str(uuid.UUID(self.boot_config.container_id[:32])),
@@ -185,6 +192,11 @@ class VmPlacement:
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "vm", self.network_request,
                     self.boot_config)
+            if self.engine_netns is not None:
+                from shim.containers.engine_network import EngineNetwork
+
+                self._engine = EngineNetwork(self.engine_netns, self.boot_config.container_id)
+                self.boot_config = self.boot_config.replace(network=self._engine.prepare())
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             domain = self.build_domain(guest, self.accel)
             self.backend.create(domain)
@@ -193,6 +205,8 @@ class VmPlacement:
             self._disconnect()
             raise
         try:
+            if self._engine is not None:
+                self._engine.wire()
             client = AgentClient.connect_unix(str(self.agent_socket), timeout=10)
             client.handshake(BOOT_TIMEOUT, alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
@@ -268,6 +282,9 @@ class VmPlacement:
 
     def _disconnect(self) -> None:
         """Give the container's addresses, published ports and names back. Never raises."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         if self.network_request is not None:
             from shim.containers.networking import stop
 
