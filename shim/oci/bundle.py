@@ -11,7 +11,8 @@ How the config maps onto a VM:
 - ``root.path`` is shared into the VM with virtiofs and becomes the rootfs as it is
   (no layers); ``root.readonly`` makes it read-only inside the container.
 - ``mounts``: ``bind`` of a directory → a virtiofs share; of a single file → a share of
-  its directory and that entry; ``tmpfs`` → a tmpfs in the guest. ``proc``, ``sysfs``,
+  a private directory holding only that file (shim.containers.mounts, never its parent:
+  docker's hosts/resolv.conf sit beside config.v2.json); ``tmpfs`` → a tmpfs in the guest. ``proc``, ``sysfs``,
   ``devpts``, ``mqueue``, ``cgroup``/``cgroup2`` and the tmpfs on /dev and /dev/shm are
   made by the guest for every container, so these entries are already honoured. Other
   types are reported.
