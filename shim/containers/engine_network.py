@@ -13,14 +13,122 @@ each step):
 - :meth:`interfaces` for the domain XML;
 - :meth:`wire` once the domain runs: taps into the container's namespace, tc redirects;
 - :meth:`close` when the VM is gone: taps deleted, namespaces let go of.
+
+DNS: ``engine_netns["dns"]`` lists loopback nameservers of the container's resolv.conf
+(docker's embedded resolver, 127.0.0.11, answers only inside the namespace). The guest
+agent listens on those addresses in the VM and passes each query up the agent channel
+(``dnsq``); :class:`DnsRelay` sends it from a UDP socket made inside the container's
+namespace and hands the answer back (``dnsa``). The guest is hostile: only the configured
+addresses are asked, at most MAX_DNS_PENDING queries at once, at most DNS_RATE a second
+(burst DNS_BURST), each waits DNS_TIMEOUT s, queries and answers are size-bounded.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import socket
+import time
 
 from shim.errors import NetworkError
 from shim.network import engine_netns as ens
+
+
+MAX_DNS_PENDING = 32
+DNS_RATE = 50.0
+DNS_BURST = 100
+DNS_TIMEOUT = 5.0
+MAX_DNS_ANSWER = 8192
+CLONE_NEWNET = 0x40000000
+
+
+def dns_servers(resolv_conf: str) -> list[str]:
+    """The loopback IPv4 nameservers of *resolv_conf* (at most 3, as the resolver reads):
+    those only the container's network namespace can reach."""
+    import ipaddress
+
+    out = []
+    for line in resolv_conf.splitlines()[:1000]:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                address = ipaddress.IPv4Address(words[1])
+            except ValueError:
+                continue
+            if address.is_loopback and str(address) not in out:
+                out.append(str(address))
+    return out[:3]
+
+
+class DnsRelay:
+    """The host's end of the guest's DNS relay (see the module doc). *make_socket()*
+    returns a UDP socket in the container's network namespace."""
+
+    def __init__(self, servers: list[str], make_socket, now=time.monotonic):
+        self.servers = list(servers)
+        self.make_socket = make_socket
+        self.now = now
+        self.pending: dict[int, tuple[int, socket.socket, float]] = {}
+        """fd → (the guest's query id, socket, deadline)."""
+        self.tokens = float(DNS_BURST)
+        self.refilled = now()
+        self.dropped = 0
+
+    def query(self, qid: int, server: str, payload: bytes) -> bool:
+        """Send the guest's query *qid* to *server*; False when it is dropped (not a
+        relayed server, too many waiting, over the rate, too big, or the send failed)."""
+        now = self.now()
+        self.tokens = min(float(DNS_BURST), self.tokens + (now - self.refilled) * DNS_RATE)
+        self.refilled = now
+        if server not in self.servers or len(self.pending) >= MAX_DNS_PENDING \
+                or self.tokens < 1 or not 12 <= len(payload) <= 4096:
+            self.dropped += 1
+            return False
+        self.tokens -= 1
+        try:
+            sock = self.make_socket()
+        except OSError:
+            self.dropped += 1
+            return False
+        try:
+            sock.setblocking(False)
+            sock.connect((server, 53))
+            sock.send(payload)
+        except OSError:
+            sock.close()
+            self.dropped += 1
+            return False
+        self.pending[sock.fileno()] = (qid, sock, now + DNS_TIMEOUT)
+        return True
+
+    def fds(self) -> list[int]:
+        return list(self.pending)
+
+    def answer(self, fd: int) -> tuple[int, bytes] | None:
+        """The answer waiting on *fd*: (the guest's query id, payload), or None."""
+        entry = self.pending.pop(fd, None)
+        if entry is None:
+            return None
+        qid, sock, _ = entry
+        try:
+            data = sock.recv(MAX_DNS_ANSWER + 1)
+        except OSError:
+            return None
+        finally:
+            sock.close()
+        return (qid, data) if 12 <= len(data) <= MAX_DNS_ANSWER else None
+
+    def expire(self) -> None:
+        now = self.now()
+        for fd, (_qid, sock, deadline) in list(self.pending.items()):
+            if deadline <= now:
+                sock.close()
+                del self.pending[fd]
+
+    def close(self) -> None:
+        for _qid, sock, _ in self.pending.values():
+            sock.close()
+        self.pending = {}
 
 
 class EngineNetwork:
@@ -33,6 +141,7 @@ class EngineNetwork:
         self.taps: list[str] = []
         self._fds: dict[str, int] = {}
         self.wired = False
+        self.dns: DnsRelay | None = None
 
     def path(self, which: str) -> str:
         """A path to namespace *which* (``netns`` or ``host_netns``) that stays valid while
@@ -60,8 +169,30 @@ class EngineNetwork:
         except BaseException:
             self.close()
             raise
-        return {"interfaces": [link.guest_interface() for link in self.links]} \
-            if self.links else {}
+        if not self.links:
+            return {}
+        network: dict = {"interfaces": [link.guest_interface() for link in self.links]}
+        servers = self.spec.get("dns") or []
+        if servers:
+            network["dns_relay"] = list(servers)
+            self.dns = DnsRelay(list(servers), self.udp_socket)
+        return network
+
+    def udp_socket(self) -> socket.socket:
+        """A UDP socket in the container's network namespace (this thread enters it for
+        the socket() call only). Raises OSError."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(self._fds["netns"], CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the container's namespace")
+            try:
+                return socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            finally:
+                if libc.setns(here, CLONE_NEWNET) != 0:  # pragma: no cover - cannot happen
+                    os._exit(70)  # never run on in the wrong namespace
+        finally:
+            os.close(here)
 
     def interfaces(self) -> list:
         """The domain's NICs: one ethernet interface per tap, with the link's MAC and MTU."""
@@ -79,6 +210,9 @@ class EngineNetwork:
 
     def close(self) -> None:
         """Delete the taps (in either namespace) and close the namespaces. Never raises."""
+        if self.dns is not None:
+            self.dns.close()
+            self.dns = None
         for tap in self.taps:
             for which in ("netns", "host_netns"):
                 if which in self._fds:

@@ -74,6 +74,8 @@ VM (or host agent) is killed outright."""
 REPLY_TIMEOUT = 30.0
 """Seconds the agent has to answer an exec, builtin, stats or update request."""
 MAX_NETCONF_INTERFACES = 8
+DNS_TIMEOUT_CHECK = 6.0
+"""When to drop relayed DNS queries that got no answer (engine_network.DNS_TIMEOUT is 5 s)."""
 MAX_BAD_MESSAGES = 100
 """Messages breaking the protocol a guest may send before its container is killed: one
 is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
@@ -319,6 +321,10 @@ class Monitor:
             if mask:
                 poller.register(conn.sock, mask)
                 handlers[conn.fileno()] = lambda ev, c=conn: self._on_client(c, ev)
+        relay = self._dns_relay()
+        for fd in relay.fds() if relay is not None else []:
+            poller.register(fd, select.POLLIN)
+            handlers[fd] = lambda ev, fd=fd: self._on_dns_answer(fd)
         timeout = None
         if self.timers:
             timeout = max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000) + 1)
@@ -517,8 +523,31 @@ class Monitor:
                     self._say("agent: (further errors from the agent are not logged)")
             else:
                 self._unexpected(msg)
+        elif msg.type == protocol.DNS_QUERY:
+            self._dns_query(msg)
         elif msg.type != protocol.LOG:
             self._unexpected(msg)
+
+    # ---- the DNS relay into an engine's namespace (shim.containers.engine_network) ------------
+
+    def _dns_relay(self):
+        return getattr(self.placement, "dns_relay", None)
+
+    def _dns_query(self, msg: Message) -> None:
+        """Precondition: *msg* passed protocol.check_from_guest (id, server, payload size).
+        A query the relay drops gets no answer (the guest's resolver times out)."""
+        relay = self._dns_relay()
+        if relay is None:
+            self._unexpected(msg)
+            return
+        if relay.query(msg.fields["id"], msg.fields["server"], msg.payload):
+            self._timer(DNS_TIMEOUT_CHECK, "dns", relay.expire)
+
+    def _on_dns_answer(self, fd: int) -> None:
+        relay = self._dns_relay()
+        answer = relay.answer(fd) if relay is not None else None
+        if answer is not None:
+            self._to_agent(protocol.DNS_ANSWER, answer[1], id=answer[0])
 
     def _unexpected(self, msg: Message) -> None:
         """A well-formed message that answers nothing we asked: logged (the first few)

@@ -158,6 +158,12 @@ class VmPlacement:
             cpuset=self.cpuset,
         )
 
+    @property
+    def dns_relay(self):
+        """The DNS relay into the engine's network namespace (engine_network.DnsRelay), or
+        None."""
+        return self._engine.dns if self._engine is not None else None
+
     def _rootfs_shares(self) -> list:
         from shim.vm.domain import Filesystem
 

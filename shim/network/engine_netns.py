@@ -113,7 +113,7 @@ def _json(text: str) -> list:
 def parse_links(links: list, routes: list) -> list[EngineLink]:
     """:func:`read_links` on ``ip -j -d address`` and ``ip -j -4 route show default``
     output (pure). Raises NetworkError."""
-    gateways = {}
+    gateways: dict[str, str] = {}
     for route in routes:
         if isinstance(route, dict) and route.get("dst") == "default" \
                 and isinstance(route.get("gateway"), str) and isinstance(route.get("dev"), str):

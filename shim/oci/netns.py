@@ -64,20 +64,67 @@ def enter(path: str | None) -> None:
         os.close(fd)
 
 
+LIBVIRT_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock")
+"""Where qemu:///system listens (monolithic libvirtd, or the modular QEMU daemon)."""
+
+
+def libvirtd_netns() -> str:
+    """The network namespace libvirtd runs in (where it opens the taps QEMU gets): that of
+    the process listening on its socket (SO_PEERCRED); this process's own when there is no
+    local libvirtd socket."""
+    import socket
+    import struct
+
+    for path in LIBVIRT_SOCKETS:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(path)
+                pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))[0]
+        except OSError:
+            continue
+        if pid > 0 and os.path.exists(f"/proc/{pid}/ns/net"):
+            return f"/proc/{pid}/ns/net"
+    return "/proc/self/ns/net"
+
+
 def open_host_netns() -> int:
-    """An fd of the caller's network namespace (where libvirtd opens taps), for the stand-in
-    to keep open. Raises NetnsError."""
+    """An fd of libvirtd's network namespace (:func:`libvirtd_netns`), for the stand-in to
+    keep open. Raises NetnsError."""
+    path = libvirtd_netns()
     try:
-        return os.open("/proc/self/ns/net", os.O_RDONLY)
+        return os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise NetnsError(f"cannot open this process's network namespace: {exc.strerror}") \
+        raise NetnsError(f"cannot open libvirtd's network namespace {path}: {exc.strerror}") \
             from None
 
 
-def engine_netns(path: str | None, standin_pid: int, host_fd: int) -> dict | None:
+MAX_RESOLV_CONF = 64 * 1024
+
+
+def relayed_dns(mounts: list) -> list[str]:
+    """The loopback nameservers of the resolv.conf the engine binds into the container
+    (docker's 127.0.0.11 on user networks): the guest's queries to them are relayed into
+    the container's namespace (shim.containers.engine_network). [] when there is none."""
+    from shim.containers.engine_network import dns_servers
+
+    for mount in mounts:
+        if mount.type == "bind" and mount.target == "/etc/resolv.conf":
+            try:
+                with open(mount.source, "rb") as f:
+                    return dns_servers(f.read(MAX_RESOLV_CONF).decode(errors="replace"))
+            except OSError:
+                return []
+    return []
+
+
+def engine_netns(path: str | None, standin_pid: int, host_fd: int,
+                 dns: list[str] | None = None) -> dict | None:
     """Container.engine_netns for a stand-in *standin_pid* that entered *path* (see
-    :func:`enter`) and holds *host_fd*; None when the VM gets no engine network."""
+    :func:`enter`) and holds *host_fd*, with *dns* the nameservers to relay; None when
+    the VM gets no engine network."""
     if path is None:
         return None
     return {"netns": path or f"/proc/{standin_pid}/ns/net",
-            "host_netns": f"/proc/{standin_pid}/fd/{host_fd}"}
+            "host_netns": f"/proc/{standin_pid}/fd/{host_fd}", "dns": list(dns or [])}
