@@ -64,8 +64,9 @@ class DnsRelay:
     """The host's end of the guest's DNS relay (see the module doc). *make_socket()*
     returns a UDP socket in the container's network namespace."""
 
-    def __init__(self, servers: list[str], make_socket, now=time.monotonic):
+    def __init__(self, servers: list[str], make_socket, now=time.monotonic, port: int = 53):
         self.servers = list(servers)
+        self.port = port
         self.make_socket = make_socket
         self.now = now
         self.pending: dict[int, tuple[int, socket.socket, float]] = {}
@@ -92,7 +93,7 @@ class DnsRelay:
             return False
         try:
             sock.setblocking(False)
-            sock.connect((server, 53))
+            sock.connect((server, self.port))
             sock.send(payload)
         except OSError:
             sock.close()
