@@ -14,6 +14,11 @@ each step):
 - :meth:`wire` once the domain runs: taps into the container's namespace, tc redirects;
 - :meth:`close` when the VM is gone: taps deleted, namespaces let go of.
 
+Later changes follow (``docker network connect``): :meth:`watch_socket` is a netlink
+socket in the container's namespace that wakes the monitor on link and address changes;
+:meth:`new_links` finds interfaces not plugged in yet and :meth:`plug` gives each a tap and
+a NIC hot-plugged into the running VM (the agent's ``netconf`` then configures it).
+
 DNS: ``engine_netns["dns"]`` lists loopback nameservers of the container's resolv.conf
 (docker's embedded resolver, 127.0.0.11, answers only inside the namespace). The guest
 agent listens on those addresses in the VM and passes each query up the agent channel
@@ -40,6 +45,9 @@ DNS_BURST = 100
 DNS_TIMEOUT = 5.0
 MAX_DNS_ANSWER = 8192
 CLONE_NEWNET = 0x40000000
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
 
 
 def dns_servers(resolv_conf: str) -> list[str]:
@@ -180,15 +188,59 @@ class EngineNetwork:
         return network
 
     def udp_socket(self) -> socket.socket:
-        """A UDP socket in the container's network namespace (this thread enters it for
-        the socket() call only). Raises OSError."""
+        """A UDP socket in the container's network namespace. Raises OSError."""
+        return self._socket_in_netns(socket.AF_INET, socket.SOCK_DGRAM, 0)
+
+    def watch_socket(self) -> socket.socket:
+        """A non-blocking netlink socket in the container's namespace that turns readable
+        when a link or an IPv4 address changes there. Raises OSError."""
+        sock = self._socket_in_netns(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        try:
+            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def new_links(self) -> list[ens.EngineLink]:
+        """Interfaces with an IPv4 address that appeared since the VM was plugged in
+        (by MAC). Raises NetworkError."""
+        known = {link.mac for link in self.links}
+        return [link for link in ens.read_links(self.path("netns")) if link.mac not in known]
+
+    def plug(self, link: ens.EngineLink, attach) -> dict:
+        """Give *link* a tap, call *attach(Interface)* (hot-plug into the running VM),
+        wire the tap in; return the ``netconf`` entry for the guest (no gateway: the
+        default route stays the first interface's). Raises NetworkError, HypervisorError."""
+        from shim.vm.domain import Interface
+
+        if len(self.taps) >= ens.MAX_LINKS:
+            raise NetworkError(f"the container has {ens.MAX_LINKS} interfaces already")
+        tap = ens.tap_name(self.container_id, len(self.taps))
+        ens.create_tap(self.path("host_netns"), tap)
+        try:
+            attach(Interface(type="ethernet", mac=link.mac, tap=tap, mtu=link.mtu))
+        except BaseException:
+            ens.remove_tap(self.path("host_netns"), tap)
+            raise
+        self.taps.append(tap)
+        self.links.append(link)
+        ens.wire(self.path("host_netns"), self.path("netns"), link, tap)
+        entry = link.guest_interface()
+        entry.pop("gateway", None)
+        return entry
+
+    def _socket_in_netns(self, family: int, kind: int, proto: int) -> socket.socket:
+        """socket() in the container's network namespace (this thread enters it for the
+        call only). Raises OSError."""
         libc = ctypes.CDLL(None, use_errno=True)
         here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if libc.setns(self._fds["netns"], CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns into the container's namespace")
             try:
-                return socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
             finally:
                 if libc.setns(here, CLONE_NEWNET) != 0:  # pragma: no cover - cannot happen
                     os._exit(70)  # never run on in the wrong namespace

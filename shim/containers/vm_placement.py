@@ -164,6 +164,20 @@ class VmPlacement:
         None."""
         return self._engine.dns if self._engine is not None else None
 
+    def engine_watch(self):
+        """A socket that turns readable when the engine changes the container's network
+        namespace (EngineNetwork.watch_socket), or None. Raises OSError."""
+        return self._engine.watch_socket() if self._engine is not None else None
+
+    def follow_engine_links(self) -> list[dict]:
+        """Plug a NIC into the running VM for each interface the engine added to the
+        namespace since (``docker network connect``); their ``netconf`` entries. Raises
+        NetworkError, HypervisorError."""
+        if self._engine is None:
+            return []
+        return [self._engine.plug(link, lambda iface: self.backend.attach_interface(
+                    self.domain, iface)) for link in self._engine.new_links()]
+
     def _rootfs_shares(self) -> list:
         from shim.vm.domain import Filesystem
 

@@ -164,6 +164,28 @@ def test_docker_user_network_names_resolve_between_vms(dockerd, guest_kernel):
         dockerd.docker("network", "rm", "vmnet")
 
 
+def test_docker_network_connect_follows_into_the_running_vm(dockerd):
+    """The interface docker adds to the running container's namespace gets a tap and a NIC
+    hot-plugged into the VM; the guest takes its address and reaches that network."""
+    dockerd.docker("network", "create", "--subnet", "10.77.0.0/24", "late", check=True)
+    try:
+        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--name", "joiner",
+                              "busybox", "sleep", "1d")
+        assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
+        dockerd.docker("network", "connect", "late", "joiner", check=True)
+        ip = dockerd.docker("inspect", "-f", "{{.NetworkSettings.Networks.late.IPAddress}}",
+                            "joiner", check=True).stdout.strip()
+        assert ip.startswith("10.77.0.")
+        wait_until(lambda: f"inet {ip}/24" in dockerd.docker(
+            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
+            "the connected network's address in the guest", interval=1)
+        proc = dockerd.docker("exec", "joiner", "ping", "-c", "1", "-W", "5", "10.77.0.1")
+        assert proc.returncode == 0, _out(proc)
+    finally:
+        dockerd.docker("rm", "-f", "joiner")
+        dockerd.docker("network", "rm", "late")
+
+
 # --- podman ---------------------------------------------------------------------------------
 
 class NetPodman(Podman):

@@ -111,3 +111,31 @@ def test_engine_network_refuses_relative_paths():
 
     with pytest.raises(NetworkError, match="not a path"):
         EngineNetwork({"netns": "proc/1/ns/net", "host_netns": "/x"}, "c0ffee").prepare()
+
+
+def test_engine_network_plugs_a_link_the_engine_added(monkeypatch, tmp_path):
+    """docker network connect: a new interface gets a tap, a hot-plugged NIC and the
+    redirect; the guest's entry has no gateway (the default route stays)."""
+    from shim.containers.engine_network import EngineNetwork
+
+    state = {"links": LINKS[:2]}
+    calls = []
+    monkeypatch.setattr(ens, "read_links", lambda netns: ens.parse_links(state["links"], ROUTES))
+    monkeypatch.setattr(ens, "create_tap", lambda host, tap: calls.append(("tap", tap)))
+    monkeypatch.setattr(ens, "remove_tap", lambda ns, tap: None)
+    monkeypatch.setattr(ens, "wire", lambda host, ns, link, tap: calls.append(("wire", link.name)))
+    for name in ("ns", "host"):
+        (tmp_path / name).write_text("")
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")},
+                        "c0ffee" * 10)
+    net.prepare()
+    assert net.new_links() == []
+    state["links"] = LINKS
+    new = net.new_links()
+    assert [link.name for link in new] == ["eth1"]
+    plugged = []
+    entry = net.plug(new[0], plugged.append)
+    assert entry == {"mac": "02:42:0a:00:01:05", "address": "10.0.1.5/24", "mtu": 1500}
+    assert plugged[0].type == "ethernet" and plugged[0].tap == "vmnc0ffeec0ffe1"
+    assert ("wire", "eth1") in calls and net.new_links() == []
+    net.close()
