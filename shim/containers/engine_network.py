@@ -19,8 +19,10 @@ socket in the container's namespace that wakes the monitor on link and address c
 :meth:`new_links` finds interfaces not plugged in yet and :meth:`plug` gives each a tap and
 a NIC hot-plugged into the running VM (the agent's ``netconf`` then configures it).
 
-DNS: ``engine_netns["dns"]`` lists loopback nameservers of the container's resolv.conf
-(docker's embedded resolver, 127.0.0.11, answers only inside the namespace). The guest
+DNS: ``engine_netns["resolv_conf"]`` is the host file bound on the container's
+/etc/resolv.conf; its loopback nameservers, read when the VM starts (docker's prestart
+hook writes 127.0.0.11 there), are relayed: docker's embedded resolver answers only inside
+the namespace. The guest
 agent listens on those addresses in the VM and passes each query up the agent channel
 (``dnsq``); :class:`DnsRelay` sends it from a UDP socket made inside the container's
 namespace and hands the answer back (``dnsa``). The guest is hostile: only the configured
@@ -44,6 +46,7 @@ DNS_RATE = 50.0
 DNS_BURST = 100
 DNS_TIMEOUT = 5.0
 MAX_DNS_ANSWER = 8192
+MAX_RESOLV_CONF = 64 * 1024
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
@@ -181,11 +184,22 @@ class EngineNetwork:
         if not self.links:
             return {}
         network: dict = {"interfaces": [link.guest_interface() for link in self.links]}
-        servers = self.spec.get("dns") or []
+        servers = self._relayed_servers()
         if servers:
             network["dns_relay"] = list(servers)
             self.dns = DnsRelay(list(servers), self.udp_socket)
         return network
+
+    def _relayed_servers(self) -> list[str]:
+        """The loopback nameservers of the engine's resolv.conf for the container."""
+        path = self.spec.get("resolv_conf") or ""
+        if not isinstance(path, str) or not path.startswith("/"):
+            return []
+        try:
+            with open(path, "rb") as f:
+                return dns_servers(f.read(MAX_RESOLV_CONF).decode(errors="replace"))
+        except OSError:
+            return []
 
     def udp_socket(self) -> socket.socket:
         """A UDP socket in the container's network namespace. Raises OSError."""

@@ -100,31 +100,22 @@ def open_host_netns() -> int:
             from None
 
 
-MAX_RESOLV_CONF = 64 * 1024
-
-
-def relayed_dns(mounts: list) -> list[str]:
-    """The loopback nameservers of the resolv.conf the engine binds into the container
-    (docker's 127.0.0.11 on user networks): the guest's queries to them are relayed into
-    the container's namespace (shim.containers.engine_network). [] when there is none."""
-    from shim.containers.engine_network import dns_servers
-
+def resolv_conf_source(mounts: list) -> str:
+    """The host file the engine binds on /etc/resolv.conf ("" when none): its loopback
+    nameservers (docker's 127.0.0.11, written by its prestart hook) are relayed from the
+    guest into the container's namespace when the VM starts (shim.containers.engine_network)."""
     for mount in mounts:
         if mount.type == "bind" and mount.target == "/etc/resolv.conf":
-            try:
-                with open(mount.source, "rb") as f:
-                    return dns_servers(f.read(MAX_RESOLV_CONF).decode(errors="replace"))
-            except OSError:
-                return []
-    return []
+            return str(mount.source)
+    return ""
 
 
 def engine_netns(path: str | None, standin_pid: int, host_fd: int,
-                 dns: list[str] | None = None) -> dict | None:
+                 resolv_conf: str = "") -> dict | None:
     """Container.engine_netns for a stand-in *standin_pid* that entered *path* (see
-    :func:`enter`) and holds *host_fd*, with *dns* the nameservers to relay; None when
-    the VM gets no engine network."""
+    :func:`enter`) and holds *host_fd*; *resolv_conf*: see :func:`resolv_conf_source`.
+    None when the VM gets no engine network."""
     if path is None:
         return None
     return {"netns": path or f"/proc/{standin_pid}/ns/net",
-            "host_netns": f"/proc/{standin_pid}/fd/{host_fd}", "dns": list(dns or [])}
+            "host_netns": f"/proc/{standin_pid}/fd/{host_fd}", "resolv_conf": resolv_conf}

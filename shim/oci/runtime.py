@@ -121,7 +121,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size,
                                  bundle.network_ns)
         engine_netns = netns_mod.engine_netns(bundle.network_ns, pid, host_fd,
-                                              netns_mod.relayed_dns(bundle.mounts))
+                                              netns_mod.resolv_conf_source(bundle.mounts))
         if engine_netns is not None:
             rt.containers.update(record.id, lambda r: setattr(r, "engine_netns", engine_netns))
         info.standin_pid = pid

@@ -139,3 +139,27 @@ def test_engine_network_plugs_a_link_the_engine_added(monkeypatch, tmp_path):
     assert plugged[0].type == "ethernet" and plugged[0].tap == "vmnc0ffeec0ffe1"
     assert ("wire", "eth1") in calls and net.new_links() == []
     net.close()
+
+
+def test_engine_network_relays_the_loopback_nameservers_of_resolv_conf(monkeypatch, tmp_path):
+    """docker's prestart hook writes nameserver 127.0.0.11 after create: it is read when
+    the VM starts, and the guest is told to relay it."""
+    from shim.containers.engine_network import EngineNetwork
+
+    monkeypatch.setattr(ens, "read_links", lambda netns: ens.parse_links(LINKS[:2], ROUTES))
+    monkeypatch.setattr(ens, "create_tap", lambda host, tap: None)
+    monkeypatch.setattr(ens, "remove_tap", lambda ns, tap: None)
+    for name in ("ns", "host"):
+        (tmp_path / name).write_text("")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.11\noptions ndots:0\n")
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"),
+                         "resolv_conf": str(resolv)}, "c0ffee" * 10)
+    assert net.prepare()["dns_relay"] == ["127.0.0.11"]
+    assert net.dns is not None and net.dns.servers == ["127.0.0.11"]
+    net.close()
+    resolv.write_text("nameserver 10.0.0.1\n")
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"),
+                         "resolv_conf": str(resolv)}, "c0ffee" * 10)
+    assert "dns_relay" not in net.prepare() and net.dns is None
+    net.close()
