@@ -227,3 +227,27 @@ def test_podman_default_network_port_and_outbound(podman, podman_host, guest_ker
     proc = podman.podman("run", "--rm", *common, BUSYBOX_REF, "wget", "-qO-", url, timeout=300)
     assert proc.returncode == 0, _out(proc)
     assert proc.stdout == f"outside says hi to {podman_host.address}\n"
+
+
+# --- vmshim bench ---------------------------------------------------------------------------
+
+def test_bench_engine_network_vmshim_next_to_runc(tmp_path):
+    """`vmshim bench --only engine_network`: round trip and throughput on dockerd's bridge,
+    --runtime vmshim next to runc, both measured (its own dockerd, removed after)."""
+    import json
+
+    from tests.e2e.conftest import vmshim
+
+    if missing_docker() is not None:
+        pytest.skip(str(missing_docker()))
+    out = tmp_path / "bench"
+    proc = vmshim("bench", "--runs", "2", "--only", "engine_network", "--output", str(out),
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    print(proc.stdout.decode(errors="replace"))  # the table, in the log
+    figures = json.loads((out / "results.json").read_text())["figures"]
+    for name in ("engine_rtt", "engine_throughput"):
+        for subject in ("oci", "runc"):
+            result = figures[name]["subjects"][subject]
+            assert len(result.get("samples", [])) == 2, (name, subject, result)
+    assert not [p for p in os.listdir("/run/netns") if p.startswith("vmshim-bench-")]
