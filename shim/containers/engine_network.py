@@ -14,10 +14,11 @@ each step):
 - :meth:`wire` once the domain runs: taps into the container's namespace, tc redirects;
 - :meth:`close` when the VM is gone: taps deleted, namespaces let go of.
 
-Later changes follow (``docker network connect``): :meth:`watch_socket` is a netlink
-socket in the container's namespace that wakes the monitor on link and address changes;
-:meth:`new_links` finds interfaces not plugged in yet and :meth:`plug` gives each a tap and
-a NIC hot-plugged into the running VM (the agent's ``netconf`` then configures it).
+Later changes follow (``docker network connect`` / ``disconnect``): :meth:`watch_socket`
+is a netlink socket in the container's namespace that wakes the monitor on link and address
+changes; :meth:`changes` finds interfaces not plugged in yet and those that went away;
+:meth:`plug` gives a new one a tap and a NIC hot-plugged into the running VM (the agent's
+``netconf`` then configures it), :meth:`unplug` takes a gone one's NIC out and deletes its tap.
 
 DNS: ``engine_netns["resolv_conf"]`` is the host file bound on the container's
 /etc/resolv.conf; its loopback nameservers, read when the VM starts (docker's prestart
@@ -220,8 +221,27 @@ class EngineNetwork:
     def new_links(self) -> list[ens.EngineLink]:
         """Interfaces with an IPv4 address that appeared since the VM was plugged in
         (by MAC). Raises NetworkError."""
+        return self.changes()[0]
+
+    def changes(self) -> tuple[list[ens.EngineLink], list[ens.EngineLink]]:
+        """(interfaces not plugged in yet, plugged ones that are gone), by MAC. Raises
+        NetworkError."""
+        now = ens.read_links(self.path("netns"))
         known = {link.mac for link in self.links}
-        return [link for link in ens.read_links(self.path("netns")) if link.mac not in known]
+        present = {link.mac for link in now}
+        return ([link for link in now if link.mac not in known],
+                [link for link in self.links if link.mac not in present])
+
+    def unplug(self, link: ens.EngineLink, detach) -> None:
+        """*link* went away: call *detach(mac)* (take the NIC out of the VM) and delete its
+        tap. Raises HypervisorError from *detach* (the tap is deleted all the same)."""
+        index = self.links.index(link)
+        tap = self.taps.pop(index)
+        self.links.pop(index)
+        try:
+            detach(link.mac)
+        finally:
+            ens.remove_tap(self.path("netns"), tap)
 
     def plug(self, link: ens.EngineLink, attach) -> dict:
         """Give *link* a tap, call *attach(Interface)* (hot-plug into the running VM),
@@ -229,9 +249,12 @@ class EngineNetwork:
         default route stays the first interface's). Raises NetworkError, HypervisorError."""
         from shim.vm.domain import Interface
 
-        if len(self.taps) >= ens.MAX_LINKS:
+        used = set(self.taps)
+        free = [ens.tap_name(self.container_id, i) for i in range(10)
+                if ens.tap_name(self.container_id, i) not in used]
+        if len(self.taps) >= ens.MAX_LINKS or not free:
             raise NetworkError(f"the container has {ens.MAX_LINKS} interfaces already")
-        tap = ens.tap_name(self.container_id, len(self.taps))
+        tap = free[0]
         ens.create_tap(self.path("host_netns"), tap)
         try:
             attach(Interface(type="ethernet", mac=link.mac, tap=tap, mtu=link.mtu))

@@ -170,13 +170,27 @@ class VmPlacement:
         return self._engine.watch_socket() if self._engine is not None else None
 
     def follow_engine_links(self) -> list[dict]:
-        """Plug a NIC into the running VM for each interface the engine added to the
-        namespace since (``docker network connect``); their ``netconf`` entries. Raises
+        """Follow the engine's changes to the namespace since: unplug the NICs of the
+        interfaces that went away (``docker network disconnect``), plug one in for each
+        new one (``docker network connect``); the new ones' ``netconf`` entries. Raises
         NetworkError, HypervisorError."""
         if self._engine is None:
             return []
+        new, gone = self._engine.changes()
+        for link in gone:
+            self._engine.unplug(link, self._request_unplug)
         return [self._engine.plug(link, lambda iface: self.backend.attach_interface(
-                    self.domain, iface)) for link in self._engine.new_links()]
+                    self.domain, iface)) for link in new]
+
+    def _request_unplug(self, mac: str) -> None:
+        """Ask for NIC *mac* to leave the VM without waiting: the guest's PCIe hotplug
+        driver lets go ~5 s later, and the monitor must not stall that long."""
+        from shim.errors import HypervisorError
+
+        try:
+            self.backend.detach_interface(self.domain, mac, 0.0)
+        except HypervisorError:
+            pass  # "did not let go within 0 s": on its way out (its tap is gone already)
 
     def _rootfs_shares(self) -> list:
         from shim.vm.domain import Filesystem

@@ -166,7 +166,8 @@ def test_docker_user_network_names_resolve_between_vms(dockerd, guest_kernel):
 
 def test_docker_network_connect_follows_into_the_running_vm(dockerd):
     """The interface docker adds to the running container's namespace gets a tap and a NIC
-    hot-plugged into the VM; the guest takes its address and reaches that network."""
+    hot-plugged into the VM; the guest takes its address and reaches that network; after
+    disconnect the NIC leaves the VM."""
     dockerd.docker("network", "create", "--subnet", "10.77.0.0/24", "late", check=True)
     try:
         proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--name", "joiner",
@@ -180,6 +181,13 @@ def test_docker_network_connect_follows_into_the_running_vm(dockerd):
             "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
             "the connected network's address in the guest", interval=1)
         proc = dockerd.docker("exec", "joiner", "ping", "-c", "1", "-W", "5", "10.77.0.1")
+        assert proc.returncode == 0, _out(proc)
+        # and disconnect takes that NIC out of the VM again
+        dockerd.docker("network", "disconnect", "late", "joiner", check=True)
+        wait_until(lambda: f"inet {ip}/24" not in dockerd.docker(
+            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
+            "the disconnected network's NIC to leave the guest", interval=1)
+        proc = dockerd.docker("exec", "joiner", "true")
         assert proc.returncode == 0, _out(proc)
     finally:
         dockerd.docker("rm", "-f", "joiner")

@@ -163,3 +163,31 @@ def test_engine_network_relays_the_loopback_nameservers_of_resolv_conf(monkeypat
                          "resolv_conf": str(resolv)}, "c0ffee" * 10)
     assert "dns_relay" not in net.prepare() and net.dns is None
     net.close()
+
+
+def test_engine_network_unplugs_a_link_the_engine_removed(monkeypatch, tmp_path):
+    """docker network disconnect: the NIC of the gone interface is taken out, its tap
+    deleted, and its tap name can be used again."""
+    from shim.containers.engine_network import EngineNetwork
+
+    state = {"links": LINKS}
+    removed, detached = [], []
+    monkeypatch.setattr(ens, "read_links", lambda netns: ens.parse_links(state["links"], ROUTES))
+    monkeypatch.setattr(ens, "create_tap", lambda host, tap: None)
+    monkeypatch.setattr(ens, "remove_tap", lambda ns, tap: removed.append(tap))
+    monkeypatch.setattr(ens, "wire", lambda host, ns, link, tap: None)
+    for name in ("ns", "host"):
+        (tmp_path / name).write_text("")
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")},
+                        "c0ffee" * 10)
+    net.prepare()
+    state["links"] = LINKS[:2]
+    new, gone = net.changes()
+    assert new == [] and [link.name for link in gone] == ["eth1"]
+    net.unplug(gone[0], detached.append)
+    assert detached == ["02:42:0a:00:01:05"] and removed == ["vmnc0ffeec0ffe1"]
+    assert net.taps == ["vmnc0ffeec0ffe0"]
+    state["links"] = LINKS
+    plugged = []
+    net.plug(net.new_links()[0], plugged.append)
+    assert plugged[0].tap == "vmnc0ffeec0ffe1"
