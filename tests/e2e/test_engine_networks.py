@@ -164,6 +164,23 @@ def test_docker_user_network_names_resolve_between_vms(dockerd, guest_kernel):
         dockerd.docker("network", "rm", "vmnet")
 
 
+def test_docker_single_file_binds_do_not_share_the_container_directory(dockerd):
+    """Hostile guest: docker binds /etc/hosts, /etc/resolv.conf and /etc/hostname as single
+    files out of /var/lib/docker/containers/<id>/, next to config.v2.json (the env's
+    secrets). Root in the container (CAP_SYS_ADMIN) mounts every virtiofs share of the VM
+    itself: each holds one file, never that directory."""
+    script = ("for t in 0 1 2 3 4 5 6 7; do mkdir -p /m/$t; "
+              "mount -t virtiofs vmshim-b$t /m/$t 2>/dev/null && echo mounted $t; done; "
+              "ls -laR /m")
+    proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "--cap-add", "SYS_ADMIN",
+                          "--security-opt", "seccomp=unconfined", "-e", "PASSWORD=hunter2",
+                          "busybox", "sh", "-c", script)
+    assert proc.returncode == 0, _out(proc)
+    assert "mounted 0" in proc.stdout  # the guest's root can reach the shares…
+    for sibling in ("config.v2.json", "hostconfig.json", "resolv.conf.hash", "mounts"):
+        assert sibling not in proc.stdout  # …and sees nothing but the bound files
+
+
 def test_docker_network_connect_follows_into_the_running_vm(dockerd):
     """The interface docker adds to the running container's namespace gets a tap and a NIC
     hot-plugged into the VM; the guest takes its address and reaches that network; after
