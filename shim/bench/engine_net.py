@@ -46,13 +46,16 @@ def get(path):
     start = time.perf_counter()
     with socket.create_connection((host, 80), timeout=30) as s:
         s.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\n\r\n")
-        size = 0
+        size, head = 0, b""
         while True:
             chunk = s.recv(1 << 20)
             if not chunk:
                 break
+            if len(head) < 65536 and b"\r\n\r\n" not in head:
+                head += chunk[:65536]
             size += len(chunk)
-    return time.perf_counter() - start, size
+    header = head.find(b"\r\n\r\n")
+    return time.perf_counter() - start, size - (header + 4 if header >= 0 else 0)
 deadline = time.monotonic() + 60
 while True:
     try:
