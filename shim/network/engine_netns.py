@@ -185,8 +185,16 @@ def wire(host_netns: str, netns: str, link: EngineLink, tap: str) -> None:
         f"filter add dev {src} parent ffff: protocol all prio 1 u32 match u32 0 0 "
         f"action mirred egress redirect dev {dst}\n"
         for src, dst in ((link.name, tap), (tap, link.name)))
-    _run(_in(netns, "tc", "-batch", "-"), f"redirecting {link.name} to the tap {tap}",
-         input=batch)
+    try:
+        _run(_in(netns, "tc", "-batch", "-"), f"redirecting {link.name} to the tap {tap}",
+             input=batch)
+    except NetworkError as exc:
+        if "xclusivity" in str(exc) or "File exists" in str(exc):
+            raise NetworkError(f"{link.name} of the container's network namespace is "
+                               "plugged into another VM already: containers that share a "
+                               "network namespace (pods, --network container:) are not "
+                               "supported yet") from None
+        raise
 
 
 def remove_tap(netns: str, tap: str) -> None:

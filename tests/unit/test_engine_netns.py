@@ -191,3 +191,13 @@ def test_engine_network_unplugs_a_link_the_engine_removed(monkeypatch, tmp_path)
     plugged = []
     net.plug(net.new_links()[0], plugged.append)
     assert plugged[0].tap == "vmnc0ffeec0ffe1"
+
+
+def test_a_namespace_plugged_into_another_vm_is_refused_in_words(monkeypatch):
+    def run(argv, what, input=None):
+        if argv[3] == "tc":
+            raise NetworkError(f"{what}: Error: Exclusivity flag on, cannot modify.")
+    monkeypatch.setattr(ens, "_run", run)
+    link = ens.parse_links(LINKS, ROUTES)[0]
+    with pytest.raises(NetworkError, match="plugged into another VM already"):
+        ens.wire("/h", "/n", link, "vmnabc0")
