@@ -163,6 +163,7 @@ class Agent:
         self._stopped = False
         self._greeted = False
         self._last_sweep = 0.0
+        self._dns = None  # guest.runtime.dnsrelay.DnsRelay, when the config asks for one
 
         if self.fd >= 0:
             os.set_blocking(self.fd, False)
@@ -179,6 +180,7 @@ class Agent:
             protocol.STATS: self._handle_stats,
             protocol.DIFF: self._handle_diff,
             protocol.NETCONF: self._handle_netconf,
+            protocol.DNS_ANSWER: self._handle_dns_answer,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class Agent:
             raise ValueError("Agent.run needs a config and a runtime (see attach)")
         if not self._greeted:
             self.greet()
+        self._start_dns_relay()
         while not self._stopped:
             self._sync_selector()
             for key, mask in self._sel.select(self._timeout()):
@@ -234,6 +237,9 @@ class Agent:
             self._sel.unregister(fd)
         self._registered.clear()
         self._sel.close()
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
@@ -282,6 +288,9 @@ class Agent:
                 want(proc.stdin_fd, selectors.EVENT_WRITE, handler)
             if proc.pidfd is not None:
                 want(proc.pidfd, selectors.EVENT_READ, self._on_pidfd)
+        if self._dns is not None and out_ok and not self._away:
+            for fd in self._dns.fds():
+                want(fd, selectors.EVENT_READ, lambda mask, fd=fd: self._on_dns_query(fd))
         for fd in list(self._registered):
             if fd not in wanted:
                 self._sel.unregister(fd)
@@ -638,6 +647,29 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - NetworkError, or any runtime failure
             raise Reject(str(exc)) from None
         self._send(protocol.UPDATED, id=request)
+
+    # ---- the DNS relay (guest.runtime.dnsrelay) ----------------------------------------------
+
+    def _start_dns_relay(self) -> None:
+        network = getattr(self.config, "network", None) or {}
+        addresses = network.get("dns_relay") or []
+        if not addresses or self._dns is not None:
+            return
+        from guest.runtime.dnsrelay import DnsRelay
+
+        try:
+            self._dns = DnsRelay(addresses)
+        except OSError as exc:
+            self.log(f"cannot relay DNS on {', '.join(addresses)}: {exc}")
+
+    def _on_dns_query(self, fd: int) -> None:
+        self._dns.expire()
+        for qid, server, payload in self._dns.receive(fd):
+            self._send(protocol.DNS_QUERY, payload, id=qid, server=server)
+
+    def _handle_dns_answer(self, message: Message) -> None:
+        if self._dns is not None and len(message.payload) <= protocol.MAX_DNS_ANSWER:
+            self._dns.answer(message.get("id", int), message.payload)
 
     def _handle_stats(self, message: Message) -> None:
         self._check_token(message)

@@ -52,6 +52,15 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   new /etc/resolv.conf (its first network
                                                   with a resolver): updated {id} |
                                                   error {id, message}
+    g: dnsq    {id, server} + query               a DNS query (UDP payload, at most
+                                                  MAX_DNS_QUERY bytes) a container process
+                                                  sent to a relayed nameserver address
+                                                  (BootConfig.network ``dns_relay``); the
+                                                  host asks that nameserver in the
+                                                  container's network namespace (only the
+                                                  addresses it configured, rate-bounded)
+    h: dnsa    {id} + answer                      its answer (at most MAX_DNS_ANSWER bytes);
+                                                  none when the host dropped the query
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -117,10 +126,15 @@ UPDATED = "updated"
 STATS = "stats"
 DIFF = "diff"
 NETCONF = "netconf"
+DNS_QUERY = "dnsq"
+DNS_ANSWER = "dnsa"
+MAX_DNS_QUERY = 4096
+MAX_DNS_ANSWER = 65535
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, DNS_QUERY,
+     DNS_ANSWER}
 )
 BUILTINS = ("ps", "tar-out", "tar-in")
 """Names a ``builtin`` message may ask for."""
@@ -306,6 +320,7 @@ FROM_GUEST: dict[str, dict[str, Field]] = {
     UPDATED: {"id": _ID},
     STATS: {"id": _ID, "usage": Field(dict, True)},
     LOG: {"message": Field(str)},
+    DNS_QUERY: {"id": _ID, "server": Field(str, True)},
 }
 """The messages a guest may send, and their fields (others are ignored, as the
 compatibility rule says). Anything else from the guest breaks the protocol."""
@@ -324,6 +339,8 @@ def check_from_guest(msg: Message) -> Message:
         if (field.low is not None and value < field.low) or \
                 (field.high is not None and value > field.high):
             raise ProtocolError(f"{msg.type!r} field {name!r} is out of range")
+    if msg.type == DNS_QUERY and not 12 <= len(msg.payload) <= MAX_DNS_QUERY:
+        raise ProtocolError(f"a DNS query must be 12..{MAX_DNS_QUERY} bytes")
     return msg
 
 

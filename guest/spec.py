@@ -331,7 +331,10 @@ class BootConfig(_Record):
                          "gateway": "10.88.0.1", "mtu": 1500}]}
 
     Each interface is found by its MAC; ``gateway`` (at most one interface) becomes the
-    default route; ``mtu`` is optional. Checked by :func:`check_network`.
+    default route; ``mtu`` is optional. ``dns_relay`` (optional, loopback addresses such
+    as docker's ``127.0.0.11``) are nameservers that exist only in the container's network
+    namespace on the host: the agent relays queries to them (guest.runtime.dnsrelay).
+    Checked by :func:`check_network`.
 
     ``limits`` (a :class:`Limits`, optional) carries every cgroup limit; when given it is
     used instead of ``memory_limit``/``pids_limit`` (see :meth:`cgroup_limits`).
@@ -461,7 +464,7 @@ def check_network(network) -> dict:
     naming the bad field. No imports: this runs on the guest's boot path."""
     if not isinstance(network, dict):
         raise ValueError("boot config field 'network' must be an object")
-    unknown = set(network) - {"interfaces"}
+    unknown = set(network) - {"interfaces", "dns_relay"}
     if unknown:
         raise ValueError(f"boot config field 'network' has unknown key {sorted(unknown)[0]!r}")
     interfaces = network.get("interfaces", [])
@@ -493,6 +496,11 @@ def check_network(network) -> dict:
             raise ValueError(f"{where}.mtu must be an integer in 68..65535")
     if gateways > 1:
         raise ValueError("network: only one interface may have a gateway")
+    relay = network.get("dns_relay", [])
+    if not isinstance(relay, list) or len(relay) > 3 or not all(
+            is_ipv4(a) and a.startswith("127.") for a in relay):
+        raise ValueError("network.dns_relay must be a list of at most 3 loopback IPv4 "
+                         "addresses")
     return network
 
 

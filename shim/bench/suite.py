@@ -663,6 +663,56 @@ def bench_build_express(ctx: Context) -> None:
             server.server_close()
 
 
+def bench_engine_network(ctx: Context) -> None:
+    """dockerd's default bridge: round trip and throughput to a busybox httpd run with
+    ``--runtime vmshim`` (oci) and ``--runtime runc`` (shim.bench.engine_net)."""
+    from shim.bench import engine_net
+
+    note = ("a private dockerd in a network namespace of its own; client in that namespace, "
+            "server: busybox httpd on docker's default bridge, `docker run --runtime R`")
+    rtt = ctx.results.figure(
+        "engine_rtt", "dockerd bridge: HTTP round trip (new connection)", "ms",
+        note=f"median of {engine_net.RTT_REQUESTS} GETs of 6 bytes per sample; {note}")
+    tput = ctx.results.figure(
+        "engine_throughput", f"dockerd bridge: download of {engine_net.BIG_MIB} MiB", "MiB/s",
+        higher_is_better=True, note=note)
+    figs = [rtt, tput]
+    for fig in figs:
+        for s in ("vm", "process", "floor"):
+            fig.skip(s, "n/a: measured for docker run --runtime vmshim (oci) and runc")
+    reason = engine_net.unavailable() or ("" if _vmshim_runtime() else
+                                          "vmshim-runtime is not installed")
+    if reason:
+        for fig in figs:
+            for s in ("oci", "runc"):
+                fig.skip(s, reason)
+        return
+    with engine_net.BenchDockerd(ctx.workdir, _vmshim_runtime() or "") as dockerd:
+        servers: dict[str, str] = {}
+        for subject, runtime in engine_net.SUBJECT_RUNTIMES.items():
+            try:
+                _cid, servers[subject] = dockerd.start_server(runtime)
+                dockerd.measure(servers[subject])  # warm-up: waits for it to answer
+            except FAILURES as exc:
+                servers.pop(subject, None)
+                for fig in figs:
+                    fig.skip(subject, f"failed: {exc}")
+        for i in range(ctx.runs):
+            for subject, ip in list(servers.items()):
+                try:
+                    data = dockerd.measure(ip)
+                except FAILURES as exc:
+                    for fig in figs:
+                        fig.skip(subject, f"failed in run {i + 1}: {exc}")
+                    del servers[subject]
+                    continue
+                rtt.add(subject, data["rtt_ms"])
+                tput.add(subject, data["mib_s"])
+            ctx.log(f"  engine_network: run {i + 1}/{ctx.runs} " + " ".join(
+                f"{s}={rtt.subjects[s].samples[-1]:.3g}ms/{tput.subjects[s].samples[-1]:.3g}MiB/s"
+                for s in servers))
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
@@ -675,6 +725,8 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "io_volume": (bench_io_volume, "sequential and random I/O in a volume"),
     "kernels": (bench_kernels, "minimal vs distro guest kernel: boot, run --rm true, guest memory"),
     "build_express": (bench_build_express, "build of the Express example: vm, process, podman+runc"),
+    "engine_network": (bench_engine_network, "dockerd bridge round trip and throughput: "
+                       "--runtime vmshim vs runc"),
 }
 
 

@@ -74,6 +74,10 @@ VM (or host agent) is killed outright."""
 REPLY_TIMEOUT = 30.0
 """Seconds the agent has to answer an exec, builtin, stats or update request."""
 MAX_NETCONF_INTERFACES = 8
+NETWATCH_SETTLE = 0.5
+"""Seconds of quiet after link/address events in an engine's namespace before looking."""
+DNS_TIMEOUT_CHECK = 6.0
+"""When to drop relayed DNS queries that got no answer (engine_network.DNS_TIMEOUT is 5 s)."""
 MAX_BAD_MESSAGES = 100
 """Messages breaking the protocol a guest may send before its container is killed: one
 is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
@@ -130,7 +134,7 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
                            memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
                            vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
                            mounts=record.mounts, network=record.network,
-                           rootfs_dir=record.rootfs)
+                           rootfs_dir=record.rootfs, engine_netns=record.engine_netns)
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None
@@ -250,6 +254,10 @@ class Monitor:
         self.agent_lines = 0
         self.unexpected = 0
         self.agent_dropped_seen = 0
+        self.netwatch: socket.socket | None = None
+        """vmshim-runtime: wakes us when the engine changes the container's namespace."""
+        self.internal_requests: set[int] = set()
+        """Ids of requests the monitor itself sent the agent (netconf of followed links)."""
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -319,6 +327,13 @@ class Monitor:
             if mask:
                 poller.register(conn.sock, mask)
                 handlers[conn.fileno()] = lambda ev, c=conn: self._on_client(c, ev)
+        if self.netwatch is not None:
+            poller.register(self.netwatch, select.POLLIN)
+            handlers[self.netwatch.fileno()] = self._on_netwatch
+        relay = self._dns_relay()
+        for fd in relay.fds() if relay is not None else []:
+            poller.register(fd, select.POLLIN)
+            handlers[fd] = lambda ev, fd=fd: self._on_dns_answer(fd)
         timeout = None
         if self.timers:
             timeout = max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000) + 1)
@@ -472,6 +487,12 @@ class Monitor:
                     owner.finish()
             else:
                 self._unexpected(msg)
+        elif msg.type in (protocol.UPDATED, protocol.ERROR) and proc_id in self.internal_requests:
+            self.internal_requests.discard(proc_id)
+            if msg.type == protocol.ERROR:
+                text = msg.fields.get("message")
+                self._say("the agent could not bring up a followed interface: "
+                          + (protocol.printable(text) if isinstance(text, str) else "?"))
         elif msg.type == protocol.STARTED and proc_id in self.pending \
                 and self.pending[proc_id].kind in ("proc", "detached"):
             owner = self.pending.pop(proc_id)
@@ -517,8 +538,74 @@ class Monitor:
                     self._say("agent: (further errors from the agent are not logged)")
             else:
                 self._unexpected(msg)
+        elif msg.type == protocol.DNS_QUERY:
+            self._dns_query(msg)
         elif msg.type != protocol.LOG:
             self._unexpected(msg)
+
+    # ---- the DNS relay into an engine's namespace (shim.containers.engine_network) ------------
+
+    def _dns_relay(self):
+        return getattr(self.placement, "dns_relay", None)
+
+    def _dns_query(self, msg: Message) -> None:
+        """Precondition: *msg* passed protocol.check_from_guest (id, server, payload size).
+        A query the relay drops gets no answer (the guest's resolver times out)."""
+        relay = self._dns_relay()
+        if relay is None:
+            self._unexpected(msg)
+            return
+        if relay.query(msg.fields["id"], msg.fields["server"], msg.payload):
+            self._timer(DNS_TIMEOUT_CHECK, "dns", relay.expire)
+
+    def _watch_engine(self) -> None:
+        watch = getattr(self.placement, "engine_watch", None)
+        if watch is None or self.netwatch is not None:
+            return
+        try:
+            self.netwatch = watch()
+        except OSError as exc:
+            self._say(f"cannot watch the container's network namespace: {exc}")
+
+    def _on_netwatch(self, event: int) -> None:
+        """Link or address events: look again once they settle (NETWATCH_SETTLE s)."""
+        for _ in range(64):
+            try:
+                if not self.netwatch.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+        self._cancel_timers("netwatch")
+        self._timer(NETWATCH_SETTLE, "netwatch", self._follow_engine)
+
+    def _follow_engine(self) -> None:
+        """Plug the engine's new interfaces into the VM and have the agent bring them up."""
+        if not self.main_running or self.agent is None:
+            return
+        try:
+            interfaces = self.placement.follow_engine_links()
+        except VmshimError as exc:
+            self._say(f"cannot follow the container's network namespace: {exc}")
+            return
+        if interfaces:
+            request_id = self._new_proc_id()
+            self.internal_requests.add(request_id)
+            self._to_agent(protocol.NETCONF, token=self.record.token, id=request_id,
+                           interfaces=interfaces)
+
+    def _close_netwatch(self) -> None:
+        if self.netwatch is not None:
+            self.netwatch.close()
+            self.netwatch = None
+        self._cancel_timers("netwatch")
+
+    def _on_dns_answer(self, fd: int) -> None:
+        relay = self._dns_relay()
+        answer = relay.answer(fd) if relay is not None else None
+        if answer is not None:
+            self._to_agent(protocol.DNS_ANSWER, answer[1], id=answer[0])
 
     def _unexpected(self, msg: Message) -> None:
         """A well-formed message that answers nothing we asked: logged (the first few)
@@ -928,6 +1015,7 @@ class Monitor:
             conn.kind = "main" if attach else "done"
         self.agent_ready = True
         self._attach_agent(client)
+        self._watch_engine()
         if conn is not None:
             if attach:
                 conn.flush()
@@ -1040,6 +1128,7 @@ class Monitor:
         self._flush_clients(2.0)
         self._close_agent()
         if self.placement is not None:
+            self._close_netwatch()
             self.placement.teardown()
         if anonymous:
             _remove_anonymous_volumes(anonymous)
@@ -1093,6 +1182,7 @@ class Monitor:
         asked, give the pid slot back."""
         if self.placement is not None and self.main_running:
             self.placement.kill()
+            self._close_netwatch()
             self.placement.teardown()
         if self.removal is not None and self.placement is not None:
             self.placement.forget()  # rm returns when nothing of the VM is left

@@ -5,7 +5,11 @@ VM (:meth:`Attachments.for_vm`)::
 
     bind    a virtiofs share of the host directory (libvirt starts QEMU's virtiofsd; the
             domain gets memfd shared memory), tag vmshim-b<i>; a single file (OCI bundles
-            bind /etc/hosts and the like) by a share of its directory and a subpath. For ``:ro`` the share is a
+            bind /etc/hosts and the like) by a share of a private directory under the
+            run directory that holds nothing but that file (a read-only tmpfs with the
+            file bound onto an empty file in it, :func:`_file_view`), never by a share of
+            its parent: docker's hosts, resolv.conf and hostname sit next to the
+            container's config.v2.json with its environment's secrets. For ``:ro`` the share is a
             read-only (private) bind mount of it under the run directory, so virtiofsd
             itself cannot write: the guest's root could remount its own view read-write
             (the container is root in the VM), the host's cannot be
@@ -97,9 +101,15 @@ class Attachments:
             for request in self.requests:
                 source, subpath = request.source, ""
                 if request.type == "bind" and not os.path.isdir(source):
-                    # virtiofs shares directories: share the file's own and pick it there
-                    source, subpath = os.path.split(os.path.realpath(source))
-                if request.type == "bind" and request.readonly and share_dir is not None:
+                    # virtiofs shares directories: a directory holding only this file
+                    if share_dir is None:
+                        raise VolumeError(f"cannot share the single file {source}: no "
+                                          "private directory to share it from")
+                    view = Path(share_dir) / str(len(shares))
+                    subpath = _file_view(os.path.realpath(source), view, request.readonly)
+                    self.ro_shares.append(view)
+                    source = str(view)
+                elif request.type == "bind" and request.readonly and share_dir is not None:
                     view = Path(share_dir) / str(len(shares))
                     _readonly_view(source, view)
                     self.ro_shares.append(view)
@@ -240,6 +250,42 @@ def _readonly_view(source: str, view: Path) -> None:
         sc.umount2(str(view), sc.MNT_DETACH)
         view.rmdir()
         raise VolumeError(f"cannot share {source} read-only: {exc.strerror}") from None
+
+
+FILE_VIEW_NAME = "file"
+"""The one entry of a single file's share (the guest picks it as the subpath)."""
+
+
+def _file_view(source: str, view: Path, readonly: bool) -> str:
+    """Make *view* a directory that holds only the regular file *source*: a small tmpfs,
+    read-only (the guest cannot add entries), with *source* bound (read-only when
+    *readonly*) onto an empty file FILE_VIEW_NAME in it; return that name. Writes to the
+    file reach *source* as with runc; nothing else of *source*'s directory is shared.
+    Undone by unmounting *view* (detached, recursive). Raises VolumeError."""
+    from guest.runtime import syscalls as sc
+
+    view.mkdir(parents=True, exist_ok=True)
+    target = view / FILE_VIEW_NAME
+    try:
+        sc.mount("tmpfs", str(view), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                 "size=4k,nr_inodes=4,mode=0755")
+    except OSError as exc:
+        view.rmdir()
+        raise VolumeError(f"cannot share the file {source}: {exc.strerror}") from None
+    try:
+        sc.mount(None, str(view), None, sc.MS_PRIVATE, None)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        sc.mount(source, str(target), None, sc.MS_BIND, None)
+        if readonly:
+            sc.mount(None, str(target), None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
+        sc.mount(None, str(view), None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID
+                 | sc.MS_NODEV | sc.MS_NOEXEC, "size=4k,nr_inodes=4,mode=0755")
+    except OSError as exc:
+        sc.umount2(str(view), sc.MNT_DETACH)
+        view.rmdir()
+        raise VolumeError(f"cannot share the file {source}: {exc.strerror}") from None
+    return FILE_VIEW_NAME
 
 
 def _loop_mount(image: Path, target: Path, readonly: bool) -> None:

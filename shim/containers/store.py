@@ -136,6 +136,9 @@ class Container:
     network: dict | None = None
     """shim.containers.networking.NetworkRequest.to_dict(); acted on at every start (the
     addresses are the start's). None: no networking (records from before it existed)."""
+    engine_netns: dict | None = None
+    """vmshim-runtime: ``{"netns": path, "host_netns": path}`` when an engine prepared the
+    container's network namespace on the host (shim.containers.engine_network); None: not."""
     resources: dict = field(default_factory=dict)
     """shim.containers.resources.Resources.to_dict(): the limits as given (``update``
     changes them)."""

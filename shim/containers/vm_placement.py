@@ -76,7 +76,8 @@ class VmPlacement:
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: dict | None = None, rootfs_dir: str = ""):
+                 network: dict | None = None, rootfs_dir: str = "",
+                 engine_netns: dict | None = None):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -84,6 +85,10 @@ class VmPlacement:
         """shim.containers.networking.NetworkRequest.to_dict() (None: no NIC): connected in
         boot(), disconnected in teardown() once the VM is gone."""
         self.network = None
+        self.engine_netns = engine_netns
+        """vmshim-runtime: the namespace an engine prepared (Container.engine_netns); the
+        VM's NICs are plugged into its interfaces (shim.containers.engine_network)."""
+        self._engine = None
         self.cpuset = cpuset
         self.attachments = Attachments(mounts or [])
         """-v/--mount/--tmpfs (shim.containers.mounts): leased in boot(), let go of in
@@ -130,8 +135,10 @@ class VmPlacement:
                                   serial=WRITABLE_SERIAL, readonly=False))
         disks += self._volume_disks  # made by boot() (volume leases)
         interfaces = self.network.domain_interfaces() if self.network is not None else []
+        if self._engine is not None:
+            interfaces += self._engine.interfaces()
         # On bridge networks `network connect` may plug more NICs in while it runs.
-        hotplug = any(i.type == "bridge" for i in interfaces)
+        hotplug = any(i.type in ("bridge", "ethernet") for i in interfaces)
         return dom.Domain(
             name=self.domain,
             uuid=str(uuid.UUID(self.boot_config.container_id[:32])),
@@ -150,6 +157,40 @@ class VmPlacement:
             filesystems=self._rootfs_shares() + list(self._shares),
             cpuset=self.cpuset,
         )
+
+    @property
+    def dns_relay(self):
+        """The DNS relay into the engine's network namespace (engine_network.DnsRelay), or
+        None."""
+        return self._engine.dns if self._engine is not None else None
+
+    def engine_watch(self):
+        """A socket that turns readable when the engine changes the container's network
+        namespace (EngineNetwork.watch_socket), or None. Raises OSError."""
+        return self._engine.watch_socket() if self._engine is not None else None
+
+    def follow_engine_links(self) -> list[dict]:
+        """Follow the engine's changes to the namespace since: unplug the NICs of the
+        interfaces that went away (``docker network disconnect``), plug one in for each
+        new one (``docker network connect``); the new ones' ``netconf`` entries. Raises
+        NetworkError, HypervisorError."""
+        if self._engine is None:
+            return []
+        new, gone = self._engine.changes()
+        for link in gone:
+            self._engine.unplug(link, self._request_unplug)
+        return [self._engine.plug(link, lambda iface: self.backend.attach_interface(
+                    self.domain, iface)) for link in new]
+
+    def _request_unplug(self, mac: str) -> None:
+        """Ask for NIC *mac* to leave the VM without waiting: the guest's PCIe hotplug
+        driver lets go ~5 s later, and the monitor must not stall that long."""
+        from shim.errors import HypervisorError
+
+        try:
+            self.backend.detach_interface(self.domain, mac, 0.0)
+        except HypervisorError:
+            pass  # "did not let go within 0 s": on its way out (its tap is gone already)
 
     def _rootfs_shares(self) -> list:
         from shim.vm.domain import Filesystem
@@ -185,6 +226,11 @@ class VmPlacement:
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "vm", self.network_request,
                     self.boot_config)
+            if self.engine_netns is not None:
+                from shim.containers.engine_network import EngineNetwork
+
+                self._engine = EngineNetwork(self.engine_netns, self.boot_config.container_id)
+                self.boot_config = self.boot_config.replace(network=self._engine.prepare())
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             domain = self.build_domain(guest, self.accel)
             self.backend.create(domain)
@@ -193,6 +239,8 @@ class VmPlacement:
             self._disconnect()
             raise
         try:
+            if self._engine is not None:
+                self._engine.wire()
             client = AgentClient.connect_unix(str(self.agent_socket), timeout=10)
             client.handshake(BOOT_TIMEOUT, alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
@@ -268,6 +316,9 @@ class VmPlacement:
 
     def _disconnect(self) -> None:
         """Give the container's addresses, published ports and names back. Never raises."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         if self.network_request is not None:
             from shim.containers.networking import stop
 

@@ -11,16 +11,19 @@ How the config maps onto a VM:
 - ``root.path`` is shared into the VM with virtiofs and becomes the rootfs as it is
   (no layers); ``root.readonly`` makes it read-only inside the container.
 - ``mounts``: ``bind`` of a directory → a virtiofs share; of a single file → a share of
-  its directory and that entry; ``tmpfs`` → a tmpfs in the guest. ``proc``, ``sysfs``,
+  a private directory holding only that file (shim.containers.mounts, never its parent:
+  docker's hosts/resolv.conf sit beside config.v2.json); ``tmpfs`` → a tmpfs in the guest. ``proc``, ``sysfs``,
   ``devpts``, ``mqueue``, ``cgroup``/``cgroup2`` and the tmpfs on /dev and /dev/shm are
   made by the guest for every container, so these entries are already honoured. Other
   types are reported.
 - ``process``: args, env, cwd, terminal, ``user`` (uid, gid, additionalGids, umask),
   rlimits, oomScoreAdj, consoleSize, capabilities (all five sets) and noNewPrivileges
   are applied by the guest. apparmor/selinux labels, ioPriority, scheduler are reported.
-- ``linux.namespaces``: the VM gives the container new pid, mount, uts, ipc and network
-  namespaces and a guest kernel of its own; a ``path`` to join a host namespace cannot
-  be honoured (the VM's network is its own: with no vmshim network it has only ``lo``).
+- ``linux.namespaces``: the VM gives the container new pid, mount, uts, ipc and cgroup
+  namespaces and a guest kernel of its own; a ``path`` to join one of those cannot be
+  honoured. The ``network`` namespace lives on the host (shim.oci.netns): a new one, or
+  the ``path`` given, and the VM is plugged into the interfaces the engine puts there;
+  without a ``network`` entry the VM has only ``lo``.
 - ``linux.resources``: memory limit/reservation/swap, CPU quota/period/shares/cpus,
   pids, blockIO weight become the guest cgroup's limits, and the memory limit sizes the
   VM. Device rules, hugepages, rdma, network classes are reported.
@@ -105,6 +108,9 @@ class Bundle:
     os_container: bool = False
     """Annotation ``org.vmshim.os=true``: process is the image's init (an OS container,
     shim.containers.osmode)."""
+    network_ns: str | None = None
+    """The container's network namespace on the host (shim.oci.netns): ``""`` a new one,
+    a path to join, None (no ``network`` entry) none: the VM has only ``lo``."""
 
 
 OS_ANNOTATION = "org.vmshim.os"
@@ -184,7 +190,7 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.masked_paths = _paths(linux, "maskedPaths")
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
-    _namespaces(linux.get("namespaces", []), notes)
+    out.network_ns = _namespaces(linux.get("namespaces", []), notes)
     _linux_rest(linux, notes)
     for key in ("solaris", "windows", "vm", "zos"):
         if key in config:
@@ -403,16 +409,26 @@ def _resources(resources, notes: list[str]):
     return out
 
 
-def _namespaces(namespaces, notes: list[str]) -> None:
+def _namespaces(namespaces, notes: list[str]) -> str | None:
+    """Check linux.namespaces; return the network namespace (Bundle.network_ns)."""
     if not isinstance(namespaces, list):
         raise ValueError("linux.namespaces must be a list")
+    network = None
     for index, ns in enumerate(namespaces):
         if not isinstance(ns, dict) or ns.get("type") not in SUPPORTED_NAMESPACES:
             raise ValueError(f"linux.namespaces[{index}].type must be one of "
                              f"{', '.join(SUPPORTED_NAMESPACES)}")
-        if ns.get("path"):
+        path = ns.get("path") or ""
+        if not isinstance(path, str) or (path and not os.path.isabs(path)) or "\0" in path:
+            raise ValueError(f"linux.namespaces[{index}].path must be an absolute path")
+        if ns["type"] == "network":
+            if network is not None:
+                raise ValueError("linux.namespaces: the network namespace is named twice")
+            network = path
+        elif path:
             notes.append(f"linux.namespaces: joining the {ns['type']} namespace "
-                         f"{ns['path']} is not possible from a VM; the VM has its own")
+                         f"{path} is not possible from a VM; the VM has its own")
+    return network  # None: the engine's own network, which a VM cannot share: only lo
 
 
 def _paths(linux: dict, name: str) -> list | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from shim.containers.store import Container, now_rfc3339, process_start_time
 from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
 from shim.oci import hooks as hooks_mod
+from shim.oci import netns as netns_mod
 from shim.oci import standin
 from shim.oci.bundle import BundleError, check_id, load_bundle
 from shim.oci.state import (FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id,
@@ -112,11 +113,17 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     rt.root.mkdir(parents=True, exist_ok=True)
     rt.containers.create(record)
     pid = 0
+    host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None else -1
     try:
         state_dir = rt.dir(oci_id)
         rt.save_info(info)
         os.mkfifo(state_dir / FIFO, 0o600)
-        pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size)
+        pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size,
+                                 bundle.network_ns)
+        engine_netns = netns_mod.engine_netns(bundle.network_ns, pid, host_fd,
+                                              netns_mod.resolv_conf_source(bundle.mounts))
+        if engine_netns is not None:
+            rt.containers.update(record.id, lambda r: setattr(r, "engine_netns", engine_netns))
         info.standin_pid = pid
         info.standin_start = process_start_time(pid) or 0
         rt.save_info(info)
@@ -129,6 +136,9 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
             _end_standin(pid, info.standin_start)
         rt.containers.delete(record.id)
         raise
+    finally:
+        if host_fd >= 0:
+            os.close(host_fd)  # the stand-in keeps its copy
     return pid
 
 
@@ -143,17 +153,26 @@ def _os_stop(os_container: bool) -> dict:
 
 
 def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,
-                       console_socket: str | None, size) -> int:
-    """Fork the main stand-in; its pid once it is ready. Raises VmshimError."""
+                       console_socket: str | None, size, network_ns: str | None = None) -> int:
+    """Fork the main stand-in; its pid once it is ready (in the container's network
+    namespace, shim.oci.netns). Raises VmshimError."""
 
     def body(report_w: int) -> int:
+        try:
+            netns_mod.enter(network_ns)
+        except VmshimError as exc:
+            os.write(report_w, b"E" + str(exc).encode()[:4000])
+            return 125
         os.write(report_w, b"R")
         os.close(report_w)
         return standin.run_main(rt.containers, record_id, state_dir)
 
     pid, report_r = _fork_standin(body, console_socket, size, "vmshim-standin")
     try:
-        if os.read(report_r, 1) != b"R":
+        answer = os.read(report_r, 4096)
+        if answer.startswith(b"E"):
+            raise VmshimError(answer[1:].decode(errors="replace"))
+        if answer != b"R":
             raise VmshimError("the container's stand-in process did not start")
     except BaseException:
         _end_standin(pid, None)

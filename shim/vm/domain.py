@@ -80,7 +80,7 @@ _PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _META_KEY_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_INTERFACE_TYPES = ("bridge", "user")
+_INTERFACE_TYPES = ("bridge", "user", "ethernet")
 _RESERVED_TAP_PREFIXES = ("vnet", "vif", "macvtap", "macvlan")
 """libvirt refuses or reuses tap names with these prefixes (it hands them out itself)."""
 _DISK_FORMATS = ("raw", "qcow2")
@@ -280,6 +280,11 @@ class Interface:
     - ``type='user'``: QEMU's user-mode stack (SLIRP): the guest's connections become
       sockets of QEMU on the host (``--network host``, see docs/networking.md); the
       guest is 10.0.2.15/24, the host 10.0.2.2, a DNS forwarder 10.0.2.3.
+    - ``type='ethernet'``: an existing tap ``tap`` that vmshim made itself (``managed='no'``:
+      libvirt opens it and neither creates nor deletes it). vmshim-runtime uses it for an
+      engine's network namespace: the tap is made where libvirtd runs, moved into the
+      container's namespace once the domain exists, and tc-redirected to and from the
+      engine's interface (shim.network.engine_netns).
 
     The option ROM is off: with direct kernel boot nothing would use iPXE.
     """
@@ -298,6 +303,9 @@ class Interface:
             if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
                 raise ValueError(f"interface bridge must be 1-15 characters of "
                                  f"[A-Za-z0-9_.-], got {self.bridge!r}")
+        elif self.type == "ethernet":
+            if self.bridge is not None or self.tap is None:
+                raise ValueError("an ethernet interface has a tap and no bridge")
         elif self.bridge is not None or self.tap is not None:
             raise ValueError("a user interface has no bridge and no tap")
         if not isinstance(self.mac, str) or not _MAC_RE.match(self.mac.lower()) \
@@ -329,7 +337,9 @@ class Interface:
         _sub(iface, "mac", address=self.mac)
         if self.type == "bridge":
             _sub(iface, "source", bridge=self.bridge)
-        if self.tap is not None:
+        if self.type == "ethernet":
+            _sub(iface, "target", dev=self.tap, managed="no")
+        elif self.tap is not None:
             _sub(iface, "target", dev=self.tap)
         _sub(iface, "model", type="virtio")
         if self.mtu is not None:

@@ -481,3 +481,18 @@ def test_build_express_commands_and_its_skip_without_a_mirror(tmp_path, monkeypa
     data = json.dumps(ctx.results.to_dict()) if hasattr(ctx.results, "to_dict") else str(fig)
     assert "no npm mirror" in data
     assert "build_express" in suite.select([])
+
+
+def test_engine_network_skips_with_the_reason_where_dockerd_cannot_run(monkeypatch):
+    from shim.bench import engine_net
+
+    monkeypatch.setattr(engine_net, "unavailable", lambda: "/usr/sbin/dockerd is not installed")
+    ctx = _ctx()
+    suite.bench_engine_network(ctx)
+    data = ctx.results.to_dict()["figures"]
+    for name in ("engine_rtt", "engine_throughput"):
+        subjects = data[name]["subjects"]
+        assert "dockerd is not installed" in subjects["oci"]["skipped"]
+        assert "dockerd is not installed" in subjects["runc"]["skipped"]
+        assert subjects["vm"]["skipped"].startswith("n/a")
+    assert "engine_network" in suite.select([])

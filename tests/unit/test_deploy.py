@@ -27,3 +27,11 @@ def test_runtime_class_names_the_containerd_handler():
     text = (DEPLOY / "kubernetes" / "runtimeclass.yaml").read_text()
     assert "kind: RuntimeClass" in text and "handler: vmshim" in text
     assert "runtimeClassName: vmshim" in text
+
+
+def test_dockerd_knows_the_runtime_by_name():
+    import json
+
+    config = json.loads((DEPLOY / "docker" / "daemon.json").read_text())
+    assert Path(config["runtimes"]["vmshim"]["path"]).name == "vmshim-runtime"
+    assert "default-runtime" not in config  # opt-in per container unless the admin says so

@@ -84,6 +84,13 @@ DOMAINS = {
         hotplug_ports=HOTPLUG_PORTS,
         **_common(interfaces=[
             Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0")])),
+    # vmshim-runtime in an engine's network namespace: a tap vmshim made (managed='no'),
+    # with the MAC and MTU of the engine's veth; q35 so `docker network connect` can plug more.
+    "tcg_engine_netns": lambda: Domain(
+        memory_mib=128, vcpus=1, domain_type="qemu", machine=HOTPLUG_MACHINE,
+        hotplug_ports=HOTPLUG_PORTS,
+        **_common(interfaces=[
+            Interface(type="ethernet", mac="02:42:ac:11:00:02", tap="vmnc0ffee00", mtu=1450)])),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
         memory_mib=128, vcpus=1, domain_type="qemu",
@@ -261,6 +268,10 @@ def test_domain_validation(overrides, message):
     (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="vnet0"), "reserves"),
     (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="a b"), "tap"),
     (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", mtu=10), "mtu"),
+    (lambda: Interface(type="ethernet", mac="02:00:00:00:00:01"), "has a tap"),
+    (lambda: Interface(type="ethernet", bridge="b", tap="t0", mac="02:00:00:00:00:01"),
+     "no bridge"),
+    (lambda: Interface(type="ethernet", tap="vnet3", mac="02:00:00:00:00:01"), "reserves"),
 ])
 def test_device_validation(make, message):
     with pytest.raises(ValueError, match=message):

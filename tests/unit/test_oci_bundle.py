@@ -131,7 +131,8 @@ def test_mounts_map_to_vm_mounts(bundle, tmp_path):
 
 def test_resources_sysctl_paths_and_notes(bundle):
     linux = {
-        "namespaces": [{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}],
+        "namespaces": [{"type": "network", "path": "/run/netns/x"}, {"type": "pid"},
+                       {"type": "ipc", "path": "/proc/1/ns/ipc"}],
         "resources": {"memory": {"limit": 512 << 20}, "cpu": {"quota": 50000, "period": 100000,
                                                              "shares": 512},
                       "pids": {"limit": 64}, "blockIO": {"weight": 300},
@@ -152,7 +153,8 @@ def test_resources_sysctl_paths_and_notes(bundle):
     assert b.readonly_paths == ["/proc/sys"]
     assert b.hostname == "web"
     text = " | ".join(b.notes)
-    assert "/run/netns/x" in text and "seccomp.flags" in text and "hugepageLimits" in text
+    assert "/proc/1/ns/ipc" in text and "seccomp.flags" in text and "hugepageLimits" in text
+    assert "/run/netns/x" not in text and b.network_ns == "/run/netns/x"
     assert b.process.seccomp == {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
         {"names": ["read"], "action": "SCMP_ACT_ALLOW",
          "args": [{"index": 0, "value": 3, "op": "SCMP_CMP_EQ"}]}]}
@@ -185,3 +187,24 @@ def test_good_ids(good):
 def test_bad_ids(bad):
     with pytest.raises(BundleError, match="invalid container id"):
         check_id(bad)
+
+
+@pytest.mark.parametrize("namespaces, expected", [
+    ([{"type": "network"}, {"type": "pid"}], ""),
+    ([{"type": "network", "path": "/var/run/netns/cni-1"}], "/var/run/netns/cni-1"),
+    ([{"type": "pid"}], None),
+])
+def test_network_namespace_lives_on_the_host(bundle, namespaces, expected):
+    """A new network namespace (""), one to join (its path), or none (only lo in the VM)."""
+    b = load_bundle(bundle(minimal(linux={"namespaces": namespaces})))
+    assert b.network_ns == expected
+
+
+@pytest.mark.parametrize("namespaces, error", [
+    ([{"type": "network", "path": "netns/x"}], "must be an absolute path"),
+    ([{"type": "network", "path": 7}], "must be an absolute path"),
+    ([{"type": "network"}, {"type": "network", "path": "/run/netns/x"}], "named twice"),
+])
+def test_bad_network_namespace_is_refused(bundle, namespaces, error):
+    with pytest.raises(BundleError, match=error):
+        load_bundle(bundle(minimal(linux={"namespaces": namespaces})))

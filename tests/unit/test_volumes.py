@@ -304,3 +304,46 @@ def test_resolve_volumes_makes_missing_named_volumes(store):
     requests = [MountRequest(type="volume", source="auto", target="/a", volume_size=32 << 20)]
     resolve_volumes(requests, store)
     assert store.get("auto").size == 32 << 20
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+
+
+@needs_root
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_single_file_bind_shares_only_that_file(store, tmp_path, readonly):
+    """Hostile input: docker binds /var/lib/docker/containers/<id>/hosts as a single file;
+    its directory also holds config.v2.json (the environment's secrets). The share the
+    guest gets must hold that file alone, never its siblings."""
+    container_dir = tmp_path / "containers" / "c0ffee"
+    container_dir.mkdir(parents=True)
+    (container_dir / "hosts").write_text("127.0.0.1 localhost\n")
+    (container_dir / "config.v2.json").write_text('{"Env": ["PASSWORD=hunter2"]}')
+    att = Attachments([MountRequest(type="bind", source=str(container_dir / "hosts"),
+                                    target="/etc/hosts", readonly=readonly)], store=store)
+    specs, _disks, shares = att.for_vm(1, lambda i: "vdb", share_dir=tmp_path / "shares")
+    try:
+        shared = Path(shares[0].source_dir)
+        assert container_dir not in (shared, *shared.parents)
+        assert os.listdir(shared) == [specs[0].subpath]  # no config.v2.json next to it
+        assert (shared / specs[0].subpath).read_text() == "127.0.0.1 localhost\n"
+        with pytest.raises(OSError):  # the guest cannot add entries beside it
+            (shared / "config.v2.json").write_text("x")
+        if readonly:
+            with pytest.raises(OSError):
+                (shared / specs[0].subpath).write_text("changed\n")
+        else:  # writes reach the engine's file, as with runc
+            (shared / specs[0].subpath).write_text("10.0.0.2 web\n")
+            assert (container_dir / "hosts").read_text() == "10.0.0.2 web\n"
+    finally:
+        att.release()
+    assert not (tmp_path / "shares" / "0").exists()
+    assert (container_dir / "config.v2.json").exists()
+
+
+def test_a_single_file_bind_without_a_private_directory_is_refused(store, tmp_path):
+    (tmp_path / "hosts").write_text("")
+    att = Attachments([MountRequest(type="bind", source=str(tmp_path / "hosts"),
+                                    target="/etc/hosts")], store=store)
+    with pytest.raises(VolumeError, match="single file"):
+        att.for_vm(1, lambda i: "vdb")

@@ -1,0 +1,278 @@
+"""Engines' networks through vmshim-runtime (boots VMs): the engine prepares the container's
+network namespace on the host as it does for runc, and the VM is plugged into it.
+
+- a private dockerd (tests/e2e/dockerd.py) in a network namespace of its own: on the
+  default bridge the guest's kernel answers, outbound reaches a server on the test
+  namespace's address, ``-p 127.0.0.1:P:80`` reaches a busybox httpd in the VM; on a user
+  network two vmshim containers reach each other by name (docker's embedded DNS at
+  127.0.0.11, relayed from the guest over the agent channel);
+- podman with its default network (CNI's bridge on this host) and ``-p``, outbound too.
+
+The image is the busybox ``vmshim save`` exports, loaded into each engine: no registry.
+Preconditions: root, docker.io and podman installed (skipped otherwise), run the way
+scripts/lib/test-in-namespace runs the suite (private mount namespace, a network
+namespace of its own with libvirtd in it).
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.e2e.dockerd import Dockerd, EngineHost, missing_docker
+from tests.e2e.oci_engines import (
+    BUSYBOX_REF,
+    Podman,
+    image_archive,
+    make_workdir,
+    missing_engines,
+    remove_workdir,
+)
+from tests.waiting import wait_until
+
+VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
+    "vmshim-runtime"
+HTTPD = ("mkdir -p /www && echo hello from $(uname -r) > /www/index.html && "
+         "exec httpd -f -p 80 -h /www")
+"""A busybox httpd answering its kernel release."""
+
+pytestmark = [pytest.mark.host_root]
+
+
+def _out(proc) -> str:
+    return f"rc={proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = make_workdir("vmshim-en-")
+    yield path
+    remove_workdir(path)
+
+
+@pytest.fixture(scope="module")
+def busybox_archive(workdir):
+    return image_archive(workdir / "busybox.tar")
+
+
+@pytest.fixture(scope="module")
+def guest_kernel():
+    from shim.guestimage import ensure_guest_image
+
+    kernel = ensure_guest_image().kernel_release
+    assert kernel and kernel != os.uname().release
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def outside_server():
+    """An HTTP server on the test namespace's side of every EngineHost's veth (it listens
+    on all addresses of the test namespace): what "outbound" reaches."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = f"outside says hi to {self.client_address[0]}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _fetch_in(host: EngineHost, url: str) -> str:
+    """GET *url* from inside *host*'s namespace ("" when it does not answer yet)."""
+    res = subprocess.run(host.nsenter("curl", "-sS", "--max-time", "5", url),
+                         capture_output=True, text=True, timeout=30)
+    return res.stdout if res.returncode == 0 else ""
+
+
+# --- dockerd --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def docker_host():
+    with EngineHost(f"vmshim-dk-{os.getpid()}", f"vdk{os.getpid() % 100000}", "10.213.7") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def dockerd(workdir, busybox_archive, docker_host):
+    if missing_docker() is not None:
+        pytest.skip(str(missing_docker()))
+    with Dockerd(workdir / "d", VMSHIM_RUNTIME, docker_host) as engine:
+        engine.load(busybox_archive)
+        yield engine
+
+
+def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, docker_host, guest_kernel,
+                                                         outside_server):
+    url = f"http://{docker_host.gateway}:{outside_server}/"
+    proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "busybox", "sh", "-c",
+                          f"uname -r; cat /sys/class/net/eth0/address; wget -qO- {url}")
+    assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
+    kernel, mac, answer = proc.stdout.splitlines()[:3]
+    assert kernel == guest_kernel
+    assert mac.startswith("02:42:")  # docker's MAC, given to the guest's NIC
+    # the guest's connection was NATed by docker's bridge out of the engine host
+    assert answer == f"outside says hi to {docker_host.address}"
+
+
+def test_docker_published_port_answers_from_the_vm(dockerd, docker_host, guest_kernel):
+    proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "-p", "127.0.0.1:18080:80",
+                          "busybox", "sh", "-c", HTTPD)
+    assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
+    cid = proc.stdout.strip()
+    try:
+        answer = wait_until(lambda: _fetch_in(docker_host, "http://127.0.0.1:18080/"), 180,
+                            "the published port to answer")
+        assert answer == f"hello from {guest_kernel}\n"
+    finally:
+        dockerd.docker("rm", "-f", cid)
+
+
+def test_docker_user_network_names_resolve_between_vms(dockerd, guest_kernel):
+    dockerd.docker("network", "create", "vmnet", check=True)
+    try:
+        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--network", "vmnet",
+                              "--name", "web", "busybox", "sh", "-c", HTTPD)
+        assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
+
+        def fetch() -> str:
+            res = dockerd.docker("run", "--rm", "--runtime", "vmshim", "--network", "vmnet",
+                                 "busybox", "sh", "-c",
+                                 "nslookup web 127.0.0.11 >&2; wget -qO- http://web/")
+            return res.stdout if res.returncode == 0 else ""
+
+        assert wait_until(fetch, 240, "web by name from another VM", interval=1) == \
+            f"hello from {guest_kernel}\n"
+    finally:
+        dockerd.docker("rm", "-f", "web")
+        dockerd.docker("network", "rm", "vmnet")
+
+
+def test_docker_single_file_binds_do_not_share_the_container_directory(dockerd):
+    """Hostile guest: docker binds /etc/hosts, /etc/resolv.conf and /etc/hostname as single
+    files out of /var/lib/docker/containers/<id>/, next to config.v2.json (the env's
+    secrets). Root in the container (CAP_SYS_ADMIN) mounts every virtiofs share of the VM
+    itself: each holds one file, never that directory."""
+    script = ("for t in 0 1 2 3 4 5 6 7; do mkdir -p /m/$t; "
+              "mount -t virtiofs vmshim-b$t /m/$t 2>/dev/null && echo mounted $t; done; "
+              "ls -laR /m")
+    proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "--cap-add", "SYS_ADMIN",
+                          "--security-opt", "seccomp=unconfined", "-e", "PASSWORD=hunter2",
+                          "busybox", "sh", "-c", script)
+    assert proc.returncode == 0, _out(proc)
+    assert "mounted 0" in proc.stdout  # the guest's root can reach the shares…
+    for sibling in ("config.v2.json", "hostconfig.json", "resolv.conf.hash", "mounts"):
+        assert sibling not in proc.stdout  # …and sees nothing but the bound files
+
+
+def test_docker_network_connect_follows_into_the_running_vm(dockerd):
+    """The interface docker adds to the running container's namespace gets a tap and a NIC
+    hot-plugged into the VM; the guest takes its address and reaches that network; after
+    disconnect the NIC leaves the VM."""
+    dockerd.docker("network", "create", "--subnet", "10.77.0.0/24", "late", check=True)
+    try:
+        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--name", "joiner",
+                              "busybox", "sleep", "1d")
+        assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
+        dockerd.docker("network", "connect", "late", "joiner", check=True)
+        ip = dockerd.docker("inspect", "-f", "{{.NetworkSettings.Networks.late.IPAddress}}",
+                            "joiner", check=True).stdout.strip()
+        assert ip.startswith("10.77.0.")
+        wait_until(lambda: f"inet {ip}/24" in dockerd.docker(
+            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
+            "the connected network's address in the guest", interval=1)
+        proc = dockerd.docker("exec", "joiner", "ping", "-c", "1", "-W", "5", "10.77.0.1")
+        assert proc.returncode == 0, _out(proc)
+        # and disconnect takes that NIC out of the VM again
+        dockerd.docker("network", "disconnect", "late", "joiner", check=True)
+        wait_until(lambda: f"inet {ip}/24" not in dockerd.docker(
+            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
+            "the disconnected network's NIC to leave the guest", interval=1)
+        proc = dockerd.docker("exec", "joiner", "true")
+        assert proc.returncode == 0, _out(proc)
+    finally:
+        dockerd.docker("rm", "-f", "joiner")
+        dockerd.docker("network", "rm", "late")
+
+
+# --- podman ---------------------------------------------------------------------------------
+
+class NetPodman(Podman):
+    """Podman (tests.e2e.oci_engines) run inside an EngineHost, with its default network."""
+
+    def __init__(self, runtime: str, workdir, host: EngineHost):
+        super().__init__(runtime, workdir)
+        self.host = host
+
+    def command(self, *args: str) -> list[str]:
+        return self.host.nsenter(*super().command(*args))
+
+
+@pytest.fixture(scope="module")
+def podman_host():
+    with EngineHost(f"vmshim-pm-{os.getpid()}", f"vpm{os.getpid() % 100000}", "10.213.8") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def podman(workdir, busybox_archive, podman_host):
+    if missing_engines() is not None:
+        pytest.skip(str(missing_engines()))
+    with NetPodman(VMSHIM_RUNTIME, workdir / "p", podman_host) as engine:
+        assert engine.load(busybox_archive) == BUSYBOX_REF
+        yield engine
+
+
+def test_podman_default_network_port_and_outbound(podman, podman_host, guest_kernel,
+                                                  outside_server):
+    common = ["--pull", "never", "--cgroup-parent", "/" + podman.cgroup_parent]
+    proc = podman.podman("run", "-d", *common, "-p", "127.0.0.1:18081:80", BUSYBOX_REF,
+                         "sh", "-c", HTTPD, timeout=300)
+    assert proc.returncode == 0, _out(proc)
+    answer = wait_until(lambda: _fetch_in(podman_host, "http://127.0.0.1:18081/"), 180,
+                        "podman's published port to answer")
+    assert answer == f"hello from {guest_kernel}\n"
+    url = f"http://{podman_host.gateway}:{outside_server}/"
+    proc = podman.podman("run", "--rm", *common, BUSYBOX_REF, "wget", "-qO-", url, timeout=300)
+    assert proc.returncode == 0, _out(proc)
+    assert proc.stdout == f"outside says hi to {podman_host.address}\n"
+
+
+# --- vmshim bench ---------------------------------------------------------------------------
+
+def test_bench_engine_network_vmshim_next_to_runc(tmp_path):
+    """`vmshim bench --only engine_network`: round trip and throughput on dockerd's bridge,
+    --runtime vmshim next to runc, both measured (its own dockerd, removed after)."""
+    import json
+
+    from tests.e2e.conftest import vmshim
+
+    if missing_docker() is not None:
+        pytest.skip(str(missing_docker()))
+    out = tmp_path / "bench"
+    proc = vmshim("bench", "--runs", "2", "--only", "engine_network", "--output", str(out),
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    print(proc.stdout.decode(errors="replace"))  # the table, in the log
+    figures = json.loads((out / "results.json").read_text())["figures"]
+    for name in ("engine_rtt", "engine_throughput"):
+        for subject in ("oci", "runc"):
+            result = figures[name]["subjects"][subject]
+            assert len(result.get("samples", [])) == 2, (name, subject, result)
+    assert not [p for p in os.listdir("/run/netns") if p.startswith("vmshim-bench-")]
