@@ -105,6 +105,10 @@ class Bundle:
     os_container: bool = False
     """Annotation ``org.vmshim.os=true``: process is the image's init (an OS container,
     shim.containers.osmode)."""
+    cgroups_path: str | None = None
+    """``linux.cgroupsPath`` as given (checked by shim.oci.hostcgroup.parse_path)."""
+    linux_resources: dict = field(default_factory=dict)
+    """``linux.resources`` as given, for the host cgroup (shim.oci.hostcgroup)."""
 
 
 OS_ANNOTATION = "org.vmshim.os"
@@ -181,6 +185,8 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.mounts = _mounts(config.get("mounts", []), bundle, notes)
     out.hooks = _hooks(config.get("hooks"))
     out.resources = _resources(linux.get("resources"), notes)
+    out.cgroups_path = linux.get("cgroupsPath")
+    out.linux_resources = dict(linux.get("resources") or {})
     out.masked_paths = _paths(linux, "maskedPaths")
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
@@ -385,15 +391,13 @@ def _resources(resources, notes: list[str]):
         out.nano_cpus = quota * 1_000_000_000 // period
     if isinstance(cpu.get("shares"), int) and cpu["shares"] > 0:
         out.cpu_shares = max(2, min(262144, cpu["shares"]))
-    if cpu.get("cpus"):
-        notes.append("linux.resources.cpu.cpus: the VM's vCPUs are all the container's")
     pids = _obj(resources, "pids")
     if isinstance(pids.get("limit"), int) and pids["limit"] > 0:
         out.pids_limit = pids["limit"]
     block = _obj(resources, "blockIO")
     if isinstance(block.get("weight"), int) and block["weight"] > 0:
         out.blkio_weight = max(10, min(1000, block["weight"]))
-    for key in ("hugepageLimits", "network", "rdma", "unified"):
+    for key in ("hugepageLimits", "network", "rdma"):
         if resources.get(key):
             notes.append(f"linux.resources.{key}: not applied in the VM")
     devices = resources.get("devices") or []
