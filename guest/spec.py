@@ -435,12 +435,18 @@ class BootConfig(_Record):
 
 def check_devices(devices) -> list:
     """Validate BootConfig ``devices`` (untrusted JSON): ``[{"path", "type" (c|b),
-    "major", "minor", "permissions" (some of rwm)}]``; return them. Raises ValueError."""
+    "major", "minor", "permissions" (some of rwm)}]``, optionally with ``mode`` (the
+    node's permission bits, default 0666), ``uid`` and ``gid`` (default 0; OCI
+    ``linux.devices``); return them. Raises ValueError."""
     if not isinstance(devices, list) or len(devices) > 64:
         raise ValueError("boot config field 'devices' must be a list of at most 64")
+    required = {"path", "type", "major", "minor", "permissions"}
     for device in devices:
         if not (isinstance(device, dict)
-                and set(device) == {"path", "type", "major", "minor", "permissions"}
+                and required <= set(device) <= required | {"mode", "uid", "gid"}
+                and all(_is_int(device[k]) and 0 <= device[k] < (0o7777 + 1 if k == "mode"
+                                                                 else 1 << 32)
+                        for k in ("mode", "uid", "gid") if k in device)
                 and isinstance(device["path"], str) and device["path"].startswith("/")
                 and ".." not in device["path"].split("/") and "\0" not in device["path"]
                 and device["type"] in ("c", "b")

@@ -254,9 +254,12 @@ def _make_device(rootfs: str, device: dict) -> None:
     kind = stat.S_IFCHR if device["type"] == "c" else stat.S_IFBLK
     old_umask = os.umask(0)
     try:
-        os.mknod(path, kind | 0o666, os.makedev(device["major"], device["minor"]))
+        os.mknod(path, kind | device.get("mode", 0o666), os.makedev(device["major"],
+                                                                    device["minor"]))
     finally:
         os.umask(old_umask)
+    if device.get("uid") or device.get("gid"):
+        os.chown(path, device.get("uid", 0), device.get("gid", 0))
 
 
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,

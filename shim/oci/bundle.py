@@ -109,6 +109,9 @@ class Bundle:
     """``linux.cgroupsPath`` as given (checked by shim.oci.hostcgroup.parse_path)."""
     linux_resources: dict = field(default_factory=dict)
     """``linux.resources`` as given, for the host cgroup (shim.oci.hostcgroup)."""
+    devices: list = field(default_factory=list)
+    """``linux.devices`` as the guest makes them (guest.spec.check_devices entries, with
+    the access ``linux.resources.devices`` gives each)."""
 
 
 OS_ANNOTATION = "org.vmshim.os"
@@ -187,6 +190,7 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.resources = _resources(linux.get("resources"), notes)
     out.cgroups_path = linux.get("cgroupsPath")
     out.linux_resources = dict(linux.get("resources") or {})
+    out.devices = _devices(linux.get("devices"), out.linux_resources.get("devices"), notes)
     out.masked_paths = _paths(linux, "maskedPaths")
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
@@ -400,11 +404,72 @@ def _resources(resources, notes: list[str]):
     for key in ("hugepageLimits", "network", "rdma"):
         if resources.get(key):
             notes.append(f"linux.resources.{key}: not applied in the VM")
-    devices = resources.get("devices") or []
-    if any(isinstance(d, dict) and d.get("allow") for d in devices):
-        notes.append("linux.resources.devices: the guest's own device set is used "
-                     "(host devices do not exist in the VM)")
     return out
+
+
+MAX_DEVICES = 64
+
+
+def _devices(devices, rules, notes: list[str]) -> list[dict]:
+    """``linux.devices`` → guest.spec.check_devices entries: the guest makes each node
+    (its kernel's device of that number) with its mode and owner, and lets the container
+    use it as ``linux.resources.devices`` allows (in order, the last match wins; ``m``
+    at least, the node exists). Raises ValueError naming the bad entry."""
+    from guest.spec import check_devices
+
+    if devices is None:
+        devices = []
+    if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
+        raise ValueError(f"linux.devices must be a list of at most {MAX_DEVICES}")
+    rules = rules or []
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError("linux.resources.devices must be a list of objects")
+    out = []
+    for index, device in enumerate(devices):
+        where = f"linux.devices[{index}]"
+        if not isinstance(device, dict):
+            raise ValueError(f"{where} must be an object")
+        kind = device.get("type")
+        if kind == "p":
+            notes.append(f"{where}: FIFOs are not made in the VM; {device.get('path')} skipped")
+            continue
+        if kind not in ("c", "u", "b"):
+            raise ValueError(f"{where}.type must be c, u, b or p")
+        kind = "c" if kind == "u" else kind
+        entry = {"path": device.get("path"), "type": kind, "major": device.get("major"),
+                 "minor": device.get("minor"),
+                 "permissions": _access(rules, kind, device.get("major"), device.get("minor"))}
+        for key, name in (("fileMode", "mode"), ("uid", "uid"), ("gid", "gid")):
+            if device.get(key) is not None:
+                entry[name] = device[key]
+        if "mode" in entry and isinstance(entry["mode"], int):
+            entry["mode"] &= 0o7777
+        try:
+            out += check_devices([entry])
+        except ValueError:
+            raise ValueError(f"{where} must have an absolute path, type c|u|b|p, major and "
+                             "minor below 2^20, fileMode, uid and gid in range") from None
+    allowed = [r for r in rules if r.get("allow")]
+    listed = {(d["type"], d["major"], d["minor"]) for d in out}
+    extra = [r for r in allowed if (r.get("type"), r.get("major"), r.get("minor")) not in listed]
+    if extra:
+        notes.append("linux.resources.devices: allow rules for devices not in linux.devices "
+                     "are not applied; the guest's default devices plus linux.devices are "
+                     "the container's")
+    return out
+
+
+def _access(rules: list, kind: str, major, minor) -> str:
+    """What the device cgroup rules (in order) allow on one device; at least ``m``."""
+    access: set[str] = set()
+    for rule in rules:
+        if rule.get("type", "a") not in ("a", kind):
+            continue
+        if rule.get("major") not in (None, -1, major) or rule.get("minor") not in (None, -1, minor):
+            continue
+        letters = set(str(rule.get("access") or "rwm")) & set("rwm")
+        access = access | letters if rule.get("allow") else access - letters
+    return "".join(c for c in "rwm" if c in access) or "m"
 
 
 def _namespaces(namespaces, notes: list[str]) -> None:
@@ -476,7 +541,7 @@ def _seccomp(value, notes: list[str]) -> dict:
 
 def _linux_rest(linux: dict, notes: list[str]) -> None:
     for key in ("uidMappings", "gidMappings", "intelRdt", "personality",
-                "mountLabel", "devices"):
+                "mountLabel"):
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")
 

@@ -107,7 +107,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         resources=guest_resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
         read_only=bundle.read_only, rootfs=str(bundle.rootfs),
         masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
-        sysctl=bundle.sysctl, os_container=bundle.os_container,
+        sysctl=bundle.sysctl, os_container=bundle.os_container, devices=bundle.devices,
         **_os_stop(bundle.os_container))
     info = OciInfo(id=oci_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                    created=now_rfc3339(), annotations=bundle.annotations,

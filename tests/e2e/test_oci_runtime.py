@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.host_root]
 
 RUNTIME = [sys.executable, "-m", "shim.cli.runtime"]
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env")
+APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env",
+           "stat")
 
 
 def runtime(root: Path, *args, timeout=240, log: Path | None = None):
@@ -173,6 +174,29 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert hook_log.read_text().split("\n")[:-1] == [
         "prestart created", "createRuntime created", "createContainer created",
         "startContainer created", "poststart running", "poststop stopped"]
+
+
+def test_linux_devices_are_made_in_the_container(work):
+    """linux.devices: the guest makes each node with its number, mode and owner (also
+    outside /dev), as runc does on the host."""
+    parent, root = work
+    bundle = make_bundle(parent, "devs", ["sh", "-c", "stat -c '%n %F %t:%T %a %u:%g' "
+                                          "/dev/fuse /dev/mytun /opt/null2"])
+    edit_config(bundle, lambda c: c["linux"].update(
+        devices=[{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                  "fileMode": 0o640, "uid": 0, "gid": 5},
+                 {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200,
+                  "fileMode": 0o600},
+                 {"path": "/opt/null2", "type": "u", "major": 1, "minor": 3}],
+        resources={"devices": [{"allow": False, "access": "rwm"},
+                               {"allow": True, "type": "c", "major": 10, "minor": 229,
+                                "access": "rw"}]}))
+    res = runtime(root, "run", "--bundle", str(bundle), "devs")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "/dev/fuse character special file a:e5 640 0:5",
+        "/dev/mytun character special file a:c8 600 0:0",
+        "/opt/null2 character special file 1:3 666 0:0"], res.stdout
 
 
 def test_kill_and_force_delete_of_a_created_container(work):

@@ -185,3 +185,39 @@ def test_good_ids(good):
 def test_bad_ids(bad):
     with pytest.raises(BundleError, match="invalid container id"):
         check_id(bad)
+
+
+def test_linux_devices_become_guest_devices_with_their_access(bundle):
+    linux = {"devices": [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o20640,
+         "uid": 0, "gid": 5},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+        {"path": "/dev/u", "type": "u", "major": 1, "minor": 3},
+        {"path": "/run/fifo", "type": "p"}],
+        "resources": {"devices": [
+            {"allow": False, "access": "rwm"},
+            {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rw"},
+            {"allow": True, "type": "b", "major": 8, "access": "rwm"},
+            {"allow": False, "type": "b", "major": 8, "minor": 0, "access": "w"},
+            {"allow": True, "type": "c", "major": 13, "minor": 63, "access": "r"}]}}
+    b = load_bundle(bundle(minimal(linux=linux)))
+    assert b.devices == [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "permissions": "rw",
+         "mode": 0o640, "uid": 0, "gid": 5},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "permissions": "rm"},
+        {"path": "/dev/u", "type": "c", "major": 1, "minor": 3, "permissions": "m"}]
+    text = " | ".join(b.notes)
+    assert "FIFOs" in text and "allow rules for devices not in linux.devices" in text
+
+
+@pytest.mark.parametrize("device", [
+    {"path": "/dev/../etc/x", "type": "c", "major": 1, "minor": 3},
+    {"path": "dev/x", "type": "c", "major": 1, "minor": 3},
+    {"path": "/dev/x", "type": "c", "major": 1 << 21, "minor": 3},
+    {"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "uid": -1},
+    {"path": "/dev/x", "type": "s", "major": 1, "minor": 3},
+    "x",
+])
+def test_bad_linux_devices_are_refused(bundle, device):
+    with pytest.raises(BundleError, match=r"linux\.devices\[0\]"):
+        load_bundle(bundle(minimal(linux={"devices": [device]})))
