@@ -55,6 +55,8 @@ GUEST_MADE_MOUNTS = {
 """Mounts the guest makes for every container (guest.runtime.rootfs.setup_mounts)."""
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer",
               "poststart", "poststop")
+PROPAGATION = frozenset({"shared", "rshared", "slave", "rslave", "unbindable", "runbindable"})
+"""Mount propagation options other than (r)private, the guest's only kind."""
 SUPPORTED_NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "cgroup", "user", "time")
 
 
@@ -318,6 +320,11 @@ def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
         if not isinstance(source, str):
             raise ValueError(f"{where}.source must be a string")
         readonly = "ro" in options
+        moving = sorted(set(options) & PROPAGATION)
+        if moving:
+            notes.append(f"mount on {target}: propagation {','.join(moving)} is not applied "
+                         "(mounts stay private to the container: no mount event crosses "
+                         "the VM's wall)")
         if target in GUEST_MADE_MOUNTS and kind != "bind":
             continue  # the guest makes it for every container
         if kind == "bind":
@@ -541,9 +548,12 @@ def _seccomp(value, notes: list[str]) -> dict:
 
 def _linux_rest(linux: dict, notes: list[str]) -> None:
     for key in ("uidMappings", "gidMappings", "intelRdt", "personality",
-                "mountLabel"):
+                "mountLabel", "timeOffsets"):
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")
+    if linux.get("rootfsPropagation") not in (None, "", "private", "rprivate"):
+        notes.append(f"linux.rootfsPropagation {linux['rootfsPropagation']}: not applied "
+                     "(the container's mounts are private)")
 
 
 def default_config(args: list[str] | None = None, terminal: bool = True) -> dict:

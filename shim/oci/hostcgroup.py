@@ -458,7 +458,8 @@ def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | Non
     if target.manager == "systemd":
         if not pid:
             raise CgroupPathError("--systemd-cgroup: a scope needs a process to hold")
-        (systemd_start or systemd_start_scope)(target, pid)
+        (systemd_start or systemd_start_scope)(
+            target, pid, unit_properties(limits, hierarchies.version))
     directories = hierarchies.directories(target)
     made: list[str] = []
     paths: dict[str, str] = {}
@@ -605,18 +606,44 @@ def _busctl(*args: str) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=30)
 
 
-def systemd_start_scope(target: Target, pid: int) -> None:
+def unit_properties(limits: HostLimits | None, version: int) -> list[str]:
+    """busctl arguments (name, signature, value) for the scope's resource properties, so
+    that systemd itself keeps the limits (a daemon-reload re-applies unit properties)."""
+    out: list[str] = []
+    lim = limits.limits if limits is not None else None
+    if lim is None:
+        return out
+    if lim.memory > 0:
+        out += ["MemoryMax" if version == 2 else "MemoryLimit", "t", str(lim.memory)]
+    if lim.pids > 0:
+        out += ["TasksMax", "t", str(lim.pids)]
+    if lim.cpu_quota > 0:
+        period = lim.cpu_period or 100000
+        out += ["CPUQuotaPerSecUSec", "t", str(lim.cpu_quota * 1_000_000 // period)]
+    if lim.cpu_shares > 0:
+        from guest.runtime.cgroups import shares_to_weight
+
+        out += (["CPUWeight", "t", str(shares_to_weight(lim.cpu_shares))] if version == 2
+                else ["CPUShares", "t", str(lim.cpu_shares)])
+    return out
+
+
+def systemd_start_scope(target: Target, pid: int, properties: list[str] | None = None) -> None:
     """Start the transient scope *target.unit* in *target.slice* holding *pid*, delegated
-    (as runc does through D-Bus). Raises CgroupPathError when systemd cannot."""
+    (as runc does through D-Bus), with *properties* (:func:`unit_properties`). Raises
+    CgroupPathError when systemd cannot."""
     if not systemd_running():
         raise CgroupPathError(
             f"--systemd-cgroup: systemd is not running on this host (no /run/systemd/system), "
             f"so the scope {target.unit} cannot be made; use the engine's cgroupfs manager "
             "(podman --cgroup-manager cgroupfs, containerd SystemdCgroup = false)")
-    res = _busctl("StartTransientUnit", "ssa(sv)a(sa(sv))", target.unit, "fail", "4",
+    properties = properties or []
+    res = _busctl("StartTransientUnit", "ssa(sv)a(sa(sv))", target.unit, "fail",
+                  str(4 + len(properties) // 3),
                   "Slice", "s", target.slice, "Delegate", "b", "true",
                   "PIDs", "au", "1", str(pid),
-                  "Description", "s", f"vmshim-runtime container {target.unit}", "0")
+                  "Description", "s", f"vmshim-runtime container {target.unit}",
+                  *properties, "0")
     if res.returncode != 0:
         raise CgroupPathError(f"--systemd-cgroup: systemd did not start {target.unit}: "
                               f"{res.stderr.strip()[:300]}")

@@ -219,8 +219,9 @@ def test_systemd_scope_is_started_with_the_stand_in(tmp_path):
     calls = []
     target = parse_path("machine.slice:libpod:abc", "abc", systemd=True)
     cgroup = hostcgroup.create(target, hostcgroup.HostLimits(), hierarchies=hier, pid=4242,
-                               systemd_start=lambda t, pid: calls.append((t.unit, t.slice, pid)))
-    assert calls == [("libpod-abc.scope", "machine.slice", 4242)]
+                               systemd_start=lambda t, pid, props: calls.append(
+                                   (t.unit, t.slice, pid, props)))
+    assert calls == [("libpod-abc.scope", "machine.slice", 4242, [])]
     assert cgroup.paths["unified"] == os.path.join(root, "machine.slice", "libpod-abc.scope")
     assert (cgroup.manager, cgroup.unit) == ("systemd", "libpod-abc.scope")
 
@@ -262,3 +263,32 @@ def test_create_refuses_a_hostile_cgroups_path_and_keeps_nothing(tmp_path):
     with pytest.raises(CgroupPathError, match=r"cgroupsPath '\.\./\.\./\.\./etc'"):
         runtime.create(rt, "evil", str(tmp_path / "b"))
     assert rt.ids() == [] and not rt.exists("evil")
+
+
+def test_scope_properties_carry_the_limits():
+    limits = hostcgroup.host_limits({"memory": {"limit": 512 * MIB}, "pids": {"limit": 10},
+                                     "cpu": {"quota": 50000, "period": 100000,
+                                             "shares": 1024}})
+    assert hostcgroup.unit_properties(limits, 2) == [
+        "MemoryMax", "t", str(512 * MIB), "TasksMax", "t", str(10 + hostcgroup.HOST_TASKS),
+        "CPUQuotaPerSecUSec", "t", "500000", "CPUWeight", "t", "39"]
+    assert hostcgroup.unit_properties(limits, 1)[0] == "MemoryLimit"
+
+
+def test_start_scope_asks_systemd_over_dbus(monkeypatch):
+    seen = []
+    monkeypatch.setattr(hostcgroup, "systemd_running", lambda: True)
+    monkeypatch.setattr(hostcgroup, "_unit_active", lambda unit: True)
+
+    def busctl(*args):
+        seen.append(args)
+        return hostcgroup.subprocess.CompletedProcess(args, 0, "o \"/job/1\"", "")
+
+    monkeypatch.setattr(hostcgroup, "_busctl", busctl)
+    target = parse_path("machine.slice:libpod:abc", "abc", systemd=True)
+    hostcgroup.systemd_start_scope(target, 77, ["TasksMax", "t", "300"])
+    (args,) = seen
+    assert args[:5] == ("StartTransientUnit", "ssa(sv)a(sa(sv))", "libpod-abc.scope", "fail",
+                        "5")
+    assert ("PIDs", "au", "1", "77") == args[11:15]
+    assert args[-4:] == ("TasksMax", "t", "300", "0")
