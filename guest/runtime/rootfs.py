@@ -246,16 +246,29 @@ def _allow_suid_and_dev(rootfs: str) -> None:
 
 
 def _make_device(rootfs: str, device: dict) -> None:
-    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there)."""
+    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there).
+    Where the filesystem refuses mknod (a rootfs shared by virtiofs), the node is made in
+    /dev's tmpfs and bound onto an empty file at its path."""
     path = secure_join(rootfs, device["path"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.lexists(path):
         os.unlink(path)
     kind = stat.S_IFCHR if device["type"] == "c" else stat.S_IFBLK
+    mode = kind | device.get("mode", 0o666)
+    number = os.makedev(device["major"], device["minor"])
     old_umask = os.umask(0)
     try:
-        os.mknod(path, kind | device.get("mode", 0o666), os.makedev(device["major"],
-                                                                    device["minor"]))
+        try:
+            os.mknod(path, mode, number)
+        except PermissionError:
+            hidden = secure_join(rootfs, "/dev/.devices")
+            os.makedirs(hidden, mode=0o700, exist_ok=True)
+            node = os.path.join(hidden, device["path"].strip("/").replace("/", "_"))
+            if os.path.lexists(node):
+                os.unlink(node)
+            os.mknod(node, mode, number)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            syscalls.mount(node, path, None, MS_BIND, None)
     finally:
         os.umask(old_umask)
     if device.get("uid") or device.get("gid"):

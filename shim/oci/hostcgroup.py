@@ -39,8 +39,10 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from guest.runtime.cgroups import Cgroup, CgroupError
+from guest.spec import Limits
 from shim.errors import VmshimError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -231,8 +233,8 @@ class Hierarchies:
 class HostLimits:
     """What the host cgroup gets (from the config's ``linux.resources``)."""
 
-    limits: object = None
-    """guest.spec.Limits."""
+    limits: Any = None
+    """guest.spec.Limits (a record mypy cannot see into)."""
     cpuset_mems: str = ""
     unified: dict = field(default_factory=dict)
 
@@ -240,8 +242,6 @@ class HostLimits:
 def host_limits(resources) -> HostLimits:
     """``linux.resources`` (untrusted, already checked by the bundle's parser for its own
     fields) → HostLimits. Raises CgroupPathError naming a bad field."""
-    from guest.spec import Limits
-
     if not isinstance(resources, dict):
         resources = {}
 

@@ -181,13 +181,15 @@ def test_linux_devices_are_made_in_the_container(work):
     outside /dev), as runc does on the host."""
     parent, root = work
     bundle = make_bundle(parent, "devs", ["sh", "-c", "stat -c '%n %F %t:%T %a %u:%g' "
-                                          "/dev/fuse /dev/mytun /opt/null2"])
+                                          "/dev/fuse /dev/mytun /dev/sub/null2 /opt/null3"])
     edit_config(bundle, lambda c: c["linux"].update(
         devices=[{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
                   "fileMode": 0o640, "uid": 0, "gid": 5},
                  {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200,
                   "fileMode": 0o600},
-                 {"path": "/opt/null2", "type": "u", "major": 1, "minor": 3}],
+                 {"path": "/dev/sub/null2", "type": "u", "major": 1, "minor": 3},
+                 {"path": "/opt/null3", "type": "c", "major": 1, "minor": 3,
+                  "fileMode": 0o644}],
         resources={"devices": [{"allow": False, "access": "rwm"},
                                {"allow": True, "type": "c", "major": 10, "minor": 229,
                                 "access": "rw"}]}))
@@ -196,7 +198,8 @@ def test_linux_devices_are_made_in_the_container(work):
     assert res.stdout.splitlines() == [
         "/dev/fuse character special file a:e5 640 0:5",
         "/dev/mytun character special file a:c8 600 0:0",
-        "/opt/null2 character special file 1:3 666 0:0"], res.stdout
+        "/dev/sub/null2 character special file 1:3 666 0:0",
+        "/opt/null3 character special file 1:3 644 0:0"], res.stdout
 
 
 def test_kill_and_force_delete_of_a_created_container(work):
