@@ -21,15 +21,19 @@ How the config maps onto a VM:
 - ``linux.namespaces``: the VM gives the container new pid, mount, uts, ipc and network
   namespaces and a guest kernel of its own; a ``path`` to join a host namespace cannot
   be honoured (the VM's network is its own: with no vmshim network it has only ``lo``).
-- ``linux.resources``: memory limit/reservation/swap, CPU quota/period/shares/cpus,
-  pids, blockIO weight become the guest cgroup's limits, and the memory limit sizes the
-  VM. Device rules, hugepages, rdma, network classes are reported.
+- ``linux.resources``: memory limit/reservation, CPU quota/period/shares, pids, blockIO
+  weight become the guest cgroup's limits; ``linux.cgroupsPath`` and the raw resources
+  are kept for the host cgroup (shim.oci.hostcgroup, which also sizes the VM). Device
+  rules give the ``linux.devices`` their access; hugepages, rdma, network classes are
+  reported.
+- ``linux.devices`` are made by the guest (shim.oci.bundle._devices).
 - ``linux.maskedPaths``/``readonlyPaths`` replace the guest's own lists; ``linux.sysctl``
   is set in the VM's kernel (any key: the kernel is the container's alone).
 - ``linux.seccomp`` is compiled to a BPF filter and installed by the guest before the
   process runs (exec'ed processes get it too, as runc does); x86_64 only, and
   SCMP_ACT_NOTIFY / ``listenerPath`` are refused. Its ``flags`` are reported.
-- intelRdt, personality, uid/gid mappings are reported.
+- intelRdt, personality, uid/gid mappings, timeOffsets, mount propagation other than
+  private are reported.
 """
 
 from __future__ import annotations
