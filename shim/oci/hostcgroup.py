@@ -18,11 +18,11 @@ names and the root cgroup are refused with one error naming the field):
 
 - cgroupfs (default): an absolute path is below each hierarchy's root (v1: every mounted
   controller hierarchy; v2: the unified one), a relative one below the runtime's own cgroup
-  (runc's rule); none given → ``/vmshim-runtime/<id>``.
+  (runc's rule); none given → ``/vmshim-runtime/<id>-<hash of root and id>``.
 - ``--systemd-cgroup``: ``slice:prefix:name`` → the transient scope ``prefix-name.scope``
   in that slice (``a-b.slice`` is ``a.slice/a-b.slice``), made through systemd's D-Bus
-  API (``busctl``) with the runtime's pid, then moved like a cgroupfs path; none given →
-  ``system.slice:vmshim-runtime:<id>``. Without systemd as init it is refused.
+  API (``busctl``) with the stand-in's pid, then filled like a cgroupfs path; none given →
+  ``system.slice:vmshim-runtime:<id>-<hash>``. Without systemd as init it is refused.
 
 Limits (:func:`host_limits`): memory limit, reservation and swap exactly as given (so the
 VM is sized to fit, see :func:`vm_sizing`), CPU quota/period and shares (v2: weight),
@@ -92,12 +92,24 @@ class Target:
     unit: str = ""
 
 
-def parse_path(value, oci_id: str, systemd: bool = False) -> Target:
-    """Check ``linux.cgroupsPath`` (untrusted) and say where the cgroup goes. Raises
-    CgroupPathError naming the problem."""
+def default_name(oci_id: str, root: str = "") -> str:
+    """The container's cgroup name when the config names none: its id (shortened) and a
+    hash of the runtime's state root with the id, so two ``--root``s never share one."""
+    import hashlib
+
+    tag = hashlib.sha256(f"{root}\0{oci_id}".encode()).hexdigest()[:8]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", oci_id)[:200]
+    return f"{safe}-{tag}"
+
+
+def parse_path(value, oci_id: str, systemd: bool = False, root: str = "") -> Target:
+    """Check ``linux.cgroupsPath`` (untrusted) and say where the cgroup goes (*root*: the
+    runtime's state root, for the default name). Raises CgroupPathError naming the
+    problem."""
     if value is None or value == "":
-        value = (f"{DEFAULT_SLICE}:{DEFAULT_PARENT}:{oci_id}" if systemd
-                 else f"/{DEFAULT_PARENT}/{oci_id}")
+        name = default_name(oci_id, root)
+        value = (f"{DEFAULT_SLICE}:{DEFAULT_PARENT}:{name}" if systemd
+                 else f"/{DEFAULT_PARENT}/{name}")
     if not isinstance(value, str):
         raise CgroupPathError("linux.cgroupsPath must be a string")
     if len(value.encode()) > MAX_PATH:

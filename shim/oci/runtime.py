@@ -88,7 +88,8 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         raise BundleError("process.terminal is true: --console-socket is needed")
     if console_socket and not bundle.process.tty:
         raise BundleError("--console-socket was given but process.terminal is false")
-    cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup)
+    cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup,
+                                          root=str(rt.root.absolute()))
     cgroup_limits = hostcgroup.host_limits(bundle.linux_resources)
     memory_mib, guest_resources = hostcgroup.size_vm(bundle.resources)
     for note in bundle.notes:

@@ -20,11 +20,19 @@ MIB = 1 << 20
     ("/libpod_parent/libpod-abc", "/libpod_parent/libpod-abc"),
     ("//kubepods///pod1/c1/", "/kubepods/pod1/c1"),
     ("mine/c1", "mine/c1"),
-    (None, "/vmshim-runtime/ctr"),
-    ("", "/vmshim-runtime/ctr"),
+    (None, "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
+    ("", "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
 ])
 def test_cgroupfs_paths(value, path):
     assert parse_path(value, "ctr") == Target("cgroupfs", path)
+
+
+def test_default_names_differ_per_root_and_stay_valid():
+    one, two = (hostcgroup.default_name("c1", r) for r in ("/run/a", "/run/b"))
+    assert one != two and one.startswith("c1-") and len(one) == 11
+    long_id = hostcgroup.default_name("x+" * 500, "/r")
+    assert len(long_id) <= 255 and "+" not in long_id
+    parse_path(None, "x+" * 500, systemd=True, root="/r")
 
 
 @pytest.mark.parametrize("value, slice_name, unit, path", [
@@ -36,7 +44,8 @@ def test_cgroupfs_paths(value, path):
      "cri-containerd-c1.scope"),
     (":runc:x", "system.slice", "runc-x.scope", "system.slice/runc-x.scope"),
     ("-.slice::x", "-.slice", "x.scope", "x.scope"),
-    (None, "system.slice", "vmshim-runtime-ctr.scope", "system.slice/vmshim-runtime-ctr.scope"),
+    (None, "system.slice", f"vmshim-runtime-{hostcgroup.default_name('ctr')}.scope",
+     f"system.slice/vmshim-runtime-{hostcgroup.default_name('ctr')}.scope"),
 ])
 def test_systemd_paths(value, slice_name, unit, path):
     assert parse_path(value, "ctr", systemd=True) == Target("systemd", path, slice_name, unit)
