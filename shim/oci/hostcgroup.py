@@ -753,12 +753,14 @@ class VmPlacer:
         return pid in self.moved
 
     def finish(self) -> list[int]:
-        """Place what came since, and check every VM process is in; their pids. Raises
+        """Place what came since, and check every VM process is in; their pids. A VM that
+        no longer runs (a process that ended at once) has nothing left to place. Raises
         CgroupPathError naming a process that could not be placed."""
-        if not self.tick():
-            raise CgroupPathError(f"the VM {self.domain} has no running QEMU to move into "
-                                  "the container's cgroup")
-        pids = self.probe.processes(self.domain, self.probe.running_qemu(self.domain))
+        qemu = self.probe.running_qemu(self.domain)
+        if not qemu:
+            return sorted(self.moved)
+        self.tick()
+        pids = self.probe.processes(self.domain, qemu)
         for pid in pids:
             if os.path.exists(f"/proc/{pid}") and not self.cgroup.holds(pid):
                 self.cgroup.add(pid)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.oci.hostcgroup import default_name
 from tests.e2e.conftest import vmshim_domains, wait_no_new_domains
 
 pytestmark = [pytest.mark.vm, pytest.mark.host_root]
@@ -157,6 +158,11 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert (res.returncode, res.stdout.strip()) == (4, "from exec life")
     res = runtime(root, "ps", "--format", "json", "life")
     assert json.loads(res.stdout)[0] == pid
+    # No cgroupsPath: the stand-in and QEMU are in the default host cgroup.
+    cgroup = f"/vmshim-runtime/{default_name('life', str(root))}"
+    memory = "/sys/fs/cgroup/memory" if os.path.isdir("/sys/fs/cgroup/memory") else "/sys/fs/cgroup"
+    members = {int(p) for p in Path(memory + cgroup, "cgroup.procs").read_text().split()}
+    assert pid in members and len(members) >= 3, members  # stand-in, monitor, QEMU, …
 
     assert runtime(root, "pause", "life").returncode == 0
     assert state(root, "life")["status"] == "paused"
@@ -171,6 +177,7 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert refused.returncode != 0 and "stopped" in refused.stderr
     assert runtime(root, "delete", "life").returncode == 0
     assert runtime(root, "state", "life").returncode != 0
+    assert not os.path.exists(memory + cgroup)
     assert hook_log.read_text().split("\n")[:-1] == [
         "prestart created", "createRuntime created", "createContainer created",
         "startContainer created", "poststart running", "poststop stopped"]

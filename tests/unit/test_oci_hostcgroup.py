@@ -301,3 +301,37 @@ def test_start_scope_asks_systemd_over_dbus(monkeypatch):
                         "5")
     assert ("PIDs", "au", "1", "77") == args[11:15]
     assert args[-4:] == ("TasksMax", "t", "300", "0")
+
+
+class _Probe:
+    def __init__(self, pid):
+        self.pid = pid
+
+    def running_qemu(self, domain):
+        return self.pid
+
+    def processes(self, domain, qemu_pid):
+        return [qemu_pid] if qemu_pid else []
+
+
+class _Cgroup:
+    def __init__(self):
+        self.added = []
+        self.directories = ["/fake"]
+
+    def add(self, pid):
+        self.added.append(pid)
+
+    def holds(self, pid):
+        return pid in self.added
+
+
+def test_placer_waits_for_a_running_domain_and_tolerates_one_that_ended():
+    probe, cgroup = _Probe(None), _Cgroup()
+    placer = hostcgroup.VmPlacer(cgroup, "vmshim-x", probe=probe)
+    assert not placer.tick() and cgroup.added == []
+    probe.pid = os.getpid()
+    assert placer.tick() and cgroup.added == [os.getpid()]
+    assert placer.finish() == [os.getpid()]
+    probe.pid = None  # the container's process ended at once: the VM is already gone
+    assert placer.finish() == [os.getpid()]
