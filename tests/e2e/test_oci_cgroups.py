@@ -143,6 +143,34 @@ def test_podman_vm_is_in_its_cgroup_with_limits_and_stats(workdir, busybox_archi
                    "the container's cgroup is removed")
         assert not os.path.exists(f"/proc/{qemu}") or cgroup_of(qemu) != cgroups_path
 
+        # The VM is sized to fit the limit: a process going over the container's memory is
+        # killed by the guest's OOM killer; the host's never kills the VM.
+        script = ("dd if=/dev/zero of=/big/f bs=64M count=4 2>/dev/null; echo rc=$?; "
+                  "sleep 600")
+        proc = podman.podman("run", "-d", *podman.run_args(), "--name", "oom",
+                             "--memory", "300m", "--tmpfs", "/big:size=256m", BUSYBOX_REF,
+                             "sh", "-c", script, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        oci_id = proc.stdout.strip()
+        config = podman.podman("inspect", "--format", "{{.OCIConfigPath}}", "oom").stdout.strip()
+        with open(config) as f:
+            cgroups_path = json.load(f)["linux"]["cgroupsPath"]
+        logs = wait_until(lambda: "rc=" in (out := podman.podman("logs", "oom").stdout) and out,
+                          180, "dd ends")
+        assert "rc=137" in logs, logs
+        qemu = qemu_pid(oci_id)
+        assert cgroup_of(qemu) == cgroups_path
+        if V1:
+            peak = int(knob(cgroups_path, "memory", "memory.max_usage_in_bytes"))
+            oom = knob(cgroups_path, "memory", "memory.oom_control")
+            assert "oom_kill 0" in oom, oom
+        else:
+            peak = int(knob(cgroups_path, "memory", "memory.peak"))
+            assert "oom_kill 0" in knob(cgroups_path, "memory", "memory.events")
+        print(f"host cgroup peak with a 300m container that hit its limit: {peak / MIB:.0f} MiB")
+        assert peak <= 300 * MIB
+        assert podman.podman("rm", "-f", "-t", "0", "oom", timeout=120).returncode == 0
+
 
 def test_ctr_task_metrics_see_the_vm(workdir, busybox_archive):
     if not in_private_mount_namespace():
