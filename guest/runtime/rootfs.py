@@ -242,7 +242,10 @@ def _allow_suid_and_dev(rootfs: str) -> None:
                     (os.ST_RELATIME, 1 << 21)):
         if flags & bit:
             keep |= ms
-    syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+    try:
+        syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+    except PermissionError:
+        pass  # in a user namespace of its own the flags are locked: they stay
 
 
 def _make_device(rootfs: str, device: dict) -> None:

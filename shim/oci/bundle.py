@@ -201,6 +201,9 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
     _namespaces(linux.get("namespaces", []), notes)
+    maps = _id_mappings(linux)
+    if maps is not None:
+        out.process = out.process.replace(id_mappings=maps)
     _linux_rest(linux, notes)
     for key in ("solaris", "windows", "vm", "zos"):
         if key in config:
@@ -495,6 +498,34 @@ def _namespaces(namespaces, notes: list[str]) -> None:
                          f"{ns['path']} is not possible from a VM; the VM has its own")
 
 
+def _id_mappings(linux: dict) -> dict | None:
+    """A new ``user`` namespace with ``uidMappings``/``gidMappings`` → the process's
+    ``id_mappings`` (the guest makes the namespace); None without one. Raises ValueError
+    for maps without the namespace or the other way round, as runc does."""
+    from guest.spec import check_id_mappings
+
+    user_ns = any(isinstance(ns, dict) and ns.get("type") == "user" and not ns.get("path")
+                  for ns in linux.get("namespaces") or [])
+    given = {kind: linux.get(f"{kind}Mappings") for kind in ("uid", "gid")}
+    if not user_ns:
+        if any(given.values()):
+            raise ValueError("linux.uidMappings/gidMappings need a new user namespace in "
+                             "linux.namespaces")
+        return None
+    if not all(given.values()):
+        raise ValueError("linux.namespaces has a user namespace: uidMappings and "
+                         "gidMappings are needed")
+    maps = {}
+    for kind, entries in given.items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"linux.{kind}Mappings must be a list of objects")
+        maps[kind] = [[e.get("containerID"), e.get("hostID"), e.get("size")] for e in entries]
+    try:
+        return check_id_mappings(maps)
+    except ValueError as exc:
+        raise ValueError(f"linux.uidMappings/gidMappings: {exc}") from None
+
+
 def _paths(linux: dict, name: str) -> list | None:
     value = linux.get(name)
     if value is None:
@@ -551,8 +582,7 @@ def _seccomp(value, notes: list[str]) -> dict:
 
 
 def _linux_rest(linux: dict, notes: list[str]) -> None:
-    for key in ("uidMappings", "gidMappings", "intelRdt", "personality",
-                "mountLabel", "timeOffsets"):
+    for key in ("intelRdt", "personality", "mountLabel", "timeOffsets"):
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")
     if linux.get("rootfsPropagation") not in (None, "", "private", "rprivate"):

@@ -209,6 +209,55 @@ def test_linux_devices_are_made_in_the_container(work):
         "/opt/null3 character special file 1:3 644 0:0"], res.stdout
 
 
+def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
+    """A user namespace with the config's maps, made by the guest: the process is root in
+    it, the rootfs (owned by the mapped ids, as engines prepare it) is root's, a file of
+    an unmapped id shows as the overflow id, and an exec joins the namespace."""
+    parent, root = work
+    script = ("id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; "
+              "stat -c %u:%g /bin/busybox /unmapped; echo x > /dev/null && echo null-ok; "
+              "trap 'exit 0' TERM; while :; do sleep 0.2; done")
+    bundle = make_bundle(parent, "userns", ["sh", "-c", script])
+    for dirpath, dirnames, filenames in os.walk(bundle / "rootfs"):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            os.lchown(name, 100000, 200000)
+    (bundle / "rootfs" / "unmapped").write_text("")
+    out = parent / "userns.out"
+
+    def userns(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    edit_config(bundle, userns)
+    pid_file = parent / "userns.pid"
+    err = parent / "userns.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:  # the stand-in keeps them
+        proc = subprocess.run(RUNTIME + ["--root", str(root), "create", "--bundle",
+                                         str(bundle), "--pid-file", str(pid_file), "userns"],
+                              stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                              timeout=240)
+    assert proc.returncode == 0, err.read_text()
+    pid = int(pid_file.read_text())
+    res = runtime(root, "start", "userns")
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 60
+    while "null-ok" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert lines[:6] == [["0"], ["0", "100000", "65536"], ["0", "200000", "65536"],
+                         ["0:0"], ["65534:65534"], ["null-ok"]], out.read_text() + err.read_text()
+    process = parent / "userns-exec.json"
+    process.write_text(json.dumps({"args": ["sh", "-c", "id -u; cat /proc/self/uid_map"],
+                                   "cwd": "/", "env": ["PATH=/bin"], "terminal": False}))
+    res = runtime(root, "exec", "--process", str(process), "userns")
+    assert res.returncode == 0, res.stderr
+    assert [line.split() for line in res.stdout.splitlines()] == [["0"], ["0", "100000",
+                                                                         "65536"]]
+    assert runtime(root, "kill", "userns", "TERM").returncode == 0
+    assert reap(pid) == 0
+    assert runtime(root, "delete", "userns").returncode == 0
+
+
 def test_kill_and_force_delete_of_a_created_container(work):
     parent, root = work
     bundle = make_bundle(parent, "idle", ["true"])

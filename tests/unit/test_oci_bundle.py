@@ -221,3 +221,34 @@ def test_linux_devices_become_guest_devices_with_their_access(bundle):
 def test_bad_linux_devices_are_refused(bundle, device):
     with pytest.raises(BundleError, match=r"linux\.devices\[0\]"):
         load_bundle(bundle(minimal(linux={"devices": [device]})))
+
+
+def test_a_user_namespace_takes_the_config_maps(bundle):
+    linux = {"namespaces": [{"type": "user"}, {"type": "pid"}],
+             "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+             "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536},
+                             {"containerID": 70000, "hostID": 5, "size": 1}]}
+    b = load_bundle(bundle(minimal(linux=linux)))
+    assert b.process.id_mappings == {"uid": [[0, 100000, 65536]],
+                                     "gid": [[0, 100000, 65536], [70000, 5, 1]]}
+    assert not any("Mappings" in n for n in b.notes)
+    assert load_bundle(bundle(minimal())).process.id_mappings is None
+
+
+@pytest.mark.parametrize("linux, needle", [
+    ({"namespaces": [{"type": "user"}]}, "uidMappings and gidMappings are needed"),
+    ({"uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "need a new user namespace"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 1, "size": 0}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "uidMappings/gidMappings"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 4294967295, "size": 2}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "within 0..2"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}] * 341,
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "1 to 340"),
+])
+def test_bad_id_mappings_are_refused(bundle, linux, needle):
+    with pytest.raises(BundleError, match=needle):
+        load_bundle(bundle(minimal(linux=linux)))
