@@ -32,8 +32,10 @@ How the config maps onto a VM:
 - ``linux.seccomp`` is compiled to a BPF filter and installed by the guest before the
   process runs (exec'ed processes get it too, as runc does); x86_64 only, and
   SCMP_ACT_NOTIFY / ``listenerPath`` are refused. Its ``flags`` are reported.
-- intelRdt, personality, uid/gid mappings, timeOffsets, mount propagation other than
-  private are reported.
+- a new ``user`` namespace with ``uidMappings``/``gidMappings`` becomes the process's
+  ``id_mappings`` (the guest makes the namespace).
+- intelRdt, personality, timeOffsets, mount propagation other than private are
+  reported.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def features() -> dict:
             "org.vmshim.hooks": "all run on the host; createContainer/startContainer too",
             "org.vmshim.not-honoured": (
                 "apparmor, selinux, seccomp notify, namespace paths (the VM has its own), "
-                "uid/gid mappings, mount propagation other than private, hugepages; each is "
+                "mount propagation other than private, hugepages; each is "
                 "reported in --log when a config has it"),
             "org.vmshim.host-cgroup": ("cgroupsPath holds the stand-in, QEMU and its helpers; "
                                        "the memory limit covers the VM (see "

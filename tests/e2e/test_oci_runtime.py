@@ -215,7 +215,8 @@ def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
     an unmapped id shows as the overflow id, and an exec joins the namespace."""
     parent, root = work
     script = ("id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; "
-              "stat -c %u:%g /bin/busybox /unmapped; echo x > /dev/null && echo null-ok; "
+              "stat -c %u:%g /bin/busybox /unmapped; "
+              "echo x > /dev/null && echo x > /dev/mynull && echo null-ok; "
               "trap 'exit 0' TERM; while :; do sleep 0.2; done")
     bundle = make_bundle(parent, "userns", ["sh", "-c", script])
     for dirpath, dirnames, filenames in os.walk(bundle / "rootfs"):
@@ -228,6 +229,9 @@ def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
         config["linux"]["namespaces"].append({"type": "user"})
         config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
         config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+        # mknod is refused in a user namespace: the guest's own node is bound instead
+        config["linux"]["devices"] = [{"path": "/dev/mynull", "type": "c", "major": 1,
+                                       "minor": 3}]
     edit_config(bundle, userns)
     pid_file = parent / "userns.pid"
     err = parent / "userns.err"
