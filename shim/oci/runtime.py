@@ -123,8 +123,13 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         rt.save_info(info)
         os.mkfifo(state_dir / FIFO, 0o600)
         pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size)
-        cgroup = hostcgroup.create(cgroup_target, cgroup_limits, pid=pid)
-        info.cgroup = cgroup.to_dict()
+        try:
+            cgroup = hostcgroup.create(cgroup_target, cgroup_limits, pid=pid)
+            info.cgroup = cgroup.to_dict()
+        except hostcgroup.CgroupPathError as exc:
+            if bundle.cgroups_path and os.geteuid() == 0:
+                raise  # the engine named it: a container outside it would be a lie
+            log.warn(f"{oci_id}: no host cgroup (none was named, or not root): {exc}")
         info.standin_pid = pid
         info.standin_start = process_start_time(pid) or 0
         rt.save_info(info)
