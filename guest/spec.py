@@ -85,12 +85,17 @@ class ProcessSpec(_Record):
     ``seccomp`` (None: no filter) is ``"default"`` (guest.runtime.seccomp_default,
     resolved against the bounding set) or an OCI ``linux.seccomp`` object (checked by
     guest.runtime.seccomp.check).
+
+    ``id_mappings`` (None: no user namespace) is ``{"uid": [[container, host, size], …],
+    "gid": […]}`` (OCI ``linux.uidMappings``/``gidMappings``): the container gets a new
+    user namespace with these maps ("host" ids are the guest kernel's, which are the ids
+    files carry through virtiofs). Only for a container's first process.
     """
 
     _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
                "rlimits": list, "oom_score_adj": None, "capabilities": None,
                "no_new_privs": False, "additional_gids": list, "umask": None,
-               "seccomp": None}
+               "seccomp": None, "id_mappings": None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -143,11 +148,14 @@ class ProcessSpec(_Record):
                 check(seccomp)
             except SeccompError as exc:
                 raise ValueError(f"process.seccomp: {exc}") from None
+        maps = data.get("id_mappings")
+        if maps is not None:
+            maps = check_id_mappings(maps)
         return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty,
                    rlimits=[list(r) for r in rlimits], oom_score_adj=oom,
                    capabilities={k: list(v) for k, v in caps.items()} if caps is not None
                    else None, no_new_privs=nnp, additional_gids=list(gids), umask=umask,
-                   seccomp=seccomp)
+                   seccomp=seccomp, id_mappings=maps)
 
     def to_dict(self) -> dict:
         data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
@@ -166,7 +174,35 @@ class ProcessSpec(_Record):
             data["umask"] = self.umask
         if self.seccomp is not None:
             data["seccomp"] = self.seccomp
+        if self.id_mappings is not None:
+            data["id_mappings"] = {k: [list(m) for m in v] for k, v in self.id_mappings.items()}
         return data
+
+
+MAX_ID_MAPPINGS = 340
+"""The kernel's limit of lines in a uid_map or gid_map."""
+
+
+def check_id_mappings(maps) -> dict:
+    """Validate ``id_mappings`` (untrusted JSON, see ProcessSpec); return a copy. Raises
+    ValueError."""
+    if not isinstance(maps, dict) or set(maps) != {"uid", "gid"}:
+        raise ValueError("process.id_mappings must have uid and gid lists")
+    out = {}
+    for kind in ("uid", "gid"):
+        entries = maps[kind]
+        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_ID_MAPPINGS:
+            raise ValueError(f"process.id_mappings.{kind} must list 1 to {MAX_ID_MAPPINGS} "
+                             "mappings")
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3
+                    and all(_is_int(v) and 0 <= v < 1 << 32 for v in entry)
+                    and entry[2] > 0 and entry[0] + entry[2] <= 1 << 32
+                    and entry[1] + entry[2] <= 1 << 32):
+                raise ValueError(f"process.id_mappings.{kind}: each mapping is [container, "
+                                 "host, size] within 0..2^32")
+        out[kind] = [list(e) for e in entries]
+    return out
 
 
 RLIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
@@ -438,12 +474,18 @@ class BootConfig(_Record):
 
 def check_devices(devices) -> list:
     """Validate BootConfig ``devices`` (untrusted JSON): ``[{"path", "type" (c|b),
-    "major", "minor", "permissions" (some of rwm)}]``; return them. Raises ValueError."""
+    "major", "minor", "permissions" (some of rwm)}]``, optionally with ``mode`` (the
+    node's permission bits, default 0666), ``uid`` and ``gid`` (default 0; OCI
+    ``linux.devices``); return them. Raises ValueError."""
     if not isinstance(devices, list) or len(devices) > 64:
         raise ValueError("boot config field 'devices' must be a list of at most 64")
+    required = {"path", "type", "major", "minor", "permissions"}
     for device in devices:
         if not (isinstance(device, dict)
-                and set(device) == {"path", "type", "major", "minor", "permissions"}
+                and required <= set(device) <= required | {"mode", "uid", "gid"}
+                and all(_is_int(device[k]) and 0 <= device[k] < (0o7777 + 1 if k == "mode"
+                                                                 else 1 << 32)
+                        for k in ("mode", "uid", "gid") if k in device)
                 and isinstance(device["path"], str) and device["path"].startswith("/")
                 and ".." not in device["path"].split("/") and "\0" not in device["path"]
                 and device["type"] in ("c", "b")

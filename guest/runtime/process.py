@@ -151,6 +151,7 @@ class _Plan:
         # Instead of execve: call builtin() in the container and exit with its result.
         self.builtin = builtin
         self.seccomp_program = None  # compiled by _spawn, installed by the container process
+        self.limits_applied = False  # rlimits set before a new user namespace
 
 
 # ---- the caller's side ------------------------------------------------------------------
@@ -199,14 +200,22 @@ def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str
                       stdin: bool = True, rows: int = 24, cols: int = 80,
                       builtin=None) -> Spawned:
     """Start *process* inside the running container whose PID 1 is *container_pid* (as
-    seen by the caller): join its *namespaces* and *cgroup*. Same return and errors as
-    :func:`spawn_container`.
+    seen by the caller): join its *namespaces* and *cgroup* (and its user namespace first,
+    when it has one of its own). Same return and errors as :func:`spawn_container`.
 
     *builtin*: a callable (no arguments, returns an exit code) run in the container in
     place of ``execve`` of ``process.args`` (see guest.runtime.builtins). Everything it
     needs must be imported before this call: the container's root has no python."""
     join_fds = []
     try:
+        try:
+            own_user = os.stat(f"/proc/{container_pid}/ns/user").st_ino != \
+                os.stat("/proc/self/ns/user").st_ino
+        except OSError:
+            own_user = False
+        if own_user:
+            join_fds.append(os.open(f"/proc/{container_pid}/ns/user",
+                                    os.O_RDONLY | os.O_CLOEXEC))
         for name in NAMESPACE_ORDER:
             if name in namespaces:
                 path = f"/proc/{container_pid}/ns/{name}"
@@ -256,7 +265,8 @@ def _spawn(plan: _Plan) -> Spawned:
         for fd in theirs:
             os.close(fd)
         theirs = []
-        pid, master, console, error = _collect_reports(parent_sock)
+        pid, master, console, error = _collect_reports(
+            parent_sock, lambda: _write_id_maps(intermediate, plan.process.id_mappings))
         _wait_exactly(intermediate)
     except BaseException:
         for fd in ours + theirs:
@@ -278,9 +288,21 @@ def _spawn(plan: _Plan) -> Spawned:
     return spawned
 
 
-def _collect_reports(sock: socket.socket):
+def _write_id_maps(pid: int, maps: dict | None) -> None:
+    """Write the new user namespace's maps of the intermediate *pid* (from here, the
+    parent namespace: arbitrary maps need CAP_SETUID/CAP_SETGID there)."""
+    if not maps:
+        return
+    for kind in ("gid", "uid"):
+        text = "".join(f"{c} {h} {s}\n" for c, h, s in maps[kind])
+        with open(f"/proc/{pid}/{kind}_map", "w") as f:
+            f.write(text)
+
+
+def _collect_reports(sock: socket.socket, write_maps=None):
     """Read the children's reports until end of file: (pid, pty master, a held console
-    slave or None, (code, message) or None)."""
+    slave or None, (code, message) or None). On ``maps`` (a new user namespace), call
+    *write_maps* and answer ``go`` (``no:<reason>`` when it failed)."""
     pid, master, console, error = 0, None, None, None
     while True:
         try:
@@ -289,7 +311,14 @@ def _collect_reports(sock: socket.socket):
             continue
         if not data and not fds:
             break
-        if data.startswith(b"pid:"):
+        if data == b"maps":
+            try:
+                if write_maps is not None:
+                    write_maps()
+                sock.send(b"go")
+            except OSError as exc:
+                sock.send(b"no:" + str(exc).encode()[:500])
+        elif data.startswith(b"pid:"):
             pid = int(data[4:])
         elif data == b"pty" and fds and master is None:
             master = fds.pop(0)
@@ -396,6 +425,8 @@ def _intermediate(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         if plan.join_fds:
             for fd in plan.join_fds:
                 syscalls.setns(fd, 0)
+        elif plan.unshare_flags and plan.process.id_mappings:
+            _enter_user_namespace(plan, sock)
         elif plan.unshare_flags:
             syscalls.unshare(plan.unshare_flags)
         pid = os.fork()
@@ -409,6 +440,25 @@ def _intermediate(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         _report_failure(sock, EXIT_SETUP_FAILED, f"cannot create the container: {_describe(exc)}")
         code = EXIT_SETUP_FAILED
     os._exit(code)
+
+
+def _enter_user_namespace(plan: _Plan, sock: socket.socket) -> None:
+    """unshare a new user namespace with the others (which it then owns), have the
+    caller write its maps, and become its root. The rlimits and OOM score are set first:
+    raising them needs privileges in the parent namespace."""
+    _apply_process_limits(plan.process)
+    plan.limits_applied = True
+    syscalls.unshare(plan.unshare_flags | syscalls.CLONE_NEWUSER)
+    _report(sock, b"maps")
+    answer = sock.recv(1024)
+    if answer != b"go":
+        raise _ChildFailure("cannot write the user namespace's id maps: "
+                            + answer[3:].decode(errors="replace"))
+    for become in (os.setresgid, os.setresuid):
+        try:
+            become(0, 0, 0)
+        except OSError:
+            pass  # container id 0 is not mapped: the process's own user must be
 
 
 def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
@@ -429,7 +479,8 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         except UserError as exc:
             raise _ChildFailure(str(exc)) from None
         _setup_stdio(plan, sock, stdio, user.uid)
-        _apply_process_limits(plan.process)
+        if not plan.limits_applied:
+            _apply_process_limits(plan.process)
         caps = plan.process.capabilities
         seccomp_filter = plan.seccomp_program
         if seccomp_filter is not None and not plan.process.no_new_privs:

@@ -242,21 +242,67 @@ def _allow_suid_and_dev(rootfs: str) -> None:
                     (os.ST_RELATIME, 1 << 21)):
         if flags & bit:
             keep |= ms
-    syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+    try:
+        syscalls.mount(None, rootfs, None, MS_BIND | MS_REMOUNT | keep, None)
+    except PermissionError:
+        pass  # in a user namespace of its own the flags are locked: they stay
 
 
 def _make_device(rootfs: str, device: dict) -> None:
-    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there)."""
+    """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there).
+    Where the filesystem refuses mknod (a rootfs shared by virtiofs), the node is made in
+    /dev's tmpfs and bound onto an empty file at its path; where mknod is refused
+    altogether (a user namespace), the guest's own node of that number is bound there, as
+    runc binds the host's."""
     path = secure_join(rootfs, device["path"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.lexists(path):
         os.unlink(path)
     kind = stat.S_IFCHR if device["type"] == "c" else stat.S_IFBLK
+    mode = kind | device.get("mode", 0o666)
+    number = os.makedev(device["major"], device["minor"])
     old_umask = os.umask(0)
     try:
-        os.mknod(path, kind | 0o666, os.makedev(device["major"], device["minor"]))
+        try:
+            os.mknod(path, mode, number)
+        except PermissionError:
+            hidden = secure_join(rootfs, "/dev/.devices")
+            os.makedirs(hidden, mode=0o700, exist_ok=True)
+            node = os.path.join(hidden, device["path"].strip("/").replace("/", "_"))
+            if os.path.lexists(node):
+                os.unlink(node)
+            try:
+                os.mknod(node, mode, number)
+            except PermissionError:
+                node = _guest_node(kind, number)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            syscalls.mount(node, path, None, MS_BIND, None)
     finally:
         os.umask(old_umask)
+    if device.get("uid") or device.get("gid"):
+        os.chown(path, device.get("uid", 0), device.get("gid", 0))
+
+
+def _guest_node(kind: int, number: int) -> str:
+    """A node of type *kind* and device *number* in the guest's own /dev or one level
+    below (bounded). Raises PermissionError when there is none."""
+    def candidates():
+        for top in sorted(os.listdir("/dev"))[:4096]:
+            path = os.path.join("/dev", top)
+            yield path
+            if os.path.isdir(path) and not os.path.islink(path):
+                for name in sorted(os.listdir(path))[:1024]:
+                    yield os.path.join(path, name)
+
+    for path in candidates():
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_IFMT(st.st_mode) == kind and st.st_rdev == number:
+            return path
+    raise PermissionError(errno.EPERM, "no such device in the VM to bind, and mknod is "
+                          "not allowed here", f"{os.major(number)}:{os.minor(number)}")
 
 
 def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,

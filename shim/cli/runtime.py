@@ -51,8 +51,8 @@ class RuntimeGroup(click.Group):
 @click.option("--log", "log_path", default=None, help="Log file (warnings and errors).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
-@click.option("--systemd-cgroup", is_flag=True, help="Accepted for runc compatibility "
-              "(the container's cgroup is inside its VM).")
+@click.option("--systemd-cgroup", is_flag=True, help="cgroupsPath is slice:prefix:name, "
+              "a systemd scope (as runc's).")
 @click.option("--rootless", default=None, help="Accepted for runc compatibility.")
 @click.option("--criu", default=None, hidden=True)
 @click.pass_context
@@ -62,7 +62,7 @@ def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, rootless, criu):
     from shim.oci.state import DEFAULT_ROOT, RuntimeStore
 
     ctx.obj = {"log": RuntimeLog(log_path, log_format, debug),
-               "store": RuntimeStore(root or DEFAULT_ROOT)}
+               "store": RuntimeStore(root or DEFAULT_ROOT), "systemd_cgroup": systemd_cgroup}
 
 
 def _obj(ctx):
@@ -97,7 +97,8 @@ def create(ctx, container_id, bundle, pid_file, console_socket, **_):
 
     store, log = _obj(ctx)
     runtime.create(store, container_id, bundle, pid_file=pid_file,
-                   console_socket=console_socket, log=log)
+                   console_socket=console_socket, log=log,
+                   systemd_cgroup=ctx.obj["systemd_cgroup"])
 
 
 @cli.command()
@@ -126,7 +127,8 @@ def run(ctx, container_id, bundle, pid_file, console_socket, detach, keep, **_):
 
     store, log = _obj(ctx)
     sys.exit(runtime.run(store, container_id, bundle, pid_file=pid_file,
-                         console_socket=console_socket, detach=detach, log=log))
+                         console_socket=console_socket, detach=detach, log=log,
+                         systemd_cgroup=ctx.obj["systemd_cgroup"]))
 
 
 @cli.command()

@@ -24,15 +24,21 @@ How the config maps onto a VM:
   honoured. The ``network`` namespace lives on the host (shim.oci.netns): a new one, or
   the ``path`` given, and the VM is plugged into the interfaces the engine puts there;
   without a ``network`` entry the VM has only ``lo``.
-- ``linux.resources``: memory limit/reservation/swap, CPU quota/period/shares/cpus,
-  pids, blockIO weight become the guest cgroup's limits, and the memory limit sizes the
-  VM. Device rules, hugepages, rdma, network classes are reported.
+- ``linux.resources``: memory limit/reservation, CPU quota/period/shares, pids, blockIO
+  weight become the guest cgroup's limits; ``linux.cgroupsPath`` and the raw resources
+  are kept for the host cgroup (shim.oci.hostcgroup, which also sizes the VM). Device
+  rules give the ``linux.devices`` their access; hugepages, rdma, network classes are
+  reported.
+- ``linux.devices`` are made by the guest (shim.oci.bundle._devices).
 - ``linux.maskedPaths``/``readonlyPaths`` replace the guest's own lists; ``linux.sysctl``
   is set in the VM's kernel (any key: the kernel is the container's alone).
 - ``linux.seccomp`` is compiled to a BPF filter and installed by the guest before the
   process runs (exec'ed processes get it too, as runc does); x86_64 only, and
   SCMP_ACT_NOTIFY / ``listenerPath`` are refused. Its ``flags`` are reported.
-- intelRdt, personality, uid/gid mappings are reported.
+- a new ``user`` namespace with ``uidMappings``/``gidMappings`` becomes the process's
+  ``id_mappings`` (the guest makes the namespace).
+- intelRdt, personality, timeOffsets, mount propagation other than private are
+  reported.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ GUEST_MADE_MOUNTS = {
 """Mounts the guest makes for every container (guest.runtime.rootfs.setup_mounts)."""
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer",
               "poststart", "poststop")
+PROPAGATION = frozenset({"shared", "rshared", "slave", "rslave", "unbindable", "runbindable"})
+"""Mount propagation options other than (r)private, the guest's only kind."""
 SUPPORTED_NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "cgroup", "user", "time")
 
 
@@ -111,6 +119,13 @@ class Bundle:
     network_ns: str | None = None
     """The container's network namespace on the host (shim.oci.netns): ``""`` a new one,
     a path to join, None (no ``network`` entry) none: the VM has only ``lo``."""
+    cgroups_path: str | None = None
+    """``linux.cgroupsPath`` as given (checked by shim.oci.hostcgroup.parse_path)."""
+    linux_resources: dict = field(default_factory=dict)
+    """``linux.resources`` as given, for the host cgroup (shim.oci.hostcgroup)."""
+    devices: list = field(default_factory=list)
+    """``linux.devices`` as the guest makes them (guest.spec.check_devices entries, with
+    the access ``linux.resources.devices`` gives each)."""
 
 
 OS_ANNOTATION = "org.vmshim.os"
@@ -187,10 +202,16 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.mounts = _mounts(config.get("mounts", []), bundle, notes)
     out.hooks = _hooks(config.get("hooks"))
     out.resources = _resources(linux.get("resources"), notes)
+    out.cgroups_path = linux.get("cgroupsPath")
+    out.linux_resources = dict(linux.get("resources") or {})
+    out.devices = _devices(linux.get("devices"), out.linux_resources.get("devices"), notes)
     out.masked_paths = _paths(linux, "maskedPaths")
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
     out.network_ns = _namespaces(linux.get("namespaces", []), notes)
+    maps = _id_mappings(linux)
+    if maps is not None:
+        out.process = out.process.replace(id_mappings=maps)
     _linux_rest(linux, notes)
     for key in ("solaris", "windows", "vm", "zos"):
         if key in config:
@@ -314,6 +335,11 @@ def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
         if not isinstance(source, str):
             raise ValueError(f"{where}.source must be a string")
         readonly = "ro" in options
+        moving = sorted(set(options) & PROPAGATION)
+        if moving:
+            notes.append(f"mount on {target}: propagation {','.join(moving)} is not applied "
+                         "(mounts stay private to the container: no mount event crosses "
+                         "the VM's wall)")
         if target in GUEST_MADE_MOUNTS and kind != "bind":
             continue  # the guest makes it for every container
         if kind == "bind":
@@ -391,22 +417,81 @@ def _resources(resources, notes: list[str]):
         out.nano_cpus = quota * 1_000_000_000 // period
     if isinstance(cpu.get("shares"), int) and cpu["shares"] > 0:
         out.cpu_shares = max(2, min(262144, cpu["shares"]))
-    if cpu.get("cpus"):
-        notes.append("linux.resources.cpu.cpus: the VM's vCPUs are all the container's")
     pids = _obj(resources, "pids")
     if isinstance(pids.get("limit"), int) and pids["limit"] > 0:
         out.pids_limit = pids["limit"]
     block = _obj(resources, "blockIO")
     if isinstance(block.get("weight"), int) and block["weight"] > 0:
         out.blkio_weight = max(10, min(1000, block["weight"]))
-    for key in ("hugepageLimits", "network", "rdma", "unified"):
+    for key in ("hugepageLimits", "network", "rdma"):
         if resources.get(key):
             notes.append(f"linux.resources.{key}: not applied in the VM")
-    devices = resources.get("devices") or []
-    if any(isinstance(d, dict) and d.get("allow") for d in devices):
-        notes.append("linux.resources.devices: the guest's own device set is used "
-                     "(host devices do not exist in the VM)")
     return out
+
+
+MAX_DEVICES = 64
+
+
+def _devices(devices, rules, notes: list[str]) -> list[dict]:
+    """``linux.devices`` → guest.spec.check_devices entries: the guest makes each node
+    (its kernel's device of that number) with its mode and owner, and lets the container
+    use it as ``linux.resources.devices`` allows (in order, the last match wins; ``m``
+    at least, the node exists). Raises ValueError naming the bad entry."""
+    from guest.spec import check_devices
+
+    if devices is None:
+        devices = []
+    if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
+        raise ValueError(f"linux.devices must be a list of at most {MAX_DEVICES}")
+    rules = rules or []
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError("linux.resources.devices must be a list of objects")
+    out = []
+    for index, device in enumerate(devices):
+        where = f"linux.devices[{index}]"
+        if not isinstance(device, dict):
+            raise ValueError(f"{where} must be an object")
+        kind = device.get("type")
+        if kind == "p":
+            notes.append(f"{where}: FIFOs are not made in the VM; {device.get('path')} skipped")
+            continue
+        if kind not in ("c", "u", "b"):
+            raise ValueError(f"{where}.type must be c, u, b or p")
+        kind = "c" if kind == "u" else kind
+        entry = {"path": device.get("path"), "type": kind, "major": device.get("major"),
+                 "minor": device.get("minor"),
+                 "permissions": _access(rules, kind, device.get("major"), device.get("minor"))}
+        for key, name in (("fileMode", "mode"), ("uid", "uid"), ("gid", "gid")):
+            if device.get(key) is not None:
+                entry[name] = device[key]
+        if "mode" in entry and isinstance(entry["mode"], int):
+            entry["mode"] &= 0o7777
+        try:
+            out += check_devices([entry])
+        except ValueError:
+            raise ValueError(f"{where} must have an absolute path, type c|u|b|p, major and "
+                             "minor below 2^20, fileMode, uid and gid in range") from None
+    allowed = [r for r in rules if r.get("allow")]
+    listed = {(d["type"], d["major"], d["minor"]) for d in out}
+    extra = [r for r in allowed if (r.get("type"), r.get("major"), r.get("minor")) not in listed]
+    if extra:
+        notes.append("linux.resources.devices: allow rules for devices not in linux.devices "
+                     "are not applied; the guest's default devices plus linux.devices are "
+                     "the container's")
+    return out
+
+
+def _access(rules: list, kind: str, major, minor) -> str:
+    """What the device cgroup rules (in order) allow on one device; at least ``m``."""
+    access: set[str] = set()
+    for rule in rules:
+        if rule.get("type", "a") not in ("a", kind):
+            continue
+        if rule.get("major") not in (None, -1, major) or rule.get("minor") not in (None, -1, minor):
+            continue
+        letters = set(str(rule.get("access") or "rwm")) & set("rwm")
+        access = access | letters if rule.get("allow") else access - letters
+    return "".join(c for c in "rwm" if c in access) or "m"
 
 
 def _namespaces(namespaces, notes: list[str]) -> str | None:
@@ -429,6 +514,34 @@ def _namespaces(namespaces, notes: list[str]) -> str | None:
             notes.append(f"linux.namespaces: joining the {ns['type']} namespace "
                          f"{path} is not possible from a VM; the VM has its own")
     return network  # None: the engine's own network, which a VM cannot share: only lo
+
+
+def _id_mappings(linux: dict) -> dict | None:
+    """A new ``user`` namespace with ``uidMappings``/``gidMappings`` → the process's
+    ``id_mappings`` (the guest makes the namespace); None without one. Raises ValueError
+    for maps without the namespace or the other way round, as runc does."""
+    from guest.spec import check_id_mappings
+
+    user_ns = any(isinstance(ns, dict) and ns.get("type") == "user" and not ns.get("path")
+                  for ns in linux.get("namespaces") or [])
+    given = {kind: linux.get(f"{kind}Mappings") for kind in ("uid", "gid")}
+    if not user_ns:
+        if any(given.values()):
+            raise ValueError("linux.uidMappings/gidMappings need a new user namespace in "
+                             "linux.namespaces")
+        return None
+    if not all(given.values()):
+        raise ValueError("linux.namespaces has a user namespace: uidMappings and "
+                         "gidMappings are needed")
+    maps = {}
+    for kind, entries in given.items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"linux.{kind}Mappings must be a list of objects")
+        maps[kind] = [[e.get("containerID"), e.get("hostID"), e.get("size")] for e in entries]
+    try:
+        return check_id_mappings(maps)
+    except ValueError as exc:
+        raise ValueError(f"linux.uidMappings/gidMappings: {exc}") from None
 
 
 def _paths(linux: dict, name: str) -> list | None:
@@ -487,10 +600,12 @@ def _seccomp(value, notes: list[str]) -> dict:
 
 
 def _linux_rest(linux: dict, notes: list[str]) -> None:
-    for key in ("uidMappings", "gidMappings", "intelRdt", "personality",
-                "mountLabel", "devices"):
+    for key in ("intelRdt", "personality", "mountLabel", "timeOffsets"):
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")
+    if linux.get("rootfsPropagation") not in (None, "", "private", "rprivate"):
+        notes.append(f"linux.rootfsPropagation {linux['rootfsPropagation']}: not applied "
+                     "(the container's mounts are private)")
 
 
 def default_config(args: list[str] | None = None, terminal: bool = True) -> dict:

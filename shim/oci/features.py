@@ -15,11 +15,12 @@ def features() -> dict:
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
         "hooks": list(HOOK_KINDS),
-        "mountOptions": ["bind", "rbind", "ro", "rw"],
+        "mountOptions": ["bind", "rbind", "ro", "rw", "private", "rprivate"],
         "linux": {
             "namespaces": list(SUPPORTED_NAMESPACES),
             "capabilities": list(CAPABILITIES),
-            "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+            # the host cgroup of cgroupsPath (shim.oci.hostcgroup); the guest's is v2
+            "cgroup": {"v1": True, "v2": True, "systemd": True, "systemdUser": False},
             "seccomp": {"enabled": True, "actions": sorted(ACTIONS), "operators": list(OPS),
                         "archs": ["SCMP_ARCH_X86_64"], "knownFlags": [],
                         "supportedFlags": []},
@@ -35,7 +36,11 @@ def features() -> dict:
                               "container=vmshim"),
             "org.vmshim.hooks": "all run on the host; createContainer/startContainer too",
             "org.vmshim.not-honoured": (
-                "apparmor, selinux, seccomp notify, namespace paths (the VM has its own), device "
-                "rules, hugepages; each is reported in --log when a config has it"),
+                "apparmor, selinux, seccomp notify, namespace paths (the VM has its own), "
+                "mount propagation other than private, hugepages; each is "
+                "reported in --log when a config has it"),
+            "org.vmshim.host-cgroup": ("cgroupsPath holds the stand-in, QEMU and its helpers; "
+                                       "the memory limit covers the VM (see "
+                                       "docs/oci-runtime.md)"),
         },
     }

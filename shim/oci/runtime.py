@@ -27,6 +27,7 @@ from pathlib import Path
 from shim.containers.store import Container, now_rfc3339, process_start_time
 from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
 from shim.oci import hooks as hooks_mod
+from shim.oci import hostcgroup
 from shim.oci import netns as netns_mod
 from shim.oci import standin
 from shim.oci.bundle import BundleError, check_id, load_bundle
@@ -74,11 +75,11 @@ class RuntimeLog:
 # ---- create / start / run -----------------------------------------------------------------
 
 def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
-           console_socket: str | None = None, log: RuntimeLog | None = None) -> int:
+           console_socket: str | None = None, log: RuntimeLog | None = None,
+           systemd_cgroup: bool = False) -> int:
     """Create *oci_id* from *bundle_dir*; the stand-in's pid. The stand-in is our child
-    (``run`` waits for it). Raises BundleError, VmshimError; nothing is kept then."""
-    from shim.containers.resources import DEFAULT_VM_MIB
-
+    (``run`` waits for it) and is in the container's host cgroup (shim.oci.hostcgroup).
+    Raises BundleError, VmshimError; nothing is kept then."""
     log = log or RuntimeLog()
     check_id(oci_id)
     if rt.exists(oci_id):
@@ -88,6 +89,10 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         raise BundleError("process.terminal is true: --console-socket is needed")
     if console_socket and not bundle.process.tty:
         raise BundleError("--console-socket was given but process.terminal is false")
+    cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup,
+                                          root=str(rt.root.absolute()))
+    cgroup_limits = hostcgroup.host_limits(bundle.linux_resources)
+    memory_mib, guest_resources = hostcgroup.size_vm(bundle.resources)
     for note in bundle.notes:
         log.warn(f"{oci_id}: {note}")
     for kind in ("createContainer", "startContainer"):
@@ -99,12 +104,12 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         name=oci_id, image="", image_id="", isolation="vm",
         process=bundle.process.to_dict(), hostname=bundle.hostname or oci_id[:12],
         token=secrets.token_hex(16), layer_disks=[],
-        memory_mib=bundle.resources.vm_memory_mib(DEFAULT_VM_MIB), interactive=True,
+        memory_mib=memory_mib, interactive=True,
         tty=bundle.process.tty, writable="tmpfs", network=None,
-        resources=bundle.resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
+        resources=guest_resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
         read_only=bundle.read_only, rootfs=str(bundle.rootfs),
         masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
-        sysctl=bundle.sysctl, os_container=bundle.os_container,
+        sysctl=bundle.sysctl, os_container=bundle.os_container, devices=bundle.devices,
         **_os_stop(bundle.os_container))
     info = OciInfo(id=oci_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                    created=now_rfc3339(), annotations=bundle.annotations,
@@ -114,6 +119,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     rt.containers.create(record)
     pid = 0
     host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None else -1
+    cgroup = None
     try:
         state_dir = rt.dir(oci_id)
         rt.save_info(info)
@@ -124,6 +130,13 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
                                               netns_mod.resolv_conf_source(bundle.mounts))
         if engine_netns is not None:
             rt.containers.update(record.id, lambda r: setattr(r, "engine_netns", engine_netns))
+        try:
+            cgroup = hostcgroup.create(cgroup_target, cgroup_limits, pid=pid)
+            info.cgroup = cgroup.to_dict()
+        except hostcgroup.CgroupPathError as exc:
+            if bundle.cgroups_path and os.geteuid() == 0:
+                raise  # the engine named it: a container outside it would be a lie
+            log.warn(f"{oci_id}: no host cgroup (none was named, or not root): {exc}")
         info.standin_pid = pid
         info.standin_start = process_start_time(pid) or 0
         rt.save_info(info)
@@ -134,12 +147,21 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     except BaseException:
         if pid:
             _end_standin(pid, info.standin_start)
+        if cgroup is not None:
+            _remove_cgroup(cgroup, log, wait=0)
         rt.containers.delete(record.id)
         raise
     finally:
         if host_fd >= 0:
             os.close(host_fd)  # the stand-in keeps its copy
     return pid
+
+
+def _remove_cgroup(cgroup, log: RuntimeLog, wait: float = hostcgroup.SETTLE_WAIT) -> None:
+    try:
+        cgroup.remove(wait=wait)
+    except VmshimError as exc:
+        log.warn(f"the container's host cgroup was not removed: {exc}")
 
 
 def _os_stop(os_container: bool) -> dict:
@@ -226,9 +248,10 @@ def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
         raise ContainerStateError("start", "created", status, oci_id)
     hooks_mod.run_hooks("startContainer", info.hooks, state_of(record, info), warn=log.warn)
     state_dir = rt.dir(oci_id)
+    placer = _vm_placer(record, info)
     fd = os.open(state_dir / FIFO, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        answer = _wait_started(fd, info)
+        answer = _wait_started(fd, info, placer)
     finally:
         os.close(fd)
     if answer != standin.STARTED:
@@ -238,16 +261,38 @@ def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
             reason = "the stand-in process ended before the process started"
         raise VmshimError(f"cannot start container {oci_id}: {reason}")
     (state_dir / FIFO).unlink(missing_ok=True)
+    if placer is not None:
+        try:
+            placer.finish()
+        except VmshimError as exc:
+            raise VmshimError(f"cannot start container {oci_id}: {exc}") from None
     record, info = rt.load(oci_id)
     hooks_mod.run_hooks("poststart", info.hooks, state_of(record, info), warn=log.warn)
 
 
-def _wait_started(fd: int, info: OciInfo) -> bytes:
-    """Read the stand-in's answer from the fifo (b"" when it closed without one)."""
+def _vm_placer(record: Container, info: OciInfo):
+    """What moves the VM's QEMU and helpers into the host cgroup (None without one)."""
+    if not info.cgroup:
+        return None
+    from shim.containers.vm_placement import domain_name
+
+    return hostcgroup.VmPlacer(hostcgroup.HostCgroup.from_dict(info.cgroup),
+                               domain_name(record.id))
+
+
+def _wait_started(fd: int, info: OciInfo, placer=None) -> bytes:
+    """Read the stand-in's answer from the fifo (b"" when it closed without one); in the
+    meantime move the VM into the host cgroup as soon as libvirt has started it."""
     deadline = time.monotonic() + START_WAIT
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP)
+    placed = placer is None
     while time.monotonic() < deadline:
+        if not placed:
+            try:
+                placed = placer.tick()
+            except VmshimError:
+                pass  # finish() tries again and reports
         if poller.poll(200):
             try:
                 return os.read(fd, 1)
@@ -260,11 +305,11 @@ def _wait_started(fd: int, info: OciInfo) -> bytes:
 
 def run(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
         console_socket: str | None = None, detach: bool = False,
-        log: RuntimeLog | None = None) -> int:
+        log: RuntimeLog | None = None, systemd_cgroup: bool = False) -> int:
     """create + start; without *detach* wait for the process and delete the container,
     returning its exit status."""
     pid = create(rt, oci_id, bundle_dir, pid_file=pid_file, console_socket=console_socket,
-                 log=log)
+                 log=log, systemd_cgroup=systemd_cgroup)
     try:
         start(rt, oci_id, log)
     except BaseException:
@@ -356,6 +401,8 @@ def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
     for pid, start_time in [(info.standin_pid, info.standin_start)] + [
             (p, process_start_time(p)) for p in rt.exec_pids(oci_id)]:
         _end_standin(pid, start_time)
+    if info.cgroup:
+        _remove_cgroup(hostcgroup.HostCgroup.from_dict(info.cgroup), log)
     hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"},
                         warn=log.warn)
     shutil.rmtree(rt.dir(oci_id), ignore_errors=True)
@@ -474,6 +521,11 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
             "the exec stand-in ended before the process started"
         raise VmshimError(f"cannot exec in container {oci_id}: {message}")
     rt.add_exec(oci_id, pid)
+    if info.cgroup:
+        try:
+            hostcgroup.HostCgroup.from_dict(info.cgroup).add(pid)
+        except VmshimError as exc:
+            log.warn(f"{oci_id}: exec: {exc}")
     if pid_file:
         write_pid_file(pid_file, pid)
     if detach:

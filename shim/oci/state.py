@@ -49,6 +49,8 @@ class OciInfo:
     standin_pid: int = 0
     standin_start: int = 0
     console_size: list | None = None
+    cgroup: dict | None = None
+    """The host cgroup (shim.oci.hostcgroup.HostCgroup.to_dict()), once made."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from shim.oci.hostcgroup import default_name
 from tests.e2e.conftest import vmshim_domains, wait_no_new_domains
 
 pytestmark = [pytest.mark.vm, pytest.mark.host_root]
 
 RUNTIME = [sys.executable, "-m", "shim.cli.runtime"]
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env")
+APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env",
+           "stat")
 
 
 def runtime(root: Path, *args, timeout=240, log: Path | None = None):
@@ -156,6 +158,11 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert (res.returncode, res.stdout.strip()) == (4, "from exec life")
     res = runtime(root, "ps", "--format", "json", "life")
     assert json.loads(res.stdout)[0] == pid
+    # No cgroupsPath: the stand-in and QEMU are in the default host cgroup.
+    cgroup = f"/vmshim-runtime/{default_name('life', str(root))}"
+    memory = "/sys/fs/cgroup/memory" if os.path.isdir("/sys/fs/cgroup/memory") else "/sys/fs/cgroup"
+    members = {int(p) for p in Path(memory + cgroup, "cgroup.procs").read_text().split()}
+    assert pid in members and len(members) >= 3, members  # stand-in, monitor, QEMU, …
 
     assert runtime(root, "pause", "life").returncode == 0
     assert state(root, "life")["status"] == "paused"
@@ -170,9 +177,89 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert refused.returncode != 0 and "stopped" in refused.stderr
     assert runtime(root, "delete", "life").returncode == 0
     assert runtime(root, "state", "life").returncode != 0
+    assert not os.path.exists(memory + cgroup)
     assert hook_log.read_text().split("\n")[:-1] == [
         "prestart created", "createRuntime created", "createContainer created",
         "startContainer created", "poststart running", "poststop stopped"]
+
+
+def test_linux_devices_are_made_in_the_container(work):
+    """linux.devices: the guest makes each node with its number, mode and owner (also
+    outside /dev), as runc does on the host."""
+    parent, root = work
+    bundle = make_bundle(parent, "devs", ["sh", "-c", "stat -c '%n %F %t:%T %a %u:%g' "
+                                          "/dev/fuse /dev/mytun /dev/sub/null2 /opt/null3"])
+    edit_config(bundle, lambda c: c["linux"].update(
+        devices=[{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                  "fileMode": 0o640, "uid": 0, "gid": 5},
+                 {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200,
+                  "fileMode": 0o600},
+                 {"path": "/dev/sub/null2", "type": "u", "major": 1, "minor": 3},
+                 {"path": "/opt/null3", "type": "c", "major": 1, "minor": 3,
+                  "fileMode": 0o644}],
+        resources={"devices": [{"allow": False, "access": "rwm"},
+                               {"allow": True, "type": "c", "major": 10, "minor": 229,
+                                "access": "rw"}]}))
+    res = runtime(root, "run", "--bundle", str(bundle), "devs")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "/dev/fuse character special file a:e5 640 0:5",
+        "/dev/mytun character special file a:c8 600 0:0",
+        "/dev/sub/null2 character special file 1:3 666 0:0",
+        "/opt/null3 character special file 1:3 644 0:0"], res.stdout
+
+
+def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
+    """A user namespace with the config's maps, made by the guest: the process is root in
+    it, the rootfs (owned by the mapped ids, as engines prepare it) is root's, a file of
+    an unmapped id shows as the overflow id, and an exec joins the namespace."""
+    parent, root = work
+    script = ("id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; "
+              "stat -c %u:%g /bin/busybox /unmapped; "
+              "echo x > /dev/null && echo x > /dev/mynull && echo null-ok; "
+              "trap 'exit 0' TERM; while :; do sleep 0.2; done")
+    bundle = make_bundle(parent, "userns", ["sh", "-c", script])
+    for dirpath, dirnames, filenames in os.walk(bundle / "rootfs"):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            os.lchown(name, 100000, 200000)
+    (bundle / "rootfs" / "unmapped").write_text("")
+    out = parent / "userns.out"
+
+    def userns(config):
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+        # mknod is refused in a user namespace: the guest's own node is bound instead
+        config["linux"]["devices"] = [{"path": "/dev/mynull", "type": "c", "major": 1,
+                                       "minor": 3}]
+    edit_config(bundle, userns)
+    pid_file = parent / "userns.pid"
+    err = parent / "userns.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:  # the stand-in keeps them
+        proc = subprocess.run(RUNTIME + ["--root", str(root), "create", "--bundle",
+                                         str(bundle), "--pid-file", str(pid_file), "userns"],
+                              stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                              timeout=240)
+    assert proc.returncode == 0, err.read_text()
+    pid = int(pid_file.read_text())
+    res = runtime(root, "start", "userns")
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 60
+    while "null-ok" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert lines[:6] == [["0"], ["0", "100000", "65536"], ["0", "200000", "65536"],
+                         ["0:0"], ["65534:65534"], ["null-ok"]], out.read_text() + err.read_text()
+    process = parent / "userns-exec.json"
+    process.write_text(json.dumps({"args": ["sh", "-c", "id -u; cat /proc/self/uid_map"],
+                                   "cwd": "/", "env": ["PATH=/bin"], "terminal": False}))
+    res = runtime(root, "exec", "--process", str(process), "userns")
+    assert res.returncode == 0, res.stderr
+    assert [line.split() for line in res.stdout.splitlines()] == [["0"], ["0", "100000",
+                                                                         "65536"]]
+    assert runtime(root, "kill", "userns", "TERM").returncode == 0
+    assert reap(pid) == 0
+    assert runtime(root, "delete", "userns").returncode == 0
 
 
 def test_kill_and_force_delete_of_a_created_container(work):

@@ -208,3 +208,70 @@ def test_network_namespace_lives_on_the_host(bundle, namespaces, expected):
 def test_bad_network_namespace_is_refused(bundle, namespaces, error):
     with pytest.raises(BundleError, match=error):
         load_bundle(bundle(minimal(linux={"namespaces": namespaces})))
+
+
+def test_linux_devices_become_guest_devices_with_their_access(bundle):
+    linux = {"devices": [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o20640,
+         "uid": 0, "gid": 5},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+        {"path": "/dev/u", "type": "u", "major": 1, "minor": 3},
+        {"path": "/run/fifo", "type": "p"}],
+        "resources": {"devices": [
+            {"allow": False, "access": "rwm"},
+            {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rw"},
+            {"allow": True, "type": "b", "major": 8, "access": "rwm"},
+            {"allow": False, "type": "b", "major": 8, "minor": 0, "access": "w"},
+            {"allow": True, "type": "c", "major": 13, "minor": 63, "access": "r"}]}}
+    b = load_bundle(bundle(minimal(linux=linux)))
+    assert b.devices == [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "permissions": "rw",
+         "mode": 0o640, "uid": 0, "gid": 5},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "permissions": "rm"},
+        {"path": "/dev/u", "type": "c", "major": 1, "minor": 3, "permissions": "m"}]
+    text = " | ".join(b.notes)
+    assert "FIFOs" in text and "allow rules for devices not in linux.devices" in text
+
+
+@pytest.mark.parametrize("device", [
+    {"path": "/dev/../etc/x", "type": "c", "major": 1, "minor": 3},
+    {"path": "dev/x", "type": "c", "major": 1, "minor": 3},
+    {"path": "/dev/x", "type": "c", "major": 1 << 21, "minor": 3},
+    {"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "uid": -1},
+    {"path": "/dev/x", "type": "s", "major": 1, "minor": 3},
+    "x",
+])
+def test_bad_linux_devices_are_refused(bundle, device):
+    with pytest.raises(BundleError, match=r"linux\.devices\[0\]"):
+        load_bundle(bundle(minimal(linux={"devices": [device]})))
+
+
+def test_a_user_namespace_takes_the_config_maps(bundle):
+    linux = {"namespaces": [{"type": "user"}, {"type": "pid"}],
+             "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+             "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536},
+                             {"containerID": 70000, "hostID": 5, "size": 1}]}
+    b = load_bundle(bundle(minimal(linux=linux)))
+    assert b.process.id_mappings == {"uid": [[0, 100000, 65536]],
+                                     "gid": [[0, 100000, 65536], [70000, 5, 1]]}
+    assert not any("Mappings" in n for n in b.notes)
+    assert load_bundle(bundle(minimal())).process.id_mappings is None
+
+
+@pytest.mark.parametrize("linux, needle", [
+    ({"namespaces": [{"type": "user"}]}, "uidMappings and gidMappings are needed"),
+    ({"uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "need a new user namespace"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 1, "size": 0}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "uidMappings/gidMappings"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 4294967295, "size": 2}],
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "within 0..2"),
+    ({"namespaces": [{"type": "user"}],
+      "uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}] * 341,
+      "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}, "1 to 340"),
+])
+def test_bad_id_mappings_are_refused(bundle, linux, needle):
+    with pytest.raises(BundleError, match=needle):
+        load_bundle(bundle(minimal(linux=linux)))
