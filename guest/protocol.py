@@ -122,7 +122,7 @@ MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
      EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF}
 )
-BUILTINS = ("ps", "tar-out", "tar-in")
+BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""
 
 

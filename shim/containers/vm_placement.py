@@ -165,6 +165,21 @@ class VmPlacement:
         every 0.2 s while waiting; a string it returns aborts the boot with that text.
         Raises HypervisorError, GuestImageError or AgentError (with the console's last
         lines); a VM that was created is destroyed again before raising."""
+        return self._launch(self.backend.create, alive)
+
+    def save(self, image: Path) -> None:
+        """Write the VM's memory and device state to *image* and end the VM (the
+        writable disk and volumes stay as they are; shim.containers.checkpoint keeps a
+        copy of the writable disk). Raises HypervisorError (the VM is left as it was)."""
+        self.backend.save(self.domain, str(image))
+
+    def restore(self, image: Path, alive=None) -> AgentClient:
+        """Like :meth:`boot`, from a file :meth:`save` wrote: the same disks, volumes and
+        config drive come back at the same places, the domain is restored running and
+        the agent (which saw its host go away before the save) says hello again."""
+        return self._launch(lambda domain: self.backend.restore(str(image), domain), alive)
+
+    def _launch(self, create, alive) -> AgentClient:
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel
         from shim.vm.configdrive import build_config_drive
@@ -187,7 +202,7 @@ class VmPlacement:
                     self.boot_config)
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             domain = self.build_domain(guest, self.accel)
-            self.backend.create(domain)
+            create(domain)
         except BaseException:
             self.attachments.release()
             self._disconnect()

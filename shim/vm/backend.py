@@ -111,3 +111,16 @@ class Backend(Protocol):
     def interface_macs(self, name: str) -> list[str]:
         """MACs of the running VM's NICs now (live configuration). Raises VmNotFound."""
         ...
+
+    def save(self, name: str, path: str) -> None:
+        """Write the VM's memory and device state to *path* (a new file) and end the VM
+        (libvirt's virDomainSaveFlags). Its disks are not in the file: they must be
+        given back unchanged to :meth:`restore`. Raises VmNotFound, HypervisorError
+        (the VM is left as it was, running or paused)."""
+        ...
+
+    def restore(self, path: str, domain: Domain) -> VmHandle:
+        """Start a VM from a file :meth:`save` wrote, with *domain* as its description
+        (same devices; paths may differ); it runs when this returns. Raises
+        HypervisorError (no VM is left behind)."""
+        ...
