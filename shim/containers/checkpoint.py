@@ -584,7 +584,8 @@ def _copy_out(src, dst: Path, size: int) -> None:
         while left:
             data = src.read(min(left, 1 << 20))
             if not data:
-                raise CheckpointError(f"the archive ends inside {dst.name} (truncated)")
+                raise CheckpointError(f"cannot import: the archive ends inside {dst.name} "
+                                      f"(truncated)")
             out.write(data)
             left -= len(data)
 
@@ -599,7 +600,8 @@ def _write_extents(src, dst: Path, size: int, extents: list) -> None:
             while left:
                 data = src.read(min(left, 1 << 20))
                 if not data:
-                    raise CheckpointError(f"the archive ends inside {RW_DATA} (truncated)")
+                    raise CheckpointError(f"cannot import: the archive ends inside {RW_DATA} "
+                                          f"(truncated)")
                 out.write(data)
                 left -= len(data)
 
