@@ -52,6 +52,13 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   new /etc/resolv.conf (its first network
                                                   with a resolver): updated {id} |
                                                   error {id, message}
+    h: identity {token, id, new_token, hostname, process, hosts, resolv_conf} + entropy
+                                                  before ``start``, in a VM restored from
+                                                  a snapshot template: become this
+                                                  container (new token, hostname, process,
+                                                  /etc files) and mix the payload (32-512
+                                                  host random bytes) into the kernel's RNG
+                                                  and reseed it: updated {id} | error {id}
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -117,10 +124,11 @@ UPDATED = "updated"
 STATS = "stats"
 DIFF = "diff"
 NETCONF = "netconf"
+IDENTITY = "identity"
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, IDENTITY}
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""

@@ -103,6 +103,7 @@ def _register() -> None:
         ("cp", "shim.cli.cp:cp"),
         ("checkpoint", "shim.cli.checkpoint:checkpoint"),  # issue 15
         ("restore", "shim.cli.checkpoint:restore"),
+        ("template", "shim.cli.template:template_group"),
         # Images, registries, the guest, the system.
         ("info", "shim.cli.info:info"),
         ("guest", "shim.cli.guest:guest"),

@@ -129,11 +129,16 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
 
         resources = Resources.from_dict(record.resources)
         rw = store.rw_disk(record.id) if record.writable == "disk" else None
-        return VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
-                           memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
-                           vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
-                           mounts=record.mounts, network=record.network,
-                           rootfs_dir=record.rootfs)
+        placement = VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
+                                memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
+                                vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
+                                mounts=record.mounts, network=record.network,
+                                rootfs_dir=record.rootfs)
+        if record.writable == "tmpfs" and record.state.status == Status.CREATED.value:
+            from shim.containers import template
+
+            placement.template = template.find(record)  # issue 15: snapshot start
+        return placement
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None
@@ -1022,6 +1027,8 @@ class Monitor:
             self._say("boot failed:\n" + traceback.format_exc())
             self._start_failed(conn, f"cannot start the container: {exc}", 125)
             return False
+        finally:
+            self._note_template()
         try:
             client.send(protocol.START, token=self.record.token, id=MAIN_ID,
                         stdin=self.record.interactive, tty=self.record.tty, rows=rows, cols=cols)
@@ -1071,6 +1078,15 @@ class Monitor:
             else:
                 conn.finish()
         return True
+
+    def _note_template(self) -> None:
+        """monitor.log says whether the VM came from a snapshot template (issue 15)."""
+        used = getattr(self.placement, "template", None)
+        failed = getattr(self.placement, "template_error", "")
+        if used:
+            self._say(f"started from snapshot template {used['dir'].rsplit('/', 1)[-1]}")
+        elif failed:
+            self._say(f"snapshot template not used ({failed}); booted cold")
 
     def _cancelled(self, conn: Conn) -> str | None:
         """For a foreground start: the CLI hung up (Ctrl-C during boot)."""

@@ -104,6 +104,10 @@ class VmPlacement:
         self.agent_socket = self.run_dir / "agent.sock"
         self._backend = backend
         self.accel = None
+        self.template: dict | None = None
+        """A snapshot template this container starts from (shim.containers.template)."""
+        self.template_error = ""
+        """Why starting from :attr:`template` failed (then it booted cold)."""
 
     @property
     def backend(self):
@@ -164,7 +168,19 @@ class VmPlacement:
         """Create the VM and wait for the agent's hello. *alive* (optional) is asked about
         every 0.2 s while waiting; a string it returns aborts the boot with that text.
         Raises HypervisorError, GuestImageError or AgentError (with the console's last
-        lines); a VM that was created is destroyed again before raising."""
+        lines); a VM that was created is destroyed again before raising.
+
+        With a :attr:`template` (shim.containers.template), the VM is a restored copy of
+        it instead, given this container's identity; if that fails it boots cold."""
+        if self.template is not None:
+            from shim.containers import template as templates
+
+            try:
+                return templates.restore_into(self, self.template, alive)
+            except VmshimError as exc:
+                self.template_error = str(exc)
+                self.template = None
+                self.backend.wait_gone(self.domain, 10.0)
         return self._launch(self.backend.create, alive)
 
     def save(self, image: Path) -> None:
