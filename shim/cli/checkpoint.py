@@ -42,3 +42,15 @@ def restore(checkpoint_name, import_file, new_name, container):
     record = ckpt.restore(container, name=checkpoint_name, import_file=import_file,
                           new_name=new_name)
     click.echo(record.name if import_file else container)
+
+
+@click.command()
+@click.argument("container")
+@click.argument("uri")
+def migrate(container, uri):
+    """Move a running VM container live to the libvirt at URI
+    (qemu+tcp://HOST/system); its disks must be at the same paths there."""
+    from shim.containers import checkpoint as ckpt
+
+    ckpt.migrate(container, uri)
+    click.echo(container)

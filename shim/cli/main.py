@@ -104,6 +104,7 @@ def _register() -> None:
         ("checkpoint", "shim.cli.checkpoint:checkpoint"),  # issue 15
         ("restore", "shim.cli.checkpoint:restore"),
         ("template", "shim.cli.template:template_group"),
+        ("migrate", "shim.cli.checkpoint:migrate"),
         # Images, registries, the guest, the system.
         ("info", "shim.cli.info:info"),
         ("guest", "shim.cli.guest:guest"),

@@ -69,11 +69,12 @@ SAVE_TIMEOUT = 600.0
 
 # ---- what can be checkpointed ----------------------------------------------------------------
 
-def check_checkpointable(record: Container) -> None:
-    """Raise CheckpointError (one line naming the reason) unless *record* can be saved."""
-    what = f"cannot checkpoint container {record.name}"
+def check_checkpointable(record: Container, verb: str = "checkpoint") -> None:
+    """Raise CheckpointError (one line naming the reason) unless *record* can be saved
+    (or, *verb* ``migrate``, moved)."""
+    what = f"cannot {verb} container {record.name}"
     if record.isolation != "vm":
-        raise CheckpointError(f"{what}: only --isolation vm containers can be checkpointed "
+        raise CheckpointError(f"{what}: only --isolation vm containers can be moved or saved "
                               f"(this one runs as {record.isolation})")
     if record.rootfs:
         raise CheckpointError(f"{what}: its rootfs {record.rootfs} is a virtiofs share, and "
@@ -86,8 +87,8 @@ def check_checkpointable(record: Container) -> None:
                 f"use a volume instead")
     mode = _network_mode(record.network)
     if mode != "none":
-        raise CheckpointError(f"{what}: it is on network {mode}; checkpoints need "
-                              f"--network none for now (a restored NIC needs its old lease)")
+        raise CheckpointError(f"{what}: it is on network {mode}; this needs --network none "
+                              f"for now (a restored or moved NIC needs its old lease)")
     if record.auto_remove:
         raise CheckpointError(f"{what}: it was started with --rm")
 
@@ -258,6 +259,26 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---- migrate -----------------------------------------------------------------------------------
+
+def migrate(ref: str, uri: str, store: ContainerStore | None = None) -> Container:
+    """Live-migrate running container *ref*'s VM to the libvirt at *uri*
+    (``qemu+tcp://HOST/system``); its disks must be reachable there at the same paths.
+    The container keeps running, its monitor stays here. Raises CheckpointError,
+    ContainerStateError, HypervisorError."""
+    from shim.containers import manage
+
+    store = store or ContainerStore()
+    record = store.find(ref)
+    check_checkpointable(record, "migrate")
+    lifecycle.check("migrate", record.status, record.name)
+    if not uri.startswith(("qemu+", "qemu://")):
+        raise UsageError(f"invalid libvirt URI {uri!r}: use qemu+tcp://HOST/system or "
+                         f"qemu+ssh://USER@HOST/system")
+    manage._request(store, record, "migrate", SAVE_TIMEOUT, uri=uri)
+    return store.load(record.id)
 
 
 # ---- restore -----------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
 
         resources = Resources.from_dict(record.resources)
         rw = store.rw_disk(record.id) if record.writable == "disk" else None
+        if record.hypervisor and backend is None:  # migrated (issue 15)
+            from shim.vm.libvirt_backend import LibvirtBackend
+
+            backend = LibvirtBackend(record.hypervisor)
         placement = VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
                                 memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
                                 vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
@@ -939,6 +943,33 @@ class Monitor:
         self.agent_reader = client._reader
         self.agent_dropped_seen = client._reader.dropped_count
         self.agent_ready = False  # until the agent's hello
+
+    def _op_migrate(self, conn: Conn, msg: Message) -> None:
+        """Live-migrate the VM to the libvirt at ``uri`` (shared storage: the same files);
+        this monitor stays, and talks to the agent through the destination QEMU's socket
+        (same path). The record remembers the URI. Reply {} once done."""
+        from shim.containers import checkpoint
+
+        self._need("migrate")
+        if self.stop_requested or self.restart_at is not None:
+            raise ContainerStateError("migrate", "running", "stopping", self.record.name)
+        checkpoint.check_checkpointable(self.record, "migrate")
+        uri = msg.get("uri", str)
+        self._ensure_unpaused()
+        self._drain_agent()
+        self._detach_agent("the container moved to another host")
+        time.sleep(AGENT_LET_GO)
+        try:
+            self.placement.migrate(uri)
+        except VmshimError as exc:
+            self._say(f"migration failed: {exc}")
+            self._reconnect_agent()
+            raise
+        self._update(lambda r: setattr(r, "hypervisor", uri))
+        self._say(f"migrated to {uri}")
+        self._reconnect_agent()
+        conn.send(api.REPLY)
+        conn.finish()
 
     def _op_restore(self, conn: Conn, msg: Message) -> None:
         """Bring a checkpointed container back from the memory image ``image`` (its

@@ -72,6 +72,7 @@ STATE_REQUIREMENTS: dict[str, tuple[Status, ...]] = {
     "cp": (S.RUNNING,),
     "stats": (S.RUNNING, S.PAUSED),
     "network connect": (S.RUNNING,),
+    "migrate": (S.RUNNING, S.PAUSED),
 }
 
 

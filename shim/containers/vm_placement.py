@@ -195,6 +195,18 @@ class VmPlacement:
         the agent (which saw its host go away before the save) says hello again."""
         return self._launch(lambda domain: self.backend.restore(str(image), domain), alive)
 
+    def migrate(self, uri: str) -> None:
+        """Live-migrate the VM to the libvirt at *uri* (same disks, same paths: storage
+        shared with this host); from then on this placement asks that libvirt. Raises
+        HypervisorError (the VM runs on here)."""
+        from shim.guestimage import ensure_guest_image
+        from shim.vm.accel import detect_accel
+        from shim.vm.libvirt_backend import LibvirtBackend
+
+        domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel())
+        self.backend.migrate(self.domain, uri, domain)
+        self._backend = LibvirtBackend(uri)
+
     def _launch(self, create, alive) -> AgentClient:
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel

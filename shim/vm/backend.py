@@ -119,6 +119,12 @@ class Backend(Protocol):
         (the VM is left as it was, running or paused)."""
         ...
 
+    def migrate(self, name: str, dest_uri: str, domain: Domain) -> None:
+        """Move the running VM to the hypervisor at *dest_uri* (libvirt live migration;
+        the disks are where they are: shared storage), as *domain* there; it is gone here
+        when this returns. Raises VmNotFound, HypervisorError (it runs on here then)."""
+        ...
+
     def restore(self, path: str, domain: Domain) -> VmHandle:
         """Start a VM from a file :meth:`save` wrote, with *domain* as its description
         (same devices; paths may differ); it runs when this returns. Raises

@@ -158,6 +158,14 @@ class FakeBackend:
             del self.vms[name]
             self._changed.notify_all()
 
+    def migrate(self, name: str, dest_uri: str, domain: Domain) -> None:
+        """The VM leaves (the destination is not modelled)."""
+        self._check("migrate", name)
+        with self._changed:
+            self._vm(name, "migrate")
+            del self.vms[name]
+            self._changed.notify_all()
+
     def restore(self, path: str, domain: Domain) -> VmHandle:
         self._check("restore", domain.name)
         try:
