@@ -137,7 +137,7 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
                                 memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
                                 vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
                                 mounts=record.mounts, network=record.network,
-                                rootfs_dir=record.rootfs)
+                                rootfs_dir=record.rootfs, hypervisor=record.hypervisor)
         if record.writable == "tmpfs" and record.state.status == Status.CREATED.value:
             from shim.containers import template
 

@@ -30,6 +30,16 @@ GONE_POLL = 0.25
 """How often teardown asks libvirt whether the domain is gone (libvirtd is shared)."""
 
 
+def agent_socket_for(run_dir: Path, hypervisor: str = "") -> Path:
+    """The agent channel's socket: ``agent.sock``, or after ``migrate`` one named after
+    the destination (a migrated VM's socket must not share the source's path)."""
+    if not hypervisor:
+        return Path(run_dir) / "agent.sock"
+    import hashlib
+
+    return Path(run_dir) / f"agent-{hashlib.sha256(hypervisor.encode()).hexdigest()[:8]}.sock"
+
+
 def domain_name(container_id: str) -> str:
     return f"vmshim-{container_id[:12]}"
 
@@ -76,7 +86,7 @@ class VmPlacement:
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: dict | None = None, rootfs_dir: str = ""):
+                 network: dict | None = None, rootfs_dir: str = "", hypervisor: str = ""):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -101,7 +111,7 @@ class VmPlacement:
         self.rw_disk = rw_disk
         self.domain = domain_name(boot.container_id)
         self.console_log = self.run_dir / "console.log"
-        self.agent_socket = self.run_dir / "agent.sock"
+        self.agent_socket = agent_socket_for(self.run_dir, hypervisor)
         self._backend = backend
         self.accel = None
         self.template: dict | None = None
@@ -203,8 +213,16 @@ class VmPlacement:
         from shim.vm.accel import detect_accel
         from shim.vm.libvirt_backend import LibvirtBackend
 
-        domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel())
-        self.backend.migrate(self.domain, uri, domain)
+        # The destination's agent socket gets a path of its own: when the source VM ends,
+        # its libvirt removes the socket path it made.
+        old = self.agent_socket
+        self.agent_socket = agent_socket_for(self.run_dir, uri)
+        try:
+            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel())
+            self.backend.migrate(self.domain, uri, domain)
+        except BaseException:
+            self.agent_socket = old
+            raise
         self._backend = LibvirtBackend(uri)
 
     def _launch(self, create, alive) -> AgentClient:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +103,10 @@ def test_running_container_moves_to_another_libvirt(second_host):
         ok("migrate", name, second_host, timeout=600)
         took = time.monotonic() - began
         assert domain not in vmshim_domains(), "the source still has the domain"
-        assert domains_on_b() == [domain]
+        on_b = domains_on_b()
+        assert on_b == [domain], subprocess.run(
+            ["virsh", "-c", URI_B, "list", "--all"], capture_output=True, text=True).stdout + \
+            (Path(os.environ["VMSHIM_ROOT"]) / "containers" / cid / "monitor.log").read_text()
         assert ok("inspect", "-f", "{{.State.Status}}", name).strip() == "running"
         before = ticks(name)[-1]
         wait_until(lambda: ticks(name)[-1] > before + 2, 120, "ticks after the move")
