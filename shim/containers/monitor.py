@@ -141,7 +141,10 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
         if record.writable == "tmpfs" and record.state.status == Status.CREATED.value:
             from shim.containers import template
 
-            placement.template = template.find(record)  # issue 15: snapshot start
+            try:
+                placement.template = template.find(record)  # issue 15: snapshot start
+            except (VmshimError, OSError, ValueError):
+                placement.template = None  # no template then: a cold boot
         return placement
     from shim.containers.process_placement import ProcessPlacement
 
