@@ -316,3 +316,24 @@ def test_restore_without_a_checkpoint(store, root):
         ckpt.restore("counter", name="other", store=store)
     with pytest.raises(Exception, match="invalid checkpoint name"):
         ckpt.restore("counter", name="../x", store=store)
+
+
+def test_migrate_refuses_bad_uris_and_shares_before_asking_the_monitor(store, root):
+    rec = record(root, mounts=[{"type": "bind", "source": "/srv", "target": "/srv"}])
+    rec.state.status = Status.RUNNING.value
+    store.create(rec)
+    with pytest.raises(CheckpointError, match="cannot migrate container counter: its bind "
+                                              "mount /srv -> /srv is a virtiofs share"):
+        ckpt.migrate("counter", "qemu+tcp://10.0.0.2/system", store=store)
+    store.update(CID, lambda r: setattr(r, "mounts", []))
+    with pytest.raises(Exception, match="invalid libvirt URI"):
+        ckpt.migrate("counter", "http://10.0.0.2/", store=store)
+
+
+def test_a_migrated_vm_has_an_agent_socket_of_its_own(tmp_path):
+    from shim.containers.vm_placement import agent_socket_for
+
+    assert agent_socket_for(tmp_path) == tmp_path / "agent.sock"
+    a = agent_socket_for(tmp_path, "qemu+tcp://a/system")
+    assert a != agent_socket_for(tmp_path, "qemu+tcp://b/system") and a.parent == tmp_path
+    assert a == agent_socket_for(tmp_path, "qemu+tcp://a/system")
