@@ -51,6 +51,7 @@ RW_FILE = "rw.img"
 META_FILE = "checkpoint.json"
 RECORD_FILE = "record.json"
 RW_DATA = "rw.data"
+GUEST_FILE = "guest.json"
 FORMAT_VERSION = 1
 DEFAULT_NAME = "checkpoint"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -187,6 +188,12 @@ def save_vm(placement, record: Container, directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     image = directory / MEMORY_FILE
     image.unlink(missing_ok=True)
+    guest = getattr(placement, "guest", None)
+    if guest is not None:  # what the VM runs (the host's image may have changed since)
+        accel = getattr(placement, "accel", None)
+        _write_json(directory / GUEST_FILE, {
+            "guest_image": guest.kernel.parent.name, "kernel_release": guest.kernel_release,
+            **({"accel": accel.kind} if accel is not None else {})})
     placement.save(image)
     rw = getattr(placement, "rw_disk", None)
     if rw is not None:
@@ -211,7 +218,6 @@ def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = Fals
     record = store.find(ref)
     check_checkpointable(record)
     lifecycle.check("checkpoint", record.status, record.name)
-    identity = guest_identity()
     code, err = manage.run_builtin(store, record, "sync", [])
     if code != 0:
         raise CheckpointError(f"cannot checkpoint container {record.name}: the guest could "
@@ -228,6 +234,13 @@ def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = Fals
         shutil.rmtree(work, ignore_errors=True)
         raise
     fresh = store.load(record.id)
+    try:  # the guest image the VM booted, as its monitor knew it
+        identity = json.loads((work / GUEST_FILE).read_text())
+        (work / GUEST_FILE).unlink()
+    except (OSError, ValueError):
+        identity = {}
+    if set(identity) != {"guest_image", "kernel_release", "accel"}:
+        identity = {**guest_identity(), **identity}  # a recovered monitor: this host's
     meta = {"version": FORMAT_VERSION, "name": name, "container_id": record.id,
             "created": now_rfc3339(), "memory_mib": record.memory_mib,
             "rw": (work / RW_FILE).exists(), **identity}

@@ -114,6 +114,8 @@ class VmPlacement:
         self.agent_socket = agent_socket_for(self.run_dir, hypervisor)
         self._backend = backend
         self.accel = None
+        self.guest = None
+        """The guest image this VM booted (shim.guestimage.GuestImage), once it did."""
         self.template: dict | None = None
         """A snapshot template this container starts from (shim.containers.template)."""
         self.template_error = ""
@@ -231,6 +233,7 @@ class VmPlacement:
         from shim.vm.configdrive import build_config_drive
 
         guest = ensure_guest_image()
+        self.guest = guest
         self.accel = detect_accel()
         paths.private_dir(self.run_dir)
         self.console_log.unlink(missing_ok=True)
