@@ -910,9 +910,11 @@ class Monitor:
         self.finished = True
         self._say("checkpointed; the VM is saved and gone")
 
-    def _drain_agent(self, timeout: float = 0.3) -> None:
-        """Log what the agent already sent (until it has been quiet for *timeout* s)."""
-        while self.agent is not None:
+    def _drain_agent(self, timeout: float = 0.3, limit: float = 2.0) -> None:
+        """Log what the agent already sent (until it has been quiet for *timeout* s, at
+        most *limit* s: a chatty container is cut off there, its agent keeps the rest)."""
+        deadline = time.monotonic() + limit
+        while self.agent is not None and time.monotonic() < deadline:
             try:
                 ready = select.select([self.agent], [], [], timeout)[0]
             except InterruptedError:
@@ -933,7 +935,8 @@ class Monitor:
         self._close_agent()
 
     def _reconnect_agent(self) -> None:
-        """After a failed save: the VM still runs; take its channel again."""
+        """After a failed save, or a migration: the VM runs (here or there); take its
+        channel again (the agent says hello when it sees us)."""
         try:
             client = self.placement.reattach()
         except VmshimError:
