@@ -61,6 +61,13 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   addresses it configured, rate-bounded)
     h: dnsa    {id} + answer                      its answer (at most MAX_DNS_ANSWER bytes);
                                                   none when the host dropped the query
+    h: identity {token, id, new_token, hostname, process, hosts, resolv_conf} + entropy
+                                                  before ``start``, in a VM restored from
+                                                  a snapshot template: become this
+                                                  container (new token, hostname, process,
+                                                  /etc files) and mix the payload (32-512
+                                                  host random bytes) into the kernel's RNG
+                                                  and reseed it: updated {id} | error {id}
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -130,13 +137,14 @@ DNS_QUERY = "dnsq"
 DNS_ANSWER = "dnsa"
 MAX_DNS_QUERY = 4096
 MAX_DNS_ANSWER = 65535
+IDENTITY = "identity"
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
      EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, DNS_QUERY,
-     DNS_ANSWER}
+     DNS_ANSWER, IDENTITY}
 )
-BUILTINS = ("ps", "tar-out", "tar-in")
+BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""
 
 

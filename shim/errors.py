@@ -91,3 +91,8 @@ class VolumeNotFound(VolumeError):
 
 class VolumeInUse(VolumeError):
     """The volume is used by a container (running, or kept for a restart)."""
+
+
+class CheckpointError(VmshimError):
+    """A container cannot be checkpointed, or a checkpoint cannot be restored (a missing,
+    corrupt or foreign checkpoint, a share QEMU cannot save)."""

@@ -12,6 +12,7 @@ Each writes its result to fd 1, its complaints to fd 2, and returns an exit code
 - ``tar-in DEST``: extract the tar stream on stdin. If DEST is a directory, into it; else
   into DEST's parent, with the archive's first top-level entry renamed to DEST's name
   (``cp file CONTAINER:/tmp/newname``). Entries with absolute names or ``..`` are refused.
+- ``sync``: flush every file system's dirty data to its disk (before ``checkpoint``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ def prepare(name: str, args: list[str]):
         return lambda: tar_out(args[0])
     if name == "tar-in" and len(args) == 1 and args[0].startswith("/"):
         return lambda: tar_in(args[0])
+    if name == "sync" and not args:
+        return sync
     raise SpawnError(f"bad builtin {name!r} with arguments {args!r}")
+
+
+def sync() -> int:
+    """Write every file system's dirty pages to its disk (volumes, the writable layer)."""
+    os.sync()
+    return 0
 
 
 def _say(text: str) -> None:

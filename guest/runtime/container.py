@@ -88,6 +88,21 @@ class Container:
 
             mounts_mod.assemble(rootfs, list(mounts or []), read_only=config.read_only)
 
+    def set_identity(self, config: BootConfig) -> None:
+        """A VM restored from a snapshot template becomes this container (the agent's
+        ``identity``): the hostname and /etc files its processes will see. Precondition:
+        no process was started yet."""
+        self.config = config
+        self.binds = rootfs_mod.prepare_rootfs(self.rootfs, config.hostname, config.hosts,
+                                               config.resolv_conf, self.files_dir)
+        if os.getpid() == 1:  # the VM's own name too (never the host's)
+            from guest.runtime import syscalls
+
+            try:
+                syscalls.sethostname(config.hostname)
+            except OSError:
+                pass
+
     # ---- host placement: assemble and take down ---------------------------------------
 
     @classmethod

@@ -193,6 +193,26 @@ def bench_cold_start(ctx: Context) -> None:
     _sample(ctx, fig, m)
 
 
+def bench_start_snapshot(ctx: Context) -> None:
+    """Issue 15: `run --rm --network none busybox true` booted cold and restored from a
+    snapshot template (shim.containers.template), interleaved."""
+    fig = ctx.results.figure(
+        "start_snapshot", "run --rm true: cold boot vs snapshot template", "s",
+        note="whole `vmshim run --rm --network none busybox true`, spawn to exit; cold: "
+             "VMSHIM_TEMPLATES=off; snapshot: a copy of a saved agent-ready VM "
+             "(`vmshim template create busybox`), given its identity, then started")
+    if not ctx.available([fig], "vm"):
+        return
+    drv = ctx.drivers["vm"]
+    argv = drv.run_argv("true", extra=("--network", "none"))
+    key = run(drv.argv("template", "create", "busybox"), timeout=600).stdout.strip()
+    try:
+        _sample(ctx, fig, {"cold": lambda: timed(["env", "VMSHIM_TEMPLATES=off", *argv]),
+                           "snapshot": lambda: timed(argv)})
+    finally:
+        run(drv.argv("template", "rm", key), check=False)
+
+
 def bench_first_output(ctx: Context) -> None:
     fig = ctx.results.figure(
         "first_output", "Start to first output", "s",
@@ -717,6 +737,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
     "exec": (bench_exec, "exec true into an idle container"),
+    "start_snapshot": (bench_start_snapshot, "run --rm true: cold vs from a snapshot template"),
     "memory": (bench_memory, "host PSS per idle container, and the guest's view"),
     "density": (bench_density, "idle containers until exec misses 1 s (or --max)"),
     "cpu": (bench_cpu, "sha256sum of N MiB inside the container"),

@@ -101,6 +101,10 @@ def _register() -> None:
         ("exec", "shim.cli.exec:exec_cmd"), ("attach", "shim.cli.exec:attach"),
         ("top", "shim.cli.exec:top"), ("stats", "shim.cli.stats:stats"),
         ("cp", "shim.cli.cp:cp"),
+        ("checkpoint", "shim.cli.checkpoint:checkpoint"),  # issue 15
+        ("restore", "shim.cli.checkpoint:restore"),
+        ("template", "shim.cli.template:template_group"),
+        ("migrate", "shim.cli.checkpoint:migrate"),
         # Images, registries, the guest, the system.
         ("info", "shim.cli.info:info"),
         ("guest", "shim.cli.guest:guest"),

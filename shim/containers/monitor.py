@@ -59,7 +59,7 @@ from shim.containers.logs import LogLimits, LogWriter
 from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, now_rfc3339, process_start_time,
                                    run_dir_of)
-from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
+from shim.errors import CheckpointError, ContainerNotFound, ContainerStateError, VmshimError
 
 MAIN_ID = 1
 START_TIMEOUT = 30.0
@@ -78,6 +78,9 @@ NETWATCH_SETTLE = 0.5
 """Seconds of quiet after link/address events in an engine's namespace before looking."""
 DNS_TIMEOUT_CHECK = 6.0
 """When to drop relayed DNS queries that got no answer (engine_network.DNS_TIMEOUT is 5 s)."""
+AGENT_LET_GO = 0.5
+"""Seconds between closing the agent channel and saving the VM, for the guest agent to
+see its host leave (it then greets the next one with a hello)."""
 MAX_BAD_MESSAGES = 100
 """Messages breaking the protocol a guest may send before its container is killed: one
 is dropped with a line in monitor.log, a stream of them is an attack (or a broken agent)."""
@@ -130,11 +133,24 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
 
         resources = Resources.from_dict(record.resources)
         rw = store.rw_disk(record.id) if record.writable == "disk" else None
-        return VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
-                           memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
-                           vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
-                           mounts=record.mounts, network=record.network,
-                           rootfs_dir=record.rootfs, engine_netns=record.engine_netns)
+        if record.hypervisor and backend is None:  # migrated (issue 15)
+            from shim.vm.libvirt_backend import LibvirtBackend
+
+            backend = LibvirtBackend(record.hypervisor)
+        placement = VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
+                                memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
+                                vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
+                                mounts=record.mounts, network=record.network,
+                                rootfs_dir=record.rootfs, hypervisor=record.hypervisor,
+                                engine_netns=record.engine_netns)
+        if record.writable == "tmpfs" and record.state.status == Status.CREATED.value:
+            from shim.containers import template
+
+            try:
+                placement.template = template.find(record)  # issue 15: snapshot start
+            except (VmshimError, OSError, ValueError):
+                placement.template = None  # no template then: a cold boot
+        return placement
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None
@@ -922,6 +938,170 @@ class Monitor:
             self._cancel_restart()
             self.finished = True
 
+    def _op_checkpoint(self, conn: Conn, msg: Message) -> None:
+        """Save the VM into the directory ``dir`` (shim.containers.checkpoint.save_vm:
+        memory image + a copy of the writable disk) and end it (``checkpointed``); with
+        ``leave_running``, restore it from that image at once. The caller synced the
+        guest's file systems first. Our channel to the agent is closed (after what it
+        sent was logged) a moment before the save, so the saved agent knows its host is
+        gone and greets the next one. Reply {} once done."""
+        from pathlib import Path
+
+        from shim.containers import checkpoint
+
+        self._need("checkpoint")
+        if self.stop_requested or self.restart_at is not None:
+            raise ContainerStateError("checkpoint", "running", "stopping", self.record.name)
+        checkpoint.check_checkpointable(self.record)
+        directory = Path(msg.get("dir", str))
+        leave_running = msg.get("leave_running", bool, False)
+        self._ensure_unpaused()
+        self._drain_agent()
+        self._detach_agent("the container was checkpointed")
+        time.sleep(AGENT_LET_GO)  # the guest agent sees its host leave (virtio-serial)
+        try:
+            checkpoint.save_vm(self.placement, self.record, directory)
+        except VmshimError as exc:
+            self._say(f"checkpoint failed: {exc}")
+            self._reconnect_agent()  # the VM runs on as it was
+            raise
+        if leave_running:
+            try:
+                client = self.placement.restore(directory / checkpoint.MEMORY_FILE)
+            except VmshimError as exc:
+                self._say(f"restore after checkpoint failed: {exc}")
+                self.main_running = False  # the checkpoint itself is good: keep it
+                self._checkpointed()
+                raise CheckpointError(f"the checkpoint of {self.record.name} was written, "
+                                      f"but the container did not come back: {exc}; "
+                                      f"`vmshim restore {self.record.name}`") from None
+            self.agent_ready = True
+            self._attach_agent(client)
+            self._say("checkpointed; running on")
+        else:
+            self._checkpointed()
+        conn.send(api.REPLY)
+        conn.finish()
+
+    def _checkpointed(self) -> None:
+        """The VM was saved and is gone: record ``checkpointed`` and leave (network
+        leases and volumes let go of, run directory removed)."""
+        self.main_running = False
+        self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
+        health.stop(self)
+
+        def saved(r: Container) -> None:
+            r.state.status = lifecycle.transition("checkpoint", r.status, r.name).value
+            r.state.finished_at = now_rfc3339()
+        self._update(saved)
+        self.placement.teardown(grace=0.0)
+        self.finished = True
+        self._say("checkpointed; the VM is saved and gone")
+
+    def _drain_agent(self, timeout: float = 0.3, limit: float = 2.0) -> None:
+        """Log what the agent already sent (until it has been quiet for *timeout* s, at
+        most *limit* s: a chatty container is cut off there, its agent keeps the rest)."""
+        deadline = time.monotonic() + limit
+        while self.agent is not None and time.monotonic() < deadline:
+            try:
+                ready = select.select([self.agent], [], [], timeout)[0]
+            except InterruptedError:
+                continue
+            if not ready:
+                return
+            self._on_agent(select.POLLIN)
+
+    def _detach_agent(self, reason: str) -> None:
+        """Close the agent channel without taking it for the container's end: exec
+        sessions and pending requests are told *reason*."""
+        for proc_id, owner in list(self.pending.items()) + list(self.procs.items()):
+            if owner is not None and not owner.closed:
+                owner.send(protocol.ERROR, id=proc_id, message=reason, code=137)
+                owner.finish()
+        self.pending.clear()
+        self.procs.clear()
+        self._close_agent()
+
+    def _reconnect_agent(self) -> None:
+        """After a failed save, or a migration: the VM runs (here or there); take its
+        channel again (the agent says hello when it sees us)."""
+        try:
+            client = self.placement.reattach()
+        except VmshimError:
+            client = None
+        if client is None:
+            self._agent_gone()
+            return
+        self.agent = client.sock
+        self.agent.setblocking(False)
+        self.agent_reader = client._reader
+        self.agent_dropped_seen = client._reader.dropped_count
+        self.agent_ready = False  # until the agent's hello
+
+    def _op_migrate(self, conn: Conn, msg: Message) -> None:
+        """Live-migrate the VM to the libvirt at ``uri`` (shared storage: the same files);
+        this monitor stays, and talks to the agent through the destination QEMU's socket
+        (same path). The record remembers the URI. Reply {} once done."""
+        from shim.containers import checkpoint
+
+        self._need("migrate")
+        if self.stop_requested or self.restart_at is not None:
+            raise ContainerStateError("migrate", "running", "stopping", self.record.name)
+        checkpoint.check_checkpointable(self.record, "migrate")
+        uri = msg.get("uri", str)
+        self._ensure_unpaused()
+        self._drain_agent()
+        self._detach_agent("the container moved to another host")
+        time.sleep(AGENT_LET_GO)
+        try:
+            self.placement.migrate(uri)
+        except VmshimError as exc:
+            self._say(f"migration failed: {exc}")
+            self._reconnect_agent()
+            raise
+        self._update(lambda r: setattr(r, "hypervisor", uri))
+        self._say(f"migrated to {uri}")
+        self._reconnect_agent()
+        conn.send(api.REPLY)
+        conn.finish()
+
+    def _op_restore(self, conn: Conn, msg: Message) -> None:
+        """Bring a checkpointed container back from the memory image ``image`` (its
+        writable disk was put back by shim.containers.checkpoint.restore). Reply {}."""
+        from pathlib import Path
+
+        if self.main_running:
+            raise ContainerStateError("restore", "checkpointed", self._status().value,
+                                      self.record.name)
+        self.record = self.store.load(self.id)
+        lifecycle.check("restore", self._status(), self.record.name)
+        self.placement = self.placement_factory(self.record, self.store)
+        try:
+            client = self.placement.restore(Path(msg.get("image", str)))
+        except VmshimError as exc:
+            self._say(f"restore failed: {exc}")
+            self.placement.teardown(grace=0.0)
+            self.finished = True
+            raise
+        self.main_running = True
+        self.exit_code = None
+
+        def restored(r: Container) -> None:
+            r.state.status = lifecycle.transition("restore", r.status, r.name).value
+            r.state.started_at = now_rfc3339()
+            r.state.error = ""
+            r.state.monitor_pid = os.getpid()
+            r.state.monitor_start = process_start_time(os.getpid()) or 0
+
+        self._update(restored)
+        self.up_since = time.monotonic()
+        health.start(self)
+        self.agent_ready = True
+        self._attach_agent(client)
+        self._say("restored from a checkpoint")
+        conn.send(api.REPLY)
+        conn.finish()
+
     def _op_status(self, conn: Conn, msg: Message) -> None:
         conn.send(api.REPLY, status=self._status().value, running=self.main_running,
                   agent=self.agent_ready, pid=os.getpid(),
@@ -972,6 +1152,8 @@ class Monitor:
             self._say("boot failed:\n" + traceback.format_exc())
             self._start_failed(conn, f"cannot start the container: {exc}", 125)
             return False
+        finally:
+            self._note_template()
         try:
             client.send(protocol.START, token=self.record.token, id=MAIN_ID,
                         stdin=self.record.interactive, tty=self.record.tty, rows=rows, cols=cols)
@@ -1022,6 +1204,15 @@ class Monitor:
             else:
                 conn.finish()
         return True
+
+    def _note_template(self) -> None:
+        """monitor.log says whether the VM came from a snapshot template (issue 15)."""
+        used = getattr(self.placement, "template", None)
+        failed = getattr(self.placement, "template_error", "")
+        if used:
+            self._say(f"started from snapshot template {used['dir'].rsplit('/', 1)[-1]}")
+        elif failed:
+            self._say(f"snapshot template not used ({failed}); booted cold")
 
     def _cancelled(self, conn: Conn) -> str | None:
         """For a foreground start: the CLI hung up (Ctrl-C during boot)."""

@@ -11,11 +11,17 @@ States (``Status``)::
        │                │            │
        └────────────────┴─remove──▶ removing ──▶ (gone)
 
+    running|paused ──checkpoint──▶ checkpointed ──restore──▶ running
+    checkpointed ──remove──▶ removing
+
+
 ``exit`` is what the monitor records when the container's main process ends, for any
 reason (it returned, stop, kill, the VM died). ``start`` from ``exited`` is a restart
 (docker's ``start`` of a stopped container, or a ``--restart`` policy). ``remove`` is
 allowed from ``created`` and ``exited`` (``rm -f`` stops first), and from ``removing``
-so an interrupted removal can be finished.
+so an interrupted removal can be finished. ``checkpoint`` saves the VM's memory and
+writable layer (shim.containers.checkpoint) and ends the VM; ``restore`` brings the same
+container back from that point. ``checkpoint --leave-running`` keeps it ``running``.
 
 Every transition goes through :func:`transition`, which raises
 :class:`~shim.errors.ContainerStateError` naming the operation, the states it needs and the
@@ -35,6 +41,7 @@ class Status(str, enum.Enum):
     PAUSED = "paused"
     EXITED = "exited"
     REMOVING = "removing"
+    CHECKPOINTED = "checkpointed"
 
     def __str__(self) -> str:
         return self.value
@@ -46,7 +53,10 @@ TRANSITIONS: dict[str, dict[Status, Status]] = {
     "pause":   {S.RUNNING: S.PAUSED},
     "unpause": {S.PAUSED: S.RUNNING},
     "exit":    {S.RUNNING: S.EXITED, S.PAUSED: S.EXITED},
-    "remove":  {S.CREATED: S.REMOVING, S.EXITED: S.REMOVING, S.REMOVING: S.REMOVING},
+    "remove":  {S.CREATED: S.REMOVING, S.EXITED: S.REMOVING, S.REMOVING: S.REMOVING,
+                S.CHECKPOINTED: S.REMOVING},
+    "checkpoint": {S.RUNNING: S.CHECKPOINTED, S.PAUSED: S.CHECKPOINTED},
+    "restore": {S.CHECKPOINTED: S.RUNNING},
 }
 """operation → {state it is allowed in: state it leads to}. A start that fails (the
 command was not found, the VM did not boot) changes no state: like docker, the container
@@ -62,6 +72,7 @@ STATE_REQUIREMENTS: dict[str, tuple[Status, ...]] = {
     "cp": (S.RUNNING,),
     "stats": (S.RUNNING, S.PAUSED),
     "network connect": (S.RUNNING,),
+    "migrate": (S.RUNNING, S.PAUSED),
 }
 
 
@@ -109,6 +120,10 @@ def can_pause(current) -> bool:
 
 def can_unpause(current) -> bool:
     return can("unpause", current)
+
+
+def can_restore(current) -> bool:
+    return can("restore", current)
 
 
 def can_exec(current) -> bool:

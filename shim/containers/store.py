@@ -168,6 +168,8 @@ class Container:
     from ``--health-*`` or the image; None: no check."""
     os_container: bool = False
     """``--os``: the process is the image's init (shim.containers.osmode)."""
+    hypervisor: str = ""
+    """The libvirt URI that runs its VM after ``vmshim migrate``; "": this host's."""
     state: ContainerState = field(default_factory=ContainerState)
 
     @property

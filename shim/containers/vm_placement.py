@@ -30,6 +30,16 @@ GONE_POLL = 0.25
 """How often teardown asks libvirt whether the domain is gone (libvirtd is shared)."""
 
 
+def agent_socket_for(run_dir: Path, hypervisor: str = "") -> Path:
+    """The agent channel's socket: ``agent.sock``, or after ``migrate`` one named after
+    the destination (a migrated VM's socket must not share the source's path)."""
+    if not hypervisor:
+        return Path(run_dir) / "agent.sock"
+    import hashlib
+
+    return Path(run_dir) / f"agent-{hashlib.sha256(hypervisor.encode()).hexdigest()[:8]}.sock"
+
+
 def domain_name(container_id: str) -> str:
     return f"vmshim-{container_id[:12]}"
 
@@ -77,7 +87,7 @@ class VmPlacement:
                  name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
                  network: dict | None = None, rootfs_dir: str = "",
-                 engine_netns: dict | None = None):
+                 engine_netns: dict | None = None, hypervisor: str = ""):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -106,9 +116,15 @@ class VmPlacement:
         self.rw_disk = rw_disk
         self.domain = domain_name(boot.container_id)
         self.console_log = self.run_dir / "console.log"
-        self.agent_socket = self.run_dir / "agent.sock"
+        self.agent_socket = agent_socket_for(self.run_dir, hypervisor)
         self._backend = backend
         self.accel = None
+        self.guest = None
+        """The guest image this VM booted (shim.guestimage.GuestImage), once it did."""
+        self.template: dict | None = None
+        """A snapshot template this container starts from (shim.containers.template)."""
+        self.template_error = ""
+        """Why starting from :attr:`template` failed (then it booted cold)."""
 
     @property
     def backend(self):
@@ -205,12 +221,60 @@ class VmPlacement:
         """Create the VM and wait for the agent's hello. *alive* (optional) is asked about
         every 0.2 s while waiting; a string it returns aborts the boot with that text.
         Raises HypervisorError, GuestImageError or AgentError (with the console's last
-        lines); a VM that was created is destroyed again before raising."""
+        lines); a VM that was created is destroyed again before raising.
+
+        With a :attr:`template` (shim.containers.template), the VM is a restored copy of
+        it instead, given this container's identity; if that fails it boots cold."""
+        if self.template is not None:
+            from shim.containers import template as templates
+
+            try:
+                return templates.restore_into(self, self.template, alive)
+            except VmshimError as exc:
+                self.template_error = str(exc)
+                self.template = None
+                self.backend.wait_gone(self.domain, 10.0)
+        return self._launch(self.backend.create, alive)
+
+    def save(self, image: Path) -> None:
+        """Write the VM's memory and device state to *image* and end the VM (the
+        writable disk and volumes stay as they are; shim.containers.checkpoint keeps a
+        copy of the writable disk). Raises HypervisorError (the VM is left as it was)."""
+        self.backend.save(self.domain, str(image))
+
+    def restore(self, image: Path, alive=None) -> AgentClient:
+        """Like :meth:`boot`, from a file :meth:`save` wrote: the same disks, volumes and
+        config drive come back at the same places, the domain is restored running and
+        the agent (which saw its host go away before the save) says hello again."""
+        return self._launch(lambda domain: self.backend.restore(str(image), domain), alive)
+
+    def migrate(self, uri: str) -> None:
+        """Live-migrate the VM to the libvirt at *uri* (same disks, same paths: storage
+        shared with this host); from then on this placement asks that libvirt. Raises
+        HypervisorError (the VM runs on here)."""
+        from shim.guestimage import ensure_guest_image
+        from shim.vm.accel import detect_accel
+        from shim.vm.libvirt_backend import LibvirtBackend
+
+        # The destination's agent socket gets a path of its own: when the source VM ends,
+        # its libvirt removes the socket path it made.
+        old = self.agent_socket
+        self.agent_socket = agent_socket_for(self.run_dir, uri)
+        try:
+            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel())
+            self.backend.migrate(self.domain, uri, domain)
+        except BaseException:
+            self.agent_socket = old
+            raise
+        self._backend = LibvirtBackend(uri)
+
+    def _launch(self, create, alive) -> AgentClient:
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel
         from shim.vm.configdrive import build_config_drive
 
         guest = ensure_guest_image()
+        self.guest = guest
         self.accel = detect_accel()
         paths.private_dir(self.run_dir)
         self.console_log.unlink(missing_ok=True)
@@ -233,7 +297,7 @@ class VmPlacement:
                 self.boot_config = self.boot_config.replace(network=self._engine.prepare())
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             domain = self.build_domain(guest, self.accel)
-            self.backend.create(domain)
+            create(domain)
         except BaseException:
             self.attachments.release()
             self._disconnect()

@@ -111,3 +111,22 @@ class Backend(Protocol):
     def interface_macs(self, name: str) -> list[str]:
         """MACs of the running VM's NICs now (live configuration). Raises VmNotFound."""
         ...
+
+    def save(self, name: str, path: str) -> None:
+        """Write the VM's memory and device state to *path* (a new file) and end the VM
+        (libvirt's virDomainSaveFlags). Its disks are not in the file: they must be
+        given back unchanged to :meth:`restore`. Raises VmNotFound, HypervisorError
+        (the VM is left as it was, running or paused)."""
+        ...
+
+    def migrate(self, name: str, dest_uri: str, domain: Domain) -> None:
+        """Move the running VM to the hypervisor at *dest_uri* (libvirt live migration;
+        the disks are where they are: shared storage), as *domain* there; it is gone here
+        when this returns. Raises VmNotFound, HypervisorError (it runs on here then)."""
+        ...
+
+    def restore(self, path: str, domain: Domain) -> VmHandle:
+        """Start a VM from a file :meth:`save` wrote, with *domain* as its description
+        (same devices; paths may differ); it runs when this returns. Raises
+        HypervisorError (no VM is left behind)."""
+        ...

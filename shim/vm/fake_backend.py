@@ -148,6 +148,36 @@ class FakeBackend:
         vm = self._vm(name, "list the NICs of")
         return sorted([i.mac for i in vm.domain.interfaces] + list(vm.plugged))
 
+    def save(self, name: str, path: str) -> None:
+        """Writes a small stand-in for libvirt's save image (the XML); the VM vanishes."""
+        self._check("save", name)
+        with self._changed:
+            vm = self._vm(name, "save")
+            with open(path, "x") as f:
+                f.write("fake-save-image\n" + vm.xml)
+            del self.vms[name]
+            self._changed.notify_all()
+
+    def migrate(self, name: str, dest_uri: str, domain: Domain) -> None:
+        """The VM leaves (the destination is not modelled)."""
+        self._check("migrate", name)
+        with self._changed:
+            self._vm(name, "migrate")
+            del self.vms[name]
+            self._changed.notify_all()
+
+    def restore(self, path: str, domain: Domain) -> VmHandle:
+        self._check("restore", domain.name)
+        try:
+            with open(path) as f:
+                ok = f.readline() == "fake-save-image\n"
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise HypervisorError(f"cannot restore VM {domain.name} from {path}: "
+                                  f"not a save image")
+        return self.create(domain)
+
     def _vm(self, name: str, operation: str) -> FakeVm:
         vm = self.vms.get(name)
         if vm is None:

@@ -19,6 +19,10 @@ ALL = list(Status)
     ("remove", Status.CREATED, Status.REMOVING),
     ("remove", Status.EXITED, Status.REMOVING),
     ("remove", Status.REMOVING, Status.REMOVING),
+    ("remove", Status.CHECKPOINTED, Status.REMOVING),
+    ("checkpoint", Status.RUNNING, Status.CHECKPOINTED),
+    ("checkpoint", Status.PAUSED, Status.CHECKPOINTED),
+    ("restore", Status.CHECKPOINTED, Status.RUNNING),
 ])
 def test_allowed_transitions(op, start, end):
     assert state.transition(op, start) is end
@@ -55,7 +59,9 @@ def test_operations_without_a_state_change():
 
 
 def test_predicates_agree_with_the_table():
-    assert [s for s in ALL if state.can_delete(s)] == [Status.CREATED, Status.EXITED, Status.REMOVING]
+    assert [s for s in ALL if state.can_delete(s)] == [Status.CREATED, Status.EXITED,
+                                                      Status.REMOVING, Status.CHECKPOINTED]
+    assert [s for s in ALL if state.can_restore(s)] == [Status.CHECKPOINTED]
     assert [s for s in ALL if state.can_pause(s)] == [Status.RUNNING]
     assert [s for s in ALL if state.can_unpause(s)] == [Status.PAUSED]
     assert [s for s in ALL if state.can_start(s)] == [Status.CREATED, Status.EXITED]

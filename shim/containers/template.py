@@ -1,0 +1,228 @@
+"""Snapshot templates: boot one VM to agent-ready, save it, start containers by restoring
+copies of it (issue 15).
+
+A template is made for one *shape* of container (:func:`shape_of`): the guest image and
+accelerator, the image's layer disks, memory and vCPUs, and a boot config that differs
+only in what a container's identity is (id, token, hostname, process, /etc/hosts and
+resolv.conf). Only ``--rm``-style containers qualify: writable layer in RAM, no mounts, no
+network (``--network none``), no limits, devices, sysctls or OS mode. ``vmshim template
+create IMAGE`` makes one; from then on every matching ``run`` starts from it, unless
+``VMSHIM_TEMPLATES=off``.
+
+Made once (:func:`create`): the template VM boots with a placeholder process, answers a
+``stats`` request (its container is assembled and the agent serves), is let go of (the
+agent sees its host leave) and saved (shim.vm.libvirt_backend ``save``) to
+``$VMSHIM_ROOT/templates/<key>/memory.img``.
+
+Used per container (:func:`restore_into`): a copy of the save image under the container's
+domain name and UUID (shim.vm.saveimage: libvirt restores an image only under the name and
+UUID it was saved with) is restored with the container's own domain XML (its run
+directory, agent socket, console, config drive); the agent says hello, and an
+``identity`` message with the template's token hands it the container's token, hostname,
+process and /etc files, and 64 bytes of host entropy, mixed into the guest kernel's RNG
+with a forced reseed (and Python's). So no two containers of one template share a token or
+RNG state; their writable layers, processes and hostnames are their own. There is no NIC
+(and so no MAC) in a template's VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from guest import protocol
+from shim import paths
+from shim.errors import VmshimError
+
+META = "template.json"
+MEMORY = "memory.img"
+IDENTITY_ID = 1 << 30
+READY_TIMEOUT = 120.0
+PLACEHOLDER = ["/bin/sh", "-c", "exit 0"]
+
+
+def enabled() -> bool:
+    return os.environ.get("VMSHIM_TEMPLATES", "on").lower() not in ("off", "0", "no")
+
+
+def templates_dir() -> Path:
+    return paths.root() / "templates"
+
+
+def shape_of(record) -> dict | None:
+    """What a template must match for *record* to start from it; None when *record* cannot
+    start from a template at all."""
+    from shim.containers.options import boot_config_of
+    from shim.containers.resources import Resources
+
+    network = record.network or {}
+    if (record.isolation != "vm" or record.writable != "tmpfs" or record.mounts
+            or record.rootfs or (network.get("networks") or ["none"])[0] != "none"
+            or record.engine_netns or record.os_container or record.privileged
+            or record.devices or record.sysctl):
+        return None
+    resources = Resources.from_dict(record.resources)
+    if not resources.is_empty():
+        return None
+    boot = boot_config_of(record).to_dict()
+    for personal in ("container_id", "token", "hostname", "process", "hosts", "resolv_conf"):
+        boot.pop(personal, None)
+    return {"version": 1, "boot": boot, "layers": list(record.layer_disks),
+            "memory_mib": record.memory_mib, "vcpus": resources.vm_vcpus()}
+
+
+def key_of(shape: dict, guest: dict) -> str:
+    raw = json.dumps({"shape": shape, "guest": guest}, sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def find(record) -> dict | None:
+    """The ready template *record* can start from (its meta, with ``dir``), or None."""
+    if not enabled():
+        return None
+    shape = shape_of(record)
+    if shape is None:
+        return None
+    from shim.containers.checkpoint import guest_identity
+
+    directory = templates_dir() / key_of(shape, guest_identity())
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (directory / MEMORY).is_file():
+        return None
+    meta["dir"] = str(directory)
+    return meta
+
+
+def list_templates() -> list[dict]:
+    out = []
+    for d in sorted(templates_dir().glob("*")):
+        try:
+            meta = json.loads((d / META).read_text())
+        except (OSError, ValueError):
+            continue
+        meta["key"] = d.name
+        out.append(meta)
+    return out
+
+
+def remove(key: str | None = None) -> list[str]:
+    """Remove template *key* (all with None); the keys removed."""
+    gone = []
+    for d in sorted(templates_dir().glob("*")):
+        if d.is_dir() and (key is None or d.name == key):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
+
+
+@contextlib.contextmanager
+def _locked(key: str):
+    templates_dir().mkdir(parents=True, exist_ok=True)
+    fd = os.open(templates_dir() / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def create(record, *, backend=None) -> dict:
+    """Boot, ready and save the template for *record*'s shape (replacing one there).
+    Returns its meta. Raises VmshimError (nothing is left of a failed one)."""
+    from shim.containers.checkpoint import guest_identity
+    from shim.containers.options import boot_config_of
+    from shim.containers.resources import Resources
+    from shim.containers.vm_placement import VmPlacement
+    from guest.spec import ProcessSpec
+
+    shape = shape_of(record)
+    if shape is None:
+        raise VmshimError("only --rm containers with --network none, no mounts and no "
+                          "limits can start from a template")
+    guest = guest_identity()
+    key = key_of(shape, guest)
+    tid = secrets.token_hex(32)
+    token = secrets.token_hex(16)
+    boot = boot_config_of(record).replace(
+        container_id=tid, token=token, hostname="template",
+        process=ProcessSpec.from_dict({**record.process, "args": PLACEHOLDER, "tty": False}))
+    directory = templates_dir() / key
+    with _locked(key):
+        work = templates_dir() / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        placement = VmPlacement(boot, record.layer_disks, paths.run_dir() / tid[:12],
+                                name="template", memory_mib=record.memory_mib,
+                                vcpus=Resources.from_dict(record.resources).vm_vcpus(),
+                                backend=backend)
+        try:
+            client = placement.boot()
+            try:
+                client.send(protocol.STATS, token=token, id=IDENTITY_ID)
+                reply = client.recv(READY_TIMEOUT)
+                if reply.type != protocol.STATS:
+                    raise VmshimError(f"the template's agent answered {reply.type!r} to stats")
+            finally:
+                client.close()
+            time.sleep(0.5)  # the agent sees its host leave, and greets the next one
+            placement.save(work / MEMORY)
+            meta = {"id": tid, "token": token, "uuid": str(uuid.UUID(tid[:32])),
+                    "image": record.image, "memory_mib": record.memory_mib,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guest}
+            (work / META).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(directory, ignore_errors=True)
+            os.rename(work, directory)
+        except BaseException:
+            placement.kill()
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            placement.teardown(grace=0.0)
+    meta["dir"] = str(directory)
+    return meta
+
+
+def restore_into(placement, template: dict, alive=None):
+    """Start *placement*'s VM as a copy of *template* and give it the identity of its boot
+    config; the agent's channel, ready for ``start``. Raises VmshimError (the VM is
+    killed)."""
+    from shim.containers.vm_placement import BOOT_TIMEOUT
+    from shim.vm import saveimage
+
+    directory = Path(template["dir"])
+    clone = placement.run_dir / "template.img"
+    paths.private_dir(placement.run_dir)
+    tid, cid = template["id"], placement.boot_config.container_id
+    saveimage.clone(directory / MEMORY, clone, {
+        tid[:12]: cid[:12], template["uuid"]: str(uuid.UUID(cid[:32]))})
+    try:
+        client = placement.restore(clone, alive=alive)
+    finally:
+        clone.unlink(missing_ok=True)
+    try:
+        boot = placement.boot_config
+        client.send(protocol.IDENTITY, os.urandom(64), token=template["token"], id=IDENTITY_ID,
+                    new_token=boot.token, hostname=boot.hostname,
+                    process=boot.process.to_dict(), hosts=boot.hosts,
+                    resolv_conf=boot.resolv_conf)
+        reply = client.recv(BOOT_TIMEOUT, alive=alive)
+        if reply.type != protocol.UPDATED:
+            message = reply.fields.get("message") if reply.type == protocol.ERROR else reply.type
+            raise VmshimError(f"the restored template did not take the container's identity: "
+                              f"{protocol.printable(str(message))}")
+    except BaseException:
+        client.close()
+        placement.kill()
+        raise
+    return client
