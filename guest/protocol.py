@@ -52,6 +52,15 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   new /etc/resolv.conf (its first network
                                                   with a resolver): updated {id} |
                                                   error {id, message}
+    h: spec    {config, entropy}                  a pooled VM (booted with ``vmshim.pool``,
+                                                  no config drive) becomes one container:
+                                                  config is a guest.spec.BootConfig.to_dict(),
+                                                  entropy fresh host randomness (hex, at most
+                                                  MAX_ENTROPY_HEX) mixed into the guest's RNG
+                                                  before anything of the container runs. No
+                                                  reply: ``start`` follows and is answered
+                                                  once the container is assembled; a second
+                                                  ``spec`` gets ``error``
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -117,10 +126,13 @@ UPDATED = "updated"
 STATS = "stats"
 DIFF = "diff"
 NETCONF = "netconf"
+SPEC = "spec"
+MAX_ENTROPY_HEX = 512
+"""Most hex digits of ``spec``'s entropy (256 bytes)."""
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF}
+     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, SPEC}
 )
 BUILTINS = ("ps", "tar-out", "tar-in")
 """Names a ``builtin`` message may ask for."""

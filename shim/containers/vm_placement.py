@@ -31,7 +31,13 @@ GONE_POLL = 0.25
 
 
 def domain_name(container_id: str) -> str:
-    return f"vmshim-{container_id[:12]}"
+    """The libvirt domain of the container's VM: ``vmshim-<short id>``, or the pooled VM
+    it took (shim.containers.pool) while that runs."""
+    from shim.containers.pool import claimed
+    from shim.containers.store import run_dir_of
+
+    vm = claimed(run_dir_of(container_id))
+    return vm.domain if vm is not None else f"vmshim-{container_id[:12]}"
 
 
 def console_tail(path: Path, lines: int = 3) -> str:
@@ -99,11 +105,24 @@ class VmPlacement:
         self.memory_mib = memory_mib
         self.vcpus = vcpus
         self.rw_disk = rw_disk
-        self.domain = domain_name(boot.container_id)
+        self.domain = f"vmshim-{boot.container_id[:12]}"
         self.console_log = self.run_dir / "console.log"
         self.agent_socket = self.run_dir / "agent.sock"
         self._backend = backend
         self.accel = None
+        self.pooled = None
+        """The shim.containers.pool.PooledVm this container took (None: booted cold)."""
+        from shim.containers.pool import claimed
+
+        vm = claimed(self.run_dir)  # a monitor re-attaching to a pooled VM
+        if vm is not None:
+            self._use_pooled(vm)
+
+    def _use_pooled(self, vm) -> None:
+        self.pooled = vm
+        self.domain = vm.domain
+        self.console_log = vm.console_log
+        self.agent_socket = vm.agent_socket
 
     @property
     def backend(self):
@@ -173,6 +192,11 @@ class VmPlacement:
         self.accel = detect_accel()
         paths.private_dir(self.run_dir)
         self.console_log.unlink(missing_ok=True)
+        from shim.containers import pool
+
+        vm = pool.take(self, pool.current_key(guest=guest, accel=self.accel.kind), self.backend)
+        if vm is not None:
+            return self._boot_pooled(vm, alive)
         if self.attachments.requests:
             first = len(self.layer_disks) + 1 + (self.rw_disk is not None)
             specs, self._volume_disks, self._shares = self.attachments.for_vm(
@@ -199,6 +223,27 @@ class VmPlacement:
             self.kill()
             raise
         return client
+
+    def _boot_pooled(self, vm, alive=None) -> AgentClient:
+        """Make the claimed pooled VM *vm* this container's (shim.containers.pool.adopt).
+        Raises like boot(); the VM is killed again on failure."""
+        from shim.containers import pool
+
+        self._use_pooled(vm)
+        try:
+            if self.attachments.requests:  # tmpfs only (pool.eligible)
+                specs, _, _ = self.attachments.for_vm(0, _target, share_dir=self.run_dir / "shares")
+                self.boot_config = self.boot_config.replace(mounts=specs)
+            if self.network_request is not None:
+                from shim.containers import networking as netc
+
+                self.network, self.boot_config = netc.start(
+                    self.boot_config.container_id, self.name, "vm", self.network_request,
+                    self.boot_config)
+            return pool.adopt(self, vm, alive=lambda: self._vm_problem() or (alive and alive()))
+        except BaseException:
+            self.kill()
+            raise
 
     def reattach(self) -> AgentClient | None:
         """Connect to the channel of the VM a previous monitor ran; None when that VM is

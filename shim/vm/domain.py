@@ -103,6 +103,15 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return elem
 
 
+def _element_xml(device) -> str:
+    """One device's element alone, indented like :meth:`Domain.to_xml`."""
+    holder = ET.Element("devices")
+    device.render(holder)
+    elem = holder[0]
+    ET.indent(elem, space="  ")
+    return ET.tostring(elem, encoding="unicode") + "\n"
+
+
 # --- devices ------------------------------------------------------------------------------
 
 
@@ -162,6 +171,10 @@ class Disk:
             raise ValueError("disk io='native' needs cache='none' or 'directsync'")
         if self.discard and self.readonly:
             raise ValueError(f"disk {self.serial!r}: discard makes no sense on a read-only disk")
+
+    def to_xml(self) -> str:
+        """The ``<disk>`` element alone (libvirt's attach-device: a pooled VM's disks)."""
+        return _element_xml(self)
 
     def render(self, devices: ET.Element) -> None:
         disk = _sub(devices, "disk", type="file", device="disk")
@@ -318,11 +331,7 @@ class Interface:
 
     def to_xml(self) -> str:
         """The ``<interface>`` element alone (libvirt's attach-device / detach-device)."""
-        holder = ET.Element("devices")
-        self.render(holder)
-        elem = holder[0]
-        ET.indent(elem, space="  ")
-        return ET.tostring(elem, encoding="unicode") + "\n"
+        return _element_xml(self)
 
     def render(self, devices: ET.Element) -> None:
         iface = _sub(devices, "interface", type=self.type)
