@@ -527,21 +527,21 @@ class Keeper:
             pass
 
 
-def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str):
+def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str,
+                 domain_uuid: str | None = None):
     """The domain of one pooled VM (pure): q35 with HOTPLUG_PORTS spare root ports, the
-    agent channel and console, no disks, no NIC."""
+    agent channel and console, no disks, no NIC; *cmdline* (shim.vm.accel.guest_cmdline's)
+    gets the pool flag."""
     from shim.vm import domain as dom
-    from shim.vm.accel import guest_cmdline
 
     return dom.Domain(
         name=DOMAIN_PREFIX + vmid,
-        uuid=str(uuid.uuid4()),
+        uuid=domain_uuid or str(uuid.uuid4()),
         memory_mib=key.memory_mib,
         vcpus=key.vcpus,
         domain_type="kvm" if key.accel == "kvm" else "qemu",
         boot=dom.KernelBoot(kernel=key.kernel, initrd=key.initramfs,
-                            cmdline=f"{guest_cmdline(cmdline, key.accel)} "
-                                    f"{_pool_flag()}"),
+                            cmdline=f"{cmdline} {_pool_flag()}"),
         channels=[dom.AgentChannel(socket_path=str(directory / "agent.sock"))],
         serial=dom.SerialLog(path=str(directory / "console.log")),
         machine=dom.HOTPLUG_MACHINE,
@@ -564,10 +564,12 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
     from shim.guestimage import ensure_guest_image
     from shim.vm.agent_client import AgentClient
 
+    from shim.vm.accel import guest_cmdline
+
     guest = ensure_guest_image()
     paths.private_dir(directory)
     vmid = directory.name
-    domain = build_domain(key, vmid, directory, guest.cmdline)
+    domain = build_domain(key, vmid, directory, guest_cmdline(guest.cmdline, key.accel))
     vm = PooledVm(vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS,
                   booted_at=time.time(), dir=directory)
     _write_json(directory / VM_FILE, vm.meta())

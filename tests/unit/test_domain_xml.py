@@ -84,11 +84,23 @@ DOMAINS = {
         hotplug_ports=HOTPLUG_PORTS,
         **_common(interfaces=[
             Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0")])),
+    # A pooled VM (shim.containers.pool): no disks, no NIC, spare ports for all of them,
+    # and the pool flag on the kernel command line.
+    "tcg_pool": lambda: _pool_domain(),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
         memory_mib=128, vcpus=1, domain_type="qemu",
         **_common(interfaces=[Interface(type="user", mac="02:42:0a:00:02:0f")])),
 }
+
+
+def _pool_domain() -> Domain:
+    from shim.containers.pool import PoolKey, build_domain
+
+    key = PoolKey(kernel=f"{GUEST}/vmlinuz", initramfs=f"{GUEST}/initramfs", memory_mib=256,
+                  vcpus=1, accel="tcg")
+    return build_domain(key, "0123456789ab", Path("/var/lib/vmshim/run/pool/booting/0123456789ab"),
+                        DEFAULT_CMDLINE, domain_uuid=UUID)
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINS))
