@@ -212,6 +212,77 @@ def bench_first_output(ctx: Context) -> None:
     _sample(ctx, fig, m)
 
 
+START_POOL_SIZE = 1
+"""VMs the ``start`` benchmark keeps in the warm pool while it measures."""
+POOL_READY_TIMEOUT = 300.0
+
+
+def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEOUT) -> None:
+    """Wait (untimed) until *size* pooled VMs are ready and none is booting, so that no
+    sample shares the CPUs with a VM the pool keeper boots. Raises BenchError."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
+        vms = state.get("vms") or []
+        if sum(v.get("state") == "ready" for v in vms) >= size and \
+                not any(v.get("state") == "booting" for v in vms):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"the warm pool did not fill within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def bench_start(ctx: Context) -> None:
+    """``run --rm busybox true`` started three ways, one row each: ``cold`` (a VM booted
+    for it), ``pooled`` (taken from the warm pool, shim.containers.pool), and room for
+    ``restored`` (from a snapshot template). Ratios: cold median / each row's median."""
+    fig = ctx.results.figure(
+        "start", "Start of `run --rm busybox true`: cold, pooled", "s",
+        note="whole command, spawn to exit; cold: VMSHIM_POOL=off; pooled: a pool of "
+             f"{START_POOL_SIZE} kept full between samples (untimed); speedup = cold / row")
+    if "vm" not in ctx.available([fig], "vm"):
+        return
+    missing = ctx.caps.lifecycle_missing("pool")
+    drv = ctx.drivers["vm"]
+
+    def cold() -> float:
+        if not missing:
+            _pool_ready(drv, START_POOL_SIZE)  # nothing boots in the background
+        return timed(["env", "VMSHIM_POOL=off", *drv.run_argv("true")])
+
+    def pooled() -> float:
+        _pool_ready(drv, START_POOL_SIZE)
+        return timed(drv.run_argv("true"))
+
+    m: dict[str, Callable[[], float]] = {"cold": cold}
+    if missing:
+        fig.skip("pooled", missing)
+    else:
+        m["pooled"] = pooled
+    previous = None
+    if not missing:
+        import json
+
+        previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
+        run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
+    try:
+        _sample(ctx, fig, m)
+    finally:
+        if previous is not None:
+            if previous.get("size"):
+                run(drv.argv("pool", "set", "--size", str(previous["size"]),
+                             "--memory", str(previous["memory_mib"]),
+                             "--cpus", str(previous["vcpus"])), timeout=120, check=False)
+            else:
+                run(drv.argv("pool", "rm"), timeout=120, check=False)
+    cold = fig.subjects["cold"].median if "cold" in fig.subjects else None
+    for subject, result in fig.subjects.items():
+        if subject != "cold" and result.median and cold:
+            result.extra["speedup_vs_cold"] = round(cold / result.median, 2)
+
+
 def bench_exec(ctx: Context) -> None:
     fig = ctx.results.figure(
         "exec", "exec latency: `exec ID true` into an idle container", "s",
@@ -659,6 +730,7 @@ def bench_build_express(ctx: Context) -> None:
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
+    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool), and the ratio"),
     "exec": (bench_exec, "exec true into an idle container"),
     "memory": (bench_memory, "host PSS per idle container, and the guest's view"),
     "density": (bench_density, "idle containers until exec misses 1 s (or --max)"),

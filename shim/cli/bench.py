@@ -13,7 +13,7 @@ import click
 @click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Samples per figure and subject (medians with min and max).")
 @click.option("--only", "only", multiple=True, metavar="NAME[,NAME…]",
-              help="Take only these benchmarks (repeat or comma-separate): cold_start, "
+              help="Take only these benchmarks (repeat or comma-separate): cold_start, start, "
                    "first_output, exec, memory, density, cpu, syscall, io, io_volume, kernels.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for results.json and the PNG charts "

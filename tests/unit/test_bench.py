@@ -481,3 +481,48 @@ def test_build_express_commands_and_its_skip_without_a_mirror(tmp_path, monkeypa
     data = json.dumps(ctx.results.to_dict()) if hasattr(ctx.results, "to_dict") else str(fig)
     assert "no npm mirror" in data
     assert "build_express" in suite.select([])
+
+
+def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    class FakeSubject:
+        def argv(self, *args):
+            return ["vmshim", *args]
+
+        def run_argv(self, *cmd):
+            return ["vmshim", "run", "--rm", "busybox", *cmd]
+
+    pool_calls, timed_argv = [], []
+    ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready"}]}
+
+    def fake_run(argv, timeout=300, check=True, input=None):
+        if argv[1:3] == ["pool", "ls"]:
+            return SimpleNamespace(stdout=json.dumps(ready))
+        pool_calls.append(argv[1:])
+        return SimpleNamespace(stdout="")
+
+    def fake_timed(argv, timeout=300):
+        timed_argv.append(argv)
+        return 3.0 if argv[0] == "env" else 0.5
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    monkeypatch.setattr(suite, "timed", fake_timed)
+    monkeypatch.setattr(suite, "_settled", lambda fn: fn())
+    ctx = _ctx(runs=3)
+    ctx.caps = Capabilities({"run", "rm", "pool"}, {"-d", "--rm"})
+    ctx.drivers = {"vm": FakeSubject()}
+    suite.bench_start(ctx)
+    fig = ctx.results.figures["start"]
+    assert fig.subjects["cold"].samples == [3.0] * 3
+    assert fig.subjects["pooled"].samples == [0.5] * 3
+    assert fig.subjects["pooled"].extra["speedup_vs_cold"] == 6.0
+    assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
+    assert pool_calls == [["pool", "set", "--size", "1"], ["pool", "rm"]]  # off again after
+    # Without `vmshim pool`, only the cold row.
+    ctx = _ctx(runs=1)
+    ctx.caps = Capabilities({"run", "rm"}, {"-d", "--rm"})
+    ctx.drivers = {"vm": FakeSubject()}
+    suite.bench_start(ctx)
+    assert "`vmshim pool` not available" in ctx.results.figures["start"].subjects["pooled"].skipped
