@@ -58,7 +58,7 @@ def test_two_pooled_containers_are_fresh(pool):
         for name in names:
             ids.append(ok("run", "-d", "--name", name, "busybox", "sleep", "600").strip())
         for name in names:
-            domain = json.loads(ok("inspect", name))[0]["Domain"]
+            domain = json.loads(ok("inspect", name))[0]["Vmshim"]["Domain"]
             assert domain.startswith("vmshim-pool-"), f"{name} did not take a pooled VM"
         a, b = names
         # Files: what one writes, the other does not see; neither has anything of the pool.
