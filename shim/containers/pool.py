@@ -466,6 +466,8 @@ class Keeper:
             self._wait(CHECK_INTERVAL * 6)
             return True
         ready = self.prune(key)
+        for extra in ready[config.size:]:  # the size went down: the oldest go
+            self._drop(extra, "the pool is smaller now")
         if len(ready) < config.size:
             self.fill_one(key)
         else:
@@ -484,15 +486,18 @@ class Keeper:
             if alive:
                 keep.append(vm)
                 continue
-            draining = _sub("draining") / vm.vmid
-            try:
-                os.rename(vm.dir, draining)
-            except OSError:
-                continue  # claimed meanwhile
-            self.log(f"dropping pooled VM {vm.vmid}: "
-                     f"{'its domain is gone' if vm.key == key else 'the guest image changed'}")
-            _discard(PooledVm.load(draining) or vm, self.backend)
+            self._drop(vm, "its domain is gone" if vm.key == key else "it was booted with "
+                       "another guest image, memory size or vCPU count")
         return keep
+
+    def _drop(self, vm: PooledVm, why: str) -> None:
+        draining = _sub("draining") / vm.vmid
+        try:
+            os.rename(vm.dir, draining)
+        except OSError:
+            return  # claimed meanwhile
+        self.log(f"dropping pooled VM {vm.vmid}: {why}")
+        _discard(PooledVm.load(draining) or vm, self.backend)
 
     def fill_one(self, key: PoolKey) -> None:
         vmid = secrets.token_hex(6)

@@ -41,6 +41,21 @@ def pool():
                                 if d.startswith("vmshim-pool-")}, 30, "pooled domains gone")
 
 
+def test_bench_start_pooled_is_faster_than_cold(tmp_path):
+    """`vmshim bench --only start`: cold and pooled `run --rm busybox true` in one run
+    (the table goes to the log); the pool is off again afterwards."""
+    out_dir = tmp_path / "bench"
+    proc = vmshim("bench", "--runs", "5", "--only", "start", "--output", str(out_dir),
+                  timeout=1800)
+    assert proc.returncode == 0, err(proc)
+    print(out(proc))
+    fig = json.loads((out_dir / "results.json").read_text())["figures"]["start"]["subjects"]
+    print({s: (r.get("median"), r.get("min"), r.get("max")) for s, r in fig.items()})
+    assert fig["pooled"]["median"] < fig["cold"]["median"]
+    assert fig["pooled"]["extra"]["speedup_vs_cold"] > 1
+    assert pool_state()["size"] == 0 and pool_state()["vms"] == []
+
+
 def _exec(name: str, *argv: str) -> str:
     return ok("exec", name, *argv).strip()
 
@@ -92,3 +107,11 @@ def test_pooled_run_rm_true_and_refill(pool):
     assert before - after, "the run did not take a pooled VM"
     wait_until(lambda: len(ready_ids()) >= POOL_SIZE, 400, "the pool refilled after the run")
     assert not (ready_ids() & (before - after)), "a used VM came back into the pool"
+
+
+def test_containers_the_pool_cannot_honour_boot_cold(pool):
+    """Another memory size: a VM of its own, and the pool is left as it was."""
+    before = ready_ids()
+    proc = vmshim("run", "--rm", "-m", "64m", "busybox", "true")
+    assert proc.returncode == 0, err(proc)
+    assert before <= ready_ids()

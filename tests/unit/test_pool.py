@@ -127,6 +127,9 @@ def test_keeper_fills_prunes_and_drains(state, monkeypatch):
     assert keeper.step()
     assert len(pool._vms_in(pool.pool_dir() / "ready")) == 2  # replaced
     assert ready[0].vmid not in {v.vmid for v in pool._vms_in(pool.pool_dir() / "ready")}
+    pool.save_config(pool.PoolConfig(size=1))
+    assert keeper.step()
+    assert len(pool._vms_in(pool.pool_dir() / "ready")) == 1 and len(backend.vms) == 1
     pool.save_config(pool.PoolConfig(size=0))
     assert not keeper.step()  # drained, the keeper ends
     assert backend.vms == {}
