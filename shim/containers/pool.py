@@ -642,8 +642,9 @@ def take(placement, key: PoolKey, backend) -> PooledVm | None:
 
 
 def adopt(placement, vm: PooledVm, alive=None):
-    """Turn the claimed *vm* into *placement*'s container: connect to its agent, send the
-    spec and fresh entropy, hot-plug the layer disks, the writable disk and the NICs.
+    """Turn the claimed *vm* into *placement*'s container: hot-plug the layer disks, the
+    writable disk and the NICs, then connect to its agent and send the spec and fresh
+    entropy.
     Returns the AgentClient (``start`` comes next). Raises VmshimError; the caller kills
     the VM then."""
     from guest import protocol
@@ -657,21 +658,23 @@ def adopt(placement, vm: PooledVm, alive=None):
         raise PoolError("a pooled VM takes bridge NICs only")
     if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
         raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
+    # Devices first: the guest's PCIe hotplug (~0.1 s a slot, slots in parallel) runs
+    # while the agent is greeted and given its spec.
+    for index, path in enumerate(placement.layer_disks):
+        placement.backend.attach_disk(vm.domain, dom.Disk(
+            source=str(path), target=_target(index), serial=f"{LAYER_SERIAL_PREFIX}{index}",
+            readonly=True, shareable=True))
+    if placement.rw_disk is not None:
+        placement.backend.attach_disk(vm.domain, dom.Disk(
+            source=str(placement.rw_disk), target=_target(len(placement.layer_disks)),
+            serial=WRITABLE_SERIAL, readonly=False))
+    for iface in interfaces:
+        placement.backend.attach_interface(vm.domain, iface)
     client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
     try:
         client.handshake(BOOT_TIMEOUT, alive=alive)
         client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
                     entropy=secrets.token_hex(ENTROPY_BYTES))
-        for index, path in enumerate(placement.layer_disks):
-            placement.backend.attach_disk(vm.domain, dom.Disk(
-                source=str(path), target=_target(index), serial=f"{LAYER_SERIAL_PREFIX}{index}",
-                readonly=True, shareable=True))
-        if placement.rw_disk is not None:
-            placement.backend.attach_disk(vm.domain, dom.Disk(
-                source=str(placement.rw_disk), target=_target(len(placement.layer_disks)),
-                serial=WRITABLE_SERIAL, readonly=False))
-        for iface in interfaces:
-            placement.backend.attach_interface(vm.domain, iface)
     except BaseException:
         client.close()
         raise
