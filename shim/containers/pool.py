@@ -97,6 +97,9 @@ class PoolKey:
     memory_mib: int
     vcpus: int
     accel: str
+    memory: str = ""
+    """shim.vm.memory's setting when it was booted (``ksm=…,fpr=…``): a change of it
+    replaces the pool's VMs like a new guest image does."""
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,13 @@ def current_key(config: PoolConfig | None = None, guest=None, accel: str | None 
         from shim.vm.accel import detect_accel
 
         accel = detect_accel().kind
+    from shim.vm import memory
+
     config = config or load_config()
+    mem = memory.load()
     return PoolKey(kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                   memory_mib=config.memory_mib, vcpus=config.vcpus, accel=accel)
+                   memory_mib=config.memory_mib, vcpus=config.vcpus, accel=accel,
+                   memory=f"ksm={int(mem.ksm)},fpr={int(mem.free_page_reporting)}")
 
 
 def listing(backend=None) -> list[dict]:
@@ -552,6 +559,8 @@ def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str,
         machine=dom.HOTPLUG_MACHINE,
         hotplug_ports=HOTPLUG_PORTS,
         metadata={"pool-vm": vmid},
+        balloon=dom.Balloon() if "fpr=1" in key.memory else None,
+        share_pages="ksm=1" in key.memory,
     )
 
 

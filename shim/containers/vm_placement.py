@@ -132,9 +132,13 @@ class VmPlacement:
             self._backend = LibvirtBackend()
         return self._backend
 
-    def build_domain(self, guest, accel):
-        """The domain description for this container (pure: no side effects)."""
+    def build_domain(self, guest, accel, memory=None):
+        """The domain description for this container (pure: no side effects);
+        *memory*: shim.vm.memory.MemorySettings (None: both off)."""
         from shim.vm import domain as dom
+        from shim.vm.memory import MemorySettings
+
+        memory = memory or MemorySettings()
 
         disks = [
             dom.Disk(source=str(path), target=_target(i), serial=f"{LAYER_SERIAL_PREFIX}{i}",
@@ -168,6 +172,8 @@ class VmPlacement:
             metadata={"container-id": self.boot_config.container_id, "name": self.name},
             filesystems=self._rootfs_shares() + list(self._shares),
             cpuset=self.cpuset,
+            balloon=dom.Balloon() if memory.free_page_reporting else None,
+            share_pages=memory.ksm,
         )
 
     def _rootfs_shares(self) -> list:
@@ -210,7 +216,9 @@ class VmPlacement:
                     self.boot_config.container_id, self.name, "vm", self.network_request,
                     self.boot_config)
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
-            domain = self.build_domain(guest, self.accel)
+            from shim.vm import memory
+
+            domain = self.build_domain(guest, self.accel, memory.load())
             self.backend.create(domain)
         except BaseException:
             self.attachments.release()

@@ -20,7 +20,7 @@ import pytest
 from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 from shim.vm.domain import (
     DEFAULT_CMDLINE, HOTPLUG_MACHINE, HOTPLUG_PORTS, METADATA_NS, QEMU_NS, AgentChannel,
-    Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
+    Balloon, Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -87,6 +87,11 @@ DOMAINS = {
     # A pooled VM (shim.containers.pool): no disks, no NIC, spare ports for all of them,
     # and the pool flag on the kernel command line.
     "tcg_pool": lambda: _pool_domain(),
+    # shim.vm.memory: free page reporting's balloon, and KSM kept away (nosharepages)
+    # next to the memfd backing a virtiofs share needs.
+    "tcg_memory": lambda: Domain(
+        memory_mib=256, vcpus=1, domain_type="qemu", balloon=Balloon(), share_pages=False,
+        **_common(filesystems=[Filesystem(source_dir=f"{CTR}/share", tag="vmshim-s0")])),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
         memory_mib=128, vcpus=1, domain_type="qemu",
