@@ -495,10 +495,12 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
             return ["vmshim", "run", "--rm", "busybox", *cmd]
 
     pool_calls, timed_argv = [], []
-    ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready"}]}
+    ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready", "id": "a"}]}
+    seq = iter(range(1000))
 
     def fake_run(argv, timeout=300, check=True, input=None):
         if argv[1:3] == ["pool", "ls"]:
+            ready["vms"] = [{"state": "ready", "id": str(next(seq))}]  # each look: a new VM
             return SimpleNamespace(stdout=json.dumps(ready))
         pool_calls.append(argv[1:])
         return SimpleNamespace(stdout="")
