@@ -528,3 +528,12 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     ctx.drivers = {"vm": FakeSubject()}
     suite.bench_start(ctx)
     assert "`vmshim pool` not available" in ctx.results.figures["start"].subjects["pooled"].skipped
+
+
+def test_density_pss_per_container_at_20_and_at_the_max():
+    steps = [{"running": k, "pss_total_mib": 100.0 * k} for k in range(1, 24)]
+    steps[-1] = {"running": 23}  # the last step's PSS could not be read
+    assert suite.pss_per_container(steps) == {
+        "pss_per_container_mib_at_20": 100.0, "max_running": 22,
+        "pss_per_container_mib_at_max": 100.0}
+    assert suite.pss_per_container([]) == {}
