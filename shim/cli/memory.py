@@ -18,7 +18,7 @@ def memory_group():
 @memory_group.command("set")
 @click.option("--ksm", type=ON_OFF, default=None,
               help="Start the host's KSM and let it merge vmshim's guest RAM (host-wide; a "
-                   "side channel between VMs: see docs/memory.md). off: stop and unmerge.")
+                   "side channel between VMs: see docs/warm-pool.md). off: stop and unmerge.")
 @click.option("--free-page-reporting", "fpr", type=ON_OFF, default=None,
               help="A virtio-balloon with free page reporting in each new VM.")
 def set_cmd(ksm, fpr):
