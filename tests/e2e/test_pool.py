@@ -115,3 +115,27 @@ def test_containers_the_pool_cannot_honour_boot_cold(pool):
     proc = vmshim("run", "--rm", "-m", "64m", "busybox", "true")
     assert proc.returncode == 0, err(proc)
     assert before <= ready_ids()
+
+
+def test_a_new_monitor_finds_the_pooled_vm_again(pool):
+    """kill -9 of a pooled container's monitor: the next command's new monitor re-attaches
+    to the pooled domain (found through the run directory), and rm leaves nothing."""
+    import signal
+
+    from tests.waiting import alive
+
+    name = "pool-reattach"
+    try:
+        cid = ok("run", "-d", "--name", name, "busybox", "sleep", "600").strip()
+        domain = json.loads(ok("inspect", name))[0]["Vmshim"]["Domain"]
+        assert domain.startswith("vmshim-pool-")
+        root = os.environ.get("VMSHIM_ROOT", "/var/lib/vmshim")
+        with open(os.path.join(root, "containers", cid, "state.json")) as f:
+            monitor = json.load(f)["state"]["monitor_pid"]
+        os.kill(monitor, signal.SIGKILL)
+        wait_until(lambda: not alive(monitor), 10, "the monitor gone")
+        assert _exec(name, "echo", "still here") == "still here"
+        assert json.loads(ok("inspect", name))[0]["Vmshim"]["Domain"] == domain
+    finally:
+        vmshim("rm", "-f", name, timeout=120)
+    wait_until(lambda: domain not in vmshim_domains(), 30, "the pooled domain gone")
