@@ -197,8 +197,15 @@ class VmPlacement:
         guest = ensure_guest_image()
         self.accel = detect_accel()
         paths.private_dir(self.run_dir)
-        self.console_log.unlink(missing_ok=True)
         from shim.containers import pool
+
+        if self.pooled is not None:  # a pooled VM an earlier start left behind: long gone
+            shutil.rmtree(self.pooled.dir, ignore_errors=True)
+            self.pooled = None
+            self.domain = f"vmshim-{self.boot_config.container_id[:12]}"
+            self.console_log = self.run_dir / "console.log"
+            self.agent_socket = self.run_dir / "agent.sock"
+        self.console_log.unlink(missing_ok=True)
 
         vm = pool.take(self, pool.current_key(guest=guest, accel=self.accel.kind), self.backend)
         if vm is not None:

@@ -219,3 +219,35 @@ def test_vm_json_garbage_is_skipped(state):
     bad.mkdir(parents=True)
     (bad / pool.VM_FILE).write_text("{not json")
     assert pool.claim(KEY, state / "run" / "c", FakeBackend()) is None
+
+
+def test_a_stale_pooled_directory_does_not_name_a_cold_boot(state, monkeypatch):
+    """A start whose run directory still holds an earlier start's pooled VM (its monitor
+    died with it) boots cold under the container's own domain name."""
+    from types import SimpleNamespace
+
+    backend = FakeBackend()
+    ready_vms(backend, 1)
+    run_dir = state / "run" / CID[:12]
+    vm = pool.claim(KEY, run_dir, backend)
+    backend.simulate_exit(vm.domain)
+    p = _placement(state)
+    p.network_request = None
+    assert p.pooled is not None
+    guest = SimpleNamespace(kernel=state / "k", initramfs=state / "i", cmdline="x")
+    monkeypatch.setattr("shim.guestimage.ensure_guest_image", lambda: guest)
+    from shim.vm.accel import AccelInfo
+
+    monkeypatch.setattr("shim.vm.accel.detect_accel", lambda: AccelInfo("tcg", "t"))
+    monkeypatch.setattr("shim.vm.configdrive.build_config_drive", lambda boot, path: None)
+    from shim.errors import AgentError
+    from shim.vm.agent_client import AgentClient
+
+    def no_agent(path, timeout=0):
+        raise AgentError("no agent here")
+
+    monkeypatch.setattr(AgentClient, "connect_unix", no_agent)
+    with pytest.raises(AgentError, match="agent"):
+        p.boot()  # the fake VM never says hello; the domain it made is what matters
+    assert f"<name>vmshim-{CID[:12]}</name>" in p.backend.created[-1]
+    assert not (run_dir / pool.POOLED_DIR).exists() and p.domain == f"vmshim-{CID[:12]}"
