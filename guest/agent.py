@@ -46,6 +46,9 @@ RECONNECT_POLL = 0.05
 """While the host is away (reads return EOF), look again this often."""
 ORPHAN_SWEEP = 1.0
 """With reap_orphans, collect re-parented zombies at least this often."""
+MAX_DEFERRED = 64
+"""Requests kept while a pooled VM waits for its ``spec`` (the host sends ``start`` right
+behind it); more are refused."""
 EOT = b"\x04"
 """What a tty's stdin_close sends: ^D, end of input for a terminal in canonical mode."""
 
@@ -164,6 +167,8 @@ class Agent:
         self._greeted = False
         self._last_sweep = 0.0
         self._dns = None  # guest.runtime.dnsrelay.DnsRelay, when the config asks for one
+        self._spec: tuple[BootConfig, bytes] | None = None  # a pooled VM's, once given
+        self._deferred: list[Message] = []  # requests that came before the container
 
         if self.fd >= 0:
             os.set_blocking(self.fd, False)
@@ -182,6 +187,7 @@ class Agent:
             protocol.NETCONF: self._handle_netconf,
             protocol.DNS_ANSWER: self._handle_dns_answer,
             protocol.IDENTITY: self._handle_identity,
+            protocol.SPEC: self._handle_spec,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -204,6 +210,9 @@ class Agent:
         if not self._greeted:
             self.greet()
         self._start_dns_relay()
+        deferred, self._deferred = self._deferred, []
+        for message in deferred:
+            self._dispatch(message)
         while not self._stopped:
             self._sync_selector()
             for key, mask in self._sel.select(self._timeout()):
@@ -212,6 +221,23 @@ class Agent:
             self._tick()
         self._final_flush()
         return self.main_exit_code
+
+    def wait_for_spec(self) -> tuple[BootConfig, bytes] | None:
+        """A pooled VM: serve the channel (hello to each host that connects) until a host
+        sends ``spec``; return its (BootConfig, entropy). None when the loop was told to
+        stop first (``shutdown``). Requests other than ``spec`` that arrive meanwhile are
+        kept for :meth:`run`. Precondition: no config yet."""
+        if not self._greeted:
+            self.greet()
+        while self._spec is None and not self._stopped:
+            self._sync_selector()
+            for key, mask in self._sel.select(self._timeout()):
+                key.data(mask)
+            self._reap()
+            self._tick()
+        if self._shutdown:
+            return None
+        return self._spec
 
     @property
     def hello_sent(self) -> bool:
@@ -464,6 +490,11 @@ class Agent:
     # ---- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self, message: Message) -> None:
+        if self.runtime is None and message.type not in (protocol.SPEC, protocol.SHUTDOWN):
+            # A pooled VM between ``spec`` and its container: answered by run().
+            if len(self._deferred) < MAX_DEFERRED:
+                self._deferred.append(message)
+                return
         handler = self._handlers.get(message.type)
         proc_id = message.fields.get("id")
         if not isinstance(proc_id, int) or isinstance(proc_id, bool):
@@ -708,6 +739,21 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - CgroupError, or any runtime failure
             raise Reject(str(exc)) from None
         self._send(protocol.STATS, id=request, usage=usage)
+
+    def _handle_spec(self, message: Message) -> None:
+        if self.config is not None or self._spec is not None:
+            raise Reject("this VM has its container already")
+        raw = message.get("config", dict)
+        entropy = message.get("entropy", str)
+        if len(entropy) > protocol.MAX_ENTROPY_HEX or len(entropy) % 2:
+            raise Reject("spec: entropy must be at most "
+                         f"{protocol.MAX_ENTROPY_HEX} hex digits, an even number")
+        try:
+            seed = bytes.fromhex(entropy)
+            config = BootConfig.from_dict(raw)
+        except ValueError as exc:
+            raise Reject(f"spec: {exc}") from None
+        self._spec = (config, seed)
 
     def _handle_stdin(self, message: Message) -> None:
         proc = self._lookup(message)

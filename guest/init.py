@@ -11,6 +11,10 @@ failure)::
     config drive        disk with serial vmshim-config → /run/vmshim/config (iso9660, ro;
                         unmounted again once config.json is read)
                         → config.json → BootConfig
+                        (a pooled VM, ``vmshim.pool`` on the kernel command line, has no
+                        config drive: it waits for the host's ``spec`` message instead,
+                        mixes the entropy in it into the RNG, and its disks and NICs
+                        are hot-plugged: see wait_for_container)
     layers              vmshim-l0 … vmshim-l<N-1> → /run/vmshim/layers/<i> (squashfs, ro)
     writable layer      tmpfs, or the ext4 disk vmshim-rw → /run/vmshim/rw/{upper,work}
     rootfs              overlay → /run/vmshim/rootfs
@@ -50,6 +54,8 @@ MODULES_LIST = "/lib/modules/vmshim-modules.txt"
 DISK_TIMEOUT = 10.0
 """Seconds to wait for a disk to show up in /sys/block (probing is asynchronous)."""
 PREFIX = "vmshim-agent: "
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 
 
 class BootError(Exception):
@@ -62,6 +68,7 @@ class Console:
     def __init__(self):
         self.fd = 2
         self.verbose = False
+        self.pooled = False
         self.phases: list[tuple[str, float]] = []  # (name, ms since boot at its end)
 
     def open(self) -> None:
@@ -159,7 +166,11 @@ def mount_basics() -> None:
     console.open()
     try:
         with open("/proc/cmdline") as f:
-            console.verbose = "vmshim.debug" in f.read().split()
+            words = f.read().split()
+        console.verbose = "vmshim.debug" in words
+        from guest.spec import POOL_CMDLINE_FLAG
+
+        console.pooled = POOL_CMDLINE_FLAG in words
     except OSError:
         pass
 
@@ -470,12 +481,51 @@ def prepare_vm() -> None:
     console.phase("modules")
 
 
-def prepare_container():
-    """Config drive, layers, overlay, hostname, cgroup; returns (config, Container)."""
+def reseed_rng(entropy: bytes) -> None:
+    """Mix the host's fresh *entropy* into the kernel's pool (credited) and make the
+    CRNG reseed from it now, so a pooled VM's container shares no RNG state with its
+    siblings booted from the same image. Raises BootError."""
+    import fcntl
+    import struct
+
+    if not entropy:
+        raise BootError("the host sent no entropy for this container")
+    try:
+        with open("/dev/urandom", "wb", buffering=0) as f:
+            fcntl.ioctl(f, RNDADDENTROPY,
+                        struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(f, RNDRESEEDCRNG)
+    except OSError as exc:
+        raise BootError(f"cannot reseed the RNG: {exc.strerror}") from None
+
+
+def warm_up() -> None:
+    """A pooled VM, while it waits for its container: import what assembling one needs
+    and compile docker's default seccomp filter (cached by bounding set), so that this
+    time is not the container's. Failures are only reported: the container does the same
+    work again and fails clearly if it must."""
+    try:
+        from guest.runtime import cgroups, container, network, rootfs  # noqa: F401
+        from guest.runtime.process import _seccomp_program
+        from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
+
+        caps = list(DEFAULT_CAPABILITIES)
+        _seccomp_program(ProcessSpec(args=["true"], seccomp="default", capabilities={
+            "bounding": caps, "effective": caps, "permitted": caps}))
+    except Exception as exc:  # noqa: BLE001
+        console.log(f"warm-up failed: {exc}")
+    console.phase("warm-up")
+
+
+def prepare_container(config=None):
+    """Config drive (unless *config* is given: a pooled VM's spec), layers, overlay,
+    hostname, cgroup; returns (config, Container)."""
     from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 
-    disks = wait_for_disks([CONFIG_DRIVE_SERIAL])
-    config = read_config(disks[CONFIG_DRIVE_SERIAL])
+    disks: dict[str, str] = {}
+    if config is None:
+        disks = wait_for_disks([CONFIG_DRIVE_SERIAL])
+        config = read_config(disks[CONFIG_DRIVE_SERIAL])
     console.phase("config")
     wanted = [f"{LAYER_SERIAL_PREFIX}{i}" for i in range(config.layer_count)]
     if config.writable == "disk":
@@ -535,7 +585,16 @@ def main() -> None:
                       trace=console.trace)
         agent.greet()
         console.phase("hello")
-        config, container = prepare_container()
+        spec = None
+        if console.pooled:
+            warm_up()
+            got = agent.wait_for_spec()
+            if got is None:  # drained (``shutdown``) before anyone took it
+                return power_off()
+            spec, entropy = got
+            reseed_rng(entropy)
+            console.phase("spec")
+        config, container = prepare_container(spec)
         agent.attach(config, container)
         console.write(console.summary())
         code = agent.run()

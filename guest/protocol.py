@@ -68,6 +68,15 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   /etc files) and mix the payload (32-512
                                                   host random bytes) into the kernel's RNG
                                                   and reseed it: updated {id} | error {id}
+    h: spec    {config, entropy}                  a pooled VM (booted with ``vmshim.pool``,
+                                                  no config drive) becomes one container:
+                                                  config is a guest.spec.BootConfig.to_dict(),
+                                                  entropy fresh host randomness (hex, at most
+                                                  MAX_ENTROPY_HEX) mixed into the guest's RNG
+                                                  before anything of the container runs. No
+                                                  reply: ``start`` follows and is answered
+                                                  once the container is assembled; a second
+                                                  ``spec`` gets ``error``
     h: shutdown {}                                the agent powers the VM off
     g: error {message} (no id)                    a frame the agent could not use, or a
                                                   boot failure (then the VM powers off)
@@ -138,11 +147,14 @@ DNS_ANSWER = "dnsa"
 MAX_DNS_QUERY = 4096
 MAX_DNS_ANSWER = 65535
 IDENTITY = "identity"
+SPEC = "spec"
+MAX_ENTROPY_HEX = 512
+"""Most hex digits of ``spec``'s entropy (256 bytes)."""
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
      EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, DNS_QUERY,
-     DNS_ANSWER, IDENTITY}
+     DNS_ANSWER, IDENTITY, SPEC}
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""

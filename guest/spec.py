@@ -12,6 +12,9 @@ from __future__ import annotations
 
 
 CONFIG_DRIVE_SERIAL = "vmshim-config"
+POOL_CMDLINE_FLAG = "vmshim.pool"
+"""On a guest's kernel command line: a pooled VM, which boots without a config drive and
+waits for the host's ``spec`` message (guest.protocol) to become one container."""
 """``<serial>`` of the config-drive disk; the agent finds it in /sys/block/*/serial."""
 WRITABLE_SERIAL = "vmshim-rw"
 """``<serial>`` of the writable-layer disk (ext4), when the container has one."""

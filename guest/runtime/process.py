@@ -626,6 +626,11 @@ def _sets_for(caps: dict, uid: int) -> dict:
     return {"bounding": list(caps["bounding"]), "effective": granted, "permitted": granted}
 
 
+_default_programs: dict[tuple, bytes] = {}
+"""The default profile compiled, by bounding set (a pooled VM compiles docker's while it
+waits for its container: see guest.init.warm_up)."""
+
+
 def _seccomp_program(process: ProcessSpec) -> bytes | None:
     """The compiled filter for *process* (None: no filter). ``"default"`` is resolved
     against the bounding set (every capability when there is none). Raises SpawnError."""
@@ -638,7 +643,11 @@ def _seccomp_program(process: ProcessSpec) -> bytes | None:
     try:
         if oci == "default":
             caps = process.capabilities
-            oci = seccomp.default_for(CAPABILITIES if caps is None else caps.get("bounding", []))
+            bounding = CAPABILITIES if caps is None else caps.get("bounding", [])
+            key = tuple(sorted(bounding))
+            if key not in _default_programs:
+                _default_programs[key] = seccomp.compile_filter(seccomp.default_for(bounding))
+            return _default_programs[key]
         return seccomp.compile_filter(oci)
     except seccomp.SeccompError as exc:
         raise SpawnError(f"cannot apply the seccomp profile: {exc}") from None

@@ -100,6 +100,8 @@ def table(results: Results) -> tuple[Table, list[str]]:
                 note = footnote(f"{name} {subject}: {r.extra['stopped']}")
             elif r.extra.get("read"):
                 note = f"reads {r.extra['read']}"
+            elif r.extra.get("speedup_vs_cold"):
+                note = f"{r.extra['speedup_vs_cold']:g}x faster than cold"
             else:
                 note = ""
             t.add_row(label if first else "", subject,

@@ -21,6 +21,8 @@ SUBJECT_LABELS = {
     "runc": "runc, OCI bundle",
     "oci": "vmshim-runtime, OCI bundle (microVM)",
     "floor": "bare QEMU boot (floor)",
+    "cold": "vmshim, a VM booted for the container",
+    "pooled": "vmshim, a pre-booted VM from the warm pool",
 }
 
 BASELINES = ("process", "floor")

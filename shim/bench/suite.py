@@ -67,6 +67,8 @@ class Context:
     tag: str
     log: Callable[[str], None] = print
     volumes: set[str] = field(default_factory=set)
+    density_budget_mib: int = 0
+    """Density: stop once the containers' summed PSS reaches this (0: no budget)."""
 
     def available(self, figs: list[Figure], *subjects: str) -> list[str]:
         """The *subjects* that can be measured; the others get their reason in *figs*."""
@@ -232,6 +234,84 @@ def bench_first_output(ctx: Context) -> None:
     _sample(ctx, fig, m)
 
 
+START_POOL_SIZE = 1
+"""VMs the ``start`` benchmark keeps in the warm pool while it measures."""
+POOL_READY_TIMEOUT = 300.0
+
+
+def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEOUT) -> set[str]:
+    """Wait (untimed) until *size* pooled VMs are ready and none is booting, so that no
+    sample shares the CPUs with a VM the pool keeper boots; return the ready VMs' ids.
+    Raises BenchError."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
+        vms = state.get("vms") or []
+        ready = {str(v.get("id")) for v in vms if v.get("state") == "ready"}
+        if len(ready) >= size and not any(v.get("state") == "booting" for v in vms):
+            return ready
+        if time.monotonic() > deadline:
+            raise BenchError(f"the warm pool did not fill within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def bench_start(ctx: Context) -> None:
+    """``run --rm busybox true`` started three ways, one row each: ``cold`` (a VM booted
+    for it), ``pooled`` (taken from the warm pool, shim.containers.pool), and room for
+    ``restored`` (from a snapshot template). Ratios: cold median / each row's median."""
+    fig = ctx.results.figure(
+        "start", "Start of `run --rm busybox true`: cold, pooled", "s",
+        note="whole command, spawn to exit; cold: VMSHIM_POOL=off; pooled: a pool of "
+             f"{START_POOL_SIZE} kept full between samples (untimed); speedup = cold / row")
+    if "vm" not in ctx.available([fig], "vm"):
+        return
+    missing = ctx.caps.lifecycle_missing("pool")
+    drv = ctx.drivers["vm"]
+
+    def cold() -> float:
+        if not missing:
+            _pool_ready(drv, START_POOL_SIZE)  # nothing boots in the background
+        return timed(["env", "VMSHIM_POOL=off", *drv.run_argv("true")])
+
+    def pooled() -> float:
+        import json
+
+        before = _pool_ready(drv, START_POOL_SIZE)
+        value = timed(drv.run_argv("true"))
+        state = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
+        if before <= {str(v.get("id")) for v in state.get("vms") or []}:
+            raise BenchError("the run did not take a pooled VM (it booted cold)")
+        return value
+
+    m: dict[str, Callable[[], float]] = {"cold": cold}
+    if missing:
+        fig.skip("pooled", missing)
+    else:
+        m["pooled"] = pooled
+    previous = None
+    if not missing:
+        import json
+
+        previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
+        run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
+    try:
+        _sample(ctx, fig, m)
+    finally:
+        if previous is not None:
+            if previous.get("size"):
+                run(drv.argv("pool", "set", "--size", str(previous["size"]),
+                             "--memory", str(previous["memory_mib"]),
+                             "--cpus", str(previous["vcpus"])), timeout=120, check=False)
+            else:
+                run(drv.argv("pool", "rm"), timeout=120, check=False)
+    cold = fig.subjects["cold"].median if "cold" in fig.subjects else None
+    for subject, result in fig.subjects.items():
+        if subject != "cold" and result.median and cold:
+            result.extra["speedup_vs_cold"] = round(cold / result.median, 2)
+
+
 def bench_exec(ctx: Context) -> None:
     fig = ctx.results.figure(
         "exec", "exec latency: `exec ID true` into an idle container", "s",
@@ -313,13 +393,37 @@ def bench_memory(ctx: Context) -> None:
             f"{s}={fig.subjects[s].samples[-1]:.0f}MiB" for s in active if fig.subjects[s].samples))
 
 
+DENSITY_PSS_AT = 20
+"""Density reports the PSS per container with this many running (issue 15's figure)."""
+
+
+def pss_per_container(steps: list[dict]) -> dict:
+    """``pss_per_container_mib_at_20`` and ``…_at_max`` (with ``max_running``) from a
+    density run's steps, where measured."""
+    out: dict = {}
+    measured = [st for st in steps if st.get("pss_total_mib")]
+    for st in measured:
+        if st["running"] == DENSITY_PSS_AT:
+            out[f"pss_per_container_mib_at_{DENSITY_PSS_AT}"] = round(
+                st["pss_total_mib"] / st["running"], 1)
+    if measured:
+        last = measured[-1]
+        out["max_running"] = last["running"]
+        out["pss_per_container_mib_at_max"] = round(last["pss_total_mib"] / last["running"], 1)
+    return out
+
+
 def bench_density(ctx: Context) -> None:
     fig = ctx.results.figure(
         "density", f"Idle containers running while each answers exec within {EXEC_DEADLINE:g} s",
         "containers", higher_is_better=True,
         note=f"started one by one (`run -d ... sleep`), each start followed by `exec true` "
              f"into every one; stops at the first that misses {EXEC_DEADLINE:g} s, or at --max "
-             f"{ctx.max_density}; one pass, not --runs")
+             f"{ctx.max_density}"
+             + (f", or when their PSS reaches --budget {ctx.density_budget_mib} MiB"
+                if ctx.density_budget_mib else "")
+             + "; one pass, not --runs; PSS per container at "
+               f"{DENSITY_PSS_AT} and at the last step in the extra data")
     fig.skip("floor", N_A_FLOOR)
     subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
     for s in subjects:
@@ -365,6 +469,11 @@ def bench_density(ctx: Context) -> None:
                 if slow is not None:
                     stop = f"container {slow} missed {EXEC_DEADLINE:g} s with {k} running"
                     break
+                if ctx.density_budget_mib and \
+                        step.get("pss_total_mib", 0) >= ctx.density_budget_mib:
+                    stop = f"PSS reached the budget of {ctx.density_budget_mib} MiB " \
+                           f"with {k} running"
+                    break
             else:
                 stop = f"reached --max {ctx.max_density}"
         finally:
@@ -375,7 +484,8 @@ def bench_density(ctx: Context) -> None:
                     ctx.log(f"  could not remove {r} now ({exc}); retried at the end")
         answered = len(steps) - (1 if stop and "missed" in stop else 0)
         fig.add(s, max(answered, 0))
-        fig.result(s).extra.update({"stopped": stop, "steps": steps})
+        fig.result(s).extra.update({"stopped": stop, "steps": steps,
+                                    **pss_per_container(steps)})
 
 
 def _workload(ctx: Context, figs: list[Figure], script: str, expect: tuple[str, ...],
@@ -736,6 +846,7 @@ def bench_engine_network(ctx: Context) -> None:
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
+    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool), and the ratio"),
     "exec": (bench_exec, "exec true into an idle container"),
     "start_snapshot": (bench_start_snapshot, "run --rm true: cold vs from a snapshot template"),
     "memory": (bench_memory, "host PSS per idle container, and the guest's view"),
@@ -831,7 +942,7 @@ def _leftover_domains(ids: list[str], timeout: float = 20.0) -> list[str]:
 
 def run_suite(names: list[str], runs: int, max_density: int,
               log: Callable[[str], None] = print, sizes: Sizes | None = None,
-              cli: list[str] | None = None) -> Results:
+              cli: list[str] | None = None, density_budget_mib: int = 0) -> Results:
     """Take the benchmarks *names* and return the Results (meta filled in). Everything
     started is removed before this returns, also on errors and interrupts."""
     started = time.time()
@@ -842,6 +953,7 @@ def run_suite(names: list[str], runs: int, max_density: int,
     meta = results.meta
     meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                  "runs": runs, "max_density": max_density, "benchmarks": names,
+                 "density_budget_mib": density_budget_mib,
                  "sizes": sizes.to_dict(), "cli": cli, "image": "busybox",
                  "host": host.describe()})
     caps = Capabilities.probe(cli)
@@ -859,7 +971,8 @@ def run_suite(names: list[str], runs: int, max_density: int,
         reason = drivers[s].unavailable()
         if reason:
             unavailable[s] = reason
-    ctx = Context(runs, max_density, sizes, results, caps, drivers, unavailable, workdir, tag, log)
+    ctx = Context(runs, max_density, sizes, results, caps, drivers, unavailable, workdir, tag, log,
+                  density_budget_mib=density_budget_mib)
     durations = meta.setdefault("durations_s", {})
     errors = meta.setdefault("errors", {})
     try:

@@ -13,15 +13,19 @@ import click
 @click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Samples per figure and subject (medians with min and max).")
 @click.option("--only", "only", multiple=True, metavar="NAME[,NAME…]",
-              help="Take only these benchmarks (repeat or comma-separate): cold_start, "
+              help="Take only these benchmarks (repeat or comma-separate): cold_start, start, "
                    "first_output, exec, memory, density, cpu, syscall, io, io_volume, kernels.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for results.json and the PNG charts "
                    "[default: ./vmshim-bench-<date>-<time>].")
-@click.option("--max", "max_density", type=click.IntRange(1, 512), default=8, show_default=True,
-              help="Density: start at most this many idle containers per isolation.")
+@click.option("--max", "max_density", type=click.IntRange(1, 512), default=None,
+              help="Density: start at most this many idle containers per isolation "
+                   "[default: 8; 512 with --budget].")
+@click.option("--budget", "budget", default=None, metavar="SIZE",
+              help="Density: start idle containers until their summed host PSS reaches "
+                   "this (e.g. 16g); PSS per container at 20 and at the maximum.")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
-def bench(runs, only, output, max_density, list_only):
+def bench(runs, only, output, max_density, budget, list_only):
     """Measure VM isolation against process isolation, runc and the bare QEMU floor.
 
     Everything is measured through the CLI as a user runs it: cold start, first output,
@@ -40,6 +44,13 @@ def bench(runs, only, output, max_density, list_only):
             click.echo(f"{name:14s} {what}")
         return
     names = select(list(only))
+    budget_mib = 0
+    if budget:
+        from shim.units import parse_bytes
+
+        budget_mib = parse_bytes(budget, "--budget") >> 20
+    if max_density is None:
+        max_density = 512 if budget_mib else 8
     out = output or Path(f"vmshim-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     err = Console(stderr=True)
@@ -54,7 +65,7 @@ def bench(runs, only, output, max_density, list_only):
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        results = run_suite(names, runs, max_density, log=log)
+        results = run_suite(names, runs, max_density, log=log, density_budget_mib=budget_mib)
     finally:
         signal.signal(signal.SIGTERM, previous)
     json_path = report.write_json(results, out / "results.json")

@@ -12,7 +12,9 @@ import click
 def info(fmt):
     """Show the accelerator (KVM or TCG) and why, libvirt, the guest image and the store."""
     from shim import paths
+    from shim.containers import pool
     from shim.guestimage import current_guest_image, kernel_choice
+    from shim.vm import memory
     from shim.vm.accel import detect_accel
 
     accel = detect_accel()
@@ -31,6 +33,9 @@ def info(fmt):
             "kernel": str(guest.kernel), "initramfs": str(guest.initramfs),
             "kernel_release": guest.kernel_release,
         },
+        "memory": memory.status(),
+        "pool": {**{k: v for k, v in vars(pool.load_config()).items()},
+                 "keeper_pid": pool.keeper_alive()},
     }
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
@@ -44,6 +49,12 @@ def info(fmt):
     else:
         click.echo(f"Guest image:   kernel {guest.kernel_release}, {guest.initramfs}")
     click.echo(f"Guest kernel:  {kernel} ({kernel_reason})")
+    from shim.cli.memory import text as memory_text
+
+    click.echo(f"Memory:        {memory_text(data['memory'])}")
+    p = data["pool"]
+    click.echo("Warm pool:     " + (f"{p['size']} VM(s) of {p['memory_mib']} MiB, "
+                                    f"{p['vcpus']} vCPU(s)" if p["size"] else "off"))
 
 
 def _context() -> dict:

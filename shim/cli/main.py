@@ -126,6 +126,8 @@ def _register() -> None:
         ("network", "shim.cli.network:network_group"),  # networking (issue 6)
         ("port", "shim.cli.network:port_cmd"),
         ("bench", "shim.cli.bench:bench"),
+        ("pool", "shim.cli.pool:pool_group"),  # warm pool of pre-booted VMs (issue 15)
+        ("memory", "shim.cli.memory:memory_group"),  # KSM, free page reporting (issue 15)
         ("compose", "shim.cli.compose:compose"),  # multi-container apps (issue 14)
         ("context", "shim.cli.context:context_group"),  # remote hosts (issue 18)
         ("remote-build-context", "shim.cli.context:remote_build_context"),

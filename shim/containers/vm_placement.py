@@ -41,7 +41,13 @@ def agent_socket_for(run_dir: Path, hypervisor: str = "") -> Path:
 
 
 def domain_name(container_id: str) -> str:
-    return f"vmshim-{container_id[:12]}"
+    """The libvirt domain of the container's VM: ``vmshim-<short id>``, or the pooled VM
+    it took (shim.containers.pool) while that runs."""
+    from shim.containers.pool import claimed
+    from shim.containers.store import run_dir_of
+
+    vm = claimed(run_dir_of(container_id))
+    return vm.domain if vm is not None else f"vmshim-{container_id[:12]}"
 
 
 def console_tail(path: Path, lines: int = 3) -> str:
@@ -114,7 +120,7 @@ class VmPlacement:
         self.memory_mib = memory_mib
         self.vcpus = vcpus
         self.rw_disk = rw_disk
-        self.domain = domain_name(boot.container_id)
+        self.domain = f"vmshim-{boot.container_id[:12]}"
         self.console_log = self.run_dir / "console.log"
         self.agent_socket = agent_socket_for(self.run_dir, hypervisor)
         self._backend = backend
@@ -125,6 +131,19 @@ class VmPlacement:
         """A snapshot template this container starts from (shim.containers.template)."""
         self.template_error = ""
         """Why starting from :attr:`template` failed (then it booted cold)."""
+        self.pooled = None
+        """The shim.containers.pool.PooledVm this container took (None: booted cold)."""
+        from shim.containers.pool import claimed
+
+        vm = claimed(self.run_dir)  # a monitor re-attaching to a pooled VM
+        if vm is not None:
+            self._use_pooled(vm)
+
+    def _use_pooled(self, vm) -> None:
+        self.pooled = vm
+        self.domain = vm.domain
+        self.console_log = vm.console_log
+        self.agent_socket = vm.agent_socket
 
     @property
     def backend(self):
@@ -134,9 +153,13 @@ class VmPlacement:
             self._backend = LibvirtBackend()
         return self._backend
 
-    def build_domain(self, guest, accel):
-        """The domain description for this container (pure: no side effects)."""
+    def build_domain(self, guest, accel, memory=None):
+        """The domain description for this container (pure: no side effects);
+        *memory*: shim.vm.memory.MemorySettings (None: both off)."""
         from shim.vm import domain as dom
+        from shim.vm.memory import MemorySettings
+
+        memory = memory or MemorySettings()
 
         disks = [
             dom.Disk(source=str(path), target=_target(i), serial=f"{LAYER_SERIAL_PREFIX}{i}",
@@ -172,6 +195,8 @@ class VmPlacement:
             metadata={"container-id": self.boot_config.container_id, "name": self.name},
             filesystems=self._rootfs_shares() + list(self._shares),
             cpuset=self.cpuset,
+            balloon=dom.Balloon() if memory.free_page_reporting else None,
+            share_pages=memory.ksm,
         )
 
     @property
@@ -234,7 +259,7 @@ class VmPlacement:
                 self.template_error = str(exc)
                 self.template = None
                 self.backend.wait_gone(self.domain, 10.0)
-        return self._launch(self.backend.create, alive)
+        return self._launch(self.backend.create, alive, pooled_ok=True)
 
     def save(self, image: Path) -> None:
         """Write the VM's memory and device state to *image* and end the VM (the
@@ -255,20 +280,25 @@ class VmPlacement:
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel
         from shim.vm.libvirt_backend import LibvirtBackend
+        from shim.vm import memory
 
         # The destination's agent socket gets a path of its own: when the source VM ends,
         # its libvirt removes the socket path it made.
         old = self.agent_socket
         self.agent_socket = agent_socket_for(self.run_dir, uri)
         try:
-            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel())
+            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel(),
+                                       memory.load())
             self.backend.migrate(self.domain, uri, domain)
         except BaseException:
             self.agent_socket = old
             raise
         self._backend = LibvirtBackend(uri)
 
-    def _launch(self, create, alive) -> AgentClient:
+    def _launch(self, create, alive, pooled_ok: bool = False) -> AgentClient:
+        """Boot (*create*: the backend's create, or a restore of a saved image) and wait
+        for the agent; *pooled_ok*: a fresh boot may take a warm VM from the pool instead
+        (never a restore: its memory must be the saved one)."""
         from shim.guestimage import ensure_guest_image
         from shim.vm.accel import detect_accel
         from shim.vm.configdrive import build_config_drive
@@ -277,7 +307,20 @@ class VmPlacement:
         self.guest = guest
         self.accel = detect_accel()
         paths.private_dir(self.run_dir)
+        from shim.containers import pool
+
+        if self.pooled is not None:  # a pooled VM an earlier start left behind: long gone
+            shutil.rmtree(self.pooled.dir, ignore_errors=True)
+            self.pooled = None
+            self.domain = f"vmshim-{self.boot_config.container_id[:12]}"
+            self.console_log = self.run_dir / "console.log"
+            self.agent_socket = self.run_dir / "agent.sock"
         self.console_log.unlink(missing_ok=True)
+
+        vm = (pool.take(self, pool.current_key(guest=guest, accel=self.accel.kind), self.backend)
+              if pooled_ok else None)
+        if vm is not None:
+            return self._boot_pooled(vm, alive)
         if self.attachments.requests:
             first = len(self.layer_disks) + 1 + (self.rw_disk is not None)
             specs, self._volume_disks, self._shares = self.attachments.for_vm(
@@ -296,7 +339,9 @@ class VmPlacement:
                 self._engine = EngineNetwork(self.engine_netns, self.boot_config.container_id)
                 self.boot_config = self.boot_config.replace(network=self._engine.prepare())
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
-            domain = self.build_domain(guest, self.accel)
+            from shim.vm import memory
+
+            domain = self.build_domain(guest, self.accel, memory.load())
             create(domain)
         except BaseException:
             self.attachments.release()
@@ -311,6 +356,27 @@ class VmPlacement:
             self.kill()
             raise
         return client
+
+    def _boot_pooled(self, vm, alive=None) -> AgentClient:
+        """Make the claimed pooled VM *vm* this container's (shim.containers.pool.adopt).
+        Raises like boot(); the VM is killed again on failure."""
+        from shim.containers import pool
+
+        self._use_pooled(vm)
+        try:
+            if self.attachments.requests:  # tmpfs only (pool.eligible)
+                specs, _, _ = self.attachments.for_vm(0, _target, share_dir=self.run_dir / "shares")
+                self.boot_config = self.boot_config.replace(mounts=specs)
+            if self.network_request is not None:
+                from shim.containers import networking as netc
+
+                self.network, self.boot_config = netc.start(
+                    self.boot_config.container_id, self.name, "vm", self.network_request,
+                    self.boot_config)
+            return pool.adopt(self, vm, alive=lambda: self._vm_problem() or (alive and alive()))
+        except BaseException:
+            self.kill()
+            raise
 
     def reattach(self) -> AgentClient | None:
         """Connect to the channel of the VM a previous monitor ran; None when that VM is

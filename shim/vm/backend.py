@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from shim.errors import HypervisorError
-from shim.vm.domain import Domain, Interface
+from shim.vm.domain import Disk, Domain, Interface
 
 DOMAIN_PREFIX = "vmshim-"
 """Every domain vmshim creates is named ``vmshim-<something>``; others are not ours."""
@@ -100,6 +100,12 @@ class Backend(Protocol):
     def attach_interface(self, name: str, iface: Interface) -> None:
         """Plug the NIC *iface* into the running VM (it needs a free hotplug port, see
         Domain.hotplug_ports). Raises VmNotFound, HypervisorError."""
+        ...
+
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        """Plug the virtio disk *disk* into the running VM (a pooled VM taking its
+        container's layers; it needs a free hotplug port). Raises VmNotFound,
+        HypervisorError."""
         ...
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:

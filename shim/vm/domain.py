@@ -103,6 +103,15 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return elem
 
 
+def _element_xml(device) -> str:
+    """One device's element alone, indented like :meth:`Domain.to_xml`."""
+    holder = ET.Element("devices")
+    device.render(holder)
+    elem = holder[0]
+    ET.indent(elem, space="  ")
+    return ET.tostring(elem, encoding="unicode") + "\n"
+
+
 # --- devices ------------------------------------------------------------------------------
 
 
@@ -162,6 +171,10 @@ class Disk:
             raise ValueError("disk io='native' needs cache='none' or 'directsync'")
         if self.discard and self.readonly:
             raise ValueError(f"disk {self.serial!r}: discard makes no sense on a read-only disk")
+
+    def to_xml(self) -> str:
+        """The ``<disk>`` element alone (libvirt's attach-device: a pooled VM's disks)."""
+        return _element_xml(self)
 
     def render(self, devices: ET.Element) -> None:
         disk = _sub(devices, "disk", type="file", device="disk")
@@ -326,11 +339,7 @@ class Interface:
 
     def to_xml(self) -> str:
         """The ``<interface>`` element alone (libvirt's attach-device / detach-device)."""
-        holder = ET.Element("devices")
-        self.render(holder)
-        elem = holder[0]
-        ET.indent(elem, space="  ")
-        return ET.tostring(elem, encoding="unicode") + "\n"
+        return _element_xml(self)
 
     def render(self, devices: ET.Element) -> None:
         iface = _sub(devices, "interface", type=self.type)
@@ -345,6 +354,20 @@ class Interface:
         if self.mtu is not None:
             _sub(iface, "mtu", size=str(self.mtu))
         _sub(iface, "rom", enabled="no")
+
+
+@dataclass(kw_only=True)
+class Balloon:
+    """virtio-balloon for free page reporting only: the guest reports the pages it freed
+    and QEMU hands them back to the host (no inflation, no target; see shim.vm.memory)."""
+
+    free_page_reporting: bool = True
+
+    def render(self, devices: ET.Element) -> None:
+        attrs = {"model": "virtio"}
+        if self.free_page_reporting:
+            attrs["freePageReporting"] = "on"
+        _sub(devices, "memballoon", **attrs)
 
 
 @dataclass(kw_only=True)
@@ -392,6 +415,11 @@ class Domain:
     """Our own key/values (``container-id`` …), kept by libvirt in ``<metadata>``."""
     cpuset: str | None = None
     """Host CPUs the vCPU threads may run on (``--cpuset-cpus``: ``0-1,3``); None: any."""
+    balloon: Balloon | None = None
+    """None: ``<memballoon model='none'/>`` (the measured recipe)."""
+    share_pages: bool | None = None
+    """False: ``<nosharepages/>`` (KSM never merges this guest's RAM); True or None:
+    QEMU's default (mergeable, if the host runs KSM). See shim.vm.memory."""
     hotplug_ports: int = 0
     """Spare PCIe root ports for NICs plugged in while the domain runs (0: none). Needs
     ``machine=HOTPLUG_MACHINE``; adds :data:`HOTPLUG_CMDLINE` to the kernel command line
@@ -454,7 +482,8 @@ class Domain:
         """The devices that take a PCIe slot of their own (each virtio device; the
         channels share one virtio-serial controller)."""
         return (len(self.disks) + len(self.filesystems) + len(self.interfaces)
-                + bool(self.channels) + (self.vsock is not None) + (self.rng is not None))
+                + bool(self.channels) + (self.vsock is not None) + (self.rng is not None)
+                + (self.balloon is not None))
 
     @property
     def is_tcg(self) -> bool:
@@ -477,10 +506,13 @@ class Domain:
             for key in sorted(self.metadata):
                 _sub(inst, f"{METADATA_PREFIX}:{key}", self.metadata[key])
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
-        if self.filesystems:
+        if self.filesystems or self.share_pages is False:
             backing = _sub(dom, "memoryBacking")
-            _sub(backing, "source", type="memfd")
-            _sub(backing, "access", mode="shared")
+            if self.share_pages is False:
+                _sub(backing, "nosharepages")
+            if self.filesystems:
+                _sub(backing, "source", type="memfd")
+                _sub(backing, "access", mode="shared")
         vcpu = _sub(dom, "vcpu", str(self.vcpus), placement="static")
         if self.cpuset is not None:
             vcpu.set("cpuset", self.cpuset)
@@ -539,7 +571,10 @@ class Domain:
             self.vsock.render(devices)
         if self.rng is not None:
             self.rng.render(devices)
-        _sub(devices, "memballoon", model="none")
+        if self.balloon is not None:
+            self.balloon.render(devices)
+        else:
+            _sub(devices, "memballoon", model="none")
         if self.hotplug_ports:
             argv = _sub(dom, "qemu:commandline")
             for arg in HOTPLUG_QEMU_ARGS:

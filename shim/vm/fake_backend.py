@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Domain, Interface
+from shim.vm.domain import Disk, Domain, Interface
 
 
 @dataclass
@@ -29,6 +29,8 @@ class FakeVm:
     paused: bool = False
     plugged: dict[str, Interface] = field(default_factory=dict)
     """NICs plugged in while it runs (attach_interface), by MAC."""
+    disks: dict[str, Disk] = field(default_factory=dict)
+    """Disks plugged in while it runs (attach_disk), by serial."""
 
     @property
     def root(self) -> ET.Element:
@@ -134,10 +136,18 @@ class FakeBackend:
     def attach_interface(self, name: str, iface: Interface) -> None:
         self._check("attach_interface", name)
         vm = self._vm(name, "attach a NIC to")
-        if iface.mac in vm.plugged or len(vm.plugged) >= vm.domain.hotplug_ports:
+        if iface.mac in vm.plugged or len(vm.plugged) + len(vm.disks) >= vm.domain.hotplug_ports:
             raise HypervisorError(f"cannot plug a NIC into VM {name}: no free hotplug port "
                                   "or a NIC with that MAC")
         vm.plugged[iface.mac] = iface
+
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        self._check("attach_disk", name)
+        vm = self._vm(name, "attach a disk to")
+        if disk.serial in vm.disks or len(vm.disks) + len(vm.plugged) >= vm.domain.hotplug_ports:
+            raise HypervisorError(f"cannot plug disk {disk.serial} into VM {name}: no free "
+                                  "hotplug port or a disk with that serial")
+        vm.disks[disk.serial] = disk
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         self._check("detach_interface", name)

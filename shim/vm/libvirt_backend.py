@@ -25,7 +25,7 @@ import libvirt
 from shim import paths
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Domain, Interface
+from shim.vm.domain import Disk, Domain, Interface
 
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
 POLL_INTERVAL = 0.05
@@ -276,6 +276,16 @@ class LibvirtBackend:
             dom.attachDeviceFlags(iface.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot plug a NIC into VM {name}: {_one_line(exc)}") from None
+
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmNotFound(name, "attach a disk to")
+        try:
+            dom.attachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot plug disk {disk.serial} into VM {name}: "
+                                  f"{_one_line(exc)}") from None
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         """See :meth:`Backend.detach_interface`. The guest's PCIe hotplug driver waits 5 s

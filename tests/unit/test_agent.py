@@ -456,3 +456,40 @@ def test_reseed_writes_the_entropy(tmp_path):
     target.write_bytes(b"")
     reseed(b"x" * 32, device=str(target))  # the ioctls fail on a file: a plain write
     assert target.read_bytes() == b"x" * 32
+
+
+def test_a_pooled_agent_waits_for_its_spec_and_keeps_the_start_behind_it():
+    """A pooled VM's agent has no config until ``spec``; the ``start`` the host sends
+    right behind it (same write) is answered once the container is attached. Bad specs
+    are refused and the loop survives them."""
+    host_sock, guest_sock = socket.socketpair()
+    agent = Agent(guest_sock.fileno(), None, None, exit_grace=0.05)
+    host = Host(host_sock, agent, None)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(agent.wait_for_spec()), daemon=True)
+    waiter.start()
+    try:
+        assert host.recv().type == protocol.HELLO
+        host.send(protocol.SPEC, config={"container_id": "c0ffee"}, entropy="00")
+        assert "lacks 'token'" in host.recv().get("message", str)
+        host.send(protocol.SPEC, config={}, entropy="abc")
+        assert "hex digits" in host.recv().get("message", str)
+        config = BootConfig(container_id="c0ffee", token=TOKEN, hostname="pooled",
+                            process=ProcessSpec(args=["echo", "hi"]), layer_count=0)
+        host.send_raw(protocol.encode(protocol.SPEC, config=config.to_dict(), entropy="ab" * 32)
+                      + protocol.encode(protocol.START, id=1, token=TOKEN, stdin=False, tty=False))
+        waiter.join(10)
+        spec, entropy = got[0]
+        assert spec.hostname == "pooled" and entropy == b"\xab" * 32
+        agent.attach(spec, FakeRuntime())
+        host.thread = threading.Thread(target=lambda: host.result.append(agent.run()),
+                                       daemon=True)
+        host.thread.start()
+        assert host.recv().type == protocol.STARTED  # the deferred start
+        out, _, exit_msg, _ = host.collect(1)
+        assert out == b"hi\n" and exit_msg.get("code", int) == 0
+        assert host.wait_done() == 0
+    finally:
+        host_sock.close()
+        agent.close()
+        guest_sock.close()

@@ -496,3 +496,59 @@ def test_engine_network_skips_with_the_reason_where_dockerd_cannot_run(monkeypat
         assert "dockerd is not installed" in subjects["runc"]["skipped"]
         assert subjects["vm"]["skipped"].startswith("n/a")
     assert "engine_network" in suite.select([])
+
+
+def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    class FakeSubject:
+        def argv(self, *args):
+            return ["vmshim", *args]
+
+        def run_argv(self, *cmd):
+            return ["vmshim", "run", "--rm", "busybox", *cmd]
+
+    pool_calls, timed_argv = [], []
+    ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready", "id": "a"}]}
+    seq = iter(range(1000))
+
+    def fake_run(argv, timeout=300, check=True, input=None):
+        if argv[1:3] == ["pool", "ls"]:
+            ready["vms"] = [{"state": "ready", "id": str(next(seq))}]  # each look: a new VM
+            return SimpleNamespace(stdout=json.dumps(ready))
+        pool_calls.append(argv[1:])
+        return SimpleNamespace(stdout="")
+
+    def fake_timed(argv, timeout=300):
+        timed_argv.append(argv)
+        return 3.0 if argv[0] == "env" else 0.5
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    monkeypatch.setattr(suite, "timed", fake_timed)
+    monkeypatch.setattr(suite, "_settled", lambda fn: fn())
+    ctx = _ctx(runs=3)
+    ctx.caps = Capabilities({"run", "rm", "pool"}, {"-d", "--rm"})
+    ctx.drivers = {"vm": FakeSubject()}
+    suite.bench_start(ctx)
+    fig = ctx.results.figures["start"]
+    assert fig.subjects["cold"].samples == [3.0] * 3
+    assert fig.subjects["pooled"].samples == [0.5] * 3
+    assert fig.subjects["pooled"].extra["speedup_vs_cold"] == 6.0
+    assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
+    assert pool_calls == [["pool", "set", "--size", "1"], ["pool", "rm"]]  # off again after
+    # Without `vmshim pool`, only the cold row.
+    ctx = _ctx(runs=1)
+    ctx.caps = Capabilities({"run", "rm"}, {"-d", "--rm"})
+    ctx.drivers = {"vm": FakeSubject()}
+    suite.bench_start(ctx)
+    assert "`vmshim pool` not available" in ctx.results.figures["start"].subjects["pooled"].skipped
+
+
+def test_density_pss_per_container_at_20_and_at_the_max():
+    steps = [{"running": k, "pss_total_mib": 100.0 * k} for k in range(1, 24)]
+    steps[-1] = {"running": 23}  # the last step's PSS could not be read
+    assert suite.pss_per_container(steps) == {
+        "pss_per_container_mib_at_20": 100.0, "max_running": 22,
+        "pss_per_container_mib_at_max": 100.0}
+    assert suite.pss_per_container([]) == {}

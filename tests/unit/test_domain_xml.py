@@ -20,7 +20,7 @@ import pytest
 from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 from shim.vm.domain import (
     DEFAULT_CMDLINE, HOTPLUG_MACHINE, HOTPLUG_PORTS, METADATA_NS, QEMU_NS, AgentChannel,
-    Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
+    Balloon, Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -91,11 +91,28 @@ DOMAINS = {
         hotplug_ports=HOTPLUG_PORTS,
         **_common(interfaces=[
             Interface(type="ethernet", mac="02:42:ac:11:00:02", tap="vmnc0ffee00", mtu=1450)])),
+    # A pooled VM (shim.containers.pool): no disks, no NIC, spare ports for all of them,
+    # and the pool flag on the kernel command line.
+    "tcg_pool": lambda: _pool_domain(),
+    # shim.vm.memory: free page reporting's balloon, and KSM kept away (nosharepages)
+    # next to the memfd backing a virtiofs share needs.
+    "tcg_memory": lambda: Domain(
+        memory_mib=256, vcpus=1, domain_type="qemu", balloon=Balloon(), share_pages=False,
+        **_common(filesystems=[Filesystem(source_dir=f"{CTR}/share", tag="vmshim-s0")])),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
         memory_mib=128, vcpus=1, domain_type="qemu",
         **_common(interfaces=[Interface(type="user", mac="02:42:0a:00:02:0f")])),
 }
+
+
+def _pool_domain() -> Domain:
+    from shim.containers.pool import PoolKey, build_domain
+
+    key = PoolKey(kernel=f"{GUEST}/vmlinuz", initramfs=f"{GUEST}/initramfs", memory_mib=256,
+                  vcpus=1, accel="tcg")
+    return build_domain(key, "0123456789ab", Path("/var/lib/vmshim/run/pool/booting/0123456789ab"),
+                        DEFAULT_CMDLINE, domain_uuid=UUID)
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINS))
