@@ -149,7 +149,7 @@ def down_cmd(c, volumes, rmi, timeout, remove_orphans):
 @pass_ctx
 def ps_cmd(c, show_all, quiet, fmt, services, services_):
     """List the project's containers, with health."""
-    from shim.cli.ps import health_status, status_text
+    from shim.containers.listing import health_status, status_text
     from shim.compose import runner
     from shim.containers.networking import published_ports
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from shim.cli.progress import progress_for
+from shim.containers import housekeeping
 from shim.errors import UsageError
 from shim.images import archive
 from shim.images.reference import parse_reference
@@ -240,22 +241,15 @@ def image_history(quiet: bool, no_trunc: bool, fmt: str | None, ref: str) -> Non
 
 
 # prune --------------------------------------------------------------------------------------
-def images_in_use() -> set[str]:
-    """Image IDs (config digests) that containers use, which ``prune -a`` keeps."""
-    try:
-        from shim.containers.store import ContainerStore
-    except ImportError:  # no container store in this build
-        return set()
-    return {c.image_id for c in ContainerStore().list() if c.image_id}
-
-
 def do_prune(all_images: bool, force: bool) -> None:
+    """``image prune`` and ``system prune``: ask (unless *force* or not a terminal), prune,
+    print what went and the space freed."""
     if not force and sys.stdin.isatty():
         what = "all images without at least one container" if all_images else \
             "all dangling images and unreferenced blobs"
         click.confirm(f"WARNING! This will remove {what}. Are you sure you want to continue?",
                       abort=True)
-    report = ImageStore().prune(all_images=all_images, keep=images_in_use())
+    report = housekeeping.prune_images(all_images)
     if report.untagged:
         click.echo("Deleted Images:")
         for name in report.untagged:
