@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from shim.cli.table import print_table
 from shim.errors import UsageError
 
 
@@ -186,9 +187,7 @@ def ps_cmd(c, show_all, quiet, fmt, services, services_):
     table = [("NAME", "IMAGE", "SERVICE", "ISOLATION", "STATUS", "PORTS")]
     table += [(r["Name"], r["Image"], r["Service"], r["Isolation"], r["Status"],
                r["Publishers"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print_table(table)
 
 
 @compose.command("logs")
@@ -404,10 +403,7 @@ def top_cmd(c, services):
             continue
         data = manage.top(record.id)
         click.echo(record.name)
-        rows = [data["titles"]] + data["processes"]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            click.echo("   ".join(str(v).ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+        print_table([data["titles"]] + data["processes"])
         click.echo("")
 
 

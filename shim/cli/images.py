@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from shim.cli.progress import progress_for
+from shim.cli.table import print_table
 from shim.containers import housekeeping
 from shim.errors import UsageError
 from shim.images import archive
@@ -46,9 +47,7 @@ def _list(quiet: bool, fmt: str | None) -> None:
     for s in images:
         rows.append((s.reference.familiar_name, s.reference.tag or "<none>",
                      digest_hex(s.id)[:12], format_created(s.created), format_size(s.size)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[-1])
+    print_table(rows)
 
 
 @click.command("images")
@@ -203,10 +202,7 @@ def _history(ref: str, quiet: bool, no_trunc: bool, fmt: str | None) -> None:
             by = by[:44] + "…"
         table.append((ident, format_created(row["CreatedAt"]), by, format_size(row["Size"]),
                       row["Comment"]))
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
-    for r in table:
-        click.echo(("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-                    + "   " + r[-1]).rstrip())
+    print_table(table)
 
 
 _history_opts = [

@@ -7,13 +7,8 @@ import sys
 
 import click
 
+from shim.cli.table import print_table
 from shim.errors import NetworkError
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _labels(values) -> dict[str, str]:
@@ -120,7 +115,7 @@ def ls_cmd(quiet, no_trunc, fmt):
                      + (" (internal)" if net.internal else ""),
                      str(len(net.endpoints))))
     rows += [("-", "host", "host", "-", "-"), ("-", "none", "null", "-", "-")]
-    _table(rows)
+    print_table(rows)
 
 
 @network_group.command("inspect")

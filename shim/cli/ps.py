@@ -8,6 +8,7 @@ import json
 import click
 
 from shim.cli.each import TEMPLATE_FIELD, inspect_each, render_template
+from shim.cli.table import print_table
 from shim.containers import listing
 from shim.containers.inspect import inspect_container
 
@@ -20,14 +21,6 @@ HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
 DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
 
 
-def print_columns(rows: list[list[str]]) -> None:
-    """Cells aligned in columns three spaces apart (docker's tabwriter look)."""
-    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows)
-              for i in range(max(len(r) for r in rows))]
-    for row in rows:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-
-
 def print_template_table(template: str, entries: list[dict]) -> None:
     """``table TEMPLATE``: a header line from the field names, then one row per entry;
     ``\t`` in the template separates columns."""
@@ -35,7 +28,7 @@ def print_template_table(template: str, entries: list[dict]) -> None:
                            template.replace("\\t", "\t"))
     rows = [header.split("\t")]
     rows += [render_template(template, entry).split("\t") for entry in entries]
-    print_columns(rows)
+    print_table(rows)
 
 
 @click.command()
@@ -78,7 +71,7 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
         rows.append([record.id if no_trunc else record.short_id, record.image,
                      json.dumps(command, ensure_ascii=False), listing.created_ago(record),
                      listing.status_text(record), listing.ports_text(record), record.name])
-    print_columns(rows)
+    print_table(rows)
 
 
 @click.command()

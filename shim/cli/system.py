@@ -8,6 +8,7 @@ import json
 import click
 
 from shim.cli.images import do_prune
+from shim.cli.table import print_table
 from shim.containers.housekeeping import disk_usage
 from shim.images.store import format_size
 
@@ -35,9 +36,7 @@ def system_df(fmt: str | None) -> None:
         pct = f" ({100 * r['Reclaimable'] // r['Size']}%)" if r["Size"] else ""
         table.append((r["Type"], str(r["TotalCount"]), str(r["Active"]),
                       format_size(r["Size"]), format_size(r["Reclaimable"]) + pct))
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
-    for r in table:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print_table(table)
 
 
 @system_group.command("prune")

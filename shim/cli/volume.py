@@ -6,6 +6,7 @@ import json
 
 import click
 
+from shim.cli.table import print_table
 from shim.errors import UsageError, VmshimError
 
 
@@ -105,9 +106,7 @@ def ls(quiet, fmt, filters):
     for v in volumes:
         status = v.inspect()["Status"]
         rows.append(("local", v.name, _size(v.size), _size(status["DiskUsage"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[-1])
+    print_table(rows)
 
 
 @volume_group.command("inspect")
