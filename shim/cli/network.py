@@ -165,7 +165,7 @@ def prune_cmd(force):
 @click.argument("container")
 def connect_cmd(alias, ip, network, container):
     """Connect CONTAINER to NETWORK."""
-    from shim.containers.networking import connect_container
+    from shim.containers.netconnect import connect_container
 
     connect_container(container, network, aliases=list(alias), ip=ip)
 
@@ -176,7 +176,7 @@ def connect_cmd(alias, ip, network, container):
 @click.argument("container")
 def disconnect_cmd(force, network, container):
     """Disconnect CONTAINER from NETWORK."""
-    from shim.containers.networking import disconnect_container
+    from shim.containers.netconnect import disconnect_container
 
     disconnect_container(container, network, force=force)
 

@@ -63,6 +63,12 @@ SOCKET_PATH_MAX = 107
 """sun_path holds 108 bytes with the terminating NUL."""
 
 
+def domain_name(container_id: str) -> str:
+    """The libvirt domain of a VM container: ``vmshim-`` and the short id. Defined here, at
+    the record, so that networking and the record need not import the VM isolation."""
+    return f"vmshim-{container_id[:12]}"
+
+
 def run_dir_of(container_id: str) -> Path:
     """The container's runtime directory: named by the short id (12 hex digits, as the
     domain is), so the unix sockets in it stay under SOCKET_PATH_MAX."""
@@ -177,8 +183,6 @@ class Container:
 
     @property
     def domain(self) -> str:
-        from shim.containers.vm_placement import domain_name
-
         return domain_name(self.id)
 
     def to_dict(self) -> dict:

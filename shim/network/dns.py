@@ -152,12 +152,26 @@ def resolv_conf(net: Network, *, servers: list[str] = (), search: list[str] = ()
     return "\n".join(lines) + "\n"
 
 
-def _has_upstream() -> bool:
+def _host_resolv_lines() -> list[str] | None:
+    """The host's /etc/resolv.conf, line by line; None when unreadable."""
     try:
-        text = Path("/etc/resolv.conf").read_text()
+        return Path("/etc/resolv.conf").read_text().splitlines()
     except OSError:
-        return False
-    return any(line.split()[:1] == ["nameserver"] for line in text.splitlines())
+        return None
+
+
+def host_resolv_conf() -> str:
+    """The host's resolv.conf without loopback resolvers (unreachable from a container)."""
+    lines = _host_resolv_lines()
+    if lines is None:
+        return ""
+    keep = [ln for ln in lines if not (ln.startswith("nameserver") and
+                                       (" 127." in ln or " ::1" in ln))]
+    return "\n".join(keep) + "\n"
+
+
+def _has_upstream() -> bool:
+    return any(line.split()[:1] == ["nameserver"] for line in _host_resolv_lines() or [])
 
 
 def _alive(pid: int) -> bool:
