@@ -21,7 +21,6 @@ Run with ``vmshim image bootstrap debian-systemd``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim import paths  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch, load_recipe  # noqa: E402
 
 REFERENCE = "docker.io/library/debian-systemd:bookworm"
 ALIASES = ("docker.io/library/debian-systemd:latest",)
@@ -51,16 +50,6 @@ WantedBy=multi-user.target
 JOURNALD_CONSOLE = "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=info\n"
 SSH_HOSTKEYS = ("[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
                 "ExecStartPre=/usr/sbin/sshd -t\n")
-
-
-def _node():
-    """images/node/recipe.py as a module: its debootstrap helpers are shared."""
-    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
-    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def cache_path() -> Path:
@@ -103,7 +92,7 @@ def configure(rootfs: Path) -> None:
 def build(store: ImageStore | None = None, log=print) -> Image:
     """Build ``debian-systemd:bookworm`` into ``store`` (default: the local store), tag the
     aliases, return it. Raises ImageError (debootstrap missing or failing, not root)."""
-    node = _node()
+    node = load_recipe("node")
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")

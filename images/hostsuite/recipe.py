@@ -17,7 +17,6 @@ Run with ``vmshim image bootstrap hostsuite`` (scripts/test does, before the sui
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -29,22 +28,12 @@ if __name__ == "__main__":  # run as a script from a source checkout
 
 from shim import paths  # noqa: E402
 from shim.errors import ImageError  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch, load_recipe  # noqa: E402
 
 REFERENCE = "docker.io/library/hostsuite:bookworm"
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-pytest", "busybox-static")
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _node_recipe():
-    """images/node/recipe.py as a module: its debootstrap, slim and layer writer."""
-    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
-    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def cache_path() -> Path:
@@ -89,7 +78,7 @@ def _make_rootfs_tar(node, store: ImageStore, tar_path: Path, meta_path: Path, l
 def build(store: ImageStore | None = None, log=print) -> Image:
     """Build the hostsuite image into *store* (default: the local store) and return it.
     Raises ImageError (debootstrap missing or failing, not root)."""
-    node = _node_recipe()
+    node = load_recipe("node")
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")

@@ -13,6 +13,7 @@ from shim.build.builder import BuildOptions, BuildOutput, build, short_id
 from shim.build.mounts import parse_secret_flags
 from shim.build.output import parse_output
 from shim.build.output import write as write_output
+from shim.containers.options import parse_labels
 from shim.errors import UsageError
 
 
@@ -72,16 +73,6 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
             out[key] = value
         elif key in os.environ:  # docker: a bare name takes the value from the environment
             out[key] = os.environ[key]
-    return out
-
-
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for entry in values:
-        key, _, value = entry.partition("=")
-        if not key:
-            raise UsageError(f"invalid --label {entry!r}: expected KEY=VALUE")
-        out[key] = value
     return out
 
 
@@ -148,7 +139,7 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
         no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
-        network=network, add_hosts=list(add_hosts), labels=_labels(labels),
+        network=network, add_hosts=list(add_hosts), labels=parse_labels(labels),
         secrets=parse_secret_flags(list(secrets)), cache_from=list(cache_from))
     if progress == "auto":
         progress = "tty" if sys.stdout.isatty() else "plain"

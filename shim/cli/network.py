@@ -8,17 +8,8 @@ import sys
 import click
 
 from shim.cli.table import print_table
+from shim.containers.options import parse_labels
 from shim.errors import NetworkError
-
-
-def _labels(values) -> dict[str, str]:
-    out = {}
-    for item in values:
-        key, _, value = item.partition("=")
-        if not key:
-            raise NetworkError(f"invalid --label {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def inspect_doc(net) -> dict:
@@ -85,7 +76,7 @@ def create_cmd(driver, subnet, ipv6, gateway, internal, label, name):
     if len(v4) > 1 or len(v6) > 1:
         raise NetworkError("--subnet: at most one IPv4 and one IPv6 subnet")
     net = create_network(name, subnet=v4[0] if v4 else None, gateway=gateway,
-                         internal=internal, labels=_labels(label), ipv6=ipv6,
+                         internal=internal, labels=parse_labels(label), ipv6=ipv6,
                          subnet6=v6[0] if v6 else None)
     click.echo(net.id)
 

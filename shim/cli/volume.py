@@ -7,6 +7,7 @@ import json
 import click
 
 from shim.cli.table import print_table
+from shim.containers.options import parse_labels
 from shim.errors import UsageError, VmshimError
 
 
@@ -53,12 +54,7 @@ def create(label, opt, driver, name):
 
     if driver != "local":
         raise UsageError(f"unknown volume driver {driver!r}: only local is supported")
-    labels = {}
-    for item in label:
-        key, _, value = item.partition("=")
-        if not key:
-            raise UsageError(f"invalid --label {item!r}: expected KEY=VALUE")
-        labels[key] = value
+    labels = parse_labels(label)
     options, size = {}, None
     for item in opt:
         key, sep, value = item.partition("=")

@@ -33,6 +33,7 @@ import datetime as _dt
 import fcntl
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -42,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, Iterable, Iterator
 
 from shim import paths
@@ -547,26 +549,8 @@ class ImageStore:
     def _collect_garbage(self, roots: list[str], index: dict) -> None:
         """Delete the blobs reachable from the manifests ``roots`` that no manifest left in
         ``index`` reaches. Caller holds the gc lock exclusively and the index lock."""
-        def reachable(manifests: list[str]) -> set[str]:
-            seen: set[str] = set()
-            todo = list(manifests)
-            while todo:
-                d = todo.pop()
-                if d in seen:
-                    continue
-                seen.add(d)
-                try:
-                    obj = self.read_json(d)
-                except ImageError:
-                    continue  # missing or broken: nothing further
-                if obj.get("mediaType") in INDEX_TYPES or "manifests" in obj:
-                    todo.extend(self._referenced_by(obj))  # child manifests: follow them
-                else:
-                    seen.update(self._referenced_by(obj))  # config + layers: do not read
-            return seen
-
-        keep = reachable([d["digest"] for d in index["manifests"] if "digest" in d])
-        for digest in reachable(roots) - keep:
+        keep = self._reachable_from_index(index)
+        for digest in self._reachable(roots) - keep:
             with contextlib.suppress(FileNotFoundError, ImageError):
                 os.unlink(self.blobs_dir / digest_hex(digest))
 
@@ -579,10 +563,16 @@ class ImageStore:
 
     # -- garbage collection, pruning, usage ------------------------------------------------
     def _reachable_from_index(self, index: dict) -> set[str]:
-        """Every blob digest reachable from the entries of ``index`` (children of indexes
-        followed; manifests' configs and layers listed without being read)."""
+        """Every blob digest reachable from the entries of ``index``."""
+        return self._reachable([d["digest"] for d in index["manifests"]
+                                if isinstance(d.get("digest"), str)])
+
+    def _reachable(self, manifests: list[str]) -> set[str]:
+        """Every blob digest reachable from the manifests (or indexes) ``manifests``:
+        children of indexes followed, manifests' configs and layers listed without being
+        read; a missing or broken blob ends its branch."""
         seen: set[str] = set()
-        todo = [d["digest"] for d in index["manifests"] if isinstance(d.get("digest"), str)]
+        todo = list(manifests)
         while todo:
             d = todo.pop()
             if d in seen:
@@ -956,20 +946,26 @@ def recipe_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def bootstrap(name: str, store: ImageStore | None = None) -> Image:
-    """Run the recipe ``images/<name>/recipe.py`` (its ``build(store) -> Image``)."""
-    import importlib.util
-
+def load_recipe(name: str) -> ModuleType:
+    """The recipe ``images/<name>/recipe.py`` as a module (a fresh one at each call:
+    recipes share helpers this way, e.g. the node recipe's debootstrap). Raises
+    ImageError naming the known recipes."""
     path = recipe_path(name)
     if path is None:
         known = sorted(p.parent.name for p in recipes_dir().glob("*/recipe.py"))
         raise ImageError(f"no image recipe named '{name}' (known: {', '.join(known) or 'none'})")
     spec = importlib.util.spec_from_file_location(f"vmshim_recipe_{name.replace('-', '_')}", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(module)
+    return module
+
+
+def bootstrap(name: str, store: ImageStore | None = None) -> Image:
+    """Run the recipe ``images/<name>/recipe.py`` (its ``build(store) -> Image``)."""
+    module = load_recipe(name)
     if not callable(getattr(module, "build", None)):
-        raise ImageError(f"recipe {path} defines no build(store) function")
+        raise ImageError(f"recipe {recipe_path(name)} defines no build(store) function")
     return module.build(store or ImageStore())
 
 

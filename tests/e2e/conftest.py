@@ -8,12 +8,15 @@ of both). Tests that boot a VM carry the ``vm`` marker.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+
+from shim import paths
 
 CLI = [sys.executable, "-m", "shim.cli.main"]
 
@@ -48,6 +51,17 @@ def ok(*args, **kw) -> str:
 
 
 @contextlib.contextmanager
+def blobs_hold(needle: bytes) -> bool:
+    """Whether any blob in the image store (plain or gzip) holds *needle*."""
+    for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():
+        data = blob.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if needle in data:
+            return True
+    return False
+
+
 def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **popen):
     """Run *argv* (a server) in a network namespace of its own, joined to this one by the
     veth pair *veth* (here, *peer_ip*/24) – eth0 (there, *ip*/24): a "remote host" inside
@@ -76,8 +90,6 @@ def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **pop
 def vmshim_domains() -> set[str]:
     """Names of the libvirt domains vmshim made (running or not)."""
     import libvirt
-
-    from shim import paths
 
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open(paths.libvirt_uri())

@@ -29,23 +29,29 @@ def content(path: Path, name: str) -> bytes:
         return tar.extractfile(name).read()
 
 
+def add_entries(tar: tarfile.TarFile, entries: list, mode: int | None = None) -> None:
+    """entries: (name, kind, data_or_link) with kind d/f/l/h; *mode* for every entry, or
+    0o755 for directories and 0o644 for the rest."""
+    for name, kind, extra in entries:
+        ti = tarfile.TarInfo(name)
+        ti.mode = mode if mode is not None else 0o755 if kind == "d" else 0o644
+        data = None
+        if kind == "d":
+            ti.type = tarfile.DIRTYPE
+        elif kind == "l":
+            ti.type, ti.linkname = tarfile.SYMTYPE, extra
+        elif kind == "h":
+            ti.type, ti.linkname = tarfile.LNKTYPE, extra
+        else:
+            data = extra
+            ti.size = len(data)
+        tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+
+
 def layer(path: Path, entries: list) -> Path:
     """entries: (name, kind, data_or_link) with kind d/f/l/h."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, extra in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mode = 0o755 if kind == "d" else 0o644
-            data = None
-            if kind == "d":
-                ti.type = tarfile.DIRTYPE
-            elif kind == "l":
-                ti.type, ti.linkname = tarfile.SYMTYPE, extra
-            elif kind == "h":
-                ti.type, ti.linkname = tarfile.LNKTYPE, extra
-            else:
-                data = extra
-                ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+        add_entries(tar, entries)
     return path
 
 
@@ -255,20 +261,7 @@ def hostile_tar(path: Path, entries: list) -> Path:
     kind d/f/l/h, names and link targets as given."""
     with open(path, "wb") as f:
         tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)
-        for name, kind, extra in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mode = 0o755
-            data = None
-            if kind == "d":
-                ti.type = tarfile.DIRTYPE
-            elif kind == "l":
-                ti.type, ti.linkname = tarfile.SYMTYPE, extra
-            elif kind == "h":
-                ti.type, ti.linkname = tarfile.LNKTYPE, extra
-            else:
-                data = extra
-                ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+        add_entries(tar, entries, mode=0o755)
         tar.close()
     return path
 
