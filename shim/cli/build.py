@@ -15,6 +15,7 @@ from shim.build.output import parse_output
 from shim.build.output import write as write_output
 from shim.containers.options import parse_labels
 from shim.errors import UsageError
+from shim.files import replaced
 
 
 class ConsoleOutput(BuildOutput):
@@ -78,15 +79,9 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
 
 def _write_iidfile(path: Path, image_id: str) -> None:
     """Write *image_id* to *path* whole or not at all (docker's --iidfile)."""
-    import tempfile
-
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                   prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(image_id)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with replaced(path, sync=False) as f:
+            f.write(image_id.encode())
     except OSError as exc:
         raise UsageError(f"cannot write --iidfile {path}: {exc.strerror or exc}") from None
 

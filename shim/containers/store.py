@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shim import paths
+from shim.files import flocked
 from shim.containers.state import Status
 from shim.errors import ContainerNotFound, UsageError, VmshimError
 
@@ -353,12 +354,8 @@ class ContainerStore:
     @contextlib.contextmanager
     def _names_locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.root / ".lock", mode=0o600):
             yield
-        finally:
-            os.close(fd)
 
 
 # ---- the monitor process's identity ----------------------------------------------------

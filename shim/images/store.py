@@ -47,6 +47,7 @@ from types import ModuleType
 from typing import BinaryIO, Iterable, Iterator
 
 from shim import paths
+from shim.files import flocked, replaced
 from shim.errors import ImageError, ImageNotFound, InvalidReference
 from shim.images.reference import Reference, as_reference, parse_reference
 
@@ -175,30 +176,9 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a
     partial one (temp file in the same directory, fsync, rename, fsync the directory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replaced(path, mode) as f:
+        f.write(data)
     _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def flocked(path: Path, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
-    """Hold an flock on ``path`` (created if needed) for the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, kind)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def canonical_json(obj: dict) -> bytes:

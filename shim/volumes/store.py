@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shim import paths
+from shim.files import flocked
 from shim.errors import UsageError, VolumeError, VolumeInUse, VolumeNotFound
 
 RECORD = "volume.json"
@@ -151,12 +152,8 @@ class VolumeStore:
     def _names_locked(self):
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.root / ".lock", mode=0o600):
             yield
-        finally:
-            os.close(fd)
 
     # ---- reading --------------------------------------------------------------------------
 
