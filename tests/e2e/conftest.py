@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -51,6 +52,19 @@ def ok(*args, **kw) -> str:
 
 
 @contextlib.contextmanager
+def http_get(url: str, timeout: float = 90.0) -> str:
+    """GET *url* (on 127.0.0.1 or in the test's namespace), retrying until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return reply.read().decode()
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer within {timeout} s: {exc}") from None
+            time.sleep(0.2)
+
+
 def blobs_hold(needle: bytes) -> bool:
     """Whether any blob in the image store (plain or gzip) holds *needle*."""
     for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():

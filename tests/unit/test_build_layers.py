@@ -15,6 +15,7 @@ from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError, DockerIgnore
 from shim.build import diff as build_diff
 from shim.build.tree import LayerWriter, RootView, norm
+from tests.tarfiles import add_entries
 
 ROOT = os.geteuid() == 0
 
@@ -27,25 +28,6 @@ def members(path: Path) -> dict[str, tarfile.TarInfo]:
 def content(path: Path, name: str) -> bytes:
     with tarfile.open(path) as tar:
         return tar.extractfile(name).read()
-
-
-def add_entries(tar: tarfile.TarFile, entries: list, mode: int | None = None) -> None:
-    """entries: (name, kind, data_or_link) with kind d/f/l/h; *mode* for every entry, or
-    0o755 for directories and 0o644 for the rest."""
-    for name, kind, extra in entries:
-        ti = tarfile.TarInfo(name)
-        ti.mode = mode if mode is not None else 0o755 if kind == "d" else 0o644
-        data = None
-        if kind == "d":
-            ti.type = tarfile.DIRTYPE
-        elif kind == "l":
-            ti.type, ti.linkname = tarfile.SYMTYPE, extra
-        elif kind == "h":
-            ti.type, ti.linkname = tarfile.LNKTYPE, extra
-        else:
-            data = extra
-            ti.size = len(data)
-        tar.addfile(ti, io.BytesIO(data) if data is not None else None)
 
 
 def layer(path: Path, entries: list) -> Path:
