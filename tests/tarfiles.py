@@ -32,3 +32,10 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         add_entries(tar, [(name, "f", data) for name, data in files.items()])
     return buf.getvalue()
+
+
+def write_tar(path, entries):
+    """A PAX tar at *path* of (name, bytes) files and (name, None) directories; *path*."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        add_entries(tar, [(name, "d" if data is None else "f", data) for name, data in entries])
+    return path

@@ -92,6 +92,22 @@ def digest_hex(digest: str) -> str:
     return m.group(1)
 
 
+def check_descriptor(desc: object, what: str) -> tuple[str, int]:
+    """``(digest, size)`` of an OCI descriptor from a manifest, an index or an archive
+    that vmshim did not write. Raises ImageError naming *what* when it is not a dict,
+    its digest is not one vmshim takes, or its size is not a whole number >= 0."""
+    if not isinstance(desc, dict):
+        raise ImageError(f"{what}: malformed descriptor {desc!r}")
+    digest, size = desc.get("digest"), desc.get("size")
+    try:
+        digest_hex(digest)
+    except ImageError:
+        raise ImageError(f"{what}: unsupported or invalid digest {digest!r}") from None
+    if not isinstance(size, int) or size < 0:
+        raise ImageError(f"{what}: descriptor of {digest} has an invalid size {size!r}")
+    return digest, size
+
+
 # Data model ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerRef:
@@ -924,6 +940,19 @@ def recipe_path(name: str) -> Path | None:
         return None
     path = recipes_dir() / name / "recipe.py"
     return path if path.is_file() else None
+
+
+def recipe_config(created: str, config: dict, created_by: str) -> dict:
+    """The image config of a recipe's one-layer image: made at *created* (RFC 3339) for
+    this host's architecture, with the container *config* (Env, Cmd, …) and one history
+    entry that says how (*created_by*)."""
+    return {
+        "created": created,
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": config,
+        "history": [{"created": created, "created_by": created_by}],
+    }
 
 
 def load_recipe(name: str) -> ModuleType:
