@@ -19,12 +19,12 @@ from shim.containers.resources import from_flags
 from shim.containers.mounts import Attachments
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import VolumeStore
+from tests.pipes import read_to_end
 from tests.waiting import alive, holds_for, wait_until
 from tests.integration.test_runtime_host import (  # noqa: F401 - fixture
     BUSYBOX,
     Box,
     Boxes,
-    _read_all,
     busybox_layer,
 )
 
@@ -212,7 +212,7 @@ def test_ulimits_and_oom_score_adj(make_box):
     box = make_box()
     spawned = box.container.start(spec, stdin=False)
     box.spawned.append(spawned)
-    out = _read_all(spawned.stdout).decode()
+    out = read_to_end(spawned.stdout).decode()
     assert process.wait(spawned.pid) == 0
     assert out.split() == ["100", "200", "500"]
 

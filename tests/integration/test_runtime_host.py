@@ -27,6 +27,7 @@ from guest.runtime.cgroups import Cgroup, detect_version
 from guest.runtime.container import HOST_NAMESPACES, Container
 from guest.runtime.process import SpawnError
 from guest.spec import BootConfig, ProcessSpec
+from tests.pipes import read_to_end
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +92,8 @@ class Box:
             os.write(spawned.stdin, input)
             os.close(spawned.stdin)
             spawned.stdin = None
-        out = _read_all(spawned.stdout)
-        err = _read_all(spawned.stderr)
+        out = read_to_end(spawned.stdout)
+        err = read_to_end(spawned.stderr)
         code = process.wait(spawned.pid)
         spawned.close()
         return code, out.decode(), err.decode()
@@ -106,19 +107,6 @@ def _read_until(fd, marker: bytes) -> bytes:
         assert chunk, f"EOF before {marker!r}: {seen!r}"
         seen += chunk
     return seen
-
-
-def _read_all(fd) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO on a pty master
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Boxes:
@@ -279,7 +267,7 @@ def test_sigterm_is_143(make_box):
 def test_tty(make_box):
     box = make_box()
     spawned = box.spawn(["sh", "-c", "tty; echo $TERM"], tty=True)
-    out = _read_all(spawned.master).decode()
+    out = read_to_end(spawned.master).decode()
     assert process.wait(spawned.pid) == 0
     assert "/dev/pts/0" in out and "xterm" in out
 
