@@ -255,8 +255,8 @@ def build_cmd(c, no_cache, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.build is not None and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.build is not None:
             runner.build_service(project, service, progress, no_cache=no_cache)
     progress.close()
 
@@ -270,8 +270,8 @@ def pull_cmd(c, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.image and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.image:
             runner.pull_image(service.image, progress)
     progress.close()
 
@@ -287,8 +287,8 @@ def push_cmd(c, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.build is not None and service.image and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.build is not None and service.image:
             line = progress.line(f"Image {service.image}", "Pushing")
             push(parse_reference(service.image), store=ImageStore())
             line.done("Pushed")

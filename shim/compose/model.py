@@ -161,6 +161,10 @@ class Project:
     disabled: dict[str, Service] = field(default_factory=dict)
     """Services left out by profiles (``down`` still removes their containers)."""
 
+    def chosen(self, names=()) -> list[Service]:
+        """The services *names* (all when empty), in dependency order."""
+        return [s for s in self.ordered() if not names or s.name in names]
+
     def ordered(self) -> list[Service]:
         """Services in dependency order (dependencies first)."""
         done: list[str] = []
