@@ -26,7 +26,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from shim import paths
 from shim.build.symlinks import resolve_within
@@ -287,7 +287,7 @@ class LayerWriter:
         ti = self._info(name, tarfile.DIRTYPE, mode, uid, gid, mtime)
         self._add(ti, None, xattrs)
 
-    def add_file(self, name: str, data: BinaryIO | bytes, size: int, mode: int = 0o644,
+    def add_file(self, name: str, data: IO[bytes] | bytes, size: int, mode: int = 0o644,
                  uid: int = 0, gid: int = 0, mtime: int = 0, xattrs: dict | None = None) -> None:
         ti = self._info(name, tarfile.REGTYPE, mode, uid, gid, mtime)
         ti.size = size

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from shim.containers.options import parse_labels
 from shim.errors import UsageError
 from shim.files import replaced
 
+if TYPE_CHECKING:
+    from rich.status import Status
+
 
 class ConsoleOutput(BuildOutput):
     """``Step N/M : …``, `` ---> id`` on stdout, RUN output as it comes; a transient
@@ -26,7 +30,7 @@ class ConsoleOutput(BuildOutput):
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.run_fd = None if quiet else 1
-        self._status = None
+        self._status: Status | None = None
         self._console = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console

@@ -277,7 +277,7 @@ def _save(output: str | None, fmt: str, refs: tuple[str, ...]) -> None:
     if sys.stdout.isatty():
         raise UsageError("refusing to write an image archive to a terminal: use -o FILE or "
                          "redirect stdout")
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     archive.save(store, list(refs), out, fmt)
     out.flush()
 
@@ -310,7 +310,7 @@ def _load(input_: str | None, quiet: bool) -> None:
     if input_ is None and sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is a terminal: use -i FILE "
                          "or pipe an archive in")
-    stdin = click.get_binary_stream("stdin") if input_ is None else None
+    stdin = sys.stdin.buffer if input_ is None else None
     with progress_for("Loading", quiet) as progress:
         loaded = archive.load(store, Path(input_) if input_ else None, stdin, progress)
     for item in loaded:

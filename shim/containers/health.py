@@ -194,7 +194,7 @@ def from_flags(*, health_cmd=None, health_interval=None, health_timeout=None,
                                        health_retries, health_start_period)):
             raise UsageError("--no-healthcheck conflicts with the --health-* options")
         return {"Test": ["NONE"]}
-    check = {}
+    check: dict[str, object] = {}
     if health_cmd is not None:
         check["Test"] = ["CMD-SHELL", health_cmd]
     for value, key, flag in ((health_interval, "Interval", "--health-interval"),

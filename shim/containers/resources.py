@@ -74,7 +74,8 @@ def parse_cpuset(text: str, flag: str = "--cpuset-cpus") -> list[int]:
 
 def format_cpuset(cpus: list[int]) -> str:
     """[0, 1, 2, 5] → ``0-2,5``."""
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for cpu in sorted(set(cpus)):
         if run and cpu == run[-1] + 1:
             run.append(cpu)
@@ -268,7 +269,7 @@ class Resources:
                 try:
                     mode = os.stat(path).st_mode
                 except OSError as exc:
-                    raise UsageError(f"{flag} {path}: {exc.strerror.lower()}") from None
+                    raise UsageError(f"{flag} {path}: {(exc.strerror or str(exc)).lower()}") from None
                 if not stat.S_ISBLK(mode):
                     raise UsageError(f"{flag} {path}: not a block device")
         if self.blkio_weight and not _host_supports_io_weight():

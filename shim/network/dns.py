@@ -27,6 +27,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 from shim import paths
 from shim.errors import NetworkError
@@ -139,8 +140,8 @@ def remove(net: Network, container_id: str) -> None:
     (hosts_dir(net) / container_id).unlink(missing_ok=True)
 
 
-def resolv_conf(net: Network, *, servers: list[str] = (), search: list[str] = (),
-                options: list[str] = ()) -> str:
+def resolv_conf(net: Network, *, servers: Sequence[str] = (), search: Sequence[str] = (),
+                options: Sequence[str] = ()) -> str:
     """resolv.conf for a container whose first network is *net* (with DNS): the
     network's resolver first, then ``--dns`` servers."""
     lines = [f"nameserver {net.gateway}"] + [f"nameserver {s}" for s in servers

@@ -34,6 +34,7 @@ on the host kernel, and ``e2fsck`` does not make it safe), so it refuses such a 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -240,7 +241,7 @@ class VolumeStore:
 
     # ---- removing -------------------------------------------------------------------------
 
-    def remove(self, name: str, *, referenced_by: list[str] | None = None,
+    def remove(self, name: str, *, referenced_by: builtins.list[str] | None = None,
                force: bool = False, wait: float = LEASE_TIMEOUT) -> None:
         """Delete the volume. Raises VolumeNotFound, or VolumeInUse when a container holds
         it (after waiting *wait* s for one that is just letting go: a container that
@@ -276,7 +277,7 @@ class VolumeStore:
                 os.close(fd)
             shutil.rmtree(gone, ignore_errors=True)
 
-    def prune(self, *, referenced: set[str], all_volumes: bool = False) -> list[str]:
+    def prune(self, *, referenced: set[str], all_volumes: bool = False) -> builtins.list[str]:
         """Remove volumes no container references and none uses: anonymous ones only
         (docker 23's default) unless *all_volumes*. Returns the names removed."""
         removed = []
