@@ -18,6 +18,7 @@ Progress goes to a :class:`Progress` (the CLI draws rich bars; the default draws
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -151,7 +152,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     plat = Platform.parse(platform)
     client = client or RegistryClient(ref.registry, insecure=insecure)
     repo = ref.repository
-    wanted = ref.digest or ref.tag
+    wanted = ref.digest or ref.tag or "latest"
     what = f"pulling {ref.familiar}"
 
     body, media_type, top_digest = with_retries(
@@ -171,7 +172,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
         raise ImageError(f"{what}: unsupported manifest media type {media_type!r}")
     config_desc = manifest.get("config")
     config_digest, config_size = check_descriptor(config_desc, what)
-    config_type = config_desc.get("mediaType")
+    config_type = (config_desc or {}).get("mediaType")  # a dict: checked just above
     if config_type not in (OCI_CONFIG, DOCKER_CONFIG, None):
         raise ImageError(f"{what}: {ref.familiar} is not a container image (config media "
                          f"type {config_type})")
@@ -259,8 +260,8 @@ def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
                     p.cancel()
                 wait(pending)
                 # the first real error by submission order, for a stable message
-                errors = [g.exception() for g in futures
-                          if g.done() and not g.cancelled() and g.exception() is not None]
+                errors = [e for g in futures
+                          if g.done() and not g.cancelled() and (e := g.exception()) is not None]
                 raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
     except BaseException:
         cancelled.set()
@@ -338,7 +339,8 @@ def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: boo
             if host != client.host or source == repo:
                 continue
             try:
-                location = with_retries(lambda s=source: client.mount_blob(repo, digest, s), what)
+                location = with_retries(functools.partial(client.mount_blob, repo, digest, source),
+                                        what)
             except RegistryError:
                 continue  # no access to the source: upload instead
             if location is None:
