@@ -51,7 +51,6 @@ def ok(*args, **kw) -> str:
     return out(proc)
 
 
-@contextlib.contextmanager
 def http_get(url: str, timeout: float = 90.0) -> str:
     """GET *url* (on 127.0.0.1 or in the test's namespace), retrying until the server answers."""
     deadline = time.monotonic() + timeout
@@ -76,6 +75,7 @@ def blobs_hold(needle: bytes) -> bool:
     return False
 
 
+@contextlib.contextmanager
 def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **popen):
     """Run *argv* (a server) in a network namespace of its own, joined to this one by the
     veth pair *veth* (here, *peer_ip*/24) – eth0 (there, *ip*/24): a "remote host" inside
