@@ -15,13 +15,12 @@ image (scripts/setup).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from common import VMSHIM, summary, timed as time_command
+from common import VMSHIM, summary, timed as time_command, save_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,8 +84,7 @@ def main() -> int:
         s = result[key]
         print(f"{label:42s} {s['median']:.2f} s [{s['min']:.2f}–{s['max']:.2f}]"
               f"  {s['median'] / base:.2f}x the baseline")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.json, result)
     return 0
 
 

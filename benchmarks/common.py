@@ -6,6 +6,7 @@ so they import this module as ``common``.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -39,3 +40,10 @@ def summary_ms(values: list[float]) -> dict:
     """The same in milliseconds, for figures far below a second."""
     return {"median_ms": statistics.median(values) * 1000, "min_ms": min(values) * 1000,
             "max_ms": max(values) * 1000, "runs": len(values)}
+
+
+def save_json(path: str | Path | None, results: dict) -> None:
+    """Write *results* to *path* (the scripts' ``--json PATH``) as indented JSON; nothing
+    without a path."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")

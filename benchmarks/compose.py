@@ -19,7 +19,6 @@ Needs root, libvirtd, the guest image and the busybox image (scripts/setup).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import summary
+from common import summary, save_json
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "compose-app"
@@ -121,8 +120,7 @@ def main() -> int:
         else:
             print(f"{name.ljust(width)}  median {row['median']:6.2f} s  "
                   f"(min {row['min']:.2f}, max {row['max']:.2f}, n={row['runs']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

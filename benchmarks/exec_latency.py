@@ -13,12 +13,11 @@ the round trip CLI → monitor → agent → fork/exec in the guest → exit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from common import VMSHIM, summary_ms as summary, timed
+from common import VMSHIM, summary_ms as summary, timed, save_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,8 +57,7 @@ def main() -> int:
         r = results[key]
         print(f"  {label:44s} {r['median_ms']:7.1f} ms  [{r['min_ms']:.1f}–{r['max_ms']:.1f}]")
     print(f"  round trip beyond the CLI process (exec − --version): {exec_ms - cli_ms:.1f} ms")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

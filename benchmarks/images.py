@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import json
 import os
 import shutil
 import socket
@@ -32,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from common import save_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -186,8 +187,7 @@ def main() -> None:
           f"(gzip {c['gzip_mib']:.0f} MiB):")
     show("plain tar, per 100 MiB", c["plain_seconds_per_100mib"], "s")
     show("gzip tar, per 100 MiB", c["gzip_seconds_per_100mib"], "s")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ wall time (through its monitor and agent: shim.containers.limits.stats), divided
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import save_json
 
 HERE = Path(__file__).resolve().parent
 VMSHIM = [sys.executable, "-m", "shim.cli.main"]
@@ -111,8 +112,7 @@ def main() -> int:
     print("cpu: the cgroup's CPU time / wall time / --cpus (1.00 = exactly the limit)")
     for key, r in results["cpu"].items():
         print(f"  {key:22s} {r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

@@ -15,14 +15,13 @@ Needs what `vmshim run` needs (libvirtd, the guest and busybox images).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from common import VMSHIM, summary_ms as summary, timed
+from common import VMSHIM, summary_ms as summary, timed, save_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -84,8 +83,7 @@ def main() -> int:
         local, remote_ms = results[f"{what}_local"]["median_ms"], results[f"{what}_remote"]["median_ms"]
         results[f"{what}_overhead"] = {"ms": remote_ms - local, "ratio": remote_ms / local}
         print(f"  {what}: remote − local = {remote_ms - local:7.1f} ms, ratio {remote_ms / local:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

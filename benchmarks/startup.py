@@ -11,7 +11,6 @@ Every figure is the median (with min and max) of N whole-process runs, interleav
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import VMSHIM, summary, timed as time_command
+from common import VMSHIM, summary, timed as time_command, save_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,8 +105,7 @@ def main() -> int:
         print(f"  {label:52s} {r['median']:6.2f} s  [{r['min']:.2f}–{r['max']:.2f}]")
     print(f"  vm / floor = {results['ratios']['vm_to_floor']:.2f}x   "
           f"vm / process = {results['ratios']['vm_to_process']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

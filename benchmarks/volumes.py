@@ -22,7 +22,6 @@ Every run is one container (one VM boot) doing the four transfers; runs are inte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import summary
+from common import summary, save_json
 
 HERE = Path(__file__).resolve().parent
 VMSHIM = [sys.executable, "-m", "shim.cli.main"]
@@ -166,8 +165,7 @@ def main() -> int:
             shown = f" ({ratio:.2f}x)" if ratio is not None else ""
             parts.append(f"{op} {r['median']:7.1f} [{r['min']:.0f}–{r['max']:.0f}]{shown}")
         print(f"  {label:24s} " + "   ".join(parts))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.json, results)
     return 0
 
 

@@ -116,3 +116,4 @@ def _chmod_without(path: str, bits: int, follow: bool) -> None:
 
 def libvirt_uri() -> str:
     return os.environ.get("VMSHIM_LIBVIRT_URI", "qemu:///system")
+

@@ -36,7 +36,7 @@ if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim.errors import ImageError  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, recipe_config  # noqa: E402
 
 REFERENCE = "docker.io/library/busybox:latest"
 PACKAGE = "busybox-static"
@@ -161,16 +161,8 @@ def build(store: ImageStore | None = None) -> Image:
     version = package_version()
     created_at = package_date()
     created = created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    config = {
-        "created": created,
-        "architecture": host_arch(),
-        "os": "linux",
-        "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
-        "history": [{
-            "created": created,
-            "created_by": f"vmshim images/busybox/recipe.py (Debian {PACKAGE} {version})",
-        }],
-    }
+    config = recipe_config(created, {"Env": [PATH_ENV], "Cmd": ["sh"]},
+                           f"vmshim images/busybox/recipe.py (Debian {PACKAGE} {version})")
     tmpdir = store.root / "tmp"
     tmpdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:

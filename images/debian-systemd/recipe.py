@@ -21,18 +21,15 @@ Run with ``vmshim image bootstrap debian-systemd``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shim import paths  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch, load_recipe, recipe_config  # noqa: E402
 
 REFERENCE = "docker.io/library/debian-systemd:bookworm"
 ALIASES = ("docker.io/library/debian-systemd:latest",)
@@ -51,16 +48,6 @@ WantedBy=multi-user.target
 JOURNALD_CONSOLE = "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=info\n"
 SSH_HOSTKEYS = ("[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
                 "ExecStartPre=/usr/sbin/sshd -t\n")
-
-
-def _node():
-    """images/node/recipe.py as a module: its debootstrap helpers are shared."""
-    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
-    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def cache_path() -> Path:
@@ -103,53 +90,24 @@ def configure(rootfs: Path) -> None:
 def build(store: ImageStore | None = None, log=print) -> Image:
     """Build ``debian-systemd:bookworm`` into ``store`` (default: the local store), tag the
     aliases, return it. Raises ImageError (debootstrap missing or failing, not root)."""
-    node = _node()
+    node = load_recipe("node")
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")
-    if os.environ.get("VMSHIM_DEBIAN_SYSTEMD_REBUILD") == "1":
-        for p in (tar_path, meta_path):
-            p.unlink(missing_ok=True)
+    node.forget_when_asked("VMSHIM_DEBIAN_SYSTEMD_REBUILD", tar_path, meta_path)
     if not (tar_path.is_file() and meta_path.is_file()):
-        tar_path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = store.root / "tmp"
-        tmpdir.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tmpdir, prefix="debian-systemd-") as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            rootfs.mkdir()
-            try:
-                debootstrap(node, rootfs, log)
-                created_at = node.changelog_date(rootfs, "systemd")
-                node.slim(rootfs)
-                partial = tar_path.with_suffix(".tar.partial")
-                node.write_layer(rootfs, partial, int(created_at.timestamp()))
-                os.replace(partial, tar_path)
-                meta_path.write_text(json.dumps({
-                    "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "mirror": node.mirror(), "diff_id": node._sha256(tar_path)}))
-            finally:
-                node._umount_below(rootfs)
+        def prepare(rootfs: Path):
+            debootstrap(node, rootfs, log)
+            return node.changelog_date(rootfs, "systemd"), {}
+
+        node.write_rootfs_tar(store, "debian-systemd", tar_path, meta_path, prepare)
     meta = json.loads(meta_path.read_text())
-    created = meta["created"]
-    config = {
-        "created": created,
-        "architecture": host_arch(),
-        "os": "linux",
-        "config": {
-            "Env": [PATH_ENV],
-            "Cmd": ["/sbin/init"],
-            "StopSignal": "SIGRTMIN+3",
-            "ExposedPorts": {"22/tcp": {}},
-        },
-        "history": [{
-            "created": created,
-            "created_by": f"vmshim images/debian-systemd/recipe.py (debootstrap {SUITE} "
-                          f"minbase + {' '.join(PACKAGES)})",
-        }],
-    }
-    image = node.stored_image(store, REFERENCE, meta.get("diff_id"))
-    if image is None:
-        image = store.import_image([tar_path], config, REFERENCE)
+    config = recipe_config(
+        meta["created"], {"Env": [PATH_ENV], "Cmd": ["/sbin/init"], "StopSignal": "SIGRTMIN+3",
+                          "ExposedPorts": {"22/tcp": {}}},
+        f"vmshim images/debian-systemd/recipe.py (debootstrap {SUITE} minbase + "
+        f"{' '.join(PACKAGES)})")
+    image = node.stored_or_imported(store, REFERENCE, tar_path, meta, config)
     for alias in ALIASES:
         store.tag(alias, image.manifest_digest)
     return image

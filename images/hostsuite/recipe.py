@@ -17,11 +17,8 @@ Run with ``vmshim image bootstrap hostsuite`` (scripts/test does, before the sui
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script from a source checkout
@@ -29,22 +26,12 @@ if __name__ == "__main__":  # run as a script from a source checkout
 
 from shim import paths  # noqa: E402
 from shim.errors import ImageError  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch, load_recipe, recipe_config  # noqa: E402
 
 REFERENCE = "docker.io/library/hostsuite:bookworm"
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-pytest", "busybox-static")
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _node_recipe():
-    """images/node/recipe.py as a module: its debootstrap, slim and layer writer."""
-    path = Path(__file__).resolve().parents[1] / "node" / "recipe.py"
-    spec = importlib.util.spec_from_file_location("vmshim_recipe_node_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def cache_path() -> Path:
@@ -64,60 +51,28 @@ def _cached_meta(tar_path: Path, meta_path: Path) -> dict | None:
     return meta
 
 
-def _make_rootfs_tar(node, store: ImageStore, tar_path: Path, meta_path: Path, log) -> None:
-    tar_path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = store.root / "tmp"
-    tmpdir.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmpdir, prefix="hostsuite-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        rootfs.mkdir()
-        try:
-            node.debootstrap(rootfs, log, packages=PACKAGES, recipe="hostsuite")
-            created_at = node.changelog_date(rootfs, "python3")
-            node.slim(rootfs)
-            partial = tar_path.with_suffix(".tar.partial")
-            node.write_layer(rootfs, partial, int(created_at.timestamp()))
-            os.replace(partial, tar_path)
-            meta_path.write_text(json.dumps({
-                "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "packages": list(PACKAGES), "mirror": node.mirror(),
-                "diff_id": node._sha256(tar_path)}))
-        finally:
-            node._umount_below(rootfs)
-
-
 def build(store: ImageStore | None = None, log=print) -> Image:
     """Build the hostsuite image into *store* (default: the local store) and return it.
     Raises ImageError (debootstrap missing or failing, not root)."""
-    node = _node_recipe()
+    node = load_recipe("node")
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")
-    if os.environ.get("VMSHIM_HOSTSUITE_REBUILD") == "1":
-        for p in (tar_path, meta_path):
-            p.unlink(missing_ok=True)
+    node.forget_when_asked("VMSHIM_HOSTSUITE_REBUILD", tar_path, meta_path)
     meta = _cached_meta(tar_path, meta_path)
     if meta is None:
-        _make_rootfs_tar(node, store, tar_path, meta_path, log)
+        def prepare(rootfs: Path):
+            node.debootstrap(rootfs, log, packages=PACKAGES, recipe="hostsuite")
+            return node.changelog_date(rootfs, "python3"), {"packages": list(PACKAGES)}
+
+        node.write_rootfs_tar(store, "hostsuite", tar_path, meta_path, prepare)
         meta = _cached_meta(tar_path, meta_path)
         if meta is None:
             raise ImageError(f"the hostsuite rootfs cache {tar_path} was not written")
-    created = meta["created"]
-    config = {
-        "created": created,
-        "architecture": host_arch(),
-        "os": "linux",
-        "config": {"Env": [PATH_ENV], "Cmd": ["python3"]},
-        "history": [{
-            "created": created,
-            "created_by": f"vmshim images/hostsuite/recipe.py (debootstrap {SUITE} minbase + "
-                          f"{' '.join(PACKAGES)})",
-        }],
-    }
-    image = node.stored_image(store, REFERENCE, meta.get("diff_id"))
-    if image is None:
-        image = store.import_image([tar_path], config, REFERENCE)
-    return image
+    config = recipe_config(
+        meta["created"], {"Env": [PATH_ENV], "Cmd": ["python3"]},
+        f"vmshim images/hostsuite/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)})")
+    return node.stored_or_imported(store, REFERENCE, tar_path, meta, config)
 
 
 if __name__ == "__main__":

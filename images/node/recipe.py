@@ -44,7 +44,7 @@ if __name__ == "__main__":  # run as a script from a source checkout
 
 from shim import paths  # noqa: E402
 from shim.errors import ImageError, VmshimError  # noqa: E402
-from shim.images.store import Image, ImageStore, host_arch  # noqa: E402
+from shim.images.store import Image, ImageStore, host_arch, recipe_config  # noqa: E402
 
 REFERENCE = "docker.io/library/node:18-bookworm"
 ALIASES = ("docker.io/library/node:18", "docker.io/library/node:bookworm",
@@ -220,52 +220,66 @@ def build(store: ImageStore | None = None, log=print) -> Image:
     store = store or ImageStore()
     tar_path = cache_path()
     meta_path = tar_path.with_suffix(".json")
-    if os.environ.get("VMSHIM_NODE_REBUILD") == "1":
-        for p in (tar_path, meta_path):
-            p.unlink(missing_ok=True)
+    forget_when_asked("VMSHIM_NODE_REBUILD", tar_path, meta_path)
     if not (tar_path.is_file() and meta_path.is_file()):
-        tar_path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = store.root / "tmp"
-        tmpdir.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=tmpdir, prefix="node-") as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            rootfs.mkdir()
-            try:
-                debootstrap(rootfs, log)
-                (rootfs / "etc/npmrc").write_text(NPMRC)
-                created_at = changelog_date(rootfs, "nodejs")
-                version = _node_version(rootfs)
-                slim(rootfs)
-                partial = tar_path.with_suffix(".tar.partial")
-                write_layer(rootfs, partial, int(created_at.timestamp()))
-                os.replace(partial, tar_path)
-                meta_path.write_text(json.dumps({
-                    "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "node_version": version, "mirror": mirror(),
-                    "diff_id": _sha256(tar_path)}))
-            finally:
-                _umount_below(rootfs)
+        def prepare(rootfs: Path):
+            debootstrap(rootfs, log)
+            (rootfs / "etc/npmrc").write_text(NPMRC)
+            return changelog_date(rootfs, "nodejs"), {"node_version": _node_version(rootfs)}
+
+        write_rootfs_tar(store, "node", tar_path, meta_path, prepare)
     meta = json.loads(meta_path.read_text())
-    created = meta["created"]
-    config = {
-        "created": created,
-        "architecture": host_arch(),
-        "os": "linux",
-        "config": {
-            "Env": [PATH_ENV, f"NODE_VERSION={meta['node_version']}"],
-            "Cmd": ["node"],
-        },
-        "history": [{
-            "created": created,
-            "created_by": f"vmshim images/node/recipe.py (debootstrap {SUITE} minbase + "
-                          f"{' '.join(PACKAGES)}; nodejs {meta['node_version']})",
-        }],
-    }
-    image = stored_image(store, REFERENCE, meta.get("diff_id"))
-    if image is None:  # not imported yet (or something else took the name)
-        image = store.import_image([tar_path], config, REFERENCE)
+    config = recipe_config(
+        meta["created"], {"Env": [PATH_ENV, f"NODE_VERSION={meta['node_version']}"],
+                          "Cmd": ["node"]},
+        f"vmshim images/node/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)}; "
+        f"nodejs {meta['node_version']})")
+    image = stored_or_imported(store, REFERENCE, tar_path, meta, config)
     for alias in ALIASES:
         store.tag(alias, image.manifest_digest)
+    return image
+
+
+def forget_when_asked(env: str, *files: Path) -> None:
+    """With ``$env=1`` remove the cached *files*, so the image is made afresh."""
+    if os.environ.get(env) == "1":
+        for p in files:
+            p.unlink(missing_ok=True)
+
+
+def write_rootfs_tar(store: ImageStore, name: str, tar_path: Path, meta_path: Path,
+                     prepare) -> None:
+    """Make a root file system in a temp directory of *store* with ``prepare(rootfs)``
+    (debootstrap and the recipe's own steps; it returns the datetime the image is dated
+    by and a dict of notes), slim it, write it as one layer tar at *tar_path* and its
+    notes (created, the recipe's, mirror, diff_id) at *meta_path*. What stays mounted
+    below the root file system is unmounted. Shared by the debootstrap recipes."""
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = store.root / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmpdir, prefix=f"{name}-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        rootfs.mkdir()
+        try:
+            created_at, notes = prepare(rootfs)
+            slim(rootfs)
+            partial = tar_path.with_suffix(".tar.partial")
+            write_layer(rootfs, partial, int(created_at.timestamp()))
+            os.replace(partial, tar_path)
+            meta_path.write_text(json.dumps({
+                "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), **notes,
+                "mirror": mirror(), "diff_id": _sha256(tar_path)}))
+        finally:
+            _umount_below(rootfs)
+
+
+def stored_or_imported(store: ImageStore, reference: str, tar_path: Path, meta: dict,
+                       config: dict) -> Image:
+    """The image *reference* made from the cached layer tar: the stored one when it was
+    made from this tar (:func:`stored_image`), else the tar imported with *config*."""
+    image = stored_image(store, reference, meta.get("diff_id"))
+    if image is None:  # not imported yet (or something else took the name)
+        image = store.import_image([tar_path], config, reference)
     return image
 
 

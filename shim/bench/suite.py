@@ -176,23 +176,31 @@ def _vmshim_runtime() -> str | None:
         shutil.which("vmshim-runtime")
 
 
+def _start_measures(ctx: Context, subjects, first_output: bool,
+                    *argv: str) -> dict[str, Callable[[], float]]:
+    """One measurement per subject of starting a container that runs *argv*: to its exit,
+    or with *first_output* to the first byte on its stdout; the floor: QEMU to the
+    agent's first bytes."""
+    clock = timed_first_output if first_output else timed
+    m: dict[str, Callable[[], float]] = {}
+    for s in ("vm", "process"):
+        if s in subjects:
+            m[s] = lambda drv=ctx.drivers[s]: clock(drv.run_argv(*argv))
+    for s in ("runc", "oci"):
+        if s in subjects:
+            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, first_output, *argv)
+    if "floor" in subjects:
+        m["floor"] = ctx.drivers["floor"].boot_time
+    return m
+
+
 def bench_cold_start(ctx: Context) -> None:
     fig = ctx.results.figure(
         "cold_start", "Cold start to the exit of `true`", "s",
         note="whole command, spawn to exit: `vmshim run --rm [--isolation I] busybox true`; "
              "`runc run` of a fresh bundle; floor: bare QEMU launch to the agent's first bytes")
     subjects = ctx.available([fig], *SUBJECTS)
-    m: dict[str, Callable[[], float]] = {}
-    for s in ("vm", "process"):
-        if s in subjects:
-            drv = ctx.drivers[s]
-            m[s] = lambda drv=drv: timed(drv.run_argv("true"))
-    for s in ("runc", "oci"):
-        if s in subjects:
-            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, False, "true")
-    if "floor" in subjects:
-        m["floor"] = ctx.drivers["floor"].boot_time
-    _sample(ctx, fig, m)
+    _sample(ctx, fig, _start_measures(ctx, subjects, False, "true"))
 
 
 def bench_start_snapshot(ctx: Context) -> None:
@@ -221,17 +229,7 @@ def bench_first_output(ctx: Context) -> None:
         note="spawn of `vmshim run --rm [--isolation I] busybox echo ready` (or `runc run`) "
              "to the first byte on its stdout; floor: to the agent's first bytes")
     subjects = ctx.available([fig], *SUBJECTS)
-    m: dict[str, Callable[[], float]] = {}
-    for s in ("vm", "process"):
-        if s in subjects:
-            drv = ctx.drivers[s]
-            m[s] = lambda drv=drv: timed_first_output(drv.run_argv("echo", "ready"))
-    for s in ("runc", "oci"):
-        if s in subjects:
-            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, True, "echo", "ready")
-    if "floor" in subjects:
-        m["floor"] = ctx.drivers["floor"].boot_time
-    _sample(ctx, fig, m)
+    _sample(ctx, fig, _start_measures(ctx, subjects, True, "echo", "ready"))
 
 
 START_POOL_SIZE = 1

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shim.build.errors import BuildError
+from shim.build.symlinks import resolve_within
 
 _WILDCARD = re.compile(r"[*?\[]")
 
@@ -147,31 +148,17 @@ class BuildContext:
         """*rel* with symlinks followed, confined to the context (as if it were ``/``).
         A symlink excluded by ``.dockerignore`` is not part of the context (docker never
         sends it), so it is not followed: ContextError."""
-        pending = [p for p in rel.split("/") if p not in ("", ".")]
-        pending.reverse()
-        resolved: list[str] = []
-        links = 0
-        while pending:
-            part = pending.pop()
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
+        def link_of(resolved: list[str], part: str, _last: bool) -> str | None:
             candidate = self.root.joinpath(*resolved, part)
-            if candidate.is_symlink():
-                if self.ignore.excluded("/".join([*resolved, part])):
-                    raise ExcludedPath(f"{rel} goes through {'/'.join([*resolved, part])}, "
-                                       "which .dockerignore excludes")
-                links += 1
-                if links > 40:
-                    raise ContextError(f"too many levels of symbolic links in {rel}")
-                target = os.readlink(candidate)
-                if target.startswith("/"):
-                    resolved = []
-                pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
-            else:
-                resolved.append(part)
-        return "/".join(resolved)
+            if not candidate.is_symlink():
+                return None
+            if self.ignore.excluded("/".join([*resolved, part])):
+                raise ExcludedPath(f"{rel} goes through {'/'.join([*resolved, part])}, "
+                                   "which .dockerignore excludes")
+            return os.readlink(candidate)
+
+        return resolve_within(rel, link_of, 40, lambda: ContextError(
+            f"too many levels of symbolic links in {rel}"))
 
     def sources(self, pattern: str, what: str) -> list[Source]:
         """The context paths *pattern* names (wildcards expanded), excluded ones left out.

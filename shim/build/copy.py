@@ -312,7 +312,7 @@ def parse_chmod(spec: str) -> Callable[[int, bool], int]:
 
     def apply(mode: int, is_dir: bool) -> int:
         for clause in clauses:
-            who = re.match(r"[ugoa]*", clause).group(0) or "a"
+            who = clause[:len(clause) - len(clause.lstrip("ugoa"))] or "a"
             mask = 0
             for w in who:
                 mask |= {"u": 0o4700, "g": 0o2070, "o": 0o1007, "a": 0o7777}[w]
@@ -366,7 +366,7 @@ def parse_chown(spec: str, view: RootView) -> tuple[int, int]:
 
 def _table(view: RootView, path: str) -> dict[str, list[str]]:
     data = view.read(path) or b""
-    out = {}
+    out: dict[str, list[str]] = {}
     for line in data.decode(errors="replace").splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[0]:
@@ -507,8 +507,9 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
                     writer.add_dir(path, mode, uid, gid, int(ti.mtime))
                     written.add(path)
                 elif ti.isreg():
-                    writer.add_file(path, tar.extractfile(ti), ti.size, mode, uid, gid,
-                                    int(ti.mtime))
+                    data = tar.extractfile(ti)
+                    assert data is not None  # a regular file's member always has data
+                    writer.add_file(path, data, ti.size, mode, uid, gid, int(ti.mtime))
                 elif ti.issym():
                     writer.add_symlink(path, ti.linkname, uid, gid, int(ti.mtime))
                 elif ti.islnk():

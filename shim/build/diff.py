@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import AbstractSet
 
 from shim.build.errors import BuildError
 from shim.build.tree import LayerWriter, RootView
@@ -77,7 +78,7 @@ def check(spool: Path, limits: Limits | None = None) -> int:
 
 
 def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, *,
-                limits: Limits | None = None, mount_points: set[str] = frozenset()) -> int:
+                limits: Limits | None = None, mount_points: AbstractSet[str] = frozenset()) -> int:
     """Rewrite the diff tar *spool* into *writer*, leaving out runtime leftovers and
     directories only copied up (see the module), and *mount_points* (relative paths the
     step's ``--mount`` targets needed) when they are empty and new. Precondition:
@@ -131,8 +132,9 @@ def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, 
                     continue
                 flush()
                 if ti.isreg():
-                    writer.add_file(rel, tar.extractfile(ti), ti.size, mode, ti.uid, ti.gid,
-                                    mtime, kept)
+                    data = tar.extractfile(ti)
+                    assert data is not None  # a regular file's member always has data
+                    writer.add_file(rel, data, ti.size, mode, ti.uid, ti.gid, mtime, kept)
                 elif ti.islnk():
                     target = _norm(ti.linkname)
                     if target in written:
@@ -166,7 +168,7 @@ def _runtime_file(base: RootView | None, rel: str) -> bool:
     return rel in RUNTIME_FILES and (base is None or base.nodes.get(rel) is None)
 
 
-def _new(base: RootView | None, rel: str, mount_points: set[str]) -> bool:
+def _new(base: RootView | None, rel: str, mount_points: AbstractSet[str]) -> bool:
     return rel in mount_points and (base is None or base.nodes.get(rel) is None)
 
 

@@ -12,17 +12,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from shim.build.errors import BuildError
 from shim.build.tree import RootView
+from shim.files import replaced
 
 TYPES = ("local", "tar", "oci")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -71,18 +70,8 @@ def write(store, image_id: str, output: Output) -> None:
     image = store.resolve(image_id)
     view = RootView.of(store, [{"digest": layer.digest} for layer in image.layers])
     if output.type == "tar":
-        dest = Path(output.dest)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent if str(dest.parent) else ".",
-                                   prefix=f".{dest.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write_tar(view, f)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with replaced(Path(output.dest), sync=False) as f:
+            write_tar(view, f)
         return
     write_local(view, Path(output.dest))
 

@@ -131,15 +131,7 @@ class StepRunner:
         network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
-            client = placement.boot()
-            try:
-                code, tail = _run_main(client, boot, out_fd, self.status)
-                if code == 0:
-                    self.status("reading the step's changes")
-                    _fetch_diff(client, boot, spool, self.warn)
-                _shutdown(client)
-            finally:
-                client.close()
+            code, tail = self._step(placement.boot(), boot, out_fd, spool)
         except BaseException:
             placement.kill()
             placement.attachments.release()
@@ -148,6 +140,20 @@ class StepRunner:
         placement.attachments.release()  # QEMU has exited: its disks and shares are free
         reap.spawn(placement.domain, str(run_dir), network_of)  # libvirt catches up
         _check(code, tail, boot.process)
+
+    def _step(self, client, boot: BootConfig, out_fd: int, spool: Path) -> tuple[int, bytes]:
+        """Run the step's process through the booted agent *client*, fetch its changes
+        into *spool* when it succeeded, shut the guest down, close the client; the exit
+        code and the output's tail."""
+        try:
+            code, tail = _run_main(client, boot, out_fd, self.status)
+            if code == 0:
+                self.status("reading the step's changes")
+                _fetch_diff(client, boot, spool, self.warn)
+            _shutdown(client)
+        finally:
+            client.close()
+        return code, tail
 
     def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
                      spool: Path, mounts: list) -> None:
@@ -158,15 +164,7 @@ class StepRunner:
                                      rw_dir=work / "rw", network=self.network,
                                      mounts=mounts)
         try:
-            client = placement.boot()
-            try:
-                code, tail = _run_main(client, boot, out_fd, self.status)
-                if code == 0:
-                    self.status("reading the step's changes")
-                    _fetch_diff(client, boot, spool, self.warn)
-                _shutdown(client)
-            finally:
-                client.close()
+            code, tail = self._step(placement.boot(), boot, out_fd, spool)
         except BaseException:
             placement.kill()
             placement.teardown()

@@ -26,9 +26,10 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from shim import paths
+from shim.build.symlinks import resolve_within
 from shim.errors import ImageError
 from shim.images.layers import entry_kind
 from shim.images.tarsafe import BoundedTarInfo
@@ -189,28 +190,14 @@ class RootView:
     def resolve(self, path: str, follow_last: bool = True) -> str:
         """*path* with every symlink resolved as if the view's root were ``/`` (missing
         components kept literally). Raises ImageError after MAX_SYMLINKS links."""
-        pending = [p for p in path.split("/") if p not in ("", ".")]
-        pending.reverse()
-        resolved: list[str] = []
-        links = 0
-        while pending:
-            part = pending.pop()
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = "/".join(resolved + [part])
-            node = self.nodes.get(candidate)
-            if node is None or node.kind != "l" or (not pending and not follow_last):
-                resolved.append(part)
-                continue
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise ImageError(f"too many levels of symbolic links in /{path}")
-            if node.linkname.startswith("/"):
-                resolved = []
-            pending.extend(reversed([p for p in node.linkname.split("/") if p not in ("", ".")]))
-        return "/".join(resolved)
+        def link_of(resolved: list[str], part: str, last: bool) -> str | None:
+            node = self.nodes.get("/".join(resolved + [part]))
+            if node is None or node.kind != "l" or (last and not follow_last):
+                return None
+            return node.linkname
+
+        return resolve_within(path, link_of, MAX_SYMLINKS, lambda: ImageError(
+            f"too many levels of symbolic links in /{path}"))
 
     def get(self, path: str, follow: bool = True) -> Node | None:
         """The node at *path* (symlinks followed, also the last one when *follow*)."""
@@ -300,7 +287,7 @@ class LayerWriter:
         ti = self._info(name, tarfile.DIRTYPE, mode, uid, gid, mtime)
         self._add(ti, None, xattrs)
 
-    def add_file(self, name: str, data: BinaryIO | bytes, size: int, mode: int = 0o644,
+    def add_file(self, name: str, data: IO[bytes] | bytes, size: int, mode: int = 0o644,
                  uid: int = 0, gid: int = 0, mtime: int = 0, xattrs: dict | None = None) -> None:
         ti = self._info(name, tarfile.REGTYPE, mode, uid, gid, mtime)
         ti.size = size

@@ -99,11 +99,8 @@ class _Expander:
                 if self.i + 1 < n:
                     out.append(text[self.i + 1])
                 self.i += 2
-            elif ch == "$":
-                out.append(self._dollar())
             else:
-                out.append(ch)
-                self.i += 1
+                out.append(self._expansion_or(ch))
         if stop is not None:
             raise WordError(f"missing '{stop}' in {self.text!r}")
         return "".join(out)
@@ -119,12 +116,16 @@ class _Expander:
             if ch == self.escape and self.i + 1 < n and text[self.i + 1] in ('"', "$", self.escape):
                 out.append(text[self.i + 1])
                 self.i += 2
-            elif ch == "$":
-                out.append(self._dollar())
             else:
-                out.append(ch)
-                self.i += 1
+                out.append(self._expansion_or(ch))
         raise WordError(f"unterminated double quote in {self.text!r}")
+
+    def _expansion_or(self, ch: str) -> str:
+        """At ``$``: the expansion there; else the character *ch* itself."""
+        if ch == "$":
+            return self._dollar()
+        self.i += 1
+        return ch
 
     def _name(self) -> str:
         start = self.i

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,7 +14,12 @@ from shim.build.builder import BuildOptions, BuildOutput, build, short_id
 from shim.build.mounts import parse_secret_flags
 from shim.build.output import parse_output
 from shim.build.output import write as write_output
+from shim.containers.options import parse_labels
 from shim.errors import UsageError
+from shim.files import replaced
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 
 class ConsoleOutput(BuildOutput):
@@ -24,7 +30,7 @@ class ConsoleOutput(BuildOutput):
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.run_fd = None if quiet else 1
-        self._status = None
+        self._status: Status | None = None
         self._console = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console
@@ -75,27 +81,11 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for entry in values:
-        key, _, value = entry.partition("=")
-        if not key:
-            raise UsageError(f"invalid --label {entry!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
-
-
 def _write_iidfile(path: Path, image_id: str) -> None:
     """Write *image_id* to *path* whole or not at all (docker's --iidfile)."""
-    import tempfile
-
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                   prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(image_id)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with replaced(path, sync=False) as f:
+            f.write(image_id.encode())
     except OSError as exc:
         raise UsageError(f"cannot write --iidfile {path}: {exc.strerror or exc}") from None
 
@@ -148,7 +138,7 @@ def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, q
         context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
         tags=list(tags), build_args=_build_args(build_args), target=target,
         no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
-        network=network, add_hosts=list(add_hosts), labels=_labels(labels),
+        network=network, add_hosts=list(add_hosts), labels=parse_labels(labels),
         secrets=parse_secret_flags(list(secrets)), cache_from=list(cache_from))
     if progress == "auto":
         progress = "tty" if sys.stdout.isatty() else "plain"

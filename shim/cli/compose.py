@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from shim.cli.table import print_table
 from shim.errors import UsageError
 
 
@@ -149,7 +150,7 @@ def down_cmd(c, volumes, rmi, timeout, remove_orphans):
 @pass_ctx
 def ps_cmd(c, show_all, quiet, fmt, services, services_):
     """List the project's containers, with health."""
-    from shim.cli.ps import health_status, status_text
+    from shim.containers.listing import health_status, status_text
     from shim.compose import runner
     from shim.containers.networking import published_ports
 
@@ -186,9 +187,7 @@ def ps_cmd(c, show_all, quiet, fmt, services, services_):
     table = [("NAME", "IMAGE", "SERVICE", "ISOLATION", "STATUS", "PORTS")]
     table += [(r["Name"], r["Image"], r["Service"], r["Isolation"], r["Status"],
                r["Publishers"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print_table(table)
 
 
 @compose.command("logs")
@@ -256,8 +255,8 @@ def build_cmd(c, no_cache, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.build is not None and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.build is not None:
             runner.build_service(project, service, progress, no_cache=no_cache)
     progress.close()
 
@@ -271,8 +270,8 @@ def pull_cmd(c, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.image and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.image:
             runner.pull_image(service.image, progress)
     progress.close()
 
@@ -288,8 +287,8 @@ def push_cmd(c, services):
 
     project = c.project()
     progress = c.progress()
-    for service in project.ordered():
-        if service.build is not None and service.image and (not services or service.name in services):
+    for service in project.chosen(services):
+        if service.build is not None and service.image:
             line = progress.line(f"Image {service.image}", "Pushing")
             push(parse_reference(service.image), store=ImageStore())
             line.done("Pushed")
@@ -404,10 +403,7 @@ def top_cmd(c, services):
             continue
         data = manage.top(record.id)
         click.echo(record.name)
-        rows = [data["titles"]] + data["processes"]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            click.echo("   ".join(str(v).ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+        print_table([data["titles"]] + data["processes"])
         click.echo("")
 
 

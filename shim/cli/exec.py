@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from shim.cli.table import print_table
+
 
 @click.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background.")
@@ -55,8 +57,4 @@ def top(container):
     from shim.containers import manage
 
     table = manage.top(container)
-    rows = [[str(c) for c in table["titles"]]] + [[str(c) for c in p] for p in table["processes"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
-        click.echo("   ".join(cells))
+    print_table([table["titles"]] + table["processes"])

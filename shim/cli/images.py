@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from shim.cli.progress import progress_for
+from shim.cli.table import print_table
+from shim.containers import housekeeping
 from shim.errors import UsageError
 from shim.images import archive
 from shim.images.reference import parse_reference
@@ -45,9 +47,7 @@ def _list(quiet: bool, fmt: str | None) -> None:
     for s in images:
         rows.append((s.reference.familiar_name, s.reference.tag or "<none>",
                      digest_hex(s.id)[:12], format_created(s.created), format_size(s.size)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[-1])
+    print_table(rows)
 
 
 @click.command("images")
@@ -202,10 +202,7 @@ def _history(ref: str, quiet: bool, no_trunc: bool, fmt: str | None) -> None:
             by = by[:44] + "…"
         table.append((ident, format_created(row["CreatedAt"]), by, format_size(row["Size"]),
                       row["Comment"]))
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
-    for r in table:
-        click.echo(("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-                    + "   " + r[-1]).rstrip())
+    print_table(table)
 
 
 _history_opts = [
@@ -240,22 +237,15 @@ def image_history(quiet: bool, no_trunc: bool, fmt: str | None, ref: str) -> Non
 
 
 # prune --------------------------------------------------------------------------------------
-def images_in_use() -> set[str]:
-    """Image IDs (config digests) that containers use, which ``prune -a`` keeps."""
-    try:
-        from shim.containers.store import ContainerStore
-    except ImportError:  # no container store in this build
-        return set()
-    return {c.image_id for c in ContainerStore().list() if c.image_id}
-
-
 def do_prune(all_images: bool, force: bool) -> None:
+    """``image prune`` and ``system prune``: ask (unless *force* or not a terminal), prune,
+    print what went and the space freed."""
     if not force and sys.stdin.isatty():
         what = "all images without at least one container" if all_images else \
             "all dangling images and unreferenced blobs"
         click.confirm(f"WARNING! This will remove {what}. Are you sure you want to continue?",
                       abort=True)
-    report = ImageStore().prune(all_images=all_images, keep=images_in_use())
+    report = housekeeping.prune_images(all_images)
     if report.untagged:
         click.echo("Deleted Images:")
         for name in report.untagged:
@@ -287,7 +277,7 @@ def _save(output: str | None, fmt: str, refs: tuple[str, ...]) -> None:
     if sys.stdout.isatty():
         raise UsageError("refusing to write an image archive to a terminal: use -o FILE or "
                          "redirect stdout")
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     archive.save(store, list(refs), out, fmt)
     out.flush()
 
@@ -320,7 +310,7 @@ def _load(input_: str | None, quiet: bool) -> None:
     if input_ is None and sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is a terminal: use -i FILE "
                          "or pipe an archive in")
-    stdin = click.get_binary_stream("stdin") if input_ is None else None
+    stdin = sys.stdin.buffer if input_ is None else None
     with progress_for("Loading", quiet) as progress:
         loaded = archive.load(store, Path(input_) if input_ else None, stdin, progress)
     for item in loaded:

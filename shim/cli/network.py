@@ -7,23 +7,9 @@ import sys
 
 import click
 
+from shim.cli.table import print_table
+from shim.containers.options import parse_labels
 from shim.errors import NetworkError
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _labels(values) -> dict[str, str]:
-    out = {}
-    for item in values:
-        key, _, value = item.partition("=")
-        if not key:
-            raise NetworkError(f"invalid --label {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def inspect_doc(net) -> dict:
@@ -90,7 +76,7 @@ def create_cmd(driver, subnet, ipv6, gateway, internal, label, name):
     if len(v4) > 1 or len(v6) > 1:
         raise NetworkError("--subnet: at most one IPv4 and one IPv6 subnet")
     net = create_network(name, subnet=v4[0] if v4 else None, gateway=gateway,
-                         internal=internal, labels=_labels(label), ipv6=ipv6,
+                         internal=internal, labels=parse_labels(label), ipv6=ipv6,
                          subnet6=v6[0] if v6 else None)
     click.echo(net.id)
 
@@ -120,7 +106,7 @@ def ls_cmd(quiet, no_trunc, fmt):
                      + (" (internal)" if net.internal else ""),
                      str(len(net.endpoints))))
     rows += [("-", "host", "host", "-", "-"), ("-", "none", "null", "-", "-")]
-    _table(rows)
+    print_table(rows)
 
 
 @network_group.command("inspect")
@@ -170,7 +156,7 @@ def prune_cmd(force):
 @click.argument("container")
 def connect_cmd(alias, ip, network, container):
     """Connect CONTAINER to NETWORK."""
-    from shim.containers.networking import connect_container
+    from shim.containers.netconnect import connect_container
 
     connect_container(container, network, aliases=list(alias), ip=ip)
 
@@ -181,7 +167,7 @@ def connect_cmd(alias, ip, network, container):
 @click.argument("container")
 def disconnect_cmd(force, network, container):
     """Disconnect CONTAINER from NETWORK."""
-    from shim.containers.networking import disconnect_container
+    from shim.containers.netconnect import disconnect_container
 
     disconnect_container(container, network, force=force)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TransferSpeedColumn)
 
+from shim.images import distribution
 from shim.images.distribution import NoProgress
 
 
@@ -61,7 +62,7 @@ class RichProgress:
 
 
 @contextlib.contextmanager
-def progress_for(verb: str, quiet: bool) -> Iterator[object]:
+def progress_for(verb: str, quiet: bool) -> Iterator[distribution.Progress]:
     """A Progress for the library: rich bars on stderr, or nothing when ``quiet``."""
     if quiet:
         yield NoProgress()

@@ -10,6 +10,8 @@ import time
 
 import click
 
+from shim.cli.table import print_table
+
 
 def _size(n) -> str:
     if n is None:
@@ -84,9 +86,7 @@ def _print(table: list[dict], fmt: str | None) -> None:
     lines = [head] + [tuple(r[c] for c in cols) + (
         (r["Host"]["CPUPerc"], r["Host"]["MemUsage"]) if "Host" in r else ("", ""))
         for r in table]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for line in lines:
-        click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip())
+    print_table(lines)
 
 
 @click.command()

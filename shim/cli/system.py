@@ -1,52 +1,16 @@
-"""``vmshim system df`` (and ``system prune`` for images). Thin: gather, print."""
+"""``vmshim system df`` (and ``system prune`` for images). Thin: call
+shim.containers.housekeeping, print."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import click
 
-from shim import paths
-from shim.cli.images import do_prune, images_in_use
-from shim.images.store import ImageStore, format_size
-
-
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                continue
-    return total
-
-
-def disk_usage() -> list[dict]:
-    """Rows of ``system df``: images (blobs), layer disks, containers."""
-    store = ImageStore()
-    usage = store.disk_usage()
-    in_use = images_in_use()
-    active = len({s.id for s in store.list_images() if s.id in in_use})
-    layer_dir = paths.layer_disks_dir()
-    disks = list(layer_dir.glob("*.sqfs")) if layer_dir.is_dir() else []
-    disk_size = sum(p.stat().st_size for p in disks)
-    unused_disks = sum(p.stat().st_size for p in disks
-                       if p.name.removesuffix(".sqfs") not in usage.layer_digests)
-    cdir = paths.containers_dir()
-    containers = [p for p in cdir.iterdir() if p.is_dir()] if cdir.is_dir() else []
-    return [
-        {"Type": "Images", "TotalCount": usage.images, "Active": active,
-         "Size": usage.blobs_size + usage.reclaimable, "Reclaimable": usage.reclaimable},
-        {"Type": "Layer disks", "TotalCount": len(disks),
-         "Active": len(disks) - sum(1 for p in disks
-                                    if p.name.removesuffix(".sqfs") not in usage.layer_digests),
-         "Size": disk_size, "Reclaimable": unused_disks},
-        {"Type": "Containers", "TotalCount": len(containers), "Active": 0,
-         "Size": sum(_tree_size(p) for p in containers), "Reclaimable": 0},
-    ]
+from shim.cli.images import do_prune
+from shim.cli.table import print_table
+from shim.containers.housekeeping import disk_usage
+from shim.images.store import format_size
 
 
 @click.group("system")
@@ -72,9 +36,7 @@ def system_df(fmt: str | None) -> None:
         pct = f" ({100 * r['Reclaimable'] // r['Size']}%)" if r["Size"] else ""
         table.append((r["Type"], str(r["TotalCount"]), str(r["Active"]),
                       format_size(r["Size"]), format_size(r["Reclaimable"]) + pct))
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
-    for r in table:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print_table(table)
 
 
 @system_group.command("prune")

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from shim.cli.table import print_table
+from shim.containers.options import parse_labels
 from shim.errors import UsageError, VmshimError
 
 
@@ -52,12 +54,7 @@ def create(label, opt, driver, name):
 
     if driver != "local":
         raise UsageError(f"unknown volume driver {driver!r}: only local is supported")
-    labels = {}
-    for item in label:
-        key, _, value = item.partition("=")
-        if not key:
-            raise UsageError(f"invalid --label {item!r}: expected KEY=VALUE")
-        labels[key] = value
+    labels = parse_labels(label)
     options, size = {}, None
     for item in opt:
         key, sep, value = item.partition("=")
@@ -105,9 +102,7 @@ def ls(quiet, fmt, filters):
     for v in volumes:
         status = v.inspect()["Status"]
         rows.append(("local", v.name, _size(v.size), _size(status["DiskUsage"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[-1])
+    print_table(rows)
 
 
 @volume_group.command("inspect")

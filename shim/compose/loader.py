@@ -137,14 +137,14 @@ def _braced(braced: str, env: dict[str, str], where: str) -> str:
         return value or ""
     if op in (":-", "-"):
         unset = value is None or (op == ":-" and value == "")
-        return interpolate_text(arg, env, where) if unset else value
+        return interpolate_text(arg, env, where) if unset else value or ""
     if op in (":?", "?"):
         unset = value is None or (op == ":?" and value == "")
         if unset:
             reason = interpolate_text(arg, env, where) or "is not set"
             raise ComposeError(f"{where}: required variable {name} is missing a value: "
                                f"{reason}")
-        return value
+        return value or ""
     present = value is not None and (op == "+" or value != "")
     return interpolate_text(arg, env, where) if present else ""
 

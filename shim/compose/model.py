@@ -12,6 +12,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from shim.compose import loader, schema
 from shim.compose.errors import ComposeError
@@ -161,6 +162,10 @@ class Project:
     disabled: dict[str, Service] = field(default_factory=dict)
     """Services left out by profiles (``down`` still removes their containers)."""
 
+    def chosen(self, names=()) -> list[Service]:
+        """The services *names* (all when empty), in dependency order."""
+        return [s for s in self.ordered() if not names or s.name in names]
+
     def ordered(self) -> list[Service]:
         """Services in dependency order (dependencies first)."""
         done: list[str] = []
@@ -192,8 +197,8 @@ def normalize_project_name(text: str) -> str:
     return name
 
 
-def load_project(files: list[str] = (), *, project_name: str | None = None,
-                 env_files: list[str] = (), profiles: list[str] = (),
+def load_project(files: Sequence[str] = (), *, project_name: str | None = None,
+                 env_files: Sequence[str] = (), profiles: Sequence[str] = (),
                  cwd: Path | None = None) -> Project:
     """Find, read, merge and validate the compose files; return the project with the
     services of the active profiles. Raises ComposeError (nothing is created)."""
@@ -257,6 +262,7 @@ def _service(name: str, raw: dict, directory: Path) -> Service:
             raise ComposeError(f"services.{name}.build.context: {build['context']} is not "
                                "a directory")
     nets = raw.get("networks")
+    networks: dict[str, list]
     if nets is None:
         networks = {"default": []}
     elif isinstance(nets, list):

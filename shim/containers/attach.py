@@ -178,6 +178,8 @@ class StdioPump:
         return self.exit_code
 
     def _forward_stdin(self) -> bool:
+        if self.stdin_fd is None:  # only called while stdin is open
+            return False
         try:
             data = os.read(self.stdin_fd, protocol.CHUNK)
         except OSError:

@@ -238,6 +238,7 @@ class _Extractor:
                     _set_link_mtime(parent_fd, name, member.mtime)
                     kind = "l"
                 elif member.islnk():
+                    assert link is not None  # add() is given the link's parts for a hard link
                     src_fd = self._open_dir(link[:-1])
                     try:
                         os.link(link[-1], name, src_dir_fd=src_fd, dst_dir_fd=parent_fd,
@@ -294,6 +295,7 @@ class _Extractor:
                      | os.O_CLOEXEC, 0o600, dir_fd=parent_fd)
         try:
             src = tar.extractfile(member)
+            assert src is not None  # a regular file's member always has data
             remaining = member.size
             while remaining:
                 chunk = src.read(min(CHUNK, remaining))

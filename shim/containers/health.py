@@ -19,6 +19,7 @@ import signal
 import time
 
 from guest import protocol
+from shim.containers.options import exec_spec
 from shim.containers.store import now_rfc3339
 
 OUTPUT_LIMIT = 4096
@@ -117,8 +118,6 @@ class HealthChecker:
         monitor = self.monitor
         if not monitor.main_running or monitor.agent is None or monitor.record is None:
             return
-        from shim.containers.manage import exec_spec
-
         spec = exec_spec(monitor.record, self.test)
         self.probe = Probe(self._done)
         self.probe_id = monitor._new_proc_id()
@@ -195,7 +194,7 @@ def from_flags(*, health_cmd=None, health_interval=None, health_timeout=None,
                                        health_retries, health_start_period)):
             raise UsageError("--no-healthcheck conflicts with the --health-* options")
         return {"Test": ["NONE"]}
-    check = {}
+    check: dict[str, object] = {}
     if health_cmd is not None:
         check["Test"] = ["CMD-SHELL", health_cmd]
     for value, key, flag in ((health_interval, "Interval", "--health-interval"),

@@ -20,9 +20,9 @@ import time
 from guest import protocol
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
+from shim.containers.options import exec_spec
 from shim.containers.store import (Container, ContainerStore, monitor_alive, run_dir_of)
-from shim.errors import (AgentError, ContainerNotFound, ContainerStateError, UsageError,
-                         VmshimError)
+from shim.errors import AgentError, ContainerNotFound, ContainerStateError, VmshimError
 
 MONITOR_EXIT_WAIT = 30.0
 """How long a verb waits for a monitor that is finishing (tearing its VM down)."""
@@ -360,35 +360,6 @@ def rename(ref: str, new_name: str, store: ContainerStore | None = None) -> Cont
 
 
 # ---- processes in the container ---------------------------------------------------------
-
-def exec_spec(record: Container, command: list[str], *, env: list[str] = (), workdir=None,
-              user=None, tty: bool = False, privileged: bool = False):
-    """The ProcessSpec of an exec: the container's env with *env* on top, its user and
-    workdir unless given, its capabilities (every one with *privileged*), seccomp and
-    no_new_privs."""
-    from guest.spec import CAPABILITIES, ProcessSpec
-    from shim.containers.options import merge_env, parse_env_entry
-
-    if not command:
-        raise UsageError("exec needs a command")
-    base = ProcessSpec.from_dict(record.process)
-    extra = [e for e in (parse_env_entry(x) for x in env) if e is not None]
-    environment = merge_env(base.env, extra)
-    if tty and not any(e.startswith("TERM=") for e in environment):
-        environment.append("TERM=xterm")
-    if workdir is not None and not workdir.startswith("/"):
-        raise UsageError(f"invalid -w {workdir!r}: the working directory must be absolute")
-    seccomp = base.seccomp
-    if privileged and seccomp == "default" and base.capabilities is not None:
-        from guest.runtime.seccomp import default_for  # as the container's caps shaped it
-
-        seccomp = default_for(base.capabilities.get("bounding", []))
-    return ProcessSpec(args=list(command), env=environment, cwd=workdir or base.cwd,
-                       user=base.user if user is None else user, tty=tty,
-                       capabilities={"bounding": list(CAPABILITIES)} if privileged
-                       else base.capabilities, seccomp=seccomp,
-                       no_new_privs=base.no_new_privs)
-
 
 def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty: bool = False,
                  detach: bool = False, env: list[str] = (), workdir: str | None = None,

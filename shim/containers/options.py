@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guest.spec import ProcessSpec
+from guest.spec import CAPABILITIES, ProcessSpec
 from shim.errors import UsageError
 
 ISOLATIONS = ("vm", "process")
@@ -251,6 +251,32 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
         tty=options.tty,
         capabilities=capabilities, seccomp=seccomp, no_new_privs=no_new_privs,
     )
+
+
+def exec_spec(record, command: list[str], *, env: list[str] = (), workdir=None,
+              user=None, tty: bool = False, privileged: bool = False):
+    """The ProcessSpec of an exec: the container's env with *env* on top, its user and
+    workdir unless given, its capabilities (every one with *privileged*), seccomp and
+    no_new_privs."""
+    if not command:
+        raise UsageError("exec needs a command")
+    base = ProcessSpec.from_dict(record.process)
+    extra = [e for e in (parse_env_entry(x) for x in env) if e is not None]
+    environment = merge_env(base.env, extra)
+    if tty and not any(e.startswith("TERM=") for e in environment):
+        environment.append("TERM=xterm")
+    if workdir is not None and not workdir.startswith("/"):
+        raise UsageError(f"invalid -w {workdir!r}: the working directory must be absolute")
+    seccomp = base.seccomp
+    if privileged and seccomp == "default" and base.capabilities is not None:
+        from guest.runtime.seccomp import default_for  # as the container's caps shaped it
+
+        seccomp = default_for(base.capabilities.get("bounding", []))
+    return ProcessSpec(args=list(command), env=environment, cwd=workdir or base.cwd,
+                       user=base.user if user is None else user, tty=tty,
+                       capabilities={"bounding": list(CAPABILITIES)} if privileged
+                       else base.capabilities, seccomp=seccomp,
+                       no_new_privs=base.no_new_privs)
 
 
 def confinement(security=None, os_container: bool = False) -> tuple[dict, object, bool]:

@@ -74,7 +74,8 @@ def parse_cpuset(text: str, flag: str = "--cpuset-cpus") -> list[int]:
 
 def format_cpuset(cpus: list[int]) -> str:
     """[0, 1, 2, 5] → ``0-2,5``."""
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for cpu in sorted(set(cpus)):
         if run and cpu == run[-1] + 1:
             run.append(cpu)
@@ -268,7 +269,7 @@ class Resources:
                 try:
                     mode = os.stat(path).st_mode
                 except OSError as exc:
-                    raise UsageError(f"{flag} {path}: {exc.strerror.lower()}") from None
+                    raise UsageError(f"{flag} {path}: {(exc.strerror or str(exc)).lower()}") from None
                 if not stat.S_ISBLK(mode):
                     raise UsageError(f"{flag} {path}: not a block device")
         if self.blkio_weight and not _host_supports_io_weight():
@@ -468,50 +469,3 @@ def read_stats(client, token: str, request_id: int = 900002) -> dict:
 
     reply = agent_request(client, protocol.STATS, token, request_id)
     return reply.get("usage", dict)
-
-
-# ---- inspect -------------------------------------------------------------------------------
-
-def host_config(record) -> dict:
-    """docker ``inspect``'s HostConfig fields for a container record's limits and mounts
-    (``Memory`` is the limit, 0 = none, as in docker; the VM's size is ``VmMemory``)."""
-    from shim.volumes.specs import MountRequest
-
-    r = Resources.from_dict(getattr(record, "resources", None))
-    mounts = [MountRequest.from_dict(m) for m in getattr(record, "mounts", None) or []]
-    return {
-        "Memory": max(r.memory, 0), "MemorySwap": r.memory_swap,
-        "MemoryReservation": r.memory_reservation, "NanoCpus": r.nano_cpus,
-        "CpuShares": r.cpu_shares, "CpusetCpus": r.cpuset_cpus,
-        "PidsLimit": r.pids_limit or None, "BlkioWeight": r.blkio_weight,
-        "BlkioDeviceReadBps": [{"Path": d, "Rate": v} for d, v in r.device_read_bps],
-        "BlkioDeviceWriteBps": [{"Path": d, "Rate": v} for d, v in r.device_write_bps],
-        "Ulimits": [{"Name": n, "Soft": s, "Hard": h} for n, s, h in r.ulimits],
-        "OomScoreAdj": r.oom_score_adj or 0,
-        "ReadonlyRootfs": bool(getattr(record, "read_only", False)),
-        "Binds": [f"{m.source}:{m.target}{':ro' if m.readonly else ''}"
-                  for m in mounts if m.type == "bind" or (m.type == "volume" and not m.anonymous)],
-        "Tmpfs": {m.target: m.options for m in mounts if m.type == "tmpfs"},
-        "VmMemory": getattr(record, "memory_mib", 0) << 20 if record.isolation == "vm" else 0,
-        "VmCpus": r.vm_vcpus() if record.isolation == "vm" else 0,
-    }
-
-
-def inspect_mounts(record) -> list[dict]:
-    """docker ``inspect``'s top-level ``Mounts`` for a container record."""
-    from shim import paths
-    from shim.volumes.specs import MountRequest
-
-    out = []
-    for m in (MountRequest.from_dict(d) for d in getattr(record, "mounts", None) or []):
-        entry = {"Type": m.type, "Destination": m.target, "RW": not m.readonly,
-                 "Mode": "ro" if m.readonly else ""}
-        if m.type == "bind":
-            entry["Source"] = m.source
-        elif m.type == "volume":
-            entry.update(Name=m.source, Driver="local",
-                         Source=str(paths.volumes_dir() / m.source / "volume.img"))
-        else:
-            entry["Source"] = ""
-        out.append(entry)
-    return out

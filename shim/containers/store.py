@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shim import paths
+from shim.files import flocked
 from shim.containers.state import Status
 from shim.errors import ContainerNotFound, UsageError, VmshimError
 
@@ -61,6 +62,12 @@ def parse_rfc3339(text: str) -> float | None:
 
 SOCKET_PATH_MAX = 107
 """sun_path holds 108 bytes with the terminating NUL."""
+
+
+def domain_name(container_id: str) -> str:
+    """The libvirt domain of a VM container: ``vmshim-`` and the short id. Defined here, at
+    the record, so that networking and the record need not import the VM isolation."""
+    return f"vmshim-{container_id[:12]}"
 
 
 def run_dir_of(container_id: str) -> Path:
@@ -182,8 +189,6 @@ class Container:
 
     @property
     def domain(self) -> str:
-        from shim.containers.vm_placement import domain_name
-
         return domain_name(self.id)
 
     def to_dict(self) -> dict:
@@ -354,12 +359,8 @@ class ContainerStore:
     @contextlib.contextmanager
     def _names_locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.root / ".lock", mode=0o600):
             yield
-        finally:
-            os.close(fd)
 
 
 # ---- the monitor process's identity ----------------------------------------------------

@@ -44,7 +44,8 @@ from shim.images.layers import open_uncompressed
 from shim.images.reference import Reference, parse_reference
 from shim.images.store import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX,
                                OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
-                               REF_NAME, Image, ImageStore, canonical_json, digest_hex)
+                               REF_NAME, Image, ImageStore, canonical_json, check_descriptor,
+                               digest_hex)
 from shim.images.tarsafe import BoundedTarInfo
 
 FORMATS = ("docker-archive", "oci-archive")
@@ -561,7 +562,7 @@ def _load_oci(loader: _Loader, label: str) -> list[Loaded]:
     docker_tags = _docker_tags(src)
     results: list[Loaded] = []
     for desc in index["manifests"]:
-        top, _ = _desc(desc, label)
+        top, _ = check_descriptor(desc, label)
         digest, manifest, media = _load_manifest_tree(loader, desc, label)
         config_digest = manifest["config"]["digest"]
         names, tag = _names_from(desc.get("annotations") or {},
@@ -586,19 +587,6 @@ def _load_oci(loader: _Loader, label: str) -> list[Loaded]:
     return results
 
 
-def _desc(desc: object, label: str) -> tuple[str, int]:
-    if not isinstance(desc, dict):
-        raise ImageError(f"{label}: malformed descriptor {desc!r}")
-    digest, size = desc.get("digest"), desc.get("size")
-    try:
-        digest_hex(digest)
-    except ImageError:
-        raise ImageError(f"{label}: unsupported or invalid digest {digest!r}") from None
-    if not isinstance(size, int) or size < 0:
-        raise ImageError(f"{label}: descriptor of {digest} has an invalid size {size!r}")
-    return digest, size
-
-
 def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{digest_hex(digest)}"
 
@@ -607,7 +595,7 @@ def _load_manifest_tree(loader: _Loader, desc: dict, label: str) -> tuple[str, d
     """Store the manifest ``desc`` names (an index: itself and the host platform's child)
     with its config and layers. Returns (image manifest digest, manifest, media type)."""
     src = loader.src
-    digest, size = _desc(desc, label)
+    digest, size = check_descriptor(desc, label)
     body = src.read(_blob_name(digest))
     if len(body) != size:
         raise ImageError(f"{label}: blob {digest} does not have the size {size} its "
@@ -625,7 +613,7 @@ def _load_manifest_tree(loader: _Loader, desc: dict, label: str) -> tuple[str, d
     if media not in MANIFEST_TYPES and "layers" not in manifest:
         raise ImageError(f"{label}: manifest {digest} has unsupported media type {media!r}")
     try:
-        blobs = [_desc(manifest["config"], label)] + [_desc(d, label)
+        blobs = [check_descriptor(manifest["config"], label)] + [check_descriptor(d, label)
                                                       for d in manifest["layers"]]
     except (KeyError, TypeError):
         raise ImageError(f"{label}: manifest {digest} is malformed") from None

@@ -18,6 +18,7 @@ Progress goes to a :class:`Progress` (the CLI draws rich bars; the default draws
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -29,7 +30,7 @@ from shim.errors import ImageError, RegistryError, UsageError, VmshimError
 from shim.images.reference import Reference, as_reference
 from shim.images.registry import Cancelled, RegistryClient, with_retries
 from shim.images.store import (DOCKER_CONFIG, INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG,
-                               OCI_MANIFEST, ImageStore, digest_hex, host_arch)
+                               OCI_MANIFEST, ImageStore, check_descriptor, digest_hex, host_arch)
 
 PARALLEL = 3
 SCHEMA1_TYPES = {"application/vnd.docker.distribution.manifest.v1+json",
@@ -140,20 +141,6 @@ def _select_platform(index: dict, platform: Platform, what: str) -> dict:
     return (exact or candidates)[0]
 
 
-def _descriptor(desc: object, what: str) -> tuple[str, int]:
-    if not isinstance(desc, dict):
-        raise ImageError(f"{what}: malformed descriptor {desc!r}")
-    digest = desc.get("digest")
-    size = desc.get("size")
-    try:
-        digest_hex(digest)
-    except ImageError:
-        raise ImageError(f"{what}: unsupported or invalid digest {digest!r}") from None
-    if not isinstance(size, int) or size < 0:
-        raise ImageError(f"{what}: descriptor of {digest} has an invalid size {size!r}")
-    return digest, size
-
-
 def pull(ref: str | Reference, *, store: ImageStore | None = None,
          platform: str | None = None, insecure: bool = False,
          progress: Progress | None = None, client: RegistryClient | None = None) -> PullResult:
@@ -165,7 +152,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     plat = Platform.parse(platform)
     client = client or RegistryClient(ref.registry, insecure=insecure)
     repo = ref.repository
-    wanted = ref.digest or ref.tag
+    wanted = ref.digest or ref.tag or "latest"
     what = f"pulling {ref.familiar}"
 
     body, media_type, top_digest = with_retries(
@@ -175,7 +162,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     if media_type in INDEX_TYPES or (not media_type and "manifests" in manifest):
         index_body = body
         desc = _select_platform(manifest, plat, what)
-        child, _ = _descriptor(desc, what)
+        child, _ = check_descriptor(desc, what)
         body, media_type, manifest_digest = with_retries(
             lambda: client.get_manifest(repo, child), what)
         manifest = _parse_manifest(body, media_type, what)
@@ -184,8 +171,8 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     if media_type not in MANIFEST_TYPES and not (not media_type and "layers" in manifest):
         raise ImageError(f"{what}: unsupported manifest media type {media_type!r}")
     config_desc = manifest.get("config")
-    config_digest, config_size = _descriptor(config_desc, what)
-    config_type = config_desc.get("mediaType")
+    config_digest, config_size = check_descriptor(config_desc, what)
+    config_type = (config_desc or {}).get("mediaType")  # a dict: checked just above
     if config_type not in (OCI_CONFIG, DOCKER_CONFIG, None):
         raise ImageError(f"{what}: {ref.familiar} is not a container image (config media "
                          f"type {config_type})")
@@ -194,7 +181,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
         raise ImageError(f"{what}: the manifest has no layers list")
     blobs = [(config_digest, config_size)]
     for layer in layers:
-        blobs.append(_descriptor(layer, what))
+        blobs.append(check_descriptor(layer, what))
         if "tar" not in str(layer.get("mediaType", "tar")):
             raise ImageError(f"{what}: layer {layer['digest']} has unsupported media type "
                              f"{layer.get('mediaType')!r}")
@@ -273,8 +260,8 @@ def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
                     p.cancel()
                 wait(pending)
                 # the first real error by submission order, for a stable message
-                errors = [g.exception() for g in futures
-                          if g.done() and not g.cancelled() and g.exception() is not None]
+                errors = [e for g in futures
+                          if g.done() and not g.cancelled() and (e := g.exception()) is not None]
                 raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
     except BaseException:
         cancelled.set()
@@ -352,7 +339,8 @@ def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: boo
             if host != client.host or source == repo:
                 continue
             try:
-                location = with_retries(lambda s=source: client.mount_blob(repo, digest, s), what)
+                location = with_retries(functools.partial(client.mount_blob, repo, digest, source),
+                                        what)
             except RegistryError:
                 continue  # no access to the source: upload instead
             if location is None:

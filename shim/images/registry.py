@@ -26,6 +26,7 @@ a one-line message naming the registry and what was asked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -327,7 +328,7 @@ class RegistryClient:
     # -- requests -------------------------------------------------------------------------
     def request(self, method: str, path_or_url: str, *, scopes: tuple[str, ...], what: str,
                 headers: dict[str, str] | None = None,
-                body: Callable[[], object] | None = None, stream: bool = False,
+                body: Callable[[], bytes | _Body] | None = None, stream: bool = False,
                 params: dict | None = None, allow_redirects: bool = True) -> requests.Response:
         """Send a request, answering one 401 challenge. ``body`` is a callable returning
         a fresh body (so the request can be re-sent after authenticating). Connection
@@ -528,7 +529,7 @@ class RegistryClient:
                         headers={"Content-Type": "application/octet-stream",
                                  "Content-Length": str(n),
                                  "Content-Range": f"{start}-{start + n - 1}"},
-                        body=lambda s=start, k=n: _rewound(f, s, k, on_bytes))
+                        body=functools.partial(_rewound, f, start, n, on_bytes))
                     resp.close()
                     if resp.status_code != 202 or not resp.headers.get("Location"):
                         raise self._fail(resp, what)
@@ -585,7 +586,7 @@ def _with_query(url: str, **params: str) -> str:
 
 def _range_starts_at(resp: requests.Response, start: int) -> bool:
     m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
-    return bool(m) and int(m.group(1)) == start
+    return m is not None and int(m.group(1)) == start
 
 
 def _read_capped(resp: requests.Response, limit: int, what: str) -> bytes:

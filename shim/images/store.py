@@ -33,6 +33,7 @@ import datetime as _dt
 import fcntl
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -42,9 +43,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, Iterable, Iterator
 
 from shim import paths
+from shim.files import flocked, replaced
 from shim.errors import ImageError, ImageNotFound, InvalidReference
 from shim.images.reference import Reference, as_reference, parse_reference
 
@@ -87,6 +90,22 @@ def digest_hex(digest: str) -> str:
         raise ImageError(f"invalid digest {digest!r}: expected 'sha256:' and 64 lowercase "
                          "hex digits")
     return m.group(1)
+
+
+def check_descriptor(desc: object, what: str) -> tuple[str, int]:
+    """``(digest, size)`` of an OCI descriptor from a manifest, an index or an archive
+    that vmshim did not write. Raises ImageError naming *what* when it is not a dict,
+    its digest is not one vmshim takes, or its size is not a whole number >= 0."""
+    if not isinstance(desc, dict):
+        raise ImageError(f"{what}: malformed descriptor {desc!r}")
+    digest, size = desc.get("digest"), desc.get("size")
+    try:
+        digest_hex(digest)
+    except ImageError:
+        raise ImageError(f"{what}: unsupported or invalid digest {digest!r}") from None
+    if not isinstance(size, int) or size < 0:
+        raise ImageError(f"{what}: descriptor of {digest} has an invalid size {size!r}")
+    return digest, size
 
 
 # Data model ---------------------------------------------------------------------------------
@@ -173,30 +192,9 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a
     partial one (temp file in the same directory, fsync, rename, fsync the directory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replaced(path, mode) as f:
+        f.write(data)
     _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def flocked(path: Path, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
-    """Hold an flock on ``path`` (created if needed) for the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, kind)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def canonical_json(obj: dict) -> bytes:
@@ -547,26 +545,8 @@ class ImageStore:
     def _collect_garbage(self, roots: list[str], index: dict) -> None:
         """Delete the blobs reachable from the manifests ``roots`` that no manifest left in
         ``index`` reaches. Caller holds the gc lock exclusively and the index lock."""
-        def reachable(manifests: list[str]) -> set[str]:
-            seen: set[str] = set()
-            todo = list(manifests)
-            while todo:
-                d = todo.pop()
-                if d in seen:
-                    continue
-                seen.add(d)
-                try:
-                    obj = self.read_json(d)
-                except ImageError:
-                    continue  # missing or broken: nothing further
-                if obj.get("mediaType") in INDEX_TYPES or "manifests" in obj:
-                    todo.extend(self._referenced_by(obj))  # child manifests: follow them
-                else:
-                    seen.update(self._referenced_by(obj))  # config + layers: do not read
-            return seen
-
-        keep = reachable([d["digest"] for d in index["manifests"] if "digest" in d])
-        for digest in reachable(roots) - keep:
+        keep = self._reachable_from_index(index)
+        for digest in self._reachable(roots) - keep:
             with contextlib.suppress(FileNotFoundError, ImageError):
                 os.unlink(self.blobs_dir / digest_hex(digest))
 
@@ -579,10 +559,16 @@ class ImageStore:
 
     # -- garbage collection, pruning, usage ------------------------------------------------
     def _reachable_from_index(self, index: dict) -> set[str]:
-        """Every blob digest reachable from the entries of ``index`` (children of indexes
-        followed; manifests' configs and layers listed without being read)."""
+        """Every blob digest reachable from the entries of ``index``."""
+        return self._reachable([d["digest"] for d in index["manifests"]
+                                if isinstance(d.get("digest"), str)])
+
+    def _reachable(self, manifests: list[str]) -> set[str]:
+        """Every blob digest reachable from the manifests (or indexes) ``manifests``:
+        children of indexes followed, manifests' configs and layers listed without being
+        read; a missing or broken blob ends its branch."""
         seen: set[str] = set()
-        todo = [d["digest"] for d in index["manifests"] if isinstance(d.get("digest"), str)]
+        todo = list(manifests)
         while todo:
             d = todo.pop()
             if d in seen:
@@ -956,20 +942,39 @@ def recipe_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def bootstrap(name: str, store: ImageStore | None = None) -> Image:
-    """Run the recipe ``images/<name>/recipe.py`` (its ``build(store) -> Image``)."""
-    import importlib.util
+def recipe_config(created: str, config: dict, created_by: str) -> dict:
+    """The image config of a recipe's one-layer image: made at *created* (RFC 3339) for
+    this host's architecture, with the container *config* (Env, Cmd, …) and one history
+    entry that says how (*created_by*)."""
+    return {
+        "created": created,
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": config,
+        "history": [{"created": created, "created_by": created_by}],
+    }
 
+
+def load_recipe(name: str) -> ModuleType:
+    """The recipe ``images/<name>/recipe.py`` as a module (a fresh one at each call:
+    recipes share helpers this way, e.g. the node recipe's debootstrap). Raises
+    ImageError naming the known recipes."""
     path = recipe_path(name)
     if path is None:
         known = sorted(p.parent.name for p in recipes_dir().glob("*/recipe.py"))
         raise ImageError(f"no image recipe named '{name}' (known: {', '.join(known) or 'none'})")
     spec = importlib.util.spec_from_file_location(f"vmshim_recipe_{name.replace('-', '_')}", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(module)
+    return module
+
+
+def bootstrap(name: str, store: ImageStore | None = None) -> Image:
+    """Run the recipe ``images/<name>/recipe.py`` (its ``build(store) -> Image``)."""
+    module = load_recipe(name)
     if not callable(getattr(module, "build", None)):
-        raise ImageError(f"recipe {path} defines no build(store) function")
+        raise ImageError(f"recipe {recipe_path(name)} defines no build(store) function")
     return module.build(store or ImageStore())
 
 

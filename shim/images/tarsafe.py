@@ -21,6 +21,7 @@ their own one-line error (LayerError, ImageError, VmshimError).
 from __future__ import annotations
 
 import tarfile
+from typing import Literal
 
 MAX_EXTENDED_HEADER = 1 << 20  # xattrs (SCHILY.xattr.*) are the biggest legitimate users
 MAX_LONG_NAME = 64 << 10  # PATH_MAX is 4096; leave room, never gigabytes
@@ -98,7 +99,7 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= 120 else name[:100] + "...")
 
 
-def open_tar(fileobj, mode: str = "r|") -> tarfile.TarFile:
+def open_tar(fileobj, mode: Literal["r|", "r|*"] = "r|") -> tarfile.TarFile:
     """``tarfile.open(fileobj=…, mode=…)`` reading with BoundedTarInfo. Raises what
     ``tarfile.open`` raises (ReadError for a refused first header)."""
     return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=BoundedTarInfo)

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 from shim import paths
 from shim.errors import NetworkError
@@ -139,8 +140,8 @@ def remove(net: Network, container_id: str) -> None:
     (hosts_dir(net) / container_id).unlink(missing_ok=True)
 
 
-def resolv_conf(net: Network, *, servers: list[str] = (), search: list[str] = (),
-                options: list[str] = ()) -> str:
+def resolv_conf(net: Network, *, servers: Sequence[str] = (), search: Sequence[str] = (),
+                options: Sequence[str] = ()) -> str:
     """resolv.conf for a container whose first network is *net* (with DNS): the
     network's resolver first, then ``--dns`` servers."""
     lines = [f"nameserver {net.gateway}"] + [f"nameserver {s}" for s in servers
@@ -152,12 +153,26 @@ def resolv_conf(net: Network, *, servers: list[str] = (), search: list[str] = ()
     return "\n".join(lines) + "\n"
 
 
-def _has_upstream() -> bool:
+def _host_resolv_lines() -> list[str] | None:
+    """The host's /etc/resolv.conf, line by line; None when unreadable."""
     try:
-        text = Path("/etc/resolv.conf").read_text()
+        return Path("/etc/resolv.conf").read_text().splitlines()
     except OSError:
-        return False
-    return any(line.split()[:1] == ["nameserver"] for line in text.splitlines())
+        return None
+
+
+def host_resolv_conf() -> str:
+    """The host's resolv.conf without loopback resolvers (unreachable from a container)."""
+    lines = _host_resolv_lines()
+    if lines is None:
+        return ""
+    keep = [ln for ln in lines if not (ln.startswith("nameserver") and
+                                       (" 127." in ln or " ::1" in ln))]
+    return "\n".join(keep) + "\n"
+
+
+def _has_upstream() -> bool:
+    return any(line.split()[:1] == ["nameserver"] for line in _host_resolv_lines() or [])
 
 
 def _alive(pid: int) -> bool:

@@ -74,16 +74,21 @@ def _nft(script: str, what: str) -> str:
     return run([NFT, "-f", "-"], input=script, what=what)
 
 
-def ensure_table() -> None:
-    """Create the table with its base chains unless it exists. Call with the network
-    store's lock held (two creators would both add the base rules)."""
+def _ensure_table(family: str, base: str) -> None:
+    """Load *base* (the table's definition) unless ``table FAMILY vmshim`` exists."""
     try:
-        run([NFT, "list", "table", "ip", TABLE])
+        run([NFT, "list", "table", family, TABLE])
         return
     except NetworkError as exc:
         if "not installed" in str(exc):
             raise
-    _nft(BASE, "cannot create the nftables table ip vmshim")
+    _nft(base, f"cannot create the nftables table {family} {TABLE}")
+
+
+def ensure_table() -> None:
+    """Create the table with its base chains unless it exists. Call with the network
+    store's lock held (two creators would both add the base rules)."""
+    _ensure_table("ip", BASE)
 
 
 def delete_table() -> None:
@@ -238,13 +243,7 @@ table bridge {TABLE} {{
 
 def ensure_bridge_table() -> None:
     """Create ``table bridge vmshim`` unless it exists. Lock held."""
-    try:
-        run([NFT, "list", "table", "bridge", TABLE])
-        return
-    except NetworkError as exc:
-        if "not installed" in str(exc):
-            raise
-    _nft(BRIDGE_BASE, "cannot create the nftables table bridge vmshim")
+    _ensure_table("bridge", BRIDGE_BASE)
 
 
 def port_comment(host_ifname: str) -> str:

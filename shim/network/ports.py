@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from shim.errors import NetworkError
 
@@ -127,7 +128,7 @@ def parse_expose(spec: str) -> list[tuple[int, str]]:
     return [(p, protocol) for p in range(start, end + 1)]
 
 
-def exposed_ports(image_config: dict, extra: list[str] = ()) -> list[tuple[int, str]]:
+def exposed_ports(image_config: dict, extra: Sequence[str] = ()) -> list[tuple[int, str]]:
     """The image's ``ExposedPorts`` plus ``--expose`` values, in order, without repeats."""
     out: list[tuple[int, str]] = []
     keys = list((image_config or {}).get("ExposedPorts") or {}) + list(extra)
@@ -155,6 +156,7 @@ def assign_host_ports(wanted: list[PortMapping], taken: list[PortMapping]) -> li
             _check_free(mapping, busy)
             done.append(mapping)
             continue
+        candidates: Iterable[int]
         if mapping.host_range is not None:
             candidates = range(mapping.host_range[0], mapping.host_range[1] + 1)
         else:

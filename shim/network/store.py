@@ -29,6 +29,7 @@ reclaimed (see :meth:`NetworkStore.stale_endpoints`).
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import ipaddress
 import json
@@ -39,6 +40,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from shim import paths
 from shim.errors import NetworkError, NetworkNotFound
@@ -324,7 +326,7 @@ class NetworkStore:
                                    f"{', '.join(n.name for n in hits)}")
         raise NetworkNotFound(f"network {ref!r} not found (see 'vmshim network ls')")
 
-    def endpoints_of(self, container_id: str) -> list[tuple[Network, Endpoint]]:
+    def endpoints_of(self, container_id: str) -> builtins.list[tuple[Network, Endpoint]]:
         return [(n, n.endpoints[container_id]) for n in self.list()
                 if container_id in n.endpoints]
 
@@ -355,7 +357,7 @@ class NetworkStore:
 
     def create(self, name: str, *, subnet: str | None = None, gateway: str | None = None,
                internal: bool = False, labels: dict[str, str] | None = None,
-               host_routes: list[str] = (), ipv6: bool = False,
+               host_routes: Sequence[str] = (), ipv6: bool = False,
                subnet6: str | None = None) -> Network:
         """Record a new bridge network. *host_routes* (CIDRs) are avoided when picking a
         subnet. *ipv6*: dual stack, with *subnet6* or a random unique-local /64. Raises
@@ -434,12 +436,12 @@ class NetworkStore:
                 self.save(fresh)
             return endpoint
 
-    def published_ports(self, netns: str) -> list[PortMapping]:
+    def published_ports(self, netns: str) -> builtins.list[PortMapping]:
         """Every port published in network namespace *netns* (where they would clash)."""
         return [p for n in self.list() for e in n.endpoints.values() if e.netns == netns
                 for p in e.ports]
 
-    def stale_endpoints(self) -> list[tuple[Network, Endpoint]]:
+    def stale_endpoints(self) -> builtins.list[tuple[Network, Endpoint]]:
         """Endpoints whose owning process is gone (a crashed ``run``, a killed monitor)."""
         return [(n, e) for n in self.list() for e in n.endpoints.values()
                 if not e.owner_alive()]

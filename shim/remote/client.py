@@ -105,6 +105,7 @@ def _spawn(target: SshTarget, path) -> None:
             start_new_session=True, close_fds=True)
     finally:
         os.close(log)
+    assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline().decode(errors="replace").strip()
     proc.stdout.close()
     if line == "ok":

@@ -12,6 +12,12 @@ LOCAL_VERBS = {"context", "remote-build-context"}
 _GLOBAL_WITH_VALUE = {"--host", "-H", "--context", "-c", "--remote-vmshim"}
 
 
+def _text(found: dict[str, str | bool], option: str) -> str | None:
+    """The value of a global option that takes one (None when absent)."""
+    value = found.get(option)
+    return value if isinstance(value, str) else None
+
+
 def split_globals(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
     """(global options, the rest from the verb on) of *argv* (without the program name)."""
     found: dict[str, str | bool] = {}
@@ -49,7 +55,8 @@ def maybe_run_remote(argv: list[str], commands) -> int | None:
 
     debug = bool(found.get("--debug")) or os.environ.get("VMSHIM_DEBUG", "") not in ("", "0")
     try:
-        target = resolve(found.get("--host"), found.get("--remote-vmshim"), found.get("--context"))
+        target = resolve(_text(found, "--host"), _text(found, "--remote-vmshim"),
+                         _text(found, "--context"))
         if target is None:
             return None
         from shim.remote.client import run_remote

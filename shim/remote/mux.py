@@ -31,7 +31,8 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    chunks, need = [], size
+    chunks: list[bytes] = []
+    need = size
     while need:
         chunk = sock.recv(need)
         if not chunk:

@@ -76,7 +76,8 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
     client.set_missing_host_key_policy(_RefuseUnknown(hostname, port))
     where = f"{user}@{_known_hosts_name(hostname, port)}"
     try:
-        client.connect(hostname, port=port, username=user, key_filename=key_files or None,
+        client.connect(hostname, port=port, username=user,
+                       key_filename=key_files or None,  # type: ignore[arg-type]  # paramiko takes a list too
                        allow_agent=options.get("identitiesonly", "no") != "yes",
                        look_for_keys=options.get("identitiesonly", "no") != "yes",
                        timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT,
@@ -113,6 +114,7 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
         raise RemoteError(f"cannot connect to {where}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     transport = client.get_transport()
+    assert transport is not None  # connected just above
     transport.set_keepalive(30)
     return client
 
@@ -161,7 +163,10 @@ def send_signal(client: paramiko.SSHClient, pid: int, name: str) -> None:
     separation``). A ``kill`` on a new channel of the same connection works for every user."""
     if name not in SIGNALS or pid <= 1:
         return
-    channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+    transport = client.get_transport()
+    if transport is None:  # the connection is gone: nothing to signal through
+        return
+    channel = transport.open_session(timeout=CONNECT_TIMEOUT)
     try:
         channel.exec_command(f"kill -{name} -- -{int(pid)}")
         channel.recv_exit_status()

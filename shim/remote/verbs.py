@@ -22,7 +22,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import click
 
@@ -42,7 +42,7 @@ class Plan:
 
     args: list[str]
     stdin: object = None
-    stdout: object = None
+    stdout: BinaryIO | None = None
     pty: bool = False
     finish: Callable[[int], int] = field(default=lambda code: code)
 

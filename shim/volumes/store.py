@@ -34,6 +34,7 @@ on the host kernel, and ``e2fsck`` does not make it safe), so it refuses such a 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -51,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shim import paths
+from shim.files import flocked
 from shim.errors import UsageError, VolumeError, VolumeInUse, VolumeNotFound
 
 RECORD = "volume.json"
@@ -151,12 +153,8 @@ class VolumeStore:
     def _names_locked(self):
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.root / ".lock", mode=0o600):
             yield
-        finally:
-            os.close(fd)
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -243,7 +241,7 @@ class VolumeStore:
 
     # ---- removing -------------------------------------------------------------------------
 
-    def remove(self, name: str, *, referenced_by: list[str] | None = None,
+    def remove(self, name: str, *, referenced_by: builtins.list[str] | None = None,
                force: bool = False, wait: float = LEASE_TIMEOUT) -> None:
         """Delete the volume. Raises VolumeNotFound, or VolumeInUse when a container holds
         it (after waiting *wait* s for one that is just letting go: a container that
@@ -279,7 +277,7 @@ class VolumeStore:
                 os.close(fd)
             shutil.rmtree(gone, ignore_errors=True)
 
-    def prune(self, *, referenced: set[str], all_volumes: bool = False) -> list[str]:
+    def prune(self, *, referenced: set[str], all_volumes: bool = False) -> builtins.list[str]:
         """Remove volumes no container references and none uses: anonymous ones only
         (docker 23's default) unless *all_volumes*. Returns the names removed."""
         removed = []

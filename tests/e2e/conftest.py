@@ -8,12 +8,16 @@ of both). Tests that boot a VM carry the ``vm`` marker.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
+
+from shim import paths
 
 CLI = [sys.executable, "-m", "shim.cli.main"]
 
@@ -47,6 +51,30 @@ def ok(*args, **kw) -> str:
     return out(proc)
 
 
+def http_get(url: str, timeout: float = 90.0) -> str:
+    """GET *url* (on 127.0.0.1 or in the test's namespace), retrying until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return reply.read().decode()
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer within {timeout} s: {exc}") from None
+            time.sleep(0.2)
+
+
+def blobs_hold(needle: bytes) -> bool:
+    """Whether any blob in the image store (plain or gzip) holds *needle*."""
+    for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():
+        data = blob.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if needle in data:
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **popen):
     """Run *argv* (a server) in a network namespace of its own, joined to this one by the
@@ -76,8 +104,6 @@ def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **pop
 def vmshim_domains() -> set[str]:
     """Names of the libvirt domains vmshim made (running or not)."""
     import libvirt
-
-    from shim import paths
 
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open(paths.libvirt_uri())

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.e2e.conftest import server_in_own_netns, vmshim
+from tests.e2e.conftest import blobs_hold, server_in_own_netns, vmshim
 
 SUFFIX = str(os.getpid())
 
@@ -57,20 +57,6 @@ def test_heredocs_run_and_copy(isolation, tmp_path):
     assert run.stdout.decode() == ("script ran as 0\n$WHO stays literal\nindented heredoc\n"
                                    "name = heredoc\n"), text(run)
     vmshim("rmi", tag)
-
-
-def blobs_hold(needle: bytes) -> bool:
-    import gzip
-
-    from shim import paths
-
-    for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():
-        data = blob.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        if needle in data:
-            return True
-    return False
 
 
 @pytest.mark.parametrize("isolation", [pytest.param("vm", marks=pytest.mark.vm), "process"])

@@ -14,12 +14,11 @@ import json
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import CLI, vmshim, wait_no_new_domains
+from tests.e2e.conftest import CLI, http_get, vmshim, wait_no_new_domains
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "compose-app"
 """The app (also what benchmarks/compose.py times): compose.yaml, api/ (Dockerfile, CGI
@@ -61,18 +60,6 @@ def compose(app: Path, *args, env=None, timeout=600, check=True, files=("compose
 def ps_rows(app, env, files=("compose.yaml",)) -> list[dict]:
     out = compose(app, "ps", "--format", "json", env=env, files=files).stdout.decode()
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def http_get(url: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                return resp.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def api_call(url: str, expected_end: str, timeout: float = 60.0) -> str:

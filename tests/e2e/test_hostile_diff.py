@@ -15,7 +15,6 @@ nothing outside the build's own directories.
 
 from __future__ import annotations
 
-import gzip
 import secrets
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from shim import paths
-from tests.e2e.conftest import vmshim
+from tests.e2e.conftest import blobs_hold, vmshim
 
 pytestmark = pytest.mark.vm
 GUEST = Path(__file__).resolve().parents[2] / "guest"
@@ -132,17 +131,6 @@ def build(env: dict, tmp_path: Path, dockerfile: str):
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(dockerfile)
     return vmshim("build", "--no-cache", str(ctx), env=env, timeout=600)
-
-
-def blobs_hold(needle: bytes) -> bool:
-    """Whether any blob in the image store (plain or gzip) holds *needle*."""
-    for blob in (paths.images_dir() / "blobs" / "sha256").iterdir():
-        data = blob.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        if needle in data:
-            return True
-    return False
 
 
 def written_outside(token: str) -> list[str]:

@@ -48,9 +48,9 @@ def container_stats(name: str) -> dict:
     return stats(store.find(name), store)
 
 
-@pytest.fixture
-def names():
-    """Container names for one test; every one is removed after it."""
+def _removed_after(rm: list[str]):
+    """A name maker for one test: ``name(suffix)``; each name made is removed after the
+    test with ``vmshim *rm NAME``."""
     made = []
 
     def name(suffix: str) -> str:
@@ -59,20 +59,19 @@ def names():
 
     yield name
     for n in made:
-        vmshim("rm", "-f", n)
+        vmshim(*rm, n)
+
+
+@pytest.fixture
+def names():
+    """Container names for one test; every one is removed after it."""
+    yield from _removed_after(["rm", "-f"])
 
 
 @pytest.fixture
 def volume_names():
-    made = []
-
-    def name(suffix: str) -> str:
-        made.append(f"{PREFIX}-{suffix}")
-        return made[-1]
-
-    yield name
-    for n in made:
-        vmshim("volume", "rm", "-f", n)
+    """Volume names for one test; every one is removed after it."""
+    yield from _removed_after(["volume", "rm", "-f"])
 
 
 # ---- limits -------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import err, ok, out, server_in_own_netns, vmshim, wait_no_new_domains
+from tests.e2e.conftest import err, http_get, ok, out, server_in_own_netns, vmshim, wait_no_new_domains
 
 vm = pytest.mark.vm
 ISOLATIONS = [pytest.param("vm", marks=vm), "process"]
@@ -42,19 +41,6 @@ pytestmark = pytest.mark.skipif(
     not _in_a_namespace_of_our_own() or os.geteuid() != 0,
     reason="networking tests run as root inside the test run's own network namespace "
            "(scripts/test); they create bridges and NAT rules")
-
-
-def http_get(url: str, timeout: float = 90.0) -> str:
-    """GET *url* (on 127.0.0.1), retrying until the server answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                return reply.read().decode()
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not answer within {timeout} s: {exc}") from None
-            time.sleep(0.2)
 
 
 HTTPD = "mkdir -p /www && echo hello-from-{name} > /www/index.html && exec httpd -f -p 8080 -h /www"

@@ -5,10 +5,8 @@ deletes a file, pulled into an emptied store, runs without that file."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from shim.images.store import ImageStore
 from tests.waiting import wait_until
 from tests.e2e.conftest import vmshim
+from tests.tarfiles import write_tar
 from tests.integration.test_registry_interop import registry  # noqa: F401  (fixture)
 
 vm = pytest.mark.vm
@@ -28,16 +27,7 @@ def out(proc) -> str:
 
 def _layer(path: Path, files: dict[str, bytes | None]) -> Path:
     """A layer tar: name → bytes (a file) or None (a directory)."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            else:
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, files.items())
 
 
 @pytest.fixture

@@ -14,17 +14,17 @@ import pytest
 
 from guest.runtime import process
 from guest.runtime.cgroups import CgroupError, blkio_to_io_weight, shares_to_weight
-from guest.runtime.container import HOST_NAMESPACES, Container
 from guest.spec import BootConfig, Limits, MountSpec, ProcessSpec
 from shim.containers.resources import from_flags
 from shim.containers.mounts import Attachments
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import VolumeStore
+from tests.pipes import read_to_end
 from tests.waiting import alive, holds_for, wait_until
 from tests.integration.test_runtime_host import (  # noqa: F401 - fixture
     BUSYBOX,
     Box,
-    _read_all,
+    Boxes,
     busybox_layer,
 )
 
@@ -65,34 +65,17 @@ def volumes(tmp_path):
 
 @pytest.fixture
 def make_box(busybox_layer, tmp_path):  # noqa: F811
-    boxes = []
+    boxes = Boxes(busybox_layer, tmp_path)
 
     def make(*, limits: Limits | None = None, mounts=None, read_only=False,
              process_spec: ProcessSpec | None = None):
-        cid = f"test-{secrets.token_hex(4)}"
-        work = tmp_path / cid
-        config = BootConfig(container_id=cid, token="t", hostname="box",
-                            process=process_spec or ProcessSpec(args=["true"]),
+        config = BootConfig(container_id=f"test-{secrets.token_hex(4)}", token="t",
+                            hostname="box", process=process_spec or ProcessSpec(args=["true"]),
                             layer_count=1, limits=limits, read_only=read_only)
-        container = Container.create(config, lowerdirs=[str(busybox_layer)],
-                                     upperdir=str(work / "upper"), workdir=str(work / "work"),
-                                     rootfs=str(work / "rootfs"), files_dir=str(work / "files"),
-                                     namespaces=HOST_NAMESPACES, mounts=mounts)
-        box = Box(container, work)
-        boxes.append(box)
-        return box
+        return boxes.create(config, mounts=mounts)
 
     yield make
-    cgroup_dirs = []
-    for box in boxes:
-        if box.container.cgroup:
-            cgroup_dirs += box.container.cgroup.directories
-        box.container.destroy()
-        for spawned in box.spawned:
-            process.reap(spawned.pid)
-            spawned.close()
-    assert _mounts_under(tmp_path) == []
-    assert [d for d in cgroup_dirs if os.path.exists(d)] == []
+    boxes.close()
 
 
 def knob(cgroup, v1: tuple[str, str], v2: str) -> str:
@@ -229,7 +212,7 @@ def test_ulimits_and_oom_score_adj(make_box):
     box = make_box()
     spawned = box.container.start(spec, stdin=False)
     box.spawned.append(spawned)
-    out = _read_all(spawned.stdout).decode()
+    out = read_to_end(spawned.stdout).decode()
     assert process.wait(spawned.pid) == 0
     assert out.split() == ["100", "200", "500"]
 

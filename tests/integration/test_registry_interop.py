@@ -6,14 +6,12 @@ Each test that needs a tool is skipped, naming it, only when the tool is absent
 (scripts/setup installs all three)."""
 
 import hashlib
-import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -25,6 +23,7 @@ from shim.images.distribution import pull, push
 from shim.images.layers import layer_disk, mount_layer, umount_layer
 from shim.images.store import ImageStore, import_image
 from tests.fakeregistry import FakeRegistry
+from tests.tarfiles import write_tar
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,16 +153,7 @@ def test_push_rmi_pull_by_tag_and_digest(registry, root):
 
 
 def _tar(path: Path, entries) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            ti = tarfile.TarInfo(name)
-            if data is None:
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(ti)
-            else:
-                ti.size, ti.mode = len(data), 0o644
-                tar.addfile(ti, io.BytesIO(data))
-    return path
+    return write_tar(path, entries)
 
 
 @needs("tar2sqfs")

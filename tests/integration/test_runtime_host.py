@@ -27,6 +27,7 @@ from guest.runtime.cgroups import Cgroup, detect_version
 from guest.runtime.container import HOST_NAMESPACES, Container
 from guest.runtime.process import SpawnError
 from guest.spec import BootConfig, ProcessSpec
+from tests.pipes import read_to_end
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +92,8 @@ class Box:
             os.write(spawned.stdin, input)
             os.close(spawned.stdin)
             spawned.stdin = None
-        out = _read_all(spawned.stdout)
-        err = _read_all(spawned.stderr)
+        out = read_to_end(spawned.stdout)
+        err = read_to_end(spawned.stderr)
         code = process.wait(spawned.pid)
         spawned.close()
         return code, out.decode(), err.decode()
@@ -108,50 +109,51 @@ def _read_until(fd, marker: bytes) -> bytes:
     return seen
 
 
-def _read_all(fd) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO on a pty master
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
+class Boxes:
+    """The boxes of one test on the busybox layer, each in its own directory under *tmp*;
+    :meth:`close` destroys them and checks that no mount or cgroup is left behind."""
+
+    def __init__(self, busybox_layer: Path, tmp: Path):
+        self.layer, self.tmp = busybox_layer, tmp
+        self.boxes: list[Box] = []
+
+    def create(self, config: BootConfig, *, namespaces=HOST_NAMESPACES, mounts=None) -> Box:
+        work = self.tmp / config.container_id
+        container = Container.create(config, lowerdirs=[str(self.layer)],
+                                     upperdir=str(work / "upper"), workdir=str(work / "work"),
+                                     rootfs=str(work / "rootfs"), files_dir=str(work / "files"),
+                                     namespaces=namespaces, mounts=mounts)
+        box = Box(container, work)
+        self.boxes.append(box)
+        return box
+
+    def close(self) -> None:
+        cgroup_dirs = []
+        for box in self.boxes:
+            if box.container.cgroup:
+                cgroup_dirs += box.container.cgroup.directories
+            box.container.destroy()
+            for spawned in box.spawned:
+                process.reap(spawned.pid)
+                spawned.close()
+        assert _mounts_under(self.tmp) == [], "mounts left behind"
+        assert [d for d in cgroup_dirs if os.path.exists(d)] == [], "cgroups left behind"
 
 
 @pytest.fixture
 def make_box(busybox_layer, tmp_path):
-    boxes = []
+    boxes = Boxes(busybox_layer, tmp_path)
 
     def make(*, hostname="box1", memory_limit=0, pids_limit=0, namespaces=HOST_NAMESPACES,
              resolv_conf="nameserver 192.0.2.53\n"):
-        cid = f"test-{secrets.token_hex(4)}"
-        work = tmp_path / cid
-        config = BootConfig(container_id=cid, token="t", hostname=hostname,
-                            process=ProcessSpec(args=["true"]), layer_count=1,
-                            resolv_conf=resolv_conf, memory_limit=memory_limit,
-                            pids_limit=pids_limit)
-        container = Container.create(config, lowerdirs=[str(busybox_layer)],
-                                     upperdir=str(work / "upper"), workdir=str(work / "work"),
-                                     rootfs=str(work / "rootfs"), files_dir=str(work / "files"),
-                                     namespaces=namespaces)
-        box = Box(container, work)
-        boxes.append(box)
-        return box
+        config = BootConfig(container_id=f"test-{secrets.token_hex(4)}", token="t",
+                            hostname=hostname, process=ProcessSpec(args=["true"]),
+                            layer_count=1, resolv_conf=resolv_conf,
+                            memory_limit=memory_limit, pids_limit=pids_limit)
+        return boxes.create(config, namespaces=namespaces)
 
     yield make
-    cgroup_dirs = []
-    for box in boxes:
-        if box.container.cgroup:
-            cgroup_dirs += box.container.cgroup.directories
-        box.container.destroy()
-        for spawned in box.spawned:
-            process.reap(spawned.pid)
-            spawned.close()
-    assert _mounts_under(tmp_path) == [], "mounts left behind"
-    assert [d for d in cgroup_dirs if os.path.exists(d)] == [], "cgroups left behind"
+    boxes.close()
 
 
 def test_echo_hello(make_box):
@@ -265,7 +267,7 @@ def test_sigterm_is_143(make_box):
 def test_tty(make_box):
     box = make_box()
     spawned = box.spawn(["sh", "-c", "tty; echo $TERM"], tty=True)
-    out = _read_all(spawned.master).decode()
+    out = read_to_end(spawned.master).decode()
     assert process.wait(spawned.pid) == 0
     assert "/dev/pts/0" in out and "xterm" in out
 
@@ -407,6 +409,14 @@ def _run_init(tmp_path, disks: dict) -> tuple[subprocess.Popen, _Host]:
     return proc, _Host(host_sock)
 
 
+def _console_of_ended(proc: subprocess.Popen) -> str:
+    """The init's console output, once it ended (killed if it still runs)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    return proc.stdout.read().decode(errors="replace")
+
+
 class _Host:
     def __init__(self, sock):
         self.sock = sock
@@ -478,10 +488,7 @@ def test_init_boots_runs_and_powers_off(busybox_layer, loop_disks, tmp_path):
         assert msg.get("code", int) == 3
         proc.wait(timeout=20)  # powers off after a short grace
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        console = proc.stdout.read().decode(errors="replace")
+        console = _console_of_ended(proc)
     # reboot(2) in a pid namespace ends its init "by SIGHUP": that is our power-off.
     assert proc.returncode == -signal.SIGHUP, console
     assert "vmshim-agent: ready at" in console
@@ -499,9 +506,6 @@ def test_init_reports_fatal_errors_and_powers_off(loop_disks, tmp_path):
         assert "vmshim-config" in error.get("message", str)
         proc.wait(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        console = proc.stdout.read().decode(errors="replace")
+        console = _console_of_ended(proc)
     assert proc.returncode == -signal.SIGHUP, console
     assert "FATAL" in console and "vmshim-config" in console

@@ -83,6 +83,16 @@ def running_monitor(store, cid):
     return mon, guest, peers
 
 
+def close(mon, guest, peers) -> None:
+    """Close what :func:`running_monitor` opened."""
+    guest.close()
+    for peer in peers:
+        peer.close()
+    if mon.agent is not None:
+        mon.agent.close()
+    mon.log.close()
+
+
 def feed(mon, guest, data: bytes) -> None:
     """Write *data* as the guest and let the monitor handle all of it."""
     view = memoryview(data)
@@ -125,12 +135,7 @@ def test_framed_garbage_never_raises(store, chunks):
         feed(mon, guest, b"".join(chunks))
         assert mon.agent is not None or mon.placement.killed or not mon.main_running
     finally:
-        guest.close()
-        for peer in peers:
-            peer.close()
-        if mon.agent is not None:
-            mon.agent.close()
-        mon.log.close()
+        close(mon, guest, peers)
 
 
 @FUZZ
@@ -140,12 +145,7 @@ def test_raw_bytes_never_raise(store, data):
     try:
         feed(mon, guest, data)
     finally:
-        guest.close()
-        for peer in peers:
-            peer.close()
-        if mon.agent is not None:
-            mon.agent.close()
-        mon.log.close()
+        close(mon, guest, peers)
 
 
 @FUZZ
@@ -182,10 +182,7 @@ def test_the_issue_scenario_wrong_id_type_is_dropped_not_fatal(store):
         peers[0].setblocking(False)
         assert b"ok" in peers[0].recv(4096)
     finally:
-        guest.close()
-        for peer in peers:
-            peer.close()
-        mon.log.close()
+        close(mon, guest, peers)
 
 
 def test_a_stream_of_bad_messages_kills_the_container(store):
@@ -195,10 +192,7 @@ def test_a_stream_of_bad_messages_kills_the_container(store):
         assert mon.placement.killed == 1
         assert "messages that break the protocol" in mon.last_agent_error
     finally:
-        guest.close()
-        for peer in peers:
-            peer.close()
-        mon.log.close()
+        close(mon, guest, peers)
 
 
 def test_an_agent_that_never_answers_gets_a_deadline(store, monkeypatch):

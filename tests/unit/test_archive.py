@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from shim.errors import ImageError
 from shim.images import archive
 from shim.images.store import ImageStore, import_image
+from tests.tarfiles import tar_of
 
 
 @pytest.fixture
@@ -23,13 +24,8 @@ def store(tmp_path, monkeypatch):
 
 
 def layer_tar(path, files, gz=False):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-    data = gzip.compress(buf.getvalue(), mtime=0) if gz else buf.getvalue()
+    data = tar_of(files)
+    data = gzip.compress(data, mtime=0) if gz else data
     path.write_bytes(data)
     return path
 

@@ -18,6 +18,7 @@ from shim.build.errors import BuildError
 from shim.build.runner import RunStepError, StepResult
 from shim.build.tree import LayerWriter
 from shim.images.store import ImageStore
+from tests.tarfiles import add_entries
 
 
 class Recorder(BuildOutput):
@@ -500,14 +501,7 @@ def test_output_local_never_writes_through_an_image_symlink(tmp_path, monkeypatc
     for i, entries in enumerate([[("esc", "l", str(outside))], [("esc/x", "f", b"pwned")]]):
         blob = tmp_path / f"l{i}.tar"
         with tarfile.open(blob, "w") as tar:
-            for name, kind, extra in entries:
-                ti = tarfile.TarInfo(name)
-                if kind == "l":
-                    ti.type, ti.linkname = tarfile.SYMTYPE, extra
-                    tar.addfile(ti)
-                else:
-                    ti.size = len(extra)
-                    tar.addfile(ti, io.BytesIO(extra))
+            add_entries(tar, entries)
         blobs.append(blob)
         listings.append(listing(blob, f"{i:064x}"))
     from shim.build.tree import RootView

@@ -15,6 +15,7 @@ from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError, DockerIgnore
 from shim.build import diff as build_diff
 from shim.build.tree import LayerWriter, RootView, norm
+from tests.tarfiles import add_entries
 
 ROOT = os.geteuid() == 0
 
@@ -32,20 +33,7 @@ def content(path: Path, name: str) -> bytes:
 def layer(path: Path, entries: list) -> Path:
     """entries: (name, kind, data_or_link) with kind d/f/l/h."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, extra in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mode = 0o755 if kind == "d" else 0o644
-            data = None
-            if kind == "d":
-                ti.type = tarfile.DIRTYPE
-            elif kind == "l":
-                ti.type, ti.linkname = tarfile.SYMTYPE, extra
-            elif kind == "h":
-                ti.type, ti.linkname = tarfile.LNKTYPE, extra
-            else:
-                data = extra
-                ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+        add_entries(tar, entries)
     return path
 
 
@@ -255,20 +243,7 @@ def hostile_tar(path: Path, entries: list) -> Path:
     kind d/f/l/h, names and link targets as given."""
     with open(path, "wb") as f:
         tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)
-        for name, kind, extra in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mode = 0o755
-            data = None
-            if kind == "d":
-                ti.type = tarfile.DIRTYPE
-            elif kind == "l":
-                ti.type, ti.linkname = tarfile.SYMTYPE, extra
-            elif kind == "h":
-                ti.type, ti.linkname = tarfile.LNKTYPE, extra
-            else:
-                data = extra
-                ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+        add_entries(tar, entries, mode=0o755)
         tar.close()
     return path
 

@@ -476,7 +476,7 @@ def test_health_checker_drives_an_exec_through_the_monitor_hooks():
 def test_ps_shows_health():
     from types import SimpleNamespace
 
-    from shim.cli.ps import status_text
+    from shim.containers.listing import status_text
     from shim.containers.state import Status
 
     record = SimpleNamespace(status=Status.RUNNING, healthcheck={"Test": ["CMD", "x"]},

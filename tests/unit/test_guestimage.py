@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from shim import guestimage as gi
+from shim import paths
+from shim.guestimage import cache as gi_cache
+from shim.guestimage import inputs as gi_inputs
 from shim.errors import GuestImageError
 
 
@@ -229,14 +232,15 @@ def sandbox(tmp_path, monkeypatch):
         calls["apt"] += 1
         return {"package": "linux-image-x-cloud-amd64", "version": "1.0"}
 
-    monkeypatch.setattr(gi, "_package_versions", versions)
-    monkeypatch.setattr(gi, "_resolve_kernel_package", kernel_pkg)
-    monkeypatch.setattr(gi, "guest_source_dir", lambda: guest)
+    monkeypatch.setattr(gi_inputs, "_package_versions", versions)
+    monkeypatch.setattr(gi_inputs, "_resolve_kernel_package", kernel_pkg)
+    monkeypatch.setattr(gi_inputs, "guest_source_dir", lambda: guest)
+    monkeypatch.setattr(gi_cache, "guest_source_dir", lambda: guest)
     return {"guest": guest, "kernel": kernel, "calls": calls, "root": tmp_path / "root"}
 
 
 def _fake_build(inputs: dict) -> Path:
-    d = gi.paths.guest_dir() / gi.inputs_hash(inputs)
+    d = paths.guest_dir() / gi.inputs_hash(inputs)
     d.mkdir(parents=True)
     (d / "vmlinuz").write_bytes(b"k")
     (d / "initramfs.img").write_bytes(b"i")
@@ -270,7 +274,7 @@ def test_debian_kernel_pinned_until_a_build_refreshes_it(sandbox, monkeypatch):
     monkeypatch.delenv("VMSHIM_KERNEL")
     monkeypatch.delenv("VMSHIM_KERNEL_MODULES")
     sig = [["lists", 1, 2, 3]]
-    monkeypatch.setattr(gi, "_apt_sig", lambda: sig)
+    monkeypatch.setattr(gi_inputs, "_apt_sig", lambda: sig)
     first = gi.collect_inputs()
     assert first["kernel"] == {"source": "debian", "package": "linux-image-x-cloud-amd64", "version": "1.0"}
     assert gi.inputs_hash(gi.collect_inputs()) == gi.inputs_hash(first)
@@ -316,7 +320,7 @@ def test_build_with_override_kernel(sandbox, monkeypatch):
     kernel_bytes = bytearray(0x2000)
     sandbox["kernel"].write_bytes(kernel_bytes)
     steps = []
-    image = gi._ensure(steps.append, False, sandbox["guest"], "none")
+    image = gi_cache._ensure(steps.append, False, sandbox["guest"], "none")
     assert image.kernel.read_bytes() == kernel_bytes and image.kernel_release == "9.9.9-test"
     assert any("squashfs" in s for s in steps)  # missing module is reported, not fatal
     m = image.manifest
@@ -350,35 +354,35 @@ def test_build_with_override_kernel(sandbox, monkeypatch):
         assert p.replace("/lib/", f"{lib}/", 1).lstrip("/") in entries
 
     # cached: same inputs return the same build without rebuilding
-    assert gi._ensure(steps.append, False, sandbox["guest"], "none").initramfs == image.initramfs
+    assert gi_cache._ensure(steps.append, False, sandbox["guest"], "none").initramfs == image.initramfs
     # reproducible: a forced rebuild writes the same bytes; older builds are cleaned up
     sha = m["initramfs"]["sha256"]
-    again = gi._ensure(lambda _: None, True, sandbox["guest"], "none")
+    again = gi_cache._ensure(lambda _: None, True, sandbox["guest"], "none")
     assert again.manifest["initramfs"]["sha256"] == sha
     original = (sandbox["guest"] / "init.py").read_text()
     (sandbox["guest"] / "init.py").write_text("def main():\n    pass\n")
-    newer = gi._ensure(lambda _: None, False, sandbox["guest"], "none")
+    newer = gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none")
     assert newer.kernel.parent != image.kernel.parent
     # the superseded build survives the grace period (a VM may be starting from it) ...
     assert (image.kernel.parent / ".superseded").is_file() and image.kernel.is_file()
     # (and is unmarked if the inputs go back to it)
     (sandbox["guest"] / "init.py").write_text(original)
-    assert gi._ensure(lambda _: None, False, sandbox["guest"], "none").kernel == image.kernel
+    assert gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none").kernel == image.kernel
     assert not (image.kernel.parent / ".superseded").exists()
     (sandbox["guest"] / "init.py").write_text("def main():\n    pass\n")
-    assert gi._ensure(lambda _: None, False, sandbox["guest"], "none").kernel == newer.kernel
+    assert gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none").kernel == newer.kernel
     # ... and goes at a build after it (marked again first: it was current in between)
     for _ in range(2):
-        gi._retire_old_builds(gi.paths.guest_dir(), newer.kernel.parent.name,
-                              now=time.time() + gi.RETIRE_GRACE + 1)
-    assert [p.name for p in gi.paths.guest_dir().iterdir() if not p.name.startswith(".")] == [newer.kernel.parent.name]
+        gi_cache._retire_old_builds(paths.guest_dir(), newer.kernel.parent.name,
+                              now=time.time() + gi_cache.RETIRE_GRACE + 1)
+    assert [p.name for p in paths.guest_dir().iterdir() if not p.name.startswith(".")] == [newer.kernel.parent.name]
 
 
 @needs_host_tools
 def test_build_refuses_guest_code_the_trimmed_stdlib_cannot_import(sandbox):
     (sandbox["guest"] / "init.py").write_text("import tkinter\n")
     with pytest.raises(GuestImageError, match="tkinter"):
-        gi._ensure(lambda _: None, False, sandbox["guest"], "none")
+        gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none")
 
 
 def test_guest_source_override(monkeypatch, tmp_path):
@@ -392,15 +396,15 @@ def test_guest_source_override(monkeypatch, tmp_path):
 def test_a_variant_build_never_retires_the_normal_image(sandbox, monkeypatch):
     """VMSHIM_GUEST_SOURCE (the malicious-guest suite) builds a variant while other tests
     boot the normal image: the variant must not mark it superseded."""
-    normal = gi._ensure(lambda _: None, False, sandbox["guest"], "none")
+    normal = gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none")
     variant_src = sandbox["guest"].parent / "variant"
     shutil.copytree(sandbox["guest"], variant_src)
     (variant_src / "init.py").write_text("def main():\n    pass\n")
     monkeypatch.setenv("VMSHIM_GUEST_SOURCE", str(variant_src))
-    variant = gi._ensure(lambda _: None, False, variant_src, "none")
+    variant = gi_cache._ensure(lambda _: None, False, variant_src, "none")
     assert variant.kernel.parent != normal.kernel.parent
     assert not (normal.kernel.parent / ".superseded").exists()
     # the next normal build retires the variant as usual
     monkeypatch.delenv("VMSHIM_GUEST_SOURCE")
-    gi._ensure(lambda _: None, True, sandbox["guest"], "none")
+    gi_cache._ensure(lambda _: None, True, sandbox["guest"], "none")
     assert (variant.kernel.parent / ".superseded").is_file()

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FLOORS = {
     # 0: the ground every floor may use
-    "shim": 0, "shim.errors": 0, "shim.units": 0, "shim.paths": 0, "shim.proctitle": 0,
+    "shim": 0, "shim.errors": 0, "shim.units": 0, "shim.paths": 0, "shim.files": 0,
+    "shim.proctitle": 0,
     # 1: the guest agent (stdlib only; the host imports its protocol and spec)
     "guest": 1,
     # 2: machines, images, networks, volumes: nothing about containers
@@ -146,3 +147,38 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch, files, expect
     found = edges(sorted(tmp_path.rglob("*.py")))
     assert bool(climbing(found)) == expect_climb
     assert bool(circles(found)) == expect_circle
+
+
+def module_edges(sources: list[Path]) -> list[tuple[str, str, str]]:
+    """(from module, to module, where) for every import between two modules of the same
+    ``shim`` package (``from shim.containers.store import X`` names the module
+    shim.containers.store)."""
+    modules = {module_name(p) for p in sources}
+    out = []
+    for path in sources:
+        src = module_name(path)
+        for line, target in imported_modules(path):
+            parts = target.split(".")
+            dst = next((".".join(parts[:n]) for n in range(len(parts), 0, -1)
+                        if ".".join(parts[:n]) in modules), None)
+            if dst and dst != src and package_of(dst) == package_of(src) != "shim":
+                out.append((src, dst, f"{path.relative_to(ROOT)}:{line}"))
+    return out
+
+
+def test_no_import_circles_between_the_modules_of_a_package():
+    """Inside a package too (shim.containers above all: record, lifecycle, monitor,
+    isolations and the glue), the modules import each other one way only."""
+    found = circles(module_edges(project_sources()))
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_module_check_catches_a_circle_through_a_local_import(tmp_path, monkeypatch):
+    files = {"shim/containers/store.py": "def f():\n    from shim.containers.run import g\n",
+             "shim/containers/run.py": "from shim.containers import store\n",
+             "shim/containers/__init__.py": ""}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    assert circles(module_edges(sorted(tmp_path.rglob("*.py"))))

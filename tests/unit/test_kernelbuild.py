@@ -9,6 +9,9 @@ import shutil
 import pytest
 
 from shim import guestimage as gi
+from shim.guestimage import cache as gi_cache
+from shim.guestimage import inputs as gi_inputs
+from shim.guestimage import kernel as gi_kernel
 from shim import kernelbuild as kb
 from shim.errors import GuestImageError
 
@@ -102,8 +105,8 @@ def test_minimal_kernel_asked_for_but_not_built_is_a_clear_error(root):
 
 
 def test_kernel_choice_is_part_of_the_image_hash(root, monkeypatch):
-    monkeypatch.setattr(gi, "_package_versions", lambda names: {n: "1.0" for n in names})
-    monkeypatch.setattr(gi, "_resolve_kernel_package",
+    monkeypatch.setattr(gi_inputs, "_package_versions", lambda names: {n: "1.0" for n in names})
+    monkeypatch.setattr(gi_inputs, "_resolve_kernel_package",
                         lambda: {"package": "linux-image-x-cloud-amd64", "version": "1.0"})
     _fake_minimal()
     minimal = gi.collect_inputs(kernel_request="minimal")
@@ -122,13 +125,13 @@ def test_build_kernel_without_linux_source_says_what_to_install(root, monkeypatc
 @pytest.mark.skipif(not (gi.PYTHON.is_file() and gi.BUSYBOX.is_file() and shutil.which("ldd")),
                     reason="needs the Debian python3.11, busybox-static and ldd")
 def test_image_with_minimal_kernel_carries_no_modules(root, monkeypatch, tmp_path):
-    monkeypatch.setattr(gi, "_package_versions", lambda names: {n: "1.0" for n in names})
+    monkeypatch.setattr(gi_inputs, "_package_versions", lambda names: {n: "1.0" for n in names})
     guest = tmp_path / "src/guest"
     guest.mkdir(parents=True)
     (guest / "__init__.py").write_text("")
     (guest / "init.py").write_text("import json, os\n\ndef main():\n    print('hi')\n")
     built = _fake_minimal()
-    image = gi._ensure(lambda _: None, False, guest, "none")
+    image = gi_cache._ensure(lambda _: None, False, guest, "none")
     assert image.kernel.read_bytes() == (built / "bzImage").read_bytes()
     assert image.kernel_release == "6.1.192-vmshim"
     assert image.manifest["kernel"]["source"] == "minimal" and image.manifest["modules"] == []
@@ -147,7 +150,7 @@ def test_a_pvh_build_boots_its_vmlinux_an_older_one_its_bzimage(root):
     assert kb.cached_kernel().boot_image == pvh / "bzImage", "no vmlinux: the bzImage"
     (pvh / "vmlinux").write_bytes(b"\x7fELF")
     assert kb.cached_kernel().boot_image == pvh / "vmlinux"
-    assert gi._minimal_kernel_inputs()["kernel"] == str(pvh / "vmlinux")
+    assert gi_kernel._minimal_kernel_inputs()["kernel"] == str(pvh / "vmlinux")
 
 
 def test_the_fragment_asks_for_the_pvh_entry():

@@ -17,7 +17,7 @@ from guest import protocol
 from guest.agent import Agent
 from shim.containers import manage
 from shim.errors import NetworkError, VmshimError
-from shim.containers import networking as netc
+from shim.containers import netconnect as netc
 from shim.network.store import Endpoint, Network
 from shim.vm.fake_backend import FakeBackend
 from tests.unit import test_monitor as tm

@@ -50,7 +50,7 @@ def test_default_table_has_a_ports_column(root):
 
 
 def test_ports_of_a_running_container(root, monkeypatch):
-    from shim.cli import ps as ps_module
+    from shim.containers import listing as ps_module
     from shim.network import store as net_store
 
     def running(r):

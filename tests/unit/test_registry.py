@@ -2,14 +2,12 @@
 challenges, retries, resumed and corrupted downloads, multi-arch indexes, chunked uploads,
 cross-repository mounts, settings and credentials."""
 
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
 import stat
-import tarfile
 import time
 
 import pytest
@@ -21,6 +19,7 @@ from shim.images.distribution import Platform, pull, push
 from shim.images.registry import RegistryClient, parse_challenge
 from shim.images.store import ImageStore, import_image
 from tests.fakeregistry import FakeRegistry, sha
+from tests.tarfiles import tar_of
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +43,7 @@ def reg():
 
 
 def layer(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_of(files)
 
 
 def store_files(store: ImageStore) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from shim.remote import mux
 from shim.remote.hook import split_globals
 from shim.remote.target import ContextStore, SshTarget, control_dir, parse_host, resolve
 from shim.remote.verbs import CONTEXT_PLACEHOLDER, DOCKERFILE_PLACEHOLDER, plan, scan
+from tests.tarfiles import add_entries
 
 
 def test_parse_host():
@@ -156,17 +157,8 @@ def _tar(entries):
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, kind, target in entries:
-            info = tarfile.TarInfo(name)
-            if kind == "sym":
-                info.type, info.linkname = tarfile.SYMTYPE, target
-                tar.addfile(info)
-            elif kind == "lnk":
-                info.type, info.linkname = tarfile.LNKTYPE, target
-                tar.addfile(info)
-            else:
-                info.size = len(target)
-                tar.addfile(info, io.BytesIO(target))
+        add_entries(tar, [(name, {"sym": "l", "lnk": "h"}.get(kind, "f"), target)
+                          for name, kind, target in entries])
     buf.seek(0)
     return buf
 

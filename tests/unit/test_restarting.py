@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from shim.cli.ps import inspect_data, ps_entry, status_text
+from shim.containers.inspect import inspect_data
+from shim.containers.listing import ps_entry, status_text
 from shim.containers.monitor import restart_delay
 from shim.containers.store import Container, ContainerStore, process_start_time
 

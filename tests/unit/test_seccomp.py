@@ -13,6 +13,7 @@ from guest.runtime import seccomp
 from guest.runtime.seccomp_default import PROFILE
 from guest.runtime.syscalls_x86_64 import NUMBERS
 from guest.spec import CAPABILITIES, DEFAULT_CAPABILITIES, ProcessSpec
+from tests.pipes import read_to_end
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 filter")
 
@@ -38,9 +39,7 @@ def _in_child(oci: dict, calls: list[tuple]) -> list[int]:
         finally:
             os._exit(0)
     os.close(write_end)
-    data = b""
-    while chunk := os.read(read_end, 4096):
-        data += chunk
+    data = read_to_end(read_end)
     os.close(read_end)
     os.waitpid(pid, 0)
     assert len(data) == 4 * len(calls), "the child died"
