@@ -17,7 +17,7 @@ def template_group():
 @click.argument("image")
 def create(memory_mib, image):
     """Boot IMAGE's VM once, save it; matching containers start from copies of it."""
-    from shim.containers import template
+    from shim.containers import template_build
     from shim.containers.networking import parse_request
     from shim.containers.options import RunOptions
     from shim.containers.run import prepare
@@ -25,7 +25,7 @@ def create(memory_mib, image):
     record = prepare(RunOptions(image=image, command=["true"], remove=True,
                                 network=parse_request(network="none"),
                                 memory_mib=memory_mib))
-    meta = template.create(record)
+    meta = template_build.create(record)
     click.echo(meta["dir"].rsplit("/", 1)[-1])
 
 

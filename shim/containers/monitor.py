@@ -947,7 +947,7 @@ class Monitor:
         gone and greets the next one. Reply {} once done."""
         from pathlib import Path
 
-        from shim.containers import checkpoint
+        from shim.containers import checkpoint_vm as checkpoint
 
         self._need("checkpoint")
         if self.stop_requested or self.restart_at is not None:
@@ -1042,7 +1042,7 @@ class Monitor:
         """Live-migrate the VM to the libvirt at ``uri`` (shared storage: the same files);
         this monitor stays, and talks to the agent through the destination QEMU's socket
         (same path). The record remembers the URI. Reply {} once done."""
-        from shim.containers import checkpoint
+        from shim.containers import checkpoint_vm as checkpoint
 
         self._need("migrate")
         if self.stop_requested or self.restart_at is not None:

@@ -574,7 +574,7 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
     """Boot one pooled VM in *directory* and wait for its agent's hello (then let go of
     the channel: the agent waits for the next host). Raises VmshimError; a VM that was
     created is destroyed again first."""
-    from shim.containers.vm_placement import BOOT_TIMEOUT, console_tail
+    from shim.containers.vm_common import BOOT_TIMEOUT, console_tail
     from shim.guestimage import ensure_guest_image
     from shim.vm.agent_client import AgentClient
 
@@ -658,7 +658,8 @@ def adopt(placement, vm: PooledVm, alive=None):
     the VM then."""
     from guest import protocol
     from guest.spec import LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
-    from shim.containers.vm_placement import BOOT_TIMEOUT, _target
+    from shim.containers.vm_common import BOOT_TIMEOUT
+    from shim.containers.vm_common import disk_target as _target
     from shim.vm import domain as dom
     from shim.vm.agent_client import AgentClient
 

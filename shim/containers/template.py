@@ -32,9 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -91,7 +89,7 @@ def find(record) -> dict | None:
     shape = shape_of(record)
     if shape is None:
         return None
-    from shim.containers.checkpoint import guest_identity
+    from shim.containers.checkpoint_vm import guest_identity
 
     directory = templates_dir() / key_of(shape, guest_identity())
     try:
@@ -127,7 +125,7 @@ def remove(key: str | None = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def _locked(key: str):
+def locked_key(key: str):
     templates_dir().mkdir(parents=True, exist_ok=True)
     fd = os.open(templates_dir() / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -137,67 +135,11 @@ def _locked(key: str):
         os.close(fd)
 
 
-def create(record, *, backend=None) -> dict:
-    """Boot, ready and save the template for *record*'s shape (replacing one there).
-    Returns its meta. Raises VmshimError (nothing is left of a failed one)."""
-    from shim.containers.checkpoint import guest_identity
-    from shim.containers.options import boot_config_of
-    from shim.containers.resources import Resources
-    from shim.containers.vm_placement import VmPlacement
-    from guest.spec import ProcessSpec
-
-    shape = shape_of(record)
-    if shape is None:
-        raise VmshimError("only --rm containers with --network none, no mounts and no "
-                          "limits can start from a template")
-    guest = guest_identity()
-    key = key_of(shape, guest)
-    tid = secrets.token_hex(32)
-    token = secrets.token_hex(16)
-    boot = boot_config_of(record).replace(
-        container_id=tid, token=token, hostname="template",
-        process=ProcessSpec.from_dict({**record.process, "args": PLACEHOLDER, "tty": False}))
-    directory = templates_dir() / key
-    with _locked(key):
-        work = templates_dir() / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
-        placement = VmPlacement(boot, record.layer_disks, paths.run_dir() / tid[:12],
-                                name="template", memory_mib=record.memory_mib,
-                                vcpus=Resources.from_dict(record.resources).vm_vcpus(),
-                                backend=backend)
-        try:
-            client = placement.boot()
-            try:
-                client.send(protocol.STATS, token=token, id=IDENTITY_ID)
-                reply = client.recv(READY_TIMEOUT)
-                if reply.type != protocol.STATS:
-                    raise VmshimError(f"the template's agent answered {reply.type!r} to stats")
-            finally:
-                client.close()
-            time.sleep(0.5)  # the agent sees its host leave, and greets the next one
-            placement.save(work / MEMORY)
-            meta = {"id": tid, "token": token, "uuid": str(uuid.UUID(tid[:32])),
-                    "image": record.image, "memory_mib": record.memory_mib,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guest}
-            (work / META).write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(directory, ignore_errors=True)
-            os.rename(work, directory)
-        except BaseException:
-            placement.kill()
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        finally:
-            placement.teardown(grace=0.0)
-    meta["dir"] = str(directory)
-    return meta
-
-
 def restore_into(placement, template: dict, alive=None):
     """Start *placement*'s VM as a copy of *template* and give it the identity of its boot
     config; the agent's channel, ready for ``start``. Raises VmshimError (the VM is
     killed)."""
-    from shim.containers.vm_placement import BOOT_TIMEOUT
+    from shim.containers.vm_common import BOOT_TIMEOUT
     from shim.vm import saveimage
 
     directory = Path(template["dir"])

@@ -19,11 +19,11 @@ from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_T
                         WRITABLE_SERIAL, BootConfig)
 from shim import paths
 from shim.errors import VmshimError
+from shim.containers.vm_common import BOOT_TIMEOUT, console_tail
+from shim.containers.vm_common import disk_target as _target
 from shim.vm.accel import guest_cmdline
 from shim.vm.agent_client import AgentClient
 
-BOOT_TIMEOUT = float(os.environ.get("VMSHIM_BOOT_TIMEOUT", "90"))
-"""Seconds from domain creation to the agent's hello (TCG on a busy host can be slow)."""
 RW_DISK_SIZE = 8 << 30
 """Apparent size of a container's writable disk (sparse: only what is written is used)."""
 GONE_POLL = 0.25
@@ -48,16 +48,6 @@ def domain_name(container_id: str) -> str:
 
     vm = claimed(run_dir_of(container_id))
     return vm.domain if vm is not None else f"vmshim-{container_id[:12]}"
-
-
-def console_tail(path: Path, lines: int = 3) -> str:
-    """The last non-empty lines of the serial console log, for error messages."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
-    return " | ".join(tail)
 
 
 def make_rw_disk(path: Path, size: int = RW_DISK_SIZE) -> None:
@@ -508,11 +498,3 @@ def _detach_below(path: Path) -> None:
             pass
 
 
-def _target(index: int) -> str:
-    """vda, vdb, … vdz, vdaa, … (libvirt's naming)."""
-    letters = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return "vd" + letters
