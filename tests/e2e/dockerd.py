@@ -95,7 +95,10 @@ class Dockerd:
     """dockerd in *host* (an EngineHost) with state under *workdir* and *runtime* as its
     ``vmshim`` runtime (see the module doc). Context manager."""
 
-    def __init__(self, workdir: Path, runtime: str, host: EngineHost):
+    def __init__(self, workdir: Path, runtime: str, host: EngineHost,
+                 default_runtime: str | None = None):
+        """*default_runtime* (e.g. ``"vmshim"``) becomes daemon.json's ``default-runtime``:
+        what Swarm tasks, which cannot name a runtime, run with."""
         self.workdir = Path(workdir)
         self.host = host
         w = self.workdir
@@ -106,7 +109,8 @@ class Dockerd:
         self.runtime = runtime_wrapper(runtime, w / "bin", self.argv_log)
         self.cgroup_parent = f"vmshim-e2e-dockerd-{os.getpid()}"
         self.config = w / "daemon.json"
-        self.config.write_text(json.dumps({
+        extra = {"default-runtime": default_runtime} if default_runtime else {}
+        self.config.write_text(json.dumps({**extra,
             "data-root": str(w / "data"),
             "exec-root": str(w / "x"),
             "pidfile": str(w / "dockerd.pid"),
