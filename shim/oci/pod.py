@@ -34,6 +34,10 @@ class PodError(VmshimError):
     """The sandbox a container joins is missing or has stopped."""
 
 
+class SandboxMissing(PodError):
+    """An annotation names a sandbox this ``--root`` does not have."""
+
+
 class _Store(Protocol):
     def ids(self) -> list[str]: ...
     def load(self, oci_id: str) -> tuple[object, OciInfo]: ...
@@ -93,7 +97,7 @@ def find_join(store: _Store, oci_id: str, config: dict, annotations: dict) -> Jo
         try:
             _, info = store.load(sandbox)
         except ContainerNotFound:
-            raise PodError(f"sandbox {sandbox} is not a vmshim-runtime container here") \
+            raise SandboxMissing(f"sandbox {sandbox} is not a vmshim-runtime container here") \
                 from None
         if not alive(info.standin_pid, info.standin_start):
             raise PodError(f"sandbox {sandbox} has stopped; its members cannot start")
@@ -110,3 +114,20 @@ def find_join(store: _Store, oci_id: str, config: dict, annotations: dict) -> Jo
         if held is not None and _ns_key(f"/proc/{held.standin_pid}/ns/net") == key:
             return Join(other, "netns")
     return None
+
+
+def refuse_member(store: _Store, oci_id: str, network_ns: str | None,
+                  annotations: dict) -> None:
+    """In ``create``, before anything is kept: refuse a container that joins a vmshim
+    sandbox's VM (not supported yet; without this it is refused later, at ``start``, when
+    its VM would plug into a namespace the sandbox's VM holds). A sandbox of another runtime
+    is not a join. Raises PodError."""
+    config = {"linux": {"namespaces": [{"type": "network", "path": network_ns or ""}]}}
+    try:
+        join = find_join(store, oci_id, config, annotations)
+    except SandboxMissing:
+        return
+    if join is not None:
+        raise PodError(f"container {oci_id} joins the namespaces of vmshim container "
+                       f"{join.sandbox} (a pod): members sharing the sandbox's VM are not "
+                       "supported yet; give the pod one vmshim container")

@@ -94,3 +94,19 @@ def test_netns_of_a_dead_sandbox_is_no_join():
 
 def test_container_never_joins_itself():
     assert find_join(FakeStore([live("c1")]), "c1", cfg("/proc/self/ns/net"), {}) is None
+
+
+def test_refuse_member_of_a_live_vmshim_sandbox():
+    from shim.oci.pod import refuse_member
+    with pytest.raises(PodError, match="joins the namespaces of vmshim container infra"):
+        refuse_member(FakeStore([live("infra")]), "c1", "/proc/self/ns/net", {})
+    with pytest.raises(PodError, match="has stopped"):
+        dead = info("sb", os.getpid(), (process_start_time(os.getpid()) or 0) + 1)
+        refuse_member(FakeStore([dead]), "c1", None, CRI)
+
+
+def test_refuse_member_lets_others_through(tmp_path):
+    from shim.oci.pod import refuse_member
+    refuse_member(FakeStore([]), "c1", None, CRI)  # sandbox of another runtime
+    refuse_member(FakeStore([live("infra")]), "c1", None, {})  # a new namespace
+    refuse_member(FakeStore([live("infra")]), "c1", str(tmp_path), {})  # engine's netns
