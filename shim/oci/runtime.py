@@ -29,6 +29,7 @@ from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
 from shim.oci import hooks as hooks_mod
 from shim.oci import hostcgroup
 from shim.oci import netns as netns_mod
+from shim.oci import pod
 from shim.oci import standin
 from shim.oci.bundle import BundleError, check_id, load_bundle
 from shim.oci.state import (FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id,
@@ -116,6 +117,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
                    hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
                    console_size=list(bundle.console_size) if bundle.console_size else None)
     rt.root.mkdir(parents=True, exist_ok=True)
+    pod.refuse_member(rt, oci_id, bundle.network_ns, bundle.annotations)
     rt.containers.create(record)
     pid = 0
     host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None else -1
