@@ -399,6 +399,8 @@ class HostCgroup:
                 with open(f"/proc/{pid}/task/{tid}/cgroup") as f:
                     lines = f.read().splitlines()
             except OSError:
+                if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                    continue  # a thread that ended since the listing (QEMU's worker pool)
                 return False
             places = _places(lines, self)
             if not wanted <= places:
@@ -727,6 +729,12 @@ def _with_descendants(roots: set[int], proc: str = "/proc") -> set[int]:
     return out
 
 
+PLACE_ATTEMPTS = 5
+"""How often :meth:`VmPlacer.finish` moves a VM process that is not (yet) all in."""
+PLACE_RETRY = 0.1
+"""Seconds between those attempts."""
+
+
 class VmPlacer:
     """Moves the VM's host processes into the container's cgroup once libvirt is done
     placing them (its domain runs), from ``start``'s wait loop (:meth:`tick`), and checks
@@ -762,8 +770,15 @@ class VmPlacer:
         self.tick()
         pids = self.probe.processes(self.domain, qemu)
         for pid in pids:
-            if os.path.exists(f"/proc/{pid}") and not self.cgroup.holds(pid):
+            # A busy host: libvirt may still re-place a thread once after we moved it, so
+            # move and look again a bounded number of times before calling it a failure.
+            for attempt in range(PLACE_ATTEMPTS):
+                if not os.path.exists(f"/proc/{pid}") or self.cgroup.holds(pid):
+                    break
+                if attempt:
+                    time.sleep(PLACE_RETRY)
                 self.cgroup.add(pid)
+            else:
                 if os.path.exists(f"/proc/{pid}") and not self.cgroup.holds(pid):
                     raise CgroupPathError(f"process {pid} of VM {self.domain} did not stay in "
                                           f"the container's cgroup {self.cgroup.directories[0]}")

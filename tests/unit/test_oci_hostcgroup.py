@@ -335,3 +335,26 @@ def test_placer_waits_for_a_running_domain_and_tolerates_one_that_ended():
     assert placer.finish() == [os.getpid()]
     probe.pid = None  # the container's process ended at once: the VM is already gone
     assert placer.finish() == [os.getpid()]
+
+
+def test_placer_moves_again_what_libvirt_placed_back_and_gives_up_after_a_bound(monkeypatch):
+    """On a busy host libvirt may put a QEMU thread back once after the move: finish
+    moves it again instead of failing the start; one that never stays fails, boundedly."""
+    monkeypatch.setattr(hostcgroup, "PLACE_RETRY", 0.0)
+
+    class _Sticky(_Cgroup):
+        def __init__(self, takes):
+            super().__init__()
+            self.takes = takes  # how many moves until it stays
+
+        def holds(self, pid):
+            return self.added.count(pid) >= self.takes
+
+    pid = os.getpid()
+    cgroup = _Sticky(takes=3)
+    placer = hostcgroup.VmPlacer(cgroup, "vmshim-x", probe=_Probe(pid))
+    assert placer.finish() == [pid] and cgroup.added.count(pid) == 3
+    never = _Sticky(takes=10 ** 6)
+    with pytest.raises(hostcgroup.CgroupPathError, match="did not stay"):
+        hostcgroup.VmPlacer(never, "vmshim-x", probe=_Probe(pid)).finish()
+    assert never.added.count(pid) <= hostcgroup.PLACE_ATTEMPTS + 1
