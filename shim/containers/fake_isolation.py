@@ -4,8 +4,8 @@ It runs the real agent loop (:class:`guest.agent.Agent`) in a separate host proc
 listens on the container's agent.sock, as process isolation's host agent does, with a
 runtime that starts plain processes of the current user (no namespaces, mounts or
 cgroups). So the real monitor, store, state machine and socket API can be exercised
-without VMs or root. Select it with ``monkeypatch.setattr(monitor, "placement_override",
-FakeIsolation)``; records made for it say ``isolation="fake"``.
+without VMs or root. A record says so itself: ``isolation="fake"`` (the CLI never writes
+that), and :func:`shim.containers.monitor.make_placement` then makes this fake.
 """
 
 from __future__ import annotations

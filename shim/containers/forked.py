@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from typing import Callable
 
 
 def redirect_stdio(log_fd: int, keep: int) -> None:
@@ -21,3 +23,29 @@ def redirect_stdio(log_fd: int, keep: int) -> None:
     os.closerange(keep + 1, 1 << 16)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+def fork_detached(child_end: socket.socket, main: Callable[[], None], *,
+                  close_in_child: socket.socket) -> None:
+    """Run *main* in a grandchild that is nobody's child (fork, new session, fork again),
+    the way monitors and the pool's keeper come to life. The child closes
+    *close_in_child* (the parent's end of their socketpair), the parent closes
+    *child_end* and reaps the intermediate child. *main* should not return; if it does,
+    or raises, the grandchild exits with status 1."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        try:
+            close_in_child.close()
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            main()
+        finally:
+            os._exit(1)
+    child_end.close()
+    try:
+        os.waitpid(pid, 0)  # retried on EINTR by Python (PEP 475)
+    except ChildProcessError:
+        pass

@@ -18,6 +18,12 @@ virtio-serial socket, or the host agent's socket, both accept a new connection) 
 agent greets it with a new ``hello``; output the agent held meanwhile arrives then. If
 the VM is gone, the container is recorded as exited (code 255) and cleaned up.
 
+The monitor's own life is a state machine of its own (shim.containers.monitor_life:
+Idle, Booting, Running, Stopping, Removing, RestartWaiting, Exited, Checkpointed), each
+state carrying what belongs to it, changed only by :meth:`Monitor._enter`. It is not the
+container's lifecycle (shim.containers.state, what the record says across monitors); the
+monitor records that one's changes as its own life moves.
+
 The loop is single-threaded: one poll() over the agent channel, the listening socket
 and the clients, with timers for stop timeouts and restarts. Output is read from the
 agent only while every client keeps up (less than CLIENT_HIGH bytes queued for it), so a
@@ -44,16 +50,17 @@ import socket
 import sys
 import time
 import traceback
-from typing import Callable
-
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim import paths
 from shim.containers import health
-from shim.containers.forked import redirect_stdio
+from shim.containers.forked import fork_detached, redirect_stdio
 from shim.containers.isolation import Isolation
 from shim.containers import monitor_api as api
+from shim.containers import monitor_life as life
+from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, Life, Removing,
+                                          RestartWaiting, Running, Stopping)
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogLimits, LogWriter
 from shim.containers.state import Status
@@ -105,10 +112,6 @@ EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
 
 
-placement_override: Callable[[Container, ContainerStore], Isolation] | None = None
-"""Unit tests set this to a fake (shim.containers.fake_isolation); forked monitors inherit it."""
-
-
 def _remove_anonymous_volumes(mounts: list) -> None:
     """``--rm``: the anonymous volumes (-v /path) of a removed container go with it."""
     from shim.containers.mounts import remove_anonymous
@@ -117,11 +120,14 @@ def _remove_anonymous_volumes(mounts: list) -> None:
     remove_anonymous([MountRequest.from_dict(m) for m in mounts])
 
 
-def make_placement(record: Container, store: ContainerStore, backend=None) -> Isolation:
-    """The isolation *record* asked for: its own VM, or namespaces on the host
-    (``placement_override``, when a unit test sets it, makes every one instead)."""
-    if placement_override is not None:
-        return placement_override(record, store)
+def make_placement(record: Container, store: ContainerStore) -> Isolation:
+    """The isolation *record* asked for: its own VM, namespaces on the host, or (records
+    the unit tests make, ``isolation="fake"``; the CLI never writes one) the in-tree fake
+    (shim.containers.fake_isolation)."""
+    if record.isolation == "fake":
+        from shim.containers.fake_isolation import FakeIsolation
+
+        return FakeIsolation(record, store)
     from shim.containers.options import boot_config_of
 
     boot = boot_config_of(record)
@@ -133,7 +139,8 @@ def make_placement(record: Container, store: ContainerStore, backend=None) -> Is
 
         resources = Resources.from_dict(record.resources)
         rw = store.rw_disk(record.id) if record.writable == "disk" else None
-        if record.hypervisor and backend is None:  # migrated (issue 15)
+        backend = None
+        if record.hypervisor:  # migrated (issue 15)
             from shim.vm.libvirt_backend import LibvirtBackend
 
             backend = LibvirtBackend(record.hypervisor)
@@ -181,6 +188,18 @@ def send_buffered(sock, buf: bytearray) -> bool:
             return False
         del buf[:sent]
     return True
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    """What non-blocking *sock* holds (256 KiB at most): None when nothing yet, b"" when
+    the peer is gone."""
+    try:
+        return sock.recv(256 * 1024)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
 
 class Conn:
     """One client connection (non-blocking; frames queued in ``out``)."""
@@ -231,18 +250,21 @@ class Conn:
 class Monitor:
     """Serve one container until it ended for good (exited without a restart, or was
     removed). See the module doc. *spawner* is the socketpair end shared with the CLI
-    that spawned us (it gets ``ready`` and sends the first request)."""
+    that spawned us (it gets ``ready`` and sends the first request).
+
+    ``state`` is the monitor's own life (shim.containers.monitor_life: Idle, Booting,
+    Running, Stopping, Removing, RestartWaiting, Exited, Checkpointed), an inner machine
+    distinct from the container's lifecycle in the record (shim.containers.state); it
+    changes only through :meth:`_enter`. The placement comes from :func:`make_placement`,
+    which picks the isolation the record names."""
 
     def __init__(self, store: ContainerStore, container_id: str, *,
-                 spawner: socket.socket | None = None, recover: bool = False, backend=None,
-                 placement_factory=None):
+                 spawner: socket.socket | None = None, recover: bool = False):
         self.store = store
         self.id = container_id
         self.spawner = spawner
         self.recover = recover
-        self.backend = backend
-        self.placement_factory = placement_factory or (
-            lambda record, store: make_placement(record, store, backend))
+        self.state: Life = Idle()
         self.record = store.load(container_id)
         self.run_dir = run_dir_of(container_id)
         self.placement = None
@@ -252,19 +274,11 @@ class Monitor:
         self.agent: socket.socket | None = None
         self.agent_reader: protocol.FrameReader | None = None
         self.agent_out = bytearray()
-        self.agent_ready = False
-        self.main_running = False
-        self.exit_code: int | None = None
         self.procs: dict[int, Conn | None] = {}     # agent process id → its client
         self.pending: dict[int, Conn] = {}          # exec/builtin waiting for started
         self.waiters: list[Conn] = []
         self.timers: list[tuple[float, str, object]] = []
-        self.restart_at: float | None = None
         self.restart_wait: float | None = None  # the last back-off (restart_delay)
-        self.up_since = 0.0  # monotonic time the main process started
-        self.removal: Conn | None = None
-        self.finished = False
-        self.stop_requested = False
         self.last_agent_error = ""
         self.bad_messages = 0
         self.agent_lines = 0
@@ -274,6 +288,33 @@ class Monitor:
         """vmshim-runtime: wakes us when the engine changes the container's namespace."""
         self.internal_requests: set[int] = set()
         """Ids of requests the monitor itself sent the agent (netconf of followed links)."""
+
+    # ---- the monitor's life (shim.containers.monitor_life) -------------------------------
+
+    def _enter(self, new: Life) -> None:
+        """The one place the monitor's life changes. Raises life.IllegalTransition for a
+        change monitor_life.TRANSITIONS does not list (a bug)."""
+        life.check_transition(self.state, new)
+        self.state = new
+
+    @property
+    def main_running(self) -> bool:
+        """Whether the container's main process runs (a live state)."""
+        return life.is_live(self.state)
+
+    def _set_greeted(self, greeted: bool) -> None:
+        """Whether the agent said hello on the current channel (live states only)."""
+        if isinstance(self.state, Running):
+            self.state.greeted = greeted
+
+    def _last_code(self) -> int | None:
+        """The exit code of this monitor's last run (None: none ended, or one runs)."""
+        state = self.state
+        if isinstance(state, (RestartWaiting, Exited)):
+            return state.code
+        if isinstance(state, Booting):
+            return state.last_code
+        return None
 
     # ---- entry ---------------------------------------------------------------------------
 
@@ -290,7 +331,7 @@ class Monitor:
             self.conns.append(conn)
         if self.recover:
             self._reattach()
-        while not self.finished:
+        while not life.is_final(self.state):
             self._poll()
         self._finish()
 
@@ -404,12 +445,9 @@ class Monitor:
             self._flush_agent()
         if self.agent is None or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
             return
-        try:
-            data = self.agent.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
+        data = receive(self.agent)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._agent_gone()
             return
@@ -478,7 +516,7 @@ class Monitor:
                 self._say(f"the agent speaks protocol {version}; killing the container")
                 self._kill_placement()
                 return
-            self.agent_ready = True
+            self._set_greeted(True)
         elif msg.type in (protocol.STDOUT, protocol.STDERR):
             if proc_id == MAIN_ID:
                 self.log.write(msg.type, msg.payload)
@@ -641,7 +679,7 @@ class Monitor:
             except OSError:
                 pass
         self.agent = None
-        self.agent_ready = False
+        self._set_greeted(False)
         for proc_id, owner in list(self.pending.items()) + list(self.procs.items()):
             if owner is not None and not owner.closed:
                 owner.send(protocol.ERROR, id=proc_id, message="the container stopped", code=137)
@@ -682,12 +720,9 @@ class Monitor:
             conn.flush()
         if conn.closed or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
             return
-        try:
-            data = conn.sock.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
+        data = receive(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._client_gone(conn)
             return
@@ -767,10 +802,11 @@ class Monitor:
             raise ContainerStateError(operation, "running", "exited", self.record.name)
 
     def _op_start(self, conn: Conn, msg: Message) -> None:
-        """Boot and start the main process (the spawner's request)."""
-        if self.main_running:
-            raise ContainerStateError("start", "created or exited", self._status().value,
-                                      self.record.name)
+        """Boot and start the main process (the spawner's request, to a fresh monitor)."""
+        if not isinstance(self.state, Idle):
+            actual = "restarting" if isinstance(self.state, RestartWaiting) \
+                else self._status().value
+            raise ContainerStateError("start", "created or exited", actual, self.record.name)
         attach = msg.get("attach", bool, False)
         conn.stdin = msg.get("stdin", bool, False) and self.record.interactive
         rows = msg.get("rows", int, 24)
@@ -871,9 +907,9 @@ class Monitor:
             return
         conn.kind = "waiter"
         self.waiters.append(conn)
-        if self.stop_requested:
-            return
-        self.stop_requested = True
+        if isinstance(self.state, (Stopping, Removing)):
+            return  # it is ending already: wait with the others
+        self._enter(life.carry(self.state, Stopping, deadline=time.monotonic() + timeout))
         self._ensure_unpaused()
         if timeout == 0:
             self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=int(signal.SIGKILL))
@@ -915,7 +951,7 @@ class Monitor:
         conn.finish()
 
     def _op_wait(self, conn: Conn, msg: Message) -> None:
-        if not self.main_running and self.restart_at is None:
+        if not self.main_running and not isinstance(self.state, RestartWaiting):
             conn.send(api.REPLY, exit_code=self.record.state.exit_code)
             conn.finish()
             return
@@ -928,15 +964,18 @@ class Monitor:
             raise ContainerStateError("remove", "created or exited (stop it, or use -f)",
                                       self._status().value, self.record.name)
         conn.kind = "waiter"
-        self.removal = conn
         self._set_stopped_by_user()
+        if isinstance(self.state, Removing):  # a second rm -f: it waits for the first
+            self.waiters.append(conn)
+            return
         if self.main_running:
+            self._enter(life.carry(self.state, Removing, conn=conn))
             self._ensure_unpaused()
             self._kill_placement()
             self._timer(KILL_GRACE, "remove-force", self._force_gone)
         else:
             self._cancel_restart()
-            self.finished = True
+            self._enter(Exited(self._last_code(), removal=conn))
 
     def _op_checkpoint(self, conn: Conn, msg: Message) -> None:
         """Save the VM into the directory ``dir`` (shim.containers.checkpoint.save_vm:
@@ -950,7 +989,7 @@ class Monitor:
         from shim.containers import checkpoint_vm as checkpoint
 
         self._need("checkpoint")
-        if self.stop_requested or self.restart_at is not None:
+        if type(self.state) is not Running:
             raise ContainerStateError("checkpoint", "running", "stopping", self.record.name)
         checkpoint.check_checkpointable(self.record)
         directory = Path(msg.get("dir", str))
@@ -970,12 +1009,11 @@ class Monitor:
                 client = self.placement.restore(directory / checkpoint.MEMORY_FILE)
             except VmshimError as exc:
                 self._say(f"restore after checkpoint failed: {exc}")
-                self.main_running = False  # the checkpoint itself is good: keep it
-                self._checkpointed()
+                self._checkpointed()  # the checkpoint itself is good: keep it
                 raise CheckpointError(f"the checkpoint of {self.record.name} was written, "
                                       f"but the container did not come back: {exc}; "
                                       f"`vmshim restore {self.record.name}`") from None
-            self.agent_ready = True
+            self._set_greeted(True)
             self._attach_agent(client)
             self._say("checkpointed; running on")
         else:
@@ -986,7 +1024,7 @@ class Monitor:
     def _checkpointed(self) -> None:
         """The VM was saved and is gone: record ``checkpointed`` and leave (network
         leases and volumes let go of, run directory removed)."""
-        self.main_running = False
+        self._enter(Checkpointed())
         self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
         health.stop(self)
 
@@ -995,7 +1033,6 @@ class Monitor:
             r.state.finished_at = now_rfc3339()
         self._update(saved)
         self.placement.teardown(grace=0.0)
-        self.finished = True
         self._say("checkpointed; the VM is saved and gone")
 
     def _drain_agent(self, timeout: float = 0.3, limit: float = 2.0) -> None:
@@ -1036,7 +1073,7 @@ class Monitor:
         self.agent.setblocking(False)
         self.agent_reader = client._reader
         self.agent_dropped_seen = client._reader.dropped_count
-        self.agent_ready = False  # until the agent's hello
+        self._set_greeted(False)  # until the agent's hello
 
     def _op_migrate(self, conn: Conn, msg: Message) -> None:
         """Live-migrate the VM to the libvirt at ``uri`` (shared storage: the same files);
@@ -1045,7 +1082,7 @@ class Monitor:
         from shim.containers import checkpoint_vm as checkpoint
 
         self._need("migrate")
-        if self.stop_requested or self.restart_at is not None:
+        if type(self.state) is not Running:
             raise ContainerStateError("migrate", "running", "stopping", self.record.name)
         checkpoint.check_checkpointable(self.record, "migrate")
         uri = msg.get("uri", str)
@@ -1070,21 +1107,22 @@ class Monitor:
         writable disk was put back by shim.containers.checkpoint.restore). Reply {}."""
         from pathlib import Path
 
-        if self.main_running:
+        if not isinstance(self.state, Idle):
             raise ContainerStateError("restore", "checkpointed", self._status().value,
                                       self.record.name)
         self.record = self.store.load(self.id)
         lifecycle.check("restore", self._status(), self.record.name)
-        self.placement = self.placement_factory(self.record, self.store)
+        self.placement = make_placement(self.record, self.store)
+        self._enter(Booting())
         try:
             client = self.placement.restore(Path(msg.get("image", str)))
         except VmshimError as exc:
             self._say(f"restore failed: {exc}")
             self.placement.teardown(grace=0.0)
-            self.finished = True
+            self._enter(Exited())
             raise
-        self.main_running = True
-        self.exit_code = None
+        self._enter(Running(pid=self.record.state.pid, up_since=time.monotonic(),
+                            greeted=True))
 
         def restored(r: Container) -> None:
             r.state.status = lifecycle.transition("restore", r.status, r.name).value
@@ -1094,9 +1132,7 @@ class Monitor:
             r.state.monitor_start = process_start_time(os.getpid()) or 0
 
         self._update(restored)
-        self.up_since = time.monotonic()
         health.start(self)
-        self.agent_ready = True
         self._attach_agent(client)
         self._say("restored from a checkpoint")
         conn.send(api.REPLY)
@@ -1104,8 +1140,8 @@ class Monitor:
 
     def _op_status(self, conn: Conn, msg: Message) -> None:
         conn.send(api.REPLY, status=self._status().value, running=self.main_running,
-                  agent=self.agent_ready, pid=os.getpid(),
-                  restarting=self.restart_at is not None)
+                  agent=isinstance(self.state, Running) and self.state.greeted,
+                  pid=os.getpid(), restarting=isinstance(self.state, RestartWaiting))
         conn.finish()
 
     def _force_gone(self) -> None:
@@ -1126,11 +1162,11 @@ class Monitor:
             self._update(lambda r: setattr(r.state, "stopped_by_user", True))
 
     def _cancel_restart(self) -> None:
-        if self.restart_at is not None:
-            self.restart_at = None
+        """A stop or rm during a restart's back-off: no restart, the monitor leaves."""
+        if isinstance(self.state, RestartWaiting):
             self._cancel_timers("restart")
             self._update(lambda r: setattr(r.state, "restarting", False))
-            self.finished = True
+            self._enter(Exited(self.state.code))
 
     # ---- starting ------------------------------------------------------------------------
 
@@ -1139,8 +1175,8 @@ class Monitor:
         """Boot the placement and start the main process; True when it runs. Failures
         are recorded (state unchanged, like docker) and told to *conn*."""
         self.record = self.store.load(self.id)
-        self.placement = self.placement_factory(self.record, self.store)
-        self.stop_requested = False
+        self.placement = make_placement(self.record, self.store)
+        self._enter(Booting(last_code=self._last_code()))
         self.last_agent_error = ""
         alive = (lambda: self._cancelled(cancel)) if cancel is not None else None
         try:
@@ -1172,8 +1208,8 @@ class Monitor:
                                code if isinstance(code, int) else 125)
             return False
         pid = reply.fields.get("pid", 0)
-        self.main_running = True
-        self.exit_code = None
+        self._enter(Running(pid=pid if isinstance(pid, int) else 0, up_since=time.monotonic(),
+                            greeted=True))
 
         def started(r: Container) -> None:
             r.state.status = lifecycle.transition("start", r.status, r.name).value
@@ -1187,7 +1223,6 @@ class Monitor:
             r.state.monitor_start = process_start_time(os.getpid()) or 0
 
         self._update(started)
-        self.up_since = time.monotonic()
         health.start(self)  # HEALTHCHECK / --health-cmd: probes on our timers
         if conn is not None:
             # Queued, not sent yet: output that came with the reply is logged (and queued
@@ -1195,7 +1230,6 @@ class Monitor:
             # "started" never misses it in the log, even if we die right after.
             conn.out += api.encode(protocol.STARTED, id=MAIN_ID, pid=pid, tty=self.record.tty)
             conn.kind = "main" if attach else "done"
-        self.agent_ready = True
         self._attach_agent(client)
         self._watch_engine()
         if conn is not None:
@@ -1246,7 +1280,7 @@ class Monitor:
             self.placement.teardown(grace=0.0)
         if anonymous:
             _remove_anonymous_volumes(anonymous)
-        self.finished = True
+        self._enter(Exited(self._last_code()))
 
     # ---- recovery ----------------------------------------------------------------------------
 
@@ -1254,15 +1288,16 @@ class Monitor:
         """Find the container a dead monitor left running and take it over."""
         status = self._status()
         if not lifecycle.is_active(status):
-            self.finished = True
+            self._enter(Exited())
             return
-        self.placement = self.placement_factory(self.record, self.store)
+        self.placement = make_placement(self.record, self.store)
         try:
             client = self.placement.reattach()
         except VmshimError as exc:
             self._say(f"cannot look for the VM: {exc}")
             client = None
-        self.main_running = True
+        # When it started is unknown (0.0: long ago, for the restart back-off).
+        self._enter(Running(pid=self.record.state.pid, up_since=0.0, greeted=False))
         if client is None:
             self._say("re-attach: the container's VM (or host agent) is gone")
             self._main_exited(EXIT_CODE_LOST,
@@ -1274,19 +1309,19 @@ class Monitor:
         self.agent.setblocking(False)
         self.agent_reader = client._reader
         self.agent_dropped_seen = client._reader.dropped_count
-        self.agent_ready = False  # until the agent's hello
-        self._note_rejected(client)
+        self._note_rejected(client)  # greeted stays False until the agent's hello
 
     # ---- the end of a run -------------------------------------------------------------------
 
     def _main_exited(self, code: int, *, oom: bool = False, error: str = "") -> None:
-        if not self.main_running:
+        if not isinstance(self.state, Running):
             return
-        self.main_running = False
-        self.exit_code = code
+        up_since = self.state.up_since
+        removal = self.state.conn if isinstance(self.state, Removing) else None
+        restart = self._should_restart(code)
+        self._enter(RestartWaiting(code) if restart else Exited(code, removal=removal))
         self._cancel_timers("stop-kill", "stop-destroy", "kill-destroy", "remove-force")
         health.stop(self)
-        restart = self._should_restart(code)
         finished_at = now_rfc3339()
 
         def exited(r: Container) -> None:
@@ -1301,7 +1336,7 @@ class Monitor:
         self._update(exited)
         anonymous = []
         if self.record is not None and self.record.auto_remove and not restart \
-                and self.removal is None:
+                and removal is None:
             anonymous = self.record.mounts
             self.store.delete(self.id)
             self.record = None
@@ -1310,7 +1345,7 @@ class Monitor:
                 conn.send(protocol.EXIT, id=MAIN_ID, code=code, **({"error": error} if error else {}))
                 conn.finish()
         for conn in self.waiters:
-            if conn is not self.removal:
+            if conn is not removal:
                 conn.send(api.REPLY, exit_code=code)
                 conn.finish()
         self.waiters = []
@@ -1325,13 +1360,10 @@ class Monitor:
             _remove_anonymous_volumes(anonymous)
         if restart:
             self._listen_again()  # the teardown took the run directory, our socket with it
-            delay = restart_delay(self.restart_wait, time.monotonic() - self.up_since)
+            delay = restart_delay(self.restart_wait, time.monotonic() - up_since)
             self.restart_wait = delay
             self._update(lambda r: setattr(r.state, "restarting", True))
-            self.restart_at = time.monotonic() + delay
             self._timer(delay, "restart", self._restart)
-        else:
-            self.finished = True
 
     def _close_agent(self) -> None:
         if self.agent is not None:
@@ -1341,11 +1373,14 @@ class Monitor:
             except OSError:
                 pass
             self.agent = None
-        self.agent_ready = False
+        self._set_greeted(False)
 
     def _should_restart(self, code: int) -> bool:
+        """Whether the run that just ended is started again (the ``--restart`` policy);
+        never after a stop or a removal."""
         record = self.record
-        if record is None or self.removal is not None or record.state.stopped_by_user:
+        if record is None or isinstance(self.state, (Stopping, Removing)) \
+                or record.state.stopped_by_user:
             return False
         policy = record.restart_policy
         if policy in ("always", "unless-stopped"):
@@ -1355,7 +1390,9 @@ class Monitor:
         return False
 
     def _restart(self) -> None:
-        self.restart_at = None
+        """The back-off passed: boot and start again (a failure ends the monitor)."""
+        if not isinstance(self.state, RestartWaiting):
+            return
 
         def counted(r: Container) -> None:
             r.state.restart_count += 1
@@ -1363,21 +1400,17 @@ class Monitor:
         try:
             self._update(counted)
         except ContainerNotFound:
-            self.finished = True
+            self._enter(Exited(self.state.code))
             return
-        if not self._boot_and_start(None):
-            self.finished = True
+        self._boot_and_start(None)
 
     def _finish(self) -> None:
         """Leave: no container process is left; reply to a removal, delete the record if
-        asked, give the pid slot back."""
-        if self.placement is not None and self.main_running:
-            self.placement.kill()
-            self._close_netwatch()
-            self.placement.teardown()
-        if self.removal is not None and self.placement is not None:
+        asked, give the pid slot back. Precondition: a final state (nothing runs)."""
+        removal = self.state.removal if isinstance(self.state, Exited) else None
+        if removal is not None and self.placement is not None:
             self.placement.forget()  # rm returns when nothing of the VM is left
-        if self.removal is not None or (self.record is not None and self.record.auto_remove):
+        if removal is not None or (self.record is not None and self.record.auto_remove):
             # --rm also removes the anonymous volumes (-v /path) the container made.
             anonymous = self.record.mounts if self.record is not None and \
                 self.record.auto_remove else []
@@ -1398,8 +1431,9 @@ class Monitor:
                 self._update(forget)
             except ContainerNotFound:
                 pass
-        code = self.exit_code if self.exit_code is not None else 0
-        for conn in self.waiters + ([self.removal] if self.removal is not None else []):
+        code = self._last_code()
+        code = code if code is not None else 0
+        for conn in self.waiters + ([removal] if removal is not None else []):
             conn.send(api.REPLY, exit_code=code)
             conn.finish()
         if self.listener is not None:
@@ -1464,27 +1498,8 @@ def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
 
     check_socket_paths(container_id)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        try:
-            parent.close()
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _monitor_main(store, container_id, child, recover)
-        finally:
-            os._exit(1)
-    child.close()
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
+    fork_detached(child, lambda: _monitor_main(store, container_id, child, recover),
+                  close_in_child=parent)
     client = api.MonitorClient(parent)
     try:
         ready = client.recv(timeout=30)

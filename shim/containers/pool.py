@@ -361,23 +361,9 @@ def spawn_keeper() -> int:
     once it recorded itself; 0 when another keeper holds the lock. Raises PoolError."""
     paths.private_dir(pool_dir())
     parent, child = socket.socketpair()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        try:
-            parent.close()
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _keeper_main(child)
-        finally:
-            os._exit(1)
-    child.close()
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+    from shim.containers.forked import fork_detached
+
+    fork_detached(child, lambda: _keeper_main(child), close_in_child=parent)
     parent.settimeout(30)
     try:
         data = parent.recv(64)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from guest import protocol
 from shim.containers import monitor as monmod
+from shim.containers import monitor_life
 from shim.containers.store import Container, ContainerStore
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -70,8 +71,7 @@ def running_monitor(store, cid):
     mon.agent = host
     host.setblocking(False)
     mon.agent_reader = protocol.FrameReader(lenient=True)
-    mon.main_running = True
-    mon.agent_ready = True
+    mon._enter(monitor_life.Running(pid=1, greeted=True))
     peers = []
     for proc_id, table in ((5, mon.procs), (6, mon.pending)):
         mine, theirs = socket.socketpair()

@@ -22,7 +22,7 @@ import pytest
 
 from guest.runtime.process import spawn_container
 from guest.spec import ProcessSpec
-from shim.containers import manage, monitor
+from shim.containers import manage
 from shim.containers.fake_isolation import FakeIsolation, PlainRuntime
 from shim.containers.logs import read_entries
 from shim.containers.store import Container, ContainerStore, monitor_alive, run_dir_of
@@ -34,7 +34,6 @@ def store(tmp_path, monkeypatch):
     run = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: unix socket paths
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
     monkeypatch.setenv("VMSHIM_RUN", str(run))
-    monkeypatch.setattr(monitor, "placement_override", FakeIsolation)
     store = ContainerStore()
     yield store
     for record in store.list():  # never leave processes behind

@@ -1,0 +1,119 @@
+"""The monitor's own life (shim.containers.monitor_life): the transition table, and the
+Monitor changing it only through ``_enter``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from shim.containers import monitor_life as life
+from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, IllegalTransition,
+                                          Removing, RestartWaiting, Running, Stopping)
+
+EXAMPLES = [Idle(), Booting(), Running(pid=7, up_since=1.0), Stopping(pid=7, deadline=2.0),
+            Removing(pid=7, conn=object()), RestartWaiting(code=1), Exited(code=0),
+            Checkpointed()]
+
+LEGAL = {
+    (Idle, Booting), (Idle, Running), (Idle, Exited),
+    (Booting, Running), (Booting, Exited),
+    (Running, Stopping), (Running, Removing), (Running, RestartWaiting), (Running, Exited),
+    (Running, Checkpointed),
+    (Stopping, Removing), (Stopping, Exited),
+    (Removing, Exited),
+    (RestartWaiting, Booting), (RestartWaiting, Exited),
+    (Exited, Exited),
+}
+
+
+@pytest.mark.parametrize("current,new", list(itertools.product(EXAMPLES, EXAMPLES)),
+                         ids=lambda s: type(s).__name__)
+def test_every_pair_is_allowed_exactly_when_the_table_lists_it(current, new):
+    if (type(current), type(new)) in LEGAL:
+        life.check_transition(current, new)
+    else:
+        with pytest.raises(IllegalTransition, match=f"from {type(current).__name__} "
+                                                    f"to {type(new).__name__}"):
+            life.check_transition(current, new)
+
+
+def test_the_table_names_every_state():
+    assert set(life.TRANSITIONS) == {type(s) for s in EXAMPLES}
+
+
+def test_final_states_lead_nowhere_but_to_a_late_removal():
+    assert life.TRANSITIONS[Checkpointed] == frozenset()
+    assert life.TRANSITIONS[Exited] == frozenset({Exited})
+    for state in EXAMPLES:
+        assert life.is_final(state) == isinstance(state, (Exited, Checkpointed))
+
+
+def test_live_states_are_the_ones_with_a_main_process():
+    live = [type(s).__name__ for s in EXAMPLES if life.is_live(s)]
+    assert live == ["Running", "Stopping", "Removing"]
+
+
+def test_carry_keeps_the_main_process():
+    running = Running(pid=42, up_since=3.5, greeted=True)
+    stopping = life.carry(running, Stopping, deadline=9.0)
+    assert (stopping.pid, stopping.up_since, stopping.greeted, stopping.deadline) == \
+        (42, 3.5, True, 9.0)
+    marker = object()
+    removing = life.carry(stopping, Removing, conn=marker)
+    assert (removing.pid, removing.conn) == (42, marker)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from shim.containers.store import Container, ContainerStore
+
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
+    monkeypatch.setenv("VMSHIM_RUN", str(tmp_path / "run"))
+    store = ContainerStore()
+    cid = os.urandom(32).hex()
+    store.create(Container(id=cid, name="life", image="busybox", image_id="sha256:x",
+                           isolation="fake", process={"args": ["true"]}, hostname=cid[:12],
+                           token="tok", layer_disks=[], writable="tmpfs"))
+    return store, cid
+
+
+def test_the_monitor_refuses_an_illegal_change_and_keeps_its_state(store):
+    from shim.containers.monitor import Monitor
+
+    mon = Monitor(*store)
+    try:
+        assert isinstance(mon.state, Idle) and not mon.main_running
+        with pytest.raises(IllegalTransition):
+            mon._enter(Stopping())  # nothing runs that could stop
+        assert isinstance(mon.state, Idle)
+        mon._enter(Running(pid=5))
+        assert mon.main_running
+        mon._set_greeted(True)
+        assert mon.state.greeted
+        mon._enter(Exited(3))
+        assert mon._last_code() == 3 and not mon.main_running
+        with pytest.raises(IllegalTransition):
+            mon._enter(Booting())  # an ended monitor never boots again
+    finally:
+        mon.log.close()
+
+
+def test_a_start_to_a_busy_monitor_is_refused_without_a_boot(store):
+    """A start request reaches only a fresh (Idle) monitor; one waiting to restart says so."""
+    from guest import protocol
+    from shim.containers import monitor as monmod
+    from shim.containers import monitor_api as api
+    from shim.errors import ContainerStateError
+
+    mon = monmod.Monitor(*store)
+    try:
+        mon._enter(Running(pid=5))
+        mon._enter(RestartWaiting(code=1))
+        msg = protocol.Message(api.REQUEST, {"op": "start"}, b"")
+        with pytest.raises(ContainerStateError, match="restarting"):
+            mon._op_start(None, msg)
+        assert isinstance(mon.state, RestartWaiting) and mon.placement is None
+    finally:
+        mon.log.close()
