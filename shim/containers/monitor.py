@@ -201,6 +201,40 @@ def receive(sock: socket.socket) -> bytes | None:
         return b""
 
 
+class AgentChannel:
+    """The loop's side of the agent's channel, held by a live state while it is there: the
+    socket (non-blocking), its frame reader (None once the framing broke: what follows is
+    discarded until it closes), what waits to be sent, and whether the agent said hello."""
+
+    def __init__(self, sock: socket.socket, reader: protocol.FrameReader | None, *,
+                 greeted: bool):
+        self.sock = sock
+        sock.setblocking(False)
+        self.reader = reader
+        self.dropped_seen = reader.dropped_count if reader is not None else 0
+        self.out = bytearray()
+        self.greeted = greeted
+
+    @classmethod
+    def of(cls, client, *, greeted: bool) -> AgentChannel:
+        """Take over an AgentClient's socket and reader (what it dropped meanwhile is the
+        caller's to count: Monitor._note_rejected)."""
+        return cls(client.sock, client._reader, greeted=greeted)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def flush(self) -> bool:
+        """Send what is queued without blocking; False when the agent is gone."""
+        return send_buffered(self.sock, self.out)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 class Conn:
     """One client connection (non-blocking; frames queued in ``out``)."""
 
@@ -271,9 +305,6 @@ class Monitor:
         self.log = LogWriter(store.log_path(container_id), LogLimits.from_dict(self.record.log))
         self.listener: socket.socket | None = None
         self.conns: list[Conn] = []
-        self.agent: socket.socket | None = None
-        self.agent_reader: protocol.FrameReader | None = None
-        self.agent_out = bytearray()
         self.procs: dict[int, Conn | None] = {}     # agent process id → its client
         self.pending: dict[int, Conn] = {}          # exec/builtin waiting for started
         self.waiters: list[Conn] = []
@@ -283,7 +314,6 @@ class Monitor:
         self.bad_messages = 0
         self.agent_lines = 0
         self.unexpected = 0
-        self.agent_dropped_seen = 0
         self.netwatch: socket.socket | None = None
         """vmshim-runtime: wakes us when the engine changes the container's namespace."""
         self.internal_requests: set[int] = set()
@@ -302,10 +332,16 @@ class Monitor:
         """Whether the container's main process runs (a live state)."""
         return life.is_live(self.state)
 
-    def _set_greeted(self, greeted: bool) -> None:
-        """Whether the agent said hello on the current channel (live states only)."""
-        if isinstance(self.state, Running):
-            self.state.greeted = greeted
+    @property
+    def agent(self) -> AgentChannel | None:
+        """The agent's channel: a live state's, while it is there."""
+        return self.state.agent if isinstance(self.state, Running) else None
+
+    def _set_agent(self, channel: AgentChannel | None) -> None:
+        """The channel comes and goes within a live state (re-attach, checkpoint,
+        migration): not a change of the monitor's life."""
+        assert isinstance(self.state, Running), self.state
+        self.state.agent = channel
 
     def _last_code(self) -> int | None:
         """The exit code of this monitor's last run (None: none ended, or one runs)."""
@@ -370,15 +406,16 @@ class Monitor:
         handlers: dict[int, object] = {}
         clients_ok = all(len(c.out) < CLIENT_HIGH for c in self.conns
                          if c.kind in ("main", "proc"))
-        if self.agent is not None:
-            mask = (select.POLLIN if clients_ok else 0) | (select.POLLOUT if self.agent_out else 0)
+        agent = self.agent
+        if agent is not None:
+            mask = (select.POLLIN if clients_ok else 0) | (select.POLLOUT if agent.out else 0)
             if mask:
-                poller.register(self.agent, mask)
-                handlers[self.agent.fileno()] = self._on_agent
+                poller.register(agent.sock, mask)
+                handlers[agent.fileno()] = self._on_agent
         if self.listener is not None:
             poller.register(self.listener, select.POLLIN)
             handlers[self.listener.fileno()] = self._on_listener
-        read_clients = len(self.agent_out) < AGENT_HIGH
+        read_clients = agent is None or len(agent.out) < AGENT_HIGH
         for conn in self.conns:
             mask = (select.POLLIN if read_clients else 0) | (select.POLLOUT if conn.out else 0)
             if mask:
@@ -421,51 +458,52 @@ class Monitor:
     # ---- the agent -------------------------------------------------------------------------
 
     def _attach_agent(self, client) -> None:
-        """Take over an AgentClient's socket for the loop."""
-        self.agent = client.sock
-        self.agent.setblocking(False)
-        self.agent_reader = client._reader
-        self.agent_dropped_seen = client._reader.dropped_count
-        self.agent_out = bytearray()
+        """Take over the socket of an AgentClient that did the handshake (a live state
+        holds it); what it already received is handled now."""
+        self._set_agent(AgentChannel.of(client, greeted=True))
         self._note_rejected(client)
         self._on_agent_messages(client.take_pending())
 
     def _to_agent(self, type: str, payload: bytes = b"", **fields) -> None:
-        if self.agent is None:
+        agent = self.agent
+        if agent is None:
             return
-        self.agent_out += protocol.encode(type, payload, **fields)
+        agent.out += protocol.encode(type, payload, **fields)
         self._flush_agent()
 
     def _flush_agent(self) -> None:
-        if self.agent is not None and not send_buffered(self.agent, self.agent_out):
+        agent = self.agent
+        if agent is not None and not agent.flush():
             self._agent_gone()
 
     def _on_agent(self, event: int) -> None:
         if event & select.POLLOUT:
             self._flush_agent()
-        if self.agent is None or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+        agent = self.agent
+        if agent is None or not event & (select.POLLIN | select.POLLHUP | select.POLLERR):
             return
-        data = receive(self.agent)
+        data = receive(agent.sock)
         if data is None:
             return
         if not data:
             self._agent_gone()
             return
-        if self.agent_reader is None:
+        reader = agent.reader
+        if reader is None:
             return
         try:
-            messages = self.agent_reader.feed(data)
+            messages = reader.feed(data)
         except ProtocolError as exc:
             # The framing itself is broken: nothing after this can be trusted.
             text = protocol.printable(str(exc), 200)
             self._say(f"the agent broke the protocol: {text}; killing the container")
             self.last_agent_error = f"the agent broke the protocol: {text}"
-            self.agent_reader = None  # what follows is discarded until the channel closes
+            agent.reader = None  # what follows is discarded until the channel closes
             self._kill_placement()
             return
-        reasons = self.agent_reader.take_dropped()
-        dropped = self.agent_reader.dropped_count - self.agent_dropped_seen
-        self.agent_dropped_seen = self.agent_reader.dropped_count
+        reasons = reader.take_dropped()
+        dropped = reader.dropped_count - agent.dropped_seen
+        agent.dropped_seen = reader.dropped_count
         for n in range(dropped):  # each frame counts, its reason when one was kept
             self._agent_misbehaved(reasons[n] if n < len(reasons) else "")
         self._on_agent_messages(messages)
@@ -516,7 +554,8 @@ class Monitor:
                 self._say(f"the agent speaks protocol {version}; killing the container")
                 self._kill_placement()
                 return
-            self._set_greeted(True)
+            if self.agent is not None:
+                self.agent.greeted = True
         elif msg.type in (protocol.STDOUT, protocol.STDERR):
             if proc_id == MAIN_ID:
                 self.log.write(msg.type, msg.payload)
@@ -674,18 +713,9 @@ class Monitor:
         """The channel closed: the VM (or host agent) ended. Without an exit report,
         the container died with it."""
         if self.agent is not None:
-            try:
-                self.agent.close()
-            except OSError:
-                pass
-        self.agent = None
-        self._set_greeted(False)
-        for proc_id, owner in list(self.pending.items()) + list(self.procs.items()):
-            if owner is not None and not owner.closed:
-                owner.send(protocol.ERROR, id=proc_id, message="the container stopped", code=137)
-                owner.finish()
-        self.pending.clear()
-        self.procs.clear()
+            self.agent.close()
+            self._set_agent(None)
+        self._orphan_requests("the container stopped")
         if self.main_running:
             what = "microVM" if self.record.isolation == "vm" else "host agent"
             reason = f"the {what} stopped without reporting the container's exit"
@@ -1013,7 +1043,6 @@ class Monitor:
                 raise CheckpointError(f"the checkpoint of {self.record.name} was written, "
                                       f"but the container did not come back: {exc}; "
                                       f"`vmshim restore {self.record.name}`") from None
-            self._set_greeted(True)
             self._attach_agent(client)
             self._say("checkpointed; running on")
         else:
@@ -1041,7 +1070,7 @@ class Monitor:
         deadline = time.monotonic() + limit
         while self.agent is not None and time.monotonic() < deadline:
             try:
-                ready = select.select([self.agent], [], [], timeout)[0]
+                ready = select.select([self.agent.sock], [], [], timeout)[0]
             except InterruptedError:
                 continue
             if not ready:
@@ -1051,13 +1080,18 @@ class Monitor:
     def _detach_agent(self, reason: str) -> None:
         """Close the agent channel without taking it for the container's end: exec
         sessions and pending requests are told *reason*."""
+        self._orphan_requests(reason)
+        self._close_agent()
+
+    def _orphan_requests(self, reason: str) -> None:
+        """The channel went away: exec sessions and pending requests are told *reason*
+        (code 137) and forgotten."""
         for proc_id, owner in list(self.pending.items()) + list(self.procs.items()):
             if owner is not None and not owner.closed:
                 owner.send(protocol.ERROR, id=proc_id, message=reason, code=137)
                 owner.finish()
         self.pending.clear()
         self.procs.clear()
-        self._close_agent()
 
     def _reconnect_agent(self) -> None:
         """After a failed save, or a migration: the VM runs (here or there); take its
@@ -1069,11 +1103,7 @@ class Monitor:
         if client is None:
             self._agent_gone()
             return
-        self.agent = client.sock
-        self.agent.setblocking(False)
-        self.agent_reader = client._reader
-        self.agent_dropped_seen = client._reader.dropped_count
-        self._set_greeted(False)  # until the agent's hello
+        self._set_agent(AgentChannel.of(client, greeted=False))  # greeted by its hello
 
     def _op_migrate(self, conn: Conn, msg: Message) -> None:
         """Live-migrate the VM to the libvirt at ``uri`` (shared storage: the same files);
@@ -1121,8 +1151,7 @@ class Monitor:
             self.placement.teardown(grace=0.0)
             self._enter(Exited())
             raise
-        self._enter(Running(pid=self.record.state.pid, up_since=time.monotonic(),
-                            greeted=True))
+        self._enter(Running(pid=self.record.state.pid, up_since=time.monotonic()))
 
         def restored(r: Container) -> None:
             r.state.status = lifecycle.transition("restore", r.status, r.name).value
@@ -1140,7 +1169,7 @@ class Monitor:
 
     def _op_status(self, conn: Conn, msg: Message) -> None:
         conn.send(api.REPLY, status=self._status().value, running=self.main_running,
-                  agent=isinstance(self.state, Running) and self.state.greeted,
+                  agent=self.agent is not None and self.agent.greeted,
                   pid=os.getpid(), restarting=isinstance(self.state, RestartWaiting))
         conn.finish()
 
@@ -1208,8 +1237,7 @@ class Monitor:
                                code if isinstance(code, int) else 125)
             return False
         pid = reply.fields.get("pid", 0)
-        self._enter(Running(pid=pid if isinstance(pid, int) else 0, up_since=time.monotonic(),
-                            greeted=True))
+        self._enter(Running(pid=pid if isinstance(pid, int) else 0, up_since=time.monotonic()))
 
         def started(r: Container) -> None:
             r.state.status = lifecycle.transition("start", r.status, r.name).value
@@ -1297,7 +1325,7 @@ class Monitor:
             self._say(f"cannot look for the VM: {exc}")
             client = None
         # When it started is unknown (0.0: long ago, for the restart back-off).
-        self._enter(Running(pid=self.record.state.pid, up_since=0.0, greeted=False))
+        self._enter(Running(pid=self.record.state.pid, up_since=0.0))
         if client is None:
             self._say("re-attach: the container's VM (or host agent) is gone")
             self._main_exited(EXIT_CODE_LOST,
@@ -1305,18 +1333,15 @@ class Monitor:
             return
         self._say(f"re-attached to the running container (pid {os.getpid()})")
         health.start(self)
-        self.agent = client.sock
-        self.agent.setblocking(False)
-        self.agent_reader = client._reader
-        self.agent_dropped_seen = client._reader.dropped_count
-        self._note_rejected(client)  # greeted stays False until the agent's hello
+        self._set_agent(AgentChannel.of(client, greeted=False))  # greeted by its hello
+        self._note_rejected(client)
 
     # ---- the end of a run -------------------------------------------------------------------
 
     def _main_exited(self, code: int, *, oom: bool = False, error: str = "") -> None:
         if not isinstance(self.state, Running):
             return
-        up_since = self.state.up_since
+        up_since, agent = self.state.up_since, self.state.agent
         removal = self.state.conn if isinstance(self.state, Removing) else None
         restart = self._should_restart(code)
         self._enter(RestartWaiting(code) if restart else Exited(code, removal=removal))
@@ -1349,10 +1374,17 @@ class Monitor:
                 conn.send(api.REPLY, exit_code=code)
                 conn.finish()
         self.waiters = []
-        if self.agent is not None:
-            self._to_agent(protocol.SHUTDOWN)
+        if agent is not None:  # the run's channel: the guest powers off
+            agent.out += protocol.encode(protocol.SHUTDOWN)
+            if not agent.flush():
+                agent.close()
+                self._orphan_requests("the container stopped")
+                agent = None
         self._flush_clients(2.0)
-        self._close_agent()
+        if agent is not None:
+            if not agent.flush():
+                self._orphan_requests("the container stopped")
+            agent.close()
         if self.placement is not None:
             self._close_netwatch()
             self.placement.teardown()
@@ -1366,14 +1398,12 @@ class Monitor:
             self._timer(delay, "restart", self._restart)
 
     def _close_agent(self) -> None:
+        """Close a live state's channel after sending what is queued (if the agent is
+        gone already, that is the container's end: _agent_gone)."""
+        self._flush_agent()
         if self.agent is not None:
-            self._flush_agent()
-            try:
-                self.agent.close()
-            except OSError:
-                pass
-            self.agent = None
-        self._set_greeted(False)
+            self.agent.close()
+            self._set_agent(None)
 
     def _should_restart(self, code: int) -> bool:
         """Whether the run that just ended is started again (the ``--restart`` policy);

@@ -51,13 +51,13 @@ class Booting:
 @dataclass
 class Running:
     """The main process runs. *pid*: its pid as the agent reported it; *up_since*:
-    monotonic time it started (0.0 after a re-attach: unknown, long ago); *greeted*: the
-    agent said hello on the current channel (False while the channel is away: after a
-    re-attach until the hello, during a checkpoint or migration)."""
+    monotonic time it started (0.0 after a re-attach: unknown, long ago); *agent*: the
+    agent's channel (shim.containers.monitor.AgentChannel), None while it is away (a
+    checkpoint or migration in progress, or the sandbox just ended)."""
 
     pid: int = 0
     up_since: float = 0.0
-    greeted: bool = False
+    agent: Any = None
 
 
 @dataclass
@@ -117,8 +117,8 @@ TRANSITIONS: dict[type, frozenset[type]] = {
     Exited: frozenset({Exited}),  # a removal asked while the monitor leaves
     Checkpointed: frozenset(),
 }
-"""state → the states it may change to. Changes of a field inside a state (``greeted``)
-are not transitions."""
+"""state → the states it may change to. The agent's channel coming and going inside a
+live state is not a transition."""
 
 
 def check_transition(current: Life, new: Life) -> None:
@@ -130,7 +130,7 @@ def check_transition(current: Life, new: Life) -> None:
 
 def carry(live: Running, to: type[Running], **fields: Any) -> Running:
     """*live*'s main process in live state *to* (Stopping, Removing), with *fields*."""
-    return to(pid=live.pid, up_since=live.up_since, greeted=live.greeted, **fields)
+    return to(pid=live.pid, up_since=live.up_since, agent=live.agent, **fields)
 
 
 def is_live(life: Life) -> bool:

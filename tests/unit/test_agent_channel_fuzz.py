@@ -68,10 +68,8 @@ def running_monitor(store, cid):
     mon = monmod.Monitor(store, cid)
     mon.placement = StubPlacement()
     host, guest = socket.socketpair()
-    mon.agent = host
-    host.setblocking(False)
-    mon.agent_reader = protocol.FrameReader(lenient=True)
-    mon._enter(monitor_life.Running(pid=1, greeted=True))
+    agent = monmod.AgentChannel(host, protocol.FrameReader(lenient=True), greeted=True)
+    mon._enter(monitor_life.Running(pid=1, agent=agent))
     peers = []
     for proc_id, table in ((5, mon.procs), (6, mon.pending)):
         mine, theirs = socket.socketpair()

@@ -56,10 +56,11 @@ def test_live_states_are_the_ones_with_a_main_process():
 
 
 def test_carry_keeps_the_main_process():
-    running = Running(pid=42, up_since=3.5, greeted=True)
+    channel = object()
+    running = Running(pid=42, up_since=3.5, agent=channel)
     stopping = life.carry(running, Stopping, deadline=9.0)
-    assert (stopping.pid, stopping.up_since, stopping.greeted, stopping.deadline) == \
-        (42, 3.5, True, 9.0)
+    assert (stopping.pid, stopping.up_since, stopping.agent, stopping.deadline) == \
+        (42, 3.5, channel, 9.0)
     marker = object()
     removing = life.carry(stopping, Removing, conn=marker)
     assert (removing.pid, removing.conn) == (42, marker)
@@ -89,9 +90,7 @@ def test_the_monitor_refuses_an_illegal_change_and_keeps_its_state(store):
             mon._enter(Stopping())  # nothing runs that could stop
         assert isinstance(mon.state, Idle)
         mon._enter(Running(pid=5))
-        assert mon.main_running
-        mon._set_greeted(True)
-        assert mon.state.greeted
+        assert mon.main_running and mon.agent is None
         mon._enter(Exited(3))
         assert mon._last_code() == 3 and not mon.main_running
         with pytest.raises(IllegalTransition):
