@@ -4,18 +4,20 @@ Not the container's lifecycle. That one (:mod:`shim.containers.state`,
 docs/lifecycle.md: created, running, paused, exited, checkpointed, removing) is what the
 record says and what every verb checks, across monitors and CLI calls. This one is what a
 single monitor (:class:`shim.containers.monitor.Monitor`) is doing with its container
-right now; it lives in that process only and ends with it. Each state carries what
-belongs to that moment (the main pid, when it started, the stop's deadline, the client
-of a removal, the exit code), so there are no flags to keep consistent::
+right now; it lives in that process only and ends with it (a monitor spawned after a
+kill -9 starts ``Idle`` and re-attaches). Each state carries what belongs to that moment
+(the main pid, the agent's channel, the stop's deadline, the client of a removal, the
+exit code), so there are no flags to keep consistent::
 
-    Idle ──start/restore──▶ Booting ──started──▶ Running ──stop──▶ Stopping
-     │  ╲                      │                  │ │ │              │   │
-     │   ╲──re-attach──────────┼──────────────────▶ │ └──rm -f──▶ Removing │
-     │                         │     checkpoint ◀─┘ │              │   │   │
-     │                     failed     (Checkpointed)│ exit         exit  exit
-     ▼                         ▼                    ▼              ▼     ▼
-    Exited ◀───────────────────┴──────────── RestartWaiting     Exited ◀─┘
-                                 (policy)  ──delay──▶ Booting
+    Idle ──start, restore──▶ Booting ──started──▶ Running ──stop──▶ Stopping
+    Idle ──re-attach──────────────────────────▶ Running
+    Running, Stopping ──rm -f──▶ Removing
+    Running ──exit──▶ RestartWaiting (its --restart policy says so) or Exited
+    Stopping, Removing ──exit──▶ Exited
+    RestartWaiting ──back-off passed──▶ Booting        RestartWaiting ──stop, rm──▶ Exited
+    Running ──checkpoint──▶ Checkpointed
+    Booting ──failed──▶ Exited                           Idle ──nothing to serve, rm──▶ Exited
+    Exited ──rm while the monitor leaves──▶ Exited (with the removal)
 
 ``Running``, ``Stopping`` and ``Removing`` are the *live* states: the container's main
 process runs (in the VM or the host placement). ``Exited`` and ``Checkpointed`` are

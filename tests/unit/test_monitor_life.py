@@ -116,3 +116,76 @@ def test_a_start_to_a_busy_monitor_is_refused_without_a_boot(store):
         assert isinstance(mon.state, RestartWaiting) and mon.placement is None
     finally:
         mon.log.close()
+
+
+class _Sandbox:
+    """Stands in for the placement of a monitor driven by hand (no process runs)."""
+
+    killed = 0
+
+    def kill(self):
+        self.killed += 1
+
+    def resume(self):
+        pass
+
+    def teardown(self, grace=0.0, timeout=0.0):
+        pass
+
+    def forget(self, timeout=0.0):
+        pass
+
+
+def _request(mon, op: str, **fields):
+    """Send *op* to the monitor as a client would; the client's end of the connection."""
+    import socket
+
+    from guest import protocol
+    from shim.containers import monitor as monmod
+    from shim.containers import monitor_api as api
+
+    mine, theirs = socket.socketpair()
+    conn = monmod.Conn(mine)
+    mon.conns.append(conn)
+    mon._on_client_message(conn, protocol.Message(api.REQUEST, {"op": op, **fields}, b""))
+    return theirs
+
+
+def _replies(sock) -> list:
+    from shim.containers import monitor_api as api
+    from guest import protocol
+
+    sock.setblocking(False)
+    try:
+        return protocol.FrameReader(api.TYPES).feed(sock.recv(65536))
+    except BlockingIOError:
+        return []
+
+
+def test_rm_f_twice_and_a_stop_meanwhile_all_get_the_exit_code(store):
+    """The second rm -f and a stop during a removal wait for the end the first started
+    (before, the second rm -f replaced the first, which was never answered)."""
+    from shim.containers import monitor as monmod
+
+    mon = monmod.Monitor(*store)
+    mon.placement = _Sandbox()
+    clients = []
+    try:
+        mon._enter(Running(pid=5))
+        clients.append(_request(mon, "remove", force=True))
+        assert isinstance(mon.state, Removing) and mon.placement.killed == 1
+        clients.append(_request(mon, "remove", force=True))
+        clients.append(_request(mon, "stop", timeout=0))
+        assert isinstance(mon.state, Removing) and mon.placement.killed == 1
+        mon._agent_gone()  # the killed sandbox's channel closed
+        assert isinstance(mon.state, Exited) and mon.state.code == monmod.EXIT_CODE_LOST
+        assert mon.state.removal is not None
+        first = _replies(clients[0])
+        assert first == []  # the removal is answered when the monitor leaves (_finish)
+        for sock in clients[1:]:
+            (reply,) = _replies(sock)
+            assert reply.fields["exit_code"] == monmod.EXIT_CODE_LOST
+    finally:
+        for sock in clients:
+            sock.close()
+        mon.log.close()
