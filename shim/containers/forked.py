@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from typing import Callable
 
 
@@ -26,12 +27,13 @@ def redirect_stdio(log_fd: int, keep: int) -> None:
 
 
 def fork_detached(child_end: socket.socket, main: Callable[[], None], *,
-                  close_in_child: socket.socket) -> None:
+                  close_in_child: socket.socket, what: str) -> None:
     """Run *main* in a grandchild that is nobody's child (fork, new session, fork again),
     the way monitors and the pool's keeper come to life. The child closes
     *close_in_child* (the parent's end of their socketpair), the parent closes
-    *child_end* and reaps the intermediate child. *main* should not return; if it does,
-    or raises, the grandchild exits with status 1."""
+    *child_end* and reaps the intermediate child. The grandchild exits 0 when *main*
+    returns; when it raises, "*what* failed:" and the traceback go to its stderr (where
+    *main* redirected it: its log) and it exits 1."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -41,7 +43,7 @@ def fork_detached(child_end: socket.socket, main: Callable[[], None], *,
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            main()
+            _run_then_exit(main, what)
         finally:
             os._exit(1)
     child_end.close()
@@ -49,3 +51,17 @@ def fork_detached(child_end: socket.socket, main: Callable[[], None], *,
         os.waitpid(pid, 0)  # retried on EINTR by Python (PEP 475)
     except ChildProcessError:
         pass
+
+
+def _run_then_exit(main: Callable[[], None], what: str) -> None:  # pragma: no cover - child
+    code = 0
+    try:
+        main()
+    except BaseException:  # noqa: BLE001 - whatever ends it, say why in the log
+        code = 1
+        try:
+            sys.stderr.write(f"{what} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)

@@ -1529,7 +1529,7 @@ def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
     check_socket_paths(container_id)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fork_detached(child, lambda: _monitor_main(store, container_id, child, recover),
-                  close_in_child=parent)
+                  close_in_child=parent, what=f"monitor {container_id[:12]}")
     client = api.MonitorClient(parent)
     try:
         ready = client.recv(timeout=30)
@@ -1545,32 +1545,21 @@ def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
 
 def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
                   recover: bool) -> None:  # pragma: no cover - runs in the forked child
-    code = 0
-    try:
-        os.chdir("/")
-        os.umask(0o022)
-        from shim.proctitle import set_process_title
+    os.chdir("/")
+    os.umask(0o022)
+    from shim.proctitle import set_process_title
 
-        set_process_title(f"vmshim-monitor {container_id[:12]}")  # what ps and top show
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                    signal.SIGWINCH, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        try:
-            signal.set_wakeup_fd(-1)
-        except ValueError:
-            pass
-        log_fd = os.open(store.dir(container_id) / "monitor.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        redirect_stdio(log_fd, keep=sock.fileno())
-        monitor = Monitor(store, container_id, spawner=sock, recover=recover)
-        monitor.serve()
-    except BaseException:  # noqa: BLE001
-        code = 1
-        try:
-            sys.stderr.write(f"monitor {container_id[:12]} failed:\n{traceback.format_exc()}")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001
-            pass
-    os._exit(code)
+    set_process_title(f"vmshim-monitor {container_id[:12]}")  # what ps and top show
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                signal.SIGWINCH, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    log_fd = os.open(store.dir(container_id) / "monitor.log",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    redirect_stdio(log_fd, keep=sock.fileno())
+    Monitor(store, container_id, spawner=sock, recover=recover).serve()

@@ -44,9 +44,7 @@ import secrets
 import shutil
 import signal
 import socket
-import sys
 import time
-import traceback
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -363,7 +361,8 @@ def spawn_keeper() -> int:
     parent, child = socket.socketpair()
     from shim.containers.forked import fork_detached
 
-    fork_detached(child, lambda: _keeper_main(child), close_in_child=parent)
+    fork_detached(child, lambda: _keeper_main(child), close_in_child=parent,
+                  what="pool keeper")
     parent.settimeout(30)
     try:
         data = parent.recv(64)
@@ -379,37 +378,27 @@ def spawn_keeper() -> int:
 
 
 def _keeper_main(sock) -> None:  # pragma: no cover - runs in the forked child
-    code = 0
-    try:
-        from shim.containers.forked import redirect_stdio
-        from shim.containers.store import process_start_time
-        from shim.proctitle import set_process_title
+    from shim.containers.forked import redirect_stdio
+    from shim.containers.store import process_start_time
+    from shim.proctitle import set_process_title
 
-        os.chdir("/")
-        os.umask(0o022)
-        log_fd = os.open(pool_dir() / "keeper.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        redirect_stdio(log_fd, keep=sock.fileno())
-        lock = os.open(pool_dir() / "keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sock.sendall(str(keeper_alive()).encode())
-            os._exit(0)
-        set_process_title("vmshim-pool-keeper")
-        me = os.getpid()
-        _write_json(pool_dir() / "keeper.json", {"pid": me, "start": process_start_time(me)})
-        sock.sendall(str(me).encode())
-        sock.close()
-        Keeper().serve()
-    except BaseException:  # noqa: BLE001
-        code = 1
-        try:
-            sys.stderr.write(f"pool keeper failed:\n{traceback.format_exc()}")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001
-            pass
-    os._exit(code)
+    os.chdir("/")
+    os.umask(0o022)
+    log_fd = os.open(pool_dir() / "keeper.log",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    redirect_stdio(log_fd, keep=sock.fileno())
+    lock = os.open(pool_dir() / "keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sock.sendall(str(keeper_alive()).encode())
+        os._exit(0)
+    set_process_title("vmshim-pool-keeper")
+    me = os.getpid()
+    _write_json(pool_dir() / "keeper.json", {"pid": me, "start": process_start_time(me)})
+    sock.sendall(str(me).encode())
+    sock.close()
+    Keeper().serve()
 
 
 class Keeper:
