@@ -189,3 +189,16 @@ def test_rm_f_twice_and_a_stop_meanwhile_all_get_the_exit_code(store):
         for sock in clients:
             sock.close()
         mon.log.close()
+
+
+def test_no_user_input_can_ask_for_the_fake_isolation():
+    """make_placement gives the unit tests' fake to records that say isolation="fake";
+    neither run/create flags nor a compose file can write one."""
+    from shim.compose.schema import isolation as compose_isolation
+    from shim.containers.options import RunOptions
+    from shim.errors import UsageError, VmshimError
+
+    with pytest.raises(UsageError, match="invalid --isolation 'fake'"):
+        RunOptions(image="busybox", isolation="fake")
+    with pytest.raises(VmshimError, match="must be vm or process"):
+        compose_isolation("fake", "services.web.isolation")
