@@ -48,7 +48,7 @@ WHO = ("mkdir -p /www && echo hello from $(hostname) on $(uname -r) > /www/index
 and kernel."""
 FETCH = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {0} 80"
 """An HTTP GET with busybox nc, which bounds the wait (``-w``): Debian's busybox-static 1.35
-``wget -T N`` dies of SIGSEGV while parsing its options (on the host, under runc and in
+``wget -T N`` dies of SIGSEGV before it opens a socket (on the host, under runc and in
 the VMs alike), and without ``-T`` a wget that gets no answer waits far longer."""
 
 
