@@ -91,6 +91,31 @@ class EngineHost:
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=30)
 
 
+class HostLink:
+    """A veth pair joining two EngineHosts directly, ``<prefix>.1/24`` on *a*'s end and
+    ``<prefix>.2/24`` on *b*'s (both named *name*): two machines on one wire, for a
+    swarm of two nodes. Removed with *a*'s and *b*'s namespaces, or on leaving."""
+
+    def __init__(self, a: EngineHost, b: EngineHost, name: str, prefix: str):
+        self.a, self.b, self.name = a, b, name
+        self.address_a, self.address_b = f"{prefix}.1", f"{prefix}.2"
+
+    def __enter__(self) -> Self:
+        def sh(*argv: str) -> None:
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+        sh(*self.a.nsenter("ip", "link", "add", self.name, "type", "veth", "peer", "name",
+                           self.name, "netns", self.b.path))
+        for host, address in ((self.a, self.address_a), (self.b, self.address_b)):
+            sh(*host.nsenter("sh", "-c", f"ip addr add {address}/24 dev {self.name} && "
+                             f"ip link set {self.name} up"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(self.a.nsenter("ip", "link", "delete", self.name), capture_output=True,
+                       timeout=30)
+
+
 class Dockerd:
     """dockerd in *host* (an EngineHost) with state under *workdir* and *runtime* as its
     ``vmshim`` runtime (see the module doc). Context manager."""
@@ -107,7 +132,8 @@ class Dockerd:
         self.socket = w / "docker.sock"
         self.argv_log = w / "runtime-argv"
         self.runtime = runtime_wrapper(runtime, w / "bin", self.argv_log)
-        self.cgroup_parent = f"vmshim-e2e-dockerd-{os.getpid()}"
+        # one per daemon: two daemons of one test run (a two-node swarm) must not share it
+        self.cgroup_parent = f"vmshim-e2e-dockerd-{os.getpid()}-{self.workdir.name}"
         self.config = w / "daemon.json"
         extra = {"default-runtime": default_runtime} if default_runtime else {}
         self.config.write_text(json.dumps({**extra,
