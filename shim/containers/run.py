@@ -11,12 +11,12 @@ both cases.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 from shim.containers.logs import LogLimits
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
                                      parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
+from shim.network.dns import host_resolv_conf
 
 DEFAULT_STOP_TIMEOUT = 10
 
@@ -27,17 +27,6 @@ def hosts_file(hostname: str) -> str:
         "::1\tlocalhost ip6-localhost ip6-loopback\n"
         f"127.0.1.1\t{hostname}\n"
     )
-
-
-def host_resolv_conf() -> str:
-    """The host's resolv.conf without loopback resolvers (unreachable from a container)."""
-    try:
-        lines = Path("/etc/resolv.conf").read_text().splitlines()
-    except OSError:
-        return ""
-    keep = [ln for ln in lines if not (ln.startswith("nameserver") and
-                                       (" 127." in ln or " ::1" in ln))]
-    return "\n".join(keep) + "\n"
 
 
 def prepare(options: RunOptions) -> Container:

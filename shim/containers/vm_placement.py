@@ -43,11 +43,11 @@ def agent_socket_for(run_dir: Path, hypervisor: str = "") -> Path:
 def domain_name(container_id: str) -> str:
     """The libvirt domain of the container's VM: ``vmshim-<short id>``, or the pooled VM
     it took (shim.containers.pool) while that runs."""
+    from shim.containers import store
     from shim.containers.pool import claimed
-    from shim.containers.store import run_dir_of
 
-    vm = claimed(run_dir_of(container_id))
-    return vm.domain if vm is not None else f"vmshim-{container_id[:12]}"
+    vm = claimed(store.run_dir_of(container_id))
+    return vm.domain if vm is not None else store.domain_name(container_id)
 
 
 def make_rw_disk(path: Path, size: int = RW_DISK_SIZE) -> None:
