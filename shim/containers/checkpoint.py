@@ -32,6 +32,7 @@ checked field by field (:func:`_checked_record`); nothing of a refused archive s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -251,14 +252,14 @@ def export_checkpoint(store: ContainerStore, container_id: str, name: str, path:
     try:
         with open(tmp, "wb") as out, tarfile.open(fileobj=out, mode="w|",
                                                   format=tarfile.PAX_FORMAT) as tar:
-            _add_bytes(tar, META_FILE, json.dumps(meta).encode())
-            _add_bytes(tar, RECORD_FILE, (directory / RECORD_FILE).read_bytes())
+            _add(tar, META_FILE, json.dumps(meta).encode())
+            _add(tar, RECORD_FILE, (directory / RECORD_FILE).read_bytes())
             with open(directory / MEMORY_FILE, "rb") as f:
-                _add_stream(tar, MEMORY_FILE, f, os.fstat(f.fileno()).st_size)
+                _add(tar, MEMORY_FILE, f, os.fstat(f.fileno()).st_size)
             if meta["rw"] is not None:
                 total = sum(length for _, length in meta["rw"]["extents"])
                 with open(rw, "rb") as f:
-                    _add_stream(tar, RW_DATA, _ExtentReader(f, meta["rw"]["extents"]), total)
+                    _add(tar, RW_DATA, _ExtentReader(f, meta["rw"]["extents"]), total)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -292,18 +293,16 @@ class _ExtentReader:
         return bytes(out)
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-
-    _add_stream(tar, name, io.BytesIO(data), len(data))
-
-
-def _add_stream(tar: tarfile.TarFile, name: str, f, size: int) -> None:
+def _add(tar: tarfile.TarFile, name: str, content, size: int | None = None) -> None:
+    """Append the regular file *name* (mode 0600, mtime now) to *tar*: *content* is its
+    bytes, or a file-like to read its *size* bytes from."""
+    if isinstance(content, bytes):
+        content, size = io.BytesIO(content), len(content)
     info = tarfile.TarInfo(name)
-    info.size = size
+    info.size = size or 0
     info.mode = 0o600
     info.mtime = int(time.time())
-    tar.addfile(info, f)
+    tar.addfile(info, content)
 
 
 def import_checkpoint(store: ContainerStore, path: Path, *, name: str = DEFAULT_NAME,
@@ -382,7 +381,8 @@ def read_archive(path: Path, work: Path) -> tuple[dict, dict]:
                     if member.size > MAX_MEMORY_IMAGE:
                         raise CheckpointError(f"{bad}: the memory image is larger than "
                                               f"{MAX_MEMORY_IMAGE >> 30} GiB")
-                    _copy_out(src, work / MEMORY_FILE, member.size)
+                    _write_extents(src, MEMORY_FILE, work / MEMORY_FILE, member.size,
+                                   [[0, member.size]])
                     seen[member.name] = work / MEMORY_FILE
                 else:  # RW_DATA: needs the extents, so checkpoint.json comes first
                     if meta is None:
@@ -392,7 +392,7 @@ def read_archive(path: Path, work: Path) -> tuple[dict, dict]:
                         raise CheckpointError(f"{bad}: {RW_DATA} without a writable disk")
                     if member.size != sum(length for _, length in rw["extents"]):
                         raise CheckpointError(f"{bad}: {RW_DATA} does not match its extents")
-                    _write_extents(src, work / RW_FILE, rw["size"], rw["extents"])
+                    _write_extents(src, RW_DATA, work / RW_FILE, rw["size"], rw["extents"])
                     seen[member.name] = work / RW_FILE
     except tarfile.TarError as exc:
         raise CheckpointError(f"{bad}: not a checkpoint archive ({exc})") from None
@@ -450,20 +450,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _copy_out(src, dst: Path, size: int) -> None:
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        left = size
-        while left:
-            data = src.read(min(left, 1 << 20))
-            if not data:
-                raise CheckpointError(f"cannot import: the archive ends inside {dst.name} "
-                                      f"(truncated)")
-            out.write(data)
-            left -= len(data)
-
-
-def _write_extents(src, dst: Path, size: int, extents: list) -> None:
+def _write_extents(src, member: str, dst: Path, size: int, extents: list) -> None:
+    """Make *dst*, a new file of *size* bytes, from the archive member *member* read from
+    *src*: it holds the ``[start, length]`` *extents* of *dst* one after the other (holes
+    stay holes). Raises CheckpointError when the member ends early."""
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.truncate(size)
@@ -473,7 +463,7 @@ def _write_extents(src, dst: Path, size: int, extents: list) -> None:
             while left:
                 data = src.read(min(left, 1 << 20))
                 if not data:
-                    raise CheckpointError(f"cannot import: the archive ends inside {RW_DATA} "
+                    raise CheckpointError(f"cannot import: the archive ends inside {member} "
                                           f"(truncated)")
                 out.write(data)
                 left -= len(data)
