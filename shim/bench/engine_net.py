@@ -21,17 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from shim.bench import engine_daemon as ed
 from shim.bench.drivers import BenchError, default_cli, run
 
-DOCKER = "/usr/bin/docker"
-DOCKERD = "/usr/sbin/dockerd"
 RTT_REQUESTS = 20
 BIG_MIB = 32
 HTTPD = (f"mkdir -p /www && echo hello > /www/small && dd if=/dev/zero of=/www/big bs=1M "
@@ -71,12 +68,10 @@ print(json.dumps({"rtt_ms": rtt * 1000, "mib_s": size / (1 << 20) / seconds, "by
 
 def unavailable() -> str | None:
     """Why this benchmark cannot run here (None: it can)."""
-    if os.geteuid() != 0:
+    why = ed.missing_dockerd("/usr/bin/nsenter")
+    if why == "needs root":
         return "needs root (a private dockerd in a network namespace of its own)"
-    for tool in (DOCKER, DOCKERD, "/usr/sbin/iptables", "/usr/bin/nsenter"):
-        if not os.access(tool, os.X_OK):
-            return f"{tool} is not installed (apt-get install docker.io)"
-    return None
+    return why
 
 
 def _sh(argv: list[str], timeout: float = 60) -> None:
@@ -86,14 +81,13 @@ def _sh(argv: list[str], timeout: float = 60) -> None:
         raise BenchError(f"{' '.join(argv)}: {(res.stderr or res.stdout).strip()[:300]}")
 
 
-class BenchDockerd:
+class BenchDockerd(ed.Resource):
     """dockerd with vmshim-runtime as ``vmshim``, in network namespace ``vmshim-bench-PID``
     (see the module doc). Context manager."""
 
     def __init__(self, workdir: Path, runtime: str):
         self.workdir = Path(tempfile.mkdtemp(prefix="dk-", dir=workdir))
         self.netns = f"vmshim-bench-{os.getpid()}"
-        self.socket = self.workdir / "docker.sock"
         self.cgroup_parent = f"vmshim-bench-dockerd-{os.getpid()}"
         self.proc: subprocess.Popen | None = None
         wrapper = self.workdir / "vmshim-runtime"
@@ -102,76 +96,39 @@ class BenchDockerd:
         wrapper.write_text(f"#!/bin/sh\n{env}exec '{runtime}' \"$@\"\n")
         wrapper.chmod(0o755)
         self.config = self.workdir / "daemon.json"
-        self.config.write_text(json.dumps({
-            "data-root": str(self.workdir / "data"), "exec-root": str(self.workdir / "x"),
-            "pidfile": str(self.workdir / "dockerd.pid"),
-            "hosts": [f"unix://{self.socket}"], "runtimes": {"vmshim": {"path": str(wrapper)}},
-            "cgroup-parent": self.cgroup_parent,
-            "exec-opts": ["native.cgroupdriver=cgroupfs"], "storage-driver": "overlay2",
-            "log-driver": "json-file", "features": {"buildkit": False},
-            "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 20000, "Soft": 20000}}}))
-        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.socket}",
-                        DOCKER_CONFIG=str(self.workdir / "client"))
+        self.config.write_text(ed.dockerd_config(self.workdir, wrapper, self.cgroup_parent))
+        self.env = ed.docker_env(self.workdir)
 
     def nsenter(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
 
     def docker(self, *args: str, timeout: float = 300) -> str:
-        res = subprocess.run([DOCKER, *args], env=self.env, capture_output=True, text=True,
+        res = subprocess.run([ed.DOCKER, *args], env=self.env, capture_output=True, text=True,
                              timeout=timeout, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             raise BenchError(f"docker {' '.join(args)}: {res.stderr.strip()[-300:]}")
         return res.stdout
 
-    def __enter__(self) -> BenchDockerd:
+    def _answers(self) -> bool:
         try:
-            _sh(["ip", "netns", "add", self.netns])
-            _sh(self.nsenter("ip", "link", "set", "lo", "up"))
-            with open(self.workdir / "dockerd.log", "ab") as log:
-                self.proc = subprocess.Popen(
-                    self.nsenter(DOCKERD, "--config-file", str(self.config)),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"dockerd exited {self.proc.returncode}; see "
-                                     f"{self.workdir / 'dockerd.log'}")
-                try:
-                    self.docker("version", timeout=20)
-                    break
-                except (BenchError, subprocess.TimeoutExpired):
-                    if time.monotonic() > deadline:
-                        raise BenchError("dockerd did not answer within "
-                                         f"{START_TIMEOUT:.0f} s") from None
-                    time.sleep(0.2)
-            image = self.workdir / "busybox.tar"
-            run([*default_cli(), "save", "-o", str(image), "busybox"], timeout=300)
-            self.docker("load", "-i", str(image))
-        except BaseException:
-            self.close()
-            raise
-        return self
+            self.docker("version", timeout=20)
+        except BenchError:
+            return False
+        return True
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def start(self) -> None:
+        _sh(["ip", "netns", "add", self.netns])
+        _sh(self.nsenter("ip", "link", "set", "lo", "up"))
+        self.proc = ed.start_daemon(
+            self.nsenter(ed.DOCKERD, "--config-file", str(self.config)),
+            self.workdir / "dockerd.log", self._answers, what="dockerd",
+            timeout=START_TIMEOUT)
+        image = self.workdir / "busybox.tar"
+        run([*default_cli(), "save", "-o", str(image), "busybox"], timeout=300)
+        self.docker("load", "-i", str(image))
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                ids = self.docker("ps", "-aq", timeout=60).split()
-                if ids:
-                    self.docker("rm", "-f", *ids)
-            except (BenchError, subprocess.TimeoutExpired):
-                pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        _kill_mentioning(str(self.workdir))
-        _unmount_below(self.workdir)
-        _remove_cgroups(self.cgroup_parent)
+        ed.close_dockerd(self.proc, self.workdir, self.cgroup_parent)
         subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, timeout=60)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -194,51 +151,3 @@ class BenchDockerd:
         if data.get("bytes") != BIG_MIB << 20:
             raise BenchError(f"the download was {data.get('bytes')} bytes, not {BIG_MIB} MiB")
         return data
-
-
-def _kill_mentioning(text: str, timeout: float = 30.0) -> None:
-    """SIGKILL (by PID) the processes whose argv mentions *text* (dockerd's containerd and
-    shims), once they had *timeout* s to leave by themselves."""
-    def pids() -> list[int]:
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if text.encode() in (entry / "cmdline").read_bytes():
-                        out.append(int(entry.name))
-                except OSError:
-                    continue
-        return out
-
-    deadline = time.monotonic() + timeout
-    while pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _unmount_below(path: Path) -> None:
-    prefix = str(path).rstrip("/")
-    try:
-        with open("/proc/self/mountinfo") as f:
-            targets = {line.split()[4] for line in f}
-    except OSError:
-        return
-    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
-                         key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
-
-
-def _remove_cgroups(name: str) -> None:
-    root = Path("/sys/fs/cgroup")
-    for top in [root / name] + ([p / name for p in root.iterdir() if p.is_dir()]
-                                if root.is_dir() else []):
-        if top.is_dir() and not top.is_symlink():
-            for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
-                try:
-                    os.rmdir(dirpath)
-                except OSError:
-                    pass

@@ -19,39 +19,17 @@ by PID), unmounts what it left under the work directory and removes its cgroups.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Self
 
-from tests.e2e.oci_engines import (
-    _run,
-    pids_mentioning,
-    remove_cgroup_trees,
-    runtime_wrapper,
-    unmount_under,
-    wait_for_exit,
-)
-
-DOCKER = "/usr/bin/docker"
-"""The client of Debian's docker.io (same API version as its dockerd)."""
-DOCKERD = "/usr/sbin/dockerd"
+from shim.bench import engine_daemon as ed
+from shim.bench.engine_daemon import DOCKER, DOCKERD
+from shim.bench.engine_daemon import missing_dockerd as missing_docker  # noqa: F401
+from tests.e2e.oci_engines import _run, runtime_wrapper
 
 
-def missing_docker() -> str | None:
-    """Why dockerd cannot run here (a skip reason), or None."""
-    if os.geteuid() != 0:
-        return "needs root"
-    for tool in (DOCKER, DOCKERD, "/usr/sbin/iptables"):
-        if not os.access(tool, os.X_OK):
-            return f"{tool} is not installed (apt-get install docker.io)"
-    return None
-
-
-class EngineHost:
+class EngineHost(ed.Resource):
     """A network namespace NAME with ``eth0`` = ``<prefix>.2/24`` (default route via
     ``<prefix>.1``), the other end ``veth`` = ``<prefix>.1/24`` in this namespace."""
 
@@ -65,33 +43,25 @@ class EngineHost:
     def nsenter(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net={self.path}", "--", *argv]
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         def sh(*argv: str) -> None:
             subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
         sh("ip", "netns", "add", self.name)
-        try:
-            sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
-               "netns", self.name)
-            sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.veth)
-            sh("ip", "link", "set", self.veth, "up")
-            sh(*self.nsenter("sh", "-c", f"ip link set lo up && ip addr add {self.address}/24 "
-                             f"dev eth0 && ip link set eth0 up && ip route add default via "
-                             f"{self.gateway}"))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
+           "netns", self.name)
+        sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.veth)
+        sh("ip", "link", "set", self.veth, "up")
+        sh(*self.nsenter("sh", "-c", f"ip link set lo up && ip addr add {self.address}/24 "
+                         f"dev eth0 && ip link set eth0 up && ip route add default via "
+                         f"{self.gateway}"))
 
     def close(self) -> None:
         subprocess.run(["ip", "link", "delete", self.veth], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=30)
 
 
-class HostLink:
+class HostLink(ed.Resource):
     """A veth pair joining two EngineHosts directly, ``<prefix>.1/24`` on *a*'s end and
     ``<prefix>.2/24`` on *b*'s (both named *name*): two machines on one wire, for a
     swarm of two nodes. Removed with *a*'s and *b*'s namespaces, or on leaving."""
@@ -100,7 +70,7 @@ class HostLink:
         self.a, self.b, self.name = a, b, name
         self.address_a, self.address_b = f"{prefix}.1", f"{prefix}.2"
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         def sh(*argv: str) -> None:
             subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
@@ -109,14 +79,13 @@ class HostLink:
         for host, address in ((self.a, self.address_a), (self.b, self.address_b)):
             sh(*host.nsenter("sh", "-c", f"ip addr add {address}/24 dev {self.name} && "
                              f"ip link set {self.name} up"))
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         subprocess.run(self.a.nsenter("ip", "link", "delete", self.name), capture_output=True,
                        timeout=30)
 
 
-class Dockerd:
+class Dockerd(ed.Resource):
     """dockerd in *host* (an EngineHost) with state under *workdir* and *runtime* as its
     ``vmshim`` runtime (see the module doc). Context manager."""
 
@@ -135,26 +104,11 @@ class Dockerd:
         # one per daemon: two daemons of one test run (a two-node swarm) must not share it
         self.cgroup_parent = f"vmshim-e2e-dockerd-{os.getpid()}-{self.workdir.name}"
         self.config = w / "daemon.json"
-        extra = {"default-runtime": default_runtime} if default_runtime else {}
-        self.config.write_text(json.dumps({**extra,
-            "data-root": str(w / "data"),
-            "exec-root": str(w / "x"),
-            "pidfile": str(w / "dockerd.pid"),
-            "hosts": [f"unix://{self.socket}"],
-            "runtimes": {"vmshim": {"path": str(self.runtime)}},
-            "cgroup-parent": self.cgroup_parent,
-            "exec-opts": ["native.cgroupdriver=cgroupfs"],
-            "storage-driver": "overlay2",
-            "iptables": True,
-            "ip-forward": True,
-            "userland-proxy": True,
-            "log-driver": "json-file",
-            "features": {"buildkit": False},
-            "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 20000, "Soft": 20000}},
-        }, indent=1))
-        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.socket}")
-        self.env.pop("DOCKER_CONFIG", None)
-        self.env["DOCKER_CONFIG"] = str(w / "client")
+        extra = {"default_runtime": default_runtime} if default_runtime else {}
+        self.config.write_text(ed.dockerd_config(w, self.runtime, self.cgroup_parent,
+                                                 iptables=True, ip_forward=True,
+                                                 userland_proxy=True, **extra))
+        self.env = ed.docker_env(w)
         self.proc: subprocess.Popen | None = None
 
     def docker(self, *args: str, timeout: float = 300, check: bool = False,
@@ -167,56 +121,16 @@ class Dockerd:
         self.docker("load", "-i", str(archive), check=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.workdir / "dockerd.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return ed.log_tail(self.workdir / "dockerd.log", lines)
 
-    def __enter__(self) -> Self:
-        try:
-            log = open(self.workdir / "dockerd.log", "ab")
-            # nsenter execs dockerd: the Popen pid is dockerd's
-            self.proc = subprocess.Popen(
-                self.host.nsenter(DOCKERD, "--config-file", str(self.config)),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-            log.close()
-            deadline = time.monotonic() + 60
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"dockerd exited {self.proc.returncode}: {self.log_tail()}")
-                try:
-                    if self.docker("version", timeout=20).returncode == 0:
-                        break
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"dockerd did not answer in 60 s: {self.log_tail()}")
-                time.sleep(0.2)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def start(self) -> None:
+        # nsenter execs dockerd: the Popen pid is dockerd's
+        self.proc = ed.start_daemon(
+            self.host.nsenter(DOCKERD, "--config-file", str(self.config)),
+            self.workdir / "dockerd.log",
+            lambda: self.docker("version", timeout=20).returncode == 0,
+            what="dockerd", timeout=60)
 
     def close(self) -> None:
         """Tear down everything this instance started (see the module doc)."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                ids = self.docker("ps", "-aq", timeout=60).stdout.split()
-                if ids:
-                    self.docker("rm", "-f", *ids, timeout=300)
-            except subprocess.TimeoutExpired:
-                pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        # its containerd and shims name the work directory in their argv
-        wait_for_exit(lambda: pids_mentioning(str(self.workdir)), 30)
-        unmount_under(self.workdir)
-        remove_cgroup_trees(self.cgroup_parent, wait=10)
+        ed.close_dockerd(self.proc, self.workdir, self.cgroup_parent, cgroup_wait=10)

@@ -36,7 +36,15 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import Self
+
+from shim.bench import engine_daemon as ed
+from shim.bench.engine_daemon import (  # noqa: F401  (the e2e tests' names for them)
+    mounts_under,
+    pids_mentioning,
+    remove_cgroup_trees,
+    unmount_under,
+    wait_for_exit,
+)
 
 RUNC = "/usr/sbin/runc"
 REPO = Path(__file__).resolve().parents[2]
@@ -93,24 +101,6 @@ def make_workdir(prefix: str = "vmshim-oci-") -> Path:
     return path
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below *path* in this mount namespace, deepest last."""
-    prefix = str(path).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            target = line.split()[4].replace("\\040", " ")
-            if target == prefix or target.startswith(prefix + "/"):
-                found.append(target)
-    return found
-
-
-def unmount_under(path: Path) -> None:
-    """Lazily unmount everything mounted at or below *path* (deepest first)."""
-    for target in sorted(set(mounts_under(path)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True, timeout=30)
-
-
 def remove_workdir(path: Path) -> None:
     """Unmount what is left below *path*, then delete it; refuses (AssertionError) when a
     mount survives, rather than deleting through it."""
@@ -123,70 +113,6 @@ def remove_workdir(path: Path) -> None:
             return
         time.sleep(0.25)
     shutil.rmtree(path)
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """PIDs (not this process) with TEXT as, or inside, one of their argv words."""
-    found = []
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(needle in word for word in argv):
-            found.append(int(entry.name))
-    return found
-
-
-def wait_for_exit(pids_now, timeout: float) -> None:
-    """Wait until PIDS_NOW() (a callable) is empty; after TIMEOUT s SIGKILL those left, by PID."""
-    deadline = time.monotonic() + timeout
-    while pids_now():
-        if time.monotonic() > deadline:
-            for pid in pids_now():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            killed = time.monotonic() + 5
-            while pids_now() and time.monotonic() < killed:
-                time.sleep(0.1)
-            return
-        time.sleep(0.1)
-
-
-def remove_cgroup_trees(name: str, wait: float = 0) -> list[str]:
-    """Remove the (empty) cgroup directory trees /sys/fs/cgroup[/<hierarchy>]/<name> that an
-    engine made for its containers, retrying for WAIT s while some are busy (a process
-    still exiting); return those that could not be removed."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = _remove_cgroup_trees_once(name)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
-def _remove_cgroup_trees_once(name: str) -> list[str]:
-    name = name.strip("/")
-    assert name and "/" not in name and name not in (".", "..")
-    left = []
-    roots = [Path("/sys/fs/cgroup")] + [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()]
-    for root in roots:
-        top = root / name
-        if not top.is_dir() or top.is_symlink():
-            continue
-        for dirpath, dirnames, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
-            try:
-                os.rmdir(dirpath)
-            except OSError:
-                pass
-        if top.exists():
-            left.append(str(top))
-    return left
 
 
 # --- the runtime wrapper --------------------------------------------------------------------
@@ -266,7 +192,7 @@ def _settable_ulimits() -> list[str]:
     return [f"nofile={nofile}:{nofile}", f"nproc={nproc}:{nproc}"]
 
 
-class Podman:
+class Podman(ed.Resource):
     """podman 4.x, fully private: storage, run and tmp dirs, file locks, events, network
     config and logs all under WORKDIR, and runtime RUNTIME (through runtime_wrapper, state
     root WORKDIR/rt when runtime_root; with json_log, podman passes it
@@ -376,16 +302,13 @@ runroot = "{w}/run"
         unmount_under(self.workdir)
         remove_cgroup_trees(self.cgroup_parent, wait=10)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def start(self) -> None:
+        """Nothing runs between podman commands: all is set up by the constructor."""
 
 
 # --- containerd -----------------------------------------------------------------------------
 
-class Containerd:
+class Containerd(ed.Resource):
     """A private containerd (config, root, state, sockets, logs under WORKDIR; CRI and the
     snapshotters that cannot work here disabled), for ``ctr`` with the runc v2 shim.
 
@@ -465,50 +388,25 @@ disabled_plugins = [{disabled}]
         assert names, f"ctr images import printed no image name: {proc.stdout!r}"
         return names[0]
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         if not in_private_mount_namespace():
             raise RuntimeError("Containerd needs a private mount namespace (unshare --mount): "
                                "it bind-mounts over /run/containerd")
-        try:
-            run_dir = Path("/run/containerd")
-            if not run_dir.exists():
-                run_dir.mkdir()
-                self._made_run_dir = True
-            subprocess.run(["mount", "--bind", str(self.workdir / "run-containerd"),
-                            str(run_dir)], check=True, capture_output=True, timeout=30)
-            self._bound = True
-            log = open(self.workdir / "containerd.log", "ab")
-            self.proc = subprocess.Popen(
-                ["containerd", "--config", str(self.workdir / "config.toml")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-            log.close()
-            deadline = time.monotonic() + 30
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"containerd exited {self.proc.returncode}: "
-                                       f"{self.log_tail()}")
-                try:
-                    if self.ctr("version", timeout=10).returncode == 0:
-                        break
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"containerd did not answer in 30 s: {self.log_tail()}")
-                time.sleep(0.1)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        run_dir = Path("/run/containerd")
+        if not run_dir.exists():
+            run_dir.mkdir()
+            self._made_run_dir = True
+        subprocess.run(["mount", "--bind", str(self.workdir / "run-containerd"),
+                        str(run_dir)], check=True, capture_output=True, timeout=30)
+        self._bound = True
+        self.proc = ed.start_daemon(
+            ["containerd", "--config", str(self.workdir / "config.toml")],
+            self.workdir / "containerd.log",
+            lambda: self.ctr("version", timeout=10).returncode == 0,
+            what="containerd", timeout=30, poll=0.1)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = (self.workdir / "containerd.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return ed.log_tail(self.workdir / "containerd.log", lines)
 
     def shim_pids(self) -> list[int]:
         """PIDs of the shims of this containerd (their argv names its socket address)."""
