@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import VMSHIM, summary, timed as time_command, save_json
+from common import VMSHIM, print_seconds, summary, timed as time_command, save_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,12 +78,10 @@ def main() -> int:
     }
     print(f"accel: {accel.kind}, isolation: {args.isolation}, runs: {args.runs}")
     base = result["run_baseline"]["median"]
-    for key, label in (("unchanged_rebuild", "unchanged rebuild (8 steps, all cached)"),
-                       ("one_run_build", "one-RUN build (--no-cache)"),
-                       ("run_baseline", "baseline: vmshim run --rm busybox true")):
-        s = result[key]
-        print(f"{label:42s} {s['median']:.2f} s [{s['min']:.2f}–{s['max']:.2f}]"
-              f"  {s['median'] / base:.2f}x the baseline")
+    print_seconds([("unchanged rebuild (8 steps, all cached)", result["unchanged_rebuild"]),
+                   ("one-RUN build (--no-cache)", result["one_run_build"]),
+                   ("baseline: vmshim run --rm busybox true", result["run_baseline"])],
+                  note=lambda s: f"{s['median'] / base:.2f}x the baseline")
     save_json(args.json, result)
     return 0
 

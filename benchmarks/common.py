@@ -47,3 +47,16 @@ def save_json(path: str | Path | None, results: dict) -> None:
     without a path."""
     if path:
         Path(path).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_seconds(rows: list[tuple[str, dict]], indent: str = "", note=None) -> None:
+    """One line per (label, summary): the median and the range in seconds, labels aligned;
+    a row with ``skipped`` says why instead. *note*, given a summary, adds to its line."""
+    width = max(len(label) for label, _ in rows)
+    for label, s in rows:
+        if "skipped" in s:
+            print(f"{indent}{label.ljust(width)}  skipped: {s['skipped']}")
+            continue
+        extra = f"  {note(s)}" if note else ""
+        print(f"{indent}{label.ljust(width)}  {s['median']:6.2f} s  "
+              f"[{s['min']:.2f}–{s['max']:.2f}]{extra}")

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import summary, save_json
+from common import print_seconds, summary, save_json
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "compose-app"
@@ -113,13 +113,7 @@ def main() -> int:
         results = {f"compose up --wait ({v})": summary(s) for v, s in samples.items()}
         if args.peer:
             results["podman-compose up -d (runc)"] = peer_row(app, args.runs)
-    width = max(len(k) for k in results)
-    for name, row in results.items():
-        if "skipped" in row:
-            print(f"{name.ljust(width)}  skipped: {row['skipped']}")
-        else:
-            print(f"{name.ljust(width)}  median {row['median']:6.2f} s  "
-                  f"(min {row['min']:.2f}, max {row['max']:.2f}, n={row['runs']})")
+    print_seconds(list(results.items()), note=lambda row: f"n={row['runs']}")
     save_json(args.json, results)
     return 0
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import VMSHIM, summary, timed as time_command, save_json
+from common import VMSHIM, print_seconds, summary, timed as time_command, save_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,11 +98,10 @@ def main() -> int:
     results["host"] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
                        "guest_kernel": image.kernel_release}
     print(f"accel: {accel.kind.upper()} ({accel.reason}); {args.runs} runs, medians [min–max]")
-    for key, label in (("floor", "bare QEMU boot to agent hello (floor)"),
-                       ("vm", "vmshim run --rm busybox true (vm)"),
-                       ("process", "vmshim run --rm --isolation process busybox true")):
-        r = results[key]
-        print(f"  {label:52s} {r['median']:6.2f} s  [{r['min']:.2f}–{r['max']:.2f}]")
+    print_seconds([("bare QEMU boot to agent hello (floor)", results["floor"]),
+                   ("vmshim run --rm busybox true (vm)", results["vm"]),
+                   ("vmshim run --rm --isolation process busybox true", results["process"])],
+                  indent="  ")
     print(f"  vm / floor = {results['ratios']['vm_to_floor']:.2f}x   "
           f"vm / process = {results['ratios']['vm_to_process']:.2f}x")
     save_json(args.json, results)

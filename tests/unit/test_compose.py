@@ -15,6 +15,12 @@ from shim.containers import health
 
 GOOD_SERVICE = "    image: busybox\n"
 
+
+def web(keys: str) -> str:
+    """A compose file with the one service ``web`` (image busybox) and its further *keys*."""
+    return "services:\n  web:\n" + GOOD_SERVICE + keys
+
+
 # (name, file text, the start of the one-line error)
 MALFORMED = [
     ("not a mapping", "- a\n- b\n", "(root): must be a mapping"),
@@ -22,54 +28,49 @@ MALFORMED = [
     ("no services", "name: x\n", "(root): services is required"),
     ("services a list", "services:\n  - web\n", "services: must be a mapping"),
     ("no image nor build", "services:\n  web:\n    command: ls\n", "services.web: needs image or build"),
-    ("bad port text", "services:\n  web:\n" + GOOD_SERVICE + "    ports: ['80:80', 'abc']\n",
+    ("bad port text", web("    ports: ['80:80', 'abc']\n"),
      "services.web.ports[1]: invalid port 'abc'"),
-    ("port out of range", "services:\n  web:\n" + GOOD_SERVICE + "    ports: ['70000:80']\n",
-     "services.web.ports[0]: port 70000"),
-    ("long port without target", "services:\n  web:\n" + GOOD_SERVICE +
-     "    ports:\n      - published: 8080\n", "services.web.ports[0]: target is required"),
-    ("environment a number", "services:\n  web:\n" + GOOD_SERVICE + "    environment: 5\n",
+    ("port out of range", web("    ports: ['70000:80']\n"), "services.web.ports[0]: port 70000"),
+    ("long port without target", web("    ports:\n      - published: 8080\n"),
+     "services.web.ports[0]: target is required"),
+    ("environment a number", web("    environment: 5\n"),
      "services.web.environment: must be a mapping or a list"),
-    ("environment value a list", "services:\n  web:\n" + GOOD_SERVICE +
-     "    environment:\n      A: [1]\n", "services.web.environment.A: must be a string"),
-    ("depends on unknown", "services:\n  web:\n" + GOOD_SERVICE + "    depends_on: [db]\n",
+    ("environment value a list", web("    environment:\n      A: [1]\n"),
+     "services.web.environment.A: must be a string"),
+    ("depends on unknown", web("    depends_on: [db]\n"),
      "services.web.depends_on.db: service 'db' is not defined"),
     ("bad condition", "services:\n  db:\n" + GOOD_SERVICE + "  web:\n" + GOOD_SERVICE +
      "    depends_on:\n      db: {condition: service_ready}\n",
      "services.web.depends_on.db.condition: must be one of"),
     ("dependency cycle", "services:\n  a:\n" + GOOD_SERVICE + "    depends_on: [b]\n  b:\n"
      + GOOD_SERVICE + "    depends_on: [a]\n", "dependency cycle: a -> b -> a"),
-    ("bad interval", "services:\n  web:\n" + GOOD_SERVICE +
-     "    healthcheck:\n      test: ['CMD', 'true']\n      interval: soon\n",
+    ("bad interval", web("    healthcheck:\n      test: ['CMD', 'true']\n      interval: soon\n"),
      "services.web.healthcheck.interval: invalid duration 'soon'"),
-    ("bad healthcheck test", "services:\n  web:\n" + GOOD_SERVICE +
-     "    healthcheck:\n      test: ['RUN', 'true']\n",
+    ("bad healthcheck test", web("    healthcheck:\n      test: ['RUN', 'true']\n"),
      "services.web.healthcheck.test[0]: must be CMD, CMD-SHELL or NONE"),
-    ("replicas a word", "services:\n  web:\n" + GOOD_SERVICE + "    deploy:\n      replicas: many\n",
+    ("replicas a word", web("    deploy:\n      replicas: many\n"),
      "services.web.deploy.replicas: must be a whole number"),
-    ("negative replicas", "services:\n  web:\n" + GOOD_SERVICE + "    deploy:\n      replicas: -1\n",
+    ("negative replicas", web("    deploy:\n      replicas: -1\n"),
      "services.web.deploy.replicas: must be at least 0"),
-    ("bad isolation", "services:\n  web:\n" + GOOD_SERVICE + "    isolation: hyperv\n",
+    ("bad isolation", web("    isolation: hyperv\n"),
      "services.web.isolation: must be vm or process"),
-    ("undefined named volume", "services:\n  web:\n" + GOOD_SERVICE + "    volumes: ['data:/d']\n",
+    ("undefined named volume", web("    volumes: ['data:/d']\n"),
      "services.web.volumes[0]: named volume 'data' is not defined"),
-    ("relative volume target", "services:\n  web:\n" + GOOD_SERVICE + "    volumes: ['./x:data']\n",
+    ("relative volume target", web("    volumes: ['./x:data']\n"),
      "services.web.volumes[0]: invalid volume './x:data': the target must be an absolute path"),
-    ("undefined network", "services:\n  web:\n" + GOOD_SERVICE + "    networks: [front]\n",
+    ("undefined network", web("    networks: [front]\n"),
      "services.web.networks.front: network 'front' is not defined"),
-    ("bad restart", "services:\n  web:\n" + GOOD_SERVICE + "    restart: sometimes\n",
+    ("bad restart", web("    restart: sometimes\n"),
      "services.web.restart: invalid restart policy 'sometimes'"),
-    ("bad memory", "services:\n  web:\n" + GOOD_SERVICE + "    mem_limit: lots\n",
-     "services.web.mem_limit: invalid size 'lots'"),
-    ("bad cpus", "services:\n  web:\n" + GOOD_SERVICE + "    cpus: fast\n",
-     "services.web.cpus: must be a number"),
-    ("bad signal", "services:\n  web:\n" + GOOD_SERVICE + "    stop_signal: SIGFOO\n",
+    ("bad memory", web("    mem_limit: lots\n"), "services.web.mem_limit: invalid size 'lots'"),
+    ("bad cpus", web("    cpus: fast\n"), "services.web.cpus: must be a number"),
+    ("bad signal", web("    stop_signal: SIGFOO\n"),
      "services.web.stop_signal: unknown signal 'SIGFOO'"),
     ("bad service name", "services:\n  'my web':\n" + GOOD_SERVICE,
      "services.my web: invalid service name"),
-    ("command a mapping", "services:\n  web:\n" + GOOD_SERVICE + "    command: {a: b}\n",
+    ("command a mapping", web("    command: {a: b}\n"),
      "services.web.command: must be a string or a list"),
-    ("read_only a word", "services:\n  web:\n" + GOOD_SERVICE + "    read_only: maybe\n",
+    ("read_only a word", web("    read_only: maybe\n"),
      "services.web.read_only: must be true or false"),
     ("required variable", "services:\n  web:\n    image: ${IMAGE:?set IMAGE}\n",
      "services.web.image: required variable IMAGE is missing a value: set IMAGE"),
