@@ -596,12 +596,8 @@ class Agent:
             raise Reject(f"process id {proc_id} is in use")
         if self._main is None or self._main.exit_code is not None:
             raise Reject("the container is not running")
-        try:
-            spawned = self.runtime.exec(process, stdin=stdin, rows=rows, cols=cols)
-        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
-            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
-        self._add(proc_id, spawned, main=False)
-        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+        self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows,
+                                                             cols=cols))
 
     def _handle_builtin(self, message: Message) -> None:
         self._check_token(message)
@@ -620,12 +616,7 @@ class Agent:
         builtin = getattr(self.runtime, "builtin", None)
         if builtin is None:
             raise Reject("this runtime has no builtins")
-        try:
-            spawned = builtin(name, list(args), stdin=stdin)
-        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
-            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
-        self._add(proc_id, spawned, main=False)
-        self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+        self._start_extra(proc_id, lambda: builtin(name, list(args), stdin=stdin))
 
     def _handle_diff(self, message: Message) -> None:
         self._check_token(message)
@@ -637,8 +628,13 @@ class Agent:
         diff = getattr(self.runtime, "diff", None)
         if diff is None:
             raise Reject("this runtime cannot write the container's changes")
+        self._start_extra(proc_id, diff)
+
+    def _start_extra(self, proc_id: int, spawn) -> None:
+        """Start a process besides the main one (exec, a builtin, the diff) with *spawn()*,
+        which returns its Spawned; reply STARTED, or Reject with the failure."""
         try:
-            spawned = diff()
+            spawned = spawn()
         except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
             raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
         self._add(proc_id, spawned, main=False)
