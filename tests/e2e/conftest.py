@@ -144,3 +144,20 @@ def guest_kernel_release(base_images) -> str:
     image = current_guest_image()
     assert image is not None
     return image.kernel_release
+
+
+@pytest.fixture(scope="session")
+def guest_kernel(guest_kernel_release) -> str:
+    """The guest kernel's release, checked to differ from the host's: what a container
+    prints as ``uname -r`` then proves that it ran in a VM."""
+    assert guest_kernel_release and guest_kernel_release != os.uname().release
+    return guest_kernel_release
+
+
+@pytest.fixture(scope="module")
+def busybox_archive(workdir):
+    """busybox as a docker-archive, in the module's ``workdir`` (the engine test modules
+    each define that fixture)."""
+    from tests.e2e.oci_engines import image_archive
+
+    return image_archive(workdir / "busybox.tar")

@@ -40,6 +40,13 @@ class EngineHost(ed.Resource):
         self.gateway = f"{prefix}.1"
         """This (the test run's) namespace's address as the engine host sees it."""
 
+    @classmethod
+    def of_this_run(cls, tag: str, prefix: str) -> EngineHost:
+        """Namespace ``vmshim-TAG-PID`` and veth ``vTAG<PID mod 100000>`` (names no other
+        test run uses at the same time) on ``<prefix>.0/24``."""
+        pid = os.getpid()
+        return cls(f"vmshim-{tag}-{pid}", f"v{tag}{pid % 100000}", prefix)
+
     def nsenter(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net={self.path}", "--", *argv]
 

@@ -29,7 +29,6 @@ from tests.e2e.dockerd import Dockerd, EngineHost, missing_docker
 from tests.e2e.oci_engines import (
     BUSYBOX_REF,
     Podman,
-    image_archive,
     make_workdir,
     missing_engines,
     remove_workdir,
@@ -54,20 +53,6 @@ def workdir():
     path = make_workdir("vmshim-en-")
     yield path
     remove_workdir(path)
-
-
-@pytest.fixture(scope="module")
-def busybox_archive(workdir):
-    return image_archive(workdir / "busybox.tar")
-
-
-@pytest.fixture(scope="module")
-def guest_kernel():
-    from shim.guestimage import ensure_guest_image
-
-    kernel = ensure_guest_image().kernel_release
-    assert kernel and kernel != os.uname().release
-    return kernel
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +90,7 @@ def _fetch_in(host: EngineHost, url: str) -> str:
 
 @pytest.fixture(scope="module")
 def docker_host():
-    with EngineHost(f"vmshim-dk-{os.getpid()}", f"vdk{os.getpid() % 100000}", "10.213.7") as h:
+    with EngineHost.of_this_run("dk", "10.213.7") as h:
         yield h
 
 
@@ -226,7 +211,7 @@ class NetPodman(Podman):
 
 @pytest.fixture(scope="module")
 def podman_host():
-    with EngineHost(f"vmshim-pm-{os.getpid()}", f"vpm{os.getpid() % 100000}", "10.213.8") as h:
+    with EngineHost.of_this_run("pm", "10.213.8") as h:
         yield h
 
 

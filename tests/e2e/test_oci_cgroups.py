@@ -25,7 +25,6 @@ from tests.e2e.oci_engines import (
     BUSYBOX_REF,
     Containerd,
     Podman,
-    image_archive,
     in_private_mount_namespace,
     make_workdir,
     missing_engines,
@@ -94,11 +93,6 @@ def workdir():
     path = make_workdir()
     yield path
     remove_workdir(path)
-
-
-@pytest.fixture(scope="module")
-def busybox_archive(workdir):
-    return image_archive(workdir / "busybox.tar")
 
 
 def test_podman_vm_is_in_its_cgroup_with_limits_and_stats(workdir, busybox_archive):

@@ -80,11 +80,6 @@ def workdir(runtime):
 
 
 @pytest.fixture(scope="module")
-def busybox_archive(workdir):
-    return image_archive(workdir / "busybox.tar")
-
-
-@pytest.fixture(scope="module")
 def podman(workdir, busybox_archive, runtime):
     with Podman(runtime.path, workdir / "p") as engine:
         assert engine.load(busybox_archive) == BUSYBOX_REF
