@@ -11,6 +11,7 @@ all: one long-lived container takes the single-message attacks one after the oth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,6 +129,27 @@ def test_single_bad_messages_are_dropped_and_the_monitor_stays_up(hostile_env, d
     assert host_snapshot() == before
 
 
+@contextlib.contextmanager
+def _failed_run(env, attack: str, domains_before):
+    """Run container ``PREFIX-ATTACK`` in the foreground with its agent playing ATTACK;
+    the run must fail with one line on stderr. Yields (name, that line, the run's
+    process); then removes the container and checks that the host is as it was."""
+    name = f"{PREFIX}-{attack}"
+    before = host_snapshot()
+    try:
+        proc = vmshim("run", "--name", name, "-e", f"HOSTILE={attack}", "busybox", "sh", "-c",
+                      "echo started; sleep 600", env=env, timeout=600)
+        assert proc.returncode != 0
+        lines = err(proc).strip().splitlines()
+        assert len(lines) == 1, err(proc)
+        yield name, lines[0], proc
+    finally:
+        rm = vmshim("rm", "-f", name, env=env)
+    assert rm.returncode == 0, err(rm)
+    assert not wait_no_new_domains(domains_before, 60)
+    assert host_snapshot() == before
+
+
 def test_a_flood_of_bad_messages_ends_the_run_with_one_clear_line(hostile_env, domains_before):
     """1,000 bad messages and 5,000 frames of output for ids that do not exist: the
     monitor kills the container once MAX_BAD_MESSAGES were dropped, the foreground run
@@ -135,45 +157,22 @@ def test_a_flood_of_bad_messages_ends_the_run_with_one_clear_line(hostile_env, d
     from shim.containers.monitor import MAX_BAD_MESSAGES
 
     env = hostile_env
-    name = f"{PREFIX}-flood"
-    before = host_snapshot()
-    try:
-        proc = vmshim("run", "--name", name, "-e", "HOSTILE=flood", "busybox", "sh", "-c",
-                      "echo started; sleep 600", env=env, timeout=600)
-        assert proc.returncode != 0
-        lines = err(proc).strip().splitlines()
-        assert len(lines) == 1, err(proc)
-        assert f"the agent sent {MAX_BAD_MESSAGES} messages that break the protocol" in lines[0]
+    with _failed_run(env, "flood", domains_before) as (name, line, proc):
+        assert f"the agent sent {MAX_BAD_MESSAGES} messages that break the protocol" in line
         assert "INJECTED" not in out(proc)
         cdir = container_dir(name, env)
         assert (cdir / "monitor.log").stat().st_size < MONITOR_LOG_CAP
         assert "INJECTED" not in ok("logs", name, env=env)
         error = ok("inspect", "-f", "{{.State.Error}}", name, env=env)
         assert "break the protocol" in error
-    finally:
-        rm = vmshim("rm", "-f", name, env=env)
-    assert rm.returncode == 0, err(rm)
-    assert not wait_no_new_domains(domains_before, 60)
-    assert host_snapshot() == before
 
 
 def test_garbage_that_breaks_the_framing_ends_the_run_with_one_clear_line(hostile_env,
                                                                           domains_before):
     env = hostile_env
-    name = f"{PREFIX}-garbage"
-    before = host_snapshot()
-    try:
-        proc = vmshim("run", "--name", name, "-e", "HOSTILE=garbage", "busybox", "sh", "-c",
-                      "echo started; sleep 600", env=env, timeout=600)
-        assert proc.returncode != 0
-        lines = err(proc).strip().splitlines()
-        assert len(lines) == 1 and "the agent broke the protocol" in lines[0], err(proc)
+    with _failed_run(env, "garbage", domains_before) as (name, line, _):
+        assert "the agent broke the protocol" in line
         # created when the garbage came with the start's reply (a failed start, as in
         # docker), exited when it came later: not running either way
         status = ok("inspect", "-f", "{{.State.Status}}", name, env=env).strip()
         assert status in ("created", "exited")
-    finally:
-        rm = vmshim("rm", "-f", name, env=env)
-    assert rm.returncode == 0, err(rm)
-    assert not wait_no_new_domains(domains_before, 60)
-    assert host_snapshot() == before
