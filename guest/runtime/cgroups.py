@@ -88,12 +88,14 @@ def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:
     return sorted(seen.items())
 
 
-def _write(path: str, value: str) -> None:
+def write_file(path: str, value: str) -> None:
+    """Write *value* to the control file *path*."""
     with open(path, "w") as f:
         f.write(value)
 
 
-def _read(path: str) -> str:
+def read_file(path: str) -> str:
+    """The whole text of the control file *path*."""
     with open(path) as f:
         return f.read()
 
@@ -127,7 +129,7 @@ def block_devices(device: str, sys_block: str = "/sys/block") -> list[str]:
         for name in names:
             if name.startswith("vd"):
                 try:
-                    out.append(_read(os.path.join(sys_block, name, "dev")).strip())
+                    out.append(read_file(os.path.join(sys_block, name, "dev")).strip())
                 except OSError:
                     pass
         return out
@@ -221,7 +223,7 @@ class Cgroup:
 
     @classmethod
     def _create_v2(cls, name: str, root: str, parent: str, relative: str) -> Cgroup:
-        available = set(_read(os.path.join(root, "cgroup.controllers")).split())
+        available = set(read_file(os.path.join(root, "cgroup.controllers")).split())
         wanted = [c for c in V2_CONTROLLERS if c in available]
         # Enable the controllers in every ancestor's subtree_control, top down.
         level = root
@@ -238,7 +240,7 @@ class Cgroup:
     def _enable_v2(directory: str, controllers: list[str]) -> None:
         for controller in controllers:
             try:
-                _write(os.path.join(directory, "cgroup.subtree_control"), f"+{controller}")
+                write_file(os.path.join(directory, "cgroup.subtree_control"), f"+{controller}")
             except OSError:
                 pass  # e.g. a threaded subtree; the limit write will say what is missing
 
@@ -252,8 +254,8 @@ class Cgroup:
                 # A new cpuset is empty and refuses tasks until cpus and mems are set.
                 for level in made:
                     for knob in ("cpuset.cpus", "cpuset.mems"):
-                        parent_value = _read(os.path.join(os.path.dirname(level), knob))
-                        _write(os.path.join(level, knob), parent_value.strip() or "\n")
+                        parent_value = read_file(os.path.join(os.path.dirname(level), knob))
+                        write_file(os.path.join(level, knob), parent_value.strip() or "\n")
             for controller in controllers:
                 paths[controller] = directory
         if not paths:
@@ -392,7 +394,7 @@ class Cgroup:
         if directory is None:
             raise CgroupError(f"cannot read {knob}: the {controller} controller is not available")
         try:
-            return _read(os.path.join(directory, knob))
+            return read_file(os.path.join(directory, knob))
         except OSError as exc:
             raise CgroupError(f"cannot read {knob} in {directory}: {exc.strerror}") from None
 
@@ -401,7 +403,7 @@ class Cgroup:
         if directory is None:
             raise CgroupError(f"cannot set {knob}: the {controller} controller is not available")
         try:
-            _write(os.path.join(directory, knob), value)
+            write_file(os.path.join(directory, knob), value)
         except OSError as exc:
             raise CgroupError(f"cannot set {knob}={value} in {directory}: {exc.strerror}") from None
 
@@ -443,7 +445,7 @@ class Cgroup:
         """Move process *pid* (as seen from the caller's pid namespace; 0 = the caller)."""
         for path in self._procs_files():
             try:
-                _write(path, str(pid))
+                write_file(path, str(pid))
             except OSError as exc:
                 raise CgroupError(f"cannot move process {pid or os.getpid()} into "
                                   f"{os.path.dirname(path)}: {exc.strerror}") from None
@@ -453,7 +455,7 @@ class Cgroup:
         pids = set()
         for path in self._procs_files():
             try:
-                pids.update(int(p) for p in _read(path).split())
+                pids.update(int(p) for p in read_file(path).split())
             except FileNotFoundError:
                 pass
         return sorted(pids)
@@ -467,7 +469,7 @@ class Cgroup:
         else:
             return 0
         try:
-            for line in _read(path).splitlines():
+            for line in read_file(path).splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
                     return int(value)
@@ -493,7 +495,7 @@ class Cgroup:
             if directory is None:
                 return None
             try:
-                return int(_read(os.path.join(directory, knob)).split()[0])
+                return int(read_file(os.path.join(directory, knob)).split()[0])
             except (OSError, ValueError, IndexError):
                 return None
 
@@ -502,7 +504,7 @@ class Cgroup:
             limit = number("unified", "memory.max")  # "max" → None
             cpu = None
             try:
-                for line in _read(os.path.join(self.paths["unified"], "cpu.stat")).splitlines():
+                for line in read_file(os.path.join(self.paths["unified"], "cpu.stat")).splitlines():
                     key, _, value = line.partition(" ")
                     if key == "usage_usec":
                         cpu = int(value) * 1000
@@ -532,7 +534,7 @@ class Cgroup:
             if directory is None:
                 return out
             try:
-                for line in _read(os.path.join(directory, knob)).splitlines():
+                for line in read_file(os.path.join(directory, knob)).splitlines():
                     key, _, value = line.partition(" ")
                     if value.strip().lstrip("-").isdigit():
                         out[key] = int(value)
@@ -545,7 +547,7 @@ class Cgroup:
             if directory is None:
                 return None
             try:
-                text = _read(os.path.join(directory, knob)).strip()
+                text = read_file(os.path.join(directory, knob)).strip()
             except OSError:
                 return None
             if text == "max":
@@ -595,7 +597,7 @@ class Cgroup:
         if directory is None:
             return {}
         try:
-            text = _read(os.path.join(directory, knob))
+            text = read_file(os.path.join(directory, knob))
         except OSError:
             return {}
         for line in text.splitlines():
@@ -621,7 +623,7 @@ class Cgroup:
         """SIGKILL every process in the cgroup (they still need to be reaped by their parent)."""
         if self.version == 2:
             try:
-                _write(os.path.join(self.paths["unified"], "cgroup.kill"), "1")
+                write_file(os.path.join(self.paths["unified"], "cgroup.kill"), "1")
                 return
             except OSError:
                 pass  # kernel before 5.14: signal them one by one

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from guest.runtime.cgroups import Cgroup, CgroupError
+from guest.runtime.cgroups import Cgroup, CgroupError, read_file, write_file
 from guest.spec import Limits
 from shim.errors import VmshimError
 
@@ -387,7 +387,7 @@ class HostCgroup:
             for tid in _threads(pid):
                 for directory in self.directories:
                     try:
-                        _write(os.path.join(directory, "tasks"), str(tid))
+                        write_file(os.path.join(directory, "tasks"), str(tid))
                     except OSError:
                         pass
 
@@ -448,16 +448,6 @@ def _threads(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except (OSError, ValueError):
         return []
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | None = None,
@@ -533,16 +523,16 @@ def _inherit_cpuset(directory: str) -> None:
                 not os.path.exists(os.path.join(os.path.dirname(directory), knob)):
             continue
         try:
-            value = _read(os.path.join(os.path.dirname(directory), knob)).strip()
+            value = read_file(os.path.join(os.path.dirname(directory), knob)).strip()
         except OSError:
             value = ""
-        _write(os.path.join(directory, knob), value or "\n")
+        write_file(os.path.join(directory, knob), value or "\n")
 
 
 def _prepare_v2(root: str, directory: str) -> None:
     """Create the ancestors of *directory*, enabling the controllers on the way down."""
     try:
-        available = set(_read(os.path.join(root, "cgroup.controllers")).split())
+        available = set(read_file(os.path.join(root, "cgroup.controllers")).split())
     except OSError:
         available = set()
     wanted = [c for c in V2_CONTROLLERS if c in available]
@@ -551,7 +541,7 @@ def _prepare_v2(root: str, directory: str) -> None:
     for part in parts:
         for controller in wanted:
             try:
-                _write(os.path.join(level, "cgroup.subtree_control"), f"+{controller}")
+                write_file(os.path.join(level, "cgroup.subtree_control"), f"+{controller}")
             except OSError:
                 pass  # the limit write says what is missing
         level = os.path.join(level, part)
@@ -567,7 +557,7 @@ def _check_fit(cgroup: HostCgroup, allow: int | None) -> None:
     frozen = (os.path.join(cgroup.paths["unified"], "cgroup.freeze") if cgroup.version == 2
               else os.path.join(cgroup.paths.get("freezer", "/nonexistent"), "freezer.state"))
     try:
-        state = _read(frozen).strip()
+        state = read_file(frozen).strip()
     except OSError:
         return
     if state in ("1", "FROZEN"):
@@ -578,7 +568,7 @@ def _apply(cgroup: HostCgroup, limits: HostLimits) -> None:
     group = cgroup.cgroup
     if cgroup.version == 1 and "memory" in cgroup.paths:
         try:  # v1 only: charges follow QEMU when it moves in (v2 never moves charges)
-            _write(os.path.join(cgroup.paths["memory"], "memory.move_charge_at_immigrate"), "3")
+            write_file(os.path.join(cgroup.paths["memory"], "memory.move_charge_at_immigrate"), "3")
         except OSError:
             pass
     if limits.limits is not None:
@@ -587,10 +577,10 @@ def _apply(cgroup: HostCgroup, limits: HostLimits) -> None:
         key = "unified" if cgroup.version == 2 else "cpuset"
         if key not in cgroup.paths:
             raise CgroupPathError("cannot set cpuset.mems: no cpuset controller")
-        _write(os.path.join(cgroup.paths[key], "cpuset.mems"), limits.cpuset_mems)
+        write_file(os.path.join(cgroup.paths[key], "cpuset.mems"), limits.cpuset_mems)
     for key, value in limits.unified.items():
         try:
-            _write(os.path.join(cgroup.paths["unified"], key), value)
+            write_file(os.path.join(cgroup.paths["unified"], key), value)
         except OSError as exc:
             raise CgroupPathError(f"cannot set linux.resources.unified.{key}={value}: "
                                   f"{exc.strerror}") from None
@@ -700,7 +690,7 @@ def vm_processes(domain: str, qemu_pid: int, pid_dir: str = LIBVIRT_PID_DIR,
     for name in names:
         if pattern.match(name):
             try:
-                roots.add(int(_read(os.path.join(pid_dir, name)).strip()))
+                roots.add(int(read_file(os.path.join(pid_dir, name)).strip()))
             except (OSError, ValueError):
                 pass
     return sorted(_with_descendants(roots, proc))
