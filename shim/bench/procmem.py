@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.oci.hostcgroup import descendants  # noqa: F401  (the bench's process trees)
+
 PROC = Path("/proc")
 
 
@@ -31,22 +33,6 @@ def parent_map(proc: Path = PROC) -> dict[int, int]:
         except (IndexError, ValueError):
             continue
     return out
-
-
-def descendants(roots: list[int], parents: dict[int, int]) -> set[int]:
-    """*roots* (those still alive in *parents*) and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    todo = [p for p in roots if p in parents]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def pids_in_cgroup_matching(text: str, proc: Path = PROC) -> set[int]:

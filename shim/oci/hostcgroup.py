@@ -697,7 +697,7 @@ def vm_processes(domain: str, qemu_pid: int, pid_dir: str = LIBVIRT_PID_DIR,
 
 
 def _with_descendants(roots: set[int], proc: str = "/proc") -> set[int]:
-    children: dict[int, list[int]] = {}
+    parents: dict[int, int] = {}
     try:
         entries = [e for e in os.listdir(proc) if e.isdigit()]
     except OSError:
@@ -705,18 +705,26 @@ def _with_descendants(roots: set[int], proc: str = "/proc") -> set[int]:
     for entry in entries[:1 << 20]:
         try:
             with open(os.path.join(proc, entry, "stat"), "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [p for p in roots if os.path.exists(os.path.join(proc, str(p)))]
+    return descendants(roots, parents)
+
+
+def descendants(roots, parents: dict[int, int]) -> set[int]:
+    """*roots* (those still alive in *parents*, pid → ppid) and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [p for p in roots if p in parents]
     while todo:
         pid = todo.pop()
-        if pid in out:
+        if pid in found:
             continue
-        out.add(pid)
+        found.add(pid)
         todo.extend(children.get(pid, []))
-    return out
+    return found
 
 
 PLACE_ATTEMPTS = 5
