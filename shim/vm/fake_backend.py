@@ -135,19 +135,23 @@ class FakeBackend:
 
     def attach_interface(self, name: str, iface: Interface) -> None:
         self._check("attach_interface", name)
-        vm = self._vm(name, "attach a NIC to")
-        if iface.mac in vm.plugged or len(vm.plugged) + len(vm.disks) >= vm.domain.hotplug_ports:
-            raise HypervisorError(f"cannot plug a NIC into VM {name}: no free hotplug port "
-                                  "or a NIC with that MAC")
-        vm.plugged[iface.mac] = iface
+        self._plug(name, iface, "plugged", iface.mac, "a NIC", "a NIC", "a NIC with that MAC")
 
     def attach_disk(self, name: str, disk: Disk) -> None:
         self._check("attach_disk", name)
-        vm = self._vm(name, "attach a disk to")
-        if disk.serial in vm.disks or len(vm.disks) + len(vm.plugged) >= vm.domain.hotplug_ports:
-            raise HypervisorError(f"cannot plug disk {disk.serial} into VM {name}: no free "
-                                  "hotplug port or a disk with that serial")
-        vm.disks[disk.serial] = disk
+        self._plug(name, disk, "disks", disk.serial, "a disk", f"disk {disk.serial}",
+                   "a disk with that serial")
+
+    def _plug(self, name: str, device, table: str, key: str, kind: str, what: str,
+              taken: str) -> None:
+        """Put *device* in the VM's *table* (``plugged`` NICs by MAC, ``disks`` by serial)
+        under *key*, if a hotplug port is free and *key* is not (as libvirt would refuse)."""
+        vm = self._vm(name, f"attach {kind} to")
+        slots: dict = getattr(vm, table)
+        if key in slots or len(vm.plugged) + len(vm.disks) >= vm.domain.hotplug_ports:
+            raise HypervisorError(f"cannot plug {what} into VM {name}: no free hotplug port "
+                                  f"or {taken}")
+        slots[key] = device
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         self._check("detach_interface", name)

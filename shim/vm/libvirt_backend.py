@@ -269,23 +269,21 @@ class LibvirtBackend:
         return True
 
     def attach_interface(self, name: str, iface: Interface) -> None:
-        dom = self._lookup(name)
-        if dom is None:
-            raise VmNotFound(name, "attach a NIC to")
-        try:
-            dom.attachDeviceFlags(iface.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot plug a NIC into VM {name}: {_one_line(exc)}") from None
+        self._attach(name, iface.to_xml(), "a NIC", "a NIC")
 
     def attach_disk(self, name: str, disk: Disk) -> None:
+        self._attach(name, disk.to_xml(), "a disk", f"disk {disk.serial}")
+
+    def _attach(self, name: str, xml: str, kind: str, what: str) -> None:
+        """Hotplug the device *xml* into the running VM; errors name it as *kind* (``a
+        NIC``) when the VM is missing, and as *what* when libvirt refuses."""
         dom = self._lookup(name)
         if dom is None:
-            raise VmNotFound(name, "attach a disk to")
+            raise VmNotFound(name, f"attach {kind} to")
         try:
-            dom.attachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot plug disk {disk.serial} into VM {name}: "
-                                  f"{_one_line(exc)}") from None
+            raise HypervisorError(f"cannot plug {what} into VM {name}: {_one_line(exc)}") from None
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         """See :meth:`Backend.detach_interface`. The guest's PCIe hotplug driver waits 5 s
