@@ -91,6 +91,11 @@ class Host:
             else:
                 others.append(msg)
 
+    def kill_main(self) -> protocol.Message:
+        """SIGKILL the main process (id 1) and read until its exit message."""
+        self.send(protocol.SIGNAL, id=1, signal=9)
+        return self.collect(1)[2]
+
     def wait_done(self, timeout: float = 10.0):
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the agent loop did not end"
@@ -237,9 +242,7 @@ def test_bad_messages_get_error_replies(make_host):
     assert host.start().type == protocol.STARTED
     host.send(protocol.SIGNAL, id=1, signal=99)
     assert host.recv().type == protocol.ERROR
-    host.send(protocol.SIGNAL, id=1, signal=9)
-    _, _, exit_msg, _ = host.collect(1)
-    assert exit_msg.get("code", int) == 137
+    assert host.kill_main().get("code", int) == 137
 
 
 def test_start_twice_is_refused(make_host):
@@ -248,8 +251,7 @@ def test_start_twice_is_refused(make_host):
     assert host.start().type == protocol.STARTED
     reply = host.start(proc_id=2)
     assert reply.type == protocol.ERROR and "already started" in reply.get("message", str)
-    host.send(protocol.SIGNAL, id=1, signal=9)
-    host.collect(1)
+    host.kill_main()
 
 
 @pytest.mark.parametrize("args,code,text", [
@@ -301,9 +303,7 @@ def test_exec_runs_beside_the_main_process(make_host):
     assert host.recv().type == protocol.ERROR
     host.send(protocol.EXEC, token=TOKEN, id=3, process={"args": []})
     assert host.recv().type == protocol.ERROR
-    host.send(protocol.SIGNAL, id=1, signal=9)
-    _, _, exit_msg, _ = host.collect(1)
-    assert exit_msg.get("code", int) == 137
+    assert host.kill_main().get("code", int) == 137
 
 
 def test_shutdown_ends_the_loop_and_kills_the_process(make_host):
