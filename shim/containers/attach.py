@@ -14,6 +14,7 @@ import os
 import signal
 import termios
 import tty
+from collections.abc import Iterator
 
 from guest import protocol
 from shim.errors import AgentError
@@ -107,6 +108,25 @@ def raw_terminal(fd: int | None):
             pass  # the terminal hung up (a pty whose master was closed): nothing to restore
 
 
+@contextlib.contextmanager
+def caught_signals(signals, handler) -> Iterator[int]:
+    """Meanwhile *handler(signum, frame)* handles *signals*, and a wake-up pipe
+    (signal.set_wakeup_fd) gets a byte for each: yields its read end, for a wait to
+    return when a signal comes. Restores the handlers and the wake-up fd after."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    old_handlers = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield wake_r
+    finally:
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
 class StdioPump:
     """Stream one process's stdio between local fds and the agent until it exits.
 
@@ -138,20 +158,9 @@ class StdioPump:
         """Pump until the agent reports the exit; return the exit code.
 
         Raises AgentError when the channel breaks (e.g. the VM died)."""
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        old_wakeup = signal.set_wakeup_fd(wake_w)
-        watched = list(FORWARDED_SIGNALS) + [signal.SIGWINCH]
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in watched}
-        try:
-            with raw_terminal(self.stdin_fd if self.tty else None):
-                return self._loop(wake_r)
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            signal.set_wakeup_fd(old_wakeup)
-            os.close(wake_r)
-            os.close(wake_w)
+        with caught_signals([*FORWARDED_SIGNALS, signal.SIGWINCH], self._on_signal) as wake_r, \
+                raw_terminal(self.stdin_fd if self.tty else None):
+            return self._loop(wake_r)
 
     def _on_signal(self, signum, _frame):
         self._pending_signals.append(signum)

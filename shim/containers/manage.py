@@ -132,17 +132,13 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
     """The foreground half of start: ask for the start with us attached, then pump.
     A SIGINT/SIGTERM before the process runs cancels the start (the monitor sees us
     hang up and tears everything down)."""
-    from shim.containers.attach import FORWARDED_SIGNALS, StdioPump, terminal_size
+    from shim.containers.attach import (FORWARDED_SIGNALS, StdioPump, caught_signals,
+                                        terminal_size)
     from shim.vm.agent_client import wait_readable
 
     rows, cols = terminal_size(stdin_fd) if record.tty else (24, 80)
     caught: list[int] = []
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    old_wakeup = signal.set_wakeup_fd(wake_w)
-    old = {s: signal.signal(s, lambda signum, _f: caught.append(signum))
-           for s in FORWARDED_SIGNALS}
-    try:
+    with caught_signals(FORWARDED_SIGNALS, lambda signum, _f: caught.append(signum)) as wake_r:
         client.send(api.REQUEST, op="start", attach=True, stdin=interactive, rows=rows,
                     cols=cols)
         while True:
@@ -157,12 +153,6 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
                 if client.has_pending:
                     break
         reply = api.raise_for_error(client.recv(0))
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        signal.set_wakeup_fd(old_wakeup)
-        os.close(wake_r)
-        os.close(wake_w)
     if on_started is not None:
         on_started(record)
     pump = StdioPump(client, reply.get("id", int, 1),
