@@ -187,13 +187,8 @@ class Network:
         net = ipaddress.IPv4Network(self.subnet)
         used = {e.ip for e in self.endpoints.values()} | {self.gateway}
         if requested is not None:
-            try:
-                addr = ipaddress.IPv4Address(requested)
-            except ValueError:
-                raise NetworkError(f"invalid --ip {requested!r}: not an IPv4 address") from None
-            if addr not in net or addr in (net.network_address, net.broadcast_address):
-                raise NetworkError(f"--ip {requested} is not a host address of network "
-                                   f"{self.name} ({self.subnet})")
+            addr = _host_address(requested, net, "--ip", f"network {self.name} ({self.subnet})",
+                                 ": not an IPv4 address")
             if str(addr) in used:
                 raise NetworkError(f"--ip {requested} is in use on network {self.name}")
             return str(addr)
@@ -387,13 +382,7 @@ class NetworkStore:
             else:
                 chosen = _pick_subnet(taken + [_as_net(r) for r in host_routes])
             if gateway is not None:
-                try:
-                    gw = ipaddress.IPv4Address(gateway)
-                except ValueError:
-                    raise NetworkError(f"invalid --gateway {gateway!r}") from None
-                if gw not in chosen or gw in (chosen.network_address, chosen.broadcast_address):
-                    raise NetworkError(f"--gateway {gateway} is not a host address of {chosen}")
-                gateway = str(gw)
+                gateway = str(_host_address(gateway, chosen, "--gateway", str(chosen)))
             chosen6 = _check_subnet6(subnet6, others) if ipv6 or subnet6 else None
             if chosen6 is not None and not ipv6:
                 raise NetworkError(f"--subnet {subnet6} is IPv6: add --ipv6 for a "
@@ -474,6 +463,19 @@ def _first_host(subnet: str) -> str:
 
 def _as_net(cidr: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(cidr, strict=False)
+
+
+def _host_address(text: str, net: ipaddress.IPv4Network, flag: str, where: str,
+                  why: str = "") -> ipaddress.IPv4Address:
+    """*text* (given as *flag*) as a host address of *net* (named *where* in the error: not
+    its network or broadcast address). Raises NetworkError (*why* explains a bad text)."""
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise NetworkError(f"invalid {flag} {text!r}{why}") from None
+    if addr not in net or addr in (net.network_address, net.broadcast_address):
+        raise NetworkError(f"{flag} {text} is not a host address of {where}")
+    return addr
 
 
 def _pick_subnet(taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
