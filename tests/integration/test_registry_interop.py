@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from shim.images.distribution import pull, push
-from shim.images.layers import layer_disk, mount_layer, umount_layer
+from shim.images.layers import layer_disk
 from shim.images.store import ImageStore, import_image
 from tests.fakeregistry import FakeRegistry
+from tests.overlay import overlay_of
 from tests.tarfiles import write_tar
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,28 +184,10 @@ def test_whiteout_image_round_trip(registry, root, tmp_path):
 
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
         pytest.skip("the overlay check needs root and loop devices")
-    mnt = tmp_path / "mnt"
-    lo, up = mnt / "lo", mnt / "up"
-    mount_layer(disks[0], lo)
-    try:
-        mount_layer(disks[1], up)
-        try:
-            merged, rw, work = mnt / "merged", tmp_path / "rw", tmp_path / "work"
-            for d in (merged, rw, work):
-                d.mkdir(parents=True)
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={up}:{lo},upperdir={rw},workdir={work}", str(merged)],
-                           check=True)
-            try:
-                assert (merged / "etc" / "keep").read_text() == "kept\n"
-                assert not (merged / "etc" / "gone").exists()
-                assert sorted(os.listdir(merged / "data")) == ["new"]
-            finally:
-                subprocess.run(["umount", str(merged)], check=True)
-        finally:
-            umount_layer(up)
-    finally:
-        umount_layer(lo)
+    with overlay_of(disks[0], disks[1], tmp_path / "mnt") as merged:
+        assert (merged / "etc" / "keep").read_text() == "kept\n"
+        assert not (merged / "etc" / "gone").exists()
+        assert sorted(os.listdir(merged / "data")) == ["new"]
 
 
 def test_corrupted_blob_in_registry_storage(registry, root, tmp_path):

@@ -20,6 +20,7 @@ from shim.errors import LayerError
 from shim.images import layers as layers_mod
 from shim.images.layers import Limits, layer_disk, mount_layer, umount_layer
 from shim.images.store import ImageStore, LayerRef
+from tests.overlay import overlay_of
 
 pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None
                                 or shutil.which("rdsquashfs") is None,
@@ -358,29 +359,14 @@ def test_whiteouts_survive_loop_mount_and_overlay(store, tmp_path):
         dir_("opq/"), reg("opq/hidden", b"h"), reg("gone", b"g"), reg("samename", b"lower"),
         dir_("redo/"), reg("redo/lowerfile", b"l"))))
     upper_layer = layer_disk(store, put_layer(store, tar_bytes(*WHITEOUT_LAYER)))
-    lo, up, work, merged = (tmp_path / n for n in ("lo", "up", "work", "merged"))
-    for d in (work, merged, tmp_path / "rw"):
-        d.mkdir()
-    mount_layer(lower_layer, lo)
-    try:
-        mount_layer(upper_layer, up)
-        try:
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={up}:{lo},upperdir={tmp_path / 'rw'},workdir={work}",
-                            str(merged)], check=True)
-            try:
-                assert sorted(os.listdir(merged / "etc")) == ["keep", "new"]
-                assert sorted(os.listdir(merged / "opq")) == ["kept"]
-                assert not (merged / "gone").exists()
-                assert (merged / "samename").read_bytes() == b"mine"
-                assert sorted(os.listdir(merged / "redo")) == ["y"]
-                assert (merged / "implicit" / "x").read_bytes() == b"x"
-            finally:
-                subprocess.run(["umount", str(merged)], check=True)
-        finally:
-            umount_layer(up)
-    finally:
-        umount_layer(lo)
+    with overlay_of(lower_layer, upper_layer, tmp_path) as merged:
+        assert sorted(os.listdir(merged / "etc")) == ["keep", "new"]
+        assert sorted(os.listdir(merged / "opq")) == ["kept"]
+        assert not (merged / "gone").exists()
+        assert (merged / "samename").read_bytes() == b"mine"
+        assert sorted(os.listdir(merged / "redo")) == ["y"]
+        assert (merged / "implicit" / "x").read_bytes() == b"x"
+    up = tmp_path / "up"
     # read-only and nodev: the char device of a whiteout cannot be opened
     mount_layer(upper_layer, up)
     try:
