@@ -36,7 +36,7 @@ class CgroupError(Exception):
     """A cgroup could not be created, limited, joined or removed; text is for the user."""
 
 
-def _mounts() -> list[tuple[str, str, str]]:
+def read_mounts() -> list[tuple[str, str, str]]:
     """(mountpoint, fstype, options) for every mount this process sees, in mount order."""
     out = []
     with open("/proc/self/mounts") as f:
@@ -50,7 +50,7 @@ def _mounts() -> list[tuple[str, str, str]]:
 
 def detect_version(root: str = CGROUP_ROOT) -> int | None:
     """2 if *root* is a cgroup2 mount, 1 if v1 hierarchies are mounted below it, else None."""
-    mounts = _mounts()
+    mounts = read_mounts()
     on_root = [fstype for mountpoint, fstype, _ in mounts if mountpoint == root]
     if on_root and on_root[-1] == "cgroup2":
         return 2
@@ -79,7 +79,7 @@ def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:
     """(mountpoint, controllers) for each v1 hierarchy under *root* with a real controller."""
     prefix = root.rstrip("/") + "/"
     seen = {}
-    for mountpoint, fstype, options in _mounts():
+    for mountpoint, fstype, options in read_mounts():
         if fstype != "cgroup" or not mountpoint.startswith(prefix):
             continue
         controllers = frozenset(options.split(",")) & V1_CONTROLLERS

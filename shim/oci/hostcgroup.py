@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from guest.runtime.cgroups import Cgroup, CgroupError, read_file, write_file
+from guest.runtime.cgroups import Cgroup, CgroupError, read_file, read_mounts, write_file
 from guest.spec import Limits
 from shim.errors import VmshimError
 
@@ -170,17 +170,6 @@ def expand_slice(slice_name: str, value: str = "") -> list[str]:
 
 
 # ---- the host's hierarchies ----------------------------------------------------------------
-
-def read_mounts() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, options) of this process's mounts."""
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 4:
-                out.append((parts[1].replace("\\040", " "), parts[2], parts[3]))
-    return out
-
 
 def read_own_cgroups(text: str | None = None) -> dict[str, str]:
     """This process's cgroup per controller from /proc/self/cgroup (v2: key ``""``)."""
