@@ -30,45 +30,45 @@ _PasswdEntry = namedtuple("_PasswdEntry", "name uid gid home")
 _GroupEntry = namedtuple("_GroupEntry", "name gid members")
 
 
-def _read_lines(path: str) -> list[list[str]] | None:
-    """Colon-separated fields of each meaningful line, or None if the file does not exist."""
+def _read_entries(path: str, entry):
+    """``entry(fields)`` of each meaningful line's colon-separated fields, skipping the
+    lines it returns None for (malformed: skipped, as libc does); None if the file does
+    not exist."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except FileNotFoundError:
         return None
-    rows = []
+    out = []
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            rows.append(line.split(":"))
-    return rows
+            parsed = entry(line.split(":"))
+            if parsed is not None:
+                out.append(parsed)
+    return out
+
+
+def _passwd_entry(row: list[str]) -> _PasswdEntry | None:
+    if len(row) < 4 or not row[2].isdigit() or not row[3].isdigit():
+        return None
+    home = row[5] if len(row) > 5 and row[5] else "/"
+    return _PasswdEntry(row[0], int(row[2]), int(row[3]), home)
+
+
+def _group_entry(row: list[str]) -> _GroupEntry | None:
+    if len(row) < 3 or not row[2].isdigit():
+        return None
+    members = [m for m in row[3].split(",") if m] if len(row) > 3 else []
+    return _GroupEntry(row[0], int(row[2]), members)
 
 
 def parse_passwd(path: str) -> list[_PasswdEntry] | None:
-    rows = _read_lines(path)
-    if rows is None:
-        return None
-    out = []
-    for row in rows:
-        if len(row) < 4 or not row[2].isdigit() or not row[3].isdigit():
-            continue  # malformed line: skip it, as libc does
-        home = row[5] if len(row) > 5 and row[5] else "/"
-        out.append(_PasswdEntry(row[0], int(row[2]), int(row[3]), home))
-    return out
+    return _read_entries(path, _passwd_entry)
 
 
 def parse_group(path: str) -> list[_GroupEntry] | None:
-    rows = _read_lines(path)
-    if rows is None:
-        return None
-    out = []
-    for row in rows:
-        if len(row) < 3 or not row[2].isdigit():
-            continue
-        members = [m for m in row[3].split(",") if m] if len(row) > 3 else []
-        out.append(_GroupEntry(row[0], int(row[2]), members))
-    return out
+    return _read_entries(path, _group_entry)
 
 
 def _parse_id(text: str, what: str) -> int | None:
