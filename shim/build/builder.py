@@ -916,27 +916,15 @@ class Builder:
                     raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: port out "
                                           "of range")
                 ports.append(f"{number}/{proto}")
-
-        def change(cfg: dict) -> None:
-            exposed = dict(cfg.get("ExposedPorts") or {})
-            for p in ports:
-                exposed[p] = {}
-            cfg["ExposedPorts"] = exposed
-
-        self._metadata(run, ins, f"/bin/sh -c #(nop)  EXPOSE {' '.join(ports)}", change)
+        self._metadata(run, ins, f"/bin/sh -c #(nop)  EXPOSE {' '.join(ports)}",
+                       _add_keys("ExposedPorts", ports))
 
     def _do_volume(self, run: _StageRun, ins: Instruction) -> None:
         volumes = [v for v in self._words(run, ins) if v]
         if not volumes:
             raise DockerfileError(f"{self._df}:{ins.line}: VOLUME needs a path")
-
-        def change(cfg: dict) -> None:
-            current = dict(cfg.get("Volumes") or {})
-            for v in volumes:
-                current[v] = {}
-            cfg["Volumes"] = current
-
-        self._metadata(run, ins, f"/bin/sh -c #(nop)  VOLUME {json.dumps(volumes)}", change)
+        self._metadata(run, ins, f"/bin/sh -c #(nop)  VOLUME {json.dumps(volumes)}",
+                       _add_keys("Volumes", volumes))
 
     def _do_user(self, run: _StageRun, ins: Instruction) -> None:
         user = self._expand(ins.rest, run.env(), ins)
@@ -1093,3 +1081,14 @@ def _single_attempt():
 def build(options: BuildOptions, output: BuildOutput | None = None) -> BuildResult:
     """Build per *options*; see :class:`Builder`."""
     return Builder(options, output).build()
+
+
+def _add_keys(key: str, names: list[str]):
+    """A config change adding *names* to the set-like ``{name: {}}`` mapping at *key*
+    (``ExposedPorts``, ``Volumes``)."""
+    def change(cfg: dict) -> None:
+        current = dict(cfg.get(key) or {})
+        for name in names:
+            current[name] = {}
+        cfg[key] = current
+    return change

@@ -249,31 +249,31 @@ long_volume = mapping({
 }, required=("type", "target"))
 
 
-def networks_of_service(value, path, warnings=None):
-    if isinstance(value, list):
-        list_of(string)(value, path)
-        return
-    if not isinstance(value, dict):
-        fail(path, f"must be a list of network names or a mapping, not {type_name(value)}")
-    for name, config in value.items():
-        if config is None:
-            continue
-        mapping({"aliases": list_of(string), "ipv4_address": string},
-                ignored=("ipv6_address", "priority", "link_local_ips", "mac_address",
-                         "driver_opts"))(config, join(path, name), warnings)
-networks_of_service.wants_warnings = True
+def names_or_mapping(what: str, config, *, null_config: bool = False):
+    """A list of names (*what*) or a mapping from each name to what *config* (a check)
+    accepts; a null config is allowed with *null_config*."""
+    def check(value, path, warnings=None):
+        if isinstance(value, list):
+            list_of(string)(value, path)
+            return
+        if not isinstance(value, dict):
+            fail(path, f"must be a list of {what} or a mapping, not {type_name(value)}")
+        for name, cfg in value.items():
+            if cfg is not None or not null_config:
+                config(cfg, join(path, name), warnings)
+    check.wants_warnings = True
+    return check
 
 
-def depends_on(value, path, warnings=None):
-    if isinstance(value, list):
-        list_of(string)(value, path)
-        return
-    if not isinstance(value, dict):
-        fail(path, f"must be a list of services or a mapping, not {type_name(value)}")
-    for name, config in value.items():
-        mapping({"condition": one_of(*CONDITIONS), "restart": boolean, "required": boolean},
-                required=("condition",))(config, join(path, name), warnings)
-depends_on.wants_warnings = True
+networks_of_service = names_or_mapping(
+    "network names",
+    mapping({"aliases": list_of(string), "ipv4_address": string},
+            ignored=("ipv6_address", "priority", "link_local_ips", "mac_address", "driver_opts")),
+    null_config=True)
+depends_on = names_or_mapping(
+    "services",
+    mapping({"condition": one_of(*CONDITIONS), "restart": boolean, "required": boolean},
+            required=("condition",)))
 
 
 def healthcheck_test(value, path):
