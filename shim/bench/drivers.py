@@ -265,7 +265,17 @@ class Owned:
     roots: dict[str, int]
 
 
-class VmshimSubject:
+class _CliSubject:
+    """A subject driven through its command line: ``exec`` runs what ``exec_argv`` says."""
+
+    def exec_argv(self, ref: str, *cmd: str) -> list[str]:
+        raise NotImplementedError
+
+    def exec(self, ref: str, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run(self.exec_argv(ref, *cmd), timeout=timeout)
+
+
+class VmshimSubject(_CliSubject):
     """``vmshim`` with one ``--isolation``."""
 
     def __init__(self, cli: list[str], isolation: str, tag: str):
@@ -302,9 +312,6 @@ class VmshimSubject:
 
     def exec_argv(self, ref: str, *cmd: str) -> list[str]:
         return self.argv("exec", ref, *cmd)
-
-    def exec(self, ref: str, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return run(self.exec_argv(ref, *cmd), timeout=timeout)
 
     def wait_ready(self, ref: str, timeout: float = 120) -> None:
         """Until ``exec ref true`` succeeds. Raises BenchError with the last failure."""
@@ -408,7 +415,7 @@ def unpack_layers(layers: list[Path], rootfs: Path) -> None:
              "--numeric-owner"], timeout=300)
 
 
-class RuncSubject:
+class RuncSubject(_CliSubject):
     """An OCI runtime with runc's command line (runc itself, or vmshim-runtime as
     subject ``oci``) on a bundle made from the image's layers, state under our own --root."""
 
@@ -506,9 +513,6 @@ class RuncSubject:
 
     def exec_argv(self, ref: str, *cmd: str) -> list[str]:
         return self._cmd("exec", ref, *cmd)
-
-    def exec(self, ref: str, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return run(self.exec_argv(ref, *cmd), timeout=timeout)
 
     def wait_ready(self, ref: str, timeout: float = 60) -> None:
         self.exec(ref, "true", timeout=timeout)

@@ -95,29 +95,27 @@ def test_vm_sizing():
     assert Resources().vm_cpuset() is None
 
 
-def test_docker_rules(monkeypatch):
+def test_docker_rules_accept_unlimited_swap(monkeypatch):
     monkeypatch.setattr(res, "host_cpus", lambda: {0, 1})
     from_flags(memory="64m", memory_swap="-1").check("vm")
-    with pytest.raises(UsageError, match="6MiB"):
-        from_flags(memory="1m").check("vm")
-    with pytest.raises(UsageError, match="memory limit"):
-        from_flags(memory_swap="128m").check("vm")
-    with pytest.raises(UsageError, match="at least --memory"):
-        from_flags(memory="128m", memory_swap="64m").check("vm")
-    with pytest.raises(UsageError, match="reservation"):
-        from_flags(memory="64m", memory_reservation="128m").check("vm")
-    with pytest.raises(UsageError, match="only 2 CPUs"):
-        from_flags(cpus="3").check("vm")
-    with pytest.raises(UsageError, match="0.01"):
-        from_flags(cpus="0.001").check("vm")
-    with pytest.raises(UsageError, match="CPU 5"):
-        from_flags(cpuset_cpus="0,5").check("vm")
-    with pytest.raises(UsageError, match="262144"):
-        from_flags(cpu_shares=1).check("vm")
-    with pytest.raises(UsageError, match="10 and 1000"):
-        from_flags(blkio_weight=5).check("vm")
-    with pytest.raises(UsageError, match="-1000"):
-        from_flags(oom_score_adj=2000).check("vm")
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"memory": "1m"}, "6MiB"),
+    ({"memory_swap": "128m"}, "memory limit"),
+    ({"memory": "128m", "memory_swap": "64m"}, "at least --memory"),
+    ({"memory": "64m", "memory_reservation": "128m"}, "reservation"),
+    ({"cpus": "3"}, "only 2 CPUs"),
+    ({"cpus": "0.001"}, "0.01"),
+    ({"cpuset_cpus": "0,5"}, "CPU 5"),
+    ({"cpu_shares": 1}, "262144"),
+    ({"blkio_weight": 5}, "10 and 1000"),
+    ({"oom_score_adj": 2000}, "-1000"),
+])
+def test_docker_rules_refuse(monkeypatch, flags, message):
+    monkeypatch.setattr(res, "host_cpus", lambda: {0, 1})  # a host with two CPUs
+    with pytest.raises(UsageError, match=message):
+        from_flags(**flags).check("vm")
 
 
 def test_process_isolation_refuses_a_hard_ulimit_it_cannot_raise(monkeypatch):
