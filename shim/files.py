@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -42,3 +43,14 @@ def replaced(path: Path, mode: int = 0o644, sync: bool = True) -> Iterator[Binar
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of *data* to *fd*, waiting for room when it is non-blocking. Raises
+    OSError (BrokenPipeError: the reader has gone)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            time.sleep(0.01)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from guest import protocol
 from guest.spec import BootConfig, ProcessSpec
-from shim import paths
+from shim import files, paths
 from shim.build import diff, reap
 from shim.build.tree import LayerWriter, RootView
 from shim.build.errors import BuildError
@@ -311,14 +311,11 @@ def _check(code: int, tail: bytes, process: ProcessSpec) -> None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except BlockingIOError:
-            time.sleep(0.01)
-        except BrokenPipeError:
-            return
+    """The build's output to *fd*, until its reader goes away."""
+    try:
+        files.write_all(fd, data)
+    except BrokenPipeError:
+        pass
 
 
 STALE_AGE = 24 * 3600

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from shim.containers.logfollow import container_log
 from shim.containers.logs import render
+from shim.files import write_all
 
 
 def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except BrokenPipeError:
-            raise SystemExit(0)
+    """Print *data*; a reader that went away (``| head``) ends the command quietly."""
+    try:
+        write_all(fd, data)
+    except BrokenPipeError:
+        raise SystemExit(0) from None
 
 
 def _emit(lines, timestamps: bool) -> None:
