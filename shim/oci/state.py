@@ -18,11 +18,12 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.containers.state import Status
 from shim.containers.store import Container, ContainerStore, process_start_time
+from shim.records import JsonRecord
 from shim.errors import ContainerNotFound, VmshimError
 
 DEFAULT_ROOT = "/run/vmshim-runtime"
@@ -36,7 +37,7 @@ def record_id(oci_id: str) -> str:
 
 
 @dataclass
-class OciInfo:
+class OciInfo(JsonRecord):
     """What the runtime keeps about one container beyond the vmshim record."""
 
     id: str
@@ -52,13 +53,6 @@ class OciInfo:
     cgroup: dict | None = None
     """The host cgroup (shim.oci.hostcgroup.HostCgroup.to_dict()), once made."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "OciInfo":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def alive(pid: int, start: int) -> bool:

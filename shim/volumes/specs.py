@@ -16,9 +16,10 @@ shim.containers.mounts.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from shim.errors import UsageError
+from shim.records import JsonRecord
 
 TYPES = ("bind", "volume", "tmpfs")
 IGNORED_OPTIONS = {"z", "Z", "cached", "delegated", "consistent", "private", "rprivate",
@@ -27,7 +28,7 @@ IGNORED_OPTIONS = {"z", "Z", "cached", "delegated", "consistent", "private", "rp
 
 
 @dataclass
-class MountRequest:
+class MountRequest(JsonRecord):
     """One mount as the user asked for it. ``source``: a host path (bind), a volume name
     (volume; "" until :func:`resolve_volumes` names an anonymous one) or "" (tmpfs)."""
 
@@ -44,13 +45,6 @@ class MountRequest:
     volume_size: int = 0
     """volume: the size to make it with (``volume-opt=size=…``), 0: the default."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MountRequest":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def describe(self) -> str:
         source = self.source or ("(anonymous)" if self.type == "volume" else "tmpfs")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOORS = {
     # 0: the ground every floor may use
     "shim": 0, "shim.errors": 0, "shim.units": 0, "shim.paths": 0, "shim.files": 0,
-    "shim.proctitle": 0,
+    "shim.proctitle": 0, "shim.records": 0,
     # 1: the guest agent (stdlib only; the host imports its protocol and spec)
     "guest": 1,
     # 2: machines, images, networks, volumes: nothing about containers
