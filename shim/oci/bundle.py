@@ -307,6 +307,16 @@ def parse_process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[i
     return spec, console
 
 
+def _objects(items: list, name: str):
+    """(``name[i]``, item) for each item of the list *items*, in order; raises ValueError
+    at the first that is not an object."""
+    for index, item in enumerate(items):
+        where = f"{name}[{index}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object")
+        yield where, item
+
+
 def _rlimit_value(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{where} must be a non-negative integer")
@@ -319,10 +329,7 @@ def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
     if not isinstance(mounts, list):
         raise ValueError("mounts must be a list")
     out = []
-    for index, mount in enumerate(mounts):
-        where = f"mounts[{index}]"
-        if not isinstance(mount, dict):
-            raise ValueError(f"{where} must be an object")
+    for where, mount in _objects(mounts, "mounts"):
         target = mount.get("destination")
         if not isinstance(target, str) or not target.startswith("/"):
             raise ValueError(f"{where}.destination must be an absolute path")
@@ -447,10 +454,7 @@ def _devices(devices, rules, notes: list[str]) -> list[dict]:
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ValueError("linux.resources.devices must be a list of objects")
     out = []
-    for index, device in enumerate(devices):
-        where = f"linux.devices[{index}]"
-        if not isinstance(device, dict):
-            raise ValueError(f"{where} must be an object")
+    for where, device in _objects(devices, "linux.devices"):
         kind = device.get("type")
         if kind == "p":
             notes.append(f"{where}: FIFOs are not made in the VM; {device.get('path')} skipped")
