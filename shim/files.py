@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 import time
@@ -54,3 +55,17 @@ def write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view):]
         except BlockingIOError:
             time.sleep(0.01)
+
+
+def read_json(path: str | os.PathLike, limit: int):
+    """The JSON value in the file *path*, of at most *limit* bytes. Raises OSError when it
+    cannot be read; ValueError, saying it "is larger than N MiB" or "is not valid JSON: …",
+    when it is too large or not JSON."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"is larger than {limit >> 20} MiB")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ValueError(f"is not valid JSON: {exc}") from None

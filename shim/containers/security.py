@@ -6,13 +6,13 @@ defaults").
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass, field
 
 from guest.spec import CAPABILITIES, DEFAULT_CAPABILITIES
 from shim.errors import UsageError
+from shim.files import read_json
 
 MAX_PROFILE_BYTES = 1 << 20
 
@@ -73,14 +73,12 @@ def parse_security_opts(values: list[str], capabilities: list[str]) -> tuple[obj
                 profile = None
                 continue
             try:
-                with open(arg, "rb") as f:
-                    raw = f.read(MAX_PROFILE_BYTES + 1)
+                data = read_json(arg, MAX_PROFILE_BYTES)
             except OSError as exc:
                 raise UsageError(f"cannot read seccomp profile {arg}: {exc.strerror}") from None
-            if len(raw) > MAX_PROFILE_BYTES:
-                raise UsageError(f"seccomp profile {arg} is larger than 1 MiB")
+            except ValueError as exc:
+                raise UsageError(f"seccomp profile {arg} {exc}") from None
             try:
-                data = json.loads(raw)
                 profile = seccomp.resolve_profile(data, capabilities)
             except ValueError as exc:
                 raise UsageError(f"seccomp profile {arg} is not valid JSON: {exc}") from None

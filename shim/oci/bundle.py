@@ -43,7 +43,6 @@ How the config maps onto a VM:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from pathlib import Path
 
 from guest.spec import CAP_SETS, CAPABILITIES, RLIMIT_NAMES, ProcessSpec
 from shim.errors import VmshimError
+from shim.files import read_json
 
 MAX_CONFIG_BYTES = 4 << 20
 """A config.json larger than this is refused (engines write a few KiB)."""
@@ -146,18 +146,13 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
         raise BundleError(f"the bundle {bundle} is not a directory")
     path = bundle / "config.json"
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        config = read_json(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise BundleError(f"the bundle {bundle} has no config.json") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise BundleError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
-    try:
-        config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    except ValueError as exc:
+        raise BundleError(f"{path} {exc}") from None
     if not isinstance(config, dict):
         raise BundleError(f"{path} must hold a JSON object")
     try:

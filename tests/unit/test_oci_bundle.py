@@ -45,6 +45,7 @@ def test_minimal_config(bundle, tmp_path):
 
 @pytest.mark.parametrize("text, needle", [
     ("{not json", "not valid JSON"),
+    (" " * (4 << 20) + "{}", "is larger than 4 MiB"),
     ("[1, 2]", "JSON object"),
     (json.dumps(minimal(ociVersion="0.9")), "ociVersion"),
     (json.dumps(minimal(process=None)), "process is required"),
