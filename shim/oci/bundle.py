@@ -145,20 +145,28 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
     if not bundle.is_dir():
         raise BundleError(f"the bundle {bundle} is not a directory")
     path = bundle / "config.json"
-    try:
-        config = read_json(path, MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise BundleError(f"the bundle {bundle} has no config.json") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise BundleError(f"{path} {exc}") from None
-    if not isinstance(config, dict):
-        raise BundleError(f"{path} must hold a JSON object")
+    config = read_json_object(path, str(path),
+                              missing=f"the bundle {bundle} has no config.json")
     try:
         return parse_config(config, bundle)
     except ValueError as exc:
         raise BundleError(f"{path}: {exc}") from None
+
+
+def read_json_object(path: str | os.PathLike, name: str, missing: str = "") -> dict:
+    """The JSON object in the file *path* (at most MAX_CONFIG_BYTES), called *name* in
+    errors; *missing*: the error when there is no such file. Raises BundleError."""
+    try:
+        data = read_json(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError as exc:
+        raise BundleError(missing or f"cannot read {name}: {exc.strerror}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {name}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BundleError(f"{name} {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{name} must hold a JSON object")
+    return data
 
 
 def parse_config(config: dict, bundle: Path) -> Bundle:

@@ -31,7 +31,7 @@ from shim.oci import hostcgroup
 from shim.oci import netns as netns_mod
 from shim.oci import pod
 from shim.oci import standin
-from shim.oci.bundle import BundleError, check_id, load_bundle
+from shim.oci.bundle import BundleError, check_id, load_bundle, read_json_object
 from shim.oci.state import (FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id,
                             state_of)
 
@@ -537,12 +537,4 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
 
 def read_process_file(path: str) -> dict:
     """The ``--process`` JSON file. Raises BundleError."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise BundleError(f"cannot read the process file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise BundleError(f"the process file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"the process file {path} must hold a JSON object")
-    return data
+    return read_json_object(path, f"the process file {path}")
