@@ -13,17 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from shim.bench import drivers, procmem, report, suite
+from shim.bench import drivers, procmem, report, suite, workloads
 from shim.bench.drivers import Capabilities, parse_help
 from shim.bench.stats import Figure, Results, ratio, summarize
-from shim.bench.workloads import (
-    Sizes,
-    WorkloadError,
-    cpu_script,
-    io_script,
-    parse,
-    syscall_script,
-)
 from shim.errors import UsageError
 
 # -- statistics -------------------------------------------------------------------------------
@@ -102,16 +94,16 @@ def test_results_round_trip():
 # -- workload output ---------------------------------------------------------------------------
 
 def test_parse_phases_and_modes():
-    out = parse("MODE clock adjtimex\nBENCH cpu 100.250000 101.000000\nnoise\n", ("cpu",))
+    out = workloads.parse("MODE clock adjtimex\nBENCH cpu 100.250000 101.000000\nnoise\n", ("cpu",))
     assert out.phases == {"cpu": pytest.approx(0.75)}
     assert out.modes == {"clock": "adjtimex"}
 
 
 def test_parse_failure_and_missing_phase():
-    with pytest.raises(WorkloadError, match="seq_read failed"):
-        parse("BENCH seq_write 1 2\nFAIL seq_read\n")
-    with pytest.raises(WorkloadError, match="no timing for syscall"):
-        parse("MODE clock uptime\n", ("syscall",))
+    with pytest.raises(workloads.WorkloadError, match="seq_read failed"):
+        workloads.parse("BENCH seq_write 1 2\nFAIL seq_read\n")
+    with pytest.raises(workloads.WorkloadError, match="no timing for syscall"):
+        workloads.parse("MODE clock uptime\n", ("syscall",))
 
 
 BUSYBOX = shutil.which("busybox")
@@ -124,17 +116,18 @@ def test_scripts_run_under_busybox(tmp_path):
     bin_dir.mkdir()
     for applet in ("adjtimex", "awk", "cut", "dd", "head", "mkdir", "rm", "sha256sum", "shuf"):
         (bin_dir / applet).symlink_to(BUSYBOX)
-    sizes = Sizes(cpu_mib=1, syscall_count=1000, seq_mib=1, rand_ops=5)
+    sizes = workloads.Sizes(cpu_mib=1, syscall_count=1000, seq_mib=1, rand_ops=5)
     data = tmp_path / "data"
     data.mkdir()
     env = {"PATH": str(bin_dir)}
-    for script, phases in ((cpu_script(sizes), ("cpu",)), (syscall_script(sizes), ("syscall",)),
-                           (io_script(sizes, str(data)),
+    for script, phases in ((workloads.cpu_script(sizes), ("cpu",)),
+                           (workloads.syscall_script(sizes), ("syscall",)),
+                           (workloads.io_script(sizes, str(data)),
                             ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"))):
         proc = subprocess.run([BUSYBOX, "sh", "-c", script], check=False, capture_output=True,
                               text=True, env=env, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        out = parse(proc.stdout, phases)
+        out = workloads.parse(proc.stdout, phases)
         assert set(phases) <= set(out.phases)
         assert out.modes["clock"] in ("adjtimex", "uptime")
     assert not (data / "vmshim-bench-io").exists()
@@ -278,7 +271,7 @@ def test_unpack_layers_refuses_escapes(tmp_path):
 # -- the runner --------------------------------------------------------------------------------
 
 def _ctx(runs=3) -> suite.Context:
-    return suite.Context(runs=runs, max_density=2, sizes=Sizes(), results=Results(),
+    return suite.Context(runs=runs, max_density=2, sizes=workloads.Sizes(), results=Results(),
                          caps=Capabilities(), drivers={}, unavailable={}, workdir=Path("/nonexistent"),
                          tag="t", log=lambda msg: None)
 
