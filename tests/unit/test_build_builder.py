@@ -116,11 +116,17 @@ def run_build(ctx: Path, dockerfile: str, **options):
     return result, out.lines, b
 
 
+def _app(ctx, metadata: str) -> str:
+    """Writes app.txt into the context *ctx*; a Dockerfile of seven steps that copies it,
+    the sixth being *metadata* (an instruction that only changes the config)."""
+    (ctx / "app.txt").write_text("app")
+    return ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
+            f"{metadata}\nCMD [\"cat\", \"app.txt\"]\n")
+
+
 def test_steps_ids_and_an_all_cached_rebuild(env):
     store, ctx = env
-    (ctx / "app.txt").write_text("app")
-    dockerfile = ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
-                  "EXPOSE 8080\nCMD [\"cat\", \"app.txt\"]\n")
+    dockerfile = _app(ctx, "EXPOSE 8080")
     result, lines, b = run_build(ctx, dockerfile, tags=["app:1"])
     assert lines[0] == "Step 1/7 : FROM base:1"
     assert lines[-1] == f" ---> {result.image_id[7:19]}"
@@ -633,9 +639,7 @@ def test_independent_stages_run_at_the_same_time(env):
 
 def test_cache_from_an_image_history_gives_the_same_image(env):
     store, ctx = env
-    (ctx / "app.txt").write_text("app")
-    dockerfile = ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
-                  "MAINTAINER me\nCMD [\"cat\", \"app.txt\"]\n")
+    dockerfile = _app(ctx, "MAINTAINER me")
     first, _, _ = run_build(ctx, dockerfile, tags=["cf:1"])
     history = store.resolve("cf:1").config["history"]
     assert all(h["comment"].startswith("vmshim.build cache-key ") for h in history)
