@@ -253,12 +253,9 @@ def build_cmd(c, no_cache, services):
     """Build the images of services with a build section."""
     from shim.compose import runner
 
-    project = c.project()
-    progress = c.progress()
-    for service in project.chosen(services):
-        if service.build is not None:
-            runner.build_service(project, service, progress, no_cache=no_cache)
-    progress.close()
+    _each_service(c, services, lambda s: s.build is not None,
+                  lambda project, s, progress: runner.build_service(project, s, progress,
+                                                                     no_cache=no_cache))
 
 
 @compose.command("pull")
@@ -268,12 +265,8 @@ def pull_cmd(c, services):
     """Pull the images of services with an image."""
     from shim.compose import runner
 
-    project = c.project()
-    progress = c.progress()
-    for service in project.chosen(services):
-        if service.image:
-            runner.pull_image(service.image, progress)
-    progress.close()
+    _each_service(c, services, lambda s: s.image,
+                  lambda _project, s, progress: runner.pull_image(s.image, progress))
 
 
 @compose.command("push")
@@ -285,13 +278,22 @@ def push_cmd(c, services):
     from shim.images.reference import parse_reference
     from shim.images.store import ImageStore
 
+    def push_one(_project, service, progress) -> None:
+        line = progress.line(f"Image {service.image}", "Pushing")
+        push(parse_reference(service.image), store=ImageStore())
+        line.done("Pushed")
+
+    _each_service(c, services, lambda s: s.build is not None and s.image, push_one)
+
+
+def _each_service(c, services, wanted, act) -> None:
+    """``act(project, service, progress)`` for each of the chosen *services* (all when
+    none is named) that is *wanted*, in the project's order."""
     project = c.project()
     progress = c.progress()
     for service in project.chosen(services):
-        if service.build is not None and service.image:
-            line = progress.line(f"Image {service.image}", "Pushing")
-            push(parse_reference(service.image), store=ImageStore())
-            line.done("Pushed")
+        if wanted(service):
+            act(project, service, progress)
     progress.close()
 
 
