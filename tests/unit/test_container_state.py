@@ -9,21 +9,20 @@ from shim.errors import ContainerStateError
 ALL = list(Status)
 
 
-@pytest.mark.parametrize("op,start,end", [
-    ("start", Status.CREATED, Status.RUNNING),
-    ("start", Status.EXITED, Status.RUNNING),
-    ("pause", Status.RUNNING, Status.PAUSED),
-    ("unpause", Status.PAUSED, Status.RUNNING),
-    ("exit", Status.RUNNING, Status.EXITED),
-    ("exit", Status.PAUSED, Status.EXITED),
-    ("remove", Status.CREATED, Status.REMOVING),
-    ("remove", Status.EXITED, Status.REMOVING),
-    ("remove", Status.REMOVING, Status.REMOVING),
-    ("remove", Status.CHECKPOINTED, Status.REMOVING),
-    ("checkpoint", Status.RUNNING, Status.CHECKPOINTED),
-    ("checkpoint", Status.PAUSED, Status.CHECKPOINTED),
-    ("restore", Status.CHECKPOINTED, Status.RUNNING),
-])
+S = Status
+ALLOWED = {  # operation: (the states it may start from, the state it leads to)
+    "start": ((S.CREATED, S.EXITED), S.RUNNING),
+    "pause": ((S.RUNNING,), S.PAUSED),
+    "unpause": ((S.PAUSED,), S.RUNNING),
+    "exit": ((S.RUNNING, S.PAUSED), S.EXITED),
+    "remove": ((S.CREATED, S.EXITED, S.REMOVING, S.CHECKPOINTED), S.REMOVING),
+    "checkpoint": ((S.RUNNING, S.PAUSED), S.CHECKPOINTED),
+    "restore": ((S.CHECKPOINTED,), S.RUNNING),
+}
+
+
+@pytest.mark.parametrize("op,start,end", [(op, start, end) for op, (starts, end) in ALLOWED.items()
+                                          for start in starts])
 def test_allowed_transitions(op, start, end):
     assert state.transition(op, start) is end
     assert state.transition(op, start.value) is end  # plain strings from the store work too
