@@ -11,4 +11,6 @@ for runc on the same rootfs as an OCI bundle, and for the bare QEMU boot (the fl
 - :mod:`shim.bench.drivers`   the subjects: vmshim (vm, process), runc, the floor
 - :mod:`shim.bench.workloads` the shell scripts run inside containers, and their parsing
 - :mod:`shim.bench.suite`     the benchmarks and the runner (interleaving, cleanup)
+- :mod:`shim.bench.engine_net` dockerd's bridge with vmshim-runtime next to runc
+- :mod:`shim.bench.engine_daemon` a private dockerd/containerd (also the e2e tests' fixtures)
 """
