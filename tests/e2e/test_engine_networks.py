@@ -101,16 +101,21 @@ def _engine_host(why_not: str | None, tag: str, prefix: str):
 
 @pytest.fixture(scope="module")
 def dockerd(workdir, busybox_archive):
-    """dockerd in its EngineHost (``dockerd.host``)."""
+    """dockerd in its EngineHost (``docker_host``)."""
     with _engine_host(missing_docker(), "dk", "10.213.7") as host, \
             Dockerd(workdir / "d", VMSHIM_RUNTIME, host) as engine:
         engine.load(busybox_archive)
         yield engine
 
 
-def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, guest_kernel,
+@pytest.fixture(scope="module")
+def docker_host(dockerd):
+    return dockerd.host
+
+
+def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, docker_host, guest_kernel,
                                                          outside_server):
-    url = f"http://{dockerd.host.gateway}:{outside_server}/"
+    url = f"http://{docker_host.gateway}:{outside_server}/"
     proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "busybox", "sh", "-c",
                           f"uname -r; cat /sys/class/net/eth0/address; wget -qO- {url}")
     assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
@@ -118,16 +123,16 @@ def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, guest_kernel,
     assert kernel == guest_kernel
     assert mac.startswith("02:42:")  # docker's MAC, given to the guest's NIC
     # the guest's connection was NATed by docker's bridge out of the engine host
-    assert answer == f"outside says hi to {dockerd.host.address}"
+    assert answer == f"outside says hi to {docker_host.address}"
 
 
-def test_docker_published_port_answers_from_the_vm(dockerd, guest_kernel):
+def test_docker_published_port_answers_from_the_vm(dockerd, docker_host, guest_kernel):
     proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "-p", "127.0.0.1:18080:80",
                           "busybox", "sh", "-c", HTTPD)
     assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
     cid = proc.stdout.strip()
     try:
-        answer = wait_until(lambda: _fetch_in(dockerd.host, "http://127.0.0.1:18080/"), 180,
+        answer = wait_until(lambda: _fetch_in(docker_host, "http://127.0.0.1:18080/"), 180,
                             "the published port to answer")
         assert answer == f"hello from {guest_kernel}\n"
     finally:
@@ -216,26 +221,31 @@ class NetPodman(Podman):
 
 @pytest.fixture(scope="module")
 def podman(workdir, busybox_archive):
-    """podman in its EngineHost (``podman.host``)."""
+    """podman in its EngineHost (``podman_host``)."""
     with _engine_host(missing_engines(), "pm", "10.213.8") as host, \
             NetPodman(VMSHIM_RUNTIME, workdir / "p", host) as engine:
         assert engine.load(busybox_archive) == BUSYBOX_REF
         yield engine
 
 
-def test_podman_default_network_port_and_outbound(podman, guest_kernel,
+@pytest.fixture(scope="module")
+def podman_host(podman):
+    return podman.host
+
+
+def test_podman_default_network_port_and_outbound(podman, podman_host, guest_kernel,
                                                   outside_server):
     common = ["--pull", "never", "--cgroup-parent", "/" + podman.cgroup_parent]
     proc = podman.podman("run", "-d", *common, "-p", "127.0.0.1:18081:80", BUSYBOX_REF,
                          "sh", "-c", HTTPD, timeout=300)
     assert proc.returncode == 0, _out(proc)
-    answer = wait_until(lambda: _fetch_in(podman.host, "http://127.0.0.1:18081/"), 180,
+    answer = wait_until(lambda: _fetch_in(podman_host, "http://127.0.0.1:18081/"), 180,
                         "podman's published port to answer")
     assert answer == f"hello from {guest_kernel}\n"
-    url = f"http://{podman.host.gateway}:{outside_server}/"
+    url = f"http://{podman_host.gateway}:{outside_server}/"
     proc = podman.podman("run", "--rm", *common, BUSYBOX_REF, "wget", "-qO-", url, timeout=300)
     assert proc.returncode == 0, _out(proc)
-    assert proc.stdout == f"outside says hi to {podman.host.address}\n"
+    assert proc.stdout == f"outside says hi to {podman_host.address}\n"
 
 
 # --- vmshim bench ---------------------------------------------------------------------------
