@@ -25,7 +25,8 @@ container back from that point. ``checkpoint --leave-running`` keeps it ``runnin
 
 Every transition goes through :func:`transition`, which raises
 :class:`~shim.errors.ContainerStateError` naming the operation, the states it needs and the
-state the container is in. The predicates (``can_delete`` …) ask the same table.
+state the container is in. The predicate :func:`can` (``can("remove", status)``) asks the
+same table.
 """
 
 from __future__ import annotations
@@ -103,31 +104,8 @@ def transition(operation: str, current: Status | str, name: str = "") -> Status:
 
 
 def can(operation: str, current: Status | str) -> bool:
+    """Whether *operation* is allowed from *current* (``can("remove", "exited")``)."""
     return Status(current) in allowed_from(operation)
-
-
-def can_start(current) -> bool:
-    return can("start", current)
-
-
-def can_delete(current) -> bool:
-    return can("remove", current)
-
-
-def can_pause(current) -> bool:
-    return can("pause", current)
-
-
-def can_unpause(current) -> bool:
-    return can("unpause", current)
-
-
-def can_restore(current) -> bool:
-    return can("restore", current)
-
-
-def can_exec(current) -> bool:
-    return can("exec", current)
 
 
 def is_active(current) -> bool:

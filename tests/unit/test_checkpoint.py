@@ -54,7 +54,7 @@ def test_checkpoint_and_restore_transitions():
     assert lifecycle.transition("checkpoint", "paused") == Status.CHECKPOINTED
     assert lifecycle.transition("restore", "checkpointed") == Status.RUNNING
     assert lifecycle.transition("remove", "checkpointed") == Status.REMOVING
-    assert lifecycle.can_restore("checkpointed") and not lifecycle.can_restore("exited")
+    assert lifecycle.can("restore", "checkpointed") and not lifecycle.can("restore", "exited")
     assert not lifecycle.is_active("checkpointed")
     for op in ("start", "exec", "pause"):
         with pytest.raises(ContainerStateError, match="it is checkpointed"):

@@ -58,13 +58,13 @@ def test_operations_without_a_state_change():
 
 
 def test_predicates_agree_with_the_table():
-    assert [s for s in ALL if state.can_delete(s)] == [Status.CREATED, Status.EXITED,
+    assert [s for s in ALL if state.can("remove", s)] == [Status.CREATED, Status.EXITED,
                                                       Status.REMOVING, Status.CHECKPOINTED]
-    assert [s for s in ALL if state.can_restore(s)] == [Status.CHECKPOINTED]
-    assert [s for s in ALL if state.can_pause(s)] == [Status.RUNNING]
-    assert [s for s in ALL if state.can_unpause(s)] == [Status.PAUSED]
-    assert [s for s in ALL if state.can_start(s)] == [Status.CREATED, Status.EXITED]
-    assert [s for s in ALL if state.can_exec(s)] == [Status.RUNNING]
+    assert [s for s in ALL if state.can("restore", s)] == [Status.CHECKPOINTED]
+    assert [s for s in ALL if state.can("pause", s)] == [Status.RUNNING]
+    assert [s for s in ALL if state.can("unpause", s)] == [Status.PAUSED]
+    assert [s for s in ALL if state.can("start", s)] == [Status.CREATED, Status.EXITED]
+    assert [s for s in ALL if state.can("exec", s)] == [Status.RUNNING]
     assert [s for s in ALL if state.is_active(s)] == [Status.RUNNING, Status.PAUSED]
 
 
