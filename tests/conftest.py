@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import pytest
+
+# A suite started in the background by a non-interactive shell (`scripts/test &`, nohup)
+# inherits SIGINT ignored, and so would every CLI it runs: an ignored SIGINT is kept across
+# exec, and Python then installs no KeyboardInterrupt handler. Tests that press Ctrl-C on
+# `vmshim logs -f` or `attach` would wait forever. A handler (not SIG_IGN) is reset to the
+# default on exec, so the children get Ctrl-C as a terminal would give it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SKIP_ALLOWED: dict[str, str] = {
     # pattern (searched in the skip reason) -> why it is genuinely impossible here
