@@ -330,6 +330,19 @@ def _guest_used(drv: VmshimSubject, ref: str) -> dict:
     return {"total": total, "available": avail, "used": total - avail}
 
 
+def qemu_breakdown_mib(owned, guest_ram_mib: int, proc: Path = procmem.PROC) -> dict[str, float]:
+    """PSS of the container's QEMU by kind (procmem.breakdown), in MiB; {} when no QEMU pid
+    is known or its smaps cannot be read."""
+    qemu = next((pid for key, pid in owned.roots.items() if "qemupid" in key.lower()), None)
+    if qemu is None:
+        return {}
+    try:
+        parts = procmem.smaps_breakdown(qemu, max(guest_ram_mib, 1) * MIB, proc)
+    except OSError:
+        return {}
+    return {k: round(v / MIB, 1) for k, v in parts.items()}
+
+
 def bench_memory(ctx: Context) -> None:
     fig = ctx.results.figure(
         "memory", "Host memory per idle container (PSS)", "MiB",
@@ -374,6 +387,11 @@ def bench_memory(ctx: Context) -> None:
                                 g = _guest_used(ctx.drivers[s], refs[s])
                                 guest.add("vm", g["used"] / MIB)
                                 guest.result("vm").extra["guest_total_mib"] = g["total"] / MIB
+                                # the guest's RAM mapping is at least MemTotal long
+                                parts = qemu_breakdown_mib(owned, g["total"] // MIB)
+                                if parts:
+                                    fig.result("vm").extra.setdefault(
+                                        "qemu_breakdown_mib", []).append(parts)
                             except FAILURES as exc:
                                 guest.skip("vm", f"failed: {exc}")
                 if not use.pids:
@@ -457,7 +475,10 @@ def bench_density(ctx: Context) -> None:
                         pids: set[int] = set()
                         for r in refs:
                             pids |= drv.owned(r).pids
-                        step["pss_total_mib"] = round(procmem.usage(pids).pss / MIB, 1)
+                        use = procmem.usage(pids)
+                        step["pss_total_mib"] = round(use.pss / MIB, 1)
+                        step["pss_by_command_mib"] = {c: round(v / MIB, 1)
+                                                      for c, v in use.by_command.items()}
                     except FAILURES:
                         pass
                 step["host_available_mib"] = round(procmem.host_meminfo().get("MemAvailable", 0) / MIB)
@@ -938,10 +959,22 @@ def _leftover_domains(ids: list[str], timeout: float = 20.0) -> list[str]:
         conn.close()
 
 
+LEFT_OUT = "not measured: left out by --subjects"
+
+
+def left_out(subjects: list[str] | None) -> dict[str, str]:
+    """The subjects not in *subjects* (None: all are measured), each with its reason."""
+    if subjects is None:
+        return {}
+    return {s: LEFT_OUT for s in SUBJECTS if s not in subjects}
+
+
 def run_suite(names: list[str], runs: int, max_density: int,
               log: Callable[[str], None] = print, sizes: Sizes | None = None,
-              cli: list[str] | None = None, density_budget_mib: int = 0) -> Results:
-    """Take the benchmarks *names* and return the Results (meta filled in). Everything
+              cli: list[str] | None = None, density_budget_mib: int = 0,
+              subjects: list[str] | None = None) -> Results:
+    """Take the benchmarks *names* and return the Results (meta filled in); *subjects*
+    (None: all) limits who is measured, the others are skipped with the reason. Everything
     started is removed before this returns, also on errors and interrupts."""
     started = time.time()
     t0 = time.perf_counter()
@@ -951,7 +984,7 @@ def run_suite(names: list[str], runs: int, max_density: int,
     meta = results.meta
     meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                  "runs": runs, "max_density": max_density, "benchmarks": names,
-                 "density_budget_mib": density_budget_mib,
+                 "density_budget_mib": density_budget_mib, "subjects": subjects,
                  "sizes": sizes.to_dict(), "cli": cli, "image": "busybox",
                  "host": host.describe()})
     caps = Capabilities.probe(cli)
@@ -964,8 +997,10 @@ def run_suite(names: list[str], runs: int, max_density: int,
                "runc": RuncSubject(workdir, tag),
                "oci": RuncSubject(workdir, tag, name="oci", binary=_vmshim_runtime()),
                "floor": Floor(workdir, meta["host"]["accel"]["kind"])}
-    unavailable = {}
+    unavailable = left_out(subjects)
     for s in ("runc", "oci", "floor"):
+        if s in unavailable:
+            continue
         reason = drivers[s].unavailable()
         if reason:
             unavailable[s] = reason

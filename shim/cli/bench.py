@@ -24,8 +24,11 @@ import click
 @click.option("--budget", "budget", default=None, metavar="SIZE",
               help="Density: start idle containers until their summed host PSS reaches "
                    "this (e.g. 16g); PSS per container at 20 and at the maximum.")
+@click.option("--subjects", "subjects", default=None, metavar="NAME[,NAME…]",
+              help="Measure only these subjects: vm, process, runc, oci, floor "
+                   "[default: all] (e.g. a long --budget density run of vm alone).")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
-def bench(runs, only, output, max_density, budget, list_only):
+def bench(runs, only, output, max_density, budget, subjects, list_only):
     """Measure VM isolation against process isolation, runc and the bare QEMU floor.
 
     Everything is measured through the CLI as a user runs it: cold start, first output,
@@ -44,6 +47,16 @@ def bench(runs, only, output, max_density, budget, list_only):
             click.echo(f"{name:14s} {what}")
         return
     names = select(list(only))
+    chosen = None
+    if subjects:
+        from shim.bench.stats import SUBJECTS
+        from shim.errors import UsageError
+
+        chosen = [x.strip() for x in subjects.split(",") if x.strip()]
+        unknown = sorted(set(chosen) - set(SUBJECTS))
+        if unknown or not chosen:
+            raise UsageError(f"--subjects: unknown subject {unknown[0] if unknown else '(none)'!r};"
+                             f" choose from {', '.join(SUBJECTS)}")
     budget_mib = 0
     if budget:
         from shim.units import parse_bytes
@@ -65,7 +78,8 @@ def bench(runs, only, output, max_density, budget, list_only):
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        results = run_suite(names, runs, max_density, log=log, density_budget_mib=budget_mib)
+        results = run_suite(names, runs, max_density, log=log, density_budget_mib=budget_mib,
+                            subjects=chosen)
     finally:
         signal.signal(signal.SIGTERM, previous)
     json_path = report.write_json(results, out / "results.json")

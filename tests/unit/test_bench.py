@@ -545,3 +545,64 @@ def test_density_pss_per_container_at_20_and_at_the_max():
         "pss_per_container_mib_at_20": 100.0, "max_running": 22,
         "pss_per_container_mib_at_max": 100.0}
     assert suite.pss_per_container([]) == {}
+
+
+SMAPS = """\
+55d0a000-55d0b000 r-xp 00000000 08:01 123 /usr/bin/qemu-system-x86_64
+Rss:                   4 kB
+Pss:                   2 kB
+55d0c000-55d10000 rw-p 00000000 00:00 0 [heap]
+Rss:                  16 kB
+Pss:                  16 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:               40960 kB
+Pss:               40000 kB
+7f0010000000-7f0012000000 rwxp 00000000 00:00 0
+Rss:                8192 kB
+Pss:                8192 kB
+7f0012000000-7f0012100000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+Pss:                 100 kB
+7f0020000000-7f0030000000 rw-s 00000000 00:01 9 /memfd:pc.ram (deleted)
+Rss:                1024 kB
+Pss:                1024 kB
+garbage line
+"""
+
+
+def test_smaps_breakdown_sorts_qemu_memory_by_kind():
+    maps = procmem.parse_smaps(SMAPS)
+    assert [m.size for m in maps] == [0x1000, 0x4000, 256 << 20, 32 << 20, 1 << 20, 256 << 20]
+    assert maps[1].path == "[heap]" and maps[2].path == "" and maps[2].pss == 40000 * 1024
+    kib = {k: v // 1024 for k, v in procmem.breakdown(maps, 256 << 20).items()}
+    assert kib == {"guest_ram": 40000 + 1024, "tcg_code": 8192, "heap": 16,
+                   "anon_other": 100, "files": 2}
+    # a smaller guest-RAM threshold would not change the rwx buffer's class
+    assert procmem.breakdown(maps, 1 << 20)["tcg_code"] == 8192 * 1024
+
+
+def test_smaps_breakdown_of_this_process():
+    b = procmem.smaps_breakdown(os.getpid(), 1 << 40)
+    assert b["guest_ram"] == 0 and b["files"] > 0
+    assert sum(b.values()) > 0
+
+
+def test_subjects_left_out_are_skipped_with_the_reason():
+    assert suite.left_out(None) == {}
+    assert suite.left_out(["vm"]) == {s: suite.LEFT_OUT for s in ("process", "runc", "oci", "floor")}
+    ctx = _ctx(runs=1)
+    ctx.unavailable = suite.left_out(["vm"])
+    fig = ctx.results.figure("density", "d", "containers")
+    assert ctx.available([fig], "vm", "process") == ["vm"]
+    assert fig.subjects["process"].skipped == suite.LEFT_OUT
+
+
+def test_bench_refuses_an_unknown_subject():
+    from click.testing import CliRunner
+
+    from shim.cli.bench import bench
+
+    result = CliRunner().invoke(bench, ["--subjects", "vm,kvm", "--only", "density"])
+    assert result.exit_code != 0
+    assert "unknown subject 'kvm'" in str(result.exception or result.output)
