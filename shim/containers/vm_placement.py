@@ -145,7 +145,7 @@ class VmPlacement:
 
     def build_domain(self, guest, accel, memory=None):
         """The domain description for this container (pure: no side effects);
-        *memory*: shim.vm.memory.MemorySettings (None: both off)."""
+        *memory*: shim.vm.memory.MemorySettings (None: the defaults)."""
         from shim.vm import domain as dom
         from shim.vm.memory import MemorySettings
 

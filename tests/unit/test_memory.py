@@ -1,4 +1,5 @@
-"""shim.vm.memory against a fake /sys/kernel/mm/ksm: both settings off by default, KSM
+"""shim.vm.memory against a fake /sys/kernel/mm/ksm: KSM off and free page reporting on by
+default, KSM
 started with the measured scan rate and stopped with an unmerge, a host without KSM, and
 what reaches the domain XML."""
 
@@ -21,8 +22,8 @@ def ksm(tmp_path, monkeypatch):
     return d
 
 
-def test_off_by_default_and_ksm_on_then_off(ksm):
-    assert memory.load() == memory.MemorySettings()
+def test_defaults_and_ksm_on_then_off(ksm):
+    assert memory.load() == memory.MemorySettings(ksm=False, free_page_reporting=True)
     assert memory.status(ksm)["ksm_host"] == {"available": True, "running": False,
                                               "pages_shared": 10, "pages_sharing": 512}
     memory.save(memory.MemorySettings(ksm=True, free_page_reporting=True), ksm)
@@ -41,12 +42,18 @@ def test_a_host_without_ksm(tmp_path, monkeypatch):
     assert memory.ksm_host(tmp_path / "nothing")["available"] is False
 
 
-def test_a_garbled_setting_is_off(ksm):
+def test_a_garbled_setting_is_the_default(ksm):
     memory.settings_path().parent.mkdir(parents=True, exist_ok=True)
-    memory.settings_path().write_text('{"ksm": "yes", "free_page_reporting": 1}')
-    assert memory.load() == memory.MemorySettings()
-    memory.settings_path().write_text("[1, 2")
-    assert memory.load() == memory.MemorySettings()
+    for text in ('{"ksm": "yes", "free_page_reporting": 0}', "[1, 2", "[1, 2]", "{}"):
+        memory.settings_path().write_text(text)
+        assert memory.load() == memory.MemorySettings(ksm=False, free_page_reporting=True), text
+
+
+def test_free_page_reporting_turned_off_stays_off(ksm):
+    memory.save(memory.MemorySettings(free_page_reporting=False), ksm)
+    assert memory.load().free_page_reporting is False
+    memory.settings_path().write_text('{"free_page_reporting": false}')
+    assert memory.load() == memory.MemorySettings(ksm=False, free_page_reporting=False)
 
 
 def test_settings_reach_the_container_domain(tmp_path):
@@ -60,7 +67,10 @@ def test_settings_reach_the_container_domain(tmp_path):
                       process=ProcessSpec(args=["true"]), layer_count=0)
     p = VmPlacement(boot, [], tmp_path / "run", name="m")
     guest = SimpleNamespace(kernel=tmp_path / "k", initramfs=tmp_path / "i", cmdline="x")
-    off = p.build_domain(guest, AccelInfo("tcg", "t")).to_xml()
+    default = p.build_domain(guest, AccelInfo("tcg", "t")).to_xml()
+    assert "<nosharepages />" in default and 'freePageReporting="on"' in default
+    off = p.build_domain(guest, AccelInfo("tcg", "t"),
+                         memory.MemorySettings(free_page_reporting=False)).to_xml()
     assert "<nosharepages />" in off and '<memballoon model="none" />' in off
     on = p.build_domain(guest, AccelInfo("tcg", "t"),
                         memory.MemorySettings(ksm=True, free_page_reporting=True)).to_xml()
