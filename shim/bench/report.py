@@ -213,6 +213,30 @@ def chart_density(fig: Figure, subtitle: str, path: Path) -> Path | None:
     return _save(f, path)
 
 
+def chart_density_pss(fig: Figure, subtitle: str, path: Path) -> Path | None:
+    """Host PSS per container (the steps' summed PSS ÷ containers running) against the
+    number running, per subject; None when no step has a PSS."""
+    series = []
+    for s, r in fig.ordered():
+        pts = [(st["running"], st["pss_total_mib"] / st["running"])
+               for st in r.extra.get("steps") or [] if st.get("pss_total_mib")]
+        if pts:
+            series.append((s, pts))
+    if not series:
+        return None
+    plt = _pyplot()
+    f, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    for s, pts in series:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                color=COLORS.get(s, "#999999"), label=SUBJECT_LABELS.get(s, s))
+    ax.set_xlabel("containers running")
+    ax.set_ylabel("host PSS per container (MiB)")
+    ax.set_ylim(bottom=0)
+    _set_title(f, "Density: host memory per idle container", subtitle)
+    ax.legend(fontsize=8)
+    return _save(f, path)
+
+
 def chart_summary(results: Results, subtitle: str, path: Path) -> Path | None:
     """vm ÷ process for every figure that has both, log scale (1 = same)."""
     rows = []
@@ -249,9 +273,11 @@ def write_charts(results: Results, out: Path) -> list[Path]:
         if p:
             written.append(p)
     if "density" in results.figures:
-        p = chart_density(results.figures["density"], subtitle, out / "density_steps.png")
-        if p:
-            written.append(p)
+        for chart, name in ((chart_density, "density_steps.png"),
+                            (chart_density_pss, "density_pss.png")):
+            p = chart(results.figures["density"], subtitle, out / name)
+            if p:
+                written.append(p)
     p = chart_summary(results, subtitle, out / "summary.png")
     if p:
         written.append(p)

@@ -337,7 +337,8 @@ def _results() -> Results:
     dens = r.figure("density", "density", "containers", higher_is_better=True)
     dens.add("vm", 3)
     dens.result("vm").extra.update({"stopped": "container 4 missed 1 s with 4 running",
-                                    "steps": [{"running": 1, "exec_max_s": 0.1},
+                                    "steps": [{"running": 1, "exec_max_s": 0.1,
+                                               "pss_total_mib": 150.0},
                                               {"running": 2, "exec_max_s": 0.3}]})
     return r
 
@@ -374,10 +375,18 @@ def test_json_and_charts(tmp_path):
     assert data["figures"]["cold_start"]["subjects"]["vm"]["ratios"]["to_floor"] == pytest.approx(2.6 / 1.9)
     charts = report.write_charts(results, tmp_path)
     names = sorted(p.name for p in charts)
-    assert names == ["cold_start.png", "density.png", "density_steps.png", "io_seq_write.png",
-                     "summary.png"]
+    assert names == ["cold_start.png", "density.png", "density_pss.png", "density_steps.png",
+                     "io_seq_write.png", "summary.png"]
     for p in charts:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_density_pss_chart_needs_a_measured_step(tmp_path):
+    fig = _results().figures["density"]
+    fig.result("vm").extra["steps"] = [{"running": 1, "exec_max_s": 0.1}]
+    assert report.chart_density_pss(fig, "", tmp_path / "p.png") is None
+    fig.result("vm").extra["steps"][0]["pss_total_mib"] = 145.0
+    assert report.chart_density_pss(fig, "", tmp_path / "p.png") == tmp_path / "p.png"
 
 
 def test_summary_chart_title_fits_its_width(tmp_path, monkeypatch):
