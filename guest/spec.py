@@ -95,6 +95,14 @@ class ProcessSpec(_Record):
     files carry through virtiofs). Only for a container's first process.
     """
 
+    args: list[str]
+    env: list[str]
+    cwd: str
+    user: str
+    tty: bool
+    seccomp: object
+    """Declared for the type checker (the values come from ``_fields``)."""
+
     _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
                "rlimits": list, "oom_score_adj": None, "capabilities": None,
                "no_new_privs": False, "additional_gids": list, "umask": None,

@@ -42,7 +42,7 @@ def init_process(process: ProcessSpec) -> ProcessSpec:
     ``container=``: systemd reads it to know where it runs) and a pty, which becomes the
     container's /dev/console (rootfs.bind_console): without one systemd puts /dev/null
     on its stdio and the log stays empty."""
-    env = [e for e in process.env  # type: ignore[attr-defined]  # _Record fields are dynamic
+    env = [e for e in process.env
            if not e.startswith("container=")] + [CONTAINER_ENV]
     return process.replace(env=env, tty=True)
 

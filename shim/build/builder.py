@@ -45,6 +45,7 @@ from shim.build.mounts import parse_mount
 from shim.build.mounts import prepare as prepare_mounts
 from shim.build.runner import STALE_AGE, RunStepError, StepRunner
 from shim.build.tree import LayerWriter, RootView
+from shim.containers.resources import DEFAULT_VM_MIB
 from shim.build.words import WordError, expand, parse_key_values, split_words
 from shim.errors import ImageNotFound, UsageError, VmshimError
 from shim.images.reference import parse_reference
@@ -71,7 +72,7 @@ class BuildOptions:
     pull: bool = False
     isolation: str = "vm"
     quiet: bool = False
-    memory_mib: int = 256
+    memory_mib: int = DEFAULT_VM_MIB
     network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
     add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
     labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
@@ -208,15 +209,15 @@ def build_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _network_request(options: BuildOptions) -> dict:
-    """The RUN steps' network (shim.containers.networking.NetworkRequest.to_dict()), checked
+def _network_request(options: BuildOptions):
+    """The RUN steps' network (shim.containers.networking.NetworkRequest), checked
     before any step runs. Raises NetworkError, NetworkNotFound."""
     from shim.containers import networking as netc
 
     network = None if options.network in (None, "", "default") else options.network
     request = netc.parse_request(network=network, add_hosts=list(options.add_hosts))
     netc.check_networks_exist(request)
-    return request.to_dict()
+    return request
 
 
 class Builder:

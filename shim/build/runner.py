@@ -29,6 +29,8 @@ from shim import files, paths
 from shim.build import diff, reap
 from shim.build.tree import LayerWriter, RootView
 from shim.build.errors import BuildError
+from shim.containers.netrequest import NetworkRequest
+from shim.containers.resources import DEFAULT_VM_MIB
 from shim.errors import AgentError
 
 MAIN_ID = 1
@@ -63,12 +65,12 @@ class StepResult:
 class StepRunner:
     """Runs RUN steps for one build."""
 
-    def __init__(self, store, *, isolation: str = "vm", memory_mib: int = 256,
+    def __init__(self, store, *, isolation: str = "vm", memory_mib: int = DEFAULT_VM_MIB,
                  work_root: Path | None = None, status=lambda text: None,
-                 warn=lambda text: None, network: dict | None = None):
+                 warn=lambda text: None, network: NetworkRequest | None = None):
         self.store = store
         self.network = network
-        """shim.containers.networking.NetworkRequest.to_dict() for every step (None: no
+        """shim.containers.networking.NetworkRequest for every step (None: no
         network at all, only lo)."""
         self.isolation = isolation
         self.memory_mib = memory_mib

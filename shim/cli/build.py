@@ -15,6 +15,7 @@ from shim.build.mounts import parse_secret_flags
 from shim.build.output import parse_output
 from shim.build.output import write as write_output
 from shim.containers.options import parse_labels
+from shim.containers.resources import DEFAULT_VM_MIB
 from shim.errors import UsageError
 from shim.files import replaced
 
@@ -108,7 +109,7 @@ def _terminate(signum, _frame):
               show_default=True, help="Where RUN steps run: a microVM each, or namespaces.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
 @click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
-              default=256, show_default=True, help="Memory of each RUN step's microVM.")
+              default=DEFAULT_VM_MIB, show_default=True, help="Memory of each RUN step's microVM.")
 @click.option("--network", metavar="default|none|host|NAME",
               help="The RUN steps' network (default: the default NAT network, as docker build).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP",

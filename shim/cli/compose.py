@@ -174,7 +174,7 @@ def ps_cmd(c, show_all, quiet, fmt, services, services_):
         except Exception:  # noqa: BLE001 - the network store is not ours to repair here
             ports = ""
         rows.append({"ID": r.id, "Name": r.name, "Image": r.image,
-                     "Command": " ".join(r.process.get("args") or []),
+                     "Command": " ".join(r.process.args),
                      "Service": runner.service_of(r), "State": r.status.value,
                      "Health": "" if health_status(r) == "none" else health_status(r),
                      "Status": status_text(r), "ExitCode": r.state.exit_code,

@@ -57,7 +57,7 @@ def rows(records, before: dict, after: dict) -> list[dict]:
         own = guest if guest else host  # paused: the agent does not answer
         cpu = _cpu_percent(before.get(record.id), after[record.id], "guest" if guest else "host")
         mem = own.get("memory")
-        limit = own.get("memory_limit") or (record.memory_mib << 20 if record.isolation == "vm"
+        limit = own.get("memory_limit") or (record.vm_memory_mib << 20 if record.isolation == "vm"
                                             else host.get("memory_limit") or 0)
         row = {"ID": record.short_id, "Name": record.name, "Container": record.short_id,
                "CPUPerc": f"{cpu:.2f}%" if cpu is not None else "--",

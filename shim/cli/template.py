@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from shim.containers.resources import DEFAULT_VM_MIB
+
 
 @click.group("template")
 def template_group():
@@ -12,7 +14,7 @@ def template_group():
 
 
 @template_group.command("create")
-@click.option("--memory-mib", type=click.IntRange(64, 65536), default=256, show_default=True,
+@click.option("--memory-mib", type=click.IntRange(64, 65536), default=DEFAULT_VM_MIB, show_default=True,
               help="Guest memory of the containers that will use it.")
 @click.argument("image")
 def create(memory_mib, image):

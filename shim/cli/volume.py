@@ -23,9 +23,9 @@ def references() -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for record in ContainerStore().list():
-        for mount in getattr(record, "mounts", None) or []:
-            if mount.get("type") == "volume" and mount.get("source"):
-                out.setdefault(mount["source"], []).append(record.name)
+        for mount in record.mounts:
+            if mount.type == "volume" and mount.source:
+                out.setdefault(mount.source, []).append(record.name)
     return out
 
 

@@ -90,7 +90,7 @@ def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = Fals
     if set(identity) != {"guest_image", "kernel_release", "accel"}:
         identity = {**guest_identity(), **identity}  # a recovered monitor: this host's
     meta = {"version": FORMAT_VERSION, "name": name, "container_id": record.id,
-            "created": now_rfc3339(), "memory_mib": record.memory_mib,
+            "created": now_rfc3339(), "memory_mib": record.vm_memory_mib,
             "rw": (work / RW_FILE).exists(), **identity}
     _write_json(work / META_FILE, meta)
     _write_json(work / RECORD_FILE, _portable(fresh))
@@ -318,7 +318,7 @@ def import_checkpoint(store: ContainerStore, path: Path, *, name: str = DEFAULT_
         meta, data = read_archive(path, work)
         record = _checked_record(data, meta)
         if new_name is not None:
-            from shim.containers.options import check_name as check_container_name
+            from shim.containers.store import check_name as check_container_name
 
             check_container_name(new_name)
             record.name = new_name
@@ -476,6 +476,7 @@ def _checked_record(data: dict, meta: dict) -> Container:
     bad = "cannot import the checkpoint"
     try:
         record = Container.from_dict(data)
+        memory_mib = record.vm_memory_mib
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{bad}: its container record is malformed ({exc})") from None
     if not isinstance(record.id, str) or not _ID.match(record.id) \
@@ -483,13 +484,13 @@ def _checked_record(data: dict, meta: dict) -> Container:
         raise CheckpointError(f"{bad}: its container id is malformed")
     if not isinstance(record.name, str):
         raise CheckpointError(f"{bad}: its container name is malformed")
-    from shim.containers.options import check_name as check_container_name
+    from shim.containers.store import check_name as check_container_name
 
     try:
         check_container_name(record.name)
     except UsageError as exc:
         raise CheckpointError(f"{bad}: {exc}") from None
-    if not _is_int(record.memory_mib) or not 16 <= record.memory_mib <= MAX_MEMORY_MIB:
+    if not _is_int(memory_mib) or not 16 <= memory_mib <= MAX_MEMORY_MIB:
         raise CheckpointError(f"{bad}: its memory size is out of bounds")
     if record.writable not in ("disk", "tmpfs") or \
             (record.writable == "disk") != (meta.get("rw") is not None):
@@ -497,13 +498,13 @@ def _checked_record(data: dict, meta: dict) -> Container:
     if not isinstance(record.mounts, list) or not isinstance(record.layer_disks, list):
         raise CheckpointError(f"{bad}: its container record is malformed")
     for mount in record.mounts:
-        if not isinstance(mount, dict) or mount.get("type") not in ("volume", "tmpfs"):
+        if mount.type not in ("volume", "tmpfs"):
             raise CheckpointError(f"{bad}: it has a mount other than a volume or tmpfs")
-        if mount.get("type") == "volume":
+        if mount.type == "volume":
             from shim.volumes.store import check_name as check_volume_name
 
             try:
-                check_volume_name(str(mount.get("source", "")))
+                check_volume_name(str(mount.source))
             except UsageError as exc:
                 raise CheckpointError(f"{bad}: {exc}") from None
     layers = paths.layer_disks_dir().resolve()

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from shim.containers.netrequest import NetworkRequest
 from shim.containers.store import Container, ContainerStore
 from shim.errors import CheckpointError, UsageError
 
@@ -48,10 +49,10 @@ def check_checkpointable(record: Container, verb: str = "checkpoint") -> None:
     if record.rootfs:
         raise CheckpointError(f"{what}: its rootfs {record.rootfs} is a virtiofs share, and "
                               f"QEMU cannot save a VM with a vhost-user-fs device")
-    for mount in record.mounts or []:
-        if mount.get("type") == "bind":
+    for mount in record.mounts:
+        if mount.type == "bind":
             raise CheckpointError(
-                f"{what}: its bind mount {mount.get('source')} -> {mount.get('target')} is a "
+                f"{what}: its bind mount {mount.source} -> {mount.target} is a "
                 f"virtiofs share, and QEMU cannot save a VM with a vhost-user-fs device; "
                 f"use a volume instead")
     mode = _network_mode(record.network)
@@ -62,11 +63,10 @@ def check_checkpointable(record: Container, verb: str = "checkpoint") -> None:
         raise CheckpointError(f"{what}: it was started with --rm")
 
 
-def _network_mode(request: dict | None) -> str:
+def _network_mode(request: NetworkRequest | None) -> str:
     if request is None:
         return "none"
-    networks = request.get("networks") or ["none"]
-    return str(networks[0]) if networks else "none"
+    return str(request.networks[0]) if request.networks else "none"
 
 
 def check_name(name: str) -> str:

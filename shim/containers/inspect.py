@@ -6,12 +6,9 @@ from __future__ import annotations
 from shim import paths
 from shim.containers import manage
 from shim.containers.listing import display_status
-from shim.containers.logs import LogLimits
 from shim.containers.networking import network_settings
-from shim.containers.resources import Resources
 from shim.containers.store import Container, ContainerStore, monitor_alive
 from shim.errors import VmshimError
-from shim.volumes.specs import MountRequest
 
 
 def inspect_container(ref: str, store: ContainerStore | None = None) -> dict:
@@ -32,8 +29,8 @@ def inspect_data(record: Container) -> dict:
         "Id": record.id,
         "Name": "/" + record.name,
         "Created": record.created,
-        "Path": (process.get("args") or [""])[0],
-        "Args": (process.get("args") or [])[1:],
+        "Path": process.args[0],
+        "Args": process.args[1:],
         "State": {
             "Status": status,
             "Running": status in ("running", "paused"),
@@ -56,10 +53,10 @@ def inspect_data(record: Container) -> dict:
         "LogPath": str(ContainerStore().log_path(record.id)),
         "Config": {
             "Hostname": record.hostname,
-            "User": process.get("user", ""),
-            "Env": process.get("env", []),
-            "Cmd": process.get("args", []),
-            "WorkingDir": process.get("cwd", "/"),
+            "User": process.user,
+            "Env": list(process.env),
+            "Cmd": list(process.args),
+            "WorkingDir": process.cwd,
             "Image": record.image,
             "Tty": record.tty,
             "OpenStdin": record.interactive,
@@ -88,11 +85,10 @@ def inspect_data(record: Container) -> dict:
     }
 
 
-def host_config(record) -> dict:
+def host_config(record: Container) -> dict:
     """docker ``inspect``'s HostConfig fields for a container record's limits and mounts
     (``Memory`` is the limit, 0 = none, as in docker; the VM's size is ``VmMemory``)."""
-    r = Resources.from_dict(getattr(record, "resources", None))
-    mounts = [MountRequest.from_dict(m) for m in getattr(record, "mounts", None) or []]
+    r, mounts = record.resources, record.mounts
     return {
         "Memory": max(r.memory, 0), "MemorySwap": r.memory_swap,
         "MemoryReservation": r.memory_reservation, "NanoCpus": r.nano_cpus,
@@ -102,19 +98,19 @@ def host_config(record) -> dict:
         "BlkioDeviceWriteBps": [{"Path": d, "Rate": v} for d, v in r.device_write_bps],
         "Ulimits": [{"Name": n, "Soft": s, "Hard": h} for n, s, h in r.ulimits],
         "OomScoreAdj": r.oom_score_adj or 0,
-        "ReadonlyRootfs": bool(getattr(record, "read_only", False)),
+        "ReadonlyRootfs": record.read_only,
         "Binds": [f"{m.source}:{m.target}{':ro' if m.readonly else ''}"
                   for m in mounts if m.type == "bind" or (m.type == "volume" and not m.anonymous)],
         "Tmpfs": {m.target: m.options for m in mounts if m.type == "tmpfs"},
-        "VmMemory": getattr(record, "memory_mib", 0) << 20 if record.isolation == "vm" else 0,
-        "VmCpus": r.vm_vcpus() if record.isolation == "vm" else 0,
+        "VmMemory": record.vm_memory_mib << 20 if record.isolation == "vm" else 0,
+        "VmCpus": record.vm_vcpus if record.isolation == "vm" else 0,
     }
 
 
-def inspect_mounts(record) -> list[dict]:
+def inspect_mounts(record: Container) -> list[dict]:
     """docker ``inspect``'s top-level ``Mounts`` for a container record."""
     out = []
-    for m in (MountRequest.from_dict(d) for d in getattr(record, "mounts", None) or []):
+    for m in record.mounts:
         entry = {"Type": m.type, "Destination": m.target, "RW": not m.readonly,
                  "Mode": "ro" if m.readonly else ""}
         if m.type == "bind":
@@ -130,13 +126,13 @@ def inspect_mounts(record) -> list[dict]:
 
 def _network_settings(record: Container) -> dict:
     try:
-        return network_settings(record.id, getattr(record, "network", None))
+        return network_settings(record.id, record.network)
     except VmshimError as exc:
         return {"Error": str(exc)}
 
 
 def _log_config(record: Container) -> dict:
     """docker's HostConfig.LogConfig: the json-file driver and its rotation options."""
-    limits = LogLimits.from_dict(record.log)
+    limits = record.log
     return {"Type": "json-file", "Config": {"max-size": str(limits.max_size),
                                             "max-file": str(limits.max_files)}}

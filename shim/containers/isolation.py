@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from shim.containers.netrequest import NetworkRequest
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
 
@@ -68,7 +69,7 @@ class Isolation(Protocol):
         ...
 
 
-def reattach_agent(isolation: Isolation, container_id: str, network_request: dict | None,
+def reattach_agent(isolation: Isolation, container_id: str, network_request: NetworkRequest | None,
                    agent_socket: Path) -> AgentClient | None:
     """The shared body of ``reattach``: if the sandbox runs, take over its network lease
     (this monitor now holds it) and connect to the agent's socket; None when it is gone or

@@ -75,11 +75,11 @@ def update(ref: str, change: Resources, store: ContainerStore | None = None) -> 
 
     store = store or ContainerStore()
     record = store.find(ref)
-    current = Resources.from_dict(record.resources)
+    current = record.resources
     running = lifecycle.is_active(record.status)
     if running:
         merged = check_update(current, change, isolation=record.isolation,
-                              vm_memory_mib=record.memory_mib, vm_vcpus=current.vm_vcpus())
+                              vm_memory_mib=record.vm_memory_mib, vm_vcpus=record.vm_vcpus)
         try:
             _request(store, record, "update", UPDATE_TIMEOUT,
                      limits=change.limits(record.isolation).to_dict())
@@ -95,8 +95,6 @@ def update(ref: str, change: Resources, store: ContainerStore | None = None) -> 
         merged.check(record.isolation)
 
     def save(fresh: Container) -> None:
-        fresh.resources = merged.to_dict()
-        if not lifecycle.is_active(fresh.status) and fresh.isolation == "vm":
-            fresh.memory_mib = merged.vm_memory_mib()
+        fresh.resources = merged  # a stopped VM container's VM is sized by it at its next start
 
     return store.update(record.id, save)

@@ -64,7 +64,7 @@ def health_status(record: Container) -> str:
 
 def command_text(record: Container) -> str:
     """The container's command line, its arguments joined by spaces."""
-    return " ".join(record.process.get("args") or [])
+    return " ".join(record.process.args)
 
 
 def created_text(record: Container) -> str:

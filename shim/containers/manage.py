@@ -271,9 +271,8 @@ def remove(ref: str, *, force: bool = False, volumes: bool = False,
     record = _remove_container(ref, force=force, store=store)
     if volumes:
         from shim.containers.mounts import remove_anonymous
-        from shim.volumes.specs import MountRequest
 
-        remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])
+        remove_anonymous(record.mounts)
     return record
 
 

@@ -62,7 +62,7 @@ from shim.containers import monitor_life as life
 from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, Life, Removing,
                                           RestartWaiting, Running, Stopping)
 from shim.containers import state as lifecycle
-from shim.containers.logs import LogLimits, LogWriter
+from shim.containers.logs import LogWriter
 from shim.containers.state import Status
 from shim.containers.store import (Container, ContainerStore, now_rfc3339, process_start_time,
                                    run_dir_of)
@@ -115,9 +115,8 @@ EXIT_CODE_LOST = 255
 def _remove_anonymous_volumes(mounts: list) -> None:
     """``--rm``: the anonymous volumes (-v /path) of a removed container go with it."""
     from shim.containers.mounts import remove_anonymous
-    from shim.volumes.specs import MountRequest
 
-    remove_anonymous([MountRequest.from_dict(m) for m in mounts])
+    remove_anonymous(mounts)
 
 
 def make_placement(record: Container, store: ContainerStore) -> Isolation:
@@ -135,9 +134,6 @@ def make_placement(record: Container, store: ContainerStore) -> Isolation:
     if record.isolation == "vm":
         from shim.containers.vm_placement import VmPlacement
 
-        from shim.containers.resources import Resources
-
-        resources = Resources.from_dict(record.resources)
         rw = store.rw_disk(record.id) if record.writable == "disk" else None
         backend = None
         if record.hypervisor:  # migrated (issue 15)
@@ -145,8 +141,8 @@ def make_placement(record: Container, store: ContainerStore) -> Isolation:
 
             backend = LibvirtBackend(record.hypervisor)
         placement = VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
-                                memory_mib=record.memory_mib, rw_disk=rw, backend=backend,
-                                vcpus=resources.vm_vcpus(), cpuset=resources.vm_cpuset(),
+                                memory_mib=record.vm_memory_mib, rw_disk=rw, backend=backend,
+                                vcpus=record.vm_vcpus, cpuset=record.resources.vm_cpuset(),
                                 mounts=record.mounts, network=record.network,
                                 rootfs_dir=record.rootfs, hypervisor=record.hypervisor,
                                 engine_netns=record.engine_netns)
@@ -302,7 +298,7 @@ class Monitor:
         self.record = store.load(container_id)
         self.run_dir = run_dir_of(container_id)
         self.placement = None
-        self.log = LogWriter(store.log_path(container_id), LogLimits.from_dict(self.record.log))
+        self.log = LogWriter(store.log_path(container_id), self.record.log)
         self.listener: socket.socket | None = None
         self.conns: list[Conn] = []
         self.procs: dict[int, Conn | None] = {}     # agent process id → its client

@@ -47,8 +47,7 @@ class Attachments:
     """The mounts of one container for one boot (see the module doc)."""
 
     def __init__(self, requests: list[MountRequest], *, store: VolumeStore | None = None):
-        self.requests = [r if isinstance(r, MountRequest) else MountRequest.from_dict(r)
-                         for r in requests]
+        self.requests = list(requests)
         self.store = store
         self.leases: dict[str, Lease] = {}
         self.staged: list[Path] = []

@@ -22,7 +22,7 @@ from shim.containers.networking import (
     netns_dir,
 )
 from shim.containers.state import Status
-from shim.containers.store import ContainerStore, domain_name
+from shim.containers.store import Container, ContainerStore, domain_name
 from shim.errors import ContainerNotFound, ContainerStateError, HypervisorError, NetworkError, VmshimError
 from shim.network import dns, firewall, host
 from shim.network.store import Endpoint, Network, NetworkStore, mac_for, netns_key, valid_alias
@@ -46,10 +46,9 @@ def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (),
     if ip is not None:
         net.free_ip(ip)  # validates
     cstore, record = _container_record(ref)
-    request = getattr(record, "network", None)
+    request = record.network
     if request is None:
         raise NetworkError(f"container {record.name} was created without networking")
-    request = NetworkRequest.from_dict(request)
     if request.mode != "bridge":
         raise NetworkError(f"container {record.name} uses --network {request.mode}: it "
                            "cannot join other networks")
@@ -70,8 +69,8 @@ def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (),
     if running:
         _connect_live(record, net, request)
 
-    def change(r):
-        r.network = request.to_dict()
+    def change(r: Container) -> None:
+        r.network = request
     cstore.update(record.id, change)
 
 
@@ -208,7 +207,7 @@ def disconnect_container(ref: str, network: str, *, force: bool = False) -> None
             raise
         disconnect(cid, networks=[net.name])
         return
-    request = NetworkRequest.from_dict(getattr(record, "network", None) or {})
+    request = record.network if record.network is not None else NetworkRequest()
     if net.name not in request.networks:
         raise NetworkError(f"container {record.name} is not on network {net.name}")
     running = record.status in (Status.RUNNING, Status.PAUSED)
@@ -229,6 +228,6 @@ def disconnect_container(ref: str, network: str, *, force: bool = False) -> None
     if not request.networks:
         request.networks = ["none"]
 
-    def change(r):
-        r.network = request.to_dict()
+    def change(r: Container) -> None:
+        r.network = request
     cstore.update(record.id, change)

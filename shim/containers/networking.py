@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim import paths
+from shim.containers.netrequest import NetworkRequest
 from shim.containers.store import ContainerStore, domain_name
 from shim.errors import ContainerNotFound, NetworkError
 from shim.network import dns, firewall, host
 from shim.network.ports import (
     PortMapping,
     assign_host_ports,
-    exposed_ports,
     parse_publish,
-    publish_all,
 )
 from shim.network.store import (
     DEFAULT_NETWORK,
@@ -80,65 +79,6 @@ SLIRP_HOST = "10.0.2.2"
 """QEMU's user-mode network: the guest's address, and the host (its 127.0.0.1)."""
 SLIRP_DNS = "10.0.2.3"
 """QEMU's DNS forwarder: it asks the host's resolvers (loopback ones too)."""
-
-
-@dataclass
-class NetworkRequest:
-    """The networking flags of ``vmshim run``, checked by :func:`parse_request`. Stored
-    with the container (:meth:`to_dict`) and acted on at every start.
-
-    ``endpoint_config`` maps a network name to ``{"aliases": [...], "ip": "..."}``
-    (``--network-alias`` and ``--ip`` at run, ``--alias``/``--ip`` of network connect)."""
-
-    networks: list[str] = field(default_factory=lambda: [DEFAULT_NETWORK])
-    endpoint_config: dict[str, dict] = field(default_factory=dict)
-    publish: list[PortMapping] = field(default_factory=list)
-    publish_all: bool = False
-    expose: list[str] = field(default_factory=list)
-    mac: str | None = None
-    dns: list[str] = field(default_factory=list)
-    dns_search: list[str] = field(default_factory=list)
-    dns_options: list[str] = field(default_factory=list)
-    add_hosts: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def mode(self) -> str:
-        first = self.networks[0] if self.networks else "none"
-        return first if first in PSEUDO_NETWORKS else "bridge"
-
-    def aliases_for(self, network: str) -> list[str]:
-        return list(self.endpoint_config.get(network, {}).get("aliases", []))
-
-    def ip_for(self, network: str) -> str | None:
-        return self.endpoint_config.get(network, {}).get("ip")
-
-    def resolve_exposed(self, image_config: dict | None) -> NetworkRequest:
-        """``-P``: add the image's EXPOSEd ports (and ``--expose``) to :attr:`publish`, so
-        the stored request no longer needs the image."""
-        if not self.publish_all:
-            return self
-        wanted = list(self.publish) + publish_all(exposed_ports(image_config or {}, self.expose))
-        return replace(self, publish=wanted, publish_all=False)
-
-    def to_dict(self) -> dict:
-        return {"networks": list(self.networks),
-                "endpoint_config": {k: dict(v) for k, v in self.endpoint_config.items()},
-                "publish": [p.to_dict() for p in self.publish], "publish_all": self.publish_all,
-                "expose": list(self.expose), "mac": self.mac, "dns": list(self.dns),
-                "dns_search": list(self.dns_search), "dns_options": list(self.dns_options),
-                "add_hosts": [list(h) for h in self.add_hosts]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> NetworkRequest:
-        return cls(networks=list(data.get("networks") or [DEFAULT_NETWORK]),
-                   endpoint_config={k: dict(v) for k, v in
-                                    (data.get("endpoint_config") or {}).items()},
-                   publish=[PortMapping.from_dict(p) for p in data.get("publish", [])],
-                   publish_all=bool(data.get("publish_all", False)),
-                   expose=list(data.get("expose", [])), mac=data.get("mac"),
-                   dns=list(data.get("dns", [])), dns_search=list(data.get("dns_search", [])),
-                   dns_options=list(data.get("dns_options", [])),
-                   add_hosts=[(h[0], h[1]) for h in data.get("add_hosts", [])])
 
 
 def parse_request(*, network: list[str] | str | None = None, aliases=(), publish=(),
@@ -617,7 +557,7 @@ def prune_networks(*, store: NetworkStore | None = None) -> list[str]:
 
 # ---- what placements call ------------------------------------------------------------------
 
-def start(container_id: str, name: str, isolation: str, request: NetworkRequest | dict | None,
+def start(container_id: str, name: str, isolation: str, request: NetworkRequest | None,
           boot, *, owner_pid: int | None = None):
     """Connect the container (see :func:`connect`) and return ``(network, boot)``: the
     :class:`ContainerNetwork` and *boot* (a guest.spec.BootConfig) with the container's
@@ -625,8 +565,6 @@ def start(container_id: str, name: str, isolation: str, request: NetworkRequest 
     networking at all (a record made before networking existed): ``(None, boot)``."""
     if request is None:
         return None, boot
-    if isinstance(request, dict):
-        request = NetworkRequest.from_dict(request)
     cn = connect(container_id, name, request, isolation=isolation, owner_pid=owner_pid)
     try:
         if cn.mode == "host" and isolation == "process":
@@ -682,12 +620,12 @@ def published_ports(ref: str) -> list[PortMapping]:
     return [p for _net, ep in store.endpoints_of(cid) for p in ep.ports]
 
 
-def network_settings(container_id: str, request: dict | None) -> dict:
+def network_settings(container_id: str, request: NetworkRequest | None) -> dict:
     """docker inspect's ``NetworkSettings`` of a container: its networks (address, MAC,
     gateway, aliases while it runs) and published ports."""
     store = NetworkStore()
     live = {net.name: (net, ep) for net, ep in store.endpoints_of(container_id)}
-    req = NetworkRequest.from_dict(request) if request is not None else None
+    req = request
     networks, ports = {}, {}
     for name in (req.networks if req is not None else []):
         net_ep = live.get(name)

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest.spec import CAPABILITIES, ProcessSpec
+from shim.containers.store import Container, check_name
 from shim.errors import UsageError
 
 ISOLATIONS = ("vm", "process")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_KEY = re.compile(r"^[^=\s\x00]+$")
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
 @dataclass
@@ -35,7 +35,6 @@ class RunOptions:
     tty: bool = False
     remove: bool = False
     isolation: str = "vm"
-    memory_mib: int = 256
     detach: bool = False
     restart: str = "no"
     """``no``, ``on-failure[:N]``, ``always`` or ``unless-stopped``."""
@@ -142,41 +141,29 @@ def parse_signal(text: str | int) -> int:
     raise UsageError(f"invalid signal {text!r}")
 
 
-def boot_config_of(record):
+def boot_config_of(record: Container):
     """The guest's BootConfig for a stored container record (shim.containers.store)."""
     from guest.spec import ROOTFS_SHARE_TAG, BootConfig
 
     return BootConfig(
         container_id=record.id, token=record.token, hostname=record.hostname,
-        process=ProcessSpec.from_dict(record.process), layer_count=len(record.layer_disks),
+        process=record.process, layer_count=len(record.layer_disks),
         writable="disk" if record.writable == "disk" and record.isolation == "vm" else "tmpfs",
         hosts=record.hosts, resolv_conf=record.resolv_conf,
-        rootfs_share=ROOTFS_SHARE_TAG if getattr(record, "rootfs", "") else "",
-        masked_paths=getattr(record, "masked_paths", None),
-        readonly_paths=getattr(record, "readonly_paths", None),
-        sysctl=dict(getattr(record, "sysctl", None) or {}),
-        privileged=bool(getattr(record, "privileged", False)),
-        devices=list(getattr(record, "devices", None) or []),
-        os=bool(getattr(record, "os_container", False)),
+        rootfs_share=ROOTFS_SHARE_TAG if record.rootfs else "",
+        masked_paths=record.masked_paths, readonly_paths=record.readonly_paths,
+        sysctl=dict(record.sysctl), privileged=record.privileged,
+        devices=list(record.devices), os=record.os_container,
         **_limits_of(record))
 
 
-def _limits_of(record) -> dict:
+def _limits_of(record: Container) -> dict:
     """BootConfig ``limits`` and ``read_only`` from a record (its ``mounts`` are made by
     the placement: shim.containers.mounts)."""
-    from shim.containers.resources import Resources
-
-    resources = Resources.from_dict(getattr(record, "resources", None))
-    out = {"read_only": bool(getattr(record, "read_only", False))}
-    if not resources.is_empty():
-        out["limits"] = resources.limits(record.isolation)
+    out: dict = {"read_only": record.read_only}
+    if not record.resources.is_empty():
+        out["limits"] = record.resources.limits(record.isolation)
     return out
-
-
-def check_name(name: str) -> None:
-    """Raise UsageError unless *name* is a valid container name."""
-    if not _NAME.match(name):
-        raise UsageError(f"invalid container name {name!r}: use letters, digits, '_', '.', '-'")
 
 
 def parse_env_entry(entry: str, source: str = "-e") -> str | None:
@@ -253,14 +240,14 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
     )
 
 
-def exec_spec(record, command: list[str], *, env: list[str] = (), workdir=None,
+def exec_spec(record: Container, command: list[str], *, env: list[str] = (), workdir=None,
               user=None, tty: bool = False, privileged: bool = False):
     """The ProcessSpec of an exec: the container's env with *env* on top, its user and
     workdir unless given, its capabilities (every one with *privileged*), seccomp and
     no_new_privs."""
     if not command:
         raise UsageError("exec needs a command")
-    base = ProcessSpec.from_dict(record.process)
+    base = record.process
     extra = [e for e in (parse_env_entry(x) for x in env) if e is not None]
     environment = merge_env(base.env, extra)
     if tty and not any(e.startswith("TERM=") for e in environment):

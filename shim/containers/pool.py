@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shim import paths
+from shim.containers.resources import DEFAULT_VM_MIB
 from shim.errors import UsageError, VmshimError
 
 POOLED_DIR = "pooled"
@@ -75,7 +76,7 @@ class PoolConfig:
     """The setting: how many VMs of which memory size and vCPU count to keep ready."""
 
     size: int = 0
-    memory_mib: int = 256
+    memory_mib: int = DEFAULT_VM_MIB
     vcpus: int = 1
 
     def __post_init__(self) -> None:
@@ -596,8 +597,7 @@ def eligible(placement, key: PoolKey) -> str | None:
         return "--os, --device, a bundle rootfs or --cpuset-cpus"
     if any(m.type != "tmpfs" for m in placement.attachments.requests):
         return "bind mounts or volumes"
-    request = placement.network_request or {}
-    networks = request.get("networks") or []
+    networks = _networks(placement)
     if networks and networks[0] in ("host",) or any(":" in n for n in networks):
         return "a host or container network"
     if devices_needed(placement) > HOTPLUG_PORTS:
@@ -607,9 +607,13 @@ def eligible(placement, key: PoolKey) -> str | None:
 
 def devices_needed(placement) -> int:
     """Disks and NICs a container needs hot-plugged into a pooled VM."""
-    request = placement.network_request or {}
-    networks = [n for n in (request.get("networks") or []) if n != "none"]
+    networks = [n for n in _networks(placement) if n != "none"]
     return len(placement.layer_disks) + (placement.rw_disk is not None) + len(networks)
+
+
+def _networks(placement) -> list[str]:
+    request = placement.network_request  # shim.containers.netrequest.NetworkRequest or None
+    return list(request.networks) if request is not None else []
 
 
 def take(placement, key: PoolKey, backend) -> PooledVm | None:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from guest.spec import BootConfig
+from shim.containers.netrequest import NetworkRequest
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
 
@@ -41,12 +42,12 @@ class ProcessPlacement:
 
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
                  name: str, rw_dir: Path | None = None, mounts: list | None = None,
-                 network: dict | None = None):
+                 network: NetworkRequest | None = None):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
         self.network_request = network
-        """shim.containers.networking.NetworkRequest.to_dict(): connected in boot() (the host
+        """The container's networking: connected in boot() (the host
         agent joins the network namespace made for it, and the container shares it, as
         in a VM), disconnected in teardown(). None: the container makes its own
         namespace with only lo."""

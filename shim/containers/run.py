@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 
 from shim.containers.logs import LogLimits
+from shim.containers.netrequest import NetworkRequest
 from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
                                      parse_restart, parse_signal, random_name)
 from shim.containers.store import Container, ContainerStore
@@ -57,13 +58,12 @@ def prepare(options: RunOptions) -> Container:
         image=options.image,
         image_id=image.config_digest,
         isolation=options.isolation,
-        process=spec.to_dict(),
+        process=spec,
         hostname=hostname,
         token=secrets.token_hex(16),
         layer_disks=disks,
-        memory_mib=resources.vm_memory_mib(options.memory_mib),
-        resources=resources.to_dict(),
-        mounts=[m.to_dict() for m in mounts],
+        resources=resources,
+        mounts=list(mounts),
         read_only=options.read_only,
         **_device_fields(options),
         interactive=options.interactive,
@@ -79,7 +79,7 @@ def prepare(options: RunOptions) -> Container:
         hosts=hosts_file(hostname),
         resolv_conf=host_resolv_conf(),
         network=_network_of(options, image_config),
-        log=LogLimits.parse(options.log_opts).to_dict(),
+        log=LogLimits.parse(options.log_opts),
         labels={**(image_config.get("Labels") or {}), **options.labels},
         healthcheck=effective_healthcheck(image_config.get("Healthcheck"), options.healthcheck),
     )
@@ -95,14 +95,14 @@ def effective_healthcheck(image_check: dict | None, flags: dict | None) -> dict 
     return merged
 
 
-def _network_of(options: RunOptions, image_config: dict) -> dict:
+def _network_of(options: RunOptions, image_config: dict) -> NetworkRequest:
     """The networking request to store (``-P`` resolved against the image's EXPOSE).
     Raises NetworkError, NetworkNotFound (a --network that does not exist)."""
     from shim.containers.networking import check_networks_exist, parse_request
 
     request = options.network if options.network is not None else parse_request()
     check_networks_exist(request)
-    return request.resolve_exposed(image_config).to_dict()
+    return request.resolve_exposed(image_config)
 
 
 def _resources_and_mounts(options: RunOptions, spec):
@@ -165,9 +165,8 @@ def _device_fields(options: RunOptions) -> dict:
 def _remove_anonymous_volumes(record: Container) -> None:
     if record.mounts:
         from shim.containers.mounts import remove_anonymous
-        from shim.volumes.specs import MountRequest
 
-        remove_anonymous([MountRequest.from_dict(m) for m in record.mounts])
+        remove_anonymous(record.mounts)
 
 
 def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,

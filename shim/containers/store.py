@@ -24,19 +24,26 @@ Lock order: the store's ``.lock`` before a container's ``lock``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from guest.spec import ProcessSpec
 from shim import paths
+from shim.containers.logs import LogLimits
+from shim.containers.netrequest import NetworkRequest
+from shim.containers.resources import Resources
 from shim.files import flocked
 from shim.containers.state import Status
 from shim.errors import ContainerNotFound, UsageError, VmshimError
+from shim.volumes.specs import MountRequest
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -44,6 +51,10 @@ LOG_FILE = "container.log"
 RW_DISK = "rw.img"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 """Docker's "never" for StartedAt/FinishedAt."""
+SCHEMA_VERSION = 2
+"""``schema`` in state.json. 1 (no ``schema`` field): written before the record was typed;
+it also held ``memory_mib``, now derived from ``resources``. :meth:`Container.from_dict`
+reads both."""
 
 
 def now_rfc3339() -> str:
@@ -58,6 +69,15 @@ def parse_rfc3339(text: str) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+def check_name(name: str) -> None:
+    """Raise UsageError unless *name* is a valid container name."""
+    if not _NAME.match(name):
+        raise UsageError(f"invalid container name {name!r}: use letters, digits, '_', '.', '-'")
 
 
 SOCKET_PATH_MAX = 107
@@ -114,20 +134,20 @@ class ContainerState:
 
 @dataclass
 class Container:
-    """One container's record (``state.json``)."""
+    """One container's record (``state.json``): typed values, turned into JSON and back
+    only by :meth:`to_dict` and :meth:`from_dict`."""
 
     id: str
     name: str
     image: str
     image_id: str
     isolation: str
-    process: dict
-    """The main process (guest.spec.ProcessSpec.to_dict())."""
+    process: ProcessSpec
+    """The main process."""
     hostname: str
     token: str
     layer_disks: list[str]
     created: str = field(default_factory=now_rfc3339)
-    memory_mib: int = 256
     interactive: bool = False
     """The main process has a stdin (``-i``): attach can feed it."""
     tty: bool = False
@@ -140,17 +160,17 @@ class Container:
     """``disk`` (kept across stop/start) or ``tmpfs`` (``--rm`` containers: faster)."""
     hosts: str = ""
     resolv_conf: str = ""
-    network: dict | None = None
-    """shim.containers.networking.NetworkRequest.to_dict(); acted on at every start (the
-    addresses are the start's). None: no networking (records from before it existed)."""
+    network: NetworkRequest | None = None
+    """Acted on at every start (the addresses are the start's). None: no networking
+    (records from before it existed)."""
     engine_netns: dict | None = None
     """vmshim-runtime: ``{"netns": path, "host_netns": path}`` when an engine prepared the
     container's network namespace on the host (shim.containers.engine_network); None: not."""
-    resources: dict = field(default_factory=dict)
-    """shim.containers.resources.Resources.to_dict(): the limits as given (``update``
-    changes them)."""
-    mounts: list = field(default_factory=list)
-    """shim.volumes.specs.MountRequest.to_dict() for each mount, in order."""
+    resources: Resources = field(default_factory=Resources)
+    """The limits as given (``update`` changes them); they size the VM (:attr:`vm_memory_mib`,
+    :attr:`vm_vcpus`)."""
+    mounts: list[MountRequest] = field(default_factory=list)
+    """In order."""
     read_only: bool = False
     rootfs: str = ""
     """A host directory that is the whole rootfs (an OCI bundle's, vmshim-runtime);
@@ -160,8 +180,8 @@ class Container:
     """OCI's maskedPaths/readonlyPaths (vmshim-runtime); None: the guest's defaults."""
     sysctl: dict = field(default_factory=dict)
     """Set in the VM's kernel at boot (OCI linux.sysctl)."""
-    log: dict = field(default_factory=dict)
-    """shim.containers.logs.LogLimits.to_dict() (``--log-opt``); {}: the default cap."""
+    log: LogLimits = field(default_factory=LogLimits)
+    """``--log-opt``."""
     privileged: bool = False
     """--privileged: every device, no masked paths, no device rules (the process's
     capabilities and seccomp are in ``process``)."""
@@ -191,13 +211,48 @@ class Container:
     def domain(self) -> str:
         return domain_name(self.id)
 
+    @property
+    def vm_memory_mib(self) -> int:
+        """The VM's memory (VM isolation): from :attr:`resources`."""
+        return self.resources.vm_memory_mib()
+
+    @property
+    def vm_vcpus(self) -> int:
+        """The VM's vCPUs (VM isolation): from :attr:`resources`."""
+        return self.resources.vm_vcpus()
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON of state.json (schema :data:`SCHEMA_VERSION`)."""
+        data: dict = {"schema": SCHEMA_VERSION}
+        for f in fields(self):
+            data[f.name] = copy.deepcopy(getattr(self, f.name))
+        data["process"] = self.process.to_dict()
+        data["network"] = self.network.to_dict() if self.network is not None else None
+        data["resources"] = self.resources.to_dict()
+        data["mounts"] = [m.to_dict() for m in self.mounts]
+        data["log"] = self.log.to_dict()
+        data["state"] = asdict(self.state)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Container":
+        """Read a record of this schema or of schema 1 (see :data:`SCHEMA_VERSION`).
+        Raises ValueError for a record that is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("a container record must be a JSON object")
+        schema = data.get("schema", 1)
+        if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
+            raise ValueError(f"container record schema {schema!r} is not one this version "
+                             f"reads (1 to {SCHEMA_VERSION}); upgrade vmshim")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        # schema 1 also held memory_mib: always resources' VM size, so it is dropped.
+        values["process"] = ProcessSpec.from_dict(data.get("process") or {})
+        network = data.get("network")
+        values["network"] = NetworkRequest.from_dict(network) if network is not None else None
+        values["resources"] = Resources.from_dict(data.get("resources"))
+        values["mounts"] = [MountRequest.from_dict(m) for m in data.get("mounts") or []]
+        values["log"] = LogLimits.from_dict(data.get("log"))
         state_known = {f.name for f in fields(ContainerState)}
         values["state"] = ContainerState(**{k: v for k, v in (data.get("state") or {}).items()
                                             if k in state_known})
@@ -234,11 +289,11 @@ class ContainerStore:
         """The record of *container_id*. Raises ContainerNotFound."""
         try:
             data = json.loads((self.dir(container_id) / STATE_FILE).read_text())
+            return Container.from_dict(data)
         except FileNotFoundError:
             raise ContainerNotFound(f"no such container: {container_id}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise VmshimError(f"the record of container {container_id} is unreadable: {exc}") from None
-        return Container.from_dict(data)
 
     def list(self) -> list[Container]:
         """Every container, oldest first. Records vanishing meanwhile are skipped."""
@@ -328,8 +383,6 @@ class ContainerStore:
     def rename(self, ref: str, new_name: str) -> Container:
         """Give the container *ref* the name *new_name*. Raises UsageError (taken or
         malformed), ContainerNotFound."""
-        from shim.containers.options import check_name
-
         check_name(new_name)
         with self._names_locked():
             record = self.find(ref)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from guest import protocol
 from shim import paths
+from shim.containers.store import Container
 from shim.errors import VmshimError
 
 META = "template.json"
@@ -55,26 +56,24 @@ def templates_dir() -> Path:
     return paths.root() / "templates"
 
 
-def shape_of(record) -> dict | None:
+def shape_of(record: Container) -> dict | None:
     """What a template must match for *record* to start from it; None when *record* cannot
     start from a template at all."""
     from shim.containers.options import boot_config_of
-    from shim.containers.resources import Resources
 
-    network = record.network or {}
+    networks = record.network.networks if record.network is not None else []
     if (record.isolation != "vm" or record.writable != "tmpfs" or record.mounts
-            or record.rootfs or (network.get("networks") or ["none"])[0] != "none"
+            or record.rootfs or (networks or ["none"])[0] != "none"
             or record.engine_netns or record.os_container or record.privileged
             or record.devices or record.sysctl):
         return None
-    resources = Resources.from_dict(record.resources)
-    if not resources.is_empty():
+    if not record.resources.is_empty():
         return None
     boot = boot_config_of(record).to_dict()
     for personal in ("container_id", "token", "hostname", "process", "hosts", "resolv_conf"):
         boot.pop(personal, None)
     return {"version": 1, "boot": boot, "layers": list(record.layer_disks),
-            "memory_mib": record.memory_mib, "vcpus": resources.vm_vcpus()}
+            "memory_mib": record.vm_memory_mib, "vcpus": record.vm_vcpus}
 
 
 def key_of(shape: dict, guest: dict) -> str:

@@ -10,20 +10,20 @@ import secrets
 import shutil
 import time
 import uuid
+from pathlib import Path
 
 from guest import protocol
-from guest.spec import ProcessSpec
 from shim import paths
 from shim.containers.checkpoint_vm import guest_identity
 from shim.containers.options import boot_config_of
-from shim.containers.resources import Resources
+from shim.containers.store import Container
 from shim.containers.template import (IDENTITY_ID, MEMORY, META, PLACEHOLDER, READY_TIMEOUT,
                                       key_of, locked_key, shape_of, templates_dir)
 from shim.containers.vm_placement import VmPlacement
 from shim.errors import VmshimError
 
 
-def create(record, *, backend=None) -> dict:
+def create(record: Container, *, backend=None) -> dict:
     """Boot, ready and save the template for *record*'s shape (replacing one there).
     Returns its meta. Raises VmshimError (nothing is left of a failed one)."""
     shape = shape_of(record)
@@ -36,15 +36,15 @@ def create(record, *, backend=None) -> dict:
     token = secrets.token_hex(16)
     boot = boot_config_of(record).replace(
         container_id=tid, token=token, hostname="template",
-        process=ProcessSpec.from_dict({**record.process, "args": PLACEHOLDER, "tty": False}))
+        process=record.process.replace(args=list(PLACEHOLDER), tty=False))
     directory = templates_dir() / key
     with locked_key(key):
         work = templates_dir() / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o700)
-        placement = VmPlacement(boot, record.layer_disks, paths.run_dir() / tid[:12],
-                                name="template", memory_mib=record.memory_mib,
-                                vcpus=Resources.from_dict(record.resources).vm_vcpus(),
+        placement = VmPlacement(boot, [Path(d) for d in record.layer_disks], paths.run_dir() / tid[:12],
+                                name="template", memory_mib=record.vm_memory_mib,
+                                vcpus=record.vm_vcpus,
                                 backend=backend)
         try:
             client = placement.boot()
@@ -58,7 +58,7 @@ def create(record, *, backend=None) -> dict:
             time.sleep(0.5)  # the agent sees its host leave, and greets the next one
             placement.save(work / MEMORY)
             meta = {"id": tid, "token": token, "uuid": str(uuid.UUID(tid[:32])),
-                    "image": record.image, "memory_mib": record.memory_mib,
+                    "image": record.image, "memory_mib": record.vm_memory_mib,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guest}
             (work / META).write_text(json.dumps(meta, indent=1))
             shutil.rmtree(directory, ignore_errors=True)

@@ -19,6 +19,8 @@ from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_T
                         WRITABLE_SERIAL, BootConfig)
 from shim import paths
 from shim.errors import VmshimError
+from shim.containers.netrequest import NetworkRequest
+from shim.containers.resources import DEFAULT_VM_MIB
 from shim.containers.vm_common import BOOT_TIMEOUT, console_tail
 from shim.containers.vm_common import disk_target as _target
 from shim.vm.accel import guest_cmdline
@@ -80,15 +82,15 @@ class VmPlacement:
     kind = "vm"
 
     def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
-                 name: str, memory_mib: int = 256, vcpus: int = 1, rw_disk: Path | None = None,
+                 name: str, memory_mib: int = DEFAULT_VM_MIB, vcpus: int = 1, rw_disk: Path | None = None,
                  backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: dict | None = None, rootfs_dir: str = "",
+                 network: NetworkRequest | None = None, rootfs_dir: str = "",
                  engine_netns: dict | None = None, hypervisor: str = ""):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
         self.network_request = network
-        """shim.containers.networking.NetworkRequest.to_dict() (None: no NIC): connected in
+        """The container's networking (None: no NIC): connected in
         boot(), disconnected in teardown() once the VM is gone."""
         self.network = None
         self.engine_netns = engine_netns

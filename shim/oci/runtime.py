@@ -93,7 +93,8 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup,
                                           root=str(rt.root.absolute()))
     cgroup_limits = hostcgroup.host_limits(bundle.linux_resources)
-    memory_mib, guest_resources = hostcgroup.size_vm(bundle.resources)
+    # The record derives the VM's size from guest_resources (size_vm's first value).
+    _vm_mib, guest_resources = hostcgroup.size_vm(bundle.resources)
     for note in bundle.notes:
         log.warn(f"{oci_id}: {note}")
     for kind in ("createContainer", "startContainer"):
@@ -103,11 +104,11 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     record = Container(
         id=record_id(oci_id),
         name=oci_id, image="", image_id="", isolation="vm",
-        process=bundle.process.to_dict(), hostname=bundle.hostname or oci_id[:12],
+        process=bundle.process, hostname=bundle.hostname or oci_id[:12],
         token=secrets.token_hex(16), layer_disks=[],
-        memory_mib=memory_mib, interactive=True,
+        interactive=True,
         tty=bundle.process.tty, writable="tmpfs", network=None,
-        resources=guest_resources.to_dict(), mounts=[m.to_dict() for m in bundle.mounts],
+        resources=guest_resources, mounts=list(bundle.mounts),
         read_only=bundle.read_only, rootfs=str(bundle.rootfs),
         masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
         sysctl=bundle.sysctl, os_container=bundle.os_container, devices=bundle.devices,
@@ -500,9 +501,7 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
         raise BundleError(f"the process to exec: {exc}") from None
     for note in notes:
         log.warn(f"{oci_id}: exec: {note}")
-    from guest.spec import ProcessSpec
-
-    spec = spec.replace(seccomp=ProcessSpec.from_dict(record.process).seccomp)  # runc's rule
+    spec = spec.replace(seccomp=record.process.seccomp)  # runc's rule
     if spec.tty and not console_socket and detach:
         raise BundleError("process.terminal is true: --console-socket is needed with --detach")
     pid, report_r = _fork_standin(

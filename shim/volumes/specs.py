@@ -16,7 +16,7 @@ shim.containers.mounts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shim.errors import UsageError
 from shim.records import JsonRecord
@@ -209,7 +209,7 @@ def check_duplicates(requests: list[MountRequest]) -> None:
         seen.add(request.target)
 
 
-def volumes_from(records_mounts: list[list[dict]], refs: list[str]) -> list[MountRequest]:
+def volumes_from(records_mounts: list[list[MountRequest]], refs: list[str]) -> list[MountRequest]:
     """The mounts ``--volumes-from`` copies: for each ref (``NAME[:ro|:rw]``, with its
     container's stored mounts in *records_mounts*, same order), its bind mounts and
     volumes (anonymous ones too, by name: they stay the other container's). ``:ro``
@@ -219,15 +219,12 @@ def volumes_from(records_mounts: list[list[dict]], refs: list[str]) -> list[Moun
         _, _, mode = ref.partition(":")
         if mode not in ("", "ro", "rw"):
             raise UsageError(f"invalid --volumes-from {ref!r}: the mode must be ro or rw")
-        for data in stored:
-            request = MountRequest.from_dict(data)
-            if request.type == "tmpfs":
+        for theirs in stored:
+            if theirs.type == "tmpfs":
                 continue
-            request.anonymous = False  # the owner removes it, not us
-            request.volume_size = 0
-            if mode == "ro":
-                request.readonly = True
-            out.append(request)
+            # the owner removes an anonymous one, not us
+            out.append(replace(theirs, anonymous=False, volume_size=0,
+                               readonly=theirs.readonly or mode == "ro"))
     return out
 
 

@@ -23,6 +23,7 @@ from guest import protocol
 from shim.containers import monitor as monmod
 from shim.containers import monitor_life
 from shim.containers.store import Container, ContainerStore
+from guest.spec import ProcessSpec
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -52,7 +53,7 @@ def store(tmp_path_factory):
     store = ContainerStore()
     cid = os.urandom(32).hex()
     store.create(Container(id=cid, name="fuzz", image="busybox", image_id="sha256:x",
-                           isolation="fake", process={"args": ["true"]}, hostname=cid[:12],
+                           isolation="fake", process=ProcessSpec(args=["true"]), hostname=cid[:12],
                            token="tok", layer_disks=[], writable="tmpfs"))
     yield store, cid
     for key, value in old.items():

@@ -16,6 +16,9 @@ from shim.containers import state as lifecycle
 from shim.containers.state import Status
 from shim.containers.store import Container, ContainerStore
 from shim.errors import CheckpointError, ContainerStateError
+from guest.spec import ProcessSpec
+from shim.containers.netrequest import NetworkRequest
+from shim.volumes.specs import MountRequest
 
 CID = "c" * 64
 
@@ -37,10 +40,10 @@ def store(root):
 
 def record(root, **kw) -> Container:
     values = dict(id=CID, name="counter", image="busybox", image_id="sha256:abc",
-                  isolation="vm", process={"args": ["sh"]}, hostname="counter",
+                  isolation="vm", process=ProcessSpec(args=["sh"]), hostname="counter",
                   token="0123456789abcdef0123456789abcdef",
                   layer_disks=[str(root / "layers" / "sha256-aa.sqfs")],
-                  network={"networks": ["none"]})
+                  network=NetworkRequest(networks=["none"]))
     values.update(kw)
     rec = Container(**values)
     rec.state.status = Status.CHECKPOINTED.value
@@ -66,11 +69,11 @@ def test_checkpoint_and_restore_transitions():
 # ---- what can be checkpointed ------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, text", [
-    ({"mounts": [{"type": "bind", "source": "/srv/data", "target": "/data"}]},
+    ({"mounts": [MountRequest(type="bind", source="/srv/data", target="/data")]},
      "bind mount /srv/data -> /data is a virtiofs share"),
     ({"rootfs": "/bundle/rootfs"}, "rootfs /bundle/rootfs is a virtiofs share"),
     ({"isolation": "process"}, "only --isolation vm"),
-    ({"network": {"networks": ["bridge"]}}, "on network bridge"),
+    ({"network": NetworkRequest(networks=["bridge"])}, "on network bridge"),
     ({"auto_remove": True}, "--rm"),
 ])
 def test_what_cannot_be_checkpointed_is_named(root, change, text):
@@ -81,8 +84,8 @@ def test_what_cannot_be_checkpointed_is_named(root, change, text):
 
 def test_volumes_tmpfs_and_no_network_can_be_checkpointed(root):
     ckpt.check_checkpointable(record(root, mounts=[
-        {"type": "volume", "source": "data", "target": "/data"},
-        {"type": "tmpfs", "source": "", "target": "/run"}], network=None))
+        MountRequest(type="volume", source="data", target="/data"),
+        MountRequest(type="tmpfs", source="", target="/run")], network=None))
 
 
 # ---- the writable disk ---------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def test_copy_sparse_keeps_data_and_holes(tmp_path):
 # ---- export and import -----------------------------------------------------------------------------
 
 def make_checkpoint(store, root, **meta_change):
-    rec = record(root, mounts=[{"type": "volume", "source": "data", "target": "/data"}])
+    rec = record(root, mounts=[MountRequest(type="volume", source="data", target="/data")])
     store.create(rec)
     d = ckpt.checkpoint_dir(store, CID, "checkpoint")
     d.mkdir(parents=True)
@@ -319,7 +322,7 @@ def test_restore_without_a_checkpoint(store, root):
 
 
 def test_migrate_refuses_bad_uris_and_shares_before_asking_the_monitor(store, root):
-    rec = record(root, mounts=[{"type": "bind", "source": "/srv", "target": "/srv"}])
+    rec = record(root, mounts=[MountRequest(type="bind", source="/srv", target="/srv")])
     rec.state.status = Status.RUNNING.value
     store.create(rec)
     with pytest.raises(CheckpointError, match="cannot migrate container counter: its bind "

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from guest.spec import ProcessSpec
 from shim.compose import loader, planner, schema
 from shim.compose.errors import ComposeError
 from shim.compose.model import load_project, seconds
@@ -427,8 +428,7 @@ def test_health_checker_drives_an_exec_through_the_monitor_hooks():
         def __init__(self):
             from types import SimpleNamespace
 
-            self.record = SimpleNamespace(token="t", process={"args": ["sleep"], "env": [],
-                                                              "cwd": "/", "user": ""},
+            self.record = SimpleNamespace(token="t", process=ProcessSpec(args=["sleep"]),
                                           healthcheck={"Test": ["CMD", "check"],
                                                        "Interval": 10 ** 9, "Timeout": 10 ** 9,
                                                        "Retries": 1},

@@ -10,11 +10,12 @@ import pytest
 from shim.containers.store import (Container, ContainerStore, monitor_alive,
                                    process_start_time)
 from shim.errors import ContainerNotFound, UsageError
+from guest.spec import ProcessSpec
 
 
 def record(cid: str, name: str) -> Container:
     return Container(id=cid, name=name, image="busybox", image_id="sha256:abc",
-                     isolation="vm", process={"args": ["true"]}, hostname=cid[:12],
+                     isolation="vm", process=ProcessSpec(args=["true"]), hostname=cid[:12],
                      token="t", layer_disks=["/l0.sqfs"])
 
 
@@ -30,7 +31,7 @@ def test_create_load_and_layout(store):
     assert d.stat().st_mode & 0o777 == 0o711
     assert (d / "state.json").stat().st_mode & 0o777 == 0o600
     loaded = store.load("a" * 64)
-    assert (loaded.name, loaded.process, loaded.token) == ("web", {"args": ["true"]}, "t")
+    assert (loaded.name, loaded.process, loaded.token) == ("web", ProcessSpec(args=["true"]), "t")
     assert loaded.status.value == "created"
     assert json.loads((d / "state.json").read_text())["state"]["status"] == "created"
 

@@ -47,7 +47,7 @@ def store(tmp_path, monkeypatch):
 def make(store, script: str, name: str = "c", **kw) -> Container:
     cid = os.urandom(32).hex()
     record = Container(id=cid, name=name, image="busybox", image_id="sha256:x",
-                       isolation="fake", process={"args": ["sh", "-c", script]},
+                       isolation="fake", process=ProcessSpec(args=["sh", "-c", script]),
                        hostname=cid[:12], token="tok", layer_disks=[], writable="tmpfs", **kw)
     return store.create(record)
 
@@ -140,7 +140,7 @@ def test_auto_remove(store):
 
 def test_failed_start_keeps_the_state_and_records_why(store):
     rec = make(store, "true")
-    store.update(rec.id, lambda r: r.process.update(args=["/nope"]))
+    store.update(rec.id, lambda r: setattr(r, "process", r.process.replace(args=["/nope"])))
     with pytest.raises(CommandNotFound):
         manage.start(rec.id, store=store)
     failed = store.load(rec.id)

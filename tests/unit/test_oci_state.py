@@ -14,11 +14,12 @@ from shim.cli.runtime import parse_signal
 from shim.containers.store import Container, process_start_time
 from shim.oci.hooks import HookError, run_hooks
 from shim.oci.state import OciInfo, RuntimeStore, oci_status, record_id, state_of
+from guest.spec import ProcessSpec
 
 
 def record(status: str) -> Container:
     rec = Container(id=record_id("c1"), name="c1", image="", image_id="", isolation="vm",
-                    process={"args": ["sh"]}, hostname="c1", token="t", layer_disks=[])
+                    process=ProcessSpec(args=["sh"]), hostname="c1", token="t", layer_disks=[])
     rec.state.status = status
     return rec
 

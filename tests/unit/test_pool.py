@@ -12,8 +12,10 @@ import pytest
 
 from guest.spec import BootConfig, ProcessSpec
 from shim.containers import pool
+from shim.containers.netrequest import NetworkRequest
 from shim.containers.vm_placement import VmPlacement, domain_name
 from shim.vm.fake_backend import FakeBackend
+from shim.volumes.specs import MountRequest
 
 KEY = pool.PoolKey(kernel="/g/vmlinuz", initramfs="/g/initramfs", memory_mib=256, vcpus=1,
                    accel="tcg")
@@ -156,7 +158,7 @@ def _placement(state, **kw):
                       process=ProcessSpec(args=["true"]), layer_count=1,
                       **kw.pop("boot", {}))
     return VmPlacement(boot, [state / "l0.sqfs"], state / "run" / CID[:12], name="web",
-                       backend=FakeBackend(), network={"networks": ["bridge"]}, **kw)
+                       backend=FakeBackend(), network=NetworkRequest(networks=["bridge"]), **kw)
 
 
 def test_which_containers_may_use_a_pooled_vm(state):
@@ -165,12 +167,12 @@ def test_which_containers_may_use_a_pooled_vm(state):
     assert "vCPUs" in pool.eligible(_placement(state, vcpus=2), KEY)
     assert pool.eligible(_placement(state, boot={"os": True}), KEY)
     assert pool.eligible(_placement(state, cpuset="0"), KEY)
-    assert pool.eligible(_placement(state, mounts=[{"type": "bind", "source": "/srv",
-                                                    "target": "/srv"}]), KEY)
-    assert pool.eligible(_placement(state, mounts=[{"type": "tmpfs", "source": "",
-                                                    "target": "/t"}]), KEY) is None
+    assert pool.eligible(_placement(state, mounts=[MountRequest(type="bind", source="/srv",
+                                                                 target="/srv")]), KEY)
+    assert pool.eligible(_placement(state, mounts=[MountRequest(type="tmpfs", source="",
+                                                                 target="/t")]), KEY) is None
     host = _placement(state)
-    host.network_request = {"networks": ["host"]}
+    host.network_request = NetworkRequest(networks=["host"])
     assert pool.eligible(host, KEY)
     many = _placement(state)
     many.layer_disks = [state / f"l{i}" for i in range(pool.HOTPLUG_PORTS)]

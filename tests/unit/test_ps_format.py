@@ -7,11 +7,12 @@ from click.testing import CliRunner
 from shim.cli.main import cli
 from shim.containers.store import Container, ContainerStore
 from shim.network.ports import PortMapping
+from guest.spec import ProcessSpec
 
 
 def record(cid: str, name: str, **kw) -> Container:
     return Container(id=cid, name=name, image="busybox", image_id="sha256:abc",
-                     isolation="vm", process={"args": ["sh", "-c", "true"]},
+                     isolation="vm", process=ProcessSpec(args=["sh", "-c", "true"]),
                      hostname=cid[:12], token="t", layer_disks=["/l0.sqfs"],
                      created="2026-12-04T16:01:37.5Z", **kw)
 

@@ -9,6 +9,7 @@ from shim.containers.inspect import inspect_data
 from shim.containers.listing import ps_entry, status_text
 from shim.containers.monitor import restart_delay
 from shim.containers.store import Container, ContainerStore, process_start_time
+from guest.spec import ProcessSpec
 
 
 def test_back_off_doubles_resets_after_ten_seconds_up_and_stops_at_a_minute():
@@ -26,7 +27,7 @@ def test_back_off_doubles_resets_after_ten_seconds_up_and_stops_at_a_minute():
 def restarting(tmp_path, monkeypatch):
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "root"))
     record = Container(id="b" * 64, name="flaky", image="busybox", image_id="sha256:abc",
-                       isolation="process", process={"args": ["false"]}, hostname="b" * 12,
+                       isolation="process", process=ProcessSpec(args=["false"]), hostname="b" * 12,
                        token="t", layer_disks=[])
     record.state.status = "exited"
     record.state.exit_code = 1

@@ -16,7 +16,7 @@ def test_guest_figures_are_checked_not_trusted():
 
 def test_vm_row_shows_the_cgroup_and_qemu_separately():
     record = SimpleNamespace(id="c" * 64, short_id="c" * 12, name="web", isolation="vm",
-                             memory_mib=256)
+                             vm_memory_mib=256)
     guest0 = {"cpu_ns": 1_000_000_000, "memory": 8 << 20, "memory_limit": 0, "pids": 3}
     guest1 = dict(guest0, cpu_ns=1_500_000_000, net_rx_bytes=2048, net_tx_bytes=1024,
                   block_read_bytes=4 << 20, block_write_bytes=8 << 20)
@@ -34,7 +34,7 @@ def test_vm_row_shows_the_cgroup_and_qemu_separately():
 
 def test_a_paused_vm_falls_back_to_the_host_figures():
     record = SimpleNamespace(id="d" * 64, short_id="d" * 12, name="p", isolation="vm",
-                             memory_mib=256)
+                             vm_memory_mib=256)
     after = {record.id: (1.0, {"guest": None, "host": {"cpu_ns": 1, "memory": 100 << 20}})}
     row, = rows([record], {}, after)
     assert row["Memory"] == 100 << 20 and row["CPUPerc"] == "--" and row["NetIO"] == "-- / --"

@@ -7,13 +7,17 @@ import pytest
 
 from shim.containers import template
 from shim.containers.store import Container
+from guest.spec import ProcessSpec
+from shim.containers.netrequest import NetworkRequest
+from shim.containers.resources import Resources
+from shim.volumes.specs import MountRequest
 
 
 def record(**kw) -> Container:
     values = dict(id="a" * 64, name="t", image="busybox", image_id="sha256:abc",
-                  isolation="vm", process={"args": ["true"]}, hostname="aaaaaaaaaaaa",
+                  isolation="vm", process=ProcessSpec(args=["true"]), hostname="aaaaaaaaaaaa",
                   token="0" * 32, layer_disks=["/l/0.sqfs"], writable="tmpfs",
-                  auto_remove=True, network={"networks": ["none"]})
+                  auto_remove=True, network=NetworkRequest(networks=["none"]))
     values.update(kw)
     return Container(**values)
 
@@ -21,22 +25,21 @@ def record(**kw) -> Container:
 def test_identity_does_not_change_the_shape():
     one = template.shape_of(record())
     other = template.shape_of(record(id="b" * 64, hostname="other", token="1" * 32,
-                                     process={"args": ["sleep", "9"], "env": ["A=1"]},
+                                     process=ProcessSpec(args=["sleep", "9"], env=["A=1"]),
                                      name="u", hosts="127.0.0.1 other\n"))
     assert one is not None and one == other
     guest = {"guest_image": "g", "kernel_release": "6.1", "accel": "tcg"}
     assert template.key_of(one, guest) == template.key_of(other, guest)
     assert template.key_of(one, guest) != template.key_of(one, {**guest, "guest_image": "h"})
-    assert template.shape_of(record(memory_mib=512)) != one
     assert template.shape_of(record(layer_disks=["/l/1.sqfs"])) != one
 
 
 @pytest.mark.parametrize("change", [
     {"writable": "disk"}, {"isolation": "process"},
-    {"network": {"networks": ["bridge"]}},
-    {"mounts": [{"type": "tmpfs", "target": "/x"}]}, {"rootfs": "/bundle"},
+    {"network": NetworkRequest(networks=["bridge"])},
+    {"mounts": [MountRequest(type="tmpfs", target="/x")]}, {"rootfs": "/bundle"},
     {"privileged": True}, {"os_container": True}, {"sysctl": {"kernel.x": "1"}},
-    {"devices": [{"path": "/dev/fuse"}]}, {"resources": {"memory": 64 << 20}},
+    {"devices": [{"path": "/dev/fuse"}]}, {"resources": Resources(memory=64 << 20)},
 ])
 def test_what_cannot_start_from_a_template(change):
     assert template.shape_of(record(**change)) is None

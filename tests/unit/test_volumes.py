@@ -71,9 +71,9 @@ def test_duplicate_destinations_are_refused():
 
 
 def test_volumes_from_copies_binds_and_volumes():
-    stored = [MountRequest(type="volume", source="v", target="/v", anonymous=True).to_dict(),
-              MountRequest(type="bind", source="/h", target="/b").to_dict(),
-              MountRequest(type="tmpfs", target="/t").to_dict()]
+    stored = [MountRequest(type="volume", source="v", target="/v", anonymous=True),
+              MountRequest(type="bind", source="/h", target="/b"),
+              MountRequest(type="tmpfs", target="/t")]
     copied = specs.volumes_from([stored], ["other:ro"])
     assert [(m.type, m.target, m.readonly, m.anonymous) for m in copied] == [
         ("volume", "/v", True, False), ("bind", "/b", True, False)]
@@ -283,8 +283,8 @@ def test_prepare_mounts_resolves_volumes_and_volumes_from(store, tmp_path):
             assert ref == "web"
 
             class R:
-                mounts = [MountRequest(type="volume", source="shared", target="/s").to_dict(),
-                          MountRequest(type="bind", source=str(tmp_path), target="/h").to_dict()]
+                mounts = [MountRequest(type="volume", source="shared", target="/s"),
+                          MountRequest(type="bind", source=str(tmp_path), target="/h")]
             return R()
 
     requests = [MountRequest(type="volume", target="/anon", anonymous=True),
