@@ -244,19 +244,40 @@ class Container:
         if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
             raise ValueError(f"container record schema {schema!r} is not one this version "
                              f"reads (1 to {SCHEMA_VERSION}); upgrade vmshim")
+        try:
+            return cls._from_dict(data)
+        except (AttributeError, IndexError, KeyError, TypeError) as exc:  # a field's shape
+            raise ValueError(f"malformed container record: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> "Container":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         # schema 1 also held memory_mib: always resources' VM size, so it is dropped.
-        values["process"] = ProcessSpec.from_dict(data.get("process") or {})
+        values["process"] = ProcessSpec.from_dict(_object(data, "process"))
         network = data.get("network")
-        values["network"] = NetworkRequest.from_dict(network) if network is not None else None
-        values["resources"] = Resources.from_dict(data.get("resources"))
-        values["mounts"] = [MountRequest.from_dict(m) for m in data.get("mounts") or []]
+        values["network"] = None if network is None else \
+            NetworkRequest.from_dict(_object(data, "network"))
+        values["resources"] = Resources.from_dict(_object(data, "resources"))
+        mounts = data.get("mounts") or []
+        if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
+            raise ValueError("mounts must be a list of JSON objects")
+        values["mounts"] = [MountRequest.from_dict(m) for m in mounts]
         values["log"] = LogLimits.from_dict(data.get("log"))
         state_known = {f.name for f in fields(ContainerState)}
-        values["state"] = ContainerState(**{k: v for k, v in (data.get("state") or {}).items()
+        values["state"] = ContainerState(**{k: v for k, v in _object(data, "state").items()
                                             if k in state_known})
         return cls(**values)
+
+
+def _object(data: dict, name: str) -> dict:
+    """``data[name]`` when it is a JSON object; {} when it is absent or null."""
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
 
 
 class ContainerStore:
@@ -292,7 +313,7 @@ class ContainerStore:
             return Container.from_dict(data)
         except FileNotFoundError:
             raise ContainerNotFound(f"no such container: {container_id}") from None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise VmshimError(f"the record of container {container_id} is unreadable: {exc}") from None
 
     def list(self) -> list[Container]:
