@@ -51,8 +51,8 @@ def replica_addresses(project: str, service: str) -> list[str]:
         if record.status.value != "running":
             continue
         endpoints = store.endpoints_of(record.id)
-        first = record.network.networks[0] if record.network and record.network.networks \
-            else None
+        request = record.network
+        first = request.networks[0] if request is not None and request.networks else None
         for net, endpoint in endpoints:
             if net.name == first:
                 out.append(endpoint.ip)
