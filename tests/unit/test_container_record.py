@@ -184,3 +184,13 @@ def test_update_of_a_stopped_vm_resizes_it_through_resources_alone(store):
     assert rec.resources.memory == 200 << 20 and rec.vm_memory_mib == 200 + GUEST_OVERHEAD_MIB
     data = json.loads((store.dir(OLD_ID) / "state.json").read_text())
     assert "memory_mib" not in data and data["resources"]["memory"] == 200 << 20
+
+
+@pytest.mark.parametrize("limit_mib", [0, 300, 301, 512, 1000, 4096])
+def test_a_runtime_records_vm_size_is_what_size_vm_chose(limit_mib):
+    """vmshim-runtime stores only the guest's limits; the VM size derived from them must be
+    the one hostcgroup.size_vm fitted into the engine's memory limit."""
+    from shim.oci.hostcgroup import size_vm
+
+    vm_mib, guest = size_vm(Resources(memory=limit_mib << 20))
+    assert isinstance(guest, Resources) and guest.vm_memory_mib() == vm_mib
