@@ -25,9 +25,8 @@ def create(memory_mib, image):
     from shim.containers.run import prepare
 
     record = prepare(RunOptions(image=image, command=["true"], remove=True,
-                                network=parse_request(network="none"),
-                                memory_mib=memory_mib))
-    meta = template_build.create(record)
+                                network=parse_request(network="none")))
+    meta = template_build.create(record, memory_mib=memory_mib)
     click.echo(meta["dir"].rsplit("/", 1)[-1])
 
 

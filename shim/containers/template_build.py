@@ -23,13 +23,17 @@ from shim.containers.vm_placement import VmPlacement
 from shim.errors import VmshimError
 
 
-def create(record: Container, *, backend=None) -> dict:
-    """Boot, ready and save the template for *record*'s shape (replacing one there).
-    Returns its meta. Raises VmshimError (nothing is left of a failed one)."""
+def create(record: Container, *, memory_mib: int | None = None, backend=None) -> dict:
+    """Boot, ready and save the template for *record*'s shape (replacing one there), its VM
+    of *memory_mib* (None: the record's VM size). Returns its meta. Raises VmshimError
+    (nothing is left of a failed one)."""
     shape = shape_of(record)
     if shape is None:
         raise VmshimError("only --rm containers with --network none, no mounts and no "
                           "limits can start from a template")
+    if memory_mib is not None:
+        shape["memory_mib"] = memory_mib
+    memory_mib = shape["memory_mib"]
     guest = guest_identity()
     key = key_of(shape, guest)
     tid = secrets.token_hex(32)
@@ -43,7 +47,7 @@ def create(record: Container, *, backend=None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o700)
         placement = VmPlacement(boot, [Path(d) for d in record.layer_disks], paths.run_dir() / tid[:12],
-                                name="template", memory_mib=record.vm_memory_mib,
+                                name="template", memory_mib=memory_mib,
                                 vcpus=record.vm_vcpus,
                                 backend=backend)
         try:
@@ -58,7 +62,7 @@ def create(record: Container, *, backend=None) -> dict:
             time.sleep(0.5)  # the agent sees its host leave, and greets the next one
             placement.save(work / MEMORY)
             meta = {"id": tid, "token": token, "uuid": str(uuid.UUID(tid[:32])),
-                    "image": record.image, "memory_mib": record.vm_memory_mib,
+                    "image": record.image, "memory_mib": memory_mib,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guest}
             (work / META).write_text(json.dumps(meta, indent=1))
             shutil.rmtree(directory, ignore_errors=True)
