@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from guest.spec import ProcessSpec
 from shim.containers import monitor_life as life
 from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, IllegalTransition,
                                           Removing, RestartWaiting, Running, Stopping)
@@ -75,7 +76,7 @@ def store(tmp_path, monkeypatch):
     store = ContainerStore()
     cid = os.urandom(32).hex()
     store.create(Container(id=cid, name="life", image="busybox", image_id="sha256:x",
-                           isolation="fake", process={"args": ["true"]}, hostname=cid[:12],
+                           isolation="fake", process=ProcessSpec(args=["true"]), hostname=cid[:12],
                            token="tok", layer_disks=[], writable="tmpfs"))
     return store, cid
 
