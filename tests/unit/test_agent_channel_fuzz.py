@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guest import protocol
+from guest.spec import ProcessSpec
 from shim.containers import monitor as monmod
 from shim.containers import monitor_life
 from shim.containers.store import Container, ContainerStore
-from guest.spec import ProcessSpec
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -11,13 +11,13 @@ import tarfile
 
 import pytest
 
+from guest.spec import ProcessSpec
 from shim.containers import checkpoint as ckpt
 from shim.containers import state as lifecycle
+from shim.containers.netrequest import NetworkRequest
 from shim.containers.state import Status
 from shim.containers.store import Container, ContainerStore
 from shim.errors import CheckpointError, ContainerStateError
-from guest.spec import ProcessSpec
-from shim.containers.netrequest import NetworkRequest
 from shim.volumes.specs import MountRequest
 
 CID = "c" * 64

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from guest.spec import ProcessSpec
 from shim.containers.store import (Container, ContainerStore, monitor_alive,
                                    process_start_time)
 from shim.errors import ContainerNotFound, UsageError
-from guest.spec import ProcessSpec
 
 
 def record(cid: str, name: str) -> Container:

@@ -14,7 +14,6 @@ from shim.cli.runtime import parse_signal
 from shim.containers.store import Container, process_start_time
 from shim.oci.hooks import HookError, run_hooks
 from shim.oci.state import OciInfo, RuntimeStore, oci_status, record_id, state_of
-from guest.spec import ProcessSpec
 
 
 def record(status: str) -> Container:

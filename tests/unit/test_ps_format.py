@@ -4,10 +4,10 @@ prefix, against records in a temporary state root (no monitor, no VM)."""
 import pytest
 from click.testing import CliRunner
 
+from guest.spec import ProcessSpec
 from shim.cli.main import cli
 from shim.containers.store import Container, ContainerStore
 from shim.network.ports import PortMapping
-from guest.spec import ProcessSpec
 
 
 def record(cid: str, name: str, **kw) -> Container:

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
+from guest.spec import ProcessSpec
 from shim.containers.inspect import inspect_data
 from shim.containers.listing import ps_entry, status_text
 from shim.containers.monitor import restart_delay
 from shim.containers.store import Container, ContainerStore, process_start_time
-from guest.spec import ProcessSpec
 
 
 def test_back_off_doubles_resets_after_ten_seconds_up_and_stops_at_a_minute():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from shim.containers import template
-from shim.containers.store import Container
 from guest.spec import ProcessSpec
+from shim.containers import template
 from shim.containers.netrequest import NetworkRequest
 from shim.containers.resources import Resources
+from shim.containers.store import Container
 from shim.volumes.specs import MountRequest
 
 
