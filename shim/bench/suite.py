@@ -41,6 +41,7 @@ from shim.bench.workloads import (
     syscall_script,
 )
 from shim.errors import UsageError
+from shim.vm import memory
 
 MIB = 1 << 20
 SETTLE = 2.0
@@ -442,6 +443,9 @@ def bench_density(ctx: Context) -> None:
                f"{DENSITY_PSS_AT} and at the last step in the extra data")
     fig.skip("floor", N_A_FLOOR)
     subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
+    # KSM is the memory setting (`vmshim memory set --ksm on`), not a bench switch; when it
+    # is on, PSS at 20 and at --max is read after ksmd settled (bounded, untimed wait).
+    ksm_on = memory.load().ksm and memory.ksm_host()["running"]
     for s in subjects:
         drv = ctx.drivers[s]
         refs: list[str] = []
@@ -470,6 +474,13 @@ def bench_density(ctx: Context) -> None:
                     latencies.append(time.perf_counter() - t)
                 step = {"running": k, "start_s": round(started, 3),
                         "exec_max_s": round(max(latencies), 3) if latencies else None}
+                if ksm_on and s == "vm" and k in (DENSITY_PSS_AT, ctx.max_density):
+                    settle = memory.ksm_settle()  # untimed: start_s is already taken
+                    step["ksm_settle_s"] = settle.waited_s
+                    step["ksm_settled"] = settle.settled
+                    step["ksm_pages_sharing"] = settle.pages_sharing
+                    ctx.log(f"  density {s}: waited {settle.waited_s:.0f} s for KSM "
+                            + ("to settle" if settle.settled else "(timed out, read anyway)"))
                 if s != "vm" or "inspect" in ctx.caps.commands:
                     try:
                         pids: set[int] = set()
@@ -504,6 +515,7 @@ def bench_density(ctx: Context) -> None:
         answered = len(steps) - (1 if stop and "missed" in stop else 0)
         fig.add(s, max(answered, 0))
         fig.result(s).extra.update({"stopped": stop, "steps": steps,
+                                    "ksm": bool(ksm_on and s == "vm"),
                                     **pss_per_container(steps)})
 
 

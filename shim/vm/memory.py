@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +34,12 @@ from shim.errors import VmshimError
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 KSM_PAGES_TO_SCAN = 1000
 KSM_SLEEP_MS = 20
-"""What DESIGN.md measured: 8 idle 256 MiB guests merged in about 2 minutes."""
+"""What DESIGN.md measured: 8 idle 256 MiB guests merged in about 2 minutes. ksmd's own
+defaults (100 pages every 20 ms) are ten times slower; 1000 pages per 20 ms costs ksmd
+about a tenth of one core while it scans (bounded: it sleeps between batches). vmshim
+sets these when it turns KSM on and puts the host's previous values back when it turns
+it off (saved in ``$VMSHIM_ROOT/ksm-previous.json``)."""
+KSM_TUNED = ("pages_to_scan", "sleep_millisecs")
 
 
 @dataclass(frozen=True)
@@ -89,14 +96,76 @@ def set_ksm(on: bool, ksm_dir: Path = KSM_DIR) -> None:
         if on:
             raise VmshimError(f"this host kernel has no KSM ({ksm_dir} is missing)")
         return
+    previous = paths.root() / "ksm-previous.json"
     try:
         if on:
+            if not previous.exists():
+                previous.parent.mkdir(parents=True, exist_ok=True)
+                previous.write_text(json.dumps(
+                    {n: (ksm_dir / n).read_text().strip() for n in KSM_TUNED}))
             (ksm_dir / "pages_to_scan").write_text(str(KSM_PAGES_TO_SCAN))
             (ksm_dir / "sleep_millisecs").write_text(str(KSM_SLEEP_MS))
         (ksm_dir / "run").write_text("1" if on else "2")
+        if not on and previous.exists():
+            _restore_tuning(previous, ksm_dir)
     except OSError as exc:
         raise VmshimError(f"cannot {'start' if on else 'stop'} KSM ({ksm_dir}/run): "
                           f"{exc.strerror}; it needs root") from None
+
+
+def _restore_tuning(previous: Path, ksm_dir: Path) -> None:
+    """Put back the scan rate saved when vmshim turned KSM on (only positive integers)."""
+    try:
+        saved = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if isinstance(saved, dict):
+        for name in KSM_TUNED:
+            value = saved.get(name)
+            if isinstance(value, str) and value.isdigit() and 0 < int(value) < 10**7:
+                (ksm_dir / name).write_text(value)
+    previous.unlink()
+
+
+KSM_SETTLE_TIMEOUT = 120.0
+"""The longest the density bench waits (untimed) for ksmd to settle before reading PSS."""
+
+
+@dataclass(frozen=True)
+class Settle:
+    waited_s: float
+    settled: bool
+    """False when the timeout came first (PSS is then read anyway)."""
+    full_scans: int
+    pages_sharing: int
+
+
+def ksm_settle(ksm_dir: Path = KSM_DIR, timeout: float = KSM_SETTLE_TIMEOUT,
+               poll: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+               clock: Callable[[], float] = time.monotonic) -> Settle:
+    """Wait until ksmd has settled since now: ``full_scans`` advanced by at least 2 and
+    ``pages_sharing`` changed by at most 1% (or 16 pages) across the last full scan;
+    at most *timeout* seconds. Precondition: KSM is running."""
+    def read(name: str) -> int:
+        try:
+            return int((ksm_dir / name).read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    start = clock()
+    base = scan = read("full_scans")
+    sharing = read("pages_sharing")
+    while True:
+        now_scan, now_sharing = read("full_scans"), read("pages_sharing")
+        if now_scan != scan:
+            stable = abs(now_sharing - sharing) <= max(16, sharing // 100)
+            if now_scan >= base + 2 and stable:
+                return Settle(round(clock() - start, 1), True, now_scan, now_sharing)
+            scan, sharing = now_scan, now_sharing
+        waited = clock() - start
+        if waited >= timeout:
+            return Settle(round(waited, 1), False, now_scan, now_sharing)
+        sleep(poll)
 
 
 def ksm_host(ksm_dir: Path = KSM_DIR) -> dict:

@@ -75,3 +75,61 @@ def test_settings_reach_the_container_domain(tmp_path):
     on = p.build_domain(guest, AccelInfo("tcg", "t"),
                         memory.MemorySettings(ksm=True, free_page_reporting=True)).to_xml()
     assert "nosharepages" not in on and 'freePageReporting="on"' in on
+
+
+class FakeKsmd:
+    """A fake ksmd: each sleep is one poll; *scans* lists (full_scans, pages_sharing) per poll."""
+
+    def __init__(self, d, scans):
+        self.d, self.scans, self.t = d, list(scans), 0.0
+        self.write()
+
+    def write(self):
+        scan, sharing = self.scans[0]
+        (self.d / "full_scans").write_text(str(scan))
+        (self.d / "pages_sharing").write_text(str(sharing))
+
+    def sleep(self, s):
+        self.t += s
+        if len(self.scans) > 1:
+            self.scans.pop(0)
+        self.write()
+
+    def clock(self):
+        return self.t
+
+
+def test_settle_waits_two_scans_and_a_stable_sharing(ksm):
+    # scan 5 -> 6 merges a lot (not stable), 6 -> 7 still growing, 7 -> 8 stable
+    fake = FakeKsmd(ksm, [(5, 0), (5, 0), (6, 9000), (6, 9000), (7, 20000), (8, 20050)])
+    got = memory.ksm_settle(ksm, timeout=120, poll=1, sleep=fake.sleep, clock=fake.clock)
+    assert got.settled and got.full_scans == 8 and got.pages_sharing == 20050
+
+
+def test_settle_needs_two_scans_even_when_stable(ksm):
+    fake = FakeKsmd(ksm, [(5, 100), (6, 100), (6, 100), (7, 100)])
+    got = memory.ksm_settle(ksm, timeout=120, poll=1, sleep=fake.sleep, clock=fake.clock)
+    assert got.settled and got.full_scans == 7
+
+
+def test_settle_gives_up_at_the_timeout(ksm):
+    # ksmd never finishes a scan (or keeps merging): the wait is bounded
+    fake = FakeKsmd(ksm, [(5, 100)])
+    got = memory.ksm_settle(ksm, timeout=10, poll=1, sleep=fake.sleep, clock=fake.clock)
+    assert not got.settled and fake.t <= 11
+    growing = FakeKsmd(ksm, [(i, i * 10000) for i in range(50)])
+    got = memory.ksm_settle(ksm, timeout=10, poll=1, sleep=growing.sleep, clock=growing.clock)
+    assert not got.settled
+
+
+def test_ksm_off_restores_the_hosts_scan_rate(ksm):
+    memory.save(memory.MemorySettings(ksm=True), ksm)
+    assert (ksm / "sleep_millisecs").read_text() == str(memory.KSM_SLEEP_MS)
+    memory.save(memory.MemorySettings(ksm=False), ksm)
+    assert (ksm / "pages_to_scan").read_text() == "100"
+    assert (ksm / "sleep_millisecs").read_text() == "200"
+    # a garbled saved value is not written to sysfs
+    memory.save(memory.MemorySettings(ksm=True), ksm)
+    (memory.paths.root() / "ksm-previous.json").write_text('{"pages_to_scan": "-1 junk"}')
+    memory.save(memory.MemorySettings(ksm=False), ksm)
+    assert (ksm / "pages_to_scan").read_text() == str(memory.KSM_PAGES_TO_SCAN)
