@@ -357,6 +357,7 @@ class VmPlacement:
             if self.attachments.requests:  # tmpfs only (pool.eligible)
                 specs, _, _ = self.attachments.for_vm(0, _target, share_dir=self.run_dir / "shares")
                 self.boot_config = self.boot_config.replace(mounts=specs)
+            pool.plug_disks(self, vm)  # the guest's hotplug runs while the network is made
             if self.network_request is not None:
                 from shim.containers import networking as netc
 
