@@ -645,29 +645,24 @@ def plug_disks(placement, vm: PooledVm) -> None:
             serial=WRITABLE_SERIAL, readonly=False))
 
 
-def adopt(placement, vm: PooledVm, alive=None):
+def adopt(placement, vm: PooledVm, client, alive=None):
     """Turn the claimed *vm*, its disks plugged (:func:`plug_disks`), into *placement*'s
-    container: connect to its agent, send the spec and fresh entropy, then hot-plug the
-    NICs (the guest sets up its hostname and cgroup meanwhile, and waits for them).
-    Returns the AgentClient (``start`` comes next). Raises VmshimError; the caller kills
-    the VM then."""
+    container: greet its agent on *client* (connected right after the claim, so that the
+    agent's poll for its next host, every 50 ms, ran meanwhile), send the spec and fresh
+    entropy, then hot-plug the NICs (the guest sets up its hostname and cgroup meanwhile,
+    and waits for them). Returns *client* (``start`` comes next). Raises VmshimError; the
+    caller closes *client* and kills the VM then."""
     from guest import protocol
     from shim.containers.vm_common import BOOT_TIMEOUT
-    from shim.vm.agent_client import AgentClient
 
     interfaces = placement.network.domain_interfaces() if placement.network is not None else []
     if any(i.type != "bridge" for i in interfaces):
         raise PoolError("a pooled VM takes bridge NICs only")
     if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
         raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
-    client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
-    try:
-        client.handshake(BOOT_TIMEOUT, alive=alive)
-        client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
-                    entropy=secrets.token_hex(ENTROPY_BYTES))
-        for iface in interfaces:
-            placement.backend.attach_interface(vm.domain, iface)
-    except BaseException:
-        client.close()
-        raise
+    client.handshake(BOOT_TIMEOUT, alive=alive)
+    client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
+                entropy=secrets.token_hex(ENTROPY_BYTES))
+    for iface in interfaces:
+        placement.backend.attach_interface(vm.domain, iface)
     return client

@@ -353,7 +353,9 @@ class VmPlacement:
         from shim.containers import pool
 
         self._use_pooled(vm)
+        client = None
         try:
+            client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
             if self.attachments.requests:  # tmpfs only (pool.eligible)
                 specs, _, _ = self.attachments.for_vm(0, _target, share_dir=self.run_dir / "shares")
                 self.boot_config = self.boot_config.replace(mounts=specs)
@@ -364,8 +366,11 @@ class VmPlacement:
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "vm", self.network_request,
                     self.boot_config)
-            return pool.adopt(self, vm, alive=lambda: self._vm_problem() or (alive and alive()))
+            return pool.adopt(self, vm, client,
+                              alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
+            if client is not None:
+                client.close()
             self.kill()
             raise
 

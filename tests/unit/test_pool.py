@@ -259,6 +259,7 @@ def test_adopt_plugs_disks_first_and_nics_after_the_spec(state):
     import socket
 
     from guest import protocol
+    from shim.vm.agent_client import AgentClient
     from shim.vm.domain import Interface
 
     backend = FakeBackend()
@@ -301,7 +302,8 @@ def test_adopt_plugs_disks_first_and_nics_after_the_spec(state):
     pool.plug_disks(p, vm)
     assert [c for c in backend.calls if c[0].startswith("attach")] == [("attach_disk", vm.domain)]
     p.network = Net()
-    client = pool.adopt(p, vm)
+    client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
+    assert pool.adopt(p, vm, client) is client
     client.close()
     listener.close()
     assert events == ["spec", "nic"]
