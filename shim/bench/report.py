@@ -100,8 +100,9 @@ def table(results: Results) -> tuple[Table, list[str]]:
                 note = footnote(f"{name} {subject}: {r.extra['stopped']}")
             elif r.extra.get("read"):
                 note = f"reads {r.extra['read']}"
-            elif r.extra.get("speedup_vs_cold"):
-                note = f"{r.extra['speedup_vs_cold']:g}x faster than cold"
+            elif any(k.startswith("speedup_vs_") for k in r.extra):
+                key = next(k for k in r.extra if k.startswith("speedup_vs_"))
+                note = f"{r.extra[key]:g}x faster than {key[len('speedup_vs_'):]}"
             else:
                 note = ""
             t.add_row(label if first else "", subject,

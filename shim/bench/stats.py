@@ -23,6 +23,8 @@ SUBJECT_LABELS = {
     "floor": "bare QEMU boot (floor)",
     "cold": "vmshim, a VM booted for the container",
     "pooled": "vmshim, a pre-booted VM from the warm pool",
+    "cold_nonet": "vmshim --network none, a VM booted for the container",
+    "restored": "vmshim --network none, a copy of a snapshot template",
 }
 
 BASELINES = ("process", "floor")

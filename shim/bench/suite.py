@@ -257,21 +257,31 @@ def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEO
 
 
 def bench_start(ctx: Context) -> None:
-    """``run --rm busybox true`` started three ways, one row each: ``cold`` (a VM booted
-    for it), ``pooled`` (taken from the warm pool, shim.containers.pool), and room for
-    ``restored`` (from a snapshot template). Ratios: cold median / each row's median."""
+    """``run --rm busybox true`` started four ways, one row each, interleaved in one run:
+    ``cold`` (a VM booted for it), ``pooled`` (taken from the warm pool,
+    shim.containers.pool), and with ``--network none`` (what a snapshot template takes)
+    ``cold_nonet`` and ``restored`` (a copy of a snapshot template,
+    shim.containers.template). Speedup: ``cold`` / ``pooled``, ``cold_nonet`` /
+    ``restored``."""
     fig = ctx.results.figure(
-        "start", "Start of `run --rm busybox true`: cold, pooled", "s",
+        "start", "Start of `run --rm busybox true`: cold, pooled, snapshot template", "s",
         note="whole command, spawn to exit; cold: VMSHIM_POOL=off; pooled: a pool of "
-             f"{START_POOL_SIZE} kept full between samples (untimed); speedup = cold / row")
+             f"{START_POOL_SIZE} kept full between samples (untimed); cold_nonet and "
+             "restored: --network none, VMSHIM_TEMPLATES=off or a template made by "
+             "`vmshim template create busybox`; speedup = cold row / warm row")
     if "vm" not in ctx.available([fig], "vm"):
         return
     missing = ctx.caps.lifecycle_missing("pool")
+    no_template = ctx.caps.lifecycle_missing("template")
     drv = ctx.drivers["vm"]
+    nonet = drv.run_argv("true", extra=("--network", "none"))
 
-    def cold() -> float:
+    def settled() -> None:
         if not missing:
             _pool_ready(drv, START_POOL_SIZE)  # nothing boots in the background
+
+    def cold() -> float:
+        settled()
         return timed(["env", "VMSHIM_POOL=off", *drv.run_argv("true")])
 
     def pooled() -> float:
@@ -284,20 +294,39 @@ def bench_start(ctx: Context) -> None:
             raise BenchError("the run did not take a pooled VM (it booted cold)")
         return value
 
+    def cold_nonet() -> float:
+        settled()
+        return timed(["env", "VMSHIM_POOL=off", "VMSHIM_TEMPLATES=off", *nonet])
+
+    def restored() -> float:
+        settled()
+        return timed(["env", "VMSHIM_POOL=off", *nonet])
+
     m: dict[str, Callable[[], float]] = {"cold": cold}
     if missing:
         fig.skip("pooled", missing)
     else:
         m["pooled"] = pooled
+    if no_template:
+        fig.skip("cold_nonet", no_template)
+        fig.skip("restored", no_template)
+    else:
+        m["cold_nonet"], m["restored"] = cold_nonet, restored
     previous = None
-    if not missing:
-        import json
-
-        previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
-        run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
+    template = None
     try:
+        if not missing:
+            import json
+
+            previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"),
+                                      timeout=60).stdout)
+            run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
+        if not no_template:
+            template = run(drv.argv("template", "create", "busybox"), timeout=600).stdout.strip()
         _sample(ctx, fig, m)
     finally:
+        if template:
+            run(drv.argv("template", "rm", template), check=False)
         if previous is not None:
             if previous.get("size"):
                 run(drv.argv("pool", "set", "--size", str(previous["size"]),
@@ -305,10 +334,11 @@ def bench_start(ctx: Context) -> None:
                              "--cpus", str(previous["vcpus"])), timeout=120, check=False)
             else:
                 run(drv.argv("pool", "rm"), timeout=120, check=False)
-    cold = fig.subjects["cold"].median if "cold" in fig.subjects else None
-    for subject, result in fig.subjects.items():
-        if subject != "cold" and result.median and cold:
-            result.extra["speedup_vs_cold"] = round(cold / result.median, 2)
+    for warm, base in (("pooled", "cold"), ("restored", "cold_nonet")):
+        if warm in fig.subjects and base in fig.subjects:
+            w, c = fig.subjects[warm].median, fig.subjects[base].median
+            if w and c:
+                fig.subjects[warm].extra[f"speedup_vs_{base}"] = round(c / w, 2)
 
 
 def bench_exec(ctx: Context) -> None:
@@ -877,7 +907,8 @@ def bench_engine_network(ctx: Context) -> None:
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
-    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool), and the ratio"),
+    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool) vs a snapshot "
+                         "template, and the ratios"),
     "exec": (bench_exec, "exec true into an idle container"),
     "start_snapshot": (bench_start_snapshot, "run --rm true: cold vs from a snapshot template"),
     "memory": (bench_memory, "host PSS per idle container, and the guest's view"),

@@ -629,26 +629,16 @@ def take(placement, key: PoolKey, backend) -> PooledVm | None:
     return vm
 
 
-def adopt(placement, vm: PooledVm, alive=None):
-    """Turn the claimed *vm* into *placement*'s container: hot-plug the layer disks, the
-    writable disk and the NICs, then connect to its agent and send the spec and fresh
-    entropy.
-    Returns the AgentClient (``start`` comes next). Raises VmshimError; the caller kills
-    the VM then."""
-    from guest import protocol
+def plug_disks(placement, vm: PooledVm) -> None:
+    """Hot-plug *placement*'s layer disks and writable disk into the claimed *vm*. First,
+    before the network is set up: the guest's PCIe hotplug of a device takes ~0.2 s
+    under TCG and runs meanwhile. Raises PoolError, HypervisorError."""
     from guest.spec import LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
-    from shim.containers.vm_common import BOOT_TIMEOUT
     from shim.containers.vm_common import disk_target as _target
     from shim.vm import domain as dom
-    from shim.vm.agent_client import AgentClient
 
-    interfaces = placement.network.domain_interfaces() if placement.network is not None else []
-    if any(i.type != "bridge" for i in interfaces):
-        raise PoolError("a pooled VM takes bridge NICs only")
-    if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
-        raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
-    # Devices first: the guest's PCIe hotplug (~0.1 s a slot, slots in parallel) runs
-    # while the agent is greeted and given its spec.
+    if len(placement.layer_disks) + (placement.rw_disk is not None) > vm.ports:
+        raise PoolError(f"the container needs more disks than a pooled VM's {vm.ports} ports")
     for index, path in enumerate(placement.layer_disks):
         placement.backend.attach_disk(vm.domain, dom.Disk(
             source=str(path), target=_target(index), serial=f"{LAYER_SERIAL_PREFIX}{index}",
@@ -657,14 +647,26 @@ def adopt(placement, vm: PooledVm, alive=None):
         placement.backend.attach_disk(vm.domain, dom.Disk(
             source=str(placement.rw_disk), target=_target(len(placement.layer_disks)),
             serial=WRITABLE_SERIAL, readonly=False))
+
+
+def adopt(placement, vm: PooledVm, client, alive=None):
+    """Turn the claimed *vm*, its disks plugged (:func:`plug_disks`), into *placement*'s
+    container: greet its agent on *client* (connected right after the claim, so that the
+    agent's poll for its next host, every 50 ms, ran meanwhile), send the spec and fresh
+    entropy, then hot-plug the NICs (the guest sets up its hostname and cgroup meanwhile,
+    and waits for them). Returns *client* (``start`` comes next). Raises VmshimError; the
+    caller closes *client* and kills the VM then."""
+    from guest import protocol
+    from shim.containers.vm_common import BOOT_TIMEOUT
+
+    interfaces = placement.network.domain_interfaces() if placement.network is not None else []
+    if any(i.type != "bridge" for i in interfaces):
+        raise PoolError("a pooled VM takes bridge NICs only")
+    if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
+        raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
+    client.handshake(BOOT_TIMEOUT, alive=alive)
+    client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
+                entropy=secrets.token_hex(ENTROPY_BYTES))
     for iface in interfaces:
         placement.backend.attach_interface(vm.domain, iface)
-    client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
-    try:
-        client.handshake(BOOT_TIMEOUT, alive=alive)
-        client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
-                    entropy=secrets.token_hex(ENTROPY_BYTES))
-    except BaseException:
-        client.close()
-        raise
     return client

@@ -355,18 +355,24 @@ class VmPlacement:
         from shim.containers import pool
 
         self._use_pooled(vm)
+        client = None
         try:
+            client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
             if self.attachments.requests:  # tmpfs only (pool.eligible)
                 specs, _, _ = self.attachments.for_vm(0, _target, share_dir=self.run_dir / "shares")
                 self.boot_config = self.boot_config.replace(mounts=specs)
+            pool.plug_disks(self, vm)  # the guest's hotplug runs while the network is made
             if self.network_request is not None:
                 from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
                     self.boot_config.container_id, self.name, "vm", self.network_request,
                     self.boot_config)
-            return pool.adopt(self, vm, alive=lambda: self._vm_problem() or (alive and alive()))
+            return pool.adopt(self, vm, client,
+                              alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
+            if client is not None:
+                client.close()
             self.kill()
             raise
 

@@ -508,8 +508,8 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
         def argv(self, *args):
             return ["vmshim", *args]
 
-        def run_argv(self, *cmd):
-            return ["vmshim", "run", "--rm", "busybox", *cmd]
+        def run_argv(self, *cmd, extra=()):
+            return ["vmshim", "run", "--rm", *extra, "busybox", *cmd]
 
     pool_calls, timed_argv = [], []
     ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready", "id": "a"}]}
@@ -520,31 +520,41 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
             ready["vms"] = [{"state": "ready", "id": str(next(seq))}]  # each look: a new VM
             return SimpleNamespace(stdout=json.dumps(ready))
         pool_calls.append(argv[1:])
-        return SimpleNamespace(stdout="")
+        return SimpleNamespace(stdout="k1\n" if argv[1:3] == ["template", "create"] else "")
 
     def fake_timed(argv, timeout=300):
         timed_argv.append(argv)
+        if "VMSHIM_TEMPLATES=off" in argv:
+            return 2.0
+        if "none" in argv:
+            return 0.4  # restored from the template
         return 3.0 if argv[0] == "env" else 0.5
 
     monkeypatch.setattr(suite, "run", fake_run)
     monkeypatch.setattr(suite, "timed", fake_timed)
     monkeypatch.setattr(suite, "_settled", lambda fn: fn())
     ctx = _ctx(runs=3)
-    ctx.caps = Capabilities({"run", "rm", "pool"}, {"-d", "--rm"})
+    ctx.caps = Capabilities({"run", "rm", "pool", "template"}, {"-d", "--rm"})
     ctx.drivers = {"vm": FakeSubject()}
     suite.bench_start(ctx)
     fig = ctx.results.figures["start"]
     assert fig.subjects["cold"].samples == [3.0] * 3
     assert fig.subjects["pooled"].samples == [0.5] * 3
     assert fig.subjects["pooled"].extra["speedup_vs_cold"] == 6.0
+    assert fig.subjects["cold_nonet"].samples == [2.0] * 3
+    assert fig.subjects["restored"].samples == [0.4] * 3
+    assert fig.subjects["restored"].extra["speedup_vs_cold_nonet"] == 5.0
     assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
-    assert pool_calls == [["pool", "set", "--size", "1"], ["pool", "rm"]]  # off again after
+    assert pool_calls == [["pool", "set", "--size", "1"], ["template", "create", "busybox"],
+                          ["template", "rm", "k1"], ["pool", "rm"]]  # all gone again after
     # Without `vmshim pool`, only the cold row.
     ctx = _ctx(runs=1)
     ctx.caps = Capabilities({"run", "rm"}, {"-d", "--rm"})
     ctx.drivers = {"vm": FakeSubject()}
     suite.bench_start(ctx)
     assert "`vmshim pool` not available" in ctx.results.figures["start"].subjects["pooled"].skipped
+    assert "`vmshim template` not available" in \
+        ctx.results.figures["start"].subjects["restored"].skipped
 
 
 def test_density_pss_per_container_at_20_and_at_the_max():

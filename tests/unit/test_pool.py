@@ -253,3 +253,59 @@ def test_a_stale_pooled_directory_does_not_name_a_cold_boot(state, monkeypatch):
         p.boot()  # the fake VM never says hello; the domain it made is what matters
     assert f"<name>vmshim-{CID[:12]}</name>" in p.backend.created[-1]
     assert not (run_dir / pool.POOLED_DIR).exists() and p.domain == f"vmshim-{CID[:12]}"
+
+
+def test_adopt_plugs_disks_first_and_nics_after_the_spec(state):
+    """The order that lets the guest work while devices arrive: the disks are plugged
+    before the network is made (plug_disks), the spec goes out before the NICs."""
+    import socket
+
+    from guest import protocol
+    from shim.vm.agent_client import AgentClient
+    from shim.vm.domain import Interface
+
+    backend = FakeBackend()
+    ready_vms(backend, 1)
+    p = _placement(state)
+    p._backend = backend
+    vm = pool.claim(KEY, p.run_dir, backend)
+    events: list[str] = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(vm.agent_socket))
+    listener.listen(1)
+
+    def fake_agent() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
+                                         agent="fake"))
+            reader = protocol.FrameReader()
+            while not events or events[-1] != "spec":
+                data = conn.recv(65536)
+                if not data:
+                    return
+                events.extend(m.type for m in reader.feed(data))
+
+    agent = threading.Thread(target=fake_agent)
+    agent.start()
+
+    class Net:
+        def domain_interfaces(self):
+            return [Interface(type="bridge", bridge="vmshim0", mac="52:54:00:00:00:01")]
+
+    plug_nic = backend.attach_interface
+
+    def attach_interface(name, iface):
+        agent.join(10)  # the fake agent ends once it has the spec
+        events.append("nic")
+        plug_nic(name, iface)
+
+    backend.attach_interface = attach_interface  # type: ignore[method-assign]
+    pool.plug_disks(p, vm)
+    assert [c for c in backend.calls if c[0].startswith("attach")] == [("attach_disk", vm.domain)]
+    p.network = Net()
+    client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
+    assert pool.adopt(p, vm, client) is client
+    client.close()
+    listener.close()
+    assert events == ["spec", "nic"]
