@@ -299,12 +299,19 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
     """``podman pod create -p``: the infra container boots the pod's VM; members (``--pod``)
     run inside it with their own rootfs and process, sharing its localhost: one QEMU, one
     guest kernel (its boot id) for all, and the published port answers from the host."""
+    # The infra image: busybox whose command sleeps (podman 4.3's --infra-command takes
+    # one word, and this host has no catatonit for podman's own pause image).
+    proc = podman.podman("create", "--name", "infra-src", BUSYBOX_REF, "sleep", "1000000")
+    assert proc.returncode == 0, _out(proc)
+    proc = podman.podman("commit", "--change", 'CMD ["sleep","1000000"]', "infra-src",
+                         "localhost/vmshim-pod-infra")
+    assert proc.returncode == 0, _out(proc)
+    podman.podman("rm", "infra-src", check=True)
     qemus = _qemu_pids()
     common = ["--pull", "never"]
     proc = podman.podman("pod", "create", "--name", "vpod", "-p", "127.0.0.1:18082:80",
                          "--cgroup-parent", "/" + podman.cgroup_parent,
-                         "--infra-image", BUSYBOX_REF,
-                         "--infra-command", '["sleep","1000000"]', timeout=120)
+                         "--infra-image", "localhost/vmshim-pod-infra", timeout=120)
     assert proc.returncode == 0, _out(proc)
     try:
         proc = podman.podman("run", "-d", *common, "--pod", "vpod", "--name", "web",
