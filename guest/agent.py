@@ -86,6 +86,7 @@ class _Proc:
         self.last_output = last_output
         self.exit_sent = False
         self.console_reopens = 0  # an OS init's console hung up without output in between
+        self.member = None  # a pod member's guest.runtime.member.Member, torn down with it
 
     @property
     def pid(self) -> int:
@@ -188,6 +189,7 @@ class Agent:
             protocol.DNS_ANSWER: self._handle_dns_answer,
             protocol.IDENTITY: self._handle_identity,
             protocol.SPEC: self._handle_spec,
+            protocol.MEMBER: self._handle_member,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -599,6 +601,33 @@ class Agent:
         self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows,
                                                              cols=cols))
 
+    def _handle_member(self, message: Message) -> None:
+        from guest.spec import BootConfig
+
+        self._check_token(message)
+        proc_id = message.get("id", int)
+        stdin = message.get("stdin", bool, False)
+        rows, cols = self._size(message)
+        try:
+            config = BootConfig.from_dict(message.get("config", dict))
+        except (ValueError, TypeError) as exc:
+            raise Reject(f"bad pod member config: {exc}") from None
+        config.process.tty = message.get("tty", bool, config.process.tty)
+        if proc_id in self._procs:
+            raise Reject(f"process id {proc_id} is in use")
+        if self._main is None or self._main.exit_code is not None:
+            raise Reject("the container is not running")
+        start_member = getattr(self.runtime, "start_member", None)
+        if start_member is None:
+            raise Reject("this runtime cannot run pod members")
+        try:
+            member = start_member(config, stdin=stdin, rows=rows, cols=cols)
+        except Exception as exc:  # noqa: BLE001 - MemberError, SpawnError, any failure
+            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
+        proc = self._add(proc_id, member.spawned, main=False)
+        proc.member = member
+        self._send(protocol.STARTED, id=proc_id, pid=member.spawned.pid)
+
     def _handle_builtin(self, message: Message) -> None:
         self._check_token(message)
         proc_id = message.get("id", int)
@@ -985,6 +1014,9 @@ class Agent:
         proc.stdin_fd = proc.pidfd = None
         self._procs.pop(proc.id, None)
         self._by_pid.pop(proc.pid, None)
+        if proc.member is not None:  # a pod member's cgroup and rootfs share go with it
+            member, proc.member = proc.member, None
+            member.destroy()
 
 
 # ---- the guest's channel ------------------------------------------------------------------

@@ -15,6 +15,17 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   process; hold: keep serving after it
                                                   exits, until ``shutdown`` (for ``diff``)
     h: exec    {token, id, process, stdin, tty, rows, cols}   run another process in it
+    h: member  {token, id, config, stdin, tty, rows, cols}   run a pod member beside the
+                                                  container (same replies and streams as
+                                                  exec): config is the member's
+                                                  guest.spec.BootConfig.to_dict(); its
+                                                  ``rootfs_share`` names a virtiofs share the
+                                                  host plugged in for it (MEMBER_TAG_PREFIX);
+                                                  the agent mounts it, makes the member's
+                                                  cgroup and new mount/pid/uts/ipc/cgroup
+                                                  namespaces, and shares the VM's network
+                                                  with the container; when the process ends
+                                                  its cgroup goes and the share is unmounted
     g: started {id, pid} | error {id, message, code}   code (optional): 127 not found,
                                       126 not executable, 125 other setup failure
     h: stdin {id} + bytes · stdin_close {id} · resize {id, rows, cols} · signal {id, signal}
@@ -148,13 +159,16 @@ MAX_DNS_QUERY = 4096
 MAX_DNS_ANSWER = 65535
 IDENTITY = "identity"
 SPEC = "spec"
+MEMBER = "member"
+MEMBER_TAG_PREFIX = "vmshim-m"
+"""The virtiofs tag of a pod member's rootfs share starts with this (then 1-16 hex)."""
 MAX_ENTROPY_HEX = 512
 """Most hex digits of ``spec``'s entropy (256 bytes)."""
 
 MESSAGE_TYPES = frozenset(
     {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
      EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, DNS_QUERY,
-     DNS_ANSWER, IDENTITY, SPEC}
+     DNS_ANSWER, IDENTITY, SPEC, MEMBER}
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""

@@ -196,6 +196,37 @@ class Container:
                                  cgroup=self._exec_cgroup(), namespaces=self.namespaces,
                                  stdin=stdin, rows=rows, cols=cols)
 
+    def start_member(self, config: BootConfig, *, stdin: bool, rows: int = 24,
+                     cols: int = 80):
+        """Run a pod member beside the running container (guest.runtime.member), in new
+        namespaces but the VM's network. Returns a Member whose ``spawned`` is its
+        process. Raises SpawnError, MemberError, MountError, CgroupError."""
+        from guest.runtime.member import start_member
+
+        if "net" in self.namespaces:
+            raise SpawnError("pod members share a VM's network: only a VM runs them")
+        if self.main is None:
+            raise SpawnError("the container is not running")
+        namespaces = self.namespaces
+
+        def make(member_config: BootConfig, rootfs: str, files_dir: str) -> Container:
+            limits = member_config.cgroup_limits()
+            try:
+                cgroup = Cgroup.create(member_config.container_id, limits=limits)
+            except (OSError, CgroupError) as exc:
+                if not limits.is_empty() or not member_config.privileged:
+                    raise SpawnError(f"cannot make the pod member's cgroup: {exc}") from None
+                cgroup = None
+            try:
+                return Container(member_config, rootfs, files_dir=files_dir, cgroup=cgroup,
+                                 namespaces=namespaces)
+            except BaseException:
+                if cgroup is not None:
+                    cgroup.remove()
+                raise
+
+        return start_member(config, make, stdin=stdin, rows=rows, cols=cols)
+
     def builtin(self, name: str, args: list[str], *, stdin: bool) -> Spawned:
         """Run the agent's helper *name* (guest.runtime.builtins) in the running
         container, as root in its namespaces and cgroup; before the main process started

@@ -41,8 +41,21 @@ class PlainRuntime:
     def exec(self, process, *, stdin, rows=24, cols=80):
         return self._spawn(process, stdin, rows, cols)
 
+    def start_member(self, config, *, stdin, rows=24, cols=80):
+        """A pod member (guest.runtime.member) as a plain process: no share to mount,
+        no namespaces, no cgroup."""
+        return _PlainMember(self._spawn(config.process, stdin, rows, cols))
+
     def oom_killed(self):
         return False
+
+
+class _PlainMember:
+    def __init__(self, spawned):
+        self.spawned = spawned
+
+    def destroy(self) -> None:
+        pass
 
 
 class FakeIsolation:

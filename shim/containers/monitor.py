@@ -243,6 +243,7 @@ class Conn:
         self.proc_id: int | None = None
         self.expect: str | None = None  # kind "request": the one answer type it takes
         self.stdin = False
+        self.member = False  # kind "proc" running a pod member: it dies with its client
         self.closing = False  # close once out is flushed
         self.closed = False
 
@@ -784,6 +785,8 @@ class Monitor:
             if conn.proc_id in self.procs:
                 self.procs[conn.proc_id] = None
                 self._to_agent(protocol.STDIN_CLOSE, id=conn.proc_id)
+                if conn.member:  # its stand-in is gone (SIGKILL): so is the member
+                    self._to_agent(protocol.SIGNAL, id=conn.proc_id, signal=9)
 
     def _on_client_message(self, conn: Conn, msg: Message) -> None:
         if msg.type == api.REQUEST:
@@ -847,15 +850,26 @@ class Monitor:
         conn.send(protocol.STARTED, id=MAIN_ID, pid=self.record.state.pid, tty=self.record.tty)
 
     def _op_exec(self, conn: Conn, msg: Message) -> None:
+        """Run a process in the container; with ``member`` (a BootConfig dict, the
+        agent checks it) a pod member beside it (guest.runtime.member), which is killed
+        when this connection (its stand-in's) goes."""
         self._need("exec")
-        process = ProcessSpec.from_dict(msg.get("process", dict))
+        member = msg.get("member", dict, None)
+        process = ProcessSpec.from_dict(msg.get("process", dict)) if member is None else None
         proc_id = self._new_proc_id()
-        detach = msg.get("detach", bool, False)
+        detach = msg.get("detach", bool, False) and member is None
         stdin = msg.get("stdin", bool, False) and not detach
         conn.kind = "detached" if detach else "proc"
         conn.proc_id = proc_id
         conn.stdin = stdin
         self._await_reply(proc_id, conn)
+        if member is not None:
+            conn.member = True
+            self._to_agent(protocol.MEMBER, token=self.record.token, id=proc_id,
+                           config=member, stdin=stdin, tty=msg.get("tty", bool, False),
+                           rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))
+            return
+        assert process is not None
         self._to_agent(protocol.EXEC, token=self.record.token, id=proc_id,
                        process=process.to_dict(), stdin=stdin, tty=process.tty,
                        rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))

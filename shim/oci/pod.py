@@ -9,6 +9,13 @@ namespace ``path`` is the one a vmshim container's stand-in holds (podman ``--po
 Refusals: an annotation naming a sandbox this ``--root`` does not have, or one whose
 stand-in has gone (the VM is dead). A path that no live vmshim stand-in holds is not a
 join (the engine's own namespace, e.g. podman's default network).
+
+A member that joins through the network namespace (podman ``--pod``, ``--network
+container:X``) runs in the sandbox's VM (shim.oci.runtime, guest.runtime.member): its
+rootfs is plugged in as a virtiofs share named :func:`member_tag`, the engine's
+/etc/hosts, /etc/resolv.conf and /etc/hostname binds become the member's own files
+(:func:`member_files`); other bind mounts and tmpfs mounts are refused with one line.
+Members named by CRI annotations take the same path (tested with podman only).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from guest.protocol import MEMBER_TAG_PREFIX
 from shim.errors import ContainerNotFound, VmshimError
 
-from .state import OciInfo, alive
+from .state import OciInfo, alive, record_id
 
 ANNOTATIONS = (
     # (type key, value meaning "member", sandbox id key)
@@ -28,6 +36,12 @@ ANNOTATIONS = (
 )
 MAX_CANDIDATES = 4096
 """Bound on the containers scanned for the namespace's holder."""
+ENGINE_FILES = {"/etc/hosts": "hosts", "/etc/resolv.conf": "resolv_conf",
+                "/etc/hostname": "hostname"}
+"""Single-file binds an engine gives every container: a member gets their contents."""
+SKIPPED_BINDS = ("/dev/shm", "/run/.containerenv")
+"""Binds a member goes without: the guest makes its /dev/shm; podman's marker file."""
+MAX_ENGINE_FILE = 64 * 1024
 
 
 class PodError(VmshimError):
@@ -111,23 +125,68 @@ def find_join(store: _Store, oci_id: str, config: dict, annotations: dict) -> Jo
         if other == oci_id:
             continue
         held = _live_info(store, other)
-        if held is not None and _ns_key(f"/proc/{held.standin_pid}/ns/net") == key:
+        if held is not None and not held.sandbox \
+                and _ns_key(f"/proc/{held.standin_pid}/ns/net") == key:
             return Join(other, "netns")
     return None
 
 
-def refuse_member(store: _Store, oci_id: str, network_ns: str | None,
-                  annotations: dict) -> None:
-    """In ``create``, before anything is kept: refuse a container that joins a vmshim
-    sandbox's VM (not supported yet; without this it is refused later, at ``start``, when
-    its VM would plug into a namespace the sandbox's VM holds). A sandbox of another runtime
-    is not a join. Raises PodError."""
+def member_of(store: _Store, oci_id: str, network_ns: str | None,
+              annotations: dict) -> Join | None:
+    """In ``create``, before anything is kept: the sandbox whose VM *oci_id* runs in,
+    or None (a VM of its own). Annotations naming a sandbox this ``--root`` does not have
+    (another runtime's, or podman's pod id) leave the network namespace to decide.
+    Raises PodError (a sandbox that has stopped)."""
     config = {"linux": {"namespaces": [{"type": "network", "path": network_ns or ""}]}}
     try:
-        join = find_join(store, oci_id, config, annotations)
+        return find_join(store, oci_id, config, annotations)
     except SandboxMissing:
-        return
-    if join is not None:
-        raise PodError(f"container {oci_id} joins the namespaces of vmshim container "
-                       f"{join.sandbox} (a pod): members sharing the sandbox's VM are not "
-                       "supported yet; give the pod one vmshim container")
+        return find_join(store, oci_id, config, {})
+
+
+def member_tag(oci_id: str) -> str:
+    """The virtiofs tag of member *oci_id*'s rootfs share (guest.runtime.member.TAG_RE)."""
+    return MEMBER_TAG_PREFIX + record_id(oci_id)[:16]
+
+
+def member_files(oci_id: str, mounts: list, notes: list[str]) -> dict[str, str]:
+    """A member's /etc files from its *mounts* (shim.volumes.specs.MountRequest): the
+    engine's single-file binds on ENGINE_FILES, read from the host paths the engine
+    named (regular files, at most MAX_ENGINE_FILE bytes, never through a symlink).
+    Returns {"hosts"|"resolv_conf"|"hostname": text}. Raises PodError for any other
+    mount (not supported in a member yet)."""
+    out: dict[str, str] = {}
+    for mount in mounts:
+        if mount.type == "bind" and mount.target in ENGINE_FILES:
+            out[ENGINE_FILES[mount.target]] = _read_engine_file(oci_id, mount.source)
+        elif mount.type == "bind" and mount.target in SKIPPED_BINDS:
+            notes.append(f"pod member: the bind on {mount.target} is not made (the VM "
+                         "has its own)")
+        else:
+            raise PodError(f"container {oci_id} joins a vmshim pod: its mount on "
+                           f"{mount.target} ({mount.type}) is not supported in a pod "
+                           "member yet; run it without that mount")
+    if "hostname" in out:
+        out["hostname"] = out["hostname"].strip()
+        if not out["hostname"] or len(out["hostname"]) > 64:
+            raise PodError(f"container {oci_id}: its /etc/hostname must hold a name of "
+                           "1-64 characters")
+    return out
+
+
+def _read_engine_file(oci_id: str, path: str) -> str:
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PodError(f"container {oci_id}: cannot read {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PodError(f"container {oci_id}: {path} is not a regular file")
+        data = os.read(fd, MAX_ENGINE_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ENGINE_FILE:
+        raise PodError(f"container {oci_id}: {path} is larger than {MAX_ENGINE_FILE} bytes")
+    return data.decode(errors="replace")

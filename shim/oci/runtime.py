@@ -118,21 +118,29 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
                    hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
                    console_size=list(bundle.console_size) if bundle.console_size else None)
     rt.root.mkdir(parents=True, exist_ok=True)
-    pod.refuse_member(rt, oci_id, bundle.network_ns, bundle.annotations)
+    join = pod.member_of(rt, oci_id, bundle.network_ns, bundle.annotations)
+    if join is not None:
+        _make_member(record, info, join, bundle, log)
     rt.containers.create(record)
     pid = 0
-    host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None else -1
+    host_fd = netns_mod.open_host_netns() \
+        if bundle.network_ns is not None and join is None else -1
     cgroup = None
     try:
         state_dir = rt.dir(oci_id)
         rt.save_info(info)
         os.mkfifo(state_dir / FIFO, 0o600)
-        pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size,
-                                 bundle.network_ns)
-        engine_netns = netns_mod.engine_netns(bundle.network_ns, pid, host_fd,
-                                              netns_mod.resolv_conf_source(bundle.mounts))
-        if engine_netns is not None:
-            rt.containers.update(record.id, lambda r: setattr(r, "engine_netns", engine_netns))
+        if join is not None:
+            pid = _fork_member_standin(rt, record, info, state_dir, console_socket,
+                                       bundle.console_size)
+        else:
+            pid = _fork_main_standin(rt, record.id, state_dir, console_socket,
+                                     bundle.console_size, bundle.network_ns)
+            engine_netns = netns_mod.engine_netns(bundle.network_ns, pid, host_fd,
+                                                  netns_mod.resolv_conf_source(bundle.mounts))
+            if engine_netns is not None:
+                rt.containers.update(record.id,
+                                     lambda r: setattr(r, "engine_netns", engine_netns))
         try:
             cgroup = hostcgroup.create(cgroup_target, cgroup_limits, pid=pid)
             info.cgroup = cgroup.to_dict()
@@ -157,6 +165,50 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     finally:
         if host_fd >= 0:
             os.close(host_fd)  # the stand-in keeps its copy
+    return pid
+
+
+def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle,
+                 log: RuntimeLog) -> None:
+    """Turn *record*/*info* (not kept yet) into a pod member of *join*'s sandbox: the
+    engine's /etc files as its own, no mounts of its own. Raises PodError."""
+    notes: list[str] = []
+    files = pod.member_files(info.id, bundle.mounts, notes)
+    for note in notes:
+        log.warn(f"{info.id}: {note}")
+    record.hosts = files.get("hosts", "")
+    record.resolv_conf = files.get("resolv_conf", "")
+    record.hostname = files.get("hostname", record.hostname)
+    record.mounts = []
+    info.sandbox = join.sandbox
+    info.member_tag = pod.member_tag(info.id)
+    log.debug(f"{info.id}: a member of pod sandbox {join.sandbox} ({join.reason}), "
+              "runs in its VM")
+
+
+def _fork_member_standin(rt: RuntimeStore, record: Container, info: OciInfo,
+                         state_dir: Path, console_socket: str | None, size) -> int:
+    """Fork a pod member's stand-in (shim.oci.standin.run_member); its pid."""
+    from shim.containers.options import boot_config_of
+
+    config = boot_config_of(record).replace(rootfs_share=info.member_tag)
+    sandbox_record = record_id(info.sandbox)
+
+    def body(report_w: int) -> int:
+        os.write(report_w, b"R")
+        os.close(report_w)
+        return standin.run_member(rt.containers, sandbox_record, config.to_dict(),
+                                  info.rootfs, info.member_tag, state_dir)
+
+    pid, report_r = _fork_standin(body, console_socket, size, "vmshim-member")
+    try:
+        if os.read(report_r, 4096) != b"R":
+            raise VmshimError("the container's stand-in process did not start")
+    except BaseException:
+        _end_standin(pid, None)
+        raise
+    finally:
+        os.close(report_r)
     return pid
 
 
@@ -251,7 +303,7 @@ def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
         raise ContainerStateError("start", "created", status, oci_id)
     hooks_mod.run_hooks("startContainer", info.hooks, state_of(record, info), warn=log.warn)
     state_dir = rt.dir(oci_id)
-    placer = _vm_placer(record, info)
+    placer = _vm_placer(record, info) if not info.sandbox else None
     fd = os.open(state_dir / FIFO, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         answer = _wait_started(fd, info, placer)
@@ -264,6 +316,9 @@ def start(rt: RuntimeStore, oci_id: str, log: RuntimeLog | None = None) -> None:
             reason = "the stand-in process ended before the process started"
         raise VmshimError(f"cannot start container {oci_id}: {reason}")
     (state_dir / FIFO).unlink(missing_ok=True)
+    if info.sandbox:
+        info.member_started = True
+        rt.save_info(info)
     if placer is not None:
         try:
             placer.finish()
@@ -368,7 +423,9 @@ def kill(rt: RuntimeStore, oci_id: str, signum: int, *, all_processes: bool = Fa
     status = oci_status(record, info)
     if status == "stopped":
         raise ContainerStateError("kill", "created, running or paused", status, oci_id)
-    if status == "created":
+    if status == "created" or info.sandbox:
+        # A member's stand-in forwards SIGINT/TERM/HUP/QUIT; any other signal that ends
+        # it (SIGKILL) ends the member too (its monitor connection closes).
         _signal_standin(info.standin_pid, info.standin_start, signum)
         return
     if all_processes:
@@ -393,6 +450,9 @@ def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
     status = oci_status(record, info)
     if status != "stopped" and not force:
         raise ContainerStateError("delete", "stopped (or use --force)", status, oci_id)
+    if info.sandbox:
+        _delete_member(rt, record, info, log)
+        return
     if status == "created":
         _signal_standin(info.standin_pid, info.standin_start, signal.SIGKILL)
     if status == "paused":
@@ -411,10 +471,42 @@ def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
     shutil.rmtree(rt.dir(oci_id), ignore_errors=True)
 
 
+def _delete_member(rt: RuntimeStore, record: Container, info: OciInfo,
+                   log: RuntimeLog) -> None:
+    """Remove pod member *info*: end its stand-in (the member dies with it), unplug its
+    rootfs share from the sandbox's VM, remove its host cgroup and state."""
+    _signal_standin(info.standin_pid, info.standin_start, signal.SIGKILL)
+    _end_standin(info.standin_pid, info.standin_start)
+    if info.member_tag:
+        unplug_member(info.sandbox, info.member_tag, log)
+    if info.cgroup:
+        _remove_cgroup(hostcgroup.HostCgroup.from_dict(info.cgroup), log)
+    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"},
+                        warn=log.warn)
+    rt.containers.delete(record.id)
+    shutil.rmtree(rt.dir(info.id), ignore_errors=True)
+
+
+def unplug_member(sandbox: str, tag: str, log: RuntimeLog | None = None) -> None:
+    """Ask for a member's rootfs share *tag* to leave sandbox *sandbox*'s VM (nothing
+    when the VM is gone)."""
+    from shim.containers.vm_placement import domain_name
+    from shim.vm.libvirt_backend import LibvirtBackend
+
+    try:
+        LibvirtBackend().detach_filesystem(domain_name(record_id(sandbox)), tag)
+    except VmshimError as exc:
+        (log or RuntimeLog()).warn(f"the pod member's share {tag} stays in the VM of "
+                                   f"{sandbox} until it stops: {exc}")
+
+
 def pause(rt: RuntimeStore, oci_id: str) -> None:
     from shim.containers import manage
 
-    record, _ = rt.load(oci_id)
+    record, info = rt.load(oci_id)
+    if info.sandbox:
+        raise VmshimError(f"container {oci_id} is a pod member: pause its pod's sandbox "
+                          f"{info.sandbox}")
     manage.pause(record.id, store=rt.containers)
 
 
@@ -494,6 +586,9 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
     status = oci_status(record, info)
     if status != "running":
         raise ContainerStateError("exec", "running", status, oci_id)
+    if info.sandbox:
+        raise VmshimError(f"container {oci_id} is a pod member: exec into pod members is "
+                          "not supported yet")
     notes: list[str] = []
     try:
         spec, size = parse_process(process, notes)

@@ -131,6 +131,64 @@ def run_exec(store, record, process, report_fd: int) -> int:
             return 137  # the VM went away under the process
 
 
+def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
+               state_dir: Path) -> int:
+    """A pod member's stand-in after ``create``: wait for ``start``, plug the member's
+    rootfs into the sandbox's running VM (virtiofs share *tag*), have the sandbox's
+    monitor start it (``exec`` with ``member``, guest.runtime.member), then pump its
+    stdio and return its exit status. Ending this process ends the member."""
+    from shim.containers import manage
+    from shim.containers import monitor_api as api
+    from shim.containers.attach import StdioPump, terminal_size
+    from shim.containers.vm_placement import domain_name
+    from shim.oci.state import FIFO
+    from shim.vm.domain import Filesystem
+    from shim.vm.libvirt_backend import LibvirtBackend
+
+    fifo = os.open(state_dir / FIFO, os.O_WRONLY | os.O_CLOEXEC)  # blocks until start
+    tty = bool(config.get("process", {}).get("tty"))
+    plugged = False
+    client = None
+    try:
+        sandbox = store.load(sandbox_record)
+        client = manage.monitor_client(store, sandbox)
+        if client is None:
+            raise VmshimError(f"the pod's sandbox container {sandbox.name} is not running")
+        domain = domain_name(sandbox.id)
+        LibvirtBackend().attach_filesystem(domain, Filesystem(source_dir=rootfs, tag=tag))
+        plugged = True
+        rows, cols = terminal_size(0) if tty else (24, 80)
+        reply = api.raise_for_error(client.request(
+            "exec", None, member=config, stdin=True, tty=tty, rows=rows, cols=cols))
+    except Exception as exc:  # noqa: BLE001 - the engine only sees start's error
+        if plugged:
+            with _quiet():
+                LibvirtBackend().detach_filesystem(domain, tag)
+        if client is not None:
+            client.close()
+        text = str(exc) if isinstance(exc, VmshimError) else \
+            f"internal error: {type(exc).__name__}: {exc}"
+        _write_quietly(state_dir / START_ERROR, f"pod member: {text}")
+        os.close(fifo)
+        return getattr(exc, "exit_code", None) or 125
+    os.write(fifo, STARTED)
+    os.close(fifo)
+    with client:
+        try:
+            return StdioPump(client, reply.get("id", int), stdin_fd=0, stdout_fd=1,
+                             stderr_fd=2, tty=tty).run()
+        except VmshimError:
+            return 137  # the sandbox's VM went away under the member
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return True
+
+
 def exit_now(code: int) -> None:
     """Leave the forked child without running the parent's cleanup."""
     try:

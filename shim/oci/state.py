@@ -10,6 +10,9 @@ OCI status from the vmshim lifecycle (shim.containers.state)::
     created  + no stand-in yet → creating
     created  + stand-in alive  → created      running → running    paused → paused
     created  + stand-in gone   → stopped      exited  → stopped    removing → stopped
+
+A pod member (``OciInfo.sandbox``, shim.oci.pod) has no VM or monitor of its own: its
+stand-in alive → created, or running once ``start`` saw it run; gone → stopped.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ class OciInfo(JsonRecord):
     console_size: list | None = None
     cgroup: dict | None = None
     """The host cgroup (shim.oci.hostcgroup.HostCgroup.to_dict()), once made."""
+    sandbox: str = ""
+    """A pod member (shim.oci.pod): the OCI id of the container whose VM runs it."""
+    member_tag: str = ""
+    """A pod member: the virtiofs tag its rootfs is plugged into the sandbox's VM as."""
+    member_started: bool = False
+    """A pod member: ``start`` saw its process run (its record stays ``created``: it has
+    no VM or monitor of its own; its stand-in's life is its state)."""
 
 
 
@@ -120,6 +130,12 @@ class RuntimeStore:
 
 def oci_status(record: Container, info: OciInfo) -> str:
     """creating, created, running, paused or stopped (see the module doc)."""
+    if info.sandbox:  # a pod member
+        if info.standin_pid == 0:
+            return "creating"
+        if not alive(info.standin_pid, info.standin_start):
+            return "stopped"
+        return "running" if info.member_started else "created"
     status = record.status
     if status == Status.CREATED:
         if info.standin_pid == 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from shim.errors import HypervisorError
-from shim.vm.domain import Disk, Domain, Interface
+from shim.vm.domain import Disk, Domain, Filesystem, Interface
 
 DOMAIN_PREFIX = "vmshim-"
 """Every domain vmshim creates is named ``vmshim-<something>``; others are not ours."""
@@ -106,6 +106,17 @@ class Backend(Protocol):
         """Plug the virtio disk *disk* into the running VM (a pooled VM taking its
         container's layers; it needs a free hotplug port). Raises VmNotFound,
         HypervisorError."""
+        ...
+
+    def attach_filesystem(self, name: str, fs: Filesystem) -> None:
+        """Plug the virtiofs share *fs* into the running VM (libvirt starts its
+        virtiofsd; it needs a free hotplug port and a domain with shared memory). Raises
+        VmNotFound, HypervisorError."""
+        ...
+
+    def detach_filesystem(self, name: str, tag: str) -> None:
+        """Ask for the virtiofs share *tag* to leave the running VM (no wait). A no-op
+        when the VM or the share is gone. Raises HypervisorError."""
         ...
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:

@@ -277,6 +277,11 @@ class Filesystem:
             raise ValueError(f"filesystem queue_size must be a power of two 64..1024, "
                              f"got {self.queue_size}")
 
+    def to_xml(self) -> str:
+        """The ``<filesystem>`` element alone (libvirt's attach-device: a pod member's
+        rootfs plugged into the sandbox's running VM)."""
+        return _element_xml(self)
+
     def render(self, devices: ET.Element) -> None:
         fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
         _sub(fs, "driver", type="virtiofs", queue=str(self.queue_size))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Disk, Domain, Interface
+from shim.vm.domain import Disk, Domain, Filesystem, Interface
 
 
 @dataclass
@@ -31,6 +31,8 @@ class FakeVm:
     """NICs plugged in while it runs (attach_interface), by MAC."""
     disks: dict[str, Disk] = field(default_factory=dict)
     """Disks plugged in while it runs (attach_disk), by serial."""
+    shares: dict[str, Filesystem] = field(default_factory=dict)
+    """virtiofs shares plugged in while it runs (attach_filesystem), by tag."""
 
     @property
     def root(self) -> ET.Element:
@@ -152,6 +154,21 @@ class FakeBackend:
             raise HypervisorError(f"cannot plug {what} into VM {name}: no free hotplug port "
                                   f"or {taken}")
         slots[key] = device
+
+    def attach_filesystem(self, name: str, fs: Filesystem) -> None:
+        self._check("attach_filesystem", name)
+        vm = self._vm(name, "attach a share to")
+        used = len(vm.disks) + len(vm.plugged) + len(vm.shares)
+        if fs.tag in vm.shares or used >= vm.domain.hotplug_ports:
+            raise HypervisorError(f"cannot plug share {fs.tag} into VM {name}: no free "
+                                  "hotplug port or a share with that tag")
+        vm.shares[fs.tag] = fs
+
+    def detach_filesystem(self, name: str, tag: str) -> None:
+        self._check("detach_filesystem", name)
+        vm = self.vms.get(name)
+        if vm is not None:
+            vm.shares.pop(tag, None)
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         self._check("detach_interface", name)

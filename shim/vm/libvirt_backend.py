@@ -25,7 +25,7 @@ import libvirt
 from shim import paths
 from shim.errors import HypervisorError
 from shim.vm.backend import DOMAIN_PREFIX, VmHandle, VmNotFound
-from shim.vm.domain import Disk, Domain, Interface
+from shim.vm.domain import Disk, Domain, Filesystem, Interface
 
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
 POLL_INTERVAL = 0.05
@@ -284,6 +284,41 @@ class LibvirtBackend:
             dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot plug {what} into VM {name}: {_one_line(exc)}") from None
+
+    def attach_filesystem(self, name: str, fs: Filesystem) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmNotFound(name, "attach a share to")
+        try:
+            dom.attachDeviceFlags(fs.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot plug share {fs.tag} into VM {name}: "
+                                  f"{_one_line(exc)}") from None
+
+    def detach_filesystem(self, name: str, tag: str) -> None:
+        import xml.etree.ElementTree as ET
+
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        try:
+            root = ET.fromstring(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise HypervisorError(f"cannot read VM {name}: {_one_line(exc)}") from None
+        for fs in root.iterfind("devices/filesystem"):
+            target = fs.find("target")
+            if target is not None and target.get("dir") == tag:
+                try:
+                    dom.detachDeviceFlags(ET.tostring(fs, encoding="unicode"),
+                                          libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        return
+                    raise HypervisorError(f"cannot unplug share {tag} from VM {name}: "
+                                          f"{_one_line(exc)}") from None
+                return
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
         """See :meth:`Backend.detach_interface`. The guest's PCIe hotplug driver waits 5 s

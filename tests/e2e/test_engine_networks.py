@@ -270,3 +270,94 @@ def test_bench_engine_network_vmshim_next_to_runc(tmp_path):
             result = figures[name]["subjects"][subject]
             assert len(result.get("samples", [])) == 2, (name, subject, result)
     assert not [p for p in os.listdir("/run/netns") if p.startswith("vmshim-bench-")]
+
+
+def _qemus_of(*oci_ids: str) -> list[int]:
+    """The QEMU processes running the VMs of these vmshim-runtime containers (by domain
+    name, ``-name guest=vmshim-<record id>``; other VMs on the machine are not counted)."""
+    from shim.oci.state import record_id
+
+    names = {f"guest=vmshim-{record_id(i)[:12]}".encode() for i in oci_ids}
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"qemu-system" in argv[0] and \
+                    any(a.split(b",")[0] in names for a in argv):
+                out.append(int(entry))
+    return out
+
+
+def _host_boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+POD_HTTPD = ("mkdir -p /www && cat /proc/sys/kernel/random/boot_id > /www/index.html && "
+             "exec httpd -f -p 80 -h /www")
+"""A busybox httpd answering its kernel's boot id."""
+
+
+def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
+    """``podman pod create -p``: the infra container boots the pod's VM; members (``--pod``)
+    run inside it with their own rootfs and process, sharing its localhost: one QEMU, one
+    guest kernel (its boot id) for all, and the published port answers from the host."""
+    # The infra image: busybox whose command sleeps (podman 4.3's --infra-command takes
+    # one word, and this host has no catatonit for podman's own pause image).
+    proc = podman.podman("create", "--name", "infra-src", BUSYBOX_REF, "sleep", "1000000")
+    assert proc.returncode == 0, _out(proc)
+    proc = podman.podman("commit", "--change", 'CMD ["sleep","1000000"]', "infra-src",
+                         "localhost/vmshim-pod-infra")
+    assert proc.returncode == 0, _out(proc)
+    podman.podman("rm", "infra-src", check=True)
+    common = ["--pull", "never"]
+    infra = ""
+    proc = podman.podman("pod", "create", "--name", "vpod", "-p", "127.0.0.1:18082:80",
+                         "--cgroup-parent", "/" + podman.cgroup_parent,
+                         "--infra-image", "localhost/vmshim-pod-infra", timeout=120)
+    assert proc.returncode == 0, _out(proc)
+    try:
+        proc = podman.podman("run", "-d", *common, "--pod", "vpod", "--name", "web",
+                             BUSYBOX_REF, "sh", "-c", POD_HTTPD, timeout=300)
+        assert proc.returncode == 0, _out(proc)
+        infra = podman.podman("pod", "inspect", "--format", "{{.InfraContainerID}}",
+                              "vpod").stdout.strip()
+        proc = podman.podman("exec", infra, "cat", "/proc/sys/kernel/random/boot_id")
+        assert proc.returncode == 0, _out(proc)
+        sandbox_boot = proc.stdout.strip()
+        assert sandbox_boot and sandbox_boot != _host_boot_id()
+        proc = podman.podman(
+            "run", *common, "--pod", "vpod", "--name", "client", BUSYBOX_REF, "sh", "-c",
+            "test ! -e /www || exit 8; cat /proc/sys/kernel/random/boot_id; echo $$; "
+            "for i in $(seq 60); do wget -qO- http://127.0.0.1/ && exit 0; sleep 1; done; "
+            "exit 9", timeout=300)
+        assert proc.returncode == 0, _out(proc)
+        client_boot, client_pid, served = proc.stdout.split()
+        # the member's own pid namespace and rootfs (no /www of the web member's); the
+        # same guest kernel as the sandbox and the web member, whose httpd it reached over
+        # the pod's localhost
+        assert client_pid == "1"
+        assert client_boot == sandbox_boot == served
+        answer = wait_until(lambda: _fetch_in(podman_host, "http://127.0.0.1:18082/"), 120,
+                            "the pod's published port to answer")
+        assert answer.strip() == sandbox_boot
+        ids = [podman.podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+               for name in ("web", "client")]
+        pod_qemus = _qemus_of(infra, *ids)
+        assert len(pod_qemus) == 1 and pod_qemus == _qemus_of(infra), \
+            "the pod must run in one VM, the sandbox's"
+        podman.podman("rm", "client", check=True)
+        proc = podman.podman("stop", "--time", "2", "web", timeout=120)
+        assert proc.returncode == 0, _out(proc)
+        status = podman.podman("inspect", "--format", "{{.State.Status}}", "web").stdout
+        assert status.strip() == "exited"
+        proc = podman.podman("exec", infra, "true")
+        assert proc.returncode == 0, "the sandbox outlives its members: " + _out(proc)
+    finally:
+        proc = podman.podman("pod", "rm", "--force", "vpod", timeout=300)
+        assert proc.returncode == 0, _out(proc)
+    wait_until(lambda: not _qemus_of(infra), 60, "the pod's VM to go")

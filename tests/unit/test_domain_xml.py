@@ -331,3 +331,15 @@ def test_an_interface_renders_alone_for_attach_device():
                    "  <model type=\"virtio\" />\n"
                    "  <rom enabled=\"no\" />\n"
                    "</interface>\n")
+
+
+def test_a_filesystem_alone_for_attach_device():
+    import xml.etree.ElementTree as ET
+
+    from shim.vm.domain import Filesystem
+
+    fs = ET.fromstring(Filesystem(source_dir="/srv/rootfs", tag="vmshim-m0123").to_xml())
+    assert fs.tag == "filesystem" and fs.get("accessmode") == "passthrough"
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert fs.find("source").get("dir") == "/srv/rootfs"
+    assert fs.find("target").get("dir") == "vmshim-m0123"

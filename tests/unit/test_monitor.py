@@ -270,3 +270,51 @@ def test_stop_while_a_restart_policy_waits(store):
     count = stopped.state.restart_count
     assert not monitor_alive(stopped)
     assert store.load(rec.id).state.restart_count == count
+
+
+def _member_config(args) -> dict:
+    from guest.spec import BootConfig
+
+    return BootConfig(container_id="ab" * 32, token="t", hostname="pod", layer_count=0,
+                      process=ProcessSpec(args=list(args)), rootfs_share="vmshim-mab").to_dict()
+
+
+def test_a_pod_member_runs_through_exec_and_dies_with_its_client(store):
+    """The member's stand-in (shim.oci.standin.run_member) asks the sandbox's monitor for
+    ``exec`` with ``member``: the agent gets ``member``, the streams are exec's; when the
+    stand-in's connection goes (SIGKILL), the member is killed."""
+    from guest import protocol
+    from shim.containers import monitor_api as api
+
+    rec = make(store, "sleep 30")
+    assert manage.start(rec.id, store=store) == 0
+    client = manage.monitor_client(store, store.load(rec.id))
+    reply = api.raise_for_error(client.request(
+        "exec", 20, member=_member_config(["sh", "-c", "echo m; exit 5"]), stdin=False))
+    assert reply.type == protocol.STARTED
+    seen = []
+    while True:
+        msg = client.recv(20)
+        seen.append(msg)
+        if msg.type == protocol.EXIT:
+            break
+    assert b"".join(m.payload for m in seen if m.type == protocol.STDOUT) == b"m\n"
+    assert seen[-1].get("code", int) == 5
+    client.close()
+
+    client = manage.monitor_client(store, store.load(rec.id))
+    reply = api.raise_for_error(client.request(
+        "exec", 20, member=_member_config(["sleep", "30"]), stdin=True))
+    pid = reply.get("pid", int)
+    os.kill(pid, 0)
+    client.close()  # its stand-in is gone
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1].startswith("Z")
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone)
+    assert store.load(rec.id).state.status == "running"  # the sandbox goes on

@@ -166,3 +166,16 @@ def test_capability_masks_in_a_child():
     assert int(fields["CapEff"], 16) == 1 << 5
     assert int(fields["CapAmb"], 16) == 0  # not inheritable: left out, as runc does
     assert fields["NoNewPrivs"].strip() == "1"
+
+
+@pytest.mark.parametrize("alive, started, expected", [
+    (None, False, "creating"), (True, False, "created"), (True, True, "running"),
+    (False, True, "stopped"), (False, False, "stopped"),
+])
+def test_a_pod_members_status_is_its_standins(alive, started, expected, live_pid):
+    pid, start = live_pid
+    info = OciInfo(id="m1", bundle="/b", rootfs="/r", created="", sandbox="infra",
+                   member_tag="vmshim-m1", member_started=started)
+    if alive is not None:
+        info.standin_pid, info.standin_start = pid, (start if alive else start + 1)
+    assert oci_status(record("created"), info) == expected
