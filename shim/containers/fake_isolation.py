@@ -17,10 +17,20 @@ import socket
 import time
 
 from guest.runtime.process import spawn_container
+from guest.spec import ProcessSpec
 from shim.containers.options import boot_config_of
 from shim.containers.store import Container, ContainerStore, run_dir_of
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
+
+
+def fake_record(name: str, args: list[str], **fields) -> Container:
+    """A new record (not yet stored) of a container the fake runs: ``isolation="fake"``, a
+    tmpfs writable layer, no layers, *args* as its main process; *fields* set the rest."""
+    cid = os.urandom(32).hex()
+    return Container(id=cid, name=name, image="busybox", image_id="sha256:x", isolation="fake",
+                     process=ProcessSpec(args=args), hostname=cid[:12], token="tok",
+                     layer_disks=[], writable="tmpfs", **fields)
 
 
 class PlainRuntime:

@@ -201,15 +201,7 @@ def _fork_member_standin(rt: RuntimeStore, record: Container, info: OciInfo,
                                   info.rootfs, info.member_tag, state_dir)
 
     pid, report_r = _fork_standin(body, console_socket, size, "vmshim-member")
-    try:
-        if os.read(report_r, 4096) != b"R":
-            raise VmshimError("the container's stand-in process did not start")
-    except BaseException:
-        _end_standin(pid, None)
-        raise
-    finally:
-        os.close(report_r)
-    return pid
+    return _await_standin(pid, report_r)
 
 
 def _remove_cgroup(cgroup, log: RuntimeLog, wait: float = hostcgroup.SETTLE_WAIT) -> None:
@@ -245,6 +237,12 @@ def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,
         return standin.run_main(rt.containers, record_id, state_dir)
 
     pid, report_r = _fork_standin(body, console_socket, size, "vmshim-standin")
+    return _await_standin(pid, report_r)
+
+
+def _await_standin(pid: int, report_r: int) -> int:
+    """*pid* once its stand-in reported ready (``R``) on *report_r*; an ``E`` report is its
+    error. On failure the stand-in is ended. Closes *report_r*. Raises VmshimError."""
     try:
         answer = os.read(report_r, 4096)
         if answer.startswith(b"E"):

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guest import protocol
-from guest.spec import ProcessSpec
 from shim.containers import monitor as monmod
 from shim.containers import monitor_life
-from shim.containers.store import Container, ContainerStore
+from shim.containers.fake_isolation import fake_record
+from shim.containers.store import ContainerStore
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -51,10 +51,7 @@ def store(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("VMSHIM_ROOT", "VMSHIM_RUN")}
     os.environ["VMSHIM_ROOT"], os.environ["VMSHIM_RUN"] = str(root), str(run)
     store = ContainerStore()
-    cid = os.urandom(32).hex()
-    store.create(Container(id=cid, name="fuzz", image="busybox", image_id="sha256:x",
-                           isolation="fake", process=ProcessSpec(args=["true"]), hostname=cid[:12],
-                           token="tok", layer_disks=[], writable="tmpfs"))
+    cid = store.create(fake_record("fuzz", ["true"])).id
     yield store, cid
     for key, value in old.items():
         if value is None:

@@ -25,6 +25,7 @@ from guest.spec import ProcessSpec
 from shim.containers import manage
 from shim.containers.fake_isolation import FakeIsolation, PlainRuntime
 from shim.containers.logs import read_entries
+from shim.containers.fake_isolation import fake_record
 from shim.containers.store import Container, ContainerStore, monitor_alive, run_dir_of
 from shim.errors import CommandNotFound, ContainerStateError, VmshimError
 
@@ -45,11 +46,7 @@ def store(tmp_path, monkeypatch):
 
 
 def make(store, script: str, name: str = "c", **kw) -> Container:
-    cid = os.urandom(32).hex()
-    record = Container(id=cid, name=name, image="busybox", image_id="sha256:x",
-                       isolation="fake", process=ProcessSpec(args=["sh", "-c", script]),
-                       hostname=cid[:12], token="tok", layer_disks=[], writable="tmpfs", **kw)
-    return store.create(record)
+    return store.create(fake_record(name, ["sh", "-c", script], **kw))
 
 
 from tests.waiting import holds_for  # noqa: E402

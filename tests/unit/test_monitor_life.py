@@ -4,11 +4,9 @@ Monitor changing it only through ``_enter``."""
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 
-from guest.spec import ProcessSpec
 from shim.containers import monitor_life as life
 from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, IllegalTransition,
                                           Removing, RestartWaiting, Running, Stopping)
@@ -69,15 +67,13 @@ def test_carry_keeps_the_main_process():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from shim.containers.store import Container, ContainerStore
+    from shim.containers.fake_isolation import fake_record
+    from shim.containers.store import ContainerStore
 
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
     monkeypatch.setenv("VMSHIM_RUN", str(tmp_path / "run"))
     store = ContainerStore()
-    cid = os.urandom(32).hex()
-    store.create(Container(id=cid, name="life", image="busybox", image_id="sha256:x",
-                           isolation="fake", process=ProcessSpec(args=["true"]), hostname=cid[:12],
-                           token="tok", layer_disks=[], writable="tmpfs"))
+    cid = store.create(fake_record("life", ["true"])).id
     return store, cid
 
 
