@@ -18,6 +18,7 @@ byte when that failed, after writing the reason to ``start-error``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -107,7 +108,7 @@ def run_exec(store, record, process, report_fd: int) -> int:
     its stdio and return its exit status."""
     from shim.containers import manage
     from shim.containers import monitor_api as api
-    from shim.containers.attach import StdioPump, terminal_size
+    from shim.containers.attach import terminal_size
 
     try:
         client = manage.monitor_client(store, record)
@@ -123,12 +124,7 @@ def run_exec(store, record, process, report_fd: int) -> int:
         return exc.exit_code or 125
     os.write(report_fd, STARTED)
     os.close(report_fd)
-    with client:
-        try:
-            return StdioPump(client, reply.get("id", int), stdin_fd=0, stdout_fd=1,
-                             stderr_fd=2, tty=process.tty).run()
-        except VmshimError:
-            return 137  # the VM went away under the process
+    return _pump(client, reply, process.tty)
 
 
 def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
@@ -139,7 +135,7 @@ def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
     stdio and return its exit status. Ending this process ends the member."""
     from shim.containers import manage
     from shim.containers import monitor_api as api
-    from shim.containers.attach import StdioPump, terminal_size
+    from shim.containers.attach import terminal_size
     from shim.containers.vm_placement import domain_name
     from shim.oci.state import FIFO
     from shim.vm.domain import Filesystem
@@ -162,7 +158,7 @@ def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
             "exec", None, member=config, stdin=True, tty=tty, rows=rows, cols=cols))
     except Exception as exc:  # noqa: BLE001 - the engine only sees start's error
         if plugged:
-            with _quiet():
+            with contextlib.suppress(Exception):
                 LibvirtBackend().detach_filesystem(domain, tag)
         if client is not None:
             client.close()
@@ -173,20 +169,20 @@ def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
         return getattr(exc, "exit_code", None) or 125
     os.write(fifo, STARTED)
     os.close(fifo)
+    return _pump(client, reply, tty)
+
+
+def _pump(client, reply: dict, tty: bool) -> int:
+    """Pump the stdio of the exec the monitor's *reply* started (closing *client* after);
+    its exit status, or 137 when the VM went away under the process."""
+    from shim.containers.attach import StdioPump
+
     with client:
         try:
             return StdioPump(client, reply.get("id", int), stdin_fd=0, stdout_fd=1,
                              stderr_fd=2, tty=tty).run()
         except VmshimError:
-            return 137  # the sandbox's VM went away under the member
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return True
+            return 137
 
 
 def exit_now(code: int) -> None:
