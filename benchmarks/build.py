@@ -61,10 +61,10 @@ def main() -> int:
         time_command(VMSHIM + ["build", "-q", *iso, "-t", "vmshim-bench/multi", str(multi)])
         rebuild, one_run, baseline = [], [], []
         for _ in range(args.runs):  # interleaved, so load on a shared host hits all alike
-            rebuild.append(time_command(
-                VMSHIM + ["build", "-q", *iso, "-t", "vmshim-bench/multi", str(multi)]))
-            one_run.append(time_command(
-                VMSHIM + ["build", "-q", "--no-cache", *iso, "-t", "vmshim-bench/one", str(one)]))
+            rebuild.append(time_command(VMSHIM + ["build", "-q", *iso, "-t", "vmshim-bench/multi", str(multi)]))
+            one_run.append(
+                time_command(VMSHIM + ["build", "-q", "--no-cache", *iso, "-t", "vmshim-bench/one", str(one)])
+            )
             baseline.append(time_command(VMSHIM + ["run", "--rm", *iso, "busybox", "true"]))
     time.sleep(3)  # let the detached clean-up of the last step's VM finish
     for name in ("vmshim-bench/multi", "vmshim-bench/one"):
@@ -78,10 +78,14 @@ def main() -> int:
     }
     print(f"accel: {accel.kind}, isolation: {args.isolation}, runs: {args.runs}")
     base = result["run_baseline"]["median"]
-    print_seconds([("unchanged rebuild (8 steps, all cached)", result["unchanged_rebuild"]),
-                   ("one-RUN build (--no-cache)", result["one_run_build"]),
-                   ("baseline: vmshim run --rm busybox true", result["run_baseline"])],
-                  note=lambda s: f"{s['median'] / base:.2f}x the baseline")
+    print_seconds(
+        [
+            ("unchanged rebuild (8 steps, all cached)", result["unchanged_rebuild"]),
+            ("one-RUN build (--no-cache)", result["one_run_build"]),
+            ("baseline: vmshim run --rm busybox true", result["run_baseline"]),
+        ],
+        note=lambda s: f"{s['median'] / base:.2f}x the baseline",
+    )
     save_json(args.json, result)
     return 0
 

@@ -21,25 +21,28 @@ def timed(argv: list[str], env: dict | None = None) -> float:
     """Seconds *argv* took, run from the repository with its output discarded; exits the
     benchmark with the command's stderr when it fails (a failed run is not a figure)."""
     start = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                          cwd=REPO)
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.decode(errors='replace')}")
+        raise SystemExit(
+            f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.decode(errors='replace')}"
+        )
     return elapsed
 
 
 def summary(values: list[float]) -> dict:
     """Median, min and max in seconds, and how many runs."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def summary_ms(values: list[float]) -> dict:
     """The same in milliseconds, for figures far below a second."""
-    return {"median_ms": statistics.median(values) * 1000, "min_ms": min(values) * 1000,
-            "max_ms": max(values) * 1000, "runs": len(values)}
+    return {
+        "median_ms": statistics.median(values) * 1000,
+        "min_ms": min(values) * 1000,
+        "max_ms": max(values) * 1000,
+        "runs": len(values),
+    }
 
 
 def save_json(path: str | Path | None, results: dict) -> None:
@@ -58,5 +61,4 @@ def print_seconds(rows: list[tuple[str, dict]], indent: str = "", note=None) -> 
             print(f"{indent}{label.ljust(width)}  skipped: {s['skipped']}")
             continue
         extra = f"  {note(s)}" if note else ""
-        print(f"{indent}{label.ljust(width)}  {s['median']:6.2f} s  "
-              f"[{s['min']:.2f}–{s['max']:.2f}]{extra}")
+        print(f"{indent}{label.ljust(width)}  {s['median']:6.2f} s  [{s['min']:.2f}–{s['max']:.2f}]{extra}")

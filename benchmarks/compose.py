@@ -42,8 +42,9 @@ OVERRIDES = {
 def run(argv, env, cwd, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True)
     if check and proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.decode(errors='replace')}")
+        raise SystemExit(
+            f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
@@ -67,8 +68,10 @@ def peer_row(app: Path, runs: int) -> dict:
     """podman-compose with podman + runc, when it is installed."""
     tool = shutil.which("podman-compose")
     if tool is None or shutil.which("podman") is None:
-        return {"skipped": "podman-compose is not installed (pip install podman-compose); "
-                           "docker-compose needs a docker daemon"}
+        return {
+            "skipped": "podman-compose is not installed (pip install podman-compose); "
+            "docker-compose needs a docker daemon"
+        }
     peer = app.parent / "peer"
     shutil.copytree(app, peer, dirs_exist_ok=True)
     text = (peer / "compose.yaml").read_text()
@@ -84,8 +87,7 @@ def peer_row(app: Path, runs: int) -> dict:
         elapsed = time.perf_counter() - start
         run(base + ["down", "-v"], env, peer, check=False)
         if proc.returncode != 0:
-            return {"skipped": "podman-compose up failed: "
-                               + proc.stderr.decode(errors="replace").strip()[-300:]}
+            return {"skipped": "podman-compose up failed: " + proc.stderr.decode(errors="replace").strip()[-300:]}
         samples.append(elapsed)
     return summary(samples)
 

@@ -30,8 +30,11 @@ def main() -> int:
     args = parser.parse_args()
     os.chdir(HERE.parent)
     name = f"exec-bench-{os.getpid()}"
-    subprocess.run(VMSHIM + ["run", "-d", "--isolation", args.isolation, "--name", name,
-                             "busybox", "sleep", "1000000"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        VMSHIM + ["run", "-d", "--isolation", args.isolation, "--name", name, "busybox", "sleep", "1000000"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for _ in range(2):
             timed(VMSHIM + ["exec", name, "true"])
@@ -49,11 +52,14 @@ def main() -> int:
     results["accel"] = {"kind": accel.kind, "reason": accel.reason}
     results["isolation"] = args.isolation
     exec_ms, cli_ms = results["exec"]["median_ms"], results["cli"]["median_ms"]
-    print(f"accel: {accel.kind.upper()} ({accel.reason}); isolation {args.isolation}; "
-          f"{args.runs} runs, medians [min–max]")
-    for key, label in (("exec", "vmshim exec CONTAINER true"),
-                       ("cli", "vmshim --version (python + CLI imports)"),
-                       ("python", "python -c pass (interpreter alone)")):
+    print(
+        f"accel: {accel.kind.upper()} ({accel.reason}); isolation {args.isolation}; {args.runs} runs, medians [min–max]"
+    )
+    for key, label in (
+        ("exec", "vmshim exec CONTAINER true"),
+        ("cli", "vmshim --version (python + CLI imports)"),
+        ("python", "python -c pass (interpreter alone)"),
+    ):
         r = results[key]
         print(f"  {label:44s} {r['median_ms']:7.1f} ms  [{r['min_ms']:.1f}–{r['max_ms']:.1f}]")
     print(f"  round trip beyond the CLI process (exec − --version): {exec_ms - cli_ms:.1f} ms")

@@ -44,8 +44,7 @@ MIB = 1 << 20
 
 
 def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def free_port() -> int:
@@ -60,9 +59,11 @@ def start_registry(base: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     (base / "config.yml").write_text(
         f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {base / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f"    rootdirectory: {base / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(base / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     host = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
@@ -133,8 +134,7 @@ def bench_pull(runs: int, size: int, work: Path) -> dict:
             secs.append(elapsed)
             rates.append(layer_bytes / MIB / elapsed)
             shutil.rmtree(dest.root)
-        return {"layer_mib": layer_bytes / MIB, "mib_per_s": stats(rates),
-                "seconds": stats(secs)}
+        return {"layer_mib": layer_bytes / MIB, "mib_per_s": stats(rates), "seconds": stats(secs)}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -162,8 +162,9 @@ def bench_convert(runs: int, size: int, work: Path) -> dict:
 
 
 def show(label: str, s: dict, unit: str) -> None:
-    print(f"  {label:<34} median {s['median']:8.2f} {unit}   min {s['min']:8.2f}   "
-          f"max {s['max']:8.2f}   (n={s['runs']})")
+    print(
+        f"  {label:<34} median {s['median']:8.2f} {unit}   min {s['min']:8.2f}   max {s['max']:8.2f}   (n={s['runs']})"
+    )
 
 
 def main() -> None:
@@ -176,15 +177,17 @@ def main() -> None:
         work = Path(tmp)
         os.environ["VMSHIM_ROOT"] = str(work / "root")
         (work / "registry").mkdir()
-        result = {"pull": bench_pull(args.runs, args.size_mib * MIB, work),
-                  "convert": bench_convert(args.runs, args.size_mib * MIB, work)}
+        result = {
+            "pull": bench_pull(args.runs, args.size_mib * MIB, work),
+            "convert": bench_convert(args.runs, args.size_mib * MIB, work),
+        }
     p, c = result["pull"], result["convert"]
-    print(f"pull from docker-registry on 127.0.0.1 ({p['layer_mib']:.0f} MiB layer, "
-          "random bytes):")
+    print(f"pull from docker-registry on 127.0.0.1 ({p['layer_mib']:.0f} MiB layer, random bytes):")
     show("throughput", p["mib_per_s"], "MiB/s")
     show("wall time", p["seconds"], "s")
-    print(f"layer -> squashfs (tar2sqfs zstd), {c['tar_mib']:.0f} MiB tar of real files "
-          f"(gzip {c['gzip_mib']:.0f} MiB):")
+    print(
+        f"layer -> squashfs (tar2sqfs zstd), {c['tar_mib']:.0f} MiB tar of real files (gzip {c['gzip_mib']:.0f} MiB):"
+    )
     show("plain tar, per 100 MiB", c["plain_seconds_per_100mib"], "s")
     show("gzip tar, per 100 MiB", c["gzip_seconds_per_100mib"], "s")
     save_json(args.json, result)

@@ -34,8 +34,7 @@ CPUS = ("0.5", "1")
 
 
 def vmshim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(VMSHIM + list(args), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True)
+    return subprocess.run(VMSHIM + list(args), stdin=subprocess.DEVNULL, capture_output=True, text=True)
 
 
 def memory_round(limit: int) -> dict:
@@ -44,7 +43,8 @@ def memory_round(limit: int) -> dict:
         f"dd if=/dev/zero of=/dev/null bs={limit - 8}M count=1 2>/dev/null && echo filled; "
         "grep -E '^(MemAvailable):' /proc/meminfo | sed 's/^/after /'; "
         f"(dd if=/dev/zero of=/dev/null bs={limit + 32}M count=1 2>/dev/null; echo over $?); "
-        "grep -E '^(oom|oom_kill) ' /sys/fs/cgroup/memory.events")
+        "grep -E '^(oom|oom_kill) ' /sys/fs/cgroup/memory.events"
+    )
     proc = vmshim("run", "--rm", "-m", f"{limit}m", "busybox", "sh", "-c", script)
     text = proc.stdout
     kib = {k: int(v) for k, v in re.findall(r"^(MemTotal|MemAvailable):\s+(\d+) kB", text, re.M)}
@@ -52,12 +52,15 @@ def memory_round(limit: int) -> dict:
 
     vm_mib = limit + GUEST_OVERHEAD_MIB
     events = dict(re.findall(r"^(oom|oom_kill) (\d+)$", text, re.M))
-    return {"limit_mib": limit, "vm_mib": vm_mib,
-            "mem_total_mib": kib.get("MemTotal", 0) / 1024,
-            "mem_available_mib": kib.get("MemAvailable", 0) / 1024,
-            "overhead_mib": vm_mib - kib.get("MemAvailable", 0) / 1024,
-            "filled_ok": "filled" in text,
-            "overfill_killed": "over 137" in text and int(events.get("oom", 0)) > 0}
+    return {
+        "limit_mib": limit,
+        "vm_mib": vm_mib,
+        "mem_total_mib": kib.get("MemTotal", 0) / 1024,
+        "mem_available_mib": kib.get("MemAvailable", 0) / 1024,
+        "overhead_mib": vm_mib - kib.get("MemAvailable", 0) / 1024,
+        "filled_ok": "filled" in text,
+        "overfill_killed": "over 137" in text and int(events.get("oom", 0)) > 0,
+    }
 
 
 def cpu_round(isolation: str, cpus: str) -> float:
@@ -65,8 +68,20 @@ def cpu_round(isolation: str, cpus: str) -> float:
     from shim.containers.store import ContainerStore
 
     name = f"limbench-{os.getpid()}-{isolation}"
-    proc = vmshim("run", "-d", "--isolation", isolation, "--cpus", cpus, "--name", name,
-                  "busybox", "sh", "-c", "while :; do :; done")
+    proc = vmshim(
+        "run",
+        "-d",
+        "--isolation",
+        isolation,
+        "--cpus",
+        cpus,
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     try:
@@ -96,19 +111,27 @@ def main() -> int:
             "mem_available_mib": statistics.median(r["mem_available_mib"] for r in rounds),
             "overhead_mib": statistics.median(r["overhead_mib"] for r in rounds),
             "filled_ok": all(r["filled_ok"] for r in rounds),
-            "overfill_killed": all(r["overfill_killed"] for r in rounds)}
+            "overfill_killed": all(r["overfill_killed"] for r in rounds),
+        }
     for isolation in ("vm", "process"):
         for cpus in CPUS:
             shares = [cpu_round(isolation, cpus) for _ in range(args.runs)]
             results["cpu"][f"{isolation} --cpus {cpus}"] = {
-                "median": statistics.median(shares), "min": min(shares), "max": max(shares)}
-    print(f"memory (vm; medians of {args.runs}): limit → VM size, guest MemTotal, "
-          "MemAvailable idle, overhead, fill to limit−8 MiB ok, over-fill OOM-killed")
+                "median": statistics.median(shares),
+                "min": min(shares),
+                "max": max(shares),
+            }
+    print(
+        f"memory (vm; medians of {args.runs}): limit → VM size, guest MemTotal, "
+        "MemAvailable idle, overhead, fill to limit−8 MiB ok, over-fill OOM-killed"
+    )
     for limit, r in results["memory"].items():
-        print(f"  --memory {limit:>4s}m  VM {r['vm_mib']:4d} MiB  total {r['mem_total_mib']:6.1f}"
-              f"  available {r['mem_available_mib']:6.1f}  overhead {r['overhead_mib']:5.1f}"
-              f"  fill {'ok' if r['filled_ok'] else 'FAILED'}"
-              f"  over-fill {'killed' if r['overfill_killed'] else 'NOT KILLED'}")
+        print(
+            f"  --memory {limit:>4s}m  VM {r['vm_mib']:4d} MiB  total {r['mem_total_mib']:6.1f}"
+            f"  available {r['mem_available_mib']:6.1f}  overhead {r['overhead_mib']:5.1f}"
+            f"  fill {'ok' if r['filled_ok'] else 'FAILED'}"
+            f"  over-fill {'killed' if r['overfill_killed'] else 'NOT KILLED'}"
+        )
     print("cpu: the cgroup's CPU time / wall time / --cpus (1.00 = exactly the limit)")
     for key, r in results["cpu"].items():
         print(f"  {key:22s} {r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]")

@@ -34,11 +34,9 @@ HTTPD = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 
 
 
 def vmshim(*args: str) -> str:
-    proc = subprocess.run(VMSHIM + list(args), check=False, capture_output=True, text=True,
-                          cwd=HERE.parent)
+    proc = subprocess.run(VMSHIM + list(args), check=False, capture_output=True, text=True, cwd=HERE.parent)
     if proc.returncode != 0:
-        raise SystemExit(f"vmshim {' '.join(args)} failed ({proc.returncode}): "
-                         f"{proc.stderr.strip()}")
+        raise SystemExit(f"vmshim {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
 
 
@@ -79,9 +77,13 @@ def wait_answering(host: str, port: int, timeout: float = 120.0) -> None:
 
 def summary(values: list[float]) -> dict:
     ms = sorted(v * 1000 for v in values)
-    return {"median_ms": round(statistics.median(ms), 3), "min_ms": round(ms[0], 3),
-            "max_ms": round(ms[-1], 3),
-            "p90_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.9))], 3), "n": len(ms)}
+    return {
+        "median_ms": round(statistics.median(ms), 3),
+        "min_ms": round(ms[0], 3),
+        "max_ms": round(ms[-1], 3),
+        "p90_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.9))], 3),
+        "n": len(ms),
+    }
 
 
 def container_ip(name: str) -> str:
@@ -95,17 +97,18 @@ def container_ip(name: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="per subject (default 200)")
-    parser.add_argument("--isolation", action="append", choices=["vm", "process"],
-                        help="default: both")
+    parser.add_argument("--isolation", action="append", choices=["vm", "process"], help="default: both")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
-    parser.add_argument("--in-this-namespace", action="store_true",
-                        help="run here although no namespace of our own is known")
+    parser.add_argument(
+        "--in-this-namespace", action="store_true", help="run here although no namespace of our own is known"
+    )
     args = parser.parse_args()
-    ours = "1" in (os.environ.get("VMSHIM_PRIVATE_NETNS"),
-                   os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"))
+    ours = "1" in (os.environ.get("VMSHIM_PRIVATE_NETNS"), os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"))
     if not ours and not args.in_this_namespace:
-        raise SystemExit("benchmarks/network.py makes a bridge and NAT rules: run it through "
-                         "scripts/lib/in-netns (or pass --in-this-namespace)")
+        raise SystemExit(
+            "benchmarks/network.py makes a bridge and NAT rules: run it through "
+            "scripts/lib/in-netns (or pass --in-this-namespace)"
+        )
     isolations = args.isolation or ["vm", "process"]
 
     from shim.vm.accel import detect_accel
@@ -114,8 +117,7 @@ def main() -> int:
     www = Path(tempfile.mkdtemp(prefix="vmshim-netbench-"))
     (www / "index.html").write_text("hello\n")
     base_port = free_port()
-    baseline = subprocess.Popen([BUSYBOX, "httpd", "-f", "-p", f"127.0.0.1:{base_port}",
-                                 "-h", str(www)])
+    baseline = subprocess.Popen([BUSYBOX, "httpd", "-f", "-p", f"127.0.0.1:{base_port}", "-h", str(www)])
     names = []
     subjects: dict[str, tuple[str, int]] = {"host loopback (baseline)": ("127.0.0.1", base_port)}
     try:
@@ -124,8 +126,20 @@ def main() -> int:
             name = f"netbench-{isolation}-{os.getpid()}"
             port = free_port()
             names.append(name)
-            vmshim("run", "-d", "--name", name, "--isolation", isolation,
-                   "-p", f"127.0.0.1:{port}:8080", "busybox", "sh", "-c", HTTPD)
+            vmshim(
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--isolation",
+                isolation,
+                "-p",
+                f"127.0.0.1:{port}:8080",
+                "busybox",
+                "sh",
+                "-c",
+                HTTPD,
+            )
             wait_answering("127.0.0.1", port)
             subjects[f"{isolation}: -p 127.0.0.1:{port}:8080"] = ("127.0.0.1", port)
             ip = container_ip(name)
@@ -140,8 +154,7 @@ def main() -> int:
                 samples[label].append(request(host, port))
     finally:
         for name in names:
-            subprocess.run(VMSHIM + ["rm", "-f", name], check=False, capture_output=True,
-                           cwd=HERE.parent)
+            subprocess.run(VMSHIM + ["rm", "-f", name], check=False, capture_output=True, cwd=HERE.parent)
         baseline.kill()
         baseline.wait()
 
@@ -151,11 +164,14 @@ def main() -> int:
     print(f"published-port latency, {args.requests} requests per subject, accel {accel}")
     print(f"{'subject'.ljust(width)}   median    min      max      p90     x baseline")
     for label, r in results.items():
-        print(f"{label.ljust(width)}   {r['median_ms']:6.3f}   {r['min_ms']:6.3f}   "
-              f"{r['max_ms']:6.3f}   {r['p90_ms']:6.3f}   {r['median_ms'] / base:5.1f}x")
+        print(
+            f"{label.ljust(width)}   {r['median_ms']:6.3f}   {r['min_ms']:6.3f}   "
+            f"{r['max_ms']:6.3f}   {r['p90_ms']:6.3f}   {r['median_ms'] / base:5.1f}x"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"accel": accel, "requests": args.requests,
-                                               "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"accel": accel, "requests": args.requests, "results": results}, indent=2) + "\n"
+        )
     return 0
 
 

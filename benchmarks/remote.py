@@ -41,13 +41,24 @@ def main() -> int:
     env = sshd.client_env()
     remote = VMSHIM + ["--host", sshd.url]
     name = f"remote-bench-{os.getpid()}"
-    samples: dict[str, list[float]] = {k: [] for k in (
-        "connect", "version_local", "ps_local", "ps_remote", "exec_local", "exec_remote",
-        "run_local", "run_remote")}
+    samples: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "connect",
+            "version_local",
+            "ps_local",
+            "ps_remote",
+            "exec_local",
+            "exec_remote",
+            "run_local",
+            "run_remote",
+        )
+    }
     try:
         samples["connect"].append(timed(remote + ["ps"], env))  # handshake + probe + command
-        subprocess.run(VMSHIM + ["run", "-d", "--name", name, "busybox", "sleep", "1000000"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            VMSHIM + ["run", "-d", "--name", name, "busybox", "sleep", "1000000"], check=True, stdout=subprocess.DEVNULL
+        )
         for _ in range(2):
             timed(VMSHIM + ["exec", name, "true"])
             timed(remote + ["exec", name, "true"], env)
@@ -70,13 +81,16 @@ def main() -> int:
     accel = detect_accel()
     results["accel"] = {"kind": accel.kind, "reason": accel.reason}
     print(f"accel: {accel.kind.upper()}; over loopback sshd; {args.runs} runs, medians [min–max]")
-    for key, label in (("connect", "first remote command (SSH handshake + probe)"),
-                       ("version_local", "local vmshim --version"),
-                       ("ps_local", "local vmshim ps"), ("ps_remote", "remote vmshim ps"),
-                       ("exec_local", "local exec CONTAINER true"),
-                       ("exec_remote", "remote exec CONTAINER true"),
-                       ("run_local", "local run --rm busybox true"),
-                       ("run_remote", "remote run --rm busybox true")):
+    for key, label in (
+        ("connect", "first remote command (SSH handshake + probe)"),
+        ("version_local", "local vmshim --version"),
+        ("ps_local", "local vmshim ps"),
+        ("ps_remote", "remote vmshim ps"),
+        ("exec_local", "local exec CONTAINER true"),
+        ("exec_remote", "remote exec CONTAINER true"),
+        ("run_local", "local run --rm busybox true"),
+        ("run_remote", "remote run --rm busybox true"),
+    ):
         r = results[key]
         print(f"  {label:46s} {r['median_ms']:8.1f} ms  [{r['min_ms']:.1f}–{r['max_ms']:.1f}]")
     for what in ("ps", "exec", "run"):

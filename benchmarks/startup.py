@@ -35,13 +35,16 @@ def time_floor(image, accel_kind: str) -> float:
     sock_path = str(tmp / "agent.sock")
     # The same config drive a container gets, so the guest boots exactly as it would.
     drive = build_config_drive(
-        BootConfig(container_id="0" * 64, token="floor", hostname="floor",
-                   process=ProcessSpec(args=["true"]), layer_count=0), tmp / "config.iso")
-    argv = boot_floor_command(image, sock_path, str(tmp / "console.log"), config_drive=str(drive),
-                              accel_kind=accel_kind)
+        BootConfig(
+            container_id="0" * 64, token="floor", hostname="floor", process=ProcessSpec(args=["true"]), layer_count=0
+        ),
+        tmp / "config.iso",
+    )
+    argv = boot_floor_command(
+        image, sock_path, str(tmp / "console.log"), config_drive=str(drive), accel_kind=accel_kind
+    )
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         sock = None
         deadline = start + 120
@@ -95,15 +98,20 @@ def main() -> int:
         "vm_to_process": results["vm"]["median"] / results["process"]["median"],
     }
     results["accel"] = {"kind": accel.kind, "reason": accel.reason}
-    results["host"] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                       "guest_kernel": image.kernel_release}
+    results["host"] = {"cpus": os.cpu_count(), "kernel": os.uname().release, "guest_kernel": image.kernel_release}
     print(f"accel: {accel.kind.upper()} ({accel.reason}); {args.runs} runs, medians [min–max]")
-    print_seconds([("bare QEMU boot to agent hello (floor)", results["floor"]),
-                   ("vmshim run --rm busybox true (vm)", results["vm"]),
-                   ("vmshim run --rm --isolation process busybox true", results["process"])],
-                  indent="  ")
-    print(f"  vm / floor = {results['ratios']['vm_to_floor']:.2f}x   "
-          f"vm / process = {results['ratios']['vm_to_process']:.2f}x")
+    print_seconds(
+        [
+            ("bare QEMU boot to agent hello (floor)", results["floor"]),
+            ("vmshim run --rm busybox true (vm)", results["vm"]),
+            ("vmshim run --rm --isolation process busybox true", results["process"]),
+        ],
+        indent="  ",
+    )
+    print(
+        f"  vm / floor = {results['ratios']['vm_to_floor']:.2f}x   "
+        f"vm / process = {results['ratios']['vm_to_process']:.2f}x"
+    )
     save_json(args.json, results)
     return 0
 

@@ -37,10 +37,12 @@ HERE = Path(__file__).resolve().parent
 VMSHIM = [sys.executable, "-m", "shim.cli.main"]
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 _STAMP = re.compile(r"^T (\S+) ([0-9.]+) ([0-9.]+)$", re.MULTILINE)
-STAMP = ("stamp() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} "
-         "END{printf \"%d.%06d\", s, u}'; }; "
-         "timed() { name=$1; shift; a=$(stamp); \"$@\" 2>/dev/null; b=$(stamp); "
-         "echo \"T $name $a $b\"; }; ")
+STAMP = (
+    "stamp() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} "
+    'END{printf "%d.%06d", s, u}\'; }; '
+    'timed() { name=$1; shift; a=$(stamp); "$@" 2>/dev/null; b=$(stamp); '
+    'echo "T $name $a $b"; }; '
+)
 """Shell helpers for the container: busybox's dd prints no timing and its date has no
 %N, but ``adjtimex`` shows the clock in µs. ``timed NAME CMD…`` prints
 ``T NAME START END``; the cost of taking the stamps is measured (``empty``) and taken off."""
@@ -54,8 +56,7 @@ def stamps(text: str) -> dict[str, float]:
 def run(argv: list[str]) -> str:
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr}")
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
     return proc.stdout + proc.stderr
 
 
@@ -72,9 +73,25 @@ def container_round(isolation: str, bind_dir: Path, volume: str, index: int, mib
         f"timed bind_read dd if=/b/r-{isolation}-{index} of=/dev/null bs=1M; "
         f"timed volume_write dd if=/dev/zero of=/v/w-{isolation}-{index} bs=1M count={mib} "
         "conv=fsync; "
-        f"timed volume_read dd if={previous} of=/dev/null bs=1M; rm -f {previous}")
-    out = run(VMSHIM + ["run", "--rm", "--isolation", isolation, "-v", f"{bind_dir}:/b",
-                        "-v", f"{volume}:/v", "busybox", "sh", "-c", script])
+        f"timed volume_read dd if={previous} of=/dev/null bs=1M; rm -f {previous}"
+    )
+    out = run(
+        VMSHIM
+        + [
+            "run",
+            "--rm",
+            "--isolation",
+            isolation,
+            "-v",
+            f"{bind_dir}:/b",
+            "-v",
+            f"{volume}:/v",
+            "busybox",
+            "sh",
+            "-c",
+            script,
+        ]
+    )
     times = stamps(out)
     keys = ("bind_write", "bind_read", "volume_write", "volume_read")
     if not all(k in times for k in keys):
@@ -91,10 +108,10 @@ def _timed_host(argv: list[str]) -> float:
 
 def host_round(work: Path, index: int, mib: int) -> dict:
     overhead = statistics.median(_timed_host([BUSYBOX, "true"]) for _ in range(3))
-    write = _timed_host([BUSYBOX, "dd", "if=/dev/zero", f"of={work}/w", "bs=1M",
-                         f"count={mib}", "conv=fsync"]) - overhead
-    read = _timed_host([BUSYBOX, "dd", f"if={work}/r-host-{index}", "of=/dev/null",
-                        "bs=1M"]) - overhead
+    write = (
+        _timed_host([BUSYBOX, "dd", "if=/dev/zero", f"of={work}/w", "bs=1M", f"count={mib}", "conv=fsync"]) - overhead
+    )
+    read = _timed_host([BUSYBOX, "dd", f"if={work}/r-host-{index}", "of=/dev/null", "bs=1M"]) - overhead
     return {"write": mib / write, "read": mib / read}
 
 
@@ -103,8 +120,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=64, help="size of each transfer (MiB)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
-    parser.add_argument("--isolation", choices=["vm", "process"], action="append",
-                        help="only these (default: both)")
+    parser.add_argument("--isolation", choices=["vm", "process"], action="append", help="only these (default: both)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from shim import paths
@@ -125,9 +141,24 @@ def main() -> int:
     try:
         run(VMSHIM + ["volume", "create", volume])
         for isolation in isolations:  # the file the first round's volume read finds
-            run(VMSHIM + ["run", "--rm", "--isolation", isolation, "-v", f"{volume}:/v",
-                          "busybox", "dd", "if=/dev/zero", f"of=/v/w-{isolation}--1", "bs=1M",
-                          f"count={args.mib}", "conv=fsync"])
+            run(
+                VMSHIM
+                + [
+                    "run",
+                    "--rm",
+                    "--isolation",
+                    isolation,
+                    "-v",
+                    f"{volume}:/v",
+                    "busybox",
+                    "dd",
+                    "if=/dev/zero",
+                    f"of=/v/w-{isolation}--1",
+                    "bs=1M",
+                    f"count={args.mib}",
+                    "conv=fsync",
+                ]
+            )
         for index in range(args.runs):
             for who in ["host"] + isolations:
                 host_file(work / f"r-{who}-{index}", args.mib)
@@ -147,16 +178,20 @@ def main() -> int:
     host = {"read": results["host_read"]["median"], "write": results["host_write"]["median"]}
     results["ratios_to_host"] = {
         key: results[key]["median"] / host["read" if key.endswith("read") else "write"]
-        for key in results if not key.startswith("host_") and key in samples}
+        for key in results
+        if not key.startswith("host_") and key in samples
+    }
     results["accel"] = {"kind": accel.kind, "reason": accel.reason}
-    results["config"] = {"runs": args.runs, "mib": args.mib, "cpus": os.cpu_count(),
-                         "kernel": os.uname().release}
-    print(f"accel: {accel.kind.upper()}; {args.runs} runs of {args.mib} MiB, "
-          f"MiB/s medians [min–max], ratio to the host's")
+    results["config"] = {"runs": args.runs, "mib": args.mib, "cpus": os.cpu_count(), "kernel": os.uname().release}
+    print(
+        f"accel: {accel.kind.upper()}; {args.runs} runs of {args.mib} MiB, MiB/s medians [min–max], ratio to the host's"
+    )
     rows = [("host", "host filesystem", "host_")]
     for isolation in isolations:
-        rows += [(isolation, f"{isolation}: bind mount", f"{isolation}_bind_"),
-                 (isolation, f"{isolation}: named volume", f"{isolation}_volume_")]
+        rows += [
+            (isolation, f"{isolation}: bind mount", f"{isolation}_bind_"),
+            (isolation, f"{isolation}: named volume", f"{isolation}_volume_"),
+        ]
     for _, label, prefix in rows:
         parts = []
         for op in ("write", "read"):

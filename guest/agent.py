@@ -125,10 +125,21 @@ class Agent:
     for, so other children of the calling process are left alone.
     """
 
-    def __init__(self, channel_fd: int, config: BootConfig | None, runtime, *,
-                 reconnect: bool = False, listener=None,
-                 reap_orphans: bool = False, exit_grace: float = 1.0,
-                 orphan_exit_timeout: float = 30.0, log=None, trace=None, uptime=_uptime):
+    def __init__(
+        self,
+        channel_fd: int,
+        config: BootConfig | None,
+        runtime,
+        *,
+        reconnect: bool = False,
+        listener=None,
+        reap_orphans: bool = False,
+        exit_grace: float = 1.0,
+        orphan_exit_timeout: float = 30.0,
+        log=None,
+        trace=None,
+        uptime=_uptime,
+    ):
         self.fd = channel_fd
         self.config = config
         self.runtime = runtime
@@ -154,12 +165,12 @@ class Agent:
         self._retry_at = 0.0
         self._need_hello = True
         self._waiting_logged = False
-        self._procs: dict[int, _Proc] = {}   # by host-chosen id
+        self._procs: dict[int, _Proc] = {}  # by host-chosen id
         self._by_pid: dict[int, _Proc] = {}
         self._main: _Proc | None = None
         self.main_exit_code: int | None = None
-        self._main_done_at: float | None = None    # when its exit was queued
-        self._exit_frame: bytes | None = None       # the frame reporting the main exit…
+        self._main_done_at: float | None = None  # when its exit was queued
+        self._exit_frame: bytes | None = None  # the frame reporting the main exit…
         self._exit_written_at: float | None = None  # …and when it left the buffer
         self._shutdown = False
         self._shutdown_deadline = 0.0
@@ -447,8 +458,9 @@ class Agent:
         self._need_hello = True
 
     def _send_hello(self) -> None:
-        frame = protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
-                                agent=AGENT_VERSION, uptime=round(self.uptime(), 3))
+        frame = protocol.encode(
+            protocol.HELLO, protocol=protocol.PROTOCOL_VERSION, agent=AGENT_VERSION, uptime=round(self.uptime(), 3)
+        )
         # A hello goes first, before anything queued while nobody listened.
         self._out.appendleft(frame)
         self._out_bytes += len(frame)
@@ -465,7 +477,7 @@ class Agent:
     def _flush(self) -> None:
         """Write as much of the queued frames as the channel takes now."""
         while self._out and not self._away:
-            views = [memoryview(self._out[0])[self._out_offset:]]
+            views = [memoryview(self._out[0])[self._out_offset :]]
             views.extend(memoryview(f) for f in itertools.islice(self._out, 1, 64))
             try:
                 written = os.writev(self.fd, views)
@@ -581,8 +593,7 @@ class Agent:
             return
         self._main = self._add(proc_id, spawned, main=True)
         self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
-        self.trace(f"started process {proc_id} (pid {spawned.pid}) in "
-                   f"{(time.monotonic() - begin) * 1000:.0f} ms")
+        self.trace(f"started process {proc_id} (pid {spawned.pid}) in {(time.monotonic() - begin) * 1000:.0f} ms")
 
     def _handle_exec(self, message: Message) -> None:
         self._check_token(message)
@@ -598,8 +609,7 @@ class Agent:
             raise Reject(f"process id {proc_id} is in use")
         if self._main is None or self._main.exit_code is not None:
             raise Reject("the container is not running")
-        self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows,
-                                                             cols=cols))
+        self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows, cols=cols))
 
     def _handle_member(self, message: Message) -> None:
         from guest.spec import BootConfig
@@ -743,9 +753,12 @@ class Agent:
         if not 16 <= len(token) <= 128:
             raise Reject("bad new token")
         config = self.config.replace(
-            token=token, hostname=message.get("hostname", str),
+            token=token,
+            hostname=message.get("hostname", str),
             process=ProcessSpec.from_dict(message.get("process", dict)),
-            hosts=message.get("hosts", str, ""), resolv_conf=message.get("resolv_conf", str, ""))
+            hosts=message.get("hosts", str, ""),
+            resolv_conf=message.get("resolv_conf", str, ""),
+        )
         reseed(entropy)
         apply = getattr(self.runtime, "set_identity", None)
         if apply is not None:
@@ -771,8 +784,7 @@ class Agent:
         raw = message.get("config", dict)
         entropy = message.get("entropy", str)
         if len(entropy) > protocol.MAX_ENTROPY_HEX or len(entropy) % 2:
-            raise Reject("spec: entropy must be at most "
-                         f"{protocol.MAX_ENTROPY_HEX} hex digits, an even number")
+            raise Reject(f"spec: entropy must be at most {protocol.MAX_ENTROPY_HEX} hex digits, an even number")
         try:
             seed = bytes.fromhex(entropy)
             config = BootConfig.from_dict(raw)
@@ -880,8 +892,12 @@ class Agent:
         console lives on, instead of ending the log. Bounded: a console that keeps
         failing with no output in between is ended."""
         console = getattr(proc.spawned, "console", None)
-        if (console is None or fd != proc.spawned.master or proc.exit_code is not None
-                or proc.console_reopens >= MAX_CONSOLE_REOPENS):
+        if (
+            console is None
+            or fd != proc.spawned.master
+            or proc.exit_code is not None
+            or proc.console_reopens >= MAX_CONSOLE_REOPENS
+        ):
             return False
         from guest.runtime.process import reopen_console
 
@@ -896,7 +912,7 @@ class Agent:
     def _write_stdin(self, proc: _Proc) -> None:
         while proc.stdin_buf:
             try:
-                written = os.write(proc.stdin_fd, proc.stdin_buf[:protocol.CHUNK])
+                written = os.write(proc.stdin_fd, proc.stdin_buf[: protocol.CHUNK])
             except BlockingIOError:
                 return
             except OSError:  # EPIPE: the process closed its stdin; drop what is left
@@ -994,8 +1010,7 @@ class Agent:
                 extra["oom_killed"] = bool(oom()) if oom is not None else False
             except Exception:  # noqa: BLE001 - a report, not a reason to fail
                 extra["oom_killed"] = False
-        frame = self._send(protocol.EXIT, id=proc.id, code=proc.exit_code,
-                           signal=proc.exit_signal, **extra)
+        frame = self._send(protocol.EXIT, id=proc.id, code=proc.exit_code, signal=proc.exit_signal, **extra)
         if proc.main:
             self.main_exit_code = proc.exit_code
             self._main_done_at = now
@@ -1040,8 +1055,7 @@ def reseed(entropy: bytes, device: str = "/dev/urandom") -> None:
         return
     try:
         try:
-            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy))
-                        + entropy)
+            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
         except OSError:
             os.write(fd, entropy)
         try:

@@ -115,6 +115,7 @@ console = Console()
 
 # ---- phases -----------------------------------------------------------------------------
 
+
 def leave_initramfs() -> None:
     """Make "/" a bind mount of the initramfs instead of the initramfs mount itself.
 
@@ -203,8 +204,7 @@ def load_modules(list_path: str | None = None) -> None:
             if exc.errno != 17:  # EEXIST: loaded already
                 console.log(f"cannot load module {path}: {exc.strerror}")
         if console.verbose:
-            console.write(f"module {os.path.basename(path)}: "
-                          f"{(time.monotonic() - begin) * 1000:.0f} ms")
+            console.write(f"module {os.path.basename(path)}: {(time.monotonic() - begin) * 1000:.0f} ms")
 
 
 def find_disks() -> dict[str, str]:
@@ -236,8 +236,10 @@ def wait_for_disks(serials: list[str], timeout: float | None = None) -> dict[str
         if not missing:
             return {s: disks[s] for s in serials}
         if time.monotonic() > deadline:
-            raise BootError(f"no disk with serial {', '.join(missing)} appeared within "
-                            f"{timeout:.0f} s (found: {', '.join(sorted(disks)) or 'none'})")
+            raise BootError(
+                f"no disk with serial {', '.join(missing)} appeared within "
+                f"{timeout:.0f} s (found: {', '.join(sorted(disks)) or 'none'})"
+            )
         time.sleep(0.005)
 
 
@@ -253,8 +255,7 @@ def read_config(device: str):
     try:
         syscalls.mount(device, CONFIG_MOUNT, fstype, syscalls.MS_RDONLY, None)
     except OSError as exc:
-        raise BootError(f"cannot mount the config drive {device} ({fstype}): "
-                        f"{exc.strerror}") from None
+        raise BootError(f"cannot mount the config drive {device} ({fstype}): {exc.strerror}") from None
     try:
         with open(os.path.join(CONFIG_MOUNT, CONFIG_FILE), "rb") as f:
             raw = f.read()
@@ -283,8 +284,7 @@ def filesystem_type(device: str) -> str:
         return "ext4"
     if head[32769:32774] == b"CD001":
         return "iso9660"
-    raise BootError(f"{device} holds no filesystem vmshim knows "
-                    "(squashfs, erofs, ext4, iso9660)")
+    raise BootError(f"{device} holds no filesystem vmshim knows (squashfs, erofs, ext4, iso9660)")
 
 
 def mount_rootfs(config, disks: dict[str, str]) -> str:
@@ -308,8 +308,7 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
         try:
             syscalls.mount(device, target, fstype, syscalls.MS_RDONLY, None)
         except OSError as exc:
-            raise BootError(f"cannot mount layer {index} ({device}, {fstype}): "
-                            f"{exc.strerror}") from None
+            raise BootError(f"cannot mount layer {index} ({device}, {fstype}): {exc.strerror}") from None
         lowerdirs.insert(0, target)  # topmost first
     if not lowerdirs:  # an image with no layers (FROM scratch, nothing added)
         os.makedirs(EMPTY_LOWER, exist_ok=True)
@@ -321,8 +320,7 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
         try:
             syscalls.mount(device, RW_DIR, "ext4", 0, None)
         except OSError as exc:
-            raise BootError(f"cannot mount the writable disk {device} (ext4): "
-                            f"{exc.strerror}") from None
+            raise BootError(f"cannot mount the writable disk {device} (ext4): {exc.strerror}") from None
     else:
         syscalls.mount("tmpfs", RW_DIR, "tmpfs", 0, "mode=0755")
     console.phase("layers")
@@ -363,6 +361,7 @@ def make_cgroup(config):
 
 # ---- the end ----------------------------------------------------------------------------
 
+
 def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
     """Best effort, bounded: send ``error`` (after a ``hello`` if none was sent)."""
     import select
@@ -375,8 +374,12 @@ def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
             channel = open_port(timeout=1.0)
         data = b""
         if not hello_sent:
-            data += protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
-                                    agent=AGENT_VERSION, uptime=round(time.monotonic(), 3))
+            data += protocol.encode(
+                protocol.HELLO,
+                protocol=protocol.PROTOCOL_VERSION,
+                agent=AGENT_VERSION,
+                uptime=round(time.monotonic(), 3),
+            )
         data += protocol.encode(protocol.ERROR, message=message[:4000])
         os.set_blocking(channel, False)
         view = memoryview(data)
@@ -384,7 +387,7 @@ def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
         while view and time.monotonic() < deadline:
             select.select([], [channel], [], 0.05)
             try:
-                view = view[os.write(channel, view):]
+                view = view[os.write(channel, view) :]
             except BlockingIOError:
                 continue
     except Exception as exc:  # noqa: BLE001 - already failing; the console has the story
@@ -473,6 +476,7 @@ def power_off() -> None:
 
 # ---- main -------------------------------------------------------------------------------
 
+
 def prepare_vm() -> None:
     """What the VM needs before the agent can talk: API filesystems and kernel modules."""
     mount_basics()
@@ -492,8 +496,7 @@ def reseed_rng(entropy: bytes) -> None:
         raise BootError("the host sent no entropy for this container")
     try:
         with open("/dev/urandom", "wb", buffering=0) as f:
-            fcntl.ioctl(f, RNDADDENTROPY,
-                        struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
             fcntl.ioctl(f, RNDRESEEDCRNG)
     except OSError as exc:
         raise BootError(f"cannot reseed the RNG: {exc.strerror}") from None
@@ -510,8 +513,11 @@ def warm_up() -> None:
         from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
 
         caps = list(DEFAULT_CAPABILITIES)
-        _seccomp_program(ProcessSpec(args=["true"], seccomp="default", capabilities={
-            "bounding": caps, "effective": caps, "permitted": caps}))
+        _seccomp_program(
+            ProcessSpec(
+                args=["true"], seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
+            )
+        )
     except Exception as exc:  # noqa: BLE001
         console.log(f"warm-up failed: {exc}")
     console.phase("warm-up")
@@ -568,8 +574,9 @@ def prepare_container(config=None):
         apply_sysctls(config.sysctl)
     sources = stage_mounts(config, disks)
     try:
-        container = Container(config, root, files_dir=FILES_DIR, cgroup=cgroup,
-                              namespaces=GUEST_NAMESPACES, mounts=sources)
+        container = Container(
+            config, root, files_dir=FILES_DIR, cgroup=cgroup, namespaces=GUEST_NAMESPACES, mounts=sources
+        )
     except Exception as exc:  # noqa: BLE001 - MountError; the host reads the text
         if type(exc).__name__ not in ("MountError", "CgroupError"):
             raise
@@ -594,8 +601,7 @@ def main() -> None:
         console.phase("import agent")
         channel = open_port()
         console.phase("port")
-        agent = Agent(channel, None, None, reconnect=True, reap_orphans=True, log=console.log,
-                      trace=console.trace)
+        agent = Agent(channel, None, None, reconnect=True, reap_orphans=True, log=console.log, trace=console.trace)
         agent.greet()
         console.phase("hello")
         spec = None

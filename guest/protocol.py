@@ -166,9 +166,33 @@ MAX_ENTROPY_HEX = 512
 """Most hex digits of ``spec``'s entropy (256 bytes)."""
 
 MESSAGE_TYPES = frozenset(
-    {HELLO, START, EXEC, STARTED, ERROR, STDIN, STDIN_CLOSE, STDOUT, STDERR, RESIZE, SIGNAL,
-     EXIT, SHUTDOWN, LOG, BUILTIN, UPDATE, UPDATED, STATS, DIFF, NETCONF, DNS_QUERY,
-     DNS_ANSWER, IDENTITY, SPEC, MEMBER}
+    {
+        HELLO,
+        START,
+        EXEC,
+        STARTED,
+        ERROR,
+        STDIN,
+        STDIN_CLOSE,
+        STDOUT,
+        STDERR,
+        RESIZE,
+        SIGNAL,
+        EXIT,
+        SHUTDOWN,
+        LOG,
+        BUILTIN,
+        UPDATE,
+        UPDATED,
+        STATS,
+        DIFF,
+        NETCONF,
+        DNS_QUERY,
+        DNS_ANSWER,
+        IDENTITY,
+        SPEC,
+        MEMBER,
+    }
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")
 """Names a ``builtin`` message may ask for."""
@@ -257,8 +281,8 @@ class FrameReader:
             end = _PREFIX.size + hlen + plen
             if len(self._buf) < end:
                 break
-            raw = bytes(self._buf[_PREFIX.size:_PREFIX.size + hlen])
-            payload = bytes(self._buf[_PREFIX.size + hlen:end])
+            raw = bytes(self._buf[_PREFIX.size : _PREFIX.size + hlen])
+            payload = bytes(self._buf[_PREFIX.size + hlen : end])
             del self._buf[:end]
             try:
                 out.append(_decode_header(raw, payload, self._known))
@@ -325,14 +349,14 @@ def _decode_header(raw: bytes, payload: bytes, known: frozenset = MESSAGE_TYPES)
 
 # ---- what the host accepts from the guest ---------------------------------------------------
 
+
 class Field:
     """One header field of a message from the guest: its type, whether it must be there,
     and for ints the allowed range."""
 
     __slots__ = ("kind", "required", "low", "high")
 
-    def __init__(self, kind: type | tuple, required: bool = False, low: int | None = None,
-                 high: int | None = None):
+    def __init__(self, kind: type | tuple, required: bool = False, low: int | None = None, high: int | None = None):
         self.kind = kind
         self.required = required
         self.low = low
@@ -342,15 +366,12 @@ class Field:
 _ID = Field(int, True, 0, MAX_ID)
 _STREAM = {"id": _ID}
 FROM_GUEST: dict[str, dict[str, Field]] = {
-    HELLO: {"protocol": Field(int, True, 0, MAX_ID), "agent": Field(str),
-            "uptime": Field((int, float))},
+    HELLO: {"protocol": Field(int, True, 0, MAX_ID), "agent": Field(str), "uptime": Field((int, float))},
     STARTED: {"id": _ID, "pid": Field(int, False, 0, MAX_ID)},
-    ERROR: {"id": Field(int, False, 0, MAX_ID), "message": Field(str),
-            "code": Field(int, False, 0, 255)},
+    ERROR: {"id": Field(int, False, 0, MAX_ID), "message": Field(str), "code": Field(int, False, 0, 255)},
     STDOUT: _STREAM,
     STDERR: _STREAM,
-    EXIT: {"id": _ID, "code": Field(int, True, 0, 255), "signal": Field(int, False, 0, 255),
-           "oom_killed": Field(bool)},
+    EXIT: {"id": _ID, "code": Field(int, True, 0, 255), "signal": Field(int, False, 0, 255), "oom_killed": Field(bool)},
     UPDATED: {"id": _ID},
     STATS: {"id": _ID, "usage": Field(dict, True)},
     LOG: {"message": Field(str)},
@@ -370,8 +391,7 @@ def check_from_guest(msg: Message) -> Message:
         value = msg.get(name, field.kind, None if not field.required else ...)
         if value is None or isinstance(value, bool) or not isinstance(value, int):
             continue
-        if (field.low is not None and value < field.low) or \
-                (field.high is not None and value > field.high):
+        if (field.low is not None and value < field.low) or (field.high is not None and value > field.high):
             raise ProtocolError(f"{msg.type!r} field {name!r} is out of range")
     if msg.type == DNS_QUERY and not 12 <= len(msg.payload) <= MAX_DNS_QUERY:
         raise ProtocolError(f"a DNS query must be 12..{MAX_DNS_QUERY} bytes")

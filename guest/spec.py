@@ -56,8 +56,7 @@ class _Record:
         return type(self)(**values)
 
     def __eq__(self, other):
-        return type(other) is type(self) and all(
-            getattr(self, n) == getattr(other, n) for n in self._fields)
+        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
     def __repr__(self):
         inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
@@ -103,10 +102,21 @@ class ProcessSpec(_Record):
     seccomp: object
     """Declared for the type checker (the values come from ``_fields``)."""
 
-    _fields = {"args": _REQUIRED, "env": list, "cwd": "/", "user": "", "tty": False,
-               "rlimits": list, "oom_score_adj": None, "capabilities": None,
-               "no_new_privs": False, "additional_gids": list, "umask": None,
-               "seccomp": None, "id_mappings": None}
+    _fields = {
+        "args": _REQUIRED,
+        "env": list,
+        "cwd": "/",
+        "user": "",
+        "tty": False,
+        "rlimits": list,
+        "oom_score_adj": None,
+        "capabilities": None,
+        "no_new_privs": False,
+        "additional_gids": list,
+        "umask": None,
+        "seccomp": None,
+        "id_mappings": None,
+    }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessSpec":
@@ -127,26 +137,33 @@ class ProcessSpec(_Record):
         if not isinstance(tty, bool):
             raise ValueError("process.tty must be a boolean")
         rlimits = data.get("rlimits", [])
-        if not isinstance(rlimits, list) or len(rlimits) > len(RLIMIT_NAMES) or not all(
-                isinstance(r, list) and len(r) == 3 and r[0] in RLIMIT_NAMES
-                and all(_is_int(v) and v >= -1 for v in r[1:]) for r in rlimits):
+        if (
+            not isinstance(rlimits, list)
+            or len(rlimits) > len(RLIMIT_NAMES)
+            or not all(
+                isinstance(r, list)
+                and len(r) == 3
+                and r[0] in RLIMIT_NAMES
+                and all(_is_int(v) and v >= -1 for v in r[1:])
+                for r in rlimits
+            )
+        ):
             raise ValueError("process.rlimits must be a list of [name, soft, hard]")
         oom = data.get("oom_score_adj")
         if oom is not None and not (_is_int(oom) and -1000 <= oom <= 1000):
             raise ValueError("process.oom_score_adj must be an integer in -1000..1000")
         caps = data.get("capabilities")
-        if caps is not None and (not isinstance(caps, dict) or not set(caps) <= set(CAP_SETS)
-                                 or not all(isinstance(v, list) and all(c in CAPABILITIES
-                                                                        for c in v)
-                                            for v in caps.values())):
-            raise ValueError("process.capabilities must map capability sets to known "
-                             "capability names")
+        if caps is not None and (
+            not isinstance(caps, dict)
+            or not set(caps) <= set(CAP_SETS)
+            or not all(isinstance(v, list) and all(c in CAPABILITIES for c in v) for v in caps.values())
+        ):
+            raise ValueError("process.capabilities must map capability sets to known capability names")
         nnp = data.get("no_new_privs", False)
         if not isinstance(nnp, bool):
             raise ValueError("process.no_new_privs must be a boolean")
         gids = data.get("additional_gids", [])
-        if not isinstance(gids, list) or len(gids) > 256 or not all(
-                _is_int(g) and 0 <= g < 1 << 32 for g in gids):
+        if not isinstance(gids, list) or len(gids) > 256 or not all(_is_int(g) and 0 <= g < 1 << 32 for g in gids):
             raise ValueError("process.additional_gids must be a list of gids")
         umask = data.get("umask")
         if umask is not None and not (_is_int(umask) and 0 <= umask <= 0o777):
@@ -162,15 +179,24 @@ class ProcessSpec(_Record):
         maps = data.get("id_mappings")
         if maps is not None:
             maps = check_id_mappings(maps)
-        return cls(args=list(args), env=list(env), cwd=cwd, user=user, tty=tty,
-                   rlimits=[list(r) for r in rlimits], oom_score_adj=oom,
-                   capabilities={k: list(v) for k, v in caps.items()} if caps is not None
-                   else None, no_new_privs=nnp, additional_gids=list(gids), umask=umask,
-                   seccomp=seccomp, id_mappings=maps)
+        return cls(
+            args=list(args),
+            env=list(env),
+            cwd=cwd,
+            user=user,
+            tty=tty,
+            rlimits=[list(r) for r in rlimits],
+            oom_score_adj=oom,
+            capabilities={k: list(v) for k, v in caps.items()} if caps is not None else None,
+            no_new_privs=nnp,
+            additional_gids=list(gids),
+            umask=umask,
+            seccomp=seccomp,
+            id_mappings=maps,
+        )
 
     def to_dict(self) -> dict:
-        data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd,
-                "user": self.user, "tty": self.tty}
+        data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd, "user": self.user, "tty": self.tty}
         if self.rlimits:  # only when set: older readers never see them
             data["rlimits"] = [list(r) for r in self.rlimits]
         if self.oom_score_adj is not None:
@@ -203,38 +229,101 @@ def check_id_mappings(maps) -> dict:
     for kind in ("uid", "gid"):
         entries = maps[kind]
         if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_ID_MAPPINGS:
-            raise ValueError(f"process.id_mappings.{kind} must list 1 to {MAX_ID_MAPPINGS} "
-                             "mappings")
+            raise ValueError(f"process.id_mappings.{kind} must list 1 to {MAX_ID_MAPPINGS} mappings")
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 3
-                    and all(_is_int(v) and 0 <= v < 1 << 32 for v in entry)
-                    and entry[2] > 0 and entry[0] + entry[2] <= 1 << 32
-                    and entry[1] + entry[2] <= 1 << 32):
-                raise ValueError(f"process.id_mappings.{kind}: each mapping is [container, "
-                                 "host, size] within 0..2^32")
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and all(_is_int(v) and 0 <= v < 1 << 32 for v in entry)
+                and entry[2] > 0
+                and entry[0] + entry[2] <= 1 << 32
+                and entry[1] + entry[2] <= 1 << 32
+            ):
+                raise ValueError(f"process.id_mappings.{kind}: each mapping is [container, host, size] within 0..2^32")
         out[kind] = [list(e) for e in entries]
     return out
 
 
-RLIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
-                "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack", "as")
+RLIMIT_NAMES = (
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+    "as",
+)
 """``--ulimit`` names (docker's, plus ``as``); ``RLIMIT_<NAME>`` in the resource module."""
 
 CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
 """Linux capability names; the index is the capability's number."""
 DEFAULT_CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
 """Docker's default capability set (CapEff 00000000a80425fb for root)."""
 CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
@@ -264,12 +353,30 @@ class Limits(_Record):
       virtio disk: the container's own disks in a VM)
     """
 
-    _fields = {"memory": 0, "memory_swap": 0, "memory_reservation": 0, "cpu_quota": 0,
-               "cpu_period": 0, "cpu_shares": 0, "cpuset_cpus": "", "pids": 0,
-               "blkio_weight": 0, "device_read_bps": list, "device_write_bps": list}
+    _fields = {
+        "memory": 0,
+        "memory_swap": 0,
+        "memory_reservation": 0,
+        "cpu_quota": 0,
+        "cpu_period": 0,
+        "cpu_shares": 0,
+        "cpuset_cpus": "",
+        "pids": 0,
+        "blkio_weight": 0,
+        "device_read_bps": list,
+        "device_write_bps": list,
+    }
 
-    _INTS = ("memory", "memory_swap", "memory_reservation", "cpu_quota", "cpu_period",
-             "cpu_shares", "pids", "blkio_weight")
+    _INTS = (
+        "memory",
+        "memory_swap",
+        "memory_reservation",
+        "cpu_quota",
+        "cpu_period",
+        "cpu_shares",
+        "pids",
+        "blkio_weight",
+    )
 
     def is_empty(self) -> bool:
         return self == Limits()
@@ -277,8 +384,7 @@ class Limits(_Record):
     def to_dict(self) -> dict:
         """Only the fields that are set."""
         empty = Limits()
-        return {n: getattr(self, n) for n in self._fields
-                if getattr(self, n) != getattr(empty, n)}
+        return {n: getattr(self, n) for n in self._fields if getattr(self, n) != getattr(empty, n)}
 
     @classmethod
     def from_dict(cls, data) -> "Limits":
@@ -297,17 +403,25 @@ class Limits(_Record):
                 out[name] = value
         if "cpuset_cpus" in data:
             value = data["cpuset_cpus"]
-            if not isinstance(value, str) or len(value) > 256 or any(
-                    c not in "0123456789,-" for c in value):
+            if not isinstance(value, str) or len(value) > 256 or any(c not in "0123456789,-" for c in value):
                 raise ValueError("limit 'cpuset_cpus' must look like 0-1,3")
             out["cpuset_cpus"] = value
         for name in ("device_read_bps", "device_write_bps"):
             if name in data:
                 value = data[name]
-                if not isinstance(value, list) or len(value) > 64 or not all(
-                        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                        and 0 < len(e[0]) < 256 and _is_int(e[1]) and e[1] >= 0
-                        for e in value):
+                if (
+                    not isinstance(value, list)
+                    or len(value) > 64
+                    or not all(
+                        isinstance(e, list)
+                        and len(e) == 2
+                        and isinstance(e[0], str)
+                        and 0 < len(e[0]) < 256
+                        and _is_int(e[1])
+                        and e[1] >= 0
+                        for e in value
+                    )
+                ):
                     raise ValueError(f"limit {name!r} must be a list of [device, rate]")
                 out[name] = [list(e) for e in value]
         return cls(**out)
@@ -327,8 +441,15 @@ class MountSpec(_Record):
     the host shares the file's directory).
     """
 
-    _fields = {"type": _REQUIRED, "source": "", "target": _REQUIRED, "readonly": False,
-               "options": "", "copy_up": False, "subpath": ""}
+    _fields = {
+        "type": _REQUIRED,
+        "source": "",
+        "target": _REQUIRED,
+        "readonly": False,
+        "options": "",
+        "copy_up": False,
+        "subpath": "",
+    }
 
     TYPES = ("bind", "volume", "tmpfs")
 
@@ -396,12 +517,29 @@ class BootConfig(_Record):
     PID 1 of the container with what an init needs (guest.runtime.osinit).
     """
 
-    _fields = {"container_id": _REQUIRED, "token": _REQUIRED, "hostname": _REQUIRED,
-               "process": _REQUIRED, "layer_count": _REQUIRED, "writable": "tmpfs",
-               "hosts": "", "resolv_conf": "", "memory_limit": 0, "pids_limit": 0,
-               "network": dict, "limits": None, "mounts": list, "read_only": False,
-               "rootfs_share": "", "masked_paths": None, "readonly_paths": None,
-               "sysctl": dict, "privileged": False, "devices": list, "os": False}
+    _fields = {
+        "container_id": _REQUIRED,
+        "token": _REQUIRED,
+        "hostname": _REQUIRED,
+        "process": _REQUIRED,
+        "layer_count": _REQUIRED,
+        "writable": "tmpfs",
+        "hosts": "",
+        "resolv_conf": "",
+        "memory_limit": 0,
+        "pids_limit": 0,
+        "network": dict,
+        "limits": None,
+        "mounts": list,
+        "read_only": False,
+        "rootfs_share": "",
+        "masked_paths": None,
+        "readonly_paths": None,
+        "sysctl": dict,
+        "privileged": False,
+        "devices": list,
+        "os": False,
+    }
 
     def cgroup_limits(self) -> Limits:
         """The limits to apply: ``limits``, or else the two shorthand fields."""
@@ -414,8 +552,16 @@ class BootConfig(_Record):
         data["process"] = self.process.to_dict()
         if not self.network:
             del data["network"]  # an older agent never sees a field it does not know
-        for name in ("limits", "mounts", "read_only", "rootfs_share", "sysctl", "privileged",
-                     "devices", "os"):  # likewise
+        for name in (
+            "limits",
+            "mounts",
+            "read_only",
+            "rootfs_share",
+            "sysctl",
+            "privileged",
+            "devices",
+            "os",
+        ):  # likewise
             if not data[name]:
                 del data[name]
         for name in ("masked_paths", "readonly_paths"):
@@ -433,10 +579,18 @@ class BootConfig(_Record):
         if not isinstance(data, dict):
             raise ValueError("boot config must be a JSON object")
         out = {}
-        for name, kind in (("container_id", str), ("token", str), ("hostname", str),
-                           ("layer_count", int), ("writable", str), ("hosts", str),
-                           ("resolv_conf", str), ("memory_limit", int), ("pids_limit", int),
-                           ("rootfs_share", str)):
+        for name, kind in (
+            ("container_id", str),
+            ("token", str),
+            ("hostname", str),
+            ("layer_count", int),
+            ("writable", str),
+            ("hosts", str),
+            ("resolv_conf", str),
+            ("memory_limit", int),
+            ("pids_limit", int),
+            ("rootfs_share", str),
+        ):
             if name in data:
                 if not isinstance(data[name], kind) or isinstance(data[name], bool):
                     raise ValueError(f"boot config field {name!r} has the wrong type")
@@ -462,15 +616,25 @@ class BootConfig(_Record):
             value = data.get(name)
             if value is None:
                 continue
-            if not isinstance(value, list) or len(value) > 256 or not all(
-                    isinstance(p, str) and p.startswith("/") and "\0" not in p
-                    and ".." not in p.split("/") for p in value):
+            if (
+                not isinstance(value, list)
+                or len(value) > 256
+                or not all(
+                    isinstance(p, str) and p.startswith("/") and "\0" not in p and ".." not in p.split("/")
+                    for p in value
+                )
+            ):
                 raise ValueError(f"boot config field {name!r} must be a list of absolute paths")
             out[name] = list(value)
         sysctl = data.get("sysctl", {})
-        if not isinstance(sysctl, dict) or len(sysctl) > 256 or not all(
-                isinstance(k, str) and isinstance(v, str) and k and "/" not in k
-                and ".." not in k and "\0" not in k + v for k, v in sysctl.items()):
+        if (
+            not isinstance(sysctl, dict)
+            or len(sysctl) > 256
+            or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "/" not in k and ".." not in k and "\0" not in k + v
+                for k, v in sysctl.items()
+            )
+        ):
             raise ValueError("boot config field 'sysctl' must map sysctl names to strings")
         out["sysctl"] = dict(sysctl)
         if not isinstance(data.get("privileged", False), bool):
@@ -492,20 +656,27 @@ def check_devices(devices) -> list:
         raise ValueError("boot config field 'devices' must be a list of at most 64")
     required = {"path", "type", "major", "minor", "permissions"}
     for device in devices:
-        if not (isinstance(device, dict)
-                and required <= set(device) <= required | {"mode", "uid", "gid"}
-                and all(_is_int(device[k]) and 0 <= device[k] < (0o7777 + 1 if k == "mode"
-                                                                 else 1 << 32)
-                        for k in ("mode", "uid", "gid") if k in device)
-                and isinstance(device["path"], str) and device["path"].startswith("/")
-                and ".." not in device["path"].split("/") and "\0" not in device["path"]
-                and device["type"] in ("c", "b")
-                and all(_is_int(device[k]) and 0 <= device[k] < 1 << 20
-                        for k in ("major", "minor"))
-                and isinstance(device["permissions"], str) and device["permissions"]
-                and set(device["permissions"]) <= set("rwm")):
-            raise ValueError("boot config field 'devices': each must be {path, type c|b, "
-                             "major, minor, permissions rwm}")
+        if not (
+            isinstance(device, dict)
+            and required <= set(device) <= required | {"mode", "uid", "gid"}
+            and all(
+                _is_int(device[k]) and 0 <= device[k] < (0o7777 + 1 if k == "mode" else 1 << 32)
+                for k in ("mode", "uid", "gid")
+                if k in device
+            )
+            and isinstance(device["path"], str)
+            and device["path"].startswith("/")
+            and ".." not in device["path"].split("/")
+            and "\0" not in device["path"]
+            and device["type"] in ("c", "b")
+            and all(_is_int(device[k]) and 0 <= device[k] < 1 << 20 for k in ("major", "minor"))
+            and isinstance(device["permissions"], str)
+            and device["permissions"]
+            and set(device["permissions"]) <= set("rwm")
+        ):
+            raise ValueError(
+                "boot config field 'devices': each must be {path, type c|b, major, minor, permissions rwm}"
+            )
     return [dict(d) for d in devices]
 
 
@@ -534,12 +705,15 @@ def check_network(network) -> dict:
         if not is_mac(iface.get("mac")):
             raise ValueError(f"{where}.mac must look like 02:42:0a:58:00:02")
         address, _, prefix = str(iface.get("address", "")).partition("/")
-        if not isinstance(iface.get("address"), str) or not is_ipv4(address) \
-                or not prefix.isdigit() or not 0 < int(prefix) <= 32:
+        if (
+            not isinstance(iface.get("address"), str)
+            or not is_ipv4(address)
+            or not prefix.isdigit()
+            or not 0 < int(prefix) <= 32
+        ):
             raise ValueError(f"{where}.address must be an IPv4 address/prefix like 10.88.0.2/16")
         if "address6" in iface and not is_ipv6_cidr(iface["address6"]):
-            raise ValueError(f"{where}.address6 must be an IPv6 address/prefix like "
-                             "fd00:89::2/64")
+            raise ValueError(f"{where}.address6 must be an IPv6 address/prefix like fd00:89::2/64")
         if "gateway" in iface:
             if not is_ipv4(iface["gateway"]):
                 raise ValueError(f"{where}.gateway must be an IPv4 address")
@@ -550,10 +724,8 @@ def check_network(network) -> dict:
     if gateways > 1:
         raise ValueError("network: only one interface may have a gateway")
     relay = network.get("dns_relay", [])
-    if not isinstance(relay, list) or len(relay) > 3 or not all(
-            is_ipv4(a) and a.startswith("127.") for a in relay):
-        raise ValueError("network.dns_relay must be a list of at most 3 loopback IPv4 "
-                         "addresses")
+    if not isinstance(relay, list) or len(relay) > 3 or not all(is_ipv4(a) and a.startswith("127.") for a in relay):
+        raise ValueError("network.dns_relay must be a list of at most 3 loopback IPv4 addresses")
     return network
 
 
@@ -563,8 +735,8 @@ def is_ipv4(text) -> bool:
         return False
     parts = text.split(".")
     return len(parts) == 4 and all(
-        p.isdigit() and p.isascii() and int(p) <= 255 and (p == "0" or not p.startswith("0"))
-        for p in parts)
+        p.isdigit() and p.isascii() and int(p) <= 255 and (p == "0" or not p.startswith("0")) for p in parts
+    )
 
 
 def is_ipv6_cidr(text) -> bool:

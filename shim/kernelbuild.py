@@ -151,8 +151,11 @@ def parse_config(text: str) -> dict[str, str]:
 def check_config(config: Mapping[str, str], required: Mapping[str, str] = REQUIRED_OPTIONS) -> list[str]:
     """One line per required option that *config* (from :func:`parse_config`) does not
     build in, naming the option and what needs it; empty when all are there."""
-    return [f"{name} is {config.get(name, 'missing')!s}, needs y: {why}"
-            for name, why in required.items() if config.get(name) != "y"]
+    return [
+        f"{name} is {config.get(name, 'missing')!s}, needs y: {why}"
+        for name, why in required.items()
+        if config.get(name) != "y"
+    ]
 
 
 def fragment_mismatches(fragment: Mapping[str, str], final: Mapping[str, str]) -> list[str]:
@@ -168,18 +171,27 @@ def fragment_mismatches(fragment: Mapping[str, str], final: Mapping[str, str]) -
 
 def source_version() -> str:
     """Version of the installed linux-source package. Raises GuestImageError if missing."""
-    res = subprocess.run(["dpkg-query", "-W", "-f", "${Version}\t${db:Status-Status}", SOURCE_PACKAGE],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}\t${db:Status-Status}", SOURCE_PACKAGE], capture_output=True, text=True
+    )
     version, _, status = res.stdout.partition("\t")
     if res.returncode != 0 or status != "installed" or not SOURCE_TARBALL.is_file():
-        raise GuestImageError(f"{SOURCE_PACKAGE} is not installed; apt-get install {SOURCE_PACKAGE} "
-                              "(the minimal kernel is built from it)")
+        raise GuestImageError(
+            f"{SOURCE_PACKAGE} is not installed; apt-get install {SOURCE_PACKAGE} (the minimal kernel is built from it)"
+        )
     return version
 
 
 def cache_key(version: str, fragment: bytes) -> str:
-    raw = json.dumps({"builder": BUILDER_VERSION, "source": SOURCE_PACKAGE, "version": version,
-                      "fragment": hashlib.sha256(fragment).hexdigest()}, sort_keys=True)
+    raw = json.dumps(
+        {
+            "builder": BUILDER_VERSION,
+            "source": SOURCE_PACKAGE,
+            "version": version,
+            "fragment": hashlib.sha256(fragment).hexdigest(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -220,8 +232,9 @@ def _run(cmd: list[str], cwd: Path, log, what: str) -> None:
         raise GuestImageError(f"{what} failed (exit {res.returncode}); see {log.name}")
 
 
-def build_kernel(jobs: int = 2, force: bool = False,
-                 progress: Callable[[str], None] = lambda _m: None) -> MinimalKernel:
+def build_kernel(
+    jobs: int = 2, force: bool = False, progress: Callable[[str], None] = lambda _m: None
+) -> MinimalKernel:
     """Build the minimal kernel unless today's (source version, fragment) is cached.
 
     Needs ``linux-source-6.1`` and the kernel build tools (gcc, make, flex, bison, bc,
@@ -264,14 +277,21 @@ def build_kernel(jobs: int = 2, force: bool = False,
                 progress("configuring: make tinyconfig + " + fragment.name)
                 make = ["nice", "-n", "10", "make", "ARCH=x86_64"]
                 _run(make + ["tinyconfig"], src, log, "make tinyconfig")
-                _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment)], src, log,
-                     "merging the config fragment")
+                _run(
+                    ["scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment)],
+                    src,
+                    log,
+                    "merging the config fragment",
+                )
                 _run(make + ["olddefconfig"], src, log, "make olddefconfig")
                 final_config = parse_config((src / ".config").read_text())
                 bad = fragment_mismatches(parse_config(fragment_bytes.decode()), final_config)
                 if bad:
-                    raise GuestImageError(f"the kernel config fragment {fragment} does not apply: "
-                                          + "; ".join(bad[:5]) + " (an option it needs is off)")
+                    raise GuestImageError(
+                        f"the kernel config fragment {fragment} does not apply: "
+                        + "; ".join(bad[:5])
+                        + " (an option it needs is off)"
+                    )
                 missing = check_config(final_config)
                 if missing:
                     raise GuestImageError(f"the kernel config lacks what the agent needs: {missing[0]}")
@@ -284,16 +304,21 @@ def build_kernel(jobs: int = 2, force: bool = False,
                 shutil.copyfile(src / "arch/x86/boot/bzImage", out / "bzImage")
                 pvh = final_config.get("CONFIG_PVH") == "y"
                 if pvh:  # QEMU boots an ELF with the PVH note directly; symbols not needed
-                    _run(["strip", "-o", str(out / "vmlinux"), str(src / "vmlinux")], src, log,
-                         "stripping vmlinux")
+                    _run(["strip", "-o", str(out / "vmlinux"), str(src / "vmlinux")], src, log, "stripping vmlinux")
                 shutil.copyfile(src / ".config", out / "config")
                 release = (src / "include/config/kernel.release").read_text().strip()
             shutil.rmtree(src)
             record = {
-                "builder": BUILDER_VERSION, "key": key, "source_package": SOURCE_PACKAGE,
-                "source_version": version, "release": release,
-                "fragment": str(fragment), "fragment_sha256": hashlib.sha256(fragment_bytes).hexdigest(),
-                "jobs": jobs, "size": (out / "bzImage").stat().st_size, "pvh": pvh,
+                "builder": BUILDER_VERSION,
+                "key": key,
+                "source_package": SOURCE_PACKAGE,
+                "source_version": version,
+                "release": release,
+                "fragment": str(fragment),
+                "fragment_sha256": hashlib.sha256(fragment_bytes).hexdigest(),
+                "jobs": jobs,
+                "size": (out / "bzImage").stat().st_size,
+                "pvh": pvh,
                 "build_seconds": round(time.monotonic() - started, 1),
                 "compile_seconds": round(compile_seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

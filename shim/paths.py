@@ -84,10 +84,25 @@ def _tighten_older_root(base: Path) -> None:
     layer disks, each container's files, volume images, config drives in run dirs. Only
     these two levels: the trees below (a process container's ``rw/``, mounted rootfs) are
     the container's own and keep their modes. Directories keep search for others."""
-    globs = [("images/blobs/sha256/*", 0o077), ("layers/*", 0o077),
-             ("containers/*/*", 0o077), ("volumes/*/*", 0o077), ("run/*/*", 0o077)]
-    dirs = ["images", "images/blobs", "images/blobs/sha256", "layers", "containers",
-            "containers/*", "volumes", "volumes/*", "run", "run/*"]
+    globs = [
+        ("images/blobs/sha256/*", 0o077),
+        ("layers/*", 0o077),
+        ("containers/*/*", 0o077),
+        ("volumes/*/*", 0o077),
+        ("run/*/*", 0o077),
+    ]
+    dirs = [
+        "images",
+        "images/blobs",
+        "images/blobs/sha256",
+        "layers",
+        "containers",
+        "containers/*",
+        "volumes",
+        "volumes/*",
+        "run",
+        "run/*",
+    ]
     for pattern in dirs:
         for path in base.glob(pattern):
             if path.is_dir() and not path.is_symlink():
@@ -116,4 +131,3 @@ def _chmod_without(path: str, bits: int, follow: bool) -> None:
 
 def libvirt_uri() -> str:
     return os.environ.get("VMSHIM_LIBVIRT_URI", "qemu:///system")
-

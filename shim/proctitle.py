@@ -26,7 +26,7 @@ def set_process_title(title: str) -> None:
     if not start or end <= start:
         return
     size = end - start
-    text = raw[:size - 1]
+    text = raw[: size - 1]
     ctypes.memset(start, 0, size)
     ctypes.memmove(start, text, len(text))
 

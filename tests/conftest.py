@@ -56,9 +56,11 @@ def pytest_runtest_makereport(item, call):
     item.config._vmshim_skips.append((report.nodeid, reason))
     if strict_skips() and not _allowed(reason):
         report.outcome = "failed"
-        report.longrepr = (f"skipped with a reason that is not on the allow-list in "
-                           f"tests/conftest.py (a skip must name a condition really absent "
-                           f"on this machine): {reason}")
+        report.longrepr = (
+            f"skipped with a reason that is not on the allow-list in "
+            f"tests/conftest.py (a skip must name a condition really absent "
+            f"on this machine): {reason}"
+        )
 
 
 def pytest_configure(config):

@@ -38,10 +38,10 @@ class State:
         self.auth: str | None = None  # None, "basic", "bearer"
         self.users: dict[str, str] = {}
         self.tokens: dict[str, set[str]] = {}  # token → scopes granted
-        self.corrupt: set[str] = set()         # blob digests served with a flipped byte
-        self.fail_next: dict[str, int] = {}    # path regex → number of 503s still to send
-        self.drop_after: dict[str, int] = {}   # blob digest → close after N bytes (once)
-        self.slow: float = 0.0                 # bytes per second for blob bodies (0: fast)
+        self.corrupt: set[str] = set()  # blob digests served with a flipped byte
+        self.fail_next: dict[str, int] = {}  # path regex → number of 503s still to send
+        self.drop_after: dict[str, int] = {}  # blob digest → close after N bytes (once)
+        self.slow: float = 0.0  # bytes per second for blob bodies (0: fast)
         self.ignore_range = False
         self.mounts = 0
         self.patches = 0
@@ -59,8 +59,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # helpers ---------------------------------------------------------------------------
-    def send(self, code: int, body: bytes = b"", headers: dict | None = None,
-             head: bool = False) -> None:
+    def send(self, code: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
         self.send_response(code)
         hdrs = {"Content-Length": str(len(body)), **(headers or {})}
         for k, v in hdrs.items():
@@ -88,8 +87,7 @@ class Handler(BaseHTTPRequestHandler):
                 user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
                 if st.users.get(user) == pw:
                     return True
-            self.error(401, "UNAUTHORIZED", "authentication required",
-                       {"WWW-Authenticate": 'Basic realm="fake"'})
+            self.error(401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": 'Basic realm="fake"'})
             return False
         if header.startswith("Bearer "):
             granted = st.tokens.get(header[7:])
@@ -98,8 +96,7 @@ class Handler(BaseHTTPRequestHandler):
         challenge = f'Bearer realm="http://{host}/token",service="fake"'
         if scope:
             challenge += f',scope="{scope}"'
-        self.error(401, "UNAUTHORIZED", "authentication required",
-                   {"WWW-Authenticate": challenge})
+        self.error(401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
         return False
 
     def maybe_fail(self) -> bool:
@@ -161,8 +158,7 @@ class Handler(BaseHTTPRequestHandler):
             if "push" in actions:
                 scopes.add(f"{name}:pull,push")
         st.tokens[token] = scopes
-        self.send(200, json.dumps({"token": token, "expires_in": 300}).encode(),
-                  {"Content-Type": "application/json"})
+        self.send(200, json.dumps({"token": token, "expires_in": 300}).encode(), {"Content-Type": "application/json"})
 
     def manifest(self, method: str, repo: str, ref: str) -> None:
         st = self.st
@@ -172,14 +168,12 @@ class Handler(BaseHTTPRequestHandler):
             ctype = self.headers.get("Content-Type", "")
             st.manifests[(repo, ref)] = (body, ctype)
             st.manifests[(repo, digest)] = (body, ctype)
-            return self.send(201, b"", {"Docker-Content-Digest": digest,
-                                        "Location": f"/v2/{repo}/manifests/{digest}"})
+            return self.send(201, b"", {"Docker-Content-Digest": digest, "Location": f"/v2/{repo}/manifests/{digest}"})
         found = st.manifests.get((repo, ref))
         if found is None:
             return self.error(404, "MANIFEST_UNKNOWN", "manifest unknown")
         body, ctype = found
-        self.send(200, body, {"Content-Type": ctype, "Docker-Content-Digest": sha(body)},
-                  head=method == "HEAD")
+        self.send(200, body, {"Content-Type": ctype, "Docker-Content-Digest": sha(body)}, head=method == "HEAD")
 
     def blob(self, method: str, repo: str, digest: str) -> None:
         st = self.st
@@ -187,8 +181,7 @@ class Handler(BaseHTTPRequestHandler):
         if data is None or digest not in st.repo_blobs.get(repo, set()):
             return self.error(404, "BLOB_UNKNOWN", "blob unknown")
         if method == "HEAD":
-            return self.send(200, b"", {"Content-Length": str(len(data)),
-                                        "Docker-Content-Digest": digest}, head=True)
+            return self.send(200, b"", {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}, head=True)
         if digest in st.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         start = 0
@@ -211,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         step = 16384
         while sent < len(payload):
-            piece = payload[sent:sent + step]
+            piece = payload[sent : sent + step]
             if drop is not None and sent + len(piece) > drop:
                 self.wfile.write(payload[sent:drop])
                 self.wfile.flush()
@@ -232,12 +225,14 @@ class Handler(BaseHTTPRequestHandler):
             if mount and source and mount in st.repo_blobs.get(source, set()):
                 st.repo_blobs.setdefault(repo, set()).add(mount)
                 st.mounts += 1
-                return self.send(201, b"", {"Docker-Content-Digest": mount,
-                                            "Location": f"/v2/{repo}/blobs/{mount}"})
+                return self.send(201, b"", {"Docker-Content-Digest": mount, "Location": f"/v2/{repo}/blobs/{mount}"})
             uid = uuid.uuid4().hex
             st.uploads[uid] = bytearray()
-            return self.send(202, b"", {"Location": f"/v2/{repo}/blobs/uploads/{uid}?_state=x",
-                                        "Range": "0-0", "Docker-Upload-UUID": uid})
+            return self.send(
+                202,
+                b"",
+                {"Location": f"/v2/{repo}/blobs/uploads/{uid}?_state=x", "Range": "0-0", "Docker-Upload-UUID": uid},
+            )
         buf = st.uploads.get(upload_id)
         if buf is None:
             return self.error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
@@ -248,8 +243,9 @@ class Handler(BaseHTTPRequestHandler):
             if rng and int(rng.split("-")[0]) != len(buf):
                 return self.error(416, "BLOB_UPLOAD_INVALID", "bad range")
             buf += data
-            return self.send(202, b"", {"Location": f"/v2/{repo}/blobs/uploads/{upload_id}",
-                                        "Range": f"0-{len(buf) - 1}"})
+            return self.send(
+                202, b"", {"Location": f"/v2/{repo}/blobs/uploads/{upload_id}", "Range": f"0-{len(buf) - 1}"}
+            )
         if method == "PUT":
             buf += data
             digest = query.get("digest", [""])[0]
@@ -258,8 +254,7 @@ class Handler(BaseHTTPRequestHandler):
             st.blobs[digest] = bytes(buf)
             st.repo_blobs.setdefault(repo, set()).add(digest)
             del st.uploads[upload_id]
-            return self.send(201, b"", {"Docker-Content-Digest": digest,
-                                        "Location": f"/v2/{repo}/blobs/{digest}"})
+            return self.send(201, b"", {"Docker-Content-Digest": digest, "Location": f"/v2/{repo}/blobs/{digest}"})
         self.error(405, "UNSUPPORTED", method)
 
     def do_GET(self):
@@ -282,16 +277,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class FakeRegistry:
-    def __init__(self, auth: str | None = None, users: dict[str, str] | None = None,
-                 port: int = 0):
+    def __init__(self, auth: str | None = None, users: dict[str, str] | None = None, port: int = 0):
         self.state = State()
         self.state.auth = auth
         self.state.users = dict(users or {})
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.server.state = self.state  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def host(self) -> str:
@@ -312,15 +305,21 @@ class FakeRegistry:
         self.state.repo_blobs.setdefault(repo, set()).add(digest)
         return digest
 
-    def add_manifest(self, repo: str, ref: str, manifest: dict | bytes,
-                     media_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
+    def add_manifest(
+        self,
+        repo: str,
+        ref: str,
+        manifest: dict | bytes,
+        media_type: str = "application/vnd.oci.image.manifest.v1+json",
+    ) -> str:
         body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
         self.state.manifests[(repo, ref)] = (body, media_type)
         self.state.manifests[(repo, sha(body))] = (body, media_type)
         return sha(body)
 
-    def add_image(self, repo: str, tag: str, layers: list[bytes],
-                  config: dict | None = None, arch: str = "amd64") -> dict:
+    def add_image(
+        self, repo: str, tag: str, layers: list[bytes], config: dict | None = None, arch: str = "amd64"
+    ) -> dict:
         """Seed an image (layers given as tar bytes, stored uncompressed). Returns the
         digests: {"manifest", "config", "layers"}."""
         layer_digests = [self.add_blob(repo, data) for data in layers]
@@ -333,16 +332,25 @@ class FakeRegistry:
         manifest = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": cfg_digest, "size": len(cfg_bytes)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": d, "size": len(data)}
-                       for d, data in zip(layer_digests, layers, strict=True)],
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": cfg_digest,
+                "size": len(cfg_bytes),
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": len(data)}
+                for d, data in zip(layer_digests, layers, strict=True)
+            ],
         }
-        digest = self.add_manifest(repo, tag, manifest) if tag else \
-            self.add_manifest(repo, "_untagged_" + arch, manifest)
-        return {"manifest": digest, "config": cfg_digest, "layers": layer_digests,
-                "size": len(json.dumps(manifest).encode())}
+        digest = (
+            self.add_manifest(repo, tag, manifest) if tag else self.add_manifest(repo, "_untagged_" + arch, manifest)
+        )
+        return {
+            "manifest": digest,
+            "config": cfg_digest,
+            "layers": layer_digests,
+            "size": len(json.dumps(manifest).encode()),
+        }
 
 
 def main() -> None:
@@ -355,8 +363,7 @@ def main() -> None:
     reg = FakeRegistry()
     reg.state.slow = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     for image in json.loads(Path(seed).read_text()):
-        reg.add_image(image["repo"], image["tag"],
-                      [Path(p).read_bytes() for p in image["layers"]])
+        reg.add_image(image["repo"], image["tag"], [Path(p).read_bytes() for p in image["layers"]])
     Path(portfile + ".tmp").write_text(str(reg.server.server_address[1]))
     Path(portfile + ".tmp").rename(portfile)
     reg.server.serve_forever()

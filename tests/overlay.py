@@ -23,9 +23,18 @@ def overlay_of(lower: Path, upper: Path, scratch: Path) -> Iterator[Path]:
     try:
         mount_layer(upper, up)
         try:
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={up}:{lo},upperdir={rw},workdir={work}", str(merged)],
-                           check=True)
+            subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "overlay",
+                    "overlay",
+                    "-o",
+                    f"lowerdir={up}:{lo},upperdir={rw},workdir={work}",
+                    str(merged),
+                ],
+                check=True,
+            )
             try:
                 yield merged
             finally:

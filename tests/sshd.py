@@ -45,16 +45,30 @@ class Sshd:
         keygen(self.user_key)
         (self.dir / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
         self.trust()
-        setenv = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                          if k.startswith("VMSHIM_") and " " not in v and '"' not in v
-                          and k not in ("VMSHIM_HOST", "VMSHIM_CONTEXT", "VMSHIM_REMOTE_VMSHIM"))
+        setenv = " ".join(
+            f"{k}={v}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith("VMSHIM_")
+            and " " not in v
+            and '"' not in v
+            and k not in ("VMSHIM_HOST", "VMSHIM_CONTEXT", "VMSHIM_REMOTE_VMSHIM")
+        )
         lines = [
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",
-            f"PidFile {self.dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-            "StrictModes no", "UsePAM no", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password", "PrintMotd no", "PrintLastLog no",
-            "MaxSessions 64", "MaxStartups 64",
+            f"Port {self.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.host_key}",
+            f"PidFile {self.dir / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+            "StrictModes no",
+            "UsePAM no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "PermitRootLogin prohibit-password",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "MaxSessions 64",
+            "MaxStartups 64",
         ]
         if setenv:
             lines.append(f"SetEnv {setenv}")
@@ -69,14 +83,15 @@ class Sshd:
     def trust(self, key: Path | None = None) -> None:
         """Write known_hosts with *key*'s public half (default: the real host key)."""
         public = (key or self.host_key).with_suffix(".pub").read_text().split()
-        (self.home / ".ssh" / "known_hosts").write_text(
-            f"[127.0.0.1]:{self.port} {public[0]} {public[1]}\n")
+        (self.home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {public[0]} {public[1]}\n")
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "sshd.log", "wb"))
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "sshd.log", "wb"),
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,9 +113,11 @@ class Sshd:
                 self.proc.wait()
 
     def client_env(self, **extra) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "VMSHIM_HOST",
-                            "VMSHIM_CONTEXT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "VMSHIM_HOST", "VMSHIM_CONTEXT")
+        }
         env.update(HOME=str(self.home), VMSHIM_SSH_PERSIST="120", VMSHIM_REMOTE_VMSHIM=REMOTE_VMSHIM)
         env.update(extra)
         return env

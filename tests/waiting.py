@@ -21,8 +21,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition",
-               interval: float = 0.2) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition", interval: float = 0.2) -> T:
     """Poll *predicate* until it returns something true; return it. Fails the test with
     *what* when *timeout* seconds pass first."""
     deadline = time.monotonic() + timeout
@@ -34,8 +33,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "c
         time.sleep(interval)
 
 
-def holds_for(predicate: Callable[[], object], seconds: float, what: str = "condition",
-              interval: float = 0.25) -> None:
+def holds_for(predicate: Callable[[], object], seconds: float, what: str = "condition", interval: float = 0.25) -> None:
     """Check that *predicate* stays true for *seconds* (polled every *interval*): how a
     test shows that something does NOT happen (a paused container does not log)."""
     deadline = time.monotonic() + seconds

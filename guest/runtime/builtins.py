@@ -55,6 +55,7 @@ def _say(text: str) -> None:
 
 # ---- ps -------------------------------------------------------------------------------------
 
+
 def _user_names() -> dict[int, str]:
     names = {}
     try:
@@ -78,8 +79,8 @@ def _process_row(pid: int, names: dict[int, str]) -> list | None:
             uid = next((int(line.split()[1]) for line in f if line.startswith("Uid:")), 0)
     except (OSError, ValueError):
         return None  # it exited while we looked
-    comm = raw[raw.index("(") + 1:raw.rindex(")")]
-    rest = raw[raw.rindex(")") + 2:].split()
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2 :].split()
     state, ppid = rest[0], int(rest[1])
     cpu_seconds = (int(rest[11]) + int(rest[12])) // CLOCK_TICKS
     args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
@@ -104,6 +105,7 @@ def ps() -> int:
 
 
 # ---- tar ------------------------------------------------------------------------------------
+
 
 def tar_out(path: str) -> int:
     contents_only = path.endswith("/.")

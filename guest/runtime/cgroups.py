@@ -24,10 +24,24 @@ import time
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_PARENT = "vmshim"
 
-V1_CONTROLLERS = frozenset({
-    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "blkio",
-    "perf_event", "net_prio", "hugetlb", "pids", "rdma", "misc",
-})
+V1_CONTROLLERS = frozenset(
+    {
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "memory",
+        "devices",
+        "freezer",
+        "net_cls",
+        "blkio",
+        "perf_event",
+        "net_prio",
+        "hugetlb",
+        "pids",
+        "rdma",
+        "misc",
+    }
+)
 V2_CONTROLLERS = ("cpu", "cpuset", "io", "memory", "pids")
 """Controllers enabled for containers' cgroups on v2, when the kernel offers them."""
 
@@ -55,8 +69,7 @@ def detect_version(root: str = CGROUP_ROOT) -> int | None:
     if on_root and on_root[-1] == "cgroup2":
         return 2
     prefix = root.rstrip("/") + "/"
-    if any(fstype == "cgroup" and mountpoint.startswith(prefix)
-           for mountpoint, fstype, _ in mounts):
+    if any(fstype == "cgroup" and mountpoint.startswith(prefix) for mountpoint, fstype, _ in mounts):
         return 1
     return None
 
@@ -71,8 +84,9 @@ def mount_cgroup2(root: str = CGROUP_ROOT) -> None:
     # nsdelegate: a container in its own cgroup namespace (every one) cannot write the
     # limits of its namespace's root nor move processes out of it, even as root with a
     # writable cgroup2 mount (what an OS container's init gets).
-    syscalls.mount("cgroup2", root, "cgroup2",
-                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, "nsdelegate")
+    syscalls.mount(
+        "cgroup2", root, "cgroup2", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, "nsdelegate"
+    )
 
 
 def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:
@@ -192,8 +206,16 @@ class Cgroup:
     # ---- creation ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, *, memory_limit: int = 0, pids_limit: int = 0,
-               limits=None, parent: str = DEFAULT_PARENT, root: str = CGROUP_ROOT) -> Cgroup:
+    def create(
+        cls,
+        name: str,
+        *,
+        memory_limit: int = 0,
+        pids_limit: int = 0,
+        limits=None,
+        parent: str = DEFAULT_PARENT,
+        root: str = CGROUP_ROOT,
+    ) -> Cgroup:
         """Create (or reuse) the cgroup ``<parent>/<name>`` and apply the limits
         (0 = unlimited; *limits*, a guest.spec.Limits, instead of the two shorthands when
         given). Raises CgroupError if no cgroup fs is mounted at *root*, or the
@@ -227,7 +249,7 @@ class Cgroup:
         wanted = [c for c in V2_CONTROLLERS if c in available]
         # Enable the controllers in every ancestor's subtree_control, top down.
         level = root
-        for part in ([p for p in parent.split("/") if p] if parent else []):
+        for part in [p for p in parent.split("/") if p] if parent else []:
             cls._enable_v2(level, wanted)
             level = os.path.join(level, part)
             os.makedirs(level, exist_ok=True)
@@ -318,13 +340,13 @@ class Cgroup:
         if limits.blkio_weight:
             self._apply_io_weight(limits.blkio_weight)
         for entries, v2_key, v1_knob in (
-                (limits.device_read_bps, "rbps", "blkio.throttle.read_bps_device"),
-                (limits.device_write_bps, "wbps", "blkio.throttle.write_bps_device")):
+            (limits.device_read_bps, "rbps", "blkio.throttle.read_bps_device"),
+            (limits.device_write_bps, "wbps", "blkio.throttle.write_bps_device"),
+        ):
             for device, rate in entries:
                 for number in block_devices(device):
                     if v2:
-                        self._set("unified", "io.max",
-                                  f"{number} {v2_key}={rate if rate > 0 else 'max'}")
+                        self._set("unified", "io.max", f"{number} {v2_key}={rate if rate > 0 else 'max'}")
                     else:
                         self._set("blkio", v1_knob, f"{number} {rate}")
 
@@ -353,8 +375,9 @@ class Cgroup:
         elif memory:
             # Also cap memory+swap, so the limit is not just a swap quota.
             writes.append(("memory.memsw.limit_in_bytes", "-1" if memory < 0 else str(memory)))
-        has_memsw = os.path.exists(os.path.join(self.paths.get("memory", "/nonexistent"),
-                                                "memory.memsw.limit_in_bytes"))
+        has_memsw = os.path.exists(
+            os.path.join(self.paths.get("memory", "/nonexistent"), "memory.memsw.limit_in_bytes")
+        )
         if not has_memsw:  # no swap accounting in this kernel
             writes = [w for w in writes if w[0] != "memory.memsw.limit_in_bytes"]
         try:
@@ -366,8 +389,10 @@ class Cgroup:
 
     def _apply_io_weight(self, weight: int) -> None:
         if self.version == 2:
-            candidates = [("io.weight", f"default {blkio_to_io_weight(weight)}"),
-                          ("io.bfq.weight", f"default {weight}")]
+            candidates = [
+                ("io.weight", f"default {blkio_to_io_weight(weight)}"),
+                ("io.bfq.weight", f"default {weight}"),
+            ]
             controller = "unified"
         else:
             candidates = [("blkio.weight", str(weight)), ("blkio.bfq.weight", str(weight))]
@@ -377,9 +402,11 @@ class Cgroup:
             if directory and os.path.exists(os.path.join(directory, knob)):
                 self._set(controller, knob, value)
                 return
-        raise CgroupError("cannot set the block I/O weight: the kernel offers no "
-                          f"{' or '.join(k for k, _ in candidates)} (no I/O scheduler with "
-                          "weights is active)")
+        raise CgroupError(
+            "cannot set the block I/O weight: the kernel offers no "
+            f"{' or '.join(k for k, _ in candidates)} (no I/O scheduler with "
+            "weights is active)"
+        )
 
     def supports_io_weight(self) -> bool:
         """Whether :meth:`apply` can set ``blkio_weight`` here."""
@@ -426,8 +453,7 @@ class Cgroup:
             elif "devices" in self.paths:
                 devices.apply_v1(self.paths["devices"], rules)
             else:
-                raise CgroupError("cannot set device rules: the devices cgroup controller "
-                                  "is not mounted")
+                raise CgroupError("cannot set device rules: the devices cgroup controller is not mounted")
         except devices.DeviceRuleError as exc:
             raise CgroupError(str(exc)) from None
 
@@ -447,8 +473,9 @@ class Cgroup:
             try:
                 write_file(path, str(pid))
             except OSError as exc:
-                raise CgroupError(f"cannot move process {pid or os.getpid()} into "
-                                  f"{os.path.dirname(path)}: {exc.strerror}") from None
+                raise CgroupError(
+                    f"cannot move process {pid or os.getpid()} into {os.path.dirname(path)}: {exc.strerror}"
+                ) from None
 
     def procs(self) -> list[int]:
         """Pids of every process in the cgroup (union over hierarchies); [] once removed."""
@@ -490,6 +517,7 @@ class Cgroup:
     def usage(self) -> dict:
         """``{"memory": bytes, "memory_limit": bytes or 0, "cpu_ns": ns, "pids": n}``;
         a figure the kernel does not offer is None."""
+
         def number(controller: str, knob: str):
             directory = self.paths.get(controller)
             if directory is None:
@@ -519,8 +547,12 @@ class Cgroup:
         # v2: pids.current counts the whole subtree (an OS container's init keeps its
         # services in child cgroups, so its own cgroup.procs is empty)
         pids = number("unified", "pids.current") if self.version == 2 else None
-        return {"memory": memory, "memory_limit": limit or 0, "cpu_ns": cpu,
-                "pids": len(self.procs()) if pids is None else pids}
+        return {
+            "memory": memory,
+            "memory_limit": limit or 0,
+            "cpu_ns": cpu,
+            "pids": len(self.procs()) if pids is None else pids,
+        }
 
     def details(self) -> dict:
         """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,
@@ -528,6 +560,7 @@ class Cgroup:
         ``cpu_throttled_ns``, ``memory_anon``, ``memory_file``, ``memory_peak``,
         ``pids_limit`` (0: none), ``block_read_bytes``, ``block_write_bytes``. A figure
         the kernel does not offer is left out."""
+
         def table(controller: str, knob: str) -> dict:
             directory = self.paths.get(controller)
             out = {}
@@ -558,28 +591,33 @@ class Cgroup:
         if self.version == 2:
             cpu = table("unified", "cpu.stat")
             memory = table("unified", "memory.stat")
-            pairs = {"cpu_user_ns": cpu.get("user_usec", -1) * 1000,
-                     "cpu_system_ns": cpu.get("system_usec", -1) * 1000,
-                     "cpu_periods": cpu.get("nr_periods"),
-                     "cpu_throttled_periods": cpu.get("nr_throttled"),
-                     "cpu_throttled_ns": cpu.get("throttled_usec", -1) * 1000,
-                     "memory_anon": memory.get("anon"), "memory_file": memory.get("file"),
-                     "memory_peak": single("unified", "memory.peak"),
-                     "pids_limit": single("unified", "pids.max"),
-                     **self._block_io()}
+            pairs = {
+                "cpu_user_ns": cpu.get("user_usec", -1) * 1000,
+                "cpu_system_ns": cpu.get("system_usec", -1) * 1000,
+                "cpu_periods": cpu.get("nr_periods"),
+                "cpu_throttled_periods": cpu.get("nr_throttled"),
+                "cpu_throttled_ns": cpu.get("throttled_usec", -1) * 1000,
+                "memory_anon": memory.get("anon"),
+                "memory_file": memory.get("file"),
+                "memory_peak": single("unified", "memory.peak"),
+                "pids_limit": single("unified", "pids.max"),
+                **self._block_io(),
+            }
         else:
             cpu = table("cpu", "cpu.stat")
             memory = table("memory", "memory.stat")
-            pairs = {"cpu_user_ns": single("cpuacct", "cpuacct.usage_user"),
-                     "cpu_system_ns": single("cpuacct", "cpuacct.usage_sys"),
-                     "cpu_periods": cpu.get("nr_periods"),
-                     "cpu_throttled_periods": cpu.get("nr_throttled"),
-                     "cpu_throttled_ns": cpu.get("throttled_time"),
-                     "memory_anon": memory.get("total_rss", memory.get("rss")),
-                     "memory_file": memory.get("total_cache", memory.get("cache")),
-                     "memory_peak": single("memory", "memory.max_usage_in_bytes"),
-                     "pids_limit": single("pids", "pids.max"),
-                     **self._block_io()}
+            pairs = {
+                "cpu_user_ns": single("cpuacct", "cpuacct.usage_user"),
+                "cpu_system_ns": single("cpuacct", "cpuacct.usage_sys"),
+                "cpu_periods": cpu.get("nr_periods"),
+                "cpu_throttled_periods": cpu.get("nr_throttled"),
+                "cpu_throttled_ns": cpu.get("throttled_time"),
+                "memory_anon": memory.get("total_rss", memory.get("rss")),
+                "memory_file": memory.get("total_cache", memory.get("cache")),
+                "memory_peak": single("memory", "memory.max_usage_in_bytes"),
+                "pids_limit": single("pids", "pids.max"),
+                **self._block_io(),
+            }
         for key, value in pairs.items():
             if value is not None and value >= 0:
                 out[key] = value
@@ -648,7 +686,8 @@ class Cgroup:
                     if exc.errno != errno.EBUSY:
                         raise CgroupError(f"cannot remove cgroup {directory}: {exc.strerror}") from None
                     if time.monotonic() > deadline:
-                        raise CgroupError(f"cannot remove cgroup {directory}: processes "
-                                          f"{self.procs()} are still in it") from None
+                        raise CgroupError(
+                            f"cannot remove cgroup {directory}: processes {self.procs()} are still in it"
+                        ) from None
                     self.kill()
                     time.sleep(0.01)

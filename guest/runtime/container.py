@@ -64,9 +64,16 @@ class Container:
     ``config.read_only``, the rootfs is made read-only. Raises MountError.
     """
 
-    def __init__(self, config: BootConfig, rootfs: str, *, files_dir: str,
-                 cgroup: Cgroup | None = None, namespaces=HOST_NAMESPACES,
-                 mounts: list | None = None):
+    def __init__(
+        self,
+        config: BootConfig,
+        rootfs: str,
+        *,
+        files_dir: str,
+        cgroup: Cgroup | None = None,
+        namespaces=HOST_NAMESPACES,
+        mounts: list | None = None,
+    ):
         self.config = config
         self.rootfs = rootfs
         self.files_dir = files_dir
@@ -81,8 +88,7 @@ class Container:
         self.upperdir: str | None = None
         """The overlay's upper directory (the container's changes), for :meth:`diff`;
         set by :meth:`create`, and by the guest's init for a VM."""
-        self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts,
-                                               config.resolv_conf, files_dir)
+        self.binds = rootfs_mod.prepare_rootfs(rootfs, config.hostname, config.hosts, config.resolv_conf, files_dir)
         if mounts or config.read_only:
             from guest.runtime import mounts as mounts_mod
 
@@ -93,8 +99,9 @@ class Container:
         ``identity``): the hostname and /etc files its processes will see. Precondition:
         no process was started yet."""
         self.config = config
-        self.binds = rootfs_mod.prepare_rootfs(self.rootfs, config.hostname, config.hosts,
-                                               config.resolv_conf, self.files_dir)
+        self.binds = rootfs_mod.prepare_rootfs(
+            self.rootfs, config.hostname, config.hosts, config.resolv_conf, self.files_dir
+        )
         if os.getpid() == 1:  # the VM's own name too (never the host's)
             from guest.runtime import syscalls
 
@@ -106,9 +113,19 @@ class Container:
     # ---- host placement: assemble and take down ---------------------------------------
 
     @classmethod
-    def create(cls, config: BootConfig, *, lowerdirs: list[str], upperdir: str, workdir: str,
-               rootfs: str, files_dir: str, namespaces=HOST_NAMESPACES,
-               use_cgroup: bool = True, mounts: list | None = None) -> Container:
+    def create(
+        cls,
+        config: BootConfig,
+        *,
+        lowerdirs: list[str],
+        upperdir: str,
+        workdir: str,
+        rootfs: str,
+        files_dir: str,
+        namespaces=HOST_NAMESPACES,
+        use_cgroup: bool = True,
+        mounts: list | None = None,
+    ) -> Container:
         """Mount the overlay (*lowerdirs* topmost first) at *rootfs*, create the cgroup
         ``vmshim/<container_id>`` with the config's limits, make the *mounts* (see the
         class) and return the Container. Raises RootfsError, CgroupError or MountError
@@ -117,14 +134,12 @@ class Container:
 
         # On the host: no setuid file or device node of an image or a container works
         # for anyone outside the container (the container's own view clears both flags).
-        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs,
-                                 flags=MS_NOSUID | MS_NODEV)
+        rootfs_mod.mount_overlay(lowerdirs, upperdir, workdir, rootfs, flags=MS_NOSUID | MS_NODEV)
         cgroup = None
         try:
             if use_cgroup:
                 cgroup = Cgroup.create(config.container_id, limits=config.cgroup_limits())
-            container = cls(config, rootfs, files_dir=files_dir, cgroup=cgroup,
-                            namespaces=namespaces, mounts=mounts)
+            container = cls(config, rootfs, files_dir=files_dir, cgroup=cgroup, namespaces=namespaces, mounts=mounts)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -157,8 +172,7 @@ class Container:
 
     # ---- the agent's runtime interface ----------------------------------------------------
 
-    def start(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,
-              cols: int = 80) -> Spawned:
+    def start(self, process: ProcessSpec, *, stdin: bool, rows: int = 24, cols: int = 80) -> Spawned:
         """Start the main process (PID 1 of the container). Raises SpawnError."""
         if self.main is not None:
             raise SpawnError("the container's process was already started")
@@ -166,13 +180,22 @@ class Container:
             from guest.runtime import osinit
 
             process = osinit.init_process(process)
-        self.main = spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
-                                    namespaces=self.namespaces, hosts_files=self.binds,
-                                    stdin=stdin, rows=rows, cols=cols,
-                                    masked_paths=self.config.masked_paths,
-                                    readonly_paths=self.config.readonly_paths,
-                                    privileged=self.config.privileged,
-                                    devices=self.config.devices, os_init=self.config.os)
+        self.main = spawn_container(
+            self.rootfs,
+            process,
+            self.config.hostname,
+            self.cgroup,
+            namespaces=self.namespaces,
+            hosts_files=self.binds,
+            stdin=stdin,
+            rows=rows,
+            cols=cols,
+            masked_paths=self.config.masked_paths,
+            readonly_paths=self.config.readonly_paths,
+            privileged=self.config.privileged,
+            devices=self.config.devices,
+            os_init=self.config.os,
+        )
         return self.main
 
     def _exec_cgroup(self) -> Cgroup | None:
@@ -187,17 +210,22 @@ class Container:
         except CgroupError as exc:
             raise SpawnError(str(exc)) from None
 
-    def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24,
-             cols: int = 80) -> Spawned:
+    def exec(self, process: ProcessSpec, *, stdin: bool, rows: int = 24, cols: int = 80) -> Spawned:
         """Start another process in the running container's namespaces and cgroup."""
         if self.main is None:
             raise SpawnError("the container is not running")
-        return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
-                                 cgroup=self._exec_cgroup(), namespaces=self.namespaces,
-                                 stdin=stdin, rows=rows, cols=cols)
+        return exec_in_container(
+            self.main.pid,
+            process,
+            hostname=self.config.hostname,
+            cgroup=self._exec_cgroup(),
+            namespaces=self.namespaces,
+            stdin=stdin,
+            rows=rows,
+            cols=cols,
+        )
 
-    def start_member(self, config: BootConfig, *, stdin: bool, rows: int = 24,
-                     cols: int = 80):
+    def start_member(self, config: BootConfig, *, stdin: bool, rows: int = 24, cols: int = 80):
         """Run a pod member beside the running container (guest.runtime.member), in new
         namespaces but the VM's network. Returns a Member whose ``spawned`` is its
         process. Raises SpawnError, MemberError, MountError, CgroupError."""
@@ -218,8 +246,7 @@ class Container:
                     raise SpawnError(f"cannot make the pod member's cgroup: {exc}") from None
                 cgroup = None
             try:
-                return Container(member_config, rootfs, files_dir=files_dir, cgroup=cgroup,
-                                 namespaces=namespaces)
+                return Container(member_config, rootfs, files_dir=files_dir, cgroup=cgroup, namespaces=namespaces)
             except BaseException:
                 if cgroup is not None:
                     cgroup.remove()
@@ -238,13 +265,27 @@ class Container:
         func = builtins.prepare(name, args)
         process = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/", user="0:0")
         if self.main is None:
-            return spawn_container(self.rootfs, process, self.config.hostname, self.cgroup,
-                                   namespaces=self.namespaces, hosts_files=self.binds,
-                                   stdin=stdin, masked_paths=self.config.masked_paths,
-                                   readonly_paths=self.config.readonly_paths, builtin=func)
-        return exec_in_container(self.main.pid, process, hostname=self.config.hostname,
-                                 cgroup=self._exec_cgroup(), namespaces=self.namespaces,
-                                 stdin=stdin, builtin=func)
+            return spawn_container(
+                self.rootfs,
+                process,
+                self.config.hostname,
+                self.cgroup,
+                namespaces=self.namespaces,
+                hosts_files=self.binds,
+                stdin=stdin,
+                masked_paths=self.config.masked_paths,
+                readonly_paths=self.config.readonly_paths,
+                builtin=func,
+            )
+        return exec_in_container(
+            self.main.pid,
+            process,
+            hostname=self.config.hostname,
+            cgroup=self._exec_cgroup(),
+            namespaces=self.namespaces,
+            stdin=stdin,
+            builtin=func,
+        )
 
     def diff(self) -> Spawned:
         """Start writing the container's changes as an OCI layer tar to the returned
@@ -279,8 +320,7 @@ class Container:
         from guest.runtime.network import HOTPLUG_TIMEOUT, NetworkError, configure
 
         if "net" in self.namespaces:
-            raise NetworkError("the container has a network namespace of its own: its "
-                               "host plugs interfaces into it")
+            raise NetworkError("the container has a network namespace of its own: its host plugs interfaces into it")
         names = configure({"interfaces": interfaces}, timeout=HOTPLUG_TIMEOUT)
         if resolv_conf is not None:
             path = os.path.join(self.files_dir, "resolv.conf")

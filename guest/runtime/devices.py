@@ -21,12 +21,18 @@ import struct
 from guest.runtime import syscalls
 
 DEFAULT_RULES = (
-    ("c", -1, -1, "m"), ("b", -1, -1, "m"),   # mknod is allowed; using the node is not
-    ("c", 1, 3, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 7, "rwm"),   # null zero full
-    ("c", 1, 8, "rwm"), ("c", 1, 9, "rwm"),                       # random urandom
-    ("c", 5, 0, "rwm"), ("c", 5, 1, "rwm"), ("c", 5, 2, "rwm"),   # tty console ptmx
-    ("c", 136, -1, "rwm"),                                        # /dev/pts/*
-    ("c", 10, 200, "rwm"),                                        # /dev/net/tun
+    ("c", -1, -1, "m"),
+    ("b", -1, -1, "m"),  # mknod is allowed; using the node is not
+    ("c", 1, 3, "rwm"),
+    ("c", 1, 5, "rwm"),
+    ("c", 1, 7, "rwm"),  # null zero full
+    ("c", 1, 8, "rwm"),
+    ("c", 1, 9, "rwm"),  # random urandom
+    ("c", 5, 0, "rwm"),
+    ("c", 5, 1, "rwm"),
+    ("c", 5, 2, "rwm"),  # tty console ptmx
+    ("c", 136, -1, "rwm"),  # /dev/pts/*
+    ("c", 10, 200, "rwm"),  # /dev/net/tun
 )
 """Docker's default device rules."""
 
@@ -37,17 +43,16 @@ class DeviceRuleError(Exception):
 
 def rules_for(devices: list) -> list[tuple]:
     """The default rules plus one per BootConfig ``devices`` entry."""
-    return list(DEFAULT_RULES) + [(d["type"], d["major"], d["minor"], d["permissions"])
-                                  for d in devices]
+    return list(DEFAULT_RULES) + [(d["type"], d["major"], d["minor"], d["permissions"]) for d in devices]
 
 
 def v1_lines(rules) -> list[str]:
     """``devices.allow`` lines: ``c 1:3 rwm``, ``c *:* m``."""
+
     def number(value):
         return "*" if value < 0 else str(value)
 
-    return [f"{kind} {number(major)}:{number(minor)} {access}"
-            for kind, major, minor, access in rules]
+    return [f"{kind} {number(major)}:{number(minor)} {access}" for kind, major, minor, access in rules]
 
 
 def apply_v1(directory: str, rules) -> None:
@@ -59,14 +64,13 @@ def apply_v1(directory: str, rules) -> None:
             with open(os.path.join(directory, "devices.allow"), "w") as f:
                 f.write(line)
     except OSError as exc:
-        raise DeviceRuleError(f"cannot set the device rules in {directory}: "
-                              f"{exc.strerror}") from None
+        raise DeviceRuleError(f"cannot set the device rules in {directory}: {exc.strerror}") from None
 
 
 # ---- cgroup v2: the eBPF program ------------------------------------------------------------
 
 # eBPF opcodes (linux/bpf.h, linux/bpf_common.h).
-_LDX_MEM_W = 0x61       # dst = *(u32 *)(src + off)
+_LDX_MEM_W = 0x61  # dst = *(u32 *)(src + off)
 _MOV64_X = 0xBF
 _MOV64_K = 0xB7
 _AND64_K = 0x57
@@ -74,8 +78,8 @@ _RSH64_K = 0x77
 _JNE_K = 0x55
 _EXIT = 0x95
 
-_DEV_BLOCK, _DEV_CHAR = 1, 2                 # BPF_DEVCG_DEV_*
-_ACCESS = {"m": 1, "r": 2, "w": 4}           # BPF_DEVCG_ACC_*
+_DEV_BLOCK, _DEV_CHAR = 1, 2  # BPF_DEVCG_DEV_*
+_ACCESS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_*
 
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
@@ -93,13 +97,13 @@ def program(rules) -> bytes:
     access the kernel asks about, else 0. The context is ``struct bpf_cgroup_dev_ctx``
     {u32 access_type (access << 16 | type); u32 major; u32 minor}."""
     head = [
-        _insn(_LDX_MEM_W, dst=2, src=1, off=0),   # r2 = access_type
-        _insn(_MOV64_X, dst=3, src=2),            # r3 = type
+        _insn(_LDX_MEM_W, dst=2, src=1, off=0),  # r2 = access_type
+        _insn(_MOV64_X, dst=3, src=2),  # r3 = type
         _insn(_AND64_K, dst=3, imm=0xFFFF),
-        _insn(_MOV64_X, dst=4, src=2),            # r4 = access
+        _insn(_MOV64_X, dst=4, src=2),  # r4 = access
         _insn(_RSH64_K, dst=4, imm=16),
-        _insn(_LDX_MEM_W, dst=5, src=1, off=4),   # r5 = major
-        _insn(_LDX_MEM_W, dst=6, src=1, off=8),   # r6 = minor
+        _insn(_LDX_MEM_W, dst=5, src=1, off=4),  # r5 = major
+        _insn(_LDX_MEM_W, dst=6, src=1, off=8),  # r6 = minor
     ]
     body = []
     for kind, major, minor, access in rules:
@@ -111,10 +115,13 @@ def program(rules) -> bytes:
         if minor >= 0:
             checks.append((6, minor))
         allowed = sum(_ACCESS[a] for a in set(access))
-        tail = [_insn(_MOV64_X, dst=7, src=4),                  # r7 = access & ~allowed
-                _insn(_AND64_K, dst=7, imm=~allowed & 0xFFFF),
-                None,                                           # if r7 != 0: next rule
-                _insn(_MOV64_K, dst=0, imm=1), _insn(_EXIT)]
+        tail = [
+            _insn(_MOV64_X, dst=7, src=4),  # r7 = access & ~allowed
+            _insn(_AND64_K, dst=7, imm=~allowed & 0xFFFF),
+            None,  # if r7 != 0: next rule
+            _insn(_MOV64_K, dst=0, imm=1),
+            _insn(_EXIT),
+        ]
         block_len = len(checks) + len(tail)
         for index, (register, value) in enumerate(checks):
             body.append(_insn(_JNE_K, dst=register, off=block_len - index - 1, imm=value))
@@ -126,9 +133,9 @@ def program(rules) -> bytes:
 
 def _bpf(command: int, attr: bytes) -> int:
     buffer = ctypes.create_string_buffer(attr, 128)
-    return syscalls._check(syscalls._libc.syscall(ctypes.c_long(_SYS_BPF),
-                                                  ctypes.c_int(command), buffer,
-                                                  ctypes.c_uint(128)))
+    return syscalls._check(
+        syscalls._libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_int(command), buffer, ctypes.c_uint(128))
+    )
 
 
 def apply_v2(directory: str, rules) -> None:
@@ -137,24 +144,36 @@ def apply_v2(directory: str, rules) -> None:
     code = program(rules)
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"Apache-2.0")
-    attr = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
-                       ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0, 0, 0,
-                       b"vmshim_devices", 0, BPF_CGROUP_DEVICE)
+    attr = struct.pack(
+        "<IIQQIIQII16sII",
+        BPF_PROG_TYPE_CGROUP_DEVICE,
+        len(code) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license_),
+        0,
+        0,
+        0,
+        0,
+        0,
+        b"vmshim_devices",
+        0,
+        BPF_CGROUP_DEVICE,
+    )
     try:
         prog_fd = _bpf(BPF_PROG_LOAD, attr)
     except OSError as exc:
-        raise DeviceRuleError(f"cannot load the device rules program (the kernel needs "
-                              f"CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF): "
-                              f"{exc.strerror}") from None
+        raise DeviceRuleError(
+            f"cannot load the device rules program (the kernel needs "
+            f"CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF): "
+            f"{exc.strerror}"
+        ) from None
     try:
         cgroup_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            _bpf(BPF_PROG_ATTACH, struct.pack("<IIIII", cgroup_fd, prog_fd,
-                                              BPF_CGROUP_DEVICE, 0, 0))
+            _bpf(BPF_PROG_ATTACH, struct.pack("<IIIII", cgroup_fd, prog_fd, BPF_CGROUP_DEVICE, 0, 0))
         finally:
             os.close(cgroup_fd)
     except OSError as exc:
-        raise DeviceRuleError(f"cannot attach the device rules to {directory}: "
-                              f"{exc.strerror}") from None
+        raise DeviceRuleError(f"cannot attach the device rules to {directory}: {exc.strerror}") from None
     finally:
         os.close(prog_fd)

@@ -119,8 +119,7 @@ class _Walker:
             elif stat.S_ISFIFO(mode):
                 self.add(_info(rel, tarfile.FIFOTYPE, st, {}))
             else:
-                _say(self.err_fd, f"/{rel}: device nodes and sockets are not kept in "
-                                  "image layers")
+                _say(self.err_fd, f"/{rel}: device nodes and sockets are not kept in image layers")
 
     def add_file(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
         key = (st.st_dev, st.st_ino)
@@ -150,8 +149,11 @@ def _info(name: str, type_: bytes, st: os.stat_result, xattrs: dict) -> tarfile.
     ti.uid, ti.gid = st.st_uid, st.st_gid
     ti.uname = ti.gname = ""
     ti.mtime = max(0, int(st.st_mtime))
-    kept = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-            for k, v in xattrs.items() if k.startswith(_KEEP_XATTR_PREFIXES)}
+    kept = {
+        f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+        for k, v in xattrs.items()
+        if k.startswith(_KEEP_XATTR_PREFIXES)
+    }
     if kept:
         ti.pax_headers = kept
     return ti

@@ -68,17 +68,26 @@ def check_config(config: Any) -> None:
     """What a member's config must be on top of BootConfig's own checks. Raises
     MemberError."""
     if not TAG_RE.match(config.rootfs_share or ""):
-        raise MemberError(f"a pod member's rootfs share must be named "
-                          f"{MEMBER_TAG_PREFIX}<hex>, not {config.rootfs_share!r}")
+        raise MemberError(
+            f"a pod member's rootfs share must be named {MEMBER_TAG_PREFIX}<hex>, not {config.rootfs_share!r}"
+        )
     if not re.fullmatch(r"[0-9a-f]{16,64}", config.container_id):
         raise MemberError("a pod member's container id must be 16-64 hex digits")
     if config.layer_count or config.mounts or config.network or config.os:
         raise MemberError("a pod member takes no layers, mounts, network or OS mode")
 
 
-def start_member(config: Any, make_container, *, stdin: bool, rows: int = 24,
-                 cols: int = 80, base_dir: str = MEMBERS_DIR, mount=None,
-                 wait: float = MOUNT_WAIT) -> Member:
+def start_member(
+    config: Any,
+    make_container,
+    *,
+    stdin: bool,
+    rows: int = 24,
+    cols: int = 80,
+    base_dir: str = MEMBERS_DIR,
+    mount=None,
+    wait: float = MOUNT_WAIT,
+) -> Member:
     """Mount the share of member *config* (a guest.spec.BootConfig), build its container
     with ``make_container(config, rootfs, files_dir)`` (a guest.runtime.container
     Container: start(), destroy(), main) and start its process. Raises MemberError, or
@@ -121,8 +130,9 @@ def _mount_when_ready(mount, tag: str, target: str, wait: float) -> None:
             return
         except Exception as exc:  # noqa: BLE001 - MountError until the device is probed
             if time.monotonic() >= deadline:
-                raise MemberError(f"the pod member's rootfs share {tag!r} did not appear "
-                                  f"within {wait:g} s: {exc}") from None
+                raise MemberError(
+                    f"the pod member's rootfs share {tag!r} did not appear within {wait:g} s: {exc}"
+                ) from None
             time.sleep(0.1)
 
 

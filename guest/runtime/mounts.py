@@ -44,14 +44,22 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_SYNCHRONOUS = 16
 TMPFS_FLAGS = {
-    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
-    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
-    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
-    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
-    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
-    "noatime": (MS_NOATIME, True), "atime": (MS_NOATIME, False),
-    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
-    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "ro": (MS_RDONLY, True),
+    "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True),
+    "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True),
+    "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True),
+    "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True),
+    "async": (MS_SYNCHRONOUS, False),
+    "noatime": (MS_NOATIME, True),
+    "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True),
+    "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True),
+    "norelatime": (MS_RELATIME, False),
     "strictatime": (MS_STRICTATIME, True),
 }
 """tmpfs option words that are mount flags: word → (flag, set it)."""
@@ -68,6 +76,7 @@ class MountError(Exception):
 
 
 # ---- sources in the guest -----------------------------------------------------------------
+
 
 def mount_virtiofs(tag: str, target: str, readonly: bool) -> str:
     """Mount the virtiofs share *tag* at *target* (created); return *target*."""
@@ -127,6 +136,7 @@ def sync_volumes(stage_dirs: list[str]) -> None:
 
 # ---- into the rootfs ------------------------------------------------------------------------
 
+
 def assemble(rootfs: str, mounts: list, *, read_only: bool = False) -> None:
     """Make every ``(MountSpec, source)`` of *mounts* in order, then (with *read_only*)
     turn the rootfs itself read-only. *source* is a path in the caller's namespace
@@ -138,8 +148,7 @@ def assemble(rootfs: str, mounts: list, *, read_only: bool = False) -> None:
         except MountError:
             raise
         except OSError as exc:
-            raise MountError(f"cannot mount {spec.type} on {spec.target}: "
-                             f"{_describe(exc)}") from None
+            raise MountError(f"cannot mount {spec.type} on {spec.target}: {_describe(exc)}") from None
     if read_only:
         make_readonly(rootfs)
 
@@ -162,8 +171,10 @@ def mount_one(rootfs: str, spec, source: str | None) -> str:
     is_dir = stat.S_ISDIR(st.st_mode)
     target = rootfs_mod.secure_join(rootfs, spec.target)
     if os.path.lexists(target) and os.path.isdir(target) != is_dir:
-        raise MountError(f"cannot mount a {'directory' if is_dir else 'file'} on "
-                         f"{spec.target}: the image has a {'file' if is_dir else 'directory'} there")
+        raise MountError(
+            f"cannot mount a {'directory' if is_dir else 'file'} on "
+            f"{spec.target}: the image has a {'file' if is_dir else 'directory'} there"
+        )
     if spec.type == "volume" and spec.copy_up and is_dir and os.path.isdir(target):
         copy_up(target, source)
     if is_dir:
@@ -212,6 +223,7 @@ def make_readonly(rootfs: str) -> None:
 
 # ---- docker's copy of the image's files into a new volume -------------------------------------
 
+
 def copy_up(source_dir: str, volume_dir: str) -> None:
     """Copy the image's *source_dir* into the empty *volume_dir* (files, directories,
     symlinks, with owners, modes and times; device nodes, fifos and sockets are skipped),
@@ -248,8 +260,7 @@ def copy_up(source_dir: str, volume_dir: str) -> None:
 def _copy_file(src: str, dst: str) -> None:
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             while True:
                 try:

@@ -61,8 +61,9 @@ def configure(network: dict, *, timeout: float = NIC_TIMEOUT) -> list[str]:
                 fcntl.ioctl(fd, SIOCSIFNETMASK, _ifreq_addr(name, prefix_to_netmask(int(prefix))))
                 _set_up(fd, name)
             except OSError as exc:
-                raise NetworkError(f"cannot configure {name} ({iface['mac']}) with "
-                                   f"{iface['address']}: {exc.strerror}") from None
+                raise NetworkError(
+                    f"cannot configure {name} ({iface['mac']}) with {iface['address']}: {exc.strerror}"
+                ) from None
             if iface.get("address6"):
                 add_address6(name, iface["address6"])
             if iface.get("gateway"):
@@ -73,8 +74,9 @@ def configure(network: dict, *, timeout: float = NIC_TIMEOUT) -> list[str]:
                 fcntl.ioctl(fd, SIOCADDRT, _rtentry_default(gateway[0]))
             except OSError as exc:
                 if exc.errno != 17:  # EEXIST: there already
-                    raise NetworkError(f"cannot add the default route via {gateway[0]} "
-                                       f"({gateway[1]}): {exc.strerror}") from None
+                    raise NetworkError(
+                        f"cannot add the default route via {gateway[0]} ({gateway[1]}): {exc.strerror}"
+                    ) from None
     return names
 
 
@@ -89,13 +91,14 @@ def add_address6(name: str, cidr: str) -> None:
     try:
         index = socket.if_nametoindex(name)
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock6:
-            fcntl.ioctl(sock6.fileno(), SIOCSIFADDR,
-                        struct.pack("16sIi", socket.inet_pton(socket.AF_INET6, address),
-                                    int(prefix), index))
+            fcntl.ioctl(
+                sock6.fileno(),
+                SIOCSIFADDR,
+                struct.pack("16sIi", socket.inet_pton(socket.AF_INET6, address), int(prefix), index),
+            )
     except OSError as exc:
         if exc.errno != 17:  # EEXIST: there already
-            raise NetworkError(f"cannot give {name} the IPv6 address {cidr}: "
-                               f"{exc.strerror}") from None
+            raise NetworkError(f"cannot give {name} the IPv6 address {cidr}: {exc.strerror}") from None
 
 
 def find_interface(mac: str, timeout: float = NIC_TIMEOUT) -> str:
@@ -119,8 +122,9 @@ def find_interface(mac: str, timeout: float = NIC_TIMEOUT) -> str:
                 return name
         if time.monotonic() > deadline:
             found = ", ".join(f"{n} {m}" for n, m in sorted(seen.items()) if n != "lo")
-            raise NetworkError(f"no network interface with MAC {mac} appeared within "
-                               f"{timeout:.0f} s (found: {found or 'none'})")
+            raise NetworkError(
+                f"no network interface with MAC {mac} appeared within {timeout:.0f} s (found: {found or 'none'})"
+            )
         time.sleep(0.005)
 
 
@@ -151,7 +155,21 @@ _RTENTRY = "@L16s16s16sHhLPhPLLH"
 
 def _rtentry_default(gateway: str) -> bytes:
     """struct rtentry for ``default via gateway`` (the kernel picks the device)."""
-    raw = struct.pack(_RTENTRY, 0, _sockaddr_in("0.0.0.0"), _sockaddr_in(gateway),
-                      _sockaddr_in("0.0.0.0"), RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0)
+    raw = struct.pack(
+        _RTENTRY,
+        0,
+        _sockaddr_in("0.0.0.0"),
+        _sockaddr_in(gateway),
+        _sockaddr_in("0.0.0.0"),
+        RTF_UP | RTF_GATEWAY,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     pad = -len(raw) % struct.calcsize("@P")
     return raw + b"\0" * pad

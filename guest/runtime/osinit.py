@@ -34,7 +34,7 @@ from guest.spec import ProcessSpec
 CONTAINER_ENV = "container=vmshim"
 EXEC_CGROUP = "vmshim.exec"
 EXIT_POWER_OFF = 128 + 2  # SIGINT
-EXIT_REBOOT = 128 + 1     # SIGHUP
+EXIT_REBOOT = 128 + 1  # SIGHUP
 
 
 def init_process(process: ProcessSpec) -> ProcessSpec:
@@ -42,8 +42,7 @@ def init_process(process: ProcessSpec) -> ProcessSpec:
     ``container=``: systemd reads it to know where it runs) and a pty, which becomes the
     container's /dev/console (rootfs.bind_console): without one systemd puts /dev/null
     on its stdio and the log stays empty."""
-    env = [e for e in process.env
-           if not e.startswith("container=")] + [CONTAINER_ENV]
+    env = [e for e in process.env if not e.startswith("container=")] + [CONTAINER_ENV]
     return process.replace(env=env, tty=True)
 
 

@@ -88,9 +88,15 @@ class Spawned:
     open the master would read EIO (end of output) and the pty would be torn down.
     """
 
-    def __init__(self, pid: int, tty: bool, master: int | None = None,
-                 stdin: int | None = None, stdout: int | None = None,
-                 stderr: int | None = None):
+    def __init__(
+        self,
+        pid: int,
+        tty: bool,
+        master: int | None = None,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ):
         self.pid = pid
         self.tty = tty
         self.master = master
@@ -100,8 +106,10 @@ class Spawned:
         self.console: int | None = None
 
     def __repr__(self) -> str:
-        return (f"Spawned(pid={self.pid}, tty={self.tty}, master={self.master}, "
-                f"stdin={self.stdin}, stdout={self.stdout}, stderr={self.stderr})")
+        return (
+            f"Spawned(pid={self.pid}, tty={self.tty}, master={self.master}, "
+            f"stdin={self.stdin}, stdout={self.stdout}, stderr={self.stderr})"
+        )
 
     def fds(self) -> list[int]:
         return [fd for fd in (self.master, self.stdin, self.stdout, self.stderr) if fd is not None]
@@ -121,13 +129,29 @@ class Spawned:
 class _Plan:
     """Everything the children need, decided by the caller before forking."""
 
-    def __init__(self, *, process: ProcessSpec, hostname: str, stdin: bool, rows: int,
-                 cols: int, cgroup: Cgroup | None, unshare_flags: int = 0,
-                 rootfs: str | None = None, bind_files: dict | None = None,
-                 cgroup2_inside: bool = False, loopback: bool = False,
-                 set_hostname: bool = False, join_fds: list | None = None,
-                 builtin=None, masked_paths=None, readonly_paths=None,
-                 privileged: bool = False, devices=(), os_init: bool = False):
+    def __init__(
+        self,
+        *,
+        process: ProcessSpec,
+        hostname: str,
+        stdin: bool,
+        rows: int,
+        cols: int,
+        cgroup: Cgroup | None,
+        unshare_flags: int = 0,
+        rootfs: str | None = None,
+        bind_files: dict | None = None,
+        cgroup2_inside: bool = False,
+        loopback: bool = False,
+        set_hostname: bool = False,
+        join_fds: list | None = None,
+        builtin=None,
+        masked_paths=None,
+        readonly_paths=None,
+        privileged: bool = False,
+        devices=(),
+        os_init: bool = False,
+    ):
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -156,11 +180,24 @@ class _Plan:
 
 # ---- the caller's side ------------------------------------------------------------------
 
-def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgroup: Cgroup | None,
-                    namespaces=DEFAULT_NAMESPACES, hosts_files: dict[str, str] | None = None,
-                    stdin: bool = True, rows: int = 24, cols: int = 80, masked_paths=None,
-                    readonly_paths=None, privileged: bool = False, devices=(),
-                    builtin=None, os_init: bool = False) -> Spawned:
+
+def spawn_container(
+    rootfs: str | None,
+    process: ProcessSpec,
+    hostname: str,
+    cgroup: Cgroup | None,
+    namespaces=DEFAULT_NAMESPACES,
+    hosts_files: dict[str, str] | None = None,
+    stdin: bool = True,
+    rows: int = 24,
+    cols: int = 80,
+    masked_paths=None,
+    readonly_paths=None,
+    privileged: bool = False,
+    devices=(),
+    builtin=None,
+    os_init: bool = False,
+) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
     points it lacks).
@@ -184,21 +221,42 @@ def spawn_container(rootfs: str | None, process: ProcessSpec, hostname: str, cgr
     for name in namespaces:
         flags |= syscalls.NAMESPACE_FLAGS[name]
     cgroup2_inside = cgroup is not None and cgroup.version == 2 and "mnt" in namespaces
-    plan = _Plan(process=process, hostname=hostname, stdin=stdin, rows=rows, cols=cols,
-                 cgroup=cgroup, unshare_flags=flags,
-                 rootfs=os.path.abspath(rootfs) if rootfs is not None else None,
-                 bind_files=dict(hosts_files or {}), cgroup2_inside=cgroup2_inside,
-                 loopback="net" in namespaces, set_hostname="uts" in namespaces,
-                 masked_paths=masked_paths, readonly_paths=readonly_paths,
-                 privileged=privileged, devices=devices, builtin=builtin, os_init=os_init)
+    plan = _Plan(
+        process=process,
+        hostname=hostname,
+        stdin=stdin,
+        rows=rows,
+        cols=cols,
+        cgroup=cgroup,
+        unshare_flags=flags,
+        rootfs=os.path.abspath(rootfs) if rootfs is not None else None,
+        bind_files=dict(hosts_files or {}),
+        cgroup2_inside=cgroup2_inside,
+        loopback="net" in namespaces,
+        set_hostname="uts" in namespaces,
+        masked_paths=masked_paths,
+        readonly_paths=readonly_paths,
+        privileged=privileged,
+        devices=devices,
+        builtin=builtin,
+        os_init=os_init,
+    )
     syscalls.set_child_subreaper()
     return _spawn(plan)
 
 
-def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str = "",
-                      cgroup: Cgroup | None = None, namespaces=DEFAULT_NAMESPACES,
-                      stdin: bool = True, rows: int = 24, cols: int = 80,
-                      builtin=None) -> Spawned:
+def exec_in_container(
+    container_pid: int,
+    process: ProcessSpec,
+    *,
+    hostname: str = "",
+    cgroup: Cgroup | None = None,
+    namespaces=DEFAULT_NAMESPACES,
+    stdin: bool = True,
+    rows: int = 24,
+    cols: int = 80,
+    builtin=None,
+) -> Spawned:
     """Start *process* inside the running container whose PID 1 is *container_pid* (as
     seen by the caller): join its *namespaces* and *cgroup* (and its user namespace first,
     when it has one of its own). Same return and errors as :func:`spawn_container`.
@@ -209,23 +267,28 @@ def exec_in_container(container_pid: int, process: ProcessSpec, *, hostname: str
     join_fds = []
     try:
         try:
-            own_user = os.stat(f"/proc/{container_pid}/ns/user").st_ino != \
-                os.stat("/proc/self/ns/user").st_ino
+            own_user = os.stat(f"/proc/{container_pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
         except OSError:
             own_user = False
         if own_user:
-            join_fds.append(os.open(f"/proc/{container_pid}/ns/user",
-                                    os.O_RDONLY | os.O_CLOEXEC))
+            join_fds.append(os.open(f"/proc/{container_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC))
         for name in NAMESPACE_ORDER:
             if name in namespaces:
                 path = f"/proc/{container_pid}/ns/{name}"
                 try:
                     join_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 except OSError as exc:
-                    raise SpawnError(f"cannot join the container's {name} namespace: "
-                                     f"{exc.strerror}") from None
-        plan = _Plan(process=process, hostname=hostname, stdin=stdin, rows=rows, cols=cols,
-                     cgroup=cgroup, join_fds=join_fds, builtin=builtin)
+                    raise SpawnError(f"cannot join the container's {name} namespace: {exc.strerror}") from None
+        plan = _Plan(
+            process=process,
+            hostname=hostname,
+            stdin=stdin,
+            rows=rows,
+            cols=cols,
+            cgroup=cgroup,
+            join_fds=join_fds,
+            builtin=builtin,
+        )
         syscalls.set_child_subreaper()
         return _spawn(plan)
     finally:
@@ -239,8 +302,8 @@ def _spawn(plan: _Plan) -> Spawned:
         import resource  # noqa: F401 - here: an exec's child is in the container's mount
         #                  namespace before it could import it (the image has no python)
     plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
-    ours: list[int] = []     # caller's ends
-    theirs: list[int] = []   # children's ends, closed here after the fork
+    ours: list[int] = []  # caller's ends
+    theirs: list[int] = []  # children's ends, closed here after the fork
     stdio = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
     spawned = Spawned(pid=0, tty=plan.process.tty)
     if not plan.process.tty:
@@ -266,7 +329,8 @@ def _spawn(plan: _Plan) -> Spawned:
             os.close(fd)
         theirs = []
         pid, master, console, error = _collect_reports(
-            parent_sock, lambda: _write_id_maps(intermediate, plan.process.id_mappings))
+            parent_sock, lambda: _write_id_maps(intermediate, plan.process.id_mappings)
+        )
         _wait_exactly(intermediate)
     except BaseException:
         for fd in ours + theirs:
@@ -382,6 +446,7 @@ def set_window_size(fd: int, rows: int, cols: int) -> None:
 
 # ---- the children -----------------------------------------------------------------------
 
+
 def _report(sock: socket.socket, message: bytes, fds=()) -> None:
     try:
         if fds:
@@ -452,8 +517,7 @@ def _enter_user_namespace(plan: _Plan, sock: socket.socket) -> None:
     _report(sock, b"maps")
     answer = sock.recv(1024)
     if answer != b"go":
-        raise _ChildFailure("cannot write the user namespace's id maps: "
-                            + answer[3:].decode(errors="replace"))
+        raise _ChildFailure("cannot write the user namespace's id maps: " + answer[3:].decode(errors="replace"))
     for become in (os.setresgid, os.setresuid):
         try:
             become(0, 0, 0)
@@ -490,8 +554,7 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
             if user.uid != 0:
                 syscalls.prctl(syscalls.PR_SET_KEEPCAPS, 1)
         if plan.process.additional_gids:
-            user = user._replace(groups=tuple(dict.fromkeys(
-                list(user.groups) + list(plan.process.additional_gids))))
+            user = user._replace(groups=tuple(dict.fromkeys(list(user.groups) + list(plan.process.additional_gids))))
         _become(user)
         if caps is not None:
             _set_capabilities(_sets_for(caps, user.uid))
@@ -504,8 +567,9 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         try:
             os.chdir(plan.process.cwd)
         except OSError as exc:
-            raise _ChildFailure(f"cannot change to the working directory "
-                                f"{plan.process.cwd}: {exc.strerror.lower()}") from None
+            raise _ChildFailure(
+                f"cannot change to the working directory {plan.process.cwd}: {exc.strerror.lower()}"
+            ) from None
         env = build_env(plan.process, hostname=plan.hostname, home=user.home)
         if plan.builtin is not None:
             sock.close()  # end of file for the caller: "started"
@@ -530,8 +594,7 @@ def _apply_process_limits(process: ProcessSpec) -> None:
         import resource
 
         for name, soft, hard in process.rlimits:
-            values = (resource.RLIM_INFINITY if soft < 0 else soft,
-                      resource.RLIM_INFINITY if hard < 0 else hard)
+            values = (resource.RLIM_INFINITY if soft < 0 else soft, resource.RLIM_INFINITY if hard < 0 else hard)
             try:
                 resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), values)
             except (OSError, ValueError) as exc:
@@ -539,15 +602,13 @@ def _apply_process_limits(process: ProcessSpec) -> None:
                 reason = (getattr(exc, "strerror", None) or str(exc)).lower()
                 if "not allowed" in reason or getattr(exc, "errno", None) == errno.EPERM:
                     reason = "raising a hard limit needs CAP_SYS_RESOURCE"
-                raise _ChildFailure(f"cannot set ulimit {name}={_rlim(soft)}:{_rlim(hard)}: "
-                                    f"{reason}") from None
+                raise _ChildFailure(f"cannot set ulimit {name}={_rlim(soft)}:{_rlim(hard)}: {reason}") from None
     if process.oom_score_adj is not None:
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(process.oom_score_adj))
         except OSError as exc:
-            raise _ChildFailure(f"cannot set oom_score_adj={process.oom_score_adj}: "
-                                f"{exc.strerror.lower()}") from None
+            raise _ChildFailure(f"cannot set oom_score_adj={process.oom_score_adj}: {exc.strerror.lower()}") from None
 
 
 def _cap_mask(names) -> int:
@@ -592,8 +653,7 @@ def _drop_bounding(keep) -> None:
             try:
                 syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
             except OSError as exc:
-                raise _ChildFailure(f"cannot drop capability {cap} from the bounding set: "
-                                    f"{exc.strerror}") from None
+                raise _ChildFailure(f"cannot drop capability {cap} from the bounding set: {exc.strerror}") from None
 
 
 def _set_capabilities(caps: dict) -> None:
@@ -603,16 +663,17 @@ def _set_capabilities(caps: dict) -> None:
     from guest.spec import CAPABILITIES
 
     try:
-        syscalls.capset(_cap_mask(caps.get("effective", [])),
-                        _cap_mask(caps.get("permitted", [])),
-                        _cap_mask(caps.get("inheritable", [])))
+        syscalls.capset(
+            _cap_mask(caps.get("effective", [])),
+            _cap_mask(caps.get("permitted", [])),
+            _cap_mask(caps.get("inheritable", [])),
+        )
         syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError as exc:
         raise _ChildFailure(f"cannot set the process's capabilities: {exc.strerror}") from None
     for name in caps.get("ambient", []):
         try:
-            syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_RAISE,
-                           CAPABILITIES.index(name))
+            syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_RAISE, CAPABILITIES.index(name))
         except OSError:
             pass
 
@@ -659,8 +720,9 @@ def _install_seccomp(program: bytes) -> None:
     try:
         seccomp.install_program(program)
     except OSError as exc:
-        raise _ChildFailure(f"cannot apply the seccomp profile (does the kernel have "
-                            f"CONFIG_SECCOMP_FILTER?): {exc.strerror}") from None
+        raise _ChildFailure(
+            f"cannot apply the seccomp profile (does the kernel have CONFIG_SECCOMP_FILTER?): {exc.strerror}"
+        ) from None
 
 
 def _rlim(value: int) -> str:
@@ -688,16 +750,19 @@ def _describe(exc: BaseException) -> str:
 def _enter_rootfs(plan: _Plan) -> None:
     if plan.unshare_flags & syscalls.CLONE_NEWNS:
         try:
-            rootfs_mod.setup_mounts(plan.rootfs, bind_files=plan.bind_files,
-                                    cgroup2=plan.cgroup2_inside,
-                                    masked_paths=plan.masked_paths,
-                                    readonly_paths=plan.readonly_paths,
-                                    privileged=plan.privileged, devices=plan.devices,
-                                    os_init=plan.os_init)
+            rootfs_mod.setup_mounts(
+                plan.rootfs,
+                bind_files=plan.bind_files,
+                cgroup2=plan.cgroup2_inside,
+                masked_paths=plan.masked_paths,
+                readonly_paths=plan.readonly_paths,
+                privileged=plan.privileged,
+                devices=plan.devices,
+                os_init=plan.os_init,
+            )
             rootfs_mod.pivot_to(plan.rootfs)
         except OSError as exc:
-            raise _ChildFailure(f"cannot set up the container's filesystem: "
-                                f"{_describe(exc)}") from None
+            raise _ChildFailure(f"cannot set up the container's filesystem: {_describe(exc)}") from None
     else:
         os.chroot(plan.rootfs)
         os.chdir("/")

@@ -43,10 +43,19 @@ DEV_SYMLINKS = {
     "stderr": "/proc/self/fd/2",
     "ptmx": "pts/ptmx",
 }
-MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                "/sys/devices/virtual/powercap")
+MASKED_PATHS = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
 """Docker's masked paths: /dev/null over files, an empty read-only tmpfs over directories."""
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 """Re-mounted read-only inside the container, as docker does."""
@@ -61,6 +70,7 @@ class RootfsError(Exception):
 
 
 # ---- paths inside the rootfs -------------------------------------------------------------
+
 
 def secure_join(root: str, path: str) -> str:
     """Return ``root/path`` with every symlink resolved *as if root were /*.
@@ -119,8 +129,8 @@ def ensure_file(root: str, path: str, mode: int = 0o644) -> str:
 
 # ---- overlay ----------------------------------------------------------------------------
 
-def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str,
-                  flags: int = 0) -> None:
+
+def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str, flags: int = 0) -> None:
     """Mount an overlay at *target*: *lowerdirs* topmost first, writes go to *upperdir*
     (with *workdir* on the same filesystem). An empty *upperdir* makes a read-only stack.
     *flags*: extra mount flags (MS_NOSUID | MS_NODEV on the host).
@@ -144,8 +154,10 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
         os.makedirs(workdir, exist_ok=True)
         options += f",upperdir={upperdir},workdir={workdir}"
     if len(options) >= 4096:
-        raise RootfsError(f"too many layers for one overlay mount ({len(lowerdirs)}): "
-                          "the mount options exceed a page; flatten the image")
+        raise RootfsError(
+            f"too many layers for one overlay mount ({len(lowerdirs)}): "
+            "the mount options exceed a page; flatten the image"
+        )
     try:
         syscalls.mount("overlay", target, "overlay", flags, options)
     except OSError as exc:
@@ -164,15 +176,10 @@ def unmount(target: str, detach: bool = False) -> bool:
 
 
 def default_hosts(hostname: str) -> str:
-    return (
-        "127.0.0.1\tlocalhost\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{hostname}\n"
-    )
+    return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
 
 
-def prepare_rootfs(rootfs: str, hostname: str, hosts: str, resolv_conf: str,
-                   files_dir: str) -> dict[str, str]:
+def prepare_rootfs(rootfs: str, hostname: str, hosts: str, resolv_conf: str, files_dir: str) -> dict[str, str]:
     """Write the container's /etc/hostname, /etc/hosts and /etc/resolv.conf into
     *files_dir* (empty *hosts*: localhost plus the hostname; empty *resolv_conf*: the
     image's own file is left alone) and make sure the files to mount on exist in the rootfs.
@@ -205,8 +212,8 @@ def prepare_rootfs(rootfs: str, hostname: str, hosts: str, resolv_conf: str,
 
 # ---- inside the container's mount namespace -----------------------------------------------
 
-def _mount_in(rootfs: str, path: str, source: str, fstype: str, flags: int,
-              data: str | None = None) -> str:
+
+def _mount_in(rootfs: str, path: str, source: str, fstype: str, flags: int, data: str | None = None) -> str:
     target = ensure_dir(rootfs, path)
     syscalls.mount(source, target, fstype, flags, data)
     return target
@@ -238,8 +245,7 @@ def _allow_suid_and_dev(rootfs: str) -> None:
     if not flags & (os.ST_NOSUID | os.ST_NODEV):
         return
     keep = MS_RDONLY if flags & os.ST_RDONLY else 0
-    for bit, ms in ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024),
-                    (os.ST_RELATIME, 1 << 21)):
+    for bit, ms in ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024), (os.ST_RELATIME, 1 << 21)):
         if flags & bit:
             keep |= ms
     try:
@@ -286,6 +292,7 @@ def _make_device(rootfs: str, device: dict) -> None:
 def _guest_node(kind: int, number: int) -> str:
     """A node of type *kind* and device *number* in the guest's own /dev or one level
     below (bounded). Raises PermissionError when there is none."""
+
     def candidates():
         for top in sorted(os.listdir("/dev"))[:4096]:
             path = os.path.join("/dev", top)
@@ -301,13 +308,24 @@ def _guest_node(kind: int, number: int) -> str:
             continue
         if stat.S_IFMT(st.st_mode) == kind and st.st_rdev == number:
             return path
-    raise PermissionError(errno.EPERM, "no such device in the VM to bind, and mknod is "
-                          "not allowed here", f"{os.major(number)}:{os.minor(number)}")
+    raise PermissionError(
+        errno.EPERM,
+        "no such device in the VM to bind, and mknod is not allowed here",
+        f"{os.major(number)}:{os.minor(number)}",
+    )
 
 
-def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
-                 cgroup2: bool = False, masked_paths=None, readonly_paths=None,
-                 privileged: bool = False, devices=(), os_init: bool = False) -> None:
+def setup_mounts(
+    rootfs: str,
+    *,
+    bind_files: dict[str, str] | None = None,
+    cgroup2: bool = False,
+    masked_paths=None,
+    readonly_paths=None,
+    privileged: bool = False,
+    devices=(),
+    os_init: bool = False,
+) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
     must be a new one (CLONE_NEWNS) and, for /proc, a process in the container's new pid
     namespace. Raises OSError naming the mount that failed. Follow with :func:`pivot_to`.
@@ -331,10 +349,10 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
         _populate_dev(dev)
     for device in devices:
         _make_device(rootfs, device)
-    _mount_in(rootfs, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
-              "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_in(rootfs, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              "mode=1777,size=65536k")
+    _mount_in(
+        rootfs, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    )
+    _mount_in(rootfs, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
     try:
         _mount_in(rootfs, "/dev/mqueue", "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
@@ -360,15 +378,17 @@ def setup_mounts(rootfs: str, *, bind_files: dict[str, str] | None = None,
             # not fatal otherwise: the container just cannot see its cgroup
     if os_init:
         for path, mode in (("/run", "755"), ("/tmp", "1777")):
-            _mount_in(rootfs, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV,
-                      f"mode={mode},size={OS_TMPFS_SIZE}")
+            _mount_in(rootfs, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size={OS_TMPFS_SIZE}")
 
     for container_path, source in (bind_files or {}).items():
         target = ensure_file(rootfs, container_path)
         syscalls.mount(source, target, None, MS_BIND, None)
 
-    _restrict_proc(rootfs, MASKED_PATHS if masked_paths is None else masked_paths,
-                   READONLY_PATHS if readonly_paths is None else readonly_paths)
+    _restrict_proc(
+        rootfs,
+        MASKED_PATHS if masked_paths is None else masked_paths,
+        READONLY_PATHS if readonly_paths is None else readonly_paths,
+    )
 
 
 def bind_console(pty_slave: str) -> None:
@@ -397,9 +417,9 @@ def _restrict_proc(rootfs: str, masked, readonly) -> None:
         target = secure_join(rootfs, path)
         if os.path.exists(target):
             syscalls.mount(target, target, None, MS_BIND | MS_REC, None)
-            syscalls.mount(None, target, None,
-                           MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                           None)
+            syscalls.mount(
+                None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None
+            )
 
 
 def pivot_to(rootfs: str) -> None:

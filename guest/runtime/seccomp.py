@@ -31,17 +31,16 @@ from guest.runtime.syscalls_x86_64 import AUDIT_ARCH_X86_64, NUMBERS, X32_SYSCAL
 
 # seccomp return values (linux/seccomp.h).
 ACTIONS = {
-    "SCMP_ACT_KILL": 0x00000000,          # kill the thread
+    "SCMP_ACT_KILL": 0x00000000,  # kill the thread
     "SCMP_ACT_KILL_THREAD": 0x00000000,
     "SCMP_ACT_KILL_PROCESS": 0x80000000,
     "SCMP_ACT_TRAP": 0x00030000,
-    "SCMP_ACT_ERRNO": 0x00050000,         # | errno
-    "SCMP_ACT_TRACE": 0x7FF00000,         # | msg
+    "SCMP_ACT_ERRNO": 0x00050000,  # | errno
+    "SCMP_ACT_TRACE": 0x7FF00000,  # | msg
     "SCMP_ACT_LOG": 0x7FFC0000,
     "SCMP_ACT_ALLOW": 0x7FFF0000,
 }
-OPS = ("SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE",
-       "SCMP_CMP_GT", "SCMP_CMP_MASKED_EQ")
+OPS = ("SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_MASKED_EQ")
 OUR_ARCHES = ("SCMP_ARCH_X86_64", "amd64", "x86_64")
 MAX_INSTRUCTIONS = 4096  # BPF_MAXINSNS
 
@@ -76,6 +75,7 @@ class SeccompError(Exception):
 
 
 # ---- profiles ----------------------------------------------------------------------------
+
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
     """(major, minor) of the running kernel (or of *release*, ``6.1.0-13-cloud-amd64``)."""
@@ -158,19 +158,28 @@ def check(oci) -> dict:
         if not isinstance(rule, dict):
             raise SeccompError(f"{where} must be an object")
         names = rule.get("names")
-        if not isinstance(names, list) or not names or len(names) > 1024 or not all(
-                isinstance(n, str) and 0 < len(n) < 64 for n in names):
+        if (
+            not isinstance(names, list)
+            or not names
+            or len(names) > 1024
+            or not all(isinstance(n, str) and 0 < len(n) < 64 for n in names)
+        ):
             raise SeccompError(f"{where}.names must be a non-empty list of syscall names")
         _action(rule.get("action"), rule.get("errnoRet"), f"{where}.action")
         args = rule.get("args") or []
         if not isinstance(args, list) or len(args) > 6:
             raise SeccompError(f"{where}.args must be a list of at most 6 conditions")
         for arg in args:
-            if not isinstance(arg, dict) or arg.get("op") not in OPS \
-                    or not _is_u64(arg.get("value", 0)) or not _is_u64(arg.get("valueTwo", 0)) \
-                    or not (_is_int(arg.get("index")) and 0 <= arg["index"] <= 5):
-                raise SeccompError(f"{where}.args: each needs index 0..5, value(s) 0..2^64-1 "
-                                   f"and op one of {', '.join(OPS)}")
+            if (
+                not isinstance(arg, dict)
+                or arg.get("op") not in OPS
+                or not _is_u64(arg.get("value", 0))
+                or not _is_u64(arg.get("valueTwo", 0))
+                or not (_is_int(arg.get("index")) and 0 <= arg["index"] <= 5)
+            ):
+                raise SeccompError(
+                    f"{where}.args: each needs index 0..5, value(s) 0..2^64-1 and op one of {', '.join(OPS)}"
+                )
     return oci
 
 
@@ -185,8 +194,7 @@ def _is_u64(value) -> bool:
 def _action(name, errno_ret, where: str) -> int:
     """The seccomp return value of action *name*; raises SeccompError."""
     if name not in ACTIONS:
-        raise SeccompError(f"{where} must be one of {', '.join(sorted(ACTIONS))} "
-                           f"(got {name!r})")
+        raise SeccompError(f"{where} must be one of {', '.join(sorted(ACTIONS))} (got {name!r})")
     value = ACTIONS[name]
     if name in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
         if errno_ret is None:
@@ -198,6 +206,7 @@ def _action(name, errno_ret, where: str) -> int:
 
 
 # ---- the BPF program ---------------------------------------------------------------------
+
 
 class _Label:
     __slots__ = ()
@@ -236,8 +245,9 @@ class _Assembler:
             else:
                 position += 1
         if position > MAX_INSTRUCTIONS:
-            raise SeccompError(f"the seccomp profile compiles to {position} instructions; "
-                               f"the kernel takes at most {MAX_INSTRUCTIONS}")
+            raise SeccompError(
+                f"the seccomp profile compiles to {position} instructions; the kernel takes at most {MAX_INSTRUCTIONS}"
+            )
         out = []
         position = 0
         for item in self.items:
@@ -329,29 +339,44 @@ def _condition(asm: _Assembler, cond: dict, fail: _Label) -> None:
     ok, stub = _Label(), _Label()
     hi, lo = _arg_hi(index), _arg_lo(index)
     if op == "SCMP_CMP_EQ":
-        asm.load(hi); asm.jump(_JEQ, vh, jt=0, jf=stub)
-        asm.load(lo); asm.jump(_JEQ, vl, jt=ok, jf=stub)
+        asm.load(hi)
+        asm.jump(_JEQ, vh, jt=0, jf=stub)
+        asm.load(lo)
+        asm.jump(_JEQ, vl, jt=ok, jf=stub)
     elif op == "SCMP_CMP_NE":
-        asm.load(hi); asm.jump(_JEQ, vh, jt=0, jf=ok)
-        asm.load(lo); asm.jump(_JEQ, vl, jt=stub, jf=ok)
+        asm.load(hi)
+        asm.jump(_JEQ, vh, jt=0, jf=ok)
+        asm.load(lo)
+        asm.jump(_JEQ, vl, jt=stub, jf=ok)
     elif op == "SCMP_CMP_MASKED_EQ":
         eh, el = value2 >> 32, value2 & 0xFFFFFFFF
-        asm.load(hi); asm.and_k(vh); asm.jump(_JEQ, eh, jt=0, jf=stub)
-        asm.load(lo); asm.and_k(vl); asm.jump(_JEQ, el, jt=ok, jf=stub)
+        asm.load(hi)
+        asm.and_k(vh)
+        asm.jump(_JEQ, eh, jt=0, jf=stub)
+        asm.load(lo)
+        asm.and_k(vl)
+        asm.jump(_JEQ, el, jt=ok, jf=stub)
     elif op in ("SCMP_CMP_GT", "SCMP_CMP_GE"):
         low_jump = _JGT if op == "SCMP_CMP_GT" else _JGE
-        asm.load(hi); asm.jump(_JGT, vh, jt=ok, jf=0); asm.jump(_JEQ, vh, jt=0, jf=stub)
-        asm.load(lo); asm.jump(low_jump, vl, jt=ok, jf=stub)
+        asm.load(hi)
+        asm.jump(_JGT, vh, jt=ok, jf=0)
+        asm.jump(_JEQ, vh, jt=0, jf=stub)
+        asm.load(lo)
+        asm.jump(low_jump, vl, jt=ok, jf=stub)
     else:  # LT is "not GE", LE is "not GT"
         low_jump = _JGE if op == "SCMP_CMP_LT" else _JGT
-        asm.load(hi); asm.jump(_JGT, vh, jt=stub, jf=0); asm.jump(_JEQ, vh, jt=0, jf=ok)
-        asm.load(lo); asm.jump(low_jump, vl, jt=stub, jf=ok)
+        asm.load(hi)
+        asm.jump(_JGT, vh, jt=stub, jf=0)
+        asm.jump(_JEQ, vh, jt=0, jf=ok)
+        asm.load(lo)
+        asm.jump(low_jump, vl, jt=stub, jf=ok)
     asm.place(stub)
     asm.goto(fail)
     asm.place(ok)
 
 
 # ---- installing ----------------------------------------------------------------------------
+
 
 def install(oci: dict) -> None:
     """Compile *oci* and make it this thread's seccomp filter (see :func:`install_program`).
@@ -373,10 +398,15 @@ def install_program(program: bytes) -> None:
         raise OSError(8, "seccomp filters are built for x86_64 only")
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    syscalls._check(syscalls._libc.prctl(ctypes.c_int(PR_SET_SECCOMP),
-                                         ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                                         ctypes.byref(fprog), ctypes.c_ulong(0),
-                                         ctypes.c_ulong(0)))
+    syscalls._check(
+        syscalls._libc.prctl(
+            ctypes.c_int(PR_SET_SECCOMP),
+            ctypes.c_ulong(SECCOMP_MODE_FILTER),
+            ctypes.byref(fprog),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+    )
 
 
 def default_for(capabilities) -> dict:

@@ -106,11 +106,9 @@ def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
 
 
-def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, data: str | None = None) -> None:
     """mount(2). Raises OSError naming *target*."""
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
-           target)
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)), target)
 
 
 def umount2(target: str, flags: int = 0) -> None:
@@ -120,8 +118,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     """pivot_root(2) (glibc has no wrapper)."""
-    _check(_libc.syscall(ctypes.c_long(_syscall_number("pivot_root")), _b(new_root),
-                         _b(put_old)), new_root)
+    _check(_libc.syscall(ctypes.c_long(_syscall_number("pivot_root")), _b(new_root), _b(put_old)), new_root)
 
 
 def sethostname(name: str) -> None:
@@ -130,16 +127,24 @@ def sethostname(name: str) -> None:
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(0), ctypes.c_ulong(0)))
+    return _check(
+        _libc.prctl(
+            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        )
+    )
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set this thread's capability sets (bit masks of capability numbers, 64 bits)."""
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF,
-                                 inheritable & 0xFFFFFFFF, effective >> 32, permitted >> 32,
-                                 inheritable >> 32)
+    data = (ctypes.c_uint32 * 6)(
+        effective & 0xFFFFFFFF,
+        permitted & 0xFFFFFFFF,
+        inheritable & 0xFFFFFFFF,
+        effective >> 32,
+        permitted >> 32,
+        inheritable >> 32,
+    )
     _check(_libc.capset(header, data))
 
 
@@ -154,14 +159,18 @@ def set_parent_death_signal(sig: int) -> None:
 
 def finit_module(fd: int, params: str = "") -> None:
     """Load the kernel module in open file *fd*. Raises OSError (EEXIST if loaded)."""
-    _check(_libc.syscall(ctypes.c_long(_syscall_number("finit_module")), ctypes.c_int(fd),
-                         params.encode(), ctypes.c_int(0)))
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_syscall_number("finit_module")), ctypes.c_int(fd), params.encode(), ctypes.c_int(0)
+        )
+    )
 
 
 def init_module(image: bytes, params: str = "") -> None:
     """Load a kernel module from memory (used for modules we had to decompress)."""
-    _check(_libc.syscall(ctypes.c_long(_syscall_number("init_module")), image,
-                         ctypes.c_ulong(len(image)), params.encode()))
+    _check(
+        _libc.syscall(ctypes.c_long(_syscall_number("init_module")), image, ctypes.c_ulong(len(image)), params.encode())
+    )
 
 
 def reboot(cmd: int) -> None:

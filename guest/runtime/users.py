@@ -117,8 +117,7 @@ def resolve_user(spec: str, root: str = "/") -> ExecUser:
                 raise UserError(f"unable to find group {group_part}: no group file in the image")
             group = next((g for g in groups if g.name == group_part), None)
             if group is None:
-                raise UserError(
-                    f"unable to find group {group_part}: no matching entries in group file")
+                raise UserError(f"unable to find group {group_part}: no matching entries in group file")
             gid_num = group.gid
         gid = gid_num
 

@@ -74,13 +74,20 @@ def default_cli() -> list[str]:
     return [sys.executable, "-m", "shim.cli.main"]
 
 
-def run(argv: list[str], timeout: float = 300, check: bool = True,
-        input: bytes | None = None) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str], timeout: float = 300, check: bool = True, input: bytes | None = None
+) -> subprocess.CompletedProcess:
     """Run *argv* to completion (text output). Raises CommandFailed when it exits non-zero
     (with *check*) or outlives *timeout* (always; the process is killed)."""
     try:
-        proc = subprocess.run(argv, check=False, capture_output=True, timeout=timeout, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+        proc = subprocess.run(
+            argv,
+            check=False,
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(argv, None, (exc.stderr or b"").decode(errors="replace")) from None
     proc.stdout = proc.stdout.decode(errors="replace")
@@ -95,8 +102,14 @@ def timed(argv: list[str], timeout: float = 300) -> float:
     CommandFailed."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        proc = subprocess.run(
+            argv,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(argv, None, (exc.stderr or b"").decode(errors="replace")) from None
     elapsed = time.perf_counter() - start
@@ -110,8 +123,7 @@ def timed_first_output(argv: list[str], timeout: float = 300) -> float:
     it to exit. Raises CommandFailed when it prints nothing or fails."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         first = None
         try:
             with selectors.DefaultSelector() as sel:
@@ -214,8 +226,7 @@ def _find_pids(obj, prefix: str = "") -> dict[str, int]:
             path = f"{prefix}.{key}" if prefix else str(key)
             if isinstance(value, (dict, list)):
                 found.update(_find_pids(value, path))
-            elif (str(key).endswith("Pid") and isinstance(value, int)
-                  and not isinstance(value, bool) and value > 0):
+            elif str(key).endswith("Pid") and isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 found[path] = value
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
@@ -298,14 +309,14 @@ class VmshimSubject(_CliSubject):
         self._seq += 1
         return f"{self.tag}-{self.isolation}-{self._seq}"
 
-    def start(self, cmd: tuple[str, ...] = IDLE, extra: tuple[str, ...] = (),
-              timeout: float = 180) -> str:
+    def start(self, cmd: tuple[str, ...] = IDLE, extra: tuple[str, ...] = (), timeout: float = 180) -> str:
         """``vmshim run -d``; returns the container's name (recorded for cleanup before it
         is run, so a half-made container is removed too)."""
         name = self.new_name()
         self.live.add(name)
-        out = run(self.argv("run", "-d", "--name", name, "--isolation", self.isolation,
-                            *extra, IMAGE, *cmd), timeout=timeout).stdout.split()
+        out = run(
+            self.argv("run", "-d", "--name", name, "--isolation", self.isolation, *extra, IMAGE, *cmd), timeout=timeout
+        ).stdout.split()
         if out:
             self.ids[name] = out[-1]
         return name
@@ -406,21 +417,19 @@ def unpack_layers(layers: list[Path], rootfs: Path) -> None:
                         else:
                             child.unlink()
             elif base.startswith(".wh."):
-                victim = target_dir / base[len(".wh."):]
+                victim = target_dir / base[len(".wh.") :]
                 if victim.is_dir() and not victim.is_symlink():
                     shutil.rmtree(victim)
                 elif victim.exists() or victim.is_symlink():
                     victim.unlink()
-        run(["tar", "-x", "-f", str(layer), "-C", str(rootfs), "--exclude=.wh.*",
-             "--numeric-owner"], timeout=300)
+        run(["tar", "-x", "-f", str(layer), "-C", str(rootfs), "--exclude=.wh.*", "--numeric-owner"], timeout=300)
 
 
 class RuncSubject(_CliSubject):
     """An OCI runtime with runc's command line (runc itself, or vmshim-runtime as
     subject ``oci``) on a bundle made from the image's layers, state under our own --root."""
 
-    def __init__(self, workdir: Path, tag: str, *, name: str = "runc",
-                 binary: str | None = None):
+    def __init__(self, workdir: Path, tag: str, *, name: str = "runc", binary: str | None = None):
         self.name = name
         self.binary = binary or shutil.which("runc")
         self.dir = workdir / name
@@ -448,8 +457,7 @@ class RuncSubject(_CliSubject):
             image = store.resolve(IMAGE)
             layers = [store.blob_path(layer.digest) for layer in image.layers]
         except VmshimError as exc:
-            raise BenchError(f"{self.name}: cannot read the {IMAGE} image from the store: "
-                             f"{exc}") from None
+            raise BenchError(f"{self.name}: cannot read the {IMAGE} image from the store: {exc}") from None
         self.state.mkdir(parents=True, exist_ok=True)
         unpack_layers(layers, self.rootfs)
         spec_dir = self.dir / "spec"
@@ -466,8 +474,7 @@ class RuncSubject(_CliSubject):
         spec["root"] = {"path": str(self.rootfs), "readonly": False}
         spec["hostname"] = name[:63]
         for source, dest in mounts:
-            spec["mounts"].append({"destination": dest, "type": "bind", "source": source,
-                                   "options": ["rbind", "rw"]})
+            spec["mounts"].append({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "rw"]})
         bundle = self.dir / "bundles" / name
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(spec))
@@ -489,8 +496,7 @@ class RuncSubject(_CliSubject):
         bundle = self._bundle(name, cmd, ())
         return self._cmd("run", "--bundle", str(bundle), name)
 
-    def start(self, cmd: tuple[str, ...] = IDLE,
-              mounts: tuple[tuple[str, str], ...] = ()) -> str:
+    def start(self, cmd: tuple[str, ...] = IDLE, mounts: tuple[tuple[str, str], ...] = ()) -> str:
         """``runc run -d`` (stdio on /dev/null); returns the container id."""
         self.prepare()
         name = self.new_name()
@@ -501,8 +507,9 @@ class RuncSubject(_CliSubject):
         # (a pipe would stay open as long as the container runs)
         with tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=err, timeout=60)
+                proc = subprocess.run(
+                    argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=60
+                )
                 code = proc.returncode
             except subprocess.TimeoutExpired:
                 code = None
@@ -605,13 +612,16 @@ class Floor:
         image = self._guest_image()
         if self._drive is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            config = BootConfig(container_id="floor", token=secrets.token_hex(16),
-                                hostname="floor", process=ProcessSpec(args=["/bin/true"]),
-                                layer_count=0)
+            config = BootConfig(
+                container_id="floor",
+                token=secrets.token_hex(16),
+                hostname="floor",
+                process=ProcessSpec(args=["/bin/true"]),
+                layer_count=0,
+            )
             self._drive = build_config_drive(config, self.dir / "config.iso")
         # same command, the accelerator (and its kernel arguments) vmshim would use
-        return boot_floor_command(image, sock, serial, config_drive=str(self._drive),
-                                  accel_kind=self.accel_kind)
+        return boot_floor_command(image, sock, serial, config_drive=str(self._drive), accel_kind=self.accel_kind)
 
     def boot(self, timeout: float = 120) -> FloorVM:
         """Start QEMU and return once the agent's first bytes arrived."""
@@ -624,8 +634,7 @@ class Floor:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = start + timeout
         sock = None
         try:
@@ -672,8 +681,7 @@ class Floor:
             self.stop(vm)
 
     def owned(self, vm: FloorVM) -> Owned:
-        return Owned(procmem.descendants([vm.proc.pid], procmem.parent_map()),
-                     {"qemu": vm.proc.pid})
+        return Owned(procmem.descendants([vm.proc.pid], procmem.parent_map()), {"qemu": vm.proc.pid})
 
     def cleanup(self) -> list[str]:
         for vm in list(self.live):

@@ -62,26 +62,28 @@ def dockerd_config(workdir: Path, runtime: Path, cgroup_parent: str, **extra) ->
     """daemon.json for a dockerd whose state is all under *workdir* (data root, exec root,
     pid file, the socket ``docker.sock``), with *runtime* registered as ``vmshim`` and its
     containers under the cgroup *cgroup_parent*; *extra* keys are added (``-`` for ``_``)."""
-    return json.dumps({
-        **{key.replace("_", "-"): value for key, value in extra.items()},
-        "data-root": str(workdir / "data"),
-        "exec-root": str(workdir / "x"),
-        "pidfile": str(workdir / "dockerd.pid"),
-        "hosts": [f"unix://{workdir / 'docker.sock'}"],
-        "runtimes": {"vmshim": {"path": str(runtime)}},
-        "cgroup-parent": cgroup_parent,
-        "exec-opts": ["native.cgroupdriver=cgroupfs"],
-        "storage-driver": "overlay2",
-        "log-driver": "json-file",
-        "features": {"buildkit": False},
-        "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 20000, "Soft": 20000}},
-    }, indent=1)
+    return json.dumps(
+        {
+            **{key.replace("_", "-"): value for key, value in extra.items()},
+            "data-root": str(workdir / "data"),
+            "exec-root": str(workdir / "x"),
+            "pidfile": str(workdir / "dockerd.pid"),
+            "hosts": [f"unix://{workdir / 'docker.sock'}"],
+            "runtimes": {"vmshim": {"path": str(runtime)}},
+            "cgroup-parent": cgroup_parent,
+            "exec-opts": ["native.cgroupdriver=cgroupfs"],
+            "storage-driver": "overlay2",
+            "log-driver": "json-file",
+            "features": {"buildkit": False},
+            "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 20000, "Soft": 20000}},
+        },
+        indent=1,
+    )
 
 
 def docker_env(workdir: Path) -> dict[str, str]:
     """The environment for a docker client of the dockerd of dockerd_config(*workdir*)."""
-    return dict(os.environ, DOCKER_HOST=f"unix://{workdir / 'docker.sock'}",
-                DOCKER_CONFIG=str(workdir / "client"))
+    return dict(os.environ, DOCKER_HOST=f"unix://{workdir / 'docker.sock'}", DOCKER_CONFIG=str(workdir / "client"))
 
 
 def log_tail(log: Path, lines: int) -> str:
@@ -93,15 +95,15 @@ def log_tail(log: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def start_daemon(argv: list[str], log: Path, answers: Callable[[], bool], *, what: str,
-                 timeout: float, poll: float = 0.2) -> subprocess.Popen:
+def start_daemon(
+    argv: list[str], log: Path, answers: Callable[[], bool], *, what: str, timeout: float, poll: float = 0.2
+) -> subprocess.Popen:
     """Start *argv* in a new session, its output appended to *log*, and wait until
     *answers()* is true (a probe timing out counts as no). Returns the process; the
     caller stops it (stop_daemon) also when this raises. Raises BenchError naming *what*
     when it exits first or does not answer within *timeout* s."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -128,16 +130,22 @@ def stop_daemon(proc: subprocess.Popen | None, grace: float = 60) -> None:
         proc.wait(15)
 
 
-def close_dockerd(proc: subprocess.Popen | None, workdir: Path, cgroup_parent: str,
-                  cgroup_wait: float = 0) -> None:
+def close_dockerd(proc: subprocess.Popen | None, workdir: Path, cgroup_parent: str, cgroup_wait: float = 0) -> None:
     """Tear down the dockerd *proc* of dockerd_config(*workdir*, …, *cgroup_parent*): while
     it runs remove all its containers, then stop it, SIGKILL (by PID) what is left of its
     children (its containerd and shims name *workdir* in their argv), unmount what is left
     below *workdir* and remove its cgroups (retrying for *cgroup_wait* s)."""
     if proc is not None and proc.poll() is None:
+
         def docker(*args: str, timeout: float) -> str:
-            return subprocess.run([DOCKER, *args], env=docker_env(workdir), capture_output=True,
-                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL).stdout
+            return subprocess.run(
+                [DOCKER, *args],
+                env=docker_env(workdir),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            ).stdout
 
         try:
             ids = docker("ps", "-aq", timeout=60).split()

@@ -31,8 +31,10 @@ from shim.bench.drivers import BenchError, default_cli, run
 
 RTT_REQUESTS = 20
 BIG_MIB = 32
-HTTPD = (f"mkdir -p /www && echo hello > /www/small && dd if=/dev/zero of=/www/big bs=1M "
-         f"count={BIG_MIB} 2>/dev/null && exec httpd -f -p 80 -h /www")
+HTTPD = (
+    f"mkdir -p /www && echo hello > /www/small && dd if=/dev/zero of=/www/big bs=1M "
+    f"count={BIG_MIB} 2>/dev/null && exec httpd -f -p 80 -h /www"
+)
 SUBJECT_RUNTIMES = {"oci": "vmshim", "runc": "runc"}
 START_TIMEOUT = 60.0
 
@@ -75,8 +77,7 @@ def unavailable() -> str | None:
 
 
 def _sh(argv: list[str], timeout: float = 60) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise BenchError(f"{' '.join(argv)}: {(res.stderr or res.stdout).strip()[:300]}")
 
@@ -91,8 +92,9 @@ class BenchDockerd(ed.Resource):
         self.cgroup_parent = f"vmshim-bench-dockerd-{os.getpid()}"
         self.proc: subprocess.Popen | None = None
         wrapper = self.workdir / "vmshim-runtime"
-        env = "".join(f"export {k}='{os.environ[k]}'\n" for k in ("VMSHIM_ROOT",)
-                      if k in os.environ and "'" not in os.environ[k])
+        env = "".join(
+            f"export {k}='{os.environ[k]}'\n" for k in ("VMSHIM_ROOT",) if k in os.environ and "'" not in os.environ[k]
+        )
         wrapper.write_text(f"#!/bin/sh\n{env}exec '{runtime}' \"$@\"\n")
         wrapper.chmod(0o755)
         self.config = self.workdir / "daemon.json"
@@ -103,8 +105,9 @@ class BenchDockerd(ed.Resource):
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
 
     def docker(self, *args: str, timeout: float = 300) -> str:
-        res = subprocess.run([ed.DOCKER, *args], env=self.env, capture_output=True, text=True,
-                             timeout=timeout, stdin=subprocess.DEVNULL)
+        res = subprocess.run(
+            [ed.DOCKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
         if res.returncode != 0:
             raise BenchError(f"docker {' '.join(args)}: {res.stderr.strip()[-300:]}")
         return res.stdout
@@ -121,8 +124,11 @@ class BenchDockerd(ed.Resource):
         _sh(self.nsenter("ip", "link", "set", "lo", "up"))
         self.proc = ed.start_daemon(
             self.nsenter(ed.DOCKERD, "--config-file", str(self.config)),
-            self.workdir / "dockerd.log", self._answers, what="dockerd",
-            timeout=START_TIMEOUT)
+            self.workdir / "dockerd.log",
+            self._answers,
+            what="dockerd",
+            timeout=START_TIMEOUT,
+        )
         image = self.workdir / "busybox.tar"
         run([*default_cli(), "save", "-o", str(image), "busybox"], timeout=300)
         self.docker("load", "-i", str(image))
@@ -134,8 +140,7 @@ class BenchDockerd(ed.Resource):
 
     def start_server(self, runtime: str) -> tuple[str, str]:
         """A detached busybox httpd with *runtime*; (container id, its bridge address)."""
-        cid = self.docker("run", "-d", "--runtime", runtime, "busybox", "sh", "-c",
-                          HTTPD).strip()
+        cid = self.docker("run", "-d", "--runtime", runtime, "busybox", "sh", "-c", HTTPD).strip()
         ip = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", cid).strip()
         if not ip:
             raise BenchError(f"container {cid[:12]} has no address on the bridge")
@@ -143,8 +148,12 @@ class BenchDockerd(ed.Resource):
 
     def measure(self, ip: str) -> dict:
         """Round trip and throughput to *ip* from inside the namespace."""
-        res = subprocess.run(self.nsenter(sys.executable, "-c", CLIENT, ip, str(RTT_REQUESTS)),
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            self.nsenter(sys.executable, "-c", CLIENT, ip, str(RTT_REQUESTS)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if res.returncode != 0:
             raise BenchError(f"the client failed: {res.stderr.strip()[-300:]}")
         data = json.loads(res.stdout)

@@ -95,7 +95,7 @@ def _comparators(text: str) -> list[tuple[str, tuple]]:
     for token in re.sub(r"([<>=~^]+)\s+", r"\1", text).split():
         found = re.match(r"^(\^|~>?|>=|<=|>|<|=)?", token)
         op = found.group(0) if found else ""
-        rest = token[len(op):]
+        rest = token[len(op) :]
         exact = parse_version(rest)
         major, minor, patch = _partial(rest)
         pre = exact[3] if exact else ""
@@ -219,8 +219,7 @@ def fetch(package_json: Path, root: Path, registry: str = REGISTRY, log=print) -
         latest = max(kept, key=lambda v: _key(parse_version(v)))
         slim = {"_id": name, "name": name, "dist-tags": {"latest": latest}, "versions": kept}
         (root / "meta" / f"{_file_name(name)}.json").write_text(json.dumps(slim))
-    index = {"dependencies": deps_digest(package_json),
-             "packages": {n: sorted(v) for n, v in sorted(chosen.items())}}
+    index = {"dependencies": deps_digest(package_json), "packages": {n: sorted(v) for n, v in sorted(chosen.items())}}
     (root / "index.json").write_text(json.dumps(index))
     return index
 

@@ -169,8 +169,7 @@ def parse_smaps(text: str) -> list[Mapping]:
             except ValueError:
                 continue
             flush()
-            cur = {"size": size, "perms": head[1], "path": head[5].strip() if len(head) > 5 else "",
-                   "pss": 0, "rss": 0}
+            cur = {"size": size, "perms": head[1], "path": head[5].strip() if len(head) > 5 else "", "pss": 0, "rss": 0}
             continue
         key, _, rest = line.partition(":")
         if cur is not None and key in ("Pss", "Rss"):

@@ -55,25 +55,30 @@ def headline(results: Results) -> str:
     """One line: accel, CPU, kernels, runs — what every figure depends on."""
     h = results.meta.get("host", {})
     accel = h.get("accel", {})
-    return (f"accel {str(accel.get('kind', '?')).upper()} ({accel.get('reason', '?')}); "
-            f"{h.get('cpus', '?')} x {h.get('cpu_model', '?')}; host kernel "
-            f"{h.get('host_kernel', '?')}, guest kernel {h.get('guest_kernel') or '?'}; "
-            f"{results.meta.get('runs', '?')} runs")
+    return (
+        f"accel {str(accel.get('kind', '?')).upper()} ({accel.get('reason', '?')}); "
+        f"{h.get('cpus', '?')} x {h.get('cpu_model', '?')}; host kernel "
+        f"{h.get('host_kernel', '?')}, guest kernel {h.get('guest_kernel') or '?'}; "
+        f"{results.meta.get('runs', '?')} runs"
+    )
 
 
 def short_headline(results: Results) -> str:
     """The chart subtitle: accel, CPU, kernels, runs, without the accel's reason."""
     h = results.meta.get("host", {})
-    return (f"{str(h.get('accel', {}).get('kind', '?')).upper()} · {h.get('cpus', '?')} x "
-            f"{h.get('cpu_model', '?')} · host {h.get('host_kernel', '?')} · guest "
-            f"{h.get('guest_kernel') or '?'} · {results.meta.get('runs', '?')} runs")
+    return (
+        f"{str(h.get('accel', {}).get('kind', '?')).upper()} · {h.get('cpus', '?')} x "
+        f"{h.get('cpu_model', '?')} · host {h.get('host_kernel', '?')} · guest "
+        f"{h.get('guest_kernel') or '?'} · {results.meta.get('runs', '?')} runs"
+    )
 
 
 def table(results: Results) -> tuple[Table, list[str]]:
     """The terminal table (one row per figure and subject) and its footnotes: why a
     figure is missing, how a density run stopped."""
-    t = Table(title=escape("vmshim bench — medians [min – max]"), caption=escape(headline(results)),
-              header_style="bold")
+    t = Table(
+        title=escape("vmshim bench — medians [min – max]"), caption=escape(headline(results)), header_style="bold"
+    )
     t.add_column("figure", no_wrap=True)
     t.add_column("subject", no_wrap=True)
     t.add_column("median", justify="right", no_wrap=True)
@@ -102,16 +107,20 @@ def table(results: Results) -> tuple[Table, list[str]]:
                 note = f"reads {r.extra['read']}"
             elif any(k.startswith("speedup_vs_") for k in r.extra):
                 key = next(k for k in r.extra if k.startswith("speedup_vs_"))
-                note = f"{r.extra[key]:g}x faster than {key[len('speedup_vs_'):]}"
+                note = f"{r.extra[key]:g}x faster than {key[len('speedup_vs_') :]}"
             else:
                 note = ""
-            t.add_row(label if first else "", subject,
-                      fmt(s.median, fig.unit) if s else "—",
-                      escape(fmt_range(s.min, s.max, fig.unit)) if s and s.runs > 1 else "",
-                      str(s.runs) if s else "",
-                      fmt_ratio(fig.ratio(subject, "process")),
-                      fmt_ratio(fig.ratio(subject, "floor")),
-                      escape(note), style="dim" if s is None else None)
+            t.add_row(
+                label if first else "",
+                subject,
+                fmt(s.median, fig.unit) if s else "—",
+                escape(fmt_range(s.min, s.max, fig.unit)) if s and s.runs > 1 else "",
+                str(s.runs) if s else "",
+                fmt_ratio(fig.ratio(subject, "process")),
+                fmt_ratio(fig.ratio(subject, "floor")),
+                escape(note),
+                style="dim" if s is None else None,
+            )
             first = False
         t.add_section()
     return t, [f"[{i + 1}] {text}" for i, text in enumerate(notes)]
@@ -179,14 +188,22 @@ def chart_figure(fig: Figure, subtitle: str, path: Path) -> Path | None:
     medians = [s.median for _, s in rows]
     lower = [s.median - s.min for _, s in rows]
     upper = [s.max - s.median for _, s in rows]
-    bars = ax.bar(xs, medians, color=[COLORS.get(n, "#999999") for n, _ in rows],
-                  yerr=[lower, upper], capsize=6, ecolor="#333333")
+    bars = ax.bar(
+        xs, medians, color=[COLORS.get(n, "#999999") for n, _ in rows], yerr=[lower, upper], capsize=6, ecolor="#333333"
+    )
     for bar, (_, s) in zip(bars, rows):
-        ax.annotate(fmt(s.median, fig.unit), (bar.get_x() + bar.get_width() / 2, s.max),
-                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_xticks(list(xs), [SUBJECT_LABELS.get(n, n).replace(", ", "\n").replace(" --", "\n--")
-                             for n, _ in rows], fontsize=8)
+        ax.annotate(
+            fmt(s.median, fig.unit),
+            (bar.get_x() + bar.get_width() / 2, s.max),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(
+        list(xs), [SUBJECT_LABELS.get(n, n).replace(", ", "\n").replace(" --", "\n--") for n, _ in rows], fontsize=8
+    )
     ax.set_ylabel(fig.unit + (" (higher is better)" if fig.higher_is_better else ""))
     _set_title(f, fig.title, subtitle)
     ax.margins(y=0.15)
@@ -204,8 +221,13 @@ def chart_density(fig: Figure, subtitle: str, path: Path) -> Path | None:
     for s, steps in series:
         pts = [(st["running"], st["exec_max_s"]) for st in steps if st.get("exec_max_s") is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    color=COLORS.get(s, "#999999"), label=SUBJECT_LABELS.get(s, s))
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                color=COLORS.get(s, "#999999"),
+                label=SUBJECT_LABELS.get(s, s),
+            )
     ax.axhline(1.0, color="#999999", linestyle="--", linewidth=1)
     ax.set_xlabel("containers running")
     ax.set_ylabel("slowest exec true (s)")
@@ -219,8 +241,11 @@ def chart_density_pss(fig: Figure, subtitle: str, path: Path) -> Path | None:
     number running, per subject; None when no step has a PSS."""
     series = []
     for s, r in fig.ordered():
-        pts = [(st["running"], st["pss_total_mib"] / st["running"])
-               for st in r.extra.get("steps") or [] if st.get("pss_total_mib")]
+        pts = [
+            (st["running"], st["pss_total_mib"] / st["running"])
+            for st in r.extra.get("steps") or []
+            if st.get("pss_total_mib")
+        ]
         if pts:
             series.append((s, pts))
     if not series:
@@ -228,8 +253,13 @@ def chart_density_pss(fig: Figure, subtitle: str, path: Path) -> Path | None:
     plt = _pyplot()
     f, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
     for s, pts in series:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                color=COLORS.get(s, "#999999"), label=SUBJECT_LABELS.get(s, s))
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            color=COLORS.get(s, "#999999"),
+            label=SUBJECT_LABELS.get(s, s),
+        )
     ax.set_xlabel("containers running")
     ax.set_ylabel("host PSS per container (MiB)")
     ax.set_ylim(bottom=0)
@@ -252,10 +282,8 @@ def chart_summary(results: Results, subtitle: str, path: Path) -> Path | None:
     ys = range(len(rows))
     ax.barh(list(ys), [r for _, r, _ in rows], color=COLORS["vm"], left=0)
     for y, (_, r, _) in zip(ys, rows):
-        ax.annotate(fmt_ratio(r), (r, y), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=8)
-    ax.set_yticks(list(ys), [f"{n} ({'↑' if hb else '↓'} better)" for n, _, hb in rows],
-                  fontsize=8)
+        ax.annotate(fmt_ratio(r), (r, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(list(ys), [f"{n} ({'↑' if hb else '↓'} better)" for n, _, hb in rows], fontsize=8)
     ax.set_xscale("log")
     ax.margins(x=0.15)  # room for the ratio printed after the longest bar
     ax.axvline(1.0, color="#333333", linewidth=1)
@@ -274,8 +302,7 @@ def write_charts(results: Results, out: Path) -> list[Path]:
         if p:
             written.append(p)
     if "density" in results.figures:
-        for chart, name in ((chart_density, "density_steps.png"),
-                            (chart_density_pss, "density_pss.png")):
+        for chart, name in ((chart_density, "density_steps.png"), (chart_density_pss, "density_pss.png")):
             p = chart(results.figures["density"], subtitle, out / name)
             if p:
                 written.append(p)

@@ -131,24 +131,35 @@ class Figure:
             s = r.summary
             if s is not None:
                 entry.update(s.to_dict())
-                entry["ratios"] = {f"to_{b}": self.ratio(name, b) for b in BASELINES
-                                   if self.ratio(name, b) is not None}
+                entry["ratios"] = {f"to_{b}": self.ratio(name, b) for b in BASELINES if self.ratio(name, b) is not None}
             if r.skipped is not None:
                 entry["skipped"] = r.skipped
             if r.extra:
                 entry["extra"] = r.extra
             subjects[name] = entry
-        return {"title": self.title, "unit": self.unit, "higher_is_better": self.higher_is_better,
-                "note": self.note, "subjects": subjects}
+        return {
+            "title": self.title,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            "note": self.note,
+            "subjects": subjects,
+        }
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> Figure:
-        fig = cls(name=name, title=data["title"], unit=data["unit"],
-                  higher_is_better=bool(data.get("higher_is_better")), note=data.get("note", ""))
+        fig = cls(
+            name=name,
+            title=data["title"],
+            unit=data["unit"],
+            higher_is_better=bool(data.get("higher_is_better")),
+            note=data.get("note", ""),
+        )
         for subject, entry in (data.get("subjects") or {}).items():
-            fig.subjects[subject] = Result(samples=[float(v) for v in entry.get("samples", [])],
-                                           skipped=entry.get("skipped"),
-                                           extra=dict(entry.get("extra") or {}))
+            fig.subjects[subject] = Result(
+                samples=[float(v) for v in entry.get("samples", [])],
+                skipped=entry.get("skipped"),
+                extra=dict(entry.get("extra") or {}),
+            )
         return fig
 
 
@@ -159,20 +170,24 @@ class Results:
     meta: dict = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
 
-    def figure(self, name: str, title: str, unit: str, higher_is_better: bool = False,
-               note: str = "") -> Figure:
+    def figure(self, name: str, title: str, unit: str, higher_is_better: bool = False, note: str = "") -> Figure:
         """The named figure, created on first use."""
         if name not in self.figures:
             self.figures[name] = Figure(name, title, unit, higher_is_better, note)
         return self.figures[name]
 
     def to_dict(self) -> dict:
-        return {"version": RESULTS_VERSION, "meta": self.meta,
-                "figures": {name: fig.to_dict() for name, fig in self.figures.items()}}
+        return {
+            "version": RESULTS_VERSION,
+            "meta": self.meta,
+            "figures": {name: fig.to_dict() for name, fig in self.figures.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Results:
         if data.get("version") != RESULTS_VERSION:
             raise ValueError(f"results version {data.get('version')!r} is not {RESULTS_VERSION}")
-        return cls(meta=dict(data.get("meta") or {}),
-                   figures={n: Figure.from_dict(n, d) for n, d in (data.get("figures") or {}).items()})
+        return cls(
+            meta=dict(data.get("meta") or {}),
+            figures={n: Figure.from_dict(n, d) for n, d in (data.get("figures") or {}).items()},
+        )

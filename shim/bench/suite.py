@@ -96,8 +96,7 @@ class Context:
         return [s for s in subjects if s not in ("vm", "process")]
 
 
-def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]],
-            warmup: bool = True) -> None:
+def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]], warmup: bool = True) -> None:
     """Take ctx.runs samples of each measurer, interleaved; one unrecorded warm-up each
     first (it converts layers, fills the page cache). A failure ends that subject's
     figure with the reason; the others go on."""
@@ -117,14 +116,20 @@ def _sample(ctx: Context, fig: Figure, measurers: dict[str, Callable[[], float]]
             except FAILURES as exc:
                 fig.skip(subject, f"failed in run {i + 1}: {exc}")
                 del active[subject]
-        ctx.log(f"  {fig.name}: run {i + 1}/{ctx.runs} " + " ".join(
-            f"{s}={fig.subjects[s].samples[-1]:.4g}" for s in active if fig.subjects[s].samples))
+        ctx.log(
+            f"  {fig.name}: run {i + 1}/{ctx.runs} "
+            + " ".join(f"{s}={fig.subjects[s].samples[-1]:.4g}" for s in active if fig.subjects[s].samples)
+        )
 
 
 @contextlib.contextmanager
-def _detached(ctx: Context, figs: list[Figure], subjects: list[str],
-              vm_extra: dict[str, tuple[str, ...]] | None = None,
-              runc_mounts: tuple[tuple[str, str], ...] = ()) -> Iterator[dict[str, str]]:
+def _detached(
+    ctx: Context,
+    figs: list[Figure],
+    subjects: list[str],
+    vm_extra: dict[str, tuple[str, ...]] | None = None,
+    runc_mounts: tuple[tuple[str, str], ...] = (),
+) -> Iterator[dict[str, str]]:
     """One idle detached container per subject, answering exec; subject → reference.
     A subject whose container fails gets the reason in *figs*. All removed on exit."""
     started: dict[str, str] = {}
@@ -173,12 +178,10 @@ SETTLE_TIMEOUT = 10.0
 
 def _vmshim_runtime() -> str | None:
     """The vmshim-runtime next to this Python (the virtualenv's), else on PATH."""
-    return shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
-        shutil.which("vmshim-runtime")
+    return shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or shutil.which("vmshim-runtime")
 
 
-def _start_measures(ctx: Context, subjects, first_output: bool,
-                    *argv: str) -> dict[str, Callable[[], float]]:
+def _start_measures(ctx: Context, subjects, first_output: bool, *argv: str) -> dict[str, Callable[[], float]]:
     """One measurement per subject of starting a container that runs *argv*: to its exit,
     or with *first_output* to the first byte on its stdout; the floor: QEMU to the
     agent's first bytes."""
@@ -197,9 +200,12 @@ def _start_measures(ctx: Context, subjects, first_output: bool,
 
 def bench_cold_start(ctx: Context) -> None:
     fig = ctx.results.figure(
-        "cold_start", "Cold start to the exit of `true`", "s",
+        "cold_start",
+        "Cold start to the exit of `true`",
+        "s",
         note="whole command, spawn to exit: `vmshim run --rm [--isolation I] busybox true`; "
-             "`runc run` of a fresh bundle; floor: bare QEMU launch to the agent's first bytes")
+        "`runc run` of a fresh bundle; floor: bare QEMU launch to the agent's first bytes",
+    )
     subjects = ctx.available([fig], *SUBJECTS)
     _sample(ctx, fig, _start_measures(ctx, subjects, False, "true"))
 
@@ -208,27 +214,34 @@ def bench_start_snapshot(ctx: Context) -> None:
     """Issue 15: `run --rm --network none busybox true` booted cold and restored from a
     snapshot template (shim.containers.template), interleaved."""
     fig = ctx.results.figure(
-        "start_snapshot", "run --rm true: cold boot vs snapshot template", "s",
+        "start_snapshot",
+        "run --rm true: cold boot vs snapshot template",
+        "s",
         note="whole `vmshim run --rm --network none busybox true`, spawn to exit; cold: "
-             "VMSHIM_TEMPLATES=off; snapshot: a copy of a saved agent-ready VM "
-             "(`vmshim template create busybox`), given its identity, then started")
+        "VMSHIM_TEMPLATES=off; snapshot: a copy of a saved agent-ready VM "
+        "(`vmshim template create busybox`), given its identity, then started",
+    )
     if not ctx.available([fig], "vm"):
         return
     drv = ctx.drivers["vm"]
     argv = drv.run_argv("true", extra=("--network", "none"))
     key = run(drv.argv("template", "create", "busybox"), timeout=600).stdout.strip()
     try:
-        _sample(ctx, fig, {"cold": lambda: timed(["env", "VMSHIM_TEMPLATES=off", *argv]),
-                           "snapshot": lambda: timed(argv)})
+        _sample(
+            ctx, fig, {"cold": lambda: timed(["env", "VMSHIM_TEMPLATES=off", *argv]), "snapshot": lambda: timed(argv)}
+        )
     finally:
         run(drv.argv("template", "rm", key), check=False)
 
 
 def bench_first_output(ctx: Context) -> None:
     fig = ctx.results.figure(
-        "first_output", "Start to first output", "s",
+        "first_output",
+        "Start to first output",
+        "s",
         note="spawn of `vmshim run --rm [--isolation I] busybox echo ready` (or `runc run`) "
-             "to the first byte on its stdout; floor: to the agent's first bytes")
+        "to the first byte on its stdout; floor: to the agent's first bytes",
+    )
     subjects = ctx.available([fig], *SUBJECTS)
     _sample(ctx, fig, _start_measures(ctx, subjects, True, "echo", "ready"))
 
@@ -264,11 +277,14 @@ def bench_start(ctx: Context) -> None:
     shim.containers.template). Speedup: ``cold`` / ``pooled``, ``cold_nonet`` /
     ``restored``."""
     fig = ctx.results.figure(
-        "start", "Start of `run --rm busybox true`: cold, pooled, snapshot template", "s",
+        "start",
+        "Start of `run --rm busybox true`: cold, pooled, snapshot template",
+        "s",
         note="whole command, spawn to exit; cold: VMSHIM_POOL=off; pooled: a pool of "
-             f"{START_POOL_SIZE} kept full between samples (untimed); cold_nonet and "
-             "restored: --network none, VMSHIM_TEMPLATES=off or a template made by "
-             "`vmshim template create busybox`; speedup = cold row / warm row")
+        f"{START_POOL_SIZE} kept full between samples (untimed); cold_nonet and "
+        "restored: --network none, VMSHIM_TEMPLATES=off or a template made by "
+        "`vmshim template create busybox`; speedup = cold row / warm row",
+    )
     if "vm" not in ctx.available([fig], "vm"):
         return
     missing = ctx.caps.lifecycle_missing("pool")
@@ -318,8 +334,7 @@ def bench_start(ctx: Context) -> None:
         if not missing:
             import json
 
-            previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"),
-                                      timeout=60).stdout)
+            previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
             run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
         if not no_template:
             template = run(drv.argv("template", "create", "busybox"), timeout=600).stdout.strip()
@@ -329,9 +344,20 @@ def bench_start(ctx: Context) -> None:
             run(drv.argv("template", "rm", template), check=False)
         if previous is not None:
             if previous.get("size"):
-                run(drv.argv("pool", "set", "--size", str(previous["size"]),
-                             "--memory", str(previous["memory_mib"]),
-                             "--cpus", str(previous["vcpus"])), timeout=120, check=False)
+                run(
+                    drv.argv(
+                        "pool",
+                        "set",
+                        "--size",
+                        str(previous["size"]),
+                        "--memory",
+                        str(previous["memory_mib"]),
+                        "--cpus",
+                        str(previous["vcpus"]),
+                    ),
+                    timeout=120,
+                    check=False,
+                )
             else:
                 run(drv.argv("pool", "rm"), timeout=120, check=False)
     for warm, base in (("pooled", "cold"), ("restored", "cold_nonet")):
@@ -343,13 +369,15 @@ def bench_start(ctx: Context) -> None:
 
 def bench_exec(ctx: Context) -> None:
     fig = ctx.results.figure(
-        "exec", "exec latency: `exec ID true` into an idle container", "s",
-        note="whole `vmshim exec` (or `runc exec`) command, spawn to exit")
+        "exec",
+        "exec latency: `exec ID true` into an idle container",
+        "s",
+        note="whole `vmshim exec` (or `runc exec`) command, spawn to exit",
+    )
     fig.skip("floor", N_A_FLOOR)
     subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
     with _detached(ctx, [fig], subjects) as refs:
-        m = {s: (lambda s=s, ref=ref: timed(ctx.drivers[s].exec_argv(ref, "true")))
-             for s, ref in refs.items()}
+        m = {s: (lambda s=s, ref=ref: timed(ctx.drivers[s].exec_argv(ref, "true"))) for s, ref in refs.items()}
         _sample(ctx, fig, m)
 
 
@@ -376,13 +404,19 @@ def qemu_breakdown_mib(owned, guest_ram_mib: int, proc: Path = procmem.PROC) -> 
 
 def bench_memory(ctx: Context) -> None:
     fig = ctx.results.figure(
-        "memory", "Host memory per idle container (PSS)", "MiB",
+        "memory",
+        "Host memory per idle container (PSS)",
+        "MiB",
         note=f"PSS summed over every host process the container owns (monitor, agent, QEMU "
-             f"and their children), {SETTLE:g} s after it first answered exec; floor: the "
-             f"bare QEMU {SETTLE:g} s after the agent's hello")
+        f"and their children), {SETTLE:g} s after it first answered exec; floor: the "
+        f"bare QEMU {SETTLE:g} s after the agent's hello",
+    )
     guest = ctx.results.figure(
-        "memory_guest", "Memory in use as the guest sees it (MemTotal - MemAvailable)", "MiB",
-        note="`exec cat /proc/meminfo` in the idle container")
+        "memory_guest",
+        "Memory in use as the guest sees it (MemTotal - MemAvailable)",
+        "MiB",
+        note="`exec cat /proc/meminfo` in the idle container",
+    )
     for s in ("process", "runc"):
         guest.skip(s, "n/a: shares the host kernel; its /proc/meminfo is the host's")
     guest.skip("floor", "n/a: no exec into the floor's guest")
@@ -421,8 +455,7 @@ def bench_memory(ctx: Context) -> None:
                                 # the guest's RAM mapping is at least MemTotal long
                                 parts = qemu_breakdown_mib(owned, g["total"] // MIB)
                                 if parts:
-                                    fig.result("vm").extra.setdefault(
-                                        "qemu_breakdown_mib", []).append(parts)
+                                    fig.result("vm").extra.setdefault("qemu_breakdown_mib", []).append(parts)
                             except FAILURES as exc:
                                 guest.skip("vm", f"failed: {exc}")
                 if not use.pids:
@@ -436,8 +469,10 @@ def bench_memory(ctx: Context) -> None:
             except FAILURES as exc:
                 fig.skip(s, f"failed in run {i + 1}: {exc}")
                 active.remove(s)
-        ctx.log(f"  memory: run {i + 1}/{ctx.runs} " + " ".join(
-            f"{s}={fig.subjects[s].samples[-1]:.0f}MiB" for s in active if fig.subjects[s].samples))
+        ctx.log(
+            f"  memory: run {i + 1}/{ctx.runs} "
+            + " ".join(f"{s}={fig.subjects[s].samples[-1]:.0f}MiB" for s in active if fig.subjects[s].samples)
+        )
 
 
 DENSITY_PSS_AT = 20
@@ -451,8 +486,7 @@ def pss_per_container(steps: list[dict]) -> dict:
     measured = [st for st in steps if st.get("pss_total_mib")]
     for st in measured:
         if st["running"] == DENSITY_PSS_AT:
-            out[f"pss_per_container_mib_at_{DENSITY_PSS_AT}"] = round(
-                st["pss_total_mib"] / st["running"], 1)
+            out[f"pss_per_container_mib_at_{DENSITY_PSS_AT}"] = round(st["pss_total_mib"] / st["running"], 1)
     if measured:
         last = measured[-1]
         out["max_running"] = last["running"]
@@ -462,15 +496,17 @@ def pss_per_container(steps: list[dict]) -> dict:
 
 def bench_density(ctx: Context) -> None:
     fig = ctx.results.figure(
-        "density", f"Idle containers running while each answers exec within {EXEC_DEADLINE:g} s",
-        "containers", higher_is_better=True,
+        "density",
+        f"Idle containers running while each answers exec within {EXEC_DEADLINE:g} s",
+        "containers",
+        higher_is_better=True,
         note=f"started one by one (`run -d ... sleep`), each start followed by `exec true` "
-             f"into every one; stops at the first that misses {EXEC_DEADLINE:g} s, or at --max "
-             f"{ctx.max_density}"
-             + (f", or when their PSS reaches --budget {ctx.density_budget_mib} MiB"
-                if ctx.density_budget_mib else "")
-             + "; one pass, not --runs; PSS per container at "
-               f"{DENSITY_PSS_AT} and at the last step in the extra data")
+        f"into every one; stops at the first that misses {EXEC_DEADLINE:g} s, or at --max "
+        f"{ctx.max_density}"
+        + (f", or when their PSS reaches --budget {ctx.density_budget_mib} MiB" if ctx.density_budget_mib else "")
+        + "; one pass, not --runs; PSS per container at "
+        f"{DENSITY_PSS_AT} and at the last step in the extra data",
+    )
     fig.skip("floor", N_A_FLOOR)
     subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
     # KSM is the memory setting (`vmshim memory set --ksm on`), not a bench switch; when it
@@ -502,15 +538,20 @@ def bench_density(ctx: Context) -> None:
                         slow = j + 1
                         break
                     latencies.append(time.perf_counter() - t)
-                step = {"running": k, "start_s": round(started, 3),
-                        "exec_max_s": round(max(latencies), 3) if latencies else None}
+                step = {
+                    "running": k,
+                    "start_s": round(started, 3),
+                    "exec_max_s": round(max(latencies), 3) if latencies else None,
+                }
                 if ksm_on and s == "vm" and k in (DENSITY_PSS_AT, ctx.max_density):
                     settle = memory.ksm_settle()  # untimed: start_s is already taken
                     step["ksm_settle_s"] = settle.waited_s
                     step["ksm_settled"] = settle.settled
                     step["ksm_pages_sharing"] = settle.pages_sharing
-                    ctx.log(f"  density {s}: waited {settle.waited_s:.0f} s for KSM "
-                            + ("to settle" if settle.settled else "(timed out, read anyway)"))
+                    ctx.log(
+                        f"  density {s}: waited {settle.waited_s:.0f} s for KSM "
+                        + ("to settle" if settle.settled else "(timed out, read anyway)")
+                    )
                 if s != "vm" or "inspect" in ctx.caps.commands:
                     try:
                         pids: set[int] = set()
@@ -518,21 +559,17 @@ def bench_density(ctx: Context) -> None:
                             pids |= drv.owned(r).pids
                         use = procmem.usage(pids)
                         step["pss_total_mib"] = round(use.pss / MIB, 1)
-                        step["pss_by_command_mib"] = {c: round(v / MIB, 1)
-                                                      for c, v in use.by_command.items()}
+                        step["pss_by_command_mib"] = {c: round(v / MIB, 1) for c, v in use.by_command.items()}
                     except FAILURES:
                         pass
                 step["host_available_mib"] = round(procmem.host_meminfo().get("MemAvailable", 0) / MIB)
                 steps.append(step)
-                ctx.log(f"  density {s}: {k} running, start {started:.2f} s, "
-                        f"slowest exec {step['exec_max_s']}")
+                ctx.log(f"  density {s}: {k} running, start {started:.2f} s, slowest exec {step['exec_max_s']}")
                 if slow is not None:
                     stop = f"container {slow} missed {EXEC_DEADLINE:g} s with {k} running"
                     break
-                if ctx.density_budget_mib and \
-                        step.get("pss_total_mib", 0) >= ctx.density_budget_mib:
-                    stop = f"PSS reached the budget of {ctx.density_budget_mib} MiB " \
-                           f"with {k} running"
+                if ctx.density_budget_mib and step.get("pss_total_mib", 0) >= ctx.density_budget_mib:
+                    stop = f"PSS reached the budget of {ctx.density_budget_mib} MiB with {k} running"
                     break
             else:
                 stop = f"reached --max {ctx.max_density}"
@@ -544,14 +581,19 @@ def bench_density(ctx: Context) -> None:
                     ctx.log(f"  could not remove {r} now ({exc}); retried at the end")
         answered = len(steps) - (1 if stop and "missed" in stop else 0)
         fig.add(s, max(answered, 0))
-        fig.result(s).extra.update({"stopped": stop, "steps": steps,
-                                    "ksm": bool(ksm_on and s == "vm"),
-                                    **pss_per_container(steps)})
+        fig.result(s).extra.update(
+            {"stopped": stop, "steps": steps, "ksm": bool(ksm_on and s == "vm"), **pss_per_container(steps)}
+        )
 
 
-def _workload(ctx: Context, figs: list[Figure], script: str, expect: tuple[str, ...],
-              record: Callable[[str, dict[str, float], dict[str, str]], None],
-              volume: bool = False) -> None:
+def _workload(
+    ctx: Context,
+    figs: list[Figure],
+    script: str,
+    expect: tuple[str, ...],
+    record: Callable[[str, dict[str, float], dict[str, str]], None],
+    volume: bool = False,
+) -> None:
     """Run *script* ctx.runs times per subject, interleaved: ``exec`` into one idle
     detached container per subject, or — without ``run -d``/``exec`` — one
     ``run --rm`` per sample. *record(subject, phases, modes)* turns output into figures."""
@@ -589,12 +631,12 @@ def _workload(ctx: Context, figs: list[Figure], script: str, expect: tuple[str, 
         for s in subjects:
             drv = ctx.drivers[s]
             if s in refs:
-                runners[s] = lambda drv=drv, ref=refs[s]: drv.exec(ref, "sh", "-c", script,
-                                                                    timeout=900).stdout
+                runners[s] = lambda drv=drv, ref=refs[s]: drv.exec(ref, "sh", "-c", script, timeout=900).stdout
                 method[s] = "exec into an idle detached container"
             elif s not in detached:
-                runners[s] = lambda drv=drv, s=s: run(
-                    drv.run_argv("sh", "-c", script, extra=vm_extra.get(s, ())), timeout=900).stdout
+                runners[s] = lambda drv=drv, s=s: (
+                    run(drv.run_argv("sh", "-c", script, extra=vm_extra.get(s, ())), timeout=900).stdout
+                )
                 method[s] = f"one `run --rm` per sample ({fallback})"
         for fig in figs:
             for s, how in method.items():
@@ -608,9 +650,10 @@ def _workload(ctx: Context, figs: list[Figure], script: str, expect: tuple[str, 
                     for fig in figs:
                         fig.skip(s, f"failed in run {i + 1}: {exc}")
                     del runners[s]
-            ctx.log(f"  {figs[0].name}: run {i + 1}/{ctx.runs} " + " ".join(
-                f"{s}={figs[0].subjects[s].samples[-1]:.4g}" for s in runners
-                if figs[0].subjects[s].samples))
+            ctx.log(
+                f"  {figs[0].name}: run {i + 1}/{ctx.runs} "
+                + " ".join(f"{s}={figs[0].subjects[s].samples[-1]:.4g}" for s in runners if figs[0].subjects[s].samples)
+            )
     if volume:
         _remove_volumes(ctx)
 
@@ -633,8 +676,9 @@ def _remove_volumes(ctx: Context) -> list[str]:
 
 def bench_cpu(ctx: Context) -> None:
     n = ctx.sizes.cpu_mib
-    fig = ctx.results.figure("cpu", f"CPU: sha256sum of {n} MiB of zeros", "s",
-                             note="timed inside the container (busybox adjtimex)")
+    fig = ctx.results.figure(
+        "cpu", f"CPU: sha256sum of {n} MiB of zeros", "s", note="timed inside the container (busybox adjtimex)"
+    )
 
     def record(s, phases, modes):
         fig.add(s, phases["cpu"])
@@ -645,8 +689,12 @@ def bench_cpu(ctx: Context) -> None:
 
 def bench_syscall(ctx: Context) -> None:
     n = ctx.sizes.syscall_count
-    fig = ctx.results.figure("syscall", f"Syscalls: dd bs=1 count={n} (/dev/zero to /dev/null)",
-                             "s", note=f"{2 * n} read/write syscalls, timed inside the container")
+    fig = ctx.results.figure(
+        "syscall",
+        f"Syscalls: dd bs=1 count={n} (/dev/zero to /dev/null)",
+        "s",
+        note=f"{2 * n} read/write syscalls, timed inside the container",
+    )
 
     def record(s, phases, modes):
         fig.add(s, phases["syscall"])
@@ -657,16 +705,30 @@ def bench_syscall(ctx: Context) -> None:
 
 def _io(ctx: Context, prefix: str, where: str, directory: str, volume: bool) -> None:
     sz = ctx.sizes
-    seq_w = ctx.results.figure(f"{prefix}_seq_write", f"{where}: sequential write, {sz.seq_mib} MiB "
-                               "(1 MiB blocks, fsync)", "MiB/s", higher_is_better=True)
-    seq_r = ctx.results.figure(f"{prefix}_seq_read", f"{where}: sequential read, {sz.seq_mib} MiB "
-                               "(1 MiB blocks, O_DIRECT where supported)", "MiB/s",
-                               higher_is_better=True)
-    rnd_w = ctx.results.figure(f"{prefix}_rand_write", f"{where}: random 4 KiB writes, each "
-                               "fsynced (one busybox dd per op)", "ops/s", higher_is_better=True)
-    rnd_r = ctx.results.figure(f"{prefix}_rand_read", f"{where}: random 4 KiB reads (one busybox "
-                               "dd per op, O_DIRECT where supported)", "ops/s",
-                               higher_is_better=True)
+    seq_w = ctx.results.figure(
+        f"{prefix}_seq_write",
+        f"{where}: sequential write, {sz.seq_mib} MiB (1 MiB blocks, fsync)",
+        "MiB/s",
+        higher_is_better=True,
+    )
+    seq_r = ctx.results.figure(
+        f"{prefix}_seq_read",
+        f"{where}: sequential read, {sz.seq_mib} MiB (1 MiB blocks, O_DIRECT where supported)",
+        "MiB/s",
+        higher_is_better=True,
+    )
+    rnd_w = ctx.results.figure(
+        f"{prefix}_rand_write",
+        f"{where}: random 4 KiB writes, each fsynced (one busybox dd per op)",
+        "ops/s",
+        higher_is_better=True,
+    )
+    rnd_r = ctx.results.figure(
+        f"{prefix}_rand_read",
+        f"{where}: random 4 KiB reads (one busybox dd per op, O_DIRECT where supported)",
+        "ops/s",
+        higher_is_better=True,
+    )
     figs = [seq_w, seq_r, rnd_w, rnd_r]
     for f in (rnd_w, rnd_r):
         f.note = "extra.spawn_ops_s: the same number of dd runs doing no I/O, for scale"
@@ -681,11 +743,16 @@ def _io(ctx: Context, prefix: str, where: str, directory: str, volume: bool) -> 
         for f in (seq_r, rnd_r):
             f.result(s).extra["read"] = modes.get("read", "?")
         for f in (rnd_w, rnd_r):
-            f.result(s).extra.setdefault("spawn_ops_s", []).append(
-                round(sz.rand_ops / max(p["spawn"], 1e-9), 1))
+            f.result(s).extra.setdefault("spawn_ops_s", []).append(round(sz.rand_ops / max(p["spawn"], 1e-9), 1))
 
-    _workload(ctx, figs, io_script(sz, directory),
-              ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"), record, volume=volume)
+    _workload(
+        ctx,
+        figs,
+        io_script(sz, directory),
+        ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"),
+        record,
+        volume=volume,
+    )
 
 
 def bench_io(ctx: Context) -> None:
@@ -707,14 +774,23 @@ def bench_kernels(ctx: Context) -> None:
     from shim.guestimage import KERNEL_ENV, ensure_guest_image
 
     boot = ctx.results.figure(
-        "kernel_boot", "Bare QEMU boot to the agent's hello, per guest kernel", "s",
-        note="the floor of cold_start booted with each kernel's guest image")
+        "kernel_boot",
+        "Bare QEMU boot to the agent's hello, per guest kernel",
+        "s",
+        note="the floor of cold_start booted with each kernel's guest image",
+    )
     start = ctx.results.figure(
-        "kernel_run", "`vmshim run --rm busybox true`, per guest kernel", "s",
-        note=f"whole command, spawn to exit, with {KERNEL_ENV}=minimal|distro")
+        "kernel_run",
+        "`vmshim run --rm busybox true`, per guest kernel",
+        "s",
+        note=f"whole command, spawn to exit, with {KERNEL_ENV}=minimal|distro",
+    )
     memory = ctx.results.figure(
-        "kernel_guest_memory", "Guest memory in use (MemTotal - MemAvailable), per guest kernel",
-        "MiB", note=f"`exec cat /proc/meminfo` in an idle container, {SETTLE:g} s after it answered exec")
+        "kernel_guest_memory",
+        "Guest memory in use (MemTotal - MemAvailable), per guest kernel",
+        "MiB",
+        note=f"`exec cat /proc/meminfo` in an idle container, {SETTLE:g} s after it answered exec",
+    )
     figs = [boot, start, memory]
     if "vm" in ctx.unavailable or "floor" in ctx.unavailable:
         for fig in figs:
@@ -780,13 +856,38 @@ def build_argv(subject: str, context: Path, registry_port: int, tag: str) -> lis
     build`` (vm, process; the steps reach the mirror through host-gateway) or ``podman
     build`` with runc (host network: the mirror is on 127.0.0.1)."""
     if subject == "runc":
-        return ["podman", "build", "--runtime", "runc", "--network", "host", "--pull=never",
-                "--no-cache", "--ulimit", "nofile=20000:20000", "--build-arg",
-                f"NPM_REGISTRY=http://127.0.0.1:{registry_port}/", "-t", PODMAN_TAG,
-                str(context)]
-    return [*default_cli(), "build", "--no-cache", "-q", "--isolation", subject,
-            "--add-host", "npm:host-gateway", "--build-arg",
-            f"NPM_REGISTRY=http://npm:{registry_port}/", "-t", f"{tag}-express", str(context)]
+        return [
+            "podman",
+            "build",
+            "--runtime",
+            "runc",
+            "--network",
+            "host",
+            "--pull=never",
+            "--no-cache",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--build-arg",
+            f"NPM_REGISTRY=http://127.0.0.1:{registry_port}/",
+            "-t",
+            PODMAN_TAG,
+            str(context),
+        ]
+    return [
+        *default_cli(),
+        "build",
+        "--no-cache",
+        "-q",
+        "--isolation",
+        subject,
+        "--add-host",
+        "npm:host-gateway",
+        "--build-arg",
+        f"NPM_REGISTRY=http://npm:{registry_port}/",
+        "-t",
+        f"{tag}-express",
+        str(context),
+    ]
 
 
 def _podman_node() -> str | None:
@@ -794,14 +895,12 @@ def _podman_node() -> str | None:
     the node image given to podman (``vmshim save node | podman load``) once."""
     if shutil.which("podman") is None or shutil.which("runc") is None:
         return "podman or runc is not installed"
-    if run(["podman", "image", "exists", "docker.io/library/node:latest"], check=False,
-           timeout=60).returncode == 0:
+    if run(["podman", "image", "exists", "docker.io/library/node:latest"], check=False, timeout=60).returncode == 0:
         return None
     import subprocess
 
     save = subprocess.Popen([*default_cli(), "save", "node:latest"], stdout=subprocess.PIPE)
-    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True,
-                          timeout=900)
+    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, timeout=900)
     save.stdout.close()
     if save.wait(timeout=60) != 0 or load.returncode != 0:
         return f"podman load of the node image failed: {load.stderr.decode()[-200:]}"
@@ -815,17 +914,21 @@ def bench_build_express(ctx: Context) -> None:
     from shim.bench import npm_mirror
 
     fig = ctx.results.figure(
-        "build_express", "Build of the Express example, no cache", "s",
+        "build_express",
+        "Build of the Express example, no cache",
+        "s",
         note="`vmshim build --no-cache --isolation I examples/node-hello` (npm install "
-             "express from a local npm mirror); runc: `podman build --runtime runc` of "
-             "the same context")
+        "express from a local npm mirror); runc: `podman build --runtime runc` of "
+        "the same context",
+    )
     for s in ("oci", "floor"):
         fig.skip(s, "n/a: builds are measured for vm, process and podman (runc)")
     mirror = paths.root() / "cache" / "npm"
     if not npm_mirror.ready(EXPRESS / "package.json", mirror):
         for s in ("vm", "process", "runc"):
-            fig.skip(s, "no npm mirror: python -m shim.bench.npm_mirror fetch "
-                        f"examples/node-hello/package.json {mirror}")
+            fig.skip(
+                s, f"no npm mirror: python -m shim.bench.npm_mirror fetch examples/node-hello/package.json {mirror}"
+            )
         return
     subjects = [s for s in ctx.available([fig], "vm", "process") if s in ("vm", "process")]
     reason = _podman_node()
@@ -839,14 +942,12 @@ def bench_build_express(ctx: Context) -> None:
     # network's gateway (host-gateway in vmshim builds), never every address.
     server = npm_mirror.serve_in_thread(mirror, "127.0.0.1", 0)
     port = server.server_address[1]
-    servers = [server, npm_mirror.serve_in_thread(mirror, NetworkStore().default().gateway,
-                                                  port)]
+    servers = [server, npm_mirror.serve_in_thread(mirror, NetworkStore().default().gateway, port)]
     try:
         context = ctx.workdir / "express"
         shutil.rmtree(context, ignore_errors=True)
         shutil.copytree(EXPRESS, context)
-        m = {s: (lambda s=s: timed(build_argv(s, context, port, ctx.tag), timeout=3600))
-             for s in subjects}
+        m = {s: (lambda s=s: timed(build_argv(s, context, port, ctx.tag), timeout=3600)) for s in subjects}
         _sample(ctx, fig, m)
     finally:
         for server in servers:
@@ -859,20 +960,28 @@ def bench_engine_network(ctx: Context) -> None:
     ``--runtime vmshim`` (oci) and ``--runtime runc`` (shim.bench.engine_net)."""
     from shim.bench import engine_net
 
-    note = ("a private dockerd in a network namespace of its own; client in that namespace, "
-            "server: busybox httpd on docker's default bridge, `docker run --runtime R`")
+    note = (
+        "a private dockerd in a network namespace of its own; client in that namespace, "
+        "server: busybox httpd on docker's default bridge, `docker run --runtime R`"
+    )
     rtt = ctx.results.figure(
-        "engine_rtt", "dockerd bridge: HTTP round trip (new connection)", "ms",
-        note=f"median of {engine_net.RTT_REQUESTS} GETs of 6 bytes per sample; {note}")
+        "engine_rtt",
+        "dockerd bridge: HTTP round trip (new connection)",
+        "ms",
+        note=f"median of {engine_net.RTT_REQUESTS} GETs of 6 bytes per sample; {note}",
+    )
     tput = ctx.results.figure(
-        "engine_throughput", f"dockerd bridge: download of {engine_net.BIG_MIB} MiB", "MiB/s",
-        higher_is_better=True, note=note)
+        "engine_throughput",
+        f"dockerd bridge: download of {engine_net.BIG_MIB} MiB",
+        "MiB/s",
+        higher_is_better=True,
+        note=note,
+    )
     figs = [rtt, tput]
     for fig in figs:
         for s in ("vm", "process", "floor"):
             fig.skip(s, "n/a: measured for docker run --runtime vmshim (oci) and runc")
-    reason = engine_net.unavailable() or ("" if _vmshim_runtime() else
-                                          "vmshim-runtime is not installed")
+    reason = engine_net.unavailable() or ("" if _vmshim_runtime() else "vmshim-runtime is not installed")
     if reason:
         for fig in figs:
             for s in ("oci", "runc"):
@@ -899,16 +1008,18 @@ def bench_engine_network(ctx: Context) -> None:
                     continue
                 rtt.add(subject, data["rtt_ms"])
                 tput.add(subject, data["mib_s"])
-            ctx.log(f"  engine_network: run {i + 1}/{ctx.runs} " + " ".join(
-                f"{s}={rtt.subjects[s].samples[-1]:.3g}ms/{tput.subjects[s].samples[-1]:.3g}MiB/s"
-                for s in servers))
+            ctx.log(
+                f"  engine_network: run {i + 1}/{ctx.runs} "
+                + " ".join(
+                    f"{s}={rtt.subjects[s].samples[-1]:.3g}ms/{tput.subjects[s].samples[-1]:.3g}MiB/s" for s in servers
+                )
+            )
 
 
 BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "cold_start": (bench_cold_start, "run --rm true, spawn to exit (and the floor)"),
     "first_output": (bench_first_output, "run --rm echo, spawn to first stdout byte"),
-    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool) vs a snapshot "
-                         "template, and the ratios"),
+    "start": (bench_start, "run --rm true: cold vs a pooled VM (warm pool) vs a snapshot template, and the ratios"),
     "exec": (bench_exec, "exec true into an idle container"),
     "start_snapshot": (bench_start_snapshot, "run --rm true: cold vs from a snapshot template"),
     "memory": (bench_memory, "host PSS per idle container, and the guest's view"),
@@ -919,8 +1030,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], None], str]] = {
     "io_volume": (bench_io_volume, "sequential and random I/O in a volume"),
     "kernels": (bench_kernels, "minimal vs distro guest kernel: boot, run --rm true, guest memory"),
     "build_express": (bench_build_express, "build of the Express example: vm, process, podman+runc"),
-    "engine_network": (bench_engine_network, "dockerd bridge round trip and throughput: "
-                       "--runtime vmshim vs runc"),
+    "engine_network": (bench_engine_network, "dockerd bridge round trip and throughput: --runtime vmshim vs runc"),
 }
 
 
@@ -930,8 +1040,7 @@ def select(only: list[str]) -> list[str]:
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        raise UsageError(f"unknown benchmark {', '.join(unknown)}; choose from "
-                         f"{', '.join(BENCHMARKS)}")
+        raise UsageError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     if not names:
         return list(BENCHMARKS)
     return [n for n in BENCHMARKS if n in names]
@@ -1012,10 +1121,16 @@ def left_out(subjects: list[str] | None) -> dict[str, str]:
     return {s: LEFT_OUT for s in SUBJECTS if s not in subjects}
 
 
-def run_suite(names: list[str], runs: int, max_density: int,
-              log: Callable[[str], None] = print, sizes: Sizes | None = None,
-              cli: list[str] | None = None, density_budget_mib: int = 0,
-              subjects: list[str] | None = None) -> Results:
+def run_suite(
+    names: list[str],
+    runs: int,
+    max_density: int,
+    log: Callable[[str], None] = print,
+    sizes: Sizes | None = None,
+    cli: list[str] | None = None,
+    density_budget_mib: int = 0,
+    subjects: list[str] | None = None,
+) -> Results:
     """Take the benchmarks *names* and return the Results (meta filled in); *subjects*
     (None: all) limits who is measured, the others are skipped with the reason. Everything
     started is removed before this returns, also on errors and interrupts."""
@@ -1025,21 +1140,33 @@ def run_suite(names: list[str], runs: int, max_density: int,
     cli = cli or default_cli()
     results = Results()
     meta = results.meta
-    meta.update({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                 "runs": runs, "max_density": max_density, "benchmarks": names,
-                 "density_budget_mib": density_budget_mib, "subjects": subjects,
-                 "sizes": sizes.to_dict(), "cli": cli, "image": "busybox",
-                 "host": host.describe()})
+    meta.update(
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "runs": runs,
+            "max_density": max_density,
+            "benchmarks": names,
+            "density_budget_mib": density_budget_mib,
+            "subjects": subjects,
+            "sizes": sizes.to_dict(),
+            "cli": cli,
+            "image": "busybox",
+            "host": host.describe(),
+        }
+    )
     caps = Capabilities.probe(cli)
     meta["cli_commands"] = sorted(caps.commands)
     tag = f"vbench{os.getpid()}"
     root = _state_root()
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=root))
-    drivers = {"vm": VmshimSubject(cli, "vm", tag), "process": VmshimSubject(cli, "process", tag),
-               "runc": RuncSubject(workdir, tag),
-               "oci": RuncSubject(workdir, tag, name="oci", binary=_vmshim_runtime()),
-               "floor": Floor(workdir, meta["host"]["accel"]["kind"])}
+    drivers = {
+        "vm": VmshimSubject(cli, "vm", tag),
+        "process": VmshimSubject(cli, "process", tag),
+        "runc": RuncSubject(workdir, tag),
+        "oci": RuncSubject(workdir, tag, name="oci", binary=_vmshim_runtime()),
+        "floor": Floor(workdir, meta["host"]["accel"]["kind"]),
+    }
     unavailable = left_out(subjects)
     for s in ("runc", "oci", "floor"):
         if s in unavailable:
@@ -1047,8 +1174,19 @@ def run_suite(names: list[str], runs: int, max_density: int,
         reason = drivers[s].unavailable()
         if reason:
             unavailable[s] = reason
-    ctx = Context(runs, max_density, sizes, results, caps, drivers, unavailable, workdir, tag, log,
-                  density_budget_mib=density_budget_mib)
+    ctx = Context(
+        runs,
+        max_density,
+        sizes,
+        results,
+        caps,
+        drivers,
+        unavailable,
+        workdir,
+        tag,
+        log,
+        density_budget_mib=density_budget_mib,
+    )
     durations = meta.setdefault("durations_s", {})
     errors = meta.setdefault("errors", {})
     try:

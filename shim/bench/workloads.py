@@ -53,8 +53,9 @@ fi
 
 
 def _phase(name: str, command: str) -> str:
-    return (f't0=$(now); if {command}; then t1=$(now); echo "BENCH {name} $t0 $t1"; '
-            f'else echo "FAIL {name}"; exit 1; fi\n')
+    return (
+        f't0=$(now); if {command}; then t1=$(now); echo "BENCH {name} $t0 $t1"; else echo "FAIL {name}"; exit 1; fi\n'
+    )
 
 
 def cpu_script(sizes: Sizes) -> str:
@@ -63,8 +64,7 @@ def cpu_script(sizes: Sizes) -> str:
 
 
 def syscall_script(sizes: Sizes) -> str:
-    return CLOCK + _phase(
-        "syscall", f"dd if=/dev/zero of=/dev/null bs=1 count={sizes.syscall_count} 2>/dev/null")
+    return CLOCK + _phase("syscall", f"dd if=/dev/zero of=/dev/null bs=1 count={sizes.syscall_count} 2>/dev/null")
 
 
 def io_script(sizes: Sizes, directory: str) -> str:
@@ -78,22 +78,36 @@ def io_script(sizes: Sizes, directory: str) -> str:
     blocks = sizes.seq_mib * 256  # 4 KiB blocks in the file
     d = directory.rstrip("/") or ""
     f = f"{d}/vmshim-bench-io/data"
-    return CLOCK + f"""mkdir -p {d}/vmshim-bench-io || {{ echo "FAIL mkdir"; exit 1; }}
+    return (
+        CLOCK
+        + f"""mkdir -p {d}/vmshim-bench-io || {{ echo "FAIL mkdir"; exit 1; }}
 echo "MODE fs $(awk -v d="{directory}" '$2==d{{t=$3}} END{{print t}}' /proc/mounts)"
-""" + _phase("seq_write", f"dd if=/dev/zero of={f} bs=1048576 count={sizes.seq_mib} conv=fsync 2>/dev/null") + f"""
+"""
+        + _phase("seq_write", f"dd if=/dev/zero of={f} bs=1048576 count={sizes.seq_mib} conv=fsync 2>/dev/null")
+        + f"""
 direct=
 if dd if={f} of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then direct=iflag=direct; fi
 if [ -n "$direct" ]; then echo "MODE read direct"; else echo "MODE read buffered"; fi
-""" + _phase("seq_read", f"dd if={f} of=/dev/null bs=1048576 $direct 2>/dev/null") + f"""
+"""
+        + _phase("seq_read", f"dd if={f} of=/dev/null bs=1048576 $direct 2>/dev/null")
+        + f"""
 woffs=$(shuf -i 0-{blocks - 1} -n {sizes.rand_ops})
 roffs=$(shuf -i 0-{blocks - 1} -n {sizes.rand_ops})
-""" + _phase("rand_write", f"(for o in $woffs; do dd if=/dev/zero of={f} bs=4096 count=1 seek=$o "
-                           f"conv=notrunc,fsync 2>/dev/null || exit 1; done)") \
-        + _phase("rand_read", f"(for o in $roffs; do dd if={f} of=/dev/null bs=4096 count=1 "
-                              f"skip=$o $direct 2>/dev/null || exit 1; done)") \
-        + _phase("spawn", "(for o in $roffs; do dd if=/dev/zero of=/dev/null bs=4096 count=1 "
-                          "2>/dev/null || exit 1; done)") \
+"""
+        + _phase(
+            "rand_write",
+            f"(for o in $woffs; do dd if=/dev/zero of={f} bs=4096 count=1 seek=$o "
+            f"conv=notrunc,fsync 2>/dev/null || exit 1; done)",
+        )
+        + _phase(
+            "rand_read",
+            f"(for o in $roffs; do dd if={f} of=/dev/null bs=4096 count=1 skip=$o $direct 2>/dev/null || exit 1; done)",
+        )
+        + _phase(
+            "spawn", "(for o in $roffs; do dd if=/dev/zero of=/dev/null bs=4096 count=1 2>/dev/null || exit 1; done)"
+        )
         + f"rm -rf {d}/vmshim-bench-io\n"
+    )
 
 
 @dataclass
@@ -114,8 +128,7 @@ def parse(text: str, expect: list[str] | tuple[str, ...] = ()) -> Output:
         if not parts:
             continue
         if parts[0] == "FAIL":
-            raise WorkloadError(f"workload phase {parts[1] if len(parts) > 1 else '?'} "
-                                f"failed in the container")
+            raise WorkloadError(f"workload phase {parts[1] if len(parts) > 1 else '?'} failed in the container")
         if parts[0] == "MODE" and len(parts) >= 2:
             modes[parts[1]] = " ".join(parts[2:])
         elif parts[0] == "BENCH" and len(parts) == 4:
@@ -127,6 +140,8 @@ def parse(text: str, expect: list[str] | tuple[str, ...] = ()) -> Output:
     missing = [p for p in expect if p not in phases]
     if missing:
         tail = text.strip().splitlines()[-3:]
-        raise WorkloadError(f"workload printed no timing for {', '.join(missing)}"
-                            + (f" (last output: {' | '.join(tail)})" if tail else " (no output)"))
+        raise WorkloadError(
+            f"workload printed no timing for {', '.join(missing)}"
+            + (f" (last output: {' | '.join(tail)})" if tail else " (no output)")
+        )
     return Output(phases, modes)

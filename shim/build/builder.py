@@ -38,8 +38,16 @@ from guest.spec import ProcessSpec
 from shim.build import copy as copying
 from shim.build.cache import BuildCache, cache_key
 from shim.build.context import BuildContext, ContextError
-from shim.build.dockerfile import (HEREDOC, Dockerfile, DockerfileError, Instruction, Stage,
-                                   parse, parse_duration, parse_instruction)
+from shim.build.dockerfile import (
+    HEREDOC,
+    Dockerfile,
+    DockerfileError,
+    Instruction,
+    Stage,
+    parse,
+    parse_duration,
+    parse_instruction,
+)
 from shim.build.errors import BuildError
 from shim.build.mounts import parse_mount
 from shim.build.mounts import prepare as prepare_mounts
@@ -49,8 +57,7 @@ from shim.containers.resources import DEFAULT_VM_MIB
 from shim.build.words import WordError, expand, parse_key_values, split_words
 from shim.errors import ImageNotFound, UsageError, VmshimError
 from shim.images.reference import parse_reference
-from shim.images.store import (OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, ImageStore,
-                               canonical_json, host_arch)
+from shim.images.store import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, ImageStore, canonical_json, host_arch
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
@@ -64,7 +71,7 @@ ISOLATIONS = ("vm", "process")
 @dataclass
 class BuildOptions:
     context: Path
-    dockerfile: Path | None = None      # default: <context>/Dockerfile; "-": stdin
+    dockerfile: Path | None = None  # default: <context>/Dockerfile; "-": stdin
     tags: list[str] = field(default_factory=list)
     build_args: dict[str, str] = field(default_factory=dict)
     target: str | None = None
@@ -73,11 +80,11 @@ class BuildOptions:
     isolation: str = "vm"
     quiet: bool = False
     memory_mib: int = DEFAULT_VM_MIB
-    network: str | None = None          # RUN steps' network: None/"default", none, host, NAME
+    network: str | None = None  # RUN steps' network: None/"default", none, host, NAME
     add_hosts: list[str] = field(default_factory=list)  # NAME:IP for RUN steps' /etc/hosts
     labels: dict[str, str] = field(default_factory=dict)  # --label: on the final image
     secrets: dict[str, Path] = field(default_factory=dict)  # --secret id → file
-    jobs: int | None = None             # stages built at once (None: build_jobs())
+    jobs: int | None = None  # stages built at once (None: build_jobs())
     cache_from: list[str] = field(default_factory=list)  # images whose history is a cache
 
     def __post_init__(self):
@@ -171,8 +178,11 @@ class _StageRun:
         return [f"{k}={v}" for k, v in sorted(self.args.items()) if v is not None and k not in env]
 
 
-PROXY_ARGS = tuple(name for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY",
-                                     "ALL_PROXY") for name in (base, base.lower()))
+PROXY_ARGS = tuple(
+    name
+    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
+    for name in (base, base.lower())
+)
 """docker's predefined build args: given with --build-arg they reach every RUN step's
 environment without an ARG, and stay out of the image's history and the cache key."""
 
@@ -221,15 +231,19 @@ def _network_request(options: BuildOptions):
 
 
 class Builder:
-    def __init__(self, options: BuildOptions, output: BuildOutput | None = None,
-                 store: ImageStore | None = None):
+    def __init__(self, options: BuildOptions, output: BuildOutput | None = None, store: ImageStore | None = None):
         self.options = options
         self.out = output or BuildOutput()
         self.store = store or ImageStore()
         self.cache = BuildCache()
-        self.runner = StepRunner(self.store, isolation=options.isolation,
-                                 memory_mib=options.memory_mib, status=self.out.status,
-                                 warn=self.out.warn, network=_network_request(options))
+        self.runner = StepRunner(
+            self.store,
+            isolation=options.isolation,
+            memory_mib=options.memory_mib,
+            status=self.out.status,
+            warn=self.out.warn,
+            network=_network_request(options),
+        )
         self._views: dict[str, RootView] = {}
         self._stages: dict[int, ImageState] = {}  # finished stages by index
         self._stage_names: dict[str, int] = {}
@@ -255,7 +269,7 @@ class Builder:
         last = len(dockerfile.stages) - 1
         if opts.target is not None:
             last = dockerfile.stage_index(opts.target)
-        stages = dockerfile.stages[:last + 1]
+        stages = dockerfile.stages[: last + 1]
         self.total = sum(1 + len(s.instructions) for s in stages)
         self.escape = dockerfile.escape
         self._df = dockerfile.path
@@ -303,8 +317,7 @@ class Builder:
                 if name in self.options.build_args:
                     values[name] = self.options.build_args[name]
                 elif sep:
-                    values[name] = self._expand(default, {k: v for k, v in values.items()
-                                                          if v is not None}, ins)
+                    values[name] = self._expand(default, {k: v for k, v in values.items() if v is not None}, ins)
                 else:
                     values[name] = None
         return values
@@ -331,8 +344,7 @@ class Builder:
         pending = [stage.index for stage in stages]
         running: dict[concurrent.futures.Future, int] = {}
         failure: BaseException | None = None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs,
-                                                   thread_name_prefix="stage") as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stage") as pool:
             while pending or running:
                 while failure is None and pending and len(running) < jobs:
                     ready = [i for i in pending if deps[i] <= self._stages.keys()]
@@ -342,8 +354,7 @@ class Builder:
                     running[pool.submit(self._build_stage, stages[ready[0]])] = ready[0]
                 if not running:
                     break
-                finished, _ = concurrent.futures.wait(
-                    running, return_when=concurrent.futures.FIRST_COMPLETED)
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
                     index = running.pop(future)
                     try:
@@ -386,19 +397,21 @@ class Builder:
         base_ref = self._expand(stage.base, env, stage.from_)
         platform = stage.from_.flag("platform")
         if platform and self._expand(platform, env, stage.from_).split("/")[-1] not in (host_arch(), "linux"):
-            raise BuildError(f"{self._df}:{stage.from_.line}: FROM --platform={platform}: only "
-                             f"linux/{host_arch()} images can be built here")
+            raise BuildError(
+                f"{self._df}:{stage.from_.line}: FROM --platform={platform}: only "
+                f"linux/{host_arch()} images can be built here"
+            )
         state = self._base_state(base_ref, stage.from_)
         run = _StageRun(stage, state)
         triggers = list(state.runtime.get("OnBuild") or [])
         if triggers:
             state.runtime.pop("OnBuild", None)
-            self.out.line(f"# Executing {len(triggers)} build trigger"
-                          f"{'s' if len(triggers) != 1 else ''}")
+            self.out.line(f"# Executing {len(triggers)} build trigger{'s' if len(triggers) != 1 else ''}")
             for text in triggers:
                 keyword, _, value = str(text).strip().partition(" ")
-                ins = parse_instruction(keyword.upper(), value, stage.from_.line,
-                                        "ONBUILD trigger", self.escape, nested=True)
+                ins = parse_instruction(
+                    keyword.upper(), value, stage.from_.line, "ONBUILD trigger", self.escape, nested=True
+                )
                 self._execute(run, ins)
         self.out.line(f" ---> {short_id(run.state.id)}")
         for ins in stage.instructions:
@@ -426,9 +439,16 @@ class Builder:
 
     def _base_state(self, ref: str, ins: Instruction) -> ImageState:
         if ref.lower() == "scratch":
-            return ImageState({"architecture": host_arch(), "os": "linux",
-                               "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
-                               "rootfs": {"type": "layers", "diff_ids": []}, "history": []}, [])
+            return ImageState(
+                {
+                    "architecture": host_arch(),
+                    "os": "linux",
+                    "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
+                    "rootfs": {"type": "layers", "diff_ids": []},
+                    "history": [],
+                },
+                [],
+            )
         index = self._earlier_stage(ref)
         if index is not None and not ref.isdigit():
             return _copy.deepcopy(self._stages[index])
@@ -436,12 +456,10 @@ class Builder:
         config = _copy.deepcopy(image.config)
         config.setdefault("config", {})
         config.setdefault("history", [])
-        config["rootfs"] = {"type": "layers",
-                            "diff_ids": [l.diff_id for l in image.layers]}
+        config["rootfs"] = {"type": "layers", "diff_ids": [l.diff_id for l in image.layers]}
         for key in ("container", "container_config", "docker_version"):
             config.pop(key, None)
-        layers = [{"mediaType": l.media_type, "digest": l.digest, "size": l.size}
-                  for l in image.layers]
+        layers = [{"mediaType": l.media_type, "digest": l.digest, "size": l.size} for l in image.layers]
         if any(d is None for d in config["rootfs"]["diff_ids"]):
             raise BuildError(f"image {ref} lacks diff_ids in its config; cannot build on it")
         return ImageState(config, layers)
@@ -479,8 +497,7 @@ class Builder:
                 try:
                     self.store.resolve(ref)
                 except ImageNotFound as missing:
-                    raise BuildError(f"{self._df}:{ins.line}: {missing} (pulling it failed: "
-                                     f"{exc})") from None
+                    raise BuildError(f"{self._df}:{ins.line}: {missing} (pulling it failed: {exc})") from None
             raise BuildError(f"--pull: cannot pull {ref}: {exc}") from None
         finally:
             self.out.status(None)
@@ -503,8 +520,7 @@ class Builder:
     def _expand_json(self, arg: str, env: dict, ins: Instruction) -> str:
         """Exec-form arguments of COPY/ADD/VOLUME: variables substituted, no quote removal."""
         try:
-            return expand(arg.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"'),
-                          env, "\\")
+            return expand(arg.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"'), env, "\\")
         except WordError as exc:
             raise DockerfileError(f"{self._df}:{ins.line}: {ins.keyword}: {exc}") from None
 
@@ -585,19 +601,24 @@ class Builder:
                     layer = layers[at]
                     at += 1
                 comment = entry.get("comment")
-                if not (isinstance(comment, str) and comment.startswith(CACHE_COMMENT)
-                        and isinstance(entry.get("created"), str)):
+                if not (
+                    isinstance(comment, str)
+                    and comment.startswith(CACHE_COMMENT)
+                    and isinstance(entry.get("created"), str)
+                ):
                     continue
-                key = comment[len(CACHE_COMMENT):]
+                key = comment[len(CACHE_COMMENT) :]
                 if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
                     continue
-                desc = None if layer is None else {"mediaType": layer.media_type,
-                                                   "digest": layer.digest, "size": layer.size}
+                desc = (
+                    None
+                    if layer is None
+                    else {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+                )
                 index.setdefault(key, (entry, desc, None if layer is None else layer.diff_id))
         return index
 
-    def _metadata(self, run: _StageRun, ins: Instruction, created_by: str, change,
-                  inputs=None) -> None:
+    def _metadata(self, run: _StageRun, ins: Instruction, created_by: str, change, inputs=None) -> None:
         """A config-only step: apply *change* (a function of the runtime config)."""
         key = cache_key(run.state.id, created_by, inputs)
         if self._cached(run, key, change):
@@ -607,13 +628,14 @@ class Builder:
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
-            {"created": now, "created_by": created_by, "empty_layer": True,
-             "comment": CACHE_COMMENT + key})
+            {"created": now, "created_by": created_by, "empty_layer": True, "comment": CACHE_COMMENT + key}
+        )
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 
-    def _add_layer(self, run: _StageRun, layer: Path | None, digest: str | None,
-                   created_by: str, key: str, change=None) -> None:
+    def _add_layer(
+        self, run: _StageRun, layer: Path | None, digest: str | None, created_by: str, key: str, change=None
+    ) -> None:
         config = _copy.deepcopy(run.state.config)
         layers = list(run.state.layers)
         now = now_rfc3339()
@@ -654,16 +676,15 @@ class Builder:
         else:
             args = self._shell(run) + [_run_script(ins)]
         build_env = run.run_args_env()
-        mount_specs = [parse_mount(spec, f"{self._df}:{ins.line}")
-                       for spec in ins.flags.get("mount", "").split("\n") if spec]
+        mount_specs = [
+            parse_mount(spec, f"{self._df}:{ins.line}") for spec in ins.flags.get("mount", "").split("\n") if spec
+        ]
         created_by = " ".join(args)
         if mount_specs:  # ids and targets only: a secret's content is never in the key
-            created_by = " ".join(f"--mount={spec}" for spec in
-                                  ins.flags["mount"].split("\n")) + " " + created_by
+            created_by = " ".join(f"--mount={spec}" for spec in ins.flags["mount"].split("\n")) + " " + created_by
         if build_env:
             created_by = f"|{len(build_env)} {' '.join(build_env)} {created_by}"
-        binds = [self._bind_source(fields, ins) for fields in mount_specs
-                 if fields["type"] == "bind"]
+        binds = [self._bind_source(fields, ins) for fields in mount_specs if fields["type"] == "bind"]
         key = cache_key(run.state.id, created_by, {"binds": binds} if binds else None)
         if self._cached(run, key):
             return
@@ -678,9 +699,14 @@ class Builder:
         for name in PROXY_ARGS:  # docker's predefined args: in the step, not in its history
             if name in self.options.build_args and name not in declared:
                 env.append(f"{name}={self.options.build_args[name]}")
-        process = ProcessSpec(args=args, env=env, cwd=cfg.get("WorkingDir") or "/",
-                              user=cfg.get("User") or "", capabilities=capabilities,
-                              seccomp=seccomp)
+        process = ProcessSpec(
+            args=args,
+            env=env,
+            cwd=cfg.get("WorkingDir") or "/",
+            user=cfg.get("User") or "",
+            capabilities=capabilities,
+            seccomp=seccomp,
+        )
         base = self._view(run.state)
         holder: dict = {}
 
@@ -696,16 +722,17 @@ class Builder:
         mounts = None
         try:
             if mount_specs:
-                mounts = prepare_mounts(mount_specs, isolation=self.options.isolation,
-                                        secrets=self.options.secrets,
-                                        workdir=cfg.get("WorkingDir") or "/",
-                                        scratch_dir=self._work)
-            result = self.runner.run(run.state.layers, process, base, out_fd=run_fd,
-                                     announce=announce, mounts=mounts)
+                mounts = prepare_mounts(
+                    mount_specs,
+                    isolation=self.options.isolation,
+                    secrets=self.options.secrets,
+                    workdir=cfg.get("WorkingDir") or "/",
+                    scratch_dir=self._work,
+                )
+            result = self.runner.run(run.state.layers, process, base, out_fd=run_fd, announce=announce, mounts=mounts)
         except RunStepError as exc:
             if self.out.run_fd is None and exc.output:
-                self.out.warn("output of the failed step:\n"
-                              + exc.output.decode(errors="replace").rstrip())
+                self.out.warn("output of the failed step:\n" + exc.output.decode(errors="replace").rstrip())
             if "id" in holder:
                 self.out.line(f"Removing intermediate container {holder['id'][:12]}")
             raise
@@ -774,15 +801,15 @@ class Builder:
                             copying.check_checksum(fetched, flags["checksum"], what)
                         plans += fetched
                     elif src.startswith(("http://", "https://", "git@")) or src.endswith(".git"):
-                        raise ContextError(f"{what} failed: {src}: COPY takes files from the "
-                                           "build context; use ADD for URLs")
+                        raise ContextError(
+                            f"{what} failed: {src}: COPY takes files from the build context; use ADD for URLs"
+                        )
                     else:
                         plans += copying.plan_context(self.context, [src], what, extract=add)
         except ContextError as exc:
             raise type(exc)(f"{self._df}:{ins.line}: {exc}") from None
         multiple = len(plans) > 1 or any(copying.has_wildcard(s) for s in sources)
-        created_by = f"{what} " + " ".join(
-            [f"--{k}={v}" for k, v in sorted(flags.items())] + sources + [dest])
+        created_by = f"{what} " + " ".join([f"--{k}={v}" for k, v in sorted(flags.items())] + sources + [dest])
         inputs = {"workdir": workdir, "from": from_id, "plans": [p.key() for p in plans]}
         key = cache_key(run.state.id, created_by, inputs)
         if self._cached(run, key):
@@ -798,9 +825,17 @@ class Builder:
         writer = LayerWriter(layer)
         try:
             count = copying.write_layer(
-                writer, view, plans, dest, workdir, chown=chown, chmod=chmod, what=what,
+                writer,
+                view,
+                plans,
+                dest,
+                workdir,
+                chown=chown,
+                chmod=chmod,
+                what=what,
                 multiple=multiple,
-                open_view_files=source_view.open_many if source_view is not None else None)
+                open_view_files=source_view.open_many if source_view is not None else None,
+            )
             digest = writer.close()
         except copying.CopyError as exc:
             writer.abort()
@@ -818,8 +853,7 @@ class Builder:
         if index is not None:
             return self._stages[index]
         if name.isdigit():
-            raise BuildError(f"{self._df}:{ins.line}: {ins.keyword} --from={name}: there is "
-                             f"no earlier stage {name}")
+            raise BuildError(f"{self._df}:{ins.line}: {ins.keyword} --from={name}: there is no earlier stage {name}")
         return self._base_state(name, ins)
 
     # WORKDIR -------------------------------------------------------------------------------
@@ -845,8 +879,17 @@ class Builder:
         layer = self._work / f"workdir-layer-{run.stage.index}.tar"
         writer = LayerWriter(layer)
         try:
-            copying.write_layer(writer, view, [copying.SourcePlan("dir", "", [])], path, "/",
-                                chown=None, chmod=None, what="WORKDIR", multiple=False)
+            copying.write_layer(
+                writer,
+                view,
+                [copying.SourcePlan("dir", "", [])],
+                path,
+                "/",
+                chown=None,
+                chmod=None,
+                what="WORKDIR",
+                multiple=False,
+            )
             digest = writer.close()
         except copying.CopyError as exc:
             writer.abort()
@@ -871,8 +914,10 @@ class Builder:
 
     def _do_label(self, run: _StageRun, ins: Instruction) -> None:
         env = run.env()
-        pairs = [(self._expand(k, env, ins), self._expand(v, env, ins))
-                 for k, v in parse_key_values(ins.rest, "LABEL", self.escape)]
+        pairs = [
+            (self._expand(k, env, ins), self._expand(v, env, ins))
+            for k, v in parse_key_values(ins.rest, "LABEL", self.escape)
+        ]
 
         def change(cfg: dict) -> None:
             labels = dict(cfg.get("Labels") or {})
@@ -896,8 +941,13 @@ class Builder:
         now = now_rfc3339()
         config["created"] = now
         config.setdefault("history", []).append(
-            {"created": now, "created_by": f"/bin/sh -c #(nop)  MAINTAINER {author}",
-             "empty_layer": True, "comment": CACHE_COMMENT + key})
+            {
+                "created": now,
+                "created_by": f"/bin/sh -c #(nop)  MAINTAINER {author}",
+                "empty_layer": True,
+                "comment": CACHE_COMMENT + key,
+            }
+        )
         run.state = ImageState(config, list(run.state.layers))
         self.cache.put(key, run.state.config, run.state.layers)
 
@@ -907,25 +957,21 @@ class Builder:
             port, _, proto = word.partition("/")
             proto = (proto or "tcp").lower()
             if proto not in ("tcp", "udp", "sctp"):
-                raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: invalid "
-                                      "protocol (tcp, udp or sctp)")
+                raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: invalid protocol (tcp, udp or sctp)")
             low, _, high = port.partition("-")
             if not low.isdigit() or (high and not high.isdigit()):
                 raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: invalid port")
             for number in range(int(low), int(high or low) + 1):
                 if not 0 < number < 65536:
-                    raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: port out "
-                                          "of range")
+                    raise DockerfileError(f"{self._df}:{ins.line}: EXPOSE {word}: port out of range")
                 ports.append(f"{number}/{proto}")
-        self._metadata(run, ins, f"/bin/sh -c #(nop)  EXPOSE {' '.join(ports)}",
-                       _add_keys("ExposedPorts", ports))
+        self._metadata(run, ins, f"/bin/sh -c #(nop)  EXPOSE {' '.join(ports)}", _add_keys("ExposedPorts", ports))
 
     def _do_volume(self, run: _StageRun, ins: Instruction) -> None:
         volumes = [v for v in self._words(run, ins) if v]
         if not volumes:
             raise DockerfileError(f"{self._df}:{ins.line}: VOLUME needs a path")
-        self._metadata(run, ins, f"/bin/sh -c #(nop)  VOLUME {json.dumps(volumes)}",
-                       _add_keys("Volumes", volumes))
+        self._metadata(run, ins, f"/bin/sh -c #(nop)  VOLUME {json.dumps(volumes)}", _add_keys("Volumes", volumes))
 
     def _do_user(self, run: _StageRun, ins: Instruction) -> None:
         user = self._expand(ins.rest, run.env(), ins)
@@ -969,8 +1015,9 @@ class Builder:
             if reset_cmd:
                 cfg.pop("Cmd", None)  # docker: ENTRYPOINT resets a CMD inherited from the base
 
-        self._metadata(run, ins, f"/bin/sh -c #(nop)  ENTRYPOINT {json.dumps(entrypoint)}",
-                       change, inputs={"reset_cmd": reset_cmd})
+        self._metadata(
+            run, ins, f"/bin/sh -c #(nop)  ENTRYPOINT {json.dumps(entrypoint)}", change, inputs={"reset_cmd": reset_cmd}
+        )
 
     def _do_shell(self, run: _StageRun, ins: Instruction) -> None:
         shell = list(ins.json)
@@ -990,8 +1037,12 @@ class Builder:
 
             form = _json_form(rest)
             check = {"Test": ["CMD"] + form if form is not None else ["CMD-SHELL", rest]}
-            for flag, name in (("interval", "Interval"), ("timeout", "Timeout"),
-                               ("start-period", "StartPeriod"), ("start-interval", "StartInterval")):
+            for flag, name in (
+                ("interval", "Interval"),
+                ("timeout", "Timeout"),
+                ("start-period", "StartPeriod"),
+                ("start-interval", "StartInterval"),
+            ):
                 if flag in ins.flags:
                     check[name] = parse_duration(ins.flags[flag], f"{self._df}:{ins.line}")
             if "retries" in ins.flags:
@@ -1039,10 +1090,12 @@ class Builder:
         config_digest, config_size = self.store.put_json(state.config)
         if config_digest != state.id:
             raise BuildError(f"internal error: image ID {state.id} != stored {config_digest}")
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": OCI_CONFIG, "digest": config_digest,
-                               "size": config_size},
-                    "layers": state.layers}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
+            "layers": state.layers,
+        }
         manifest_digest, _ = self.store.put_json(manifest)
         tags = []
         refs = []
@@ -1087,9 +1140,11 @@ def build(options: BuildOptions, output: BuildOutput | None = None) -> BuildResu
 def _add_keys(key: str, names: list[str]):
     """A config change adding *names* to the set-like ``{name: {}}`` mapping at *key*
     (``ExposedPorts``, ``Volumes``)."""
+
     def change(cfg: dict) -> None:
         current = dict(cfg.get(key) or {})
         for name in names:
             current[name] = {}
         cfg[key] = current
+
     return change

@@ -28,8 +28,7 @@ CACHE_VERSION = 1
 
 
 def cache_key(parent_id: str, instruction: str, inputs=None) -> str:
-    material = canonical_json({"v": CACHE_VERSION, "parent": parent_id, "instruction": instruction,
-                               "inputs": inputs})
+    material = canonical_json({"v": CACHE_VERSION, "parent": parent_id, "instruction": instruction, "inputs": inputs})
     return hashlib.sha256(material).hexdigest()
 
 

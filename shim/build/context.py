@@ -102,7 +102,7 @@ def _pattern_regex(pattern: str) -> str:
             if end < 0:
                 out.append(re.escape(ch))
             else:
-                body = pattern[i + 1:end]
+                body = pattern[i + 1 : end]
                 if body.startswith(("!", "^")):
                     body = "^" + body[1:]
                 out.append(f"[{body}]")
@@ -148,17 +148,16 @@ class BuildContext:
         """*rel* with symlinks followed, confined to the context (as if it were ``/``).
         A symlink excluded by ``.dockerignore`` is not part of the context (docker never
         sends it), so it is not followed: ContextError."""
+
         def link_of(resolved: list[str], part: str, _last: bool) -> str | None:
             candidate = self.root.joinpath(*resolved, part)
             if not candidate.is_symlink():
                 return None
             if self.ignore.excluded("/".join([*resolved, part])):
-                raise ExcludedPath(f"{rel} goes through {'/'.join([*resolved, part])}, "
-                                   "which .dockerignore excludes")
+                raise ExcludedPath(f"{rel} goes through {'/'.join([*resolved, part])}, which .dockerignore excludes")
             return os.readlink(candidate)
 
-        return resolve_within(rel, link_of, 40, lambda: ContextError(
-            f"too many levels of symbolic links in {rel}"))
+        return resolve_within(rel, link_of, 40, lambda: ContextError(f"too many levels of symbolic links in {rel}"))
 
     def sources(self, pattern: str, what: str) -> list[Source]:
         """The context paths *pattern* names (wildcards expanded), excluded ones left out.
@@ -166,8 +165,7 @@ class BuildContext:
         cleaned = posixpath.normpath("/" + pattern).lstrip("/") if pattern else ""
         lexical = posixpath.normpath(pattern.lstrip("/")) if pattern.lstrip("/") else "."
         if lexical == ".." or lexical.startswith("../"):
-            raise ContextError(f"{what} failed: forbidden path outside the build context: "
-                               f"{pattern}")
+            raise ContextError(f"{what} failed: forbidden path outside the build context: {pattern}")
         if has_wildcard(cleaned):
             found = []
             for rel in self._glob(cleaned):
@@ -178,21 +176,27 @@ class BuildContext:
                 if not (real and self.ignore.excluded(real)):
                     found.append(Source(rel, real))
             if not found:
-                raise ContextError(f"{what} failed: no source files were specified: "
-                                   f"{pattern} matches nothing in the build context")
+                raise ContextError(
+                    f"{what} failed: no source files were specified: {pattern} matches nothing in the build context"
+                )
             return found
-        missing = ContextError(f"{what} failed: file not found in build context or excluded "
-                               f"by .dockerignore: {pattern}")
+        missing = ContextError(
+            f"{what} failed: file not found in build context or excluded by .dockerignore: {pattern}"
+        )
         try:
             real = self.resolve(cleaned)
         except ExcludedPath:
             raise missing from None
         # the name as written and where its symlinks lead must both be in the context: a
         # symlink to an ignored file must not bring it in
-        if ((cleaned and self.ignore.excluded(cleaned)) or (real and self.ignore.excluded(real))
-                or not os.path.lexists(self._host(real))):
-            raise ContextError(f"{what} failed: file not found in build context or excluded "
-                               f"by .dockerignore: {pattern}")
+        if (
+            (cleaned and self.ignore.excluded(cleaned))
+            or (real and self.ignore.excluded(real))
+            or not os.path.lexists(self._host(real))
+        ):
+            raise ContextError(
+                f"{what} failed: file not found in build context or excluded by .dockerignore: {pattern}"
+            )
         return [Source(cleaned, real)]
 
     def _glob(self, pattern: str) -> list[str]:

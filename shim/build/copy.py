@@ -59,7 +59,7 @@ class Entry:
     """One thing to copy, *path* relative to its source's anchor ("" = the source itself)."""
 
     path: str
-    kind: str                  # d, f, l
+    kind: str  # d, f, l
     mode: int
     size: int = 0
     mtime: int = 0
@@ -80,18 +80,22 @@ class SourcePlan:
     entries: list[Entry] = field(default_factory=list)
     archive: Path | None = None
     archive_digest: str = ""
-    keep_owner: bool = False   # archive and --from entries carry their own owners
+    keep_owner: bool = False  # archive and --from entries carry their own owners
 
     def key(self) -> list:
         if self.kind == "archive":
             return ["archive", self.archive_digest]
-        return [self.kind, self.name, [[e.path, e.kind, e.mode, e.linkname, e.digest, e.uid, e.gid]
-                                       for e in self.entries]]
+        return [
+            self.kind,
+            self.name,
+            [[e.path, e.kind, e.mode, e.linkname, e.digest, e.uid, e.gid] for e in self.entries],
+        ]
 
 
 # ---- planning -----------------------------------------------------------------------------
-def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
-                 extract: bool = False, parents: bool = False) -> list[SourcePlan]:
+def plan_context(
+    ctx: BuildContext, patterns: list[str], what: str, *, extract: bool = False, parents: bool = False
+) -> list[SourcePlan]:
     """Plans for sources in the build context; with *parents* (``COPY --parents``), one
     ``dir`` plan holding every source under its parent directories. Raises
     ContextError."""
@@ -110,16 +114,19 @@ def plan_context(ctx: BuildContext, patterns: list[str], what: str, *,
                 plans.append(SourcePlan("dir", name, _walk_context(ctx, src.real)))
             elif stat.S_ISREG(st.st_mode):
                 if extract and _is_archive(host):
-                    plans.append(SourcePlan("archive", name, archive=host,
-                                            archive_digest=file_digest(host), keep_owner=True))
+                    plans.append(
+                        SourcePlan("archive", name, archive=host, archive_digest=file_digest(host), keep_owner=True)
+                    )
                 else:
                     plans.append(SourcePlan("file", name, [_file_entry("", host, st)]))
             elif stat.S_ISLNK(st.st_mode):  # a dangling link inside the context
-                plans.append(SourcePlan("file", name, [Entry("", "l", 0o777, mtime=int(st.st_mtime),
-                                                             linkname=os.readlink(host))]))
+                plans.append(
+                    SourcePlan(
+                        "file", name, [Entry("", "l", 0o777, mtime=int(st.st_mtime), linkname=os.readlink(host))]
+                    )
+                )
             else:
-                raise ContextError(f"{what} failed: {pattern} is not a file, directory or "
-                                   "symlink")
+                raise ContextError(f"{what} failed: {pattern} is not a file, directory or symlink")
     return plans
 
 
@@ -135,22 +142,21 @@ def _with_parents(ctx: BuildContext, patterns: list[str], what: str) -> SourcePl
         for src in ctx.sources(pattern, what):
             rel = norm(src.rel)
             if pivot and not rel.startswith(pivot + "/"):
-                raise ContextError(f"{what} failed: {pattern}: the part before /./ must be "
-                                   "a directory the source is in")
-            keep = rel[len(pivot) + 1:] if pivot else rel
+                raise ContextError(
+                    f"{what} failed: {pattern}: the part before /./ must be a directory the source is in"
+                )
+            keep = rel[len(pivot) + 1 :] if pivot else rel
             parts = keep.split("/") if keep else []
             for i in range(1, len(parts)):
                 sub = "/".join(parts[:i])
                 if sub not in entries:
                     host = ctx.host_path(ctx.resolve(f"{pivot}/{sub}" if pivot else sub))
                     st = os.stat(host)
-                    entries[sub] = Entry(sub, "d", stat.S_IMODE(st.st_mode),
-                                         mtime=int(st.st_mtime))
+                    entries[sub] = Entry(sub, "d", stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
             for plan in plan_context(ctx, [src.rel], what):
                 if keep and plan.kind == "dir":
                     st = os.stat(ctx.host_path(src.real))
-                    entries.setdefault(keep, Entry(keep, "d", stat.S_IMODE(st.st_mode),
-                                                   mtime=int(st.st_mtime)))
+                    entries.setdefault(keep, Entry(keep, "d", stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime)))
                 for e in plan.entries:
                     path = "/".join(p for p in (keep, e.path) if p)
                     if path:
@@ -161,14 +167,27 @@ def _with_parents(ctx: BuildContext, patterns: list[str], what: str) -> SourcePl
 
 def plan_inline(name: str, data: bytes) -> SourcePlan:
     """The plan for a file given inline (``COPY <<NAME DEST``): mode 0644, owned by root."""
-    return SourcePlan("file", name, [Entry("", "f", 0o644, size=len(data),
-                                           digest=hashlib.sha256(data).hexdigest(),
-                                           opener=lambda: io.BytesIO(data))])
+    return SourcePlan(
+        "file",
+        name,
+        [
+            Entry(
+                "", "f", 0o644, size=len(data), digest=hashlib.sha256(data).hexdigest(), opener=lambda: io.BytesIO(data)
+            )
+        ],
+    )
 
 
 def _file_entry(path: str, host: Path, st: os.stat_result) -> Entry:
-    return Entry(path, "f", stat.S_IMODE(st.st_mode), size=st.st_size, mtime=int(st.st_mtime),
-                 digest=file_digest(host), opener=lambda: open(host, "rb"))
+    return Entry(
+        path,
+        "f",
+        stat.S_IMODE(st.st_mode),
+        size=st.st_size,
+        mtime=int(st.st_mtime),
+        digest=file_digest(host),
+        opener=lambda: open(host, "rb"),
+    )
 
 
 def _walk_context(ctx: BuildContext, real: str) -> list[Entry]:
@@ -181,8 +200,7 @@ def _walk_context(ctx: BuildContext, real: str) -> list[Entry]:
         elif stat.S_ISREG(st.st_mode):
             entries.append(_file_entry(rel, host, st))
         elif stat.S_ISLNK(st.st_mode):
-            entries.append(Entry(rel, "l", 0o777, mtime=int(st.st_mtime),
-                                 linkname=os.readlink(host)))
+            entries.append(Entry(rel, "l", 0o777, mtime=int(st.st_mtime), linkname=os.readlink(host)))
         # sockets, fifos, devices in a context: not copied (docker skips them too)
     return entries
 
@@ -216,7 +234,7 @@ def plan_image(view: RootView, patterns: list[str], what: str, source_name: str)
                 entries = []
                 for sub in view.walk(real):
                     n = view.nodes[sub]
-                    rel = sub[len(real) + 1:] if real else sub
+                    rel = sub[len(real) + 1 :] if real else sub
                     entries.append(_view_entry(view, rel, sub, n))
                 plans.append(SourcePlan("dir", name, entries))
             else:
@@ -251,9 +269,18 @@ def _view_entry(view: RootView, rel: str, path: str, node) -> Entry:
     if node.kind == "h":
         target = view.nodes.get(node.linkname)
         size = target.size if target else 0
-    return Entry(rel, kind, node.mode, size=size, mtime=node.mtime, linkname=node.linkname
-                 if node.kind == "l" else "", digest=f"{path}", uid=node.uid, gid=node.gid,
-                 opener=None)
+    return Entry(
+        rel,
+        kind,
+        node.mode,
+        size=size,
+        mtime=node.mtime,
+        linkname=node.linkname if node.kind == "l" else "",
+        digest=f"{path}",
+        uid=node.uid,
+        gid=node.gid,
+        opener=None,
+    )
 
 
 def plan_url(url: str, workdir: Path, what: str) -> list[SourcePlan]:
@@ -277,8 +304,9 @@ def plan_url(url: str, workdir: Path, what: str) -> list[SourcePlan]:
 
             mtime = int(parsedate_to_datetime(modified).timestamp())
     st = os.stat(target)
-    entry = Entry("", "f", 0o600, size=st.st_size, mtime=mtime, digest=file_digest(target),
-                  opener=lambda: open(target, "rb"))
+    entry = Entry(
+        "", "f", 0o600, size=st.st_size, mtime=mtime, digest=file_digest(target), opener=lambda: open(target, "rb")
+    )
     return [SourcePlan("file", name, [entry])]
 
 
@@ -291,8 +319,7 @@ def check_checksum(plans: list[SourcePlan], expected: str, what: str) -> None:
     for plan in plans:
         for entry in plan.entries:
             if entry.digest != hexd:
-                raise CopyError(f"{what}: the checksum of {plan.name} is sha256:{entry.digest}, "
-                                f"not {expected}")
+                raise CopyError(f"{what}: the checksum of {plan.name} is sha256:{entry.digest}, not {expected}")
 
 
 # ---- modes ---------------------------------------------------------------------------------
@@ -307,12 +334,11 @@ def parse_chmod(spec: str) -> Callable[[int, bool], int]:
         return lambda mode, is_dir: value
     clauses = spec.split(",")
     if not spec or not all(_SYMBOLIC.fullmatch(c) for c in clauses):
-        raise CopyError(f"invalid --chmod {spec!r}: octal (0755) or symbolic (u+x, go-w, "
-                        "a=rX)")
+        raise CopyError(f"invalid --chmod {spec!r}: octal (0755) or symbolic (u+x, go-w, a=rX)")
 
     def apply(mode: int, is_dir: bool) -> int:
         for clause in clauses:
-            who = clause[:len(clause) - len(clause.lstrip("ugoa"))] or "a"
+            who = clause[: len(clause) - len(clause.lstrip("ugoa"))] or "a"
             mask = 0
             for w in who:
                 mask |= {"u": 0o4700, "g": 0o2070, "o": 0o1007, "a": 0o7777}[w]
@@ -321,8 +347,7 @@ def parse_chmod(spec: str) -> Callable[[int, bool], int]:
                 for p in perms:
                     if p == "X":
                         p = "x" if is_dir or mode & 0o111 else ""
-                    bits |= {"r": 0o444, "w": 0o222, "x": 0o111, "s": 0o6000, "t": 0o1000,
-                             "": 0}[p]
+                    bits |= {"r": 0o444, "w": 0o222, "x": 0o111, "s": 0o6000, "t": 0o1000, "": 0}[p]
                 bits &= mask
                 if op == "+":
                     mode |= bits
@@ -349,8 +374,9 @@ def parse_chown(spec: str, view: RootView) -> tuple[int, int]:
         passwd = _table(view, "etc/passwd")
         row = passwd.get(user)
         if row is None or len(row) < 3 or not row[1].isdigit():
-            raise CopyError(f"--chown {spec}: unable to find user {user}: no matching entries "
-                            "in the image's /etc/passwd")
+            raise CopyError(
+                f"--chown {spec}: unable to find user {user}: no matching entries in the image's /etc/passwd"
+            )
         uid, primary = int(row[1]), int(row[2]) if row[2].isdigit() else 0
     if not group:
         return uid, primary
@@ -359,8 +385,7 @@ def parse_chown(spec: str, view: RootView) -> tuple[int, int]:
     group_file = _table(view, "etc/group")
     row = group_file.get(group)
     if row is None or len(row) < 2 or not row[1].isdigit():
-        raise CopyError(f"--chown {spec}: unable to find group {group}: no matching entries "
-                        "in the image's /etc/group")
+        raise CopyError(f"--chown {spec}: unable to find group {group}: no matching entries in the image's /etc/group")
     return uid, int(row[1])
 
 
@@ -383,10 +408,19 @@ def destination(dest: str, workdir: str) -> tuple[str, bool]:
     return "/" + norm(dest), is_dir
 
 
-def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], dest: str,
-                workdir: str, *, chown: tuple[int, int] | None,
-                chmod: int | Callable[[int, bool], int] | None,
-                what: str, multiple: bool, open_view_files=None) -> int:
+def write_layer(
+    writer: LayerWriter,
+    view: RootView,
+    plans: list[SourcePlan],
+    dest: str,
+    workdir: str,
+    *,
+    chown: tuple[int, int] | None,
+    chmod: int | Callable[[int, bool], int] | None,
+    what: str,
+    multiple: bool,
+    open_view_files=None,
+) -> int:
     """Write the layer of one COPY/ADD into *writer*. *chmod*: a mode, or a function
     (mode, is_dir) → mode (:func:`parse_chmod`). *open_view_files* (for COPY --from:
     the source view's ``open_many``) yields (path, file) for the files to read; an
@@ -396,8 +430,9 @@ def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], de
         chmod = parse_chmod(f"{chmod:o}")
     target, dir_hint = destination(dest, workdir)
     if multiple and not dir_hint:
-        raise CopyError(f"{what}: when copying more than one source, the destination must be "
-                        f"a directory and end with a /: {dest}")
+        raise CopyError(
+            f"{what}: when copying more than one source, the destination must be a directory and end with a /: {dest}"
+        )
     owner = chown if chown is not None else (0, 0)
     written: set[str] = set()
     now = int(time.time())
@@ -411,8 +446,7 @@ def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], de
                 continue
             node = view.nodes.get(sub)
             if node is not None and node.kind != "d":
-                raise CopyError(f"{what}: cannot copy to /{sub}: it is not a directory in the "
-                                "image")
+                raise CopyError(f"{what}: cannot copy to /{sub}: it is not a directory in the image")
             if node is not None:
                 writer.add_dir(sub, node.mode, node.uid, node.gid, node.mtime)
             else:
@@ -478,8 +512,9 @@ def write_layer(writer: LayerWriter, view: RootView, plans: list[SourcePlan], de
     return count
 
 
-def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ensure_dir,
-             written: set[str], what: str) -> int:
+def _extract(
+    writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ensure_dir, written: set[str], what: str
+) -> int:
     """Write the members of a local archive under *root* (ADD)."""
     count = 0
     links = []
@@ -489,8 +524,9 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
                 raw = ti.name
                 parts = [p for p in raw.split("/") if p not in ("", ".")]
                 if ".." in parts:
-                    raise CopyError(f"{what}: archive {plan.name} has an entry that leads "
-                                    f"outside the destination: {raw!r}")
+                    raise CopyError(
+                        f"{what}: archive {plan.name} has an entry that leads outside the destination: {raw!r}"
+                    )
                 rel = "/".join(parts)
                 if not rel:
                     continue
@@ -498,8 +534,7 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
                     continue  # would read as a whiteout in the layer
                 path = f"{root}/{rel}" if root else rel
                 uid, gid = chown if chown is not None else (ti.uid, ti.gid)
-                mode = (chmod(ti.mode & 0o7777, ti.isdir()) if chmod is not None
-                        else ti.mode & 0o7777)
+                mode = chmod(ti.mode & 0o7777, ti.isdir()) if chmod is not None else ti.mode & 0o7777
                 parent = path.rpartition("/")[0]
                 if parent not in written:
                     ensure_dir(parent)
@@ -515,8 +550,10 @@ def _extract(writer: LayerWriter, plan: SourcePlan, root: str, chown, chmod, ens
                 elif ti.islnk():
                     lparts = [p for p in ti.linkname.split("/") if p not in ("", ".")]
                     if ".." in lparts:
-                        raise CopyError(f"{what}: archive {plan.name} has a hard link that "
-                                        f"leads outside the destination: {ti.linkname!r}")
+                        raise CopyError(
+                            f"{what}: archive {plan.name} has a hard link that "
+                            f"leads outside the destination: {ti.linkname!r}"
+                        )
                     target = "/".join(lparts)
                     links.append((path, f"{root}/{target}" if root else target, uid, gid))
                     continue

@@ -58,13 +58,32 @@ def make_disk(path: Path, size: int = DISK_SIZE) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
     res = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(DISK_INODES), "-O", "^has_journal",
-         "-L", "vmshim-build", "-E", "lazy_itable_init=0,nodiscard,root_owner=0:0", str(path)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-N",
+            str(DISK_INODES),
+            "-O",
+            "^has_journal",
+            "-L",
+            "vmshim-build",
+            "-E",
+            "lazy_itable_init=0,nodiscard,root_owner=0:0",
+            str(path),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         path.unlink(missing_ok=True)
-        raise DiffError(f"cannot make the build step's writable disk {path}: "
-                        f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}")
+        raise DiffError(
+            f"cannot make the build step's writable disk {path}: "
+            f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}"
+        )
 
 
 def check(spool: Path, limits: Limits | None = None) -> int:
@@ -77,8 +96,14 @@ def check(spool: Path, limits: Limits | None = None) -> int:
         raise DiffError(f"the RUN step's changes were refused: {_reason(exc, spool)}") from None
 
 
-def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, *,
-                limits: Limits | None = None, mount_points: AbstractSet[str] = frozenset()) -> int:
+def write_layer(
+    spool: Path,
+    writer: LayerWriter,
+    base: RootView | None = None,
+    *,
+    limits: Limits | None = None,
+    mount_points: AbstractSet[str] = frozenset(),
+) -> int:
     """Rewrite the diff tar *spool* into *writer*, leaving out runtime leftovers and
     directories only copied up (see the module), and *mount_points* (relative paths the
     step's ``--mount`` targets needed) when they are empty and new. Precondition:
@@ -113,22 +138,22 @@ def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, 
                     continue
                 if name.startswith(_WH):
                     flush()
-                    writer.add_whiteout(f"{parent}/{name[len(_WH):]}" if parent
-                                        else name[len(_WH):])
+                    writer.add_whiteout(f"{parent}/{name[len(_WH) :]}" if parent else name[len(_WH) :])
                     count += 1
                     continue
                 kept = _kept(ti)
                 mode, mtime = ti.mode & 0o7777, int(ti.mtime)
                 if ti.isdir():
                     pending.append((rel, mode, ti.uid, ti.gid, mtime, kept))
-                    if not kept and (_same_dir(base, rel, mode, ti.uid, ti.gid)
-                                     or _runtime_dir(base, rel)
-                                     or _new(base, rel, mount_points)):
+                    if not kept and (
+                        _same_dir(base, rel, mode, ti.uid, ti.gid)
+                        or _runtime_dir(base, rel)
+                        or _new(base, rel, mount_points)
+                    ):
                         continue  # held until something below it is written
                     flush()
                     continue
-                if ti.isreg() and ti.size == 0 and (_runtime_file(base, rel)
-                                                    or _new(base, rel, mount_points)):
+                if ti.isreg() and ti.size == 0 and (_runtime_file(base, rel) or _new(base, rel, mount_points)):
                     continue
                 flush()
                 if ti.isreg():
@@ -146,8 +171,7 @@ def write_layer(spool: Path, writer: LayerWriter, base: RootView | None = None, 
                 elif ti.isfifo():
                     writer.add_fifo(rel, mode, ti.uid, ti.gid, mtime)
                 else:  # check() refuses every other type
-                    raise DiffError(f"the RUN step's changes hold {rel!r} of an unsupported "
-                                    "type; refused")
+                    raise DiffError(f"the RUN step's changes hold {rel!r} of an unsupported type; refused")
                 written.add(rel)
                 count += 1
     except LayerError as exc:
@@ -161,7 +185,7 @@ def _norm(name: str) -> str:
 
 def _reason(exc: LayerError, spool: Path) -> str:
     text = str(exc).replace(f"layer sha256:{spool.name}", "the tar stream")
-    return text[len("layer "):] if text.startswith("layer ") else text
+    return text[len("layer ") :] if text.startswith("layer ") else text
 
 
 def _runtime_file(base: RootView | None, rel: str) -> bool:
@@ -181,14 +205,13 @@ def _same_dir(base: RootView | None, rel: str, mode: int, uid: int, gid: int) ->
     if base is None:
         return False
     node = base.nodes.get(rel)
-    return (node is not None and node.kind == "d" and node.mode == mode
-            and node.uid == uid and node.gid == gid)
+    return node is not None and node.kind == "d" and node.mode == mode and node.uid == uid and node.gid == gid
 
 
 def _kept(ti) -> dict[str, str] | None:
     """The xattrs an image layer carries (trusted.overlay.* never)."""
     kept = {}
     for key, value in ti.pax_headers.items():
-        if key.startswith(_XATTR) and key[len(_XATTR):].startswith(_KEEP_XATTR_PREFIXES):
-            kept[key[len(_XATTR):]] = value
+        if key.startswith(_XATTR) and key[len(_XATTR) :].startswith(_KEEP_XATTR_PREFIXES):
+            kept[key[len(_XATTR) :]] = value
     return kept or None

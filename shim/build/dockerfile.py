@@ -27,9 +27,26 @@ from dataclasses import dataclass, field
 from shim.build.words import WordError, parse_key_values, split_words
 from shim.build.errors import BuildError
 
-INSTRUCTIONS = ("FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY",
-                "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL",
-                "HEALTHCHECK", "SHELL")
+INSTRUCTIONS = (
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "MAINTAINER",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+)
 FLAGS = {
     "FROM": {"platform"},
     "COPY": {"from", "chown", "chmod", "link", "parents"},
@@ -40,8 +57,21 @@ FLAGS = {
 REPEATABLE = {("RUN", "mount")}
 """Flags that may be given more than once; their values are joined with newlines."""
 """The ``--flags`` each instruction accepts (the classic builder's set, plus --chmod)."""
-METADATA_ONLY = {"CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ENTRYPOINT", "VOLUME", "USER",
-                 "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+METADATA_ONLY = {
+    "CMD",
+    "LABEL",
+    "MAINTAINER",
+    "EXPOSE",
+    "ENV",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 """Instructions that change the image config only (WORKDIR may add a directory)."""
 _FLAG = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(\S*))?(?:\s+|$)")
 HEREDOC = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
@@ -98,7 +128,7 @@ class Instruction:
 class Stage:
     index: int
     name: str | None
-    base: str               # the FROM image, variables not yet expanded
+    base: str  # the FROM image, variables not yet expanded
     from_: Instruction
     instructions: list[Instruction] = field(default_factory=list)
 
@@ -119,9 +149,10 @@ class Dockerfile:
         for stage in self.stages:
             if stage.name is not None and stage.name == target.lower():
                 return stage.index
-        raise DockerfileError(f"target stage {target!r} could not be found in {self.path}"
-                              + (f" (stages: {', '.join(s.label for s in self.stages)})"
-                                 if self.stages else ""))
+        raise DockerfileError(
+            f"target stage {target!r} could not be found in {self.path}"
+            + (f" (stages: {', '.join(s.label for s in self.stages)})" if self.stages else "")
+        )
 
 
 def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
@@ -146,8 +177,9 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
         if keyword == "COMMENT":
             continue
         line = rec["startline"] + 1
-        instructions.append(parse_instruction(keyword, rec["value"], line, path, escape,
-                                              heredocs=heredocs.get(line, ())))
+        instructions.append(
+            parse_instruction(keyword, rec["value"], line, path, escape, heredocs=heredocs.get(line, ()))
+        )
     if not instructions:
         raise DockerfileError(f"{path} is empty: a Dockerfile needs at least a FROM")
     global_args: list[Instruction] = []
@@ -165,7 +197,8 @@ def parse(data: bytes | str, path: str = "Dockerfile") -> Dockerfile:
             if ins.keyword != "ARG":
                 raise DockerfileError(
                     f"{path}:{ins.line}: {ins.keyword} before the first FROM: a Dockerfile "
-                    "must start with FROM (only ARG may come before it)")
+                    "must start with FROM (only ARG may come before it)"
+                )
             global_args.append(ins)
         else:
             stages[-1].instructions.append(ins)
@@ -193,8 +226,9 @@ def _cut_heredocs(text: str, path: str) -> tuple[str, dict[int, tuple[Heredoc, .
             size = 0
             while True:
                 if index >= len(lines):
-                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is not "
-                                          f"closed (no line {word!r} after it)")
+                    raise DockerfileError(
+                        f"{path}:{start + 1}: the heredoc <<{word} is not closed (no line {word!r} after it)"
+                    )
                 current = lines[index]
                 lines[index] = ""
                 index += 1
@@ -205,8 +239,9 @@ def _cut_heredocs(text: str, path: str) -> tuple[str, dict[int, tuple[Heredoc, .
                 body.append(current + "\n")
                 size += len(body[-1])
                 if size > MAX_HEREDOC:
-                    raise DockerfileError(f"{path}:{start + 1}: the heredoc <<{word} is "
-                                          f"larger than {MAX_HEREDOC} bytes")
+                    raise DockerfileError(
+                        f"{path}:{start + 1}: the heredoc <<{word} is larger than {MAX_HEREDOC} bytes"
+                    )
             docs.append(Heredoc(word=word, content="".join(body), expand=not quote))
         if docs:
             found[start + 1] = tuple(docs)
@@ -221,15 +256,20 @@ def _escape_directive(text: str, path: str) -> str:
             break
         if m.group(1).lower() == "escape":
             if m.group(2) not in ("\\", "`"):
-                raise DockerfileError(f"{path}: invalid escape directive {m.group(2)!r}: "
-                                      "use \\ or `")
+                raise DockerfileError(f"{path}: invalid escape directive {m.group(2)!r}: use \\ or `")
             return m.group(2)
     return "\\"
 
 
-def parse_instruction(keyword: str, value: str, line: int, path: str = "Dockerfile",
-                      escape: str = "\\", nested: bool = False,
-                      heredocs: tuple = ()) -> Instruction:
+def parse_instruction(
+    keyword: str,
+    value: str,
+    line: int,
+    path: str = "Dockerfile",
+    escape: str = "\\",
+    nested: bool = False,
+    heredocs: tuple = (),
+) -> Instruction:
     """Check one instruction and split off its flags. Raises DockerfileError."""
     where = f"{path}:{line}"
     if keyword not in INSTRUCTIONS:
@@ -237,11 +277,11 @@ def parse_instruction(keyword: str, value: str, line: int, path: str = "Dockerfi
     value = value.strip()
     flags, rest = _split_flags(value, keyword, where)
     if keyword in ("RUN", "COPY", "ADD") and not heredocs and HEREDOC.search(rest):
-        raise DockerfileError(f"{where}: a heredoc ({keyword} <<EOF) must start on the "
-                              f"{keyword} line itself")
+        raise DockerfileError(f"{where}: a heredoc ({keyword} <<EOF) must start on the {keyword} line itself")
     form = _json_form(rest)
-    ins = Instruction(keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form,
-                      heredocs=tuple(heredocs))
+    ins = Instruction(
+        keyword=keyword, value=value, line=line, flags=flags, rest=rest, json=form, heredocs=tuple(heredocs)
+    )
     try:
         _check(ins, where, escape, nested)
     except WordError as exc:
@@ -261,7 +301,8 @@ def _split_flags(value: str, keyword: str, where: str) -> tuple[dict, str]:
             allowed = sorted(FLAGS.get(keyword, set()))
             raise DockerfileError(
                 f"{where}: {keyword} does not support the flag --{name}"
-                + (f" (it supports {', '.join('--' + f for f in allowed)})" if allowed else ""))
+                + (f" (it supports {', '.join('--' + f for f in allowed)})" if allowed else "")
+            )
         value = m.group(2) if m.group(2) is not None else "true"
         if name in flags and (keyword, name) in REPEATABLE:
             flags[name] += "\n" + value
@@ -269,7 +310,7 @@ def _split_flags(value: str, keyword: str, where: str) -> tuple[dict, str]:
             raise DockerfileError(f"{where}: {keyword}: --{name} given twice")
         else:
             flags[name] = value
-        rest = rest[m.end():]
+        rest = rest[m.end() :]
     return flags, rest.strip()
 
 
@@ -306,8 +347,7 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
                     raise DockerfileError(str(exc)) from None
     elif k == "SHELL":
         if not ins.json:
-            raise DockerfileError(f"{where}: SHELL needs its arguments in JSON form, "
-                                  'e.g. SHELL ["/bin/sh", "-c"]')
+            raise DockerfileError(f'{where}: SHELL needs its arguments in JSON form, e.g. SHELL ["/bin/sh", "-c"]')
     elif k in ("ENV", "LABEL"):
         parse_key_values(rest, k, escape)
     elif k == "ARG":
@@ -329,8 +369,7 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
                 parse_chmod(ins.flags["chmod"])
             except CopyError as exc:
                 raise DockerfileError(f"{where}: {k} {exc}") from None
-        if "checksum" in ins.flags and not all(
-                w.startswith(("http://", "https://")) for w in args[:-1]):
+        if "checksum" in ins.flags and not all(w.startswith(("http://", "https://")) for w in args[:-1]):
             raise DockerfileError(f"{where}: ADD --checksum is only for URL sources")
     elif k in ("WORKDIR", "USER", "STOPSIGNAL", "MAINTAINER"):
         if not rest:
@@ -356,14 +395,14 @@ def _check(ins: Instruction, where: str, escape: str, nested: bool) -> None:
             if "retries" in ins.flags and not ins.flags["retries"].isdigit():
                 raise DockerfileError(f"{where}: HEALTHCHECK --retries must be a number")
         else:
-            raise DockerfileError(f"{where}: HEALTHCHECK needs NONE or CMD <command>, "
-                                  f"not {words[0]!r}")
+            raise DockerfileError(f"{where}: HEALTHCHECK needs NONE or CMD <command>, not {words[0]!r}")
     elif k == "ONBUILD":
         words = rest.split(None, 1)
         if not words:
             raise DockerfileError(f"{where}: ONBUILD needs an instruction")
-        parse_instruction(words[0].upper(), words[1] if len(words) > 1 else "",
-                          ins.line, where.rsplit(":", 1)[0], escape, nested=True)
+        parse_instruction(
+            words[0].upper(), words[1] if len(words) > 1 else "", ins.line, where.rsplit(":", 1)[0], escape, nested=True
+        )
 
 
 def _from_parts(ins: Instruction, path: str, escape: str) -> tuple[str, str | None]:
@@ -373,16 +412,24 @@ def _from_parts(ins: Instruction, path: str, escape: str) -> tuple[str, str | No
     if len(words) == 3 and words[1].lower() == "as":
         name = words[2].lower()
         if not re.fullmatch(r"[a-z][a-z0-9._-]*", name):
-            raise DockerfileError(f"{path}:{ins.line}: invalid stage name {words[2]!r}: use "
-                                  "a letter then letters, digits, '.', '_' or '-'")
+            raise DockerfileError(
+                f"{path}:{ins.line}: invalid stage name {words[2]!r}: use "
+                "a letter then letters, digits, '.', '_' or '-'"
+            )
         return words[0], name
-    raise DockerfileError(f"{path}:{ins.line}: FROM needs an image, optionally followed by "
-                          "AS <name>")
+    raise DockerfileError(f"{path}:{ins.line}: FROM needs an image, optionally followed by AS <name>")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-          "m": 60_000_000_000, "h": 3_600_000_000_000}
+_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
 
 
 def parse_duration(text: str, what: str) -> int:

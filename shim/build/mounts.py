@@ -33,12 +33,10 @@ from shim.volumes.specs import MountRequest
 
 TYPES = ("bind", "cache", "secret", "tmpfs")
 _KEYS = {
-    "cache": {"type", "target", "dst", "destination", "id", "ro", "readonly", "rw",
-              "sharing", "mode", "uid", "gid"},
+    "cache": {"type", "target", "dst", "destination", "id", "ro", "readonly", "rw", "sharing", "mode", "uid", "gid"},
     "secret": {"type", "target", "dst", "destination", "id", "required", "mode", "uid", "gid"},
     "tmpfs": {"type", "target", "dst", "destination", "size"},
-    "bind": {"type", "target", "dst", "destination", "source", "src", "from", "rw",
-             "readwrite", "ro", "readonly"},
+    "bind": {"type", "target", "dst", "destination", "source", "src", "from", "rw", "readwrite", "ro", "readonly"},
 }
 MAX_SECRET = 500 * 1024
 """docker's cap on a build secret's size."""
@@ -83,8 +81,7 @@ def parse_secret_flags(values: list[str]) -> dict[str, Path]:
         except OSError as exc:
             raise MountError(f"--secret {ident}: cannot read {src}: {exc.strerror}") from None
         if not path.is_file() or size > MAX_SECRET:
-            raise MountError(f"--secret {ident}: {src} must be a regular file of at most "
-                             f"{MAX_SECRET} bytes")
+            raise MountError(f"--secret {ident}: {src} must be a regular file of at most {MAX_SECRET} bytes")
         out[ident] = path
     return out
 
@@ -95,8 +92,7 @@ def parse_mount(spec: str, where: str) -> dict:
     fields = _pairs(spec, f"{where}: RUN --mount={spec}")
     kind = fields.setdefault("type", "bind")
     if kind not in TYPES:
-        raise MountError(f"{where}: RUN --mount type={kind} is not supported (supported: "
-                         f"{', '.join(TYPES)})")
+        raise MountError(f"{where}: RUN --mount type={kind} is not supported (supported: {', '.join(TYPES)})")
     unknown = sorted(set(fields) - _KEYS[kind])
     if unknown:
         raise MountError(f"{where}: RUN --mount type={kind} does not take {unknown[0]!r}")
@@ -121,8 +117,9 @@ def parse_mount(spec: str, where: str) -> dict:
     return fields
 
 
-def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], workdir: str,
-            scratch_dir: Path) -> StepMounts:
+def prepare(
+    specs: list[dict], *, isolation: str, secrets: dict[str, Path], workdir: str, scratch_dir: Path
+) -> StepMounts:
     """Turn checked ``--mount`` fields into requests for one step: cache volumes made if
     missing, secrets copied to a private directory under *scratch_dir*, bind sources
     written there (``fields["plans"]`` and ``fields["open_many"]`` set by the builder,
@@ -141,25 +138,27 @@ def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], work
                 private = Path(scratch_dir) / f"bind-{len(out.scratch)}"
                 private.mkdir(mode=0o700, parents=True)
                 out.scratch.append(private)
-                source = materialize(fields["plans"], private / "root",
-                                     fields.get("open_many"))
-                out.requests.append(MountRequest(type="bind", source=str(source),
-                                                 target=target, readonly=not fields["rw"]))
+                source = materialize(fields["plans"], private / "root", fields.get("open_many"))
+                out.requests.append(
+                    MountRequest(type="bind", source=str(source), target=target, readonly=not fields["rw"])
+                )
             elif fields["type"] == "cache":
                 ident = fields.get("id") or target
-                name = (f"buildcache-{isolation}-"
-                        f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}")
+                name = f"buildcache-{isolation}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}"
                 VolumeStore().ensure(name)
                 readonly = "ro" in fields or fields.get("readonly", "false") != "false"
-                out.requests.append(MountRequest(type="volume", source=name, target=target,
-                                                 readonly=readonly, nocopy=True))
+                out.requests.append(
+                    MountRequest(type="volume", source=name, target=target, readonly=readonly, nocopy=True)
+                )
             else:
                 source = secrets.get(fields["id"])
                 if source is None:
                     if fields.get("required", "false") not in ("false", ""):
-                        raise MountError(f"secret {fields['id']!r} is required by RUN "
-                                         f"--mount; give it with --secret id={fields['id']},"
-                                         "src=FILE")
+                        raise MountError(
+                            f"secret {fields['id']!r} is required by RUN "
+                            f"--mount; give it with --secret id={fields['id']},"
+                            "src=FILE"
+                        )
                     continue
                 private = Path(scratch_dir) / f"secret-{len(out.scratch)}"
                 private.mkdir(mode=0o700, parents=True)
@@ -168,8 +167,7 @@ def prepare(specs: list[dict], *, isolation: str, secrets: dict[str, Path], work
                 fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
                 with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
                     f.write(src.read(MAX_SECRET + 1)[:MAX_SECRET])
-                out.requests.append(MountRequest(type="bind", source=str(copy), target=target,
-                                                 readonly=True))
+                out.requests.append(MountRequest(type="bind", source=str(copy), target=target, readonly=True))
             rel = target.lstrip("/")
             while rel:
                 out.mount_points.add(rel)
@@ -195,8 +193,7 @@ def materialize(plans: list, dest: Path, open_many=None) -> Path:
         raise MountError("RUN --mount type=bind: source must name one file or directory")
     plan = plans[0]
     if len(plan.entries) > MAX_BIND_ENTRIES:
-        raise MountError(f"RUN --mount type=bind: source has more than {MAX_BIND_ENTRIES} "
-                         "entries")
+        raise MountError(f"RUN --mount type=bind: source has more than {MAX_BIND_ENTRIES} entries")
     if plan.kind == "dir":
         dest.mkdir(mode=0o755)
     pending: dict[str, list] = {}
@@ -206,8 +203,7 @@ def materialize(plans: list, dest: Path, open_many=None) -> Path:
         if any(p in ("", ".", "..") for p in parts) or (plan.kind == "file" and parts):
             raise MountError(f"RUN --mount type=bind: unexpected path {entry.path!r}")
         if parts and "/".join(parts[:-1]) not in made:
-            raise MountError(f"RUN --mount type=bind: {entry.path!r} is not below a "
-                             "directory of the source")
+            raise MountError(f"RUN --mount type=bind: {entry.path!r} is not below a directory of the source")
         path = dest.joinpath(*parts) if parts else dest
         if entry.kind == "d":
             if parts:

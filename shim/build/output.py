@@ -53,8 +53,9 @@ def parse_output(spec: str) -> Output:
     if kind not in TYPES:
         raise OutputError(f"invalid --output type {kind!r}: use {', '.join(TYPES)}")
     if not dest or dest == "-":
-        raise OutputError(f"--output type={kind} needs dest=PATH (a file or directory; "
-                          "stdout carries the build's own output)")
+        raise OutputError(
+            f"--output type={kind} needs dest=PATH (a file or directory; stdout carries the build's own output)"
+        )
     if fields:
         raise OutputError(f"--output does not take {sorted(fields)[0]!r}")
     return Output(kind, dest)
@@ -117,8 +118,7 @@ def write_local(view: RootView, dest: Path) -> None:
         raise OutputError(f"cannot write --output to {dest}: {exc.strerror}") from None
     try:
         if os.listdir(root):
-            raise OutputError(f"--output type=local needs a new or empty directory; {dest} "
-                              "is not empty")
+            raise OutputError(f"--output type=local needs a new or empty directory; {dest} is not empty")
         files = []
         for path in view.walk(""):
             node = view.nodes[path]
@@ -138,8 +138,9 @@ def write_local(view: RootView, dest: Path) -> None:
         for path, f in view.open_many(files):
             parent, name = _parent_fd(root, path)
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=parent)
+                fd = os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+                )
             finally:
                 os.close(parent)
             with os.fdopen(fd, "wb") as out:
@@ -175,4 +176,3 @@ def _info(path: str, node) -> tarfile.TarInfo:
     ti.mtime = max(0, node.mtime)
     ti.uname = ti.gname = ""
     return ti
-

@@ -24,9 +24,14 @@ def spawn(domain: str, run_dir: str, network_of: str | None = None) -> None:
     """Start the clean-up in its own session, detached from the caller's terminal;
     *network_of*: the container id whose network endpoint to disconnect afterwards."""
     extra = [network_of] if network_of else []
-    subprocess.Popen([sys.executable, "-m", "shim.build.reap", domain, run_dir, *extra],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "shim.build.reap", domain, run_dir, *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def reap(domain: str, run_dir: str, network_of: str | None = None) -> None:

@@ -65,9 +65,17 @@ class StepResult:
 class StepRunner:
     """Runs RUN steps for one build."""
 
-    def __init__(self, store, *, isolation: str = "vm", memory_mib: int = DEFAULT_VM_MIB,
-                 work_root: Path | None = None, status=lambda text: None,
-                 warn=lambda text: None, network: NetworkRequest | None = None):
+    def __init__(
+        self,
+        store,
+        *,
+        isolation: str = "vm",
+        memory_mib: int = DEFAULT_VM_MIB,
+        work_root: Path | None = None,
+        status=lambda text: None,
+        warn=lambda text: None,
+        network: NetworkRequest | None = None,
+    ):
         self.store = store
         self.network = network
         """shim.containers.networking.NetworkRequest for every step (None: no
@@ -79,9 +87,17 @@ class StepRunner:
         self.warn = warn
         sweep_stale(self.work_root)
 
-    def run(self, layers: list[dict], process: ProcessSpec, base: RootView, *,
-            out_fd: int, container_id: str | None = None, announce=None,
-            mounts=None) -> StepResult:
+    def run(
+        self,
+        layers: list[dict],
+        process: ProcessSpec,
+        base: RootView,
+        *,
+        out_fd: int,
+        container_id: str | None = None,
+        announce=None,
+        mounts=None,
+    ) -> StepResult:
         """Run *process* on *layers*; return its diff. Raises RunStepError when the
         command fails (non-zero exit, or it cannot start), VmshimError for VM trouble.
         *announce* (optional) is called with the container id before it starts.
@@ -94,17 +110,21 @@ class StepRunner:
         for i, desc in enumerate(layers):
             if not disks:
                 self.status("preparing layer disks")
-            disks.append(layer_disk(self.store, LayerRef(desc["digest"], desc["mediaType"],
-                                                         desc["size"])))
+            disks.append(layer_disk(self.store, LayerRef(desc["digest"], desc["mediaType"], desc["size"])))
         self.work_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=self.work_root, prefix=f"{container_id[:12]}-"))
         os.chmod(work, 0o711)  # QEMU (as libvirt-qemu) must reach the disk in it
         try:
-            boot = BootConfig(container_id=container_id, token=secrets.token_hex(16),
-                              hostname=container_id[:12], process=process,
-                              layer_count=len(disks),
-                              writable="disk" if self.isolation == "vm" else "tmpfs",
-                              hosts=_hosts(container_id[:12]), resolv_conf=_resolv_conf())
+            boot = BootConfig(
+                container_id=container_id,
+                token=secrets.token_hex(16),
+                hostname=container_id[:12],
+                process=process,
+                layer_count=len(disks),
+                writable="disk" if self.isolation == "vm" else "tmpfs",
+                hosts=_hosts(container_id[:12]),
+                resolv_conf=_resolv_conf(),
+            )
             if announce is not None:
                 announce(container_id)
             spool = work / "diff.tar"
@@ -114,22 +134,27 @@ class StepRunner:
             else:
                 self._run_process(boot, disks, work, out_fd, spool, requests)
             self.status("committing the layer")
-            return self._commit(container_id, spool, base, work,
-                                mounts.mount_points if mounts is not None else set())
+            return self._commit(container_id, spool, base, work, mounts.mount_points if mounts is not None else set())
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     # ---- placements ---------------------------------------------------------------------------
-    def _run_vm(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
-                spool: Path, mounts: list) -> None:
+    def _run_vm(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int, spool: Path, mounts: list) -> None:
         from shim.containers.vm_placement import VmPlacement
 
         rw = work / "rw.img"
         diff.make_disk(rw)
         run_dir = paths.run_dir() / boot.container_id[:12]  # short: agent.sock <= 107 bytes
-        placement = VmPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                memory_mib=self.memory_mib, rw_disk=rw, network=self.network,
-                                mounts=mounts)
+        placement = VmPlacement(
+            boot,
+            disks,
+            run_dir,
+            name=f"build-{boot.container_id[:12]}",
+            memory_mib=self.memory_mib,
+            rw_disk=rw,
+            network=self.network,
+            mounts=mounts,
+        )
         network_of = boot.container_id if self.network is not None else None
         self.status("booting the build microVM")
         try:
@@ -157,14 +182,21 @@ class StepRunner:
             client.close()
         return code, tail
 
-    def _run_process(self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int,
-                     spool: Path, mounts: list) -> None:
+    def _run_process(
+        self, boot: BootConfig, disks: list[Path], work: Path, out_fd: int, spool: Path, mounts: list
+    ) -> None:
         from shim.containers.process_placement import ProcessPlacement
 
         run_dir = paths.run_dir() / boot.container_id[:12]  # short: agent.sock <= 107 bytes
-        placement = ProcessPlacement(boot, disks, run_dir, name=f"build-{boot.container_id[:12]}",
-                                     rw_dir=work / "rw", network=self.network,
-                                     mounts=mounts)
+        placement = ProcessPlacement(
+            boot,
+            disks,
+            run_dir,
+            name=f"build-{boot.container_id[:12]}",
+            rw_dir=work / "rw",
+            network=self.network,
+            mounts=mounts,
+        )
         try:
             code, tail = self._step(placement.boot(), boot, out_fd, spool)
         except BaseException:
@@ -175,8 +207,7 @@ class StepRunner:
         _check(code, tail, boot.process)
 
     # ---- the diff -----------------------------------------------------------------------------
-    def _commit(self, container_id: str, spool: Path, base: RootView, work: Path,
-                mount_points: set[str]) -> StepResult:
+    def _commit(self, container_id: str, spool: Path, base: RootView, work: Path, mount_points: set[str]) -> StepResult:
         diff.check(spool)
         out = work / "layer.tar"
         writer = LayerWriter(out)
@@ -199,15 +230,13 @@ def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes
     """Start the main process and copy its output to *out_fd* until it exits; return
     (exit code, the output's last OUTPUT_TAIL bytes). Raises RunStepError when it cannot
     start, AgentError when the channel breaks."""
-    client.send(protocol.START, token=boot.token, id=MAIN_ID, stdin=False, tty=False,
-                rows=24, cols=80, hold=True)
+    client.send(protocol.START, token=boot.token, id=MAIN_ID, stdin=False, tty=False, rows=24, cols=80, hold=True)
     deadline = time.monotonic() + START_TIMEOUT  # one deadline: chatter does not extend it
     reply = client.recv(START_TIMEOUT)
     while reply.type in (protocol.LOG, protocol.HELLO):
         reply = client.recv(max(0.01, deadline - time.monotonic()))
     if reply.type == protocol.ERROR:
-        message = protocol.printable(
-            reply.get("message", str, "the agent could not start the command"))
+        message = protocol.printable(reply.get("message", str, "the agent could not start the command"))
         code = reply.get("code", int, 125)
         raise RunStepError(f"{message}", code or 125)
     if reply.type != protocol.STARTED:
@@ -222,16 +251,14 @@ def _run_main(client, boot: BootConfig, out_fd: int, status) -> tuple[int, bytes
             _write_all(out_fd, msg.payload)
             tail += msg.payload
             if len(tail) > OUTPUT_TAIL:
-                del tail[:len(tail) - OUTPUT_TAIL]
+                del tail[: len(tail) - OUTPUT_TAIL]
         elif msg.type == protocol.EXIT and msg.get("id", int) == MAIN_ID:
             return msg.get("code", int), bytes(tail)
         elif msg.type == protocol.ERROR:
-            raise AgentError(protocol.printable(
-                msg.get("message", str, "the agent reported an error")))
+            raise AgentError(protocol.printable(msg.get("message", str, "the agent reported an error")))
 
 
-def _fetch_diff(client, boot: BootConfig, spool: Path, warn,
-                limit: int = diff.MAX_DIFF_BYTES) -> None:
+def _fetch_diff(client, boot: BootConfig, spool: Path, warn, limit: int = diff.MAX_DIFF_BYTES) -> None:
     """Ask the agent for the step's changes (after the main process exited) and write the
     tar it streams to *spool*, at most *limit* bytes. The stream is not looked into here
     (see diff.check). Raises DiffError when the agent cannot send it or sends too much,
@@ -241,8 +268,9 @@ def _fetch_diff(client, boot: BootConfig, spool: Path, warn,
     while reply.type != protocol.ERROR and reply.type != protocol.STARTED:
         reply = client.recv(START_TIMEOUT)  # hello, log, late output: not about the diff
     if reply.type == protocol.ERROR:
-        raise diff.DiffError("the agent cannot send the RUN step's changes: "
-                             f"{_field(reply, 'message', str, 'no reason given')[:300]}")
+        raise diff.DiffError(
+            f"the agent cannot send the RUN step's changes: {_field(reply, 'message', str, 'no reason given')[:300]}"
+        )
     size = 0
     errors = bytearray()
     with open(spool, "wb") as out:
@@ -252,17 +280,18 @@ def _fetch_diff(client, boot: BootConfig, spool: Path, warn,
             if msg.type == protocol.STDOUT and ours:
                 size += len(msg.payload)
                 if size > limit:
-                    raise diff.DiffError(f"the RUN step's changes are larger than {limit} "
-                                         "bytes; refused")
+                    raise diff.DiffError(f"the RUN step's changes are larger than {limit} bytes; refused")
                 out.write(msg.payload)
             elif msg.type == protocol.STDERR and ours:
-                errors += msg.payload[:OUTPUT_TAIL - len(errors)]
+                errors += msg.payload[: OUTPUT_TAIL - len(errors)]
             elif msg.type == protocol.EXIT and ours:
                 code = _field(msg, "code", int, 1)
                 break
             elif msg.type == protocol.ERROR:
-                raise AgentError("the agent failed while sending the RUN step's changes: "
-                                 f"{_field(msg, 'message', str, 'no reason given')[:300]}")
+                raise AgentError(
+                    "the agent failed while sending the RUN step's changes: "
+                    f"{_field(msg, 'message', str, 'no reason given')[:300]}"
+                )
     lines = [_printable(ln) for ln in errors.decode(errors="replace").splitlines() if ln.strip()]
     if code != 0:
         reason = lines[-1] if lines else f"exit code {code}"
@@ -297,8 +326,7 @@ def _shutdown(client) -> None:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AgentError(f"the build container did not shut down within "
-                             f"{SHUTDOWN_TIMEOUT:.0f} s")
+            raise AgentError(f"the build container did not shut down within {SHUTDOWN_TIMEOUT:.0f} s")
         if wait_readable([client.sock], left):
             try:
                 client.read_available()  # whatever it still says is of no interest
@@ -308,8 +336,7 @@ def _shutdown(client) -> None:
 
 def _check(code: int, tail: bytes, process: ProcessSpec) -> None:
     if code != 0:
-        raise RunStepError(f"The command '{' '.join(process.args)}' returned a non-zero "
-                           f"code: {code}", code, tail)
+        raise RunStepError(f"The command '{' '.join(process.args)}' returned a non-zero code: {code}", code, tail)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -354,8 +381,7 @@ def sweep_stale(directory: Path, age: float = STALE_AGE) -> None:
 
 
 def _hosts(hostname: str) -> str:
-    return ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"127.0.1.1\t{hostname}\n")
+    return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
 
 
 def _resolv_conf() -> str:

@@ -11,8 +11,9 @@ def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
-def resolve_within(path: str, link_of: Callable[[list[str], str, bool], str | None],
-                   max_links: int, too_many: Callable[[], Exception]) -> str:
+def resolve_within(
+    path: str, link_of: Callable[[list[str], str, bool], str | None], max_links: int, too_many: Callable[[], Exception]
+) -> str:
     """*path* (relative to the root) with its symlinks followed, never above the root:
     ``..`` at the root stays there, an absolute target starts again at the root.
     ``link_of(resolved, name, last)`` is the target of the component *name* under the

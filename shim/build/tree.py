@@ -80,8 +80,10 @@ def open_layer_tar(blob: Path) -> Iterator[tarfile.TarFile]:
         if magic == b"\x28\xb5\x2f\xfd":  # zstd
             from shim.images.layers import open_uncompressed  # noqa: I001
 
-            with open_uncompressed(blob) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
+            with (
+                open_uncompressed(blob) as stream,
+                tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar,
+            ):
                 yield tar
         else:
             with tarfile.open(blob, mode="r|*", tarinfo=BoundedTarInfo) as tar:
@@ -112,19 +114,16 @@ def listing(blob: Path, digest_hex: str) -> list[list]:
                 continue
             if base.startswith(_WH):
                 if not base.startswith(_WH + _WH):  # .wh..wh.* aufs bookkeeping: ignored
-                    entries.append([posixpath.join(parent, base[len(_WH):]), "w",
-                                    0, 0, 0, 0, 0, ""])
+                    entries.append([posixpath.join(parent, base[len(_WH) :]), "w", 0, 0, 0, 0, 0, ""])
                 continue
             kind = entry_kind(ti)  # None for devices: layers refuse them anyway
             if kind is None or not name:
                 continue
             link = norm(ti.linkname) if kind == "h" else (ti.linkname if kind == "l" else "")
-            entries.append([name, kind, ti.mode & 0o7777, ti.uid, ti.gid, ti.size,
-                            int(ti.mtime), link])
+            entries.append([name, kind, ti.mode & 0o7777, ti.uid, ti.gid, ti.size, int(ti.mtime), link])
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}")  # stages: threads
-    tmp.write_text(json.dumps({"v": _LISTING_VERSION, "entries": entries},
-                              separators=(",", ":")))
+    tmp.write_text(json.dumps({"v": _LISTING_VERSION, "entries": entries}, separators=(",", ":")))
     os.replace(tmp, cache)
     return entries
 
@@ -153,16 +152,18 @@ class RootView:
             listings.append(listing(blob, desc["digest"].split(":", 1)[1]))
         return cls(blobs, listings)
 
-    def _remove_tree(self, path: str, below_layer: int | None = None,
-                     keep_self: bool = False) -> None:
+    def _remove_tree(self, path: str, below_layer: int | None = None, keep_self: bool = False) -> None:
         node = self.nodes.get(path)
         if node is not None and node.kind != "d":  # no descendants: the common case
             if not keep_self:
                 del self.nodes[path]
             return
         prefix = path + "/" if path else ""
-        doomed = [p for p, n in self.nodes.items()
-                  if p.startswith(prefix) and p != "" and (below_layer is None or n.layer < below_layer)]
+        doomed = [
+            p
+            for p, n in self.nodes.items()
+            if p.startswith(prefix) and p != "" and (below_layer is None or n.layer < below_layer)
+        ]
         for p in doomed:
             del self.nodes[p]
         if not keep_self:
@@ -190,14 +191,16 @@ class RootView:
     def resolve(self, path: str, follow_last: bool = True) -> str:
         """*path* with every symlink resolved as if the view's root were ``/`` (missing
         components kept literally). Raises ImageError after MAX_SYMLINKS links."""
+
         def link_of(resolved: list[str], part: str, last: bool) -> str | None:
             node = self.nodes.get("/".join(resolved + [part]))
             if node is None or node.kind != "l" or (last and not follow_last):
                 return None
             return node.linkname
 
-        return resolve_within(path, link_of, MAX_SYMLINKS, lambda: ImageError(
-            f"too many levels of symbolic links in /{path}"))
+        return resolve_within(
+            path, link_of, MAX_SYMLINKS, lambda: ImageError(f"too many levels of symbolic links in /{path}")
+        )
 
     def get(self, path: str, follow: bool = True) -> Node | None:
         """The node at *path* (symlinks followed, also the last one when *follow*)."""
@@ -269,32 +272,39 @@ class LayerWriter:
         self.path = path
         self._file = open(path, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_Hashing(self._file, self._hash), mode="w",
-                                 format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=_Hashing(self._file, self._hash), mode="w", format=tarfile.PAX_FORMAT)
         self.entries = 0
         self.digest: str | None = None
 
-    def _info(self, name: str, type_: bytes, mode: int, uid: int, gid: int,
-              mtime: int) -> tarfile.TarInfo:
+    def _info(self, name: str, type_: bytes, mode: int, uid: int, gid: int, mtime: int) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
         ti.type, ti.mode, ti.uid, ti.gid = type_, mode & 0o7777, uid, gid
         ti.mtime = max(0, int(mtime))
         ti.uname = ti.gname = ""
         return ti
 
-    def add_dir(self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
-                mtime: int = 0, xattrs: dict | None = None) -> None:
+    def add_dir(
+        self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0, xattrs: dict | None = None
+    ) -> None:
         ti = self._info(name, tarfile.DIRTYPE, mode, uid, gid, mtime)
         self._add(ti, None, xattrs)
 
-    def add_file(self, name: str, data: IO[bytes] | bytes, size: int, mode: int = 0o644,
-                 uid: int = 0, gid: int = 0, mtime: int = 0, xattrs: dict | None = None) -> None:
+    def add_file(
+        self,
+        name: str,
+        data: IO[bytes] | bytes,
+        size: int,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+        xattrs: dict | None = None,
+    ) -> None:
         ti = self._info(name, tarfile.REGTYPE, mode, uid, gid, mtime)
         ti.size = size
         self._add(ti, io.BytesIO(data) if isinstance(data, bytes) else data, xattrs)
 
-    def add_symlink(self, name: str, target: str, uid: int = 0, gid: int = 0,
-                    mtime: int = 0) -> None:
+    def add_symlink(self, name: str, target: str, uid: int = 0, gid: int = 0, mtime: int = 0) -> None:
         ti = self._info(name, tarfile.SYMTYPE, 0o777, uid, gid, mtime)
         ti.linkname = target
         self._add(ti, None, None)

@@ -43,7 +43,7 @@ def split_words(text: str, escape: str = "\\") -> list[str]:
             continue
         in_word = True
         if ch == escape and quote != "'":
-            cur.append(text[i:i + 2])
+            cur.append(text[i : i + 2])
             i += 2
             continue
         if quote is None and ch in "'\"":
@@ -57,8 +57,7 @@ def split_words(text: str, escape: str = "\\") -> list[str]:
     return words
 
 
-def expand(word: str, env: Mapping[str, str] | Callable[[str], str | None],
-           escape: str = "\\") -> str:
+def expand(word: str, env: Mapping[str, str] | Callable[[str], str | None], escape: str = "\\") -> str:
     """Substitute variables in *word* and remove its quotes and escapes.
 
     *env* maps names to values (or is a lookup function returning None when unset).
@@ -90,7 +89,7 @@ class _Expander:
                 end = text.find("'", self.i + 1)
                 if end < 0:
                     raise WordError(f"unterminated single quote in {self.text!r}")
-                out.append(text[self.i + 1:end])
+                out.append(text[self.i + 1 : end])
                 self.i = end + 1
             elif ch == '"':
                 self.i += 1
@@ -131,7 +130,7 @@ class _Expander:
         start = self.i
         while self.i < len(self.text) and (self.text[self.i].isalnum() or self.text[self.i] == "_"):
             self.i += 1
-        return self.text[start:self.i]
+        return self.text[start : self.i]
 
     def _dollar(self) -> str:
         text = self.text
@@ -159,8 +158,10 @@ class _Expander:
             self.i += 1
             ch = text[self.i] if self.i < len(text) else ""
         if ch not in ("-", "+", "?"):
-            raise WordError(f"unsupported modifier in {self.text!r}: "
-                            f"use ${{{name}:-word}}, ${{{name}:+word}} or ${{{name}:?message}}")
+            raise WordError(
+                f"unsupported modifier in {self.text!r}: "
+                f"use ${{{name}:-word}}, ${{{name}:+word}} or ${{{name}:?message}}"
+            )
         self.i += 1
         word = self.run(stop="}")
         is_set = value is not None and (value != "" or not colon)
@@ -173,8 +174,7 @@ class _Expander:
         return value
 
 
-def parse_key_values(text: str, what: str, escape: str = "\\",
-                     legacy: bool = True) -> list[tuple[str, str]]:
+def parse_key_values(text: str, what: str, escape: str = "\\", legacy: bool = True) -> list[tuple[str, str]]:
     """``K=V K2="v 2"`` → [(K, V), (K2, "v 2")] with the raw (unexpanded) values; or, for
     ENV and LABEL, the legacy ``K the rest of the line``. Raises WordError."""
     words = split_words(text, escape)
@@ -182,7 +182,7 @@ def parse_key_values(text: str, what: str, escape: str = "\\",
         raise WordError(f"{what} needs at least one argument")
     if "=" not in words[0] and legacy:
         key = words[0]
-        rest = text.strip()[len(words[0]):].strip()
+        rest = text.strip()[len(words[0]) :].strip()
         if not rest:
             raise WordError(f"{what} {key} needs a value: use {what} {key}=VALUE")
         return [(key, rest)]
@@ -190,8 +190,7 @@ def parse_key_values(text: str, what: str, escape: str = "\\",
     for word in words:
         key, sep, value = word.partition("=")
         if not sep:
-            raise WordError(f"{what}: cannot find '=' in {word!r}: must be of the form "
-                            "name=value")
+            raise WordError(f"{what}: cannot find '=' in {word!r}: must be of the form name=value")
         if not key:
             raise WordError(f"{what}: names cannot be empty ({word!r})")
         pairs.append((key, value))

@@ -10,23 +10,51 @@ import click
 
 
 @click.command()
-@click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True,
-              help="Samples per figure and subject (medians with min and max).")
-@click.option("--only", "only", multiple=True, metavar="NAME[,NAME…]",
-              help="Take only these benchmarks (repeat or comma-separate): cold_start, start, "
-                   "first_output, exec, memory, density, cpu, syscall, io, io_volume, kernels.")
-@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for results.json and the PNG charts "
-                   "[default: ./vmshim-bench-<date>-<time>].")
-@click.option("--max", "max_density", type=click.IntRange(1, 512), default=None,
-              help="Density: start at most this many idle containers per isolation "
-                   "[default: 8; 512 with --budget].")
-@click.option("--budget", "budget", default=None, metavar="SIZE",
-              help="Density: start idle containers until their summed host PSS reaches "
-                   "this (e.g. 16g); PSS per container at 20 and at the maximum.")
-@click.option("--subjects", "subjects", default=None, metavar="NAME[,NAME…]",
-              help="Measure only these subjects: vm, process, runc, oci, floor "
-                   "[default: all] (e.g. a long --budget density run of vm alone).")
+@click.option(
+    "--runs",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Samples per figure and subject (medians with min and max).",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="NAME[,NAME…]",
+    help="Take only these benchmarks (repeat or comma-separate): cold_start, start, "
+    "first_output, exec, memory, density, cpu, syscall, io, io_volume, kernels.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for results.json and the PNG charts [default: ./vmshim-bench-<date>-<time>].",
+)
+@click.option(
+    "--max",
+    "max_density",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="Density: start at most this many idle containers per isolation [default: 8; 512 with --budget].",
+)
+@click.option(
+    "--budget",
+    "budget",
+    default=None,
+    metavar="SIZE",
+    help="Density: start idle containers until their summed host PSS reaches "
+    "this (e.g. 16g); PSS per container at 20 and at the maximum.",
+)
+@click.option(
+    "--subjects",
+    "subjects",
+    default=None,
+    metavar="NAME[,NAME…]",
+    help="Measure only these subjects: vm, process, runc, oci, floor "
+    "[default: all] (e.g. a long --budget density run of vm alone).",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
 def bench(runs, only, output, max_density, budget, subjects, list_only):
     """Measure VM isolation against process isolation, runc and the bare QEMU floor.
@@ -55,8 +83,10 @@ def bench(runs, only, output, max_density, budget, subjects, list_only):
         chosen = [x.strip() for x in subjects.split(",") if x.strip()]
         unknown = sorted(set(chosen) - set(SUBJECTS))
         if unknown or not chosen:
-            raise UsageError(f"--subjects: unknown subject {unknown[0] if unknown else '(none)'!r};"
-                             f" choose from {', '.join(SUBJECTS)}")
+            raise UsageError(
+                f"--subjects: unknown subject {unknown[0] if unknown else '(none)'!r};"
+                f" choose from {', '.join(SUBJECTS)}"
+            )
     budget_mib = 0
     if budget:
         from shim.units import parse_bytes
@@ -78,8 +108,7 @@ def bench(runs, only, output, max_density, budget, subjects, list_only):
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        results = run_suite(names, runs, max_density, log=log, density_budget_mib=budget_mib,
-                            subjects=chosen)
+        results = run_suite(names, runs, max_density, log=log, density_budget_mib=budget_mib, subjects=chosen)
     finally:
         signal.signal(signal.SIGTERM, previous)
     json_path = report.write_json(results, out / "results.json")
@@ -87,7 +116,9 @@ def bench(runs, only, output, max_density, budget, subjects, list_only):
     import sys
 
     report.print_table(results, Console() if sys.stdout.isatty() else Console(width=130))
-    click.echo(f"Results: {json_path}; charts: {', '.join(p.name for p in charts) or 'none'}; "
-               f"took {results.meta.get('duration_s', 0):.0f} s")
+    click.echo(
+        f"Results: {json_path}; charts: {', '.join(p.name for p in charts) or 'none'}; "
+        f"took {results.meta.get('duration_s', 0):.0f} s"
+    )
     if results.meta.get("leftovers"):
         click.echo("Warning: left behind: " + "; ".join(results.meta["leftovers"]), err=True)

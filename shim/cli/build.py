@@ -96,51 +96,119 @@ def _terminate(signum, _frame):
 
 
 @click.command("build")
-@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
-              help="Name the image (repeatable).")
-@click.option("-f", "--file", "dockerfile", metavar="PATH",
-              help="The Dockerfile (default: CONTEXT/Dockerfile; '-' reads stdin).")
-@click.option("--build-arg", "build_args", multiple=True, metavar="K=V",
-              help="Set a build-time variable (repeatable).")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]", help="Name the image (repeatable).")
+@click.option(
+    "-f", "--file", "dockerfile", metavar="PATH", help="The Dockerfile (default: CONTEXT/Dockerfile; '-' reads stdin)."
+)
+@click.option("--build-arg", "build_args", multiple=True, metavar="K=V", help="Set a build-time variable (repeatable).")
 @click.option("--target", metavar="STAGE", help="Build up to this stage and name it.")
 @click.option("--no-cache", is_flag=True, help="Run every step, ignoring the build cache.")
 @click.option("--pull", is_flag=True, help="Pull FROM images even when they are stored.")
-@click.option("--isolation", type=click.Choice(["vm", "process"]), default="vm",
-              show_default=True, help="Where RUN steps run: a microVM each, or namespaces.")
+@click.option(
+    "--isolation",
+    type=click.Choice(["vm", "process"]),
+    default="vm",
+    show_default=True,
+    help="Where RUN steps run: a microVM each, or namespaces.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
-@click.option("-m", "--memory", "memory", metavar="MIB", type=click.IntRange(64, 65536),
-              default=DEFAULT_VM_MIB, show_default=True, help="Memory of each RUN step's microVM.")
-@click.option("--network", metavar="default|none|host|NAME",
-              help="The RUN steps' network (default: the default NAT network, as docker build).")
-@click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:IP",
-              help="Add a line to the RUN steps' /etc/hosts (IP may be host-gateway).")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
-              help="Set a label on the built image (repeatable).")
+@click.option(
+    "-m",
+    "--memory",
+    "memory",
+    metavar="MIB",
+    type=click.IntRange(64, 65536),
+    default=DEFAULT_VM_MIB,
+    show_default=True,
+    help="Memory of each RUN step's microVM.",
+)
+@click.option(
+    "--network",
+    metavar="default|none|host|NAME",
+    help="The RUN steps' network (default: the default NAT network, as docker build).",
+)
+@click.option(
+    "--add-host",
+    "add_hosts",
+    multiple=True,
+    metavar="NAME:IP",
+    help="Add a line to the RUN steps' /etc/hosts (IP may be host-gateway).",
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Set a label on the built image (repeatable)."
+)
 @click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
-@click.option("-o", "--output", "outputs", multiple=True, metavar="type=local|tar|oci,dest=PATH",
-              help="Also write the result there (local: a directory; tar: its files; "
-                   "oci: an OCI image-layout tar).")
-@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE",
-              help="A secret for RUN --mount=type=secret (never in the image).")
-@click.option("--cache-from", "cache_from", multiple=True, metavar="IMAGE",
-              help="Use this image's build history as a cache (repeatable).")
-@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto",
-              show_default=True,
-              help="tty: a collapsing step view; plain: every line (auto: tty on a terminal).")
+@click.option(
+    "-o",
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="type=local|tar|oci,dest=PATH",
+    help="Also write the result there (local: a directory; tar: its files; oci: an OCI image-layout tar).",
+)
+@click.option(
+    "--secret",
+    "secrets",
+    multiple=True,
+    metavar="id=ID,src=FILE",
+    help="A secret for RUN --mount=type=secret (never in the image).",
+)
+@click.option(
+    "--cache-from",
+    "cache_from",
+    multiple=True,
+    metavar="IMAGE",
+    help="Use this image's build history as a cache (repeatable).",
+)
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "plain", "tty"]),
+    default="auto",
+    show_default=True,
+    help="tty: a collapsing step view; plain: every line (auto: tty on a terminal).",
+)
 @click.argument("context", type=click.Path(file_okay=False), metavar="CONTEXT")
-def build_cmd(tags, dockerfile, build_args, target, no_cache, pull, isolation, quiet, memory,
-              network, add_hosts, labels, iidfile, secrets, outputs, cache_from, progress,
-              context):
+def build_cmd(
+    tags,
+    dockerfile,
+    build_args,
+    target,
+    no_cache,
+    pull,
+    isolation,
+    quiet,
+    memory,
+    network,
+    add_hosts,
+    labels,
+    iidfile,
+    secrets,
+    outputs,
+    cache_from,
+    progress,
+    context,
+):
     """Build an image from a Dockerfile and the files in CONTEXT."""
     if not Path(context).is_dir():
         raise UsageError(f"build context {context!r} is not a directory")
     wanted = [parse_output(spec) for spec in outputs]  # checked before any step runs
     options = BuildOptions(
-        context=Path(context), dockerfile=Path(dockerfile) if dockerfile else None,
-        tags=list(tags), build_args=_build_args(build_args), target=target,
-        no_cache=no_cache, pull=pull, isolation=isolation, quiet=quiet, memory_mib=memory,
-        network=network, add_hosts=list(add_hosts), labels=parse_labels(labels),
-        secrets=parse_secret_flags(list(secrets)), cache_from=list(cache_from))
+        context=Path(context),
+        dockerfile=Path(dockerfile) if dockerfile else None,
+        tags=list(tags),
+        build_args=_build_args(build_args),
+        target=target,
+        no_cache=no_cache,
+        pull=pull,
+        isolation=isolation,
+        quiet=quiet,
+        memory_mib=memory,
+        network=network,
+        add_hosts=list(add_hosts),
+        labels=parse_labels(labels),
+        secrets=parse_secret_flags(list(secrets)),
+        cache_from=list(cache_from),
+    )
     if progress == "auto":
         progress = "tty" if sys.stdout.isatty() else "plain"
     if progress == "tty" and not quiet:

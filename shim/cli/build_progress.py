@@ -107,8 +107,10 @@ class TtyOutput(BuildOutput):
         now = self.clock()
         done = sum(1 for s in self.steps if s.ended is not None)
         total = self.steps[-1].total if self.steps else 0
-        lines = [f"[+] Building {now - self.started:.1f}s ({done}/{total})"
-                 + (" FINISHED" if final and done == len(self.steps) else "")]
+        lines = [
+            f"[+] Building {now - self.started:.1f}s ({done}/{total})"
+            + (" FINISHED" if final and done == len(self.steps) else "")
+        ]
         for step in self.steps:
             label = f"[{step.number}/{step.total}] {step.text}"
             if step.cached:
@@ -150,8 +152,7 @@ class TtyOutput(BuildOutput):
                     if step is not None:
                         for raw in complete:
                             text = raw.decode(errors="replace").split("\r")[-1]
-                            step.tail.append("".join(c if c.isprintable() else "?"
-                                                     for c in text)[:200])
+                            step.tail.append("".join(c if c.isprintable() else "?" for c in text)[:200])
                         self._draw()
 
     def _tick(self, every: float) -> None:

@@ -23,8 +23,9 @@ class _Ctx:
         if self._project is None:
             from shim.compose.model import load_project
 
-            self._project = load_project(self.files, project_name=self.project_name,
-                                         env_files=self.env_files, profiles=self.profiles)
+            self._project = load_project(
+                self.files, project_name=self.project_name, env_files=self.env_files, profiles=self.profiles
+            )
             for warning in self._project.warnings:
                 click.echo(f"WARN[0000] {warning}", err=True)
         return self._project
@@ -44,24 +45,40 @@ class _Ctx:
         from shim.compose.progress import Progress
 
         mode = self.progress_mode
-        return Progress(quiet=quiet or mode == "quiet",
-                        tty=None if mode == "auto" else mode == "tty")
+        return Progress(quiet=quiet or mode == "quiet", tty=None if mode == "auto" else mode == "tty")
 
 
 pass_ctx = click.make_pass_decorator(_Ctx)
 
 
 @click.group("compose")
-@click.option("-f", "--file", "files", multiple=True, metavar="FILE",
-              help="Compose file (repeat: later files override earlier ones).")
-@click.option("-p", "--project-name", metavar="NAME", help="Project name (default: the "
-              "file's name:, else its directory's name).")
-@click.option("--env-file", "env_files", multiple=True, metavar="FILE",
-              help="Variables for interpolation (default: .env next to the file).")
-@click.option("--profile", "profiles", multiple=True, metavar="NAME",
-              help="Enable services of this profile.")
-@click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "quiet"]),
-              default="auto", show_default=True, help="How to show progress.")
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    metavar="FILE",
+    help="Compose file (repeat: later files override earlier ones).",
+)
+@click.option(
+    "-p", "--project-name", metavar="NAME", help="Project name (default: the file's name:, else its directory's name)."
+)
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    metavar="FILE",
+    help="Variables for interpolation (default: .env next to the file).",
+)
+@click.option("--profile", "profiles", multiple=True, metavar="NAME", help="Enable services of this profile.")
+@click.option(
+    "--progress",
+    "progress_mode",
+    type=click.Choice(["auto", "tty", "plain", "quiet"]),
+    default="auto",
+    show_default=True,
+    help="How to show progress.",
+)
 @click.pass_context
 def compose(ctx, files, project_name, env_files, profiles, progress_mode):
     """Run multi-container applications from a compose file (each service's
@@ -73,8 +90,7 @@ def compose(ctx, files, project_name, env_files, profiles, progress_mode):
 @click.option("-d", "--detach", is_flag=True, help="Start in the background.")
 @click.option("--build", is_flag=True, help="Build images before starting.")
 @click.option("--scale", multiple=True, metavar="SERVICE=N", help="Number of replicas.")
-@click.option("--wait", is_flag=True, help="Wait until containers are running and healthy "
-              "(implies -d).")
+@click.option("--wait", is_flag=True, help="Wait until containers are running and healthy (implies -d).")
 @click.option("--wait-timeout", type=int, default=300, show_default=True, metavar="SECONDS")
 @click.option("--force-recreate", is_flag=True, help="Recreate containers even if unchanged.")
 @click.option("--no-recreate", is_flag=True, help="Keep existing containers even if changed.")
@@ -86,9 +102,17 @@ def up_cmd(c, detach, build, scale, wait, wait_timeout, force_recreate, no_recre
 
     project = c.project()
     progress = c.progress()
-    code = runner.up(project, list(services), build=build, scale=planner.parse_scale(scale),
-                     wait=wait, wait_timeout=wait_timeout, force_recreate=force_recreate,
-                     no_recreate=no_recreate, progress=progress)
+    code = runner.up(
+        project,
+        list(services),
+        build=build,
+        scale=planner.parse_scale(scale),
+        wait=wait,
+        wait_timeout=wait_timeout,
+        force_recreate=force_recreate,
+        no_recreate=no_recreate,
+        progress=progress,
+    )
     if code or detach or wait:
         sys.exit(code)
     _foreground(project, list(services))
@@ -118,11 +142,9 @@ def _foreground(project, services):
 
 @compose.command("down")
 @click.option("-v", "--volumes", is_flag=True, help="Remove named volumes of the project.")
-@click.option("--rmi", type=click.Choice(["local", "all"]), help="Remove images: local = the "
-              "ones compose built.")
+@click.option("--rmi", type=click.Choice(["local", "all"]), help="Remove images: local = the ones compose built.")
 @click.option("-t", "--timeout", type=int, metavar="SECONDS", help="Stop timeout.")
-@click.option("--remove-orphans", is_flag=True, help="Accepted: down removes every "
-              "container of the project anyway.")
+@click.option("--remove-orphans", is_flag=True, help="Accepted: down removes every container of the project anyway.")
 @pass_ctx
 def down_cmd(c, volumes, rmi, timeout, remove_orphans):
     """Stop and remove the project's containers and networks (by label, so it works
@@ -137,8 +159,7 @@ def down_cmd(c, volumes, rmi, timeout, remove_orphans):
         if not c.project_name:
             raise
         name = c.name()
-    runner.down(name, volumes=volumes, rmi=rmi, timeout=timeout, project=project,
-                progress=c.progress())
+    runner.down(name, volumes=volumes, rmi=rmi, timeout=timeout, project=project, progress=c.progress())
 
 
 @compose.command("ps")
@@ -168,25 +189,35 @@ def ps_cmd(c, show_all, quiet, fmt, services, services_):
     rows = []
     for r in records:
         try:
-            ports = ", ".join(f"{p.host_ip}:{p.host_port}->{p.container_port}/{p.protocol}"
-                              for p in published_ports(r.id)) if r.status.value == "running" \
+            ports = (
+                ", ".join(f"{p.host_ip}:{p.host_port}->{p.container_port}/{p.protocol}" for p in published_ports(r.id))
+                if r.status.value == "running"
                 else ""
+            )
         except Exception:  # noqa: BLE001 - the network store is not ours to repair here
             ports = ""
-        rows.append({"ID": r.id, "Name": r.name, "Image": r.image,
-                     "Command": " ".join(r.process.args),
-                     "Service": runner.service_of(r), "State": r.status.value,
-                     "Health": "" if health_status(r) == "none" else health_status(r),
-                     "Status": status_text(r), "ExitCode": r.state.exit_code,
-                     "Publishers": ports, "Isolation": r.isolation,
-                     "Labels": r.labels})
+        rows.append(
+            {
+                "ID": r.id,
+                "Name": r.name,
+                "Image": r.image,
+                "Command": " ".join(r.process.args),
+                "Service": runner.service_of(r),
+                "State": r.status.value,
+                "Health": "" if health_status(r) == "none" else health_status(r),
+                "Status": status_text(r),
+                "ExitCode": r.state.exit_code,
+                "Publishers": ports,
+                "Isolation": r.isolation,
+                "Labels": r.labels,
+            }
+        )
     if fmt == "json":
         for row in rows:
             click.echo(json.dumps(row))
         return
     table = [("NAME", "IMAGE", "SERVICE", "ISOLATION", "STATUS", "PORTS")]
-    table += [(r["Name"], r["Image"], r["Service"], r["Isolation"], r["Status"],
-               r["Publishers"]) for r in rows]
+    table += [(r["Name"], r["Image"], r["Service"], r["Isolation"], r["Status"], r["Publishers"]) for r in rows]
     print_table(table)
 
 
@@ -202,8 +233,7 @@ def logs_cmd(c, follow, tail, timestamps, no_color, services):
     from shim.compose import runner
 
     try:
-        runner.logs(c.name(), list(services), follow=follow, tail=tail,
-                    timestamps=timestamps, no_color=no_color)
+        runner.logs(c.name(), list(services), follow=follow, tail=tail, timestamps=timestamps, no_color=no_color)
     except KeyboardInterrupt:
         pass
 
@@ -225,9 +255,18 @@ def exec_cmd(c, no_tty, detach, env, workdir, user, index, service, command):
 
     record = runner.container_of(c.name(), service, index)
     tty = not no_tty and not detach and sys.stdin.isatty() and sys.stdout.isatty()
-    sys.exit(manage.exec_process(record.id, list(command), interactive=not detach and not no_tty,
-                                 tty=tty, detach=detach, env=list(env), workdir=workdir,
-                                 user=user))
+    sys.exit(
+        manage.exec_process(
+            record.id,
+            list(command),
+            interactive=not detach and not no_tty,
+            tty=tty,
+            detach=detach,
+            env=list(env),
+            workdir=workdir,
+            user=user,
+        )
+    )
 
 
 @compose.command("run", context_settings={"allow_interspersed_args": False})
@@ -241,8 +280,11 @@ def run_cmd(c, remove, detach, no_deps, service, command):
     """Run a one-off COMMAND in a new container of SERVICE."""
     from shim.compose import runner
 
-    sys.exit(runner.run_oneoff(c.project(), service, list(command), remove=remove,
-                               detach=detach, no_deps=no_deps, progress=c.progress()))
+    sys.exit(
+        runner.run_oneoff(
+            c.project(), service, list(command), remove=remove, detach=detach, no_deps=no_deps, progress=c.progress()
+        )
+    )
 
 
 @compose.command("build")
@@ -253,9 +295,12 @@ def build_cmd(c, no_cache, services):
     """Build the images of services with a build section."""
     from shim.compose import runner
 
-    _each_service(c, services, lambda s: s.build is not None,
-                  lambda project, s, progress: runner.build_service(project, s, progress,
-                                                                     no_cache=no_cache))
+    _each_service(
+        c,
+        services,
+        lambda s: s.build is not None,
+        lambda project, s, progress: runner.build_service(project, s, progress, no_cache=no_cache),
+    )
 
 
 @compose.command("pull")
@@ -265,8 +310,7 @@ def pull_cmd(c, services):
     """Pull the images of services with an image."""
     from shim.compose import runner
 
-    _each_service(c, services, lambda s: s.image,
-                  lambda _project, s, progress: runner.pull_image(s.image, progress))
+    _each_service(c, services, lambda s: s.image, lambda _project, s, progress: runner.pull_image(s.image, progress))
 
 
 @compose.command("push")
@@ -327,9 +371,11 @@ def start_cmd(c, services):
     from shim.compose import runner
 
     progress = c.progress()
-    starting = [runner.begin_start(r, progress.line(f"Container {r.name}", "Starting"))
-                for r in runner.project_containers(c.name(), services=list(services) or None)
-                if r.status.value in ("created", "exited")]
+    starting = [
+        runner.begin_start(r, progress.line(f"Container {r.name}", "Starting"))
+        for r in runner.project_containers(c.name(), services=list(services) or None)
+        if r.status.value in ("created", "exited")
+    ]
     errors = runner.finish_starts(starting)
     progress.close()
     for error in errors:

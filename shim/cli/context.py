@@ -21,11 +21,11 @@ def context_group():
 
 @context_group.command("create")
 @click.argument("name")
-@click.option("--host", "-H", required=True, metavar="ssh://[USER@]HOST[:PORT]",
-              help="The host to run commands on.")
+@click.option("--host", "-H", required=True, metavar="ssh://[USER@]HOST[:PORT]", help="The host to run commands on.")
 @click.option("--description", default="", help="A note shown by `context ls`.")
-@click.option("--remote-vmshim", metavar="PATH",
-              help="The vmshim command on the host [default: vmshim on the SSH user's PATH].")
+@click.option(
+    "--remote-vmshim", metavar="PATH", help="The vmshim command on the host [default: vmshim on the SSH user's PATH]."
+)
 def context_create(name, host, description, remote_vmshim):
     """Create context NAME for HOST."""
     from shim.remote.target import ContextStore
@@ -42,11 +42,23 @@ def context_ls(fmt):
 
     store = ContextStore()
     current = store.current()
-    rows = [{"name": DEFAULT, "current": current == DEFAULT, "host": "(this machine)",
-             "description": "vmshim on this machine"}]
+    rows = [
+        {
+            "name": DEFAULT,
+            "current": current == DEFAULT,
+            "host": "(this machine)",
+            "description": "vmshim on this machine",
+        }
+    ]
     for name, entry in sorted(store.list().items()):
-        rows.append({"name": name, "current": current == name, "host": entry["host"],
-                     "description": entry.get("description", "")})
+        rows.append(
+            {
+                "name": name,
+                "current": current == name,
+                "host": entry["host"],
+                "description": entry.get("description", ""),
+            }
+        )
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -92,14 +104,22 @@ def context_inspect(names):
             out.append({"name": DEFAULT, "host": None, "description": "vmshim on this machine"})
         else:
             entry = store.get(name)
-            out.append({"name": name, "host": entry["host"],
-                        "description": entry.get("description", ""),
-                        "remote_vmshim": entry.get("remote_vmshim", "vmshim")})
+            out.append(
+                {
+                    "name": name,
+                    "host": entry["host"],
+                    "description": entry.get("description", ""),
+                    "remote_vmshim": entry.get("remote_vmshim", "vmshim"),
+                }
+            )
     click.echo(json.dumps(out, indent=2))
 
 
-@click.command("remote-build-context", hidden=True,
-               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command(
+    "remote-build-context",
+    hidden=True,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def remote_build_context(args):
     """(Run by a remote client.) Read a build context tar on stdin, then run ``vmshim
@@ -115,9 +135,12 @@ def remote_build_context(args):
         except (tarfile.TarError, OSError) as exc:
             raise UsageError(f"the build context from the client is not a valid tar: {exc}") from None
         (workdir / "context").mkdir(exist_ok=True)
-        replaced = [str(workdir / "context") if a == CONTEXT_PLACEHOLDER
-                    else a.replace(DOCKERFILE_PLACEHOLDER, str(workdir / "Dockerfile"))
-                    for a in args]
+        replaced = [
+            str(workdir / "context")
+            if a == CONTEXT_PLACEHOLDER
+            else a.replace(DOCKERFILE_PLACEHOLDER, str(workdir / "Dockerfile"))
+            for a in args
+        ]
         cli.main(args=replaced, prog_name="vmshim")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

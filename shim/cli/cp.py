@@ -22,8 +22,9 @@ def cp(src, dest):
     src_ctr, src_path = split_ref(src)
     dest_ctr, dest_path = split_ref(dest)
     if (src_ctr is None) == (dest_ctr is None):
-        raise UsageError("cp copies between a container and the host: exactly one of SRC "
-                         "and DEST must be CONTAINER:PATH")
+        raise UsageError(
+            "cp copies between a container and the host: exactly one of SRC and DEST must be CONTAINER:PATH"
+        )
     if src_ctr is not None:
         copy.copy_out(src_ctr, src_path, dest_path)
     else:

@@ -54,6 +54,7 @@ TEMPLATE_FIELD = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 def render_template(template: str, data: dict) -> str:
     """A small subset of Go templates: ``{{.A.B}}`` and ``{{json .A}}``."""
+
     def value(match):
         node = data
         for part in [p for p in match.group(2).split(".") if p]:

@@ -18,8 +18,11 @@ from shim.cli.table import print_table
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container.")
 @click.option("-u", "--user", metavar="USER", help="uid[:gid] or a user name from the image.")
-@click.option("--privileged", is_flag=True, help="Every capability for this process "
-              "(docker's exec --privileged; the container's seccomp stays).")
+@click.option(
+    "--privileged",
+    is_flag=True,
+    help="Every capability for this process (docker's exec --privileged; the container's seccomp stays).",
+)
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_cmd(detach, interactive, tty, env, workdir, user, privileged, container, command):
@@ -29,16 +32,29 @@ def exec_cmd(detach, interactive, tty, env, workdir, user, privileged, container
     if tty and not detach and not sys.stdin.isatty():
         click.echo("Error: the input device is not a TTY (drop -t)", err=True)
         sys.exit(125)
-    code = manage.exec_process(container, list(command), interactive=interactive, tty=tty,
-                               detach=detach, env=list(env), workdir=workdir, user=user,
-                               privileged=privileged)
+    code = manage.exec_process(
+        container,
+        list(command),
+        interactive=interactive,
+        tty=tty,
+        detach=detach,
+        env=list(env),
+        workdir=workdir,
+        user=user,
+        privileged=privileged,
+    )
     sys.exit(code)
 
 
 @click.command()
 @click.option("--no-stdin", is_flag=True, help="Do not attach stdin.")
-@click.option("--detach-keys", default="ctrl-p,ctrl-q", show_default=True, metavar="KEYS",
-              help="With a TTY: the keys that detach (the container goes on running).")
+@click.option(
+    "--detach-keys",
+    default="ctrl-p,ctrl-q",
+    show_default=True,
+    metavar="KEYS",
+    help="With a TTY: the keys that detach (the container goes on running).",
+)
 @click.argument("container")
 def attach(no_stdin, detach_keys, container):
     """Attach to a running container's main process (its output, and its stdin if it

@@ -22,10 +22,14 @@ def guest():
 
 @guest.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date image exists.")
-@click.option("--kernel", type=click.Choice(["auto", *guestimage.KERNEL_CHOICES]), default=None,
-              help="The kernel every VM boots from now on: minimal (built with `vmshim guest "
-                   "kernel build`), distro (Debian's cloud kernel) or auto (minimal if built, "
-                   "else distro; the default).")
+@click.option(
+    "--kernel",
+    type=click.Choice(["auto", *guestimage.KERNEL_CHOICES]),
+    default=None,
+    help="The kernel every VM boots from now on: minimal (built with `vmshim guest "
+    "kernel build`), distro (Debian's cloud kernel) or auto (minimal if built, "
+    "else distro; the default).",
+)
 def build(force: bool, kernel: str | None):
     """Build the guest image if it is missing or stale, and print where it is."""
     err = Console(stderr=True, highlight=False)
@@ -37,12 +41,12 @@ def build(force: bool, kernel: str | None):
     choice, why = guestimage.kernel_choice()
     err.print(f"[dim]-[/dim] kernel: {choice} ({why})")
     with err.status("checking the guest image inputs", spinner="dots") as status:
+
         def progress(msg: str) -> None:
             err.print(f"[dim]-[/dim] {msg}")
             status.update(msg)
 
-        image = guestimage.ensure_guest_image(progress=progress, force=force,
-                                                 refresh_kernel=True)
+        image = guestimage.ensure_guest_image(progress=progress, force=force, refresh_kernel=True)
     click.echo(image.kernel.parent)
 
 
@@ -52,8 +56,14 @@ def kernel_group():
 
 
 @kernel_group.command("build")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Parallel compile jobs (make runs niced).")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Parallel compile jobs (make runs niced).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if this source and config are cached.")
 def kernel_build(jobs: int, force: bool):
     """Build the minimal kernel (minutes; cached by source version and config) and print its
@@ -62,6 +72,7 @@ def kernel_build(jobs: int, force: bool):
 
     err = Console(stderr=True, highlight=False)
     with err.status("building the minimal kernel", spinner="dots") as status:
+
         def progress(msg: str) -> None:
             err.print(f"[dim]-[/dim] {msg}")
             status.update(msg)
@@ -82,8 +93,9 @@ def kernel_check(config: str | None):
     if config is None:
         built = kernelbuild.cached_kernel()
         if built is None:
-            raise GuestImageError("no minimal kernel is built; run vmshim guest kernel build, "
-                                  "or name a .config to check")
+            raise GuestImageError(
+                "no minimal kernel is built; run vmshim guest kernel build, or name a .config to check"
+            )
         path = built.config
     else:
         path = Path(config)
@@ -94,8 +106,9 @@ def kernel_check(config: str | None):
 
 
 @guest.command("info")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              help="json prints the whole manifest.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="json prints the whole manifest."
+)
 def info(fmt: str):
     """Show the current guest image: kernel release, paths, sizes and inputs."""
     image = guestimage.current_guest_image()
@@ -104,9 +117,19 @@ def info(fmt: str):
     m = image.manifest
     choice, why = guestimage.kernel_choice()
     if fmt == "json":
-        click.echo(json.dumps({"kernel_path": str(image.kernel), "initramfs_path": str(image.initramfs),
-                               "kernel_choice": choice, "kernel_reason": why,
-                               **m}, indent=2, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {
+                    "kernel_path": str(image.kernel),
+                    "initramfs_path": str(image.initramfs),
+                    "kernel_choice": choice,
+                    "kernel_reason": why,
+                    **m,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
         return
     inputs, ird, kernel = m.get("inputs", {}), m.get("initramfs", {}), m.get("kernel", {})
     if kernel.get("source") == "debian":
@@ -120,12 +143,18 @@ def info(fmt: str):
         ("kernel", f"{image.kernel_release} ({ksrc})"),
         ("kernel choice", f"{choice}: {why}"),
         ("kernel file", f"{image.kernel} ({_size(image.kernel.stat().st_size)})"),
-        ("initramfs", f"{image.initramfs} ({_size(ird.get('size', 0))}, {ird.get('compression')}, "
-                      f"{_size(ird.get('uncompressed_size', 0))} unpacked)"),
+        (
+            "initramfs",
+            f"{image.initramfs} ({_size(ird.get('size', 0))}, {ird.get('compression')}, "
+            f"{_size(ird.get('uncompressed_size', 0))} unpacked)",
+        ),
         ("cmdline", image.cmdline),
-        ("python", f"{m.get('python', {}).get('version')} "
-                   f"({inputs.get('python', {}).get('python3.11-minimal', '?')}), "
-                   f"{m.get('python', {}).get('stdlib_files')} stdlib modules"),
+        (
+            "python",
+            f"{m.get('python', {}).get('version')} "
+            f"({inputs.get('python', {}).get('python3.11-minimal', '?')}), "
+            f"{m.get('python', {}).get('stdlib_files')} stdlib modules",
+        ),
         ("busybox", inputs.get("busybox", {}).get("version", "?")),
         ("modules", ", ".join(p.rsplit("/", 1)[-1][:-3] for p in m.get("modules", [])) or "(none)"),
         ("guest files", str(len(inputs.get("guest", {})))),

@@ -17,8 +17,7 @@ from shim.containers import housekeeping
 from shim.errors import UsageError
 from shim.images import archive
 from shim.images.reference import parse_reference
-from shim.images.store import (ImageStore, bootstrap, digest_hex, format_created,
-                               format_size)
+from shim.images.store import ImageStore, bootstrap, digest_hex, format_created, format_size
 
 
 def _list(quiet: bool, fmt: str | None) -> None:
@@ -33,27 +32,39 @@ def _list(quiet: bool, fmt: str | None) -> None:
         return
     if fmt == "json":
         for s in images:
-            click.echo(json.dumps({
-                "Repository": s.reference.familiar_name,
-                "Tag": s.reference.tag or "<none>",
-                "Digest": s.manifest_digest,
-                "ID": digest_hex(s.id)[:12],
-                "CreatedAt": s.created,
-                "Size": s.size,
-                "Reference": str(s.reference),
-            }))
+            click.echo(
+                json.dumps(
+                    {
+                        "Repository": s.reference.familiar_name,
+                        "Tag": s.reference.tag or "<none>",
+                        "Digest": s.manifest_digest,
+                        "ID": digest_hex(s.id)[:12],
+                        "CreatedAt": s.created,
+                        "Size": s.size,
+                        "Reference": str(s.reference),
+                    }
+                )
+            )
         return
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
     for s in images:
-        rows.append((s.reference.familiar_name, s.reference.tag or "<none>",
-                     digest_hex(s.id)[:12], format_created(s.created), format_size(s.size)))
+        rows.append(
+            (
+                s.reference.familiar_name,
+                s.reference.tag or "<none>",
+                digest_hex(s.id)[:12],
+                format_created(s.created),
+                format_size(s.size),
+            )
+        )
     print_table(rows)
 
 
 @click.command("images")
 @click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
-              help="json: one JSON object per line.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default=None, help="json: one JSON object per line."
+)
 def images_cmd(quiet: bool, fmt: str | None) -> None:
     """List images in the local store."""
     _list(quiet, fmt)
@@ -102,23 +113,26 @@ def image_inspect(refs: tuple[str, ...]) -> None:
     for ref in refs:
         image = store.resolve(ref)
         cfg = image.config
-        out.append({
-            "Id": image.id,
-            "RepoTags": [image.reference.familiar] if image.reference.tag else [],
-            "RepoDigests": [f"{image.reference.familiar_name}@{image.manifest_digest}"],
-            "Reference": str(image.reference),
-            "ManifestDigest": image.manifest_digest,
-            "Created": image.created,
-            "Architecture": cfg.get("architecture"),
-            "Os": cfg.get("os"),
-            "Size": image.size,
-            "Config": cfg.get("config") or {},
-            "RootFS": cfg.get("rootfs") or {},
-            "Layers": [{"Digest": layer.digest, "MediaType": layer.media_type,
-                        "Size": layer.size, "DiffID": layer.diff_id}
-                       for layer in image.layers],
-            "History": cfg.get("history") or [],
-        })
+        out.append(
+            {
+                "Id": image.id,
+                "RepoTags": [image.reference.familiar] if image.reference.tag else [],
+                "RepoDigests": [f"{image.reference.familiar_name}@{image.manifest_digest}"],
+                "Reference": str(image.reference),
+                "ManifestDigest": image.manifest_digest,
+                "Created": image.created,
+                "Architecture": cfg.get("architecture"),
+                "Os": cfg.get("os"),
+                "Size": image.size,
+                "Config": cfg.get("config") or {},
+                "RootFS": cfg.get("rootfs") or {},
+                "Layers": [
+                    {"Digest": layer.digest, "MediaType": layer.media_type, "Size": layer.size, "DiffID": layer.diff_id}
+                    for layer in image.layers
+                ],
+                "History": cfg.get("history") or [],
+            }
+        )
     click.echo(json.dumps(out, indent=4))
 
 
@@ -173,8 +187,14 @@ def history_rows(image) -> list[dict]:
         if not h.get("empty_layer") and i < len(layers):
             size = layers[i].size
             i += 1
-        rows.append({"CreatedAt": h.get("created"), "CreatedBy": h.get("created_by", ""),
-                     "Size": size, "Comment": h.get("comment", "")})
+        rows.append(
+            {
+                "CreatedAt": h.get("created"),
+                "CreatedBy": h.get("created_by", ""),
+                "Size": size,
+                "Comment": h.get("comment", ""),
+            }
+        )
     rows.reverse()
     for n, row in enumerate(rows):
         row["ID"] = image.id if n == 0 else "<missing>"
@@ -186,8 +206,7 @@ def _history(ref: str, quiet: bool, no_trunc: bool, fmt: str | None) -> None:
     rows = history_rows(image)
     if quiet:
         for row in rows:
-            click.echo(row["ID"] if no_trunc or row["ID"] == "<missing>"
-                       else digest_hex(row["ID"])[:12])
+            click.echo(row["ID"] if no_trunc or row["ID"] == "<missing>" else digest_hex(row["ID"])[:12])
         return
     if fmt == "json":
         for row in rows:
@@ -195,21 +214,20 @@ def _history(ref: str, quiet: bool, no_trunc: bool, fmt: str | None) -> None:
         return
     table = [("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT")]
     for row in rows:
-        ident = row["ID"] if no_trunc or row["ID"] == "<missing>" else \
-            digest_hex(row["ID"])[:12]
+        ident = row["ID"] if no_trunc or row["ID"] == "<missing>" else digest_hex(row["ID"])[:12]
         by = " ".join(str(row["CreatedBy"]).split()) if not no_trunc else row["CreatedBy"]
         if not no_trunc and len(by) > 45:
             by = by[:44] + "…"
-        table.append((ident, format_created(row["CreatedAt"]), by, format_size(row["Size"]),
-                      row["Comment"]))
+        table.append((ident, format_created(row["CreatedAt"]), by, format_size(row["Size"]), row["Comment"]))
     print_table(table)
 
 
 _history_opts = [
     click.option("-q", "--quiet", is_flag=True, help="Only show image IDs."),
     click.option("--no-trunc", is_flag=True, help="Do not truncate output."),
-    click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
-                 help="json: one JSON object per line."),
+    click.option(
+        "--format", "fmt", type=click.Choice(["table", "json"]), default=None, help="json: one JSON object per line."
+    ),
     click.argument("ref", metavar="IMAGE"),
 ]
 
@@ -219,6 +237,7 @@ def _with(options):
         for opt in reversed(options):
             f = opt(f)
         return f
+
     return deco
 
 
@@ -241,10 +260,10 @@ def do_prune(all_images: bool, force: bool) -> None:
     """``image prune`` and ``system prune``: ask (unless *force* or not a terminal), prune,
     print what went and the space freed."""
     if not force and sys.stdin.isatty():
-        what = "all images without at least one container" if all_images else \
-            "all dangling images and unreferenced blobs"
-        click.confirm(f"WARNING! This will remove {what}. Are you sure you want to continue?",
-                      abort=True)
+        what = (
+            "all images without at least one container" if all_images else "all dangling images and unreferenced blobs"
+        )
+        click.confirm(f"WARNING! This will remove {what}. Are you sure you want to continue?", abort=True)
     report = housekeeping.prune_images(all_images)
     if report.untagged:
         click.echo("Deleted Images:")
@@ -259,8 +278,9 @@ def do_prune(all_images: bool, force: bool) -> None:
 
 
 @image_group.command("prune")
-@click.option("-a", "--all", "all_images", is_flag=True,
-              help="Remove all images no container uses, not only unreferenced blobs.")
+@click.option(
+    "-a", "--all", "all_images", is_flag=True, help="Remove all images no container uses, not only unreferenced blobs."
+)
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def image_prune(all_images: bool, force: bool) -> None:
     """Remove unused data: blobs no image name reaches (images that lost their last name),
@@ -275,18 +295,22 @@ def _save(output: str | None, fmt: str, refs: tuple[str, ...]) -> None:
         archive.save_to_file(store, list(refs), Path(output), fmt)
         return
     if sys.stdout.isatty():
-        raise UsageError("refusing to write an image archive to a terminal: use -o FILE or "
-                         "redirect stdout")
+        raise UsageError("refusing to write an image archive to a terminal: use -o FILE or redirect stdout")
     out = sys.stdout.buffer
     archive.save(store, list(refs), out, fmt)
     out.flush()
 
 
 _save_opts = [
-    click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-                 help="Write to FILE (atomically) instead of stdout."),
-    click.option("--format", "fmt", type=click.Choice(list(archive.FORMATS)),
-                 default="docker-archive", show_default=True),
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Write to FILE (atomically) instead of stdout.",
+    ),
+    click.option(
+        "--format", "fmt", type=click.Choice(list(archive.FORMATS)), default="docker-archive", show_default=True
+    ),
     click.argument("refs", nargs=-1, required=True, metavar="IMAGE..."),
 ]
 
@@ -308,8 +332,7 @@ def image_save(output: str | None, fmt: str, refs: tuple[str, ...]) -> None:
 def _load(input_: str | None, quiet: bool) -> None:
     store = ImageStore()
     if input_ is None and sys.stdin.isatty():
-        raise UsageError("requested load from stdin, but stdin is a terminal: use -i FILE "
-                         "or pipe an archive in")
+        raise UsageError("requested load from stdin, but stdin is a terminal: use -i FILE or pipe an archive in")
     stdin = sys.stdin.buffer if input_ is None else None
     with progress_for("Loading", quiet) as progress:
         loaded = archive.load(store, Path(input_) if input_ else None, stdin, progress)
@@ -321,9 +344,13 @@ def _load(input_: str | None, quiet: bool) -> None:
 
 
 _load_opts = [
-    click.option("-i", "--input", "input_", type=click.Path(exists=True),
-                 help="Read from FILE (a tar, compressed or not, or an OCI layout "
-                      "directory) instead of stdin."),
+    click.option(
+        "-i",
+        "--input",
+        "input_",
+        type=click.Path(exists=True),
+        help="Read from FILE (a tar, compressed or not, or an OCI layout directory) instead of stdin.",
+    ),
     click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
 ]
 

@@ -29,13 +29,15 @@ def info(fmt):
         "root": str(paths.root()),
         "guest_kernel": kernel,
         "guest_kernel_reason": kernel_reason,
-        "guest_image": None if guest is None else {
-            "kernel": str(guest.kernel), "initramfs": str(guest.initramfs),
+        "guest_image": None
+        if guest is None
+        else {
+            "kernel": str(guest.kernel),
+            "initramfs": str(guest.initramfs),
             "kernel_release": guest.kernel_release,
         },
         "memory": memory.status(),
-        "pool": {**{k: v for k, v in vars(pool.load_config()).items()},
-                 "keeper_pid": pool.keeper_alive()},
+        "pool": {**{k: v for k, v in vars(pool.load_config()).items()}, "keeper_pid": pool.keeper_alive()},
     }
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
@@ -53,8 +55,10 @@ def info(fmt):
 
     click.echo(f"Memory:        {memory_text(data['memory'])}")
     p = data["pool"]
-    click.echo("Warm pool:     " + (f"{p['size']} VM(s) of {p['memory_mib']} MiB, "
-                                    f"{p['vcpus']} vCPU(s)" if p["size"] else "off"))
+    click.echo(
+        "Warm pool:     "
+        + (f"{p['size']} VM(s) of {p['memory_mib']} MiB, {p['vcpus']} vCPU(s)" if p["size"] else "off")
+    )
 
 
 def _context() -> dict:

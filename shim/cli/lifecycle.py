@@ -26,8 +26,14 @@ def start(attach, interactive, containers):
 
 
 @click.command()
-@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
-              help="Seconds to wait before SIGKILL (default: the container's, 10).")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    type=click.IntRange(0, 3600),
+    default=None,
+    help="Seconds to wait before SIGKILL (default: the container's, 10).",
+)
 @click.argument("containers", nargs=-1, required=True)
 def stop(timeout, containers):
     """Stop running containers: stop signal, then SIGKILL after the timeout."""
@@ -37,8 +43,7 @@ def stop(timeout, containers):
 
 
 @click.command()
-@click.option("-s", "--signal", "sig", default="KILL", show_default=True,
-              help="Signal to send (name or number).")
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True, help="Signal to send (name or number).")
 @click.argument("containers", nargs=-1, required=True)
 def kill(sig, containers):
     """Send a signal to the main process of running containers."""
@@ -50,8 +55,14 @@ def kill(sig, containers):
 
 
 @click.command()
-@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
-              help="Seconds to wait for the stop before SIGKILL.")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    type=click.IntRange(0, 3600),
+    default=None,
+    help="Seconds to wait for the stop before SIGKILL.",
+)
 @click.argument("containers", nargs=-1, required=True)
 def restart(timeout, containers):
     """Stop and start containers again."""
@@ -62,8 +73,7 @@ def restart(timeout, containers):
 
 @click.command()
 @click.option("-f", "--force", is_flag=True, help="Kill and remove running containers.")
-@click.option("-v", "--volumes", is_flag=True,
-              help="Also remove the container's anonymous volumes (-v /path).")
+@click.option("-v", "--volumes", is_flag=True, help="Also remove the container's anonymous volumes (-v /path).")
 @click.argument("containers", nargs=-1, required=True)
 def rm(force, volumes, containers):
     """Remove containers (their writable layer and logs too)."""

@@ -34,8 +34,7 @@ def _emit(lines, timestamps: bool) -> None:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the container stops.")
-@click.option("-n", "--tail", default="all", show_default=True, metavar="N",
-              help="Only the last N lines.")
+@click.option("-n", "--tail", default="all", show_default=True, metavar="N", help="Only the last N lines.")
 @click.option("-t", "--timestamps", is_flag=True, help="Prefix each line with its time.")
 @click.option("--since", metavar="TIME", help="Only lines since TIME (RFC 3339, unix time, or 10m).")
 @click.option("--until", metavar="TIME", help="Only lines before TIME.")

@@ -52,17 +52,27 @@ class VmshimGroup(click.Group):
         except Exception as exc:  # a bug: say so in one line unless asked for more
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
-                       "(run with --debug for the traceback)", err=True)
+            click.echo(
+                f"Error: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
+            )
             sys.exit(125)
 
 
 @click.group(cls=VmshimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="VMSHIM_DEBUG", help="Show tracebacks of errors.")
-@click.option("-H", "--host", metavar="ssh://[USER@]HOST[:PORT]",
-              help="Run the command on this remote host [env: VMSHIM_HOST] (docs/remote.md).")
-@click.option("-c", "--context", "context_name", metavar="NAME",
-              help="Run the command on this context's host [env: VMSHIM_CONTEXT].")
+@click.option(
+    "-H",
+    "--host",
+    metavar="ssh://[USER@]HOST[:PORT]",
+    help="Run the command on this remote host [env: VMSHIM_HOST] (docs/remote.md).",
+)
+@click.option(
+    "-c",
+    "--context",
+    "context_name",
+    metavar="NAME",
+    help="Run the command on this context's host [env: VMSHIM_CONTEXT].",
+)
 @click.option("--remote-vmshim", metavar="PATH", help="The vmshim command on the remote host.")
 @click.version_option(package_name="vmshim")
 @click.pass_context
@@ -88,18 +98,26 @@ def _register() -> None:
     """Every command, as ``name → module:attribute``, imported only when used (see
     VmshimGroup.add_lazy): `vmshim exec` must not pay for the registry client's imports."""
     for name, target in (
-        ("run", "shim.cli.run:run"), ("create", "shim.cli.run:create"),
+        ("run", "shim.cli.run:run"),
+        ("create", "shim.cli.run:create"),
         # Container lifecycle (issue 3).
-        ("start", "shim.cli.lifecycle:start"), ("stop", "shim.cli.lifecycle:stop"),
-        ("kill", "shim.cli.lifecycle:kill"), ("restart", "shim.cli.lifecycle:restart"),
-        ("rm", "shim.cli.lifecycle:rm"), ("pause", "shim.cli.lifecycle:pause"),
-        ("unpause", "shim.cli.lifecycle:unpause"), ("wait", "shim.cli.lifecycle:wait"),
+        ("start", "shim.cli.lifecycle:start"),
+        ("stop", "shim.cli.lifecycle:stop"),
+        ("kill", "shim.cli.lifecycle:kill"),
+        ("restart", "shim.cli.lifecycle:restart"),
+        ("rm", "shim.cli.lifecycle:rm"),
+        ("pause", "shim.cli.lifecycle:pause"),
+        ("unpause", "shim.cli.lifecycle:unpause"),
+        ("wait", "shim.cli.lifecycle:wait"),
         ("rename", "shim.cli.lifecycle:rename"),
         ("container", "shim.cli.lifecycle:container_group"),
-        ("ps", "shim.cli.ps:ps"), ("inspect", "shim.cli.ps:inspect"),
+        ("ps", "shim.cli.ps:ps"),
+        ("inspect", "shim.cli.ps:inspect"),
         ("logs", "shim.cli.logs:logs"),
-        ("exec", "shim.cli.exec:exec_cmd"), ("attach", "shim.cli.exec:attach"),
-        ("top", "shim.cli.exec:top"), ("stats", "shim.cli.stats:stats"),
+        ("exec", "shim.cli.exec:exec_cmd"),
+        ("attach", "shim.cli.exec:attach"),
+        ("top", "shim.cli.exec:top"),
+        ("stats", "shim.cli.stats:stats"),
         ("cp", "shim.cli.cp:cp"),
         ("checkpoint", "shim.cli.checkpoint:checkpoint"),  # issue 15
         ("restore", "shim.cli.checkpoint:restore"),

@@ -16,19 +16,31 @@ def memory_group():
 
 
 @memory_group.command("set")
-@click.option("--ksm", type=ON_OFF, default=None,
-              help="Start the host's KSM and let it merge vmshim's guest RAM (host-wide; a "
-                   "side channel between VMs: see docs/warm-pool.md). off: stop and unmerge.")
-@click.option("--free-page-reporting", "fpr", type=ON_OFF, default=None,
-              help="A virtio-balloon with free page reporting in each new VM.")
+@click.option(
+    "--ksm",
+    type=ON_OFF,
+    default=None,
+    help="Start the host's KSM and let it merge vmshim's guest RAM (host-wide; a "
+    "side channel between VMs: see docs/warm-pool.md). off: stop and unmerge.",
+)
+@click.option(
+    "--free-page-reporting",
+    "fpr",
+    type=ON_OFF,
+    default=None,
+    help="A virtio-balloon with free page reporting in each new VM.",
+)
 def set_cmd(ksm, fpr):
     """Change one or both settings."""
     from shim.vm import memory
 
     current = memory.load()
-    memory.save(memory.MemorySettings(
-        ksm=current.ksm if ksm is None else ksm == "on",
-        free_page_reporting=current.free_page_reporting if fpr is None else fpr == "on"))
+    memory.save(
+        memory.MemorySettings(
+            ksm=current.ksm if ksm is None else ksm == "on",
+            free_page_reporting=current.free_page_reporting if fpr is None else fpr == "on",
+        )
+    )
     _show(memory.status(), "text")
 
 
@@ -54,7 +66,10 @@ def text(status: dict) -> str:
     if not host["available"]:
         ksm_host = "host has no KSM"
     else:
-        ksm_host = (f"host KSM {'running' if host['running'] else 'stopped'}, "
-                    f"{host['pages_sharing'] * 4 // 1024} MiB saved")
-    return (f"KSM {'on' if status['ksm'] else 'off'} ({ksm_host}); free page reporting "
-            f"{'on' if status['free_page_reporting'] else 'off'}")
+        ksm_host = (
+            f"host KSM {'running' if host['running'] else 'stopped'}, {host['pages_sharing'] * 4 // 1024} MiB saved"
+        )
+    return (
+        f"KSM {'on' if status['ksm'] else 'off'} ({ksm_host}); free page reporting "
+        f"{'on' if status['free_page_reporting'] else 'off'}"
+    )

@@ -23,21 +23,23 @@ def pool_group():
 
 @pool_group.command("set")
 @click.option("--size", type=int, required=True, help="VMs to keep ready (0: drain, off).")
-@click.option("--memory", "memory", default=None,
-              help="Memory of each pooled VM (MiB or 512m); only containers whose VM has "
-                   "this size use the pool. Default: a container's default (no --memory).")
+@click.option(
+    "--memory",
+    "memory",
+    default=None,
+    help="Memory of each pooled VM (MiB or 512m); only containers whose VM has "
+    "this size use the pool. Default: a container's default (no --memory).",
+)
 @click.option("--cpus", type=int, default=1, show_default=True, help="vCPUs of each pooled VM.")
 def set_cmd(size, memory, cpus):
     """Turn the pool on (or resize it, or drain it with --size 0)."""
     from shim.containers import pool
     from shim.containers.resources import DEFAULT_VM_MIB
 
-    config = pool.PoolConfig(size=size, memory_mib=_memory_mib(memory) if memory else DEFAULT_VM_MIB,
-                             vcpus=cpus)
+    config = pool.PoolConfig(size=size, memory_mib=_memory_mib(memory) if memory else DEFAULT_VM_MIB, vcpus=cpus)
     pid = pool.set_pool(config)
     if size:
-        click.echo(f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s); "
-                   f"keeper pid {pid or 'starting'}")
+        click.echo(f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s); keeper pid {pid or 'starting'}")
     else:
         click.echo("pool: off (drained)")
 
@@ -60,15 +62,21 @@ def ls_cmd(fmt):
     from shim.vm.libvirt_backend import LibvirtBackend
 
     config = pool.load_config()
-    data = {"size": config.size, "memory_mib": config.memory_mib, "vcpus": config.vcpus,
-            "keeper_pid": pool.keeper_alive(), "vms": pool.listing(LibvirtBackend())}
+    data = {
+        "size": config.size,
+        "memory_mib": config.memory_mib,
+        "vcpus": config.vcpus,
+        "keeper_pid": pool.keeper_alive(),
+        "vms": pool.listing(LibvirtBackend()),
+    }
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return
     keeper = f"keeper pid {data['keeper_pid']}" if data["keeper_pid"] else "no keeper running"
-    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s); "
-               f"{keeper}")
+    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s); {keeper}")
     click.echo(f"{'ID':<14}{'STATE':<10}{'MEMORY':<10}{'AGE':<8}DOMAIN")
     for vm in data["vms"]:
-        click.echo(f"{vm['id']:<14}{vm['state']:<10}{str(vm['memory_mib']) + 'MiB':<10}"
-                   f"{str(vm['age_s']) + 's':<8}{vm['domain']}")
+        click.echo(
+            f"{vm['id']:<14}{vm['state']:<10}{str(vm['memory_mib']) + 'MiB':<10}"
+            f"{str(vm['age_s']) + 's':<8}{vm['domain']}"
+        )

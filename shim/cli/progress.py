@@ -7,8 +7,7 @@ import threading
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from shim.images import distribution
 from shim.images.distribution import NoProgress
@@ -43,8 +42,7 @@ class RichProgress:
             if key in self.tasks:
                 self.bars.reset(self.tasks[key], total=total, status=self.verb)
             else:
-                self.tasks[key] = self.bars.add_task(description, total=total,
-                                                     status=self.verb)
+                self.tasks[key] = self.bars.add_task(description, total=total, status=self.verb)
 
     def advance(self, key: str, n: int) -> None:
         task = self.tasks.get(key)

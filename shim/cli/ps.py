@@ -12,10 +12,20 @@ from shim.cli.table import print_table
 from shim.containers import listing
 from shim.containers.inspect import inspect_container
 
-HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
-           "CreatedAt": "CREATED AT", "Status": "STATUS", "State": "STATE", "Names": "NAMES",
-           "Isolation": "ISOLATION", "ExitCode": "EXIT CODE", "Ports": "PORTS",
-           "Labels": "LABELS", "Health": "HEALTH"}
+HEADERS = {
+    "ID": "CONTAINER ID",
+    "Image": "IMAGE",
+    "Command": "COMMAND",
+    "CreatedAt": "CREATED AT",
+    "Status": "STATUS",
+    "State": "STATE",
+    "Names": "NAMES",
+    "Isolation": "ISOLATION",
+    "ExitCode": "EXIT CODE",
+    "Ports": "PORTS",
+    "Labels": "LABELS",
+    "Health": "HEALTH",
+}
 """Column titles of ``--format 'table {{.Field}}…'``, as docker prints them."""
 
 DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
@@ -24,8 +34,7 @@ DEFAULT_TABLE = "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.CreatedAt}}\t{{.Status}}\
 def print_template_table(template: str, entries: list[dict]) -> None:
     """``table TEMPLATE``: a header line from the field names, then one row per entry;
     ``\t`` in the template separates columns."""
-    header = TEMPLATE_FIELD.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()),
-                           template.replace("\\t", "\t"))
+    header = TEMPLATE_FIELD.sub(lambda m: HEADERS.get(m.group(2), m.group(2).upper()), template.replace("\\t", "\t"))
     rows = [header.split("\t")]
     rows += [render_template(template, entry).split("\t") for entry in entries]
     print_table(rows)
@@ -34,12 +43,17 @@ def print_template_table(template: str, entries: list[dict]) -> None:
 @click.command()
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers, not only running ones.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print container ids.")
-@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help=f"Filter ({', '.join(listing.FILTER_KEYS)}).")
-@click.option("--format", "fmt", metavar="json|[table] TEMPLATE",
-              help="json: one JSON object per line; a Go-style template such as "
-                   "'{{.ID}} {{.Names}} {{.Ports}}' (fields: ID, Image, Command, CreatedAt, "
-                   "Status, State, Names, Ports, Labels); 'table …' adds a header.")
+@click.option(
+    "-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE", help=f"Filter ({', '.join(listing.FILTER_KEYS)})."
+)
+@click.option(
+    "--format",
+    "fmt",
+    metavar="json|[table] TEMPLATE",
+    help="json: one JSON object per line; a Go-style template such as "
+    "'{{.ID}} {{.Names}} {{.Ports}}' (fields: ID, Image, Command, CreatedAt, "
+    "Status, State, Names, Ports, Labels); 'table …' adds a header.",
+)
 @click.option("--no-trunc", is_flag=True, help="Full ids and commands.")
 def ps(show_all, quiet, filters, fmt, no_trunc):
     """List containers."""
@@ -56,8 +70,9 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
             click.echo(json.dumps(entry))
         return
     if fmt and fmt.startswith("table"):
-        print_template_table(fmt[len("table"):].strip() or DEFAULT_TABLE,
-                             [listing.ps_entry(record) for record in records])
+        print_template_table(
+            fmt[len("table") :].strip() or DEFAULT_TABLE, [listing.ps_entry(record) for record in records]
+        )
         return
     if fmt:
         for record in records:
@@ -68,9 +83,17 @@ def ps(show_all, quiet, filters, fmt, no_trunc):
         command = listing.command_text(record)
         if not no_trunc and len(command) > 20:
             command = command[:19] + "…"
-        rows.append([record.id if no_trunc else record.short_id, record.image,
-                     json.dumps(command, ensure_ascii=False), listing.created_ago(record),
-                     listing.status_text(record), listing.ports_text(record), record.name])
+        rows.append(
+            [
+                record.id if no_trunc else record.short_id,
+                record.image,
+                json.dumps(command, ensure_ascii=False),
+                listing.created_ago(record),
+                listing.status_text(record),
+                listing.ports_text(record),
+                record.name,
+            ]
+        )
     print_table(rows)
 
 

@@ -14,16 +14,14 @@ from shim.images.reference import parse_reference
 from shim.images.registry import RegistryClient
 from shim.images.store import ImageStore
 
-_insecure = click.option("--insecure", is_flag=True,
-                         help="Allow plain HTTP and unverified HTTPS for this registry.")
+_insecure = click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified HTTPS for this registry.")
 
 
 def do_pull(ref: str, quiet: bool, platform: str | None, insecure: bool) -> None:
     parsed = parse_reference(ref)
     store = ImageStore()
     with progress_for("Waiting", quiet) as progress:
-        result = pull(parsed, store=store, platform=platform, insecure=insecure,
-                      progress=progress)
+        result = pull(parsed, store=store, platform=platform, insecure=insecure, progress=progress)
     if quiet:
         click.echo(str(result.reference))
         return
@@ -38,8 +36,11 @@ def do_pull(ref: str, quiet: bool, platform: str | None, insecure: bool) -> None
 
 @click.command("pull")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; print only the name.")
-@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
-              help="Which manifest of a multi-platform image (default linux/<host arch>).")
+@click.option(
+    "--platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Which manifest of a multi-platform image (default linux/<host arch>).",
+)
 @_insecure
 @click.argument("ref", metavar="IMAGE")
 def pull_cmd(quiet: bool, platform: str | None, insecure: bool, ref: str) -> None:
@@ -73,16 +74,16 @@ def push_cmd(quiet: bool, insecure: bool, ref: str) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
 @_insecure
 @click.argument("registry", required=False)
-def login_cmd(username: str | None, password: str | None, password_stdin: bool,
-              insecure: bool, registry: str | None) -> None:
+def login_cmd(
+    username: str | None, password: str | None, password_stdin: bool, insecure: bool, registry: str | None
+) -> None:
     """Log in to a registry (default: the default registry); credentials are kept in
     $VMSHIM_ROOT/auth.json (mode 0600)."""
     registry = regconfig.normalize_host(registry or regconfig.default_login_registry())
     if password is not None and password_stdin:
         raise UsageError("--password and --password-stdin are mutually exclusive")
     if password is not None:
-        click.echo("WARNING! Using --password on the command line is insecure; use "
-                   "--password-stdin.", err=True)
+        click.echo("WARNING! Using --password on the command line is insecure; use --password-stdin.", err=True)
     if password_stdin:
         if not username:
             raise UsageError("--password-stdin needs --username")
@@ -94,8 +95,7 @@ def login_cmd(username: str | None, password: str | None, password_stdin: bool,
         username = click.prompt("Username")
     if password is None:
         if not interactive:
-            raise UsageError("no password given: use --password-stdin (stdin is not a "
-                             "terminal)")
+            raise UsageError("no password given: use --password-stdin (stdin is not a terminal)")
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise UsageError("username and password must not be empty")

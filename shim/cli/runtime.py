@@ -24,8 +24,7 @@ class RuntimeGroup(click.Group):
             return super().invoke(ctx)
         except VmshimError as exc:
             self._fail(ctx, str(exc))
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort,
-                SystemExit):
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
             sys.exit(130)
@@ -44,15 +43,18 @@ class RuntimeGroup(click.Group):
 
 
 @click.group(cls=RuntimeGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(VERSION, "-v", "--version", prog_name="vmshim-runtime",
-                      message="%(prog)s version %(version)s\nspec: 1.1.0\n"
-                              "isolation: one microVM per container")
+@click.version_option(
+    VERSION,
+    "-v",
+    "--version",
+    prog_name="vmshim-runtime",
+    message="%(prog)s version %(version)s\nspec: 1.1.0\nisolation: one microVM per container",
+)
 @click.option("--root", default=None, help="State directory [/run/vmshim-runtime].")
 @click.option("--log", "log_path", default=None, help="Log file (warnings and errors).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
-@click.option("--systemd-cgroup", is_flag=True, help="cgroupsPath is slice:prefix:name, "
-              "a systemd scope (as runc's).")
+@click.option("--systemd-cgroup", is_flag=True, help="cgroupsPath is slice:prefix:name, a systemd scope (as runc's).")
 @click.option("--rootless", default=None, help="Accepted for runc compatibility.")
 @click.option("--criu", default=None, hidden=True)
 @click.pass_context
@@ -61,19 +63,24 @@ def cli(ctx, root, log_path, log_format, debug, systemd_cgroup, rootless, criu):
     from shim.oci.runtime import RuntimeLog
     from shim.oci.state import DEFAULT_ROOT, RuntimeStore
 
-    ctx.obj = {"log": RuntimeLog(log_path, log_format, debug),
-               "store": RuntimeStore(root or DEFAULT_ROOT), "systemd_cgroup": systemd_cgroup}
+    ctx.obj = {
+        "log": RuntimeLog(log_path, log_format, debug),
+        "store": RuntimeStore(root or DEFAULT_ROOT),
+        "systemd_cgroup": systemd_cgroup,
+    }
 
 
 def _obj(ctx):
     return ctx.obj["store"], ctx.obj["log"]
 
 
-_bundle = click.option("-b", "--bundle", default=".", show_default=True,
-                       help="The bundle directory (config.json, rootfs).")
+_bundle = click.option(
+    "-b", "--bundle", default=".", show_default=True, help="The bundle directory (config.json, rootfs)."
+)
 _pid_file = click.option("--pid-file", default=None, help="Write the process's pid here.")
-_console = click.option("--console-socket", default=None,
-                        help="Unix socket that receives the pty master (terminal: true).")
+_console = click.option(
+    "--console-socket", default=None, help="Unix socket that receives the pty master (terminal: true)."
+)
 
 
 def _compat(func):
@@ -96,9 +103,15 @@ def create(ctx, container_id, bundle, pid_file, console_socket, **_):
     from shim.oci import runtime
 
     store, log = _obj(ctx)
-    runtime.create(store, container_id, bundle, pid_file=pid_file,
-                   console_socket=console_socket, log=log,
-                   systemd_cgroup=ctx.obj["systemd_cgroup"])
+    runtime.create(
+        store,
+        container_id,
+        bundle,
+        pid_file=pid_file,
+        console_socket=console_socket,
+        log=log,
+        systemd_cgroup=ctx.obj["systemd_cgroup"],
+    )
 
 
 @cli.command()
@@ -126,9 +139,18 @@ def run(ctx, container_id, bundle, pid_file, console_socket, detach, keep, **_):
     from shim.oci import runtime
 
     store, log = _obj(ctx)
-    sys.exit(runtime.run(store, container_id, bundle, pid_file=pid_file,
-                         console_socket=console_socket, detach=detach, log=log,
-                         systemd_cgroup=ctx.obj["systemd_cgroup"]))
+    sys.exit(
+        runtime.run(
+            store,
+            container_id,
+            bundle,
+            pid_file=pid_file,
+            console_socket=console_socket,
+            detach=detach,
+            log=log,
+            systemd_cgroup=ctx.obj["systemd_cgroup"],
+        )
+    )
 
 
 @cli.command()
@@ -145,8 +167,7 @@ def state(ctx, container_id):
 @cli.command()
 @click.argument("container_id")
 @click.argument("signal", default="SIGTERM")
-@click.option("-a", "--all", "all_processes", is_flag=True,
-              help="Signal every process of the container.")
+@click.option("-a", "--all", "all_processes", is_flag=True, help="Signal every process of the container.")
 @click.pass_context
 def kill(ctx, container_id, signal, all_processes):
     """Send SIGNAL (name or number, default SIGTERM) to the container's process."""
@@ -171,8 +192,7 @@ def delete(ctx, container_id, force):
 @cli.command(name="exec", context_settings={"ignore_unknown_options": False})
 @click.argument("container_id")
 @click.argument("command", nargs=-1)
-@click.option("-p", "--process", "process_file", default=None,
-              help="A JSON file with the OCI process to run.")
+@click.option("-p", "--process", "process_file", default=None, help="A JSON file with the OCI process to run.")
 @click.option("-d", "--detach", is_flag=True)
 @_pid_file
 @_console
@@ -188,8 +208,7 @@ def delete(ctx, container_id, force):
 @click.option("--cgroup", hidden=True, default=None)
 @_compat
 @click.pass_context
-def exec_(ctx, container_id, command, process_file, detach, pid_file, console_socket, tty,
-          cwd, env, user, **_):
+def exec_(ctx, container_id, command, process_file, detach, pid_file, console_socket, tty, cwd, env, user, **_):
     """Run a process in a running container."""
     from shim.oci import runtime
 
@@ -199,15 +218,17 @@ def exec_(ctx, container_id, command, process_file, detach, pid_file, console_so
     else:
         if not command:
             raise click.UsageError("give a COMMAND or --process")
-        process = {"args": list(command), "env": list(env), "cwd": cwd or "/",
-                   "terminal": tty}
+        process = {"args": list(command), "env": list(env), "cwd": cwd or "/", "terminal": tty}
         if user:
             uid, _, gid = user.partition(":")
             if not uid.isdigit() or (gid and not gid.isdigit()):
                 raise click.BadParameter("expected UID[:GID]", param_hint="--user")
             process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
-    sys.exit(runtime.exec_process(store, container_id, process, detach=detach,
-                                  pid_file=pid_file, console_socket=console_socket, log=log))
+    sys.exit(
+        runtime.exec_process(
+            store, container_id, process, detach=detach, pid_file=pid_file, console_socket=console_socket, log=log
+        )
+    )
 
 
 @cli.command()
@@ -303,8 +324,7 @@ def parse_signal(text: str) -> int:
         number = int(value)
     else:
         name = value if value.startswith("SIG") else f"SIG{value}"
-        number = getattr(signal_mod.Signals, name, None) if name in \
-            signal_mod.Signals.__members__ else None
+        number = getattr(signal_mod.Signals, name, None) if name in signal_mod.Signals.__members__ else None
         if number is None:
             raise click.BadParameter(f"unknown signal {text!r}", param_hint="SIGNAL")
         number = int(number)

@@ -57,20 +57,31 @@ def rows(records, before: dict, after: dict) -> list[dict]:
         own = guest if guest else host  # paused: the agent does not answer
         cpu = _cpu_percent(before.get(record.id), after[record.id], "guest" if guest else "host")
         mem = own.get("memory")
-        limit = own.get("memory_limit") or (record.vm_memory_mib << 20 if record.isolation == "vm"
-                                            else host.get("memory_limit") or 0)
-        row = {"ID": record.short_id, "Name": record.name, "Container": record.short_id,
-               "CPUPerc": f"{cpu:.2f}%" if cpu is not None else "--",
-               "MemUsage": f"{_size(mem)} / {_size(limit) if limit else '--'}",
-               "MemPerc": f"{(mem or 0) / limit * 100:.2f}%" if limit else "--",
-               "NetIO": _pair(guest.get("net_rx_bytes"), guest.get("net_tx_bytes")),
-               "BlockIO": _pair(guest.get("block_read_bytes"), guest.get("block_write_bytes")),
-               "PIDs": str(own.get("pids", 0)), "Memory": mem, "MemoryLimit": limit,
-               "Isolation": record.isolation, "Cgroup": guest}
+        limit = own.get("memory_limit") or (
+            record.vm_memory_mib << 20 if record.isolation == "vm" else host.get("memory_limit") or 0
+        )
+        row = {
+            "ID": record.short_id,
+            "Name": record.name,
+            "Container": record.short_id,
+            "CPUPerc": f"{cpu:.2f}%" if cpu is not None else "--",
+            "MemUsage": f"{_size(mem)} / {_size(limit) if limit else '--'}",
+            "MemPerc": f"{(mem or 0) / limit * 100:.2f}%" if limit else "--",
+            "NetIO": _pair(guest.get("net_rx_bytes"), guest.get("net_tx_bytes")),
+            "BlockIO": _pair(guest.get("block_read_bytes"), guest.get("block_write_bytes")),
+            "PIDs": str(own.get("pids", 0)),
+            "Memory": mem,
+            "MemoryLimit": limit,
+            "Isolation": record.isolation,
+            "Cgroup": guest,
+        }
         if record.isolation == "vm":
             host_cpu = _cpu_percent(before.get(record.id), after[record.id], "host")
-            row["Host"] = {"CPUPerc": f"{host_cpu:.2f}%" if host_cpu is not None else "--",
-                           "Memory": host.get("memory"), "MemUsage": _size(host.get("memory"))}
+            row["Host"] = {
+                "CPUPerc": f"{host_cpu:.2f}%" if host_cpu is not None else "--",
+                "Memory": host.get("memory"),
+                "MemUsage": _size(host.get("memory")),
+            }
         result.append(row)
     return result
 
@@ -81,11 +92,22 @@ def _print(table: list[dict], fmt: str | None) -> None:
             click.echo(json.dumps(row))
         return
     cols = ("ID", "Name", "CPUPerc", "MemUsage", "MemPerc", "NetIO", "BlockIO", "PIDs")
-    head = ("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O",
-            "BLOCK I/O", "PIDS", "QEMU CPU %", "QEMU MEM")
-    lines = [head] + [tuple(r[c] for c in cols) + (
-        (r["Host"]["CPUPerc"], r["Host"]["MemUsage"]) if "Host" in r else ("", ""))
-        for r in table]
+    head = (
+        "CONTAINER ID",
+        "NAME",
+        "CPU %",
+        "MEM USAGE / LIMIT",
+        "MEM %",
+        "NET I/O",
+        "BLOCK I/O",
+        "PIDS",
+        "QEMU CPU %",
+        "QEMU MEM",
+    )
+    lines = [head] + [
+        tuple(r[c] for c in cols) + ((r["Host"]["CPUPerc"], r["Host"]["MemUsage"]) if "Host" in r else ("", ""))
+        for r in table
+    ]
     print_table(lines)
 
 

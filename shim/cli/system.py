@@ -19,8 +19,9 @@ def system_group() -> None:
 
 
 @system_group.command("df")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
-              help="json: one JSON object per line.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default=None, help="json: one JSON object per line."
+)
 def system_df(fmt: str | None) -> None:
     """Show the disk space used by images, layer disks and containers.
 
@@ -34,14 +35,20 @@ def system_df(fmt: str | None) -> None:
     table = [("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE")]
     for r in rows:
         pct = f" ({100 * r['Reclaimable'] // r['Size']}%)" if r["Size"] else ""
-        table.append((r["Type"], str(r["TotalCount"]), str(r["Active"]),
-                      format_size(r["Size"]), format_size(r["Reclaimable"]) + pct))
+        table.append(
+            (
+                r["Type"],
+                str(r["TotalCount"]),
+                str(r["Active"]),
+                format_size(r["Size"]),
+                format_size(r["Reclaimable"]) + pct,
+            )
+        )
     print_table(table)
 
 
 @system_group.command("prune")
-@click.option("-a", "--all", "all_images", is_flag=True,
-              help="Also remove every image no container uses.")
+@click.option("-a", "--all", "all_images", is_flag=True, help="Also remove every image no container uses.")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def system_prune(all_images: bool, force: bool) -> None:
     """Remove unused data (for now: images and their blobs, as 'image prune')."""

@@ -23,10 +23,8 @@ def format_rows(rows: Sequence[Sequence[object]]) -> list[str]:
     if not cells:
         return []
     ncols = max(len(row) for row in cells)
-    widths = [max((len(row[i]) for row in cells if i < len(row)), default=0)
-              for i in range(ncols)]
-    return [(" " * GAP).join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-            for row in cells]
+    widths = [max((len(row[i]) for row in cells if i < len(row)), default=0) for i in range(ncols)]
+    return [(" " * GAP).join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
 
 
 def print_table(rows: Sequence[Sequence[object]]) -> None:
@@ -49,8 +47,7 @@ def _print_rich(rows: Sequence[Sequence[object]]) -> None:
     from rich.text import Text
 
     ncols = max(len(row) for row in rows)
-    table = Table(box=None, pad_edge=False, padding=(0, GAP, 0, 0), show_edge=False,
-                  header_style="bold")
+    table = Table(box=None, pad_edge=False, padding=(0, GAP, 0, 0), show_edge=False, header_style="bold")
     header = [str(cell) for cell in rows[0]]
     for i in range(ncols):
         table.add_column(Text(header[i] if i < len(header) else ""))

@@ -14,8 +14,13 @@ def template_group():
 
 
 @template_group.command("create")
-@click.option("--memory-mib", type=click.IntRange(64, 65536), default=DEFAULT_VM_MIB, show_default=True,
-              help="Guest memory of the containers that will use it.")
+@click.option(
+    "--memory-mib",
+    type=click.IntRange(64, 65536),
+    default=DEFAULT_VM_MIB,
+    show_default=True,
+    help="Guest memory of the containers that will use it.",
+)
 @click.argument("image")
 def create(memory_mib, image):
     """Boot IMAGE's VM once, save it; matching containers start from copies of it."""
@@ -24,8 +29,7 @@ def create(memory_mib, image):
     from shim.containers.options import RunOptions
     from shim.containers.run import prepare
 
-    record = prepare(RunOptions(image=image, command=["true"], remove=True,
-                                network=parse_request(network="none")))
+    record = prepare(RunOptions(image=image, command=["true"], remove=True, network=parse_request(network="none")))
     meta = template_build.create(record, memory_mib=memory_mib)
     click.echo(meta["dir"].rsplit("/", 1)[-1])
 
@@ -37,8 +41,10 @@ def ls():
 
     click.echo(f"{'KEY':<18}{'IMAGE':<28}{'MEMORY':<8}CREATED")
     for meta in template.list_templates():
-        click.echo(f"{meta['key']:<18}{str(meta.get('image', ''))[:27]:<28}"
-                   f"{meta.get('memory_mib', '')!s:<8}{meta.get('created', '')}")
+        click.echo(
+            f"{meta['key']:<18}{str(meta.get('image', ''))[:27]:<28}"
+            f"{meta.get('memory_mib', '')!s:<8}{meta.get('created', '')}"
+        )
 
 
 @template_group.command("rm")

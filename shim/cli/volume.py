@@ -43,10 +43,10 @@ def volume_group():
 
 @volume_group.command("create")
 @click.option("--label", multiple=True, metavar="K=V", help="Set metadata on the volume.")
-@click.option("-o", "--opt", multiple=True, metavar="size=SIZE",
-              help="Driver options; size=SIZE (default 16g, sparse).")
-@click.option("-d", "--driver", default="local", show_default=True,
-              help="Only local is supported.")
+@click.option(
+    "-o", "--opt", multiple=True, metavar="size=SIZE", help="Driver options; size=SIZE (default 16g, sparse)."
+)
+@click.option("-d", "--driver", default="local", show_default=True, help="Only local is supported.")
 @click.argument("name", required=False)
 def create(label, opt, driver, name):
     """Create a volume (a random name when NAME is left out); print its name."""
@@ -68,10 +68,17 @@ def create(label, opt, driver, name):
 
 @volume_group.command("ls")
 @click.option("-q", "--quiet", is_flag=True, help="Only show names.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
-              help="json: one JSON object per line.")
-@click.option("-f", "--filter", "filters", multiple=True, metavar="dangling=true|label=K",
-              help="dangling=true: only volumes no container references; label=K[=V].")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default=None, help="json: one JSON object per line."
+)
+@click.option(
+    "-f",
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="dangling=true|label=K",
+    help="dangling=true: only volumes no container references; label=K[=V].",
+)
 def ls(quiet, fmt, filters):
     """List volumes."""
     volumes = _store().list()
@@ -94,9 +101,18 @@ def ls(quiet, fmt, filters):
         return
     if fmt == "json":
         for v in volumes:
-            click.echo(json.dumps({"Driver": "local", "Name": v.name, "Size": v.size,
-                                   "Labels": v.labels, "Anonymous": v.anonymous,
-                                   "Containers": refs.get(v.name, [])}))
+            click.echo(
+                json.dumps(
+                    {
+                        "Driver": "local",
+                        "Name": v.name,
+                        "Size": v.size,
+                        "Labels": v.labels,
+                        "Anonymous": v.anonymous,
+                        "Containers": refs.get(v.name, []),
+                    }
+                )
+            )
         return
     rows = [("DRIVER", "VOLUME NAME", "SIZE", "USED")]
     for v in volumes:
@@ -123,8 +139,9 @@ def inspect(names):
 
 
 @volume_group.command("rm")
-@click.option("-f", "--force", is_flag=True,
-              help="Also remove volumes stopped containers reference (never one in use).")
+@click.option(
+    "-f", "--force", is_flag=True, help="Also remove volumes stopped containers reference (never one in use)."
+)
 @click.argument("names", nargs=-1, required=True)
 def rm(force, names):
     """Remove volumes."""
@@ -142,15 +159,13 @@ def rm(force, names):
 
 
 @volume_group.command("prune")
-@click.option("-a", "--all", "all_volumes", is_flag=True,
-              help="Remove all unused volumes, not just anonymous ones.")
+@click.option("-a", "--all", "all_volumes", is_flag=True, help="Remove all unused volumes, not just anonymous ones.")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def prune(all_volumes, force):
     """Remove volumes no container references."""
     if not force:
         what = "all volumes" if all_volumes else "all anonymous volumes"
-        click.confirm(f"This will remove {what} not used by at least one container. "
-                      "Continue?", abort=True)
+        click.confirm(f"This will remove {what} not used by at least one container. Continue?", abort=True)
     removed = _store().prune(referenced=set(references()), all_volumes=all_volumes)
     if removed:
         click.echo("Deleted Volumes:")

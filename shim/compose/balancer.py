@@ -35,9 +35,11 @@ def rules(project: str, service: str, ports, addresses: list[str]) -> str:
     lines = []
     for p in ports:
         match = f"ip daddr {p.host_ip} " if p.host_ip != ANY_IP else ""
-        lines.append(f"add rule ip {table} publish {match}{p.protocol} dport {p.host_port} "
-                     f"dnat to numgen inc mod {len(addresses)} map {{ {targets} }}"
-                     f":{p.container_port} {c}")
+        lines.append(
+            f"add rule ip {table} publish {match}{p.protocol} dport {p.host_port} "
+            f"dnat to numgen inc mod {len(addresses)} map {{ {targets} }}"
+            f":{p.container_port} {c}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -72,8 +74,9 @@ def refresh(project: str, service, count: int) -> None:
         addresses = replica_addresses(project, service.name)
         if addresses:
             firewall.ensure_table()
-            firewall._nft(rules(project, service.name, ports, addresses),
-                          f"cannot balance ports of service {service.name}")
+            firewall._nft(
+                rules(project, service.name, ports, addresses), f"cannot balance ports of service {service.name}"
+            )
 
 
 def remove_project(project: str) -> None:
@@ -83,10 +86,11 @@ def remove_project(project: str) -> None:
     prefix = f"vmshim-lb:{project}:"
     with NetworkStore().locked():
         try:
-            handles = [r["handle"] for r in firewall._rules("publish")
-                       if str(r.get("comment", "")).startswith(prefix)]
+            handles = [r["handle"] for r in firewall._rules("publish") if str(r.get("comment", "")).startswith(prefix)]
         except NetworkError:
             return  # no table here
         if handles:
-            firewall._nft("".join(f"delete rule ip {firewall.TABLE} publish handle {h}\n"
-                                  for h in handles), "cannot delete balancer rules")
+            firewall._nft(
+                "".join(f"delete rule ip {firewall.TABLE} publish handle {h}\n" for h in handles),
+                "cannot delete balancer rules",
+            )

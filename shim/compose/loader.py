@@ -16,8 +16,12 @@ from pathlib import Path
 from shim.compose.errors import ComposeError
 
 DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
-OVERRIDE_FILES = ("compose.override.yaml", "compose.override.yml",
-                  "docker-compose.override.yaml", "docker-compose.override.yml")
+OVERRIDE_FILES = (
+    "compose.override.yaml",
+    "compose.override.yml",
+    "docker-compose.override.yaml",
+    "docker-compose.override.yml",
+)
 MAX_FILE_BYTES = 4 << 20
 """A compose file larger than this is refused (bounded work, no YAML bomb reaches us)."""
 MAX_NODES = 200_000
@@ -25,6 +29,7 @@ MAX_NODES = 200_000
 
 
 # ---- discovery --------------------------------------------------------------------------
+
 
 def find_files(files: list[str], cwd: Path) -> list[Path]:
     """The compose files to read: the ``-f`` ones in order, else the first default
@@ -47,8 +52,9 @@ def find_files(files: list[str], cwd: Path) -> list[Path]:
                         found.append(directory / override)
                         break
                 return found
-    raise ComposeError(f"no compose file found in {cwd} or its parents "
-                       f"(looked for {', '.join(DEFAULT_FILES)}); use -f FILE")
+    raise ComposeError(
+        f"no compose file found in {cwd} or its parents (looked for {', '.join(DEFAULT_FILES)}); use -f FILE"
+    )
 
 
 # ---- .env -------------------------------------------------------------------------------
@@ -88,8 +94,7 @@ def read_env_file(path: Path, *, required: bool = True) -> dict[str, str]:
 # ---- interpolation ------------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?$",
-                     re.S)
+_BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?$", re.S)
 
 
 def interpolate_text(text: str, env: dict[str, str], where: str) -> str:
@@ -104,7 +109,7 @@ def interpolate_text(text: str, env: dict[str, str], where: str) -> str:
             out.append(text[pos:])
             return "".join(out)
         out.append(text[pos:dollar])
-        nxt = text[dollar + 1:dollar + 2]
+        nxt = text[dollar + 1 : dollar + 2]
         if nxt == "$":
             out.append("$")
             pos = dollar + 2
@@ -114,15 +119,16 @@ def interpolate_text(text: str, env: dict[str, str], where: str) -> str:
                 depth += {"{": 1, "}": -1}.get(text[end], 0)
                 end += 1
             if depth:
-                raise ComposeError(f"{where}: invalid interpolation format in {text!r}: "
-                                   "an unclosed ${")
-            out.append(_braced(text[dollar + 2:end - 1], env, where))
+                raise ComposeError(f"{where}: invalid interpolation format in {text!r}: an unclosed ${{")
+            out.append(_braced(text[dollar + 2 : end - 1], env, where))
             pos = end
         else:
             match = _NAME.match(text, dollar + 1)
             if not match:
-                raise ComposeError(f"{where}: invalid interpolation format in {text!r}: "
-                                   "a '$' must be followed by a name, {NAME} or '$'")
+                raise ComposeError(
+                    f"{where}: invalid interpolation format in {text!r}: "
+                    "a '$' must be followed by a name, {NAME} or '$'"
+                )
             out.append(env.get(match.group(0), ""))
             pos = match.end()
 
@@ -142,8 +148,7 @@ def _braced(braced: str, env: dict[str, str], where: str) -> str:
         unset = value is None or (op == ":?" and value == "")
         if unset:
             reason = interpolate_text(arg, env, where) or "is not set"
-            raise ComposeError(f"{where}: required variable {name} is missing a value: "
-                               f"{reason}")
+            raise ComposeError(f"{where}: required variable {name} is missing a value: {reason}")
         return value or ""
     present = value is not None and (op == "+" or value != "")
     return interpolate_text(arg, env, where) if present else ""
@@ -165,6 +170,7 @@ def join(path: str, key) -> str:
 
 
 # ---- parsing -------------------------------------------------------------------------------
+
 
 def parse_yaml(path: Path) -> dict:
     """One compose file as a dict. Raises ComposeError (size, syntax, not a mapping)."""
@@ -221,9 +227,15 @@ def _all_keys(node):
 
 
 def type_name(value) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number",
-            float: "a number", bool: "a boolean", type(None): "null"}.get(type(value),
-                                                                          type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 # ---- merging -------------------------------------------------------------------------------
@@ -261,8 +273,11 @@ def merge(base, override, path: str = ""):
     key = path.split(".", 2)[-1] if path.startswith("services.") else path
     if key in REPLACED:
         return override
-    if path.startswith("services.") and path.count(".") == 2 and \
-            path.rsplit(".", 1)[1] in ("environment", "labels", "extra_hosts", "sysctls"):
+    if (
+        path.startswith("services.")
+        and path.count(".") == 2
+        and path.rsplit(".", 1)[1] in ("environment", "labels", "extra_hosts", "sysctls")
+    ):
         left, right = _as_mapping(base), _as_mapping(override)
         if left is not None and right is not None:
             return {**left, **right}
@@ -280,6 +295,7 @@ def merge(base, override, path: str = ""):
 
 
 # ---- the whole load ----------------------------------------------------------------------
+
 
 def load_document(files: list[Path], env: dict[str, str]) -> dict:
     """Parse, interpolate and merge *files* in order. Raises ComposeError."""

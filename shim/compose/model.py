@@ -70,9 +70,13 @@ class HealthCheck:
     def to_docker(self) -> dict:
         """The image-config form (durations in nanoseconds), as the monitor reads it."""
         ns = 1_000_000_000
-        return {"Test": list(self.test), "Interval": int(self.interval * ns),
-                "Timeout": int(self.timeout * ns), "Retries": self.retries,
-                "StartPeriod": int(self.start_period * ns)}
+        return {
+            "Test": list(self.test),
+            "Interval": int(self.interval * ns),
+            "Timeout": int(self.timeout * ns),
+            "Retries": self.retries,
+            "StartPeriod": int(self.start_period * ns),
+        }
 
 
 @dataclass
@@ -197,9 +201,14 @@ def normalize_project_name(text: str) -> str:
     return name
 
 
-def load_project(files: Sequence[str] = (), *, project_name: str | None = None,
-                 env_files: Sequence[str] = (), profiles: Sequence[str] = (),
-                 cwd: Path | None = None) -> Project:
+def load_project(
+    files: Sequence[str] = (),
+    *,
+    project_name: str | None = None,
+    env_files: Sequence[str] = (),
+    profiles: Sequence[str] = (),
+    cwd: Path | None = None,
+) -> Project:
     """Find, read, merge and validate the compose files; return the project with the
     services of the active profiles. Raises ComposeError (nothing is created)."""
     cwd = cwd or Path.cwd()
@@ -222,30 +231,48 @@ def load_project(files: Sequence[str] = (), *, project_name: str | None = None,
     for service in services.values():
         for dep in service.depends_on:
             if dep in disabled:
-                raise ComposeError(f"services.{service.name}.depends_on.{dep}: service "
-                                   f"{dep!r} is in profiles {disabled[dep].profiles} that "
-                                   "are not enabled (--profile)")
+                raise ComposeError(
+                    f"services.{service.name}.depends_on.{dep}: service "
+                    f"{dep!r} is in profiles {disabled[dep].profiles} that "
+                    "are not enabled (--profile)"
+                )
     networks = {k: _network(k, v or {}, name) for k, v in (document.get("networks") or {}).items()}
     if "default" not in networks:
         networks["default"] = Network(key="default", name=f"{name}_default")
     volumes = {k: _volume(k, v or {}, name) for k, v in (document.get("volumes") or {}).items()}
-    return Project(name=name, directory=directory, services=services, networks=networks,
-                   volumes=volumes, document=document, warnings=warnings, disabled=disabled)
+    return Project(
+        name=name,
+        directory=directory,
+        services=services,
+        networks=networks,
+        volumes=volumes,
+        document=document,
+        warnings=warnings,
+        disabled=disabled,
+    )
 
 
 def _network(key: str, raw: dict, project: str) -> Network:
     configs = (raw.get("ipam") or {}).get("config") or [{}]
-    return Network(key=key, name=raw.get("name") or f"{project}_{key}",
-                   external=bool(raw.get("external")), internal=bool(raw.get("internal")),
-                   subnet=configs[0].get("subnet"), gateway=configs[0].get("gateway"),
-                   labels=as_dict(raw.get("labels")))
+    return Network(
+        key=key,
+        name=raw.get("name") or f"{project}_{key}",
+        external=bool(raw.get("external")),
+        internal=bool(raw.get("internal")),
+        subnet=configs[0].get("subnet"),
+        gateway=configs[0].get("gateway"),
+        labels=as_dict(raw.get("labels")),
+    )
 
 
 def _volume(key: str, raw: dict, project: str) -> Volume:
-    return Volume(key=key, name=raw.get("name") or f"{project}_{key}",
-                  external=bool(raw.get("external")),
-                  size=(raw.get("driver_opts") or {}).get("size"),
-                  labels=as_dict(raw.get("labels")))
+    return Volume(
+        key=key,
+        name=raw.get("name") or f"{project}_{key}",
+        external=bool(raw.get("external")),
+        size=(raw.get("driver_opts") or {}).get("size"),
+        labels=as_dict(raw.get("labels")),
+    )
 
 
 def _service(name: str, raw: dict, directory: Path) -> Service:
@@ -259,8 +286,7 @@ def _service(name: str, raw: dict, directory: Path) -> Service:
         build["context"] = str((directory / context).resolve())
         build["args"] = as_dict(build.get("args"))
         if not Path(build["context"]).is_dir():
-            raise ComposeError(f"services.{name}.build.context: {build['context']} is not "
-                               "a directory")
+            raise ComposeError(f"services.{name}.build.context: {build['context']} is not a directory")
     nets = raw.get("networks")
     networks: dict[str, list]
     if nets is None:
@@ -270,42 +296,57 @@ def _service(name: str, raw: dict, directory: Path) -> Service:
     else:
         networks = {n: list((c or {}).get("aliases") or []) for n, c in nets.items()}
     deps = raw.get("depends_on") or {}
-    depends = ({d: "service_started" for d in deps} if isinstance(deps, list)
-               else {d: c["condition"] for d, c in deps.items()})
+    depends = (
+        {d: "service_started" for d in deps} if isinstance(deps, list) else {d: c["condition"] for d, c in deps.items()}
+    )
     check, disabled = _healthcheck(raw.get("healthcheck"))
     replicas = deploy.get("replicas", raw.get("scale", 1))
     env_files = raw.get("env_file") or []
     return Service(
-        name=name, image=raw.get("image"), build=build,
+        name=name,
+        image=raw.get("image"),
+        build=build,
         command=command_list(raw.get("command")),
         entrypoint=command_list(raw.get("entrypoint")),
         environment=env_list(raw.get("environment")),
-        env_files=[str((directory / f).resolve()) for f in
-                   ([env_files] if isinstance(env_files, str) else env_files)],
-        ports=list(raw.get("ports") or []), expose=[str(e) for e in raw.get("expose") or []],
+        env_files=[str((directory / f).resolve()) for f in ([env_files] if isinstance(env_files, str) else env_files)],
+        ports=list(raw.get("ports") or []),
+        expose=[str(e) for e in raw.get("expose") or []],
         volumes=list(raw.get("volumes") or []),
         tmpfs=[raw["tmpfs"]] if isinstance(raw.get("tmpfs"), str) else list(raw.get("tmpfs") or []),
-        networks=networks, depends_on=depends, healthcheck=check,
-        healthcheck_disabled=disabled, restart=raw.get("restart", "no"),
-        replicas=int(replicas), memory=_text(limits.get("memory") or raw.get("mem_limit")),
+        networks=networks,
+        depends_on=depends,
+        healthcheck=check,
+        healthcheck_disabled=disabled,
+        restart=raw.get("restart", "no"),
+        replicas=int(replicas),
+        memory=_text(limits.get("memory") or raw.get("mem_limit")),
         memory_reservation=_text(reservations.get("memory") or raw.get("mem_reservation")),
-        cpus=float(limits["cpus"]) if "cpus" in limits else
-        (float(raw["cpus"]) if "cpus" in raw else None),
+        cpus=float(limits["cpus"]) if "cpus" in limits else (float(raw["cpus"]) if "cpus" in raw else None),
         pids_limit=limits.get("pids", raw.get("pids_limit")),
-        hostname=raw.get("hostname"), working_dir=raw.get("working_dir"), user=raw.get("user"),
-        labels=as_dict(raw.get("labels")), init=bool(raw.get("init", False)),
+        hostname=raw.get("hostname"),
+        working_dir=raw.get("working_dir"),
+        user=raw.get("user"),
+        labels=as_dict(raw.get("labels")),
+        init=bool(raw.get("init", False)),
         stop_signal=str(raw["stop_signal"]) if "stop_signal" in raw else None,
-        stop_grace_period=seconds(raw["stop_grace_period"], 10) if "stop_grace_period" in raw
-        else None,
-        read_only=bool(raw.get("read_only", False)), cap_add=list(raw.get("cap_add") or []),
-        cap_drop=list(raw.get("cap_drop") or []), privileged=bool(raw.get("privileged", False)),
-        isolation=raw.get("isolation", "vm"), os=bool(raw.get("os", False)), profiles=list(raw.get("profiles") or []),
-        container_name=raw.get("container_name"), stdin_open=bool(raw.get("stdin_open")),
+        stop_grace_period=seconds(raw["stop_grace_period"], 10) if "stop_grace_period" in raw else None,
+        read_only=bool(raw.get("read_only", False)),
+        cap_add=list(raw.get("cap_add") or []),
+        cap_drop=list(raw.get("cap_drop") or []),
+        privileged=bool(raw.get("privileged", False)),
+        isolation=raw.get("isolation", "vm"),
+        os=bool(raw.get("os", False)),
+        profiles=list(raw.get("profiles") or []),
+        container_name=raw.get("container_name"),
+        stdin_open=bool(raw.get("stdin_open")),
         tty=bool(raw.get("tty")),
         dns=[raw["dns"]] if isinstance(raw.get("dns"), str) else list(raw.get("dns") or []),
-        extra_hosts=[e.replace("=", ":", 1) if "=" in e and ":" not in e else e
-                     for e in env_list(raw.get("extra_hosts"))],
-        raw=raw)
+        extra_hosts=[
+            e.replace("=", ":", 1) if "=" in e and ":" not in e else e for e in env_list(raw.get("extra_hosts"))
+        ],
+        raw=raw,
+    )
 
 
 def _text(value) -> str | None:
@@ -323,7 +364,10 @@ def _healthcheck(raw) -> tuple[HealthCheck | None, bool]:
         return None, False  # only timings: applied over the image's test by the planner
     if isinstance(test, str):
         test = ["CMD-SHELL", test]
-    return HealthCheck(test=list(test), interval=seconds(raw.get("interval"), 30.0),
-                       timeout=seconds(raw.get("timeout"), 30.0),
-                       retries=int(raw.get("retries", 3)),
-                       start_period=seconds(raw.get("start_period"), 0.0)), False
+    return HealthCheck(
+        test=list(test),
+        interval=seconds(raw.get("interval"), 30.0),
+        timeout=seconds(raw.get("timeout"), 30.0),
+        retries=int(raw.get("retries", 3)),
+        start_period=seconds(raw.get("start_period"), 0.0),
+    ), False

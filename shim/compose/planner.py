@@ -38,13 +38,20 @@ def config_hash(service: Service, image_id: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def container_labels(project: Project, service: Service, number: int, *, oneoff: bool = False,
-                     image_id: str = "") -> dict[str, str]:
+def container_labels(
+    project: Project, service: Service, number: int, *, oneoff: bool = False, image_id: str = ""
+) -> dict[str, str]:
     labels = dict(service.labels)
-    labels.update({LABEL_PROJECT: project.name, LABEL_SERVICE: service.name,
-                   LABEL_NUMBER: str(number), LABEL_ONEOFF: "True" if oneoff else "False",
-                   LABEL_HASH: config_hash(service, image_id),
-                   LABEL_WORKDIR: str(project.directory)})
+    labels.update(
+        {
+            LABEL_PROJECT: project.name,
+            LABEL_SERVICE: service.name,
+            LABEL_NUMBER: str(number),
+            LABEL_ONEOFF: "True" if oneoff else "False",
+            LABEL_HASH: config_hash(service, image_id),
+            LABEL_WORKDIR: str(project.directory),
+        }
+    )
     if service.build is not None:
         labels[LABEL_IMAGE] = service.image_name(project.name)
     return labels
@@ -53,8 +60,10 @@ def container_labels(project: Project, service: Service, number: int, *, oneoff:
 def replicas(service: Service, scale: dict[str, int]) -> int:
     count = scale.get(service.name, service.replicas)
     if count > 1 and service.container_name:
-        raise ComposeError(f"services.{service.name}: container_name {service.container_name!r} "
-                           f"cannot be used with {count} replicas (names must be unique)")
+        raise ComposeError(
+            f"services.{service.name}: container_name {service.container_name!r} "
+            f"cannot be used with {count} replicas (names must be unique)"
+        )
     return count
 
 
@@ -70,6 +79,7 @@ def parse_scale(values) -> dict[str, int]:
 
 
 # ---- ports ------------------------------------------------------------------------------------
+
 
 def port_specs(service: Service) -> list[str]:
     """The service's ports as ``-p`` specs."""
@@ -123,8 +133,9 @@ def replica_ports(service: Service, count: int, number: int) -> list[str]:
             low, high = (int(p) for p in host_range.split("-"))
             port = low + number - 1
             if port > high:
-                raise ComposeError(f"services.{service.name}.ports: {spec} has fewer host "
-                                   f"ports than the {count} replicas")
+                raise ComposeError(
+                    f"services.{service.name}.ports: {spec} has fewer host ports than the {count} replicas"
+                )
             out.append(f"{ip_prefix + ':' if ip_prefix else ''}{port}:{target}")
         elif count > 1 and any(m.host_port for m in mappings):
             continue  # the balancer publishes it
@@ -134,6 +145,7 @@ def replica_ports(service: Service, count: int, number: int) -> list[str]:
 
 
 # ---- volumes ----------------------------------------------------------------------------------
+
 
 def mount_specs(project: Project, service: Service) -> tuple[list[str], list[str]]:
     """(``-v`` specs, ``--mount`` specs) with named volumes renamed to the project's and
@@ -150,9 +162,13 @@ def mount_specs(project: Project, service: Service) -> tuple[list[str], list[str
         fields = [f"type={kind}", f"target={entry['target']}"]
         if entry.get("source") and kind != "tmpfs":
             source = entry["source"]
-            source = _source(project, source) if kind == "volume" else \
-                str((project.directory / source).resolve()) if not source.startswith("/") \
+            source = (
+                _source(project, source)
+                if kind == "volume"
+                else str((project.directory / source).resolve())
+                if not source.startswith("/")
                 else source
+            )
             fields.append(f"source={source}")
         if entry.get("read_only"):
             fields.append("readonly")
@@ -178,9 +194,20 @@ def _source(project: Project, source: str) -> str:
 
 # ---- run options ------------------------------------------------------------------------------
 
-def run_options(project: Project, service: Service, number: int, count: int, *,
-                image_id: str = "", command: list[str] | None = None, oneoff: bool = False,
-                name: str | None = None, remove: bool = False, detach: bool = True):
+
+def run_options(
+    project: Project,
+    service: Service,
+    number: int,
+    count: int,
+    *,
+    image_id: str = "",
+    command: list[str] | None = None,
+    oneoff: bool = False,
+    name: str | None = None,
+    remove: bool = False,
+    detach: bool = True,
+):
     """The RunOptions of replica *number* of *count*. Raises UsageError/NetworkError
     (a value vmshim's run refuses: the message names the flag)."""
     from shim.containers.options import RunOptions
@@ -197,10 +224,13 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
         cmd = list(service.entrypoint[1:] if service.entrypoint else []) + list(command)
     volumes, mounts = mount_specs(project, service)
     networks = [project.networks[key].name for key in service.networks]
-    request = parse_request(network=networks, publish=[] if oneoff else
-                            replica_ports(service, count, number),
-                            expose=service.expose, dns_servers=service.dns,
-                            add_hosts=service.extra_hosts)
+    request = parse_request(
+        network=networks,
+        publish=[] if oneoff else replica_ports(service, count, number),
+        expose=service.expose,
+        dns_servers=service.dns,
+        add_hosts=service.extra_hosts,
+    )
     for key, aliases in service.networks.items():
         net = project.networks[key].name
         config = request.endpoint_config.setdefault(net, {})
@@ -210,26 +240,44 @@ def run_options(project: Project, service: Service, number: int, count: int, *,
         check = {"Test": ["NONE"]}
     elif service.healthcheck is not None:
         check = service.healthcheck.to_docker()
-    resources = from_flags(memory=service.memory, memory_reservation=service.memory_reservation,
-                           cpus=service.cpus, pids_limit=service.pids_limit)
+    resources = from_flags(
+        memory=service.memory,
+        memory_reservation=service.memory_reservation,
+        cpus=service.cpus,
+        pids_limit=service.pids_limit,
+    )
     return RunOptions(
-        image=service.image_name(project.name), command=cmd, entrypoint=entrypoint,
-        env=list(service.environment), env_files=list(service.env_files),
-        workdir=service.working_dir, user=service.user,
-        name=name or container_name(project, service, number), hostname=service.hostname,
-        interactive=service.stdin_open, tty=service.tty, remove=remove,
-        isolation=service.isolation, detach=detach,
+        image=service.image_name(project.name),
+        command=cmd,
+        entrypoint=entrypoint,
+        env=list(service.environment),
+        env_files=list(service.env_files),
+        workdir=service.working_dir,
+        user=service.user,
+        name=name or container_name(project, service, number),
+        hostname=service.hostname,
+        interactive=service.stdin_open,
+        tty=service.tty,
+        remove=remove,
+        isolation=service.isolation,
+        detach=detach,
         restart="no" if oneoff else service.restart,
         stop_signal=service.stop_signal,
-        stop_timeout=int(service.stop_grace_period) if service.stop_grace_period is not None
-        else None,
-        resources=resources, mounts=parse_all(volumes, mounts, service.tmpfs),
-        read_only=service.read_only, network=request,
+        stop_timeout=int(service.stop_grace_period) if service.stop_grace_period is not None else None,
+        resources=resources,
+        mounts=parse_all(volumes, mounts, service.tmpfs),
+        read_only=service.read_only,
+        network=request,
         labels=container_labels(project, service, number, oneoff=oneoff, image_id=image_id),
-        healthcheck=check, os_container=service.os,
-        security=SecurityOptions(privileged=service.privileged, cap_add=list(service.cap_add),
-                                 cap_drop=list(service.cap_drop),
-                                 security_opt=list(service.raw.get("security_opt") or [])))
+        healthcheck=check,
+        os_container=service.os,
+        security=SecurityOptions(
+            privileged=service.privileged,
+            cap_add=list(service.cap_add),
+            cap_drop=list(service.cap_drop),
+            security_opt=list(service.raw.get("security_opt") or []),
+        ),
+    )
 
 
 def ignored_keys(service: Service) -> list[str]:
@@ -237,13 +285,11 @@ def ignored_keys(service: Service) -> list[str]:
     out = []
     for key in ("init",):
         if service.raw.get(key):
-            out.append(f"services.{service.name}.{key}: not applied by this vmshim "
-                       "(no such run option yet), ignored")
+            out.append(f"services.{service.name}.{key}: not applied by this vmshim (no such run option yet), ignored")
     return out
 
 
-def project_containers(project: str, *, services: list[str] | None = None,
-                       oneoff: bool | None = False) -> list:
+def project_containers(project: str, *, services: list[str] | None = None, oneoff: bool | None = False) -> list:
     """The project's containers (all states), by label, sorted by service and number."""
     from shim.containers.store import ContainerStore
 
@@ -257,5 +303,4 @@ def project_containers(project: str, *, services: list[str] | None = None,
         if oneoff is not None and (labels.get(LABEL_ONEOFF) == "True") != oneoff:
             continue
         out.append(record)
-    return sorted(out, key=lambda r: (r.labels.get(LABEL_SERVICE, ""),
-                                      int(r.labels.get(LABEL_NUMBER, "0") or 0)))
+    return sorted(out, key=lambda r: (r.labels.get(LABEL_SERVICE, ""), int(r.labels.get(LABEL_NUMBER, "0") or 0)))

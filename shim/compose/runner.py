@@ -29,6 +29,7 @@ START_REPLY_TIMEOUT = 180.0
 
 # ---- what exists -------------------------------------------------------------------------------
 
+
 def number_of(record) -> int:
     return int((record.labels or {}).get(planner.LABEL_NUMBER, "0") or 0)
 
@@ -39,6 +40,7 @@ def service_of(record) -> str:
 
 # ---- images ---------------------------------------------------------------------------------------
 
+
 def image_id(ref: str) -> str | None:
     from shim.images.store import ImageStore
 
@@ -48,8 +50,9 @@ def image_id(ref: str) -> str | None:
         return None
 
 
-def build_service(project: Project, service: Service, progress: Progress, *,
-                  no_cache: bool = False, isolation: str | None = None) -> str:
+def build_service(
+    project: Project, service: Service, progress: Progress, *, no_cache: bool = False, isolation: str | None = None
+) -> str:
     """Build *service*'s image (``build:``); return its id. Raises BuildError …"""
     from pathlib import Path
 
@@ -62,17 +65,21 @@ def build_service(project: Project, service: Service, progress: Progress, *,
     options = BuildOptions(
         context=Path(spec["context"]),
         dockerfile=(Path(spec["context"]) / dockerfile) if dockerfile else None,
-        tags=[name], build_args={k: v for k, v in (spec.get("args") or {}).items()
-                                 if v is not None},
-        target=spec.get("target"), no_cache=no_cache, quiet=True,
-        isolation=isolation or service.isolation)
+        tags=[name],
+        build_args={k: v for k, v in (spec.get("args") or {}).items() if v is not None},
+        target=spec.get("target"),
+        no_cache=no_cache,
+        quiet=True,
+        isolation=isolation or service.isolation,
+    )
     result = build(options, BuildOutput())
     line.done("Built")
     return result.image_id
 
 
-def ensure_images(project: Project, services: list[Service], progress: Progress, *,
-                  build: bool = False, pull: str = "missing") -> dict[str, str]:
+def ensure_images(
+    project: Project, services: list[Service], progress: Progress, *, build: bool = False, pull: str = "missing"
+) -> dict[str, str]:
     """Build or pull what *services* need; {service: image id}."""
     ids: dict[str, str] = {}
     for service in services:
@@ -83,8 +90,9 @@ def ensure_images(project: Project, services: list[Service], progress: Progress,
             continue
         if current is None or pull == "always":
             if service.image is None:
-                raise ComposeError(f"services.{service.name}: image {ref} is missing and "
-                                   "the service has no build section")
+                raise ComposeError(
+                    f"services.{service.name}: image {ref} is missing and the service has no build section"
+                )
             pull_image(ref, progress)
             current = image_id(ref)
         ids[service.name] = current or ""
@@ -103,6 +111,7 @@ def pull_image(ref: str, progress: Progress) -> None:
 
 # ---- networks and volumes -----------------------------------------------------------------
 
+
 def ensure_networks(project: Project, services: list[Service], progress: Progress) -> None:
     from shim.errors import NetworkNotFound
     from shim.containers.networking import create_network
@@ -117,13 +126,12 @@ def ensure_networks(project: Project, services: list[Service], progress: Progres
             continue
         except NetworkNotFound:
             if net.external:
-                raise ComposeError(f"networks.{key}: external network {net.name} does not "
-                                   "exist (vmshim network create)") from None
+                raise ComposeError(
+                    f"networks.{key}: external network {net.name} does not exist (vmshim network create)"
+                ) from None
         line = progress.line(f"Network {net.name}", "Creating")
-        labels = {**net.labels, planner.LABEL_PROJECT: project.name,
-                  planner.LABEL_NETWORK: key}
-        create_network(net.name, subnet=net.subnet, gateway=net.gateway,
-                       internal=net.internal, labels=labels)
+        labels = {**net.labels, planner.LABEL_PROJECT: project.name, planner.LABEL_NETWORK: key}
+        create_network(net.name, subnet=net.subnet, gateway=net.gateway, internal=net.internal, labels=labels)
         line.done("Created")
 
 
@@ -135,8 +143,7 @@ def ensure_volumes(project: Project, services: list[Service], progress: Progress
     wanted = set()
     for service in services:
         for entry in service.volumes:
-            source = entry.get("source") if isinstance(entry, dict) else \
-                (entry.split(":")[0] if ":" in entry else None)
+            source = entry.get("source") if isinstance(entry, dict) else (entry.split(":")[0] if ":" in entry else None)
             if source in project.volumes:
                 wanted.add(source)
     for key in sorted(wanted):
@@ -144,17 +151,16 @@ def ensure_volumes(project: Project, services: list[Service], progress: Progress
         if store.exists(volume.name):
             continue
         if volume.external:
-            raise ComposeError(f"volumes.{key}: external volume {volume.name} does not exist "
-                               "(vmshim volume create)")
+            raise ComposeError(f"volumes.{key}: external volume {volume.name} does not exist (vmshim volume create)")
         line = progress.line(f"Volume {volume.name}", "Creating")
-        labels = {**volume.labels, planner.LABEL_PROJECT: project.name,
-                  planner.LABEL_VOLUME: key}
+        labels = {**volume.labels, planner.LABEL_PROJECT: project.name, planner.LABEL_VOLUME: key}
         size = parse_bytes(volume.size, f"volumes.{key}.driver_opts.size") if volume.size else None
         store.create(volume.name, size=size, labels=labels)
         line.done("Created")
 
 
 # ---- starting containers ---------------------------------------------------------------------
+
 
 @dataclass
 class Starting:
@@ -201,8 +207,7 @@ def finish_starts(starting: list[Starting]) -> list[str]:
     return errors
 
 
-def create_replica(project: Project, service: Service, number: int, count: int,
-                   image: str, progress: Progress):
+def create_replica(project: Project, service: Service, number: int, count: int, image: str, progress: Progress):
     from shim.containers.run import create
 
     name = planner.container_name(project, service, number)
@@ -212,17 +217,23 @@ def create_replica(project: Project, service: Service, number: int, count: int,
     return record
 
 
-def converge_service(project: Project, service: Service, count: int, image: str,
-                     progress: Progress, *, force_recreate: bool = False,
-                     no_recreate: bool = False) -> list:
+def converge_service(
+    project: Project,
+    service: Service,
+    count: int,
+    image: str,
+    progress: Progress,
+    *,
+    force_recreate: bool = False,
+    no_recreate: bool = False,
+) -> list:
     """Make the service's containers match the file: keep the ones whose config hash
     is current, recreate the others, add missing replicas, remove extra ones. Returns
     the records to start (created or stopped)."""
     from shim.containers import manage
 
     wanted_hash = planner.config_hash(service, image)
-    existing = {number_of(r): r for r in project_containers(project.name,
-                                                              services=[service.name])}
+    existing = {number_of(r): r for r in project_containers(project.name, services=[service.name])}
     to_start = []
     for number, record in sorted(existing.items()):
         if number > count:
@@ -232,8 +243,11 @@ def converge_service(project: Project, service: Service, count: int, image: str,
             line.done("Removed")
     for number in range(1, count + 1):
         record = existing.get(number)
-        stale = record is not None and not no_recreate and (
-            force_recreate or record.labels.get(planner.LABEL_HASH) != wanted_hash)
+        stale = (
+            record is not None
+            and not no_recreate
+            and (force_recreate or record.labels.get(planner.LABEL_HASH) != wanted_hash)
+        )
         if record is not None and stale:
             line = progress.line(f"Container {record.name}", "Recreate")
             manage.stop(record.id)
@@ -249,8 +263,7 @@ def converge_service(project: Project, service: Service, count: int, image: str,
     return to_start
 
 
-def wait_condition(project: str, service: str, condition: str, *, timeout: float,
-                   dependent: str) -> None:
+def wait_condition(project: str, service: str, condition: str, *, timeout: float, dependent: str) -> None:
     """Block until *service*'s containers satisfy *condition*. Raises DependencyFailed."""
     deadline = time.monotonic() + timeout
     while True:
@@ -259,17 +272,20 @@ def wait_condition(project: str, service: str, condition: str, *, timeout: float
         if state == "ok":
             return
         if state != "wait":
-            raise DependencyFailed(f"dependency failed to start: {state} "
-                                   f"({dependent} depends on {service}: {condition})")
+            raise DependencyFailed(
+                f"dependency failed to start: {state} ({dependent} depends on {service}: {condition})"
+            )
         if time.monotonic() > deadline:
-            raise DependencyFailed(f"timed out waiting for {service} to be "
-                                   f"{condition.removeprefix('service_')} ({dependent} "
-                                   "depends on it)")
+            raise DependencyFailed(
+                f"timed out waiting for {service} to be "
+                f"{condition.removeprefix('service_')} ({dependent} "
+                "depends on it)"
+            )
         time.sleep(0.2)
 
 
 def condition_state(records, condition: str) -> str:
-    """"ok", "wait", or the reason it can never hold."""
+    """ "ok", "wait", or the reason it can never hold."""
     if not records:
         return "wait"
     for record in records:
@@ -333,10 +349,18 @@ def with_dependencies(project: Project, names: list[str]) -> list[Service]:
     return [s for s in project.ordered() if s.name in wanted]
 
 
-def up(project: Project, services: list[str] = (), *, build: bool = False,
-       scale: dict[str, int] | None = None, wait: bool = False,
-       wait_timeout: float = WAIT_TIMEOUT, force_recreate: bool = False,
-       no_recreate: bool = False, progress: Progress | None = None) -> int:
+def up(
+    project: Project,
+    services: list[str] = (),
+    *,
+    build: bool = False,
+    scale: dict[str, int] | None = None,
+    wait: bool = False,
+    wait_timeout: float = WAIT_TIMEOUT,
+    force_recreate: bool = False,
+    no_recreate: bool = False,
+    progress: Progress | None = None,
+) -> int:
     """Create and start the project's services (and their dependencies). Returns 0,
     or 1 when a container failed to start or (with *wait*) is not healthy/running."""
     from shim.compose import balancer
@@ -357,14 +381,19 @@ def up(project: Project, services: list[str] = (), *, build: bool = False,
         for service in wave:
             for dep, condition in service.depends_on.items():
                 if dep in {s.name for s in chosen}:
-                    wait_condition(project.name, dep, condition, timeout=wait_timeout,
-                                   dependent=service.name)
+                    wait_condition(project.name, dep, condition, timeout=wait_timeout, dependent=service.name)
         starting = []
         for service in wave:
             count = planner.replicas(service, scale)
-            records = converge_service(project, service, count, images[service.name],
-                                       progress, force_recreate=force_recreate,
-                                       no_recreate=no_recreate)
+            records = converge_service(
+                project,
+                service,
+                count,
+                images[service.name],
+                progress,
+                force_recreate=force_recreate,
+                no_recreate=no_recreate,
+            )
             for record in records:
                 line = progress.line(f"Container {record.name}", "Starting")
                 try:
@@ -388,14 +417,15 @@ def up(project: Project, services: list[str] = (), *, build: bool = False,
     return 0
 
 
-def wait_ready(project: Project, services: list[Service], timeout: float,
-               progress: Progress) -> int:
+def wait_ready(project: Project, services: list[Service], timeout: float, progress: Progress) -> int:
     """``up --wait``: every container running, and healthy where it has a check.
     Returns 0, or 1 (with the reason on stderr) when one is unhealthy or exited."""
     deadline = time.monotonic() + timeout
     names = [s.name for s in services]
-    lines = {r.name: progress.line(f"Container {r.name}", "Waiting")
-             for r in project_containers(project.name, services=names)}
+    lines = {
+        r.name: progress.line(f"Container {r.name}", "Waiting")
+        for r in project_containers(project.name, services=names)
+    }
     while True:
         records = project_containers(project.name, services=names)
         pending, failed = [], []
@@ -429,6 +459,7 @@ def wait_ready(project: Project, services: list[Service], timeout: float,
 
 # ---- stopping and removing ---------------------------------------------------------------------
 
+
 def _parallel(func, items):
     """Run *func* over *items* in threads (monitor requests: no forks happen there)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -439,14 +470,17 @@ def _parallel(func, items):
         return list(pool.map(func, items))
 
 
-def stop(project_name: str, services: list[str] = (), *, timeout: float | None = None,
-         progress: Progress | None = None) -> None:
+def stop(
+    project_name: str, services: list[str] = (), *, timeout: float | None = None, progress: Progress | None = None
+) -> None:
     from shim.containers import manage
 
     progress = progress or Progress()
-    records = [r for r in project_containers(project_name, services=list(services) or None,
-                                             oneoff=None)
-               if r.status.value in ("running", "paused", "restarting")]
+    records = [
+        r
+        for r in project_containers(project_name, services=list(services) or None, oneoff=None)
+        if r.status.value in ("running", "paused", "restarting")
+    ]
     lines = {r.id: progress.line(f"Container {r.name}", "Stopping") for r in records}
 
     def one(record):
@@ -457,9 +491,15 @@ def stop(project_name: str, services: list[str] = (), *, timeout: float | None =
     progress.close()
 
 
-def down(project_name: str, *, volumes: bool = False, rmi: str | None = None,
-         timeout: float | None = None, project: Project | None = None,
-         progress: Progress | None = None) -> None:
+def down(
+    project_name: str,
+    *,
+    volumes: bool = False,
+    rmi: str | None = None,
+    timeout: float | None = None,
+    project: Project | None = None,
+    progress: Progress | None = None,
+) -> None:
     """Stop and remove every container, network (and with *volumes* every volume) that
     carries the project's label; with ``rmi="local"`` the images compose built."""
     from shim.compose import balancer
@@ -500,8 +540,11 @@ def down(project_name: str, *, volumes: bool = False, rmi: str | None = None,
         from shim.images.store import ImageStore
 
         if project is not None:
-            built |= {s.image_name(project.name) for s in project.services.values()
-                      if s.build is not None and (rmi == "all" or s.image is None)}
+            built |= {
+                s.image_name(project.name)
+                for s in project.services.values()
+                if s.build is not None and (rmi == "all" or s.image is None)
+            }
             if rmi == "all":
                 built |= {s.image for s in project.services.values() if s.image}
         store = ImageStore()
@@ -520,9 +563,17 @@ def down(project_name: str, *, volumes: bool = False, rmi: str | None = None,
 COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 
 
-def logs(project_name: str, services: list[str] = (), *, follow: bool = False,
-         tail: int | None = None, timestamps: bool = False, out=None,
-         no_color: bool = False, stop_when=None) -> None:
+def logs(
+    project_name: str,
+    services: list[str] = (),
+    *,
+    follow: bool = False,
+    tail: int | None = None,
+    timestamps: bool = False,
+    out=None,
+    no_color: bool = False,
+    stop_when=None,
+) -> None:
     """Print the containers' output, each line prefixed with ``name | ``; with
     *follow*, keep printing (containers that appear later included) until interrupted
     or, when given, ``stop_when()`` is true."""
@@ -546,8 +597,7 @@ def logs(project_name: str, services: list[str] = (), *, follow: bool = False,
         records = project_containers(project_name, services=list(services) or None)
         width = max([width] + [len(r.name) for r in records])
         for index, record in enumerate(records):
-            entries, offsets[record.id] = read_entries(store.log_path(record.id),
-                                                       offsets.get(record.id, 0))
+            entries, offsets[record.id] = read_entries(store.log_path(record.id), offsets.get(record.id, 0))
             lines = select_lines(entries, tail=tail if first else None)
             for line in lines:
                 data = render(line, timestamps)
@@ -561,16 +611,24 @@ def logs(project_name: str, services: list[str] = (), *, follow: bool = False,
 
 # ---- one container of a service ----------------------------------------------------------------
 
+
 def container_of(project_name: str, service: str, index: int = 1):
     for record in project_containers(project_name, services=[service]):
         if number_of(record) == index:
             return record
-    raise ComposeError(f"service {service!r} has no container number {index} "
-                       f"(is the project up? vmshim compose ps)")
+    raise ComposeError(f"service {service!r} has no container number {index} (is the project up? vmshim compose ps)")
 
 
-def run_oneoff(project: Project, service_name: str, command: list[str], *, remove: bool,
-               detach: bool = False, no_deps: bool = False, progress: Progress) -> int:
+def run_oneoff(
+    project: Project,
+    service_name: str,
+    command: list[str],
+    *,
+    remove: bool,
+    detach: bool = False,
+    no_deps: bool = False,
+    progress: Progress,
+) -> int:
     """``compose run``: a one-off container of the service (deps started first)."""
     import secrets
 
@@ -587,9 +645,18 @@ def run_oneoff(project: Project, service_name: str, command: list[str], *, remov
     progress.close()
     images = ensure_images(project, [service], Progress())
     name = f"{project.name}-{service.name}-run-{secrets.token_hex(6)}"
-    options = planner.run_options(project, service, 1, 1, image_id=images[service.name],
-                                  command=command, oneoff=True, name=name, remove=remove,
-                                  detach=detach)
+    options = planner.run_options(
+        project,
+        service,
+        1,
+        1,
+        image_id=images[service.name],
+        command=command,
+        oneoff=True,
+        name=name,
+        remove=remove,
+        detach=detach,
+    )
     options.interactive = sys.stdin.isatty() and not detach
     options.tty = options.interactive and sys.stdout.isatty()
     started = []

@@ -28,7 +28,8 @@ RESTART = ("no", "always", "on-failure", "unless-stopped")
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 PORT_SPEC = re.compile(
     r"^(?:(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d+(?:-\d+)?)?:)?"
-    r"(?P<container>\d+(?:-\d+)?)(?:/(?P<proto>tcp|udp|sctp))?$")
+    r"(?P<container>\d+(?:-\d+)?)(?:/(?P<proto>tcp|udp|sctp))?$"
+)
 
 
 def fail(path: str, message: str):
@@ -36,6 +37,7 @@ def fail(path: str, message: str):
 
 
 # ---- scalar checkers -------------------------------------------------------------------
+
 
 def string(value, path):
     if not isinstance(value, str):
@@ -58,6 +60,7 @@ def integer(minimum=None, maximum=None):
             fail(path, f"must be at least {minimum}, not {value}")
         if maximum is not None and value > maximum:
             fail(path, f"must be at most {maximum}, not {value}")
+
     return check
 
 
@@ -89,6 +92,7 @@ def one_of(*choices):
     def check(value, path):
         if value not in choices:
             fail(path, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+
     return check
 
 
@@ -107,11 +111,11 @@ def restart(value, path):
     string(value, path)
     policy, _, count = value.partition(":")
     if policy not in RESTART or (count and (policy != "on-failure" or not count.isdigit())):
-        fail(path, f"invalid restart policy {value!r}: use no, always, on-failure[:N] "
-                   "or unless-stopped")
+        fail(path, f"invalid restart policy {value!r}: use no, always, on-failure[:N] or unless-stopped")
 
 
 # ---- composite checkers -----------------------------------------------------------------
+
 
 def list_of(item):
     def check(value, path):
@@ -119,6 +123,7 @@ def list_of(item):
             fail(path, f"must be a list, not {type_name(value)}")
         for index, entry in enumerate(value):
             item(entry, f"{path}[{index}]")
+
     return check
 
 
@@ -145,8 +150,7 @@ def mapping_or_list(value, path):
             if not ENV_KEY.match(key):
                 fail(join(path, key), "invalid variable name")
             if isinstance(val, (dict, list)):
-                fail(join(path, key), f"must be a string, number, boolean or null, "
-                                      f"not {type_name(val)}")
+                fail(join(path, key), f"must be a string, number, boolean or null, not {type_name(val)}")
         return
     if isinstance(value, list):
         for index, entry in enumerate(value):
@@ -161,6 +165,7 @@ def mapping_or_list(value, path):
 def mapping(schema: dict, *, required: tuple = (), ignored: tuple = ()):
     """A mapping whose keys are checked by *schema*; *ignored* keys are known to
     compose-spec but not used by vmshim (warned); others are unknown (warned)."""
+
     def check(value, path, warnings=None):
         if not isinstance(value, dict):
             fail(path, f"must be a mapping, not {type_name(value)}")
@@ -180,6 +185,7 @@ def mapping(schema: dict, *, required: tuple = (), ignored: tuple = ()):
             elif warnings is not None:
                 why = "not supported by vmshim, ignored" if key in ignored else "unknown key, ignored"
                 warnings.append(f"{where}: {why}")
+
     check.wants_warnings = True
     return check
 
@@ -204,8 +210,12 @@ def port(value, path):
 
 
 def _port_number(value, path):
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or \
-            not str(value).isdigit() or not 1 <= int(value) <= 65535:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, str))
+        or not str(value).isdigit()
+        or not 1 <= int(value) <= 65535
+    ):
         fail(path, f"invalid port {value!r}: a number in 1-65535")
 
 
@@ -217,9 +227,18 @@ def _published(value, path):
     _port_number(value, path)
 
 
-long_port = mapping({"target": _port_number, "published": _published, "host_ip": string,
-                     "protocol": one_of("tcp", "udp", "sctp"), "mode": one_of("host", "ingress"),
-                     "name": string, "app_protocol": string}, required=("target",))
+long_port = mapping(
+    {
+        "target": _port_number,
+        "published": _published,
+        "host_ip": string,
+        "protocol": one_of("tcp", "udp", "sctp"),
+        "mode": one_of("host", "ingress"),
+        "name": string,
+        "app_protocol": string,
+    },
+    required=("target",),
+)
 
 
 def volume_entry(value, path):
@@ -240,18 +259,25 @@ def volume_entry(value, path):
         fail(join(path, "target"), "must be an absolute path")
 
 
-long_volume = mapping({
-    "type": one_of("volume", "bind", "tmpfs"), "source": string, "target": string,
-    "read_only": boolean, "consistency": string,
-    "bind": mapping({"create_host_path": boolean}, ignored=("propagation", "selinux")),
-    "volume": mapping({"nocopy": boolean}, ignored=("subpath",)),
-    "tmpfs": mapping({"size": size, "mode": integer(0, 0o7777)}),
-}, required=("type", "target"))
+long_volume = mapping(
+    {
+        "type": one_of("volume", "bind", "tmpfs"),
+        "source": string,
+        "target": string,
+        "read_only": boolean,
+        "consistency": string,
+        "bind": mapping({"create_host_path": boolean}, ignored=("propagation", "selinux")),
+        "volume": mapping({"nocopy": boolean}, ignored=("subpath",)),
+        "tmpfs": mapping({"size": size, "mode": integer(0, 0o7777)}),
+    },
+    required=("type", "target"),
+)
 
 
 def names_or_mapping(what: str, config, *, null_config: bool = False):
     """A list of names (*what*) or a mapping from each name to what *config* (a check)
     accepts; a null config is allowed with *null_config*."""
+
     def check(value, path, warnings=None):
         if isinstance(value, list):
             list_of(string)(value, path)
@@ -261,27 +287,30 @@ def names_or_mapping(what: str, config, *, null_config: bool = False):
         for name, cfg in value.items():
             if cfg is not None or not null_config:
                 config(cfg, join(path, name), warnings)
+
     check.wants_warnings = True
     return check
 
 
 networks_of_service = names_or_mapping(
     "network names",
-    mapping({"aliases": list_of(string), "ipv4_address": string},
-            ignored=("ipv6_address", "priority", "link_local_ips", "mac_address", "driver_opts")),
-    null_config=True)
+    mapping(
+        {"aliases": list_of(string), "ipv4_address": string},
+        ignored=("ipv6_address", "priority", "link_local_ips", "mac_address", "driver_opts"),
+    ),
+    null_config=True,
+)
 depends_on = names_or_mapping(
     "services",
-    mapping({"condition": one_of(*CONDITIONS), "restart": boolean, "required": boolean},
-            required=("condition",)))
+    mapping({"condition": one_of(*CONDITIONS), "restart": boolean, "required": boolean}, required=("condition",)),
+)
 
 
 def healthcheck_test(value, path):
     if isinstance(value, str):
         return
     if not isinstance(value, list) or not value:
-        fail(path, f"must be a string or a list starting with CMD, CMD-SHELL or NONE, "
-                   f"not {type_name(value)}")
+        fail(path, f"must be a string or a list starting with CMD, CMD-SHELL or NONE, not {type_name(value)}")
     list_of(string)(value, path)
     if value[0] not in ("CMD", "CMD-SHELL", "NONE"):
         fail(f"{path}[0]", f"must be CMD, CMD-SHELL or NONE, not {value[0]!r}")
@@ -289,75 +318,176 @@ def healthcheck_test(value, path):
         fail(path, f"{value[0]} needs a command")
 
 
-healthcheck = mapping({"test": healthcheck_test, "interval": duration, "timeout": duration,
-                       "retries": integer(0), "start_period": duration,
-                       "start_interval": duration, "disable": boolean})
+healthcheck = mapping(
+    {
+        "test": healthcheck_test,
+        "interval": duration,
+        "timeout": duration,
+        "retries": integer(0),
+        "start_period": duration,
+        "start_interval": duration,
+        "disable": boolean,
+    }
+)
 
 
 def build(value, path, warnings=None):
     if isinstance(value, str):
         return
-    mapping({"context": string, "dockerfile": string, "args": mapping_or_list,
-             "target": string, "labels": mapping_or_list},
-            ignored=("cache_from", "cache_to", "network", "shm_size", "extra_hosts",
-                     "platforms", "secrets", "ssh", "tags", "pull", "no_cache",
-                     "additional_contexts", "dockerfile_inline", "isolation",
-                     "privileged", "ulimits"))(value, path, warnings)
+    mapping(
+        {"context": string, "dockerfile": string, "args": mapping_or_list, "target": string, "labels": mapping_or_list},
+        ignored=(
+            "cache_from",
+            "cache_to",
+            "network",
+            "shm_size",
+            "extra_hosts",
+            "platforms",
+            "secrets",
+            "ssh",
+            "tags",
+            "pull",
+            "no_cache",
+            "additional_contexts",
+            "dockerfile_inline",
+            "isolation",
+            "privileged",
+            "ulimits",
+        ),
+    )(value, path, warnings)
+
+
 build.wants_warnings = True
 
 
 resources_limits = mapping({"cpus": number, "memory": size, "pids": integer(-1)})
-deploy = mapping({
-    "replicas": integer(0, 100),
-    "resources": mapping({"limits": resources_limits,
-                          "reservations": mapping({"cpus": number, "memory": size},
-                                                  ignored=("devices", "generic_resources"))}),
-    "restart_policy": mapping({"condition": one_of("none", "on-failure", "any"),
-                               "max_attempts": integer(0)}, ignored=("delay", "window")),
-    "labels": mapping_or_list,
-}, ignored=("mode", "endpoint_mode", "placement", "update_config", "rollback_config"))
+deploy = mapping(
+    {
+        "replicas": integer(0, 100),
+        "resources": mapping(
+            {
+                "limits": resources_limits,
+                "reservations": mapping({"cpus": number, "memory": size}, ignored=("devices", "generic_resources")),
+            }
+        ),
+        "restart_policy": mapping(
+            {"condition": one_of("none", "on-failure", "any"), "max_attempts": integer(0)}, ignored=("delay", "window")
+        ),
+        "labels": mapping_or_list,
+    },
+    ignored=("mode", "endpoint_mode", "placement", "update_config", "rollback_config"),
+)
 
 
 def isolation(value, path):
     if value not in ("vm", "process"):
-        fail(path, f"must be vm or process, not {value!r} (vmshim runs each service's "
-                   "containers in microVMs or as namespaces on the host)")
+        fail(
+            path,
+            f"must be vm or process, not {value!r} (vmshim runs each service's "
+            "containers in microVMs or as namespaces on the host)",
+        )
 
 
-SERVICE = mapping({
-    "image": string, "build": build, "command": command, "entrypoint": command,
-    "environment": mapping_or_list, "env_file": string_or_list, "ports": list_of(port),
-    "expose": list_of(lambda v, p: _port_number(str(v).split("/")[0], p)),
-    "volumes": list_of(volume_entry), "tmpfs": string_or_list,
-    "networks": networks_of_service, "depends_on": depends_on, "healthcheck": healthcheck,
-    "restart": restart, "deploy": deploy, "mem_limit": size, "mem_reservation": size,
-    "cpus": number, "hostname": string, "working_dir": string, "user": string,
-    "labels": mapping_or_list, "init": boolean, "stop_signal": signal_name,
-    "stop_grace_period": duration, "read_only": boolean, "cap_add": list_of(string),
-    "cap_drop": list_of(string), "privileged": boolean, "isolation": isolation,
-    "os": boolean, "security_opt": list_of(string),
-    "profiles": list_of(string), "container_name": string, "scale": integer(0, 100),
-    "stdin_open": boolean, "tty": boolean, "pids_limit": integer(-1), "dns": string_or_list,
-    "dns_search": string_or_list, "extra_hosts": mapping_or_list, "pull_policy":
-    one_of("always", "never", "missing", "build", "if_not_present"),
-}, ignored=("logging", "ulimits", "sysctls", "devices", "platform",
-            "configs", "secrets", "network_mode", "ipc", "pid", "shm_size", "links",
-            "external_links", "domainname", "mac_address", "cgroup_parent", "oom_score_adj",
-            "userns_mode", "group_add", "labels_file", "attach", "develop", "runtime",
-            "storage_opt", "volumes_from", "extends"))
+SERVICE = mapping(
+    {
+        "image": string,
+        "build": build,
+        "command": command,
+        "entrypoint": command,
+        "environment": mapping_or_list,
+        "env_file": string_or_list,
+        "ports": list_of(port),
+        "expose": list_of(lambda v, p: _port_number(str(v).split("/")[0], p)),
+        "volumes": list_of(volume_entry),
+        "tmpfs": string_or_list,
+        "networks": networks_of_service,
+        "depends_on": depends_on,
+        "healthcheck": healthcheck,
+        "restart": restart,
+        "deploy": deploy,
+        "mem_limit": size,
+        "mem_reservation": size,
+        "cpus": number,
+        "hostname": string,
+        "working_dir": string,
+        "user": string,
+        "labels": mapping_or_list,
+        "init": boolean,
+        "stop_signal": signal_name,
+        "stop_grace_period": duration,
+        "read_only": boolean,
+        "cap_add": list_of(string),
+        "cap_drop": list_of(string),
+        "privileged": boolean,
+        "isolation": isolation,
+        "os": boolean,
+        "security_opt": list_of(string),
+        "profiles": list_of(string),
+        "container_name": string,
+        "scale": integer(0, 100),
+        "stdin_open": boolean,
+        "tty": boolean,
+        "pids_limit": integer(-1),
+        "dns": string_or_list,
+        "dns_search": string_or_list,
+        "extra_hosts": mapping_or_list,
+        "pull_policy": one_of("always", "never", "missing", "build", "if_not_present"),
+    },
+    ignored=(
+        "logging",
+        "ulimits",
+        "sysctls",
+        "devices",
+        "platform",
+        "configs",
+        "secrets",
+        "network_mode",
+        "ipc",
+        "pid",
+        "shm_size",
+        "links",
+        "external_links",
+        "domainname",
+        "mac_address",
+        "cgroup_parent",
+        "oom_score_adj",
+        "userns_mode",
+        "group_add",
+        "labels_file",
+        "attach",
+        "develop",
+        "runtime",
+        "storage_opt",
+        "volumes_from",
+        "extends",
+    ),
+)
 
-NETWORK = mapping({"name": string, "external": boolean, "internal": boolean,
-                   "labels": mapping_or_list, "driver": one_of("bridge", "default"),
-                   "ipam": mapping({"config": list_of(mapping({"subnet": string,
-                                                               "gateway": string},
-                                                              ignored=("ip_range",
-                                                                       "aux_addresses")))},
-                                   ignored=("driver", "options"))},
-                  ignored=("driver_opts", "attachable", "enable_ipv6", "enable_ipv4"))
-VOLUME = mapping({"name": string, "external": boolean, "labels": mapping_or_list,
-                  "driver": one_of("local"), "driver_opts": mapping({"size": size},
-                                                                     ignored=("type", "o",
-                                                                              "device"))})
+NETWORK = mapping(
+    {
+        "name": string,
+        "external": boolean,
+        "internal": boolean,
+        "labels": mapping_or_list,
+        "driver": one_of("bridge", "default"),
+        "ipam": mapping(
+            {"config": list_of(mapping({"subnet": string, "gateway": string}, ignored=("ip_range", "aux_addresses")))},
+            ignored=("driver", "options"),
+        ),
+    },
+    ignored=("driver_opts", "attachable", "enable_ipv6", "enable_ipv4"),
+)
+VOLUME = mapping(
+    {
+        "name": string,
+        "external": boolean,
+        "labels": mapping_or_list,
+        "driver": one_of("local"),
+        "driver_opts": mapping({"size": size}, ignored=("type", "o", "device")),
+    }
+)
+
+
 def _services(value, path, warnings):
     if not isinstance(value, dict):
         fail(path, f"must be a mapping of service names, not {type_name(value)}")
@@ -405,18 +535,23 @@ def validate(document: dict) -> list[str]:
 
 
 def _top_check(document, warnings):
-    schema = {"version": lambda v, p: None, "name": _project_name,
-              "services": _mark(_services),
-              "networks": _mark(lambda v, p, w: _named(v, p, w, NETWORK)),
-              "volumes": _mark(lambda v, p, w: _named(v, p, w, VOLUME))}
+    schema = {
+        "version": lambda v, p: None,
+        "name": _project_name,
+        "services": _mark(_services),
+        "networks": _mark(lambda v, p, w: _named(v, p, w, NETWORK)),
+        "volumes": _mark(lambda v, p, w: _named(v, p, w, VOLUME)),
+    }
     mapping(schema, ignored=("configs", "secrets", "include"))(document, "", warnings)
 
 
 def _project_name(value, path):
     string(value, path)
     if not PROJECT_NAME.match(value):
-        fail(path, f"invalid project name {value!r}: lower-case letters, digits, '_', '-', "
-                   "starting with a letter or digit")
+        fail(
+            path,
+            f"invalid project name {value!r}: lower-case letters, digits, '_', '-', starting with a letter or digit",
+        )
 
 
 def _check_references(document):
@@ -426,21 +561,19 @@ def _check_references(document):
     for name, service in services.items():
         path = f"services.{name}"
         deps = service.get("depends_on") or {}
-        for dep in (deps if isinstance(deps, list) else deps.keys()):
+        for dep in deps if isinstance(deps, list) else deps.keys():
             if dep not in services:
                 fail(f"{path}.depends_on.{dep}", f"service {dep!r} is not defined")
             if dep == name:
                 fail(f"{path}.depends_on.{dep}", "a service cannot depend on itself")
         nets = service.get("networks") or {}
-        for net in (nets if isinstance(nets, list) else nets.keys()):
+        for net in nets if isinstance(nets, list) else nets.keys():
             if net not in networks:
-                fail(f"{path}.networks.{net}", f"network {net!r} is not defined in the "
-                                               "top-level networks")
+                fail(f"{path}.networks.{net}", f"network {net!r} is not defined in the top-level networks")
         for index, entry in enumerate(service.get("volumes") or []):
             source = _named_source(entry)
             if source is not None and source not in volumes:
-                fail(f"{path}.volumes[{index}]", f"named volume {source!r} is not defined "
-                                                 "in the top-level volumes")
+                fail(f"{path}.volumes[{index}]", f"named volume {source!r} is not defined in the top-level volumes")
     _check_cycles(services)
 
 
@@ -470,7 +603,7 @@ def _check_cycles(services: dict) -> None:
         if state.get(name) == 2:
             return
         if state.get(name) == 1:
-            cycle = trail[trail.index(name):] + [name]
+            cycle = trail[trail.index(name) :] + [name]
             fail(f"services.{trail[-1]}.depends_on", "dependency cycle: " + " -> ".join(cycle))
         state[name] = 1
         for dep in deps(name):

@@ -45,8 +45,7 @@ def parse_detach_keys(text: str) -> bytes:
         elif len(key) == 1 and key.isascii():
             keys.append(ord(key))
             continue
-        raise UsageError(f"invalid --detach-keys {text!r}: {key!r} is not a key (use "
-                         "e.g. ctrl-p,ctrl-q or ctrl-a,x)")
+        raise UsageError(f"invalid --detach-keys {text!r}: {key!r} is not a key (use e.g. ctrl-p,ctrl-q or ctrl-a,x)")
     return bytes(keys)
 
 
@@ -70,7 +69,7 @@ class DetachScanner:
                 if self.matched == len(self.keys):
                     self.detached = True
                 continue
-            out += self.keys[:self.matched]  # a false start: those keys were meant
+            out += self.keys[: self.matched]  # a false start: those keys were meant
             self.matched = 0
             if byte == self.keys[0]:
                 self.matched = 1
@@ -136,9 +135,17 @@ class StdioPump:
     still running: :attr:`detached` is then true and :meth:`run` returns 0.
     """
 
-    def __init__(self, client: AgentClient, proc_id: int, *, stdin_fd: int | None,
-                 stdout_fd: int = 1, stderr_fd: int = 2, tty: bool = False,
-                 detach_keys: bytes = b"\x10\x11"):
+    def __init__(
+        self,
+        client: AgentClient,
+        proc_id: int,
+        *,
+        stdin_fd: int | None,
+        stdout_fd: int = 1,
+        stderr_fd: int = 2,
+        tty: bool = False,
+        detach_keys: bytes = b"\x10\x11",
+    ):
         self.client = client
         self.proc_id = proc_id
         self.stdin_fd = stdin_fd
@@ -158,8 +165,10 @@ class StdioPump:
         """Pump until the agent reports the exit; return the exit code.
 
         Raises AgentError when the channel breaks (e.g. the VM died)."""
-        with caught_signals([*FORWARDED_SIGNALS, signal.SIGWINCH], self._on_signal) as wake_r, \
-                raw_terminal(self.stdin_fd if self.tty else None):
+        with (
+            caught_signals([*FORWARDED_SIGNALS, signal.SIGWINCH], self._on_signal) as wake_r,
+            raw_terminal(self.stdin_fd if self.tty else None),
+        ):
             return self._loop(wake_r)
 
     def _on_signal(self, signum, _frame):
@@ -223,8 +232,7 @@ class StdioPump:
             self.exit_code = msg.get("code", int)
             self.exit_error = msg.get("error", str, "")  # the monitor's: why the run ended
         elif msg.type == protocol.ERROR and msg.get("id", int, self.proc_id) == self.proc_id:
-            raise AgentError(protocol.printable(
-                msg.get("message", str, "the agent reported an error")))
+            raise AgentError(protocol.printable(msg.get("message", str, "the agent reported an error")))
 
 
 def _write_all(fd: int, data: bytes) -> None:

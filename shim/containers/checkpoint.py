@@ -44,18 +44,49 @@ from pathlib import Path
 from shim import paths
 from shim.containers import state as lifecycle
 from shim.containers.checkpoint_vm import (  # noqa: F401  (re-exported)
-    CHECKPOINTS, DEFAULT_NAME, FORMAT_VERSION, GUEST_FILE, MAX_EXTENTS, MAX_JSON,
-    MAX_MEMBERS, MAX_MEMORY_IMAGE, MAX_MEMORY_MIB, MAX_RW_SIZE, MEMORY_FILE, META_FILE,
-    RECORD_FILE, RW_DATA, RW_FILE, SAVE_TIMEOUT, _ID, _NAME, _network_mode,
-    check_checkpointable, check_name, checkpoint_dir, copy_sparse, data_extents,
-    guest_identity, list_checkpoints, save_vm, _write_json)
+    CHECKPOINTS,
+    DEFAULT_NAME,
+    FORMAT_VERSION,
+    GUEST_FILE,
+    MAX_EXTENTS,
+    MAX_JSON,
+    MAX_MEMBERS,
+    MAX_MEMORY_IMAGE,
+    MAX_MEMORY_MIB,
+    MAX_RW_SIZE,
+    MEMORY_FILE,
+    META_FILE,
+    RECORD_FILE,
+    RW_DATA,
+    RW_FILE,
+    SAVE_TIMEOUT,
+    _ID,
+    _NAME,
+    _network_mode,
+    check_checkpointable,
+    check_name,
+    checkpoint_dir,
+    copy_sparse,
+    data_extents,
+    guest_identity,
+    list_checkpoints,
+    save_vm,
+    _write_json,
+)
 from shim.containers.store import Container, ContainerStore, monitor_alive, now_rfc3339
 from shim.errors import CheckpointError, ContainerNotFound, UsageError, VmshimError
 
 # ---- checkpoint ------------------------------------------------------------------------------
 
-def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = False,
-               export: str | None = None, store: ContainerStore | None = None) -> Path:
+
+def checkpoint(
+    ref: str,
+    *,
+    name: str = DEFAULT_NAME,
+    leave_running: bool = False,
+    export: str | None = None,
+    store: ContainerStore | None = None,
+) -> Path:
     """Checkpoint the running container *ref* as *name* (replacing an older one of that
     name); with *export*, also write it as one archive. Returns the checkpoint's
     directory. Raises CheckpointError, ContainerStateError, ContainerNotFound."""
@@ -68,16 +99,17 @@ def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = Fals
     lifecycle.check("checkpoint", record.status, record.name)
     code, err = manage.run_builtin(store, record, "sync", [])
     if code != 0:
-        raise CheckpointError(f"cannot checkpoint container {record.name}: the guest could "
-                              f"not sync its file systems "
-                              f"({err.decode(errors='replace').strip() or f'exit {code}'})")
+        raise CheckpointError(
+            f"cannot checkpoint container {record.name}: the guest could "
+            f"not sync its file systems "
+            f"({err.decode(errors='replace').strip() or f'exit {code}'})"
+        )
     final = checkpoint_dir(store, record.id, name)
     work = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.parent.mkdir(mode=0o700, exist_ok=True)
     try:
-        manage._request(store, record, "checkpoint", SAVE_TIMEOUT, dir=str(work),
-                        leave_running=leave_running)
+        manage._request(store, record, "checkpoint", SAVE_TIMEOUT, dir=str(work), leave_running=leave_running)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -89,9 +121,15 @@ def checkpoint(ref: str, *, name: str = DEFAULT_NAME, leave_running: bool = Fals
         identity = {}
     if set(identity) != {"guest_image", "kernel_release", "accel"}:
         identity = {**guest_identity(), **identity}  # a recovered monitor: this host's
-    meta = {"version": FORMAT_VERSION, "name": name, "container_id": record.id,
-            "created": now_rfc3339(), "memory_mib": record.vm_memory_mib,
-            "rw": (work / RW_FILE).exists(), **identity}
+    meta = {
+        "version": FORMAT_VERSION,
+        "name": name,
+        "container_id": record.id,
+        "created": now_rfc3339(),
+        "memory_mib": record.vm_memory_mib,
+        "rw": (work / RW_FILE).exists(),
+        **identity,
+    }
     _write_json(work / META_FILE, meta)
     _write_json(work / RECORD_FILE, _portable(fresh))
     old = final.with_name(f".{name}.old-{os.getpid()}")
@@ -108,13 +146,15 @@ def _portable(record: Container) -> dict:
     """The record as a checkpoint keeps it: checkpointed, no monitor."""
     data = record.to_dict()
     state = dict(data.get("state") or {})
-    state.update(status=lifecycle.Status.CHECKPOINTED.value, monitor_pid=0, monitor_start=0,
-                 restarting=False, health={})
+    state.update(
+        status=lifecycle.Status.CHECKPOINTED.value, monitor_pid=0, monitor_start=0, restarting=False, health={}
+    )
     data["state"] = state
     return data
 
 
 # ---- migrate -----------------------------------------------------------------------------------
+
 
 def migrate(ref: str, uri: str, store: ContainerStore | None = None) -> Container:
     """Live-migrate running container *ref*'s VM to the libvirt at *uri*
@@ -128,16 +168,22 @@ def migrate(ref: str, uri: str, store: ContainerStore | None = None) -> Containe
     check_checkpointable(record, "migrate")
     lifecycle.check("migrate", record.status, record.name)
     if not uri.startswith(("qemu+", "qemu://")):
-        raise UsageError(f"invalid libvirt URI {uri!r}: use qemu+tcp://HOST/system or "
-                         f"qemu+ssh://USER@HOST/system")
+        raise UsageError(f"invalid libvirt URI {uri!r}: use qemu+tcp://HOST/system or qemu+ssh://USER@HOST/system")
     manage._request(store, record, "migrate", SAVE_TIMEOUT, uri=uri)
     return store.load(record.id)
 
 
 # ---- restore -----------------------------------------------------------------------------------
 
-def restore(ref: str | None = None, *, name: str = DEFAULT_NAME, import_file: str | None = None,
-            new_name: str | None = None, store: ContainerStore | None = None) -> Container:
+
+def restore(
+    ref: str | None = None,
+    *,
+    name: str = DEFAULT_NAME,
+    import_file: str | None = None,
+    new_name: str | None = None,
+    store: ContainerStore | None = None,
+) -> Container:
     """Bring container *ref* back from its checkpoint *name*; or, with *import_file*,
     make the container an exported checkpoint holds (optionally as *new_name*) and bring
     it back. Returns the running container's record. A restore that fails leaves no
@@ -180,24 +226,25 @@ def _restore(store: ContainerStore, ref: str, name: str) -> Container:
     _check_same_guest(meta, record.name)
     for disk in record.layer_disks:
         if not Path(disk).is_file():
-            raise CheckpointError(f"cannot restore {record.name}: its image layer disk {disk} "
-                                  f"is gone (was the image removed?)")
+            raise CheckpointError(
+                f"cannot restore {record.name}: its image layer disk {disk} is gone (was the image removed?)"
+            )
     with store.locked(record.id) as fresh:
         lifecycle.check("restore", fresh.status, fresh.name)
         if monitor_alive(fresh):
             raise CheckpointError(f"cannot restore {fresh.name}: a monitor runs it already")
         if fresh.writable == "disk":
             if not (directory / RW_FILE).is_file():
-                raise CheckpointError(f"cannot restore {fresh.name}: checkpoint {name} has no "
-                                      f"copy of the writable disk")
+                raise CheckpointError(
+                    f"cannot restore {fresh.name}: checkpoint {name} has no copy of the writable disk"
+                )
             copy_sparse(directory / RW_FILE, store.rw_disk(fresh.id))
         client, pid, start_time = monitor.spawn(store, fresh.id)
         fresh.state.monitor_pid = pid
         fresh.state.monitor_start = start_time
         store.save(fresh)
     with client:
-        raise_for_error(client.request("restore", SAVE_TIMEOUT,
-                                       image=str(directory / MEMORY_FILE)))
+        raise_for_error(client.request("restore", SAVE_TIMEOUT, image=str(directory / MEMORY_FILE)))
     return store.load(record.id)
 
 
@@ -208,17 +255,13 @@ def _read_meta(directory: Path, record: Container) -> dict:
             raise ValueError("too large")
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"container {record.name} has no checkpoint "
-                              f"{directory.name}") from None
+        raise CheckpointError(f"container {record.name} has no checkpoint {directory.name}") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {directory.name} of {record.name} is unreadable: "
-                              f"{exc}") from None
+        raise CheckpointError(f"checkpoint {directory.name} of {record.name} is unreadable: {exc}") from None
     if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {directory.name} of {record.name} has an unknown "
-                              f"format")
+        raise CheckpointError(f"checkpoint {directory.name} of {record.name} has an unknown format")
     if not (directory / MEMORY_FILE).is_file():
-        raise CheckpointError(f"checkpoint {directory.name} of {record.name} has no memory "
-                              f"image")
+        raise CheckpointError(f"checkpoint {directory.name} of {record.name} has no memory image")
     return meta
 
 
@@ -229,13 +272,17 @@ def _check_same_guest(meta: dict, name: str) -> None:
             f"cannot restore {name}: the checkpoint was made with guest image "
             f"{meta.get('guest_image')} (kernel {meta.get('kernel_release')}), this host boots "
             f"{here['guest_image']} (kernel {here['kernel_release']}); a saved VM only "
-            f"resumes on the kernel and agent it was saved with")
+            f"resumes on the kernel and agent it was saved with"
+        )
     if meta.get("accel") != here["accel"]:
-        raise CheckpointError(f"cannot restore {name}: the checkpoint was made under "
-                              f"{meta.get('accel')}, this host runs VMs under {here['accel']}")
+        raise CheckpointError(
+            f"cannot restore {name}: the checkpoint was made under "
+            f"{meta.get('accel')}, this host runs VMs under {here['accel']}"
+        )
 
 
 # ---- export / import ---------------------------------------------------------------------------
+
 
 def export_checkpoint(store: ContainerStore, container_id: str, name: str, path: Path) -> None:
     """Write checkpoint *name* of the container as one tar at *path* (temp + fsync +
@@ -250,8 +297,7 @@ def export_checkpoint(store: ContainerStore, container_id: str, name: str, path:
         meta["rw"] = None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as out, tarfile.open(fileobj=out, mode="w|",
-                                                  format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb") as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             _add(tar, META_FILE, json.dumps(meta).encode())
             _add(tar, RECORD_FILE, (directory / RECORD_FILE).read_bytes())
             with open(directory / MEMORY_FILE, "rb") as f:
@@ -305,8 +351,9 @@ def _add(tar: tarfile.TarFile, name: str, content, size: int | None = None) -> N
     tar.addfile(info, content)
 
 
-def import_checkpoint(store: ContainerStore, path: Path, *, name: str = DEFAULT_NAME,
-                      new_name: str | None = None) -> Container:
+def import_checkpoint(
+    store: ContainerStore, path: Path, *, name: str = DEFAULT_NAME, new_name: str | None = None
+) -> Container:
     """Make the container an exported checkpoint holds, ``checkpointed``, with the
     checkpoint as *name*. The archive is untrusted (see the module doc). Raises
     CheckpointError (one line); nothing is left behind then."""
@@ -324,8 +371,9 @@ def import_checkpoint(store: ContainerStore, path: Path, *, name: str = DEFAULT_
             record.name = new_name
         try:
             store.load(record.id)
-            raise CheckpointError(f"cannot import {path}: container {record.id[:12]} exists "
-                                  f"here already; remove it first")
+            raise CheckpointError(
+                f"cannot import {path}: container {record.id[:12]} exists here already; remove it first"
+            )
         except ContainerNotFound:
             pass
         created = store.create(record)
@@ -371,18 +419,15 @@ def read_archive(path: Path, work: Path) -> tuple[dict, dict]:
                     raise CheckpointError(f"{bad}: entry {member.name} has no data")
                 if member.name in (META_FILE, RECORD_FILE):
                     if member.size > MAX_JSON:
-                        raise CheckpointError(f"{bad}: {member.name} is larger than "
-                                              f"{MAX_JSON} bytes")
+                        raise CheckpointError(f"{bad}: {member.name} is larger than {MAX_JSON} bytes")
                     raw = src.read()
                     seen[member.name] = raw
                     if member.name == META_FILE:
                         meta = _parse_meta(raw, bad)
                 elif member.name == MEMORY_FILE:
                     if member.size > MAX_MEMORY_IMAGE:
-                        raise CheckpointError(f"{bad}: the memory image is larger than "
-                                              f"{MAX_MEMORY_IMAGE >> 30} GiB")
-                    _write_extents(src, MEMORY_FILE, work / MEMORY_FILE, member.size,
-                                   [[0, member.size]])
+                        raise CheckpointError(f"{bad}: the memory image is larger than {MAX_MEMORY_IMAGE >> 30} GiB")
+                    _write_extents(src, MEMORY_FILE, work / MEMORY_FILE, member.size, [[0, member.size]])
                     seen[member.name] = work / MEMORY_FILE
                 else:  # RW_DATA: needs the extents, so checkpoint.json comes first
                     if meta is None:
@@ -438,10 +483,17 @@ def _parse_meta(raw: bytes, bad: str) -> dict:
             raise CheckpointError(f"{bad}: too many writable disk extents")
         end = 0
         for ext in extents:
-            if (not isinstance(ext, list) or len(ext) != 2 or not all(map(_is_int, ext))
-                    or ext[0] < end or ext[1] <= 0 or ext[0] + ext[1] > size):
-                raise CheckpointError(f"{bad}: the writable disk extents are malformed "
-                                      f"(overlapping, unsorted or past the end)")
+            if (
+                not isinstance(ext, list)
+                or len(ext) != 2
+                or not all(map(_is_int, ext))
+                or ext[0] < end
+                or ext[1] <= 0
+                or ext[0] + ext[1] > size
+            ):
+                raise CheckpointError(
+                    f"{bad}: the writable disk extents are malformed (overlapping, unsorted or past the end)"
+                )
             end = ext[0] + ext[1]
     return meta
 
@@ -463,8 +515,7 @@ def _write_extents(src, member: str, dst: Path, size: int, extents: list) -> Non
             while left:
                 data = src.read(min(left, 1 << 20))
                 if not data:
-                    raise CheckpointError(f"cannot import: the archive ends inside {member} "
-                                          f"(truncated)")
+                    raise CheckpointError(f"cannot import: the archive ends inside {member} (truncated)")
                 out.write(data)
                 left -= len(data)
 
@@ -479,8 +530,7 @@ def _checked_record(data: dict, meta: dict) -> Container:
         memory_mib = record.vm_memory_mib
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{bad}: its container record is malformed ({exc})") from None
-    if not isinstance(record.id, str) or not _ID.match(record.id) \
-            or record.id != meta.get("container_id"):
+    if not isinstance(record.id, str) or not _ID.match(record.id) or record.id != meta.get("container_id"):
         raise CheckpointError(f"{bad}: its container id is malformed")
     if not isinstance(record.name, str):
         raise CheckpointError(f"{bad}: its container name is malformed")
@@ -492,8 +542,7 @@ def _checked_record(data: dict, meta: dict) -> Container:
         raise CheckpointError(f"{bad}: {exc}") from None
     if not _is_int(memory_mib) or not 16 <= memory_mib <= MAX_MEMORY_MIB:
         raise CheckpointError(f"{bad}: its memory size is out of bounds")
-    if record.writable not in ("disk", "tmpfs") or \
-            (record.writable == "disk") != (meta.get("rw") is not None):
+    if record.writable not in ("disk", "tmpfs") or (record.writable == "disk") != (meta.get("rw") is not None):
         raise CheckpointError(f"{bad}: its writable layer does not match the archive")
     if not isinstance(record.mounts, list) or not isinstance(record.layer_disks, list):
         raise CheckpointError(f"{bad}: its container record is malformed")
@@ -511,14 +560,15 @@ def _checked_record(data: dict, meta: dict) -> Container:
     for disk in record.layer_disks:
         real = Path(str(disk)).resolve()
         if not isinstance(disk, str) or real.parent != layers or not real.is_file():
-            raise CheckpointError(f"{bad}: its image layer {str(disk)[:120]} is not in this "
-                                  f"host's layer store (pull or load the image first)")
+            raise CheckpointError(
+                f"{bad}: its image layer {str(disk)[:120]} is not in this "
+                f"host's layer store (pull or load the image first)"
+            )
     try:
         check_checkpointable(record)
     except CheckpointError as exc:
         raise CheckpointError(f"{bad}: {exc}") from None
-    if not isinstance(record.token, str) or not re.fullmatch(r"[0-9A-Za-z_-]{16,128}",
-                                                             record.token):
+    if not isinstance(record.token, str) or not re.fullmatch(r"[0-9A-Za-z_-]{16,128}", record.token):
         raise CheckpointError(f"{bad}: its agent token is malformed")
     state = record.state
     state.status = lifecycle.Status.CHECKPOINTED.value

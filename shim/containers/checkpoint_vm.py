@@ -39,26 +39,33 @@ SAVE_TIMEOUT = 600.0
 
 # ---- what can be checkpointed ----------------------------------------------------------------
 
+
 def check_checkpointable(record: Container, verb: str = "checkpoint") -> None:
     """Raise CheckpointError (one line naming the reason) unless *record* can be saved
     (or, *verb* ``migrate``, moved)."""
     what = f"cannot {verb} container {record.name}"
     if record.isolation != "vm":
-        raise CheckpointError(f"{what}: only --isolation vm containers can be moved or saved "
-                              f"(this one runs as {record.isolation})")
+        raise CheckpointError(
+            f"{what}: only --isolation vm containers can be moved or saved (this one runs as {record.isolation})"
+        )
     if record.rootfs:
-        raise CheckpointError(f"{what}: its rootfs {record.rootfs} is a virtiofs share, and "
-                              f"QEMU cannot save a VM with a vhost-user-fs device")
+        raise CheckpointError(
+            f"{what}: its rootfs {record.rootfs} is a virtiofs share, and "
+            f"QEMU cannot save a VM with a vhost-user-fs device"
+        )
     for mount in record.mounts:
         if mount.type == "bind":
             raise CheckpointError(
                 f"{what}: its bind mount {mount.source} -> {mount.target} is a "
                 f"virtiofs share, and QEMU cannot save a VM with a vhost-user-fs device; "
-                f"use a volume instead")
+                f"use a volume instead"
+            )
     mode = _network_mode(record.network)
     if mode != "none":
-        raise CheckpointError(f"{what}: it is on network {mode}; this needs --network none "
-                              f"for now (a restored or moved NIC needs its old lease)")
+        raise CheckpointError(
+            f"{what}: it is on network {mode}; this needs --network none "
+            f"for now (a restored or moved NIC needs its old lease)"
+        )
     if record.auto_remove:
         raise CheckpointError(f"{what}: it was started with --rm")
 
@@ -71,8 +78,7 @@ def _network_mode(request: NetworkRequest | None) -> str:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name or ""):
-        raise UsageError(f"invalid checkpoint name {name!r}: use letters, digits, '_', '.', "
-                         f"'-' (at most 64)")
+        raise UsageError(f"invalid checkpoint name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
     return name
 
 
@@ -83,8 +89,7 @@ def checkpoint_dir(store: ContainerStore, container_id: str, name: str) -> Path:
 def list_checkpoints(store: ContainerStore, container_id: str) -> list[str]:
     base = store.dir(container_id) / CHECKPOINTS
     try:
-        return sorted(p.name for p in base.iterdir() if _NAME.match(p.name)
-                      and (p / META_FILE).is_file())
+        return sorted(p.name for p in base.iterdir() if _NAME.match(p.name) and (p / META_FILE).is_file())
     except FileNotFoundError:
         return []
 
@@ -96,11 +101,15 @@ def guest_identity() -> dict:
     from shim.vm.accel import detect_accel
 
     guest = ensure_guest_image()
-    return {"guest_image": guest.kernel.parent.name, "kernel_release": guest.kernel_release,
-            "accel": detect_accel().kind}
+    return {
+        "guest_image": guest.kernel.parent.name,
+        "kernel_release": guest.kernel_release,
+        "accel": detect_accel().kind,
+    }
 
 
 # ---- the writable disk ----------------------------------------------------------------------
+
 
 def data_extents(path: Path) -> tuple[int, list[list[int]]]:
     """(size, [[offset, length], …]) of the parts of sparse file *path* that hold data."""
@@ -150,6 +159,7 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 # ---- in the monitor ---------------------------------------------------------------------------
 
+
 def save_vm(placement, record: Container, directory: Path) -> None:
     """The monitor's part: save *placement*'s VM to ``directory/memory.img`` (the VM
     ends) and copy the writable disk to ``directory/rw.img``. Raises VmshimError."""
@@ -159,17 +169,21 @@ def save_vm(placement, record: Container, directory: Path) -> None:
     guest = getattr(placement, "guest", None)
     if guest is not None:  # what the VM runs (the host's image may have changed since)
         accel = getattr(placement, "accel", None)
-        _write_json(directory / GUEST_FILE, {
-            "guest_image": guest.kernel.parent.name, "kernel_release": guest.kernel_release,
-            **({"accel": accel.kind} if accel is not None else {})})
+        _write_json(
+            directory / GUEST_FILE,
+            {
+                "guest_image": guest.kernel.parent.name,
+                "kernel_release": guest.kernel_release,
+                **({"accel": accel.kind} if accel is not None else {}),
+            },
+        )
     placement.save(image)
     rw = getattr(placement, "rw_disk", None)
     if rw is not None:
         try:
             copy_sparse(Path(rw), directory / RW_FILE)
         except OSError as exc:
-            raise CheckpointError(f"cannot copy the writable disk of {record.name}: {exc}") \
-                from None
+            raise CheckpointError(f"cannot copy the writable disk of {record.name}: {exc}") from None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -59,12 +59,13 @@ def copy_out(ref: str, src: str, dest: str, limits: CopyLimits | None = None) ->
     record = store.find(ref)
     src = _container_path(src)
     with tempfile.TemporaryFile() as archive:
-        code, err = manage.run_builtin(store, record, "tar-out", [src],
-                                       out=_CappedSpool(archive, limits.max_bytes),
-                                       stopped_ok=True)
+        code, err = manage.run_builtin(
+            store, record, "tar-out", [src], out=_CappedSpool(archive, limits.max_bytes), stopped_ok=True
+        )
         if code != 0:
-            raise VmshimError(f"cannot copy {src} from {record.name}: "
-                              f"{err.decode(errors='replace').strip() or f'exit {code}'}")
+            raise VmshimError(
+                f"cannot copy {src} from {record.name}: {err.decode(errors='replace').strip() or f'exit {code}'}"
+            )
         archive.seek(0)
         if dest == "-":
             while True:
@@ -111,8 +112,9 @@ def extract(archive, dest: Path, src_name: str, limits: CopyLimits | None = None
                     try:
                         out.add(member, parts, link, tar)
                     except OSError as e:
-                        raise VmshimError(f"cannot write {'/'.join(parts)!r} under {target}: "
-                                          f"{e.strerror or e}") from None
+                        raise VmshimError(
+                            f"cannot write {'/'.join(parts)!r} under {target}: {e.strerror or e}"
+                        ) from None
         except (tarfile.TarError, EOFError) as e:
             raise VmshimError(f"the archive from the container is unreadable: {e}") from None
 
@@ -179,17 +181,20 @@ class _Extractor:
         try:
             for i, part in enumerate(parts):
                 try:
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                  | os.O_CLOEXEC, dir_fd=fd)
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 except FileNotFoundError:
-                    raise self._refuse(tuple(parts), "its parent directory "
-                                       f"{'/'.join(parts[:i + 1])!r} was not in the archive "
-                                       "before it") from None
+                    raise self._refuse(
+                        tuple(parts),
+                        f"its parent directory {'/'.join(parts[: i + 1])!r} was not in the archive before it",
+                    ) from None
                 except (NotADirectoryError, OSError) as e:
                     if isinstance(e, NotADirectoryError) or e.errno == errno.ELOOP:
-                        raise self._refuse(tuple(parts), f"{'/'.join(parts[:i + 1])!r} "
-                                           "is not a directory (a symlink or file); "
-                                           "nothing is written through it") from None
+                        raise self._refuse(
+                            tuple(parts),
+                            f"{'/'.join(parts[: i + 1])!r} "
+                            "is not a directory (a symlink or file); "
+                            "nothing is written through it",
+                        ) from None
                     raise
                 os.close(fd)
                 fd = nfd
@@ -198,17 +203,19 @@ class _Extractor:
             os.close(fd)
             raise
 
-    def add(self, member: tarfile.TarInfo, parts: list[str], link: list[str] | None,
-            tar: tarfile.TarFile) -> None:
+    def add(self, member: tarfile.TarInfo, parts: list[str], link: list[str] | None, tar: tarfile.TarFile) -> None:
         key = tuple(parts)
         self.entries += 1
         self.name_bytes += sum(map(len, parts)) + len(member.linkname)
         if self.entries > self.limits.max_entries:
-            raise VmshimError(f"the archive from the container has more than "
-                              f"{self.limits.max_entries} entries; refused")
+            raise VmshimError(
+                f"the archive from the container has more than {self.limits.max_entries} entries; refused"
+            )
         if self.name_bytes > self.limits.max_name_bytes:  # self.written keeps every name
-            raise VmshimError(f"the names in the archive from the container add up to more "
-                              f"than {self.limits.max_name_bytes} bytes; refused")
+            raise VmshimError(
+                f"the names in the archive from the container add up to more "
+                f"than {self.limits.max_name_bytes} bytes; refused"
+            )
         if member.isdev() or member.isfifo():
             return
         if key == (".",) or parts == []:
@@ -220,8 +227,11 @@ class _Extractor:
         elif member.islnk():
             assert link is not None
             if self.written.get(tuple(link)) != "f":
-                raise self._refuse(key, f"it is a hard link to {'/'.join(link)!r}, which is "
-                                   "not a regular file written earlier by this copy")
+                raise self._refuse(
+                    key,
+                    f"it is a hard link to {'/'.join(link)!r}, which is "
+                    "not a regular file written earlier by this copy",
+                )
         elif not (member.isreg() or member.isdir()):
             raise self._refuse(key, f"unsupported tar entry type {member.type!r}")
         mode = member.mode & 0o777  # no setuid, setgid or sticky bit from a guest
@@ -241,8 +251,7 @@ class _Extractor:
                     assert link is not None  # add() is given the link's parts for a hard link
                     src_fd = self._open_dir(link[:-1])
                     try:
-                        os.link(link[-1], name, src_dir_fd=src_fd, dst_dir_fd=parent_fd,
-                                follow_symlinks=False)
+                        os.link(link[-1], name, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
                     finally:
                         os.close(src_fd)
                     kind = "h"
@@ -262,8 +271,7 @@ class _Extractor:
                 continue
             depth = depth - 1 if part == ".." else depth + 1
             if depth < 0:
-                raise self._refuse(key, f"it is a symlink to {target!r}, which leads "
-                                   f"outside {self.root}")
+                raise self._refuse(key, f"it is a symlink to {target!r}, which leads outside {self.root}")
 
     def _clear(self, parent_fd: int, key, name: str) -> None:
         """Remove a non-directory already at *name* (never a directory, never followed)."""
@@ -285,14 +293,15 @@ class _Extractor:
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
         self.dirs.append((key, mode, mtime))
 
-    def _write_file(self, parent_fd: int, key, name: str, mode: int,
-                    member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _write_file(
+        self, parent_fd: int, key, name: str, mode: int, member: tarfile.TarInfo, tar: tarfile.TarFile
+    ) -> None:
         self.bytes += member.size
         if self.bytes > self.limits.max_bytes:
-            raise VmshimError(f"the files from the container add up to more than "
-                              f"{self.limits.max_bytes} bytes; refused")
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=parent_fd)
+            raise VmshimError(
+                f"the files from the container add up to more than {self.limits.max_bytes} bytes; refused"
+            )
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent_fd)
         try:
             src = tar.extractfile(member)
             assert src is not None  # a regular file's member always has data
@@ -300,8 +309,7 @@ class _Extractor:
             while remaining:
                 chunk = src.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise VmshimError(f"the archive from the container ends inside "
-                                      f"{'/'.join(key)!r}")
+                    raise VmshimError(f"the archive from the container ends inside {'/'.join(key)!r}")
                 _write_all(fd, chunk)
                 remaining -= len(chunk)
             os.fchmod(fd, mode)
@@ -313,7 +321,7 @@ class _Extractor:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _set_link_mtime(parent_fd: int, name: str, mtime: float) -> None:
@@ -338,8 +346,7 @@ class _CappedSpool:
     def write(self, data) -> int:
         self.count += len(data)
         if self.count > self.limit:
-            raise VmshimError(f"the container sent more than {self.limit} bytes for this "
-                              "copy; refused")
+            raise VmshimError(f"the container sent more than {self.limit} bytes for this copy; refused")
         return self.f.write(data)
 
     def flush(self) -> None:
@@ -355,8 +362,10 @@ def write_source_tar(src: str, out, stream: bool = False) -> None:
             for child in sorted(path.iterdir()):
                 tar.add(str(child), arcname=child.name)
         else:
-            tar.add(str(path), arcname=path.resolve().name if src in (".", "..")
-                    else os.path.basename(os.path.normpath(src)))
+            tar.add(
+                str(path),
+                arcname=path.resolve().name if src in (".", "..") else os.path.basename(os.path.normpath(src)),
+            )
 
 
 def copy_in(src: str, ref: str, dest: str) -> None:
@@ -366,8 +375,7 @@ def copy_in(src: str, ref: str, dest: str) -> None:
     dest = _container_path(dest)
     if src == "-":
         chunks = iter(lambda: sys.stdin.buffer.read(CHUNK), b"")
-        code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks,
-                                       stopped_ok=True)
+        code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks, stopped_ok=True)
     else:
         path = Path(src)
         if not path.exists() and not path.is_symlink():
@@ -376,8 +384,8 @@ def copy_in(src: str, ref: str, dest: str) -> None:
             write_source_tar(src, archive)
             archive.seek(0)
             chunks = iter(lambda: archive.read(CHUNK), b"")
-            code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks,
-                                           stopped_ok=True)
+            code, err = manage.run_builtin(store, record, "tar-in", [dest], stdin_data=chunks, stopped_ok=True)
     if code != 0:
-        raise VmshimError(f"cannot copy into {record.name}:{dest}: "
-                          f"{err.decode(errors='replace').strip() or f'exit {code}'}")
+        raise VmshimError(
+            f"cannot copy into {record.name}:{dest}: {err.decode(errors='replace').strip() or f'exit {code}'}"
+        )

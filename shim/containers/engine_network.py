@@ -93,8 +93,12 @@ class DnsRelay:
         now = self.now()
         self.tokens = min(float(DNS_BURST), self.tokens + (now - self.refilled) * DNS_RATE)
         self.refilled = now
-        if server not in self.servers or len(self.pending) >= MAX_DNS_PENDING \
-                or self.tokens < 1 or not 12 <= len(payload) <= 4096:
+        if (
+            server not in self.servers
+            or len(self.pending) >= MAX_DNS_PENDING
+            or self.tokens < 1
+            or not 12 <= len(payload) <= 4096
+        ):
             self.dropped += 1
             return False
         self.tokens -= 1
@@ -172,8 +176,7 @@ class EngineNetwork:
                 try:
                     self._fds[which] = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise NetworkError(f"cannot open the network namespace {source}: "
-                                       f"{exc.strerror}") from None
+                    raise NetworkError(f"cannot open the network namespace {source}: {exc.strerror}") from None
             self.links = ens.read_links(self.path("netns"))
             for index, _link in enumerate(self.links):
                 tap = ens.tap_name(self.container_id, index)
@@ -229,8 +232,10 @@ class EngineNetwork:
         now = ens.read_links(self.path("netns"))
         known = {link.mac for link in self.links}
         present = {link.mac for link in now}
-        return ([link for link in now if link.mac not in known],
-                [link for link in self.links if link.mac not in present])
+        return (
+            [link for link in now if link.mac not in known],
+            [link for link in self.links if link.mac not in present],
+        )
 
     def unplug(self, link: ens.EngineLink, detach) -> None:
         """*link* went away: call *detach(mac)* (take the NIC out of the VM) and delete its
@@ -250,8 +255,7 @@ class EngineNetwork:
         from shim.vm.domain import Interface
 
         used = set(self.taps)
-        free = [ens.tap_name(self.container_id, i) for i in range(10)
-                if ens.tap_name(self.container_id, i) not in used]
+        free = [ens.tap_name(self.container_id, i) for i in range(10) if ens.tap_name(self.container_id, i) not in used]
         if len(self.taps) >= ens.MAX_LINKS or not free:
             raise NetworkError(f"the container has {ens.MAX_LINKS} interfaces already")
         tap = free[0]
@@ -288,8 +292,10 @@ class EngineNetwork:
         """The domain's NICs: one ethernet interface per tap, with the link's MAC and MTU."""
         from shim.vm.domain import Interface
 
-        return [Interface(type="ethernet", mac=link.mac, tap=tap, mtu=link.mtu)
-                for link, tap in zip(self.links, self.taps, strict=True)]
+        return [
+            Interface(type="ethernet", mac=link.mac, tap=tap, mtu=link.mtu)
+            for link, tap in zip(self.links, self.taps, strict=True)
+        ]
 
     def wire(self) -> None:
         """After the domain was created: move each tap into the container's namespace and

@@ -28,9 +28,19 @@ def fake_record(name: str, args: list[str], **fields) -> Container:
     """A new record (not yet stored) of a container the fake runs: ``isolation="fake"``, a
     tmpfs writable layer, no layers, *args* as its main process; *fields* set the rest."""
     cid = os.urandom(32).hex()
-    return Container(id=cid, name=name, image="busybox", image_id="sha256:x", isolation="fake",
-                     process=ProcessSpec(args=args), hostname=cid[:12], token="tok",
-                     layer_disks=[], writable="tmpfs", **fields)
+    return Container(
+        id=cid,
+        name=name,
+        image="busybox",
+        image_id="sha256:x",
+        isolation="fake",
+        process=ProcessSpec(args=args),
+        hostname=cid[:12],
+        token="tok",
+        layer_disks=[],
+        writable="tmpfs",
+        **fields,
+    )
 
 
 class PlainRuntime:
@@ -41,8 +51,7 @@ class PlainRuntime:
 
     def _spawn(self, process, stdin, rows, cols):
         spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
-        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                               rows=rows, cols=cols)
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
 
     def start(self, process, *, stdin, rows=24, cols=80):
         self.main = self._spawn(process, stdin, rows, cols)
@@ -77,8 +86,7 @@ class FakeIsolation:
     def __init__(self, record: Container, store: ContainerStore):
         from shim.containers.process_placement import ProcessPlacement
 
-        self._inner = ProcessPlacement(boot_config_of(record), [], run_dir_of(record.id),
-                                       name=record.name)
+        self._inner = ProcessPlacement(boot_config_of(record), [], run_dir_of(record.id), name=record.name)
         self.run_dir = self._inner.run_dir
 
     def boot(self, alive=None) -> AgentClient:
@@ -89,8 +97,7 @@ class FakeIsolation:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(inner.agent_socket))
         listener.listen(4)
-        inner.agent_pid = _fork_agent(listener, inner.boot_config, PlainRuntime(),
-                                      self.run_dir / "agent.log")
+        inner.agent_pid = _fork_agent(listener, inner.boot_config, PlainRuntime(), self.run_dir / "agent.log")
         listener.close()
         inner.pid_file.write_text(f"{inner.agent_pid} {_start_time(inner.agent_pid)}\n")
         client = AgentClient.connect_unix(str(inner.agent_socket), timeout=5)

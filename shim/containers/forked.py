@@ -26,8 +26,9 @@ def redirect_stdio(log_fd: int, keep: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def fork_detached(child_end: socket.socket, main: Callable[[], None], *,
-                  close_in_child: socket.socket, what: str) -> None:
+def fork_detached(
+    child_end: socket.socket, main: Callable[[], None], *, close_in_child: socket.socket, what: str
+) -> None:
     """Run *main* in a grandchild that is nobody's child (fork, new session, fork again),
     the way monitors and the pool's keeper come to life. The child closes
     *close_in_child* (the parent's end of their socketpair), the parent closes

@@ -40,20 +40,18 @@ def probe_args(test: list[str]) -> list[str]:
 
 def settings(check: dict) -> tuple[float, float, int, float]:
     """(interval s, timeout s, retries, start period s) with docker's defaults."""
+
     def value(key):
         raw = check.get(key)
-        return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 \
-            else DEFAULTS[key]
-    return (value("Interval") / NS, value("Timeout") / NS, max(1, value("Retries")),
-            value("StartPeriod") / NS)
+        return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else DEFAULTS[key]
+
+    return (value("Interval") / NS, value("Timeout") / NS, max(1, value("Retries")), value("StartPeriod") / NS)
 
 
-def next_state(health: dict, code: int, output: str, started: str, *, retries: int,
-               in_start_period: bool) -> dict:
+def next_state(health: dict, code: int, output: str, started: str, *, retries: int, in_start_period: bool) -> dict:
     """The new State.Health after one probe (pure; the unit tests drive it)."""
-    log = list(health.get("Log") or [])[-(LOG_ENTRIES - 1):]
-    log.append({"Start": started, "End": now_rfc3339(), "ExitCode": code,
-                "Output": output[:OUTPUT_LIMIT]})
+    log = list(health.get("Log") or [])[-(LOG_ENTRIES - 1) :]
+    log.append({"Start": started, "End": now_rfc3339(), "ExitCode": code, "Output": output[:OUTPUT_LIMIT]})
     status = health.get("Status") or STARTING
     streak = int(health.get("FailingStreak") or 0)
     if code == 0:
@@ -109,9 +107,7 @@ class HealthChecker:
         self.probe_id: int | None = None
 
     def begin(self) -> None:
-        self.monitor._update(lambda r: setattr(r.state, "health",
-                                               {"Status": STARTING, "FailingStreak": 0,
-                                                "Log": []}))
+        self.monitor._update(lambda r: setattr(r.state, "health", {"Status": STARTING, "FailingStreak": 0, "Log": []}))
         self.monitor._timer(min(self.interval, 1.0), "health", self._run)
 
     def _run(self) -> None:
@@ -122,8 +118,16 @@ class HealthChecker:
         self.probe = Probe(self._done)
         self.probe_id = monitor._new_proc_id()
         monitor.pending[self.probe_id] = self.probe
-        monitor._to_agent(protocol.EXEC, token=monitor.record.token, id=self.probe_id,
-                          process=spec.to_dict(), stdin=False, tty=False, rows=24, cols=80)
+        monitor._to_agent(
+            protocol.EXEC,
+            token=monitor.record.token,
+            id=self.probe_id,
+            process=spec.to_dict(),
+            stdin=False,
+            tty=False,
+            rows=24,
+            cols=80,
+        )
         monitor._timer(self.timeout, "health-timeout", self._timed_out)
 
     def _timed_out(self) -> None:
@@ -144,9 +148,13 @@ class HealthChecker:
         code = probe.code if probe.code is not None else -1
         in_start = time.monotonic() - self.began < self.start_period
         output = bytes(probe.output).decode("utf-8", "replace")
-        monitor._update(lambda r: setattr(r.state, "health", next_state(
-            r.state.health, code, output, probe.started, retries=self.retries,
-            in_start_period=in_start)))
+        monitor._update(
+            lambda r: setattr(
+                r.state,
+                "health",
+                next_state(r.state.health, code, output, probe.started, retries=self.retries, in_start_period=in_start),
+            )
+        )
         if monitor.main_running:
             monitor._timer(self.interval, "health", self._run)
 
@@ -168,6 +176,7 @@ def stop(monitor) -> None:
 
 # ---- ``--health-*`` flags -------------------------------------------------------------------
 
+
 def parse_duration(text: str, flag: str) -> int:
     """A Go-style duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds. Raises
     UsageError naming *flag*."""
@@ -182,24 +191,34 @@ def parse_duration(text: str, flag: str) -> int:
     return int(sum(float(n) * units[u] for n, u in parts))
 
 
-def from_flags(*, health_cmd=None, health_interval=None, health_timeout=None,
-               health_retries=None, health_start_period=None, no_healthcheck=False,
-               **_ignored) -> dict | None:
+def from_flags(
+    *,
+    health_cmd=None,
+    health_interval=None,
+    health_timeout=None,
+    health_retries=None,
+    health_start_period=None,
+    no_healthcheck=False,
+    **_ignored,
+) -> dict | None:
     """``run``/``create``'s health flags as a Config.Healthcheck overlay (None: none
     given). Raises UsageError."""
     from shim.errors import UsageError
 
     if no_healthcheck:
-        if any(v is not None for v in (health_cmd, health_interval, health_timeout,
-                                       health_retries, health_start_period)):
+        if any(
+            v is not None for v in (health_cmd, health_interval, health_timeout, health_retries, health_start_period)
+        ):
             raise UsageError("--no-healthcheck conflicts with the --health-* options")
         return {"Test": ["NONE"]}
     check: dict[str, object] = {}
     if health_cmd is not None:
         check["Test"] = ["CMD-SHELL", health_cmd]
-    for value, key, flag in ((health_interval, "Interval", "--health-interval"),
-                             (health_timeout, "Timeout", "--health-timeout"),
-                             (health_start_period, "StartPeriod", "--health-start-period")):
+    for value, key, flag in (
+        (health_interval, "Interval", "--health-interval"),
+        (health_timeout, "Timeout", "--health-timeout"),
+        (health_start_period, "StartPeriod", "--health-start-period"),
+    ):
         if value is not None:
             check[key] = parse_duration(value, flag)
     if health_retries is not None:

@@ -43,17 +43,29 @@ def disk_usage() -> list[dict]:
     layer_dir = paths.layer_disks_dir()
     disks = list(layer_dir.glob("*.sqfs")) if layer_dir.is_dir() else []
     disk_size = sum(p.stat().st_size for p in disks)
-    unused_disks = sum(p.stat().st_size for p in disks
-                       if p.name.removesuffix(".sqfs") not in usage.layer_digests)
+    unused_disks = sum(p.stat().st_size for p in disks if p.name.removesuffix(".sqfs") not in usage.layer_digests)
     cdir = paths.containers_dir()
     containers = [p for p in cdir.iterdir() if p.is_dir()] if cdir.is_dir() else []
     return [
-        {"Type": "Images", "TotalCount": usage.images, "Active": active,
-         "Size": usage.blobs_size + usage.reclaimable, "Reclaimable": usage.reclaimable},
-        {"Type": "Layer disks", "TotalCount": len(disks),
-         "Active": len(disks) - sum(1 for p in disks
-                                    if p.name.removesuffix(".sqfs") not in usage.layer_digests),
-         "Size": disk_size, "Reclaimable": unused_disks},
-        {"Type": "Containers", "TotalCount": len(containers), "Active": 0,
-         "Size": sum(_tree_size(p) for p in containers), "Reclaimable": 0},
+        {
+            "Type": "Images",
+            "TotalCount": usage.images,
+            "Active": active,
+            "Size": usage.blobs_size + usage.reclaimable,
+            "Reclaimable": usage.reclaimable,
+        },
+        {
+            "Type": "Layer disks",
+            "TotalCount": len(disks),
+            "Active": len(disks) - sum(1 for p in disks if p.name.removesuffix(".sqfs") not in usage.layer_digests),
+            "Size": disk_size,
+            "Reclaimable": unused_disks,
+        },
+        {
+            "Type": "Containers",
+            "TotalCount": len(containers),
+            "Active": 0,
+            "Size": sum(_tree_size(p) for p in containers),
+            "Reclaimable": 0,
+        },
     ]

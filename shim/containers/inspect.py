@@ -45,8 +45,11 @@ def inspect_data(record: Container) -> dict:
             "Error": state.error,
             "StartedAt": state.started_at,
             "FinishedAt": state.finished_at,
-            **({"Health": state.health or {"Status": "starting", "FailingStreak": 0,
-                                           "Log": []}} if record.healthcheck else {}),
+            **(
+                {"Health": state.health or {"Status": "starting", "FailingStreak": 0, "Log": []}}
+                if record.healthcheck
+                else {}
+            ),
         },
         "Image": record.image_id,
         "RestartCount": state.restart_count,
@@ -68,8 +71,7 @@ def inspect_data(record: Container) -> dict:
         "HostConfig": {
             "Isolation": record.isolation,
             "AutoRemove": record.auto_remove,
-            "RestartPolicy": {"Name": record.restart_policy,
-                              "MaximumRetryCount": record.restart_max},
+            "RestartPolicy": {"Name": record.restart_policy, "MaximumRetryCount": record.restart_max},
             "LogConfig": _log_config(record),
             **host_config(record),  # limits (Memory: the limit) and mounts
         },
@@ -90,17 +92,24 @@ def host_config(record: Container) -> dict:
     (``Memory`` is the limit, 0 = none, as in docker; the VM's size is ``VmMemory``)."""
     r, mounts = record.resources, record.mounts
     return {
-        "Memory": max(r.memory, 0), "MemorySwap": r.memory_swap,
-        "MemoryReservation": r.memory_reservation, "NanoCpus": r.nano_cpus,
-        "CpuShares": r.cpu_shares, "CpusetCpus": r.cpuset_cpus,
-        "PidsLimit": r.pids_limit or None, "BlkioWeight": r.blkio_weight,
+        "Memory": max(r.memory, 0),
+        "MemorySwap": r.memory_swap,
+        "MemoryReservation": r.memory_reservation,
+        "NanoCpus": r.nano_cpus,
+        "CpuShares": r.cpu_shares,
+        "CpusetCpus": r.cpuset_cpus,
+        "PidsLimit": r.pids_limit or None,
+        "BlkioWeight": r.blkio_weight,
         "BlkioDeviceReadBps": [{"Path": d, "Rate": v} for d, v in r.device_read_bps],
         "BlkioDeviceWriteBps": [{"Path": d, "Rate": v} for d, v in r.device_write_bps],
         "Ulimits": [{"Name": n, "Soft": s, "Hard": h} for n, s, h in r.ulimits],
         "OomScoreAdj": r.oom_score_adj or 0,
         "ReadonlyRootfs": record.read_only,
-        "Binds": [f"{m.source}:{m.target}{':ro' if m.readonly else ''}"
-                  for m in mounts if m.type == "bind" or (m.type == "volume" and not m.anonymous)],
+        "Binds": [
+            f"{m.source}:{m.target}{':ro' if m.readonly else ''}"
+            for m in mounts
+            if m.type == "bind" or (m.type == "volume" and not m.anonymous)
+        ],
         "Tmpfs": {m.target: m.options for m in mounts if m.type == "tmpfs"},
         "VmMemory": record.vm_memory_mib << 20 if record.isolation == "vm" else 0,
         "VmCpus": record.vm_vcpus if record.isolation == "vm" else 0,
@@ -111,13 +120,11 @@ def inspect_mounts(record: Container) -> list[dict]:
     """docker ``inspect``'s top-level ``Mounts`` for a container record."""
     out = []
     for m in record.mounts:
-        entry = {"Type": m.type, "Destination": m.target, "RW": not m.readonly,
-                 "Mode": "ro" if m.readonly else ""}
+        entry = {"Type": m.type, "Destination": m.target, "RW": not m.readonly, "Mode": "ro" if m.readonly else ""}
         if m.type == "bind":
             entry["Source"] = m.source
         elif m.type == "volume":
-            entry.update(Name=m.source, Driver="local",
-                         Source=str(paths.volumes_dir() / m.source / "volume.img"))
+            entry.update(Name=m.source, Driver="local", Source=str(paths.volumes_dir() / m.source / "volume.img"))
         else:
             entry["Source"] = ""
         out.append(entry)
@@ -134,5 +141,4 @@ def _network_settings(record: Container) -> dict:
 def _log_config(record: Container) -> dict:
     """docker's HostConfig.LogConfig: the json-file driver and its rotation options."""
     limits = record.log
-    return {"Type": "json-file", "Config": {"max-size": str(limits.max_size),
-                                            "max-file": str(limits.max_files)}}
+    return {"Type": "json-file", "Config": {"max-size": str(limits.max_size), "max-file": str(limits.max_files)}}

@@ -69,8 +69,9 @@ class Isolation(Protocol):
         ...
 
 
-def reattach_agent(isolation: Isolation, container_id: str, network_request: NetworkRequest | None,
-                   agent_socket: Path) -> AgentClient | None:
+def reattach_agent(
+    isolation: Isolation, container_id: str, network_request: NetworkRequest | None, agent_socket: Path
+) -> AgentClient | None:
     """The shared body of ``reattach``: if the sandbox runs, take over its network lease
     (this monitor now holds it) and connect to the agent's socket; None when it is gone or
     does not answer."""

@@ -18,8 +18,7 @@ STATS_TIMEOUT = 10.0
 UPDATE_TIMEOUT = 30.0
 
 
-def stats(record: Container, store: ContainerStore | None = None,
-          timeout: float = STATS_TIMEOUT) -> dict:
+def stats(record: Container, store: ContainerStore | None = None, timeout: float = STATS_TIMEOUT) -> dict:
     """The running container's cgroup usage (see the module doc). Raises
     ContainerStateError when it does not run, AgentError / VmshimError from the agent
     (e.g. a paused VM does not answer within *timeout*)."""
@@ -31,9 +30,23 @@ def stats(record: Container, store: ContainerStore | None = None,
     return usage if isinstance(usage, dict) else {}
 
 
-GUEST_FIGURES = ("memory", "memory_limit", "cpu_ns", "pids", "oom_kills", "cpu_user_ns",
-                 "cpu_system_ns", "memory_anon", "memory_file", "memory_peak", "pids_limit",
-                 "block_read_bytes", "block_write_bytes", "net_rx_bytes", "net_tx_bytes")
+GUEST_FIGURES = (
+    "memory",
+    "memory_limit",
+    "cpu_ns",
+    "pids",
+    "oom_kills",
+    "cpu_user_ns",
+    "cpu_system_ns",
+    "memory_anon",
+    "memory_file",
+    "memory_peak",
+    "pids_limit",
+    "block_read_bytes",
+    "block_write_bytes",
+    "net_rx_bytes",
+    "net_tx_bytes",
+)
 """What the agent's stats may carry; anything else it sends is dropped."""
 
 
@@ -42,8 +55,11 @@ def checked_figures(usage) -> dict:
     2**63 (the guest is not trusted: anything else is dropped, never raised on)."""
     if not isinstance(usage, dict):
         return {}
-    return {key: value for key, value in usage.items()
-            if key in GUEST_FIGURES and type(value) is int and 0 <= value < 1 << 63}
+    return {
+        key: value
+        for key, value in usage.items()
+        if key in GUEST_FIGURES and type(value) is int and 0 <= value < 1 << 63
+    }
 
 
 def sample(record: Container, store: ContainerStore | None = None) -> dict:
@@ -78,11 +94,11 @@ def update(ref: str, change: Resources, store: ContainerStore | None = None) -> 
     current = record.resources
     running = lifecycle.is_active(record.status)
     if running:
-        merged = check_update(current, change, isolation=record.isolation,
-                              vm_memory_mib=record.vm_memory_mib, vm_vcpus=record.vm_vcpus)
+        merged = check_update(
+            current, change, isolation=record.isolation, vm_memory_mib=record.vm_memory_mib, vm_vcpus=record.vm_vcpus
+        )
         try:
-            _request(store, record, "update", UPDATE_TIMEOUT,
-                     limits=change.limits(record.isolation).to_dict())
+            _request(store, record, "update", UPDATE_TIMEOUT, limits=change.limits(record.isolation).to_dict())
         except ContainerStateError:
             running = False  # it stopped meanwhile: only the record changes
     else:

@@ -95,15 +95,24 @@ def ports_text(record: Container) -> str:
 
 def ps_entry(record: Container) -> dict:
     """One container as ``ps --format json`` prints it (and templates see it)."""
-    return {"ID": record.short_id, "Image": record.image, "Command": command_text(record),
-            "CreatedAt": created_text(record), "Status": status_text(record),
-            "State": display_status(record), "Names": record.name, "Isolation": record.isolation,
-            "ExitCode": record.state.exit_code, "Ports": ports_text(record),
-            "Health": health_status(record),
-            "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items()))}
+    return {
+        "ID": record.short_id,
+        "Image": record.image,
+        "Command": command_text(record),
+        "CreatedAt": created_text(record),
+        "Status": status_text(record),
+        "State": display_status(record),
+        "Names": record.name,
+        "Isolation": record.isolation,
+        "ExitCode": record.state.exit_code,
+        "Ports": ports_text(record),
+        "Health": health_status(record),
+        "Labels": ",".join(f"{k}={v}" for k, v in sorted(record.labels.items())),
+    }
 
 
 # ---- --filter ------------------------------------------------------------------------------
+
 
 def parse_filters(filters) -> list[tuple[str, str]]:
     """``KEY=VALUE`` items → pairs; raises UsageError for an unknown key or a missing ``=``."""
@@ -111,8 +120,7 @@ def parse_filters(filters) -> list[tuple[str, str]]:
     for item in filters:
         key, sep, value = item.partition("=")
         if not sep or key not in FILTER_KEYS:
-            raise UsageError(f"invalid --filter {item!r}: use KEY=VALUE with KEY one of "
-                             f"{', '.join(FILTER_KEYS)}")
+            raise UsageError(f"invalid --filter {item!r}: use KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
         out.append((key, value))
     return out
 
@@ -136,8 +144,7 @@ def matches(record: Container, filters: list[tuple[str, str]]) -> bool:
         elif key == "status":
             ok = display_status(record) in values
         elif key == "ancestor":
-            ok = any(v in (record.image, record.image_id) or record.image_id.endswith(v)
-                     for v in values)
+            ok = any(v in (record.image, record.image_id) or record.image_id.endswith(v) for v in values)
         elif key == "exited":
             ok = record.status.value == "exited" and str(record.state.exit_code) in values
         elif key == "label":

@@ -20,9 +20,15 @@ STATE_POLL = 0.5
 Line = tuple[str, str, bytes]
 
 
-def container_log(ref: str, *, follow: bool = False, tail: str = "all",
-                  since: str | None = None, until: str | None = None,
-                  store: ContainerStore | None = None) -> Iterator[Iterable[Line]]:
+def container_log(
+    ref: str,
+    *,
+    follow: bool = False,
+    tail: str = "all",
+    since: str | None = None,
+    until: str | None = None,
+    store: ContainerStore | None = None,
+) -> Iterator[Iterable[Line]]:
     """Batches of log lines (time, stream, bytes) of the container *ref* names: first the
     history (the last *tail* lines, within *since*/*until*), then with *follow* (and no
     *until*) each poll's new lines until the container has stopped. Raises UsageError
@@ -37,8 +43,7 @@ def container_log(ref: str, *, follow: bool = False, tail: str = "all",
     # Streamed: the files are read one entry at a time, only the --tail window is kept.
     follower = logmod.Follower(path, from_start=True) if follow and until_t is None else None
     history = logmod.iter_entries(path) if follower is None else _rotated_then(path, follower)
-    yield logmod.iter_lines(history, tail=None if tail == "all" else int(tail),
-                            since=since_t, until=until_t)
+    yield logmod.iter_lines(history, tail=None if tail == "all" else int(tail), since=since_t, until=until_t)
     if follower is None:
         return
     record = manage.reconcile(store, record)

@@ -66,14 +66,12 @@ class LogLimits:
             for part in filter(None, (p.strip() for p in item.split(","))):
                 key, eq, value = part.partition("=")
                 if not eq or key not in cls.OPTIONS:
-                    raise UsageError(f"invalid --log-opt {part!r}: use max-size=SIZE (e.g. "
-                                     "10m) or max-file=N")
+                    raise UsageError(f"invalid --log-opt {part!r}: use max-size=SIZE (e.g. 10m) or max-file=N")
                 if key == "max-size":
                     limits.max_size = _parse_size(value, part)
                 else:
                     if not value.isdigit() or not 1 <= int(value) <= 100:
-                        raise UsageError(f"invalid --log-opt {part!r}: max-file is a number "
-                                         "from 1 to 100")
+                        raise UsageError(f"invalid --log-opt {part!r}: max-file is a number from 1 to 100")
                     limits.max_files = int(value)
         return limits
 
@@ -151,8 +149,7 @@ def decode(line: bytes) -> tuple[str, str, bytes] | None:
     """(time, stream, data) of one json line, or None when it is not a valid entry."""
     try:
         entry = json.loads(line)
-        return (entry["time"], entry["stream"],
-                entry["log"].encode("utf-8", "surrogateescape"))
+        return (entry["time"], entry["stream"], entry["log"].encode("utf-8", "surrogateescape"))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeEncodeError):
         return None
 
@@ -211,7 +208,7 @@ class LogWriter:
         view = memoryview(payload)
         while view:
             try:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
             except InterruptedError:
                 continue
             except OSError:
@@ -245,8 +242,9 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise UsageError(f"invalid --since {text!r}: use an RFC 3339 time, a unix "
-                         "timestamp or a duration like 10m") from None
+        raise UsageError(
+            f"invalid --since {text!r}: use an RFC 3339 time, a unix timestamp or a duration like 10m"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
@@ -364,20 +362,24 @@ def read_entries(path: Path, offset: int = 0) -> tuple[list[tuple[str, str, byte
     return entries, offset + end
 
 
-def select_lines(entries, *, tail: int | None = None, since: float | None = None,
-                 until: float | None = None) -> list[tuple[str, str, bytes]]:
+def select_lines(
+    entries, *, tail: int | None = None, since: float | None = None, until: float | None = None
+) -> list[tuple[str, str, bytes]]:
     """The lines of *entries* that ``--since``/``--until``/``--tail`` keep."""
     return list(iter_lines(entries, tail=tail, since=since, until=until))
 
 
-def iter_lines(entries, *, tail: int | None = None, since: float | None = None,
-               until: float | None = None) -> Iterator[tuple[str, str, bytes]]:
+def iter_lines(
+    entries, *, tail: int | None = None, since: float | None = None, until: float | None = None
+) -> Iterator[tuple[str, str, bytes]]:
     """:func:`select_lines`, streaming: only the ``--tail`` window is held in memory."""
     lines = split_lines(entries)
     if since is not None or until is not None:
-        lines = (ln for ln in lines
-                 if (since is None or _entry_time(ln[0]) >= since)
-                 and (until is None or _entry_time(ln[0]) <= until))
+        lines = (
+            ln
+            for ln in lines
+            if (since is None or _entry_time(ln[0]) >= since) and (until is None or _entry_time(ln[0]) <= until)
+        )
     if tail is not None and tail >= 0:
         lines = iter(deque(lines, maxlen=tail)) if tail else iter(())
     return lines

@@ -21,7 +21,7 @@ from guest import protocol
 from shim.containers import monitor_api as api
 from shim.containers import state as lifecycle
 from shim.containers.options import exec_spec
-from shim.containers.store import (Container, ContainerStore, monitor_alive, run_dir_of)
+from shim.containers.store import Container, ContainerStore, monitor_alive, run_dir_of
 from shim.errors import AgentError, ContainerNotFound, ContainerStateError, VmshimError
 
 MONITOR_EXIT_WAIT = 30.0
@@ -37,6 +37,7 @@ def socket_path(container_id: str) -> str:
 
 
 # ---- reaching the monitor --------------------------------------------------------------
+
 
 def monitor_client(store: ContainerStore, record: Container) -> api.MonitorClient | None:
     """A connection to *record*'s monitor, spawning a recovering one if the recorded
@@ -65,8 +66,7 @@ def monitor_client(store: ContainerStore, record: Container) -> api.MonitorClien
         return None
 
 
-def wait_monitor_gone(store: ContainerStore, record: Container,
-                      timeout: float = MONITOR_EXIT_WAIT) -> Container:
+def wait_monitor_gone(store: ContainerStore, record: Container, timeout: float = MONITOR_EXIT_WAIT) -> Container:
     """Wait while a monitor is finishing *record* (not running any more, tearing down);
     return the fresh record."""
     deadline = time.monotonic() + timeout
@@ -78,8 +78,7 @@ def wait_monitor_gone(store: ContainerStore, record: Container,
     return record
 
 
-def _request(store: ContainerStore, record: Container, op: str, wait: float | None = None,
-             /, **fields):
+def _request(store: ContainerStore, record: Container, op: str, wait: float | None = None, /, **fields):
     """Send one request to the container's monitor; the reply (errors raised). Raises
     ContainerStateError when nothing runs the container."""
     client = monitor_client(store, record)
@@ -92,9 +91,19 @@ def _request(store: ContainerStore, record: Container, op: str, wait: float | No
 
 # ---- start ------------------------------------------------------------------------------
 
-def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd: int = 0,
-          stdout_fd: int = 1, stderr_fd: int = 2, store: ContainerStore | None = None,
-          on_started=None, detach_keys: bytes = b"\x10\x11") -> int:
+
+def start(
+    ref: str,
+    *,
+    attach: bool = False,
+    interactive: bool = False,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    store: ContainerStore | None = None,
+    on_started=None,
+    detach_keys: bytes = b"\x10\x11",
+) -> int:
     """Start a created or exited container: spawn its monitor, which boots the VM (or
     host placement) and starts the main process. With *attach*, stream its stdio (stdin
     too with *interactive*) and return its exit code; otherwise return 0 once it runs.
@@ -121,26 +130,39 @@ def start(ref: str, *, attach: bool = False, interactive: bool = False, stdin_fd
             if on_started is not None:
                 on_started(record)
             return 0
-        return _start_attached(client, record, interactive=interactive and record.interactive,
-                               stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                               on_started=on_started, detach_keys=detach_keys)
+        return _start_attached(
+            client,
+            record,
+            interactive=interactive and record.interactive,
+            stdin_fd=stdin_fd,
+            stdout_fd=stdout_fd,
+            stderr_fd=stderr_fd,
+            on_started=on_started,
+            detach_keys=detach_keys,
+        )
 
 
-def _start_attached(client: api.MonitorClient, record: Container, *, interactive: bool,
-                    stdin_fd: int, stdout_fd: int, stderr_fd: int, on_started,
-                    detach_keys: bytes) -> int:
+def _start_attached(
+    client: api.MonitorClient,
+    record: Container,
+    *,
+    interactive: bool,
+    stdin_fd: int,
+    stdout_fd: int,
+    stderr_fd: int,
+    on_started,
+    detach_keys: bytes,
+) -> int:
     """The foreground half of start: ask for the start with us attached, then pump.
     A SIGINT/SIGTERM before the process runs cancels the start (the monitor sees us
     hang up and tears everything down)."""
-    from shim.containers.attach import (FORWARDED_SIGNALS, StdioPump, caught_signals,
-                                        terminal_size)
+    from shim.containers.attach import FORWARDED_SIGNALS, StdioPump, caught_signals, terminal_size
     from shim.vm.agent_client import wait_readable
 
     rows, cols = terminal_size(stdin_fd) if record.tty else (24, 80)
     caught: list[int] = []
     with caught_signals(FORWARDED_SIGNALS, lambda signum, _f: caught.append(signum)) as wake_r:
-        client.send(api.REQUEST, op="start", attach=True, stdin=interactive, rows=rows,
-                    cols=cols)
+        client.send(api.REQUEST, op="start", attach=True, stdin=interactive, rows=rows, cols=cols)
         while True:
             ready = wait_readable([client.sock, wake_r], None)
             if wake_r in ready:
@@ -155,10 +177,15 @@ def _start_attached(client: api.MonitorClient, record: Container, *, interactive
         reply = api.raise_for_error(client.recv(0))
     if on_started is not None:
         on_started(record)
-    pump = StdioPump(client, reply.get("id", int, 1),
-                     stdin_fd=stdin_fd if interactive else None,
-                     stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
-                     detach_keys=detach_keys)
+    pump = StdioPump(
+        client,
+        reply.get("id", int, 1),
+        stdin_fd=stdin_fd if interactive else None,
+        stdout_fd=stdout_fd,
+        stderr_fd=stderr_fd,
+        tty=record.tty,
+        detach_keys=detach_keys,
+    )
     pump._pending_signals.extend(caught)
     code = pump.run()
     if pump.exit_error:
@@ -176,6 +203,7 @@ def _write_line(fd: int, text: str) -> None:
 
 
 # ---- stop, kill, restart, pause ----------------------------------------------------------
+
 
 def stop(ref: str, timeout: float | None = None, store: ContainerStore | None = None) -> Container:
     """Stop signal (the image's StopSignal or SIGTERM), SIGKILL after *timeout* s (the
@@ -262,8 +290,8 @@ def wait(ref: str, store: ContainerStore | None = None) -> int:
 
 # ---- remove ----------------------------------------------------------------------------
 
-def remove(ref: str, *, force: bool = False, volumes: bool = False,
-           store: ContainerStore | None = None) -> Container:
+
+def remove(ref: str, *, force: bool = False, volumes: bool = False, store: ContainerStore | None = None) -> Container:
     """Remove a container: its record, log, writable layer and anything still on the
     host; with *volumes* (``rm -v``) also the anonymous volumes it made. A running one
     needs *force* (it is killed). Returns the removed record. Raises
@@ -280,8 +308,9 @@ def _remove_container(ref: str, *, force: bool, store: ContainerStore | None) ->
     store = _store(store)
     record = store.find(ref)
     if lifecycle.is_active(record.status) and not force:
-        raise ContainerStateError("remove", "created or exited (stop it first, or use -f)",
-                                  record.status.value, record.name)
+        raise ContainerStateError(
+            "remove", "created or exited (stop it first, or use -f)", record.status.value, record.name
+        )
     deadline = time.monotonic() + MONITOR_EXIT_WAIT + 30
     while monitor_alive(record) or lifecycle.is_active(record.status):
         client = monitor_client(store, record)
@@ -296,8 +325,9 @@ def _remove_container(ref: str, *, force: bool, store: ContainerStore | None) ->
                 except api.MonitorGone:
                     pass
         if time.monotonic() > deadline:
-            raise VmshimError(f"cannot remove container {record.name}: its monitor "
-                              f"(pid {record.state.monitor_pid}) does not answer")
+            raise VmshimError(
+                f"cannot remove container {record.name}: its monitor (pid {record.state.monitor_pid}) does not answer"
+            )
         time.sleep(0.05)
         try:
             record = store.load(record.id)
@@ -350,11 +380,23 @@ def rename(ref: str, new_name: str, store: ContainerStore | None = None) -> Cont
 
 # ---- processes in the container ---------------------------------------------------------
 
-def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty: bool = False,
-                 detach: bool = False, env: list[str] = (), workdir: str | None = None,
-                 user: str | None = None, stdin_fd: int = 0, stdout_fd: int = 1,
-                 stderr_fd: int = 2, store: ContainerStore | None = None,
-                 privileged: bool = False) -> int:
+
+def exec_process(
+    ref: str,
+    command: list[str],
+    *,
+    interactive: bool = False,
+    tty: bool = False,
+    detach: bool = False,
+    env: list[str] = (),
+    workdir: str | None = None,
+    user: str | None = None,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    store: ContainerStore | None = None,
+    privileged: bool = False,
+) -> int:
     """Run *command* in the running container; its exit code (0 once started with
     *detach*). Raises ContainerStateError, CommandNotFound (127) …"""
     from shim.containers.attach import StdioPump, terminal_size
@@ -362,27 +404,40 @@ def exec_process(ref: str, command: list[str], *, interactive: bool = False, tty
     store = _store(store)
     record = store.find(ref)
     lifecycle.check("exec", record.status, record.name)
-    spec = exec_spec(record, command, env=env, workdir=workdir, user=user, tty=tty,
-                     privileged=privileged)
+    spec = exec_spec(record, command, env=env, workdir=workdir, user=user, tty=tty, privileged=privileged)
     client = monitor_client(store, record)
     if client is None:
-        raise ContainerStateError("exec", "running", store.load(record.id).status.value,
-                                  record.name)
+        raise ContainerStateError("exec", "running", store.load(record.id).status.value, record.name)
     with client:
         rows, cols = terminal_size(stdin_fd) if tty else (24, 80)
-        reply = api.raise_for_error(client.request(
-            "exec", None, process=spec.to_dict(), stdin=interactive, tty=tty, rows=rows,
-            cols=cols, detach=detach))
+        reply = api.raise_for_error(
+            client.request(
+                "exec", None, process=spec.to_dict(), stdin=interactive, tty=tty, rows=rows, cols=cols, detach=detach
+            )
+        )
         if detach:
             return 0
-        pump = StdioPump(client, reply.get("id", int), stdin_fd=stdin_fd if interactive else None,
-                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=tty)
+        pump = StdioPump(
+            client,
+            reply.get("id", int),
+            stdin_fd=stdin_fd if interactive else None,
+            stdout_fd=stdout_fd,
+            stderr_fd=stderr_fd,
+            tty=tty,
+        )
         return pump.run()
 
 
-def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 1,
-           stderr_fd: int = 2, store: ContainerStore | None = None,
-           detach_keys: bytes = b"\x10\x11") -> int:
+def attach(
+    ref: str,
+    *,
+    stdin: bool = True,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    store: ContainerStore | None = None,
+    detach_keys: bytes = b"\x10\x11",
+) -> int:
     """Stream the running container's main process until it exits (its exit code) or,
     with a TTY, until *detach_keys* are typed (0; it goes on running)."""
     from shim.containers.attach import StdioPump
@@ -396,17 +451,31 @@ def attach(ref: str, *, stdin: bool = True, stdin_fd: int = 0, stdout_fd: int = 
     with client:
         use_stdin = stdin and record.interactive
         reply = api.raise_for_error(client.request("attach", None, stdin=use_stdin))
-        pump = StdioPump(client, reply.get("id", int, 1), stdin_fd=stdin_fd if use_stdin else None,
-                         stdout_fd=stdout_fd, stderr_fd=stderr_fd, tty=record.tty,
-                         detach_keys=detach_keys)
+        pump = StdioPump(
+            client,
+            reply.get("id", int, 1),
+            stdin_fd=stdin_fd if use_stdin else None,
+            stdout_fd=stdout_fd,
+            stderr_fd=stderr_fd,
+            tty=record.tty,
+            detach_keys=detach_keys,
+        )
         return pump.run()
 
 
 MAX_HELPER_STDERR = 64 << 10  # what a builtin helper may say about its failure
 
 
-def run_builtin(store: ContainerStore, record: Container, name: str, args: list[str], *,
-                stdin_data=None, out=None, stopped_ok: bool = False) -> tuple[int, bytes]:
+def run_builtin(
+    store: ContainerStore,
+    record: Container,
+    name: str,
+    args: list[str],
+    *,
+    stdin_data=None,
+    out=None,
+    stopped_ok: bool = False,
+) -> tuple[int, bytes]:
     """Run the agent's helper *name* in the container: (exit code, stderr). Its stdout
     goes to *out* (a writable binary file) if given; *stdin_data* (an iterable of bytes
     chunks) is fed to it. With *stopped_ok*, a created or exited container gets a
@@ -414,22 +483,22 @@ def run_builtin(store: ContainerStore, record: Container, name: str, args: list[
     if stopped_ok and not lifecycle.is_active(record.status):
         record = wait_monitor_gone(store, record)  # one that just ended may be tearing down
         if not lifecycle.is_active(record.status) and not monitor_alive(record):
-            return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data,
-                                          out=out)
+            return _builtin_while_stopped(store, record, name, args, stdin_data=stdin_data, out=out)
     lifecycle.check("exec", record.status, record.name)
     client = monitor_client(store, record)
     if client is None:
         raise ContainerStateError("exec", "running", "exited", record.name)
     err = bytearray()
     with client:
-        reply = api.raise_for_error(client.request(
-            "builtin", None, name=name, args=list(args), stdin=stdin_data is not None))
+        reply = api.raise_for_error(
+            client.request("builtin", None, name=name, args=list(args), stdin=stdin_data is not None)
+        )
         proc_id = reply.get("id", int)
         code = None
         if stdin_data is not None:
             for chunk in stdin_data:
                 for start in range(0, len(chunk), protocol.CHUNK):
-                    client.send(protocol.STDIN, chunk[start:start + protocol.CHUNK], id=proc_id)
+                    client.send(protocol.STDIN, chunk[start : start + protocol.CHUNK], id=proc_id)
                     code = _drain(client, proc_id, out, err)
                     if code is not None:
                         return code, bytes(err)  # it gave up early (its stderr says why)
@@ -444,8 +513,9 @@ STOPPED_BUILTIN_TIMEOUT = 30.0
 """Seconds the agent may take to answer the helper's start (a TCG guest is slow)."""
 
 
-def _builtin_while_stopped(store: ContainerStore, record: Container, name: str,
-                           args: list[str], *, stdin_data, out) -> tuple[int, bytes]:
+def _builtin_while_stopped(
+    store: ContainerStore, record: Container, name: str, args: list[str], *, stdin_data, out
+) -> tuple[int, bytes]:
     """``cp`` with a container that does not run: boot its placement (the same layers,
     writable layer and volumes; no network) without starting its process, run the helper
     there beside nothing else, and shut it down cleanly (the guest syncs and unmounts, so
@@ -458,14 +528,21 @@ def _builtin_while_stopped(store: ContainerStore, record: Container, name: str,
     err = bytearray()
     with store.locked(record.id) as fresh:
         if lifecycle.is_active(fresh.status) or monitor_alive(fresh):
-            raise ContainerStateError("cp", "stopped (it was started meanwhile: try again)",
-                                      fresh.status.value, fresh.name)
+            raise ContainerStateError(
+                "cp", "stopped (it was started meanwhile: try again)", fresh.status.value, fresh.name
+            )
         placement = make_placement(dataclasses.replace(fresh, network=None), store)
         try:
             client = placement.boot()
             try:
-                client.send(protocol.BUILTIN, token=fresh.token, id=STOPPED_BUILTIN_ID,
-                            name=name, args=list(args), stdin=stdin_data is not None)
+                client.send(
+                    protocol.BUILTIN,
+                    token=fresh.token,
+                    id=STOPPED_BUILTIN_ID,
+                    name=name,
+                    args=list(args),
+                    stdin=stdin_data is not None,
+                )
                 started = client.recv(STOPPED_BUILTIN_TIMEOUT)
                 while started.type not in (protocol.STARTED, protocol.ERROR):
                     started = client.recv(STOPPED_BUILTIN_TIMEOUT)  # e.g. the agent's log
@@ -475,8 +552,7 @@ def _builtin_while_stopped(store: ContainerStore, record: Container, name: str,
                 if stdin_data is not None:
                     for chunk in stdin_data:
                         for start in range(0, len(chunk), protocol.CHUNK):
-                            client.send(protocol.STDIN, chunk[start:start + protocol.CHUNK],
-                                        id=STOPPED_BUILTIN_ID)
+                            client.send(protocol.STDIN, chunk[start : start + protocol.CHUNK], id=STOPPED_BUILTIN_ID)
                             code = _drain(client, STOPPED_BUILTIN_ID, out, err)
                             if code is not None:
                                 break
@@ -513,7 +589,7 @@ def _route(msg, proc_id, out, err) -> int | None:
     if msg.type == protocol.STDOUT and out is not None:
         out.write(msg.payload)
     elif msg.type == protocol.STDERR:
-        err.extend(msg.payload[:max(0, MAX_HELPER_STDERR - len(err))])  # the guest chooses
+        err.extend(msg.payload[: max(0, MAX_HELPER_STDERR - len(err))])  # the guest chooses
     elif msg.type == protocol.EXIT:
         return msg.get("code", int)
     elif msg.type == protocol.ERROR:
@@ -532,12 +608,14 @@ def top(ref: str, store: ContainerStore | None = None) -> dict:
     out = io.BytesIO()
     code, err = run_builtin(store, record, "ps", [], out=out)
     if code != 0:
-        raise VmshimError(f"cannot list the processes of {record.name}: "
-                          f"{err.decode(errors='replace').strip() or f'exit {code}'}")
+        raise VmshimError(
+            f"cannot list the processes of {record.name}: {err.decode(errors='replace').strip() or f'exit {code}'}"
+        )
     return json.loads(out.getvalue())
 
 
 # ---- looking -----------------------------------------------------------------------------
+
 
 def reconcile(store: ContainerStore, record: Container) -> Container:
     """A running record whose monitor is dead gets a recovering monitor, which finds

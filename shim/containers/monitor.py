@@ -59,13 +59,21 @@ from shim.containers.forked import fork_detached, redirect_stdio
 from shim.containers.isolation import Isolation
 from shim.containers import monitor_api as api
 from shim.containers import monitor_life as life
-from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, Life, Removing,
-                                          RestartWaiting, Running, Stopping)
+from shim.containers.monitor_life import (
+    Booting,
+    Checkpointed,
+    Exited,
+    Idle,
+    Life,
+    Removing,
+    RestartWaiting,
+    Running,
+    Stopping,
+)
 from shim.containers import state as lifecycle
 from shim.containers.logs import LogWriter
 from shim.containers.state import Status
-from shim.containers.store import (Container, ContainerStore, now_rfc3339, process_start_time,
-                                   run_dir_of)
+from shim.containers.store import Container, ContainerStore, now_rfc3339, process_start_time, run_dir_of
 from shim.errors import CheckpointError, ContainerNotFound, ContainerStateError, VmshimError
 
 MAIN_ID = 1
@@ -108,6 +116,8 @@ def restart_delay(previous: float | None, ran_seconds: float) -> float:
     if previous is None or ran_seconds >= RESTART_RESET_AFTER:
         return RESTART_DELAY_FIRST
     return min(RESTART_DELAY_MAX, previous * 2)
+
+
 EXIT_CODE_LOST = 255
 """Recorded when the VM (or host agent) ended without reporting the exit."""
 
@@ -140,12 +150,22 @@ def make_placement(record: Container, store: ContainerStore) -> Isolation:
             from shim.vm.libvirt_backend import LibvirtBackend
 
             backend = LibvirtBackend(record.hypervisor)
-        placement = VmPlacement(boot, record.layer_disks, run_dir, name=record.name,
-                                memory_mib=record.vm_memory_mib, rw_disk=rw, backend=backend,
-                                vcpus=record.vm_vcpus, cpuset=record.resources.vm_cpuset(),
-                                mounts=record.mounts, network=record.network,
-                                rootfs_dir=record.rootfs, hypervisor=record.hypervisor,
-                                engine_netns=record.engine_netns)
+        placement = VmPlacement(
+            boot,
+            record.layer_disks,
+            run_dir,
+            name=record.name,
+            memory_mib=record.vm_memory_mib,
+            rw_disk=rw,
+            backend=backend,
+            vcpus=record.vm_vcpus,
+            cpuset=record.resources.vm_cpuset(),
+            mounts=record.mounts,
+            network=record.network,
+            rootfs_dir=record.rootfs,
+            hypervisor=record.hypervisor,
+            engine_netns=record.engine_netns,
+        )
         if record.writable == "tmpfs" and record.state.status == Status.CREATED.value:
             from shim.containers import template
 
@@ -157,9 +177,9 @@ def make_placement(record: Container, store: ContainerStore) -> Isolation:
     from shim.containers.process_placement import ProcessPlacement
 
     rw_dir = store.dir(record.id) / "rw" if record.writable == "disk" else None
-    return ProcessPlacement(boot, record.layer_disks, run_dir, name=record.name, rw_dir=rw_dir,
-                            mounts=record.mounts, network=record.network)
-
+    return ProcessPlacement(
+        boot, record.layer_disks, run_dir, name=record.name, rw_dir=rw_dir, mounts=record.mounts, network=record.network
+    )
 
 
 def _figures(usage) -> dict | None:
@@ -167,9 +187,13 @@ def _figures(usage) -> dict | None:
     with short names and number (or null) values."""
     if not isinstance(usage, dict):
         return None
-    return {k: v for k, v in list(usage.items())[:64]
-            if isinstance(k, str) and len(k) <= 64
-            and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))}
+    return {
+        k: v
+        for k, v in list(usage.items())[:64]
+        if isinstance(k, str)
+        and len(k) <= 64
+        and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+    }
 
 
 def send_buffered(sock, buf: bytearray) -> bool:
@@ -177,7 +201,7 @@ def send_buffered(sock, buf: bytearray) -> bool:
     the peer is gone (the caller closes), True otherwise (sent all, or would block)."""
     while buf:
         try:
-            sent = sock.send(buf[:1 << 20])
+            sent = sock.send(buf[: 1 << 20])
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -202,8 +226,7 @@ class AgentChannel:
     socket (non-blocking), its frame reader (None once the framing broke: what follows is
     discarded until it closes), what waits to be sent, and whether the agent said hello."""
 
-    def __init__(self, sock: socket.socket, reader: protocol.FrameReader | None, *,
-                 greeted: bool):
+    def __init__(self, sock: socket.socket, reader: protocol.FrameReader | None, *, greeted: bool):
         self.sock = sock
         sock.setblocking(False)
         self.reader = reader
@@ -289,8 +312,9 @@ class Monitor:
     changes only through :meth:`_enter`. The placement comes from :func:`make_placement`,
     which picks the isolation the record names."""
 
-    def __init__(self, store: ContainerStore, container_id: str, *,
-                 spawner: socket.socket | None = None, recover: bool = False):
+    def __init__(
+        self, store: ContainerStore, container_id: str, *, spawner: socket.socket | None = None, recover: bool = False
+    ):
         self.store = store
         self.id = container_id
         self.spawner = spawner
@@ -302,8 +326,8 @@ class Monitor:
         self.log = LogWriter(store.log_path(container_id), self.record.log)
         self.listener: socket.socket | None = None
         self.conns: list[Conn] = []
-        self.procs: dict[int, Conn | None] = {}     # agent process id → its client
-        self.pending: dict[int, Conn] = {}          # exec/builtin waiting for started
+        self.procs: dict[int, Conn | None] = {}  # agent process id → its client
+        self.pending: dict[int, Conn] = {}  # exec/builtin waiting for started
         self.waiters: list[Conn] = []
         self.timers: list[tuple[float, str, object]] = []
         self.restart_wait: float | None = None  # the last back-off (restart_delay)
@@ -358,8 +382,7 @@ class Monitor:
             conn = Conn(self.spawner, kind="new")
             self.spawner = None
             conn.sock.setblocking(True)
-            conn.sock.sendall(api.encode(api.READY, pid=os.getpid(),
-                                         start=process_start_time(os.getpid()) or 0))
+            conn.sock.sendall(api.encode(api.READY, pid=os.getpid(), start=process_start_time(os.getpid()) or 0))
             conn.sock.setblocking(False)
             self.conns.append(conn)
         if self.recover:
@@ -401,8 +424,7 @@ class Monitor:
     def _poll(self) -> None:
         poller = select.poll()
         handlers: dict[int, object] = {}
-        clients_ok = all(len(c.out) < CLIENT_HIGH for c in self.conns
-                         if c.kind in ("main", "proc"))
+        clients_ok = all(len(c.out) < CLIENT_HIGH for c in self.conns if c.kind in ("main", "proc"))
         agent = self.agent
         if agent is not None:
             mask = (select.POLLIN if clients_ok else 0) | (select.POLLOUT if agent.out else 0)
@@ -516,8 +538,7 @@ class Monitor:
                 self._agent_misbehaved(str(exc))
             except Exception as exc:  # noqa: BLE001 - one message must not end the monitor
                 if self.bad_messages < BAD_MESSAGES_LOGGED:
-                    self._say(f"handling the agent's {msg.type!r} failed:\n"
-                              + traceback.format_exc())
+                    self._say(f"handling the agent's {msg.type!r} failed:\n" + traceback.format_exc())
                 self._agent_misbehaved(f"handling {msg.type!r} failed: {exc}")
 
     def _note_rejected(self, client) -> None:
@@ -538,7 +559,9 @@ class Monitor:
         if self.bad_messages == MAX_BAD_MESSAGES:
             self.last_agent_error = (
                 f"the agent sent {MAX_BAD_MESSAGES} messages that break the protocol"
-                + (f" (last: {reason})" if reason else "") + "; the container was killed")
+                + (f" (last: {reason})" if reason else "")
+                + "; the container was killed"
+            )
             self._say(self.last_agent_error)
             self._kill_placement()
 
@@ -581,10 +604,15 @@ class Monitor:
             self.internal_requests.discard(proc_id)
             if msg.type == protocol.ERROR:
                 text = msg.fields.get("message")
-                self._say("the agent could not bring up a followed interface: "
-                          + (protocol.printable(text) if isinstance(text, str) else "?"))
-        elif msg.type == protocol.STARTED and proc_id in self.pending \
-                and self.pending[proc_id].kind in ("proc", "detached"):
+                self._say(
+                    "the agent could not bring up a followed interface: "
+                    + (protocol.printable(text) if isinstance(text, str) else "?")
+                )
+        elif (
+            msg.type == protocol.STARTED
+            and proc_id in self.pending
+            and self.pending[proc_id].kind in ("proc", "detached")
+        ):
             owner = self.pending.pop(proc_id)
             if owner.closed:
                 self.procs[proc_id] = None
@@ -595,15 +623,21 @@ class Monitor:
                 owner.finish()
             else:
                 self.procs[proc_id] = owner
-        elif msg.type in (protocol.STATS, protocol.UPDATED) and proc_id in self.pending \
-                and self.pending[proc_id].kind == "request":
+        elif (
+            msg.type in (protocol.STATS, protocol.UPDATED)
+            and proc_id in self.pending
+            and self.pending[proc_id].kind == "request"
+        ):
             # The answer to a stats/update/netconf request (shim.containers.limits,
             # shim.containers.networking): only the answer type that request takes.
             owner = self.pending.pop(proc_id)
             if owner.expect is not None and msg.type != owner.expect:
                 self._say(f"the agent answered a request with {msg.type!r}; dropped")
-                owner.send(protocol.ERROR, code=125, message=f"the agent answered with "
-                           f"{msg.type!r} instead of {owner.expect!r}")
+                owner.send(
+                    protocol.ERROR,
+                    code=125,
+                    message=f"the agent answered with {msg.type!r} instead of {owner.expect!r}",
+                )
                 owner.finish()
                 return
             usage = _figures(msg.fields.get("usage"))
@@ -611,13 +645,11 @@ class Monitor:
             owner.finish()
         elif msg.type == protocol.ERROR:
             text = msg.fields.get("message")
-            text = protocol.printable(text) if isinstance(text, str) \
-                else "the agent reported an error"
+            text = protocol.printable(text) if isinstance(text, str) else "the agent reported an error"
             if proc_id in self.pending:
                 owner = self.pending.pop(proc_id)
                 code = msg.fields.get("code")
-                owner.send(protocol.ERROR, message=text,
-                           code=code if isinstance(code, int) else 126)
+                owner.send(protocol.ERROR, message=text, code=code if isinstance(code, int) else 126)
                 owner.finish()
             elif proc_id is None:
                 self.last_agent_error = text
@@ -682,8 +714,7 @@ class Monitor:
         if interfaces:
             request_id = self._new_proc_id()
             self.internal_requests.add(request_id)
-            self._to_agent(protocol.NETCONF, token=self.record.token, id=request_id,
-                           interfaces=interfaces)
+            self._to_agent(protocol.NETCONF, token=self.record.token, id=request_id, interfaces=interfaces)
 
     def _close_netwatch(self) -> None:
         if self.netwatch is not None:
@@ -703,8 +734,7 @@ class Monitor:
         of an exec started by a previous monitor, look the same."""
         self.unexpected += 1
         if self.unexpected <= BAD_MESSAGES_LOGGED:
-            self._say(f"ignored an unexpected {msg.type!r} from the agent "
-                      f"(id {msg.fields.get('id')})")
+            self._say(f"ignored an unexpected {msg.type!r} from the agent (id {msg.fields.get('id')})")
 
     def _agent_gone(self) -> None:
         """The channel closed: the VM (or host agent) ended. Without an exit report,
@@ -763,13 +793,20 @@ class Monitor:
             try:
                 self._on_client_message(conn, msg)
             except ContainerStateError as exc:
-                conn.send(protocol.ERROR, message=str(exc), code=exc.exit_code,
-                          state={"operation": exc.operation, "expected": exc.expected,
-                                 "actual": exc.actual, "name": self.record.name})
+                conn.send(
+                    protocol.ERROR,
+                    message=str(exc),
+                    code=exc.exit_code,
+                    state={
+                        "operation": exc.operation,
+                        "expected": exc.expected,
+                        "actual": exc.actual,
+                        "name": self.record.name,
+                    },
+                )
                 conn.finish()
             except (VmshimError, ProtocolError, ValueError) as exc:
-                conn.send(protocol.ERROR, message=str(exc),
-                          code=getattr(exc, "exit_code", 125))
+                conn.send(protocol.ERROR, message=str(exc), code=getattr(exc, "exit_code", 125))
                 conn.finish()
             except Exception as exc:  # noqa: BLE001 - a bug must not end the monitor
                 self._say("request failed:\n" + traceback.format_exc())
@@ -815,8 +852,7 @@ class Monitor:
         elif msg.type == protocol.STDIN_CLOSE:
             self._to_agent(protocol.STDIN_CLOSE, id=proc_id)
         elif msg.type == protocol.RESIZE:
-            self._to_agent(protocol.RESIZE, id=proc_id, rows=msg.get("rows", int),
-                           cols=msg.get("cols", int))
+            self._to_agent(protocol.RESIZE, id=proc_id, rows=msg.get("rows", int), cols=msg.get("cols", int))
         elif msg.type == protocol.SIGNAL:
             self._to_agent(protocol.SIGNAL, id=proc_id, signal=msg.get("signal", int))
 
@@ -833,15 +869,13 @@ class Monitor:
     def _op_start(self, conn: Conn, msg: Message) -> None:
         """Boot and start the main process (the spawner's request, to a fresh monitor)."""
         if not isinstance(self.state, Idle):
-            actual = "restarting" if isinstance(self.state, RestartWaiting) \
-                else self._status().value
+            actual = "restarting" if isinstance(self.state, RestartWaiting) else self._status().value
             raise ContainerStateError("start", "created or exited", actual, self.record.name)
         attach = msg.get("attach", bool, False)
         conn.stdin = msg.get("stdin", bool, False) and self.record.interactive
         rows = msg.get("rows", int, 24)
         cols = msg.get("cols", int, 80)
-        self._boot_and_start(conn, attach=attach, rows=rows, cols=cols,
-                             cancel=conn if attach else None)
+        self._boot_and_start(conn, attach=attach, rows=rows, cols=cols, cancel=conn if attach else None)
 
     def _op_attach(self, conn: Conn, msg: Message) -> None:
         self._need("attach")
@@ -865,14 +899,28 @@ class Monitor:
         self._await_reply(proc_id, conn)
         if member is not None:
             conn.member = True
-            self._to_agent(protocol.MEMBER, token=self.record.token, id=proc_id,
-                           config=member, stdin=stdin, tty=msg.get("tty", bool, False),
-                           rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))
+            self._to_agent(
+                protocol.MEMBER,
+                token=self.record.token,
+                id=proc_id,
+                config=member,
+                stdin=stdin,
+                tty=msg.get("tty", bool, False),
+                rows=msg.get("rows", int, 24),
+                cols=msg.get("cols", int, 80),
+            )
             return
         assert process is not None
-        self._to_agent(protocol.EXEC, token=self.record.token, id=proc_id,
-                       process=process.to_dict(), stdin=stdin, tty=process.tty,
-                       rows=msg.get("rows", int, 24), cols=msg.get("cols", int, 80))
+        self._to_agent(
+            protocol.EXEC,
+            token=self.record.token,
+            id=proc_id,
+            process=process.to_dict(),
+            stdin=stdin,
+            tty=process.tty,
+            rows=msg.get("rows", int, 24),
+            cols=msg.get("cols", int, 80),
+        )
 
     def _op_stats(self, conn: Conn, msg: Message) -> None:
         """The container cgroup's usage, asked of the agent (reply {usage})."""
@@ -883,8 +931,7 @@ class Monitor:
         """Change the running container's cgroup limits (reply {}); the record is the
         caller's to update (shim.containers.limits)."""
         if not self.main_running:
-            raise ContainerStateError("update", "running", self._status().value,
-                                      self.record.name)
+            raise ContainerStateError("update", "running", self._status().value, self.record.name)
         self._agent_request(conn, protocol.UPDATE, limits=msg.get("limits", dict))
 
     def _op_netconf(self, conn: Conn, msg: Message) -> None:
@@ -913,8 +960,14 @@ class Monitor:
         conn.proc_id = proc_id
         conn.stdin = stdin
         self._await_reply(proc_id, conn)
-        self._to_agent(protocol.BUILTIN, token=self.record.token, id=proc_id,
-                       name=msg.get("name", str), args=msg.get("args", list, []), stdin=stdin)
+        self._to_agent(
+            protocol.BUILTIN,
+            token=self.record.token,
+            id=proc_id,
+            name=msg.get("name", str),
+            args=msg.get("args", list, []),
+            stdin=stdin,
+        )
 
     def _await_reply(self, proc_id: int, conn: Conn) -> None:
         """*conn* waits for the agent's answer to request *proc_id*, REPLY_TIMEOUT at most."""
@@ -927,8 +980,12 @@ class Monitor:
             return
         self._say(f"the agent did not answer request {proc_id} within {REPLY_TIMEOUT:.0f} s")
         self.procs[proc_id] = None  # a late answer is dropped, its process's output too
-        owner.send(protocol.ERROR, id=proc_id, code=125,
-                   message=f"the container's agent did not answer within {REPLY_TIMEOUT:.0f} s")
+        owner.send(
+            protocol.ERROR,
+            id=proc_id,
+            code=125,
+            message=f"the container's agent did not answer within {REPLY_TIMEOUT:.0f} s",
+        )
         owner.finish()
 
     def _new_proc_id(self) -> int:
@@ -955,9 +1012,9 @@ class Monitor:
             self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=int(signal.SIGKILL))
         else:
             self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=self.record.stop_signal)
-            self._timer(timeout, "stop-kill",
-                        lambda: self._to_agent(protocol.SIGNAL, id=MAIN_ID,
-                                               signal=int(signal.SIGKILL)))
+            self._timer(
+                timeout, "stop-kill", lambda: self._to_agent(protocol.SIGNAL, id=MAIN_ID, signal=int(signal.SIGKILL))
+            )
         self._timer(timeout + KILL_GRACE, "stop-destroy", self._kill_placement)
 
     def _op_kill(self, conn: Conn, msg: Message) -> None:
@@ -1001,8 +1058,9 @@ class Monitor:
     def _op_remove(self, conn: Conn, msg: Message) -> None:
         force = msg.get("force", bool, False)
         if self.main_running and not force:
-            raise ContainerStateError("remove", "created or exited (stop it, or use -f)",
-                                      self._status().value, self.record.name)
+            raise ContainerStateError(
+                "remove", "created or exited (stop it, or use -f)", self._status().value, self.record.name
+            )
         conn.kind = "waiter"
         self._set_stopped_by_user()
         if isinstance(self.state, Removing):  # a second rm -f: it waits for the first
@@ -1050,9 +1108,11 @@ class Monitor:
             except VmshimError as exc:
                 self._say(f"restore after checkpoint failed: {exc}")
                 self._checkpointed()  # the checkpoint itself is good: keep it
-                raise CheckpointError(f"the checkpoint of {self.record.name} was written, "
-                                      f"but the container did not come back: {exc}; "
-                                      f"`vmshim restore {self.record.name}`") from None
+                raise CheckpointError(
+                    f"the checkpoint of {self.record.name} was written, "
+                    f"but the container did not come back: {exc}; "
+                    f"`vmshim restore {self.record.name}`"
+                ) from None
             self._attach_agent(client)
             self._say("checkpointed; running on")
         else:
@@ -1070,6 +1130,7 @@ class Monitor:
         def saved(r: Container) -> None:
             r.state.status = lifecycle.transition("checkpoint", r.status, r.name).value
             r.state.finished_at = now_rfc3339()
+
         self._update(saved)
         self.placement.teardown(grace=0.0)
         self._say("checkpointed; the VM is saved and gone")
@@ -1148,8 +1209,7 @@ class Monitor:
         from pathlib import Path
 
         if not isinstance(self.state, Idle):
-            raise ContainerStateError("restore", "checkpointed", self._status().value,
-                                      self.record.name)
+            raise ContainerStateError("restore", "checkpointed", self._status().value, self.record.name)
         self.record = self.store.load(self.id)
         lifecycle.check("restore", self._status(), self.record.name)
         self.placement = make_placement(self.record, self.store)
@@ -1178,9 +1238,14 @@ class Monitor:
         conn.finish()
 
     def _op_status(self, conn: Conn, msg: Message) -> None:
-        conn.send(api.REPLY, status=self._status().value, running=self.main_running,
-                  agent=self.agent is not None and self.agent.greeted,
-                  pid=os.getpid(), restarting=isinstance(self.state, RestartWaiting))
+        conn.send(
+            api.REPLY,
+            status=self._status().value,
+            running=self.main_running,
+            agent=self.agent is not None and self.agent.greeted,
+            pid=os.getpid(),
+            restarting=isinstance(self.state, RestartWaiting),
+        )
         conn.finish()
 
     def _force_gone(self) -> None:
@@ -1209,8 +1274,9 @@ class Monitor:
 
     # ---- starting ------------------------------------------------------------------------
 
-    def _boot_and_start(self, conn: Conn | None, *, attach: bool = False, rows: int = 24,
-                        cols: int = 80, cancel: Conn | None = None) -> bool:
+    def _boot_and_start(
+        self, conn: Conn | None, *, attach: bool = False, rows: int = 24, cols: int = 80, cancel: Conn | None = None
+    ) -> bool:
         """Boot the placement and start the main process; True when it runs. Failures
         are recorded (state unchanged, like docker) and told to *conn*."""
         self.record = self.store.load(self.id)
@@ -1230,8 +1296,15 @@ class Monitor:
         finally:
             self._note_template()
         try:
-            client.send(protocol.START, token=self.record.token, id=MAIN_ID,
-                        stdin=self.record.interactive, tty=self.record.tty, rows=rows, cols=cols)
+            client.send(
+                protocol.START,
+                token=self.record.token,
+                id=MAIN_ID,
+                stdin=self.record.interactive,
+                tty=self.record.tty,
+                rows=rows,
+                cols=cols,
+            )
             reply = client.recv(START_TIMEOUT, alive=alive)
         except VmshimError as exc:
             self.placement.kill()
@@ -1242,9 +1315,11 @@ class Monitor:
             message = protocol.printable(message) if isinstance(message, str) else None
             code = reply.fields.get("code") if reply.type == protocol.ERROR else None
             self.placement.kill()
-            self._start_failed(conn, message if isinstance(message, str)
-                               else f"the agent answered {reply.type!r} to start",
-                               code if isinstance(code, int) else 125)
+            self._start_failed(
+                conn,
+                message if isinstance(message, str) else f"the agent answered {reply.type!r} to start",
+                code if isinstance(code, int) else 125,
+            )
             return False
         pid = reply.fields.get("pid", 0)
         self._enter(Running(pid=pid if isinstance(pid, int) else 0, up_since=time.monotonic()))
@@ -1338,8 +1413,7 @@ class Monitor:
         self._enter(Running(pid=self.record.state.pid, up_since=0.0))
         if client is None:
             self._say("re-attach: the container's VM (or host agent) is gone")
-            self._main_exited(EXIT_CODE_LOST,
-                              error="the container ended while no monitor was watching it")
+            self._main_exited(EXIT_CODE_LOST, error="the container ended while no monitor was watching it")
             return
         self._say(f"re-attached to the running container (pid {os.getpid()})")
         health.start(self)
@@ -1370,8 +1444,7 @@ class Monitor:
 
         self._update(exited)
         anonymous = []
-        if self.record is not None and self.record.auto_remove and not restart \
-                and removal is None:
+        if self.record is not None and self.record.auto_remove and not restart and removal is None:
             anonymous = self.record.mounts
             self.store.delete(self.id)
             self.record = None
@@ -1419,8 +1492,7 @@ class Monitor:
         """Whether the run that just ended is started again (the ``--restart`` policy);
         never after a stop or a removal."""
         record = self.record
-        if record is None or isinstance(self.state, (Stopping, Removing)) \
-                or record.state.stopped_by_user:
+        if record is None or isinstance(self.state, (Stopping, Removing)) or record.state.stopped_by_user:
             return False
         policy = record.restart_policy
         if policy in ("always", "unless-stopped"):
@@ -1437,6 +1509,7 @@ class Monitor:
         def counted(r: Container) -> None:
             r.state.restart_count += 1
             r.state.restarting = False
+
         try:
             self._update(counted)
         except ContainerNotFound:
@@ -1452,8 +1525,7 @@ class Monitor:
             self.placement.forget()  # rm returns when nothing of the VM is left
         if removal is not None or (self.record is not None and self.record.auto_remove):
             # --rm also removes the anonymous volumes (-v /path) the container made.
-            anonymous = self.record.mounts if self.record is not None and \
-                self.record.auto_remove else []
+            anonymous = self.record.mounts if self.record is not None and self.record.auto_remove else []
             self.store.delete(self.id)
             self.record = None
             import shutil
@@ -1462,11 +1534,13 @@ class Monitor:
             if anonymous:
                 _remove_anonymous_volumes(anonymous)
         elif self.record is not None:
+
             def forget(r: Container) -> None:
                 r.state.restarting = False
                 if r.state.monitor_pid == os.getpid():
                     r.state.monitor_pid = 0
                     r.state.monitor_start = 0
+
             try:
                 self._update(forget)
             except ContainerNotFound:
@@ -1485,8 +1559,7 @@ class Monitor:
         # Requests that arrived too late get a clear answer instead of a reset.
         for conn in self.conns:
             if conn.kind == "new" and not conn.closed:
-                conn.send(protocol.ERROR, message="the container has ended", code=125,
-                          ended=True)
+                conn.send(protocol.ERROR, message="the container has ended", code=125, ended=True)
                 conn.finish()
         self._flush_clients(2.0)
         self.log.close()
@@ -1530,6 +1603,7 @@ class Monitor:
 
 # ---- spawning ------------------------------------------------------------------------------
 
+
 def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
     """Fork a monitor for *container_id* (see the module doc). Returns (MonitorClient on
     the socketpair, monitor pid, monitor start time). Raises VmshimError when it does not
@@ -1538,30 +1612,35 @@ def spawn(store: ContainerStore, container_id: str, *, recover: bool = False):
 
     check_socket_paths(container_id)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    fork_detached(child, lambda: _monitor_main(store, container_id, child, recover),
-                  close_in_child=parent, what=f"monitor {container_id[:12]}")
+    fork_detached(
+        child,
+        lambda: _monitor_main(store, container_id, child, recover),
+        close_in_child=parent,
+        what=f"monitor {container_id[:12]}",
+    )
     client = api.MonitorClient(parent)
     try:
         ready = client.recv(timeout=30)
     except VmshimError as exc:
         client.close()
-        raise VmshimError(f"the container's monitor did not start ({exc}); "
-                          f"see {store.dir(container_id) / 'monitor.log'}") from None
+        raise VmshimError(
+            f"the container's monitor did not start ({exc}); see {store.dir(container_id) / 'monitor.log'}"
+        ) from None
     if ready.type != api.READY:
         client.close()
         raise VmshimError(f"the container's monitor said {ready.type!r} instead of ready")
     return client, ready.get("pid", int), ready.get("start", int)
 
 
-def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
-                  recover: bool) -> None:  # pragma: no cover - runs in the forked child
+def _monitor_main(
+    store: ContainerStore, container_id: str, sock: socket.socket, recover: bool
+) -> None:  # pragma: no cover - runs in the forked child
     os.chdir("/")
     os.umask(0o022)
     from shim.proctitle import set_process_title
 
     set_process_title(f"vmshim-monitor {container_id[:12]}")  # what ps and top show
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                signal.SIGWINCH, signal.SIGCHLD):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -1569,7 +1648,8 @@ def _monitor_main(store: ContainerStore, container_id: str, sock: socket.socket,
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    log_fd = os.open(store.dir(container_id) / "monitor.log",
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    log_fd = os.open(
+        store.dir(container_id) / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+    )
     redirect_stdio(log_fd, keep=sock.fileno())
     Monitor(store, container_id, spawner=sock, recover=recover).serve()

@@ -77,14 +77,16 @@ class MonitorClient(FramedChannel):
 
     @classmethod
     def _failure(cls, what: str, reason: str = "", subject: str = "") -> MonitorGone:
-        return MonitorGone({
-            "connect": f"the container's monitor does not answer on {subject}: {reason}",
-            "send": f"the container's monitor went away ({reason})",
-            "read": f"the container's monitor went away ({reason})",
-            "eof": "the container's monitor closed the connection unexpectedly",
-            "protocol": f"the monitor broke the protocol: {reason}",
-            "timeout": "the container's monitor did not answer in time",
-        }[what])
+        return MonitorGone(
+            {
+                "connect": f"the container's monitor does not answer on {subject}: {reason}",
+                "send": f"the container's monitor went away ({reason})",
+                "read": f"the container's monitor went away ({reason})",
+                "eof": "the container's monitor closed the connection unexpectedly",
+                "protocol": f"the monitor broke the protocol: {reason}",
+                "timeout": "the container's monitor did not answer in time",
+            }[what]
+        )
 
     @classmethod
     def connect(cls, path: str, timeout: float = 0.0) -> "MonitorClient":
@@ -115,8 +117,12 @@ def raise_for_error(reply: Message) -> Message:
         raise MonitorGone(message)
     state = reply.fields.get("state")
     if isinstance(state, dict):
-        raise ContainerStateError(str(state.get("operation")), str(state.get("expected")),
-                                  str(state.get("actual")), str(state.get("name", "")))
+        raise ContainerStateError(
+            str(state.get("operation")),
+            str(state.get("expected")),
+            str(state.get("actual")),
+            str(state.get("name", "")),
+        )
     error = VmshimError(message)
     error.exit_code = code
     raise error

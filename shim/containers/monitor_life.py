@@ -108,9 +108,13 @@ FINAL = (Exited, Checkpointed)
 """The states after which the monitor's loop ends."""
 
 TRANSITIONS: dict[type, frozenset[type]] = {
-    Idle: frozenset({Booting,           # start, restore
-                     Running,           # re-attach to what a dead monitor left running
-                     Exited}),          # re-attach found nothing to serve; rm
+    Idle: frozenset(
+        {
+            Booting,  # start, restore
+            Running,  # re-attach to what a dead monitor left running
+            Exited,
+        }
+    ),  # re-attach found nothing to serve; rm
     Booting: frozenset({Running, Exited}),
     Running: frozenset({Stopping, Removing, RestartWaiting, Exited, Checkpointed}),
     Stopping: frozenset({Removing, Exited}),  # a stop never leads to a restart
@@ -126,8 +130,7 @@ live state is not a transition."""
 def check_transition(current: Life, new: Life) -> None:
     """Raise IllegalTransition unless the monitor may go from *current* to *new*."""
     if type(new) not in TRANSITIONS.get(type(current), frozenset()):
-        raise IllegalTransition(f"the monitor cannot go from {type(current).__name__} "
-                                f"to {type(new).__name__}")
+        raise IllegalTransition(f"the monitor cannot go from {type(current).__name__} to {type(new).__name__}")
 
 
 def carry(live: Running, to: type[Running], **fields: Any) -> Running:

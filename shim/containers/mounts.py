@@ -80,8 +80,7 @@ class Attachments:
 
     # ---- VM ----------------------------------------------------------------------------
 
-    def for_vm(self, first_disk: int, target_of, share_dir: Path | None = None
-               ) -> tuple[list[MountSpec], list, list]:
+    def for_vm(self, first_disk: int, target_of, share_dir: Path | None = None) -> tuple[list[MountSpec], list, list]:
         """Lease the volumes and describe the mounts for a VM: (MountSpecs for the boot
         config, shim.vm.domain.Disk list, shim.vm.domain.Filesystem list). *first_disk* is
         the index the first volume disk gets; *target_of(index)* names it (vdX).
@@ -102,8 +101,9 @@ class Attachments:
                 if request.type == "bind" and not os.path.isdir(source):
                     # virtiofs shares directories: a directory holding only this file
                     if share_dir is None:
-                        raise VolumeError(f"cannot share the single file {source}: no "
-                                          "private directory to share it from")
+                        raise VolumeError(
+                            f"cannot share the single file {source}: no private directory to share it from"
+                        )
                     view = Path(share_dir) / str(len(shares))
                     subpath = _file_view(os.path.realpath(source), view, request.readonly)
                     self.ro_shares.append(view)
@@ -116,23 +116,40 @@ class Attachments:
                 if request.type == "bind":
                     tag = f"{SHARE_TAG_PREFIX}{len(shares)}"
                     shares.append(Filesystem(source_dir=source, tag=tag))
-                    specs.append(MountSpec(type="bind", source=tag, target=request.target,
-                                           readonly=request.readonly, subpath=subpath))
+                    specs.append(
+                        MountSpec(
+                            type="bind", source=tag, target=request.target, readonly=request.readonly, subpath=subpath
+                        )
+                    )
                 elif request.type == "volume":
                     lease = self.leases[request.source]
                     if request.source not in serial_of:
                         serial = f"{VOLUME_SERIAL_PREFIX}{len(serial_of)}"
                         serial_of[request.source] = serial
-                        disks.append(Disk(source=str(lease.volume.image),
-                                          target=target_of(first_disk + len(disks)),
-                                          serial=serial, readonly=lease.readonly,
-                                          discard=not lease.readonly))
-                    specs.append(MountSpec(type="volume", source=serial_of[request.source],
-                                           target=request.target, readonly=request.readonly,
-                                           copy_up=not request.nocopy))
+                        disks.append(
+                            Disk(
+                                source=str(lease.volume.image),
+                                target=target_of(first_disk + len(disks)),
+                                serial=serial,
+                                readonly=lease.readonly,
+                                discard=not lease.readonly,
+                            )
+                        )
+                    specs.append(
+                        MountSpec(
+                            type="volume",
+                            source=serial_of[request.source],
+                            target=request.target,
+                            readonly=request.readonly,
+                            copy_up=not request.nocopy,
+                        )
+                    )
                 else:
-                    specs.append(MountSpec(type="tmpfs", target=request.target,
-                                           readonly=request.readonly, options=request.options))
+                    specs.append(
+                        MountSpec(
+                            type="tmpfs", target=request.target, readonly=request.readonly, options=request.options
+                        )
+                    )
         except BaseException:
             self.release()
             raise
@@ -156,9 +173,14 @@ class Attachments:
                     raise VolumeError(vm_written_message(name))
             for request in self.requests:
                 if request.type == "bind":
-                    out.append((MountSpec(type="bind", source=request.source,
-                                          target=request.target, readonly=request.readonly),
-                                os.path.realpath(request.source)))
+                    out.append(
+                        (
+                            MountSpec(
+                                type="bind", source=request.source, target=request.target, readonly=request.readonly
+                            ),
+                            os.path.realpath(request.source),
+                        )
+                    )
                 elif request.type == "volume":
                     if request.source not in sources:
                         lease = self.leases[request.source]
@@ -171,14 +193,27 @@ class Attachments:
                                 data = Path(str(stage) + ".empty")
                             data.mkdir(mode=0o755, exist_ok=True)
                         sources[request.source] = str(data)
-                    out.append((MountSpec(type="volume", source=sources[request.source],
-                                          target=request.target, readonly=request.readonly,
-                                          copy_up=not request.nocopy),
-                                sources[request.source]))
+                    out.append(
+                        (
+                            MountSpec(
+                                type="volume",
+                                source=sources[request.source],
+                                target=request.target,
+                                readonly=request.readonly,
+                                copy_up=not request.nocopy,
+                            ),
+                            sources[request.source],
+                        )
+                    )
                 else:
-                    out.append((MountSpec(type="tmpfs", target=request.target,
-                                          readonly=request.readonly, options=request.options),
-                                None))
+                    out.append(
+                        (
+                            MountSpec(
+                                type="tmpfs", target=request.target, readonly=request.readonly, options=request.options
+                            ),
+                            None,
+                        )
+                    )
         except BaseException:
             self.unstage()
             self.release()
@@ -223,11 +258,13 @@ class Attachments:
 
 def vm_written_message(name: str) -> str:
     """Why a volume a VM wrote is refused in process isolation, and the ways out."""
-    return (f"volume {name} was written by a VM (or by a vmshim too old to tell): "
-            "--isolation process would mount that guest-written file system in the host "
-            "kernel, which vmshim never does; use it with --isolation vm, or move its data "
-            f"into a new volume as a tar: vmshim run --rm -v {name}:/d busybox tar -C /d -c . "
-            "> data.tar")
+    return (
+        f"volume {name} was written by a VM (or by a vmshim too old to tell): "
+        "--isolation process would mount that guest-written file system in the host "
+        "kernel, which vmshim never does; use it with --isolation vm, or move its data "
+        f"into a new volume as a tar: vmshim run --rm -v {name}:/d busybox tar -C /d -c . "
+        "> data.tar"
+    )
 
 
 def _readonly_view(source: str, view: Path) -> None:
@@ -266,8 +303,9 @@ def _file_view(source: str, view: Path, readonly: bool) -> str:
     view.mkdir(parents=True, exist_ok=True)
     target = view / FILE_VIEW_NAME
     try:
-        sc.mount("tmpfs", str(view), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-                 "size=4k,nr_inodes=4,mode=0755")
+        sc.mount(
+            "tmpfs", str(view), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=4k,nr_inodes=4,mode=0755"
+        )
     except OSError as exc:
         view.rmdir()
         raise VolumeError(f"cannot share the file {source}: {exc.strerror}") from None
@@ -278,8 +316,13 @@ def _file_view(source: str, view: Path, readonly: bool) -> str:
         sc.mount(source, str(target), None, sc.MS_BIND, None)
         if readonly:
             sc.mount(None, str(target), None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
-        sc.mount(None, str(view), None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID
-                 | sc.MS_NODEV | sc.MS_NOEXEC, "size=4k,nr_inodes=4,mode=0755")
+        sc.mount(
+            None,
+            str(view),
+            None,
+            sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+            "size=4k,nr_inodes=4,mode=0755",
+        )
     except OSError as exc:
         sc.umount2(str(view), sc.MNT_DETACH)
         view.rmdir()
@@ -291,15 +334,18 @@ def _loop_mount(image: Path, target: Path, readonly: bool) -> None:
     """Loop-mount a volume image (the loop device is freed with the last unmount)."""
     target.mkdir(parents=True, exist_ok=True)
     options = "loop,nodev,nosuid" + (",ro,noload" if readonly else "")
-    res = subprocess.run(["mount", "-t", "ext4", "-o", options, "--", str(image), str(target)],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "ext4", "-o", options, "--", str(image), str(target)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         try:
             target.rmdir()
         except OSError:
             pass
-        raise VolumeError(f"cannot mount the volume image {image}: "
-                          f"{(res.stderr or res.stdout).strip()}")
+        raise VolumeError(f"cannot mount the volume image {image}: {(res.stderr or res.stdout).strip()}")
 
 
 def resolve_volumes(requests: list[MountRequest], store: VolumeStore | None = None) -> None:
@@ -327,8 +373,14 @@ def remove_anonymous(requests: list[MountRequest], store: VolumeStore | None = N
                 pass
 
 
-def prepare_mounts(requests: list[MountRequest], volumes_from: list[str], isolation: str,
-                   *, containers=None, store: VolumeStore | None = None) -> list[MountRequest]:
+def prepare_mounts(
+    requests: list[MountRequest],
+    volumes_from: list[str],
+    isolation: str,
+    *,
+    containers=None,
+    store: VolumeStore | None = None,
+) -> list[MountRequest]:
     """The mounts of a new container: *requests* (-v/--mount/--tmpfs) after the ones
     ``--volumes-from`` copies (a flag given here wins over a copied mount on the same
     path, as in docker), checked, with bind directories made and volumes created (named

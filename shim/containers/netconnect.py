@@ -29,8 +29,7 @@ from shim.network.store import Endpoint, Network, NetworkStore, mac_for, netns_k
 from shim.vm.domain import HOTPLUG_PORTS, Interface
 
 
-def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (),
-                      ip: str | None = None) -> None:
+def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (), ip: str | None = None) -> None:
     """``network connect``: add *network* to the container's networks. A stopped
     container gets it at its next start; a running process container at once (a veth);
     a running VM container too: a NIC is plugged into the VM (libvirt attach-device, a
@@ -50,14 +49,12 @@ def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (),
     if request is None:
         raise NetworkError(f"container {record.name} was created without networking")
     if request.mode != "bridge":
-        raise NetworkError(f"container {record.name} uses --network {request.mode}: it "
-                           "cannot join other networks")
+        raise NetworkError(f"container {record.name} uses --network {request.mode}: it cannot join other networks")
     if net.name in request.networks:
         raise NetworkError(f"container {record.name} is already on network {net.name}")
     running = record.status in (Status.RUNNING, Status.PAUSED)
     if record.status == Status.PAUSED and record.isolation == "vm":
-        raise NetworkError(f"container {record.name} is paused: its VM cannot take a NIC "
-                           "now; unpause it first")
+        raise NetworkError(f"container {record.name} is paused: its VM cannot take a NIC now; unpause it first")
     request.networks.append(net.name)
     config: dict[str, str | list[str]] = {}
     if aliases:
@@ -71,6 +68,7 @@ def connect_container(ref: str, network: str, *, aliases: Sequence[str] = (),
 
     def change(r: Container) -> None:
         r.network = request
+
     cstore.update(record.id, change)
 
 
@@ -108,20 +106,34 @@ def _connect_live(record, net: Network, request: NetworkRequest) -> None:
         index = _free_index(existing, kind, record.id)
         ip = net.free_ip(request.ip_for(net.name))
         owner = existing[0][1]
-        endpoint = Endpoint(container_id=record.id, container_name=record.name, ip=ip,
-                            mac=mac_for(ip), aliases=request.aliases_for(net.name),
-                            ip6=net.free_ip6(), isolation=record.isolation,
-                            host_ifname=_host_ifname(kind, record.id, index),
-                            netns=netns_key(), owner_pid=owner.owner_pid,
-                            owner_start=owner.owner_start)
+        endpoint = Endpoint(
+            container_id=record.id,
+            container_name=record.name,
+            ip=ip,
+            mac=mac_for(ip),
+            aliases=request.aliases_for(net.name),
+            ip6=net.free_ip6(),
+            isolation=record.isolation,
+            host_ifname=_host_ifname(kind, record.id, index),
+            netns=netns_key(),
+            owner_pid=owner.owner_pid,
+            owner_start=owner.owner_start,
+        )
         store.add_endpoint(net, endpoint)
         try:
             firewall.guard_port(endpoint.host_ifname, endpoint.mac, ip, endpoint.ip6)
             if not vm:
-                host.add_veth(netns_dir() / record.id, host_ifname=endpoint.host_ifname,
-                              bridge=net.bridge, mac=endpoint.mac, address=ip,
-                              prefixlen=net.prefixlen, gateway=None, ifname=f"eth{index}",
-                              address6=_guest_interface(net, endpoint).get("address6", ""))
+                host.add_veth(
+                    netns_dir() / record.id,
+                    host_ifname=endpoint.host_ifname,
+                    bridge=net.bridge,
+                    mac=endpoint.mac,
+                    address=ip,
+                    prefixlen=net.prefixlen,
+                    gateway=None,
+                    ifname=f"eth{index}",
+                    address6=_guest_interface(net, endpoint).get("address6", ""),
+                )
         except BaseException:
             store.remove_endpoint(net.name, record.id)
             firewall.unguard_port(endpoint.host_ifname)
@@ -150,12 +162,13 @@ def _plug(record, net: Network, endpoint: Endpoint, backend=None) -> None:
     backend = backend or _vm_backend()
     domain = domain_name(record.id)
     try:
-        backend.attach_interface(domain, Interface(bridge=net.bridge, mac=endpoint.mac,
-                                                   tap=endpoint.host_ifname))
+        backend.attach_interface(domain, Interface(bridge=net.bridge, mac=endpoint.mac, tap=endpoint.host_ifname))
     except HypervisorError as exc:
-        raise NetworkError(f"{exc} (a VM takes at most {HOTPLUG_PORTS} NICs while it runs, "
-                           "and only if it was started on a bridge network: stop it and "
-                           "start it again to get them all)") from None
+        raise NetworkError(
+            f"{exc} (a VM takes at most {HOTPLUG_PORTS} NICs while it runs, "
+            "and only if it was started on a bridge network: stop it and "
+            "start it again to get them all)"
+        ) from None
     try:
         netconf(record, [_guest_interface(net, endpoint)])
     except BaseException:
@@ -170,18 +183,15 @@ def netconf(record, interfaces: list[dict]) -> None:
     """Ask the container's monitor to have the agent configure *interfaces* (entries as
     in BootConfig.network). Raises NetworkError with the agent's (bounded) reason."""
     try:
-        reply = _request(ContainerStore(), record, "netconf", NETCONF_TIMEOUT,
-                         interfaces=interfaces)
+        reply = _request(ContainerStore(), record, "netconf", NETCONF_TIMEOUT, interfaces=interfaces)
     except api.MonitorGone as exc:
         raise NetworkError(f"container {record.name}: {exc}") from None
     except (NetworkError, ContainerStateError):
         raise
     except VmshimError as exc:  # the agent's refusal (bounded by the monitor): one line
-        raise NetworkError(f"container {record.name} could not configure the new "
-                           f"interface: {exc}") from None
+        raise NetworkError(f"container {record.name} could not configure the new interface: {exc}") from None
     if reply.type != api.REPLY:
-        raise NetworkError(f"container {record.name}: unexpected answer {reply.type!r} "
-                           "to netconf")
+        raise NetworkError(f"container {record.name}: unexpected answer {reply.type!r} to netconf")
 
 
 def _unplug(record, net: Network, endpoint: Endpoint, backend=None) -> None:
@@ -212,11 +222,12 @@ def disconnect_container(ref: str, network: str, *, force: bool = False) -> None
         raise NetworkError(f"container {record.name} is not on network {net.name}")
     running = record.status in (Status.RUNNING, Status.PAUSED)
     if record.status == Status.PAUSED and record.isolation == "vm":
-        raise NetworkError(f"container {record.name} is paused: its VM cannot let go of "
-                           "a NIC now; unpause it first")
+        raise NetworkError(f"container {record.name} is paused: its VM cannot let go of a NIC now; unpause it first")
     if running and request.networks[0] == net.name:
-        raise NetworkError(f"network {net.name} is the first network of running container "
-                           f"{record.name} (its ports and default route): stop it first")
+        raise NetworkError(
+            f"network {net.name} is the first network of running container "
+            f"{record.name} (its ports and default route): stop it first"
+        )
     if running and record.isolation == "vm":
         live = dict((n.name, ep) for n, ep in nets.endpoints_of(record.id))
         if net.name in live:
@@ -230,4 +241,5 @@ def disconnect_container(ref: str, network: str, *, force: bool = False) -> None
 
     def change(r: Container) -> None:
         r.network = request
+
     cstore.update(record.id, change)

@@ -49,21 +49,30 @@ class NetworkRequest:
         return replace(self, publish=wanted, publish_all=False)
 
     def to_dict(self) -> dict:
-        return {"networks": list(self.networks),
-                "endpoint_config": {k: dict(v) for k, v in self.endpoint_config.items()},
-                "publish": [p.to_dict() for p in self.publish], "publish_all": self.publish_all,
-                "expose": list(self.expose), "mac": self.mac, "dns": list(self.dns),
-                "dns_search": list(self.dns_search), "dns_options": list(self.dns_options),
-                "add_hosts": [list(h) for h in self.add_hosts]}
+        return {
+            "networks": list(self.networks),
+            "endpoint_config": {k: dict(v) for k, v in self.endpoint_config.items()},
+            "publish": [p.to_dict() for p in self.publish],
+            "publish_all": self.publish_all,
+            "expose": list(self.expose),
+            "mac": self.mac,
+            "dns": list(self.dns),
+            "dns_search": list(self.dns_search),
+            "dns_options": list(self.dns_options),
+            "add_hosts": [list(h) for h in self.add_hosts],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> NetworkRequest:
-        return cls(networks=list(data.get("networks") or [DEFAULT_NETWORK]),
-                   endpoint_config={k: dict(v) for k, v in
-                                    (data.get("endpoint_config") or {}).items()},
-                   publish=[PortMapping.from_dict(p) for p in data.get("publish", [])],
-                   publish_all=bool(data.get("publish_all", False)),
-                   expose=list(data.get("expose", [])), mac=data.get("mac"),
-                   dns=list(data.get("dns", [])), dns_search=list(data.get("dns_search", [])),
-                   dns_options=list(data.get("dns_options", [])),
-                   add_hosts=[(h[0], h[1]) for h in data.get("add_hosts", [])])
+        return cls(
+            networks=list(data.get("networks") or [DEFAULT_NETWORK]),
+            endpoint_config={k: dict(v) for k, v in (data.get("endpoint_config") or {}).items()},
+            publish=[PortMapping.from_dict(p) for p in data.get("publish", [])],
+            publish_all=bool(data.get("publish_all", False)),
+            expose=list(data.get("expose", [])),
+            mac=data.get("mac"),
+            dns=list(data.get("dns", [])),
+            dns_search=list(data.get("dns_search", [])),
+            dns_options=list(data.get("dns_options", [])),
+            add_hosts=[(h[0], h[1]) for h in data.get("add_hosts", [])],
+        )

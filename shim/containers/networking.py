@@ -60,8 +60,7 @@ the one word in ``<state root>/networks/default-network``, else the one in
 
 def default_network() -> str:
     value = os.environ.get(DEFAULT_NETWORK_ENV, "").strip()
-    for path in (paths.root() / "networks" / DEFAULT_NETWORK_FILE,
-                 HOST_CONFIG_DIR / DEFAULT_NETWORK_FILE):
+    for path in (paths.root() / "networks" / DEFAULT_NETWORK_FILE, HOST_CONFIG_DIR / DEFAULT_NETWORK_FILE):
         if value:
             break
         try:
@@ -69,6 +68,8 @@ def default_network() -> str:
         except OSError:
             value = ""
     return value or DEFAULT_NETWORK
+
+
 HOST_GATEWAY = "host-gateway"
 """``--add-host name:host-gateway`` maps *name* to the first network's gateway (the host)."""
 HOST_NAMES = ("host.vmshim.internal", "host.docker.internal")
@@ -81,44 +82,65 @@ SLIRP_DNS = "10.0.2.3"
 """QEMU's DNS forwarder: it asks the host's resolvers (loopback ones too)."""
 
 
-def parse_request(*, network: list[str] | str | None = None, aliases=(), publish=(),
-                  publish_all: bool = False, expose=(), ip: str | None = None,
-                  mac: str | None = None, dns_servers=(), dns_search=(), dns_options=(),
-                  add_hosts=()) -> NetworkRequest:
+def parse_request(
+    *,
+    network: list[str] | str | None = None,
+    aliases=(),
+    publish=(),
+    publish_all: bool = False,
+    expose=(),
+    ip: str | None = None,
+    mac: str | None = None,
+    dns_servers=(),
+    dns_search=(),
+    dns_options=(),
+    add_hosts=(),
+) -> NetworkRequest:
     """Check ``--network``, ``--network-alias``, ``-p``, ``-P``, ``--expose``, ``--ip``,
     ``--mac-address``, ``--dns*``, ``--add-host``. Raises NetworkError naming the flag."""
     nets = [network] if isinstance(network, str) else list(network or [])
     nets = [n for n in nets if n] or [default_network()]
     if any(n in PSEUDO_NETWORKS for n in nets) and len(nets) > 1:
-        raise NetworkError(f"--network {', '.join(nets)}: none and host cannot be combined "
-                           "with other networks")
+        raise NetworkError(f"--network {', '.join(nets)}: none and host cannot be combined with other networks")
     if len(set(nets)) != len(nets):
         raise NetworkError(f"--network {', '.join(nets)}: a network is named twice")
     if any(n.startswith("container:") for n in nets):
-        raise NetworkError("--network container:NAME is not supported: each container "
-                           "is its own VM with its own network stack")
-    req = NetworkRequest(networks=nets, publish_all=publish_all, expose=list(expose),
-                         dns_search=list(dns_search), dns_options=list(dns_options))
+        raise NetworkError(
+            "--network container:NAME is not supported: each container is its own VM with its own network stack"
+        )
+    req = NetworkRequest(
+        networks=nets,
+        publish_all=publish_all,
+        expose=list(expose),
+        dns_search=list(dns_search),
+        dns_options=list(dns_options),
+    )
     alias_list = []
     for spec in publish:
         req.publish += parse_publish(spec)
     if req.mode != "bridge" and (req.publish or publish_all):
-        raise NetworkError(f"-p/-P have no effect with --network {req.mode}: "
-                           + ("nothing can reach the container" if req.mode == "none" else
-                              "the container uses the host's ports directly"))
+        raise NetworkError(
+            f"-p/-P have no effect with --network {req.mode}: "
+            + (
+                "nothing can reach the container"
+                if req.mode == "none"
+                else "the container uses the host's ports directly"
+            )
+        )
     for alias in aliases:
         if not valid_alias(alias):
             raise NetworkError(f"invalid --network-alias {alias!r}")
         alias_list.append(alias)
     user_networks = [n for n in nets if n not in PSEUDO_NETWORKS and n != DEFAULT_NETWORK]
     if alias_list and not user_networks:
-        raise NetworkError("--network-alias needs a user-defined network (vmshim network "
-                           "create NAME; --network NAME): the default network has no "
-                           "name resolution")
+        raise NetworkError(
+            "--network-alias needs a user-defined network (vmshim network "
+            "create NAME; --network NAME): the default network has no "
+            "name resolution"
+        )
     if ip is not None:
         if not user_networks:
-            raise NetworkError("--ip needs a user-defined network (the default network "
-                               "assigns addresses itself)")
+            raise NetworkError("--ip needs a user-defined network (the default network assigns addresses itself)")
         try:
             ip = str(ipaddress.IPv4Address(ip))
         except ValueError:
@@ -137,8 +159,9 @@ def parse_request(*, network: list[str] | str | None = None, aliases=(), publish
         if req.mode != "bridge":
             raise NetworkError(f"--mac-address has no effect with --network {req.mode}")
         if not is_mac(mac):
-            raise NetworkError(f"invalid --mac-address {mac!r}: six hex octets like "
-                               "02:42:ac:11:00:02, unicast (first octet even)")
+            raise NetworkError(
+                f"invalid --mac-address {mac!r}: six hex octets like 02:42:ac:11:00:02, unicast (first octet even)"
+            )
         req.mac = mac.lower()
     for server in dns_servers:
         try:
@@ -166,18 +189,17 @@ def _parse_add_host(entry: str) -> tuple[str, str]:
     sep = "=" if "=" in entry else ":"
     name, _, addr = entry.partition(sep)
     if not name or not addr or not valid_alias(name):
-        raise NetworkError(f"invalid --add-host {entry!r}: expected NAME:IP (or "
-                           f"NAME:{HOST_GATEWAY})")
+        raise NetworkError(f"invalid --add-host {entry!r}: expected NAME:IP (or NAME:{HOST_GATEWAY})")
     if addr != HOST_GATEWAY:
         try:
             addr = str(ipaddress.ip_address(addr.strip("[]")))
         except ValueError:
-            raise NetworkError(f"invalid --add-host {entry!r}: {addr!r} is not an IP "
-                               "address") from None
+            raise NetworkError(f"invalid --add-host {entry!r}: {addr!r} is not an IP address") from None
     return name, addr
 
 
 # ---- the live result ---------------------------------------------------------------------
+
 
 @dataclass
 class ContainerNetwork:
@@ -227,8 +249,7 @@ class ContainerNetwork:
     def guest_network(self) -> dict:
         """BootConfig.network for the VM (``{}``: only lo)."""
         if self.vm_host_mode:
-            return {"interfaces": [{"mac": SLIRP_MAC, "address": SLIRP_ADDRESS,
-                                    "gateway": SLIRP_HOST}]}
+            return {"interfaces": [{"mac": SLIRP_MAC, "address": SLIRP_ADDRESS, "gateway": SLIRP_HOST}]}
         gateway = self.gateway()
         interfaces = []
         for net, ep in self.endpoints:
@@ -244,8 +265,7 @@ class ContainerNetwork:
 
         if self.vm_host_mode:
             return [Interface(type="user", mac=SLIRP_MAC)]
-        return [Interface(bridge=net.bridge, mac=ep.mac, tap=ep.host_ifname)
-                for net, ep in self.endpoints]
+        return [Interface(bridge=net.bridge, mac=ep.mac, tap=ep.host_ifname) for net, ep in self.endpoints]
 
     def hosts_file(self, hostname: str) -> str:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
@@ -267,18 +287,26 @@ class ContainerNetwork:
         shim.network.dns.host_resolv_conf)."""
         req = self.request
         if self.mode == "bridge" and self.endpoints and self.endpoints[0][0].dns:
-            return dns.resolv_conf(self.endpoints[0][0], servers=req.dns,
-                                   search=req.dns_search, options=req.dns_options)
+            return dns.resolv_conf(
+                self.endpoints[0][0], servers=req.dns, search=req.dns_search, options=req.dns_options
+            )
         if self.vm_host_mode:
-            host_resolv = "\n".join([ln for ln in host_resolv.splitlines()
-                                     if not ln.startswith("nameserver")]
-                                    + [f"nameserver {SLIRP_DNS}"]) + "\n"
+            host_resolv = (
+                "\n".join(
+                    [ln for ln in host_resolv.splitlines() if not ln.startswith("nameserver")]
+                    + [f"nameserver {SLIRP_DNS}"]
+                )
+                + "\n"
+            )
         if not (req.dns or req.dns_search or req.dns_options):
             return host_resolv
-        kept = [ln for ln in host_resolv.splitlines()
-                if not (req.dns and ln.startswith("nameserver"))
-                and not (req.dns_search and ln.startswith(("search", "domain")))
-                and not (req.dns_options and ln.startswith("options"))]
+        kept = [
+            ln
+            for ln in host_resolv.splitlines()
+            if not (req.dns and ln.startswith("nameserver"))
+            and not (req.dns_search and ln.startswith(("search", "domain")))
+            and not (req.dns_options and ln.startswith("options"))
+        ]
         kept += [f"nameserver {s}" for s in req.dns]
         if req.dns_search:
             kept.append("search " + " ".join(req.dns_search))
@@ -306,29 +334,34 @@ def _host_ifname(kind: str, container_id: str, index: int) -> str:
 
 # ---- connect / disconnect ----------------------------------------------------------------
 
+
 def materialize(store: NetworkStore, net: Network) -> None:
     """Make *net* live in this network namespace: bridge, NAT rules, resolver.
     Idempotent. Precondition: the store's lock is held."""
     if not host.is_root():
-        raise NetworkError("container networking needs root (bridges and NAT); "
-                           "use --network none or run as root")
+        raise NetworkError("container networking needs root (bridges and NAT); use --network none or run as root")
     mac = mac_for(net.gateway)
-    host.ensure_bridge(net.bridge, net.gateway, net.prefixlen, mac, net.gateway6,
-                       net.prefixlen6)
+    host.ensure_bridge(net.bridge, net.gateway, net.prefixlen, mac, net.gateway6, net.prefixlen6)
     firewall.ensure_table()
     firewall.ensure_network(net.name, net.bridge, net.subnet, net.internal, net.ipv6)
     if net.dns:
         dns.ensure(net)
 
 
-def connect(container_id: str, name: str, request: NetworkRequest, *, isolation: str,
-            image_config: dict | None = None, store: NetworkStore | None = None,
-            owner_pid: int | None = None) -> ContainerNetwork:
+def connect(
+    container_id: str,
+    name: str,
+    request: NetworkRequest,
+    *,
+    isolation: str,
+    image_config: dict | None = None,
+    store: NetworkStore | None = None,
+    owner_pid: int | None = None,
+) -> ContainerNetwork:
     """Make the container's endpoints (see the module's docstring). On failure nothing
     is left behind. Raises NetworkError / NetworkNotFound."""
     store = store or NetworkStore()
-    result = ContainerNetwork(container_id=container_id, name=name, isolation=isolation,
-                              request=request)
+    result = ContainerNetwork(container_id=container_id, name=name, isolation=isolation, request=request)
     if request.mode != "bridge":
         return result
     owner = owner_pid or os.getpid()
@@ -343,8 +376,9 @@ def connect(container_id: str, name: str, request: NetworkRequest, *, isolation:
     return result
 
 
-def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Network],
-                    image_config: dict, owner: int) -> None:
+def _connect_locked(
+    store: NetworkStore, result: ContainerNetwork, nets: list[Network], image_config: dict, owner: int
+) -> None:
     request, cid = result.request, result.container_id
     netns = netns_key()
     if result.isolation == "process":
@@ -356,11 +390,19 @@ def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Ne
         ip = net.free_ip(request.ip_for(ref))
         mac = request.mac if (index == 0 and request.mac) else mac_for(ip)
         kind = "vmt" if result.isolation == "vm" else "vmv"
-        endpoint = Endpoint(container_id=cid, container_name=result.name, ip=ip, mac=mac,
-                            aliases=request.aliases_for(ref), ip6=net.free_ip6(),
-                            isolation=result.isolation,
-                            host_ifname=_host_ifname(kind, cid, index), netns=netns,
-                            owner_pid=owner, owner_start=process_start(owner))
+        endpoint = Endpoint(
+            container_id=cid,
+            container_name=result.name,
+            ip=ip,
+            mac=mac,
+            aliases=request.aliases_for(ref),
+            ip6=net.free_ip6(),
+            isolation=result.isolation,
+            host_ifname=_host_ifname(kind, cid, index),
+            netns=netns,
+            owner_pid=owner,
+            owner_start=process_start(owner),
+        )
         if index == 0:
             wanted = request.resolve_exposed(image_config).publish
             endpoint.ports = assign_host_ports(wanted, store.published_ports(netns))
@@ -370,19 +412,24 @@ def _connect_locked(store: NetworkStore, result: ContainerNetwork, nets: list[Ne
         firewall.guard_port(endpoint.host_ifname, mac, ip, endpoint.ip6)
         if result.isolation == "process":
             gateway = result.gateway()
-            host.add_veth(result.netns_path, host_ifname=endpoint.host_ifname,
-                          bridge=net.bridge, mac=mac, address=ip, prefixlen=net.prefixlen,
-                          gateway=gateway if gateway == net.gateway else None,
-                          ifname=f"eth{index}",
-                          address6=_guest_interface(net, endpoint).get("address6", ""))
+            host.add_veth(
+                result.netns_path,
+                host_ifname=endpoint.host_ifname,
+                bridge=net.bridge,
+                mac=mac,
+                address=ip,
+                prefixlen=net.prefixlen,
+                gateway=gateway if gateway == net.gateway else None,
+                ifname=f"eth{index}",
+                address6=_guest_interface(net, endpoint).get("address6", ""),
+            )
         if endpoint.ports:
             firewall.publish(cid, ip, endpoint.ports)
         if net.dns:
             dns.add(net, endpoint)
 
 
-def disconnect(container_id: str, *, store: NetworkStore | None = None,
-               networks: list[str] | None = None) -> int:
+def disconnect(container_id: str, *, store: NetworkStore | None = None, networks: list[str] | None = None) -> int:
     """Remove the container's endpoints (on *networks*, default all): DNAT rules, DNS
     entries, veths, addresses, and (when all go) its network namespace. Idempotent;
     returns how many endpoints were removed. Errors of single steps are collected and
@@ -464,6 +511,7 @@ def _domain_alive(container_id: str) -> bool:
 
 # ---- networks ----------------------------------------------------------------------------
 
+
 def remove_network(ref: str, *, store: NetworkStore | None = None) -> Network:
     """Remove a user network: its resolver, NAT rules and bridge here, and its record.
     Raises NetworkError if containers are attached or it is the default network."""
@@ -517,18 +565,33 @@ def _container_running(container_id: str) -> bool:
         return True
 
 
-def create_network(name: str, *, subnet: str | None = None, gateway: str | None = None,
-                   internal: bool = False, labels: dict[str, str] | None = None,
-                   store: NetworkStore | None = None, ipv6: bool = False,
-                   subnet6: str | None = None) -> Network:
+def create_network(
+    name: str,
+    *,
+    subnet: str | None = None,
+    gateway: str | None = None,
+    internal: bool = False,
+    labels: dict[str, str] | None = None,
+    store: NetworkStore | None = None,
+    ipv6: bool = False,
+    subnet6: str | None = None,
+) -> Network:
     """Record a network and make it live here (bridge, NAT, resolver). *ipv6*: dual
     stack (*subnet6* or a random unique-local /64). Raises NetworkError."""
     store = store or NetworkStore()
     with store.locked():
         ours = {n.subnet for n in store.list()}
         routes = [r for r in (host.routes() if host.is_root() else []) if r not in ours]
-        net = store.create(name, subnet=subnet, gateway=gateway, internal=internal,
-                           labels=labels, host_routes=routes, ipv6=ipv6, subnet6=subnet6)
+        net = store.create(
+            name,
+            subnet=subnet,
+            gateway=gateway,
+            internal=internal,
+            labels=labels,
+            host_routes=routes,
+            ipv6=ipv6,
+            subnet6=subnet6,
+        )
         try:
             materialize(store, net)
         except BaseException:
@@ -557,8 +620,10 @@ def prune_networks(*, store: NetworkStore | None = None) -> list[str]:
 
 # ---- what placements call ------------------------------------------------------------------
 
-def start(container_id: str, name: str, isolation: str, request: NetworkRequest | None,
-          boot, *, owner_pid: int | None = None):
+
+def start(
+    container_id: str, name: str, isolation: str, request: NetworkRequest | None, boot, *, owner_pid: int | None = None
+):
     """Connect the container (see :func:`connect`) and return ``(network, boot)``: the
     :class:`ContainerNetwork` and *boot* (a guest.spec.BootConfig) with the container's
     hosts, resolv.conf and (VM) NIC configuration filled in. *request* None: no
@@ -571,9 +636,11 @@ def start(container_id: str, name: str, isolation: str, request: NetworkRequest 
             host_resolv = _read("/etc/resolv.conf")  # the same network: loopback works
         else:
             host_resolv = dns.host_resolv_conf()
-        boot = boot.replace(hosts=cn.hosts_file(boot.hostname),
-                            resolv_conf=cn.resolv_conf(host_resolv),
-                            network=cn.guest_network() if isolation == "vm" else {})
+        boot = boot.replace(
+            hosts=cn.hosts_file(boot.hostname),
+            resolv_conf=cn.resolv_conf(host_resolv),
+            network=cn.guest_network() if isolation == "vm" else {},
+        )
     except BaseException:
         disconnect(container_id)
         raise
@@ -598,11 +665,10 @@ def stop(container_id: str, log=None) -> None:
 
 # ---- network connect / disconnect / port -------------------------------------------------
 
+
 def _container_record(ref: str):
     store = ContainerStore()
     return store, store.find(ref)
-
-
 
 
 def published_ports(ref: str) -> list[PortMapping]:
@@ -627,23 +693,39 @@ def network_settings(container_id: str, request: NetworkRequest | None) -> dict:
     live = {net.name: (net, ep) for net, ep in store.endpoints_of(container_id)}
     req = request
     networks, ports = {}, {}
-    for name in (req.networks if req is not None else []):
+    for name in req.networks if req is not None else []:
         net_ep = live.get(name)
         if net_ep is None:
-            networks[name] = {"IPAddress": "", "IPPrefixLen": 0, "Gateway": "",
-                              "MacAddress": "", "Aliases": req.aliases_for(name)}
+            networks[name] = {
+                "IPAddress": "",
+                "IPPrefixLen": 0,
+                "Gateway": "",
+                "MacAddress": "",
+                "Aliases": req.aliases_for(name),
+            }
             continue
         net, ep = net_ep
-        networks[name] = {"NetworkID": net.id, "IPAddress": ep.ip,
-                          "IPPrefixLen": net.prefixlen, "Gateway": net.gateway,
-                          "GlobalIPv6Address": ep.ip6,
-                          "GlobalIPv6PrefixLen": net.prefixlen6 if ep.ip6 else 0,
-                          "IPv6Gateway": net.gateway6 if ep.ip6 else "",
-                          "MacAddress": ep.mac, "Aliases": ep.aliases}
+        networks[name] = {
+            "NetworkID": net.id,
+            "IPAddress": ep.ip,
+            "IPPrefixLen": net.prefixlen,
+            "Gateway": net.gateway,
+            "GlobalIPv6Address": ep.ip6,
+            "GlobalIPv6PrefixLen": net.prefixlen6 if ep.ip6 else 0,
+            "IPv6Gateway": net.gateway6 if ep.ip6 else "",
+            "MacAddress": ep.mac,
+            "Aliases": ep.aliases,
+        }
         for p in ep.ports:
             ports.setdefault(f"{p.container_port}/{p.protocol}", []).append(
-                {"HostIp": p.host_ip, "HostPort": str(p.host_port)})
+                {"HostIp": p.host_ip, "HostPort": str(p.host_port)}
+            )
     first = next(iter(networks.values()), {})
-    return {"Networks": networks, "Ports": ports, "IPAddress": first.get("IPAddress", ""),
-            "GlobalIPv6Address": first.get("GlobalIPv6Address", ""),
-            "Gateway": first.get("Gateway", ""), "MacAddress": first.get("MacAddress", "")}
+    return {
+        "Networks": networks,
+        "Ports": ports,
+        "IPAddress": first.get("IPAddress", ""),
+        "GlobalIPv6Address": first.get("GlobalIPv6Address", ""),
+        "Gateway": first.get("Gateway", ""),
+        "MacAddress": first.get("MacAddress", ""),
+    }

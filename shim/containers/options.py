@@ -75,8 +75,7 @@ class RunOptions:
             raise UsageError(f"invalid -w {self.workdir!r}: the working directory must be absolute")
         policy, _max = parse_restart(self.restart)
         if self.remove and policy != "no":
-            raise UsageError("--rm and --restart cannot be combined (a removed container "
-                             "cannot be restarted)")
+            raise UsageError("--rm and --restart cannot be combined (a removed container cannot be restarted)")
         if self.stop_signal is not None:
             parse_signal(self.stop_signal)
         if self.init is not None and not self.os_container:
@@ -108,8 +107,7 @@ def parse_restart(text: str) -> tuple[str, int]:
     """``--restart`` → (policy, maximum retries; 0 = unlimited). Raises UsageError."""
     policy, _, count = (text or "no").partition(":")
     if policy not in RESTART_POLICIES or (count and policy != "on-failure"):
-        raise UsageError(f"invalid --restart {text!r}: use no, on-failure[:N], always or "
-                         "unless-stopped")
+        raise UsageError(f"invalid --restart {text!r}: use no, on-failure[:N], always or unless-stopped")
     if count:
         if not count.isdigit():
             raise UsageError(f"invalid --restart {text!r}: N must be a number")
@@ -146,15 +144,23 @@ def boot_config_of(record: Container):
     from guest.spec import ROOTFS_SHARE_TAG, BootConfig
 
     return BootConfig(
-        container_id=record.id, token=record.token, hostname=record.hostname,
-        process=record.process, layer_count=len(record.layer_disks),
+        container_id=record.id,
+        token=record.token,
+        hostname=record.hostname,
+        process=record.process,
+        layer_count=len(record.layer_disks),
         writable="disk" if record.writable == "disk" and record.isolation == "vm" else "tmpfs",
-        hosts=record.hosts, resolv_conf=record.resolv_conf,
+        hosts=record.hosts,
+        resolv_conf=record.resolv_conf,
         rootfs_share=ROOTFS_SHARE_TAG if record.rootfs else "",
-        masked_paths=record.masked_paths, readonly_paths=record.readonly_paths,
-        sysctl=dict(record.sysctl), privileged=record.privileged,
-        devices=list(record.devices), os=record.os_container,
-        **_limits_of(record))
+        masked_paths=record.masked_paths,
+        readonly_paths=record.readonly_paths,
+        sysctl=dict(record.sysctl),
+        privileged=record.privileged,
+        devices=list(record.devices),
+        os=record.os_container,
+        **_limits_of(record),
+    )
 
 
 def _limits_of(record: Container) -> dict:
@@ -236,12 +242,22 @@ def build_process_spec(image_config: dict, options: RunOptions) -> ProcessSpec:
         cwd=options.workdir or cfg.get("WorkingDir") or "/",
         user=options.user if options.user is not None else (cfg.get("User") or ""),
         tty=options.tty,
-        capabilities=capabilities, seccomp=seccomp, no_new_privs=no_new_privs,
+        capabilities=capabilities,
+        seccomp=seccomp,
+        no_new_privs=no_new_privs,
     )
 
 
-def exec_spec(record: Container, command: list[str], *, env: list[str] = (), workdir=None,
-              user=None, tty: bool = False, privileged: bool = False):
+def exec_spec(
+    record: Container,
+    command: list[str],
+    *,
+    env: list[str] = (),
+    workdir=None,
+    user=None,
+    tty: bool = False,
+    privileged: bool = False,
+):
     """The ProcessSpec of an exec: the container's env with *env* on top, its user and
     workdir unless given, its capabilities (every one with *privileged*), seccomp and
     no_new_privs."""
@@ -259,11 +275,16 @@ def exec_spec(record: Container, command: list[str], *, env: list[str] = (), wor
         from guest.runtime.seccomp import default_for  # as the container's caps shaped it
 
         seccomp = default_for(base.capabilities.get("bounding", []))
-    return ProcessSpec(args=list(command), env=environment, cwd=workdir or base.cwd,
-                       user=base.user if user is None else user, tty=tty,
-                       capabilities={"bounding": list(CAPABILITIES)} if privileged
-                       else base.capabilities, seccomp=seccomp,
-                       no_new_privs=base.no_new_privs)
+    return ProcessSpec(
+        args=list(command),
+        env=environment,
+        cwd=workdir or base.cwd,
+        user=base.user if user is None else user,
+        tty=tty,
+        capabilities={"bounding": list(CAPABILITIES)} if privileged else base.capabilities,
+        seccomp=seccomp,
+        no_new_privs=base.no_new_privs,
+    )
 
 
 def confinement(security=None, os_container: bool = False) -> tuple[dict, object, bool]:
@@ -280,8 +301,7 @@ def confinement(security=None, os_container: bool = False) -> tuple[dict, object
         from shim.containers.security import cap_name
 
         dropped = {cap_name(c, "--cap-drop") for c in security.cap_drop}
-        caps += [c for c in OS_CAPABILITIES
-                 if c not in caps and c not in dropped and "ALL" not in dropped]
+        caps += [c for c in OS_CAPABILITIES if c not in caps and c not in dropped and "ALL" not in dropped]
     seccomp, no_new_privs = parse_security_opts(security.security_opt, caps)
     if security.privileged:
         seccomp = None  # docker: --privileged runs unconfined

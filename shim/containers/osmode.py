@@ -29,9 +29,19 @@ STOP_SIGNAL = 34 + 3
 halt request."""
 DEFAULT_STOP_TIMEOUT = 30
 OS_CAPABILITIES = (
-    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_PTRACE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TTY_CONFIG", "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_IPC_OWNER",
-    "CAP_LEASE", "CAP_NET_BROADCAST", "CAP_AUDIT_CONTROL")
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_IPC_OWNER",
+    "CAP_LEASE",
+    "CAP_NET_BROADCAST",
+    "CAP_AUDIT_CONTROL",
+)
 """Added to docker's default set for an init (systemd-nspawn's set, less nothing)."""
 
 
@@ -40,8 +50,7 @@ def init_args(init: str | None, command: list[str]) -> list[str]:
     Raises UsageError for a relative path."""
     path = init or DEFAULT_INIT
     if not path.startswith("/"):
-        raise UsageError(f"invalid --init {path!r}: give the init's absolute path in the image "
-                         "(e.g. /sbin/init)")
+        raise UsageError(f"invalid --init {path!r}: give the init's absolute path in the image (e.g. /sbin/init)")
     return [path, *command]
 
 
@@ -61,8 +70,7 @@ def delegation_problem(mounts: str, own_cgroup: str, parent_writable: bool) -> s
         if len(parts) < 4:
             continue
         if parts[2] == "cgroup":
-            opts = [o for o in parts[3].split(",") if o not in ("rw", "ro", "nosuid", "nodev",
-                                                                 "noexec", "relatime")]
+            opts = [o for o in parts[3].split(",") if o not in ("rw", "ro", "nosuid", "nodev", "noexec", "relatime")]
             v1.append(",".join(opts) or parts[1])
         elif parts[2] == "cgroup2" and parts[1] == "/sys/fs/cgroup":
             root_options = parts[3].split(",")
@@ -72,8 +80,7 @@ def delegation_problem(mounts: str, own_cgroup: str, parent_writable: bool) -> s
     if root_options is None:
         return "no cgroup v2 hierarchy is mounted at /sys/fs/cgroup"
     if "nsdelegate" not in root_options:
-        return ("its cgroup2 mount has no nsdelegate option (a container could change its "
-                "own limits)")
+        return "its cgroup2 mount has no nsdelegate option (a container could change its own limits)"
     lines = [ln for ln in own_cgroup.splitlines() if ln.strip()]
     if len(lines) != 1 or not lines[0].startswith("0::"):
         return "this process is not in a single cgroup v2 hierarchy"
@@ -104,6 +111,8 @@ def check_isolation(isolation: str, problem=host_delegation_problem) -> None:
         return
     reason = problem()
     if reason is not None:
-        raise UsageError(f"--os with --isolation process needs a host that can delegate a "
-                         f"cgroup to the container's init, and this one cannot: {reason}; "
-                         "use --isolation vm")
+        raise UsageError(
+            f"--os with --isolation process needs a host that can delegate a "
+            f"cgroup to the container's init, and this one cannot: {reason}; "
+            "use --isolation vm"
+        )

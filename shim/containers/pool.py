@@ -80,9 +80,11 @@ class PoolConfig:
     vcpus: int = 1
 
     def __post_init__(self) -> None:
-        for name, value, low, high in (("size", self.size, 0, MAX_SIZE),
-                                       ("memory", self.memory_mib, 64, 1 << 20),
-                                       ("cpus", self.vcpus, 1, 64)):
+        for name, value, low, high in (
+            ("size", self.size, 0, MAX_SIZE),
+            ("memory", self.memory_mib, 64, 1 << 20),
+            ("cpus", self.vcpus, 1, 64),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise UsageError(f"pool {name} must be an integer in {low}..{high}, got {value!r}")
 
@@ -121,8 +123,13 @@ class PooledVm:
         return self.dir / "console.log"
 
     def meta(self) -> dict:
-        return {"vmid": self.vmid, "domain": self.domain, "key": asdict(self.key),
-                "ports": self.ports, "booted_at": self.booted_at}
+        return {
+            "vmid": self.vmid,
+            "domain": self.domain,
+            "key": asdict(self.key),
+            "ports": self.ports,
+            "booted_at": self.booted_at,
+        }
 
     @classmethod
     def load(cls, directory: Path) -> "PooledVm | None":
@@ -132,14 +139,20 @@ class PooledVm:
             with open(directory / VM_FILE, "rb") as f:
                 data = json.loads(f.read(MAX_META))
             key = PoolKey(**data["key"])
-            return cls(vmid=str(data["vmid"]), domain=str(data["domain"]), key=key,
-                       ports=int(data["ports"]), booted_at=float(data["booted_at"]),
-                       dir=directory)
+            return cls(
+                vmid=str(data["vmid"]),
+                domain=str(data["domain"]),
+                key=key,
+                ports=int(data["ports"]),
+                booted_at=float(data["booted_at"]),
+                dir=directory,
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
 
 # ---- where things are ------------------------------------------------------------------------
+
 
 def pool_dir() -> Path:
     return paths.run_dir() / "pool"
@@ -152,8 +165,7 @@ def _sub(name: str) -> Path:
 def load_config() -> PoolConfig:
     try:
         data = json.loads((pool_dir() / "pool.json").read_text())
-        return PoolConfig(size=int(data["size"]), memory_mib=int(data["memory_mib"]),
-                          vcpus=int(data["vcpus"]))
+        return PoolConfig(size=int(data["size"]), memory_mib=int(data["memory_mib"]), vcpus=int(data["vcpus"]))
     except (OSError, ValueError, KeyError, TypeError, UsageError):
         return PoolConfig()
 
@@ -185,9 +197,14 @@ def current_key(config: PoolConfig | None = None, guest=None, accel: str | None 
 
     config = config or load_config()
     mem = memory.load()
-    return PoolKey(kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                   memory_mib=config.memory_mib, vcpus=config.vcpus, accel=accel,
-                   memory=f"ksm={int(mem.ksm)},fpr={int(mem.free_page_reporting)}")
+    return PoolKey(
+        kernel=str(guest.kernel),
+        initramfs=str(guest.initramfs),
+        memory_mib=config.memory_mib,
+        vcpus=config.vcpus,
+        accel=accel,
+        memory=f"ksm={int(mem.ksm)},fpr={int(mem.free_page_reporting)}",
+    )
 
 
 def listing(backend=None) -> list[dict]:
@@ -203,9 +220,16 @@ def listing(backend=None) -> list[dict]:
                     alive = backend.is_running(vm.domain)
                 except VmshimError:
                     pass
-            out.append({"id": vm.vmid, "domain": vm.domain, "state": state if alive else "dead",
-                        "memory_mib": vm.key.memory_mib, "vcpus": vm.key.vcpus,
-                        "age_s": round(max(0.0, time.time() - vm.booted_at), 1)})
+            out.append(
+                {
+                    "id": vm.vmid,
+                    "domain": vm.domain,
+                    "state": state if alive else "dead",
+                    "memory_mib": vm.key.memory_mib,
+                    "vcpus": vm.key.vcpus,
+                    "age_s": round(max(0.0, time.time() - vm.booted_at), 1),
+                }
+            )
     return out
 
 
@@ -224,6 +248,7 @@ def _vms_in(base: Path) -> list[PooledVm]:
 
 
 # ---- claiming ----------------------------------------------------------------------------------
+
 
 def claim(key: PoolKey, run_dir: Path, backend, needs_ports: int = 0) -> PooledVm | None:
     """Take one ready VM booted with *key* that has at least *needs_ports* spare ports:
@@ -296,6 +321,7 @@ def drain(backend) -> int:
 
 # ---- the keeper: who fills the pool -------------------------------------------------------------
 
+
 def keeper_record() -> dict:
     try:
         data = json.loads((pool_dir() / "keeper.json").read_text())
@@ -362,14 +388,12 @@ def spawn_keeper() -> int:
     parent, child = socket.socketpair()
     from shim.containers.forked import fork_detached
 
-    fork_detached(child, lambda: _keeper_main(child), close_in_child=parent,
-                  what="pool keeper")
+    fork_detached(child, lambda: _keeper_main(child), close_in_child=parent, what="pool keeper")
     parent.settimeout(30)
     try:
         data = parent.recv(64)
     except OSError as exc:
-        raise PoolError(f"the pool keeper did not start ({exc}); "
-                        f"see {pool_dir() / 'keeper.log'}") from None
+        raise PoolError(f"the pool keeper did not start ({exc}); see {pool_dir() / 'keeper.log'}") from None
     finally:
         parent.close()
     try:
@@ -385,8 +409,7 @@ def _keeper_main(sock) -> None:  # pragma: no cover - runs in the forked child
 
     os.chdir("/")
     os.umask(0o022)
-    log_fd = os.open(pool_dir() / "keeper.log",
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log_fd = os.open(pool_dir() / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     redirect_stdio(log_fd, keep=sock.fileno())
     lock = os.open(pool_dir() / "keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -449,7 +472,7 @@ class Keeper:
             self._wait(CHECK_INTERVAL * 6)
             return True
         ready = self.prune(key)
-        for extra in ready[config.size:]:  # the size went down: the oldest go
+        for extra in ready[config.size :]:  # the size went down: the oldest go
             self._drop(extra, "the pool is smaller now")
         if len(ready) < config.size:
             self.fill_one(key)
@@ -469,8 +492,12 @@ class Keeper:
             if alive:
                 keep.append(vm)
                 continue
-            self._drop(vm, "its domain is gone" if vm.key == key else "it was booted with "
-                       "another guest image, memory size or vCPU count")
+            self._drop(
+                vm,
+                "its domain is gone"
+                if vm.key == key
+                else "it was booted with another guest image, memory size or vCPU count",
+            )
         return keep
 
     def _drop(self, vm: PooledVm, why: str) -> None:
@@ -515,8 +542,7 @@ class Keeper:
             pass
 
 
-def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str,
-                 domain_uuid: str | None = None):
+def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str, domain_uuid: str | None = None):
     """The domain of one pooled VM (pure): q35 with HOTPLUG_PORTS spare root ports, the
     agent channel and console, no disks, no NIC; *cmdline* (shim.vm.accel.guest_cmdline's)
     gets the pool flag."""
@@ -528,8 +554,7 @@ def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str,
         memory_mib=key.memory_mib,
         vcpus=key.vcpus,
         domain_type="kvm" if key.accel == "kvm" else "qemu",
-        boot=dom.KernelBoot(kernel=key.kernel, initrd=key.initramfs,
-                            cmdline=f"{cmdline} {_pool_flag()}"),
+        boot=dom.KernelBoot(kernel=key.kernel, initrd=key.initramfs, cmdline=f"{cmdline} {_pool_flag()}"),
         channels=[dom.AgentChannel(socket_path=str(directory / "agent.sock"))],
         serial=dom.SerialLog(path=str(directory / "console.log")),
         machine=dom.HOTPLUG_MACHINE,
@@ -560,19 +585,18 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
     paths.private_dir(directory)
     vmid = directory.name
     domain = build_domain(key, vmid, directory, guest_cmdline(guest.cmdline, key.accel))
-    vm = PooledVm(vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS,
-                  booted_at=time.time(), dir=directory)
+    vm = PooledVm(vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS, booted_at=time.time(), dir=directory)
     _write_json(directory / VM_FILE, vm.meta())
     backend.create(domain)
     try:
         client = AgentClient.connect_unix(str(vm.agent_socket), timeout=10)
         try:
+
             def problem() -> str | None:
                 if backend.is_running(domain.name):
                     return None
                 tail = console_tail(vm.console_log)
-                return "the pooled VM stopped before its agent answered" + (
-                    f"; console: {tail}" if tail else "")
+                return "the pooled VM stopped before its agent answered" + (f"; console: {tail}" if tail else "")
 
             client.handshake(BOOT_TIMEOUT, alive=problem)
         finally:
@@ -584,6 +608,7 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
 
 
 # ---- a container taking a pooled VM -------------------------------------------------------------
+
 
 def eligible(placement, key: PoolKey) -> str | None:
     """Why *placement* (a shim.containers.vm_placement.VmPlacement) cannot use a VM of the
@@ -640,13 +665,26 @@ def plug_disks(placement, vm: PooledVm) -> None:
     if len(placement.layer_disks) + (placement.rw_disk is not None) > vm.ports:
         raise PoolError(f"the container needs more disks than a pooled VM's {vm.ports} ports")
     for index, path in enumerate(placement.layer_disks):
-        placement.backend.attach_disk(vm.domain, dom.Disk(
-            source=str(path), target=_target(index), serial=f"{LAYER_SERIAL_PREFIX}{index}",
-            readonly=True, shareable=True))
+        placement.backend.attach_disk(
+            vm.domain,
+            dom.Disk(
+                source=str(path),
+                target=_target(index),
+                serial=f"{LAYER_SERIAL_PREFIX}{index}",
+                readonly=True,
+                shareable=True,
+            ),
+        )
     if placement.rw_disk is not None:
-        placement.backend.attach_disk(vm.domain, dom.Disk(
-            source=str(placement.rw_disk), target=_target(len(placement.layer_disks)),
-            serial=WRITABLE_SERIAL, readonly=False))
+        placement.backend.attach_disk(
+            vm.domain,
+            dom.Disk(
+                source=str(placement.rw_disk),
+                target=_target(len(placement.layer_disks)),
+                serial=WRITABLE_SERIAL,
+                readonly=False,
+            ),
+        )
 
 
 def adopt(placement, vm: PooledVm, client, alive=None):
@@ -665,8 +703,7 @@ def adopt(placement, vm: PooledVm, client, alive=None):
     if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
         raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
     client.handshake(BOOT_TIMEOUT, alive=alive)
-    client.send(protocol.SPEC, config=placement.boot_config.to_dict(),
-                entropy=secrets.token_hex(ENTROPY_BYTES))
+    client.send(protocol.SPEC, config=placement.boot_config.to_dict(), entropy=secrets.token_hex(ENTROPY_BYTES))
     for iface in interfaces:
         placement.backend.attach_interface(vm.domain, iface)
     return client

@@ -40,9 +40,17 @@ class ProcessPlacement:
 
     kind = "process"
 
-    def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
-                 name: str, rw_dir: Path | None = None, mounts: list | None = None,
-                 network: NetworkRequest | None = None):
+    def __init__(
+        self,
+        boot: BootConfig,
+        layer_disks: list[Path],
+        run_dir: Path,
+        *,
+        name: str,
+        rw_dir: Path | None = None,
+        mounts: list | None = None,
+        network: NetworkRequest | None = None,
+    ):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -84,25 +92,29 @@ class ProcessPlacement:
             os.chmod(self.rw_dir, 0o700)  # the container's files: not for other local users
             for index, disk in enumerate(self.layer_disks):
                 mount_layer(disk, self.run_dir / "layers" / str(index))
-            layer_dirs = [str(self.run_dir / "layers" / str(i))
-                          for i in range(len(self.layer_disks))]
+            layer_dirs = [str(self.run_dir / "layers" / str(i)) for i in range(len(self.layer_disks))]
             mounts = self.attachments.for_process(self.run_dir / "volumes")
             namespaces, netns = HOST_NAMESPACES, None
             if self.network_request is not None:
                 from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
-                    self.boot_config.container_id, self.name, "process", self.network_request,
-                    self.boot_config)
+                    self.boot_config.container_id, self.name, "process", self.network_request, self.boot_config
+                )
                 if self.network.mode != "none":  # the agent's (made for it, or the host's)
                     namespaces = tuple(n for n in HOST_NAMESPACES if n != "net")
                 netns = self.network.netns_path
             try:
                 container = Container.create(
-                    self.boot_config, lowerdirs=list(reversed(layer_dirs)),
-                    upperdir=str(self.rw_dir / "upper"), workdir=str(self.rw_dir / "work"),
-                    rootfs=str(self.rootfs), files_dir=str(self.run_dir / "files"),
-                    mounts=mounts, namespaces=namespaces)
+                    self.boot_config,
+                    lowerdirs=list(reversed(layer_dirs)),
+                    upperdir=str(self.rw_dir / "upper"),
+                    workdir=str(self.rw_dir / "work"),
+                    rootfs=str(self.rootfs),
+                    files_dir=str(self.run_dir / "files"),
+                    mounts=mounts,
+                    namespaces=namespaces,
+                )
             except Exception as exc:
                 raise VmshimError(f"cannot assemble the container's rootfs: {exc}") from None
             finally:
@@ -111,8 +123,7 @@ class ProcessPlacement:
             self.agent_socket.unlink(missing_ok=True)
             listener.bind(str(self.agent_socket))
             listener.listen(4)
-            self.agent_pid = _fork_agent(listener, self.boot_config, container,
-                                         self.run_dir / "agent.log", netns=netns)
+            self.agent_pid = _fork_agent(listener, self.boot_config, container, self.run_dir / "agent.log", netns=netns)
             listener.close()
             start = _start_time(self.agent_pid)
             self.pid_file.write_text(f"{self.agent_pid} {start}\n")
@@ -128,8 +139,7 @@ class ProcessPlacement:
         """Connect to the host agent a previous monitor started; None when it is gone."""
         from shim.containers.isolation import reattach_agent
 
-        return reattach_agent(self, self.boot_config.container_id, self.network_request,
-                              self.agent_socket)
+        return reattach_agent(self, self.boot_config.container_id, self.network_request, self.agent_socket)
 
     def _recorded_agent(self) -> int | None:
         """The host agent's pid if it still runs (checked against its start time)."""
@@ -198,8 +208,7 @@ class ProcessPlacement:
         if self.running():
             self.kill()
         end = time.monotonic() + timeout
-        while self.agent_pid is not None and _reap_child(self.agent_pid) is None \
-                and time.monotonic() < end:
+        while self.agent_pid is not None and _reap_child(self.agent_pid) is None and time.monotonic() < end:
             time.sleep(0.02)
         try:
             self._cgroup().remove()
@@ -232,8 +241,11 @@ class ProcessPlacement:
         """Nothing outlives teardown on the host side: there is no hypervisor to wait for."""
 
     def info(self) -> dict:
-        return {"AgentPid": self._recorded_agent() or 0, "Rootfs": str(self.rootfs),
-                "AgentSocket": str(self.agent_socket)}
+        return {
+            "AgentPid": self._recorded_agent() or 0,
+            "Rootfs": str(self.rootfs),
+            "AgentSocket": str(self.agent_socket),
+        }
 
     def usage(self) -> dict:
         return self._cgroup().usage()
@@ -271,8 +283,9 @@ def _reap_child(pid: int | None) -> int | None:
     return status if done else None
 
 
-def _fork_agent(listener: socket.socket, config: BootConfig, container, log_path: Path,
-                netns: Path | None = None) -> int:
+def _fork_agent(
+    listener: socket.socket, config: BootConfig, container, log_path: Path, netns: Path | None = None
+) -> int:
     """Fork the host agent (its own session, stdio on *log_path*, in the network
     namespace at *netns* if given); return its pid."""
     pid = os.fork()
@@ -289,10 +302,8 @@ def _fork_agent(listener: socket.socket, config: BootConfig, container, log_path
             os.close(fd)
         from shim.containers.forked import redirect_stdio
 
-        redirect_stdio(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640),
-                       keep=listener.fileno())
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                    signal.SIGCHLD, signal.SIGPIPE):
+        redirect_stdio(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), keep=listener.fileno())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         try:
@@ -302,8 +313,14 @@ def _fork_agent(listener: socket.socket, config: BootConfig, container, log_path
         from guest.agent import Agent
 
         listener.setblocking(False)
-        agent = Agent(-1, config, container, listener=listener, exit_grace=0.0,
-                      log=lambda text: sys.stderr.write(f"vmshim host agent: {text}\n"))
+        agent = Agent(
+            -1,
+            config,
+            container,
+            listener=listener,
+            exit_grace=0.0,
+            log=lambda text: sys.stderr.write(f"vmshim host agent: {text}\n"),
+        )
         agent.run()
         agent.kill_all()
         code = 0

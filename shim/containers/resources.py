@@ -49,6 +49,7 @@ NANO = 1_000_000_000
 
 # ---- units ---------------------------------------------------------------------------------
 
+
 def host_cpus() -> set[int]:
     """The CPUs this process may run on."""
     try:
@@ -101,8 +102,9 @@ def parse_ulimit(text: str) -> tuple[str, int, int]:
     ``unlimited`` = no limit. Raises UsageError."""
     name, sep, values = str(text).partition("=")
     if not sep or name not in RLIMIT_NAMES:
-        raise UsageError(f"invalid --ulimit {text!r}: expected NAME=SOFT[:HARD] with NAME one "
-                         f"of {', '.join(RLIMIT_NAMES)}")
+        raise UsageError(
+            f"invalid --ulimit {text!r}: expected NAME=SOFT[:HARD] with NAME one of {', '.join(RLIMIT_NAMES)}"
+        )
     soft_text, _, hard_text = values.partition(":")
     hard_text = hard_text or soft_text
 
@@ -120,6 +122,7 @@ def parse_ulimit(text: str) -> tuple[str, int, int]:
 
 
 # ---- the typed resources -------------------------------------------------------------------
+
 
 @dataclass
 class Resources:
@@ -166,18 +169,22 @@ class Resources:
         quota = self.nano_cpus * CPU_PERIOD // NANO if self.nano_cpus else 0
         read, write = self._device_rates(isolation)
         return Limits(
-            memory=self.memory, memory_swap=self.memory_swap,
+            memory=self.memory,
+            memory_swap=self.memory_swap,
             memory_reservation=self.memory_reservation,
-            cpu_quota=quota, cpu_period=CPU_PERIOD if quota else 0,
+            cpu_quota=quota,
+            cpu_period=CPU_PERIOD if quota else 0,
             cpu_shares=self.cpu_shares,
             cpuset_cpus="" if isolation == "vm" else self.cpuset_cpus,
-            pids=self.pids_limit, blkio_weight=self.blkio_weight,
-            device_read_bps=read, device_write_bps=write)
+            pids=self.pids_limit,
+            blkio_weight=self.blkio_weight,
+            device_read_bps=read,
+            device_write_bps=write,
+        )
 
     def _device_rates(self, isolation: str) -> tuple[list, list]:
         if isolation != "vm":
-            return ([[d, r] for d, r in self.device_read_bps],
-                    [[d, r] for d, r in self.device_write_bps])
+            return ([[d, r] for d, r in self.device_read_bps], [[d, r] for d, r in self.device_write_bps])
         # In a VM every rate applies to all of the container's disks: the smallest wins.
         read = [["*", min(r for _, r in self.device_read_bps)]] if self.device_read_bps else []
         write = [["*", min(r for _, r in self.device_write_bps)]] if self.device_write_bps else []
@@ -215,11 +222,13 @@ class Resources:
             raise UsageError("minimum memory limit allowed is 6MiB")
         if self.memory_swap and self.memory_swap != -1:
             if self.memory <= 0:
-                raise UsageError("you should always set the memory limit when using the "
-                                 "memory+swap limit (--memory-swap)")
+                raise UsageError(
+                    "you should always set the memory limit when using the memory+swap limit (--memory-swap)"
+                )
             if self.memory_swap < self.memory:
-                raise UsageError("--memory-swap must be at least --memory (it is memory plus "
-                                 "swap); use -1 for unlimited swap")
+                raise UsageError(
+                    "--memory-swap must be at least --memory (it is memory plus swap); use -1 for unlimited swap"
+                )
         if self.memory > 0 and self.memory_reservation > self.memory:
             raise UsageError("--memory-reservation must be smaller than --memory")
         available = host_cpus()
@@ -227,17 +236,21 @@ class Resources:
             if self.nano_cpus < NANO // 100:
                 raise UsageError("--cpus must be at least 0.01")
             if self.nano_cpus > len(available) * NANO:
-                raise UsageError(f"range of CPUs is from 0.01 to {len(available)}.00, as there "
-                                 f"are only {len(available)} CPUs available")
+                raise UsageError(
+                    f"range of CPUs is from 0.01 to {len(available)}.00, as there "
+                    f"are only {len(available)} CPUs available"
+                )
         if self.cpu_shares and not 2 <= self.cpu_shares <= 262144:
             raise UsageError("--cpu-shares must be between 2 and 262144")
         if self.cpuset_cpus:
             wanted = parse_cpuset(self.cpuset_cpus)
             missing = sorted(set(wanted) - available)
             if missing:
-                raise UsageError(f"--cpuset-cpus {self.cpuset_cpus}: CPU "
-                                 f"{format_cpuset(missing)} is not available here "
-                                 f"(available: {format_cpuset(sorted(available))})")
+                raise UsageError(
+                    f"--cpuset-cpus {self.cpuset_cpus}: CPU "
+                    f"{format_cpuset(missing)} is not available here "
+                    f"(available: {format_cpuset(sorted(available))})"
+                )
         if self.blkio_weight and not 10 <= self.blkio_weight <= 1000:
             raise UsageError("--blkio-weight must be between 10 and 1000")
         if self.oom_score_adj is not None and not -1000 <= self.oom_score_adj <= 1000:
@@ -256,15 +269,18 @@ class Resources:
             number = getattr(resource, "RLIMIT_" + name.upper())
             _, current_hard = resource.getrlimit(number)
             infinite = resource.RLIM_INFINITY
-            if current_hard != infinite and (hard < 0 or hard > current_hard) \
-                    and not _has_cap_sys_resource():
+            if current_hard != infinite and (hard < 0 or hard > current_hard) and not _has_cap_sys_resource():
                 shown = "unlimited" if hard < 0 else hard
-                raise UsageError(f"--ulimit {name}: cannot raise the hard limit to {shown} "
-                                 f"(it is {current_hard} here, and raising it needs "
-                                 "CAP_SYS_RESOURCE, which this host lacks); use at most "
-                                 f"{current_hard}, or --isolation vm")
-        for flag, entries in (("--device-read-bps", self.device_read_bps),
-                              ("--device-write-bps", self.device_write_bps)):
+                raise UsageError(
+                    f"--ulimit {name}: cannot raise the hard limit to {shown} "
+                    f"(it is {current_hard} here, and raising it needs "
+                    "CAP_SYS_RESOURCE, which this host lacks); use at most "
+                    f"{current_hard}, or --isolation vm"
+                )
+        for flag, entries in (
+            ("--device-read-bps", self.device_read_bps),
+            ("--device-write-bps", self.device_write_bps),
+        ):
             for path, _ in entries:
                 try:
                     mode = os.stat(path).st_mode
@@ -273,8 +289,10 @@ class Resources:
                 if not stat.S_ISBLK(mode):
                     raise UsageError(f"{flag} {path}: not a block device")
         if self.blkio_weight and not _host_supports_io_weight():
-            warnings.append("this kernel does not support block I/O weight (no I/O "
-                            "scheduler with weights is active): --blkio-weight discarded")
+            warnings.append(
+                "this kernel does not support block I/O weight (no I/O "
+                "scheduler with weights is active): --blkio-weight discarded"
+            )
             self.blkio_weight = 0
         return warnings
 
@@ -289,25 +307,26 @@ class Resources:
         return Resources(**values)
 
 
-def check_update(current: Resources, change: Resources, *, isolation: str,
-                 vm_memory_mib: int = 0, vm_vcpus: int = 1) -> Resources:
+def check_update(
+    current: Resources, change: Resources, *, isolation: str, vm_memory_mib: int = 0, vm_vcpus: int = 1
+) -> Resources:
     """What ``update`` may change on a running container; returns the merged resources.
     A VM cannot grow: its memory (``vm_memory_mib``) and vCPUs are fixed while it runs.
     Raises UsageError."""
     for name in ("ulimits", "oom_score_adj"):
         if getattr(change, name) not in (None, []):
-            raise UsageError(f"--{name.replace('_', '-')} cannot be changed on a running "
-                             "container")
+            raise UsageError(f"--{name.replace('_', '-')} cannot be changed on a running container")
     merged = current.merged(change)
     merged.check(isolation)
     if isolation == "vm":
         room = (vm_memory_mib - GUEST_OVERHEAD_MIB) * MIB
         if change.memory and (change.memory < 0 or change.memory > room):
-            raise UsageError(f"--memory: the container's VM has room for {format_bytes(room)}; "
-                             "a running VM cannot grow (stop it, update, start it again)")
+            raise UsageError(
+                f"--memory: the container's VM has room for {format_bytes(room)}; "
+                "a running VM cannot grow (stop it, update, start it again)"
+            )
         if change.nano_cpus and math.ceil(change.nano_cpus / NANO) > vm_vcpus:
-            raise UsageError(f"--cpus: the container's VM has {vm_vcpus} vCPU(s); a running "
-                             "VM cannot get more")
+            raise UsageError(f"--cpus: the container's VM has {vm_vcpus} vCPU(s); a running VM cannot get more")
         if change.cpuset_cpus:
             raise UsageError("--cpuset-cpus cannot be changed on a running VM")
     return merged
@@ -334,16 +353,32 @@ def _host_supports_io_weight() -> bool:
         except OSError:
             return False
     # The root group may lack the knob that child groups have (bfq): look at ours.
-    return any(os.path.exists(os.path.join(CGROUP_ROOT, "blkio", where, knob))
-               for where in ("", "vmshim") for knob in ("blkio.weight", "blkio.bfq.weight"))
+    return any(
+        os.path.exists(os.path.join(CGROUP_ROOT, "blkio", where, knob))
+        for where in ("", "vmshim")
+        for knob in ("blkio.weight", "blkio.bfq.weight")
+    )
 
 
 # ---- flags ---------------------------------------------------------------------------------
 
-def from_flags(*, memory=None, memory_swap=None, memory_reservation=None, cpus=None,
-               cpu_shares=None, cpuset_cpus=None, pids_limit=None, blkio_weight=None,
-               device_read_bps=(), device_write_bps=(), ulimit=(), oom_score_adj=None,
-               **_ignored) -> Resources:
+
+def from_flags(
+    *,
+    memory=None,
+    memory_swap=None,
+    memory_reservation=None,
+    cpus=None,
+    cpu_shares=None,
+    cpuset_cpus=None,
+    pids_limit=None,
+    blkio_weight=None,
+    device_read_bps=(),
+    device_write_bps=(),
+    ulimit=(),
+    oom_score_adj=None,
+    **_ignored,
+) -> Resources:
     """Build Resources from the CLI's raw values (None / () when a flag was not given).
     Raises UsageError naming the bad flag."""
     res = Resources()
@@ -388,50 +423,66 @@ def resource_options(func, *, for_update: bool = False):
     import click
 
     options = [
-        click.option("-m", "--memory", metavar="BYTES",
-                     help="Memory limit (e.g. 64m, 1g). A VM gets this plus the guest's "
-                          f"own {GUEST_OVERHEAD_MIB} MiB (default VM: {DEFAULT_VM_MIB} MiB)."),
-        click.option("--memory-swap", metavar="BYTES",
-                     help="Memory plus swap limit; -1: unlimited swap."),
+        click.option(
+            "-m",
+            "--memory",
+            metavar="BYTES",
+            help="Memory limit (e.g. 64m, 1g). A VM gets this plus the guest's "
+            f"own {GUEST_OVERHEAD_MIB} MiB (default VM: {DEFAULT_VM_MIB} MiB).",
+        ),
+        click.option("--memory-swap", metavar="BYTES", help="Memory plus swap limit; -1: unlimited swap."),
         click.option("--memory-reservation", metavar="BYTES", help="Memory soft limit."),
-        click.option("--cpus", metavar="N", help="Number of CPUs (e.g. 0.5); a VM gets "
-                                                 "ceil(N) vCPUs."),
-        click.option("-c", "--cpu-shares", type=int, metavar="N",
-                     help="CPU shares (relative weight)."),
-        click.option("--cpuset-cpus", metavar="LIST",
-                     help="Host CPUs to run on (0-3, 0,1); a VM's vCPUs are pinned there."),
-        click.option("--pids-limit", type=int, metavar="N",
-                     help="Process limit (-1: unlimited)."),
-        click.option("--blkio-weight", type=int, metavar="N",
-                     help="Block I/O relative weight, 10 to 1000."),
-        click.option("--device-read-bps", multiple=True, metavar="DEV:RATE",
-                     help="Limit read rate from a device (e.g. /dev/vda:10mb); in a VM: "
-                          "from each of the container's disks."),
-        click.option("--device-write-bps", multiple=True, metavar="DEV:RATE",
-                     help="Limit write rate to a device; in a VM: to each of its disks."),
+        click.option("--cpus", metavar="N", help="Number of CPUs (e.g. 0.5); a VM gets ceil(N) vCPUs."),
+        click.option("-c", "--cpu-shares", type=int, metavar="N", help="CPU shares (relative weight)."),
+        click.option(
+            "--cpuset-cpus", metavar="LIST", help="Host CPUs to run on (0-3, 0,1); a VM's vCPUs are pinned there."
+        ),
+        click.option("--pids-limit", type=int, metavar="N", help="Process limit (-1: unlimited)."),
+        click.option("--blkio-weight", type=int, metavar="N", help="Block I/O relative weight, 10 to 1000."),
+        click.option(
+            "--device-read-bps",
+            multiple=True,
+            metavar="DEV:RATE",
+            help="Limit read rate from a device (e.g. /dev/vda:10mb); in a VM: from each of the container's disks.",
+        ),
+        click.option(
+            "--device-write-bps",
+            multiple=True,
+            metavar="DEV:RATE",
+            help="Limit write rate to a device; in a VM: to each of its disks.",
+        ),
     ]
     if not for_update:
         options += [
-            click.option("--ulimit", multiple=True, metavar="NAME=SOFT[:HARD]",
-                         help="Ulimit (e.g. nofile=1024:2048)."),
-            click.option("--oom-score-adj", type=int, metavar="N",
-                         help="OOM score adjustment, -1000 to 1000."),
+            click.option("--ulimit", multiple=True, metavar="NAME=SOFT[:HARD]", help="Ulimit (e.g. nofile=1024:2048)."),
+            click.option("--oom-score-adj", type=int, metavar="N", help="OOM score adjustment, -1000 to 1000."),
         ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-RESOURCE_FLAGS = ("memory", "memory_swap", "memory_reservation", "cpus", "cpu_shares",
-                  "cpuset_cpus", "pids_limit", "blkio_weight", "device_read_bps",
-                  "device_write_bps", "ulimit", "oom_score_adj")
+RESOURCE_FLAGS = (
+    "memory",
+    "memory_swap",
+    "memory_reservation",
+    "cpus",
+    "cpu_shares",
+    "cpuset_cpus",
+    "pids_limit",
+    "blkio_weight",
+    "device_read_bps",
+    "device_write_bps",
+    "ulimit",
+    "oom_score_adj",
+)
 """The keyword names :func:`resource_options` adds (pop them before other processing)."""
 
 
 # ---- talking to the agent: update and stats --------------------------------------------------
 
-def agent_request(client, type: str, token: str, request_id: int, timeout: float = 10.0,
-                  **fields):
+
+def agent_request(client, type: str, token: str, request_id: int, timeout: float = 10.0, **fields):
     """Send an ``update`` or ``stats`` request on an agent channel (shim.vm.agent_client
     AgentClient, or anything with send/recv) and wait for its answer, setting aside the
     other messages (they are left in the client's inbox, in order). Returns the reply
@@ -444,8 +495,7 @@ def agent_request(client, type: str, token: str, request_id: int, timeout: float
     try:
         while True:
             msg = client.recv(timeout)
-            if msg.fields.get("id") == request_id and msg.type in (
-                    protocol.UPDATED, protocol.STATS, protocol.ERROR):
+            if msg.fields.get("id") == request_id and msg.type in (protocol.UPDATED, protocol.STATS, protocol.ERROR):
                 if msg.type == protocol.ERROR:
                     raise AgentError(msg.get("message", str, f"the agent refused {type}"))
                 return msg
@@ -464,7 +514,7 @@ def update_limits(client, token: str, limits: Limits, request_id: int = 900001) 
 
 def read_stats(client, token: str, request_id: int = 900002) -> dict:
     """The container cgroup's usage (guest.runtime.container.Container.stats) through the
-    agent: ``memory``, ``memory_limit``, ``cpu_ns``, ``pids``, ``oom_kills``, … """
+    agent: ``memory``, ``memory_limit``, ``cpu_ns``, ``pids``, ``oom_kills``, …"""
     from guest import protocol
 
     reply = agent_request(client, protocol.STATS, token, request_id)

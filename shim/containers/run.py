@@ -14,8 +14,14 @@ import secrets
 
 from shim.containers.logs import LogLimits
 from shim.containers.netrequest import NetworkRequest
-from shim.containers.options import (RunOptions, build_process_spec, new_container_id,
-                                     parse_restart, parse_signal, random_name)
+from shim.containers.options import (
+    RunOptions,
+    build_process_spec,
+    new_container_id,
+    parse_restart,
+    parse_signal,
+    random_name,
+)
 from shim.containers.store import Container, ContainerStore
 from shim.network.dns import host_resolv_conf
 
@@ -23,11 +29,7 @@ DEFAULT_STOP_TIMEOUT = 10
 
 
 def hosts_file(hostname: str) -> str:
-    return (
-        "127.0.0.1\tlocalhost\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{hostname}\n"
-    )
+    return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
 
 
 def prepare(options: RunOptions) -> Container:
@@ -155,8 +157,7 @@ def _device_fields(options: RunOptions) -> dict:
     security = options.security
     if security is None:
         return {}
-    out = {"privileged": security.privileged,
-           "devices": [parse_device(d, options.isolation) for d in security.devices]}
+    out = {"privileged": security.privileged, "devices": [parse_device(d, options.isolation) for d in security.devices]}
     if security.privileged:
         out["masked_paths"], out["readonly_paths"] = [], []
     return out
@@ -169,8 +170,7 @@ def _remove_anonymous_volumes(record: Container) -> None:
         remove_anonymous(record.mounts)
 
 
-def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,
-        on_started=None) -> int:
+def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, on_started=None) -> int:
     """Create and start a container. In the foreground (not ``options.detach``) attach
     to it and return its exit code (128+N if killed by signal N); detached, return 0
     once it runs. *on_started* (optional) is called with the record once it runs.
@@ -180,7 +180,14 @@ def run(options: RunOptions, *, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd
 
     store = ContainerStore()
     record = create(options, store)
-    return manage.start(record.id, attach=not options.detach, interactive=options.interactive,
-                        stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                        store=store, on_started=on_started,
-                        detach_keys=parse_detach_keys(options.detach_keys))
+    return manage.start(
+        record.id,
+        attach=not options.detach,
+        interactive=options.interactive,
+        stdin_fd=stdin_fd,
+        stdout_fd=stdout_fd,
+        stderr_fd=stderr_fd,
+        store=store,
+        on_started=on_started,
+        detach_keys=parse_detach_keys(options.detach_keys),
+    )

@@ -65,8 +65,7 @@ def parse_security_opts(values: list[str], capabilities: list[str]) -> tuple[obj
             key, sep, arg = value.partition(":")  # docker's older spelling
         if key == "no-new-privileges":
             if arg not in ("", "true", "false"):
-                raise UsageError(f"invalid --security-opt {value!r}: use no-new-privileges"
-                                 "[=true|false]")
+                raise UsageError(f"invalid --security-opt {value!r}: use no-new-privileges[=true|false]")
             no_new_privs = arg != "false"
         elif key == "seccomp" and arg:
             if arg == "unconfined":
@@ -87,8 +86,9 @@ def parse_security_opts(values: list[str], capabilities: list[str]) -> tuple[obj
         elif key in ("apparmor", "label"):
             continue  # docker ignores these where the host has no such LSM; so do we
         else:
-            raise UsageError(f"invalid --security-opt {value!r}: use no-new-privileges, "
-                             "seccomp=PROFILE.json or seccomp=unconfined")
+            raise UsageError(
+                f"invalid --security-opt {value!r}: use no-new-privileges, seccomp=PROFILE.json or seccomp=unconfined"
+            )
     return profile, no_new_privs
 
 
@@ -110,10 +110,10 @@ def parse_device(text: str, isolation: str) -> dict:
             target = parts[1]
     elif len(parts) == 3:
         target, perms = parts[1], parts[2]
-    if not target.startswith("/") or ".." in target.split("/") or not perms \
-            or not set(perms) <= set("rwm"):
-        raise UsageError(f"invalid --device {text!r}: the container path must be absolute "
-                         "and the permissions some of r, w, m")
+    if not target.startswith("/") or ".." in target.split("/") or not perms or not set(perms) <= set("rwm"):
+        raise UsageError(
+            f"invalid --device {text!r}: the container path must be absolute and the permissions some of r, w, m"
+        )
     try:
         st = os.stat(host)
     except OSError as exc:
@@ -123,9 +123,16 @@ def parse_device(text: str, isolation: str) -> dict:
     elif stat.S_ISBLK(st.st_mode):
         kind = "b"
         if isolation == "vm":
-            raise UsageError(f"--device {host}: a host block device cannot be passed to a "
-                             "VM container; use a volume, or --isolation process")
+            raise UsageError(
+                f"--device {host}: a host block device cannot be passed to a "
+                "VM container; use a volume, or --isolation process"
+            )
     else:
         raise UsageError(f"invalid --device {text!r}: {host} is not a device node")
-    return {"path": target, "type": kind, "major": os.major(st.st_rdev),
-            "minor": os.minor(st.st_rdev), "permissions": perms}
+    return {
+        "path": target,
+        "type": kind,
+        "major": os.major(st.st_rdev),
+        "minor": os.minor(st.st_rdev),
+        "permissions": perms,
+    }

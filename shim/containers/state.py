@@ -50,12 +50,11 @@ class Status(str, enum.Enum):
 
 S = Status
 TRANSITIONS: dict[str, dict[Status, Status]] = {
-    "start":   {S.CREATED: S.RUNNING, S.EXITED: S.RUNNING},
-    "pause":   {S.RUNNING: S.PAUSED},
+    "start": {S.CREATED: S.RUNNING, S.EXITED: S.RUNNING},
+    "pause": {S.RUNNING: S.PAUSED},
     "unpause": {S.PAUSED: S.RUNNING},
-    "exit":    {S.RUNNING: S.EXITED, S.PAUSED: S.EXITED},
-    "remove":  {S.CREATED: S.REMOVING, S.EXITED: S.REMOVING, S.REMOVING: S.REMOVING,
-                S.CHECKPOINTED: S.REMOVING},
+    "exit": {S.RUNNING: S.EXITED, S.PAUSED: S.EXITED},
+    "remove": {S.CREATED: S.REMOVING, S.EXITED: S.REMOVING, S.REMOVING: S.REMOVING, S.CHECKPOINTED: S.REMOVING},
     "checkpoint": {S.RUNNING: S.CHECKPOINTED, S.PAUSED: S.CHECKPOINTED},
     "restore": {S.CHECKPOINTED: S.RUNNING},
 }
@@ -89,8 +88,7 @@ def check(operation: str, current: Status | str, name: str = "") -> None:
     current = Status(current)
     allowed = allowed_from(operation)
     if current not in allowed:
-        raise ContainerStateError(operation, " or ".join(s.value for s in allowed),
-                                  current.value, name)
+        raise ContainerStateError(operation, " or ".join(s.value for s in allowed), current.value, name)
 
 
 def transition(operation: str, current: Status | str, name: str = "") -> Status:

@@ -101,8 +101,10 @@ def check_socket_paths(container_id: str) -> None:
     address (a very long VMSHIM_ROOT or VMSHIM_RUN)."""
     longest = run_dir_of(container_id) / "monitor.sock"
     if len(str(longest).encode()) > SOCKET_PATH_MAX:
-        raise VmshimError(f"the run directory {paths.run_dir()} is too long for unix "
-                          f"sockets ({longest}); set VMSHIM_RUN to a shorter directory")
+        raise VmshimError(
+            f"the run directory {paths.run_dir()} is too long for unix "
+            f"sockets ({longest}); set VMSHIM_RUN to a shorter directory"
+        )
 
 
 @dataclass
@@ -242,8 +244,10 @@ class Container:
             raise ValueError("a container record must be a JSON object")
         schema = data.get("schema", 1)
         if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
-            raise ValueError(f"container record schema {schema!r} is not one this version "
-                             f"reads (1 to {SCHEMA_VERSION}); upgrade vmshim")
+            raise ValueError(
+                f"container record schema {schema!r} is not one this version "
+                f"reads (1 to {SCHEMA_VERSION}); upgrade vmshim"
+            )
         try:
             return cls._from_dict(data)
         except (AttributeError, IndexError, KeyError, TypeError) as exc:  # a field's shape
@@ -256,8 +260,7 @@ class Container:
         # schema 1 also held memory_mib: always resources' VM size, so it is dropped.
         values["process"] = ProcessSpec.from_dict(_object(data, "process"))
         network = data.get("network")
-        values["network"] = None if network is None else \
-            NetworkRequest.from_dict(_object(data, "network"))
+        values["network"] = None if network is None else NetworkRequest.from_dict(_object(data, "network"))
         values["resources"] = Resources.from_dict(_object(data, "resources"))
         mounts = data.get("mounts") or []
         if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
@@ -265,8 +268,7 @@ class Container:
         values["mounts"] = [MountRequest.from_dict(m) for m in mounts]
         values["log"] = LogLimits.from_dict(data.get("log"))
         state_known = {f.name for f in fields(ContainerState)}
-        values["state"] = ContainerState(**{k: v for k, v in _object(data, "state").items()
-                                            if k in state_known})
+        values["state"] = ContainerState(**{k: v for k, v in _object(data, "state").items() if k in state_known})
         return cls(**values)
 
 
@@ -301,8 +303,7 @@ class ContainerStore:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.root.iterdir()
-                          if not p.name.startswith(".") and p.is_dir())
+            return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir())
         except FileNotFoundError:
             return []
 
@@ -343,8 +344,7 @@ class ContainerStore:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise ContainerNotFound(f"container id prefix {ref} is ambiguous "
-                                    f"({len(matches)} containers match)")
+            raise ContainerNotFound(f"container id prefix {ref} is ambiguous ({len(matches)} containers match)")
         raise ContainerNotFound(f"no such container: {ref}")
 
     # ---- writing --------------------------------------------------------------------------
@@ -355,8 +355,10 @@ class ContainerStore:
         with self._names_locked():
             for other in self.list():
                 if other.name == record.name:
-                    raise UsageError(f'the container name "{record.name}" is already in use '
-                                     f"by container {other.short_id}; remove or rename it")
+                    raise UsageError(
+                        f'the container name "{record.name}" is already in use '
+                        f"by container {other.short_id}; remove or rename it"
+                    )
             directory = self.dir(record.id)
             directory.mkdir(mode=0o711)
             os.chmod(directory, 0o711)
@@ -409,8 +411,7 @@ class ContainerStore:
             record = self.find(ref)
             for other in self.list():
                 if other.name == new_name and other.id != record.id:
-                    raise UsageError(f'the container name "{new_name}" is already in use '
-                                     f"by container {other.short_id}")
+                    raise UsageError(f'the container name "{new_name}" is already in use by container {other.short_id}')
             with self.locked(record.id) as fresh:
                 fresh.name = new_name
                 self.save(fresh)
@@ -438,6 +439,7 @@ class ContainerStore:
 
 
 # ---- the monitor process's identity ----------------------------------------------------
+
 
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None when

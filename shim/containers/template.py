@@ -62,18 +62,31 @@ def shape_of(record: Container) -> dict | None:
     from shim.containers.options import boot_config_of
 
     networks = record.network.networks if record.network is not None else []
-    if (record.isolation != "vm" or record.writable != "tmpfs" or record.mounts
-            or record.rootfs or (networks or ["none"])[0] != "none"
-            or record.engine_netns or record.os_container or record.privileged
-            or record.devices or record.sysctl):
+    if (
+        record.isolation != "vm"
+        or record.writable != "tmpfs"
+        or record.mounts
+        or record.rootfs
+        or (networks or ["none"])[0] != "none"
+        or record.engine_netns
+        or record.os_container
+        or record.privileged
+        or record.devices
+        or record.sysctl
+    ):
         return None
     if not record.resources.is_empty():
         return None
     boot = boot_config_of(record).to_dict()
     for personal in ("container_id", "token", "hostname", "process", "hosts", "resolv_conf"):
         boot.pop(personal, None)
-    return {"version": 1, "boot": boot, "layers": list(record.layer_disks),
-            "memory_mib": record.vm_memory_mib, "vcpus": record.vm_vcpus}
+    return {
+        "version": 1,
+        "boot": boot,
+        "layers": list(record.layer_disks),
+        "memory_mib": record.vm_memory_mib,
+        "vcpus": record.vm_vcpus,
+    }
 
 
 def key_of(shape: dict, guest: dict) -> str:
@@ -145,23 +158,30 @@ def restore_into(placement, template: dict, alive=None):
     clone = placement.run_dir / "template.img"
     paths.private_dir(placement.run_dir)
     tid, cid = template["id"], placement.boot_config.container_id
-    saveimage.clone(directory / MEMORY, clone, {
-        tid[:12]: cid[:12], template["uuid"]: str(uuid.UUID(cid[:32]))})
+    saveimage.clone(directory / MEMORY, clone, {tid[:12]: cid[:12], template["uuid"]: str(uuid.UUID(cid[:32]))})
     try:
         client = placement.restore(clone, alive=alive)
     finally:
         clone.unlink(missing_ok=True)
     try:
         boot = placement.boot_config
-        client.send(protocol.IDENTITY, os.urandom(64), token=template["token"], id=IDENTITY_ID,
-                    new_token=boot.token, hostname=boot.hostname,
-                    process=boot.process.to_dict(), hosts=boot.hosts,
-                    resolv_conf=boot.resolv_conf)
+        client.send(
+            protocol.IDENTITY,
+            os.urandom(64),
+            token=template["token"],
+            id=IDENTITY_ID,
+            new_token=boot.token,
+            hostname=boot.hostname,
+            process=boot.process.to_dict(),
+            hosts=boot.hosts,
+            resolv_conf=boot.resolv_conf,
+        )
         reply = client.recv(BOOT_TIMEOUT, alive=alive)
         if reply.type != protocol.UPDATED:
             message = reply.fields.get("message") if reply.type == protocol.ERROR else reply.type
-            raise VmshimError(f"the restored template did not take the container's identity: "
-                              f"{protocol.printable(str(message))}")
+            raise VmshimError(
+                f"the restored template did not take the container's identity: {protocol.printable(str(message))}"
+            )
     except BaseException:
         client.close()
         placement.kill()

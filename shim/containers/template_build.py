@@ -17,8 +17,17 @@ from shim import paths
 from shim.containers.checkpoint_vm import guest_identity
 from shim.containers.options import boot_config_of
 from shim.containers.store import Container
-from shim.containers.template import (IDENTITY_ID, MEMORY, META, PLACEHOLDER, READY_TIMEOUT,
-                                      key_of, locked_key, shape_of, templates_dir)
+from shim.containers.template import (
+    IDENTITY_ID,
+    MEMORY,
+    META,
+    PLACEHOLDER,
+    READY_TIMEOUT,
+    key_of,
+    locked_key,
+    shape_of,
+    templates_dir,
+)
 from shim.containers.vm_placement import VmPlacement
 from shim.errors import VmshimError
 
@@ -29,8 +38,7 @@ def create(record: Container, *, memory_mib: int | None = None, backend=None) ->
     (nothing is left of a failed one)."""
     shape = shape_of(record)
     if shape is None:
-        raise VmshimError("only --rm containers with --network none, no mounts and no "
-                          "limits can start from a template")
+        raise VmshimError("only --rm containers with --network none, no mounts and no limits can start from a template")
     if memory_mib is not None:
         shape["memory_mib"] = memory_mib
     memory_mib = shape["memory_mib"]
@@ -39,17 +47,25 @@ def create(record: Container, *, memory_mib: int | None = None, backend=None) ->
     tid = secrets.token_hex(32)
     token = secrets.token_hex(16)
     boot = boot_config_of(record).replace(
-        container_id=tid, token=token, hostname="template",
-        process=record.process.replace(args=list(PLACEHOLDER), tty=False))
+        container_id=tid,
+        token=token,
+        hostname="template",
+        process=record.process.replace(args=list(PLACEHOLDER), tty=False),
+    )
     directory = templates_dir() / key
     with locked_key(key):
         work = templates_dir() / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o700)
-        placement = VmPlacement(boot, [Path(d) for d in record.layer_disks], paths.run_dir() / tid[:12],
-                                name="template", memory_mib=memory_mib,
-                                vcpus=record.vm_vcpus,
-                                backend=backend)
+        placement = VmPlacement(
+            boot,
+            [Path(d) for d in record.layer_disks],
+            paths.run_dir() / tid[:12],
+            name="template",
+            memory_mib=memory_mib,
+            vcpus=record.vm_vcpus,
+            backend=backend,
+        )
         try:
             client = placement.boot()
             try:
@@ -61,9 +77,15 @@ def create(record: Container, *, memory_mib: int | None = None, backend=None) ->
                 client.close()
             time.sleep(0.5)  # the agent sees its host leave, and greets the next one
             placement.save(work / MEMORY)
-            meta = {"id": tid, "token": token, "uuid": str(uuid.UUID(tid[:32])),
-                    "image": record.image, "memory_mib": memory_mib,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guest}
+            meta = {
+                "id": tid,
+                "token": token,
+                "uuid": str(uuid.UUID(tid[:32])),
+                "image": record.image,
+                "memory_mib": memory_mib,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **guest,
+            }
             (work / META).write_text(json.dumps(meta, indent=1))
             shutil.rmtree(directory, ignore_errors=True)
             os.rename(work, directory)

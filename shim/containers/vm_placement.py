@@ -15,8 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from guest.spec import (CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG,
-                        WRITABLE_SERIAL, BootConfig)
+from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG, WRITABLE_SERIAL, BootConfig
 from shim import paths
 from shim.errors import VmshimError
 from shim.containers.netrequest import NetworkRequest
@@ -62,13 +61,29 @@ def make_rw_disk(path: Path, size: int = RW_DISK_SIZE) -> None:
         os.fchmod(fd, 0o600)  # container data: libvirt chowns it to QEMU's user
         f.truncate(size)
     res = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-N", "65536", "-L", "vmshim-rw",
-         "-E", "lazy_itable_init=0,lazy_journal_init=1,nodiscard", str(tmp)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-N",
+            "65536",
+            "-L",
+            "vmshim-rw",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=1,nodiscard",
+            str(tmp),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise VmshimError(f"cannot make the writable disk {path}: "
-                          f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}")
+        raise VmshimError(
+            f"cannot make the writable disk {path}: {(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}"
+        )
     os.replace(tmp, path)
 
 
@@ -81,11 +96,24 @@ class VmPlacement:
 
     kind = "vm"
 
-    def __init__(self, boot: BootConfig, layer_disks: list[Path], run_dir: Path, *,
-                 name: str, memory_mib: int = DEFAULT_VM_MIB, vcpus: int = 1, rw_disk: Path | None = None,
-                 backend=None, cpuset: str | None = None, mounts: list | None = None,
-                 network: NetworkRequest | None = None, rootfs_dir: str = "",
-                 engine_netns: dict | None = None, hypervisor: str = ""):
+    def __init__(
+        self,
+        boot: BootConfig,
+        layer_disks: list[Path],
+        run_dir: Path,
+        *,
+        name: str,
+        memory_mib: int = DEFAULT_VM_MIB,
+        vcpus: int = 1,
+        rw_disk: Path | None = None,
+        backend=None,
+        cpuset: str | None = None,
+        mounts: list | None = None,
+        network: NetworkRequest | None = None,
+        rootfs_dir: str = "",
+        engine_netns: dict | None = None,
+        hypervisor: str = "",
+    ):
         from shim.containers.mounts import Attachments
 
         self.boot_config = boot
@@ -154,16 +182,23 @@ class VmPlacement:
         memory = memory or MemorySettings()
 
         disks = [
-            dom.Disk(source=str(path), target=_target(i), serial=f"{LAYER_SERIAL_PREFIX}{i}",
-                     readonly=True, shareable=True)
+            dom.Disk(
+                source=str(path), target=_target(i), serial=f"{LAYER_SERIAL_PREFIX}{i}", readonly=True, shareable=True
+            )
             for i, path in enumerate(self.layer_disks)
         ]
-        disks.append(dom.Disk(source=str(self.run_dir / "config.iso"),
-                              target=_target(len(disks)), serial=CONFIG_DRIVE_SERIAL,
-                              readonly=True))
+        disks.append(
+            dom.Disk(
+                source=str(self.run_dir / "config.iso"),
+                target=_target(len(disks)),
+                serial=CONFIG_DRIVE_SERIAL,
+                readonly=True,
+            )
+        )
         if self.rw_disk is not None:
-            disks.append(dom.Disk(source=str(self.rw_disk), target=_target(len(disks)),
-                                  serial=WRITABLE_SERIAL, readonly=False))
+            disks.append(
+                dom.Disk(source=str(self.rw_disk), target=_target(len(disks)), serial=WRITABLE_SERIAL, readonly=False)
+            )
         disks += self._volume_disks  # made by boot() (volume leases)
         interfaces = self.network.domain_interfaces() if self.network is not None else []
         if self._engine is not None:
@@ -176,8 +211,9 @@ class VmPlacement:
             memory_mib=self.memory_mib,
             vcpus=self.vcpus,
             domain_type="kvm" if accel.kind == "kvm" else "qemu",
-            boot=dom.KernelBoot(kernel=str(guest.kernel), initrd=str(guest.initramfs),
-                                cmdline=guest_cmdline(guest.cmdline, accel.kind)),
+            boot=dom.KernelBoot(
+                kernel=str(guest.kernel), initrd=str(guest.initramfs), cmdline=guest_cmdline(guest.cmdline, accel.kind)
+            ),
             disks=disks,
             channels=[dom.AgentChannel(socket_path=str(self.agent_socket))],
             serial=dom.SerialLog(path=str(self.console_log)),
@@ -212,8 +248,9 @@ class VmPlacement:
         new, gone = self._engine.changes()
         for link in gone:
             self._engine.unplug(link, self._request_unplug)
-        return [self._engine.plug(link, lambda iface: self.backend.attach_interface(
-                    self.domain, iface)) for link in new]
+        return [
+            self._engine.plug(link, lambda iface: self.backend.attach_interface(self.domain, iface)) for link in new
+        ]
 
     def _request_unplug(self, mac: str) -> None:
         """Ask for NIC *mac* to leave the VM without waiting: the guest's PCIe hotplug
@@ -279,8 +316,7 @@ class VmPlacement:
         old = self.agent_socket
         self.agent_socket = agent_socket_for(self.run_dir, uri)
         try:
-            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel(),
-                                       memory.load())
+            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel(), memory.load())
             self.backend.migrate(self.domain, uri, domain)
         except BaseException:
             self.agent_socket = old
@@ -309,22 +345,22 @@ class VmPlacement:
             self.agent_socket = self.run_dir / "agent.sock"
         self.console_log.unlink(missing_ok=True)
 
-        vm = (pool.take(self, pool.current_key(guest=guest, accel=self.accel.kind), self.backend)
-              if pooled_ok else None)
+        vm = pool.take(self, pool.current_key(guest=guest, accel=self.accel.kind), self.backend) if pooled_ok else None
         if vm is not None:
             return self._boot_pooled(vm, alive)
         if self.attachments.requests:
             first = len(self.layer_disks) + 1 + (self.rw_disk is not None)
             specs, self._volume_disks, self._shares = self.attachments.for_vm(
-                first, _target, share_dir=self.run_dir / "shares")
+                first, _target, share_dir=self.run_dir / "shares"
+            )
             self.boot_config = self.boot_config.replace(mounts=specs)
         try:
             if self.network_request is not None:
                 from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
-                    self.boot_config.container_id, self.name, "vm", self.network_request,
-                    self.boot_config)
+                    self.boot_config.container_id, self.name, "vm", self.network_request, self.boot_config
+                )
             if self.engine_netns is not None:
                 from shim.containers.engine_network import EngineNetwork
 
@@ -366,10 +402,9 @@ class VmPlacement:
                 from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
-                    self.boot_config.container_id, self.name, "vm", self.network_request,
-                    self.boot_config)
-            return pool.adopt(self, vm, client,
-                              alive=lambda: self._vm_problem() or (alive and alive()))
+                    self.boot_config.container_id, self.name, "vm", self.network_request, self.boot_config
+                )
+            return pool.adopt(self, vm, client, alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
             if client is not None:
                 client.close()
@@ -381,8 +416,7 @@ class VmPlacement:
         gone. The agent says hello on its own (once the VM runs, if it is paused)."""
         from shim.containers.isolation import reattach_agent
 
-        return reattach_agent(self, self.boot_config.container_id, self.network_request,
-                              self.agent_socket)
+        return reattach_agent(self, self.boot_config.container_id, self.network_request, self.agent_socket)
 
     def running(self) -> bool:
         """Whether the VM's QEMU is alive (running or paused). Raises HypervisorError."""
@@ -392,8 +426,9 @@ class VmPlacement:
         if self.running():
             return None
         tail = console_tail(self.console_log)
-        return ("the microVM stopped before its agent answered"
-                + (f"; console: {tail}" if tail else f"; see {self.console_log}"))
+        return "the microVM stopped before its agent answered" + (
+            f"; console: {tail}" if tail else f"; see {self.console_log}"
+        )
 
     def pause(self) -> None:
         self.backend.suspend(self.domain)
@@ -460,8 +495,12 @@ class VmPlacement:
             pid = self.backend.qemu_pid(self.domain)
         except Exception:  # noqa: BLE001
             pass
-        return {"Domain": self.domain, "QemuPid": pid or 0, "ConsoleLog": str(self.console_log),
-                "AgentSocket": str(self.agent_socket)}
+        return {
+            "Domain": self.domain,
+            "QemuPid": pid or 0,
+            "ConsoleLog": str(self.console_log),
+            "AgentSocket": str(self.agent_socket),
+        }
 
     def usage(self) -> dict:
         """Host-side usage of the VM: QEMU's CPU time and resident memory."""
@@ -498,11 +537,8 @@ def _detach_below(path: Path) -> None:
         return
     from guest.runtime import rootfs as rootfs_mod
 
-    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
-                         key=len, reverse=True):
+    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")), key=len, reverse=True):
         try:
             rootfs_mod.unmount(target, detach=True)
         except OSError:
             pass
-
-

@@ -35,16 +35,45 @@ Public API, re-exported here: :class:`GuestImage`, :func:`ensure_guest_image`,
 from shim.guestimage.cache import current_guest_image, ensure_guest_image
 from shim.guestimage.cpio import CpioEntry, CpioWriter, read_cpio
 from shim.guestimage.image import GuestImage, boot_floor_command
-from shim.guestimage.inputs import (BUILDER_VERSION, BUSYBOX, CMDLINE, COMPRESSION, collect_inputs,
-                                    guest_source_dir, hash_tree, inputs_hash)
+from shim.guestimage.inputs import (
+    BUILDER_VERSION,
+    BUSYBOX,
+    CMDLINE,
+    COMPRESSION,
+    collect_inputs,
+    guest_source_dir,
+    hash_tree,
+    inputs_hash,
+)
 from shim.guestimage.kernel import KERNEL_CHOICES, KERNEL_ENV, bzimage_release, kernel_choice, save_kernel_choice
 from shim.guestimage.modules import GUEST_MODULES, ModuleTree, module_load_order, module_name, read_modinfo
 from shim.guestimage.python import PYTHON
 
 __all__ = [
-    "BUILDER_VERSION", "BUSYBOX", "CMDLINE", "COMPRESSION", "GUEST_MODULES", "KERNEL_CHOICES",
-    "KERNEL_ENV", "PYTHON", "CpioEntry", "CpioWriter", "GuestImage", "ModuleTree",
-    "boot_floor_command", "bzimage_release", "collect_inputs", "current_guest_image",
-    "ensure_guest_image", "guest_source_dir", "hash_tree", "inputs_hash", "kernel_choice",
-    "module_load_order", "module_name", "read_cpio", "read_modinfo", "save_kernel_choice",
+    "BUILDER_VERSION",
+    "BUSYBOX",
+    "CMDLINE",
+    "COMPRESSION",
+    "GUEST_MODULES",
+    "KERNEL_CHOICES",
+    "KERNEL_ENV",
+    "PYTHON",
+    "CpioEntry",
+    "CpioWriter",
+    "GuestImage",
+    "ModuleTree",
+    "boot_floor_command",
+    "bzimage_release",
+    "collect_inputs",
+    "current_guest_image",
+    "ensure_guest_image",
+    "guest_source_dir",
+    "hash_tree",
+    "inputs_hash",
+    "kernel_choice",
+    "module_load_order",
+    "module_name",
+    "read_cpio",
+    "read_modinfo",
+    "save_kernel_choice",
 ]

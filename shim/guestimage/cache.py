@@ -16,8 +16,7 @@ from shim import paths
 from shim.errors import GuestImageError
 from shim.guestimage.image import GuestImage
 from shim.guestimage.initramfs import _INITRAMFS, _KERNEL, _MANIFEST, _build
-from shim.guestimage.inputs import (CMDLINE, COMPRESSION, collect_inputs, guest_source_dir,
-                                    inputs_hash)
+from shim.guestimage.inputs import CMDLINE, COMPRESSION, collect_inputs, guest_source_dir, inputs_hash
 
 _SUPERSEDED = ".superseded"
 
@@ -33,9 +32,13 @@ def _image_from_dir(d: Path) -> GuestImage | None:
     kernel, initramfs = d / _KERNEL, d / _INITRAMFS
     if not (kernel.is_file() and initramfs.is_file()):
         return None
-    return GuestImage(kernel=kernel, initramfs=initramfs,
-                      kernel_release=manifest.get("kernel", {}).get("release", ""),
-                      manifest=manifest, cmdline=manifest.get("cmdline", CMDLINE))
+    return GuestImage(
+        kernel=kernel,
+        initramfs=initramfs,
+        kernel_release=manifest.get("kernel", {}).get("release", ""),
+        manifest=manifest,
+        cmdline=manifest.get("cmdline", CMDLINE),
+    )
 
 
 def current_guest_image(kernel: str | None = None) -> GuestImage | None:
@@ -50,8 +53,12 @@ def current_guest_image(kernel: str | None = None) -> GuestImage | None:
     return _image_from_dir(d)
 
 
-def ensure_guest_image(progress: Callable[[str], None] | None = None, force: bool = False,
-                       kernel: str | None = None, refresh_kernel: bool = False) -> GuestImage:
+def ensure_guest_image(
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+    kernel: str | None = None,
+    refresh_kernel: bool = False,
+) -> GuestImage:
     """Return the guest image for today's inputs, building it first if it is missing or
     stale (or always, with *force*). *progress* receives one line per build step. *kernel*
     (``minimal``/``distro``) overrides :func:`kernel_choice`; the minimal kernel must be built.
@@ -61,12 +68,17 @@ def ensure_guest_image(progress: Callable[[str], None] | None = None, force: boo
     and older builds are removed by a later build once superseded for RETIRE_GRACE. Raises
     GuestImageError with what to do on any failure.
     """
-    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel,
-                   refresh_kernel)
+    return _ensure(progress or (lambda _msg: None), force, guest_source_dir(), COMPRESSION, kernel, refresh_kernel)
 
 
-def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compression: str,
-            kernel: str | None = None, refresh_kernel: bool = False) -> GuestImage:
+def _ensure(
+    progress: Callable[[str], None],
+    force: bool,
+    guest_src: Path,
+    compression: str,
+    kernel: str | None = None,
+    refresh_kernel: bool = False,
+) -> GuestImage:
     inputs = collect_inputs(guest_src, kernel_request=kernel, refresh_kernel=refresh_kernel)
     inputs["compression"] = compression
     digest = inputs_hash(inputs)
@@ -80,8 +92,9 @@ def _ensure(progress: Callable[[str], None], force: bool, guest_src: Path, compr
         gdir.mkdir(parents=True, exist_ok=True)
         lock = open(gdir / ".lock", "a+")
     except OSError as exc:
-        raise GuestImageError(f"cannot write the guest image directory {gdir}: {exc.strerror} "
-                              "(run as root or set VMSHIM_ROOT)") from None
+        raise GuestImageError(
+            f"cannot write the guest image directory {gdir}: {exc.strerror} (run as root or set VMSHIM_ROOT)"
+        ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force:

@@ -30,8 +30,13 @@ class CpioEntry:
     @property
     def kind(self) -> str:
         fmt = stat.S_IFMT(self.mode)
-        return {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
-                stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}.get(fmt, "other")
+        return {
+            stat.S_IFREG: "file",
+            stat.S_IFDIR: "dir",
+            stat.S_IFLNK: "symlink",
+            stat.S_IFCHR: "chr",
+            stat.S_IFBLK: "blk",
+        }.get(fmt, "other")
 
 
 _NEWC_MAGIC = b"070701"
@@ -53,16 +58,28 @@ class CpioWriter:
         self._names: set[str] = set()
         self.size = 0
 
-    def _header(self, name: str, mode: int, filesize: int, nlink: int = 1,
-                rdev: tuple[int, int] = (0, 0)) -> None:
+    def _header(self, name: str, mode: int, filesize: int, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
         raw = name.encode() + b"\0"
         if name != _TRAILER:
             if name in self._names:
                 raise ValueError(f"duplicate cpio member {name!r}")
             self._names.add(name)
             self._ino += 1
-        fields = (self._ino if name != _TRAILER else 0, mode, 0, 0, nlink, 0, filesize,
-                  0, 0, rdev[0], rdev[1], len(raw), 0)
+        fields = (
+            self._ino if name != _TRAILER else 0,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            filesize,
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(raw),
+            0,
+        )
         head = _NEWC_MAGIC + b"".join(b"%08X" % f for f in fields) + raw
         self._write(head + b"\0" * (-len(head) % 4))
 
@@ -87,8 +104,7 @@ class CpioWriter:
     def add_file_from(self, name: str, src: Path, mode: int | None = None) -> None:
         """Add the content of host file *src* (streamed; symlinks followed)."""
         st = os.stat(src)
-        self._header(self._clean(name), stat.S_IFREG | (stat.S_IMODE(st.st_mode) if mode is None
-                                                         else mode), st.st_size)
+        self._header(self._clean(name), stat.S_IFREG | (stat.S_IMODE(st.st_mode) if mode is None else mode), st.st_size)
         copied = 0
         with open(src, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -117,18 +133,18 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
     entries: list[CpioEntry] = []
     pos = 0
     while True:
-        if data[pos:pos + 6] != _NEWC_MAGIC:
+        if data[pos : pos + 6] != _NEWC_MAGIC:
             raise ValueError(f"bad cpio magic at offset {pos}")
         try:
-            f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+            f = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
         except ValueError:
             raise ValueError(f"bad cpio header at offset {pos}") from None
         ino, mode, uid, gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = f
         name_start = pos + 110
-        name = data[name_start:name_start + namesize - 1].decode()
+        name = data[name_start : name_start + namesize - 1].decode()
         pos = name_start + namesize
         pos += -pos % 4
-        body = data[pos:pos + size]
+        body = data[pos : pos + size]
         if len(body) != size:
             raise ValueError(f"cpio member {name!r} is truncated")
         pos += size + (-size % 4)

@@ -20,8 +20,9 @@ class GuestImage:
     cmdline: str = CMDLINE
 
 
-def boot_floor_command(image: GuestImage, sock: str, serial_log: str,
-                       config_drive: str | None = None, accel_kind: str = "tcg") -> list[str]:
+def boot_floor_command(
+    image: GuestImage, sock: str, serial_log: str, config_drive: str | None = None, accel_kind: str = "tcg"
+) -> list[str]:
     """The bare QEMU command that boots *image* with the agent port on unix socket *sock*
     (QEMU listens; connect after starting) and the console written to *serial_log*.
 
@@ -36,17 +37,43 @@ def boot_floor_command(image: GuestImage, sock: str, serial_log: str,
 
     accel = "kvm" if accel_kind == "kvm" else "tcg,tb-size=32"
     cmd = [
-        "qemu-system-x86_64", "-accel", accel, "-M", "pc", "-cpu", "qemu64,+rdrand",
-        "-smp", "1", "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-        "-append", guest_cmdline(image.cmdline, accel_kind),
-        "-serial", f"file:{serial_log}",
-        "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
-        "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=agent,name=org.vmshim.agent",
+        "qemu-system-x86_64",
+        "-accel",
+        accel,
+        "-M",
+        "pc",
+        "-cpu",
+        "qemu64,+rdrand",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initramfs),
+        "-append",
+        guest_cmdline(image.cmdline, accel_kind),
+        "-serial",
+        f"file:{serial_log}",
+        "-chardev",
+        f"socket,id=agent,path={sock},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci",
+        "-device",
+        "virtserialport,chardev=agent,name=org.vmshim.agent",
     ]
     if config_drive:
         from guest.spec import CONFIG_DRIVE_SERIAL
 
-        cmd += ["-drive", f"file={config_drive},if=none,id=config,format=raw,readonly=on",
-                "-device", f"virtio-blk-pci,drive=config,serial={CONFIG_DRIVE_SERIAL}"]
+        cmd += [
+            "-drive",
+            f"file={config_drive},if=none,id=config,format=raw,readonly=on",
+            "-device",
+            f"virtio-blk-pci,drive=config,serial={CONFIG_DRIVE_SERIAL}",
+        ]
     return cmd

@@ -12,8 +12,7 @@ from typing import Mapping
 
 from shim import paths
 from shim.errors import GuestImageError
-from shim.guestimage.kernel import (_kernel_override, _minimal_kernel_inputs,
-                                    _resolve_kernel_package, kernel_choice)
+from shim.guestimage.kernel import _kernel_override, _minimal_kernel_inputs, _resolve_kernel_package, kernel_choice
 from shim.guestimage.python import PYTHON, PYTHON_PACKAGES
 from shim.guestimage.tools import _package_versions, _stat_sig, _write_json_quietly
 
@@ -24,8 +23,10 @@ BUSYBOX = Path("/bin/busybox")
 
 BUSYBOX_PACKAGE = "busybox-static"
 
-CMDLINE = ("console=ttyS0 panic=-1 quiet loglevel=0 i8042.noaux i8042.nokbd 8250.nr_uarts=1 "
-           "tsc=reliable no_timer_check noreplace-smp cryptomgr.notests random.trust_cpu=on")
+CMDLINE = (
+    "console=ttyS0 panic=-1 quiet loglevel=0 i8042.noaux i8042.nokbd 8250.nr_uarts=1 "
+    "tsc=reliable no_timer_check noreplace-smp cryptomgr.notests random.trust_cpu=on"
+)
 """Kernel command line from DESIGN's measured recipe."""
 
 COMPRESSION = "lz4"
@@ -78,8 +79,9 @@ def _fingerprint_file() -> Path:
     return paths.cache_dir() / "guest-inputs.json"
 
 
-def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = None,
-                   refresh_kernel: bool = False) -> dict:
+def collect_inputs(
+    guest_src: Path | None = None, kernel_request: str | None = None, refresh_kernel: bool = False
+) -> dict:
     """Everything the image is built from, as a JSON-able dict (its hash names the build).
 
     Slow look-ups (apt-cache ~1 s, dpkg-query) are cached in ``cache_dir()/guest-inputs.json``
@@ -93,9 +95,12 @@ def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = N
     choice, _why = kernel_choice(kernel_request)
     if choice == "minimal":
         override = _minimal_kernel_inputs()
-    sigs = {"apt": _apt_sig() if override is None else None,
-            "dpkg": _stat_sig(Path("/var/lib/dpkg/status")),
-            "python": _stat_sig(PYTHON), "busybox": _stat_sig(BUSYBOX)}
+    sigs = {
+        "apt": _apt_sig() if override is None else None,
+        "dpkg": _stat_sig(Path("/var/lib/dpkg/status")),
+        "python": _stat_sig(PYTHON),
+        "busybox": _stat_sig(BUSYBOX),
+    }
     try:
         cached = json.loads(_fingerprint_file().read_text())
     except (OSError, ValueError):
@@ -103,8 +108,11 @@ def collect_inputs(guest_src: Path | None = None, kernel_request: str | None = N
     fresh = dict(cached)
     if override is not None:
         kernel = override
-    elif (isinstance(cached.get("kernel"), dict) and cached["kernel"].get("source") == "debian"
-          and (not refresh_kernel or cached.get("apt_sig") == sigs["apt"])):
+    elif (
+        isinstance(cached.get("kernel"), dict)
+        and cached["kernel"].get("source") == "debian"
+        and (not refresh_kernel or cached.get("apt_sig") == sigs["apt"])
+    ):
         kernel = cached["kernel"]
     else:
         kernel = {"source": "debian", **_resolve_kernel_package()}

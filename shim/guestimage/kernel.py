@@ -37,15 +37,18 @@ def _resolve_kernel_package() -> dict:
             version = m.group(1)
     if name and version:
         return {"package": name, "version": version}
-    cached = sorted((paths.cache_dir() / "kernel").glob("linux-image-*-cloud-amd64_*.deb"),
-                    key=lambda p: p.stat().st_mtime)
+    cached = sorted(
+        (paths.cache_dir() / "kernel").glob("linux-image-*-cloud-amd64_*.deb"), key=lambda p: p.stat().st_mtime
+    )
     if cached:
         pkg, ver, _ = cached[-1].name.split("_", 2)
         from urllib.parse import unquote
+
         return {"package": pkg, "version": unquote(ver)}
     raise GuestImageError(
         f"apt knows no {KERNEL_META_PACKAGE} and none is cached; run apt-get update "
-        "(or set VMSHIM_KERNEL and VMSHIM_KERNEL_MODULES to a kernel you built)")
+        "(or set VMSHIM_KERNEL and VMSHIM_KERNEL_MODULES to a kernel you built)"
+    )
 
 
 def _kernel_override() -> dict | None:
@@ -118,8 +121,9 @@ def kernel_choice(requested: str | None = None) -> tuple[str, str]:
         source = f"chosen with `vmshim guest build --kernel {requested}`"
     if requested:
         if requested not in KERNEL_CHOICES:
-            raise GuestImageError(f"unknown guest kernel {requested!r} ({source}); "
-                                  f"choose one of {', '.join(KERNEL_CHOICES)}")
+            raise GuestImageError(
+                f"unknown guest kernel {requested!r} ({source}); choose one of {', '.join(KERNEL_CHOICES)}"
+            )
         return requested, source
     from shim import kernelbuild
 
@@ -134,12 +138,20 @@ def _minimal_kernel_inputs() -> dict:
 
     built = kernelbuild.cached_kernel()
     if built is None:
-        raise GuestImageError("the minimal guest kernel is not built; run `vmshim guest kernel build` "
-                              "(minutes), or use the distro kernel (`vmshim guest build --kernel distro`)")
+        raise GuestImageError(
+            "the minimal guest kernel is not built; run `vmshim guest kernel build` "
+            "(minutes), or use the distro kernel (`vmshim guest build --kernel distro`)"
+        )
     r = built.record
-    return {"source": "minimal", "key": built.key, "kernel": str(built.boot_image),
-            "release": r.get("release", ""), "source_package": r.get("source_package", ""),
-            "source_version": r.get("source_version", ""), "fragment_sha256": r.get("fragment_sha256", "")}
+    return {
+        "source": "minimal",
+        "key": built.key,
+        "kernel": str(built.boot_image),
+        "release": r.get("release", ""),
+        "source_package": r.get("source_package", ""),
+        "source_version": r.get("source_version", ""),
+        "fragment_sha256": r.get("fragment_sha256", ""),
+    }
 
 
 def bzimage_release(path: Path) -> str:
@@ -148,8 +160,8 @@ def bzimage_release(path: Path) -> str:
         head = f.read(0x10000)
     if head[0x202:0x206] != b"HdrS":
         raise GuestImageError(f"{path} is not a bzImage (set VMSHIM_KERNEL_MODULES too, to name its release)")
-    off, = struct.unpack_from("<H", head, 0x20E)
-    raw = head[off + 0x200:off + 0x200 + 256]
+    (off,) = struct.unpack_from("<H", head, 0x20E)
+    raw = head[off + 0x200 : off + 0x200 + 256]
     return raw.split(b"\0", 1)[0].split(b" ", 1)[0].decode(errors="replace")
 
 
@@ -170,7 +182,7 @@ def _debian_kernel(package: str, version: str, progress: Callable[[str], None]) 
         if res.returncode != 0 or not deb.is_file():
             err = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise GuestImageError(f"cannot download {package} {version}: {err}")
-    unpacked = kdir / deb.name[:-len(".deb")]
+    unpacked = kdir / deb.name[: -len(".deb")]
     if not unpacked.is_dir():
         progress(f"unpacking {deb.name}")
         tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=kdir))
@@ -182,7 +194,7 @@ def _debian_kernel(package: str, version: str, progress: Callable[[str], None]) 
     vmlinuzes = sorted((unpacked / "boot").glob("vmlinuz-*"))
     if not vmlinuzes:
         raise GuestImageError(f"{deb.name} holds no boot/vmlinuz-*; delete {unpacked} and build again")
-    release = vmlinuzes[0].name[len("vmlinuz-"):]
+    release = vmlinuzes[0].name[len("vmlinuz-") :]
     for base in ("lib/modules", "usr/lib/modules"):
         mdir = unpacked / base / release
         if mdir.is_dir():

@@ -16,9 +16,22 @@ from typing import Callable, Iterable
 from shim.errors import GuestImageError
 
 GUEST_MODULES = (
-    "virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-    "virtio_console", "virtio_blk", "virtio_rng", "overlay", "squashfs", "isofs",
-    "virtio_net", "vsock", "vmw_vsock_virtio_transport", "fuse", "virtiofs",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_rng",
+    "overlay",
+    "squashfs",
+    "isofs",
+    "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "fuse",
+    "virtiofs",
 )
 """Kernel modules the agent loads, boot-critical first. Dependencies are added and the whole
 list is written in load order; a module the kernel has built in is skipped."""
@@ -37,7 +50,7 @@ def read_modinfo(data: bytes) -> dict[str, list[str]]:
     """Return the ``.modinfo`` key/values of an ELF64 little-endian kernel module."""
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ValueError("not an ELF64 little-endian file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
 
     def section(i: int) -> tuple[int, int, int]:
@@ -45,12 +58,12 @@ def read_modinfo(data: bytes) -> dict[str, list[str]]:
         return name, off, size
 
     _, stroff, strsize = section(shstrndx)
-    strtab = data[stroff:stroff + strsize]
+    strtab = data[stroff : stroff + strsize]
     info: dict[str, list[str]] = {}
     for i in range(shnum):
         name, off, size = section(i)
-        if strtab[name:strtab.index(b"\0", name)] == b".modinfo":
-            for item in data[off:off + size].split(b"\0"):
+        if strtab[name : strtab.index(b"\0", name)] == b".modinfo":
+            for item in data[off : off + size].split(b"\0"):
                 key, sep, value = item.decode(errors="replace").partition("=")
                 if sep:
                     info.setdefault(key, []).append(value)
@@ -74,8 +87,9 @@ def _module_bytes(path: Path) -> bytes:
     raise GuestImageError(f"{path} is not a kernel module")
 
 
-def module_load_order(wanted: Iterable[str], depends: Callable[[str], list[str] | None],
-                      builtin: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+def module_load_order(
+    wanted: Iterable[str], depends: Callable[[str], list[str] | None], builtin: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
     """Order *wanted* modules and everything they depend on so each comes after its
     dependencies, keeping *wanted*'s order otherwise.
 

@@ -16,36 +16,155 @@ from shim.guestimage.tools import _run
 PYTHON = Path("/usr/bin/python3.11")
 """The host's Debian python, copied into the guest (never a pyenv or venv python)."""
 
-PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
-                   "libc6", "libffi8", "libexpat1", "zlib1g")
+PYTHON_PACKAGES = (
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libffi8",
+    "libexpat1",
+    "zlib1g",
+)
 """Packages whose versions identify the python that goes in (binary, stdlib, libraries)."""
 
 GUEST_LIB = "/usr/lib/vmshim"
 
 STDLIB_MODULES = (
-    "encodings", "encodings.aliases", "encodings.utf_8", "encodings.utf_8_sig",
-    "encodings.ascii", "encodings.latin_1", "encodings.idna", "encodings.raw_unicode_escape",
-    "encodings.unicode_escape", "json", "ctypes", "selectors", "select", "signal", "struct",
-    "socket", "fcntl", "termios", "pty", "tty", "errno", "os", "stat", "shutil",
-    "subprocess", "pathlib", "dataclasses", "secrets", "hashlib", "base64", "binascii",
-    "time", "traceback", "typing", "enum", "functools", "re", "collections", "threading",
-    "queue", "tempfile", "io", "contextlib", "itertools", "operator", "copy", "string",
-    "textwrap", "weakref", "heapq", "bisect", "random", "datetime", "glob", "fnmatch",
-    "posixpath", "codecs", "warnings", "abc", "types", "ipaddress", "resource", "mmap",
-    "tarfile", "shlex", "logging", "argparse", "uuid", "zlib", "gzip", "array",
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "encodings.utf_8_sig",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.idna",
+    "encodings.raw_unicode_escape",
+    "encodings.unicode_escape",
+    "json",
+    "ctypes",
+    "selectors",
+    "select",
+    "signal",
+    "struct",
+    "socket",
+    "fcntl",
+    "termios",
+    "pty",
+    "tty",
+    "errno",
+    "os",
+    "stat",
+    "shutil",
+    "subprocess",
+    "pathlib",
+    "dataclasses",
+    "secrets",
+    "hashlib",
+    "base64",
+    "binascii",
+    "time",
+    "traceback",
+    "typing",
+    "enum",
+    "functools",
+    "re",
+    "collections",
+    "threading",
+    "queue",
+    "tempfile",
+    "io",
+    "contextlib",
+    "itertools",
+    "operator",
+    "copy",
+    "string",
+    "textwrap",
+    "weakref",
+    "heapq",
+    "bisect",
+    "random",
+    "datetime",
+    "glob",
+    "fnmatch",
+    "posixpath",
+    "codecs",
+    "warnings",
+    "abc",
+    "types",
+    "ipaddress",
+    "resource",
+    "mmap",
+    "tarfile",
+    "shlex",
+    "logging",
+    "argparse",
+    "uuid",
+    "zlib",
+    "gzip",
+    "array",
 )
 """Stdlib modules the agent may use even if the guest code does not import them yet; the
 guest code's own imports are added with modulefinder."""
 
 STDLIB_EXCLUDE = (
-    "test", "tkinter", "_tkinter", "idlelib", "ensurepip", "lib2to3", "pydoc_data",
-    "distutils", "unittest", "pydoc", "doctest", "turtle", "turtledemo", "venv", "sqlite3",
-    "_sqlite3", "curses", "_curses", "dbm", "xmlrpc", "wsgiref", "ssl", "_ssl", "_hashlib",
-    "_bz2", "_lzma", "_decimal", "readline", "_dbm", "_gdbm", "email", "http", "urllib.request",
-    "multiprocessing", "concurrent", "asyncio", "xml", "pyexpat", "html", "importlib.metadata",
-    "importlib.resources", "pickle", "_pickle", "_pydecimal", "decimal", "statistics",
-    "fractions", "zipfile", "csv", "pprint", "tracemalloc", "py_compile", "lib2to3",
-    "_ctypes_test", "ctypes.test", "_uuid", "_testcapi", "_testinternalcapi", "_testbuffer",
+    "test",
+    "tkinter",
+    "_tkinter",
+    "idlelib",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "distutils",
+    "unittest",
+    "pydoc",
+    "doctest",
+    "turtle",
+    "turtledemo",
+    "venv",
+    "sqlite3",
+    "_sqlite3",
+    "curses",
+    "_curses",
+    "dbm",
+    "xmlrpc",
+    "wsgiref",
+    "ssl",
+    "_ssl",
+    "_hashlib",
+    "_bz2",
+    "_lzma",
+    "_decimal",
+    "readline",
+    "_dbm",
+    "_gdbm",
+    "email",
+    "http",
+    "urllib.request",
+    "multiprocessing",
+    "concurrent",
+    "asyncio",
+    "xml",
+    "pyexpat",
+    "html",
+    "importlib.metadata",
+    "importlib.resources",
+    "pickle",
+    "_pickle",
+    "_pydecimal",
+    "decimal",
+    "statistics",
+    "fractions",
+    "zipfile",
+    "csv",
+    "pprint",
+    "tracemalloc",
+    "py_compile",
+    "lib2to3",
+    "_ctypes_test",
+    "ctypes.test",
+    "_uuid",
+    "_testcapi",
+    "_testinternalcapi",
+    "_testbuffer",
 )
 """Never shipped: test suites, GUI, network clients and modules that drag in big libraries
 (libssl, libsqlite). The ones imported lazily (``hashlib`` → ``_hashlib``) degrade
@@ -149,8 +268,13 @@ def _stage_python(stage: Path, guest_src: Path) -> dict:
     if not PYTHON.is_file():
         raise GuestImageError(f"{PYTHON} is missing; apt-get install python3.11-minimal (run scripts/setup)")
     fixed = [m for m in STDLIB_MODULES if m not in STDLIB_EXCLUDE]
-    args = {"stage": str(stage), "guest_src": str(guest_src), "fixed": fixed,
-            "exclude": list(STDLIB_EXCLUDE), "guest_lib": GUEST_LIB}
+    args = {
+        "stage": str(stage),
+        "guest_src": str(guest_src),
+        "fixed": fixed,
+        "exclude": list(STDLIB_EXCLUDE),
+        "guest_lib": GUEST_LIB,
+    }
     res = _run([str(PYTHON), "-S", "-c", _STAGE_SCRIPT, json.dumps(args)])
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -160,12 +284,16 @@ def _stage_python(stage: Path, guest_src: Path) -> dict:
     dyn_stage.mkdir()
     for ext in info["extensions"]:
         shutil.copyfile(ext, dyn_stage / Path(ext).name)
-    check = {"path": [str(stage / "vmshim"), str(stage / "stdlib"), str(dyn_stage)],
-             "modules": info["guest_modules"] + fixed}
+    check = {
+        "path": [str(stage / "vmshim"), str(stage / "stdlib"), str(dyn_stage)],
+        "modules": info["guest_modules"] + fixed,
+    }
     res = _run([str(PYTHON), "-S", "-c", _CHECK_SCRIPT, json.dumps(check)])
     bad = json.loads(res.stdout) if res.returncode == 0 else [res.stderr.strip()]
     if bad:
-        raise GuestImageError(f"the trimmed guest stdlib cannot import {bad[0]} "
-                              "(add it to STDLIB_MODULES or drop it from STDLIB_EXCLUDE in shim/guestimage/python.py)")
+        raise GuestImageError(
+            f"the trimmed guest stdlib cannot import {bad[0]} "
+            "(add it to STDLIB_MODULES or drop it from STDLIB_EXCLUDE in shim/guestimage/python.py)"
+        )
     shutil.rmtree(dyn_stage)
     return info

@@ -42,10 +42,22 @@ from shim.errors import ImageError, InvalidReference, UsageError
 from shim.images.distribution import NoProgress, Progress
 from shim.images.layers import open_uncompressed
 from shim.images.reference import Reference, parse_reference
-from shim.images.store import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX,
-                               OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
-                               REF_NAME, Image, ImageStore, canonical_json, check_descriptor,
-                               digest_hex)
+from shim.images.store import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    REF_NAME,
+    Image,
+    ImageStore,
+    canonical_json,
+    check_descriptor,
+    digest_hex,
+)
 from shim.images.tarsafe import BoundedTarInfo
 
 FORMATS = ("docker-archive", "oci-archive")
@@ -87,8 +99,9 @@ class _Counted:
         return data
 
 
-def save(store: ImageStore, refs: list[str], out: BinaryIO, fmt: str = "docker-archive",
-         progress: Progress | None = None) -> None:
+def save(
+    store: ImageStore, refs: list[str], out: BinaryIO, fmt: str = "docker-archive", progress: Progress | None = None
+) -> None:
     """Write the images ``refs`` as one archive of format ``fmt`` to the stream ``out``.
     Raises ImageNotFound, UsageError (unknown format), LayerError (a corrupt stored layer)."""
     if fmt not in FORMATS:
@@ -102,8 +115,9 @@ def save(store: ImageStore, refs: list[str], out: BinaryIO, fmt: str = "docker-a
             _save_oci(store, images, tar, progress)
 
 
-def save_to_file(store: ImageStore, refs: list[str], path: Path, fmt: str = "docker-archive",
-                 progress: Progress | None = None) -> None:
+def save_to_file(
+    store: ImageStore, refs: list[str], path: Path, fmt: str = "docker-archive", progress: Progress | None = None
+) -> None:
     """``save`` into ``path``, atomically: a temp file beside it, renamed when complete."""
     path = Path(path)
     try:
@@ -168,8 +182,9 @@ def _uncompressed_size(blob: Path, diff_id: str) -> int:
             size += len(chunk)
         actual = "sha256:" + src.sha.hexdigest()
     if actual != diff_id:
-        raise ImageError(f"stored layer sha256:{blob.name} does not match its diff_id "
-                         f"{diff_id} (got {actual}); the store is damaged")
+        raise ImageError(
+            f"stored layer sha256:{blob.name} does not match its diff_id {diff_id} (got {actual}); the store is damaged"
+        )
     return size
 
 
@@ -188,8 +203,7 @@ def _save_oci(store: ImageStore, images, tar: tarfile.TarFile, progress: Progres
             key = digest_hex(digest)[:12]
             progress.start(key, key, size)
             with open(path, "rb") as f:
-                tar.addfile(_tarinfo(f"blobs/sha256/{digest_hex(digest)}", size),
-                            _Counted(f, key, progress))
+                tar.addfile(_tarinfo(f"blobs/sha256/{digest_hex(digest)}", size), _Counted(f, key, progress))
             progress.finish(key, "Saved")
             written.add(digest)
         return size
@@ -199,8 +213,7 @@ def _save_oci(store: ImageStore, images, tar: tarfile.TarFile, progress: Progres
             put(layer.digest)
         put(image.config_digest)
         size = put(image.manifest_digest)
-        media_type = json.loads(store.read_blob(image.manifest_digest)).get("mediaType") \
-            or OCI_MANIFEST
+        media_type = json.loads(store.read_blob(image.manifest_digest)).get("mediaType") or OCI_MANIFEST
         desc = {"mediaType": media_type, "digest": image.manifest_digest, "size": size}
         if name is not None:
             desc["annotations"] = {REF_NAME: str(name), CONTAINERD_NAME: str(name)}
@@ -281,8 +294,7 @@ class _TarSource(_Source):
                     raise ImageError(f"{label} has more than {MAX_MEMBERS} entries; refused")
                 names += len(ti.name) + len(ti.linkname)
                 if names > MAX_NAME_BYTES:  # the index below keeps every name
-                    raise ImageError(f"the member names of {label} add up to more than "
-                                     f"{MAX_NAME_BYTES} bytes; refused")
+                    raise ImageError(f"the member names of {label} add up to more than {MAX_NAME_BYTES} bytes; refused")
                 clean = _clean(ti.name)
                 if clean is not None:
                     self.members[clean] = ti
@@ -298,8 +310,7 @@ class _TarSource(_Source):
         if hops > 8:
             raise ImageError(f"{self.label}: too many links at {name}; refused")
         if ti.issym():
-            return self._resolve(posixpath.join(posixpath.dirname(clean), ti.linkname),
-                                 hops + 1)
+            return self._resolve(posixpath.join(posixpath.dirname(clean), ti.linkname), hops + 1)
         if ti.islnk():
             return self._resolve(ti.linkname, hops + 1)
         if not ti.isreg():
@@ -323,19 +334,23 @@ class _TarSource(_Source):
             return False
 
 
-_MAGIC = {b"\x1f\x8b": ["gzip", "-dc"], b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"],
-          b"\xfd7zXZ": ["xz", "-dc"], b"BZh": ["bzip2", "-dc"]}
+_MAGIC = {
+    b"\x1f\x8b": ["gzip", "-dc"],
+    b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"],
+    b"\xfd7zXZ": ["xz", "-dc"],
+    b"BZh": ["bzip2", "-dc"],
+}
 
 
 @contextlib.contextmanager
-def _open_input(store: ImageStore, path: Path | None, stdin: BinaryIO | None,
-                label: str, max_bytes: int) -> Iterator[_Source]:
+def _open_input(
+    store: ImageStore, path: Path | None, stdin: BinaryIO | None, label: str, max_bytes: int
+) -> Iterator[_Source]:
     """A _Source for a directory, a (compressed) tar file, or stdin (spooled to a temp
     file in the store, decompressed on the way, at most *max_bytes*)."""
     if path is not None and Path(path).is_dir():
         if not (Path(path) / "oci-layout").is_file():
-            raise ImageError(f"{path} is a directory but not an OCI image layout (no "
-                             "oci-layout file)")
+            raise ImageError(f"{path} is a directory but not an OCI image layout (no oci-layout file)")
         yield _DirSource(Path(path))
         return
     tmpdir = store.root / "tmp"
@@ -376,20 +391,20 @@ class _CappedSpool:
     def write(self, data: bytes) -> None:
         self.count += len(data)
         if self.count > self.limit:
-            raise ImageError(f"{self.label} is larger than {self.limit} bytes uncompressed "
-                             "(decompression bomb?); refused (VMSHIM_LOAD_MAX_BYTES raises "
-                             "the cap)")
+            raise ImageError(
+                f"{self.label} is larger than {self.limit} bytes uncompressed "
+                "(decompression bomb?); refused (VMSHIM_LOAD_MAX_BYTES raises "
+                "the cap)"
+            )
         self.f.write(data)
 
 
-def _decompress(tool: list[str], head: bytes, raw: BinaryIO, out: _CappedSpool,
-                label: str) -> None:
+def _decompress(tool: list[str], head: bytes, raw: BinaryIO, out: _CappedSpool, label: str) -> None:
     """Run *tool* on head + raw, its output into *out* (stopped at the cap)."""
     if shutil.which(tool[0]) is None:
         raise ImageError(f"{label} is {tool[0]}-compressed and {tool[0]} is not installed")
     with tempfile.TemporaryFile() as errlog:
-        proc = subprocess.Popen(tool, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=errlog)
+        proc = subprocess.Popen(tool, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
 
         def feed() -> None:
             try:
@@ -441,8 +456,7 @@ def _spool_cap(max_bytes: int | None) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise UsageError(f"VMSHIM_LOAD_MAX_BYTES must be a positive number of bytes, not "
-                         f"{text!r}")
+        raise UsageError(f"VMSHIM_LOAD_MAX_BYTES must be a positive number of bytes, not {text!r}")
     return value
 
 
@@ -488,8 +502,13 @@ class _Loader:
         return digest
 
 
-def load(store: ImageStore, path: Path | None = None, stdin: BinaryIO | None = None,
-         progress: Progress | None = None, max_bytes: int | None = None) -> list[Loaded]:
+def load(
+    store: ImageStore,
+    path: Path | None = None,
+    stdin: BinaryIO | None = None,
+    progress: Progress | None = None,
+    max_bytes: int | None = None,
+) -> list[Loaded]:
     """Load every image of an archive/layout into ``store`` and record their names.
     Input that must be spooled (stdin, compressed archives) is capped at *max_bytes*
     uncompressed (default: $VMSHIM_LOAD_MAX_BYTES, else MAX_SPOOL_BYTES). Raises
@@ -503,8 +522,10 @@ def load(store: ImageStore, path: Path | None = None, stdin: BinaryIO | None = N
                 return _load_oci(loader, label)
             if src.has("manifest.json"):
                 return _load_docker(loader, label)
-            raise ImageError(f"{label} is neither a docker-archive (no manifest.json) nor an "
-                             "OCI image layout (no oci-layout/index.json)")
+            raise ImageError(
+                f"{label} is neither a docker-archive (no manifest.json) nor an "
+                "OCI image layout (no oci-layout/index.json)"
+            )
         except BaseException:
             store.discard_blobs(loader.added)
             raise
@@ -523,9 +544,11 @@ def _docker_tags(src: _Source) -> dict[str, list[str]]:
         return {}
     try:
         entries = json.loads(src.read("manifest.json"))
-        return {posixpath.basename(e["Config"]).removesuffix(".json"): list(e.get("RepoTags")
-                                                                           or [])
-                for e in entries if isinstance(e, dict)}
+        return {
+            posixpath.basename(e["Config"]).removesuffix(".json"): list(e.get("RepoTags") or [])
+            for e in entries
+            if isinstance(e, dict)
+        }
     except (ValueError, KeyError, TypeError, AttributeError, ImageError):
         return {}
 
@@ -565,8 +588,7 @@ def _load_oci(loader: _Loader, label: str) -> list[Loaded]:
         top, _ = check_descriptor(desc, label)
         digest, manifest, media = _load_manifest_tree(loader, desc, label)
         config_digest = manifest["config"]["digest"]
-        names, tag = _names_from(desc.get("annotations") or {},
-                                 docker_tags.get(digest_hex(config_digest), []))
+        names, tag = _names_from(desc.get("annotations") or {}, docker_tags.get(digest_hex(config_digest), []))
         unnamed = not names
         if unnamed:
             names = [parse_reference(f"{UNNAMED}:{tag}" if tag else f"{UNNAMED}@{digest}")]
@@ -580,8 +602,9 @@ def _load_oci(loader: _Loader, label: str) -> list[Loaded]:
                 name = Reference(name.registry, name.repository, None, target)
                 store.tag(name, target)
             recorded.append(name)
-        results.append(Loaded(names=[] if unnamed and not tag else recorded,
-                              image_id=config_digest, manifest_digest=digest))
+        results.append(
+            Loaded(names=[] if unnamed and not tag else recorded, image_id=config_digest, manifest_digest=digest)
+        )
     if not results:
         raise ImageError(f"{label}: the OCI layout holds no images")
     return results
@@ -598,8 +621,7 @@ def _load_manifest_tree(loader: _Loader, desc: dict, label: str) -> tuple[str, d
     digest, size = check_descriptor(desc, label)
     body = src.read(_blob_name(digest))
     if len(body) != size:
-        raise ImageError(f"{label}: blob {digest} does not have the size {size} its "
-                         "descriptor declares; refused")
+        raise ImageError(f"{label}: blob {digest} does not have the size {size} its descriptor declares; refused")
     loader.put_bytes(body, digest)
     try:
         manifest = json.loads(body)
@@ -613,8 +635,7 @@ def _load_manifest_tree(loader: _Loader, desc: dict, label: str) -> tuple[str, d
     if media not in MANIFEST_TYPES and "layers" not in manifest:
         raise ImageError(f"{label}: manifest {digest} has unsupported media type {media!r}")
     try:
-        blobs = [check_descriptor(manifest["config"], label)] + [check_descriptor(d, label)
-                                                      for d in manifest["layers"]]
+        blobs = [check_descriptor(manifest["config"], label)] + [check_descriptor(d, label) for d in manifest["layers"]]
     except (KeyError, TypeError):
         raise ImageError(f"{label}: manifest {digest} is malformed") from None
     for blob, blob_size in blobs:
@@ -628,9 +649,14 @@ def _pick_child(index: dict, label: str, src: _Source) -> dict:
     try:
         return _select_platform(index, Platform.parse(None), label)
     except ImageError:
-        present = [d for d in index.get("manifests") or []
-                   if isinstance(d, dict) and isinstance(d.get("digest"), str)
-                   and d["digest"].startswith("sha256:") and src.has(_blob_name(d["digest"]))]
+        present = [
+            d
+            for d in index.get("manifests") or []
+            if isinstance(d, dict)
+            and isinstance(d.get("digest"), str)
+            and d["digest"].startswith("sha256:")
+            and src.has(_blob_name(d["digest"]))
+        ]
         if len(present) == 1:
             return present[0]
         raise
@@ -643,26 +669,30 @@ def _load_docker(loader: _Loader, label: str) -> list[Loaded]:
         raise ImageError(f"{label}: manifest.json is not a non-empty list")
     results = []
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
-                or not isinstance(entry.get("Layers"), list):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("Config"), str)
+            or not isinstance(entry.get("Layers"), list)
+        ):
             raise ImageError(f"{label}: malformed manifest.json entry {str(entry)[:80]}")
         config_bytes = src.read(entry["Config"])
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         stem = posixpath.basename(entry["Config"]).removesuffix(".json")
-        if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) \
-                and stem != digest_hex(config_digest):
-            raise ImageError(f"{label}: config {entry['Config']} does not match the digest "
-                             f"its name claims (it is {config_digest}); refused")
+        if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and stem != digest_hex(config_digest):
+            raise ImageError(
+                f"{label}: config {entry['Config']} does not match the digest "
+                f"its name claims (it is {config_digest}); refused"
+            )
         try:
             config = json.loads(config_bytes)
             diff_ids = config["rootfs"]["diff_ids"]
             assert isinstance(diff_ids, list)
         except (ValueError, KeyError, TypeError, AssertionError):
-            raise ImageError(f"{label}: config {entry['Config']} has no rootfs.diff_ids") \
-                from None
+            raise ImageError(f"{label}: config {entry['Config']} has no rootfs.diff_ids") from None
         if len(diff_ids) != len(entry["Layers"]):
-            raise ImageError(f"{label}: {entry['Config']} lists {len(diff_ids)} diff_ids for "
-                             f"{len(entry['Layers'])} layers")
+            raise ImageError(
+                f"{label}: {entry['Config']} lists {len(diff_ids)} diff_ids for {len(entry['Layers'])} layers"
+            )
         loader.put_bytes(config_bytes, config_digest)
         layers = []
         for member, diff_id in zip(entry["Layers"], diff_ids, strict=True):
@@ -685,14 +715,17 @@ def _load_docker(loader: _Loader, label: str) -> list[Loaded]:
                         pass
                     actual = "sha256:" + u.sha.hexdigest()
             if actual != diff_id:
-                raise ImageError(f"{label}: layer {member} does not match the diff_id "
-                                 f"{diff_id} its config declares (it is {actual}); refused")
-            layers.append({"mediaType": media, "digest": digest,
-                           "size": blob.stat().st_size})
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": OCI_CONFIG, "digest": config_digest,
-                               "size": len(config_bytes)},
-                    "layers": layers}
+                raise ImageError(
+                    f"{label}: layer {member} does not match the diff_id "
+                    f"{diff_id} its config declares (it is {actual}); refused"
+                )
+            layers.append({"mediaType": media, "digest": digest, "size": blob.stat().st_size})
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+            "layers": layers,
+        }
         manifest_digest = loader.put_bytes(canonical_json(manifest))
         names = []
         for text in entry.get("RepoTags") or []:
@@ -702,6 +735,5 @@ def _load_docker(loader: _Loader, label: str) -> list[Loaded]:
                 raise ImageError(f"{label}: invalid RepoTag {text!r}") from None
         for name in names or [parse_reference(f"{UNNAMED}@{manifest_digest}")]:
             store.tag(name, manifest_digest)
-        results.append(Loaded(names=names, image_id=config_digest,
-                              manifest_digest=manifest_digest))
+        results.append(Loaded(names=names, image_id=config_digest, manifest_digest=manifest_digest))
     return results

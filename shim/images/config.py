@@ -36,8 +36,14 @@ from shim.images.store import atomic_write, flocked
 
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
-_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", DOCKER_HUB_AUTH_KEY,
-                "https://index.docker.io/v1", "https://registry-1.docker.io")
+_HUB_ALIASES = (
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    DOCKER_HUB_AUTH_KEY,
+    "https://index.docker.io/v1",
+    "https://registry-1.docker.io",
+)
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,9 @@ def load_settings() -> RegistrySettings:
     insecure.update(h.strip() for h in env.split(",") if h.strip())
     if default is not None:
         default = normalize_host(str(default))
-    return RegistrySettings(default_registry=default,
-                            insecure_registries=frozenset(normalize_host(str(h))
-                                                          for h in insecure))
+    return RegistrySettings(
+        default_registry=default, insecure_registries=frozenset(normalize_host(str(h)) for h in insecure)
+    )
 
 
 def normalize_host(text: str) -> str:
@@ -79,7 +85,7 @@ def normalize_host(text: str) -> str:
     host = text.strip()
     for prefix in ("https://", "http://"):
         if host.lower().startswith(prefix):
-            host = host[len(prefix):]
+            host = host[len(prefix) :]
     host = host.split("/", 1)[0].lower()
     if not host:
         raise UsageError(f"invalid registry {text!r}: expected host[:port]")
@@ -99,7 +105,7 @@ def endpoint_host(registry: str, settings: RegistrySettings | None = None) -> st
 def split_host(host: str) -> str:
     """The hostname part of ``host[:port]`` (brackets of an IPv6 literal removed)."""
     if host.startswith("["):
-        return host[1:host.index("]")] if "]" in host else host
+        return host[1 : host.index("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -113,14 +119,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def plain_http_allowed(host: str, insecure: bool = False,
-                       settings: RegistrySettings | None = None) -> bool:
+def plain_http_allowed(host: str, insecure: bool = False, settings: RegistrySettings | None = None) -> bool:
     """Whether ``host`` may be reached over plain HTTP (and HTTPS without verification)."""
     if insecure or is_loopback(host):
         return True
     settings = settings or load_settings()
-    return host in settings.insecure_registries or split_host(host) in \
-        settings.insecure_registries
+    return host in settings.insecure_registries or split_host(host) in settings.insecure_registries
 
 
 # Credentials --------------------------------------------------------------------------------
@@ -139,8 +143,7 @@ def _read_auths(path: Path) -> dict:
     except FileNotFoundError:
         return {"auths": {}}
     except (OSError, ValueError) as e:
-        raise RegistryError(f"credentials file {path} is unreadable ({e}); fix or delete it "
-                            "and log in again") from None
+        raise RegistryError(f"credentials file {path} is unreadable ({e}); fix or delete it and log in again") from None
     if not isinstance(data, dict):
         data = {}
     if not isinstance(data.get("auths"), dict):
@@ -153,8 +156,7 @@ def get_credentials(*registries: str) -> tuple[str, str] | None:
     auths = _read_auths(auth_file())["auths"]
     for registry in registries:
         host = normalize_host(registry)
-        keys = _HUB_ALIASES if host == DEFAULT_REGISTRY else (host, f"https://{host}",
-                                                              f"http://{host}")
+        keys = _HUB_ALIASES if host == DEFAULT_REGISTRY else (host, f"https://{host}", f"http://{host}")
         for key in keys:
             entry = auths.get(key)
             if not isinstance(entry, dict):
@@ -163,8 +165,9 @@ def get_credentials(*registries: str) -> tuple[str, str] | None:
                 try:
                     user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
                 except (ValueError, UnicodeDecodeError):
-                    raise RegistryError(f"credentials for {registry} in {auth_file()} are "
-                                        "malformed; log in again") from None
+                    raise RegistryError(
+                        f"credentials for {registry} in {auth_file()} are malformed; log in again"
+                    ) from None
                 return user, password
             if entry.get("username") is not None:
                 return str(entry["username"]), str(entry.get("password") or "")
@@ -179,8 +182,7 @@ def store_credentials(registry: str, user: str, password: str) -> None:
         data = _read_auths(path)
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         data["auths"][_auth_key(registry)] = {"auth": token}
-        atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n",
-                     mode=0o600)
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
 
 
 def remove_credentials(registry: str) -> bool:
@@ -191,15 +193,13 @@ def remove_credentials(registry: str) -> bool:
     with flocked(path.parent / ".auth.lock"):
         data = _read_auths(path)
         host = normalize_host(registry)
-        keys = _HUB_ALIASES if host == DEFAULT_REGISTRY else (host, f"https://{host}",
-                                                              f"http://{host}")
+        keys = _HUB_ALIASES if host == DEFAULT_REGISTRY else (host, f"https://{host}", f"http://{host}")
         found = False
         for key in keys:
             if data["auths"].pop(key, None) is not None:
                 found = True
         if found:
-            atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n",
-                         mode=0o600)
+            atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
     return found
 
 

@@ -29,12 +29,23 @@ from typing import Protocol
 from shim.errors import ImageError, RegistryError, UsageError, VmshimError
 from shim.images.reference import Reference, as_reference
 from shim.images.registry import Cancelled, RegistryClient, with_retries
-from shim.images.store import (DOCKER_CONFIG, INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG,
-                               OCI_MANIFEST, ImageStore, check_descriptor, digest_hex, host_arch)
+from shim.images.store import (
+    DOCKER_CONFIG,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    ImageStore,
+    check_descriptor,
+    digest_hex,
+    host_arch,
+)
 
 PARALLEL = 3
-SCHEMA1_TYPES = {"application/vnd.docker.distribution.manifest.v1+json",
-                 "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+SCHEMA1_TYPES = {
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+}
 DEFAULT_CHUNK_SIZE = 0  # monolithic; VMSHIM_PUSH_CHUNK_SIZE (bytes) turns on chunked uploads
 
 
@@ -74,8 +85,7 @@ class Platform:
         if len(parts) == 1:
             parts = ["linux", *parts]
         if len(parts) not in (2, 3) or not all(parts):
-            raise UsageError(f"invalid platform {text!r}: expected os/arch[/variant], e.g. "
-                             "linux/amd64")
+            raise UsageError(f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/amd64")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def __str__(self) -> str:
@@ -84,11 +94,11 @@ class Platform:
 
 @dataclass(frozen=True)
 class PullResult:
-    reference: Reference       # the name recorded in the store
-    digest: str                # what the registry has for the reference (maybe an index)
-    manifest_digest: str       # the platform manifest stored
+    reference: Reference  # the name recorded in the store
+    digest: str  # what the registry has for the reference (maybe an index)
+    manifest_digest: str  # the platform manifest stored
     config_digest: str
-    updated: bool              # the name now points somewhere new
+    updated: bool  # the name now points somewhere new
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,10 @@ def _parse_manifest(body: bytes, media_type: str, what: str) -> dict:
     if not isinstance(manifest, dict):
         raise ImageError(f"{what}: not a JSON object")
     if media_type in SCHEMA1_TYPES or manifest.get("schemaVersion") == 1:
-        raise ImageError(f"{what}: Docker image manifest schema 1 is deprecated and not "
-                         "supported; push the image again with a current tool")
+        raise ImageError(
+            f"{what}: Docker image manifest schema 1 is deprecated and not "
+            "supported; push the image again with a current tool"
+        )
     return manifest
 
 
@@ -131,19 +143,37 @@ def _select_platform(index: dict, platform: Platform, what: str) -> dict:
             continue
         candidates.append(desc)
     if not candidates:
-        have = sorted({"/".join(p for p in ((d.get("platform") or {}).get("os"),
-                                            (d.get("platform") or {}).get("architecture"),
-                                            (d.get("platform") or {}).get("variant")) if p)
-                       for d in index.get("manifests") or [] if isinstance(d, dict)})
-        raise ImageError(f"{what}: no manifest for {platform} in the image index (it has: "
-                         f"{', '.join(have) or 'nothing'})")
+        have = sorted(
+            {
+                "/".join(
+                    p
+                    for p in (
+                        (d.get("platform") or {}).get("os"),
+                        (d.get("platform") or {}).get("architecture"),
+                        (d.get("platform") or {}).get("variant"),
+                    )
+                    if p
+                )
+                for d in index.get("manifests") or []
+                if isinstance(d, dict)
+            }
+        )
+        raise ImageError(
+            f"{what}: no manifest for {platform} in the image index (it has: {', '.join(have) or 'nothing'})"
+        )
     exact = [d for d in candidates if (d.get("platform") or {}).get("variant") == platform.variant]
     return (exact or candidates)[0]
 
 
-def pull(ref: str | Reference, *, store: ImageStore | None = None,
-         platform: str | None = None, insecure: bool = False,
-         progress: Progress | None = None, client: RegistryClient | None = None) -> PullResult:
+def pull(
+    ref: str | Reference,
+    *,
+    store: ImageStore | None = None,
+    platform: str | None = None,
+    insecure: bool = False,
+    progress: Progress | None = None,
+    client: RegistryClient | None = None,
+) -> PullResult:
     """Pull ``ref`` into ``store`` and record its name. Raises RegistryError (registry or
     network), ImageError (content: digest mismatch, unsupported manifest), UsageError."""
     store = store or ImageStore()
@@ -155,16 +185,14 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     wanted = ref.digest or ref.tag or "latest"
     what = f"pulling {ref.familiar}"
 
-    body, media_type, top_digest = with_retries(
-        lambda: client.get_manifest(repo, wanted), what)
+    body, media_type, top_digest = with_retries(lambda: client.get_manifest(repo, wanted), what)
     manifest = _parse_manifest(body, media_type, what)
     index_body = None
     if media_type in INDEX_TYPES or (not media_type and "manifests" in manifest):
         index_body = body
         desc = _select_platform(manifest, plat, what)
         child, _ = check_descriptor(desc, what)
-        body, media_type, manifest_digest = with_retries(
-            lambda: client.get_manifest(repo, child), what)
+        body, media_type, manifest_digest = with_retries(lambda: client.get_manifest(repo, child), what)
         manifest = _parse_manifest(body, media_type, what)
     else:
         manifest_digest = top_digest
@@ -174,8 +202,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     config_digest, config_size = check_descriptor(config_desc, what)
     config_type = (config_desc or {}).get("mediaType")  # a dict: checked just above
     if config_type not in (OCI_CONFIG, DOCKER_CONFIG, None):
-        raise ImageError(f"{what}: {ref.familiar} is not a container image (config media "
-                         f"type {config_type})")
+        raise ImageError(f"{what}: {ref.familiar} is not a container image (config media type {config_type})")
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise ImageError(f"{what}: the manifest has no layers list")
@@ -183,8 +210,7 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
     for layer in layers:
         blobs.append(check_descriptor(layer, what))
         if "tar" not in str(layer.get("mediaType", "tar")):
-            raise ImageError(f"{what}: layer {layer['digest']} has unsupported media type "
-                             f"{layer.get('mediaType')!r}")
+            raise ImageError(f"{what}: layer {layer['digest']} has unsupported media type {layer.get('mediaType')!r}")
 
     if ref.tag is not None:
         name = Reference(ref.registry, ref.repository, ref.tag, None)
@@ -212,12 +238,23 @@ def pull(ref: str | Reference, *, store: ImageStore | None = None,
             store.discard_partials(d for d, _ in blobs)
             raise
     store.record_sources(client.host, repo, [d for d, _ in blobs])
-    return PullResult(reference=name, digest=top_digest, manifest_digest=manifest_digest,
-                      config_digest=config_digest, updated=previous != manifest_digest)
+    return PullResult(
+        reference=name,
+        digest=top_digest,
+        manifest_digest=manifest_digest,
+        config_digest=config_digest,
+        updated=previous != manifest_digest,
+    )
 
 
-def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
-                 blobs: list[tuple[str, int]], progress: Progress, added: list[str]) -> None:
+def _fetch_blobs(
+    client: RegistryClient,
+    store: ImageStore,
+    repo: str,
+    blobs: list[tuple[str, int]],
+    progress: Progress,
+    added: list[str],
+) -> None:
     todo = []
     seen = set()
     for digest, size in blobs:
@@ -242,14 +279,12 @@ def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
             if ingest.done:
                 progress.finish(key, "Already exists")
                 return
-            client.fetch_blob(repo, digest, ingest, lambda n: progress.advance(key, n),
-                              cancelled)
+            client.fetch_blob(repo, digest, ingest, lambda n: progress.advance(key, n), cancelled)
         with lock:
             added.append(digest)
         progress.finish(key, "Pull complete")
 
-    pool = ThreadPoolExecutor(max_workers=min(PARALLEL, len(todo)),
-                              thread_name_prefix="vmshim-pull")
+    pool = ThreadPoolExecutor(max_workers=min(PARALLEL, len(todo)), thread_name_prefix="vmshim-pull")
     try:
         futures = [pool.submit(one, d, s) for d, s in todo]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -260,8 +295,7 @@ def _fetch_blobs(client: RegistryClient, store: ImageStore, repo: str,
                     p.cancel()
                 wait(pending)
                 # the first real error by submission order, for a stable message
-                errors = [e for g in futures
-                          if g.done() and not g.cancelled() and (e := g.exception()) is not None]
+                errors = [e for g in futures if g.done() and not g.cancelled() and (e := g.exception()) is not None]
                 raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
     except BaseException:
         cancelled.set()
@@ -274,9 +308,9 @@ PULL_POLICIES = ("missing", "always", "never")
 """docker's ``run --pull``: pull when the store lacks the image, every time, or never."""
 
 
-def pull_for_run(ref: str, policy: str, *, store: ImageStore | None = None,
-                 progress: Progress | None = None,
-                 on_missing=lambda: None) -> PullResult | None:
+def pull_for_run(
+    ref: str, policy: str, *, store: ImageStore | None = None, progress: Progress | None = None, on_missing=lambda: None
+) -> PullResult | None:
     """Apply ``run``/``create``'s *policy* to image *ref* before the container is made:
     the PullResult of a pull, or None when nothing was pulled (it is in the store, the
     policy is ``never``, or *ref* is an image ID, which cannot be pulled). When ``missing``
@@ -303,14 +337,21 @@ def pull_for_run(ref: str, policy: str, *, store: ImageStore | None = None,
             try:
                 return pull(ref, store=store, progress=progress)
             except (RegistryError, ImageError) as failed:
-                raise ImageNotFound(f"image '{ref}' not found in the local store, and pulling "
-                                    f"it failed: {failed}") from None
+                raise ImageNotFound(
+                    f"image '{ref}' not found in the local store, and pulling it failed: {failed}"
+                ) from None
     return pull(ref, store=store, progress=progress)
 
 
-def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: bool = False,
-         progress: Progress | None = None, client: RegistryClient | None = None,
-         chunk_size: int | None = None) -> PushResult:
+def push(
+    ref: str | Reference,
+    *,
+    store: ImageStore | None = None,
+    insecure: bool = False,
+    progress: Progress | None = None,
+    client: RegistryClient | None = None,
+    chunk_size: int | None = None,
+) -> PushResult:
     """Push the local image named ``ref`` to the registry and repository the name says.
     Raises ImageNotFound, RegistryError, ImageError."""
     store = store or ImageStore()
@@ -339,8 +380,7 @@ def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: boo
             if host != client.host or source == repo:
                 continue
             try:
-                location = with_retries(functools.partial(client.mount_blob, repo, digest, source),
-                                        what)
+                location = with_retries(functools.partial(client.mount_blob, repo, digest, source), what)
             except RegistryError:
                 continue  # no access to the source: upload instead
             if location is None:
@@ -358,9 +398,15 @@ def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: boo
                 progress.advance(key, n)
 
             try:
-                client.upload_blob(repo, digest, size, lambda: open(store.blob_path(digest),
-                                                                    "rb"),
-                                   location=location, chunk_size=chunk, on_bytes=on_bytes)
+                client.upload_blob(
+                    repo,
+                    digest,
+                    size,
+                    lambda: open(store.blob_path(digest), "rb"),
+                    location=location,
+                    chunk_size=chunk,
+                    on_bytes=on_bytes,
+                )
             except RegistryError:
                 location = None  # the upload session is gone; a retry opens a new one
                 progress.advance(key, -sent)
@@ -370,8 +416,9 @@ def push(ref: str | Reference, *, store: ImageStore | None = None, insecure: boo
         progress.finish(key, "Pushed")
 
     blobs_unique = list(dict.fromkeys(blobs))
-    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, len(blobs_unique))),
-                            thread_name_prefix="vmshim-push") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(PARALLEL, len(blobs_unique))), thread_name_prefix="vmshim-push"
+    ) as pool:
         futures = [pool.submit(one, d, s) for d, s in blobs_unique]
         for f in futures:
             f.result()

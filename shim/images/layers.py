@@ -68,8 +68,7 @@ DEFAULT_MAX_DIR_ENTRIES = 32_768
 MAX_PATH_BYTES = 4096  # PATH_MAX: the scan keeps every path, so each is bounded ...
 DEFAULT_MAX_NAME_BYTES = 256 << 20  # ... and so is their sum
 
-TAR2SQFS_ARGS = ["-q", "-s", "-c", "zstd", "-X", "level=3",
-                 "-d", "uid=0,gid=0,mode=0755,mtime=0", "-f"]
+TAR2SQFS_ARGS = ["-q", "-s", "-c", "zstd", "-X", "level=3", "-d", "uid=0,gid=0,mode=0755,mtime=0", "-f"]
 OPAQUE_XATTR = "SCHILY.xattr.trusted.overlay.opaque"
 _WH = ".wh."
 _WH_OPAQUE = ".wh..wh..opq"
@@ -78,8 +77,7 @@ _XATTR_PREFIX = "SCHILY.xattr."
 _XATTR_NAMESPACES = ("user.", "security.", "trusted.")
 _CHUNK = 1 << 20
 _MTIME_MAX = 2**32 - 1
-_KIND_NAMES = {"d": "directory", "f": "regular file", "l": "symlink", "h": "hardlink",
-               "p": "fifo"}
+_KIND_NAMES = {"d": "directory", "f": "regular file", "l": "symlink", "h": "hardlink", "p": "fifo"}
 
 
 @dataclass(frozen=True)
@@ -115,13 +113,13 @@ def layer_disk(store: ImageStore, layer: LayerRef, limits: Limits | None = None)
         for stale in out_dir.glob(f".tmp-{hexd}.sqfs-*"):  # a crashed earlier attempt
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        convert_layer(store.blob_path(layer.digest), final, diff_id=layer.diff_id,
-                      limits=limits)
+        convert_layer(store.blob_path(layer.digest), final, diff_id=layer.diff_id, limits=limits)
     return final
 
 
-def convert_layer(blob: Path, out: Path, *, diff_id: str | None = None,
-                  limits: Limits | None = None, jobs: int | None = None) -> None:
+def convert_layer(
+    blob: Path, out: Path, *, diff_id: str | None = None, limits: Limits | None = None, jobs: int | None = None
+) -> None:
     """Convert the layer tar ``blob`` into the squashfs image ``out`` (atomically).
 
     ``diff_id`` (``sha256:...`` of the uncompressed tar), when given, is verified. Raises
@@ -160,8 +158,9 @@ def check_layer(blob: Path, limits: Limits | None = None) -> int:
 
 
 @contextlib.contextmanager
-def read_members(blob: Path, limits: Limits | None = None
-                 ) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
+def read_members(
+    blob: Path, limits: Limits | None = None
+) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
     """(tar, members) of the layer *blob*, read forward only with the converter's caps
     and strictness; ``tar.extractfile(member)`` reads a member's data (in order). Every
     read failure is LayerError."""
@@ -175,8 +174,10 @@ def mount_layer(sqfs: Path, target: Path) -> None:
     give nothing on the host) on ``target`` (created if needed).
     Needs root. The loop device is released by ``umount_layer``. Raises ImageError."""
     Path(target).mkdir(parents=True, exist_ok=True)
-    _run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", "--", str(sqfs), str(target)],
-         f"cannot mount layer disk {sqfs} on {target}")
+    _run(
+        ["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", "--", str(sqfs), str(target)],
+        f"cannot mount layer disk {sqfs} on {target}",
+    )
 
 
 def umount_layer(target: Path) -> None:
@@ -236,8 +237,7 @@ class _CappedReader:
         data = self.src.read(size)
         self.count += len(data)
         if self.count > self.limit:
-            raise LayerError(f"layer is larger than {self.limit} bytes uncompressed "
-                             "(decompression bomb?); refused")
+            raise LayerError(f"layer is larger than {self.limit} bytes uncompressed (decompression bomb?); refused")
         self.sha.update(data)
         return data
 
@@ -268,8 +268,7 @@ def _open_stream(blob: Path, limits: Limits) -> Iterator[_CappedReader]:
                 raise ImageError("this layer is zstd-compressed and the zstd tool is missing")
             errlog = tempfile.TemporaryFile()
             with open(blob, "rb") as zin:  # its own fd: f's offset is not where it seems
-                proc = subprocess.Popen(["zstd", "-dcq"], stdin=zin, stdout=subprocess.PIPE,
-                                        stderr=errlog)
+                proc = subprocess.Popen(["zstd", "-dcq"], stdin=zin, stdout=subprocess.PIPE, stderr=errlog)
             src = proc.stdout
         elif magic == b"\xfd7zXZ\x00":
             src = lzma.LZMAFile(f)
@@ -312,8 +311,7 @@ class _Uncompressed:
         except LayerError:
             raise
         except _READ_ERRORS as e:
-            raise LayerError(f"layer sha256:{self.blob.name} is corrupt or truncated: "
-                             f"{e}") from None
+            raise LayerError(f"layer sha256:{self.blob.name} is corrupt or truncated: {e}") from None
 
 
 @contextlib.contextmanager
@@ -344,8 +342,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         except tarfile.EOFHeaderError:
             return  # a zero block: the end-of-archive marker
         except tarfile.EmptyHeaderError:
-            raise tarfile.ReadError("archive ends without an end-of-archive marker "
-                                    "(truncated?)") from None
+            raise tarfile.ReadError("archive ends without an end-of-archive marker (truncated?)") from None
         except tarfile.TruncatedHeaderError:
             raise tarfile.ReadError("truncated header") from None
         except tarfile.HeaderError as e:
@@ -414,10 +411,10 @@ def _join(parent: str, name: str) -> str:
 @dataclass
 class _Plan:
     entries: dict[str, tuple[int, str]] = field(default_factory=dict)  # path → (index, kind)
-    links: dict[str, str] = field(default_factory=dict)        # hardlink path → final target
-    whiteouts: dict[str, int] = field(default_factory=dict)    # path → marker index to emit
-    opaque: set[str] = field(default_factory=set)              # dirs that get the xattr
-    synth_dirs: dict[str, int] = field(default_factory=dict)   # dir → marker index to emit at
+    links: dict[str, str] = field(default_factory=dict)  # hardlink path → final target
+    whiteouts: dict[str, int] = field(default_factory=dict)  # path → marker index to emit
+    opaque: set[str] = field(default_factory=set)  # dirs that get the xattr
+    synth_dirs: dict[str, int] = field(default_factory=dict)  # dir → marker index to emit at
     count: int = 0
 
 
@@ -443,8 +440,9 @@ def _kind(ti: tarfile.TarInfo, entry: str) -> str:
         return kind
     if ti.ischr() or ti.isblk():
         kind = "character" if ti.ischr() else "block"
-        raise LayerError(f"entry {_shown(entry)} is a {kind} device node "
-                         f"({ti.devmajor}:{ti.devminor}); device nodes are refused")
+        raise LayerError(
+            f"entry {_shown(entry)} is a {kind} device node ({ti.devmajor}:{ti.devminor}); device nodes are refused"
+        )
     raise LayerError(f"entry {_shown(entry)} has unsupported tar type {ti.type!r}; refused")
 
 
@@ -457,7 +455,7 @@ def _marker(path: str) -> tuple[str, str] | None:
         return "opaque", parent
     if base.startswith(_WH_META):
         return "meta", ""  # aufs bookkeeping (.wh..wh.plnk etc.): ignored, as containerd does
-    return "whiteout", _join(parent, base[len(_WH):])
+    return "whiteout", _join(parent, base[len(_WH) :])
 
 
 def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
@@ -479,26 +477,27 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
             path = _norm(entry, "entry", entry)
             name_bytes += len(path) + len(ti.linkname)
             if name_bytes > limits.max_name_bytes:
-                raise LayerError(f"the names in the layer add up to more than "
-                                 f"{limits.max_name_bytes} bytes; refused")
+                raise LayerError(f"the names in the layer add up to more than {limits.max_name_bytes} bytes; refused")
             parts = path.split("/") if path else []
             # every ancestor must be a directory (or not exist yet) at this point
             prefix = ""
             for part in parts[:-1]:
                 prefix = _join(prefix, part)
                 if part.startswith(_WH):
-                    raise LayerError(f"entry {_shown(entry)} is inside a whiteout marker; "
-                                     "refused")
+                    raise LayerError(f"entry {_shown(entry)} is inside a whiteout marker; refused")
                 seen = entries.get(prefix)
                 if seen is not None and seen[1] != "d":
-                    raise LayerError(f"entry {_shown(entry)} goes through {_shown(prefix)}, "
-                                     f"which is a {_KIND_NAMES[seen[1]]}; refused")
+                    raise LayerError(
+                        f"entry {_shown(entry)} goes through {_shown(prefix)}, "
+                        f"which is a {_KIND_NAMES[seen[1]]}; refused"
+                    )
                 has_children.add(prefix)
             if ti.isreg():
                 total += ti.size
                 if total > limits.max_bytes:
-                    raise LayerError(f"layer files add up to more than {limits.max_bytes} "
-                                     f"bytes (at entry {_shown(entry)}); refused")
+                    raise LayerError(
+                        f"layer files add up to more than {limits.max_bytes} bytes (at entry {_shown(entry)}); refused"
+                    )
             marker = _marker(path)
             named = marker[1] if marker is not None and marker[0] == "whiteout" else path
             if marker is None or marker[0] == "whiteout":
@@ -507,9 +506,11 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
                     parent = _parent(named)
                     dir_sizes[parent] = dir_sizes.get(parent, 0) + 1
                     if dir_sizes[parent] > limits.max_dir_entries:
-                        raise LayerError(f"directory {_shown(parent or '/')} of the layer has "
-                                         f"more than {limits.max_dir_entries} entries; "
-                                         "refused")
+                        raise LayerError(
+                            f"directory {_shown(parent or '/')} of the layer has "
+                            f"more than {limits.max_dir_entries} entries; "
+                            "refused"
+                        )
             if marker is not None:
                 what, target = marker
                 if what == "opaque":
@@ -522,36 +523,38 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
                 continue
             kind = _kind(ti, entry)
             if path == "" and kind != "d":
-                raise LayerError(f"entry {_shown(entry)} would replace the root directory "
-                                 f"with a {_KIND_NAMES[kind]}; refused")
+                raise LayerError(
+                    f"entry {_shown(entry)} would replace the root directory with a {_KIND_NAMES[kind]}; refused"
+                )
             if kind == "h":
                 target = _norm(ti.linkname, "hardlink target", ti.linkname)
                 if target == path:
                     raise LayerError(f"hardlink {_shown(entry)} points to itself; refused")
                 seen = entries.get(target)
                 if seen is None:
-                    raise LayerError(f"hardlink {_shown(entry)} points to "
-                                     f"{_shown(ti.linkname)}, which is not an earlier entry "
-                                     "of the layer; refused")
+                    raise LayerError(
+                        f"hardlink {_shown(entry)} points to "
+                        f"{_shown(ti.linkname)}, which is not an earlier entry "
+                        "of the layer; refused"
+                    )
                 final = plan.links.get(target, target)
                 final_kind = entries[final][1]
                 if final_kind not in ("f", "l"):
-                    raise LayerError(f"hardlink {_shown(entry)} points to a "
-                                     f"{_KIND_NAMES[final_kind]}; refused")
+                    raise LayerError(f"hardlink {_shown(entry)} points to a {_KIND_NAMES[final_kind]}; refused")
                 plan.links[path] = final
                 link_checks.append((final, entries[final][0], entry))
             elif kind == "l":
                 if not ti.linkname or "\x00" in ti.linkname or len(ti.linkname) > 4095:
-                    raise LayerError(f"symlink {_shown(entry)} has an empty or invalid "
-                                     "target; refused")
+                    raise LayerError(f"symlink {_shown(entry)} has an empty or invalid target; refused")
             if kind != "h":
                 plan.links.pop(path, None)
             entries[path] = (index, kind)
         _drain(reader)
         actual = "sha256:" + reader.sha.hexdigest()
     if diff_id is not None and actual != diff_id:
-        raise LayerError(f"layer sha256:{blob.name} does not match its diff_id: "
-                         f"expected {diff_id}, got {actual}; refused")
+        raise LayerError(
+            f"layer sha256:{blob.name} does not match its diff_id: expected {diff_id}, got {actual}; refused"
+        )
 
     def check_ancestors(path: str, what: str) -> None:
         p = _parent(path) if what != "opaque" else path
@@ -559,8 +562,10 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
             seen = entries.get(p)
             if seen is not None:
                 if seen[1] != "d":
-                    raise LayerError(f"{what} {_shown(path)} is inside {_shown(p)}, which the "
-                                     f"layer makes a {_KIND_NAMES[seen[1]]}; refused")
+                    raise LayerError(
+                        f"{what} {_shown(path)} is inside {_shown(p)}, which the "
+                        f"layer makes a {_KIND_NAMES[seen[1]]}; refused"
+                    )
                 return
             p = _parent(p)
 
@@ -568,8 +573,9 @@ def _scan(blob: Path, limits: Limits, diff_id: str | None) -> _Plan:
         check_ancestors(path, "entry")
     for final, index, entry in link_checks:
         if entries[final][0] != index:
-            raise LayerError(f"hardlink {_shown(entry)} points to {_shown(final)}, which a "
-                             "later entry replaces; refused")
+            raise LayerError(
+                f"hardlink {_shown(entry)} points to {_shown(final)}, which a later entry replaces; refused"
+            )
     for path, index in whiteout_markers.items():
         check_ancestors(path, "whiteout")
         seen = entries.get(path)
@@ -594,7 +600,7 @@ def _xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
     out = {}
     for key, value in ti.pax_headers.items():
         if key.startswith(_XATTR_PREFIX):
-            name = key[len(_XATTR_PREFIX):]
+            name = key[len(_XATTR_PREFIX) :]
             if name.startswith(_XATTR_NAMESPACES) and not name.startswith("trusted.overlay."):
                 out[key] = value
     return out
@@ -615,14 +621,12 @@ def _header(path: str, type_: bytes, ti: tarfile.TarInfo | None = None) -> tarfi
 
 def _write(blob: Path, limits: Limits, plan: _Plan, out: Path, argv: list[str]) -> None:
     with tempfile.TemporaryFile() as errlog:
-        proc = subprocess.Popen([*argv, str(out)], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=errlog)
+        proc = subprocess.Popen([*argv, str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errlog)
 
         def tar2sqfs_error() -> LayerError:
             errlog.seek(0)
             err = errlog.read().decode(errors="replace").strip()
-            return LayerError(f"tar2sqfs refused layer sha256:{blob.name}: "
-                              f"{err or f'exit status {proc.returncode}'}")
+            return LayerError(f"tar2sqfs refused layer sha256:{blob.name}: {err or f'exit status {proc.returncode}'}")
 
         try:
             _rewrite(blob, limits, plan, proc.stdin)

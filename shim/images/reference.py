@@ -28,9 +28,7 @@ _LEGACY_REGISTRIES = {"index.docker.io", "registry-1.docker.io"}
 
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_REGISTRY = re.compile(
-    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?\Z"
-)
+_REGISTRY = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?\Z")
 _TAG = re.compile(r"[\w][\w.-]{0,127}\Z", re.ASCII)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _NAME_MAX = 255
@@ -60,7 +58,7 @@ class Reference:
         if self.registry == DEFAULT_REGISTRY:
             repo = self.repository
             if repo.startswith("library/") and repo.count("/") == 1:
-                return repo[len("library/"):]
+                return repo[len("library/") :]
             return repo
         return self.name
 
@@ -102,7 +100,7 @@ def parse_reference(text: str) -> Reference:
     tag = None
     colon, slash = rest.rfind(":"), rest.rfind("/")
     if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1:]
+        rest, tag = rest[:colon], rest[colon + 1 :]
         if not _TAG.match(tag):
             raise bad(
                 f"tag '{tag}' must be 1-128 characters of letters, digits, '_', '.' or '-'"
@@ -112,8 +110,7 @@ def parse_reference(text: str) -> Reference:
         raise bad("the repository name is empty")
 
     first, _, remainder = rest.partition("/")
-    if remainder and ("." in first or ":" in first or first == "localhost"
-                      or first != first.lower()):
+    if remainder and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         registry, repository = first, remainder
         if not _REGISTRY.match(registry):
             raise bad(f"registry '{registry}' is not a valid host[:port]")

@@ -44,8 +44,7 @@ from urllib3.util.retry import Retry
 
 from shim.errors import ImageError, RegistryError
 from shim.images import config as regconfig
-from shim.images.store import (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
-                               Ingest, digest_hex)
+from shim.images.store import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Ingest, digest_hex
 
 MANIFEST_ACCEPT = ", ".join([OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 MANIFEST_MAX = 8 << 20
@@ -73,8 +72,10 @@ def _env_number(name: str, default: float) -> float:
 def retry_policy() -> tuple[int, float]:
     """(attempts after the first, backoff factor in seconds): ``VMSHIM_REGISTRY_RETRIES``
     and ``VMSHIM_REGISTRY_BACKOFF`` override the defaults (4, 0.5 s: waits 0.5, 1, 2, 4)."""
-    return (int(_env_number("VMSHIM_REGISTRY_RETRIES", DEFAULT_RETRIES)),
-            _env_number("VMSHIM_REGISTRY_BACKOFF", DEFAULT_BACKOFF))
+    return (
+        int(_env_number("VMSHIM_REGISTRY_RETRIES", DEFAULT_RETRIES)),
+        _env_number("VMSHIM_REGISTRY_BACKOFF", DEFAULT_BACKOFF),
+    )
 
 
 def _retryable(message: str) -> RegistryError:
@@ -93,7 +94,7 @@ def with_retries(fn: Callable[[], T], what: str) -> T:
         except RegistryError as e:
             if not getattr(e, "retryable", False) or attempt == retries:
                 raise
-            time.sleep(min(backoff * (2 ** attempt), 10.0))
+            time.sleep(min(backoff * (2**attempt), 10.0))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -173,16 +174,20 @@ class RegistryClient:
     actually contacted may differ (see ``shim.images.config.endpoint_host``).
     ``credentials`` overrides what ``auth.json`` holds."""
 
-    def __init__(self, registry: str, *, insecure: bool = False,
-                 credentials: tuple[str, str] | None = None,
-                 settings: regconfig.RegistrySettings | None = None,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        registry: str,
+        *,
+        insecure: bool = False,
+        credentials: tuple[str, str] | None = None,
+        settings: regconfig.RegistrySettings | None = None,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    ):
         settings = settings or regconfig.load_settings()
         self.registry = registry
         self.host = regconfig.endpoint_host(registry, settings)
         self.allow_http = regconfig.plain_http_allowed(self.host, insecure, settings)
-        self.credentials = credentials if credentials is not None else \
-            regconfig.get_credentials(self.host, registry)
+        self.credentials = credentials if credentials is not None else regconfig.get_credentials(self.host, registry)
         self.timeout = timeout
         self.retries, self.backoff = retry_policy()
         self._base: str | None = None
@@ -199,11 +204,19 @@ class RegistryClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
-            retry = Retry(total=self.retries, connect=self.retries, read=self.retries,
-                          status=self.retries, other=0, backoff_factor=self.backoff,
-                          backoff_max=10.0, status_forcelist=_RETRY_STATUS,
-                          allowed_methods=_URLLIB3_RETRIES, raise_on_status=False,
-                          respect_retry_after_header=True)
+            retry = Retry(
+                total=self.retries,
+                connect=self.retries,
+                read=self.retries,
+                status=self.retries,
+                other=0,
+                backoff_factor=self.backoff,
+                backoff_max=10.0,
+                status_forcelist=_RETRY_STATUS,
+                allowed_methods=_URLLIB3_RETRIES,
+                raise_on_status=False,
+                respect_retry_after_header=True,
+            )
             adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
             s.mount("https://", adapter)
             s.mount("http://", adapter)
@@ -249,9 +262,11 @@ class RegistryClient:
                 failed = None  # answered (a TLS failure is reported by the request itself)
                 break
         if failed is not None:
-            raise RegistryError(f"{what}: registry {self.host} does not answer at "
-                                f"{self.base_url}/v2/ ({_reason(failed)}); is it running "
-                                "and is the address right?")
+            raise RegistryError(
+                f"{what}: registry {self.host} does not answer at "
+                f"{self.base_url}/v2/ ({_reason(failed)}); is it running "
+                "and is the address right?"
+            )
         self._answered = True
 
     def _url(self, path_or_url: str) -> str:
@@ -267,30 +282,30 @@ class RegistryClient:
             token = self._tokens.get(scopes)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _authenticate(self, challenge: Challenge | None, scopes: tuple[str, ...],
-                      what: str) -> None:
+    def _authenticate(self, challenge: Challenge | None, scopes: tuple[str, ...], what: str) -> None:
         if challenge is None:
-            raise RegistryError(f"{what}: registry {self.host} answered 401 without a usable "
-                                "WWW-Authenticate challenge")
+            raise RegistryError(
+                f"{what}: registry {self.host} answered 401 without a usable WWW-Authenticate challenge"
+            )
         if challenge.scheme == "basic":
             if not self.credentials:
-                raise RegistryError(f"{what}: registry {self.host} requires authentication; "
-                                    f"run 'vmshim login {self.registry}'")
+                raise RegistryError(
+                    f"{what}: registry {self.host} requires authentication; run 'vmshim login {self.registry}'"
+                )
             with self._lock:
                 self._basic = True
             return
         realm = challenge.params.get("realm")
         if not realm:
-            raise RegistryError(f"{what}: registry {self.host} sent a Bearer challenge "
-                                "without a realm")
+            raise RegistryError(f"{what}: registry {self.host} sent a Bearer challenge without a realm")
         realm_url = urllib.parse.urlsplit(realm)
         if realm_url.scheme not in ("https", "http") or not realm_url.netloc:
-            raise RegistryError(f"{what}: registry {self.host} sent an invalid token realm "
-                                f"{realm!r}")
-        if realm_url.scheme == "http" and not regconfig.plain_http_allowed(
-                realm_url.netloc, self.allow_http):
-            raise RegistryError(f"{what}: registry {self.host} wants tokens from {realm} "
-                                "over plain HTTP; refused (use --insecure if you trust it)")
+            raise RegistryError(f"{what}: registry {self.host} sent an invalid token realm {realm!r}")
+        if realm_url.scheme == "http" and not regconfig.plain_http_allowed(realm_url.netloc, self.allow_http):
+            raise RegistryError(
+                f"{what}: registry {self.host} wants tokens from {realm} "
+                "over plain HTTP; refused (use --insecure if you trust it)"
+            )
         wanted = list(scopes)
         if challenge.params.get("scope"):
             for scope in challenge.params["scope"].split(" "):
@@ -304,15 +319,20 @@ class RegistryClient:
             params.append(("account", self.credentials[0]))
         auth = self.credentials if self.credentials else None
         try:
-            resp = self._session().get(realm, params=params, auth=auth, timeout=self.timeout,
-                                       verify=not self.allow_http)
+            resp = self._session().get(
+                realm, params=params, auth=auth, timeout=self.timeout, verify=not self.allow_http
+            )
         except requests.RequestException as e:
             raise _retryable(f"{what}: cannot get a token from {realm}: {_reason(e)}") from None
         if resp.status_code in (401, 403):
-            hint = (f"check the credentials ('vmshim login {self.registry}')"
-                    if self.credentials else f"run 'vmshim login {self.registry}'")
-            raise RegistryError(f"{what}: {realm} refused to issue a token "
-                                f"({resp.status_code} {registry_error_text(resp)}); {hint}")
+            hint = (
+                f"check the credentials ('vmshim login {self.registry}')"
+                if self.credentials
+                else f"run 'vmshim login {self.registry}'"
+            )
+            raise RegistryError(
+                f"{what}: {realm} refused to issue a token ({resp.status_code} {registry_error_text(resp)}); {hint}"
+            )
         if resp.status_code != 200:
             raise _retryable_if(resp, f"{what}: token request to {realm} failed")
         try:
@@ -326,10 +346,19 @@ class RegistryClient:
             self._tokens[scopes] = token
 
     # -- requests -------------------------------------------------------------------------
-    def request(self, method: str, path_or_url: str, *, scopes: tuple[str, ...], what: str,
-                headers: dict[str, str] | None = None,
-                body: Callable[[], bytes | _Body] | None = None, stream: bool = False,
-                params: dict | None = None, allow_redirects: bool = True) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        scopes: tuple[str, ...],
+        what: str,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], bytes | _Body] | None = None,
+        stream: bool = False,
+        params: dict | None = None,
+        allow_redirects: bool = True,
+    ) -> requests.Response:
         """Send a request, answering one 401 challenge. ``body`` is a callable returning
         a fresh body (so the request can be re-sent after authenticating). Connection
         failures raise a retryable RegistryError; HTTP errors are returned for the caller."""
@@ -340,13 +369,21 @@ class RegistryClient:
             h = {**(headers or {}), **self._auth_header(scopes)}
             try:
                 resp = self._session().request(
-                    method, self._url(path_or_url), headers=h, params=params,
-                    data=body() if body is not None else None, stream=stream,
-                    timeout=self.timeout, allow_redirects=allow_redirects)
+                    method,
+                    self._url(path_or_url),
+                    headers=h,
+                    params=params,
+                    data=body() if body is not None else None,
+                    stream=stream,
+                    timeout=self.timeout,
+                    allow_redirects=allow_redirects,
+                )
             except requests.exceptions.SSLError as e:
-                raise RegistryError(f"{what}: TLS with {self.host} failed: {_reason(e)} (a "
-                                    "plain-HTTP registry needs --insecure or an "
-                                    "insecure_registries entry)") from None
+                raise RegistryError(
+                    f"{what}: TLS with {self.host} failed: {_reason(e)} (a "
+                    "plain-HTTP registry needs --insecure or an "
+                    "insecure_registries entry)"
+                ) from None
             except requests.RequestException as e:
                 message = f"{what}: cannot reach registry {self.host}: {_reason(e)}"
                 raise (RegistryError(message) if retried else _retryable(message)) from None
@@ -360,8 +397,7 @@ class RegistryClient:
     def _fail(self, resp: requests.Response, what: str) -> RegistryError:
         text = registry_error_text(resp)
         if resp.status_code == 401:
-            hint = "check the credentials" if self.credentials else \
-                f"run 'vmshim login {self.registry}'"
+            hint = "check the credentials" if self.credentials else f"run 'vmshim login {self.registry}'"
             return RegistryError(f"{what}: unauthorized ({text}); {hint}")
         if resp.status_code == 403:
             return RegistryError(f"{what}: access denied by {self.host} ({text})")
@@ -380,11 +416,15 @@ class RegistryClient:
         """(body, media type, digest) of a manifest or index, by tag or digest. The digest
         is verified: against ``reference`` if it is one, else against the registry's
         ``Docker-Content-Digest`` when it sends one."""
-        what = f"fetching manifest {self.registry}/{repository}:{reference}".replace(
-            ":sha256:", "@sha256:")
-        resp = self.request("GET", f"/v2/{repository}/manifests/{reference}",
-                            scopes=(f"repository:{repository}:pull",), what=what,
-                            headers={"Accept": MANIFEST_ACCEPT}, stream=True)
+        what = f"fetching manifest {self.registry}/{repository}:{reference}".replace(":sha256:", "@sha256:")
+        resp = self.request(
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            scopes=(f"repository:{repository}:pull",),
+            what=what,
+            headers={"Accept": MANIFEST_ACCEPT},
+            stream=True,
+        )
         try:
             if resp.status_code == 404:
                 raise RegistryError(f"{what}: not found ({registry_error_text(resp)})")
@@ -396,13 +436,13 @@ class RegistryClient:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:"):
             if digest != reference:
-                raise ImageError(f"digest mismatch: manifest {reference} from {self.host} has "
-                                 f"digest {digest}; refused")
+                raise ImageError(f"digest mismatch: manifest {reference} from {self.host} has digest {digest}; refused")
         else:
             announced = resp.headers.get("Docker-Content-Digest", "")
             if announced.startswith("sha256:") and announced != digest:
-                raise ImageError(f"digest mismatch: {what} announced {announced} but the "
-                                 f"content has digest {digest}; refused")
+                raise ImageError(
+                    f"digest mismatch: {what} announced {announced} but the content has digest {digest}; refused"
+                )
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         try:
             declared = json.loads(body).get("mediaType")
@@ -412,8 +452,9 @@ class RegistryClient:
 
     def blob_exists(self, repository: str, digest: str, scopes: tuple[str, ...] = ()) -> bool:
         what = f"checking blob {digest[:19]} in {self.host}/{repository}"
-        resp = self.request("HEAD", f"/v2/{repository}/blobs/{digest}",
-                            scopes=scopes or (f"repository:{repository}:pull",), what=what)
+        resp = self.request(
+            "HEAD", f"/v2/{repository}/blobs/{digest}", scopes=scopes or (f"repository:{repository}:pull",), what=what
+        )
         resp.close()
         if resp.status_code == 200:
             return True
@@ -421,9 +462,14 @@ class RegistryClient:
             return False
         raise self._fail(resp, what)
 
-    def fetch_blob(self, repository: str, digest: str, ingest: Ingest,
-                   on_bytes: ProgressFn | None = None,
-                   cancelled: threading.Event | None = None) -> None:
+    def fetch_blob(
+        self,
+        repository: str,
+        digest: str,
+        ingest: Ingest,
+        on_bytes: ProgressFn | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> None:
         """Download a blob into ``ingest`` (resuming from its offset), then commit it
         (verified). Breaks mid-stream are resumed with ``Range`` up to the retry limit."""
         what = f"fetching blob {digest[:19]} from {self.host}/{repository}"
@@ -437,8 +483,9 @@ class RegistryClient:
             if start:
                 headers["Range"] = f"bytes={start}-"
             try:
-                resp = self.request("GET", f"/v2/{repository}/blobs/{digest}", scopes=scopes,
-                                    what=what, headers=headers, stream=True)
+                resp = self.request(
+                    "GET", f"/v2/{repository}/blobs/{digest}", scopes=scopes, what=what, headers=headers, stream=True
+                )
                 try:
                     if resp.status_code == 416 and start:
                         ingest.reset()
@@ -446,8 +493,7 @@ class RegistryClient:
                             on_bytes(-start)
                         continue
                     if resp.status_code == 404:
-                        raise RegistryError(f"{what}: blob unknown to the registry "
-                                            f"({registry_error_text(resp)})")
+                        raise RegistryError(f"{what}: blob unknown to the registry ({registry_error_text(resp)})")
                     if resp.status_code not in (200, 206):
                         raise self._fail(resp, what)
                     if start and resp.status_code == 200:  # the server ignored Range
@@ -455,8 +501,7 @@ class RegistryClient:
                         if on_bytes:
                             on_bytes(-start)
                     elif resp.status_code == 206 and not _range_starts_at(resp, start):
-                        raise _retryable(f"{what}: the registry answered a range request "
-                                         "with the wrong range")
+                        raise _retryable(f"{what}: the registry answered a range request with the wrong range")
                     for chunk in resp.raw.stream(CHUNK, decode_content=False):
                         if cancelled is not None and cancelled.is_set():
                             raise Cancelled(what)
@@ -466,19 +511,17 @@ class RegistryClient:
                 finally:
                     resp.close()
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
-                err = _retryable(f"{what}: connection broke after {ingest.offset} bytes: "
-                                 f"{_reason(e)}")
+                err = _retryable(f"{what}: connection broke after {ingest.offset} bytes: {_reason(e)}")
             except RegistryError as e:
                 err = e
             else:
                 if ingest.size is None or ingest.offset >= ingest.size:
                     ingest.commit()
                     return
-                err = _retryable(f"{what}: the connection closed after {ingest.offset} of "
-                                 f"{ingest.size} bytes")
+                err = _retryable(f"{what}: the connection closed after {ingest.offset} of {ingest.size} bytes")
             if not getattr(err, "retryable", False) or attempt >= self.retries:
                 raise err
-            time.sleep(min(self.backoff * (2 ** attempt), 10.0))
+            time.sleep(min(self.backoff * (2**attempt), 10.0))
             attempt += 1
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> str | None:
@@ -486,11 +529,14 @@ class RegistryClient:
         mounted, else the upload URL the registry opened instead."""
         what = f"mounting blob {digest[:19]} from {from_repository} into {repository}"
         resp = self.request(
-            "POST", f"/v2/{repository}/blobs/uploads/",
-            scopes=(f"repository:{repository}:pull,push",
-                    f"repository:{from_repository}:pull"),
-            what=what, params={"mount": digest, "from": from_repository},
-            body=lambda: b"", headers={"Content-Length": "0"})
+            "POST",
+            f"/v2/{repository}/blobs/uploads/",
+            scopes=(f"repository:{repository}:pull,push", f"repository:{from_repository}:pull"),
+            what=what,
+            params={"mount": digest, "from": from_repository},
+            body=lambda: b"",
+            headers={"Content-Length": "0"},
+        )
         resp.close()
         if resp.status_code == 201:
             return None
@@ -500,17 +546,30 @@ class RegistryClient:
 
     def start_upload(self, repository: str) -> str:
         what = f"starting an upload to {self.host}/{repository}"
-        resp = self.request("POST", f"/v2/{repository}/blobs/uploads/",
-                            scopes=(f"repository:{repository}:pull,push",), what=what,
-                            body=lambda: b"", headers={"Content-Length": "0"})
+        resp = self.request(
+            "POST",
+            f"/v2/{repository}/blobs/uploads/",
+            scopes=(f"repository:{repository}:pull,push",),
+            what=what,
+            body=lambda: b"",
+            headers={"Content-Length": "0"},
+        )
         resp.close()
         if resp.status_code != 202 or not resp.headers.get("Location"):
             raise self._fail(resp, what)
         return urllib.parse.urljoin(self.base_url + "/", resp.headers["Location"])
 
-    def upload_blob(self, repository: str, digest: str, size: int,
-                    open_blob: Callable[[], BinaryIO], *, location: str | None = None,
-                    chunk_size: int = 0, on_bytes: ProgressFn | None = None) -> None:
+    def upload_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        open_blob: Callable[[], BinaryIO],
+        *,
+        location: str | None = None,
+        chunk_size: int = 0,
+        on_bytes: ProgressFn | None = None,
+    ) -> None:
         """Upload a blob: monolithic (one PUT) when ``chunk_size`` is 0 or the blob fits in
         one chunk, else chunked (PATCH per chunk, then PUT). ``location`` is an upload
         already opened (by a refused mount). The registry's digest must match."""
@@ -525,50 +584,65 @@ class RegistryClient:
                     f.seek(offset)
                     start = offset
                     resp = self.request(
-                        "PATCH", location, scopes=scopes, what=what,
-                        headers={"Content-Type": "application/octet-stream",
-                                 "Content-Length": str(n),
-                                 "Content-Range": f"{start}-{start + n - 1}"},
-                        body=functools.partial(_rewound, f, start, n, on_bytes))
+                        "PATCH",
+                        location,
+                        scopes=scopes,
+                        what=what,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Length": str(n),
+                            "Content-Range": f"{start}-{start + n - 1}",
+                        },
+                        body=functools.partial(_rewound, f, start, n, on_bytes),
+                    )
                     resp.close()
                     if resp.status_code != 202 or not resp.headers.get("Location"):
                         raise self._fail(resp, what)
-                    location = urllib.parse.urljoin(self.base_url + "/",
-                                                    resp.headers["Location"])
+                    location = urllib.parse.urljoin(self.base_url + "/", resp.headers["Location"])
                     offset += n
-                resp = self.request("PUT", _with_query(location, digest=digest),
-                                    scopes=scopes, what=what, body=lambda: b"",
-                                    headers={"Content-Length": "0"})
+                resp = self.request(
+                    "PUT",
+                    _with_query(location, digest=digest),
+                    scopes=scopes,
+                    what=what,
+                    body=lambda: b"",
+                    headers={"Content-Length": "0"},
+                )
             else:
                 resp = self.request(
-                    "PUT", _with_query(location, digest=digest), scopes=scopes, what=what,
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Length": str(size)},
-                    body=lambda: _rewound(f, 0, size, on_bytes))
+                    "PUT",
+                    _with_query(location, digest=digest),
+                    scopes=scopes,
+                    what=what,
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                    body=lambda: _rewound(f, 0, size, on_bytes),
+                )
         resp.close()
         if resp.status_code not in (201, 204):
             raise self._fail(resp, what)
         announced = resp.headers.get("Docker-Content-Digest")
         if announced and announced != digest:
-            raise ImageError(f"{what}: the registry stored digest {announced}, expected "
-                             f"{digest}")
+            raise ImageError(f"{what}: the registry stored digest {announced}, expected {digest}")
 
-    def put_manifest(self, repository: str, reference: str, body: bytes,
-                     media_type: str) -> str:
+    def put_manifest(self, repository: str, reference: str, body: bytes, media_type: str) -> str:
         """PUT a manifest under a tag or digest; returns its digest (checked against the
         registry's ``Docker-Content-Digest``)."""
         what = f"pushing manifest {self.registry}/{repository}:{reference}"
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        resp = self.request("PUT", f"/v2/{repository}/manifests/{reference}",
-                            scopes=(f"repository:{repository}:pull,push",), what=what,
-                            headers={"Content-Type": media_type}, body=lambda: body)
+        resp = self.request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            scopes=(f"repository:{repository}:pull,push",),
+            what=what,
+            headers={"Content-Type": media_type},
+            body=lambda: body,
+        )
         resp.close()
         if resp.status_code not in (200, 201, 202):
             raise self._fail(resp, what)
         announced = resp.headers.get("Docker-Content-Digest")
         if announced and announced != digest:
-            raise ImageError(f"{what}: the registry recorded digest {announced}, expected "
-                             f"{digest}")
+            raise ImageError(f"{what}: the registry recorded digest {announced}, expected {digest}")
         return digest
 
 
@@ -613,8 +687,7 @@ def _ping_once(base: str) -> requests.RequestException | None:
     try:
         with requests.Session() as s:
             s.trust_env = False
-            s.get(base + "/v2/", timeout=PING_TIMEOUT, verify=False,
-                  allow_redirects=False).close()
+            s.get(base + "/v2/", timeout=PING_TIMEOUT, verify=False, allow_redirects=False).close()
     except requests.RequestException as e:
         return e
     return None
@@ -646,5 +719,12 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["RegistryClient", "Challenge", "parse_challenge", "with_retries", "digest_of",
-           "MANIFEST_ACCEPT", "digest_hex"]
+__all__ = [
+    "RegistryClient",
+    "Challenge",
+    "parse_challenge",
+    "with_retries",
+    "digest_of",
+    "MANIFEST_ACCEPT",
+    "digest_hex",
+]

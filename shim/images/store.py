@@ -73,8 +73,15 @@ _SOURCES_MAX = 8
 _STALE_TMP_SECONDS = 600  # a .tmp- blob file untouched this long belongs to a dead writer
 _CHUNK = 1 << 20
 _JSON_MAX = 8 << 20  # manifests and configs are small; refuse absurd ones
-_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+_GOARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 def host_arch() -> str:
@@ -87,8 +94,7 @@ def digest_hex(digest: str) -> str:
     """``sha256:<hex>`` → ``<hex>``. Raises ImageError for anything else (never a path)."""
     m = _DIGEST.match(digest) if isinstance(digest, str) else None
     if not m:
-        raise ImageError(f"invalid digest {digest!r}: expected 'sha256:' and 64 lowercase "
-                         "hex digits")
+        raise ImageError(f"invalid digest {digest!r}: expected 'sha256:' and 64 lowercase hex digits")
     return m.group(1)
 
 
@@ -219,8 +225,7 @@ class ImageStore:
             atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
 
     # -- blobs ---------------------------------------------------------------------------
-    def put_blob(self, data: bytes | BinaryIO, expected_digest: str | None = None,
-                 size: int | None = None) -> str:
+    def put_blob(self, data: bytes | BinaryIO, expected_digest: str | None = None, size: int | None = None) -> str:
         """Store ``data`` (bytes or a readable binary stream) and return its ``sha256:...``.
 
         Streams to a temp file beside the blobs, verifies the digest (and ``size`` when
@@ -242,8 +247,10 @@ class ImageStore:
                 while chunk := stream.read(_CHUNK):
                     written += len(chunk)
                     if size is not None and written > size:
-                        raise ImageError(f"blob is larger than the expected {size} bytes"
-                                         + (f" ({expected_digest})" if expected_digest else ""))
+                        raise ImageError(
+                            f"blob is larger than the expected {size} bytes"
+                            + (f" ({expected_digest})" if expected_digest else "")
+                        )
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -346,8 +353,9 @@ class ImageStore:
         target). The manifest and every blob it names must be stored (ImageError if not)."""
         ref = as_reference(ref)
         if ref.digest is not None and ref.digest != manifest_digest:
-            raise ImageError(f"cannot record {ref.familiar} for manifest {manifest_digest}: "
-                             "the reference names a different digest")
+            raise ImageError(
+                f"cannot record {ref.familiar} for manifest {manifest_digest}: the reference names a different digest"
+            )
         manifest = self.read_json(manifest_digest)
         desc = {
             "mediaType": manifest.get("mediaType") or OCI_MANIFEST,
@@ -359,13 +367,14 @@ class ImageStore:
             # Checked under the lock: remove() deletes blobs only while holding it too.
             for digest in self._required_blobs(manifest_digest, manifest):
                 if not self.has_blob(digest):
-                    raise ImageError(f"cannot tag {ref.familiar}: blob {digest} of manifest "
-                                     f"{manifest_digest} is missing (removed meanwhile?); retry")
+                    raise ImageError(
+                        f"cannot tag {ref.familiar}: blob {digest} of manifest "
+                        f"{manifest_digest} is missing (removed meanwhile?); retry"
+                    )
             index = self._read_index()
             key = self._stored_name(ref)
             index["manifests"] = [
-                d for d in index["manifests"]
-                if (d.get("annotations") or {}).get(REF_NAME) != key
+                d for d in index["manifests"] if (d.get("annotations") or {}).get(REF_NAME) != key
             ] + [desc]
             self._write_index(index)
 
@@ -394,8 +403,7 @@ class ImageStore:
         if parsed is not None:
             key = self._stored_name(parsed)
             for name, desc in self._entries():
-                if self._stored_name(name) == key and (
-                        parsed.digest is None or desc.get("digest") == parsed.digest):
+                if self._stored_name(name) == key and (parsed.digest is None or desc.get("digest") == parsed.digest):
                     return self._load(name, desc["digest"]), "name"
             if parsed.digest is not None and parsed.tag is None:
                 for name, desc in self._entries():
@@ -417,8 +425,9 @@ class ImageStore:
             if digest_hex(image.config_digest).startswith(prefix):
                 hits.setdefault(image.config_digest, image)
         if len(hits) > 1:
-            raise ImageError(f"image ID prefix '{prefix}' is ambiguous: it matches "
-                             f"{len(hits)} images; give more digits")
+            raise ImageError(
+                f"image ID prefix '{prefix}' is ambiguous: it matches {len(hits)} images; give more digits"
+            )
         return next(iter(hits.values()), None)
 
     def _load(self, ref: Reference, manifest_digest: str) -> Image:
@@ -429,8 +438,7 @@ class ImageStore:
             manifest = self.read_json(manifest_digest)
             media_type = manifest.get("mediaType")
         if media_type not in MANIFEST_TYPES and not (media_type is None and "layers" in manifest):
-            raise ImageError(f"manifest {manifest_digest} of {ref.familiar} has unsupported "
-                             f"media type {media_type!r}")
+            raise ImageError(f"manifest {manifest_digest} of {ref.familiar} has unsupported media type {media_type!r}")
         try:
             config_digest = manifest["config"]["digest"]
             config = self.read_json(config_digest)
@@ -438,20 +446,21 @@ class ImageStore:
             layers = []
             for i, desc in enumerate(manifest.get("layers") or []):
                 digest_hex(desc["digest"])
-                layers.append(LayerRef(
-                    digest=desc["digest"],
-                    media_type=desc.get("mediaType", OCI_LAYER_TAR),
-                    size=int(desc.get("size", 0)),
-                    diff_id=diff_ids[i] if i < len(diff_ids) else None,
-                ))
+                layers.append(
+                    LayerRef(
+                        digest=desc["digest"],
+                        media_type=desc.get("mediaType", OCI_LAYER_TAR),
+                        size=int(desc.get("size", 0)),
+                        diff_id=diff_ids[i] if i < len(diff_ids) else None,
+                    )
+                )
         except (KeyError, TypeError, ValueError) as e:
-            raise ImageError(f"manifest {manifest_digest} of {ref.familiar} is malformed: "
-                             f"{e!r}") from None
+            raise ImageError(f"manifest {manifest_digest} of {ref.familiar} is malformed: {e!r}") from None
         if diff_ids and len(diff_ids) != len(layers):
-            raise ImageError(f"image {ref.familiar}: config lists {len(diff_ids)} diff_ids for "
-                             f"{len(layers)} layers")
-        return Image(reference=ref, manifest_digest=manifest_digest, config_digest=config_digest,
-                     config=config, layers=layers)
+            raise ImageError(f"image {ref.familiar}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        return Image(
+            reference=ref, manifest_digest=manifest_digest, config_digest=config_digest, config=config, layers=layers
+        )
 
     def _pick_platform(self, index: dict, digest: str) -> str:
         """The child manifest of ``index`` to use: the stored one for linux/<host arch>,
@@ -475,8 +484,7 @@ class ImageStore:
         """The blobs that must be stored for ``manifest`` to be usable: for an image
         manifest, itself, its config and layers; for an index (pulled by its digest), itself
         and one complete platform manifest (the other platforms may be absent)."""
-        if manifest.get("mediaType") in INDEX_TYPES or (
-                manifest.get("mediaType") is None and "manifests" in manifest):
+        if manifest.get("mediaType") in INDEX_TYPES or (manifest.get("mediaType") is None and "manifests" in manifest):
             child = self._pick_platform(manifest, manifest_digest)
             return [manifest_digest, child, *self._referenced_by(self.read_json(child))]
         return [manifest_digest, *self._referenced_by(manifest)]
@@ -502,9 +510,15 @@ class ImageStore:
                 image = self._load(name, desc["digest"])
             except ImageError:
                 continue
-            out.append(ImageSummary(reference=name, manifest_digest=desc["digest"],
-                                    id=image.config_digest, created=image.created,
-                                    size=image.size))
+            out.append(
+                ImageSummary(
+                    reference=name,
+                    manifest_digest=desc["digest"],
+                    id=image.config_digest,
+                    created=image.created,
+                    size=image.size,
+                )
+            )
         return sorted(out, key=lambda s: str(s.reference))
 
     def remove(self, ref: str | Reference) -> None:
@@ -521,24 +535,23 @@ class ImageStore:
                 key = self._stored_name(image.reference)
                 doomed = [d for n, d in entries if self._stored_name(n) == key]
             elif how == "digest":
-                doomed = [d for n, d in entries if n.name == image.reference.name
-                          and d.get("digest") == image.reference.digest]
+                doomed = [
+                    d
+                    for n, d in entries
+                    if n.name == image.reference.name and d.get("digest") == image.reference.digest
+                ]
             else:
                 doomed = [d for n, d in entries if self._config_of(d) == image.config_digest]
                 if len(doomed) > 1:
-                    shown = ", ".join(n.familiar for n, d in entries
-                                      if any(d is x for x in doomed))
-                    raise ImageError(f"image {ref} is referenced by several names ({shown}); "
-                                     "remove them by name")
-            index["manifests"] = [d for d in index["manifests"]
-                                  if not any(d is x for x in doomed)]
+                    shown = ", ".join(n.familiar for n, d in entries if any(d is x for x in doomed))
+                    raise ImageError(f"image {ref} is referenced by several names ({shown}); remove them by name")
+            index["manifests"] = [d for d in index["manifests"] if not any(d is x for x in doomed)]
             self._write_index(index)
             self._collect_garbage([d["digest"] for d in doomed], index)
 
     def _config_of(self, desc: dict) -> str | None:
         try:
-            return self._load(parse_reference(desc["annotations"][REF_NAME]),
-                              desc["digest"]).config_digest
+            return self._load(parse_reference(desc["annotations"][REF_NAME]), desc["digest"]).config_digest
         except (ImageError, InvalidReference, KeyError):
             return None
 
@@ -560,8 +573,7 @@ class ImageStore:
     # -- garbage collection, pruning, usage ------------------------------------------------
     def _reachable_from_index(self, index: dict) -> set[str]:
         """Every blob digest reachable from the entries of ``index``."""
-        return self._reachable([d["digest"] for d in index["manifests"]
-                                if isinstance(d.get("digest"), str)])
+        return self._reachable([d["digest"] for d in index["manifests"] if isinstance(d.get("digest"), str)])
 
     def _reachable(self, manifests: list[str]) -> set[str]:
         """Every blob digest reachable from the manifests (or indexes) ``manifests``:
@@ -598,14 +610,12 @@ class ImageStore:
         hold it shared from their first blob until they tag) and none starts meanwhile."""
         files = freed = 0
         with flocked(self._gc_lock, fcntl.LOCK_EX), flocked(self._index_lock):
-            keep = {digest_hex(d) for d in self._reachable_from_index(self._read_index())
-                    if _DIGEST.match(d)}
+            keep = {digest_hex(d) for d in self._reachable_from_index(self._read_index()) if _DIGEST.match(d)}
             for entry in list(self._blob_files()):
                 if entry.name in keep:
                     continue
                 st = entry.stat(follow_symlinks=False)
-                stale_tmp = (entry.name.startswith(".tmp-")
-                             and time.time() - st.st_mtime > _STALE_TMP_SECONDS)
+                stale_tmp = entry.name.startswith(".tmp-") and time.time() - st.st_mtime > _STALE_TMP_SECONDS
                 if stale_tmp or _HEX.match(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
@@ -664,8 +674,7 @@ class ImageStore:
         """Sizes for ``system df``: named images, the blobs they use (shared ones once), and
         what ``image prune`` would free (unreferenced blobs and interrupted downloads)."""
         index = self._read_index()
-        reachable = {digest_hex(d) for d in self._reachable_from_index(index)
-                     if _DIGEST.match(d)}
+        reachable = {digest_hex(d) for d in self._reachable_from_index(index) if _DIGEST.match(d)}
         used = unused = 0
         for entry in self._blob_files():
             size = entry.stat(follow_symlinks=False).st_size
@@ -685,8 +694,9 @@ class ImageStore:
             except (ImageError, InvalidReference, KeyError):
                 continue
             layer_digests.update(digest_hex(layer.digest) for layer in image.layers)
-        return DiskUsage(names=names, images=len(images), blobs_size=used,
-                         reclaimable=unused, layer_digests=frozenset(layer_digests))
+        return DiskUsage(
+            names=names, images=len(images), blobs_size=used, reclaimable=unused, layer_digests=frozenset(layer_digests)
+        )
 
     # -- where blobs came from (for cross-repository mounts) -----------------------------
     def record_sources(self, host: str, repository: str, digests: "Iterable[str]") -> None:
@@ -710,14 +720,12 @@ class ImageStore:
         """(host, repository) pairs known to hold ``digest``, most recent first."""
         try:
             data = json.loads((self.root / "blob-sources.json").read_bytes())
-            return [(h, r) for h, r in data.get(digest_hex(digest), [])
-                    if isinstance(h, str) and isinstance(r, str)]
+            return [(h, r) for h, r in data.get(digest_hex(digest), []) if isinstance(h, str) and isinstance(r, str)]
         except (OSError, ValueError, TypeError, AttributeError):
             return []
 
     # -- import --------------------------------------------------------------------------
-    def import_image(self, layer_tars: list[str | os.PathLike], config: dict,
-                     ref: str | Reference) -> Image:
+    def import_image(self, layer_tars: list[str | os.PathLike], config: dict, ref: str | Reference) -> Image:
         """Store layer tars (plain or gzip) and ``config`` as an OCI image named ``ref``.
 
         Plain tars are stored as ``application/vnd.oci.image.layer.v1.tar`` (digest ==
@@ -735,8 +743,9 @@ class ImageStore:
                 media_type, diff_id = _inspect_tar(Path(tar))
                 with open(tar, "rb") as f:
                     digest = self.put_blob(f)
-                layers.append({"mediaType": media_type, "digest": digest,
-                               "size": self.blob_path(digest).stat().st_size})
+                layers.append(
+                    {"mediaType": media_type, "digest": digest, "size": self.blob_path(digest).stat().st_size}
+                )
                 diff_ids.append(diff_id)
             config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
             config_digest, config_size = self.put_json(config)
@@ -781,11 +790,11 @@ class PruneReport:
 
 @dataclass(frozen=True)
 class DiskUsage:
-    names: int                 # entries of index.json
-    images: int                # distinct manifests they point at
-    blobs_size: int            # bytes of blobs reachable from a name
-    reclaimable: int           # bytes ``image prune`` frees
-    layer_digests: frozenset   # hex digests of the layers named images use
+    names: int  # entries of index.json
+    images: int  # distinct manifests they point at
+    blobs_size: int  # bytes of blobs reachable from a name
+    reclaimable: int  # bytes ``image prune`` frees
+    layer_digests: frozenset  # hex digests of the layers named images use
 
 
 class Ingest:
@@ -856,8 +865,9 @@ class Ingest:
     def write(self, data: bytes) -> None:
         if self.size is not None and self.offset + len(data) > self.size:
             self.discard()
-            raise ImageError(f"blob {self.digest} is larger than the {self.size} bytes its "
-                             "descriptor declares; refused")
+            raise ImageError(
+                f"blob {self.digest} is larger than the {self.size} bytes its descriptor declares; refused"
+            )
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -881,13 +891,14 @@ class Ingest:
         actual = "sha256:" + self._sha.hexdigest()
         if self.size is not None and self.offset != self.size:
             self.discard()
-            raise ImageError(f"blob {self.digest} is {self.offset} bytes, its descriptor "
-                             f"declares {self.size}; refused")
+            raise ImageError(f"blob {self.digest} is {self.offset} bytes, its descriptor declares {self.size}; refused")
         if actual != self.digest:
             self.discard()
-            raise ImageError(f"digest mismatch: blob {self.digest} arrived with content of "
-                             f"digest {actual}; refused (corrupted in transit or by the "
-                             "registry)")
+            raise ImageError(
+                f"digest mismatch: blob {self.digest} arrived with content of "
+                f"digest {actual}; refused (corrupted in transit or by the "
+                "registry)"
+            )
         os.fsync(self.fd)
         os.fchmod(self.fd, 0o644)
         os.rename(self.path, self.store.blobs_dir / digest_hex(self.digest))
@@ -917,8 +928,9 @@ def _inspect_tar(path: Path) -> tuple[str, str]:
     return media_type, "sha256:" + h.hexdigest()
 
 
-def import_image(layer_tars: list[str | os.PathLike], config: dict, ref: str | Reference,
-                 store: ImageStore | None = None) -> Image:
+def import_image(
+    layer_tars: list[str | os.PathLike], config: dict, ref: str | Reference, store: ImageStore | None = None
+) -> Image:
     """Module-level form of :meth:`ImageStore.import_image` (default store)."""
     return (store or ImageStore()).import_image(layer_tars, config, ref)
 
@@ -1002,8 +1014,15 @@ def format_created(created: str | None, now: _dt.datetime | None = None) -> str:
     secs = int((now - when).total_seconds())
     if secs < 0:
         return "Less than a second ago"
-    for unit, length in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
-                         ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+    for unit, length in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+        ("second", 1),
+    ):
         if secs >= length:
             n = secs // length
             return f"{n} {unit}{'s' if n != 1 else ''} ago"

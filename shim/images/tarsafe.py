@@ -38,16 +38,20 @@ class BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_gnulong(self, tarfile_):
         if self.size > MAX_LONG_NAME:
-            raise tarfile.HeaderError(f"a GNU long-name header of {self.size} bytes is larger "
-                                      f"than the {MAX_LONG_NAME} byte cap (header bomb?)")
+            raise tarfile.HeaderError(
+                f"a GNU long-name header of {self.size} bytes is larger "
+                f"than the {MAX_LONG_NAME} byte cap (header bomb?)"
+            )
         with _chained(tarfile_):
             return super()._proc_gnulong(tarfile_)
 
     def _proc_pax(self, tarfile_):
         if self.size > MAX_EXTENDED_HEADER:
-            raise tarfile.HeaderError(f"a PAX extended header of {self.size} bytes is larger "
-                                      f"than the {MAX_EXTENDED_HEADER} byte cap "
-                                      "(header bomb?)")
+            raise tarfile.HeaderError(
+                f"a PAX extended header of {self.size} bytes is larger "
+                f"than the {MAX_EXTENDED_HEADER} byte cap "
+                "(header bomb?)"
+            )
         with _chained(tarfile_):
             return super()._proc_pax(tarfile_)
 
@@ -66,8 +70,7 @@ class BoundedTarInfo(tarfile.TarInfo):
 
 
 def _sparse_refused(member) -> tarfile.HeaderError:
-    return tarfile.HeaderError(f"member {_shown(member.name)} is a GNU sparse file; sparse "
-                               "members are not supported")
+    return tarfile.HeaderError(f"member {_shown(member.name)} is a GNU sparse file; sparse members are not supported")
 
 
 class _chained:
@@ -79,8 +82,7 @@ class _chained:
     def __enter__(self):
         depth = getattr(self.tar, _CHAIN_ATTR, 0) + 1
         if depth > MAX_HEADER_CHAIN:
-            raise tarfile.HeaderError(f"more than {MAX_HEADER_CHAIN} extended headers in a "
-                                      "row (header bomb?)")
+            raise tarfile.HeaderError(f"more than {MAX_HEADER_CHAIN} extended headers in a row (header bomb?)")
         setattr(self.tar, _CHAIN_ATTR, depth)
 
     def __exit__(self, *exc):
@@ -91,8 +93,7 @@ class _chained:
 def _check_globals(tar) -> None:
     total = sum(len(k) + len(v) for k, v in tar.pax_headers.items())
     if total > MAX_EXTENDED_HEADER:
-        raise tarfile.HeaderError(f"global PAX headers add up to more than "
-                                  f"{MAX_EXTENDED_HEADER} bytes (header bomb?)")
+        raise tarfile.HeaderError(f"global PAX headers add up to more than {MAX_EXTENDED_HEADER} bytes (header bomb?)")
 
 
 def _shown(name: str) -> str:

@@ -73,8 +73,7 @@ def ensure(net: Network) -> None:
     if running_pid(net) is not None:
         return
     if shutil.which(DNSMASQ) is None:
-        raise NetworkError("dnsmasq is not installed (it resolves container names on user "
-                           "networks); run scripts/setup")
+        raise NetworkError("dnsmasq is not installed (it resolves container names on user networks); run scripts/setup")
     hosts = hosts_dir(net)
     hosts.mkdir(parents=True, exist_ok=True)
     os.chmod(hosts, 0o755)
@@ -82,17 +81,28 @@ def ensure(net: Network) -> None:
     pid_file = _pid_file(net, netns)
     pid_file.unlink(missing_ok=True)
     log = pid_file.with_suffix(".log")
-    args = [DNSMASQ, "--conf-file=/dev/null", f"--pid-file={pid_file}",
-            f"--listen-address={net.gateway}", "--bind-interfaces", "--port=53",
-            "--no-hosts", f"--hostsdir={hosts}", "--domain-needed", "--bogus-priv",
-            "--no-negcache", "--local-ttl=0", f"--log-facility={log}"]
+    args = [
+        DNSMASQ,
+        "--conf-file=/dev/null",
+        f"--pid-file={pid_file}",
+        f"--listen-address={net.gateway}",
+        "--bind-interfaces",
+        "--port=53",
+        "--no-hosts",
+        f"--hostsdir={hosts}",
+        "--domain-needed",
+        "--bogus-priv",
+        "--no-negcache",
+        "--local-ttl=0",
+        f"--log-facility={log}",
+    ]
     if not _has_upstream():
         args.append("--no-resolv")
-    proc = subprocess.run(args, check=False, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise NetworkError(f"cannot start dnsmasq for network {net.name} on "
-                           f"{net.gateway}: {proc.stderr.strip() or proc.returncode}")
+        raise NetworkError(
+            f"cannot start dnsmasq for network {net.name} on {net.gateway}: {proc.stderr.strip() or proc.returncode}"
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while running_pid(net, netns) is None:
         if time.monotonic() > deadline:
@@ -130,8 +140,7 @@ def add(net: Network, endpoint: Endpoint) -> None:
     tmp = hosts / f".{endpoint.container_id}.tmp"
     names = " ".join(endpoint.names())
     # An IPv6 line too on a dual-stack network: dnsmasq answers AAAA queries from it.
-    tmp.write_text(f"{endpoint.ip}\t{names}\n"
-                   + (f"{endpoint.ip6}\t{names}\n" if endpoint.ip6 else ""))
+    tmp.write_text(f"{endpoint.ip}\t{names}\n" + (f"{endpoint.ip6}\t{names}\n" if endpoint.ip6 else ""))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
@@ -140,12 +149,12 @@ def remove(net: Network, container_id: str) -> None:
     (hosts_dir(net) / container_id).unlink(missing_ok=True)
 
 
-def resolv_conf(net: Network, *, servers: Sequence[str] = (), search: Sequence[str] = (),
-                options: Sequence[str] = ()) -> str:
+def resolv_conf(
+    net: Network, *, servers: Sequence[str] = (), search: Sequence[str] = (), options: Sequence[str] = ()
+) -> str:
     """resolv.conf for a container whose first network is *net* (with DNS): the
     network's resolver first, then ``--dns`` servers."""
-    lines = [f"nameserver {net.gateway}"] + [f"nameserver {s}" for s in servers
-                                             if s != net.gateway]
+    lines = [f"nameserver {net.gateway}"] + [f"nameserver {s}" for s in servers if s != net.gateway]
     if search:
         lines.append("search " + " ".join(search))
     if options:
@@ -166,8 +175,7 @@ def host_resolv_conf() -> str:
     lines = _host_resolv_lines()
     if lines is None:
         return ""
-    keep = [ln for ln in lines if not (ln.startswith("nameserver") and
-                                       (" 127." in ln or " ::1" in ln))]
+    keep = [ln for ln in lines if not (ln.startswith("nameserver") and (" 127." in ln or " ::1" in ln))]
     return "\n".join(keep) + "\n"
 
 

@@ -72,12 +72,17 @@ def tap_name(container_id: str, index: int) -> str:
 
 def _run(argv: list[str], what: str, input: str | None = None) -> str:
     try:
-        res = subprocess.run(argv, input=input, capture_output=True, text=True,
-                             errors="replace", timeout=COMMAND_TIMEOUT,
-                             stdin=None if input is not None else subprocess.DEVNULL)
+        res = subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=COMMAND_TIMEOUT,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
-        raise NetworkError(f"{what}: {argv[0]} did not finish in {COMMAND_TIMEOUT:.0f} s") \
-            from None
+        raise NetworkError(f"{what}: {argv[0]} did not finish in {COMMAND_TIMEOUT:.0f} s") from None
     except OSError as exc:
         raise NetworkError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
     if res.returncode != 0:
@@ -93,10 +98,8 @@ def read_links(netns: str) -> list[EngineLink]:
     """The interfaces an engine configured in *netns* (a path such as /proc/PID/ns/net),
     in index order; interfaces without an IPv4 address, loopback and our own taps are
     left out. Raises NetworkError (unreadable namespace, more than MAX_LINKS)."""
-    links = _json(_run(_in(netns, "ip", "-j", "-d", "address", "show"),
-                       "reading the container's network namespace"))
-    routes = _json(_run(_in(netns, "ip", "-j", "-4", "route", "show", "default"),
-                        "reading the container's routes"))
+    links = _json(_run(_in(netns, "ip", "-j", "-d", "address", "show"), "reading the container's network namespace"))
+    routes = _json(_run(_in(netns, "ip", "-j", "-4", "route", "show", "default"), "reading the container's routes"))
     return parse_links(links, routes)
 
 
@@ -115,8 +118,12 @@ def parse_links(links: list, routes: list) -> list[EngineLink]:
     output (pure). Raises NetworkError."""
     gateways: dict[str, str] = {}
     for route in routes:
-        if isinstance(route, dict) and route.get("dst") == "default" \
-                and isinstance(route.get("gateway"), str) and isinstance(route.get("dev"), str):
+        if (
+            isinstance(route, dict)
+            and route.get("dst") == "default"
+            and isinstance(route.get("gateway"), str)
+            and isinstance(route.get("dev"), str)
+        ):
             gateways.setdefault(route["dev"], route["gateway"])
     out = []
     have_gateway = False
@@ -126,8 +133,7 @@ def parse_links(links: list, routes: list) -> list[EngineLink]:
         name = link.get("ifname")
         if not isinstance(name, str) or name == "lo" or link.get("link_type") != "ether":
             continue
-        kind = (link.get("linkinfo") or {}).get("info_kind") if isinstance(
-            link.get("linkinfo"), dict) else None
+        kind = (link.get("linkinfo") or {}).get("info_kind") if isinstance(link.get("linkinfo"), dict) else None
         if kind in SKIPPED_KINDS or name.startswith(TAP_PREFIX):
             continue
         v4 = v6 = ""
@@ -151,11 +157,9 @@ def parse_links(links: list, routes: list) -> list[EngineLink]:
             raise NetworkError(f"interface {name}: unusable MTU {mtu!r}")
         gateway = gateways.get(name, "") if not have_gateway else ""
         have_gateway = have_gateway or bool(gateway)
-        out.append(EngineLink(name=name, mac=mac, mtu=mtu, address=v4, address6=v6,
-                              gateway=gateway))
+        out.append(EngineLink(name=name, mac=mac, mtu=mtu, address=v4, address6=v6, gateway=gateway))
         if len(out) > MAX_LINKS:
-            raise NetworkError(f"the container's network namespace has more than "
-                               f"{MAX_LINKS} interfaces")
+            raise NetworkError(f"the container's network namespace has more than {MAX_LINKS} interfaces")
     from guest.spec import check_network
 
     try:
@@ -169,38 +173,44 @@ def create_tap(host_netns: str, tap: str) -> None:
     """Make the persistent tap *tap* in *host_netns* (where libvirtd opens it). A
     leftover of the same name is replaced. Raises NetworkError."""
     remove_tap(host_netns, tap)
-    _run(_in(host_netns, "ip", "tuntap", "add", "dev", tap, "mode", "tap"),
-         f"creating the tap {tap}")
+    _run(_in(host_netns, "ip", "tuntap", "add", "dev", tap, "mode", "tap"), f"creating the tap {tap}")
 
 
 def wire(host_netns: str, netns: str, link: EngineLink, tap: str) -> None:
     """Move *tap* (held by the running VM) from *host_netns* into *netns* and redirect
     all traffic both ways between it and *link*. Raises NetworkError."""
-    _run(_in(host_netns, "ip", "link", "set", "dev", tap, "netns", netns),
-         f"moving the tap {tap} into the container's network namespace")
-    _run(_in(netns, "ip", "-batch", "-"), f"bringing up the tap {tap}",
-         input=f"link set dev {tap} mtu {link.mtu} up\n")
+    _run(
+        _in(host_netns, "ip", "link", "set", "dev", tap, "netns", netns),
+        f"moving the tap {tap} into the container's network namespace",
+    )
+    _run(_in(netns, "ip", "-batch", "-"), f"bringing up the tap {tap}", input=f"link set dev {tap} mtu {link.mtu} up\n")
     batch = "".join(
         f"qdisc add dev {src} ingress\n"
         f"filter add dev {src} parent ffff: protocol all prio 1 u32 match u32 0 0 "
         f"action mirred egress redirect dev {dst}\n"
-        for src, dst in ((link.name, tap), (tap, link.name)))
+        for src, dst in ((link.name, tap), (tap, link.name))
+    )
     try:
-        _run(_in(netns, "tc", "-batch", "-"), f"redirecting {link.name} to the tap {tap}",
-             input=batch)
+        _run(_in(netns, "tc", "-batch", "-"), f"redirecting {link.name} to the tap {tap}", input=batch)
     except NetworkError as exc:
         if "xclusivity" in str(exc) or "File exists" in str(exc):
-            raise NetworkError(f"{link.name} of the container's network namespace is "
-                               "plugged into another VM already: containers that share a "
-                               "network namespace (pods, --network container:) are not "
-                               "supported yet") from None
+            raise NetworkError(
+                f"{link.name} of the container's network namespace is "
+                "plugged into another VM already: containers that share a "
+                "network namespace (pods, --network container:) are not "
+                "supported yet"
+            ) from None
         raise
 
 
 def remove_tap(netns: str, tap: str) -> None:
     """Delete *tap* in *netns* if it is there. Never raises."""
     try:
-        subprocess.run(_in(netns, "ip", "link", "delete", "dev", tap), capture_output=True,
-                       timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            _in(netns, "ip", "link", "delete", "dev", tap),
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass

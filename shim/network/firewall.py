@@ -101,8 +101,7 @@ def delete_table() -> None:
 
 
 def _rules(chain: str, family: str = "ip") -> list[dict]:
-    out = run([NFT, "-j", "-a", "list", "chain", family, TABLE, chain],
-              what=f"cannot list nftables chain {chain}")
+    out = run([NFT, "-j", "-a", "list", "chain", family, TABLE, chain], what=f"cannot list nftables chain {chain}")
     return [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
 
 
@@ -113,8 +112,9 @@ def _delete_commented(comment: str, chains: tuple[str, ...], family: str = "ip")
             rules = _rules(chain, family)
         except NetworkError:
             continue  # no table (yet, or any more)
-        lines += [f"delete rule {family} {TABLE} {chain} handle {r['handle']}"
-                  for r in rules if r.get("comment") == comment]
+        lines += [
+            f"delete rule {family} {TABLE} {chain} handle {r['handle']}" for r in rules if r.get("comment") == comment
+        ]
     if lines:
         _nft("\n".join(lines) + "\n", f"cannot delete the rules of {comment}")
     return len(lines)
@@ -128,6 +128,7 @@ def _has_comment(comment: str, chain: str, family: str = "ip") -> bool:
 
 
 # ---- networks ----------------------------------------------------------------------------
+
 
 def network_comment(name: str) -> str:
     return f"vmshim-net:{name}"
@@ -147,21 +148,20 @@ def network_rules(name: str, bridge: str, subnet: str, internal: bool) -> str:
         f'{fwd} iifname "{bridge}" oifname != "{bridge}" oifname @bridges drop {c}',
     ]
     if internal:
-        lines += [f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}',
-                  f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}']
+        lines += [
+            f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}',
+            f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}',
+        ]
     return "\n".join(lines) + "\n"
 
 
-def ensure_network(name: str, bridge: str, subnet: str, internal: bool,
-                   ipv6: bool = False) -> None:
+def ensure_network(name: str, bridge: str, subnet: str, internal: bool, ipv6: bool = False) -> None:
     """Add the network's rules unless they are there (*ipv6*: also its IPv6 rules).
     Lock held, table ensured."""
     if not _has_comment(network_comment(name), "postrouting"):
-        _nft(network_rules(name, bridge, subnet, internal),
-             f"cannot add the NAT rules of network {name}")
+        _nft(network_rules(name, bridge, subnet, internal), f"cannot add the NAT rules of network {name}")
     if ipv6 and not _has_comment(network_comment(name), "forward", family="ip6"):
-        _nft(IP6_BASE + network_rules6(name, bridge),
-             f"cannot add the IPv6 rules of network {name}")
+        _nft(IP6_BASE + network_rules6(name, bridge), f"cannot add the IPv6 rules of network {name}")
 
 
 # IPv6 on a dual-stack network reaches that network's own subnet and nothing else: no
@@ -181,8 +181,10 @@ def network_rules6(name: str, bridge: str) -> str:
     fwd = f"add rule ip6 {TABLE} forward"
     # Not plain `iifname "{bridge}" drop`: with br_netfilter loaded (docker loads it)
     # frames bridged between two ports pass this hook too, in and out the bridge itself.
-    return (f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}\n'
-            f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}\n')
+    return (
+        f'{fwd} iifname "{bridge}" oifname != "{bridge}" drop {c}\n'
+        f'{fwd} oifname "{bridge}" iifname != "{bridge}" drop {c}\n'
+    )
 
 
 def remove_network(name: str, bridge: str) -> None:
@@ -196,6 +198,7 @@ def remove_network(name: str, bridge: str) -> None:
 
 # ---- published ports ---------------------------------------------------------------------
 
+
 def container_comment(container_id: str) -> str:
     return f"vmshim-ctr:{container_id[:12]}"
 
@@ -205,8 +208,10 @@ def port_rules(container_id: str, container_ip: str, ports: list[PortMapping]) -
     lines = []
     for p in ports:
         match = f"ip daddr {p.host_ip} " if p.host_ip != ANY_IP else ""
-        lines.append(f"add rule ip {TABLE} publish {match}{p.protocol} dport {p.host_port} "
-                     f"dnat to {container_ip}:{p.container_port} {c}")
+        lines.append(
+            f"add rule ip {TABLE} publish {match}{p.protocol} dport {p.host_port} "
+            f"dnat to {container_ip}:{p.container_port} {c}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -215,8 +220,7 @@ def publish(container_id: str, container_ip: str, ports: list[PortMapping]) -> N
     container's earlier rules. Lock held, table ensured."""
     unpublish(container_id)
     if ports:
-        _nft(port_rules(container_id, container_ip, ports),
-             f"cannot publish ports {', '.join(map(str, ports))}")
+        _nft(port_rules(container_id, container_ip, ports), f"cannot publish ports {', '.join(map(str, ports))}")
 
 
 def unpublish(container_id: str) -> int:
@@ -280,8 +284,7 @@ def antispoof_rules(host_ifname: str, mac: str, ip: str, ip6: str = "") -> str:
             f"{rule} ether type ip6 ip6 saddr != {{ ::, {', '.join(own)} }} drop {c}",
             # @th,64,128: the target address of a neighbour advertisement (nft 1.0.6
             # has no name for it)
-            f"{rule} ether type ip6 icmpv6 type nd-neighbor-advert "
-            f"@th,64,128 != {{ {targets} }} drop {c}",
+            f"{rule} ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != {{ {targets} }} drop {c}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -291,8 +294,7 @@ def guard_port(host_ifname: str, mac: str, ip: str, ip6: str = "") -> None:
     earlier rules of that port). The interface need not exist yet. Lock held."""
     ensure_bridge_table()
     unguard_port(host_ifname)
-    _nft(antispoof_rules(host_ifname, mac, ip, ip6),
-         f"cannot add the anti-spoofing rules of {host_ifname}")
+    _nft(antispoof_rules(host_ifname, mac, ip, ip6), f"cannot add the anti-spoofing rules of {host_ifname}")
 
 
 def unguard_port(host_ifname: str) -> int:
@@ -302,8 +304,11 @@ def unguard_port(host_ifname: str) -> int:
     except NetworkError:
         return 0  # no table (yet, or any more)
     rules = [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
-    lines = [f"delete rule bridge {TABLE} antispoof handle {r['handle']}"
-             for r in rules if r.get("comment") == port_comment(host_ifname)]
+    lines = [
+        f"delete rule bridge {TABLE} antispoof handle {r['handle']}"
+        for r in rules
+        if r.get("comment") == port_comment(host_ifname)
+    ]
     if lines:
         _nft("\n".join(lines) + "\n", f"cannot delete the anti-spoofing rules of {host_ifname}")
     return len(lines)

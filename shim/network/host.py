@@ -28,13 +28,13 @@ UNSHARE = "unshare"
 def run(args: list[str], *, input: str | None = None, what: str = "") -> str:
     """Run a command; return stdout. Raises NetworkError with its stderr."""
     if shutil.which(args[0]) is None:
-        raise NetworkError(f"{args[0]} is not installed (needed for container networking); "
-                           "run scripts/setup")
+        raise NetworkError(f"{args[0]} is not installed (needed for container networking); run scripts/setup")
     proc = subprocess.run(args, input=input, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise NetworkError(f"{what or 'cannot ' + ' '.join(args[:4])}: "
-                           f"{detail[-1] if detail else f'exit status {proc.returncode}'}")
+        raise NetworkError(
+            f"{what or 'cannot ' + ' '.join(args[:4])}: {detail[-1] if detail else f'exit status {proc.returncode}'}"
+        )
     return proc.stdout
 
 
@@ -59,8 +59,7 @@ def write_sysctl(key: str, value: str) -> None:
         raise NetworkError(f"cannot set {key.replace('/', '.')}={value}: {exc.strerror}") from None
 
 
-def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str,
-                  gateway6: str = "", prefixlen6: int = 0) -> bool:
+def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str, gateway6: str = "", prefixlen6: int = 0) -> bool:
     """Make the bridge *name* with *gateway*/*prefixlen* and a fixed *mac* (a bridge
     without one takes its lowest port's MAC, which changes as containers come and go
     and leaves stale ARP entries in the others), up, with forwarding on and
@@ -70,16 +69,19 @@ def ensure_bridge(name: str, gateway: str, prefixlen: int, mac: str,
     created = False
     if not link_exists(name):
         try:
-            run([IP, "link", "add", "name", name, "address", mac, "type", "bridge"],
-                what=f"cannot create bridge {name}")
+            run(
+                [IP, "link", "add", "name", name, "address", mac, "type", "bridge"], what=f"cannot create bridge {name}"
+            )
         except NetworkError:
             if not link_exists(name):  # somebody else made it meanwhile: fine
                 raise
         created = True
     v6 = f"address replace {gateway6}/{prefixlen6} dev {name} nodad\n" if gateway6 else ""
-    run([IP, "-batch", "-"], input=(
-        f"address replace {gateway}/{prefixlen} dev {name}\n{v6}"
-        f"link set dev {name} up\n"), what=f"cannot configure bridge {name}")
+    run(
+        [IP, "-batch", "-"],
+        input=(f"address replace {gateway}/{prefixlen} dev {name}\n{v6}link set dev {name} up\n"),
+        what=f"cannot configure bridge {name}",
+    )
     write_sysctl("net/ipv4/ip_forward", "1")
     write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
     return created
@@ -117,6 +119,7 @@ def routes() -> list[str]:
 
 # ---- network namespaces for --isolation process ------------------------------------------
 
+
 def create_netns(path: Path) -> None:
     """A new network namespace kept alive by a bind mount on *path* (unshare --net=)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,28 +148,47 @@ def delete_netns(path: Path) -> None:
         pass
 
 
-def add_veth(netns: Path, *, host_ifname: str, bridge: str, mac: str, address: str,
-             prefixlen: int, gateway: str | None, ifname: str = "eth0",
-             mtu: int | None = None, address6: str = "") -> None:
+def add_veth(
+    netns: Path,
+    *,
+    host_ifname: str,
+    bridge: str,
+    mac: str,
+    address: str,
+    prefixlen: int,
+    gateway: str | None,
+    ifname: str = "eth0",
+    mtu: int | None = None,
+    address6: str = "",
+) -> None:
     """A veth pair: *host_ifname* enslaved to *bridge* here, *ifname* in the namespace at
     *netns* with *mac*, *address*/*prefixlen* (and *address6*, ``addr/prefix``, if
     given) and (if given) a default route via *gateway*; ``lo`` up there too."""
     delete_link(host_ifname)  # a leftover of a crashed run with the same id
-    run([IP, "link", "add", "name", host_ifname, "type", "veth", "peer", "name", ifname,
-         "netns", str(netns)], what=f"cannot create veth {host_ifname}")
+    run(
+        [IP, "link", "add", "name", host_ifname, "type", "veth", "peer", "name", ifname, "netns", str(netns)],
+        what=f"cannot create veth {host_ifname}",
+    )
     try:
-        inside = ["link set dev lo up",
-                  f"link set dev {ifname} address {mac}" + (f" mtu {mtu}" if mtu else ""),
-                  f"address add {address}/{prefixlen} dev {ifname}",
-                  f"link set dev {ifname} up"]
+        inside = [
+            "link set dev lo up",
+            f"link set dev {ifname} address {mac}" + (f" mtu {mtu}" if mtu else ""),
+            f"address add {address}/{prefixlen} dev {ifname}",
+            f"link set dev {ifname} up",
+        ]
         if address6:
             inside.insert(-1, f"address add {address6} dev {ifname} nodad")
         if gateway:
             inside.append(f"route replace default via {gateway} dev {ifname}")
-        run([NSENTER, f"--net={netns}", IP, "-batch", "-"], input="\n".join(inside) + "\n",
-            what=f"cannot configure {ifname} in the container's network namespace")
-        run([IP, "link", "set", "dev", host_ifname, "master", bridge, "up"],
-            what=f"cannot attach {host_ifname} to bridge {bridge}")
+        run(
+            [NSENTER, f"--net={netns}", IP, "-batch", "-"],
+            input="\n".join(inside) + "\n",
+            what=f"cannot configure {ifname} in the container's network namespace",
+        )
+        run(
+            [IP, "link", "set", "dev", host_ifname, "master", bridge, "up"],
+            what=f"cannot attach {host_ifname} to bridge {bridge}",
+        )
     except BaseException:
         delete_link(host_ifname)
         raise

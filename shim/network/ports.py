@@ -41,8 +41,12 @@ class PortMapping:
         return f"{self.host_ip}:{self.host_port}->{self.container_port}/{self.protocol}"
 
     def to_dict(self) -> dict:
-        data = {"host_ip": self.host_ip, "host_port": self.host_port,
-                "container_port": self.container_port, "protocol": self.protocol}
+        data = {
+            "host_ip": self.host_ip,
+            "host_port": self.host_port,
+            "container_port": self.container_port,
+            "protocol": self.protocol,
+        }
         if self.host_range is not None:
             data["host_range"] = list(self.host_range)
         return data
@@ -50,15 +54,22 @@ class PortMapping:
     @classmethod
     def from_dict(cls, data: dict) -> PortMapping:
         host_range = data.get("host_range")
-        return cls(container_port=int(data["container_port"]), protocol=data["protocol"],
-                   host_ip=data["host_ip"], host_port=int(data["host_port"]),
-                   host_range=(int(host_range[0]), int(host_range[1])) if host_range else None)
+        return cls(
+            container_port=int(data["container_port"]),
+            protocol=data["protocol"],
+            host_ip=data["host_ip"],
+            host_port=int(data["host_port"]),
+            host_range=(int(host_range[0]), int(host_range[1])) if host_range else None,
+        )
 
     def clashes_with(self, other: PortMapping) -> bool:
         """Whether both cannot be published at once (same port and protocol, and the same
         address or one of them on every address)."""
-        return (self.protocol == other.protocol and self.host_port == other.host_port
-                and (self.host_ip == other.host_ip or ANY_IP in (self.host_ip, other.host_ip)))
+        return (
+            self.protocol == other.protocol
+            and self.host_port == other.host_port
+            and (self.host_ip == other.host_ip or ANY_IP in (self.host_ip, other.host_ip))
+        )
 
 
 def _port(text: str, what: str, spec: str) -> int:
@@ -98,8 +109,7 @@ def parse_publish(spec: str) -> list[PortMapping]:
         try:
             host_ip = str(ipaddress.IPv4Address(host_ip or ANY_IP))
         except ValueError:
-            raise NetworkError(f"invalid host address {parts[0]!r} in -p {spec!r}: "
-                               "an IPv4 address is needed") from None
+            raise NetworkError(f"invalid host address {parts[0]!r} in -p {spec!r}: an IPv4 address is needed") from None
     elif len(parts) == 2:
         host, container = parts
     else:
@@ -107,15 +117,15 @@ def parse_publish(spec: str) -> list[PortMapping]:
     c_start, c_end = _range(container, "container port", spec)
     count = c_end - c_start + 1
     if not host:
-        return [PortMapping(container_port=p, protocol=protocol, host_ip=host_ip)
-                for p in range(c_start, c_end + 1)]
+        return [PortMapping(container_port=p, protocol=protocol, host_ip=host_ip) for p in range(c_start, c_end + 1)]
     h_start, h_end = _range(host, "host port", spec)
     if h_end - h_start + 1 == count:
-        return [PortMapping(container_port=c_start + i, protocol=protocol, host_ip=host_ip,
-                            host_port=h_start + i) for i in range(count)]
+        return [
+            PortMapping(container_port=c_start + i, protocol=protocol, host_ip=host_ip, host_port=h_start + i)
+            for i in range(count)
+        ]
     if count == 1:
-        return [PortMapping(container_port=c_start, protocol=protocol, host_ip=host_ip,
-                            host_range=(h_start, h_end))]
+        return [PortMapping(container_port=c_start, protocol=protocol, host_ip=host_ip, host_range=(h_start, h_end))]
     raise NetworkError(f"invalid -p {spec!r}: the host and container port ranges differ in length")
 
 
@@ -162,9 +172,12 @@ def assign_host_ports(wanted: list[PortMapping], taken: list[PortMapping]) -> li
         else:
             candidates = (_ephemeral_port(mapping) for _ in range(50))
         for port in candidates:
-            candidate = PortMapping(container_port=mapping.container_port,
-                                    protocol=mapping.protocol, host_ip=mapping.host_ip,
-                                    host_port=port)
+            candidate = PortMapping(
+                container_port=mapping.container_port,
+                protocol=mapping.protocol,
+                host_ip=mapping.host_ip,
+                host_port=port,
+            )
             try:
                 _check_free(candidate, busy)
             except NetworkError:
@@ -172,18 +185,21 @@ def assign_host_ports(wanted: list[PortMapping], taken: list[PortMapping]) -> li
             done.append(candidate)
             break
         else:
-            where = (f"{mapping.host_range[0]}-{mapping.host_range[1]}"
-                     if mapping.host_range else "the ephemeral range")
-            raise NetworkError(f"no free host port in {where} on {mapping.host_ip} to "
-                               f"publish {mapping.container_port}/{mapping.protocol}")
+            where = f"{mapping.host_range[0]}-{mapping.host_range[1]}" if mapping.host_range else "the ephemeral range"
+            raise NetworkError(
+                f"no free host port in {where} on {mapping.host_ip} to "
+                f"publish {mapping.container_port}/{mapping.protocol}"
+            )
     return done
 
 
 def _check_free(mapping: PortMapping, busy: list[PortMapping]) -> None:
     for other in busy:
         if mapping.clashes_with(other):
-            raise NetworkError(f"cannot publish {mapping}: {other.host_ip}:{other.host_port}/"
-                               f"{other.protocol} is already published by another container")
+            raise NetworkError(
+                f"cannot publish {mapping}: {other.host_ip}:{other.host_port}/"
+                f"{other.protocol} is already published by another container"
+            )
     kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -191,11 +207,14 @@ def _check_free(mapping: PortMapping, busy: list[PortMapping]) -> None:
             sock.bind((mapping.host_ip, mapping.host_port))
         except OSError as exc:
             if exc.errno == 99:  # EADDRNOTAVAIL
-                raise NetworkError(f"cannot publish {mapping}: {mapping.host_ip} is not an "
-                                   "address of this host") from None
-            raise NetworkError(f"cannot publish {mapping}: {mapping.host_ip}:"
-                               f"{mapping.host_port}/{mapping.protocol} is in use on this "
-                               f"host ({exc.strerror})") from None
+                raise NetworkError(
+                    f"cannot publish {mapping}: {mapping.host_ip} is not an address of this host"
+                ) from None
+            raise NetworkError(
+                f"cannot publish {mapping}: {mapping.host_ip}:"
+                f"{mapping.host_port}/{mapping.protocol} is in use on this "
+                f"host ({exc.strerror})"
+            ) from None
 
 
 def _ephemeral_port(mapping: PortMapping) -> int:

@@ -99,22 +99,37 @@ class Endpoint:
     owner_start: str = ""
 
     def to_dict(self) -> dict:
-        return {"container_id": self.container_id, "container_name": self.container_name,
-                "ip": self.ip, "mac": self.mac, "aliases": list(self.aliases),
-                "ports": [p.to_dict() for p in self.ports], "isolation": self.isolation,
-                "host_ifname": self.host_ifname, "netns": self.netns, "ip6": self.ip6,
-                "owner_pid": self.owner_pid, "owner_start": self.owner_start}
+        return {
+            "container_id": self.container_id,
+            "container_name": self.container_name,
+            "ip": self.ip,
+            "mac": self.mac,
+            "aliases": list(self.aliases),
+            "ports": [p.to_dict() for p in self.ports],
+            "isolation": self.isolation,
+            "host_ifname": self.host_ifname,
+            "netns": self.netns,
+            "ip6": self.ip6,
+            "owner_pid": self.owner_pid,
+            "owner_start": self.owner_start,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Endpoint:
-        return cls(container_id=data["container_id"], container_name=data["container_name"],
-                   ip=data["ip"], mac=data["mac"], aliases=list(data.get("aliases", [])),
-                   ports=[PortMapping.from_dict(p) for p in data.get("ports", [])],
-                   isolation=data.get("isolation", "vm"),
-                   host_ifname=data.get("host_ifname", ""), netns=data.get("netns", ""),
-                   ip6=data.get("ip6", ""),
-                   owner_pid=int(data.get("owner_pid", 0)),
-                   owner_start=data.get("owner_start", ""))
+        return cls(
+            container_id=data["container_id"],
+            container_name=data["container_name"],
+            ip=data["ip"],
+            mac=data["mac"],
+            aliases=list(data.get("aliases", [])),
+            ports=[PortMapping.from_dict(p) for p in data.get("ports", [])],
+            isolation=data.get("isolation", "vm"),
+            host_ifname=data.get("host_ifname", ""),
+            netns=data.get("netns", ""),
+            ip6=data.get("ip6", ""),
+            owner_pid=int(data.get("owner_pid", 0)),
+            owner_start=data.get("owner_start", ""),
+        )
 
     def owner_alive(self) -> bool:
         return bool(self.owner_pid) and process_start(self.owner_pid) == self.owner_start
@@ -165,21 +180,39 @@ class Network:
         return ipaddress.IPv4Network(self.subnet).prefixlen
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "id": self.id, "driver": self.driver,
-                "subnet": self.subnet, "gateway": self.gateway, "bridge": self.bridge,
-                "internal": self.internal, "dns": self.dns, "labels": dict(self.labels),
-                "created": self.created, "subnet6": self.subnet6, "gateway6": self.gateway6,
-                "endpoints": {k: e.to_dict() for k, e in sorted(self.endpoints.items())}}
+        return {
+            "name": self.name,
+            "id": self.id,
+            "driver": self.driver,
+            "subnet": self.subnet,
+            "gateway": self.gateway,
+            "bridge": self.bridge,
+            "internal": self.internal,
+            "dns": self.dns,
+            "labels": dict(self.labels),
+            "created": self.created,
+            "subnet6": self.subnet6,
+            "gateway6": self.gateway6,
+            "endpoints": {k: e.to_dict() for k, e in sorted(self.endpoints.items())},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Network:
-        return cls(name=data["name"], id=data["id"], driver=data.get("driver", "bridge"),
-                   subnet=data["subnet"], gateway=data["gateway"], bridge=data["bridge"],
-                   internal=bool(data.get("internal", False)), dns=bool(data.get("dns", True)),
-                   labels=dict(data.get("labels", {})), created=data.get("created", ""),
-                   subnet6=data.get("subnet6", ""), gateway6=data.get("gateway6", ""),
-                   endpoints={k: Endpoint.from_dict(e)
-                              for k, e in (data.get("endpoints") or {}).items()})
+        return cls(
+            name=data["name"],
+            id=data["id"],
+            driver=data.get("driver", "bridge"),
+            subnet=data["subnet"],
+            gateway=data["gateway"],
+            bridge=data["bridge"],
+            internal=bool(data.get("internal", False)),
+            dns=bool(data.get("dns", True)),
+            labels=dict(data.get("labels", {})),
+            created=data.get("created", ""),
+            subnet6=data.get("subnet6", ""),
+            gateway6=data.get("gateway6", ""),
+            endpoints={k: Endpoint.from_dict(e) for k, e in (data.get("endpoints") or {}).items()},
+        )
 
     def free_ip(self, requested: str | None = None) -> str:
         """The lowest free host address (or *requested*, if free and in the subnet).
@@ -187,8 +220,9 @@ class Network:
         net = ipaddress.IPv4Network(self.subnet)
         used = {e.ip for e in self.endpoints.values()} | {self.gateway}
         if requested is not None:
-            addr = _host_address(requested, net, "--ip", f"network {self.name} ({self.subnet})",
-                                 ": not an IPv4 address")
+            addr = _host_address(
+                requested, net, "--ip", f"network {self.name} ({self.subnet})", ": not an IPv4 address"
+            )
             if str(addr) in used:
                 raise NetworkError(f"--ip {requested} is in use on network {self.name}")
             return str(addr)
@@ -196,7 +230,6 @@ class Network:
             if str(addr) not in used:
                 return str(addr)
         raise NetworkError(f"network {self.name} ({self.subnet}) has no free address left")
-
 
     def free_ip6(self) -> str:
         """The lowest free IPv6 host address ("" on an IPv4-only network). Raises
@@ -209,8 +242,7 @@ class Network:
             addr = str(net.network_address + offset)
             if addr not in used:
                 return addr
-        raise NetworkError(f"network {self.name} ({self.subnet6}) has no free IPv6 "
-                           "address left")
+        raise NetworkError(f"network {self.name} ({self.subnet6}) has no free IPv6 address left")
 
 
 MAX_IP6_SCAN = 1 << 16
@@ -317,13 +349,11 @@ class NetworkStore:
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise NetworkError(f"network id prefix {ref!r} is ambiguous: "
-                                   f"{', '.join(n.name for n in hits)}")
+                raise NetworkError(f"network id prefix {ref!r} is ambiguous: {', '.join(n.name for n in hits)}")
         raise NetworkNotFound(f"network {ref!r} not found (see 'vmshim network ls')")
 
     def endpoints_of(self, container_id: str) -> builtins.list[tuple[Network, Endpoint]]:
-        return [(n, n.endpoints[container_id]) for n in self.list()
-                if container_id in n.endpoints]
+        return [(n, n.endpoints[container_id]) for n in self.list() if container_id in n.endpoints]
 
     def find_container(self, ref: str) -> str | None:
         """The id of the container named *ref* (or whose id starts with it) that has an
@@ -344,22 +374,38 @@ class NetworkStore:
         with self.locked():
             if path.exists():
                 return self._read(path)
-            net = Network(name=DEFAULT_NETWORK, id=secrets.token_hex(32),
-                          subnet=DEFAULT_SUBNET, gateway=_first_host(DEFAULT_SUBNET),
-                          bridge=DEFAULT_BRIDGE, dns=False, created=_now())
+            net = Network(
+                name=DEFAULT_NETWORK,
+                id=secrets.token_hex(32),
+                subnet=DEFAULT_SUBNET,
+                gateway=_first_host(DEFAULT_SUBNET),
+                bridge=DEFAULT_BRIDGE,
+                dns=False,
+                created=_now(),
+            )
             self.save(net)
             return net
 
-    def create(self, name: str, *, subnet: str | None = None, gateway: str | None = None,
-               internal: bool = False, labels: dict[str, str] | None = None,
-               host_routes: Sequence[str] = (), ipv6: bool = False,
-               subnet6: str | None = None) -> Network:
+    def create(
+        self,
+        name: str,
+        *,
+        subnet: str | None = None,
+        gateway: str | None = None,
+        internal: bool = False,
+        labels: dict[str, str] | None = None,
+        host_routes: Sequence[str] = (),
+        ipv6: bool = False,
+        subnet6: str | None = None,
+    ) -> Network:
         """Record a new bridge network. *host_routes* (CIDRs) are avoided when picking a
         subnet. *ipv6*: dual stack, with *subnet6* or a random unique-local /64. Raises
         NetworkError (bad or taken name, overlapping subnet, bad gateway)."""
         if not isinstance(name, str) or not _NAME.match(name):
-            raise NetworkError(f"invalid network name {name!r}: use letters, digits, "
-                               "'_', '.', '-' (at most 63, starting with a letter or digit)")
+            raise NetworkError(
+                f"invalid network name {name!r}: use letters, digits, "
+                "'_', '.', '-' (at most 63, starting with a letter or digit)"
+            )
         if name in PSEUDO_NETWORKS or name == DEFAULT_NETWORK:
             raise NetworkError(f"network name {name!r} is reserved")
         with self.locked():
@@ -371,29 +417,34 @@ class NetworkStore:
                 try:
                     chosen = ipaddress.IPv4Network(subnet, strict=False)
                 except ValueError:
-                    raise NetworkError(f"invalid --subnet {subnet!r}: expected an IPv4 "
-                                       "CIDR like 10.89.7.0/24") from None
+                    raise NetworkError(
+                        f"invalid --subnet {subnet!r}: expected an IPv4 CIDR like 10.89.7.0/24"
+                    ) from None
                 if chosen.prefixlen > 30:
                     raise NetworkError(f"--subnet {subnet} is too small (at most /30)")
                 for other, net in zip(taken, others):
                     if chosen.overlaps(other):
-                        raise NetworkError(f"--subnet {chosen} overlaps network {net.name} "
-                                           f"({net.subnet})")
+                        raise NetworkError(f"--subnet {chosen} overlaps network {net.name} ({net.subnet})")
             else:
                 chosen = _pick_subnet(taken + [_as_net(r) for r in host_routes])
             if gateway is not None:
                 gateway = str(_host_address(gateway, chosen, "--gateway", str(chosen)))
             chosen6 = _check_subnet6(subnet6, others) if ipv6 or subnet6 else None
             if chosen6 is not None and not ipv6:
-                raise NetworkError(f"--subnet {subnet6} is IPv6: add --ipv6 for a "
-                                   "dual-stack network")
+                raise NetworkError(f"--subnet {subnet6} is IPv6: add --ipv6 for a dual-stack network")
             net_id = secrets.token_hex(32)
-            net = Network(name=name, id=net_id, subnet=str(chosen),
-                          subnet6=str(chosen6) if chosen6 else "",
-                          gateway6=str(chosen6.network_address + 1) if chosen6 else "",
-                          gateway=gateway or _first_host(str(chosen)),
-                          bridge=BRIDGE_PREFIX + net_id[:10], internal=internal,
-                          labels=dict(labels or {}), created=_now())
+            net = Network(
+                name=name,
+                id=net_id,
+                subnet=str(chosen),
+                subnet6=str(chosen6) if chosen6 else "",
+                gateway6=str(chosen6.network_address + 1) if chosen6 else "",
+                gateway=gateway or _first_host(str(chosen)),
+                bridge=BRIDGE_PREFIX + net_id[:10],
+                internal=internal,
+                labels=dict(labels or {}),
+                created=_now(),
+            )
             self.save(net)
             return net
 
@@ -427,13 +478,11 @@ class NetworkStore:
 
     def published_ports(self, netns: str) -> builtins.list[PortMapping]:
         """Every port published in network namespace *netns* (where they would clash)."""
-        return [p for n in self.list() for e in n.endpoints.values() if e.netns == netns
-                for p in e.ports]
+        return [p for n in self.list() for e in n.endpoints.values() if e.netns == netns for p in e.ports]
 
     def stale_endpoints(self) -> builtins.list[tuple[Network, Endpoint]]:
         """Endpoints whose owning process is gone (a crashed ``run``, a killed monitor)."""
-        return [(n, e) for n in self.list() for e in n.endpoints.values()
-                if not e.owner_alive()]
+        return [(n, e) for n in self.list() for e in n.endpoints.values() if not e.owner_alive()]
 
 
 def _check_subnet6(subnet6: str | None, others: list[Network]) -> ipaddress.IPv6Network:
@@ -444,12 +493,16 @@ def _check_subnet6(subnet6: str | None, others: list[Network]) -> ipaddress.IPv6
     try:
         chosen = ipaddress.IPv6Network(subnet6, strict=False)
     except ValueError:
-        raise NetworkError(f"invalid --subnet {subnet6!r}: expected an IPv6 CIDR like "
-                           "fd00:89::/64") from None
+        raise NetworkError(f"invalid --subnet {subnet6!r}: expected an IPv6 CIDR like fd00:89::/64") from None
     if not 64 <= chosen.prefixlen <= 120:
         raise NetworkError(f"--subnet {subnet6}: an IPv6 subnet must be /64 to /120")
-    if chosen.is_multicast or chosen.is_link_local or chosen.is_loopback \
-            or chosen.is_unspecified or chosen.network_address.ipv4_mapped:
+    if (
+        chosen.is_multicast
+        or chosen.is_link_local
+        or chosen.is_loopback
+        or chosen.is_unspecified
+        or chosen.network_address.ipv4_mapped
+    ):
         raise NetworkError(f"--subnet {subnet6} is not a unicast IPv6 subnet")
     for net in others:
         if net.subnet6 and chosen.overlaps(ipaddress.IPv6Network(net.subnet6)):
@@ -465,8 +518,7 @@ def _as_net(cidr: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(cidr, strict=False)
 
 
-def _host_address(text: str, net: ipaddress.IPv4Network, flag: str, where: str,
-                  why: str = "") -> ipaddress.IPv4Address:
+def _host_address(text: str, net: ipaddress.IPv4Network, flag: str, where: str, why: str = "") -> ipaddress.IPv4Address:
     """*text* (given as *flag*) as a host address of *net* (named *where* in the error: not
     its network or broadcast address). Raises NetworkError (*why* explains a bad text)."""
     try:
@@ -483,5 +535,4 @@ def _pick_subnet(taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
         for candidate in ipaddress.IPv4Network(pool).subnets(new_prefix=USER_PREFIX):
             if not any(candidate.overlaps(t) for t in taken):
                 return candidate
-    raise NetworkError("no free /24 left in " + ", ".join(USER_POOLS)
-                       + ": remove unused networks or give --subnet")
+    raise NetworkError("no free /24 left in " + ", ".join(USER_POOLS) + ": remove unused networks or give --subnet")

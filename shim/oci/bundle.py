@@ -58,12 +58,16 @@ ID_RE = re.compile(r"^[\w+.-]{1,1024}$")
 """runc's rule for container ids."""
 
 GUEST_MADE_MOUNTS = {
-    "/proc": "proc", "/dev": "tmpfs", "/dev/pts": "devpts", "/dev/shm": "tmpfs",
-    "/dev/mqueue": "mqueue", "/sys": "sysfs", "/sys/fs/cgroup": "cgroup",
+    "/proc": "proc",
+    "/dev": "tmpfs",
+    "/dev/pts": "devpts",
+    "/dev/shm": "tmpfs",
+    "/dev/mqueue": "mqueue",
+    "/sys": "sysfs",
+    "/sys/fs/cgroup": "cgroup",
 }
 """Mounts the guest makes for every container (guest.runtime.rootfs.setup_mounts)."""
-HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer",
-              "poststart", "poststop")
+HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 PROPAGATION = frozenset({"shared", "rshared", "slave", "rslave", "unbindable", "runbindable"})
 """Mount propagation options other than (r)private, the guest's only kind."""
 SUPPORTED_NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "cgroup", "user", "time")
@@ -85,8 +89,12 @@ class Hook:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Hook":
-        return cls(path=data["path"], args=list(data.get("args") or []),
-                   env=list(data.get("env") or []), timeout=data.get("timeout"))
+        return cls(
+            path=data["path"],
+            args=list(data.get("args") or []),
+            env=list(data.get("env") or []),
+            timeout=data.get("timeout"),
+        )
 
 
 @dataclass
@@ -134,8 +142,7 @@ OS_ANNOTATION = "org.vmshim.os"
 def check_id(container_id: str) -> str:
     """Raise BundleError unless *container_id* is a valid container id (runc's rule)."""
     if not ID_RE.match(container_id or "") or container_id in (".", ".."):
-        raise BundleError(f"invalid container id {container_id!r}: use letters, digits, "
-                          "'_', '+', '-', '.'")
+        raise BundleError(f"invalid container id {container_id!r}: use letters, digits, '_', '+', '-', '.'")
     return container_id
 
 
@@ -145,8 +152,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
     if not bundle.is_dir():
         raise BundleError(f"the bundle {bundle} is not a directory")
     path = bundle / "config.json"
-    config = read_json_object(path, str(path),
-                              missing=f"the bundle {bundle} has no config.json")
+    config = read_json_object(path, str(path), missing=f"the bundle {bundle} has no config.json")
     try:
         return parse_config(config, bundle)
     except ValueError as exc:
@@ -194,14 +200,24 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
         raise ValueError("hostname must be a string of at most 64 characters")
     annotations = config.get("annotations") or {}
     if not isinstance(annotations, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+    ):
         raise ValueError("annotations must map strings to strings")
     os_flag = annotations.get(OS_ANNOTATION, "false")
     if os_flag not in ("true", "false"):
-        raise ValueError(f"annotation {OS_ANNOTATION} must be \"true\" or \"false\"")
-    out = Bundle(path=bundle, rootfs=rootfs.resolve(), process=process, hostname=hostname,
-                 read_only=read_only, annotations=dict(annotations), oci_version=version,
-                 console_size=console_size, notes=notes, os_container=os_flag == "true")
+        raise ValueError(f'annotation {OS_ANNOTATION} must be "true" or "false"')
+    out = Bundle(
+        path=bundle,
+        rootfs=rootfs.resolve(),
+        process=process,
+        hostname=hostname,
+        read_only=read_only,
+        annotations=dict(annotations),
+        oci_version=version,
+        console_size=console_size,
+        notes=notes,
+        os_container=os_flag == "true",
+    )
     out.mounts = _mounts(config.get("mounts", []), bundle, notes)
     out.hooks = _hooks(config.get("hooks"))
     out.resources = _resources(linux.get("resources"), notes)
@@ -223,6 +239,7 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
 
 
 # ---- parts --------------------------------------------------------------------------------
+
 
 def _obj(parent: dict, name: str, required: bool = False) -> dict:
     value = parent.get(name)
@@ -269,8 +286,7 @@ def parse_process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[i
         soft = _rlimit_value(entry.get("soft"), f"{where}.soft")
         rlimits.append([name, soft, hard])
     oom = process.get("oomScoreAdj")
-    if oom is not None and (isinstance(oom, bool) or not isinstance(oom, int)
-                            or not -1000 <= oom <= 1000):
+    if oom is not None and (isinstance(oom, bool) or not isinstance(oom, int) or not -1000 <= oom <= 1000):
         raise ValueError("process.oomScoreAdj must be an integer in -1000..1000")
     caps = process.get("capabilities")
     if caps is not None:
@@ -284,27 +300,36 @@ def parse_process(process: dict, notes: list[str]) -> tuple[ProcessSpec, tuple[i
                 raise ValueError(f"process.capabilities.{name} must be a list of names")
             strange = [v for v in values if v not in CAPABILITIES]
             if strange:
-                raise ValueError(f"process.capabilities.{name}: unknown capability "
-                                 f"{strange[0]!r}")
+                raise ValueError(f"process.capabilities.{name}: unknown capability {strange[0]!r}")
         # Every set explicit: a missing one is empty in OCI (a ProcessSpec with only
         # "bounding" means docker's rule instead, see guest.spec.ProcessSpec).
         caps = {k: list(caps.get(k, [])) for k in CAP_SETS}
     nnp = process.get("noNewPrivileges", False)
     if not isinstance(nnp, bool):
         raise ValueError("process.noNewPrivileges must be a boolean")
-    spec = ProcessSpec.from_dict({
-        "args": process.get("args"), "env": process.get("env") or [],
-        "cwd": process.get("cwd", "/"), "user": f"{uid}:{gid}",
-        "tty": process.get("terminal", False), "rlimits": rlimits, "oom_score_adj": oom,
-        "capabilities": caps, "no_new_privs": nnp,
-        "additional_gids": [g for g in extra if g != gid], "umask": umask})
+    spec = ProcessSpec.from_dict(
+        {
+            "args": process.get("args"),
+            "env": process.get("env") or [],
+            "cwd": process.get("cwd", "/"),
+            "user": f"{uid}:{gid}",
+            "tty": process.get("terminal", False),
+            "rlimits": rlimits,
+            "oom_score_adj": oom,
+            "capabilities": caps,
+            "no_new_privs": nnp,
+            "additional_gids": [g for g in extra if g != gid],
+            "umask": umask,
+        }
+    )
     console = None
     if process.get("consoleSize") is not None:
         size = _obj(process, "consoleSize")
-        console = (_uint(size.get("height", 24), "process.consoleSize.height") or 24,
-                   _uint(size.get("width", 80), "process.consoleSize.width") or 80)
-    for key in ("apparmorProfile", "selinuxLabel", "ioPriority", "scheduler",
-                "execCPUAffinity"):
+        console = (
+            _uint(size.get("height", 24), "process.consoleSize.height") or 24,
+            _uint(size.get("width", 80), "process.consoleSize.width") or 80,
+        )
+    for key in ("apparmorProfile", "selinuxLabel", "ioPriority", "scheduler", "execCPUAffinity"):
         if process.get(key):
             notes.append(f"process.{key}: not applied inside the VM")
     return spec, console
@@ -347,9 +372,11 @@ def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
         readonly = "ro" in options
         moving = sorted(set(options) & PROPAGATION)
         if moving:
-            notes.append(f"mount on {target}: propagation {','.join(moving)} is not applied "
-                         "(mounts stay private to the container: no mount event crosses "
-                         "the VM's wall)")
+            notes.append(
+                f"mount on {target}: propagation {','.join(moving)} is not applied "
+                "(mounts stay private to the container: no mount event crosses "
+                "the VM's wall)"
+            )
         if target in GUEST_MADE_MOUNTS and kind != "bind":
             continue  # the guest makes it for every container
         if kind == "bind":
@@ -358,19 +385,19 @@ def _mounts(mounts, bundle: Path, notes: list[str]) -> list:
             if not os.path.exists(source):
                 raise ValueError(f"{where}.source {source!r} does not exist")
             if not (os.path.isdir(source) or os.path.isfile(source)):
-                notes.append(f"mount on {target}: only directories and regular files can "
-                             f"be shared into a VM; {source} is skipped")
+                notes.append(
+                    f"mount on {target}: only directories and regular files can "
+                    f"be shared into a VM; {source} is skipped"
+                )
                 continue
-            out.append(MountRequest(type="bind", target=target, source=source,
-                                    readonly=readonly))
+            out.append(MountRequest(type="bind", target=target, source=source, readonly=readonly))
         elif kind == "tmpfs":
-            data = ",".join(o for o in options if "=" in o and o.split("=")[0] in
-                            ("size", "mode", "nr_inodes", "uid", "gid"))
-            out.append(MountRequest(type="tmpfs", target=target, readonly=readonly,
-                                    options=data))
+            data = ",".join(
+                o for o in options if "=" in o and o.split("=")[0] in ("size", "mode", "nr_inodes", "uid", "gid")
+            )
+            out.append(MountRequest(type="tmpfs", target=target, readonly=readonly, options=data))
         else:
-            notes.append(f"mount on {target}: type {kind or '(none)'!r} is not supported "
-                         "in a VM; skipped")
+            notes.append(f"mount on {target}: type {kind or '(none)'!r} is not supported in a VM; skipped")
     return out
 
 
@@ -388,16 +415,18 @@ def _hooks(hooks) -> dict:
         parsed = []
         for index, entry in enumerate(entries):
             where = f"hooks.{kind}[{index}]"
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
-                    or not os.path.isabs(entry["path"]):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("path"), str)
+                or not os.path.isabs(entry["path"])
+            ):
                 raise ValueError(f"{where}.path must be an absolute path")
             for name in ("args", "env"):
                 value = entry.get(name) or []
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{where}.{name} must be a list of strings")
             timeout = entry.get("timeout")
-            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
-                                        or timeout <= 0):
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
                 raise ValueError(f"{where}.timeout must be a positive integer")
             parsed.append(Hook.from_dict(entry))
         out[kind] = parsed
@@ -416,8 +445,7 @@ def _resources(resources, notes: list[str]):
     if memory.get("limit") is not None and memory["limit"] > 0:
         out.memory = _uint(memory["limit"], "linux.resources.memory.limit")
     if memory.get("reservation") is not None and memory["reservation"] > 0:
-        out.memory_reservation = _uint(memory["reservation"],
-                                       "linux.resources.memory.reservation")
+        out.memory_reservation = _uint(memory["reservation"], "linux.resources.memory.reservation")
     if memory.get("swap") is not None and memory["swap"] > 0:
         out.memory_swap = _uint(memory["swap"], "linux.resources.memory.swap")
     cpu = _obj(resources, "cpu")
@@ -465,9 +493,13 @@ def _devices(devices, rules, notes: list[str]) -> list[dict]:
         if kind not in ("c", "u", "b"):
             raise ValueError(f"{where}.type must be c, u, b or p")
         kind = "c" if kind == "u" else kind
-        entry = {"path": device.get("path"), "type": kind, "major": device.get("major"),
-                 "minor": device.get("minor"),
-                 "permissions": _access(rules, kind, device.get("major"), device.get("minor"))}
+        entry = {
+            "path": device.get("path"),
+            "type": kind,
+            "major": device.get("major"),
+            "minor": device.get("minor"),
+            "permissions": _access(rules, kind, device.get("major"), device.get("minor")),
+        }
         for key, name in (("fileMode", "mode"), ("uid", "uid"), ("gid", "gid")):
             if device.get(key) is not None:
                 entry[name] = device[key]
@@ -476,15 +508,19 @@ def _devices(devices, rules, notes: list[str]) -> list[dict]:
         try:
             out += check_devices([entry])
         except ValueError:
-            raise ValueError(f"{where} must have an absolute path, type c|u|b|p, major and "
-                             "minor below 2^20, fileMode, uid and gid in range") from None
+            raise ValueError(
+                f"{where} must have an absolute path, type c|u|b|p, major and "
+                "minor below 2^20, fileMode, uid and gid in range"
+            ) from None
     allowed = [r for r in rules if r.get("allow")]
     listed = {(d["type"], d["major"], d["minor"]) for d in out}
     extra = [r for r in allowed if (r.get("type"), r.get("major"), r.get("minor")) not in listed]
     if extra:
-        notes.append("linux.resources.devices: allow rules for devices not in linux.devices "
-                     "are not applied; the guest's default devices plus linux.devices are "
-                     "the container's")
+        notes.append(
+            "linux.resources.devices: allow rules for devices not in linux.devices "
+            "are not applied; the guest's default devices plus linux.devices are "
+            "the container's"
+        )
     return out
 
 
@@ -508,8 +544,7 @@ def _namespaces(namespaces, notes: list[str]) -> str | None:
     network = None
     for index, ns in enumerate(namespaces):
         if not isinstance(ns, dict) or ns.get("type") not in SUPPORTED_NAMESPACES:
-            raise ValueError(f"linux.namespaces[{index}].type must be one of "
-                             f"{', '.join(SUPPORTED_NAMESPACES)}")
+            raise ValueError(f"linux.namespaces[{index}].type must be one of {', '.join(SUPPORTED_NAMESPACES)}")
         path = ns.get("path") or ""
         if not isinstance(path, str) or (path and not os.path.isabs(path)) or "\0" in path:
             raise ValueError(f"linux.namespaces[{index}].path must be an absolute path")
@@ -518,8 +553,10 @@ def _namespaces(namespaces, notes: list[str]) -> str | None:
                 raise ValueError("linux.namespaces: the network namespace is named twice")
             network = path
         elif path:
-            notes.append(f"linux.namespaces: joining the {ns['type']} namespace "
-                         f"{path} is not possible from a VM; the VM has its own")
+            notes.append(
+                f"linux.namespaces: joining the {ns['type']} namespace "
+                f"{path} is not possible from a VM; the VM has its own"
+            )
     return network  # None: the engine's own network, which a VM cannot share: only lo
 
 
@@ -529,17 +566,16 @@ def _id_mappings(linux: dict) -> dict | None:
     for maps without the namespace or the other way round, as runc does."""
     from guest.spec import check_id_mappings
 
-    user_ns = any(isinstance(ns, dict) and ns.get("type") == "user" and not ns.get("path")
-                  for ns in linux.get("namespaces") or [])
+    user_ns = any(
+        isinstance(ns, dict) and ns.get("type") == "user" and not ns.get("path") for ns in linux.get("namespaces") or []
+    )
     given = {kind: linux.get(f"{kind}Mappings") for kind in ("uid", "gid")}
     if not user_ns:
         if any(given.values()):
-            raise ValueError("linux.uidMappings/gidMappings need a new user namespace in "
-                             "linux.namespaces")
+            raise ValueError("linux.uidMappings/gidMappings need a new user namespace in linux.namespaces")
         return None
     if not all(given.values()):
-        raise ValueError("linux.namespaces has a user namespace: uidMappings and "
-                         "gidMappings are needed")
+        raise ValueError("linux.namespaces has a user namespace: uidMappings and gidMappings are needed")
     maps = {}
     for kind, entries in given.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -555,9 +591,11 @@ def _paths(linux: dict, name: str) -> list | None:
     value = linux.get(name)
     if value is None:
         return None
-    if not isinstance(value, list) or len(value) > 256 or not all(
-            isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")
-            for p in value):
+    if (
+        not isinstance(value, list)
+        or len(value) > 256
+        or not all(isinstance(p, str) and p.startswith("/") and ".." not in p.split("/") for p in value)
+    ):
         raise ValueError(f"linux.{name} must be a list of absolute paths")
     return list(value)
 
@@ -565,8 +603,8 @@ def _paths(linux: dict, name: str) -> list | None:
 def _sysctl(linux: dict) -> dict:
     value = linux.get("sysctl") or {}
     if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and re.match(r"^[a-z0-9_.-]+$", k)
-            for k, v in value.items()):
+        isinstance(k, str) and isinstance(v, str) and re.match(r"^[a-z0-9_.-]+$", k) for k, v in value.items()
+    ):
         raise ValueError("linux.sysctl must map sysctl names to string values")
     return dict(value)
 
@@ -579,12 +617,10 @@ def _seccomp(value, notes: list[str]) -> dict:
     if not isinstance(value, dict):
         raise ValueError("linux.seccomp must be an object")
     if value.get("listenerPath") or value.get("defaultAction") == "SCMP_ACT_NOTIFY":
-        raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not "
-                         "supported")
+        raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not supported")
     if value.get("flags"):
         notes.append(f"linux.seccomp.flags {value['flags']}: not applied")
-    out = {k: value[k] for k in ("defaultAction", "defaultErrnoRet", "architectures")
-           if value.get(k) is not None}
+    out = {k: value[k] for k in ("defaultAction", "defaultErrnoRet", "architectures") if value.get(k) is not None}
     rules = value.get("syscalls") or []
     if not isinstance(rules, list):
         raise ValueError("linux.seccomp.syscalls must be a list")
@@ -593,12 +629,13 @@ def _seccomp(value, notes: list[str]) -> dict:
         if not isinstance(rule, dict):
             raise ValueError("linux.seccomp.syscalls entries must be objects")
         if rule.get("action") == "SCMP_ACT_NOTIFY":
-            raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not "
-                             "supported")
+            raise ValueError("linux.seccomp: user notification (SCMP_ACT_NOTIFY) is not supported")
         kept = {k: rule[k] for k in ("names", "action", "errnoRet") if rule.get(k) is not None}
         if rule.get("args"):
-            kept["args"] = [{k: a[k] for k in ("index", "value", "valueTwo", "op") if k in a}
-                            if isinstance(a, dict) else a for a in rule["args"]]
+            kept["args"] = [
+                {k: a[k] for k in ("index", "value", "valueTwo", "op") if k in a} if isinstance(a, dict) else a
+                for a in rule["args"]
+            ]
         out["syscalls"].append(kept)
     try:
         return check(out)
@@ -611,8 +648,9 @@ def _linux_rest(linux: dict, notes: list[str]) -> None:
         if linux.get(key):
             notes.append(f"linux.{key}: not applied in the VM")
     if linux.get("rootfsPropagation") not in (None, "", "private", "rprivate"):
-        notes.append(f"linux.rootfsPropagation {linux['rootfsPropagation']}: not applied "
-                     "(the container's mounts are private)")
+        notes.append(
+            f"linux.rootfsPropagation {linux['rootfsPropagation']}: not applied (the container's mounts are private)"
+        )
 
 
 def default_config(args: list[str] | None = None, terminal: bool = True) -> dict:
@@ -625,8 +663,7 @@ def default_config(args: list[str] | None = None, terminal: bool = True) -> dict
             "terminal": terminal,
             "user": {"uid": 0, "gid": 0},
             "args": list(args or ["sh"]),
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "TERM=xterm"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
             "cwd": "/",
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
@@ -636,22 +673,39 @@ def default_config(args: list[str] | None = None, terminal: bool = True) -> dict
         "hostname": "vmshim",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
         ],
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount",
-                                                  "cgroup")],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
-                            "/proc/scsi", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"],
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
+                "/sys/firmware",
+            ],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }

@@ -37,13 +37,19 @@ def run_hooks(kind: str, hooks: dict, state: dict, warn=None) -> None:
     for index, hook in enumerate(hooks.get(kind) or []):
         argv = list(hook.get("args") or []) or [hook["path"]]
         try:
-            res = subprocess.run(argv, executable=hook["path"], input=payload,
-                                 env={k: v for k, v in (e.split("=", 1) for e in
-                                                        hook.get("env") or [] if "=" in e)},
-                                 capture_output=True, timeout=hook.get("timeout"))
-            problem = (f"exited with {res.returncode}: "
-                       f"{res.stderr.decode(errors='replace').strip()[:500]}"
-                       if res.returncode else "")
+            res = subprocess.run(
+                argv,
+                executable=hook["path"],
+                input=payload,
+                env={k: v for k, v in (e.split("=", 1) for e in hook.get("env") or [] if "=" in e)},
+                capture_output=True,
+                timeout=hook.get("timeout"),
+            )
+            problem = (
+                f"exited with {res.returncode}: {res.stderr.decode(errors='replace').strip()[:500]}"
+                if res.returncode
+                else ""
+            )
         except subprocess.TimeoutExpired:
             problem = f"did not finish within {hook.get('timeout')} s"
         except OSError as exc:

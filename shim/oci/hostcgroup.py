@@ -50,9 +50,24 @@ DEFAULT_PARENT = "vmshim-runtime"
 DEFAULT_SLICE = "system.slice"
 MAX_PATH = 4096
 MAX_NAME = 255
-V1_CONTROLLERS = frozenset({"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer",
-                            "blkio", "pids", "hugetlb", "net_cls", "net_prio", "perf_event",
-                            "rdma", "misc"})
+V1_CONTROLLERS = frozenset(
+    {
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "memory",
+        "devices",
+        "freezer",
+        "blkio",
+        "pids",
+        "hugetlb",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "rdma",
+        "misc",
+    }
+)
 V2_CONTROLLERS = ("cpu", "cpuset", "io", "memory", "pids")
 
 HOST_OVERHEAD_MIB = 128
@@ -78,6 +93,7 @@ class CgroupPathError(VmshimError):
 
 
 # ---- where ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Target:
@@ -108,24 +124,23 @@ def parse_path(value, oci_id: str, systemd: bool = False, root: str = "") -> Tar
     problem."""
     if value is None or value == "":
         name = default_name(oci_id, root)
-        value = (f"{DEFAULT_SLICE}:{DEFAULT_PARENT}:{name}" if systemd
-                 else f"/{DEFAULT_PARENT}/{name}")
+        value = f"{DEFAULT_SLICE}:{DEFAULT_PARENT}:{name}" if systemd else f"/{DEFAULT_PARENT}/{name}"
     if not isinstance(value, str):
         raise CgroupPathError("linux.cgroupsPath must be a string")
     if len(value.encode()) > MAX_PATH:
         raise CgroupPathError(f"linux.cgroupsPath is longer than {MAX_PATH} bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise CgroupPathError(f"linux.cgroupsPath {value!r} holds control characters")
     if systemd:
         return _systemd_target(value)
     parts = [p for p in value.split("/") if p]
     for part in parts:
         if part in (".", ".."):
-            raise CgroupPathError(f"linux.cgroupsPath {value!r}: '.' and '..' are not "
-                                  "allowed (the path must stay below the cgroup root)")
+            raise CgroupPathError(
+                f"linux.cgroupsPath {value!r}: '.' and '..' are not allowed (the path must stay below the cgroup root)"
+            )
         if len(part.encode()) > MAX_NAME:
-            raise CgroupPathError(f"linux.cgroupsPath {value!r}: a name is longer than "
-                                  f"{MAX_NAME} bytes")
+            raise CgroupPathError(f"linux.cgroupsPath {value!r}: a name is longer than {MAX_NAME} bytes")
     if not parts:
         raise CgroupPathError(f"linux.cgroupsPath {value!r} names the root cgroup")
     path = "/".join(parts)
@@ -135,24 +150,22 @@ def parse_path(value, oci_id: str, systemd: bool = False, root: str = "") -> Tar
 def _systemd_target(value: str) -> Target:
     pieces = value.split(":")
     if len(pieces) != 3:
-        raise CgroupPathError(f"linux.cgroupsPath {value!r}: with --systemd-cgroup it must "
-                              "be slice:prefix:name")
+        raise CgroupPathError(f"linux.cgroupsPath {value!r}: with --systemd-cgroup it must be slice:prefix:name")
     slice_name, prefix, name = pieces
     slice_name = slice_name or DEFAULT_SLICE
     for label, text in (("slice", slice_name), ("prefix", prefix), ("name", name)):
         if text and not _SAFE_NAME.match(text):
-            raise CgroupPathError(f"linux.cgroupsPath {value!r}: the {label} {text!r} is "
-                                  "not a systemd unit name")
+            raise CgroupPathError(f"linux.cgroupsPath {value!r}: the {label} {text!r} is not a systemd unit name")
     if not name:
         raise CgroupPathError(f"linux.cgroupsPath {value!r}: the name is empty")
     if name.endswith(".slice"):
-        raise CgroupPathError(f"linux.cgroupsPath {value!r}: a slice as the container's "
-                              "unit is not supported; name a scope")
+        raise CgroupPathError(
+            f"linux.cgroupsPath {value!r}: a slice as the container's unit is not supported; name a scope"
+        )
     unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
     if len(unit) > MAX_NAME:
         raise CgroupPathError(f"linux.cgroupsPath {value!r}: the unit name is too long")
-    return Target("systemd", "/".join(expand_slice(slice_name, value) + [unit]),
-                  slice=slice_name, unit=unit)
+    return Target("systemd", "/".join(expand_slice(slice_name, value) + [unit]), slice=slice_name, unit=unit)
 
 
 def expand_slice(slice_name: str, value: str = "") -> list[str]:
@@ -161,15 +174,14 @@ def expand_slice(slice_name: str, value: str = "") -> list[str]:
     if slice_name == "-.slice":
         return []
     stem = slice_name.removesuffix(".slice")
-    if stem == slice_name or not stem or stem.startswith("-") or stem.endswith("-") \
-            or "--" in stem or "/" in stem:
-        raise CgroupPathError(f"linux.cgroupsPath {value or slice_name!r}: {slice_name!r} "
-                              "is not a slice name")
+    if stem == slice_name or not stem or stem.startswith("-") or stem.endswith("-") or "--" in stem or "/" in stem:
+        raise CgroupPathError(f"linux.cgroupsPath {value or slice_name!r}: {slice_name!r} is not a slice name")
     words = stem.split("-")
-    return ["-".join(words[:i + 1]) + ".slice" for i in range(len(words))]
+    return ["-".join(words[: i + 1]) + ".slice" for i in range(len(words))]
 
 
 # ---- the host's hierarchies ----------------------------------------------------------------
+
 
 def read_own_cgroups(text: str | None = None) -> dict[str, str]:
     """This process's cgroup per controller from /proc/self/cgroup (v2: key ``""``)."""
@@ -210,8 +222,9 @@ class Hierarchies:
             if controllers and controllers not in seen.values():
                 seen[mountpoint] = controllers
         if not seen:
-            raise CgroupPathError(f"no cgroup filesystem is mounted at {root}: the "
-                                  "container's cgroupsPath cannot be made")
+            raise CgroupPathError(
+                f"no cgroup filesystem is mounted at {root}: the container's cgroupsPath cannot be made"
+            )
         return cls(1, dict(sorted(seen.items())), own)
 
     def directories(self, target: Target) -> dict[str, str]:
@@ -221,14 +234,18 @@ class Hierarchies:
             if target.path.startswith("/") or target.manager == "systemd":
                 base = mountpoint
             else:
-                own = self.own.get("") if self.version == 2 else next(
-                    (self.own[c] for c in sorted(controllers) if c in self.own), "/")
+                own = (
+                    self.own.get("")
+                    if self.version == 2
+                    else next((self.own[c] for c in sorted(controllers) if c in self.own), "/")
+                )
                 base = os.path.join(mountpoint, (own or "/").lstrip("/"))
             out[mountpoint] = os.path.join(base, target.path.lstrip("/"))
         return out
 
 
 # ---- limits --------------------------------------------------------------------------------
+
 
 @dataclass
 class HostLimits:
@@ -271,30 +288,30 @@ def host_limits(resources) -> HostLimits:
     cpus, mems = cpu.get("cpus") or "", cpu.get("mems") or ""
     for key, text in (("cpus", cpus), ("mems", mems)):
         if not isinstance(text, str) or not re.match(r"^[0-9,\- ]*$", text) or len(text) > 1024:
-            raise CgroupPathError(f"linux.resources.cpu.{key} must be a list like \"0-1,3\"")
+            raise CgroupPathError(f'linux.resources.cpu.{key} must be a list like "0-1,3"')
     pids_limit = number(pids, "limit", "pids", allow_unlimited=True)
     try:
-        limits = Limits.from_dict({
-            "memory": number(memory, "limit", "memory", True),
-            "memory_swap": number(memory, "swap", "memory", True),
-            "memory_reservation": number(memory, "reservation", "memory", True),
-            "cpu_quota": number(cpu, "quota", "cpu", True),
-            "cpu_period": number(cpu, "period", "cpu"),
-            "cpu_shares": number(cpu, "shares", "cpu"),
-            "cpuset_cpus": cpus.replace(" ", ""),
-            "pids": pids_limit + HOST_TASKS if pids_limit else 0,
-            "blkio_weight": number(block, "weight", "blockIO"),
-        })
+        limits = Limits.from_dict(
+            {
+                "memory": number(memory, "limit", "memory", True),
+                "memory_swap": number(memory, "swap", "memory", True),
+                "memory_reservation": number(memory, "reservation", "memory", True),
+                "cpu_quota": number(cpu, "quota", "cpu", True),
+                "cpu_period": number(cpu, "period", "cpu"),
+                "cpu_shares": number(cpu, "shares", "cpu"),
+                "cpuset_cpus": cpus.replace(" ", ""),
+                "pids": pids_limit + HOST_TASKS if pids_limit else 0,
+                "blkio_weight": number(block, "weight", "blockIO"),
+            }
+        )
     except ValueError as exc:
         raise CgroupPathError(f"linux.resources: {exc}") from None
     unified = resources.get("unified") or {}
     if not isinstance(unified, dict) or len(unified) > 64:
-        raise CgroupPathError("linux.resources.unified must map at most 64 cgroup files to "
-                              "values")
+        raise CgroupPathError("linux.resources.unified must map at most 64 cgroup files to values")
     for key, value in unified.items():
         if not isinstance(key, str) or not _UNIFIED_KEY.match(key):
-            raise CgroupPathError(f"linux.resources.unified: {key!r} is not a controller's "
-                                  "cgroup file")
+            raise CgroupPathError(f"linux.resources.unified: {key!r} is not a controller's cgroup file")
         if not isinstance(value, str) or len(value) > 4096 or "\n" in value.rstrip("\n"):
             raise CgroupPathError(f"linux.resources.unified.{key} must be a one-line string")
     return HostLimits(limits, mems.replace(" ", ""), dict(unified))
@@ -312,7 +329,8 @@ def vm_sizing(memory_limit: int, guest_overhead_mib: int) -> tuple[int, int]:
         raise CgroupPathError(
             f"linux.resources.memory.limit {memory_limit // mib} MiB is too small for a VM: "
             f"its host side takes {HOST_OVERHEAD_MIB} MiB and the guest kernel "
-            f"{guest_overhead_mib} MiB; give at least {least} MiB")
+            f"{guest_overhead_mib} MiB; give at least {least} MiB"
+        )
     return vm_mib, container_mib * mib
 
 
@@ -328,11 +346,13 @@ def size_vm(resources) -> tuple[int, object]:
     if resources.memory <= 0:
         return resources.vm_memory_mib(DEFAULT_VM_MIB), resources
     vm_mib, inside = vm_sizing(resources.memory, GUEST_OVERHEAD_MIB)
-    return vm_mib, replace(resources, memory=inside, memory_swap=0,
-                           memory_reservation=min(resources.memory_reservation, inside))
+    return vm_mib, replace(
+        resources, memory=inside, memory_swap=0, memory_reservation=min(resources.memory_reservation, inside)
+    )
 
 
 # ---- the cgroup ------------------------------------------------------------------------------
+
 
 @dataclass
 class HostCgroup:
@@ -348,13 +368,23 @@ class HostCgroup:
     """The leaf directories this runtime created (removed by :meth:`remove`)."""
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "paths": self.paths, "manager": self.manager,
-                "unit": self.unit, "made": self.made}
+        return {
+            "version": self.version,
+            "paths": self.paths,
+            "manager": self.manager,
+            "unit": self.unit,
+            "made": self.made,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> HostCgroup:
-        return cls(int(data["version"]), dict(data["paths"]), data.get("manager", "cgroupfs"),
-                   data.get("unit", ""), list(data.get("made") or []))
+        return cls(
+            int(data["version"]),
+            dict(data["paths"]),
+            data.get("manager", "cgroupfs"),
+            data.get("unit", ""),
+            list(data.get("made") or []),
+        )
 
     @property
     def cgroup(self) -> Cgroup:
@@ -412,8 +442,7 @@ class HostCgroup:
         if not made:
             return
         try:
-            Cgroup("container", self.version, {str(i): d for i, d in enumerate(made)}) \
-                .remove(timeout=5.0)
+            Cgroup("container", self.version, {str(i): d for i, d in enumerate(made)}).remove(timeout=5.0)
         except CgroupError as exc:
             raise CgroupPathError(str(exc)) from None
 
@@ -439,8 +468,14 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
-def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | None = None,
-           systemd_start=None, pid: int | None = None) -> HostCgroup:
+def create(
+    target: Target,
+    limits: HostLimits,
+    *,
+    hierarchies: Hierarchies | None = None,
+    systemd_start=None,
+    pid: int | None = None,
+) -> HostCgroup:
     """Make (or take) the container's cgroup, apply *limits* and move *pid* (the
     stand-in) in; with systemd the scope is started holding *pid*. Refuses a cgroup that
     already holds processes or is frozen (runtime spec: "fit for purpose"). Raises
@@ -451,8 +486,7 @@ def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | Non
     if target.manager == "systemd":
         if not pid:
             raise CgroupPathError("--systemd-cgroup: a scope needs a process to hold")
-        (systemd_start or systemd_start_scope)(
-            target, pid, unit_properties(limits, hierarchies.version))
+        (systemd_start or systemd_start_scope)(target, pid, unit_properties(limits, hierarchies.version))
     directories = hierarchies.directories(target)
     made: list[str] = []
     paths: dict[str, str] = {}
@@ -467,8 +501,7 @@ def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | Non
                 made.append(directory)
             except FileExistsError:
                 if not os.path.isdir(directory) or os.path.islink(directory):
-                    raise CgroupPathError(f"linux.cgroupsPath: {directory} exists and is "
-                                          "not a cgroup") from None
+                    raise CgroupPathError(f"linux.cgroupsPath: {directory} exists and is not a cgroup") from None
             if hierarchies.version == 2:
                 paths["unified"] = directory
             else:
@@ -483,8 +516,7 @@ def create(target: Target, limits: HostLimits, *, hierarchies: Hierarchies | Non
             cgroup.add(pid)
     except OSError as exc:
         _undo(made)
-        raise CgroupPathError(f"cannot make the container's cgroup {target.path}: "
-                              f"{exc.strerror or exc}") from None
+        raise CgroupPathError(f"cannot make the container's cgroup {target.path}: {exc.strerror or exc}") from None
     except (CgroupPathError, CgroupError) as exc:
         _undo(made)
         raise CgroupPathError(str(exc)) from None
@@ -508,8 +540,9 @@ def _prepare_v1(mountpoint: str, directory: str, controllers: frozenset) -> None
 
 def _inherit_cpuset(directory: str) -> None:
     for knob in ("cpuset.cpus", "cpuset.mems"):
-        if not os.path.exists(os.path.join(directory, knob)) and \
-                not os.path.exists(os.path.join(os.path.dirname(directory), knob)):
+        if not os.path.exists(os.path.join(directory, knob)) and not os.path.exists(
+            os.path.join(os.path.dirname(directory), knob)
+        ):
             continue
         try:
             value = read_file(os.path.join(os.path.dirname(directory), knob)).strip()
@@ -541,10 +574,15 @@ def _prepare_v2(root: str, directory: str) -> None:
 def _check_fit(cgroup: HostCgroup, allow: int | None) -> None:
     others = [p for p in cgroup.procs() if p != allow]
     if others:
-        raise CgroupPathError(f"the cgroup {cgroup.directories[0]} already holds processes "
-                              f"{others[:5]}: another container uses this cgroupsPath")
-    frozen = (os.path.join(cgroup.paths["unified"], "cgroup.freeze") if cgroup.version == 2
-              else os.path.join(cgroup.paths.get("freezer", "/nonexistent"), "freezer.state"))
+        raise CgroupPathError(
+            f"the cgroup {cgroup.directories[0]} already holds processes "
+            f"{others[:5]}: another container uses this cgroupsPath"
+        )
+    frozen = (
+        os.path.join(cgroup.paths["unified"], "cgroup.freeze")
+        if cgroup.version == 2
+        else os.path.join(cgroup.paths.get("freezer", "/nonexistent"), "freezer.state")
+    )
     try:
         state = read_file(frozen).strip()
     except OSError:
@@ -571,8 +609,7 @@ def _apply(cgroup: HostCgroup, limits: HostLimits) -> None:
         try:
             write_file(os.path.join(cgroup.paths["unified"], key), value)
         except OSError as exc:
-            raise CgroupPathError(f"cannot set linux.resources.unified.{key}={value}: "
-                                  f"{exc.strerror}") from None
+            raise CgroupPathError(f"cannot set linux.resources.unified.{key}={value}: {exc.strerror}") from None
 
 
 def _undo(made: list[str]) -> None:
@@ -585,6 +622,7 @@ def _undo(made: list[str]) -> None:
 
 # ---- systemd -------------------------------------------------------------------------------
 
+
 def systemd_running() -> bool:
     """systemd is this host's init (sd_booted's test)."""
     return os.path.isdir("/run/systemd/system")
@@ -594,9 +632,20 @@ def _busctl(*args: str) -> subprocess.CompletedProcess:
     busctl = shutil.which("busctl")
     if busctl is None:
         raise CgroupPathError("--systemd-cgroup needs busctl (systemd's D-Bus tool)")
-    return subprocess.run([busctl, "--system", "call", "org.freedesktop.systemd1",
-                           "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
-                           *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [
+            busctl,
+            "--system",
+            "call",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def unit_properties(limits: HostLimits | None, version: int) -> list[str]:
@@ -616,8 +665,11 @@ def unit_properties(limits: HostLimits | None, version: int) -> list[str]:
     if lim.cpu_shares > 0:
         from guest.runtime.cgroups import shares_to_weight
 
-        out += (["CPUWeight", "t", str(shares_to_weight(lim.cpu_shares))] if version == 2
-                else ["CPUShares", "t", str(lim.cpu_shares)])
+        out += (
+            ["CPUWeight", "t", str(shares_to_weight(lim.cpu_shares))]
+            if version == 2
+            else ["CPUShares", "t", str(lim.cpu_shares)]
+        )
     return out
 
 
@@ -629,17 +681,33 @@ def systemd_start_scope(target: Target, pid: int, properties: list[str] | None =
         raise CgroupPathError(
             f"--systemd-cgroup: systemd is not running on this host (no /run/systemd/system), "
             f"so the scope {target.unit} cannot be made; use the engine's cgroupfs manager "
-            "(podman --cgroup-manager cgroupfs, containerd SystemdCgroup = false)")
+            "(podman --cgroup-manager cgroupfs, containerd SystemdCgroup = false)"
+        )
     properties = properties or []
-    res = _busctl("StartTransientUnit", "ssa(sv)a(sa(sv))", target.unit, "fail",
-                  str(4 + len(properties) // 3),
-                  "Slice", "s", target.slice, "Delegate", "b", "true",
-                  "PIDs", "au", "1", str(pid),
-                  "Description", "s", f"vmshim-runtime container {target.unit}",
-                  *properties, "0")
+    res = _busctl(
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        target.unit,
+        "fail",
+        str(4 + len(properties) // 3),
+        "Slice",
+        "s",
+        target.slice,
+        "Delegate",
+        "b",
+        "true",
+        "PIDs",
+        "au",
+        "1",
+        str(pid),
+        "Description",
+        "s",
+        f"vmshim-runtime container {target.unit}",
+        *properties,
+        "0",
+    )
     if res.returncode != 0:
-        raise CgroupPathError(f"--systemd-cgroup: systemd did not start {target.unit}: "
-                              f"{res.stderr.strip()[:300]}")
+        raise CgroupPathError(f"--systemd-cgroup: systemd did not start {target.unit}: {res.stderr.strip()[:300]}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if _unit_active(target.unit):
@@ -666,8 +734,7 @@ def systemd_stop_unit(unit: str) -> None:
 LIBVIRT_PID_DIR = "/run/libvirt/qemu"
 
 
-def vm_processes(domain: str, qemu_pid: int, pid_dir: str = LIBVIRT_PID_DIR,
-                 proc: str = "/proc") -> list[int]:
+def vm_processes(domain: str, qemu_pid: int, pid_dir: str = LIBVIRT_PID_DIR, proc: str = "/proc") -> list[int]:
     """QEMU, the helpers libvirt keeps pid files for beside the domain's
     (``<n>-<domain>-*.pid``: virtiofsd), and every descendant of them."""
     roots = {qemu_pid}
@@ -691,7 +758,7 @@ def _with_descendants(roots: set[int], proc: str = "/proc") -> set[int]:
         entries = [e for e in os.listdir(proc) if e.isdigit()]
     except OSError:
         entries = []
-    for entry in entries[:1 << 20]:
+    for entry in entries[: 1 << 20]:
         try:
             with open(os.path.join(proc, entry, "stat"), "rb") as f:
                 parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -767,8 +834,10 @@ class VmPlacer:
                 self.cgroup.add(pid)
             else:
                 if os.path.exists(f"/proc/{pid}") and not self.cgroup.holds(pid):
-                    raise CgroupPathError(f"process {pid} of VM {self.domain} did not stay in "
-                                          f"the container's cgroup {self.cgroup.directories[0]}")
+                    raise CgroupPathError(
+                        f"process {pid} of VM {self.domain} did not stay in "
+                        f"the container's cgroup {self.cgroup.directories[0]}"
+                    )
         return pids
 
 

@@ -49,8 +49,7 @@ def enter(path: str | None) -> None:
         try:
             configure({"interfaces": []})  # lo up, as runc does
         except (NetworkError, OSError) as exc:
-            raise NetnsError(f"cannot bring up lo in the new network namespace: {exc}") \
-                from None
+            raise NetnsError(f"cannot bring up lo in the new network namespace: {exc}") from None
         return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -80,8 +79,9 @@ def libvirtd_netns() -> str:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5)
                 sock.connect(path)
-                pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          struct.calcsize("3i")))[0]
+                pid = struct.unpack(
+                    "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                )[0]
         except OSError:
             continue
         if pid > 0 and os.path.exists(f"/proc/{pid}/ns/net"):
@@ -96,8 +96,7 @@ def open_host_netns() -> int:
     try:
         return os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise NetnsError(f"cannot open libvirtd's network namespace {path}: {exc.strerror}") \
-            from None
+        raise NetnsError(f"cannot open libvirtd's network namespace {path}: {exc.strerror}") from None
 
 
 def resolv_conf_source(mounts: list) -> str:
@@ -110,12 +109,14 @@ def resolv_conf_source(mounts: list) -> str:
     return ""
 
 
-def engine_netns(path: str | None, standin_pid: int, host_fd: int,
-                 resolv_conf: str = "") -> dict | None:
+def engine_netns(path: str | None, standin_pid: int, host_fd: int, resolv_conf: str = "") -> dict | None:
     """Container.engine_netns for a stand-in *standin_pid* that entered *path* (see
     :func:`enter`) and holds *host_fd*; *resolv_conf*: see :func:`resolv_conf_source`.
     None when the VM gets no engine network."""
     if path is None:
         return None
-    return {"netns": path or f"/proc/{standin_pid}/ns/net",
-            "host_netns": f"/proc/{standin_pid}/fd/{host_fd}", "resolv_conf": resolv_conf}
+    return {
+        "netns": path or f"/proc/{standin_pid}/ns/net",
+        "host_netns": f"/proc/{standin_pid}/fd/{host_fd}",
+        "resolv_conf": resolv_conf,
+    }

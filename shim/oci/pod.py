@@ -36,8 +36,7 @@ ANNOTATIONS = (
 )
 MAX_CANDIDATES = 4096
 """Bound on the containers scanned for the namespace's holder."""
-ENGINE_FILES = {"/etc/hosts": "hosts", "/etc/resolv.conf": "resolv_conf",
-                "/etc/hostname": "hostname"}
+ENGINE_FILES = {"/etc/hosts": "hosts", "/etc/resolv.conf": "resolv_conf", "/etc/hostname": "hostname"}
 """Single-file binds an engine gives every container: a member gets their contents."""
 SKIPPED_BINDS = ("/dev/shm", "/run/.containerenv")
 """Binds a member goes without: the guest makes its /dev/shm; podman's marker file."""
@@ -111,8 +110,7 @@ def find_join(store: _Store, oci_id: str, config: dict, annotations: dict) -> Jo
         try:
             _, info = store.load(sandbox)
         except ContainerNotFound:
-            raise SandboxMissing(f"sandbox {sandbox} is not a vmshim-runtime container here") \
-                from None
+            raise SandboxMissing(f"sandbox {sandbox} is not a vmshim-runtime container here") from None
         if not alive(info.standin_pid, info.standin_start):
             raise PodError(f"sandbox {sandbox} has stopped; its members cannot start")
         return Join(sandbox, "annotation")
@@ -125,14 +123,12 @@ def find_join(store: _Store, oci_id: str, config: dict, annotations: dict) -> Jo
         if other == oci_id:
             continue
         held = _live_info(store, other)
-        if held is not None and not held.sandbox \
-                and _ns_key(f"/proc/{held.standin_pid}/ns/net") == key:
+        if held is not None and not held.sandbox and _ns_key(f"/proc/{held.standin_pid}/ns/net") == key:
             return Join(other, "netns")
     return None
 
 
-def member_of(store: _Store, oci_id: str, network_ns: str | None,
-              annotations: dict) -> Join | None:
+def member_of(store: _Store, oci_id: str, network_ns: str | None, annotations: dict) -> Join | None:
     """In ``create``, before anything is kept: the sandbox whose VM *oci_id* runs in,
     or None (a VM of its own). Annotations naming a sandbox this ``--root`` does not have
     (another runtime's, or podman's pod id) leave the network namespace to decide.
@@ -160,17 +156,17 @@ def member_files(oci_id: str, mounts: list, notes: list[str]) -> dict[str, str]:
         if mount.type == "bind" and mount.target in ENGINE_FILES:
             out[ENGINE_FILES[mount.target]] = _read_engine_file(oci_id, mount.source)
         elif mount.type == "bind" and mount.target in SKIPPED_BINDS:
-            notes.append(f"pod member: the bind on {mount.target} is not made (the VM "
-                         "has its own)")
+            notes.append(f"pod member: the bind on {mount.target} is not made (the VM has its own)")
         else:
-            raise PodError(f"container {oci_id} joins a vmshim pod: its mount on "
-                           f"{mount.target} ({mount.type}) is not supported in a pod "
-                           "member yet; run it without that mount")
+            raise PodError(
+                f"container {oci_id} joins a vmshim pod: its mount on "
+                f"{mount.target} ({mount.type}) is not supported in a pod "
+                "member yet; run it without that mount"
+            )
     if "hostname" in out:
         out["hostname"] = out["hostname"].strip()
         if not out["hostname"] or len(out["hostname"]) > 64:
-            raise PodError(f"container {oci_id}: its /etc/hostname must hold a name of "
-                           "1-64 characters")
+            raise PodError(f"container {oci_id}: its /etc/hostname must hold a name of 1-64 characters")
     return out
 
 

@@ -32,8 +32,7 @@ from shim.oci import netns as netns_mod
 from shim.oci import pod
 from shim.oci import standin
 from shim.oci.bundle import BundleError, check_id, load_bundle, read_json_object
-from shim.oci.state import (FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id,
-                            state_of)
+from shim.oci.state import FIFO, OciInfo, RuntimeStore, alive, oci_status, record_id, state_of
 
 START_WAIT = 240.0
 """Seconds ``start`` waits for the stand-in to report the process running (VM boot
@@ -75,9 +74,17 @@ class RuntimeLog:
 
 # ---- create / start / run -----------------------------------------------------------------
 
-def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
-           console_socket: str | None = None, log: RuntimeLog | None = None,
-           systemd_cgroup: bool = False) -> int:
+
+def create(
+    rt: RuntimeStore,
+    oci_id: str,
+    bundle_dir: str,
+    *,
+    pid_file: str | None = None,
+    console_socket: str | None = None,
+    log: RuntimeLog | None = None,
+    systemd_cgroup: bool = False,
+) -> int:
     """Create *oci_id* from *bundle_dir*; the stand-in's pid. The stand-in is our child
     (``run`` waits for it) and is in the container's host cgroup (shim.oci.hostcgroup).
     Raises BundleError, VmshimError; nothing is kept then."""
@@ -90,8 +97,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         raise BundleError("process.terminal is true: --console-socket is needed")
     if console_socket and not bundle.process.tty:
         raise BundleError("--console-socket was given but process.terminal is false")
-    cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup,
-                                          root=str(rt.root.absolute()))
+    cgroup_target = hostcgroup.parse_path(bundle.cgroups_path, oci_id, systemd_cgroup, root=str(rt.root.absolute()))
     cgroup_limits = hostcgroup.host_limits(bundle.linux_resources)
     # The record derives the VM's size from guest_resources (size_vm's first value).
     _vm_mib, guest_resources = hostcgroup.size_vm(bundle.resources)
@@ -99,48 +105,62 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
         log.warn(f"{oci_id}: {note}")
     for kind in ("createContainer", "startContainer"):
         if bundle.hooks.get(kind):
-            log.warn(f"{oci_id}: {kind} hooks run on the host (the container's "
-                     "namespaces are inside its VM)")
+            log.warn(f"{oci_id}: {kind} hooks run on the host (the container's namespaces are inside its VM)")
     record = Container(
         id=record_id(oci_id),
-        name=oci_id, image="", image_id="", isolation="vm",
-        process=bundle.process, hostname=bundle.hostname or oci_id[:12],
-        token=secrets.token_hex(16), layer_disks=[],
+        name=oci_id,
+        image="",
+        image_id="",
+        isolation="vm",
+        process=bundle.process,
+        hostname=bundle.hostname or oci_id[:12],
+        token=secrets.token_hex(16),
+        layer_disks=[],
         interactive=True,
-        tty=bundle.process.tty, writable="tmpfs", network=None,
-        resources=guest_resources, mounts=list(bundle.mounts),
-        read_only=bundle.read_only, rootfs=str(bundle.rootfs),
-        masked_paths=bundle.masked_paths, readonly_paths=bundle.readonly_paths,
-        sysctl=bundle.sysctl, os_container=bundle.os_container, devices=bundle.devices,
-        **_os_stop(bundle.os_container))
-    info = OciInfo(id=oci_id, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
-                   created=now_rfc3339(), annotations=bundle.annotations,
-                   hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
-                   console_size=list(bundle.console_size) if bundle.console_size else None)
+        tty=bundle.process.tty,
+        writable="tmpfs",
+        network=None,
+        resources=guest_resources,
+        mounts=list(bundle.mounts),
+        read_only=bundle.read_only,
+        rootfs=str(bundle.rootfs),
+        masked_paths=bundle.masked_paths,
+        readonly_paths=bundle.readonly_paths,
+        sysctl=bundle.sysctl,
+        os_container=bundle.os_container,
+        devices=bundle.devices,
+        **_os_stop(bundle.os_container),
+    )
+    info = OciInfo(
+        id=oci_id,
+        bundle=str(bundle.path),
+        rootfs=str(bundle.rootfs),
+        created=now_rfc3339(),
+        annotations=bundle.annotations,
+        hooks={k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
+        console_size=list(bundle.console_size) if bundle.console_size else None,
+    )
     rt.root.mkdir(parents=True, exist_ok=True)
     join = pod.member_of(rt, oci_id, bundle.network_ns, bundle.annotations)
     if join is not None:
         _make_member(record, info, join, bundle, log)
     rt.containers.create(record)
     pid = 0
-    host_fd = netns_mod.open_host_netns() \
-        if bundle.network_ns is not None and join is None else -1
+    host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None and join is None else -1
     cgroup = None
     try:
         state_dir = rt.dir(oci_id)
         rt.save_info(info)
         os.mkfifo(state_dir / FIFO, 0o600)
         if join is not None:
-            pid = _fork_member_standin(rt, record, info, state_dir, console_socket,
-                                       bundle.console_size)
+            pid = _fork_member_standin(rt, record, info, state_dir, console_socket, bundle.console_size)
         else:
-            pid = _fork_main_standin(rt, record.id, state_dir, console_socket,
-                                     bundle.console_size, bundle.network_ns)
-            engine_netns = netns_mod.engine_netns(bundle.network_ns, pid, host_fd,
-                                                  netns_mod.resolv_conf_source(bundle.mounts))
+            pid = _fork_main_standin(rt, record.id, state_dir, console_socket, bundle.console_size, bundle.network_ns)
+            engine_netns = netns_mod.engine_netns(
+                bundle.network_ns, pid, host_fd, netns_mod.resolv_conf_source(bundle.mounts)
+            )
             if engine_netns is not None:
-                rt.containers.update(record.id,
-                                     lambda r: setattr(r, "engine_netns", engine_netns))
+                rt.containers.update(record.id, lambda r: setattr(r, "engine_netns", engine_netns))
         try:
             cgroup = hostcgroup.create(cgroup_target, cgroup_limits, pid=pid)
             info.cgroup = cgroup.to_dict()
@@ -168,8 +188,7 @@ def create(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | No
     return pid
 
 
-def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle,
-                 log: RuntimeLog) -> None:
+def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle, log: RuntimeLog) -> None:
     """Turn *record*/*info* (not kept yet) into a pod member of *join*'s sandbox: the
     engine's /etc files as its own, no mounts of its own. Raises PodError."""
     notes: list[str] = []
@@ -182,12 +201,12 @@ def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle,
     record.mounts = []
     info.sandbox = join.sandbox
     info.member_tag = pod.member_tag(info.id)
-    log.debug(f"{info.id}: a member of pod sandbox {join.sandbox} ({join.reason}), "
-              "runs in its VM")
+    log.debug(f"{info.id}: a member of pod sandbox {join.sandbox} ({join.reason}), runs in its VM")
 
 
-def _fork_member_standin(rt: RuntimeStore, record: Container, info: OciInfo,
-                         state_dir: Path, console_socket: str | None, size) -> int:
+def _fork_member_standin(
+    rt: RuntimeStore, record: Container, info: OciInfo, state_dir: Path, console_socket: str | None, size
+) -> int:
     """Fork a pod member's stand-in (shim.oci.standin.run_member); its pid."""
     from shim.containers.options import boot_config_of
 
@@ -197,8 +216,9 @@ def _fork_member_standin(rt: RuntimeStore, record: Container, info: OciInfo,
     def body(report_w: int) -> int:
         os.write(report_w, b"R")
         os.close(report_w)
-        return standin.run_member(rt.containers, sandbox_record, config.to_dict(),
-                                  info.rootfs, info.member_tag, state_dir)
+        return standin.run_member(
+            rt.containers, sandbox_record, config.to_dict(), info.rootfs, info.member_tag, state_dir
+        )
 
     pid, report_r = _fork_standin(body, console_socket, size, "vmshim-member")
     return _await_standin(pid, report_r)
@@ -221,8 +241,9 @@ def _os_stop(os_container: bool) -> dict:
     return {"stop_signal": osmode.STOP_SIGNAL, "stop_timeout": osmode.DEFAULT_STOP_TIMEOUT}
 
 
-def _fork_main_standin(rt: RuntimeStore, record_id: str, state_dir: Path,
-                       console_socket: str | None, size, network_ns: str | None = None) -> int:
+def _fork_main_standin(
+    rt: RuntimeStore, record_id: str, state_dir: Path, console_socket: str | None, size, network_ns: str | None = None
+) -> int:
     """Fork the main stand-in; its pid once it is ready (in the container's network
     namespace, shim.oci.netns). Raises VmshimError."""
 
@@ -332,8 +353,7 @@ def _vm_placer(record: Container, info: OciInfo):
         return None
     from shim.containers.vm_placement import domain_name
 
-    return hostcgroup.VmPlacer(hostcgroup.HostCgroup.from_dict(info.cgroup),
-                               domain_name(record.id))
+    return hostcgroup.VmPlacer(hostcgroup.HostCgroup.from_dict(info.cgroup), domain_name(record.id))
 
 
 def _wait_started(fd: int, info: OciInfo, placer=None) -> bytes:
@@ -359,13 +379,22 @@ def _wait_started(fd: int, info: OciInfo, placer=None) -> bytes:
     raise VmshimError(f"container {info.id} did not start within {START_WAIT:.0f} s")
 
 
-def run(rt: RuntimeStore, oci_id: str, bundle_dir: str, *, pid_file: str | None = None,
-        console_socket: str | None = None, detach: bool = False,
-        log: RuntimeLog | None = None, systemd_cgroup: bool = False) -> int:
+def run(
+    rt: RuntimeStore,
+    oci_id: str,
+    bundle_dir: str,
+    *,
+    pid_file: str | None = None,
+    console_socket: str | None = None,
+    detach: bool = False,
+    log: RuntimeLog | None = None,
+    systemd_cgroup: bool = False,
+) -> int:
     """create + start; without *detach* wait for the process and delete the container,
     returning its exit status."""
-    pid = create(rt, oci_id, bundle_dir, pid_file=pid_file, console_socket=console_socket,
-                 log=log, systemd_cgroup=systemd_cgroup)
+    pid = create(
+        rt, oci_id, bundle_dir, pid_file=pid_file, console_socket=console_socket, log=log, systemd_cgroup=systemd_cgroup
+    )
     try:
         start(rt, oci_id, log)
     except BaseException:
@@ -403,6 +432,7 @@ def write_pid_file(path: str, pid: int) -> None:
 
 # ---- state / kill / delete / pause ----------------------------------------------------------
 
+
 def state(rt: RuntimeStore, oci_id: str) -> dict:
     """The ``state`` JSON. Raises ContainerNotFound."""
     from shim.containers import manage
@@ -432,8 +462,7 @@ def kill(rt: RuntimeStore, oci_id: str, signum: int, *, all_processes: bool = Fa
     manage.kill(record.id, signum, store=rt.containers)
 
 
-def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
-           log: RuntimeLog | None = None) -> None:
+def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False, log: RuntimeLog | None = None) -> None:
     """Remove the container. Refused unless it is stopped, unless *force*. Raises
     ContainerNotFound (not with *force*), ContainerStateError."""
     from shim.containers import manage
@@ -460,17 +489,16 @@ def delete(rt: RuntimeStore, oci_id: str, *, force: bool = False,
     except ContainerNotFound:
         pass
     for pid, start_time in [(info.standin_pid, info.standin_start)] + [
-            (p, process_start_time(p)) for p in rt.exec_pids(oci_id)]:
+        (p, process_start_time(p)) for p in rt.exec_pids(oci_id)
+    ]:
         _end_standin(pid, start_time)
     if info.cgroup:
         _remove_cgroup(hostcgroup.HostCgroup.from_dict(info.cgroup), log)
-    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"},
-                        warn=log.warn)
+    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"}, warn=log.warn)
     shutil.rmtree(rt.dir(oci_id), ignore_errors=True)
 
 
-def _delete_member(rt: RuntimeStore, record: Container, info: OciInfo,
-                   log: RuntimeLog) -> None:
+def _delete_member(rt: RuntimeStore, record: Container, info: OciInfo, log: RuntimeLog) -> None:
     """Remove pod member *info*: end its stand-in (the member dies with it), unplug its
     rootfs share from the sandbox's VM, remove its host cgroup and state."""
     _signal_standin(info.standin_pid, info.standin_start, signal.SIGKILL)
@@ -479,8 +507,7 @@ def _delete_member(rt: RuntimeStore, record: Container, info: OciInfo,
         unplug_member(info.sandbox, info.member_tag, log)
     if info.cgroup:
         _remove_cgroup(hostcgroup.HostCgroup.from_dict(info.cgroup), log)
-    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"},
-                        warn=log.warn)
+    hooks_mod.run_hooks("poststop", info.hooks, state_of(record, info) | {"status": "stopped"}, warn=log.warn)
     rt.containers.delete(record.id)
     shutil.rmtree(rt.dir(info.id), ignore_errors=True)
 
@@ -494,8 +521,7 @@ def unplug_member(sandbox: str, tag: str, log: RuntimeLog | None = None) -> None
     try:
         LibvirtBackend().detach_filesystem(domain_name(record_id(sandbox)), tag)
     except VmshimError as exc:
-        (log or RuntimeLog()).warn(f"the pod member's share {tag} stays in the VM of "
-                                   f"{sandbox} until it stops: {exc}")
+        (log or RuntimeLog()).warn(f"the pod member's share {tag} stays in the VM of {sandbox} until it stops: {exc}")
 
 
 def pause(rt: RuntimeStore, oci_id: str) -> None:
@@ -503,8 +529,7 @@ def pause(rt: RuntimeStore, oci_id: str) -> None:
 
     record, info = rt.load(oci_id)
     if info.sandbox:
-        raise VmshimError(f"container {oci_id} is a pod member: pause its pod's sandbox "
-                          f"{info.sandbox}")
+        raise VmshimError(f"container {oci_id} is a pod member: pause its pod's sandbox {info.sandbox}")
     manage.pause(record.id, store=rt.containers)
 
 
@@ -571,9 +596,17 @@ def _end_standin(pid: int, start_time) -> None:
 
 # ---- exec ---------------------------------------------------------------------------------
 
-def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool = False,
-                 pid_file: str | None = None, console_socket: str | None = None,
-                 log: RuntimeLog | None = None) -> int:
+
+def exec_process(
+    rt: RuntimeStore,
+    oci_id: str,
+    process: dict,
+    *,
+    detach: bool = False,
+    pid_file: str | None = None,
+    console_socket: str | None = None,
+    log: RuntimeLog | None = None,
+) -> int:
     """Run *process* (an OCI process object) in the running container. With *detach*
     return 0 once it runs (its stand-in's pid is in *pid_file*); otherwise its exit
     status. Raises BundleError for a bad process, ContainerStateError unless running."""
@@ -585,8 +618,7 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
     if status != "running":
         raise ContainerStateError("exec", "running", status, oci_id)
     if info.sandbox:
-        raise VmshimError(f"container {oci_id} is a pod member: exec into pod members is "
-                          "not supported yet")
+        raise VmshimError(f"container {oci_id} is a pod member: exec into pod members is not supported yet")
     notes: list[str] = []
     try:
         spec, size = parse_process(process, notes)
@@ -599,7 +631,10 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
         raise BundleError("process.terminal is true: --console-socket is needed with --detach")
     pid, report_r = _fork_standin(
         lambda report_w: standin.run_exec(rt.containers, record, spec, report_w),
-        console_socket if spec.tty else None, size, "vmshim-exec")
+        console_socket if spec.tty else None,
+        size,
+        "vmshim-exec",
+    )
     answer = b""
     try:
         while chunk := os.read(report_r, 4096):
@@ -611,8 +646,11 @@ def exec_process(rt: RuntimeStore, oci_id: str, process: dict, *, detach: bool =
         os.close(report_r)
     if answer != standin.STARTED:
         wait_child(pid)
-        message = answer[1:].decode(errors="replace") if answer.startswith(b"E") else \
-            "the exec stand-in ended before the process started"
+        message = (
+            answer[1:].decode(errors="replace")
+            if answer.startswith(b"E")
+            else "the exec stand-in ended before the process started"
+        )
         raise VmshimError(f"cannot exec in container {oci_id}: {message}")
     rt.add_exec(oci_id, pid)
     if info.cgroup:

@@ -36,6 +36,7 @@ STARTED = b"0"
 
 # ---- the console --------------------------------------------------------------------------
 
+
 def open_console(size: tuple[int, int] | None) -> tuple[int, int]:
     """A new pty (master, slave), sized *size* (rows, cols) when given."""
     master, slave = os.openpty()
@@ -53,11 +54,11 @@ def send_console(socket_path: str, master: int) -> None:
             sock.connect(socket_path)
             socket.send_fds(sock, [b"/dev/ptmx"], [master])
     except OSError as exc:
-        raise VmshimError(f"cannot send the console to {socket_path}: "
-                          f"{exc.strerror or exc}") from None
+        raise VmshimError(f"cannot send the console to {socket_path}: {exc.strerror or exc}") from None
 
 
 # ---- becoming a stand-in (in the forked child) --------------------------------------------
+
 
 def become_standin(tty_slave: int | None, name: str = "vmshim-standin") -> None:
     """In a freshly forked child: a session of its own, the pty slave (if any) as
@@ -92,8 +93,16 @@ def run_main(store, record_id: str, state_dir: Path) -> int:
         os.close(fifo)
 
     try:
-        return manage.start(record_id, attach=True, interactive=True, stdin_fd=0,
-                            stdout_fd=1, stderr_fd=2, store=store, on_started=started)
+        return manage.start(
+            record_id,
+            attach=True,
+            interactive=True,
+            stdin_fd=0,
+            stdout_fd=1,
+            stderr_fd=2,
+            store=store,
+            on_started=started,
+        )
     except VmshimError as exc:
         _write_quietly(state_dir / START_ERROR, str(exc))
         return exc.exit_code or 125
@@ -115,9 +124,11 @@ def run_exec(store, record, process, report_fd: int) -> int:
         if client is None:
             raise VmshimError(f"container {record.name} is not running")
         rows, cols = terminal_size(0) if process.tty else (24, 80)
-        reply = api.raise_for_error(client.request(
-            "exec", None, process=process.to_dict(), stdin=True, tty=process.tty,
-            rows=rows, cols=cols, detach=False))
+        reply = api.raise_for_error(
+            client.request(
+                "exec", None, process=process.to_dict(), stdin=True, tty=process.tty, rows=rows, cols=cols, detach=False
+            )
+        )
     except VmshimError as exc:
         os.write(report_fd, b"E" + str(exc).encode()[:4000])
         os.close(report_fd)
@@ -127,8 +138,7 @@ def run_exec(store, record, process, report_fd: int) -> int:
     return _pump(client, reply, process.tty)
 
 
-def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
-               state_dir: Path) -> int:
+def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str, state_dir: Path) -> int:
     """A pod member's stand-in after ``create``: wait for ``start``, plug the member's
     rootfs into the sandbox's running VM (virtiofs share *tag*), have the sandbox's
     monitor start it (``exec`` with ``member``, guest.runtime.member), then pump its
@@ -154,16 +164,16 @@ def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str,
         LibvirtBackend().attach_filesystem(domain, Filesystem(source_dir=rootfs, tag=tag))
         plugged = True
         rows, cols = terminal_size(0) if tty else (24, 80)
-        reply = api.raise_for_error(client.request(
-            "exec", None, member=config, stdin=True, tty=tty, rows=rows, cols=cols))
+        reply = api.raise_for_error(
+            client.request("exec", None, member=config, stdin=True, tty=tty, rows=rows, cols=cols)
+        )
     except Exception as exc:  # noqa: BLE001 - the engine only sees start's error
         if plugged:
             with contextlib.suppress(Exception):
                 LibvirtBackend().detach_filesystem(domain, tag)
         if client is not None:
             client.close()
-        text = str(exc) if isinstance(exc, VmshimError) else \
-            f"internal error: {type(exc).__name__}: {exc}"
+        text = str(exc) if isinstance(exc, VmshimError) else f"internal error: {type(exc).__name__}: {exc}"
         _write_quietly(state_dir / START_ERROR, f"pod member: {text}")
         os.close(fifo)
         return getattr(exc, "exit_code", None) or 125
@@ -179,8 +189,7 @@ def _pump(client, reply: dict, tty: bool) -> int:
 
     with client:
         try:
-            return StdioPump(client, reply.get("id", int), stdin_fd=0, stdout_fd=1,
-                             stderr_fd=2, tty=tty).run()
+            return StdioPump(client, reply.get("id", int), stdin_fd=0, stdout_fd=1, stderr_fd=2, tty=tty).run()
         except VmshimError:
             return 137
 

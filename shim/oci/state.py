@@ -64,7 +64,6 @@ class OciInfo(JsonRecord):
     no VM or monitor of its own; its stand-in's life is its state)."""
 
 
-
 def alive(pid: int, start: int) -> bool:
     """Whether *pid* is still the live (not zombie) process that started at *start*."""
     return pid > 0 and process_start_time(pid) == start

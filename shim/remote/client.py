@@ -101,8 +101,12 @@ def _spawn(target: SshTarget, path) -> None:
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shim.remote.control", json.dumps(asdict(target)), persist],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True, close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(log)
     assert proc.stdout is not None  # stdout=PIPE
@@ -112,9 +116,8 @@ def _spawn(target: SshTarget, path) -> None:
         return
     proc.wait()
     if line.startswith("error: "):
-        raise RemoteError(line[len("error: "):])
-    raise RemoteError(f"the SSH control process for {target.display()} failed to start "
-                      f"(see {path}.log)")
+        raise RemoteError(line[len("error: ") :])
+    raise RemoteError(f"the SSH control process for {target.display()} failed to start (see {path}.log)")
 
 
 class _Session:
@@ -206,4 +209,4 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         with contextlib.suppress(InterruptedError):
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]

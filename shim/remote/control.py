@@ -74,16 +74,17 @@ class Control:
         try:
             channel = self.transport.open_session(timeout=ssh.CONNECT_TIMEOUT)
         except Exception as exc:
-            mux.send(conn, mux.FAIL, f"the SSH connection to {self.target.display()} was lost "
-                                     f"({exc}); run the command again".encode())
+            mux.send(
+                conn,
+                mux.FAIL,
+                f"the SSH connection to {self.target.display()} was lost ({exc}); run the command again".encode(),
+            )
             self.transport.close()
             return
         pty = hello.get("pty")
         if pty:
-            channel.get_pty(term=pty.get("term", "xterm"), width=int(pty["cols"]),
-                            height=int(pty["rows"]))
-        channel.exec_command(ssh.remote_command(self.target, list(hello["args"]),
-                                                dict(hello.get("env", {}))))
+            channel.get_pty(term=pty.get("term", "xterm"), width=int(pty["cols"]), height=int(pty["rows"]))
+        channel.exec_command(ssh.remote_command(self.target, list(hello["args"]), dict(hello.get("env", {}))))
         send_lock = threading.Lock()
 
         def send(kind: bytes, payload: bytes = b"") -> None:
@@ -115,13 +116,13 @@ class Control:
                         continue
                 send(kind, data)
 
-        pumps = [threading.Thread(target=pump, args=(channel.recv, mux.STDOUT, bool(pty)), daemon=True),
-                 threading.Thread(target=pump, args=(channel.recv_stderr, mux.STDERR, not pty),
-                                  daemon=True)]
+        pumps = [
+            threading.Thread(target=pump, args=(channel.recv, mux.STDOUT, bool(pty)), daemon=True),
+            threading.Thread(target=pump, args=(channel.recv_stderr, mux.STDERR, not pty), daemon=True),
+        ]
         for thread in pumps:
             thread.start()
-        threading.Thread(target=self._from_cli, args=(conn, channel, remote_pid, early_signals),
-                         daemon=True).start()
+        threading.Thread(target=self._from_cli, args=(conn, channel, remote_pid, early_signals), daemon=True).start()
         for thread in pumps:
             thread.join()
         status = channel.recv_exit_status()
@@ -130,11 +131,9 @@ class Control:
 
     def _signal(self, pid: int, name: str) -> None:
         if pid:
-            threading.Thread(target=ssh.send_signal, args=(self.client, pid, name),
-                             daemon=True).start()
+            threading.Thread(target=ssh.send_signal, args=(self.client, pid, name), daemon=True).start()
 
-    def _from_cli(self, conn: socket.socket, channel, remote_pid: list[int],
-                  early_signals: list[str]) -> None:
+    def _from_cli(self, conn: socket.socket, channel, remote_pid: list[int], early_signals: list[str]) -> None:
         """CLI → channel: stdin, EOF, resizes, signals; the CLI hanging up closes the channel."""
         try:
             while True:
@@ -174,9 +173,9 @@ def _take_pid_line(buffer: bytes) -> tuple[bytes, int | None]:
     if at >= 0:
         end = buffer.find(b"\n", at)
         if end >= 0:
-            digits = buffer[at + len(ssh.PID_MARKER):end].rstrip(b"\r")
+            digits = buffer[at + len(ssh.PID_MARKER) : end].rstrip(b"\r")
             if digits.isdigit():
-                return buffer[:at] + buffer[end + 1:], int(digits)
+                return buffer[:at] + buffer[end + 1 :], int(digits)
             return buffer, 0
     if len(buffer) > 4096:
         return buffer, 0

@@ -47,16 +47,20 @@ def maybe_run_remote(argv: list[str], commands) -> int | None:
     found, rest = split_globals(argv)
     if not rest or rest[0].startswith("-") or rest[0] in LOCAL_VERBS:
         return None
-    if not (found.get("--host") or found.get("--context") or os.environ.get("VMSHIM_HOST")
-            or os.environ.get("VMSHIM_CONTEXT") or _contexts_file_exists()):
+    if not (
+        found.get("--host")
+        or found.get("--context")
+        or os.environ.get("VMSHIM_HOST")
+        or os.environ.get("VMSHIM_CONTEXT")
+        or _contexts_file_exists()
+    ):
         return None  # the common case: nothing more to import
     from shim.errors import VmshimError
     from shim.remote.target import resolve
 
     debug = bool(found.get("--debug")) or os.environ.get("VMSHIM_DEBUG", "") not in ("", "0")
     try:
-        target = resolve(_text(found, "--host"), _text(found, "--remote-vmshim"),
-                         _text(found, "--context"))
+        target = resolve(_text(found, "--host"), _text(found, "--remote-vmshim"), _text(found, "--context"))
         if target is None:
             return None
         from shim.remote.client import run_remote

@@ -45,7 +45,8 @@ class _RefuseUnknown(paramiko.MissingHostKeyPolicy):
             f"the host key of {_known_hosts_name(self.host, self.port)} is not in "
             f"~/.ssh/known_hosts ({_fingerprint(key)}); if that fingerprint is the host's, "
             f"trust it with `ssh-keyscan {port_opt}{self.host} >> ~/.ssh/known_hosts` "
-            f"(or connect once with `ssh {port_opt}{self.host}`)")
+            f"(or connect once with `ssh {port_opt}{self.host}`)"
+        )
 
 
 def connect(target: SshTarget) -> paramiko.SSHClient:
@@ -62,12 +63,15 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
     hostname = options.get("hostname", target.host)
     port = target.port or int(options.get("port", 22))
     user = target.user or options.get("user") or _local_user()
-    key_files = [os.path.expanduser(p) for p in options.get("identityfile", [])
-                 if os.path.exists(os.path.expanduser(p))]
+    key_files = [
+        os.path.expanduser(p) for p in options.get("identityfile", []) if os.path.exists(os.path.expanduser(p))
+    ]
 
     client = paramiko.SSHClient()
-    for path, load in (("/etc/ssh/ssh_known_hosts", client.load_system_host_keys),
-                       (os.path.expanduser("~/.ssh/known_hosts"), client.load_host_keys)):
+    for path, load in (
+        ("/etc/ssh/ssh_known_hosts", client.load_system_host_keys),
+        (os.path.expanduser("~/.ssh/known_hosts"), client.load_host_keys),
+    ):
         if os.path.exists(path):
             try:
                 load(path)
@@ -76,12 +80,17 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
     client.set_missing_host_key_policy(_RefuseUnknown(hostname, port))
     where = f"{user}@{_known_hosts_name(hostname, port)}"
     try:
-        client.connect(hostname, port=port, username=user,
-                       key_filename=key_files or None,  # type: ignore[arg-type]  # paramiko takes a list too
-                       allow_agent=options.get("identitiesonly", "no") != "yes",
-                       look_for_keys=options.get("identitiesonly", "no") != "yes",
-                       timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT,
-                       auth_timeout=CONNECT_TIMEOUT)
+        client.connect(
+            hostname,
+            port=port,
+            username=user,
+            key_filename=key_files or None,  # type: ignore[arg-type]  # paramiko takes a list too
+            allow_agent=options.get("identitiesonly", "no") != "yes",
+            look_for_keys=options.get("identitiesonly", "no") != "yes",
+            timeout=CONNECT_TIMEOUT,
+            banner_timeout=CONNECT_TIMEOUT,
+            auth_timeout=CONNECT_TIMEOUT,
+        )
     except HostKeyError:
         client.close()
         raise
@@ -92,7 +101,8 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
             f"{_fingerprint(exc.key)}, known_hosts has {_fingerprint(exc.expected_key)}. "
             f"Someone may be intercepting the connection; if the host was really re-keyed, "
             f"remove the old key with `ssh-keygen -R {shlex.quote(_known_hosts_name(hostname, port))}` "
-            f"and trust the new one") from None
+            f"and trust the new one"
+        ) from None
     except paramiko.AuthenticationException as exc:
         client.close()
         raise RemoteError(
@@ -107,12 +117,12 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
             raise RemoteError(
                 f"SSH authentication as {where} failed: no SSH key found (no agent, no "
                 f"~/.ssh/id_* file, no IdentityFile in ~/.ssh/config); create one with "
-                f"`ssh-keygen` and add it to the remote ~/.ssh/authorized_keys") from None
+                f"`ssh-keygen` and add it to the remote ~/.ssh/authorized_keys"
+            ) from None
         raise RemoteError(f"SSH to {where} failed: {message}") from None
     except (OSError, socket.timeout) as exc:
         client.close()
-        raise RemoteError(f"cannot connect to {where}: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise RemoteError(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from None
     transport = client.get_transport()
     assert transport is not None  # connected just above
     transport.set_keepalive(30)
@@ -133,9 +143,17 @@ def remote_command(target: SshTarget, args: list[str], env: dict[str, str]) -> s
     ``vmshim-remote-pid PID`` on a line of its own (to stderr, or the pty), which the
     control process strips and keeps for signal(), then ``exec``s vmshim in that pid."""
     assignments = [f"{k}={v}" for k, v in sorted(env.items())]
-    return "printf '%s%d\\n' " + shlex.quote(PID_MARKER.decode()) + " $$ >&2; " + " ".join(
-        ["exec", "env"] + [shlex.quote(a) for a in assignments]
-        + [shlex.quote(target.remote_vmshim)] + [shlex.quote(a) for a in args])
+    return (
+        "printf '%s%d\\n' "
+        + shlex.quote(PID_MARKER.decode())
+        + " $$ >&2; "
+        + " ".join(
+            ["exec", "env"]
+            + [shlex.quote(a) for a in assignments]
+            + [shlex.quote(target.remote_vmshim)]
+            + [shlex.quote(a) for a in args]
+        )
+    )
 
 
 def probe(client: paramiko.SSHClient, target: SshTarget) -> None:
@@ -148,7 +166,8 @@ def probe(client: paramiko.SSHClient, target: SshTarget) -> None:
             f"{target.display()} has no {target.remote_vmshim!r} to run: install vmshim there "
             f"(git clone the project, then `scripts/setup`; it needs libvirt and QEMU) and put "
             f"`vmshim` on the SSH user's PATH, or name its path with "
-            f"`--remote-vmshim /path/to/.venv/bin/vmshim`")
+            f"`--remote-vmshim /path/to/.venv/bin/vmshim`"
+        )
 
 
 SIGNALS = {"INT", "TERM", "HUP", "QUIT"}

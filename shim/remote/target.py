@@ -47,21 +47,24 @@ def format_url(user: str | None, host: str, port: int | None) -> str:
 def parse_host(url: str, remote_vmshim: str | None = None, context: str | None = None) -> SshTarget:
     """*url* as ``ssh://[user@]host[:port]``. Raises UsageError naming what is wrong."""
     if not url.startswith("ssh://"):
-        raise UsageError(f"invalid host {url!r}: expected ssh://[user@]host[:port] "
-                         "(only SSH is supported)")
+        raise UsageError(f"invalid host {url!r}: expected ssh://[user@]host[:port] (only SSH is supported)")
     parts = urlsplit(url)
     try:
         port = parts.port
     except ValueError:
         raise UsageError(f"invalid host {url!r}: the port must be a number 1-65535") from None
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UsageError(f"invalid host {url!r}: expected ssh://[user@]host[:port] "
-                         "(no path, query or fragment)")
+        raise UsageError(f"invalid host {url!r}: expected ssh://[user@]host[:port] (no path, query or fragment)")
     if parts.password is not None:
-        raise UsageError(f"invalid host {url!r}: passwords in the URL are not supported; "
-                         "use an SSH key or agent")
-    return SshTarget(host=parts.hostname, user=parts.username or None, port=port,
-                     remote_vmshim=remote_vmshim or "vmshim", context=context, url=url)
+        raise UsageError(f"invalid host {url!r}: passwords in the URL are not supported; use an SSH key or agent")
+    return SshTarget(
+        host=parts.hostname,
+        user=parts.username or None,
+        port=port,
+        remote_vmshim=remote_vmshim or "vmshim",
+        context=context,
+        url=url,
+    )
 
 
 def config_dir() -> Path:
@@ -122,16 +125,13 @@ class ContextStore:
         entry = self.get(name)
         return parse_host(entry["host"], entry.get("remote_vmshim"), context=name)
 
-    def create(self, name: str, host: str, description: str = "",
-               remote_vmshim: str | None = None) -> None:
+    def create(self, name: str, host: str, description: str = "", remote_vmshim: str | None = None) -> None:
         if name == DEFAULT or not _NAME.match(name):
-            raise UsageError(f"invalid context name {name!r}: use letters, digits, '_', '.', '-' "
-                             f"(and not {DEFAULT!r})")
+            raise UsageError(f"invalid context name {name!r}: use letters, digits, '_', '.', '-' (and not {DEFAULT!r})")
         parse_host(host)  # validate
         data = self._load()
         if name in data["contexts"]:
-            raise VmshimError(f"context {name} already exists (remove it first: "
-                              f"`vmshim context rm {name}`)")
+            raise VmshimError(f"context {name} already exists (remove it first: `vmshim context rm {name}`)")
         entry = {"host": host, "description": description}
         if remote_vmshim:
             entry["remote_vmshim"] = remote_vmshim
@@ -152,8 +152,7 @@ class ContextStore:
         if name not in data["contexts"]:
             raise VmshimError(f"no such context: {name} (see `vmshim context ls`)")
         if data.get("current") == name and not force:
-            raise VmshimError(f"context {name} is in use: switch first (`vmshim context use "
-                              f"default`) or pass --force")
+            raise VmshimError(f"context {name} is in use: switch first (`vmshim context use default`) or pass --force")
         del data["contexts"][name]
         if data.get("current") == name:
             data["current"] = None
@@ -183,8 +182,10 @@ def control_dir() -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = directory.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise VmshimError(f"{directory} must be owned by you with mode 0700 (it holds your SSH "
-                          f"control sockets): fix it with `chmod 700 {directory}`")
+        raise VmshimError(
+            f"{directory} must be owned by you with mode 0700 (it holds your SSH "
+            f"control sockets): fix it with `chmod 700 {directory}`"
+        )
     return directory
 
 

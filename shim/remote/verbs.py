@@ -68,7 +68,7 @@ def scan(command: click.Command, tokens: list[str]) -> Scanned:
     while i < len(tokens):
         token = tokens[i]
         if token == "--":
-            positionals += [(t, j) for j, t in enumerate(tokens[i + 1:], i + 1)]
+            positionals += [(t, j) for j, t in enumerate(tokens[i + 1 :], i + 1)]
             break
         if token.startswith("--"):
             name, eq, value = token.partition("=")
@@ -83,9 +83,9 @@ def scan(command: click.Command, tokens: list[str]) -> Scanned:
             for j in range(1, len(token)):
                 pname, with_value = takes.get("-" + token[j], ("-" + token[j], False))
                 if with_value:
-                    inline = token[j + 1:]
+                    inline = token[j + 1 :]
                     if inline:
-                        options.setdefault(pname, []).append((inline, i, token[:j + 1]))
+                        options.setdefault(pname, []).append((inline, i, token[: j + 1]))
                     elif i + 1 < len(tokens):
                         options.setdefault(pname, []).append((tokens[i + 1], i + 1, ""))
                         i += 1
@@ -284,8 +284,7 @@ def _save(prefix, rest, scanned) -> Plan:
     if output is None:
         return Plan(prefix + rest)
     target = Path(output[0])
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
-                               prefix=f".{target.name}.")
+    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
     spool = os.fdopen(fd, "wb")
 
     def finish(code: int) -> int:
@@ -307,6 +306,7 @@ def _load(prefix, rest, scanned) -> Plan:
         return Plan(prefix + rest, stdin="terminal")
     path = Path(source[0])
     if path.is_dir():
+
         def write(out) -> None:  # an OCI layout directory travels as an oci-archive
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for child in sorted(path.iterdir()):
@@ -314,11 +314,13 @@ def _load(prefix, rest, scanned) -> Plan:
 
         stdin = _producer(write)
     else:
+
         def stdin() -> int:
             try:
                 return os.open(path, os.O_RDONLY)
             except OSError as exc:
                 raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
     return Plan(prefix + _without(rest, scanned, "input_"), stdin=stdin)
 
 

@@ -90,42 +90,76 @@ REGS_SIZE = 144
 
 KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
-EXIT_NAMES = {0: "KVM_EXIT_UNKNOWN", 1: "KVM_EXIT_EXCEPTION", 2: "KVM_EXIT_IO",
-              4: "KVM_EXIT_DEBUG", 5: "KVM_EXIT_HLT", 6: "KVM_EXIT_MMIO",
-              8: "KVM_EXIT_SHUTDOWN (a triple fault)", 9: "KVM_EXIT_FAIL_ENTRY", 10: "KVM_EXIT_INTR",
-              17: "KVM_EXIT_NMI", 18: "KVM_EXIT_INTERNAL_ERROR", 24: "KVM_EXIT_SYSTEM_EVENT"}
+EXIT_NAMES = {
+    0: "KVM_EXIT_UNKNOWN",
+    1: "KVM_EXIT_EXCEPTION",
+    2: "KVM_EXIT_IO",
+    4: "KVM_EXIT_DEBUG",
+    5: "KVM_EXIT_HLT",
+    6: "KVM_EXIT_MMIO",
+    8: "KVM_EXIT_SHUTDOWN (a triple fault)",
+    9: "KVM_EXIT_FAIL_ENTRY",
+    10: "KVM_EXIT_INTR",
+    17: "KVM_EXIT_NMI",
+    18: "KVM_EXIT_INTERNAL_ERROR",
+    24: "KVM_EXIT_SYSTEM_EVENT",
+}
 
 GUEST_MEMORY = 0x200000
 GUEST_LOAD = 0x1000
 GUEST_PML4, GUEST_PDPT, GUEST_PD = 0x2000, 0x3000, 0x4000
 PROBE_PORT = 0xE9
 FINAL_STAGE = 3
-STAGE_NAMES = {0: "before its first instruction", 1: "in 16-bit real mode",
-               2: "after entering 32-bit protected mode, on the way to long mode",
-               3: "in 64-bit long mode"}
+STAGE_NAMES = {
+    0: "before its first instruction",
+    1: "in 16-bit real mode",
+    2: "after entering 32-bit protected mode, on the way to long mode",
+    3: "in 64-bit long mode",
+}
 
-TEST_GUEST = bytes.fromhex("".join((
-    "b001", "e6e9",                  # 0x00 mov al,1; out 0xe9,al
-    "fa",                            # 0x04 cli
-    "660f01168810",                  # 0x05 lgdt [0x1088]
-    "0f20c0", "6683c801", "0f22c0",  # 0x0b cr0 |= PE
-    "66ea1d1000000800",              # 0x15 jmp far 0x08:0x101d
-    "66b81000", "8ed8", "8ec0", "8ed0",  # 0x1d 32-bit: ds = es = ss = 0x10
-    "b002", "e6e9",                  # 0x27 mov al,2; out 0xe9,al
-    "0f20e0", "83c820", "0f22e0",    # 0x2b cr4 |= PAE
-    "b800200000", "0f22d8",          # 0x34 cr3 = 0x2000
-    "b9800000c0", "0f32", "0d00010000", "0f30",  # 0x3c EFER |= LME
-    "0f20c0", "0d00000080", "0f22c0",  # 0x4a cr0 |= PG
-    "ea5c1000001800",                # 0x55 jmp far 0x18:0x105c
-    "b003", "e6e9",                  # 0x5c 64-bit: mov al,3; out 0xe9,al
-    "f4",                            # 0x60 hlt
-    "0f1f8000000000",                # 0x61 nop (align 8)
-    "0000000000000000",              # 0x68 gdt: null
-    "ffff0000009acf00",              # 0x70 0x08: code32
-    "ffff00000092cf00",              # 0x78 0x10: data
-    "ffff0000009aaf00",              # 0x80 0x18: code64
-    "1f006810", "0000",              # 0x88 gdtr: limit 31, base 0x1068
-)))
+TEST_GUEST = bytes.fromhex(
+    "".join(
+        (
+            "b001",
+            "e6e9",  # 0x00 mov al,1; out 0xe9,al
+            "fa",  # 0x04 cli
+            "660f01168810",  # 0x05 lgdt [0x1088]
+            "0f20c0",
+            "6683c801",
+            "0f22c0",  # 0x0b cr0 |= PE
+            "66ea1d1000000800",  # 0x15 jmp far 0x08:0x101d
+            "66b81000",
+            "8ed8",
+            "8ec0",
+            "8ed0",  # 0x1d 32-bit: ds = es = ss = 0x10
+            "b002",
+            "e6e9",  # 0x27 mov al,2; out 0xe9,al
+            "0f20e0",
+            "83c820",
+            "0f22e0",  # 0x2b cr4 |= PAE
+            "b800200000",
+            "0f22d8",  # 0x34 cr3 = 0x2000
+            "b9800000c0",
+            "0f32",
+            "0d00010000",
+            "0f30",  # 0x3c EFER |= LME
+            "0f20c0",
+            "0d00000080",
+            "0f22c0",  # 0x4a cr0 |= PG
+            "ea5c1000001800",  # 0x55 jmp far 0x18:0x105c
+            "b003",
+            "e6e9",  # 0x5c 64-bit: mov al,3; out 0xe9,al
+            "f4",  # 0x60 hlt
+            "0f1f8000000000",  # 0x61 nop (align 8)
+            "0000000000000000",  # 0x68 gdt: null
+            "ffff0000009acf00",  # 0x70 0x08: code32
+            "ffff00000092cf00",  # 0x78 0x10: data
+            "ffff0000009aaf00",  # 0x80 0x18: code64
+            "1f006810",
+            "0000",  # 0x88 gdtr: limit 31, base 0x1068
+        )
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -171,11 +205,11 @@ def api_version(fd: int) -> int:
 def run_test_guest(path: str, timeout: float = PROBE_TIMEOUT) -> GuestRun:
     """Run :data:`TEST_GUEST` under ``path`` in a child process, at most ``timeout`` s."""
     package_root = str(Path(__file__).resolve().parents[2])
-    code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-            f"from shim.vm.accel import _child_main; _child_main()")
+    code = f"import sys; sys.path.insert(0, {package_root!r}); from shim.vm.accel import _child_main; _child_main()"
     try:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, path],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code, path], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return GuestRun(stage=-1, exit=f"no exit within {timeout:g} s")
     except OSError as exc:
@@ -193,29 +227,32 @@ def _guest_in_this_process(path: str) -> GuestRun:
     throw-away process: it may block inside ``KVM_RUN`` on a broken hypervisor."""
     kvm = open_kvm(path)
     vm = _ioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
-    mem = mmap.mmap(-1, GUEST_MEMORY, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                    mmap.PROT_READ | mmap.PROT_WRITE)
-    mem[GUEST_LOAD:GUEST_LOAD + len(TEST_GUEST)] = TEST_GUEST
+    mem = mmap.mmap(-1, GUEST_MEMORY, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+    mem[GUEST_LOAD : GUEST_LOAD + len(TEST_GUEST)] = TEST_GUEST
     # Identity map of the first 2 MiB: PML4[0] -> PDPT[0] -> PD[0] = one 2 MiB page.
     present_rw, huge = 0x3, 0x80
     struct.pack_into("=Q", mem, GUEST_PML4, GUEST_PDPT | present_rw)
     struct.pack_into("=Q", mem, GUEST_PDPT, GUEST_PD | present_rw)
     struct.pack_into("=Q", mem, GUEST_PD, 0 | present_rw | huge)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    _ioctl(vm, KVM_SET_USER_MEMORY_REGION,
-           struct.pack("=IIQQQ", 0, 0, 0, GUEST_MEMORY, address), "KVM_SET_USER_MEMORY_REGION")
+    _ioctl(
+        vm,
+        KVM_SET_USER_MEMORY_REGION,
+        struct.pack("=IIQQQ", 0, 0, 0, GUEST_MEMORY, address),
+        "KVM_SET_USER_MEMORY_REGION",
+    )
     vcpu = _ioctl(vm, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
     run_size = _ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
     run = mmap.mmap(vcpu, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     sregs = bytearray(SREGS_SIZE)
     _ioctl(vcpu, KVM_GET_SREGS, sregs, "KVM_GET_SREGS", mutate=True)
-    struct.pack_into("=Q", sregs, 0, 0)   # cs.base = 0 (real mode, reset state otherwise)
+    struct.pack_into("=Q", sregs, 0, 0)  # cs.base = 0 (real mode, reset state otherwise)
     struct.pack_into("=H", sregs, 12, 0)  # cs.selector = 0
     _ioctl(vcpu, KVM_SET_SREGS, bytes(sregs), "KVM_SET_SREGS")
     regs = bytearray(REGS_SIZE)
     struct.pack_into("=Q", regs, 16 * 8, GUEST_LOAD)  # rip
-    struct.pack_into("=Q", regs, 17 * 8, 0x2)          # rflags (bit 1 is always set)
+    struct.pack_into("=Q", regs, 17 * 8, 0x2)  # rflags (bit 1 is always set)
     _ioctl(vcpu, KVM_SET_REGS, bytes(regs), "KVM_SET_REGS")
 
     stage = 0
@@ -235,6 +272,7 @@ def _guest_in_this_process(path: str) -> GuestRun:
 def _child_main() -> None:
     """Entry point of the probe's child process: prints one JSON line."""
     import signal
+
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(int(PROBE_TIMEOUT) + 1)  # belt and braces: the parent also times out
     try:
@@ -270,19 +308,15 @@ def probe_kvm(path: str = KVM_DEVICE, probes: Probes = Probes()) -> AccelInfo:
     except FileNotFoundError:
         return AccelInfo("tcg", f"{path} does not exist (no KVM on this host)")
     except OSError as exc:
-        hint = "; add your user to the kvm group" if exc.errno in (errno.EACCES,
-                                                                    errno.EPERM) else ""
-        return AccelInfo("tcg", f"{path} exists but cannot be opened "
-                                f"({os.strerror(exc.errno or 0)}){hint}")
+        hint = "; add your user to the kvm group" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+        return AccelInfo("tcg", f"{path} exists but cannot be opened ({os.strerror(exc.errno or 0)}){hint}")
     try:
         try:
             version = probes.api_version(fd)
         except OSError as exc:
-            return AccelInfo("tcg", f"{path} does not answer KVM_GET_API_VERSION "
-                                    f"({os.strerror(exc.errno or 0)})")
+            return AccelInfo("tcg", f"{path} does not answer KVM_GET_API_VERSION ({os.strerror(exc.errno or 0)})")
         if version != KVM_API_VERSION:
-            return AccelInfo("tcg", f"{path} has KVM API version {version}, "
-                                    f"expected {KVM_API_VERSION}")
+            return AccelInfo("tcg", f"{path} has KVM API version {version}, expected {KVM_API_VERSION}")
     finally:
         os.close(fd)
     run = probes.run_guest(path)
@@ -290,8 +324,7 @@ def probe_kvm(path: str = KVM_DEVICE, probes: Probes = Probes()) -> AccelInfo:
         return AccelInfo("kvm", f"{path} works: a test guest reached 64-bit long mode")
     where = STAGE_NAMES.get(run.stage, "")
     detail = f"{run.exit} {where}" if where else run.exit
-    return AccelInfo("tcg", f"{path} exists but a test guest did not run under it "
-                            f"({detail})")
+    return AccelInfo("tcg", f"{path} exists but a test guest did not run under it ({detail})")
 
 
 # --- the cached, overridable entry point --------------------------------------------------
@@ -304,8 +337,7 @@ def cache_key(path: str = KVM_DEVICE) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (f"v{PROBE_VERSION}|{os.uname().release}|{path}|{st.st_ino}|{st.st_rdev}|"
-            f"{st.st_ctime_ns}|{os.geteuid()}")
+    return f"v{PROBE_VERSION}|{os.uname().release}|{path}|{st.st_ino}|{st.st_rdev}|{st.st_ctime_ns}|{os.geteuid()}"
 
 
 def _read_cache(cache: Path, key: str) -> AccelInfo | None:
@@ -332,8 +364,9 @@ def _write_cache(cache: Path, key: str, info: AccelInfo) -> None:
             pass
 
 
-def detect_accel(*, path: str = KVM_DEVICE, cache: Path | None = None,
-                 env: dict | None = None, probes: Probes = Probes()) -> AccelInfo:
+def detect_accel(
+    *, path: str = KVM_DEVICE, cache: Path | None = None, env: dict | None = None, probes: Probes = Probes()
+) -> AccelInfo:
     """KVM or TCG for this host. ``VMSHIM_ACCEL`` (kvm|tcg) wins; else a cached result
     for the same kernel and /dev/kvm node; else :func:`probe_kvm` (then cached).
 
@@ -375,14 +408,17 @@ def libvirt_kvm_problem(path: str = KVM_DEVICE) -> str | None:
         return None
     try:
         import grp
+
         kvm_gid = grp.getgrnam("kvm").gr_gid
     except (KeyError, ImportError):
         kvm_gid = None
     if kvm_gid is not None and st.st_gid == kvm_gid and st.st_mode & 0o060 == 0o060:
         return None
-    return (f"{path} is not read-writable by group kvm (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"libvirtd then re-probes QEMU on every VM start (~50 s): run "
-            f"`chgrp kvm {path} && chmod 0660 {path}` (scripts/setup does this)")
+    return (
+        f"{path} is not read-writable by group kvm (mode {stat.S_IMODE(st.st_mode):04o}); "
+        f"libvirtd then re-probes QEMU on every VM start (~50 s): run "
+        f"`chgrp kvm {path} && chmod 0660 {path}` (scripts/setup does this)"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -447,6 +483,7 @@ def guest_cmdline(base: str, accel_kind: str, tsc_khz: int | None = None) -> str
     if tsc_khz is None and accel_kind == "tcg":
         tsc_khz = host_tsc_khz()
     words = base.split()
-    extra = [a for a in kernel_args(accel_kind, tsc_khz)
-             if a.split("=", 1)[0] not in {w.split("=", 1)[0] for w in words}]
+    extra = [
+        a for a in kernel_args(accel_kind, tsc_khz) if a.split("=", 1)[0] not in {w.split("=", 1)[0] for w in words}
+    ]
     return " ".join(words + extra)

@@ -38,14 +38,16 @@ class AgentClient(FramedChannel):
 
     @classmethod
     def _failure(cls, what: str, reason: str = "", subject: str = "") -> AgentError:
-        return AgentError({
-            "connect": f"cannot connect to the agent channel {subject}: {reason}",
-            "send": f"agent channel closed while sending {subject!r}: {reason}",
-            "read": f"agent channel failed: {reason}",
-            "eof": "the agent closed the channel unexpectedly",
-            "protocol": f"the agent broke the protocol: {reason}",
-            "timeout": f"the agent did not answer within {subject} s",
-        }[what])
+        return AgentError(
+            {
+                "connect": f"cannot connect to the agent channel {subject}: {reason}",
+                "send": f"agent channel closed while sending {subject!r}: {reason}",
+                "read": f"agent channel failed: {reason}",
+                "eof": "the agent closed the channel unexpectedly",
+                "protocol": f"the agent broke the protocol: {reason}",
+                "timeout": f"the agent did not answer within {subject} s",
+            }[what]
+        )
 
     def _keep(self, messages: list[Message]) -> list[Message]:
         """Count and drop what the lenient reader skipped and what fails the checks of
@@ -78,7 +80,8 @@ class AgentClient(FramedChannel):
         if version != protocol.PROTOCOL_VERSION:
             raise AgentError(
                 f"the guest agent speaks protocol {version}, this vmshim speaks "
-                f"{protocol.PROTOCOL_VERSION}; rebuild the guest image with `vmshim guest build`")
+                f"{protocol.PROTOCOL_VERSION}; rebuild the guest image with `vmshim guest build`"
+            )
         self.hello = msg
         return msg
 

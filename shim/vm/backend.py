@@ -46,9 +46,12 @@ class VmHandle:
 
     @classmethod
     def for_domain(cls, domain: Domain) -> "VmHandle":
-        return cls(name=domain.name, uuid=domain.uuid,
-                   agent_socket=domain.channels[0].socket_path if domain.channels else None,
-                   serial_log=domain.serial.path if domain.serial else None)
+        return cls(
+            name=domain.name,
+            uuid=domain.uuid,
+            agent_socket=domain.channels[0].socket_path if domain.channels else None,
+            serial_log=domain.serial.path if domain.serial else None,
+        )
 
 
 @runtime_checkable

@@ -67,8 +67,7 @@ class FramedChannel:
                 return cls(sock)  # type: ignore[call-arg]  # subclasses take the socket alone
             except OSError as exc:
                 sock.close()
-                if (exc.errno not in (errno.ENOENT, errno.ECONNREFUSED)
-                        or time.monotonic() >= deadline):
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
                     raise cls._failure("connect", exc.strerror or str(exc), path) from None
                 time.sleep(0.02)
 
@@ -100,8 +99,7 @@ class FramedChannel:
             raise self._failure("protocol", str(exc)) from None
         return self._keep(messages)
 
-    def recv(self, timeout: float | None = None,
-             alive: Callable[[], str | None] | None = None) -> Message:
+    def recv(self, timeout: float | None = None, alive: Callable[[], str | None] | None = None) -> Message:
         """The next message, waiting at most *timeout* seconds (None: for ever). *alive*,
         if given, is asked about every 0.2 s while waiting; a string it returns is raised
         as the class's error (e.g. "the VM stopped before …")."""

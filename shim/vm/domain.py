@@ -162,8 +162,7 @@ class Disk:
         if not _TARGET_RE.match(self.target):
             raise ValueError(f"disk target must look like vda, vdb, …, got {self.target!r}")
         if not _SERIAL_RE.match(self.serial):
-            raise ValueError(
-                f"disk serial must be 1-20 characters of [A-Za-z0-9_.+-], got {self.serial!r}")
+            raise ValueError(f"disk serial must be 1-20 characters of [A-Za-z0-9_.+-], got {self.serial!r}")
         if self.format not in _DISK_FORMATS:
             raise ValueError(f"disk format must be one of {_DISK_FORMATS}, got {self.format!r}")
         if self.cache not in _DISK_CACHES:
@@ -208,8 +207,7 @@ class AgentChannel:
         if len(self.socket_path.encode()) > 107:
             raise ValueError(f"agent socket path is longer than 107 bytes: {self.socket_path}")
         if not _PORT_NAME_RE.match(self.name):
-            raise ValueError(f"channel name must be 1-64 characters of [A-Za-z0-9_.-], "
-                             f"got {self.name!r}")
+            raise ValueError(f"channel name must be 1-64 characters of [A-Za-z0-9_.-], got {self.name!r}")
 
     def render(self, devices: ET.Element) -> None:
         chan = _sub(devices, "channel", type="unix")
@@ -271,11 +269,9 @@ class Filesystem:
     def __post_init__(self) -> None:
         _absolute("filesystem source", self.source_dir)
         if not _PORT_NAME_RE.match(self.tag) or len(self.tag) > 36:
-            raise ValueError(f"filesystem tag must be 1-36 characters of [A-Za-z0-9_.-], "
-                             f"got {self.tag!r}")
+            raise ValueError(f"filesystem tag must be 1-36 characters of [A-Za-z0-9_.-], got {self.tag!r}")
         if self.queue_size not in (64, 128, 256, 512, 1024):
-            raise ValueError(f"filesystem queue_size must be a power of two 64..1024, "
-                             f"got {self.queue_size}")
+            raise ValueError(f"filesystem queue_size must be a power of two 64..1024, got {self.queue_size}")
 
     def to_xml(self) -> str:
         """The ``<filesystem>`` element alone (libvirt's attach-device: a pod member's
@@ -318,31 +314,28 @@ class Interface:
 
     def __post_init__(self) -> None:
         if self.type not in _INTERFACE_TYPES:
-            raise ValueError(f"interface type must be one of {_INTERFACE_TYPES}, "
-                             f"got {self.type!r}")
+            raise ValueError(f"interface type must be one of {_INTERFACE_TYPES}, got {self.type!r}")
         if self.type == "bridge":
             if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
-                raise ValueError(f"interface bridge must be 1-15 characters of "
-                                 f"[A-Za-z0-9_.-], got {self.bridge!r}")
+                raise ValueError(f"interface bridge must be 1-15 characters of [A-Za-z0-9_.-], got {self.bridge!r}")
         elif self.type == "ethernet":
             if self.bridge is not None or self.tap is None:
                 raise ValueError("an ethernet interface has a tap and no bridge")
         elif self.bridge is not None or self.tap is not None:
             raise ValueError("a user interface has no bridge and no tap")
-        if not isinstance(self.mac, str) or not _MAC_RE.match(self.mac.lower()) \
-                or int(self.mac[:2], 16) & 1:
-            raise ValueError(f"interface mac must be a unicast address like "
-                             f"02:42:0a:58:00:02, got {self.mac!r}")
+        if not isinstance(self.mac, str) or not _MAC_RE.match(self.mac.lower()) or int(self.mac[:2], 16) & 1:
+            raise ValueError(f"interface mac must be a unicast address like 02:42:0a:58:00:02, got {self.mac!r}")
         self.mac = self.mac.lower()
         if self.tap is not None:
             if not _IFNAME_RE.match(self.tap):
-                raise ValueError(f"interface tap must be 1-15 characters of [A-Za-z0-9_.-], "
-                                 f"got {self.tap!r}")
+                raise ValueError(f"interface tap must be 1-15 characters of [A-Za-z0-9_.-], got {self.tap!r}")
             if self.tap.startswith(_RESERVED_TAP_PREFIXES):
-                raise ValueError(f"interface tap {self.tap!r} uses a prefix libvirt reserves "
-                                 f"({', '.join(_RESERVED_TAP_PREFIXES)})")
-        if self.mtu is not None and (isinstance(self.mtu, bool) or not isinstance(self.mtu, int)
-                                     or not 68 <= self.mtu <= 65535):
+                raise ValueError(
+                    f"interface tap {self.tap!r} uses a prefix libvirt reserves ({', '.join(_RESERVED_TAP_PREFIXES)})"
+                )
+        if self.mtu is not None and (
+            isinstance(self.mtu, bool) or not isinstance(self.mtu, int) or not 68 <= self.mtu <= 65535
+        ):
             raise ValueError(f"interface mtu must be an integer in 68..65535, got {self.mtu!r}")
 
     def to_xml(self) -> str:
@@ -435,47 +428,47 @@ class Domain:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ValueError(f"domain name must be 1-64 characters of [A-Za-z0-9_.+-] "
-                             f"starting with a letter or digit, got {self.name!r}")
+            raise ValueError(
+                f"domain name must be 1-64 characters of [A-Za-z0-9_.+-] "
+                f"starting with a letter or digit, got {self.name!r}"
+            )
         try:
             self.uuid = str(uuidlib.UUID(str(self.uuid)))
         except ValueError:
             raise ValueError(f"domain uuid is not a UUID: {self.uuid!r}") from None
-        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) \
-                or self.memory_mib <= 0:
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) or self.memory_mib <= 0:
             raise ValueError(f"memory_mib must be a positive integer, got {self.memory_mib!r}")
-        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) \
-                or not 1 <= self.vcpus <= 255:
+        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 255:
             raise ValueError(f"vcpus must be an integer in 1..255, got {self.vcpus!r}")
-        if self.cpuset is not None and not re.match(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$",
-                                                    self.cpuset):
+        if self.cpuset is not None and not re.match(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$", self.cpuset):
             raise ValueError(f"cpuset must look like 0-1,3, got {self.cpuset!r}")
         if self.domain_type not in DOMAIN_TYPES:
-            raise ValueError(f"domain_type must be one of {DOMAIN_TYPES}, "
-                             f"got {self.domain_type!r}")
+            raise ValueError(f"domain_type must be one of {DOMAIN_TYPES}, got {self.domain_type!r}")
         if not isinstance(self.boot, KernelBoot):
             raise ValueError("boot must be a KernelBoot")
         if not re.match(r"^[a-z0-9][a-z0-9.-]*$", self.machine):
             raise ValueError(f"machine type looks wrong: {self.machine!r}")
-        if isinstance(self.hotplug_ports, bool) or not isinstance(self.hotplug_ports, int) \
-                or not 0 <= self.hotplug_ports <= 16:
-            raise ValueError(f"hotplug_ports must be an integer in 0..16, "
-                             f"got {self.hotplug_ports!r}")
+        if (
+            isinstance(self.hotplug_ports, bool)
+            or not isinstance(self.hotplug_ports, int)
+            or not 0 <= self.hotplug_ports <= 16
+        ):
+            raise ValueError(f"hotplug_ports must be an integer in 0..16, got {self.hotplug_ports!r}")
         if self.hotplug_ports and self.machine != HOTPLUG_MACHINE:
-            raise ValueError(f"hotplug_ports needs machine {HOTPLUG_MACHINE!r}, "
-                             f"got {self.machine!r}")
+            raise ValueError(f"hotplug_ports needs machine {HOTPLUG_MACHINE!r}, got {self.machine!r}")
         if self.tb_cache_mib is not None and (
-                isinstance(self.tb_cache_mib, bool) or not isinstance(self.tb_cache_mib, int)
-                or self.tb_cache_mib <= 0):
-            raise ValueError(f"tb_cache_mib must be a positive integer or None, "
-                             f"got {self.tb_cache_mib!r}")
-        for what, values in (("target", [d.target for d in self.disks]),
-                             ("serial", [d.serial for d in self.disks]),
-                             ("channel name", [c.name for c in self.channels]),
-                             ("channel socket", [c.socket_path for c in self.channels]),
-                             ("filesystem tag", [f.tag for f in self.filesystems]),
-                             ("interface mac", [i.mac for i in self.interfaces]),
-                             ("interface tap", [i.tap for i in self.interfaces if i.tap])):
+            isinstance(self.tb_cache_mib, bool) or not isinstance(self.tb_cache_mib, int) or self.tb_cache_mib <= 0
+        ):
+            raise ValueError(f"tb_cache_mib must be a positive integer or None, got {self.tb_cache_mib!r}")
+        for what, values in (
+            ("target", [d.target for d in self.disks]),
+            ("serial", [d.serial for d in self.disks]),
+            ("channel name", [c.name for c in self.channels]),
+            ("channel socket", [c.socket_path for c in self.channels]),
+            ("filesystem tag", [f.tag for f in self.filesystems]),
+            ("interface mac", [i.mac for i in self.interfaces]),
+            ("interface tap", [i.tap for i in self.interfaces if i.tap]),
+        ):
             dups = sorted({v for v in values if values.count(v) > 1})
             if dups:
                 raise ValueError(f"two devices share the {what} {dups[0]!r}")
@@ -489,9 +482,15 @@ class Domain:
     def pcie_devices(self) -> int:
         """The devices that take a PCIe slot of their own (each virtio device; the
         channels share one virtio-serial controller)."""
-        return (len(self.disks) + len(self.filesystems) + len(self.interfaces)
-                + bool(self.channels) + (self.vsock is not None) + (self.rng is not None)
-                + (self.balloon is not None))
+        return (
+            len(self.disks)
+            + len(self.filesystems)
+            + len(self.interfaces)
+            + bool(self.channels)
+            + (self.vsock is not None)
+            + (self.rng is not None)
+            + (self.balloon is not None)
+        )
 
     @property
     def is_tcg(self) -> bool:
@@ -509,8 +508,7 @@ class Domain:
         _sub(dom, "uuid", self.uuid)
         if self.metadata:
             meta = _sub(dom, "metadata")
-            inst = _sub(meta, f"{METADATA_PREFIX}:instance",
-                        **{f"xmlns:{METADATA_PREFIX}": METADATA_NS})
+            inst = _sub(meta, f"{METADATA_PREFIX}:instance", **{f"xmlns:{METADATA_PREFIX}": METADATA_NS})
             for key in sorted(self.metadata):
                 _sub(inst, f"{METADATA_PREFIX}:{key}", self.metadata[key])
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
@@ -529,8 +527,7 @@ class Domain:
         _sub(os_elem, "type", "hvm", arch="x86_64", machine=self.machine)
         boot = self.boot
         if self.hotplug_ports and HOTPLUG_CMDLINE not in boot.cmdline.split():
-            boot = KernelBoot(kernel=boot.kernel, initrd=boot.initrd,
-                              cmdline=f"{boot.cmdline} {HOTPLUG_CMDLINE}")
+            boot = KernelBoot(kernel=boot.kernel, initrd=boot.initrd, cmdline=f"{boot.cmdline} {HOTPLUG_CMDLINE}")
         boot.render(os_elem)
 
         # No <acpi/> unless needed (see ``acpi``): the guest boots 0.7 s faster, and it is
@@ -569,8 +566,7 @@ class Domain:
             # one per device, and hotplug_ports more stay empty.
             _sub(devices, "controller", type="pci", index="0", model="pcie-root")
             for index in range(1, 1 + self.pcie_devices + self.hotplug_ports):
-                _sub(devices, "controller", type="pci", index=str(index),
-                     model="pcie-root-port")
+                _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
         for chan in self.channels:
             chan.render(devices)
         if self.serial is not None:

@@ -80,19 +80,19 @@ class FakeBackend:
     def _check(self, method: str, name: str = "") -> None:
         self.calls.append((method, name))
         if self.unreachable is not None:
-            raise HypervisorError(f"cannot reach libvirtd at fake:///: {self.unreachable}; "
-                                  f"start it with `libvirtd -d` (scripts/setup does this)")
+            raise HypervisorError(
+                f"cannot reach libvirtd at fake:///: {self.unreachable}; "
+                f"start it with `libvirtd -d` (scripts/setup does this)"
+            )
 
     def create(self, domain: Domain) -> VmHandle:
         self._check("create", domain.name)
         xml = domain.to_xml()
         with self._changed:
             if self._create_failures:
-                raise HypervisorError(
-                    f"cannot start VM {domain.name}: {self._create_failures.pop(0)}")
+                raise HypervisorError(f"cannot start VM {domain.name}: {self._create_failures.pop(0)}")
             if domain.name in self.vms:
-                raise HypervisorError(f"cannot start VM {domain.name}: a VM of that name "
-                                      f"is still running")
+                raise HypervisorError(f"cannot start VM {domain.name}: a VM of that name is still running")
             self.created.append(xml)
             self._next_pid += 1
             self.vms[domain.name] = FakeVm(domain=domain, xml=xml, pid=self._next_pid)
@@ -141,18 +141,15 @@ class FakeBackend:
 
     def attach_disk(self, name: str, disk: Disk) -> None:
         self._check("attach_disk", name)
-        self._plug(name, disk, "disks", disk.serial, "a disk", f"disk {disk.serial}",
-                   "a disk with that serial")
+        self._plug(name, disk, "disks", disk.serial, "a disk", f"disk {disk.serial}", "a disk with that serial")
 
-    def _plug(self, name: str, device, table: str, key: str, kind: str, what: str,
-              taken: str) -> None:
+    def _plug(self, name: str, device, table: str, key: str, kind: str, what: str, taken: str) -> None:
         """Put *device* in the VM's *table* (``plugged`` NICs by MAC, ``disks`` by serial)
         under *key*, if a hotplug port is free and *key* is not (as libvirt would refuse)."""
         vm = self._vm(name, f"attach {kind} to")
         slots: dict = getattr(vm, table)
         if key in slots or len(vm.plugged) + len(vm.disks) >= vm.domain.hotplug_ports:
-            raise HypervisorError(f"cannot plug {what} into VM {name}: no free hotplug port "
-                                  f"or {taken}")
+            raise HypervisorError(f"cannot plug {what} into VM {name}: no free hotplug port or {taken}")
         slots[key] = device
 
     def attach_filesystem(self, name: str, fs: Filesystem) -> None:
@@ -160,8 +157,9 @@ class FakeBackend:
         vm = self._vm(name, "attach a share to")
         used = len(vm.disks) + len(vm.plugged) + len(vm.shares)
         if fs.tag in vm.shares or used >= vm.domain.hotplug_ports:
-            raise HypervisorError(f"cannot plug share {fs.tag} into VM {name}: no free "
-                                  "hotplug port or a share with that tag")
+            raise HypervisorError(
+                f"cannot plug share {fs.tag} into VM {name}: no free hotplug port or a share with that tag"
+            )
         vm.shares[fs.tag] = fs
 
     def detach_filesystem(self, name: str, tag: str) -> None:
@@ -205,8 +203,7 @@ class FakeBackend:
         except (OSError, UnicodeDecodeError):
             ok = False
         if not ok:
-            raise HypervisorError(f"cannot restore VM {domain.name} from {path}: "
-                                  f"not a save image")
+            raise HypervisorError(f"cannot restore VM {domain.name} from {path}: not a save image")
         return self.create(domain)
 
     def _vm(self, name: str, operation: str) -> FakeVm:

@@ -103,7 +103,8 @@ class LibvirtBackend:
             except libvirt.libvirtError as exc:
                 raise HypervisorError(
                     f"cannot reach libvirtd at {self.uri}: {_one_line(exc)}; "
-                    f"start it with `libvirtd -d` (scripts/setup does this)") from None
+                    f"start it with `libvirtd -d` (scripts/setup does this)"
+                ) from None
             return self._conn
 
     def close(self) -> None:
@@ -148,19 +149,20 @@ class LibvirtBackend:
             if not name_taken:
                 raise HypervisorError(f"cannot start VM {domain.name}: {message}")
             if self.is_running(domain.name):
-                raise HypervisorError(f"cannot start VM {domain.name}: a VM of that name is "
-                                      f"still running ({message})")
+                raise HypervisorError(f"cannot start VM {domain.name}: a VM of that name is still running ({message})")
             # Its QEMU has exited; libvirt lets go of the name once QEMU is reaped, and
             # lookups and listings may stop showing it a little before that. Retry.
             deadline = deadline or time.monotonic() + EXITING_GRACE
             if time.monotonic() >= deadline:
                 raise HypervisorError(
                     f"cannot start VM {domain.name}: the previous VM of that name did not go "
-                    f"away within {EXITING_GRACE:g} s ({message})")
+                    f"away within {EXITING_GRACE:g} s ({message})"
+                )
             time.sleep(POLL_INTERVAL)
         handle = VmHandle.for_domain(domain)
-        return VmHandle(name=handle.name, uuid=dom.UUIDString(),
-                        agent_socket=handle.agent_socket, serial_log=handle.serial_log)
+        return VmHandle(
+            name=handle.name, uuid=dom.UUIDString(), agent_socket=handle.agent_socket, serial_log=handle.serial_log
+        )
 
     def destroy(self, name: str, wait: bool = True) -> None:
         """See :meth:`Backend.destroy`. ``wait=False`` falls back to a blocking destroy
@@ -185,8 +187,7 @@ class LibvirtBackend:
         try:
             dom.destroy()
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,
-                                        libvirt.VIR_ERR_OPERATION_INVALID):
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 return  # already gone, or stopped between lookup and destroy
             if self._lookup(name) is None:
                 return
@@ -292,8 +293,7 @@ class LibvirtBackend:
         try:
             dom.attachDeviceFlags(fs.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot plug share {fs.tag} into VM {name}: "
-                                  f"{_one_line(exc)}") from None
+            raise HypervisorError(f"cannot plug share {fs.tag} into VM {name}: {_one_line(exc)}") from None
 
     def detach_filesystem(self, name: str, tag: str) -> None:
         import xml.etree.ElementTree as ET
@@ -311,13 +311,11 @@ class LibvirtBackend:
             target = fs.find("target")
             if target is not None and target.get("dir") == tag:
                 try:
-                    dom.detachDeviceFlags(ET.tostring(fs, encoding="unicode"),
-                                          libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    dom.detachDeviceFlags(ET.tostring(fs, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                         return
-                    raise HypervisorError(f"cannot unplug share {tag} from VM {name}: "
-                                          f"{_one_line(exc)}") from None
+                    raise HypervisorError(f"cannot unplug share {tag} from VM {name}: {_one_line(exc)}") from None
                 return
 
     def detach_interface(self, name: str, mac: str, timeout: float = 20.0) -> None:
@@ -332,13 +330,11 @@ class LibvirtBackend:
         try:
             dom.detachDeviceFlags(live[mac], libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot unplug NIC {mac} from VM {name}: "
-                                  f"{_one_line(exc)}") from None
+            raise HypervisorError(f"cannot unplug NIC {mac} from VM {name}: {_one_line(exc)}") from None
         deadline = time.monotonic() + timeout
         while mac in self._live_interfaces(dom, name):
             if time.monotonic() >= deadline:
-                raise HypervisorError(f"VM {name} did not let go of NIC {mac} within "
-                                      f"{timeout:g} s")
+                raise HypervisorError(f"VM {name} did not let go of NIC {mac} within {timeout:g} s")
             time.sleep(POLL_INTERVAL * 4)
 
     def interface_macs(self, name: str) -> list[str]:
@@ -371,16 +367,14 @@ class LibvirtBackend:
         try:
             dconn = libvirt.open(dest_uri)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot reach libvirtd at {dest_uri}: {_one_line(exc)}") \
-                from None
+            raise HypervisorError(f"cannot reach libvirtd at {dest_uri}: {_one_line(exc)}") from None
         params = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: domain.to_xml()}
         if host:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
         try:
             dom.migrate3(dconn, params, libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_UNSAFE)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot migrate VM {name} to {dest_uri}: "
-                                  f"{_one_line(exc)}") from None
+            raise HypervisorError(f"cannot migrate VM {name} to {dest_uri}: {_one_line(exc)}") from None
         finally:
             try:
                 dconn.close()
@@ -399,12 +393,15 @@ class LibvirtBackend:
                     half.destroy()
                 except libvirt.libvirtError:
                     pass
-            raise HypervisorError(f"cannot restore VM {domain.name} from {path}: "
-                                  f"{_one_line(exc)}") from None
+            raise HypervisorError(f"cannot restore VM {domain.name} from {path}: {_one_line(exc)}") from None
         dom = self._lookup(domain.name)
         handle = VmHandle.for_domain(domain)
-        return VmHandle(name=handle.name, uuid=dom.UUIDString() if dom else domain.uuid,
-                        agent_socket=handle.agent_socket, serial_log=handle.serial_log)
+        return VmHandle(
+            name=handle.name,
+            uuid=dom.UUIDString() if dom else domain.uuid,
+            agent_socket=handle.agent_socket,
+            serial_log=handle.serial_log,
+        )
 
     def _live_interfaces(self, dom, name: str) -> dict[str, str]:
         """MAC → the ``<interface>`` XML of each NIC in the live configuration."""

@@ -69,9 +69,9 @@ def load() -> MemorySettings:
         value = data.get(key)
         return value if isinstance(value, bool) else fallback
 
-    return MemorySettings(ksm=flag("ksm", default.ksm),
-                          free_page_reporting=flag("free_page_reporting",
-                                                   default.free_page_reporting))
+    return MemorySettings(
+        ksm=flag("ksm", default.ksm), free_page_reporting=flag("free_page_reporting", default.free_page_reporting)
+    )
 
 
 def save(settings: MemorySettings, ksm_dir: Path = KSM_DIR) -> None:
@@ -101,16 +101,16 @@ def set_ksm(on: bool, ksm_dir: Path = KSM_DIR) -> None:
         if on:
             if not previous.exists():
                 previous.parent.mkdir(parents=True, exist_ok=True)
-                previous.write_text(json.dumps(
-                    {n: (ksm_dir / n).read_text().strip() for n in KSM_TUNED}))
+                previous.write_text(json.dumps({n: (ksm_dir / n).read_text().strip() for n in KSM_TUNED}))
             (ksm_dir / "pages_to_scan").write_text(str(KSM_PAGES_TO_SCAN))
             (ksm_dir / "sleep_millisecs").write_text(str(KSM_SLEEP_MS))
         (ksm_dir / "run").write_text("1" if on else "2")
         if not on and previous.exists():
             _restore_tuning(previous, ksm_dir)
     except OSError as exc:
-        raise VmshimError(f"cannot {'start' if on else 'stop'} KSM ({ksm_dir}/run): "
-                          f"{exc.strerror}; it needs root") from None
+        raise VmshimError(
+            f"cannot {'start' if on else 'stop'} KSM ({ksm_dir}/run): {exc.strerror}; it needs root"
+        ) from None
 
 
 def _restore_tuning(previous: Path, ksm_dir: Path) -> None:
@@ -140,12 +140,17 @@ class Settle:
     pages_sharing: int
 
 
-def ksm_settle(ksm_dir: Path = KSM_DIR, timeout: float = KSM_SETTLE_TIMEOUT,
-               poll: float = 0.5, sleep: Callable[[float], None] = time.sleep,
-               clock: Callable[[], float] = time.monotonic) -> Settle:
+def ksm_settle(
+    ksm_dir: Path = KSM_DIR,
+    timeout: float = KSM_SETTLE_TIMEOUT,
+    poll: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Settle:
     """Wait until ksmd has settled since now: ``full_scans`` advanced by at least 2 and
     ``pages_sharing`` changed by at most 1% (or 16 pages) across the last full scan;
     at most *timeout* seconds. Precondition: KSM is running."""
+
     def read(name: str) -> int:
         try:
             return int((ksm_dir / name).read_text().strip())
@@ -170,6 +175,7 @@ def ksm_settle(ksm_dir: Path = KSM_DIR, timeout: float = KSM_SETTLE_TIMEOUT,
 
 def ksm_host(ksm_dir: Path = KSM_DIR) -> dict:
     """The host's KSM now: available, running, pages shared and sharing (4 KiB each)."""
+
     def read(name: str) -> int:
         try:
             return int((ksm_dir / name).read_text().strip())
@@ -178,12 +184,15 @@ def ksm_host(ksm_dir: Path = KSM_DIR) -> dict:
 
     if not (ksm_dir / "run").exists():
         return {"available": False, "running": False, "pages_shared": 0, "pages_sharing": 0}
-    return {"available": True, "running": read("run") == 1,
-            "pages_shared": read("pages_shared"), "pages_sharing": read("pages_sharing")}
+    return {
+        "available": True,
+        "running": read("run") == 1,
+        "pages_shared": read("pages_shared"),
+        "pages_sharing": read("pages_sharing"),
+    }
 
 
 def status(ksm_dir: Path = KSM_DIR) -> dict:
     """What ``vmshim info`` shows: the setting and the host's KSM state."""
     settings = load()
-    return {"ksm": settings.ksm, "free_page_reporting": settings.free_page_reporting,
-            "ksm_host": ksm_host(ksm_dir)}
+    return {"ksm": settings.ksm, "free_page_reporting": settings.free_page_reporting, "ksm_host": ksm_host(ksm_dir)}

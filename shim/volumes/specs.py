@@ -22,9 +22,25 @@ from shim.errors import UsageError
 from shim.records import JsonRecord
 
 TYPES = ("bind", "volume", "tmpfs")
-IGNORED_OPTIONS = {"z", "Z", "cached", "delegated", "consistent", "private", "rprivate",
-                   "shared", "rshared", "slave", "rslave", "nosuid", "suid", "nodev", "dev",
-                   "exec", "noexec"}
+IGNORED_OPTIONS = {
+    "z",
+    "Z",
+    "cached",
+    "delegated",
+    "consistent",
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "exec",
+    "noexec",
+}
 
 
 @dataclass
@@ -45,7 +61,6 @@ class MountRequest(JsonRecord):
     volume_size: int = 0
     """volume: the size to make it with (``volume-opt=size=…``), 0: the default."""
 
-
     def describe(self) -> str:
         source = self.source or ("(anonymous)" if self.type == "volume" else "tmpfs")
         return f"{self.type} {source} → {self.target}{' (ro)' if self.readonly else ''}"
@@ -53,8 +68,7 @@ class MountRequest(JsonRecord):
 
 def _target(path: str, flag: str) -> str:
     if not path.startswith("/"):
-        raise UsageError(f"invalid {flag}: the mount destination {path!r} must be an "
-                         "absolute path")
+        raise UsageError(f"invalid {flag}: the mount destination {path!r} must be an absolute path")
     normal = os.path.normpath(path)
     if normal == "/":
         raise UsageError(f"invalid {flag}: cannot mount over the container's root (/)")
@@ -78,7 +92,7 @@ def parse_volume(text: str) -> MountRequest:
         raise UsageError(f"invalid -v {text!r}: expected SOURCE:DEST[:OPTIONS] or DEST")
     source, dest = parts[0], parts[1]
     readonly, nocopy = False, False
-    for option in (parts[2].split(",") if len(parts) == 3 else []):
+    for option in parts[2].split(",") if len(parts) == 3 else []:
         if option == "ro":
             readonly = True
         elif option == "rw":
@@ -89,15 +103,13 @@ def parse_volume(text: str) -> MountRequest:
             raise UsageError(f"invalid -v {text!r}: unknown option {option!r}")
     target = _target(dest, "-v")
     if source.startswith("/"):
-        return MountRequest(type="bind", source=os.path.normpath(source), target=target,
-                            readonly=readonly)
+        return MountRequest(type="bind", source=os.path.normpath(source), target=target, readonly=readonly)
     if source.startswith("."):
         raise UsageError(f"invalid -v {text!r}: a bind mount source must be an absolute path")
     from shim.volumes.store import check_name
 
     check_name(source)
-    return MountRequest(type="volume", source=source, target=target, readonly=readonly,
-                        nocopy=nocopy)
+    return MountRequest(type="volume", source=source, target=target, readonly=readonly, nocopy=nocopy)
 
 
 def parse_mount(text: str) -> MountRequest:
@@ -127,8 +139,7 @@ def parse_mount(text: str) -> MountRequest:
         if not source.startswith("/"):
             raise UsageError(f"invalid --mount {text!r}: a bind mount needs an absolute source")
         if not os.path.exists(source):
-            raise UsageError(f"invalid --mount {text!r}: bind source path does not exist: "
-                             f"{source}")
+            raise UsageError(f"invalid --mount {text!r}: bind source path does not exist: {source}")
         request.source = os.path.normpath(source)
         values.pop("bind-propagation", None)
         values.pop("consistency", None)
@@ -188,15 +199,13 @@ def parse_tmpfs(text: str) -> MountRequest:
             options.append(word)
         else:
             raise UsageError(f"invalid --tmpfs {text!r}: unknown option {word!r}")
-    return MountRequest(type="tmpfs", target=_target(dest, "--tmpfs"), readonly=readonly,
-                        options=",".join(options))
+    return MountRequest(type="tmpfs", target=_target(dest, "--tmpfs"), readonly=readonly, options=",".join(options))
 
 
 def parse_all(volumes=(), mounts=(), tmpfs=()) -> list[MountRequest]:
     """Every mount flag in docker's order (``-v``, ``--mount``, ``--tmpfs``). Raises
     UsageError, also for two mounts on the same destination."""
-    requests = ([parse_volume(v) for v in volumes] + [parse_mount(m) for m in mounts]
-                + [parse_tmpfs(t) for t in tmpfs])
+    requests = [parse_volume(v) for v in volumes] + [parse_mount(m) for m in mounts] + [parse_tmpfs(t) for t in tmpfs]
     check_duplicates(requests)
     return requests
 
@@ -223,8 +232,7 @@ def volumes_from(records_mounts: list[list[MountRequest]], refs: list[str]) -> l
             if theirs.type == "tmpfs":
                 continue
             # the owner removes an anonymous one, not us
-            out.append(replace(theirs, anonymous=False, volume_size=0,
-                               readonly=theirs.readonly or mode == "ro"))
+            out.append(replace(theirs, anonymous=False, volume_size=0, readonly=theirs.readonly or mode == "ro"))
     return out
 
 
@@ -238,5 +246,7 @@ def prepare_binds(requests: list[MountRequest], isolation: str) -> None:
         if not os.path.exists(request.source):
             os.makedirs(request.source, mode=0o755, exist_ok=True)
         if isolation == "vm" and not os.path.isdir(request.source):
-            raise UsageError(f"cannot bind-mount {request.source}: in a VM only directories "
-                             "can be shared (mount its directory, or use --isolation process)")
+            raise UsageError(
+                f"cannot bind-mount {request.source}: in a VM only directories "
+                "can be shared (mount its directory, or use --isolation process)"
+            )

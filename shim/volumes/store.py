@@ -73,8 +73,9 @@ EXT4_MAGIC = 0xEF53
 def check_name(name: str) -> None:
     """Raise UsageError unless *name* is a valid volume name (docker's rule)."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise UsageError(f"invalid volume name {name!r}: use 2-128 letters, digits, '_', '.' "
-                         "or '-', starting with a letter or digit")
+        raise UsageError(
+            f"invalid volume name {name!r}: use 2-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
 
 
 def now_rfc3339() -> str:
@@ -112,11 +113,21 @@ class Volume:
             used = st.st_blocks * 512
         except OSError:
             used = 0
-        return {"CreatedAt": self.created, "Driver": "local", "Labels": dict(self.labels),
-                "Mountpoint": str(self.image), "Name": self.name,
-                "Options": dict(self.options), "Scope": "local",
-                "Status": {"Size": self.size, "DiskUsage": used, "Anonymous": self.anonymous,
-                           "InUse": in_use if in_use is not None else []}}
+        return {
+            "CreatedAt": self.created,
+            "Driver": "local",
+            "Labels": dict(self.labels),
+            "Mountpoint": str(self.image),
+            "Name": self.name,
+            "Options": dict(self.options),
+            "Scope": "local",
+            "Status": {
+                "Size": self.size,
+                "DiskUsage": used,
+                "Anonymous": self.anonymous,
+                "InUse": in_use if in_use is not None else [],
+            },
+        }
 
 
 class Lease:
@@ -179,8 +190,7 @@ class VolumeStore:
         """Every volume, by name. Volumes half made or half removed are skipped."""
         out = []
         try:
-            names = sorted(p.name for p in self.root.iterdir()
-                           if p.is_dir() and not p.name.startswith("."))
+            names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         except FileNotFoundError:
             return []
         for name in names:
@@ -192,9 +202,15 @@ class VolumeStore:
 
     # ---- creating -------------------------------------------------------------------------
 
-    def create(self, name: str | None = None, *, size: int | None = None,
-               labels: dict | None = None, options: dict | None = None,
-               anonymous: bool = False) -> Volume:
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        size: int | None = None,
+        labels: dict | None = None,
+        options: dict | None = None,
+        anonymous: bool = False,
+    ) -> Volume:
         """Make the volume *name* (a random 64-hex name when None) and return it;
         *anonymous* marks one made for a container's ``-v /path``. Like
         docker, creating a name that exists returns the existing volume (unless it was
@@ -205,23 +221,26 @@ class VolumeStore:
         check_name(name)
         size = DEFAULT_SIZE if size is None else size
         if not MIN_SIZE <= size <= MAX_SIZE:
-            raise UsageError(f"volume size must be between {MIN_SIZE >> 20} MiB and "
-                             f"{MAX_SIZE >> 40} TiB")
+            raise UsageError(f"volume size must be between {MIN_SIZE >> 20} MiB and {MAX_SIZE >> 40} TiB")
         with self._names_locked():
             if self.exists(name):
                 volume = self.get(name)
                 if options and "size" in options and volume.size != size:
-                    raise VolumeError(f"volume {name} exists with another size "
-                                      f"({volume.size} bytes)")
+                    raise VolumeError(f"volume {name} exists with another size ({volume.size} bytes)")
                 return volume
             directory = self.dir(name)
             staging = Path(tempfile.mkdtemp(prefix=f".new-{name[:32]}-", dir=self.root))
             try:
                 os.chmod(staging, 0o711)
                 _make_image(staging / IMAGE, size, label=name)
-                volume = Volume(name=name, size=size, labels=dict(labels or {}),
-                                options=dict(options or {}), anonymous=anonymous,
-                                written_by_vm=False)
+                volume = Volume(
+                    name=name,
+                    size=size,
+                    labels=dict(labels or {}),
+                    options=dict(options or {}),
+                    anonymous=anonymous,
+                    written_by_vm=False,
+                )
                 _write_json(staging / RECORD, volume.to_dict())
                 (staging / LEASE).touch(0o600)
                 os.rename(staging, directory)
@@ -241,8 +260,14 @@ class VolumeStore:
 
     # ---- removing -------------------------------------------------------------------------
 
-    def remove(self, name: str, *, referenced_by: builtins.list[str] | None = None,
-               force: bool = False, wait: float = LEASE_TIMEOUT) -> None:
+    def remove(
+        self,
+        name: str,
+        *,
+        referenced_by: builtins.list[str] | None = None,
+        force: bool = False,
+        wait: float = LEASE_TIMEOUT,
+    ) -> None:
         """Delete the volume. Raises VolumeNotFound, or VolumeInUse when a container holds
         it (after waiting *wait* s for one that is just letting go: a container that
         exited is still being torn down for a moment) or, without *force*, when
@@ -250,10 +275,8 @@ class VolumeStore:
         with self._names_locked():
             volume = self.get(name)
             if referenced_by and not force:
-                raise VolumeInUse(f"volume {name} is in use by container "
-                                  f"{', '.join(referenced_by)}: remove it first")
-            fd = os.open(Path(volume.directory) / LEASE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
+                raise VolumeInUse(f"volume {name} is in use by container {', '.join(referenced_by)}: remove it first")
+            fd = os.open(Path(volume.directory) / LEASE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 deadline = time.monotonic() + wait
                 while True:
@@ -262,8 +285,7 @@ class VolumeStore:
                         break
                     except BlockingIOError:
                         if time.monotonic() > deadline:
-                            raise VolumeInUse(f"volume {name} is in use by a running "
-                                              "container") from None
+                            raise VolumeInUse(f"volume {name} is in use by a running container") from None
                         time.sleep(0.1)
                 holder = user_of_image(volume.image)
                 if holder:
@@ -310,8 +332,7 @@ class VolumeStore:
         Waits up to *timeout* s for a previous user to let go. Raises VolumeNotFound,
         VolumeInUse, VolumeError (repair failed)."""
         volume = self.get(name)
-        fd = os.open(Path(volume.directory) / LEASE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(Path(volume.directory) / LEASE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             deadline = time.monotonic() + timeout
             holder = ""
@@ -339,9 +360,13 @@ class VolumeStore:
                         raise VolumeInUse(f"volume {name} is in use ({holder})")
                     raise VolumeInUse(
                         f"volume {name} is in use by another container"
-                        + ("" if readonly else
-                           " (a volume is used read-write by one container at a time; "
-                           "mount it with :ro to share it)"))
+                        + (
+                            ""
+                            if readonly
+                            else " (a volume is used read-write by one container at a time; "
+                            "mount it with :ro to share it)"
+                        )
+                    )
                 time.sleep(0.1)
             if exclusive:
                 if needs_recovery(volume.image):
@@ -356,6 +381,7 @@ class VolumeStore:
 
 # ---- the image ----------------------------------------------------------------------------
 
+
 def _make_image(path: Path, size: int, label: str) -> None:
     """A sparse raw file with ext4 and an empty ``data`` directory (~4 MiB written).
     Inode tables are "zeroed" by punching holes (discard) and the journal of a fresh
@@ -369,16 +395,32 @@ def _make_image(path: Path, size: int, label: str) -> None:
             os.fchmod(fd, 0o600)  # container data: libvirt chowns it to QEMU's user
             f.truncate(size)
         res = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", label[:16], "-d", str(template),
-             "-E", "lazy_itable_init=0,lazy_journal_init=1", str(path)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-L",
+                label[:16],
+                "-d",
+                str(template),
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=1",
+                str(path),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
     except FileNotFoundError:
         raise VolumeError("mkfs.ext4 is missing: install e2fsprogs") from None
     finally:
         shutil.rmtree(template, ignore_errors=True)
     if res.returncode != 0:
-        raise VolumeError(f"cannot make the volume's filesystem: "
-                          f"{(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}")
+        raise VolumeError(
+            f"cannot make the volume's filesystem: {(res.stderr or res.stdout).strip() or 'mkfs.ext4 failed'}"
+        )
 
 
 def needs_recovery(image: Path) -> bool:
@@ -399,12 +441,13 @@ def needs_recovery(image: Path) -> bool:
 
 def repair(image: Path) -> None:
     """Replay the journal and fix what ``e2fsck -p`` fixes safely. Raises VolumeError."""
-    res = subprocess.run(["e2fsck", "-p", str(image)], stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True)
+    res = subprocess.run(["e2fsck", "-p", str(image)], stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if res.returncode not in (0, 1, 2):
-        raise VolumeError(f"the volume's filesystem {image} is damaged and e2fsck could not "
-                          f"fix it alone (run e2fsck -f on it): "
-                          f"{(res.stderr or res.stdout).strip()[-300:]}")
+        raise VolumeError(
+            f"the volume's filesystem {image} is damaged and e2fsck could not "
+            f"fix it alone (run e2fsck -f on it): "
+            f"{(res.stderr or res.stdout).strip()[-300:]}"
+        )
 
 
 _OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)

@@ -25,11 +25,11 @@ CLI = [sys.executable, "-m", "shim.cli.main"]
 def vmshim(*args, input=None, timeout=180, env=None, check=False):
     """Run the CLI; return the CompletedProcess (bytes stdout/stderr)."""
     merged = dict(os.environ, **(env or {}))
-    proc = subprocess.run(CLI + list(args), input=input, capture_output=True, timeout=timeout,
-                          env=merged)
+    proc = subprocess.run(CLI + list(args), input=input, capture_output=True, timeout=timeout, env=merged)
     if check and proc.returncode != 0:
-        raise AssertionError(f"vmshim {' '.join(args)} exited {proc.returncode}: "
-                             f"{proc.stderr.decode(errors='replace')}")
+        raise AssertionError(
+            f"vmshim {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
@@ -85,13 +85,22 @@ def server_in_own_netns(argv: list[str], veth: str, ip: str, peer_ip: str, **pop
     proc = subprocess.Popen(["unshare", "--net", "--", *argv], **popen)
     try:
         ours = os.stat("/proc/self/ns/net").st_ino
-        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10,
-                   "unshare --net")
-        subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                        "netns", str(proc.pid)], check=True)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "sh", "-c",
-                        (f"ip link set lo up && ip addr add {ip}/24 dev eth0 && "
-                         "ip link set eth0 up")], check=True)
+        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours, 10, "unshare --net")
+        subprocess.run(
+            ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(proc.pid)], check=True
+        )
+        subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(proc.pid),
+                "-n",
+                "sh",
+                "-c",
+                (f"ip link set lo up && ip addr add {ip}/24 dev eth0 && ip link set eth0 up"),
+            ],
+            check=True,
+        )
         subprocess.run(["ip", "addr", "add", f"{peer_ip}/24", "dev", veth], check=True)
         subprocess.run(["ip", "link", "set", veth, "up"], check=True)
         yield proc

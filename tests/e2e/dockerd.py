@@ -55,13 +55,18 @@ class EngineHost(ed.Resource):
             subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
         sh("ip", "netns", "add", self.name)
-        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
-           "netns", self.name)
+        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.name)
         sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.veth)
         sh("ip", "link", "set", self.veth, "up")
-        sh(*self.nsenter("sh", "-c", f"ip link set lo up && ip addr add {self.address}/24 "
-                         f"dev eth0 && ip link set eth0 up && ip route add default via "
-                         f"{self.gateway}"))
+        sh(
+            *self.nsenter(
+                "sh",
+                "-c",
+                f"ip link set lo up && ip addr add {self.address}/24 "
+                f"dev eth0 && ip link set eth0 up && ip route add default via "
+                f"{self.gateway}",
+            )
+        )
 
     def close(self) -> None:
         subprocess.run(["ip", "link", "delete", self.veth], capture_output=True, timeout=30)
@@ -81,23 +86,23 @@ class HostLink(ed.Resource):
         def sh(*argv: str) -> None:
             subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
-        sh(*self.a.nsenter("ip", "link", "add", self.name, "type", "veth", "peer", "name",
-                           self.name, "netns", self.b.path))
+        sh(
+            *self.a.nsenter(
+                "ip", "link", "add", self.name, "type", "veth", "peer", "name", self.name, "netns", self.b.path
+            )
+        )
         for host, address in ((self.a, self.address_a), (self.b, self.address_b)):
-            sh(*host.nsenter("sh", "-c", f"ip addr add {address}/24 dev {self.name} && "
-                             f"ip link set {self.name} up"))
+            sh(*host.nsenter("sh", "-c", f"ip addr add {address}/24 dev {self.name} && ip link set {self.name} up"))
 
     def close(self) -> None:
-        subprocess.run(self.a.nsenter("ip", "link", "delete", self.name), capture_output=True,
-                       timeout=30)
+        subprocess.run(self.a.nsenter("ip", "link", "delete", self.name), capture_output=True, timeout=30)
 
 
 class Dockerd(ed.Resource):
     """dockerd in *host* (an EngineHost) with state under *workdir* and *runtime* as its
     ``vmshim`` runtime (see the module doc). Context manager."""
 
-    def __init__(self, workdir: Path, runtime: str, host: EngineHost,
-                 default_runtime: str | None = None):
+    def __init__(self, workdir: Path, runtime: str, host: EngineHost, default_runtime: str | None = None):
         """*default_runtime* (e.g. ``"vmshim"``) becomes daemon.json's ``default-runtime``:
         what Swarm tasks, which cannot name a runtime, run with."""
         self.workdir = Path(workdir)
@@ -112,14 +117,17 @@ class Dockerd(ed.Resource):
         self.cgroup_parent = f"vmshim-e2e-dockerd-{os.getpid()}-{self.workdir.name}"
         self.config = w / "daemon.json"
         extra = {"default_runtime": default_runtime} if default_runtime else {}
-        self.config.write_text(ed.dockerd_config(w, self.runtime, self.cgroup_parent,
-                                                 iptables=True, ip_forward=True,
-                                                 userland_proxy=True, **extra))
+        self.config.write_text(
+            ed.dockerd_config(
+                w, self.runtime, self.cgroup_parent, iptables=True, ip_forward=True, userland_proxy=True, **extra
+            )
+        )
         self.env = ed.docker_env(w)
         self.proc: subprocess.Popen | None = None
 
-    def docker(self, *args: str, timeout: float = 300, check: bool = False,
-               input: str | None = None) -> subprocess.CompletedProcess:
+    def docker(
+        self, *args: str, timeout: float = 300, check: bool = False, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run ``docker ARGS`` against this daemon (from the test namespace: the socket is a
         file); text output. check=True raises AssertionError on failure."""
         return _run([DOCKER, *[str(a) for a in args]], self.env, input, timeout, check)
@@ -136,7 +144,9 @@ class Dockerd(ed.Resource):
             self.host.nsenter(DOCKERD, "--config-file", str(self.config)),
             self.workdir / "dockerd.log",
             lambda: self.docker("version", timeout=20).returncode == 0,
-            what="dockerd", timeout=60)
+            what="dockerd",
+            timeout=60,
+        )
 
     def close(self) -> None:
         """Tear down everything this instance started (see the module doc)."""

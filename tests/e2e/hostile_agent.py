@@ -14,7 +14,7 @@ messages and 20,000 frames of output for ids that do not exist), ``garbage`` (by
 break the framing itself).
 """
 
-PATCH = r'''
+PATCH = r"""
 
 # ---- hostile additions (tests/e2e/hostile_agent.py): this agent attacks its host ----------
 
@@ -99,4 +99,4 @@ def _h_handle_exec(self, message):
 Agent._handle_start = _h_handle_start
 Agent._send_hello = _h_send_hello
 Agent._handle_exec = _h_handle_exec
-'''
+"""

@@ -68,8 +68,10 @@ def missing_cgroups() -> str | None:
     mounts a fresh /sys without /sys/fs/cgroup (test-in-namespace binds them back)."""
     root = Path("/sys/fs/cgroup")
     if not root.is_dir() or not any(root.iterdir()):
-        return ("no cgroup hierarchies under /sys/fs/cgroup (after ip netns exec?): run "
-                "the way scripts/lib/test-in-namespace does")
+        return (
+            "no cgroup hierarchies under /sys/fs/cgroup (after ip netns exec?): run "
+            "the way scripts/lib/test-in-namespace does"
+        )
     return None
 
 
@@ -133,8 +135,7 @@ def _sh_quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def runtime_wrapper(runtime: str, directory: Path, argv_log: Path,
-                    state_root: Path | None = None) -> Path:
+def runtime_wrapper(runtime: str, directory: Path, argv_log: Path, state_root: Path | None = None) -> Path:
     """Write DIRECTORY/<basename of runtime>, an executable that records each call as one file
     in ARGV_LOG (see read_argv_log) and execs RUNTIME, with ``--root STATE_ROOT`` first when
     given. Same basename as the runtime, so podman treats it as it treats the runtime."""
@@ -143,8 +144,7 @@ def runtime_wrapper(runtime: str, directory: Path, argv_log: Path,
     path = directory / os.path.basename(runtime)
     root = f" --root {_sh_quote(str(state_root))}" if state_root else ""
     env = "".join(f"export {k}={_sh_quote(os.environ[k])}\n" for k in _PASSED_ENV if k in os.environ)
-    path.write_text(_WRAPPER.format(log=_sh_quote(str(argv_log)), runtime=_sh_quote(runtime),
-                                    root=root, env=env))
+    path.write_text(_WRAPPER.format(log=_sh_quote(str(argv_log)), runtime=_sh_quote(runtime), root=root, env=env))
     path.chmod(0o755)
     return path
 
@@ -176,6 +176,7 @@ def subcommand(argv: list[str]) -> str | None:
 
 # --- podman ---------------------------------------------------------------------------------
 
+
 def _settable_ulimits() -> list[str]:
     """nofile/nproc ulimits runc can set for root here: the hard limits of this process
     (nproc also capped at kernel.pid_max: podman lowers its own nproc to that)."""
@@ -204,8 +205,15 @@ class Podman(ed.Resource):
     close(); it does not delete WORKDIR.
     """
 
-    def __init__(self, runtime: str, workdir: Path, *, storage_driver: str = "overlay",
-                 runtime_root: bool = True, json_log: bool = True):
+    def __init__(
+        self,
+        runtime: str,
+        workdir: Path,
+        *,
+        storage_driver: str = "overlay",
+        runtime_root: bool = True,
+        json_log: bool = True,
+    ):
         self.workdir = Path(workdir)
         self.real_runtime = runtime
         w = self.workdir
@@ -213,8 +221,7 @@ class Podman(ed.Resource):
             (w / d).mkdir(parents=True, exist_ok=True)
         assert len(str(w / "run")) <= 50, f"runroot too long for conmon: {w / 'run'}"
         self.argv_log = w / "runtime-argv"
-        self.runtime = runtime_wrapper(runtime, w / "bin", self.argv_log,
-                                       w / "rt" if runtime_root else None)
+        self.runtime = runtime_wrapper(runtime, w / "bin", self.argv_log, w / "rt" if runtime_root else None)
         self.cgroup_parent = _name(f"vmshim-e2e-{w.parent.name}-{w.name}")
         ulimits = ", ".join(f'"{u}"' for u in _settable_ulimits())
         # podman passes ``--log-format=json --log <userdata>/oci-log`` (and reads errors from
@@ -249,15 +256,33 @@ graphroot = "{w}/storage"
 runroot = "{w}/run"
 """)
         (w / "registries.conf").write_text("unqualified-search-registries = []\n")
-        self.env = dict(os.environ, CONTAINERS_CONF=str(w / "containers.conf"),
-                        CONTAINERS_STORAGE_CONF=str(w / "storage.conf"),
-                        CONTAINERS_REGISTRIES_CONF=str(w / "registries.conf"))
-        self.base = ["podman", "--root", str(w / "storage"), "--runroot", str(w / "run"),
-                     "--tmpdir", str(w / "tmp"), "--storage-driver", storage_driver,
-                     "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-                     "--network-config-dir", str(w / "networks"),
-                     "--volumepath", str(w / "storage" / "volumes"),
-                     "--runtime", str(self.runtime)]
+        self.env = dict(
+            os.environ,
+            CONTAINERS_CONF=str(w / "containers.conf"),
+            CONTAINERS_STORAGE_CONF=str(w / "storage.conf"),
+            CONTAINERS_REGISTRIES_CONF=str(w / "registries.conf"),
+        )
+        self.base = [
+            "podman",
+            "--root",
+            str(w / "storage"),
+            "--runroot",
+            str(w / "run"),
+            "--tmpdir",
+            str(w / "tmp"),
+            "--storage-driver",
+            storage_driver,
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--network-config-dir",
+            str(w / "networks"),
+            "--volumepath",
+            str(w / "storage" / "volumes"),
+            "--runtime",
+            str(self.runtime),
+        ]
 
     def command(self, *args: str) -> list[str]:
         """The full podman argv for ARGS (for Popen, e.g. under a pty with self.env)."""
@@ -267,8 +292,9 @@ runroot = "{w}/run"
         """Arguments every ``podman run``/``create`` here needs, right after the subcommand."""
         return ["--network", "none", "--pull", "never", "--cgroup-parent", "/" + self.cgroup_parent]
 
-    def podman(self, *args: str, input: str | None = None, timeout: float = 120,
-               check: bool = False) -> subprocess.CompletedProcess:
+    def podman(
+        self, *args: str, input: str | None = None, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess:
         """Run podman ARGS; text output. check=True raises AssertionError on failure."""
         return _run(self.command(*args), self.env, input, timeout, check)
 
@@ -279,11 +305,21 @@ runroot = "{w}/run"
         /var/lib/containers/cache: podman 4.3 (containers/common 0.50) writes its
         blob-info cache there whatever --root says."""
         blob = self.workdir / "blobcache"
-        target = next(p for p in ("/var/lib/containers/cache", "/var/lib/containers", "/var/lib")
-                      if os.path.isdir(p))
-        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(blob), target,
-                *self.command("load", "-i", str(archive))]
+        target = next(p for p in ("/var/lib/containers/cache", "/var/lib/containers", "/var/lib") if os.path.isdir(p))
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+            "sh",
+            str(blob),
+            target,
+            *self.command("load", "-i", str(archive)),
+        ]
         proc = _run(argv, self.env, None, timeout, True)
         names = re.findall(r"^Loaded image(?:\(s\))?: (\S+)", proc.stdout, re.MULTILINE)
         assert names, f"podman load printed no image name: {proc.stdout!r} {proc.stderr!r}"
@@ -307,6 +343,7 @@ runroot = "{w}/run"
 
 
 # --- containerd -----------------------------------------------------------------------------
+
 
 class Containerd(ed.Resource):
     """A private containerd (config, root, state, sockets, logs under WORKDIR; CRI and the
@@ -339,10 +376,18 @@ class Containerd(ed.Resource):
             (w / d).mkdir(parents=True, exist_ok=True)
         # the shim always passes --root <state>/runc/<ns>: no state root added here
         self.runtime = runtime_wrapper(runtime, w / "bin", self.argv_log)
-        disabled = ", ".join(f'"io.containerd.{p}"' for p in (
-            "grpc.v1.cri", "snapshotter.v1.btrfs", "snapshotter.v1.zfs",
-            "snapshotter.v1.devmapper", "snapshotter.v1.aufs", "tracing.processor.v1.otlp",
-            "internal.v1.tracing"))
+        disabled = ", ".join(
+            f'"io.containerd.{p}"'
+            for p in (
+                "grpc.v1.cri",
+                "snapshotter.v1.btrfs",
+                "snapshotter.v1.zfs",
+                "snapshotter.v1.devmapper",
+                "snapshotter.v1.aufs",
+                "tracing.processor.v1.otlp",
+                "internal.v1.tracing",
+            )
+        )
         (w / "config.toml").write_text(f"""\
 version = 2
 root = "{w}/root"
@@ -364,8 +409,7 @@ disabled_plugins = [{disabled}]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{w}/root/opt"
 """)
-        self.env = dict(os.environ, CONTAINERD_ADDRESS=str(self.socket),
-                        CONTAINERD_NAMESPACE=self.namespace)
+        self.env = dict(os.environ, CONTAINERD_ADDRESS=str(self.socket), CONTAINERD_NAMESPACE=self.namespace)
 
     def run_args(self) -> list[str]:
         """Arguments every ``ctr run`` here needs (right after ``run``)."""
@@ -373,11 +417,11 @@ disabled_plugins = [{disabled}]
 
     def command(self, *args: str) -> list[str]:
         """The full ctr argv for ARGS."""
-        return ["ctr", "--address", str(self.socket), "--namespace", self.namespace,
-                *[str(a) for a in args]]
+        return ["ctr", "--address", str(self.socket), "--namespace", self.namespace, *[str(a) for a in args]]
 
-    def ctr(self, *args: str, input: str | None = None, timeout: float = 120,
-            check: bool = False) -> subprocess.CompletedProcess:
+    def ctr(
+        self, *args: str, input: str | None = None, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess:
         """Run ctr ARGS against this containerd; text output."""
         return _run(self.command(*args), self.env, input, timeout, check)
 
@@ -390,20 +434,28 @@ disabled_plugins = [{disabled}]
 
     def start(self) -> None:
         if not in_private_mount_namespace():
-            raise RuntimeError("Containerd needs a private mount namespace (unshare --mount): "
-                               "it bind-mounts over /run/containerd")
+            raise RuntimeError(
+                "Containerd needs a private mount namespace (unshare --mount): it bind-mounts over /run/containerd"
+            )
         run_dir = Path("/run/containerd")
         if not run_dir.exists():
             run_dir.mkdir()
             self._made_run_dir = True
-        subprocess.run(["mount", "--bind", str(self.workdir / "run-containerd"),
-                        str(run_dir)], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "--bind", str(self.workdir / "run-containerd"), str(run_dir)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         self._bound = True
         self.proc = ed.start_daemon(
             ["containerd", "--config", str(self.workdir / "config.toml")],
             self.workdir / "containerd.log",
             lambda: self.ctr("version", timeout=10).returncode == 0,
-            what="containerd", timeout=30, poll=0.1)
+            what="containerd",
+            timeout=30,
+            poll=0.1,
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         return ed.log_tail(self.workdir / "containerd.log", lines)
@@ -454,8 +506,7 @@ disabled_plugins = [{disabled}]
                     pass
         unmount_under(self.workdir)
         if self._bound:
-            subprocess.run(["umount", "-l", "/run/containerd"], check=False, capture_output=True,
-                           timeout=30)
+            subprocess.run(["umount", "-l", "/run/containerd"], check=False, capture_output=True, timeout=30)
             self._bound = False
         if self._made_run_dir:
             try:
@@ -468,31 +519,43 @@ disabled_plugins = [{disabled}]
 
 # --- images and terminals -------------------------------------------------------------------
 
-def image_archive(output: Path, image: str = "busybox", fmt: str = "docker-archive",
-                  vmshim_root: str | None = None, timeout: float = 300) -> Path:
+
+def image_archive(
+    output: Path,
+    image: str = "busybox",
+    fmt: str = "docker-archive",
+    vmshim_root: str | None = None,
+    timeout: float = 300,
+) -> Path:
     """``vmshim save --format FMT -o OUTPUT IMAGE`` with the project's CLI (this Python,
     ``-m shim.cli.main``), from the store VMSHIM_ROOT names (the env's unless given).
     Both formats import into podman and containerd as BUSYBOX_REF."""
     env = dict(os.environ)
     if vmshim_root:
         env["VMSHIM_ROOT"] = vmshim_root
-    argv = [sys.executable, "-m", "shim.cli.main", "save", "--format", fmt, "-o", str(output),
-            image]
+    argv = [sys.executable, "-m", "shim.cli.main", "save", "--format", fmt, "-o", str(output), image]
     _run(argv, env, None, timeout, True, cwd=str(REPO))
     return Path(output)
 
 
-def run_in_pty(argv: list[str], env: dict | None = None, input: bytes | None = None,
-               input_after: bytes = b"", timeout: float = 60) -> tuple[int | None, bytes]:
+def run_in_pty(
+    argv: list[str], env: dict | None = None, input: bytes | None = None, input_after: bytes = b"", timeout: float = 60
+) -> tuple[int | None, bytes]:
     """Run ARGV with a new pty as its stdin/stdout/stderr (new session, pty as controlling
     terminal); write INPUT once the output shows INPUT_AFTER (at once when empty); return
     (exit code, everything it printed).
     After TIMEOUT s its process group is killed (SIGKILL; exit code -9, or None when even
     that did not end it in 10 s)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                            start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
+    proc = subprocess.Popen(
+        argv,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # noqa: PLW1509
     os.close(slave)
     out = b""
     start = time.monotonic()
@@ -531,9 +594,18 @@ def _name(text: str) -> str:
 
 
 def _run(argv, env, input, timeout, check, cwd=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, check=False, input=input, capture_output=True, text=True,
-                          errors="replace", env=env, timeout=timeout, cwd=cwd,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+    proc = subprocess.run(
+        argv,
+        check=False,
+        input=input,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
     return proc

@@ -15,9 +15,10 @@ from tests.e2e.conftest import ok, vmshim
 SUFFIX = str(os.getpid())
 
 pytestmark = pytest.mark.skipif(
-    "1" not in (os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"),
-                os.environ.get("VMSHIM_PRIVATE_NETNS")) or os.geteuid() != 0,
-    reason="runs as root inside the test run's own network namespace (scripts/test)")
+    "1" not in (os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"), os.environ.get("VMSHIM_PRIVATE_NETNS"))
+    or os.geteuid() != 0,
+    reason="runs as root inside the test run's own network namespace (scripts/test)",
+)
 
 
 def _net_admin_flags() -> list[str]:
@@ -64,18 +65,40 @@ def test_a_container_cannot_use_another_address(network, isolation):
     name, made = network
     server = f"spoofsrv{SUFFIX}"
     made.append(server)
-    ok("run", "-d", "--name", server, "--isolation", "process", "--network", name, "busybox",
-       "sh", "-c", "mkdir -p /www && echo hello > /www/index.html && "
-                   "exec httpd -f -p 8080 -h /www")
+    ok(
+        "run",
+        "-d",
+        "--name",
+        server,
+        "--isolation",
+        "process",
+        "--network",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+    )
     ipam = json.loads(ok("network", "inspect", name))[0]["IPAM"]["Config"][0]
     taken = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][name]
     stolen = "10.93.0.200"  # in the subnet the fixture asked for, and nobody's
     assert ipam["Subnet"] == "10.93.0.0/24" and stolen != taken["IPAddress"]
     script = ATTACK.format(server=server, stolen=stolen, gateway=ipam["Gateway"])
-    proc = vmshim("run", "--rm", "--isolation", isolation, "--network", name,
-                  *_net_admin_flags(), "busybox", "sh", "-c", script, timeout=600)
-    lines = dict(line.split(": ", 1) for line in
-                 proc.stdout.decode(errors="replace").splitlines() if ": " in line)
+    proc = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        isolation,
+        "--network",
+        name,
+        *_net_admin_flags(),
+        "busybox",
+        "sh",
+        "-c",
+        script,
+        timeout=600,
+    )
+    lines = dict(line.split(": ", 1) for line in proc.stdout.decode(errors="replace").splitlines() if ": " in line)
     assert lines.get("control") == "hello", proc.stdout + proc.stderr
     assert lines.get("other ip") == "unreachable", proc.stdout + proc.stderr
     assert lines.get("own ip again") == "hello", proc.stdout + proc.stderr
@@ -88,14 +111,15 @@ def test_the_rules_come_and_go_with_the_container(network):
     name, made = network
     box = f"spoofbox{SUFFIX}"
     made.append(box)
-    ok("run", "-d", "--name", box, "--isolation", "process", "--network", name, "busybox",
-       "sleep", "600")
-    rules = subprocess.run(["nft", "list", "chain", "bridge", "vmshim", "antispoof"],
-                           capture_output=True, text=True).stdout
+    ok("run", "-d", "--name", box, "--isolation", "process", "--network", name, "busybox", "sleep", "600")
+    rules = subprocess.run(
+        ["nft", "list", "chain", "bridge", "vmshim", "antispoof"], capture_output=True, text=True
+    ).stdout
     assert "vmshim-port:" in rules and "ether saddr !=" in rules
     ok("rm", "-f", box)
-    rules = subprocess.run(["nft", "list", "chain", "bridge", "vmshim", "antispoof"],
-                           capture_output=True, text=True).stdout
+    rules = subprocess.run(
+        ["nft", "list", "chain", "bridge", "vmshim", "antispoof"], capture_output=True, text=True
+    ).stdout
     assert "vmshim-port:" not in rules
 
 
@@ -117,22 +141,41 @@ def test_a_container_cannot_use_another_ipv6_address():
     """The same for IPv6 on a dual-stack network (process isolation: the bridge port's
     rules are the same for a VM's tap)."""
     name = f"spoof6{SUFFIX}"
-    ok("network", "create", "--ipv6", "--subnet", "10.96.0.0/24", "--subnet",
-       "fd00:96::/64", name)
+    ok("network", "create", "--ipv6", "--subnet", "10.96.0.0/24", "--subnet", "fd00:96::/64", name)
     server = f"spoof6srv{SUFFIX}"
     try:
-        ok("run", "-d", "--name", server, "--isolation", "process", "--network", name,
-           "busybox", "sh", "-c", "mkdir -p /www && echo hello > /www/index.html && "
-                                  "exec httpd -f -p 8080 -h /www")
+        ok(
+            "run",
+            "-d",
+            "--name",
+            server,
+            "--isolation",
+            "process",
+            "--network",
+            name,
+            "busybox",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+        )
         import json
 
-        server6 = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][name][
-            "GlobalIPv6Address"]
-        proc = vmshim("run", "--rm", "--isolation", "process", "--network", name,
-                      *_net_admin_flags(), "busybox", "sh", "-c",
-                      ATTACK6.format(server6=server6, stolen6="fd00:96::c8"), timeout=600)
-        lines = dict(line.split(": ", 1) for line in
-                     proc.stdout.decode(errors="replace").splitlines() if ": " in line)
+        server6 = json.loads(ok("inspect", server))[0]["NetworkSettings"]["Networks"][name]["GlobalIPv6Address"]
+        proc = vmshim(
+            "run",
+            "--rm",
+            "--isolation",
+            "process",
+            "--network",
+            name,
+            *_net_admin_flags(),
+            "busybox",
+            "sh",
+            "-c",
+            ATTACK6.format(server6=server6, stolen6="fd00:96::c8"),
+            timeout=600,
+        )
+        lines = dict(line.split(": ", 1) for line in proc.stdout.decode(errors="replace").splitlines() if ": " in line)
         assert lines.get("control6") == "hello", proc.stdout + proc.stderr
         assert lines.get("addresses") == "fd00:96::c8/64", proc.stdout + proc.stderr
         assert lines.get("other ip6") == "unreachable", proc.stdout + proc.stderr

@@ -29,8 +29,7 @@ def test_bench_every_figure_kind_in_one_short_run(tmp_path, domains_before):
     """One run of each kind of figure (timings, PSS, a density pass, I/O rates), every
     subject that can run here measured: a "skipped" is accepted only as "n/a"."""
     out = tmp_path / "bench"
-    proc = vmshim("bench", "--runs", "1", "--only", ",".join(FIGURES), "--max", "2",
-                  "--output", str(out), timeout=1800)
+    proc = vmshim("bench", "--runs", "1", "--only", ",".join(FIGURES), "--max", "2", "--output", str(out), timeout=1800)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     print(proc.stdout.decode(errors="replace"))  # the table, in the CI log
     data = json.loads((out / "results.json").read_text())
@@ -51,8 +50,11 @@ def test_bench_every_figure_kind_in_one_short_run(tmp_path, domains_before):
     # guest sees its own kernel's memory, density steps were recorded.
     memory = figures["memory"]["subjects"]
     assert memory["vm"]["median"] > memory["process"]["median"]
-    assert 0 < figures["memory_guest"]["subjects"]["vm"]["median"] < \
-        figures["memory_guest"]["subjects"]["vm"]["extra"]["guest_total_mib"]
+    assert (
+        0
+        < figures["memory_guest"]["subjects"]["vm"]["median"]
+        < figures["memory_guest"]["subjects"]["vm"]["extra"]["guest_total_mib"]
+    )
     assert 1 <= figures["density"]["subjects"]["vm"]["median"] <= 2
     assert figures["cold_start"]["subjects"]["vm"]["ratios"]["to_process"] > 0
     assert (out / "density_steps.png").is_file() and (out / "summary.png").is_file()
@@ -74,8 +76,7 @@ def test_bench_build_express_next_to_podman(tmp_path, domains_before):
     if not npm_mirror.ready(example / "package.json", paths.root() / "cache" / "npm"):
         pytest.skip("no npm mirror cache (scripts/test fills it)")
     out = tmp_path / "bench"
-    proc = vmshim("bench", "--runs", "1", "--only", "build_express", "--output", str(out),
-                  timeout=2400)
+    proc = vmshim("bench", "--runs", "1", "--only", "build_express", "--output", str(out), timeout=2400)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     subjects = json.loads((out / "results.json").read_text())["figures"]["build_express"]["subjects"]
     print({k: v.get("median", v.get("skipped")) for k, v in subjects.items()})

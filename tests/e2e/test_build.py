@@ -93,13 +93,16 @@ def assert_nothing_left(*procs, timeout: float = 15.0) -> None:
 # ---- builds that boot VMs -------------------------------------------------------------------
 @vm
 def test_multi_stage_build_then_unchanged_rebuild_is_all_cached(tmp_path):
-    ctx = context(tmp_path, """\
+    ctx = context(
+        tmp_path,
+        """\
 FROM busybox AS builder
 RUN mkdir /out && echo "made in stage one" > /out/artifact && echo junk > /out/junk
 FROM busybox
 COPY --from=builder /out/artifact /app/artifact
 CMD ["cat", "/app/artifact"]
-""")
+""",
+    )
     proc = build("--no-cache", "-t", "vmshim-test/multistage", str(ctx))
     assert proc.returncode == 0, out(proc) + err(proc)
     text = out(proc)
@@ -123,13 +126,16 @@ CMD ["cat", "/app/artifact"]
 
 @vm
 def test_build_arg_reaches_run_and_defaults_apply(tmp_path):
-    ctx = context(tmp_path, """\
+    ctx = context(
+        tmp_path,
+        """\
 ARG BASE=busybox
 FROM $BASE
 ARG GREETING=hello
 ARG WHO
 RUN echo "$GREETING, ${WHO:-nobody}" > /greeting
-""")
+""",
+    )
     proc = build("--no-cache", "--build-arg", "WHO=vm", "-t", "vmshim-test/buildarg", str(ctx))
     assert proc.returncode == 0, out(proc) + err(proc)
     result = run_process("vmshim-test/buildarg", "cat", "/greeting")
@@ -142,17 +148,19 @@ RUN echo "$GREETING, ${WHO:-nobody}" > /greeting
 
 @vm
 def test_files_deleted_in_a_later_layer_are_absent_when_run(tmp_path):
-    ctx = context(tmp_path, """\
+    ctx = context(
+        tmp_path,
+        """\
 FROM busybox
 RUN mkdir -p /data/sub /opaque && echo a > /data/a && echo b > /data/b && \
     echo s > /data/sub/s && echo old > /opaque/old && rm /bin/vi
 RUN rm /data/a && rm -r /data/sub && rm -r /opaque && mkdir /opaque && \
     echo new > /opaque/new
-""")
+""",
+    )
     proc = build("--no-cache", "-t", "vmshim-test/deleted", str(ctx))
     assert proc.returncode == 0, out(proc) + err(proc)
-    result = vmshim("run", "--rm", "vmshim-test/deleted", "sh", "-c",
-                    "ls /data; ls /opaque; ls /bin/vi 2>&1; true")
+    result = vmshim("run", "--rm", "vmshim-test/deleted", "sh", "-c", "ls /data; ls /opaque; ls /bin/vi 2>&1; true")
     assert result.returncode == 0, err(result)
     lines = out(result).splitlines()
     assert lines[0] == "b"
@@ -168,8 +176,9 @@ def test_failing_run_shows_output_and_code_and_leaves_nothing(tmp_path):
     proc = build("--no-cache", "-t", "vmshim-test/failing", str(ctx))
     assert proc.returncode == 1
     assert "to-stdout" in out(proc) and "to-stderr" in out(proc)
-    assert err(proc).strip() == ("Error: The command '/bin/sh -c echo to-stdout; echo "
-                                 "to-stderr >&2; exit 3' returned a non-zero code: 3")
+    assert err(proc).strip() == (
+        "Error: The command '/bin/sh -c echo to-stdout; echo to-stderr >&2; exit 3' returned a non-zero code: 3"
+    )
     assert store_snapshot() == (blobs, cache)
     assert vmshim("image", "inspect", "vmshim-test/failing").returncode != 0
     assert_nothing_left(proc)
@@ -182,7 +191,9 @@ def test_failing_run_shows_output_and_code_and_leaves_nothing(tmp_path):
 # ---- process isolation and errors (no VM) ---------------------------------------------------
 @pytest.mark.host_root
 def test_process_isolation_build_and_cache(tmp_path):
-    ctx = context(tmp_path, """\
+    ctx = context(
+        tmp_path,
+        """\
 FROM busybox
 ENV DIR=/srv
 WORKDIR $DIR/app
@@ -190,7 +201,9 @@ COPY hello.txt ./
 RUN cat hello.txt > copied && rm /etc/group
 USER 1000
 CMD ["cat", "copied"]
-""", {"hello.txt": "hello\n"})
+""",
+        {"hello.txt": "hello\n"},
+    )
     proc = build("--no-cache", "--isolation", "process", "-t", "vmshim-test/process", str(ctx))
     assert proc.returncode == 0, out(proc) + err(proc)
     result = run_process("vmshim-test/process")
@@ -209,15 +222,18 @@ CMD ["cat", "copied"]
     assert out(run_process("vmshim-test/process")) == "changed\n"
 
 
-@pytest.mark.parametrize("dockerfile, message", [
-    ("FROM busybox\nRUN echo 'unbalanced\nCOPY a\n", "Dockerfile:3: COPY needs at least one source"),
-    ("FROM busybox\nFOO bar\n", "Dockerfile:2: unknown instruction: FOO"),
-    ("FROM busybox\nCOPY ../outside /x\n", "forbidden path outside the build context: ../outside"),
-    ("FROM busybox\nCOPY missing.txt /x\n", "file not found in build context"),
-    ("FROM busybox\nADD http://127.0.0.1:9/file /x\n", "ADD failed: cannot fetch http://127.0.0.1:9/file"),
-    ("FROM busybox\nCOPY --from=nostage /a /b\n", "nostage"),
-    ("FROM busybox AS a\nFROM busybox AS a\n", "duplicate stage name"),
-])
+@pytest.mark.parametrize(
+    "dockerfile, message",
+    [
+        ("FROM busybox\nRUN echo 'unbalanced\nCOPY a\n", "Dockerfile:3: COPY needs at least one source"),
+        ("FROM busybox\nFOO bar\n", "Dockerfile:2: unknown instruction: FOO"),
+        ("FROM busybox\nCOPY ../outside /x\n", "forbidden path outside the build context: ../outside"),
+        ("FROM busybox\nCOPY missing.txt /x\n", "file not found in build context"),
+        ("FROM busybox\nADD http://127.0.0.1:9/file /x\n", "ADD failed: cannot fetch http://127.0.0.1:9/file"),
+        ("FROM busybox\nCOPY --from=nostage /a /b\n", "nostage"),
+        ("FROM busybox AS a\nFROM busybox AS a\n", "duplicate stage name"),
+    ],
+)
 def test_errors_are_one_clear_line_and_leave_nothing(tmp_path, dockerfile, message):
     ctx = context(tmp_path, dockerfile)
     blobs, cache = store_snapshot()

@@ -44,18 +44,40 @@ def test_heredocs_run_and_copy(isolation, tmp_path):
     (ctx / "Dockerfile").write_text(HEREDOCS)
     tag = f"vmshim-test/heredoc-{isolation}-{SUFFIX}"
     iidfile = tmp_path / "iid"
-    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
-                  "--label", "org.example.kind=heredoc", "--iidfile", str(iidfile),
-                  "-t", tag, str(ctx), timeout=600)
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--network",
+        "none",
+        "--isolation",
+        isolation,
+        "--label",
+        "org.example.kind=heredoc",
+        "--iidfile",
+        str(iidfile),
+        "-t",
+        tag,
+        str(ctx),
+        timeout=600,
+    )
     assert proc.returncode == 0, text(proc)
     image = json.loads(vmshim("image", "inspect", tag).stdout)
     image = image[0] if isinstance(image, list) else image
     assert iidfile.read_text() == image["Id"]
     assert image["Config"]["Labels"] == {"org.example.kind": "heredoc"}
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "sh", "-c", "cat /out/script /out/raw /out/tabs /out/conf.ini")
-    assert run.stdout.decode() == ("script ran as 0\n$WHO stays literal\nindented heredoc\n"
-                                   "name = heredoc\n"), text(run)
+    run = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        tag,
+        "sh",
+        "-c",
+        "cat /out/script /out/raw /out/tabs /out/conf.ini",
+    )
+    assert run.stdout.decode() == ("script ran as 0\n$WHO stays literal\nindented heredoc\nname = heredoc\n"), text(run)
     vmshim("rmi", tag)
 
 
@@ -77,14 +99,36 @@ RUN --mount=type=secret,id=tok \\
     tag = f"vmshim-test/mounts-{isolation}-{SUFFIX}"
     counts = []
     for _ in range(2):
-        proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
-                      "--secret", f"id=tok,src={secret}", "-t", tag, str(ctx), timeout=600)
+        proc = vmshim(
+            "build",
+            "--no-cache",
+            "--network",
+            "none",
+            "--isolation",
+            isolation,
+            "--secret",
+            f"id=tok,src={secret}",
+            "-t",
+            tag,
+            str(ctx),
+            timeout=600,
+        )
         assert proc.returncode == 0, text(proc)
         assert "secret-ok" in text(proc)
         counts.append([ln for ln in text(proc).splitlines() if ln.startswith("count=")])
     assert counts == [["count=1"], ["count=2"]]  # the second build found the cache warm
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "sh", "-c", "ls -A /cache /run/secrets 2>&1; echo end")
+    run = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        tag,
+        "sh",
+        "-c",
+        "ls -A /cache /run/secrets 2>&1; echo end",
+    )
     listing = run.stdout.decode()
     assert listing.count("No such file or directory") == 2 and listing.endswith("end\n"), listing
     history = vmshim("image", "history", "--no-trunc", tag)
@@ -109,14 +153,25 @@ RUN --mount=type=bind,source=src,target=/src \\
 RUN --mount=type=bind,source=src,target=/rw,rw touch /rw/scratch && echo rw-ok
 """)
     tag = f"vmshim-test/bind-{isolation}-{SUFFIX}"
-    proc = vmshim("build", "--no-cache", "--network", "none", "--isolation", isolation,
-                  "-t", tag, str(ctx), timeout=900)
+    proc = vmshim(
+        "build", "--no-cache", "--network", "none", "--isolation", isolation, "-t", tag, str(ctx), timeout=900
+    )
     assert proc.returncode == 0, text(proc)
     lines = text(proc).splitlines()
     assert "read-only-ok" in lines and "WRITABLE" not in lines and "rw-ok" in lines
     assert not (ctx / "src" / "new").exists() and not (ctx / "src" / "scratch").exists()
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "sh", "-c", "cat /result; ls -A /src /opt /rw 2>&1; echo end")
+    run = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        tag,
+        "sh",
+        "-c",
+        "cat /result; ls -A /src /opt /rw 2>&1; echo end",
+    )
     out = run.stdout.decode()
     assert out.startswith(f"bound-{SUFFIX}\ntool-made\n"), text(run)
     assert out.count("No such file or directory") == 3 and out.endswith("end\n"), out
@@ -153,9 +208,14 @@ def meeting_point():
     import subprocess
     import sys
 
-    with server_in_own_netns([sys.executable, "-c", MEETING_SERVER, str(MEET_PORT)],
-                             f"vmsmeet{SUFFIX[-6:]}", MEET_IP, MEET_PEER_IP,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    with server_in_own_netns(
+        [sys.executable, "-c", MEETING_SERVER, str(MEET_PORT)],
+        f"vmsmeet{SUFFIX[-6:]}",
+        MEET_IP,
+        MEET_PEER_IP,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ):
         yield f"meet:{MEET_IP}"
 
 
@@ -179,17 +239,28 @@ def test_independent_stages_run_in_parallel(isolation, meeting_point, tmp_path):
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(
-        meeting_stage("a") + meeting_stage("b")
-        + "FROM busybox\nCOPY --from=a /a.txt /a.txt\nCOPY --from=b /b.txt /b.txt\n")
+        meeting_stage("a")
+        + meeting_stage("b")
+        + "FROM busybox\nCOPY --from=a /a.txt /a.txt\nCOPY --from=b /b.txt /b.txt\n"
+    )
     tag = f"vmshim-test/parallel-{isolation}-{SUFFIX}"
     started = time.monotonic()
-    proc = vmshim("build", "--no-cache", "--add-host", meeting_point, "--isolation",
-                  isolation, "-t", tag, str(ctx), timeout=900, env={"VMSHIM_BUILD_JOBS": "2"})
-    print(f"two independent 3-second stages ({isolation}): "
-          f"{time.monotonic() - started:.1f} s")
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--add-host",
+        meeting_point,
+        "--isolation",
+        isolation,
+        "-t",
+        tag,
+        str(ctx),
+        timeout=900,
+        env={"VMSHIM_BUILD_JOBS": "2"},
+    )
+    print(f"two independent 3-second stages ({isolation}): {time.monotonic() - started:.1f} s")
     assert proc.returncode == 0, text(proc)
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "cat", "/a.txt", "/b.txt")
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag, "cat", "/a.txt", "/b.txt")
     assert run.stdout.decode() == "met\nmet\n", text(run)
     vmshim("rmi", tag)
 
@@ -202,14 +273,27 @@ def test_progress_tty_collapses_steps_and_cache_from_reuses_history(tmp_path):
 
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text(f"FROM busybox\nRUN echo noisy-{SUFFIX} > /n && "
-                                    "echo step-output-$((40+2))\nCMD [\"cat\", \"/n\"]\n")
+    (ctx / "Dockerfile").write_text(
+        f'FROM busybox\nRUN echo noisy-{SUFFIX} > /n && echo step-output-$((40+2))\nCMD ["cat", "/n"]\n'
+    )
     tag = f"vmshim-test/progress-{SUFFIX}"
-    proc = vmshim("build", "--progress", "tty", "--no-cache", "--isolation", "process",
-                  "--network", "none", "-t", tag, str(ctx), timeout=600)
+    proc = vmshim(
+        "build",
+        "--progress",
+        "tty",
+        "--no-cache",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "-t",
+        tag,
+        str(ctx),
+        timeout=600,
+    )
     assert proc.returncode == 0, text(proc)
     out = proc.stdout.decode()
-    final = out[out.rindex("[+] Building"):]
+    final = out[out.rindex("[+] Building") :]
     assert "FINISHED" in final.splitlines()[0], final
     assert " => [2/3] RUN echo noisy" in final and "step-output-42" not in final
     assert "\x1b[" in out and "step-output-42" in out  # shown while it ran, then redrawn
@@ -218,16 +302,28 @@ def test_progress_tty_collapses_steps_and_cache_from_reuses_history(tmp_path):
     import shutil
 
     shutil.rmtree(paths.root() / "build" / "cache", ignore_errors=True)  # another machine
-    again = vmshim("build", "--progress", "tty", "--cache-from", tag, "--isolation",
-                   "process", "--network", "none", "-t", tag + "-2", str(ctx), timeout=600)
+    again = vmshim(
+        "build",
+        "--progress",
+        "tty",
+        "--cache-from",
+        tag,
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "-t",
+        tag + "-2",
+        str(ctx),
+        timeout=600,
+    )
     assert again.returncode == 0, text(again)
-    final = again.stdout.decode()[again.stdout.decode().rindex("[+] Building"):]
+    final = again.stdout.decode()[again.stdout.decode().rindex("[+] Building") :]
     assert " => CACHED [2/3] RUN echo noisy" in final and " => CACHED [3/3] CMD" in final
     second = json.loads(vmshim("image", "inspect", tag + "-2").stdout)
     second = second[0] if isinstance(second, list) else second
     assert second["Id"] == first["Id"]
-    plain = vmshim("build", "--progress", "plain", "--isolation", "process", "--network",
-                   "none", str(ctx), timeout=600)
+    plain = vmshim("build", "--progress", "plain", "--isolation", "process", "--network", "none", str(ctx), timeout=600)
     assert "Step 2/3 : RUN echo noisy" in text(plain) and "\x1b[" not in text(plain)
     bad = vmshim("build", "--progress", "fancy", str(ctx))
     assert bad.returncode != 0 and "fancy" in text(bad)

@@ -41,16 +41,31 @@ def npm_registry():
         pytest.skip("no npm mirror cache (scripts/test fills it while the network is up)")
     if vmshim("image", "inspect", "node:18-bookworm").returncode != 0:
         pytest.skip("no node image (scripts/test bootstraps it)")
-    with server_in_own_netns([sys.executable, "-m", "shim.bench.npm_mirror", "serve", str(root),
-                              "0.0.0.0", str(NPM_PORT)], f"vmsnpm{SUFFIX[-6:]}", NPM_IP,
-                             NPM_PEER_IP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             cwd=str(EXAMPLE.parents[1])):
+    with server_in_own_netns(
+        [sys.executable, "-m", "shim.bench.npm_mirror", "serve", str(root), "0.0.0.0", str(NPM_PORT)],
+        f"vmsnpm{SUFFIX[-6:]}",
+        NPM_IP,
+        NPM_PEER_IP,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(EXAMPLE.parents[1]),
+    ):
         yield f"http://npm:{NPM_PORT}/"
 
 
 def build(ctx: Path, registry: str, tag: str, *extra: str):
-    return vmshim("build", *extra, "--add-host", f"npm:{NPM_IP}", "--build-arg",
-                  f"NPM_REGISTRY={registry}", "-t", tag, str(ctx), timeout=1800)
+    return vmshim(
+        "build",
+        *extra,
+        "--add-host",
+        f"npm:{NPM_IP}",
+        "--build-arg",
+        f"NPM_REGISTRY={registry}",
+        "-t",
+        tag,
+        str(ctx),
+        timeout=1800,
+    )
 
 
 def steps(output: str) -> list[tuple[str, bool, bool]]:
@@ -94,8 +109,7 @@ def test_express_example_builds_with_npm_install_runs_and_caches(npm_registry, t
     run = vmshim("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8080", tag, timeout=300)
     assert run.returncode == 0, text(run)
     try:
-        assert wait_until(lambda: answer(port), 600, "the Express app's answer") == \
-            "hello from vmshim\n"
+        assert wait_until(lambda: answer(port), 600, "the Express app's answer") == "hello from vmshim\n"
     finally:
         vmshim("rm", "-f", name, timeout=300)
     # unchanged: every step from the cache, no container
@@ -109,6 +123,7 @@ def test_express_example_builds_with_npm_install_runs_and_caches(npm_registry, t
     assert third.returncode == 0, text(third)
     done = steps(text(third))
     assert not any(ran for _, _, ran in done), text(third)
-    assert [s for s, cached, _ in done[1:] if not cached] == ["COPY . .", "EXPOSE 8080",
-                                                          'CMD ["npm","start"]'], text(third)
+    assert [s for s, cached, _ in done[1:] if not cached] == ["COPY . .", "EXPOSE 8080", 'CMD ["npm","start"]'], text(
+        third
+    )
     vmshim("rmi", tag)

@@ -44,10 +44,14 @@ def files_server(tmp_path_factory):
         info.size = len(body)
         tar.addfile(info, io.BytesIO(body))
     (root / "payload.tgz").write_bytes(data.getvalue())
-    with server_in_own_netns([sys.executable, "-m", "http.server", str(FILES_PORT), "--bind",
-                              "0.0.0.0", "--directory", str(root)], f"vmsfile{SUFFIX[-6:]}",
-                             FILES_IP, FILES_PEER_IP, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL):
+    with server_in_own_netns(
+        [sys.executable, "-m", "http.server", str(FILES_PORT), "--bind", "0.0.0.0", "--directory", str(root)],
+        f"vmsfile{SUFFIX[-6:]}",
+        FILES_IP,
+        FILES_PEER_IP,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ):
         yield hashlib.sha256(data.getvalue()).hexdigest()
 
 
@@ -71,36 +75,67 @@ RUN timeout 60 wget -q -O /tmp/p.tgz http://files:{FILES_PORT}/payload.tgz \\
 @pytest.mark.parametrize("isolation", [pytest.param("vm", marks=vm), "process"])
 def test_run_step_downloads_over_the_default_network(isolation, files_server, tmp_path):
     tag = f"vmshim-test/net-{isolation}-{SUFFIX}"
-    proc = vmshim("build", "--no-cache", "--isolation", isolation, "--add-host",
-                  f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}", "-t", tag,
-                  context(tmp_path, DOWNLOAD), timeout=600)
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--isolation",
+        isolation,
+        "--add-host",
+        f"files:{FILES_IP}",
+        "--build-arg",
+        f"SHA={files_server}",
+        "-t",
+        tag,
+        context(tmp_path, DOWNLOAD),
+        timeout=600,
+    )
     assert proc.returncode == 0, text(proc)
     assert "p.tgz: OK" in text(proc)
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "cat", "/payload/hello.txt")
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag, "cat", "/payload/hello.txt")
     assert run.stdout.decode() == f"downloaded-{SUFFIX}\n", text(run)
     vmshim("rmi", tag)
 
 
 def test_network_none_has_no_way_out(files_server, tmp_path):
-    proc = vmshim("build", "--no-cache", "--isolation", "process", "--network", "none",
-                  "--add-host", f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}",
-                  context(tmp_path, DOWNLOAD), timeout=600)
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "--add-host",
+        f"files:{FILES_IP}",
+        "--build-arg",
+        f"SHA={files_server}",
+        context(tmp_path, DOWNLOAD),
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "returned a non-zero code" in text(proc)
 
 
 def test_proxy_build_args_reach_the_step_but_not_the_history(tmp_path):
     tag = f"vmshim-test/proxy-{SUFFIX}"
-    proc = vmshim("build", "--no-cache", "--isolation", "process", "--network", "none",
-                  "--build-arg", "HTTP_PROXY=http://proxy.example:3128",
-                  "--build-arg", "no_proxy=localhost", "-t", tag,
-                  context(tmp_path, 'FROM busybox\nRUN echo "$HTTP_PROXY $no_proxy" > /p\n'),
-                  timeout=600)
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "--build-arg",
+        "HTTP_PROXY=http://proxy.example:3128",
+        "--build-arg",
+        "no_proxy=localhost",
+        "-t",
+        tag,
+        context(tmp_path, 'FROM busybox\nRUN echo "$HTTP_PROXY $no_proxy" > /p\n'),
+        timeout=600,
+    )
     assert proc.returncode == 0, text(proc)
     assert "not consumed" not in text(proc)
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "cat", "/p")
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag, "cat", "/p")
     assert run.stdout.decode() == "http://proxy.example:3128 localhost\n", text(run)
     history = vmshim("image", "inspect", tag)
     assert history.returncode == 0, text(history)
@@ -109,10 +144,13 @@ def test_proxy_build_args_reach_the_step_but_not_the_history(tmp_path):
     vmshim("rmi", tag)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--network", "no-such-net"], "no-such-net"),
-    (["--add-host", "bad"], "invalid --add-host 'bad'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--network", "no-such-net"], "no-such-net"),
+        (["--add-host", "bad"], "invalid --add-host 'bad'"),
+    ],
+)
 def test_bad_network_flags_are_one_line_before_any_step(tmp_path, args, message):
     proc = vmshim("build", *args, context(tmp_path, "FROM busybox\nRUN true\n"))
     stderr = proc.stderr.decode(errors="replace")
@@ -137,17 +175,36 @@ def test_debian_run_step_downloads_and_verifies_with_apt(isolation, files_server
     if vmshim("image", "inspect", "node:18-bookworm").returncode != 0:
         pytest.skip("no Debian (node) image: scripts/test bootstraps it")
     tag = f"vmshim-test/debnet-{isolation}-{SUFFIX}"
-    proc = vmshim("build", "--no-cache", "--isolation", isolation, "--add-host",
-                  f"files:{FILES_IP}", "--build-arg", f"SHA={files_server}", "-t", tag,
-                  context(tmp_path, DEBIAN_DOWNLOAD), timeout=900)
+    proc = vmshim(
+        "build",
+        "--no-cache",
+        "--isolation",
+        isolation,
+        "--add-host",
+        f"files:{FILES_IP}",
+        "--build-arg",
+        f"SHA={files_server}",
+        "-t",
+        tag,
+        context(tmp_path, DEBIAN_DOWNLOAD),
+        timeout=900,
+    )
     assert proc.returncode == 0, text(proc)
     assert "apt-download-ok" in text(proc).splitlines()
-    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag,
-                 "cat", "/payload/hello.txt")
+    run = vmshim("run", "--rm", "--isolation", "process", "--network", "none", tag, "cat", "/payload/hello.txt")
     assert run.stdout.decode() == f"downloaded-{SUFFIX}\n", text(run)
     # a wrong checksum fails the step: apt checked it
-    bad = vmshim("build", "--no-cache", "--isolation", "process", "--add-host",
-                 f"files:{FILES_IP}", "--build-arg", f"SHA={'0' * 64}",
-                 context(tmp_path / "bad", DEBIAN_DOWNLOAD), timeout=900)
+    bad = vmshim(
+        "build",
+        "--no-cache",
+        "--isolation",
+        "process",
+        "--add-host",
+        f"files:{FILES_IP}",
+        "--build-arg",
+        f"SHA={'0' * 64}",
+        context(tmp_path / "bad", DEBIAN_DOWNLOAD),
+        timeout=900,
+    )
     assert bad.returncode != 0 and "apt-download-ok" not in text(bad).splitlines(), text(bad)
     vmshim("rmi", tag)

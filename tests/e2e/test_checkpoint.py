@@ -53,8 +53,21 @@ def test_vm_checkpoint_restore_counts_on(tmp_path, domains_before):
     archive = tmp_path / "count.ckpt"
     ok("volume", "create", volume)
     try:
-        proc = vmshim("run", "-d", "--network", "none", "--name", name, "-v",
-                      f"{volume}:/data", "busybox", "sh", "-c", COUNTER, env=SLOW)
+        proc = vmshim(
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            name,
+            "-v",
+            f"{volume}:/data",
+            "busybox",
+            "sh",
+            "-c",
+            COUNTER,
+            env=SLOW,
+        )
         assert proc.returncode == 0, err(proc)
         wait_until(lambda: last_tick(name) >= 2, 300, "the counter's first ticks")
         ok("exec", name, "sh", "-c", "echo precious > /data/kept && sync")
@@ -69,8 +82,7 @@ def test_vm_checkpoint_restore_counts_on(tmp_path, domains_before):
         # In place: the VM is saved and gone; restore brings the same counter back.
         ok("checkpoint", name, timeout=600)
         assert status(name) == "checkpointed"
-        assert f"vmshim-{ok('inspect', '-f', '{{.Id}}', name).strip()[:12]}" \
-            not in vmshim_domains()
+        assert f"vmshim-{ok('inspect', '-f', '{{.Id}}', name).strip()[:12]}" not in vmshim_domains()
         stopped_at = last_tick(name)
         one_line_error(vmshim("start", name), "it is checkpointed")
         ok("restore", name, timeout=600)
@@ -99,20 +111,21 @@ def test_vm_checkpoint_restore_counts_on(tmp_path, domains_before):
     wait_no_new_domains(domains_before)
 
 
-def _foreign_and_broken_checkpoints_fail(archive: Path, tmp_path: Path, name: str,
-                                         domains_before) -> None:
+def _foreign_and_broken_checkpoints_fail(archive: Path, tmp_path: Path, name: str, domains_before) -> None:
     """Restoring another guest image's (or kernel's) checkpoint, a corrupt file and a
     missing one: one line each, and no domain or record is left."""
     foreign = tmp_path / "foreign.ckpt"
-    _rewrite_meta(archive, foreign, guest_image="0123456789abcdef",
-                  kernel_release="5.10.0-other")
+    _rewrite_meta(archive, foreign, guest_image="0123456789abcdef", kernel_release="5.10.0-other")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(archive.read_bytes()[:600_000])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(100_000))
-    cases = [(foreign, "made with guest image 0123456789abcdef (kernel 5.10.0-other)"),
-             (corrupt, "cannot import"), (garbage, "cannot import"),
-             (tmp_path / "missing.ckpt", "No such file")]
+    cases = [
+        (foreign, "made with guest image 0123456789abcdef (kernel 5.10.0-other)"),
+        (corrupt, "cannot import"),
+        (garbage, "cannot import"),
+        (tmp_path / "missing.ckpt", "No such file"),
+    ]
     for path, text in cases:
         one_line_error(vmshim("restore", "--import", str(path), timeout=300), text)
         assert vmshim("inspect", name).returncode != 0, f"{path.name} left a record"
@@ -137,8 +150,7 @@ def test_bind_mounts_cannot_be_checkpointed(tmp_path):
     """virtiofs (vhost-user-fs) cannot be saved by QEMU 7.2: one line naming the mount,
     before anything happens to the container (no VM needed to show it)."""
     name = f"{PREFIX}-bind"
-    ok("create", "--network", "none", "--name", name, "-v", f"{tmp_path}:/mnt", "busybox",
-       "true")
+    ok("create", "--network", "none", "--name", name, "-v", f"{tmp_path}:/mnt", "busybox", "true")
     try:
         line = one_line_error(vmshim("checkpoint", name), f"bind mount {tmp_path} -> /mnt")
         assert "vhost-user-fs" in line

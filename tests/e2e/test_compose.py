@@ -51,9 +51,11 @@ def compose(app: Path, *args, env=None, timeout=600, check=True, files=("compose
         flags += ["-f", str(app / name)]
     proc = vmshim("compose", *flags, "--progress", "plain", *args, env=env, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"compose {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout.decode(errors='replace')}\n"
-                             f"{proc.stderr.decode(errors='replace')}")
+        raise AssertionError(
+            f"compose {' '.join(args)} exited {proc.returncode}:\n"
+            f"{proc.stdout.decode(errors='replace')}\n"
+            f"{proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
@@ -117,8 +119,11 @@ def dnsmasq_here(pattern: str) -> list[int]:
 def monitor_pids(project: str) -> list[int]:
     from shim.containers.store import ContainerStore
 
-    return [r.state.monitor_pid for r in ContainerStore().list()
-            if r.labels.get("com.docker.compose.project") == project and r.state.monitor_pid]
+    return [
+        r.state.monitor_pid
+        for r in ContainerStore().list()
+        if r.labels.get("com.docker.compose.project") == project and r.state.monitor_pid
+    ]
 
 
 @pytest.fixture
@@ -137,8 +142,12 @@ def test_compose_three_service_app_vm_workers(app, domains_before, guest_kernel_
 
         rows = ps_rows(app, env)
         assert sorted(r["Name"] for r in rows) == [
-            "c14vm-api-1", "c14vm-store-1", "c14vm-worker-1", "c14vm-worker-2",
-            "c14vm-worker-3"]
+            "c14vm-api-1",
+            "c14vm-store-1",
+            "c14vm-worker-1",
+            "c14vm-worker-2",
+            "c14vm-worker-3",
+        ]
         assert all(r["Health"] == "healthy" and "(healthy)" in r["Status"] for r in rows), rows
         assert {r["Name"]: r["Isolation"] for r in rows}["c14vm-store-1"] == "process"
         table = compose(app, "ps", env=env).stdout.decode()
@@ -158,14 +167,19 @@ def test_compose_three_service_app_vm_workers(app, domains_before, guest_kernel_
         uname = compose(app, "exec", "-T", "worker", "uname", "-r", env=env)
         assert uname.stdout.decode().strip() == guest_kernel_release
         lookup = compose(app, "exec", "-T", "api", "nslookup", "worker", env=env)
-        addresses = {ln.split()[-1] for ln in lookup.stdout.decode().splitlines()
-                     if ln.startswith("Address") and "#53" not in ln and ":53" not in ln}
+        addresses = {
+            ln.split()[-1]
+            for ln in lookup.stdout.decode().splitlines()
+            if ln.startswith("Address") and "#53" not in ln and ":53" not in ln
+        }
         assert len(addresses) == 3, lookup.stdout.decode()
 
         # logs -f of one service: every replica's lines, prefixed with its name.
-        follow = subprocess.Popen(CLI + ["compose", "-f", str(app / "compose.yaml"), "logs",
-                                         "-f", "worker"], stdout=subprocess.PIPE,
-                                  env=dict(__import__("os").environ, **env))
+        follow = subprocess.Popen(
+            CLI + ["compose", "-f", str(app / "compose.yaml"), "logs", "-f", "worker"],
+            stdout=subprocess.PIPE,
+            env=dict(__import__("os").environ, **env),
+        )
         seen = set()
         deadline = time.monotonic() + 60
         try:
@@ -207,9 +221,10 @@ def test_compose_mixed_isolation_and_balanced_replicas(app, domains_before, gues
     # A published port on the replicated worker: one host port balanced over them.
     lb_port = free_port()
     (app / "lb.yaml").write_text(
-        "services:\n  worker:\n    ports: [\"127.0.0.1:%d:8000\"]\n"
-        "    command: [\"sh\", \"-c\", \"mkdir -p /w && hostname > /w/index.html && "
-        "httpd -f -p 8000 -h /w\"]\n" % lb_port)
+        'services:\n  worker:\n    ports: ["127.0.0.1:%d:8000"]\n'
+        '    command: ["sh", "-c", "mkdir -p /w && hostname > /w/index.html && '
+        'httpd -f -p 8000 -h /w"]\n' % lb_port
+    )
     files = files + ("lb.yaml",)
     try:
         compose(app, "up", "-d", "--wait", env=env, files=files)
@@ -222,8 +237,7 @@ def test_compose_mixed_isolation_and_balanced_replicas(app, domains_before, gues
         api = compose(app, "exec", "-T", "api", "uname", "-r", env=env, files=files)
         assert api.stdout.decode().strip() == guest_kernel_release
         assert guest_kernel_release != os.uname().release
-        answer = api_call(f"http://127.0.0.1:{port}/cgi-bin/api?k=shape&v=round",
-                          "stored=round")
+        answer = api_call(f"http://127.0.0.1:{port}/cgi-bin/api?k=shape&v=round", "stored=round")
         assert answer.strip().endswith("stored=round")
         # Round robin over the three replicas through the single published port.
         names = {http_get(f"http://127.0.0.1:{lb_port}/").strip() for _ in range(9)}
@@ -283,16 +297,17 @@ def test_compose_depends_on_service_healthy_waits_and_unhealthy_fails(tmp_path):
     (app / "failing.yaml").write_text(FAILING)
     try:
         compose(app, "up", "-d")
-        records = {r.name: r for r in ContainerStore().list()
-                   if r.labels.get("com.docker.compose.project") == "c14health"}
+        records = {
+            r.name: r for r in ContainerStore().list() if r.labels.get("com.docker.compose.project") == "c14health"
+        }
         db, started = records["c14health-db-1"], records["c14health-app-1"]
-        healthy_at = min(parse_rfc3339(e["End"]) for e in db.state.health["Log"]
-                         if e["ExitCode"] == 0)
+        healthy_at = min(parse_rfc3339(e["End"]) for e in db.state.health["Log"] if e["ExitCode"] == 0)
         assert parse_rfc3339(started.state.started_at) >= healthy_at
         assert parse_rfc3339(started.state.started_at) - parse_rfc3339(db.state.started_at) >= 3.5
 
-        failed = compose(app, "up", "-d", "--wait", "--wait-timeout", "60", check=False,
-                         files=("compose.yaml", "failing.yaml"))
+        failed = compose(
+            app, "up", "-d", "--wait", "--wait-timeout", "60", check=False, files=("compose.yaml", "failing.yaml")
+        )
         assert failed.returncode != 0
         assert "c14health-sick-1 is unhealthy" in failed.stderr.decode()
         inspect = vmshim("inspect", "c14health-sick-1", check=True)
@@ -304,8 +319,7 @@ def test_compose_depends_on_service_healthy_waits_and_unhealthy_fails(tmp_path):
     finally:
         down = compose(app, "down", "-v", check=False, files=("compose.yaml", "failing.yaml"))
     assert down.returncode == 0, down.stderr.decode()
-    assert [r.name for r in ContainerStore().list()
-            if r.labels.get("com.docker.compose.project") == "c14health"] == []
+    assert [r.name for r in ContainerStore().list() if r.labels.get("com.docker.compose.project") == "c14health"] == []
 
 
 def test_compose_down_finds_everything_by_label_after_the_file_changed(tmp_path):
@@ -316,15 +330,13 @@ def test_compose_down_finds_everything_by_label_after_the_file_changed(tmp_path)
     app.mkdir()
     (app / "compose.yaml").write_text(
         "name: c14label\nservices:\n  a:\n    image: busybox\n    isolation: process\n"
-        "    command: [sleep, '1000']\n    stop_signal: SIGKILL\n")
+        "    command: [sleep, '1000']\n    stop_signal: SIGKILL\n"
+    )
     compose(app, "up", "-d")
-    (app / "compose.yaml").write_text(
-        "name: c14label\nservices:\n  b:\n    image: busybox\n    command: [sh]\n")
+    (app / "compose.yaml").write_text("name: c14label\nservices:\n  b:\n    image: busybox\n    command: [sh]\n")
     compose(app, "down")
-    assert [r.name for r in ContainerStore().list()
-            if r.labels.get("com.docker.compose.project") == "c14label"] == []
-    assert [n.name for n in NetworkStore().list()
-            if n.labels.get("com.docker.compose.project") == "c14label"] == []
+    assert [r.name for r in ContainerStore().list() if r.labels.get("com.docker.compose.project") == "c14label"] == []
+    assert [n.name for n in NetworkStore().list() if n.labels.get("com.docker.compose.project") == "c14label"] == []
 
 
 @pytest.mark.vm
@@ -337,9 +349,21 @@ def test_compose_benchmark_reports_vm_and_process(tmp_path):
     root = Path(__file__).resolve().parents[2]
     runs = os.environ.get("COMPOSE_BENCH_RUNS", "1")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "compose.py"), "--runs",
-                           runs, "--json", str(out), "--variants", "process,vm"],
-                          capture_output=True, timeout=1800, cwd=root)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "compose.py"),
+            "--runs",
+            runs,
+            "--json",
+            str(out),
+            "--variants",
+            "process,vm",
+        ],
+        capture_output=True,
+        timeout=1800,
+        cwd=root,
+    )
     print(proc.stdout.decode())
     assert proc.returncode == 0, proc.stderr.decode()
     results = json.loads(out.read_text())

@@ -36,10 +36,8 @@ from tests.e2e.oci_engines import (
 )
 from tests.waiting import wait_until
 
-VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
-    "vmshim-runtime"
-HTTPD = ("mkdir -p /www && echo hello from $(uname -r) > /www/index.html && "
-         "exec httpd -f -p 80 -h /www")
+VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or "vmshim-runtime"
+HTTPD = "mkdir -p /www && echo hello from $(uname -r) > /www/index.html && exec httpd -f -p 80 -h /www"
 """A busybox httpd answering its kernel release."""
 
 pytestmark = [pytest.mark.host_root]
@@ -82,12 +80,14 @@ def outside_server():
 
 def _fetch_in(host: EngineHost, url: str) -> str:
     """GET *url* from inside *host*'s namespace ("" when it does not answer yet)."""
-    res = subprocess.run(host.nsenter("curl", "-sS", "--max-time", "5", url),
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        host.nsenter("curl", "-sS", "--max-time", "5", url), capture_output=True, text=True, timeout=30
+    )
     return res.stdout if res.returncode == 0 else ""
 
 
 # --- dockerd --------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _engine_host(why_not: str | None, tag: str, prefix: str):
@@ -102,8 +102,10 @@ def _engine_host(why_not: str | None, tag: str, prefix: str):
 @pytest.fixture(scope="module")
 def dockerd(workdir, busybox_archive):
     """dockerd in its EngineHost (``docker_host``)."""
-    with _engine_host(missing_docker(), "dk", "10.213.7") as host, \
-            Dockerd(workdir / "d", VMSHIM_RUNTIME, host) as engine:
+    with (
+        _engine_host(missing_docker(), "dk", "10.213.7") as host,
+        Dockerd(workdir / "d", VMSHIM_RUNTIME, host) as engine,
+    ):
         engine.load(busybox_archive)
         yield engine
 
@@ -113,11 +115,18 @@ def docker_host(dockerd):
     return dockerd.host
 
 
-def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, docker_host, guest_kernel,
-                                                         outside_server):
+def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, docker_host, guest_kernel, outside_server):
     url = f"http://{docker_host.gateway}:{outside_server}/"
-    proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "busybox", "sh", "-c",
-                          f"uname -r; cat /sys/class/net/eth0/address; wget -qO- {url}")
+    proc = dockerd.docker(
+        "run",
+        "--rm",
+        "--runtime",
+        "vmshim",
+        "busybox",
+        "sh",
+        "-c",
+        f"uname -r; cat /sys/class/net/eth0/address; wget -qO- {url}",
+    )
     assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
     kernel, mac, answer = proc.stdout.splitlines()[:3]
     assert kernel == guest_kernel
@@ -127,13 +136,13 @@ def test_docker_default_bridge_guest_kernel_and_outbound(dockerd, docker_host, g
 
 
 def test_docker_published_port_answers_from_the_vm(dockerd, docker_host, guest_kernel):
-    proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "-p", "127.0.0.1:18080:80",
-                          "busybox", "sh", "-c", HTTPD)
+    proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "-p", "127.0.0.1:18080:80", "busybox", "sh", "-c", HTTPD)
     assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
     cid = proc.stdout.strip()
     try:
-        answer = wait_until(lambda: _fetch_in(docker_host, "http://127.0.0.1:18080/"), 180,
-                            "the published port to answer")
+        answer = wait_until(
+            lambda: _fetch_in(docker_host, "http://127.0.0.1:18080/"), 180, "the published port to answer"
+        )
         assert answer == f"hello from {guest_kernel}\n"
     finally:
         dockerd.docker("rm", "-f", cid)
@@ -142,18 +151,27 @@ def test_docker_published_port_answers_from_the_vm(dockerd, docker_host, guest_k
 def test_docker_user_network_names_resolve_between_vms(dockerd, guest_kernel):
     dockerd.docker("network", "create", "vmnet", check=True)
     try:
-        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--network", "vmnet",
-                              "--name", "web", "busybox", "sh", "-c", HTTPD)
+        proc = dockerd.docker(
+            "run", "-d", "--runtime", "vmshim", "--network", "vmnet", "--name", "web", "busybox", "sh", "-c", HTTPD
+        )
         assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
 
         def fetch() -> str:
-            res = dockerd.docker("run", "--rm", "--runtime", "vmshim", "--network", "vmnet",
-                                 "busybox", "sh", "-c",
-                                 "nslookup web 127.0.0.11 >&2; wget -qO- http://web/")
+            res = dockerd.docker(
+                "run",
+                "--rm",
+                "--runtime",
+                "vmshim",
+                "--network",
+                "vmnet",
+                "busybox",
+                "sh",
+                "-c",
+                "nslookup web 127.0.0.11 >&2; wget -qO- http://web/",
+            )
             return res.stdout if res.returncode == 0 else ""
 
-        assert wait_until(fetch, 240, "web by name from another VM", interval=1) == \
-            f"hello from {guest_kernel}\n"
+        assert wait_until(fetch, 240, "web by name from another VM", interval=1) == f"hello from {guest_kernel}\n"
     finally:
         dockerd.docker("rm", "-f", "web")
         dockerd.docker("network", "rm", "vmnet")
@@ -164,12 +182,27 @@ def test_docker_single_file_binds_do_not_share_the_container_directory(dockerd):
     files out of /var/lib/docker/containers/<id>/, next to config.v2.json (the env's
     secrets). Root in the container (CAP_SYS_ADMIN) mounts every virtiofs share of the VM
     itself: each holds one file, never that directory."""
-    script = ("for t in 0 1 2 3 4 5 6 7; do mkdir -p /m/$t; "
-              "mount -t virtiofs vmshim-b$t /m/$t 2>/dev/null && echo mounted $t; done; "
-              "ls -laR /m")
-    proc = dockerd.docker("run", "--rm", "--runtime", "vmshim", "--cap-add", "SYS_ADMIN",
-                          "--security-opt", "seccomp=unconfined", "-e", "PASSWORD=hunter2",
-                          "busybox", "sh", "-c", script)
+    script = (
+        "for t in 0 1 2 3 4 5 6 7; do mkdir -p /m/$t; "
+        "mount -t virtiofs vmshim-b$t /m/$t 2>/dev/null && echo mounted $t; done; "
+        "ls -laR /m"
+    )
+    proc = dockerd.docker(
+        "run",
+        "--rm",
+        "--runtime",
+        "vmshim",
+        "--cap-add",
+        "SYS_ADMIN",
+        "--security-opt",
+        "seccomp=unconfined",
+        "-e",
+        "PASSWORD=hunter2",
+        "busybox",
+        "sh",
+        "-c",
+        script,
+    )
     assert proc.returncode == 0, _out(proc)
     assert "mounted 0" in proc.stdout  # the guest's root can reach the shares…
     for sibling in ("config.v2.json", "hostconfig.json", "resolv.conf.hash", "mounts"):
@@ -182,23 +215,29 @@ def test_docker_network_connect_follows_into_the_running_vm(dockerd):
     disconnect the NIC leaves the VM."""
     dockerd.docker("network", "create", "--subnet", "10.77.0.0/24", "late", check=True)
     try:
-        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--name", "joiner",
-                              "busybox", "sleep", "1d")
+        proc = dockerd.docker("run", "-d", "--runtime", "vmshim", "--name", "joiner", "busybox", "sleep", "1d")
         assert proc.returncode == 0, _out(proc) + dockerd.log_tail()
         dockerd.docker("network", "connect", "late", "joiner", check=True)
-        ip = dockerd.docker("inspect", "-f", "{{.NetworkSettings.Networks.late.IPAddress}}",
-                            "joiner", check=True).stdout.strip()
+        ip = dockerd.docker(
+            "inspect", "-f", "{{.NetworkSettings.Networks.late.IPAddress}}", "joiner", check=True
+        ).stdout.strip()
         assert ip.startswith("10.77.0.")
-        wait_until(lambda: f"inet {ip}/24" in dockerd.docker(
-            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
-            "the connected network's address in the guest", interval=1)
+        wait_until(
+            lambda: f"inet {ip}/24" in dockerd.docker("exec", "joiner", "ip", "-4", "-o", "addr").stdout,
+            120,
+            "the connected network's address in the guest",
+            interval=1,
+        )
         proc = dockerd.docker("exec", "joiner", "ping", "-c", "1", "-W", "5", "10.77.0.1")
         assert proc.returncode == 0, _out(proc)
         # and disconnect takes that NIC out of the VM again
         dockerd.docker("network", "disconnect", "late", "joiner", check=True)
-        wait_until(lambda: f"inet {ip}/24" not in dockerd.docker(
-            "exec", "joiner", "ip", "-4", "-o", "addr").stdout, 120,
-            "the disconnected network's NIC to leave the guest", interval=1)
+        wait_until(
+            lambda: f"inet {ip}/24" not in dockerd.docker("exec", "joiner", "ip", "-4", "-o", "addr").stdout,
+            120,
+            "the disconnected network's NIC to leave the guest",
+            interval=1,
+        )
         proc = dockerd.docker("exec", "joiner", "true")
         assert proc.returncode == 0, _out(proc)
     finally:
@@ -207,6 +246,7 @@ def test_docker_network_connect_follows_into_the_running_vm(dockerd):
 
 
 # --- podman ---------------------------------------------------------------------------------
+
 
 class NetPodman(Podman):
     """Podman (tests.e2e.oci_engines) run inside an EngineHost, with its default network."""
@@ -222,8 +262,10 @@ class NetPodman(Podman):
 @pytest.fixture(scope="module")
 def podman(workdir, busybox_archive):
     """podman in its EngineHost (``podman_host``)."""
-    with _engine_host(missing_engines(), "pm", "10.213.8") as host, \
-            NetPodman(VMSHIM_RUNTIME, workdir / "p", host) as engine:
+    with (
+        _engine_host(missing_engines(), "pm", "10.213.8") as host,
+        NetPodman(VMSHIM_RUNTIME, workdir / "p", host) as engine,
+    ):
         assert engine.load(busybox_archive) == BUSYBOX_REF
         yield engine
 
@@ -233,14 +275,13 @@ def podman_host(podman):
     return podman.host
 
 
-def test_podman_default_network_port_and_outbound(podman, podman_host, guest_kernel,
-                                                  outside_server):
+def test_podman_default_network_port_and_outbound(podman, podman_host, guest_kernel, outside_server):
     common = ["--pull", "never", "--cgroup-parent", "/" + podman.cgroup_parent]
-    proc = podman.podman("run", "-d", *common, "-p", "127.0.0.1:18081:80", BUSYBOX_REF,
-                         "sh", "-c", HTTPD, timeout=300)
+    proc = podman.podman("run", "-d", *common, "-p", "127.0.0.1:18081:80", BUSYBOX_REF, "sh", "-c", HTTPD, timeout=300)
     assert proc.returncode == 0, _out(proc)
-    answer = wait_until(lambda: _fetch_in(podman_host, "http://127.0.0.1:18081/"), 180,
-                        "podman's published port to answer")
+    answer = wait_until(
+        lambda: _fetch_in(podman_host, "http://127.0.0.1:18081/"), 180, "podman's published port to answer"
+    )
     assert answer == f"hello from {guest_kernel}\n"
     url = f"http://{podman_host.gateway}:{outside_server}/"
     proc = podman.podman("run", "--rm", *common, BUSYBOX_REF, "wget", "-qO-", url, timeout=300)
@@ -249,6 +290,7 @@ def test_podman_default_network_port_and_outbound(podman, podman_host, guest_ker
 
 
 # --- vmshim bench ---------------------------------------------------------------------------
+
 
 def test_bench_engine_network_vmshim_next_to_runc(tmp_path):
     """`vmshim bench --only engine_network`: round trip and throughput on dockerd's bridge,
@@ -260,8 +302,7 @@ def test_bench_engine_network_vmshim_next_to_runc(tmp_path):
     if missing_docker() is not None:
         pytest.skip(str(missing_docker()))
     out = tmp_path / "bench"
-    proc = vmshim("bench", "--runs", "2", "--only", "engine_network", "--output", str(out),
-                  timeout=900)
+    proc = vmshim("bench", "--runs", "2", "--only", "engine_network", "--output", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     print(proc.stdout.decode(errors="replace"))  # the table, in the log
     figures = json.loads((out / "results.json").read_text())["figures"]
@@ -286,8 +327,7 @@ def _qemus_of(*oci_ids: str) -> list[int]:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if argv and b"qemu-system" in argv[0] and \
-                    any(a.split(b",")[0] in names for a in argv):
+            if argv and b"qemu-system" in argv[0] and any(a.split(b",")[0] in names for a in argv):
                 out.append(int(entry))
     return out
 
@@ -297,8 +337,7 @@ def _host_boot_id() -> str:
         return f.read().strip()
 
 
-POD_HTTPD = ("mkdir -p /www && cat /proc/sys/kernel/random/boot_id > /www/index.html && "
-             "exec httpd -f -p 80 -h /www")
+POD_HTTPD = "mkdir -p /www && cat /proc/sys/kernel/random/boot_id > /www/index.html && exec httpd -f -p 80 -h /www"
 """A busybox httpd answering its kernel's boot id."""
 
 
@@ -310,31 +349,50 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
     # one word, and this host has no catatonit for podman's own pause image).
     proc = podman.podman("create", "--name", "infra-src", BUSYBOX_REF, "sleep", "1000000")
     assert proc.returncode == 0, _out(proc)
-    proc = podman.podman("commit", "--change", 'CMD ["sleep","1000000"]', "infra-src",
-                         "localhost/vmshim-pod-infra")
+    proc = podman.podman("commit", "--change", 'CMD ["sleep","1000000"]', "infra-src", "localhost/vmshim-pod-infra")
     assert proc.returncode == 0, _out(proc)
     podman.podman("rm", "infra-src", check=True)
     common = ["--pull", "never"]
     infra = ""
-    proc = podman.podman("pod", "create", "--name", "vpod", "-p", "127.0.0.1:18082:80",
-                         "--cgroup-parent", "/" + podman.cgroup_parent,
-                         "--infra-image", "localhost/vmshim-pod-infra", timeout=120)
+    proc = podman.podman(
+        "pod",
+        "create",
+        "--name",
+        "vpod",
+        "-p",
+        "127.0.0.1:18082:80",
+        "--cgroup-parent",
+        "/" + podman.cgroup_parent,
+        "--infra-image",
+        "localhost/vmshim-pod-infra",
+        timeout=120,
+    )
     assert proc.returncode == 0, _out(proc)
     try:
-        proc = podman.podman("run", "-d", *common, "--pod", "vpod", "--name", "web",
-                             BUSYBOX_REF, "sh", "-c", POD_HTTPD, timeout=300)
+        proc = podman.podman(
+            "run", "-d", *common, "--pod", "vpod", "--name", "web", BUSYBOX_REF, "sh", "-c", POD_HTTPD, timeout=300
+        )
         assert proc.returncode == 0, _out(proc)
-        infra = podman.podman("pod", "inspect", "--format", "{{.InfraContainerID}}",
-                              "vpod").stdout.strip()
+        infra = podman.podman("pod", "inspect", "--format", "{{.InfraContainerID}}", "vpod").stdout.strip()
         proc = podman.podman("exec", infra, "cat", "/proc/sys/kernel/random/boot_id")
         assert proc.returncode == 0, _out(proc)
         sandbox_boot = proc.stdout.strip()
         assert sandbox_boot and sandbox_boot != _host_boot_id()
         proc = podman.podman(
-            "run", *common, "--pod", "vpod", "--name", "client", BUSYBOX_REF, "sh", "-c",
+            "run",
+            *common,
+            "--pod",
+            "vpod",
+            "--name",
+            "client",
+            BUSYBOX_REF,
+            "sh",
+            "-c",
             "test ! -e /www || exit 8; cat /proc/sys/kernel/random/boot_id; echo $$; "
             "for i in $(seq 60); do wget -qO- http://127.0.0.1/ && exit 0; sleep 1; done; "
-            "exit 9", timeout=300)
+            "exit 9",
+            timeout=300,
+        )
         assert proc.returncode == 0, _out(proc)
         client_boot, client_pid, served = proc.stdout.split()
         # the member's own pid namespace and rootfs (no /www of the web member's); the
@@ -342,14 +400,13 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         # the pod's localhost
         assert client_pid == "1"
         assert client_boot == sandbox_boot == served
-        answer = wait_until(lambda: _fetch_in(podman_host, "http://127.0.0.1:18082/"), 120,
-                            "the pod's published port to answer")
+        answer = wait_until(
+            lambda: _fetch_in(podman_host, "http://127.0.0.1:18082/"), 120, "the pod's published port to answer"
+        )
         assert answer.strip() == sandbox_boot
-        ids = [podman.podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
-               for name in ("web", "client")]
+        ids = [podman.podman("inspect", "--format", "{{.Id}}", name).stdout.strip() for name in ("web", "client")]
         pod_qemus = _qemus_of(infra, *ids)
-        assert len(pod_qemus) == 1 and pod_qemus == _qemus_of(infra), \
-            "the pod must run in one VM, the sandbox's"
+        assert len(pod_qemus) == 1 and pod_qemus == _qemus_of(infra), "the pod must run in one VM, the sandbox's"
         podman.podman("rm", "client", check=True)
         proc = podman.podman("stop", "--time", "2", "web", timeout=120)
         assert proc.returncode == 0, _out(proc)

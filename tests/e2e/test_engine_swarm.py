@@ -42,8 +42,7 @@ TIMEOUT = 600
 NETWORK_TIMEOUT = 60
 """Seconds the overlay may take to carry traffic once both ends run (gossip between the
 nodes included); a failure is reported after this, with what the guest saw."""
-WHO = ("mkdir -p /www && echo hello from $(hostname) on $(uname -r) > /www/index.html && "
-       "exec httpd -f -p 80 -h /www")
+WHO = "mkdir -p /www && echo hello from $(hostname) on $(uname -r) > /www/index.html && exec httpd -f -p 80 -h /www"
 """A busybox httpd answering its task's hostname (the container id's first 12 digits)
 and kernel."""
 FETCH = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {0} 80"
@@ -81,19 +80,33 @@ def swarm():
     tag = os.getpid() % 100000
     try:
         archive = image_archive(workdir / "busybox.tar")
-        with EngineHost(f"vmshim-sw-{os.getpid()}", f"vsw{tag}", "10.213.9") as host_a, \
-                EngineHost(f"vmshim-sx-{os.getpid()}", f"vsx{tag}", "10.213.10") as host_b, \
-                HostLink(host_a, host_b, "swl0", "10.213.11") as link, \
-                Dockerd(workdir / "m", VMSHIM_RUNTIME, host_a, default_runtime="vmshim") as m, \
-                Dockerd(workdir / "w", VMSHIM_RUNTIME, host_b, default_runtime="vmshim") as w:
+        with (
+            EngineHost(f"vmshim-sw-{os.getpid()}", f"vsw{tag}", "10.213.9") as host_a,
+            EngineHost(f"vmshim-sx-{os.getpid()}", f"vsx{tag}", "10.213.10") as host_b,
+            HostLink(host_a, host_b, "swl0", "10.213.11") as link,
+            Dockerd(workdir / "m", VMSHIM_RUNTIME, host_a, default_runtime="vmshim") as m,
+            Dockerd(workdir / "w", VMSHIM_RUNTIME, host_b, default_runtime="vmshim") as w,
+        ):
             m.load(archive)
             w.load(archive)
             m.docker("swarm", "init", "--advertise-addr", link.address_a, check=True)
             token = m.docker("swarm", "join-token", "-q", "worker", check=True).stdout.strip()
-            w.docker("swarm", "join", "--token", token, "--advertise-addr", link.address_b,
-                     f"{link.address_a}:2377", check=True, timeout=120)
-            wait_until(lambda: m.docker("node", "ls", "--format", "{{.Status}}").stdout.split()
-                       == ["Ready", "Ready"], 120, what="both nodes Ready")
+            w.docker(
+                "swarm",
+                "join",
+                "--token",
+                token,
+                "--advertise-addr",
+                link.address_b,
+                f"{link.address_a}:2377",
+                check=True,
+                timeout=120,
+            )
+            wait_until(
+                lambda: m.docker("node", "ls", "--format", "{{.Status}}").stdout.split() == ["Ready", "Ready"],
+                120,
+                what="both nodes Ready",
+            )
             yield Swarm(m, w)
             w.docker("swarm", "leave", "--force", timeout=120)
             m.docker("swarm", "leave", "--force", timeout=120)
@@ -103,9 +116,16 @@ def swarm():
 
 def _tasks(d: Dockerd, service: str) -> list[str]:
     """Full ids of *service*'s running containers on *d*'s node."""
-    proc = d.docker("ps", "-q", "--no-trunc", "--filter",
-                    f"label=com.docker.swarm.service.name={service}", "--filter",
-                    "status=running", timeout=60)
+    proc = d.docker(
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        f"label=com.docker.swarm.service.name={service}",
+        "--filter",
+        "status=running",
+        timeout=60,
+    )
     return proc.stdout.split()
 
 
@@ -133,8 +153,7 @@ def _remove_services(d: Dockerd, *names: str) -> None:
 
 def test_swarm_replicas_scale_and_replace_each_task_a_vm(swarm, guest_kernel):
     d = swarm.manager
-    _service(d, "--name", "s", "--replicas", "3", "--constraint", "node.role==manager",
-             "busybox", "sh", "-c", HTTPD)
+    _service(d, "--name", "s", "--replicas", "3", "--constraint", "node.role==manager", "busybox", "sh", "-c", HTTPD)
     ids = wait_until(lambda: _converged(d, "s", 3), TIMEOUT, what="3 tasks of s running")
     qemus = set()
     for cid in ids:
@@ -153,8 +172,11 @@ def test_swarm_replicas_scale_and_replace_each_task_a_vm(swarm, guest_kernel):
     ids = wait_until(lambda: _converged(d, "s", 2), TIMEOUT, what="s back to 2 tasks")
     victim = ids[0]
     os.kill(_qemu_pid(victim), signal.SIGKILL)  # that QEMU only
-    new = wait_until(lambda: (lambda now: now if len(now) == 2 and victim not in now else None)(
-        _tasks(d, "s")), TIMEOUT, what="Swarm replaces the task whose VM was killed")
+    new = wait_until(
+        lambda: (lambda now: now if len(now) == 2 and victim not in now else None)(_tasks(d, "s")),
+        TIMEOUT,
+        what="Swarm replaces the task whose VM was killed",
+    )
     replacement = (set(new) - set(ids)).pop()
     out = d.docker("exec", replacement, "uname", "-r", timeout=120)
     assert out.stdout.strip() == guest_kernel, _out(out)
@@ -163,14 +185,16 @@ def test_swarm_replicas_scale_and_replace_each_task_a_vm(swarm, guest_kernel):
 
 
 def _overlay_ip(d: Dockerd, cid: str) -> str:
-    return d.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "ov").IPAddress}}',
-                    cid, check=True).stdout.strip()
+    return d.docker(
+        "inspect", "-f", '{{(index .NetworkSettings.Networks "ov").IPAddress}}', cid, check=True
+    ).stdout.strip()
 
 
 def _fetch_in(host: EngineHost, url: str) -> str:
     """GET *url* from inside *host*'s namespace ("" when it does not answer yet)."""
-    res = subprocess.run(host.nsenter("curl", "-sS", "--max-time", "5", url),
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        host.nsenter("curl", "-sS", "--max-time", "5", url), capture_output=True, text=True, timeout=30
+    )
     return res.stdout if res.returncode == 0 else ""
 
 
@@ -182,8 +206,7 @@ def _body(response: str) -> str:
 
 def _guest_view(d: Dockerd, cid: str) -> str:
     """What the task's guest sees of its network, for a failure message."""
-    out = d.docker("exec", cid, "sh", "-c", "ip -4 addr; ip route; cat /etc/resolv.conf",
-                   timeout=60)
+    out = d.docker("exec", cid, "sh", "-c", "ip -4 addr; ip route; cat /etc/resolv.conf", timeout=60)
     return f"\n--- the client's guest:\n{out.stdout}{out.stderr}"
 
 
@@ -207,11 +230,39 @@ def _answer(d: Dockerd, cid: str, target: str, timeout: float, what: str) -> str
 def test_swarm_overlay_dnsrr_between_vms_on_two_nodes(swarm, guest_kernel):
     m, w = swarm.manager, swarm.worker
     m.docker("network", "create", "-d", "overlay", "--attachable", "ov", check=True)
-    _service(m, "--name", "web", "--network", "ov", "--endpoint-mode", "dnsrr",
-             "--publish", "mode=host,target=80,published=18090",
-             "--replicas", "2", "--replicas-max-per-node", "1", "busybox", "sh", "-c", WHO)
-    _service(m, "--name", "cli", "--network", "ov", "--endpoint-mode", "dnsrr",
-             "--constraint", "node.role==manager", "busybox", "sleep", "3600")
+    _service(
+        m,
+        "--name",
+        "web",
+        "--network",
+        "ov",
+        "--endpoint-mode",
+        "dnsrr",
+        "--publish",
+        "mode=host,target=80,published=18090",
+        "--replicas",
+        "2",
+        "--replicas-max-per-node",
+        "1",
+        "busybox",
+        "sh",
+        "-c",
+        WHO,
+    )
+    _service(
+        m,
+        "--name",
+        "cli",
+        "--network",
+        "ov",
+        "--endpoint-mode",
+        "dnsrr",
+        "--constraint",
+        "node.role==manager",
+        "busybox",
+        "sleep",
+        "3600",
+    )
     try:
         here = wait_until(lambda: _converged(m, "web", 1), TIMEOUT, what="web's manager task")[0]
         there = wait_until(lambda: _converged(w, "web", 1), TIMEOUT, what="web's worker task")[0]
@@ -225,8 +276,12 @@ def test_swarm_overlay_dnsrr_between_vms_on_two_nodes(swarm, guest_kernel):
             return all(ip in out for ip in ips)
 
         try:
-            wait_until(resolved, NETWORK_TIMEOUT, what="web's two task addresses from docker's "
-                       "embedded DNS (relayed by the agent)", interval=1)
+            wait_until(
+                resolved,
+                NETWORK_TIMEOUT,
+                what="web's two task addresses from docker's embedded DNS (relayed by the agent)",
+                interval=1,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}{_guest_view(m, cli)}") from None
 
@@ -240,20 +295,34 @@ def test_swarm_overlay_dnsrr_between_vms_on_two_nodes(swarm, guest_kernel):
         # runc on the same overlay (an attachable network takes plain containers) reaches
         # the worker's VM as the VMs do
         there_ip = _overlay_ip(w, there)
-        res = m.docker("run", "--rm", "--runtime", "runc", "--network", "ov", "busybox", "sh",
-                       "-c", FETCH.format(there_ip), timeout=120)
-        assert _body(res.stdout) == \
-            f"hello from {there[:12]} on {guest_kernel}", _out(res)
+        res = m.docker(
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--network",
+            "ov",
+            "busybox",
+            "sh",
+            "-c",
+            FETCH.format(there_ip),
+            timeout=120,
+        )
+        assert _body(res.stdout) == f"hello from {there[:12]} on {guest_kernel}", _out(res)
 
         # --publish mode=host (no routing mesh): each node answers with its own task
         for d, cid in ((m, here), (w, there)):
-            answer = wait_until(lambda d=d: _fetch_in(d.host, "http://127.0.0.1:18090/"),
-                                NETWORK_TIMEOUT, what="the mode=host published port")
+            answer = wait_until(
+                lambda d=d: _fetch_in(d.host, "http://127.0.0.1:18090/"),
+                NETWORK_TIMEOUT,
+                what="the mode=host published port",
+            )
             assert answer.strip() == f"hello from {cid[:12]} on {guest_kernel}"
     finally:
         _remove_services(m, "web", "cli")
-        wait_until(lambda: not (_tasks(m, "web") or _tasks(w, "web") or _tasks(m, "cli")),
-                   TIMEOUT, what="web and cli removed")
+        wait_until(
+            lambda: not (_tasks(m, "web") or _tasks(w, "web") or _tasks(m, "cli")), TIMEOUT, what="web and cli removed"
+        )
         m.docker("network", "rm", "ov", timeout=120)
 
 
@@ -265,20 +334,22 @@ def test_swarm_vip_needs_ipvs_with_runc_as_with_vmshim(swarm, guest_kernel):
     m = swarm.manager
     ipvs = os.path.exists("/proc/net/ip_vs")
     m.docker("network", "create", "-d", "overlay", "--attachable", "ovv", check=True)
-    _service(m, "--name", "vip", "--network", "ovv", "--constraint", "node.role==manager",
-             "busybox", "sh", "-c", WHO)
+    _service(m, "--name", "vip", "--network", "ovv", "--constraint", "node.role==manager", "busybox", "sh", "-c", WHO)
     try:
         task = wait_until(lambda: _converged(m, "vip", 1), TIMEOUT, what="vip's task")[0]
-        vip = m.docker("service", "inspect", "-f",
-                       "{{range .Endpoint.VirtualIPs}}{{.Addr}} {{end}}", "vip",
-                       check=True).stdout.split()[0].split("/")[0]
-        task_ip = m.docker("inspect", "-f",
-                           '{{(index .NetworkSettings.Networks "ovv").IPAddress}}', task,
-                           check=True).stdout.strip()
+        vip = (
+            m.docker("service", "inspect", "-f", "{{range .Endpoint.VirtualIPs}}{{.Addr}} {{end}}", "vip", check=True)
+            .stdout.split()[0]
+            .split("/")[0]
+        )
+        task_ip = m.docker(
+            "inspect", "-f", '{{(index .NetworkSettings.Networks "ovv").IPAddress}}', task, check=True
+        ).stdout.strip()
         assert vip != task_ip
         script = f"{FETCH.format(task_ip)}; echo; echo ---; {FETCH.format(vip)}"
-        res = m.docker("run", "--rm", "--runtime", "runc", "--network", "ovv", "busybox", "sh",
-                       "-c", script, timeout=120)
+        res = m.docker(
+            "run", "--rm", "--runtime", "runc", "--network", "ovv", "busybox", "sh", "-c", script, timeout=120
+        )
         direct, _, through_vip = res.stdout.partition("\n---\n")
         assert _body(direct) == f"hello from {task[:12]} on {guest_kernel}", _out(res)
         if ipvs:

@@ -36,8 +36,10 @@ def test_built_minimal_kernel_config_has_what_the_agent_needs():
 
 def test_kernel_check_names_the_missing_option(tmp_path):
     config = tmp_path / "config"
-    config.write_text("".join(f"{name}=y\n" for name in kernelbuild.REQUIRED_OPTIONS
-                              if name != "CONFIG_OVERLAY_FS") + "CONFIG_OVERLAY_FS=m\n")
+    config.write_text(
+        "".join(f"{name}=y\n" for name in kernelbuild.REQUIRED_OPTIONS if name != "CONFIG_OVERLAY_FS")
+        + "CONFIG_OVERLAY_FS=m\n"
+    )
     proc = vmshim("guest", "kernel", "check", str(config))
     assert proc.returncode != 0
     err = proc.stderr.decode()
@@ -60,11 +62,18 @@ def test_info_says_which_kernel_and_why():
 def test_running_minimal_guest_has_the_config_and_no_modules(domains_before):
     _minimal_or_skip()
     env = {guestimage.KERNEL_ENV: "minimal"}
-    proc = vmshim("run", "--rm", "busybox", "sh", "-c",
-                  "cat /proc/config.gz; test -e /proc/modules && echo MODULES >&2; "
-                  "echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/"
-                  "current_clocksource) >&2; true",
-                  env=env, timeout=300)
+    proc = vmshim(
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "cat /proc/config.gz; test -e /proc/modules && echo MODULES >&2; "
+        "echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/"
+        "current_clocksource) >&2; true",
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert b"MODULES" not in proc.stderr  # no module support: nothing to load
     config = kernelbuild.parse_config(gzip.decompress(proc.stdout).decode())

@@ -27,7 +27,7 @@ from tests.e2e.conftest import blobs_hold, vmshim
 pytestmark = pytest.mark.vm
 GUEST = Path(__file__).resolve().parents[2] / "guest"
 
-HOSTILE_START = '''
+HOSTILE_START = """
 
 # ---- hostile variant (tests/e2e/test_hostile_diff.py) ----
 _vmshim_real_start = Container.start
@@ -44,9 +44,9 @@ def _vmshim_hostile_start(self, process, **kwargs):
 
 
 Container.start = _vmshim_hostile_start
-'''
+"""
 
-HOSTILE_DIFF = '''
+HOSTILE_DIFF = """
 
 # ---- hostile variant (tests/e2e/test_hostile_diff.py) ----
 import io as _io
@@ -93,7 +93,7 @@ def write_tar(upperdir, out_fd, err_fd):
             _entry(tar, "shadow", "h", link="/etc/shadow")
     out.flush()
     return 0
-'''
+"""
 
 ATTACKS = {
     "dotdot": "contains a '..' component",
@@ -144,8 +144,7 @@ def test_upper_symlinked_to_a_host_directory_never_reaches_a_layer(hostile, tmp_
     """Fails on the code that mounted the step's disk and walked ``upper``: the host
     followed the symlink and packed its own secret into the layer."""
     env, secret_dir, token = hostile
-    proc = build(env, tmp_path, "FROM busybox\nENV HOSTILE=upper-symlink\n"
-                                "RUN echo changed > /changed\n")
+    proc = build(env, tmp_path, "FROM busybox\nENV HOSTILE=upper-symlink\nRUN echo changed > /changed\n")
     stderr = proc.stderr.decode(errors="replace")
     assert proc.returncode != 0, proc.stdout.decode(errors="replace")
     assert "cannot open the writable layer" in stderr, stderr
@@ -182,22 +181,20 @@ def test_process_isolation_refuses_a_volume_a_vm_wrote():
     name = f"vmshim-test-vmw-{secrets.token_hex(4)}"
     try:
         assert vmshim("volume", "create", name).returncode == 0
-        proc = vmshim("run", "--rm", "--isolation", "process", "-v", f"{name}:/d", "busybox",
-                      "sh", "-c", "echo host > /d/f")
+        proc = vmshim(
+            "run", "--rm", "--isolation", "process", "-v", f"{name}:/d", "busybox", "sh", "-c", "echo host > /d/f"
+        )
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "sh", "-c",
-                      "cat /d/f && echo guest > /d/g")
+        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "sh", "-c", "cat /d/f && echo guest > /d/g")
         assert proc.returncode == 0 and proc.stdout == b"host\n", proc.stderr
         for flag in (f"{name}:/d", f"{name}:/d:ro"):
-            proc = vmshim("run", "--rm", "--isolation", "process", "-v", flag, "busybox",
-                          "cat", "/d/g")
+            proc = vmshim("run", "--rm", "--isolation", "process", "-v", flag, "busybox", "cat", "/d/g")
             stderr = proc.stderr.decode(errors="replace")
             assert proc.returncode != 0 and proc.stdout == b"", stderr
             assert f"volume {name} was written by a VM" in stderr, stderr
             assert len(stderr.strip().splitlines()) == 1, stderr
         # The way out the message names: the data as a tar through a VM.
-        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "tar", "-C", "/d", "-c",
-                      ".")
+        proc = vmshim("run", "--rm", "-v", f"{name}:/d", "busybox", "tar", "-C", "/d", "-c", ".")
         assert proc.returncode == 0 and b"guest" in proc.stdout
     finally:
         vmshim("volume", "rm", "-f", name)

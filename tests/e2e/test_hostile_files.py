@@ -18,8 +18,7 @@ PREFIX = f"hf{os.getpid()}"
 @pytest.fixture(scope="module")
 def box():
     name = f"{PREFIX}-box"
-    ok("run", "-d", "--name", name, "--network", "none", "busybox", "sleep", "3600",
-       timeout=600)
+    ok("run", "-d", "--name", name, "--network", "none", "busybox", "sleep", "3600", timeout=600)
     yield name
     vmshim("rm", "-f", name)
 
@@ -28,10 +27,15 @@ def test_cp_out_never_follows_what_the_guest_made(box, tmp_path):
     """The container's tree: a symlink to /etc, a setuid root file owned by 1234, a hard
     link to it. The host side of the destination holds a symlink to a directory outside
     it where the copy's top directory goes."""
-    ok("exec", box, "sh", "-c",
-       "mkdir -p /srv/d && ln -s /etc /srv/d/etc && echo '#!/bin/sh' > /srv/d/su && "
-       "chown 1234:1234 /srv/d/su && chmod 4755 /srv/d/su && ln /srv/d/su /srv/d/h && "
-       "chmod 1777 /srv/d")
+    ok(
+        "exec",
+        box,
+        "sh",
+        "-c",
+        "mkdir -p /srv/d && ln -s /etc /srv/d/etc && echo '#!/bin/sh' > /srv/d/su && "
+        "chown 1234:1234 /srv/d/su && chmod 4755 /srv/d/su && ln /srv/d/su /srv/d/h && "
+        "chmod 1777 /srv/d",
+    )
     outside = tmp_path / "outside"
     outside.mkdir()
     os.chmod(outside, 0o700)
@@ -80,8 +84,20 @@ def test_container_data_is_private_and_the_vm_still_boots(tmp_path):
     from shim import paths
 
     name, volume = f"{PREFIX}-modes", f"{PREFIX}-vol"
-    ok("run", "-d", "--name", name, "--network", "none", "-v", f"{volume}:/data",
-       "busybox", "sleep", "3600", timeout=600)
+    ok(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        "-v",
+        f"{volume}:/data",
+        "busybox",
+        "sleep",
+        "3600",
+        timeout=600,
+    )
     try:
         ok("exec", name, "sh", "-c", "echo secret > /data/s && echo mine > /root-file")
         assert ok("exec", name, "cat", "/data/s", "/root-file") == "secret\nmine\n"
@@ -97,8 +113,13 @@ def test_container_data_is_private_and_the_vm_still_boots(tmp_path):
         image = root / "volumes" / volume / "volume.img"
         assert stat.S_IMODE(os.stat(image).st_mode) == 0o600
         # this container's own places (others' may be mid-teardown in a full run)
-        for place in (root / "layers", root / "images" / "blobs", root / "volumes" / volume,
-                      container_dir, run_dirs[0]):
+        for place in (
+            root / "layers",
+            root / "images" / "blobs",
+            root / "volumes" / volume,
+            container_dir,
+            run_dirs[0],
+        ):
             assert _world_readable(place) == [], place
     finally:
         vmshim("rm", "-f", name)

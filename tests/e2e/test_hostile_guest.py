@@ -43,8 +43,7 @@ def host_snapshot() -> dict[str, tuple]:
     caches, run-time sockets, the networks' address books), plus a few host files a
     guest would love to reach."""
     base = root()
-    skip = {base / "containers", base / "guest", base / "cache", base / "run",
-            base / "networks"}
+    skip = {base / "containers", base / "guest", base / "cache", base / "run", base / "networks"}
     seen = {}
     for dirpath, dirs, files in os.walk(base):
         dirs[:] = [d for d in dirs if Path(dirpath, d) not in skip]
@@ -68,8 +67,7 @@ def hostile_env(tmp_path_factory):
     import guest
 
     src = tmp_path_factory.mktemp("hostile") / "guest"
-    shutil.copytree(Path(guest.__file__).resolve().parent, src,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(Path(guest.__file__).resolve().parent, src, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with open(src / "agent.py", "a") as f:
         f.write(hostile_agent.PATCH)
     env = dict(SLOW_BOOT, VMSHIM_GUEST_SOURCE=str(src))
@@ -93,8 +91,7 @@ def test_single_bad_messages_are_dropped_and_the_monitor_stays_up(hostile_env, d
     env = hostile_env
     name = f"{PREFIX}-single"
     before = host_snapshot()
-    ok("run", "-d", "--name", name, "-e", "HOSTILE=wrongtype", "busybox", "sh", "-c", TICKER,
-       env=env)
+    ok("run", "-d", "--name", name, "-e", "HOSTILE=wrongtype", "busybox", "sh", "-c", TICKER, env=env)
     try:
         cdir = container_dir(name, env)
         wait_until(lambda: "tick 1" in ok("logs", name, env=env), 120, "ticks in the log")
@@ -137,8 +134,19 @@ def _failed_run(env, attack: str, domains_before):
     name = f"{PREFIX}-{attack}"
     before = host_snapshot()
     try:
-        proc = vmshim("run", "--name", name, "-e", f"HOSTILE={attack}", "busybox", "sh", "-c",
-                      "echo started; sleep 600", env=env, timeout=600)
+        proc = vmshim(
+            "run",
+            "--name",
+            name,
+            "-e",
+            f"HOSTILE={attack}",
+            "busybox",
+            "sh",
+            "-c",
+            "echo started; sleep 600",
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode != 0
         lines = err(proc).strip().splitlines()
         assert len(lines) == 1, err(proc)
@@ -167,8 +175,7 @@ def test_a_flood_of_bad_messages_ends_the_run_with_one_clear_line(hostile_env, d
         assert "break the protocol" in error
 
 
-def test_garbage_that_breaks_the_framing_ends_the_run_with_one_clear_line(hostile_env,
-                                                                          domains_before):
+def test_garbage_that_breaks_the_framing_ends_the_run_with_one_clear_line(hostile_env, domains_before):
     env = hostile_env
     with _failed_run(env, "garbage", domains_before) as (name, line, _):
         assert "the agent broke the protocol" in line

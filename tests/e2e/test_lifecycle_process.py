@@ -10,8 +10,7 @@ import signal
 import pytest
 
 from tests.e2e.conftest import vmshim
-from tests.e2e.test_lifecycle_vm import (TICKER, alive, err, inspect, mounts_mentioning, ok,
-                                         state_root)
+from tests.e2e.test_lifecycle_vm import TICKER, alive, err, inspect, mounts_mentioning, ok, state_root
 from tests.waiting import holds_for, wait_until
 
 PREFIX = f"lp{os.getpid()}"
@@ -81,8 +80,7 @@ def test_monitor_kill9_recovery(ticker):
     holds_for(lambda: not alive(monitor), 1.5, "the killed monitor stays dead")
     assert ok("exec", ticker, "echo", "ok") == "ok\n"
     assert int(inspect(ticker, "{{.State.Pid}}")) != monitor
-    wait_until(lambda: len([x for x in ok("logs", ticker).splitlines() if x.startswith("tick")]) > 4,
-               30, "more ticks")
+    wait_until(lambda: len([x for x in ok("logs", ticker).splitlines() if x.startswith("tick")]) > 4, 30, "more ticks")
     ticks = [int(x.split()[1]) for x in ok("logs", ticker).splitlines() if x.startswith("tick")]
     assert ticks == list(range(len(ticks)))
 

@@ -23,8 +23,7 @@ from tests.waiting import alive, holds_for, wait_until
 
 pytestmark = pytest.mark.vm
 PREFIX = f"lc{os.getpid()}"
-TICKER = ('trap "echo bye; exit 5" TERM; echo started; i=0; '
-          'while true; do echo tick $i; i=$((i+1)); sleep 1; done')
+TICKER = 'trap "echo bye; exit 5" TERM; echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done'
 SLOW_BOOT = {"VMSHIM_BOOT_TIMEOUT": "600"}
 
 
@@ -93,8 +92,9 @@ def test_exec_runs_beside_the_main_process(box):
     assert vmshim("exec", box, "sh", "-c", "exit 42").returncode == 42
     proc = vmshim("exec", box, "/nope")
     assert proc.returncode == 127 and "/nope" in err(proc)
-    assert ok("exec", "-e", "A=b c", "-w", "/tmp", "-u", "1000:1000", box, "sh", "-c",
-              'echo "$A"; pwd; id -u').splitlines() == ["b c", "/tmp", "1000"]
+    assert ok(
+        "exec", "-e", "A=b c", "-w", "/tmp", "-u", "1000:1000", box, "sh", "-c", 'echo "$A"; pwd; id -u'
+    ).splitlines() == ["b c", "/tmp", "1000"]
     assert ok("exec", "-i", box, "cat", input=b"piped\n") == "piped\n"
     assert ok("exec", "-d", box, "sh", "-c", "echo detached > /tmp/d") == ""
     wait_until(lambda: ok("exec", box, "cat", "/tmp/d") == "detached\n", 30, "detached exec")
@@ -104,8 +104,13 @@ def test_exec_runs_beside_the_main_process(box):
 
 def test_exec_with_a_tty(box):
     master, slave = pty.openpty()
-    proc = subprocess.Popen(CLI + ["exec", "-it", box, "sh", "-c", "tty; echo done"],
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        CLI + ["exec", "-it", box, "sh", "-c", "tty; echo done"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     seen = b""
     try:
@@ -181,8 +186,7 @@ def test_pause_and_unpause(box):
         proc = vmshim("exec", box, "true")
         assert proc.returncode != 0 and "paused" in err(proc)
         before = ok("logs", box).count("tick")
-        holds_for(lambda: ok("logs", box).count("tick") == before, 2.5,
-                  "no ticks while paused")  # the VM does not run
+        holds_for(lambda: ok("logs", box).count("tick") == before, 2.5, "no ticks while paused")  # the VM does not run
     finally:
         ok("unpause", box)
     assert inspect(box, "{{.State.Status}}") == "running"
@@ -317,10 +321,22 @@ def test_foreground_run_shows_in_ps_a_and_rm_flag_removes(domains_before):
 
 def test_restart_policy_on_failure(domains_before):
     name = f"{PREFIX}-flaky"
-    ok("run", "-d", "--name", name, "--restart", "on-failure:2", "busybox", "sh", "-c",
-       "echo try; exit 1", env=SLOW_BOOT)
-    wait_until(lambda: inspect(name, "{{.RestartCount}} {{.State.Status}} {{.State.Pid}}")
-               == "2 exited 0", 240, "two restarts")
+    ok(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--restart",
+        "on-failure:2",
+        "busybox",
+        "sh",
+        "-c",
+        "echo try; exit 1",
+        env=SLOW_BOOT,
+    )
+    wait_until(
+        lambda: inspect(name, "{{.RestartCount}} {{.State.Status}} {{.State.Pid}}") == "2 exited 0", 240, "two restarts"
+    )
     assert ok("logs", name).count("try") == 3
     assert vmshim("run", "--rm", "--restart", "always", "busybox", "true").returncode == 125
     ok("rm", name)
@@ -338,9 +354,11 @@ def inspect_fails(name: str) -> bool:
     return vmshim("inspect", name).returncode != 0
 
 
-@pytest.mark.skipif(not os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"),
-                    reason="restarts libvirtd: only a private one the test run started "
-                           "(scripts/test sets VMSHIM_TEST_PRIVATE_LIBVIRTD)")
+@pytest.mark.skipif(
+    not os.environ.get("VMSHIM_TEST_PRIVATE_LIBVIRTD"),
+    reason="restarts libvirtd: only a private one the test run started "
+    "(scripts/test sets VMSHIM_TEST_PRIVATE_LIBVIRTD)",
+)
 def test_libvirtd_restart_leaves_containers_running(domains_before):
     name = f"{PREFIX}-lv"
     ok("run", "-d", "--name", name, "busybox", "sh", "-c", TICKER, env=SLOW_BOOT)
@@ -350,8 +368,11 @@ def test_libvirtd_restart_leaves_containers_running(domains_before):
     os.kill(old, signal.SIGTERM)
     wait_until(lambda: not alive(old), 60, "libvirtd stopped")
     subprocess.run(["libvirtd", "-d", "-p", str(pid_file)], check=True)
-    wait_until(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "list"],
-                                      capture_output=True).returncode == 0, 60, "libvirtd back")
+    wait_until(
+        lambda: subprocess.run(["virsh", "-c", "qemu:///system", "list"], capture_output=True).returncode == 0,
+        60,
+        "libvirtd back",
+    )
     assert alive(qemu)
     assert inspect(name, "{{.State.Status}}") == "running"
     assert ok("exec", name, "echo", "alive") == "alive\n"
@@ -366,8 +387,9 @@ def test_twenty_detached_containers_in_parallel(domains_before):
     names = [f"{PREFIX}-p{i:02d}" for i in range(20)]
 
     def start(name):
-        return vmshim("run", "-d", "-m", "32m", "--name", name, "busybox", "sleep", "100000",
-                      env=SLOW_BOOT, timeout=900)
+        return vmshim(
+            "run", "-d", "-m", "32m", "--name", name, "busybox", "sleep", "100000", env=SLOW_BOOT, timeout=900
+        )
 
     with ThreadPoolExecutor(len(names)) as pool:
         results = list(pool.map(start, names))

@@ -33,13 +33,16 @@ def test_the_default_cap_and_bad_log_opts():
     try:
         [doc] = json.loads(ok("inspect", name))
         assert doc["HostConfig"]["LogConfig"] == {
-            "Type": "json-file", "Config": {"max-size": str(10 << 20), "max-file": "3"}}
+            "Type": "json-file",
+            "Config": {"max-size": str(10 << 20), "max-file": "3"},
+        }
     finally:
         ok("rm", name)
     proc = vmshim("create", "--log-opt", "max-size=huge", "busybox", "true")
     assert proc.returncode != 0
     assert proc.stderr.decode().strip().splitlines() == [
-        "Error: invalid --log-opt 'max-size=huge': max-size is a size like 512k, 10m or 1g"]
+        "Error: invalid --log-opt 'max-size=huge': max-size is a size like 512k, 10m or 1g"
+    ]
 
 
 @pytest.mark.vm
@@ -51,10 +54,13 @@ def test_a_container_writing_1_gib_stays_within_its_cap(domains_before):
     name = f"{PREFIX}-gib"
     cap = 2 * (1 << 20) + (512 << 10)  # max-size × max-file, plus one chunk's overshoot
     script = f"head -c {GIB} /dev/zero | tr '\\000' a; echo; echo the end"
-    runner = subprocess.Popen(CLI + ["run", "--name", name, "--log-opt", "max-size=1m",
-                                     "--log-opt", "max-file=2", "busybox", "sh", "-c", script],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ, **SLOW_BOOT))
+    runner = subprocess.Popen(
+        CLI
+        + ["run", "--name", name, "--log-opt", "max-size=1m", "--log-opt", "max-file=2", "busybox", "sh", "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, **SLOW_BOOT),
+    )
     largest = 0
     begin = time.monotonic()
     try:
@@ -71,8 +77,7 @@ def test_a_container_writing_1_gib_stays_within_its_cap(domains_before):
         total = sum(p.stat().st_size for p in files)
         assert len(files) <= 2 and total <= cap and largest <= cap
         assert ok("logs", "--tail", "1", name) == "the end\n"
-        follow = subprocess.run(CLI + ["logs", "-f", "--tail", "2", name], capture_output=True,
-                                timeout=60)
+        follow = subprocess.run(CLI + ["logs", "-f", "--tail", "2", name], capture_output=True, timeout=60)
         # the last lines: the end of the a's (an entry without a newline), then ours
         assert follow.returncode == 0 and follow.stdout.endswith(b"\nthe end\n")
     finally:

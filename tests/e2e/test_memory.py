@@ -43,8 +43,11 @@ def test_free_page_reporting_gives_freed_guest_memory_back():
         full = rss(pid)
         ok("exec", name, "rm", "/big/fill")
         # Reported in 2 MiB+ blocks a couple of seconds after they were freed.
-        wait_until(lambda: rss(pid) < full - 64 * MIB, 60,
-                   f"QEMU's RSS below {(full >> 20) - 64} MiB after the guest freed 128 MiB")
+        wait_until(
+            lambda: rss(pid) < full - 64 * MIB,
+            60,
+            f"QEMU's RSS below {(full >> 20) - 64} MiB after the guest freed 128 MiB",
+        )
     finally:
         vmshim("rm", "-f", name, timeout=120)
         settings.unlink(missing_ok=True)

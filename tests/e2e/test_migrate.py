@@ -33,8 +33,7 @@ def _sh(*argv: str) -> None:
 
 
 def domains_on_b() -> list[str]:
-    proc = subprocess.run(["virsh", "-c", URI_B, "list", "--name"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(["virsh", "-c", URI_B, "list", "--name"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [n for n in proc.stdout.split() if n.startswith("vmshim-")]
 
@@ -47,13 +46,11 @@ def second_host(tmp_path_factory):
     etc = conf / "etc"
     shutil.copytree("/etc/libvirt", etc, symlinks=True)
     shutil.rmtree(etc / "qemu" / "networks" / "autostart", ignore_errors=True)
-    (etc / "libvirtd.conf").write_text(
-        f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{HOST_B}"\n')
+    (etc / "libvirtd.conf").write_text(f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{HOST_B}"\n')
     pids = [conf / "virtlogd.pid", conf / "libvirtd.pid"]
     _sh("ip", "netns", "add", NS)
     try:
-        _sh("ip", "link", "add", "vmigA", "type", "veth", "peer", "name", "vmigB",
-            "netns", NS)
+        _sh("ip", "link", "add", "vmigA", "type", "veth", "peer", "name", "vmigB", "netns", NS)
         _sh("ip", "addr", "add", f"{HOST_A}/30", "dev", "vmigA")
         _sh("ip", "link", "set", "vmigA", "up")
         script = f"""set -e
@@ -68,11 +65,12 @@ mount --bind {etc} /etc/libvirt
 virtlogd -d -p {pids[0]}
 libvirtd -d --listen -p {pids[1]}
 """
-        _sh("unshare", "--mount", "--propagation", "private", "nsenter",
-            f"--net=/run/netns/{NS}", "bash", "-c", script)
-        wait_until(lambda: subprocess.run(["virsh", "-c", URI_B, "uri"],
-                                          capture_output=True).returncode == 0,
-                   30, "libvirtd on host B")
+        _sh("unshare", "--mount", "--propagation", "private", "nsenter", f"--net=/run/netns/{NS}", "bash", "-c", script)
+        wait_until(
+            lambda: subprocess.run(["virsh", "-c", URI_B, "uri"], capture_output=True).returncode == 0,
+            30,
+            "libvirtd on host B",
+        )
         yield URI_B
     finally:
         for pid_file in reversed(pids):
@@ -91,8 +89,19 @@ def ticks(name: str) -> list[int]:
 
 def test_running_container_moves_to_another_libvirt(second_host):
     name = f"{PREFIX}-count"
-    proc = vmshim("run", "-d", "--network", "none", "--name", name, "busybox", "sh", "-c",
-                  COUNTER, env={"VMSHIM_BOOT_TIMEOUT": "600"})
+    proc = vmshim(
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        COUNTER,
+        env={"VMSHIM_BOOT_TIMEOUT": "600"},
+    )
     assert proc.returncode == 0, err(proc)
     cid = ok("inspect", "-f", "{{.Id}}", name).strip()
     domain = f"vmshim-{cid[:12]}"
@@ -104,9 +113,10 @@ def test_running_container_moves_to_another_libvirt(second_host):
         took = time.monotonic() - began
         assert domain not in vmshim_domains(), "the source still has the domain"
         on_b = domains_on_b()
-        assert on_b == [domain], subprocess.run(
-            ["virsh", "-c", URI_B, "list", "--all"], capture_output=True, text=True).stdout + \
-            (Path(os.environ["VMSHIM_ROOT"]) / "containers" / cid / "monitor.log").read_text()
+        assert on_b == [domain], (
+            subprocess.run(["virsh", "-c", URI_B, "list", "--all"], capture_output=True, text=True).stdout
+            + (Path(os.environ["VMSHIM_ROOT"]) / "containers" / cid / "monitor.log").read_text()
+        )
         assert ok("inspect", "-f", "{{.State.Status}}", name).strip() == "running"
         before = ticks(name)[-1]
         wait_until(lambda: ticks(name)[-1] > before + 2, 120, "ticks after the move")

@@ -38,8 +38,7 @@ pytestmark = [
     pytest.mark.skipif(missing_engines() is not None, reason=str(missing_engines())),
 ]
 
-VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
-    "vmshim-runtime"
+VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or "vmshim-runtime"
 MIB = 1 << 20
 V1 = os.path.isdir("/sys/fs/cgroup/memory")
 
@@ -98,9 +97,21 @@ def workdir():
 def test_podman_vm_is_in_its_cgroup_with_limits_and_stats(workdir, busybox_archive):
     with Podman(VMSHIM_RUNTIME, workdir / "p") as podman:
         assert podman.load(busybox_archive) == BUSYBOX_REF
-        proc = podman.podman("run", "-d", *podman.run_args(), "--name", "cg",
-                             "--memory", "512m", "--pids-limit", "100", BUSYBOX_REF,
-                             "sleep", "600", timeout=300)
+        proc = podman.podman(
+            "run",
+            "-d",
+            *podman.run_args(),
+            "--name",
+            "cg",
+            "--memory",
+            "512m",
+            "--pids-limit",
+            "100",
+            BUSYBOX_REF,
+            "sleep",
+            "600",
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         oci_id = proc.stdout.strip()
         config = podman.podman("inspect", "--format", "{{.OCIConfigPath}}", "cg").stdout.strip()
@@ -114,8 +125,7 @@ def test_podman_vm_is_in_its_cgroup_with_limits_and_stats(workdir, busybox_archi
         else:
             assert knob(cgroups_path, "memory", "memory.max") == str(512 * MIB)
         assert knob(cgroups_path, "pids", "pids.max") == str(100 + HOST_TASKS)
-        usage = int(knob(cgroups_path, "memory",
-                         "memory.usage_in_bytes" if V1 else "memory.current"))
+        usage = int(knob(cgroups_path, "memory", "memory.usage_in_bytes" if V1 else "memory.current"))
         print(f"host cgroup memory with a 512m container: {usage / MIB:.0f} MiB")
 
         stats = podman.podman("stats", "--no-stream", "--format", "json", "cg", timeout=60)
@@ -129,28 +139,37 @@ def test_podman_vm_is_in_its_cgroup_with_limits_and_stats(workdir, busybox_archi
         # An exec goes through the VM again; libvirt has not moved QEMU back meanwhile.
         res = podman.podman("exec", "cg", "true", timeout=120)
         assert res.returncode == 0, res.stderr
-        assert all(cgroup_of(qemu, int(t)) == cgroups_path
-                   for t in os.listdir(f"/proc/{qemu}/task"))
+        assert all(cgroup_of(qemu, int(t)) == cgroups_path for t in os.listdir(f"/proc/{qemu}/task"))
 
         assert podman.podman("rm", "-f", "-t", "0", "cg", timeout=120).returncode == 0
-        wait_until(lambda: not os.path.exists(memory_dir(cgroups_path)), 30,
-                   "the container's cgroup is removed")
+        wait_until(lambda: not os.path.exists(memory_dir(cgroups_path)), 30, "the container's cgroup is removed")
         assert not os.path.exists(f"/proc/{qemu}") or cgroup_of(qemu) != cgroups_path
 
         # The VM is sized to fit the limit: a process going over the container's memory is
         # killed by the guest's OOM killer; the host's never kills the VM.
-        script = ("dd if=/dev/zero of=/big/f bs=64M count=4 2>/dev/null; echo rc=$?; "
-                  "sleep 600")
-        proc = podman.podman("run", "-d", *podman.run_args(), "--name", "oom",
-                             "--memory", "300m", "--tmpfs", "/big:size=256m", BUSYBOX_REF,
-                             "sh", "-c", script, timeout=300)
+        script = "dd if=/dev/zero of=/big/f bs=64M count=4 2>/dev/null; echo rc=$?; sleep 600"
+        proc = podman.podman(
+            "run",
+            "-d",
+            *podman.run_args(),
+            "--name",
+            "oom",
+            "--memory",
+            "300m",
+            "--tmpfs",
+            "/big:size=256m",
+            BUSYBOX_REF,
+            "sh",
+            "-c",
+            script,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         oci_id = proc.stdout.strip()
         config = podman.podman("inspect", "--format", "{{.OCIConfigPath}}", "oom").stdout.strip()
         with open(config) as f:
             cgroups_path = json.load(f)["linux"]["cgroupsPath"]
-        logs = wait_until(lambda: "rc=" in (out := podman.podman("logs", "oom").stdout) and out,
-                          180, "dd ends")
+        logs = wait_until(lambda: "rc=" in (out := podman.podman("logs", "oom").stdout) and out, 180, "dd ends")
         assert "rc=137" in logs, logs
         qemu = qemu_pid(oci_id)
         assert cgroup_of(qemu) == cgroups_path
@@ -171,14 +190,22 @@ def test_ctr_task_metrics_see_the_vm(workdir, busybox_archive):
         pytest.skip("containerd needs a private mount namespace (scripts/test makes one)")
     with Containerd(workdir / "c", VMSHIM_RUNTIME) as containerd:
         assert containerd.import_image(busybox_archive) == BUSYBOX_REF
-        proc = containerd.ctr("run", "-d", *containerd.run_args(), "--memory-limit",
-                              str(384 * MIB), BUSYBOX_REF, "h-cg", "sleep", "600",
-                              timeout=300)
+        proc = containerd.ctr(
+            "run",
+            "-d",
+            *containerd.run_args(),
+            "--memory-limit",
+            str(384 * MIB),
+            BUSYBOX_REF,
+            "h-cg",
+            "sleep",
+            "600",
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         cgroups_path = f"/{containerd.namespace}/h-cg"
         try:
-            pid = int(re.search(r"^h-cg\s+(\d+)", containerd.ctr("task", "ls").stdout,
-                                re.M).group(1))
+            pid = int(re.search(r"^h-cg\s+(\d+)", containerd.ctr("task", "ls").stdout, re.M).group(1))
             assert_vm_in(cgroups_path, pid, "h-cg")
             metrics = containerd.ctr("task", "metrics", "h-cg", timeout=60)
             assert metrics.returncode == 0, metrics.stderr
@@ -187,9 +214,7 @@ def test_ctr_task_metrics_see_the_vm(workdir, busybox_archive):
             assert usage and int(usage.group(1)) > 0, metrics.stdout
         finally:
             containerd.ctr("task", "kill", "--signal", "SIGKILL", "h-cg")
-            wait_until(lambda: "STOPPED" in containerd.ctr("task", "ls").stdout, 60,
-                       "the task stops")
+            wait_until(lambda: "STOPPED" in containerd.ctr("task", "ls").stdout, 60, "the task stops")
             containerd.ctr("task", "delete", "h-cg")
             containerd.ctr("container", "delete", "h-cg")
-        wait_until(lambda: not os.path.exists(memory_dir(cgroups_path)), 30,
-                   "the container's cgroup is removed")
+        wait_until(lambda: not os.path.exists(memory_dir(cgroups_path)), 30, "the container's cgroup is removed")

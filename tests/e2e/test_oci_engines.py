@@ -39,8 +39,7 @@ from tests.e2e.oci_engines import (
     subcommand,
 )
 
-VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or \
-    "vmshim-runtime"
+VMSHIM_RUNTIME = shutil.which("vmshim-runtime", path=os.path.dirname(sys.executable)) or "vmshim-runtime"
 
 pytestmark = [
     pytest.mark.host_root,
@@ -108,13 +107,13 @@ def busybox_oci_archive(workdir):
 
 # --- podman ---------------------------------------------------------------------------------
 
+
 def test_podman_loads_oci_archive_too(podman, busybox_oci_archive):
     assert podman.load(busybox_oci_archive) == BUSYBOX_REF
 
 
 def test_podman_run_rm(podman, runtime):
-    proc = podman.podman("run", "--rm", *podman.run_args(), "busybox", "sh", "-c",
-                         "echo hi; uname -r")
+    proc = podman.podman("run", "--rm", *podman.run_args(), "busybox", "sh", "-c", "echo hi; uname -r")
     assert proc.returncode == 0, _out(proc)
     assert proc.stdout == f"hi\n{runtime.kernel}\n"
     assert podman.podman("ps", "-aq").stdout == ""
@@ -127,14 +126,12 @@ def test_podman_exit_code(podman):
 
 def test_podman_detached_exec_logs_stop_rm(podman, runtime):
     script = 'echo started; trap "echo bye; exit 0" TERM; while :; do sleep 0.1; done'
-    proc = podman.podman("run", "-d", "--name", "h1", *podman.run_args(), "busybox",
-                         "sh", "-c", script)
+    proc = podman.podman("run", "-d", "--name", "h1", *podman.run_args(), "busybox", "sh", "-c", script)
     assert proc.returncode == 0, _out(proc)
     try:
         proc = podman.podman("exec", "h1", "sh", "-c", "echo in-exec; uname -r; exit 7")
         assert (proc.returncode, proc.stdout) == (7, f"in-exec\n{runtime.kernel}\n"), _out(proc)
-        rc, out = run_in_pty(podman.command("exec", "-t", "h1", "sh", "-c", "tty; exit 2"),
-                             env=podman.env)
+        rc, out = run_in_pty(podman.command("exec", "-t", "h1", "sh", "-c", "tty; exit 2"), env=podman.env)
         assert rc == 2 and b"/dev/pts/" in out, out
         deadline = time.monotonic() + 20
         while "started" not in podman.podman("logs", "h1").stdout:
@@ -144,8 +141,7 @@ def test_podman_detached_exec_logs_stop_rm(podman, runtime):
         assert status.strip() == "running"
         proc = podman.podman("stop", "--time", "10", "h1")
         assert proc.returncode == 0, _out(proc)
-        status = podman.podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
-                               "h1").stdout
+        status = podman.podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "h1").stdout
         assert status.strip() == "exited 0"  # the TERM trap ran: no SIGKILL
         assert podman.podman("logs", "h1").stdout == "started\nbye\n"
     finally:
@@ -155,9 +151,14 @@ def test_podman_detached_exec_logs_stop_rm(podman, runtime):
 
 
 def test_podman_run_it_has_a_tty(podman, runtime):
-    rc, out = run_in_pty(podman.command("run", "-it", "--rm", *podman.run_args(), "busybox",
-                                        "sh", "-c", "tty; read line; echo got $line; uname -r"),
-                         env=podman.env, input=b"typed\r", input_after=b"/dev/pts/")
+    rc, out = run_in_pty(
+        podman.command(
+            "run", "-it", "--rm", *podman.run_args(), "busybox", "sh", "-c", "tty; read line; echo got $line; uname -r"
+        ),
+        env=podman.env,
+        input=b"typed\r",
+        input_after=b"/dev/pts/",
+    )
     text = out.decode(errors="replace")
     assert rc == 0, text
     assert "/dev/pts/" in text and "got typed" in text and runtime.kernel in text, text
@@ -175,31 +176,32 @@ def test_podman_runtime_calls_are_logged(podman):
 
 # --- containerd -----------------------------------------------------------------------------
 
+
 def test_ctr_imports_oci_archive_too(containerd, busybox_oci_archive):
     assert containerd.import_image(busybox_oci_archive) == BUSYBOX_REF
 
 
 def test_ctr_run_rm(containerd, runtime):
-    proc = containerd.ctr("run", "--rm", *containerd.run_args(), BUSYBOX_REF, "h-echo",
-                          "sh", "-c", "echo hi; uname -r", timeout=120)
+    proc = containerd.ctr(
+        "run", "--rm", *containerd.run_args(), BUSYBOX_REF, "h-echo", "sh", "-c", "echo hi; uname -r", timeout=120
+    )
     assert proc.returncode == 0, _out(proc)
     assert proc.stdout == f"hi\n{runtime.kernel}\n"
 
 
 def test_ctr_exit_code(containerd):
-    proc = containerd.ctr("run", "--rm", *containerd.run_args(), BUSYBOX_REF, "h-exit",
-                          "sh", "-c", "exit 3", timeout=120)
+    proc = containerd.ctr(
+        "run", "--rm", *containerd.run_args(), BUSYBOX_REF, "h-exit", "sh", "-c", "exit 3", timeout=120
+    )
     assert proc.returncode == 3, _out(proc)
 
 
 def test_ctr_task_exec_ps_kill(containerd, runtime):
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'
-    proc = containerd.ctr("run", "-d", *containerd.run_args(), BUSYBOX_REF, "h-task",
-                          "sh", "-c", script)
+    proc = containerd.ctr("run", "-d", *containerd.run_args(), BUSYBOX_REF, "h-task", "sh", "-c", script)
     assert proc.returncode == 0, _out(proc)
     try:
-        proc = containerd.ctr("task", "exec", "--exec-id", "x1", "h-task",
-                              "sh", "-c", "echo in-exec; uname -r; exit 5")
+        proc = containerd.ctr("task", "exec", "--exec-id", "x1", "h-task", "sh", "-c", "echo in-exec; uname -r; exit 5")
         assert (proc.returncode, proc.stdout) == (5, f"in-exec\n{runtime.kernel}\n"), _out(proc)
         proc = containerd.ctr("task", "ps", "h-task")
         assert proc.returncode == 0, _out(proc)

@@ -25,8 +25,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.host_root]
 
 RUNTIME = [sys.executable, "-m", "shim.cli.runtime"]
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env",
-           "stat")
+APPLETS = ("sh", "echo", "cat", "ls", "uname", "sleep", "id", "tty", "true", "grep", "env", "stat")
 
 
 def runtime(root: Path, *args, timeout=240, log: Path | None = None):
@@ -34,14 +33,18 @@ def runtime(root: Path, *args, timeout=240, log: Path | None = None):
     the stdio it was given for as long as the container runs (as runc's init does)."""
     extra = ["--log", str(log)] if log else []
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.run(RUNTIME + ["--root", str(root)] + extra + list(args),
-                              stdout=out, stderr=err, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            RUNTIME + ["--root", str(root)] + extra + list(args),
+            stdout=out,
+            stderr=err,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode,
-                                           out.read().decode(errors="replace"),
-                                           err.read().decode(errors="replace"))
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        )
 
 
 def make_bundle(parent: Path, name: str, args: list[str], **process) -> Path:
@@ -57,8 +60,7 @@ def make_bundle(parent: Path, name: str, args: list[str], **process) -> Path:
         "ociVersion": "1.0.2",
         "root": {"path": "rootfs"},
         "hostname": name,
-        "process": {"args": args, "cwd": "/", "env": ["PATH=/bin"],
-                    "user": {"uid": 0, "gid": 0}, **process},
+        "process": {"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, **process},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
     }
@@ -123,16 +125,23 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     parent, root = work
     hook_log = parent / "hooks.log"
     hook = parent / "hook.sh"
-    hook.write_text(f"#!/bin/sh\nstatus=$(cat | tr -d ' \\n' | sed 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/')\n"
-                    f"echo \"$1 $status\" >> {hook_log}\n")
+    hook.write_text(
+        f"#!/bin/sh\nstatus=$(cat | tr -d ' \\n' | sed 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/')\n"
+        f'echo "$1 $status" >> {hook_log}\n'
+    )
     hook.chmod(0o755)
-    bundle = make_bundle(parent, "life", ["sh", "-c",
-                                          "trap 'echo bye; exit 7' TERM; echo up; "
-                                          "while true; do sleep 0.2; done"])
-    edit_config(bundle, lambda c: c.update(hooks={
-        kind: [{"path": str(hook), "args": ["hook", kind]}]
-        for kind in ("prestart", "createRuntime", "createContainer", "startContainer",
-                     "poststart", "poststop")}))
+    bundle = make_bundle(
+        parent, "life", ["sh", "-c", "trap 'echo bye; exit 7' TERM; echo up; while true; do sleep 0.2; done"]
+    )
+    edit_config(
+        bundle,
+        lambda c: c.update(
+            hooks={
+                kind: [{"path": str(hook), "args": ["hook", kind]}]
+                for kind in ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+            }
+        ),
+    )
     pid_file = parent / "life.pid"
     res = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "life")
     assert res.returncode == 0, res.stderr
@@ -152,8 +161,16 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     denied = runtime(root, "delete", "life")
     assert denied.returncode != 0 and "running" in denied.stderr
     process = parent / "process.json"
-    process.write_text(json.dumps({"args": ["sh", "-c", "echo from exec $(hostname); exit 4"],
-                                   "cwd": "/", "env": ["PATH=/bin"], "terminal": False}))
+    process.write_text(
+        json.dumps(
+            {
+                "args": ["sh", "-c", "echo from exec $(hostname); exit 4"],
+                "cwd": "/",
+                "env": ["PATH=/bin"],
+                "terminal": False,
+            }
+        )
+    )
     res = runtime(root, "exec", "--process", str(process), "life")
     assert (res.returncode, res.stdout.strip()) == (4, "from exec life")
     res = runtime(root, "ps", "--format", "json", "life")
@@ -179,34 +196,47 @@ def test_lifecycle_rules_hooks_exec_and_ps(work):
     assert runtime(root, "state", "life").returncode != 0
     assert not os.path.exists(memory + cgroup)
     assert hook_log.read_text().split("\n")[:-1] == [
-        "prestart created", "createRuntime created", "createContainer created",
-        "startContainer created", "poststart running", "poststop stopped"]
+        "prestart created",
+        "createRuntime created",
+        "createContainer created",
+        "startContainer created",
+        "poststart running",
+        "poststop stopped",
+    ]
 
 
 def test_linux_devices_are_made_in_the_container(work):
     """linux.devices: the guest makes each node with its number, mode and owner (also
     outside /dev), as runc does on the host."""
     parent, root = work
-    bundle = make_bundle(parent, "devs", ["sh", "-c", "stat -c '%n %F %t:%T %a %u:%g' "
-                                          "/dev/fuse /dev/mytun /dev/sub/null2 /opt/null3"])
-    edit_config(bundle, lambda c: c["linux"].update(
-        devices=[{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
-                  "fileMode": 0o640, "uid": 0, "gid": 5},
-                 {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200,
-                  "fileMode": 0o600},
-                 {"path": "/dev/sub/null2", "type": "u", "major": 1, "minor": 3},
-                 {"path": "/opt/null3", "type": "c", "major": 1, "minor": 3,
-                  "fileMode": 0o644}],
-        resources={"devices": [{"allow": False, "access": "rwm"},
-                               {"allow": True, "type": "c", "major": 10, "minor": 229,
-                                "access": "rw"}]}))
+    bundle = make_bundle(
+        parent, "devs", ["sh", "-c", "stat -c '%n %F %t:%T %a %u:%g' /dev/fuse /dev/mytun /dev/sub/null2 /opt/null3"]
+    )
+    edit_config(
+        bundle,
+        lambda c: c["linux"].update(
+            devices=[
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o640, "uid": 0, "gid": 5},
+                {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o600},
+                {"path": "/dev/sub/null2", "type": "u", "major": 1, "minor": 3},
+                {"path": "/opt/null3", "type": "c", "major": 1, "minor": 3, "fileMode": 0o644},
+            ],
+            resources={
+                "devices": [
+                    {"allow": False, "access": "rwm"},
+                    {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rw"},
+                ]
+            },
+        ),
+    )
     res = runtime(root, "run", "--bundle", str(bundle), "devs")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [
         "/dev/fuse character special file a:e5 640 0:5",
         "/dev/mytun character special file a:c8 600 0:0",
         "/dev/sub/null2 character special file 1:3 666 0:0",
-        "/opt/null3 character special file 1:3 644 0:0"], res.stdout
+        "/opt/null3 character special file 1:3 644 0:0",
+    ], res.stdout
 
 
 def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
@@ -214,10 +244,12 @@ def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
     it, the rootfs (owned by the mapped ids, as engines prepare it) is root's, a file of
     an unmapped id shows as the overflow id, and an exec joins the namespace."""
     parent, root = work
-    script = ("id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; "
-              "stat -c %u:%g /bin/busybox /unmapped; "
-              "echo x > /dev/null && echo x > /dev/mynull && echo null-ok; "
-              "trap 'exit 0' TERM; while :; do sleep 0.2; done")
+    script = (
+        "id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; "
+        "stat -c %u:%g /bin/busybox /unmapped; "
+        "echo x > /dev/null && echo x > /dev/mynull && echo null-ok; "
+        "trap 'exit 0' TERM; while :; do sleep 0.2; done"
+    )
     bundle = make_bundle(parent, "userns", ["sh", "-c", script])
     for dirpath, dirnames, filenames in os.walk(bundle / "rootfs"):
         for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
@@ -230,16 +262,19 @@ def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
         config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
         config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
         # mknod is refused in a user namespace: the guest's own node is bound instead
-        config["linux"]["devices"] = [{"path": "/dev/mynull", "type": "c", "major": 1,
-                                       "minor": 3}]
+        config["linux"]["devices"] = [{"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3}]
+
     edit_config(bundle, userns)
     pid_file = parent / "userns.pid"
     err = parent / "userns.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:  # the stand-in keeps them
-        proc = subprocess.run(RUNTIME + ["--root", str(root), "create", "--bundle",
-                                         str(bundle), "--pid-file", str(pid_file), "userns"],
-                              stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                              timeout=240)
+        proc = subprocess.run(
+            RUNTIME + ["--root", str(root), "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "userns"],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            timeout=240,
+        )
     assert proc.returncode == 0, err.read_text()
     pid = int(pid_file.read_text())
     res = runtime(root, "start", "userns")
@@ -248,15 +283,23 @@ def test_uid_gid_mappings_make_a_user_namespace(work, subreaper):
     while "null-ok" not in out.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     lines = [line.split() for line in out.read_text().splitlines()]
-    assert lines[:6] == [["0"], ["0", "100000", "65536"], ["0", "200000", "65536"],
-                         ["0:0"], ["65534:65534"], ["null-ok"]], out.read_text() + err.read_text()
+    assert lines[:6] == [
+        ["0"],
+        ["0", "100000", "65536"],
+        ["0", "200000", "65536"],
+        ["0:0"],
+        ["65534:65534"],
+        ["null-ok"],
+    ], out.read_text() + err.read_text()
     process = parent / "userns-exec.json"
-    process.write_text(json.dumps({"args": ["sh", "-c", "id -u; cat /proc/self/uid_map"],
-                                   "cwd": "/", "env": ["PATH=/bin"], "terminal": False}))
+    process.write_text(
+        json.dumps(
+            {"args": ["sh", "-c", "id -u; cat /proc/self/uid_map"], "cwd": "/", "env": ["PATH=/bin"], "terminal": False}
+        )
+    )
     res = runtime(root, "exec", "--process", str(process), "userns")
     assert res.returncode == 0, res.stderr
-    assert [line.split() for line in res.stdout.splitlines()] == [["0"], ["0", "100000",
-                                                                         "65536"]]
+    assert [line.split() for line in res.stdout.splitlines()] == [["0"], ["0", "100000", "65536"]]
     assert runtime(root, "kill", "userns", "TERM").returncode == 0
     assert reap(pid) == 0
     assert runtime(root, "delete", "userns").returncode == 0
@@ -266,8 +309,7 @@ def test_kill_and_force_delete_of_a_created_container(work):
     parent, root = work
     bundle = make_bundle(parent, "idle", ["true"])
     pid_file = parent / "idle.pid"
-    assert runtime(root, "create", "-b", str(bundle), "--pid-file", str(pid_file),
-                   "idle").returncode == 0
+    assert runtime(root, "create", "-b", str(bundle), "--pid-file", str(pid_file), "idle").returncode == 0
     pid = int(pid_file.read_text())
     assert runtime(root, "kill", "idle", "9").returncode == 0
     assert reap(pid) == -9
@@ -280,10 +322,13 @@ def test_kill_and_force_delete_of_a_created_container(work):
     assert runtime(root, "list", "-q").stdout.strip() == ""
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    (lambda b: (b / "config.json").write_text("{\"ociVersion\": "), "not valid JSON"),
-    (lambda b: shutil.rmtree(b / "rootfs"), "root.path"),
-])
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        (lambda b: (b / "config.json").write_text('{"ociVersion": '), "not valid JSON"),
+        (lambda b: shutil.rmtree(b / "rootfs"), "root.path"),
+    ],
+)
 def test_bad_bundle_leaves_nothing(work, breakage, needle):
     parent, root = work
     bundle = make_bundle(parent, "bad", ["true"])
@@ -291,8 +336,9 @@ def test_bad_bundle_leaves_nothing(work, breakage, needle):
     log = parent / "log.json"
     before = vmshim_domains()
     children = set(_children())
-    res = runtime(root, "--log-format", "json", "create", "-b", str(bundle), "--pid-file",
-                  str(parent / "bad.pid"), "bad", log=log)
+    res = runtime(
+        root, "--log-format", "json", "create", "-b", str(bundle), "--pid-file", str(parent / "bad.pid"), "bad", log=log
+    )
     assert res.returncode == 1
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert needle in json.loads(log.read_text().splitlines()[-1])["msg"]
@@ -312,25 +358,44 @@ def _children() -> list[int]:
 
 def test_terminal_through_the_console_socket(work):
     parent, root = work
-    bundle = make_bundle(parent, "tty", ["sh", "-c", "tty; read line; echo got $line; exit 5"],
-                         terminal=True, consoleSize={"height": 30, "width": 100})
+    bundle = make_bundle(
+        parent,
+        "tty",
+        ["sh", "-c", "tty; read line; echo got $line; exit 5"],
+        terminal=True,
+        consoleSize={"height": 30, "width": 100},
+    )
     sock_path = parent / "console.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(sock_path))
     server.listen(1)
     pid_file = parent / "tty.pid"
-    proc = subprocess.Popen(RUNTIME + ["--root", str(root), "create", "-b", str(bundle),
-                                       "--console-socket", str(sock_path), "--pid-file",
-                                       str(pid_file), "tty"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        RUNTIME
+        + [
+            "--root",
+            str(root),
+            "create",
+            "-b",
+            str(bundle),
+            "--console-socket",
+            str(sock_path),
+            "--pid-file",
+            str(pid_file),
+            "tty",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     server.settimeout(60)
     conn, _ = server.accept()
     fds = array.array("i")
     msg, ancdata, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:fds.itemsize])
+            fds.frombytes(data[: fds.itemsize])
     conn.close()
     server.close()
     assert proc.wait(60) == 0, proc.stderr.read()

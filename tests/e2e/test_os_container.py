@@ -53,14 +53,16 @@ def system_state() -> str:
 def wait_booted(since: float) -> str:
     """Wait until systemd says running or degraded; record the boot time. Degraded prints
     the failed units (the test's log says why)."""
-    state = wait_until(lambda: system_state() in ("running", "degraded") and system_state(),
-                       timeout=BOOT_DEADLINE, what="systemd running or degraded",
-                       interval=1.0)
+    state = wait_until(
+        lambda: system_state() in ("running", "degraded") and system_state(),
+        timeout=BOOT_DEADLINE,
+        what="systemd running or degraded",
+        interval=1.0,
+    )
     BOOT_TIMES.append(time.monotonic() - since)
     print(f"systemd {state} {BOOT_TIMES[-1]:.1f} s after run/start")
     if state == "degraded":
-        print("failed units:", ok("exec", NAME, "systemctl", "--failed", "--no-legend",
-                                  "--plain"))
+        print("failed units:", ok("exec", NAME, "systemctl", "--failed", "--no-legend", "--plain"))
     return state
 
 
@@ -70,12 +72,10 @@ def machine():
     if vmshim("image", "inspect", IMAGE).returncode != 0:
         proc = vmshim("image", "bootstrap", "debian-systemd", timeout=1800)
         if proc.returncode != 0:
-            pytest.skip(f"debian-systemd image not available (needs a Debian mirror): "
-                        f"{err(proc).strip()}")
+            pytest.skip(f"debian-systemd image not available (needs a Debian mirror): {err(proc).strip()}")
     port = free_port()
     started = time.monotonic()
-    proc = vmshim("run", "-d", "--os", "--name", NAME, "-p", f"127.0.0.1:{port}:22", IMAGE,
-                  env=SLOW_BOOT, timeout=900)
+    proc = vmshim("run", "-d", "--os", "--name", NAME, "-p", f"127.0.0.1:{port}:22", IMAGE, env=SLOW_BOOT, timeout=900)
     assert proc.returncode == 0, err(proc)
     try:
         wait_booted(started)
@@ -91,8 +91,7 @@ def test_init_is_systemd_with_a_delegated_cgroup(machine):
     assert "container=vmshim" in env.splitlines()
     mounts = ok("exec", machine, "cat", "/proc/self/mounts")
     assert re.search(r"^cgroup2 /sys/fs/cgroup cgroup2 rw", mounts, re.M), mounts
-    assert re.search(r"^tmpfs /run tmpfs", mounts, re.M) and re.search(r"^tmpfs /tmp tmpfs",
-                                                                        mounts, re.M)
+    assert re.search(r"^tmpfs /run tmpfs", mounts, re.M) and re.search(r"^tmpfs /tmp tmpfs", mounts, re.M)
     # systemd made its own slices below the container's cgroup
     assert "system.slice" in ok("exec", machine, "ls", "/sys/fs/cgroup").split()
 
@@ -113,13 +112,26 @@ def test_top_lists_the_services_and_logs_show_the_console(machine):
     for process in ("/sbin/init", "systemd-journald", "sshd"):
         assert process in table, table
     try:
-        wait_until(lambda: "hello from" in out(vmshim("logs", machine)), timeout=120,
-                   what="the demo service's line in the log (journald → console)")
+        wait_until(
+            lambda: "hello from" in out(vmshim("logs", machine)),
+            timeout=120,
+            what="the demo service's line in the log (journald → console)",
+        )
     except AssertionError:
         print("log tail:", out(vmshim("logs", "--tail", "30", machine)))
-        print(out(vmshim("exec", machine, "sh", "-c", "ls -l /dev/console /proc/1/fd/0; "
-                         "grep console /proc/self/mountinfo; journalctl -n 10 --no-pager "
-                         "-u vmshim-hello -u systemd-journald")))
+        print(
+            out(
+                vmshim(
+                    "exec",
+                    machine,
+                    "sh",
+                    "-c",
+                    "ls -l /dev/console /proc/1/fd/0; "
+                    "grep console /proc/self/mountinfo; journalctl -n 10 --no-pager "
+                    "-u vmshim-hello -u systemd-journald",
+                )
+            )
+        )
         raise
     stats = json.loads(ok("stats", "--no-stream", "--format", "json", machine).splitlines()[0])
     print("stats:", json.dumps(stats))  # the README's memory figures
@@ -133,8 +145,7 @@ def test_ssh_login_on_the_published_port(machine):
 
     key = paramiko.RSAKey.generate(2048)
     public = f"{key.get_name()} {key.get_base64()} vmshim-test\n".encode()
-    proc = vmshim("exec", "-i", machine, "sh", "-c",
-                  "umask 077; cat > /root/.ssh/authorized_keys", input=public)
+    proc = vmshim("exec", "-i", machine, "sh", "-c", "umask 077; cat > /root/.ssh/authorized_keys", input=public)
     assert proc.returncode == 0, err(proc)
     ports = json.loads(ok("inspect", "-f", "{{json .NetworkSettings.Ports}}", machine))
     bound = ports["22/tcp"][0]
@@ -144,9 +155,17 @@ def test_ssh_login_on_the_published_port(machine):
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         try:
-            client.connect(bound["HostIp"], int(bound["HostPort"]), username="root", pkey=key,
-                           timeout=30, banner_timeout=60, auth_timeout=60,
-                           allow_agent=False, look_for_keys=False)
+            client.connect(
+                bound["HostIp"],
+                int(bound["HostPort"]),
+                username="root",
+                pkey=key,
+                timeout=30,
+                banner_timeout=60,
+                auth_timeout=60,
+                allow_agent=False,
+                look_for_keys=False,
+            )
         except (OSError, paramiko.SSHException):
             client.close()
             return None
@@ -154,8 +173,7 @@ def test_ssh_login_on_the_published_port(machine):
 
     client = wait_until(login, timeout=120, what="an ssh login", interval=2.0)
     try:
-        _stdin, stdout, _stderr = client.exec_command("cat /etc/hostname; systemctl "
-                                                      "is-active ssh", timeout=120)
+        _stdin, stdout, _stderr = client.exec_command("cat /etc/hostname; systemctl is-active ssh", timeout=120)
         text = stdout.read().decode()
     finally:
         client.close()
@@ -175,13 +193,14 @@ def test_stop_powers_off_cleanly_and_start_boots_again_with_files_kept(machine):
     started = time.monotonic()
     ok("start", machine, env=SLOW_BOOT, timeout=900)
     wait_booted(started)
-    journal = out(vmshim("exec", machine, "journalctl", "-b", "-1", "-n", "40", "--no-pager",
-                         "-o", "short-monotonic"))
+    journal = out(vmshim("exec", machine, "journalctl", "-b", "-1", "-n", "40", "--no-pager", "-o", "short-monotonic"))
     print("the previous boot's end, from its journal:\n" + journal)
     assert took < stop_timeout, "systemd did not power off before the stop timeout"
     assert exit_code == "0"
     # SIGRTMIN+3 is systemd's halt: in a container, halt.target ends the init
-    clean = (r"Reached target .*(Power-Off|Power Off|System Halt)|Halting system|"
-             r"Powering off|Starting systemd-halt")
+    clean = (
+        r"Reached target .*(Power-Off|Power Off|System Halt)|Halting system|"
+        r"Powering off|Starting systemd-halt"
+    )
     assert re.search(clean, log) or re.search(clean, journal), log[-3000:]
     assert ok("exec", machine, "cat", "/root/marker").strip() == "kept"

@@ -55,8 +55,9 @@ def test_stop_returns_and_start_rm_run_with_the_same_name_follow_at_once(names):
 def test_the_monitor_shows_what_it_is_in_ps(names):
     name = unique("title")
     names.append(name)
-    cid = ok("run", "-d", "--isolation", "process", "--network", "none", "--name", name,
-             "busybox", "sh", "-c", TRAP).strip()
+    cid = ok(
+        "run", "-d", "--isolation", "process", "--network", "none", "--name", name, "busybox", "sh", "-c", TRAP
+    ).strip()
     pid = int(inspect(name, "{{.State.MonitorPid}}"))
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         args = f.read().rstrip(b"\0").split(b"\0")
@@ -69,12 +70,27 @@ def test_the_monitor_shows_what_it_is_in_ps(names):
 def test_ps_shows_published_ports_and_labels(names):
     name = unique("ports")
     names.append(name)
-    ok("run", "-d", "--name", name, "-p", "127.0.0.1::8080", "--label", "tier=web",
-       "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
+    ok(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        "127.0.0.1::8080",
+        "--label",
+        "tier=web",
+        "busybox",
+        "sh",
+        "-c",
+        TRAP,
+        env=SLOW_BOOT,
+    )
     bound = json.loads(inspect(name, "{{json .NetworkSettings.Ports}}"))["8080/tcp"][0]
     published = f"{bound['HostIp']}:{bound['HostPort']}->8080/tcp"
-    assert ok("ps", "--filter", f"name={name}", "--format",
-              "{{.Names}}|{{.Ports}}|{{.Labels}}").strip() == f"{name}|{published}|tier=web"
+    assert (
+        ok("ps", "--filter", f"name={name}", "--format", "{{.Names}}|{{.Ports}}|{{.Labels}}").strip()
+        == f"{name}|{published}|tier=web"
+    )
     table = ok("ps", "--filter", f"name={name}").splitlines()
     assert "PORTS" in table[0] and published in table[1]
     assert json.loads(inspect(name, "{{json .Config.Labels}}")) == {"tier": "web"}
@@ -149,8 +165,22 @@ def test_run_of_an_image_no_registry_serves_is_one_line_in_seconds():
 def test_restarting_shows_in_ps_and_inspect_while_the_policy_waits(names):
     name = unique("restart")
     names.append(name)
-    ok("run", "-d", "--restart", "always", "--isolation", "process", "--network", "none",
-       "--name", name, "busybox", "sh", "-c", "exit 3")
+    ok(
+        "run",
+        "-d",
+        "--restart",
+        "always",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        "exit 3",
+    )
 
     def waiting_after_a_few_restarts():
         state = json.loads(inspect(name, "{{json .State}}"))
@@ -173,9 +203,14 @@ class Terminal:
 
     def __init__(self, *args: str):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(CLI + list(args), stdin=slave, stdout=slave,
-                                     stderr=slave, start_new_session=True,
-                                     env=dict(os.environ, **SLOW_BOOT))
+        self.proc = subprocess.Popen(
+            CLI + list(args),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env=dict(os.environ, **SLOW_BOOT),
+        )
         os.close(slave)
         self.seen = b""
 
@@ -198,8 +233,7 @@ class Terminal:
 
     def wait_raw(self, timeout: float = 60) -> None:
         """Until the CLI has put the terminal in raw mode (it is then reading it)."""
-        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ICANON,
-                   timeout, "the terminal in raw mode")
+        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ICANON, timeout, "the terminal in raw mode")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -243,9 +277,14 @@ def test_stats_of_a_vm_report_its_own_cgroup_and_qemu_apart(names):
     ok("run", "-d", "--name", name, "busybox", "sh", "-c", TRAP, env=SLOW_BOOT)
     gateway = json.loads(inspect(name, "{{json .NetworkSettings}}"))["Gateway"]
     assert gateway, "the container needs a network to count its traffic"
-    ok("exec", name, "sh", "-c",
-       f"dd if=/dev/zero of=/big bs=1M count=8 conv=fsync 2>/dev/null; "
-       f"timeout 5 wget -q -O /dev/null http://{gateway}:9/ 2>/dev/null; true")  # ARP + SYN out
+    ok(
+        "exec",
+        name,
+        "sh",
+        "-c",
+        f"dd if=/dev/zero of=/big bs=1M count=8 conv=fsync 2>/dev/null; "
+        f"timeout 5 wget -q -O /dev/null http://{gateway}:9/ 2>/dev/null; true",
+    )  # ARP + SYN out
     # (not wget -T: busybox-static 1.35's wget dies of SIGSEGV with it, before any socket)
     row = json.loads(ok("stats", "--no-stream", "--format", "json", name))
     cgroup, host = row["Cgroup"], row["Host"]

@@ -37,16 +37,18 @@ def pool():
         vmshim("pool", "rm", timeout=120)
         assert pool_state()["keeper_pid"] == 0
         assert pool_state()["vms"] == []
-        wait_until(lambda: not {d for d in vmshim_domains() - before
-                                if d.startswith("vmshim-pool-")}, 30, "pooled domains gone")
+        wait_until(
+            lambda: not {d for d in vmshim_domains() - before if d.startswith("vmshim-pool-")},
+            30,
+            "pooled domains gone",
+        )
 
 
 def test_bench_start_pooled_is_faster_than_cold(tmp_path):
     """`vmshim bench --only start`: cold and pooled `run --rm busybox true` in one run
     (the table goes to the log); the pool is off again afterwards."""
     out_dir = tmp_path / "bench"
-    proc = vmshim("bench", "--runs", "5", "--only", "start", "--output", str(out_dir),
-                  timeout=1800)
+    proc = vmshim("bench", "--runs", "5", "--only", "start", "--output", str(out_dir), timeout=1800)
     assert proc.returncode == 0, err(proc)
     print(out(proc))
     fig = json.loads((out_dir / "results.json").read_text())["figures"]["start"]["subjects"]
@@ -90,8 +92,7 @@ def test_two_pooled_containers_are_fresh(pool):
         assert _exec(a, "hostname") == ids[0][:12]
         mac_a, mac_b = (_exec(n, "cat", "/sys/class/net/eth0/address") for n in names)
         assert mac_a != mac_b
-        rng_a, rng_b = (_exec(n, "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1")
-                        for n in names)
+        rng_a, rng_b = (_exec(n, "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1") for n in names)
         assert rng_a and rng_b and rng_a != rng_b
         assert _token(ids[0]) != _token(ids[1])
     finally:

@@ -99,15 +99,17 @@ def test_push_rmi_pull_and_run_busybox(registry, restore_busybox):  # noqa: F811
 
 
 @pytest.mark.parametrize("isolation", [pytest.param("vm", marks=vm), "process"])
-def test_file_deleted_in_upper_layer_is_absent_after_pull(registry, tmp_path,  # noqa: F811
-                                                          isolation):
+def test_file_deleted_in_upper_layer_is_absent_after_pull(
+    registry,
+    tmp_path,  # noqa: F811
+    isolation,
+):
     host, _ = registry
     store = ImageStore()
     busybox = store.resolve("busybox")
     base = tmp_path / "base.tar"
     shutil.copyfile(store.blob_path(busybox.layers[0].digest), base)
-    middle = _layer(tmp_path / "middle.tar", {"etc": None, "etc/keep": b"kept\n",
-                                              "etc/gone": b"deleted later\n"})
+    middle = _layer(tmp_path / "middle.tar", {"etc": None, "etc/keep": b"kept\n", "etc/gone": b"deleted later\n"})
     upper = _layer(tmp_path / "upper.tar", {"etc": None, "etc/.wh.gone": b""})
     ref = f"{host}/test/deleted:1"
     store.import_image([base, middle, upper], busybox.config, ref)
@@ -116,7 +118,15 @@ def test_file_deleted_in_upper_layer_is_absent_after_pull(registry, tmp_path,  #
     with empty_root():
         assert ImageStore().list_images() == []
         vmshim("pull", "-q", ref, check=True)
-        proc = vmshim("run", "--rm", "--isolation", isolation, ref, "sh", "-c",
-                      "cat /etc/keep; test -e /etc/gone && echo PRESENT || echo absent")
+        proc = vmshim(
+            "run",
+            "--rm",
+            "--isolation",
+            isolation,
+            ref,
+            "sh",
+            "-c",
+            "cat /etc/keep; test -e /etc/gone && echo PRESENT || echo absent",
+        )
         assert proc.returncode == 0, proc.stderr
         assert out(proc).splitlines() == ["kept", "absent"]

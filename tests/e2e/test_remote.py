@@ -40,8 +40,13 @@ def sshd(tmp_path_factory):
 
 def remote(sshd, *args, input=None, timeout=180, env=None):
     """Run the CLI with --host pointing at the test sshd (HOME = the client's home)."""
-    return subprocess.run(CLI + ["--host", sshd.url] + list(args), input=input,
-                          capture_output=True, timeout=timeout, env=sshd.client_env(**(env or {})))
+    return subprocess.run(
+        CLI + ["--host", sshd.url] + list(args),
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=sshd.client_env(**(env or {})),
+    )
 
 
 def text(proc) -> str:
@@ -69,8 +74,7 @@ def other_home(sshd, tmp_path, key: bool = True, known_hosts: str | None = "real
 
 def run_other(sshd, env, *args):
     try:
-        return subprocess.run(CLI + ["--host", sshd.url] + list(args), capture_output=True,
-                              timeout=60, env=env)
+        return subprocess.run(CLI + ["--host", sshd.url] + list(args), capture_output=True, timeout=60, env=env)
     finally:
         for pidfile in (Path(env["HOME"]) / ".cache" / "vmshim" / "ssh").glob("*.pid"):
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
@@ -114,8 +118,10 @@ def test_missing_user_key_is_refused(sshd, tmp_path):
 
 def test_wrong_user_key_is_refused(sshd, tmp_path):
     env = other_home(sshd, tmp_path, key=False)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                    str(Path(env["HOME"]) / ".ssh" / "id_ed25519")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(Path(env["HOME"]) / ".ssh" / "id_ed25519")],
+        check=True,
+    )
     proc = run_other(sshd, env, "ps")
     assert proc.returncode == 125 and "SSH authentication as root@" in err(proc)
     assert "authorized_keys" in err(proc)
@@ -146,8 +152,20 @@ def test_contexts(sshd):
     def cli(*args):
         return subprocess.run(CLI + list(args), capture_output=True, timeout=60, env=env)
 
-    assert cli("context", "create", "lab", "--host", sshd.url, "--description", "loopback",
-               "--remote-vmshim", REMOTE_VMSHIM).returncode == 0
+    assert (
+        cli(
+            "context",
+            "create",
+            "lab",
+            "--host",
+            sshd.url,
+            "--description",
+            "loopback",
+            "--remote-vmshim",
+            REMOTE_VMSHIM,
+        ).returncode
+        == 0
+    )
     bad = cli("context", "create", "bad", "--host", "tcp://x")
     assert bad.returncode != 0 and "expected ssh://" in err(bad)
     assert "lab " in text(cli("context", "ls")) and "default *" in text(cli("context", "ls"))
@@ -184,8 +202,17 @@ def test_save_and_load_stream_local_files(sshd, tmp_path):
 @pytest.fixture(scope="module")
 def box(sshd):
     name = f"remote-{uuid.uuid4().hex[:8]}"
-    proc = remote(sshd, "run", "-d", "--name", name, "busybox", "sh", "-c",
-                  "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done")
+    proc = remote(
+        sshd,
+        "run",
+        "-d",
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done",
+    )
     assert proc.returncode == 0, err(proc)
     yield name
     vmshim("rm", "-f", name)
@@ -205,9 +232,21 @@ def test_ctrl_c_reaches_the_remote_container(sshd):
     """SIGINT to the local client (a terminal's Ctrl-C without -t) → SSH signal → the remote
     vmshim forwards it to the container, as the local CLI does: the trap's exit code."""
     proc = subprocess.Popen(
-        CLI + ["--host", sshd.url, "run", "--rm", "busybox", "sh", "-c",
-               'trap "echo got-int; exit 42" INT; echo ready; while true; do sleep 0.2; done'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sshd.client_env())
+        CLI
+        + [
+            "--host",
+            sshd.url,
+            "run",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            'trap "echo got-int; exit 42" INT; echo ready; while true; do sleep 0.2; done',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=sshd.client_env(),
+    )
     try:
         wait_until(lambda: select.select([proc.stdout], [], [], 1)[0], 90, "ready")
         assert proc.stdout.readline() == b"ready\n"
@@ -235,8 +274,12 @@ def test_exec(sshd, box):
 
 @vm
 def test_logs_follow_streams_and_ctrl_c_stops_it(sshd, box):
-    proc = subprocess.Popen(CLI + ["--host", sshd.url, "logs", "-f", box], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=sshd.client_env())
+    proc = subprocess.Popen(
+        CLI + ["--host", sshd.url, "logs", "-f", box],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=sshd.client_env(),
+    )
     try:
         seen = b""
         deadline = time.monotonic() + 60
@@ -269,9 +312,14 @@ def test_run_it_under_a_pty_follows_resizes(sshd):
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(CLI + ["--host", sshd.url, "run", "-it", "--rm", "busybox", "sh"],
-                            stdin=slave, stdout=slave, stderr=slave, env=sshd.client_env(),
-                            preexec_fn=controlling_tty)
+    proc = subprocess.Popen(
+        CLI + ["--host", sshd.url, "run", "-it", "--rm", "busybox", "sh"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=sshd.client_env(),
+        preexec_fn=controlling_tty,
+    )
     os.close(slave)
     seen = bytearray()
 
@@ -328,7 +376,7 @@ def test_cp_both_ways(sshd, box, tmp_path):
 def test_build_streams_the_local_context_minus_dockerignore(sshd, tmp_path):
     context = tmp_path / "ctx"
     context.mkdir()
-    (context / "Dockerfile").write_text("FROM busybox\nCOPY . /ctx/\nCMD [\"ls\", \"/ctx\"]\n")
+    (context / "Dockerfile").write_text('FROM busybox\nCOPY . /ctx/\nCMD ["ls", "/ctx"]\n')
     (context / "kept.txt").write_text("kept\n")
     (context / "secret.txt").write_text("secret\n")
     (context / ".dockerignore").write_text("secret.txt\n")
@@ -364,9 +412,12 @@ def test_remote_benchmark_reports_overhead_and_ratios(tmp_path):
     import sys
 
     out = tmp_path / "remote.json"
-    proc = subprocess.run([sys.executable, "benchmarks/remote.py", "--runs", "3", "--json", str(out)],
-                          capture_output=True, timeout=900,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/remote.py", "--runs", "3", "--json", str(out)],
+        capture_output=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 0, err(proc)
     print(text(proc))  # the figures, for -rP
     data = json.loads(out.read_text())

@@ -68,8 +68,7 @@ def test_stdin_is_forwarded(isolation):
 
 @vm
 def test_ten_mib_of_stdout_arrive_byte_exact():
-    script = ("head -c 10485760 /dev/urandom > /tmp/data && sha256sum /tmp/data >&2 "
-              "&& cat /tmp/data")
+    script = "head -c 10485760 /dev/urandom > /tmp/data && sha256sum /tmp/data >&2 && cat /tmp/data"
     proc = vmshim("run", "--rm", "busybox", "sh", "-c", script)
     assert proc.returncode == 0, err(proc)
     assert len(proc.stdout) == 10 * 1024 * 1024
@@ -86,8 +85,10 @@ def test_stdin_of_one_mib_round_trips():
 
 @vm
 def test_the_container_sees_only_itself():
-    script = ("ps -o pid,comm > /tmp/ps; hostname; cat /sys/fs/cgroup/cgroup.procs | wc -l; "
-              "test -f /sys/fs/cgroup/memory.max && echo own-cgroup; tail -n +2 /tmp/ps")
+    script = (
+        "ps -o pid,comm > /tmp/ps; hostname; cat /sys/fs/cgroup/cgroup.procs | wc -l; "
+        "test -f /sys/fs/cgroup/memory.max && echo own-cgroup; tail -n +2 /tmp/ps"
+    )
     proc = vmshim("run", "--rm", "--hostname", "box1", "busybox", "sh", "-c", script)
     assert proc.returncode == 0, err(proc)
     hostname, cgroup_procs, own, *ps = out(proc).splitlines()
@@ -99,8 +100,20 @@ def test_the_container_sees_only_itself():
 
 @vm
 def test_flags_reach_the_process():
-    proc = vmshim("run", "--rm", "-e", "GREETING=hi there", "-w", "/tmp", "-u", "1000:1000",
-                  "busybox", "sh", "-c", 'echo "$GREETING"; pwd; id -u; id -g')
+    proc = vmshim(
+        "run",
+        "--rm",
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "-u",
+        "1000:1000",
+        "busybox",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd; id -u; id -g',
+    )
     assert proc.returncode == 0, err(proc)
     assert out(proc).splitlines() == ["hi there", "/tmp", "1000", "1000"]
 
@@ -108,8 +121,21 @@ def test_flags_reach_the_process():
 def test_user_name_and_env_file_in_process_isolation(tmp_path):
     env_file = tmp_path / "env"
     env_file.write_text("# comment\nA=1\nB=two words\n")
-    proc = vmshim("run", "--rm", "--isolation", "process", "--env-file", str(env_file),
-                  "-u", "user", "--entrypoint", "sh", "busybox", "-c", 'echo "$A $B"; id -un')
+    proc = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--env-file",
+        str(env_file),
+        "-u",
+        "user",
+        "--entrypoint",
+        "sh",
+        "busybox",
+        "-c",
+        'echo "$A $B"; id -un',
+    )
     assert proc.returncode == 0, err(proc)
     assert out(proc).splitlines() == ["1 two words", "user"]
 
@@ -161,8 +187,9 @@ def test_bad_isolation_flag():
 
 
 def test_libvirtd_not_reachable_is_one_clear_line(tmp_path):
-    proc = vmshim("run", "--rm", "busybox", "true",
-                  env={"VMSHIM_LIBVIRT_URI": f"qemu:///system?socket={tmp_path}/no.sock"})
+    proc = vmshim(
+        "run", "--rm", "busybox", "true", env={"VMSHIM_LIBVIRT_URI": f"qemu:///system?socket={tmp_path}/no.sock"}
+    )
     assert proc.returncode == 125
     lines = err(proc).strip().splitlines()
     assert len(lines) == 1 and "libvirtd" in lines[0], err(proc)
@@ -195,13 +222,19 @@ def test_sigint_during_boot_tears_the_vm_down(domains_before):
     proc = _spawn(["run", "--rm", "busybox", "sh", "-c", "echo started; sleep 100"])
     # Inside the boot: the domain exists (createXML returned) and its serial console is
     # open; the agent writes "ready at" there once the container is assembled.
-    found = wait_until(lambda: vmshim_domains() - domains_before or proc.poll() is not None,
-                       60, "the container's domain", interval=0.05)
+    found = wait_until(
+        lambda: vmshim_domains() - domains_before or proc.poll() is not None,
+        60,
+        "the container's domain",
+        interval=0.05,
+    )
     assert proc.poll() is None, "vmshim run ended before its domain was seen"
     [domain] = found
     console_log = paths.root() / "run" / domain.removeprefix("vmshim-") / "console.log"
-    console = open(wait_until(lambda: console_log if console_log.exists() else None, 30,
-                              "the serial console log", interval=0.02), "rb")
+    console = open(
+        wait_until(lambda: console_log if console_log.exists() else None, 30, "the serial console log", interval=0.02),
+        "rb",
+    )
     try:
         proc.send_signal(signal.SIGINT)
         seen_at_signal = console.read()  # the open file outlives the teardown's unlink
@@ -218,9 +251,24 @@ def test_sigint_during_boot_tears_the_vm_down(domains_before):
 def test_tty_under_a_real_pty(isolation):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = subprocess.Popen(CLI + ["run", "--rm", "-it", "--isolation", isolation, "busybox",
-                                   "sh", "-c", "tty; stty size; read line; echo got:$line"],
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        CLI
+        + [
+            "run",
+            "--rm",
+            "-it",
+            "--isolation",
+            isolation,
+            "busybox",
+            "sh",
+            "-c",
+            "tty; stty size; read line; echo got:$line",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     try:
         seen = _read_fd_until(master, b"33 101", 120)

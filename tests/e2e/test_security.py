@@ -35,8 +35,9 @@ def probe_dir(tmp_path_factory) -> Path:
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the probe (scripts/setup installs it)")
     out = tmp_path_factory.mktemp("probe")
-    subprocess.run(["gcc", "-static", "-O1", "-o", str(out / "probe"), str(PROBE_SOURCE)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["gcc", "-static", "-O1", "-o", str(out / "probe"), str(PROBE_SOURCE)], check=True, capture_output=True
+    )
     out.chmod(0o755)
     return out
 
@@ -65,17 +66,36 @@ def _start(isolation: str, probe_dir: Path, tmp_path_factory, *flags) -> Box:
     name = f"sec-{isolation}-{uuid.uuid4().hex[:8]}"
     ro_dir = tmp_path_factory.mktemp("ro")
     ro_dir.chmod(0o777)
-    ok("run", "-d", "--name", name, "--isolation", isolation, "--network", "none",
-       "-v", f"{probe_dir}:/probe:ro", "-v", f"{ro_dir}:/data:ro", *flags,
-       "busybox", "sleep", "3600", timeout=300)
+    ok(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--isolation",
+        isolation,
+        "--network",
+        "none",
+        "-v",
+        f"{probe_dir}:/probe:ro",
+        "-v",
+        f"{ro_dir}:/data:ro",
+        *flags,
+        "busybox",
+        "sleep",
+        "3600",
+        timeout=300,
+    )
     return Box(name, ro_dir)
 
 
 def _boxes(isolation, probe_dir, tmp_path_factory):
     boxes = {}
     try:
-        for kind, flags in (("default", ()), ("privileged", ("--privileged",)),
-                            ("nnp", ("--security-opt", "no-new-privileges"))):
+        for kind, flags in (
+            ("default", ()),
+            ("privileged", ("--privileged",)),
+            ("nnp", ("--security-opt", "no-new-privileges")),
+        ):
             boxes[kind] = _start(isolation, probe_dir, tmp_path_factory, *flags)
         yield boxes
     finally:
@@ -100,6 +120,7 @@ def boxes(request):
 
 # ---- the defaults --------------------------------------------------------------------------
 
+
 def test_default_capabilities_and_seccomp(boxes):
     box = boxes["default"]
     assert box.status("CapEff") == DOCKER_CAPEFF
@@ -117,8 +138,7 @@ def test_default_blocks_what_docker_blocks(boxes):
         assert box.probe(call).startswith(f"{call}: {EPERM}"), call
     # busybox's own tools hit the same walls.
     assert "Operation not permitted" in box.sh("unshare -U true")
-    assert "denied" in box.sh("mount -t tmpfs none /mnt") or \
-        "not permitted" in box.sh("mount -t tmpfs none /mnt")
+    assert "denied" in box.sh("mount -t tmpfs none /mnt") or "not permitted" in box.sh("mount -t tmpfs none /mnt")
 
 
 def test_default_cannot_use_a_block_device_it_made(boxes):
@@ -142,13 +162,14 @@ def test_default_cannot_remount_a_readonly_bind(boxes):
 
 def test_masked_and_readonly_paths(boxes):
     box = boxes["default"]
-    out = box.sh("for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug; do "
-                 "[ -e $f ] && echo \"$f $(wc -c < $f)\"; done; true")
+    out = box.sh(
+        "for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug; do "
+        '[ -e $f ] && echo "$f $(wc -c < $f)"; done; true'
+    )
     sizes = dict(line.split() for line in out.splitlines())
     assert sizes and set(sizes.values()) == {"0"}, out  # what the kernel has is masked
     assert "Read-only" in box.sh("echo 1 > /proc/sys/kernel/domainname")
-    assert "Read-only" in box.sh("[ ! -e /proc/sysrq-trigger ] && echo Read-only "
-                                 "|| echo 1 > /proc/sysrq-trigger")
+    assert "Read-only" in box.sh("[ ! -e /proc/sysrq-trigger ] && echo Read-only || echo 1 > /proc/sysrq-trigger")
 
 
 def test_setuid_binary_works_without_nnp_and_not_with_it(boxes):
@@ -160,6 +181,7 @@ def test_setuid_binary_works_without_nnp_and_not_with_it(boxes):
 
 
 # ---- --privileged ------------------------------------------------------------------------
+
 
 def test_privileged_can(boxes):
     box = boxes["privileged"]
@@ -178,34 +200,70 @@ def test_privileged_can(boxes):
 
 # ---- flags ---------------------------------------------------------------------------------
 
+
 def test_exec_privileged_gets_every_capability_but_keeps_seccomp(boxes):
     box = boxes["default"]
-    proc = vmshim("exec", "--privileged", box.name, "sh", "-c",
-                  "grep -E '^(CapEff|Seccomp):' /proc/self/status; /probe/probe mount")
+    proc = vmshim(
+        "exec",
+        "--privileged",
+        box.name,
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|Seccomp):' /proc/self/status; /probe/probe mount",
+    )
     out = proc.stdout.decode()
     assert int(out.split("CapEff:")[1].split()[0], 16) & (1 << 21)  # CAP_SYS_ADMIN
     assert "Seccomp:\t2" in out
     assert f"mount: {EPERM}" in out  # the container's profile still refuses it
 
+
 def test_cap_add_drop_and_seccomp_unconfined_process(tmp_path):
-    out = ok("run", "--rm", "--isolation", "process", "--network", "none",
-             "--cap-drop", "ALL", "--cap-add", "net_admin", "--cap-add", "CAP_KILL",
-             "--security-opt", "seccomp=unconfined", "busybox", "sh", "-c",
-             "grep -E '^(CapEff|Seccomp):' /proc/self/status")
+    out = ok(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "net_admin",
+        "--cap-add",
+        "CAP_KILL",
+        "--security-opt",
+        "seccomp=unconfined",
+        "busybox",
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|Seccomp):' /proc/self/status",
+    )
     lines = dict(line.split(":\t") for line in out.splitlines())
     assert int(lines["CapEff"], 16) == (1 << 12) | (1 << 5)
     assert lines["Seccomp"] == "0"
 
 
 def test_seccomp_profile_file_process(tmp_path, probe_dir):
-    profile = {"defaultAction": "SCMP_ACT_ALLOW",
-               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
-                             "errnoRet": 13}]}
+    profile = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}],
+    }
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile))
-    proc = vmshim("run", "--rm", "--isolation", "process", "--network", "none",
-                  "--security-opt", f"seccomp={path}", "busybox", "sh", "-c",
-                  "mkdir /tmp/x; grep '^Seccomp:' /proc/self/status")
+    proc = vmshim(
+        "run",
+        "--rm",
+        "--isolation",
+        "process",
+        "--network",
+        "none",
+        "--security-opt",
+        f"seccomp={path}",
+        "busybox",
+        "sh",
+        "-c",
+        "mkdir /tmp/x; grep '^Seccomp:' /proc/self/status",
+    )
     text = proc.stdout.decode() + proc.stderr.decode()
     assert "Permission denied" in text and "Seccomp:\t2" in text
 
@@ -213,13 +271,14 @@ def test_seccomp_profile_file_process(tmp_path, probe_dir):
 def test_bad_security_flags_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"defaultAction": "SCMP_ACT_NOPE"}')
-    for flags, words in ((["--cap-add", "NOT_A_CAP"], "not a Linux capability"),
-                         (["--security-opt", "apparmor-nope"], "invalid --security-opt"),
-                         (["--security-opt", f"seccomp={bad}"], "defaultAction"),
-                         (["--security-opt", "seccomp=/nonexistent.json"], "cannot read"),
-                         (["--device", "/etc/passwd"], "not a device node")):
-        proc = vmshim("run", "--rm", "--isolation", "process", "--network", "none", *flags,
-                      "busybox", "true")
+    for flags, words in (
+        (["--cap-add", "NOT_A_CAP"], "not a Linux capability"),
+        (["--security-opt", "apparmor-nope"], "invalid --security-opt"),
+        (["--security-opt", f"seccomp={bad}"], "defaultAction"),
+        (["--security-opt", "seccomp=/nonexistent.json"], "cannot read"),
+        (["--device", "/etc/passwd"], "not a device node"),
+    ):
+        proc = vmshim("run", "--rm", "--isolation", "process", "--network", "none", *flags, "busybox", "true")
         err = proc.stderr.decode().strip()
         assert proc.returncode != 0 and words in err and len(err.splitlines()) == 1, err
 
@@ -229,9 +288,21 @@ def test_device_flag_gives_that_device(isolation):
     """/dev/kmsg (1:11) is not one of docker's default devices (see the next test): the
     node --device gives can be opened (for writing, which needs no CAP_SYSLOG; nothing is
     written)."""
-    out = ok("run", "--rm", "--isolation", isolation, "--network", "none",
-             "--device", "/dev/kmsg:/dev/given", "busybox", "sh", "-c",
-             "(exec 3>/dev/given && echo given-opened) 2>&1; true", timeout=300)
+    out = ok(
+        "run",
+        "--rm",
+        "--isolation",
+        isolation,
+        "--network",
+        "none",
+        "--device",
+        "/dev/kmsg:/dev/given",
+        "busybox",
+        "sh",
+        "-c",
+        "(exec 3>/dev/given && echo given-opened) 2>&1; true",
+        timeout=300,
+    )
     assert "given-opened" in out, out
 
 

@@ -37,21 +37,23 @@ def test_containers_from_one_template_are_fresh(domains_before):
         assert key in ok("template", "ls")
         ids = []
         for name in names:
-            proc = vmshim("run", "-d", "--rm", "--network", "none", "--name", name,
-                          "busybox", "sleep", "600", timeout=300)
+            proc = vmshim(
+                "run", "-d", "--rm", "--network", "none", "--name", name, "busybox", "sleep", "600", timeout=300
+            )
             assert proc.returncode == 0, err(proc)
             ids.append(ok("inspect", "-f", "{{.Id}}", name).strip())
         for cid in ids:
-            wait_until(lambda cid=cid: f"started from snapshot template {key}"
-                       in monitor_log(cid), 30, "the monitor's note of the template")
+            wait_until(
+                lambda cid=cid: f"started from snapshot template {key}" in monitor_log(cid),
+                30,
+                "the monitor's note of the template",
+            )
         hostnames = [ok("exec", n, "hostname").strip() for n in names]
         assert hostnames == [cid[:12] for cid in ids]
         assert ok("exec", names[0], "cat", "/etc/hostname").strip() == ids[0][:12]
-        tokens = [json.loads((state_root() / "containers" / cid / "state.json").read_text())
-                  ["token"] for cid in ids]
+        tokens = [json.loads((state_root() / "containers" / cid / "state.json").read_text())["token"] for cid in ids]
         assert tokens[0] != tokens[1]  # and each agent took its own: exec works in both
-        rng = [ok("exec", n, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1").strip()
-               for n in names]
+        rng = [ok("exec", n, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1").strip() for n in names]
         assert rng[0] != rng[1]
         ok("exec", names[0], "sh", "-c", "echo mine > /tmp/only-a")
         assert vmshim("exec", names[1], "test", "-e", "/tmp/only-a").returncode == 1

@@ -15,10 +15,12 @@ from shim.images.store import ImageStore, bootstrap
 
 pytestmark = pytest.mark.skipif(
     not Path("/bin/busybox").is_file() or shutil.which("tar2sqfs") is None,
-    reason="needs busybox-static and squashfs-tools-ng")
+    reason="needs busybox-static and squashfs-tools-ng",
+)
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control"),
-                                reason="needs root and loop devices")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
+)
 
 
 @pytest.fixture
@@ -28,8 +30,7 @@ def store(tmp_path, monkeypatch):
 
 
 def rd(sqfs, *args):
-    return subprocess.run(["rdsquashfs", *args, str(sqfs)], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["rdsquashfs", *args, str(sqfs)], capture_output=True, text=True, check=True).stdout
 
 
 def test_build_is_deterministic_and_configured(store, tmp_path):
@@ -47,8 +48,7 @@ def test_build_is_deterministic_and_configured(store, tmp_path):
 
     other = ImageStore(tmp_path / "other")
     again = bootstrap("busybox", other)
-    assert (again.manifest_digest, again.config_digest) == (image.manifest_digest,
-                                                            image.config_digest)
+    assert (again.manifest_digest, again.config_digest) == (image.manifest_digest, image.config_digest)
     assert store.resolve("busybox").manifest_digest == image.manifest_digest
 
 
@@ -56,8 +56,7 @@ def test_layer_disk_content(store):
     image = bootstrap("busybox", store)
     sqfs = layer_disk(store, image.layers[0])
     names = {line.split()[-1] for line in rd(sqfs, "-l", "/").splitlines()}
-    assert names == {"bin", "dev", "etc", "home", "proc", "root", "sbin", "sys", "tmp", "usr",
-                     "var"}
+    assert names == {"bin", "dev", "etc", "home", "proc", "root", "sbin", "sys", "tmp", "usr", "var"}
     assert "sh -> /bin/busybox" in rd(sqfs, "-l", "/bin")
     assert "Access: 01777" in rd(sqfs, "-s", "/tmp")
     assert "Access: 0700" in rd(sqfs, "-s", "/root")
@@ -77,12 +76,18 @@ def test_chroot_runs_busybox_from_the_mounted_layer(store, tmp_path):
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     mount_layer(sqfs, mnt)
     try:
-        out = subprocess.run([chroot, str(mnt), "/bin/busybox", "echo", "hi"],
-                             capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            [chroot, str(mnt), "/bin/busybox", "echo", "hi"], capture_output=True, text=True, check=True, timeout=30
+        )
         assert out.stdout == "hi\n"
-        out = subprocess.run([chroot, str(mnt), "/bin/sh", "-c", "id -un; ls /bin | wc -l"],
-                             capture_output=True, text=True, check=True, timeout=30,
-                             env={"PATH": "/bin:/usr/bin"})
+        out = subprocess.run(
+            [chroot, str(mnt), "/bin/sh", "-c", "id -un; ls /bin | wc -l"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env={"PATH": "/bin:/usr/bin"},
+        )
         name, count = out.stdout.split()
         assert name == "root" and int(count) > 50
     finally:

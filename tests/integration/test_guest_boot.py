@@ -51,14 +51,14 @@ def image() -> guestimage.GuestImage:
 
 def test_vm_guest_boots_and_agent_sends_hello(image, tmp_path):
     sock_path, serial = str(tmp_path / "agent.sock"), tmp_path / "serial.log"
-    config = BootConfig(container_id="floor", token="t0ken", hostname="floor",
-                        process=ProcessSpec(args=["/bin/sh"]), layer_count=0)
+    config = BootConfig(
+        container_id="floor", token="t0ken", hostname="floor", process=ProcessSpec(args=["/bin/sh"]), layer_count=0
+    )
     drive = build_config_drive(config, tmp_path / "config.iso")
     cmd = guestimage.boot_floor_command(image, sock_path, str(serial), config_drive=str(drive))
     started = time.monotonic()
     deadline = started + BOOT_TIMEOUT
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     messages: list[protocol.Message] = []
     try:
         sock = _connect(sock_path, proc, deadline)

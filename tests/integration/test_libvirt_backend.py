@@ -34,10 +34,14 @@ from shim.vm.libvirt_backend import LibvirtBackend
 
 BUSYBOX = "/bin/busybox"
 HELLO = "VMSHIM-TEST-HELLO"
-VIRTIO_BLK_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
-                      "drivers/virtio/virtio_pci_legacy_dev.ko",
-                      "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci.ko",
-                      "drivers/block/virtio_blk.ko")
+VIRTIO_BLK_MODULES = (
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
+)
 """Loaded in this order by /init (the cloud kernel has virtio as modules)."""
 REBOOT_INIT = f"""#!/bin/busybox sh
 for m in /modules/*.ko; do /bin/busybox insmod $m; done
@@ -63,8 +67,7 @@ def write_initramfs(path: Path, init_script: str, modules: list[Path] = ()) -> N
     entries: list[bytes] = []
 
     def add(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        fields = (len(entries) + 1, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1],
-                  len(name) + 1, 0)
+        fields = (len(entries) + 1, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
         head = b"070701" + "".join(f"{v:08X}" for v in fields).encode() + name.encode() + b"\0"
         head += b"\0" * (-len(head) % 4)
         entries.append(head + data + b"\0" * (-len(data) % 4))
@@ -173,12 +176,17 @@ def make_domain(workdir, kernel, initrds, backend):
         name = f"vmshim-test-{tag}-{uuid.uuid4().hex[:6]}"
         d = workdir / name
         d.mkdir()
-        args = dict(name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1,
-                    domain_type="qemu",
-                    boot=KernelBoot(kernel=kernel[0], initrd=str(initrds[init])),
-                    channels=[AgentChannel(socket_path=str(d / "agent.sock"))],
-                    serial=SerialLog(path=str(d / "console.log")),
-                    metadata={"container-id": tag})
+        args = dict(
+            name=name,
+            uuid=str(uuid.uuid4()),
+            memory_mib=128,
+            vcpus=1,
+            domain_type="qemu",
+            boot=KernelBoot(kernel=kernel[0], initrd=str(initrds[init])),
+            channels=[AgentChannel(socket_path=str(d / "agent.sock"))],
+            serial=SerialLog(path=str(d / "console.log")),
+            metadata={"container-id": tag},
+        )
         args.update(overrides)
         made.append(name)
         return Domain(**args)
@@ -197,10 +205,14 @@ def test_vm_boots_logs_and_vanishes_after_guest_reboot(backend, make_domain, wor
     layer.write_bytes(b"\0" * 65536)
     with open(writable, "wb") as f:
         f.truncate(1 << 20)
-    domain = make_domain("reboot", init="reboot", disks=[
-        Disk(source=str(layer), target="vda", serial="vmshim-l0", shareable=True),
-        Disk(source=str(writable), target="vdb", serial="vmshim-rw", readonly=False,
-             discard=True)])
+    domain = make_domain(
+        "reboot",
+        init="reboot",
+        disks=[
+            Disk(source=str(layer), target="vda", serial="vmshim-l0", shareable=True),
+            Disk(source=str(writable), target="vdb", serial="vmshim-rw", readonly=False, discard=True),
+        ],
+    )
     start = time.monotonic()
     handle = backend.create(domain)
     created = time.monotonic() - start
@@ -212,8 +224,9 @@ def test_vm_boots_logs_and_vanishes_after_guest_reboot(backend, make_domain, wor
     log = read(handle.serial_log)
     if initrds["has_virtio_blk"]:  # the guest sees both disks, by serial
         assert "disk vmshim-l0" in log and "disk vmshim-rw" in log, log
-    assert wait_for(lambda: domain.name not in backend.list_domains(), 10, 0.05), \
+    assert wait_for(lambda: domain.name not in backend.list_domains(), 10, 0.05), (
         "the domain should vanish after the guest rebooted (on_reboot=destroy)"
+    )
     gone = time.monotonic() - start
     assert not backend.is_running(domain.name)
     print(f"\ncreateXML {created:.2f}s, serial hello {hello:.2f}s, gone {gone:.2f}s")
@@ -283,8 +296,9 @@ def test_destroy_of_a_missing_domain_is_a_noop(backend):
 
 @pytest.mark.vm
 def test_failed_start_is_one_clear_line(backend, make_domain, workdir):
-    domain = make_domain("broken", boot=KernelBoot(kernel=str(workdir / "no-such-vmlinuz"),
-                                                   initrd=str(workdir / "no-such-initrd")))
+    domain = make_domain(
+        "broken", boot=KernelBoot(kernel=str(workdir / "no-such-vmlinuz"), initrd=str(workdir / "no-such-initrd"))
+    )
     with pytest.raises(HypervisorError) as info:
         backend.create(domain)
     message = str(info.value)
@@ -302,8 +316,7 @@ def test_golden_xml_is_valid_for_libvirt(backend, golden):
     root.find("uuid").text = str(uuid.uuid4())
     conn = libvirt.open(paths.libvirt_uri())
     try:
-        dom = conn.defineXMLFlags(ET.tostring(root, encoding="unicode"),
-                                  libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        dom = conn.defineXMLFlags(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
         try:
             live = ET.fromstring(dom.XMLDesc(0))
             assert live.find("devices/controller[@type='usb']").get("model") == "none"
@@ -318,8 +331,7 @@ def test_unreachable_libvirtd_gives_one_line_and_prints_nothing(capfd):
     with pytest.raises(HypervisorError) as info:
         backend.list_domains()
     message = str(info.value)
-    assert message.startswith(
-        "cannot reach libvirtd at qemu+unix:///system?socket=/nonexistent/libvirt-sock: ")
+    assert message.startswith("cannot reach libvirtd at qemu+unix:///system?socket=/nonexistent/libvirt-sock: ")
     assert "start it with `libvirtd -d`" in message and "\n" not in message
     out, err = capfd.readouterr()
     assert "libvirt" not in err and out == ""

@@ -67,11 +67,16 @@ def volumes(tmp_path):
 def make_box(busybox_layer, tmp_path):  # noqa: F811
     boxes = Boxes(busybox_layer, tmp_path)
 
-    def make(*, limits: Limits | None = None, mounts=None, read_only=False,
-             process_spec: ProcessSpec | None = None):
-        config = BootConfig(container_id=f"test-{secrets.token_hex(4)}", token="t",
-                            hostname="box", process=process_spec or ProcessSpec(args=["true"]),
-                            layer_count=1, limits=limits, read_only=read_only)
+    def make(*, limits: Limits | None = None, mounts=None, read_only=False, process_spec: ProcessSpec | None = None):
+        config = BootConfig(
+            container_id=f"test-{secrets.token_hex(4)}",
+            token="t",
+            hostname="box",
+            process=process_spec or ProcessSpec(args=["true"]),
+            layer_count=1,
+            limits=limits,
+            read_only=read_only,
+        )
         return boxes.create(config, mounts=mounts)
 
     yield make
@@ -96,6 +101,7 @@ def cpu_quota(cgroup) -> str:
 
 # ---- limits ----------------------------------------------------------------------------------
 
+
 def test_cpus_half_holds_a_busy_loop_near_half_a_cpu(make_box):
     limits = from_flags(cpus="0.5").limits("process")
     box = make_box(limits=limits)
@@ -112,8 +118,10 @@ def test_cpus_half_holds_a_busy_loop_near_half_a_cpu(make_box):
 
 def test_pids_limit_stops_a_fork_bomb(make_box):
     box = make_box(limits=from_flags(pids_limit=20).limits("process"))
-    bomb = "i=0; while [ $i -lt 60 ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; " \
-           "cat /proc/self/status >/dev/null; echo started $(jobs -p | wc -l)"
+    bomb = (
+        "i=0; while [ $i -lt 60 ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; "
+        "cat /proc/self/status >/dev/null; echo started $(jobs -p | wc -l)"
+    )
     code, out, err = box.run(["sh", "-c", bomb])
     assert len(box.container.cgroup.procs()) <= 20
     assert int(box.container.stats()["pids"]) <= 20
@@ -122,8 +130,9 @@ def test_pids_limit_stops_a_fork_bomb(make_box):
 
 def test_memory_limit_oom_kill_is_reported(make_box):
     box = make_box(limits=from_flags(memory="64m").limits("process"))
-    code, _, _ = box.run(["sh", "-c", "dd if=/dev/zero bs=1M count=200 | cat > /dev/shm/x;"
-                                      "head -c 200m /dev/zero | tail"])
+    code, _, _ = box.run(
+        ["sh", "-c", "dd if=/dev/zero bs=1M count=200 | cat > /dev/shm/x;head -c 200m /dev/zero | tail"]
+    )
     assert code == 137
     assert box.container.oom_killed()
     assert box.container.stats()["oom_kills"] >= 1
@@ -133,8 +142,7 @@ def test_update_changes_the_limits_of_a_running_container(make_box):
     box = make_box(limits=from_flags(memory="64m", pids_limit=50, cpus="1").limits("process"))
     spawned = box.spawn(["sleep", "100"])
     cgroup = box.container.cgroup
-    box.container.update(from_flags(memory="128m", cpus="0.25", pids_limit=10,
-                                    cpu_shares=512).limits("process"))
+    box.container.update(from_flags(memory="128m", cpus="0.25", pids_limit=10, cpu_shares=512).limits("process"))
     memory = ("memory", "memory.limit_in_bytes"), "memory.max"
     pids = ("pids", "pids.max"), "pids.max"
     assert knob(cgroup, *memory) == str(128 << 20)
@@ -153,8 +161,7 @@ def test_update_changes_the_limits_of_a_running_container(make_box):
 
 
 def test_cpuset_reservation_and_swap(make_box):
-    limits = from_flags(memory="64m", memory_swap="96m", memory_reservation="32m",
-                        cpuset_cpus="0").limits("process")
+    limits = from_flags(memory="64m", memory_swap="96m", memory_reservation="32m", cpuset_cpus="0").limits("process")
     box = make_box(limits=limits)
     cgroup = box.container.cgroup
     code, out, _ = box.run(["cat", "/proc/self/status"])
@@ -175,8 +182,9 @@ def test_device_read_bps_is_written_for_the_device(make_box, tmp_path):
     backing = tmp_path / "disk.img"
     with open(backing, "wb") as f:
         f.truncate(8 << 20)
-    loop = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         disk = os.stat(loop)
         box = make_box(limits=from_flags(device_read_bps=[f"{loop}:1m"]).limits("process"))
@@ -207,8 +215,11 @@ def test_blkio_weight_is_set_where_the_kernel_has_a_knob(make_box):
 
 
 def test_ulimits_and_oom_score_adj(make_box):
-    spec = ProcessSpec(args=["sh", "-c", "ulimit -n; ulimit -Hn; cat /proc/self/oom_score_adj"],
-                       rlimits=[["nofile", 100, 200]], oom_score_adj=500)
+    spec = ProcessSpec(
+        args=["sh", "-c", "ulimit -n; ulimit -Hn; cat /proc/self/oom_score_adj"],
+        rlimits=[["nofile", 100, 200]],
+        oom_score_adj=500,
+    )
     box = make_box()
     spawned = box.container.start(spec, stdin=False)
     box.spawned.append(spawned)
@@ -228,8 +239,7 @@ def test_raising_a_hard_ulimit_is_applied_or_refused_with_the_reason(make_box):
     status = Path("/proc/self/status").read_text()
     cap_eff = int(next(ln for ln in status.splitlines() if ln.startswith("CapEff")).split()[1], 16)
     box = make_box()
-    spec = ProcessSpec(args=["sh", "-c", f"test $(ulimit -Hn) = {hard + 1}"],
-                       rlimits=[["nofile", hard + 1, hard + 1]])
+    spec = ProcessSpec(args=["sh", "-c", f"test $(ulimit -Hn) = {hard + 1}"], rlimits=[["nofile", hard + 1, hard + 1]])
     if cap_eff & (1 << 24):
         spawned = box.container.start(spec, stdin=False)
         box.spawned.append(spawned)
@@ -241,20 +251,24 @@ def test_raising_a_hard_ulimit_is_applied_or_refused_with_the_reason(make_box):
 
 # ---- mounts ----------------------------------------------------------------------------------
 
+
 def test_bind_mounts_rw_and_ro_and_tmpfs(make_box, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "hello").write_text("from the host\n")
-    mounts = [(MountSpec(type="bind", source=str(shared), target="/data"), str(shared)),
-              (MountSpec(type="bind", source=str(shared), target="/ro", readonly=True),
-               str(shared)),
-              (MountSpec(type="tmpfs", target="/scratch", options="size=1m,mode=1777"), None)]
+    mounts = [
+        (MountSpec(type="bind", source=str(shared), target="/data"), str(shared)),
+        (MountSpec(type="bind", source=str(shared), target="/ro", readonly=True), str(shared)),
+        (MountSpec(type="tmpfs", target="/scratch", options="size=1m,mode=1777"), None),
+    ]
     box = make_box(mounts=mounts)
     main = box.spawn(["sleep", "100"])
-    script = ("cat /data/hello; echo back > /data/from-container; "
-              "echo x > /ro/nope 2>/dev/null || echo ro-refused; "
-              "grep ' /scratch ' /proc/mounts; "
-              "dd if=/dev/zero of=/scratch/big bs=1k count=2048 2>/dev/null || echo tmpfs-full")
+    script = (
+        "cat /data/hello; echo back > /data/from-container; "
+        "echo x > /ro/nope 2>/dev/null || echo ro-refused; "
+        "grep ' /scratch ' /proc/mounts; "
+        "dd if=/dev/zero of=/scratch/big bs=1k count=2048 2>/dev/null || echo tmpfs-full"
+    )
     code, out, err = box.run(["sh", "-c", script])
     assert code == 0, err
     assert "from the host" in out and "ro-refused" in out and "tmpfs-full" in out
@@ -269,8 +283,7 @@ def test_bind_mounts_rw_and_ro_and_tmpfs(make_box, tmp_path):
 def test_read_only_root_with_a_writable_tmpfs(make_box):
     mounts = [(MountSpec(type="tmpfs", target="/tmp"), None)]
     box = make_box(mounts=mounts, read_only=True)
-    code, out, _ = box.run(["sh", "-c", "touch /x 2>/dev/null || echo root-ro; "
-                                        "touch /tmp/x && echo tmp-rw"])
+    code, out, _ = box.run(["sh", "-c", "touch /x 2>/dev/null || echo root-ro; touch /tmp/x && echo tmp-rw"])
     assert out.split() == ["root-ro", "tmp-rw"]
 
 
@@ -282,8 +295,9 @@ def test_mount_target_symlink_stays_inside_the_rootfs(make_box, tmp_path, busybo
     os.symlink("/../../../../../../tmp", box.container.rootfs + "/escape")
     from guest.runtime.mounts import mount_one
 
-    target = mount_one(box.container.rootfs, MountSpec(type="bind", source=str(shared),
-                                                       target="/escape/x"), str(shared))
+    target = mount_one(
+        box.container.rootfs, MountSpec(type="bind", source=str(shared), target="/escape/x"), str(shared)
+    )
     try:
         assert target.startswith(box.container.rootfs + "/")
     finally:
@@ -300,15 +314,13 @@ def test_named_volume_persists_and_copies_image_content(make_box, volumes, tmp_p
     finally:
         attachments.unstage()
     assert not (tmp_path / "stage" / "0").exists()
-    code, out, err = box.run(["sh", "-c", "cat /etc/passwd | head -1; echo kept > /etc/note; "
-                                          "sync"])
+    code, out, err = box.run(["sh", "-c", "cat /etc/passwd | head -1; echo kept > /etc/note; sync"])
     assert code == 0, err
     assert out.startswith("root:")  # docker copies the image's /etc into a new volume
     box.container.destroy()
     attachments.release()
     # A second container sees the data.
-    attachments = Attachments([MountRequest(type="volume", source="data1", target="/v",
-                                            readonly=True)], store=volumes)
+    attachments = Attachments([MountRequest(type="volume", source="data1", target="/v", readonly=True)], store=volumes)
     items = attachments.for_process(tmp_path / "stage2")
     try:
         box2 = make_box(mounts=items)

@@ -23,9 +23,11 @@ pytestmark = [
 ]
 
 MIB = 1 << 20
-THREADS = ("import threading, time\n"
-           "for _ in range(3): threading.Thread(target=time.sleep, args=(120,), daemon=True).start()\n"
-           "print('up', flush=True); time.sleep(120)\n")
+THREADS = (
+    "import threading, time\n"
+    "for _ in range(3): threading.Thread(target=time.sleep, args=(120,), daemon=True).start()\n"
+    "print('up', flush=True); time.sleep(120)\n"
+)
 
 
 @pytest.fixture
@@ -61,10 +63,13 @@ def _read(directory: str, knob: str) -> str:
 
 def test_cgroups_path_gets_limits_and_a_process_with_every_thread(top, threaded):
     target = hostcgroup.parse_path(f"/{top}/ctr-1", "ctr-1")
-    limits = hostcgroup.host_limits({
-        "memory": {"limit": 300 * MIB, "reservation": 100 * MIB},
-        "cpu": {"quota": 50000, "period": 100000, "shares": 512, "cpus": "0", "mems": "0"},
-        "pids": {"limit": 100}})
+    limits = hostcgroup.host_limits(
+        {
+            "memory": {"limit": 300 * MIB, "reservation": 100 * MIB},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 512, "cpus": "0", "mems": "0"},
+            "pids": {"limit": 100},
+        }
+    )
     cgroup = hostcgroup.create(target, limits, pid=threaded.pid)
     assert len(os.listdir(f"/proc/{threaded.pid}/task")) >= 4
     assert cgroup.holds(threaded.pid)
@@ -98,12 +103,10 @@ def test_placer_moves_a_process_whose_threads_sit_in_other_cgroups(top, threaded
     """libvirt puts QEMU in its machine cgroup and, on v1, each vCPU thread in a cgroup of
     its own: every thread must end up in the container's cgroup."""
     hier = Hierarchies.detect()
-    elsewhere = hostcgroup.create(hostcgroup.parse_path(f"/{top}/libvirt", "x"), HostLimits(),
-                                  pid=threaded.pid)
+    elsewhere = hostcgroup.create(hostcgroup.parse_path(f"/{top}/libvirt", "x"), HostLimits(), pid=threaded.pid)
     if hier.version == 1:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{threaded.pid}/task"))
-        vcpu = hostcgroup.create(hostcgroup.parse_path(f"/{top}/libvirt-vcpu0", "x"),
-                                 HostLimits())
+        vcpu = hostcgroup.create(hostcgroup.parse_path(f"/{top}/libvirt-vcpu0", "x"), HostLimits())
         for directory in vcpu.directories:
             with open(os.path.join(directory, "tasks"), "w") as f:
                 f.write(str(tids[-1]))
@@ -135,8 +138,6 @@ def test_a_cgroups_path_through_an_interface_file_is_refused(top):
     hier = Hierarchies.detect()
     knob = "cgroup.procs"
     with pytest.raises(CgroupPathError):
-        hostcgroup.create(hostcgroup.parse_path(f"/{knob}/x", "x"), HostLimits(),
-                          hierarchies=hier)
+        hostcgroup.create(hostcgroup.parse_path(f"/{knob}/x", "x"), HostLimits(), hierarchies=hier)
     with pytest.raises(CgroupPathError, match="not a cgroup"):
-        hostcgroup.create(hostcgroup.parse_path(f"/{knob}", "x"), HostLimits(),
-                          hierarchies=hier)
+        hostcgroup.create(hostcgroup.parse_path(f"/{knob}", "x"), HostLimits(), hierarchies=hier)

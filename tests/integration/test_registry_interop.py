@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def needs(tool: str):
-    return pytest.mark.skipif(shutil.which(tool) is None,
-                              reason=f"{tool} is not installed (scripts/setup installs it)")
+    return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} is not installed (scripts/setup installs it)")
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control"),
-                                reason="needs root and loop devices")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices"
+)
 
 
 def free_port() -> int:
@@ -64,8 +64,12 @@ http:
   addr: 127.0.0.1:{port}
 """)
     log = open(base / "registry.log", "wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(base / "config.yml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     host = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -76,9 +80,9 @@ http:
                         break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("docker-registry did not start: "
-                                       + (base / "registry.log").read_text()[-2000:]) \
-                        from None
+                    raise RuntimeError(
+                        "docker-registry did not start: " + (base / "registry.log").read_text()[-2000:]
+                    ) from None
                 time.sleep(0.1)
         yield host, storage
     finally:
@@ -100,12 +104,16 @@ def root(tmp_path, monkeypatch):
 
 
 def vmshim(*args, env=None, check=True, **kw):
-    res = subprocess.run([sys.executable, "-m", "shim.cli.main", *args], cwd=REPO,
-                         capture_output=True, text=True, env={**os.environ, **(env or {})},
-                         **kw)
+    res = subprocess.run(
+        [sys.executable, "-m", "shim.cli.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
     if check and res.returncode != 0:
-        raise AssertionError(f"vmshim {' '.join(args)} failed ({res.returncode}): "
-                             f"{res.stderr}{res.stdout}")
+        raise AssertionError(f"vmshim {' '.join(args)} failed ({res.returncode}): {res.stderr}{res.stdout}")
     return res
 
 
@@ -118,8 +126,10 @@ def registry_digest(host: str, name: str) -> str:
     """sha256 of the manifest bytes the registry serves (what skopeo reports)."""
     req = urllib.request.Request(
         f"http://{host}/v2/{name.split(':')[0]}/manifests/{name.split(':')[1]}",
-        headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
-                           "application/vnd.docker.distribution.manifest.v2+json"})
+        headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+        },
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return "sha256:" + hashlib.sha256(r.read()).hexdigest()
 
@@ -149,8 +159,7 @@ def test_push_rmi_pull_by_tag_and_digest(registry, root):
     by_digest = f"{host}/library/busybox@{image.manifest_digest}"
     assert vmshim("pull", "-q", by_digest).stdout.strip() == by_digest
     assert store.resolve(by_digest).manifest_digest == image.manifest_digest
-    assert [x.digest for x in store.resolve(by_digest).layers] == \
-        [x.digest for x in image.layers]
+    assert [x.digest for x in store.resolve(by_digest).layers] == [x.digest for x in image.layers]
 
 
 def _tar(path: Path, entries) -> Path:
@@ -160,12 +169,20 @@ def _tar(path: Path, entries) -> Path:
 @needs("tar2sqfs")
 def test_whiteout_image_round_trip(registry, root, tmp_path):
     host, _ = registry
-    lower = _tar(tmp_path / "lower.tar", [("etc", None), ("etc/keep", b"kept\n"),
-                                          ("etc/gone", b"deleted later\n"),
-                                          ("data", None), ("data/old", b"old\n")])
-    upper = _tar(tmp_path / "upper.tar", [("etc", None), ("etc/.wh.gone", b""),
-                                          ("data", None), ("data/.wh..wh..opq", b""),
-                                          ("data/new", b"new\n")])
+    lower = _tar(
+        tmp_path / "lower.tar",
+        [
+            ("etc", None),
+            ("etc/keep", b"kept\n"),
+            ("etc/gone", b"deleted later\n"),
+            ("data", None),
+            ("data/old", b"old\n"),
+        ],
+    )
+    upper = _tar(
+        tmp_path / "upper.tar",
+        [("etc", None), ("etc/.wh.gone", b""), ("data", None), ("data/.wh..wh..opq", b""), ("data/new", b"new\n")],
+    )
     ref = f"{host}/test/whiteout:1"
     src = ImageStore(tmp_path / "src")
     image = import_image([lower, upper], {"config": {"Cmd": ["sh"]}}, ref, store=src)
@@ -175,11 +192,11 @@ def test_whiteout_image_round_trip(registry, root, tmp_path):
     res = pull(ref, store=store)
     assert res.manifest_digest == image.manifest_digest
     pulled = store.resolve(ref)
-    assert [(x.digest, x.diff_id) for x in pulled.layers] == \
-        [(x.digest, x.diff_id) for x in image.layers]
+    assert [(x.digest, x.diff_id) for x in pulled.layers] == [(x.digest, x.diff_id) for x in image.layers]
     disks = [layer_disk(store, x) for x in pulled.layers]
-    listing = subprocess.run(["rdsquashfs", "-l", "/etc", str(disks[1])], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        ["rdsquashfs", "-l", "/etc", str(disks[1])], capture_output=True, text=True, check=True
+    ).stdout
     assert "gone" in listing  # the whiteout, as a 0/0 char device
 
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
@@ -218,8 +235,12 @@ def test_killed_pull_completes_when_pulled_again(root, tmp_path):
         seeded = reg.add_image("slow/img", "1", [big.read_bytes()])
         reg.state.slow = 1 << 20  # 1 MiB/s: the pull takes ~3 s
         ref = f"{reg.host}/slow/img:1"
-        proc = subprocess.Popen([sys.executable, "-m", "shim.cli.main", "pull", "-q", ref],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shim.cli.main", "pull", "-q", ref],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         partial = root / "images" / "ingest" / f"{seeded['layers'][0][7:]}.partial"
         deadline = time.monotonic() + 30
         while not (partial.exists() and partial.stat().st_size > 300_000):
@@ -231,8 +252,7 @@ def test_killed_pull_completes_when_pulled_again(root, tmp_path):
         assert 0 < kept < big.stat().st_size
         reg.state.slow = 0
         vmshim("pull", "-q", ref)
-        ranges = [h.get("Range") for m, p, h in reg.state.log
-                  if m == "GET" and seeded["layers"][0] in p]
+        ranges = [h.get("Range") for m, p, h in reg.state.log if m == "GET" and seeded["layers"][0] in p]
         assert ranges[-1] is not None and int(ranges[-1][6:-1]) >= kept
     store = ImageStore()
     assert store.blob_path(seeded["layers"][0]).read_bytes() == big.read_bytes()
@@ -241,8 +261,7 @@ def test_killed_pull_completes_when_pulled_again(root, tmp_path):
 
 # skopeo -----------------------------------------------------------------------------------
 def skopeo(*args):
-    subprocess.run(["skopeo", "--insecure-policy", *args], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(["skopeo", "--insecure-policy", *args], check=True, capture_output=True, timeout=120)
 
 
 @needs("skopeo")
@@ -254,8 +273,7 @@ def test_skopeo_copies_our_save_into_the_registry(registry, root, tmp_path, fmt)
     archive_path = tmp_path / "busybox.tar"
     vmshim("save", "--format", fmt, "-o", str(archive_path), "busybox")
     name = f"skopeo/{fmt}:1"
-    skopeo("copy", "--dest-tls-verify=false", f"{fmt}:{archive_path}",
-           f"docker://{host}/{name}")
+    skopeo("copy", "--dest-tls-verify=false", f"{fmt}:{archive_path}", f"docker://{host}/{name}")
     want = registry_digest(host, name)
     res = pull(f"{host}/{name}", store=store)
     assert res.digest == res.manifest_digest == want
@@ -276,10 +294,8 @@ def test_skopeo_copies_from_the_registry_into_archives_we_load(registry, root, t
     # unless told to keep them
     keep = ["--preserve-digests", "--dest-oci-accept-uncompressed-layers"]
     skopeo("copy", *keep, "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:{ref}")
-    skopeo("copy", *keep, "--src-tls-verify=false", f"docker://{ref}",
-           f"oci-archive:{oci_tar}")
-    skopeo("copy", "--src-tls-verify=false", f"docker://{ref}",
-           f"docker-archive:{docker_tar}:{ref}")
+    skopeo("copy", *keep, "--src-tls-verify=false", f"docker://{ref}", f"oci-archive:{oci_tar}")
+    skopeo("copy", "--src-tls-verify=false", f"docker://{ref}", f"docker-archive:{docker_tar}:{ref}")
 
     out = vmshim("load", "-q", "-i", str(layout)).stdout
     assert out == f"Loaded image: {ref}\n"
@@ -301,10 +317,25 @@ def podman():
     base = Path(tempfile.mkdtemp(prefix="vmshim-pm-", dir="/tmp"))  # runroot: <= 50 chars
 
     def run(*args):
-        res = subprocess.run(["podman", "--root", str(base / "root"), "--runroot",
-                              str(base / "run"), "--storage-driver", "vfs",
-                              "--events-backend", "none", "--cgroup-manager", "cgroupfs",
-                              *args], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                "podman",
+                "--root",
+                str(base / "root"),
+                "--runroot",
+                str(base / "run"),
+                "--storage-driver",
+                "vfs",
+                "--events-backend",
+                "none",
+                "--cgroup-manager",
+                "cgroupfs",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if res.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)}: {res.stderr}")
         return res.stdout

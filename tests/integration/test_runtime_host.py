@@ -51,15 +51,12 @@ def busybox_layer(tmp_path_factory) -> Path:
     lower = tmp_path_factory.mktemp("layer")
     (lower / "bin").mkdir()
     shutil.copy2(BUSYBOX, lower / "bin" / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
     for applet in applets:
         if applet != "busybox":
             (lower / "bin" / applet).symlink_to("busybox")
     (lower / "etc").mkdir()
-    (lower / "etc" / "passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\n"
-        "user:x:1000:1000:A user:/home/user:/bin/sh\n")
+    (lower / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:A user:/home/user:/bin/sh\n")
     (lower / "etc" / "group").write_text("root:x:0:\nuser:x:1000:\nwheel:x:10:user\n")
     for d in ("root", "home/user", "tmp"):
         (lower / d).mkdir(parents=True)
@@ -119,10 +116,16 @@ class Boxes:
 
     def create(self, config: BootConfig, *, namespaces=HOST_NAMESPACES, mounts=None) -> Box:
         work = self.tmp / config.container_id
-        container = Container.create(config, lowerdirs=[str(self.layer)],
-                                     upperdir=str(work / "upper"), workdir=str(work / "work"),
-                                     rootfs=str(work / "rootfs"), files_dir=str(work / "files"),
-                                     namespaces=namespaces, mounts=mounts)
+        container = Container.create(
+            config,
+            lowerdirs=[str(self.layer)],
+            upperdir=str(work / "upper"),
+            workdir=str(work / "work"),
+            rootfs=str(work / "rootfs"),
+            files_dir=str(work / "files"),
+            namespaces=namespaces,
+            mounts=mounts,
+        )
         box = Box(container, work)
         self.boxes.append(box)
         return box
@@ -144,12 +147,24 @@ class Boxes:
 def make_box(busybox_layer, tmp_path):
     boxes = Boxes(busybox_layer, tmp_path)
 
-    def make(*, hostname="box1", memory_limit=0, pids_limit=0, namespaces=HOST_NAMESPACES,
-             resolv_conf="nameserver 192.0.2.53\n"):
-        config = BootConfig(container_id=f"test-{secrets.token_hex(4)}", token="t",
-                            hostname=hostname, process=ProcessSpec(args=["true"]),
-                            layer_count=1, resolv_conf=resolv_conf,
-                            memory_limit=memory_limit, pids_limit=pids_limit)
+    def make(
+        *,
+        hostname="box1",
+        memory_limit=0,
+        pids_limit=0,
+        namespaces=HOST_NAMESPACES,
+        resolv_conf="nameserver 192.0.2.53\n",
+    ):
+        config = BootConfig(
+            container_id=f"test-{secrets.token_hex(4)}",
+            token="t",
+            hostname=hostname,
+            process=ProcessSpec(args=["true"]),
+            layer_count=1,
+            resolv_conf=resolv_conf,
+            memory_limit=memory_limit,
+            pids_limit=pids_limit,
+        )
         return boxes.create(config, namespaces=namespaces)
 
     yield make
@@ -182,7 +197,8 @@ def test_command_not_found_is_127_with_the_message(make_box):
 
 def test_pid_1_hostname_and_only_own_processes(make_box):
     code, out, _ = make_box(hostname="quiet-owl").run(
-        ["sh", "-c", "echo $$; hostname; cat /etc/hostname; ps -o pid,args"])
+        ["sh", "-c", "echo $$; hostname; cat /etc/hostname; ps -o pid,args"]
+    )
     lines = out.splitlines()
     assert code == 0
     assert lines[0] == "1" and lines[1] == "quiet-owl" and lines[2] == "quiet-owl"
@@ -191,9 +207,16 @@ def test_pid_1_hostname_and_only_own_processes(make_box):
 
 
 def test_files_mounts_and_network(make_box):
-    code, out, err = make_box().run(["sh", "-c", (
-        "cat /etc/resolv.conf; grep box1 /etc/hosts; ls /dev; mount | cut -d' ' -f3,5; "
-        "ip -o link | cut -d: -f2; echo x > /written")])
+    code, out, err = make_box().run(
+        [
+            "sh",
+            "-c",
+            (
+                "cat /etc/resolv.conf; grep box1 /etc/hosts; ls /dev; mount | cut -d' ' -f3,5; "
+                "ip -o link | cut -d: -f2; echo x > /written"
+            ),
+        ]
+    )
     assert code == 0, err
     assert "nameserver 192.0.2.53" in out and "127.0.1.1\tbox1" in out
     for dev in ("null", "zero", "urandom", "tty", "ptmx", "pts", "shm", "stdout"):
@@ -210,17 +233,19 @@ def test_writes_go_to_the_upper_layer(make_box, busybox_layer):
     assert (busybox_layer / "bin" / "vi").is_symlink()  # the layer is untouched
 
 
-@pytest.mark.parametrize("user,expected", [
-    # uid, gid, every group (id -G), HOME
-    ("1000", "1000 1000 1000 10 /home/user"),
-    ("user", "1000 1000 1000 10 /home/user"),
-    ("1000:10", "1000 10 10 /home/user"),
-    ("4321:4321", "4321 4321 4321 /"),
-    ("", "0 0 0 /root"),
-])
+@pytest.mark.parametrize(
+    "user,expected",
+    [
+        # uid, gid, every group (id -G), HOME
+        ("1000", "1000 1000 1000 10 /home/user"),
+        ("user", "1000 1000 1000 10 /home/user"),
+        ("1000:10", "1000 10 10 /home/user"),
+        ("4321:4321", "4321 4321 4321 /"),
+        ("", "0 0 0 /root"),
+    ],
+)
 def test_user(make_box, user, expected):
-    code, out, err = make_box().run(["sh", "-c", "echo $(id -u) $(id -g) $(id -G) $HOME"],
-                                    user=user)
+    code, out, err = make_box().run(["sh", "-c", "echo $(id -u) $(id -g) $(id -G) $HOME"], user=user)
     assert code == 0, err
     assert out.split() == expected.split()
 
@@ -276,8 +301,7 @@ def test_exec_joins_the_container(make_box):
     box = make_box(hostname="joined")
     main = box.spawn(["sh", "-c", "echo main > /tmp/marker; echo ready; sleep 100"])
     _read_until(main.stdout, b"ready")  # the marker is written
-    code, out, err = box.run(["sh", "-c", "hostname; cat /tmp/marker; cat /proc/1/cmdline | tr '\\0' ' '"],
-                             user="user")
+    code, out, err = box.run(["sh", "-c", "hostname; cat /tmp/marker; cat /proc/1/cmdline | tr '\\0' ' '"], user="user")
     assert code == 0, err
     assert out.splitlines()[:2] == ["joined", "main"] and "sleep 100" in out
     os.kill(main.pid, signal.SIGKILL)
@@ -322,21 +346,22 @@ def test_cgroup_v2_code_path_on_the_unified_mount(busybox_layer, tmp_path):
     group is created and joined, the container gets a cgroup namespace rooted there and
     sees cgroup2 at /sys/fs/cgroup; limits need controllers this mount lacks."""
     # A hybrid host (this one) has the v2 tree at unified/; a v2-only host at the root.
-    unified = next((root for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-                    if detect_version(root) == 2), None)
+    unified = next((root for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup") if detect_version(root) == 2), None)
     assert unified, "no cgroup2 mount: every systemd host has one (unified/ or the root)"
     cgroup = Cgroup.create(f"v2-{secrets.token_hex(3)}", root=unified)
     rootfs_dir = tmp_path / "rootfs"
-    rootfs.mount_overlay([str(busybox_layer)], str(tmp_path / "upper"), str(tmp_path / "work"),
-                         str(rootfs_dir))
+    rootfs.mount_overlay([str(busybox_layer)], str(tmp_path / "upper"), str(tmp_path / "work"), str(rootfs_dir))
     try:
         assert cgroup.version == 2 and cgroup.path == f"{unified}/vmshim/{cgroup.name}"
-        config = BootConfig(container_id=cgroup.name, token="t", hostname="v2box",
-                            process=ProcessSpec(args=["true"]), layer_count=1)
-        container = Container(config, str(rootfs_dir), files_dir=str(tmp_path / "files"),
-                              cgroup=cgroup, namespaces=HOST_NAMESPACES)
-        spawned = container.start(ProcessSpec(args=[
-            "sh", "-c", "cat /proc/self/cgroup; mount | grep cgroup2; sleep 100"]), stdin=False)
+        config = BootConfig(
+            container_id=cgroup.name, token="t", hostname="v2box", process=ProcessSpec(args=["true"]), layer_count=1
+        )
+        container = Container(
+            config, str(rootfs_dir), files_dir=str(tmp_path / "files"), cgroup=cgroup, namespaces=HOST_NAMESPACES
+        )
+        spawned = container.start(
+            ProcessSpec(args=["sh", "-c", "cat /proc/self/cgroup; mount | grep cgroup2; sleep 100"]), stdin=False
+        )
         first = os.read(spawned.stdout, 4096).decode()
         while "cgroup2" not in first:
             first += os.read(spawned.stdout, 4096).decode()
@@ -388,8 +413,9 @@ def loop_disks(busybox_layer, tmp_path):
     attached = []
 
     def attach(path: Path) -> str:
-        dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(path)],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", "--read-only", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         attached.append(dev)
         return dev
 
@@ -402,9 +428,25 @@ def _run_init(tmp_path, disks: dict) -> tuple[subprocess.Popen, _Host]:
     host_sock, guest_sock = socket.socketpair()
     script = DRIVER.format(repo=str(REPO), fd=guest_sock.fileno(), disks=disks)
     proc = subprocess.Popen(
-        ["unshare", "--mount", "--uts", "--ipc", "--net", "--pid", "--fork", "--propagation",
-         "private", sys.executable, "-S", "-c", script],
-        pass_fds=[guest_sock.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--fork",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-S",
+            "-c",
+            script,
+        ],
+        pass_fds=[guest_sock.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     guest_sock.close()
     return proc, _Host(host_sock)
 
@@ -454,22 +496,26 @@ def _config_drive(tmp_path: Path, config: BootConfig) -> Path:
     return image
 
 
-@pytest.mark.skipif(not shutil.which("gensquashfs") or not shutil.which("losetup")
-                    or not shutil.which("unshare"), reason="needs gensquashfs, losetup, unshare")
+@pytest.mark.skipif(
+    not shutil.which("gensquashfs") or not shutil.which("losetup") or not shutil.which("unshare"),
+    reason="needs gensquashfs, losetup, unshare",
+)
 def test_init_boots_runs_and_powers_off(busybox_layer, loop_disks, tmp_path):
     squash = tmp_path / "layer.sqfs"
-    subprocess.run(["gensquashfs", "--pack-dir", str(busybox_layer), "--quiet", str(squash)],
-                   check=True)
-    config = BootConfig(container_id=f"init-{secrets.token_hex(3)}", token="tok", hostname="vm1",
-                        process=ProcessSpec(args=["sh", "-c", ("echo hi from $(hostname) $$; "
-                                                                "cat /etc/hostname; exit 3")]),
-                        layer_count=1, resolv_conf="nameserver 192.0.2.1\n",
-                        # init runs on the host here, where it may find no cgroup of its
-                        # own: without one the device rules (and so an unprivileged
-                        # container) are refused, by design.
-                        privileged=True)
-    disks = {"vmshim-config": loop_disks(_config_drive(tmp_path, config)),
-             "vmshim-l0": loop_disks(squash)}
+    subprocess.run(["gensquashfs", "--pack-dir", str(busybox_layer), "--quiet", str(squash)], check=True)
+    config = BootConfig(
+        container_id=f"init-{secrets.token_hex(3)}",
+        token="tok",
+        hostname="vm1",
+        process=ProcessSpec(args=["sh", "-c", ("echo hi from $(hostname) $$; cat /etc/hostname; exit 3")]),
+        layer_count=1,
+        resolv_conf="nameserver 192.0.2.1\n",
+        # init runs on the host here, where it may find no cgroup of its
+        # own: without one the device rules (and so an unprivileged
+        # container) are refused, by design.
+        privileged=True,
+    )
+    disks = {"vmshim-config": loop_disks(_config_drive(tmp_path, config)), "vmshim-l0": loop_disks(squash)}
     proc, host = _run_init(tmp_path, disks)
     try:
         hello = host.recv()
@@ -495,8 +541,7 @@ def test_init_boots_runs_and_powers_off(busybox_layer, loop_disks, tmp_path):
     assert "FATAL" not in console, console
 
 
-@pytest.mark.skipif(not shutil.which("losetup") or not shutil.which("unshare"),
-                    reason="needs losetup, unshare")
+@pytest.mark.skipif(not shutil.which("losetup") or not shutil.which("unshare"), reason="needs losetup, unshare")
 def test_init_reports_fatal_errors_and_powers_off(loop_disks, tmp_path):
     proc, host = _run_init(tmp_path, {})  # no config drive at all
     try:

@@ -24,6 +24,7 @@ def _fd_factory(tmp_path):
 def _raise(exc):
     def fake(*_args):
         raise exc
+
     return fake
 
 
@@ -45,8 +46,8 @@ def _probes(tmp_path, version=12, run=GuestRun(stage=3, exit="KVM_EXIT_HLT")):
     def run_guest(path):
         calls.append(path)
         return run
-    return Probes(open_device=_fd_factory(tmp_path), api_version=lambda _fd: version,
-                  run_guest=run_guest), calls
+
+    return Probes(open_device=_fd_factory(tmp_path), api_version=lambda _fd: version, run_guest=run_guest), calls
 
 
 def test_kvm_when_the_test_guest_reaches_long_mode(tmp_path, kvm_node):
@@ -71,15 +72,13 @@ def test_tcg_when_the_test_guest_hangs(tmp_path, kvm_node):
 
 
 def test_missing_device(tmp_path):
-    probes = Probes(open_device=_raise(FileNotFoundError(errno.ENOENT, "x")),
-                    api_version=_never, run_guest=_never)
+    probes = Probes(open_device=_raise(FileNotFoundError(errno.ENOENT, "x")), api_version=_never, run_guest=_never)
     info = probe_kvm("/nonexistent/kvm", probes)
     assert info == AccelInfo("tcg", "/nonexistent/kvm does not exist (no KVM on this host)")
 
 
 def test_device_not_openable(kvm_node):
-    probes = Probes(open_device=_raise(PermissionError(errno.EACCES, "denied")),
-                    api_version=_never, run_guest=_never)
+    probes = Probes(open_device=_raise(PermissionError(errno.EACCES, "denied")), api_version=_never, run_guest=_never)
     info = probe_kvm(kvm_node, probes)
     assert info.kind == "tcg"
     assert "cannot be opened (Permission denied)" in info.reason
@@ -102,9 +101,11 @@ def test_not_a_kvm_device(kvm_node):
 
 def test_env_override_wins_without_probing(tmp_path):
     for kind in ("kvm", "tcg", "KVM"):
-        info = detect_accel(env={"VMSHIM_ACCEL": kind}, cache=tmp_path / "a.json",
-                            probes=Probes(open_device=_never, api_version=_never,
-                                          run_guest=_never))
+        info = detect_accel(
+            env={"VMSHIM_ACCEL": kind},
+            cache=tmp_path / "a.json",
+            probes=Probes(open_device=_never, api_version=_never, run_guest=_never),
+        )
         assert info == AccelInfo(kind.lower(), "forced by VMSHIM_ACCEL")
     assert not (tmp_path / "a.json").exists()
 
@@ -115,9 +116,12 @@ def test_env_override_rejects_other_values(tmp_path):
 
 
 def test_missing_device_needs_no_probe_and_no_cache(tmp_path):
-    info = detect_accel(path=str(tmp_path / "nokvm"), env={}, cache=tmp_path / "a.json",
-                        probes=Probes(open_device=_never, api_version=_never,
-                                      run_guest=_never))
+    info = detect_accel(
+        path=str(tmp_path / "nokvm"),
+        env={},
+        cache=tmp_path / "a.json",
+        probes=Probes(open_device=_never, api_version=_never, run_guest=_never),
+    )
     assert info.kind == "tcg" and "does not exist" in info.reason
     assert not (tmp_path / "a.json").exists()
 
@@ -183,6 +187,7 @@ def test_run_test_guest_on_a_non_kvm_file_reports_the_failing_step(kvm_node):
 @pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm on this host")
 def test_real_probe_on_this_host_is_quick_and_decides(tmp_path):
     import time
+
     start = time.monotonic()
     info = probe_kvm()
     assert time.monotonic() - start < 1.0

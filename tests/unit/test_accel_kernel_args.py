@@ -8,8 +8,10 @@ FLAGS = "fpu tsc msr constant_tsc rep_good nopl tsc_known_freq hypervisor"
 
 def cpuinfo(tmp_path, flags=FLAGS, mhz="2596.128"):
     path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n"
-                    f"processor\t: 1\ncpu MHz\t\t: 9999.000\nflags\t\t: {flags}\n")
+    path.write_text(
+        f"processor\t: 0\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n"
+        f"processor\t: 1\ncpu MHz\t\t: 9999.000\nflags\t\t: {flags}\n"
+    )
     return str(path)
 
 
@@ -24,8 +26,7 @@ def test_tsc_rate_unknown_without_tsc_known_freq(tmp_path):
 
 def test_tsc_rate_unknown_when_cpu_mhz_is_a_live_frequency(tmp_path):
     # aperfmperf or cpufreq: "cpu MHz" is the current clock, not the TSC's rate
-    assert host_tsc_khz(cpuinfo(tmp_path, flags=FLAGS + " aperfmperf"),
-                        str(tmp_path / "no-cpufreq")) is None
+    assert host_tsc_khz(cpuinfo(tmp_path, flags=FLAGS + " aperfmperf"), str(tmp_path / "no-cpufreq")) is None
     (tmp_path / "cpufreq").mkdir()
     assert host_tsc_khz(cpuinfo(tmp_path), str(tmp_path / "cpufreq")) is None
 
@@ -49,8 +50,9 @@ def test_cmdline_keeps_the_image_arguments_and_adds_each_once():
 
 
 def test_floor_uses_the_same_arguments_and_accelerator(tmp_path):
-    image = GuestImage(kernel=tmp_path / "k", initramfs=tmp_path / "i", kernel_release="6.1", manifest={},
-                       cmdline="console=ttyS0")
+    image = GuestImage(
+        kernel=tmp_path / "k", initramfs=tmp_path / "i", kernel_release="6.1", manifest={}, cmdline="console=ttyS0"
+    )
     tcg = boot_floor_command(image, "s", "log", accel_kind="tcg")
     assert tcg[tcg.index("-accel") + 1].startswith("tcg")
     assert "noapictimer" in tcg[tcg.index("-append") + 1]

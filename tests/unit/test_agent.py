@@ -28,14 +28,12 @@ class FakeRuntime:
     def start(self, process, *, stdin, rows, cols):
         self.calls.append(("start", process, stdin))
         spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
-        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                               rows=rows, cols=cols)
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
 
     def exec(self, process, *, stdin, rows, cols):
         self.calls.append(("exec", process, stdin))
         spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
-        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                               rows=rows, cols=cols)
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
 
 
 class Host:
@@ -108,10 +106,14 @@ def make_host():
 
     def make(args, *, tty=False, exit_grace=0.05, runtime=None) -> Host:
         host_sock, guest_sock = socket.socketpair()
-        config = BootConfig(container_id="c0ffee", token=TOKEN, hostname="box",
-                            process=ProcessSpec(args=list(args), tty=tty), layer_count=0)
-        agent = Agent(guest_sock.fileno(), config, runtime or FakeRuntime(),
-                      exit_grace=exit_grace)
+        config = BootConfig(
+            container_id="c0ffee",
+            token=TOKEN,
+            hostname="box",
+            process=ProcessSpec(args=list(args), tty=tty),
+            layer_count=0,
+        )
+        agent = Agent(guest_sock.fileno(), config, runtime or FakeRuntime(), exit_grace=exit_grace)
         host = Host(host_sock, agent, None)
         host.guest_sock = guest_sock
 
@@ -174,7 +176,7 @@ def test_stdin_is_forwarded_and_closed(make_host):
     assert host.start(stdin=True).type == protocol.STARTED
     blob = os.urandom(3 * protocol.CHUNK + 123)
     for i in range(0, len(blob), protocol.CHUNK):
-        host.send(protocol.STDIN, blob[i:i + protocol.CHUNK], id=1)
+        host.send(protocol.STDIN, blob[i : i + protocol.CHUNK], id=1)
     host.send(protocol.STDIN_CLOSE, id=1)
     out, _, exit_msg, _ = host.collect(1)
     assert out == blob + b"done\n"
@@ -254,12 +256,15 @@ def test_start_twice_is_refused(make_host):
     host.kill_main()
 
 
-@pytest.mark.parametrize("args,code,text", [
-    (["/nope"], 127, 'exec: "/nope": no such file or directory'),
-    (["nope-not-here"], 127, 'exec: "nope-not-here": executable file not found in $PATH'),
-    (["{tmp}/plain.txt"], 126, "permission denied"),
-    (["{tmp}"], 126, "permission denied"),
-])
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["/nope"], 127, 'exec: "/nope": no such file or directory'),
+        (["nope-not-here"], 127, 'exec: "nope-not-here": executable file not found in $PATH'),
+        (["{tmp}/plain.txt"], 126, "permission denied"),
+        (["{tmp}"], 126, "permission denied"),
+    ],
+)
 def test_exec_failures_report_docker_exit_codes(make_host, tmp_path, args, code, text):
     (tmp_path / "plain.txt").write_text("not a program\n")
     (tmp_path / "plain.txt").chmod(0o644)
@@ -294,8 +299,14 @@ def test_exec_runs_beside_the_main_process(make_host):
     host = make_host(["sleep", "30"])
     host.recv()
     assert host.start().type == protocol.STARTED
-    host.send(protocol.EXEC, token=TOKEN, id=2, stdin=False, tty=False,
-              process={"args": ["sh", "-c", "echo from exec; exit 4"]})
+    host.send(
+        protocol.EXEC,
+        token=TOKEN,
+        id=2,
+        stdin=False,
+        tty=False,
+        process={"args": ["sh", "-c", "echo from exec; exit 4"]},
+    )
     assert host.recv().type == protocol.STARTED
     out, _, exit_msg, _ = host.collect(2)
     assert out == b"from exec\n" and exit_msg.get("code", int) == 4
@@ -326,7 +337,6 @@ def test_host_closing_the_channel_ends_the_loop(make_host):
     host.wait_done()
 
 
-
 def test_exit_report_never_gives_up_on_unread_output():
     """White-box: after the process exited, its output is abandoned only when it was
     silent while being read, not while the agent was not reading (backpressure) and not
@@ -335,13 +345,11 @@ def test_exit_report_never_gives_up_on_unread_output():
     from guest.runtime.process import Spawned
 
     host_sock, guest_sock = socket.socketpair()
-    config = BootConfig(container_id="c", token=TOKEN, hostname="h",
-                        process=ProcessSpec(args=["true"]), layer_count=0)
+    config = BootConfig(container_id="c", token=TOKEN, hostname="h", process=ProcessSpec(args=["true"]), layer_count=0)
     agent = Agent(guest_sock.fileno(), config, FakeRuntime())
     r, w = os.pipe()
     try:
-        proc = agent_mod._Proc(id=7, spawned=Spawned(pid=12345, tty=False, stdout=r),
-                               main=False)
+        proc = agent_mod._Proc(id=7, spawned=Spawned(pid=12345, tty=False, stdout=r), main=False)
         proc.outputs[r] = protocol.STDOUT
         proc.exit_code = 0
         agent._procs[7] = proc
@@ -428,8 +436,9 @@ def test_identity_makes_a_restored_template_this_container(make_host, monkeypatc
     monkeypatch.setattr(agent_mod, "reseed", lambda entropy: seeded.append(entropy))
     host = make_host(["echo", "template"])
     host.recv()
-    fields = dict(id=9, new_token="n" * 32, hostname="fresh",
-                  process={"args": ["echo", "mine"]}, hosts="", resolv_conf="")
+    fields = dict(
+        id=9, new_token="n" * 32, hostname="fresh", process={"args": ["echo", "mine"]}, hosts="", resolv_conf=""
+    )
     host.send(protocol.IDENTITY, b"e" * 64, token="wrong", **fields)
     assert "token" in host.recv().get("message", str)
     host.send(protocol.IDENTITY, b"e" * 8, token=TOKEN, **fields)
@@ -474,16 +483,22 @@ def test_a_pooled_agent_waits_for_its_spec_and_keeps_the_start_behind_it():
         assert "lacks 'token'" in host.recv().get("message", str)
         host.send(protocol.SPEC, config={}, entropy="abc")
         assert "hex digits" in host.recv().get("message", str)
-        config = BootConfig(container_id="c0ffee", token=TOKEN, hostname="pooled",
-                            process=ProcessSpec(args=["echo", "hi"]), layer_count=0)
-        host.send_raw(protocol.encode(protocol.SPEC, config=config.to_dict(), entropy="ab" * 32)
-                      + protocol.encode(protocol.START, id=1, token=TOKEN, stdin=False, tty=False))
+        config = BootConfig(
+            container_id="c0ffee",
+            token=TOKEN,
+            hostname="pooled",
+            process=ProcessSpec(args=["echo", "hi"]),
+            layer_count=0,
+        )
+        host.send_raw(
+            protocol.encode(protocol.SPEC, config=config.to_dict(), entropy="ab" * 32)
+            + protocol.encode(protocol.START, id=1, token=TOKEN, stdin=False, tty=False)
+        )
         waiter.join(10)
         spec, entropy = got[0]
         assert spec.hostname == "pooled" and entropy == b"\xab" * 32
         agent.attach(spec, FakeRuntime())
-        host.thread = threading.Thread(target=lambda: host.result.append(agent.run()),
-                                       daemon=True)
+        host.thread = threading.Thread(target=lambda: host.result.append(agent.run()), daemon=True)
         host.thread.start()
         assert host.recv().type == protocol.STARTED  # the deferred start
         out, _, exit_msg, _ = host.collect(1)

@@ -25,9 +25,12 @@ from shim.containers import monitor_life
 from shim.containers.fake_isolation import fake_record
 from shim.containers.store import ContainerStore
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class StubPlacement:
@@ -93,7 +96,7 @@ def feed(mon, guest, data: bytes) -> None:
     """Write *data* as the guest and let the monitor handle all of it."""
     view = memoryview(data)
     while view and mon.agent is not None:
-        sent = guest.send(view[:1 << 16])
+        sent = guest.send(view[: 1 << 16])
         view = view[sent:]
         while mon.agent is not None and select.select([mon.agent], [], [], 0)[0]:
             mon._on_agent(select.POLLIN)
@@ -105,20 +108,25 @@ def frame(header: bytes, payload: bytes = b"") -> bytes:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
-field_names = st.sampled_from(["id", "code", "pid", "signal", "message", "usage", "protocol",
-                               "oom_killed", "agent", "uptime", "t"])
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    ["id", "code", "pid", "signal", "message", "usage", "protocol", "oom_killed", "agent", "uptime", "t"]
+)
 types = st.sampled_from(sorted(protocol.MESSAGE_TYPES) + ["", "bogus"]) | st.text(max_size=6)
-headers = st.builds(lambda t, fields: {**fields, "t": t}, types,
-                    st.dictionaries(field_names, json_values | st.sampled_from([1, 5, 6, 0]),
-                                    max_size=5))
+headers = st.builds(
+    lambda t, fields: {**fields, "t": t},
+    types,
+    st.dictionaries(field_names, json_values | st.sampled_from([1, 5, 6, 0]), max_size=5),
+)
 frames = st.one_of(
     st.builds(lambda h, p: frame(json.dumps(h).encode(), p), headers, st.binary(max_size=64)),
-    st.builds(lambda depth, t: frame(b'{"t":"%s","id":' % t.encode() + b"[" * depth
-                                     + b"]" * depth + b"}"),
-              st.integers(1, 20000), st.sampled_from(["stdout", "exit", "started", "error"])),
+    st.builds(
+        lambda depth, t: frame(b'{"t":"%s","id":' % t.encode() + b"[" * depth + b"]" * depth + b"}"),
+        st.integers(1, 20000),
+        st.sampled_from(["stdout", "exit", "started", "error"]),
+    ),
     st.builds(frame, st.binary(max_size=200), st.binary(max_size=32)),
 )
 
@@ -171,9 +179,13 @@ def test_the_issue_scenario_wrong_id_type_is_dropped_not_fatal(store):
     monitor goes on and still handles the next valid message."""
     mon, guest, peers = running_monitor(*store)
     try:
-        feed(mon, guest, frame(b'{"t":"stdout","id":[1]}', b"x")
-             + frame(b'{"t":"stdout","id":' + b"[" * 30000 + b"]" * 30000 + b"}", b"y")
-             + protocol.encode("stdout", b"ok", id=5))
+        feed(
+            mon,
+            guest,
+            frame(b'{"t":"stdout","id":[1]}', b"x")
+            + frame(b'{"t":"stdout","id":' + b"[" * 30000 + b"]" * 30000 + b"}", b"y")
+            + protocol.encode("stdout", b"ok", id=5),
+        )
         assert mon.agent is not None and mon.bad_messages == 2
         peers[0].setblocking(False)
         assert b"ok" in peers[0].recv(4096)
@@ -205,8 +217,7 @@ def test_an_agent_that_never_answers_gets_a_deadline(store, monkeypatch):
         assert 9 not in mon.pending
         reply = protocol.FrameReader(monmod.api.TYPES).feed(theirs.recv(65536))
         assert reply[0].type == "error" and "did not answer" in reply[0].fields["message"]
-        feed(mon, guest, protocol.encode("started", id=9, pid=3)
-             + protocol.encode("stdout", b"late", id=9))
+        feed(mon, guest, protocol.encode("started", id=9, pid=3) + protocol.encode("stdout", b"late", id=9))
         assert mon.agent is not None and mon.bad_messages == 0
     finally:
         for s in [guest, theirs, *peers]:

@@ -26,8 +26,7 @@ class FakeContainer:
     def start(self, process, *, stdin, rows, cols):
         self.log.append(("start", self.rootfs, process.args))
         spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
-        self.main = spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                                    rows=rows, cols=cols)
+        self.main = spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
         return self.main
 
     def destroy(self):
@@ -46,14 +45,26 @@ class MemberRuntime(FakeRuntime):
             os.makedirs(target, exist_ok=True)
 
         return member_mod.start_member(
-            config, lambda c, rootfs, files: FakeContainer(c, rootfs, self.log),
-            stdin=stdin, rows=rows, cols=cols, base_dir=self.base, mount=mount, wait=0.2)
+            config,
+            lambda c, rootfs, files: FakeContainer(c, rootfs, self.log),
+            stdin=stdin,
+            rows=rows,
+            cols=cols,
+            base_dir=self.base,
+            mount=mount,
+            wait=0.2,
+        )
 
 
 def member_config(args, **changes):
-    values = dict(container_id=MEMBER_ID, token="t", hostname="pod",
-                  process=ProcessSpec(args=list(args)), layer_count=0,
-                  rootfs_share="vmshim-mab12")
+    values = dict(
+        container_id=MEMBER_ID,
+        token="t",
+        hostname="pod",
+        process=ProcessSpec(args=list(args)),
+        layer_count=0,
+        rootfs_share="vmshim-mab12",
+    )
     values.update(changes)
     return BootConfig(**values).to_dict()
 
@@ -63,8 +74,14 @@ def test_a_member_runs_beside_the_container_and_is_torn_down(make_host, tmp_path
     host = make_host(["sleep", "30"], runtime=runtime)
     host.recv()
     assert host.start().type == protocol.STARTED
-    host.send(protocol.MEMBER, token=TOKEN, id=7, stdin=False, tty=False,
-              config=member_config(["sh", "-c", "echo member; exit 3"]))
+    host.send(
+        protocol.MEMBER,
+        token=TOKEN,
+        id=7,
+        stdin=False,
+        tty=False,
+        config=member_config(["sh", "-c", "echo member; exit 3"]),
+    )
     assert host.recv().type == protocol.STARTED
     out, _, exit_msg, _ = host.collect(7)
     assert out == b"member\n" and exit_msg.get("code", int) == 3
@@ -77,12 +94,15 @@ def test_a_member_runs_beside_the_container_and_is_torn_down(make_host, tmp_path
     assert not (tmp_path / "members" / MEMBER_ID).exists()
 
 
-@pytest.mark.parametrize("change, why", [
-    ({"rootfs_share": "vmshim-root"}, "rootfs share must be named"),
-    ({"rootfs_share": "vmshim-m../../x"}, "rootfs share must be named"),
-    ({"container_id": "../../etc"}, "container id must be 16-64 hex"),
-    ({"layer_count": 2}, "takes no layers"),
-])
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"rootfs_share": "vmshim-root"}, "rootfs share must be named"),
+        ({"rootfs_share": "vmshim-m../../x"}, "rootfs share must be named"),
+        ({"container_id": "../../etc"}, "container id must be 16-64 hex"),
+        ({"layer_count": 2}, "takes no layers"),
+    ],
+)
 def test_a_bad_member_config_is_refused(make_host, tmp_path, change, why):
     runtime = MemberRuntime(tmp_path / "members")
     host = make_host(["sleep", "30"], runtime=runtime)
@@ -101,8 +121,7 @@ def test_a_bad_member_config_is_refused(make_host, tmp_path, change, why):
     host.collect(1)
 
 
-def test_a_member_needs_a_running_container_and_a_runtime_that_runs_members(make_host,
-                                                                            tmp_path):
+def test_a_member_needs_a_running_container_and_a_runtime_that_runs_members(make_host, tmp_path):
     host = make_host(["sleep", "30"], runtime=MemberRuntime(tmp_path))
     host.recv()
     host.send(protocol.MEMBER, token=TOKEN, id=7, config=member_config(["true"]))
@@ -124,9 +143,14 @@ def test_a_share_that_never_mounts_is_reported_and_cleaned_up(tmp_path):
         raise OSError("no such tag")
 
     with pytest.raises(member_mod.MemberError, match="did not appear"):
-        member_mod.start_member(BootConfig.from_dict(member_config(["true"])),
-                                lambda *a: None, stdin=False, base_dir=str(tmp_path),
-                                mount=mount, wait=0.1)
+        member_mod.start_member(
+            BootConfig.from_dict(member_config(["true"])),
+            lambda *a: None,
+            stdin=False,
+            base_dir=str(tmp_path),
+            mount=mount,
+            wait=0.1,
+        )
     assert os.listdir(tmp_path) == []
 
 

@@ -33,10 +33,15 @@ def layer_tar(path, files, gz=False):
 def two_layer_image(store, tmp_path, ref="docker.io/ns/app:1"):
     a = layer_tar(tmp_path / "a.tar", {"etc/a": b"a" * 1000})
     b = layer_tar(tmp_path / "b.tar.gz", {"etc/b": b"b" * 1000}, gz=True)
-    cfg = {"config": {"Cmd": ["sh"]}, "created": "2024-01-02T03:04:05Z",
-           "history": [{"created_by": "ADD a", "created": "2024-01-01T00:00:00Z"},
-                       {"created_by": "ENV X=1", "empty_layer": True},
-                       {"created_by": "ADD b", "comment": "second"}]}
+    cfg = {
+        "config": {"Cmd": ["sh"]},
+        "created": "2024-01-02T03:04:05Z",
+        "history": [
+            {"created_by": "ADD a", "created": "2024-01-01T00:00:00Z"},
+            {"created_by": "ENV X=1", "empty_layer": True},
+            {"created_by": "ADD b", "comment": "second"},
+        ],
+    }
     return import_image([a, b], cfg, ref, store=store)
 
 
@@ -118,8 +123,9 @@ def _layer_bytes(files):
 def _config(diff_ids):
     import hashlib
 
-    cfg = json.dumps({"architecture": "amd64", "os": "linux",
-                      "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    cfg = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    ).encode()
     return cfg, hashlib.sha256(cfg).hexdigest()
 
 
@@ -129,19 +135,25 @@ def test_docker_archive_with_symlinked_layers(store, tmp_path):
     layer = _layer_bytes({"x": b"x"})
     diff = "sha256:" + hashlib.sha256(layer).hexdigest()
     cfg, cfg_hex = _config([diff, diff])
-    path = _docker_archive(tmp_path / "d.tar", {
-        f"{cfg_hex}.json": cfg, "aaa/layer.tar": layer,
-        "manifest.json": json.dumps([{"Config": f"{cfg_hex}.json",
-                                      "RepoTags": ["x/y:z"],
-                                      "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]).encode()},
-        links={"bbb/layer.tar": "../aaa/layer.tar"})
+    path = _docker_archive(
+        tmp_path / "d.tar",
+        {
+            f"{cfg_hex}.json": cfg,
+            "aaa/layer.tar": layer,
+            "manifest.json": json.dumps(
+                [{"Config": f"{cfg_hex}.json", "RepoTags": ["x/y:z"], "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]
+            ).encode(),
+        },
+        links={"bbb/layer.tar": "../aaa/layer.tar"},
+    )
     loaded = archive.load(store, path)
     assert loaded[0].names[0].familiar == "x/y:z"
     assert len(store.resolve("x/y:z").layers) == 2
 
 
-@pytest.mark.parametrize("case", ["bad-diff-id", "config-name-lies", "escaping-link",
-                                  "missing-layer", "not-an-archive", "oci-bad-blob"])
+@pytest.mark.parametrize(
+    "case", ["bad-diff-id", "config-name-lies", "escaping-link", "missing-layer", "not-an-archive", "oci-bad-blob"]
+)
 def test_bad_archives_are_refused_leaving_nothing(store, tmp_path, case):
     import hashlib
 
@@ -168,8 +180,7 @@ def test_bad_archives_are_refused_leaving_nothing(store, tmp_path, case):
     if case == "oci-bad-blob":
         image = two_layer_image(ImageStore(tmp_path / "src"), tmp_path)
         d = tmp_path / "layout"
-        archive.save_to_file(ImageStore(tmp_path / "src"), ["ns/app:1"], tmp_path / "o.tar",
-                             "oci-archive")
+        archive.save_to_file(ImageStore(tmp_path / "src"), ["ns/app:1"], tmp_path / "o.tar", "oci-archive")
         d.mkdir()
         subprocess.run(["tar", "-xf", str(tmp_path / "o.tar"), "-C", str(d)], check=True)
         victim = d / "blobs" / "sha256" / image.layers[1].digest[7:]
@@ -201,8 +212,7 @@ def test_cli_save_load_history(store, tmp_path):
     assert lines[0].split()[:2] == ["IMAGE", "CREATED"]
     assert "ADD b" in lines[1] and "second" in lines[1] and "ENV X=1" in lines[2]
     assert lines[2].startswith("<missing>") and "0B" in lines[2]
-    rows = [json.loads(x) for x in runner.invoke(cli, ["history", "--format", "json",
-                                                       "ns/app:1"]).output.splitlines()]
+    rows = [json.loads(x) for x in runner.invoke(cli, ["history", "--format", "json", "ns/app:1"]).output.splitlines()]
     assert [r["CreatedBy"] for r in rows] == ["ADD b", "ENV X=1", "ADD a"]
     assert rows[1]["Size"] == 0 and rows[2]["Size"] > 1000
     res = runner.invoke(cli, ["tag", "ns/app:1", "other:2"])
@@ -257,11 +267,12 @@ def test_gc_waits_for_a_writer_between_put_and_tag(store, tmp_path):
             result["d"] = store.put_blob(b"{}")
             started.set()
             release.wait(5)
-            manifest = {"schemaVersion": 2,
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "config": {"digest": result["d"], "size": 2,
-                                   "mediaType": "application/vnd.oci.image.config.v1+json"},
-                        "layers": []}
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"digest": result["d"], "size": 2, "mediaType": "application/vnd.oci.image.config.v1+json"},
+                "layers": [],
+            }
             digest, _ = store.put_json(manifest)
             store.tag("docker.io/ns/fresh:1", digest)
 
@@ -285,13 +296,11 @@ def test_system_df_and_prune_cli(store, tmp_path):
     two_layer_image(store, tmp_path)
     store.put_blob(b"x" * 5000)
     runner = CliRunner()
-    rows = [json.loads(x) for x in runner.invoke(cli, ["system", "df", "--format", "json"])
-            .output.splitlines()]
+    rows = [json.loads(x) for x in runner.invoke(cli, ["system", "df", "--format", "json"]).output.splitlines()]
     images = next(r for r in rows if r["Type"] == "Images")
     assert images["TotalCount"] == 1 and images["Reclaimable"] == 5000
     res = runner.invoke(cli, ["system", "df"])
-    assert res.output.splitlines()[0].split() == ["TYPE", "TOTAL", "ACTIVE", "SIZE",
-                                                  "RECLAIMABLE"]
+    assert res.output.splitlines()[0].split() == ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
     res = runner.invoke(cli, ["image", "prune", "-f"])
     assert res.exit_code == 0 and "Total reclaimed space: 5kB" in res.output
     res = runner.invoke(cli, ["image", "prune", "-a", "-f"])

@@ -38,7 +38,7 @@ class FakeAgent(threading.Thread):
                     self.send("stdout", msg.payload, id=1)
                 elif msg.type == "stdin_close":
                     for i in range(0, len(self.big), protocol.CHUNK):
-                        self.send("stdout", self.big[i:i + protocol.CHUNK], id=1)
+                        self.send("stdout", self.big[i : i + protocol.CHUNK], id=1)
                     self.send("stderr", b"bye\n", id=1)
                     self.send("exit", id=1, code=3)
                     return
@@ -99,8 +99,7 @@ def test_detach_keys_parse_like_docker():
 
     assert parse_detach_keys("ctrl-p,ctrl-q") == b"\x10\x11"
     assert parse_detach_keys("ctrl-a,x") == b"\x01x"
-    assert parse_detach_keys("ctrl-@,ctrl-[,ctrl-\\,ctrl-],ctrl-^,ctrl-_") == \
-        bytes([0, 27, 28, 29, 30, 31])
+    assert parse_detach_keys("ctrl-@,ctrl-[,ctrl-\\,ctrl-],ctrl-^,ctrl-_") == bytes([0, 27, 28, 29, 30, 31])
     for bad in ("", "ctrl-", "ctrl-1", "xy", "ctrl-p,,ctrl-q"):
         with pytest.raises(UsageError, match="--detach-keys"):
             parse_detach_keys(bad)

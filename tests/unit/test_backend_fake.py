@@ -13,11 +13,17 @@ from shim.vm.fake_backend import FakeBackend
 
 
 def _domain(name="vmshim-one", **kw) -> Domain:
-    return Domain(name=name, uuid="11111111-2222-3333-4444-555555555555", memory_mib=64,
-                  vcpus=1, domain_type="qemu",
-                  boot=KernelBoot(kernel="/k/vmlinuz", initrd="/k/initrd"),
-                  channels=[AgentChannel(socket_path=f"/run/x/{name}.sock")],
-                  serial=SerialLog(path=f"/var/x/{name}.log"), **kw)
+    return Domain(
+        name=name,
+        uuid="11111111-2222-3333-4444-555555555555",
+        memory_mib=64,
+        vcpus=1,
+        domain_type="qemu",
+        boot=KernelBoot(kernel="/k/vmlinuz", initrd="/k/initrd"),
+        channels=[AgentChannel(socket_path=f"/run/x/{name}.sock")],
+        serial=SerialLog(path=f"/var/x/{name}.log"),
+        **kw,
+    )
 
 
 def test_is_a_backend():
@@ -27,9 +33,12 @@ def test_is_a_backend():
 def test_create_records_xml_and_returns_handle():
     backend = FakeBackend()
     handle = backend.create(_domain(metadata={"container-id": "abc"}))
-    assert handle == VmHandle(name="vmshim-one", uuid="11111111-2222-3333-4444-555555555555",
-                              agent_socket="/run/x/vmshim-one.sock",
-                              serial_log="/var/x/vmshim-one.log")
+    assert handle == VmHandle(
+        name="vmshim-one",
+        uuid="11111111-2222-3333-4444-555555555555",
+        agent_socket="/run/x/vmshim-one.sock",
+        serial_log="/var/x/vmshim-one.log",
+    )
     assert backend.created == [_domain(metadata={"container-id": "abc"}).to_xml()]
     assert backend.vms["vmshim-one"].root.find("memory").text == "64"
     assert backend.is_running("vmshim-one")

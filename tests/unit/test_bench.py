@@ -20,6 +20,7 @@ from shim.errors import UsageError
 
 # -- statistics -------------------------------------------------------------------------------
 
+
 def test_summarize_odd_and_even():
     s = summarize([3.0, 1.0, 2.0])
     assert (s.median, s.min, s.max, s.runs) == (2.0, 1.0, 3.0, 3)
@@ -93,6 +94,7 @@ def test_results_round_trip():
 
 # -- workload output ---------------------------------------------------------------------------
 
+
 def test_parse_phases_and_modes():
     out = workloads.parse("MODE clock adjtimex\nBENCH cpu 100.250000 101.000000\nnoise\n", ("cpu",))
     assert out.phases == {"cpu": pytest.approx(0.75)}
@@ -120,12 +122,14 @@ def test_scripts_run_under_busybox(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     env = {"PATH": str(bin_dir)}
-    for script, phases in ((workloads.cpu_script(sizes), ("cpu",)),
-                           (workloads.syscall_script(sizes), ("syscall",)),
-                           (workloads.io_script(sizes, str(data)),
-                            ("seq_write", "seq_read", "rand_write", "rand_read", "spawn"))):
-        proc = subprocess.run([BUSYBOX, "sh", "-c", script], check=False, capture_output=True,
-                              text=True, env=env, timeout=60)
+    for script, phases in (
+        (workloads.cpu_script(sizes), ("cpu",)),
+        (workloads.syscall_script(sizes), ("syscall",)),
+        (workloads.io_script(sizes, str(data)), ("seq_write", "seq_read", "rand_write", "rand_read", "spawn")),
+    ):
+        proc = subprocess.run(
+            [BUSYBOX, "sh", "-c", script], check=False, capture_output=True, text=True, env=env, timeout=60
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out = workloads.parse(proc.stdout, phases)
         assert set(phases) <= set(out.phases)
@@ -134,6 +138,7 @@ def test_scripts_run_under_busybox(tmp_path):
 
 
 # -- /proc -------------------------------------------------------------------------------------
+
 
 def test_parse_rollup_and_meminfo():
     rollup = "55d0-7ff r 0 0:0 0 [rollup]\nRss:  2048 kB\nPss:  1024 kB\nPss_Anon: 10 kB\n"
@@ -149,7 +154,7 @@ def test_descendants():
 
 
 def test_usage_of_this_process():
-    u = procmem.usage({os.getpid(), 2 ** 30})
+    u = procmem.usage({os.getpid(), 2**30})
     assert u.pids == (os.getpid(),)
     assert u.pss > 0 and u.rss >= u.pss
     assert sum(u.by_command.values()) == u.pss
@@ -194,13 +199,16 @@ def test_parse_help_and_capabilities():
     assert caps.lifecycle_missing("stats") == "`vmshim stats` not available"
     assert caps.volumes_missing() == "volumes: `vmshim volume` and `vmshim run -v` not available"
     bare = Capabilities({"run"}, {"--rm"})
-    assert bare.lifecycle_missing("exec") == \
-        "`vmshim run -d`, `vmshim rm`, `vmshim exec` not available"
+    assert bare.lifecycle_missing("exec") == "`vmshim run -d`, `vmshim rm`, `vmshim exec` not available"
 
 
-INSPECT = [{"Id": "ab" * 32, "State": {"Pid": 100, "MonitorPid": 100, "ContainerPid": 82,
-                                       "Running": True, "ExitCode": 0},
-            "Vmshim": {"Domain": "vmshim-abababababab", "QemuPid": 200, "AgentPid": 0}}]
+INSPECT = [
+    {
+        "Id": "ab" * 32,
+        "State": {"Pid": 100, "MonitorPid": 100, "ContainerPid": 82, "Running": True, "ExitCode": 0},
+        "Vmshim": {"Domain": "vmshim-abababababab", "QemuPid": 200, "AgentPid": 0},
+    }
+]
 
 
 def test_owned_of_a_vm_container(monkeypatch):
@@ -233,6 +241,7 @@ def test_shown_is_what_a_user_types():
 
 # -- runc bundle -------------------------------------------------------------------------------
 
+
 def _layer(path: Path, entries: dict[str, bytes | None]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, data in entries.items():
@@ -248,11 +257,11 @@ def _layer(path: Path, entries: dict[str, bytes | None]) -> Path:
 
 
 def test_unpack_layers_applies_whiteouts(tmp_path):
-    lower = _layer(tmp_path / "l0.tar.gz", {"etc": None, "etc/keep": b"k", "etc/gone": b"g",
-                                            "opq": None, "opq/old": b"o", "bin": None,
-                                            "bin/sh": b"sh"})
-    upper = _layer(tmp_path / "l1.tar.gz", {"etc/.wh.gone": b"", "opq/.wh..wh..opq": b"",
-                                            "opq/new": b"n"})
+    lower = _layer(
+        tmp_path / "l0.tar.gz",
+        {"etc": None, "etc/keep": b"k", "etc/gone": b"g", "opq": None, "opq/old": b"o", "bin": None, "bin/sh": b"sh"},
+    )
+    upper = _layer(tmp_path / "l1.tar.gz", {"etc/.wh.gone": b"", "opq/.wh..wh..opq": b"", "opq/new": b"n"})
     rootfs = tmp_path / "rootfs"
     drivers.unpack_layers([lower, upper], rootfs)
     assert (rootfs / "etc/keep").read_bytes() == b"k"
@@ -270,10 +279,20 @@ def test_unpack_layers_refuses_escapes(tmp_path):
 
 # -- the runner --------------------------------------------------------------------------------
 
+
 def _ctx(runs=3) -> suite.Context:
-    return suite.Context(runs=runs, max_density=2, sizes=workloads.Sizes(), results=Results(),
-                         caps=Capabilities(), drivers={}, unavailable={}, workdir=Path("/nonexistent"),
-                         tag="t", log=lambda msg: None)
+    return suite.Context(
+        runs=runs,
+        max_density=2,
+        sizes=workloads.Sizes(),
+        results=Results(),
+        caps=Capabilities(),
+        drivers={},
+        unavailable={},
+        workdir=Path("/nonexistent"),
+        tag="t",
+        log=lambda msg: None,
+    )
 
 
 def test_sample_interleaves_and_records_failures():
@@ -290,14 +309,19 @@ def test_sample_interleaves_and_records_failures():
             if isinstance(v, Exception):
                 raise v
             return v
+
         return fn
 
-    suite._sample(ctx, fig, {
-        "process": measurer("process", [9, 1, 2, 3]),
-        "vm": measurer("vm", [9, 10, 20, 30]),
-        "runc": measurer("runc", [drivers.BenchError("runc broke")]),
-        "floor": measurer("floor", [9, 5, drivers.BenchError("qemu died")]),
-    })
+    suite._sample(
+        ctx,
+        fig,
+        {
+            "process": measurer("process", [9, 1, 2, 3]),
+            "vm": measurer("vm", [9, 10, 20, 30]),
+            "runc": measurer("runc", [drivers.BenchError("runc broke")]),
+            "floor": measurer("floor", [9, 5, drivers.BenchError("qemu died")]),
+        },
+    )
     # warm-ups first (not recorded), then vm, process, floor interleaved run by run
     assert calls[:4] == ["vm", "process", "runc", "floor"]
     assert calls[4:] == ["vm", "process", "floor", "vm", "process", "floor", "vm", "process"]
@@ -326,20 +350,32 @@ def test_select():
 
 # -- the report --------------------------------------------------------------------------------
 
+
 def _results() -> Results:
-    r = Results(meta={"runs": 3, "host": {"accel": {"kind": "tcg", "reason": "no kvm"},
-                                           "cpus": 2, "cpu_model": "Test CPU",
-                                           "host_kernel": "6.1", "guest_kernel": "6.1-cloud"}})
+    r = Results(
+        meta={
+            "runs": 3,
+            "host": {
+                "accel": {"kind": "tcg", "reason": "no kvm"},
+                "cpus": 2,
+                "cpu_model": "Test CPU",
+                "host_kernel": "6.1",
+                "guest_kernel": "6.1-cloud",
+            },
+        }
+    )
     r.figures["cold_start"] = _figure()
     io_fig = r.figure("io_seq_write", "write", "MiB/s", higher_is_better=True)
     io_fig.add("vm", 120)
     io_fig.add("process", 1800)
     dens = r.figure("density", "density", "containers", higher_is_better=True)
     dens.add("vm", 3)
-    dens.result("vm").extra.update({"stopped": "container 4 missed 1 s with 4 running",
-                                    "steps": [{"running": 1, "exec_max_s": 0.1,
-                                               "pss_total_mib": 150.0},
-                                              {"running": 2, "exec_max_s": 0.3}]})
+    dens.result("vm").extra.update(
+        {
+            "stopped": "container 4 missed 1 s with 4 running",
+            "steps": [{"running": 1, "exec_max_s": 0.1, "pss_total_mib": 150.0}, {"running": 2, "exec_max_s": 0.3}],
+        }
+    )
     return r
 
 
@@ -375,8 +411,14 @@ def test_json_and_charts(tmp_path):
     assert data["figures"]["cold_start"]["subjects"]["vm"]["ratios"]["to_floor"] == pytest.approx(2.6 / 1.9)
     charts = report.write_charts(results, tmp_path)
     names = sorted(p.name for p in charts)
-    assert names == ["cold_start.png", "density.png", "density_pss.png", "density_steps.png",
-                     "io_seq_write.png", "summary.png"]
+    assert names == [
+        "cold_start.png",
+        "density.png",
+        "density_pss.png",
+        "density_steps.png",
+        "io_seq_write.png",
+        "summary.png",
+    ]
     for p in charts:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -391,8 +433,11 @@ def test_density_pss_chart_needs_a_measured_step(tmp_path):
 
 def test_summary_chart_title_fits_its_width(tmp_path, monkeypatch):
     results = _results()
-    results.meta["host"].update(cpu_model="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz",
-                                host_kernel="6.1.0-41-amd64", guest_kernel="6.1.0-57-cloud-amd64")
+    results.meta["host"].update(
+        cpu_model="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz",
+        host_kernel="6.1.0-41-amd64",
+        guest_kernel="6.1.0-57-cloud-amd64",
+    )
     drawn = []
     real_save = report._save
 
@@ -405,7 +450,7 @@ def test_summary_chart_title_fits_its_width(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "_save", keep)
     assert report.chart_summary(results, report.short_headline(results), tmp_path / "s.png")
-    (x0, x1, left, right), = drawn
+    ((x0, x1, left, right),) = drawn
     assert left <= x0 and x1 <= right, f"title spans {x0:.0f}-{x1:.0f}, figure {left:.0f}-{right:.0f}"
 
 
@@ -470,9 +515,20 @@ def test_kernels_benchmark_measures_each_kernel_and_skips_one_not_built(monkeypa
 def test_build_express_commands_and_its_skip_without_a_mirror(tmp_path, monkeypatch):
     ctx_dir = tmp_path / "ctx"
     vm = suite.build_argv("vm", ctx_dir, 4873, "t")
-    assert vm[-12:] == ["build", "--no-cache", "-q", "--isolation", "vm", "--add-host",
-                        "npm:host-gateway", "--build-arg", "NPM_REGISTRY=http://npm:4873/",
-                        "-t", "t-express", str(ctx_dir)]
+    assert vm[-12:] == [
+        "build",
+        "--no-cache",
+        "-q",
+        "--isolation",
+        "vm",
+        "--add-host",
+        "npm:host-gateway",
+        "--build-arg",
+        "NPM_REGISTRY=http://npm:4873/",
+        "-t",
+        "t-express",
+        str(ctx_dir),
+    ]
     podman = suite.build_argv("runc", ctx_dir, 4873, "t")
     assert podman[:4] == ["podman", "build", "--runtime", "runc"]
     assert "NPM_REGISTRY=http://127.0.0.1:4873/" in podman and podman[-1] == str(ctx_dir)
@@ -545,24 +601,29 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     assert fig.subjects["restored"].samples == [0.4] * 3
     assert fig.subjects["restored"].extra["speedup_vs_cold_nonet"] == 5.0
     assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
-    assert pool_calls == [["pool", "set", "--size", "1"], ["template", "create", "busybox"],
-                          ["template", "rm", "k1"], ["pool", "rm"]]  # all gone again after
+    assert pool_calls == [
+        ["pool", "set", "--size", "1"],
+        ["template", "create", "busybox"],
+        ["template", "rm", "k1"],
+        ["pool", "rm"],
+    ]  # all gone again after
     # Without `vmshim pool`, only the cold row.
     ctx = _ctx(runs=1)
     ctx.caps = Capabilities({"run", "rm"}, {"-d", "--rm"})
     ctx.drivers = {"vm": FakeSubject()}
     suite.bench_start(ctx)
     assert "`vmshim pool` not available" in ctx.results.figures["start"].subjects["pooled"].skipped
-    assert "`vmshim template` not available" in \
-        ctx.results.figures["start"].subjects["restored"].skipped
+    assert "`vmshim template` not available" in ctx.results.figures["start"].subjects["restored"].skipped
 
 
 def test_density_pss_per_container_at_20_and_at_the_max():
     steps = [{"running": k, "pss_total_mib": 100.0 * k} for k in range(1, 24)]
     steps[-1] = {"running": 23}  # the last step's PSS could not be read
     assert suite.pss_per_container(steps) == {
-        "pss_per_container_mib_at_20": 100.0, "max_running": 22,
-        "pss_per_container_mib_at_max": 100.0}
+        "pss_per_container_mib_at_20": 100.0,
+        "max_running": 22,
+        "pss_per_container_mib_at_max": 100.0,
+    }
     assert suite.pss_per_container([]) == {}
 
 
@@ -595,8 +656,7 @@ def test_smaps_breakdown_sorts_qemu_memory_by_kind():
     assert [m.size for m in maps] == [0x1000, 0x4000, 256 << 20, 32 << 20, 1 << 20, 256 << 20]
     assert maps[1].path == "[heap]" and maps[2].path == "" and maps[2].pss == 40000 * 1024
     kib = {k: v // 1024 for k, v in procmem.breakdown(maps, 256 << 20).items()}
-    assert kib == {"guest_ram": 40000 + 1024, "tcg_code": 8192, "heap": 16,
-                   "anon_other": 100, "files": 2}
+    assert kib == {"guest_ram": 40000 + 1024, "tcg_code": 8192, "heap": 16, "anon_other": 100, "files": 2}
     # a smaller guest-RAM threshold would not change the rwx buffer's class
     assert procmem.breakdown(maps, 1 << 20)["tcg_code"] == 8192 * 1024
 

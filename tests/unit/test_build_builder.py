@@ -48,13 +48,11 @@ class FakeRunner:
         self.store = store
         self.calls = []
 
-    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None,
-            mounts=None):
+    def run(self, layers, process, base, *, out_fd, container_id=None, announce=None, mounts=None):
         self.calls.append(process)
         self.mounts = getattr(self, "mounts", []) + [mounts]
         if mounts is not None:  # what the step would see, while it runs
-            self.seen = [(r.type, r.target, r.readonly, _look(r))
-                         for r in mounts.requests]
+            self.seen = [(r.type, r.target, r.readonly, _look(r)) for r in mounts.requests]
         cid = f"{len(self.calls):064x}"
         if announce:
             announce(cid)
@@ -86,8 +84,7 @@ def _look(request):
     source = Path(request.source)
     if source.is_file():
         return source.read_bytes()
-    return {str(p.relative_to(source)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(source.rglob("*"))}
+    return {str(p.relative_to(source)): (p.read_bytes() if p.is_file() else None) for p in sorted(source.rglob("*"))}
 
 
 @pytest.fixture
@@ -96,8 +93,7 @@ def env(tmp_path, monkeypatch):
     store = ImageStore()
     base = tmp_path / "base.tar"
     with tarfile.open(base, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("etc/passwd", b"root:x:0:0::/root:/bin/sh\nu:x:7:8::/:/bin/sh\n"),
-                           ("bin/sh", b"#!")):
+        for name, data in (("etc/passwd", b"root:x:0:0::/root:/bin/sh\nu:x:7:8::/:/bin/sh\n"), ("bin/sh", b"#!")):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tar.addfile(ti, io.BytesIO(data))
@@ -120,8 +116,7 @@ def _app(ctx, metadata: str) -> str:
     """Writes app.txt into the context *ctx*; a Dockerfile of seven steps that copies it,
     the sixth being *metadata* (an instruction that only changes the config)."""
     (ctx / "app.txt").write_text("app")
-    return ("FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n"
-            f"{metadata}\nCMD [\"cat\", \"app.txt\"]\n")
+    return f'FROM base:1\nENV A=1\nWORKDIR /srv\nCOPY app.txt .\nRUN touch /made\n{metadata}\nCMD ["cat", "app.txt"]\n'
 
 
 def test_steps_ids_and_an_all_cached_rebuild(env):
@@ -160,9 +155,11 @@ def test_workdir_that_exists_is_config_only(env):
 
 def test_multi_stage_target_and_copy_from(env):
     store, ctx = env
-    dockerfile = ("FROM base:1 AS one\nRUN touch /artifact\n"
-                  "FROM base:1 AS two\nCOPY --from=one /artifact /copied\n"
-                  "FROM two\nCMD [\"true\"]\n")
+    dockerfile = (
+        "FROM base:1 AS one\nRUN touch /artifact\n"
+        "FROM base:1 AS two\nCOPY --from=one /artifact /copied\n"
+        'FROM two\nCMD ["true"]\n'
+    )
     result, lines, _ = run_build(ctx, dockerfile, tags=["ms:1"])
     assert "Step 3/6 : FROM base:1 AS two" in lines
     image = store.resolve("ms:1")
@@ -175,10 +172,8 @@ def test_multi_stage_target_and_copy_from(env):
 
 def test_build_args_scope_and_unused_warning(env):
     store, ctx = env
-    dockerfile = ("ARG TAG=1\nFROM base:$TAG\nARG WHO=world\nARG TAG\n"
-                  "LABEL who=$WHO tag=$TAG\nRUN echo $WHO\n")
-    _, lines, b = run_build(ctx, dockerfile, tags=["args:1"],
-                            build_args={"WHO": "vm", "NOPE": "x"})
+    dockerfile = "ARG TAG=1\nFROM base:$TAG\nARG WHO=world\nARG TAG\nLABEL who=$WHO tag=$TAG\nRUN echo $WHO\n"
+    _, lines, b = run_build(ctx, dockerfile, tags=["args:1"], build_args={"WHO": "vm", "NOPE": "x"})
     labels = store.resolve("args:1").config["config"]["Labels"]
     assert labels == {"who": "vm", "tag": "1"}
     assert "WHO=vm" in b.runner.calls[0].env and "TAG=1" in b.runner.calls[0].env
@@ -193,7 +188,7 @@ def test_onbuild_is_stored_and_triggered_once(env):
     store, ctx = env
     run_build(ctx, "FROM base:1\nONBUILD RUN touch /triggered\n", tags=["parent:1"])
     assert store.resolve("parent:1").config["config"]["OnBuild"] == ["RUN touch /triggered"]
-    _, lines, b = run_build(ctx, "FROM parent:1\nCMD [\"x\"]\n", tags=["child:1"])
+    _, lines, b = run_build(ctx, 'FROM parent:1\nCMD ["x"]\n', tags=["child:1"])
     assert "# Executing 1 build trigger" in lines and len(b.runner.calls) == 1
     child = store.resolve("child:1")
     assert "OnBuild" not in child.config["config"]
@@ -217,8 +212,7 @@ MAINTAINER someone
     cfg = image.config["config"]
     assert cfg["Labels"] == {"a": "1", "b c": "d e"} and cfg["User"] == "u"
     assert cfg["StopSignal"] == "SIGINT" and cfg["Volumes"] == {"/data": {}, "/logs": {}}
-    assert cfg["Healthcheck"] == {"Test": ["CMD", "check"], "Interval": 10_000_000_000,
-                                  "Retries": 3}
+    assert cfg["Healthcheck"] == {"Test": ["CMD", "check"], "Interval": 10_000_000_000, "Retries": 3}
     assert cfg["Shell"] == ["/bin/bash", "-c"]
     assert cfg["Entrypoint"] == ["/bin/bash", "-c", "run me"]
     assert "Cmd" not in cfg  # ENTRYPOINT resets the CMD inherited from the base
@@ -255,12 +249,15 @@ def test_untagged_builds_can_be_found_by_id(env):
     assert store.resolve(result.image_id[7:19]).config_digest == result.image_id
 
 
-@pytest.mark.parametrize("dockerfile, message", [
-    ("FROM nothere:1\n", "not found in the local store"),
-    ("FROM base:1\nCOPY --from=9 /a /b\n", "no earlier stage 9"),
-    ("FROM base:1\nCOPY a\n", "needs at least one source"),
-    ("FROM base:1\nWORKDIR /etc/passwd/x\n", "not a directory"),
-])
+@pytest.mark.parametrize(
+    "dockerfile, message",
+    [
+        ("FROM nothere:1\n", "not found in the local store"),
+        ("FROM base:1\nCOPY --from=9 /a /b\n", "no earlier stage 9"),
+        ("FROM base:1\nCOPY a\n", "needs at least one source"),
+        ("FROM base:1\nWORKDIR /etc/passwd/x\n", "not a directory"),
+    ],
+)
 def test_errors(env, dockerfile, message, monkeypatch):
     store, ctx = env
     monkeypatch.setenv("VMSHIM_REGISTRY_RETRIES", "0")
@@ -271,8 +268,10 @@ def test_errors(env, dockerfile, message, monkeypatch):
 
 def test_env_substitution_and_forms(env):
     store, ctx = env
-    dockerfile = ('FROM base:1\nENV PATH=$PATH:/opt/bin LEGACY_OK=1\nENV NAME a value with spaces\n'
-                  'ENV A=1 B=$A\nENV C="${NAME:-x}" D=\'$A\'\nWORKDIR /w/$A\n')
+    dockerfile = (
+        "FROM base:1\nENV PATH=$PATH:/opt/bin LEGACY_OK=1\nENV NAME a value with spaces\n"
+        "ENV A=1 B=$A\nENV C=\"${NAME:-x}\" D='$A'\nWORKDIR /w/$A\n"
+    )
     run_build(ctx, dockerfile, tags=["env:1"])
     cfg = store.resolve("env:1").config["config"]
     env_map = dict(e.split("=", 1) for e in cfg["Env"])
@@ -296,19 +295,20 @@ def layer_files(store, ref: str) -> dict[str, bytes]:
 
 def test_heredocs_in_run_and_copy_and_syntax_ignored(env):
     store, ctx = env
-    dockerfile = ("# syntax=docker/dockerfile:1.7\n"
-                  "FROM base:1\nENV NAME=world\n"
-                  "RUN <<EOF\necho one\necho two\nEOF\n"
-                  "RUN cat <<-'A' > /x && cat <<B > /y\n\tkeep $X\n\tA\nplain\nB\n"
-                  "COPY <<greeting.txt <<raw.txt /srv/\nhello $NAME\ngreeting.txt\n"
-                  "$NAME stays\nraw.txt\n"
-                  "COPY <<'quoted' /srv/q\n$NAME\nquoted\n"
-                  "CMD [\"true\"]\n")
+    dockerfile = (
+        "# syntax=docker/dockerfile:1.7\n"
+        "FROM base:1\nENV NAME=world\n"
+        "RUN <<EOF\necho one\necho two\nEOF\n"
+        "RUN cat <<-'A' > /x && cat <<B > /y\n\tkeep $X\n\tA\nplain\nB\n"
+        "COPY <<greeting.txt <<raw.txt /srv/\nhello $NAME\ngreeting.txt\n"
+        "$NAME stays\nraw.txt\n"
+        "COPY <<'quoted' /srv/q\n$NAME\nquoted\n"
+        'CMD ["true"]\n'
+    )
     result, lines, b = run_build(ctx, dockerfile, tags=["h:1"])
     assert lines[0] == "Step 1/7 : FROM base:1"
     assert b.runner.calls[0].args == ["/bin/sh", "-c", "echo one\necho two\n"]
-    assert b.runner.calls[1].args[-1] == ("cat <<-'A' > /x && cat <<B > /y\n"
-                                          "keep $X\nA\nplain\nB\n")
+    assert b.runner.calls[1].args[-1] == ("cat <<-'A' > /x && cat <<B > /y\nkeep $X\nA\nplain\nB\n")
     files = layer_files(store, "h:1")
     assert files["srv/greeting.txt"] == b"hello world\n"
     assert files["srv/raw.txt"] == b"world stays\n"
@@ -320,10 +320,13 @@ def test_heredocs_in_run_and_copy_and_syntax_ignored(env):
     assert third.image_id != result.image_id
 
 
-@pytest.mark.parametrize("dockerfile, message", [
-    ("FROM base:1\nRUN <<EOF\necho never closed\n", "the heredoc <<EOF is not closed"),
-    ("FROM base:1\nRUN echo a && \\\n  cat <<EOF\nx\nEOF\n", "must start on the RUN line"),
-])
+@pytest.mark.parametrize(
+    "dockerfile, message",
+    [
+        ("FROM base:1\nRUN <<EOF\necho never closed\n", "the heredoc <<EOF is not closed"),
+        ("FROM base:1\nRUN echo a && \\\n  cat <<EOF\nx\nEOF\n", "must start on the RUN line"),
+    ],
+)
 def test_bad_heredocs_are_one_line_errors(env, dockerfile, message):
     _, ctx = env
     with pytest.raises(BuildError, match=message):
@@ -333,14 +336,12 @@ def test_bad_heredocs_are_one_line_errors(env, dockerfile, message):
 def test_proxy_args_reach_run_but_not_history_or_cache_key(env):
     store, ctx = env
     dockerfile = "FROM base:1\nRUN touch /p\n"
-    result, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
-                                 build_args={"HTTP_PROXY": "http://proxy:3128"})
+    result, lines, b = run_build(ctx, dockerfile, tags=["p:1"], build_args={"HTTP_PROXY": "http://proxy:3128"})
     assert "HTTP_PROXY=http://proxy:3128" in b.runner.calls[0].env
     assert not any("not consumed" in line for line in lines)
     history = store.resolve("p:1").config["history"]
     assert not any("proxy" in h.get("created_by", "") for h in history)
-    again, lines, b = run_build(ctx, dockerfile, tags=["p:1"],
-                                build_args={"HTTP_PROXY": "http://other:3128"})
+    again, lines, b = run_build(ctx, dockerfile, tags=["p:1"], build_args={"HTTP_PROXY": "http://other:3128"})
     assert again.image_id == result.image_id and b.runner.calls == []  # not in the key
 
 
@@ -359,19 +360,19 @@ def test_run_mounts_cache_secret_tmpfs(env, tmp_path):
     store, ctx = env
     secret = tmp_path / "token.txt"
     secret.write_text("s3cr3t-value")
-    dockerfile = ("FROM base:1\nWORKDIR /app\n"
-                  "RUN --mount=type=cache,target=.npm --mount=type=secret,id=tok "
-                  "--mount=type=tmpfs,target=/scratch,size=1048576 touch /done\n")
+    dockerfile = (
+        "FROM base:1\nWORKDIR /app\n"
+        "RUN --mount=type=cache,target=.npm --mount=type=secret,id=tok "
+        "--mount=type=tmpfs,target=/scratch,size=1048576 touch /done\n"
+    )
     result, lines, b = run_build(ctx, dockerfile, tags=["m:1"], secrets={"tok": secret})
     seen = b.runner.seen
     assert seen[0][:3] == ("volume", "/app/.npm", False)
     assert seen[0][3].startswith("buildcache-vm-")
     assert seen[1] == ("bind", "/run/secrets/tok", True, b"s3cr3t-value")
     assert seen[2][:2] == ("tmpfs", "/scratch")
-    assert {"run/secrets/tok", "run/secrets", "run", "app/.npm", "scratch"} <= \
-        b.runner.mounts[-1].mount_points
-    assert not any(p.name.startswith("secret-") for p in b._work.iterdir()) \
-        if b._work and b._work.exists() else True
+    assert {"run/secrets/tok", "run/secrets", "run", "app/.npm", "scratch"} <= b.runner.mounts[-1].mount_points
+    assert not any(p.name.startswith("secret-") for p in b._work.iterdir()) if b._work and b._work.exists() else True
     config = store.resolve("m:1").config
     assert "s3cr3t" not in json.dumps(config)
     assert any("--mount=type=secret,id=tok" in h["created_by"] for h in config["history"])
@@ -394,8 +395,7 @@ def test_mount_points_of_a_step_stay_out_of_its_layer(tmp_path):
 
     spool = tmp_path / "d.tar"
     with tarfile.open(spool, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind in (("run", "d"), ("run/secrets", "d"), ("run/secrets/tok", "f"),
-                           ("cache", "d"), ("made", "f")):
+        for name, kind in (("run", "d"), ("run/secrets", "d"), ("run/secrets/tok", "f"), ("cache", "d"), ("made", "f")):
             ti = tarfile.TarInfo(name)
             if kind == "d":
                 ti.type = tarfile.DIRTYPE
@@ -404,18 +404,24 @@ def test_mount_points_of_a_step_stay_out_of_its_layer(tmp_path):
             tar.addfile(ti, io.BytesIO(data) if kind == "f" else None)
     out = tmp_path / "l.tar"
     writer = LayerWriter(out)
-    build_diff.write_layer(spool, writer, None,
-                           mount_points={"run", "run/secrets", "run/secrets/tok", "cache"})
+    build_diff.write_layer(spool, writer, None, mount_points={"run", "run/secrets", "run/secrets/tok", "cache"})
     writer.close()
     with tarfile.open(out) as tar:
         assert tar.getnames() == ["made"]
 
 
-@pytest.mark.parametrize("spec, mode, is_dir, expected", [
-    ("0755", 0o600, False, 0o755), ("u+x", 0o644, False, 0o744), ("go-w", 0o666, False, 0o644),
-    ("a=rX,u+w", 0o700, True, 0o755), ("a=rX,u+w", 0o600, False, 0o644),
-    ("u=rwx,g=rx,o=", 0o777, False, 0o750), ("+x", 0o644, False, 0o755),
-])
+@pytest.mark.parametrize(
+    "spec, mode, is_dir, expected",
+    [
+        ("0755", 0o600, False, 0o755),
+        ("u+x", 0o644, False, 0o744),
+        ("go-w", 0o666, False, 0o644),
+        ("a=rX,u+w", 0o700, True, 0o755),
+        ("a=rX,u+w", 0o600, False, 0o644),
+        ("u=rwx,g=rx,o=", 0o777, False, 0o750),
+        ("+x", 0o644, False, 0o755),
+    ],
+)
 def test_chmod_octal_and_symbolic(spec, mode, is_dir, expected):
     from shim.build.copy import parse_chmod
 
@@ -442,7 +448,8 @@ def test_add_checksum_verifies_the_download(env, tmp_path):
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "f.txt").write_bytes(b"payload")
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(  # noqa: E731
-        *a, directory=str(tmp_path / "www"))
+        *a, directory=str(tmp_path / "www")
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/f.txt"
@@ -464,8 +471,7 @@ def test_output_local_tar_and_oci(env, tmp_path):
     store, ctx = env
     (ctx / "app").mkdir()
     (ctx / "app" / "main.txt").write_text("main")
-    result, _, _ = run_build(ctx, "FROM base:1\nCOPY app /app\nRUN touch /made\n",
-                             tags=["o:1"])
+    result, _, _ = run_build(ctx, "FROM base:1\nCOPY app /app\nRUN touch /made\n", tags=["o:1"])
     local = tmp_path / "out-dir"
     write(store, result.image_id, parse_output(f"type=local,dest={local}"))
     assert (local / "app" / "main.txt").read_text() == "main"
@@ -483,10 +489,15 @@ def test_output_local_tar_and_oci(env, tmp_path):
         write(store, result.image_id, parse_output(f"type=local,dest={local}"))
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("type=zip,dest=x", "invalid --output type 'zip'"), ("type=tar", "needs dest=PATH"),
-    ("type=tar,dest=-", "needs dest=PATH"), ("type=local,dest=d,extra=1", "does not take"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("type=zip,dest=x", "invalid --output type 'zip'"),
+        ("type=tar", "needs dest=PATH"),
+        ("type=tar,dest=-", "needs dest=PATH"),
+        ("type=local,dest=d,extra=1", "does not take"),
+    ],
+)
 def test_bad_outputs(spec, message):
     from shim.build.output import parse_output
 
@@ -513,8 +524,7 @@ def test_output_local_never_writes_through_an_image_symlink(tmp_path, monkeypatc
     from shim.build.tree import RootView
 
     view = RootView(blobs, listings)
-    view.nodes["esc/x"] = view.nodes.get("esc/x") or view.nodes["esc"].__class__(
-        "f", 0o644, 0, 0, 5, 0, "", 1)
+    view.nodes["esc/x"] = view.nodes.get("esc/x") or view.nodes["esc"].__class__("f", 0o644, 0, 0, 5, 0, "", 1)
     try:
         write_local(view, tmp_path / "dest")
     except OutputError:
@@ -529,11 +539,13 @@ def test_run_bind_mounts_context_stage_and_image_never_in_the_layer(env):
     (ctx / "src" / "a.txt").write_text("from the context")
     (ctx / "skip.txt").write_text("ignored")
     (ctx / ".dockerignore").write_text("skip.txt\n")
-    dockerfile = ("FROM base:1 AS tools\nRUN touch /tool\n"
-                  "FROM base:1\nWORKDIR /w\n"
-                  "RUN --mount=type=bind,target=ctx --mount=type=bind,source=src/a.txt,"
-                  "target=/one.txt,rw --mount=type=bind,from=tools,source=/tool,target=/t "
-                  "--mount=from=base:1,source=etc,target=/base-etc touch /made\n")
+    dockerfile = (
+        "FROM base:1 AS tools\nRUN touch /tool\n"
+        "FROM base:1\nWORKDIR /w\n"
+        "RUN --mount=type=bind,target=ctx --mount=type=bind,source=src/a.txt,"
+        "target=/one.txt,rw --mount=type=bind,from=tools,source=/tool,target=/t "
+        "--mount=from=base:1,source=etc,target=/base-etc touch /made\n"
+    )
     result, _, b = run_build(ctx, dockerfile, tags=["b:1"])
     seen = b.runner.seen
     assert seen[0][:3] == ("bind", "/w/ctx", True)
@@ -551,14 +563,17 @@ def test_run_bind_mounts_context_stage_and_image_never_in_the_layer(env):
     assert third.image_id != result.image_id and len(b.runner.calls) == 1
 
 
-@pytest.mark.parametrize("mount, message", [
-    ("type=bind,source=../../etc,target=/x", "outside the build context"),
-    ("type=bind,source=nothere,target=/x", "file not found in build context"),
-    ("type=bind,from=nostage,source=/,target=/x", "nostage"),
-    ("type=bind,source=.,target=/", "target=/ is not allowed"),
-    ("type=bind,source=.", "needs target="),
-    ("type=bind,target=/x,uid=0", "does not take 'uid'"),
-])
+@pytest.mark.parametrize(
+    "mount, message",
+    [
+        ("type=bind,source=../../etc,target=/x", "outside the build context"),
+        ("type=bind,source=nothere,target=/x", "file not found in build context"),
+        ("type=bind,from=nostage,source=/,target=/x", "nostage"),
+        ("type=bind,source=.,target=/", "target=/ is not allowed"),
+        ("type=bind,source=.", "needs target="),
+        ("type=bind,target=/x,uid=0", "does not take 'uid'"),
+    ],
+)
 def test_bad_bind_mounts_are_one_line_errors(env, mount, message):
     _, ctx = env
     with pytest.raises(Exception, match=message) as info:
@@ -575,8 +590,11 @@ def test_bind_materialize_refuses_paths_that_leave_its_directory(tmp_path):
         with pytest.raises(MountError, match="unexpected path"):
             materialize([plan], tmp_path / f"d{len(list(tmp_path.iterdir()))}")
     # a symlink in the source is made, never followed: a file under it is refused
-    plan = SourcePlan("dir", "x", [Entry("l", "l", 0o777, linkname=str(tmp_path)),
-                                   Entry("l/pwned", "f", 0o644, opener=lambda: io.BytesIO(b"x"))])
+    plan = SourcePlan(
+        "dir",
+        "x",
+        [Entry("l", "l", 0o777, linkname=str(tmp_path)), Entry("l/pwned", "f", 0o644, opener=lambda: io.BytesIO(b"x"))],
+    )
     with pytest.raises(MountError, match="not below a directory"):
         materialize([plan], tmp_path / "sym")
     assert not (tmp_path / "pwned").exists()
@@ -588,8 +606,10 @@ def test_copy_parents_keeps_the_sources_directories(env):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         (ctx / rel).write_text(rel)
     os.chmod(ctx / "deep", 0o750)
-    dockerfile = ("FROM base:1\nCOPY --parents x/a.txt y/*.txt /p/\n"
-                  "COPY --parents y/sub deep/./er/c.txt /q/\nCOPY x/a.txt y/sub /plain/\n")
+    dockerfile = (
+        "FROM base:1\nCOPY --parents x/a.txt y/*.txt /p/\n"
+        "COPY --parents y/sub deep/./er/c.txt /q/\nCOPY x/a.txt y/sub /plain/\n"
+    )
     run_build(ctx, dockerfile, tags=["p:1"])
     layers = store.resolve("p:1").layers
     names = []
@@ -629,7 +649,8 @@ def test_independent_stages_run_at_the_same_time(env):
             names |= set(tar.getnames())
     assert {"a", "b"} <= names
     assert sorted(ln for ln in lines if ln.startswith("Step ")) == sorted(
-        f"Step {n}/9 : {t}" for n, t in enumerate(PARALLEL.splitlines(), 1))
+        f"Step {n}/9 : {t}" for n, t in enumerate(PARALLEL.splitlines(), 1)
+    )
     # one job at a time: the first stage waits alone and fails, the build fails
     MEETING.reset()
     with pytest.raises(RunStepError, match="nobody came"):

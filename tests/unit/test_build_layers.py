@@ -57,10 +57,17 @@ def view_of(tmp_path: Path, *layers: list) -> RootView:
 def test_view_applies_whiteouts_and_opaque_dirs(tmp_path):
     view = view_of(
         tmp_path,
-        [("etc", "d", None), ("etc/passwd", "f", b"root:x:0:0::/root:/bin/sh\n"),
-         ("data", "d", None), ("data/a", "f", b"a"), ("data/b", "f", b"b"),
-         ("keep", "d", None), ("keep/old", "f", b"old"), ("usr/bin/sh", "f", b"#!"),
-         ("bin", "l", "usr/bin")],
+        [
+            ("etc", "d", None),
+            ("etc/passwd", "f", b"root:x:0:0::/root:/bin/sh\n"),
+            ("data", "d", None),
+            ("data/a", "f", b"a"),
+            ("data/b", "f", b"b"),
+            ("keep", "d", None),
+            ("keep/old", "f", b"old"),
+            ("usr/bin/sh", "f", b"#!"),
+            ("bin", "l", "usr/bin"),
+        ],
         [("data/.wh.a", "f", b""), ("keep/.wh..wh..opq", "f", b""), ("keep/new", "f", b"new")],
     )
     assert "data/a" not in view.nodes and "data/b" in view.nodes
@@ -75,8 +82,7 @@ def test_view_applies_whiteouts_and_opaque_dirs(tmp_path):
 
 
 def test_view_whiteout_of_a_directory_removes_its_tree(tmp_path):
-    view = view_of(tmp_path, [("d", "d", None), ("d/x", "f", b"x"), ("d/y/z", "f", b"z")],
-                   [(".wh.d", "f", b"")])
+    view = view_of(tmp_path, [("d", "d", None), ("d/x", "f", b"x"), ("d/y/z", "f", b"z")], [(".wh.d", "f", b"")])
     assert not any(p == "d" or p.startswith("d/") for p in view.nodes)
 
 
@@ -153,21 +159,21 @@ def test_upper_whiteouts_and_opaque_directories(tmp_path):
         assert not any("trusted.overlay" in k for k in m["opq"].pax_headers)
     assert count >= 6
     import hashlib
+
     assert digest == "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 def test_upper_leaves_out_runtime_mount_points_and_untouched_dirs(tmp_path):
-    base = view_of(tmp_path, [("etc", "d", None), ("etc/hostname", "f", b"x"),
-                              ("tmp", "d", None), ("usr", "d", None)])
+    base = view_of(tmp_path, [("etc", "d", None), ("etc/hostname", "f", b"x"), ("tmp", "d", None), ("usr", "d", None)])
     os.chmod(tmp_path, 0o755)
     upper = tmp_path / "upper"
     for d in ("etc", "proc", "dev", "sys", "usr", "newdir"):
         (upper / d).mkdir(parents=True)
     for name in ("etc", "usr", "proc", "dev", "sys"):
         os.chmod(upper / name, 0o755)
-    (upper / "etc" / "hosts").write_bytes(b"")        # made by the runtime to mount on
+    (upper / "etc" / "hosts").write_bytes(b"")  # made by the runtime to mount on
     (upper / "etc" / "resolv.conf").write_bytes(b"")
-    (upper / "etc" / "hostname").write_bytes(b"")     # the image has it: a real change
+    (upper / "etc" / "hostname").write_bytes(b"")  # the image has it: a real change
     (upper / "newfile").write_bytes(b"n")
     out = tmp_path / "l.tar"
     writer = LayerWriter(out)
@@ -248,14 +254,17 @@ def hostile_tar(path: Path, entries: list) -> Path:
     return path
 
 
-@pytest.mark.parametrize("entries, expected", [
-    ([("../escape", "f", b"x")], "'..'"),
-    (([("/etc/cron.d/x", "f", b"x")]), "absolute"),
-    ([("d", "l", "/root"), ("d/key", "f", b"x")], "goes through 'd', which is a symlink"),
-    ([("a", "f", b"x"), ("a/b", "f", b"y")], "goes through 'a', which is a regular file"),
-    ([("h", "h", "/etc/shadow")], "absolute"),
-    ([("h", "h", "nothing-before")], "not an earlier entry"),
-])
+@pytest.mark.parametrize(
+    "entries, expected",
+    [
+        ([("../escape", "f", b"x")], "'..'"),
+        (([("/etc/cron.d/x", "f", b"x")]), "absolute"),
+        ([("d", "l", "/root"), ("d/key", "f", b"x")], "goes through 'd', which is a symlink"),
+        ([("a", "f", b"x"), ("a/b", "f", b"y")], "goes through 'a', which is a regular file"),
+        ([("h", "h", "/etc/shadow")], "absolute"),
+        ([("h", "h", "nothing-before")], "not an earlier entry"),
+    ],
+)
 def test_hostile_diffs_are_refused_with_one_line(tmp_path, entries, expected):
     spool = hostile_tar(tmp_path / "diff.tar", entries)
     with pytest.raises(build_diff.DiffError) as info:
@@ -315,22 +324,24 @@ def test_context_sources(ctx):
     assert [s.rel for s in ctx.sources("src/*.txt", "COPY")] == ["src/a.txt"]
     assert [s.rel for s in ctx.sources("/src/a.txt", "COPY")] == ["src/a.txt"]
     assert [s.rel for s in ctx.sources(".", "COPY")] == [""]
-    assert [s.rel for s in ctx.sources("*", "COPY")] == [
-        ".dockerignore", ".hidden", "keep.md", "link", "src"]
-    link, = ctx.sources("link", "COPY")
+    assert [s.rel for s in ctx.sources("*", "COPY")] == [".dockerignore", ".hidden", "keep.md", "link", "src"]
+    (link,) = ctx.sources("link", "COPY")
     assert link.real == "src/a.txt"  # an absolute link resolves inside the context
     walked = [rel for rel, _ in ctx.walk("")]
     assert "src/b.log" not in walked and "node_modules" not in walked
     assert "README.md" not in walked and "keep.md" in walked and "src/sub/c.txt" in walked
 
 
-@pytest.mark.parametrize("pattern, message", [
-    ("../outside", "forbidden path outside the build context"),
-    ("src/../../x", "forbidden path outside the build context"),
-    ("nothere", "file not found in build context or excluded"),
-    ("README.md", "excluded by .dockerignore"),
-    ("*.nothing", "no source files were specified"),
-])
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("../outside", "forbidden path outside the build context"),
+        ("src/../../x", "forbidden path outside the build context"),
+        ("nothere", "file not found in build context or excluded"),
+        ("README.md", "excluded by .dockerignore"),
+        ("*.nothing", "no source files were specified"),
+    ],
+)
 def test_context_refusals(ctx, pattern, message):
     with pytest.raises(ContextError, match=message):
         ctx.sources(pattern, "COPY")
@@ -340,15 +351,23 @@ def test_context_refusals(ctx, pattern, message):
 def copy_layer(tmp_path, view, plans, dest, workdir="/", **kw) -> dict:
     out = tmp_path / "copy.tar"
     writer = LayerWriter(out)
-    copying.write_layer(writer, view, plans, dest, workdir, chown=kw.get("chown"),
-                        chmod=kw.get("chmod"), what="COPY", multiple=kw.get("multiple", False))
+    copying.write_layer(
+        writer,
+        view,
+        plans,
+        dest,
+        workdir,
+        chown=kw.get("chown"),
+        chmod=kw.get("chmod"),
+        what="COPY",
+        multiple=kw.get("multiple", False),
+    )
     writer.close()
     return members(out)
 
 
 def test_copy_into_symlinked_directory_and_existing_parents(tmp_path, ctx):
-    view = view_of(tmp_path, [("usr/bin", "d", None), ("bin", "l", "usr/bin"),
-                              ("tmp", "d", None)])
+    view = view_of(tmp_path, [("usr/bin", "d", None), ("bin", "l", "usr/bin"), ("tmp", "d", None)])
     view.nodes["tmp"].mode = 0o1777
     plans = copying.plan_context(ctx, ["src/a.txt"], "COPY")
     m = copy_layer(tmp_path, view, plans, "/bin/")
@@ -358,8 +377,13 @@ def test_copy_into_symlinked_directory_and_existing_parents(tmp_path, ctx):
 
 
 def test_copy_directory_contents_relative_to_workdir_with_chown(tmp_path, ctx):
-    view = view_of(tmp_path, [("etc/passwd", "f", b"root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/h:/bin/sh\n"),
-                              ("etc/group", "f", b"root:x:0:\nstaff:x:50:\n")])
+    view = view_of(
+        tmp_path,
+        [
+            ("etc/passwd", "f", b"root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/h:/bin/sh\n"),
+            ("etc/group", "f", b"root:x:0:\nstaff:x:50:\n"),
+        ],
+    )
     uid, gid = copying.parse_chown("app", view)
     assert (uid, gid) == (1000, 1001)
     assert copying.parse_chown("app:staff", view) == (1000, 50)
@@ -423,13 +447,22 @@ def test_add_url_unreachable_is_a_clear_error(tmp_path):
 
 
 def test_copy_from_another_image(tmp_path):
-    src = view_of(tmp_path, [("out", "d", None), ("out/bin", "f", b"ELF"),
-                             ("out/lib/x.so", "f", b"so")])
+    src = view_of(tmp_path, [("out", "d", None), ("out/bin", "f", b"ELF"), ("out/lib/x.so", "f", b"so")])
     plans = copying.plan_image(src, ["/out"], "COPY", "builder")
     out = tmp_path / "from.tar"
     writer = LayerWriter(out)
-    copying.write_layer(writer, RootView.empty(), plans, "/app", "/", chown=None, chmod=None,
-                        what="COPY", multiple=False, open_view_files=src.open_many)
+    copying.write_layer(
+        writer,
+        RootView.empty(),
+        plans,
+        "/app",
+        "/",
+        chown=None,
+        chmod=None,
+        what="COPY",
+        multiple=False,
+        open_view_files=src.open_many,
+    )
     writer.close()
     assert content(out, "app/bin") == b"ELF" and content(out, "app/lib/x.so") == b"so"
     with pytest.raises(ContextError, match="not found in builder"):
@@ -501,10 +534,17 @@ def test_fetch_diff_spools_the_stream_and_passes_warnings(tmp_path):
     from shim.build import runner
 
     boot = BootConfig(container_id="c", token="t", hostname="h", process=ProcessSpec(args=["x"]), layer_count=0)
-    agent = FakeAgent([_msg(protocol.HELLO), _msg(protocol.STARTED, id=2, pid=5),
-                       _msg(protocol.STDOUT, b"abc", id=2), _msg(protocol.STDOUT, b"zzz", id=1),
-                       _msg(protocol.STDERR, b"/dev/x: device nodes \x1b[31m\n", id=2),
-                       _msg(protocol.STDOUT, b"def", id=2), _msg(protocol.EXIT, id=2, code=0)])
+    agent = FakeAgent(
+        [
+            _msg(protocol.HELLO),
+            _msg(protocol.STARTED, id=2, pid=5),
+            _msg(protocol.STDOUT, b"abc", id=2),
+            _msg(protocol.STDOUT, b"zzz", id=1),
+            _msg(protocol.STDERR, b"/dev/x: device nodes \x1b[31m\n", id=2),
+            _msg(protocol.STDOUT, b"def", id=2),
+            _msg(protocol.EXIT, id=2, code=0),
+        ]
+    )
     warnings = []
     runner._fetch_diff(agent, boot, tmp_path / "spool", warnings.append)
     assert (tmp_path / "spool").read_bytes() == b"abcdef"
@@ -512,14 +552,20 @@ def test_fetch_diff_spools_the_stream_and_passes_warnings(tmp_path):
     assert agent.sent == [(protocol.DIFF, {"token": "t", "id": 2})]
 
 
-@pytest.mark.parametrize("replies, error, text", [
-    ([("started",), ("stdout", b"x" * 600), ("stdout", b"x" * 600)], "DiffError", "larger than 1000"),
-    ([("error",)], "DiffError", "cannot send the RUN step's changes: nope"),
-    ([("started",), ("stderr", b"cannot open the writable layer\n"), ("exit", 1)],
-     "DiffError", "could not send the RUN step's changes: cannot open the writable layer"),
-    ([("started",), ("stdout", b"x", [2])], "AgentError", "broke the protocol"),
-    ([("started",), ("stdout", b"x")], "AgentError", "did not answer"),
-])
+@pytest.mark.parametrize(
+    "replies, error, text",
+    [
+        ([("started",), ("stdout", b"x" * 600), ("stdout", b"x" * 600)], "DiffError", "larger than 1000"),
+        ([("error",)], "DiffError", "cannot send the RUN step's changes: nope"),
+        (
+            [("started",), ("stderr", b"cannot open the writable layer\n"), ("exit", 1)],
+            "DiffError",
+            "could not send the RUN step's changes: cannot open the writable layer",
+        ),
+        ([("started",), ("stdout", b"x", [2])], "AgentError", "broke the protocol"),
+        ([("started",), ("stdout", b"x")], "AgentError", "did not answer"),
+    ],
+)
 def test_fetch_diff_refuses_what_a_hostile_agent_sends(tmp_path, replies, error, text):
     from guest import protocol
     from guest.spec import BootConfig, ProcessSpec

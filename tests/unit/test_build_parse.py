@@ -8,14 +8,17 @@ from shim.build.words import WordError, expand, parse_key_values, split_words
 
 
 # ---- words --------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, words", [
-    ("a b  c", ["a", "b", "c"]),
-    ('"a b" c', ['"a b"', "c"]),
-    ("'a b' c", ["'a b'", "c"]),
-    (r"a\ b c", [r"a\ b", "c"]),
-    ("", []),
-    ('  x="1 2"  y=3 ', ['x="1 2"', "y=3"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("a b  c", ["a", "b", "c"]),
+        ('"a b" c', ['"a b"', "c"]),
+        ("'a b' c", ["'a b'", "c"]),
+        (r"a\ b c", [r"a\ b", "c"]),
+        ("", []),
+        ('  x="1 2"  y=3 ', ['x="1 2"', "y=3"]),
+    ],
+)
 def test_split_words(text, words):
     assert split_words(text) == words
 
@@ -23,26 +26,29 @@ def test_split_words(text, words):
 ENV = {"A": "alpha", "EMPTY": "", "PATH": "/bin"}
 
 
-@pytest.mark.parametrize("word, result", [
-    ("$A", "alpha"),
-    ("${A}x", "alphax"),
-    ("$Ax", ""),  # the name is Ax: unset
-    ("'$A'", "$A"),
-    ('"$A b"', "alpha b"),
-    (r"\$A", "$A"),
-    (r'"\$A"', "$A"),
-    (r'"a\b"', r"a\b"),  # in double quotes, \ escapes only " $ and itself
-    ("${NOPE:-def}", "def"),
-    ("${EMPTY:-def}", "def"),
-    ("${EMPTY-def}", ""),
-    ("${A:+set}", "set"),
-    ("${NOPE:+set}", ""),
-    ("${NOPE:-${A}}", "alpha"),
-    ("$", "$"),
-    ("a$", "a$"),
-    ("$PATH:/usr/bin", "/bin:/usr/bin"),
-    ("$1", ""),
-])
+@pytest.mark.parametrize(
+    "word, result",
+    [
+        ("$A", "alpha"),
+        ("${A}x", "alphax"),
+        ("$Ax", ""),  # the name is Ax: unset
+        ("'$A'", "$A"),
+        ('"$A b"', "alpha b"),
+        (r"\$A", "$A"),
+        (r'"\$A"', "$A"),
+        (r'"a\b"', r"a\b"),  # in double quotes, \ escapes only " $ and itself
+        ("${NOPE:-def}", "def"),
+        ("${EMPTY:-def}", "def"),
+        ("${EMPTY-def}", ""),
+        ("${A:+set}", "set"),
+        ("${NOPE:+set}", ""),
+        ("${NOPE:-${A}}", "alpha"),
+        ("$", "$"),
+        ("a$", "a$"),
+        ("$PATH:/usr/bin", "/bin:/usr/bin"),
+        ("$1", ""),
+    ],
+)
 def test_expand(word, result):
     assert expand(word, ENV) == result
 
@@ -91,8 +97,7 @@ def test_the_lecture_example():
     df = parse(LECTURE)
     assert [s.base for s in df.stages] == ["node"]
     stage = df.stages[0]
-    assert [i.keyword for i in stage.instructions] == [
-        "RUN", "WORKDIR", "COPY", "RUN", "COPY", "EXPOSE", "CMD"]
+    assert [i.keyword for i in stage.instructions] == ["RUN", "WORKDIR", "COPY", "RUN", "COPY", "EXPOSE", "CMD"]
     cmd = stage.instructions[-1]
     assert cmd.json == ["npm", "start"]
     assert stage.instructions[0].json is None and stage.instructions[0].rest == "mkdir -p /usr/src/app"
@@ -135,37 +140,40 @@ def test_exec_form_and_shell_form():
     assert c.json == []
 
 
-@pytest.mark.parametrize("text, message", [
-    (b"", "is empty"),
-    (b"# only a comment\n", "is empty"),
-    (b"FOO bar\n", "Dockerfile:1: unknown instruction: FOO"),
-    (b"FROM busybox\nFROBNICATE x\n", "Dockerfile:2: unknown instruction: FROBNICATE"),
-    (b"RUN true\nFROM busybox\n", "before the first FROM"),
-    (b"ARG X\n", "no FROM"),
-    (b"FROM\n", "FROM needs an image"),
-    (b"FROM a b\n", "FROM needs an image"),
-    (b"FROM a AS 1bad\n", "invalid stage name"),
-    (b"FROM a AS x\nFROM b AS x\n", "duplicate stage name"),
-    (b"FROM a\nRUN\n", "RUN needs a command"),
-    (b"FROM a\nRUN --mount=type=cache true\n", "needs target="),
-    (b"FROM a\nCOPY --keep-git-dir a b\n", "does not support the flag --keep-git-dir"),
-    (b"FROM a\nCOPY a\n", "needs at least one source and a destination"),
-    (b"FROM a\nCOPY --chmod=rwx a b\n", "invalid --chmod 'rwx'"),
-    (b"FROM a\nSHELL /bin/bash -c\n", "SHELL needs its arguments in JSON form"),
-    (b"FROM a\nENV\n", "needs at least one argument"),
-    (b"FROM a\nENV A=1 B\n", "cannot find '='"),
-    (b"FROM a\nLABEL \"unterminated\n", "unterminated"),
-    (b"FROM a\nARG 9x\n", "invalid name"),
-    (b"FROM a\nUSER a b\n", "exactly one argument"),
-    (b"FROM a\nWORKDIR\n", "needs an argument"),
-    (b"FROM a\nHEALTHCHECK\n", "NONE or CMD"),
-    (b"FROM a\nHEALTHCHECK --interval=5x CMD true\n", "invalid duration"),
-    (b"FROM a\nHEALTHCHECK NONE x\n", "no other arguments"),
-    (b"FROM a\nONBUILD FROM b\n", "ONBUILD FROM is not allowed"),
-    (b"FROM a\nONBUILD BOGUS x\n", "unknown instruction: BOGUS"),
-    (b"FROM a\nRUN <<EOF\necho never closed\n", "heredoc <<EOF is not closed"),
-    (b"\xff\xfe", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"", "is empty"),
+        (b"# only a comment\n", "is empty"),
+        (b"FOO bar\n", "Dockerfile:1: unknown instruction: FOO"),
+        (b"FROM busybox\nFROBNICATE x\n", "Dockerfile:2: unknown instruction: FROBNICATE"),
+        (b"RUN true\nFROM busybox\n", "before the first FROM"),
+        (b"ARG X\n", "no FROM"),
+        (b"FROM\n", "FROM needs an image"),
+        (b"FROM a b\n", "FROM needs an image"),
+        (b"FROM a AS 1bad\n", "invalid stage name"),
+        (b"FROM a AS x\nFROM b AS x\n", "duplicate stage name"),
+        (b"FROM a\nRUN\n", "RUN needs a command"),
+        (b"FROM a\nRUN --mount=type=cache true\n", "needs target="),
+        (b"FROM a\nCOPY --keep-git-dir a b\n", "does not support the flag --keep-git-dir"),
+        (b"FROM a\nCOPY a\n", "needs at least one source and a destination"),
+        (b"FROM a\nCOPY --chmod=rwx a b\n", "invalid --chmod 'rwx'"),
+        (b"FROM a\nSHELL /bin/bash -c\n", "SHELL needs its arguments in JSON form"),
+        (b"FROM a\nENV\n", "needs at least one argument"),
+        (b"FROM a\nENV A=1 B\n", "cannot find '='"),
+        (b'FROM a\nLABEL "unterminated\n', "unterminated"),
+        (b"FROM a\nARG 9x\n", "invalid name"),
+        (b"FROM a\nUSER a b\n", "exactly one argument"),
+        (b"FROM a\nWORKDIR\n", "needs an argument"),
+        (b"FROM a\nHEALTHCHECK\n", "NONE or CMD"),
+        (b"FROM a\nHEALTHCHECK --interval=5x CMD true\n", "invalid duration"),
+        (b"FROM a\nHEALTHCHECK NONE x\n", "no other arguments"),
+        (b"FROM a\nONBUILD FROM b\n", "ONBUILD FROM is not allowed"),
+        (b"FROM a\nONBUILD BOGUS x\n", "unknown instruction: BOGUS"),
+        (b"FROM a\nRUN <<EOF\necho never closed\n", "heredoc <<EOF is not closed"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
 def test_malformed_dockerfiles(text, message):
     with pytest.raises(DockerfileError) as info:
         parse(text)

@@ -38,7 +38,7 @@ def test_steps_collapse_and_cached_steps_are_marked():
     out.line(" ---> abcdef012345")
     out.close()
     final = stream.getvalue()
-    last = final[final.rindex("[+] Building"):]
+    last = final[final.rindex("[+] Building") :]
     assert "line 9" not in last and " => [2/3] RUN make  2.5s" in last
     assert last.startswith("[+] Building 2.5s (2/3) FINISHED\n")
     assert "\x1b[" in final
@@ -51,6 +51,6 @@ def test_a_failed_step_keeps_all_its_output_and_control_bytes_are_replaced():
     os.write(out.run_fd, b"".join(b"out %d\n" % i for i in range(8)) + b"bad\x1b[2Jbyte\n")
     out.warn("something")
     out.close(failed=True)
-    last = stream.getvalue()[stream.getvalue().rindex("[+] Building"):]
+    last = stream.getvalue()[stream.getvalue().rindex("[+] Building") :]
     assert all(f" => => # out {i}" in last for i in range(8))
     assert " => => # bad?[2Jbyte" in last and "[Warning] something" in last

@@ -39,11 +39,18 @@ def store(root):
 
 
 def record(root, **kw) -> Container:
-    values = dict(id=CID, name="counter", image="busybox", image_id="sha256:abc",
-                  isolation="vm", process=ProcessSpec(args=["sh"]), hostname="counter",
-                  token="0123456789abcdef0123456789abcdef",
-                  layer_disks=[str(root / "layers" / "sha256-aa.sqfs")],
-                  network=NetworkRequest(networks=["none"]))
+    values = dict(
+        id=CID,
+        name="counter",
+        image="busybox",
+        image_id="sha256:abc",
+        isolation="vm",
+        process=ProcessSpec(args=["sh"]),
+        hostname="counter",
+        token="0123456789abcdef0123456789abcdef",
+        layer_disks=[str(root / "layers" / "sha256-aa.sqfs")],
+        network=NetworkRequest(networks=["none"]),
+    )
     values.update(kw)
     rec = Container(**values)
     rec.state.status = Status.CHECKPOINTED.value
@@ -51,6 +58,7 @@ def record(root, **kw) -> Container:
 
 
 # ---- the state machine -------------------------------------------------------------------------
+
 
 def test_checkpoint_and_restore_transitions():
     assert lifecycle.transition("checkpoint", "running") == Status.CHECKPOINTED
@@ -68,14 +76,20 @@ def test_checkpoint_and_restore_transitions():
 
 # ---- what can be checkpointed ------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, text", [
-    ({"mounts": [MountRequest(type="bind", source="/srv/data", target="/data")]},
-     "bind mount /srv/data -> /data is a virtiofs share"),
-    ({"rootfs": "/bundle/rootfs"}, "rootfs /bundle/rootfs is a virtiofs share"),
-    ({"isolation": "process"}, "only --isolation vm"),
-    ({"network": NetworkRequest(networks=["bridge"])}, "on network bridge"),
-    ({"auto_remove": True}, "--rm"),
-])
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        (
+            {"mounts": [MountRequest(type="bind", source="/srv/data", target="/data")]},
+            "bind mount /srv/data -> /data is a virtiofs share",
+        ),
+        ({"rootfs": "/bundle/rootfs"}, "rootfs /bundle/rootfs is a virtiofs share"),
+        ({"isolation": "process"}, "only --isolation vm"),
+        ({"network": NetworkRequest(networks=["bridge"])}, "on network bridge"),
+        ({"auto_remove": True}, "--rm"),
+    ],
+)
 def test_what_cannot_be_checkpointed_is_named(root, change, text):
     with pytest.raises(CheckpointError) as info:
         ckpt.check_checkpointable(record(root, **change))
@@ -83,12 +97,20 @@ def test_what_cannot_be_checkpointed_is_named(root, change, text):
 
 
 def test_volumes_tmpfs_and_no_network_can_be_checkpointed(root):
-    ckpt.check_checkpointable(record(root, mounts=[
-        MountRequest(type="volume", source="data", target="/data"),
-        MountRequest(type="tmpfs", source="", target="/run")], network=None))
+    ckpt.check_checkpointable(
+        record(
+            root,
+            mounts=[
+                MountRequest(type="volume", source="data", target="/data"),
+                MountRequest(type="tmpfs", source="", target="/run"),
+            ],
+            network=None,
+        )
+    )
 
 
 # ---- the writable disk ---------------------------------------------------------------------------
+
 
 def sparse_file(path, size=64 << 20, chunks=((4096, b"head"), (40 << 20, b"middle" * 1000))):
     with open(path, "wb") as f:
@@ -110,6 +132,7 @@ def test_copy_sparse_keeps_data_and_holes(tmp_path):
 
 # ---- export and import -----------------------------------------------------------------------------
 
+
 def make_checkpoint(store, root, **meta_change):
     rec = record(root, mounts=[MountRequest(type="volume", source="data", target="/data")])
     store.create(rec)
@@ -117,9 +140,18 @@ def make_checkpoint(store, root, **meta_change):
     d.mkdir(parents=True)
     (d / ckpt.MEMORY_FILE).write_bytes(b"QEMU-save-image" * 100)
     sparse_file(d / ckpt.RW_FILE)
-    meta = {"version": 1, "name": "checkpoint", "container_id": CID, "created": "x",
-            "memory_mib": 256, "rw": True, "guest_image": "g1", "kernel_release": "6.1",
-            "accel": "tcg", **meta_change}
+    meta = {
+        "version": 1,
+        "name": "checkpoint",
+        "container_id": CID,
+        "created": "x",
+        "memory_mib": 256,
+        "rw": True,
+        "guest_image": "g1",
+        "kernel_release": "6.1",
+        "accel": "tcg",
+        **meta_change,
+    }
     (d / ckpt.META_FILE).write_text(json.dumps(meta))
     (d / ckpt.RECORD_FILE).write_text(json.dumps(ckpt._portable(rec)))
     return d
@@ -162,23 +194,34 @@ def tar_of(members) -> bytes:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
             else:
-                info.type = {"symlink": tarfile.SYMTYPE, "dir": tarfile.DIRTYPE,
-                             "hardlink": tarfile.LNKTYPE}[kind]
+                info.type = {"symlink": tarfile.SYMTYPE, "dir": tarfile.DIRTYPE, "hardlink": tarfile.LNKTYPE}[kind]
                 info.linkname = "/etc/passwd"
                 tar.addfile(info)
     return buf.getvalue()
 
 
 def good_members(root, *, meta=None, rec=None, rw_data=b"x" * 4096):
-    meta = meta if meta is not None else {
-        "version": 1, "name": "checkpoint", "container_id": CID, "guest_image": "g1",
-        "kernel_release": "6.1", "accel": "tcg", "memory_mib": 256,
-        "rw": {"size": 1 << 20, "extents": [[0, 4096]]}}
+    meta = (
+        meta
+        if meta is not None
+        else {
+            "version": 1,
+            "name": "checkpoint",
+            "container_id": CID,
+            "guest_image": "g1",
+            "kernel_release": "6.1",
+            "accel": "tcg",
+            "memory_mib": 256,
+            "rw": {"size": 1 << 20, "extents": [[0, 4096]]},
+        }
+    )
     rec = rec if rec is not None else ckpt._portable(record(root))
-    return [(ckpt.META_FILE, json.dumps(meta).encode(), "file"),
-            (ckpt.RECORD_FILE, json.dumps(rec).encode(), "file"),
-            (ckpt.MEMORY_FILE, b"memory", "file"),
-            (ckpt.RW_DATA, rw_data, "file")]
+    return [
+        (ckpt.META_FILE, json.dumps(meta).encode(), "file"),
+        (ckpt.RECORD_FILE, json.dumps(rec).encode(), "file"),
+        (ckpt.MEMORY_FILE, b"memory", "file"),
+        (ckpt.RW_DATA, rw_data, "file"),
+    ]
 
 
 def assert_refused(store, tmp_path, data: bytes, text: str):
@@ -200,38 +243,48 @@ def test_the_good_members_import(store, root, tmp_path):
 
 
 def _meta(**change):
-    meta = {"version": 1, "name": "checkpoint", "container_id": CID, "guest_image": "g1",
-            "kernel_release": "6.1", "accel": "tcg", "memory_mib": 256,
-            "rw": {"size": 1 << 20, "extents": [[0, 4096]]}}
+    meta = {
+        "version": 1,
+        "name": "checkpoint",
+        "container_id": CID,
+        "guest_image": "g1",
+        "kernel_release": "6.1",
+        "accel": "tcg",
+        "memory_mib": 256,
+        "rw": {"size": 1 << 20, "extents": [[0, 4096]]},
+    }
     meta.update(change)
     return meta
 
 
-@pytest.mark.parametrize("case, text", [
-    ("traversal", "unexpected entry '../escaped'"),
-    ("absolute", "unexpected entry '/tmp/escaped'"),
-    ("symlink", "is not a regular file"),
-    ("hardlink", "is not a regular file"),
-    ("duplicate", "appears twice"),
-    ("too_many", "unexpected entry"),
-    ("big_json", "larger than"),
-    ("no_memory", "has no memory.img"),
-    ("overlap", "extents are malformed"),
-    ("past_end", "extents are malformed"),
-    ("huge_disk", "size is out of bounds"),
-    ("data_mismatch", "does not match its extents"),
-    ("rw_first", "comes before"),
-    ("version", "unknown checkpoint format"),
-    ("bind_mount", "a mount other than a volume or tmpfs"),
-    ("foreign_layer", "is not in this host's layer store"),
-    ("layer_escape", "is not in this host's layer store"),
-    ("id_mismatch", "container id is malformed"),
-    ("bad_name", "invalid container name"),
-    ("network", "on network bridge"),
-    ("bad_token", "agent token is malformed"),
-    ("record_not_object", "is not an object"),
-    ("bad_volume", "invalid volume name"),
-])
+@pytest.mark.parametrize(
+    "case, text",
+    [
+        ("traversal", "unexpected entry '../escaped'"),
+        ("absolute", "unexpected entry '/tmp/escaped'"),
+        ("symlink", "is not a regular file"),
+        ("hardlink", "is not a regular file"),
+        ("duplicate", "appears twice"),
+        ("too_many", "unexpected entry"),
+        ("big_json", "larger than"),
+        ("no_memory", "has no memory.img"),
+        ("overlap", "extents are malformed"),
+        ("past_end", "extents are malformed"),
+        ("huge_disk", "size is out of bounds"),
+        ("data_mismatch", "does not match its extents"),
+        ("rw_first", "comes before"),
+        ("version", "unknown checkpoint format"),
+        ("bind_mount", "a mount other than a volume or tmpfs"),
+        ("foreign_layer", "is not in this host's layer store"),
+        ("layer_escape", "is not in this host's layer store"),
+        ("id_mismatch", "container id is malformed"),
+        ("bad_name", "invalid container name"),
+        ("network", "on network bridge"),
+        ("bad_token", "agent token is malformed"),
+        ("record_not_object", "is not an object"),
+        ("bad_volume", "invalid volume name"),
+    ],
+)
 def test_hostile_archives_are_refused(store, root, tmp_path, case, text):
     m = good_members(root)
     rec = ckpt._portable(record(root))
@@ -252,8 +305,7 @@ def test_hostile_archives_are_refused(store, root, tmp_path, case, text):
     elif case == "no_memory":
         del m[2]
     elif case == "overlap":
-        m = good_members(root, meta=_meta(rw={"size": 1 << 20,
-                                              "extents": [[0, 4096], [2048, 4096]]}))
+        m = good_members(root, meta=_meta(rw={"size": 1 << 20, "extents": [[0, 4096], [2048, 4096]]}))
     elif case == "past_end":
         m = good_members(root, meta=_meta(rw={"size": 8192, "extents": [[4096, 8192]]}))
     elif case == "huge_disk":
@@ -299,9 +351,9 @@ def test_truncated_garbage_and_missing_archives_are_refused(store, root, tmp_pat
 
 def test_restore_refuses_another_guest_image(store, root, tmp_path, monkeypatch):
     make_checkpoint(store, root, guest_image="old-guest", kernel_release="5.10")
-    monkeypatch.setattr(ckpt, "guest_identity",
-                        lambda: {"guest_image": "new-guest", "kernel_release": "6.1",
-                                 "accel": "tcg"})
+    monkeypatch.setattr(
+        ckpt, "guest_identity", lambda: {"guest_image": "new-guest", "kernel_release": "6.1", "accel": "tcg"}
+    )
     with pytest.raises(CheckpointError, match="made with guest image old-guest .kernel 5.10."):
         ckpt.restore("counter", store=store)
     assert store.load(CID).status == Status.CHECKPOINTED  # its own record stays
@@ -325,8 +377,9 @@ def test_migrate_refuses_bad_uris_and_shares_before_asking_the_monitor(store, ro
     rec = record(root, mounts=[MountRequest(type="bind", source="/srv", target="/srv")])
     rec.state.status = Status.RUNNING.value
     store.create(rec)
-    with pytest.raises(CheckpointError, match="cannot migrate container counter: its bind "
-                                              "mount /srv -> /srv is a virtiofs share"):
+    with pytest.raises(
+        CheckpointError, match="cannot migrate container counter: its bind mount /srv -> /srv is a virtiofs share"
+    ):
         ckpt.migrate("counter", "qemu+tcp://10.0.0.2/system", store=store)
     store.update(CID, lambda r: setattr(r, "mounts", []))
     with pytest.raises(Exception, match="invalid libvirt URI"):

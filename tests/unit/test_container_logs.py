@@ -61,8 +61,9 @@ def test_read_entries_leaves_a_line_being_written(tmp_path):
 
 def test_since_and_timestamps(tmp_path):
     path = tmp_path / "c.log"
-    path.write_bytes(logs.encode_entries("stdout", b"old\n", now=1000.0)
-                     + logs.encode_entries("stdout", b"new\n", now=2000.0))
+    path.write_bytes(
+        logs.encode_entries("stdout", b"old\n", now=1000.0) + logs.encode_entries("stdout", b"new\n", now=2000.0)
+    )
     entries, _ = logs.read_entries(path)
     assert [ln[2] for ln in logs.select_lines(entries, since=1500.0)] == [b"new\n"]
     assert [ln[2] for ln in logs.select_lines(entries, until=1500.0)] == [b"old\n"]
@@ -78,6 +79,7 @@ def test_parse_since():
     import pytest
 
     from shim.errors import UsageError
+
     with pytest.raises(UsageError, match="invalid --since"):
         logs.parse_since("yesterday")
 
@@ -88,6 +90,7 @@ def test_missing_log_reads_as_empty(tmp_path):
 
 
 # ---- rotation and streaming reads (issue 12: a guest must not fill the host's disk) ------------
+
 
 def _total(path):
     return sum(p.stat().st_size for p in logs.log_files(path))
@@ -131,17 +134,23 @@ def test_max_file_one_truncates(tmp_path):
     assert logs.log_files(path) == [path] and path.stat().st_size <= 8192 + 4096
 
 
-@pytest.mark.parametrize("opts, want", [
-    ([], (10 << 20, 3)), (["max-size=1m"], (1 << 20, 3)), (["max-size=512k,max-file=2"], (512 << 10, 2)),
-    (["max-file=5", "max-size=2g"], (2 << 30, 5)),
-])
+@pytest.mark.parametrize(
+    "opts, want",
+    [
+        ([], (10 << 20, 3)),
+        (["max-size=1m"], (1 << 20, 3)),
+        (["max-size=512k,max-file=2"], (512 << 10, 2)),
+        (["max-file=5", "max-size=2g"], (2 << 30, 5)),
+    ],
+)
 def test_log_opt_parsing(opts, want):
     limits = logs.LogLimits.parse(opts)
     assert (limits.max_size, limits.max_files) == want
 
 
-@pytest.mark.parametrize("bad", ["max-size=lots", "max-size=1", "max-file=0", "max-file=x",
-                                 "mode=non-blocking", "max-size"])
+@pytest.mark.parametrize(
+    "bad", ["max-size=lots", "max-size=1", "max-file=0", "max-file=x", "mode=non-blocking", "max-size"]
+)
 def test_log_opt_refuses_bad_values(bad):
     from shim.errors import UsageError
 

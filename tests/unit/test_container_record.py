@@ -56,20 +56,30 @@ def old_record(store: ContainerStore) -> Container:
 def test_a_record_of_the_previous_code_loads_typed(store):
     rec = old_record(store)
     assert rec.process == ProcessSpec(
-        args=["nginx", "-g", "daemon off;"], env=["PATH=/usr/bin:/bin", "A=1"], cwd="/srv",
-        user="101:101", rlimits=[["nofile", 1024, 2048]],
-        capabilities={"bounding": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]}, seccomp="default")
-    assert rec.resources == Resources(memory=64 << 20, nano_cpus=1_500_000_000, pids_limit=100,
-                                      ulimits=[["nofile", 1024, 2048]])
+        args=["nginx", "-g", "daemon off;"],
+        env=["PATH=/usr/bin:/bin", "A=1"],
+        cwd="/srv",
+        user="101:101",
+        rlimits=[["nofile", 1024, 2048]],
+        capabilities={"bounding": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]},
+        seccomp="default",
+    )
+    assert rec.resources == Resources(
+        memory=64 << 20, nano_cpus=1_500_000_000, pids_limit=100, ulimits=[["nofile", 1024, 2048]]
+    )
     assert [(m.type, m.source[:4], m.target, m.readonly, m.anonymous) for m in rec.mounts] == [
-        ("volume", "bbbb", "/cache", False, True), ("volume", "data", "/data", True, False),
-        ("bind", "/srv", "/www", False, False), ("tmpfs", "", "/run", False, False)]
+        ("volume", "bbbb", "/cache", False, True),
+        ("volume", "data", "/data", True, False),
+        ("bind", "/srv", "/www", False, False),
+        ("tmpfs", "", "/run", False, False),
+    ]
     assert all(isinstance(m, MountRequest) for m in rec.mounts)
     assert isinstance(rec.network, NetworkRequest)
     assert rec.network.networks == ["bridge"] and rec.network.add_hosts == [("db", "10.1.2.3")]
-    assert rec.network.publish == [PortMapping(container_port=80, host_port=8080),
-                                   PortMapping(container_port=53, protocol="udp",
-                                               host_ip="127.0.0.1")]
+    assert rec.network.publish == [
+        PortMapping(container_port=80, host_port=8080),
+        PortMapping(container_port=53, protocol="udp", host_ip="127.0.0.1"),
+    ]
     assert rec.log == LogLimits(max_size=1 << 20, max_files=2)
     assert (rec.state.status, rec.state.exit_code, rec.state.restart_count) == ("exited", 137, 2)
     # The old file stored memory_mib 160; the record now derives it from the limit.
@@ -87,8 +97,7 @@ def test_an_old_record_shows_the_same_inspect_and_ps_documents(store):
     ps = ps_entry(rec)
     del ps["Status"], ps["CreatedAt"]
     # Through JSON, as the CLI prints them (tuples and lists print alike).
-    assert json.loads(json.dumps(doc)) == {k: v for k, v in expected["inspect"].items()
-                                           if k != "LogPath"}
+    assert json.loads(json.dumps(doc)) == {k: v for k, v in expected["inspect"].items() if k != "LogPath"}
     assert json.loads(json.dumps(ps)) == expected["ps"]
 
 
@@ -105,19 +114,32 @@ def test_an_old_record_saved_again_keeps_its_shape_but_memory_mib(store):
 
 def test_the_record_round_trips_through_state_json(store):
     rec = Container(
-        id="e" * 64, name="rt", image="busybox", image_id="sha256:x", isolation="process",
+        id="e" * 64,
+        name="rt",
+        image="busybox",
+        image_id="sha256:x",
+        isolation="process",
         process=ProcessSpec(args=["sh", "-c", "sleep 9"], env=["A=1"], tty=True, umask=0o22),
-        hostname="e" * 12, token="t" * 32, layer_disks=["/l/0.sqfs"],
-        resources=from_flags(memory="300m", cpus="3", ulimit=["nproc=10:20"],
-                             device_read_bps=["/dev/vda:1mb"]),
-        mounts=[MountRequest(type="tmpfs", target="/t", options="size=1m"),
-                MountRequest(type="volume", source="v", target="/v", readonly=True)],
-        network=NetworkRequest(networks=["net1", "net2"],
-                               endpoint_config={"net1": {"aliases": ["a"], "ip": "10.9.0.5"}},
-                               publish=[PortMapping(container_port=80, host_port=8080)],
-                               dns=["10.0.0.53"], add_hosts=[("h", "10.0.0.1")]),
-        log=LogLimits(max_size=1 << 20, max_files=5), labels={"k": "v"},
-        healthcheck={"Test": ["CMD", "true"]}, sysctl={"net.ipv4.ip_forward": "1"})
+        hostname="e" * 12,
+        token="t" * 32,
+        layer_disks=["/l/0.sqfs"],
+        resources=from_flags(memory="300m", cpus="3", ulimit=["nproc=10:20"], device_read_bps=["/dev/vda:1mb"]),
+        mounts=[
+            MountRequest(type="tmpfs", target="/t", options="size=1m"),
+            MountRequest(type="volume", source="v", target="/v", readonly=True),
+        ],
+        network=NetworkRequest(
+            networks=["net1", "net2"],
+            endpoint_config={"net1": {"aliases": ["a"], "ip": "10.9.0.5"}},
+            publish=[PortMapping(container_port=80, host_port=8080)],
+            dns=["10.0.0.53"],
+            add_hosts=[("h", "10.0.0.1")],
+        ),
+        log=LogLimits(max_size=1 << 20, max_files=5),
+        labels={"k": "v"},
+        healthcheck={"Test": ["CMD", "true"]},
+        sysctl={"net.ipv4.ip_forward": "1"},
+    )
     rec.state.status, rec.state.pid = "running", 42
     store.create(rec)
     text = (store.dir(rec.id) / "state.json").read_text()
@@ -133,30 +155,46 @@ def test_the_record_round_trips_through_state_json(store):
 
 
 def test_a_record_from_before_networking_and_limits_loads_with_defaults(store):
-    put(store, "f" * 64, {"id": "f" * 64, "name": "old", "image": "busybox",
-                          "image_id": "sha256:x", "isolation": "vm",
-                          "process": {"args": ["true"]}, "hostname": "f" * 12, "token": "t",
-                          "layer_disks": [], "memory_mib": 256, "state": {"status": "exited"}})
+    put(
+        store,
+        "f" * 64,
+        {
+            "id": "f" * 64,
+            "name": "old",
+            "image": "busybox",
+            "image_id": "sha256:x",
+            "isolation": "vm",
+            "process": {"args": ["true"]},
+            "hostname": "f" * 12,
+            "token": "t",
+            "layer_disks": [],
+            "memory_mib": 256,
+            "state": {"status": "exited"},
+        },
+    )
     rec = store.load("f" * 64)
     assert rec.network is None and rec.mounts == [] and rec.resources == Resources()
     assert rec.log == LogLimits() and rec.vm_memory_mib == DEFAULT_VM_MIB == 256
     assert rec.process == ProcessSpec(args=["true"]) and rec.status.value == "exited"
 
 
-@pytest.mark.parametrize("change, text", [
-    ({"schema": 3}, "schema 3"),
-    ({"schema": "2"}, "schema '2'"),
-    ({"process": ["true"]}, "process must be a JSON object"),
-    ({"process": {"args": []}}, "process.args"),
-    ({"mounts": {"type": "tmpfs"}}, "mounts must be a list"),
-    ({"mounts": ["/x"]}, "mounts must be a list"),
-    ({"resources": [1]}, "resources must be a JSON object"),
-    ({"resources": {"no_such_limit": 1, "memory": 1}}, None),  # unknown limits are dropped
-    ({"network": "bridge"}, "network must be a JSON object"),
-    ({"network": {"publish": ["80"]}}, "malformed container record"),
-    ({"state": []}, "state must be a JSON object"),
-    ({"state": {"status": "exited"}, "name": None, "id": None, "token": None}, None),
-])
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        ({"schema": 3}, "schema 3"),
+        ({"schema": "2"}, "schema '2'"),
+        ({"process": ["true"]}, "process must be a JSON object"),
+        ({"process": {"args": []}}, "process.args"),
+        ({"mounts": {"type": "tmpfs"}}, "mounts must be a list"),
+        ({"mounts": ["/x"]}, "mounts must be a list"),
+        ({"resources": [1]}, "resources must be a JSON object"),
+        ({"resources": {"no_such_limit": 1, "memory": 1}}, None),  # unknown limits are dropped
+        ({"network": "bridge"}, "network must be a JSON object"),
+        ({"network": {"publish": ["80"]}}, "malformed container record"),
+        ({"state": []}, "state must be a JSON object"),
+        ({"state": {"status": "exited"}, "name": None, "id": None, "token": None}, None),
+    ],
+)
 def test_a_malformed_record_is_refused_in_one_line(store, change, text):
     base = json.loads((GOLDEN / "state_v1.json").read_text())
     put(store, OLD_ID, {**base, **change})

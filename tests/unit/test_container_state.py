@@ -21,8 +21,9 @@ ALLOWED = {  # operation: (the states it may start from, the state it leads to)
 }
 
 
-@pytest.mark.parametrize("op,start,end", [(op, start, end) for op, (starts, end) in ALLOWED.items()
-                                          for start in starts])
+@pytest.mark.parametrize(
+    "op,start,end", [(op, start, end) for op, (starts, end) in ALLOWED.items() for start in starts]
+)
 def test_allowed_transitions(op, start, end):
     assert state.transition(op, start) is end
     assert state.transition(op, start.value) is end  # plain strings from the store work too
@@ -42,8 +43,11 @@ def test_every_other_transition_is_refused_with_a_clear_error():
 
 
 def test_error_text_names_operation_expected_and_actual():
-    with pytest.raises(ContainerStateError, match=r"cannot pause container db: it is exited, "
-                                                  r"must be running"):
+    with pytest.raises(
+        ContainerStateError,
+        match=r"cannot pause container db: it is exited, "
+        r"must be running",
+    ):
         state.transition("pause", "exited", "db")
 
 
@@ -58,8 +62,12 @@ def test_operations_without_a_state_change():
 
 
 def test_predicates_agree_with_the_table():
-    assert [s for s in ALL if state.can("remove", s)] == [Status.CREATED, Status.EXITED,
-                                                      Status.REMOVING, Status.CHECKPOINTED]
+    assert [s for s in ALL if state.can("remove", s)] == [
+        Status.CREATED,
+        Status.EXITED,
+        Status.REMOVING,
+        Status.CHECKPOINTED,
+    ]
     assert [s for s in ALL if state.can("restore", s)] == [Status.CHECKPOINTED]
     assert [s for s in ALL if state.can("pause", s)] == [Status.RUNNING]
     assert [s for s in ALL if state.can("unpause", s)] == [Status.PAUSED]

@@ -8,15 +8,22 @@ import time
 import pytest
 
 from guest.spec import ProcessSpec
-from shim.containers.store import (Container, ContainerStore, monitor_alive,
-                                   process_start_time)
+from shim.containers.store import Container, ContainerStore, monitor_alive, process_start_time
 from shim.errors import ContainerNotFound, UsageError
 
 
 def record(cid: str, name: str) -> Container:
-    return Container(id=cid, name=name, image="busybox", image_id="sha256:abc",
-                     isolation="vm", process=ProcessSpec(args=["true"]), hostname=cid[:12],
-                     token="t", layer_disks=["/l0.sqfs"])
+    return Container(
+        id=cid,
+        name=name,
+        image="busybox",
+        image_id="sha256:abc",
+        isolation="vm",
+        process=ProcessSpec(args=["true"]),
+        hostname=cid[:12],
+        token="t",
+        layer_disks=["/l0.sqfs"],
+    )
 
 
 @pytest.fixture
@@ -144,8 +151,7 @@ def _create_named(root, cid, results):
 def test_parallel_creates_of_one_name_let_exactly_one_win(store):
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_create_named, args=(store.root, f"{i:064x}", results))
-             for i in range(6)]
+    procs = [ctx.Process(target=_create_named, args=(store.root, f"{i:064x}", results)) for i in range(6)]
     for p in procs:
         p.start()
     for p in procs:
@@ -163,4 +169,4 @@ def test_monitor_alive_checks_pid_and_start_time(store):
     assert monitor_alive(rec)
     rec.state.monitor_start += 1  # a reused pid
     assert not monitor_alive(rec)
-    assert process_start_time(2 ** 22 + 1) is None
+    assert process_start_time(2**22 + 1) is None

@@ -57,8 +57,7 @@ def dirs(tmp_path):
 def test_symlink_then_file_of_the_same_name_never_writes_through(dirs):
     dest, outside = dirs
     victim = outside / "cron-x"
-    archive = _tar(("foo", "d"), ("foo/link", "l", str(victim)),
-                   ("foo/link", "f", b"* * * * * root evil\n"))
+    archive = _tar(("foo", "d"), ("foo/link", "l", str(victim)), ("foo/link", "f", b"* * * * * root evil\n"))
     with pytest.raises(VmshimError, match="names it twice"):
         extract(archive, dest, "foo")
     assert not victim.exists()
@@ -67,8 +66,9 @@ def test_symlink_then_file_of_the_same_name_never_writes_through(dirs):
 
 def test_symlink_then_directory_of_the_same_name_never_chmods_through(dirs):
     dest, outside = dirs
-    archive = _tar(("foo", "d"), ("foo/dl", "l", str(outside)),
-                   ("foo/dl", "d", None, {"mode": 0o777}), ("foo/dl/x", "f", b"x"))
+    archive = _tar(
+        ("foo", "d"), ("foo/dl", "l", str(outside)), ("foo/dl", "d", None, {"mode": 0o777}), ("foo/dl/x", "f", b"x")
+    )
     with pytest.raises(VmshimError, match="names it twice"):
         extract(archive, dest, "foo")
     assert stat.S_IMODE(os.stat(outside).st_mode) == 0o755
@@ -94,9 +94,11 @@ def test_no_entry_goes_through_a_symlink_already_at_the_destination(dirs):
 
 def test_setuid_and_owner_from_the_guest_are_dropped(dirs):
     dest, _ = dirs
-    archive = _tar(("foo", "d", None, {"mode": 0o1777, "uid": 4321, "gid": 4321}),
-                   ("foo/su", "f", b"#!/bin/sh\n", {"mode": 0o6755, "uid": 0, "gid": 0}),
-                   ("foo/mine", "f", b"x", {"mode": 0o640, "uid": 1234, "gid": 1234}))
+    archive = _tar(
+        ("foo", "d", None, {"mode": 0o1777, "uid": 4321, "gid": 4321}),
+        ("foo/su", "f", b"#!/bin/sh\n", {"mode": 0o6755, "uid": 0, "gid": 0}),
+        ("foo/mine", "f", b"x", {"mode": 0o640, "uid": 1234, "gid": 1234}),
+    )
     extract(archive, dest, "foo")
     su = os.stat(dest / "foo" / "su")
     assert stat.S_IMODE(su.st_mode) == 0o755
@@ -115,8 +117,11 @@ def test_symlinks_that_climb_out_are_refused_and_absolute_ones_stay_links(dirs):
     with pytest.raises(VmshimError, match="leads outside"):
         extract(_tar(("bar", "d"), ("bar/up", "l", "/../../../etc")), dest, "bar")
     # inside the destination, or absolute (read from the link's directory, as docker): kept
-    extract(_tar(("baz", "d"), ("baz/etc", "l", "/etc"), ("baz/rel", "l", "../foo"),
-                 ("baz/self", "l", "etc/passwd")), dest, "baz")
+    extract(
+        _tar(("baz", "d"), ("baz/etc", "l", "/etc"), ("baz/rel", "l", "../foo"), ("baz/self", "l", "etc/passwd")),
+        dest,
+        "baz",
+    )
     assert os.readlink(dest / "baz" / "etc") == "/etc"
     assert os.readlink(dest / "baz" / "rel") == "../foo"
 
@@ -128,8 +133,7 @@ def test_hard_links_only_to_files_this_copy_wrote(dirs, tmp_path):
         d = dest / target.replace("/", "_")
         d.mkdir()
         with pytest.raises(VmshimError, match="hard link"):
-            extract(_tar(("foo", "d"), ("foo/sym", "l", str(outside / "secret")),
-                         ("foo/h", "h", target)), d, "foo")
+            extract(_tar(("foo", "d"), ("foo/sym", "l", str(outside / "secret")), ("foo/h", "h", target)), d, "foo")
     with pytest.raises(VmshimError, match="refusing"):
         extract(_tar(("foo", "d"), ("foo/h", "h", "../outside/secret")), dest, "foo")
     assert os.stat(outside / "secret").st_nlink == 1
@@ -148,9 +152,15 @@ def test_absolute_and_dotdot_names_are_refused(dirs):
 
 
 def test_an_ordinary_tree_is_copied_with_rename_and_contents_only(tmp_path):
-    archive = lambda: _tar(("app", "d", None, {"mode": 0o750}), ("app/sub", "d"),  # noqa: E731
-                           ("app/sub/f", "f", b"hello", {"mode": 0o600}),
-                           ("app/l", "l", "sub/f"), ("app/h", "h", "app/sub/f"))
+    def archive():
+        return _tar(
+            ("app", "d", None, {"mode": 0o750}),
+            ("app/sub", "d"),
+            ("app/sub/f", "f", b"hello", {"mode": 0o600}),
+            ("app/l", "l", "sub/f"),
+            ("app/h", "h", "app/sub/f"),
+        )
+
     into = tmp_path / "into"
     into.mkdir()
     extract(archive(), into, "app")
@@ -192,8 +202,8 @@ class _Sparse(io.RawIOBase):
         n = min(len(b), self.size - self.pos)
         chunk = bytearray(n)
         if self.pos < len(self.head):
-            part = self.head[self.pos:self.pos + n]
-            chunk[:len(part)] = part
+            part = self.head[self.pos : self.pos + n]
+            chunk[: len(part)] = part
         b[:n] = chunk
         self.pos += n
         return n

@@ -36,8 +36,9 @@ def _serve_one(resolver):
 
 def _relay(resolver, clock=None):
     kw = {"now": clock} if clock else {}
-    return en.DnsRelay(["127.0.0.1"], lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-                       port=resolver.getsockname()[1], **kw)
+    return en.DnsRelay(
+        ["127.0.0.1"], lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), port=resolver.getsockname()[1], **kw
+    )
 
 
 def test_a_query_is_asked_and_answered(resolver):
@@ -50,12 +51,15 @@ def test_a_query_is_asked_and_answered(resolver):
     assert relay.fds() == []
 
 
-@pytest.mark.parametrize("server, payload", [
-    ("127.0.0.53", QUERY),          # not a relayed nameserver: the guest picks no target
-    ("8.8.8.8", QUERY),
-    ("127.0.0.1", b"short"),        # not even a DNS header
-    ("127.0.0.1", QUERY * 400),     # too big
-])
+@pytest.mark.parametrize(
+    "server, payload",
+    [
+        ("127.0.0.53", QUERY),  # not a relayed nameserver: the guest picks no target
+        ("8.8.8.8", QUERY),
+        ("127.0.0.1", b"short"),  # not even a DNS header
+        ("127.0.0.1", QUERY * 400),  # too big
+    ],
+)
 def test_the_guest_cannot_choose_where_or_what(resolver, server, payload):
     relay = _relay(resolver)
     assert not relay.query(1, server, payload)
@@ -76,8 +80,7 @@ def test_queries_in_flight_and_rate_are_bounded(resolver):
     for i in range(200):
         sent += relay.query(i, "127.0.0.1", QUERY)
         relay.close()
-    assert en.DNS_BURST - en.MAX_DNS_PENDING <= sent <= en.DNS_BURST - en.MAX_DNS_PENDING \
-        + en.DNS_RATE + 1
+    assert en.DNS_BURST - en.MAX_DNS_PENDING <= sent <= en.DNS_BURST - en.MAX_DNS_PENDING + en.DNS_RATE + 1
 
 
 def test_an_oversized_answer_is_dropped(resolver):
@@ -91,8 +94,10 @@ def test_an_oversized_answer_is_dropped(resolver):
 
 
 def test_resolv_conf_nameservers_relayed():
-    text = ("search x\nnameserver 127.0.0.11\nnameserver 10.0.0.1\nnameserver ::1\n"
-            "nameserver 127.0.0.11\noptions ndots:0\nnameserver bogus\n")
+    text = (
+        "search x\nnameserver 127.0.0.11\nnameserver 10.0.0.1\nnameserver ::1\n"
+        "nameserver 127.0.0.11\noptions ndots:0\nnameserver bogus\n"
+    )
     assert en.dns_servers(text) == ["127.0.0.11"]
     assert en.dns_servers("nameserver 192.168.1.1\n") == []
 
@@ -102,8 +107,7 @@ def test_a_dns_query_frame_is_bounded():
     protocol.check_from_guest(ok)
     for payload in (b"", b"x" * (protocol.MAX_DNS_QUERY + 1)):
         with pytest.raises(protocol.ProtocolError, match="DNS query"):
-            protocol.check_from_guest(protocol.Message(
-                protocol.DNS_QUERY, {"id": 1, "server": "127.0.0.11"}, payload))
+            protocol.check_from_guest(protocol.Message(protocol.DNS_QUERY, {"id": 1, "server": "127.0.0.11"}, payload))
     with pytest.raises(protocol.ProtocolError):
         protocol.check_from_guest(protocol.Message(protocol.DNS_QUERY, {"id": 1}, QUERY))
 

@@ -33,8 +33,7 @@ def ctx_dir(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("source", ["link", "abslink", "sub/up", "dirlink/key", "dirlink",
-                                    "via"])
+@pytest.mark.parametrize("source", ["link", "abslink", "sub/up", "dirlink/key", "dirlink", "via"])
 def test_a_symlink_to_an_ignored_path_is_not_in_the_context(ctx_dir, source):
     with pytest.raises(ContextError, match="excluded by .dockerignore"):
         BuildContext(ctx_dir).sources(source, "COPY")
@@ -49,14 +48,15 @@ def test_wildcards_skip_symlinks_to_ignored_paths(ctx_dir):
 
 def test_a_plain_symlink_still_works(ctx_dir):
     (ctx_dir / "ok").symlink_to("public.txt")
-    source, = BuildContext(ctx_dir).sources("ok", "COPY")
+    (source,) = BuildContext(ctx_dir).sources("ok", "COPY")
     assert source.real == "public.txt"
 
 
 def _cli(root, *args, cwd=None):
     env = dict(os.environ, VMSHIM_ROOT=str(root))
-    return subprocess.run([sys.executable, "-m", "shim.cli.main", *args], capture_output=True,
-                          env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "shim.cli.main", *args], capture_output=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 def test_a_real_build_never_copies_an_ignored_file(ctx_dir, tmp_path):

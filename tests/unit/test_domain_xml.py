@@ -19,8 +19,22 @@ import pytest
 
 from guest.spec import AGENT_PORT_NAME, CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
 from shim.vm.domain import (
-    DEFAULT_CMDLINE, HOTPLUG_MACHINE, HOTPLUG_PORTS, METADATA_NS, QEMU_NS, AgentChannel,
-    Balloon, Disk, Domain, Filesystem, Interface, KernelBoot, Rng, SerialLog, Vsock, disk_target,
+    DEFAULT_CMDLINE,
+    HOTPLUG_MACHINE,
+    HOTPLUG_PORTS,
+    METADATA_NS,
+    QEMU_NS,
+    AgentChannel,
+    Balloon,
+    Disk,
+    Domain,
+    Filesystem,
+    Interface,
+    KernelBoot,
+    Rng,
+    SerialLog,
+    Vsock,
+    disk_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -31,26 +45,39 @@ RUN = "/var/lib/vmshim/run/c0ffee"
 
 
 def _boot() -> KernelBoot:
-    return KernelBoot(kernel=f"{GUEST}/vmlinuz", initrd=f"{GUEST}/initramfs",
-                      cmdline=DEFAULT_CMDLINE + " vmshim.token=abc")
+    return KernelBoot(
+        kernel=f"{GUEST}/vmlinuz", initrd=f"{GUEST}/initramfs", cmdline=DEFAULT_CMDLINE + " vmshim.token=abc"
+    )
 
 
 def _container_disks() -> list[Disk]:
-    layers = [Disk(source=f"/var/lib/vmshim/layers/{digest}.sqfs", target=disk_target(i),
-                   serial=f"{LAYER_SERIAL_PREFIX}{i}", readonly=True, shareable=True)
-              for i, digest in enumerate(("aaaa", "bbbb"))]
-    config = Disk(source=f"{CTR}/config.iso", target=disk_target(2),
-                  serial=CONFIG_DRIVE_SERIAL)
-    writable = Disk(source=f"{CTR}/rw.ext4", target=disk_target(3), serial=WRITABLE_SERIAL,
-                    readonly=False, discard=True)
+    layers = [
+        Disk(
+            source=f"/var/lib/vmshim/layers/{digest}.sqfs",
+            target=disk_target(i),
+            serial=f"{LAYER_SERIAL_PREFIX}{i}",
+            readonly=True,
+            shareable=True,
+        )
+        for i, digest in enumerate(("aaaa", "bbbb"))
+    ]
+    config = Disk(source=f"{CTR}/config.iso", target=disk_target(2), serial=CONFIG_DRIVE_SERIAL)
+    writable = Disk(
+        source=f"{CTR}/rw.ext4", target=disk_target(3), serial=WRITABLE_SERIAL, readonly=False, discard=True
+    )
     return [*layers, config, writable]
 
 
 def _common(**overrides) -> dict:
-    base = dict(name="vmshim-c0ffee", uuid=UUID, boot=_boot(), disks=_container_disks(),
-                channels=[AgentChannel(socket_path=f"{RUN}/agent.sock")],
-                serial=SerialLog(path=f"{CTR}/console.log"),
-                metadata={"container-id": "c0ffee", "image": "docker.io/library/busybox:1.36"})
+    base = dict(
+        name="vmshim-c0ffee",
+        uuid=UUID,
+        boot=_boot(),
+        disks=_container_disks(),
+        channels=[AgentChannel(socket_path=f"{RUN}/agent.sock")],
+        serial=SerialLog(path=f"{CTR}/console.log"),
+        metadata={"container-id": "c0ffee", "image": "docker.io/library/busybox:1.36"},
+    )
     base.update(overrides)
     return base
 
@@ -61,58 +88,83 @@ DOMAINS = {
     # The same on a KVM host, bigger.
     "kvm_container": lambda: Domain(memory_mib=512, vcpus=2, domain_type="kvm", **_common()),
     # Nothing but a kernel.
-    "minimal": lambda: Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1,
-                              domain_type="qemu", boot=_boot()),
+    "minimal": lambda: Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu", boot=_boot()),
     # An OCI bundle's rootfs over virtiofs, vsock transport, virtio-rng, appended log.
     "tcg_bundle": lambda: Domain(
-        memory_mib=256, vcpus=1, domain_type="qemu", tb_cache_mib=64,
-        **_common(disks=[Disk(source=f"{CTR}/config.iso", target="vda",
-                              serial=CONFIG_DRIVE_SERIAL)],
-                  filesystems=[Filesystem(source_dir=f"{CTR}/bundle/rootfs", tag="rootfs")],
-                  vsock=Vsock(), rng=Rng(),
-                  serial=SerialLog(path=f"{CTR}/console.log", append=True))),
+        memory_mib=256,
+        vcpus=1,
+        domain_type="qemu",
+        tb_cache_mib=64,
+        **_common(
+            disks=[Disk(source=f"{CTR}/config.iso", target="vda", serial=CONFIG_DRIVE_SERIAL)],
+            filesystems=[Filesystem(source_dir=f"{CTR}/bundle/rootfs", tag="rootfs")],
+            vsock=Vsock(),
+            rng=Rng(),
+            serial=SerialLog(path=f"{CTR}/console.log", append=True),
+        ),
+    ),
     # On the default NAT network and a user-defined one (two NICs on two bridges).
     "tcg_networked": lambda: Domain(
-        memory_mib=128, vcpus=1, domain_type="qemu",
-        **_common(interfaces=[
-            Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0"),
-            Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0A:59:00:07", mtu=1400)])),
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        **_common(
+            interfaces=[
+                Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0"),
+                Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0A:59:00:07", mtu=1400),
+            ]
+        ),
+    ),
     # On a bridge network: q35 with spare PCIe root ports, so `network connect` can plug
     # NICs into it while it runs (native PCIe hotplug, forced on by cmdline and -global).
     "tcg_hotplug": lambda: Domain(
-        memory_mib=128, vcpus=1, domain_type="qemu", machine=HOTPLUG_MACHINE,
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        machine=HOTPLUG_MACHINE,
         hotplug_ports=HOTPLUG_PORTS,
-        **_common(interfaces=[
-            Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0")])),
+        **_common(interfaces=[Interface(bridge="vmshim0", mac="02:42:0a:58:00:02", tap="vmtc0ffee0")]),
+    ),
     # vmshim-runtime in an engine's network namespace: a tap vmshim made (managed='no'),
     # with the MAC and MTU of the engine's veth; q35 so `docker network connect` can plug more.
     "tcg_engine_netns": lambda: Domain(
-        memory_mib=128, vcpus=1, domain_type="qemu", machine=HOTPLUG_MACHINE,
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        machine=HOTPLUG_MACHINE,
         hotplug_ports=HOTPLUG_PORTS,
-        **_common(interfaces=[
-            Interface(type="ethernet", mac="02:42:ac:11:00:02", tap="vmnc0ffee00", mtu=1450)])),
+        **_common(interfaces=[Interface(type="ethernet", mac="02:42:ac:11:00:02", tap="vmnc0ffee00", mtu=1450)]),
+    ),
     # A pooled VM (shim.containers.pool): no disks, no NIC, spare ports for all of them,
     # and the pool flag on the kernel command line.
     "tcg_pool": lambda: _pool_domain(),
     # shim.vm.memory: free page reporting's balloon, and KSM kept away (nosharepages)
     # next to the memfd backing a virtiofs share needs.
     "tcg_memory": lambda: Domain(
-        memory_mib=256, vcpus=1, domain_type="qemu", balloon=Balloon(), share_pages=False,
-        **_common(filesystems=[Filesystem(source_dir=f"{CTR}/share", tag="vmshim-s0")])),
+        memory_mib=256,
+        vcpus=1,
+        domain_type="qemu",
+        balloon=Balloon(),
+        share_pages=False,
+        **_common(filesystems=[Filesystem(source_dir=f"{CTR}/share", tag="vmshim-s0")]),
+    ),
     # --network host: QEMU's user-mode networking.
     "tcg_user_network": lambda: Domain(
-        memory_mib=128, vcpus=1, domain_type="qemu",
-        **_common(interfaces=[Interface(type="user", mac="02:42:0a:00:02:0f")])),
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        **_common(interfaces=[Interface(type="user", mac="02:42:0a:00:02:0f")]),
+    ),
 }
 
 
 def _pool_domain() -> Domain:
     from shim.containers.pool import PoolKey, build_domain
 
-    key = PoolKey(kernel=f"{GUEST}/vmlinuz", initramfs=f"{GUEST}/initramfs", memory_mib=256,
-                  vcpus=1, accel="tcg")
-    return build_domain(key, "0123456789ab", Path("/var/lib/vmshim/run/pool/booting/0123456789ab"),
-                        DEFAULT_CMDLINE, domain_uuid=UUID)
+    key = PoolKey(kernel=f"{GUEST}/vmlinuz", initramfs=f"{GUEST}/initramfs", memory_mib=256, vcpus=1, accel="tcg")
+    return build_domain(
+        key, "0123456789ab", Path("/var/lib/vmshim/run/pool/booting/0123456789ab"), DEFAULT_CMDLINE, domain_uuid=UUID
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINS))
@@ -125,7 +177,8 @@ def test_domain_xml_matches_golden_file(name):
     assert path.exists(), f"{path} missing: run with VMSHIM_UPDATE_GOLDEN=1 to create it"
     assert xml == path.read_text(), (
         f"{name}: XML differs from {path}; if intended, regenerate with "
-        f"VMSHIM_UPDATE_GOLDEN=1 pytest {Path(__file__).relative_to(Path.cwd())}")
+        f"VMSHIM_UPDATE_GOLDEN=1 pytest {Path(__file__).relative_to(Path.cwd())}"
+    )
 
 
 def test_xml_is_deterministic():
@@ -141,8 +194,7 @@ def test_tcg_recipe():
     cpu = root.find("cpu")
     assert (cpu.get("mode"), cpu.find("model").text) == ("custom", "qemu64")
     assert cpu.find("feature").attrib == {"policy": "require", "name": "rdrand"}
-    assert [root.find(e).text for e in ("on_poweroff", "on_reboot", "on_crash")] == \
-        ["destroy"] * 3
+    assert [root.find(e).text for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
     devices = root.find("devices")
     assert devices.find("controller[@type='usb']").get("model") == "none"
     assert devices.find("memballoon").get("model") == "none"
@@ -203,8 +255,7 @@ def test_interfaces_are_bridged_virtio_nics_without_option_rom():
     nics = root.findall("devices/interface")
     assert [n.get("type") for n in nics] == ["bridge", "bridge"]
     assert [n.find("source").get("bridge") for n in nics] == ["vmshim0", "vmsbr1a2b3c4d5e"]
-    assert [n.find("mac").get("address") for n in nics] == ["02:42:0a:58:00:02",
-                                                            "02:42:0a:59:00:07"]
+    assert [n.find("mac").get("address") for n in nics] == ["02:42:0a:58:00:02", "02:42:0a:59:00:07"]
     assert nics[0].find("target").get("dev") == "vmtc0ffee0"
     assert nics[1].find("target") is None
     assert all(n.find("model").get("type") == "virtio" for n in nics)
@@ -218,8 +269,7 @@ def test_interfaces_are_bridged_virtio_nics_without_option_rom():
 
 
 def test_uuid_is_normalised():
-    dom = Domain(name="vmshim-x", uuid=UUID.upper(), memory_mib=64, vcpus=1,
-                 domain_type="qemu", boot=_boot())
+    dom = Domain(name="vmshim-x", uuid=UUID.upper(), memory_mib=64, vcpus=1, domain_type="qemu", boot=_boot())
     assert dom.uuid == UUID
 
 
@@ -230,66 +280,88 @@ def test_disk_target_names():
 
 
 def _domain(**overrides) -> Domain:
-    args = dict(name="vmshim-x", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu",
-                boot=_boot())
+    args = dict(name="vmshim-x", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu", boot=_boot())
     args.update(overrides)
     return Domain(**args)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"name": "bad/name"}, "domain name"),
-    ({"name": ""}, "domain name"),
-    ({"name": "x" * 65}, "domain name"),
-    ({"uuid": "not-a-uuid"}, "not a UUID"),
-    ({"memory_mib": 0}, "memory_mib"),
-    ({"memory_mib": True}, "memory_mib"),
-    ({"vcpus": 0}, "vcpus"),
-    ({"domain_type": "xen"}, "domain_type"),
-    ({"tb_cache_mib": 0}, "tb_cache_mib"),
-    ({"metadata": {"Bad Key": "v"}}, "metadata key"),
-    ({"disks": [Disk(source="/a", target="vda", serial="s1"),
-                Disk(source="/b", target="vda", serial="s2")]}, "target 'vda'"),
-    ({"disks": [Disk(source="/a", target="vda", serial="s1"),
-                Disk(source="/b", target="vdb", serial="s1")]}, "serial 's1'"),
-    ({"interfaces": [Interface(bridge="b0", mac="02:00:00:00:00:01"),
-                     Interface(bridge="b1", mac="02:00:00:00:00:01")]}, "mac '02:00"),
-    ({"interfaces": [Interface(bridge="b0", mac="02:00:00:00:00:01", tap="t0"),
-                     Interface(bridge="b1", mac="02:00:00:00:00:02", tap="t0")]}, "tap 't0'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "bad/name"}, "domain name"),
+        ({"name": ""}, "domain name"),
+        ({"name": "x" * 65}, "domain name"),
+        ({"uuid": "not-a-uuid"}, "not a UUID"),
+        ({"memory_mib": 0}, "memory_mib"),
+        ({"memory_mib": True}, "memory_mib"),
+        ({"vcpus": 0}, "vcpus"),
+        ({"domain_type": "xen"}, "domain_type"),
+        ({"tb_cache_mib": 0}, "tb_cache_mib"),
+        ({"metadata": {"Bad Key": "v"}}, "metadata key"),
+        (
+            {"disks": [Disk(source="/a", target="vda", serial="s1"), Disk(source="/b", target="vda", serial="s2")]},
+            "target 'vda'",
+        ),
+        (
+            {"disks": [Disk(source="/a", target="vda", serial="s1"), Disk(source="/b", target="vdb", serial="s1")]},
+            "serial 's1'",
+        ),
+        (
+            {
+                "interfaces": [
+                    Interface(bridge="b0", mac="02:00:00:00:00:01"),
+                    Interface(bridge="b1", mac="02:00:00:00:00:01"),
+                ]
+            },
+            "mac '02:00",
+        ),
+        (
+            {
+                "interfaces": [
+                    Interface(bridge="b0", mac="02:00:00:00:00:01", tap="t0"),
+                    Interface(bridge="b1", mac="02:00:00:00:00:02", tap="t0"),
+                ]
+            },
+            "tap 't0'",
+        ),
+    ],
+)
 def test_domain_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         _domain(**overrides)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: KernelBoot(kernel="vmlinuz", initrd="/i"), "kernel must be an absolute path"),
-    (lambda: KernelBoot(kernel="/k", initrd="/i", cmdline="a\nb"), "cmdline"),
-    (lambda: Disk(source="rel.sqfs", target="vda", serial="s"), "absolute path"),
-    (lambda: Disk(source="/a", target="sda", serial="s"), "disk target"),
-    (lambda: Disk(source="/a", target="vda", serial="x" * 21), "disk serial"),
-    (lambda: Disk(source="/a", target="vda", serial="s", format="vmdk"), "disk format"),
-    (lambda: Disk(source="/a", target="vda", serial="s", discard=True), "read-only"),
-    (lambda: Disk(source="/a", target="vda", serial="s", io="native"), "cache='none'"),
-    (lambda: AgentChannel(socket_path="agent.sock"), "absolute path"),
-    (lambda: AgentChannel(socket_path="/" + "s" * 120), "107 bytes"),
-    (lambda: AgentChannel(socket_path="/a.sock", name="bad name"), "channel name"),
-    (lambda: SerialLog(path="console.log"), "absolute path"),
-    (lambda: Vsock(cid=2), "cid"),
-    (lambda: Filesystem(source_dir="/d", tag="a b"), "tag"),
-    (lambda: Interface(bridge="a-bridge-name-too-long", mac="02:00:00:00:00:01"), "bridge"),
-    (lambda: Interface(mac="02:00:00:00:00:01"), "bridge"),
-    (lambda: Interface(type="tap", bridge="b", mac="02:00:00:00:00:01"), "type"),
-    (lambda: Interface(type="user", bridge="b", mac="02:00:00:00:00:01"), "no bridge"),
-    (lambda: Interface(bridge="br0", mac="02:00:00:00:00"), "mac"),
-    (lambda: Interface(bridge="br0", mac="01:00:5e:00:00:01"), "unicast"),
-    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="vnet0"), "reserves"),
-    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="a b"), "tap"),
-    (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", mtu=10), "mtu"),
-    (lambda: Interface(type="ethernet", mac="02:00:00:00:00:01"), "has a tap"),
-    (lambda: Interface(type="ethernet", bridge="b", tap="t0", mac="02:00:00:00:00:01"),
-     "no bridge"),
-    (lambda: Interface(type="ethernet", tap="vnet3", mac="02:00:00:00:00:01"), "reserves"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: KernelBoot(kernel="vmlinuz", initrd="/i"), "kernel must be an absolute path"),
+        (lambda: KernelBoot(kernel="/k", initrd="/i", cmdline="a\nb"), "cmdline"),
+        (lambda: Disk(source="rel.sqfs", target="vda", serial="s"), "absolute path"),
+        (lambda: Disk(source="/a", target="sda", serial="s"), "disk target"),
+        (lambda: Disk(source="/a", target="vda", serial="x" * 21), "disk serial"),
+        (lambda: Disk(source="/a", target="vda", serial="s", format="vmdk"), "disk format"),
+        (lambda: Disk(source="/a", target="vda", serial="s", discard=True), "read-only"),
+        (lambda: Disk(source="/a", target="vda", serial="s", io="native"), "cache='none'"),
+        (lambda: AgentChannel(socket_path="agent.sock"), "absolute path"),
+        (lambda: AgentChannel(socket_path="/" + "s" * 120), "107 bytes"),
+        (lambda: AgentChannel(socket_path="/a.sock", name="bad name"), "channel name"),
+        (lambda: SerialLog(path="console.log"), "absolute path"),
+        (lambda: Vsock(cid=2), "cid"),
+        (lambda: Filesystem(source_dir="/d", tag="a b"), "tag"),
+        (lambda: Interface(bridge="a-bridge-name-too-long", mac="02:00:00:00:00:01"), "bridge"),
+        (lambda: Interface(mac="02:00:00:00:00:01"), "bridge"),
+        (lambda: Interface(type="tap", bridge="b", mac="02:00:00:00:00:01"), "type"),
+        (lambda: Interface(type="user", bridge="b", mac="02:00:00:00:00:01"), "no bridge"),
+        (lambda: Interface(bridge="br0", mac="02:00:00:00:00"), "mac"),
+        (lambda: Interface(bridge="br0", mac="01:00:5e:00:00:01"), "unicast"),
+        (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="vnet0"), "reserves"),
+        (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", tap="a b"), "tap"),
+        (lambda: Interface(bridge="br0", mac="02:00:00:00:00:01", mtu=10), "mtu"),
+        (lambda: Interface(type="ethernet", mac="02:00:00:00:00:01"), "has a tap"),
+        (lambda: Interface(type="ethernet", bridge="b", tap="t0", mac="02:00:00:00:00:01"), "no bridge"),
+        (lambda: Interface(type="ethernet", tap="vnet3", mac="02:00:00:00:00:01"), "reserves"),
+    ],
+)
 def test_device_validation(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -297,8 +369,9 @@ def test_device_validation(make, message):
 
 def test_serial_of_twenty_characters_is_accepted():
     disk = Disk(source="/a", target="vda", serial="x" * 20)
-    xml = Domain(name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu",
-                 boot=_boot(), disks=[disk]).to_xml()
+    xml = Domain(
+        name="vmshim-min", uuid=UUID, memory_mib=64, vcpus=1, domain_type="qemu", boot=_boot(), disks=[disk]
+    ).to_xml()
     assert ET.fromstring(xml).find("devices/disk/serial").text == "x" * 20
 
 
@@ -324,13 +397,15 @@ def test_hotplug_needs_q35():
 
 def test_an_interface_renders_alone_for_attach_device():
     xml = Interface(bridge="vmsbr1a2b3c4d5e", mac="02:42:0a:59:00:03", tap="vmtc0ffee1").to_xml()
-    assert xml == ("<interface type=\"bridge\">\n"
-                   "  <mac address=\"02:42:0a:59:00:03\" />\n"
-                   "  <source bridge=\"vmsbr1a2b3c4d5e\" />\n"
-                   "  <target dev=\"vmtc0ffee1\" />\n"
-                   "  <model type=\"virtio\" />\n"
-                   "  <rom enabled=\"no\" />\n"
-                   "</interface>\n")
+    assert xml == (
+        '<interface type="bridge">\n'
+        '  <mac address="02:42:0a:59:00:03" />\n'
+        '  <source bridge="vmsbr1a2b3c4d5e" />\n'
+        '  <target dev="vmtc0ffee1" />\n'
+        '  <model type="virtio" />\n'
+        '  <rom enabled="no" />\n'
+        "</interface>\n"
+    )
 
 
 def test_a_filesystem_alone_for_attach_device():

@@ -11,21 +11,42 @@ from shim.network import engine_netns as ens
 
 # `ip -j -d address show` in a namespace dockerd configured (trimmed), plus a tap of ours.
 LINKS = [
-    {"ifname": "lo", "mtu": 65536, "link_type": "loopback", "address": "00:00:00:00:00:00",
-     "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host"}]},
-    {"ifname": "eth0", "mtu": 1450, "link_type": "ether", "address": "02:42:AC:11:00:02",
-     "linkinfo": {"info_kind": "veth"},
-     "addr_info": [{"family": "inet", "local": "172.17.0.2", "prefixlen": 16, "scope": "global"},
-                   {"family": "inet6", "local": "fe80::42:acff:fe11:2", "prefixlen": 64,
-                    "scope": "link"},
-                   {"family": "inet6", "local": "fd00::2", "prefixlen": 64, "scope": "global"}]},
-    {"ifname": "eth1", "mtu": 1500, "link_type": "ether", "address": "02:42:0a:00:01:05",
-     "linkinfo": {"info_kind": "veth"},
-     "addr_info": [{"family": "inet", "local": "10.0.1.5", "prefixlen": 24, "scope": "global"}]},
-    {"ifname": "vmnabc0", "mtu": 1500, "link_type": "ether", "address": "7e:e3:64:2b:96:c0",
-     "linkinfo": {"info_kind": "tun", "info_data": {"type": "tap"}}, "addr_info": []},
-    {"ifname": "noaddr", "mtu": 1500, "link_type": "ether", "address": "02:00:00:00:00:09",
-     "addr_info": []},
+    {
+        "ifname": "lo",
+        "mtu": 65536,
+        "link_type": "loopback",
+        "address": "00:00:00:00:00:00",
+        "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host"}],
+    },
+    {
+        "ifname": "eth0",
+        "mtu": 1450,
+        "link_type": "ether",
+        "address": "02:42:AC:11:00:02",
+        "linkinfo": {"info_kind": "veth"},
+        "addr_info": [
+            {"family": "inet", "local": "172.17.0.2", "prefixlen": 16, "scope": "global"},
+            {"family": "inet6", "local": "fe80::42:acff:fe11:2", "prefixlen": 64, "scope": "link"},
+            {"family": "inet6", "local": "fd00::2", "prefixlen": 64, "scope": "global"},
+        ],
+    },
+    {
+        "ifname": "eth1",
+        "mtu": 1500,
+        "link_type": "ether",
+        "address": "02:42:0a:00:01:05",
+        "linkinfo": {"info_kind": "veth"},
+        "addr_info": [{"family": "inet", "local": "10.0.1.5", "prefixlen": 24, "scope": "global"}],
+    },
+    {
+        "ifname": "vmnabc0",
+        "mtu": 1500,
+        "link_type": "ether",
+        "address": "7e:e3:64:2b:96:c0",
+        "linkinfo": {"info_kind": "tun", "info_data": {"type": "tap"}},
+        "addr_info": [],
+    },
+    {"ifname": "noaddr", "mtu": 1500, "link_type": "ether", "address": "02:00:00:00:00:09", "addr_info": []},
 ]
 ROUTES = [{"dst": "default", "gateway": "172.17.0.1", "dev": "eth0", "flags": ["linkdown"]}]
 
@@ -33,34 +54,48 @@ ROUTES = [{"dst": "default", "gateway": "172.17.0.1", "dev": "eth0", "flags": ["
 def test_parse_links_takes_the_engines_interfaces():
     links = ens.parse_links(LINKS, ROUTES)
     assert [link.name for link in links] == ["eth0", "eth1"]
-    assert links[0].guest_interface() == {"mac": "02:42:ac:11:00:02", "address": "172.17.0.2/16",
-                                          "mtu": 1450, "address6": "fd00::2/64",
-                                          "gateway": "172.17.0.1"}
-    assert links[1].guest_interface() == {"mac": "02:42:0a:00:01:05", "address": "10.0.1.5/24",
-                                          "mtu": 1500}
+    assert links[0].guest_interface() == {
+        "mac": "02:42:ac:11:00:02",
+        "address": "172.17.0.2/16",
+        "mtu": 1450,
+        "address6": "fd00::2/64",
+        "gateway": "172.17.0.1",
+    }
+    assert links[1].guest_interface() == {"mac": "02:42:0a:00:01:05", "address": "10.0.1.5/24", "mtu": 1500}
 
 
 def test_parse_links_of_an_empty_namespace():
     assert ens.parse_links(LINKS[:1], []) == []
 
 
-@pytest.mark.parametrize("links, error", [
-    ([dict(LINKS[1], ifname=f"e{i}", address=f"02:00:00:00:00:{i:02x}") for i in range(9)],
-     "more than 8"),
-    ([dict(LINKS[1], mtu=10)], "MTU"),
-    ([dict(LINKS[1], mtu=True)], "MTU"),
-    ([dict(LINKS[1], address="01:00:5e:00:00:01")], "mac"),
-    ([dict(LINKS[1], address="nonsense")], "mac"),
-])
+@pytest.mark.parametrize(
+    "links, error",
+    [
+        ([dict(LINKS[1], ifname=f"e{i}", address=f"02:00:00:00:00:{i:02x}") for i in range(9)], "more than 8"),
+        ([dict(LINKS[1], mtu=10)], "MTU"),
+        ([dict(LINKS[1], mtu=True)], "MTU"),
+        ([dict(LINKS[1], address="01:00:5e:00:00:01")], "mac"),
+        ([dict(LINKS[1], address="nonsense")], "mac"),
+    ],
+)
 def test_parse_links_refuses_what_the_guest_cannot_take(links, error):
     with pytest.raises(NetworkError, match=error):
         ens.parse_links(links, [])
 
 
 def test_parse_links_ignores_garbage():
-    garbage = [None, 3, {"ifname": 5}, {"ifname": "x", "link_type": "ether", "mtu": 1500,
-                                        "address": "02:00:00:00:00:01",
-                                        "addr_info": [None, {"local": "not-an-ip", "prefixlen": 3}]}]
+    garbage = [
+        None,
+        3,
+        {"ifname": 5},
+        {
+            "ifname": "x",
+            "link_type": "ether",
+            "mtu": 1500,
+            "address": "02:00:00:00:00:01",
+            "addr_info": [None, {"local": "not-an-ip", "prefixlen": 3}],
+        },
+    ]
     assert ens.parse_links(garbage, [None, {"dst": "default"}]) == []
 
 
@@ -74,16 +109,24 @@ def test_wire_moves_the_tap_and_redirects_both_ways(monkeypatch):
     monkeypatch.setattr(ens, "_run", lambda argv, what, input=None: calls.append((argv, input)))
     link = ens.parse_links(LINKS, ROUTES)[0]
     ens.wire("/proc/1/fd/5", "/proc/1/fd/6", link, "vmnabc0")
-    assert calls[0][0] == ["nsenter", "--net=/proc/1/fd/5", "--", "ip", "link", "set", "dev",
-                           "vmnabc0", "netns", "/proc/1/fd/6"]
+    assert calls[0][0] == [
+        "nsenter",
+        "--net=/proc/1/fd/5",
+        "--",
+        "ip",
+        "link",
+        "set",
+        "dev",
+        "vmnabc0",
+        "netns",
+        "/proc/1/fd/6",
+    ]
     assert calls[1][1] == "link set dev vmnabc0 mtu 1450 up\n"
     tc = calls[2][1]
     assert calls[2][0][:3] == ["nsenter", "--net=/proc/1/fd/6", "--"]
     assert "qdisc add dev eth0 ingress" in tc and "qdisc add dev vmnabc0 ingress" in tc
-    assert "dev eth0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred " \
-           "egress redirect dev vmnabc0" in tc
-    assert "dev vmnabc0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred " \
-           "egress redirect dev eth0" in tc
+    assert "dev eth0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev vmnabc0" in tc
+    assert "dev vmnabc0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev eth0" in tc
 
 
 def test_engine_network_prepares_taps_and_cleans_up(monkeypatch, tmp_path):
@@ -126,8 +169,7 @@ def test_engine_network_plugs_a_link_the_engine_added(monkeypatch, tmp_path):
     monkeypatch.setattr(ens, "wire", lambda host, ns, link, tap: calls.append(("wire", link.name)))
     for name in ("ns", "host"):
         (tmp_path / name).write_text("")
-    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")},
-                        "c0ffee" * 10)
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")}, "c0ffee" * 10)
     net.prepare()
     assert net.new_links() == []
     state["links"] = LINKS
@@ -153,14 +195,16 @@ def test_engine_network_relays_the_loopback_nameservers_of_resolv_conf(monkeypat
         (tmp_path / name).write_text("")
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.11\noptions ndots:0\n")
-    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"),
-                         "resolv_conf": str(resolv)}, "c0ffee" * 10)
+    net = EngineNetwork(
+        {"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"), "resolv_conf": str(resolv)}, "c0ffee" * 10
+    )
     assert net.prepare()["dns_relay"] == ["127.0.0.11"]
     assert net.dns is not None and net.dns.servers == ["127.0.0.11"]
     net.close()
     resolv.write_text("nameserver 10.0.0.1\n")
-    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"),
-                         "resolv_conf": str(resolv)}, "c0ffee" * 10)
+    net = EngineNetwork(
+        {"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host"), "resolv_conf": str(resolv)}, "c0ffee" * 10
+    )
     assert "dns_relay" not in net.prepare() and net.dns is None
     net.close()
 
@@ -178,8 +222,7 @@ def test_engine_network_unplugs_a_link_the_engine_removed(monkeypatch, tmp_path)
     monkeypatch.setattr(ens, "wire", lambda host, ns, link, tap: None)
     for name in ("ns", "host"):
         (tmp_path / name).write_text("")
-    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")},
-                        "c0ffee" * 10)
+    net = EngineNetwork({"netns": str(tmp_path / "ns"), "host_netns": str(tmp_path / "host")}, "c0ffee" * 10)
     net.prepare()
     state["links"] = LINKS[:2]
     new, gone = net.changes()
@@ -197,6 +240,7 @@ def test_a_namespace_plugged_into_another_vm_is_refused_in_words(monkeypatch):
     def run(argv, what, input=None):
         if argv[3] == "tc":
             raise NetworkError(f"{what}: Error: Exclusivity flag on, cannot modify.")
+
     monkeypatch.setattr(ens, "_run", run)
     link = ens.parse_links(LINKS, ROUTES)[0]
     with pytest.raises(NetworkError, match="plugged into another VM already"):

@@ -39,9 +39,14 @@ def test_a_new_root_is_0711_with_unlistable_subdirectories(root):
 
 
 def test_an_older_readable_root_is_tightened_once(root):
-    files = {"images/blobs/sha256/" + "a" * 64: 0o644, "layers/x.sqfs": 0o644,
-             "containers/c1/rw.img": 0o644, "containers/c1/container.log": 0o640,
-             "volumes/v/volume.img": 0o644, "run/c1/config.iso": 0o644}
+    files = {
+        "images/blobs/sha256/" + "a" * 64: 0o644,
+        "layers/x.sqfs": 0o644,
+        "containers/c1/rw.img": 0o644,
+        "containers/c1/container.log": 0o640,
+        "volumes/v/volume.img": 0o644,
+        "run/c1/config.iso": 0o644,
+    }
     for rel, m in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +96,11 @@ def test_volume_image_is_0600(root):
 
 
 def test_config_drive_is_0600(tmp_path):
-    config = BootConfig(container_id="x", token="agent-token", hostname="h",
-                        process=ProcessSpec(args=["true"], env=["PASSWORD=hunter2"]),
-                        layer_count=1)
+    config = BootConfig(
+        container_id="x",
+        token="agent-token",
+        hostname="h",
+        process=ProcessSpec(args=["true"], env=["PASSWORD=hunter2"]),
+        layer_count=1,
+    )
     assert mode(build_config_drive(config, tmp_path / "config.iso")) == 0o600

@@ -26,14 +26,17 @@ def test_a_host_agent_that_logs_before_its_host_connects_survives(tmp_path, monk
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(4)
-    config = BootConfig(container_id="f" * 64, token="tok", hostname="h",
-                        process=ProcessSpec(args=["true"]), layer_count=0)
+    config = BootConfig(
+        container_id="f" * 64, token="tok", hostname="h", process=ProcessSpec(args=["true"]), layer_count=0
+    )
     pid = _fork_agent(listener, config, PlainRuntime(), log)
     listener.close()
     try:
-        wait_until(lambda: (log.exists() and "waiting for it" in log.read_text())
-                   or _reap_child(pid) is not None,
-                   timeout=30, what="the agent's first log line (or its death)")
+        wait_until(
+            lambda: (log.exists() and "waiting for it" in log.read_text()) or _reap_child(pid) is not None,
+            timeout=30,
+            what="the agent's first log line (or its death)",
+        )
         assert _reap_child(pid) is None, "the agent died on its first log line"
         client = AgentClient.connect_unix(sock_path, timeout=5)
         client.handshake(10)

@@ -24,6 +24,7 @@ from shim.errors import GuestImageError
 
 # ---------------------------------------------------------------------------------- cpio
 
+
 def _archive(build) -> bytes:
     buf = io.BytesIO()
     w = gi.CpioWriter(buf)
@@ -45,8 +46,7 @@ def _sample(w: gi.CpioWriter) -> None:
 
 def test_cpio_round_trip():
     entries = {e.name: e for e in gi.read_cpio(_archive(_sample))}
-    assert list(entries) == ["etc", "etc/passwd", "etc/odd", "empty", "bin", "dev",
-                             "dev/console", "dev/vda"]
+    assert list(entries) == ["etc", "etc/passwd", "etc/odd", "empty", "bin", "dev", "dev/console", "dev/vda"]
     assert entries["etc"].kind == "dir" and stat.S_IMODE(entries["etc"].mode) == 0o755
     assert entries["etc/passwd"].data == b"root:x:0:0::/root:/bin/sh\n"
     assert entries["etc/odd"].data == b"abc" and stat.S_IMODE(entries["etc/odd"].mode) == 0o600
@@ -76,10 +76,17 @@ def test_cpio_add_file_from_streams_host_file(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("cpio"), reason="GNU cpio not installed")
 def test_cpio_readable_by_gnu_cpio(tmp_path):
-    out = subprocess.run(["cpio", "-t", "--quiet"], input=_archive(_sample), capture_output=True,
-                         check=True)
-    assert out.stdout.decode().split() == ["etc", "etc/passwd", "etc/odd", "empty", "bin",
-                                           "dev", "dev/console", "dev/vda"]
+    out = subprocess.run(["cpio", "-t", "--quiet"], input=_archive(_sample), capture_output=True, check=True)
+    assert out.stdout.decode().split() == [
+        "etc",
+        "etc/passwd",
+        "etc/odd",
+        "empty",
+        "bin",
+        "dev",
+        "dev/console",
+        "dev/vda",
+    ]
 
 
 def test_cpio_refuses_duplicates_and_escapes():
@@ -101,6 +108,7 @@ def test_read_cpio_rejects_garbage():
 
 
 # ------------------------------------------------------------------------------- modules
+
 
 def make_ko(modinfo: dict[str, str]) -> bytes:
     """A minimal ELF64 file with a .modinfo section, like a kernel module's."""
@@ -135,17 +143,29 @@ def test_module_name():
 
 
 DEPS = {
-    "virtio": ["virtio_ring"], "virtio_ring": [], "virtio_pci_modern_dev": [],
+    "virtio": ["virtio_ring"],
+    "virtio_ring": [],
+    "virtio_pci_modern_dev": [],
     "virtio_pci": ["virtio_pci_modern_dev", "virtio", "virtio_ring"],
-    "virtio_console": ["virtio", "virtio_ring"], "fuse": [], "virtiofs": ["fuse", "virtio"],
+    "virtio_console": ["virtio", "virtio_ring"],
+    "fuse": [],
+    "virtiofs": ["fuse", "virtio"],
 }
 
 
 def test_module_load_order_puts_dependencies_first_and_keeps_order():
     order, missing = gi.module_load_order(
-        ["virtio_pci", "virtio_console", "virtiofs", "ext4", "nope"], DEPS.get, builtin=["ext4"])
-    assert order == ["virtio_pci_modern_dev", "virtio_ring", "virtio", "virtio_pci",
-                     "virtio_console", "fuse", "virtiofs"]
+        ["virtio_pci", "virtio_console", "virtiofs", "ext4", "nope"], DEPS.get, builtin=["ext4"]
+    )
+    assert order == [
+        "virtio_pci_modern_dev",
+        "virtio_ring",
+        "virtio",
+        "virtio_pci",
+        "virtio_console",
+        "fuse",
+        "virtiofs",
+    ]
     assert missing == ["nope"]
     for i, name in enumerate(order):
         assert all(order.index(d) < i for d in DEPS[name])
@@ -158,9 +178,12 @@ def test_module_load_order_detects_cycles():
 
 def _fake_modules(root: Path, with_dep_file: bool) -> Path:
     mdir = root / "lib/modules/9.9.9-test"
-    files = {"virtio_ring": ("drivers/virtio", ""), "virtio": ("drivers/virtio", "virtio_ring"),
-             "virtio_console": ("drivers/char", "virtio,virtio_ring"),
-             "virtio-rng": ("drivers/char/hw_random", "virtio,virtio_ring")}
+    files = {
+        "virtio_ring": ("drivers/virtio", ""),
+        "virtio": ("drivers/virtio", "virtio_ring"),
+        "virtio_console": ("drivers/char", "virtio,virtio_ring"),
+        "virtio-rng": ("drivers/char/hw_random", "virtio,virtio_ring"),
+    }
     for name, (sub, deps) in files.items():
         p = mdir / "kernel" / sub / f"{name}.ko"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +194,8 @@ def _fake_modules(root: Path, with_dep_file: bool) -> Path:
             "kernel/drivers/virtio/virtio_ring.ko:\n"
             "kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n"
             "kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko\n"
-            "kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio.ko\n")
+            "kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio.ko\n"
+        )
     return mdir
 
 
@@ -189,7 +213,7 @@ def test_bzimage_release(tmp_path):
     img[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", img, 0x20E, 0x1000)
     version = b"6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0"
-    img[0x1200:0x1200 + len(version)] = version
+    img[0x1200 : 0x1200 + len(version)] = version
     (tmp_path / "bz").write_bytes(img)
     assert gi.bzimage_release(tmp_path / "bz") == "6.1.0-56-cloud-amd64"
     (tmp_path / "junk").write_bytes(b"\0" * 4096)
@@ -198,6 +222,7 @@ def test_bzimage_release(tmp_path):
 
 
 # ------------------------------------------------------------------------- inputs, cache
+
 
 def test_hash_tree_skips_bytecode(tmp_path):
     (tmp_path / "pkg/__pycache__").mkdir(parents=True)
@@ -244,8 +269,7 @@ def _fake_build(inputs: dict) -> Path:
     d.mkdir(parents=True)
     (d / "vmlinuz").write_bytes(b"k")
     (d / "initramfs.img").write_bytes(b"i")
-    (d / "manifest.json").write_text(json.dumps({"kernel": {"release": "9.9.9-test"},
-                                                 "cmdline": gi.CMDLINE}))
+    (d / "manifest.json").write_text(json.dumps({"kernel": {"release": "9.9.9-test"}, "cmdline": gi.CMDLINE}))
     return d
 
 
@@ -295,8 +319,9 @@ def test_modules_without_kernel_is_an_error(sandbox, monkeypatch):
 
 
 def test_boot_floor_command(tmp_path):
-    image = gi.GuestImage(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initramfs.img",
-                          kernel_release="r", manifest={})
+    image = gi.GuestImage(
+        kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initramfs.img", kernel_release="r", manifest={}
+    )
     cmd = gi.boot_floor_command(image, "/run/x.sock", "/tmp/serial.log")
     assert cmd[0] == "qemu-system-x86_64"
     assert cmd[cmd.index("-kernel") + 1] == str(image.kernel)
@@ -312,7 +337,8 @@ def test_boot_floor_command(tmp_path):
 
 needs_host_tools = pytest.mark.skipif(
     not (gi.PYTHON.is_file() and gi.BUSYBOX.is_file() and shutil.which("lz4") and shutil.which("ldd")),
-    reason="needs the Debian python3.11, busybox-static, lz4 and ldd")
+    reason="needs the Debian python3.11, busybox-static, lz4 and ldd",
+)
 
 
 @needs_host_tools
@@ -343,8 +369,7 @@ def test_build_with_override_kernel(sandbox, monkeypatch):
     assert entries[f"{bindir}/python3"].data == b"python3.11"
     assert entries[f"{bindir}/sh"].data == b"busybox"
     assert f"{lib}/python3.11/os.pyc" in canon and f"{lib}/python3.11/json/__init__.pyc" in canon
-    assert not any("/test/" in n or "tkinter" in n or n.endswith(".py") and "python3.11" in n
-                   for n in entries)
+    assert not any("/test/" in n or "tkinter" in n or n.endswith(".py") and "python3.11" in n for n in entries)
     assert f"{lib}/vmshim/guest/init.py" in canon
     assert f"{lib}/vmshim/guest/__pycache__/init.cpython-311.pyc" in canon
     assert any(n.endswith("ld-linux-x86-64.so.2") for n in entries)
@@ -373,8 +398,9 @@ def test_build_with_override_kernel(sandbox, monkeypatch):
     assert gi_cache._ensure(lambda _: None, False, sandbox["guest"], "none").kernel == newer.kernel
     # ... and goes at a build after it (marked again first: it was current in between)
     for _ in range(2):
-        gi_cache._retire_old_builds(paths.guest_dir(), newer.kernel.parent.name,
-                              now=time.time() + gi_cache.RETIRE_GRACE + 1)
+        gi_cache._retire_old_builds(
+            paths.guest_dir(), newer.kernel.parent.name, now=time.time() + gi_cache.RETIRE_GRACE + 1
+        )
     assert [p.name for p in paths.guest_dir().iterdir() if not p.name.startswith(".")] == [newer.kernel.parent.name]
 
 

@@ -14,19 +14,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FLOORS = {
     # 0: the ground every floor may use
-    "shim": 0, "shim.errors": 0, "shim.units": 0, "shim.paths": 0, "shim.files": 0,
-    "shim.proctitle": 0, "shim.records": 0,
+    "shim": 0,
+    "shim.errors": 0,
+    "shim.units": 0,
+    "shim.paths": 0,
+    "shim.files": 0,
+    "shim.proctitle": 0,
+    "shim.records": 0,
     # 1: the guest agent (stdlib only; the host imports its protocol and spec)
     "guest": 1,
     # 2: machines, images, networks, volumes: nothing about containers
-    "shim.vm": 2, "shim.images": 2, "shim.network": 2, "shim.volumes": 2,
+    "shim.vm": 2,
+    "shim.images": 2,
+    "shim.network": 2,
+    "shim.volumes": 2,
     "shim.kernelbuild": 2,
     # 3: the guest image (a kernel + the agent)
     "shim.guestimage": 3,
     # 4: containers: record, lifecycle, store, monitor, and the glue to networks/volumes
     "shim.containers": 4,
     # 5: what is built from containers
-    "shim.oci": 5, "shim.build": 5, "shim.compose": 5, "shim.bench": 5, "shim.remote": 5,
+    "shim.oci": 5,
+    "shim.build": 5,
+    "shim.compose": 5,
+    "shim.bench": 5,
+    "shim.remote": 5,
     # 6: the command line
     "shim.cli": 6,
 }
@@ -80,8 +92,11 @@ def project_sources() -> list[Path]:
 
 
 def climbing(all_edges) -> list[str]:
-    return [f"{where}: {src} (floor {FLOORS[src]}) imports {dst} (floor {FLOORS[dst]})"
-            for src, dst, where in all_edges if FLOORS[dst] > FLOORS[src]]
+    return [
+        f"{where}: {src} (floor {FLOORS[src]}) imports {dst} (floor {FLOORS[dst]})"
+        for src, dst, where in all_edges
+        if FLOORS[dst] > FLOORS[src]
+    ]
 
 
 def circles(all_edges) -> list[list[str]]:
@@ -94,7 +109,7 @@ def circles(all_edges) -> list[list[str]]:
     def walk(node, path):
         for nxt in sorted(graph.get(node, ())):
             if nxt in path:
-                circle = path[path.index(nxt):]
+                circle = path[path.index(nxt) :]
                 key = frozenset(circle)
                 if key not in seen:
                     seen.add(key)
@@ -123,23 +138,36 @@ def test_no_import_circles_between_packages():
 
 
 def test_the_guest_imports_nothing_but_the_standard_library_and_itself():
-    bad = [f"{p.relative_to(ROOT)}:{line}: {mod}"
-           for p in sorted((ROOT / "guest").rglob("*.py"))
-           for line, mod in imported_modules(p) if mod.split(".")[0] == "shim"]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {mod}"
+        for p in sorted((ROOT / "guest").rglob("*.py"))
+        for line, mod in imported_modules(p)
+        if mod.split(".")[0] == "shim"
+    ]
     assert not bad, "the guest agent must not import the host's code:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("files,expect_climb,expect_circle", [
-    ({"shim/vm/a.py": "from shim.containers import store\n",
-      "shim/containers/store.py": "from shim.vm import a\n"}, True, True),
-    ({"shim/network/a.py": "def f():\n    from shim.cli import main\n"}, True, False),
-    ({"shim/compose/a.py": "from shim.build import b\n",
-      "shim/build/b.py": "import shim.compose.a\n"}, False, True),
-    ({"shim/containers/a.py": "from shim import paths\nfrom shim.vm import domain\n"},
-     False, False),
-])
-def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch, files, expect_climb,
-                                            expect_circle):
+@pytest.mark.parametrize(
+    "files,expect_climb,expect_circle",
+    [
+        (
+            {
+                "shim/vm/a.py": "from shim.containers import store\n",
+                "shim/containers/store.py": "from shim.vm import a\n",
+            },
+            True,
+            True,
+        ),
+        ({"shim/network/a.py": "def f():\n    from shim.cli import main\n"}, True, False),
+        (
+            {"shim/compose/a.py": "from shim.build import b\n", "shim/build/b.py": "import shim.compose.a\n"},
+            False,
+            True,
+        ),
+        ({"shim/containers/a.py": "from shim import paths\nfrom shim.vm import domain\n"}, False, False),
+    ],
+)
+def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch, files, expect_climb, expect_circle):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
@@ -159,8 +187,7 @@ def module_edges(sources: list[Path]) -> list[tuple[str, str, str]]:
         src = module_name(path)
         for line, target in imported_modules(path):
             parts = target.split(".")
-            dst = next((".".join(parts[:n]) for n in range(len(parts), 0, -1)
-                        if ".".join(parts[:n]) in modules), None)
+            dst = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in modules), None)
             if dst and dst != src and package_of(dst) == package_of(src) != "shim":
                 out.append((src, dst, f"{path.relative_to(ROOT)}:{line}"))
     return out
@@ -174,9 +201,11 @@ def test_no_import_circles_between_the_modules_of_a_package():
 
 
 def test_the_module_check_catches_a_circle_through_a_local_import(tmp_path, monkeypatch):
-    files = {"shim/containers/store.py": "def f():\n    from shim.containers.run import g\n",
-             "shim/containers/run.py": "from shim.containers import store\n",
-             "shim/containers/__init__.py": ""}
+    files = {
+        "shim/containers/store.py": "def f():\n    from shim.containers.run import g\n",
+        "shim/containers/run.py": "from shim.containers import store\n",
+        "shim/containers/__init__.py": "",
+    }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)

@@ -11,8 +11,7 @@ from shim.containers.isolation import Isolation
 from shim.containers.process_placement import ProcessPlacement
 from shim.containers.vm_placement import VmPlacement
 
-METHODS = [name for name, value in vars(Isolation).items()
-           if callable(value) and not name.startswith("_")]
+METHODS = [name for name, value in vars(Isolation).items() if callable(value) and not name.startswith("_")]
 
 
 def parameters(function) -> list[tuple[str, object]]:
@@ -20,8 +19,18 @@ def parameters(function) -> list[tuple[str, object]]:
 
 
 def test_the_interface_is_what_the_monitor_uses():
-    assert set(METHODS) == {"boot", "reattach", "running", "pause", "resume", "kill",
-                            "teardown", "forget", "info", "usage"}
+    assert set(METHODS) == {
+        "boot",
+        "reattach",
+        "running",
+        "pause",
+        "resume",
+        "kill",
+        "teardown",
+        "forget",
+        "info",
+        "usage",
+    }
 
 
 @pytest.mark.parametrize("cls", [VmPlacement, ProcessPlacement, FakeIsolation])
@@ -34,7 +43,8 @@ def test_each_isolation_has_every_method_with_the_same_parameters(cls):
             continue  # the fake refuses both with one method
         assert parameters(method) == parameters(getattr(Isolation, name)), (
             f"{cls.__name__}.{name}{inspect.signature(method)} differs from the interface's "
-            f"{inspect.signature(getattr(Isolation, name))}")
+            f"{inspect.signature(getattr(Isolation, name))}"
+        )
 
 
 def test_a_class_missing_a_method_is_not_an_isolation():

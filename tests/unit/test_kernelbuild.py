@@ -62,9 +62,18 @@ def _fake_minimal(key: str = "k1", fragment_sha: str | None = None, built_at: st
     (d / "bzImage").write_bytes(b"\0" * 0x2000)
     (d / "config").write_text("".join(f"{n}=y\n" for n in kb.REQUIRED_OPTIONS))
     sha = fragment_sha or hashlib.sha256(kb.fragment_path().read_bytes()).hexdigest()
-    (d / "build.json").write_text(json.dumps({
-        "builder": kb.BUILDER_VERSION, "fragment_sha256": sha, "release": "6.1.192-vmshim",
-        "source_package": kb.SOURCE_PACKAGE, "source_version": "6.1.192-3", "built_at": built_at}))
+    (d / "build.json").write_text(
+        json.dumps(
+            {
+                "builder": kb.BUILDER_VERSION,
+                "fragment_sha256": sha,
+                "release": "6.1.192-vmshim",
+                "source_package": kb.SOURCE_PACKAGE,
+                "source_version": "6.1.192-3",
+                "built_at": built_at,
+            }
+        )
+    )
     return d
 
 
@@ -106,8 +115,9 @@ def test_minimal_kernel_asked_for_but_not_built_is_a_clear_error(root):
 
 def test_kernel_choice_is_part_of_the_image_hash(root, monkeypatch):
     monkeypatch.setattr(gi_inputs, "_package_versions", lambda names: {n: "1.0" for n in names})
-    monkeypatch.setattr(gi_inputs, "_resolve_kernel_package",
-                        lambda: {"package": "linux-image-x-cloud-amd64", "version": "1.0"})
+    monkeypatch.setattr(
+        gi_inputs, "_resolve_kernel_package", lambda: {"package": "linux-image-x-cloud-amd64", "version": "1.0"}
+    )
     _fake_minimal()
     minimal = gi.collect_inputs(kernel_request="minimal")
     distro = gi.collect_inputs(kernel_request="distro")
@@ -122,8 +132,10 @@ def test_build_kernel_without_linux_source_says_what_to_install(root, monkeypatc
         kb.build_kernel()
 
 
-@pytest.mark.skipif(not (gi.PYTHON.is_file() and gi.BUSYBOX.is_file() and shutil.which("ldd")),
-                    reason="needs the Debian python3.11, busybox-static and ldd")
+@pytest.mark.skipif(
+    not (gi.PYTHON.is_file() and gi.BUSYBOX.is_file() and shutil.which("ldd")),
+    reason="needs the Debian python3.11, busybox-static and ldd",
+)
 def test_image_with_minimal_kernel_carries_no_modules(root, monkeypatch, tmp_path):
     monkeypatch.setattr(gi_inputs, "_package_versions", lambda names: {n: "1.0" for n in names})
     guest = tmp_path / "src/guest"

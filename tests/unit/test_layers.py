@@ -22,9 +22,9 @@ from shim.images.layers import Limits, layer_disk, mount_layer, umount_layer
 from shim.images.store import ImageStore, LayerRef
 from tests.overlay import overlay_of
 
-pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None
-                                or shutil.which("rdsquashfs") is None,
-                                reason="squashfs-tools-ng is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("tar2sqfs") is None or shutil.which("rdsquashfs") is None, reason="squashfs-tools-ng is not installed"
+)
 
 
 # Building tars ------------------------------------------------------------------------------
@@ -77,16 +77,14 @@ def put_layer(store, data: bytes, compress: str | None = None, diff_id=True) -> 
     if compress == "gzip":
         data = gzip.compress(data)
     elif compress == "zstd":
-        data = subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True,
-                              check=True).stdout
+        data = subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
     digest = store.put_blob(data)
     did = "sha256:" + hashlib.sha256(uncompressed).hexdigest() if diff_id else None
     return LayerRef(digest=digest, media_type="x", size=len(data), diff_id=did)
 
 
 def rd(sqfs: Path, *args) -> str:
-    return subprocess.run(["rdsquashfs", *args, str(sqfs)], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["rdsquashfs", *args, str(sqfs)], capture_output=True, text=True, check=True).stdout
 
 
 def xattrs(sqfs: Path, path: str) -> str:
@@ -98,8 +96,7 @@ def stat(sqfs: Path, path: str) -> str:
 
 
 def cat(sqfs: Path, path: str) -> bytes:
-    return subprocess.run(["rdsquashfs", "-c", path, str(sqfs)], capture_output=True,
-                          check=True).stdout
+    return subprocess.run(["rdsquashfs", "-c", path, str(sqfs)], capture_output=True, check=True).stdout
 
 
 def leftovers() -> list[str]:
@@ -153,16 +150,27 @@ def test_whiteouts_become_overlay_markers(store):
 
 
 def test_opaque_root(store):
-    sqfs = layer_disk(store, put_layer(store, tar_bytes(dir_("./", mode=0o750), reg(".wh..wh..opq"),
-                                                        reg("a", b"1"))))
+    sqfs = layer_disk(store, put_layer(store, tar_bytes(dir_("./", mode=0o750), reg(".wh..wh..opq"), reg("a", b"1"))))
     assert "trusted.overlay.opaque=y" in xattrs(sqfs, "/")
     assert "Access: 0750" in stat(sqfs, "/")
 
 
 def test_duplicates_last_wins(store):
-    sqfs = layer_disk(store, put_layer(store, tar_bytes(
-        reg("f", b"v1"), dir_("d/", mode=0o755), reg("d/x", b"x"), reg("f", b"v2"),
-        dir_("d/", mode=0o711), sym("s", "f"), reg("s", b"now a file"))))
+    sqfs = layer_disk(
+        store,
+        put_layer(
+            store,
+            tar_bytes(
+                reg("f", b"v1"),
+                dir_("d/", mode=0o755),
+                reg("d/x", b"x"),
+                reg("f", b"v2"),
+                dir_("d/", mode=0o711),
+                sym("s", "f"),
+                reg("s", b"now a file"),
+            ),
+        ),
+    )
     assert cat(sqfs, "/f") == b"v2"
     assert "Access: 0711" in stat(sqfs, "/d")
     assert cat(sqfs, "/d/x") == b"x"
@@ -170,11 +178,20 @@ def test_duplicates_last_wins(store):
 
 
 def test_hardlinks_symlinks_fifo_metadata(store):
-    sqfs = layer_disk(store, put_layer(store, tar_bytes(
-        reg("./bin/tool", b"elf", mode=0o4755, uid=5, gid=6, mtime=1234567890),
-        hard("bin/h1", "./bin/tool"), hard("bin/h2", "bin/h1"),
-        sym("abs", "/etc/passwd"), sym("rel", "../../outside"),
-        node("fifo", tarfile.FIFOTYPE, mode=0o600))))
+    sqfs = layer_disk(
+        store,
+        put_layer(
+            store,
+            tar_bytes(
+                reg("./bin/tool", b"elf", mode=0o4755, uid=5, gid=6, mtime=1234567890),
+                hard("bin/h1", "./bin/tool"),
+                hard("bin/h2", "bin/h1"),
+                sym("abs", "/etc/passwd"),
+                sym("rel", "../../outside"),
+                node("fifo", tarfile.FIFOTYPE, mode=0o600),
+            ),
+        ),
+    )
     st = stat(sqfs, "/bin/tool")
     assert "Access: 04755" in st and "UID: 5" in st and "GID: 6" in st and "(1234567890)" in st
     assert "Hard link count: 3" in stat(sqfs, "/bin/h2")
@@ -186,11 +203,24 @@ def test_hardlinks_symlinks_fifo_metadata(store):
 
 def test_xattrs_kept_but_overlay_ones_dropped(store):
     cap = "\x01\x00\x00\x02\x00 \x00\x00" + "\x00" * 12
-    sqfs = layer_disk(store, put_layer(store, tar_bytes(
-        reg("ping", b"p", pax={"SCHILY.xattr.security.capability": cap,
-                               "SCHILY.xattr.user.note": "hello",
-                               "SCHILY.xattr.trusted.overlay.redirect": "/elsewhere",
-                               "SCHILY.xattr.trusted.overlay.opaque": "y"}))))
+    sqfs = layer_disk(
+        store,
+        put_layer(
+            store,
+            tar_bytes(
+                reg(
+                    "ping",
+                    b"p",
+                    pax={
+                        "SCHILY.xattr.security.capability": cap,
+                        "SCHILY.xattr.user.note": "hello",
+                        "SCHILY.xattr.trusted.overlay.redirect": "/elsewhere",
+                        "SCHILY.xattr.trusted.overlay.opaque": "y",
+                    },
+                )
+            ),
+        ),
+    )
     x = xattrs(sqfs, "/ping")
     assert "security.capability=0x01000002002000" in x and "user.note=hello" in x
     assert "overlay" not in x
@@ -223,8 +253,7 @@ def test_converted_once_and_cached(store, monkeypatch):
 
     monkeypatch.setattr(layers_mod, "convert_layer", counting)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(layer_disk(store, layer)))
-               for _ in range(6)]
+    threads = [threading.Thread(target=lambda: results.append(layer_disk(store, layer))) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -277,47 +306,52 @@ HOSTILE = {
     "dotdot": (lambda: tar_bytes(reg("a/../../escape", b"x")), None, "'..'"),
     "hardlink outside": (lambda: tar_bytes(reg("a"), hard("h", "../../etc/shadow")), None, "'..'"),
     "hardlink absolute": (lambda: tar_bytes(hard("h", "/etc/shadow")), None, "absolute"),
-    "hardlink not yet seen": (lambda: tar_bytes(hard("h", "later"), reg("later")), None,
-                              "not an earlier entry"),
+    "hardlink not yet seen": (lambda: tar_bytes(hard("h", "later"), reg("later")), None, "not an earlier entry"),
     "hardlink to itself": (lambda: tar_bytes(reg("h"), hard("h", "h")), None, "itself"),
     "hardlink to directory": (lambda: tar_bytes(dir_("d/"), hard("h", "d")), None, "directory"),
-    "hardlink target replaced later": (lambda: tar_bytes(reg("t", b"1"), hard("h", "t"),
-                                                         reg("t", b"2")), None, "replaces"),
-    "through symlink": (lambda: tar_bytes(sym("l", "/etc"), reg("l/passwd", b"x")), None,
-                        "goes through 'l', which is a symlink"),
-    "through symlink deep": (lambda: tar_bytes(dir_("a/"), sym("a/l", "/"), reg("a/l/x/y")),
-                             None, "symlink"),
+    "hardlink target replaced later": (
+        lambda: tar_bytes(reg("t", b"1"), hard("h", "t"), reg("t", b"2")),
+        None,
+        "replaces",
+    ),
+    "through symlink": (
+        lambda: tar_bytes(sym("l", "/etc"), reg("l/passwd", b"x")),
+        None,
+        "goes through 'l', which is a symlink",
+    ),
+    "through symlink deep": (lambda: tar_bytes(dir_("a/"), sym("a/l", "/"), reg("a/l/x/y")), None, "symlink"),
     "through file": (lambda: tar_bytes(reg("f"), reg("f/x")), None, "regular file"),
-    "dir later replaced by symlink": (lambda: tar_bytes(dir_("d/"), reg("d/x"), sym("d", "/etc")),
-                                      None, "makes a symlink"),
-    "whiteout under symlink": (lambda: tar_bytes(sym("l", "/etc"), reg("l/.wh.passwd")), None,
-                               "symlink"),
-    "char device": (lambda: tar_bytes(node("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1)),
-                    None, "device node"),
-    "char device 0:0 in source": (lambda: tar_bytes(node("x", tarfile.CHRTYPE)), None,
-                                  "device node"),
-    "block device": (lambda: tar_bytes(node("sda", tarfile.BLKTYPE, devmajor=8)), None,
-                     "block device"),
+    "dir later replaced by symlink": (
+        lambda: tar_bytes(dir_("d/"), reg("d/x"), sym("d", "/etc")),
+        None,
+        "makes a symlink",
+    ),
+    "whiteout under symlink": (lambda: tar_bytes(sym("l", "/etc"), reg("l/.wh.passwd")), None, "symlink"),
+    "char device": (lambda: tar_bytes(node("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1)), None, "device node"),
+    "char device 0:0 in source": (lambda: tar_bytes(node("x", tarfile.CHRTYPE)), None, "device node"),
+    "block device": (lambda: tar_bytes(node("sda", tarfile.BLKTYPE, devmajor=8)), None, "block device"),
     "unknown type": (lambda: tar_bytes(node("v", b"V")), None, "unsupported tar type"),
     "root replaced by file": (lambda: tar_bytes(reg("./", b"")), None, "root directory"),
     "whiteout of dotdot": (lambda: tar_bytes(reg("a/.wh...")), None, "whiteout"),
     "inside whiteout marker": (lambda: tar_bytes(reg(".wh.x/y")), None, "whiteout marker"),
     "nul in name": (lambda: tar_bytes(_pax("a\x00b")), None, "NUL"),
     "long component": (lambda: tar_bytes(reg("x" * 300)), None, "255"),
-    "entry count bomb": (lambda: tar_bytes(*[reg(f"f{i}") for i in range(51)]), SMALL,
-                         "more than 50 entries"),
-    "size bomb": (lambda: tar_bytes(reg("a", bytes(6 << 20)), reg("b", bytes(6 << 20))), SMALL,
-                  "add up to more than"),
+    "entry count bomb": (lambda: tar_bytes(*[reg(f"f{i}") for i in range(51)]), SMALL, "more than 50 entries"),
+    "size bomb": (lambda: tar_bytes(reg("a", bytes(6 << 20)), reg("b", bytes(6 << 20))), SMALL, "add up to more than"),
     "gzip bomb trailing": (_gzip_bomb_trailing, SMALL, "decompression bomb"),
     "gzip bomb member": (_gzip_bomb_member, SMALL, "add up to more than"),
-    "truncated gzip": (lambda: _truncated(gzip.compress(tar_bytes(reg("a", os.urandom(5000)))),
-                                          2000), None, "corrupt or truncated"),
-    "corrupt gzip": (lambda: gzip.compress(tar_bytes(reg("a", b"x")))[:20] + b"\x00" * 60,
-                     None, "corrupt or truncated"),
-    "truncated mid-member": (lambda: _truncated(tar_bytes(reg("a", b"x" * 5000)), 2048), None,
-                             "corrupt or truncated"),
-    "no end-of-archive marker": (lambda: tar_bytes(reg("a", b"x"), reg("b", b"y"))[:2048], None,
-                                 "end-of-archive"),
+    "truncated gzip": (
+        lambda: _truncated(gzip.compress(tar_bytes(reg("a", os.urandom(5000)))), 2000),
+        None,
+        "corrupt or truncated",
+    ),
+    "corrupt gzip": (
+        lambda: gzip.compress(tar_bytes(reg("a", b"x")))[:20] + b"\x00" * 60,
+        None,
+        "corrupt or truncated",
+    ),
+    "truncated mid-member": (lambda: _truncated(tar_bytes(reg("a", b"x" * 5000)), 2048), None, "corrupt or truncated"),
+    "no end-of-archive marker": (lambda: tar_bytes(reg("a", b"x"), reg("b", b"y"))[:2048], None, "end-of-archive"),
     "corrupt header in the middle": (_corrupt_middle, None, "corrupt"),
     "not a tar": (lambda: os.urandom(4096), None, "corrupt or truncated"),
 }
@@ -351,13 +385,25 @@ def test_tar2sqfs_failure_is_a_layer_error(store, monkeypatch):
 
 # Overlay semantics on real mounts (root) ----------------------------------------------------
 @pytest.mark.host_root
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control"),
-                    reason="needs root and loop devices")
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control"), reason="needs root and loop devices")
 def test_whiteouts_survive_loop_mount_and_overlay(store, tmp_path):
-    lower_layer = layer_disk(store, put_layer(store, tar_bytes(
-        dir_("etc/"), reg("etc/old", b"old"), reg("etc/keep", b"keep"),
-        dir_("opq/"), reg("opq/hidden", b"h"), reg("gone", b"g"), reg("samename", b"lower"),
-        dir_("redo/"), reg("redo/lowerfile", b"l"))))
+    lower_layer = layer_disk(
+        store,
+        put_layer(
+            store,
+            tar_bytes(
+                dir_("etc/"),
+                reg("etc/old", b"old"),
+                reg("etc/keep", b"keep"),
+                dir_("opq/"),
+                reg("opq/hidden", b"h"),
+                reg("gone", b"g"),
+                reg("samename", b"lower"),
+                dir_("redo/"),
+                reg("redo/lowerfile", b"l"),
+            ),
+        ),
+    )
     upper_layer = layer_disk(store, put_layer(store, tar_bytes(*WHITEOUT_LAYER)))
     with overlay_of(lower_layer, upper_layer, tmp_path) as merged:
         assert sorted(os.listdir(merged / "etc")) == ["keep", "new"]
@@ -382,8 +428,9 @@ def test_zstd_with_long_trailer_and_corrupt_zstd(store):
     data = tar_bytes(reg("a", b"1")) + bytes(1 << 20)  # more than a pipe buffer of padding
     sqfs = layer_disk(store, put_layer(store, data, "zstd"))
     assert cat(sqfs, "/a") == b"1"
-    packed = subprocess.run(["zstd", "-q", "-c"], input=tar_bytes(reg("a", os.urandom(9000))),
-                            capture_output=True, check=True).stdout
+    packed = subprocess.run(
+        ["zstd", "-q", "-c"], input=tar_bytes(reg("a", os.urandom(9000))), capture_output=True, check=True
+    ).stdout
     broken = packed[:40] + bytes(len(packed) - 40)
     with pytest.raises(LayerError):
         layer_disk(store, LayerRef(store.put_blob(broken), "x", len(broken)))

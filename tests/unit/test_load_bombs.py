@@ -50,8 +50,7 @@ def test_decompression_bomb_stops_at_the_cap(store, tmp_path, tool):
     if tool == "zstd":
         raw = subprocess.run(["gzip", "-dc", str(bomb)], capture_output=True, check=True).stdout
         bomb = tmp_path / "bomb.tar.zst"
-        bomb.write_bytes(subprocess.run(["zstd", "-q", "-19", "-c"], input=raw,
-                                        capture_output=True, check=True).stdout)
+        bomb.write_bytes(subprocess.run(["zstd", "-q", "-19", "-c"], input=raw, capture_output=True, check=True).stdout)
     with pytest.raises(ImageError, match=r"larger than 8388608 bytes uncompressed"):
         archive.load(store, bomb, max_bytes=8 * MiB)
     with open(bomb, "rb") as f, pytest.raises(ImageError, match="decompression bomb"):
@@ -72,15 +71,24 @@ def test_plain_stdin_is_capped_too(store, tmp_path):
 def test_cli_reports_the_cap_in_one_line(store, tmp_path):
     bomb = _zeros_gz(tmp_path / "bomb.tar.gz", 16 * MiB)
     env = dict(os.environ, VMSHIM_LOAD_MAX_BYTES=str(MiB))
-    proc = subprocess.run([sys.executable, "-m", "shim.cli.main", "load", "-i", str(bomb)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shim.cli.main", "load", "-i", str(bomb)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "larger than 1048576 bytes" in lines[0], proc.stderr
     assert "VMSHIM_LOAD_MAX_BYTES" in lines[0]
-    bad = subprocess.run([sys.executable, "-m", "shim.cli.main", "load", "-i", str(bomb)],
-                         capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, VMSHIM_LOAD_MAX_BYTES="lots"))
+    bad = subprocess.run(
+        [sys.executable, "-m", "shim.cli.main", "load", "-i", str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, VMSHIM_LOAD_MAX_BYTES="lots"),
+    )
     assert bad.returncode != 0 and "VMSHIM_LOAD_MAX_BYTES must be" in bad.stderr
 
 

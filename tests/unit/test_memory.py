@@ -16,16 +16,25 @@ def ksm(tmp_path, monkeypatch):
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "root"))
     d = tmp_path / "ksm"
     d.mkdir()
-    for name, value in (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "200"),
-                        ("pages_shared", "10"), ("pages_sharing", "512")):
+    for name, value in (
+        ("run", "0"),
+        ("pages_to_scan", "100"),
+        ("sleep_millisecs", "200"),
+        ("pages_shared", "10"),
+        ("pages_sharing", "512"),
+    ):
         (d / name).write_text(value)
     return d
 
 
 def test_defaults_and_ksm_on_then_off(ksm):
     assert memory.load() == memory.MemorySettings(ksm=False, free_page_reporting=True)
-    assert memory.status(ksm)["ksm_host"] == {"available": True, "running": False,
-                                              "pages_shared": 10, "pages_sharing": 512}
+    assert memory.status(ksm)["ksm_host"] == {
+        "available": True,
+        "running": False,
+        "pages_shared": 10,
+        "pages_sharing": 512,
+    }
     memory.save(memory.MemorySettings(ksm=True, free_page_reporting=True), ksm)
     assert (ksm / "run").read_text() == "1"
     assert (ksm / "pages_to_scan").read_text() == str(memory.KSM_PAGES_TO_SCAN)
@@ -63,17 +72,18 @@ def test_settings_reach_the_container_domain(tmp_path):
     from shim.containers.vm_placement import VmPlacement
     from shim.vm.accel import AccelInfo
 
-    boot = BootConfig(container_id="ef" * 32, token="t", hostname="h",
-                      process=ProcessSpec(args=["true"]), layer_count=0)
+    boot = BootConfig(
+        container_id="ef" * 32, token="t", hostname="h", process=ProcessSpec(args=["true"]), layer_count=0
+    )
     p = VmPlacement(boot, [], tmp_path / "run", name="m")
     guest = SimpleNamespace(kernel=tmp_path / "k", initramfs=tmp_path / "i", cmdline="x")
     default = p.build_domain(guest, AccelInfo("tcg", "t")).to_xml()
     assert "<nosharepages />" in default and 'freePageReporting="on"' in default
-    off = p.build_domain(guest, AccelInfo("tcg", "t"),
-                         memory.MemorySettings(free_page_reporting=False)).to_xml()
+    off = p.build_domain(guest, AccelInfo("tcg", "t"), memory.MemorySettings(free_page_reporting=False)).to_xml()
     assert "<nosharepages />" in off and '<memballoon model="none" />' in off
-    on = p.build_domain(guest, AccelInfo("tcg", "t"),
-                        memory.MemorySettings(ksm=True, free_page_reporting=True)).to_xml()
+    on = p.build_domain(
+        guest, AccelInfo("tcg", "t"), memory.MemorySettings(ksm=True, free_page_reporting=True)
+    ).to_xml()
     assert "nosharepages" not in on and 'freePageReporting="on"' in on
 
 

@@ -66,8 +66,7 @@ def logged(store, cid) -> bytes:
 
 def attached(store, cid, **kw) -> tuple[int, bytes, bytes]:
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    code = manage.start(cid, attach=True, stdout_fd=out.fileno(), stderr_fd=err.fileno(),
-                        store=store, **kw)
+    code = manage.start(cid, attach=True, stdout_fd=out.fileno(), stderr_fd=err.fileno(), store=store, **kw)
     out.seek(0), err.seek(0)
     return code, out.read(), err.read()
 
@@ -90,8 +89,7 @@ def test_detached_exec_logs_stop(store):
     running = store.load(rec.id)
     assert running.state.status == "running" and monitor_alive(running)
     out = tempfile.TemporaryFile()
-    code = manage.exec_process(rec.id, ["sh", "-c", "echo in-exec; exit 4"],
-                               stdout_fd=out.fileno(), store=store)
+    code = manage.exec_process(rec.id, ["sh", "-c", "echo in-exec; exit 4"], stdout_fd=out.fileno(), store=store)
     out.seek(0)
     assert (code, out.read()) == (4, b"in-exec\n")
     with pytest.raises(CommandNotFound):
@@ -156,7 +154,7 @@ def test_restart_on_failure_with_a_limit(store):
 
 
 def test_monitor_killed_then_recovered(store):
-    rec = make(store, 'i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.3; done')
+    rec = make(store, "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.3; done")
     manage.start(rec.id, store=store)
     first = store.load(rec.id).state.monitor_pid
     # Killed between two ticks: what is in flight in the socket when a monitor dies is
@@ -223,18 +221,14 @@ def test_top_needs_a_runtime_with_builtins(store):
     manage.remove(rec.id, force=True, store=store)
 
 
-
 def _plain_builtin(self, name, args, *, stdin):
     from guest.runtime import builtins
 
-    spec = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/",
-                       user=f"{os.getuid()}:{os.getgid()}")
-    return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin,
-                           builtin=builtins.prepare(name, args))
+    spec = ProcessSpec(args=["vmshim-" + name], env=[], cwd="/", user=f"{os.getuid()}:{os.getgid()}")
+    return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, builtin=builtins.prepare(name, args))
 
 
-def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(store, tmp_path,
-                                                                          monkeypatch):
+def test_cp_with_a_stopped_container_boots_its_placement_without_its_process(store, tmp_path, monkeypatch):
     monkeypatch.setattr(PlainRuntime, "builtin", _plain_builtin, raising=False)
     marker = tmp_path / "the-process-ran"
     record = make(store, f"touch {marker}")
@@ -258,8 +252,7 @@ def test_stop_while_a_restart_policy_waits(store):
     its socket lives in), shows restarting meanwhile, and stop ends the waiting."""
     rec = make(store, "exit 3", restart_policy="always")
     manage.start(rec.id, store=store)
-    wait_for(lambda: store.load(rec.id).state.restart_count >= 3
-             and store.load(rec.id).state.restarting)
+    wait_for(lambda: store.load(rec.id).state.restart_count >= 3 and store.load(rec.id).state.restarting)
     started = time.monotonic()
     stopped = manage.stop(rec.id, store=store)
     assert time.monotonic() - started < 5
@@ -272,8 +265,14 @@ def test_stop_while_a_restart_policy_waits(store):
 def _member_config(args) -> dict:
     from guest.spec import BootConfig
 
-    return BootConfig(container_id="ab" * 32, token="t", hostname="pod", layer_count=0,
-                      process=ProcessSpec(args=list(args)), rootfs_share="vmshim-mab").to_dict()
+    return BootConfig(
+        container_id="ab" * 32,
+        token="t",
+        hostname="pod",
+        layer_count=0,
+        process=ProcessSpec(args=list(args)),
+        rootfs_share="vmshim-mab",
+    ).to_dict()
 
 
 def test_a_pod_member_runs_through_exec_and_dies_with_its_client(store):
@@ -286,8 +285,9 @@ def test_a_pod_member_runs_through_exec_and_dies_with_its_client(store):
     rec = make(store, "sleep 30")
     assert manage.start(rec.id, store=store) == 0
     client = manage.monitor_client(store, store.load(rec.id))
-    reply = api.raise_for_error(client.request(
-        "exec", 20, member=_member_config(["sh", "-c", "echo m; exit 5"]), stdin=False))
+    reply = api.raise_for_error(
+        client.request("exec", 20, member=_member_config(["sh", "-c", "echo m; exit 5"]), stdin=False)
+    )
     assert reply.type == protocol.STARTED
     seen = []
     while True:
@@ -300,8 +300,7 @@ def test_a_pod_member_runs_through_exec_and_dies_with_its_client(store):
     client.close()
 
     client = manage.monitor_client(store, store.load(rec.id))
-    reply = api.raise_for_error(client.request(
-        "exec", 20, member=_member_config(["sleep", "30"]), stdin=True))
+    reply = api.raise_for_error(client.request("exec", 20, member=_member_config(["sleep", "30"]), stdin=True))
     pid = reply.get("pid", int)
     os.kill(pid, 0)
     client.close()  # its stand-in is gone

@@ -8,33 +8,55 @@ import itertools
 import pytest
 
 from shim.containers import monitor_life as life
-from shim.containers.monitor_life import (Booting, Checkpointed, Exited, Idle, IllegalTransition,
-                                          Removing, RestartWaiting, Running, Stopping)
+from shim.containers.monitor_life import (
+    Booting,
+    Checkpointed,
+    Exited,
+    Idle,
+    IllegalTransition,
+    Removing,
+    RestartWaiting,
+    Running,
+    Stopping,
+)
 
-EXAMPLES = [Idle(), Booting(), Running(pid=7, up_since=1.0), Stopping(pid=7, deadline=2.0),
-            Removing(pid=7, conn=object()), RestartWaiting(code=1), Exited(code=0),
-            Checkpointed()]
+EXAMPLES = [
+    Idle(),
+    Booting(),
+    Running(pid=7, up_since=1.0),
+    Stopping(pid=7, deadline=2.0),
+    Removing(pid=7, conn=object()),
+    RestartWaiting(code=1),
+    Exited(code=0),
+    Checkpointed(),
+]
 
 LEGAL = {
-    (Idle, Booting), (Idle, Running), (Idle, Exited),
-    (Booting, Running), (Booting, Exited),
-    (Running, Stopping), (Running, Removing), (Running, RestartWaiting), (Running, Exited),
+    (Idle, Booting),
+    (Idle, Running),
+    (Idle, Exited),
+    (Booting, Running),
+    (Booting, Exited),
+    (Running, Stopping),
+    (Running, Removing),
+    (Running, RestartWaiting),
+    (Running, Exited),
     (Running, Checkpointed),
-    (Stopping, Removing), (Stopping, Exited),
+    (Stopping, Removing),
+    (Stopping, Exited),
     (Removing, Exited),
-    (RestartWaiting, Booting), (RestartWaiting, Exited),
+    (RestartWaiting, Booting),
+    (RestartWaiting, Exited),
     (Exited, Exited),
 }
 
 
-@pytest.mark.parametrize("current,new", list(itertools.product(EXAMPLES, EXAMPLES)),
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("current,new", list(itertools.product(EXAMPLES, EXAMPLES)), ids=lambda s: type(s).__name__)
 def test_every_pair_is_allowed_exactly_when_the_table_lists_it(current, new):
     if (type(current), type(new)) in LEGAL:
         life.check_transition(current, new)
     else:
-        with pytest.raises(IllegalTransition, match=f"from {type(current).__name__} "
-                                                    f"to {type(new).__name__}"):
+        with pytest.raises(IllegalTransition, match=f"from {type(current).__name__} to {type(new).__name__}"):
             life.check_transition(current, new)
 
 
@@ -58,8 +80,7 @@ def test_carry_keeps_the_main_process():
     channel = object()
     running = Running(pid=42, up_since=3.5, agent=channel)
     stopping = life.carry(running, Stopping, deadline=9.0)
-    assert (stopping.pid, stopping.up_since, stopping.agent, stopping.deadline) == \
-        (42, 3.5, channel, 9.0)
+    assert (stopping.pid, stopping.up_since, stopping.agent, stopping.deadline) == (42, 3.5, channel, 9.0)
     marker = object()
     removing = life.carry(stopping, Removing, conn=marker)
     assert (removing.pid, removing.conn) == (42, marker)

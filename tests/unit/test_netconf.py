@@ -23,8 +23,7 @@ from shim.vm.fake_backend import FakeBackend
 from tests.unit import test_monitor as tm
 from tests.unit.test_monitor import make, store  # noqa: F401  (fixture)
 
-IFACE = {"mac": "02:42:0a:59:00:03", "address": "10.89.0.3/24",
-         "address6": "fd00:89::3/64"}
+IFACE = {"mac": "02:42:0a:59:00:03", "address": "10.89.0.3/24", "address6": "fd00:89::3/64"}
 
 
 @pytest.fixture
@@ -58,16 +57,17 @@ def test_netconf_reaches_the_agent_and_answers(store, recording_runtime):  # noq
     manage.stop(rec.id, timeout=5, store=store)
 
 
-@pytest.mark.parametrize("answer", [
-    # The answer type of another request, with a large made-up body.
-    lambda agent, rid: agent._send(protocol.STATS, id=rid, usage={"x" * 50: 1} | {
-        f"k{i}": i for i in range(5000)}),
-    # An error whose text would fill the terminal with control sequences.
-    lambda agent, rid: agent._send(protocol.ERROR, id=rid,
-                                   message="\x1b[2J\x07" + "A" * 100_000),
-    # A wrong-typed error.
-    lambda agent, rid: agent._send(protocol.ERROR, id=rid, message=["not", "text"], code=-5),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The answer type of another request, with a large made-up body.
+        lambda agent, rid: agent._send(protocol.STATS, id=rid, usage={"x" * 50: 1} | {f"k{i}": i for i in range(5000)}),
+        # An error whose text would fill the terminal with control sequences.
+        lambda agent, rid: agent._send(protocol.ERROR, id=rid, message="\x1b[2J\x07" + "A" * 100_000),
+        # A wrong-typed error.
+        lambda agent, rid: agent._send(protocol.ERROR, id=rid, message=["not", "text"], code=-5),
+    ],
+)
 def test_a_hostile_netconf_answer_is_one_bounded_line(store, monkeypatch, answer):  # noqa: F811
     def hostile(self, message):
         answer(self, message.get("id", int))
@@ -91,28 +91,48 @@ def test_plug_attaches_and_unplugs_again_when_the_guest_refuses(monkeypatch):
     from shim.vm.domain import HOTPLUG_MACHINE, Domain, Interface, KernelBoot
 
     cid = "c0ffee" * 10 + "abcd"
-    domain = Domain(name=f"vmshim-{cid[:12]}", uuid="6f1c2a34-5b6d-4e7f-8091-a2b3c4d5e6f7",
-                    memory_mib=128, vcpus=1, domain_type="qemu", machine=HOTPLUG_MACHINE,
-                    hotplug_ports=1, boot=KernelBoot(kernel="/k", initrd="/i"),
-                    interfaces=[Interface(bridge="vmshim0", mac="02:42:0a:58:00:02")])
+    domain = Domain(
+        name=f"vmshim-{cid[:12]}",
+        uuid="6f1c2a34-5b6d-4e7f-8091-a2b3c4d5e6f7",
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        machine=HOTPLUG_MACHINE,
+        hotplug_ports=1,
+        boot=KernelBoot(kernel="/k", initrd="/i"),
+        interfaces=[Interface(bridge="vmshim0", mac="02:42:0a:58:00:02")],
+    )
     backend.create(domain)
 
     class Rec:
         id, name = cid, "web"
 
-    net = Network(name="n", id="1" * 64, subnet="10.89.0.0/24", gateway="10.89.0.1",
-                  bridge="vmsbr1111111111", subnet6="fd00:89::/64", gateway6="fd00:89::1")
-    ep = Endpoint(container_id=cid, container_name="web", ip="10.89.0.3",
-                  mac="02:42:0a:59:00:03", ip6="fd00:89::2", host_ifname="vmtc0ffeec0ff1")
+    net = Network(
+        name="n",
+        id="1" * 64,
+        subnet="10.89.0.0/24",
+        gateway="10.89.0.1",
+        bridge="vmsbr1111111111",
+        subnet6="fd00:89::/64",
+        gateway6="fd00:89::1",
+    )
+    ep = Endpoint(
+        container_id=cid,
+        container_name="web",
+        ip="10.89.0.3",
+        mac="02:42:0a:59:00:03",
+        ip6="fd00:89::2",
+        host_ifname="vmtc0ffeec0ff1",
+    )
     asked = []
     monkeypatch.setattr(netc, "netconf", lambda rec, ifaces: asked.append(ifaces))
     netc._plug(Rec, net, ep, backend=backend)
-    assert asked == [[{"mac": ep.mac, "address": "10.89.0.3/24",
-                       "address6": "fd00:89::2/64"}]]
+    assert asked == [[{"mac": ep.mac, "address": "10.89.0.3/24", "address6": "fd00:89::2/64"}]]
     assert backend.interface_macs(domain.name) == ["02:42:0a:58:00:02", ep.mac]
     # No free port left: one clear line that says what to do.
-    other = Endpoint(container_id=cid, container_name="web", ip="10.89.0.4",
-                     mac="02:42:0a:59:00:04", host_ifname="vmtc0ffeec0ff2")
+    other = Endpoint(
+        container_id=cid, container_name="web", ip="10.89.0.4", mac="02:42:0a:59:00:04", host_ifname="vmtc0ffeec0ff2"
+    )
     with pytest.raises(NetworkError, match="at most 4 NICs while it runs"):
         netc._plug(Rec, net, other, backend=backend)
     netc._unplug(Rec, net, ep, backend=backend)
@@ -129,13 +149,16 @@ def test_plug_attaches_and_unplugs_again_when_the_guest_refuses(monkeypatch):
 
 def test_nic_indexes_are_reused_and_bounded():
     cid = "ab" * 32
-    net = Network(name="n", id="1" * 64, subnet="10.89.0.0/24", gateway="10.89.0.1",
-                  bridge="vmsbr1111111111")
+    net = Network(name="n", id="1" * 64, subnet="10.89.0.0/24", gateway="10.89.0.1", bridge="vmsbr1111111111")
 
     def ep(index):
-        return net, Endpoint(container_id=cid, container_name="c", ip="10.89.0.2",
-                             mac="02:42:0a:59:00:02",
-                             host_ifname=netc._host_ifname("vmt", cid, index))
+        return net, Endpoint(
+            container_id=cid,
+            container_name="c",
+            ip="10.89.0.2",
+            mac="02:42:0a:59:00:02",
+            host_ifname=netc._host_ifname("vmt", cid, index),
+        )
 
     assert netc._free_index([ep(0), ep(2)], "vmt", cid) == 1
     with pytest.raises(NetworkError, match="at most 10 networks"):

@@ -47,34 +47,41 @@ def own_state_root(tmp_path, monkeypatch):
 # ---- -p / --expose -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("8080", [PortMapping(container_port=8080)]),
-    ("18080:8080", [PortMapping(container_port=8080, host_port=18080)]),
-    ("127.0.0.1:18080:8080", [PortMapping(container_port=8080, host_ip="127.0.0.1",
-                                          host_port=18080)]),
-    ("127.0.0.1::8080", [PortMapping(container_port=8080, host_ip="127.0.0.1")]),
-    ("53:53/udp", [PortMapping(container_port=53, protocol="udp", host_port=53)]),
-    ("80/TCP", [PortMapping(container_port=80)]),
-    ("9000-9001:8000-8001", [PortMapping(container_port=8000, host_port=9000),
-                             PortMapping(container_port=8001, host_port=9001)]),
-    ("8000-8001", [PortMapping(container_port=8000), PortMapping(container_port=8001)]),
-    ("9000-9009:80", [PortMapping(container_port=80, host_range=(9000, 9009))]),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("8080", [PortMapping(container_port=8080)]),
+        ("18080:8080", [PortMapping(container_port=8080, host_port=18080)]),
+        ("127.0.0.1:18080:8080", [PortMapping(container_port=8080, host_ip="127.0.0.1", host_port=18080)]),
+        ("127.0.0.1::8080", [PortMapping(container_port=8080, host_ip="127.0.0.1")]),
+        ("53:53/udp", [PortMapping(container_port=53, protocol="udp", host_port=53)]),
+        ("80/TCP", [PortMapping(container_port=80)]),
+        (
+            "9000-9001:8000-8001",
+            [PortMapping(container_port=8000, host_port=9000), PortMapping(container_port=8001, host_port=9001)],
+        ),
+        ("8000-8001", [PortMapping(container_port=8000), PortMapping(container_port=8001)]),
+        ("9000-9009:80", [PortMapping(container_port=80, host_range=(9000, 9009))]),
+    ],
+)
 def test_parse_publish(spec, expected):
     assert parse_publish(spec) == expected
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "expected"),
-    ("0", "ports are 1-65535"),
-    ("70000", "ports are 1-65535"),
-    ("x:80", "host port"),
-    ("80/sctp", "tcp or udp"),
-    ("localhost:80:80", "IPv4 address"),
-    ("[::1]:80:80", "IPv6"),
-    ("9000-9002:8000-8001", "differ in length"),
-    ("8001-8000", "before the start"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "expected"),
+        ("0", "ports are 1-65535"),
+        ("70000", "ports are 1-65535"),
+        ("x:80", "host port"),
+        ("80/sctp", "tcp or udp"),
+        ("localhost:80:80", "IPv4 address"),
+        ("[::1]:80:80", "IPv6"),
+        ("9000-9002:8000-8001", "differ in length"),
+        ("8001-8000", "before the start"),
+    ],
+)
 def test_parse_publish_errors(spec, message):
     with pytest.raises(NetworkError, match=message):
         parse_publish(spec)
@@ -101,8 +108,7 @@ def test_expose_and_publish_all():
     assert parse_expose("8000-8001/udp") == [(8000, "udp"), (8001, "udp")]
     ports = exposed_ports(config, ["80", "443"])
     assert ports == [(80, "tcp"), (53, "udp"), (443, "tcp")]
-    assert [str(p) for p in publish_all(ports)] == ["0.0.0.0:0->80/tcp", "0.0.0.0:0->53/udp",
-                                                   "0.0.0.0:0->443/tcp"]
+    assert [str(p) for p in publish_all(ports)] == ["0.0.0.0:0->80/tcp", "0.0.0.0:0->53/udp", "0.0.0.0:0->443/tcp"]
 
 
 def test_assign_host_ports_picks_free_ones_and_refuses_taken():
@@ -111,8 +117,7 @@ def test_assign_host_ports_picks_free_ones_and_refuses_taken():
     assert done[0].host_port > 0 and done[0].host_ip == "127.0.0.1"
     with pytest.raises(NetworkError, match="already published"):
         assign_host_ports([PortMapping(container_port=1, host_port=18081)], taken)
-    ranged = assign_host_ports([PortMapping(container_port=80, host_ip="127.0.0.1",
-                                            host_range=(18081, 18082))], taken)
+    ranged = assign_host_ports([PortMapping(container_port=80, host_ip="127.0.0.1", host_range=(18081, 18082))], taken)
     assert ranged[0].host_port == 18082
 
 
@@ -122,14 +127,12 @@ def test_assign_host_ports_sees_a_listening_socket():
         listener.listen()
         port = listener.getsockname()[1]
         with pytest.raises(NetworkError, match="in use on this host"):
-            assign_host_ports([PortMapping(container_port=80, host_ip="127.0.0.1",
-                                           host_port=port)], [])
+            assign_host_ports([PortMapping(container_port=80, host_ip="127.0.0.1", host_port=port)], [])
 
 
 def test_assign_host_ports_refuses_a_foreign_address():
     with pytest.raises(NetworkError, match="not an address of this host"):
-        assign_host_ports([PortMapping(container_port=80, host_ip="192.0.2.1",
-                                       host_port=18080)], [])
+        assign_host_ports([PortMapping(container_port=80, host_ip="192.0.2.1", host_port=18080)], [])
 
 
 # ---- the store and IPAM ------------------------------------------------------------------
@@ -141,14 +144,17 @@ def store(tmp_path):
 
 
 def _endpoint(cid: str, ip: str, **kw) -> Endpoint:
-    return Endpoint(container_id=cid, container_name=kw.pop("name", cid[:6]), ip=ip,
-                    mac=mac_for(ip), **kw)
+    return Endpoint(container_id=cid, container_name=kw.pop("name", cid[:6]), ip=ip, mac=mac_for(ip), **kw)
 
 
 def test_default_network_is_made_on_first_use(store):
     net = store.default()
-    assert (net.name, net.subnet, net.gateway, net.bridge) == \
-        (DEFAULT_NETWORK, "10.88.0.0/16", "10.88.0.1", DEFAULT_BRIDGE)
+    assert (net.name, net.subnet, net.gateway, net.bridge) == (
+        DEFAULT_NETWORK,
+        "10.88.0.0/16",
+        "10.88.0.1",
+        DEFAULT_BRIDGE,
+    )
     assert not net.dns  # like docker's default bridge: no name resolution
     assert store.get("bridge").id == net.id
     assert [n.name for n in store.list()] == ["bridge"]
@@ -170,22 +176,28 @@ def test_subnet_picking_avoids_host_routes(store):
 
 
 def test_explicit_subnet_and_gateway(store):
-    net = store.create("a", subnet="192.168.77.0/24", gateway="192.168.77.254",
-                       internal=True, labels={"k": "v"})
-    assert (net.subnet, net.gateway, net.internal, net.labels) == \
-        ("192.168.77.0/24", "192.168.77.254", True, {"k": "v"})
+    net = store.create("a", subnet="192.168.77.0/24", gateway="192.168.77.254", internal=True, labels={"k": "v"})
+    assert (net.subnet, net.gateway, net.internal, net.labels) == (
+        "192.168.77.0/24",
+        "192.168.77.254",
+        True,
+        {"k": "v"},
+    )
     assert net.free_ip() == "192.168.77.1"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "bad name"}, "invalid network name"),
-    ({"name": "host"}, "reserved"),
-    ({"name": "bridge"}, "reserved"),
-    ({"name": "x", "subnet": "10.88.1.0/24"}, "overlaps network bridge"),
-    ({"name": "x", "subnet": "nonsense"}, "invalid --subnet"),
-    ({"name": "x", "subnet": "10.1.2.0/31"}, "too small"),
-    ({"name": "x", "subnet": "10.1.2.0/24", "gateway": "10.1.3.1"}, "not a host address"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "bad name"}, "invalid network name"),
+        ({"name": "host"}, "reserved"),
+        ({"name": "bridge"}, "reserved"),
+        ({"name": "x", "subnet": "10.88.1.0/24"}, "overlaps network bridge"),
+        ({"name": "x", "subnet": "nonsense"}, "invalid --subnet"),
+        ({"name": "x", "subnet": "10.1.2.0/31"}, "too small"),
+        ({"name": "x", "subnet": "10.1.2.0/24", "gateway": "10.1.3.1"}, "not a host address"),
+    ],
+)
 def test_create_errors(store, kwargs, message):
     store.default()
     with pytest.raises(NetworkError, match=message):
@@ -208,8 +220,12 @@ def test_ip_allocation_lowest_first_and_requested(store):
     net = store.get("a")
     assert net.free_ip() == "10.9.0.4"
     assert net.free_ip("10.9.0.6") == "10.9.0.6"
-    for bad, message in (("10.9.0.3", "in use"), ("10.9.0.7", "not a host address"),
-                         ("10.9.1.2", "not a host address"), ("x", "not an IPv4")):
+    for bad, message in (
+        ("10.9.0.3", "in use"),
+        ("10.9.0.7", "not a host address"),
+        ("10.9.1.2", "not a host address"),
+        ("x", "not an IPv4"),
+    ):
         with pytest.raises(NetworkError, match=message):
             net.free_ip(bad)
     store.remove_endpoint("a", "c1" * 32)
@@ -226,8 +242,7 @@ def test_ip_pool_exhaustion(store):
 def test_endpoints_round_trip_with_ports(store):
     net = store.create("a")
     port = PortMapping(container_port=80, host_ip="127.0.0.1", host_port=18080)
-    ep = _endpoint("ab" * 32, "10.89.0.2", name="web", aliases=["www"], ports=[port],
-                   netns="1:2", owner_pid=1)
+    ep = _endpoint("ab" * 32, "10.89.0.2", name="web", aliases=["www"], ports=[port], netns="1:2", owner_pid=1)
     store.add_endpoint(net, ep)
     back = store.get("a").endpoints["ab" * 32]
     assert back == ep
@@ -248,10 +263,10 @@ def test_stale_endpoints_are_those_whose_owner_is_gone(store):
     net = store.create("a")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    store.add_endpoint(net, _endpoint("d" * 64, "10.89.0.2", owner_pid=dead.pid,
-                                      owner_start="1"))
-    store.add_endpoint(net, _endpoint("e" * 64, "10.89.0.3", owner_pid=os.getpid(),
-                                      owner_start=process_start(os.getpid())))
+    store.add_endpoint(net, _endpoint("d" * 64, "10.89.0.2", owner_pid=dead.pid, owner_start="1"))
+    store.add_endpoint(
+        net, _endpoint("e" * 64, "10.89.0.3", owner_pid=os.getpid(), owner_start=process_start(os.getpid()))
+    )
     assert [e.container_id for _, e in store.stale_endpoints()] == ["d" * 64]
 
 
@@ -294,51 +309,60 @@ def test_parse_request_defaults_and_modes():
     assert parse_request(network=["a", "b"]).mode == "bridge"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"network": ["none", "a"]}, "cannot be combined"),
-    ({"network": ["a", "a"]}, "named twice"),
-    ({"network": "container:x"}, "not supported"),
-    ({"network": "none", "publish": ["80"]}, "no effect with --network none"),
-    ({"network": "host", "publish_all": True}, "no effect with --network host"),
-    ({"aliases": ["web"]}, "needs a user-defined network"),
-    ({"network": "a", "aliases": ["bad alias"]}, "invalid --network-alias"),
-    ({"ip": "10.88.0.9"}, "--ip needs a user-defined network"),
-    ({"network": "a", "ip": "nope"}, "invalid --ip"),
-    ({"mac": "01:00:00:00:00:01"}, "invalid --mac-address"),
-    ({"network": "none", "mac": "02:00:00:00:00:01"}, "no effect"),
-    ({"dns_servers": ["x"]}, "invalid --dns"),
-    ({"add_hosts": ["nocolon"]}, "invalid --add-host"),
-    ({"add_hosts": ["h:999.1.1.1"]}, "not an IP"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"network": ["none", "a"]}, "cannot be combined"),
+        ({"network": ["a", "a"]}, "named twice"),
+        ({"network": "container:x"}, "not supported"),
+        ({"network": "none", "publish": ["80"]}, "no effect with --network none"),
+        ({"network": "host", "publish_all": True}, "no effect with --network host"),
+        ({"aliases": ["web"]}, "needs a user-defined network"),
+        ({"network": "a", "aliases": ["bad alias"]}, "invalid --network-alias"),
+        ({"ip": "10.88.0.9"}, "--ip needs a user-defined network"),
+        ({"network": "a", "ip": "nope"}, "invalid --ip"),
+        ({"mac": "01:00:00:00:00:01"}, "invalid --mac-address"),
+        ({"network": "none", "mac": "02:00:00:00:00:01"}, "no effect"),
+        ({"dns_servers": ["x"]}, "invalid --dns"),
+        ({"add_hosts": ["nocolon"]}, "invalid --add-host"),
+        ({"add_hosts": ["h:999.1.1.1"]}, "not an IP"),
+    ],
+)
 def test_parse_request_errors(kwargs, message):
     with pytest.raises(NetworkError, match=message):
         parse_request(**kwargs)
 
 
 def _connected(request, nets_eps, isolation="vm") -> ContainerNetwork:
-    return ContainerNetwork(container_id="c" * 64, name="web", isolation=isolation,
-                            request=request, endpoints=nets_eps)
+    return ContainerNetwork(container_id="c" * 64, name="web", isolation=isolation, request=request, endpoints=nets_eps)
 
 
 def _net(name="a", subnet="10.89.0.0/24", gateway="10.89.0.1", **kw) -> Network:
-    return Network(name=name, id="f" * 64, subnet=subnet, gateway=gateway,
-                   bridge="vmsbr" + name, **kw)
+    return Network(name=name, id="f" * 64, subnet=subnet, gateway=gateway, bridge="vmsbr" + name, **kw)
 
 
 def test_guest_network_and_interfaces():
     default = _net("bridge", "10.88.0.0/16", "10.88.0.1", dns=False)
     user = _net("a")
-    cn = _connected(parse_request(network=["bridge", "a"]), [
-        (default, _endpoint("c" * 64, "10.88.0.2", host_ifname="vmtccccccccccc0")),
-        (user, _endpoint("c" * 64, "10.89.0.2", host_ifname="vmtccccccccccc1"))])
-    assert cn.guest_network() == {"interfaces": [
-        {"mac": "02:42:0a:58:00:02", "address": "10.88.0.2/16", "gateway": "10.88.0.1"},
-        {"mac": "02:42:0a:59:00:02", "address": "10.89.0.2/24"}]}
+    cn = _connected(
+        parse_request(network=["bridge", "a"]),
+        [
+            (default, _endpoint("c" * 64, "10.88.0.2", host_ifname="vmtccccccccccc0")),
+            (user, _endpoint("c" * 64, "10.89.0.2", host_ifname="vmtccccccccccc1")),
+        ],
+    )
+    assert cn.guest_network() == {
+        "interfaces": [
+            {"mac": "02:42:0a:58:00:02", "address": "10.88.0.2/16", "gateway": "10.88.0.1"},
+            {"mac": "02:42:0a:59:00:02", "address": "10.89.0.2/24"},
+        ]
+    }
     check_network(cn.guest_network())
     ifaces = cn.domain_interfaces()
     assert [(i.bridge, i.mac, i.tap) for i in ifaces] == [
         ("vmsbrbridge", "02:42:0a:58:00:02", "vmtccccccccccc0"),
-        ("vmsbra", "02:42:0a:59:00:02", "vmtccccccccccc1")]
+        ("vmsbra", "02:42:0a:59:00:02", "vmtccccccccccc1"),
+    ]
     assert _connected(parse_request(network="none"), []).guest_network() == {}
 
 
@@ -350,28 +374,33 @@ def test_internal_network_gets_no_default_route():
 
 
 def test_hosts_file_with_add_host():
-    req = parse_request(network="a", add_hosts=["db:10.1.2.3", "gw:host-gateway",
-                                                "v6=[::1]"])
+    req = parse_request(network="a", add_hosts=["db:10.1.2.3", "gw:host-gateway", "v6=[::1]"])
     cn = _connected(req, [(_net("a"), _endpoint("c" * 64, "10.89.0.5"))])
     assert cn.hosts_file("box").splitlines() == [
-        "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
-        "10.89.0.5\tbox", "10.1.2.3\tdb", "10.89.0.1\tgw", "::1\tv6"]
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "10.89.0.5\tbox",
+        "10.1.2.3\tdb",
+        "10.89.0.1\tgw",
+        "::1\tv6",
+    ]
     none = _connected(parse_request(network="none"), [])
     assert "127.0.1.1\tbox" in none.hosts_file("box")
 
 
 def test_resolv_conf():
     host = "search example.org\nnameserver 192.0.2.53\n"
-    user = _connected(parse_request(network="a", dns_servers=["192.0.2.1"],
-                                    dns_options=["ndots:2"]),
-                      [(_net("a"), _endpoint("c" * 64, "10.89.0.5"))])
-    assert user.resolv_conf(host) == ("nameserver 10.89.0.1\nnameserver 192.0.2.1\n"
-                                      "options ndots:2\n")
+    user = _connected(
+        parse_request(network="a", dns_servers=["192.0.2.1"], dns_options=["ndots:2"]),
+        [(_net("a"), _endpoint("c" * 64, "10.89.0.5"))],
+    )
+    assert user.resolv_conf(host) == ("nameserver 10.89.0.1\nnameserver 192.0.2.1\noptions ndots:2\n")
     default = _net("bridge", "10.88.0.0/16", "10.88.0.1", dns=False)
     plain = _connected(parse_request(), [(default, _endpoint("c" * 64, "10.88.0.2"))])
     assert plain.resolv_conf(host) == host
-    custom = _connected(parse_request(dns_servers=["192.0.2.9"], dns_search=["corp"]),
-                        [(default, _endpoint("c" * 64, "10.88.0.2"))])
+    custom = _connected(
+        parse_request(dns_servers=["192.0.2.9"], dns_search=["corp"]), [(default, _endpoint("c" * 64, "10.88.0.2"))]
+    )
     assert custom.resolv_conf(host) == "nameserver 192.0.2.9\nsearch corp\n"
 
 
@@ -379,38 +408,44 @@ def test_resolv_conf():
 
 
 def _boot(**kw) -> BootConfig:
-    return BootConfig(container_id="c" * 64, token="t", hostname="h",
-                      process=ProcessSpec(args=["true"]), layer_count=1, **kw)
+    return BootConfig(
+        container_id="c" * 64, token="t", hostname="h", process=ProcessSpec(args=["true"]), layer_count=1, **kw
+    )
 
 
 def test_boot_config_network_round_trip_and_compat():
-    net = {"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.88.0.2/16",
-                           "gateway": "10.88.0.1", "mtu": 1400}]}
+    net = {"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.88.0.2/16", "gateway": "10.88.0.1", "mtu": 1400}]}
     boot = _boot(network=net)
     assert BootConfig.from_dict(json.loads(json.dumps(boot.to_dict()))) == boot
     assert "network" not in _boot().to_dict()  # old agents never see the field
     assert BootConfig.from_dict(_boot().to_dict()).network == {}
 
 
-@pytest.mark.parametrize("network, message", [
-    ([], "must be an object"),
-    ({"interfaces": {}}, "list"),
-    ({"extra": 1}, "unknown key"),
-    ({"interfaces": [{"mac": "zz:42:0a:58:00:02", "address": "10.0.0.2/8"}]}, "mac"),
-    ({"interfaces": [{"mac": "03:42:0a:58:00:02", "address": "10.0.0.2/8"}]}, "mac"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2"}]}, "address"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.256/8"}]}, "address"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/33"}]}, "address"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8",
-                      "gateway": "x"}]}, "gateway"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "mtu": 9}]},
-     "mtu"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "x": 1}]},
-     "unknown key"),
-    ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "gateway": "10.0.0.1"},
-                     {"mac": "02:42:0a:58:00:03", "address": "10.0.0.3/8", "gateway": "10.0.0.1"}]},
-     "only one interface"),
-])
+@pytest.mark.parametrize(
+    "network, message",
+    [
+        ([], "must be an object"),
+        ({"interfaces": {}}, "list"),
+        ({"extra": 1}, "unknown key"),
+        ({"interfaces": [{"mac": "zz:42:0a:58:00:02", "address": "10.0.0.2/8"}]}, "mac"),
+        ({"interfaces": [{"mac": "03:42:0a:58:00:02", "address": "10.0.0.2/8"}]}, "mac"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2"}]}, "address"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.256/8"}]}, "address"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/33"}]}, "address"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "gateway": "x"}]}, "gateway"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "mtu": 9}]}, "mtu"),
+        ({"interfaces": [{"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "x": 1}]}, "unknown key"),
+        (
+            {
+                "interfaces": [
+                    {"mac": "02:42:0a:58:00:02", "address": "10.0.0.2/8", "gateway": "10.0.0.1"},
+                    {"mac": "02:42:0a:58:00:03", "address": "10.0.0.3/8", "gateway": "10.0.0.1"},
+                ]
+            },
+            "only one interface",
+        ),
+    ],
+)
 def test_boot_config_network_validation(network, message):
     data = _boot().to_dict()
     data["network"] = network
@@ -418,10 +453,19 @@ def test_boot_config_network_validation(network, message):
         BootConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("text, ok", [("10.0.0.1", True), ("0.0.0.0", True),
-                                      ("010.0.0.1", False), ("1.2.3", False),
-                                      ("1.2.3.4.5", False), ("a.b.c.d", False),
-                                      ("1.2.3.256", False), (None, False)])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("10.0.0.1", True),
+        ("0.0.0.0", True),
+        ("010.0.0.1", False),
+        ("1.2.3", False),
+        ("1.2.3.4.5", False),
+        ("a.b.c.d", False),
+        ("1.2.3.256", False),
+        (None, False),
+    ],
+)
 def test_is_ipv4(text, ok):
     assert is_ipv4(text) is ok
 
@@ -436,7 +480,7 @@ def test_guest_struct_layouts():
     assert req[20:24] == socket.inet_aton("10.88.0.2")
     route = guest_net._rtentry_default("10.88.0.1")
     assert len(route) == 120  # sizeof(struct rtentry) on x86_64
-    assert route[24 + 4:24 + 8] == socket.inet_aton("10.88.0.1")  # rt_gateway.sin_addr
+    assert route[24 + 4 : 24 + 8] == socket.inet_aton("10.88.0.1")  # rt_gateway.sin_addr
 
 
 def test_guest_find_interface_by_mac(tmp_path, monkeypatch):
@@ -456,21 +500,28 @@ def test_network_rules_nat_and_isolation():
     text = firewall.network_rules("a", "vmsbra", "10.89.0.0/24", internal=False)
     assert 'ip saddr 10.89.0.0/24 oifname != "vmsbra" masquerade comment "vmshim-net:a"' in text
     assert 'ip saddr 127.0.0.0/8 oifname "vmsbra" masquerade' in text
-    assert 'oifname @bridges drop' in text
+    assert "oifname @bridges drop" in text
     internal = firewall.network_rules("i", "vmsbri", "10.89.1.0/24", internal=True)
-    assert "oifname != \"vmsbri\" masquerade" not in internal
+    assert 'oifname != "vmsbri" masquerade' not in internal
     assert 'iifname "vmsbri" oifname != "vmsbri" drop' in internal
 
 
 def test_port_rules():
-    text = firewall.port_rules("ab" * 32, "10.88.0.2", [
-        PortMapping(container_port=8080, host_ip="127.0.0.1", host_port=18080),
-        PortMapping(container_port=53, protocol="udp", host_port=5353)])
+    text = firewall.port_rules(
+        "ab" * 32,
+        "10.88.0.2",
+        [
+            PortMapping(container_port=8080, host_ip="127.0.0.1", host_port=18080),
+            PortMapping(container_port=53, protocol="udp", host_port=5353),
+        ],
+    )
     assert text.splitlines() == [
-        ('add rule ip vmshim publish ip daddr 127.0.0.1 tcp dport 18080 dnat to '
-         '10.88.0.2:8080 comment "vmshim-ctr:abababababab"'),
-        ('add rule ip vmshim publish udp dport 5353 dnat to 10.88.0.2:53 '
-         'comment "vmshim-ctr:abababababab"')]
+        (
+            "add rule ip vmshim publish ip daddr 127.0.0.1 tcp dport 18080 dnat to "
+            '10.88.0.2:8080 comment "vmshim-ctr:abababababab"'
+        ),
+        ('add rule ip vmshim publish udp dport 5353 dnat to 10.88.0.2:53 comment "vmshim-ctr:abababababab"'),
+    ]
 
 
 # ---- --network host, the default network, the stored request -----------------------------
@@ -478,15 +529,15 @@ def test_port_rules():
 
 def test_network_host_in_a_vm_is_user_mode_networking():
     cn = _connected(parse_request(network="host", add_hosts=["h:host-gateway"]), [])
-    assert cn.guest_network() == {"interfaces": [
-        {"mac": "02:42:0a:00:02:0f", "address": "10.0.2.15/24", "gateway": "10.0.2.2"}]}
+    assert cn.guest_network() == {
+        "interfaces": [{"mac": "02:42:0a:00:02:0f", "address": "10.0.2.15/24", "gateway": "10.0.2.2"}]
+    }
     [iface] = cn.domain_interfaces()
     assert (iface.type, iface.bridge) == ("user", None)
     hosts = cn.hosts_file("box")
     assert "10.0.2.2\thost.vmshim.internal host.docker.internal" in hosts
     assert "10.0.2.2\th" in hosts
-    assert cn.resolv_conf("search corp\nnameserver 192.0.2.1\n") == \
-        "search corp\nnameserver 10.0.2.3\n"
+    assert cn.resolv_conf("search corp\nnameserver 192.0.2.1\n") == "search corp\nnameserver 10.0.2.3\n"
 
 
 def test_network_host_in_process_isolation_uses_the_hosts_stack():
@@ -519,18 +570,25 @@ def test_default_network_from_env_then_state_root_then_host(tmp_path, monkeypatc
 def test_request_round_trips_and_resolves_exposed_ports():
     from shim.containers.networking import NetworkRequest
 
-    req = parse_request(network=["a", "bridge"], aliases=["web"], ip="10.89.0.9",
-                        publish=["127.0.0.1:9000-9001:80-81", "53/udp", "7000-7009:22"],
-                        publish_all=True, expose=["8443"], mac="02:42:ac:11:00:02",
-                        dns_servers=["192.0.2.1"], dns_search=["corp"], dns_options=["ndots:1"],
-                        add_hosts=["db:10.0.0.5"])
+    req = parse_request(
+        network=["a", "bridge"],
+        aliases=["web"],
+        ip="10.89.0.9",
+        publish=["127.0.0.1:9000-9001:80-81", "53/udp", "7000-7009:22"],
+        publish_all=True,
+        expose=["8443"],
+        mac="02:42:ac:11:00:02",
+        dns_servers=["192.0.2.1"],
+        dns_search=["corp"],
+        dns_options=["ndots:1"],
+        add_hosts=["db:10.0.0.5"],
+    )
     assert req.endpoint_config == {"a": {"aliases": ["web"], "ip": "10.89.0.9"}}
     back = NetworkRequest.from_dict(json.loads(json.dumps(req.to_dict())))
     assert back == req
     resolved = back.resolve_exposed({"ExposedPorts": {"80/tcp": {}}})
     assert not resolved.publish_all
-    assert [str(p) for p in resolved.publish[-2:]] == ["0.0.0.0:0->80/tcp",
-                                                       "0.0.0.0:0->8443/tcp"]
+    assert [str(p) for p in resolved.publish[-2:]] == ["0.0.0.0:0->80/tcp", "0.0.0.0:0->8443/tcp"]
     assert resolved.publish[3].host_range == (7000, 7009)
     assert NetworkRequest.from_dict(resolved.to_dict()) == resolved
 
@@ -540,12 +598,15 @@ def test_store_lock_can_be_let_go_while_waiting(store):
     import sys
 
     store.create("a")
-    script = ("import sys; from shim.network.store import NetworkStore; "
-              "s = NetworkStore(sys.argv[1]); "
-              "s.locked().__enter__(); print('got it')")
+    script = (
+        "import sys; from shim.network.store import NetworkStore; "
+        "s = NetworkStore(sys.argv[1]); "
+        "s.locked().__enter__(); print('got it')"
+    )
     with store.locked():
         with store.unlocked():
-            proc = subprocess.run([sys.executable, "-c", script, str(store.root)],
-                                  check=False, capture_output=True, text=True, timeout=30)
+            proc = subprocess.run(
+                [sys.executable, "-c", script, str(store.root)], check=False, capture_output=True, text=True, timeout=30
+            )
         assert proc.stdout.strip() == "got it", proc.stderr
         assert store._depth == 1

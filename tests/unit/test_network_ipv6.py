@@ -26,8 +26,7 @@ def store(tmp_path):
 
 def test_dual_stack_network_hands_out_both_families_lowest_first(store):
     net = store.create("six", ipv6=True, subnet6="fd00:89::/64")
-    assert (net.subnet, net.subnet6, net.gateway6, net.prefixlen6) == \
-        ("10.89.0.0/24", "fd00:89::/64", "fd00:89::1", 64)
+    assert (net.subnet, net.subnet6, net.gateway6, net.prefixlen6) == ("10.89.0.0/24", "fd00:89::/64", "fd00:89::1", 64)
     assert store.get("six").subnet6 == "fd00:89::/64"  # stored
     first = net.free_ip6()
     assert first == "fd00:89::2"
@@ -47,13 +46,16 @@ def test_ipv6_without_a_subnet_gets_a_random_unique_local_64(store):
     assert a.subnet6 != b.subnet6
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ipv6": True, "subnet6": "fd00:89::/48"}, "/64 to /120"),
-    ({"ipv6": True, "subnet6": "fe80::/64"}, "not a unicast IPv6 subnet"),
-    ({"ipv6": True, "subnet6": "ff02::/64"}, "not a unicast IPv6 subnet"),
-    ({"ipv6": True, "subnet6": "fd00:zz::/64"}, "invalid --subnet"),
-    ({"subnet6": "fd00:89::/64"}, "add --ipv6"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ipv6": True, "subnet6": "fd00:89::/48"}, "/64 to /120"),
+        ({"ipv6": True, "subnet6": "fe80::/64"}, "not a unicast IPv6 subnet"),
+        ({"ipv6": True, "subnet6": "ff02::/64"}, "not a unicast IPv6 subnet"),
+        ({"ipv6": True, "subnet6": "fd00:zz::/64"}, "invalid --subnet"),
+        ({"subnet6": "fd00:89::/64"}, "add --ipv6"),
+    ],
+)
 def test_ipv6_subnet_refusals(store, kwargs, message):
     with pytest.raises(NetworkError, match=message):
         store.create("x", **kwargs)
@@ -69,20 +71,33 @@ def test_the_guest_is_told_its_ipv6_address_and_checks_it():
     from tests.unit.test_network import _net
 
     net = _net("six", subnet6="fd00:89::/64", gateway6="fd00:89::1")
-    cn = _connected(parse_request(network="six"), [
-        (net, _endpoint("c" * 64, "10.89.0.2", ip6="fd00:89::2"))])
-    assert cn.guest_network() == {"interfaces": [
-        {"mac": "02:42:0a:59:00:02", "address": "10.89.0.2/24",
-         "address6": "fd00:89::2/64", "gateway": "10.89.0.1"}]}
+    cn = _connected(parse_request(network="six"), [(net, _endpoint("c" * 64, "10.89.0.2", ip6="fd00:89::2"))])
+    assert cn.guest_network() == {
+        "interfaces": [
+            {"mac": "02:42:0a:59:00:02", "address": "10.89.0.2/24", "address6": "fd00:89::2/64", "gateway": "10.89.0.1"}
+        ]
+    }
     check_network(cn.guest_network())
 
 
-@pytest.mark.parametrize("text, ok", [
-    ("fd00:89::2/64", True), ("2001:db8::1/128", True), ("fd00:89::2", False),
-    ("fd00:89::2/0", False), ("fd00:89::2/129", False), ("fe80::1/64", False),
-    ("ff02::1/64", False), ("::/64", False), ("fd00::1/６４", False),
-    ("1.2.3.4/24", False), ("f" * 70 + "/64", False), (None, False), (7, False),
-])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("fd00:89::2/64", True),
+        ("2001:db8::1/128", True),
+        ("fd00:89::2", False),
+        ("fd00:89::2/0", False),
+        ("fd00:89::2/129", False),
+        ("fe80::1/64", False),
+        ("ff02::1/64", False),
+        ("::/64", False),
+        ("fd00::1/６４", False),
+        ("1.2.3.4/24", False),
+        ("f" * 70 + "/64", False),
+        (None, False),
+        (7, False),
+    ],
+)
 def test_guest_checks_ipv6_addresses(text, ok):
     assert is_ipv6_cidr(text) is ok
 
@@ -92,7 +107,7 @@ def test_guest_ipv6_ifreq_layout(monkeypatch):
     monkeypatch.setattr(guest_net.socket, "if_nametoindex", lambda name: 3)
     monkeypatch.setattr(guest_net.fcntl, "ioctl", lambda fd, req, arg: calls.append((req, arg)))
     guest_net.add_address6("eth1", "fd00:89::2/64")
-    (req, arg), = calls
+    ((req, arg),) = calls
     assert req == guest_net.SIOCSIFADDR
     assert arg == struct.pack("16sIi", socket.inet_pton(socket.AF_INET6, "fd00:89::2"), 64, 3)
 
@@ -103,8 +118,7 @@ def test_dnsmasq_gets_an_aaaa_line(tmp_path, monkeypatch):
     monkeypatch.setattr(dns, "hosts_dir", lambda net: tmp_path)
     net = _net("six", subnet6="fd00:89::/64", gateway6="fd00:89::1")
     dns.add(net, _endpoint("c" * 64, "10.89.0.2", name="web", ip6="fd00:89::2"))
-    assert (tmp_path / ("c" * 64)).read_text() == (
-        f"10.89.0.2\tweb {'c' * 12}\nfd00:89::2\tweb {'c' * 12}\n")
+    assert (tmp_path / ("c" * 64)).read_text() == (f"10.89.0.2\tweb {'c' * 12}\nfd00:89::2\tweb {'c' * 12}\n")
 
 
 def test_antispoofing_covers_ipv6_on_a_dual_stack_port():
@@ -113,9 +127,10 @@ def test_antispoofing_covers_ipv6_on_a_dual_stack_port():
     assert "ether type != { ip, arp, ip6 } drop" in text
     assert "ip6 saddr != { ::, fd00:89::2, fe80::42:aff:fe59:2 } drop" in text
     # Neighbour advertisements (IPv6's ARP) only for its own addresses.
-    assert ("icmpv6 type nd-neighbor-advert @th,64,128 != "
-            "{ 0xfd000089000000000000000000000002, 0xfe8000000000000000420afffe590002 } drop"
-            in text)
+    assert (
+        "icmpv6 type nd-neighbor-advert @th,64,128 != "
+        "{ 0xfd000089000000000000000000000002, 0xfe8000000000000000420afffe590002 } drop" in text
+    )
     # An IPv4-only port still drops every IPv6 frame.
     plain = firewall.antispoof_rules("vmtx0", "02:42:0a:59:00:02", "10.89.0.2")
     assert "ether type != { ip, arp } drop" in plain and "ip6" not in plain
@@ -123,10 +138,12 @@ def test_antispoofing_covers_ipv6_on_a_dual_stack_port():
 
 def test_no_ipv6_leaves_a_dual_stack_network():
     text = firewall.network_rules6("six", "vmsbrsix")
-    assert ('add rule ip6 vmshim forward iifname "vmsbrsix" oifname != "vmsbrsix" drop '
-            'comment "vmshim-net:six"') in text
-    assert ('add rule ip6 vmshim forward oifname "vmsbrsix" iifname != "vmsbrsix" drop '
-            'comment "vmshim-net:six"') in text
+    assert (
+        'add rule ip6 vmshim forward iifname "vmsbrsix" oifname != "vmsbrsix" drop comment "vmshim-net:six"'
+    ) in text
+    assert (
+        'add rule ip6 vmshim forward oifname "vmsbrsix" iifname != "vmsbrsix" drop comment "vmshim-net:six"'
+    ) in text
     # Frames bridged between two containers (br_netfilter shows them here as in and out
     # of the bridge) are not dropped.
     assert 'iifname "vmsbrsix" drop' not in text

@@ -13,14 +13,27 @@ from shim.bench import npm_mirror
 from shim.bench.npm_mirror import best, satisfies
 
 
-@pytest.mark.parametrize("version, spec, expected", [
-    ("1.3.8", "~1.3.8", True), ("1.4.0", "~1.3.8", False), ("1.9.0", "^1.3.8", True),
-    ("2.0.0", "^1.3.8", False), ("0.5.9", "^0.5.2", True), ("0.6.0", "^0.5.2", False),
-    ("2.6.9", "2.6.9", True), ("2.6.8", "2.6.9", False), ("1.2.3", ">=1.0.0 <2", True),
-    ("3.0.0", "1.x || >=3", True), ("2.1.0", "1.x || >=3", False), ("4.0.0", "*", True),
-    ("1.0.0-beta", "^1.0.0", False), ("1.5.0", "1.0.0 - 1.5", True),
-    ("1.6.0", "1.0.0 - 1.5", False), ("not-a-version", "*", False),
-])
+@pytest.mark.parametrize(
+    "version, spec, expected",
+    [
+        ("1.3.8", "~1.3.8", True),
+        ("1.4.0", "~1.3.8", False),
+        ("1.9.0", "^1.3.8", True),
+        ("2.0.0", "^1.3.8", False),
+        ("0.5.9", "^0.5.2", True),
+        ("0.6.0", "^0.5.2", False),
+        ("2.6.9", "2.6.9", True),
+        ("2.6.8", "2.6.9", False),
+        ("1.2.3", ">=1.0.0 <2", True),
+        ("3.0.0", "1.x || >=3", True),
+        ("2.1.0", "1.x || >=3", False),
+        ("4.0.0", "*", True),
+        ("1.0.0-beta", "^1.0.0", False),
+        ("1.5.0", "1.0.0 - 1.5", True),
+        ("1.6.0", "1.0.0 - 1.5", False),
+        ("not-a-version", "*", False),
+    ],
+)
 def test_ranges(version, spec, expected):
     assert satisfies(version, spec) is expected
 
@@ -37,9 +50,15 @@ def test_served_packuments_point_at_the_server_and_names_are_checked(tmp_path):
     (tmp_path / "tarballs" / "ms").mkdir(parents=True)
     (tmp_path / "tarballs" / "ms" / "ms-2.1.3.tgz").write_bytes(b"tgz")
     (tmp_path / "secret.tgz").write_bytes(b"no")
-    (tmp_path / "meta" / "ms.json").write_text(json.dumps({
-        "name": "ms", "dist-tags": {"latest": "2.1.3"}, "versions": {"2.1.3": {
-            "dist": {"tarball": "https://registry.npmjs.org/ms/-/ms-2.1.3.tgz"}}}}))
+    (tmp_path / "meta" / "ms.json").write_text(
+        json.dumps(
+            {
+                "name": "ms",
+                "dist-tags": {"latest": "2.1.3"},
+                "versions": {"2.1.3": {"dist": {"tarball": "https://registry.npmjs.org/ms/-/ms-2.1.3.tgz"}}},
+            }
+        )
+    )
     server = npm_mirror.make_server(tmp_path, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
@@ -48,8 +67,7 @@ def test_served_packuments_point_at_the_server_and_names_are_checked(tmp_path):
         url = doc["versions"]["2.1.3"]["dist"]["tarball"]
         assert url == f"{base}/ms/-/ms-2.1.3.tgz"
         assert urllib.request.urlopen(url, timeout=5).read() == b"tgz"
-        for bad in ("/..%2fsecret.tgz", "/ms/-/..%2f..%2fsecret.tgz", "/ms/-/../../secret.tgz",
-                    "/nothere"):
+        for bad in ("/..%2fsecret.tgz", "/ms/-/..%2f..%2fsecret.tgz", "/ms/-/../../secret.tgz", "/nothere"):
             with pytest.raises(urllib.error.HTTPError):
                 urllib.request.urlopen(base + bad, timeout=5)
     finally:
@@ -73,8 +91,13 @@ def test_fetch_refuses_bad_names_and_tarball_urls(tmp_path, monkeypatch):
     with pytest.raises(npm_mirror.MirrorError, match="invalid package name"):
         npm_mirror.fetch(package, tmp_path / "m")
     package.write_text(json.dumps({"dependencies": {"evil": "1.0.0"}}))
-    monkeypatch.setattr(npm_mirror, "_get_json", lambda url: {
-        "dist-tags": {"latest": "1.0.0"},
-        "versions": {"1.0.0": {"dist": {"tarball": "https://x/evil/-/..%2f..%2fx"}}}})
+    monkeypatch.setattr(
+        npm_mirror,
+        "_get_json",
+        lambda url: {
+            "dist-tags": {"latest": "1.0.0"},
+            "versions": {"1.0.0": {"dist": {"tarball": "https://x/evil/-/..%2f..%2fx"}}},
+        },
+    )
     with pytest.raises(npm_mirror.MirrorError, match="unexpected tarball URL"):
         npm_mirror.fetch(package, tmp_path / "m")

@@ -16,13 +16,17 @@ MIB = 1 << 20
 
 # ---- parse_path ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, path", [
-    ("/libpod_parent/libpod-abc", "/libpod_parent/libpod-abc"),
-    ("//kubepods///pod1/c1/", "/kubepods/pod1/c1"),
-    ("mine/c1", "mine/c1"),
-    (None, "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
-    ("", "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
-])
+
+@pytest.mark.parametrize(
+    "value, path",
+    [
+        ("/libpod_parent/libpod-abc", "/libpod_parent/libpod-abc"),
+        ("//kubepods///pod1/c1/", "/kubepods/pod1/c1"),
+        ("mine/c1", "mine/c1"),
+        (None, "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
+        ("", "/vmshim-runtime/" + hostcgroup.default_name("ctr")),
+    ],
+)
 def test_cgroupfs_paths(value, path):
     assert parse_path(value, "ctr") == Target("cgroupfs", path)
 
@@ -35,54 +39,68 @@ def test_default_names_differ_per_root_and_stay_valid():
     parse_path(None, "x+" * 500, systemd=True, root="/r")
 
 
-@pytest.mark.parametrize("value, slice_name, unit, path", [
-    ("machine.slice:libpod:abc", "machine.slice", "libpod-abc.scope",
-     "machine.slice/libpod-abc.scope"),
-    ("kubepods-burstable-pod1.slice:cri-containerd:c1", "kubepods-burstable-pod1.slice",
-     "cri-containerd-c1.scope",
-     "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/"
-     "cri-containerd-c1.scope"),
-    (":runc:x", "system.slice", "runc-x.scope", "system.slice/runc-x.scope"),
-    ("-.slice::x", "-.slice", "x.scope", "x.scope"),
-    (None, "system.slice", f"vmshim-runtime-{hostcgroup.default_name('ctr')}.scope",
-     f"system.slice/vmshim-runtime-{hostcgroup.default_name('ctr')}.scope"),
-])
+@pytest.mark.parametrize(
+    "value, slice_name, unit, path",
+    [
+        ("machine.slice:libpod:abc", "machine.slice", "libpod-abc.scope", "machine.slice/libpod-abc.scope"),
+        (
+            "kubepods-burstable-pod1.slice:cri-containerd:c1",
+            "kubepods-burstable-pod1.slice",
+            "cri-containerd-c1.scope",
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-c1.scope",
+        ),
+        (":runc:x", "system.slice", "runc-x.scope", "system.slice/runc-x.scope"),
+        ("-.slice::x", "-.slice", "x.scope", "x.scope"),
+        (
+            None,
+            "system.slice",
+            f"vmshim-runtime-{hostcgroup.default_name('ctr')}.scope",
+            f"system.slice/vmshim-runtime-{hostcgroup.default_name('ctr')}.scope",
+        ),
+    ],
+)
 def test_systemd_paths(value, slice_name, unit, path):
     assert parse_path(value, "ctr", systemd=True) == Target("systemd", path, slice_name, unit)
 
 
-@pytest.mark.parametrize("value, needle", [
-    ("../../etc", "'..'"),
-    ("/a/../../b", "'..'"),
-    ("/a/./b", "'.'"),
-    ("/", "root cgroup"),
-    ("///", "root cgroup"),
-    ("/a\nb", "control characters"),
-    ("/a\x00b", "control characters"),
-    ("/" + "x" * 300, "longer than 255"),
-    ("/a" * 3000, "longer than 4096"),
-    (42, "must be a string"),
-    (["/a"], "must be a string"),
-])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("../../etc", "'..'"),
+        ("/a/../../b", "'..'"),
+        ("/a/./b", "'.'"),
+        ("/", "root cgroup"),
+        ("///", "root cgroup"),
+        ("/a\nb", "control characters"),
+        ("/a\x00b", "control characters"),
+        ("/" + "x" * 300, "longer than 255"),
+        ("/a" * 3000, "longer than 4096"),
+        (42, "must be a string"),
+        (["/a"], "must be a string"),
+    ],
+)
 def test_hostile_cgroupfs_paths_are_refused_with_one_error(value, needle):
     with pytest.raises(CgroupPathError, match=needle) as info:
         parse_path(value, "ctr")
     assert "\n" not in str(info.value).replace("\\n", "")
 
 
-@pytest.mark.parametrize("value, needle", [
-    ("machine.slice:libpod", "slice:prefix:name"),
-    ("/a/b", "slice:prefix:name"),
-    ("a:b:c:d", "slice:prefix:name"),
-    ("machine:p:n", "not a slice name"),
-    ("a--b.slice:p:n", "not a slice name"),
-    ("-a.slice:p:n", "not a slice name"),
-    ("a.slice:p:../../x", "not a systemd unit name"),
-    ("a/b.slice:p:n", "not a systemd unit name"),
-    ("a.slice:p/q:n", "not a systemd unit name"),
-    ("a.slice:p:", "name is empty"),
-    ("a.slice:p:n.slice", "name a scope"),
-])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("machine.slice:libpod", "slice:prefix:name"),
+        ("/a/b", "slice:prefix:name"),
+        ("a:b:c:d", "slice:prefix:name"),
+        ("machine:p:n", "not a slice name"),
+        ("a--b.slice:p:n", "not a slice name"),
+        ("-a.slice:p:n", "not a slice name"),
+        ("a.slice:p:../../x", "not a systemd unit name"),
+        ("a/b.slice:p:n", "not a systemd unit name"),
+        ("a.slice:p/q:n", "not a systemd unit name"),
+        ("a.slice:p:", "name is empty"),
+        ("a.slice:p:n.slice", "name a scope"),
+    ],
+)
 def test_hostile_systemd_paths_are_refused(value, needle):
     with pytest.raises(CgroupPathError, match=needle):
         parse_path(value, "ctr", systemd=True)
@@ -100,14 +118,19 @@ V1_MOUNTS = [
     ("/sys/fs/cgroup/unified", "cgroup2", "rw"),
 ]
 OWN_V1 = hostcgroup.read_own_cgroups(
-    "9:name=systemd:/\n4:memory:/process_api/e0f2\n3:pids:/\n2:cpuacct:/\n1:cpu:/\n0::/\n")
+    "9:name=systemd:/\n4:memory:/process_api/e0f2\n3:pids:/\n2:cpuacct:/\n1:cpu:/\n0::/\n"
+)
 
 
 def test_v1_hybrid_layout_uses_controller_hierarchies_only():
     hier = Hierarchies.detect(mounts=V1_MOUNTS, own=OWN_V1)
     assert hier.version == 1
-    assert sorted(hier.mounts) == ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct",
-                                   "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"]
+    assert sorted(hier.mounts) == [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/cpuacct",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+    ]
     absolute = hier.directories(parse_path("/p/c", "c"))
     assert absolute["/sys/fs/cgroup/memory"] == "/sys/fs/cgroup/memory/p/c"
     relative = hier.directories(parse_path("p/c", "c"))
@@ -120,11 +143,9 @@ def test_v2_layout_and_relative_paths():
     own = hostcgroup.read_own_cgroups("0::/system.slice/engine.service\n")
     hier = Hierarchies.detect(mounts=mounts, own=own)
     assert hier.version == 2
-    assert hier.directories(parse_path("c", "c")) == {
-        "/sys/fs/cgroup": "/sys/fs/cgroup/system.slice/engine.service/c"}
+    assert hier.directories(parse_path("c", "c")) == {"/sys/fs/cgroup": "/sys/fs/cgroup/system.slice/engine.service/c"}
     scope = parse_path("machine.slice:libpod:x", "x", systemd=True)
-    assert hier.directories(scope) == {
-        "/sys/fs/cgroup": "/sys/fs/cgroup/machine.slice/libpod-x.scope"}
+    assert hier.directories(scope) == {"/sys/fs/cgroup": "/sys/fs/cgroup/machine.slice/libpod-x.scope"}
 
 
 def test_no_cgroup_filesystem_is_one_error():
@@ -134,15 +155,19 @@ def test_no_cgroup_filesystem_is_one_error():
 
 # ---- limits --------------------------------------------------------------------------------
 
+
 def test_host_limits_from_linux_resources():
-    out = hostcgroup.host_limits({
-        "memory": {"limit": 512 * MIB, "swap": 1024 * MIB, "reservation": -1},
-        "cpu": {"quota": 50000, "period": 100000, "shares": 1024, "cpus": "0-1", "mems": "0"},
-        "pids": {"limit": 100}, "blockIO": {"weight": 300},
-        "unified": {"memory.high": "400M"}})
+    out = hostcgroup.host_limits(
+        {
+            "memory": {"limit": 512 * MIB, "swap": 1024 * MIB, "reservation": -1},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 1024, "cpus": "0-1", "mems": "0"},
+            "pids": {"limit": 100},
+            "blockIO": {"weight": 300},
+            "unified": {"memory.high": "400M"},
+        }
+    )
     limits = out.limits
-    assert (limits.memory, limits.memory_swap, limits.memory_reservation) == (
-        512 * MIB, 1024 * MIB, 0)
+    assert (limits.memory, limits.memory_swap, limits.memory_reservation) == (512 * MIB, 1024 * MIB, 0)
     assert (limits.cpu_quota, limits.cpu_period, limits.cpu_shares) == (50000, 100000, 1024)
     assert (limits.cpuset_cpus, out.cpuset_mems) == ("0-1", "0")
     assert limits.pids == 100 + hostcgroup.HOST_TASKS
@@ -151,15 +176,18 @@ def test_host_limits_from_linux_resources():
     assert hostcgroup.host_limits(None).limits.is_empty()
 
 
-@pytest.mark.parametrize("resources, needle", [
-    ({"memory": {"limit": "1g"}}, "memory.limit must be an integer"),
-    ({"memory": {"limit": -5}}, "out of range"),
-    ({"cpu": {"cpus": "0;rm -rf /"}}, "cpu.cpus"),
-    ({"cpu": "x"}, "cpu must be an object"),
-    ({"unified": {"../../release_agent": "x"}}, "not a controller's cgroup file"),
-    ({"unified": {"cgroup.procs": "1"}}, "not a controller's cgroup file"),
-    ({"unified": {"memory.max": "1\n2"}}, "one-line"),
-])
+@pytest.mark.parametrize(
+    "resources, needle",
+    [
+        ({"memory": {"limit": "1g"}}, "memory.limit must be an integer"),
+        ({"memory": {"limit": -5}}, "out of range"),
+        ({"cpu": {"cpus": "0;rm -rf /"}}, "cpu.cpus"),
+        ({"cpu": "x"}, "cpu must be an object"),
+        ({"unified": {"../../release_agent": "x"}}, "not a controller's cgroup file"),
+        ({"unified": {"cgroup.procs": "1"}}, "not a controller's cgroup file"),
+        ({"unified": {"memory.max": "1\n2"}}, "one-line"),
+    ],
+)
 def test_bad_resources_are_refused(resources, needle):
     with pytest.raises(CgroupPathError, match=needle):
         hostcgroup.host_limits(resources)
@@ -175,6 +203,7 @@ def test_vm_sizing_fits_the_memory_limit():
 
 # ---- creating in a fake tree ---------------------------------------------------------------
 
+
 def _fake_v2(tmp_path):
     root = tmp_path / "cg"
     root.mkdir()
@@ -184,9 +213,9 @@ def _fake_v2(tmp_path):
 
 def test_create_v2_writes_limits_and_enables_controllers(tmp_path):
     root, hier = _fake_v2(tmp_path)
-    limits = hostcgroup.host_limits({"memory": {"limit": 300 * MIB},
-                                     "cpu": {"quota": 20000, "shares": 2},
-                                     "pids": {"limit": 10}})
+    limits = hostcgroup.host_limits(
+        {"memory": {"limit": 300 * MIB}, "cpu": {"quota": 20000, "shares": 2}, "pids": {"limit": 10}}
+    )
     cgroup = hostcgroup.create(parse_path("/a/b", "b"), limits, hierarchies=hier)
     leaf = os.path.join(root, "a", "b")
     assert cgroup.paths == {"unified": leaf} and cgroup.made == [leaf]
@@ -207,8 +236,7 @@ def test_create_v1_gives_new_cpusets_their_parents_cpus(tmp_path):
     (tmp_path / "cpuset" / "cpuset.cpus").write_text("0-1\n")
     (tmp_path / "cpuset" / "cpuset.mems").write_text("0\n")
     hier = Hierarchies(1, mounts, {})
-    cgroup = hostcgroup.create(parse_path("/p/c", "c"), hostcgroup.HostLimits(),
-                               hierarchies=hier)
+    cgroup = hostcgroup.create(parse_path("/p/c", "c"), hostcgroup.HostLimits(), hierarchies=hier)
     assert cgroup.paths["memory"] == str(tmp_path / "memory" / "p" / "c")
     assert (tmp_path / "cpuset" / "p" / "cpuset.cpus").read_text() == "0-1"
     assert (tmp_path / "cpuset" / "p" / "c" / "cpuset.mems").read_text() == "0"
@@ -227,9 +255,13 @@ def test_systemd_scope_is_started_with_the_stand_in(tmp_path):
     root, hier = _fake_v2(tmp_path)
     calls = []
     target = parse_path("machine.slice:libpod:abc", "abc", systemd=True)
-    cgroup = hostcgroup.create(target, hostcgroup.HostLimits(), hierarchies=hier, pid=4242,
-                               systemd_start=lambda t, pid, props: calls.append(
-                                   (t.unit, t.slice, pid, props)))
+    cgroup = hostcgroup.create(
+        target,
+        hostcgroup.HostLimits(),
+        hierarchies=hier,
+        pid=4242,
+        systemd_start=lambda t, pid, props: calls.append((t.unit, t.slice, pid, props)),
+    )
     assert calls == [("libpod-abc.scope", "machine.slice", 4242, [])]
     assert cgroup.paths["unified"] == os.path.join(root, "machine.slice", "libpod-abc.scope")
     assert (cgroup.manager, cgroup.unit) == ("systemd", "libpod-abc.scope")
@@ -243,6 +275,7 @@ def test_systemd_without_systemd_is_one_clear_error(monkeypatch):
 
 # ---- the VM's processes --------------------------------------------------------------------
 
+
 def test_vm_processes_are_qemu_the_domains_helpers_and_their_children(tmp_path):
     proc = tmp_path / "proc"
     pid_dir = tmp_path / "run"
@@ -255,8 +288,7 @@ def test_vm_processes_are_qemu_the_domains_helpers_and_their_children(tmp_path):
     (pid_dir / "4-vmshim-abcd-fs0-virtiofsd.pid").write_text("300\n")  # another VM
     (pid_dir / "5-vmshim-abc-fs1-virtiofsd.pid").write_text("999\n")  # gone
     (pid_dir / "6-vmshim-abc-junk.pid").write_text("not a pid\n")
-    assert hostcgroup.vm_processes("vmshim-abc", 100, str(pid_dir), str(proc)) == [
-        100, 200, 201, 202, 400]
+    assert hostcgroup.vm_processes("vmshim-abc", 100, str(pid_dir), str(proc)) == [100, 200, 201, 202, 400]
 
 
 def test_create_refuses_a_hostile_cgroups_path_and_keeps_nothing(tmp_path):
@@ -264,10 +296,16 @@ def test_create_refuses_a_hostile_cgroups_path_and_keeps_nothing(tmp_path):
     from shim.oci.state import RuntimeStore
 
     (tmp_path / "b" / "rootfs").mkdir(parents=True)
-    (tmp_path / "b" / "config.json").write_text(json.dumps({
-        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
-        "process": {"args": ["sh"], "cwd": "/"},
-        "linux": {"cgroupsPath": "../../../etc"}}))
+    (tmp_path / "b" / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "process": {"args": ["sh"], "cwd": "/"},
+                "linux": {"cgroupsPath": "../../../etc"},
+            }
+        )
+    )
     rt = RuntimeStore(tmp_path / "root")
     with pytest.raises(CgroupPathError, match=r"cgroupsPath '\.\./\.\./\.\./etc'"):
         runtime.create(rt, "evil", str(tmp_path / "b"))
@@ -275,12 +313,27 @@ def test_create_refuses_a_hostile_cgroups_path_and_keeps_nothing(tmp_path):
 
 
 def test_scope_properties_carry_the_limits():
-    limits = hostcgroup.host_limits({"memory": {"limit": 512 * MIB}, "pids": {"limit": 10},
-                                     "cpu": {"quota": 50000, "period": 100000,
-                                             "shares": 1024}})
+    limits = hostcgroup.host_limits(
+        {
+            "memory": {"limit": 512 * MIB},
+            "pids": {"limit": 10},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 1024},
+        }
+    )
     assert hostcgroup.unit_properties(limits, 2) == [
-        "MemoryMax", "t", str(512 * MIB), "TasksMax", "t", str(10 + hostcgroup.HOST_TASKS),
-        "CPUQuotaPerSecUSec", "t", "500000", "CPUWeight", "t", "39"]
+        "MemoryMax",
+        "t",
+        str(512 * MIB),
+        "TasksMax",
+        "t",
+        str(10 + hostcgroup.HOST_TASKS),
+        "CPUQuotaPerSecUSec",
+        "t",
+        "500000",
+        "CPUWeight",
+        "t",
+        "39",
+    ]
     assert hostcgroup.unit_properties(limits, 1)[0] == "MemoryLimit"
 
 
@@ -291,14 +344,13 @@ def test_start_scope_asks_systemd_over_dbus(monkeypatch):
 
     def busctl(*args):
         seen.append(args)
-        return hostcgroup.subprocess.CompletedProcess(args, 0, "o \"/job/1\"", "")
+        return hostcgroup.subprocess.CompletedProcess(args, 0, 'o "/job/1"', "")
 
     monkeypatch.setattr(hostcgroup, "_busctl", busctl)
     target = parse_path("machine.slice:libpod:abc", "abc", systemd=True)
     hostcgroup.systemd_start_scope(target, 77, ["TasksMax", "t", "300"])
     (args,) = seen
-    assert args[:5] == ("StartTransientUnit", "ssa(sv)a(sa(sv))", "libpod-abc.scope", "fail",
-                        "5")
+    assert args[:5] == ("StartTransientUnit", "ssa(sv)a(sa(sv))", "libpod-abc.scope", "fail", "5")
     assert ("PIDs", "au", "1", "77") == args[11:15]
     assert args[-4:] == ("TasksMax", "t", "300", "0")
 
@@ -354,7 +406,7 @@ def test_placer_moves_again_what_libvirt_placed_back_and_gives_up_after_a_bound(
     cgroup = _Sticky(takes=3)
     placer = hostcgroup.VmPlacer(cgroup, "vmshim-x", probe=_Probe(pid))
     assert placer.finish() == [pid] and cgroup.added.count(pid) == 3
-    never = _Sticky(takes=10 ** 6)
+    never = _Sticky(takes=10**6)
     with pytest.raises(hostcgroup.CgroupPathError, match="did not stay"):
         hostcgroup.VmPlacer(never, "vmshim-x", probe=_Probe(pid)).finish()
     assert never.added.count(pid) <= hostcgroup.PLACE_ATTEMPTS + 1

@@ -35,8 +35,7 @@ class FakeStore:
 
 
 def info(oci_id, pid=0, start=0):
-    return OciInfo(id=oci_id, bundle="/b", rootfs="/r", created="", standin_pid=pid,
-                   standin_start=start)
+    return OciInfo(id=oci_id, bundle="/b", rootfs="/r", created="", standin_pid=pid, standin_start=start)
 
 
 def live(oci_id):
@@ -61,8 +60,7 @@ def test_netns_path():
 def test_cri_annotations_name_the_sandbox():
     assert annotated_sandbox(CRI, "c1") == "sb"
     assert annotated_sandbox({"io.kubernetes.cri.container-type": "sandbox"}, "sb") is None
-    crio = {"io.kubernetes.cri-o.ContainerType": "container",
-            "io.kubernetes.cri-o.SandboxID": "sb2"}
+    crio = {"io.kubernetes.cri-o.ContainerType": "container", "io.kubernetes.cri-o.SandboxID": "sb2"}
     assert annotated_sandbox(crio, "c") == "sb2"
     with pytest.raises(PodError):
         annotated_sandbox({"io.kubernetes.cri.container-type": "container"}, "c")
@@ -99,8 +97,7 @@ def test_netns_not_held_by_any_sandbox_is_no_join(tmp_path):
 
 def test_netns_of_a_dead_sandbox_is_no_join():
     dead = info("infra", os.getpid(), (process_start_time(os.getpid()) or 0) + 1)
-    assert find_join(FakeStore([dead, info("never")]), "c1", cfg("/proc/self/ns/net"),
-                     {}) is None
+    assert find_join(FakeStore([dead, info("never")]), "c1", cfg("/proc/self/ns/net"), {}) is None
 
 
 def test_container_never_joins_itself():
@@ -108,8 +105,7 @@ def test_container_never_joins_itself():
 
 
 def test_member_of_a_live_vmshim_sandbox():
-    assert member_of(FakeStore([live("infra")]), "c1", "/proc/self/ns/net", {}) == \
-        Join("infra", "netns")
+    assert member_of(FakeStore([live("infra")]), "c1", "/proc/self/ns/net", {}) == Join("infra", "netns")
     assert member_of(FakeStore([live("sb")]), "c1", None, CRI) == Join("sb", "annotation")
     with pytest.raises(PodError, match="has stopped"):
         dead = info("sb", os.getpid(), (process_start_time(os.getpid()) or 0) + 1)
@@ -124,10 +120,8 @@ def test_member_of_lets_others_through(tmp_path):
 
 def test_annotations_naming_an_unknown_sandbox_leave_it_to_the_netns():
     # podman names its pod (not a container of ours) in the CRI-O annotations
-    crio = {"io.kubernetes.cri-o.ContainerType": "container",
-            "io.kubernetes.cri-o.SandboxID": "podid"}
-    assert member_of(FakeStore([live("infra")]), "c1", "/proc/self/ns/net", crio) == \
-        Join("infra", "netns")
+    crio = {"io.kubernetes.cri-o.ContainerType": "container", "io.kubernetes.cri-o.SandboxID": "podid"}
+    assert member_of(FakeStore([live("infra")]), "c1", "/proc/self/ns/net", crio) == Join("infra", "netns")
 
 
 def test_a_member_is_never_the_sandbox_of_another():
@@ -152,21 +146,29 @@ def test_member_files_take_the_engines_etc_files(tmp_path):
     (tmp_path / "resolv").write_text("nameserver 10.0.0.1\n")
     (tmp_path / "hostname").write_text("mypod\n")
     notes = []
-    files = member_files("c1", [_bind("/etc/hosts", tmp_path / "hosts"),
-                                _bind("/etc/resolv.conf", tmp_path / "resolv"),
-                                _bind("/etc/hostname", tmp_path / "hostname"),
-                                _bind("/dev/shm", tmp_path),
-                                _bind("/run/.containerenv", tmp_path / "hosts")], notes)
-    assert files == {"hosts": "127.0.0.1 localhost\n", "resolv_conf": "nameserver 10.0.0.1\n",
-                     "hostname": "mypod"}
+    files = member_files(
+        "c1",
+        [
+            _bind("/etc/hosts", tmp_path / "hosts"),
+            _bind("/etc/resolv.conf", tmp_path / "resolv"),
+            _bind("/etc/hostname", tmp_path / "hostname"),
+            _bind("/dev/shm", tmp_path),
+            _bind("/run/.containerenv", tmp_path / "hosts"),
+        ],
+        notes,
+    )
+    assert files == {"hosts": "127.0.0.1 localhost\n", "resolv_conf": "nameserver 10.0.0.1\n", "hostname": "mypod"}
     assert len(notes) == 2 and "/dev/shm" in notes[0]
 
 
-@pytest.mark.parametrize("mount", [
-    MountRequest(type="bind", target="/data", source="/tmp"),
-    MountRequest(type="tmpfs", target="/scratch"),
-    MountRequest(type="volume", target="/v", source="vol"),
-])
+@pytest.mark.parametrize(
+    "mount",
+    [
+        MountRequest(type="bind", target="/data", source="/tmp"),
+        MountRequest(type="tmpfs", target="/scratch"),
+        MountRequest(type="volume", target="/v", source="vol"),
+    ],
+)
 def test_member_files_refuse_other_mounts(mount):
     with pytest.raises(PodError, match=f"mount on {mount.target}.*not supported in a pod member"):
         member_files("c1", [mount], [])

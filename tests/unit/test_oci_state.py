@@ -17,8 +17,17 @@ from shim.oci.state import OciInfo, RuntimeStore, oci_status, record_id, state_o
 
 
 def record(status: str) -> Container:
-    rec = Container(id=record_id("c1"), name="c1", image="", image_id="", isolation="vm",
-                    process=ProcessSpec(args=["sh"]), hostname="c1", token="t", layer_disks=[])
+    rec = Container(
+        id=record_id("c1"),
+        name="c1",
+        image="",
+        image_id="",
+        isolation="vm",
+        process=ProcessSpec(args=["sh"]),
+        hostname="c1",
+        token="t",
+        layer_disks=[],
+    )
     rec.state.status = status
     return rec
 
@@ -31,29 +40,40 @@ def live_pid():
     proc.wait()
 
 
-@pytest.mark.parametrize("status, alive, expected", [
-    ("created", None, "creating"), ("created", True, "created"),
-    ("created", False, "stopped"),
-    ("running", True, "running"), ("paused", True, "paused"),
-    ("exited", True, "stopped"), ("removing", False, "stopped"),
-])
+@pytest.mark.parametrize(
+    "status, alive, expected",
+    [
+        ("created", None, "creating"),
+        ("created", True, "created"),
+        ("created", False, "stopped"),
+        ("running", True, "running"),
+        ("paused", True, "paused"),
+        ("exited", True, "stopped"),
+        ("removing", False, "stopped"),
+    ],
+)
 def test_oci_status(status, alive, expected, live_pid):
     pid, start = live_pid if alive else (999999, 1)
     if status == "created" and alive is None:
         pid, start = 0, 0  # create is still on its way
-    info = OciInfo(id="c1", bundle="/b", rootfs="/b/rootfs", created="now",
-                   standin_pid=pid, standin_start=start)
+    info = OciInfo(id="c1", bundle="/b", rootfs="/b/rootfs", created="now", standin_pid=pid, standin_start=start)
     assert oci_status(record(status), info) == expected
 
 
 def test_state_json(live_pid):
     pid, start = live_pid
-    info = OciInfo(id="c1", bundle="/b", rootfs="/b/rootfs", created="2026-01-01T00:00:00Z",
-                   annotations={"a": "b"}, standin_pid=pid, standin_start=start)
+    info = OciInfo(
+        id="c1",
+        bundle="/b",
+        rootfs="/b/rootfs",
+        created="2026-01-01T00:00:00Z",
+        annotations={"a": "b"},
+        standin_pid=pid,
+        standin_start=start,
+    )
     state = state_of(record("running"), info)
     assert state["ociVersion"].startswith("1.")
-    assert (state["id"], state["status"], state["pid"], state["bundle"]) == (
-        "c1", "running", pid, "/b")
+    assert (state["id"], state["status"], state["pid"], state["bundle"]) == ("c1", "running", pid, "/b")
     assert state["annotations"] == {"a": "b"}
     assert state_of(record("exited"), info)["pid"] == 0
 
@@ -67,6 +87,7 @@ def test_store_roundtrip_and_exact_lookup(tmp_path):
     assert loaded == info and rec.name == "c1"
     assert rt.ids() == ["c1"]
     from shim.errors import ContainerNotFound
+
     with pytest.raises(ContainerNotFound, match="c does not exist"):
         rt.load("c")  # never a prefix match
 
@@ -84,17 +105,23 @@ def test_exec_pids_forget_dead_ones(tmp_path, live_pid):
 def test_hooks_run_in_order_with_state(tmp_path):
     log = tmp_path / "log"
     script = tmp_path / "hook.sh"
-    script.write_text(f"#!/bin/sh\necho \"$1 $X $(cat)\" >> {log}\n")
+    script.write_text(f'#!/bin/sh\necho "$1 $X $(cat)" >> {log}\n')
     script.chmod(0o755)
-    hooks = {"prestart": [{"path": str(script), "args": ["hook", "first"], "env": ["X=1"]},
-                          {"path": str(script), "args": ["hook", "second"], "env": ["X=2"]}]}
+    hooks = {
+        "prestart": [
+            {"path": str(script), "args": ["hook", "first"], "env": ["X=1"]},
+            {"path": str(script), "args": ["hook", "second"], "env": ["X=2"]},
+        ]
+    }
     run_hooks("prestart", hooks, {"id": "c1"})
     assert log.read_text().splitlines() == ['first 1 {"id": "c1"}', 'second 2 {"id": "c1"}']
 
 
 def test_failing_hooks(tmp_path):
-    hooks = {"createRuntime": [{"path": "/bin/false"}],
-             "poststop": [{"path": "/bin/sh", "args": ["sh", "-c", "sleep 5"], "timeout": 1}]}
+    hooks = {
+        "createRuntime": [{"path": "/bin/false"}],
+        "poststop": [{"path": "/bin/sh", "args": ["sh", "-c", "sleep 5"], "timeout": 1}],
+    }
     with pytest.raises(HookError, match="createRuntime hook #0 .* exited with 1"):
         run_hooks("createRuntime", hooks, {})
     warnings = []
@@ -102,8 +129,7 @@ def test_failing_hooks(tmp_path):
     assert warnings and "did not finish within 1 s" in warnings[0]
 
 
-@pytest.mark.parametrize("text, number", [("9", 9), ("KILL", 9), ("SIGKILL", 9),
-                                          ("term", 15), ("SIGUSR1", 10)])
+@pytest.mark.parametrize("text, number", [("9", 9), ("KILL", 9), ("SIGKILL", 9), ("term", 15), ("SIGUSR1", 10)])
 def test_parse_signal(text, number):
     assert parse_signal(text) == number
 
@@ -115,16 +141,23 @@ def test_parse_signal_refuses(bad):
 
 
 def test_guest_spec_new_fields_roundtrip():
-    process = ProcessSpec(args=["sh"], capabilities={"bounding": ["CAP_KILL"]},
-                          no_new_privs=True, additional_gids=[5], umask=0o22)
-    boot = BootConfig(container_id="c" * 64, token="t", hostname="h", process=process,
-                      layer_count=0, rootfs_share="vmshim-root", masked_paths=["/proc/kcore"],
-                      readonly_paths=[], sysctl={"kernel.shmmax": "1"},
-                      mounts=[MountSpec(type="bind", source="vmshim-b0", target="/etc/hosts",
-                                        subpath="hosts")])
+    process = ProcessSpec(
+        args=["sh"], capabilities={"bounding": ["CAP_KILL"]}, no_new_privs=True, additional_gids=[5], umask=0o22
+    )
+    boot = BootConfig(
+        container_id="c" * 64,
+        token="t",
+        hostname="h",
+        process=process,
+        layer_count=0,
+        rootfs_share="vmshim-root",
+        masked_paths=["/proc/kcore"],
+        readonly_paths=[],
+        sysctl={"kernel.shmmax": "1"},
+        mounts=[MountSpec(type="bind", source="vmshim-b0", target="/etc/hosts", subpath="hosts")],
+    )
     assert BootConfig.from_dict(boot.to_dict()) == boot
-    plain = BootConfig(container_id="c" * 64, token="t", hostname="h",
-                       process=ProcessSpec(args=["sh"]), layer_count=1)
+    plain = BootConfig(container_id="c" * 64, token="t", hostname="h", process=ProcessSpec(args=["sh"]), layer_count=1)
     data = plain.to_dict()
     for name in ("rootfs_share", "masked_paths", "readonly_paths", "sysctl"):
         assert name not in data  # older agents never see them
@@ -149,8 +182,9 @@ def test_capability_masks_in_a_child():
     if pid == 0:
         try:
             _drop_bounding(["CAP_KILL", "CAP_CHOWN"])
-            _set_capabilities({"effective": ["CAP_KILL"], "permitted": ["CAP_KILL"],
-                               "inheritable": [], "ambient": ["CAP_KILL"]})
+            _set_capabilities(
+                {"effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "inheritable": [], "ambient": ["CAP_KILL"]}
+            )
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
             with open("/proc/self/status") as f:
                 os.write(w, f.read().encode())
@@ -168,14 +202,21 @@ def test_capability_masks_in_a_child():
     assert fields["NoNewPrivs"].strip() == "1"
 
 
-@pytest.mark.parametrize("alive, started, expected", [
-    (None, False, "creating"), (True, False, "created"), (True, True, "running"),
-    (False, True, "stopped"), (False, False, "stopped"),
-])
+@pytest.mark.parametrize(
+    "alive, started, expected",
+    [
+        (None, False, "creating"),
+        (True, False, "created"),
+        (True, True, "running"),
+        (False, True, "stopped"),
+        (False, False, "stopped"),
+    ],
+)
 def test_a_pod_members_status_is_its_standins(alive, started, expected, live_pid):
     pid, start = live_pid
-    info = OciInfo(id="m1", bundle="/b", rootfs="/r", created="", sandbox="infra",
-                   member_tag="vmshim-m1", member_started=started)
+    info = OciInfo(
+        id="m1", bundle="/b", rootfs="/r", created="", sandbox="infra", member_tag="vmshim-m1", member_started=started
+    )
     if alive is not None:
         info.standin_pid, info.standin_start = pid, (start if alive else start + 1)
     assert oci_status(record("created"), info) == expected

@@ -1,7 +1,6 @@
 import pytest
 
-from shim.containers.options import (RunOptions, build_process_spec, merge_env, parse_env_entry,
-                                     read_env_file)
+from shim.containers.options import RunOptions, build_process_spec, merge_env, parse_env_entry, read_env_file
 from shim.errors import UsageError
 
 IMAGE_CONFIG = {"Env": ["PATH=/bin", "A=1"], "Cmd": ["sh"], "WorkingDir": "/srv", "User": "1000"}

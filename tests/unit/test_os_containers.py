@@ -35,13 +35,16 @@ def test_a_cgroup_v2_only_host_with_nsdelegate_can_delegate():
     assert osmode.delegation_problem(V2, "0::/user.slice/session-1.scope\n", True) is None
 
 
-@pytest.mark.parametrize("mounts, own, writable, needle", [
-    (HYBRID, "12:memory:/\n0::/\n", True, "cgroup v1 hierarchies"),
-    ("proc /proc proc rw 0 0\n", "0::/\n", True, "no cgroup v2 hierarchy"),
-    (V2_NO_NSDELEGATE, "0::/\n", True, "nsdelegate"),
-    (V2, "1:name=systemd:/\n0::/\n", True, "single cgroup v2 hierarchy"),
-    (V2, "0::/\n", False, "cannot be written"),
-])
+@pytest.mark.parametrize(
+    "mounts, own, writable, needle",
+    [
+        (HYBRID, "12:memory:/\n0::/\n", True, "cgroup v1 hierarchies"),
+        ("proc /proc proc rw 0 0\n", "0::/\n", True, "no cgroup v2 hierarchy"),
+        (V2_NO_NSDELEGATE, "0::/\n", True, "nsdelegate"),
+        (V2, "1:name=systemd:/\n0::/\n", True, "single cgroup v2 hierarchy"),
+        (V2, "0::/\n", False, "cannot be written"),
+    ],
+)
 def test_hosts_that_cannot_delegate_say_why(mounts, own, writable, needle):
     assert needle in osmode.delegation_problem(mounts, own, writable)
 
@@ -64,8 +67,7 @@ def test_this_hybrid_host_is_refused():
 
 
 def test_os_options_run_the_init_with_more_capabilities():
-    options = RunOptions(image="debian-systemd", command=["--log-level=debug"],
-                         os_container=True)
+    options = RunOptions(image="debian-systemd", command=["--log-level=debug"], os_container=True)
     spec = build_process_spec({"Cmd": ["bash"], "Entrypoint": ["/x"]}, options)
     assert spec.args == ["/sbin/init", "--log-level=debug"]
     assert "CAP_SYS_ADMIN" in spec.capabilities["bounding"]
@@ -86,8 +88,7 @@ def test_os_option_errors():
 def test_cap_drop_still_applies_to_an_init():
     from shim.containers.security import SecurityOptions
 
-    options = RunOptions(image="x", os_container=True,
-                         security=SecurityOptions(cap_drop=["SYS_ADMIN"]))
+    options = RunOptions(image="x", os_container=True, security=SecurityOptions(cap_drop=["SYS_ADMIN"]))
     assert "CAP_SYS_ADMIN" not in build_process_spec({}, options).capabilities["bounding"]
 
 
@@ -103,12 +104,14 @@ def test_bad_realtime_signal_names(text):
 
 
 def test_compose_os_true(tmp_path):
-    (tmp_path / "compose.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "compose.yaml").write_text(
+        textwrap.dedent("""\
         services:
           machine:
             image: debian-systemd
             os: true
-        """))
+        """)
+    )
     project = load_project(cwd=tmp_path, project_name="app")
     options = planner.run_options(project, project.services["machine"], 1, 1)
     assert options.os_container is True
@@ -116,9 +119,16 @@ def test_compose_os_true(tmp_path):
 
 def _bundle(tmp_path, annotations):
     (tmp_path / "rootfs").mkdir(exist_ok=True)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
-        "process": {"args": ["/sbin/init"], "cwd": "/"}, "annotations": annotations}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "process": {"args": ["/sbin/init"], "cwd": "/"},
+                "annotations": annotations,
+            }
+        )
+    )
     return load_bundle(str(tmp_path))
 
 
@@ -134,9 +144,11 @@ def test_oci_annotation_hostile_value_is_refused(tmp_path):
 
 # ---- guest side -------------------------------------------------------------------------------
 
+
 def _boot(**extra) -> dict:
-    config = BootConfig(container_id="c" * 64, token="t", hostname="h",
-                        process=ProcessSpec(args=["/sbin/init"]), layer_count=1, **extra)
+    config = BootConfig(
+        container_id="c" * 64, token="t", hostname="h", process=ProcessSpec(args=["/sbin/init"]), layer_count=1, **extra
+    )
     return config.to_dict()
 
 
@@ -205,9 +217,13 @@ def test_the_cli_refuses_process_isolation_here_in_one_line_before_pulling(tmp_p
 
     if osmode.host_delegation_problem() is None:
         pytest.skip("this host can delegate a cgroup")
-    proc = subprocess.run([sys.executable, "-m", "shim.cli.main", "run", "--os", "--isolation",
-                           "process", "no-such-image-anywhere"], capture_output=True, text=True,
-                          env={**os.environ, "VMSHIM_ROOT": str(tmp_path)}, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shim.cli.main", "run", "--os", "--isolation", "process", "no-such-image-anywhere"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VMSHIM_ROOT": str(tmp_path)},
+        timeout=60,
+    )
     assert proc.returncode == 125
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "delegate a cgroup" in lines[0], proc.stderr

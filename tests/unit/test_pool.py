@@ -17,8 +17,7 @@ from shim.containers.vm_placement import VmPlacement, domain_name
 from shim.vm.fake_backend import FakeBackend
 from shim.volumes.specs import MountRequest
 
-KEY = pool.PoolKey(kernel="/g/vmlinuz", initramfs="/g/initramfs", memory_mib=256, vcpus=1,
-                   accel="tcg")
+KEY = pool.PoolKey(kernel="/g/vmlinuz", initramfs="/g/initramfs", memory_mib=256, vcpus=1, accel="tcg")
 CID = "cd" * 32
 
 
@@ -35,8 +34,9 @@ def fake_boot(key, directory, backend):
 
     private_dir(directory)
     domain = pool.build_domain(key, directory.name, directory, "console=ttyS0")
-    vm = pool.PooledVm(vmid=directory.name, domain=domain.name, key=key, ports=pool.HOTPLUG_PORTS,
-                       booted_at=time.time(), dir=directory)
+    vm = pool.PooledVm(
+        vmid=directory.name, domain=domain.name, key=key, ports=pool.HOTPLUG_PORTS, booted_at=time.time(), dir=directory
+    )
     pool._write_json(directory / pool.VM_FILE, vm.meta())
     backend.create(domain)
     return vm
@@ -105,8 +105,7 @@ def test_dead_keeper_is_found_by_pid_and_start_time_and_restarted(state):
     # Our own pid and start time: alive (poke would signal it; not here).
     from shim.containers.store import process_start_time
 
-    pool._write_json(pool.pool_dir() / "keeper.json",
-                     {"pid": os.getpid(), "start": process_start_time(os.getpid())})
+    pool._write_json(pool.pool_dir() / "keeper.json", {"pid": os.getpid(), "start": process_start_time(os.getpid())})
     assert pool.keeper_alive() == os.getpid()
     # The pool off and the keeper dead: nothing is started.
     pool._write_json(pool.pool_dir() / "keeper.json", {"pid": 0, "start": 0})
@@ -154,11 +153,23 @@ def test_keeper_backs_off_after_a_failed_boot(state, monkeypatch):
 
 
 def _placement(state, **kw):
-    boot = BootConfig(container_id=CID, token="t", hostname="h",
-                      process=ProcessSpec(args=["true"]), layer_count=1,
-                      **kw.pop("boot", {}))
-    return VmPlacement(boot, [state / "l0.sqfs"], state / "run" / CID[:12], name="web",
-                       backend=FakeBackend(), network=NetworkRequest(networks=["bridge"]), **kw)
+    boot = BootConfig(
+        container_id=CID,
+        token="t",
+        hostname="h",
+        process=ProcessSpec(args=["true"]),
+        layer_count=1,
+        **kw.pop("boot", {}),
+    )
+    return VmPlacement(
+        boot,
+        [state / "l0.sqfs"],
+        state / "run" / CID[:12],
+        name="web",
+        backend=FakeBackend(),
+        network=NetworkRequest(networks=["bridge"]),
+        **kw,
+    )
 
 
 def test_which_containers_may_use_a_pooled_vm(state):
@@ -167,10 +178,8 @@ def test_which_containers_may_use_a_pooled_vm(state):
     assert "vCPUs" in pool.eligible(_placement(state, vcpus=2), KEY)
     assert pool.eligible(_placement(state, boot={"os": True}), KEY)
     assert pool.eligible(_placement(state, cpuset="0"), KEY)
-    assert pool.eligible(_placement(state, mounts=[MountRequest(type="bind", source="/srv",
-                                                                 target="/srv")]), KEY)
-    assert pool.eligible(_placement(state, mounts=[MountRequest(type="tmpfs", source="",
-                                                                 target="/t")]), KEY) is None
+    assert pool.eligible(_placement(state, mounts=[MountRequest(type="bind", source="/srv", target="/srv")]), KEY)
+    assert pool.eligible(_placement(state, mounts=[MountRequest(type="tmpfs", source="", target="/t")]), KEY) is None
     host = _placement(state)
     host.network_request = NetworkRequest(networks=["host"])
     assert pool.eligible(host, KEY)
@@ -277,8 +286,7 @@ def test_adopt_plugs_disks_first_and_nics_after_the_spec(state):
     def fake_agent() -> None:
         conn, _ = listener.accept()
         with conn:
-            conn.sendall(protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION,
-                                         agent="fake"))
+            conn.sendall(protocol.encode(protocol.HELLO, protocol=protocol.PROTOCOL_VERSION, agent="fake"))
             reader = protocol.FrameReader()
             while not events or events[-1] != "spec":
                 data = conn.recv(65536)

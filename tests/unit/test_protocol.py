@@ -13,9 +13,11 @@ def test_round_trip_in_pieces():
     reader = FrameReader()
     got = []
     for i in range(len(frames)):  # one byte at a time
-        got += reader.feed(frames[i:i + 1])
+        got += reader.feed(frames[i : i + 1])
     assert [(m.type, m.fields, m.payload) for m in got] == [
-        ("stdout", {"id": 1}, b"abc"), ("exit", {"id": 1, "code": 7}, b"")]
+        ("stdout", {"id": 1}, b"abc"),
+        ("exit", {"id": 1, "code": 7}, b""),
+    ]
     assert reader.pending == 0
 
 
@@ -60,7 +62,7 @@ def test_field_validation():
 def test_header_is_json_object_with_type():
     frame = protocol.encode("hello", protocol=1)
     hlen, plen = struct.unpack(">II", frame[:8])
-    assert json.loads(frame[8:8 + hlen]) == {"protocol": 1, "t": "hello"} and plen == 0
+    assert json.loads(frame[8 : 8 + hlen]) == {"protocol": 1, "t": "hello"} and plen == 0
 
 
 @pytest.mark.parametrize("status,code", [(0, 0), (7 << 8, 7), (9, 137), (15, 143)])
@@ -69,6 +71,7 @@ def test_exit_code_from_status(status, code):
 
 
 # ---- the guest is hostile (issue 12) ---------------------------------------------------------
+
 
 def _frame(header: bytes, payload: bytes = b"") -> bytes:
     return struct.pack(">II", len(header), len(payload)) + header + payload
@@ -85,8 +88,7 @@ def test_deep_json_is_refused_before_parsing():
 
 def test_lenient_reader_skips_bad_headers_and_keeps_framing():
     reader = FrameReader(lenient=True)
-    data = (_frame(b"not json") + _frame(b'{"t":"nope"}') + _frame(b"[1]")
-            + protocol.encode("stdout", b"ok", id=1))
+    data = _frame(b"not json") + _frame(b'{"t":"nope"}') + _frame(b"[1]") + protocol.encode("stdout", b"ok", id=1)
     (msg,) = reader.feed(data)
     assert (msg.type, msg.payload) == ("stdout", b"ok")
     assert reader.dropped_count == 3 and len(reader.take_dropped()) == 3
@@ -94,14 +96,25 @@ def test_lenient_reader_skips_bad_headers_and_keeps_framing():
         reader.feed(struct.pack(">II", protocol.MAX_HEADER + 1, 0))
 
 
-@pytest.mark.parametrize("header", [
-    {"t": "stdout", "id": [1]}, {"t": "stdout", "id": "1"}, {"t": "stdout"},
-    {"t": "stdout", "id": -1}, {"t": "stdout", "id": 1 << 40}, {"t": "stdout", "id": True},
-    {"t": "exit", "id": 1, "code": "0"}, {"t": "exit", "id": 1, "code": 1000},
-    {"t": "started", "id": 2, "pid": 1.5}, {"t": "stats", "id": 2, "usage": []},
-    {"t": "hello", "protocol": "1"}, {"t": "start", "id": 1}, {"t": "stdin", "id": 1},
-    {"t": "error", "message": 7},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "stdout", "id": [1]},
+        {"t": "stdout", "id": "1"},
+        {"t": "stdout"},
+        {"t": "stdout", "id": -1},
+        {"t": "stdout", "id": 1 << 40},
+        {"t": "stdout", "id": True},
+        {"t": "exit", "id": 1, "code": "0"},
+        {"t": "exit", "id": 1, "code": 1000},
+        {"t": "started", "id": 2, "pid": 1.5},
+        {"t": "stats", "id": 2, "usage": []},
+        {"t": "hello", "protocol": "1"},
+        {"t": "start", "id": 1},
+        {"t": "stdin", "id": 1},
+        {"t": "error", "message": 7},
+    ],
+)
 def test_check_from_guest_refuses_wrong_fields(header):
     (msg,) = FrameReader().feed(_frame(json.dumps(header).encode()))
     with pytest.raises(ProtocolError):
@@ -109,13 +122,15 @@ def test_check_from_guest_refuses_wrong_fields(header):
 
 
 def test_check_from_guest_accepts_what_the_agent_sends():
-    for frame in (protocol.encode("hello", protocol=protocol.PROTOCOL_VERSION, agent="x",
-                                  uptime=0.5),
-                  protocol.encode("started", id=1, pid=42), protocol.encode("stdout", b"a", id=1),
-                  protocol.encode("exit", id=1, code=137, signal=9, oom_killed=False),
-                  protocol.encode("error", id=3, message="no", code=127),
-                  protocol.encode("error", message="boot failed"),
-                  protocol.encode("stats", id=9, usage={"memory": 1}, extra="ignored")):
+    for frame in (
+        protocol.encode("hello", protocol=protocol.PROTOCOL_VERSION, agent="x", uptime=0.5),
+        protocol.encode("started", id=1, pid=42),
+        protocol.encode("stdout", b"a", id=1),
+        protocol.encode("exit", id=1, code=137, signal=9, oom_killed=False),
+        protocol.encode("error", id=3, message="no", code=127),
+        protocol.encode("error", message="boot failed"),
+        protocol.encode("stats", id=9, usage={"memory": 1}, extra="ignored"),
+    ):
         (msg,) = FrameReader().feed(frame)
         assert protocol.check_from_guest(msg) is msg
 

@@ -11,10 +11,19 @@ from shim.network.ports import PortMapping
 
 
 def record(cid: str, name: str, **kw) -> Container:
-    return Container(id=cid, name=name, image="busybox", image_id="sha256:abc",
-                     isolation="vm", process=ProcessSpec(args=["sh", "-c", "true"]),
-                     hostname=cid[:12], token="t", layer_disks=["/l0.sqfs"],
-                     created="2026-12-04T16:01:37.5Z", **kw)
+    return Container(
+        id=cid,
+        name=name,
+        image="busybox",
+        image_id="sha256:abc",
+        isolation="vm",
+        process=ProcessSpec(args=["sh", "-c", "true"]),
+        hostname=cid[:12],
+        token="t",
+        layer_disks=["/l0.sqfs"],
+        created="2026-12-04T16:01:37.5Z",
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -33,8 +42,7 @@ def ps(*args) -> str:
 
 def test_template_fields(root):
     out = ps("--format", "{{.ID}} {{.Image}} {{.Names}} {{.Status}} {{.CreatedAt}} {{.Labels}}")
-    assert out == ("aaaaaaaaaaaa busybox web Created 2026-12-04 16:01:37 +0000 UTC "
-                   "app=shop,tier=front\n")
+    assert out == ("aaaaaaaaaaaa busybox web Created 2026-12-04 16:01:37 +0000 UTC app=shop,tier=front\n")
     assert ps("--format", "[{{.Ports}}]") == "[]\n"  # not running: nothing published
 
 
@@ -56,10 +64,12 @@ def test_ports_of_a_running_container(root, monkeypatch):
 
     def running(r):
         r.state.status = "running"
+
     root.update("a" * 64, running)
-    endpoint = type("Ep", (), {"ports": [PortMapping(80, "tcp", "0.0.0.0", 8080),
-                                         PortMapping(53, "udp", "127.0.0.1", 5353)]})
-    monkeypatch.setattr(net_store.NetworkStore, "endpoints_of",
-                        lambda self, cid: [(None, endpoint)] if cid == "a" * 64 else [])
-    assert ps_module.ports_text(root.load("a" * 64)) == \
-        "0.0.0.0:8080->80/tcp, 127.0.0.1:5353->53/udp"
+    endpoint = type(
+        "Ep", (), {"ports": [PortMapping(80, "tcp", "0.0.0.0", 8080), PortMapping(53, "udp", "127.0.0.1", 5353)]}
+    )
+    monkeypatch.setattr(
+        net_store.NetworkStore, "endpoints_of", lambda self, cid: [(None, endpoint)] if cid == "a" * 64 else []
+    )
+    assert ps_module.ports_text(root.load("a" * 64)) == "0.0.0.0:8080->80/tcp, 127.0.0.1:5353->53/udp"

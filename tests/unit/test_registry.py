@@ -48,9 +48,11 @@ def layer(files: dict[str, bytes]) -> bytes:
 
 def store_files(store: ImageStore) -> dict[str, list[str]]:
     ingest = store.root / "ingest"
-    return {"blobs": sorted(os.listdir(store.blobs_dir)),
-            "ingest": sorted(os.listdir(ingest)) if ingest.exists() else [],
-            "names": [str(s.reference) for s in store.list_images()]}
+    return {
+        "blobs": sorted(os.listdir(store.blobs_dir)),
+        "ingest": sorted(os.listdir(ingest)) if ingest.exists() else [],
+        "names": [str(s.reference) for s in store.list_images()],
+    }
 
 
 # Pull ---------------------------------------------------------------------------------------
@@ -71,8 +73,7 @@ def test_pull_by_tag_then_by_digest(store, reg):
 
     by_digest = pull(f"{reg.host}/ns/app@{seeded['manifest']}", store=store)
     assert by_digest.reference.digest == seeded["manifest"] and by_digest.reference.tag is None
-    assert store.resolve(f"{reg.host}/ns/app@{seeded['manifest']}").config_digest == \
-        seeded["config"]
+    assert store.resolve(f"{reg.host}/ns/app@{seeded['manifest']}").config_digest == seeded["config"]
 
 
 def test_missing_image_is_a_clear_registry_error(store, reg):
@@ -94,8 +95,7 @@ def test_retries_on_503_and_resumes_a_broken_download(store, reg):
     reg.state.fail_next[r"/manifests/"] = 2
     reg.state.drop_after[seeded["layers"][0]] = 100_000
     pull(f"{reg.host}/ns/flaky:1", store=store)
-    ranges = [h.get("Range") for m, p, h in reg.state.log
-              if m == "GET" and seeded["layers"][0] in p]
+    ranges = [h.get("Range") for m, p, h in reg.state.log if m == "GET" and seeded["layers"][0] in p]
     assert ranges[0] is None and ranges[-1] is not None and ranges[-1].startswith("bytes=")
     assert int(ranges[-1][6:-1]) > 0
     assert store.blob_path(seeded["layers"][0]).read_bytes() == big
@@ -134,14 +134,24 @@ def test_partial_download_with_server_ignoring_range(store, reg):
 def _index(reg, repo):
     amd = reg.add_image(repo, "", [layer({"arch": b"amd64"})], arch="amd64")
     arm = reg.add_image(repo, "", [layer({"arch": b"arm64"})], arch="arm64")
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [
-                 {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                  "digest": arm["manifest"], "size": arm["size"],
-                  "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
-                 {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                  "digest": amd["manifest"], "size": amd["size"],
-                  "platform": {"os": "linux", "architecture": "amd64"}}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": arm["manifest"],
+                "size": arm["size"],
+                "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"},
+            },
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": amd["manifest"],
+                "size": amd["size"],
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+        ],
+    }
     digest = reg.add_manifest(repo, "multi", index, "application/vnd.oci.image.index.v1+json")
     return digest, amd, arm
 
@@ -172,15 +182,25 @@ def test_pull_by_index_digest_records_the_index(store, reg):
 
 
 def test_schema1_and_non_images_are_refused(store, reg):
-    reg.add_manifest("ns/old", "1", {"schemaVersion": 1, "name": "ns/old", "fsLayers": []},
-                     "application/vnd.docker.distribution.manifest.v1+prettyjws")
+    reg.add_manifest(
+        "ns/old",
+        "1",
+        {"schemaVersion": 1, "name": "ns/old", "fsLayers": []},
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    )
     with pytest.raises(ImageError, match="schema 1"):
         pull(f"{reg.host}/ns/old:1", store=store)
     cfg = reg.add_blob("ns/art", b"{}")
-    reg.add_manifest("ns/art", "1", {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": cfg,
-                   "size": 2}, "layers": []})
+    reg.add_manifest(
+        "ns/art",
+        "1",
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": cfg, "size": 2},
+            "layers": [],
+        },
+    )
     with pytest.raises(ImageError, match="not a container image"):
         pull(f"{reg.host}/ns/art:1", store=store)
 
@@ -213,8 +233,7 @@ def test_auth_challenges(store, scheme):
         if scheme == "bearer":
             token_reqs = [(p, h) for m, p, h in reg.state.log if p.startswith("/token")]
             assert any("scope=repository%3Apriv%2Fapp%3Apull" in p for p, _ in token_reqs)
-            assert all(h.get("Authorization", "").startswith("Basic ")
-                       for _, h in token_reqs[-2:])
+            assert all(h.get("Authorization", "").startswith("Basic ") for _, h in token_reqs[-2:])
 
 
 def test_anonymous_bearer_token(store):
@@ -224,11 +243,9 @@ def test_anonymous_bearer_token(store):
 
 
 def test_parse_challenge():
-    c = parse_challenge('Bearer realm="https://auth.example/token",service="reg",'
-                        'scope="repository:a/b:pull,push"')
+    c = parse_challenge('Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push"')
     assert c.scheme == "bearer"
-    assert c.params == {"realm": "https://auth.example/token", "service": "reg",
-                        "scope": "repository:a/b:pull,push"}
+    assert c.params == {"realm": "https://auth.example/token", "service": "reg", "scope": "repository:a/b:pull,push"}
     assert parse_challenge('Basic realm="x"').scheme == "basic"
     assert parse_challenge("Negotiate abc") is None and parse_challenge("") is None
 
@@ -252,13 +269,11 @@ def test_login_and_logout_cli(store):
 
     runner = CliRunner()
     with FakeRegistry(auth="bearer", users={"alice": "s3cret"}) as reg:
-        res = runner.invoke(cli, ["login", "-u", "alice", "--password-stdin", reg.host],
-                            input="wrong\n")
+        res = runner.invoke(cli, ["login", "-u", "alice", "--password-stdin", reg.host], input="wrong\n")
         assert res.exit_code == 125
         assert res.output.count("\n") == 1 and res.output.startswith("Error: ")
         assert not regconfig.auth_file().exists()
-        res = runner.invoke(cli, ["login", "-u", "alice", "--password-stdin", reg.host],
-                            input="s3cret\n")
+        res = runner.invoke(cli, ["login", "-u", "alice", "--password-stdin", reg.host], input="s3cret\n")
         assert res.exit_code == 0 and "Login Succeeded" in res.output
         assert regconfig.get_credentials(reg.host) == ("alice", "s3cret")
         res = runner.invoke(cli, ["logout", reg.host])
@@ -277,8 +292,7 @@ def test_plain_http_only_for_loopback_or_when_asked(store, monkeypatch):
     assert regconfig.plain_http_allowed("registry.example:5000")
     assert regconfig.plain_http_allowed("other.example:443")
     monkeypatch.delenv("VMSHIM_INSECURE_REGISTRIES")
-    (store.root.parent / "registries.json").write_text(
-        json.dumps({"insecure_registries": ["conf.example"]}))
+    (store.root.parent / "registries.json").write_text(json.dumps({"insecure_registries": ["conf.example"]}))
     assert regconfig.plain_http_allowed("conf.example")
     client = RegistryClient("secure.example")
     assert client.base_url == "https://secure.example"  # decided without any traffic
@@ -291,8 +305,7 @@ def test_default_registry_serves_short_names(store, reg, monkeypatch):
     assert str(res.reference) == "docker.io/library/tool:2"
     assert store.resolve("tool:2").config["os"] == "linux"
     monkeypatch.delenv("VMSHIM_DEFAULT_REGISTRY")
-    (store.root.parent / "registries.json").write_text(
-        json.dumps({"default_registry": reg.host}))
+    (store.root.parent / "registries.json").write_text(json.dumps({"default_registry": reg.host}))
     assert regconfig.endpoint_host("docker.io") == reg.host
     assert regconfig.endpoint_host("quay.io") == "quay.io"
 
@@ -318,8 +331,7 @@ def test_push_monolithic_and_chunked(store, reg, tmp_path, chunk):
     assert res.digest == image.manifest_digest
     body, ctype = reg.state.manifests[("ns/pushed", "v1")]
     assert sha(body) == image.manifest_digest and ctype == json.loads(body)["mediaType"]
-    assert reg.state.blobs[image.layers[0].digest] == \
-        store.blob_path(image.layers[0].digest).read_bytes()
+    assert reg.state.blobs[image.layers[0].digest] == store.blob_path(image.layers[0].digest).read_bytes()
     assert (reg.state.patches > 0) == bool(chunk)
     # a second push finds every blob there (HEAD) and uploads nothing
     posts = sum(1 for m, p, _ in reg.state.log if m == "POST")
@@ -365,8 +377,7 @@ def test_pull_and_push_cli(store, reg, tmp_path):
     res = runner.invoke(cli, ["pull", "-q", f"{reg.host}/ns/cli:1"])
     assert res.output == f"{reg.host}/ns/cli:1\n"
     res = runner.invoke(cli, ["pull", "-q", f"{reg.host}/ns/cli:nope"])
-    assert res.exit_code == 125 and res.output.startswith("Error: ") \
-        and res.output.count("\n") == 1
+    assert res.exit_code == 125 and res.output.startswith("Error: ") and res.output.count("\n") == 1
 
 
 def test_concurrent_pulls_of_the_same_image(store, reg):
@@ -416,8 +427,13 @@ def test_a_registry_that_does_not_answer_fails_in_seconds_naming_it(tmp_path, ki
         env = {k: v for k, v in os.environ.items() if not k.startswith("VMSHIM_REGISTRY_")}
         env["VMSHIM_ROOT"] = str(tmp_path / "root")
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "shim.cli.main", "pull", f"{host}/x:1"],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "shim.cli.main", "pull", f"{host}/x:1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         took = time.monotonic() - started
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

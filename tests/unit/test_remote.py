@@ -21,8 +21,13 @@ def test_parse_host():
     assert parse_host("ssh://alice@kvm1:2222") == SshTarget(host="kvm1", user="alice", port=2222)
     assert parse_host("ssh://kvm1") == SshTarget(host="kvm1")
     assert parse_host("ssh://[::1]:22").host == "::1"
-    for bad, why in (("tcp://h", "only SSH"), ("ssh://h:99999", "port"), ("ssh://h/x", "no path"),
-                     ("ssh://u:pw@h", "passwords"), ("ssh://", "expected")):
+    for bad, why in (
+        ("tcp://h", "only SSH"),
+        ("ssh://h:99999", "port"),
+        ("ssh://h/x", "no path"),
+        ("ssh://u:pw@h", "passwords"),
+        ("ssh://", "expected"),
+    ):
         with pytest.raises(UsageError, match=why):
             parse_host(bad)
 
@@ -40,8 +45,13 @@ def test_contexts_store(tmp_path):
     store.use("lab")
     assert store.current() == "lab"
     target = store.target("lab")
-    assert (target.user, target.host, target.port, target.remote_vmshim, target.context) == \
-        ("me", "lab", 2200, "/opt/vmshim/bin/vmshim", "lab")
+    assert (target.user, target.host, target.port, target.remote_vmshim, target.context) == (
+        "me",
+        "lab",
+        2200,
+        "/opt/vmshim/bin/vmshim",
+        "lab",
+    )
     with pytest.raises(VmshimError, match="in use"):
         store.remove("lab")
     store.remove("lab", force=True)
@@ -72,8 +82,10 @@ def test_control_dir_must_be_private(tmp_path, monkeypatch):
 
 def test_split_globals():
     assert split_globals(["--host", "ssh://h", "ps", "-a"]) == ({"--host": "ssh://h"}, ["ps", "-a"])
-    assert split_globals(["-H=ssh://h", "--debug", "run", "--host", "x"]) == \
-        ({"--host": "ssh://h", "--debug": True}, ["run", "--host", "x"])
+    assert split_globals(["-H=ssh://h", "--debug", "run", "--host", "x"]) == (
+        {"--host": "ssh://h", "--debug": True},
+        ["run", "--host", "x"],
+    )
     assert split_globals(["-c", "lab", "info"]) == ({"--context": "lab"}, ["info"])
 
 
@@ -94,8 +106,16 @@ def test_plans(tmp_path, monkeypatch):
     (tmp_path / "ctx").mkdir()
     (tmp_path / "Other").write_text("FROM busybox\n")
     p = plan(["build", "-t", "x", "-f", "Other", "ctx"], cli)
-    assert p.args == ["remote-build-context", "--", "build", "-t", "x", "-f",
-                      DOCKERFILE_PLACEHOLDER, CONTEXT_PLACEHOLDER] and callable(p.stdin)
+    assert p.args == [
+        "remote-build-context",
+        "--",
+        "build",
+        "-t",
+        "x",
+        "-f",
+        DOCKERFILE_PLACEHOLDER,
+        CONTEXT_PLACEHOLDER,
+    ] and callable(p.stdin)
     with pytest.raises(UsageError, match="not a directory"):
         plan(["build", "nope"], cli)
     assert plan(["exec", "box", "cat"], cli).stdin is None
@@ -145,10 +165,10 @@ def test_remote_pid_line_is_taken_out_of_the_stream():
 def test_remote_command_quotes_and_marks_its_pid():
     from shim.remote.ssh import remote_command
 
-    line = remote_command(SshTarget("h", remote_vmshim="/opt/v m/vmshim"), ["run", "a b", "$x"],
-                          {"COLUMNS": "80"})
-    assert line == ("printf '%s%d\\n' 'vmshim-remote-pid ' $$ >&2; exec env COLUMNS=80 "
-                    "'/opt/v m/vmshim' run 'a b' '$x'")
+    line = remote_command(SshTarget("h", remote_vmshim="/opt/v m/vmshim"), ["run", "a b", "$x"], {"COLUMNS": "80"})
+    assert line == (
+        "printf '%s%d\\n' 'vmshim-remote-pid ' $$ >&2; exec env COLUMNS=80 '/opt/v m/vmshim' run 'a b' '$x'"
+    )
 
 
 def _tar(entries):
@@ -157,18 +177,20 @@ def _tar(entries):
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        add_entries(tar, [(name, {"sym": "l", "lnk": "h"}.get(kind, "f"), target)
-                          for name, kind, target in entries])
+        add_entries(tar, [(name, {"sym": "l", "lnk": "h"}.get(kind, "f"), target) for name, kind, target in entries])
     buf.seek(0)
     return buf
 
 
-@pytest.mark.parametrize("entries, why", [
-    ([("/etc/evil", "file", b"x")], "refusing build context entry"),
-    ([("context/../../evil", "file", b"x")], "refusing build context entry"),
-    ([("context/out", "sym", "/"), ("context/out/evil", "file", b"x")], "leads outside"),
-    ([("context/h", "lnk", "/etc/passwd")], "hard link"),
-])
+@pytest.mark.parametrize(
+    "entries, why",
+    [
+        ([("/etc/evil", "file", b"x")], "refusing build context entry"),
+        ([("context/../../evil", "file", b"x")], "refusing build context entry"),
+        ([("context/out", "sym", "/"), ("context/out/evil", "file", b"x")], "leads outside"),
+        ([("context/h", "lnk", "/etc/passwd")], "hard link"),
+    ],
+)
 def test_remote_build_context_refuses_hostile_tars(tmp_path, entries, why):
     from shim.cli.context import _unpack
 
@@ -182,7 +204,15 @@ def test_remote_build_context_refuses_hostile_tars(tmp_path, entries, why):
 def test_remote_build_context_unpacks_a_normal_context(tmp_path):
     from shim.cli.context import _unpack
 
-    _unpack(_tar([("context/a/b.txt", "file", b"hi"), ("context/l", "sym", "a/b.txt"),
-                  ("Dockerfile", "file", b"FROM busybox\n")]), tmp_path)
+    _unpack(
+        _tar(
+            [
+                ("context/a/b.txt", "file", b"hi"),
+                ("context/l", "sym", "a/b.txt"),
+                ("Dockerfile", "file", b"FROM busybox\n"),
+            ]
+        ),
+        tmp_path,
+    )
     assert (tmp_path / "context" / "l").read_text() == "hi"
     assert (tmp_path / "Dockerfile").read_bytes() == b"FROM busybox\n"

@@ -19,10 +19,20 @@ from shim.containers.resources import (
 from shim.errors import UsageError
 
 
-@pytest.mark.parametrize("text,value", [
-    ("64m", 64 << 20), ("64M", 64 << 20), ("64mb", 64 << 20), ("64MiB", 64 << 20),
-    ("1g", 1 << 30), ("1.5g", 3 << 29), ("1024", 1024), ("10k", 10240), ("2t", 2 << 40),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("64m", 64 << 20),
+        ("64M", 64 << 20),
+        ("64mb", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("1g", 1 << 30),
+        ("1.5g", 3 << 29),
+        ("1024", 1024),
+        ("10k", 10240),
+        ("2t", 2 << 40),
+    ],
+)
 def test_sizes_like_docker(text, value):
     assert parse_bytes(text, "--memory") == value
 
@@ -55,18 +65,35 @@ def test_ulimits():
 
 
 def test_from_flags_and_the_limits_each_placement_applies():
-    r = from_flags(memory="64m", memory_swap="128m", memory_reservation="32m", cpus="0.5",
-                   cpu_shares=512, cpuset_cpus="0", pids_limit=20, blkio_weight=300,
-                   device_read_bps=["/dev/vda:1m", "/dev/vdb:2m"],
-                   device_write_bps=["/dev/vda:3m"], ulimit=["nofile=10:20"],
-                   oom_score_adj=100)
+    r = from_flags(
+        memory="64m",
+        memory_swap="128m",
+        memory_reservation="32m",
+        cpus="0.5",
+        cpu_shares=512,
+        cpuset_cpus="0",
+        pids_limit=20,
+        blkio_weight=300,
+        device_read_bps=["/dev/vda:1m", "/dev/vdb:2m"],
+        device_write_bps=["/dev/vda:3m"],
+        ulimit=["nofile=10:20"],
+        oom_score_adj=100,
+    )
     assert r.nano_cpus == 500_000_000 and r.cpus == 0.5
     host = r.limits("process")
-    assert host == Limits(memory=64 << 20, memory_swap=128 << 20,
-                          memory_reservation=32 << 20, cpu_quota=50000, cpu_period=100000,
-                          cpu_shares=512, cpuset_cpus="0", pids=20, blkio_weight=300,
-                          device_read_bps=[["/dev/vda", 1 << 20], ["/dev/vdb", 2 << 20]],
-                          device_write_bps=[["/dev/vda", 3 << 20]])
+    assert host == Limits(
+        memory=64 << 20,
+        memory_swap=128 << 20,
+        memory_reservation=32 << 20,
+        cpu_quota=50000,
+        cpu_period=100000,
+        cpu_shares=512,
+        cpuset_cpus="0",
+        pids=20,
+        blkio_weight=300,
+        device_read_bps=[["/dev/vda", 1 << 20], ["/dev/vdb", 2 << 20]],
+        device_write_bps=[["/dev/vda", 3 << 20]],
+    )
     vm = r.limits("vm")
     # In a VM: no cpuset inside (the vCPUs are pinned instead), every rate applies to
     # all of the container's disks, the smallest rate wins.
@@ -100,18 +127,21 @@ def test_docker_rules_accept_unlimited_swap(monkeypatch):
     from_flags(memory="64m", memory_swap="-1").check("vm")
 
 
-@pytest.mark.parametrize("flags,message", [
-    ({"memory": "1m"}, "6MiB"),
-    ({"memory_swap": "128m"}, "memory limit"),
-    ({"memory": "128m", "memory_swap": "64m"}, "at least --memory"),
-    ({"memory": "64m", "memory_reservation": "128m"}, "reservation"),
-    ({"cpus": "3"}, "only 2 CPUs"),
-    ({"cpus": "0.001"}, "0.01"),
-    ({"cpuset_cpus": "0,5"}, "CPU 5"),
-    ({"cpu_shares": 1}, "262144"),
-    ({"blkio_weight": 5}, "10 and 1000"),
-    ({"oom_score_adj": 2000}, "-1000"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"memory": "1m"}, "6MiB"),
+        ({"memory_swap": "128m"}, "memory limit"),
+        ({"memory": "128m", "memory_swap": "64m"}, "at least --memory"),
+        ({"memory": "64m", "memory_reservation": "128m"}, "reservation"),
+        ({"cpus": "3"}, "only 2 CPUs"),
+        ({"cpus": "0.001"}, "0.01"),
+        ({"cpuset_cpus": "0,5"}, "CPU 5"),
+        ({"cpu_shares": 1}, "262144"),
+        ({"blkio_weight": 5}, "10 and 1000"),
+        ({"oom_score_adj": 2000}, "-1000"),
+    ],
+)
 def test_docker_rules_refuse(monkeypatch, flags, message):
     monkeypatch.setattr(res, "host_cpus", lambda: {0, 1})  # a host with two CPUs
     with pytest.raises(UsageError, match=message):
@@ -140,45 +170,63 @@ def test_update_of_a_running_vm_cannot_grow_it(monkeypatch):
     monkeypatch.setattr(res, "host_cpus", lambda: {0, 1})
     current = from_flags(memory="64m", cpus="1")
     vm_mib = current.vm_memory_mib()
-    merged = check_update(current, from_flags(memory="32m", cpus="0.5"), isolation="vm",
-                          vm_memory_mib=vm_mib, vm_vcpus=1)
+    merged = check_update(
+        current, from_flags(memory="32m", cpus="0.5"), isolation="vm", vm_memory_mib=vm_mib, vm_vcpus=1
+    )
     assert merged.memory == 32 << 20 and merged.nano_cpus == 500_000_000
     with pytest.raises(UsageError, match="cannot grow"):
         check_update(current, from_flags(memory="65m"), isolation="vm", vm_memory_mib=vm_mib)
     with pytest.raises(UsageError, match="vCPU"):
         check_update(current, from_flags(cpus="2"), isolation="vm", vm_memory_mib=vm_mib)
     with pytest.raises(UsageError, match="running container"):
-        check_update(current, from_flags(ulimit=["nofile=1"]), isolation="vm",
-                     vm_memory_mib=vm_mib)
+        check_update(current, from_flags(ulimit=["nofile=1"]), isolation="vm", vm_memory_mib=vm_mib)
     # Process isolation has no VM to outgrow.
     check_update(current, from_flags(memory="1g"), isolation="process")
 
 
 # ---- the wire records ----------------------------------------------------------------------
 
+
 def test_limits_round_trip_and_validation():
     limits = Limits(memory=1, pids=-1, cpuset_cpus="0-1", device_read_bps=[["*", 5]])
-    assert limits.to_dict() == {"memory": 1, "pids": -1, "cpuset_cpus": "0-1",
-                                "device_read_bps": [["*", 5]]}
+    assert limits.to_dict() == {"memory": 1, "pids": -1, "cpuset_cpus": "0-1", "device_read_bps": [["*", 5]]}
     assert Limits.from_dict(limits.to_dict()) == limits
     assert Limits().is_empty() and Limits().to_dict() == {}
-    for bad in ({"memory": "1"}, {"memory": True}, {"pids": -2}, {"nope": 1},
-                {"cpuset_cpus": "0;1"}, {"device_read_bps": [["x"]]}, []):
+    for bad in (
+        {"memory": "1"},
+        {"memory": True},
+        {"pids": -2},
+        {"nope": 1},
+        {"cpuset_cpus": "0;1"},
+        {"device_read_bps": [["x"]]},
+        [],
+    ):
         with pytest.raises(ValueError):
             Limits.from_dict(bad)
 
 
 def test_boot_config_carries_limits_mounts_and_read_only():
-    config = BootConfig(container_id="c", token="t", hostname="h", layer_count=0,
-                        process=ProcessSpec(args=["x"], rlimits=[["nofile", 1, 2]],
-                                            oom_score_adj=-5),
-                        limits=Limits(memory=5), read_only=True,
-                        mounts=[MountSpec(type="volume", source="vmshim-v0", target="/d",
-                                          copy_up=True)])
+    config = BootConfig(
+        container_id="c",
+        token="t",
+        hostname="h",
+        layer_count=0,
+        process=ProcessSpec(args=["x"], rlimits=[["nofile", 1, 2]], oom_score_adj=-5),
+        limits=Limits(memory=5),
+        read_only=True,
+        mounts=[MountSpec(type="volume", source="vmshim-v0", target="/d", copy_up=True)],
+    )
     data = config.to_dict()
     assert BootConfig.from_dict(data) == config
-    plain = BootConfig(container_id="c", token="t", hostname="h", layer_count=0,
-                       process=ProcessSpec(args=["x"]), memory_limit=7, pids_limit=3)
+    plain = BootConfig(
+        container_id="c",
+        token="t",
+        hostname="h",
+        layer_count=0,
+        process=ProcessSpec(args=["x"]),
+        memory_limit=7,
+        pids_limit=3,
+    )
     # An older reader never sees the new fields when they are not used.
     assert not {"limits", "mounts", "read_only"} & set(plain.to_dict())
     assert "rlimits" not in plain.to_dict()["process"]
@@ -186,20 +234,29 @@ def test_boot_config_carries_limits_mounts_and_read_only():
     assert config.cgroup_limits() == Limits(memory=5)
 
 
-@pytest.mark.parametrize("bad", [
-    {"type": "nfs", "target": "/x"}, {"type": "bind", "target": "x"},
-    {"type": "bind", "target": "/x", "readonly": "yes"},
-    {"type": "tmpfs", "target": "/x", "options": 5},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "nfs", "target": "/x"},
+        {"type": "bind", "target": "x"},
+        {"type": "bind", "target": "/x", "readonly": "yes"},
+        {"type": "tmpfs", "target": "/x", "options": 5},
+    ],
+)
 def test_mount_spec_validation(bad):
     with pytest.raises(ValueError):
         MountSpec.from_dict(bad)
 
 
-@pytest.mark.parametrize("bad", [
-    {"args": ["x"], "rlimits": [["nofile", 1]]}, {"args": ["x"], "rlimits": [["bogus", 1, 1]]},
-    {"args": ["x"], "oom_score_adj": 5000}, {"args": ["x"], "oom_score_adj": "1"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"args": ["x"], "rlimits": [["nofile", 1]]},
+        {"args": ["x"], "rlimits": [["bogus", 1, 1]]},
+        {"args": ["x"], "oom_score_adj": 5000},
+        {"args": ["x"], "oom_score_adj": "1"},
+    ],
+)
 def test_process_limits_validation(bad):
     with pytest.raises(ValueError):
         ProcessSpec.from_dict(bad)

@@ -26,9 +26,17 @@ def test_back_off_doubles_resets_after_ten_seconds_up_and_stops_at_a_minute():
 @pytest.fixture
 def restarting(tmp_path, monkeypatch):
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path / "root"))
-    record = Container(id="b" * 64, name="flaky", image="busybox", image_id="sha256:abc",
-                       isolation="process", process=ProcessSpec(args=["false"]), hostname="b" * 12,
-                       token="t", layer_disks=[])
+    record = Container(
+        id="b" * 64,
+        name="flaky",
+        image="busybox",
+        image_id="sha256:abc",
+        isolation="process",
+        process=ProcessSpec(args=["false"]),
+        hostname="b" * 12,
+        token="t",
+        layer_disks=[],
+    )
     record.state.status = "exited"
     record.state.exit_code = 1
     record.state.restarting = True

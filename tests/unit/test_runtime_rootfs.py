@@ -14,8 +14,8 @@ from guest.spec import ProcessSpec
 def test_secure_join_keeps_symlinks_inside_the_root(tmp_path):
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    (root / "etc" / "hosts").symlink_to("/etc/shadow")          # absolute: re-rooted
-    (root / "etc" / "up").symlink_to("../../../../outside")      # climbs: stops at root
+    (root / "etc" / "hosts").symlink_to("/etc/shadow")  # absolute: re-rooted
+    (root / "etc" / "up").symlink_to("../../../../outside")  # climbs: stops at root
     (root / "proc").symlink_to("/")
     (root / "loop").symlink_to("loop")
     r = str(root)
@@ -56,8 +56,7 @@ def test_prepare_rootfs_leaves_resolv_conf_alone_when_empty(tmp_path):
 def test_build_env_defaults():
     spec = ProcessSpec(args=["x"], env=["A=1", "PATH=/bin", "EMPTY="], tty=True)
     env = build_env(spec, hostname="box", home="/root")
-    assert env == {"A": "1", "PATH": "/bin", "EMPTY": "", "HOSTNAME": "box", "HOME": "/root",
-                   "TERM": "xterm"}
+    assert env == {"A": "1", "PATH": "/bin", "EMPTY": "", "HOSTNAME": "box", "HOME": "/root", "TERM": "xterm"}
     env = build_env(ProcessSpec(args=["x"], env=["HOME=/h"]))
     assert env["PATH"] == process.DEFAULT_PATH and env["HOME"] == "/h" and "TERM" not in env
 
@@ -67,8 +66,9 @@ def _me(args, **kw):
 
 
 def test_spawn_without_namespaces_pipes_and_exit_code(tmp_path):
-    spawned = spawn_container(None, _me(["sh", "-c", "cat; echo err >&2; exit 5"], cwd=str(tmp_path)),
-                              "", None, namespaces=(), stdin=True)
+    spawned = spawn_container(
+        None, _me(["sh", "-c", "cat; echo err >&2; exit 5"], cwd=str(tmp_path)), "", None, namespaces=(), stdin=True
+    )
     os.write(spawned.stdin, b"in\n")
     os.close(spawned.stdin)
     spawned.stdin = None
@@ -91,8 +91,9 @@ def test_spawn_reports_missing_cwd_and_command():
 
 
 def test_spawn_with_a_tty():
-    spawned = spawn_container(None, _me(["sh", "-c", "stty size; test -t 0 && echo tty"], tty=True),
-                              "", None, namespaces=(), rows=33, cols=77)
+    spawned = spawn_container(
+        None, _me(["sh", "-c", "stty size; test -t 0 && echo tty"], tty=True), "", None, namespaces=(), rows=33, cols=77
+    )
     assert spawned.master is not None and spawned.stdout is None
     out = b""
     while True:

@@ -33,30 +33,36 @@ def root(tmp_path):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("", ExecUser(uid=0, gid=0, groups=(), home="/root", name="root")),
-    ("0", ExecUser(uid=0, gid=0, groups=(), home="/root", name="root")),
-    ("alice", ExecUser(uid=1000, gid=1000, groups=(100, 10), home="/home/alice", name="alice")),
-    ("1000", ExecUser(uid=1000, gid=1000, groups=(100, 10), home="/home/alice", name="alice")),
-    ("bob", ExecUser(uid=1001, gid=100, groups=(10, 999), home="/home/bob", name="bob")),
-    ("alice:wheel", ExecUser(uid=1000, gid=10, groups=(100,), home="/home/alice", name="alice")),
-    ("alice:0", ExecUser(uid=1000, gid=0, groups=(100, 10), home="/home/alice", name="alice")),
-    ("4242", ExecUser(uid=4242, gid=0, groups=(), home="/", name="")),
-    ("4242:4343", ExecUser(uid=4242, gid=4343, groups=(), home="/", name="")),
-    ("4242:docker", ExecUser(uid=4242, gid=999, groups=(), home="/", name="")),
-    ("nohome", ExecUser(uid=1002, gid=1002, groups=(), home="/", name="nohome")),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("", ExecUser(uid=0, gid=0, groups=(), home="/root", name="root")),
+        ("0", ExecUser(uid=0, gid=0, groups=(), home="/root", name="root")),
+        ("alice", ExecUser(uid=1000, gid=1000, groups=(100, 10), home="/home/alice", name="alice")),
+        ("1000", ExecUser(uid=1000, gid=1000, groups=(100, 10), home="/home/alice", name="alice")),
+        ("bob", ExecUser(uid=1001, gid=100, groups=(10, 999), home="/home/bob", name="bob")),
+        ("alice:wheel", ExecUser(uid=1000, gid=10, groups=(100,), home="/home/alice", name="alice")),
+        ("alice:0", ExecUser(uid=1000, gid=0, groups=(100, 10), home="/home/alice", name="alice")),
+        ("4242", ExecUser(uid=4242, gid=0, groups=(), home="/", name="")),
+        ("4242:4343", ExecUser(uid=4242, gid=4343, groups=(), home="/", name="")),
+        ("4242:docker", ExecUser(uid=4242, gid=999, groups=(), home="/", name="")),
+        ("nohome", ExecUser(uid=1002, gid=1002, groups=(), home="/", name="nohome")),
+    ],
+)
 def test_resolve(root, spec, expected):
     assert resolve_user(spec, root) == expected
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("mallory", "unable to find user mallory: no matching entries in passwd file"),
-    ("alice:nogroup", "unable to find group nogroup: no matching entries in group file"),
-    ("broken", "unable to find user broken"),
-    ("alice:", "empty group"),
-    ("99999999999", "out of range"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("mallory", "unable to find user mallory: no matching entries in passwd file"),
+        ("alice:nogroup", "unable to find group nogroup: no matching entries in group file"),
+        ("broken", "unable to find user broken"),
+        ("alice:", "empty group"),
+        ("99999999999", "out of range"),
+    ],
+)
 def test_unknown_names_are_clear_errors(root, spec, message):
     with pytest.raises(UserError, match=message.replace("$", r"\$")):
         resolve_user(spec, root)

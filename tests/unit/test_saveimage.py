@@ -10,8 +10,7 @@ from shim.vm import saveimage
 
 def image(path, xml: bytes, stream: bytes, *, magic=saveimage.MAGIC, compressed=0):
     data = xml + b"\0" + b"<cookie/>\0" + b"\0" * 1024
-    head = saveimage.HEADER.pack(magic, 2, len(data), 1, compressed, len(xml) + 1,
-                                 *([0] * 14))
+    head = saveimage.HEADER.pack(magic, 2, len(data), 1, compressed, len(xml) + 1, *([0] * 14))
     path.write_bytes(head + data + stream)
     return len(head) + len(data)
 
@@ -20,8 +19,7 @@ def test_clone_renames_in_place_and_keeps_the_stream(tmp_path):
     xml = b"<domain><name>vmshim-aaaaaaaaaaaa</name><uuid>1111-2222</uuid></domain>"
     stream = bytes(range(256)) * 4096
     start = image(tmp_path / "t.img", xml, stream)
-    saveimage.clone(tmp_path / "t.img", tmp_path / "c.img",
-                    {"aaaaaaaaaaaa": "bbbbbbbbbbbb", "1111-2222": "3333-4444"})
+    saveimage.clone(tmp_path / "t.img", tmp_path / "c.img", {"aaaaaaaaaaaa": "bbbbbbbbbbbb", "1111-2222": "3333-4444"})
     out = (tmp_path / "c.img").read_bytes()
     assert out[start:] == stream
     assert b"vmshim-bbbbbbbbbbbb" in out[:start] and b"3333-4444" in out[:start]

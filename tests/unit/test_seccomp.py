@@ -32,8 +32,7 @@ def _in_child(oci: dict, calls: list[tuple]) -> list[int]:
             seccomp.install(oci)
             results = []
             for name, *args in calls:
-                ret = _libc.syscall(ctypes.c_long(NUMBERS[name]),
-                                    *[ctypes.c_ulong(a) for a in args])
+                ret = _libc.syscall(ctypes.c_long(NUMBERS[name]), *[ctypes.c_ulong(a) for a in args])
                 results.append(0 if ret >= 0 else ctypes.get_errno())
             os.write(write_end, struct.pack(f"<{len(results)}i", *results))
         finally:
@@ -48,11 +47,22 @@ def _in_child(oci: dict, calls: list[tuple]) -> list[int]:
 
 def test_default_profile_blocks_what_docker_blocks():
     oci = seccomp.default_for(DEFAULT_CAPABILITIES)
-    got = _in_child(oci, [
-        ("getpid",), ("keyctl", 0, (1 << 64) - 3, 0), ("kexec_load", 0, 0, 0, 0xdead0000),
-        ("unshare", 0x10000000), ("personality", 0xFFFFFFFF), ("personality", 0x0400000),
-        ("clone3", 0, 0), ("socket", 40, 1, 0), ("mount", 0, 0, 0, 0, 0),
-        ("init_module", 0, 0, 0), ("chroot", 0)])
+    got = _in_child(
+        oci,
+        [
+            ("getpid",),
+            ("keyctl", 0, (1 << 64) - 3, 0),
+            ("kexec_load", 0, 0, 0, 0xDEAD0000),
+            ("unshare", 0x10000000),
+            ("personality", 0xFFFFFFFF),
+            ("personality", 0x0400000),
+            ("clone3", 0, 0),
+            ("socket", 40, 1, 0),
+            ("mount", 0, 0, 0, 0, 0),
+            ("init_module", 0, 0, 0),
+            ("chroot", 0),
+        ],
+    )
     assert got == [0, 1, 1, 1, 0, 1, 38, 1, 1, 1, 14]  # chroot(NULL): EFAULT, allowed
 
 
@@ -63,8 +73,7 @@ def test_capabilities_open_their_syscalls():
     without = seccomp.default_for([])
     names = {n for rule in without["syscalls"] for n in rule["names"]}
     assert "chroot" not in names and "mount" not in names and "read" in names
-    assert not any(rule["names"] == ["clone"] and "args" not in rule
-                   for rule in without["syscalls"])
+    assert not any(rule["names"] == ["clone"] and "args" not in rule for rule in without["syscalls"])
 
 
 def test_clone_with_namespace_flags_is_refused_plain_fork_works():
@@ -75,33 +84,67 @@ def test_clone_with_namespace_flags_is_refused_plain_fork_works():
 
 
 def test_argument_comparisons_on_both_halves():
-    rules = [{"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 11,
-              "args": [{"index": 1, "value": 1 << 33, "op": "SCMP_CMP_GE"}]},
-             {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 12,
-              "args": [{"index": 1, "value": 5, "op": "SCMP_CMP_LT"}]},
-             {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13,
-              "args": [{"index": 1, "value": 0xF0, "valueTwo": 0x70,
-                        "op": "SCMP_CMP_MASKED_EQ"}]},
-             {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 14,
-              "args": [{"index": 1, "value": 200, "op": "SCMP_CMP_NE"},
-                       {"index": 1, "value": 300, "op": "SCMP_CMP_LE"}]}]
+    rules = [
+        {
+            "names": ["getpriority"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 11,
+            "args": [{"index": 1, "value": 1 << 33, "op": "SCMP_CMP_GE"}],
+        },
+        {
+            "names": ["getpriority"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 12,
+            "args": [{"index": 1, "value": 5, "op": "SCMP_CMP_LT"}],
+        },
+        {
+            "names": ["getpriority"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 13,
+            "args": [{"index": 1, "value": 0xF0, "valueTwo": 0x70, "op": "SCMP_CMP_MASKED_EQ"}],
+        },
+        {
+            "names": ["getpriority"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 14,
+            "args": [{"index": 1, "value": 200, "op": "SCMP_CMP_NE"}, {"index": 1, "value": 300, "op": "SCMP_CMP_LE"}],
+        },
+    ]
     oci = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
-    got = _in_child(oci, [("getpriority", 0, (1 << 33) + 1), ("getpriority", 0, 3),
-                          ("getpriority", 0, 0x7F), ("getpriority", 0, 250),
-                          ("getpriority", 0, 200), ("getpriority", 0, 1 << 32)])
+    got = _in_child(
+        oci,
+        [
+            ("getpriority", 0, (1 << 33) + 1),
+            ("getpriority", 0, 3),
+            ("getpriority", 0, 0x7F),
+            ("getpriority", 0, 250),
+            ("getpriority", 0, 200),
+            ("getpriority", 0, 1 << 32),
+        ],
+    )
     # 200 and 2^32 match no rule: the default (allow) runs getpriority(0, who) for real.
     assert got[:4] == [11, 12, 13, 14]
     assert got[4] in (0, 3) and got[5] in (0, 3)  # ESRCH or success, never our errnos
 
 
 def test_profiles_are_checked():
-    for bad, words in (({"defaultAction": "NOPE"}, "defaultAction"),
-                       ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": []}]},
-                        "names"),
-                       ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-                           {"names": ["read"], "action": "SCMP_ACT_ERRNO",
-                            "args": [{"index": 1, "value": -1, "op": "SCMP_CMP_EQ"}]}]},
-                        "args")):
+    for bad, words in (
+        ({"defaultAction": "NOPE"}, "defaultAction"),
+        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": []}]}, "names"),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["read"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "args": [{"index": 1, "value": -1, "op": "SCMP_CMP_EQ"}],
+                    }
+                ],
+            },
+            "args",
+        ),
+    ):
         with pytest.raises(seccomp.SeccompError, match=words):
             seccomp.check(bad)
     with pytest.raises(ValueError, match="process.seccomp"):
@@ -109,16 +152,19 @@ def test_profiles_are_checked():
 
 
 def test_docker_format_includes_and_excludes():
-    profile = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
-        {"names": ["a"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
-        {"names": ["b"], "action": "SCMP_ACT_ALLOW", "excludes": {"caps": ["CAP_SYS_ADMIN"]}},
-        {"names": ["c"], "action": "SCMP_ACT_ALLOW", "includes": {"minKernel": "99.0"}},
-        {"names": ["d"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["s390x"]}},
-        {"names": ["e"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["amd64"]}}]}
+    profile = {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [
+            {"names": ["a"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+            {"names": ["b"], "action": "SCMP_ACT_ALLOW", "excludes": {"caps": ["CAP_SYS_ADMIN"]}},
+            {"names": ["c"], "action": "SCMP_ACT_ALLOW", "includes": {"minKernel": "99.0"}},
+            {"names": ["d"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["s390x"]}},
+            {"names": ["e"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["amd64"]}},
+        ],
+    }
     names = [r["names"][0] for r in seccomp.resolve_profile(profile, [], (6, 1))["syscalls"]]
     assert names == ["b", "e"]
-    names = [r["names"][0] for r in
-             seccomp.resolve_profile(profile, CAPABILITIES, (6, 1))["syscalls"]]
+    names = [r["names"][0] for r in seccomp.resolve_profile(profile, CAPABILITIES, (6, 1))["syscalls"]]
     assert names == ["a", "e"]
 
 
@@ -128,10 +174,33 @@ def test_filter_size_and_every_listed_name_is_real_or_foreign():
     listed = {n for rule in PROFILE["syscalls"] for n in rule["names"]}
     unknown = sorted(n for n in listed if n not in NUMBERS)
     # Only 32-bit or other architectures' names and syscalls newer than the table.
-    assert all(n.endswith(("32", "64")) or n.startswith(("_", "sig", "socketcall", "ipc"))
-               or n in {"cachestat", "fchmodat2", "futex_requeue", "futex_wait", "futex_wake",
-                        "map_shadow_stack", "set_mempolicy_home_node", "stime", "time32",
-                        "ugetrlimit", "waitpid", "recv", "send", "mmap2", "_newselect",
-                        "mq_timedreceive_time64", "epoll_ctl_old", "epoll_wait_old",
-                        "umount", "sync_file_range2", "utimensat_time64", "nice"}
-               for n in unknown), unknown
+    assert all(
+        n.endswith(("32", "64"))
+        or n.startswith(("_", "sig", "socketcall", "ipc"))
+        or n
+        in {
+            "cachestat",
+            "fchmodat2",
+            "futex_requeue",
+            "futex_wait",
+            "futex_wake",
+            "map_shadow_stack",
+            "set_mempolicy_home_node",
+            "stime",
+            "time32",
+            "ugetrlimit",
+            "waitpid",
+            "recv",
+            "send",
+            "mmap2",
+            "_newselect",
+            "mq_timedreceive_time64",
+            "epoll_ctl_old",
+            "epoll_wait_old",
+            "umount",
+            "sync_file_range2",
+            "utimensat_time64",
+            "nice",
+        }
+        for n in unknown
+    ), unknown

@@ -44,9 +44,14 @@ def test_security_opts(tmp_path):
     assert parse_security_opts(["no-new-privileges:true"], []) == ("default", True)
     assert parse_security_opts(["seccomp=unconfined"], []) == (None, False)
     profile = tmp_path / "p.json"
-    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
-         "excludes": {"caps": ["CAP_SYS_ADMIN"]}}]}))
+    profile.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "excludes": {"caps": ["CAP_SYS_ADMIN"]}}],
+            }
+        )
+    )
     oci, _ = parse_security_opts([f"seccomp={profile}"], list(DEFAULT_CAPABILITIES))
     assert oci["syscalls"] == [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]
     for bad in (["seccomp=/nonexistent"], ["nope"], ["no-new-privileges=maybe"]):
@@ -60,16 +65,16 @@ def test_process_spec_of_a_run_carries_the_defaults():
     assert spec.seccomp == "default" and spec.no_new_privs is False
     again = ProcessSpec.from_dict(spec.to_dict())
     assert again == spec
-    privileged = build_process_spec({"Cmd": ["sh"]}, RunOptions(
-        image="busybox", security=SecurityOptions(privileged=True)))
+    privileged = build_process_spec(
+        {"Cmd": ["sh"]}, RunOptions(image="busybox", security=SecurityOptions(privileged=True))
+    )
     assert privileged.seccomp is None
     assert privileged.capabilities == {"bounding": list(CAPABILITIES)}
 
 
 def test_device_flag():
     device = parse_device("/dev/null:/dev/mine:rw", "vm")
-    assert device == {"path": "/dev/mine", "type": "c", "major": 1, "minor": 3,
-                      "permissions": "rw"}
+    assert device == {"path": "/dev/mine", "type": "c", "major": 1, "minor": 3, "permissions": "rw"}
     assert parse_device("/dev/null", "process")["path"] == "/dev/null"
     assert parse_device("/dev/null:r", "process")["permissions"] == "r"
     with pytest.raises(UsageError, match="not a device node"):
@@ -79,44 +84,51 @@ def test_device_flag():
 
 
 def test_boot_config_devices_are_checked():
-    good = {"container_id": "c", "token": "t", "hostname": "h", "layer_count": 1,
-            "process": {"args": ["sh"]}, "privileged": True,
-            "devices": [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3,
-                         "permissions": "rwm"}]}
+    good = {
+        "container_id": "c",
+        "token": "t",
+        "hostname": "h",
+        "layer_count": 1,
+        "process": {"args": ["sh"]},
+        "privileged": True,
+        "devices": [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "permissions": "rwm"}],
+    }
     config = BootConfig.from_dict(good)
     assert config.privileged and BootConfig.from_dict(config.to_dict()) == config
-    for device in ({"path": "/dev/../x", "type": "c", "major": 1, "minor": 3,
-                    "permissions": "r"},
-                   {"path": "/dev/x", "type": "p", "major": 1, "minor": 3, "permissions": "r"},
-                   {"path": "/dev/x", "type": "c", "major": -1, "minor": 3,
-                    "permissions": "r"}):
+    for device in (
+        {"path": "/dev/../x", "type": "c", "major": 1, "minor": 3, "permissions": "r"},
+        {"path": "/dev/x", "type": "p", "major": 1, "minor": 3, "permissions": "r"},
+        {"path": "/dev/x", "type": "c", "major": -1, "minor": 3, "permissions": "r"},
+    ):
         with pytest.raises(ValueError, match="devices"):
             BootConfig.from_dict(dict(good, devices=[device]))
 
 
 def test_v1_lines():
-    assert devices.v1_lines([("c", -1, -1, "m"), ("c", 1, 3, "rwm")]) == [
-        "c *:* m", "c 1:3 rwm"]
+    assert devices.v1_lines([("c", -1, -1, "m"), ("c", 1, 3, "rwm")]) == ["c *:* m", "c 1:3 rwm"]
 
 
 def test_device_program_shape():
     code = devices.program(devices.rules_for([]))
     assert len(code) % 8 == 0
-    last_two = [struct.unpack("<BBhi", code[i:i + 8]) for i in (len(code) - 16, len(code) - 8)]
+    last_two = [struct.unpack("<BBhi", code[i : i + 8]) for i in (len(code) - 16, len(code) - 8)]
     assert last_two == [(0xB7, 0, 0, 0), (0x95, 0, 0, 0)]  # r0 = 0 (deny); exit
 
 
 V2 = "/sys/fs/cgroup/unified"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(os.path.join(V2, "cgroup.procs")),
-                    reason="needs root and a cgroup v2 mount at " + V2)
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(os.path.join(V2, "cgroup.procs")),
+    reason="needs root and a cgroup v2 mount at " + V2,
+)
 def test_device_program_for_real(tmp_path):
     """Attach the program to a v2 cgroup, move a child in: it can mknod a block device
     and use /dev/null, but not open the block device; a --device rule opens it."""
-    for extra, expected in (([], b"denied"),
-                            ([{"path": "/x", "type": "b", "major": 7, "minor": 0,
-                               "permissions": "r"}], b"opened")):
+    for extra, expected in (
+        ([], b"denied"),
+        ([{"path": "/x", "type": "b", "major": 7, "minor": 0, "permissions": "r"}], b"opened"),
+    ):
         group = os.path.join(V2, f"vmshim-unit-{os.getpid()}")
         os.mkdir(group)
         try:

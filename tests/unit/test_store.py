@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from shim.errors import ImageError, ImageNotFound, InvalidReference
-from shim.images.store import (OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, REF_NAME,
-                               ImageStore, format_size, import_image)
+from shim.images.store import (
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_MANIFEST,
+    REF_NAME,
+    ImageStore,
+    format_size,
+    import_image,
+)
 
 
 @pytest.fixture
@@ -49,8 +56,7 @@ def test_put_blob_bytes_and_stream(store):
     assert d == sha(b"hello")
     assert store.blob_path(d).read_bytes() == b"hello"
     assert store.has_blob(d)
-    d2 = store.put_blob(io.BytesIO(b"x" * (3 << 20)), expected_digest=sha(b"x" * (3 << 20)),
-                        size=3 << 20)
+    d2 = store.put_blob(io.BytesIO(b"x" * (3 << 20)), expected_digest=sha(b"x" * (3 << 20)), size=3 << 20)
     assert store.blob_path(d2).stat().st_size == 3 << 20
     assert blob_files(store) == sorted([d[7:], d2[7:]])  # no temp files
 
@@ -85,8 +91,9 @@ def test_existing_blob_is_not_read_again(store):
 
 def import_simple(store, tmp_path, ref="example/x:1", content=b"hi"):
     layer = make_tar(tmp_path / f"layer-{content.hex()}.tar", {"f": content})
-    return store.import_image([layer], {"config": {"Cmd": ["sh"], "Env": ["A=1"],
-                                                   "WorkingDir": "/w", "User": "1000"}}, ref)
+    return store.import_image(
+        [layer], {"config": {"Cmd": ["sh"], "Env": ["A=1"], "WorkingDir": "/w", "User": "1000"}}, ref
+    )
 
 
 def test_import_builds_proper_manifest(store, tmp_path):
@@ -95,13 +102,11 @@ def test_import_builds_proper_manifest(store, tmp_path):
     assert manifest["mediaType"] == OCI_MANIFEST and manifest["schemaVersion"] == 2
     assert manifest["config"]["digest"] == image.config_digest
     layer_bytes = (tmp_path / f"layer-{b'hi'.hex()}.tar").read_bytes()
-    assert manifest["layers"] == [{"mediaType": OCI_LAYER_TAR, "digest": sha(layer_bytes),
-                                   "size": len(layer_bytes)}]
+    assert manifest["layers"] == [{"mediaType": OCI_LAYER_TAR, "digest": sha(layer_bytes), "size": len(layer_bytes)}]
     assert image.config["rootfs"] == {"type": "layers", "diff_ids": [sha(layer_bytes)]}
     assert image.layers[0].diff_id == sha(layer_bytes)
     assert image.config["os"] == "linux" and image.config["architecture"]
-    assert (image.cmd, image.env, image.workdir, image.user, image.entrypoint) == (
-        ["sh"], ["A=1"], "/w", "1000", None)
+    assert (image.cmd, image.env, image.workdir, image.user, image.entrypoint) == (["sh"], ["A=1"], "/w", "1000", None)
     assert str(image.reference) == "docker.io/example/x:1"
     index = json.loads(store.index_path.read_text())
     assert index["manifests"][0]["annotations"][REF_NAME] == "docker.io/example/x:1"
@@ -114,6 +119,7 @@ def test_import_gzip_layer_diff_id_is_uncompressed(store, tmp_path):
     plain = make_tar(tmp_path / "l.tar", {"a": b"1"})
     gz = tmp_path / "l.tar.gz"
     import gzip
+
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     image = store.import_image([gz], {}, "gz")
     assert image.layers[0].media_type == OCI_LAYER_GZIP
@@ -186,9 +192,12 @@ def test_errors(store, tmp_path):
 
 
 def test_tag_refuses_manifest_with_missing_blobs(store):
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": "x", "digest": "sha256:" + "2" * 64, "size": 1},
-                "layers": []}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "x", "digest": "sha256:" + "2" * 64, "size": 1},
+        "layers": [],
+    }
     digest, _ = store.put_json(manifest)
     with pytest.raises(ImageError, match="is missing"):
         store.tag("x", digest)
@@ -264,8 +273,7 @@ def test_index_stays_valid_under_parallel_tags(store, tmp_path):
     t.start()
     try:
         with ctx.Pool(4) as pool:
-            pool.map(_tag_in_process, [(str(store.root), image.manifest_digest, i)
-                                       for i in range(6)])
+            pool.map(_tag_in_process, [(str(store.root), image.manifest_digest, i) for i in range(6)])
     finally:
         stop.set()
         t.join()

@@ -9,16 +9,12 @@ from shim.cli import table
 
 
 def test_plain_columns_three_spaces_apart_without_trailing_blanks():
-    lines = table.format_rows([("NAME", "SIZE", "PORTS"), ("web", "10MiB", ""),
-                               ("a-longer-name", "1B", "80/tcp")])
-    assert lines == ["NAME            SIZE    PORTS",
-                     "web             10MiB",
-                     "a-longer-name   1B      80/tcp"]
+    lines = table.format_rows([("NAME", "SIZE", "PORTS"), ("web", "10MiB", ""), ("a-longer-name", "1B", "80/tcp")])
+    assert lines == ["NAME            SIZE    PORTS", "web             10MiB", "a-longer-name   1B      80/tcp"]
 
 
 def test_rows_of_different_lengths_and_non_strings():
-    assert table.format_rows([["PID", "CMD"], [1, "init", "extra"], [22]]) == \
-        ["PID   CMD", "1     init   extra", "22"]
+    assert table.format_rows([["PID", "CMD"], [1, "init", "extra"], [22]]) == ["PID   CMD", "1     init   extra", "22"]
     assert table.format_rows([]) == []
 
 

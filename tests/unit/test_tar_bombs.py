@@ -68,12 +68,14 @@ def _peak_while(fn) -> int:
 @pytest.mark.parametrize("kind", ["pax", "global pax", "gnu longname", "gnu longlink"])
 def test_header_bomb_refused_without_allocating_it(tmp_path, kind):
     size = 512 * MiB
-    type_ = {"pax": tarfile.XHDTYPE, "global pax": tarfile.XGLTYPE,
-             "gnu longname": tarfile.GNUTYPE_LONGNAME,
-             "gnu longlink": tarfile.GNUTYPE_LONGLINK}[kind]
+    type_ = {
+        "pax": tarfile.XHDTYPE,
+        "global pax": tarfile.XGLTYPE,
+        "gnu longname": tarfile.GNUTYPE_LONGNAME,
+        "gnu longlink": tarfile.GNUTYPE_LONGLINK,
+    }[kind]
     name = "././@LongLink" if kind.startswith("gnu") else "././@PaxHeader"
-    head = _header("a", size=1) + b"x" + bytes(511) + _header(name, type_, size,
-                                                            fmt=tarfile.GNU_FORMAT)
+    head = _header("a", size=1) + b"x" + bytes(511) + _header(name, type_, size, fmt=tarfile.GNU_FORMAT)
     blob = _sparse_file(tmp_path / "bomb.tar", head, len(head) + size + 4096)
     errors = []
     peak = _peak_while(lambda: errors.append(_convert(tmp_path, blob)))
@@ -111,10 +113,12 @@ def test_sparse_members_refused(tmp_path, kind):
         data = data[:148] + b"%06o\x00 " % chk + data[156:]
         data += b"\x00" * 504 + b"\x01" + bytes(7)  # one more extension block, extended again
     else:
-        data = _pax_block(_pax_record("GNU.sparse.major", "1") +
-                          _pax_record("GNU.sparse.minor", "0") +
-                          _pax_record("GNU.sparse.name", "s") +
-                          _pax_record("GNU.sparse.realsize", "1000000000")) + _header("s", size=512)
+        data = _pax_block(
+            _pax_record("GNU.sparse.major", "1")
+            + _pax_record("GNU.sparse.minor", "0")
+            + _pax_record("GNU.sparse.name", "s")
+            + _pax_record("GNU.sparse.realsize", "1000000000")
+        ) + _header("s", size=512)
         data += b"999999999999\n" + bytes(499)
     blob = tmp_path / "s.tar"
     blob.write_bytes(data + bytes(1024))

@@ -14,19 +14,36 @@ from shim.volumes.specs import MountRequest
 
 
 def record(**kw) -> Container:
-    values = dict(id="a" * 64, name="t", image="busybox", image_id="sha256:abc",
-                  isolation="vm", process=ProcessSpec(args=["true"]), hostname="aaaaaaaaaaaa",
-                  token="0" * 32, layer_disks=["/l/0.sqfs"], writable="tmpfs",
-                  auto_remove=True, network=NetworkRequest(networks=["none"]))
+    values = dict(
+        id="a" * 64,
+        name="t",
+        image="busybox",
+        image_id="sha256:abc",
+        isolation="vm",
+        process=ProcessSpec(args=["true"]),
+        hostname="aaaaaaaaaaaa",
+        token="0" * 32,
+        layer_disks=["/l/0.sqfs"],
+        writable="tmpfs",
+        auto_remove=True,
+        network=NetworkRequest(networks=["none"]),
+    )
     values.update(kw)
     return Container(**values)
 
 
 def test_identity_does_not_change_the_shape():
     one = template.shape_of(record())
-    other = template.shape_of(record(id="b" * 64, hostname="other", token="1" * 32,
-                                     process=ProcessSpec(args=["sleep", "9"], env=["A=1"]),
-                                     name="u", hosts="127.0.0.1 other\n"))
+    other = template.shape_of(
+        record(
+            id="b" * 64,
+            hostname="other",
+            token="1" * 32,
+            process=ProcessSpec(args=["sleep", "9"], env=["A=1"]),
+            name="u",
+            hosts="127.0.0.1 other\n",
+        )
+    )
     assert one is not None and one == other
     guest = {"guest_image": "g", "kernel_release": "6.1", "accel": "tcg"}
     assert template.key_of(one, guest) == template.key_of(other, guest)
@@ -34,13 +51,21 @@ def test_identity_does_not_change_the_shape():
     assert template.shape_of(record(layer_disks=["/l/1.sqfs"])) != one
 
 
-@pytest.mark.parametrize("change", [
-    {"writable": "disk"}, {"isolation": "process"},
-    {"network": NetworkRequest(networks=["bridge"])},
-    {"mounts": [MountRequest(type="tmpfs", target="/x")]}, {"rootfs": "/bundle"},
-    {"privileged": True}, {"os_container": True}, {"sysctl": {"kernel.x": "1"}},
-    {"devices": [{"path": "/dev/fuse"}]}, {"resources": Resources(memory=64 << 20)},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"writable": "disk"},
+        {"isolation": "process"},
+        {"network": NetworkRequest(networks=["bridge"])},
+        {"mounts": [MountRequest(type="tmpfs", target="/x")]},
+        {"rootfs": "/bundle"},
+        {"privileged": True},
+        {"os_container": True},
+        {"sysctl": {"kernel.x": "1"}},
+        {"devices": [{"path": "/dev/fuse"}]},
+        {"resources": Resources(memory=64 << 20)},
+    ],
+)
 def test_what_cannot_start_from_a_template(change):
     assert template.shape_of(record(**change)) is None
 

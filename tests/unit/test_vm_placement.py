@@ -16,17 +16,18 @@ CID = "ab" * 32
 
 
 def placement(tmp_path, backend, rw=True):
-    boot = BootConfig(container_id=CID, token="t", hostname="h",
-                      process=ProcessSpec(args=["true"]), layer_count=1, writable="disk")
+    boot = BootConfig(
+        container_id=CID, token="t", hostname="h", process=ProcessSpec(args=["true"]), layer_count=1, writable="disk"
+    )
     layer = tmp_path / "l0.sqfs"
     layer.write_bytes(b"")
-    return VmPlacement(boot, [layer], tmp_path / "run", name="web",
-                       rw_disk=tmp_path / "rw.img" if rw else None, backend=backend)
+    return VmPlacement(
+        boot, [layer], tmp_path / "run", name="web", rw_disk=tmp_path / "rw.img" if rw else None, backend=backend
+    )
 
 
 def guest(tmp_path):
-    return SimpleNamespace(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd",
-                           cmdline="console=ttyS0")
+    return SimpleNamespace(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd", cmdline="console=ttyS0")
 
 
 def test_domain_has_the_writable_disk_last_and_writable(tmp_path):
@@ -38,8 +39,7 @@ def test_domain_has_the_writable_disk_last_and_writable(tmp_path):
     assert [d.readonly for d in dom.disks[:-1]] == [True, True]
     assert "vmshim-rw" in dom.to_xml()
     without = placement(tmp_path, FakeBackend(), rw=False)
-    assert all(d.serial != WRITABLE_SERIAL
-               for d in without.build_domain(guest(tmp_path), AccelInfo("tcg", "t")).disks)
+    assert all(d.serial != WRITABLE_SERIAL for d in without.build_domain(guest(tmp_path), AccelInfo("tcg", "t")).disks)
 
 
 def test_kill_teardown_and_reattach(tmp_path):

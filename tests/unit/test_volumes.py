@@ -22,13 +22,15 @@ needs_mkfs = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs
 
 # ---- flags ---------------------------------------------------------------------------------
 
+
 def test_dash_v_forms():
-    assert specs.parse_volume("/data") == MountRequest(type="volume", target="/data",
-                                                       anonymous=True)
+    assert specs.parse_volume("/data") == MountRequest(type="volume", target="/data", anonymous=True)
     assert specs.parse_volume("/srv/x/:/data:ro") == MountRequest(
-        type="bind", source="/srv/x", target="/data", readonly=True)
+        type="bind", source="/srv/x", target="/data", readonly=True
+    )
     assert specs.parse_volume("cache:/var/cache:nocopy,rw,z") == MountRequest(
-        type="volume", source="cache", target="/var/cache", nocopy=True)
+        type="volume", source="cache", target="/var/cache", nocopy=True
+    )
     for bad in ("a:b:c:d", "x:relative", "vol:/d:bogus", "./here:/d", "v:/"):
         with pytest.raises(UsageError):
             specs.parse_volume(bad)
@@ -36,17 +38,25 @@ def test_dash_v_forms():
 
 def test_mount_forms(tmp_path):
     assert specs.parse_mount(f"type=bind,src={tmp_path},dst=/d,readonly") == MountRequest(
-        type="bind", source=str(tmp_path), target="/d", readonly=True)
-    assert specs.parse_mount("type=volume,source=v1,target=/d,volume-nocopy,"
-                             "volume-opt=size=1g") == MountRequest(
-        type="volume", source="v1", target="/d", nocopy=True, volume_size=1 << 30)
+        type="bind", source=str(tmp_path), target="/d", readonly=True
+    )
+    assert specs.parse_mount("type=volume,source=v1,target=/d,volume-nocopy,volume-opt=size=1g") == MountRequest(
+        type="volume", source="v1", target="/d", nocopy=True, volume_size=1 << 30
+    )
     assert specs.parse_mount("target=/d").anonymous  # type defaults to volume
-    assert specs.parse_mount("type=tmpfs,target=/t,tmpfs-size=64m,tmpfs-mode=1770") == \
-        MountRequest(type="tmpfs", target="/t", options="size=67108864,mode=1770")
-    for bad in ("type=nfs,target=/d", "type=bind,source=rel,target=/d",
-                f"type=bind,source={tmp_path}/missing,target=/d", "type=volume",
-                "type=tmpfs,source=x,target=/t", "type=volume,target=/d,color=red",
-                "type=tmpfs,target=/t,tmpfs-mode=rwx", "type=bind,source=/,target=/d,ro=maybe"):
+    assert specs.parse_mount("type=tmpfs,target=/t,tmpfs-size=64m,tmpfs-mode=1770") == MountRequest(
+        type="tmpfs", target="/t", options="size=67108864,mode=1770"
+    )
+    for bad in (
+        "type=nfs,target=/d",
+        "type=bind,source=rel,target=/d",
+        f"type=bind,source={tmp_path}/missing,target=/d",
+        "type=volume",
+        "type=tmpfs,source=x,target=/t",
+        "type=volume,target=/d,color=red",
+        "type=tmpfs,target=/t,tmpfs-mode=rwx",
+        "type=bind,source=/,target=/d,ro=maybe",
+    ):
         with pytest.raises(UsageError):
             specs.parse_mount(bad)
 
@@ -54,7 +64,8 @@ def test_mount_forms(tmp_path):
 def test_tmpfs_forms():
     assert specs.parse_tmpfs("/run") == MountRequest(type="tmpfs", target="/run")
     assert specs.parse_tmpfs("/run:size=64m,exec,mode=1777,ro") == MountRequest(
-        type="tmpfs", target="/run", options="size=67108864,exec,mode=1777", readonly=True)
+        type="tmpfs", target="/run", options="size=67108864,exec,mode=1777", readonly=True
+    )
     with pytest.raises(UsageError):
         specs.parse_tmpfs("/run:color=red")
     # The runtime turns the options into flags and data.
@@ -71,12 +82,16 @@ def test_duplicate_destinations_are_refused():
 
 
 def test_volumes_from_copies_binds_and_volumes():
-    stored = [MountRequest(type="volume", source="v", target="/v", anonymous=True),
-              MountRequest(type="bind", source="/h", target="/b"),
-              MountRequest(type="tmpfs", target="/t")]
+    stored = [
+        MountRequest(type="volume", source="v", target="/v", anonymous=True),
+        MountRequest(type="bind", source="/h", target="/b"),
+        MountRequest(type="tmpfs", target="/t"),
+    ]
     copied = specs.volumes_from([stored], ["other:ro"])
     assert [(m.type, m.target, m.readonly, m.anonymous) for m in copied] == [
-        ("volume", "/v", True, False), ("bind", "/b", True, False)]
+        ("volume", "/v", True, False),
+        ("bind", "/b", True, False),
+    ]
     with pytest.raises(UsageError):
         specs.volumes_from([stored], ["other:rx"])
 
@@ -93,6 +108,7 @@ def test_binds_in_a_vm_must_be_directories(tmp_path):
 
 
 # ---- the store -----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -127,8 +143,7 @@ def test_create_list_inspect_remove(store):
 @needs_mkfs
 def test_the_filesystem_has_a_data_directory(store, tmp_path):
     volume = store.create("fs", size=32 << 20)
-    out = subprocess.run(["debugfs", "-R", "ls -l /", str(volume.image)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(["debugfs", "-R", "ls -l /", str(volume.image)], capture_output=True, text=True).stdout
     assert " data" in out and "lost+found" in out
 
 
@@ -182,8 +197,7 @@ def test_an_ofd_lock_like_qemus_marks_the_image_in_use(store):
 def test_an_unclean_volume_is_repaired_before_use(store):
     volume = store.create("dirty", size=32 << 20)
     # Mark it "not cleanly unmounted", the way a killed VM leaves it.
-    subprocess.run(["debugfs", "-w", "-R", "ssv state 0", str(volume.image)], check=True,
-                   capture_output=True)
+    subprocess.run(["debugfs", "-w", "-R", "ssv state 0", str(volume.image)], check=True, capture_output=True)
     assert needs_recovery(volume.image)
     store.acquire("dirty", readonly=True).release()
     assert not needs_recovery(volume.image)
@@ -198,19 +212,25 @@ def test_not_ext4_is_reported(tmp_path):
 
 # ---- a VM's mounts -----------------------------------------------------------------------
 
+
 @needs_mkfs
 def test_for_vm_describes_disks_shares_and_specs(store, tmp_path):
     store.create("v1", size=32 << 20)
-    requests = [MountRequest(type="bind", source=str(tmp_path), target="/b"),
-                MountRequest(type="volume", source="v1", target="/a"),
-                MountRequest(type="volume", source="v1", target="/b2", readonly=True),
-                MountRequest(type="tmpfs", target="/t", options="size=1024")]
+    requests = [
+        MountRequest(type="bind", source=str(tmp_path), target="/b"),
+        MountRequest(type="volume", source="v1", target="/a"),
+        MountRequest(type="volume", source="v1", target="/b2", readonly=True),
+        MountRequest(type="tmpfs", target="/t", options="size=1024"),
+    ]
     att = Attachments(requests, store=store)
     mount_specs, disks, shares = att.for_vm(5, lambda i: f"vd{chr(97 + i)}")
     try:
         assert [(s.type, s.source, s.target) for s in mount_specs] == [
-            ("bind", "vmshim-b0", "/b"), ("volume", "vmshim-v0", "/a"),
-            ("volume", "vmshim-v0", "/b2"), ("tmpfs", "", "/t")]
+            ("bind", "vmshim-b0", "/b"),
+            ("volume", "vmshim-v0", "/a"),
+            ("volume", "vmshim-v0", "/b2"),
+            ("tmpfs", "", "/t"),
+        ]
         assert mount_specs[2].readonly and mount_specs[1].copy_up
         # One disk per volume, read-write because one of its mounts is.
         assert [(d.serial, d.target, d.readonly) for d in disks] == [("vmshim-v0", "vdf", False)]
@@ -227,8 +247,7 @@ def test_a_volume_a_vm_wrote_is_refused_in_process_isolation(store, tmp_path):
     """Process isolation never mounts a file system a guest wrote in the host kernel."""
     assert store.create("clean", size=32 << 20).written_by_vm is False
     store.create("used", size=32 << 20)
-    ro = Attachments([MountRequest(type="volume", source="used", target="/a", readonly=True)],
-                     store=store)
+    ro = Attachments([MountRequest(type="volume", source="used", target="/a", readonly=True)], store=store)
     ro.for_vm(1, lambda i: "vdb")
     ro.release()
     assert store.get("used").written_by_vm is False  # a read-only disk: the guest wrote nothing
@@ -237,8 +256,7 @@ def test_a_volume_a_vm_wrote_is_refused_in_process_isolation(store, tmp_path):
     rw.release()
     assert store.get("used").written_by_vm is True
     for readonly in (False, True):
-        att = Attachments([MountRequest(type="volume", source="used", target="/a",
-                                        readonly=readonly)], store=store)
+        att = Attachments([MountRequest(type="volume", source="used", target="/a", readonly=readonly)], store=store)
         with pytest.raises(VolumeError) as info:
             att.for_process(tmp_path / "stage")
         assert "was written by a VM" in str(info.value) and "\n" not in str(info.value)
@@ -263,17 +281,29 @@ def test_a_volume_record_from_before_the_flag_counts_as_vm_written(store, tmp_pa
 def test_domain_with_shares_and_pinned_vcpus():
     from shim.vm.domain import Domain, Filesystem, KernelBoot
 
-    dom = Domain(name="vmshim-x", uuid="11111111-2222-3333-4444-555555555555", memory_mib=160,
-                 vcpus=2, domain_type="qemu", cpuset="0-1",
-                 boot=KernelBoot(kernel="/k", initrd="/i"),
-                 filesystems=[Filesystem(source_dir="/srv", tag="vmshim-b0")])
+    dom = Domain(
+        name="vmshim-x",
+        uuid="11111111-2222-3333-4444-555555555555",
+        memory_mib=160,
+        vcpus=2,
+        domain_type="qemu",
+        cpuset="0-1",
+        boot=KernelBoot(kernel="/k", initrd="/i"),
+        filesystems=[Filesystem(source_dir="/srv", tag="vmshim-b0")],
+    )
     xml = dom.to_xml()
-    assert "<vcpu placement=\"static\" cpuset=\"0-1\">2</vcpu>" in xml
-    assert "<source type=\"memfd\" />" in xml and "virtiofs" in xml
+    assert '<vcpu placement="static" cpuset="0-1">2</vcpu>' in xml
+    assert '<source type="memfd" />' in xml and "virtiofs" in xml
     with pytest.raises(ValueError):
-        Domain(name="vmshim-x", uuid="11111111-2222-3333-4444-555555555555", memory_mib=1,
-               vcpus=1, domain_type="qemu", cpuset="0;1",
-               boot=KernelBoot(kernel="/k", initrd="/i"))
+        Domain(
+            name="vmshim-x",
+            uuid="11111111-2222-3333-4444-555555555555",
+            memory_mib=1,
+            vcpus=1,
+            domain_type="qemu",
+            cpuset="0;1",
+            boot=KernelBoot(kernel="/k", initrd="/i"),
+        )
 
 
 @needs_mkfs
@@ -283,13 +313,18 @@ def test_prepare_mounts_resolves_volumes_and_volumes_from(store, tmp_path):
             assert ref == "web"
 
             class R:
-                mounts = [MountRequest(type="volume", source="shared", target="/s"),
-                          MountRequest(type="bind", source=str(tmp_path), target="/h")]
+                mounts = [
+                    MountRequest(type="volume", source="shared", target="/s"),
+                    MountRequest(type="bind", source=str(tmp_path), target="/h"),
+                ]
+
             return R()
 
-    requests = [MountRequest(type="volume", target="/anon", anonymous=True),
-                MountRequest(type="volume", source="named", target="/n"),
-                MountRequest(type="tmpfs", target="/h")]  # wins over the copied /h
+    requests = [
+        MountRequest(type="volume", target="/anon", anonymous=True),
+        MountRequest(type="volume", source="named", target="/n"),
+        MountRequest(type="tmpfs", target="/h"),
+    ]  # wins over the copied /h
     merged = prepare_mounts(requests, ["web"], "vm", containers=Records(), store=store)
     assert [m.target for m in merged] == ["/s", "/anon", "/n", "/h"]
     assert merged[3].type == "tmpfs"
@@ -319,8 +354,10 @@ def test_a_single_file_bind_shares_only_that_file(store, tmp_path, readonly):
     container_dir.mkdir(parents=True)
     (container_dir / "hosts").write_text("127.0.0.1 localhost\n")
     (container_dir / "config.v2.json").write_text('{"Env": ["PASSWORD=hunter2"]}')
-    att = Attachments([MountRequest(type="bind", source=str(container_dir / "hosts"),
-                                    target="/etc/hosts", readonly=readonly)], store=store)
+    att = Attachments(
+        [MountRequest(type="bind", source=str(container_dir / "hosts"), target="/etc/hosts", readonly=readonly)],
+        store=store,
+    )
     specs, _disks, shares = att.for_vm(1, lambda i: "vdb", share_dir=tmp_path / "shares")
     try:
         shared = Path(shares[0].source_dir)
@@ -343,7 +380,6 @@ def test_a_single_file_bind_shares_only_that_file(store, tmp_path, readonly):
 
 def test_a_single_file_bind_without_a_private_directory_is_refused(store, tmp_path):
     (tmp_path / "hosts").write_text("")
-    att = Attachments([MountRequest(type="bind", source=str(tmp_path / "hosts"),
-                                    target="/etc/hosts")], store=store)
+    att = Attachments([MountRequest(type="bind", source=str(tmp_path / "hosts"), target="/etc/hosts")], store=store)
     with pytest.raises(VolumeError, match="single file"):
         att.for_vm(1, lambda i: "vdb")
