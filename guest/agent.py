@@ -605,11 +605,28 @@ class Agent:
         except ValueError as exc:
             raise Reject(str(exc)) from None
         process.tty = message.get("tty", bool, process.tty)
+        member_id = message.get("member", str, "")
         if proc_id in self._procs:
             raise Reject(f"process id {proc_id} is in use")
         if self._main is None or self._main.exit_code is not None:
             raise Reject("the container is not running")
+        if member_id:
+            container = self._member_container(member_id)
+            self._start_extra(proc_id, lambda: container.exec(process, stdin=stdin, rows=rows, cols=cols))
+            return
         self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows, cols=cols))
+
+    def _member_container(self, member_id: str):
+        """The guest Container of the running pod member *member_id* (its container id).
+        Raises Reject."""
+        if len(member_id) > 64:
+            raise Reject("a pod member's id is at most 64 characters")
+        for proc in self._procs.values():
+            container = getattr(proc.member, "container", None)
+            if container is not None and proc.exit_code is None:
+                if getattr(container.config, "container_id", None) == member_id:
+                    return container
+        raise Reject(f"no pod member {member_id} runs in this VM")
 
     def _handle_member(self, message: Message) -> None:
         from guest.spec import BootConfig

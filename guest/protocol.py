@@ -14,7 +14,11 @@ Conversation (``h`` = host, ``g`` = guest)::
     h: start   {token, id, process, stdin, tty, rows, cols[, hold]}   run the container's
                                                   process; hold: keep serving after it
                                                   exits, until ``shutdown`` (for ``diff``)
-    h: exec    {token, id, process, stdin, tty, rows, cols}   run another process in it
+    h: exec    {token, id, process, stdin, tty, rows, cols[, member]}   run another process
+                                                  in it; member: the container id of a
+                                                  running pod member (see ``member``):
+                                                  the process joins that member's
+                                                  namespaces and cgroup instead
     h: member  {token, id, config, stdin, tty, rows, cols}   run a pod member beside the
                                                   container (same replies and streams as
                                                   exec): config is the member's

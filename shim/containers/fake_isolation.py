@@ -63,18 +63,27 @@ class PlainRuntime:
     def start_member(self, config, *, stdin, rows=24, cols=80):
         """A pod member (guest.runtime.member) as a plain process: no share to mount,
         no namespaces, no cgroup."""
-        return _PlainMember(self._spawn(config.process, stdin, rows, cols))
+        return _PlainMember(self._spawn(config.process, stdin, rows, cols), config, self)
 
     def oom_killed(self):
         return False
 
 
 class _PlainMember:
-    def __init__(self, spawned):
+    """A member whose ``container`` (the agent's exec into it) is the runtime itself."""
+
+    def __init__(self, spawned, config, runtime: PlainRuntime):
         self.spawned = spawned
+        self.container = _PlainMemberContainer(config, runtime)
 
     def destroy(self) -> None:
         pass
+
+
+class _PlainMemberContainer:
+    def __init__(self, config, runtime: PlainRuntime):
+        self.config = config
+        self.exec = runtime.exec
 
 
 class FakeIsolation:

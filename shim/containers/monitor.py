@@ -43,6 +43,7 @@ has a deadline (START_TIMEOUT, REPLY_TIMEOUT); the log is capped by rotation
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import select
 import signal
@@ -89,6 +90,8 @@ VM (or host agent) is killed outright."""
 REPLY_TIMEOUT = 30.0
 """Seconds the agent has to answer an exec, builtin, stats or update request."""
 MAX_NETCONF_INTERFACES = 8
+MEMBER_ID_RE = re.compile(r"[0-9a-f]{16,64}")
+"""A pod member's container id (``exec`` with ``in_member``)."""
 NETWATCH_SETTLE = 0.5
 """Seconds of quiet after link/address events in an engine's namespace before looking."""
 DNS_TIMEOUT_CHECK = 6.0
@@ -886,9 +889,14 @@ class Monitor:
     def _op_exec(self, conn: Conn, msg: Message) -> None:
         """Run a process in the container; with ``member`` (a BootConfig dict, the
         agent checks it) a pod member beside it (guest.runtime.member), which is killed
-        when this connection (its stand-in's) goes."""
+        when this connection (its stand-in's) goes; with ``in_member`` (a running
+        member's container id) the process runs in that member (its namespaces and
+        cgroup)."""
         self._need("exec")
         member = msg.get("member", dict, None)
+        in_member = msg.get("in_member", str, "")
+        if in_member and (member is not None or not MEMBER_ID_RE.fullmatch(in_member)):
+            raise ValueError("in_member must be a pod member's container id (16-64 hex digits), without member")
         process = ProcessSpec.from_dict(msg.get("process", dict)) if member is None else None
         proc_id = self._new_proc_id()
         detach = msg.get("detach", bool, False) and member is None
@@ -920,6 +928,7 @@ class Monitor:
             tty=process.tty,
             rows=msg.get("rows", int, 24),
             cols=msg.get("cols", int, 80),
+            **({"member": in_member} if in_member else {}),
         )
 
     def _op_stats(self, conn: Conn, msg: Message) -> None:

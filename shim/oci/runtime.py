@@ -617,8 +617,12 @@ def exec_process(
     status = oci_status(record, info)
     if status != "running":
         raise ContainerStateError("exec", "running", status, oci_id)
-    if info.sandbox:
-        raise VmshimError(f"container {oci_id} is a pod member: exec into pod members is not supported yet")
+    target, member = record, ""
+    if info.sandbox:  # a pod member: its process runs in the sandbox's VM
+        target, sandbox_info = rt.load(info.sandbox)
+        if oci_status(target, sandbox_info) != "running":
+            raise VmshimError(f"cannot exec in pod member {oci_id}: its sandbox {info.sandbox} is not running")
+        member = record.id
     notes: list[str] = []
     try:
         spec, size = parse_process(process, notes)
@@ -630,7 +634,7 @@ def exec_process(
     if spec.tty and not console_socket and detach:
         raise BundleError("process.terminal is true: --console-socket is needed with --detach")
     pid, report_r = _fork_standin(
-        lambda report_w: standin.run_exec(rt.containers, record, spec, report_w),
+        lambda report_w: standin.run_exec(rt.containers, target, spec, report_w, member),
         console_socket if spec.tty else None,
         size,
         "vmshim-exec",

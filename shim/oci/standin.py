@@ -111,10 +111,11 @@ def run_main(store, record_id: str, state_dir: Path) -> int:
         return 125
 
 
-def run_exec(store, record, process, report_fd: int) -> int:
+def run_exec(store, record, process, report_fd: int, member: str = "") -> int:
     """An exec stand-in: start *process* (a ProcessSpec) in the running container, write
     ``0`` to *report_fd* once it runs (or ``E<message>`` when it could not start), pump
-    its stdio and return its exit status."""
+    its stdio and return its exit status. *member*: a pod member's container id; then
+    *record* is its sandbox's and the process runs in that member."""
     from shim.containers import manage
     from shim.containers import monitor_api as api
     from shim.containers.attach import terminal_size
@@ -126,7 +127,15 @@ def run_exec(store, record, process, report_fd: int) -> int:
         rows, cols = terminal_size(0) if process.tty else (24, 80)
         reply = api.raise_for_error(
             client.request(
-                "exec", None, process=process.to_dict(), stdin=True, tty=process.tty, rows=rows, cols=cols, detach=False
+                "exec",
+                None,
+                process=process.to_dict(),
+                stdin=True,
+                tty=process.tty,
+                rows=rows,
+                cols=cols,
+                detach=False,
+                **({"in_member": member} if member else {}),
             )
         )
     except VmshimError as exc:

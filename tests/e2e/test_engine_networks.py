@@ -408,6 +408,23 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         pod_qemus = _qemus_of(infra, *ids)
         assert len(pod_qemus) == 1 and pod_qemus == _qemus_of(infra), "the pod must run in one VM, the sandbox's"
         podman.podman("rm", "client", check=True)
+        # exec into a member: its rootfs (/www), its pid namespace (PID 1 is its httpd)
+        # and cgroup, the pod's kernel; stdin in, exit status out
+        proc = podman.podman(
+            "exec",
+            "-i",
+            "web",
+            "sh",
+            "-c",
+            'test "$(cat /proc/self/cgroup)" = "$(cat /proc/1/cgroup)" || exit 3; '
+            "cat /proc/1/comm; cat /www/index.html; cat; exit 7",
+            input="from-stdin\n",
+            timeout=120,
+        )
+        assert proc.returncode == 7, _out(proc)
+        assert proc.stdout.split() == ["httpd", sandbox_boot, "from-stdin"], _out(proc)
+        proc = podman.podman("exec", infra, "test", "-e", "/www")
+        assert proc.returncode == 1, "an exec into the sandbox stays in the sandbox: " + _out(proc)
         proc = podman.podman("stop", "--time", "2", "web", timeout=120)
         assert proc.returncode == 0, _out(proc)
         status = podman.podman("inspect", "--format", "{{.State.Status}}", "web").stdout

@@ -29,6 +29,11 @@ class FakeContainer:
         self.main = spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
         return self.main
 
+    def exec(self, process, *, stdin, rows, cols):
+        self.log.append(("exec", self.rootfs, process.args))
+        spec = process.replace(user=f"{os.getuid()}:{os.getgid()}")
+        return spawn_container(None, spec, "", None, namespaces=(), stdin=stdin, rows=rows, cols=cols)
+
     def destroy(self):
         self.log.append(("destroy", self.rootfs))
 
@@ -158,3 +163,35 @@ def test_the_guest_may_not_send_member():
     msg = protocol.Message(protocol.MEMBER, {"id": 1, "config": {}})
     with pytest.raises(protocol.ProtocolError, match="may not send"):
         protocol.check_from_guest(msg)
+
+
+def test_exec_into_a_running_member_runs_in_that_member(make_host, tmp_path):
+    """``exec`` with ``member``: the process starts through that member's container (its
+    namespaces and cgroup), with exec's replies and streams; a member that is not (or no
+    longer) running, or an id that is no member's, is refused with ``error``."""
+    runtime = MemberRuntime(tmp_path / "members")
+    host = make_host(["sleep", "30"], runtime=runtime)
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    host.send(protocol.MEMBER, token=TOKEN, id=7, stdin=True, tty=False, config=member_config(["sleep", "30"]))
+    assert host.recv().type == protocol.STARTED
+    share = str(tmp_path / "members" / MEMBER_ID / "rootfs")
+    exec_process = ProcessSpec(args=["sh", "-c", "echo inside; exit 4"]).to_dict()
+    host.send(protocol.EXEC, token=TOKEN, id=8, process=exec_process, member=MEMBER_ID)
+    assert host.recv().type == protocol.STARTED
+    out, _, exit_msg, _ = host.collect(8)
+    assert out == b"inside\n" and exit_msg.get("code", int) == 4
+    assert ("exec", share, ["sh", "-c", "echo inside; exit 4"]) in runtime.log
+    for bad_id in ("cd" * 32, "../../proc/1", "a" * 65):
+        host.send(protocol.EXEC, token=TOKEN, id=9, process=exec_process, member=bad_id)
+        reply = host.recv()
+        assert reply.type == protocol.ERROR and "pod member" in reply.get("message", str)
+    host.send(protocol.EXEC, token=TOKEN, id=9, process=exec_process, member=5)
+    assert host.recv().type == protocol.ERROR
+    host.send(protocol.SIGNAL, id=7, signal=9)
+    host.collect(7)
+    host.send(protocol.EXEC, token=TOKEN, id=10, process=exec_process, member=MEMBER_ID)
+    reply = host.recv()
+    assert reply.type == protocol.ERROR and "no pod member" in reply.get("message", str)
+    host.send(protocol.SIGNAL, id=1, signal=9)
+    host.collect(1)

@@ -314,3 +314,38 @@ def test_a_pod_member_runs_through_exec_and_dies_with_its_client(store):
 
     wait_for(gone)
     assert store.load(rec.id).state.status == "running"  # the sandbox goes on
+
+
+def test_exec_in_a_pod_member_names_it_to_the_agent(store):
+    """``exec`` with ``in_member`` (the OCI runtime's exec into a pod member) runs the
+    process in that member; an id that is not 16-64 hex digits, or one given with
+    ``member``, is refused by the monitor, which goes on serving."""
+    from guest import protocol
+    from shim.containers import monitor_api as api
+
+    rec = make(store, "sleep 30")
+    assert manage.start(rec.id, store=store) == 0
+    keeper = manage.monitor_client(store, store.load(rec.id))
+    api.raise_for_error(keeper.request("exec", 20, member=_member_config(["sleep", "30"]), stdin=True))
+    process = ProcessSpec(args=["sh", "-c", "echo in-member; exit 6"]).to_dict()
+    for bad in ({"in_member": "../../run"}, {"in_member": "AB" * 32}, {"in_member": "ab" * 32, "member": {}}):
+        client = manage.monitor_client(store, store.load(rec.id))
+        with client, pytest.raises(VmshimError, match="in_member"):
+            api.raise_for_error(client.request("exec", 20, process=process, stdin=False, **bad))
+    client = manage.monitor_client(store, store.load(rec.id))
+    with client:
+        reply = api.raise_for_error(client.request("exec", 20, process=process, stdin=False, in_member="ab" * 32))
+        assert reply.type == protocol.STARTED
+        seen = []
+        while True:
+            msg = client.recv(20)
+            seen.append(msg)
+            if msg.type == protocol.EXIT:
+                break
+    assert b"".join(m.payload for m in seen if m.type == protocol.STDOUT) == b"in-member\n"
+    assert seen[-1].get("code", int) == 6
+    client = manage.monitor_client(store, store.load(rec.id))
+    with client, pytest.raises(VmshimError, match="no pod member"):
+        api.raise_for_error(client.request("exec", 20, process=process, stdin=False, in_member="cd" * 32))
+    keeper.close()
+    assert store.load(rec.id).state.status == "running"
