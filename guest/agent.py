@@ -201,6 +201,7 @@ class Agent:
             protocol.IDENTITY: self._handle_identity,
             protocol.SPEC: self._handle_spec,
             protocol.MEMBER: self._handle_member,
+            protocol.FREEZE: self._handle_freeze,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -708,6 +709,20 @@ class Agent:
         try:
             update(limits)
         except Exception as exc:  # noqa: BLE001 - CgroupError, or any runtime failure
+            raise Reject(str(exc)) from None
+        self._send(protocol.UPDATED, id=request)
+
+    def _handle_freeze(self, message: Message) -> None:
+        self._check_token(message)
+        request = message.get("id", int)
+        frozen = message.get("frozen", bool)
+        container = self._member_container(message.get("member", str))
+        cgroup = getattr(container, "cgroup", None)
+        if cgroup is None:
+            raise Reject("the pod member has no cgroup to freeze")
+        try:
+            cgroup.freeze(frozen)
+        except Exception as exc:  # noqa: BLE001 - CgroupError, or any failure
             raise Reject(str(exc)) from None
         self._send(protocol.UPDATED, id=request)
 

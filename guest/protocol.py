@@ -30,6 +30,10 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   namespaces, and shares the VM's network
                                                   with the container; when the process ends
                                                   its cgroup goes and the share is unmounted
+    h: freeze  {token, id, member, frozen}       freeze (or thaw) a running pod member's
+                                                  cgroup (cgroup.freeze); *member* is its
+                                                  container id, *id* a request id:
+                                                  updated {id} | error {id, message}
     g: started {id, pid} | error {id, message, code}   code (optional): 127 not found,
                                       126 not executable, 125 other setup failure
     h: stdin {id} + bytes · stdin_close {id} · resize {id, rows, cols} · signal {id, signal}
@@ -164,6 +168,7 @@ MAX_DNS_ANSWER = 65535
 IDENTITY = "identity"
 SPEC = "spec"
 MEMBER = "member"
+FREEZE = "freeze"
 MEMBER_TAG_PREFIX = "vmshim-m"
 """The virtiofs tag of a pod member's rootfs share starts with this (then 1-16 hex)."""
 MAX_ENTROPY_HEX = 512
@@ -196,6 +201,7 @@ MESSAGE_TYPES = frozenset(
         IDENTITY,
         SPEC,
         MEMBER,
+        FREEZE,
     }
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")

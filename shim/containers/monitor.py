@@ -1056,6 +1056,15 @@ class Monitor:
         conn.send(api.REPLY)
         conn.finish()
 
+    def _op_freeze_member(self, conn: Conn, msg: Message) -> None:
+        """Freeze (``frozen``) or thaw the pod member ``in_member`` (its container id)
+        in this VM (reply {}); the member's OCI state is the caller's to keep."""
+        self._need("pause")
+        member = msg.get("in_member", str)
+        if not MEMBER_ID_RE.fullmatch(member):
+            raise ValueError("in_member must be a pod member's container id (16-64 hex digits)")
+        self._agent_request(conn, protocol.FREEZE, member=member, frozen=msg.get("frozen", bool))
+
     def _op_wait(self, conn: Conn, msg: Message) -> None:
         if not self.main_running and not isinstance(self.state, RestartWaiting):
             conn.send(api.REPLY, exit_code=self.record.state.exit_code)

@@ -529,15 +529,40 @@ def pause(rt: RuntimeStore, oci_id: str) -> None:
 
     record, info = rt.load(oci_id)
     if info.sandbox:
-        raise VmshimError(f"container {oci_id} is a pod member: pause its pod's sandbox {info.sandbox}")
+        _freeze_member(rt, record, info, True)
+        return
     manage.pause(record.id, store=rt.containers)
 
 
 def resume(rt: RuntimeStore, oci_id: str) -> None:
     from shim.containers import manage
 
-    record, _ = rt.load(oci_id)
+    record, info = rt.load(oci_id)
+    if info.sandbox:
+        _freeze_member(rt, record, info, False)
+        return
     manage.unpause(record.id, store=rt.containers)
+
+
+def _freeze_member(rt: RuntimeStore, record: Container, info: OciInfo, frozen: bool) -> None:
+    """Pause (*frozen*) or resume pod member *info*: its cgroup in the sandbox's VM is
+    frozen or thawed by the guest (the sandbox and the other members run on). Raises
+    ContainerStateError, VmshimError."""
+    from shim.containers import manage
+    from shim.containers import monitor_api as api
+
+    operation, needed = ("pause", "running") if frozen else ("resume", "paused")
+    status = oci_status(record, info)
+    if status != needed:
+        raise ContainerStateError(operation, needed, status, info.id)
+    sandbox, _ = rt.load(info.sandbox)
+    client = manage.monitor_client(rt.containers, sandbox)
+    if client is None:
+        raise VmshimError(f"cannot {operation} pod member {info.id}: its sandbox {info.sandbox} is not running")
+    with client:
+        api.raise_for_error(client.request("freeze_member", 60, in_member=record.id, frozen=frozen))
+    info.member_paused = frozen
+    rt.save_info(info)
 
 
 def processes(rt: RuntimeStore, oci_id: str) -> list[int]:

@@ -62,6 +62,8 @@ class OciInfo(JsonRecord):
     member_started: bool = False
     """A pod member: ``start`` saw its process run (its record stays ``created``: it has
     no VM or monitor of its own; its stand-in's life is its state)."""
+    member_paused: bool = False
+    """A pod member: ``pause`` froze its cgroup in the sandbox's VM (``resume`` thaws it)."""
 
 
 def alive(pid: int, start: int) -> bool:
@@ -134,7 +136,9 @@ def oci_status(record: Container, info: OciInfo) -> str:
             return "creating"
         if not alive(info.standin_pid, info.standin_start):
             return "stopped"
-        return "running" if info.member_started else "created"
+        if not info.member_started:
+            return "created"
+        return "paused" if info.member_paused else "running"
     status = record.status
     if status == Status.CREATED:
         if info.standin_pid == 0:

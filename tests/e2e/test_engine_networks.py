@@ -425,6 +425,18 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         assert proc.stdout.split() == ["httpd", sandbox_boot, "from-stdin"], _out(proc)
         proc = podman.podman("exec", infra, "test", "-e", "/www")
         assert proc.returncode == 1, "an exec into the sandbox stays in the sandbox: " + _out(proc)
+        # pause a member: its cgroup in the VM is frozen (its httpd does not answer over
+        # the pod's localhost) while the sandbox runs on; unpause thaws it
+        proc = podman.podman("pause", "web", timeout=120)
+        assert proc.returncode == 0, _out(proc)
+        assert podman.podman("inspect", "--format", "{{.State.Status}}", "web").stdout.strip() == "paused"
+        proc = podman.podman("exec", infra, "wget", "-T", "3", "-qO-", "http://127.0.0.1/", timeout=120)
+        assert proc.returncode != 0 and sandbox_boot not in proc.stdout, "a paused member must not serve"
+        proc = podman.podman("unpause", "web", timeout=120)
+        assert proc.returncode == 0, _out(proc)
+        assert podman.podman("inspect", "--format", "{{.State.Status}}", "web").stdout.strip() == "running"
+        proc = podman.podman("exec", infra, "wget", "-T", "30", "-qO-", "http://127.0.0.1/", timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == sandbox_boot, _out(proc)
         proc = podman.podman("stop", "--time", "2", "web", timeout=120)
         assert proc.returncode == 0, _out(proc)
         status = podman.podman("inspect", "--format", "{{.State.Status}}", "web").stdout

@@ -18,10 +18,19 @@ from tests.unit.test_agent import TOKEN, FakeRuntime, make_host  # noqa: F401 - 
 MEMBER_ID = "ab" * 32
 
 
+class FakeCgroup:
+    def __init__(self, log):
+        self.log = log
+
+    def freeze(self, frozen=True):
+        self.log.append(("freeze", frozen))
+
+
 class FakeContainer:
     def __init__(self, config, rootfs, log):
         self.config, self.rootfs, self.log = config, rootfs, log
         self.main = None
+        self.cgroup = FakeCgroup(log)
 
     def start(self, process, *, stdin, rows, cols):
         self.log.append(("start", self.rootfs, process.args))
@@ -195,3 +204,38 @@ def test_exec_into_a_running_member_runs_in_that_member(make_host, tmp_path):
     assert reply.type == protocol.ERROR and "no pod member" in reply.get("message", str)
     host.send(protocol.SIGNAL, id=1, signal=9)
     host.collect(1)
+
+
+def test_freeze_and_thaw_a_running_member(make_host, tmp_path):
+    """``freeze``: the member's cgroup is frozen or thawed (``updated``); an id that is no
+    running member's, a missing ``frozen`` or a wrong token is refused with ``error``."""
+    runtime = MemberRuntime(tmp_path / "members")
+    host = make_host(["sleep", "30"], runtime=runtime)
+    host.recv()
+    assert host.start().type == protocol.STARTED
+    host.send(protocol.MEMBER, token=TOKEN, id=7, stdin=True, tty=False, config=member_config(["sleep", "30"]))
+    assert host.recv().type == protocol.STARTED
+    for frozen in (True, False):
+        host.send(protocol.FREEZE, token=TOKEN, id=20, member=MEMBER_ID, frozen=frozen)
+        reply = host.recv()
+        assert reply.type == protocol.UPDATED and reply.get("id", int) == 20
+    assert [e for e in runtime.log if e[0] == "freeze"] == [("freeze", True), ("freeze", False)]
+    for fields in (
+        {"token": TOKEN, "member": "cd" * 32, "frozen": True},
+        {"token": TOKEN, "member": "../../sys/fs/cgroup", "frozen": True},
+        {"token": TOKEN, "member": MEMBER_ID},
+        {"token": "wrong", "member": MEMBER_ID, "frozen": True},
+    ):
+        host.send(protocol.FREEZE, id=21, **fields)
+        assert host.recv().type == protocol.ERROR
+    assert len([e for e in runtime.log if e[0] == "freeze"]) == 2
+    host.send(protocol.SIGNAL, id=7, signal=9)
+    host.collect(7)
+    host.send(protocol.SIGNAL, id=1, signal=9)
+    host.collect(1)
+
+
+def test_the_guest_may_not_send_freeze():
+    msg = protocol.Message(protocol.FREEZE, {"id": 1, "member": MEMBER_ID, "frozen": True})
+    with pytest.raises(protocol.ProtocolError, match="may not send"):
+        protocol.check_from_guest(msg)

@@ -349,3 +349,21 @@ def test_exec_in_a_pod_member_names_it_to_the_agent(store):
         api.raise_for_error(client.request("exec", 20, process=process, stdin=False, in_member="cd" * 32))
     keeper.close()
     assert store.load(rec.id).state.status == "running"
+
+
+def test_freeze_member_goes_to_the_agent_and_bad_ids_are_refused(store):
+    """``freeze_member`` asks the agent to freeze a member (the plain test runtime's
+    members have no cgroup: the agent's refusal comes back); an id that is not 16-64 hex
+    digits never reaches it, and the monitor goes on serving."""
+    from shim.containers import monitor_api as api
+
+    rec = make(store, "sleep 30")
+    assert manage.start(rec.id, store=store) == 0
+    keeper = manage.monitor_client(store, store.load(rec.id))
+    api.raise_for_error(keeper.request("exec", 20, member=_member_config(["sleep", "30"]), stdin=True))
+    for member, why in (("../../x", "in_member"), ("ab" * 32, "no cgroup to freeze"), ("cd" * 32, "no pod member")):
+        client = manage.monitor_client(store, store.load(rec.id))
+        with client, pytest.raises(VmshimError, match=why):
+            api.raise_for_error(client.request("freeze_member", 20, in_member=member, frozen=True))
+    keeper.close()
+    assert store.load(rec.id).state.status == "running"

@@ -203,19 +203,28 @@ def test_capability_masks_in_a_child():
 
 
 @pytest.mark.parametrize(
-    "alive, started, expected",
+    "alive, started, paused, expected",
     [
-        (None, False, "creating"),
-        (True, False, "created"),
-        (True, True, "running"),
-        (False, True, "stopped"),
-        (False, False, "stopped"),
+        (None, False, False, "creating"),
+        (True, False, False, "created"),
+        (True, True, False, "running"),
+        (True, True, True, "paused"),
+        (False, True, False, "stopped"),
+        (False, True, True, "stopped"),
+        (False, False, False, "stopped"),
     ],
 )
-def test_a_pod_members_status_is_its_standins(alive, started, expected, live_pid):
+def test_a_pod_members_status_is_its_standins(alive, started, paused, expected, live_pid):
     pid, start = live_pid
     info = OciInfo(
-        id="m1", bundle="/b", rootfs="/r", created="", sandbox="infra", member_tag="vmshim-m1", member_started=started
+        id="m1",
+        bundle="/b",
+        rootfs="/r",
+        created="",
+        sandbox="infra",
+        member_tag="vmshim-m1",
+        member_started=started,
+        member_paused=paused,
     )
     if alive is not None:
         info.standin_pid, info.standin_start = pid, (start if alive else start + 1)
