@@ -485,6 +485,11 @@ class MountSpec(_Record):
         return cls(**out)
 
 
+SANDBOX_NAMESPACES = ("uts", "ipc")
+"""Namespaces a pod member may share with its sandbox's container (BootConfig
+``sandbox_namespaces``; guest.runtime.member)."""
+
+
 class BootConfig(_Record):
     """Everything the agent needs at boot; serialised to the config drive.
 
@@ -515,6 +520,8 @@ class BootConfig(_Record):
     /proc/sys at boot: the VM's kernel is the container's alone, so any key may be set.
     ``os`` makes it an OS container: ``process`` is the image's init (systemd), run as
     PID 1 of the container with what an init needs (guest.runtime.osinit).
+    ``sandbox_namespaces`` (a pod member only): of :data:`SANDBOX_NAMESPACES`, those it
+    shares with the sandbox's container instead of having its own.
     """
 
     _fields = {
@@ -539,6 +546,7 @@ class BootConfig(_Record):
         "privileged": False,
         "devices": list,
         "os": False,
+        "sandbox_namespaces": list,
     }
 
     def cgroup_limits(self) -> Limits:
@@ -561,6 +569,7 @@ class BootConfig(_Record):
             "privileged",
             "devices",
             "os",
+            "sandbox_namespaces",
         ):  # likewise
             if not data[name]:
                 del data[name]
@@ -644,6 +653,16 @@ class BootConfig(_Record):
             raise ValueError("boot config field 'os' must be a boolean")
         out["os"] = data.get("os", False)
         out["devices"] = check_devices(data.get("devices", []))
+        shared = data.get("sandbox_namespaces", [])
+        if (
+            not isinstance(shared, list)
+            or not all(name in SANDBOX_NAMESPACES for name in shared)
+            or len(set(shared)) != len(shared)
+        ):
+            raise ValueError(
+                f"boot config field 'sandbox_namespaces' must list some of {', '.join(SANDBOX_NAMESPACES)}"
+            )
+        out["sandbox_namespaces"] = list(shared)
         return cls(**out)
 
 

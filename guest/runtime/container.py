@@ -73,12 +73,16 @@ class Container:
         cgroup: Cgroup | None = None,
         namespaces=HOST_NAMESPACES,
         mounts: list | None = None,
+        join: tuple[int, tuple[str, ...]] | None = None,
     ):
         self.config = config
         self.rootfs = rootfs
         self.files_dir = files_dir
         self.cgroup = cgroup
         self.namespaces = tuple(namespaces)
+        self.join = join
+        """(pid, names): namespaces of another process the main process joins instead
+        of making them (a pod member sharing its sandbox's uts and ipc)."""
         self.main: Spawned | None = None
         self.owns_rootfs = False
         if cgroup is not None and not config.privileged:
@@ -195,6 +199,7 @@ class Container:
             privileged=self.config.privileged,
             devices=self.config.devices,
             os_init=self.config.os,
+            join=self.join,
         )
         return self.main
 
@@ -219,7 +224,7 @@ class Container:
             process,
             hostname=self.config.hostname,
             cgroup=self._exec_cgroup(),
-            namespaces=self.namespaces,
+            namespaces=self.namespaces + (self.join[1] if self.join else ()),
             stdin=stdin,
             rows=rows,
             cols=cols,
@@ -235,9 +240,12 @@ class Container:
             raise SpawnError("pod members share a VM's network: only a VM runs them")
         if self.main is None:
             raise SpawnError("the container is not running")
-        namespaces = self.namespaces
+        main_pid = self.main.pid
 
         def make(member_config: BootConfig, rootfs: str, files_dir: str) -> Container:
+            shared = tuple(name for name in member_config.sandbox_namespaces if name in self.namespaces)
+            namespaces = tuple(name for name in self.namespaces if name not in shared)
+            join = (main_pid, shared) if shared else None
             limits = member_config.cgroup_limits()
             try:
                 cgroup = Cgroup.create(member_config.container_id, limits=limits)
@@ -246,7 +254,9 @@ class Container:
                     raise SpawnError(f"cannot make the pod member's cgroup: {exc}") from None
                 cgroup = None
             try:
-                return Container(member_config, rootfs, files_dir=files_dir, cgroup=cgroup, namespaces=namespaces)
+                return Container(
+                    member_config, rootfs, files_dir=files_dir, cgroup=cgroup, namespaces=namespaces, join=join
+                )
             except BaseException:
                 if cgroup is not None:
                     cgroup.remove()

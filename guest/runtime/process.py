@@ -197,6 +197,7 @@ def spawn_container(
     devices=(),
     builtin=None,
     os_init: bool = False,
+    join: tuple[int, tuple[str, ...]] | None = None,
 ) -> Spawned:
     """Start *process* as PID 1 of a new container whose root is *rootfs* (a directory,
     usually an overlay mount; it is bind-mounted, never changed except for the mount
@@ -209,7 +210,9 @@ def spawn_container(
     (of *rows* × *cols*) instead of pipes. *masked_paths* / *readonly_paths* replace the
     default lists of :func:`rootfs.setup_mounts` (None: the defaults). *builtin*: as for
     :func:`exec_in_container`. *os_init*: the process is an init (guest.runtime.osinit):
-    its cgroup is delegated to it, /run and /tmp are tmpfs.
+    its cgroup is delegated to it, /run and /tmp are tmpfs. *join*: (pid, names): first
+    join these namespaces of process *pid* (a pod member sharing its sandbox's uts and
+    ipc), then make the new *namespaces* (which must not name them).
 
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
@@ -241,8 +244,31 @@ def spawn_container(
         builtin=builtin,
         os_init=os_init,
     )
-    syscalls.set_child_subreaper()
-    return _spawn(plan)
+    if join is not None:
+        join_pid, join_names = join
+        if set(join_names) & set(namespaces):
+            raise SpawnError("a namespace cannot be both joined and new")
+        plan.join_fds = _open_namespaces(join_pid, join_names, "the pod's")
+    try:
+        syscalls.set_child_subreaper()
+        return _spawn(plan)
+    finally:
+        for fd in plan.join_fds:
+            os.close(fd)
+
+
+def _open_namespaces(pid: int, names, whose: str) -> list[int]:
+    """Open /proc/PID/ns/NAME for *names* in NAMESPACE_ORDER. Raises SpawnError."""
+    fds: list[int] = []
+    for name in NAMESPACE_ORDER:
+        if name in names:
+            try:
+                fds.append(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise SpawnError(f"cannot join {whose} {name} namespace: {exc.strerror}") from None
+    return fds
 
 
 def exec_in_container(
@@ -487,10 +513,9 @@ def _intermediate(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         _reset_signals()
         if plan.cgroup is not None:
             plan.cgroup.join_self()  # before unshare(CLONE_NEWCGROUP): it becomes the root
-        if plan.join_fds:
-            for fd in plan.join_fds:
-                syscalls.setns(fd, 0)
-        elif plan.unshare_flags and plan.process.id_mappings:
+        for fd in plan.join_fds:  # an exec's; or a pod member's shared uts/ipc
+            syscalls.setns(fd, 0)
+        if plan.unshare_flags and plan.process.id_mappings:
             _enter_user_namespace(plan, sock)
         elif plan.unshare_flags:
             syscalls.unshare(plan.unshare_flags)

@@ -127,6 +127,9 @@ class Bundle:
     network_ns: str | None = None
     """The container's network namespace on the host (shim.oci.netns): ``""`` a new one,
     a path to join, None (no ``network`` entry) none: the VM has only ``lo``."""
+    namespace_paths: dict = field(default_factory=dict)
+    """type → path of the other namespaces the config joins (a pod member's uts and ipc:
+    shim.oci.pod.shared_namespaces)."""
     cgroups_path: str | None = None
     """``linux.cgroupsPath`` as given (checked by shim.oci.hostcgroup.parse_path)."""
     linux_resources: dict = field(default_factory=dict)
@@ -228,6 +231,9 @@ def parse_config(config: dict, bundle: Path) -> Bundle:
     out.readonly_paths = _paths(linux, "readonlyPaths")
     out.sysctl = _sysctl(linux)
     out.network_ns = _namespaces(linux.get("namespaces", []), notes)
+    out.namespace_paths = {
+        ns["type"]: ns["path"] for ns in linux.get("namespaces", []) if ns["type"] != "network" and ns.get("path")
+    }
     maps = _id_mappings(linux)
     if maps is not None:
         out.process = out.process.replace(id_mappings=maps)

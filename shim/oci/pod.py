@@ -140,6 +140,24 @@ def member_of(store: _Store, oci_id: str, network_ns: str | None, annotations: d
         return find_join(store, oci_id, config, {})
 
 
+SHARED_NAMESPACES = ("uts", "ipc")
+"""Namespaces a member can share with its sandbox's container (guest.spec.SANDBOX_NAMESPACES)."""
+
+
+def shared_namespaces(namespace_paths: dict, sandbox_pid: int) -> list[str]:
+    """Which of SHARED_NAMESPACES a member whose config joins *namespace_paths* (type →
+    path) shares with its sandbox: those whose path is the namespace the sandbox's
+    stand-in (*sandbox_pid*) is in (compared by device and inode, as podman's pod names
+    its infra container's); any other path is left to the VM (the bundle's warning)."""
+    out = []
+    for name in SHARED_NAMESPACES:
+        path = namespace_paths.get(name)
+        key = _ns_key(path) if isinstance(path, str) and path else None
+        if key is not None and key == _ns_key(f"/proc/{sandbox_pid}/ns/{name}"):
+            out.append(name)
+    return out
+
+
 def member_tag(oci_id: str) -> str:
     """The virtiofs tag of member *oci_id*'s rootfs share (guest.runtime.member.TAG_RE)."""
     return MEMBER_TAG_PREFIX + record_id(oci_id)[:16]

@@ -143,7 +143,7 @@ def create(
     rt.root.mkdir(parents=True, exist_ok=True)
     join = pod.member_of(rt, oci_id, bundle.network_ns, bundle.annotations)
     if join is not None:
-        _make_member(record, info, join, bundle, log)
+        _make_member(rt, record, info, join, bundle, log)
     rt.containers.create(record)
     pid = 0
     host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None and join is None else -1
@@ -188,9 +188,10 @@ def create(
     return pid
 
 
-def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle, log: RuntimeLog) -> None:
+def _make_member(rt: RuntimeStore, record: Container, info: OciInfo, join: pod.Join, bundle, log: RuntimeLog) -> None:
     """Turn *record*/*info* (not kept yet) into a pod member of *join*'s sandbox: the
-    engine's /etc files as its own, no mounts of its own. Raises PodError."""
+    engine's /etc files as its own, no mounts of its own, the sandbox's uts and ipc
+    namespaces when its config joins the sandbox's. Raises PodError."""
     notes: list[str] = []
     files = pod.member_files(info.id, bundle.mounts, notes)
     for note in notes:
@@ -201,6 +202,11 @@ def _make_member(record: Container, info: OciInfo, join: pod.Join, bundle, log: 
     record.mounts = []
     info.sandbox = join.sandbox
     info.member_tag = pod.member_tag(info.id)
+    try:
+        _, sandbox_info = rt.load(join.sandbox)
+        info.member_namespaces = pod.shared_namespaces(bundle.namespace_paths, sandbox_info.standin_pid)
+    except ContainerNotFound:
+        info.member_namespaces = []
     log.debug(f"{info.id}: a member of pod sandbox {join.sandbox} ({join.reason}), runs in its VM")
 
 
@@ -210,7 +216,7 @@ def _fork_member_standin(
     """Fork a pod member's stand-in (shim.oci.standin.run_member); its pid."""
     from shim.containers.options import boot_config_of
 
-    config = boot_config_of(record).replace(rootfs_share=info.member_tag)
+    config = boot_config_of(record).replace(rootfs_share=info.member_tag, sandbox_namespaces=info.member_namespaces)
     sandbox_record = record_id(info.sandbox)
 
     def body(report_w: int) -> int:

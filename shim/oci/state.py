@@ -62,6 +62,8 @@ class OciInfo(JsonRecord):
     member_started: bool = False
     """A pod member: ``start`` saw its process run (its record stays ``created``: it has
     no VM or monitor of its own; its stand-in's life is its state)."""
+    member_namespaces: list = field(default_factory=list)
+    """A pod member: the namespaces it shares with its sandbox's container (uts, ipc)."""
     member_paused: bool = False
     """A pod member: ``pause`` froze its cgroup in the sandbox's VM (``resume`` thaws it)."""
 

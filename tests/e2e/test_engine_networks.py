@@ -425,6 +425,13 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         assert proc.stdout.split() == ["httpd", sandbox_boot, "from-stdin"], _out(proc)
         proc = podman.podman("exec", infra, "test", "-e", "/www")
         assert proc.returncode == 1, "an exec into the sandbox stays in the sandbox: " + _out(proc)
+        # podman's pod shares uts and ipc: the member is in the sandbox's, not the VM's
+        # own nor one of its own; its mount and pid namespaces stay its own
+        show = "readlink /proc/self/ns/uts /proc/self/ns/ipc /proc/self/ns/mnt /proc/self/ns/pid"
+        in_web = podman.podman("exec", "web", "sh", "-c", show, check=True).stdout.split()
+        in_infra = podman.podman("exec", infra, "sh", "-c", show, check=True).stdout.split()
+        assert in_web[:2] == in_infra[:2], (in_web, in_infra)
+        assert in_web[2] != in_infra[2] and in_web[3] != in_infra[3], (in_web, in_infra)
         # pause a member: its cgroup in the VM is frozen (its httpd does not answer over
         # the pod's localhost) while the sandbox runs on; unpause thaws it
         proc = podman.podman("pause", "web", timeout=120)

@@ -239,3 +239,15 @@ def test_the_guest_may_not_send_freeze():
     msg = protocol.Message(protocol.FREEZE, {"id": 1, "member": MEMBER_ID, "frozen": True})
     with pytest.raises(protocol.ProtocolError, match="may not send"):
         protocol.check_from_guest(msg)
+
+
+@pytest.mark.parametrize("value", ["uts", ["net"], ["uts", "uts"], ["mnt"], [1], {"uts": 1}])
+def test_sandbox_namespaces_are_only_uts_and_ipc(value):
+    with pytest.raises(ValueError, match="sandbox_namespaces"):
+        BootConfig.from_dict(member_config(["true"]) | {"sandbox_namespaces": value})
+
+
+def test_sandbox_namespaces_round_trip():
+    config = BootConfig.from_dict(member_config(["true"], sandbox_namespaces=["ipc", "uts"]))
+    assert config.sandbox_namespaces == ["ipc", "uts"]
+    assert "sandbox_namespaces" not in BootConfig.from_dict(member_config(["true"])).to_dict()

@@ -188,3 +188,17 @@ def test_member_files_never_follow_a_symlink_nor_read_a_fifo_or_a_huge_file(tmp_
     (tmp_path / "long").write_text("h" * 65)
     with pytest.raises(PodError, match="1-64 characters"):
         member_files("c1", [_bind("/etc/hostname", tmp_path / "long")], [])
+
+
+def test_a_member_shares_only_the_sandboxs_uts_and_ipc(tmp_path):
+    """Shared: a uts/ipc path that is the namespace the sandbox's stand-in is in (by
+    device and inode). Not shared: another namespace, a missing path, a regular file,
+    any other type."""
+    from shim.oci.pod import shared_namespaces
+
+    me = os.getpid()
+    (tmp_path / "f").write_text("")
+    assert shared_namespaces({"uts": f"/proc/{me}/ns/uts", "ipc": f"/proc/{me}/ns/ipc"}, me) == ["uts", "ipc"]
+    assert shared_namespaces({"uts": f"/proc/{me}/ns/net", "ipc": str(tmp_path / "nope")}, me) == []
+    assert shared_namespaces({"uts": str(tmp_path / "f"), "pid": f"/proc/{me}/ns/pid", "ipc": 5}, me) == []
+    assert shared_namespaces({"uts": f"/proc/{me}/ns/uts"}, 0) == []

@@ -107,3 +107,32 @@ def test_spawn_with_a_tty():
     assert b"33 77" in out and b"tty" in out
     assert process.wait(spawned.pid) == 0
     spawned.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="new namespaces need root")
+def test_spawn_joins_anothers_namespaces_then_makes_its_own():
+    """A pod member (``join``): it is in the uts namespace of the process it joins, and in
+    an ipc namespace of its own that it made after joining; naming one both ways is refused."""
+    holder = spawn_container(None, _me(["sleep", "30"]), "holder", None, namespaces=("uts", "ipc"), stdin=False)
+    try:
+        spawned = spawn_container(
+            None,
+            _me(["sh", "-c", "readlink /proc/self/ns/uts /proc/self/ns/ipc; hostname"]),
+            "member",
+            None,
+            namespaces=("ipc",),
+            stdin=False,
+            join=(holder.pid, ("uts",)),
+        )
+        out = b"".join(iter(lambda: os.read(spawned.stdout, 4096), b"")).decode().split()
+        assert process.wait(spawned.pid) == 0
+        spawned.close()
+        assert out[0] == os.readlink(f"/proc/{holder.pid}/ns/uts")
+        assert out[1] not in (os.readlink(f"/proc/{holder.pid}/ns/ipc"), os.readlink("/proc/self/ns/ipc"))
+        assert out[2] == "holder"  # the joined uts namespace's name, not the member's own
+        with pytest.raises(SpawnError, match="both joined and new"):
+            spawn_container(None, _me(["true"]), "", None, namespaces=("uts",), join=(holder.pid, ("uts",)))
+    finally:
+        os.kill(holder.pid, 9)
+        process.wait(holder.pid)
+        holder.close()
