@@ -36,7 +36,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from shim.errors import ImageError, InvalidReference, UsageError
 from shim.images.distribution import NoProgress, Progress
@@ -54,6 +54,7 @@ from shim.images.store import (
     REF_NAME,
     Image,
     ImageStore,
+    Readable,
     canonical_json,
     check_descriptor,
     digest_hex,
@@ -89,7 +90,7 @@ def _tarinfo(name: str, size: int, mode: int = 0o644, type_: bytes = tarfile.REG
 
 
 class _Counted:
-    def __init__(self, f: BinaryIO, key: str, progress: Progress):
+    def __init__(self, f: Readable, key: str, progress: Progress):
         self.f, self.key, self.progress = f, key, progress
 
     def read(self, n: int = -1) -> bytes:
@@ -194,7 +195,8 @@ def _save_oci(store: ImageStore, images, tar: tarfile.TarFile, progress: Progres
     for d in ("blobs/", "blobs/sha256/"):
         tar.addfile(_tarinfo(d, 0, 0o755, tarfile.DIRTYPE))
     written: set[str] = set()
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    manifests: list[dict] = []
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
 
     def put(digest: str) -> int:
         path = store.blob_path(digest)
@@ -217,8 +219,8 @@ def _save_oci(store: ImageStore, images, tar: tarfile.TarFile, progress: Progres
         desc = {"mediaType": media_type, "digest": image.manifest_digest, "size": size}
         if name is not None:
             desc["annotations"] = {REF_NAME: str(name), CONTAINERD_NAME: str(name)}
-        if desc not in index["manifests"]:
-            index["manifests"].append(desc)
+        if desc not in manifests:
+            manifests.append(desc)
     data = json.dumps(index, indent=2).encode() + b"\n"
     tar.addfile(_tarinfo("index.json", len(data)), io.BytesIO(data))
 
@@ -227,7 +229,7 @@ def _save_oci(store: ImageStore, images, tar: tarfile.TarFile, progress: Progres
 class _Source:
     """Named members of an archive or directory, read without extracting anything."""
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         raise NotImplementedError
 
     def has(self, name: str) -> bool:
@@ -266,7 +268,7 @@ class _DirSource(_Source):
             raise ImageError(f"OCI layout member {name!r} leads outside {self.root}; refused")
         return path
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         try:
             return open(self._path(name), "rb")
         except FileNotFoundError:
@@ -298,14 +300,14 @@ class _TarSource(_Source):
                 clean = _clean(ti.name)
                 if clean is not None:
                     self.members[clean] = ti
-            self.tar.members = []  # the index above is all we keep
+            # the index above is all we keep (TarFile.members: CPython, not in typeshed)
+            self.tar.members = []  # type: ignore[attr-defined]
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ImageError(f"{label} is not a readable tar archive: {e}") from None
 
     def _resolve(self, name: str, hops: int = 0) -> tarfile.TarInfo:
         clean = _clean(name)
-        ti = self.members.get(clean) if clean is not None else None
-        if ti is None:
+        if clean is None or (ti := self.members.get(clean)) is None:
             raise ImageError(f"{self.label} lacks {name}")
         if hops > 8:
             raise ImageError(f"{self.label}: too many links at {name}; refused")
@@ -317,7 +319,7 @@ class _TarSource(_Source):
             raise ImageError(f"{self.label}: {name} is not a regular file")
         return ti
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         ti = self._resolve(name)
         f = self.tar.extractfile(ti)
         assert f is not None
@@ -405,28 +407,30 @@ def _decompress(tool: list[str], head: bytes, raw: BinaryIO, out: _CappedSpool, 
         raise ImageError(f"{label} is {tool[0]}-compressed and {tool[0]} is not installed")
     with tempfile.TemporaryFile() as errlog:
         proc = subprocess.Popen(tool, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None  # both PIPE
 
         def feed() -> None:
             try:
-                proc.stdin.write(head)
+                stdin.write(head)
                 while chunk := raw.read(_CHUNK):
-                    proc.stdin.write(chunk)
+                    stdin.write(chunk)
             except (BrokenPipeError, ValueError, OSError):
                 pass  # the tool exited (or was killed at the cap): its status says why
             finally:
                 with contextlib.suppress(OSError):
-                    proc.stdin.close()
+                    stdin.close()
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
         try:
-            while chunk := proc.stdout.read(_CHUNK):
+            while chunk := stdout.read(_CHUNK):
                 out.write(chunk)
         except BaseException:
             proc.kill()
             raise
         finally:
-            proc.stdout.close()
+            stdout.close()
             rc = proc.wait()
             feeder.join()
         if rc != 0:

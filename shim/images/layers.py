@@ -43,6 +43,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import shutil
@@ -52,11 +53,11 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, Iterator
 
 from shim import paths
 from shim.errors import ImageError, LayerError
-from shim.images.store import ImageStore, LayerRef, digest_hex
+from shim.images.store import ImageStore, LayerRef, Readable, digest_hex
 from shim.images.tarsafe import BoundedTarInfo
 
 DEFAULT_MAX_ENTRIES = 1_000_000
@@ -227,7 +228,7 @@ class _CappedReader:
     ``seek`` only, so tarfile's seekable mode works without its slow stream buffer).
     Counts and hashes every byte and refuses more than ``limit``."""
 
-    def __init__(self, src: BinaryIO, limit: int):
+    def __init__(self, src: Readable, limit: int):
         self.src, self.limit, self.count = src, limit, 0
         self.sha = hashlib.sha256()
 
@@ -252,6 +253,12 @@ class _CappedReader:
                 break  # at EOF: the next read notices
         return self.count
 
+    def write(self, b: bytes, /) -> int:  # tarfile's file protocol; it never writes here
+        raise io.UnsupportedOperation("the layer stream is read-only")
+
+    def close(self) -> None:
+        """Nothing to release: ``_open_stream`` owns the source."""
+
 
 @contextlib.contextmanager
 def _open_stream(blob: Path, limits: Limits) -> Iterator[_CappedReader]:
@@ -259,16 +266,18 @@ def _open_stream(blob: Path, limits: Limits) -> Iterator[_CappedReader]:
     with open(blob, "rb") as f:
         magic = f.read(6)
         f.seek(0)
-        proc = None
-        errlog = None
+        proc: subprocess.Popen[bytes] | None = None
+        errlog: IO[bytes] | None = None
+        src: Readable
         if magic[:2] == b"\x1f\x8b":
-            src: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb")
+            src = gzip.GzipFile(fileobj=f, mode="rb")
         elif magic[:4] == b"\x28\xb5\x2f\xfd":
             if shutil.which("zstd") is None:
                 raise ImageError("this layer is zstd-compressed and the zstd tool is missing")
             errlog = tempfile.TemporaryFile()
             with open(blob, "rb") as zin:  # its own fd: f's offset is not where it seems
                 proc = subprocess.Popen(["zstd", "-dcq"], stdin=zin, stdout=subprocess.PIPE, stderr=errlog)
+            assert proc.stdout is not None  # stdout=PIPE
             src = proc.stdout
         elif magic == b"\xfd7zXZ\x00":
             src = lzma.LZMAFile(f)
@@ -282,6 +291,7 @@ def _open_stream(blob: Path, limits: Limits) -> Iterator[_CappedReader]:
             ok = True
         finally:
             if proc is not None:
+                assert proc.stdout is not None and errlog is not None  # set together above
                 if not ok and proc.poll() is None:
                     proc.kill()
                 proc.stdout.close()
@@ -326,9 +336,11 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Iterate a TarFile strictly: unlike ``TarFile.next()``, a corrupt header
     after the first or a missing end-of-archive marker is an error, not the end. Members
     are not accumulated (``TarFile.members`` stays empty), so memory stays flat."""
-    first = tar.firstmember  # read by TarFile() itself (strict at offset 0)
-    tar.firstmember = None
-    tar.members = []
+    # firstmember, members and the *HeaderError classes are CPython tarfile internals that
+    # typeshed leaves out; this strict reader depends on them.
+    first = tar.firstmember  # type: ignore[attr-defined]  # read by TarFile() itself (strict at offset 0)
+    tar.firstmember = None  # type: ignore[attr-defined]
+    tar.members = []  # type: ignore[attr-defined]
     if first is None:
         return
     yield first
@@ -339,11 +351,11 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
                 raise tarfile.ReadError("unexpected end of data")
         try:
             info = tar.tarinfo.fromtarfile(tar)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
             return  # a zero block: the end-of-archive marker
-        except tarfile.EmptyHeaderError:
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
             raise tarfile.ReadError("archive ends without an end-of-archive marker (truncated?)") from None
-        except tarfile.TruncatedHeaderError:
+        except tarfile.TruncatedHeaderError:  # type: ignore[attr-defined]
             raise tarfile.ReadError("truncated header") from None
         except tarfile.HeaderError as e:
             raise tarfile.ReadError(f"corrupt header at byte {tar.offset}: {e}") from None
@@ -628,9 +640,11 @@ def _write(blob: Path, limits: Limits, plan: _Plan, out: Path, argv: list[str]) 
             err = errlog.read().decode(errors="replace").strip()
             return LayerError(f"tar2sqfs refused layer sha256:{blob.name}: {err or f'exit status {proc.returncode}'}")
 
+        stdin = proc.stdin
+        assert stdin is not None  # stdin=PIPE
         try:
-            _rewrite(blob, limits, plan, proc.stdin)
-            proc.stdin.close()
+            _rewrite(blob, limits, plan, stdin)
+            stdin.close()
         except BrokenPipeError:  # tar2sqfs gave up: its message says why
             proc.wait()
             raise tar2sqfs_error() from None
@@ -640,7 +654,7 @@ def _write(blob: Path, limits: Limits, plan: _Plan, out: Path, argv: list[str]) 
             raise
         finally:
             with contextlib.suppress(OSError):
-                proc.stdin.close()
+                stdin.close()
         if proc.wait() != 0:
             raise tar2sqfs_error()
 
@@ -649,10 +663,10 @@ class _TarSink:
     """Writes a PAX tar straight to a pipe (tarfile's stream writer copies each buffer
     several times; this is ~3x faster)."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: IO[bytes]):
         self.f = f
 
-    def add(self, ti: tarfile.TarInfo, data: BinaryIO | None = None) -> None:
+    def add(self, ti: tarfile.TarInfo, data: Readable | None = None) -> None:
         self.f.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         if data is None:
             return
@@ -671,7 +685,7 @@ class _TarSink:
         self.f.flush()
 
 
-def _rewrite(blob: Path, limits: Limits, plan: _Plan, sink_file: BinaryIO) -> None:
+def _rewrite(blob: Path, limits: Limits, plan: _Plan, sink_file: IO[bytes]) -> None:
     """Stream the layer again and write the planned tar to ``sink_file``."""
     sink = _TarSink(sink_file)
     with _reading(blob, limits) as (src, reader):
@@ -705,7 +719,7 @@ def _rewrite(blob: Path, limits: Limits, plan: _Plan, sink_file: BinaryIO) -> No
             if kind == "d":
                 h = _header(path, tarfile.DIRTYPE, ti)
                 if path in plan.opaque:
-                    h.pax_headers[OPAQUE_XATTR] = "y"
+                    h.pax_headers = {**h.pax_headers, OPAQUE_XATTR: "y"}
             elif kind == "l":
                 h = _header(path, tarfile.SYMTYPE, ti)
                 h.linkname = ti.linkname

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 from shim import paths
 from shim.files import flocked, replaced
@@ -84,13 +84,20 @@ _GOARCH = {
 }
 
 
+class Readable(Protocol):
+    """What the blob and layer readers need of a stream: ``read(n)`` (a file, a pipe,
+    a GzipFile, a capped or counting wrapper)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def host_arch() -> str:
     """The OCI/Go name of this machine's architecture (``amd64``, ``arm64``...)."""
     machine = platform.machine().lower()
     return _GOARCH.get(machine, machine)
 
 
-def digest_hex(digest: str) -> str:
+def digest_hex(digest: object) -> str:
     """``sha256:<hex>`` → ``<hex>``. Raises ImageError for anything else (never a path)."""
     m = _DIGEST.match(digest) if isinstance(digest, str) else None
     if not m:
@@ -106,12 +113,12 @@ def check_descriptor(desc: object, what: str) -> tuple[str, int]:
         raise ImageError(f"{what}: malformed descriptor {desc!r}")
     digest, size = desc.get("digest"), desc.get("size")
     try:
-        digest_hex(digest)
+        hex_ = digest_hex(digest)
     except ImageError:
         raise ImageError(f"{what}: unsupported or invalid digest {digest!r}") from None
     if not isinstance(size, int) or size < 0:
         raise ImageError(f"{what}: descriptor of {digest} has an invalid size {size!r}")
-    return digest, size
+    return "sha256:" + hex_, size
 
 
 # Data model ---------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ class ImageStore:
             atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
 
     # -- blobs ---------------------------------------------------------------------------
-    def put_blob(self, data: bytes | BinaryIO, expected_digest: str | None = None, size: int | None = None) -> str:
+    def put_blob(self, data: bytes | Readable, expected_digest: str | None = None, size: int | None = None) -> str:
         """Store ``data`` (bytes or a readable binary stream) and return its ``sha256:...``.
 
         Streams to a temp file beside the blobs, verifies the digest (and ``size`` when
@@ -238,7 +245,7 @@ class ImageStore:
                 return expected_digest
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = io.BytesIO(data)
-        stream: BinaryIO = data
+        stream: Readable = data
         h = hashlib.sha256()
         written = 0
         fd, tmp = tempfile.mkstemp(dir=self.blobs_dir, prefix=".tmp-")
@@ -687,7 +694,7 @@ class ImageStore:
             unused += sum(p.stat().st_size for p in ingest_dir.iterdir() if p.is_file())
         names = len(self._entries(index))
         images = {d.get("digest") for _, d in self._entries(index)}
-        layer_digests = set()
+        layer_digests: set[str] = set()
         for _, desc in self._entries(index):
             try:
                 image = self._load(parse_reference(desc["annotations"][REF_NAME]), desc["digest"])
@@ -915,7 +922,7 @@ def _inspect_tar(path: Path) -> tuple[str, str]:
             h = hashlib.sha256()
             if magic == b"\x1f\x8b":
                 media_type = OCI_LAYER_GZIP
-                src: BinaryIO = gzip.GzipFile(fileobj=f)
+                src: Readable = gzip.GzipFile(fileobj=f)
             else:
                 media_type = OCI_LAYER_TAR
                 src = f
