@@ -345,12 +345,13 @@ class Interface:
     def render(self, devices: ET.Element) -> None:
         iface = _sub(devices, "interface", type=self.type)
         _sub(iface, "mac", address=self.mac)
-        if self.type == "bridge":
+        if self.bridge is not None:  # type "bridge" only (__post_init__)
             _sub(iface, "source", bridge=self.bridge)
-        if self.type == "ethernet":
-            _sub(iface, "target", dev=self.tap, managed="no")
-        elif self.tap is not None:
-            _sub(iface, "target", dev=self.tap)
+        if self.tap is not None:  # always for "ethernet", optional for "bridge"
+            if self.type == "ethernet":
+                _sub(iface, "target", dev=self.tap, managed="no")
+            else:
+                _sub(iface, "target", dev=self.tap)
         _sub(iface, "model", type="virtio")
         if self.mtu is not None:
             _sub(iface, "mtu", size=str(self.mtu))
