@@ -26,7 +26,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Iterator
+from typing import IO, Iterator
 
 from shim import paths
 from shim.build.symlinks import resolve_within
@@ -82,7 +82,8 @@ def open_layer_tar(blob: Path) -> Iterator[tarfile.TarFile]:
 
             with (
                 open_uncompressed(blob) as stream,
-                tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar,
+                # typeshed asks every fileobj for the whole file protocol; stream mode only reads
+                tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar,  # type: ignore[call-overload]
             ):
                 yield tar
         else:
@@ -238,7 +239,7 @@ class RootView:
             return f.read(limit)
         return None
 
-    def open_many(self, wanted: list[str]) -> Iterator[tuple[str, BinaryIO]]:
+    def open_many(self, wanted: list[str]) -> Iterator[tuple[str, IO[bytes]]]:
         """Yield (path, file object) for the regular files among *wanted*, layer by layer,
         streaming (each file object is valid until the next item)."""
         by_layer: dict[int, dict[str, list[str]]] = {}
@@ -255,10 +256,12 @@ class RootView:
                     name = norm(ti.name)
                     if name in targets and ti.isreg():
                         paths_here = targets.pop(name)
+                        f = tar.extractfile(ti)
+                        assert f is not None  # ti.isreg()
                         if len(paths_here) == 1:
-                            yield paths_here[0], tar.extractfile(ti)
+                            yield paths_here[0], f
                         else:
-                            data = tar.extractfile(ti).read()
+                            data = f.read()
                             for path in paths_here:
                                 yield path, io.BytesIO(data)
                         if not targets:
@@ -272,7 +275,10 @@ class LayerWriter:
         self.path = path
         self._file = open(path, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_Hashing(self._file, self._hash), mode="w", format=tarfile.PAX_FORMAT)
+        # typeshed asks for the whole file protocol; write mode only writes and tells
+        self._tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=_Hashing(self._file, self._hash), mode="w", format=tarfile.PAX_FORMAT
+        )
         self.entries = 0
         self.digest: str | None = None
 
