@@ -99,7 +99,14 @@ class ProcessSpec(_Record):
     cwd: str
     user: str
     tty: bool
+    rlimits: list[list]
+    oom_score_adj: int | None
+    capabilities: dict[str, list[str]] | None
+    no_new_privs: bool
+    additional_gids: list[int]
+    umask: int | None
     seccomp: object
+    id_mappings: dict | None
     """Declared for the type checker (the values come from ``_fields``)."""
 
     _fields = {
@@ -353,6 +360,19 @@ class Limits(_Record):
       virtio disk: the container's own disks in a VM)
     """
 
+    memory: int
+    memory_swap: int
+    memory_reservation: int
+    cpu_quota: int
+    cpu_period: int
+    cpu_shares: int
+    cpuset_cpus: str
+    pids: int
+    blkio_weight: int
+    device_read_bps: list[list]
+    device_write_bps: list[list]
+    """Declared for the type checker (the values come from ``_fields``)."""
+
     _fields = {
         "memory": 0,
         "memory_swap": 0,
@@ -441,6 +461,15 @@ class MountSpec(_Record):
     the host shares the file's directory).
     """
 
+    type: str
+    source: str
+    target: str
+    readonly: bool
+    options: str
+    copy_up: bool
+    subpath: str
+    """Declared for the type checker (the values come from ``_fields``)."""
+
     _fields = {
         "type": _REQUIRED,
         "source": "",
@@ -523,6 +552,29 @@ class BootConfig(_Record):
     ``sandbox_namespaces`` (a pod member only): of :data:`SANDBOX_NAMESPACES`, those it
     shares with the sandbox's container instead of having its own.
     """
+
+    container_id: str
+    token: str
+    hostname: str
+    process: ProcessSpec
+    layer_count: int
+    writable: str
+    hosts: str
+    resolv_conf: str
+    memory_limit: int
+    pids_limit: int
+    network: dict
+    limits: Limits | None
+    mounts: list[MountSpec]
+    read_only: bool
+    rootfs_share: str
+    masked_paths: list[str] | None
+    readonly_paths: list[str] | None
+    sysctl: dict[str, str]
+    privileged: bool
+    devices: list[dict]
+    os: bool
+    """Declared for the type checker (the values come from ``_fields``)."""
 
     _fields = {
         "container_id": _REQUIRED,
