@@ -89,14 +89,15 @@ def parse_secret_flags(values: list[str]) -> dict[str, Path]:
 def parse_mount(spec: str, where: str) -> dict:
     """Check one ``--mount`` value (no side effects); returns its fields with ``type``
     and ``target`` normalised. Raises MountError naming *where*."""
-    fields = _pairs(spec, f"{where}: RUN --mount={spec}")
+    # str values as written, plus "rw" (bool) below and the builder's "plans"/"open_many"
+    fields: dict = _pairs(spec, f"{where}: RUN --mount={spec}")
     kind = fields.setdefault("type", "bind")
     if kind not in TYPES:
         raise MountError(f"{where}: RUN --mount type={kind} is not supported (supported: {', '.join(TYPES)})")
     unknown = sorted(set(fields) - _KEYS[kind])
     if unknown:
         raise MountError(f"{where}: RUN --mount type={kind} does not take {unknown[0]!r}")
-    target = fields.get("target") or fields.get("dst") or fields.get("destination")
+    target: str = fields.get("target") or fields.get("dst") or fields.get("destination") or ""
     if kind == "secret":
         if not fields.get("id") and not target:
             raise MountError(f"{where}: RUN --mount type=secret needs id= or target=")
@@ -151,8 +152,8 @@ def prepare(
                     MountRequest(type="volume", source=name, target=target, readonly=readonly, nocopy=True)
                 )
             else:
-                source = secrets.get(fields["id"])
-                if source is None:
+                secret = secrets.get(fields["id"])
+                if secret is None:
                     if fields.get("required", "false") not in ("false", ""):
                         raise MountError(
                             f"secret {fields['id']!r} is required by RUN "
@@ -165,7 +166,7 @@ def prepare(
                 out.scratch.append(private)
                 copy = private / "secret"
                 fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-                with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+                with os.fdopen(fd, "wb") as f, open(secret, "rb") as src:
                     f.write(src.read(MAX_SECRET + 1)[:MAX_SECRET])
                 out.requests.append(MountRequest(type="bind", source=str(copy), target=target, readonly=True))
             rel = target.lstrip("/")
