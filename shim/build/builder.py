@@ -135,7 +135,7 @@ def now_rfc3339() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def env_dict(env: list[str]) -> dict[str, str]:
+def env_dict(env: list[str] | None) -> dict[str, str]:
     out = {}
     for entry in env or []:
         key, _, value = entry.partition("=")
@@ -323,6 +323,11 @@ class Builder:
         return values
 
     # ---- stages ---------------------------------------------------------------------------
+    def _scratch(self) -> Path:
+        """The build's private scratch directory (made by :meth:`build` for its run)."""
+        assert self._work is not None, "used outside build()"
+        return self._work
+
     def _build_stages(self, stages: list[Stage]) -> None:
         """Build *stages* into ``self._stages``: one after the other, or, when the machine
         has cores for more than one step at a time, every stage whose dependencies
@@ -477,14 +482,8 @@ class Builder:
             pass
         if local is not None and not self.options.pull:
             return local
-        try:
-            from shim.images.distribution import pull
-        except ImportError:
-            pull = None
-        if pull is None:
-            if local is not None:
-                raise BuildError("--pull: pulling images is not available in this vmshim")
-            return self.store.resolve(ref)  # raises ImageNotFound with what to do
+        from shim.images.distribution import pull  # always shipped (shim.images.archive imports it)
+
         self.out.status(f"pulling {ref}")
         try:
             if self.options.pull:
@@ -639,7 +638,7 @@ class Builder:
         config = _copy.deepcopy(run.state.config)
         layers = list(run.state.layers)
         now = now_rfc3339()
-        entry = {"created": now, "created_by": created_by, "comment": CACHE_COMMENT + key}
+        entry: dict[str, str | bool] = {"created": now, "created_by": created_by, "comment": CACHE_COMMENT + key}
         if layer is not None:
             with open(layer, "rb") as f:
                 stored = self.store.put_blob(f, expected_digest=None)
@@ -727,7 +726,7 @@ class Builder:
                     isolation=self.options.isolation,
                     secrets=self.options.secrets,
                     workdir=cfg.get("WorkingDir") or "/",
-                    scratch_dir=self._work,
+                    scratch_dir=self._scratch(),
                 )
             result = self.runner.run(run.state.layers, process, base, out_fd=run_fd, announce=announce, mounts=mounts)
         except RunStepError as exc:
@@ -795,7 +794,7 @@ class Builder:
                         plans.append(copying.plan_inline(doc.word, content.encode()))
                     elif add and src.startswith(("http://", "https://")):
                         self.out.status(f"downloading {src}")
-                        fetched = copying.plan_url(src, self._work, what)
+                        fetched = copying.plan_url(src, self._scratch(), what)
                         self.out.status(None)
                         if "checksum" in flags:
                             copying.check_checksum(fetched, flags["checksum"], what)
@@ -821,7 +820,7 @@ class Builder:
                 chown = copying.parse_chown(flags["chown"], view)
             except copying.CopyError as exc:
                 raise copying.CopyError(f"{self._df}:{ins.line}: {exc}") from None
-        layer = self._work / f"copy-layer-{run.stage.index}.tar"
+        layer = self._scratch() / f"copy-layer-{run.stage.index}.tar"
         writer = LayerWriter(layer)
         try:
             count = copying.write_layer(
@@ -845,8 +844,9 @@ class Builder:
             raise
         if count == 0 and not plans:
             layer.unlink()
-            layer, digest = None, None
-        self._add_layer(run, layer, digest, f"/bin/sh -c #(nop) {created_by}", key)
+            self._add_layer(run, None, None, f"/bin/sh -c #(nop) {created_by}", key)
+        else:
+            self._add_layer(run, layer, digest, f"/bin/sh -c #(nop) {created_by}", key)
 
     def _from_source(self, name: str, ins: Instruction) -> ImageState:
         index = self._earlier_stage(name)
@@ -876,7 +876,7 @@ class Builder:
         if view.is_dir(path):
             self._metadata(run, ins, f"/bin/sh -c #(nop) {created_by}", change)
             return
-        layer = self._work / f"workdir-layer-{run.stage.index}.tar"
+        layer = self._scratch() / f"workdir-layer-{run.stage.index}.tar"
         writer = LayerWriter(layer)
         try:
             copying.write_layer(
@@ -1020,7 +1020,7 @@ class Builder:
         )
 
     def _do_shell(self, run: _StageRun, ins: Instruction) -> None:
-        shell = list(ins.json)
+        shell = list(ins.json or [])  # the parser refuses a SHELL not in JSON form
 
         def change(cfg: dict) -> None:
             cfg["Shell"] = shell
@@ -1030,7 +1030,7 @@ class Builder:
     def _do_healthcheck(self, run: _StageRun, ins: Instruction) -> None:
         keyword, _, rest = ins.rest.partition(" ")
         if keyword.upper() == "NONE":
-            check = {"Test": ["NONE"]}
+            check: dict[str, list[str] | int] = {"Test": ["NONE"]}
         else:
             rest = rest.strip()
             from shim.build.dockerfile import _json_form
@@ -1069,6 +1069,7 @@ class Builder:
         for word in split_words(ins.rest, self.escape):
             name, sep, default = word.partition("=")
             self._used_args.add(name)
+            value: str | None
             if name in self.options.build_args:
                 value = self.options.build_args[name]
             elif sep:

@@ -106,7 +106,7 @@ class StepRunner:
         from shim.images.store import LayerRef
 
         container_id = container_id or secrets.token_hex(32)
-        disks = []
+        disks: list[Path] = []
         for i, desc in enumerate(layers):
             if not disks:
                 self.status("preparing layer disks")
