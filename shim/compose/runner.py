@@ -15,13 +15,18 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from shim.compose import planner
 from shim.compose.planner import project_containers
 from shim.compose.errors import ComposeError, DependencyFailed
 from shim.compose.model import Project, Service
-from shim.compose.progress import Progress
+from shim.compose.progress import Line, Progress
 from shim.errors import ContainerNotFound, ImageNotFound, VmshimError
+
+if TYPE_CHECKING:  # imported where used at run time (CLI start-up)
+    from shim.containers.monitor_api import MonitorClient
+    from shim.containers.store import Container
 
 WAIT_TIMEOUT = 300.0
 START_REPLY_TIMEOUT = 180.0
@@ -164,9 +169,9 @@ def ensure_volumes(project: Project, services: list[Service], progress: Progress
 
 @dataclass
 class Starting:
-    record: object
-    client: object
-    line: object
+    record: Container
+    client: MonitorClient
+    line: Line
 
 
 def begin_start(record, line) -> Starting:
@@ -351,7 +356,7 @@ def with_dependencies(project: Project, names: list[str]) -> list[Service]:
 
 def up(
     project: Project,
-    services: list[str] = (),
+    services: Sequence[str] = (),
     *,
     build: bool = False,
     scale: dict[str, int] | None = None,
@@ -471,7 +476,7 @@ def _parallel(func, items):
 
 
 def stop(
-    project_name: str, services: list[str] = (), *, timeout: float | None = None, progress: Progress | None = None
+    project_name: str, services: Sequence[str] = (), *, timeout: float | None = None, progress: Progress | None = None
 ) -> None:
     from shim.containers import manage
 
@@ -530,11 +535,11 @@ def down(
             remove_network(net.name)
             line.done("Removed")
     if volumes:
-        store = VolumeStore()
-        for volume in store.list():
+        volume_store = VolumeStore()
+        for volume in volume_store.list():
             if volume.labels.get(planner.LABEL_PROJECT) == project_name:
                 line = progress.line(f"Volume {volume.name}", "Removing")
-                store.remove(volume.name)
+                volume_store.remove(volume.name)
                 line.done("Removed")
     if rmi:
         from shim.images.store import ImageStore
@@ -565,7 +570,7 @@ COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 
 def logs(
     project_name: str,
-    services: list[str] = (),
+    services: Sequence[str] = (),
     *,
     follow: bool = False,
     tail: int | None = None,
@@ -659,7 +664,7 @@ def run_oneoff(
     )
     options.interactive = sys.stdin.isatty() and not detach
     options.tty = options.interactive and sys.stdout.isatty()
-    started = []
+    started: list[Container] = []
     code = run_container(options, on_started=started.append)
     if detach and started:
         print(started[0].name)

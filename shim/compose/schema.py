@@ -32,6 +32,12 @@ PORT_SPEC = re.compile(
 )
 
 
+def _mark(func):
+    """Flag a checker that takes the warnings list as its third argument."""
+    func.wants_warnings = True
+    return func
+
+
 def fail(path: str, message: str):
     raise ComposeError(f"{path}: {message}")
 
@@ -186,8 +192,7 @@ def mapping(schema: dict, *, required: tuple = (), ignored: tuple = ()):
                 why = "not supported by vmshim, ignored" if key in ignored else "unknown key, ignored"
                 warnings.append(f"{where}: {why}")
 
-    check.wants_warnings = True
-    return check
+    return _mark(check)
 
 
 def port(value, path):
@@ -288,8 +293,7 @@ def names_or_mapping(what: str, config, *, null_config: bool = False):
             if cfg is not None or not null_config:
                 config(cfg, join(path, name), warnings)
 
-    check.wants_warnings = True
-    return check
+    return _mark(check)
 
 
 networks_of_service = names_or_mapping(
@@ -331,6 +335,7 @@ healthcheck = mapping(
 )
 
 
+@_mark
 def build(value, path, warnings=None):
     if isinstance(value, str):
         return
@@ -355,9 +360,6 @@ def build(value, path, warnings=None):
             "ulimits",
         ),
     )(value, path, warnings)
-
-
-build.wants_warnings = True
 
 
 resources_limits = mapping({"cpus": number, "memory": size, "pids": integer(-1)})
@@ -510,11 +512,6 @@ def _named(value, path, warnings, schema):
             fail(join(path, name), "invalid name: use letters, digits, '_', '.', '-'")
         if config is not None:
             schema(config, join(path, name), warnings)
-
-
-def _mark(func):
-    func.wants_warnings = True
-    return func
 
 
 def validate(document: dict) -> list[str]:
