@@ -76,7 +76,7 @@ def default_cli() -> list[str]:
 
 def run(
     argv: list[str], timeout: float = 300, check: bool = True, input: bytes | None = None
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Run *argv* to completion (text output). Raises CommandFailed when it exits non-zero
     (with *check*) or outlives *timeout* (always; the process is killed)."""
     try:
@@ -90,11 +90,12 @@ def run(
         )
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(argv, None, (exc.stderr or b"").decode(errors="replace")) from None
-    proc.stdout = proc.stdout.decode(errors="replace")
-    proc.stderr = proc.stderr.decode(errors="replace")
-    if check and proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, proc.stderr)
-    return proc
+    out = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    )
+    if check and out.returncode != 0:
+        raise CommandFailed(argv, out.returncode, out.stderr)
+    return out
 
 
 def timed(argv: list[str], timeout: float = 300) -> float:
@@ -124,13 +125,15 @@ def timed_first_output(argv: list[str], timeout: float = 300) -> float:
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        stdout = proc.stdout
+        assert stdout is not None  # stdout=PIPE
         first = None
         try:
             with selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                if sel.select(timeout) and os.read(proc.stdout.fileno(), 1):
+                sel.register(stdout, selectors.EVENT_READ)
+                if sel.select(timeout) and os.read(stdout.fileno(), 1):
                     first = time.perf_counter() - start
-            proc.stdout.read()
+            stdout.read()
             proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
         except subprocess.TimeoutExpired:
             pass
@@ -140,7 +143,7 @@ def timed_first_output(argv: list[str], timeout: float = 300) -> float:
                 proc.wait()
                 err.seek(0)
                 raise CommandFailed(argv, None, err.read().decode(errors="replace"))
-            proc.stdout.close()
+            stdout.close()
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
@@ -485,6 +488,7 @@ class RuncSubject(_CliSubject):
         return f"{self.tag}-{self.name}-{self._seq}"
 
     def _cmd(self, *args: str) -> list[str]:
+        assert self.binary is not None, "runc is not installed (see unavailable())"
         return [self.binary, "--root", str(self.state), *args]
 
     def run_argv(self, *cmd: str) -> list[str]:

@@ -10,6 +10,7 @@ starts is removed when it ends, and the runner removes anything left on every ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -189,10 +190,10 @@ def _start_measures(ctx: Context, subjects, first_output: bool, *argv: str) -> d
     m: dict[str, Callable[[], float]] = {}
     for s in ("vm", "process"):
         if s in subjects:
-            m[s] = lambda drv=ctx.drivers[s]: clock(drv.run_argv(*argv))
+            m[s] = functools.partial(lambda drv: clock(drv.run_argv(*argv)), ctx.drivers[s])
     for s in ("runc", "oci"):
         if s in subjects:
-            m[s] = lambda drv=ctx.drivers[s]: _runc_foreground(drv, first_output, *argv)
+            m[s] = functools.partial(_runc_foreground, ctx.drivers[s], first_output, *argv)
     if "floor" in subjects:
         m["floor"] = ctx.drivers["floor"].boot_time
     return m
@@ -377,7 +378,10 @@ def bench_exec(ctx: Context) -> None:
     fig.skip("floor", N_A_FLOOR)
     subjects = ctx.lifecycle([fig], ctx.available([fig], "vm", "process", "runc"), "exec")
     with _detached(ctx, [fig], subjects) as refs:
-        m = {s: (lambda s=s, ref=ref: timed(ctx.drivers[s].exec_argv(ref, "true"))) for s, ref in refs.items()}
+        m: dict[str, Callable[[], float]] = {
+            s: functools.partial(lambda s, ref: timed(ctx.drivers[s].exec_argv(ref, "true")), s, ref)
+            for s, ref in refs.items()
+        }
         _sample(ctx, fig, m)
 
 
@@ -538,7 +542,7 @@ def bench_density(ctx: Context) -> None:
                         slow = j + 1
                         break
                     latencies.append(time.perf_counter() - t)
-                step = {
+                step: dict[str, object] = {
                     "running": k,
                     "start_s": round(started, 3),
                     "exec_max_s": round(max(latencies), 3) if latencies else None,
@@ -552,13 +556,14 @@ def bench_density(ctx: Context) -> None:
                         f"  density {s}: waited {settle.waited_s:.0f} s for KSM "
                         + ("to settle" if settle.settled else "(timed out, read anyway)")
                     )
+                pss_total_mib = 0.0
                 if s != "vm" or "inspect" in ctx.caps.commands:
                     try:
                         pids: set[int] = set()
                         for r in refs:
                             pids |= drv.owned(r).pids
                         use = procmem.usage(pids)
-                        step["pss_total_mib"] = round(use.pss / MIB, 1)
+                        pss_total_mib = step["pss_total_mib"] = round(use.pss / MIB, 1)
                         step["pss_by_command_mib"] = {c: round(v / MIB, 1) for c, v in use.by_command.items()}
                     except FAILURES:
                         pass
@@ -568,7 +573,7 @@ def bench_density(ctx: Context) -> None:
                 if slow is not None:
                     stop = f"container {slow} missed {EXEC_DEADLINE:g} s with {k} running"
                     break
-                if ctx.density_budget_mib and step.get("pss_total_mib", 0) >= ctx.density_budget_mib:
+                if ctx.density_budget_mib and pss_total_mib >= ctx.density_budget_mib:
                     stop = f"PSS reached the budget of {ctx.density_budget_mib} MiB with {k} running"
                     break
             else:
@@ -631,11 +636,15 @@ def _workload(
         for s in subjects:
             drv = ctx.drivers[s]
             if s in refs:
-                runners[s] = lambda drv=drv, ref=refs[s]: drv.exec(ref, "sh", "-c", script, timeout=900).stdout
+                runners[s] = functools.partial(
+                    lambda drv, ref: drv.exec(ref, "sh", "-c", script, timeout=900).stdout, drv, refs[s]
+                )
                 method[s] = "exec into an idle detached container"
             elif s not in detached:
-                runners[s] = lambda drv=drv, s=s: (
-                    run(drv.run_argv("sh", "-c", script, extra=vm_extra.get(s, ())), timeout=900).stdout
+                runners[s] = functools.partial(
+                    lambda drv, s: run(drv.run_argv("sh", "-c", script, extra=vm_extra.get(s, ())), timeout=900).stdout,
+                    drv,
+                    s,
                 )
                 method[s] = f"one `run --rm` per sample ({fallback})"
         for fig in figs:
@@ -802,7 +811,9 @@ def bench_kernels(ctx: Context) -> None:
     cli = ctx.drivers["vm"].cli
     for k in KERNELS:
         try:
-            image = ensure_guest_image(kernel=k, progress=lambda m, k=k: ctx.log(f"  {k} image: {m}"))
+            image = ensure_guest_image(
+                kernel=k, progress=functools.partial(lambda k, m: ctx.log(f"  {k} image: {m}"), k)
+            )
         except VmshimError as exc:
             for fig in figs:
                 fig.skip(k, f"no {k} guest image: {exc}")
@@ -813,7 +824,7 @@ def bench_kernels(ctx: Context) -> None:
         subjects[k] = VmshimSubject(["env", f"{KERNEL_ENV}={k}", *cli], "vm", f"{ctx.tag}k")
     try:
         _sample(ctx, boot, {k: f.boot_time for k, f in floors.items()})
-        _sample(ctx, start, {k: (lambda d=d: timed(d.run_argv("true"))) for k, d in subjects.items()})
+        _sample(ctx, start, {k: functools.partial(lambda d: timed(d.run_argv("true")), d) for k, d in subjects.items()})
         for _ in range(ctx.runs):
             for k, drv in subjects.items():
                 if memory.result(k).skipped:
@@ -901,7 +912,8 @@ def _podman_node() -> str | None:
 
     save = subprocess.Popen([*default_cli(), "save", "node:latest"], stdout=subprocess.PIPE)
     load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, timeout=900)
-    save.stdout.close()
+    if save.stdout is not None:  # stdout=PIPE: always
+        save.stdout.close()
     if save.wait(timeout=60) != 0 or load.returncode != 0:
         return f"podman load of the node image failed: {load.stderr.decode()[-200:]}"
     return None
@@ -947,7 +959,10 @@ def bench_build_express(ctx: Context) -> None:
         context = ctx.workdir / "express"
         shutil.rmtree(context, ignore_errors=True)
         shutil.copytree(EXPRESS, context)
-        m = {s: (lambda s=s: timed(build_argv(s, context, port, ctx.tag), timeout=3600)) for s in subjects}
+        m: dict[str, Callable[[], float]] = {
+            s: functools.partial(lambda s: timed(build_argv(s, context, port, ctx.tag), timeout=3600), s)
+            for s in subjects
+        }
         _sample(ctx, fig, m)
     finally:
         for server in servers:
@@ -1160,7 +1175,7 @@ def run_suite(
     root = _state_root()
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=root))
-    drivers = {
+    drivers: dict = {  # as Context.drivers: one driver class per kind of subject
         "vm": VmshimSubject(cli, "vm", tag),
         "process": VmshimSubject(cli, "process", tag),
         "runc": RuncSubject(workdir, tag),
