@@ -1,4 +1,5 @@
-"""Connect a terminal (or pipes) to a process in a container, through an AgentClient.
+"""Connect a terminal (or pipes) to a process in a container, through a framed channel
+(an AgentClient, or a MonitorClient that relays to the agent).
 
 One pump serves every placement and verb that streams a process: ``run`` in the
 foreground now; ``attach`` and ``exec`` reuse it. It forwards stdin, writes stdout/stderr
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 
 from guest import protocol
 from shim.errors import AgentError
-from shim.vm.agent_client import AgentClient, wait_readable
+from shim.vm.agent_client import wait_readable
+from shim.vm.channel import FramedChannel
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
@@ -137,7 +139,7 @@ class StdioPump:
 
     def __init__(
         self,
-        client: AgentClient,
+        client: FramedChannel,
         proc_id: int,
         *,
         stdin_fd: int | None,

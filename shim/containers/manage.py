@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 
 from guest import protocol
 from shim.containers import monitor_api as api
@@ -388,7 +389,7 @@ def exec_process(
     interactive: bool = False,
     tty: bool = False,
     detach: bool = False,
-    env: list[str] = (),
+    env: Sequence[str] = (),
     workdir: str | None = None,
     user: str | None = None,
     stdin_fd: int = 0,

@@ -36,11 +36,15 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.spec import SHARE_TAG_PREFIX, VOLUME_SERIAL_PREFIX, MountSpec
 from shim.errors import VolumeError
 from shim.volumes.specs import MountRequest
 from shim.volumes.store import Lease, VolumeStore
+
+if TYPE_CHECKING:  # imported where used at run time (CLI start-up)
+    from shim.vm.domain import Disk, Filesystem
 
 
 class Attachments:
@@ -80,7 +84,9 @@ class Attachments:
 
     # ---- VM ----------------------------------------------------------------------------
 
-    def for_vm(self, first_disk: int, target_of, share_dir: Path | None = None) -> tuple[list[MountSpec], list, list]:
+    def for_vm(
+        self, first_disk: int, target_of, share_dir: Path | None = None
+    ) -> tuple[list[MountSpec], list[Disk], list[Filesystem]]:
         """Lease the volumes and describe the mounts for a VM: (MountSpecs for the boot
         config, shim.vm.domain.Disk list, shim.vm.domain.Filesystem list). *first_disk* is
         the index the first volume disk gets; *target_of(index)* names it (vdX).
@@ -90,7 +96,9 @@ class Attachments:
         from shim.vm.domain import Disk, Filesystem
 
         self.acquire()
-        specs, disks, shares = [], [], []
+        specs: list[MountSpec] = []
+        disks: list[Disk] = []
+        shares: list[Filesystem] = []
         serial_of: dict[str, str] = {}
         try:
             for lease in self.leases.values():
@@ -165,7 +173,7 @@ class Attachments:
         from guest.runtime.mounts import VOLUME_DATA
 
         self.acquire()
-        out = []
+        out: list[tuple[MountSpec, str | None]] = []
         sources: dict[str, str] = {}
         try:
             for name, lease in self.leases.items():

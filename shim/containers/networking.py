@@ -146,7 +146,7 @@ def parse_request(
         except ValueError:
             raise NetworkError(f"invalid --ip {ip!r}: an IPv4 address is needed") from None
     for index, net in enumerate(user_networks):
-        config = {}
+        config: dict[str, list[str] | str] = {}
         if alias_list:
             config["aliases"] = list(alias_list)
         if ip is not None and index == 0:
@@ -381,10 +381,11 @@ def _connect_locked(
 ) -> None:
     request, cid = result.request, result.container_id
     netns = netns_key()
+    netns_path = None  # process isolation: the container's own network namespace
     if result.isolation == "process":
-        result.netns_path = netns_dir() / cid
-        host.delete_netns(result.netns_path)  # a leftover of a crashed run
-        host.create_netns(result.netns_path)
+        netns_path = result.netns_path = netns_dir() / cid
+        host.delete_netns(netns_path)  # a leftover of a crashed run
+        host.create_netns(netns_path)
     for index, (ref, net) in enumerate(zip(request.networks, nets, strict=True)):
         materialize(store, net)
         ip = net.free_ip(request.ip_for(ref))
@@ -410,10 +411,10 @@ def _connect_locked(
         result.endpoints.append((net, endpoint))
         # no spoofing other containers
         firewall.guard_port(endpoint.host_ifname, mac, ip, endpoint.ip6)
-        if result.isolation == "process":
+        if netns_path is not None:
             gateway = result.gateway()
             host.add_veth(
-                result.netns_path,
+                netns_path,
                 host_ifname=endpoint.host_ifname,
                 bridge=net.bridge,
                 mac=mac,
@@ -691,9 +692,9 @@ def network_settings(container_id: str, request: NetworkRequest | None) -> dict:
     gateway, aliases while it runs) and published ports."""
     store = NetworkStore()
     live = {net.name: (net, ep) for net, ep in store.endpoints_of(container_id)}
-    req = request
-    networks, ports = {}, {}
-    for name in req.networks if req is not None else []:
+    networks: dict[str, dict] = {}
+    ports: dict[str, list[dict[str, str]]] = {}
+    for name in request.networks if request is not None else []:
         net_ep = live.get(name)
         if net_ep is None:
             networks[name] = {
@@ -701,7 +702,7 @@ def network_settings(container_id: str, request: NetworkRequest | None) -> dict:
                 "IPPrefixLen": 0,
                 "Gateway": "",
                 "MacAddress": "",
-                "Aliases": req.aliases_for(name),
+                "Aliases": request.aliases_for(name) if request is not None else [],
             }
             continue
         net, ep = net_ep

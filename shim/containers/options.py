@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,9 +134,8 @@ def parse_signal(text: str | int) -> int:
             return number
     else:
         name = raw if raw.startswith("SIG") else "SIG" + raw
-        number = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
-        if number is not None:
-            return int(number)
+        if name in signal.Signals.__members__:
+            return int(signal.Signals[name])
     raise UsageError(f"invalid signal {text!r}")
 
 
@@ -252,7 +252,7 @@ def exec_spec(
     record: Container,
     command: list[str],
     *,
-    env: list[str] = (),
+    env: Sequence[str] = (),
     workdir=None,
     user=None,
     tty: bool = False,

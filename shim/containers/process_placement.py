@@ -24,11 +24,15 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.spec import BootConfig
 from shim.containers.netrequest import NetworkRequest
 from shim.errors import VmshimError
 from shim.vm.agent_client import AgentClient
+
+if TYPE_CHECKING:  # imported where used at run time
+    from shim.containers.networking import ContainerNetwork
 
 HELLO_TIMEOUT = 30.0
 
@@ -59,7 +63,7 @@ class ProcessPlacement:
         agent joins the network namespace made for it, and the container shares it, as
         in a VM), disconnected in teardown(). None: the container makes its own
         namespace with only lo."""
-        self.network = None
+        self.network: ContainerNetwork | None = None
         self.attachments = Attachments(mounts or [])
         """-v/--mount/--tmpfs (shim.containers.mounts): volumes are leased and loop-mounted
         under ``volumes/`` only while the rootfs is assembled; leases end in teardown()."""
@@ -94,7 +98,8 @@ class ProcessPlacement:
                 mount_layer(disk, self.run_dir / "layers" / str(index))
             layer_dirs = [str(self.run_dir / "layers" / str(i)) for i in range(len(self.layer_disks))]
             mounts = self.attachments.for_process(self.run_dir / "volumes")
-            namespaces, netns = HOST_NAMESPACES, None
+            namespaces: tuple[str, ...] = HOST_NAMESPACES
+            netns = None
             if self.network_request is not None:
                 from shim.containers import networking as netc
 
@@ -224,12 +229,12 @@ class ProcessPlacement:
         self.attachments.release()
         layers = self.run_dir / "layers"
         if layers.exists():
-            for target in sorted(layers.iterdir(), reverse=True):
-                if os.path.ismount(target):
+            for layer_dir in sorted(layers.iterdir(), reverse=True):
+                if os.path.ismount(layer_dir):
                     try:
-                        umount_layer(target)
+                        umount_layer(layer_dir)
                     except Exception:  # noqa: BLE001
-                        rootfs_mod.unmount(str(target), detach=True)
+                        rootfs_mod.unmount(str(layer_dir), detach=True)
         if self.network_request is not None:
             from shim.containers.networking import stop
 
