@@ -324,10 +324,9 @@ def parse_signal(text: str) -> int:
         number = int(value)
     else:
         name = value if value.startswith("SIG") else f"SIG{value}"
-        number = getattr(signal_mod.Signals, name, None) if name in signal_mod.Signals.__members__ else None
-        if number is None:
+        if name not in signal_mod.Signals.__members__:
             raise click.BadParameter(f"unknown signal {text!r}", param_hint="SIGNAL")
-        number = int(number)
+        number = int(signal_mod.Signals[name])
     if not 0 < number < signal_mod.NSIG:
         raise click.BadParameter(f"signal {text!r} is out of range", param_hint="SIGNAL")
     return number

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest.spec import CAP_SETS, CAPABILITIES, RLIMIT_NAMES, ProcessSpec
+from shim.containers.resources import Resources
 from shim.errors import VmshimError
 from shim.files import read_json
 
@@ -108,8 +109,7 @@ class Bundle:
     read_only: bool = False
     mounts: list = field(default_factory=list)
     """shim.volumes.specs.MountRequest list."""
-    resources: object = None
-    """shim.containers.resources.Resources."""
+    resources: Resources = field(default_factory=Resources)
     hooks: dict = field(default_factory=dict)
     """kind (HOOK_KINDS) → list of Hook."""
     annotations: dict = field(default_factory=dict)
@@ -439,9 +439,7 @@ def _hooks(hooks) -> dict:
     return out
 
 
-def _resources(resources, notes: list[str]):
-    from shim.containers.resources import Resources
-
+def _resources(resources, notes: list[str]) -> Resources:
     out = Resources()
     if resources is None:
         return out

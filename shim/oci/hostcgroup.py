@@ -39,11 +39,14 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guest.runtime.cgroups import Cgroup, CgroupError, read_file, read_mounts, write_file
 from guest.spec import Limits
 from shim.errors import VmshimError
+
+if TYPE_CHECKING:  # imported where used at run time
+    from shim.containers.resources import Resources
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_PARENT = "vmshim-runtime"
@@ -334,7 +337,7 @@ def vm_sizing(memory_limit: int, guest_overhead_mib: int) -> tuple[int, int]:
     return vm_mib, container_mib * mib
 
 
-def size_vm(resources) -> tuple[int, object]:
+def size_vm(resources: Resources) -> tuple[int, Resources]:
     """The VM's RAM in MiB and the guest's limits (shim.containers.resources.Resources)
     for the config's *resources*: with a memory limit, the VM and its host side fit in it
     (:func:`vm_sizing`) and the container's limit in the guest is what is left; without

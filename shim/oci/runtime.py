@@ -306,6 +306,7 @@ def _fork_standin(body, console_socket: str | None, size, name: str) -> tuple[in
     os.close(report_w)
     try:
         if master is not None:
+            assert slave is not None and console_socket  # opened together above
             os.close(slave)
             standin.send_console(console_socket, master)
     except BaseException:
