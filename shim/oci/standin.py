@@ -27,8 +27,12 @@ import struct
 import sys
 import termios
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shim.errors import VmshimError
+
+if TYPE_CHECKING:
+    from guest.protocol import Message
 
 START_ERROR = "start-error"
 STARTED = b"0"
@@ -191,7 +195,7 @@ def run_member(store, sandbox_record: str, config: dict, rootfs: str, tag: str, 
     return _pump(client, reply, tty)
 
 
-def _pump(client, reply: dict, tty: bool) -> int:
+def _pump(client, reply: Message, tty: bool) -> int:
     """Pump the stdio of the exec the monitor's *reply* started (closing *client* after);
     its exit status, or 137 when the VM went away under the process."""
     from shim.containers.attach import StdioPump
