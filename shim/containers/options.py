@@ -11,10 +11,16 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.spec import CAPABILITIES, ProcessSpec
 from shim.containers.store import Container, check_name
 from shim.errors import UsageError
+
+if TYPE_CHECKING:  # imported where used at run time (CLI start-up)
+    from shim.containers.netrequest import NetworkRequest
+    from shim.containers.resources import Resources
+    from shim.containers.security import SecurityOptions
 
 ISOLATIONS = ("vm", "process")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -41,19 +47,19 @@ class RunOptions:
     """``no``, ``on-failure[:N]``, ``always`` or ``unless-stopped``."""
     stop_timeout: int | None = None
     stop_signal: str | None = None
-    resources: object = None
-    """shim.containers.resources.Resources (None: no limits); sizes the VM."""
+    resources: Resources | None = None
+    """None: no limits; sizes the VM."""
     mounts: list = field(default_factory=list)
     """shim.volumes.specs.MountRequest list (-v, --mount, --tmpfs)."""
     volumes_from: list[str] = field(default_factory=list)
     read_only: bool = False
-    network: object = None
-    """shim.containers.networking.NetworkRequest (-p, --network, --dns …); None: the default
+    network: NetworkRequest | None = None
+    """-p, --network, --dns …; None: the default
     NAT network with nothing published."""
     log_opts: list[str] = field(default_factory=list)
     """``--log-opt`` values (shim.containers.logs.LogLimits.parse)."""
-    security: object = None
-    """shim.containers.security.SecurityOptions (--privileged, --cap-add …); None: docker's
+    security: SecurityOptions | None = None
+    """--privileged, --cap-add …; None: docker's
     defaults."""
     labels: dict = field(default_factory=dict)
     """``--label`` (parsed by :func:`parse_labels`) and compose's labels."""

@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG, WRITABLE_SERIAL, BootConfig
 from shim import paths
@@ -24,6 +25,13 @@ from shim.containers.vm_common import BOOT_TIMEOUT, console_tail
 from shim.containers.vm_common import disk_target as _target
 from shim.vm.accel import guest_cmdline
 from shim.vm.agent_client import AgentClient
+
+if TYPE_CHECKING:  # imported where used at run time
+    from shim.containers.engine_network import EngineNetwork
+    from shim.containers.networking import ContainerNetwork
+    from shim.containers.pool import PooledVm
+    from shim.guestimage.image import GuestImage
+    from shim.vm.accel import AccelInfo
 
 RW_DISK_SIZE = 8 << 30
 """Apparent size of a container's writable disk (sparse: only what is written is used)."""
@@ -120,11 +128,11 @@ class VmPlacement:
         self.network_request = network
         """The container's networking (None: no NIC): connected in
         boot(), disconnected in teardown() once the VM is gone."""
-        self.network = None
+        self.network: ContainerNetwork | None = None
         self.engine_netns = engine_netns
         """vmshim-runtime: the namespace an engine prepared (Container.engine_netns); the
         VM's NICs are plugged into its interfaces (shim.containers.engine_network)."""
-        self._engine = None
+        self._engine: EngineNetwork | None = None
         self.cpuset = cpuset
         self.attachments = Attachments(mounts or [])
         """-v/--mount/--tmpfs (shim.containers.mounts): leased in boot(), let go of in
@@ -144,14 +152,14 @@ class VmPlacement:
         self.console_log = self.run_dir / "console.log"
         self.agent_socket = agent_socket_for(self.run_dir, hypervisor)
         self._backend = backend
-        self.accel = None
-        self.guest = None
+        self.accel: AccelInfo | None = None
+        self.guest: GuestImage | None = None
         """The guest image this VM booted (shim.guestimage.GuestImage), once it did."""
         self.template: dict | None = None
         """A snapshot template this container starts from (shim.containers.template)."""
         self.template_error = ""
         """Why starting from :attr:`template` failed (then it booted cold)."""
-        self.pooled = None
+        self.pooled: PooledVm | None = None
         """The shim.containers.pool.PooledVm this container took (None: booted cold)."""
         from shim.containers.pool import claimed
 
