@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from guest.spec import BootConfig
 from shim.containers.netrequest import NetworkRequest
@@ -47,7 +47,7 @@ class ProcessPlacement:
     def __init__(
         self,
         boot: BootConfig,
-        layer_disks: list[Path],
+        layer_disks: Sequence[str | Path],
         run_dir: Path,
         *,
         name: str,

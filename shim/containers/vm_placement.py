@@ -14,7 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from guest.spec import CONFIG_DRIVE_SERIAL, LAYER_SERIAL_PREFIX, ROOTFS_SHARE_TAG, WRITABLE_SERIAL, BootConfig
 from shim import paths
@@ -107,7 +107,7 @@ class VmPlacement:
     def __init__(
         self,
         boot: BootConfig,
-        layer_disks: list[Path],
+        layer_disks: Sequence[str | Path],
         run_dir: Path,
         *,
         name: str,
