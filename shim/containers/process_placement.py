@@ -317,15 +317,11 @@ def _fork_agent(
             pass
         from guest.agent import Agent
 
+        def log(text: str) -> None:
+            sys.stderr.write(f"vmshim host agent: {text}\n")
+
         listener.setblocking(False)
-        agent = Agent(
-            -1,
-            config,
-            container,
-            listener=listener,
-            exit_grace=0.0,
-            log=lambda text: sys.stderr.write(f"vmshim host agent: {text}\n"),
-        )
+        agent = Agent(-1, config, container, listener=listener, exit_grace=0.0, log=log)
         agent.run()
         agent.kill_all()
         code = 0
