@@ -204,3 +204,159 @@ def _read_engine_file(oci_id: str, path: str) -> str:
     if len(data) > MAX_ENGINE_FILE:
         raise PodError(f"container {oci_id}: {path} is larger than {MAX_ENGINE_FILE} bytes")
     return data.decode(errors="replace")
+
+
+# ---- pod-level resources size the sandbox's VM -----------------------------------------------
+
+MAX_LIMIT = 1 << 50
+"""Bytes: a pod memory limit above this (1 PiB; cgroup v1's "unlimited" is ~2⁶³) counts as none."""
+MAX_QUOTA = 1 << 40
+"""µs: a CPU quota above this counts as none."""
+MIN_PERIOD, MAX_PERIOD = 1000, 1_000_000
+"""µs: the kernel's bounds on a CFS period; outside them the quota counts as none."""
+MAX_CONTROL_FILE = 64
+"""Bytes read from a cgroup control file."""
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+
+
+@dataclass(frozen=True)
+class PodLimits:
+    """A pod's own limits (0: none): its memory limit in bytes and its CPU quota per period."""
+
+    memory: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    source: str = ""
+    """Where they came from (for the log): the pod's cgroup or the CRI annotations."""
+
+    def vcpus(self, host_cpus: int) -> int:
+        """ceil(quota/period), at most *host_cpus* (≥ 1); 0 without a CPU limit."""
+        if self.cpu_quota <= 0 or self.cpu_period <= 0:
+            return 0
+        return max(1, min(-(-self.cpu_quota // self.cpu_period), max(1, host_cpus)))
+
+
+def _number(text: str | None, bound: int) -> int:
+    """A decimal integer in (0, *bound*] from an untrusted control file or annotation;
+    0 for "max", -1, garbage, or anything out of range."""
+    if not isinstance(text, str):
+        return 0
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        return 0
+    value = int(text)
+    return value if 0 < value <= bound else 0
+
+
+def _period(text: str | None) -> int:
+    value = _number(text, MAX_PERIOD)
+    return value if value >= MIN_PERIOD else 0
+
+
+def parse_v2(memory_max: str | None, cpu_max: str | None) -> PodLimits:
+    """cgroup v2's ``memory.max`` (bytes or "max") and ``cpu.max`` ("QUOTA PERIOD", QUOTA
+    may be "max") → PodLimits; unreadable or odd values count as no limit."""
+    memory = _number(memory_max, MAX_LIMIT)
+    quota = period = 0
+    words = cpu_max.split() if isinstance(cpu_max, str) else []
+    if len(words) == 2:
+        quota, period = _number(words[0], MAX_QUOTA), _period(words[1])
+    return PodLimits(memory, quota if period else 0, period if quota else 0, "cgroup")
+
+
+def parse_v1(limit_in_bytes: str | None, cfs_quota_us: str | None, cfs_period_us: str | None) -> PodLimits:
+    """cgroup v1's ``memory.limit_in_bytes``, ``cpu.cfs_quota_us`` (-1: none) and
+    ``cpu.cfs_period_us`` → PodLimits; odd values count as no limit."""
+    memory = _number(limit_in_bytes, MAX_LIMIT)
+    quota, period = _number(cfs_quota_us, MAX_QUOTA), _period(cfs_period_us)
+    return PodLimits(memory, quota if period else 0, period if quota else 0, "cgroup")
+
+
+def parse_annotations(annotations: dict) -> PodLimits:
+    """containerd's CRI sandbox annotations (Kata reads the same): the pod's memory in
+    bytes, its CPU quota and period in µs; odd values count as none."""
+    if not isinstance(annotations, dict):
+        return PodLimits()
+    memory = _number(annotations.get(SANDBOX_MEMORY), MAX_LIMIT)
+    quota = _number(annotations.get(SANDBOX_CPU_QUOTA), MAX_QUOTA)
+    period = _period(annotations.get(SANDBOX_CPU_PERIOD))
+    return PodLimits(memory, quota if period else 0, period if quota else 0, "annotations")
+
+
+def read_control(path: str) -> str | None:
+    """At most MAX_CONTROL_FILE bytes of a cgroup control file, never through a symlink
+    (None: absent, a symlink, unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, MAX_CONTROL_FILE).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _safe_dir(path: str) -> bool:
+    """*path* is a directory, and neither it nor any of its parents is a symlink."""
+    import stat
+
+    path = os.path.normpath(path)
+    while path not in ("/", ""):
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return False
+        except OSError:
+            return False
+        path = os.path.dirname(path)
+    return os.path.isdir(path or "/")
+
+
+def cgroup_limits(version: int, parents: list[tuple[frozenset, str]]) -> PodLimits:
+    """The limits of the pod's cgroup: *parents* holds, per hierarchy, its controllers (v2:
+    empty) and the parent directory of the container's cgroup there."""
+
+    def read(directory: str, name: str) -> str | None:
+        return read_control(os.path.join(directory, name)) if directory and _safe_dir(directory) else None
+
+    if version == 2:
+        directory = parents[0][1] if parents else ""
+        return parse_v2(read(directory, "memory.max"), read(directory, "cpu.max"))
+    memory_dir = next((d for c, d in parents if "memory" in c), "")
+    cpu_dir = next((d for c, d in parents if "cpu" in c), "")
+    return parse_v1(
+        read(memory_dir, "memory.limit_in_bytes"),
+        read(cpu_dir, "cpu.cfs_quota_us"),
+        read(cpu_dir, "cpu.cfs_period_us"),
+    )
+
+
+def vm_size(limits: PodLimits, own_mib: int, own_vcpus: int, host_cpus: int) -> tuple[int, int]:
+    """The sandbox VM's (MiB, vCPUs) from the pod's *limits* where they are larger than the
+    container's own (*own_mib*, *own_vcpus*); 0 where they are not. A pod cgroup's memory
+    limit holds the whole VM on the host, so the VM fits in it as for a container's own
+    limit (shim.oci.hostcgroup.vm_sizing); the CRI annotation is the containers' total
+    (the kubelet adds the RuntimeClass overhead to the pod's cgroup), so the VM is that
+    plus the guest's overhead, as Kata sizes it."""
+    from shim.containers.resources import GUEST_OVERHEAD_MIB, MIB
+
+    from .hostcgroup import CgroupPathError, vm_sizing
+
+    mib = 0
+    if limits.memory > 0:
+        if limits.source == "annotations":
+            mib = -(-limits.memory // MIB) + GUEST_OVERHEAD_MIB
+        else:
+            try:
+                mib = vm_sizing(limits.memory, GUEST_OVERHEAD_MIB)[0]
+            except CgroupPathError:
+                mib = 0  # too small for a VM: the container's own size stands
+    vcpus = limits.vcpus(host_cpus)
+    return (mib if mib > own_mib else 0), (vcpus if vcpus > own_vcpus else 0)
