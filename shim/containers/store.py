@@ -171,6 +171,10 @@ class Container:
     resources: Resources = field(default_factory=Resources)
     """The limits as given (``update`` changes them); they size the VM (:attr:`vm_memory_mib`,
     :attr:`vm_vcpus`)."""
+    pod_vm_mib: int = 0
+    pod_vcpus: int = 0
+    """vmshim-runtime: a pod sandbox's VM size from the pod's own limits where larger than
+    :attr:`resources`' (shim.oci.pod.vm_size); 0: none."""
     mounts: list[MountRequest] = field(default_factory=list)
     """In order."""
     read_only: bool = False
@@ -215,13 +219,13 @@ class Container:
 
     @property
     def vm_memory_mib(self) -> int:
-        """The VM's memory (VM isolation): from :attr:`resources`."""
-        return self.resources.vm_memory_mib()
+        """The VM's memory (VM isolation): from :attr:`resources` (or the pod's)."""
+        return max(self.resources.vm_memory_mib(), self.pod_vm_mib)
 
     @property
     def vm_vcpus(self) -> int:
-        """The VM's vCPUs (VM isolation): from :attr:`resources`."""
-        return self.resources.vm_vcpus()
+        """The VM's vCPUs (VM isolation): from :attr:`resources` (or the pod's)."""
+        return max(self.resources.vm_vcpus(), self.pod_vcpus)
 
     def to_dict(self) -> dict:
         """The JSON of state.json (schema :data:`SCHEMA_VERSION`)."""
@@ -234,6 +238,9 @@ class Container:
         data["mounts"] = [m.to_dict() for m in self.mounts]
         data["log"] = self.log.to_dict()
         data["state"] = asdict(self.state)
+        for name in ("pod_vm_mib", "pod_vcpus"):  # only a pod sandbox's record has them
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod

@@ -24,6 +24,7 @@ import signal
 import time
 from pathlib import Path
 
+from shim.containers.resources import host_cpus
 from shim.containers.store import Container, now_rfc3339, process_start_time
 from shim.errors import ContainerNotFound, ContainerStateError, VmshimError
 from shim.oci import hooks as hooks_mod
@@ -144,6 +145,8 @@ def create(
     join = pod.member_of(rt, oci_id, bundle.network_ns, bundle.annotations)
     if join is not None:
         _make_member(rt, record, info, join, bundle, log)
+    else:
+        _size_from_pod(record, bundle.annotations, cgroup_target, log)
     rt.containers.create(record)
     pid = 0
     host_fd = netns_mod.open_host_netns() if bundle.network_ns is not None and join is None else -1
@@ -186,6 +189,30 @@ def create(
         if host_fd >= 0:
             os.close(host_fd)  # the stand-in keeps its copy
     return pid
+
+
+def _size_from_pod(record: Container, annotations: dict, target: hostcgroup.Target, log: RuntimeLog) -> None:
+    """Size a (possible) sandbox's VM from its pod's limits (shim.oci.pod.vm_size): the CRI
+    sandbox annotations, else the parent of the container's host cgroup (podman's pod)."""
+    limits = pod.parse_annotations(annotations)
+    if not (limits.memory or limits.cpu_quota):
+        try:
+            found = hostcgroup.Hierarchies.detect()
+        except hostcgroup.CgroupPathError:
+            return
+        parents = [
+            (found.mounts[mountpoint], os.path.dirname(directory))
+            for mountpoint, directory in found.directories(target).items()
+            if os.path.dirname(directory) != mountpoint.rstrip("/")
+        ]
+        limits = pod.cgroup_limits(found.version, parents)
+    mib, vcpus = pod.vm_size(limits, record.vm_memory_mib, record.vm_vcpus, len(host_cpus()))
+    if mib or vcpus:
+        record.pod_vm_mib, record.pod_vcpus = mib, vcpus
+        log.debug(
+            f"{record.name}: the pod's limits ({limits.source}) size its VM: {record.vm_memory_mib} MiB, "
+            f"{record.vm_vcpus} vCPUs"
+        )
 
 
 def _make_member(rt: RuntimeStore, record: Container, info: OciInfo, join: pod.Join, bundle, log: RuntimeLog) -> None:
