@@ -341,17 +341,36 @@ POD_HTTPD = "mkdir -p /www && cat /proc/sys/kernel/random/boot_id > /www/index.h
 """A busybox httpd answering its kernel's boot id."""
 
 
-def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
-    """``podman pod create -p``: the infra container boots the pod's VM; members (``--pod``)
-    run inside it with their own rootfs and process, sharing its localhost: one QEMU, one
-    guest kernel (its boot id) for all, and the published port answers from the host."""
-    # The infra image: busybox whose command sleeps (podman 4.3's --infra-command takes
-    # one word, and this host has no catatonit for podman's own pause image).
+@pytest.fixture(scope="module")
+def pod_infra(podman) -> str:
+    """The pods' infra image: busybox whose command sleeps (podman 4.3's --infra-command
+    takes one word, and this host has no catatonit for podman's own pause image)."""
     proc = podman.podman("create", "--name", "infra-src", BUSYBOX_REF, "sleep", "1000000")
     assert proc.returncode == 0, _out(proc)
     proc = podman.podman("commit", "--change", 'CMD ["sleep","1000000"]', "infra-src", "localhost/vmshim-pod-infra")
     assert proc.returncode == 0, _out(proc)
     podman.podman("rm", "infra-src", check=True)
+    return "localhost/vmshim-pod-infra"
+
+
+_UNLIMITED_POD: dict[str, int] = {}
+"""MemTotal (kB) and nproc a member of the pod without limits saw (the test above)."""
+POD_SIZE = "grep MemTotal /proc/meminfo; nproc"
+
+
+def _vm_size_seen(podman, container: str) -> dict[str, int]:
+    """The VM's size as a pod member sees it: MemTotal in kB and nproc."""
+    proc = podman.podman("exec", container, "sh", "-c", POD_SIZE, timeout=120)
+    assert proc.returncode == 0, _out(proc)
+    words = proc.stdout.split()
+    assert len(words) == 4 and words[0] == "MemTotal:" and words[2] == "kB", _out(proc)
+    return {"memtotal_kb": int(words[1]), "nproc": int(words[3])}
+
+
+def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host, pod_infra):
+    """``podman pod create -p``: the infra container boots the pod's VM; members (``--pod``)
+    run inside it with their own rootfs and process, sharing its localhost: one QEMU, one
+    guest kernel (its boot id) for all, and the published port answers from the host."""
     common = ["--pull", "never"]
     infra = ""
     proc = podman.podman(
@@ -364,7 +383,7 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         "--cgroup-parent",
         "/" + podman.cgroup_parent,
         "--infra-image",
-        "localhost/vmshim-pod-infra",
+        pod_infra,
         timeout=120,
     )
     assert proc.returncode == 0, _out(proc)
@@ -425,6 +444,7 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         assert proc.stdout.split() == ["httpd", sandbox_boot, "from-stdin"], _out(proc)
         proc = podman.podman("exec", infra, "test", "-e", "/www")
         assert proc.returncode == 1, "an exec into the sandbox stays in the sandbox: " + _out(proc)
+        _UNLIMITED_POD.update(_vm_size_seen(podman, "web"))
         # podman's pod shares uts and ipc: the member is in the sandbox's, not the VM's
         # own nor one of its own; its mount and pid namespaces stay its own
         show = "for ns in uts ipc mnt pid; do readlink /proc/self/ns/$ns; done"
@@ -461,5 +481,55 @@ def test_podman_pod_members_share_the_sandboxs_vm(podman, podman_host):
         assert proc.returncode == 0, "the sandbox outlives its members: " + _out(proc)
     finally:
         proc = podman.podman("pod", "rm", "--force", "vpod", timeout=300)
+        assert proc.returncode == 0, _out(proc)
+    wait_until(lambda: not _qemus_of(infra), 60, "the pod's VM to go")
+
+
+def test_podman_pod_limits_size_the_sandboxs_vm(podman, pod_infra):
+    """``podman pod create --memory --cpus`` puts the limits on the pod's cgroup, not on the
+    infra container: the sandbox's VM is sized from them, so a member sees more memory and
+    vCPUs than in a pod without limits (the test above; the default VM has 256 MiB and 1
+    vCPU) and the VM with its host side fits in the pod's memory limit."""
+    from shim.containers.resources import DEFAULT_VM_MIB, host_cpus
+
+    limit_mib, cpus = 768, min(2, len(host_cpus()))
+    infra = ""
+    proc = podman.podman(
+        "pod",
+        "create",
+        "--name",
+        "bigpod",
+        "--memory",
+        f"{limit_mib}m",
+        "--cpus",
+        str(cpus),
+        "--cgroup-parent",
+        "/" + podman.cgroup_parent,
+        "--infra-image",
+        pod_infra,
+        timeout=120,
+    )
+    assert proc.returncode == 0, _out(proc)
+    try:
+        infra = podman.podman("pod", "inspect", "--format", "{{.InfraContainerID}}", "bigpod").stdout.strip()
+        # the limit is the pod's, not the infra container's own
+        own = podman.podman("inspect", "--format", "{{.HostConfig.Memory}}", infra).stdout.strip()
+        assert own in ("0", ""), own
+        proc = podman.podman(
+            "run", "-d", "--pull", "never", "--pod", "bigpod", "--name", "big", BUSYBOX_REF, "sleep", "600", timeout=300
+        )
+        assert proc.returncode == 0, _out(proc)
+        seen = _vm_size_seen(podman, "big")
+        assert seen["nproc"] == cpus, seen
+        # the VM is the limit less its host side (shim.oci.hostcgroup.HOST_OVERHEAD_MIB);
+        # MemTotal is that less what the guest kernel reserves
+        assert DEFAULT_VM_MIB * 1024 < seen["memtotal_kb"] <= limit_mib * 1024, seen
+        if _UNLIMITED_POD:
+            assert seen["memtotal_kb"] > _UNLIMITED_POD["memtotal_kb"] + 200 * 1024, (seen, _UNLIMITED_POD)
+            assert seen["nproc"] >= _UNLIMITED_POD["nproc"], (seen, _UNLIMITED_POD)
+        if cpus > 1:
+            assert seen["nproc"] > (_UNLIMITED_POD or {"nproc": 1})["nproc"], (seen, _UNLIMITED_POD)
+    finally:
+        proc = podman.podman("pod", "rm", "--force", "bigpod", timeout=300)
         assert proc.returncode == 0, _out(proc)
     wait_until(lambda: not _qemus_of(infra), 60, "the pod's VM to go")
