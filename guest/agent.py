@@ -34,6 +34,25 @@ from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import AGENT_PORT_NAME, BootConfig, ProcessSpec
 
+TYPE_CHECKING = False  # for the type checker only: importing typing costs boot time
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+    from typing import Any, Protocol
+
+    from guest.runtime.container import Container
+    from guest.runtime.dnsrelay import DnsRelay
+    from guest.runtime.member import Member
+    from guest.runtime.process import Spawned
+
+    class Runtime(Protocol):
+        """What :class:`Agent` needs of its *runtime* (the rest it looks up with getattr)."""
+
+        def start(self, process: ProcessSpec, *, stdin: bool, rows: int, cols: int) -> Spawned: ...
+
+        def exec(self, process: ProcessSpec, *, stdin: bool, rows: int, cols: int) -> Spawned: ...
+
+
 AGENT_VERSION = "vmshim-agent/0.1"
 OUT_HIGH = 8 * protocol.CHUNK
 """Stop reading process output while this many bytes wait for the channel."""
@@ -72,7 +91,7 @@ class _Proc:
     inspect, which costs a noticeable part of the boot under TCG.)
     """
 
-    def __init__(self, id: int, spawned, main: bool, last_output: float = 0.0):
+    def __init__(self, id: int, spawned: Spawned, main: bool, last_output: float = 0.0) -> None:
         self.id = id
         self.spawned = spawned  # a guest.runtime.process.Spawned (or a test's look-alike)
         self.main = main
@@ -86,7 +105,7 @@ class _Proc:
         self.last_output = last_output
         self.exit_sent = False
         self.console_reopens = 0  # an OS init's console hung up without output in between
-        self.member = None  # a pod member's guest.runtime.member.Member, torn down with it
+        self.member: Member | None = None  # a pod member's guest.runtime.member.Member, torn down with it
 
     @property
     def pid(self) -> int:
@@ -129,23 +148,23 @@ class Agent:
         self,
         channel_fd: int,
         config: BootConfig | None,
-        runtime,
+        runtime: Runtime | None,
         *,
         reconnect: bool = False,
-        listener=None,
+        listener: socket.socket | None = None,
         reap_orphans: bool = False,
         exit_grace: float = 1.0,
         orphan_exit_timeout: float = 30.0,
-        log=None,
-        trace=None,
-        uptime=_uptime,
-    ):
+        log: Callable[[str], None] | None = None,
+        trace: Callable[[str], None] | None = None,
+        uptime: Callable[[], float] = _uptime,
+    ) -> None:
         self.fd = channel_fd
         self.config = config
         self.runtime = runtime
         self.reconnect = reconnect or listener is not None
         self.listener = listener
-        self._conn = None  # the accepted socket object, with a listener
+        self._conn: socket.socket | None = None  # the accepted socket object, with a listener
         self.reap_orphans = reap_orphans
         self.exit_grace = exit_grace
         self.orphan_exit_timeout = orphan_exit_timeout
@@ -158,7 +177,7 @@ class Agent:
         self._sel = selectors.DefaultSelector()
         self._registered: dict[int, int] = {}  # fd -> event mask currently in the selector
         self._reader = protocol.FrameReader()
-        self._out: collections.deque = collections.deque()  # whole frames, first may be partly sent
+        self._out: collections.deque[bytes] = collections.deque()  # whole frames, first may be partly sent
         self._out_offset = 0
         self._out_bytes = 0
         self._away = False
@@ -178,7 +197,7 @@ class Agent:
         self._stopped = False
         self._greeted = False
         self._last_sweep = 0.0
-        self._dns = None  # guest.runtime.dnsrelay.DnsRelay, when the config asks for one
+        self._dns: DnsRelay | None = None  # guest.runtime.dnsrelay.DnsRelay, when the config asks for one
         self._spec: tuple[BootConfig, bytes] | None = None  # a pooled VM's, once given
         self._deferred: list[Message] = []  # requests that came before the container
 
@@ -211,7 +230,7 @@ class Agent:
         self._probe_channel()
         self._greeted = True
 
-    def attach(self, config: BootConfig, runtime) -> None:
+    def attach(self, config: BootConfig, runtime: Runtime) -> None:
         """Provide what :meth:`run` needs, if the constructor did not have it yet."""
         self.config = config
         self.runtime = runtime
@@ -304,10 +323,10 @@ class Agent:
 
     def _sync_selector(self) -> None:
         """Make the selector watch exactly what is wanted now (flow control lives here)."""
-        wanted: dict[int, tuple[int, object]] = {}
+        wanted: dict[int, tuple[int, Callable[[int], None]]] = {}
 
-        def want(fd, mask, handler):
-            old_mask, _ = wanted.get(fd, (0, None))
+        def want(fd: int, mask: int, handler: Callable[[int], None]) -> None:
+            old_mask = wanted[fd][0] if fd in wanted else 0
             wanted[fd] = (old_mask | mask, handler)
 
         if not self._away and not self._stopped:
@@ -331,7 +350,7 @@ class Agent:
                 want(proc.pidfd, selectors.EVENT_READ, self._on_pidfd)
         if self._dns is not None and out_ok and not self._away:
             for fd in self._dns.fds():
-                want(fd, selectors.EVENT_READ, lambda mask, fd=fd: self._on_dns_query(fd))
+                want(fd, selectors.EVENT_READ, self._dns_handler(fd))
         for fd in list(self._registered):
             if fd not in wanted:
                 self._sel.unregister(fd)
@@ -343,8 +362,25 @@ class Agent:
                 self._sel.modify(fd, mask, handler)
             self._registered[fd] = mask
 
-    def _proc_handler(self, proc: _Proc):
-        return lambda mask, proc=proc: self._on_proc_ready(proc, mask)
+    def _proc_handler(self, proc: _Proc) -> Callable[[int], None]:
+        return lambda mask: self._on_proc_ready(proc, mask)
+
+    def _dns_handler(self, fd: int) -> Callable[[int], None]:
+        return lambda mask: self._on_dns_query(fd)
+
+    @property
+    def _config(self) -> BootConfig:
+        """The config, for a handler (they run once it is set: see :meth:`attach`)."""
+        if self.config is None:
+            raise Reject("the agent has no container config yet")
+        return self.config
+
+    @property
+    def _runtime(self) -> Runtime:
+        """The runtime, for a handler (they run once it is set: see :meth:`attach`)."""
+        if self.runtime is None:
+            raise Reject("the agent has no container runtime yet")
+        return self.runtime
 
     def _tick(self) -> None:
         """Timers: reconnect, giving up silent outputs, reporting exits, ending the loop."""
@@ -410,7 +446,8 @@ class Agent:
             self._sel.unregister(self.fd)
             del self._registered[self.fd]
         try:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
         except OSError:
             pass
         self._conn = None
@@ -467,7 +504,7 @@ class Agent:
         self._out_bytes += len(frame)
         self._flush()
 
-    def _send(self, type: str, payload: bytes = b"", **fields) -> bytes:
+    def _send(self, type: str, payload: bytes = b"", **fields: Any) -> bytes:
         frame = protocol.encode(type, payload, **fields)
         self._out.append(frame)
         self._out_bytes += len(frame)
@@ -529,7 +566,7 @@ class Agent:
             self._reply_error(proc_id, f"internal agent error handling {message.type!r}: {exc}")
 
     def _reply_error(self, proc_id: int | None, message: str, code: int | None = None) -> bytes:
-        fields = {"message": message}
+        fields: dict[str, Any] = {"message": message}
         if proc_id is not None:
             fields["id"] = proc_id
         if code is not None:
@@ -552,7 +589,7 @@ class Agent:
 
     def _check_token(self, message: Message) -> None:
         token = message.get("token", str)
-        if not compare_digest(token.encode(), self.config.token.encode()):
+        if not compare_digest(token.encode(), self._config.token.encode()):
             raise Reject("bad token")
 
     @staticmethod
@@ -569,19 +606,19 @@ class Agent:
         self._check_token(message)
         proc_id = message.get("id", int)
         stdin = message.get("stdin", bool, False)
-        tty = message.get("tty", bool, self.config.process.tty)
+        tty = message.get("tty", bool, self._config.process.tty)
         rows, cols = self._size(message)
         hold = message.get("hold", bool, False)
         if self._main is not None or self.main_exit_code is not None:
             raise Reject("the container's process was already started")
         if proc_id in self._procs:
             raise Reject(f"process id {proc_id} is in use")
-        process = copy.copy(self.config.process)
+        process = copy.copy(self._config.process)
         process.tty = tty
         self._hold = hold
         begin = time.monotonic()
         try:
-            spawned = self.runtime.start(process, stdin=stdin, rows=rows, cols=cols)
+            spawned = self._runtime.start(process, stdin=stdin, rows=rows, cols=cols)
         except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
             # The container's life ends here: report why, then end like after an exit.
             code = getattr(exc, "exit_code", None)
@@ -615,15 +652,15 @@ class Agent:
             container = self._member_container(member_id)
             self._start_extra(proc_id, lambda: container.exec(process, stdin=stdin, rows=rows, cols=cols))
             return
-        self._start_extra(proc_id, lambda: self.runtime.exec(process, stdin=stdin, rows=rows, cols=cols))
+        self._start_extra(proc_id, lambda: self._runtime.exec(process, stdin=stdin, rows=rows, cols=cols))
 
-    def _member_container(self, member_id: str):
+    def _member_container(self, member_id: str) -> Container:
         """The guest Container of the running pod member *member_id* (its container id).
         Raises Reject."""
         if len(member_id) > 64:
             raise Reject("a pod member's id is at most 64 characters")
         for proc in self._procs.values():
-            container = getattr(proc.member, "container", None)
+            container: Container | None = getattr(proc.member, "container", None)
             if container is not None and proc.exit_code is None:
                 if getattr(container.config, "container_id", None) == member_id:
                     return container
@@ -687,7 +724,7 @@ class Agent:
             raise Reject("this runtime cannot write the container's changes")
         self._start_extra(proc_id, diff)
 
-    def _start_extra(self, proc_id: int, spawn) -> None:
+    def _start_extra(self, proc_id: int, spawn: Callable[[], Spawned]) -> None:
         """Start a process besides the main one (exec, a builtin, the diff) with *spawn()*,
         which returns its Spawned; reply STARTED, or Reject with the failure."""
         try:
@@ -762,8 +799,11 @@ class Agent:
             self.log(f"cannot relay DNS on {', '.join(addresses)}: {exc}")
 
     def _on_dns_query(self, fd: int) -> None:
-        self._dns.expire()
-        for qid, server, payload in self._dns.receive(fd):
+        dns = self._dns
+        if dns is None:
+            return
+        dns.expire()
+        for qid, server, payload in dns.receive(fd):
             self._send(protocol.DNS_QUERY, payload, id=qid, server=server)
 
     def _handle_dns_answer(self, message: Message) -> None:
@@ -784,7 +824,7 @@ class Agent:
         token = message.get("new_token", str)
         if not 16 <= len(token) <= 128:
             raise Reject("bad new token")
-        config = self.config.replace(
+        config = self._config.replace(
             token=token,
             hostname=message.get("hostname", str),
             process=ProcessSpec.from_dict(message.get("process", dict)),
@@ -867,9 +907,9 @@ class Agent:
 
     # ---- processes --------------------------------------------------------------------------
 
-    def _add(self, proc_id: int, spawned, main: bool) -> _Proc:
+    def _add(self, proc_id: int, spawned: Spawned, main: bool) -> _Proc:
         proc = _Proc(id=proc_id, spawned=spawned, main=main, last_output=time.monotonic())
-        if spawned.tty:
+        if spawned.tty and spawned.master is not None:  # a tty process has its pty master
             proc.outputs[spawned.master] = protocol.STDOUT
             proc.stdin_fd = spawned.master
         else:
@@ -942,7 +982,8 @@ class Agent:
         return True
 
     def _write_stdin(self, proc: _Proc) -> None:
-        while proc.stdin_buf:
+        """Precondition: ``proc.stdin_fd`` is open (every caller checks)."""
+        while proc.stdin_buf and proc.stdin_fd is not None:
             try:
                 written = os.write(proc.stdin_fd, proc.stdin_buf[: protocol.CHUNK])
             except BlockingIOError:
@@ -1035,7 +1076,7 @@ class Agent:
                 self._close_fd(fd)
             proc.stdin_fd = None
         proc.exit_sent = True
-        extra = {}
+        extra: dict[str, Any] = {}
         if proc.main:
             oom = getattr(self.runtime, "oom_killed", None)
             try:
@@ -1053,8 +1094,7 @@ class Agent:
 
     def _forget(self, proc: _Proc) -> None:
         """Close every fd of *proc* (each once) and drop it from the tables."""
-        fds = set(proc.outputs) | {proc.stdin_fd, proc.pidfd}
-        fds.discard(None)
+        fds = set(proc.outputs) | {fd for fd in (proc.stdin_fd, proc.pidfd) if fd is not None}
         for fd in fds:
             self._close_fd(fd)
         proc.outputs.clear()

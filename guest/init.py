@@ -41,6 +41,13 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+
+if TYPE_CHECKING:  # imported where used: boot time counts
+    from guest.runtime.cgroups import Cgroup
+    from guest.runtime.container import Container
+    from guest.spec import BootConfig, MountSpec
+
 RUN = "/run/vmshim"
 CONFIG_MOUNT = RUN + "/config"
 CONFIG_FILE = "config.json"
@@ -65,7 +72,7 @@ class BootError(Exception):
 class Console:
     """Progress and errors on /dev/console (the serial log): quiet unless asked or failing."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.fd = 2
         self.verbose = False
         self.pooled = False
@@ -209,7 +216,7 @@ def load_modules(list_path: str | None = None) -> None:
 
 def find_disks() -> dict[str, str]:
     """``{serial: /dev/<name>}`` for every block device that has a serial."""
-    disks = {}
+    disks: dict[str, str] = {}
     try:
         names = os.listdir("/sys/block")
     except FileNotFoundError:
@@ -243,7 +250,7 @@ def wait_for_disks(serials: list[str], timeout: float | None = None) -> dict[str
         time.sleep(0.005)
 
 
-def read_config(device: str):
+def read_config(device: str) -> BootConfig:
     """Mount the config drive read-only, read and validate config.json, unmount it."""
     import json
 
@@ -287,7 +294,7 @@ def filesystem_type(device: str) -> str:
     raise BootError(f"{device} holds no filesystem vmshim knows (squashfs, erofs, ext4, iso9660)")
 
 
-def mount_rootfs(config, disks: dict[str, str]) -> str:
+def mount_rootfs(config: BootConfig, disks: dict[str, str]) -> str:
     """Mount the layers and the writable layer, stack them at ROOTFS; return ROOTFS."""
     from guest.runtime import rootfs, syscalls
     from guest.spec import LAYER_SERIAL_PREFIX, WRITABLE_SERIAL
@@ -299,7 +306,7 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
             return mounts.mount_virtiofs(config.rootfs_share, ROOTFS, False)
         except mounts.MountError as exc:
             raise BootError(f"cannot mount the bundle's rootfs: {exc}") from None
-    lowerdirs = []
+    lowerdirs: list[str] = []
     for index in range(config.layer_count):
         device = disks[f"{LAYER_SERIAL_PREFIX}{index}"]
         target = f"{LAYERS_DIR}/{index}"
@@ -331,7 +338,7 @@ def mount_rootfs(config, disks: dict[str, str]) -> str:
     return ROOTFS
 
 
-def bring_up_network(config) -> None:
+def bring_up_network(config: BootConfig) -> None:
     """lo and the VM's NICs as the host planned them (guest.runtime.network)."""
     from guest.runtime.network import NetworkError, configure
 
@@ -343,7 +350,7 @@ def bring_up_network(config) -> None:
     console.trace(f"network: {', '.join(names)} up")
 
 
-def make_cgroup(config):
+def make_cgroup(config: BootConfig) -> Cgroup | None:
     """cgroup2 at /sys/fs/cgroup and the container's group. Without limits to enforce, a
     failure is only reported; with limits it is fatal."""
     from guest.runtime.cgroups import Cgroup, CgroupError, mount_cgroup2
@@ -394,7 +401,7 @@ def tell_host(channel: int | None, hello_sent: bool, message: str) -> None:
         console.log(f"could not tell the host: {exc}")
 
 
-def apply_sysctls(sysctl: dict) -> None:
+def apply_sysctls(sysctl: dict[str, str]) -> None:
     """The container's sysctls (OCI ``linux.sysctl``), in the VM's own kernel. Raises
     BootError naming the first that cannot be set."""
     for key, value in sysctl.items():
@@ -422,7 +429,7 @@ _staged_volumes: list[str] = []
 """Where volume disks are mounted (guest.runtime.mounts.mount_volume), for power_off."""
 
 
-def stage_mounts(config, disks: dict[str, str]) -> list:
+def stage_mounts(config: BootConfig, disks: dict[str, str]) -> list[tuple[MountSpec, str | None]]:
     """Make each mount's source available under MOUNTS_DIR: virtiofs shares (tag =
     ``source``) and volume disks (serial = ``source``). Returns ``(MountSpec, source
     path)`` pairs for the Container (None for tmpfs). Raises BootError."""
@@ -523,7 +530,7 @@ def warm_up() -> None:
     console.phase("warm-up")
 
 
-def prepare_container(config=None):
+def prepare_container(config: BootConfig | None = None) -> tuple[BootConfig, Container]:
     """Config drive (unless *config* is given: a pooled VM's spec), hostname, lo, cgroup,
     layers, overlay, network; returns (config, Container).
 

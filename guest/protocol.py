@@ -123,6 +123,11 @@ from __future__ import annotations
 import json
 import struct
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from typing import Any
+
+
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change. The agent announces it in ``hello``."""
 
@@ -217,12 +222,12 @@ class Message:
 
     __slots__ = ("type", "fields", "payload")
 
-    def __init__(self, type: str, fields: dict, payload: bytes = b""):
+    def __init__(self, type: str, fields: dict[str, Any], payload: bytes = b""):
         self.type = type
         self.fields = fields
         self.payload = payload
 
-    def get(self, name: str, kind: type | tuple, default=...):
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         """Return header field *name*, checked to be of *kind*.
 
         Raises ProtocolError when it is missing (and no default was given) or has the
@@ -244,13 +249,13 @@ class Message:
         return f"Message({self.type!r}, {self.fields!r}, <{len(self.payload)} bytes>)"
 
 
-def encode(type: str, payload: bytes = b"", **fields) -> bytes:
+def encode(type: str, payload: bytes = b"", **fields: Any) -> bytes:
     """Return the frame for one message. Raises ValueError for an unknown type or a
     payload over MAX_PAYLOAD (split stdio into CHUNK-sized pieces first)."""
     return encode_frame(type, payload, fields, MESSAGE_TYPES)
 
 
-def encode_frame(type: str, payload: bytes, fields: dict, known: frozenset) -> bytes:
+def encode_frame(type: str, payload: bytes, fields: dict[str, Any], known: frozenset[str]) -> bytes:
     """:func:`encode` for a channel whose message types are *known*."""
     if type not in known:
         raise ValueError(f"unknown message type {type!r}")
@@ -272,7 +277,7 @@ class FrameReader:
     whose sizes break the limits still raises (the stream cannot be resynchronised).
     """
 
-    def __init__(self, known: frozenset = MESSAGE_TYPES, lenient: bool = False):
+    def __init__(self, known: frozenset[str] = MESSAGE_TYPES, lenient: bool = False):
         self._buf = bytearray()
         self._known = known
         self._lenient = lenient
@@ -342,7 +347,7 @@ def json_depth_exceeds(raw: bytes, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def _decode_header(raw: bytes, payload: bytes, known: frozenset = MESSAGE_TYPES) -> Message:
+def _decode_header(raw: bytes, payload: bytes, known: frozenset[str] = MESSAGE_TYPES) -> Message:
     if json_depth_exceeds(raw):
         raise ProtocolError(f"frame header nests deeper than {MAX_DEPTH} levels")
     try:
@@ -366,7 +371,9 @@ class Field:
 
     __slots__ = ("kind", "required", "low", "high")
 
-    def __init__(self, kind: type | tuple, required: bool = False, low: int | None = None, high: int | None = None):
+    def __init__(
+        self, kind: type | tuple[type, ...], required: bool = False, low: int | None = None, high: int | None = None
+    ):
         self.kind = kind
         self.required = required
         self.low = low

@@ -10,6 +10,12 @@ at boot, before the host has said anything, so it can mount the rootfs straight 
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _R = TypeVar("_R", bound="_Record")
+
 
 CONFIG_DRIVE_SERIAL = "vmshim-config"
 POOL_CMDLINE_FLAG = "vmshim.pool"
@@ -34,9 +40,9 @@ AGENT_PORT_NAME = "org.vmshim.agent"
 class _Record:
     """Keyword construction, equality and repr from ``_fields`` (name → default)."""
 
-    _fields: dict = {}
+    _fields: dict[str, object] = {}
 
-    def __init__(self, **values):
+    def __init__(self, **values: object) -> None:
         unknown = set(values) - set(self._fields)
         if unknown:
             raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
@@ -49,16 +55,16 @@ class _Record:
                 value = default() if callable(default) else default
             setattr(self, name, value)
 
-    def replace(self, **changes):
+    def replace(self: _R, **changes: object) -> _R:
         """A copy with *changes* applied (like dataclasses.replace)."""
         values = {n: getattr(self, n) for n in self._fields}
         values.update(changes)
         return type(self)(**values)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
         return f"{type(self).__name__}({inner})"
 
@@ -99,14 +105,14 @@ class ProcessSpec(_Record):
     cwd: str
     user: str
     tty: bool
-    rlimits: list[list]
+    rlimits: list[list[Any]]
     oom_score_adj: int | None
     capabilities: dict[str, list[str]] | None
     no_new_privs: bool
     additional_gids: list[int]
     umask: int | None
     seccomp: object
-    id_mappings: dict | None
+    id_mappings: dict[str, list[list[int]]] | None
     """Declared for the type checker (the values come from ``_fields``)."""
 
     _fields = {
@@ -126,7 +132,7 @@ class ProcessSpec(_Record):
     }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProcessSpec":
+    def from_dict(cls, data: dict[str, Any]) -> "ProcessSpec":
         """Build from untrusted JSON; raises ValueError naming the bad field."""
         args = data.get("args")
         if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
@@ -202,8 +208,14 @@ class ProcessSpec(_Record):
             id_mappings=maps,
         )
 
-    def to_dict(self) -> dict:
-        data = {"args": list(self.args), "env": list(self.env), "cwd": self.cwd, "user": self.user, "tty": self.tty}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "args": list(self.args),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "tty": self.tty,
+        }
         if self.rlimits:  # only when set: older readers never see them
             data["rlimits"] = [list(r) for r in self.rlimits]
         if self.oom_score_adj is not None:
@@ -227,7 +239,7 @@ MAX_ID_MAPPINGS = 340
 """The kernel's limit of lines in a uid_map or gid_map."""
 
 
-def check_id_mappings(maps) -> dict:
+def check_id_mappings(maps: object) -> dict[str, list[list[int]]]:
     """Validate ``id_mappings`` (untrusted JSON, see ProcessSpec); return a copy. Raises
     ValueError."""
     if not isinstance(maps, dict) or set(maps) != {"uid", "gid"}:
@@ -335,7 +347,7 @@ DEFAULT_CAPABILITIES = (
 CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -369,8 +381,8 @@ class Limits(_Record):
     cpuset_cpus: str
     pids: int
     blkio_weight: int
-    device_read_bps: list[list]
-    device_write_bps: list[list]
+    device_read_bps: list[list[Any]]
+    device_write_bps: list[list[Any]]
     """Declared for the type checker (the values come from ``_fields``)."""
 
     _fields = {
@@ -401,13 +413,13 @@ class Limits(_Record):
     def is_empty(self) -> bool:
         return self == Limits()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Only the fields that are set."""
         empty = Limits()
         return {n: getattr(self, n) for n in self._fields if getattr(self, n) != getattr(empty, n)}
 
     @classmethod
-    def from_dict(cls, data) -> "Limits":
+    def from_dict(cls, data: object) -> "Limits":
         """Build from untrusted JSON; raises ValueError naming the bad field."""
         if not isinstance(data, dict):
             raise ValueError("limits must be a JSON object")
@@ -482,14 +494,14 @@ class MountSpec(_Record):
 
     TYPES = ("bind", "volume", "tmpfs")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = {n: getattr(self, n) for n in self._fields}
         if not self.subpath:
             del data["subpath"]  # an older agent never sees a field it does not know
         return data
 
     @classmethod
-    def from_dict(cls, data) -> "MountSpec":
+    def from_dict(cls, data: object) -> "MountSpec":
         """Build from untrusted JSON; raises ValueError naming the bad field."""
         if not isinstance(data, dict):
             raise ValueError("a mount must be a JSON object")
@@ -563,7 +575,7 @@ class BootConfig(_Record):
     resolv_conf: str
     memory_limit: int
     pids_limit: int
-    network: dict
+    network: dict[str, Any]
     limits: Limits | None
     mounts: list[MountSpec]
     read_only: bool
@@ -572,8 +584,9 @@ class BootConfig(_Record):
     readonly_paths: list[str] | None
     sysctl: dict[str, str]
     privileged: bool
-    devices: list[dict]
+    devices: list[dict[str, Any]]
     os: bool
+    sandbox_namespaces: list[str]
     """Declared for the type checker (the values come from ``_fields``)."""
 
     _fields = {
@@ -607,7 +620,7 @@ class BootConfig(_Record):
             return self.limits
         return Limits(memory=self.memory_limit, pids=self.pids_limit)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self._fields}
         data["process"] = self.process.to_dict()
         if not self.network:
@@ -635,7 +648,7 @@ class BootConfig(_Record):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BootConfig":
+    def from_dict(cls, data: object) -> "BootConfig":
         """Build from the config drive's JSON; raises ValueError naming the bad field."""
         if not isinstance(data, dict):
             raise ValueError("boot config must be a JSON object")
@@ -718,7 +731,7 @@ class BootConfig(_Record):
         return cls(**out)
 
 
-def check_devices(devices) -> list:
+def check_devices(devices: object) -> list[dict[str, Any]]:
     """Validate BootConfig ``devices`` (untrusted JSON): ``[{"path", "type" (c|b),
     "major", "minor", "permissions" (some of rwm)}]``, optionally with ``mode`` (the
     node's permission bits, default 0666), ``uid`` and ``gid`` (default 0; OCI
@@ -754,7 +767,7 @@ def check_devices(devices) -> list:
 MAX_INTERFACES = 8
 
 
-def check_network(network) -> dict:
+def check_network(network: object) -> dict[str, Any]:
     """Validate a BootConfig ``network`` (untrusted JSON); return it. Raises ValueError
     naming the bad field. No imports: this runs on the guest's boot path."""
     if not isinstance(network, dict):
@@ -800,7 +813,7 @@ def check_network(network) -> dict:
     return network
 
 
-def is_ipv4(text) -> bool:
+def is_ipv4(text: object) -> bool:
     """Dotted-quad IPv4 address (no leading zeros, like ``ipaddress``)."""
     if not isinstance(text, str):
         return False
@@ -810,7 +823,7 @@ def is_ipv4(text) -> bool:
     )
 
 
-def is_ipv6_cidr(text) -> bool:
+def is_ipv6_cidr(text: object) -> bool:
     """``address/prefix`` with a global or unique-local IPv6 address and a 1..128 prefix."""
     import socket
 
@@ -826,7 +839,7 @@ def is_ipv6_cidr(text) -> bool:
     return packed[0] != 0xFF and packed[:2] != b"\xfe\x80" and any(packed)
 
 
-def is_mac(text) -> bool:
+def is_mac(text: object) -> bool:
     """Six colon-separated hex octets, unicast (the first octet's low bit clear)."""
     if not isinstance(text, str) or len(text) != 17:
         return False

@@ -23,10 +23,14 @@ import tarfile
 
 from guest.runtime.process import SpawnError
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def prepare(name: str, args: list[str]):
+def prepare(name: str, args: list[str]) -> Callable[[], int]:
     """Return the callable that runs builtin *name* with *args*. Raises SpawnError (125)
     for an unknown name or wrong arguments."""
     if name == "ps" and not args:
@@ -57,7 +61,7 @@ def _say(text: str) -> None:
 
 
 def _user_names() -> dict[int, str]:
-    names = {}
+    names: dict[int, str] = {}
     try:
         with open("/etc/passwd", errors="replace") as f:
             for line in f:
@@ -69,7 +73,7 @@ def _user_names() -> dict[int, str]:
     return names
 
 
-def _process_row(pid: int, names: dict[int, str]) -> list | None:
+def _process_row(pid: int, names: dict[int, str]) -> list[str | int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode(errors="replace")

@@ -21,6 +21,14 @@ import os
 import signal
 import time
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+if TYPE_CHECKING:
+    from guest.runtime.devices import Rule
+    from guest.spec import Limits
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_PARENT = "vmshim"
 
@@ -89,10 +97,10 @@ def mount_cgroup2(root: str = CGROUP_ROOT) -> None:
     )
 
 
-def _v1_hierarchies(root: str) -> list[tuple[str, frozenset]]:
+def _v1_hierarchies(root: str) -> list[tuple[str, frozenset[str]]]:
     """(mountpoint, controllers) for each v1 hierarchy under *root* with a real controller."""
     prefix = root.rstrip("/") + "/"
-    seen = {}
+    seen: dict[str, frozenset[str]] = {}
     for mountpoint, fstype, options in read_mounts():
         if fstype != "cgroup" or not mountpoint.startswith(prefix):
             continue
@@ -212,7 +220,7 @@ class Cgroup:
         *,
         memory_limit: int = 0,
         pids_limit: int = 0,
-        limits=None,
+        limits: Limits | None = None,
         parent: str = DEFAULT_PARENT,
         root: str = CGROUP_ROOT,
     ) -> Cgroup:
@@ -300,7 +308,7 @@ class Cgroup:
         if pids:
             self._set("unified" if self.version == 2 else "pids", "pids.max", str(pids))
 
-    def apply(self, limits) -> None:
+    def apply(self, limits: Limits) -> None:
         """Apply a guest.spec.Limits: fields left at 0/""/[] are not touched, -1 lifts a
         limit (see Limits). Used at creation and by ``update`` on a running container.
         Raises CgroupError naming the knob that could not be written (the ones before it
@@ -335,8 +343,8 @@ class Cgroup:
         if limits.cpuset_cpus:
             self._set("unified" if v2 else "cpuset", "cpuset.cpus", limits.cpuset_cpus)
         if limits.pids:
-            value = "max" if limits.pids < 0 else str(limits.pids)
-            self._set("unified" if v2 else "pids", "pids.max", value)
+            pids_max = "max" if limits.pids < 0 else str(limits.pids)
+            self._set("unified" if v2 else "pids", "pids.max", pids_max)
         if limits.blkio_weight:
             self._apply_io_weight(limits.blkio_weight)
         for entries, v2_key, v1_knob in (
@@ -414,7 +422,9 @@ class Cgroup:
             directory, knobs = self.paths.get("unified"), ("io.weight", "io.bfq.weight")
         else:
             directory, knobs = self.paths.get("blkio"), ("blkio.weight", "blkio.bfq.weight")
-        return bool(directory) and any(os.path.exists(os.path.join(directory, k)) for k in knobs)
+        if not directory:
+            return False
+        return any(os.path.exists(os.path.join(directory, k)) for k in knobs)
 
     def _get(self, controller: str, knob: str) -> str:
         directory = self.paths.get(controller)
@@ -442,7 +452,7 @@ class Cgroup:
 
     # ---- device rules ---------------------------------------------------------------------
 
-    def restrict_devices(self, rules) -> None:
+    def restrict_devices(self, rules: Iterable[Rule]) -> None:
         """Allow only *rules* (guest.runtime.devices) to the container's processes: the
         v1 devices controller, or an eBPF device program on v2. Raises CgroupError."""
         from guest.runtime import devices
@@ -479,7 +489,7 @@ class Cgroup:
 
     def procs(self) -> list[int]:
         """Pids of every process in the cgroup (union over hierarchies); [] once removed."""
-        pids = set()
+        pids: set[int] = set()
         for path in self._procs_files():
             try:
                 pids.update(int(p) for p in read_file(path).split())
@@ -514,11 +524,11 @@ class Cgroup:
         else:
             self._set("freezer", "freezer.state", "FROZEN" if frozen else "THAWED")
 
-    def usage(self) -> dict:
+    def usage(self) -> dict[str, int | None]:
         """``{"memory": bytes, "memory_limit": bytes or 0, "cpu_ns": ns, "pids": n}``;
         a figure the kernel does not offer is None."""
 
-        def number(controller: str, knob: str):
+        def number(controller: str, knob: str) -> int | None:
             directory = self.paths.get(controller)
             if directory is None:
                 return None
@@ -554,16 +564,16 @@ class Cgroup:
             "pids": len(self.procs()) if pids is None else pids,
         }
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, int]:
         """More of the kernel's accounting, for ``stats``: ``cpu_user_ns``,
         ``cpu_system_ns``, ``cpu_periods``, ``cpu_throttled_periods``,
         ``cpu_throttled_ns``, ``memory_anon``, ``memory_file``, ``memory_peak``,
         ``pids_limit`` (0: none), ``block_read_bytes``, ``block_write_bytes``. A figure
         the kernel does not offer is left out."""
 
-        def table(controller: str, knob: str) -> dict:
+        def table(controller: str, knob: str) -> dict[str, int]:
             directory = self.paths.get(controller)
-            out = {}
+            out: dict[str, int] = {}
             if directory is None:
                 return out
             try:
@@ -575,7 +585,7 @@ class Cgroup:
                 pass
             return out
 
-        def single(controller: str, knob: str):
+        def single(controller: str, knob: str) -> int | None:
             directory = self.paths.get(controller)
             if directory is None:
                 return None
@@ -587,7 +597,7 @@ class Cgroup:
                 return 0
             return int(text) if text.lstrip("-").isdigit() else None
 
-        out = {}
+        out: dict[str, int] = {}
         if self.version == 2:
             cpu = table("unified", "cpu.stat")
             memory = table("unified", "memory.stat")
@@ -623,7 +633,7 @@ class Cgroup:
                 out[key] = value
         return out
 
-    def _block_io(self) -> dict:
+    def _block_io(self) -> dict[str, int]:
         """Bytes read and written on block devices by the cgroup's processes: the sum
         over devices of v2 ``io.stat`` (``rbytes=``/``wbytes=``) or v1
         ``blkio.throttle.io_service_bytes`` (``MAJ:MIN Read|Write N``)."""

@@ -24,7 +24,15 @@ from guest.runtime.process import (
     exec_in_container,
     spawn_container,
 )
-from guest.spec import BootConfig, ProcessSpec
+from guest.spec import BootConfig, Limits, MountSpec, ProcessSpec
+
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+if TYPE_CHECKING:
+    from guest.runtime.member import Member
 
 GUEST_NAMESPACES = ("mnt", "pid", "uts", "ipc", "cgroup")
 """In the VM the container shares the VM's network namespace: the VM is the boundary, and
@@ -32,7 +40,7 @@ its NIC is the container's."""
 HOST_NAMESPACES = DEFAULT_NAMESPACES + ("cgroup",)
 
 
-def network_io(pid: int) -> dict:
+def network_io(pid: int) -> dict[str, int]:
     """``net_rx_bytes``/``net_tx_bytes``: the sum over the interfaces (but ``lo``) of the
     network namespace *pid* is in (/proc/PID/net/dev); {} when it cannot be read."""
     try:
@@ -71,10 +79,10 @@ class Container:
         *,
         files_dir: str,
         cgroup: Cgroup | None = None,
-        namespaces=HOST_NAMESPACES,
-        mounts: list | None = None,
+        namespaces: Iterable[str] = HOST_NAMESPACES,
+        mounts: list[tuple[MountSpec, str | None]] | None = None,
         join: tuple[int, tuple[str, ...]] | None = None,
-    ):
+    ) -> None:
         self.config = config
         self.rootfs = rootfs
         self.files_dir = files_dir
@@ -126,9 +134,9 @@ class Container:
         workdir: str,
         rootfs: str,
         files_dir: str,
-        namespaces=HOST_NAMESPACES,
+        namespaces: Iterable[str] = HOST_NAMESPACES,
         use_cgroup: bool = True,
-        mounts: list | None = None,
+        mounts: list[tuple[MountSpec, str | None]] | None = None,
     ) -> Container:
         """Mount the overlay (*lowerdirs* topmost first) at *rootfs*, create the cgroup
         ``vmshim/<container_id>`` with the config's limits, make the *mounts* (see the
@@ -230,7 +238,7 @@ class Container:
             cols=cols,
         )
 
-    def start_member(self, config: BootConfig, *, stdin: bool, rows: int = 24, cols: int = 80):
+    def start_member(self, config: BootConfig, *, stdin: bool, rows: int = 24, cols: int = 80) -> Member:
         """Run a pod member beside the running container (guest.runtime.member), in new
         namespaces but the VM's network. Returns a Member whose ``spawned`` is its
         process. Raises SpawnError, MemberError, MountError, CgroupError."""
@@ -314,14 +322,14 @@ class Container:
 
     # ---- limits and usage (the agent's ``update`` and ``stats``) ------------------------
 
-    def update(self, limits) -> None:
+    def update(self, limits: Limits) -> None:
         """Change the limits of the running container's cgroup (a guest.spec.Limits;
         unset fields stay). Raises CgroupError."""
         if self.cgroup is None:
             raise CgroupError("the container has no cgroup to change")
         self.cgroup.apply(limits)
 
-    def netconf(self, interfaces: list, resolv_conf: str | None = None) -> list[str]:
+    def netconf(self, interfaces: list[dict[str, Any]], resolv_conf: str | None = None) -> list[str]:
         """Bring up NICs plugged into the running VM (entries checked by
         guest.spec.check_network), waiting up to HOTPLUG_TIMEOUT s for each to appear;
         return their names. *resolv_conf*: rewrite the container's /etc/resolv.conf (in
@@ -342,13 +350,13 @@ class Container:
                 raise NetworkError(f"cannot rewrite resolv.conf: {exc.strerror}") from None
         return names
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int | None]:
         """The container cgroup's usage now (see Cgroup.usage) plus ``oom_kills`` and the
         kernel's ``memory.stat`` / ``cpu.stat`` figures the host shows. Raises
         CgroupError when there is no cgroup."""
         if self.cgroup is None:
             raise CgroupError("the container has no cgroup")
-        out = dict(self.cgroup.usage())
+        out: dict[str, int | None] = dict(self.cgroup.usage())
         out["oom_kills"] = self.cgroup.oom_kills()
         out.update(self.cgroup.details())
         if self.main is not None:

@@ -20,6 +20,11 @@ import struct
 
 from guest.runtime import syscalls
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 DEFAULT_RULES = (
     ("c", -1, -1, "m"),
     ("b", -1, -1, "m"),  # mknod is allowed; using the node is not
@@ -41,21 +46,25 @@ class DeviceRuleError(Exception):
     """The rules could not be applied; text is for the user."""
 
 
-def rules_for(devices: list) -> list[tuple]:
+Rule = tuple[str, int, int, str]
+"""``(type c|b|a, major, minor, access rwm)``; -1 for a number means any."""
+
+
+def rules_for(devices: Iterable[dict[str, Any]]) -> list[Rule]:
     """The default rules plus one per BootConfig ``devices`` entry."""
     return list(DEFAULT_RULES) + [(d["type"], d["major"], d["minor"], d["permissions"]) for d in devices]
 
 
-def v1_lines(rules) -> list[str]:
+def v1_lines(rules: Iterable[Rule]) -> list[str]:
     """``devices.allow`` lines: ``c 1:3 rwm``, ``c *:* m``."""
 
-    def number(value):
+    def number(value: int) -> str:
         return "*" if value < 0 else str(value)
 
     return [f"{kind} {number(major)}:{number(minor)} {access}" for kind, major, minor, access in rules]
 
 
-def apply_v1(directory: str, rules) -> None:
+def apply_v1(directory: str, rules: Iterable[Rule]) -> None:
     """Deny everything, then allow *rules*, in the v1 devices cgroup *directory*."""
     try:
         with open(os.path.join(directory, "devices.deny"), "w") as f:
@@ -92,7 +101,7 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
-def program(rules) -> bytes:
+def program(rules: Iterable[Rule]) -> bytes:
     """The eBPF program (packed ``struct bpf_insn``s): 1 (allow) when a rule matches the
     access the kernel asks about, else 0. The context is ``struct bpf_cgroup_dev_ctx``
     {u32 access_type (access << 16 | type); u32 major; u32 minor}."""
@@ -118,7 +127,7 @@ def program(rules) -> bytes:
         tail = [
             _insn(_MOV64_X, dst=7, src=4),  # r7 = access & ~allowed
             _insn(_AND64_K, dst=7, imm=~allowed & 0xFFFF),
-            None,  # if r7 != 0: next rule
+            b"",  # if r7 != 0: next rule (made below, once the block's length is known)
             _insn(_MOV64_K, dst=0, imm=1),
             _insn(_EXIT),
         ]
@@ -138,7 +147,7 @@ def _bpf(command: int, attr: bytes) -> int:
     )
 
 
-def apply_v2(directory: str, rules) -> None:
+def apply_v2(directory: str, rules: Iterable[Rule]) -> None:
     """Load the program for *rules* and attach it to the v2 cgroup *directory* (a fresh
     one: it must have no device program yet). Raises DeviceRuleError."""
     code = program(rules)

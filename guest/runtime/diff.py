@@ -25,6 +25,10 @@ import tarfile
 
 from guest.runtime.process import Spawned
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from typing import IO
+
 _KEEP_XATTR_PREFIXES = ("user.", "security.capability")
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 _WH = ".wh."
@@ -88,9 +92,9 @@ class _Walker:
         self.err_fd = err_fd
         self.inodes: dict[tuple[int, int], str] = {}
 
-    def add(self, ti: tarfile.TarInfo, data=None) -> None:
+    def add(self, ti: tarfile.TarInfo, data: IO[bytes] | None = None) -> None:
         self.tar.addfile(ti, data)
-        self.tar.members.clear()  # a writer never needs them: keep memory flat
+        self.tar.members.clear()  # type: ignore[attr-defined]  # real attribute, not in typeshed; a writer never needs them: keep memory flat
 
     def walk(self, dir_fd: int, rel_dir: str) -> None:
         for name in sorted(os.listdir(dir_fd)):
@@ -142,7 +146,7 @@ class _Walker:
         self.inodes[key] = rel
 
 
-def _info(name: str, type_: bytes, st: os.stat_result, xattrs: dict) -> tarfile.TarInfo:
+def _info(name: str, type_: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.type = type_
     ti.mode = stat.S_IMODE(st.st_mode)

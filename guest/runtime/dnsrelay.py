@@ -16,6 +16,10 @@ import collections
 import socket
 import time
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from typing import Any
+
 DNS_PORT = 53
 MAX_PENDING = 64
 ANSWER_TIMEOUT = 10.0
@@ -27,7 +31,8 @@ class DnsRelay:
 
     def __init__(self, addresses: list[str]):
         self.sockets: dict[int, tuple[socket.socket, str]] = {}
-        self._pending: collections.OrderedDict = collections.OrderedDict()
+        # id -> (socket fd, asker's address as recvfrom gave it, when asked)
+        self._pending: collections.OrderedDict[int, tuple[int, Any, float]] = collections.OrderedDict()
         self._next = 1
         for address in addresses:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -16,9 +16,27 @@ import re
 import shutil
 import time
 
-from typing import Any
-
 from guest.protocol import MEMBER_TAG_PREFIX
+
+TYPE_CHECKING = False  # for the type checker only: importing typing costs boot time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Protocol
+
+    from guest.runtime.process import Spawned
+
+    class Container(Protocol):
+        """What a member needs of a guest.runtime.container.Container (named by its
+        shape: that module imports this one)."""
+
+        main: Spawned | None
+
+        def start(self, process: Any, *, stdin: bool, rows: int = 24, cols: int = 80) -> Spawned: ...
+
+        def destroy(self) -> None: ...
+
+    MountFn = Callable[[str, str, bool], object]
+    """guest.runtime.mounts.mount_virtiofs: ``(tag, target, readonly)``."""
 
 MEMBERS_DIR = "/run/vmshim/members"
 TAG_RE = re.compile("^" + re.escape(MEMBER_TAG_PREFIX) + "[0-9a-f]{1,16}$")
@@ -37,13 +55,13 @@ class MemberError(Exception):
 class Member:
     """A started member: its guest Container, the share's mount and its directory."""
 
-    def __init__(self, container, share_dir: str, base: str):
+    def __init__(self, container: Container | _Nothing, share_dir: str, base: str) -> None:
         self.container = container
         self.share_dir = share_dir
         self.base = base
 
     @property
-    def spawned(self):
+    def spawned(self) -> Spawned | None:
         return self.container.main
 
     def destroy(self) -> None:
@@ -79,13 +97,13 @@ def check_config(config: Any) -> None:
 
 def start_member(
     config: Any,
-    make_container,
+    make_container: Callable[[Any, str, str], Container],
     *,
     stdin: bool,
     rows: int = 24,
     cols: int = 80,
     base_dir: str = MEMBERS_DIR,
-    mount=None,
+    mount: MountFn | None = None,
     wait: float = MOUNT_WAIT,
 ) -> Member:
     """Mount the share of member *config* (a guest.spec.BootConfig), build its container
@@ -94,7 +112,9 @@ def start_member(
     the runtime's SpawnError/MountError/CgroupError (having undone what was done)."""
     check_config(config)
     if mount is None:
-        from guest.runtime.mounts import mount_virtiofs as mount
+        from guest.runtime.mounts import mount_virtiofs
+
+        mount = mount_virtiofs
     base = os.path.join(base_dir, config.container_id)
     try:
         count = len(os.listdir(base_dir))
@@ -109,20 +129,18 @@ def start_member(
     share_dir = os.path.join(base, "rootfs")
     files_dir = os.path.join(base, "files")
     os.makedirs(files_dir, mode=0o700)
-    member = Member(None, share_dir, base)
+    member = Member(_Nothing(), share_dir, base)
     try:
         _mount_when_ready(mount, config.rootfs_share, share_dir, wait)
         member.container = make_container(config, share_dir, files_dir)
         member.container.start(config.process, stdin=stdin, rows=rows, cols=cols)
     except BaseException:
-        if member.container is None:
-            member.container = _Nothing()
         member.destroy()
         raise
     return member
 
 
-def _mount_when_ready(mount, tag: str, target: str, wait: float) -> None:
+def _mount_when_ready(mount: MountFn, tag: str, target: str, wait: float) -> None:
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -139,7 +157,7 @@ def _mount_when_ready(mount, tag: str, target: str, wait: float) -> None:
 class _Nothing:
     """Stands in for a container that was never made (destroy() after a failed mount)."""
 
-    main = None
+    main: Spawned | None = None
 
     def destroy(self) -> None:
         pass

@@ -36,6 +36,11 @@ from guest.runtime.syscalls import (
     MS_REMOUNT,
 )
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+
+if TYPE_CHECKING:
+    from guest.spec import MountSpec
+
 VOLUME_DATA = "data"
 """The directory inside a volume's filesystem that is mounted (its root holds lost+found)."""
 MS_NOATIME = 1024
@@ -137,7 +142,7 @@ def sync_volumes(stage_dirs: list[str]) -> None:
 # ---- into the rootfs ------------------------------------------------------------------------
 
 
-def assemble(rootfs: str, mounts: list, *, read_only: bool = False) -> None:
+def assemble(rootfs: str, mounts: list[tuple[MountSpec, str | None]], *, read_only: bool = False) -> None:
     """Make every ``(MountSpec, source)`` of *mounts* in order, then (with *read_only*)
     turn the rootfs itself read-only. *source* is a path in the caller's namespace
     (None for tmpfs). Raises MountError naming the mount that failed; what was mounted
@@ -153,7 +158,7 @@ def assemble(rootfs: str, mounts: list, *, read_only: bool = False) -> None:
         make_readonly(rootfs)
 
 
-def mount_one(rootfs: str, spec, source: str | None) -> str:
+def mount_one(rootfs: str, spec: MountSpec, source: str | None) -> str:
     """Mount one MountSpec into *rootfs*; return the host path of its target."""
     if spec.type == "tmpfs":
         target = rootfs_mod.ensure_dir(rootfs, spec.target)

@@ -22,6 +22,10 @@ import socket
 import struct
 import time
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from typing import Any
+
 SIOCADDRT = 0x890B
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -42,7 +46,7 @@ class NetworkError(Exception):
     """A NIC is missing or refused its configuration; the text says which."""
 
 
-def configure(network: dict, *, timeout: float = NIC_TIMEOUT) -> list[str]:
+def configure(network: dict[str, Any], *, timeout: float = NIC_TIMEOUT) -> list[str]:
     """Bring up ``lo`` and every interface of *network* (validated by
     ``guest.spec.check_network``); return the interface names configured, in order.
     Raises NetworkError."""

@@ -45,8 +45,13 @@ from guest.protocol import exit_code_from_status
 from guest.runtime import rootfs as rootfs_mod
 from guest.runtime import syscalls
 from guest.runtime.cgroups import Cgroup
-from guest.runtime.users import UserError, resolve_user
+from guest.runtime.users import ExecUser, UserError, resolve_user
 from guest.spec import ProcessSpec
+
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_NAMESPACES = ("mnt", "pid", "uts", "ipc", "net")
@@ -140,18 +145,18 @@ class _Plan:
         cgroup: Cgroup | None,
         unshare_flags: int = 0,
         rootfs: str | None = None,
-        bind_files: dict | None = None,
+        bind_files: dict[str, str] | None = None,
         cgroup2_inside: bool = False,
         loopback: bool = False,
         set_hostname: bool = False,
-        join_fds: list | None = None,
-        builtin=None,
-        masked_paths=None,
-        readonly_paths=None,
+        join_fds: list[int] | None = None,
+        builtin: Callable[[], int] | None = None,
+        masked_paths: Iterable[str] | None = None,
+        readonly_paths: Iterable[str] | None = None,
         privileged: bool = False,
-        devices=(),
+        devices: Iterable[dict[str, Any]] = (),
         os_init: bool = False,
-    ):
+    ) -> None:
         self.process = process
         self.hostname = hostname
         self.stdin = stdin
@@ -174,7 +179,7 @@ class _Plan:
         self.join_fds = join_fds or []
         # Instead of execve: call builtin() in the container and exit with its result.
         self.builtin = builtin
-        self.seccomp_program = None  # compiled by _spawn, installed by the container process
+        self.seccomp_program: bytes | None = None  # compiled by _spawn, installed by the container process
         self.limits_applied = False  # rlimits set before a new user namespace
 
 
@@ -186,16 +191,16 @@ def spawn_container(
     process: ProcessSpec,
     hostname: str,
     cgroup: Cgroup | None,
-    namespaces=DEFAULT_NAMESPACES,
+    namespaces: Iterable[str] = DEFAULT_NAMESPACES,
     hosts_files: dict[str, str] | None = None,
     stdin: bool = True,
     rows: int = 24,
     cols: int = 80,
-    masked_paths=None,
-    readonly_paths=None,
+    masked_paths: Iterable[str] | None = None,
+    readonly_paths: Iterable[str] | None = None,
     privileged: bool = False,
-    devices=(),
-    builtin=None,
+    devices: Iterable[dict[str, Any]] = (),
+    builtin: Callable[[], int] | None = None,
     os_init: bool = False,
     join: tuple[int, tuple[str, ...]] | None = None,
 ) -> Spawned:
@@ -257,7 +262,7 @@ def spawn_container(
             os.close(fd)
 
 
-def _open_namespaces(pid: int, names, whose: str) -> list[int]:
+def _open_namespaces(pid: int, names: Iterable[str], whose: str) -> list[int]:
     """Open /proc/PID/ns/NAME for *names* in NAMESPACE_ORDER. Raises SpawnError."""
     fds: list[int] = []
     for name in NAMESPACE_ORDER:
@@ -277,11 +282,11 @@ def exec_in_container(
     *,
     hostname: str = "",
     cgroup: Cgroup | None = None,
-    namespaces=DEFAULT_NAMESPACES,
+    namespaces: Iterable[str] = DEFAULT_NAMESPACES,
     stdin: bool = True,
     rows: int = 24,
     cols: int = 80,
-    builtin=None,
+    builtin: Callable[[], int] | None = None,
 ) -> Spawned:
     """Start *process* inside the running container whose PID 1 is *container_pid* (as
     seen by the caller): join its *namespaces* and *cgroup* (and its user namespace first,
@@ -330,7 +335,7 @@ def _spawn(plan: _Plan) -> Spawned:
     plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
     ours: list[int] = []  # caller's ends
     theirs: list[int] = []  # children's ends, closed here after the fork
-    stdio = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
+    stdio: list[int | None] = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
     spawned = Spawned(pid=0, tty=plan.process.tty)
     if not plan.process.tty:
         if plan.stdin:
@@ -367,9 +372,9 @@ def _spawn(plan: _Plan) -> Spawned:
         child_sock.close()
     if error is not None:
         spawned.close()
-        for fd in (master, console):
-            if fd is not None:
-                os.close(fd)
+        for held in (master, console):
+            if held is not None:
+                os.close(held)
         if pid:
             _wait_exactly(pid)
         raise SpawnError(error[1], error[0])
@@ -378,7 +383,7 @@ def _spawn(plan: _Plan) -> Spawned:
     return spawned
 
 
-def _write_id_maps(pid: int, maps: dict | None) -> None:
+def _write_id_maps(pid: int, maps: dict[str, list[list[int]]] | None) -> None:
     """Write the new user namespace's maps of the intermediate *pid* (from here, the
     parent namespace: arbitrary maps need CAP_SETUID/CAP_SETGID there)."""
     if not maps:
@@ -389,11 +394,14 @@ def _write_id_maps(pid: int, maps: dict | None) -> None:
             f.write(text)
 
 
-def _collect_reports(sock: socket.socket, write_maps=None):
+def _collect_reports(
+    sock: socket.socket, write_maps: Callable[[], None] | None = None
+) -> tuple[int, int | None, int | None, tuple[int, str] | None]:
     """Read the children's reports until end of file: (pid, pty master, a held console
     slave or None, (code, message) or None). On ``maps`` (a new user namespace), call
     *write_maps* and answer ``go`` (``no:<reason>`` when it failed)."""
-    pid, master, console, error = 0, None, None, None
+    pid, master, console = 0, None, None
+    error: tuple[int, str] | None = None
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)  # pty: master, console
@@ -473,7 +481,7 @@ def set_window_size(fd: int, rows: int, cols: int) -> None:
 # ---- the children -----------------------------------------------------------------------
 
 
-def _report(sock: socket.socket, message: bytes, fds=()) -> None:
+def _report(sock: socket.socket, message: bytes, fds: Sequence[int] = ()) -> None:
     try:
         if fds:
             socket.send_fds(sock, [message], list(fds))
@@ -505,7 +513,7 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _intermediate(plan: _Plan, sock: socket.socket, stdio: list) -> None:
+def _intermediate(plan: _Plan, sock: socket.socket, stdio: list[int | None]) -> None:
     """First child: enter the cgroup and namespaces, fork the container process, report
     its pid, exit. Never returns."""
     code = 0
@@ -550,7 +558,7 @@ def _enter_user_namespace(plan: _Plan, sock: socket.socket) -> None:
             pass  # container id 0 is not mapped: the process's own user must be
 
 
-def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
+def _container_process(plan: _Plan, sock: socket.socket, stdio: list[int | None]) -> None:
     """Second child: becomes the container's process. Never returns."""
     code = EXIT_SETUP_FAILED
     try:
@@ -558,7 +566,7 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
         if plan.process.rlimits:
             import resource  # noqa: F401 - now: the container's root has no python
         if plan.rootfs is not None:
-            _enter_rootfs(plan)
+            _enter_rootfs(plan, plan.rootfs)
         if plan.set_hostname and plan.hostname:
             syscalls.sethostname(plan.hostname)
         if plan.loopback:
@@ -593,7 +601,7 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list) -> None:
             os.chdir(plan.process.cwd)
         except OSError as exc:
             raise _ChildFailure(
-                f"cannot change to the working directory {plan.process.cwd}: {exc.strerror.lower()}"
+                f"cannot change to the working directory {plan.process.cwd}: {(exc.strerror or str(exc)).lower()}"
             ) from None
         env = build_env(plan.process, hostname=plan.hostname, home=user.home)
         if plan.builtin is not None:
@@ -633,10 +641,12 @@ def _apply_process_limits(process: ProcessSpec) -> None:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(process.oom_score_adj))
         except OSError as exc:
-            raise _ChildFailure(f"cannot set oom_score_adj={process.oom_score_adj}: {exc.strerror.lower()}") from None
+            raise _ChildFailure(
+                f"cannot set oom_score_adj={process.oom_score_adj}: {(exc.strerror or str(exc)).lower()}"
+            ) from None
 
 
-def _cap_mask(names) -> int:
+def _cap_mask(names: Iterable[str]) -> int:
     from guest.spec import CAPABILITIES
 
     mask = 0
@@ -669,7 +679,7 @@ def _last_cap() -> int:
         return 40
 
 
-def _drop_bounding(keep) -> None:
+def _drop_bounding(keep: Iterable[str]) -> None:
     """Drop every capability not in *keep* from the bounding set (needs CAP_SETPCAP, so
     before the uid changes): what an exec can ever gain."""
     wanted = _cap_mask(keep)
@@ -681,7 +691,7 @@ def _drop_bounding(keep) -> None:
                 raise _ChildFailure(f"cannot drop capability {cap} from the bounding set: {exc.strerror}") from None
 
 
-def _set_capabilities(caps: dict) -> None:
+def _set_capabilities(caps: dict[str, list[str]]) -> None:
     """The effective, permitted, inheritable and ambient sets of an OCI process. An
     ambient capability the kernel refuses (it must be permitted and inheritable too) is
     left out, as runc does."""
@@ -703,7 +713,7 @@ def _set_capabilities(caps: dict) -> None:
             pass
 
 
-def _sets_for(caps: dict, uid: int) -> dict:
+def _sets_for(caps: dict[str, list[str]], uid: int) -> dict[str, list[str]]:
     """The five sets to apply. Only ``bounding`` given (``vmshim run``, docker's rule):
     root gets it as effective and permitted, any other user nothing."""
     if set(caps) != {"bounding"}:
@@ -712,7 +722,7 @@ def _sets_for(caps: dict, uid: int) -> dict:
     return {"bounding": list(caps["bounding"]), "effective": granted, "permitted": granted}
 
 
-_default_programs: dict[tuple, bytes] = {}
+_default_programs: dict[tuple[str, ...], bytes] = {}
 """The default profile compiled, by bounding set (a pooled VM compiles docker's while it
 waits for its container: see guest.init.warm_up)."""
 
@@ -754,7 +764,7 @@ def _rlim(value: int) -> str:
     return "unlimited" if value < 0 else str(value)
 
 
-def _become(user) -> None:
+def _become(user: ExecUser) -> None:
     """Switch to the container user's groups, gid and uid (in that order: the uid last,
     while we may still change the others). An unprivileged caller asking for its own
     ids is left as it is (it could not call setgroups), which lets tests run unprivileged."""
@@ -772,11 +782,12 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _enter_rootfs(plan: _Plan) -> None:
+def _enter_rootfs(plan: _Plan, rootfs: str) -> None:
+    """Make *rootfs* (``plan.rootfs``) this process's root."""
     if plan.unshare_flags & syscalls.CLONE_NEWNS:
         try:
             rootfs_mod.setup_mounts(
-                plan.rootfs,
+                rootfs,
                 bind_files=plan.bind_files,
                 cgroup2=plan.cgroup2_inside,
                 masked_paths=plan.masked_paths,
@@ -785,11 +796,11 @@ def _enter_rootfs(plan: _Plan) -> None:
                 devices=plan.devices,
                 os_init=plan.os_init,
             )
-            rootfs_mod.pivot_to(plan.rootfs)
+            rootfs_mod.pivot_to(rootfs)
         except OSError as exc:
             raise _ChildFailure(f"cannot set up the container's filesystem: {_describe(exc)}") from None
     else:
-        os.chroot(plan.rootfs)
+        os.chroot(rootfs)
         os.chdir("/")
 
 
@@ -802,7 +813,7 @@ def loopback_up() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> None:
+def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list[int | None], uid: int) -> None:
     """Put the pty slave (opened in the container's own /dev/pts) or the pipes on 0/1/2,
     and close every other inherited fd except the report socket."""
     if plan.process.tty:
@@ -818,7 +829,7 @@ def _setup_stdio(plan: _Plan, sock: socket.socket, stdio: list, uid: int) -> Non
     else:
         if stdio[0] is None:
             stdio[0] = os.open("/dev/null", os.O_RDONLY)
-        targets = stdio
+        targets = [fd for fd in stdio if fd is not None]  # all of them: _spawn made the pipes, stdin is above
     # dup2 via fresh copies first, so a target already sitting on 0..2 is not clobbered.
     copies = [os.dup(fd) for fd in targets]
     for index, fd in enumerate(copies):

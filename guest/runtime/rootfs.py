@@ -27,6 +27,11 @@ from guest.runtime.syscalls import (
     MS_SLAVE,
 )
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import Any
+
 DEV_NODES = {
     # name: (major, minor)
     "null": (1, 3),
@@ -254,7 +259,7 @@ def _allow_suid_and_dev(rootfs: str) -> None:
         pass  # in a user namespace of its own the flags are locked: they stay
 
 
-def _make_device(rootfs: str, device: dict) -> None:
+def _make_device(rootfs: str, device: dict[str, Any]) -> None:
     """mknod a BootConfig ``devices`` entry inside *rootfs* (replacing what is there).
     Where the filesystem refuses mknod (a rootfs shared by virtiofs), the node is made in
     /dev's tmpfs and bound onto an empty file at its path; where mknod is refused
@@ -293,7 +298,7 @@ def _guest_node(kind: int, number: int) -> str:
     """A node of type *kind* and device *number* in the guest's own /dev or one level
     below (bounded). Raises PermissionError when there is none."""
 
-    def candidates():
+    def candidates() -> Iterator[str]:
         for top in sorted(os.listdir("/dev"))[:4096]:
             path = os.path.join("/dev", top)
             yield path
@@ -320,10 +325,10 @@ def setup_mounts(
     *,
     bind_files: dict[str, str] | None = None,
     cgroup2: bool = False,
-    masked_paths=None,
-    readonly_paths=None,
+    masked_paths: Iterable[str] | None = None,
+    readonly_paths: Iterable[str] | None = None,
     privileged: bool = False,
-    devices=(),
+    devices: Iterable[dict[str, Any]] = (),
     os_init: bool = False,
 ) -> None:
     """Assemble the container's filesystem view in the *current* mount namespace, which
@@ -402,7 +407,7 @@ def bind_console(pty_slave: str) -> None:
     syscalls.mount(pty_slave, "/dev/console", None, MS_BIND, None)
 
 
-def _restrict_proc(rootfs: str, masked, readonly) -> None:
+def _restrict_proc(rootfs: str, masked: Iterable[str], readonly: Iterable[str]) -> None:
     """Mask *masked* (files: /dev/null on them; directories: an empty read-only tmpfs)
     and make *readonly* read-only, as runc does with OCI's maskedPaths/readonlyPaths.
     Paths are resolved inside *rootfs* (symlinks cannot lead out of it)."""

@@ -29,6 +29,11 @@ from guest.runtime.seccomp_default import PROFILE as DEFAULT_PROFILE
 
 from guest.runtime.syscalls_x86_64 import AUDIT_ARCH_X86_64, NUMBERS, X32_SYSCALL_BIT
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 # seccomp return values (linux/seccomp.h).
 ACTIONS = {
     "SCMP_ACT_KILL": 0x00000000,  # kill the thread
@@ -93,7 +98,9 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def resolve_profile(profile: dict, capabilities, kernel: tuple[int, int] | None = None) -> dict:
+def resolve_profile(
+    profile: object, capabilities: Iterable[str] | None, kernel: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """A docker-format *profile* → an OCI seccomp object, keeping the entries whose
     ``includes`` hold (every cap in *capabilities*, the kernel at least ``minKernel``, our
     architecture listed) and whose ``excludes`` do not. Raises SeccompError."""
@@ -101,7 +108,7 @@ def resolve_profile(profile: dict, capabilities, kernel: tuple[int, int] | None 
         raise SeccompError("a seccomp profile must be a JSON object")
     caps = set(capabilities or ())
     kernel = kernel or kernel_version()
-    out = {"defaultAction": profile.get("defaultAction"), "syscalls": []}
+    out: dict[str, Any] = {"defaultAction": profile.get("defaultAction"), "syscalls": []}
     if "defaultErrnoRet" in profile:
         out["defaultErrnoRet"] = profile["defaultErrnoRet"]
     entries = profile.get("syscalls") or []
@@ -123,7 +130,7 @@ def resolve_profile(profile: dict, capabilities, kernel: tuple[int, int] | None 
     return out
 
 
-def _holds(condition: dict, caps: set, kernel: tuple[int, int], all_of: bool) -> bool:
+def _holds(condition: object, caps: set[str], kernel: tuple[int, int], all_of: bool) -> bool:
     """Whether an ``includes`` (*all_of*: every part must hold) or ``excludes`` (any part
     holding excludes) condition is true."""
     if not isinstance(condition, dict):
@@ -141,7 +148,7 @@ def _holds(condition: dict, caps: set, kernel: tuple[int, int], all_of: bool) ->
     return all(results) if all_of else any(results)
 
 
-def check(oci) -> dict:
+def check(oci: object) -> dict[str, Any]:
     """Validate an OCI seccomp object (untrusted JSON); return it. Raises SeccompError
     naming the bad field."""
     if not isinstance(oci, dict):
@@ -183,15 +190,15 @@ def check(oci) -> dict:
     return oci
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_u64(value) -> bool:
-    return _is_int(value) and 0 <= value < 1 << 64
+def _is_u64(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
 
 
-def _action(name, errno_ret, where: str) -> int:
+def _action(name: object, errno_ret: object, where: str) -> int:
     """The seccomp return value of action *name*; raises SeccompError."""
     if name not in ACTIONS:
         raise SeccompError(f"{where} must be one of {', '.join(sorted(ACTIONS))} (got {name!r})")
@@ -199,7 +206,7 @@ def _action(name, errno_ret, where: str) -> int:
     if name in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
         if errno_ret is None:
             errno_ret = 1 if name == "SCMP_ACT_ERRNO" else 0  # EPERM, as runc
-        if not _is_int(errno_ret) or not 0 <= errno_ret <= 0xFFFF:
+        if not isinstance(errno_ret, int) or isinstance(errno_ret, bool) or not 0 <= errno_ret <= 0xFFFF:
             raise SeccompError(f"{where}: errnoRet must be an integer in 0..65535")
         value |= errno_ret
     return value
@@ -212,11 +219,15 @@ class _Label:
     __slots__ = ()
 
 
+_Target = int | _Label
+"""A jump offset, or the label it is to be computed to."""
+
+
 class _Assembler:
     """Instructions with forward labels; conditional jumps must land within 255."""
 
-    def __init__(self):
-        self.items: list = []
+    def __init__(self) -> None:
+        self.items: list[_Label | tuple[int, _Target, _Target, _Target]] = []
 
     def place(self, label: _Label) -> None:
         self.items.append(label)
@@ -227,7 +238,7 @@ class _Assembler:
     def and_k(self, mask: int) -> None:
         self.items.append((_ALU_AND_K, 0, 0, mask))
 
-    def jump(self, code: int, k: int, jt=0, jf=0) -> None:
+    def jump(self, code: int, k: int, jt: _Target = 0, jf: _Target = 0) -> None:
         self.items.append((code, jt, jf, k))
 
     def goto(self, label: _Label) -> None:
@@ -255,7 +266,7 @@ class _Assembler:
                 continue
             code, jt, jf, k = item
 
-            def offset(target, short: bool, position: int = position):
+            def offset(target: _Target, short: bool, position: int = position) -> int:
                 if not isinstance(target, _Label):
                     return target
                 distance = where[id(target)] - position - 1
@@ -263,21 +274,20 @@ class _Assembler:
                     raise AssertionError(f"bad jump distance {distance}")  # a compiler bug
                 return distance
 
-            if code == _JA:
-                k = offset(k, short=False)
-            else:
-                jt, jf = offset(jt, True), offset(jf, True)
-            out.append(struct.pack("<HBBI", code, jt, jf, k & 0xFFFFFFFF))
+            # only a goto's k is a label, only a conditional jump's jt/jf: offset() leaves
+            # the other, plain numbers, as they are
+            k_n, jt_n, jf_n = offset(k, short=False), offset(jt, True), offset(jf, True)
+            out.append(struct.pack("<HBBI", code, jt_n, jf_n, k_n & 0xFFFFFFFF))
             position += 1
         return b"".join(out)
 
 
-def compile_filter(oci: dict) -> bytes:
+def compile_filter(oci: object) -> bytes:
     """The classic-BPF program (packed ``struct sock_filter``s) for OCI seccomp object
     *oci*. Names this table does not know are skipped. Raises SeccompError."""
-    check(oci)
+    oci = check(oci)
     default = _action(oci["defaultAction"], oci.get("defaultErrnoRet"), "defaultAction")
-    rules: dict[int, list] = {}
+    rules: dict[int, list[tuple[int, list[dict[str, Any]]]]] = {}
     for rule in oci.get("syscalls") or []:
         action = _action(rule["action"], rule.get("errnoRet"), "action")
         conditions = rule.get("args") or []
@@ -300,7 +310,7 @@ def compile_filter(oci: dict) -> bytes:
     return asm.assemble()
 
 
-def _tree(asm: _Assembler, numbers: list[int], blocks: dict, default: int) -> None:
+def _tree(asm: _Assembler, numbers: list[int], blocks: dict[int, _Label], default: int) -> None:
     """Jump to blocks[nr] for the syscall number in A, searching *numbers* (sorted)."""
     if len(numbers) <= 4:
         for number in numbers:
@@ -317,7 +327,7 @@ def _tree(asm: _Assembler, numbers: list[int], blocks: dict, default: int) -> No
     _tree(asm, numbers[middle:], blocks, default)
 
 
-def _block(asm: _Assembler, rules: list, default: int) -> None:
+def _block(asm: _Assembler, rules: list[tuple[int, list[dict[str, Any]]]], default: int) -> None:
     """One syscall's rules, first match wins; the default when none matches."""
     for action, conditions in rules:
         next_rule = _Label()
@@ -330,7 +340,7 @@ def _block(asm: _Assembler, rules: list, default: int) -> None:
     asm.ret(default)
 
 
-def _condition(asm: _Assembler, cond: dict, fail: _Label) -> None:
+def _condition(asm: _Assembler, cond: dict[str, Any], fail: _Label) -> None:
     """Fall through when argument ``cond['index']`` (64-bit, unsigned) satisfies the
     comparison, else jump to *fail*."""
     index, op = cond["index"], cond["op"]
@@ -378,7 +388,7 @@ def _condition(asm: _Assembler, cond: dict, fail: _Label) -> None:
 # ---- installing ----------------------------------------------------------------------------
 
 
-def install(oci: dict) -> None:
+def install(oci: object) -> None:
     """Compile *oci* and make it this thread's seccomp filter (see :func:`install_program`).
     Raises SeccompError (bad profile) or OSError."""
     install_program(compile_filter(oci))
@@ -409,6 +419,6 @@ def install_program(program: bytes) -> None:
     )
 
 
-def default_for(capabilities) -> dict:
+def default_for(capabilities: Iterable[str] | None) -> dict[str, Any]:
     """The default profile resolved for a process whose bounding set is *capabilities*."""
     return resolve_profile(DEFAULT_PROFILE, capabilities)

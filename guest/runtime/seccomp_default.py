@@ -67,7 +67,7 @@ arch_prctl modify_ldt
 """Allowed whatever the capabilities and arguments."""
 
 
-def _caps(*names):
+def _caps(*names: str) -> dict[str, list[str]]:
     return {"caps": list(names)}
 
 

@@ -83,7 +83,7 @@ def _syscall_number(name: str) -> int:
     raise OSError(f"no syscall number for {name} on {machine}")
 
 
-def _check(result: int, *paths) -> int:
+def _check(result: int, *paths: str | bytes) -> int:
     if result == -1:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), *paths[:1])

@@ -17,6 +17,13 @@ from __future__ import annotations
 import os
 from collections import namedtuple
 
+TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    _Entry = TypeVar("_Entry")
+
 
 class UserError(Exception):
     """The user or group cannot be resolved in the container's files; text is for the user."""
@@ -30,7 +37,7 @@ _PasswdEntry = namedtuple("_PasswdEntry", "name uid gid home")
 _GroupEntry = namedtuple("_GroupEntry", "name gid members")
 
 
-def _read_entries(path: str, entry):
+def _read_entries(path: str, entry: Callable[[list[str]], _Entry | None]) -> list[_Entry] | None:
     """``entry(fields)`` of each meaningful line's colon-separated fields, skipping the
     lines it returns None for (malformed: skipped, as libc does); None if the file does
     not exist."""
@@ -39,7 +46,7 @@ def _read_entries(path: str, entry):
             text = f.read()
     except FileNotFoundError:
         return None
-    out = []
+    out: list[_Entry] = []
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
