@@ -112,15 +112,16 @@ class HealthChecker:
 
     def _run(self) -> None:
         monitor = self.monitor
-        if not monitor.main_running or monitor.agent is None or monitor.record is None:
+        record = monitor.record_if_kept
+        if not monitor.main_running or monitor.agent is None or record is None:
             return
-        spec = exec_spec(monitor.record, self.test)
+        spec = exec_spec(record, self.test)
         self.probe = Probe(self._done)
         self.probe_id = monitor._new_proc_id()
         monitor.pending[self.probe_id] = self.probe
         monitor._to_agent(
             protocol.EXEC,
-            token=monitor.record.token,
+            token=record.token,
             id=self.probe_id,
             process=spec.to_dict(),
             stdin=False,
@@ -161,7 +162,8 @@ class HealthChecker:
 
 def start(monitor) -> HealthChecker | None:
     """Begin checking the monitor's container if its record has a health check."""
-    check = getattr(monitor.record, "healthcheck", None) if monitor.record else None
+    record = monitor.record_if_kept
+    check = record.healthcheck if record is not None else None
     if not check or not probe_args(check.get("Test") or []):
         return None
     checker = HealthChecker(monitor, check)

@@ -69,6 +69,24 @@ class Isolation(Protocol):
         ...
 
 
+@runtime_checkable
+class VmIsolation(Isolation, Protocol):
+    """What only a VM can do: restore a saved memory image, migrate live, and follow an
+    engine's network namespace (shim.containers.vm_placement.VmPlacement)."""
+
+    def restore(self, image: Path, alive: Callable[[], str | None] | None = None) -> AgentClient:
+        """Start the container's VM from *image* (a checkpoint or template save image)."""
+        ...
+
+    def migrate(self, uri: str) -> None:
+        """Move the running VM to the libvirt at *uri*."""
+        ...
+
+    def follow_engine_links(self) -> list[dict]:
+        """Plug the engine's new interfaces into the VM; their netconf entries."""
+        ...
+
+
 def reattach_agent(
     isolation: Isolation, container_id: str, network_request: NetworkRequest | None, agent_socket: Path
 ) -> AgentClient | None:

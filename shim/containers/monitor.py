@@ -42,6 +42,7 @@ has a deadline (START_TIMEOUT, REPLY_TIMEOUT); the log is capped by rotation
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -51,13 +52,14 @@ import socket
 import sys
 import time
 import traceback
+from typing import Any, Callable
 from guest import protocol
 from guest.protocol import Message, ProtocolError
 from guest.spec import ProcessSpec
 from shim import paths
 from shim.containers import health
 from shim.containers.forked import fork_detached, redirect_stdio
-from shim.containers.isolation import Isolation
+from shim.containers.isolation import Isolation, VmIsolation
 from shim.containers import monitor_api as api
 from shim.containers import monitor_life as life
 from shim.containers.monitor_life import (
@@ -276,7 +278,7 @@ class Conn:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, type: str, payload: bytes = b"", **fields) -> None:
+    def send(self, type: str, payload: bytes = b"", **fields: Any) -> None:
         if self.closed:
             return
         self.out += api.encode(type, payload, **fields)
@@ -323,16 +325,16 @@ class Monitor:
         self.spawner = spawner
         self.recover = recover
         self.state: Life = Idle()
-        self.record = store.load(container_id)
+        self._record: Container | None = store.load(container_id)
         self.run_dir = run_dir_of(container_id)
-        self.placement = None
+        self.placement: Isolation | None = None
         self.log = LogWriter(store.log_path(container_id), self.record.log)
         self.listener: socket.socket | None = None
         self.conns: list[Conn] = []
         self.procs: dict[int, Conn | None] = {}  # agent process id → its client
         self.pending: dict[int, Conn] = {}  # exec/builtin waiting for started
         self.waiters: list[Conn] = []
-        self.timers: list[tuple[float, str, object]] = []
+        self.timers: list[tuple[float, str, Callable[[], None]]] = []
         self.restart_wait: float | None = None  # the last back-off (restart_delay)
         self.last_agent_error = ""
         self.bad_messages = 0
@@ -342,6 +344,37 @@ class Monitor:
         """vmshim-runtime: wakes us when the engine changes the container's namespace."""
         self.internal_requests: set[int] = set()
         """Ids of requests the monitor itself sent the agent (netconf of followed links)."""
+
+    @property
+    def record(self) -> Container:
+        """The container's record. Precondition: not removed yet (``_record`` is None once
+        an auto-remove or ``rm`` deleted it)."""
+        if self._record is None:
+            raise ContainerNotFound(self.id)
+        return self._record
+
+    @record.setter
+    def record(self, value: Container) -> None:
+        self._record = value
+
+    @property
+    def record_if_kept(self) -> Container | None:
+        """The record, or None once the container was removed."""
+        return self._record
+
+    @property
+    def isolation(self) -> Isolation:
+        """The container's isolation. Precondition: boot, restore or reattach made it."""
+        if self.placement is None:
+            raise ContainerStateError("use", "running", self._status().value, self.id)
+        return self.placement
+
+    def _vm(self, op: str) -> VmIsolation:
+        """The isolation when it is a VM's; *op* (checkpoint, migrate…) is refused otherwise."""
+        placement = self.isolation
+        if not isinstance(placement, VmIsolation):
+            raise ValueError(f"{op} needs --isolation vm")
+        return placement
 
     # ---- the monitor's life (shim.containers.monitor_life) -------------------------------
 
@@ -426,7 +459,7 @@ class Monitor:
 
     def _poll(self) -> None:
         poller = select.poll()
-        handlers: dict[int, object] = {}
+        handlers: dict[int, Callable[[int], None]] = {}
         clients_ok = all(len(c.out) < CLIENT_HIGH for c in self.conns if c.kind in ("main", "proc"))
         agent = self.agent
         if agent is not None:
@@ -442,14 +475,14 @@ class Monitor:
             mask = (select.POLLIN if read_clients else 0) | (select.POLLOUT if conn.out else 0)
             if mask:
                 poller.register(conn.sock, mask)
-                handlers[conn.fileno()] = lambda ev, c=conn: self._on_client(c, ev)
+                handlers[conn.fileno()] = functools.partial(self._on_client, conn)
         if self.netwatch is not None:
             poller.register(self.netwatch, select.POLLIN)
             handlers[self.netwatch.fileno()] = self._on_netwatch
         relay = self._dns_relay()
         for fd in relay.fds() if relay is not None else []:
             poller.register(fd, select.POLLIN)
-            handlers[fd] = lambda ev, fd=fd: self._on_dns_answer(fd)
+            handlers[fd] = functools.partial(self._on_dns_ready, fd)
         timeout = None
         if self.timers:
             timeout = max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000) + 1)
@@ -644,7 +677,7 @@ class Monitor:
                 owner.finish()
                 return
             usage = _figures(msg.fields.get("usage"))
-            owner.send(api.REPLY, **({"usage": usage} if usage is not None else {}))
+            owner.send(api.REPLY, b"", **({"usage": usage} if usage is not None else {}))
             owner.finish()
         elif msg.type == protocol.ERROR:
             text = msg.fields.get("message")
@@ -694,6 +727,8 @@ class Monitor:
 
     def _on_netwatch(self, event: int) -> None:
         """Link or address events: look again once they settle (NETWATCH_SETTLE s)."""
+        if self.netwatch is None:
+            return
         for _ in range(64):
             try:
                 if not self.netwatch.recv(65536):
@@ -710,7 +745,7 @@ class Monitor:
         if not self.main_running or self.agent is None:
             return
         try:
-            interfaces = self.placement.follow_engine_links()
+            interfaces = self._vm("following the engine's links").follow_engine_links()
         except VmshimError as exc:
             self._say(f"cannot follow the container's network namespace: {exc}")
             return
@@ -724,6 +759,9 @@ class Monitor:
             self.netwatch.close()
             self.netwatch = None
         self._cancel_timers("netwatch")
+
+    def _on_dns_ready(self, fd: int, event: int) -> None:
+        self._on_dns_answer(fd)
 
     def _on_dns_answer(self, fd: int) -> None:
         relay = self._dns_relay()
@@ -761,7 +799,8 @@ class Monitor:
     # ---- clients -------------------------------------------------------------------------
 
     def _on_listener(self, event: int) -> None:
-        self._accept_all(self.listener)
+        if self.listener is not None:
+            self._accept_all(self.listener)
 
     def _accept_all(self, listener: socket.socket) -> None:
         """Take every connection waiting on *listener* (non-blocking) as a client."""
@@ -1043,7 +1082,7 @@ class Monitor:
     def _op_pause(self, conn: Conn, msg: Message) -> None:
         self._need("pause")
         new = lifecycle.transition("pause", self._status(), self.record.name)
-        self.placement.pause()
+        self.isolation.pause()
         self._update(lambda r: setattr(r.state, "status", new.value))
         conn.send(api.REPLY)
         conn.finish()
@@ -1051,7 +1090,7 @@ class Monitor:
     def _op_unpause(self, conn: Conn, msg: Message) -> None:
         lifecycle.check("unpause", self._status(), self.record.name)
         new = lifecycle.transition("unpause", self._status(), self.record.name)
-        self.placement.resume()
+        self.isolation.resume()
         self._update(lambda r: setattr(r.state, "status", new.value))
         conn.send(api.REPLY)
         conn.finish()
@@ -1122,7 +1161,7 @@ class Monitor:
             raise
         if leave_running:
             try:
-                client = self.placement.restore(directory / checkpoint.MEMORY_FILE)
+                client = self._vm("checkpoint --leave-running").restore(directory / checkpoint.MEMORY_FILE)
             except VmshimError as exc:
                 self._say(f"restore after checkpoint failed: {exc}")
                 self._checkpointed()  # the checkpoint itself is good: keep it
@@ -1150,7 +1189,7 @@ class Monitor:
             r.state.finished_at = now_rfc3339()
 
         self._update(saved)
-        self.placement.teardown(grace=0.0)
+        self.isolation.teardown(grace=0.0)
         self._say("checkpointed; the VM is saved and gone")
 
     def _drain_agent(self, timeout: float = 0.3, limit: float = 2.0) -> None:
@@ -1186,7 +1225,7 @@ class Monitor:
         """After a failed save, or a migration: the VM runs (here or there); take its
         channel again (the agent says hello when it sees us)."""
         try:
-            client = self.placement.reattach()
+            client = self.isolation.reattach()
         except VmshimError:
             client = None
         if client is None:
@@ -1210,7 +1249,7 @@ class Monitor:
         self._detach_agent("the container moved to another host")
         time.sleep(AGENT_LET_GO)
         try:
-            self.placement.migrate(uri)
+            self._vm("migrate").migrate(uri)
         except VmshimError as exc:
             self._say(f"migration failed: {exc}")
             self._reconnect_agent()
@@ -1233,7 +1272,7 @@ class Monitor:
         self.placement = make_placement(self.record, self.store)
         self._enter(Booting())
         try:
-            client = self.placement.restore(Path(msg.get("image", str)))
+            client = self._vm("restore").restore(Path(msg.get("image", str)))
         except VmshimError as exc:
             self._say(f"restore failed: {exc}")
             self.placement.teardown(grace=0.0)
@@ -1399,10 +1438,10 @@ class Monitor:
 
         self._update(failed)
         anonymous = []
-        if self.record is not None and self.record.auto_remove:
+        if self._record is not None and self.record.auto_remove:
             anonymous = self.record.mounts
             self.store.delete(self.id)
-            self.record = None
+            self._record = None
         if conn is not None:
             conn.send(protocol.ERROR, message=message, code=code)
             conn.finish()
@@ -1462,13 +1501,13 @@ class Monitor:
 
         self._update(exited)
         anonymous = []
-        if self.record is not None and self.record.auto_remove and not restart and removal is None:
+        if self._record is not None and self.record.auto_remove and not restart and removal is None:
             anonymous = self.record.mounts
             self.store.delete(self.id)
-            self.record = None
+            self._record = None
         for conn in self.conns:
             if conn.kind == "main":
-                conn.send(protocol.EXIT, id=MAIN_ID, code=code, **({"error": error} if error else {}))
+                conn.send(protocol.EXIT, b"", id=MAIN_ID, code=code, **({"error": error} if error else {}))
                 conn.finish()
         for conn in self.waiters:
             if conn is not removal:
@@ -1509,7 +1548,7 @@ class Monitor:
     def _should_restart(self, code: int) -> bool:
         """Whether the run that just ended is started again (the ``--restart`` policy);
         never after a stop or a removal."""
-        record = self.record
+        record = self._record
         if record is None or isinstance(self.state, (Stopping, Removing)) or record.state.stopped_by_user:
             return False
         policy = record.restart_policy
@@ -1541,17 +1580,17 @@ class Monitor:
         removal = self.state.removal if isinstance(self.state, Exited) else None
         if removal is not None and self.placement is not None:
             self.placement.forget()  # rm returns when nothing of the VM is left
-        if removal is not None or (self.record is not None and self.record.auto_remove):
+        if removal is not None or (self._record is not None and self.record.auto_remove):
             # --rm also removes the anonymous volumes (-v /path) the container made.
-            anonymous = self.record.mounts if self.record is not None and self.record.auto_remove else []
+            anonymous = self.record.mounts if self._record is not None and self.record.auto_remove else []
             self.store.delete(self.id)
-            self.record = None
+            self._record = None
             import shutil
 
             shutil.rmtree(self.run_dir, ignore_errors=True)
             if anonymous:
                 _remove_anonymous_volumes(anonymous)
-        elif self.record is not None:
+        elif self._record is not None:
 
             def forget(r: Container) -> None:
                 r.state.restarting = False
@@ -1586,12 +1625,12 @@ class Monitor:
 
     def _update(self, change) -> None:
         """Read-modify-write our record under its lock (no-op once it was deleted)."""
-        if self.record is None:
+        if self._record is None:
             return
         try:
             self.record = self.store.update(self.id, change)
         except ContainerNotFound:
-            self.record = None
+            self._record = None
 
     def _flush_clients(self, timeout: float) -> None:
         """Block (up to *timeout* s) until queued frames reached the clients."""

@@ -133,8 +133,11 @@ def check_transition(current: Life, new: Life) -> None:
         raise IllegalTransition(f"the monitor cannot go from {type(current).__name__} to {type(new).__name__}")
 
 
-def carry(live: Running, to: type[Running], **fields: Any) -> Running:
-    """*live*'s main process in live state *to* (Stopping, Removing), with *fields*."""
+def carry(live: Life, to: type[Running], **fields: Any) -> Running:
+    """*live*'s main process in live state *to* (Stopping, Removing), with *fields*.
+    Precondition: *live* is a live state (IllegalTransition otherwise)."""
+    if not isinstance(live, Running):
+        raise IllegalTransition(f"{type(live).__name__} has no main process to carry into {to.__name__}")
     return to(pid=live.pid, up_since=live.up_since, agent=live.agent, **fields)
 
 

@@ -518,6 +518,10 @@ def test_health_checker_drives_an_exec_through_the_monitor_hooks():
             self.main_running, self.agent = True, object()
             self.pending, self.procs, self.timers, self.sent = {}, {}, [], []
 
+        @property
+        def record_if_kept(self):
+            return self.record
+
         def _update(self, change):
             change(self.record)
 
