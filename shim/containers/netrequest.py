@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from shim.network.ports import PortMapping, exposed_ports, publish_all
-from shim.network.store import DEFAULT_NETWORK, PSEUDO_NETWORKS
+from shim.network.names import DEFAULT_NETWORK, PSEUDO_NETWORKS
 
 
 @dataclass

@@ -44,15 +44,13 @@ from typing import Sequence
 
 from shim import paths
 from shim.errors import NetworkError, NetworkNotFound
+from shim.network.names import DEFAULT_NETWORK, PSEUDO_NETWORKS
 from shim.network.ports import PortMapping
 
-DEFAULT_NETWORK = "bridge"
 DEFAULT_SUBNET = "10.88.0.0/16"
 DEFAULT_BRIDGE = "vmshim0"
 USER_POOLS = ("10.89.0.0/16", "10.90.0.0/16", "10.91.0.0/16")
 USER_PREFIX = 24
-PSEUDO_NETWORKS = ("none", "host")
-"""Accepted by ``--network`` but not networks of ours: no record, no bridge."""
 BRIDGE_PREFIX = "vmsbr"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _ALIAS = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")
