@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,8 +318,12 @@ _NOUNS = ("babbage", "curie", "darwin", "euler", "hopper", "lovelace", "noether"
 
 
 def new_container_id() -> str:
+    import secrets  # here, not at the top: secrets imports hashlib, ~4 ms of every command that reads a record
+
     return secrets.token_hex(32)
 
 
 def random_name() -> str:
+    import secrets  # see new_container_id
+
     return f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}_{secrets.token_hex(2)}"
