@@ -294,6 +294,32 @@ def filesystem_type(device: str) -> str:
     raise BootError(f"{device} holds no filesystem vmshim knows (squashfs, erofs, ext4, iso9660)")
 
 
+PREMOUNTED: dict[int, str] = {}
+"""Layer index -> device: the layers a primed pooled VM mounted while it waited."""
+
+
+def premount_layers() -> None:
+    """A pooled VM primed for an image (its layer disks plugged in at boot): mount them
+    read-only where :func:`mount_rootfs` would, while the VM waits for its container.
+    Failures are only reported: mount_rootfs mounts what is not premounted."""
+    from guest.runtime import syscalls
+    from guest.spec import LAYER_SERIAL_PREFIX
+
+    for serial, device in sorted(find_disks().items()):
+        index = serial[len(LAYER_SERIAL_PREFIX) :]
+        if not serial.startswith(LAYER_SERIAL_PREFIX) or not index.isdigit():
+            continue
+        target = f"{LAYERS_DIR}/{int(index)}"
+        try:
+            os.makedirs(target, exist_ok=True)
+            syscalls.mount(device, target, filesystem_type(device), syscalls.MS_RDONLY, None)
+        except (OSError, BootError) as exc:
+            console.log(f"cannot premount layer {index} ({device}): {exc}")
+            continue
+        PREMOUNTED[int(index)] = device
+    console.phase("premount")
+
+
 def mount_rootfs(config: BootConfig, disks: dict[str, str]) -> str:
     """Mount the layers and the writable layer, stack them at ROOTFS; return ROOTFS."""
     from guest.runtime import rootfs, syscalls
@@ -310,6 +336,9 @@ def mount_rootfs(config: BootConfig, disks: dict[str, str]) -> str:
     for index in range(config.layer_count):
         device = disks[f"{LAYER_SERIAL_PREFIX}{index}"]
         target = f"{LAYERS_DIR}/{index}"
+        if PREMOUNTED.get(index) == device:
+            lowerdirs.insert(0, target)
+            continue
         os.makedirs(target, exist_ok=True)
         fstype = filesystem_type(device)
         try:
@@ -614,6 +643,7 @@ def main() -> None:
         spec = None
         if console.pooled:
             warm_up()
+            premount_layers()
             got = agent.wait_for_spec()
             if got is None:  # drained (``shutdown``) before anyone took it
                 return power_off()

@@ -23,6 +23,7 @@ SUBJECT_LABELS = {
     "floor": "bare QEMU boot (floor)",
     "cold": "vmshim, a VM booted for the container",
     "pooled": "vmshim, a pre-booted VM from the warm pool",
+    "primed": "vmshim, a pooled VM primed for the image and network",
     "cold_nonet": "vmshim --network none, a VM booted for the container",
     "restored": "vmshim --network none, a copy of a snapshot template",
 }

@@ -252,10 +252,11 @@ START_POOL_SIZE = 1
 POOL_READY_TIMEOUT = 300.0
 
 
-def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEOUT) -> set[str]:
-    """Wait (untimed) until *size* pooled VMs are ready and none is booting, so that no
-    sample shares the CPUs with a VM the pool keeper boots; return the ready VMs' ids.
-    Raises BenchError."""
+def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEOUT, network: str = "") -> set[str]:
+    """Wait (untimed) until *size* pooled VMs are ready, none is booting and none is of
+    another kind than asked (*network*: primed VMs with a NIC on it; "": plain ones), so
+    that no sample shares the CPUs with a VM the pool keeper boots; return the ready VMs'
+    ids. Raises BenchError."""
     import json
 
     deadline = time.monotonic() + timeout
@@ -263,7 +264,8 @@ def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEO
         state = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
         vms = state.get("vms") or []
         ready = {str(v.get("id")) for v in vms if v.get("state") == "ready"}
-        if len(ready) >= size and not any(v.get("state") == "booting" for v in vms):
+        kind_ok = all(v.get("network", "") == network for v in vms)
+        if len(ready) >= size and kind_ok and not any(v.get("state") == "booting" for v in vms):
             return ready
         if time.monotonic() > deadline:
             raise BenchError(f"the warm pool did not fill within {timeout:.0f} s")
@@ -271,18 +273,22 @@ def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEO
 
 
 def bench_start(ctx: Context) -> None:
-    """``run --rm busybox true`` started four ways, one row each, interleaved in one run:
+    """``run --rm busybox true`` started five ways, one row each, interleaved in one run:
     ``cold`` (a VM booted for it), ``pooled`` (taken from the warm pool,
-    shim.containers.pool), and with ``--network none`` (what a snapshot template takes)
-    ``cold_nonet`` and ``restored`` (a copy of a snapshot template,
-    shim.containers.template). Speedup: ``cold`` / ``pooled``, ``cold_nonet`` /
-    ``restored``."""
+    shim.containers.pool: layer disk and NIC hot-plugged), ``primed`` (from a pool primed
+    for busybox on the default network: ``pool set --image busybox --network NET``, the
+    layers and NIC plugged in at boot), and with ``--network none`` (what a snapshot
+    template takes) ``cold_nonet`` and ``restored`` (a copy of a snapshot template,
+    shim.containers.template). Speedup: ``cold`` / ``pooled``, ``cold`` / ``primed``,
+    ``cold_nonet`` / ``restored``. The pool is switched between plain and primed before
+    a sample (untimed: the keeper boots the other kind)."""
     fig = ctx.results.figure(
         "start",
         "Start of `run --rm busybox true`: cold, pooled, snapshot template",
         "s",
         note="whole command, spawn to exit; cold: VMSHIM_POOL=off; pooled: a pool of "
-        f"{START_POOL_SIZE} kept full between samples (untimed); cold_nonet and "
+        f"{START_POOL_SIZE} kept full between samples (untimed); primed: the same with "
+        "`pool set --image busybox --network <default>`; cold_nonet and "
         "restored: --network none, VMSHIM_TEMPLATES=off or a template made by "
         "`vmshim template create busybox`; speedup = cold row / warm row",
     )
@@ -292,24 +298,41 @@ def bench_start(ctx: Context) -> None:
     no_template = ctx.caps.lifecycle_missing("template")
     drv = ctx.drivers["vm"]
     nonet = drv.run_argv("true", extra=("--network", "none"))
+    from shim.containers.networking import default_network
+
+    net = default_network()
+    pool_kind: dict[str, str | None] = {"network": None}  # the pool's last setting ("": plain, else primed)
+
+    def use_pool(network: str) -> set[str]:
+        if pool_kind["network"] != network:
+            primed = ("--image", "busybox", "--network", network) if network else ()
+            run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE), *primed), timeout=120)
+            pool_kind["network"] = network
+        return _pool_ready(drv, START_POOL_SIZE, network=network)
 
     def settled() -> None:
         if not missing:
-            _pool_ready(drv, START_POOL_SIZE)  # nothing boots in the background
+            _pool_ready(drv, START_POOL_SIZE, network=pool_kind["network"] or "")  # nothing boots meanwhile
 
     def cold() -> float:
         settled()
         return timed(["env", "VMSHIM_POOL=off", *drv.run_argv("true")])
 
-    def pooled() -> float:
+    def from_pool(network: str) -> float:
         import json
 
-        before = _pool_ready(drv, START_POOL_SIZE)
+        before = use_pool(network)
         value = timed(drv.run_argv("true"))
         state = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
         if before <= {str(v.get("id")) for v in state.get("vms") or []}:
             raise BenchError("the run did not take a pooled VM (it booted cold)")
         return value
+
+    def pooled() -> float:
+        return from_pool("")
+
+    def primed() -> float:
+        return from_pool(net)
 
     def cold_nonet() -> float:
         settled()
@@ -324,6 +347,10 @@ def bench_start(ctx: Context) -> None:
         fig.skip("pooled", missing)
     else:
         m["pooled"] = pooled
+        if net and net != "none":
+            m["primed"] = primed
+        else:
+            fig.skip("primed", f"the default network is {net!r}: a primed pool needs a bridge network")
     if no_template:
         fig.skip("cold_nonet", no_template)
         fig.skip("restored", no_template)
@@ -336,7 +363,7 @@ def bench_start(ctx: Context) -> None:
             import json
 
             previous = json.loads(run(drv.argv("pool", "ls", "--format", "json"), timeout=60).stdout)
-            run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE)), timeout=120)
+            use_pool("")
         if not no_template:
             template = run(drv.argv("template", "create", "busybox"), timeout=600).stdout.strip()
         _sample(ctx, fig, m)
@@ -355,13 +382,15 @@ def bench_start(ctx: Context) -> None:
                         str(previous["memory_mib"]),
                         "--cpus",
                         str(previous["vcpus"]),
+                        *(("--image", previous["image"]) if previous.get("image") else ()),
+                        *(("--network", previous["network"]) if previous.get("network") else ()),
                     ),
                     timeout=120,
                     check=False,
                 )
             else:
                 run(drv.argv("pool", "rm"), timeout=120, check=False)
-    for warm, base in (("pooled", "cold"), ("restored", "cold_nonet")):
+    for warm, base in (("pooled", "cold"), ("primed", "cold"), ("restored", "cold_nonet")):
         if warm in fig.subjects and base in fig.subjects:
             w, c = fig.subjects[warm].median, fig.subjects[base].median
             if w and c:

@@ -31,15 +31,36 @@ def pool_group():
     "this size use the pool. Default: a container's default (no --memory).",
 )
 @click.option("--cpus", type=int, default=1, show_default=True, help="vCPUs of each pooled VM.")
-def set_cmd(size, memory, cpus):
+@click.option(
+    "--image",
+    default="",
+    help="Prime the VMs for this image: its layer disks are plugged in at boot and mounted "
+    "while the VM waits; only containers of this image take them.",
+)
+@click.option(
+    "--network",
+    default="",
+    help="Boot the VMs with a NIC on this network (e.g. the default one, bridge); only "
+    "containers whose first network it is (and without --mac-address) take them.",
+)
+def set_cmd(size, memory, cpus, image, network):
     """Turn the pool on (or resize it, or drain it with --size 0)."""
     from shim.containers import pool
     from shim.containers.resources import DEFAULT_VM_MIB
 
-    config = pool.PoolConfig(size=size, memory_mib=_memory_mib(memory) if memory else DEFAULT_VM_MIB, vcpus=cpus)
+    config = pool.PoolConfig(
+        size=size,
+        memory_mib=_memory_mib(memory) if memory else DEFAULT_VM_MIB,
+        vcpus=cpus,
+        image=image,
+        network=network,
+    )
     pid = pool.set_pool(config)
     if size:
-        click.echo(f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s); keeper pid {pid or 'starting'}")
+        primed = "".join(f", {what} {value}" for what, value in (("primed for", image), ("NIC on", network)) if value)
+        click.echo(
+            f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s){primed}; keeper pid {pid or 'starting'}"
+        )
     else:
         click.echo("pool: off (drained)")
 
@@ -66,6 +87,8 @@ def ls_cmd(fmt):
         "size": config.size,
         "memory_mib": config.memory_mib,
         "vcpus": config.vcpus,
+        "image": config.image,
+        "network": config.network,
         "keeper_pid": pool.keeper_alive(),
         "vms": pool.listing(LibvirtBackend()),
     }
@@ -73,7 +96,8 @@ def ls_cmd(fmt):
         click.echo(json.dumps(data, indent=2))
         return
     keeper = f"keeper pid {data['keeper_pid']}" if data["keeper_pid"] else "no keeper running"
-    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s); {keeper}")
+    primed = "".join(f", {w} {v}" for w, v in (("primed for", config.image), ("NIC on", config.network)) if v)
+    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s){primed}; {keeper}")
     click.echo(f"{'ID':<14}{'STATE':<10}{'MEMORY':<10}{'AGE':<8}DOMAIN")
     for vm in data["vms"]:
         click.echo(

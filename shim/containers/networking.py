@@ -357,8 +357,11 @@ def connect(
     image_config: dict | None = None,
     store: NetworkStore | None = None,
     owner_pid: int | None = None,
+    first_nic: tuple[str, str] | None = None,
 ) -> ContainerNetwork:
-    """Make the container's endpoints (see the module's docstring). On failure nothing
+    """Make the container's endpoints (see the module's docstring). *first_nic*: ``(tap,
+    mac)`` of a NIC the container's VM already has on its first network (a pooled VM's,
+    shim.containers.pool): the first endpoint takes that tap and MAC. On failure nothing
     is left behind. Raises NetworkError / NetworkNotFound."""
     store = store or NetworkStore()
     result = ContainerNetwork(container_id=container_id, name=name, isolation=isolation, request=request)
@@ -369,7 +372,7 @@ def connect(
         nets = [store.get(ref) for ref in request.networks]
         reclaim_stale(store)
         try:
-            _connect_locked(store, result, nets, image_config or {}, owner)
+            _connect_locked(store, result, nets, image_config or {}, owner, first_nic)
         except BaseException:
             disconnect(container_id, store=store)
             raise
@@ -377,7 +380,12 @@ def connect(
 
 
 def _connect_locked(
-    store: NetworkStore, result: ContainerNetwork, nets: list[Network], image_config: dict, owner: int
+    store: NetworkStore,
+    result: ContainerNetwork,
+    nets: list[Network],
+    image_config: dict,
+    owner: int,
+    first_nic: tuple[str, str] | None = None,
 ) -> None:
     request, cid = result.request, result.container_id
     netns = netns_key()
@@ -391,6 +399,9 @@ def _connect_locked(
         ip = net.free_ip(request.ip_for(ref))
         mac = request.mac if (index == 0 and request.mac) else mac_for(ip)
         kind = "vmt" if result.isolation == "vm" else "vmv"
+        ifname = _host_ifname(kind, cid, index)
+        if index == 0 and first_nic is not None:
+            ifname, mac = first_nic
         endpoint = Endpoint(
             container_id=cid,
             container_name=result.name,
@@ -399,7 +410,7 @@ def _connect_locked(
             aliases=request.aliases_for(ref),
             ip6=net.free_ip6(),
             isolation=result.isolation,
-            host_ifname=_host_ifname(kind, cid, index),
+            host_ifname=ifname,
             netns=netns,
             owner_pid=owner,
             owner_start=process_start(owner),
@@ -623,15 +634,22 @@ def prune_networks(*, store: NetworkStore | None = None) -> list[str]:
 
 
 def start(
-    container_id: str, name: str, isolation: str, request: NetworkRequest | None, boot, *, owner_pid: int | None = None
+    container_id: str,
+    name: str,
+    isolation: str,
+    request: NetworkRequest | None,
+    boot,
+    *,
+    owner_pid: int | None = None,
+    first_nic: tuple[str, str] | None = None,
 ):
-    """Connect the container (see :func:`connect`) and return ``(network, boot)``: the
+    """Connect the container (see :func:`connect`, *first_nic* too) and return ``(network, boot)``: the
     :class:`ContainerNetwork` and *boot* (a guest.spec.BootConfig) with the container's
     hosts, resolv.conf and (VM) NIC configuration filled in. *request* None: no
     networking at all (a record made before networking existed): ``(None, boot)``."""
     if request is None:
         return None, boot
-    cn = connect(container_id, name, request, isolation=isolation, owner_pid=owner_pid)
+    cn = connect(container_id, name, request, isolation=isolation, owner_pid=owner_pid, first_nic=first_nic)
     try:
         if cn.mode == "host" and isolation == "process":
             host_resolv = _read("/etc/resolv.conf")  # the same network: loopback works

@@ -78,8 +78,17 @@ class PoolConfig:
     size: int = 0
     memory_mib: int = DEFAULT_VM_MIB
     vcpus: int = 1
+    image: str = ""
+    """An image reference: its layer disks are plugged into each VM at boot (a *primed*
+    pool; only containers of that image take its VMs). Empty: no disks at boot."""
+    network: str = ""
+    """A network name: each VM boots with a NIC on it (only containers whose first network
+    it is take its VMs). Empty: no NIC at boot."""
 
     def __post_init__(self) -> None:
+        for what, text in (("image", self.image), ("network", self.network)):
+            if not isinstance(text, str) or len(text) > 255 or any(ord(c) < 0x21 or c == "\x7f" for c in text):
+                raise UsageError(f"pool {what} must be a name without spaces or control characters, got {text!r}")
         for name, value, low, high in (
             ("size", self.size, 0, MAX_SIZE),
             ("memory", self.memory_mib, 64, 1 << 20),
@@ -101,6 +110,24 @@ class PoolKey:
     memory: str = ""
     """shim.vm.memory's setting when it was booted (``ksm=…,fpr=…``): a change of it
     replaces the pool's VMs like a new guest image does."""
+    layers: tuple[str, ...] = ()
+    """The layer disks plugged in at boot (a primed pool, PoolConfig.image), in the order
+    of the image's layers; a container takes the VM only with exactly these layers."""
+    network: str = ""
+    """The network whose NIC the VM booted with (PoolConfig.network); empty: none."""
+
+    def base(self) -> "PoolKey":
+        """The key without what a primed pool adds (what a container's VM shape must match)."""
+        return PoolKey(self.kernel, self.initramfs, self.memory_mib, self.vcpus, self.accel, self.memory)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PoolKey":
+        """Raises TypeError, ValueError for a bad one."""
+        fields = dict(data)
+        layers = fields.pop("layers", [])
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise ValueError("bad layers")
+        return cls(**fields, layers=tuple(layers))
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,8 @@ class PooledVm:
     ports: int
     booted_at: float
     dir: Path
+    nic: dict | None = None
+    """The NIC plugged in at boot: ``{"tap", "mac", "bridge"}`` (a pool with a network)."""
 
     @property
     def agent_socket(self) -> Path:
@@ -129,6 +158,7 @@ class PooledVm:
             "key": asdict(self.key),
             "ports": self.ports,
             "booted_at": self.booted_at,
+            "nic": self.nic,
         }
 
     @classmethod
@@ -138,7 +168,12 @@ class PooledVm:
         try:
             with open(directory / VM_FILE, "rb") as f:
                 data = json.loads(f.read(MAX_META))
-            key = PoolKey(**data["key"])
+            key = PoolKey.from_dict(data["key"])
+            nic = data.get("nic")
+            if nic is not None and not (
+                isinstance(nic, dict) and all(isinstance(nic.get(k), str) for k in ("tap", "mac", "bridge"))
+            ):
+                return None
             return cls(
                 vmid=str(data["vmid"]),
                 domain=str(data["domain"]),
@@ -146,6 +181,7 @@ class PooledVm:
                 ports=int(data["ports"]),
                 booted_at=float(data["booted_at"]),
                 dir=directory,
+                nic={k: nic[k] for k in ("tap", "mac", "bridge")} if nic else None,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -165,7 +201,13 @@ def _sub(name: str) -> Path:
 def load_config() -> PoolConfig:
     try:
         data = json.loads((pool_dir() / "pool.json").read_text())
-        return PoolConfig(size=int(data["size"]), memory_mib=int(data["memory_mib"]), vcpus=int(data["vcpus"]))
+        return PoolConfig(
+            size=int(data["size"]),
+            memory_mib=int(data["memory_mib"]),
+            vcpus=int(data["vcpus"]),
+            image=str(data.get("image", "")),
+            network=str(data.get("network", "")),
+        )
     except (OSError, ValueError, KeyError, TypeError, UsageError):
         return PoolConfig()
 
@@ -183,8 +225,12 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def current_key(config: PoolConfig | None = None, guest=None, accel: str | None = None) -> PoolKey:
-    """The key VMs booted now get (the current guest image). Raises GuestImageError."""
+def current_key(
+    config: PoolConfig | None = None, guest=None, accel: str | None = None, primed: bool = False
+) -> PoolKey:
+    """The key VMs booted now get (the current guest image); with *primed* (the keeper), also
+    the layer disks of the pool's image and its network's name. Raises GuestImageError,
+    ImageNotFound, NetworkNotFound."""
     if guest is None:
         from shim.guestimage import ensure_guest_image
 
@@ -197,6 +243,18 @@ def current_key(config: PoolConfig | None = None, guest=None, accel: str | None 
 
     config = config or load_config()
     mem = memory.load()
+    layers: tuple[str, ...] = ()
+    network = ""
+    if primed and config.image:
+        from shim.images.layers import layer_disk
+        from shim.images.store import ImageStore
+
+        store = ImageStore()
+        layers = tuple(str(layer_disk(store, layer)) for layer in store.resolve(config.image).layers)
+    if primed and config.network:
+        from shim.network.store import NetworkStore
+
+        network = NetworkStore().get(config.network).name
     return PoolKey(
         kernel=str(guest.kernel),
         initramfs=str(guest.initramfs),
@@ -204,6 +262,8 @@ def current_key(config: PoolConfig | None = None, guest=None, accel: str | None 
         vcpus=config.vcpus,
         accel=accel,
         memory=f"ksm={int(mem.ksm)},fpr={int(mem.free_page_reporting)}",
+        layers=layers,
+        network=network,
     )
 
 
@@ -227,6 +287,8 @@ def listing(backend=None) -> list[dict]:
                     "state": state if alive else "dead",
                     "memory_mib": vm.key.memory_mib,
                     "vcpus": vm.key.vcpus,
+                    "layers": len(vm.key.layers),
+                    "network": vm.key.network,
                     "age_s": round(max(0.0, time.time() - vm.booted_at), 1),
                 }
             )
@@ -250,15 +312,47 @@ def _vms_in(base: Path) -> list[PooledVm]:
 # ---- claiming ----------------------------------------------------------------------------------
 
 
-def claim(key: PoolKey, run_dir: Path, backend, needs_ports: int = 0) -> PooledVm | None:
-    """Take one ready VM booted with *key* that has at least *needs_ports* spare ports:
-    move its directory to *run_dir*/pooled (atomic: a VM goes to one caller only) and
-    return it there. A VM whose domain is gone is thrown away and the next one tried.
-    None when no VM fits (the caller boots cold). Never raises for a pool problem."""
+def fits(vm: PooledVm, key: PoolKey, needs_ports: int, layers: tuple[str, ...] = (), network: str = "") -> bool:
+    """Whether a container whose VM would be booted with *key* (its base), with image layer
+    disks *layers* and first network *network* ("": none), can take *vm*: the same base
+    key; a primed VM only with exactly its layers and its network (it has nothing else
+    plugged in that the container must not see); enough spare ports for the rest."""
+    if vm.key.base() != key.base():
+        return False
+    if vm.key.layers and vm.key.layers != layers:
+        return False
+    if vm.key.network and (vm.key.network != network or vm.nic is None):
+        return False
+    plugged = len(vm.key.layers) + (1 if vm.key.network else 0)
+    return vm.ports >= needs_ports - plugged
+
+
+def nic_on_bridge(nic: dict) -> bool:
+    """Whether a pooled VM's tap is still a port of the bridge it was plugged into (a
+    network removed and made again meanwhile would leave it off any bridge)."""
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{nic['tap']}/master")) == nic["bridge"]
+    except OSError:
+        return False
+
+
+def claim(
+    key: PoolKey,
+    run_dir: Path,
+    backend,
+    needs_ports: int = 0,
+    layers: tuple[str, ...] = (),
+    network: str = "",
+) -> PooledVm | None:
+    """Take one ready VM that :func:`fits` (*needs_ports*: the disks and NICs the container
+    needs, counted as if none were plugged in): move its directory to *run_dir*/pooled
+    (atomic: a VM goes to one caller only) and return it there. A VM whose domain is gone
+    (or whose NIC left its bridge) is thrown away and the next one tried. None when no VM
+    fits (the caller boots cold). Never raises for a pool problem."""
     ready = pool_dir() / "ready"
     target = run_dir / POOLED_DIR
     for vm in _vms_in(ready):
-        if vm.key != key or vm.ports < needs_ports:
+        if not fits(vm, key, needs_ports, layers, network):
             continue
         if target.exists():  # a start before this one left it (its teardown failed)
             shutil.rmtree(target, ignore_errors=True)
@@ -274,10 +368,10 @@ def claim(key: PoolKey, run_dir: Path, backend, needs_ports: int = 0) -> PooledV
             shutil.rmtree(target, ignore_errors=True)
             continue
         try:
-            alive = backend.is_running(taken.domain)
+            alive = backend.is_running(taken.domain) and (taken.nic is None or nic_on_bridge(taken.nic))
         except VmshimError:
             alive = False
-        if not alive:  # died while waiting (OOM, crash, destroyed by hand)
+        if not alive:  # died while waiting (OOM, crash, destroyed by hand), or its NIC is off the bridge
             _discard(taken, backend)
             continue
         return taken
@@ -360,7 +454,10 @@ def poke(spawn=None) -> int:
 def set_pool(config: PoolConfig, backend=None, wait: float = KEEPER_STOP_TIMEOUT) -> int:
     """Save the setting and make the keeper act on it: started (or poked) for a size > 0;
     for 0, the keeper drains the pool and exits (waited for up to *wait* s, then the pool
-    is drained here). Returns the keeper's pid (0 after a drain)."""
+    is drained here). Returns the keeper's pid (0 after a drain). Raises ImageNotFound,
+    NetworkNotFound (nothing saved) for a primed pool whose image or network is not here."""
+    if config.size > 0 and (config.image or config.network):
+        current_key(config, primed=True)
     save_config(config)
     if config.size > 0:
         return poke()
@@ -466,7 +563,7 @@ class Keeper:
             self.log(f"pool off: drained {drain(self.backend)} VMs")
             return False
         try:
-            key = current_key(config)
+            key = current_key(config, primed=True)
         except VmshimError as exc:
             self.log(f"cannot boot pooled VMs: {exc}")
             self._wait(CHECK_INTERVAL * 6)
@@ -485,7 +582,9 @@ class Keeper:
         keep = []
         for vm in _vms_in(pool_dir() / "ready"):
             try:
-                alive = vm.key == key and self.backend.is_running(vm.domain)
+                alive = (
+                    vm.key == key and self.backend.is_running(vm.domain) and (vm.nic is None or nic_on_bridge(vm.nic))
+                )
             except VmshimError:
                 keep.append(vm)  # libvirtd away: look again later
                 continue
@@ -494,9 +593,9 @@ class Keeper:
                 continue
             self._drop(
                 vm,
-                "its domain is gone"
+                "its domain is gone (or its NIC left its bridge)"
                 if vm.key == key
-                else "it was booted with another guest image, memory size or vCPU count",
+                else "it was booted with another guest image, image, network, memory size or vCPU count",
             )
         return keep
 
@@ -542,10 +641,15 @@ class Keeper:
             pass
 
 
-def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str, domain_uuid: str | None = None):
+def build_domain(
+    key: PoolKey, vmid: str, directory: Path, cmdline: str, domain_uuid: str | None = None, nic: dict | None = None
+):
     """The domain of one pooled VM (pure): q35 with HOTPLUG_PORTS spare root ports, the
-    agent channel and console, no disks, no NIC; *cmdline* (shim.vm.accel.guest_cmdline's)
-    gets the pool flag."""
+    agent channel and console; a primed pool's layer disks (*key*.layers, read-only, with
+    the serials a container's layers have) and *nic* (``{"tap", "mac", "bridge"}``), else
+    no disk and no NIC; *cmdline* (shim.vm.accel.guest_cmdline's) gets the pool flag."""
+    from guest.spec import LAYER_SERIAL_PREFIX
+    from shim.containers.vm_common import disk_target
     from shim.vm import domain as dom
 
     return dom.Domain(
@@ -557,6 +661,13 @@ def build_domain(key: PoolKey, vmid: str, directory: Path, cmdline: str, domain_
         boot=dom.KernelBoot(kernel=key.kernel, initrd=key.initramfs, cmdline=f"{cmdline} {_pool_flag()}"),
         channels=[dom.AgentChannel(socket_path=str(directory / "agent.sock"))],
         serial=dom.SerialLog(path=str(directory / "console.log")),
+        disks=[
+            dom.Disk(
+                source=path, target=disk_target(i), serial=f"{LAYER_SERIAL_PREFIX}{i}", readonly=True, shareable=True
+            )
+            for i, path in enumerate(key.layers)
+        ],
+        interfaces=[dom.Interface(mac=nic["mac"], bridge=nic["bridge"], tap=nic["tap"])] if nic else [],
         machine=dom.HOTPLUG_MACHINE,
         hotplug_ports=HOTPLUG_PORTS,
         metadata={"pool-vm": vmid},
@@ -569,6 +680,27 @@ def _pool_flag() -> str:
     from guest.spec import POOL_CMDLINE_FLAG
 
     return POOL_CMDLINE_FLAG
+
+
+POOL_TAP_PREFIX = "vmp"
+"""A pooled VM's tap: ``vmp`` + 11 hex digits of its id + ``0`` (15 characters)."""
+
+
+def pool_nic(network: str, vmid: str) -> dict:
+    """The NIC a VM of a pool with *network* boots with: the network made live here (its
+    bridge), a tap named after the VM and a random locally administered MAC (``0e:…``:
+    never one of the ``02:42:…`` MACs containers get from their addresses). The guest
+    leaves it down until a container's spec configures it. Raises NetworkError,
+    NetworkNotFound."""
+    from shim.containers.networking import materialize
+    from shim.network.store import NetworkStore
+
+    store = NetworkStore()
+    with store.locked():
+        net = store.get(network)
+        materialize(store, net)
+    mac = "0e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+    return {"tap": f"{POOL_TAP_PREFIX}{vmid[:11]}0", "mac": mac, "bridge": net.bridge}
 
 
 def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
@@ -584,8 +716,11 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
     guest = ensure_guest_image()
     paths.private_dir(directory)
     vmid = directory.name
-    domain = build_domain(key, vmid, directory, guest_cmdline(guest.cmdline, key.accel))
-    vm = PooledVm(vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS, booted_at=time.time(), dir=directory)
+    nic = pool_nic(key.network, vmid) if key.network else None
+    domain = build_domain(key, vmid, directory, guest_cmdline(guest.cmdline, key.accel), nic=nic)
+    vm = PooledVm(
+        vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS, booted_at=time.time(), dir=directory, nic=nic
+    )
     _write_json(directory / VM_FILE, vm.meta())
     backend.create(domain)
     try:
@@ -641,6 +776,15 @@ def _networks(placement) -> list[str]:
     return list(request.networks) if request is not None else []
 
 
+def first_network(placement) -> str:
+    """The network a pooled VM's boot-time NIC may serve for *placement*: its first one, in
+    bridge mode and without ``--mac-address`` (that MAC is the container's own); "": none."""
+    request = placement.network_request
+    if request is None or request.mode != "bridge" or request.mac or not request.networks:
+        return ""
+    return str(request.networks[0])
+
+
 def take(placement, key: PoolKey, backend) -> PooledVm | None:
     """Claim a pooled VM for *placement* if the pool is on and one fits; poke the keeper
     either way (a VM was taken, or the pool ran dry). None: boot cold (also with
@@ -649,7 +793,14 @@ def take(placement, key: PoolKey, backend) -> PooledVm | None:
         return None
     if eligible(placement, key) is not None:
         return None
-    vm = claim(key, placement.run_dir, backend, needs_ports=devices_needed(placement))
+    vm = claim(
+        key,
+        placement.run_dir,
+        backend,
+        needs_ports=devices_needed(placement),
+        layers=tuple(str(p) for p in placement.layer_disks),
+        network=first_network(placement),
+    )
     poke()
     return vm
 
@@ -662,9 +813,10 @@ def plug_disks(placement, vm: PooledVm) -> None:
     from shim.containers.vm_common import disk_target as _target
     from shim.vm import domain as dom
 
-    if len(placement.layer_disks) + (placement.rw_disk is not None) > vm.ports:
+    layers = [] if vm.key.layers else placement.layer_disks  # a primed VM has them (pool.fits)
+    if len(layers) + (placement.rw_disk is not None) > vm.ports:
         raise PoolError(f"the container needs more disks than a pooled VM's {vm.ports} ports")
-    for index, path in enumerate(placement.layer_disks):
+    for index, path in enumerate(layers):
         placement.backend.attach_disk(
             vm.domain,
             dom.Disk(
@@ -700,7 +852,12 @@ def adopt(placement, vm: PooledVm, client, alive=None):
     interfaces = placement.network.domain_interfaces() if placement.network is not None else []
     if any(i.type != "bridge" for i in interfaces):
         raise PoolError("a pooled VM takes bridge NICs only")
-    if len(placement.layer_disks) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
+    if vm.nic is not None:  # plugged in at boot: the container's first endpoint took it
+        if not interfaces or interfaces[0].tap != vm.nic["tap"] or interfaces[0].mac != vm.nic["mac"]:
+            raise PoolError("the pooled VM's NIC is not the container's first endpoint")
+        interfaces = interfaces[1:]
+    layers = [] if vm.key.layers else placement.layer_disks
+    if len(layers) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
         raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
     client.handshake(BOOT_TIMEOUT, alive=alive)
     client.send(protocol.SPEC, config=placement.boot_config.to_dict(), entropy=secrets.token_hex(ENTROPY_BYTES))

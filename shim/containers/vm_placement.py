@@ -410,7 +410,12 @@ class VmPlacement:
                 from shim.containers import networking as netc
 
                 self.network, self.boot_config = netc.start(
-                    self.boot_config.container_id, self.name, "vm", self.network_request, self.boot_config
+                    self.boot_config.container_id,
+                    self.name,
+                    "vm",
+                    self.network_request,
+                    self.boot_config,
+                    first_nic=(vm.nic["tap"], vm.nic["mac"]) if vm.nic is not None else None,
                 )
             return pool.adopt(self, vm, client, alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:

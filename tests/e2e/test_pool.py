@@ -140,3 +140,50 @@ def test_a_new_monitor_finds_the_pooled_vm_again(pool):
     finally:
         vmshim("rm", "-f", name, timeout=120)
     wait_until(lambda: domain not in vmshim_domains(), 30, "the pooled domain gone")
+
+
+def test_a_primed_pool_hands_out_vms_with_the_images_layers_and_a_nic_on_its_network(pool):
+    """`pool set --image busybox --network NET`: VMs boot with busybox's layer disks and a
+    NIC on NET; a busybox container on NET takes one (nothing hot-plugged) and its network
+    works as a cold one's: its own address on the pooled NIC, the gateway and another
+    such container reachable (the anti-spoofing guard follows the pooled tap and MAC).
+    A container on no network never gets one (its VM would have a NIC on the bridge)."""
+    from shim.containers.networking import default_network
+
+    net = default_network()
+    names = ["pool-primed-a", "pool-primed-b"]
+    try:
+        ok("pool", "set", "--size", str(POOL_SIZE), "--image", "busybox", "--network", net)
+        state = pool_state()
+        assert state["image"] == "busybox" and state["network"] == net
+
+        def primed_ready() -> bool:
+            vms = pool_state()["vms"]
+            good = [v for v in vms if v["state"] == "ready" and v["network"] == net and v["layers"] >= 1]
+            return len(good) >= POOL_SIZE and len(good) == len(vms)
+
+        wait_until(primed_ready, 400, "primed VMs ready (the plain ones replaced)")
+        for name in names:
+            ok("run", "-d", "--name", name, "busybox", "sleep", "600")
+        info = {n: json.loads(ok("inspect", n))[0] for n in names}
+        for name in names:
+            assert info[name]["Vmshim"]["Domain"].startswith("vmshim-pool-"), f"{name} did not take a primed VM"
+        a, b = names
+        macs = [_exec(n, "cat", "/sys/class/net/eth0/address") for n in names]
+        assert macs[0] != macs[1] and all(m.startswith("0e:") for m in macs), macs
+        for name, mac in zip(names, macs, strict=True):
+            assert info[name]["NetworkSettings"]["Networks"][net]["MacAddress"] == mac
+        ips = [info[n]["NetworkSettings"]["IPAddress"] for n in names]
+        for name, ip in zip(names, ips, strict=True):
+            assert f"inet {ip}/" in _exec(name, "ip", "-4", "addr", "show", "eth0")
+        gateway = info[a]["NetworkSettings"]["Gateway"]
+        assert _exec(a, "ping", "-c", "1", "-W", "10", gateway).count("1 packets received") == 1
+        assert _exec(a, "ping", "-c", "1", "-W", "10", ips[1]).count("1 packets received") == 1
+        before = {v["id"] for v in pool_state()["vms"] if v["state"] == "ready"}
+        nonet = json.loads(ok("inspect", ok("run", "-d", "--network", "none", "busybox", "sleep", "600").strip()))[0]
+        names.append(nonet["Name"].lstrip("/"))
+        assert not nonet["Vmshim"]["Domain"].startswith("vmshim-pool-")
+        assert before <= {v["id"] for v in pool_state()["vms"]}
+    finally:
+        vmshim("rm", "-f", *names, timeout=120)
+        vmshim("pool", "set", "--size", str(POOL_SIZE), timeout=120)

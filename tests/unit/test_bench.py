@@ -571,10 +571,15 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     ready = {"size": 0, "memory_mib": 256, "vcpus": 1, "vms": [{"state": "ready", "id": "a"}]}
     seq = iter(range(1000))
 
+    pool_network = {"now": ""}
+
     def fake_run(argv, timeout=300, check=True, input=None):
         if argv[1:3] == ["pool", "ls"]:
-            ready["vms"] = [{"state": "ready", "id": str(next(seq))}]  # each look: a new VM
+            # each look: a new VM, of the kind the pool was last set to
+            ready["vms"] = [{"state": "ready", "id": str(next(seq)), "network": pool_network["now"]}]
             return SimpleNamespace(stdout=json.dumps(ready))
+        if argv[1:3] == ["pool", "set"]:
+            pool_network["now"] = argv[argv.index("--network") + 1] if "--network" in argv else ""
         pool_calls.append(argv[1:])
         return SimpleNamespace(stdout="k1\n" if argv[1:3] == ["template", "create"] else "")
 
@@ -589,6 +594,7 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     monkeypatch.setattr(suite, "run", fake_run)
     monkeypatch.setattr(suite, "timed", fake_timed)
     monkeypatch.setattr(suite, "_settled", lambda fn: fn())
+    monkeypatch.setenv("VMSHIM_DEFAULT_NETWORK", "bridge")
     ctx = _ctx(runs=3)
     ctx.caps = Capabilities({"run", "rm", "pool", "template"}, {"-d", "--rm"})
     ctx.drivers = {"vm": FakeSubject()}
@@ -597,16 +603,19 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     assert fig.subjects["cold"].samples == [3.0] * 3
     assert fig.subjects["pooled"].samples == [0.5] * 3
     assert fig.subjects["pooled"].extra["speedup_vs_cold"] == 6.0
+    assert fig.subjects["primed"].samples == [0.5] * 3
+    assert fig.subjects["primed"].extra["speedup_vs_cold"] == 6.0
     assert fig.subjects["cold_nonet"].samples == [2.0] * 3
     assert fig.subjects["restored"].samples == [0.4] * 3
     assert fig.subjects["restored"].extra["speedup_vs_cold_nonet"] == 5.0
     assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
-    assert pool_calls == [
-        ["pool", "set", "--size", "1"],
-        ["template", "create", "busybox"],
+    plain = ["pool", "set", "--size", "1"]
+    primed = [*plain, "--image", "busybox", "--network", "bridge"]
+    # plain, then switched before each pooled and primed sample (the warm-up too); all gone again after
+    assert pool_calls == [plain, ["template", "create", "busybox"], *[primed, plain] * 3, primed] + [
         ["template", "rm", "k1"],
         ["pool", "rm"],
-    ]  # all gone again after
+    ]
     # Without `vmshim pool`, only the cold row.
     ctx = _ctx(runs=1)
     ctx.caps = Capabilities({"run", "rm"}, {"-d", "--rm"})

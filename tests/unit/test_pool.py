@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from guest.spec import BootConfig, ProcessSpec
+from guest.spec import LAYER_SERIAL_PREFIX, BootConfig, ProcessSpec
 from shim.containers import pool
 from shim.containers.netrequest import NetworkRequest
 from shim.containers.vm_placement import VmPlacement, domain_name
@@ -116,7 +116,7 @@ def test_dead_keeper_is_found_by_pid_and_start_time_and_restarted(state):
 
 def test_keeper_fills_prunes_and_drains(state, monkeypatch):
     backend = FakeBackend()
-    monkeypatch.setattr(pool, "current_key", lambda config=None, guest=None, accel=None: KEY)
+    monkeypatch.setattr(pool, "current_key", lambda config=None, guest=None, accel=None, primed=False: KEY)
     keeper = pool.Keeper(backend=backend, boot=fake_boot, log=lambda text: None)
     keeper._wait = lambda timeout: None
     pool.save_config(pool.PoolConfig(size=2))
@@ -138,7 +138,7 @@ def test_keeper_fills_prunes_and_drains(state, monkeypatch):
 
 
 def test_keeper_backs_off_after_a_failed_boot(state, monkeypatch):
-    monkeypatch.setattr(pool, "current_key", lambda config=None, guest=None, accel=None: KEY)
+    monkeypatch.setattr(pool, "current_key", lambda config=None, guest=None, accel=None, primed=False: KEY)
 
     def broken(key, directory, backend):
         raise pool.PoolError("no guest")
@@ -317,3 +317,160 @@ def test_adopt_plugs_disks_first_and_nics_after_the_spec(state):
     client.close()
     listener.close()
     assert events == ["spec", "nic"]
+
+
+# ---- a primed pool (pool set --image/--network): layers and a NIC plugged in at boot ----------
+
+LAYERS = ("/s/layers/a.sqfs", "/s/layers/b.sqfs")
+PRIMED = pool.PoolKey(**{**KEY.__dict__, "layers": LAYERS, "network": "bridge"})
+
+
+def primed_boot(key, directory, backend):
+    """fake_boot with the NIC a primed VM gets (pool_nic without a bridge to make)."""
+    from shim.paths import private_dir
+
+    private_dir(directory)
+    nic = {"tap": f"vmp{directory.name[:11]}0", "mac": "0e:00:00:00:00:01", "bridge": "vmshim0"}
+    domain = pool.build_domain(key, directory.name, directory, "console=ttyS0", nic=nic)
+    vm = pool.PooledVm(
+        vmid=directory.name,
+        domain=domain.name,
+        key=key,
+        ports=pool.HOTPLUG_PORTS,
+        booted_at=time.time(),
+        dir=directory,
+        nic=nic,
+    )
+    pool._write_json(directory / pool.VM_FILE, vm.meta())
+    backend.create(domain)
+    return vm
+
+
+def primed_vm(state, backend):
+    keeper = pool.Keeper(backend=backend, boot=primed_boot, log=lambda text: None)
+    keeper.fill_one(PRIMED)
+    (vm,) = pool._vms_in(pool.pool_dir() / "ready")
+    return vm
+
+
+def test_a_primed_vm_boots_with_the_images_layers_and_a_nic(state):
+    backend = FakeBackend()
+    vm = primed_vm(state, backend)
+    import xml.etree.ElementTree as ET
+
+    devices = ET.fromstring(backend.created[-1]).find("devices")
+    disks = devices.findall("disk")
+    assert [d.find("source").get("file") for d in disks] == list(LAYERS)
+    assert [d.findtext("serial") for d in disks] == [f"{LAYER_SERIAL_PREFIX}{i}" for i in range(2)]
+    assert all(d.find("readonly") is not None and d.find("shareable") is not None for d in disks)
+    (nic,) = devices.findall("interface")
+    assert nic.find("target").get("dev") == vm.nic["tap"]
+    assert nic.find("mac").get("address") == vm.nic["mac"] and nic.find("source").get("bridge") == vm.nic["bridge"]
+    loaded = pool.PooledVm.load(vm.dir)
+    assert loaded == vm and loaded.key.layers == LAYERS  # vm.json round trip (a tuple again)
+
+
+def test_a_primed_vm_goes_only_to_a_container_of_its_image_and_network(state, monkeypatch):
+    monkeypatch.setattr(pool, "nic_on_bridge", lambda nic: True)
+    backend = FakeBackend()
+    primed_vm(state, backend)
+    run_dir = state / "run" / "c"
+    assert pool.claim(KEY, run_dir, backend) is None  # no layers, no network
+    assert pool.claim(KEY, run_dir, backend, layers=LAYERS) is None  # no network
+    assert pool.claim(KEY, run_dir, backend, layers=LAYERS[:1], network="bridge") is None  # other image
+    assert pool.claim(KEY, run_dir, backend, layers=LAYERS, network="other") is None  # other network
+    other = pool.PoolKey(**{**KEY.__dict__, "vcpus": 2})
+    assert pool.claim(other, run_dir, backend, layers=LAYERS, network="bridge") is None
+    # what is plugged in counts against the ports the container needs
+    too_many, just_enough = pool.HOTPLUG_PORTS + 4, pool.HOTPLUG_PORTS + 3
+    assert pool.claim(KEY, run_dir, backend, needs_ports=too_many, layers=LAYERS, network="bridge") is None
+    vm = pool.claim(KEY, run_dir, backend, needs_ports=just_enough, layers=LAYERS, network="bridge")
+    assert vm is not None and vm.nic is not None
+
+
+def test_a_plain_vm_still_takes_any_container(state):
+    backend = FakeBackend()
+    ready_vms(backend, 1)
+    assert pool.claim(KEY, state / "run" / "c", backend, layers=LAYERS, network="bridge") is not None
+
+
+def test_a_primed_vm_whose_nic_left_its_bridge_is_thrown_away(state, monkeypatch):
+    monkeypatch.setattr(pool, "nic_on_bridge", lambda nic: False)  # its network was made again
+    backend = FakeBackend()
+    vm = primed_vm(state, backend)
+    assert pool.claim(KEY, state / "run" / "c", backend, layers=LAYERS, network="bridge") is None
+    assert vm.domain not in backend.vms and not os.listdir(pool.pool_dir() / "ready")
+
+
+def test_nic_on_bridge_reads_the_taps_master_without_trusting_a_missing_one():
+    assert pool.nic_on_bridge({"tap": "vmpnosuchtap00", "mac": "0e:00:00:00:00:01", "bridge": "x"}) is False
+    assert pool.nic_on_bridge({"tap": "../../../etc", "mac": "0e:00:00:00:00:01", "bridge": "etc"}) is False
+
+
+def test_the_container_of_a_primed_vm_needs_its_first_network_without_a_mac(state):
+    p = _placement(state)
+    assert pool.first_network(p) == "bridge"
+    p.network_request = NetworkRequest(networks=["bridge"], mac="02:00:00:00:00:09")
+    assert pool.first_network(p) == ""  # its own MAC: never the pooled NIC's
+    p.network_request = NetworkRequest(networks=["none"])
+    assert pool.first_network(p) == ""
+    p.network_request = None
+    assert pool.first_network(p) == ""
+
+
+def test_a_primed_vm_gets_no_layer_disk_plugged_and_keeps_its_nic(state, monkeypatch):
+    from shim.vm.domain import Interface
+
+    monkeypatch.setattr(pool, "nic_on_bridge", lambda nic: True)
+    backend = FakeBackend()
+    primed_vm(state, backend)
+    p = _placement(state)
+    p._backend = backend
+    p.layer_disks = [type(state)(x) for x in LAYERS]
+    vm = pool.claim(KEY, p.run_dir, backend, layers=LAYERS, network="bridge")
+    pool.plug_disks(p, vm)
+    assert not [c for c in backend.calls if c[0] == "attach_disk"]
+
+    class Net:
+        def __init__(self, mac):
+            self.mac = mac
+
+        def domain_interfaces(self):
+            return [Interface(type="bridge", bridge="vmshim0", mac=self.mac, tap=vm.nic["tap"])]
+
+    class Client:
+        def handshake(self, timeout, alive=None):
+            pass
+
+        def send(self, *a, **kw):
+            pass
+
+    p.network = Net(vm.nic["mac"])
+    pool.adopt(p, vm, Client())
+    assert not [c for c in backend.calls if c[0] == "attach_interface"]
+    p.network = Net("02:42:0a:00:00:05")  # an endpoint that is not the pooled NIC
+    with pytest.raises(pool.PoolError, match="NIC"):
+        pool.adopt(p, vm, Client())
+
+
+def test_primed_pool_config_refuses_odd_names(state):
+    for bad in ("busy box", "x\n", "a\x7f", "n" * 300):
+        with pytest.raises(pool.UsageError):
+            pool.PoolConfig(size=1, image=bad)
+        with pytest.raises(pool.UsageError):
+            pool.PoolConfig(size=1, network=bad)
+    pool.save_config(pool.PoolConfig(size=1, image="busybox", network="bridge"))
+    assert pool.load_config() == pool.PoolConfig(size=1, image="busybox", network="bridge")
+
+
+def test_a_vm_json_with_a_bad_nic_or_layers_is_skipped(state):
+    backend = FakeBackend()
+    vm = primed_vm(state, backend)
+    import json
+
+    meta = json.loads((vm.dir / pool.VM_FILE).read_text())
+    for nic in ({"tap": 1}, "x", {"tap": "t", "mac": "m"}):
+        (vm.dir / pool.VM_FILE).write_text(json.dumps({**meta, "nic": nic}))
+        assert pool.PooledVm.load(vm.dir) is None
+    (vm.dir / pool.VM_FILE).write_text(json.dumps({**meta, "key": {**meta["key"], "layers": "abc"}}))
+    assert pool.PooledVm.load(vm.dir) is None
