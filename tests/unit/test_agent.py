@@ -508,3 +508,46 @@ def test_a_pooled_agent_waits_for_its_spec_and_keeps_the_start_behind_it():
         host_sock.close()
         agent.close()
         guest_sock.close()
+
+
+def test_an_away_host_is_looked_for_on_sigio_not_every_50_ms():
+    """A character-device channel (a virtio-serial port; a pty stands in) whose host is
+    away: SIGIO (what the port sends when a host connects) wakes the loop at once, and
+    the fallback poll is a second, not 50 ms. Connected again, SIGIO is off."""
+    import fcntl
+    import signal
+
+    from guest import agent as agent_mod
+
+    master, fd = os.openpty()
+    old_handler = signal.getsignal(signal.SIGIO)
+    try:
+        agent = Agent(fd, None, None, reconnect=True)
+        assert agent._sigio_r >= 0
+        agent._host_gone()  # what reading EOF from the port does
+        assert agent._away and agent._sigio_armed
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC
+        assert agent._retry_at <= time.monotonic()  # armed just now: one more look at once
+        agent._host_gone()  # that look found no host either
+        assert agent._away and agent._retry_at - time.monotonic() > agent_mod.RECONNECT_POLL
+        probes = []
+        agent._probe_channel = lambda: probes.append(1)
+        agent._sync_selector()
+        os.kill(os.getpid(), signal.SIGIO)
+        woke = [key.data for key, _mask in agent._sel.select(2.0)]
+        assert woke and woke[0].__name__ == "_on_sigio"
+        woke[0](0)
+        assert probes == [1] and not agent._away
+        agent._arm_sigio(False)  # what a read from a connected host does
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC
+        agent.close()
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGIO, old_handler)
+        os.close(fd)
+        os.close(master)
+
+
+def test_a_socket_channel_keeps_polling(make_host):
+    host = make_host(["true"])
+    assert host.agent._sigio_r == -1
