@@ -67,7 +67,9 @@ def create(record: Container, *, memory_mib: int | None = None, backend=None) ->
             backend=backend,
         )
         try:
-            client = placement.boot()
+            # Its own domain, never a pooled VM's: the save image must name the template's
+            # domain, which restore_into renames to each container's.
+            client = placement.boot(pooled_ok=False)
             try:
                 client.send(protocol.STATS, token=token, id=IDENTITY_ID)
                 reply = client.recv(READY_TIMEOUT)

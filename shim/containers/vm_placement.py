@@ -279,14 +279,16 @@ class VmPlacement:
 
     # ---- life -------------------------------------------------------------------------------
 
-    def boot(self, alive=None) -> AgentClient:
+    def boot(self, alive=None, pooled_ok: bool = True) -> AgentClient:
         """Create the VM and wait for the agent's hello. *alive* (optional) is asked about
         every 0.2 s while waiting; a string it returns aborts the boot with that text.
         Raises HypervisorError, GuestImageError or AgentError (with the console's last
         lines); a VM that was created is destroyed again before raising.
 
         With a :attr:`template` (shim.containers.template), the VM is a restored copy of
-        it instead, given this container's identity; if that fails it boots cold."""
+        it instead, given this container's identity; if that fails it boots cold. A VM of
+        the warm pool is taken when one fits, unless *pooled_ok* is False (a VM that will
+        be saved as a template must be this placement's own domain)."""
         if self.template is not None:
             from shim.containers import template as templates
 
@@ -296,7 +298,7 @@ class VmPlacement:
                 self.template_error = str(exc)
                 self.template = None
                 self.backend.wait_gone(self.domain, 10.0)
-        return self._launch(self.backend.create, alive, pooled_ok=True)
+        return self._launch(self.backend.create, alive, pooled_ok=pooled_ok)
 
     def save(self, image: Path) -> None:
         """Write the VM's memory and device state to *image* and end the VM (the

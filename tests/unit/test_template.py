@@ -74,3 +74,25 @@ def test_templates_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
     monkeypatch.setenv("VMSHIM_TEMPLATES", "off")
     assert template.find(record()) is None
+
+
+def test_a_template_vm_is_booted_for_it_never_taken_from_the_warm_pool(monkeypatch, tmp_path):
+    """A saved pooled VM would name the pool's domain, not the template's: every restore
+    of it failed ("the save image … does not name …") and booted cold."""
+    from shim.containers import template_build
+    from shim.containers.vm_placement import VmPlacement
+
+    monkeypatch.setenv("VMSHIM_ROOT", str(tmp_path))
+    monkeypatch.setattr(template_build, "guest_identity", lambda: {"guest_image": "g"})
+    asked = []
+
+    def boot(self, alive=None, pooled_ok=True):
+        asked.append(pooled_ok)
+        raise template_build.VmshimError("no VM in a unit test")
+
+    monkeypatch.setattr(VmPlacement, "boot", boot)
+    monkeypatch.setattr(VmPlacement, "teardown", lambda self, grace=0.0: None)
+    monkeypatch.setattr(VmPlacement, "kill", lambda self: None)
+    with pytest.raises(template_build.VmshimError, match="no VM"):
+        template_build.create(record())
+    assert asked == [False]
