@@ -251,7 +251,9 @@ def run(image, command, **flags):
     code = run_container(options, on_started=started.append)
     if options.detach and started:
         click.echo(started[0].id)
-    sys.exit(code)
+    from shim.cli.finish import exit_now
+
+    exit_now(code)
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
