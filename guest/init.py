@@ -367,10 +367,46 @@ def mount_rootfs(config: BootConfig, disks: dict[str, str]) -> str:
     return ROOTFS
 
 
+PREUP: list[str] = []
+"""NICs a pooled VM brought up while it waited (IPv6 off on them until the spec)."""
+
+
+def preup_nics() -> None:
+    """A pooled VM booted with a NIC (a pool with a network): bring its link up while the
+    VM waits, so that the container does not wait for virtio-net to open. It gets no
+    address, and IPv6 stays off on it, so nothing is sent on the bridge before the
+    container's spec (and the host's anti-spoofing rules for it) arrives."""
+    import socket
+
+    from guest.runtime.network import SYS_NET, _set_up
+
+    try:
+        names = sorted(n for n in os.listdir(SYS_NET) if n != "lo")
+    except OSError:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+                    f.write("1")
+                _set_up(sock.fileno(), name)
+            except OSError as exc:
+                console.log(f"cannot bring {name} up early: {exc}")
+                continue
+            PREUP.append(name)
+    console.phase("nics up")
+
+
 def bring_up_network(config: BootConfig) -> None:
     """lo and the VM's NICs as the host planned them (guest.runtime.network)."""
     from guest.runtime.network import NetworkError, configure
 
+    for name in PREUP:  # as a cold VM's NIC: IPv6 on (a link-local address, maybe address6)
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+                f.write("0")
+        except OSError as exc:
+            raise BootError(f"cannot turn IPv6 back on for {name}: {exc.strerror}") from None
     try:
         names = configure(config.network)
     except NetworkError as exc:
@@ -644,6 +680,7 @@ def main() -> None:
         if console.pooled:
             warm_up()
             premount_layers()
+            preup_nics()
             got = agent.wait_for_spec()
             if got is None:  # drained (``shutdown``) before anyone took it
                 return power_off()
