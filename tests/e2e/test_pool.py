@@ -176,6 +176,8 @@ def test_a_primed_pool_hands_out_vms_with_the_images_layers_and_a_nic_on_its_net
         ips = [info[n]["NetworkSettings"]["IPAddress"] for n in names]
         for name, ip in zip(names, ips, strict=True):
             assert f"inet {ip}/" in _exec(name, "ip", "-4", "addr", "show", "eth0")
+        # The link came up while the VM waited, IPv6 off; the spec turned IPv6 back on.
+        assert "inet6 fe80::" in _exec(a, "ip", "-6", "addr", "show", "eth0")
         gateway = info[a]["NetworkSettings"]["Gateway"]
         assert _exec(a, "ping", "-c", "1", "-W", "10", gateway).count("1 packets received") == 1
         assert _exec(a, "ping", "-c", "1", "-W", "10", ips[1]).count("1 packets received") == 1
