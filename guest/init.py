@@ -510,9 +510,10 @@ def reseed_rng(entropy: bytes) -> None:
 
 
 def warm_up() -> None:
-    """A pooled VM, while it waits for its container: import what assembling one needs
-    and compile docker's default seccomp filter (cached by bounding set), so that this
-    time is not the container's. Failures are only reported: the container does the same
+    """A pooled VM, while it waits for its container: import what assembling one needs,
+    compile docker's default seccomp filter (cached by bounding set), mount cgroup2 and
+    make the containers' parent group with its controllers enabled, so that this time
+    is not the container's. Failures are only reported: the container does the same
     work again and fails clearly if it must."""
     try:
         from guest.runtime import cgroups, container, network, rootfs  # noqa: F401
@@ -527,6 +528,11 @@ def warm_up() -> None:
         )
     except Exception as exc:  # noqa: BLE001
         console.log(f"warm-up failed: {exc}")
+    try:  # make_cgroup finds both done
+        cgroups.mount_cgroup2()
+        cgroups.prepare_parent()
+    except Exception as exc:  # noqa: BLE001
+        console.log(f"warm-up failed: cgroup: {exc}")
     console.phase("warm-up")
 
 
