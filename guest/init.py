@@ -575,12 +575,14 @@ def reseed_rng(entropy: bytes) -> None:
 
 
 def warm_up() -> None:
-    """A pooled VM, while it waits for its container: import what assembling one needs
-    and compile docker's default seccomp filter (cached by bounding set), so that this
-    time is not the container's. Failures are only reported: the container does the same
-    work again and fails clearly if it must."""
+    """A pooled VM, while it waits for its container: import what assembling one needs,
+    compile docker's default seccomp filter (cached by bounding set), mount cgroup2 and
+    make the containers' parent group with its controllers enabled, and load the device
+    cgroup program of docker's default rules (used by a container without ``--device``
+    and not privileged), so that this time is not the container's. Failures are only
+    reported: the container does the same work again and fails clearly if it must."""
     try:
-        from guest.runtime import cgroups, container, network, rootfs  # noqa: F401
+        from guest.runtime import cgroups, container, devices, mounts, network, rootfs  # noqa: F401
         from guest.runtime.process import _seccomp_program
         from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
 
@@ -592,6 +594,15 @@ def warm_up() -> None:
         )
     except Exception as exc:  # noqa: BLE001
         console.log(f"warm-up failed: {exc}")
+    try:  # make_cgroup finds both done
+        cgroups.mount_cgroup2()
+        cgroups.prepare_parent()
+    except Exception as exc:  # noqa: BLE001
+        console.log(f"warm-up failed: cgroup: {exc}")
+    try:  # Container's restrict_devices attaches it
+        devices.preload(devices.rules_for(()))
+    except Exception as exc:  # noqa: BLE001
+        console.log(f"warm-up failed: device rules: {exc}")
     console.phase("warm-up")
 
 

@@ -97,6 +97,15 @@ def mount_cgroup2(root: str = CGROUP_ROOT) -> None:
     )
 
 
+def prepare_parent(parent: str = DEFAULT_PARENT, root: str = CGROUP_ROOT) -> None:
+    """Do now what :meth:`Cgroup.create` does first on v2: create *parent* with the
+    controllers enabled down to it, so that creating a container's cgroup later is one
+    mkdir (a pooled VM while it waits for its container: guest.init.warm_up). Nothing on
+    v1 or without a cgroup mount. Raises OSError."""
+    if detect_version(root) == 2:
+        Cgroup._prepare_v2(root, parent)
+
+
 def _v1_hierarchies(root: str) -> list[tuple[str, frozenset[str]]]:
     """(mountpoint, controllers) for each v1 hierarchy under *root* with a real controller."""
     prefix = root.rstrip("/") + "/"
@@ -253,24 +262,36 @@ class Cgroup:
 
     @classmethod
     def _create_v2(cls, name: str, root: str, parent: str, relative: str) -> Cgroup:
+        cls._prepare_v2(root, parent)
+        path = os.path.join(root, relative)
+        os.makedirs(path, exist_ok=True)
+        return cls(name, 2, {"unified": path})
+
+    @classmethod
+    def _prepare_v2(cls, root: str, parent: str) -> None:
+        """Create *parent* under *root* with the controllers enabled in every ancestor's
+        subtree_control, top down (its own included)."""
         available = set(read_file(os.path.join(root, "cgroup.controllers")).split())
         wanted = [c for c in V2_CONTROLLERS if c in available]
-        # Enable the controllers in every ancestor's subtree_control, top down.
         level = root
         for part in [p for p in parent.split("/") if p] if parent else []:
             cls._enable_v2(level, wanted)
             level = os.path.join(level, part)
             os.makedirs(level, exist_ok=True)
         cls._enable_v2(level, wanted)
-        path = os.path.join(root, relative)
-        os.makedirs(path, exist_ok=True)
-        return cls(name, 2, {"unified": path})
 
     @staticmethod
     def _enable_v2(directory: str, controllers: list[str]) -> None:
+        control = os.path.join(directory, "cgroup.subtree_control")
+        try:  # every write, even of one enabled already, has the kernel re-apply the subtree's control
+            enabled = set(read_file(control).split())
+        except OSError:
+            enabled = set()
         for controller in controllers:
+            if controller in enabled:
+                continue
             try:
-                write_file(os.path.join(directory, "cgroup.subtree_control"), f"+{controller}")
+                write_file(control, f"+{controller}")
             except OSError:
                 pass  # e.g. a threaded subtree; the limit write will say what is missing
 

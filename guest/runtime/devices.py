@@ -147,10 +147,22 @@ def _bpf(command: int, attr: bytes) -> int:
     )
 
 
-def apply_v2(directory: str, rules: Iterable[Rule]) -> None:
-    """Load the program for *rules* and attach it to the v2 cgroup *directory* (a fresh
-    one: it must have no device program yet). Raises DeviceRuleError."""
-    code = program(rules)
+_preloaded: dict[tuple[Rule, ...], int] = {}
+"""Programs loaded ahead of their cgroup (:func:`preload`), by rules: fd, used once."""
+
+
+def preload(rules: Iterable[Rule]) -> None:
+    """Load the program for *rules* now, so that :func:`apply_v2` with the same rules
+    only attaches it: a pooled VM loads docker's default one while it waits for its
+    container (guest.init.warm_up); the kernel's verifier takes a while under TCG.
+    Raises DeviceRuleError."""
+    key = tuple(rules)
+    if key not in _preloaded:
+        _preloaded[key] = _load(program(key))
+
+
+def _load(code: bytes) -> int:
+    """BPF_PROG_LOAD of *code*; the program's fd (close-on-exec). Raises DeviceRuleError."""
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"Apache-2.0")
     attr = struct.pack(
@@ -169,13 +181,23 @@ def apply_v2(directory: str, rules: Iterable[Rule]) -> None:
         BPF_CGROUP_DEVICE,
     )
     try:
-        prog_fd = _bpf(BPF_PROG_LOAD, attr)
+        return _bpf(BPF_PROG_LOAD, attr)
     except OSError as exc:
         raise DeviceRuleError(
             f"cannot load the device rules program (the kernel needs "
             f"CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF): "
             f"{exc.strerror}"
         ) from None
+
+
+def apply_v2(directory: str, rules: Iterable[Rule]) -> None:
+    """Load the program for *rules* (unless :func:`preload` did) and attach it to the v2
+    cgroup *directory* (a fresh one: it must have no device program yet). Raises
+    DeviceRuleError."""
+    key = tuple(rules)
+    prog_fd = _preloaded.pop(key, None)
+    if prog_fd is None:
+        prog_fd = _load(program(key))
     try:
         cgroup_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

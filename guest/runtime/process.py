@@ -333,6 +333,8 @@ def _spawn(plan: _Plan) -> Spawned:
         import resource  # noqa: F401 - here: an exec's child is in the container's mount
         #                  namespace before it could import it (the image has no python)
     plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
+    if plan.process.capabilities is not None:
+        _last_cap()  # read once here, not by every child
     ours: list[int] = []  # caller's ends
     theirs: list[int] = []  # children's ends, closed here after the fork
     stdio: list[int | None] = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
@@ -582,15 +584,16 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list[int | None]
         seccomp_filter = plan.seccomp_program
         if seccomp_filter is not None and not plan.process.no_new_privs:
             _install_seccomp(seccomp_filter)  # while we still hold CAP_SYS_ADMIN (as runc)
+        bounding = None
         if caps is not None:
-            _drop_bounding(caps.get("bounding", []))
+            bounding = _drop_bounding(caps.get("bounding", []))
             if user.uid != 0:
                 syscalls.prctl(syscalls.PR_SET_KEEPCAPS, 1)
         if plan.process.additional_gids:
             user = user._replace(groups=tuple(dict.fromkeys(list(user.groups) + list(plan.process.additional_gids))))
         _become(user)
         if caps is not None:
-            _set_capabilities(_sets_for(caps, user.uid))
+            _set_capabilities(_sets_for(caps, user.uid), bounding)
         if plan.process.umask is not None:
             os.umask(plan.process.umask)
         if plan.process.no_new_privs:
@@ -646,13 +649,17 @@ def _apply_process_limits(process: ProcessSpec) -> None:
             ) from None
 
 
-def _cap_mask(names: Iterable[str]) -> int:
+def _cap_mask(names: Iterable[str], bounding: int | None = None) -> int:
+    """The mask of capabilities *names* that are in the bounding set (this process's,
+    unless *bounding*, a mask of it, is given)."""
     from guest.spec import CAPABILITIES
 
     mask = 0
     for name in names:
         mask |= 1 << CAPABILITIES.index(name)
-    return mask & _bounding_now()  # a capability we do not have cannot be given
+    if bounding is None:
+        bounding = _bounding_now()  # one prctl per capability
+    return mask & bounding  # a capability we do not have cannot be given
 
 
 def _bounding_now() -> int:
@@ -670,18 +677,26 @@ def _bounding_now() -> int:
 
 PR_CAPBSET_READ = 23
 
+_last_cap_read: list[int] = []
+"""/proc/sys/kernel/cap_last_cap once read (the kernel's: it does not change)."""
+
 
 def _last_cap() -> int:
+    if _last_cap_read:
+        return _last_cap_read[0]
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
+            value = int(f.read())
     except (OSError, ValueError):
         return 40
+    _last_cap_read.append(value)
+    return value
 
 
-def _drop_bounding(keep: Iterable[str]) -> None:
+def _drop_bounding(keep: Iterable[str]) -> int:
     """Drop every capability not in *keep* from the bounding set (needs CAP_SETPCAP, so
-    before the uid changes): what an exec can ever gain."""
+    before the uid changes): what an exec can ever gain. Returns the bounding set now
+    (a mask: *keep* as far as it was in the set), for :func:`_set_capabilities`."""
     wanted = _cap_mask(keep)
     for cap in range(_last_cap() + 1):
         if not wanted & (1 << cap):
@@ -689,19 +704,23 @@ def _drop_bounding(keep: Iterable[str]) -> None:
                 syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
             except OSError as exc:
                 raise _ChildFailure(f"cannot drop capability {cap} from the bounding set: {exc.strerror}") from None
+    return wanted
 
 
-def _set_capabilities(caps: dict[str, list[str]]) -> None:
+def _set_capabilities(caps: dict[str, list[str]], bounding: int | None = None) -> None:
     """The effective, permitted, inheritable and ambient sets of an OCI process. An
     ambient capability the kernel refuses (it must be permitted and inheritable too) is
-    left out, as runc does."""
+    left out, as runc does. *bounding*: the bounding set's mask when the caller knows
+    it (what :func:`_drop_bounding` returned), else it is read (one prctl a capability)."""
     from guest.spec import CAPABILITIES
 
+    if bounding is None:
+        bounding = _bounding_now()
     try:
         syscalls.capset(
-            _cap_mask(caps.get("effective", [])),
-            _cap_mask(caps.get("permitted", [])),
-            _cap_mask(caps.get("inheritable", [])),
+            _cap_mask(caps.get("effective", []), bounding),
+            _cap_mask(caps.get("permitted", []), bounding),
+            _cap_mask(caps.get("inheritable", []), bounding),
         )
         syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError as exc:
