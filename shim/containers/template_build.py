@@ -69,7 +69,8 @@ def create(record: Container, *, memory_mib: int | None = None, backend=None) ->
         try:
             # Its own domain, never a pooled VM's: the save image must name the template's
             # domain, which restore_into renames to each container's.
-            client = placement.boot(pooled_ok=False)
+            placement.pool_ok = False
+            client = placement.boot()
             try:
                 client.send(protocol.STATS, token=token, id=IDENTITY_ID)
                 reply = client.recv(READY_TIMEOUT)

@@ -159,6 +159,9 @@ class VmPlacement:
         """A snapshot template this container starts from (shim.containers.template)."""
         self.template_error = ""
         """Why starting from :attr:`template` failed (then it booted cold)."""
+        self.pool_ok = True
+        """Whether :meth:`boot` may take a VM of the warm pool (False: a VM that will be saved
+        as a snapshot template must be this placement's own domain)."""
         self.pooled: PooledVm | None = None
         """The shim.containers.pool.PooledVm this container took (None: booted cold)."""
         from shim.containers.pool import claimed
@@ -279,7 +282,7 @@ class VmPlacement:
 
     # ---- life -------------------------------------------------------------------------------
 
-    def boot(self, alive=None, pooled_ok: bool = True) -> AgentClient:
+    def boot(self, alive=None) -> AgentClient:
         """Create the VM and wait for the agent's hello. *alive* (optional) is asked about
         every 0.2 s while waiting; a string it returns aborts the boot with that text.
         Raises HypervisorError, GuestImageError or AgentError (with the console's last
@@ -287,8 +290,7 @@ class VmPlacement:
 
         With a :attr:`template` (shim.containers.template), the VM is a restored copy of
         it instead, given this container's identity; if that fails it boots cold. A VM of
-        the warm pool is taken when one fits, unless *pooled_ok* is False (a VM that will
-        be saved as a template must be this placement's own domain)."""
+        the warm pool is taken when one fits, unless :attr:`pool_ok` is False."""
         if self.template is not None:
             from shim.containers import template as templates
 
@@ -298,7 +300,7 @@ class VmPlacement:
                 self.template_error = str(exc)
                 self.template = None
                 self.backend.wait_gone(self.domain, 10.0)
-        return self._launch(self.backend.create, alive, pooled_ok=pooled_ok)
+        return self._launch(self.backend.create, alive, pooled_ok=self.pool_ok)
 
     def save(self, image: Path) -> None:
         """Write the VM's memory and device state to *image* and end the VM (the

@@ -86,8 +86,8 @@ def test_a_template_vm_is_booted_for_it_never_taken_from_the_warm_pool(monkeypat
     monkeypatch.setattr(template_build, "guest_identity", lambda: {"guest_image": "g"})
     asked = []
 
-    def boot(self, alive=None, pooled_ok=True):
-        asked.append(pooled_ok)
+    def boot(self, alive=None):
+        asked.append(self.pool_ok)
         raise template_build.VmshimError("no VM in a unit test")
 
     monkeypatch.setattr(VmPlacement, "boot", boot)
