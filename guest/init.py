@@ -685,19 +685,25 @@ def main() -> None:
         channel = open_port()
         console.phase("port")
         agent = Agent(channel, None, None, reconnect=True, reap_orphans=True, log=console.log, trace=console.trace)
-        agent.greet()
-        console.phase("hello")
         spec = None
         if console.pooled:
+            # hello only once the VM is ready and about to serve the channel: a host that
+            # took it meanwhile (the keeper gone, the claimer connected) must get a hello of
+            # its own, and the agent sees the keeper leave only while it reads the port.
             warm_up()
             premount_layers()
             preup_nics()
+            agent.greet()
+            console.phase("hello")
             got = agent.wait_for_spec()
             if got is None:  # drained (``shutdown``) before anyone took it
                 return power_off()
             spec, entropy = got
             reseed_rng(entropy)
             console.phase("spec")
+        else:
+            agent.greet()
+            console.phase("hello")
         config, container = prepare_container(spec)
         agent.attach(config, container)
         console.write(console.summary())

@@ -189,3 +189,21 @@ def test_a_primed_pool_hands_out_vms_with_the_images_layers_and_a_nic_on_its_net
     finally:
         vmshim("rm", "-f", *names, timeout=120)
         vmshim("pool", "set", "--size", str(POOL_SIZE), timeout=120)
+
+
+def test_a_vm_taken_the_moment_it_is_ready_answers(pool):
+    """The keeper publishes a VM once its agent said hello, then lets go of the channel.
+    A run that takes it at once connects while the guest may still be warming up; that
+    host must get a hello of its own. Before the agent greeted only after warming up,
+    about every second such run hung until its 90 s timeout (three tries here)."""
+    import time
+
+    from shim.containers.pool import pool_dir
+
+    ready = pool_dir() / "ready"
+    for _ in range(3):
+        deadline = time.monotonic() + 400
+        while not any(ready.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc = vmshim("run", "--rm", "busybox", "true", timeout=60)
+        assert proc.returncode == 0, err(proc)
