@@ -170,9 +170,7 @@ class PooledVm:
                 data = json.loads(f.read(MAX_META))
             key = PoolKey.from_dict(data["key"])
             nic = data.get("nic")
-            if nic is not None and not (
-                isinstance(nic, dict) and all(isinstance(nic.get(k), str) for k in ("tap", "mac", "bridge"))
-            ):
+            if nic is not None and not _good_nic(nic):
                 return None
             return cls(
                 vmid=str(data["vmid"]),
@@ -185,6 +183,18 @@ class PooledVm:
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def _good_nic(nic) -> bool:
+    """A vm.json ``nic``: interface names (at most 15 characters, no ``/``) and a MAC."""
+    import re
+
+    return (
+        isinstance(nic, dict)
+        and all(isinstance(nic.get(k), str) for k in ("tap", "mac", "bridge"))
+        and all(re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", nic[k]) and nic[k] not in (".", "..") for k in ("tap", "bridge"))
+        and re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", nic["mac"]) is not None
+    )
 
 
 # ---- where things are ------------------------------------------------------------------------

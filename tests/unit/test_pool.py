@@ -469,7 +469,16 @@ def test_a_vm_json_with_a_bad_nic_or_layers_is_skipped(state):
     import json
 
     meta = json.loads((vm.dir / pool.VM_FILE).read_text())
-    for nic in ({"tap": 1}, "x", {"tap": "t", "mac": "m"}):
+    good = {"tap": "vmp0123456789a0", "mac": "0e:00:00:00:00:01", "bridge": "vmshim0"}
+    for nic in (
+        {"tap": 1},
+        "x",
+        {"tap": "t", "mac": "m"},
+        {**good, "tap": "../../etc"},
+        {**good, "bridge": ".."},
+        {**good, "tap": "a" * 16},
+        {**good, "mac": "0e:00:00:00:00:01\n"},
+    ):
         (vm.dir / pool.VM_FILE).write_text(json.dumps({**meta, "nic": nic}))
         assert pool.PooledVm.load(vm.dir) is None
     (vm.dir / pool.VM_FILE).write_text(json.dumps({**meta, "key": {**meta["key"], "layers": "abc"}}))
