@@ -371,6 +371,12 @@ PREUP: list[str] = []
 """NICs a pooled VM brought up while it waited (IPv6 off on them until the spec)."""
 
 
+def _set_ipv6(name: str, on: bool) -> None:
+    """Turn IPv6 on or off for NIC *name*. Raises OSError."""
+    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        f.write("0" if on else "1")
+
+
 def preup_nics() -> None:
     """A pooled VM booted with a NIC (a pool with a network): bring its link up while the
     VM waits, so that the container does not wait for virtio-net to open. It gets no
@@ -387,8 +393,7 @@ def preup_nics() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for name in names:
             try:
-                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-                    f.write("1")
+                _set_ipv6(name, False)
                 _set_up(sock.fileno(), name)
             except OSError as exc:
                 console.log(f"cannot bring {name} up early: {exc}")
@@ -403,8 +408,7 @@ def bring_up_network(config: BootConfig) -> None:
 
     for name in PREUP:  # as a cold VM's NIC: IPv6 on (a link-local address, maybe address6)
         try:
-            with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-                f.write("0")
+            _set_ipv6(name, True)
         except OSError as exc:
             raise BootError(f"cannot turn IPv6 back on for {name}: {exc.strerror}") from None
     try:

@@ -301,18 +301,19 @@ def bench_start(ctx: Context) -> None:
     from shim.containers.networking import default_network
 
     net = default_network()
-    pool_kind: dict[str, str | None] = {"network": None}  # the pool's last setting ("": plain, else primed)
+    pool_network: str | None = None  # the pool's last setting ("": plain, else primed on it)
 
     def use_pool(network: str) -> set[str]:
-        if pool_kind["network"] != network:
+        nonlocal pool_network
+        if pool_network != network:
             primed = ("--image", "busybox", "--network", network) if network else ()
             run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE), *primed), timeout=120)
-            pool_kind["network"] = network
+            pool_network = network
         return _pool_ready(drv, START_POOL_SIZE, network=network)
 
     def settled() -> None:
         if not missing:
-            _pool_ready(drv, START_POOL_SIZE, network=pool_kind["network"] or "")  # nothing boots meanwhile
+            _pool_ready(drv, START_POOL_SIZE, network=pool_network or "")  # nothing boots meanwhile
 
     def cold() -> float:
         settled()

@@ -16,6 +16,12 @@ def _memory_mib(text: str) -> int:
     return parse_bytes(text, "--memory") >> 20
 
 
+def _primed(config) -> str:
+    """``, primed for IMAGE, NIC on NETWORK`` (the parts set), for a pool's one-line summary."""
+    parts = (("primed for", config.image), ("NIC on", config.network))
+    return "".join(f", {what} {value}" for what, value in parts if value)
+
+
 @click.group("pool")
 def pool_group():
     """Keep pre-booted VMs ready so that `run` starts in a fraction of the boot time."""
@@ -57,9 +63,9 @@ def set_cmd(size, memory, cpus, image, network):
     )
     pid = pool.set_pool(config)
     if size:
-        primed = "".join(f", {what} {value}" for what, value in (("primed for", image), ("NIC on", network)) if value)
         click.echo(
-            f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s){primed}; keeper pid {pid or 'starting'}"
+            f"pool: {size} VM(s) of {config.memory_mib} MiB, {cpus} vCPU(s){_primed(config)}; "
+            f"keeper pid {pid or 'starting'}"
         )
     else:
         click.echo("pool: off (drained)")
@@ -96,8 +102,7 @@ def ls_cmd(fmt):
         click.echo(json.dumps(data, indent=2))
         return
     keeper = f"keeper pid {data['keeper_pid']}" if data["keeper_pid"] else "no keeper running"
-    primed = "".join(f", {w} {v}" for w, v in (("primed for", config.image), ("NIC on", config.network)) if v)
-    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s){primed}; {keeper}")
+    click.echo(f"pool size {config.size}, {config.memory_mib} MiB, {config.vcpus} vCPU(s){_primed(config)}; {keeper}")
     click.echo(f"{'ID':<14}{'STATE':<10}{'MEMORY':<10}{'AGE':<8}DOMAIN")
     for vm in data["vms"]:
         click.echo(

@@ -815,6 +815,12 @@ def take(placement, key: PoolKey, backend) -> PooledVm | None:
     return vm
 
 
+def _layers_to_plug(placement, vm: PooledVm) -> list:
+    """The layer disks *vm* still needs: none for a primed VM (it booted with them, see
+    :func:`fits`), else all of *placement*'s."""
+    return [] if vm.key.layers else list(placement.layer_disks)
+
+
 def plug_disks(placement, vm: PooledVm) -> None:
     """Hot-plug *placement*'s layer disks and writable disk into the claimed *vm*. First,
     before the network is set up: the guest's PCIe hotplug of a device takes ~0.2 s
@@ -823,7 +829,7 @@ def plug_disks(placement, vm: PooledVm) -> None:
     from shim.containers.vm_common import disk_target as _target
     from shim.vm import domain as dom
 
-    layers = [] if vm.key.layers else placement.layer_disks  # a primed VM has them (pool.fits)
+    layers = _layers_to_plug(placement, vm)
     if len(layers) + (placement.rw_disk is not None) > vm.ports:
         raise PoolError(f"the container needs more disks than a pooled VM's {vm.ports} ports")
     for index, path in enumerate(layers):
@@ -866,7 +872,7 @@ def adopt(placement, vm: PooledVm, client, alive=None):
         if not interfaces or interfaces[0].tap != vm.nic["tap"] or interfaces[0].mac != vm.nic["mac"]:
             raise PoolError("the pooled VM's NIC is not the container's first endpoint")
         interfaces = interfaces[1:]
-    layers = [] if vm.key.layers else placement.layer_disks
+    layers = _layers_to_plug(placement, vm)
     if len(layers) + (placement.rw_disk is not None) + len(interfaces) > vm.ports:
         raise PoolError(f"the container needs more devices than a pooled VM's {vm.ports} ports")
     client.handshake(BOOT_TIMEOUT, alive=alive)
