@@ -57,6 +57,9 @@ RW_DIR = RUN + "/rw"
 ROOTFS = RUN + "/rootfs"
 FILES_DIR = RUN + "/files"
 MOUNTS_DIR = RUN + "/mounts"
+REHEARSAL_DIR = RUN + "/rehearsal"
+REHEARSAL_ID = "0" * 64
+"""The throwaway container of :func:`rehearse` (its cgroup's name)."""
 MODULES_LIST = "/lib/modules/vmshim-modules.txt"
 DISK_TIMEOUT = 10.0
 """Seconds to wait for a disk to show up in /sys/block (probing is asynchronous)."""
@@ -610,6 +613,62 @@ def warm_up() -> None:
     console.phase("warm-up")
 
 
+def rehearse() -> None:
+    """A pooled VM, while it waits: assemble, start and take down a throwaway container
+    the way :func:`prepare_container` and the agent's ``start`` do it (overlay, cgroup with
+    its device program, /etc files, namespaces, mounts, pivot_root, seccomp, capabilities,
+    exec of ``/bin/true``, exit). Under TCG the first run of a kernel or interpreter path
+    costs its translation, and most of a pooled container's start was that; this pays it
+    before the container arrives. Nothing of it stays: its process has exited and been
+    reaped, its cgroup, mounts and files are gone before the VM says hello. Its root is
+    an overlay of the premounted layers (the image's ``/bin/true``) or of the guest's own
+    root. Failures are only reported: the container does all of it again."""
+    import shutil
+
+    from guest.runtime import rootfs, syscalls
+    from guest.runtime.cgroups import Cgroup
+    from guest.runtime.container import GUEST_NAMESPACES, Container
+    from guest.runtime.process import SpawnError, wait
+    from guest.spec import DEFAULT_CAPABILITIES, BootConfig, ProcessSpec
+
+    caps = list(DEFAULT_CAPABILITIES)
+    process = ProcessSpec(
+        args=["/bin/true"], seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
+    )
+    config = BootConfig(container_id=REHEARSAL_ID, token="0" * 32, hostname="rehearsal", process=process, layer_count=0)
+    root, rw = f"{REHEARSAL_DIR}/root", f"{REHEARSAL_DIR}/rw"
+    lowerdirs = [f"{LAYERS_DIR}/{index}" for index in sorted(PREMOUNTED, reverse=True)] or ["/"]
+    cgroup = None
+    try:
+        os.makedirs(rw, exist_ok=True)
+        syscalls.mount("tmpfs", rw, "tmpfs", 0, "mode=0755")
+        rootfs.mount_overlay(lowerdirs, f"{rw}/upper", f"{rw}/work", root)
+        cgroup = Cgroup.create(config.container_id, limits=config.cgroup_limits())
+        container = Container(
+            config, root, files_dir=f"{REHEARSAL_DIR}/files", cgroup=cgroup, namespaces=GUEST_NAMESPACES
+        )
+        spawned = container.start(process, stdin=False)
+        spawned.close()
+        wait(spawned.pid)
+    except SpawnError as exc:  # an image without /bin/true: all but the exec was rehearsed
+        console.trace(f"rehearsal: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        console.log(f"rehearsal failed: {exc}")
+    finally:
+        if cgroup is not None:
+            try:
+                cgroup.remove()
+            except Exception as exc:  # noqa: BLE001
+                console.log(f"rehearsal: cannot remove its cgroup: {exc}")
+        for target in (root, rw):
+            try:
+                syscalls.umount2(target, syscalls.MNT_DETACH)
+            except OSError:
+                pass
+        shutil.rmtree(REHEARSAL_DIR, ignore_errors=True)
+    console.phase("rehearsal")
+
+
 def prepare_container(config: BootConfig | None = None) -> tuple[BootConfig, Container]:
     """Config drive (unless *config* is given: a pooled VM's spec), hostname, lo, cgroup,
     layers, overlay, network; returns (config, Container).
@@ -697,6 +756,7 @@ def main() -> None:
             warm_up()
             premount_layers()
             preup_nics()
+            rehearse()
             agent.greet()
             console.phase("hello")
             got = agent.wait_for_spec()

@@ -170,6 +170,11 @@ def test_a_primed_pool_hands_out_vms_with_the_images_layers_and_a_nic_on_its_net
         info = {n: json.loads(ok("inspect", n))[0] for n in names}
         for name in names:
             assert info[name]["Vmshim"]["Domain"].startswith("vmshim-pool-"), f"{name} did not take a primed VM"
+            # While it waited, the VM rehearsed a container start (guest.init.rehearse) on
+            # busybox's own layers, without a failure (its summary line names the phase).
+            console = open(info[name]["Vmshim"]["ConsoleLog"], errors="replace").read()
+            assert "rehearsal " in console.split("ready at", 1)[-1], console[-2000:]
+            assert "rehearsal failed" not in console and "rehearsal: cannot" not in console, console[-2000:]
         a, b = names
         macs = [_exec(n, "cat", "/sys/class/net/eth0/address") for n in names]
         assert macs[0] != macs[1] and all(m.startswith("0e:") for m in macs), macs
