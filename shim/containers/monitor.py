@@ -108,6 +108,10 @@ BAD_MESSAGES_LOGGED = 10
 """Only the first few dropped messages are logged one by one (monitor.log stays small)."""
 MAX_AGENT_LINES = 100
 """Errors the agent reports on its own that monitor.log keeps (a guest cannot fill it)."""
+POOL_REFILL_DELAY = 1.0
+"""Seconds after a container that took a warm-pool VM started (or at its exit, if that
+comes first) until the pool keeper is told to boot its replacement: under TCG that boot
+takes a core for seconds, and would share the two here with the start it replaces."""
 RESTART_DELAY_MAX = 60.0
 RESTART_DELAY_FIRST = 0.1
 RESTART_RESET_AFTER = 10.0
@@ -1393,6 +1397,8 @@ class Monitor:
             r.state.monitor_start = process_start_time(os.getpid()) or 0
 
         self._update(started)
+        if self._took_pooled_vm():
+            self._timer(POOL_REFILL_DELAY, "pool-refill", self._refill_pool)
         health.start(self)  # HEALTHCHECK / --health-cmd: probes on our timers
         if conn is not None:
             # Queued, not sent yet: output that came with the reply is logged (and queued
@@ -1408,6 +1414,16 @@ class Monitor:
             else:
                 conn.finish()
         return True
+
+    def _took_pooled_vm(self) -> bool:
+        return getattr(self.placement, "pooled", None) is not None
+
+    def _refill_pool(self) -> None:
+        """Tell the pool keeper that a VM was taken (shim.containers.pool.take leaves that
+        to us, see POOL_REFILL_DELAY). Never raises."""
+        from shim.containers import pool
+
+        pool.poke()
 
     def _note_template(self) -> None:
         """monitor.log says whether the VM came from a snapshot template (issue 15)."""
@@ -1430,6 +1446,8 @@ class Monitor:
 
     def _start_failed(self, conn: Conn | None, message: str, code: int) -> None:
         self._say(f"start failed: {message}")
+        if self._took_pooled_vm():
+            self._refill_pool()
 
         def failed(r: Container) -> None:
             r.state.exit_code = code
@@ -1521,6 +1539,9 @@ class Monitor:
                 self._orphan_requests("the container stopped")
                 agent = None
         self._flush_clients(2.0)
+        if any(name == "pool-refill" for _, name, _ in self.timers):
+            self._cancel_timers("pool-refill")
+            self._refill_pool()  # the run is over: no need to wait
         if agent is not None:
             if not agent.flush():
                 self._orphan_requests("the container stopped")

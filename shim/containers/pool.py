@@ -796,9 +796,11 @@ def first_network(placement) -> str:
 
 
 def take(placement, key: PoolKey, backend) -> PooledVm | None:
-    """Claim a pooled VM for *placement* if the pool is on and one fits; poke the keeper
-    either way (a VM was taken, or the pool ran dry). None: boot cold (also with
-    ``VMSHIM_POOL=off`` in the environment: ``vmshim bench`` times cold starts so)."""
+    """Claim a pooled VM for *placement* if the pool is on and one fits. None: boot cold
+    (also with ``VMSHIM_POOL=off`` in the environment: ``vmshim bench`` times cold starts
+    so); the keeper is poked then, the pool may have run dry. A VM taken is replaced once
+    the container started (the monitor pokes the keeper, shim.containers.monitor
+    POOL_REFILL_DELAY): a boot now would share the CPUs with this start."""
     if os.environ.get("VMSHIM_POOL") == "off" or load_config().size == 0:
         return None
     if eligible(placement, key) is not None:
@@ -811,7 +813,8 @@ def take(placement, key: PoolKey, backend) -> PooledVm | None:
         layers=tuple(str(p) for p in placement.layer_disks),
         network=first_network(placement),
     )
-    poke()
+    if vm is None:
+        poke()
     return vm
 
 

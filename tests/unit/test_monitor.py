@@ -367,3 +367,26 @@ def test_freeze_member_goes_to_the_agent_and_bad_ids_are_refused(store):
             api.raise_for_error(client.request("freeze_member", 20, in_member=member, frozen=True))
     keeper.close()
     assert store.load(rec.id).state.status == "running"
+
+
+def test_a_container_on_a_pooled_vm_has_the_pool_refilled_after_its_start(store, monkeypatch, tmp_path):
+    """The monitor, not the claim, pokes the pool keeper (issue 15): at the exit of a short
+    run, else POOL_REFILL_DELAY after the start, so that the keeper's boot of the next VM
+    does not share the CPUs with the start it replaces. Once per container."""
+    from shim.containers import monitor, pool
+
+    pokes = tmp_path / "pokes"
+    monkeypatch.setattr(FakeIsolation, "pooled", object(), raising=False)
+    monkeypatch.setattr(pool, "poke", lambda spawn=None: pokes.open("a").write("poke\n") and 0)
+    monkeypatch.setattr(monitor, "POOL_REFILL_DELAY", 1.0)
+    short = make(store, "true", name="short")
+    assert attached(store, short.id)[0] == 0
+    wait_for(lambda: pokes.exists())
+    long = make(store, "sleep 30", name="long")
+    began = time.monotonic()
+    manage.start(long.id, store=store)
+    wait_for(lambda: pokes.read_text().count("poke") == 2)
+    assert time.monotonic() - began >= 0.9, "poked before the delay"
+    holds_for(lambda: pokes.read_text().count("poke") == 2, 1.5, "one poke for the long run")
+    manage.stop(long.id, timeout=1, store=store)
+    holds_for(lambda: pokes.read_text().count("poke") == 2, 1.0, "no second poke at its exit")

@@ -212,6 +212,8 @@ def test_take_boots_cold_when_the_pool_is_off(state):
     try:
         pool.spawn_keeper = lambda: spawned.append(1) or 1
         assert pool.take(p, KEY, backend) is not None
+        assert spawned == []  # a VM taken is replaced after its container started (the monitor pokes)
+        assert pool.take(p, KEY, backend) is None  # the pool ran dry: boot cold, and poke now
     finally:
         pool.spawn_keeper = original
     assert spawned == [1]  # the keeper was dead: the run started a new one
