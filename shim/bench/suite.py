@@ -272,6 +272,33 @@ def _pool_ready(drv: VmshimSubject, size: int, timeout: float = POOL_READY_TIMEO
         time.sleep(0.5)
 
 
+SAMPLE_VMS_GONE_TIMEOUT = 60.0
+
+
+def _vm_names() -> set[str]:
+    """vmshim's libvirt domains now. Raises HypervisorError."""
+    from shim.vm.libvirt_backend import LibvirtBackend
+
+    return set(LibvirtBackend().list_domains())
+
+
+def _sample_vms_gone(before: set[str], timeout: float = SAMPLE_VMS_GONE_TIMEOUT) -> None:
+    """Wait (untimed) until no VM of an earlier sample is left: a ``--rm`` run's monitor
+    powers its VM off and libvirt forgets it after the command returned, and that
+    teardown would share the CPUs and libvirtd with the next sample. VMs that were there
+    before the benchmark (*before*) and the warm pool's stay. Raises BenchError."""
+    from shim.containers.pool import DOMAIN_PREFIX as POOL_PREFIX
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(n for n in _vm_names() if n not in before and not n.startswith(POOL_PREFIX))
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"the VM of an earlier sample did not go away within {timeout:.0f} s: {', '.join(left)}")
+        time.sleep(0.1)
+
+
 def bench_start(ctx: Context) -> None:
     """``run --rm busybox true`` started five ways, one row each, interleaved in one run:
     ``cold`` (a VM booted for it), ``pooled`` (taken from the warm pool,
@@ -281,7 +308,8 @@ def bench_start(ctx: Context) -> None:
     template takes) ``cold_nonet`` and ``restored`` (a copy of a snapshot template,
     shim.containers.template). Speedup: ``cold`` / ``pooled``, ``cold`` / ``primed``,
     ``cold_nonet`` / ``restored``. The pool is switched between plain and primed before
-    a sample (untimed: the keeper boots the other kind)."""
+    a sample (untimed: the keeper boots the other kind). Before each sample, untimed, the
+    pool is full and the VM of the sample before is gone."""
     fig = ctx.results.figure(
         "start",
         "Start of `run --rm busybox true`: cold, pooled, snapshot template",
@@ -290,7 +318,8 @@ def bench_start(ctx: Context) -> None:
         f"{START_POOL_SIZE} kept full between samples (untimed); primed: the same with "
         "`pool set --image busybox --network <default>`; cold_nonet and "
         "restored: --network none, VMSHIM_TEMPLATES=off or a template made by "
-        "`vmshim template create busybox`; speedup = cold row / warm row",
+        "`vmshim template create busybox`; each sample starts once the one before "
+        "has left no VM (untimed); speedup = cold row / warm row",
     )
     if "vm" not in ctx.available([fig], "vm"):
         return
@@ -303,8 +332,11 @@ def bench_start(ctx: Context) -> None:
     net = default_network()
     pool_network: str | None = None  # the pool's last setting ("": plain, else primed on it)
 
+    vms_before = _vm_names()
+
     def use_pool(network: str) -> set[str]:
         nonlocal pool_network
+        _sample_vms_gone(vms_before)
         if pool_network != network:
             primed = ("--image", "busybox", "--network", network) if network else ()
             run(drv.argv("pool", "set", "--size", str(START_POOL_SIZE), *primed), timeout=120)
@@ -312,6 +344,7 @@ def bench_start(ctx: Context) -> None:
         return _pool_ready(drv, START_POOL_SIZE, network=network)
 
     def settled() -> None:
+        _sample_vms_gone(vms_before)
         if not missing:
             _pool_ready(drv, START_POOL_SIZE, network=pool_network or "")  # nothing boots meanwhile
 

@@ -594,6 +594,16 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     monkeypatch.setattr(suite, "run", fake_run)
     monkeypatch.setattr(suite, "timed", fake_timed)
     monkeypatch.setattr(suite, "_settled", lambda fn: fn())
+    # A VM of the sample before is still going away at each sample's first look.
+    looks = {"n": 0}
+
+    def fake_vm_names():
+        looks["n"] += 1
+        left = {"vmshim-previous"} if looks["n"] % 2 == 0 and timed_argv else set()
+        return {"vmshim-user-ctr", "vmshim-pool-abc"} | left
+
+    monkeypatch.setattr(suite, "_vm_names", fake_vm_names)
+    monkeypatch.setattr(suite.time, "sleep", lambda s: None)
     monkeypatch.setenv("VMSHIM_DEFAULT_NETWORK", "bridge")
     ctx = _ctx(runs=3)
     ctx.caps = Capabilities({"run", "rm", "pool", "template"}, {"-d", "--rm"})
@@ -609,6 +619,9 @@ def test_start_benchmark_times_cold_and_pooled_and_restores_the_pool(monkeypatch
     assert fig.subjects["restored"].samples == [0.4] * 3
     assert fig.subjects["restored"].extra["speedup_vs_cold_nonet"] == 5.0
     assert all(a[:2] == ["env", "VMSHIM_POOL=off"] for a in timed_argv if a[0] == "env")
+    # Each sample looked until the VM before it was gone (twice: once it was still there);
+    # the user's VM and the pool's, there before, were not waited for.
+    assert looks["n"] >= 1 + 2 * len(timed_argv)
     plain = ["pool", "set", "--size", "1"]
     primed = [*plain, "--image", "busybox", "--network", "bridge"]
     # plain, then switched before each pooled and primed sample (the warm-up too); all gone again after
