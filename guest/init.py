@@ -590,11 +590,11 @@ def warm_up() -> None:
     reported: the container does the same work again and fails clearly if it must."""
     try:
         from guest.runtime import cgroups, container, devices, mounts, network, rootfs  # noqa: F401
-        from guest.runtime.process import _seccomp_program
+        from guest.runtime.process import prepare_filters
         from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
 
         caps = list(DEFAULT_CAPABILITIES)
-        _seccomp_program(
+        prepare_filters(
             ProcessSpec(
                 args=["true"], seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
             )
@@ -730,6 +730,13 @@ def prepare_container(config: BootConfig | None = None) -> tuple[BootConfig, Con
     if not config.rootfs_share:
         container.upperdir = f"{RW_DIR}/upper"  # what the agent's ``diff`` reads
     console.phase("container")
+    from guest.runtime.process import SpawnError, prepare_filters
+
+    try:  # a cold VM does it while the host's ``start`` is on its way; a template saves it
+        prepare_filters(config.process)
+    except SpawnError as exc:
+        console.trace(f"seccomp: {exc} (reported at the start)")
+    console.phase("filters")
     return config, container
 
 

@@ -746,6 +746,17 @@ _default_programs: dict[tuple[str, ...], bytes] = {}
 waits for its container: see guest.init.warm_up)."""
 
 
+def prepare_filters(process: ProcessSpec) -> None:
+    """Compile *process*'s default seccomp filter into the cache :func:`_spawn` reads, and
+    read cap_last_cap, ahead of its start: a snapshot template saves them with its VM, so
+    a restored copy does not compute them in ``start`` under an empty TCG translation
+    cache. A custom profile is compiled at the start as before. Raises SpawnError."""
+    if process.seccomp == "default":
+        _seccomp_program(process)
+    if process.capabilities is not None:
+        _last_cap()
+
+
 def _seccomp_program(process: ProcessSpec) -> bytes | None:
     """The compiled filter for *process* (None: no filter). ``"default"`` is resolved
     against the bounding set (every capability when there is none). Raises SpawnError."""

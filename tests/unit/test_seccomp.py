@@ -204,3 +204,24 @@ def test_filter_size_and_every_listed_name_is_real_or_foreign():
         }
         for n in unknown
     ), unknown
+
+
+def test_prepare_filters_compiles_the_default_filter_ahead_of_the_start(monkeypatch):
+    """guest.init calls it once the container is assembled: a snapshot template saves the
+    compiled filter with its VM, so a restored copy's start does not compile it (~0.1 s
+    under an empty TCG translation cache). A custom profile is left for the start."""
+    from guest.runtime import process
+    from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
+
+    monkeypatch.setattr(process, "_default_programs", {})
+    monkeypatch.setattr(process, "_last_cap_read", [])
+    caps = list(DEFAULT_CAPABILITIES)
+    spec = ProcessSpec(args=["true"], seccomp="default", capabilities={"bounding": caps})
+    process.prepare_filters(spec)
+    assert list(process._default_programs) == [tuple(sorted(caps))]
+    assert process._last_cap_read, "cap_last_cap was not read ahead"
+    compiled = process._default_programs[tuple(sorted(caps))]
+    assert process._seccomp_program(spec) is compiled  # the start takes it from the cache
+    custom = ProcessSpec(args=["true"], seccomp={"defaultAction": "SCMP_ACT_ALLOW"})
+    process.prepare_filters(custom)
+    assert len(process._default_programs) == 1
