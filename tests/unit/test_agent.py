@@ -467,6 +467,27 @@ def test_reseed_writes_the_entropy(tmp_path):
     assert target.read_bytes() == b"x" * 32
 
 
+def test_reseed_reseeds_pythons_random_only_when_it_was_imported(tmp_path, monkeypatch):
+    """A restored template's agent must not share ``random``'s state with its siblings
+    (when something imported it before the save); it must not import it either (60 ms
+    under an empty translation cache, for a module nothing in the guest uses)."""
+    import random
+    import sys
+
+    from guest.agent import reseed
+
+    target = tmp_path / "urandom"
+    target.write_bytes(b"")
+    random.seed(1)
+    reseed(b"y" * 32, device=str(target))
+    after_reseed = random.random()
+    random.seed(b"y" * 32)
+    assert after_reseed == random.random()
+    monkeypatch.delitem(sys.modules, "random")
+    reseed(b"z" * 32, device=str(target))
+    assert "random" not in sys.modules
+
+
 def test_a_pooled_agent_waits_for_its_spec_and_keeps_the_start_behind_it():
     """A pooled VM's agent has no config until ``spec``; the ``start`` the host sends
     right behind it (same write) is answered once the container is attached. Bad specs
