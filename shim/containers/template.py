@@ -159,23 +159,24 @@ def restore_into(placement, template: dict, alive=None):
     paths.private_dir(placement.run_dir)
     tid, cid = template["id"], placement.boot_config.container_id
     saveimage.clone(directory / MEMORY, clone, {tid[:12]: cid[:12], template["uuid"]: str(uuid.UUID(cid[:32]))})
+    boot = placement.boot_config
+    identity = {
+        "token": template["token"],
+        "id": IDENTITY_ID,
+        "new_token": boot.token,
+        "hostname": boot.hostname,
+        "process": boot.process.to_dict(),
+        "hosts": boot.hosts,
+        "resolv_conf": boot.resolv_conf,
+    }
+    # Sent as soon as the socket connects: the agent takes it right behind its hello.
+    placement.send_before_hello = [(protocol.IDENTITY, os.urandom(64), identity)]
     try:
         client = placement.restore(clone, alive=alive)
     finally:
+        placement.send_before_hello = []  # never to a VM booted cold after a failure
         clone.unlink(missing_ok=True)
     try:
-        boot = placement.boot_config
-        client.send(
-            protocol.IDENTITY,
-            os.urandom(64),
-            token=template["token"],
-            id=IDENTITY_ID,
-            new_token=boot.token,
-            hostname=boot.hostname,
-            process=boot.process.to_dict(),
-            hosts=boot.hosts,
-            resolv_conf=boot.resolv_conf,
-        )
         reply = client.recv(BOOT_TIMEOUT, alive=alive)
         if reply.type != protocol.UPDATED:
             message = reply.fields.get("message") if reply.type == protocol.ERROR else reply.type

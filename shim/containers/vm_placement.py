@@ -162,6 +162,11 @@ class VmPlacement:
         self.pool_ok = True
         """Whether :meth:`boot` may take a VM of the warm pool (False: a VM that will be saved
         as a snapshot template must be this placement's own domain)."""
+        self.send_before_hello: list[tuple[str, bytes, dict]] = []
+        """Messages (type, payload, fields) sent to the agent right after connecting to a
+        VM this placement created or restored, before its ``hello`` is read: a restored
+        template's ``identity`` (shim.containers.template), which the agent then handles
+        right behind its hello instead of a round trip later."""
         self.pooled: PooledVm | None = None
         """The shim.containers.pool.PooledVm this container took (None: booted cold)."""
         from shim.containers.pool import claimed
@@ -391,6 +396,8 @@ class VmPlacement:
             if self._engine is not None:
                 self._engine.wire()
             client = AgentClient.connect_unix(str(self.agent_socket), timeout=10)
+            for kind, payload, fields in self.send_before_hello:
+                client.send(kind, payload, **fields)
             client.handshake(BOOT_TIMEOUT, alive=lambda: self._vm_problem() or (alive and alive()))
         except BaseException:
             self.kill()

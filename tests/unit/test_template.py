@@ -96,3 +96,56 @@ def test_a_template_vm_is_booted_for_it_never_taken_from_the_warm_pool(monkeypat
     with pytest.raises(template_build.VmshimError, match="no VM"):
         template_build.create(record())
     assert asked == [False]
+
+
+def test_a_restored_template_gets_its_identity_as_soon_as_the_socket_connects(monkeypatch, tmp_path):
+    """restore_into hands the identity to the placement to send right after connecting,
+    before the agent's hello is read (the agent takes it right behind the hello), and
+    takes it back whatever happens: a placement that boots cold after a failed restore
+    must never send it."""
+    from guest import protocol
+    from guest.spec import BootConfig
+    from shim.containers import template
+    from shim.vm import saveimage
+
+    monkeypatch.setattr(saveimage, "clone", lambda src, dst, replacements: dst.write_bytes(b"image"))
+    boot = BootConfig(
+        container_id="c" * 64, token="t" * 32, hostname="h", process=ProcessSpec(args=["true"]), layer_count=1
+    )
+    meta = {"dir": str(tmp_path), "id": "a" * 64, "uuid": "u" * 36, "token": "o" * 32}
+
+    class Client:
+        closed = False
+
+        def recv(self, timeout, alive=None):
+            return protocol.Message(protocol.UPDATED, {"id": template.IDENTITY_ID}, b"")
+
+        def close(self):
+            self.closed = True
+
+    class Placement:
+        run_dir = tmp_path / "run"
+        boot_config = boot
+        send_before_hello: list = []
+        seen: list = []
+        fail = False
+
+        def restore(self, image, alive=None):
+            self.seen = list(self.send_before_hello)
+            if self.fail:
+                raise template.VmshimError("restore failed")
+            return Client()
+
+        def kill(self):
+            pass
+
+    placement = Placement()
+    assert isinstance(template.restore_into(placement, meta), Client)
+    [(kind, entropy, fields)] = placement.seen
+    assert kind == protocol.IDENTITY and len(entropy) == 64
+    assert fields["new_token"] == "t" * 32 and fields["token"] == "o" * 32 and fields["hostname"] == "h"
+    assert placement.send_before_hello == []
+    placement.fail = True
+    with pytest.raises(template.VmshimError):
+        template.restore_into(placement, meta)
+    assert placement.seen and placement.send_before_hello == []
