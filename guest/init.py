@@ -60,6 +60,8 @@ MOUNTS_DIR = RUN + "/mounts"
 REHEARSAL_DIR = RUN + "/rehearsal"
 REHEARSAL_ID = "0" * 64
 """The throwaway container of :func:`rehearse` (its cgroup's name)."""
+REHEARSAL_TIMEOUT = 10.0
+"""Seconds the rehearsal's ``/bin/true`` may run (an image's own) before it is killed."""
 MODULES_LIST = "/lib/modules/vmshim-modules.txt"
 DISK_TIMEOUT = 10.0
 """Seconds to wait for a disk to show up in /sys/block (probing is asynchronous)."""
@@ -622,12 +624,18 @@ def rehearse() -> None:
     before the container arrives. Nothing of it stays: its process has exited and been
     reaped, its cgroup, mounts and files are gone before the VM says hello. Its root is
     an overlay of the premounted layers (the image's ``/bin/true``) or of the guest's own
-    root. Failures are only reported: the container does all of it again."""
+    root. Unlike a container it has a network namespace of its own: the image's binary
+    runs before any anti-spoofing rule guards the VM's NIC, so it must not reach it. It
+    is killed after REHEARSAL_TIMEOUT s. Failures are only reported: the container does
+    all of it again."""
     import shutil
 
     from guest.runtime import rootfs, syscalls
     from guest.runtime.cgroups import Cgroup
     from guest.runtime.container import GUEST_NAMESPACES, Container
+    import select
+    import signal
+
     from guest.runtime.process import SpawnError, wait
     from guest.spec import DEFAULT_CAPABILITIES, BootConfig, ProcessSpec
 
@@ -645,10 +653,17 @@ def rehearse() -> None:
         rootfs.mount_overlay(lowerdirs, f"{rw}/upper", f"{rw}/work", root)
         cgroup = Cgroup.create(config.container_id, limits=config.cgroup_limits())
         container = Container(
-            config, root, files_dir=f"{REHEARSAL_DIR}/files", cgroup=cgroup, namespaces=GUEST_NAMESPACES
+            config, root, files_dir=f"{REHEARSAL_DIR}/files", cgroup=cgroup, namespaces=(*GUEST_NAMESPACES, "net")
         )
         spawned = container.start(process, stdin=False)
         spawned.close()
+        exited = os.pidfd_open(spawned.pid)
+        try:
+            if not select.select([exited], [], [], REHEARSAL_TIMEOUT)[0]:
+                console.log("rehearsal: /bin/true did not end; killed")
+                os.kill(spawned.pid, signal.SIGKILL)
+        finally:
+            os.close(exited)
         wait(spawned.pid)
     except SpawnError as exc:  # an image without /bin/true: all but the exec was rehearsed
         console.trace(f"rehearsal: {exc}")

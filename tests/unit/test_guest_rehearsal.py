@@ -5,6 +5,9 @@ and the container; tests/e2e/test_pool.py runs it for real in every pooled VM.""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from guest import init
@@ -20,8 +23,14 @@ class FakeCgroup:
 
 
 class FakeSpawned:
-    def __init__(self, log):
-        self.pid, self.log = 4242, log
+    """A real child process stands in for the container's (the rehearsal waits on a pidfd)."""
+
+    def __init__(self, log, seconds: float = 0.0):
+        self.log = log
+        self.pid = os.fork()
+        if self.pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
 
     def close(self):
         self.log.append(("fds closed",))
@@ -37,10 +46,17 @@ def rehearsal(monkeypatch, tmp_path):
     monkeypatch.setattr(syscalls, "umount2", lambda target, flags: log.append(("umount", target, flags)))
     monkeypatch.setattr(rootfs, "mount_overlay", lambda lower, up, work, target: log.append(("overlay", lower, target)))
     monkeypatch.setattr(cgroups.Cgroup, "create", classmethod(lambda cls, name, limits=None: FakeCgroup(log)))
-    monkeypatch.setattr(process, "wait", lambda pid: log.append(("reaped", pid)) or 0)
+
+    def reaped(pid):
+        os.waitpid(pid, 0)
+        log.append(("reaped", pid))
+        return 0
+
+    monkeypatch.setattr(process, "wait", reaped)
 
     class FakeContainer:
         fail = None
+        runs_for = 0.0
 
         def __init__(self, config, root, *, files_dir, cgroup, namespaces):
             log.append(("container", config.container_id, config.process.args, namespaces))
@@ -49,7 +65,9 @@ def rehearsal(monkeypatch, tmp_path):
             if FakeContainer.fail is not None:
                 raise FakeContainer.fail
             log.append(("started", stdin))
-            return FakeSpawned(log)
+            spawned = FakeSpawned(log, FakeContainer.runs_for)
+            log.append(("pid", spawned.pid))
+            return spawned
 
     monkeypatch.setattr(container, "Container", FakeContainer)
     return log, FakeContainer, tmp_path / "rehearsal"
@@ -62,13 +80,29 @@ def test_a_rehearsal_runs_true_in_a_throwaway_container_and_takes_it_all_down(re
     assert overlay[1] == ["/"], "without premounted layers the guest's own root is the lower layer"
     created = next(entry for entry in log if entry[0] == "container")
     assert created[1] == init.REHEARSAL_ID and created[2] == ["/bin/true"]
-    assert "net" not in created[3]
-    assert ("reaped", 4242) in log and ("fds closed",) in log
+    # Its own network namespace: an image's /bin/true must not reach the VM's NIC, which
+    # no anti-spoofing rule guards before a container's spec.
+    assert set(created[3]) == {*container.GUEST_NAMESPACES, "net"}
+    pid = next(entry[1] for entry in log if entry[0] == "pid")
+    assert ("reaped", pid) in log and ("fds closed",) in log
     assert ("cgroup removed",) in log
     unmounted = [entry[1] for entry in log if entry[0] == "umount"]
     assert unmounted == [f"{directory}/root", f"{directory}/rw"]
-    assert log.index(("cgroup removed",)) > log.index(("reaped", 4242))
+    assert log.index(("cgroup removed",)) > log.index(("reaped", pid))
     assert not directory.exists()
+
+
+def test_a_rehearsal_that_does_not_end_is_killed(rehearsal, monkeypatch):
+    """An image's /bin/true that never ends (it is the image's own) is killed after
+    REHEARSAL_TIMEOUT: the pooled VM still says hello."""
+    log, fake, _ = rehearsal
+    fake.runs_for = 30.0
+    monkeypatch.setattr(init, "REHEARSAL_TIMEOUT", 0.3)
+    began = time.monotonic()
+    init.rehearse()
+    assert time.monotonic() - began < 10
+    pid = next(entry[1] for entry in log if entry[0] == "pid")
+    assert ("reaped", pid) in log and ("cgroup removed",) in log
 
 
 def test_the_rehearsal_stacks_the_premounted_layers_topmost_first(rehearsal, monkeypatch):
