@@ -511,8 +511,12 @@ class Monitor:
     def _timer(self, delay: float, name: str, func) -> None:
         self.timers.append((time.monotonic() + delay, name, func))
 
-    def _cancel_timers(self, *names: str) -> None:
-        self.timers = [t for t in self.timers if t[1] not in names]
+    def _cancel_timers(self, *names: str) -> bool:
+        """Drop the pending timers called *names*; True when there was one."""
+        kept = [t for t in self.timers if t[1] not in names]
+        cancelled = len(kept) < len(self.timers)
+        self.timers = kept
+        return cancelled
 
     # ---- the agent -------------------------------------------------------------------------
 
@@ -1539,8 +1543,7 @@ class Monitor:
                 self._orphan_requests("the container stopped")
                 agent = None
         self._flush_clients(2.0)
-        if any(name == "pool-refill" for _, name, _ in self.timers):
-            self._cancel_timers("pool-refill")
+        if self._cancel_timers("pool-refill"):
             self._refill_pool()  # the run is over: no need to wait
         if agent is not None:
             if not agent.flush():
