@@ -46,7 +46,7 @@ TYPE_CHECKING = False  # no typing import at run time: it costs the guest boot t
 if TYPE_CHECKING:  # imported where used: boot time counts
     from guest.runtime.cgroups import Cgroup
     from guest.runtime.container import Container
-    from guest.spec import BootConfig, MountSpec
+    from guest.spec import BootConfig, MountSpec, ProcessSpec
 
 RUN = "/run/vmshim"
 CONFIG_MOUNT = RUN + "/config"
@@ -583,6 +583,17 @@ def reseed_rng(entropy: bytes) -> None:
         raise BootError(f"cannot reseed the RNG: {exc.strerror}") from None
 
 
+def _default_process(args: list[str]) -> ProcessSpec:
+    """*args* with docker's default capabilities and seccomp filter (what a container gets
+    without --cap-add, --cap-drop, --privileged or a profile)."""
+    from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
+
+    caps = list(DEFAULT_CAPABILITIES)
+    return ProcessSpec(
+        args=args, seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
+    )
+
+
 def warm_up() -> None:
     """A pooled VM, while it waits for its container: import what assembling one needs,
     compile docker's default seccomp filter (cached by bounding set), mount cgroup2 and
@@ -593,14 +604,8 @@ def warm_up() -> None:
     try:
         from guest.runtime import cgroups, container, devices, mounts, network, rootfs  # noqa: F401
         from guest.runtime.process import prepare_filters
-        from guest.spec import DEFAULT_CAPABILITIES, ProcessSpec
 
-        caps = list(DEFAULT_CAPABILITIES)
-        prepare_filters(
-            ProcessSpec(
-                args=["true"], seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
-            )
-        )
+        prepare_filters(_default_process(["true"]))
     except Exception as exc:  # noqa: BLE001
         console.log(f"warm-up failed: {exc}")
     try:  # make_cgroup finds both done
@@ -628,21 +633,17 @@ def rehearse() -> None:
     runs before any anti-spoofing rule guards the VM's NIC, so it must not reach it. It
     is killed after REHEARSAL_TIMEOUT s. Failures are only reported: the container does
     all of it again."""
+    import select
     import shutil
+    import signal
 
     from guest.runtime import rootfs, syscalls
     from guest.runtime.cgroups import Cgroup
     from guest.runtime.container import GUEST_NAMESPACES, Container
-    import select
-    import signal
-
     from guest.runtime.process import SpawnError, wait
-    from guest.spec import DEFAULT_CAPABILITIES, BootConfig, ProcessSpec
+    from guest.spec import BootConfig
 
-    caps = list(DEFAULT_CAPABILITIES)
-    process = ProcessSpec(
-        args=["/bin/true"], seccomp="default", capabilities={"bounding": caps, "effective": caps, "permitted": caps}
-    )
+    process = _default_process(["/bin/true"])
     config = BootConfig(container_id=REHEARSAL_ID, token="0" * 32, hostname="rehearsal", process=process, layer_count=0)
     root, rw = f"{REHEARSAL_DIR}/root", f"{REHEARSAL_DIR}/rw"
     lowerdirs = [f"{LAYERS_DIR}/{index}" for index in sorted(PREMOUNTED, reverse=True)] or ["/"]
