@@ -6,6 +6,7 @@ and the container; tests/e2e/test_pool.py runs it for real in every pooled VM.""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -23,13 +24,15 @@ class FakeCgroup:
 
 
 class FakeSpawned:
-    """A real child process stands in for the container's (the rehearsal waits on a pidfd)."""
+    """A real child process stands in for the container's (the rehearsal waits on a pidfd):
+    one that exits at once, or one that never ends on its own (only a signal ends it)."""
 
-    def __init__(self, log, seconds: float = 0.0):
+    def __init__(self, log, ends: bool = True):
         self.log = log
         self.pid = os.fork()
         if self.pid == 0:
-            time.sleep(seconds)
+            while not ends:
+                signal.pause()
             os._exit(0)
 
     def close(self):
@@ -56,7 +59,7 @@ def rehearsal(monkeypatch, tmp_path):
 
     class FakeContainer:
         fail = None
-        runs_for = 0.0
+        ends = True
 
         def __init__(self, config, root, *, files_dir, cgroup, namespaces):
             log.append(("container", config.container_id, config.process.args, namespaces))
@@ -65,7 +68,7 @@ def rehearsal(monkeypatch, tmp_path):
             if FakeContainer.fail is not None:
                 raise FakeContainer.fail
             log.append(("started", stdin))
-            spawned = FakeSpawned(log, FakeContainer.runs_for)
+            spawned = FakeSpawned(log, FakeContainer.ends)
             log.append(("pid", spawned.pid))
             return spawned
 
@@ -96,7 +99,7 @@ def test_a_rehearsal_that_does_not_end_is_killed(rehearsal, monkeypatch):
     """An image's /bin/true that never ends (it is the image's own) is killed after
     REHEARSAL_TIMEOUT: the pooled VM still says hello."""
     log, fake, _ = rehearsal
-    fake.runs_for = 30.0
+    fake.ends = False
     monkeypatch.setattr(init, "REHEARSAL_TIMEOUT", 0.3)
     began = time.monotonic()
     init.rehearse()
