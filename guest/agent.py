@@ -229,6 +229,7 @@ class Agent:
             protocol.SPEC: self._handle_spec,
             protocol.MEMBER: self._handle_member,
             protocol.FREEZE: self._handle_freeze,
+            protocol.PREFORK: self._handle_prefork,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -696,6 +697,8 @@ class Agent:
             return
         self._main = self._add(proc_id, spawned, main=True)
         self._send(protocol.STARTED, id=proc_id, pid=spawned.pid)
+        if getattr(self._runtime, "took_held", False):
+            self.log("start: the process held since the template's save became the container's")
         self.trace(f"started process {proc_id} (pid {spawned.pid}) in {(time.monotonic() - begin) * 1000:.0f} ms")
 
     def _handle_exec(self, message: Message) -> None:
@@ -902,6 +905,22 @@ class Agent:
             apply(config)
         self.config = config
         self._send(protocol.UPDATED, id=proc_id)
+
+    def _handle_prefork(self, message: Message) -> None:
+        """A snapshot template's VM, before its save: the container's process is made up
+        to its execve now, so that a restored copy's ``start`` only hands it the process."""
+        self._check_token(message)
+        request = message.get("id", int)
+        if self._main is not None or self.main_exit_code is not None:
+            raise Reject("prefork comes before start")
+        hold = getattr(self.runtime, "hold", None)
+        if hold is None:
+            raise Reject("this runtime cannot hold a process")
+        try:
+            hold()
+        except Exception as exc:  # noqa: BLE001 - SpawnError, or any runtime failure
+            raise Reject(str(exc), getattr(exc, "exit_code", None)) from None
+        self._send(protocol.UPDATED, id=request)
 
     def _handle_stats(self, message: Message) -> None:
         self._check_token(message)

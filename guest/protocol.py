@@ -87,6 +87,12 @@ Conversation (``h`` = host, ``g`` = guest)::
                                                   /etc files) and mix the payload (32-512
                                                   host random bytes) into the kernel's RNG
                                                   and reseed it: updated {id} | error {id}
+    h: prefork {token, id}                     before ``start``, in a snapshot template's
+                                                  VM about to be saved: make the container's
+                                                  process up to its execve (cgroup,
+                                                  namespaces, mounts, root) and hold it for
+                                                  the ``start`` of a restored copy:
+                                                  updated {id} | error {id, message}
     h: spec    {config, entropy}                  a pooled VM (booted with ``vmshim.pool``,
                                                   no config drive) becomes one container:
                                                   config is a guest.spec.BootConfig.to_dict(),
@@ -174,6 +180,7 @@ IDENTITY = "identity"
 SPEC = "spec"
 MEMBER = "member"
 FREEZE = "freeze"
+PREFORK = "prefork"
 MEMBER_TAG_PREFIX = "vmshim-m"
 """The virtiofs tag of a pod member's rootfs share starts with this (then 1-16 hex)."""
 MAX_ENTROPY_HEX = 512
@@ -207,6 +214,7 @@ MESSAGE_TYPES = frozenset(
         SPEC,
         MEMBER,
         FREEZE,
+        PREFORK,
     }
 )
 BUILTINS = ("ps", "tar-out", "tar-in", "sync")

@@ -19,9 +19,12 @@ from guest.runtime import rootfs as rootfs_mod
 from guest.runtime.cgroups import Cgroup, CgroupError
 from guest.runtime.process import (
     DEFAULT_NAMESPACES,
+    Held,
+    HeldGone,
     Spawned,
     SpawnError,
     exec_in_container,
+    hold_container,
     spawn_container,
 )
 from guest.spec import BootConfig, Limits, MountSpec, ProcessSpec
@@ -92,6 +95,10 @@ class Container:
         """(pid, names): namespaces of another process the main process joins instead
         of making them (a pod member sharing its sandbox's uts and ipc)."""
         self.main: Spawned | None = None
+        self.held: Held | None = None
+        """The main process made up to its execve before it is known (:meth:`hold`)."""
+        self.took_held = False
+        """Whether :meth:`start` gave the process to the held one."""
         self.owns_rootfs = False
         if cgroup is not None and not config.privileged:
             from guest.runtime import devices
@@ -111,9 +118,18 @@ class Container:
         ``identity``): the hostname and /etc files its processes will see. Precondition:
         no process was started yet."""
         self.config = config
-        self.binds = rootfs_mod.prepare_rootfs(
-            self.rootfs, config.hostname, config.hosts, config.resolv_conf, self.files_dir
+        binds = rootfs_mod.prepare_rootfs(
+            self.rootfs,
+            config.hostname,
+            config.hosts,
+            config.resolv_conf,
+            self.files_dir,
+            in_place=self.held is not None,  # the held process has the files bind-mounted
         )
+        if binds != self.binds and self.held is not None:
+            self.held.release()  # it has other files mounted than these: start anew
+            self.held = None
+        self.binds = binds
         if os.getpid() == 1:  # the VM's own name too (never the host's)
             from guest.runtime import syscalls
 
@@ -165,6 +181,9 @@ class Container:
         """Kill whatever still runs in the container, remove its cgroup and (if
         :meth:`create` mounted it) unmount the rootfs. Idempotent. The caller must still
         reap the main process if it has not (its status is not needed any more)."""
+        if self.held is not None:
+            self.held.release()
+            self.held = None
         if self.main is not None:
             try:
                 os.kill(self.main.pid, signal.SIGKILL)
@@ -184,10 +203,40 @@ class Container:
 
     # ---- the agent's runtime interface ----------------------------------------------------
 
+    def hold(self) -> None:
+        """Make the main process up to its execve now, before it is known: cgroup,
+        namespaces, mounts and root (guest.runtime.process.hold_container). :meth:`start`
+        then only hands it the process. A snapshot template's VM is saved so (issue 15).
+        Raises SpawnError (an OS container, a pod member, user namespaces: not held)."""
+        if self.main is not None or self.held is not None:
+            raise SpawnError("the container's process was already started or held")
+        if self.config.os or self.join is not None:
+            raise SpawnError("an OS container or a pod member's process is not held")
+        self.held = hold_container(
+            self.rootfs,
+            self.config.process,
+            self.config.hostname,
+            self.cgroup,
+            namespaces=self.namespaces,
+            hosts_files=self.binds,
+            masked_paths=self.config.masked_paths,
+            readonly_paths=self.config.readonly_paths,
+            privileged=self.config.privileged,
+            devices=self.config.devices,
+        )
+
     def start(self, process: ProcessSpec, *, stdin: bool, rows: int = 24, cols: int = 80) -> Spawned:
         """Start the main process (PID 1 of the container). Raises SpawnError."""
         if self.main is not None:
             raise SpawnError("the container's process was already started")
+        held, self.held = self.held, None
+        if held is not None:
+            try:
+                self.main = held.go(process, hostname=self.config.hostname, stdin=stdin, rows=rows, cols=cols)
+                self.took_held = True
+                return self.main
+            except HeldGone:
+                held.release()  # nothing of it ran: the usual way below
         if self.config.os:
             from guest.runtime import osinit
 

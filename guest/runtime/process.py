@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -156,6 +157,7 @@ class _Plan:
         privileged: bool = False,
         devices: Iterable[dict[str, Any]] = (),
         os_init: bool = False,
+        hold: bool = False,
     ) -> None:
         self.process = process
         self.hostname = hostname
@@ -181,6 +183,9 @@ class _Plan:
         self.builtin = builtin
         self.seccomp_program: bytes | None = None  # compiled by _spawn, installed by the container process
         self.limits_applied = False  # rlimits set before a new user namespace
+        # Held (hold_container): the container process waits before its user, stdio and
+        # exec for the process to run, sent by Held.go.
+        self.hold = hold
 
 
 # ---- the caller's side ------------------------------------------------------------------
@@ -222,6 +227,87 @@ def spawn_container(
     Returns once the process has exec'ed. Raises SpawnError (with its exit code) when the
     namespaces, mounts, user, cwd or exec fail; the failed process has then been reaped.
     """
+    plan = _container_plan(
+        rootfs,
+        process,
+        hostname,
+        cgroup,
+        namespaces=namespaces,
+        hosts_files=hosts_files,
+        stdin=stdin,
+        rows=rows,
+        cols=cols,
+        masked_paths=masked_paths,
+        readonly_paths=readonly_paths,
+        privileged=privileged,
+        devices=devices,
+        builtin=builtin,
+        os_init=os_init,
+    )
+    if join is not None:
+        join_pid, join_names = join
+        if set(join_names) & set(namespaces):
+            raise SpawnError("a namespace cannot be both joined and new")
+        plan.join_fds = _open_namespaces(join_pid, join_names, "the pod's")
+    try:
+        syscalls.set_child_subreaper()
+        spawned = _spawn(plan)
+        assert isinstance(spawned, Spawned)
+        return spawned
+    finally:
+        for fd in plan.join_fds:
+            os.close(fd)
+
+
+def hold_container(
+    rootfs: str,
+    process: ProcessSpec,
+    hostname: str,
+    cgroup: Cgroup | None,
+    namespaces: Iterable[str] = DEFAULT_NAMESPACES,
+    **options: Any,
+) -> Held:
+    """Like :func:`spawn_container` (*options*: its *hosts_files*, *masked_paths*,
+    *readonly_paths*, *privileged*, *devices*), but the container process stops short of
+    its user, stdio and execve and waits for :meth:`Held.go`: its cgroup, namespaces,
+    mounts and root are made now. A snapshot template holds one when it is saved, so a
+    restored copy does not make them under an empty TCG translation cache.
+
+    *process* is only a placeholder (its user namespace maps are refused: they would be
+    made before the real process is known). Raises SpawnError."""
+    if process.id_mappings:
+        raise SpawnError("a container with a user namespace cannot be held before its process is known")
+    import resource  # noqa: F401 - now: after its pivot_root the held process cannot import
+
+    from guest.runtime import seccomp  # noqa: F401 - likewise, for the seccomp filter it installs
+
+    plan = _container_plan(rootfs, process, hostname, cgroup, namespaces=namespaces, stdin=False, **options)
+    plan.hold = True
+    _last_cap()
+    syscalls.set_child_subreaper()
+    held = _spawn(plan)
+    assert isinstance(held, Held)
+    return held
+
+
+def _container_plan(
+    rootfs: str | None,
+    process: ProcessSpec,
+    hostname: str,
+    cgroup: Cgroup | None,
+    *,
+    namespaces: Iterable[str],
+    hosts_files: dict[str, str] | None = None,
+    stdin: bool,
+    rows: int = 24,
+    cols: int = 80,
+    masked_paths: Iterable[str] | None = None,
+    readonly_paths: Iterable[str] | None = None,
+    privileged: bool = False,
+    devices: Iterable[dict[str, Any]] = (),
+    builtin: Callable[[], int] | None = None,
+    os_init: bool = False,
+) -> _Plan:
     unknown = set(namespaces) - set(syscalls.NAMESPACE_FLAGS)
     if unknown:
         raise SpawnError(f"unknown namespaces: {', '.join(sorted(unknown))}")
@@ -229,7 +315,7 @@ def spawn_container(
     for name in namespaces:
         flags |= syscalls.NAMESPACE_FLAGS[name]
     cgroup2_inside = cgroup is not None and cgroup.version == 2 and "mnt" in namespaces
-    plan = _Plan(
+    return _Plan(
         process=process,
         hostname=hostname,
         stdin=stdin,
@@ -249,17 +335,6 @@ def spawn_container(
         builtin=builtin,
         os_init=os_init,
     )
-    if join is not None:
-        join_pid, join_names = join
-        if set(join_names) & set(namespaces):
-            raise SpawnError("a namespace cannot be both joined and new")
-        plan.join_fds = _open_namespaces(join_pid, join_names, "the pod's")
-    try:
-        syscalls.set_child_subreaper()
-        return _spawn(plan)
-    finally:
-        for fd in plan.join_fds:
-            os.close(fd)
 
 
 def _open_namespaces(pid: int, names: Iterable[str], whose: str) -> list[int]:
@@ -321,36 +396,26 @@ def exec_in_container(
             builtin=builtin,
         )
         syscalls.set_child_subreaper()
-        return _spawn(plan)
+        spawned = _spawn(plan)
+        assert isinstance(spawned, Spawned)
+        return spawned
     finally:
         for fd in join_fds:
             os.close(fd)
 
 
-def _spawn(plan: _Plan) -> Spawned:
-    """Fork the intermediate, collect the reports, return the Spawned or raise SpawnError."""
+def _spawn(plan: _Plan) -> Spawned | Held:
+    """Fork the intermediate, collect the reports, return the Spawned (a Held with
+    ``plan.hold``) or raise SpawnError."""
     if plan.process.rlimits:
         import resource  # noqa: F401 - here: an exec's child is in the container's mount
         #                  namespace before it could import it (the image has no python)
-    plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
+    if not plan.hold:
+        plan.seccomp_program = _seccomp_program(plan.process)  # here: the child has no python
     if plan.process.capabilities is not None:
         _last_cap()  # read once here, not by every child
-    ours: list[int] = []  # caller's ends
-    theirs: list[int] = []  # children's ends, closed here after the fork
-    stdio: list[int | None] = [None, None, None]  # fds for the child's 0, 1, 2 (None with a tty)
     spawned = Spawned(pid=0, tty=plan.process.tty)
-    if not plan.process.tty:
-        if plan.stdin:
-            r, w = os.pipe()
-            stdio[0], spawned.stdin = r, w
-            theirs.append(r)
-            ours.append(w)
-        for index, name in ((1, "stdout"), (2, "stderr")):
-            r, w = os.pipe()
-            stdio[index] = w
-            setattr(spawned, name, r)
-            theirs.append(w)
-            ours.append(r)
+    stdio, ours, theirs = ([None, None, None], [], []) if plan.hold else _stdio_pipes(plan, spawned)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         intermediate = os.fork()
@@ -362,16 +427,49 @@ def _spawn(plan: _Plan) -> Spawned:
             os.close(fd)
         theirs = []
         pid, master, console, error = _collect_reports(
-            parent_sock, lambda: _write_id_maps(intermediate, plan.process.id_mappings)
+            parent_sock, lambda: _write_id_maps(intermediate, plan.process.id_mappings), until_held=plan.hold
         )
         _wait_exactly(intermediate)
     except BaseException:
         for fd in ours + theirs:
             os.close(fd)
+        parent_sock.close()
         raise
     finally:
-        parent_sock.close()
         child_sock.close()
+    if plan.hold and error is None:
+        return Held(pid, parent_sock, plan)
+    parent_sock.close()
+    return _started(spawned, pid, master, console, error)
+
+
+def _stdio_pipes(plan: _Plan, spawned: Spawned) -> tuple[list[int | None], list[int], list[int]]:
+    """The pipes of a process without a tty: (the child's 0, 1, 2 (None: /dev/null),
+    the caller's ends (also set on *spawned*), the child's ends)."""
+    stdio: list[int | None] = [None, None, None]
+    ours: list[int] = []
+    theirs: list[int] = []
+    if plan.process.tty:
+        return stdio, ours, theirs
+    if plan.stdin:
+        r, w = os.pipe()
+        stdio[0], spawned.stdin = r, w
+        theirs.append(r)
+        ours.append(w)
+    for index, name in ((1, "stdout"), (2, "stderr")):
+        r, w = os.pipe()
+        stdio[index] = w
+        setattr(spawned, name, r)
+        theirs.append(w)
+        ours.append(r)
+    return stdio, ours, theirs
+
+
+def _started(
+    spawned: Spawned, pid: int, master: int | None, console: int | None, error: tuple[int, str] | None
+) -> Spawned:
+    """*spawned* with the reported *pid* and pty; or, after an *error*, everything closed,
+    the process reaped and SpawnError raised."""
     if error is not None:
         spawned.close()
         for held in (master, console):
@@ -383,6 +481,87 @@ def _spawn(plan: _Plan) -> Spawned:
     spawned.pid = pid
     spawned.master, spawned.console = master, console
     return spawned
+
+
+MAX_GO = 256 * 1024
+"""Largest ``go`` message a held container process reads (the process spec as JSON)."""
+
+
+class Held:
+    """A container process forked up to its execve and waiting (:func:`hold_container`).
+
+    :meth:`go` gives it the process to become; :meth:`release` ends it unused. Exactly one
+    of them is called. ``pid`` is its pid (in the caller's pid namespace)."""
+
+    def __init__(self, pid: int, sock: socket.socket, plan: _Plan):
+        self.pid = pid
+        self._sock: socket.socket | None = sock
+        self._plan = plan
+
+    def go(self, process: ProcessSpec, *, hostname: str, stdin: bool, rows: int = 24, cols: int = 80) -> Spawned:
+        """Make the held process *process* (on a uts namespace of its own, *hostname* is
+        set) and return it as :func:`spawn_container` does. Raises HeldGone when it is not
+        there to take it (it was not started: spawn it the usual way), SpawnError when it
+        failed after taking it. Precondition: *process* has no user namespace maps."""
+        if process.id_mappings:
+            raise HeldGone("a held container process cannot enter a user namespace")
+        if self._sock is None:
+            raise HeldGone("the held container process was used or released already")
+        plan = self._plan
+        plan.process, plan.stdin = process, stdin
+        seccomp_program = _seccomp_program(process)
+        if process.capabilities is not None:
+            _last_cap()
+        go = json.dumps(
+            {
+                "process": process.to_dict(),
+                "hostname": hostname,
+                "stdin": stdin,
+                "rows": rows,
+                "cols": cols,
+                "seccomp": seccomp_program.hex() if seccomp_program is not None else None,
+            }
+        ).encode()
+        if len(go) > MAX_GO:
+            raise HeldGone("the process spec is too large for a held container process")
+        spawned = Spawned(pid=0, tty=process.tty)
+        stdio, ours, theirs = _stdio_pipes(plan, spawned)
+        sock, self._sock = self._sock, None
+        try:
+            try:
+                socket.send_fds(sock, [go], theirs)
+            except OSError as exc:
+                raise HeldGone(f"the held container process is gone: {exc.strerror}") from None
+            finally:
+                for fd in theirs:
+                    os.close(fd)
+            _pid, master, console, error = _collect_reports(sock, pid=self.pid)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            sock.close()
+            self._end()
+            raise
+        sock.close()
+        return _started(spawned, self.pid, master, console, error)
+
+    def release(self) -> None:
+        """End the held process unused and reap it (idempotent)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._end()
+
+    def _end(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _wait_exactly(self.pid)
+
+
+class HeldGone(SpawnError):
+    """A held container process could not take its process; nothing of it ran."""
 
 
 def _write_id_maps(pid: int, maps: dict[str, list[list[int]]] | None) -> None:
@@ -397,14 +576,17 @@ def _write_id_maps(pid: int, maps: dict[str, list[list[int]]] | None) -> None:
 
 
 def _collect_reports(
-    sock: socket.socket, write_maps: Callable[[], None] | None = None
+    sock: socket.socket, write_maps: Callable[[], None] | None = None, until_held: bool = False, pid: int = 0
 ) -> tuple[int, int | None, int | None, tuple[int, str] | None]:
     """Read the children's reports until end of file: (pid, pty master, a held console
     slave or None, (code, message) or None). On ``maps`` (a new user namespace), call
-    *write_maps* and answer ``go`` (``no:<reason>`` when it failed)."""
-    pid, master, console = 0, None, None
+    *write_maps* and answer ``go`` (``no:<reason>`` when it failed). *until_held*: stop
+    once the pid came and the container process said ``held`` (hold_container); *pid*:
+    the container process's, known already (Held.go)."""
+    master, console = None, None
     error: tuple[int, str] | None = None
-    while True:
+    held = False
+    while not (until_held and held and pid):
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)  # pty: master, console
         except InterruptedError:
@@ -420,6 +602,8 @@ def _collect_reports(
                 sock.send(b"no:" + str(exc).encode()[:500])
         elif data.startswith(b"pid:"):
             pid = int(data[4:])
+        elif data == b"held":
+            held = True
         elif data == b"pty" and fds and master is None:
             master = fds.pop(0)
             if fds:
@@ -431,6 +615,8 @@ def _collect_reports(
             os.close(fd)
     if not pid and error is None:
         error = (EXIT_SETUP_FAILED, "the container process did not start (no report)")
+    if until_held and not held and error is None:
+        error = (EXIT_SETUP_FAILED, "the held container process ended before it was ready")
     return pid, master, console, error
 
 
@@ -569,14 +755,26 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list[int | None]
             import resource  # noqa: F401 - now: the container's root has no python
         if plan.rootfs is not None:
             _enter_rootfs(plan, plan.rootfs)
-        if plan.set_hostname and plan.hostname:
-            syscalls.sethostname(plan.hostname)
         if plan.loopback:
             loopback_up()
-        try:
-            user = resolve_user(plan.process.user, "/")
-        except UserError as exc:
-            raise _ChildFailure(str(exc)) from None
+        resolved: tuple[str, ExecUser] | None = None
+        if plan.hold:
+            # Its root cannot change until it runs: no container process ran yet.
+            try:
+                resolved = (plan.process.user, resolve_user(plan.process.user, "/"))
+            except UserError:
+                pass
+            _read_executable(plan.process)
+            stdio = _await_go(plan, sock)
+        if plan.set_hostname and plan.hostname:
+            syscalls.sethostname(plan.hostname)
+        if resolved is not None and resolved[0] == plan.process.user:
+            user = resolved[1]
+        else:
+            try:
+                user = resolve_user(plan.process.user, "/")
+            except UserError as exc:
+                raise _ChildFailure(str(exc)) from None
         _setup_stdio(plan, sock, stdio, user.uid)
         if not plan.limits_applied:
             _apply_process_limits(plan.process)
@@ -621,6 +819,61 @@ def _container_process(plan: _Plan, sock: socket.socket, stdio: list[int | None]
     except BaseException as exc:  # noqa: BLE001 - forked child: report, never unwind
         _report_failure(sock, code, f"cannot start the container process: {_describe(exc)}")
     os._exit(code)
+
+
+MAX_WARM_READ = 64 << 20
+"""Most bytes of its program a held process reads ahead (:func:`_read_executable`)."""
+
+
+def _read_executable(process: ProcessSpec) -> None:
+    """Read *process*'s program (a regular file, at most MAX_WARM_READ bytes) into the
+    page cache, in the container's root: a held process's VM is saved with it, so a
+    restored copy's execve does not read it from the image's layer disk. Errors are
+    ignored: the execve will report them."""
+    try:
+        path = find_executable(process.args[0], build_env(process).get("PATH", DEFAULT_PATH))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, _ChildFailure):
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            left = MAX_WARM_READ
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _await_go(plan: _Plan, sock: socket.socket) -> list[int | None]:
+    """A held container process (:func:`hold_container`): say ``held``, then wait for
+    :meth:`Held.go` and take its process, hostname, terminal size, seccomp filter and
+    pipes into *plan*. Returns the fds for 0, 1, 2. Ends quietly (exit 0) when the holder
+    let go without one."""
+    _report(sock, b"held")
+    while True:
+        try:
+            data, fds, flags, _addr = socket.recv_fds(sock, MAX_GO, 3)
+            break
+        except InterruptedError:
+            continue
+    if not data:
+        os._exit(0)
+    if flags & socket.MSG_TRUNC:
+        raise _ChildFailure("the process spec did not fit the held container process's buffer")
+    go = json.loads(data)
+    plan.process = ProcessSpec.from_dict(go["process"])
+    plan.hostname, plan.stdin, plan.rows, plan.cols = go["hostname"], go["stdin"], go["rows"], go["cols"]
+    plan.seccomp_program = bytes.fromhex(go["seccomp"]) if go["seccomp"] is not None else None
+    stdio: list[int | None] = [None, None, None]
+    if not plan.process.tty:
+        for index, fd in zip((0, 1, 2) if plan.stdin else (1, 2), fds):
+            stdio[index] = fd
+    return stdio
 
 
 def _apply_process_limits(process: ProcessSpec) -> None:

@@ -184,10 +184,14 @@ def default_hosts(hostname: str) -> str:
     return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
 
 
-def prepare_rootfs(rootfs: str, hostname: str, hosts: str, resolv_conf: str, files_dir: str) -> dict[str, str]:
+def prepare_rootfs(
+    rootfs: str, hostname: str, hosts: str, resolv_conf: str, files_dir: str, *, in_place: bool = False
+) -> dict[str, str]:
     """Write the container's /etc/hostname, /etc/hosts and /etc/resolv.conf into
     *files_dir* (empty *hosts*: localhost plus the hostname; empty *resolv_conf*: the
     image's own file is left alone) and make sure the files to mount on exist in the rootfs.
+    Each file is replaced whole, or with *in_place* rewritten in place where it exists: a
+    held container process (guest.runtime.process.hold_container) has them mounted.
 
     Returns ``{path in container: file in files_dir}``, to be bind-mounted by
     :func:`setup_mounts` (as docker does, so the image itself is not modified).
@@ -202,11 +206,15 @@ def prepare_rootfs(rootfs: str, hostname: str, hosts: str, resolv_conf: str, fil
     binds = {}
     for container_path, text in contents.items():
         source = os.path.join(files_dir, os.path.basename(container_path))
-        tmp = source + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, source)
+        if in_place and os.path.isfile(source):
+            with open(source, "w") as f:  # the same inode, truncated
+                f.write(text)
+        else:
+            tmp = source + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, source)
         target = secure_join(rootfs, container_path)
         if os.path.isdir(target):
             continue  # the image has a directory there; leave it be

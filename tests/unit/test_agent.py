@@ -572,3 +572,44 @@ def test_an_away_host_is_looked_for_on_sigio_not_every_50_ms():
 def test_a_socket_channel_keeps_polling(make_host):
     host = make_host(["true"])
     assert host.agent._sigio_r == -1
+
+
+class HoldingRuntime(FakeRuntime):
+    def __init__(self, fail: Exception | None = None):
+        super().__init__()
+        self.fail = fail
+
+    def hold(self):
+        self.calls.append(("hold",))
+        if self.fail is not None:
+            raise self.fail
+
+
+def test_prefork_holds_the_containers_process_before_start_only(make_host):
+    """Snapshot templates (issue 15): ``prefork`` asks the runtime to hold the main
+    process before the save; the template's token only, and never after start."""
+    from guest.runtime.process import SpawnError
+
+    runtime = HoldingRuntime()
+    host = make_host(["echo", "mine"], runtime=runtime)
+    host.recv()
+    host.send(protocol.PREFORK, token="wrong", id=7)
+    assert "token" in host.recv().get("message", str)
+    host.send(protocol.PREFORK, token=TOKEN, id=7)
+    reply = host.recv()
+    assert reply.type == protocol.UPDATED and reply.get("id", int) == 7
+    assert runtime.calls == [("hold",)]
+    assert host.start().type == protocol.STARTED
+    host.collect(1)
+    host.send(protocol.PREFORK, token=TOKEN, id=8)
+    assert "before start" in host.recv().get("message", str)
+
+    failing = make_host(["true"], runtime=HoldingRuntime(SpawnError("no user namespaces held")))
+    failing.recv()
+    failing.send(protocol.PREFORK, token=TOKEN, id=7)
+    reply = failing.recv()
+    assert reply.type == protocol.ERROR and "no user namespaces held" in reply.get("message", str)
+    plain = make_host(["true"])  # a runtime without hold
+    plain.recv()
+    plain.send(protocol.PREFORK, token=TOKEN, id=7)
+    assert "cannot hold" in plain.recv().get("message", str)
