@@ -9,10 +9,14 @@ network (``--network none``), no limits, devices, sysctls or OS mode. ``vmshim t
 create IMAGE`` makes one; from then on every matching ``run`` starts from it, unless
 ``VMSHIM_TEMPLATES=off``.
 
-Made once (:func:`create`): the template VM boots with a placeholder process, answers a
-``stats`` request (its container is assembled and the agent serves), is let go of (the
-agent sees its host leave) and saved (shim.vm.libvirt_backend ``save``) to
-``$VMSHIM_ROOT/templates/<key>/memory.img``.
+Made once (:func:`create`): the template VM boots with the image's command (never run),
+answers a ``stats`` request (its container is assembled and the agent serves), makes its
+container's process up to its ``execve`` on ``prefork`` (cgroup, namespaces, mounts, root,
+the user resolved and the program read into the page cache; guest.runtime.process
+``hold_container``), is let go of (the agent sees its host leave) and saved
+(shim.vm.libvirt_backend ``save``) to ``$VMSHIM_ROOT/templates/<key>/memory.img``. So a
+restored copy's ``start`` only hands the held process its process, hostname and pipes
+(one whose /etc files differ, or that the held process cannot take, is started anew).
 
 Used per container (:func:`restore_into`): a copy of the save image under the container's
 domain name and UUID (shim.vm.saveimage: libvirt restores an image only under the name and
@@ -45,7 +49,6 @@ META = "template.json"
 MEMORY = "memory.img"
 IDENTITY_ID = 1 << 30
 READY_TIMEOUT = 120.0
-PLACEHOLDER = ["/bin/sh", "-c", "exit 0"]
 
 
 def enabled() -> bool:

@@ -48,6 +48,10 @@ def test_containers_from_one_template_are_fresh(domains_before):
                 30,
                 "the monitor's note of the template",
             )
+        for name in names:  # the process held since the save took the container's (guest.runtime.process.Held)
+            console_log = json.loads(ok("inspect", name))[0]["Vmshim"]["ConsoleLog"]
+            console = open(console_log, errors="replace").read()
+            assert "the process held since the template's save became the container's" in console, console[-2000:]
         hostnames = [ok("exec", n, "hostname").strip() for n in names]
         assert hostnames == [cid[:12] for cid in ids]
         assert ok("exec", names[0], "cat", "/etc/hostname").strip() == ids[0][:12]
