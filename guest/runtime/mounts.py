@@ -143,11 +143,13 @@ def sync_volumes(stage_dirs: list[str]) -> None:
 
 
 def assemble(rootfs: str, mounts: list[tuple[MountSpec, str | None]], *, read_only: bool = False) -> None:
-    """Make every ``(MountSpec, source)`` of *mounts* in order, then (with *read_only*)
-    turn the rootfs itself read-only. *source* is a path in the caller's namespace
-    (None for tmpfs). Raises MountError naming the mount that failed; what was mounted
-    before stays (the caller unmounts the rootfs recursively)."""
-    for spec, source in mounts:
+    """Make every ``(MountSpec, source)`` of *mounts*, then (with *read_only*) turn the
+    rootfs itself read-only. *source* is a path in the caller's namespace (None for
+    tmpfs). Parents go before what is mounted inside them, whatever order the flags came
+    in (``--tmpfs /tmp -v /x:/tmp/x``, as docker sorts them); mounts of one depth keep
+    their order. Raises MountError naming the mount that failed; what was mounted before
+    stays (the caller unmounts the rootfs recursively)."""
+    for spec, source in sorted(mounts, key=lambda mount: target_depth(mount[0].target)):
         try:
             mount_one(rootfs, spec, source)
         except MountError:
@@ -156,6 +158,11 @@ def assemble(rootfs: str, mounts: list[tuple[MountSpec, str | None]], *, read_on
             raise MountError(f"cannot mount {spec.type} on {spec.target}: {_describe(exc)}") from None
     if read_only:
         make_readonly(rootfs)
+
+
+def target_depth(target: str) -> int:
+    """How many directories deep *target* (absolute, inside the container) is."""
+    return len([part for part in os.path.normpath(target).split("/") if part])
 
 
 def mount_one(rootfs: str, spec: MountSpec, source: str | None) -> str:

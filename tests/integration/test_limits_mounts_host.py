@@ -280,6 +280,22 @@ def test_bind_mounts_rw_and_ro_and_tmpfs(make_box, tmp_path):
     os.kill(main.pid, 9)
 
 
+def test_a_bind_inside_a_tmpfs_given_before_it_is_not_hidden(make_box, tmp_path):
+    """``-v DIR:/scratch/data --tmpfs /scratch``: the tmpfs goes first, as in docker; in
+    the order given it would cover the bind."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello").write_text("from the host\n")
+    mounts = [
+        (MountSpec(type="bind", source=str(shared), target="/scratch/data"), str(shared)),
+        (MountSpec(type="tmpfs", target="/scratch"), None),
+    ]
+    box = make_box(mounts=mounts)
+    code, out, err = box.run(["sh", "-c", "cat /scratch/data/hello; grep -c ' /scratch' /proc/mounts"])
+    assert code == 0, err
+    assert out.split("\n")[:2] == ["from the host", "2"]
+
+
 def test_read_only_root_with_a_writable_tmpfs(make_box):
     mounts = [(MountSpec(type="tmpfs", target="/tmp"), None)]
     box = make_box(mounts=mounts, read_only=True)
