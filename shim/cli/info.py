@@ -15,7 +15,7 @@ def info(fmt):
     from shim.containers import pool
     from shim.guestimage import current_guest_image, kernel_choice
     from shim.vm import memory
-    from shim.vm.accel import detect_accel
+    from shim.vm.accel import cpu_readback, detect_accel
 
     accel = detect_accel()
     guest = current_guest_image()
@@ -26,6 +26,7 @@ def info(fmt):
         "accel_reason": accel.reason,
         "libvirt_uri": paths.libvirt_uri(),
         "libvirt": _libvirt_version(),
+        "cpu_readback": cpu_readback(),
         "root": str(paths.root()),
         "guest_kernel": kernel,
         "guest_kernel_reason": kernel_reason,
@@ -45,6 +46,7 @@ def info(fmt):
     click.echo(f"Context:       {data['context']['name']} ({data['context']['host']})")
     click.echo(f"Accelerator:   {accel.kind.upper()} ({accel.reason})")
     click.echo(f"libvirt:       {data['libvirt']} at {data['libvirt_uri']}")
+    click.echo(f"CPU readback:  {_READBACK_TEXT[data['cpu_readback']]}")
     click.echo(f"State root:    {data['root']}")
     if guest is None:
         click.echo("Guest image:   not built (run `vmshim guest build`)")
@@ -59,6 +61,13 @@ def info(fmt):
         "Warm pool:     "
         + (f"{p['size']} VM(s) of {p['memory_mib']} MiB, {p['vcpus']} vCPU(s)" if p["size"] else "off")
     )
+
+
+_READBACK_TEXT = {
+    "words": "2 reads of QEMU's feature words at each start (VMSHIM_CPU_READBACK=per-feature: libvirt's own)",
+    "per-feature": "libvirt's own, one read per CPU property (VMSHIM_CPU_READBACK)",
+}
+"""How libvirt reads back the guest CPU: shim.vm.domain.CPU_READBACKS."""
 
 
 def _context() -> dict:

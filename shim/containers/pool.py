@@ -652,12 +652,19 @@ class Keeper:
 
 
 def build_domain(
-    key: PoolKey, vmid: str, directory: Path, cmdline: str, domain_uuid: str | None = None, nic: dict | None = None
+    key: PoolKey,
+    vmid: str,
+    directory: Path,
+    cmdline: str,
+    domain_uuid: str | None = None,
+    nic: dict | None = None,
+    cpu_readback: str = "words",
 ):
     """The domain of one pooled VM (pure): q35 with HOTPLUG_PORTS spare root ports, the
     agent channel and console; a primed pool's layer disks (*key*.layers, read-only, with
     the serials a container's layers have) and *nic* (``{"tap", "mac", "bridge"}``), else
-    no disk and no NIC; *cmdline* (shim.vm.accel.guest_cmdline's) gets the pool flag."""
+    no disk and no NIC; *cmdline* (shim.vm.accel.guest_cmdline's) gets the pool flag;
+    *cpu_readback*: shim.vm.accel.cpu_readback's."""
     from guest.spec import LAYER_SERIAL_PREFIX
     from shim.containers.vm_common import disk_target
     from shim.vm import domain as dom
@@ -683,6 +690,7 @@ def build_domain(
         metadata={"pool-vm": vmid},
         balloon=dom.Balloon() if "fpr=1" in key.memory else None,
         share_pages="ksm=1" in key.memory,
+        cpu_readback=cpu_readback,
     )
 
 
@@ -721,13 +729,15 @@ def boot_pooled_vm(key: PoolKey, directory: Path, backend) -> PooledVm:
     from shim.guestimage import ensure_guest_image
     from shim.vm.agent_client import AgentClient
 
-    from shim.vm.accel import guest_cmdline
+    from shim.vm.accel import cpu_readback, guest_cmdline
 
     guest = ensure_guest_image()
     paths.private_dir(directory)
     vmid = directory.name
     nic = pool_nic(key.network, vmid) if key.network else None
-    domain = build_domain(key, vmid, directory, guest_cmdline(guest.cmdline, key.accel), nic=nic)
+    domain = build_domain(
+        key, vmid, directory, guest_cmdline(guest.cmdline, key.accel), nic=nic, cpu_readback=cpu_readback()
+    )
     vm = PooledVm(
         vmid=vmid, domain=domain.name, key=key, ports=HOTPLUG_PORTS, booted_at=time.time(), dir=directory, nic=nic
     )

@@ -189,9 +189,10 @@ class VmPlacement:
             self._backend = LibvirtBackend()
         return self._backend
 
-    def build_domain(self, guest, accel, memory=None):
+    def build_domain(self, guest, accel, memory=None, cpu_readback: str = "words"):
         """The domain description for this container (pure: no side effects);
-        *memory*: shim.vm.memory.MemorySettings (None: the defaults)."""
+        *memory*: shim.vm.memory.MemorySettings (None: the defaults); *cpu_readback*:
+        shim.vm.accel.cpu_readback's."""
         from shim.vm import domain as dom
         from shim.vm.memory import MemorySettings
 
@@ -241,6 +242,7 @@ class VmPlacement:
             cpuset=self.cpuset,
             balloon=dom.Balloon() if memory.free_page_reporting else None,
             share_pages=memory.ksm,
+            cpu_readback=cpu_readback,
         )
 
     @property
@@ -324,7 +326,7 @@ class VmPlacement:
         shared with this host); from then on this placement asks that libvirt. Raises
         HypervisorError (the VM runs on here)."""
         from shim.guestimage import ensure_guest_image
-        from shim.vm.accel import detect_accel
+        from shim.vm.accel import cpu_readback, detect_accel
         from shim.vm.libvirt_backend import LibvirtBackend
         from shim.vm import memory
 
@@ -333,7 +335,9 @@ class VmPlacement:
         old = self.agent_socket
         self.agent_socket = agent_socket_for(self.run_dir, uri)
         try:
-            domain = self.build_domain(ensure_guest_image(), self.accel or detect_accel(), memory.load())
+            domain = self.build_domain(
+                ensure_guest_image(), self.accel or detect_accel(), memory.load(), cpu_readback()
+            )
             self.backend.migrate(self.domain, uri, domain)
         except BaseException:
             self.agent_socket = old
@@ -345,7 +349,7 @@ class VmPlacement:
         for the agent; *pooled_ok*: a fresh boot may take a warm VM from the pool instead
         (never a restore: its memory must be the saved one)."""
         from shim.guestimage import ensure_guest_image
-        from shim.vm.accel import detect_accel
+        from shim.vm.accel import cpu_readback, detect_accel
         from shim.vm.configdrive import build_config_drive
 
         guest = ensure_guest_image()
@@ -386,7 +390,7 @@ class VmPlacement:
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             from shim.vm import memory
 
-            domain = self.build_domain(guest, self.accel, memory.load())
+            domain = self.build_domain(guest, self.accel, memory.load(), cpu_readback())
             create(domain)
         except BaseException:
             self.attachments.release()

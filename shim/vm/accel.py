@@ -390,6 +390,18 @@ def detect_accel(
     return info
 
 
+def cpu_readback(env: dict | None = None) -> str:
+    """How libvirt reads back the guest CPU at each start (shim.vm.domain.CPU_READBACKS):
+    ``VMSHIM_CPU_READBACK``, else ``words``. Raises UsageError for another value."""
+    from shim.vm.domain import CPU_READBACKS
+
+    environ = os.environ if env is None else env
+    value = environ.get("VMSHIM_CPU_READBACK", "").strip().lower() or CPU_READBACKS[0]
+    if value not in CPU_READBACKS:
+        raise UsageError(f"VMSHIM_CPU_READBACK must be one of {', '.join(CPU_READBACKS)}, not {value!r}")
+    return value
+
+
 def libvirt_kvm_problem(path: str = KVM_DEVICE) -> str | None:
     """A one-line warning when /dev/kvm has permissions that make libvirtd slow, else None.
 

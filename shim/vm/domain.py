@@ -48,6 +48,18 @@ HOTPLUG_QEMU_ARGS = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=o
 cannot use: native PCIe hotplug it is. Passed through ``<qemu:commandline>`` (libvirt
 marks the domain ``custom-argv`` tainted for it)."""
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+CPU_READBACKS = ("words", "per-feature")
+"""How libvirt reads back the guest CPU QEMU made, at every start and restore (libvirt's
+``qemuProcessFetchGuestCPU``). ``per-feature`` is libvirt's own choice with QEMU >= 4.1: one
+``qom-get`` per CPU property, ~400 monitor round trips that took ~0.33 s of every start
+here (libvirt 9.0, QEMU 7.2; measured in libvirtd's debug log). ``words`` (the default)
+removes libvirt's ``cpu-unavailable-features`` capability bit for the domain through
+``<qemu:capabilities>``, so libvirt takes its x86 path instead: two reads, QEMU's
+``feature-words`` and ``filtered-features``. The guest's CPU is the same (its CPUID flags
+were compared); libvirt documents the override as meant for experiments and marks the
+domain ``custom-hypervisor-feature`` tainted. ``VMSHIM_CPU_READBACK=per-feature`` goes back
+to libvirt's way (:func:`shim.vm.accel.cpu_readback`)."""
+CPU_READBACK_CAPS_REMOVED = ("cpu-unavailable-features",)
 DEFAULT_TB_CACHE_MIB = 32
 """TCG translation-block cache; QEMU's default (1 GiB reserved) costs ~28 MiB more per VM.
 An idle busybox container fills all 32 MiB, but smaller costs speed (issue 15, interleaved
@@ -426,6 +438,8 @@ class Domain:
     """Spare PCIe root ports for NICs plugged in while the domain runs (0: none). Needs
     ``machine=HOTPLUG_MACHINE``; adds :data:`HOTPLUG_CMDLINE` to the kernel command line
     and :data:`HOTPLUG_QEMU_ARGS` to QEMU's."""
+    cpu_readback: str = "words"
+    """One of :data:`CPU_READBACKS`: how libvirt reads back the guest CPU at start."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -455,6 +469,8 @@ class Domain:
             or not 0 <= self.hotplug_ports <= 16
         ):
             raise ValueError(f"hotplug_ports must be an integer in 0..16, got {self.hotplug_ports!r}")
+        if self.cpu_readback not in CPU_READBACKS:
+            raise ValueError(f"cpu_readback must be one of {CPU_READBACKS}, got {self.cpu_readback!r}")
         if self.hotplug_ports and self.machine != HOTPLUG_MACHINE:
             raise ValueError(f"hotplug_ports needs machine {HOTPLUG_MACHINE!r}, got {self.machine!r}")
         if self.tb_cache_mib is not None and (
@@ -503,7 +519,7 @@ class Domain:
 
     def to_element(self) -> ET.Element:
         dom = ET.Element("domain", {"type": self.domain_type})
-        if self.hotplug_ports:
+        if self.hotplug_ports or self.cpu_readback == "words":
             dom.set("xmlns:qemu", QEMU_NS)
         _sub(dom, "name", self.name)
         _sub(dom, "uuid", self.uuid)
@@ -584,6 +600,10 @@ class Domain:
             argv = _sub(dom, "qemu:commandline")
             for arg in HOTPLUG_QEMU_ARGS:
                 _sub(argv, "qemu:arg", value=arg)
+        if self.cpu_readback == "words":
+            caps = _sub(dom, "qemu:capabilities")
+            for capability in CPU_READBACK_CAPS_REMOVED:
+                _sub(caps, "qemu:del", capability=capability)
         return dom
 
     def to_xml(self) -> str:

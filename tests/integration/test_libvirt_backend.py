@@ -29,7 +29,7 @@ from shim import paths
 from shim.errors import HypervisorError
 from shim.vm.accel import libvirt_kvm_problem
 from shim.vm.backend import VmNotFound
-from shim.vm.domain import AgentChannel, Disk, Domain, KernelBoot, SerialLog
+from shim.vm.domain import QEMU_NS, AgentChannel, Disk, Domain, KernelBoot, SerialLog
 from shim.vm.libvirt_backend import LibvirtBackend
 
 BUSYBOX = "/bin/busybox"
@@ -284,6 +284,27 @@ def test_two_vcpus_come_up(backend, make_domain):
     handle = backend.create(domain)
     assert wait_for(lambda: HELLO in read(handle.serial_log), 10)
     assert f"{HELLO} cpus=2" in read(handle.serial_log)
+
+
+@pytest.mark.vm
+def test_the_guest_cpu_read_back_by_feature_words_is_the_one_libvirt_reads_per_feature(backend, make_domain):
+    """The default readback (shim.vm.domain.CPU_READBACKS) keeps its override in the live
+    domain and yields the same live <cpu> as libvirt's own per-property walk."""
+    live = {}
+    conn = libvirt.open(paths.libvirt_uri())
+    try:
+        for readback in ("words", "per-feature"):
+            domain = make_domain(f"cpu-{readback}", cpu_readback=readback)
+            backend.create(domain)
+            root = ET.fromstring(conn.lookupByName(domain.name).XMLDesc(0))
+            backend.destroy(domain.name)
+            dels = root.findall(f"{{{QEMU_NS}}}capabilities/{{{QEMU_NS}}}del")
+            assert [d.get("capability") for d in dels] == (["cpu-unavailable-features"] if readback == "words" else [])
+            live[readback] = ET.tostring(root.find("cpu"), encoding="unicode")
+    finally:
+        conn.close()
+    assert 'name="rdrand"' in live["words"]
+    assert live["words"] == live["per-feature"]
 
 
 @pytest.mark.vm

@@ -197,3 +197,12 @@ def test_real_probe_on_this_host_is_quick_and_decides(tmp_path):
 def test_libvirt_permission_hint(tmp_path):
     assert accel.libvirt_kvm_problem(str(tmp_path / "absent")) is None
     assert accel.libvirt_kvm_problem(str(tmp_path)) is None  # not a char device
+
+
+def test_cpu_readback_is_words_unless_the_environment_says_per_feature():
+    from shim.vm.accel import cpu_readback
+
+    assert cpu_readback(env={}) == "words"
+    assert cpu_readback(env={"VMSHIM_CPU_READBACK": " Per-Feature "}) == "per-feature"
+    with pytest.raises(UsageError, match="VMSHIM_CPU_READBACK must be one of words, per-feature, not 'fast'"):
+        cpu_readback(env={"VMSHIM_CPU_READBACK": "fast"})

@@ -418,3 +418,28 @@ def test_a_filesystem_alone_for_attach_device():
     assert fs.find("driver").get("type") == "virtiofs"
     assert fs.find("source").get("dir") == "/srv/rootfs"
     assert fs.find("target").get("dir") == "vmshim-m0123"
+
+
+def test_libvirt_reads_the_guest_cpu_back_by_feature_words_unless_told_otherwise():
+    """``words`` drops libvirt's cpu-unavailable-features bit (its x86 two-read path instead
+    of one qom-get per CPU property); ``per-feature`` leaves libvirt alone."""
+    caps = f"{{{QEMU_NS}}}capabilities/{{{QEMU_NS}}}del"
+    for name in ("tcg_container", "kvm_container", "tcg_hotplug"):
+        root = ET.fromstring(DOMAINS[name]().to_xml())
+        assert [d.get("capability") for d in root.findall(caps)] == ["cpu-unavailable-features"], name
+    plain = Domain(memory_mib=128, vcpus=1, domain_type="qemu", cpu_readback="per-feature", **_common())
+    xml = plain.to_xml()
+    assert "qemu:" not in xml and QEMU_NS not in xml
+    hotplug = Domain(
+        memory_mib=128,
+        vcpus=1,
+        domain_type="qemu",
+        machine=HOTPLUG_MACHINE,
+        hotplug_ports=2,
+        cpu_readback="per-feature",
+        **_common(),
+    )
+    root = ET.fromstring(hotplug.to_xml())
+    assert root.find(f"{{{QEMU_NS}}}commandline") is not None and not root.findall(caps)
+    with pytest.raises(ValueError, match="cpu_readback must be one of"):
+        Domain(memory_mib=128, vcpus=1, domain_type="qemu", cpu_readback="none", **_common())
