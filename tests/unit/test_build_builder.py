@@ -47,13 +47,16 @@ class FakeRunner:
     def __init__(self, store, **_):
         self.store = store
         self.calls = []
+        self._lock = threading.Lock()  # stages run in threads: each call gets its own number
 
     def run(self, layers, process, base, *, out_fd, container_id=None, announce=None, mounts=None):
-        self.calls.append(process)
+        with self._lock:
+            self.calls.append(process)
+            number = len(self.calls)
         self.mounts = getattr(self, "mounts", []) + [mounts]
         if mounts is not None:  # what the step would see, while it runs
             self.seen = [(r.type, r.target, r.readonly, _look(r)) for r in mounts.requests]
-        cid = f"{len(self.calls):064x}"
+        cid = f"{number:064x}"
         if announce:
             announce(cid)
         command = process.args[-1]
@@ -67,7 +70,7 @@ class FakeRunner:
         if command.startswith("touch "):
             work = self.store.root / "tmp"
             work.mkdir(exist_ok=True)
-            out = work / f"fake-{len(self.calls)}.tar"
+            out = work / f"fake-{number}.tar"
             writer = LayerWriter(out)
             name = command.split()[1].lstrip("/")
             writer.add_file(name, b"x", 1)
