@@ -52,19 +52,29 @@ GROUP = "root:x:0:\nnobody:x:65534:\nuser:x:1000:\n"
 
 # path: (mode, uid, gid)
 DIRS = {
-    "bin": (0o755, 0, 0), "sbin": (0o755, 0, 0), "usr": (0o755, 0, 0),
-    "usr/bin": (0o755, 0, 0), "usr/sbin": (0o755, 0, 0), "etc": (0o755, 0, 0),
-    "root": (0o700, 0, 0), "tmp": (0o1777, 0, 0), "home": (0o755, 0, 0),
-    "home/user": (0o755, 1000, 1000), "var": (0o755, 0, 0), "dev": (0o755, 0, 0),
-    "proc": (0o555, 0, 0), "sys": (0o555, 0, 0),
+    "bin": (0o755, 0, 0),
+    "sbin": (0o755, 0, 0),
+    "usr": (0o755, 0, 0),
+    "usr/bin": (0o755, 0, 0),
+    "usr/sbin": (0o755, 0, 0),
+    "etc": (0o755, 0, 0),
+    "root": (0o700, 0, 0),
+    "tmp": (0o1777, 0, 0),
+    "home": (0o755, 0, 0),
+    "home/user": (0o755, 1000, 1000),
+    "var": (0o755, 0, 0),
+    "dev": (0o755, 0, 0),
+    "proc": (0o555, 0, 0),
+    "sys": (0o555, 0, 0),
 }
 
 
 def package_version() -> str:
     """The installed busybox-static version, e.g. ``1:1.35.0-4+deb12u1+b1``."""
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", PACKAGE], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         out = ""
     return out or "unknown"
@@ -95,11 +105,11 @@ def is_static_elf(path: Path) -> bool:
         ehdr = f.read(64)
         if len(ehdr) < 64 or ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
             return False
-        phoff, = struct.unpack_from("<Q", ehdr, 0x20)
+        (phoff,) = struct.unpack_from("<Q", ehdr, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", ehdr, 0x36)
         for i in range(phnum):
             f.seek(phoff + i * phentsize)
-            p_type, = struct.unpack("<I", f.read(4))
+            (p_type,) = struct.unpack("<I", f.read(4))
             if p_type == 3:  # PT_INTERP: dynamically linked
                 return False
     return True
@@ -107,8 +117,7 @@ def is_static_elf(path: Path) -> bool:
 
 def applets() -> list[str]:
     """Applet paths relative to / (``bin/sh``, ``usr/bin/awk``...), sorted."""
-    out = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     return sorted({a for a in out if "/" in a and a != "bin/busybox" and ".." not in a})
 
 
@@ -145,8 +154,7 @@ def write_layer(dest: Path, mtime: int) -> None:
         entries.append((path, ti, None))
 
     entries.sort(key=lambda e: e[0])  # parents sort before their children
-    with open(dest, "wb") as f, tarfile.open(fileobj=f, mode="w",
-                                             format=tarfile.PAX_FORMAT) as tar:
+    with open(dest, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for _, ti, data in entries:
             tar.addfile(ti, io.BytesIO(data) if data is not None else None)
 
@@ -156,13 +164,15 @@ def build(store: ImageStore | None = None) -> Image:
     Raises ImageError if busybox-static is not installed."""
     store = store or ImageStore()
     if not BUSYBOX.is_file() or not is_static_elf(BUSYBOX):
-        raise ImageError(f"{BUSYBOX} is missing or not statically linked: "
-                         f"install Debian's {PACKAGE} (apt-get install {PACKAGE})")
+        raise ImageError(
+            f"{BUSYBOX} is missing or not statically linked: install Debian's {PACKAGE} (apt-get install {PACKAGE})"
+        )
     version = package_version()
     created_at = package_date()
     created = created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    config = recipe_config(created, {"Env": [PATH_ENV], "Cmd": ["sh"]},
-                           f"vmshim images/busybox/recipe.py (Debian {PACKAGE} {version})")
+    config = recipe_config(
+        created, {"Env": [PATH_ENV], "Cmd": ["sh"]}, f"vmshim images/busybox/recipe.py (Debian {PACKAGE} {version})"
+    )
     tmpdir = store.root / "tmp"
     tmpdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:

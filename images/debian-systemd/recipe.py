@@ -46,8 +46,7 @@ ExecStart=/bin/sh -c 'while :; do echo "hello from $(hostname)"; sleep 60; done'
 WantedBy=multi-user.target
 """
 JOURNALD_CONSOLE = "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=info\n"
-SSH_HOSTKEYS = ("[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
-                "ExecStartPre=/usr/sbin/sshd -t\n")
+SSH_HOSTKEYS = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
 
 
 def cache_path() -> Path:
@@ -96,6 +95,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
     meta_path = tar_path.with_suffix(".json")
     node.forget_when_asked("VMSHIM_DEBIAN_SYSTEMD_REBUILD", tar_path, meta_path)
     if not (tar_path.is_file() and meta_path.is_file()):
+
         def prepare(rootfs: Path):
             debootstrap(node, rootfs, log)
             return node.changelog_date(rootfs, "systemd"), {}
@@ -103,10 +103,10 @@ def build(store: ImageStore | None = None, log=print) -> Image:
         node.write_rootfs_tar(store, "debian-systemd", tar_path, meta_path, prepare)
     meta = json.loads(meta_path.read_text())
     config = recipe_config(
-        meta["created"], {"Env": [PATH_ENV], "Cmd": ["/sbin/init"], "StopSignal": "SIGRTMIN+3",
-                          "ExposedPorts": {"22/tcp": {}}},
-        f"vmshim images/debian-systemd/recipe.py (debootstrap {SUITE} minbase + "
-        f"{' '.join(PACKAGES)})")
+        meta["created"],
+        {"Env": [PATH_ENV], "Cmd": ["/sbin/init"], "StopSignal": "SIGRTMIN+3", "ExposedPorts": {"22/tcp": {}}},
+        f"vmshim images/debian-systemd/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)})",
+    )
     image = node.stored_or_imported(store, REFERENCE, tar_path, meta, config)
     for alias in ALIASES:
         store.tag(alias, image.manifest_digest)

@@ -61,6 +61,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
     node.forget_when_asked("VMSHIM_HOSTSUITE_REBUILD", tar_path, meta_path)
     meta = _cached_meta(tar_path, meta_path)
     if meta is None:
+
         def prepare(rootfs: Path):
             node.debootstrap(rootfs, log, packages=PACKAGES, recipe="hostsuite")
             return node.changelog_date(rootfs, "python3"), {"packages": list(PACKAGES)}
@@ -70,8 +71,10 @@ def build(store: ImageStore | None = None, log=print) -> Image:
         if meta is None:
             raise ImageError(f"the hostsuite rootfs cache {tar_path} was not written")
     config = recipe_config(
-        meta["created"], {"Env": [PATH_ENV], "Cmd": ["python3"]},
-        f"vmshim images/hostsuite/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)})")
+        meta["created"],
+        {"Env": [PATH_ENV], "Cmd": ["python3"]},
+        f"vmshim images/hostsuite/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)})",
+    )
     return node.stored_or_imported(store, REFERENCE, tar_path, meta, config)
 
 

@@ -8,9 +8,10 @@ The root filesystem is made once with::
     chroot DIR apt-get install --no-install-recommends nodejs npm ca-certificates
 
 (MIRROR: the first bookworm ``URIs:``/``deb`` line of the host's apt sources, else
-deb.debian.org; ``VMSHIM_DEBIAN_MIRROR`` overrides), slimmed (apt lists, caches and .debs, logs,
-documentation, manual pages, translations, /dev nodes), given an ``/etc/npmrc`` that keeps ``npm install`` from calling home (no audit,
-fund or update-notifier requests: a build has no network), and written as one layer tar
+deb.debian.org; ``VMSHIM_DEBIAN_MIRROR`` overrides), slimmed (apt lists, caches and .debs,
+logs, documentation, manual pages, translations, /dev nodes), given an ``/etc/npmrc`` that
+keeps ``npm install`` from calling home (no audit, fund or update-notifier requests: a
+build has no network), and written as one layer tar
 with sorted entries, numeric owners and mtimes clamped to the nodejs package's changelog
 date. That tar is cached as ``$VMSHIM_ROOT/cache/node/rootfs-bookworm-<arch>.tar`` (the
 debootstrap takes minutes); later runs import it again and give the same digests.
@@ -47,8 +48,7 @@ from shim.errors import ImageError, VmshimError  # noqa: E402
 from shim.images.store import Image, ImageStore, host_arch, recipe_config  # noqa: E402
 
 REFERENCE = "docker.io/library/node:18-bookworm"
-ALIASES = ("docker.io/library/node:18", "docker.io/library/node:bookworm",
-           "docker.io/library/node:latest")
+ALIASES = ("docker.io/library/node:18", "docker.io/library/node:bookworm", "docker.io/library/node:latest")
 SUITE = "bookworm"
 PACKAGES = ("nodejs", "npm", "ca-certificates")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -60,9 +60,19 @@ NPMRC = (
     "update-notifier=false\n"
 )
 # Removed from the rootfs before it is packed (paths relative to it; contents only for dirs).
-CLEAN_CONTENTS = ("var/cache/apt/archives", "var/lib/apt/lists", "var/log", "dev", "tmp",
-                  "var/tmp", "run", "usr/share/doc", "usr/share/man", "usr/share/info",
-                  "usr/share/locale")
+CLEAN_CONTENTS = (
+    "var/cache/apt/archives",
+    "var/lib/apt/lists",
+    "var/log",
+    "dev",
+    "tmp",
+    "var/tmp",
+    "run",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+)
 
 
 def mirror() -> str:
@@ -107,19 +117,16 @@ def changelog_date(rootfs: Path, package: str) -> dt.datetime:
     return dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def debootstrap(rootfs: Path, log=print, packages: tuple[str, ...] = PACKAGES,
-                recipe: str = "node") -> None:
+def debootstrap(rootfs: Path, log=print, packages: tuple[str, ...] = PACKAGES, recipe: str = "node") -> None:
     """Install bookworm minbase + *packages* into ``rootfs`` (the other debootstrap recipes
     call this too, with their own; *recipe* names the caller in errors). Raises ImageError."""
     tool = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not Path(tool).exists():
-        raise ImageError("debootstrap is not installed: apt-get install debootstrap "
-                         "(scripts/setup installs it)")
+        raise ImageError("debootstrap is not installed: apt-get install debootstrap (scripts/setup installs it)")
     if os.geteuid() != 0:
         raise ImageError(f"the {recipe} recipe runs debootstrap and needs root")
     source = mirror()
-    log(f"debootstrap {SUITE} (minbase) from {source}, then apt-get install "
-        f"{' '.join(packages)} (takes a few minutes)")
+    log(f"debootstrap {SUITE} (minbase) from {source}, then apt-get install {' '.join(packages)} (takes a few minutes)")
     logfile = rootfs.parent / "debootstrap.log"
     with open(logfile, "w") as out:
         _step([tool, "--variant=minbase", SUITE, str(rootfs), source], out, logfile, "debootstrap")
@@ -128,9 +135,19 @@ def debootstrap(rootfs: Path, log=print, packages: tuple[str, ...] = PACKAGES,
         # apt inside the new root does it right.
         subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
         try:
-            _step(["chroot", str(rootfs), "sh", "-c",
-                   "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                   f"--no-install-recommends {' '.join(packages)}"], out, logfile, "apt-get install")
+            _step(
+                [
+                    "chroot",
+                    str(rootfs),
+                    "sh",
+                    "-c",
+                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                    f"--no-install-recommends {' '.join(packages)}",
+                ],
+                out,
+                logfile,
+                "apt-get install",
+            )
         finally:
             _umount_below(rootfs)  # before anything below is deleted: never recurse into a mount
     (rootfs / "etc/hostname").write_text("localhost\n")
@@ -176,13 +193,11 @@ def write_layer(rootfs: Path, dest: Path, mtime: int) -> None:
             if os.path.isdir(full) and not os.path.islink(full):
                 walk(tar, child)
 
-    with open(dest, "wb") as f, tarfile.open(fileobj=f, mode="w",
-                                             format=tarfile.PAX_FORMAT) as tar:
+    with open(dest, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         walk(tar, "")
 
 
-def _add(tar: tarfile.TarFile, rootfs: Path, rel: str, mtime: int,
-         seen: dict[tuple[int, int], str]) -> None:
+def _add(tar: tarfile.TarFile, rootfs: Path, rel: str, mtime: int, seen: dict[tuple[int, int], str]) -> None:
     full = os.path.join(rootfs, rel)
     st = os.lstat(full)
     ti = tarfile.TarInfo(rel)
@@ -222,6 +237,7 @@ def build(store: ImageStore | None = None, log=print) -> Image:
     meta_path = tar_path.with_suffix(".json")
     forget_when_asked("VMSHIM_NODE_REBUILD", tar_path, meta_path)
     if not (tar_path.is_file() and meta_path.is_file()):
+
         def prepare(rootfs: Path):
             debootstrap(rootfs, log)
             (rootfs / "etc/npmrc").write_text(NPMRC)
@@ -230,10 +246,11 @@ def build(store: ImageStore | None = None, log=print) -> Image:
         write_rootfs_tar(store, "node", tar_path, meta_path, prepare)
     meta = json.loads(meta_path.read_text())
     config = recipe_config(
-        meta["created"], {"Env": [PATH_ENV, f"NODE_VERSION={meta['node_version']}"],
-                          "Cmd": ["node"]},
+        meta["created"],
+        {"Env": [PATH_ENV, f"NODE_VERSION={meta['node_version']}"], "Cmd": ["node"]},
         f"vmshim images/node/recipe.py (debootstrap {SUITE} minbase + {' '.join(PACKAGES)}; "
-        f"nodejs {meta['node_version']})")
+        f"nodejs {meta['node_version']})",
+    )
     image = stored_or_imported(store, REFERENCE, tar_path, meta, config)
     for alias in ALIASES:
         store.tag(alias, image.manifest_digest)
@@ -247,8 +264,7 @@ def forget_when_asked(env: str, *files: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def write_rootfs_tar(store: ImageStore, name: str, tar_path: Path, meta_path: Path,
-                     prepare) -> None:
+def write_rootfs_tar(store: ImageStore, name: str, tar_path: Path, meta_path: Path, prepare) -> None:
     """Make a root file system in a temp directory of *store* with ``prepare(rootfs)``
     (debootstrap and the recipe's own steps; it returns the datetime the image is dated
     by and a dict of notes), slim it, write it as one layer tar at *tar_path* and its
@@ -266,15 +282,21 @@ def write_rootfs_tar(store: ImageStore, name: str, tar_path: Path, meta_path: Pa
             partial = tar_path.with_suffix(".tar.partial")
             write_layer(rootfs, partial, int(created_at.timestamp()))
             os.replace(partial, tar_path)
-            meta_path.write_text(json.dumps({
-                "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), **notes,
-                "mirror": mirror(), "diff_id": _sha256(tar_path)}))
+            meta_path.write_text(
+                json.dumps(
+                    {
+                        "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        **notes,
+                        "mirror": mirror(),
+                        "diff_id": _sha256(tar_path),
+                    }
+                )
+            )
         finally:
             _umount_below(rootfs)
 
 
-def stored_or_imported(store: ImageStore, reference: str, tar_path: Path, meta: dict,
-                       config: dict) -> Image:
+def stored_or_imported(store: ImageStore, reference: str, tar_path: Path, meta: dict, config: dict) -> Image:
     """The image *reference* made from the cached layer tar: the stored one when it was
     made from this tar (:func:`stored_image`), else the tar imported with *config*."""
     image = stored_image(store, reference, meta.get("diff_id"))
