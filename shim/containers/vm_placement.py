@@ -355,6 +355,7 @@ class VmPlacement:
         guest = ensure_guest_image()
         self.guest = guest
         self.accel = detect_accel()
+        readback = cpu_readback()  # a bad VMSHIM_CPU_READBACK fails before anything is made
         paths.private_dir(self.run_dir)
         from shim.containers import pool
 
@@ -390,7 +391,7 @@ class VmPlacement:
             build_config_drive(self.boot_config, self.run_dir / "config.iso")
             from shim.vm import memory
 
-            domain = self.build_domain(guest, self.accel, memory.load(), cpu_readback())
+            domain = self.build_domain(guest, self.accel, memory.load(), readback)
             create(domain)
         except BaseException:
             self.attachments.release()

@@ -393,10 +393,10 @@ def detect_accel(
 def cpu_readback(env: dict | None = None) -> str:
     """How libvirt reads back the guest CPU at each start (shim.vm.domain.CPU_READBACKS):
     ``VMSHIM_CPU_READBACK``, else ``words``. Raises UsageError for another value."""
-    from shim.vm.domain import CPU_READBACKS
+    from shim.vm.domain import CPU_READBACKS, DEFAULT_CPU_READBACK
 
     environ = os.environ if env is None else env
-    value = environ.get("VMSHIM_CPU_READBACK", "").strip().lower() or CPU_READBACKS[0]
+    value = environ.get("VMSHIM_CPU_READBACK", "").strip().lower() or DEFAULT_CPU_READBACK
     if value not in CPU_READBACKS:
         raise UsageError(f"VMSHIM_CPU_READBACK must be one of {', '.join(CPU_READBACKS)}, not {value!r}")
     return value

@@ -48,7 +48,8 @@ HOTPLUG_QEMU_ARGS = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=o
 cannot use: native PCIe hotplug it is. Passed through ``<qemu:commandline>`` (libvirt
 marks the domain ``custom-argv`` tainted for it)."""
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-CPU_READBACKS = ("words", "per-feature")
+DEFAULT_CPU_READBACK = "words"
+CPU_READBACKS = (DEFAULT_CPU_READBACK, "per-feature")
 """How libvirt reads back the guest CPU QEMU made, at every start and restore (libvirt's
 ``qemuProcessFetchGuestCPU``). ``per-feature`` is libvirt's own choice with QEMU >= 4.1: one
 ``qom-get`` per CPU property, ~400 monitor round trips that took ~0.33 s of every start
@@ -438,7 +439,7 @@ class Domain:
     """Spare PCIe root ports for NICs plugged in while the domain runs (0: none). Needs
     ``machine=HOTPLUG_MACHINE``; adds :data:`HOTPLUG_CMDLINE` to the kernel command line
     and :data:`HOTPLUG_QEMU_ARGS` to QEMU's."""
-    cpu_readback: str = "words"
+    cpu_readback: str = DEFAULT_CPU_READBACK
     """One of :data:`CPU_READBACKS`: how libvirt reads back the guest CPU at start."""
 
     def __post_init__(self) -> None:
